@@ -1,0 +1,1 @@
+"""shmpool: process pools over shared memory."""

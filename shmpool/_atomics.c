@@ -1,0 +1,433 @@
+/*
+ * shmpool._atomics -- layer 0: the only things Python cannot do itself.
+ *
+ * Owns: atomic loads/stores/read-modify-writes on 32- and 64-bit words that
+ * live at a byte offset inside a writable buffer (in practice a MAP_SHARED
+ * mapping of the segment file), and futex wait/wake on 32-bit words there.
+ *
+ * Data flow: Python passes (buffer, offset, values...). Each call acquires a
+ * writable, C-contiguous buffer view, checks bounds and natural alignment,
+ * performs one C11 atomic operation (or one futex call) and releases the view.
+ *
+ * Invariants:
+ *  - Expected conditions are return values, never exceptions: compare-exchange
+ *    returns the previous value; futex_wait returns WOKEN / VALUE_CHANGED /
+ *    TIMED_OUT. Exceptions mean a broken contract: bad offset (ValueError),
+ *    read-only or non-buffer object (TypeError), value out of range
+ *    (OverflowError), or a signal handler that raised.
+ *  - futex_wait releases the GIL while blocked. The buffer view stays
+ *    acquired for the duration, so the mapping cannot be closed under it.
+ *  - EINTR: the GIL is re-taken, PyErr_CheckSignals() runs (so Ctrl-C and
+ *    signal handlers work), and the wait resumes with the same absolute
+ *    deadline.
+ *  - Futexes are process-shared (no FUTEX_PRIVATE_FLAG): the words live in a
+ *    file mapping shared by several processes.
+ *
+ * spec: shm.ordering.atomics
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SHMPOOL_HAVE_FUTEX 1
+#else
+#define SHMPOOL_HAVE_FUTEX 0
+#endif
+
+enum { WAIT_WOKEN = 0, WAIT_VALUE_CHANGED = 1, WAIT_TIMED_OUT = 2 };
+
+/* ------------------------------------------------------------------------ */
+/* Argument helpers                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* Acquire a writable contiguous view of `obj` and return a pointer to the
+ * naturally aligned word of `width` bytes at `off_obj`. On failure an
+ * exception is set and NULL returned (the view is released). */
+static void *
+word_at(PyObject *obj, PyObject *off_obj, Py_ssize_t width, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError) ||
+            PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "expected a writable contiguous buffer, got %.100s",
+                         Py_TYPE(obj)->tp_name);
+        }
+        return NULL;
+    }
+    if (view->readonly) {
+        PyErr_Format(PyExc_TypeError,
+                     "buffer of type %.100s is read-only; atomics need a "
+                     "writable mapping", Py_TYPE(obj)->tp_name);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    Py_ssize_t off = PyNumber_AsSsize_t(off_obj, PyExc_OverflowError);
+    if (off == -1 && PyErr_Occurred()) {
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    if (off < 0 || off > view->len - width) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd out of range for a %zd-byte word in a "
+                     "buffer of %zd bytes", off, width, view->len);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    char *p = (char *)view->buf + off;
+    if (((uintptr_t)p) % (uintptr_t)width != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd is not %zd-byte aligned (atomics need "
+                     "natural alignment)", off, width);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return p;
+}
+
+static int
+u32_arg(PyObject *o, const char *what, uint32_t *out)
+{
+    unsigned long v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_OverflowError,
+                         "%s must be in range [0, 2**32)", what);
+        }
+        return -1;
+    }
+    if (v > 0xFFFFFFFFUL) {
+        PyErr_Format(PyExc_OverflowError, "%s must be in range [0, 2**32)",
+                     what);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int
+u64_arg(PyObject *o, const char *what, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_OverflowError,
+                         "%s must be in range [0, 2**64)", what);
+        }
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* Deltas and masks for read-modify-write are taken modulo 2**N so that
+ * fetch_add(buf, off, -1) decrements. */
+static int
+mask_arg(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "expected int, got %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLongMask(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static int
+nargs_ok(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments "
+                     "(%zd given)", name, want, nargs);
+        return 0;
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Atomics: one macro body per (width, operation)                            */
+/* ------------------------------------------------------------------------ */
+
+#define DEFINE_LOAD(NAME, T, WIDTH, BOX)                                      \
+static PyObject *                                                             \
+NAME(PyObject *m, PyObject *const *args, Py_ssize_t nargs)                    \
+{                                                                             \
+    Py_buffer view;                                                           \
+    if (!nargs_ok(#NAME, nargs, 2)) return NULL;                              \
+    _Atomic T *p = word_at(args[0], args[1], WIDTH, &view);                   \
+    if (p == NULL) return NULL;                                               \
+    T v = atomic_load_explicit(p, memory_order_acquire);                      \
+    PyBuffer_Release(&view);                                                  \
+    return BOX(v);                                                            \
+}
+
+#define DEFINE_STORE(NAME, T, WIDTH, CONV)                                    \
+static PyObject *                                                             \
+NAME(PyObject *m, PyObject *const *args, Py_ssize_t nargs)                    \
+{                                                                             \
+    Py_buffer view;                                                           \
+    T v;                                                                      \
+    if (!nargs_ok(#NAME, nargs, 3)) return NULL;                              \
+    if (CONV(args[2], "value", &v) < 0) return NULL;                          \
+    _Atomic T *p = word_at(args[0], args[1], WIDTH, &view);                   \
+    if (p == NULL) return NULL;                                               \
+    atomic_store_explicit(p, v, memory_order_release);                        \
+    PyBuffer_Release(&view);                                                  \
+    Py_RETURN_NONE;                                                           \
+}
+
+/* Compare-exchange returns the value seen before the operation; it
+ * succeeded iff that equals `expected`. Strong CAS, acq_rel on success,
+ * acquire on failure. */
+#define DEFINE_CAS(NAME, T, WIDTH, CONV, BOX)                                 \
+static PyObject *                                                             \
+NAME(PyObject *m, PyObject *const *args, Py_ssize_t nargs)                    \
+{                                                                             \
+    Py_buffer view;                                                           \
+    T expected, desired;                                                      \
+    if (!nargs_ok(#NAME, nargs, 4)) return NULL;                              \
+    if (CONV(args[2], "expected", &expected) < 0) return NULL;                \
+    if (CONV(args[3], "desired", &desired) < 0) return NULL;                  \
+    _Atomic T *p = word_at(args[0], args[1], WIDTH, &view);                   \
+    if (p == NULL) return NULL;                                               \
+    atomic_compare_exchange_strong_explicit(                                  \
+        p, &expected, desired, memory_order_acq_rel, memory_order_acquire);   \
+    PyBuffer_Release(&view);                                                  \
+    return BOX(expected);                                                     \
+}
+
+/* Read-modify-writes are sequentially consistent: the wait protocol relies
+ * on an RMW of the "sleeping" word ordering the store before it against the
+ * load after it (store-buffer / Dekker pattern). */
+#define DEFINE_RMW(NAME, T, WIDTH, OP, BOX)                                   \
+static PyObject *                                                             \
+NAME(PyObject *m, PyObject *const *args, Py_ssize_t nargs)                    \
+{                                                                             \
+    Py_buffer view;                                                           \
+    uint64_t operand;                                                         \
+    if (!nargs_ok(#NAME, nargs, 3)) return NULL;                              \
+    if (mask_arg(args[2], &operand) < 0) return NULL;                         \
+    _Atomic T *p = word_at(args[0], args[1], WIDTH, &view);                   \
+    if (p == NULL) return NULL;                                               \
+    T old = OP(p, (T)operand, memory_order_seq_cst);                          \
+    PyBuffer_Release(&view);                                                  \
+    return BOX(old);                                                          \
+}
+
+#define BOX32(v) PyLong_FromUnsignedLong((unsigned long)(v))
+#define BOX64(v) PyLong_FromUnsignedLongLong((unsigned long long)(v))
+
+DEFINE_LOAD(load_u32, uint32_t, 4, BOX32)
+DEFINE_LOAD(load_u64, uint64_t, 8, BOX64)
+DEFINE_STORE(store_u32, uint32_t, 4, u32_arg)
+DEFINE_STORE(store_u64, uint64_t, 8, u64_arg)
+DEFINE_CAS(cas_u32, uint32_t, 4, u32_arg, BOX32)
+DEFINE_CAS(cas_u64, uint64_t, 8, u64_arg, BOX64)
+DEFINE_RMW(fetch_add_u32, uint32_t, 4, atomic_fetch_add_explicit, BOX32)
+DEFINE_RMW(fetch_add_u64, uint64_t, 8, atomic_fetch_add_explicit, BOX64)
+DEFINE_RMW(fetch_or_u32, uint32_t, 4, atomic_fetch_or_explicit, BOX32)
+DEFINE_RMW(fetch_or_u64, uint64_t, 8, atomic_fetch_or_explicit, BOX64)
+DEFINE_RMW(fetch_and_u32, uint32_t, 4, atomic_fetch_and_explicit, BOX32)
+DEFINE_RMW(fetch_and_u64, uint64_t, 8, atomic_fetch_and_explicit, BOX64)
+
+/* ------------------------------------------------------------------------ */
+/* Futex                                                                     */
+/* ------------------------------------------------------------------------ */
+
+/* spec: shm.wakeup.futex */
+static PyObject *
+futex_wait(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint32_t expected;
+    struct timespec deadline, *dl = NULL;
+
+    if (nargs < 3 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError, "futex_wait() takes 3 or 4 arguments "
+                     "(%zd given)", nargs);
+        return NULL;
+    }
+    if (u32_arg(args[2], "expected", &expected) < 0)
+        return NULL;
+    if (nargs == 4 && args[3] != Py_None) {
+        double t = PyFloat_AsDouble(args[3]);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(t >= 0.0) || t > 1e9) { /* also rejects NaN */
+            PyErr_SetString(PyExc_ValueError,
+                            "timeout must be None or a number of seconds in "
+                            "[0, 1e9]");
+            return NULL;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        double whole = (double)(time_t)t;
+        deadline.tv_sec += (time_t)t;
+        deadline.tv_nsec += (long)((t - whole) * 1e9);
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        dl = &deadline;
+    }
+    uint32_t *p = word_at(args[0], args[1], 4, &view);
+    if (p == NULL)
+        return NULL;
+
+#if SHMPOOL_HAVE_FUTEX
+    for (;;) {
+        long rc;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline, so
+         * a retry after EINTR keeps the caller's overall timeout. */
+        rc = syscall(SYS_futex, p, FUTEX_WAIT_BITSET, expected, dl, NULL,
+                     FUTEX_BITSET_MATCH_ANY);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc == 0) {
+            PyBuffer_Release(&view);
+            return PyLong_FromLong(WAIT_WOKEN);
+        }
+        if (err == EAGAIN) {
+            PyBuffer_Release(&view);
+            return PyLong_FromLong(WAIT_VALUE_CHANGED);
+        }
+        if (err == ETIMEDOUT) {
+            PyBuffer_Release(&view);
+            return PyLong_FromLong(WAIT_TIMED_OUT);
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            continue;
+        }
+        PyBuffer_Release(&view);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+#else
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "futex is Linux-only; use SHMPOOL_WAIT=poll");
+    return NULL;
+#endif
+}
+
+static PyObject *
+futex_wake(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (!nargs_ok("futex_wake", nargs, 3))
+        return NULL;
+    long n = PyLong_AsLong(args[2]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "n must be in range [1, 2**31)");
+        return NULL;
+    }
+    uint32_t *p = word_at(args[0], args[1], 4, &view);
+    if (p == NULL)
+        return NULL;
+#if SHMPOOL_HAVE_FUTEX
+    long rc = syscall(SYS_futex, p, FUTEX_WAKE, (int)n, NULL, NULL, 0);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(rc);
+#else
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "futex is Linux-only; use SHMPOOL_WAIT=poll");
+    return NULL;
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* Module                                                                    */
+/* ------------------------------------------------------------------------ */
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, \
+                         METH_FASTCALL, doc}
+
+static PyMethodDef methods[] = {
+    FAST(load_u32, "load_u32(buf, off) -> int: atomic load, acquire."),
+    FAST(load_u64, "load_u64(buf, off) -> int: atomic load, acquire."),
+    FAST(store_u32, "store_u32(buf, off, value): atomic store, release."),
+    FAST(store_u64, "store_u64(buf, off, value): atomic store, release."),
+    FAST(cas_u32, "cas_u32(buf, off, expected, desired) -> previous value "
+                  "(success iff it equals expected)."),
+    FAST(cas_u64, "cas_u64(buf, off, expected, desired) -> previous value "
+                  "(success iff it equals expected)."),
+    FAST(fetch_add_u32, "fetch_add_u32(buf, off, delta) -> previous value; "
+                        "delta modulo 2**32, seq_cst."),
+    FAST(fetch_add_u64, "fetch_add_u64(buf, off, delta) -> previous value; "
+                        "delta modulo 2**64, seq_cst."),
+    FAST(fetch_or_u32, "fetch_or_u32(buf, off, bits) -> previous value."),
+    FAST(fetch_or_u64, "fetch_or_u64(buf, off, bits) -> previous value."),
+    FAST(fetch_and_u32, "fetch_and_u32(buf, off, bits) -> previous value."),
+    FAST(fetch_and_u64, "fetch_and_u64(buf, off, bits) -> previous value."),
+    FAST(futex_wait, "futex_wait(buf, off, expected, timeout=None) -> "
+                     "WOKEN | VALUE_CHANGED | TIMED_OUT. Releases the GIL."),
+    FAST(futex_wake, "futex_wake(buf, off, n) -> number of waiters woken."),
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+exec_module(PyObject *mod)
+{
+    if (PyModule_AddIntConstant(mod, "WOKEN", WAIT_WOKEN) < 0 ||
+        PyModule_AddIntConstant(mod, "VALUE_CHANGED", WAIT_VALUE_CHANGED) < 0 ||
+        PyModule_AddIntConstant(mod, "TIMED_OUT", WAIT_TIMED_OUT) < 0 ||
+        PyModule_AddIntConstant(mod, "HAVE_FUTEX", SHMPOOL_HAVE_FUTEX) < 0)
+        return -1;
+    /* Lock-free atomics are a hard requirement: a lock-based fallback would
+     * use a process-local lock and silently break cross-process exclusion. */
+    if (!atomic_is_lock_free((_Atomic uint64_t *)0) ||
+        !atomic_is_lock_free((_Atomic uint32_t *)0)) {
+        PyErr_SetString(PyExc_ImportError,
+                        "shmpool needs lock-free 32- and 64-bit atomics");
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmpool._atomics",
+    .m_doc = "Atomics and futex on shared buffers (shmpool layer 0).",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC
+PyInit__atomics(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}

@@ -1,0 +1,61 @@
+"""Type stub for the native layer: atomics and futex on shared buffers.
+
+Every function takes a writable, C-contiguous buffer (bytearray, writable
+memoryview, mmap) and a byte offset that must be naturally aligned and in
+range. Bad offsets raise ValueError, read-only or non-buffer objects raise
+TypeError, out-of-range values raise OverflowError.
+"""
+
+from typing import Final
+
+
+WOKEN: Final[int]
+VALUE_CHANGED: Final[int]
+TIMED_OUT: Final[int]
+HAVE_FUTEX: Final[int]
+
+def load_u32(buf: object, off: int, /) -> int:
+    """Atomic load with acquire ordering."""
+
+def load_u64(buf: object, off: int, /) -> int:
+    """Atomic load with acquire ordering."""
+
+def store_u32(buf: object, off: int, value: int, /) -> None:
+    """Atomic store with release ordering; value in [0, 2**32)."""
+
+def store_u64(buf: object, off: int, value: int, /) -> None:
+    """Atomic store with release ordering; value in [0, 2**64)."""
+
+def cas_u32(buf: object, off: int, expected: int, desired: int, /) -> int:
+    """Strong compare-exchange (acq_rel). Returns the previous value; the
+    exchange happened iff it equals `expected`."""
+
+def cas_u64(buf: object, off: int, expected: int, desired: int, /) -> int:
+    """Strong compare-exchange (acq_rel). Returns the previous value."""
+
+def fetch_add_u32(buf: object, off: int, delta: int, /) -> int:
+    """Sequentially consistent add (delta modulo 2**32); returns the old value."""
+
+def fetch_add_u64(buf: object, off: int, delta: int, /) -> int:
+    """Sequentially consistent add (delta modulo 2**64); returns the old value."""
+
+def fetch_or_u32(buf: object, off: int, bits: int, /) -> int:
+    """Sequentially consistent OR; returns the old value."""
+
+def fetch_or_u64(buf: object, off: int, bits: int, /) -> int:
+    """Sequentially consistent OR; returns the old value."""
+
+def fetch_and_u32(buf: object, off: int, bits: int, /) -> int:
+    """Sequentially consistent AND (bits modulo 2**32); returns the old value."""
+
+def fetch_and_u64(buf: object, off: int, bits: int, /) -> int:
+    """Sequentially consistent AND (bits modulo 2**64); returns the old value."""
+
+def futex_wait(buf: object, off: int, expected: int, timeout: float | None = None, /) -> int:
+    """Sleep while the 32-bit word equals `expected`, at most `timeout`
+    seconds (None: no limit). Releases the GIL; retries after EINTR once
+    signal handlers ran (a raising handler aborts the wait). Returns WOKEN,
+    VALUE_CHANGED or TIMED_OUT."""
+
+def futex_wake(buf: object, off: int, n: int, /) -> int:
+    """Wake up to `n` (>= 1) waiters on the word; returns how many woke."""

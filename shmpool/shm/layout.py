@@ -1,0 +1,409 @@
+"""Binary layout of the segment: the one place where offsets live.
+
+Owns: every shared struct (segment header, peer entry, descriptor, channel
+entry, size-class header, extent header, slot meta), `SegmentConfig` (what
+the host chooses) and `SegmentLayout` (where everything is, computed from a
+config in one place).
+
+Data flow: the host builds a `SegmentConfig`, `SegmentLayout.compute()`
+turns it into offsets, `segment.create` writes them into the header;
+an attacher reads the header, rebuilds the config from it and recomputes the
+layout, and refuses the file if the two disagree.
+
+Invariants:
+- Every struct is a little-endian `struct.Struct` with named offsets and an
+  import-time size assertion; each field's comment says who writes it.
+- Every region starts on a 64-byte boundary; extents start on a page
+  boundary because they are mapped separately (`mmap` offsets must be
+  page-aligned).
+- Words touched by more than one process are 4- or 8-byte aligned and are
+  only accessed through `shmpool._atomics`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+CACHE_LINE = 64
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+MAGIC = b"SHMPOOL\x01"  # spec: shm.segment.magic
+VERSION = 1
+
+
+def align(n: int, to: int = CACHE_LINE) -> int:
+    """Round `n` up to a multiple of `to` (a power of two)."""
+    return (n + to - 1) & ~(to - 1)
+
+
+# --------------------------------------------------------------------------
+# Segment header (128 bytes). spec: shm.segment.header
+# --------------------------------------------------------------------------
+# Offsets follow the roam-shm seed where a field keeps its meaning.
+HEADER = struct.Struct(
+    "<8s"  # 0   magic              host, written last at create
+    "I"  # 8   version            host
+    "I"  # 12  header_size        host
+    "Q"  # 16  total_size         host: initial file size
+    "I"  # 24  max_payload_size   host
+    "I"  # 28  initial_credit     host
+    "I"  # 32  max_guests         host
+    "I"  # 36  ring_size          host: descriptors per ring
+    "Q"  # 40  peer_table_offset  host
+    "Q"  # 48  slot_region_offset host: size-class headers
+    "I"  # 56  size_class_count   host
+    "I"  # 60  inline_threshold   host: bytes carried inside a descriptor
+    "I"  # 64  max_channels       host
+    "I"  # 68  host_goodbye       host (atomic), read by guests
+    "Q"  # 72  heartbeat_interval host: ns, 0 = off
+    "Q"  # 80  memory_limit       host: bytes the file may grow to
+    "Q"  # 88  current_size       grower (atomic): file size incl. extents
+    "I"  # 96  host_pid           host
+    "I"  # 100 host_sleeping      host driver (atomic), read by guests
+    "Q"  # 104 host_start_ticks   host: /proc start time, detects pid reuse
+    "16x"  # 112 reserved (zero)
+)
+HEADER_SIZE = 128
+assert HEADER.size == HEADER_SIZE, HEADER.size
+
+H_MAGIC = 0
+H_VERSION = 8
+H_HEADER_SIZE = 12
+H_TOTAL_SIZE = 16
+H_MAX_PAYLOAD = 24
+H_INITIAL_CREDIT = 28
+H_MAX_GUESTS = 32
+H_RING_SIZE = 36
+H_PEER_TABLE = 40
+H_SLOT_REGION = 48
+H_CLASS_COUNT = 56
+H_INLINE_THRESHOLD = 60
+H_MAX_CHANNELS = 64
+H_HOST_GOODBYE = 68
+H_HEARTBEAT = 72
+H_MEMORY_LIMIT = 80
+H_CURRENT_SIZE = 88
+H_HOST_PID = 96
+H_HOST_SLEEPING = 100
+H_HOST_START = 104
+
+# --------------------------------------------------------------------------
+# Peer entry (64 bytes, one per possible guest). spec: shm.segment.peer-entry
+# --------------------------------------------------------------------------
+PEER_ENTRY = struct.Struct(
+    "<I"  # 0  state              CAS: host Empty->Reserved, guest ->Attached
+    "I"  # 4  epoch               guest, +1 on attach
+    "I"  # 8  g2h_head            guest (producer of guest->host ring)
+    "I"  # 12 g2h_tail            host  (consumer of guest->host ring)
+    "I"  # 16 h2g_head            host  (producer of host->guest ring)
+    "I"  # 20 h2g_tail            guest (consumer of host->guest ring)
+    "Q"  # 24 last_heartbeat      guest: CLOCK_MONOTONIC ns
+    "Q"  # 32 ring_offset         host at create: this guest's area
+    "I"  # 40 guest_pid           guest at attach
+    "I"  # 44 sleep_flags         both (atomic bits, see SLEEP_*)
+    "Q"  # 48 channel_table_offset host at create
+    "8x"  # 56 reserved (zero)
+)
+PEER_ENTRY_SIZE = 64
+assert PEER_ENTRY.size == PEER_ENTRY_SIZE, PEER_ENTRY.size
+
+P_STATE = 0
+P_EPOCH = 4
+P_G2H_HEAD = 8
+P_G2H_TAIL = 12
+P_H2G_HEAD = 16
+P_H2G_TAIL = 20
+P_HEARTBEAT = 24
+P_RING_OFFSET = 32
+P_GUEST_PID = 40
+P_SLEEP_FLAGS = 44
+P_CHANNEL_TABLE = 48
+
+# Bits of `sleep_flags`: who is (about to be) asleep, and on what. A waker
+# reads the word with an atomic RMW after publishing and issues a wake only
+# for the bits it finds. spec: shm.wakeup.sleeping-word
+SLEEP_G2H_CONSUMER = 1 << 0  # host waits for g2h head to move
+SLEEP_G2H_PRODUCER = 1 << 1  # guest waits for g2h tail to move
+SLEEP_H2G_CONSUMER = 1 << 2  # guest waits for h2g head to move
+SLEEP_H2G_PRODUCER = 1 << 3  # host waits for h2g tail to move
+SLEEP_DOORBELL_SHIFT = 4  # same bits << 4: asleep on the doorbell, not futex
+
+# --------------------------------------------------------------------------
+# Descriptor (64 bytes). spec: shm.desc.layout
+# --------------------------------------------------------------------------
+DESCRIPTOR = struct.Struct(
+    "<B"  # 0  msg_type
+    "B"  # 1  flags
+    "2x"  # 2  reserved (zero)
+    "I"  # 4  id: request or channel id
+    "Q"  # 8  method_id
+    "I"  # 16 slot_ref: packed slot handle, INLINE if payload is inline
+    "I"  # 20 generation of the slot
+    "I"  # 24 payload_offset within the slot
+    "I"  # 28 payload_len
+    "32s"  # 32 inline payload
+)
+DESCRIPTOR_SIZE = 64
+assert DESCRIPTOR.size == DESCRIPTOR_SIZE, DESCRIPTOR.size
+INLINE_CAPACITY = 32
+SLOT_REF_INLINE = 0xFFFFFFFF
+
+# Slot handle packing (fits the descriptor's u32 slot_ref):
+# class (4 bits) | extent (10 bits) | index (18 bits). spec: shm.desc.slot-ref
+SLOT_CLASS_BITS = 4
+SLOT_EXTENT_BITS = 10
+SLOT_INDEX_BITS = 18
+MAX_CLASSES = (1 << SLOT_CLASS_BITS) - 1  # class 15 is kept for huge payloads
+MAX_EXTENTS = 64  # per size class (entries in the class header)
+MAX_SLOTS_PER_EXTENT = 1 << SLOT_INDEX_BITS
+
+
+def pack_slot_ref(cls: int, extent: int, index: int) -> int:
+    ref = (cls << 28) | (extent << 18) | index
+    assert ref != SLOT_REF_INLINE
+    return ref
+
+
+def unpack_slot_ref(ref: int) -> tuple[int, int, int]:
+    return ref >> 28, (ref >> 18) & 0x3FF, ref & 0x3FFFF
+
+
+# --------------------------------------------------------------------------
+# Channel entry (16 bytes, max_channels per guest). spec: shm.flow.channel-table
+# --------------------------------------------------------------------------
+CHANNEL_ENTRY = struct.Struct(
+    "<I"  # 0 state          opener sets Active, receiver sets Free
+    "I"  # 4 granted_total   receiver (atomic, futex word for credit waits)
+    "8x"  # 8 reserved
+)
+CHANNEL_ENTRY_SIZE = 16
+assert CHANNEL_ENTRY.size == CHANNEL_ENTRY_SIZE, CHANNEL_ENTRY.size
+
+# --------------------------------------------------------------------------
+# Size-class header (64 + 8 * MAX_EXTENTS bytes). spec: shm.varslot.classes
+# --------------------------------------------------------------------------
+CLASS_HEADER = struct.Struct(
+    "<I"  # 0  slot_size         host
+    "I"  # 4  slots_per_extent   host
+    "I"  # 8  extent_count       grower (atomic)
+    "I"  # 12 grow_lock          grower (CAS 0 -> pid)
+    "Q"  # 16 free_head          all (CAS): tag << 32 | (slot number + 1)
+    "I"  # 24 wait_word          freer bumps when waiters > 0 (futex word)
+    "I"  # 28 waiters            allocators about to sleep (atomic)
+    "I"  # 32 free_count         all (atomic): slots on the free list
+    "28x"  # 36 reserved
+    f"{MAX_EXTENTS}Q"  # 64 extent_offsets  grower, before extent_count
+)
+CLASS_HEADER_SIZE = 64 + 8 * MAX_EXTENTS
+assert CLASS_HEADER.size == CLASS_HEADER_SIZE, CLASS_HEADER.size
+
+C_SLOT_SIZE = 0
+C_SLOTS_PER_EXTENT = 4
+C_EXTENT_COUNT = 8
+C_GROW_LOCK = 12
+C_FREE_HEAD = 16
+C_WAIT_WORD = 24
+C_WAITERS = 28
+C_FREE_COUNT = 32
+C_EXTENT_OFFSETS = 64
+
+# --------------------------------------------------------------------------
+# Extent header (64 bytes) and slot meta (16 bytes). spec: shm.varslot.extent-layout
+# --------------------------------------------------------------------------
+EXTENT_HEADER = struct.Struct(
+    "<I"  # 0  class_index   grower
+    "I"  # 4  extent_index   grower
+    "I"  # 8  slot_count     grower
+    "I"  # 12 slot_size      grower
+    "Q"  # 16 meta_offset    grower: relative to extent start
+    "Q"  # 24 data_offset    grower: relative to extent start
+    "Q"  # 32 extent_size    grower
+    "24x"  # 40 reserved
+)
+EXTENT_HEADER_SIZE = 64
+assert EXTENT_HEADER.size == EXTENT_HEADER_SIZE, EXTENT_HEADER.size
+
+SLOT_META = struct.Struct(
+    "<I"  # 0  generation  allocator (+1 on every allocation)
+    "I"  # 4  state       Free 0 / Allocated 1 / InFlight 2
+    "I"  # 8  owner_peer  allocator or receiver: 0 = host, else peer id
+    "I"  # 12 next_free   freer: slot number + 1 of the next free slot, 0 = end
+)
+SLOT_META_SIZE = 16
+assert SLOT_META.size == SLOT_META_SIZE, SLOT_META.size
+
+
+@dataclass(frozen=True)
+class SizeClass:
+    """One size class: payloads up to `slot_size` bytes, grown by extents."""
+
+    slot_size: int
+    slots_per_extent: int
+
+
+DEFAULT_SIZE_CLASSES: tuple[SizeClass, ...] = (
+    SizeClass(512, 1024),
+    SizeClass(4096, 256),
+    SizeClass(64 * 1024, 64),
+    SizeClass(1024 * 1024, 8),
+    SizeClass(16 * 1024 * 1024, 2),
+)
+
+
+def extent_size(cls: SizeClass) -> int:
+    """Bytes one extent of `cls` occupies (page multiple)."""
+    meta = align(EXTENT_HEADER_SIZE + SLOT_META_SIZE * cls.slots_per_extent)
+    return align(meta + cls.slot_size * cls.slots_per_extent, PAGE)
+
+
+def extent_data_offset(cls: SizeClass) -> int:
+    """Offset of slot 0's data from the start of an extent of `cls`."""
+    return align(EXTENT_HEADER_SIZE + SLOT_META_SIZE * cls.slots_per_extent)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """What the host chooses; the segment header is its authoritative copy.
+
+    spec: shm.segment.config
+    """
+
+    max_guests: int = 32
+    ring_size: int = 256
+    size_classes: tuple[SizeClass, ...] = field(default=DEFAULT_SIZE_CLASSES)
+    max_channels: int = 64
+    initial_credit: int = 256 * 1024
+    heartbeat_interval: float = 0.0  # seconds; 0 disables heartbeats
+    memory_limit: int = 4 * 1024**3
+    max_payload_size: int = 0xFFFFFFFF
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size_classes", tuple(self.size_classes))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"SegmentConfig: {msg}")
+
+        _int_in("max_guests", self.max_guests, 1, 255, bad)
+        _int_in("ring_size", self.ring_size, 2, 1 << 16, bad)
+        if self.ring_size & (self.ring_size - 1):
+            raise bad(f"ring_size must be a power of two, got {self.ring_size}")
+        _int_in("max_channels", self.max_channels, 2, 1 << 16, bad)
+        _int_in("initial_credit", self.initial_credit, 1, 0x7FFFFFFF, bad)
+        _int_in("max_payload_size", self.max_payload_size, 1, 0xFFFFFFFF, bad)
+        hb = self.heartbeat_interval
+        if not isinstance(hb, (int, float)) or not (0 <= hb <= 3600):
+            raise bad(f"heartbeat_interval must be 0..3600 seconds, got {hb!r}")
+        if not 1 <= len(self.size_classes) <= MAX_CLASSES:
+            raise bad(f"need 1..{MAX_CLASSES} size classes, got {len(self.size_classes)}")
+        prev = 0
+        for i, c in enumerate(self.size_classes):
+            if not isinstance(c, SizeClass):
+                raise bad(f"size_classes[{i}] must be a SizeClass, got {c!r}")
+            _int_in(f"size_classes[{i}].slot_size", c.slot_size, 64, 1 << 31, bad)
+            if c.slot_size % CACHE_LINE:
+                raise bad(f"size_classes[{i}].slot_size must be a multiple of 64")
+            if c.slot_size <= prev:
+                raise bad("size classes must have strictly increasing slot sizes")
+            prev = c.slot_size
+            _int_in(
+                f"size_classes[{i}].slots_per_extent",
+                c.slots_per_extent,
+                1,
+                MAX_SLOTS_PER_EXTENT,
+                bad,
+            )
+        _int_in("memory_limit", self.memory_limit, 1, 1 << 48, bad)
+        need = SegmentLayout.compute(self).total_size
+        if self.memory_limit < need:
+            raise bad(
+                f"memory_limit {self.memory_limit} is below the initial segment "
+                f"size {need}; raise it or shrink the size classes"
+            )
+
+    @property
+    def heartbeat_interval_ns(self) -> int:
+        return int(self.heartbeat_interval * 1e9)
+
+
+def _int_in(name: str, v: object, lo: int, hi: int, bad) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise bad(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Offsets of every region, computed from a config in one place.
+
+    spec: shm.segment.layout
+    """
+
+    config: SegmentConfig
+    peer_table_offset: int
+    guest_area_offset: int
+    guest_area_size: int
+    ring_bytes: int
+    slot_region_offset: int
+    extent_offsets: tuple[int, ...]  # initial extent of each class
+    total_size: int
+
+    @classmethod
+    def compute(cls, config: SegmentConfig) -> "SegmentLayout":
+        peer_table = HEADER_SIZE
+        guests = align(peer_table + PEER_ENTRY_SIZE * config.max_guests)
+        ring_bytes = DESCRIPTOR_SIZE * config.ring_size
+        area = align(2 * ring_bytes) + align(CHANNEL_ENTRY_SIZE * config.max_channels)
+        slot_region = align(guests + area * config.max_guests)
+        pos = align(slot_region + CLASS_HEADER_SIZE * len(config.size_classes), PAGE)
+        extents = []
+        for c in config.size_classes:
+            extents.append(pos)
+            pos += extent_size(c)
+        return cls(
+            config=config,
+            peer_table_offset=peer_table,
+            guest_area_offset=guests,
+            guest_area_size=area,
+            ring_bytes=ring_bytes,
+            slot_region_offset=slot_region,
+            extent_offsets=tuple(extents),
+            total_size=pos,
+        )
+
+    # Per-guest addresses; peer ids are 1-based (table index + 1).
+    def peer_entry(self, peer_id: int) -> int:
+        self._check_peer(peer_id)
+        return self.peer_table_offset + PEER_ENTRY_SIZE * (peer_id - 1)
+
+    def guest_area(self, peer_id: int) -> int:
+        self._check_peer(peer_id)
+        return self.guest_area_offset + self.guest_area_size * (peer_id - 1)
+
+    def g2h_ring(self, peer_id: int) -> int:
+        return self.guest_area(peer_id)
+
+    def h2g_ring(self, peer_id: int) -> int:
+        return self.guest_area(peer_id) + self.ring_bytes
+
+    def channel_table(self, peer_id: int) -> int:
+        return self.guest_area(peer_id) + align(2 * self.ring_bytes)
+
+    def class_header(self, index: int) -> int:
+        if not 0 <= index < len(self.config.size_classes):
+            raise IndexError(f"size class {index} out of range")
+        return self.slot_region_offset + CLASS_HEADER_SIZE * index
+
+    def control_size(self) -> int:
+        """Bytes before the first extent's slot data: header, peers, rings,
+        class headers. These are preallocated so a full /dev/shm fails at
+        create time instead of with SIGBUS later."""
+        return self.extent_offsets[0]
+
+    def _check_peer(self, peer_id: int) -> None:
+        if not 1 <= peer_id <= self.config.max_guests:
+            raise ValueError(f"peer id {peer_id} out of range 1..{self.config.max_guests}")

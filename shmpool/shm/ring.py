@@ -1,0 +1,394 @@
+"""SPSC descriptor rings over the segment.
+
+Owns: the 64-byte `Descriptor`, and the two ends of a single-producer
+single-consumer ring of descriptors: `RingProducer` (try_push / push /
+push_many) and `RingConsumer` (try_pop / pop / pop_batch).
+
+Data flow: the producer writes a descriptor into slot `head`, then
+publishes `head + 1` with a store-release and wakes the consumer only if it
+announced sleep. The consumer loads `head` with acquire, copies the
+descriptor out, then publishes `tail + 1` with a store-release and wakes a
+sleeping producer. Payloads above 32 bytes live in slots (varslot); the
+ring only carries their handle.
+
+Invariants:
+- `head` is written only by the producer, `tail` only by the consumer;
+  both are indices in [0, ring_size) and the ring holds at most
+  ring_size - 1 descriptors (full when head + 1 == tail, mod size).
+- Each end caches the index it owns and the last value it saw of the other
+  one, so the fast path does one shared load only when the cache says
+  full/empty.
+- Loads and stores of head/tail go through `shmpool._atomics` only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+from .. import _atomics
+from . import layout as L
+from .doorbell import Doorbell
+from .wait import Waiter
+
+load_u32 = _atomics.load_u32
+store_u32 = _atomics.store_u32
+fetch_or_u32 = _atomics.fetch_or_u32
+futex_wake = _atomics.futex_wake
+_pack_into = L.DESCRIPTOR.pack_into
+_unpack_from = L.DESCRIPTOR.unpack_from
+_DSIZE = L.DESCRIPTOR_SIZE
+_monotonic = time.monotonic
+
+
+class Descriptor(NamedTuple):
+    """One ring entry. spec: shm.desc.layout"""
+
+    msg_type: int
+    flags: int
+    id: int
+    method_id: int
+    slot_ref: int
+    generation: int
+    payload_offset: int
+    payload_len: int
+    inline: bytes
+
+    @classmethod
+    def with_inline(
+        cls, msg_type: int, id: int, payload: bytes = b"", *, method_id: int = 0, flags: int = 0
+    ) -> "Descriptor":
+        """A descriptor carrying up to 32 payload bytes itself.
+        spec: shm.desc.inline"""
+        n = len(payload)
+        if n > L.INLINE_CAPACITY:
+            raise ValueError(f"inline payload is {n} bytes; at most {L.INLINE_CAPACITY} fit")
+        return cls(msg_type, flags, id, method_id, L.SLOT_REF_INLINE, 0, 0, n, bytes(payload))
+
+    @classmethod
+    def with_slot(
+        cls,
+        msg_type: int,
+        id: int,
+        slot_ref: int,
+        generation: int,
+        length: int,
+        *,
+        offset: int = 0,
+        method_id: int = 0,
+        flags: int = 0,
+    ) -> "Descriptor":
+        """A descriptor referring to a payload in a slot. spec: shm.desc.slot-ref"""
+        if slot_ref == L.SLOT_REF_INLINE:
+            raise ValueError("slot_ref 0xFFFFFFFF means inline; use with_inline")
+        return cls(msg_type, flags, id, method_id, slot_ref, generation, offset, length, b"")
+
+    @property
+    def is_inline(self) -> bool:
+        return self.slot_ref == L.SLOT_REF_INLINE
+
+    @property
+    def payload(self) -> bytes:
+        """The inline payload (only meaningful when `is_inline`)."""
+        return self.inline[: self.payload_len]
+
+
+_new_desc = tuple.__new__
+
+
+@dataclass(frozen=True)
+class RingStatistics:
+    """Snapshot of one ring end (counters are this process's view)."""
+
+    name: str
+    role: str
+    size: int
+    capacity: int
+    depth: int
+    transfers: int  # descriptors pushed (producer) or popped (consumer)
+    would_block: int  # try_push found it full / try_pop found it empty
+    waits: int  # blocking calls that had to wait
+    spins: int
+    spin_hits: int
+    sleeps: int
+    wakes_sent: int
+    timeouts: int
+    spin_budget: int
+
+
+class _RingEnd:
+    __slots__ = (
+        "name", "buf", "size", "mask", "desc_off", "head_off", "tail_off", "flags_off",
+        "doorbell", "waiter", "_wake_bit", "_wake_mask",
+        "transfers", "would_block", "waits", "wakes_sent", "timeouts",
+    )
+    role = "?"
+
+    def __init__(
+        self,
+        buf,
+        *,
+        desc_offset: int,
+        size: int,
+        head_off: int,
+        tail_off: int,
+        flags_off: int,
+        consumer_bit: int,
+        producer_bit: int,
+        doorbell: Doorbell | None = None,
+        wait: str | None = None,
+        spin: int | None = None,
+        name: str = "ring",
+    ) -> None:
+        if size < 2 or size & (size - 1):
+            raise ValueError(f"ring size must be a power of two >= 2, got {size}")
+        if desc_offset < 0 or desc_offset + size * _DSIZE > len(buf) or desc_offset % L.CACHE_LINE:
+            raise ValueError(f"descriptor array at {desc_offset} does not fit the buffer")
+        self.name = name
+        self.buf = buf
+        self.size = size
+        self.mask = size - 1
+        self.desc_off = desc_offset
+        self.head_off = head_off
+        self.tail_off = tail_off
+        self.flags_off = flags_off
+        self.doorbell = doorbell
+        mine, theirs = self._bits(consumer_bit, producer_bit)
+        self.waiter = Waiter(buf, flags_off, mine, backend=wait, doorbell=doorbell, spin=spin)
+        self._wake_bit = theirs
+        self._wake_mask = theirs | (theirs << L.SLEEP_DOORBELL_SHIFT)
+        self.transfers = self.would_block = self.waits = self.wakes_sent = self.timeouts = 0
+
+    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _wake_other(self, flags: int) -> None:
+        # Slow path: the other side announced sleep. The word it sleeps on
+        # is the index we just published. spec: shm.wakeup.sleeping-word
+        self.wakes_sent += 1
+        if flags & self._wake_bit:
+            off = self.head_off if self.role == "producer" else self.tail_off
+            futex_wake(self.buf, off, 1)
+        if self.doorbell is not None and flags & (self._wake_bit << L.SLEEP_DOORBELL_SHIFT):
+            self.doorbell.signal()
+
+    def depth(self) -> int:
+        """Descriptors currently in the ring (shared view)."""
+        return (load_u32(self.buf, self.head_off) - load_u32(self.buf, self.tail_off)) & self.mask
+
+    def statistics(self) -> RingStatistics:
+        w = self.waiter
+        return RingStatistics(
+            self.name, self.role, self.size, self.size - 1, self.depth(), self.transfers,
+            self.would_block, self.waits, w.spins, w.spin_hits, w.sleeps, self.wakes_sent,
+            self.timeouts, w.spin_budget,
+        )
+
+
+class RingProducer(_RingEnd):
+    """The producing end of an SPSC descriptor ring. spec: shm.ring.spsc"""
+
+    __slots__ = ("_head", "_tail_seen")
+    role = "producer"
+
+    def __init__(self, buf, **kw) -> None:
+        super().__init__(buf, **kw)
+        self._head = load_u32(buf, self.head_off)
+        self._tail_seen = load_u32(buf, self.tail_off)
+
+    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
+        return producer_bit, consumer_bit
+
+    def try_push(self, desc: Descriptor) -> bool:
+        """Push one descriptor if there is room; False if the ring is full.
+        spec: shm.ring.full"""
+        head = self._head
+        nxt = (head + 1) & self.mask
+        if nxt == self._tail_seen:
+            self._tail_seen = load_u32(self.buf, self.tail_off)
+            if nxt == self._tail_seen:
+                self.would_block += 1
+                return False
+        buf = self.buf
+        _pack_into(buf, self.desc_off + head * _DSIZE, *desc)
+        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
+        self._head = nxt
+        self.transfers += 1
+        flags = fetch_or_u32(buf, self.flags_off, 0)
+        if flags & self._wake_mask:
+            self._wake_other(flags)
+        return True
+
+    def try_push_many(self, descs: Iterable[Descriptor]) -> int:
+        """Push as many of `descs` as fit, publishing head once. Returns how
+        many were pushed (a prefix of `descs`)."""
+        buf, mask, base = self.buf, self.mask, self.desc_off
+        head = start = self._head
+        tail = self._tail_seen = load_u32(buf, self.tail_off)
+        n = 0
+        for desc in descs:
+            nxt = (head + 1) & mask
+            if nxt == tail:
+                self.would_block += 1
+                break
+            _pack_into(buf, base + head * _DSIZE, *desc)
+            head = nxt
+            n += 1
+        if head != start:
+            store_u32(buf, self.head_off, head)  # spec: shm.ordering.ring-publish
+            self._head = head
+            self.transfers += n
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+            if flags & self._wake_mask:
+                self._wake_other(flags)
+        return n
+
+    def push(self, desc: Descriptor, timeout: float | None = None) -> bool:
+        """Push, waiting for room up to `timeout` seconds (None: forever).
+        Returns False on timeout. spec: shm.wakeup.producer-wait"""
+        if self.try_push(desc):
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        self.waits += 1
+        deadline = None if timeout is None else _monotonic() + timeout
+        w = self.waiter
+        w.begin()
+        full_tail = self._tail_seen  # the consumer frees room by moving tail
+        if w.spin(self.tail_off, full_tail) and self.try_push(desc):
+            return True
+        while True:
+            remaining = 3600.0 if deadline is None else deadline - _monotonic()
+            if remaining <= 0:
+                self.timeouts += 1
+                return False
+            w.sleep(self.tail_off, self._tail_seen, remaining)
+            if self.try_push(desc):
+                return True
+
+
+class RingConsumer(_RingEnd):
+    """The consuming end of an SPSC descriptor ring. spec: shm.ring.spsc"""
+
+    __slots__ = ("_tail", "_head_seen")
+    role = "consumer"
+
+    def __init__(self, buf, **kw) -> None:
+        super().__init__(buf, **kw)
+        self._tail = load_u32(buf, self.tail_off)
+        self._head_seen = load_u32(buf, self.head_off)
+
+    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
+        return consumer_bit, producer_bit
+
+    def try_pop(self) -> Descriptor | None:
+        """Pop one descriptor, or None if the ring is empty.
+        spec: shm.ring.empty"""
+        tail = self._tail
+        if tail == self._head_seen:
+            # spec: shm.ordering.ring-consume (acquire pairs with the release)
+            self._head_seen = load_u32(self.buf, self.head_off)
+            if tail == self._head_seen:
+                self.would_block += 1
+                return None
+        buf = self.buf
+        desc = _new_desc(Descriptor, _unpack_from(buf, self.desc_off + tail * _DSIZE))
+        nxt = (tail + 1) & self.mask
+        store_u32(buf, self.tail_off, nxt)  # the copy above is done: release the entry
+        self._tail = nxt
+        self.transfers += 1
+        flags = fetch_or_u32(buf, self.flags_off, 0)
+        if flags & self._wake_mask:
+            self._wake_other(flags)
+        return desc
+
+    def pop_batch(self, max_n: int = 64) -> list[Descriptor]:
+        """Pop up to `max_n` descriptors without waiting, publishing tail
+        once. spec: shm.ring.batch"""
+        buf, mask, base = self.buf, self.mask, self.desc_off
+        tail = start = self._tail
+        head = self._head_seen = load_u32(buf, self.head_off)
+        out = []
+        append = out.append
+        while tail != head and len(out) < max_n:
+            append(_new_desc(Descriptor, _unpack_from(buf, base + tail * _DSIZE)))
+            tail = (tail + 1) & mask
+        if tail != start:
+            store_u32(buf, self.tail_off, tail)
+            self._tail = tail
+            self.transfers += len(out)
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+            if flags & self._wake_mask:
+                self._wake_other(flags)
+        else:
+            self.would_block += 1
+        return out
+
+    def pop(self, timeout: float | None = None) -> Descriptor | None:
+        """Pop, waiting up to `timeout` seconds (None: forever) for a
+        descriptor. Returns None on timeout. spec: shm.wakeup.consumer-wait"""
+        desc = self.try_pop()
+        if desc is not None or (timeout is not None and timeout <= 0):
+            return desc
+        return self._wait_then(self.try_pop, timeout)
+
+    def pop_batch_wait(self, max_n: int = 64, timeout: float | None = None) -> list[Descriptor]:
+        """Like pop_batch, but waits up to `timeout` for at least one."""
+        out = self.pop_batch(max_n)
+        if out or (timeout is not None and timeout <= 0):
+            return out
+        return self._wait_then(lambda: self.pop_batch(max_n) or None, timeout) or []
+
+    def _wait_then(self, attempt, timeout: float | None):
+        self.waits += 1
+        deadline = None if timeout is None else _monotonic() + timeout
+        w = self.waiter
+        w.begin()
+        if w.spin(self.head_off, self._tail):
+            got = attempt()
+            if got is not None:
+                return got
+        while True:
+            remaining = 3600.0 if deadline is None else deadline - _monotonic()
+            if remaining <= 0:
+                self.timeouts += 1
+                return None
+            w.sleep(self.head_off, self._tail, remaining)
+            got = attempt()
+            if got is not None:
+                return got
+
+
+# --------------------------------------------------------------------------
+# Rings of a segment
+# --------------------------------------------------------------------------
+
+
+def open_rings(
+    segment, peer_id: int, side: str, *, doorbell: Doorbell | None = None,
+    wait: str | None = None, spin: int | None = None,
+) -> tuple[RingProducer, RingConsumer]:
+    """The (send, receive) ring ends of `side` ('host' or 'guest') for the
+    guest `peer_id` of `segment`. spec: shm.ring.layout"""
+    lay = segment.layout
+    entry = lay.peer_entry(peer_id)
+    flags = entry + L.P_SLEEP_FLAGS
+    size = segment.config.ring_size
+    g2h = dict(
+        desc_offset=lay.g2h_ring(peer_id), size=size, head_off=entry + L.P_G2H_HEAD,
+        tail_off=entry + L.P_G2H_TAIL, flags_off=flags, consumer_bit=L.SLEEP_G2H_CONSUMER,
+        producer_bit=L.SLEEP_G2H_PRODUCER, doorbell=doorbell, wait=wait, spin=spin,
+    )
+    h2g = dict(
+        desc_offset=lay.h2g_ring(peer_id), size=size, head_off=entry + L.P_H2G_HEAD,
+        tail_off=entry + L.P_H2G_TAIL, flags_off=flags, consumer_bit=L.SLEEP_H2G_CONSUMER,
+        producer_bit=L.SLEEP_H2G_PRODUCER, doorbell=doorbell, wait=wait, spin=spin,
+    )
+    if side == "host":
+        return (RingProducer(segment.buf, name=f"h2g[{peer_id}]", **h2g),
+                RingConsumer(segment.buf, name=f"g2h[{peer_id}]", **g2h))
+    if side == "guest":
+        return (RingProducer(segment.buf, name=f"g2h[{peer_id}]", **g2h),
+                RingConsumer(segment.buf, name=f"h2g[{peer_id}]", **h2g))
+    raise ValueError(f"side must be 'host' or 'guest', got {side!r}")

@@ -1,0 +1,221 @@
+"""Test harness: real processes, real /dev/shm, and a leak check after
+every test.
+
+Every test runs with:
+- its own segment directory (SHMPOOL_DIR, per xdist worker), so the files a
+  test leaves behind are attributable to it;
+- a per-test token in the environment (SHMPOOL_LEAK_TOKEN) that every
+  process it starts inherits, so a surviving process is found even if it
+  was re-parented;
+- a check afterwards that no segment file, file descriptor, thread or
+  process of the test survives. A leak fails the test (as an error in
+  teardown) and is then cleaned up so later tests start clean.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = Path(__file__).resolve().parent / "peer.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+SEGMENT_DIR = Path(f"/dev/shm/shmpool-{os.geteuid()}-pytest-{_WORKER}")
+LEAK_GRACE = 5.0  # seconds a test's processes get to finish exiting
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["SHMPOOL_DIR"] = str(SEGMENT_DIR)
+    if SEGMENT_DIR.exists():
+        shutil.rmtree(SEGMENT_DIR)
+    SEGMENT_DIR.mkdir(mode=0o700)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SEGMENT_DIR, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Leak check
+# --------------------------------------------------------------------------
+
+
+def _fds() -> dict[str, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def _processes_with(token: str) -> list[int]:
+    needle = f"SHMPOOL_LEAK_TOKEN={token}".encode()
+    found = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _children() -> list[int]:
+    """Direct children of this process, including unreaped zombies."""
+    me = str(os.getpid())
+    kids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(b")") + 2 :].split()
+        if rest[1].decode() == me:
+            kids.append(int(name))
+    return kids
+
+
+def _segment_files() -> set[str]:
+    try:
+        return set(os.listdir(SEGMENT_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest):
+    token = uuid.uuid4().hex
+    os.environ["SHMPOOL_LEAK_TOKEN"] = token
+    fds_before = _fds()
+    threads_before = set(threading.enumerate())
+    files_before = _segment_files()
+    kids_before = set(_children())
+    yield
+    os.environ.pop("SHMPOOL_LEAK_TOKEN", None)
+    problems = []
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        procs = _processes_with(token)
+        kids = sorted(set(_children()) - kids_before)
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        if not (procs or kids or threads) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if procs:
+        problems.append(f"processes survived the test: {procs}")
+        for pid in procs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    if kids:
+        problems.append(f"child processes not reaped: {kids}")
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+    if threads:
+        problems.append(f"threads survived the test: {[t.name for t in threads]}")
+    files = _segment_files() - files_before
+    if files:
+        problems.append(f"segment files survived the test: {sorted(files)}")
+        for f in files:
+            try:
+                os.unlink(SEGMENT_DIR / f)
+            except OSError:
+                pass
+    fds_after = _fds()
+    leaked = {fd: tgt for fd, tgt in fds_after.items() if fds_before.get(fd) != tgt}
+    if leaked:
+        problems.append(f"file descriptors leaked: {leaked}")
+    if problems:
+        pytest.fail("leak check failed: " + "; ".join(problems), pytrace=False)
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by tests
+# --------------------------------------------------------------------------
+
+
+class Peers:
+    """Starts tests/peer.py subcommands as real processes and guarantees
+    they are gone when the test ends."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: object, pass_fds=(), env=None, **kw) -> subprocess.Popen:
+        cmd = [sys.executable, str(PEER), *map(str, args)]
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        p = subprocess.Popen(cmd, pass_fds=tuple(pass_fds), env=full_env, **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            for stream in (p.stdin, p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def peers():
+    pp = Peers()
+    try:
+        yield pp
+    finally:
+        pp.close()
+
+
+@pytest.fixture
+def segment():
+    from shmpool.shm import Segment, SegmentConfig, SizeClass
+
+    cfg = SegmentConfig(max_guests=4, ring_size=64, size_classes=(SizeClass(512, 16),))
+    seg = Segment.create(cfg)
+    try:
+        yield seg
+    finally:
+        seg.close()
+
+
+@pytest.fixture(params=["futex", "poll"])
+def wait_backend(request, monkeypatch):
+    """Runs a test under each wait backend; child processes inherit it."""
+    monkeypatch.setenv("SHMPOOL_WAIT", request.param)
+    return request.param
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    rest = data[data.rindex(b")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")

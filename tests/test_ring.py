@@ -1,0 +1,288 @@
+"""Layer 1: SPSC descriptor rings, in one process and across real ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import cpu_seconds
+from peer import check_descriptor, seq_descriptor
+from shmpool import _atomics as A
+from shmpool.errors import ConfigError, PeerDeadError
+from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, open_rings
+from shmpool.shm import layout as L
+from shmpool.shm.wait import SLICE, wait_backend
+
+RING64 = SegmentConfig(max_guests=2, ring_size=64, size_classes=(SizeClass(512, 8),))
+
+
+@pytest.fixture
+def seg64():
+    with Segment.create(RING64) as s:
+        yield s
+
+
+# --------------------------------------------------------------------------
+# One process: the ring's own rules
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.spec("shm.ring.full")
+@pytest.mark.spec("shm.ring.empty")
+@pytest.mark.spec("shm.ring.spsc")
+def test_capacity_fifo_full_empty(seg64):
+    tx, _ = open_rings(seg64, 1, "host")
+    with Segment.attach(seg64.path) as g:
+        _, rx = open_rings(g, 1, "guest")
+        assert rx.try_pop() is None
+        pushed = 0
+        while tx.try_push(Descriptor.with_inline(1, pushed, bytes([pushed % 256]))):
+            pushed += 1
+        assert pushed == 63 == tx.statistics().capacity  # ring_size - 1
+        assert tx.push(Descriptor.with_inline(1, 999), timeout=0.01) is False  # full: times out
+        assert tx.depth() == 63
+        for i in range(63):
+            d = rx.try_pop()
+            assert (d.id, d.payload) == (i, bytes([i % 256]))
+        assert rx.try_pop() is None
+        entry = seg64.layout.peer_entry(1)
+        assert A.load_u32(seg64.buf, entry + L.P_H2G_HEAD) == A.load_u32(seg64.buf, entry + L.P_H2G_TAIL)
+        s_tx, s_rx = tx.statistics(), rx.statistics()
+        assert (s_tx.transfers, s_rx.transfers, s_tx.timeouts) == (63, 63, 1)
+        assert s_tx.would_block >= 2 and s_rx.would_block == 2
+
+
+@pytest.mark.spec("shm.ring.layout")
+def test_rings_live_where_the_layout_says(seg64):
+    tx, _ = open_rings(seg64, 2, "host")
+    d = Descriptor.with_inline(3, 0xDEADBEEF, b"abc", method_id=77, flags=5)
+    tx.try_push(d)
+    at = seg64.layout.h2g_ring(2)
+    raw = bytes(seg64.buf[at : at + 64])
+    assert raw[0] == 3 and raw[1] == 5
+    assert int.from_bytes(raw[4:8], "little") == 0xDEADBEEF
+    assert int.from_bytes(raw[8:16], "little") == 77
+    assert int.from_bytes(raw[16:20], "little") == L.SLOT_REF_INLINE
+    assert int.from_bytes(raw[28:32], "little") == 3 and raw[32:35] == b"abc"
+    entry = seg64.layout.peer_entry(2)
+    assert A.load_u32(seg64.buf, entry + L.P_H2G_HEAD) == 1
+    # guest 1's rings are untouched
+    assert A.load_u32(seg64.buf, seg64.layout.peer_entry(1) + L.P_H2G_HEAD) == 0
+
+
+@pytest.mark.spec("shm.desc.layout")
+@pytest.mark.spec("shm.desc.inline")
+@pytest.mark.spec("shm.desc.slot-ref")
+@given(
+    kind=st.sampled_from(["inline", "slot"]),
+    msg=st.integers(0, 255), flags=st.integers(0, 255), ident=st.integers(0, 2**32 - 1),
+    method=st.integers(0, 2**64 - 1), payload=st.binary(max_size=32),
+    cls=st.integers(0, 14), extent=st.integers(0, 1023), index=st.integers(0, 2**18 - 1),
+    gen=st.integers(0, 2**32 - 1), length=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=300, deadline=None)
+def test_descriptor_roundtrip(kind, msg, flags, ident, method, payload, cls, extent, index, gen, length, offset):
+    from shmpool.shm import RingConsumer, RingProducer
+
+    buf = bytearray(64 * 5)  # words in the first line, 4 descriptors after it
+    geometry = dict(desc_offset=64, size=4, head_off=0, tail_off=4, flags_off=8,
+                    consumer_bit=1, producer_bit=2)
+    p, c = RingProducer(buf, **geometry), RingConsumer(buf, **geometry)
+    if kind == "inline":
+        d = Descriptor.with_inline(msg, ident, payload, method_id=method, flags=flags)
+    else:
+        ref = L.pack_slot_ref(cls, extent, index)
+        assert L.unpack_slot_ref(ref) == (cls, extent, index)
+        d = Descriptor.with_slot(msg, ident, ref, gen, length, offset=offset, method_id=method, flags=flags)
+    assert p.try_push(d)
+    got = c.try_pop()
+    if kind == "inline":
+        assert got.is_inline and got.payload == payload
+        assert got._replace(inline=got.payload) == d
+    else:
+        assert not got.is_inline and got._replace(inline=b"") == d
+
+
+def test_descriptor_rejects_oversized_inline_and_inline_ref():
+    with pytest.raises(ValueError, match="at most 32"):
+        Descriptor.with_inline(1, 0, b"x" * 33)
+    with pytest.raises(ValueError, match="inline"):
+        Descriptor.with_slot(1, 0, L.SLOT_REF_INLINE, 0, 10)
+
+
+@pytest.mark.spec("shm.ring.batch")
+def test_batch_push_and_pop(seg64):
+    tx, rx = open_rings(seg64, 1, "host")
+    with Segment.attach(seg64.path) as g:
+        gtx, grx = open_rings(g, 1, "guest")
+        n = gtx.try_push_many(seq_descriptor(i) for i in range(100))
+        assert n == 63  # a prefix, as much as fits
+        got = rx.pop_batch(10)
+        assert len(got) == 10
+        got += rx.pop_batch(1000)
+        assert len(got) == 63 and rx.pop_batch() == []
+        for i, d in enumerate(got):
+            check_descriptor(i, d)
+        assert rx.pop_batch_wait(8, timeout=0.01) == []
+
+
+def test_bad_ring_geometry_and_backend(seg64):
+    from shmpool.shm import RingProducer
+
+    common = dict(head_off=0, tail_off=4, flags_off=8, consumer_bit=1, producer_bit=2)
+    with pytest.raises(ValueError, match="power of two"):
+        RingProducer(bytearray(4096), desc_offset=64, size=6, **common)
+    with pytest.raises(ValueError, match="does not fit"):
+        RingProducer(bytearray(4096), desc_offset=64, size=64, **common)
+    with pytest.raises(ValueError, match="side"):
+        open_rings(seg64, 1, "both")
+    with pytest.raises(ConfigError, match="SHMPOOL_WAIT"):
+        wait_backend("spinlock")
+
+
+# --------------------------------------------------------------------------
+# Across processes
+# --------------------------------------------------------------------------
+
+STRESS_N = 1_000_000
+
+
+@pytest.mark.spec("shm.ring.spsc")
+@pytest.mark.spec("shm.ordering.ring-publish")
+@pytest.mark.spec("shm.ordering.ring-consume")
+@pytest.mark.spec("shm.wakeup.fallback")
+@pytest.mark.parametrize("direction,backend,use_doorbell", [
+    ("g2h", "futex", False),
+    ("h2g", "futex", False),
+    ("g2h", "poll", False),
+    ("h2g", "poll", True),
+])
+def test_cross_process_stress(seg64, peers, monkeypatch, direction, backend, use_doorbell):
+    """1,000,000 sequence-numbered descriptors (inline payloads of every
+    length and slot references) through a ring of 64 between two processes:
+    nothing lost, duplicated or reordered, and head == tail at the end."""
+    monkeypatch.setenv("SHMPOOL_WAIT", backend)
+    db_host = db_fd = None
+    pass_fds = ()
+    if use_doorbell:
+        db_host, db_guest = Doorbell.pair()
+        db_fd = db_guest.make_inheritable()
+        pass_fds = (db_fd,)
+    extra = [db_fd] if use_doorbell else []
+    tx, rx = open_rings(seg64, 1, "host", doorbell=db_host)
+    if direction == "g2h":
+        p = peers.start("ring-produce", seg64.path, 1, "guest", STRESS_N, *extra,
+                        pass_fds=pass_fds, stdout=subprocess.PIPE)
+        if use_doorbell:
+            db_guest.close()
+        i = 0
+        while i < STRESS_N:
+            batch = rx.pop_batch_wait(64, timeout=60)
+            assert batch, f"stalled at {i}"
+            for d in batch:
+                check_descriptor(i, d)
+                i += 1
+        stats = rx.statistics()
+    else:
+        p = peers.start("ring-consume", seg64.path, 1, "guest", STRESS_N, *extra,
+                        pass_fds=pass_fds, stdout=subprocess.PIPE)
+        if use_doorbell:
+            db_guest.close()
+        for i in range(STRESS_N):
+            assert tx.push(seq_descriptor(i), timeout=60), f"stalled at {i}"
+        stats = tx.statistics()
+    report = json.loads(p.stdout.readline())
+    assert p.wait(timeout=60) == 0 and report["done"]
+    assert stats.transfers == STRESS_N == report["stats"]["transfers"]
+    assert rx.try_pop() is None
+    entry = seg64.layout.peer_entry(1)
+    for head, tail in ((L.P_G2H_HEAD, L.P_G2H_TAIL), (L.P_H2G_HEAD, L.P_H2G_TAIL)):
+        assert A.load_u32(seg64.buf, entry + head) == A.load_u32(seg64.buf, entry + tail)
+    if db_host is not None:
+        db_host.close()
+
+
+@pytest.mark.spec("shm.wakeup.consumer-wait")
+@pytest.mark.spec("shm.wakeup.sleeping-word")
+@pytest.mark.spec("shm.wakeup.spin")
+def test_empty_wait_sleeps_and_wakes(seg64, peers, wait_backend):
+    """A consumer blocked on an empty ring burns (almost) no CPU after its
+    spin phase and is woken by the producer, not by a timeout."""
+    tx, _ = open_rings(seg64, 1, "host")
+    p = peers.start("ring-idle-pop", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
+    assert json.loads(p.stdout.readline()) == {"ready": True}
+    time.sleep(0.1)  # past the spin phase
+    cpu0 = cpu_seconds(p.pid)
+    time.sleep(1.0)
+    idle_cpu = cpu_seconds(p.pid) - cpu0
+    t_push = time.monotonic()
+    assert tx.push(Descriptor.with_inline(1, 1))
+    out = json.loads(p.stdout.readline())
+    p.wait(timeout=10)
+    latency = out["at"] - t_push
+    print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
+    assert out["popped"]
+    assert idle_cpu < 0.2  # sleeping, not spinning (poll naps cost a little)
+    assert latency < SLICE  # woken, not found by a slice timeout
+    assert out["stats"]["sleeps"] >= 1
+    if wait_backend == "futex":
+        assert tx.statistics().wakes_sent == 1  # the producer saw the sleeping bit
+        assert out["stats"]["sleeps"] <= 1 + 1.0 / SLICE + 1
+
+
+@pytest.mark.spec("shm.wakeup.producer-wait")
+@pytest.mark.spec("shm.wakeup.sleeping-word")
+def test_full_wait_sleeps_and_wakes(seg64, peers, wait_backend):
+    _, rx = open_rings(seg64, 1, "host")
+    p = peers.start("ring-idle-push", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
+    assert json.loads(p.stdout.readline()) == {"ready": True}
+    time.sleep(0.1)
+    cpu0 = cpu_seconds(p.pid)
+    time.sleep(1.0)
+    idle_cpu = cpu_seconds(p.pid) - cpu0
+    t_pop = time.monotonic()
+    assert rx.try_pop() is not None
+    out = json.loads(p.stdout.readline())
+    p.wait(timeout=10)
+    latency = out["at"] - t_pop
+    print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
+    assert out["pushed"]
+    assert idle_cpu < 0.2
+    assert latency < SLICE
+    if wait_backend == "futex":
+        assert rx.statistics().wakes_sent == 1
+    assert len(rx.pop_batch(100)) == 63
+
+
+@pytest.mark.spec("shm.doorbell.ring-integration")
+@pytest.mark.spec("shm.doorbell.optional")
+def test_waiting_consumer_learns_of_peer_death(seg64, peers, wait_backend):
+    """A consumer waiting on a ring with a doorbell raises PeerDeadError
+    when the producer's process dies, under either backend."""
+    db_host, db_guest = Doorbell.pair()
+    fd = db_guest.make_inheritable()
+    holder = peers.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
+    db_guest.close()
+    assert json.loads(holder.stdout.readline()) == {"ready": True}
+    _, rx = open_rings(seg64, 1, "host", doorbell=db_host)
+    holder.kill()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDeadError):
+        rx.pop(timeout=30)
+    assert time.monotonic() - t0 < 30  # ended by the death, not the timeout
+    holder.wait()
+    db_host.close()
+
+
+def test_pop_timeout_returns_none(seg64, wait_backend):
+    _, rx = open_rings(seg64, 1, "host")
+    t0 = time.monotonic()
+    assert rx.pop(timeout=0.05) is None
+    assert time.monotonic() - t0 >= 0.05
+    assert rx.pop(timeout=0) is None
+    assert rx.statistics().timeouts == 1
