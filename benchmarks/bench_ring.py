@@ -210,10 +210,13 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a few seconds)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run that only checks it works")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per variant")
     ap.add_argument("--json", metavar="PATH", help="write every sample as JSON")
     args = ap.parse_args(argv)
     rounds, burst, reps = (2000, 50_000, 3) if args.quick else (20_000, 500_000, 5)
+    if args.smoke:
+        rounds, burst, reps = 50, 500, 1
     reps = args.reps or reps
     from shmpool.shm.wait import default_spin
 

@@ -15,11 +15,18 @@ from shmpool.errors import DoorbellError
 from shmpool.shm import Doorbell, Signal, Wait
 
 
+@pytest.mark.spec("shm.doorbell.socketpair")
 @pytest.mark.spec("shm.doorbell.signal")
 @pytest.mark.spec("shm.doorbell.wait")
 def test_signal_wait_drain():
     host, guest = Doorbell.pair()
     with host, guest:
+        for end in (host, guest):
+            s = socket.socket(fileno=os.dup(end.fileno()))
+            kind = (s.family, s.type)
+            s.close()
+            assert kind == (socket.AF_UNIX, socket.SOCK_STREAM)
+            assert os.get_blocking(end.fileno()) is False
         assert guest.wait(0) is Wait.TIMED_OUT
         assert host.signal() is Signal.DELIVERED
         assert host.signal() is Signal.DELIVERED

@@ -342,6 +342,23 @@ def test_stale_segment_of_killed_host_is_cleaned(peers):
 
 
 @pytest.mark.spec("shm.file.stale")
+def test_cli_clean(peers):
+    import sys
+
+    p = peers.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(json.loads(p.stdout.readline())["path"])
+    p.kill()
+    p.wait()
+    dry = subprocess.run([sys.executable, "-m", "shmpool", "clean", "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert f"would remove {path}" in dry.stdout and path.exists()
+    run = subprocess.run([sys.executable, "-m", "shmpool", "clean"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and f"removed {path}" in run.stdout
+    assert not path.exists()
+
+
+@pytest.mark.spec("shm.file.stale")
 def test_next_host_reaps_stale_segments(peers):
     p = peers.start("host-hang", stdout=subprocess.PIPE)
     path = Path(json.loads(p.stdout.readline())["path"])

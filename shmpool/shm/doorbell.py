@@ -1,5 +1,7 @@
 """Doorbell: a socketpair that wakes the other process and reports its death.
 
+spec: shm.doorbell.purpose
+
 Owns: one end of a non-blocking AF_UNIX stream socketpair per host-guest
 pair. Bytes carry no meaning; only "there is something to look at" and
 "the other end is gone" do.
@@ -78,7 +80,7 @@ class Doorbell:
     def from_fd(cls, fd: int) -> "Doorbell":
         """Adopt an inherited doorbell fd (guest side). The fd must be an
         AF_UNIX stream socket; it is made close-on-exec so that the guest's
-        own children do not keep it open. spec: shm.spawn.fd-inheritance"""
+        own children do not keep it open. spec: shm.doorbell.inherit"""
         if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
             raise DoorbellError(f"doorbell fd must be a non-negative int, got {fd!r}")
         try:

@@ -92,7 +92,7 @@ H_HOST_SLEEPING = 100
 H_HOST_START = 104
 
 # --------------------------------------------------------------------------
-# Peer entry (64 bytes, one per possible guest). spec: shm.segment.peer-entry
+# Peer entry (64 bytes, one per possible guest). spec: shm.segment.peer-table
 # --------------------------------------------------------------------------
 PEER_ENTRY = struct.Struct(
     "<I"  # 0  state              CAS: host Empty->Reserved, guest ->Attached
@@ -173,7 +173,7 @@ def unpack_slot_ref(ref: int) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------
-# Channel entry (16 bytes, max_channels per guest). spec: shm.flow.channel-table
+# Channel entry (16 bytes, max_channels per guest), used by the session layer.
 # --------------------------------------------------------------------------
 CHANNEL_ENTRY = struct.Struct(
     "<I"  # 0 state          opener sets Active, receiver sets Free
@@ -184,7 +184,7 @@ CHANNEL_ENTRY_SIZE = 16
 assert CHANNEL_ENTRY.size == CHANNEL_ENTRY_SIZE, CHANNEL_ENTRY.size
 
 # --------------------------------------------------------------------------
-# Size-class header (64 + 8 * MAX_EXTENTS bytes). spec: shm.varslot.classes
+# Size-class header (64 + 8 * MAX_EXTENTS bytes).
 # --------------------------------------------------------------------------
 CLASS_HEADER = struct.Struct(
     "<I"  # 0  slot_size         host
@@ -212,7 +212,7 @@ C_FREE_COUNT = 32
 C_EXTENT_OFFSETS = 64
 
 # --------------------------------------------------------------------------
-# Extent header (64 bytes) and slot meta (16 bytes). spec: shm.varslot.extent-layout
+# Extent header (64 bytes) and slot meta (16 bytes).
 # --------------------------------------------------------------------------
 EXTENT_HEADER = struct.Struct(
     "<I"  # 0  class_index   grower

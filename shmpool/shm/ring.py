@@ -211,7 +211,10 @@ class RingProducer(_RingEnd):
                 self.would_block += 1
                 return False
         buf = self.buf
-        _pack_into(buf, self.desc_off + head * _DSIZE, *desc)
+        # Unpacking into names first: a star-call would build a new args
+        # tuple, which costs more than the pack itself.
+        m, f, i, meth, ref, gen, off, n, inline = desc
+        _pack_into(buf, self.desc_off + head * _DSIZE, m, f, i, meth, ref, gen, off, n, inline)
         store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
         self._head = nxt
         self.transfers += 1
@@ -232,7 +235,8 @@ class RingProducer(_RingEnd):
             if nxt == tail:
                 self.would_block += 1
                 break
-            _pack_into(buf, base + head * _DSIZE, *desc)
+            m, f, i, meth, ref, gen, off, ln, inline = desc
+            _pack_into(buf, base + head * _DSIZE, m, f, i, meth, ref, gen, off, ln, inline)
             head = nxt
             n += 1
         if head != start:
@@ -265,6 +269,7 @@ class RingProducer(_RingEnd):
                 return False
             w.sleep(self.tail_off, self._tail_seen, remaining)
             if self.try_push(desc):
+                w.waited()
                 return True
 
 
@@ -357,6 +362,7 @@ class RingConsumer(_RingEnd):
             w.sleep(self.head_off, self._tail, remaining)
             got = attempt()
             if got is not None:
+                w.waited()
                 return got
 
 

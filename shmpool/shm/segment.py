@@ -291,6 +291,7 @@ class Segment:
                     f"cannot reserve {layout.control_size()} bytes ({e.strerror}); "
                     "is /dev/shm full?",
                 ) from None
+            # spec: shm.file.mmap-posix
             mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -378,7 +379,7 @@ class Segment:
 
     @property
     def host_goodbye(self) -> int:
-        """Non-zero once the host is leaving. spec: shm.goodbye.host-atomic"""
+        """Non-zero once the host is leaving."""
         return _atomics.load_u32(self.buf, L.H_HOST_GOODBYE)
 
     def set_host_goodbye(self, value: int = 1) -> None:

@@ -27,7 +27,6 @@ def format_slot_region(buf, lay: L.SegmentLayout) -> None:
     """Initialise every class header and its initial extent.
 
     Runs on the host before the magic is written, so plain writes suffice.
-    spec: shm.varslot.extent-layout
     """
     for ci, cls in enumerate(lay.config.size_classes):
         ext_off = lay.extent_offsets[ci]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from time import perf_counter_ns
 
 from .. import _atomics
 from ..errors import ConfigError, PeerDeadError
@@ -82,7 +83,7 @@ class Waiter:
 
     __slots__ = (
         "buf", "flags_off", "bit", "backend", "doorbell", "spin_max", "spin_budget",
-        "spins", "spin_hits", "sleeps", "_nap",
+        "spins", "spin_hits", "sleeps", "_nap", "_ns_per_spin", "_missed_at",
     )
 
     def __init__(
@@ -106,6 +107,8 @@ class Waiter:
         self.spin_hits = 0
         self.sleeps = 0
         self._nap = NAP_MIN
+        self._ns_per_spin = 100.0
+        self._missed_at = 0
 
     def begin(self) -> None:
         """Start of one blocking operation: reset the poll backoff."""
@@ -119,14 +122,29 @@ class Waiter:
             return False
         self.spins += 1
         buf = self.buf
+        t0 = perf_counter_ns()
         for _ in range(budget):
             if load_u32(buf, off) != observed:
                 self.spin_hits += 1
-                if budget < self.spin_max:
-                    self.spin_budget = min(self.spin_max, budget * 2)
                 return True
-        self.spin_budget = max(min(SPIN_MIN, self.spin_max), budget // 2)
+        now = perf_counter_ns()
+        self._ns_per_spin = 0.5 * self._ns_per_spin + 0.5 * (now - t0) / budget
+        self._missed_at = t0
         return False
+
+    def waited(self) -> None:
+        """The condition came true after a spin missed and we slept: size the
+        next spin to cover a wait this long if the cap allows (then both ends
+        of a ping-pong settle into spinning instead of into sleeping, which
+        would make each other's waits long), else shrink it."""
+        if self.spin_max <= 0 or not self._missed_at:
+            return
+        needed = 2 * (perf_counter_ns() - self._missed_at) / self._ns_per_spin
+        if needed <= self.spin_max:
+            self.spin_budget = max(self.spin_budget, int(needed))
+        else:
+            self.spin_budget = max(min(SPIN_MIN, self.spin_max), self.spin_budget // 2)
+        self._missed_at = 0
 
     def sleep(self, off: int, observed: int, timeout: float) -> None:
         """Sleep at most `timeout` (and at most SLICE) while the word at
@@ -152,6 +170,7 @@ class Waiter:
             fetch_and_u32(buf, flags_off, ~bit)
 
     def _sleep_doorbell(self, off: int, observed: int, timeout: float) -> None:
+        # spec: shm.doorbell.ring-integration
         buf, flags_off = self.buf, self.flags_off
         bit = self.bit << SLEEP_DOORBELL_SHIFT
         fetch_or_u32(buf, flags_off, bit)
@@ -169,6 +188,8 @@ class Waiter:
         self._nap = min(self._nap * 2, NAP_MAX)
 
     def _check_peer(self) -> None:
+        # Without a doorbell there is nothing to check here: the layer above
+        # watches the peer process. spec: shm.doorbell.optional
         db = self.doorbell
         if db is not None and db.peer_dead():
             raise PeerDeadError("the peer closed its doorbell (process died?)")

@@ -1,0 +1,44 @@
+"""Command line: `python -m shmpool <command>`.
+
+Commands:
+    clean [--dir DIR] [--dry-run]   remove segment files left by dead hosts
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .shm.segment import clean, default_directory, segment_is_stale, SEGMENT_PREFIX
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shmpool", description="shmpool utilities")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("clean", help="remove stale segment files (their host process is gone)")
+    c.add_argument("--dir", default=None, help=f"segment directory (default: {default_directory()})")
+    c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    args = ap.parse_args(argv)
+    if args.command == "clean":
+        if args.dry_run:
+            from pathlib import Path
+
+            d = Path(args.dir) if args.dir else default_directory()
+            stale = sorted(
+                str(p) for p in (d.iterdir() if d.is_dir() else [])
+                if p.name.startswith(SEGMENT_PREFIX) and segment_is_stale(p)
+            )
+            for p in stale:
+                print(f"would remove {p}")
+            print(f"{len(stale)} stale segment file(s) in {d}")
+            return 0
+        removed = clean(args.dir)
+        for p in removed:
+            print(f"removed {p}")
+        print(f"{len(removed)} stale segment file(s) removed")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
