@@ -44,3 +44,29 @@ def format_slot_region(buf, lay: L.SegmentLayout) -> None:
         L.CLASS_HEADER.pack_into(
             buf, lay.class_header(ci), cls.slot_size, n, 1, 0, slot_number(0, 0) + 1, 0, 0, n, *offsets
         )
+
+
+# --------------------------------------------------------------------------
+# Interface under construction (slot-pool issue). The hub codes against it.
+# --------------------------------------------------------------------------
+
+from typing import NamedTuple  # noqa: E402
+
+
+class Slot(NamedTuple):
+    ref: int  # packed slot reference (layout.pack_slot_ref)
+    generation: int
+    capacity: int  # usable bytes
+
+
+class SlotPool:
+    """Per-process handle on the shared slot pool. `peer_id` 0 is the host."""
+
+    def __init__(self, segment, peer_id: int) -> None:
+        self.segment = segment
+        self.peer_id = peer_id
+
+    def reclaim(self, peer_id: int) -> int:
+        """Return every slot owned by (or in flight to) dead `peer_id` to its
+        free list; returns how many. (Stub until the slot-pool issue lands.)"""
+        return 0
