@@ -17,11 +17,18 @@ Invariants:
 from __future__ import annotations
 
 __all__ = [
+    "SlotError",
+    "StaleSlotError",
+    "SlotExhaustedError",
+    "PayloadTooLargeError",
     "ShmpoolError",
     "ConfigError",
     "SegmentError",
     "DoorbellError",
     "PeerDeadError",
+    "SpawnArgsError",
+    "HubError",
+    "AttachError",
 ]
 
 
@@ -55,3 +62,50 @@ class DoorbellError(ShmpoolError, OSError):
 
 class PeerDeadError(ShmpoolError, ConnectionError):
     """The process at the other end of a ring or doorbell has gone."""
+
+
+class SpawnArgsError(ShmpoolError, ValueError):
+    """A guest's spawn arguments (`--hub-path`, `--peer-id`, `--doorbell-fd`)
+    are missing, malformed or out of range. The message names the argument
+    and the value found."""
+
+
+class HubError(ShmpoolError, RuntimeError):
+    """The hub was used against its contract: a ticket of another host or
+    one already spawned, a call on a closed host, a call that would
+    deadlock the driver thread, or a driver thread that died."""
+
+
+class AttachError(HubError):
+    """A guest cannot attach to a hub: its peer entry is not in the state
+    the attach needs, the peer id does not exist in this segment, the hub
+    has no free entry, or the host is gone.
+
+    `exit_code` is the exit code a guest program uses for this failure
+    class (see `shmpool.hub.GuestExit`), so that the host can tell the
+    classes apart from the process status alone.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SlotError(ShmpoolError):
+    """Base of slot-pool errors."""
+
+
+class StaleSlotError(SlotError, ValueError):
+    """A slot reference does not name a slot in the state the operation
+    needs: a stale generation, a double free, a free by a peer that does not
+    own it, or a reference to an extent that does not exist."""
+
+
+class SlotExhaustedError(SlotError, TimeoutError):
+    """No slot became free within the timeout and the segment cannot grow
+    (memory limit reached or /dev/shm full)."""
+
+
+class PayloadTooLargeError(SlotError, ValueError):
+    """A payload can never fit: it is larger than the segment's memory
+    limit allows or than its maximum payload size."""

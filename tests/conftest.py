@@ -31,7 +31,10 @@ PEER = Path(__file__).resolve().parent / "peer.py"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
-SEGMENT_DIR = Path(f"/dev/shm/shmpool-{os.geteuid()}-pytest-{_WORKER}")
+# One directory per test run and worker: two pytest runs at once (two
+# developers, or CI next to a local run) must not see each other's files.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:12] or f"p{os.getpid()}"
+SEGMENT_DIR = Path(f"/dev/shm/shmpool-{os.geteuid()}-pytest-{_RUN}-{_WORKER}")
 LEAK_GRACE = 5.0  # seconds a test's processes get to finish exiting
 
 

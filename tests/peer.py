@@ -182,5 +182,219 @@ def main() -> None:
     globals()["cmd_" + cmd.replace("-", "_")](*args)
 
 
+
+# --------------------------------------------------------------------------
+# Slot pool workers
+# --------------------------------------------------------------------------
+
+import random  # noqa: E402
+import struct  # noqa: E402
+
+from shmpool.shm import layout as SL  # noqa: E402
+from shmpool.shm.varslot import SlotPool  # noqa: E402
+
+RECORD = struct.Struct("<IIIII")  # ref, generation, length, sender peer, seq
+END = 0xFFFFFFFF
+STAMP = struct.Struct("<QQQ")  # peer, seq, length
+
+
+def stamp(view, peer: int, seq: int, n: int) -> None:
+    STAMP.pack_into(view, 0, peer, seq, n)
+    view[24:n] = bytes([(seq * 7 + peer) & 0xFF]) * (n - 24)
+
+
+def verify(view, peer: int, seq: int, n: int) -> None:
+    got = STAMP.unpack_from(view, 0)
+    if got != (peer, seq, n) or view[24:n] != bytes([(seq * 7 + peer) & 0xFF]) * (n - 24):
+        raise AssertionError(f"slot content of ({peer}, {seq}, {n}) corrupted: header {got}")
+
+
+def oracle_key(ref: int) -> int:
+    cls, ext, idx = SL.unpack_slot_ref(ref)
+    return (cls * 64 + ext) * 1024 + idx
+
+
+def stress_sizes(pool: SlotPool, rnd: random.Random, huge_max: int) -> int:
+    sizes = [c.slot_size for c in pool.config.size_classes]
+    r = rnd.random()
+    if r < 0.004 and huge_max:
+        return rnd.randint(sizes[-1] + 1, huge_max)
+    if r < 0.5:  # an exact class boundary, -1 / 0 / +1; big classes less often
+        s = rnd.choices(sizes, weights=[2 ** (len(sizes) - i) for i in range(len(sizes))])[0]
+        return max(24, s + rnd.choice((-1, 0, 1)) if s + 1 <= sizes[-1] else s)
+    return rnd.randint(24, min(sizes[-1], 70_000))
+
+
+def cmd_slot_stress(path, peer, n_ops, seed, in_fd, out_fd, to_peer, owners_path, huge_max):
+    import mmap as _mmap
+
+    peer, to_peer, in_fd, out_fd = int(peer), int(to_peer), int(in_fd), int(out_fd)
+    seg = Segment.attach(path)
+    pool = SlotPool(seg, peer)
+    ofd = os.open(owners_path, os.O_RDWR)
+    omm = _mmap.mmap(ofd, 0)
+    owners = memoryview(omm)
+    rnd = random.Random(int(seed))
+    os.set_blocking(in_fd, False)
+    os.set_blocking(out_fd, False)
+    held, backlog, inbuf = [], bytearray(), bytearray()
+    seq = received = sent = 0
+    got_end = False
+
+    def acquire(ref: int) -> None:
+        k = oracle_key(ref) * 4
+        prev = _atomics.cas_u32(owners, k, 0, peer)
+        if prev != 0:
+            raise AssertionError(f"slot {ref:#x} handed to peer {peer} while peer {prev} holds it")
+
+    def release(ref: int) -> None:
+        k = oracle_key(ref) * 4
+        prev = _atomics.cas_u32(owners, k, peer, 0)
+        if prev != peer:
+            raise AssertionError(f"slot {ref:#x} released by {peer} but the oracle says {prev}")
+
+    def drain() -> None:
+        nonlocal got_end, received
+        try:
+            chunk = os.read(in_fd, 65536)
+        except BlockingIOError:
+            chunk = b""
+        inbuf.extend(chunk)
+        while len(inbuf) >= RECORD.size:
+            ref, gen, n, sender, s = RECORD.unpack_from(inbuf, 0)
+            del inbuf[: RECORD.size]
+            if ref == END:
+                got_end = True
+                continue
+            slot = pool.receive(ref, gen)
+            acquire(ref)
+            verify(pool.view(slot, length=n, readonly=True), sender, s, n)
+            release(ref)
+            pool.free(slot)
+            received += 1
+
+    def flush() -> None:
+        while backlog:
+            try:
+                k = os.write(out_fd, backlog)
+            except BlockingIOError:
+                return
+            del backlog[:k]
+
+    for _ in range(int(n_ops)):
+        r = rnd.random()
+        if r < 0.5 or not held:
+            n = stress_sizes(pool, rnd, int(huge_max))
+            slot = pool.alloc(n, timeout=60)
+            acquire(slot.ref)
+            seq += 1
+            stamp(pool.view(slot, length=n), peer, seq, n)
+            held.append((slot, seq, n))
+            if len(held) > 24:
+                r = 0.6  # keep the working set bounded: free one now
+        if 0.5 <= r < 0.8 and held:
+            slot, s, n = held.pop(rnd.randrange(len(held)))
+            verify(pool.view(slot, length=n, readonly=True), peer, s, n)
+            release(slot.ref)
+            pool.free(slot)
+        elif r >= 0.8 and held:
+            slot, s, n = held.pop(rnd.randrange(len(held)))
+            verify(pool.view(slot, length=n, readonly=True), peer, s, n)
+            release(slot.ref)
+            pool.send(slot, to=to_peer)
+            backlog.extend(RECORD.pack(slot.ref, slot.generation, n, peer, s))
+            sent += 1
+        drain()
+        flush()
+    for slot, s, n in held:
+        release(slot.ref)
+        pool.free(slot)
+    backlog.extend(RECORD.pack(END, 0, 0, peer, 0))
+    while backlog or not got_end:
+        drain()
+        flush()
+        time.sleep(0.0005)
+    st = pool.statistics()
+    say(done=True, sent=sent, received=received, allocs=pool.allocs, grows=pool.grows, helps=st.helps)
+    owners.release()
+    omm.close()
+    os.close(ofd)
+    seg.close()
+
+
+def cmd_slot_churn(path, peer, seed, max_ops="200000", huge="1"):
+    """Allocate, free and send slots to the host at random until killed
+    (by the test, or by a failpoint)."""
+    seg = Segment.attach(path)
+    pool = SlotPool(seg, int(peer))
+    rnd = random.Random(int(seed))
+    sizes = [c.slot_size for c in pool.config.size_classes]
+    held = []
+    for i in range(int(max_ops)):
+        r = rnd.random()
+        if r < 0.55 or not held:
+            n = rnd.choice(sizes) if rnd.random() < 0.5 else rnd.randint(1, sizes[-1])
+            if huge == "1" and rnd.random() < 0.01:
+                n = sizes[-1] * 2 + rnd.randint(0, 10000)
+            held.append(pool.alloc(n, timeout=30))
+        elif r < 0.9:
+            pool.free(held.pop(rnd.randrange(len(held))))
+        else:
+            pool.send(held.pop(rnd.randrange(len(held))), to=0)  # never received: in flight
+        if len(held) > 40:
+            pool.free(held.pop(0))
+        if i == 200:
+            say(ready=True)
+    say(finished=True)
+    os._exit(5)  # the failpoint never fired: the test fails on this code
+
+
+def cmd_slot_grow(path, peer):
+    """Exhaust class 0 so that it grows, fill a slot in the new extent and
+    hand it to the host; then wait for the word to free the rest."""
+    seg = Segment.attach(path)
+    pool = SlotPool(seg, int(peer))
+    per = pool.config.size_classes[0].slots_per_extent
+    held = [pool.alloc(100) for _ in range(per + 1)]
+    grown = held[-1]
+    assert SL.unpack_slot_ref(grown.ref)[1] == 1, grown
+    pool.view(grown, length=100)[:] = bytes(range(100))
+    pool.send(grown, to=0)
+    say(ref=grown.ref, generation=grown.generation, grows=pool.grows)
+    sys.stdin.readline()
+    for s in held[:-1]:
+        pool.free(s)
+    say(done=True)
+    seg.close()
+
+
+def cmd_slot_aba(path, peer):
+    """Pop once with a sleep between reading the head and claiming it (set
+    through SHMPOOL_FAILPOINTS by the test), and report what we got."""
+    seg = Segment.attach(path)
+    pool = SlotPool(seg, int(peer))
+    say(popping=True)
+    slot = pool.try_alloc(100)
+    say(ref=slot.ref, generation=slot.generation, retries=pool._classes[0].freelist.cas_retries)
+    sys.stdin.readline()
+    pool.free(slot)
+    seg.close()
+
+
+def cmd_slot_wait(path, peer, size, timeout):
+    """Block in alloc until a slot is freed by someone else."""
+    seg = Segment.attach(path)
+    pool = SlotPool(seg, int(peer))
+    say(waiting=True)
+    t0 = time.monotonic()
+    try:
+        slot = pool.alloc(int(size), timeout=float(timeout))
+        say(got=True, waited=time.monotonic() - t0, at=time.monotonic())
+        pool.free(slot)
+    except Exception as e:  # noqa: BLE001
+        say(got=False, error=type(e).__name__, message=str(e), waited=time.monotonic() - t0)
+    seg.close()
+
+
 if __name__ == "__main__":
     main()

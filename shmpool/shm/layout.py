@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import ConfigError
 
@@ -158,8 +159,10 @@ SLOT_CLASS_BITS = 4
 SLOT_EXTENT_BITS = 10
 SLOT_INDEX_BITS = 18
 MAX_CLASSES = (1 << SLOT_CLASS_BITS) - 1  # class 15 is kept for huge payloads
+HUGE_CLASS = MAX_CLASSES  # slot refs of dedicated huge extents: (15, entry, 0)
 MAX_EXTENTS = 64  # per size class (entries in the class header)
 MAX_SLOTS_PER_EXTENT = 1 << SLOT_INDEX_BITS
+MAX_HUGE = 64  # entries in the huge-payload table
 
 
 def pack_slot_ref(cls: int, extent: int, index: int) -> int:
@@ -170,6 +173,14 @@ def pack_slot_ref(cls: int, extent: int, index: int) -> int:
 
 def unpack_slot_ref(ref: int) -> tuple[int, int, int]:
     return ref >> 28, (ref >> 18) & 0x3FF, ref & 0x3FFFF
+
+
+class Slot(NamedTuple):
+    """A handle on an allocated slot: what a descriptor carries."""
+
+    ref: int  # packed slot reference (pack_slot_ref)
+    generation: int
+    capacity: int  # usable bytes
 
 
 # --------------------------------------------------------------------------
@@ -184,19 +195,18 @@ CHANNEL_ENTRY_SIZE = 16
 assert CHANNEL_ENTRY.size == CHANNEL_ENTRY_SIZE, CHANNEL_ENTRY.size
 
 # --------------------------------------------------------------------------
-# Size-class header (64 + 8 * MAX_EXTENTS bytes).
+# Size-class header (64 + 8 * MAX_EXTENTS bytes). spec: shm.varslot.classes
 # --------------------------------------------------------------------------
 CLASS_HEADER = struct.Struct(
     "<I"  # 0  slot_size         host
     "I"  # 4  slots_per_extent   host
-    "I"  # 8  extent_count       grower (atomic)
+    "I"  # 8  extent_count       grower (atomic), after the extent is linked
     "I"  # 12 grow_lock          grower (CAS 0 -> pid)
-    "Q"  # 16 free_head          all (CAS): tag << 32 | (slot number + 1)
-    "I"  # 24 wait_word          freer bumps when waiters > 0 (futex word)
-    "I"  # 28 waiters            allocators about to sleep (atomic)
-    "I"  # 32 free_count         all (atomic): slots on the free list
-    "28x"  # 36 reserved
-    f"{MAX_EXTENTS}Q"  # 64 extent_offsets  grower, before extent_count
+    "Q"  # 16 free_head          all (CAS), see FreeHead below
+    "I"  # 24 wait_word          freers bump it when waiters > 0 (futex word)
+    "I"  # 28 waiters            allocators about to sleep on wait_word (atomic)
+    "32x"  # 32 reserved
+    f"{MAX_EXTENTS}Q"  # 64 extent_offsets  grower (atomic), 0 = not yet there
 )
 CLASS_HEADER_SIZE = 64 + 8 * MAX_EXTENTS
 assert CLASS_HEADER.size == CLASS_HEADER_SIZE, CLASS_HEADER.size
@@ -208,11 +218,64 @@ C_GROW_LOCK = 12
 C_FREE_HEAD = 16
 C_WAIT_WORD = 24
 C_WAITERS = 28
-C_FREE_COUNT = 32
 C_EXTENT_OFFSETS = 64
 
+# Free-list head (u64), spec: shm.varslot.freelist
+#   bits 0..24   top: slot number + 1 of the first free slot (0 = empty)
+#   bits 25..32  peer of the pending operation (0 = host)
+#   bits 33..34  pending operation: NONE / POP (claimed, meta not yet
+#                written) / PUSH (linked, meta not yet marked Free)
+#   bits 35..63  tag: +1 on every successful update (ABA protection); the
+#                tag a POP claim installs is the slot's new generation
+HEAD_TOP_MASK = (1 << 25) - 1
+HEAD_PEER_SHIFT = 25
+HEAD_OP_SHIFT = 33
+HEAD_TAG_SHIFT = 35
+HEAD_TAG_MASK = (1 << 29) - 1
+OP_NONE, OP_POP, OP_PUSH = 0, 1, 2
+
+
+def pack_head(tag: int, top: int, op: int = OP_NONE, peer: int = 0) -> int:
+    return ((tag & HEAD_TAG_MASK) << HEAD_TAG_SHIFT) | (op << HEAD_OP_SHIFT) | (peer << HEAD_PEER_SHIFT) | top
+
+
 # --------------------------------------------------------------------------
-# Extent header (64 bytes) and slot meta (16 bytes).
+# Pool header (64 bytes, after the class headers) and huge-payload table
+# (MAX_HUGE entries of 32 bytes). spec: shm.varslot.huge
+# --------------------------------------------------------------------------
+POOL_HEADER = struct.Struct(
+    "<I"  # 0 waiters          allocators asleep in any class (atomic)
+    "I"  # 4 huge_wait_word    freers of huge entries bump it (futex word)
+    "I"  # 8 huge_waiters      allocators asleep waiting for huge space
+    "52x"  # 12 reserved
+)
+POOL_HEADER_SIZE = 64
+assert POOL_HEADER.size == POOL_HEADER_SIZE, POOL_HEADER.size
+PH_WAITERS = 0
+PH_HUGE_WAIT_WORD = 4
+PH_HUGE_WAITERS = 8
+
+HUGE_ENTRY = struct.Struct(
+    "<Q"  # 0  status   all (CAS), a slot status word (below)
+    "Q"  # 8  offset   creator (atomic), file offset of the extent, 0 = not ready
+    "Q"  # 16 size     creator (CAS 0 -> size claims the entry); fixed afterwards
+    "Q"  # 24 resident owner (atomic): bytes whose pages are populated (0 or size)
+)
+HUGE_ENTRY_SIZE = 32
+assert HUGE_ENTRY.size == HUGE_ENTRY_SIZE, HUGE_ENTRY.size
+HE_STATUS = 0
+HE_OFFSET = 8
+HE_SIZE = 16
+HE_RESIDENT = 24
+
+
+def huge_cache_limit(memory_limit: int) -> int:
+    """Bytes of freed huge extents that may keep their pages for reuse
+    (beyond this, a freed extent is punched at once)."""
+    return max(64 << 20, memory_limit // 16)
+
+# --------------------------------------------------------------------------
+# Extent header (64 bytes) and slot meta (16 bytes). spec: shm.varslot.extent-layout
 # --------------------------------------------------------------------------
 EXTENT_HEADER = struct.Struct(
     "<I"  # 0  class_index   grower
@@ -228,13 +291,26 @@ EXTENT_HEADER_SIZE = 64
 assert EXTENT_HEADER.size == EXTENT_HEADER_SIZE, EXTENT_HEADER.size
 
 SLOT_META = struct.Struct(
-    "<I"  # 0  generation  allocator (+1 on every allocation)
-    "I"  # 4  state       Free 0 / Allocated 1 / InFlight 2
-    "I"  # 8  owner_peer  allocator or receiver: 0 = host, else peer id
-    "I"  # 12 next_free   freer: slot number + 1 of the next free slot, 0 = end
+    "<Q"  # 0  status      all (CAS): generation, state, owner, dest (below)
+    "I"  # 8  next_free   freer, before linking: slot number + 1 of the next free slot
+    "4x"  # 12 reserved
 )
 SLOT_META_SIZE = 16
 assert SLOT_META.size == SLOT_META_SIZE, SLOT_META.size
+M_STATUS = 0
+M_NEXT_FREE = 8
+
+# Slot status word (u64). spec: shm.varslot.ownership
+#   bits 0..7   state: FREE / ALLOCATED / IN_FLIGHT / FREEING
+#   bits 8..15  owner: the peer that must free it (0 = host)
+#   bits 16..23 dest: receiver while IN_FLIGHT
+#   bits 32..63 generation: set at allocation, only ever rises
+FREE, ALLOCATED, IN_FLIGHT, FREEING = 0, 1, 2, 3
+STATE_NAMES = ("Free", "Allocated", "InFlight", "Freeing")
+
+
+def pack_status(gen: int, state: int, owner: int = 0, dest: int = 0) -> int:
+    return (gen << 32) | (dest << 16) | (owner << 8) | state
 
 
 @dataclass(frozen=True)
@@ -336,6 +412,14 @@ def _int_in(name: str, v: object, lo: int, hi: int, bad) -> None:
         raise bad(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
 
 
+def huge_capacity(n: int) -> int:
+    """Size of a dedicated extent for an n-byte payload: n rounded up to a
+    page and to 1/8 of its power of two (<= 12.5 % slack), so that freed
+    extents are reused by payloads of similar size."""
+    step = max(PAGE, 1 << max(0, n.bit_length() - 4))
+    return (n + step - 1) // step * step
+
+
 @dataclass(frozen=True)
 class SegmentLayout:
     """Offsets of every region, computed from a config in one place.
@@ -349,6 +433,8 @@ class SegmentLayout:
     guest_area_size: int
     ring_bytes: int
     slot_region_offset: int
+    pool_header_offset: int
+    huge_table_offset: int
     extent_offsets: tuple[int, ...]  # initial extent of each class
     total_size: int
 
@@ -359,7 +445,9 @@ class SegmentLayout:
         ring_bytes = DESCRIPTOR_SIZE * config.ring_size
         area = align(2 * ring_bytes) + align(CHANNEL_ENTRY_SIZE * config.max_channels)
         slot_region = align(guests + area * config.max_guests)
-        pos = align(slot_region + CLASS_HEADER_SIZE * len(config.size_classes), PAGE)
+        pool_header = slot_region + CLASS_HEADER_SIZE * len(config.size_classes)
+        huge_table = pool_header + POOL_HEADER_SIZE
+        pos = align(huge_table + HUGE_ENTRY_SIZE * MAX_HUGE, PAGE)
         extents = []
         for c in config.size_classes:
             extents.append(pos)
@@ -371,6 +459,8 @@ class SegmentLayout:
             guest_area_size=area,
             ring_bytes=ring_bytes,
             slot_region_offset=slot_region,
+            pool_header_offset=pool_header,
+            huge_table_offset=huge_table,
             extent_offsets=tuple(extents),
             total_size=pos,
         )
@@ -397,6 +487,11 @@ class SegmentLayout:
         if not 0 <= index < len(self.config.size_classes):
             raise IndexError(f"size class {index} out of range")
         return self.slot_region_offset + CLASS_HEADER_SIZE * index
+
+    def huge_entry(self, index: int) -> int:
+        if not 0 <= index < MAX_HUGE:
+            raise IndexError(f"huge entry {index} out of range")
+        return self.huge_table_offset + HUGE_ENTRY_SIZE * index
 
     def control_size(self) -> int:
         """Bytes before the first extent's slot data: header, peers, rings,

@@ -250,8 +250,9 @@ class Segment:
         self._fd = fd
         self._mmap = mm
         self.buf = memoryview(mm)
+        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}  # offset -> extra mapping
         self._finalizer = weakref.finalize(
-            self, _release, self.buf, mm, fd, str(path) if is_host else None
+            self, _release, self.buf, mm, fd, str(path) if is_host else None, self._maps
         )
 
     # -- construction -----------------------------------------------------
@@ -393,6 +394,34 @@ class Segment:
     def fd(self) -> int:
         return self._fd
 
+    def map_range(self, offset: int, length: int) -> memoryview:
+        """A writable view of [offset, offset + length) of the file, for
+        regions appended after the initial mapping (extents). Each region
+        is mapped once per process, separately, so existing mappings never
+        move. spec: shm.file.mmap-posix"""
+        got = self._maps.get(offset)
+        if got is not None and len(got[1]) >= length:
+            return got[1]
+        if offset % L.PAGE or length <= 0:
+            raise ValueError(f"cannot map [{offset}, +{length}): offset must be page-aligned")
+        if os.fstat(self._fd).st_size < offset + length:
+            raise SegmentError(
+                self.path, f"extent [{offset}, {offset + length}) lies beyond the end of the file"
+            )
+        mm = mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=offset)
+        view = memoryview(mm)
+        if got is not None:  # a longer mapping replaces a shorter one
+            _close_map(*got)
+        self._maps[offset] = (mm, view)
+        return view
+
+    def punch(self, offset: int, length: int) -> None:
+        """Give the pages of a mapped extent back to the system (the file
+        range reads as zeros afterwards; the range stays reserved)."""
+        self.map_range(offset, length)
+        _punch(self._maps[offset][0], length)
+
     # -- lifetime -----------------------------------------------------------
 
     @property
@@ -432,8 +461,29 @@ class Segment:
         }
 
 
-def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None) -> None:
+def _punch(mm: mmap.mmap, length: int) -> None:
+    advice = getattr(mmap, "MADV_REMOVE", None)
+    if advice is not None:
+        try:
+            mm.madvise(advice, 0, length)
+        except OSError:
+            pass  # not supported by this file system: the pages stay allocated
+
+
+def _close_map(mm: mmap.mmap, view: memoryview) -> None:
+    try:
+        view.release()
+        mm.close()
+    except BufferError:
+        pass  # a caller still holds a view; the mapping lives until it is dropped
+
+
+def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
+             maps: dict) -> None:
     """Finalizer: runs once, from close(), garbage collection or exit."""
+    for m, v in maps.values():
+        _close_map(m, v)
+    maps.clear()
     if unlink_path is not None:
         try:
             os.unlink(unlink_path)

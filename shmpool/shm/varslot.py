@@ -1,72 +1,512 @@
-"""Variable-size slot pool: size classes and their extents.
+"""Variable-size slot pool: where every payload above 32 bytes lives.
 
-Owns: the slot region of the segment (size-class headers, extents, slot
-metadata, free lists).
+Owns: the slot region of the segment — size-class headers, their extents
+(extent header, SlotMeta array, slot data), the pool header and the table
+of dedicated huge extents — and, per process, the mappings of extents that
+were appended after the segment was created.
 
-This module currently only formats the region when a segment is created
-(every class gets one initial extent whose slots are all on the free
-list); allocation, freeing, growth and reclaim arrive with the slot-pool
-issue.
+Data flow:
+- alloc(n): smallest class whose slots fit n; pop its free list
+  (freelist.FreeList); if empty, grow that class by one extent (appended
+  to the file, up to the memory limit); else fall back to a larger class;
+  else wait on the class's futex word until a slot is freed or the timeout
+  passes (SlotExhaustedError). Payloads above the largest class get a
+  dedicated "huge" extent of their own.
+- The writer fills the slot through a writable memoryview, `send`s it to
+  the receiving peer (ALLOCATED -> IN_FLIGHT, owner = sender, dest =
+  receiver) and then publishes a descriptor; the receiver `receive`s it
+  (IN_FLIGHT -> ALLOCATED, owner = receiver), reads it through a read-only
+  view and `free`s it.
+- reclaim(p) after peer p died: every slot p owned, or that was in flight
+  to or from it, goes back to its free list.
 
-Invariants: a slot number is `extent << 18 | index`; a free-list link or
-head stores `slot number + 1` so that 0 means "end of list"; the free-list
-head carries a tag in its upper 32 bits that changes on every successful
-update (ABA protection).
+Invariants: the status word of a slot says who must free it; freeing
+checks generation, state and owner atomically, so a stale or double free
+raises `StaleSlotError` and changes nothing. A view of a slot must not be
+used after the slot is freed (with SHMPOOL_DEBUG_SLOTS=1 freed slots are
+filled with 0xDB so that misuse shows). Growth of a class is serialised by
+its grow lock (a pid, taken over if that process is dead).
 """
 
 from __future__ import annotations
 
+import bisect
+import os
+import time
+from dataclasses import dataclass
+
+from .. import _atomics, failpoints
+from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
 from . import layout as L
+from .freelist import FreeList, StatusMismatch
+from .huge import HugeExtents
+from .layout import Slot
+from .wait import SLICE, wait_backend
+
+load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
+store_u32, store_u64 = _atomics.store_u32, _atomics.store_u64
+cas_u32, cas_u64 = _atomics.cas_u32, _atomics.cas_u64
+fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
+ALL = 0x7FFFFFFF
+POISON = 0xDB
+FP_GROW_RESERVED = failpoints.declare("varslot.grow.reserved", "file range reserved, extent not linked")
 
 
 def slot_number(extent: int, index: int) -> int:
     return (extent << L.SLOT_INDEX_BITS) | index
 
 
-def format_slot_region(buf, lay: L.SegmentLayout) -> None:
-    """Initialise every class header and its initial extent.
+@dataclass(frozen=True)
+class ClassStatistics:
+    index: int
+    slot_size: int
+    slots_per_extent: int
+    extents: int
+    capacity: int  # slots
+    free: int
+    allocated: int
+    in_flight: int
+    bytes: int  # file bytes of its extents
 
-    Runs on the host before the magic is written, so plain writes suffice.
-    """
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    classes: tuple[ClassStatistics, ...]
+    huge_in_use: int
+    huge_entries: int
+    huge_bytes: int  # file bytes reserved by huge extents
+    huge_cached: int  # bytes of free huge extents whose pages stay populated
+    current_size: int
+    memory_limit: int
+    allocs: int
+    frees: int
+    grows: int
+    fallbacks: int
+    waits: int
+    helps: int
+
+
+def format_slot_region(buf, lay: L.SegmentLayout) -> None:
+    """Initialise every class header and its initial extent (all slots
+    FREE and chained). Runs on the host before the magic is written, so
+    plain writes suffice. spec: shm.varslot.extent-layout"""
     for ci, cls in enumerate(lay.config.size_classes):
         ext_off = lay.extent_offsets[ci]
-        n = cls.slots_per_extent
-        data_off = L.extent_data_offset(cls)
-        L.EXTENT_HEADER.pack_into(
-            buf, ext_off, ci, 0, n, cls.slot_size, L.EXTENT_HEADER_SIZE, data_off, L.extent_size(cls)
-        )
-        meta = ext_off + L.EXTENT_HEADER_SIZE
-        for i in range(n):
-            nxt = slot_number(0, i + 1) + 1 if i + 1 < n else 0
-            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, 0, 0, 0, nxt)
+        _format_extent(buf, ext_off, ci, 0, cls)
         offsets = [0] * L.MAX_EXTENTS
         offsets[0] = ext_off
+        head = L.pack_head(0, slot_number(0, 0) + 1)
         L.CLASS_HEADER.pack_into(
-            buf, lay.class_header(ci), cls.slot_size, n, 1, 0, slot_number(0, 0) + 1, 0, 0, n, *offsets
+            buf, lay.class_header(ci), cls.slot_size, cls.slots_per_extent, 1, 0, head, 0, 0, *offsets
         )
 
 
-# --------------------------------------------------------------------------
-# Interface under construction (slot-pool issue). The hub codes against it.
-# --------------------------------------------------------------------------
+def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass) -> None:
+    n = cls.slots_per_extent
+    L.EXTENT_HEADER.pack_into(
+        buf, base, ci, extent, n, cls.slot_size, L.EXTENT_HEADER_SIZE,
+        L.extent_data_offset(cls), L.extent_size(cls),
+    )
+    meta = base + L.EXTENT_HEADER_SIZE
+    for i in range(n):
+        nxt = slot_number(extent, i + 1) + 1 if i + 1 < n else 0
+        L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, 0, nxt)
 
-from typing import NamedTuple  # noqa: E402
 
+class _Class:
+    """One size class as seen by this process."""
 
-class Slot(NamedTuple):
-    ref: int  # packed slot reference (layout.pack_slot_ref)
-    generation: int
-    capacity: int  # usable bytes
+    __slots__ = ("index", "cls", "hdr", "extents", "freelist", "data_off", "esize")
+
+    def __init__(self, pool: "SlotPool", index: int) -> None:
+        self.index = index
+        self.cls = pool.config.size_classes[index]
+        self.hdr = pool.layout.class_header(index)
+        self.data_off = L.extent_data_offset(self.cls)
+        self.esize = L.extent_size(self.cls)
+        self.extents: list[tuple[object, int] | None] = [(pool.buf, pool.layout.extent_offsets[index])]
+        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self))
 
 
 class SlotPool:
-    """Per-process handle on the shared slot pool. `peer_id` 0 is the host."""
+    """This process's handle on the shared slot pool. `peer_id` is the
+    caller's identity for ownership: 0 for the host, else the guest's peer
+    id. spec: shm.varslot.shared"""
 
     def __init__(self, segment, peer_id: int) -> None:
+        if not 0 <= peer_id <= 255:
+            raise ValueError(f"peer_id must be 0 (host) .. 255, got {peer_id}")
         self.segment = segment
-        self.peer_id = peer_id
+        self.buf = segment.buf
+        self.layout = segment.layout
+        self.config = segment.config
+        self.me = peer_id
+        self._classes = [_Class(self, i) for i in range(len(self.config.size_classes))]
+        self._sizes = [c.slot_size for c in self.config.size_classes]
+        self._largest = self._sizes[-1]
+        self._ph = self.layout.pool_header_offset
+        self._backend = wait_backend()
+        self._poison = os.environ.get("SHMPOOL_DEBUG_SLOTS", "") not in ("", "0")
+        self.allocs = self.frees = self.grows = self.fallbacks = self.waits = 0
+        self._huge = HugeExtents(self)
+
+    # -- resolving slots ------------------------------------------------------
+
+    def _meta_resolver(self, c: _Class):
+        shift, mask = L.SLOT_INDEX_BITS, (1 << L.SLOT_INDEX_BITS) - 1
+
+        def meta(number: int) -> tuple[object, int]:
+            buf, base = self._extent(c, number >> shift)
+            return buf, base + L.EXTENT_HEADER_SIZE + (number & mask) * L.SLOT_META_SIZE
+
+        return meta
+
+    def _extent(self, c: _Class, e: int) -> tuple[object, int]:
+        """(buffer, base offset) of extent e of class c, mapped on first use."""
+        ext = c.extents
+        if e < len(ext) and ext[e] is not None:
+            return ext[e]
+        if not 0 <= e < L.MAX_EXTENTS:
+            raise StaleSlotError(f"extent {e} of class {c.index} is out of range")
+        off = load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e)
+        if off == 0:
+            raise StaleSlotError(f"extent {e} of class {c.index} does not exist (bad slot reference)")
+        view = self.segment.map_range(off, c.esize)  # spec: shm.varslot.extents
+        while len(ext) <= e:
+            ext.append(None)
+        ext[e] = (view, 0)
+        return ext[e]
+
+    def _locate(self, ref: int) -> tuple[_Class, int, object, int]:
+        ci, e, i = L.unpack_slot_ref(ref)
+        if ci >= len(self._classes) or i >= self._classes[ci].cls.slots_per_extent:
+            raise StaleSlotError(f"slot reference {ref:#x} names no slot of this segment")
+        c = self._classes[ci]
+        buf, base = self._extent(c, e)
+        return c, slot_number(e, i), buf, base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE
+
+    # -- allocation -------------------------------------------------------------
+
+    def class_for(self, size: int) -> int | None:
+        """Index of the smallest class whose slots hold `size` bytes, None
+        for a huge payload. spec: shm.varslot.selection"""
+        i = bisect.bisect_left(self._sizes, size)
+        return i if i < len(self._sizes) else None
+
+    def try_alloc(self, size: int) -> Slot | None:
+        """Allocate without waiting (growing a class if allowed); None if
+        nothing is free now."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        ci = self.class_for(size)
+        if ci is None:
+            return self._huge.try_alloc(size)
+        c = self._classes[ci]
+        got = c.freelist.pop()
+        if got is None and self._grow(c):
+            got = c.freelist.pop()
+        if got is None:
+            for k in range(ci + 1, len(self._classes)):  # fall back to larger slots
+                got = self._classes[k].freelist.pop()
+                if got is not None:
+                    c = self._classes[k]
+                    self.fallbacks += 1
+                    break
+            else:
+                return None
+        number, gen = got
+        self.allocs += 1
+        return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
+                    gen, c.cls.slot_size)
+
+    def alloc(self, size: int, timeout: float | None = None) -> Slot:
+        """Allocate a slot of at least `size` bytes, waiting up to `timeout`
+        seconds (None: forever) for one to be freed. Raises
+        SlotExhaustedError after the timeout, PayloadTooLargeError at once
+        if the payload can never fit. spec: shm.wakeup.slot-wait"""
+        slot = self.try_alloc(size)
+        if slot is not None:
+            return slot
+        ci = self.class_for(size)
+        if ci is None:
+            return self._huge.alloc(size, timeout)
+        hdr = self._classes[ci].hdr
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.waits += 1
+        fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, 1)
+        fetch_add_u32(self.buf, hdr + L.C_WAITERS, 1)
+        nap = 20e-6
+        try:
+            while True:
+                word = load_u32(self.buf, hdr + L.C_WAIT_WORD)
+                slot = self.try_alloc(size)
+                if slot is not None:
+                    return slot
+                remaining = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise SlotExhaustedError(self._exhausted_message(size, timeout))
+                if self._backend == "futex":
+                    _atomics.futex_wait(self.buf, hdr + L.C_WAIT_WORD, word, remaining)
+                else:
+                    time.sleep(min(nap, remaining))
+                    nap = min(nap * 2, 2e-3)
+        finally:
+            fetch_add_u32(self.buf, hdr + L.C_WAITERS, -1)
+            fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, -1)
+
+    def _exhausted_message(self, size: int, timeout: float | None) -> str:
+        cur = load_u64(self.buf, L.H_CURRENT_SIZE)
+        return (
+            f"no slot for a {size}-byte payload after {timeout} s: every slot that fits is in "
+            f"use and no class can grow (the segment is at {cur} of its "
+            f"{self.config.memory_limit}-byte memory limit, each class has at most "
+            f"{L.MAX_EXTENTS} extents). Free slots sooner, raise SegmentConfig.memory_limit "
+            "or the classes' slots_per_extent, or check free space in /dev/shm"
+        )
+
+    # -- growth -----------------------------------------------------------------
+
+    def _grow(self, c: _Class) -> bool:
+        """Append one extent to class c if the memory limit allows. Returns
+        True if the class has (or just got) more free slots. spec: shm.varslot.extents"""
+        buf, lock = self.buf, c.hdr + L.C_GROW_LOCK
+        me = os.getpid()
+        holder = cas_u32(buf, lock, 0, me)
+        if holder != 0:
+            from .segment import process_start_ticks
+
+            if process_start_ticks(holder) is not None or cas_u32(buf, lock, holder, me) != holder:
+                return False  # a live process is growing it; the caller waits
+        try:
+            e = load_u32(buf, c.hdr + L.C_EXTENT_COUNT)
+            # An extent a dead grower reserved but never counted is skipped:
+            # it may or may not be linked, so it is never linked twice.
+            while e < L.MAX_EXTENTS and load_u64(buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e):
+                e += 1
+            if e >= L.MAX_EXTENTS:
+                return False
+            off = self._reserve(c.esize)
+            if off is None:
+                return False
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_GROW_RESERVED)
+            view = self.segment.map_range(off, c.esize)
+            _format_extent(view, 0, c.index, e, c.cls)
+            while len(c.extents) <= e:
+                c.extents.append(None)
+            c.extents[e] = (view, 0)
+            store_u64(buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e, off)  # release: formatted first
+            n = c.cls.slots_per_extent
+            c.freelist.link_chain(slot_number(e, 0), slot_number(e, n - 1))
+            store_u32(buf, c.hdr + L.C_EXTENT_COUNT, e + 1)
+            self.grows += 1
+        finally:
+            cas_u32(buf, lock, me, 0)
+        self._wake(c.index)
+        return True
+
+    def _reserve(self, size: int) -> int | None:
+        """Reserve `size` bytes at the end of the file, within the memory
+        limit; returns the offset or None."""
+        buf, limit = self.buf, self.config.memory_limit
+        while True:
+            cur = load_u64(buf, L.H_CURRENT_SIZE)
+            if cur + size > limit:
+                return None
+            if cas_u64(buf, L.H_CURRENT_SIZE, cur, cur + size) == cur:
+                break
+        try:
+            # fallocate never shrinks the file (ftruncate could, racing with
+            # another grower) and fails cleanly when /dev/shm is full.
+            os.posix_fallocate(self.segment.fd, cur, size)
+        except OSError:
+            cas_u64(buf, L.H_CURRENT_SIZE, cur + size, cur)  # undo if still last
+            return None
+        return cur
+
+    # -- ownership ----------------------------------------------------------------
+
+    def _status(self, ref: int, generation: int, what: str):
+        if ref >> 28 == L.HUGE_CLASS:
+            return None
+        c, number, mbuf, moff = self._locate(ref)
+        s = load_u64(mbuf, moff)
+        if s >> 32 != generation:
+            raise StaleSlotError(
+                f"{what}: slot {ref:#x} has generation {s >> 32}, not {generation} "
+                "(stale reference, or the slot was already freed and reused)"
+            )
+        return c, number, mbuf, moff, s
+
+    def free(self, ref: int | Slot, generation: int | None = None) -> None:
+        """Return a slot this peer owns to its free list. A stale or double
+        free raises StaleSlotError and changes nothing. spec: shm.varslot.freeing"""
+        if generation is None:
+            ref, generation = ref.ref, ref.generation
+        got = self._status(ref, generation, "free")
+        if got is None:
+            return self._huge.free(ref, generation)
+        c, number, mbuf, moff, s = got
+        state, owner = s & 0xFF, (s >> 8) & 0xFF
+        if state == L.FREE:
+            raise StaleSlotError(f"free: slot {ref:#x} is already free (double free)")
+        if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
+            raise StaleSlotError(
+                f"free: slot {ref:#x} is {L.STATE_NAMES[state]} and owned by peer {owner}, "
+                f"not by peer {self.me}; only its owner frees it"
+            )
+        self._push(c, number, s)
+        self.frees += 1
+
+    def _push(self, c: _Class, number: int, status: int) -> None:
+        if self._poison:
+            buf, base = self._extent(c, number >> L.SLOT_INDEX_BITS)
+            start = base + c.data_off + (number & 0x3FFFF) * c.cls.slot_size
+            buf[start : start + c.cls.slot_size] = bytes([POISON]) * c.cls.slot_size
+        try:
+            c.freelist.push(number, status)
+        except StatusMismatch as e:
+            raise StaleSlotError(
+                f"slot {number} of class {c.index} changed under the freer "
+                f"(status {e.found:#x}); freed twice concurrently?"
+            ) from None
+        self._wake(c.index)
+
+    def _wake(self, ci: int) -> None:
+        # One RMW when nobody waits (orders our push before the check).
+        if not fetch_or_u32(self.buf, self._ph + L.PH_WAITERS, 0):
+            return
+        for k in range(ci + 1):  # waiters for smaller classes can use this slot
+            hdr = self._classes[k].hdr
+            if load_u32(self.buf, hdr + L.C_WAITERS):
+                fetch_add_u32(self.buf, hdr + L.C_WAIT_WORD, 1)
+                if self._backend == "futex":
+                    _atomics.futex_wake(self.buf, hdr + L.C_WAIT_WORD, ALL)
+
+    def send(self, ref: int | Slot, generation: int | None = None, *, to: int) -> None:
+        """Hand a slot to peer `to` before publishing its descriptor:
+        Allocated(me) -> InFlight(me -> to). spec: shm.varslot.ownership"""
+        if generation is None:
+            ref, generation = ref.ref, ref.generation
+        if not 0 <= to <= 255 or to == self.me:
+            raise ValueError(f"cannot send a slot from peer {self.me} to peer {to}")
+        got = self._status(ref, generation, "send")
+        if got is None:
+            return self._huge.transition(ref, generation, L.ALLOCATED, self.me, 0, L.IN_FLIGHT, self.me, to)
+        _, _, mbuf, moff, s = got
+        want = (generation << 32) | (self.me << 8) | L.ALLOCATED
+        new = (generation << 32) | (to << 16) | (self.me << 8) | L.IN_FLIGHT
+        if cas_u64(mbuf, moff, want, new) != want:
+            raise StaleSlotError(f"send: slot {ref:#x} is not Allocated by peer {self.me}")
+
+    def receive(self, ref: int, generation: int) -> Slot:
+        """Take ownership of a slot sent to this peer: InFlight(x -> me) ->
+        Allocated(me). Raises StaleSlotError if it is not in flight to us
+        (e.g. it was reclaimed after its sender died)."""
+        got = self._status(ref, generation, "receive")
+        if got is None:
+            return self._huge.receive(ref, generation, self.me)
+        c, _, mbuf, moff, s = got
+        if (s & 0xFF) != L.IN_FLIGHT or (s >> 16) & 0xFF != self.me:
+            raise StaleSlotError(f"receive: slot {ref:#x} is not in flight to peer {self.me}")
+        if cas_u64(mbuf, moff, s, (generation << 32) | (self.me << 8) | L.ALLOCATED) != s:
+            raise StaleSlotError(f"receive: slot {ref:#x} changed while being received")
+        return Slot(ref, generation, c.cls.slot_size)
+
+    # -- payload access -----------------------------------------------------------
+
+    def view(self, ref: int | Slot, generation: int | None = None, length: int | None = None,
+             offset: int = 0, *, readonly: bool = False) -> memoryview:
+        """A zero-copy view of the slot's payload area. It must not be used
+        after the slot is freed. spec: shm.varslot.views"""
+        if generation is None:
+            ref, generation = ref.ref, ref.generation
+        got = self._status(ref, generation, "view")
+        if got is None:
+            buf, start, cap = self._huge.region(ref, generation)
+        else:
+            c, number, _, _, s = got
+            if s & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
+                raise StaleSlotError(f"view: slot {ref:#x} is {L.STATE_NAMES[s & 0xFF]}")
+            buf, base = self._extent(c, number >> L.SLOT_INDEX_BITS)
+            cap = c.cls.slot_size
+            start = base + c.data_off + (number & 0x3FFFF) * cap
+        length = cap - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > cap:
+            raise ValueError(f"[{offset}, +{length}) exceeds the slot's {cap} bytes")
+        v = buf[start + offset : start + offset + length]
+        return v.toreadonly() if readonly else v
+
+    def write(self, data, timeout: float | None = None) -> Slot:
+        """Allocate a slot and copy `data` (any bytes-like object) into it."""
+        src = memoryview(data).cast("B")
+        slot = self.alloc(src.nbytes, timeout)
+        self.view(slot, length=src.nbytes)[:] = src
+        return slot
+
+    # -- recovery and introspection -----------------------------------------------
 
     def reclaim(self, peer_id: int) -> int:
-        """Return every slot owned by (or in flight to) dead `peer_id` to its
-        free list; returns how many. (Stub until the slot-pool issue lands.)"""
-        return 0
+        """After peer `peer_id` died (and whatever it published was
+        consumed): free every slot it owned or that was in flight to or from
+        it. Returns how many. spec: shm.varslot.reclaim"""
+        if peer_id == self.me:
+            raise ValueError("a peer cannot reclaim its own slots")
+        n = 0
+        for c in self._classes:
+            c.freelist.settle()  # finish the dead peer's half-done push or pop
+            for e in range(L.MAX_EXTENTS):
+                if not load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e):
+                    continue
+                buf, base = self._extent(c, e)
+                for i in range(c.cls.slots_per_extent):
+                    moff = base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE
+                    s = load_u64(buf, moff)
+                    if _belongs(s, peer_id):
+                        try:
+                            c.freelist.push(slot_number(e, i), s)
+                            n += 1
+                        except StatusMismatch:
+                            pass  # received by its live peer meanwhile
+            self._wake(c.index)
+        return n + self._huge.reclaim(peer_id)
+
+    def trim(self) -> int:
+        """Give back the pages of every free huge extent (normally a bounded
+        number of them stay populated for reuse). Returns the bytes released."""
+        return self._huge.trim()
+
+    def statistics(self) -> PoolStatistics:
+        classes = []
+        helps = 0
+        for c in self._classes:
+            counts = [0, 0, 0, 0]
+            extents = 0
+            for e in range(L.MAX_EXTENTS):
+                if not load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e):
+                    continue
+                extents += 1
+                buf, base = self._extent(c, e)
+                for i in range(c.cls.slots_per_extent):
+                    counts[load_u64(buf, base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE) & 3] += 1
+            helps += c.freelist.helps
+            per = c.cls.slots_per_extent
+            classes.append(ClassStatistics(
+                c.index, c.cls.slot_size, per, extents, extents * per, counts[L.FREE],
+                counts[L.ALLOCATED] + counts[L.FREEING], counts[L.IN_FLIGHT], extents * c.esize,
+            ))
+        h = self._huge.statistics()
+        return PoolStatistics(
+            tuple(classes), h[0], h[1], h[2], h[3], load_u64(self.buf, L.H_CURRENT_SIZE),
+            self.config.memory_limit, self.allocs, self.frees, self.grows, self.fallbacks,
+            self.waits, helps,
+        )
+
+
+def _belongs(status: int, peer: int) -> bool:
+    """Whether a slot's fate depended on `peer`: it owns it (Allocated,
+    InFlight or half-freed) or it is in flight to it."""
+    state, owner, dest = status & 0xFF, (status >> 8) & 0xFF, (status >> 16) & 0xFF
+    if state == L.FREE:
+        return False
+    return owner == peer or (state == L.IN_FLIGHT and dest == peer)

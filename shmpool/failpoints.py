@@ -1,0 +1,104 @@
+"""Named failpoints: deterministic faults at protocol steps, for tests.
+
+Owns: a process-wide table of active failpoints. Code marks a protocol step
+with `failpoints.hit("layer.step")`, guarded by `if failpoints.ACTIVE:` so a
+disabled failpoint costs one global lookup. A failpoint is activated by the
+environment (inherited by every process a test starts) or, in-process, by
+`set(name, callable)`.
+
+    SHMPOOL_FAILPOINTS="varslot.pop.claimed=kill,varslot.push.linked=exit(3)@5"
+
+Actions: `kill` (SIGKILL this process), `exit(N)` (`os._exit(N)`), `raise`
+(raise FailpointError), `sleep(MS)`, optionally suffixed with `@N` to fire
+only on the N-th hit (1-based) of that failpoint in this process.
+
+Invariants: every name used in code is declared with `declare()` at import,
+so tests can enumerate them; a malformed SHMPOOL_FAILPOINTS is a
+ConfigError at import (a typo must not silently disable a fault test).
+Importable from every layer (like errors).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from typing import Callable
+
+from .errors import ConfigError, ShmpoolError
+
+ACTIVE: dict[str, Callable[[], None]] = {}
+KNOWN: dict[str, str] = {}
+_ACTION = re.compile(r"^(kill|raise|exit\((\d+)\)|sleep\((\d+)\))(?:@(\d+))?$")
+
+
+class FailpointError(ShmpoolError):
+    """Raised by a failpoint whose action is `raise`."""
+
+
+def declare(name: str, doc: str) -> str:
+    """Register a failpoint name (at import of the module that hits it)."""
+    KNOWN[name] = doc
+    return name
+
+
+def hit(name: str) -> None:
+    """Run the failpoint's action if it is active."""
+    fn = ACTIVE.get(name)
+    if fn is not None:
+        fn()
+
+
+def set(name: str, action: Callable[[], None] | None) -> None:  # noqa: A001
+    """Activate (or, with None, clear) a failpoint in this process."""
+    if action is None:
+        ACTIVE.pop(name, None)
+    else:
+        ACTIVE[name] = action
+
+
+def _make(name: str, spec: str) -> Callable[[], None]:
+    m = _ACTION.match(spec)
+    if not m:
+        raise ConfigError(
+            f"SHMPOOL_FAILPOINTS: bad action {spec!r} for {name!r} "
+            "(use kill, raise, exit(N) or sleep(MS), optionally @N)"
+        )
+    word, code, ms, nth = m.group(1), m.group(2), m.group(3), m.group(4)
+    if word == "kill":
+        def act() -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+    elif word == "raise":
+        def act() -> None:
+            raise FailpointError(f"failpoint {name} fired")
+    elif code is not None:
+        def act() -> None:
+            os._exit(int(code))
+    else:
+        def act() -> None:
+            time.sleep(int(ms) / 1000)
+    if nth is None:
+        return act
+    count = [0]
+    target = int(nth)
+
+    def on_nth() -> None:
+        count[0] += 1
+        if count[0] == target:
+            act()
+
+    return on_nth
+
+
+def configure(value: str | None) -> None:
+    """Replace the active set from a SHMPOOL_FAILPOINTS-style string."""
+    ACTIVE.clear()
+    for item in filter(None, (p.strip() for p in (value or "").split(","))):
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"SHMPOOL_FAILPOINTS: expected name=action, got {item!r}")
+        ACTIVE[name.strip()] = _make(name.strip(), spec.strip())
+
+
+configure(os.environ.get("SHMPOOL_FAILPOINTS"))

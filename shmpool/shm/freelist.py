@@ -1,0 +1,221 @@
+"""Crash-safe lock-free free list (Treiber stack) of one size class.
+
+Owns: the `free_head` word of a class header and the `status`/`next_free`
+words of the slots on the list. No process ever holds a lock here, and a
+process killed at any instruction leaves the list consistent and every
+slot either on the list or attributable to an owner.
+
+Data flow. The head packs (tag, pending op, op peer, top slot + 1). Every
+successful update bumps the tag, so a stale compare-exchange fails (ABA).
+Both operations are two-phase, and the first phase is published in the
+head itself so that any process can finish it:
+
+- pop:  CAS head (T, top)            -> (T+1, top, POP by me)   "claimed"
+        status FREE(g_old)           -> ALLOCATED(T+1, owner me)
+        CAS head (T+1, top, POP)     -> (T+2, next)
+- push: status ALLOCATED/IN_FLIGHT   -> FREEING(g, owner me)
+        next_free := top;  CAS head (T, top) -> (T+1, me, PUSH by me) "linked"
+        status FREEING(g)            -> FREE(g)
+        CAS head (T+1, me, PUSH)     -> (T+2, me)
+
+While an operation is pending, every other operation on the class first
+completes it ("helping"), so a process that dies after its first phase
+never blocks anyone, and its claimed slot ends ALLOCATED to it (then
+`reclaim` frees it) while its pushed slot ends FREE. A slot a dead process
+marked FREEING but never linked is found by `reclaim` the same way.
+
+Invariants:
+- A slot is reachable from the head only while its status is FREE, or
+  FREEING with a pending PUSH of it, or FREE/ALLOCATED with a pending POP
+  of it.
+- The generation a slot gets is the tag of the claim that popped it;
+  tags only rise, so generations only rise (modulo 2**29).
+- A helper reads the slot's status and then checks that the head still
+  holds the pending operation; only then does it compare-exchange from the
+  value it read. That value was read while the operation was pending, and
+  every later cycle of the slot carries a new generation, so a helper that
+  stalls and wakes late can never change a later cycle's status.
+"""
+
+from __future__ import annotations
+
+from .. import _atomics, failpoints
+from . import layout as L
+
+load_u32 = _atomics.load_u32
+load_u64 = _atomics.load_u64
+store_u32 = _atomics.store_u32
+store_u64 = _atomics.store_u64
+cas_u64 = _atomics.cas_u64
+
+_TOP = L.HEAD_TOP_MASK
+_TAG_SHIFT = L.HEAD_TAG_SHIFT
+_TAG_MASK = L.HEAD_TAG_MASK
+_OP_SHIFT = L.HEAD_OP_SHIFT
+_PEER_SHIFT = L.HEAD_PEER_SHIFT
+
+FP_POP_READ = failpoints.declare("varslot.pop.read-head", "head read, claim not yet attempted")
+FP_POP_CLAIMED = failpoints.declare("varslot.pop.claimed", "head claimed, slot meta not yet written")
+FP_POP_META = failpoints.declare("varslot.pop.meta-written", "slot ALLOCATED, head not yet advanced")
+FP_PUSH_FREEING = failpoints.declare("varslot.push.freeing", "slot FREEING, not yet linked")
+FP_PUSH_LINKED = failpoints.declare("varslot.push.linked", "slot linked, meta not yet FREE")
+FP_PUSH_FINAL = failpoints.declare("varslot.push.meta-free", "slot FREE, head op not yet cleared")
+
+
+class StatusMismatch(Exception):
+    """Internal: the slot's status was not what the caller expected."""
+
+    def __init__(self, found: int) -> None:
+        self.found = found
+
+
+class FreeList:
+    """The free list of one class, as seen by one process (peer `me`).
+
+    `meta(number)` maps a slot number to (buffer, offset of its SlotMeta);
+    it must resolve every slot that can be on the list.
+    """
+
+    __slots__ = ("buf", "head", "me", "meta", "pops", "pushes", "helps", "cas_retries")
+
+    def __init__(self, buf, head_off: int, me: int, meta) -> None:
+        self.buf = buf
+        self.head = head_off
+        self.me = me
+        self.meta = meta
+        self.pops = self.pushes = self.helps = self.cas_retries = 0
+
+    # -- pop ------------------------------------------------------------------
+
+    def pop(self) -> tuple[int, int] | None:
+        """Take the first free slot: (slot number, generation), or None if
+        the list is empty. spec: shm.varslot.allocation"""
+        buf, head = self.buf, self.head
+        while True:
+            h = load_u64(buf, head)
+            if (h >> _OP_SHIFT) & 3:
+                self.help(h)
+                continue
+            top = h & _TOP
+            if not top:
+                return None
+            gen = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
+            claim = (gen << _TAG_SHIFT) | (L.OP_POP << _OP_SHIFT) | (self.me << _PEER_SHIFT) | top
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_POP_READ)
+            if cas_u64(buf, head, h, claim) != h:
+                self.cas_retries += 1
+                continue
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_POP_CLAIMED)
+            self._finish_pop(claim)
+            self.pops += 1
+            return top - 1, gen
+
+    def _finish_pop(self, h: int) -> None:
+        top = h & _TOP
+        gen = (h >> _TAG_SHIFT) & _TAG_MASK
+        peer = (h >> _PEER_SHIFT) & 0xFF
+        mbuf, moff = self.meta(top - 1)
+        nxt = load_u32(mbuf, moff + L.M_NEXT_FREE)
+        s0 = load_u64(mbuf, moff)
+        if load_u64(self.buf, self.head) != h:
+            return  # completed by someone else; what we read may be newer
+        # s0 was read while the claim was pending: FREE means the meta write
+        # is still to do. spec: shm.varslot.allocation
+        if (s0 & 0xFF) == L.FREE:
+            cas_u64(mbuf, moff, s0, (gen << 32) | (peer << 8) | L.ALLOCATED)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_POP_META)
+        cas_u64(self.buf, self.head, h, (((gen + 1) & _TAG_MASK) << _TAG_SHIFT) | nxt)
+
+    # -- push -----------------------------------------------------------------
+
+    def push(self, number: int, expected: int) -> None:
+        """Free slot `number` whose status is `expected` (ALLOCATED or
+        IN_FLIGHT, owned by the caller, or FREEING left by a dead peer).
+        Raises StatusMismatch, changing nothing, if the status differs.
+        spec: shm.varslot.freeing"""
+        buf, head, me = self.buf, self.head, self.me
+        mbuf, moff = self.meta(number)
+        freeing = ((expected >> 32) << 32) | (me << 8) | L.FREEING
+        if expected != freeing:  # (a dead peer's FREEING slot is already there)
+            seen = cas_u64(mbuf, moff, expected, freeing)  # proves ownership
+            if seen != expected:
+                raise StatusMismatch(seen)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_PUSH_FREEING)
+        while True:
+            h = load_u64(buf, head)
+            if (h >> _OP_SHIFT) & 3:
+                self.help(h)
+                continue
+            tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
+            store_u32(mbuf, moff + L.M_NEXT_FREE, h & _TOP)
+            linked = (tag << _TAG_SHIFT) | (L.OP_PUSH << _OP_SHIFT) | (me << _PEER_SHIFT) | (number + 1)
+            if cas_u64(buf, head, h, linked) == h:
+                break
+            self.cas_retries += 1
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_PUSH_LINKED)
+        self._finish_push(linked)
+        self.pushes += 1
+
+    def _finish_push(self, h: int) -> None:
+        top = h & _TOP
+        tag = (h >> _TAG_SHIFT) & _TAG_MASK
+        mbuf, moff = self.meta(top - 1)
+        s0 = load_u64(mbuf, moff)
+        if load_u64(self.buf, self.head) != h:
+            return  # completed by someone else
+        if (s0 & 0xFF) == L.FREEING:
+            cas_u64(mbuf, moff, s0, (s0 >> 32) << 32 | L.FREE)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_PUSH_FINAL)
+        cas_u64(self.buf, self.head, h, (((tag + 1) & _TAG_MASK) << _TAG_SHIFT) | top)
+
+    # -- growth and recovery --------------------------------------------------
+
+    def link_chain(self, first: int, last: int) -> None:
+        """Put an already chained run of FREE slots (first ... last, linked
+        through next_free, last's link to be set here) on the list."""
+        buf, head = self.buf, self.head
+        lbuf, loff = self.meta(last)
+        while True:
+            h = load_u64(buf, head)
+            if (h >> _OP_SHIFT) & 3:
+                self.help(h)
+                continue
+            store_u32(lbuf, loff + L.M_NEXT_FREE, h & _TOP)
+            tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
+            if cas_u64(buf, head, h, (tag << _TAG_SHIFT) | (first + 1)) == h:
+                return
+            self.cas_retries += 1
+
+    def help(self, h: int) -> None:
+        """Complete the pending operation recorded in head value `h`."""
+        self.helps += 1
+        op = (h >> _OP_SHIFT) & 3
+        if op == L.OP_POP:
+            self._finish_pop(h)
+        elif op == L.OP_PUSH:
+            self._finish_push(h)
+
+    def settle(self) -> None:
+        """Complete whatever operation is pending (used before reclaim)."""
+        while True:
+            h = load_u64(self.buf, self.head)
+            if not (h >> _OP_SHIFT) & 3:
+                return
+            self.help(h)
+
+    def length(self) -> int:
+        """Slots on the list (walks it; exact only when nobody is changing it)."""
+        self.settle()
+        n = 0
+        top = load_u64(self.buf, self.head) & _TOP
+        while top:
+            n += 1
+            mbuf, moff = self.meta(top - 1)
+            top = load_u32(mbuf, moff + L.M_NEXT_FREE)
+        return n

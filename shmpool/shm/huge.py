@@ -1,0 +1,255 @@
+"""Dedicated extents for payloads larger than the largest size class.
+
+Owns: the huge-payload table (MAX_HUGE entries of status, file offset and
+size in the slot region) and the file ranges those entries describe.
+
+Data flow: a huge payload first reuses a free entry whose extent is big
+enough (best fit); otherwise it claims an unused entry (CAS size 0 -> its
+capacity), reserves a page-aligned range at the end of the file within the
+memory limit, and publishes the range's offset. Freeing marks the entry
+free; its range stays reserved for the next payload of a similar size
+(capacities are rounded to 1/8 of a power of two to make that likely).
+The pages of freed extents stay populated while all free extents together
+hold at most `huge_cache_limit()` bytes, so that repeated transfers of big
+arrays do not pay for zeroing and faulting fresh pages every time; beyond
+that, and on `trim()`, they are punched out of the file (MADV_REMOVE on
+tmpfs returns the memory at once).
+A payload that can never fit (above the memory limit or the maximum payload
+size) fails at once with PayloadTooLargeError.
+
+Invariants: an entry's (offset, size) never changes once its offset is
+published; the status word follows the slot rules (generation, state,
+owner, dest) with the generation +1 per allocation; pages are punched only
+by the entry's owner, before the entry is marked free.
+spec: shm.varslot.huge
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import _atomics
+from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
+from . import layout as L
+from .layout import Slot
+from .wait import SLICE
+
+load_u64, store_u64, cas_u64 = _atomics.load_u64, _atomics.store_u64, _atomics.cas_u64
+fetch_add_u32, load_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.load_u32, _atomics.fetch_or_u32
+
+
+def _ref(i: int) -> int:
+    return L.pack_slot_ref(L.HUGE_CLASS, i, 0)
+
+
+class HugeExtents:
+    """The huge-payload entries, as seen by one SlotPool."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.buf = pool.buf
+        self.lay = pool.layout
+        self.me = pool.me
+        self._ph = pool.layout.pool_header_offset
+        self._cache = L.huge_cache_limit(pool.config.memory_limit)
+
+    def _free_resident(self) -> int:
+        total = 0
+        for i in range(L.MAX_HUGE):
+            e = self.lay.huge_entry(i)
+            if load_u64(self.buf, e + L.HE_STATUS) & 0xFF == L.FREE:
+                total += load_u64(self.buf, e + L.HE_RESIDENT)
+        return total
+
+    def trim(self) -> int:
+        """Punch the pages of every free extent; returns the bytes released."""
+        released = 0
+        for i in range(L.MAX_HUGE):
+            e = self.lay.huge_entry(i)
+            st = load_u64(self.buf, e + L.HE_STATUS)
+            if st & 0xFF != L.FREE or not load_u64(self.buf, e + L.HE_RESIDENT):
+                continue
+            # Claim it briefly so that nobody reuses it while its pages go.
+            busy = L.pack_status(st >> 32, L.ALLOCATED, self.me)
+            if cas_u64(self.buf, e + L.HE_STATUS, st, busy) != st:
+                continue
+            sz = load_u64(self.buf, e + L.HE_SIZE)
+            self.pool.segment.punch(load_u64(self.buf, e + L.HE_OFFSET), sz)
+            store_u64(self.buf, e + L.HE_RESIDENT, 0)
+            store_u64(self.buf, e + L.HE_STATUS, st)
+            released += sz
+        return released
+
+    def _entry(self, ref: int) -> tuple[int, int]:
+        i = (ref >> 18) & 0x3FF
+        if ref & 0x3FFFF or i >= L.MAX_HUGE:
+            raise StaleSlotError(f"slot reference {ref:#x} names no huge extent")
+        return i, self.lay.huge_entry(i)
+
+    def _check_size(self, size: int) -> None:
+        cfg = self.pool.config
+        room = cfg.memory_limit - self.lay.total_size
+        if size > cfg.max_payload_size or size > room:
+            raise PayloadTooLargeError(
+                f"a {size}-byte payload can never fit: the segment's memory limit is "
+                f"{cfg.memory_limit} bytes ({room} beyond its initial size) and its maximum "
+                f"payload is {cfg.max_payload_size} bytes (raise SegmentConfig.memory_limit)"
+            )
+
+    # -- allocation -------------------------------------------------------------
+
+    def try_alloc(self, size: int) -> Slot | None:
+        self._check_size(size)
+        buf = self.buf
+        for _ in range(8):  # lost races against other allocators: rescan
+            best = None
+            for i in range(L.MAX_HUGE):
+                e = self.lay.huge_entry(i)
+                st = load_u64(buf, e + L.HE_STATUS)
+                if st & 0xFF != L.FREE:
+                    continue
+                off, sz = load_u64(buf, e + L.HE_OFFSET), load_u64(buf, e + L.HE_SIZE)
+                if off and sz >= size and (best is None or sz < best[2]):
+                    best = (i, st, sz, off)
+            if best is None:
+                return self._create(size)
+            i, st, sz, off = best
+            gen = ((st >> 32) + 1) & 0xFFFFFFFF or 1
+            e = self.lay.huge_entry(i)
+            if cas_u64(buf, e + L.HE_STATUS, st, L.pack_status(gen, L.ALLOCATED, self.me)) != st:
+                continue
+            if not load_u64(buf, e + L.HE_RESIDENT):
+                try:  # its pages were punched: reserve them again (ENOSPC is clean here)
+                    os.posix_fallocate(self.pool.segment.fd, off, sz)
+                except OSError:
+                    store_u64(buf, e + L.HE_STATUS, L.pack_status(gen, L.FREE))
+                    return None
+                store_u64(buf, e + L.HE_RESIDENT, sz)
+            self.pool.allocs += 1
+            return Slot(_ref(i), gen, sz)
+        return None
+
+    def _create(self, size: int) -> Slot | None:
+        buf, cap = self.buf, L.huge_capacity(size)
+        for i in range(L.MAX_HUGE):
+            e = self.lay.huge_entry(i)
+            if load_u64(buf, e + L.HE_SIZE) or cas_u64(buf, e + L.HE_SIZE, 0, cap) != 0:
+                continue
+            # Entry i is ours to create; nobody uses it while its offset is 0.
+            off = self.pool._reserve(cap)
+            if off is None:
+                store_u64(buf, e + L.HE_SIZE, 0)
+                return None
+            store_u64(buf, e + L.HE_STATUS, L.pack_status(1, L.ALLOCATED, self.me))
+            store_u64(buf, e + L.HE_RESIDENT, cap)  # fallocate populated it
+            store_u64(buf, e + L.HE_OFFSET, off)
+            self.pool.allocs += 1
+            return Slot(_ref(i), 1, cap)
+        return None
+
+    def alloc(self, size: int, timeout: float | None) -> Slot:
+        buf, word = self.buf, self._ph + L.PH_HUGE_WAIT_WORD
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.pool.waits += 1
+        fetch_add_u32(buf, self._ph + L.PH_HUGE_WAITERS, 1)
+        try:
+            while True:
+                seen = load_u32(buf, word)
+                slot = self.try_alloc(size)
+                if slot is not None:
+                    return slot
+                remaining = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise SlotExhaustedError(self.pool._exhausted_message(size, timeout))
+                if self.pool._backend == "futex":
+                    _atomics.futex_wait(buf, word, seen, remaining)
+                else:
+                    time.sleep(min(1e-3, remaining))
+        finally:
+            fetch_add_u32(buf, self._ph + L.PH_HUGE_WAITERS, -1)
+
+    # -- ownership --------------------------------------------------------------
+
+    def _status(self, ref: int, generation: int, what: str) -> tuple[int, int]:
+        i, e = self._entry(ref)
+        st = load_u64(self.buf, e + L.HE_STATUS)
+        if st >> 32 != generation or not load_u64(self.buf, e + L.HE_OFFSET):
+            raise StaleSlotError(
+                f"{what}: huge extent {i} has generation {st >> 32}, not {generation} (stale reference)"
+            )
+        return e, st
+
+    def free(self, ref: int, generation: int) -> None:
+        e, st = self._status(ref, generation, "free")
+        state, owner = st & 0xFF, (st >> 8) & 0xFF
+        if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
+            raise StaleSlotError(
+                f"free: huge extent {ref:#x} is {L.STATE_NAMES[state]} and owned by peer {owner}, "
+                f"not Allocated by peer {self.me} (double free?)"
+            )
+        self._release(e, st)
+        self.pool.frees += 1
+
+    def _release(self, e: int, st: int, keep: bool = True) -> bool:
+        """Mark the entry free (owner only), punching its pages first unless
+        the cache of free resident extents has room for them."""
+        off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
+        resident = load_u64(self.buf, e + L.HE_RESIDENT)
+        if off and resident and not (keep and self._free_resident() + sz <= self._cache):
+            self.pool.segment.punch(off, sz)
+            store_u64(self.buf, e + L.HE_RESIDENT, 0)
+        if cas_u64(self.buf, e + L.HE_STATUS, st, L.pack_status(st >> 32, L.FREE)) != st:
+            return False
+        if fetch_or_u32(self.buf, self._ph + L.PH_HUGE_WAITERS, 0):
+            fetch_add_u32(self.buf, self._ph + L.PH_HUGE_WAIT_WORD, 1)
+            if self.pool._backend == "futex":
+                _atomics.futex_wake(self.buf, self._ph + L.PH_HUGE_WAIT_WORD, 0x7FFFFFFF)
+        return True
+
+    def transition(self, ref, generation, s0, o0, d0, s1, o1, d1) -> None:
+        e, _ = self._status(ref, generation, "send")
+        want = L.pack_status(generation, s0, o0, d0)
+        if cas_u64(self.buf, e + L.HE_STATUS, want, L.pack_status(generation, s1, o1, d1)) != want:
+            raise StaleSlotError(f"send: huge extent {ref:#x} is not Allocated by peer {o0}")
+
+    def receive(self, ref: int, generation: int, me: int) -> Slot:
+        e, st = self._status(ref, generation, "receive")
+        if st & 0xFF != L.IN_FLIGHT or (st >> 16) & 0xFF != me:
+            raise StaleSlotError(f"receive: huge extent {ref:#x} is not in flight to peer {me}")
+        if cas_u64(self.buf, e + L.HE_STATUS, st, L.pack_status(generation, L.ALLOCATED, me)) != st:
+            raise StaleSlotError(f"receive: huge extent {ref:#x} changed while being received")
+        return Slot(ref, generation, load_u64(self.buf, e + L.HE_SIZE))
+
+    def region(self, ref: int, generation: int) -> tuple[memoryview, int, int]:
+        e, st = self._status(ref, generation, "view")
+        if st & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
+            raise StaleSlotError(f"view: huge extent {ref:#x} is {L.STATE_NAMES[st & 0xFF]}")
+        off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
+        return self.pool.segment.map_range(off, sz), 0, sz
+
+    # -- recovery and introspection ---------------------------------------------
+
+    def reclaim(self, peer: int) -> int:
+        from .varslot import _belongs
+
+        n = 0
+        for i in range(L.MAX_HUGE):
+            e = self.lay.huge_entry(i)
+            st = load_u64(self.buf, e + L.HE_STATUS)
+            if _belongs(st, peer) and self._release(e, st, keep=False):
+                n += 1
+        return n
+
+    def statistics(self) -> tuple[int, int, int, int]:
+        in_use = entries = nbytes = 0
+        for i in range(L.MAX_HUGE):
+            e = self.lay.huge_entry(i)
+            sz = load_u64(self.buf, e + L.HE_SIZE)
+            if not sz:
+                continue
+            entries += 1
+            nbytes += sz
+            if load_u64(self.buf, e + L.HE_STATUS) & 0xFF != L.FREE:
+                in_use += 1
+        return in_use, entries, nbytes, self._free_resident()
