@@ -8,9 +8,10 @@ environment (inherited by every process a test starts) or, in-process, by
 
     SHMPOOL_FAILPOINTS="varslot.pop.claimed=kill,varslot.push.linked=exit(3)@5"
 
-Actions: `kill` (SIGKILL this process), `exit(N)` (`os._exit(N)`), `raise`
-(raise FailpointError), `sleep(MS)`, optionally suffixed with `@N` to fire
-only on the N-th hit (1-based) of that failpoint in this process.
+Actions: `kill` or `sigkill` (SIGKILL this process), `exit(N)`
+(`os._exit(N)`), `raise` (raise FailpointError), `sleep(MS)`, optionally
+suffixed with `@N` or `:N` to fire only on the N-th hit (1-based) of that
+failpoint in this process.
 
 Invariants: every name used in code is declared with `declare()` at import,
 so tests can enumerate them; a malformed SHMPOOL_FAILPOINTS is a
@@ -30,7 +31,7 @@ from .errors import ConfigError, ShmpoolError
 
 ACTIVE: dict[str, Callable[[], None]] = {}
 KNOWN: dict[str, str] = {}
-_ACTION = re.compile(r"^(kill|raise|exit\((\d+)\)|sleep\((\d+)\))(?:@(\d+))?$")
+_ACTION = re.compile(r"^(kill|sigkill|raise|exit\((\d+)\)|sleep\((\d+)\))(?:[@:](\d+))?$")
 
 
 class FailpointError(ShmpoolError):
@@ -66,7 +67,7 @@ def _make(name: str, spec: str) -> Callable[[], None]:
             "(use kill, raise, exit(N) or sleep(MS), optionally @N)"
         )
     word, code, ms, nth = m.group(1), m.group(2), m.group(3), m.group(4)
-    if word == "kill":
+    if word in ("kill", "sigkill"):
         def act() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     elif word == "raise":
