@@ -71,7 +71,9 @@ word_at(PyObject *obj, PyObject *off_obj, Py_ssize_t width, Py_buffer *view)
         PyBuffer_Release(view);
         return NULL;
     }
-    Py_ssize_t off = PyNumber_AsSsize_t(off_obj, PyExc_OverflowError);
+    /* NULL: clamp out-of-range ints so that the range check below reports
+     * them as a ValueError like any other bad offset. */
+    Py_ssize_t off = PyNumber_AsSsize_t(off_obj, NULL);
     if (off == -1 && PyErr_Occurred()) {
         PyBuffer_Release(view);
         return NULL;
@@ -97,7 +99,11 @@ word_at(PyObject *obj, PyObject *off_obj, Py_ssize_t width, Py_buffer *view)
 static int
 u32_arg(PyObject *o, const char *what, uint32_t *out)
 {
-    unsigned long v = PyLong_AsUnsignedLong(o);
+    PyObject *n = PyNumber_Index(o); /* accepts numpy integers too */
+    if (n == NULL)
+        return -1;
+    unsigned long v = PyLong_AsUnsignedLong(n);
+    Py_DECREF(n);
     if (v == (unsigned long)-1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
@@ -118,7 +124,11 @@ u32_arg(PyObject *o, const char *what, uint32_t *out)
 static int
 u64_arg(PyObject *o, const char *what, uint64_t *out)
 {
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    PyObject *n = PyNumber_Index(o);
+    if (n == NULL)
+        return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(n);
+    Py_DECREF(n);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
@@ -136,12 +146,11 @@ u64_arg(PyObject *o, const char *what, uint64_t *out)
 static int
 mask_arg(PyObject *o, uint64_t *out)
 {
-    if (!PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "expected int, got %.100s",
-                     Py_TYPE(o)->tp_name);
+    PyObject *n = PyNumber_Index(o);
+    if (n == NULL)
         return -1;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLongMask(o);
+    unsigned long long v = PyLong_AsUnsignedLongLongMask(n);
+    Py_DECREF(n);
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     *out = (uint64_t)v;

@@ -228,11 +228,13 @@ def test_empty_wait_sleeps_and_wakes(seg64, peers, wait_backend):
     print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
     assert out["popped"]
     assert idle_cpu < 0.2  # sleeping, not spinning (poll naps cost a little)
-    assert latency < SLICE  # woken, not found by a slice timeout
     assert out["stats"]["sleeps"] >= 1
+    # "Wakes within milliseconds": 100 ms leaves room for a loaded CI box;
+    # typical figures are printed above (well under 1 ms for futex).
+    assert latency < 0.1
     if wait_backend == "futex":
         assert tx.statistics().wakes_sent == 1  # the producer saw the sleeping bit
-        assert out["stats"]["sleeps"] <= 1 + 1.0 / SLICE + 1
+        assert out["stats"]["woken"] >= 1  # and the sleep ended by that wake
 
 
 @pytest.mark.spec("shm.wakeup.producer-wait")
@@ -253,9 +255,10 @@ def test_full_wait_sleeps_and_wakes(seg64, peers, wait_backend):
     print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
     assert out["pushed"]
     assert idle_cpu < 0.2
-    assert latency < SLICE
+    assert latency < 0.1
     if wait_backend == "futex":
         assert rx.statistics().wakes_sent == 1
+        assert out["stats"]["woken"] >= 1
     assert len(rx.pop_batch(100)) == 63
 
 
@@ -274,7 +277,7 @@ def test_waiting_consumer_learns_of_peer_death(seg64, peers, wait_backend):
     t0 = time.monotonic()
     with pytest.raises(PeerDeadError):
         rx.pop(timeout=30)
-    assert time.monotonic() - t0 < 30  # ended by the death, not the timeout
+    assert time.monotonic() - t0 < 2 * SLICE + 1  # ended by the death, not the timeout
     holder.wait()
     db_host.close()
 

@@ -493,11 +493,16 @@ class SegmentLayout:
             raise IndexError(f"huge entry {index} out of range")
         return self.huge_table_offset + HUGE_ENTRY_SIZE * index
 
-    def control_size(self) -> int:
-        """Bytes before the first extent's slot data: header, peers, rings,
-        class headers. These are preallocated so a full /dev/shm fails at
-        create time instead of with SIGBUS later."""
-        return self.extent_offsets[0]
+    def formatted_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of everything the host writes at create time:
+        the control region (header, peers, rings, class headers, huge table)
+        and each initial extent's header and slot metadata. The host
+        preallocates these so that a full /dev/shm fails at create time
+        instead of with SIGBUS; slot data stays sparse until used."""
+        ranges = [(0, self.extent_offsets[0])]
+        for off, cls in zip(self.extent_offsets, self.config.size_classes):
+            ranges.append((off, extent_data_offset(cls)))
+        return ranges
 
     def _check_peer(self, peer_id: int) -> None:
         if not 1 <= peer_id <= self.config.max_guests:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import islice
 from typing import Iterable, NamedTuple
 
 from .. import _atomics
@@ -112,6 +113,7 @@ class RingStatistics:
     spins: int
     spin_hits: int
     sleeps: int
+    woken: int  # sleeps ended by a wake rather than a timeout
     wakes_sent: int
     timeouts: int
     spin_budget: int
@@ -159,6 +161,10 @@ class _RingEnd:
         self._wake_bit = theirs
         self._wake_mask = theirs | (theirs << L.SLEEP_DOORBELL_SHIFT)
         self.transfers = self.would_block = self.waits = self.wakes_sent = self.timeouts = 0
+        for which, off in (("head", head_off), ("tail", tail_off)):
+            value = load_u32(buf, off)
+            if value >= size:  # a corrupt index would make us write outside the ring
+                raise ValueError(f"{which} index {value} of ring {name!r} is out of range 0..{size - 1}")
 
     def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
         raise NotImplementedError
@@ -181,7 +187,7 @@ class _RingEnd:
         w = self.waiter
         return RingStatistics(
             self.name, self.role, self.size, self.size - 1, self.depth(), self.transfers,
-            self.would_block, self.waits, w.spins, w.spin_hits, w.sleeps, self.wakes_sent,
+            self.would_block, self.waits, w.spins, w.spin_hits, w.sleeps, w.woken, self.wakes_sent,
             self.timeouts, w.spin_budget,
         )
 
@@ -225,20 +231,20 @@ class RingProducer(_RingEnd):
 
     def try_push_many(self, descs: Iterable[Descriptor]) -> int:
         """Push as many of `descs` as fit, publishing head once. Returns how
-        many were pushed (a prefix of `descs`)."""
+        many were pushed (a prefix of `descs`; an iterator is advanced only
+        past the ones pushed)."""
         buf, mask, base = self.buf, self.mask, self.desc_off
         head = start = self._head
         tail = self._tail_seen = load_u32(buf, self.tail_off)
+        room = (tail - head - 1) & mask
         n = 0
-        for desc in descs:
-            nxt = (head + 1) & mask
-            if nxt == tail:
-                self.would_block += 1
-                break
+        for desc in islice(descs, room):
             m, f, i, meth, ref, gen, off, ln, inline = desc
             _pack_into(buf, base + head * _DSIZE, m, f, i, meth, ref, gen, off, ln, inline)
-            head = nxt
+            head = (head + 1) & mask
             n += 1
+        if n == room:
+            self.would_block += 1
         if head != start:
             store_u32(buf, self.head_off, head)  # spec: shm.ordering.ring-publish
             self._head = head

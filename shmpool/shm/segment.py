@@ -25,12 +25,14 @@ survives a failed create.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import secrets
 import stat
 import struct
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -161,6 +163,8 @@ def _config_from_header(fd: int, path: Path, fields: tuple, file_size: int) -> S
     classes = []
     for i in range(class_count):
         raw = os.pread(fd, 8, slot_off + L.CLASS_HEADER_SIZE * i)
+        if len(raw) != 8:
+            raise SegmentError(path, "short read of a size-class header (file truncated?)")
         slot_size, per_extent = struct.unpack("<II", raw)
         classes.append(SizeClass(slot_size, per_extent))
     try:
@@ -251,8 +255,13 @@ class Segment:
         self._mmap = mm
         self.buf = memoryview(mm)
         self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}  # offset -> extra mapping
+        # A shared flock marks the file as in use for as long as this process
+        # (or a fork of it) keeps the fd: stale detection relies on it, not
+        # only on pids, which mean nothing across pid namespaces.
+        fcntl.flock(fd, fcntl.LOCK_SH)
         self._finalizer = weakref.finalize(
-            self, _release, self.buf, mm, fd, str(path) if is_host else None, self._maps
+            self, _release, self.buf, mm, fd, str(path) if is_host else None, self._maps,
+            os.getpid(),
         )
 
     # -- construction -----------------------------------------------------
@@ -281,16 +290,19 @@ class Segment:
             path = d / f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = Path(path)
         fd = _create_file(path)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # in use from the first instant (see segment_is_stale)
         try:
             os.fchmod(fd, 0o600)  # umask may not remove group/other bits we rely on
             os.ftruncate(fd, layout.total_size)
             try:
-                os.posix_fallocate(fd, 0, layout.control_size())
+                # Reserve every page _format writes (control region, extent
+                # headers and slot metadata) so a full /dev/shm fails here,
+                # not with SIGBUS; slot data stays sparse until used.
+                for start, length in layout.formatted_ranges():
+                    os.posix_fallocate(fd, start, length)
             except OSError as e:
                 raise SegmentError(
-                    path,
-                    f"cannot reserve {layout.control_size()} bytes ({e.strerror}); "
-                    "is /dev/shm full?",
+                    path, f"cannot reserve the segment's metadata ({e.strerror}); is /dev/shm full?"
                 ) from None
             # spec: shm.file.mmap-posix
             mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -366,7 +378,16 @@ class Segment:
                 )
             if fields[11] != L.INLINE_CAPACITY:
                 raise SegmentError(path, f"inline threshold {fields[11]}, expected {L.INLINE_CAPACITY}")
-            mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            fs = os.fstatvfs(fd)
+            if layout.total_size > fs.f_blocks * fs.f_frsize:
+                raise SegmentError(
+                    path, f"header says {layout.total_size} bytes, more than its whole file "
+                    f"system holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
+                )
+            try:
+                mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError, OverflowError) as e:
+                raise SegmentError(path, f"cannot map {layout.total_size} bytes: {e}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -479,12 +500,12 @@ def _close_map(mm: mmap.mmap, view: memoryview) -> None:
 
 
 def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
-             maps: dict) -> None:
+             maps: dict, owner_pid: int) -> None:
     """Finalizer: runs once, from close(), garbage collection or exit."""
     for m, v in maps.values():
         _close_map(m, v)
     maps.clear()
-    if unlink_path is not None:
+    if unlink_path is not None and os.getpid() == owner_pid:  # not in a fork() child
         try:
             os.unlink(unlink_path)
         except FileNotFoundError:
@@ -511,26 +532,46 @@ def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
 # --------------------------------------------------------------------------
 
 
+UNFINISHED_GRACE = 60.0  # seconds before an unlocked file without magic counts as abandoned
+
+
 def segment_is_stale(path: str | os.PathLike) -> bool:
-    """True if `path` is a shmpool segment (or a half-created one) whose
-    host process is gone. spec: shm.file.stale"""
+    """True if `path` is a shmpool segment file that no live process uses.
+
+    Every host and guest holds a shared flock on the file while it has it
+    open, so a file we can lock exclusively is unused (this holds across
+    pid namespaces, where header pids mean nothing). As a second check the
+    recorded host must not be running (pid and start time). A file whose
+    magic is not written yet counts only after a grace period; a file that
+    is not ours (other magic, not a regular file, another owner) never
+    counts. spec: shm.file.stale"""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return False  # never open a FIFO, device or someone else's file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live host or guest has it open
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size < L.HEADER_SIZE:
-            return False
-        raw = os.pread(fd, L.HEADER_SIZE, 0)
+        raw = os.pread(fd, L.HEADER_SIZE, 0) if st.st_size >= L.HEADER_SIZE else b""
     finally:
-        os.close(fd)
+        os.close(fd)  # also drops our lock
+    if len(raw) < L.HEADER_SIZE or raw[:8] == b"\0" * 8:
+        return time.time() - st.st_mtime > UNFINISHED_GRACE  # its creator died early
     fields = L.HEADER.unpack(raw)
-    if fields[0] not in (L.MAGIC, b"\0" * 8):
+    if fields[0] != L.MAGIC:
         return False  # not ours: never delete a file we did not make
     pid, start = fields[17], fields[19]
-    return pid != 0 and not process_alive(pid, start)
+    return not process_alive(pid, start)
 
 
 def clean(directory: str | os.PathLike | None = None) -> list[str]:

@@ -83,7 +83,7 @@ class Waiter:
 
     __slots__ = (
         "buf", "flags_off", "bit", "backend", "doorbell", "spin_max", "spin_budget",
-        "spins", "spin_hits", "sleeps", "_nap", "_ns_per_spin", "_missed_at",
+        "spins", "spin_hits", "sleeps", "woken", "_nap", "_ns_per_spin", "_missed_at",
     )
 
     def __init__(
@@ -106,6 +106,7 @@ class Waiter:
         self.spins = 0
         self.spin_hits = 0
         self.sleeps = 0
+        self.woken = 0  # sleeps ended by a wake (futex WOKEN or doorbell signal)
         self._nap = NAP_MIN
         self._ns_per_spin = 100.0
         self._missed_at = 0
@@ -157,7 +158,7 @@ class Waiter:
             self._sleep_doorbell(off, observed, timeout)
         else:
             self._nap_poll(timeout)
-        self._check_peer()
+        self._check_peer(off, observed)
 
     def _sleep_futex(self, off: int, observed: int, timeout: float) -> None:
         buf, flags_off, bit = self.buf, self.flags_off, self.bit
@@ -165,7 +166,8 @@ class Waiter:
         try:
             if load_u32(buf, off) == observed:
                 self.sleeps += 1
-                futex_wait(buf, off, observed, min(timeout, SLICE))
+                if futex_wait(buf, off, observed, min(timeout, SLICE)) == _atomics.WOKEN:
+                    self.woken += 1
         finally:
             fetch_and_u32(buf, flags_off, ~bit)
 
@@ -177,8 +179,9 @@ class Waiter:
         try:
             if load_u32(buf, off) == observed:
                 self.sleeps += 1
-                if self.doorbell.wait(min(timeout, SLICE)) is Wait.PEER_DEAD:
-                    raise PeerDeadError("the peer closed its doorbell (process died?)")
+                if self.doorbell.wait(min(timeout, SLICE)) is Wait.SIGNALLED:
+                    self.woken += 1
+                # a dead peer is reported by _check_peer, once nothing is left
         finally:
             fetch_and_u32(buf, flags_off, ~bit)
 
@@ -187,11 +190,13 @@ class Waiter:
         time.sleep(min(self._nap, timeout))
         self._nap = min(self._nap * 2, NAP_MAX)
 
-    def _check_peer(self) -> None:
-        # Without a doorbell there is nothing to check here: the layer above
-        # watches the peer process. spec: shm.doorbell.optional
+    def _check_peer(self, off: int, observed: int) -> None:
+        # A peer that published and then died has still published: report
+        # its death only when the word shows nothing new, so the caller
+        # consumes what is there first. Without a doorbell there is nothing
+        # to check: the layer above watches the peer. spec: shm.doorbell.optional
         db = self.doorbell
-        if db is not None and db.peer_dead():
+        if db is not None and db.peer_dead() and load_u32(self.buf, off) == observed:
             raise PeerDeadError("the peer closed its doorbell (process died?)")
 
 
