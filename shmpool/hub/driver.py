@@ -1,0 +1,638 @@
+"""The host's driver thread: one epoll set, every guest's doorbell and pidfd.
+
+Owns: the host's private record of each guest incarnation (`HostPeer`: its
+doorbell end, process handle, pidfd, ring ends, `PeerInfo`), the driver
+thread and everything it does: starting guest processes, delivering
+guest->host descriptors to the layer above, noticing attaches, deaths and
+goodbyes, running `on_death`, recovery, and the shutdown of all guests.
+
+Data flow:
+- Other threads hand work to the driver through `call()` (a command queue
+  plus an eventfd in the epoll set) and wait for the result; spawning is
+  such a command, so every guest's parent *thread* is the driver.
+- Each loop: run commands -> pop every live guest's g2h ring in batches ->
+  message handler -> periodic scan (attach, goodbye, epoch, heartbeat) ->
+  sleep in `epoll.poll` with the host-sleeping protocol -> handle events
+  (doorbell signal or hang-up, pidfd readable).
+- Death: unregister -> make sure the process is gone (kill it for
+  heartbeat/epoch deaths) and reap it -> `on_death(peer_id)` ->
+  `recovery.recover` (drain, peer-lost hook, rings, slots, channels,
+  handles, Empty).
+
+Invariants:
+- Only the driver thread pops g2h rings, starts guests, reaps them and
+  recovers entries; callbacks run on it and must not block.
+- A death is handled once per incarnation (`HostPeer.phase` goes to DEAD
+  exactly once), however many watchers report it.
+- The driver never holds `_lock` while running user callbacks.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import replace
+
+from .. import _atomics
+from ..errors import HubError
+from ..shm import layout as L
+from ..shm.ring import open_rings
+from ..shm.varslot import SlotPool
+from .peer import (
+    ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry,
+    PeerInfo, PeerState,
+)
+from .recovery import recover
+from .spawn import popen_guest
+
+fetch_or_u32 = _atomics.fetch_or_u32
+fetch_and_u32 = _atomics.fetch_and_u32
+monotonic_ns = time.monotonic_ns
+
+EPOLLIN = select.EPOLLIN
+HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+SCAN_INTERVAL = 0.25  # seconds between scans of entry states, epochs and heartbeats
+NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attached
+EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
+GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
+BATCH = 256
+
+# a guest whose g2h ring was full, asleep on its doorbell until the driver pops
+_G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
+
+
+class Driver:
+    """The driver thread and the host's guest records (see module doc)."""
+
+    def __init__(self, segment, *, name: str = "shmpool-hub-driver") -> None:
+        self.segment = segment
+        self.buf = segment.buf
+        self.config = segment.config
+        self._hb_ns = segment.config.heartbeat_interval_ns
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._peers: dict[int, HostPeer] = {}  # entry -> current incarnation (until recovered)
+        self._live: tuple[HostPeer, ...] = ()  # copy-on-write snapshot of _peers for the loop
+        self._history: dict[int, PeerInfo] = {}  # entry -> latest incarnation's info
+        self._fdmap: dict[int, tuple[HostPeer, str]] = {}
+        self._lingering: dict[int, HostPeer] = {}  # pidfd -> departed guest still running
+        self._commands: collections.deque = collections.deque()
+        self.message_handler = None
+        self.peer_lost_handler = None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats = collections.Counter()
+        self._slot_pool = None
+        self._stop_requested = False
+        self._stop_timeout = 2.0
+        self._closing = False
+        self.failure: BaseException | None = None
+        self._next_scan = 0
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake_fd, EPOLLIN)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------
+    # Called from any thread
+    # ------------------------------------------------------------------
+
+    @property
+    def on_driver(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped.is_set() and not self._stop_requested
+
+    def call(self, fn, *args, **kw):
+        """Run `fn` on the driver thread and return its result (re-raising
+        its exception). Runs inline when called on the driver."""
+        if self.on_driver:
+            return fn(*args, **kw)
+        fut: Future = Future()
+        with self._lock:
+            if not self.running:
+                raise HubError(self._closed_message())
+            self._commands.append((fut, fn, args, kw))
+        self._wake()
+        return fut.result()
+
+    def stop(self, timeout: float) -> None:
+        """Say goodbye to every guest, wait up to `timeout` for them to
+        leave, kill stragglers, stop the thread and close the segment.
+        Idempotent. On the driver thread (from a callback) it only asks the
+        loop to stop after the callback returns."""
+        with self._lock:
+            if not self._stop_requested:
+                self._stop_requested = True
+                self._stop_timeout = timeout
+        self._wake()
+        if not self.on_driver:
+            self._thread.join()
+
+    def _wake(self) -> None:
+        with self._lock:  # never write to a closed (and maybe reused) fd number
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def _closed_message(self) -> str:
+        if self.failure is not None:
+            return f"the hub's driver thread died: {self.failure!r}"
+        return "the host is closed"
+
+    def set_live(self) -> None:
+        """Refresh the loop's snapshot; call with `_lock` held."""
+        self._live = tuple(self._peers.values())
+
+    def wait_for(self, predicate, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    # ------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: keep the process sane, report it
+            self.failure = e
+            traceback.print_exc()
+        finally:
+            try:
+                self._shutdown(self._stop_timeout if self.failure is None else 0.0)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                self._finish()
+
+    def _loop(self) -> None:
+        buf, poll = self.buf, self._epoll.poll
+        while not self._stop_requested:
+            self._run_commands()
+            busy = self._drain_all()
+            now = monotonic_ns()
+            if now >= self._next_scan:
+                self._scan(now)
+                self._next_scan = now + int(self._scan_interval() * 1e9)
+            if busy or self._commands:
+                events = poll(0)
+            else:
+                # spec: shm.wakeup.sleeping-word -- announce, re-check, sleep.
+                fetch_or_u32(buf, L.H_HOST_SLEEPING, HOST_SLEEPING)
+                if self._pending():
+                    events = poll(0)
+                else:
+                    self.stats["sleeps"] += 1
+                    events = poll(self._sleep_timeout(now))
+                fetch_and_u32(buf, L.H_HOST_SLEEPING, ~HOST_SLEEPING)
+            for fd, ev in events:
+                self._on_event(fd, ev)
+
+    def _scan_interval(self) -> float:
+        t = SCAN_INTERVAL
+        if self._hb_ns:
+            t = min(t, self._hb_ns / 2e9)
+        return t
+
+    def _sleep_timeout(self, now: int) -> float:
+        t = max(0.0, (self._next_scan - now) / 1e9)
+        for p in self._live:
+            if p.phase == ATTACHED and p.doorbell is None:
+                return min(t, NO_DOORBELL_TICK)
+        return t
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fut, fn, args, kw = self._commands.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kw))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def _pending(self) -> bool:
+        for p in self._live:
+            if p.rx is not None and p.phase != DEAD and p.rx.depth():
+                return True
+        return False
+
+    def _drain_all(self) -> int:
+        n = 0
+        for p in self._live:
+            rx = p.rx
+            if rx is None or p.phase == DEAD:
+                continue
+            batch = rx.pop_batch(BATCH)
+            if batch:
+                n += len(batch)
+                self._wake_guest(p)
+                self._deliver(p.peer_id, batch)
+        return n
+
+    def _wake_guest(self, p: HostPeer) -> None:
+        """The host's ring ends have no doorbell (the driver owns its
+        bytes), so wake a guest that waits for room in its g2h ring on its
+        doorbell here. spec: shm.doorbell.ring-integration"""
+        if p.doorbell is not None and fetch_or_u32(self.buf, p.entry.flags_off, 0) & _G2H_PRODUCER_ON_DOORBELL:
+            p.doorbell.signal()
+
+    def _deliver(self, peer_id: int, batch: list) -> None:
+        self.stats["messages"] += len(batch)
+        if self._closing:
+            return
+        h = self.message_handler
+        if h is None:
+            put = self.inbox.put
+            for d in batch:
+                put((peer_id, d))
+            return
+        try:
+            h(peer_id, batch)
+        except Exception:
+            self._callback_error("message handler")
+
+    def _callback_error(self, what: str) -> None:
+        self.stats["callback_errors"] += 1
+        print(f"shmpool hub: the {what} raised (ignored; callbacks must not raise):",
+              file=sys.stderr)
+        traceback.print_exc()
+
+    # ------------------------------------------------------------------
+    # Events and scans
+    # ------------------------------------------------------------------
+
+    def _on_event(self, fd: int, ev: int) -> None:
+        if fd == self._wake_fd:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+            return
+        hit = self._fdmap.get(fd)
+        if hit is None:
+            return
+        p, kind = hit
+        if kind == "doorbell":
+            # spec: shm.doorbell.death -- a hang-up is a death, at once.
+            if ev & HANGUP:
+                self._death(p, "doorbell")
+                return
+            self.stats["doorbell_wakeups"] += 1
+            p.doorbell.drain()
+            if p.phase == SPAWNED:
+                self._check_attached(p)
+        elif kind == "pidfd":
+            self._death(p, "pidfd")
+        elif kind == "linger":
+            self._reap_lingering(fd)
+
+    def _check_attached(self, p: HostPeer) -> None:
+        if self._note_attach(p, (PeerState.ATTACHED,)):
+            with self._cond:
+                p.phase = ATTACHED
+                self._cond.notify_all()
+
+    def _note_attach(self, p: HostPeer, states) -> bool:
+        """Record the guest's attach if its entry shows one (state in
+        `states` and its pid written)."""
+        e = p.entry
+        if e.state in states:
+            pid = e.pid  # acquire: the guest wrote it after the epoch
+            if pid:
+                p.info.epoch = e.epoch
+                p.info.attached = True
+                if p.proc is None:
+                    p.info.pid = p.pid = pid
+                p.attached_ns = monotonic_ns()
+                return True
+        return False
+
+    def _scan(self, now: int) -> None:
+        """Attach, goodbye, epoch and heartbeat checks; discovery of guests
+        that attached without a ticket. spec: shm.death.detection-methods"""
+        hb = self._hb_ns
+        for p in self._live:
+            if p.phase == SPAWNED:
+                self._check_attached(p)
+            if p.phase == LEAVING and now > p.leave_deadline:
+                p.kill()  # said goodbye but does not exit; its pidfd reports the end
+            if p.phase != ATTACHED:
+                continue
+            e = p.entry
+            state = e.state
+            if state != PeerState.ATTACHED:
+                self._death(p, "state")
+            elif e.epoch != p.info.epoch:
+                # spec: shm.crash.epoch
+                self._death(p, "epoch")
+            elif hb:
+                # spec: shm.crash.heartbeat
+                last = max(e.heartbeat, p.attached_ns)
+                if now - last > 2 * hb:
+                    self._death(p, "heartbeat")
+        if not self._closing:
+            self._discover()
+
+    def _discover(self) -> None:
+        """Entries attached (or left) by guests that came without a ticket."""
+        seg = self.segment
+        for pid_ in range(1, self.config.max_guests + 1):
+            if pid_ in self._peers:
+                continue
+            e = PeerEntry(seg, pid_)
+            state = e.state
+            if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+                continue
+            if state == PeerState.ATTACHED and not e.pid:
+                continue  # still attaching: its pid comes last
+            with self._lock:
+                if pid_ in self._peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+                    continue
+                info = PeerInfo(pid_, "", spawned_ns=monotonic_ns())
+                p = HostPeer(e, "", None, info)
+                p.tx, p.rx = open_rings(seg, pid_, "host")
+                p.phase = SPAWNED
+                self._peers[pid_] = p
+                self._history[pid_] = info
+                self.set_live()
+            self.stats["attached_without_ticket"] += 1
+            if e.state == PeerState.GOODBYE:
+                p.phase = ATTACHED
+                self._death(p, "state")
+                continue
+            self._check_attached(p)
+            try:
+                p.pidfd = os.pidfd_open(p.pid)
+            except OSError:
+                self._death(p, "pidfd")  # already gone
+                continue
+            self._register(p.pidfd, p, "pidfd")
+
+    def _register(self, fd: int, p: HostPeer, kind: str) -> None:
+        self._epoll.register(fd, EPOLLIN | (HANGUP if kind == "doorbell" else 0))
+        self._fdmap[fd] = (p, kind)
+
+    def _unregister(self, fd: int | None) -> None:
+        if fd is not None and self._fdmap.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    # ------------------------------------------------------------------
+    # Spawning (driver thread only)
+    # ------------------------------------------------------------------
+
+    def do_spawn(self, p: HostPeer, argv, append_args: bool, popen_kw: dict):
+        """spec: shm.guest.pdeathsig -- the guest's parent thread is this
+        long-lived driver thread, so its PDEATHSIG fires only when the
+        host really goes away."""
+        with self._lock:
+            if p.phase != RESERVED or self._peers.get(p.peer_id) is not p:
+                raise HubError(f"ticket for peer {p.peer_id} was already spawned or released")
+            if self._closing:
+                raise HubError("the host is closing")
+        try:
+            proc = popen_guest(p.ticket, argv, append_args=append_args, **popen_kw)
+        except BaseException:
+            self.stats["spawn_failures"] += 1
+            self.release_reserved(p)  # spec: shm.spawn.reserved-state
+            raise
+        p.guest_end.close()  # the child holds the only other copy now
+        p.guest_end = None
+        p.proc = proc
+        p.pid = p.info.pid = proc.pid
+        p.info.spawned_ns = monotonic_ns()
+        p.pidfd = os.pidfd_open(proc.pid)  # works on a zombie too: nobody else reaps it
+        with self._lock:
+            p.phase = SPAWNED
+        self._register(p.doorbell.fileno(), p, "doorbell")
+        self._register(p.pidfd, p, "pidfd")
+        self.stats["spawns"] += 1
+        return proc
+
+    def release_reserved(self, p: HostPeer) -> None:
+        """Give back an entry that was reserved but never spawned (any
+        thread)."""
+        with self._cond:
+            if p.phase != RESERVED:
+                return
+            p.phase = RELEASED
+            p.dead = True
+            if self._peers.get(p.peer_id) is p:
+                del self._peers[p.peer_id]
+                self.set_live()
+            for db in (p.doorbell, p.guest_end):
+                if db is not None:
+                    db.close()
+            p.entry.cas_state(PeerState.RESERVED, PeerState.EMPTY)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------
+    # Death and recovery (driver thread only)
+    # ------------------------------------------------------------------
+
+    def _death(self, p: HostPeer, by: str) -> None:
+        """spec: shm.death.callback -- once per incarnation."""
+        if p.phase in (DEAD, RELEASED):
+            return
+        now = monotonic_ns()
+        if p.phase == SPAWNED:  # it may have attached (and left) before we heard of it
+            self._note_attach(p, (PeerState.ATTACHED, PeerState.GOODBYE))
+        state = p.entry.state
+        info = p.info
+        if by in ("heartbeat", "epoch"):
+            cause = by
+        elif state == PeerState.GOODBYE or self._closing or p.phase == LEAVING:
+            cause = "goodbye"
+        else:
+            cause = "crash"
+        if info.detected_by is None:
+            info.detected_by, info.detected_ns = by, now
+        if (cause == "goodbye" and p.phase != LEAVING and p.proc is not None and not self._closing
+                and not p.exited(0)):
+            # It said goodbye and is on its way out: it no longer touches
+            # its rings, and on_death should see its exit status, so wait
+            # for its pidfd (bounded by a kill at the next scan after the
+            # deadline) before callback and recovery.
+            with self._lock:
+                p.phase = LEAVING
+                p.dead = True
+            self._unregister(p.doorbell.fileno() if p.doorbell is not None else None)
+            p.leave_deadline = now + int(GOODBYE_EXIT * 1e9)
+            return
+        with self._lock:
+            p.phase = DEAD
+            p.dead = True
+        self._unregister(p.doorbell.fileno() if p.doorbell is not None and not p.doorbell.closed else None)
+        self._unregister(p.pidfd)
+        info.cause = cause
+        if cause in ("heartbeat", "epoch"):
+            p.kill()  # it may be stopped or confused; it must not touch the entry again
+        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
+        self.stats["deaths"] += 1
+        self.stats["deaths_" + cause] += 1
+        if not self._closing and p.on_death is not None:
+            # spec: shm.death.callback-context -- on this thread; must not block.
+            try:
+                p.on_death(p.peer_id)
+            except Exception:
+                self._callback_error(f"on_death callback of peer {p.peer_id}")
+        if not self._closing:
+            self._recover(p)
+
+    def _reap(self, p: HostPeer, grace: float, *, kill: bool) -> None:
+        """Collect the exit status; a guest still running after `grace` is
+        killed (`kill`) or left to be reaped when it exits."""
+        if p.pidfd is None and p.proc is None:
+            return
+        exited = p.exited(grace)
+        if not exited and kill:
+            p.kill()
+            exited = p.exited(10.0)
+        if not exited:
+            self._lingering[p.pidfd] = p
+            self._register(p.pidfd, p, "linger")
+            p.pidfd = None
+            return
+        p.collect()
+
+    def _reap_lingering(self, fd: int) -> None:
+        p = self._lingering.pop(fd)
+        self._unregister(fd)
+        p.pidfd = fd
+        p.collect()
+
+    def _recover(self, p: HostPeer) -> None:
+        """spec: shm.death.recovery"""
+        def drain() -> int:
+            n = 0
+            if p.rx is not None:
+                while True:
+                    batch = p.rx.pop_batch(BATCH)
+                    if not batch:
+                        return n
+                    n += len(batch)
+                    self._deliver(p.peer_id, batch)
+            return n
+
+        def report_lost() -> None:
+            h = self.peer_lost_handler
+            if h is not None:
+                try:
+                    h(p.peer_id, replace(p.info))
+                except Exception:
+                    self._callback_error(f"peer-lost handler of peer {p.peer_id}")
+
+        def release() -> None:
+            self._close_handles(p)
+
+        if self._slot_pool is None:
+            self._slot_pool = SlotPool(self.segment, 0)
+        with p.tx_lock:  # no host thread is pushing into this guest's ring now
+            res = recover(self.segment, p.peer_id, slot_pool=self._slot_pool, drain=drain,
+                          report_lost=report_lost, release_handles=release)
+        p.info.slots_reclaimed = res.slots_reclaimed
+        if res.reclaim_error is not None:
+            self.stats["reclaim_errors"] += 1
+            print(f"shmpool hub: reclaiming the slots of peer {p.peer_id} failed "
+                  f"({res.reclaim_error!r}); the entry was recovered anyway", file=sys.stderr)
+        p.info.recovered = True
+        self.stats["recoveries"] += 1
+        with self._cond:
+            if self._peers.get(p.peer_id) is p:
+                del self._peers[p.peer_id]
+                self.set_live()
+            self._cond.notify_all()
+
+    def _close_handles(self, p: HostPeer) -> None:
+        for db in (p.doorbell, p.guest_end):
+            if db is not None and not db.closed:
+                self._unregister(db.fileno())
+                db.close()
+        if p.pidfd is not None:
+            self._unregister(p.pidfd)
+            os.close(p.pidfd)
+            p.pidfd = None
+
+    # ------------------------------------------------------------------
+    # Shutdown
+    # ------------------------------------------------------------------
+
+    def _shutdown(self, timeout: float) -> None:
+        """spec: shm.goodbye.host"""
+        self._closing = True
+        # spec: shm.goodbye.host-atomic -- the flag is visible before any
+        # guest is woken to look at it.
+        self.segment.set_host_goodbye(1)
+        for p in self._live:
+            if p.doorbell is not None and not p.doorbell.closed:
+                p.doorbell.signal()
+        self._run_commands()  # fail nothing silently: spawns queued now see _closing
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = [p for p in self._live if p.phase in (SPAWNED, ATTACHED, LEAVING)]
+            if not waiting and not self._lingering:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for p in waiting:
+                if p.proc is None and p.entry.state != PeerState.ATTACHED:
+                    self._death(p, "state")  # left without being our child
+            for fd, ev in self._epoll.poll(min(remaining, 0.05)):
+                self._on_event(fd, ev)
+        for p in list(self._live):
+            if p.phase in (SPAWNED, ATTACHED, LEAVING):
+                if p.proc is not None:
+                    p.kill()  # a straggler
+                self._death(p, "shutdown")
+        for fd in list(self._lingering):
+            p = self._lingering[fd]
+            if p.proc is not None:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                self._reap_lingering(fd)
+            else:
+                self._lingering.pop(fd)
+                self._unregister(fd)
+                os.close(fd)
+        with self._lock:
+            peers = list(self._peers.values())
+        for p in peers:
+            with p.tx_lock:
+                p.dead = True
+            if p.phase == RESERVED:
+                self.release_reserved(p)
+            self._close_handles(p)
+
+    def _finish(self) -> None:
+        with self._cond:
+            self._stop_requested = True
+            pending = list(self._commands)
+            self._commands.clear()
+            self._peers.clear()
+            self.set_live()
+            self._cond.notify_all()
+        for fut, *_ in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(HubError(self._closed_message()))
+        self._epoll.close()
+        with self._lock:
+            fd, self._wake_fd = self._wake_fd, -1
+        os.close(fd)
+        try:
+            self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
+        finally:
+            self._stopped.set()

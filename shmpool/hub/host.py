@@ -1,0 +1,353 @@
+"""The host side of a hub: `ShmHost`, the object the layer above holds.
+
+Owns: the segment (created here, unlinked on close), the public API for
+reserving entries (`add_peer` -> `SpawnTicket`), starting guests
+(`spawn`), sending to them (`send`, one lock per guest because a ring has
+one producer), receiving from them (a message handler, or `receive`),
+hooks for deaths and lost work, information and statistics, and the
+lifetime (close, context manager, finalizer).
+
+Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
+that must happen on the driver (spawn) go through `Driver.call`; the
+driver delivers g2h descriptors to the message handler and runs
+`on_death` / the peer-lost hook. `send` pushes into the guest's h2g ring
+from the caller's thread and wakes the guest if it announced sleep.
+
+Invariants:
+- `ShmHost` holds the `Driver`; the driver never refers back to the
+  `ShmHost`, so a forgotten host is garbage collected and its finalizer
+  (also run at interpreter exit) says goodbye to the guests, kills
+  stragglers and removes the file.
+- Expected conditions are return values: `add_peer` returns None when no
+  entry is free, `send` returns False on timeout, `receive` None.
+  Broken contracts raise (`HubError`, `PeerDeadError`, `ValueError`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import time
+import weakref
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
+
+from .. import _atomics
+from ..errors import HubError, PeerDeadError
+from ..shm import layout as L
+from ..shm.doorbell import Doorbell
+from ..shm.layout import SegmentConfig
+from ..shm.ring import Descriptor, open_rings
+from ..shm.segment import Segment
+from .driver import Driver
+from .peer import (
+    ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HostPeer, PeerEntry, PeerInfo, PeerState,
+)
+from .spawn import SpawnTicket
+
+fetch_or_u32 = _atomics.fetch_or_u32
+SEND_SLICE = 0.02  # a blocked send re-checks the guest's liveness this often
+_H2G_DOORBELL_BIT = L.SLEEP_H2G_CONSUMER << L.SLEEP_DOORBELL_SHIFT
+
+
+@dataclass(frozen=True)
+class AddPeerOptions:
+    """How to reserve an entry.
+
+    `on_death(peer_id)` runs on the host's driver thread, once, when the
+    guest of this entry dies or leaves; it must not block (no joins, no
+    waits, no `ShmHost.close`). `peer_info(peer_id)` is already filled in
+    (cause, exit code or signal) when it runs. Recovery of the entry
+    follows it. `peer_id` asks for one particular entry (a replacement for
+    a dead guest); without it the lowest Empty entry is taken.
+    """
+
+    peer_name: str = ""
+    on_death: Callable[[int], None] | None = None
+    peer_id: int | None = None
+
+
+class ShmHost:
+    """A hub's host: a segment plus a driver thread that supervises guests.
+
+    Use `ShmHost.create()`; close with `close()` or a `with` block.
+    """
+
+    def __init__(self, segment: Segment, driver: Driver) -> None:
+        self.segment = segment
+        self._driver = driver
+        self._finalizer = weakref.finalize(self, _finalize, driver, 2.0, os.getpid())
+
+    @classmethod
+    def create(cls, path: str | os.PathLike | None = None, config: SegmentConfig | None = None,
+               *, directory: str | os.PathLike | None = None) -> "ShmHost":
+        """Create the segment (at `path`, or under a private directory) and
+        start the driver thread."""
+        seg = Segment.create(config, path=path, directory=directory)
+        try:
+            driver = Driver(seg)
+        except BaseException:
+            seg.close()
+            raise
+        return cls(seg, driver)
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def path(self):
+        return self.segment.path
+
+    @property
+    def config(self) -> SegmentConfig:
+        return self.segment.config
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> Driver:
+        d = self._driver
+        if self.closed or not d.running:
+            raise HubError(d._closed_message() if d.failure else "the host is closed")
+        return d
+
+    # -- reserving and spawning -------------------------------------------------
+
+    def add_peer(self, options: AddPeerOptions | None = None, *, timeout: float = 5.0) -> SpawnTicket | None:
+        """Reserve an entry (Empty -> Reserved) and create its doorbell.
+
+        Returns a `SpawnTicket`, or None when no entry is free (the hub is
+        full, or the requested `peer_id` is taken). When `options.peer_id`
+        names an entry whose dead guest is still being recovered, waits up
+        to `timeout` for the recovery (not on the driver thread, where it
+        cannot wait). spec: shm.spawn.ticket
+        """
+        d = self._check_open()
+        opts = options if options is not None else AddPeerOptions()
+        if not isinstance(opts, AddPeerOptions):
+            raise TypeError(f"options must be AddPeerOptions, got {type(opts).__name__}")
+        maxg = self.config.max_guests
+        if opts.peer_id is not None and not (isinstance(opts.peer_id, int) and 1 <= opts.peer_id <= maxg):
+            raise ValueError(f"peer_id must be in 1..{maxg}, got {opts.peer_id!r}")
+        if opts.peer_id is not None and not d.on_driver:
+            d.wait_for(lambda: opts.peer_id not in d._peers
+                       or d._peers[opts.peer_id].phase not in (DEAD, LEAVING), timeout)
+        with d._lock:
+            chosen = None
+            candidates = [opts.peer_id] if opts.peer_id is not None else range(1, maxg + 1)
+            for pid_ in candidates:
+                if pid_ in d._peers:
+                    continue
+                entry = PeerEntry(self.segment, pid_)
+                # spec: shm.spawn.reserved-state
+                if entry.cas_state(PeerState.EMPTY, PeerState.RESERVED) == PeerState.EMPTY:
+                    chosen = entry
+                    break
+            if chosen is None:
+                return None
+            info = PeerInfo(chosen.peer_id, opts.peer_name)
+            p = HostPeer(chosen, opts.peer_name, opts.on_death, info)
+            try:
+                p.doorbell, p.guest_end = Doorbell.pair()
+                # No doorbell on the host's ring ends: its bytes belong to the driver.
+                p.tx, p.rx = open_rings(self.segment, chosen.peer_id, "host")
+            except BaseException:
+                for db in (p.doorbell, p.guest_end):
+                    if db is not None:
+                        db.close()
+                chosen.cas_state(PeerState.RESERVED, PeerState.EMPTY)
+                raise
+            # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
+            fd = p.guest_end.make_inheritable()
+            again = chosen.peer_id in d._history
+            p.ticket = SpawnTicket(str(self.segment.path), chosen.peer_id, fd, opts.peer_name, os.getpid())
+            d._peers[chosen.peer_id] = p
+            d._history[chosen.peer_id] = info
+            d.set_live()
+            d.stats["tickets"] += 1
+            if again:
+                d.stats["respawns"] += 1
+        return p.ticket
+
+    def _record(self, ticket: SpawnTicket) -> HostPeer:
+        if not isinstance(ticket, SpawnTicket):
+            raise TypeError(f"expected a SpawnTicket, got {type(ticket).__name__}")
+        p = self._driver._peers.get(ticket.peer_id)
+        if p is None or p.ticket is not ticket:
+            raise HubError(f"ticket for peer {ticket.peer_id} was not issued by this host, "
+                           "or was already released")
+        return p
+
+    def spawn(self, ticket: SpawnTicket, argv: Sequence[str], *, append_args: bool = True,
+              **popen_kw) -> subprocess.Popen:
+        """Start a guest for `ticket`: `argv` + `ticket.to_args()` (unless
+        `append_args=False`), with the doorbell passed via `pass_fds`. The
+        process is started on the driver thread, whatever thread calls
+        this. If starting fails, the entry goes back to Empty, the doorbell
+        is closed and the exception propagates. The returned `Popen` is
+        reaped by the host; do not `wait()` on it from another thread.
+        spec: shm.spawn.fd-inheritance"""
+        d = self._check_open()
+        p = self._record(ticket)
+        return d.call(d.do_spawn, p, list(argv), append_args, dict(popen_kw))
+
+    def release(self, ticket: SpawnTicket) -> None:
+        """Give back a ticket that will not be spawned (entry -> Empty,
+        doorbell closed)."""
+        d = self._check_open()
+        p = self._record(ticket)
+        if p.phase != RESERVED:
+            raise HubError(f"ticket for peer {ticket.peer_id} was already spawned")
+        d.release_reserved(p)
+
+    def wait_attached(self, peer_id: int, timeout: float | None = None) -> bool:
+        """Wait until the current guest of `peer_id` has attached. False on
+        timeout, or if it died (or was released) first."""
+        d = self._check_open()
+        p = d._peers.get(peer_id)
+        if p is None:
+            return False
+        d.wait_for(lambda: p.phase not in (RESERVED, SPAWNED) or not d.running, timeout)
+        return p.phase == ATTACHED
+
+    # -- messages -----------------------------------------------------------
+
+    def send(self, peer_id: int, desc: Descriptor, timeout: float | None = None) -> bool:
+        """Push `desc` into `peer_id`'s host->guest ring, waiting up to
+        `timeout` seconds for room (None: as long as the guest lives).
+        Returns False on timeout; raises `PeerDeadError` if the guest is
+        dead or gone. Safe from several threads (one lock per guest)."""
+        p = self._driver._peers.get(peer_id)
+        if p is None or p.dead:
+            self._check_open()
+            raise PeerDeadError(self._gone_message(peer_id))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        buf = self.segment.buf
+        while True:
+            with p.tx_lock:
+                if p.dead:
+                    raise PeerDeadError(self._gone_message(peer_id))
+                slice_ = SEND_SLICE if deadline is None else min(SEND_SLICE, deadline - time.monotonic())
+                if p.tx.push(desc, timeout=max(0.0, slice_)):
+                    # The ring end has no doorbell (see add_peer): wake a
+                    # guest that sleeps on it ourselves.
+                    if p.doorbell is not None and fetch_or_u32(buf, p.entry.flags_off, 0) & _H2G_DOORBELL_BIT:
+                        p.doorbell.signal()
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def try_send(self, peer_id: int, desc: Descriptor) -> bool:
+        """Push without waiting; False if the ring is full."""
+        return self.send(peer_id, desc, timeout=0)
+
+    def _gone_message(self, peer_id: int) -> str:
+        info = self._driver._history.get(peer_id)
+        if info is None:
+            return f"peer {peer_id} has no guest (never reserved)"
+        return f"{info.describe()}; its entry is no longer usable for sending"
+
+    def set_message_handler(self, handler: Callable[[int, list[Descriptor]], None] | None) -> None:
+        """`handler(peer_id, descriptors)` receives every guest->host
+        descriptor, in ring order, in batches, on the driver thread; it
+        must not block. With no handler (None), descriptors queue up for
+        `receive()`."""
+        self._driver.message_handler = handler
+
+    def set_peer_lost_handler(self, handler: Callable[[int, PeerInfo], None] | None) -> None:
+        """`handler(peer_id, info)` runs on the driver thread during the
+        recovery of a dead guest, after everything it had published was
+        delivered and before its entry is reset: fail or resubmit the work
+        it had in flight there. Must not block."""
+        self._driver.peer_lost_handler = handler
+
+    def receive(self, timeout: float | None = None) -> tuple[int, Descriptor] | None:
+        """Next `(peer_id, descriptor)` when no message handler is set;
+        None on timeout."""
+        try:
+            return self._driver.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # -- information -----------------------------------------------------------
+
+    def peer_info(self, peer_id: int) -> PeerInfo | None:
+        """A copy of what the host knows about the latest guest of
+        `peer_id` (alive or dead), or None if it never had one.
+        spec: shm.death.process-handle"""
+        info = self._driver._history.get(peer_id)
+        return None if info is None else replace(info)
+
+    def peer_state(self, peer_id: int) -> PeerState:
+        return PeerState(PeerEntry(self.segment, peer_id).state)
+
+    def attached_peers(self) -> list[int]:
+        return sorted(p.peer_id for p in self._driver._live if p.phase == ATTACHED)
+
+    def statistics(self) -> dict:
+        """Peers by state, deaths (by cause), spawns, respawns, and per
+        guest its ring and doorbell counters."""
+        d = self._driver
+        seg_stats = self.segment.statistics() if not self.segment.closed else {"peers": {}}
+        per_peer = {}
+        for p in d._live:
+            per_peer[p.peer_id] = {
+                "name": p.name, "pid": p.pid, "epoch": p.info.epoch, "phase": p.phase,
+                "h2g": asdict(p.tx.statistics()) if p.tx is not None and p.phase != DEAD else None,
+                "g2h": asdict(p.rx.statistics()) if p.rx is not None and p.phase != DEAD else None,
+                "doorbell": p.doorbell.statistics() if p.doorbell is not None else None,
+            }
+        s = d.stats
+        return {
+            "path": str(self.segment.path),
+            "closed": self.closed,
+            "peers": seg_stats["peers"],
+            "live": sum(1 for p in d._live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
+            "tickets": s["tickets"],
+            "spawns": s["spawns"],
+            "respawns": s["respawns"],
+            "spawn_failures": s["spawn_failures"],
+            "deaths": s["deaths"],
+            "deaths_by_cause": {k[len("deaths_"):]: v for k, v in s.items() if k.startswith("deaths_")},
+            "recoveries": s["recoveries"],
+            "messages_received": s["messages"],
+            "driver_sleeps": s["sleeps"],
+            "doorbell_wakeups": s["doorbell_wakeups"],
+            "callback_errors": s["callback_errors"],
+            "per_peer": per_peer,
+        }
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Leave: set `host_goodbye`, signal every doorbell, give the guests
+        up to `timeout` seconds to exit, kill the rest, reap them all,
+        stop the driver and remove the segment file. Idempotent. No
+        callbacks run once closing has begun. Not callable from a hub
+        callback (it would wait for itself). spec: shm.goodbye.host"""
+        if self._driver.on_driver:
+            raise HubError("close() called from a hub callback on the driver thread; "
+                           "call it from another thread")
+        if self._finalizer.alive:
+            _, _, (driver, _, pid), _ = self._finalizer.detach()
+            _finalize(driver, timeout, pid)
+
+    def __enter__(self) -> "ShmHost":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.attached_peers())} attached"
+        return f"<ShmHost {self.segment.path} {state}>"
+
+
+def _finalize(driver: Driver, timeout: float, owner_pid: int) -> None:
+    """Close a host: explicitly, when it is garbage collected, or at exit.
+    A process forked from the host's (which inherits this finalizer but not
+    the driver thread) leaves the host alone. spec: shm.file.cleanup"""
+    if os.getpid() != owner_pid:
+        return
+    driver.stop(timeout)
