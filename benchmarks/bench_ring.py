@@ -37,6 +37,22 @@ def ring_peer(path: str, mode: str, wait: str, spin: int) -> None:
     seg = Segment.attach(path)
     tx, rx = open_rings(seg, PEER_ID, "guest", wait=wait, spin=spin)
     tx.push(Descriptor.with_inline(9, 0))  # ready
+    if mode == "echo-raw":  # the zero-copy reserve/commit + peek/release API
+        buf = seg.buf
+        while True:
+            off = rx.peek()
+            raw = bytes(buf[off : off + 64])
+            rx.release()
+            if raw[0] == 0:
+                break
+            o = tx.try_reserve()
+            while o is None:
+                o = tx.try_reserve()
+            buf[o : o + 64] = raw
+            tx.commit()
+        tx.push(Descriptor.with_inline(9, 1))
+        seg.close()
+        return
     while True:
         d = rx.pop()
         if d.msg_type == 0:  # stop
@@ -105,13 +121,14 @@ def bench_pipe(rounds: int, burst: int) -> dict:
     return {"p50_us": p50, "p99_us": p99, "msgs_per_s": tput}
 
 
-def bench_ring(rounds: int, burst: int, wait: str, spin: int) -> dict:
+def bench_ring(rounds: int, burst: int, wait: str, spin: int, raw: bool = False) -> dict:
     cfg = SegmentConfig(max_guests=1, ring_size=256, size_classes=(SizeClass(512, 16),))
     with Segment.create(cfg) as seg:
         tx, rx = open_rings(seg, PEER_ID, "host", wait=wait, spin=spin)
         env = dict(os.environ, SHMPOOL_WAIT=wait)
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--ring-peer", str(seg.path), "echo", wait, str(spin)],
+            [sys.executable, __file__, "--ring-peer", str(seg.path), "echo-raw" if raw else "echo",
+             wait, str(spin)],
             env=env,
         )
         try:
@@ -121,11 +138,25 @@ def bench_ring(rounds: int, burst: int, wait: str, spin: int) -> dict:
                 tx.push(d)
                 rx.pop()
             lat = []
-            for i in range(rounds):
-                t0 = time.perf_counter_ns()
-                tx.push(d)
-                rx.pop()
-                lat.append((time.perf_counter_ns() - t0) / 1000)
+            if raw:
+                buf, packed = seg.buf, bytes(64)
+                packed = b"\x01" + bytes(d[1:2]) + packed[2:]
+                for i in range(rounds):
+                    t0 = time.perf_counter_ns()
+                    off = tx.try_reserve()
+                    buf[off : off + 64] = packed
+                    tx.commit()
+                    off = rx.peek()
+                    got = bytes(buf[off : off + 64])
+                    rx.release()
+                    lat.append((time.perf_counter_ns() - t0) / 1000)
+                del got
+            else:
+                for i in range(rounds):
+                    t0 = time.perf_counter_ns()
+                    tx.push(d)
+                    rx.pop()
+                    lat.append((time.perf_counter_ns() - t0) / 1000)
             # one-way throughput: the echo peer answers every message, so
             # this is the producer's rate with the consumer draining
             t0 = time.perf_counter()
@@ -182,10 +213,54 @@ def bench_ring_oneway(burst: int, wait: str, spin: int) -> float:
     return rate
 
 
+def bench_floor(rounds: int, kind: str) -> dict:
+    """What the hardware and kernel allow, without any ring logic: two
+    processes bouncing a counter through shared words, either spinning on
+    plain atomic loads or sleeping on futexes. These are the floors under
+    the two ring targets."""
+    import mmap
+
+    from shmpool import _atomics as A
+
+    mm = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
+    b = memoryview(mm)
+    load, store = A.load_u32, A.store_u32
+    pid = os.fork()
+    if pid == 0:
+        last = 0
+        while last < rounds:
+            v = load(b, 0)
+            while v == last:
+                if kind == "futex":
+                    A.futex_wait(b, 0, last, None)
+                v = load(b, 0)
+            last = v
+            store(b, 64, v)
+            if kind == "futex":
+                A.futex_wake(b, 64, 1)
+        os._exit(0)
+    lat = []
+    for i in range(1, rounds + 1):
+        t0 = time.perf_counter_ns()
+        store(b, 0, i)
+        if kind == "futex":
+            A.futex_wake(b, 0, 1)
+        while load(b, 64) != i:
+            if kind == "futex":
+                A.futex_wait(b, 64, i - 1, None)
+        lat.append((time.perf_counter_ns() - t0) / 1000)
+    os.waitpid(pid, 0)
+    b.release()
+    mm.close()
+    p50, p99 = _pcts(lat[len(lat) // 10 :])
+    return {"p50_us": p50, "p99_us": p99}
+
+
 VARIANTS = [
-    ("ring futex+spin", "futex", None),
-    ("ring futex, no spin", "futex", 0),
-    ("ring poll", "poll", None),
+    ("ring futex+spin", "futex", None, False),
+    ("ring futex+spin, zero-copy API", "futex", None, True),
+    ("ring futex, no spin", "futex", 0, False),
+    ("ring poll", "poll", None, False),
 ]
 
 
@@ -223,14 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     print(f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['os']}")
     print(f"rounds={rounds} burst={burst} reps={reps} (medians of reps; interleaved)\n")
-    samples: dict[str, list[dict]] = {"pipe": []}
-    for name, _, _ in VARIANTS:
+    samples: dict[str, list[dict]] = {"pipe": [], "floor: bare atomics, spinning": [],
+                                      "floor: bare futex sleep/wake": []}
+    for name, *_ in VARIANTS:
         samples[name] = []
     for rep in range(reps):  # interleave so drift hits every variant alike
         samples["pipe"].append(bench_pipe(rounds, burst))
-        for name, wait, spin in VARIANTS:
-            s = bench_ring(rounds, burst, wait, default_spin() if spin is None else spin)
-            s["oneway_msgs_per_s"] = bench_ring_oneway(burst, wait, default_spin() if spin is None else spin)
+        samples["floor: bare atomics, spinning"].append(bench_floor(rounds, "spin"))
+        samples["floor: bare futex sleep/wake"].append(bench_floor(rounds, "futex"))
+        for name, wait, spin, raw in VARIANTS:
+            spin = default_spin() if spin is None else spin
+            s = bench_ring(rounds, burst, wait, spin, raw)
+            s["oneway_msgs_per_s"] = bench_ring_oneway(burst, wait, spin)
             samples[name].append(s)
         print(f"  rep {rep + 1}/{reps} done", file=sys.stderr)
 
@@ -244,12 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| os.pipe ping-pong | {pipe_p50:.1f} | {med('pipe', 'p99_us'):.1f} | 1.00x | "
           f"{pipe_tput:,.0f} | {pipe_tput:,.0f} | 1.00x |")
     summary = {"machine": m, "samples": samples, "ratios": {}}
-    for name, _, _ in VARIANTS:
+    for name, *_ in VARIANTS:
         p50 = med(name, "p50_us")
         ow = med(name, "oneway_msgs_per_s")
         summary["ratios"][name] = {"p50_vs_pipe": p50 / pipe_p50, "oneway_vs_pipe": ow / pipe_tput}
         print(f"| {name} | {p50:.1f} | {med(name, 'p99_us'):.1f} | {p50 / pipe_p50:.2f}x | "
               f"{med(name, 'msgs_per_s'):,.0f} | {ow:,.0f} | {ow / pipe_tput:.1f}x |")
+    for name in ("floor: bare atomics, spinning", "floor: bare futex sleep/wake"):
+        p50 = med(name, "p50_us")
+        summary["ratios"][name] = {"p50_vs_pipe": p50 / pipe_p50}
+        print(f"| {name} | {p50:.1f} | {med(name, 'p99_us'):.1f} | {p50 / pipe_p50:.2f}x | | | |")
     print("\ntargets: ring p50 <= 0.6x pipe with futex sleeping (no spin), <= 0.1x with the spin phase")
     if args.json:
         with open(args.json, "w") as f:

@@ -115,6 +115,30 @@ def test_descriptor_rejects_oversized_inline_and_inline_ref():
         Descriptor.with_slot(1, 0, L.SLOT_REF_INLINE, 0, 10)
 
 
+@pytest.mark.spec("shm.ring.reserve")
+def test_zero_copy_reserve_commit_peek_release(seg64):
+    tx, _ = open_rings(seg64, 1, "host")
+    with Segment.attach(seg64.path) as g:
+        _, rx = open_rings(g, 1, "guest")
+        assert rx.try_peek() is None
+        for i in range(63):
+            off = tx.try_reserve()
+            assert off == seg64.layout.h2g_ring(1) + 64 * i
+            if i == 0:
+                assert rx.try_peek() is None  # not visible before commit
+            L.DESCRIPTOR.pack_into(seg64.buf, off, *Descriptor.with_inline(1, i, b"z"))
+            tx.commit()
+        assert tx.try_reserve() is None  # full
+        for i in range(63):
+            off = rx.peek(timeout=1)
+            d = Descriptor._make(L.DESCRIPTOR.unpack_from(g.buf, off))
+            assert d.id == i and d.payload == b"z"
+            assert rx.try_peek() == off  # still there until released
+            rx.release()
+        assert rx.peek(timeout=0.01) is None
+        assert tx.statistics().transfers == rx.statistics().transfers == 63
+
+
 @pytest.mark.spec("shm.ring.batch")
 def test_batch_push_and_pop(seg64):
     tx, rx = open_rings(seg64, 1, "host")

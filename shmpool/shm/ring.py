@@ -254,6 +254,32 @@ class RingProducer(_RingEnd):
                 self._wake_other(flags)
         return n
 
+    def try_reserve(self) -> int | None:
+        """Zero-copy push, step 1: the byte offset (in `buf`) of the entry to
+        fill next, or None if the ring is full. Write the 64 bytes there
+        (e.g. `DESCRIPTOR.pack_into(buf, off, ...)`), then `commit()`.
+        spec: shm.ring.reserve"""
+        head = self._head
+        nxt = (head + 1) & self.mask
+        if nxt == self._tail_seen:
+            self._tail_seen = load_u32(self.buf, self.tail_off)
+            if nxt == self._tail_seen:
+                self.would_block += 1
+                return None
+        return self.desc_off + head * _DSIZE
+
+    def commit(self) -> None:
+        """Zero-copy push, step 2: publish the entry filled after
+        `try_reserve()`."""
+        buf = self.buf
+        nxt = (self._head + 1) & self.mask
+        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
+        self._head = nxt
+        self.transfers += 1
+        flags = fetch_or_u32(buf, self.flags_off, 0)
+        if flags & self._wake_mask:
+            self._wake_other(flags)
+
     def push(self, desc: Descriptor, timeout: float | None = None) -> bool:
         """Push, waiting for room up to `timeout` seconds (None: forever).
         Returns False on timeout. spec: shm.wakeup.producer-wait"""
@@ -314,6 +340,37 @@ class RingConsumer(_RingEnd):
             self._wake_other(flags)
         return desc
 
+    def try_peek(self) -> int | None:
+        """Zero-copy pop, step 1: the byte offset (in `buf`) of the next
+        entry, or None if the ring is empty. Read what you need from it,
+        then `release()`; the entry may be overwritten after that.
+        spec: shm.ring.reserve"""
+        tail = self._tail
+        if tail == self._head_seen:
+            self._head_seen = load_u32(self.buf, self.head_off)  # acquire
+            if tail == self._head_seen:
+                self.would_block += 1
+                return None
+        return self.desc_off + tail * _DSIZE
+
+    def peek(self, timeout: float | None = None) -> int | None:
+        """Like try_peek, waiting up to `timeout` seconds for an entry."""
+        off = self.try_peek()
+        if off is not None or (timeout is not None and timeout <= 0):
+            return off
+        return self._wait_then(self.try_peek, timeout)
+
+    def release(self) -> None:
+        """Zero-copy pop, step 2: hand the peeked entry back to the producer."""
+        buf = self.buf
+        nxt = (self._tail + 1) & self.mask
+        store_u32(buf, self.tail_off, nxt)
+        self._tail = nxt
+        self.transfers += 1
+        flags = fetch_or_u32(buf, self.flags_off, 0)
+        if flags & self._wake_mask:
+            self._wake_other(flags)
+
     def pop_batch(self, max_n: int = 64) -> list[Descriptor]:
         """Pop up to `max_n` descriptors without waiting, publishing tail
         once. spec: shm.ring.batch"""
@@ -353,13 +410,13 @@ class RingConsumer(_RingEnd):
 
     def _wait_then(self, attempt, timeout: float | None):
         self.waits += 1
-        deadline = None if timeout is None else _monotonic() + timeout
         w = self.waiter
-        w.begin()
         if w.spin(self.head_off, self._tail):
             got = attempt()
             if got is not None:
                 return got
+        deadline = None if timeout is None else _monotonic() + timeout
+        w.begin()
         while True:
             remaining = 3600.0 if deadline is None else deadline - _monotonic()
             if remaining <= 0:
