@@ -17,6 +17,11 @@ Invariants:
 from __future__ import annotations
 
 __all__ = [
+    "ConnectionClosedError",
+    "ProtocolError",
+    "ChannelClosed",
+    "ChannelReset",
+    "ChannelBroken",
     "SlotError",
     "StaleSlotError",
     "SlotExhaustedError",
@@ -55,6 +60,9 @@ class SegmentError(ShmpoolError, OSError):
     def __str__(self) -> str:
         return f"segment {self.path}: {self.problem}"
 
+    def __reduce__(self):  # errors cross process boundaries: keep them picklable
+        return (type(self), (self.path, self.problem))
+
 
 class DoorbellError(ShmpoolError, OSError):
     """A doorbell file descriptor is unusable (not a socket, wrong kind)."""
@@ -90,6 +98,9 @@ class AttachError(HubError):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.exit_code))
+
 
 class SlotError(ShmpoolError):
     """Base of slot-pool errors."""
@@ -109,3 +120,38 @@ class SlotExhaustedError(SlotError, TimeoutError):
 class PayloadTooLargeError(SlotError, ValueError):
     """A payload can never fit: it is larger than the segment's memory
     limit allows or than its maximum payload size."""
+
+
+class ConnectionClosedError(ShmpoolError, ConnectionError):
+    """The session with the other side is over: it said goodbye, we did, or
+    it died (then the exception is `PeerDeadError`). Pending calls fail
+    with this."""
+
+
+class ProtocolError(ConnectionClosedError):
+    """The other side broke a session rule; `rule` is the spec rule id that
+    was broken (also in the Goodbye reason sent to it)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+        self._message = message
+
+    def __reduce__(self):
+        return (type(self), (self.rule, self._message))
+
+
+class ChannelClosed(ShmpoolError, EOFError):
+    """The channel was closed in order: the sender finished (for a
+    receiver, after every message sent before the Close was delivered), or
+    the receiver said it wants no more (for a sender)."""
+
+
+class ChannelReset(ShmpoolError, ConnectionResetError):
+    """The channel was aborted by one of its ends; buffered data is gone."""
+
+
+class ChannelBroken(ShmpoolError, ConnectionError):
+    """The channel's connection ended (the peer died or the session
+    closed) before the channel was closed or reset."""
+

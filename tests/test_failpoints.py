@@ -45,3 +45,21 @@ def test_bad_environment_fails_at_import():
     out = subprocess.run([sys.executable, "-c", "import shmpool.failpoints"],
                          env={"SHMPOOL_FAILPOINTS": "x=explode"}, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "SHMPOOL_FAILPOINTS" in out.stderr
+
+
+def test_every_shmpool_error_survives_pickling():
+    """Errors cross process boundaries (remote handlers, workers): each one
+    must unpickle as the same type with the same message."""
+    import pickle
+
+    from shmpool import errors
+    from shmpool.rpc.dispatch import RemoteError
+
+    samples = [
+        errors.SegmentError("/x", "bad"), errors.ProtocolError("shm.rule", "did a thing"),
+        errors.AttachError("no entry", 82), RemoteError("KeyError", "k"),
+        errors.StaleSlotError("stale"), errors.ChannelClosed("done"),
+    ]
+    for e in samples:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e)

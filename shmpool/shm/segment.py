@@ -32,6 +32,7 @@ import secrets
 import stat
 import struct
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -255,6 +256,7 @@ class Segment:
         self._mmap = mm
         self.buf = memoryview(mm)
         self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}  # offset -> extra mapping
+        self._map_lock = threading.Lock()
         # A shared flock marks the file as in use for as long as this process
         # (or a fork of it) keeps the fd: stale detection relies on it, not
         # only on pids, which mean nothing across pid namespaces.
@@ -420,6 +422,13 @@ class Segment:
         regions appended after the initial mapping (extents). Each region
         is mapped once per process, separately, so existing mappings never
         move. spec: shm.file.mmap-posix"""
+        got = self._maps.get(offset)
+        if got is not None and len(got[1]) >= length:
+            return got[1]
+        with self._map_lock:  # two threads meeting a new extent map it once
+            return self._map_new(offset, length)
+
+    def _map_new(self, offset: int, length: int) -> memoryview:
         got = self._maps.get(offset)
         if got is not None and len(got[1]) >= length:
             return got[1]

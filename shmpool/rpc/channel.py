@@ -1,0 +1,498 @@
+"""Channels: ordered message streams between the host and one guest, with
+credit flow control in shared memory.
+
+Owns: this side's view of the pair's channel table (16-byte entries:
+state, granted_total, sender-sleeping flag), channel id allocation, and
+the `Tx` / `Rx` ends.
+
+Data flow:
+- A sender's `send(data)` splits data into pieces of at most the initial
+  credit, waits until `granted_total - sent_total` covers the next piece
+  (futex on `granted_total`), and publishes Data descriptors (all but the
+  last flagged MORE) on the pair's ring, so per-channel order is the ring's.
+- The receiver queues pieces as they arrive; `recv()` copies a message's
+  pieces out, frees their slots and raises `granted_total` by the bytes it
+  consumed, waking the sender if it sleeps. No Credit message exists.
+- Ending: each end sends one terminal message (Close, or Reset to abort)
+  and answers the peer's terminal with a Close if it has not sent its own.
+  An end that has both sent and received a terminal is finished: it sets
+  its done bit in the entry, and the second end to finish frees the entry.
+  So a channel id is reused only after both ends closed, and nothing for an
+  old channel can be taken for a new one with the same id.
+
+Invariants: the bytes a sender has in flight (sent, not yet consumed) never
+exceed the initial credit; `granted_total` is written only by the
+receiver, `sent_total` is private to the sender; the peer's death breaks
+every open channel (`ChannelBroken`), distinct from an orderly end
+(`ChannelClosed`) and an abort (`ChannelReset`).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from .. import _atomics
+from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError
+from ..shm import layout as L
+from ..shm.ring import Descriptor
+from ..shm.wait import SLICE, Waiter
+from .messages import CLOSE, DATA, F_MORE, RESET, Received, payload_descriptor
+
+load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
+fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
+MASK = 0xFFFFFFFF
+# entry state bits. spec: shm.flow.channel-table
+FREE, ACTIVE, TX_DONE, RX_DONE = 0, 1, 2, 4
+E_STATE, E_GRANTED, E_SLEEP = 0, 4, 8
+SENDER_SLEEPS = 1
+
+
+def _signed(v: int) -> int:
+    v &= MASK
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+class _End:
+    def __init__(self, table: "ChannelTable", cid: int) -> None:
+        self.table = table
+        self.conn = table.conn
+        self.id = cid
+        self.entry = table.base + cid * L.CHANNEL_ENTRY_SIZE
+        self._sent_fin = False  # we sent our Close/Reset
+        self._got_fin = False  # the peer's Close/Reset arrived
+        self._reset = False
+        self._broken: BaseException | None = None
+        self._finished = False
+
+    def _terminal(self, kind: int) -> None:
+        """Send our one terminal message, at most once."""
+        if self._sent_fin or self._broken is not None:
+            return
+        self._sent_fin = True
+        if kind == RESET:
+            self._reset = True
+        self.table.send_control(kind, self.id)
+        self._maybe_finish()
+
+    def _on_terminal(self, kind: int) -> None:
+        self._got_fin = True
+        if kind == RESET:
+            self._reset = True
+        self._peer_ended(kind)
+        if not self._sent_fin:
+            self._terminal(CLOSE)  # acknowledge, so the id can be freed
+        self._maybe_finish()
+
+    def _peer_ended(self, kind: int) -> None:
+        pass
+
+    def _maybe_finish(self) -> None:
+        """Both terminals exchanged: set our done bit; the second end to do
+        so frees the entry. spec: shm.flow.channel-id-reuse"""
+        if self._finished or not (self._sent_fin and self._got_fin):
+            return
+        self._finished = True
+        mine, theirs = (TX_DONE, RX_DONE) if isinstance(self, Tx) else (RX_DONE, TX_DONE)
+        buf = self.conn.segment.buf
+        old = fetch_or_u32(buf, self.entry + E_STATE, mine)
+        if old & theirs:
+            store_u32(buf, self.entry + E_STATE, FREE)
+        self.table.forget(self)
+
+    def _break(self, exc: BaseException) -> None:
+        if not self._finished:
+            self._broken = exc
+
+    def _raise_if_ended(self) -> None:
+        if self._broken is not None:
+            if isinstance(self._broken, ProtocolError):
+                raise ChannelBroken(f"channel {self.id}: {self._broken}") from self._broken
+            raise ChannelBroken(f"channel {self.id} broken: {self._broken}") from self._broken
+
+
+class Tx(_End):
+    """The sending end of a channel. spec: shm.flow.remaining-credit"""
+
+    def __init__(self, table: "ChannelTable", cid: int) -> None:
+        super().__init__(table, cid)
+        self._sent = 0  # sent_total, private to the sender
+        self._lock = threading.Lock()
+        self._closed_by_peer = False
+        self.piece = table.initial_credit
+        self.waiter = Waiter(self.conn.segment.buf, self.entry + E_SLEEP, SENDER_SLEEPS)
+        self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
+
+    def _peer_ended(self, kind: int) -> None:
+        if kind == CLOSE:
+            self._closed_by_peer = True
+        self.table.wake_sender(self)
+
+    def _check(self) -> None:
+        self._raise_if_ended()
+        if self._reset:
+            raise ChannelReset(f"channel {self.id} was reset")
+        if self._sent_fin or self._closed_by_peer:
+            who = "the receiver" if self._closed_by_peer else "this side"
+            raise ChannelClosed(f"channel {self.id} was closed by {who}")
+
+    def send(self, data, timeout: float | None = None) -> bool:
+        """Send one message (any bytes-like object; empty is allowed). Waits
+        for credit; returns False if `timeout` passed before the first piece
+        could go (nothing was sent). Once a piece is out the rest follows
+        whatever it takes (the peer's liveness bounds it). Raises
+        ChannelClosed / ChannelReset / ChannelBroken. spec: shm.flow.split"""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = view.nbytes
+        with self._lock:
+            self._check()
+            off = 0
+            first = True
+            while True:
+                k = min(self.piece, n - off)
+                if not self._wait_credit(k, timeout if first else None):
+                    return False
+                more = off + k < n
+                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id,
+                                          view[off : off + k], flags=F_MORE if more else 0)
+                self.conn.publish(desc)
+                self._sent = (self._sent + k) & MASK
+                granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
+                in_flight = self.table.initial_credit - _signed(granted - self._sent)
+                self.max_in_flight = max(self.max_in_flight, in_flight)
+                off += k
+                first = False
+                if not more:
+                    break
+            self.messages += 1
+            self.bytes += n
+            return True
+
+    def try_send(self, data) -> bool:
+        """Send only if the credit for the first piece is there now."""
+        return self.send(data, timeout=0)
+
+    def _credit(self, granted: int) -> int:
+        """Bytes we may still send. spec: shm.flow.wrap-rule"""
+        remaining = _signed(granted - self._sent)
+        if remaining < 0 or remaining > self.table.initial_credit:
+            err = ProtocolError("shm.flow.wrap-rule",
+                                f"channel {self.id}: granted_total {granted} against sent_total "
+                                f"{self._sent} leaves {remaining} bytes of credit (corrupt entry)")
+            self.conn.broken(err)
+            raise ChannelBroken(str(err)) from err
+        return remaining
+
+    def _wait_credit(self, k: int, timeout: float | None) -> bool:
+        """spec: shm.wakeup.credit-wait"""
+        buf, off = self.conn.segment.buf, self.entry + E_GRANTED
+        granted = load_u32(buf, off)  # acquire. spec: shm.flow.ordering
+        if self._credit(granted) >= k:
+            return True
+        self.credit_waits += 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        w = self.waiter
+        w.begin()
+        if w.spin(off, granted) and self._credit(load_u32(buf, off)) >= k:
+            return True
+        while True:
+            granted = load_u32(buf, off)
+            if self._credit(granted) >= k:
+                w.waited()
+                return True
+            self._check()
+            remaining = SLICE if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
+            self._check()
+            try:
+                w.sleep(off, granted, min(remaining, SLICE))
+            except PeerDeadError as e:
+                self.conn.broken(e)
+                self._check()
+
+    def close(self) -> None:
+        """End the stream in order: the receiver gets every message sent
+        before this, then ChannelClosed. Idempotent. spec: shm.channel.close"""
+        with self._lock:
+            if self._broken is None:
+                self._terminal(CLOSE)
+
+    def reset(self) -> None:
+        """Abort: the receiver drops what it has not read and gets
+        ChannelReset. Afterwards this end never reads the credit counter
+        again (send raises). spec: shm.channel.reset spec: shm.flow.reset"""
+        self._terminal(RESET)
+
+    def statistics(self) -> dict:
+        return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
+                "credit_waits": self.credit_waits, "max_in_flight": self.max_in_flight,
+                "credit": self.table.initial_credit}
+
+    def __enter__(self) -> "Tx":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.close()
+        elif not self._finished:
+            self.reset()
+
+
+class Rx(_End):
+    """The receiving end of a channel. Iterating yields messages until the
+    sender closes."""
+
+    def __init__(self, table: "ChannelTable", cid: int) -> None:
+        super().__init__(table, cid)
+        self._queue: collections.deque = collections.deque()  # (Received, more)
+        self._partial: bytearray | None = None
+        self._eos = False
+        self.messages = self.bytes = 0
+
+    def _on_data(self, d: Descriptor) -> None:
+        rec = Received(self.conn.slots, d)
+        if self._sent_fin or self._reset:
+            rec.release()  # we closed or aborted: nobody will read it
+            return
+        self._queue.append((rec, bool(d.flags & F_MORE)))
+
+    def _peer_ended(self, kind: int) -> None:
+        if kind == RESET:
+            self._discard()
+        else:
+            self._eos = True
+
+    def _discard(self) -> None:
+        while self._queue:
+            self._queue.popleft()[0].release()
+        self._partial = None
+
+    def _break(self, exc: BaseException) -> None:
+        super()._break(exc)
+        if not self._finished:
+            self._discard()
+
+    def _ready(self) -> bool:
+        return bool(self._queue) or self._eos or self._reset or self._broken is not None
+
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        """The next message, waiting up to `timeout` (None: forever);
+        None on timeout. Raises ChannelClosed after the last message,
+        ChannelReset if aborted, ChannelBroken if the peer died.
+        spec: shm.flow.granted-total"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = self._take()
+            if got is not None:
+                return got
+            if self._reset:
+                raise ChannelReset(f"channel {self.id} was reset")
+            self._raise_if_ended()
+            if self._eos and not self._queue:
+                raise ChannelClosed(f"channel {self.id} was closed by the sender")
+            if self._sent_fin:
+                raise ChannelClosed(f"channel {self.id} was closed by this side")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self.conn.wait_until(self._ready, remaining)
+
+    def try_recv(self) -> bytes | None:
+        return self.recv(timeout=0)
+
+    def _take(self) -> bytes | None:
+        """Copy out queued pieces (granting their credit as they go); the
+        message if it is complete, else None (the part is kept)."""
+        acc = self._partial
+        done = False
+        consumed = 0
+        while self._queue and not done:
+            rec, more = self._queue.popleft()
+            n = rec.nbytes
+            if acc is None and not more:
+                data = rec.tobytes()  # the common case: a one-piece message
+            else:
+                if acc is None:
+                    acc = bytearray()
+                acc += rec.view()
+                rec.release()
+                data = None
+            consumed += n
+            if not more:
+                done = True
+                if data is None:
+                    data = bytes(acc)
+                    acc = None
+        self._partial = acc
+        if consumed:
+            self.table.grant(self, consumed)
+        if done:
+            self.messages += 1
+            self.bytes += len(data)
+            return data
+        return None
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.recv()
+            except ChannelClosed:
+                return
+
+    def close(self) -> None:
+        """Stop receiving: the sender's next send raises ChannelClosed;
+        what is queued here is dropped. Idempotent."""
+        self._discard()
+        self._terminal(CLOSE)
+
+    def reset(self) -> None:
+        """Abort the channel from the receiving side."""
+        self._discard()
+        self._terminal(RESET)
+
+    def statistics(self) -> dict:
+        return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
+                "queued_pieces": len(self._queue), "eos": self._eos}
+
+    def __enter__(self) -> "Rx":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ChannelTable:
+    """This side's view of the pair's channel table and its open ends."""
+
+    def __init__(self, conn, doorbell) -> None:
+        self.conn = conn
+        seg = conn.segment
+        self.base = seg.layout.channel_table(conn.guest_id)
+        # The header's values, as the host chose them. spec: shm.handshake.no-negotiation
+        self.max = seg.config.max_channels
+        self.initial_credit = seg.config.initial_credit
+        # Our own table: another guest's channel 3 is not ours. spec: shm.id.channel-scope
+        self.parity = 0 if conn.me == 0 else 1  # spec: shm.id.channel-parity
+        self._ends: dict[int, _End] = {}
+        self._lock = threading.Lock()
+        self._outbox: collections.deque = collections.deque()
+
+    def _entry(self, cid: int) -> int:
+        return self.base + cid * L.CHANNEL_ENTRY_SIZE
+
+    def open(self, send: bool) -> _End:
+        """Allocate an id of our parity whose entry is Free and activate it.
+        spec: shm.flow.channel-activate"""
+        buf = self.conn.segment.buf
+        with self._lock:
+            for cid in range(2 if self.parity == 0 else 1, self.max, 2):
+                if cid in self._ends:
+                    continue
+                e = self._entry(cid)
+                if load_u32(buf, e + E_STATE) != FREE:
+                    continue  # its previous use is not over at both ends yet
+                store_u32(buf, e + E_GRANTED, self.initial_credit)  # spec: shm.flow.initial
+                store_u32(buf, e + E_SLEEP, 0)
+                store_u32(buf, e + E_STATE, ACTIVE)  # release: the fields above first
+                end = Tx(self, cid) if send else Rx(self, cid)
+                self._ends[cid] = end
+                return end
+        raise ShmpoolError(f"no free channel id of this side's parity below {self.max} "
+                           "(close channels, or raise SegmentConfig.max_channels)")
+
+    def end(self, cid: int, send: bool) -> _End:
+        """This side's end of a channel the peer opened. spec: shm.id.channel-id"""
+        if not (0 < cid < self.max) or cid % 2 == self.parity:
+            raise ValueError(f"channel id {cid} is not one the peer can have opened "
+                             f"(peer ids are {'odd' if self.parity == 0 else 'even'}, "
+                             f"below {self.max})")
+        with self._lock:
+            got = self._ends.get(cid)
+            if got is not None:
+                if isinstance(got, Tx) != send:
+                    raise ValueError(f"channel {cid} is a {'sending' if send else 'receiving'} "
+                                     "channel on the other side too")
+                return got
+            if load_u32(self.conn.segment.buf, self._entry(cid) + E_STATE) & ACTIVE == 0:
+                raise ValueError(f"channel {cid} is not open")
+            end = Tx(self, cid) if send else Rx(self, cid)
+            self._ends[cid] = end
+            return end
+
+    def forget(self, end: _End) -> None:
+        with self._lock:
+            if self._ends.get(end.id) is end:
+                del self._ends[end.id]
+
+    def on_message(self, d: Descriptor) -> None:
+        """Route Data / Close / Reset (on the feeding thread)."""
+        cid = d.id
+        with self._lock:
+            end = self._ends.get(cid)
+            if end is None and d.msg_type == DATA and 0 < cid < self.max and cid % 2 != self.parity:
+                end = self._ends[cid] = Rx(self, cid)  # first Data of a peer-opened channel
+        if end is None:
+            if not d.is_inline:
+                Received(self.conn.slots, d).release()
+            self.conn.stats["stray_channel_messages"] += 1
+            return
+        if d.msg_type == DATA:
+            if isinstance(end, Rx):
+                end._on_data(d)
+            else:
+                Received(self.conn.slots, d).release()
+                self.conn.stats["stray_channel_messages"] += 1
+        else:
+            end._on_terminal(d.msg_type)
+        self.flush()
+
+    def grant(self, rx: Rx, n: int) -> None:
+        """Raise granted_total by bytes consumed; wake a sleeping sender.
+        spec: shm.flow.ordering"""
+        buf = self.conn.segment.buf
+        fetch_add_u32(buf, rx.entry + E_GRANTED, n)  # seq_cst RMW: also orders the check below
+        if fetch_or_u32(buf, rx.entry + E_SLEEP, 0) & SENDER_SLEEPS:
+            _atomics.futex_wake(buf, rx.entry + E_GRANTED, 1)
+
+    def wake_sender(self, tx: Tx) -> None:
+        buf = self.conn.segment.buf
+        if fetch_or_u32(buf, tx.entry + E_SLEEP, 0) & SENDER_SLEEPS:
+            _atomics.futex_wake(buf, tx.entry + E_GRANTED, 1)
+
+    def send_control(self, kind: int, cid: int) -> None:
+        """Close / Reset. From the host's driver thread this must not block:
+        if the ring is full it waits in the outbox for the next flush."""
+        desc = Descriptor.with_inline(kind, cid)
+        self._outbox.append(desc)
+        self.flush()
+
+    def flush(self) -> None:
+        while self._outbox:
+            try:
+                if not self.conn.transport.try_send(self._outbox[0]):
+                    return
+            except PeerDeadError:
+                self._outbox.clear()
+                return
+            self._outbox.popleft()
+
+    def break_all(self, exc: BaseException) -> None:
+        """The connection ended: every open end is broken, sleeping senders
+        are woken. spec: shm.channel.broken"""
+        with self._lock:
+            ends = list(self._ends.values())
+            self._ends.clear()
+            self._outbox.clear()
+        for end in ends:
+            end._break(exc)
+            if isinstance(end, Tx):
+                _atomics.futex_wake(self.conn.segment.buf, end.entry + E_GRANTED, 0x7FFFFFFF)
+
+    def statistics(self) -> dict:
+        with self._lock:
+            return {cid: e.statistics() for cid, e in self._ends.items()}

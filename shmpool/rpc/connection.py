@@ -1,0 +1,427 @@
+"""One side of the session between the host and one guest.
+
+Owns: request ids of this side (u32, scoped to the pair), the calls this
+side made and is waiting for (`CallFuture`), the calls the other side made
+that are queued or running here (`CallContext`), both ends of every
+channel of the pair as seen from this side, and the connection's fate
+(open, closed by us, closed by the peer, broken by its death or by a
+protocol violation).
+
+Data flow:
+- out: `call()` -> Request (payload inline or in a slot sent to the peer)
+  -> `transport.send`; handlers' results -> Response; `cancel` -> Cancel;
+  channel traffic -> Data / Close / Reset; `close()` -> Goodbye.
+- in: whoever receives descriptors for this pair (the host's driver
+  thread, or on a guest whichever thread pumps) calls `feed(batch)`:
+  Requests go to the dispatcher (inline, or to the handler executor),
+  Responses complete futures, Cancels flag running handlers, channel
+  messages go to their channel end, Goodbye ends the session, anything
+  else is a protocol violation answered with a Goodbye naming the rule.
+- waiting: on the host the driver feeds, waiters sleep on a condition; on a
+  guest there is no reader thread: a thread that must wait pumps the rings
+  itself if no other thread is pumping (`wait_until`).
+
+Invariants: every payload received is released exactly once; a call's
+future completes exactly once (result, error, cancellation, or the
+connection's end); nothing blocks the host's driver thread: `feed` never
+waits, and handlers run on the handler executor there.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+
+from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, StaleSlotError
+from ..shm.ring import Descriptor
+from .channel import ChannelTable, Rx, Tx
+from .dispatch import CallContext, Dispatcher, NoSuchMethodError, decode_error, encode_error
+from .messages import (
+    CANCEL, CLOSE, CREDIT, DATA, F_CANCELLED, F_ERROR, GOODBYE, HELLO, NAMES, REQUEST, RESET,
+    RESPONSE, Received, discard, method_id, payload_descriptor,
+)
+
+WAIT_SLICE = 0.05  # a waiter that cannot pump re-checks (and may take over pumping) this often
+
+
+class CallFuture(Future):
+    """The caller's side of one call. `result()` / `exception()` also keep
+    the connection's rings moving on a guest (see `Connection.wait_until`).
+    `cancel()` cancels locally at once and asks the other side to drop or
+    stop the call. spec: shm.session.call"""
+
+    def __init__(self, conn: "Connection", request_id: int, raw: bool) -> None:
+        super().__init__()
+        self.connection = conn
+        self.request_id = request_id
+        self.raw = raw
+
+    def result(self, timeout: float | None = None):
+        self.connection.wait_until(self.done, timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None):
+        self.connection.wait_until(self.done, timeout)
+        return super().exception(timeout=0)
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self.connection._cancel_call(self.request_id)
+        return True
+
+
+class Connection:
+    """See the module docstring. Built by `HostSession` / `GuestSession`."""
+
+    def __init__(self, transport, slots, segment, *, me: int, peer: int,
+                 dispatcher: Dispatcher | None = None, handlers=None, pump=None,
+                 doorbell=None) -> None:
+        self.transport = transport
+        self.slots = slots
+        self.segment = segment
+        self.me = me  # slot-pool identity of this side: 0 = host
+        self.peer = peer
+        self.guest_id = peer if me == 0 else me
+        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        self._handlers = handlers  # None: run inline on the feeding thread
+        self._pump_fn = pump  # guest: receive a batch; host: None (the driver feeds)
+        self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
+        self._cond = threading.Condition()
+        self._pending: dict[int, CallFuture] = {}
+        self._incoming: dict[int, CallContext] = {}
+        self._next_id = 1
+        self._end: BaseException | None = None
+        self.table = ChannelTable(self, doorbell)
+        self.stats = collections.Counter()
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._end is not None
+
+    @property
+    def end_reason(self) -> BaseException | None:
+        """Why the connection ended (None while open)."""
+        return self._end
+
+    def _check_open(self) -> None:
+        if self._end is not None:
+            raise self._end
+
+    # -- calls ------------------------------------------------------------------
+
+    def call(self, method: str | int, payload=b"", *, timeout: float | None = None,
+             raw: bool = False) -> CallFuture:
+        """Call `method` on the other side. Returns a future whose result is
+        the response payload as bytes (or, with `raw=True`, a `Received` the
+        caller must release). Raises TimeoutError if the request could not
+        be queued within `timeout` (ring or slots full), the connection's
+        end reason if it is over. spec: shm.id.request-id"""
+        self._check_open()
+        mid = method_id(method) if isinstance(method, str) else method
+        with self._cond:
+            rid = self._next_id
+            while rid in self._pending or rid == 0:
+                rid = (rid + 1) & 0xFFFFFFFF
+            self._next_id = (rid + 1) & 0xFFFFFFFF
+            fut = CallFuture(self, rid, raw)
+            self._pending[rid] = fut
+        try:
+            desc = payload_descriptor(self.slots, self.peer, REQUEST, rid, payload, method=mid,
+                                      timeout=timeout)
+            self.publish(desc, timeout)
+        except BaseException:
+            with self._cond:
+                self._pending.pop(rid, None)
+            raise
+        self.stats["calls"] += 1
+        return fut
+
+    def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None):
+        """`call(...).result(timeout)`."""
+        return self.call(method, payload, timeout=timeout).result(timeout)
+
+    def _cancel_call(self, rid: int) -> None:
+        with self._cond:
+            self._pending.pop(rid, None)
+        if self._end is None:
+            # Best effort: a full ring means the response will simply be dropped.
+            self.transport.try_send(Descriptor.with_inline(CANCEL, rid))
+            self.stats["cancels_sent"] += 1
+
+    # -- sending ----------------------------------------------------------------
+
+    def publish(self, desc: Descriptor, timeout: float | None = None) -> None:
+        """Send one descriptor; on failure its slot is freed and the error
+        raised (TimeoutError for a full ring, the end reason if over)."""
+        try:
+            ok = self.transport.send(desc, timeout)
+        except PeerDeadError as e:
+            discard(self.slots, desc)
+            self.broken(e)
+            raise self._end from None
+        except BaseException:
+            discard(self.slots, desc)
+            raise
+        if not ok:
+            discard(self.slots, desc)
+            self._check_open()
+            raise TimeoutError(f"the ring to peer {self.peer} stayed full for {timeout} s")
+
+    # -- receiving --------------------------------------------------------------
+
+    def feed(self, batch) -> None:
+        """Handle descriptors that arrived from the peer, in order. Never
+        blocks (handlers run on the executor when one is set)."""
+        # A Cancel follows its Request; when both are in this batch, the
+        # request must not start (inline handlers would run it first).
+        cancels = {d.id for d in batch if d.msg_type == CANCEL} if len(batch) > 1 else ()
+        for d in batch:
+            t = d.msg_type
+            if t == RESPONSE:
+                self._on_response(d)
+            elif t == REQUEST:
+                self._on_request(d, d.id in cancels)
+            elif t in (DATA, CLOSE, RESET):
+                self.table.on_message(d)
+            elif t == CANCEL:
+                ctx = self._incoming.get(d.id)
+                if ctx is not None:
+                    ctx._cancelled = True  # spec: shm.session.cancel
+                self.stats["cancels_received"] += 1
+            elif t == GOODBYE:
+                self._on_goodbye(d)
+            elif t == HELLO:  # spec: shm.handshake
+                self._violation(d, "shm.handshake", "sent a Hello message; the segment header "
+                                "is the whole configuration and there is no negotiation")
+            elif t == CREDIT:  # spec: shm.flow.no-credit-message
+                self._violation(d, "shm.flow.no-credit-message", "sent a Credit message; "
+                                "credit lives in the channel table's granted_total")
+            else:
+                self._violation(d, "shm.session.msg-types", f"sent unknown message type {t}")
+        with self._cond:
+            self._cond.notify_all()
+
+    def _take(self, d: Descriptor) -> Received | None:
+        try:
+            return Received(self.slots, d)
+        except StaleSlotError as e:
+            self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
+            return None
+
+    def _on_response(self, d: Descriptor) -> None:
+        with self._cond:
+            fut = self._pending.pop(d.id, None)
+        rec = self._take(d)
+        if rec is None:
+            return
+        if fut is None or fut.done():  # cancelled here meanwhile, or a stray id
+            rec.release()
+            self.stats["responses_dropped"] += 1
+            return
+        if d.flags & F_CANCELLED:
+            rec.release()
+            fut.set_exception(CancelledError(f"request {d.id} was cancelled before it ran"))
+        elif d.flags & F_ERROR:
+            fut.set_exception(decode_error(rec.tobytes()))
+        else:
+            fut.set_result(rec if fut.raw else rec.tobytes())
+
+    def _on_request(self, d: Descriptor, cancelled: bool = False) -> None:
+        rec = self._take(d)
+        if rec is None:
+            return
+        if self._end is not None:
+            rec.release()
+            return
+        ctx = CallContext(self, d.id, d.method_id)
+        ctx._cancelled = cancelled
+        self._incoming[d.id] = ctx
+        self.stats["requests"] += 1
+        if self._handlers is None:
+            self._execute(ctx, rec)
+        else:
+            self._handlers.submit(self._execute, ctx, rec)
+
+    def _execute(self, ctx: CallContext, payload: Received) -> None:
+        """Run one incoming call and send its Response. spec: shm.session.errors"""
+        flags, data, fatal = 0, b"", None
+        try:
+            if ctx._cancelled:  # cancelled while it waited to run
+                flags = F_CANCELLED
+            else:
+                handler = self.dispatcher.lookup(ctx.method_id)
+                if handler is None:
+                    raise NoSuchMethodError(f"peer {self.me} has no handler for "
+                                            f"{self.dispatcher.name(ctx.method_id)}")
+                result = handler(ctx, payload)
+                if isinstance(result, Received):
+                    result = result.tobytes()
+                data = b"" if result is None else result
+        except Exception as e:  # every failure goes back to the caller
+            flags, data = F_ERROR, encode_error(e)
+        except BaseException as e:  # and so does an exit, which then goes on
+            flags, data, fatal = F_ERROR, encode_error(e), e
+        try:
+            # The result may be a view of the request's payload: answer first.
+            self._respond(ctx.request_id, flags, data)
+        finally:
+            data = None
+            payload.release()
+            self._incoming.pop(ctx.request_id, None)
+        if fatal is not None:
+            raise fatal
+
+    def _respond(self, rid: int, flags: int, data) -> None:
+        if self._end is not None:
+            return  # the caller is gone or will never read it
+        try:
+            desc = payload_descriptor(self.slots, self.peer, RESPONSE, rid, data, flags=flags)
+            self.publish(desc)
+        except ConnectionClosedError:
+            pass  # the connection ended while we answered: nobody to tell
+        self.stats["responses"] += 1
+
+    # -- the end ----------------------------------------------------------------
+
+    def _on_goodbye(self, d: Descriptor) -> None:
+        rec = self._take(d)
+        reason = rec.tobytes().decode("utf-8", "replace") if rec is not None else "?"
+        self._finish(ConnectionClosedError(f"peer {self.peer} said goodbye: {reason}"))
+
+    def _violation(self, d: Descriptor, rule: str, what: str) -> None:
+        """Answer a broken rule with a Goodbye naming it, then close.
+        spec: shm.goodbye.payload"""
+        if not d.is_inline and d.msg_type not in (HELLO, CREDIT):
+            try:
+                Received(self.slots, d).release()
+            except StaleSlotError:
+                pass
+        reason = f"{rule}: peer {self.peer} {what}"
+        self.stats["violations"] += 1
+        self._goodbye(reason)
+        self._finish(ProtocolError(rule, f"peer {self.peer} {what} (message {NAMES.get(d.msg_type, d.msg_type)})"))
+
+    def _goodbye(self, reason: str) -> None:
+        try:
+            desc = payload_descriptor(self.slots, self.peer, GOODBYE, 0, reason.encode())
+            if not self.transport.try_send(desc):
+                discard(self.slots, desc)
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+
+    def close(self, reason: str = "closed") -> None:
+        """Say goodbye (the reason travels to the peer) and end the session
+        on this side: pending calls fail, channels break. Idempotent.
+        spec: shm.goodbye.payload"""
+        if self._end is not None:
+            return
+        self._goodbye(reason)
+        self._finish(ConnectionClosedError(f"connection to peer {self.peer} closed: {reason}"))
+
+    def broken(self, exc: BaseException) -> None:
+        """The peer died (or its entry was recovered): fail everything."""
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._end is not None:
+                return
+            self._end = exc
+            pending = list(self._pending.values())
+            self._pending.clear()
+            for ctx in self._incoming.values():
+                ctx._cancelled = True
+            self._cond.notify_all()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(exc)
+        self.table.break_all(exc)
+
+    # -- waiting and pumping ----------------------------------------------------
+
+    def pump(self, timeout: float | None = 0) -> int:
+        """Receive and handle what arrived, waiting up to `timeout` for the
+        first descriptor (guest side). Returns how many were handled."""
+        if self._pump_fn is None:
+            return 0
+        batch = self._pump_fn(timeout)
+        if batch:
+            self.feed(batch)
+        return len(batch)
+
+    def poll_incoming(self) -> None:
+        """Handle whatever is already there, if this thread may pump now."""
+        if self._pump_fn is not None and self._pump_lock.acquire(blocking=False):
+            try:
+                self.pump(0)
+            finally:
+                self._pump_lock.release()
+
+    def wait_until(self, predicate, timeout: float | None) -> bool:
+        """Wait for `predicate()` (re-checked after every message). On a
+        guest a waiting thread pumps the rings itself while no other thread
+        does, so calls, channel waits and serving need no reader thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if predicate():
+                return True
+            remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._pump_fn is not None and self._end is None and self._pump_lock.acquire(blocking=False):
+                try:
+                    self.pump(min(remaining, WAIT_SLICE))
+                except PeerDeadError as e:
+                    self.broken(e)
+                finally:
+                    self._pump_lock.release()
+                with self._cond:
+                    self._cond.notify_all()  # another waiter may be satisfied, or take over
+            else:
+                with self._cond:
+                    if not predicate():
+                        self._cond.wait(min(remaining, WAIT_SLICE))
+
+    def serve_forever(self) -> BaseException:
+        """Pump and handle incoming calls until the connection ends; returns
+        the end reason (guest side)."""
+        while self._end is None:
+            self.wait_until(lambda: self._end is not None, None)
+        return self._end
+
+    # -- channels ---------------------------------------------------------------
+
+    def open_tx(self) -> Tx:
+        """Open a channel this side sends on; pass `tx.id` to the peer,
+        which gets its end with `rx(id)`. spec: shm.id.channel-parity"""
+        self._check_open()
+        return self.table.open(send=True)
+
+    def open_rx(self) -> Rx:
+        """Open a channel this side receives on (the peer sends, via `tx(id)`)."""
+        self._check_open()
+        return self.table.open(send=False)
+
+    def tx(self, channel_id: int) -> Tx:
+        """The sending end of a channel the peer opened with `open_rx()`."""
+        self._check_open()
+        return self.table.end(channel_id, send=True)
+
+    def rx(self, channel_id: int) -> Rx:
+        """The receiving end of a channel the peer opened with `open_tx()`."""
+        self._check_open()
+        return self.table.end(channel_id, send=False)
+
+    def statistics(self) -> dict:
+        return {"peer": self.peer, "closed": self._end is not None,
+                "pending_calls": len(self._pending), "running_calls": len(self._incoming),
+                **dict(self.stats), "channels": self.table.statistics()}
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.me}->{self.peer} {'closed' if self._end else 'open'}>"
+

@@ -1,0 +1,159 @@
+"""Session messages: types, flags, and how a payload travels.
+
+Owns: the message-type and flag values carried in a descriptor's msg type
+and flags bytes, the encoding of payloads (inline up to 32 bytes, else one
+slot handed to the receiver), `Received` (a payload on the receiving side,
+zero-copy until released) and the stable method ids derived from names.
+
+Data flow: a sender turns bytes (or a slot it already filled) into a
+descriptor with `payload_descriptor`; the receiver wraps the descriptor in
+`Received`, which takes ownership of the slot (`SlotPool.receive`) and
+frees it on `release()`.
+
+Invariants: a slot carried by a descriptor is InFlight to the receiver
+from before the descriptor is published until the receiver takes it; every
+`Received` is released exactly once (explicitly, by `tobytes()` or by its
+context manager); message types outside 1..7 are protocol violations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+from ..errors import StaleSlotError
+from ..shm import layout as L
+from ..shm.ring import Descriptor
+
+# spec: shm.session.msg-types
+REQUEST, RESPONSE, CANCEL, DATA, CLOSE, RESET, GOODBYE = 1, 2, 3, 4, 5, 6, 7
+# Not SHM messages: the segment header replaces Hello, the channel table
+# replaces Credit. A peer that sends either breaks rule shm.handshake.
+HELLO, CREDIT = 8, 9
+NAMES = {REQUEST: "Request", RESPONSE: "Response", CANCEL: "Cancel", DATA: "Data",
+         CLOSE: "Close", RESET: "Reset", GOODBYE: "Goodbye", HELLO: "Hello", CREDIT: "Credit"}
+
+# flags
+F_ERROR = 1  # Response: the payload is a pickled error
+F_CANCELLED = 2  # Response: the request was cancelled before it ran
+F_MORE = 4  # Data: more pieces of the same message follow
+
+
+def method_id(name: str) -> int:
+    """Stable 64-bit id of a method name (same in every process and
+    Python version). spec: shm.session.method-id"""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+class Outgoing(NamedTuple):
+    """A payload already written into a slot by its sender."""
+
+    slot: L.Slot
+    length: int
+
+
+def payload_descriptor(pool, to: int, msg_type: int, id: int, data, *, method: int = 0,
+                       flags: int = 0, timeout: float | None = None) -> Descriptor:
+    """A descriptor carrying `data` (bytes-like, or an `Outgoing` slot):
+    inline if it fits, else in a slot sent to peer `to` (allocated here and
+    copied into once). spec: shm.desc.inline"""
+    if isinstance(data, Outgoing):
+        pool.send(data.slot, to=to)
+        return Descriptor.with_slot(msg_type, id, data.slot.ref, data.slot.generation,
+                                    data.length, method_id=method, flags=flags)
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    n = view.nbytes
+    if n <= L.INLINE_CAPACITY:
+        return Descriptor.with_inline(msg_type, id, bytes(view), method_id=method, flags=flags)
+    slot = pool.alloc(n, timeout)
+    try:
+        pool.view(slot, length=n)[:] = view
+        pool.send(slot, to=to)
+    except BaseException:
+        pool.free(slot)
+        raise
+    return Descriptor.with_slot(msg_type, id, slot.ref, slot.generation, n, method_id=method,
+                                flags=flags)
+
+
+def discard(pool, desc: Descriptor) -> None:
+    """Drop a descriptor we will never publish: free its slot if it has one."""
+    if not desc.is_inline:
+        try:
+            pool.free(desc.slot_ref, desc.generation)
+        except StaleSlotError:
+            pass  # reclaimed meanwhile (its receiver died)
+
+
+class Received:
+    """A payload that arrived. Holds its slot (if any) until `release()`.
+
+    `view()` is zero-copy and valid until release; `tobytes()` copies and
+    releases. Use as a context manager to release at the end of a block.
+    """
+
+    __slots__ = ("_pool", "_desc", "_slot", "_view")
+
+    def __init__(self, pool, desc: Descriptor) -> None:
+        self._pool = pool
+        self._desc = desc
+        self._slot = None
+        self._view = None
+        if not desc.is_inline:
+            self._slot = pool.receive(desc.slot_ref, desc.generation)
+
+    @property
+    def nbytes(self) -> int:
+        return self._desc.payload_len
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return self._desc
+
+    def view(self) -> memoryview:
+        """Read-only view of the payload (zero-copy for slot payloads)."""
+        if self._view is None:
+            d = self._desc
+            if self._slot is None:
+                if self._pool is None and d.is_inline is False:
+                    raise ValueError("payload already released")
+                self._view = memoryview(d.payload)
+            else:
+                self._view = self._pool.view(self._slot, length=d.payload_len,
+                                             offset=d.payload_offset, readonly=True)
+        return self._view
+
+    def tobytes(self) -> bytes:
+        """Copy the payload out and release it."""
+        try:
+            return self.view().tobytes()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give the slot back (idempotent). Views of it must not be used
+        afterwards."""
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                pass  # the caller still exports it; the slot is freed anyway
+            self._view = None
+        if self._slot is not None:
+            slot, self._slot = self._slot, None
+            try:
+                self._pool.free(slot)
+            except StaleSlotError:
+                pass  # reclaimed meanwhile (we are being torn down)
+
+    def __enter__(self) -> "Received":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        where = "inline" if self._desc.is_inline else f"slot {self._desc.slot_ref:#x}"
+        return f"<Received {self.nbytes} bytes {where}>"

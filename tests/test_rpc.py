@@ -1,0 +1,286 @@
+"""Layer 3: calls both ways, errors, cancel, goodbye and protocol rules,
+between a real host and real guest processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import pytest
+
+from shmpool.errors import ConnectionClosedError, PeerDeadError, ProtocolError
+from shmpool.hub import ShmHost
+from shmpool.rpc import HostSession, NoSuchMethodError, RemoteError, RemoteTraceback, method_id
+from shmpool.shm import SegmentConfig, SizeClass
+from shmpool.shm.ring import Descriptor
+from shmpool.shm.varslot import SlotPool
+
+RPC_PEER = str(Path(__file__).resolve().parent / "rpc_peer.py")
+
+
+class Session:
+    """A host, its session, and guests running tests/rpc_peer.py."""
+
+    def __init__(self, config: SegmentConfig | None = None) -> None:
+        self.host = ShmHost.create(config=config or SegmentConfig(max_guests=4))
+        self.sess = HostSession(self.host)
+        self.procs = []
+        d = self.sess.dispatcher
+        self.host_calls = 0
+
+        @d.register("double")
+        def double(ctx, p):
+            self.host_calls += 1
+            return p.tobytes() * 2
+
+        @d.register("host-spin")
+        def host_spin(ctx, p):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:
+                if ctx.cancelled:
+                    self.host_spin_saw_cancel = True
+                    return b"noticed"
+                time.sleep(0.001)
+            return b"never"
+
+    def start(self, mode: str, env=None, *, attached: bool = True) -> tuple[int, subprocess.Popen]:
+        t = self.host.add_peer()
+        p = self.host.spawn(t, [sys.executable, RPC_PEER, mode], stdout=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+        self.procs.append(p)
+        if attached:
+            assert self.host.wait_attached(t.peer_id, 30)
+        return t.peer_id, p
+
+    @staticmethod
+    def report(p) -> dict:
+        line = p.stdout.readline()
+        assert line, "guest exited without a report"
+        return json.loads(line)
+
+    def all_slots_free(self) -> bool:
+        st = SlotPool(self.host.segment, 0).statistics()
+        return all(c.free == c.capacity for c in st.classes) and st.huge_in_use == 0
+
+    def close(self) -> None:
+        try:
+            self.sess.close()
+            self.host.close()
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()
+
+
+@pytest.fixture
+def session():
+    s = Session()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------
+# Calls
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.spec("shm.session.call")
+@pytest.mark.spec("shm.id.request-id")
+@pytest.mark.spec("shm.id.request-scope")
+@pytest.mark.spec("shm.session.method-id")
+def test_calls_both_ways_from_many_threads(session):
+    """10,000 calls in all: 4 host threads call the guest while 4 guest
+    threads call the host, payloads from 0 bytes to 4 MiB; every answer is
+    checked on both sides, and every slot is free at the end."""
+    per_thread = 1250
+    peer, p = session.start("callers", env={"HOST_CALLS": str(per_thread)})
+    assert session.report(p) == {"event": "ready", "peer": peer}
+    conn = session.sess.connection(peer)
+    errors = []
+
+    def caller(k):
+        for i in range(per_thread):
+            size = 4 << 20 if i % 50 == 3 else (i * 31 + k) % 5000
+            data = bytes([(i * 7 + k) & 0xFF]) * size
+            if i % 2:
+                got = conn.call_sync("crc", data, timeout=60)
+                if got != zlib.crc32(data).to_bytes(4, "little"):
+                    errors.append(f"crc {k}/{i}")
+            else:
+                got = conn.call_sync("echo", data, timeout=60)
+                if got != data:
+                    errors.append(f"echo {k}/{i}: {len(got)} bytes back")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    done = session.report(p)
+    assert done == {"event": "calls-done", "errors": []}
+    assert errors == []
+    assert session.host_calls == 4 * per_thread
+    stats = conn.statistics()
+    assert stats["calls"] == 4 * per_thread and stats["requests"] == 4 * per_thread
+    assert stats["pending_calls"] == 0
+    assert session.all_slots_free()
+    assert method_id("echo") == int.from_bytes(__import__("hashlib").blake2b(b"echo", digest_size=8).digest(), "little")
+
+
+@pytest.mark.spec("shm.session.errors")
+def test_remote_errors_carry_their_traceback(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    with pytest.raises(Exception) as e:
+        conn.call_sync("fail", b"boom", timeout=10)
+    assert type(e.value).__name__ == "GuestError" and "boom" in str(e.value)
+    assert isinstance(e.value.__cause__, RemoteTraceback)
+    assert "asked to fail" in str(e.value.__cause__) and "rpc_peer.py" in str(e.value.__cause__)
+    with pytest.raises(NoSuchMethodError, match="no handler"):
+        conn.call_sync("no-such-method", timeout=10)
+    # the connection is still fine afterwards
+    assert conn.call_sync("echo", b"still here", timeout=10) == b"still here"
+
+
+def test_unpicklable_error_arrives_as_remote_error():
+    from shmpool.rpc.dispatch import decode_error, encode_error
+
+    class Local(Exception):
+        def __reduce__(self):
+            raise TypeError("cannot pickle me")
+
+    try:
+        raise Local("kept message")
+    except Local as exc:
+        err = decode_error(encode_error(exc))
+    assert isinstance(err, RemoteError) and "kept message" in str(err) and "Local" in str(err)
+    assert "kept message" in str(err.__cause__)
+
+
+@pytest.mark.spec("shm.session.call")
+def test_guest_handler_can_call_back_into_the_host(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    assert conn.call_sync("call-host", b"ab" * 100, timeout=10) == b"ab" * 200
+
+
+@pytest.mark.spec("shm.session.cancel")
+def test_cancel_pending_and_running_calls(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    # running: the guest's handler sees the flag
+    running = conn.call("spin")
+    time.sleep(0.2)
+    assert running.cancel() and running.cancelled()
+    with pytest.raises(CancelledError):
+        running.result(1)
+    # pending: queued behind a busy handler, never started
+    busy = conn.call("sleep", b"0.5")
+    queued = conn.call("spin")
+    assert queued.cancel()
+    assert busy.result(10) == b"slept"
+    # both cancelled calls were answered and dropped; nothing is left over
+    assert conn.call_sync("echo", b"x", timeout=10) == b"x"
+    deadline = time.monotonic() + 5
+    while conn.statistics().get("responses_dropped", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.statistics()["responses_dropped"] == 2
+    assert session.all_slots_free()
+
+
+@pytest.mark.spec("shm.session.cancel")
+def test_host_handler_sees_the_guests_cancel(session):
+    """The guest calls the host's slow handler and cancels it; the host's
+    handler (on the handler pool) sees the flag the driver thread set."""
+    peer, p = session.start("serve")
+    session.report(p)
+    session.host_spin_saw_cancel = False
+    conn = session.sess.connection(peer)
+    assert conn.call_sync("cancel-host-spin", timeout=10) == b"cancelled"
+    deadline = time.monotonic() + 10
+    while not session.host_spin_saw_cancel and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.host_spin_saw_cancel
+
+
+# --------------------------------------------------------------------------
+# Goodbye and protocol rules
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.spec("shm.goodbye.payload")
+def test_goodbye_fails_pending_calls_with_the_reason(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    slow = conn.call("sleep", b"1")
+    conn.close("test is done with you")
+    with pytest.raises(ConnectionClosedError, match="test is done with you"):
+        slow.result(5)
+    with pytest.raises(ConnectionClosedError):
+        conn.call("echo", b"x")
+    ended = session.report(p)
+    assert ended["reason"] == "ConnectionClosedError" and "test is done with you" in ended["message"]
+
+
+@pytest.mark.spec("shm.handshake")
+@pytest.mark.spec("shm.flow.no-credit-message")
+@pytest.mark.spec("shm.session.msg-types")
+@pytest.mark.parametrize("kind,rule", [(8, "shm.handshake"), (9, "shm.flow.no-credit-message"),
+                                       (42, "shm.session.msg-types")])
+def test_forbidden_message_from_a_guest_is_answered_with_goodbye(session, kind, rule):
+    peer, p = session.start("rude", env={"RUDE_TYPE": str(kind)}, attached=False)  # it leaves at once
+    ended = session.report(p)  # the guest got the host's Goodbye
+    assert ended["reason"] == "ConnectionClosedError"
+    assert f"said goodbye: {rule}:" in ended["message"]
+    assert p.wait(10) == 0
+    deadline = time.monotonic() + 10
+    while session.sess.ended(peer) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reason = session.sess.ended(peer)  # the host's side ended with the violation, not the exit
+    assert isinstance(reason, ProtocolError) and reason.rule == rule
+
+
+@pytest.mark.spec("shm.handshake")
+def test_forbidden_message_from_the_host_is_answered_with_goodbye(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    assert conn.call_sync("echo", b"before", timeout=10) == b"before"
+    assert session.host.send(peer, Descriptor.with_inline(8, 0, b"hello?"), timeout=5)
+    with pytest.raises(ConnectionClosedError, match="shm.handshake"):
+        conn.call("echo", b"after").result(10)  # behind the Hello: never answered
+    ended = session.report(p)
+    assert "ProtocolError" in ended["reason"] or "shm.handshake" in ended["message"]
+
+
+@pytest.mark.spec("shm.session.call")
+def test_guest_death_fails_pending_calls_and_frees_slots(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    assert conn.call_sync("echo", b"z" * (1 << 20), timeout=10) == b"z" * (1 << 20)
+    slow = conn.call("sleep", b"30")
+    time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    with pytest.raises(PeerDeadError, match="SIGKILL"):
+        slow.result(10)
+    deadline = time.monotonic() + 10
+    while not session.host.peer_info(peer).recovered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.all_slots_free()
