@@ -39,6 +39,11 @@ def handlers(sess: GuestSession) -> None:
     def echo(ctx, p):
         return p.view()
 
+    @d.register("stats")
+    def stats(ctx, p):
+        g = sess.guest.statistics()
+        return json.dumps({"h2g": g["h2g"].__dict__, "g2h": g["g2h"].__dict__}).encode()
+
     @d.register("crc")
     def crc(ctx, p):
         return zlib.crc32(p.view()).to_bytes(4, "little")
@@ -161,6 +166,15 @@ def guest_rude(g) -> int:
 
 def main() -> None:
     mode, *ticket = sys.argv[1:]
+    if os.environ.get("RPC_PEER_PROFILE"):  # for profiling sessions by hand
+        import atexit
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        atexit.register(lambda: (prof.disable(), pstats.Stats(prof, stream=sys.stderr)
+                                 .sort_stats("tottime").print_stats(15)))
     run_guest(globals()["guest_" + mode.replace("-", "_")], ticket, prog=f"rpc_peer {mode}")
 
 

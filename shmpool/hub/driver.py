@@ -64,6 +64,7 @@ NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attac
 EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
 GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
 BATCH = 256
+POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Driver.poll
 
 # a guest whose g2h ring was full, asleep on its doorbell until the driver pops
 _G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
@@ -232,14 +233,72 @@ class Driver:
         n = 0
         for p in self._live:
             rx = p.rx
-            if rx is None or p.phase == DEAD:
-                continue
-            batch = rx.pop_batch(BATCH)
-            if batch:
-                n += len(batch)
-                self._wake_guest(p)
-                self._deliver(p.peer_id, batch)
+            if rx is None or p.phase == DEAD or not p.rx_lock.acquire(blocking=False):
+                continue  # (a caller is polling this guest itself right now)
+            try:
+                batch = rx.pop_batch(BATCH)
+                if batch:
+                    n += len(batch)
+                    self._wake_guest(p)
+                    self._deliver(p.peer_id, batch)
+            finally:
+                p.rx_lock.release()
         return n
+
+    def expect(self, peer_id: int) -> None:
+        """A caller is about to wait for an answer from `peer_id` and will
+        `poll(peer_id, spin=True)` for it: the guest may skip ringing the
+        doorbell from now on (the flag is cleared at the end of that poll).
+        spec: shm.wakeup.host-polling"""
+        p = self._peers.get(peer_id)
+        if p is not None:
+            fetch_or_u32(self.buf, p.entry.off + L.P_HOST_POLLING, 1)
+
+    def poll(self, peer_id: int, spin: bool) -> int:
+        """Pop and deliver `peer_id`'s g2h messages on the calling thread
+        (any thread), spinning first for the adaptive spin budget if asked
+        and nothing is there. Returns how many were delivered; 0 at once if
+        the driver (or another caller) is draining this guest right now."""
+        p = self._peers.get(peer_id)
+        if p is None or p.rx is None or p.phase == DEAD or not p.rx_lock.acquire(blocking=False):
+            if spin and p is not None:
+                # Someone else is delivering; the guest must ring again from
+                # now on, and whatever it published unannounced meanwhile is
+                # left to the driver, which we wake to look.
+                fetch_and_u32(self.buf, p.entry.off + L.P_HOST_POLLING, ~1)
+                self._wake()
+            return 0
+        try:
+            rx = p.rx
+            batch = rx.pop_batch(BATCH)
+            if spin and (batch or not POLL_SPIN_NS):
+                fetch_and_u32(self.buf, p.entry.off + L.P_HOST_POLLING, ~1)
+                batch += rx.pop_batch(BATCH)  # what came unannounced before the clear
+            elif not batch and spin:
+                # A caller waiting for an answer spins a bounded time on the
+                # ring head (answers usually come back within microseconds).
+                # Meanwhile the guest need not ring the doorbell: we watch
+                # its ring ourselves. Clearing the flag (an RMW) and then
+                # re-popping pairs with the guest's push-then-RMW read of it,
+                # so a message published while the flag was up is never
+                # left for a driver that was not woken.
+                # spec: shm.wakeup.host-polling
+                buf, head, tail = self.buf, rx.head_off, rx._tail
+                flag = p.entry.off + L.P_HOST_POLLING
+                fetch_or_u32(buf, flag, 1)
+                end = monotonic_ns() + POLL_SPIN_NS
+                load = _atomics.load_u32
+                while load(buf, head) == tail and monotonic_ns() < end:
+                    pass
+                fetch_and_u32(buf, flag, ~1)
+                batch = rx.pop_batch(BATCH)
+            if batch:
+                self.stats["caller_polls"] += 1
+                self._wake_guest(p)
+                self._deliver(peer_id, batch)
+            return len(batch)
+        finally:
+            p.rx_lock.release()
 
     def _wake_guest(self, p: HostPeer) -> None:
         """The host's ring ends have no doorbell (the driver owns its
@@ -520,12 +579,13 @@ class Driver:
         def drain() -> int:
             n = 0
             if p.rx is not None:
-                while True:
-                    batch = p.rx.pop_batch(BATCH)
-                    if not batch:
-                        return n
-                    n += len(batch)
-                    self._deliver(p.peer_id, batch)
+                with p.rx_lock:  # a polling caller finishes its batch first
+                    while True:
+                        batch = p.rx.pop_batch(BATCH)
+                        if not batch:
+                            return n
+                        n += len(batch)
+                        self._deliver(p.peer_id, batch)
             return n
 
         def report_lost() -> None:

@@ -85,6 +85,7 @@ class ShmGuest:
         self.doorbell = doorbell
         self.host_pid = segment.host_pid
         self._host_start = _atomics.load_u64(segment.buf, L.H_HOST_START)
+        self._polling_off = entry.off + L.P_HOST_POLLING
         self.epoch = entry.bump_epoch()
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
@@ -190,8 +191,12 @@ class ShmGuest:
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
             if tx.push(desc, timeout=max(0.0, remaining)):
-                # spec: shm.wakeup.sleeping-word -- an RMW, ordered after our head store.
-                if fetch_or_u32(self.segment.buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None:
+                # spec: shm.wakeup.sleeping-word -- RMWs, ordered after our head store.
+                # A host thread that polls our ring itself needs no doorbell.
+                # spec: shm.wakeup.host-polling
+                buf = self.segment.buf
+                if (fetch_or_u32(buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None
+                        and not fetch_or_u32(buf, self._polling_off, 0)):
                     self.doorbell.signal()
                 return True
             if self.host_leaving or (deadline is not None and time.monotonic() >= deadline):

@@ -262,6 +262,20 @@ class ShmHost:
         it had in flight there. Must not block."""
         self._driver.peer_lost_handler = handler
 
+    def expect(self, peer_id: int) -> None:
+        """Say that this thread will wait for an answer from `peer_id` with
+        `poll(peer_id, spin=True)`, which the guest then need not announce
+        with the doorbell. Always follow it with that poll."""
+        self._driver.expect(peer_id)
+
+    def poll(self, peer_id: int, *, spin: bool = False) -> int:
+        """Deliver `peer_id`'s waiting guest->host messages to the message
+        handler on this thread instead of the driver's: a caller waiting
+        for an answer saves two thread wakeups. With `spin`, it first spins
+        briefly (adaptive) for a message to arrive. Returns how many were
+        delivered; 0 if none, or if the driver is delivering them now."""
+        return self._driver.poll(peer_id, spin)
+
     def receive(self, timeout: float | None = None) -> tuple[int, Descriptor] | None:
         """Next `(peer_id, descriptor)` when no message handler is set;
         None on timeout."""

@@ -210,6 +210,10 @@ class HostPeer:
         self.pidfd: int | None = None
         self.tx = self.rx = None
         self.tx_lock = threading.Lock()
+        # Whoever pops this guest's g2h ring holds rx_lock until it has also
+        # delivered what it popped, so delivery stays in ring order: the
+        # driver, or a caller that polls for its answer itself.
+        self.rx_lock = threading.Lock()
         self.attached_ns = 0
         self.leave_deadline = 0
 

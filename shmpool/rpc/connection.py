@@ -73,12 +73,36 @@ class CallFuture(Future):
         return True
 
 
+class _SyncCall:
+    """The waiting side of `call_sync`: a future without a condition
+    variable (the caller waits in `Connection.wait_until` anyway)."""
+
+    __slots__ = ("request_id", "raw", "value", "error", "finished")
+
+    def __init__(self, conn, request_id: int, raw: bool) -> None:
+        self.request_id = request_id
+        self.raw = raw
+        self.value = self.error = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, value) -> None:
+        self.value = value
+        self.finished = True
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.error = exc
+        self.finished = True
+
+
 class Connection:
     """See the module docstring. Built by `HostSession` / `GuestSession`."""
 
     def __init__(self, transport, slots, segment, *, me: int, peer: int,
                  dispatcher: Dispatcher | None = None, handlers=None, pump=None,
-                 doorbell=None) -> None:
+                 poll=None, expect=None, doorbell=None) -> None:
         self.transport = transport
         self.slots = slots
         self.segment = segment
@@ -88,6 +112,8 @@ class Connection:
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         self._handlers = handlers  # None: run inline on the feeding thread
         self._pump_fn = pump  # guest: receive a batch; host: None (the driver feeds)
+        self._poll_fn = poll  # host: deliver the peer's waiting messages on this thread
+        self._expect_fn = expect  # host: "an answer will be polled for", before a call
         self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
         self._cond = threading.Condition()
         self._pending: dict[int, CallFuture] = {}
@@ -121,29 +147,45 @@ class Connection:
         caller must release). Raises TimeoutError if the request could not
         be queued within `timeout` (ring or slots full), the connection's
         end reason if it is over. spec: shm.id.request-id"""
+        return self._start(CallFuture, method, payload, timeout, raw)
+
+    def _start(self, kind, method, payload, timeout, raw):
         self._check_open()
         mid = method_id(method) if isinstance(method, str) else method
+        pending = self._pending
         with self._cond:
             rid = self._next_id
-            while rid in self._pending or rid == 0:
+            while rid in pending or rid == 0:
                 rid = (rid + 1) & 0xFFFFFFFF
             self._next_id = (rid + 1) & 0xFFFFFFFF
-            fut = CallFuture(self, rid, raw)
-            self._pending[rid] = fut
+            fut = pending[rid] = kind(self, rid, raw)
+        expect = self._expect_fn
         try:
             desc = payload_descriptor(self.slots, self.peer, REQUEST, rid, payload, method=mid,
                                       timeout=timeout)
+            if expect is not None:
+                expect()  # cleared by the poll in wait_until
             self.publish(desc, timeout)
         except BaseException:
-            with self._cond:
-                self._pending.pop(rid, None)
+            pending.pop(rid, None)
+            if expect is not None:
+                self._poll_fn(True)  # clears the expectation (and delivers what is there)
             raise
         self.stats["calls"] += 1
         return fut
 
-    def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None):
-        """`call(...).result(timeout)`."""
-        return self.call(method, payload, timeout=timeout).result(timeout)
+    def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None,
+                  raw: bool = False):
+        """Call and wait for the answer: like `call(...).result(timeout)`,
+        with less machinery (no Future). On timeout the call is cancelled
+        and TimeoutError raised."""
+        w = self._start(_SyncCall, method, payload, timeout, raw)
+        if not self.wait_until(w.done, timeout):
+            self._cancel_call(w.request_id)
+            raise TimeoutError(f"no answer from peer {self.peer} within {timeout} s")
+        if w.error is not None:
+            raise w.error
+        return w.value
 
     def _cancel_call(self, rid: int) -> None:
         with self._cond:
@@ -214,8 +256,7 @@ class Connection:
             return None
 
     def _on_response(self, d: Descriptor) -> None:
-        with self._cond:
-            fut = self._pending.pop(d.id, None)
+        fut = self._pending.pop(d.id, None)
         rec = self._take(d)
         if rec is None:
             return
@@ -366,6 +407,15 @@ class Connection:
         """Wait for `predicate()` (re-checked after every message). On a
         guest a waiting thread pumps the rings itself while no other thread
         does, so calls, channel waits and serving need no reader thread."""
+        if predicate():
+            return True
+        poll = self._poll_fn
+        if poll is not None and self._end is None:
+            # Host: fetch the answer on this thread (spinning briefly) instead
+            # of waiting for the driver thread to wake, feed, and wake us.
+            poll(True)
+            if predicate():
+                return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if predicate():
@@ -375,14 +425,14 @@ class Connection:
                 return False
             if self._pump_fn is not None and self._end is None and self._pump_lock.acquire(blocking=False):
                 try:
-                    self.pump(min(remaining, WAIT_SLICE))
+                    self.pump(min(remaining, WAIT_SLICE))  # (feed notifies other waiters)
                 except PeerDeadError as e:
                     self.broken(e)
                 finally:
                     self._pump_lock.release()
-                with self._cond:
-                    self._cond.notify_all()  # another waiter may be satisfied, or take over
             else:
+                if poll is not None and self._end is None:
+                    poll(False)
                 with self._cond:
                     if not predicate():
                         self._cond.wait(min(remaining, WAIT_SLICE))

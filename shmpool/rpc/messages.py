@@ -18,6 +18,7 @@ context manager); message types outside 1..7 are protocol violations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ F_CANCELLED = 2  # Response: the request was cancelled before it ran
 F_MORE = 4  # Data: more pieces of the same message follow
 
 
+@functools.lru_cache(maxsize=1024)
 def method_id(name: str) -> int:
     """Stable 64-bit id of a method name (same in every process and
     Python version). spec: shm.session.method-id"""

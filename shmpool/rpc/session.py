@@ -64,8 +64,11 @@ class HostSession:
         with self._lock:
             conn = self._conns.get(peer_id)
             if conn is None:
-                conn = Connection(_HostTransport(self.host, peer_id), self.slots, self.host.segment,
-                                  me=0, peer=peer_id, dispatcher=self.dispatcher, handlers=self._pool)
+                host = self.host
+                conn = Connection(_HostTransport(host, peer_id), self.slots, host.segment,
+                                  me=0, peer=peer_id, dispatcher=self.dispatcher, handlers=self._pool,
+                                  poll=lambda spin: host.poll(peer_id, spin=spin),
+                                  expect=lambda: host.expect(peer_id))
                 self._conns[peer_id] = conn
             return conn
 
