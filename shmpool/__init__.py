@@ -8,15 +8,34 @@ Layers (each imports only from those below it):
     session  shmpool.rpc        calls, cancel, channels with credit
     API      ShmExecutor, ShmPool, the worker, the CLI
 
-Only the memory layer exists so far; see README.md for what is usable today.
 """
 
-from .errors import ConfigError, DoorbellError, PeerDeadError, SegmentError, ShmpoolError
+from .errors import (
+    ConfigError, DoorbellError, PeerDeadError, PoolBrokenError, SegmentError, ShmpoolError,
+    WorkerCrashedError,
+)
 from .shm.segment import clean
+
+
+def __getattr__(name: str):
+    # The executor is imported on first use, so that a worker process
+    # (python -m shmpool.worker) does not load the host's machinery.
+    if name == "ShmExecutor":
+        from .executor import ShmExecutor
+
+        return ShmExecutor
+    if name == "ShmPool":
+        from .pool import ShmPool
+
+        return ShmPool
+    raise AttributeError(f"module 'shmpool' has no attribute {name!r}")
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ShmExecutor",
+    "WorkerCrashedError",
+    "PoolBrokenError",
     "ConfigError",
     "DoorbellError",
     "PeerDeadError",

@@ -16,7 +16,11 @@ Invariants:
 
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
+
 __all__ = [
+    "WorkerCrashedError",
+    "PoolBrokenError",
     "ConnectionClosedError",
     "ProtocolError",
     "ChannelClosed",
@@ -154,4 +158,16 @@ class ChannelReset(ShmpoolError, ConnectionResetError):
 class ChannelBroken(ShmpoolError, ConnectionError):
     """The channel's connection ended (the peer died or the session
     closed) before the channel was closed or reset."""
+
+
+class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):
+    """A task killed its worker more times than `max_retries` allows. It is
+    a `concurrent.futures.process.BrokenProcessPool`, so existing `except`
+    clauses catch it, but unlike the stdlib only this task failed: the pool
+    replaced the worker and goes on."""
+
+
+class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
+    """The pool cannot run tasks any more (its initializer keeps failing,
+    or workers cannot be started); pending and new work fail with this."""
 

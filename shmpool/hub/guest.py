@@ -276,8 +276,10 @@ def _check_host(seg: Segment, parent_must_be_host: bool) -> None:
         raise AttachError(f"the host (pid {host}) of {seg.path} is gone: our parent is now "
                           f"pid {os.getppid()}", GuestExit.HOST_GONE)
     if seg.host_goodbye:
-        raise AttachError(f"the host (pid {host}) of {seg.path} is leaving (host_goodbye set)",
+        err = AttachError(f"the host (pid {host}) of {seg.path} is leaving (host_goodbye set)",
                           GuestExit.HOST_GONE)
+        err.quiet = True  # started just as the host left in order: nothing to report
+        raise err
 
 
 def _state_name(s: int) -> str:
@@ -306,8 +308,9 @@ def run_guest(main: Callable[[ShmGuest], int | None], argv: Sequence[str] | None
         code = exit_code_for(e)
         if code is None:
             raise
-        msg = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"{prog}: {msg} (exit {int(code)} {GuestExit(code).name})", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):
+            msg = " ".join(str(e).split())  # one line, whatever the message held
+            print(f"{prog}: {msg} (exit {int(code)} {GuestExit(code).name})", file=sys.stderr, flush=True)
         sys.exit(int(code))
     rc: int | None = GuestExit.OK
     orderly = False
@@ -315,9 +318,12 @@ def run_guest(main: Callable[[ShmGuest], int | None], argv: Sequence[str] | None
         rc = main(guest)
         orderly = True
     except PeerDeadError as e:
-        print(f"{prog}: {' '.join(str(e).split())} (exit {int(GuestExit.HOST_GONE)} HOST_GONE)",
-              file=sys.stderr, flush=True)
-        rc, orderly = GuestExit.HOST_GONE, True
+        if guest.host_leaving:  # the host said goodbye: an orderly end, quietly
+            rc, orderly = GuestExit.OK, True
+        else:
+            print(f"{prog}: {' '.join(str(e).split())} (exit {int(GuestExit.HOST_GONE)} HOST_GONE)",
+                  file=sys.stderr, flush=True)
+            rc, orderly = GuestExit.HOST_GONE, True
     finally:
         # An exception from `main` is a crash, not a goodbye: the host
         # records it as one (with exit code 1 from the traceback exit).

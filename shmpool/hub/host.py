@@ -131,8 +131,9 @@ class ShmHost:
         if opts.peer_id is not None and not (isinstance(opts.peer_id, int) and 1 <= opts.peer_id <= maxg):
             raise ValueError(f"peer_id must be in 1..{maxg}, got {opts.peer_id!r}")
         if opts.peer_id is not None and not d.on_driver:
-            d.wait_for(lambda: opts.peer_id not in d._peers
-                       or d._peers[opts.peer_id].phase not in (DEAD, LEAVING), timeout)
+            # Wait for the entry's current guest (alive, dying or being
+            # recovered) to be gone; None if that does not happen in time.
+            d.wait_for(lambda: opts.peer_id not in d._peers or not d.running, timeout)
         with d._lock:
             chosen = None
             candidates = [opts.peer_id] if opts.peer_id is not None else range(1, maxg + 1)

@@ -34,6 +34,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 
+from .. import failpoints
 from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, StaleSlotError
 from ..shm.ring import Descriptor
 from .channel import ChannelTable, Rx, Tx
@@ -43,7 +44,8 @@ from .messages import (
     RESPONSE, Received, discard, method_id, payload_descriptor,
 )
 
-WAIT_SLICE = 0.05  # a waiter that cannot pump re-checks (and may take over pumping) this often
+WAIT_SLICE = 0.05
+FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")  # a waiter that cannot pump re-checks (and may take over pumping) this often
 
 
 class CallFuture(Future):
@@ -147,9 +149,9 @@ class Connection:
         caller must release). Raises TimeoutError if the request could not
         be queued within `timeout` (ring or slots full), the connection's
         end reason if it is over. spec: shm.id.request-id"""
-        return self._start(CallFuture, method, payload, timeout, raw)
+        return self._start(CallFuture, method, payload, timeout, raw, False)
 
-    def _start(self, kind, method, payload, timeout, raw):
+    def _start(self, kind, method, payload, timeout, raw, will_poll):
         self._check_open()
         mid = method_id(method) if isinstance(method, str) else method
         pending = self._pending
@@ -159,7 +161,9 @@ class Connection:
                 rid = (rid + 1) & 0xFFFFFFFF
             self._next_id = (rid + 1) & 0xFFFFFFFF
             fut = pending[rid] = kind(self, rid, raw)
-        expect = self._expect_fn
+        # Only a caller that will poll for the answer itself may tell the
+        # peer not to ring (call_sync); a future may never be waited on.
+        expect = self._expect_fn if will_poll else None
         try:
             desc = payload_descriptor(self.slots, self.peer, REQUEST, rid, payload, method=mid,
                                       timeout=timeout)
@@ -179,7 +183,7 @@ class Connection:
         """Call and wait for the answer: like `call(...).result(timeout)`,
         with less machinery (no Future). On timeout the call is cancelled
         and TimeoutError raised."""
-        w = self._start(_SyncCall, method, payload, timeout, raw)
+        w = self._start(_SyncCall, method, payload, timeout, raw, True)
         if not self.wait_until(w.done, timeout):
             self._cancel_call(w.request_id)
             raise TimeoutError(f"no answer from peer {self.peer} within {timeout} s")
@@ -310,6 +314,8 @@ class Connection:
         try:
             # The result may be a view of the request's payload: answer first.
             self._respond(ctx.request_id, flags, data)
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_RESPONDED)
         finally:
             data = None
             payload.release()

@@ -96,13 +96,14 @@ class Received:
     releases. Use as a context manager to release at the end of a block.
     """
 
-    __slots__ = ("_pool", "_desc", "_slot", "_view")
+    __slots__ = ("_pool", "_desc", "_slot", "_view", "_refs")
 
     def __init__(self, pool, desc: Descriptor) -> None:
         self._pool = pool
         self._desc = desc
         self._slot = None
         self._view = None
+        self._refs = 1
         if not desc.is_inline:
             self._slot = pool.receive(desc.slot_ref, desc.generation)
 
@@ -114,13 +115,16 @@ class Received:
     def descriptor(self) -> Descriptor:
         return self._desc
 
-    def view(self) -> memoryview:
-        """Read-only view of the payload (zero-copy for slot payloads)."""
-        if self._view is None:
-            d = self._desc
+    def view(self, *, writable: bool = False) -> memoryview:
+        """View of the payload (zero-copy for slot payloads; the receiver
+        owns the slot, so it may ask for a writable one)."""
+        d = self._desc
+        if writable:
             if self._slot is None:
-                if self._pool is None and d.is_inline is False:
-                    raise ValueError("payload already released")
+                return memoryview(bytearray(d.payload))
+            return self._pool.view(self._slot, length=d.payload_len, offset=d.payload_offset)
+        if self._view is None:
+            if self._slot is None:
                 self._view = memoryview(d.payload)
             else:
                 self._view = self._pool.view(self._slot, length=d.payload_len,
@@ -134,9 +138,19 @@ class Received:
         finally:
             self.release()
 
+    def retain(self) -> "Received":
+        """Keep the payload past the release of whoever handed it to us
+        (a handler that unpickled zero-copy objects from it): one more
+        `release()` is then needed."""
+        self._refs += 1
+        return self
+
     def release(self) -> None:
-        """Give the slot back (idempotent). Views of it must not be used
-        afterwards."""
+        """Give the slot back once every holder released it. Views of it
+        must not be used afterwards."""
+        self._refs -= 1
+        if self._refs > 0:
+            return
         if self._view is not None:
             try:
                 self._view.release()

@@ -108,7 +108,7 @@ PEER_ENTRY = struct.Struct(
     "I"  # 44 sleep_flags         both (atomic bits, see SLEEP_*)
     "Q"  # 48 channel_table_offset host at create
     "I"  # 56 host_polling        host caller (atomic): polls this guest's g2h ring itself
-    "4x"  # 60 reserved (zero)
+    "I"  # 60 guest_word          guest (atomic), for the layer above: the task it runs
 )
 PEER_ENTRY_SIZE = 64
 assert PEER_ENTRY.size == PEER_ENTRY_SIZE, PEER_ENTRY.size
@@ -125,6 +125,7 @@ P_GUEST_PID = 40
 P_SLEEP_FLAGS = 44
 P_CHANNEL_TABLE = 48
 P_HOST_POLLING = 56
+P_GUEST_WORD = 60
 
 # Bits of `sleep_flags`: who is (about to be) asleep, and on what. A waker
 # reads the word with an atomic RMW after publishing and issues a wake only

@@ -334,7 +334,7 @@ class Segment:
         for peer in range(1, cfg.max_guests + 1):
             L.PEER_ENTRY.pack_into(
                 buf, lay.peer_entry(peer), 0, 0, 0, 0, 0, 0, 0,
-                lay.guest_area(peer), 0, 0, lay.channel_table(peer), 0,
+                lay.guest_area(peer), 0, 0, lay.channel_table(peer), 0, 0,
             )
         format_slot_region(buf, lay)
         # Magic last, with release: an attacher that sees it sees the rest.

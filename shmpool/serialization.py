@@ -1,0 +1,232 @@
+"""Turning calls and results into slot payloads, and back.
+
+Owns: the envelope a task or a result travels in, the pickler (the C
+pickler where it can, cloudpickle where it must), out-of-band buffers
+(pickle protocol 5) written straight into the slot, and "pins": slots that
+stay allocated while objects unpickled from them still use their memory.
+
+Data flow:
+    dumps(obj) -> pickle stream + PickleBuffers (views of the caller's bytes,
+    bytearrays, numpy arrays ...; nothing copied yet)
+    write(pool, stream, buffers) -> one slot: header, stream, each buffer
+    64-byte aligned (one copy of each) -> `Outgoing` for the session layer
+    read(received) -> the object, its buffers being zero-copy views of the
+    slot, and a `Pin` that releases the slot once nothing uses them.
+
+Envelope (little-endian): u32 magic "SHP1", u32 buffer count n, u64 stream
+length, n x u64 buffer lengths; the stream at the next 64-byte boundary,
+each buffer at the next 64-byte boundary after the previous one.
+
+Invariants: a payload that fails to pickle allocates nothing; functions,
+classes and lambdas that cannot be imported by name in the worker (defined
+in `__main__`, in a function, or a lambda) are pickled by value (cloudpickle);
+everything else by reference, at the C pickler's speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import pickle
+import struct
+import sys
+import types
+
+import cloudpickle
+
+from .shm.layout import INLINE_CAPACITY
+
+OOB_MIN = 4096  # bytes-like objects at least this big travel out of band
+MAGIC = 0x31504853  # "SHP1"
+_HEAD = struct.Struct("<IIQ")
+_ALIGN = 64
+
+
+class _NeedsCloudpickle(Exception):
+    pass
+
+
+def _by_value(obj) -> bool:
+    """Would the worker fail to import this by name?"""
+    mod = getattr(obj, "__module__", None)
+    qual = getattr(obj, "__qualname__", "")
+    return mod == "__main__" or mod is None or "<" in qual
+
+
+def _oob(obj):
+    t = type(obj)
+    if t is memoryview:
+        obj = obj.cast("B") if obj.contiguous else obj.tobytes()
+        return (bytes, (pickle.PickleBuffer(obj),))
+    return (t, (pickle.PickleBuffer(obj),))
+
+
+class _FastPickler(pickle.Pickler):
+    """The C pickler, sending big byte strings out of band and handing
+    anything that needs pickling by value to cloudpickle."""
+
+    def reducer_override(self, obj):
+        t = type(obj)
+        if t is bytes or t is bytearray or t is memoryview:
+            if len(obj) >= OOB_MIN:
+                return _oob(obj)
+            if t is memoryview:
+                return (bytes, (obj.tobytes(),))
+            return NotImplemented
+        if (t is types.FunctionType or isinstance(obj, type)) and _by_value(obj):
+            raise _NeedsCloudpickle
+        return NotImplemented
+
+
+class _CloudPickler(cloudpickle.CloudPickler):
+    def reducer_override(self, obj):
+        t = type(obj)
+        if (t is bytes or t is bytearray or t is memoryview) and len(obj) >= OOB_MIN:
+            return _oob(obj)
+        if t is memoryview:
+            return (bytes, (obj.tobytes(),))
+        return super().reducer_override(obj)
+
+
+def dumps(obj) -> tuple[memoryview, list[pickle.PickleBuffer]]:
+    """Pickle `obj`: the stream and its out-of-band buffers (views of the
+    original objects). Raises what pickling raised."""
+    buffers: list = []
+    f = io.BytesIO()
+    try:
+        _FastPickler(f, 5, buffer_callback=buffers.append).dump(obj)
+    except _NeedsCloudpickle:
+        buffers.clear()
+        f = io.BytesIO()
+        _CloudPickler(f, 5, buffer_callback=buffers.append).dump(obj)
+    return f.getbuffer(), buffers
+
+
+def dumps_bytes(obj) -> bytes:
+    """Pickle to one bytes object (buffers in band): for functions."""
+    f = io.BytesIO()
+    try:
+        _FastPickler(f, 5).dump(obj)
+    except _NeedsCloudpickle:
+        f = io.BytesIO()
+        cloudpickle.CloudPickler(f, 5).dump(obj)
+    return f.getvalue()
+
+
+def _layout(stream_len: int, buffers) -> tuple[int, int, list[tuple[int, memoryview]]]:
+    head = _HEAD.size + 8 * len(buffers)
+    pos = (head + _ALIGN - 1) // _ALIGN * _ALIGN if buffers else head
+    stream_at = pos
+    pos += stream_len
+    parts = []
+    for b in buffers:
+        raw = b.raw()  # contiguous bytes view (raises BufferError otherwise)
+        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+        parts.append((pos, raw))
+        pos += raw.nbytes
+    return stream_at, pos, parts
+
+
+def write(pool, stream: memoryview, buffers, timeout: float | None = None):
+    """The envelope of (stream, buffers): inline bytes when it is tiny,
+    else an `Outgoing` slot filled with one copy of each part (the caller
+    hands it to `payload_descriptor`, which sends it)."""
+    from .rpc.messages import Outgoing
+
+    stream_at, total, parts = _layout(stream.nbytes, buffers)
+    if not parts and total <= INLINE_CAPACITY:
+        out = bytearray(total)
+        _HEAD.pack_into(out, 0, MAGIC, 0, stream.nbytes)
+        out[stream_at:] = stream
+        return bytes(out)
+    slot = pool.alloc(total, timeout)
+    try:
+        view = pool.view(slot, length=total)
+        _HEAD.pack_into(view, 0, MAGIC, len(parts), stream.nbytes)
+        for i, (_, raw) in enumerate(parts):
+            struct.pack_into("<Q", view, _HEAD.size + 8 * i, raw.nbytes)
+        view[stream_at : stream_at + stream.nbytes] = stream
+        for at, raw in parts:
+            view[at : at + raw.nbytes] = raw
+        view.release()
+    except BaseException:
+        pool.free(slot)
+        raise
+    return Outgoing(slot, total)
+
+
+class Pin:
+    """Keeps a received slot while objects unpickled from it still use its
+    memory, and frees it once the last of them is gone.
+
+    Each out-of-band buffer is handed to the unpickler as its own ctypes
+    array over the slot: whoever keeps the memory (a zero-copy numpy array)
+    keeps a buffer export of, hence a reference to, that array. So "in
+    use" is "some array's reference count is above what it was before
+    unpickling". spec: shm.varslot.views"""
+
+    __slots__ = ("received", "arrays", "base", "view")
+
+    def __init__(self, received, arrays: list, base: list[int], view) -> None:
+        self.received = received
+        self.arrays = arrays
+        self.base = base
+        self.view = view
+
+    def in_use(self) -> bool:
+        return bool(self.arrays) and _refcounts(self.arrays) != self.base
+
+    def release_if_unused(self) -> bool:
+        if self.in_use():
+            return False
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Free the slot now (only when nothing uses it, or at teardown)."""
+        self.arrays = []
+        if self.view is not None:
+            try:
+                self.view.release()
+            except BufferError:
+                pass  # still exported by a user object: the mapping stays valid
+            self.view = None
+        if self.received is not None:
+            self.received.release()
+            self.received = None
+
+
+def _refcounts(arrays: list) -> list[int]:
+    # Measured the same way every time (one loop variable, the list, the
+    # call's argument), so that equal counts mean "nobody else holds it".
+    out = []
+    for a in arrays:
+        out.append(sys.getrefcount(a))
+    return out
+
+
+def read(received) -> tuple[object, Pin]:
+    """Unpickle a payload. Its buffers are writable zero-copy views of the
+    slot; the returned `Pin` holds the slot until they are unused."""
+    view = received.view(writable=True)
+    if view.nbytes < _HEAD.size:
+        raise ValueError(f"payload of {view.nbytes} bytes is too short for an envelope")
+    magic, n, stream_len = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError(f"payload does not start with the envelope magic ({magic:#x})")
+    lengths = struct.unpack_from(f"<{n}Q", view, _HEAD.size) if n else ()
+    head = _HEAD.size + 8 * n
+    stream_at = (head + _ALIGN - 1) // _ALIGN * _ALIGN if n else head
+    pos = stream_at + stream_len
+    arrays = []
+    for length in lengths:
+        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+        arrays.append((ctypes.c_ubyte * length).from_buffer(view, pos))
+        pos += length
+    base = _refcounts(arrays)  # before anything unpickled can hold them
+    stream = view[stream_at : stream_at + stream_len]
+    try:
+        obj = pickle.loads(stream, buffers=arrays)
+    finally:
+        stream.release()
+    return obj, Pin(received, arrays, base, view)

@@ -1,0 +1,179 @@
+"""The worker cell: a process that runs an executor's tasks.
+
+    python -m shmpool.worker --hub-path=PATH --peer-id=N --doorbell-fd=FD
+
+Owns: the worker's side of its session with the host: the `init`, `define`
+and `run` handlers, the cache of functions it was sent, the pins of task
+payloads whose zero-copy buffers are still in use, and when to leave.
+
+Data flow: the host calls `init` (initializer, initargs, max tasks) first,
+`define` once per function (its pickled bytes), then `run` for each task
+(a function id, single call or chunk, and the arguments, in one slot whose
+buffers are unpickled zero-copy). `run` records the task's request id in
+the entry's guest word (so the host can tell, if this process dies, which
+task was running), calls the function, and answers with the pickled
+result in a slot of its own. Handlers run on the main thread, one task at a
+time, in the order they were queued.
+
+Invariants: an exception raised by the task, or by unpickling its
+arguments, or by pickling its result, is the task's error (the session
+sends it back with its traceback); a failing initializer answers with its
+error and then ends this process with EXIT_INIT_FAILED; after
+`max_tasks` tasks the worker leaves in order (goodbye).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+from . import _atomics, failpoints
+from .hub.guest import run_guest
+from .rpc import GuestSession
+from .rpc.messages import method_id
+from .serialization import dumps, read, write
+from .shm import layout as L
+
+INIT = method_id("shmpool.worker.init")
+DEFINE = method_id("shmpool.worker.define")
+RUN = method_id("shmpool.worker.run")
+SINGLE, CHUNK = 0, 1
+EXIT_INIT_FAILED = 86
+
+FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
+FP_UNPICKLED = failpoints.declare("worker.after-unpickle", "arguments unpickled, function not called")
+FP_IN_FUNCTION = failpoints.declare("worker.in-function", "inside the task, before the function returns")
+FP_PICKLED = failpoints.declare("worker.after-result-pickle", "result pickled, no slot yet")
+FP_RESULT_SLOT = failpoints.declare("worker.after-result-alloc", "result written to its slot, not sent")
+FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result not yet sent")
+
+
+class ResultEncodingError(Exception):
+    """The task's result could not be pickled (the pool turns this into
+    `multiprocessing.pool.MaybeEncodingError`)."""
+
+    def __init__(self, exc_repr: str, value_repr: str) -> None:
+        super().__init__(exc_repr, value_repr)
+        self.exc_repr = exc_repr
+        self.value_repr = value_repr
+
+    def __str__(self) -> str:
+        return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class _Worker:
+    def __init__(self, guest) -> None:
+        self.guest = guest
+        self.session = GuestSession(guest)
+        self.conn = self.session.connection
+        self.buf = guest.segment.buf
+        self.word = guest.segment.layout.peer_entry(guest.peer_id) + L.P_GUEST_WORD
+        self.funcs: dict[int, object] = {}
+        self.pins: list = []
+        self.done = 0
+        self.max_tasks: int | None = None
+        self.exit_code: int | None = None
+        d = self.session.dispatcher
+        d.register(INIT, self.init)
+        d.register(DEFINE, self.define)
+        d.register(RUN, self.run)
+
+    # -- handlers --------------------------------------------------------------
+
+    def init(self, ctx, payload) -> None:
+        (initializer, initargs, max_tasks), pin = read(payload.retain())
+        pin.release()
+        self.max_tasks = max_tasks
+        if initializer is not None:
+            try:
+                initializer(*initargs)
+            except BaseException:
+                self.exit_code = EXIT_INIT_FAILED  # leave once the error is sent
+                raise
+
+    def define(self, ctx, payload) -> None:
+        (fid, fbytes), pin = read(payload.retain())
+        pin.release()
+        try:
+            self.funcs[fid] = pickle.loads(fbytes)
+        except BaseException as e:  # the tasks that use it fail with this
+            self.funcs[fid] = _Broken(e)
+            raise
+
+    def run(self, ctx, payload):
+        _atomics.store_u32(self.buf, self.word, ctx.request_id)  # which task runs now
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_DEQUEUED)
+        try:
+            (fid, kind, args, kwargs), pin = read(payload.retain())
+        except BaseException:
+            payload.release()
+            raise
+        try:
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_UNPICKLED)
+            fn = self.funcs.get(fid)
+            if fn is None:
+                raise LookupError(f"function {fid} was never defined in this worker")
+            if isinstance(fn, _Broken):
+                raise fn.error
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_IN_FUNCTION)
+            if kind == SINGLE:
+                result = fn(*args, **kwargs)
+            else:
+                result = [fn(*a) for a in args]
+            del args, kwargs
+            try:
+                stream, bufs = dumps(result)
+            except Exception as e:
+                raise ResultEncodingError(repr(e), _short_repr(result)) from e
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_PICKLED)
+            out = write(self.session.slots, stream, bufs)
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_RESULT_SLOT)
+            return out
+        finally:
+            self.done += 1
+            if not pin.release_if_unused():
+                self.pins.append(pin)  # the task kept zero-copy arguments alive
+            elif failpoints.ACTIVE:
+                failpoints.hit(FP_FREED)
+            if self.pins:
+                self.pins = [p for p in self.pins if not p.release_if_unused()]
+            if self.max_tasks is not None and self.done >= self.max_tasks:
+                self.exit_code = 0  # leave in order after this answer
+            _atomics.store_u32(self.buf, self.word, 0)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def serve(self) -> int:
+        conn = self.conn
+        while self.exit_code is None and conn.end_reason is None:
+            conn.wait_until(lambda: self.exit_code is not None or conn.end_reason is not None, None)
+        return self.exit_code or 0
+
+
+class _Broken:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _short_repr(obj, limit: int = 200) -> str:
+    try:
+        r = repr(obj)
+    except Exception:  # noqa: BLE001
+        r = f"<unrepresentable {type(obj).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_guest(lambda g: _Worker(g).serve(), sys.argv[1:] if argv is None else argv,
+              prog="shmpool worker")
+
+
+if __name__ == "__main__":
+    main()
