@@ -41,15 +41,17 @@ from typing import Callable
 
 from . import _atomics
 from .errors import (
-    ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, SlotExhaustedError,
-    WorkerCrashedError,
+    ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
+    SlotExhaustedError, WorkerCrashedError,
 )
 from .hub import AddPeerOptions, ShmHost
 from .rpc import HostSession
 from .serialization import dumps, dumps_bytes, read, write
 from .shm import layout as L
 from .shm.layout import SegmentConfig
-from .worker import CHUNK, DEFINE, INIT, RUN, SINGLE
+from .worker import CHUNK, DEFINE, INIT, RUN, SINGLE, ResultEncodingError
+
+_FAILED = object()
 
 MAX_INIT_FAILURES = 3  # consecutive failing initializers before the pool is broken
 FUNCTION_CACHE = 1024
@@ -57,7 +59,7 @@ FUNCTION_CACHE = 1024
 
 class _Task:
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
-                 "worker", "rid", "on_result")
+                 "worker", "rid", "on_result", "on_error")
 
     def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
                  bufs) -> None:
@@ -73,6 +75,7 @@ class _Task:
         self.worker = None
         self.rid = 0
         self.on_result: Callable | None = None  # the pool's result transform
+        self.on_error: Callable | None = None  # the pool's error transform
 
 
 class _Worker:
@@ -104,7 +107,7 @@ class Core:
         self.max_inflight = max_inflight
         self.max_tasks = max_tasks_per_child
         self.name = name
-        self._init = (initializer, tuple(initargs), max_tasks_per_child)
+        self._init_bytes = dumps_bytes((initializer, tuple(initargs), max_tasks_per_child))
         if config is None:
             config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
         self.host = ShmHost.create(config=config)
@@ -143,7 +146,7 @@ class Core:
         proc = self.host.spawn(ticket, [sys.executable, "-m", "shmpool.worker"])
         conn = self.session.connection(ticket.peer_id)
         w = _Worker(ticket.peer_id, proc, conn)
-        init = write(self.slots, *dumps(self._init))
+        init = write(self.slots, *dumps((list(sys.path), self._init_bytes)))
         with self.lock:
             self.workers[w.peer_id] = w
             self.stats["workers_started"] += 1
@@ -230,7 +233,7 @@ class Core:
             self._functions.popitem(last=False)
         return fid, name, fbytes
 
-    def submit(self, fn, kind: int, args, kwargs, on_result=None) -> Future:
+    def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None) -> Future:
         """Queue one task (a call, or a chunk of argument tuples); its future.
         Pickling errors fail the future, not the caller."""
         self.check_open()
@@ -243,6 +246,7 @@ class Core:
             return fut
         task = _Task(fut, fid, name, fbytes, kind, stream, bufs)
         task.on_result = on_result
+        task.on_error = on_error
         with self.lock:
             self.check_open()
             self.queue.append(task)
@@ -321,15 +325,28 @@ class Core:
         if exc is None:
             try:
                 result, pin = read(f.result())
-                if task.on_result is not None:
-                    result = task.on_result(result)
-            except BaseException as e:  # noqa: BLE001 - the task's error
-                self._complete(task, error=e)
+            except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
+                err = ResultUnpicklingError(f"the result of task {task.fname} could not be "
+                                            f"unpickled: {type(e).__name__}: {e}")
+                err.__cause__ = e
+                self._complete(task, error=err)
             else:
                 if not pin.release_if_unused():
                     self.pins.append(pin)
-                self._complete(task, result=result)
+                if task.on_result is not None:
+                    try:
+                        result = task.on_result(result)
+                    except BaseException as e:  # noqa: BLE001
+                        self._complete(task, error=e)
+                        result = _FAILED
+                if result is not _FAILED:
+                    self._complete(task, result=result)
         else:
+            if task.on_error is not None:
+                exc = task.on_error(exc)
+            elif isinstance(exc, ResultEncodingError) and exc.original is not None:
+                orig, exc = exc, exc.original  # the executor reports what pickling raised
+                exc.__cause__ = orig.__cause__
             self._complete(task, error=exc)
         with self.lock:
             if self.pins:

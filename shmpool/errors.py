@@ -19,6 +19,8 @@ from __future__ import annotations
 from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
 
 __all__ = [
+    "TaskUnpicklingError",
+    "ResultUnpicklingError",
     "WorkerCrashedError",
     "PoolBrokenError",
     "ConnectionClosedError",
@@ -170,4 +172,15 @@ class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):
 class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
     """The pool cannot run tasks any more (its initializer keeps failing,
     or workers cannot be started); pending and new work fail with this."""
+
+
+class TaskUnpicklingError(ShmpoolError, _BrokenProcessPool):
+    """A task's arguments (or function) could not be unpickled in the
+    worker. Only this task fails; like the stdlib's report of the same
+    problem it is a `BrokenProcessPool`. The original error is `__cause__`."""
+
+
+class ResultUnpicklingError(ShmpoolError, _BrokenProcessPool):
+    """A task's result could not be unpickled in this process. Only this
+    task fails. The original error is `__cause__`."""
 

@@ -209,24 +209,28 @@ def read(received) -> tuple[object, Pin]:
     """Unpickle a payload. Its buffers are writable zero-copy views of the
     slot; the returned `Pin` holds the slot until they are unused."""
     view = received.view(writable=True)
-    if view.nbytes < _HEAD.size:
-        raise ValueError(f"payload of {view.nbytes} bytes is too short for an envelope")
-    magic, n, stream_len = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise ValueError(f"payload does not start with the envelope magic ({magic:#x})")
-    lengths = struct.unpack_from(f"<{n}Q", view, _HEAD.size) if n else ()
-    head = _HEAD.size + 8 * n
-    stream_at = (head + _ALIGN - 1) // _ALIGN * _ALIGN if n else head
-    pos = stream_at + stream_len
-    arrays = []
-    for length in lengths:
-        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
-        arrays.append((ctypes.c_ubyte * length).from_buffer(view, pos))
-        pos += length
-    base = _refcounts(arrays)  # before anything unpickled can hold them
-    stream = view[stream_at : stream_at + stream_len]
+    arrays: list = []
     try:
-        obj = pickle.loads(stream, buffers=arrays)
-    finally:
-        stream.release()
+        if view.nbytes < _HEAD.size:
+            raise ValueError(f"payload of {view.nbytes} bytes is too short for an envelope")
+        magic, n, stream_len = _HEAD.unpack_from(view, 0)
+        if magic != MAGIC:
+            raise ValueError(f"payload does not start with the envelope magic ({magic:#x})")
+        lengths = struct.unpack_from(f"<{n}Q", view, _HEAD.size) if n else ()
+        head = _HEAD.size + 8 * n
+        stream_at = (head + _ALIGN - 1) // _ALIGN * _ALIGN if n else head
+        pos = stream_at + stream_len
+        for length in lengths:
+            pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+            arrays.append((ctypes.c_ubyte * length).from_buffer(view, pos))
+            pos += length
+        base = _refcounts(arrays)  # before anything unpickled can hold them
+        stream = view[stream_at : stream_at + stream_len]
+        try:
+            obj = pickle.loads(stream, buffers=arrays)
+        finally:
+            stream.release()
+    except BaseException:
+        Pin(received, arrays, [], view).release()  # nothing of it escaped
+        raise
     return obj, Pin(received, arrays, base, view)

@@ -24,10 +24,12 @@ error and then ends this process with EXIT_INIT_FAILED; after
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
 from . import _atomics, failpoints
+from .errors import TaskUnpicklingError
 from .hub.guest import run_guest
 from .rpc import GuestSession
 from .rpc.messages import method_id
@@ -49,13 +51,15 @@ FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result n
 
 
 class ResultEncodingError(Exception):
-    """The task's result could not be pickled (the pool turns this into
-    `multiprocessing.pool.MaybeEncodingError`)."""
+    """The task's result could not be pickled. `original` is the exception
+    pickling raised (the executor raises that, as the stdlib does; the pool
+    turns this into `multiprocessing.pool.MaybeEncodingError`)."""
 
-    def __init__(self, exc_repr: str, value_repr: str) -> None:
-        super().__init__(exc_repr, value_repr)
+    def __init__(self, exc_repr: str, value_repr: str, original: BaseException | None = None) -> None:
+        super().__init__(exc_repr, value_repr, original)
         self.exc_repr = exc_repr
         self.value_repr = value_repr
+        self.original = original
 
     def __str__(self) -> str:
         return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
@@ -81,15 +85,20 @@ class _Worker:
     # -- handlers --------------------------------------------------------------
 
     def init(self, ctx, payload) -> None:
-        (initializer, initargs, max_tasks), pin = read(payload.retain())
+        # First the host's sys.path (as multiprocessing's spawn passes it),
+        # so that functions and arguments pickled by reference import here.
+        (sys_path, setup), pin = read(payload.retain())
         pin.release()
-        self.max_tasks = max_tasks
-        if initializer is not None:
-            try:
+        sys.path[:] = [p for p in sys_path if isinstance(p, str)]
+        try:
+            initializer, initargs, max_tasks = pickle.loads(setup)
+            self.max_tasks = max_tasks
+            if initializer is not None:
                 initializer(*initargs)
-            except BaseException:
-                self.exit_code = EXIT_INIT_FAILED  # leave once the error is sent
-                raise
+        except BaseException as e:
+            # The error goes back to the host as the answer to `init`, and
+            # this worker leaves before it runs anything else (stdlib).
+            raise InitializerFailed(f"{type(e).__name__}: {e}") from e
 
     def define(self, ctx, payload) -> None:
         (fid, fbytes), pin = read(payload.retain())
@@ -106,9 +115,14 @@ class _Worker:
             failpoints.hit(FP_DEQUEUED)
         try:
             (fid, kind, args, kwargs), pin = read(payload.retain())
-        except BaseException:
+        except Exception as e:
             payload.release()
-            raise
+            raise TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
+                                      f"pid {os.getpid()}: {type(e).__name__}: {e}") from e
+        except BaseException:
+            # An exit while unpickling the task ends this worker, as it does
+            # in the stdlib: the host treats it as a crash of this task.
+            os._exit(1)
         try:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_UNPICKLED)
@@ -116,7 +130,9 @@ class _Worker:
             if fn is None:
                 raise LookupError(f"function {fid} was never defined in this worker")
             if isinstance(fn, _Broken):
-                raise fn.error
+                raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
+                                          f"pid {os.getpid()}: {type(fn.error).__name__}: "
+                                          f"{fn.error}") from fn.error
             if failpoints.ACTIVE:
                 failpoints.hit(FP_IN_FUNCTION)
             if kind == SINGLE:
@@ -127,7 +143,7 @@ class _Worker:
             try:
                 stream, bufs = dumps(result)
             except Exception as e:
-                raise ResultEncodingError(repr(e), _short_repr(result)) from e
+                raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
             if failpoints.ACTIVE:
                 failpoints.hit(FP_PICKLED)
             out = write(self.session.slots, stream, bufs)
@@ -150,9 +166,18 @@ class _Worker:
 
     def serve(self) -> int:
         conn = self.conn
-        while self.exit_code is None and conn.end_reason is None:
-            conn.wait_until(lambda: self.exit_code is not None or conn.end_reason is not None, None)
+        try:
+            while self.exit_code is None and conn.end_reason is None:
+                conn.wait_until(lambda: self.exit_code is not None or conn.end_reason is not None, None)
+        except InitializerFailed:
+            return EXIT_INIT_FAILED
         return self.exit_code or 0
+
+
+class InitializerFailed(BaseException):
+    """The pool's initializer raised in this worker (a BaseException, so
+    that the session answers `init` with it and then lets it end the
+    worker before any task runs)."""
 
 
 class _Broken:
@@ -160,6 +185,14 @@ class _Broken:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def _picklable(e: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _short_repr(obj, limit: int = 200) -> str:
@@ -176,4 +209,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the module under its real name, so that its exception classes
+    # pickle by reference (as shmpool.worker.X, not __main__.X).
+    from shmpool.worker import main as _main
+
+    _main()

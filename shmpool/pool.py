@@ -1,0 +1,662 @@
+"""`ShmPool`: a `multiprocessing.Pool` over shared memory.
+
+Owns: the public pool API (argument checking as `multiprocessing.Pool`
+does it, `apply`/`map`/`imap`/`starmap` and their async forms, `close`,
+`terminate`, `join`), the result objects (`AsyncResult`, `MapResult`,
+`IMapIterator`, `IMapUnorderedIterator`, subclasses of the stdlib's so
+that `isinstance` checks keep working), the pool's handler thread and the
+pool's lifetime (explicit close/terminate, garbage collection, interpreter
+exit).
+
+Data flow:
+- `apply_async`, `map_async`, `starmap_async` (caller's thread): split the
+  input into chunks and hand each to `_core.Core.submit` at once (a call is
+  `SINGLE`, a chunk is `CHUNK`: a tuple of argument tuples whose result is a
+  list). Each core future gets a done callback (`_deliver`) that stores its
+  outcome in the result object, converts the worker's `ResultEncodingError`
+  into `multiprocessing.pool.MaybeEncodingError` and runs the user's
+  `callback`/`error_callback`. Done callbacks run on whichever thread
+  completes the future: usually the hub's driver thread.
+- `imap`, `imap_unordered` (lazy): the job goes to the handler thread, which
+  reads the input and submits chunks only while fewer than `_room` tasks of
+  this pool are pending, so the input is consumed at the workers' pace,
+  never materialised.
+- `close()`: the handler finishes feeding, waits until every task is done,
+  then closes the core (workers leave, segment removed). `terminate()`:
+  pending tasks fail with `PoolBrokenError`, workers get SIGTERM, the core
+  is closed. `join()` waits for the handler thread, which does the closing.
+
+Invariants: every result object becomes ready exactly once, including on
+`terminate()`, garbage collection, a crashed worker (after `max_retries`,
+`WorkerCrashedError`) or a broken pool: `get()` never hangs on a dead
+pool. Only the handler thread closes the core (or the exit hook, if the
+handler is stuck in a user's input iterator). Nothing in a done callback
+blocks. After `join()` no worker, segment file, fd or thread remains.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import operator
+import queue
+import signal
+import threading
+import warnings
+import weakref
+from concurrent.futures import CancelledError
+from multiprocessing import TimeoutError as MpTimeoutError
+from multiprocessing import pool as _mp
+
+from ._core import CHUNK, SINGLE, Core, default_workers
+from .errors import PoolBrokenError
+from .executor import _Process
+
+__all__ = ["ShmPool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
+           "IMapUnorderedIterator"]
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+_TERMINATED = "the pool was terminated (terminate(), the with-block ended, or the pool was " \
+              "garbage collected or the interpreter exited) before this task finished"
+_POLL = 0.1  # seconds between checks for terminate() in the handler's waits
+
+_jobs = itertools.count()
+_tls = threading.local()  # depth > 0 while this thread runs a pool's done callback
+_live: "weakref.WeakSet[_State]" = weakref.WeakSet()
+
+
+def _in_callback() -> bool:
+    return getattr(_tls, "depth", 0) > 0
+
+
+def _no_wait_in_callback() -> None:
+    if _in_callback():
+        raise RuntimeError(
+            "waiting for a pool result inside a pool callback would deadlock: callbacks run on "
+            "the pool's internal thread, the one that delivers results")
+
+
+class _State:
+    """What the handler thread, the done callbacks and the finalizer share.
+    Holds no reference to the `ShmPool` object, so that it can be
+    garbage collected."""
+
+    def __init__(self, core: Core, room: int) -> None:
+        self.core = core
+        self.state = RUN
+        self.room = room
+        self.pending = 0  # tasks of this pool submitted and not yet completed
+        self.cond = threading.Condition(threading.Lock())  # pending < room
+        # imap jobs, then None once closing or terminating. A SimpleQueue:
+        # its put() is safe in a finalizer that interrupts this very thread.
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.accepting = True  # the handler still takes jobs
+        self.close_lock = threading.Lock()
+        self.closed = False
+        self.handler: threading.Thread | None = None
+
+    # -- called from any thread --------------------------------------------------
+
+    def put_job(self, job) -> None:
+        self.jobs.put(job)
+        if not self.accepting:  # the handler is gone: it never sees this job
+            self.drain()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job[0]._abort(0, PoolBrokenError(_TERMINATED))
+
+    def request_terminate(self) -> None:
+        """Ask the handler to terminate. Safe in a finalizer: no lock is
+        taken (the handler's waits poll the state)."""
+        self.state = TERMINATE
+        self.jobs.put(None)
+
+    def task_started(self) -> None:
+        with self.cond:
+            self.pending += 1
+
+    def task_done(self) -> None:
+        with self.cond:
+            self.pending -= 1
+            if self.pending < self.room:
+                self.cond.notify()
+
+    def close_core(self) -> None:
+        with self.close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.core.close()
+
+    # -- the handler thread ---------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    if self.state == RUN:
+                        continue
+                    break
+                self.feed(*job)
+            self.accepting = False
+            self.drain()
+            core = self.core
+            if self.state != TERMINATE:
+                with core.lock:
+                    core.shutdown_started = True
+                while not core.wait_idle(_POLL) and self.state != TERMINATE:
+                    pass
+            if self.state == TERMINATE:
+                core.fail_all(_TERMINATED)
+                core.signal_workers(signal.SIGTERM)
+        finally:
+            self.accepting = False
+            self.close_core()
+
+    def feed(self, result: "IMapIterator", fn, it, chunksize: int) -> None:
+        """Submit the tasks of one imap job, each once there is room."""
+        i = 0
+        try:
+            for i in itertools.count():
+                if not self.wait_room():
+                    result._abort(i, PoolBrokenError(_TERMINATED))
+                    return
+                if chunksize == 1:
+                    try:
+                        x = next(it)
+                    except StopIteration:
+                        break
+                    kind, args = SINGLE, (x,)
+                else:
+                    batch = tuple(itertools.islice(it, chunksize))
+                    if not batch:
+                        break
+                    kind, args = CHUNK, tuple((x,) for x in batch)
+                _submit(self, result, i, fn, kind, args, {})
+        except BaseException as e:  # noqa: BLE001 - the input raised: that item's error, as the stdlib
+            result._abort(i, e)
+            return
+        result._set_length(i)
+
+    def wait_room(self) -> bool:
+        with self.cond:
+            while self.pending >= self.room and self.state != TERMINATE:
+                self.cond.wait(_POLL)
+        return self.state != TERMINATE
+
+
+def _submit(st: _State, result, index: int, fn, kind: int, args, kwds) -> None:
+    """One core task whose outcome goes to `result` at `index`."""
+    st.task_started()
+    try:
+        fut = st.core.submit(fn, kind, args, kwds)
+    except Exception as e:  # noqa: BLE001 - pool broken or closed under us
+        _tls.depth = getattr(_tls, "depth", 0) + 1
+        try:
+            result._set(index, (False, e))
+        finally:
+            _tls.depth -= 1
+            st.task_done()
+        return
+    fut.add_done_callback(lambda f: _deliver(st, result, index, f))
+
+
+def _deliver(st: _State, result, index: int, fut) -> None:
+    """Done callback of a core future (whatever thread completed it)."""
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        try:
+            exc = fut.exception()
+        except CancelledError as e:
+            exc = e
+        if exc is None:
+            result._set(index, (True, fut.result()))
+        else:
+            result._set(index, (False, _convert(exc)))
+    finally:
+        _tls.depth -= 1
+        st.task_done()
+
+
+def _convert(exc: BaseException) -> BaseException:
+    """The worker's `ResultEncodingError` becomes the stdlib's
+    `MaybeEncodingError`. The worker runs as `python -m shmpool.worker`, so
+    the class arrives as a copy of `__main__.ResultEncodingError`, not as
+    `shmpool.worker.ResultEncodingError`: recognise it by name and fields."""
+    if type(exc).__name__ == "ResultEncodingError" and hasattr(exc, "exc_repr") \
+            and hasattr(exc, "value_repr"):
+        err = _mp.MaybeEncodingError.__new__(_mp.MaybeEncodingError)
+        Exception.__init__(err, exc.exc_repr, exc.value_repr)
+        err.exc, err.value = exc.exc_repr, exc.value_repr
+        err.__cause__ = exc.__cause__
+        return err
+    return exc
+
+
+def _collected(st: _State) -> None:
+    """The pool object was garbage collected: terminate it, as the stdlib
+    does. The handler thread does the work (this may run on any thread)."""
+    if st.state == RUN:
+        st.request_terminate()
+
+
+def _at_exit() -> None:
+    """Interpreter exit: every pool still alive is terminated (as
+    `multiprocessing.Pool`'s exit finalizer does)."""
+    for st in list(_live):
+        try:
+            st.request_terminate()
+            st.core.fail_all(_TERMINATED)
+            st.core.signal_workers(signal.SIGTERM)
+            if st.handler is not None:
+                st.handler.join(5)
+            st.close_core()
+        except Exception:  # noqa: BLE001 - never fail interpreter exit
+            pass
+
+
+class ShmPool:
+    """A process pool with `multiprocessing.Pool`'s API whose workers talk
+    to this process through shared memory.
+
+    Same arguments, defaults, validation and exceptions as
+    `multiprocessing.Pool` (`context` is accepted and ignored: workers are
+    always fresh interpreters started from spawn tickets), plus:
+
+    - `max_retries`: a task (a call, or a chunk of a map) whose worker dies
+      while running it is run again on a replacement worker up to this many
+      times; then its result fails with `WorkerCrashedError` (a
+      `BrokenProcessPool`) through `get()` and `error_callback`. The pool
+      replaces the worker and goes on. (`multiprocessing.Pool` hangs.)
+    - `max_inflight`: tasks each worker holds at once.
+    - `segment_config`: sizes of the shared segment (`SegmentConfig`).
+
+    Where it differs from `multiprocessing.Pool`, on purpose:
+
+    - results never hang: on `terminate()` (and at the end of a `with`
+      block) pending results fail with `PoolBrokenError`; an initializer
+      that keeps failing breaks the pool (`PoolBrokenError`) instead of
+      respawning workers forever;
+    - `map`/`starmap` reject `chunksize < 1` (`ValueError`) instead of
+      returning `[None, ...]`; `map_async` on an empty iterable calls
+      `callback([])`;
+    - the chunked `imap` iterators also take `next(timeout)`.
+
+    Callbacks (`callback`, `error_callback`) run in this process on the
+    pool's internal thread that completes the task (usually the hub's
+    driver thread), as in the stdlib where they run on the result-handler
+    thread: they must return quickly and must not block. Waiting for a
+    pool result inside one raises `RuntimeError` (it would deadlock); an
+    exception a callback raises is logged (`concurrent.futures` logger) and
+    does not stop the pool.
+    """
+
+    def __init__(self, processes: int | None = None, initializer=None, initargs=(),
+                 maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
+                 max_inflight: int = 2, segment_config=None) -> None:
+        self._st: _State | None = None
+        if processes is None:
+            processes = default_workers()
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        processes = operator.index(processes)
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        self._ctx = context  # accepted, as multiprocessing.Pool's; not used
+        self._processes = processes
+        self._initializer = initializer
+        self._initargs = initargs
+        self._maxtasksperchild = maxtasksperchild
+        core = Core(processes, initializer=initializer, initargs=initargs,
+                    max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
+                    max_inflight=max_inflight, config=segment_config, name="shmpool-pool")
+        st = _State(core, room=2 * processes * max_inflight)
+        st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
+        try:
+            st.handler.start()
+        except BaseException:
+            core.close()
+            raise
+        self._st = st
+        _live.add(st)
+        self._finalizer = weakref.finalize(self, _collected, st)
+        self._finalizer.atexit = False  # _at_exit handles exit
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def _state(self) -> str:
+        return self._st.state if self._st is not None else "INIT"
+
+    def _check_running(self) -> None:
+        if self._st is None or self._st.state != RUN:
+            raise ValueError("Pool not running")
+
+    # -- single calls -------------------------------------------------------------------
+
+    def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
+        """`func(*args, **kwds)` in a worker; blocks until the result is ready."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
+                    error_callback=None) -> "ApplyResult":
+        """Like `apply()` but returns an `AsyncResult` at once."""
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        _submit(self._st, result, 0, func, SINGLE, args, kwds)
+        return result
+
+    # -- maps -------------------------------------------------------------------------
+
+    def map(self, func, iterable, chunksize=None):
+        """`[func(x) for x in iterable]` computed in the workers, `chunksize`
+        items per task (default: about 4 tasks per worker)."""
+        return self._map_async(func, iterable, False, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like `map()`, but each item is unpacked: `func(*item)`."""
+        return self._map_async(func, iterable, True, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        """Like `map()` but returns a `MapResult` at once."""
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        """Like `starmap()` but returns a `MapResult` at once."""
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+
+    def _map_async(self, func, iterable, star: bool, chunksize=None, callback=None,
+                   error_callback=None) -> "MapResult":
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        elif not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        if len(iterable) == 0:
+            chunksize = 0
+        result = MapResult(self, chunksize, len(iterable), callback, error_callback)
+        it = iter(iterable)
+        for i in itertools.count():
+            batch = tuple(itertools.islice(it, chunksize)) if chunksize else ()
+            if not batch:
+                break
+            _submit(self._st, result, i, func, CHUNK, batch if star else tuple((x,) for x in batch),
+                    None)
+        return result
+
+    def imap(self, func, iterable, chunksize=1) -> "IMapIterator":
+        """An iterator of `func(x)` in input order. The input is read lazily,
+        at the pace the workers take it."""
+        return self._imap(IMapIterator, func, iterable, chunksize)
+
+    def imap_unordered(self, func, iterable, chunksize=1) -> "IMapUnorderedIterator":
+        """Like `imap()`, but yields each result as soon as it is ready."""
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+
+    def _imap(self, cls, func, iterable, chunksize):
+        self._check_running()
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        it = iter(iterable)
+        result = cls(self, chunked=chunksize != 1)
+        self._st.put_job((result, func, it, chunksize))
+        return result
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """No more tasks; the workers leave once the pending ones are done."""
+        st = self._st
+        if st is not None and st.state == RUN:
+            st.state = CLOSE
+            st.jobs.put(None)
+
+    def terminate(self) -> None:
+        """Stop now: pending tasks fail (`PoolBrokenError`), workers get
+        SIGTERM, everything is released. Called on garbage collection and
+        at the end of a `with` block, as in the stdlib."""
+        st = self._st
+        if st is None:
+            return
+        self._finalizer.detach()
+        if not st.closed:
+            st.request_terminate()
+            with st.cond:
+                st.cond.notify_all()
+            if _in_callback():
+                return  # the handler thread finishes it; this thread delivers results
+            st.core.fail_all(_TERMINATED)
+            st.core.signal_workers(signal.SIGTERM)
+        if threading.current_thread() is not st.handler:
+            st.handler.join()
+
+    def join(self) -> None:
+        """Wait until the workers are gone (after `close()` or `terminate()`)."""
+        st = self._st
+        if st is None or st.state == RUN:
+            raise ValueError("Pool is still running")
+        if _in_callback():
+            raise RuntimeError("join() inside a pool callback would deadlock")
+        if threading.current_thread() is not st.handler:
+            st.handler.join()
+
+    def __enter__(self) -> "ShmPool":
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        self.terminate()
+
+    def __del__(self, _warn=warnings.warn) -> None:
+        st = getattr(self, "_st", None)
+        if st is not None and st.state == RUN:
+            _warn(f"unclosed running shmpool pool {self!r}", ResourceWarning, source=self)
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def _pool(self) -> list:
+        """The live workers as `multiprocessing.Process`-like handles."""
+        return [_Process(p) for p in self._st.core.processes().values()]
+
+    def statistics(self) -> dict:
+        """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
+        return self._st.core.statistics()
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------
+
+
+class ApplyResult(_mp.ApplyResult):
+    """The result of `apply_async()`: `get(timeout)`, `wait(timeout)`,
+    `ready()`, `successful()`, as the stdlib's."""
+
+    def __init__(self, pool: ShmPool, callback, error_callback) -> None:  # noqa: D107
+        self._pool = pool  # keeps the pool alive until the result is in, as the stdlib does
+        self._event = threading.Event()
+        self._job = next(_jobs)
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self._event.is_set():
+            _no_wait_in_callback()
+            self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None):
+        self.wait(timeout)
+        if not self.ready():
+            raise MpTimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, i: int, obj) -> None:
+        self._success, self._value = obj
+        self._done()
+
+    def _done(self) -> None:
+        try:
+            if self._success and self._callback:
+                self._callback(self._value)
+            elif not self._success and self._error_callback:
+                self._error_callback(self._value)
+        finally:
+            self._event.set()
+            self._pool = None
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult, _mp.MapResult):
+    """The result of `map_async()`/`starmap_async()`: the list of results in
+    input order, or the first error once every chunk has finished."""
+
+    def __init__(self, pool: ShmPool, chunksize: int, length: int, callback,  # noqa: D107
+                 error_callback) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._lock = threading.Lock()
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        self._number_left = -(-length // chunksize) if chunksize > 0 else 0
+        if self._number_left == 0:
+            self._done()
+
+    def _set(self, i: int, obj) -> None:
+        success, value = obj
+        with self._lock:
+            self._number_left -= 1
+            if success and self._success:
+                self._value[i * self._chunksize:(i + 1) * self._chunksize] = value
+            elif not success and self._success:
+                self._success, self._value = False, value  # the first error wins
+            last = self._number_left == 0
+        if last:
+            self._done()
+
+
+class IMapIterator(_mp.IMapIterator):
+    """The iterator `imap()` returns: results in input order;
+    `next(timeout)` raises `multiprocessing.TimeoutError`. A task's
+    exception is raised by the `next()` that reaches it; iteration can go
+    on after it."""
+
+    def __init__(self, pool: ShmPool, chunked: bool = False) -> None:  # noqa: D107
+        self._pool = pool
+        self._cond = threading.Condition(threading.Lock())
+        self._job = next(_jobs)
+        self._items: collections.deque = collections.deque()  # (success, value), in yield order
+        self._index = 0  # tasks delivered to _items
+        self._length: int | None = None  # tasks in all, once the input is exhausted
+        self._unsorted: dict = {}
+        self._chunked = chunked
+        self._chunk: collections.deque = collections.deque()  # rest of the current chunk
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout: float | None = None):
+        with self._cond:
+            while True:
+                if self._chunk:
+                    return self._chunk.popleft()
+                if not self._items:
+                    if self._index == self._length:
+                        self._pool = None
+                        raise StopIteration
+                    _no_wait_in_callback()
+                    if not self._cond.wait_for(lambda: self._items or self._index == self._length,
+                                               timeout):
+                        raise MpTimeoutError
+                    continue
+                success, value = self._items.popleft()
+                if not success:
+                    raise value
+                if not self._chunked:
+                    return value
+                self._chunk.extend(value)
+
+    __next__ = next
+
+    def _set(self, i: int, obj) -> None:
+        with self._cond:
+            if i == self._index:
+                self._items.append(obj)
+                self._index += 1
+                while self._index in self._unsorted:
+                    self._items.append(self._unsorted.pop(self._index))
+                    self._index += 1
+                self._cond.notify_all()
+            else:
+                self._unsorted[i] = obj
+            self._check_end()
+
+    def _set_length(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            self._cond.notify_all()
+            self._check_end()
+
+    def _check_end(self) -> None:
+        if self._index == self._length:
+            self._pool = None
+
+    def _abort(self, i: int, err: BaseException) -> None:
+        """Task `i` and the rest of the input will never run."""
+        self._set(i, (False, err))
+        self._set_length(i + 1)
+
+
+class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
+    """The iterator `imap_unordered()` returns: results as they complete."""
+
+    def _set(self, i: int, obj) -> None:
+        with self._cond:
+            self._items.append(obj)
+            self._index += 1
+            self._cond.notify_all()
+            self._check_end()
+
+
+import atexit  # noqa: E402 - registered after the definitions it needs
+
+atexit.register(_at_exit)
