@@ -34,6 +34,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ShmExecutor",
+    "ShmPool",
     "WorkerCrashedError",
     "PoolBrokenError",
     "ConfigError",

@@ -59,7 +59,7 @@ FUNCTION_CACHE = 1024
 
 class _Task:
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
-                 "worker", "rid", "on_result", "on_error")
+                 "worker", "rid", "on_result", "on_error", "started", "finished")
 
     def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
                  bufs) -> None:
@@ -76,6 +76,8 @@ class _Task:
         self.rid = 0
         self.on_result: Callable | None = None  # the pool's result transform
         self.on_error: Callable | None = None  # the pool's error transform
+        self.started = False  # its future was moved to running (once)
+        self.finished = False  # completed (or cancelled, or failed by _break): never again
 
 
 class _Worker:
@@ -119,7 +121,10 @@ class Core:
         self.workers: dict[int, _Worker] = {}
         self.live = 0  # tasks submitted and not yet completed
         self.pins: list = []
-        self.stats = collections.Counter()
+        self.stats = collections.Counter(dict.fromkeys((
+            "submitted", "dispatched", "completed", "failed", "retries", "requeued",
+            "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
+            "slot_waits"), 0))
         self.shutdown_started = False
         self.broken: str | None = None
         self._init_failures = 0
@@ -265,9 +270,11 @@ class Core:
             if w is None:
                 return
             task = q.popleft()
-            if task.rid == 0 and not task.future.set_running_or_notify_cancel():
-                self._finished(task)  # cancelled while it waited (a retry is running already)
-                continue
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    self._finished(task)  # cancelled while it waited
+                    continue
+                task.started = True
             if not self._send(task, w):
                 q.appendleft(task)
                 return
@@ -292,6 +299,12 @@ class Core:
         except SlotExhaustedError:
             self.pins = [p for p in self.pins if not p.release_if_unused()]
             self.stats["slot_waits"] += 1
+            if not any(x.inflight for x in self.workers.values()):
+                # No completion will come to retry this: the slots are held
+                # by results the caller keeps. Look again shortly.
+                t = threading.Timer(0.01, self._retry_dispatch)
+                t.daemon = True
+                t.start()
             return False
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
@@ -311,12 +324,21 @@ class Core:
         cf.add_done_callback(lambda f, task=task, w=w: self._on_done(task, w, f))
         return True
 
+    def _retry_dispatch(self) -> None:
+        if not self._closed:
+            with self.lock:
+                self._dispatch()
+
     # -- completion -------------------------------------------------------------
 
     def _on_done(self, task: _Task, w: _Worker, f) -> None:
         exc = f.exception()
         with self.lock:
             w.inflight.pop(task.rid, None)
+            if task.finished:  # failed by _break (terminate) meanwhile: nothing to do
+                if exc is None:
+                    f.result().release()
+                return
             if exc is not None and isinstance(exc, (PeerDeadError, ConnectionClosedError)) \
                     and not isinstance(exc, ProtocolError):
                 self._lost(task, w)
@@ -385,6 +407,9 @@ class Core:
             self._finished(task)
 
     def _finished(self, task: _Task) -> None:
+        if task.finished:
+            return
+        task.finished = True
         task.stream = task.bufs = task.fbytes = None
         self.live -= 1
         self.idle.notify_all()
@@ -432,8 +457,14 @@ class Core:
             self._break(why)
 
     def close(self, wait: bool = True) -> None:
-        """Stop everything: goodbye to the workers, remove the segment."""
+        """Stop everything: goodbye to the workers, remove the segment.
+        (From the hub's own driver thread, e.g. a finalizer run there, the
+        work is handed to a short-lived thread: the driver cannot wait for
+        itself.)"""
         if self._closed:
+            return
+        if self.host._driver.on_driver:
+            threading.Thread(target=self.close, name=f"{self.name}-close").start()
             return
         self._closed = True
         self._respawn_q.put(None)

@@ -56,6 +56,9 @@ class ShmExecutor(Executor):
             raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__}")
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        elif max_workers > 255:
+            raise ValueError(f"max_workers must be at most 255 (a segment has 255 peer entries), "
+                             f"got {max_workers}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:

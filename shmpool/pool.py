@@ -2,25 +2,22 @@
 
 Owns: the public pool API (argument checking as `multiprocessing.Pool`
 does it, `apply`/`map`/`imap`/`starmap` and their async forms, `close`,
-`terminate`, `join`), the result objects (`AsyncResult`, `MapResult`,
-`IMapIterator`, `IMapUnorderedIterator`, subclasses of the stdlib's so
+`terminate`, `join`), the result objects (subclasses of the stdlib's
+`ApplyResult`, `MapResult`, `IMapIterator`, `IMapUnorderedIterator`, so
 that `isinstance` checks keep working), the pool's handler thread and the
-pool's lifetime (explicit close/terminate, garbage collection, interpreter
-exit).
+pool's lifetime (close/terminate, garbage collection, interpreter exit).
 
 Data flow:
 - `apply_async`, `map_async`, `starmap_async` (caller's thread): split the
-  input into chunks and hand each to `_core.Core.submit` at once (a call is
-  `SINGLE`, a chunk is `CHUNK`: a tuple of argument tuples whose result is a
-  list). Each core future gets a done callback (`_deliver`) that stores its
-  outcome in the result object, converts the worker's `ResultEncodingError`
-  into `multiprocessing.pool.MaybeEncodingError` and runs the user's
-  `callback`/`error_callback`. Done callbacks run on whichever thread
-  completes the future: usually the hub's driver thread.
-- `imap`, `imap_unordered` (lazy): the job goes to the handler thread, which
-  reads the input and submits chunks only while fewer than `_room` tasks of
-  this pool are pending, so the input is consumed at the workers' pace,
-  never materialised.
+  input into chunks and `Core.submit` each at once (a call is `SINGLE`, a
+  chunk is `CHUNK`: a tuple of argument tuples, its result a list). The
+  core turns a `ResultEncodingError` into `MaybeEncodingError` (`_convert`,
+  on_error hook); each future's done callback (`_deliver`, on whichever
+  thread completes it: usually the hub's driver thread) stores the outcome
+  in the result object, which runs `callback`/`error_callback`.
+- `imap`, `imap_unordered`: the job goes to the handler thread, which reads
+  the input and submits a task only while fewer than `room` tasks of this
+  pool are pending: the input is read at the workers' pace, never listed.
 - `close()`: the handler finishes feeding, waits until every task is done,
   then closes the core (workers leave, segment removed). `terminate()`:
   pending tasks fail with `PoolBrokenError`, workers get SIGTERM, the core
@@ -36,6 +33,7 @@ blocks. After `join()` no worker, segment file, fd or thread remains.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import operator
@@ -95,8 +93,6 @@ class _State:
         self.closed = False
         self.handler: threading.Thread | None = None
 
-    # -- called from any thread --------------------------------------------------
-
     def put_job(self, job) -> None:
         self.jobs.put(job)
         if not self.accepting:  # the handler is gone: it never sees this job
@@ -133,8 +129,6 @@ class _State:
                 return
             self.closed = True
         self.core.close()
-
-    # -- the handler thread ---------------------------------------------------------
 
     def run(self) -> None:
         try:
@@ -196,7 +190,7 @@ def _submit(st: _State, result, index: int, fn, kind: int, args, kwds) -> None:
     """One core task whose outcome goes to `result` at `index`."""
     st.task_started()
     try:
-        fut = st.core.submit(fn, kind, args, kwds)
+        fut = st.core.submit(fn, kind, args, kwds, on_error=_convert)
     except Exception as e:  # noqa: BLE001 - pool broken or closed under us
         _tls.depth = getattr(_tls, "depth", 0) + 1
         try:
@@ -219,19 +213,16 @@ def _deliver(st: _State, result, index: int, fut) -> None:
         if exc is None:
             result._set(index, (True, fut.result()))
         else:
-            result._set(index, (False, _convert(exc)))
+            result._set(index, (False, exc))
     finally:
         _tls.depth -= 1
         st.task_done()
 
 
 def _convert(exc: BaseException) -> BaseException:
-    """The worker's `ResultEncodingError` becomes the stdlib's
-    `MaybeEncodingError`. The worker runs as `python -m shmpool.worker`, so
-    the class arrives as a copy of `__main__.ResultEncodingError`, not as
-    `shmpool.worker.ResultEncodingError`: recognise it by name and fields."""
-    if type(exc).__name__ == "ResultEncodingError" and hasattr(exc, "exc_repr") \
-            and hasattr(exc, "value_repr"):
+    """The core's on_error hook: the worker's `ResultEncodingError` (the
+    result could not be pickled) becomes the stdlib's `MaybeEncodingError`."""
+    if type(exc).__name__ == "ResultEncodingError" and hasattr(exc, "value_repr"):
         err = _mp.MaybeEncodingError.__new__(_mp.MaybeEncodingError)
         Exception.__init__(err, exc.exc_repr, exc.value_repr)
         err.exc, err.value = exc.exc_repr, exc.value_repr
@@ -251,6 +242,8 @@ def _at_exit() -> None:
     """Interpreter exit: every pool still alive is terminated (as
     `multiprocessing.Pool`'s exit finalizer does)."""
     for st in list(_live):
+        if st.closed:
+            continue
         try:
             st.request_terminate()
             st.core.fail_all(_TERMINATED)
@@ -268,34 +261,27 @@ class ShmPool:
 
     Same arguments, defaults, validation and exceptions as
     `multiprocessing.Pool` (`context` is accepted and ignored: workers are
-    always fresh interpreters started from spawn tickets), plus:
+    always fresh interpreters started from spawn tickets), plus
+    `max_retries` (a task, or map chunk, whose worker dies is run again on
+    a replacement up to this many times, then fails with
+    `WorkerCrashedError`, a `BrokenProcessPool`, through `get()` and
+    `error_callback`; the pool goes on), `max_inflight` (tasks each worker
+    holds at once) and `segment_config` (a `SegmentConfig`).
 
-    - `max_retries`: a task (a call, or a chunk of a map) whose worker dies
-      while running it is run again on a replacement worker up to this many
-      times; then its result fails with `WorkerCrashedError` (a
-      `BrokenProcessPool`) through `get()` and `error_callback`. The pool
-      replaces the worker and goes on. (`multiprocessing.Pool` hangs.)
-    - `max_inflight`: tasks each worker holds at once.
-    - `segment_config`: sizes of the shared segment (`SegmentConfig`).
+    Differences, on purpose: results never hang (after `terminate()`, also
+    at the end of a `with` block, pending results fail with
+    `PoolBrokenError`; an initializer that keeps failing breaks the pool
+    instead of respawning workers forever; a dead worker's task is retried
+    or fails); `map`/`starmap` reject `chunksize < 1` instead of returning
+    `[None, ...]`; `map_async([])` calls `callback([])`; the chunked `imap`
+    iterators also take `next(timeout)`.
 
-    Where it differs from `multiprocessing.Pool`, on purpose:
-
-    - results never hang: on `terminate()` (and at the end of a `with`
-      block) pending results fail with `PoolBrokenError`; an initializer
-      that keeps failing breaks the pool (`PoolBrokenError`) instead of
-      respawning workers forever;
-    - `map`/`starmap` reject `chunksize < 1` (`ValueError`) instead of
-      returning `[None, ...]`; `map_async` on an empty iterable calls
-      `callback([])`;
-    - the chunked `imap` iterators also take `next(timeout)`.
-
-    Callbacks (`callback`, `error_callback`) run in this process on the
-    pool's internal thread that completes the task (usually the hub's
-    driver thread), as in the stdlib where they run on the result-handler
-    thread: they must return quickly and must not block. Waiting for a
-    pool result inside one raises `RuntimeError` (it would deadlock); an
-    exception a callback raises is logged (`concurrent.futures` logger) and
-    does not stop the pool.
+    Callbacks run in this process on the internal thread that completes
+    the task (usually the hub's driver thread; in the stdlib, the result
+    handler thread): they must return quickly and must not block. Waiting
+    for a pool result in one raises `RuntimeError` (it would deadlock); an
+    exception a callback raises is logged (`concurrent.futures`) and the
+    pool goes on.
     """
 
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
@@ -336,8 +322,6 @@ class ShmPool:
         self._finalizer = weakref.finalize(self, _collected, st)
         self._finalizer.atexit = False  # _at_exit handles exit
 
-    # -- state ---------------------------------------------------------------------------
-
     @property
     def _state(self) -> str:
         return self._st.state if self._st is not None else "INIT"
@@ -345,8 +329,6 @@ class ShmPool:
     def _check_running(self) -> None:
         if self._st is None or self._st.state != RUN:
             raise ValueError("Pool not running")
-
-    # -- single calls -------------------------------------------------------------------
 
     def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
         """`func(*args, **kwds)` in a worker; blocks until the result is ready."""
@@ -359,8 +341,6 @@ class ShmPool:
         result = ApplyResult(self, callback, error_callback)
         _submit(self._st, result, 0, func, SINGLE, args, kwds)
         return result
-
-    # -- maps -------------------------------------------------------------------------
 
     def map(self, func, iterable, chunksize=None):
         """`[func(x) for x in iterable]` computed in the workers, `chunksize`
@@ -473,8 +453,6 @@ class ShmPool:
     def __reduce__(self):
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
-    # -- introspection ----------------------------------------------------------------------
-
     @property
     def _pool(self) -> list:
         """The live workers as `multiprocessing.Process`-like handles."""
@@ -489,14 +467,10 @@ class ShmPool:
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
 
 
-# ----------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------
-
 
 class ApplyResult(_mp.ApplyResult):
-    """The result of `apply_async()`: `get(timeout)`, `wait(timeout)`,
-    `ready()`, `successful()`, as the stdlib's."""
+    """The result of `apply_async()`: `get(timeout)` (`multiprocessing.
+    TimeoutError`), `wait(timeout)`, `ready()`, `successful()`."""
 
     def __init__(self, pool: ShmPool, callback, error_callback) -> None:  # noqa: D107
         self._pool = pool  # keeps the pool alive until the result is in, as the stdlib does
@@ -507,13 +481,7 @@ class ApplyResult(_mp.ApplyResult):
         self._success = False
         self._value = None
 
-    def ready(self) -> bool:
-        return self._event.is_set()
-
-    def successful(self) -> bool:
-        if not self.ready():
-            raise ValueError(f"{self!r} not ready")
-        return self._success
+    # ready() and successful() (ValueError if not ready) are the stdlib's
 
     def wait(self, timeout: float | None = None) -> None:
         if not self._event.is_set():
@@ -591,9 +559,6 @@ class IMapIterator(_mp.IMapIterator):
         self._chunked = chunked
         self._chunk: collections.deque = collections.deque()  # rest of the current chunk
 
-    def __iter__(self):
-        return self
-
     def next(self, timeout: float | None = None):
         with self._cond:
             while True:
@@ -638,7 +603,7 @@ class IMapIterator(_mp.IMapIterator):
 
     def _check_end(self) -> None:
         if self._index == self._length:
-            self._pool = None
+            self._pool = None  # every result is in: the pool may go
 
     def _abort(self, i: int, err: BaseException) -> None:
         """Task `i` and the rest of the input will never run."""
@@ -656,7 +621,5 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             self._cond.notify_all()
             self._check_end()
 
-
-import atexit  # noqa: E402 - registered after the definitions it needs
 
 atexit.register(_at_exit)

@@ -120,6 +120,7 @@ class Connection:
         self._cond = threading.Condition()
         self._pending: dict[int, CallFuture] = {}
         self._incoming: dict[int, CallContext] = {}
+        self._runnable: collections.deque = collections.deque()  # inline requests, routed not run
         self._next_id = 1
         self._end: BaseException | None = None
         self.table = ChannelTable(self, doorbell)
@@ -222,16 +223,15 @@ class Connection:
 
     def feed(self, batch) -> None:
         """Handle descriptors that arrived from the peer, in order. Never
-        blocks (handlers run on the executor when one is set)."""
-        # A Cancel follows its Request; when both are in this batch, the
-        # request must not start (inline handlers would run it first).
-        cancels = {d.id for d in batch if d.msg_type == CANCEL} if len(batch) > 1 else ()
+        blocks (handlers run on the executor when one is set). Inline
+        handlers run after the whole batch is routed: a handler that waits
+        for channel data must not wait for messages its own batch holds."""
         for d in batch:
             t = d.msg_type
             if t == RESPONSE:
                 self._on_response(d)
             elif t == REQUEST:
-                self._on_request(d, d.id in cancels)
+                self._on_request(d)
             elif t in (DATA, CLOSE, RESET):
                 self.table.on_message(d)
             elif t == CANCEL:
@@ -251,6 +251,9 @@ class Connection:
                 self._violation(d, "shm.session.msg-types", f"sent unknown message type {t}")
         with self._cond:
             self._cond.notify_all()
+        runnable = self._runnable
+        while runnable:  # (a Cancel routed above has already flagged its request)
+            self._execute(*runnable.popleft())
 
     def _take(self, d: Descriptor) -> Received | None:
         try:
@@ -276,7 +279,7 @@ class Connection:
         else:
             fut.set_result(rec if fut.raw else rec.tobytes())
 
-    def _on_request(self, d: Descriptor, cancelled: bool = False) -> None:
+    def _on_request(self, d: Descriptor) -> None:
         rec = self._take(d)
         if rec is None:
             return
@@ -284,11 +287,10 @@ class Connection:
             rec.release()
             return
         ctx = CallContext(self, d.id, d.method_id)
-        ctx._cancelled = cancelled
         self._incoming[d.id] = ctx
         self.stats["requests"] += 1
         if self._handlers is None:
-            self._execute(ctx, rec)
+            self._runnable.append((ctx, rec))  # run when the batch is routed
         else:
             self._handlers.submit(self._execute, ctx, rec)
 
