@@ -54,6 +54,8 @@ from .worker import CHUNK, DEFINE, INIT, RUN, SINGLE, ResultEncodingError
 _FAILED = object()
 
 MAX_INIT_FAILURES = 3  # consecutive failing initializers before the pool is broken
+WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
+MAX_WINDOW = 64
 FUNCTION_CACHE = 1024
 
 
@@ -82,7 +84,7 @@ class _Task:
 
 class _Worker:
     __slots__ = ("peer_id", "proc", "conn", "known", "inflight", "dispatched", "retiring", "dead",
-                 "crashed_rid", "death", "started")
+                 "crashed_rid", "death", "started", "window", "service", "last_done")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -96,17 +98,21 @@ class _Worker:
         self.crashed_rid = 0
         self.death = ""
         self.started = time.monotonic()
+        self.window = 2  # tasks it may hold; adapts to how long its tasks take
+        self.service = 0.0  # seconds per task while busy (moving average)
+        self.last_done = 0.0
 
 
 class Core:
     """See the module docstring."""
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
-                 max_retries: int = 2, max_inflight: int = 2, config: SegmentConfig | None = None,
+                 max_retries: int = 2, max_inflight: int | None = None, config: SegmentConfig | None = None,
                  name: str = "shmpool") -> None:
         self.max_workers = max_workers
         self.max_retries = max_retries
-        self.max_inflight = max_inflight
+        self.adaptive = max_inflight is None
+        self.max_inflight = max_inflight or 2
         self.max_tasks = max_tasks_per_child
         self.name = name
         self._init_bytes = dumps_bytes((initializer, tuple(initargs), max_tasks_per_child))
@@ -151,6 +157,7 @@ class Core:
         proc = self.host.spawn(ticket, [sys.executable, "-m", "shmpool.worker"])
         conn = self.session.connection(ticket.peer_id)
         w = _Worker(ticket.peer_id, proc, conn)
+        w.window = self.max_inflight
         init = write(self.slots, *dumps((list(sys.path), self._init_bytes)))
         with self.lock:
             self.workers[w.peer_id] = w
@@ -245,7 +252,7 @@ class Core:
         fut = Future()
         try:
             fid, name, fbytes = self.function(fn)
-            stream, bufs = dumps((fid, kind, args, kwargs))
+            stream, bufs = dumps((fid, kind, args, kwargs), lift=3)  # down to each argument's items
         except Exception as e:  # noqa: BLE001
             fut.set_exception(e)
             return fut
@@ -282,7 +289,7 @@ class Core:
     def _pick(self) -> _Worker | None:
         best = None
         for w in self.workers.values():
-            if w.dead or w.retiring or len(w.inflight) >= self.max_inflight:
+            if w.dead or w.retiring or len(w.inflight) >= w.window:
                 continue
             if best is None or len(w.inflight) < len(best.inflight):
                 best = w
@@ -309,19 +316,19 @@ class Core:
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
             return False
+        task.worker = w
         try:
-            cf = conn.call(RUN, out, raw=True)
+            rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err))
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
             return False
-        task.worker = w
-        task.rid = cf.request_id
-        w.inflight[cf.request_id] = task
+        # (The answer cannot be handled before this: _on_done takes the lock we hold.)
+        task.rid = rid
+        w.inflight[rid] = task
         w.dispatched += 1
         if self.max_tasks is not None and w.dispatched >= self.max_tasks:
             w.retiring = True  # it leaves after these; a replacement comes
         self.stats["dispatched"] += 1
-        cf.add_done_callback(lambda f, task=task, w=w: self._on_done(task, w, f))
         return True
 
     def _retry_dispatch(self) -> None:
@@ -331,13 +338,15 @@ class Core:
 
     # -- completion -------------------------------------------------------------
 
-    def _on_done(self, task: _Task, w: _Worker, f) -> None:
-        exc = f.exception()
+    def _on_done(self, task: _Task, w: _Worker, received, exc) -> None:
         with self.lock:
+            busy = len(w.inflight) > 1  # it went on with the next without a pause
             w.inflight.pop(task.rid, None)
+            if self.adaptive:
+                self._adapt(w, busy)
             if task.finished:  # failed by _break (terminate) meanwhile: nothing to do
                 if exc is None:
-                    f.result().release()
+                    received.release()
                 return
             if exc is not None and isinstance(exc, (PeerDeadError, ConnectionClosedError)) \
                     and not isinstance(exc, ProtocolError):
@@ -346,7 +355,7 @@ class Core:
                 return
         if exc is None:
             try:
-                result, pin = read(f.result())
+                result, pin = read(received)
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 err = ResultUnpicklingError(f"the result of task {task.fname} could not be "
                                             f"unpickled: {type(e).__name__}: {e}")
@@ -375,8 +384,22 @@ class Core:
                 self.pins = [p for p in self.pins if not p.release_if_unused()]
             self._dispatch()
 
+    def _adapt(self, w: _Worker, busy: bool) -> None:
+        """Size the worker's window so that it holds about WINDOW_WORK
+        seconds of work: deep for tiny tasks (the worker never waits for
+        the host), 2 for long ones (a crash loses little, load stays
+        balanced). spec: exec.window"""
+        now = time.monotonic()
+        if busy and w.last_done:
+            dt = now - w.last_done
+            w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
+            w.window = max(2, min(MAX_WINDOW, int(WINDOW_WORK / max(w.service, 1e-6))))
+        w.last_done = now
+
     def _lost(self, task: _Task, w: _Worker) -> None:
-        """The worker holding `task` is gone (lock held)."""
+        """The worker holding `task` is gone (lock held): charge the task
+        its guest word named, requeue the others. (spec: exec.attribution;
+        spec: exec.retry)"""
         if w.crashed_rid and w.crashed_rid == task.rid:
             task.attempts += 1
             task.crashes.append(w.death or f"worker {w.peer_id}")
@@ -439,6 +462,11 @@ class Core:
                 t.future.cancel()
                 self._finished(t)
 
+    def capacity(self) -> int:
+        """Tasks the workers can hold at once now (their windows summed;
+        a racy read, for pacing producers)."""
+        return max(1, sum(w.window for w in list(self.workers.values()) if not w.dead))
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self.lock:
             return self.idle.wait_for(lambda: self.live == 0 or self.broken is not None, timeout)
@@ -486,7 +514,8 @@ class Core:
     def statistics(self) -> dict:
         with self.lock:
             workers = {w.peer_id: {"pid": w.proc.pid, "inflight": len(w.inflight), "dead": w.dead,
-                                   "dispatched": w.dispatched, "retiring": w.retiring}
+                                   "dispatched": w.dispatched, "retiring": w.retiring,
+                                   "window": w.window}
                        for w in self.workers.values()}
             out = {
                 "max_workers": self.max_workers, "queued": len(self.queue), "pending": self.live,

@@ -43,13 +43,15 @@ class ShmExecutor(Executor):
       `WorkerCrashedError` (a `BrokenProcessPool`). Other tasks and the
       pool carry on.
     - `max_inflight`: tasks each worker holds at once (the rest wait in
-      this process, so a crash loses little and load stays balanced).
+      this process, so a crash loses little and load stays balanced). By
+      default it adapts per worker: about 2 ms of work, at least 2 tasks
+      and at most 64 (tiny tasks get a deep window, long ones 2).
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
                  initargs=(), *, max_tasks_per_child: int | None = None, max_retries: int = 2,
-                 max_inflight: int = 2, segment_config: SegmentConfig | None = None) -> None:
+                 max_inflight: int | None = None, segment_config: SegmentConfig | None = None) -> None:
         if max_workers is None:
             max_workers = default_workers()
         elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
@@ -68,8 +70,8 @@ class ShmExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if not isinstance(max_inflight, int) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        if max_inflight is not None and (not isinstance(max_inflight, int) or max_inflight < 1):
+            raise ValueError(f"max_inflight must be None (adaptive) or an int >= 1, got {max_inflight!r}")
         if mp_context is not None and not hasattr(mp_context, "get_start_method"):
             raise TypeError("mp_context must be a multiprocessing context")
         self._mp_context = mp_context  # accepted; workers are always started from spawn tickets

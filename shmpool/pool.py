@@ -79,10 +79,9 @@ class _State:
     Holds no reference to the `ShmPool` object, so that it can be
     garbage collected."""
 
-    def __init__(self, core: Core, room: int) -> None:
+    def __init__(self, core: Core) -> None:
         self.core = core
         self.state = RUN
-        self.room = room
         self.pending = 0  # tasks of this pool submitted and not yet completed
         self.cond = threading.Condition(threading.Lock())  # pending < room
         # imap jobs, then None once closing or terminating. A SimpleQueue:
@@ -113,6 +112,11 @@ class _State:
         self.state = TERMINATE
         self.jobs.put(None)
 
+    def room(self) -> int:
+        """Tasks submitted ahead: what the workers hold, and as many again
+        waiting, so they never idle for want of input."""
+        return 2 * self.core.capacity()
+
     def task_started(self) -> None:
         with self.cond:
             self.pending += 1
@@ -120,7 +124,7 @@ class _State:
     def task_done(self) -> None:
         with self.cond:
             self.pending -= 1
-            if self.pending < self.room:
+            if self.pending < self.room():
                 self.cond.notify()
 
     def close_core(self) -> None:
@@ -181,7 +185,7 @@ class _State:
 
     def wait_room(self) -> bool:
         with self.cond:
-            while self.pending >= self.room and self.state != TERMINATE:
+            while self.pending >= self.room() and self.state != TERMINATE:
                 self.cond.wait(_POLL)
         return self.state != TERMINATE
 
@@ -266,7 +270,7 @@ class ShmPool:
     a replacement up to this many times, then fails with
     `WorkerCrashedError`, a `BrokenProcessPool`, through `get()` and
     `error_callback`; the pool goes on), `max_inflight` (tasks each worker
-    holds at once) and `segment_config` (a `SegmentConfig`).
+    holds at once; by default adaptive, as `ShmExecutor`'s) and `segment_config` (a `SegmentConfig`).
 
     Differences, on purpose: results never hang (after `terminate()`, also
     at the end of a `with` block, pending results fail with
@@ -286,7 +290,7 @@ class ShmPool:
 
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
                  maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
-                 max_inflight: int = 2, segment_config=None) -> None:
+                 max_inflight: int | None = None, segment_config=None) -> None:
         self._st: _State | None = None
         if processes is None:
             processes = default_workers()
@@ -300,8 +304,8 @@ class ShmPool:
             raise TypeError("initializer must be a callable")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if not isinstance(max_inflight, int) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        if max_inflight is not None and (not isinstance(max_inflight, int) or max_inflight < 1):
+            raise ValueError(f"max_inflight must be None (adaptive) or an int >= 1, got {max_inflight!r}")
         self._ctx = context  # accepted, as multiprocessing.Pool's; not used
         self._processes = processes
         self._initializer = initializer
@@ -310,7 +314,7 @@ class ShmPool:
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool")
-        st = _State(core, room=2 * processes * max_inflight)
+        st = _State(core)
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
             st.handler.start()

@@ -13,9 +13,13 @@ Data flow:
     read(received) -> the object, its buffers being zero-copy views of the
     slot, and a `Pin` that releases the slot once nothing uses them.
 
-Envelope (little-endian): u32 magic "SHP1", u32 buffer count n, u64 stream
-length, n x u64 buffer lengths; the stream at the next 64-byte boundary,
-each buffer at the next 64-byte boundary after the previous one.
+Envelopes (spec: exec.envelope): without out-of-band buffers, the compact
+form (byte 0xC1, the pickle without its frame header; inline in the
+descriptor when it fits); with buffers, the full form (little-endian): u32
+magic "SHP1", u32 buffer count n, u64 stream length, n x u64 buffer
+lengths; the stream at the next 64-byte boundary, each buffer at the next
+64-byte boundary after the previous one. Buffers of at least OOB_MIN bytes
+go out of band (spec: exec.oob); smaller ones stay in the pickle.
 
 Invariants: a payload that fails to pickle allocates nothing; functions,
 classes and lambdas that cannot be imported by name in the worker (defined
@@ -56,9 +60,44 @@ def _by_value(obj) -> bool:
 def _oob(obj):
     t = type(obj)
     if t is memoryview:
-        obj = obj.cast("B") if obj.contiguous else obj.tobytes()
+        obj = obj.cast("B") if obj.c_contiguous else obj.tobytes()
         return (bytes, (pickle.PickleBuffer(obj),))
     return (t, (pickle.PickleBuffer(obj),))
+
+
+class _Lifted:
+    """A big bytes or bytearray on its way out of band. (The C pickler
+    writes those types itself, never asking `reducer_override`, so `dumps`
+    wraps the ones it finds near the top of the object first.)"""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+_LIFT_ITEMS = 16  # containers bigger than this are not searched (bounded cost)
+
+
+def _lift(obj, depth: int):
+    """`obj` with big bytes/bytearray objects wrapped in `_Lifted`,
+    looking `depth` levels into small tuples, lists and dict values;
+    containers are rebuilt only when something inside was wrapped."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return _Lifted(obj) if len(obj) >= OOB_MIN else obj
+    if depth and (t is tuple or t is list) and len(obj) <= _LIFT_ITEMS:
+        items = [_lift(x, depth - 1) for x in obj]
+        for a, b in zip(items, obj):
+            if a is not b:
+                return t(items)
+        return obj
+    if depth and t is dict and len(obj) <= _LIFT_ITEMS:
+        values = {k: _lift(v, depth - 1) for k, v in obj.items()}
+        for k, v in values.items():
+            if v is not obj[k]:
+                return values
+    return obj
 
 
 class _FastPickler(pickle.Pickler):
@@ -67,12 +106,10 @@ class _FastPickler(pickle.Pickler):
 
     def reducer_override(self, obj):
         t = type(obj)
-        if t is bytes or t is bytearray or t is memoryview:
-            if len(obj) >= OOB_MIN:
-                return _oob(obj)
-            if t is memoryview:
-                return (bytes, (obj.tobytes(),))
-            return NotImplemented
+        if t is _Lifted:
+            return _oob(obj.value)
+        if t is memoryview:  # (pickle refuses memoryviews; they arrive as bytes)
+            return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
         if (t is types.FunctionType or isinstance(obj, type)) and _by_value(obj):
             raise _NeedsCloudpickle
         return NotImplemented
@@ -81,24 +118,37 @@ class _FastPickler(pickle.Pickler):
 class _CloudPickler(cloudpickle.CloudPickler):
     def reducer_override(self, obj):
         t = type(obj)
-        if (t is bytes or t is bytearray or t is memoryview) and len(obj) >= OOB_MIN:
-            return _oob(obj)
+        if t is _Lifted:
+            return _oob(obj.value)
         if t is memoryview:
-            return (bytes, (obj.tobytes(),))
+            return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
         return super().reducer_override(obj)
 
 
-def dumps(obj) -> tuple[memoryview, list[pickle.PickleBuffer]]:
+def dumps(obj, lift: int = 2) -> tuple[memoryview, list[pickle.PickleBuffer]]:
     """Pickle `obj`: the stream and its out-of-band buffers (views of the
-    original objects). Raises what pickling raised."""
+    original objects). Big bytes and bytearrays go out of band when they
+    sit within `lift` levels of small tuples, lists or dicts from the top
+    (numpy arrays and PickleBuffers at any depth). Raises what pickling
+    raised."""
     buffers: list = []
+    obj = _lift(obj, lift)
+
+    def keep(buf: pickle.PickleBuffer):
+        # Small buffers (say, a tiny numpy array) are cheaper in band.
+        with buf.raw() as raw:
+            if raw.nbytes < OOB_MIN:
+                return True
+        buffers.append(buf)
+        return False
+
     f = io.BytesIO()
     try:
-        _FastPickler(f, 5, buffer_callback=buffers.append).dump(obj)
+        _FastPickler(f, 5, buffer_callback=keep).dump(obj)
     except _NeedsCloudpickle:
         buffers.clear()
         f = io.BytesIO()
-        _CloudPickler(f, 5, buffer_callback=buffers.append).dump(obj)
+        _CloudPickler(f, 5, buffer_callback=keep).dump(obj)
     return f.getbuffer(), buffers
 
 
@@ -128,17 +178,29 @@ def _layout(stream_len: int, buffers) -> tuple[int, int, list[tuple[int, memoryv
 
 
 def write(pool, stream: memoryview, buffers, timeout: float | None = None):
-    """The envelope of (stream, buffers): inline bytes when it is tiny,
-    else an `Outgoing` slot filled with one copy of each part (the caller
-    hands it to `payload_descriptor`, which sends it)."""
+    """The envelope of (stream, buffers). Without buffers it is the compact
+    form (one tag byte and the pickle without its frame header), inline in
+    the descriptor when it fits 32 bytes; otherwise an `Outgoing` slot
+    filled with one copy of each part (the caller hands it to
+    `payload_descriptor`, which sends it). spec: exec.envelope"""
     from .rpc.messages import Outgoing
 
+    if not buffers:
+        body = _unframed(stream)
+        n = 1 + body.nbytes
+        if n <= INLINE_CAPACITY:
+            return COMPACT + body.tobytes()
+        slot = pool.alloc(n, timeout)
+        try:
+            view = pool.view(slot, length=n)
+            view[0] = COMPACT[0]
+            view[1:] = body
+            view.release()
+        except BaseException:
+            pool.free(slot)
+            raise
+        return Outgoing(slot, n)
     stream_at, total, parts = _layout(stream.nbytes, buffers)
-    if not parts and total <= INLINE_CAPACITY:
-        out = bytearray(total)
-        _HEAD.pack_into(out, 0, MAGIC, 0, stream.nbytes)
-        out[stream_at:] = stream
-        return bytes(out)
     slot = pool.alloc(total, timeout)
     try:
         view = pool.view(slot, length=total)
@@ -155,6 +217,21 @@ def write(pool, stream: memoryview, buffers, timeout: float | None = None):
     return Outgoing(slot, total)
 
 
+COMPACT = b"\xc1"  # first byte of a compact envelope (a full one starts with b"S")
+
+
+def _unframed(stream: memoryview) -> memoryview:
+    # Protocol 5 opens with PROTO 5 and, for more than a few bytes, a FRAME
+    # opcode with an 8-byte length; framing is optional for the unpickler,
+    # so dropping it saves 9 bytes (often the difference to fit inline).
+    if stream.nbytes >= 11 and stream[0] == 0x80 and stream[2] == 0x95:
+        out = bytearray(stream.nbytes - 9)
+        out[:2] = stream[:2]
+        out[2:] = stream[11:]
+        return memoryview(out)
+    return stream
+
+
 class Pin:
     """Keeps a received slot while objects unpickled from it still use its
     memory, and frees it once the last of them is gone.
@@ -163,7 +240,7 @@ class Pin:
     array over the slot: whoever keeps the memory (a zero-copy numpy array)
     keeps a buffer export of, hence a reference to, that array. So "in
     use" is "some array's reference count is above what it was before
-    unpickling". spec: shm.varslot.views"""
+    unpickling". spec: shm.varslot.views; spec: exec.oob"""
 
     __slots__ = ("received", "arrays", "base", "view")
 
@@ -208,7 +285,19 @@ def _refcounts(arrays: list) -> list[int]:
 def read(received) -> tuple[object, Pin]:
     """Unpickle a payload. Its buffers are writable zero-copy views of the
     slot; the returned `Pin` holds the slot until they are unused."""
+    if received.descriptor.is_inline:  # always compact
+        data = received.descriptor.payload
+        if data[:1] != COMPACT:
+            raise ValueError("inline payload is not a compact envelope")
+        return pickle.loads(data[1:]), _NO_PIN
     view = received.view(writable=True)
+    if view.nbytes and view[0] == COMPACT[0]:
+        try:
+            obj = pickle.loads(view[1:])
+        finally:
+            view.release()
+            received.release()
+        return obj, _NO_PIN
     arrays: list = []
     try:
         if view.nbytes < _HEAD.size:
@@ -216,14 +305,20 @@ def read(received) -> tuple[object, Pin]:
         magic, n, stream_len = _HEAD.unpack_from(view, 0)
         if magic != MAGIC:
             raise ValueError(f"payload does not start with the envelope magic ({magic:#x})")
-        lengths = struct.unpack_from(f"<{n}Q", view, _HEAD.size) if n else ()
         head = _HEAD.size + 8 * n
+        if head > view.nbytes:
+            raise ValueError(f"envelope claims {n} buffers, more than its {view.nbytes} bytes hold")
+        lengths = struct.unpack_from(f"<{n}Q", view, _HEAD.size) if n else ()
         stream_at = (head + _ALIGN - 1) // _ALIGN * _ALIGN if n else head
         pos = stream_at + stream_len
         for length in lengths:
             pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+            if pos + length > view.nbytes:
+                raise ValueError(f"envelope's buffers overrun its {view.nbytes} bytes")
             arrays.append((ctypes.c_ubyte * length).from_buffer(view, pos))
             pos += length
+        if pos > view.nbytes:
+            raise ValueError(f"envelope's stream overruns its {view.nbytes} bytes")
         base = _refcounts(arrays)  # before anything unpickled can hold them
         stream = view[stream_at : stream_at + stream_len]
         try:
@@ -234,3 +329,18 @@ def read(received) -> tuple[object, Pin]:
         Pin(received, arrays, [], view).release()  # nothing of it escaped
         raise
     return obj, Pin(received, arrays, base, view)
+
+
+class _NoPin:
+    """The pin of a payload without buffers: nothing to keep."""
+
+    __slots__ = ()
+
+    def release_if_unused(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+_NO_PIN = _NoPin()

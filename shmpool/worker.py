@@ -110,7 +110,7 @@ class _Worker:
             raise
 
     def run(self, ctx, payload):
-        _atomics.store_u32(self.buf, self.word, ctx.request_id)  # which task runs now
+        _atomics.store_u32(self.buf, self.word, ctx.request_id)  # spec: exec.guest-word
         if failpoints.ACTIVE:
             failpoints.hit(FP_DEQUEUED)
         try:

@@ -235,6 +235,7 @@ def test_interpreter_exit_with_pending_work_completes_it(tmp_path):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.spec("exec.oob")
 def test_large_arrays_round_trip_and_results_are_writable(ex):
     a = np.arange(3_000_000, dtype=np.float64)
     b = ex.submit(ident, a).result(60)
@@ -357,6 +358,7 @@ def boom_runtime():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.spec("exec.attribution")
 def test_killed_worker_work_is_resubmitted(ex):
     fs = [ex.submit(sleeper, 0.2) for _ in range(6)]
     time.sleep(0.1)
@@ -368,6 +370,8 @@ def test_killed_worker_work_is_resubmitted(ex):
     assert len(ex._processes) == 2  # the pool healed
 
 
+@pytest.mark.spec("exec.retry")
+@pytest.mark.spec("exec.attribution")
 def test_poison_task_fails_alone_with_details():
     with ShmExecutor(2, max_retries=2) as e:
         innocents = [e.submit(sleeper, 0.01) for _ in range(30)]
@@ -416,3 +420,49 @@ def test_max_tasks_per_child_recycles_workers():
     with ShmExecutor(1, max_tasks_per_child=3) as e:
         pids = [e.submit(pid).result(60) for _ in range(9)]
         assert len(set(pids)) == 3 and pids[:3] == [pids[0]] * 3
+
+
+# --------------------------------------------------------------------------
+# Worker windows
+# --------------------------------------------------------------------------
+
+
+def _windows(e) -> list[int]:
+    return [w["window"] for w in e.statistics()["workers"].values() if not w["dead"]]
+
+
+def _max_inflight_while(e, futures) -> int:
+    seen = 0
+    while not all(f.done() for f in futures):
+        seen = max([seen] + [w["inflight"] for w in e.statistics()["workers"].values()])
+        time.sleep(0.002)
+    return seen
+
+
+@pytest.mark.spec("exec.window")
+def test_adaptive_window_deep_for_quick_tasks_shallow_for_slow(monkeypatch):
+    import shmpool._core as core
+
+    # Quick tasks: with a large work target the window opens up to its cap.
+    monkeypatch.setattr(core, "WINDOW_WORK", 10.0)
+    with ShmExecutor(1) as e:
+        assert _windows(e) == [2]
+        list(e.map(square, range(300)))
+        assert _windows(e) == [core.MAX_WINDOW]
+        fs = [e.submit(sleeper, 0.001) for _ in range(200)]
+        assert 2 < _max_inflight_while(e, fs) <= core.MAX_WINDOW
+    # Slow tasks (20 ms, a work target of 2 ms): the window stays at 2.
+    monkeypatch.setattr(core, "WINDOW_WORK", 0.002)
+    with ShmExecutor(1) as e:
+        fs = [e.submit(sleeper, 0.02) for _ in range(15)]
+        assert _max_inflight_while(e, fs) <= 2
+        assert _windows(e) == [2]
+
+
+@pytest.mark.spec("exec.window")
+def test_fixed_max_inflight_is_the_window():
+    with ShmExecutor(1, max_inflight=3) as e:
+        fs = [e.submit(sleeper, 0.01) for _ in range(12)]
+        seen = _max_inflight_while(e, fs)
+        assert seen <= 3 and _windows(e) == [3]
+        assert e.statistics()["queued"] == 0

@@ -55,6 +55,8 @@ WORKER_POINTS = [
 
 
 @pytest.mark.parametrize("point", WORKER_POINTS)
+@pytest.mark.spec("exec.guest-word")
+@pytest.mark.spec("exec.attribution")
 def test_kill_at_every_worker_step(point, monkeypatch, tmp_path):
     """A worker SIGKILLed at each protocol step (its 3rd time there): the
     task it held runs again on a replacement, every result arrives exactly
@@ -79,6 +81,8 @@ def test_kill_at_every_worker_step(point, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("max_retries", [0, 2])
+@pytest.mark.spec("exec.retry")
+@pytest.mark.spec("exec.guest-word")
 def test_poison_task_among_200_innocents(tmp_path, max_retries):
     """No innocent fails; no task runs more than 1 + max_retries times; the
     poison fails with WorkerCrashedError after exactly 1 + max_retries runs."""

@@ -1,0 +1,136 @@
+"""Layer 4: task and result envelopes over a real segment and slot pool.
+
+A payload is written by one side's pool, sent to peer 3, and read through
+a `Received` the way the session hands it over, so the envelope bytes are
+the ones that travel.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from shmpool.rpc.messages import Outgoing, Received, payload_descriptor
+from shmpool.serialization import COMPACT, MAGIC, OOB_MIN, dumps, read, write
+from shmpool.shm import Segment, SegmentConfig, SizeClass
+from shmpool.shm import layout as L
+from shmpool.shm.varslot import SlotPool
+
+CONFIG = SegmentConfig(
+    max_guests=4,
+    size_classes=(SizeClass(512, 16), SizeClass(65536, 8), SizeClass(1 << 20, 4)),
+    memory_limit=64 << 20,
+)
+
+
+@pytest.fixture
+def pools():
+    with Segment.create(CONFIG) as seg:
+        host, guest = SlotPool(seg, 0), SlotPool(seg, 3)
+        yield host, guest
+        for p in (host, guest):
+            st = p.statistics()
+            assert all(c.free == c.capacity for c in st.classes), st  # nothing leaked
+
+
+def travel(host, guest, obj):
+    """obj -> envelope -> descriptor to peer 3 -> Received there."""
+    stream, bufs = dumps(obj)
+    out = write(host, stream, bufs)
+    desc = payload_descriptor(host, 3, 2, 1, out)
+    return out, Received(guest, desc)
+
+
+@pytest.mark.spec("exec.envelope")
+def test_small_payloads_travel_inline_in_the_compact_envelope(pools):
+    host, guest = pools
+    for obj in (None, 7, "x" * 10, (1, 2.5, b"ab")):
+        out, got = travel(host, guest, obj)
+        assert isinstance(out, bytes) and out[:1] == COMPACT and len(out) <= L.INLINE_CAPACITY
+        assert got.descriptor.is_inline
+        assert read(got)[0] == obj
+
+
+@pytest.mark.spec("exec.envelope")
+def test_bigger_pickles_use_a_compact_slot_and_buffers_the_full_envelope(pools):
+    host, guest = pools
+    obj = {"k": list(range(200))}
+    out, got = travel(host, guest, obj)
+    assert isinstance(out, Outgoing)
+    assert bytes(got.view()[:1]) == COMPACT
+    assert read(got)[0] == obj
+
+    arr = np.arange(OOB_MIN, dtype=np.uint8)
+    blob = bytes(range(256)) * 40
+    out, got = travel(host, guest, (arr, blob))
+    v = got.view()
+    magic, n, stream_len = struct.unpack_from("<IIQ", v, 0)
+    assert (magic, n) == (MAGIC, 2)
+    lengths = struct.unpack_from("<2Q", v, 16)
+    assert lengths == (arr.nbytes, len(blob))
+    at = (64 + stream_len + 63) // 64 * 64  # stream at 64, each buffer 64-aligned
+    assert bytes(v[at : at + arr.nbytes]) == arr.tobytes()
+    at = (at + arr.nbytes + 63) // 64 * 64
+    assert bytes(v[at : at + len(blob)]) == blob
+    (a2, b2), pin = read(got)
+    assert np.array_equal(a2, arr) and b2 == blob
+    del a2
+    assert pin.release_if_unused()
+
+
+@pytest.mark.spec("exec.envelope")
+@pytest.mark.parametrize("garbage", [b"\x00" * 40, b"SHP1" + b"\xff" * 60, b"X" * 600])
+def test_a_foreign_payload_is_an_error_and_frees_its_slot(pools, garbage):
+    host, guest = pools
+    desc = payload_descriptor(host, 3, 2, 1, garbage)
+    with pytest.raises(ValueError, match="envelope"):
+        read(Received(guest, desc))
+    # (the fixture checks that the slot came back)
+
+
+@pytest.mark.spec("exec.oob")
+def test_buffers_arrive_as_writable_views_that_pin_the_slot(pools):
+    host, guest = pools
+    small = np.arange(10, dtype=np.int64)  # below OOB_MIN: in band
+    stream, bufs = dumps(small)
+    assert bufs == []
+    big = np.arange(100_000, dtype=np.float64)
+    out, got = travel(host, guest, big)
+    result, pin = read(got)
+    assert np.array_equal(result, big) and result.flags.writeable
+    result[0] = -1.0  # the receiver's to change: it is the slot's memory
+    assert not pin.release_if_unused()  # still in use: the slot stays
+    del result
+    gc.collect()
+    assert pin.release_if_unused()  # nothing uses it: freed
+
+
+def test_unpicklable_objects_allocate_nothing(pools):
+    with pytest.raises(TypeError):
+        dumps(_gen())
+
+
+def _gen():
+    yield 1
+
+
+@pytest.mark.spec("exec.oob")
+def test_big_bytes_near_the_top_go_out_of_band():
+    big = bytes(OOB_MIN)
+    for obj, lift in [(big, 0), ((1, big), 1), ({"a": [big]}, 2), ((0, 1, (big,), {}), 3)]:
+        stream, bufs = dumps(obj, lift=lift)
+        assert len(bufs) == 1 and stream.nbytes < OOB_MIN, obj
+        assert pickle.loads(stream, buffers=bufs) == obj
+    stream, bufs = dumps([[[big]]], lift=2)  # deeper than asked: in band, still correct
+    assert bufs == [] and pickle.loads(stream) == [[[big]]]
+    ba = bytearray(b"z" * OOB_MIN)
+    stream, bufs = dumps(ba)
+    out = pickle.loads(stream, buffers=bufs)
+    assert len(bufs) == 1 and type(out) is bytearray and out == ba
+    mv = memoryview(np.arange(OOB_MIN, dtype=np.uint8).reshape(64, -1)[:, ::2])  # not contiguous
+    stream, bufs = dumps(mv)
+    assert pickle.loads(stream, buffers=bufs) == mv.tobytes()
