@@ -34,10 +34,12 @@ import io
 import pickle
 import struct
 import sys
+import threading
 import types
 
 import cloudpickle
 
+from .rpc.messages import Outgoing
 from .shm.layout import INLINE_CAPACITY
 
 OOB_MIN = 4096  # bytes-like objects at least this big travel out of band
@@ -125,31 +127,71 @@ class _CloudPickler(cloudpickle.CloudPickler):
         return super().reducer_override(obj)
 
 
-def dumps(obj, lift: int = 2) -> tuple[memoryview, list[pickle.PickleBuffer]]:
+class _Encoder:
+    """A reusable pickler for one thread (building a pickler costs several
+    times what pickling a small call does)."""
+
+    __slots__ = ("file", "pickler", "buffers", "busy")
+
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        self.pickler = _FastPickler(self.file, 5, buffer_callback=self._buffer)
+        self.buffers: list = []
+        self.busy = False
+
+    def _buffer(self, buf: pickle.PickleBuffer) -> bool:
+        # Small buffers (say, a tiny numpy array) are cheaper in band.
+        with buf.raw() as raw:
+            if raw.nbytes < OOB_MIN:
+                return True
+        self.buffers.append(buf)
+        return False
+
+    def dump(self, obj) -> tuple[bytes, list]:
+        self.buffers = []
+        f = self.file
+        try:
+            self.pickler.dump(obj)
+        except _NeedsCloudpickle:
+            self.buffers = []
+            f = io.BytesIO()
+            _CloudPickler(f, 5, buffer_callback=self._buffer).dump(obj)
+        finally:
+            self.pickler.clear_memo()  # (it holds what it pickled)
+        stream = f.getvalue()
+        if f is self.file:
+            f.seek(0)
+            f.truncate()
+        return stream, self.buffers
+
+
+_local = threading.local()
+
+
+def dumps(obj, lift: int = 2) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle `obj`: the stream and its out-of-band buffers (views of the
     original objects). Big bytes and bytearrays go out of band when they
     sit within `lift` levels of small tuples, lists or dicts from the top
     (numpy arrays and PickleBuffers at any depth). Raises what pickling
     raised."""
-    buffers: list = []
-    obj = _lift(obj, lift)
-
-    def keep(buf: pickle.PickleBuffer):
-        # Small buffers (say, a tiny numpy array) are cheaper in band.
-        with buf.raw() as raw:
-            if raw.nbytes < OOB_MIN:
-                return True
-        buffers.append(buf)
-        return False
-
-    f = io.BytesIO()
+    enc = getattr(_local, "encoder", None)
+    if enc is None or enc.busy:  # first use on this thread, or a reentrant call
+        enc = _Encoder()
+        if getattr(_local, "encoder", None) is None:
+            _local.encoder = enc
+    enc.busy = True
     try:
-        _FastPickler(f, 5, buffer_callback=keep).dump(obj)
-    except _NeedsCloudpickle:
-        buffers.clear()
-        f = io.BytesIO()
-        _CloudPickler(f, 5, buffer_callback=keep).dump(obj)
-    return f.getbuffer(), buffers
+        stream, buffers = enc.dump(obj)
+        if len(stream) >= OOB_MIN:  # (smaller: no big bytes inside)
+            lifted = _lift(obj, lift)
+            if lifted is not obj:
+                stream, buffers = enc.dump(lifted)
+    except BaseException:
+        _local.encoder = None  # its state after a failed dump is not worth trusting
+        raise
+    finally:
+        enc.busy = False
+    return stream, buffers
 
 
 def dumps_bytes(obj) -> bytes:
@@ -177,37 +219,45 @@ def _layout(stream_len: int, buffers) -> tuple[int, int, list[tuple[int, memoryv
     return stream_at, pos, parts
 
 
-def write(pool, stream: memoryview, buffers, timeout: float | None = None):
+def write(pool, stream: bytes, buffers, timeout: float | None = None):
     """The envelope of (stream, buffers). Without buffers it is the compact
     form (one tag byte and the pickle without its frame header), inline in
     the descriptor when it fits 32 bytes; otherwise an `Outgoing` slot
     filled with one copy of each part (the caller hands it to
     `payload_descriptor`, which sends it). spec: exec.envelope"""
-    from .rpc.messages import Outgoing
-
     if not buffers:
-        body = _unframed(stream)
-        n = 1 + body.nbytes
-        if n <= INLINE_CAPACITY:
-            return COMPACT + body.tobytes()
+        # Protocol 5 opens with PROTO 5 and, past a few bytes, a FRAME opcode
+        # with an 8-byte length; framing is optional for the unpickler, so
+        # dropping it saves 9 bytes (often the difference to fit inline).
+        n = len(stream)
+        framed = n >= 11 and stream[2] == 0x95
+        if framed:
+            n -= 9
+        if n < INLINE_CAPACITY:
+            return COMPACT + (stream[:2] + stream[11:] if framed else stream)
+        n += 1
         slot = pool.alloc(n, timeout)
         try:
             view = pool.view(slot, length=n)
             view[0] = COMPACT[0]
-            view[1:] = body
+            if framed:
+                view[1:3] = stream[:2]
+                view[3:] = memoryview(stream)[11:]
+            else:
+                view[1:] = stream
             view.release()
         except BaseException:
             pool.free(slot)
             raise
         return Outgoing(slot, n)
-    stream_at, total, parts = _layout(stream.nbytes, buffers)
+    stream_at, total, parts = _layout(len(stream), buffers)
     slot = pool.alloc(total, timeout)
     try:
         view = pool.view(slot, length=total)
-        _HEAD.pack_into(view, 0, MAGIC, len(parts), stream.nbytes)
+        _HEAD.pack_into(view, 0, MAGIC, len(parts), len(stream))
         for i, (_, raw) in enumerate(parts):
             struct.pack_into("<Q", view, _HEAD.size + 8 * i, raw.nbytes)
-        view[stream_at : stream_at + stream.nbytes] = stream
+        view[stream_at : stream_at + len(stream)] = stream
         for at, raw in parts:
             view[at : at + raw.nbytes] = raw
         view.release()
@@ -218,18 +268,6 @@ def write(pool, stream: memoryview, buffers, timeout: float | None = None):
 
 
 COMPACT = b"\xc1"  # first byte of a compact envelope (a full one starts with b"S")
-
-
-def _unframed(stream: memoryview) -> memoryview:
-    # Protocol 5 opens with PROTO 5 and, for more than a few bytes, a FRAME
-    # opcode with an 8-byte length; framing is optional for the unpickler,
-    # so dropping it saves 9 bytes (often the difference to fit inline).
-    if stream.nbytes >= 11 and stream[0] == 0x80 and stream[2] == 0x95:
-        out = bytearray(stream.nbytes - 9)
-        out[:2] = stream[:2]
-        out[2:] = stream[11:]
-        return memoryview(out)
-    return stream
 
 
 class Pin:
