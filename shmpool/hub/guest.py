@@ -86,6 +86,7 @@ class ShmGuest:
         self.host_pid = segment.host_pid
         self._host_start = _atomics.load_u64(segment.buf, L.H_HOST_START)
         self._polling_off = entry.off + L.P_HOST_POLLING
+        self._buf = segment.buf
         self.epoch = entry.bump_epoch()
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
@@ -186,30 +187,39 @@ class ShmGuest:
         for room; then wake the host's driver if it announced sleep.
         Returns False on timeout or when the host is leaving; raises
         `PeerDeadError` if the host died."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         tx = self._tx
+        if tx.try_push(desc):  # the usual case: room at once
+            self._announce()
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
             if tx.push(desc, timeout=max(0.0, remaining)):
-                # spec: shm.wakeup.sleeping-word -- RMWs, ordered after our head store.
-                # A host thread that polls our ring itself needs no doorbell.
-                # spec: shm.wakeup.host-polling
-                buf = self.segment.buf
-                if (fetch_or_u32(buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None
-                        and not fetch_or_u32(buf, self._polling_off, 0)):
-                    self.doorbell.signal()
+                self._announce()
                 return True
             if self.host_leaving or (deadline is not None and time.monotonic() >= deadline):
                 return False
             if self.doorbell is None and not self.host_alive():
                 raise PeerDeadError(f"host pid {self.host_pid} is gone")
 
+    def _announce(self) -> None:
+        # spec: shm.wakeup.sleeping-word -- RMWs, ordered after our head store.
+        # A host thread that polls our ring itself needs no doorbell.
+        # spec: shm.wakeup.host-polling
+        buf = self._buf
+        if (fetch_or_u32(buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None
+                and not fetch_or_u32(buf, self._polling_off, 0)):
+            self.doorbell.signal()
+
     def receive(self, timeout: float | None = None) -> Descriptor | None:
         """Pop the next host->guest descriptor, waiting up to `timeout`.
         Returns None on timeout, or when the host is leaving and nothing is
         left to read; raises `PeerDeadError` if the host died."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         rx = self._rx
+        d = rx.try_pop()
+        if d is not None:
+            return d
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
             d = rx.pop(timeout=max(0.0, remaining))
@@ -222,6 +232,9 @@ class ShmGuest:
 
     def receive_batch(self, max_n: int = 64, timeout: float | None = None) -> list[Descriptor]:
         """Up to `max_n` descriptors, waiting up to `timeout` for the first."""
+        batch = self._rx.pop_batch(max_n)
+        if batch:
+            return batch
         first = self.receive(timeout)
         if first is None:
             return []

@@ -30,6 +30,7 @@ waits, and handlers run on the handler executor there.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -54,10 +55,10 @@ class CallFuture(Future):
     `cancel()` cancels locally at once and asks the other side to drop or
     stop the call. spec: shm.session.call"""
 
-    def __init__(self, conn: "Connection", request_id: int, raw: bool) -> None:
+    def __init__(self, conn: "Connection", raw: bool) -> None:
         super().__init__()
         self.connection = conn
-        self.request_id = request_id
+        self.request_id = 0  # set when sent
         self.raw = raw
 
     def result(self, timeout: float | None = None):
@@ -81,8 +82,8 @@ class _SyncCall:
 
     __slots__ = ("request_id", "raw", "value", "error", "finished")
 
-    def __init__(self, conn, request_id: int, raw: bool) -> None:
-        self.request_id = request_id
+    def __init__(self, raw: bool) -> None:
+        self.request_id = 0
         self.raw = raw
         self.value = self.error = None
         self.finished = False
@@ -105,8 +106,8 @@ class _CallbackCall:
 
     __slots__ = ("request_id", "raw", "callback", "finished")
 
-    def __init__(self, request_id: int, raw: bool, callback) -> None:
-        self.request_id = request_id
+    def __init__(self, raw: bool, callback) -> None:
+        self.request_id = 0
         self.raw = raw
         self.callback = callback
         self.finished = False
@@ -145,7 +146,7 @@ class Connection:
         self._pending: dict[int, CallFuture] = {}
         self._incoming: dict[int, CallContext] = {}
         self._runnable: collections.deque = collections.deque()  # inline requests, routed not run
-        self._next_id = 1
+        self._ids = itertools.count(1)  # request ids (next() is atomic: no lock)
         self._end: BaseException | None = None
         self.table = ChannelTable(self, doorbell)
         self.stats = collections.Counter()
@@ -174,18 +175,25 @@ class Connection:
         caller must release). Raises TimeoutError if the request could not
         be queued within `timeout` (ring or slots full), the connection's
         end reason if it is over. spec: shm.id.request-id"""
-        return self._start(CallFuture, method, payload, timeout, raw, False)
+        return self._start(CallFuture(self, raw), method, payload, timeout, False)
 
-    def _start(self, kind, method, payload, timeout, raw, will_poll):
-        self._check_open()
+    def _start(self, fut, method, payload, timeout, will_poll):
+        """Send the Request of call `fut` (it gets its request id here).
+        Runs on any thread, without a lock: ids come from an atomic
+        counter, and a call that races with the connection's end is failed
+        exactly once (whoever removes it from `_pending` owns it)."""
         mid = method_id(method) if isinstance(method, str) else method
         pending = self._pending
-        with self._cond:
-            rid = self._next_id
-            while rid in pending or rid == 0:
-                rid = (rid + 1) & 0xFFFFFFFF
-            self._next_id = (rid + 1) & 0xFFFFFFFF
-            fut = pending[rid] = kind(self, rid, raw)
+        ids = self._ids
+        rid = next(ids) & 0xFFFFFFFF
+        while rid == 0 or rid in pending:  # (after 2**32 calls the ids wrap)
+            rid = next(ids) & 0xFFFFFFFF
+        fut.request_id = rid
+        pending[rid] = fut
+        if self._end is not None:
+            if pending.pop(rid, None) is fut:
+                raise self._end
+            return fut  # _finish took it and fails it
         # Only a caller that will poll for the answer itself may tell the
         # peer not to ring (call_sync); a future may never be waited on.
         expect = self._expect_fn if will_poll else None
@@ -196,10 +204,11 @@ class Connection:
                 expect()  # cleared by the poll in wait_until
             self.publish(desc, timeout)
         except BaseException:
-            pending.pop(rid, None)
             if expect is not None:
                 self._poll_fn(True)  # clears the expectation (and delivers what is there)
-            raise
+            if pending.pop(rid, None) is fut:
+                raise
+            return fut  # the connection ended meanwhile and failed it: reported once, there
         self.stats["calls"] += 1
         return fut
 
@@ -208,15 +217,14 @@ class Connection:
         """Call and have `callback(result, error)` run once with the answer
         (a `Received` when `raw`) or the error: the lightest way to call,
         with no future. Returns the request id."""
-        return self._start(lambda conn, rid, r: _CallbackCall(rid, r, callback), method, payload,
-                           timeout, raw, False).request_id
+        return self._start(_CallbackCall(raw, callback), method, payload, timeout, False).request_id
 
     def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None,
                   raw: bool = False):
         """Call and wait for the answer: like `call(...).result(timeout)`,
         with less machinery (no Future). On timeout the call is cancelled
         and TimeoutError raised."""
-        w = self._start(_SyncCall, method, payload, timeout, raw, True)
+        w = self._start(_SyncCall(raw), method, payload, timeout, True)
         if not self.wait_until(w.done, timeout):
             self._cancel_call(w.request_id)
             raise TimeoutError(f"no answer from peer {self.peer} within {timeout} s")

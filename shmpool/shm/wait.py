@@ -200,7 +200,9 @@ class Waiter:
         # consumes what is there first. Without a doorbell there is nothing
         # to check: the layer above watches the peer. spec: shm.doorbell.optional
         db = self.doorbell
-        if db is not None and db.peer_dead() and load_u32(self.buf, off) == observed:
+        # (The word first: after a real wake it has changed, and the check
+        # costs no system call.)
+        if db is not None and load_u32(self.buf, off) == observed and db.peer_dead():
             raise PeerDeadError("the peer closed its doorbell (process died?)")
 
 
