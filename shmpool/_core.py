@@ -3,37 +3,42 @@ queue, dispatch, results, and crash resubmission.
 
 Owns: the hub host and its session, one record per worker (its process,
 connection, the functions it knows, the tasks it holds), the queue of tasks
-waiting for a worker, the cache of pickled functions, pins of results whose
-zero-copy arrays are still in use, and the respawn thread.
+waiting for a worker, the idle credits that decide when a worker is
+started, the cache of pickled functions, pins of results whose zero-copy
+arrays are still in use. Starting workers (and the management thread) is
+the job of `_starter.Starter`, the function cache that of `_fncache`.
 
 Data flow:
-- submit (caller's thread): pickle the function once (cached) and the
-  arguments (out-of-band buffers stay views of the caller's objects) ->
-  queue -> dispatch at once if a worker has room: `define` the function
-  on that worker if it does not know it, write the task into a slot, `run`.
-- completion (the hub's driver thread, or a caller polling): unpickle the
-  result (zero-copy buffers, pinned) -> complete the future -> dispatch the
-  next queued task to the worker that has room now.
+- submit (caller's thread): pickle the function once if it is a plain
+  function or class (cached by identity, weakly) or else send it with the
+  call, and the arguments (out-of-band buffers stay views of the caller's
+  objects) -> queue -> take an idle credit, or ask for one more worker
+  while there are fewer than max_workers (as ProcessPoolExecutor does;
+  `eager` starts them all at once) -> dispatch at once if a worker has
+  room: `define` the function on that worker if it does not know it (with
+  the ids it may forget), write the task into a slot, `run`.
+- completion (the hub's driver thread, or a caller polling): an idle
+  credit; unpickle the result (zero-copy buffers, pinned) -> complete the
+  future -> dispatch the next queued task to the worker that has room now.
 - death (driver thread): `on_death` reads which task the worker was running
-  (its guest word) and queues a respawn; recovery then fails the worker's
-  calls: the running task is charged a crash and retried up to
-  `max_retries` times (then `WorkerCrashedError`), the others are requeued
-  uncharged. A published result was already delivered by then.
+  (its guest word) and asks the starter for a replacement; recovery then
+  fails the worker's calls: the running task is charged a crash and retried
+  up to `max_retries` times (then `WorkerCrashedError`), the others are
+  requeued uncharged. A published result was already delivered by then.
 
-Invariants: every task's future completes exactly once; a task runs at
-most 1 + max_retries times; each worker holds at most `max_inflight` tasks,
-so its ring never fills and a crash loses little; nothing here blocks the
-driver thread (slot allocation there never waits).
+Invariants: every task's future completes exactly once, and a broken pool
+fails every task it has; a task runs at most 1 + max_retries times; each
+worker holds at most its window of tasks, so its ring never fills and a
+crash loses little; at most max_workers workers exist; the function cache
+holds no callable alive and each worker holds at most FUNCTION_CACHE
+functions; once closed, the core holds neither initargs nor functions;
+nothing here blocks the driver thread (slot allocation there never waits).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import os
-import queue
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -44,16 +49,18 @@ from .errors import (
     ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
     SlotExhaustedError, WorkerCrashedError,
 )
-from .hub import AddPeerOptions, ShmHost
+from .hub import ShmHost
 from .rpc import HostSession
 from .serialization import dumps, dumps_bytes, read, write
 from .shm import layout as L
 from .shm.layout import SegmentConfig
-from .worker import CHUNK, DEFINE, INIT, RUN, SINGLE, ResultEncodingError
+from ._fncache import FunctionCache
+from ._starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from .worker import CHUNK, DEFINE, RUN, SINGLE, ResultEncodingError
 
 _FAILED = object()
 
-MAX_INIT_FAILURES = 3  # consecutive failing initializers before the pool is broken
+MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
 WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
 MAX_WINDOW = 64
 FUNCTION_CACHE = 1024
@@ -83,20 +90,27 @@ class _Task:
 
 
 class _Worker:
-    __slots__ = ("peer_id", "proc", "conn", "known", "inflight", "dispatched", "retiring", "dead",
-                 "crashed_rid", "death", "started", "window", "service", "last_done")
+    __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
+                 "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
+                 "ready", "init_failed", "judged", "startup_log")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
         self.proc = proc
         self.conn = conn
-        self.known: set[int] = set()
+        self.known: collections.OrderedDict[int, None] = collections.OrderedDict()  # its functions, LRU
+        self.forget: list[int] = []  # ids it holds and may drop (sent with the next define)
         self.inflight: dict[int, _Task] = {}
         self.dispatched = 0
         self.retiring = False
         self.dead = False
         self.crashed_rid = 0
         self.death = ""
+        self.info = None  # the hub's PeerInfo once it ended
+        self.ready = False  # it answered `init`
+        self.init_failed = False
+        self.judged = False  # its end was looked at by the starter
+        self.startup_log = None  # its stderr until it attached (`_starter.StartupLog`)
         self.started = time.monotonic()
         self.window = 2  # tasks it may hold; adapts to how long its tasks take
         self.service = 0.0  # seconds per task while busy (moving average)
@@ -108,78 +122,71 @@ class Core:
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
                  max_retries: int = 2, max_inflight: int | None = None, config: SegmentConfig | None = None,
-                 name: str = "shmpool") -> None:
+                 name: str = "shmpool", eager: bool = False) -> None:
+        """`eager`: start all workers now (multiprocessing.Pool, and the
+        executor with the fork start method) instead of on demand."""
         self.max_workers = max_workers
         self.max_retries = max_retries
         self.adaptive = max_inflight is None
         self.max_inflight = max_inflight or 2
         self.max_tasks = max_tasks_per_child
         self.name = name
-        self._init_bytes = dumps_bytes((initializer, tuple(initargs), max_tasks_per_child))
-        if config is None:
-            config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
-        self.host = ShmHost.create(config=config)
-        self.session = HostSession(self.host, handler_threads=1)
-        self.slots = self.session.slots
+        # Pickled for each worker start (as a spawned child's arguments:
+        # multiprocessing objects in initargs are passed on), once now to
+        # raise what pickling raises here. Dropped at close.
+        self._init = (initializer, tuple(initargs), max_tasks_per_child)
+        pickle_for_child(self._init)
         self.lock = threading.RLock()
-        self.idle = threading.Condition(self.lock)  # notified when a task completes
+        self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
         self.queue: collections.deque[_Task] = collections.deque()
         self.workers: dict[int, _Worker] = {}
         self.live = 0  # tasks submitted and not yet completed
+        self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.pins: list = []
         self.stats = collections.Counter(dict.fromkeys((
             "submitted", "dispatched", "completed", "failed", "retries", "requeued",
             "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
-            "slot_waits"), 0))
+            "start_failures", "slot_waits"), 0))
         self.shutdown_started = False
         self.broken: str | None = None
-        self._init_failures = 0
-        self._fids = itertools.count(1)
-        self._functions: collections.OrderedDict = collections.OrderedDict()  # id(fn) -> (fn, fid, bytes, name)
-        self._respawn_q: queue.SimpleQueue = queue.SimpleQueue()
+        self.functions = FunctionCache(FUNCTION_CACHE)
         self._closed = False
-        self._respawner = threading.Thread(target=self._respawn_loop, name=f"{name}-respawn", daemon=True)
-        self._respawner.start()
+        self._close_lock = threading.Lock()
+        self.closed_event = threading.Event()  # set once close() has finished
+        self.host = self.session = self.starter = None
+        if config is None:
+            config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
         try:
-            for _ in range(max_workers):
-                self._start_worker(None)
+            self.host = ShmHost.create(config=config)
+            self.session = HostSession(self.host, handler_threads=1)
+            self.slots = self.session.slots
+            self.starter = Starter(self)
         except BaseException:
-            self.close(wait=False)
+            self._teardown()
             raise
+        if eager:
+            with self.lock:
+                self.starter.start_new(max_workers)
 
     # -- workers ---------------------------------------------------------------
 
-    def _start_worker(self, peer_id: int | None) -> None:
-        ticket = self.host.add_peer(AddPeerOptions(peer_name=f"{self.name}-worker", on_death=self._on_death,
-                                                   peer_id=peer_id), timeout=30)
-        if ticket is None:
-            raise PoolBrokenError(f"no free entry in the hub for a worker (peer {peer_id})")
-        proc = self.host.spawn(ticket, [sys.executable, "-m", "shmpool.worker"])
-        conn = self.session.connection(ticket.peer_id)
-        w = _Worker(ticket.peer_id, proc, conn)
+    def new_worker(self, peer_id: int, proc, log, new: bool) -> _Worker:
+        """Register a started worker (the starter's thread)."""
+        w = _Worker(peer_id, proc, self.session.connection(peer_id))
         w.window = self.max_inflight
-        init = write(self.slots, *dumps((list(sys.path), self._init_bytes)))
+        w.startup_log = log
         with self.lock:
-            self.workers[w.peer_id] = w
+            self.workers[peer_id] = w
+            if new:
+                self.starter.starting -= 1
+            else:
+                self.stats["respawns"] += 1
             self.stats["workers_started"] += 1
-        cf = conn.call(INIT, init)
-        cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
-        with self.lock:
-            self._dispatch()
+        return w
 
-    def _on_init(self, w: _Worker, f) -> None:
-        exc = f.exception()
-        with self.lock:
-            if exc is None:
-                self._init_failures = 0
-                return
-            if isinstance(exc, (PeerDeadError, ConnectionClosedError)):
-                return  # it died before it could answer; its death is handled
-            self._init_failures += 1
-            self.stats["init_failures"] += 1
-            if self._init_failures >= MAX_INIT_FAILURES:
-                self._break(f"the pool's initializer failed {self._init_failures} times in a row "
-                            f"(last error: {type(exc).__name__}: {exc}); the pool is not usable anymore")
+    def full(self) -> bool:
+        """Are max_workers workers there or coming? (lock held)"""
+        return len(self.workers) + self.starter.starting >= self.max_workers
 
     def _on_death(self, peer_id: int) -> None:
         """Hub callback (driver thread, before recovery): what was running?"""
@@ -192,34 +199,12 @@ class Core:
                 return
             w.dead = True
             w.crashed_rid = running
-            w.death = _describe(info)
+            w.info = info
+            w.death = describe(info)
             if info is not None and info.cause != "goodbye":
                 self.stats["worker_deaths"] += 1
-            if not self._closed and self.broken is None:
-                self._respawn_q.put(peer_id)
-
-    def _respawn_loop(self) -> None:
-        failures = 0
-        while True:
-            peer_id = self._respawn_q.get()
-            if peer_id is None or self._closed:
-                return
-            if self.broken is not None or (self.shutdown_started and not self.live):
-                continue
-            try:
-                self._start_worker(peer_id)
-                self.stats["respawns"] += 1
-                failures = 0
-            except Exception as e:  # noqa: BLE001
-                failures += 1
-                if self._closed:
-                    return
-                if failures >= MAX_INIT_FAILURES:
-                    with self.lock:
-                        self._break(f"cannot start a replacement worker: {type(e).__name__}: {e}")
-                else:
-                    time.sleep(0.05)
-                    self._respawn_q.put(peer_id)
+            if not self._closed:
+                self.starter.replace(w)
 
     # -- submitting --------------------------------------------------------------
 
@@ -229,21 +214,8 @@ class Core:
         if self.shutdown_started:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def function(self, fn) -> tuple[int, str, bytes]:
-        """(id, name, pickled bytes) of `fn`, pickled the first time it is
-        seen (a bounded cache; the cache holds `fn`, so its id stays its)."""
-        key = id(fn)
-        got = self._functions.get(key)
-        if got is not None and got[0] is fn:
-            self._functions.move_to_end(key)
-            return got[1], got[3], got[2]
-        fbytes = dumps_bytes(fn)
-        fid = next(self._fids)
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-        self._functions[key] = (fn, fid, fbytes, name)
-        if len(self._functions) > FUNCTION_CACHE:
-            self._functions.popitem(last=False)
-        return fid, name, fbytes
+    def function(self, fn) -> tuple[int, str, bytes | None]:
+        return self.functions.get(fn)
 
     def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None) -> Future:
         """Queue one task (a call, or a chunk of argument tuples); its future.
@@ -252,8 +224,11 @@ class Core:
         fut = Future()
         try:
             fid, name, fbytes = self.function(fn)
-            stream, bufs = dumps((fid, kind, args, kwargs), lift=3)  # down to each argument's items
+            # (a callable that is not cached goes with the call, in place of its id)
+            stream, bufs = dumps((fid or fn, kind, args, kwargs), lift=3)  # down to each argument's items
         except Exception as e:  # noqa: BLE001
+            with self.lock:
+                self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
             fut.set_exception(e)
             return fut
         task = _Task(fut, fid, name, fbytes, kind, stream, bufs)
@@ -264,15 +239,26 @@ class Core:
             self.queue.append(task)
             self.live += 1
             self.stats["submitted"] += 1
+            self._want_worker()
             self._dispatch()
         return fut
+
+    def _want_worker(self) -> None:
+        """(lock held) An idle worker takes the task, or one more is
+        started. spec: exec.on-demand"""
+        if self.credits:
+            self.credits -= 1
+        elif not self.full() and not self._closed:
+            self.starter.start_new()
 
     # -- dispatch ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Give queued tasks to workers with room (lock held)."""
+        if self.functions.has_forgotten():
+            self._forget_functions()
         q = self.queue
-        while q:
+        while q and self.broken is None:
             w = self._pick()
             if w is None:
                 return
@@ -283,8 +269,22 @@ class Core:
                     continue
                 task.started = True
             if not self._send(task, w):
+                if task.finished:
+                    continue
+                if self.broken is not None:  # broken meanwhile (callbacks under our lock)
+                    self._fail(task, PoolBrokenError(self.broken))
+                    continue
                 q.appendleft(task)
                 return
+
+    def _forget_functions(self) -> None:
+        """(lock held) Functions evicted from the cache or collected: each
+        worker that holds one is told to drop it with its next `define`."""
+        fids = self.functions.take_forgotten()
+        for w in self.workers.values():
+            for fid in fids & w.known.keys():
+                del w.known[fid]
+                w.forget.append(fid)
 
     def _pick(self) -> _Worker | None:
         best = None
@@ -299,9 +299,16 @@ class Core:
         """Hand `task` to `w`; False if it must wait (no slot right now)."""
         conn = w.conn
         try:
-            if task.fid not in w.known:
-                conn.call(DEFINE, write(self.slots, *dumps((task.fid, task.fbytes)), timeout=0))
-                w.known.add(task.fid)
+            fid = task.fid
+            if fid and fid in w.known:
+                w.known.move_to_end(fid)
+            elif fid:
+                # spec: exec.functions -- a worker holds at most FUNCTION_CACHE
+                while len(w.known) >= FUNCTION_CACHE:
+                    w.forget.append(w.known.popitem(last=False)[0])
+                conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0))
+                w.forget = []
+                w.known[fid] = None
             out = write(self.slots, task.stream, task.bufs, timeout=0)
         except SlotExhaustedError:
             self.pins = [p for p in self.pins if not p.release_if_unused()]
@@ -353,6 +360,8 @@ class Core:
                 self._lost(task, w)
                 self._dispatch()
                 return
+            # spec: exec.on-demand -- a worker became idle (before the caller can see it)
+            self.credits = min(self.credits + 1, len(self.workers))
         if exc is None:
             try:
                 result, pin = read(received)
@@ -400,6 +409,11 @@ class Core:
         """The worker holding `task` is gone (lock held): charge the task
         its guest word named, requeue the others. (spec: exec.attribution;
         spec: exec.retry)"""
+        if task.finished:
+            return  # completed meanwhile (e.g. failed by _break): never back in the queue
+        if self.broken is not None:
+            self._fail(task, PoolBrokenError(self.broken))
+            return
         if w.crashed_rid and w.crashed_rid == task.rid:
             task.attempts += 1
             task.crashes.append(w.death or f"worker {w.peer_id}")
@@ -429,6 +443,12 @@ class Core:
         with self.lock:
             self._finished(task)
 
+    def _fail(self, task: _Task, err: BaseException) -> None:
+        """(lock held) Fail a task that is neither queued nor held by a worker."""
+        if not task.future.done():
+            task.future.set_exception(err)
+        self._finished(task)
+
     def _finished(self, task: _Task) -> None:
         if task.finished:
             return
@@ -436,6 +456,8 @@ class Core:
         task.stream = task.bufs = task.fbytes = None
         self.live -= 1
         self.idle.notify_all()
+        if not self.live:
+            self.starter.idle_now()
 
     def _break(self, why: str) -> None:
         """The pool cannot go on (lock held): fail everything pending."""
@@ -456,16 +478,27 @@ class Core:
     # -- lifetime ----------------------------------------------------------------
 
     def cancel_queued(self) -> None:
+        """Cancel the tasks no worker holds yet, except those that are
+        running already (put back after their worker died) and the first
+        window of each worker being started: they are that worker's, as
+        the few tasks handed to the stdlib's call queue are the workers'."""
         with self.lock:
+            keep = self.starter.starting * self.max_inflight
+            kept = []
             while self.queue:
                 t = self.queue.popleft()
-                t.future.cancel()
-                self._finished(t)
+                if keep > 0 or not t.future.cancel():
+                    keep -= 1
+                    kept.append(t)
+                else:
+                    self._finished(t)
+            self.queue.extend(kept)
 
     def capacity(self) -> int:
-        """Tasks the workers can hold at once now (their windows summed;
-        a racy read, for pacing producers)."""
-        return max(1, sum(w.window for w in list(self.workers.values()) if not w.dead))
+        """Tasks the workers can hold at once now (their windows summed,
+        workers being started included; a racy read, for pacing producers)."""
+        coming = self.starter.starting * self.max_inflight
+        return max(1, coming + sum(w.window for w in list(self.workers.values()) if not w.dead))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self.lock:
@@ -484,31 +517,60 @@ class Core:
         with self.lock:
             self._break(why)
 
+    def close_when_idle(self) -> None:
+        """Close once no task is pending, from the management thread (no
+        lock taken: safe in a finalizer)."""
+        self.starter.close_when_idle()
+
     def close(self, wait: bool = True) -> None:
-        """Stop everything: goodbye to the workers, remove the segment.
-        (From the hub's own driver thread, e.g. a finalizer run there, the
-        work is handed to a short-lived thread: the driver cannot wait for
-        itself.)"""
+        """Stop everything: goodbye to the workers, remove the segment, drop
+        initargs and functions; then the management thread ends. (From the
+        hub's own driver thread, e.g. a finalizer run there, the work is
+        handed to a short-lived thread: the driver cannot wait for itself.)"""
         if self._closed:
             return
         if self.host._driver.on_driver:
             threading.Thread(target=self.close, name=f"{self.name}-close").start()
             return
-        self._closed = True
-        self._respawn_q.put(None)
-        if threading.current_thread() is not self._respawner:
-            self._respawner.join(30)
+        with self._close_lock:
+            if self._closed:
+                return
+            with self.starter.lock:  # no worker start is under way, and none begins
+                self._closed = True
         with self.lock:
             for p in self.pins:
                 p.release()
             self.pins = []
-        try:
-            self.session.close()
-        finally:
-            self.host.close()
+            self._init = None  # initargs may hold resources (multiprocessing queues, locks)
+            logs = [w.startup_log for w in self.workers.values() if w.startup_log is not None]
+            for w in self.workers.values():
+                w.startup_log = None
+            self.idle.notify_all()
+        self.functions.clear()
+        for log in logs:
+            log.close()
+        self._teardown()
 
-    def processes(self) -> dict[int, object]:
+    def _teardown(self) -> None:
+        try:
+            if self.session is not None:
+                self.session.close()
+        finally:
+            try:
+                if self.host is not None:
+                    self.host.close()
+            finally:
+                self._closed = True
+                self.closed_event.set()
+                if self.starter is not None:
+                    self.starter.stop()
+
+    def processes(self, timeout: float = 30.0) -> dict[int, object]:
+        """pid -> Popen of each live worker, once the starts asked for so
+        far are done (a worker being started is one of them)."""
         with self.lock:
+            self.idle.wait_for(lambda: not self.starter.pending or self._closed
+                               or self.broken is not None, timeout)
             return {w.proc.pid: w.proc for w in self.workers.values() if not w.dead}
 
     def statistics(self) -> dict:
@@ -519,26 +581,12 @@ class Core:
                        for w in self.workers.values()}
             out = {
                 "max_workers": self.max_workers, "queued": len(self.queue), "pending": self.live,
-                "pinned_results": len(self.pins), "broken": self.broken,
+                "pinned_results": len(self.pins), "broken": self.broken, "idle_credits": self.credits,
+                "functions_cached": len(self.functions),
                 "shutdown": self.shutdown_started, "workers": workers, **dict(self.stats),
             }
         out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
         return out
-
-
-def _describe(info) -> str:
-    if info is None:
-        return "worker died"
-    if info.signal is not None:
-        try:
-            how = signal.Signals(info.signal).name
-        except ValueError:
-            how = f"signal {info.signal}"
-    elif info.exitcode is not None:
-        how = f"exit code {info.exitcode}"
-    else:
-        how = "ended"
-    return f"worker pid {info.pid} ({how})"
 
 
 def default_workers() -> int:

@@ -6,20 +6,33 @@ Owns: the public executor API (argument checking as the stdlib does it,
 explicit shutdown, garbage collection, interpreter exit.
 
 Data flow: everything goes to `_core.Core` (workers, queue, dispatch,
-crash resubmission); this module turns its futures into the stdlib's
-behaviour (`map` ordering, timeouts, cancelling what is left).
+crash resubmission), which is created by the first `submit`/`map` (as the
+stdlib starts its manager thread there: the constructor starts no thread
+and no process); this module turns its futures into the stdlib's behaviour
+(`map` ordering, timeouts, cancelling what is left, results owned by the
+consumer alone). A core that cannot be created (say, no thread can be
+started at interpreter shutdown) leaves the executor broken.
 
 Invariants: after `shutdown()` returns (wait=True), after garbage
 collection of an executor that was never shut down, and at interpreter
 exit, no worker process, segment file, fd or thread of the executor
 remains; pending work is completed first except on `terminate_workers`/
 `kill_workers` and `cancel_futures=True`.
+
+Compatibility shims: CPython's own tests reach into ProcessPoolExecutor's
+internals to wait for its cleanup. `_executor_manager_thread` is the core's
+management thread (it starts workers, closes the core after a shutdown
+without waiting, and ends once the core is closed), `_call_queue` a stand-in
+whose `join_thread()` waits for the core to be closed, and `_broken` is
+the reason the pool is broken, or False. They exist for that compatibility
+only.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import multiprocessing
 import signal
 import threading
 import time
@@ -28,6 +41,8 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 from ._core import CHUNK, SINGLE, Core, default_workers
+from ._starter import pickle_for_child
+from .errors import PoolBrokenError
 from .shm.layout import SegmentConfig
 
 _live: "weakref.WeakSet[Core]" = weakref.WeakSet()
@@ -47,6 +62,11 @@ class ShmExecutor(Executor):
       default it adapts per worker: about 2 ms of work, at least 2 tasks
       and at most 64 (tiny tasks get a deep window, long ones 2).
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
+
+    Workers are started when work arrives and no worker is idle, up to
+    `max_workers`, as the stdlib does; with a fork `mp_context`, all of
+    them at the first submit (likewise). Workers are never forked, though:
+    they are fresh interpreters whichever `mp_context` is given.
     """
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
@@ -72,23 +92,71 @@ class ShmExecutor(Executor):
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if max_inflight is not None and (not isinstance(max_inflight, int) or max_inflight < 1):
             raise ValueError(f"max_inflight must be None (adaptive) or an int >= 1, got {max_inflight!r}")
-        if mp_context is not None and not hasattr(mp_context, "get_start_method"):
+        if mp_context is None:  # (as the stdlib chooses)
+            mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
+        elif not hasattr(mp_context, "get_start_method"):
             raise TypeError("mp_context must be a multiprocessing context")
-        self._mp_context = mp_context  # accepted; workers are always started from spawn tickets
+        fork = mp_context.get_start_method(allow_none=False) == "fork"
+        if max_tasks_per_child is not None and fork:
+            raise ValueError("max_tasks_per_child is incompatible with the 'fork' multiprocessing "
+                             "start method; supply a different mp_context.")
+        self._mp_context = mp_context  # its start method only decides when workers start
         self._max_workers = max_workers
-        self._core = Core(max_workers, initializer=initializer, initargs=initargs,
-                          max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
-                          max_inflight=max_inflight, config=segment_config)
-        _live.add(self._core)
-        self._finalizer = weakref.finalize(self, _finalize, self._core)
+        self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
+                                 max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
+                                 max_inflight=max_inflight, config=segment_config, eager=fork)
+        self._core: Core | None = None  # created by the first submit
+        self._core_lock = threading.Lock()
+        self._shutdown_called = False
+        self._start_error: str | None = None
+        self._finalizer = None
+
+    def _get_core(self) -> Core:
+        core = self._core
+        if core is not None:
+            return core
+        with self._core_lock:
+            if self._core is None:
+                if self._start_error is not None:
+                    raise PoolBrokenError(self._start_error)
+                if self._shutdown_called:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                kw = self._core_kwargs
+                # What pickling the initializer and initargs raises is raised
+                # here, as the stdlib raises it from starting a worker.
+                pickle_for_child((kw["initializer"], kw["initargs"], kw["max_tasks_per_child"]))
+                try:
+                    core = Core(self._max_workers, **kw)
+                except Exception as e:  # noqa: BLE001 - e.g. no thread at interpreter shutdown
+                    self._start_error = (f"the executor could not start: {type(e).__name__}: {e}")
+                    self._core_kwargs = None
+                    raise PoolBrokenError(self._start_error) from e
+                self._core_kwargs = None  # (initargs are the core's now, dropped when it closes)
+                _live.add(core)
+                self._finalizer = weakref.finalize(self, _finalize, core)
+                self._core = core
+        return self._core
 
     # -- submitting ----------------------------------------------------------------
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a Future."""
+        return self._submit(fn, SINGLE, args, kwargs)
+
+    def _submit(self, fn, kind, args, kwargs) -> Future:
+        core = self._core or self._get_core_checked()
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        return self._core.submit(fn, SINGLE, args, kwargs)
+        return core.submit(fn, kind, args, kwargs)
+
+    def _get_core_checked(self) -> Core:
+        if self._start_error is not None:
+            raise PoolBrokenError(self._start_error)
+        if self._shutdown_called:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        return self._get_core()
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
             buffersize: int | None = None):
@@ -96,12 +164,16 @@ class ShmExecutor(Executor):
         sends that many calls as one task. `buffersize` bounds how many
         calls are submitted ahead of the results consumed (input is then
         read lazily), as in Python 3.14."""
-        return _map(self._core, fn, iterables, timeout, chunksize, buffersize)
+        return _map(self._submit, fn, iterables, timeout, chunksize, buffersize)
 
     # -- lifetime ------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        core = self._core
+        with self._core_lock:
+            self._shutdown_called = True
+            core = self._core
+        if core is None:
+            return
         with core.lock:
             core.shutdown_started = True
         if cancel_futures:
@@ -109,11 +181,9 @@ class ShmExecutor(Executor):
         if wait:
             core.wait_idle()
             core.close()
-            self._finalizer.detach()
         else:
-            threading.Thread(target=_drain_and_close, args=(core,), name="shmpool-shutdown",
-                             daemon=True).start()
-            self._finalizer.detach()
+            core.close_when_idle()  # the management thread closes it, then ends
+        self._finalizer.detach()
 
     def terminate_workers(self) -> None:
         """Stop every worker now (SIGTERM) and shut down; pending futures
@@ -126,7 +196,11 @@ class ShmExecutor(Executor):
         self._stop(signal.SIGKILL, "the executor's workers were killed")
 
     def _stop(self, sig: int, why: str) -> None:
-        core = self._core
+        with self._core_lock:
+            self._shutdown_called = True
+            core = self._core
+        if core is None:
+            return
         with core.lock:
             core.shutdown_started = True
         core.fail_all(why)
@@ -140,17 +214,73 @@ class ShmExecutor(Executor):
     def _processes(self) -> dict:
         """pid -> process handle of each live worker (`terminate()`,
         `kill()`, `poll()`, `wait()`, `is_alive()`, `join()`, `exitcode`),
-        as `ProcessPoolExecutor._processes` offers."""
-        return {pid: _Process(p) for pid, p in self._core.processes().items()}
+        as `ProcessPoolExecutor._processes` offers. Workers being started
+        are waited for (not for their interpreters to be ready)."""
+        core = self._core
+        if core is None:
+            return {}
+        return {pid: _Process(p) for pid, p in core.processes().items()}
+
+    @property
+    def _broken(self):
+        """Why the pool is broken, or False (compatibility: the stdlib's
+        attribute, which its tests poll)."""
+        core = self._core
+        return self._start_error or (core.broken if core is not None else None) or False
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread | None:
+        """Compatibility shim (see the module docstring): the core's
+        management thread, which ends once the executor is shut down and
+        its resources released; None before the first submit (stdlib)."""
+        core = self._core
+        return core.starter.thread if core is not None else None
+
+    @property
+    def _call_queue(self) -> "_CallQueueShim":
+        """Compatibility shim (see the module docstring): there is no call
+        queue; `join_thread()` waits until the executor's resources are
+        released."""
+        return _CallQueueShim(self._core)
 
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
-        return self._core.statistics()
+        core = self._core
+        if core is None:
+            return {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},
+                    "broken": self._start_error, "shutdown": self._shutdown_called}
+        return core.statistics()
 
     def __repr__(self) -> str:
         c = self._core
-        state = "broken" if c.broken else "shut down" if c.shutdown_started else "running"
+        broken = self._broken
+        shut = self._shutdown_called or (c is not None and c.shutdown_started)
+        state = "broken" if broken else "shut down" if shut else "running"
         return f"<ShmExecutor max_workers={self._max_workers} {state}>"
+
+
+class _CallQueueShim:
+    """Stands in for ProcessPoolExecutor's `_call_queue` (a multiprocessing
+    Queue feeding the workers), for code that waits on it after a shutdown:
+    ShmExecutor has no such queue (tasks go straight to the workers' rings),
+    so `join_thread()` waits for what it would mean: the executor's
+    resources released. `close()` and `cancel_join_thread()` do nothing (the
+    core's lifetime is the executor's `shutdown`)."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Core | None) -> None:
+        self._core = core
+
+    def join_thread(self) -> None:
+        if self._core is not None:
+            self._core.closed_event.wait()
+
+    def close(self) -> None:
+        pass
+
+    def cancel_join_thread(self) -> None:
+        pass
 
 
 class _Process:
@@ -202,7 +332,7 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _map(core: Core, fn, iterables, timeout, chunksize, buffersize):
+def _map(submit, fn, iterables, timeout, chunksize, buffersize):
     if not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
     if buffersize is not None:
@@ -220,7 +350,7 @@ def _map(core: Core, fn, iterables, timeout, chunksize, buffersize):
 
     def submit_next() -> bool:
         for kind, a, kw in items:
-            fs.append((kind, core.submit(fn, kind, a, kw)))
+            fs.append((kind, submit(fn, kind, a, kw)))
             return True
         return False
 
@@ -231,27 +361,38 @@ def _map(core: Core, fn, iterables, timeout, chunksize, buffersize):
         for _ in range(buffersize):
             if not submit_next():
                 break
+    more = submit_next if buffersize is not None else None
 
     def results():
+        # While suspended, this frame holds no result and no future of one:
+        # the consumer owns the only reference to what it was given (stdlib).
         try:
             while fs:
-                kind, f = fs[0]
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise FuturesTimeout()
-                value = f.result(remaining)
-                fs.popleft()
-                if buffersize is not None:
-                    submit_next()
-                if kind == SINGLE:
-                    yield value
+                if fs[0][0] == SINGLE:
+                    yield _pop_result(fs, end, more)
                 else:
-                    yield from value
+                    chunk = _pop_result(fs, end, more)
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
+                    del chunk
         finally:
             for _, f in fs:
                 f.cancel()
 
     return results()
+
+
+def _pop_result(fs: collections.deque, end: float | None, more):
+    """Wait for the first future of `fs`, remove it, return its result."""
+    remaining = None if end is None else end - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise FuturesTimeout()
+    result = fs[0][1].result(remaining)
+    fs.popleft()
+    if more is not None:
+        more()
+    return result
 
 
 def _chunks(it, n):
@@ -263,19 +404,10 @@ def _chunks(it, n):
         yield chunk
 
 
-def _drain_and_close(core: Core) -> None:
-    core.wait_idle()
-    core.close()
-
-
 def _finalize(core: Core) -> None:
-    """The executor was garbage collected without shutdown(): finish its
-    pending work in the background, then release everything."""
-    if core.live:
-        threading.Thread(target=_drain_and_close, args=(core,), name="shmpool-finalize",
-                         daemon=True).start()
-    else:
-        core.close()
+    """The executor was garbage collected without shutdown(): its pending
+    work finishes, then the management thread releases everything."""
+    core.close_when_idle()
 
 
 def _at_exit() -> None:

@@ -24,7 +24,13 @@ go out of band (spec: exec.oob); smaller ones stay in the pickle.
 Invariants: a payload that fails to pickle allocates nothing; functions,
 classes and lambdas that cannot be imported by name in the worker (defined
 in `__main__`, in a function, or a lambda) are pickled by value (cloudpickle);
-everything else by reference, at the C pickler's speed.
+everything else by reference, at the C pickler's speed. Objects for which
+multiprocessing registers a reducer (`ForkingPickler`: a `Connection`, a
+socket) are pickled with it, as `ProcessPoolExecutor` pickles them, never
+as their bare fd number: an fd travels through multiprocessing's resource
+sharer (or, while a worker is being started, is passed to it), and objects
+that may only be inherited (a multiprocessing Queue, Lock) raise their own
+clear error outside a worker's start.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import struct
 import sys
 import threading
 import types
+import multiprocessing.connection  # noqa: F401 - registers the Connection reducer
+from multiprocessing.reduction import ForkingPickler
 
 import cloudpickle
 
@@ -102,9 +110,17 @@ def _lift(obj, depth: int):
     return obj
 
 
+# multiprocessing's own reducers (a live dict: registrations made later
+# count too). Looked up in reducer_override, which the pickler calls for
+# exactly the objects a dispatch table would be asked about, so the common
+# types keep the C pickler's fast paths.
+_MP_REDUCERS = ForkingPickler._extra_reducers
+
+
 class _FastPickler(pickle.Pickler):
-    """The C pickler, sending big byte strings out of band and handing
-    anything that needs pickling by value to cloudpickle."""
+    """The C pickler, sending big byte strings out of band, using
+    multiprocessing's reducers, and handing anything that needs pickling by
+    value to cloudpickle."""
 
     def reducer_override(self, obj):
         t = type(obj)
@@ -114,7 +130,13 @@ class _FastPickler(pickle.Pickler):
             return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
         if (t is types.FunctionType or isinstance(obj, type)) and _by_value(obj):
             raise _NeedsCloudpickle
+        reduce = _MP_REDUCERS.get(t)
+        if reduce is not None:
+            return reduce(obj)
         return NotImplemented
+
+
+_CLOUD_TYPES = cloudpickle.CloudPickler._dispatch_table
 
 
 class _CloudPickler(cloudpickle.CloudPickler):
@@ -124,6 +146,10 @@ class _CloudPickler(cloudpickle.CloudPickler):
             return _oob(obj.value)
         if t is memoryview:
             return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
+        if t not in _CLOUD_TYPES:  # (cloudpickle's own reducers win: methods by value)
+            reduce = _MP_REDUCERS.get(t)
+            if reduce is not None:
+                return reduce(obj)
         return super().reducer_override(obj)
 
 
@@ -201,7 +227,7 @@ def dumps_bytes(obj) -> bytes:
         _FastPickler(f, 5).dump(obj)
     except _NeedsCloudpickle:
         f = io.BytesIO()
-        cloudpickle.CloudPickler(f, 5).dump(obj)
+        _CloudPickler(f, 5).dump(obj)
     return f.getvalue()
 
 

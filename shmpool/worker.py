@@ -1,25 +1,36 @@
 """The worker cell: a process that runs an executor's tasks.
 
-    python -m shmpool.worker --hub-path=PATH --peer-id=N --doorbell-fd=FD
+    python -c "<boot line>" --hub-path=PATH --peer-id=N --doorbell-fd=FD [--stderr-fd=FD]
+
+(`shmpool._starter.worker_argv` builds the boot line: it imports this
+module from the host's own shmpool package, then calls `main`.)
 
 Owns: the worker's side of its session with the host: the `init`, `define`
 and `run` handlers, the cache of functions it was sent, the pins of task
 payloads whose zero-copy buffers are still in use, and when to leave.
 
-Data flow: the host calls `init` (initializer, initargs, max tasks) first,
-`define` once per function (its pickled bytes), then `run` for each task
-(a function id, single call or chunk, and the arguments, in one slot whose
-buffers are unpickled zero-copy). `run` records the task's request id in
-the entry's guest word (so the host can tell, if this process dies, which
-task was running), calls the function, and answers with the pickled
-result in a slot of its own. Handlers run on the main thread, one task at a
-time, in the order they were queued.
+Data flow: until it has attached, the worker's stderr is a capture file
+the host reads if it dies then; once attached it switches to the host's
+stderr (`--stderr-fd`) and copies what it had written there. The host calls
+`init` first (its sys.path and multiprocessing authkey, then the pickled
+initializer, initargs and max tasks), `define` once per cached function (its
+pickled bytes, and the ids the worker may forget), then `run` for each task
+(a function id, or the callable itself for callables that are not cached;
+single call or chunk; the arguments; in one slot whose buffers are
+unpickled zero-copy). `run` records the task's request id in the entry's
+guest word (so the host can tell, if this process dies, which task was
+running), calls the function, and answers with the pickled result in a
+slot of its own. Handlers run on the main thread, one task at a time, in
+the order they were queued.
 
 Invariants: an exception raised by the task, or by unpickling its
 arguments, or by pickling its result, is the task's error (the session
-sends it back with its traceback); a failing initializer answers with its
-error and then ends this process with EXIT_INIT_FAILED; after
-`max_tasks` tasks the worker leaves in order (goodbye).
+sends it back with its traceback); a failing initializer is logged (CRITICAL,
+"Exception in initializer:", logger `concurrent.futures`, as the stdlib's
+worker does), answers with its error and then ends this process with
+EXIT_INIT_FAILED; the functions held are only those the host has not told
+it to forget (the host bounds them); after `max_tasks` tasks the worker
+leaves in order (goodbye).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ RUN = method_id("shmpool.worker.run")
 SINGLE, CHUNK = 0, 1
 EXIT_INIT_FAILED = 86
 
+FP_START = failpoints.declare("worker.start", "process started, not attached yet")
 FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
 FP_UNPICKLED = failpoints.declare("worker.after-unpickle", "arguments unpickled, function not called")
 FP_IN_FUNCTION = failpoints.declare("worker.in-function", "inside the task, before the function returns")
@@ -86,23 +98,34 @@ class _Worker:
 
     def init(self, ctx, payload) -> None:
         # First the host's sys.path (as multiprocessing's spawn passes it),
-        # so that functions and arguments pickled by reference import here.
-        (sys_path, setup), pin = read(payload.retain())
+        # so that functions and arguments pickled by reference import here,
+        # and its multiprocessing authkey (as a spawned multiprocessing child
+        # inherits it): Manager proxies and fds shared through
+        # multiprocessing's resource sharer authenticate with it.
+        (sys_path, setup, authkey), pin = read(payload.retain())
         pin.release()
         sys.path[:] = [p for p in sys_path if isinstance(p, str)]
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = authkey
         try:
             initializer, initargs, max_tasks = pickle.loads(setup)
             self.max_tasks = max_tasks
             if initializer is not None:
                 initializer(*initargs)
         except BaseException as e:
+            import logging
+
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
             # The error goes back to the host as the answer to `init`, and
             # this worker leaves before it runs anything else (stdlib).
             raise InitializerFailed(f"{type(e).__name__}: {e}") from e
 
     def define(self, ctx, payload) -> None:
-        (fid, fbytes), pin = read(payload.retain())
+        (fid, fbytes, forget), pin = read(payload.retain())
         pin.release()
+        for old in forget:  # the host keeps what each worker holds bounded
+            self.funcs.pop(old, None)
         try:
             self.funcs[fid] = pickle.loads(fbytes)
         except BaseException as e:  # the tasks that use it fail with this
@@ -126,9 +149,12 @@ class _Worker:
         try:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_UNPICKLED)
-            fn = self.funcs.get(fid)
-            if fn is None:
-                raise LookupError(f"function {fid} was never defined in this worker")
+            if type(fid) is int:
+                fn = self.funcs.get(fid)
+                if fn is None:
+                    raise LookupError(f"function {fid} was never defined in this worker")
+            else:  # a callable the host does not cache travels with its task
+                fn, fid = fid, 0
             if isinstance(fn, _Broken):
                 raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
                                           f"pid {os.getpid()}: {type(fn.error).__name__}: "
@@ -139,7 +165,7 @@ class _Worker:
                 result = fn(*args, **kwargs)
             else:
                 result = [fn(*a) for a in args]
-            del args, kwargs
+            del args, kwargs, fn
             try:
                 stream, bufs = dumps(result)
             except Exception as e:
@@ -203,9 +229,55 @@ def _short_repr(obj, limit: int = 200) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+ARG_STDERR = "--stderr-fd"
+
+
+def _stderr_fd(argv: list[str]) -> int | None:
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if name == ARG_STDERR and eq and value.isdigit():
+            return int(value)
+    return None
+
+
+def _restore_stderr(fd: int | None) -> None:
+    """Attached: from now on write to the host's stderr (`fd`), and copy
+    there what was written to the start-up capture file (fd 2) so far."""
+    if fd is None:
+        return
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        early = os.pread(2, min(os.fstat(2).st_size, 1 << 20), 0)
+    except OSError:
+        early = b""
+    try:
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        return
+    if early:
+        try:
+            os.write(2, early)
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_guest(lambda g: _Worker(g).serve(), sys.argv[1:] if argv is None else argv,
-              prog="shmpool worker")
+    """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
+    serve the host, exit (never returns)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if failpoints.ACTIVE:
+        failpoints.hit(FP_START)
+    err_fd = _stderr_fd(argv)
+
+    def serve(guest) -> int:
+        _restore_stderr(err_fd)
+        return _Worker(guest).serve()
+
+    run_guest(serve, argv, prog="shmpool worker")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ innocents, a chaos soak, and leak checks over many lifetimes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import zlib
 import pytest
 
 from shmpool import ShmExecutor, failpoints
-from shmpool.errors import WorkerCrashedError
+from shmpool.errors import PoolBrokenError, WorkerCrashedError
 
 SOAK = os.environ.get("SHMPOOL_SOAK") == "1"
 
@@ -208,3 +209,107 @@ def test_worker_counts(workers):
     with ShmExecutor(workers) as e:
         assert sorted(e.map(ident, range(100), chunksize=3)) == list(range(100))
         assert len(e._processes) == workers
+
+
+# --------------------------------------------------------------------------
+# Workers that cannot start
+# --------------------------------------------------------------------------
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.spec("exec.start-failure")
+def test_workers_that_die_before_attaching_break_the_pool(monkeypatch, capfd):
+    """A worker that dies at start (here its failpoint raises before it
+    attaches) is not respawned forever: after 3 in a row the pool breaks
+    with what the worker printed and what to check."""
+    monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.start=raise")
+    e = ShmExecutor(2)
+    try:
+        fs = [e.submit(square, i) for i in range(5)]
+        for f in fs:
+            with pytest.raises(PoolBrokenError) as err:
+                f.result(120)
+        msg = str(err.value)
+        assert "3 worker processes in a row could not be started" in msg
+        assert "exit code 1" in msg and "before attaching" in msg
+        assert "FailpointError: failpoint worker.start fired" in msg  # what it printed
+        assert "imports shmpool from" in msg
+        with pytest.raises(PoolBrokenError):
+            e.submit(square, 1)
+        assert e.statistics()["start_failures"] == 3
+    finally:
+        e.shutdown()
+    assert "FailpointError" in capfd.readouterr().err  # shown, as if it had written here
+
+
+@pytest.mark.spec("exec.start-failure")
+def test_a_bad_interpreter_breaks_the_pool(monkeypatch, tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'this is not python' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with ShmExecutor(1) as e:
+        with pytest.raises(PoolBrokenError, match="exit code 3") as err:
+            e.submit(square, 2).result(120)
+    assert "this is not python" in str(err.value)
+
+
+def exit_now():
+    os._exit(5)
+
+
+@pytest.mark.spec("exec.start-failure")
+def test_an_initializer_that_ends_the_process_breaks_the_pool():
+    with ShmExecutor(1, initializer=exit_now) as e:
+        with pytest.raises(PoolBrokenError, match="exit code 5") as err:
+            e.submit(square, 2).result(120)
+    assert "before it was ready" in str(err.value)
+
+
+@pytest.mark.spec("exec.start-failure")
+def test_workers_killed_while_starting_are_replaced():
+    """A signal sent to a starting worker is not its own failure: the
+    pool replaces it and goes on."""
+    with ShmExecutor(1) as e:
+        f = e.submit(square, 3)
+        for _ in range(4):
+            (w,) = e._processes.values()
+            w.kill()
+            w.join(30)
+        assert f.result(120) == 9
+        assert e.statistics()["start_failures"] == 0
+
+
+@pytest.mark.spec("exec.worker-start")
+def test_workers_import_the_hosts_shmpool_not_one_in_the_working_directory(monkeypatch, tmp_path):
+    shadow = tmp_path / "shmpool"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing shmpool was imported')\n")
+    (shadow / "worker.py").write_text("raise ImportError('the shadowing shmpool was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    with ShmExecutor(1) as e:
+        assert e.submit(square, 4).result(120) == 16
+
+
+def slow_failing_init():
+    time.sleep(0.1)
+    raise RuntimeError("initializer says no")
+
+
+def test_a_pool_broken_with_tasks_queued_fails_each_once(caplog):
+    """Tasks queued and held by workers when a failing initializer breaks
+    the pool each fail with BrokenProcessPool, once; nothing is requeued
+    after the break, no callback fails."""
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        for _ in range(2):
+            e = ShmExecutor(2, initializer=slow_failing_init)
+            fs = [e.submit(square, i) for i in range(50)]
+            for f in fs:
+                with pytest.raises(PoolBrokenError):
+                    f.result(120)
+            e.shutdown()
+            assert e._core.live == 0 and not e._core.queue
+    assert not [r for r in caplog.records if "callback" in r.getMessage()], caplog.text

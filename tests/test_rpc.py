@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shmpool.errors import ConnectionClosedError, PeerDeadError, ProtocolError
+from shmpool.errors import ConnectionClosedError, PeerDeadError, ProtocolError, SlotExhaustedError
 from shmpool.hub import ShmHost
 from shmpool.rpc import HostSession, NoSuchMethodError, RemoteError, RemoteTraceback, method_id
 from shmpool.shm import SegmentConfig, SizeClass
@@ -236,6 +236,34 @@ def test_goodbye_fails_pending_calls_with_the_reason(session):
         conn.call("echo", b"x")
     ended = session.report(p)
     assert ended["reason"] == "ConnectionClosedError" and "test is done with you" in ended["message"]
+
+
+@pytest.mark.spec("shm.goodbye.payload")
+def test_goodbye_never_waits_for_a_slot():
+    """With every slot taken, a Goodbye still goes out at once (its reason
+    cut to what fits inline): the driver thread sends one on a protocol
+    violation and must never block."""
+    s = Session(SegmentConfig(max_guests=2, size_classes=(SizeClass(512, 8),), memory_limit=1 << 24))
+    held = []
+    try:
+        peer, p = s.start("serve")
+        s.report(p)
+        conn = s.sess.connection(peer)
+        with pytest.raises(SlotExhaustedError):
+            while True:
+                held.append(s.sess.slots.alloc(100, timeout=0))
+        reason = "a reason much longer than the thirty-two bytes of an inline payload"
+        closer = threading.Thread(target=conn.close, args=(reason,))
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "close() waited for a slot"
+        ended = s.report(p)
+        assert ended["reason"] == "ConnectionClosedError"
+        assert reason[:32] in ended["message"] and reason not in ended["message"]
+    finally:
+        for slot in held:
+            s.sess.slots.free(slot)
+        s.close()
 
 
 @pytest.mark.spec("shm.handshake")

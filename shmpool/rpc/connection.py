@@ -36,7 +36,8 @@ import time
 from concurrent.futures import CancelledError, Future
 
 from .. import failpoints
-from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, StaleSlotError
+from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, SlotExhaustedError, StaleSlotError
+from ..shm import layout as L
 from ..shm.ring import Descriptor
 from .channel import ChannelTable, Rx, Tx
 from .dispatch import CallContext, Dispatcher, NoSuchMethodError, decode_error, encode_error
@@ -396,8 +397,15 @@ class Connection:
         self._finish(ProtocolError(rule, f"peer {self.peer} {what} (message {NAMES.get(d.msg_type, d.msg_type)})"))
 
     def _goodbye(self, reason: str) -> None:
+        # Never waits for a slot: this runs on the driver thread too (a
+        # violation found there), which must not block; with no slot free
+        # the reason is cut to what fits inline.
+        data = reason.encode()
         try:
-            desc = payload_descriptor(self.slots, self.peer, GOODBYE, 0, reason.encode())
+            try:
+                desc = payload_descriptor(self.slots, self.peer, GOODBYE, 0, data, timeout=0)
+            except SlotExhaustedError:
+                desc = payload_descriptor(self.slots, self.peer, GOODBYE, 0, data[:L.INLINE_CAPACITY])
             if not self.transport.try_send(desc):
                 discard(self.slots, desc)
         except Exception:  # noqa: BLE001 - leaving anyway

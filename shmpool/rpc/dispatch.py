@@ -10,7 +10,9 @@ Data flow: a Request's method id selects the handler; the handler gets a
 response payload (bytes-like, `Outgoing`, or None). An exception it raises
 is pickled together with its formatted traceback; the caller re-raises it
 with `__cause__` set to a `RemoteTraceback` carrying that text, as
-`concurrent.futures.ProcessPoolExecutor` does.
+`concurrent.futures.ProcessPoolExecutor` does (`RemoteTraceback` is the
+stdlib's `concurrent.futures.process._RemoteTraceback` itself, so that code
+checking the cause's type finds what it expects).
 
 Invariants: an exception that cannot be pickled (or unpickled) still
 reaches the caller, as `RemoteError` with the original type name, message
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from concurrent.futures.process import _RemoteTraceback
 from typing import Callable
 
 from ..errors import ShmpoolError
@@ -32,15 +35,11 @@ except ImportError:  # pragma: no cover - cloudpickle is a dependency
     _pickler = pickle
 
 
-class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in the other process
-    (set as the local exception's `__cause__`)."""
-
-    def __init__(self, tb: str) -> None:
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
+# The formatted traceback of an exception raised in the other process (set
+# as the local exception's `__cause__`; its text is `.tb` and its str()).
+# The stdlib's class, so that `type(exc.__cause__)` is what
+# ProcessPoolExecutor gives; shmpool's name stays an alias.
+RemoteTraceback = _RemoteTraceback
 
 
 class RemoteError(ShmpoolError):
