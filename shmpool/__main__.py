@@ -2,6 +2,9 @@
 
 Commands:
     clean [--dir DIR] [--dry-run]   remove segment files left by dead hosts
+    bench [--quick] [--json PATH] [--plot PATH] [--peers LIST] [--workers N] [--repeat N]
+                                    shmpool against ProcessPoolExecutor, multiprocessing.Pool,
+                                    loky and mpire, in the same run (see shmpool/bench/)
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("clean", help="remove stale segment files (their host process is gone)")
     c.add_argument("--dir", default=None, help=f"segment directory (default: {default_directory()})")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    b = sub.add_parser("bench", help="benchmark shmpool against the stdlib's pools (and loky, mpire)",
+                       description="Benchmark shmpool against ProcessPoolExecutor, multiprocessing.Pool, "
+                                   "loky and mpire, interleaved in one run; Markdown tables on stdout.")
+    from .bench import add_arguments, run as run_bench
+
+    add_arguments(b)
     args = ap.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args, b)
     if args.command == "clean":
         if args.dry_run:
             from pathlib import Path
