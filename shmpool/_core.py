@@ -56,7 +56,7 @@ from .shm import layout as L
 from .shm.layout import SegmentConfig
 from ._fncache import FunctionCache
 from ._starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
-from .worker import CHUNK, DEFINE, RUN, SINGLE, ResultEncodingError
+from .worker import CHUNK, DEFINE, RUN, SINGLE, ResultEncodingError, TaskInterrupted
 
 _FAILED = object()
 
@@ -140,6 +140,7 @@ class Core:
         self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
         self.queue: collections.deque[_Task] = collections.deque()
         self.workers: dict[int, _Worker] = {}
+        self._early_deaths: dict[int, tuple] = {}  # peer id -> (guest word, info) of an unregistered worker
         self.live = 0  # tasks submitted and not yet completed
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.pins: list = []
@@ -182,6 +183,9 @@ class Core:
             else:
                 self.stats["respawns"] += 1
             self.stats["workers_started"] += 1
+            early = self._early_deaths.pop(peer_id, None)
+            if early is not None and (early[1] is None or early[1].pid in (None, proc.pid)):
+                self._mark_dead(w, *early)
         return w
 
     def full(self) -> bool:
@@ -195,16 +199,24 @@ class Core:
         info = self.host.peer_info(peer_id)
         with self.lock:
             w = self.workers.get(peer_id)
-            if w is None:
+            if w is None or (info is not None and info.pid not in (None, w.proc.pid)):
+                # Its process ended before the starter registered it (the
+                # spawn returned on the driver thread, which saw the end
+                # first): `new_worker` takes it from here.
+                self._early_deaths[peer_id] = (running, info)
                 return
-            w.dead = True
-            w.crashed_rid = running
-            w.info = info
-            w.death = describe(info)
-            if info is not None and info.cause != "goodbye":
-                self.stats["worker_deaths"] += 1
-            if not self._closed:
-                self.starter.replace(w)
+            self._mark_dead(w, running, info)
+
+    def _mark_dead(self, w: _Worker, running: int, info) -> None:
+        """(lock held)"""
+        w.dead = True
+        w.crashed_rid = running
+        w.info = info
+        w.death = describe(info)
+        if info is not None and info.cause != "goodbye":
+            self.stats["worker_deaths"] += 1
+        if not self._closed:
+            self.starter.replace(w)
 
     # -- submitting --------------------------------------------------------------
 
@@ -382,6 +394,9 @@ class Core:
                 if result is not _FAILED:
                     self._complete(task, result=result)
         else:
+            if isinstance(exc, TaskInterrupted):  # spec: exec.interrupt
+                orig, exc = exc, exc.original
+                exc.__cause__ = orig.__cause__
             if task.on_error is not None:
                 exc = task.on_error(exc)
             elif isinstance(exc, ResultEncodingError) and exc.original is not None:

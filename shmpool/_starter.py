@@ -103,9 +103,12 @@ class StartupLog:
     to the host's stderr (`--stderr-fd`) once attached and copies there
     what it wrote so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: set | None = None) -> None:
         self.fd: int | None = None
         self.real: int | None = None
+        self.registry = registry  # the open logs, closed at the latest when the starter stops
+        if registry is not None:
+            registry.add(self)
         try:
             self.real = os.dup(2)
             self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
@@ -136,6 +139,8 @@ class StartupLog:
         return data.decode("utf-8", "replace")
 
     def close(self) -> None:
+        if self.registry is not None:
+            self.registry.discard(self)
         for name in ("fd", "real"):
             fd = getattr(self, name)
             if fd is not None:
@@ -157,6 +162,7 @@ class Starter:
         self.pending = 0  # requests not yet handled (core.lock)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._close_when_idle = False
+        self.logs: set[StartupLog] = set()  # start-up logs not closed yet
         self.thread = threading.Thread(target=self._loop, name=f"{core.name}-manager", daemon=True)
         self.thread.start()
 
@@ -192,6 +198,10 @@ class Starter:
         self._q.put(None)
         if threading.current_thread() is not self.thread:
             self.thread.join(30)
+        # A worker whose end was never judged (it died before it was
+        # registered, say) still has its log: the core is gone, close it.
+        for log in list(self.logs):
+            log.close()
 
     # -- the thread ----------------------------------------------------------------
 
@@ -308,7 +318,7 @@ class Starter:
                 raise
             init = write(core.slots, *dumps((list(sys.path), setup,
                                              bytes(multiprocessing.current_process().authkey))))
-            log = StartupLog()
+            log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
             spawned = False
             proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)

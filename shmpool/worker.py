@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 
 from . import _atomics, failpoints
@@ -75,6 +76,28 @@ class ResultEncodingError(Exception):
 
     def __str__(self) -> str:
         return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class TaskInterrupted(Exception):
+    """Carries the KeyboardInterrupt a task was stopped by (a Ctrl-C at the
+    terminal reaches the workers too) back to the host, which raises
+    `original`, as the stdlib's workers send it back. An Exception, so that
+    the session answers with it and this worker goes on."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+_in_task = False  # a task's function is running on the main thread
+
+
+def _on_sigint(signum, frame) -> None:
+    """SIGINT (a terminal's Ctrl-C, sent to the host's process group)
+    interrupts the running task only; an idle worker ignores it, since the
+    host decides what an interrupt means for the pool. spec: exec.interrupt"""
+    if _in_task:
+        raise KeyboardInterrupt
 
 
 class _Worker:
@@ -161,10 +184,17 @@ class _Worker:
                                           f"{fn.error}") from fn.error
             if failpoints.ACTIVE:
                 failpoints.hit(FP_IN_FUNCTION)
-            if kind == SINGLE:
-                result = fn(*args, **kwargs)
-            else:
-                result = [fn(*a) for a in args]
+            global _in_task
+            _in_task = True
+            try:
+                if kind == SINGLE:
+                    result = fn(*args, **kwargs)
+                else:
+                    result = [fn(*a) for a in args]
+            except KeyboardInterrupt as e:
+                raise TaskInterrupted(e) from e
+            finally:
+                _in_task = False
             del args, kwargs, fn
             try:
                 stream, bufs = dumps(result)
@@ -269,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
     serve the host, exit (never returns)."""
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, _on_sigint)
     if failpoints.ACTIVE:
         failpoints.hit(FP_START)
     err_fd = _stderr_fd(argv)

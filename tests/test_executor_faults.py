@@ -313,3 +313,75 @@ def test_a_pool_broken_with_tasks_queued_fails_each_once(caplog):
             e.shutdown()
             assert e._core.live == 0 and not e._core.queue
     assert not [r for r in caplog.records if "callback" in r.getMessage()], caplog.text
+
+
+CTRL_C_SCRIPT = """
+import os, sys, time
+from shmpool import ShmExecutor
+
+def slow(x):
+    time.sleep(x)
+    return x
+
+if __name__ == "__main__":
+    with ShmExecutor(2, max_inflight=int(sys.argv[1])) as ex:
+        fill = [ex.submit(time.sleep, 0.3) for _ in range(2)]  # both workers are up
+        [f.result() for f in fill]
+        before = set(ex._processes)
+        print("ready", flush=True)
+        t0 = time.monotonic()
+        try:
+            for r in ex.map(slow, [60] * 8):
+                pass
+        except KeyboardInterrupt:
+            print("interrupted", round(time.monotonic() - t0, 3), flush=True)
+        after = {ex.submit(os.getpid).result() for _ in range(20)}
+        st = ex.statistics()
+    print("deaths", st["worker_deaths"], "respawns", st["respawns"], flush=True)
+    print("same workers", after <= before and len(before) == 2, flush=True)
+"""
+
+
+@pytest.mark.spec("exec.interrupt")
+def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) during map:
+    map raises KeyboardInterrupt at once, the running tasks are interrupted
+    (not charged as crashes, not retried), the queued ones cancelled, the
+    workers live on, and the `with` block's shutdown is prompt."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), "1"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # both workers are inside a task
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)  # (the tasks sleep 60 s: done before = interrupted)
+        lines = out.split("\n")
+        assert lines[0].startswith("interrupted"), out
+        assert lines[1] == "deaths 0 respawns 0", out
+        assert lines[2] == "same workers True", out
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def interrupted_task():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+
+
+@pytest.mark.spec("exec.interrupt")
+def test_interrupt_inside_a_task_is_that_tasks_error_and_an_idle_worker_ignores_it():
+    with ShmExecutor(1) as ex:
+        pid = ex.submit(os.getpid).result(60)
+        with pytest.raises(KeyboardInterrupt) as info:
+            ex.submit(interrupted_task).result(60)
+        assert "interrupted_task" in str(info.value.__cause__)  # the remote traceback
+        os.kill(pid, signal.SIGINT)  # idle: ignored
+        time.sleep(0.2)
+        assert ex.submit(os.getpid).result(60) == pid
+        assert ex.statistics()["worker_deaths"] == 0
