@@ -6,7 +6,8 @@ connection, the functions it knows, the tasks it holds), the queue of tasks
 waiting for a worker, the idle credits that decide when a worker is
 started, the cache of pickled functions, pins of results whose zero-copy
 arrays are still in use. Starting workers (and the management thread) is
-the job of `_starter.Starter`, the function cache that of `_fncache`.
+the job of `_starter.Starter`, the function cache that of `_fncache`;
+the records themselves are in `_tasks`.
 
 Data flow:
 - submit (caller's thread): pickle the function once if it is a plain
@@ -42,7 +43,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
 
 from . import _atomics
 from .errors import (
@@ -56,6 +56,7 @@ from .shm import layout as L
 from .shm.layout import SegmentConfig
 from ._fncache import FunctionCache
 from ._starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from ._tasks import _Task, _TaskFuture, _Worker
 from .worker import CHUNK, DEFINE, RUN, SINGLE, ResultEncodingError, TaskInterrupted
 
 _FAILED = object()
@@ -64,57 +65,6 @@ MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
 WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
 MAX_WINDOW = 64
 FUNCTION_CACHE = 1024
-
-
-class _Task:
-    __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
-                 "worker", "rid", "on_result", "on_error", "started", "finished")
-
-    def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
-                 bufs) -> None:
-        self.future = future
-        self.fid = fid
-        self.fname = fname
-        self.fbytes = fbytes
-        self.kind = kind
-        self.stream = stream
-        self.bufs = bufs
-        self.attempts = 0  # crashes charged to this task
-        self.crashes: list[str] = []
-        self.worker = None
-        self.rid = 0
-        self.on_result: Callable | None = None  # the pool's result transform
-        self.on_error: Callable | None = None  # the pool's error transform
-        self.started = False  # its future was moved to running (once)
-        self.finished = False  # completed (or cancelled, or failed by _break): never again
-
-
-class _Worker:
-    __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
-                 "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
-                 "ready", "init_failed", "judged", "startup_log")
-
-    def __init__(self, peer_id: int, proc, conn) -> None:
-        self.peer_id = peer_id
-        self.proc = proc
-        self.conn = conn
-        self.known: collections.OrderedDict[int, None] = collections.OrderedDict()  # its functions, LRU
-        self.forget: list[int] = []  # ids it holds and may drop (sent with the next define)
-        self.inflight: dict[int, _Task] = {}
-        self.dispatched = 0
-        self.retiring = False
-        self.dead = False
-        self.crashed_rid = 0
-        self.death = ""
-        self.info = None  # the hub's PeerInfo once it ended
-        self.ready = False  # it answered `init`
-        self.init_failed = False
-        self.judged = False  # its end was looked at by the starter
-        self.startup_log = None  # its stderr until it attached (`_starter.StartupLog`)
-        self.started = time.monotonic()
-        self.window = 2  # tasks it may hold; adapts to how long its tasks take
-        self.service = 0.0  # seconds per task while busy (moving average)
-        self.last_done = 0.0
 
 
 class Core:
@@ -233,7 +183,7 @@ class Core:
         """Queue one task (a call, or a chunk of argument tuples); its future.
         Pickling errors fail the future, not the caller."""
         self.check_open()
-        fut = Future()
+        fut = _TaskFuture()
         try:
             fid, name, fbytes = self.function(fn)
             # (a callable that is not cached goes with the call, in place of its id)
@@ -244,6 +194,7 @@ class Core:
             fut.set_exception(e)
             return fut
         task = _Task(fut, fid, name, fbytes, kind, stream, bufs)
+        fut._task = task
         task.on_result = on_result
         task.on_error = on_error
         with self.lock:
@@ -469,6 +420,7 @@ class Core:
             return
         task.finished = True
         task.stream = task.bufs = task.fbytes = None
+        task.future._task = None  # (no cycle: the result goes when its future goes)
         self.live -= 1
         self.idle.notify_all()
         if not self.live:

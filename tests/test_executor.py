@@ -769,3 +769,22 @@ def test_a_pipe_end_argument_travels_as_multiprocessing_sends_it(mp_resources):
         r.close()
         w.close()
         multiprocessing.resource_sharer.stop()
+
+
+@pytest.mark.spec("exec.caller-fetch")
+def test_a_thread_waiting_on_a_result_fetches_it_itself():
+    """result() watches the worker's ring before it sleeps: answers are
+    delivered on the waiting thread, not only by the driver thread, and the
+    results are the same either way."""
+    with ShmExecutor(1) as ex:
+        for i in range(50):
+            assert ex.submit(square, i).result(30) == i * i
+        driver = ex._core.host._driver
+        polls0 = driver.stats["caller_polls"]
+        for i in range(500):
+            f = ex.submit(square, i)
+            assert (f.exception(30) if i % 2 else None) is None
+            assert f.result(30) == i * i
+        # (how many depends on the machine's load: an answer slower than the
+        # bounded spin is delivered by the driver, which is correct too)
+        assert driver.stats["caller_polls"] - polls0 > 0

@@ -324,6 +324,9 @@ def slow(x):
     return x
 
 if __name__ == "__main__":
+    import signal
+    print("SIGINT:", signal.getsignal(signal.SIGINT), "blocked:", signal.pthread_sigmask(signal.SIG_BLOCK, []),
+          file=sys.stderr, flush=True)
     with ShmExecutor(2, max_inflight=int(sys.argv[1])) as ex:
         fill = [ex.submit(time.sleep, 0.3) for _ in range(2)]  # both workers are up
         [f.result() for f in fill]
@@ -350,13 +353,18 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
     workers live on, and the `with` block's shutdown is prompt."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), "1"], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script), "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.5)  # both workers are inside a task
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)  # (the tasks sleep 60 s: done before = interrupted)
+        try:
+            out, err = proc.communicate(timeout=30)  # (the tasks sleep 60 s: done before = interrupted)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"no prompt end after the Ctrl-C; stdout: {out!r}; stderr: {err[-4000:]}")
         lines = out.split("\n")
         assert lines[0].startswith("interrupted"), out
         assert lines[1] == "deaths 0 respawns 0", out
@@ -367,6 +375,7 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
+        proc.stderr.close()
 
 
 def interrupted_task():
