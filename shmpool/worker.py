@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
     serve the host, exit (never returns)."""
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
+        signal.signal(signal.SIGINT, _on_sigint)
     if failpoints.ACTIVE:
         failpoints.hit(FP_START)
     err_fd = _stderr_fd(argv)

@@ -491,6 +491,9 @@ def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
             return x
 
         if __name__ == "__main__":
+            import signal
+            # as a program run from a terminal (see the executor's test)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             with ShmPool(2) as p:
                 print("ready", flush=True)
                 try:
