@@ -395,3 +395,29 @@ def test_interrupt_inside_a_task_is_that_tasks_error_and_an_idle_worker_ignores_
         time.sleep(0.2)
         assert ex.submit(os.getpid).result(60) == pid
         assert ex.statistics()["worker_deaths"] == 0
+
+
+IGNORED_SCRIPT = """
+import os, signal, time
+from shmpool import ShmExecutor
+
+def poke_self():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    return "ran through"
+
+if __name__ == "__main__":
+    with ShmExecutor(1) as ex:
+        print(ex.submit(poke_self).result(60), flush=True)
+"""
+
+
+@pytest.mark.spec("exec.interrupt")
+def test_workers_of_a_host_that_ignores_sigint_ignore_it_too(tmp_path):
+    """Under `nohup cmd &` a program starts with SIGINT ignored: its
+    workers inherit that and keep it (a task is not interrupted)."""
+    script = tmp_path / "ignored.py"
+    script.write_text(IGNORED_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 0 and out.stdout.strip() == "ran through", out.stdout + out.stderr
