@@ -59,7 +59,7 @@ def test_smoke_run_prints_every_table_and_writes_every_sample(tmp_path):
 
     # a missing optional peer and a missing matplotlib are notes, not failures
     assert "peer loky skipped: not importable" in text
-    assert 'pip install "shmpool[plot]"' in text and not png.exists()
+    assert 'pip install "shmpool[bench]"' in text and not png.exists()
 
     # a table per workload, in order
     pos = [text.index(t) for t in TITLES.values()]

@@ -272,7 +272,7 @@ def write_plot(path: str, summary: dict, wls, machine_line: str = "") -> str | N
         import matplotlib.pyplot as plt
     except Exception as e:  # noqa: BLE001 - any import failure means no chart
         return (f"no chart: matplotlib is not available ({type(e).__name__}: {e}); "
-                'pip install "shmpool[plot]" to get one')
+                'pip install "shmpool[bench]" (or matplotlib) to get one')
     panels = []  # (title, unit, higher is better, rows, footnote)
     for wl in wls:
         cases = summary.get(wl.name, {})
