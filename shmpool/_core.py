@@ -64,6 +64,7 @@ _FAILED = object()
 MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
 WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
 MAX_WINDOW = 64
+INTERRUPT_GRACE = 0.25  # seconds a worker whose task a SIGINT stopped gets no new task
 FUNCTION_CACHE = 1024
 
 
@@ -90,6 +91,7 @@ class Core:
         self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
         self.queue: collections.deque[_Task] = collections.deque()
         self.workers: dict[int, _Worker] = {}
+        self._timers: list[threading.Timer] = []  # pending `_later` dispatches (cancelled at close)
         self._early_deaths: dict[int, tuple] = {}  # peer id -> (guest word, info) of an unregistered worker
         self.live = 0  # tasks submitted and not yet completed
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
@@ -254,6 +256,10 @@ class Core:
         for w in self.workers.values():
             if w.dead or w.retiring or len(w.inflight) >= w.window:
                 continue
+            if w.paused_until:
+                if w.paused_until > time.monotonic():
+                    continue
+                w.paused_until = 0.0
             if best is None or len(w.inflight) < len(best.inflight):
                 best = w
         return best
@@ -279,9 +285,7 @@ class Core:
             if not any(x.inflight for x in self.workers.values()):
                 # No completion will come to retry this: the slots are held
                 # by results the caller keeps. Look again shortly.
-                t = threading.Timer(0.01, self._retry_dispatch)
-                t.daemon = True
-                t.start()
+                self._later(0.01)
             return False
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
@@ -300,6 +304,15 @@ class Core:
             w.retiring = True  # it leaves after these; a replacement comes
         self.stats["dispatched"] += 1
         return True
+
+    def _later(self, delay: float) -> None:
+        """Dispatch again after `delay` seconds (lock held)."""
+        if self._closed:
+            return
+        t = threading.Timer(delay, self._retry_dispatch)
+        t.daemon = True
+        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        t.start()
 
     def _retry_dispatch(self) -> None:
         if not self._closed:
@@ -325,6 +338,13 @@ class Core:
                 return
             # spec: exec.on-demand -- a worker became idle (before the caller can see it)
             self.credits = min(self.credits + 1, len(self.workers))
+            if isinstance(exc, TaskInterrupted):
+                # A Ctrl-C reached the workers, and the host's main thread
+                # has likely not acted on it yet (it cancels what it no
+                # longer wants): give this worker nothing new meanwhile.
+                # spec: exec.interrupt
+                w.paused_until = time.monotonic() + INTERRUPT_GRACE
+                self._later(INTERRUPT_GRACE)
         if exc is None:
             try:
                 result, pin = read(received)
@@ -516,6 +536,12 @@ class Core:
         self.functions.clear()
         for log in logs:
             log.close()
+        with self.lock:
+            timers, self._timers = self._timers, []
+        for t in timers:
+            t.cancel()
+            if t is not threading.current_thread():
+                t.join()
         self._teardown()
 
     def _teardown(self) -> None:

@@ -101,7 +101,7 @@ class _Task:
 class _Worker:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
-                 "ready", "init_failed", "judged", "startup_log")
+                 "ready", "init_failed", "judged", "startup_log", "paused_until")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -110,6 +110,7 @@ class _Worker:
         self.known: collections.OrderedDict[int, None] = collections.OrderedDict()  # its functions, LRU
         self.forget: list[int] = []  # ids it holds and may drop (sent with the next define)
         self.inflight: dict[int, _Task] = {}
+        self.paused_until = 0.0  # no new task before this (monotonic s): a Ctrl-C is going on
         self.dispatched = 0
         self.retiring = False
         self.dead = False
