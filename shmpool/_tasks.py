@@ -44,23 +44,19 @@ class _TaskFuture(Future):
         w = task.worker if task is not None else None
         if w is None or w.dead:
             return
-        if threading.current_thread() is not _MAIN:
-            w.conn.wait_until(lambda: self._state in _DONE, 0)  # one bounded spin, then poll
-            return
         # On the main thread a Ctrl-C would raise inside the delivery of
         # answers taken off the ring (losing them, or half-updating the
         # core): it is held for the spin's duration, then raised.
         # (`_signal`: `signal.signal` converts enums, 10x the cost of this.)
-        handler = _signal.getsignal(_SIGINT)
-        if not callable(handler):
-            w.conn.wait_until(lambda: self._state in _DONE, 0)
-            return
+        handler = _signal.getsignal(_SIGINT) if threading.current_thread() is _MAIN else None
         held: list = []
-        _signal.signal(_SIGINT, lambda signum, frame: held.append(frame))
+        if callable(handler):
+            _signal.signal(_SIGINT, lambda signum, frame: held.append(frame))
         try:
-            w.conn.wait_until(lambda: self._state in _DONE, 0)
+            w.conn.wait_until(lambda: self._state in _DONE, 0)  # one bounded spin, then poll
         finally:
-            _signal.signal(_SIGINT, handler)
+            if callable(handler):
+                _signal.signal(_SIGINT, handler)
         if held:
             handler(_SIGINT, held[0])
 

@@ -101,15 +101,11 @@ class ShmExecutorPeer(Peer):
         self.pool.terminate_workers()
 
 
-class ShmPoolPeer(Peer):
-    key, label, short = "shm-pool", "shmpool.ShmPool", "shm-pool"
+class _ApplyAsyncPeer(Peer):
+    """A multiprocessing.Pool-like API: apply_async and AsyncResult.get."""
+
     api = "apply_async"
     map_default_chunksize_one = False
-
-    def _create(self):
-        from shmpool import ShmPool
-
-        return ShmPool(self.workers)
 
     def submit(self, fn, *args):
         return self.pool.apply_async(fn, args)
@@ -119,6 +115,15 @@ class ShmPoolPeer(Peer):
             return handle.get(timeout)
         except MP_TIMEOUTS:
             raise WaitTimeout(f"no result within {timeout} s") from None
+
+
+class ShmPoolPeer(_ApplyAsyncPeer):
+    key, label, short = "shm-pool", "shmpool.ShmPool", "shm-pool"
+
+    def _create(self):
+        from shmpool import ShmPool
+
+        return ShmPool(self.workers)
 
     def map(self, fn, items, chunksize, timeout):
         return self.wait(self.pool.map_async(fn, items, chunksize), timeout)
@@ -170,25 +175,14 @@ class LokyPeer(Peer):
         self.pool.shutdown(wait=True, kill_workers=True)
 
 
-class MpirePeer(Peer):
+class MpirePeer(_ApplyAsyncPeer):
     key, label, short = "mpire", "mpire.WorkerPool", "mpire"
-    api = "apply_async"
-    map_default_chunksize_one = False
     module = "mpire"
 
     def _create(self):
         import mpire
 
         return mpire.WorkerPool(self.workers, start_method=self.start_method, keep_alive=True)
-
-    def submit(self, fn, *args):
-        return self.pool.apply_async(fn, args)
-
-    def wait(self, handle, timeout):
-        try:
-            return handle.get(timeout)
-        except MP_TIMEOUTS:
-            raise WaitTimeout(f"no result within {timeout} s") from None
 
     def map(self, fn, items, chunksize, timeout):
         return self.pool.map(fn, items, chunk_size=chunksize)
