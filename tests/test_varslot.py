@@ -473,7 +473,7 @@ def test_sigkill_at_random_moments_then_reclaim_restores_counts(peers):
 FAILPOINTS = [
     "varslot.pop.read-head", "varslot.pop.claimed", "varslot.pop.meta-written",
     "varslot.push.freeing", "varslot.push.linked", "varslot.push.meta-free",
-    "varslot.grow.reserved",
+    "varslot.grow.reserved", "varslot.grow.published", "varslot.grow.linking",
 ]
 
 

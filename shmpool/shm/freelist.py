@@ -174,23 +174,7 @@ class FreeList:
             failpoints.hit(FP_PUSH_FINAL)
         cas_u64(self.buf, self.head, h, (((tag + 1) & _TAG_MASK) << _TAG_SHIFT) | top)
 
-    # -- growth and recovery --------------------------------------------------
-
-    def link_chain(self, first: int, last: int) -> None:
-        """Put an already chained run of FREE slots (first ... last, linked
-        through next_free, last's link to be set here) on the list."""
-        buf, head = self.buf, self.head
-        lbuf, loff = self.meta(last)
-        while True:
-            h = load_u64(buf, head)
-            if (h >> _OP_SHIFT) & 3:
-                self.help(h)
-                continue
-            store_u32(lbuf, loff + L.M_NEXT_FREE, h & _TOP)
-            tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
-            if cas_u64(buf, head, h, (tag << _TAG_SHIFT) | (first + 1)) == h:
-                return
-            self.cas_retries += 1
+    # -- recovery --------------------------------------------------------------
 
     def help(self, h: int) -> None:
         """Complete the pending operation recorded in head value `h`."""

@@ -50,6 +50,8 @@ fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
 ALL = 0x7FFFFFFF
 POISON = 0xDB
 FP_GROW_RESERVED = failpoints.declare("varslot.grow.reserved", "file range reserved, extent not linked")
+FP_GROW_PUBLISHED = failpoints.declare("varslot.grow.published", "extent published, its slots Allocated to the grower")
+FP_GROW_LINKING = failpoints.declare("varslot.grow.linking", "first slot of a new extent freed, the rest not yet")
 
 
 def slot_number(extent: int, index: int) -> int:
@@ -101,7 +103,10 @@ def format_slot_region(buf, lay: L.SegmentLayout) -> None:
         )
 
 
-def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass) -> None:
+def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass, grower: int | None = None) -> None:
+    """Write an extent header and its slot metas: Free and chained (the
+    segment's first extents), or Allocated to `grower` (a grown extent,
+    whose slots the grower then frees one by one)."""
     n = cls.slots_per_extent
     L.EXTENT_HEADER.pack_into(
         buf, base, ci, extent, n, cls.slot_size, L.EXTENT_HEADER_SIZE,
@@ -109,8 +114,11 @@ def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass) -> No
     )
     meta = base + L.EXTENT_HEADER_SIZE
     for i in range(n):
-        nxt = slot_number(extent, i + 1) + 1 if i + 1 < n else 0
-        L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, 0, nxt)
+        if grower is None:
+            nxt = slot_number(extent, i + 1) + 1 if i + 1 < n else 0
+            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, L.FREE, nxt)
+        else:
+            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, (grower << 8) | L.ALLOCATED, 0)
 
 
 class _Class:
@@ -279,8 +287,8 @@ class SlotPool:
                 return False  # a live process is growing it; the caller waits
         try:
             e = load_u32(buf, c.hdr + L.C_EXTENT_COUNT)
-            # An extent a dead grower reserved but never counted is skipped:
-            # it may or may not be linked, so it is never linked twice.
+            # An extent a dead grower published but never counted is not
+            # grown again: its slots are free or await reclaim of the grower.
             while e < L.MAX_EXTENTS and load_u64(buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e):
                 e += 1
             if e >= L.MAX_EXTENTS:
@@ -291,13 +299,22 @@ class SlotPool:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_GROW_RESERVED)
             view = self.segment.map_range(off, c.esize)
-            _format_extent(view, 0, c.index, e, c.cls)
+            _format_extent(view, 0, c.index, e, c.cls, grower=self.me)
             while len(c.extents) <= e:
                 c.extents.append(None)
             c.extents[e] = (view, 0)
             store_u64(buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e, off)  # release: formatted first
-            n = c.cls.slots_per_extent
-            c.freelist.link_chain(slot_number(e, 0), slot_number(e, n - 1))
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_GROW_PUBLISHED)
+            # One crash-safe push per slot rather than one link of the whole
+            # chain: a grower killed midway leaves the rest Allocated to
+            # itself, which reclaim frees; after a killed chain link nobody
+            # could tell whether the chain was on the list.
+            owned = (self.me << 8) | L.ALLOCATED
+            for i in range(c.cls.slots_per_extent):
+                c.freelist.push(slot_number(e, i), owned)
+                if i == 0 and failpoints.ACTIVE:
+                    failpoints.hit(FP_GROW_LINKING)
             store_u32(buf, c.hdr + L.C_EXTENT_COUNT, e + 1)
             self.grows += 1
         finally:
