@@ -57,7 +57,7 @@ from .shm.layout import SegmentConfig
 from ._fncache import FunctionCache
 from ._starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
 from ._tasks import _Task, _TaskFuture, _Worker
-from .worker import CHUNK, DEFINE, RUN, SINGLE, ResultEncodingError, TaskInterrupted
+from .worker import CHUNK, DEFINE, MAP, RUN, SINGLE, ResultEncodingError, TaskInterrupted
 
 _FAILED = object()
 
@@ -189,7 +189,7 @@ class Core:
         try:
             fid, name, fbytes = self.function(fn)
             # (a callable that is not cached goes with the call, in place of its id)
-            stream, bufs = dumps((fid or fn, kind, args, kwargs), lift=3)  # down to each argument's items
+            stream, bufs = dumps((fid or fn, kind, args, kwargs))
         except Exception as e:  # noqa: BLE001
             with self.lock:
                 self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
@@ -267,6 +267,11 @@ class Core:
     def _send(self, task: _Task, w: _Worker) -> bool:
         """Hand `task` to `w`; False if it must wait (no slot right now)."""
         conn = w.conn
+        if self.pins:
+            # A result the caller has dropped gives its slot back before a
+            # big argument takes a new one (and a worker's next result finds
+            # it free): big round trips then reuse the same populated extents.
+            self.pins = [p for p in self.pins if not p.release_if_unused()]
         try:
             fid = task.fid
             if fid and fid in w.known:
@@ -587,4 +592,4 @@ def default_workers() -> int:
     return n or 1
 
 
-__all__ = ["Core", "SINGLE", "CHUNK", "default_workers"]
+__all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]

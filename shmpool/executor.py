@@ -40,7 +40,7 @@ import weakref
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-from ._core import CHUNK, SINGLE, Core, default_workers
+from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from ._starter import pickle_for_child
 from .errors import PoolBrokenError
 from .shm.layout import SegmentConfig
@@ -344,8 +344,10 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
     args = zip(*iterables)
     if chunksize == 1:
         items = ((SINGLE, a, {}) for a in args)
+    elif len(iterables) == 1:  # (chunks of the items themselves: no tuple per item)
+        items = ((MAP, c, None) for c in _chunks(iterables[0], chunksize))
     else:
-        items = ((CHUNK, list(c), None) for c in _chunks(args, chunksize))
+        items = ((CHUNK, c, None) for c in _chunks(args, chunksize))
     fs: collections.deque = collections.deque()
 
     def submit_next() -> bool:

@@ -10,7 +10,8 @@ pool's lifetime (close/terminate, garbage collection, interpreter exit).
 Data flow:
 - `apply_async`, `map_async`, `starmap_async` (caller's thread): split the
   input into chunks and `Core.submit` each at once (a call is `SINGLE`, a
-  chunk is `CHUNK`: a tuple of argument tuples, its result a list). The
+  chunk is `MAP`: a tuple of items, or for starmap `CHUNK`: a tuple of
+  argument tuples; a chunk's result is a list). The
   core turns a `ResultEncodingError` into `MaybeEncodingError` (`_convert`,
   on_error hook); each future's done callback (`_deliver`, on whichever
   thread completes it: usually the hub's driver thread) stores the outcome
@@ -46,7 +47,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
-from ._core import CHUNK, SINGLE, Core, default_workers
+from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
 
@@ -176,7 +177,7 @@ class _State:
                     batch = tuple(itertools.islice(it, chunksize))
                     if not batch:
                         break
-                    kind, args = CHUNK, tuple((x,) for x in batch)
+                    kind, args = MAP, batch
                 _submit(self, result, i, fn, kind, args, {})
         except BaseException as e:  # noqa: BLE001 - the input raised: that item's error, as the stdlib
             result._abort(i, e)
@@ -382,7 +383,7 @@ class ShmPool:
             batch = tuple(itertools.islice(it, chunksize)) if chunksize else ()
             if not batch:
                 break
-            _submit(self._st, result, i, func, CHUNK, batch if star else tuple((x,) for x in batch),
+            _submit(self._st, result, i, func, CHUNK if star else MAP, batch,
                     None)
         return result
 

@@ -6,8 +6,11 @@ pickler where it can, cloudpickle where it must), out-of-band buffers
 stay allocated while objects unpickled from them still use their memory.
 
 Data flow:
-    dumps(obj) -> pickle stream + PickleBuffers (views of the caller's bytes,
-    bytearrays, numpy arrays ...; nothing copied yet)
+    dumps(obj) -> pickle stream + PickleBuffers (views of the caller's numpy
+    arrays, memoryviews ...; nothing copied yet). The stream is bytes, or a
+    list of parts when the pickler wrote big bytes, bytearray or str data
+    (64 KiB or more, at any depth): those parts are the objects themselves,
+    taken by reference, not copied into a stream first.
     write(pool, stream, buffers) -> one slot: header, stream, each buffer
     64-byte aligned (one copy of each) -> `Outgoing` for the session layer
     read(received) -> the object, its buffers being zero-copy views of the
@@ -19,7 +22,8 @@ descriptor when it fits); with buffers, the full form (little-endian): u32
 magic "SHP1", u32 buffer count n, u64 stream length, n x u64 buffer
 lengths; the stream at the next 64-byte boundary, each buffer at the next
 64-byte boundary after the previous one. Buffers of at least OOB_MIN bytes
-go out of band (spec: exec.oob); smaller ones stay in the pickle.
+go out of band (spec: exec.oob); smaller ones stay in the pickle; big bytes,
+bytearray and str data stay in the pickle without an extra copy.
 
 Invariants: a payload that fails to pickle allocates nothing; functions,
 classes and lambdas that cannot be imported by name in the worker (defined
@@ -67,47 +71,10 @@ def _by_value(obj) -> bool:
     return mod == "__main__" or mod is None or "<" in qual
 
 
-def _oob(obj):
-    t = type(obj)
-    if t is memoryview:
-        obj = obj.cast("B") if obj.c_contiguous else obj.tobytes()
-        return (bytes, (pickle.PickleBuffer(obj),))
-    return (t, (pickle.PickleBuffer(obj),))
-
-
-class _Lifted:
-    """A big bytes or bytearray on its way out of band. (The C pickler
-    writes those types itself, never asking `reducer_override`, so `dumps`
-    wraps the ones it finds near the top of the object first.)"""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-
-_LIFT_ITEMS = 16  # containers bigger than this are not searched (bounded cost)
-
-
-def _lift(obj, depth: int):
-    """`obj` with big bytes/bytearray objects wrapped in `_Lifted`,
-    looking `depth` levels into small tuples, lists and dict values;
-    containers are rebuilt only when something inside was wrapped."""
-    t = type(obj)
-    if t is bytes or t is bytearray:
-        return _Lifted(obj) if len(obj) >= OOB_MIN else obj
-    if depth and (t is tuple or t is list) and len(obj) <= _LIFT_ITEMS:
-        items = [_lift(x, depth - 1) for x in obj]
-        for a, b in zip(items, obj):
-            if a is not b:
-                return t(items)
-        return obj
-    if depth and t is dict and len(obj) <= _LIFT_ITEMS:
-        values = {k: _lift(v, depth - 1) for k, v in obj.items()}
-        for k, v in values.items():
-            if v is not obj[k]:
-                return values
-    return obj
+def _oob(view: memoryview):
+    """A big memoryview travels out of band and arrives as bytes."""
+    view = view.cast("B") if view.c_contiguous else view.tobytes()
+    return (bytes, (pickle.PickleBuffer(view),))
 
 
 # multiprocessing's own reducers (a live dict: registrations made later
@@ -124,8 +91,6 @@ class _FastPickler(pickle.Pickler):
 
     def reducer_override(self, obj):
         t = type(obj)
-        if t is _Lifted:
-            return _oob(obj.value)
         if t is memoryview:  # (pickle refuses memoryviews; they arrive as bytes)
             return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
         if (t is types.FunctionType or isinstance(obj, type)) and _by_value(obj):
@@ -142,8 +107,6 @@ _CLOUD_TYPES = cloudpickle.CloudPickler._dispatch_table
 class _CloudPickler(cloudpickle.CloudPickler):
     def reducer_override(self, obj):
         t = type(obj)
-        if t is _Lifted:
-            return _oob(obj.value)
         if t is memoryview:
             return _oob(obj) if obj.nbytes >= OOB_MIN else (bytes, (obj.tobytes(),))
         if t not in _CLOUD_TYPES:  # (cloudpickle's own reducers win: methods by value)
@@ -153,6 +116,29 @@ class _CloudPickler(cloudpickle.CloudPickler):
         return super().reducer_override(obj)
 
 
+class _Parts:
+    """A pickler's output file that keeps what it is given: the pickler's
+    own frames, and (the C pickler hands any bytes, bytearray or encoded
+    str of 64 KiB or more straight to `write`) big data by reference, so
+    that it is copied once, into the slot."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def write(self, data) -> int:
+        if type(data) is memoryview:  # (may view memory it does not own)
+            data = bytes(data)
+        self.parts.append(data)
+        return len(data) if type(data) is not pickle.PickleBuffer else memoryview(data).nbytes
+
+    def take(self):
+        """The stream: bytes, or a list of parts; and start afresh."""
+        parts, self.parts = self.parts, []
+        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else parts
+
+
 class _Encoder:
     """A reusable pickler for one thread (building a pickler costs several
     times what pickling a small call does)."""
@@ -160,7 +146,7 @@ class _Encoder:
     __slots__ = ("file", "pickler", "buffers", "busy")
 
     def __init__(self) -> None:
-        self.file = io.BytesIO()
+        self.file = _Parts()
         self.pickler = _FastPickler(self.file, 5, buffer_callback=self._buffer)
         self.buffers: list = []
         self.busy = False
@@ -173,33 +159,31 @@ class _Encoder:
         self.buffers.append(buf)
         return False
 
-    def dump(self, obj) -> tuple[bytes, list]:
+    def dump(self, obj):
         self.buffers = []
         f = self.file
         try:
             self.pickler.dump(obj)
         except _NeedsCloudpickle:
             self.buffers = []
-            f = io.BytesIO()
+            f.take()
             _CloudPickler(f, 5, buffer_callback=self._buffer).dump(obj)
+        except BaseException:
+            f.take()
+            raise
         finally:
             self.pickler.clear_memo()  # (it holds what it pickled)
-        stream = f.getvalue()
-        if f is self.file:
-            f.seek(0)
-            f.truncate()
-        return stream, self.buffers
+        buffers, self.buffers = self.buffers, []  # (kept here, they would pin what they view)
+        return f.take(), buffers
 
 
 _local = threading.local()
 
 
-def dumps(obj, lift: int = 2) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle `obj`: the stream and its out-of-band buffers (views of the
-    original objects). Big bytes and bytearrays go out of band when they
-    sit within `lift` levels of small tuples, lists or dicts from the top
-    (numpy arrays and PickleBuffers at any depth). Raises what pickling
-    raised."""
+def dumps(obj) -> tuple[bytes | list, list[pickle.PickleBuffer]]:
+    """Pickle `obj`: the stream (bytes, or a list of parts that hold big
+    data by reference) and its out-of-band buffers (views of the original
+    objects). Raises what pickling raised."""
     enc = getattr(_local, "encoder", None)
     if enc is None or enc.busy:  # first use on this thread, or a reentrant call
         enc = _Encoder()
@@ -207,17 +191,17 @@ def dumps(obj, lift: int = 2) -> tuple[bytes, list[pickle.PickleBuffer]]:
             _local.encoder = enc
     enc.busy = True
     try:
-        stream, buffers = enc.dump(obj)
-        if len(stream) >= OOB_MIN:  # (smaller: no big bytes inside)
-            lifted = _lift(obj, lift)
-            if lifted is not obj:
-                stream, buffers = enc.dump(lifted)
+        return enc.dump(obj)
     except BaseException:
         _local.encoder = None  # its state after a failed dump is not worth trusting
         raise
     finally:
         enc.busy = False
-    return stream, buffers
+
+
+def stream_bytes(stream) -> bytes:
+    """A stream from `dumps` as one bytes object (for tests and tools)."""
+    return stream if type(stream) is bytes else b"".join(bytes(memoryview(p)) for p in stream)
 
 
 def dumps_bytes(obj) -> bytes:
@@ -245,45 +229,57 @@ def _layout(stream_len: int, buffers) -> tuple[int, int, list[tuple[int, memoryv
     return stream_at, pos, parts
 
 
-def write(pool, stream: bytes, buffers, timeout: float | None = None):
-    """The envelope of (stream, buffers). Without buffers it is the compact
-    form (one tag byte and the pickle without its frame header), inline in
-    the descriptor when it fits 32 bytes; otherwise an `Outgoing` slot
-    filled with one copy of each part (the caller hands it to
+def _pieces(stream) -> tuple[list, int]:
+    """The stream's parts as byte views, the frame header of its first part
+    dropped (protocol 5 opens with PROTO 5 and, past a few bytes, a FRAME
+    opcode with an 8-byte length; framing is optional for the unpickler, so
+    dropping it saves 9 bytes, often the difference to fit inline)."""
+    parts = [stream] if type(stream) is bytes else [memoryview(p).cast("B") for p in stream]
+    first = parts[0]
+    if len(first) >= 11 and first[2] == 0x95:
+        parts[0:1] = [first[:2], memoryview(first)[11:]]
+    return parts, sum(len(p) for p in parts)
+
+
+def _copy(view, at: int, parts) -> None:
+    for p in parts:
+        view[at : at + len(p)] = p
+        at += len(p)
+
+
+def write(pool, stream, buffers, timeout: float | None = None):
+    """The envelope of (stream, buffers) from `dumps`. Without buffers it is
+    the compact form (one tag byte and the pickle), inline in the
+    descriptor when it fits 32 bytes; otherwise an `Outgoing` slot filled
+    with one copy of each part (the caller hands it to
     `payload_descriptor`, which sends it). spec: exec.envelope"""
+    if not buffers and type(stream) is bytes and len(stream) < INLINE_CAPACITY + 9:
+        if len(stream) >= 11 and stream[2] == 0x95:  # (the common case: see _pieces)
+            if len(stream) - 9 < INLINE_CAPACITY:
+                return COMPACT + stream[:2] + stream[11:]
+        elif len(stream) < INLINE_CAPACITY:
+            return COMPACT + stream
+    pieces, n = _pieces(stream)
     if not buffers:
-        # Protocol 5 opens with PROTO 5 and, past a few bytes, a FRAME opcode
-        # with an 8-byte length; framing is optional for the unpickler, so
-        # dropping it saves 9 bytes (often the difference to fit inline).
-        n = len(stream)
-        framed = n >= 11 and stream[2] == 0x95
-        if framed:
-            n -= 9
-        if n < INLINE_CAPACITY:
-            return COMPACT + (stream[:2] + stream[11:] if framed else stream)
         n += 1
         slot = pool.alloc(n, timeout)
         try:
             view = pool.view(slot, length=n)
             view[0] = COMPACT[0]
-            if framed:
-                view[1:3] = stream[:2]
-                view[3:] = memoryview(stream)[11:]
-            else:
-                view[1:] = stream
+            _copy(view, 1, pieces)
             view.release()
         except BaseException:
             pool.free(slot)
             raise
         return Outgoing(slot, n)
-    stream_at, total, parts = _layout(len(stream), buffers)
+    stream_at, total, parts = _layout(n, buffers)
     slot = pool.alloc(total, timeout)
     try:
         view = pool.view(slot, length=total)
-        _HEAD.pack_into(view, 0, MAGIC, len(parts), len(stream))
+        _HEAD.pack_into(view, 0, MAGIC, len(parts), n)
         for i, (_, raw) in enumerate(parts):
             struct.pack_into("<Q", view, _HEAD.size + 8 * i, raw.nbytes)
-        view[stream_at : stream_at + len(stream)] = stream
+        _copy(view, stream_at, pieces)
         for at, raw in parts:
             view[at : at + raw.nbytes] = raw
         view.release()

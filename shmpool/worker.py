@@ -35,6 +35,7 @@ leaves in order (goodbye).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -51,7 +52,7 @@ from .shm import layout as L
 INIT = method_id("shmpool.worker.init")
 DEFINE = method_id("shmpool.worker.define")
 RUN = method_id("shmpool.worker.run")
-SINGLE, CHUNK = 0, 1
+SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 EXIT_INIT_FAILED = 86
 
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
@@ -189,8 +190,10 @@ class _Worker:
             try:
                 if kind == SINGLE:
                     result = fn(*args, **kwargs)
+                elif kind == MAP:
+                    result = list(map(fn, args))
                 else:
-                    result = [fn(*a) for a in args]
+                    result = list(itertools.starmap(fn, args))
             except KeyboardInterrupt as e:
                 raise TaskInterrupted(e) from e
             finally:
@@ -203,6 +206,9 @@ class _Worker:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_PICKLED)
             out = write(self.session.slots, stream, bufs)
+            # The result may be (a view of) an argument: dropped here, the
+            # argument's slot is freed below, before the host sees the answer.
+            del result, stream, bufs
             if failpoints.ACTIVE:
                 failpoints.hit(FP_RESULT_SLOT)
             return out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from shmpool.rpc.messages import Outgoing, Received, payload_descriptor
-from shmpool.serialization import COMPACT, MAGIC, OOB_MIN, dumps, read, write
+from shmpool.serialization import COMPACT, MAGIC, OOB_MIN, dumps, read, stream_bytes, write
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
 from shmpool.shm.varslot import SlotPool
@@ -66,7 +66,7 @@ def test_bigger_pickles_use_a_compact_slot_and_buffers_the_full_envelope(pools):
 
     arr = np.arange(OOB_MIN, dtype=np.uint8)
     blob = bytes(range(256)) * 40
-    out, got = travel(host, guest, (arr, blob))
+    out, got = travel(host, guest, (arr, memoryview(blob)))  # (a big memoryview: out of band)
     v = got.view()
     magic, n, stream_len = struct.unpack_from("<IIQ", v, 0)
     assert (magic, n) == (MAGIC, 2)
@@ -119,18 +119,22 @@ def _gen():
 
 
 @pytest.mark.spec("exec.oob")
-def test_big_bytes_near_the_top_go_out_of_band():
-    big = bytes(OOB_MIN)
-    for obj, lift in [(big, 0), ((1, big), 1), ({"a": [big]}, 2), ((0, 1, (big,), {}), 3)]:
-        stream, bufs = dumps(obj, lift=lift)
-        assert len(bufs) == 1 and len(stream) < OOB_MIN, obj
-        assert pickle.loads(stream, buffers=bufs) == obj
-    stream, bufs = dumps([[[big]]], lift=2)  # deeper than asked: in band, still correct
-    assert bufs == [] and pickle.loads(stream) == [[[big]]]
-    ba = bytearray(b"z" * OOB_MIN)
-    stream, bufs = dumps(ba)
-    out = pickle.loads(stream, buffers=bufs)
-    assert len(bufs) == 1 and type(out) is bytearray and out == ba
+def test_big_bytes_anywhere_are_taken_by_reference_and_copied_once(pools):
+    """Big bytes, bytearray and str data at any depth are not copied into a
+    pickle stream: the stream's parts are the objects themselves."""
+    host, guest = pools
+    big, ba = bytes(range(256)) * 1024, bytearray(b"z" * 100_000)
+    deep = [[[[{"k": (1, big)}]]], ba, "s" * 70_000]
+    stream, bufs = dumps(deep)
+    assert bufs == [] and type(stream) is list
+    assert any(p is big for p in stream) and any(p is ba for p in stream)
+    assert pickle.loads(stream_bytes(stream)) == deep
+    out, got = travel(host, guest, deep)
+    result, pin = read(got)
+    assert result == deep and type(result[1]) is bytearray
+    pin.release()
     mv = memoryview(np.arange(OOB_MIN, dtype=np.uint8).reshape(64, -1)[:, ::2])  # not contiguous
     stream, bufs = dumps(mv)
-    assert pickle.loads(stream, buffers=bufs) == mv.tobytes()
+    assert pickle.loads(stream_bytes(stream), buffers=bufs) == mv.tobytes()
+    stream, bufs = dumps(memoryview(big))  # big memoryviews: out of band, arrive as bytes
+    assert len(bufs) == 1 and pickle.loads(stream_bytes(stream), buffers=bufs) == big

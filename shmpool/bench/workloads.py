@@ -317,10 +317,9 @@ def roundtrip(ctx: Context, key: str, rep: int) -> dict:
                 total = 0.0
                 bad = None
                 try:
-                    if size < ctx.plan.big:
-                        # untimed warm-up of this payload: imports (numpy in the worker),
-                        # first-touch page faults, buffers of this size class
-                        bad = check_payload(p.wait(p.submit(identity, payload), HANG), payload, ctx.np)
+                    # untimed warm-up of this payload: imports (numpy in the worker),
+                    # first-touch page faults, buffers of this size
+                    bad = check_payload(p.wait(p.submit(identity, payload), HANG), payload, ctx.np)
                     for _ in range(calls if not bad else 0):
                         t0 = time.perf_counter()
                         r = p.wait(p.submit(identity, payload), HANG)
@@ -478,8 +477,8 @@ def workloads(plan: Plan) -> list[Workload]:
                  True, roundtrip, {"memcpy": (memcpy, "")}, ("shm-pool",),
                  "GB/s count the bytes both ways (2 × size / time); memcpy is one `np.copyto` of the "
                  "same size in this process (one way), the ceiling. Every result is compared with the "
-                 "payload. One untimed round trip of each payload first, except at "
-                 f"{size_label(plan.big)}" + _big_note(plan)),
+                 "payload. One untimed round trip of each payload first (what a pool that moves "
+                 "such payloads repeatedly pays once)" + _big_note(plan)),
         Workload("crash", "Crash recovery (SIGKILL of the worker running a task)", "ms", False, crash,
                  {"shm-start": (worker_start, "shm")}, ("shm-pool",),
                  "From the SIGKILL to the task's result (shmpool runs it again); others: what happened "

@@ -274,8 +274,11 @@ HE_RESIDENT = 24
 
 def huge_cache_limit(memory_limit: int) -> int:
     """Bytes of freed huge extents that may keep their pages for reuse
-    (beyond this, a freed extent is punched at once)."""
-    return max(64 << 20, memory_limit // 16)
+    (beyond this, a freed extent is punched at once). A quarter of the
+    limit keeps the argument and result extents of repeated 256 MiB round
+    trips (default limit 4 GiB) populated: fresh pages cost more than
+    the copy into them."""
+    return max(64 << 20, memory_limit // 4)
 
 # --------------------------------------------------------------------------
 # Extent header (64 bytes) and slot meta (16 bytes). spec: shm.varslot.extent-layout

@@ -417,18 +417,20 @@ class Segment:
     def fd(self) -> int:
         return self._fd
 
-    def map_range(self, offset: int, length: int) -> memoryview:
+    def map_range(self, offset: int, length: int, populate: bool = True) -> memoryview:
         """A writable view of [offset, offset + length) of the file, for
         regions appended after the initial mapping (extents). Each region
         is mapped once per process, separately, so existing mappings never
-        move. spec: shm.file.mmap-posix"""
+        move. `populate` (for ranges whose pages exist) sets up the page
+        tables in one go: faulting in a 256 MiB extent page by page costs
+        about three times as much. spec: shm.file.mmap-posix"""
         got = self._maps.get(offset)
         if got is not None and len(got[1]) >= length:
             return got[1]
         with self._map_lock:  # two threads meeting a new extent map it once
-            return self._map_new(offset, length)
+            return self._map_new(offset, length, populate)
 
-    def _map_new(self, offset: int, length: int) -> memoryview:
+    def _map_new(self, offset: int, length: int, populate: bool) -> memoryview:
         got = self._maps.get(offset)
         if got is not None and len(got[1]) >= length:
             return got[1]
@@ -438,8 +440,8 @@ class Segment:
             raise SegmentError(
                 self.path, f"extent [{offset}, {offset + length}) lies beyond the end of the file"
             )
-        mm = mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=offset)
+        flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+        mm = mmap.mmap(self._fd, length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         view = memoryview(mm)
         if got is not None:  # a longer mapping replaces a shorter one
             _close_map(*got)
@@ -449,7 +451,7 @@ class Segment:
     def punch(self, offset: int, length: int) -> None:
         """Give the pages of a mapped extent back to the system (the file
         range reads as zeros afterwards; the range stays reserved)."""
-        self.map_range(offset, length)
+        self.map_range(offset, length, populate=False)
         _punch(self._maps[offset][0], length)
 
     # -- lifetime -----------------------------------------------------------
@@ -489,6 +491,9 @@ class Segment:
             "host_goodbye": self.host_goodbye,
             "peers": dict(zip(("empty", "attached", "goodbye", "reserved"), states)),
         }
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
 
 
 def _punch(mm: mmap.mmap, length: int) -> None:
