@@ -269,6 +269,31 @@ def test_large_arrays_round_trip_and_results_are_writable(ex):
     assert ex.statistics()["pinned_results"] == 0
 
 
+def _slots_in_use(ex) -> int:
+    st = ex._core.slots.statistics()
+    return st.huge_in_use + sum(c.allocated + c.in_flight for c in st.classes)
+
+
+@pytest.mark.spec("exec.oob")
+def test_an_echoed_array_frees_the_argument_slot_before_the_answer(ex):
+    """identity(a) returns a view of the argument's slot; once the worker has
+    copied it into the result slot it frees the argument (before answering),
+    and a result the caller dropped is freed before the next argument is
+    written: repeated big round trips reuse the same two slots."""
+    a = np.arange(3 << 20, dtype=np.uint8)  # 3 MiB: a class slot
+    big = np.arange(40 << 20, dtype=np.uint8)  # 40 MiB: a huge extent
+    for payload in (a, big):
+        for _ in range(3):
+            r = ex.submit(ident, payload).result(60)
+            assert np.array_equal(r, payload)
+            assert _slots_in_use(ex) == 1  # only the result the caller holds
+            del r
+    entries = ex._core.slots.statistics().huge_entries
+    for _ in range(3):
+        ex.submit(ident, big).result(60)  # (dropped at once)
+    assert ex._core.slots.statistics().huge_entries == entries  # reused, none created
+
+
 # --------------------------------------------------------------------------
 # The pickle fault matrix (as CPython's test_deadlock, plus retries)
 # --------------------------------------------------------------------------
