@@ -95,6 +95,8 @@ def test_submit_map_results_and_arguments(ex):
     assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
     assert list(ex.map(add, range(5), range(5))) == [0, 2, 4, 6, 8]
     assert list(ex.map(square, range(23), chunksize=4)) == [x * x for x in range(23)]
+    assert list(ex.map(add, range(9), range(9, 0, -1), chunksize=4)) == [9] * 9  # chunks of tuples
+    assert list(ex.map(ident, iter([(1, 2)] * 5), chunksize=2)) == [(1, 2)] * 5  # items, not unpacked
     assert list(ex.map(square, [])) == []
     with pytest.raises(ValueError, match="chunksize must be >= 1"):
         ex.map(square, range(3), chunksize=0)

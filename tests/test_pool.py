@@ -229,6 +229,8 @@ def test_map_and_starmap_keep_input_order(chunksize):
         assert p.map(nap, iter(data[:10]), chunksize=chunksize) == data[:10]  # an iterator without len()
         pairs = [(x, x + 1) for x in data]
         assert p.starmap(add, pairs, chunksize) == [a + b for a, b in pairs]
+        assert p.map(len, pairs, chunksize) == [2] * len(pairs)  # tuple items are not unpacked
+        assert list(p.imap(len, pairs, chunksize or 1)) == [2] * len(pairs)
         got = []
         r = p.map_async(square, data, chunksize, callback=got.append)
         assert isinstance(r, multiprocessing.pool.MapResult)
