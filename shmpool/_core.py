@@ -44,7 +44,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from . import _atomics
+from . import _atomics, _threads
 from .errors import (
     ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
     SlotExhaustedError, WorkerCrashedError,
@@ -317,7 +317,7 @@ class Core:
         t = threading.Timer(delay, self._retry_dispatch)
         t.daemon = True
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
-        t.start()
+        _threads.start(t)
 
     def _retry_dispatch(self) -> None:
         if not self._closed:
@@ -369,6 +369,7 @@ class Core:
                         result = _FAILED
                 if result is not _FAILED:
                     self._complete(task, result=result)
+                result = None  # (the caller may drop it now: its slot can go at the next sweep)
         else:
             if isinstance(exc, TaskInterrupted):  # spec: exec.interrupt
                 orig, exc = exc, exc.original
@@ -445,7 +446,10 @@ class Core:
             return
         task.finished = True
         task.stream = task.bufs = task.fbytes = None
-        task.future._task = None  # (no cycle: the result goes when its future goes)
+        # Neither way round: the result goes when the caller drops its
+        # future, even while this thread's frames still hold the task.
+        task.future._task = None
+        task.future = None
         self.live -= 1
         self.idle.notify_all()
         if not self.live:
@@ -463,7 +467,7 @@ class Core:
             pending += list(w.inflight.values())
             w.inflight.clear()
         for t in pending:
-            if not t.future.done():
+            if not t.finished and not t.future.done():
                 t.future.set_exception(err)
             self._finished(t)
 
@@ -522,7 +526,7 @@ class Core:
         if self._closed:
             return
         if self.host._driver.on_driver:
-            threading.Thread(target=self.close, name=f"{self.name}-close").start()
+            _threads.start(threading.Thread(target=self.close, name=f"{self.name}-close"))
             return
         with self._close_lock:
             if self._closed:

@@ -40,6 +40,7 @@ from multiprocessing import context as _mp_context
 
 import shmpool
 
+from . import _threads, failpoints
 from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError
 from .hub import AddPeerOptions
 from .rpc.messages import Outgoing
@@ -164,7 +165,7 @@ class Starter:
         self._close_when_idle = False
         self.logs: set[StartupLog] = set()  # start-up logs not closed yet
         self.thread = threading.Thread(target=self._loop, name=f"{core.name}-manager", daemon=True)
-        self.thread.start()
+        _threads.start(self.thread)
 
     # -- requests (core.lock held, or no lock) ----------------------------------
 
@@ -336,7 +337,12 @@ class Starter:
             raise
         log.spawned()
         w = core.new_worker(ticket.peer_id, proc, log, new)
-        cf = w.conn.call(INIT, init)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_SPAWNED)
+        try:
+            cf = w.conn.call(INIT, init)
+        except (PeerDeadError, ConnectionClosedError):
+            return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
         with core.lock:
             core._dispatch()
@@ -377,6 +383,7 @@ class Starter:
                         f"pool is not usable anymore. The last: {why}")
 
 
+FP_SPAWNED = failpoints.declare("starter.spawned", "worker process started, its init not sent yet")
 _NEW = object()  # a request for one more worker
 _IDLE = object()  # a request to close the core if no task is pending
 

@@ -47,6 +47,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
+from . import _threads
 from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
@@ -318,7 +319,7 @@ class ShmPool:
         st = _State(core)
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
-            st.handler.start()
+            _threads.start(st.handler)
         except BaseException:
             core.close()
             raise

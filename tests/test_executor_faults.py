@@ -249,15 +249,22 @@ def test_workers_that_die_before_attaching_break_the_pool(monkeypatch, capfd):
 
 
 @pytest.mark.spec("exec.start-failure")
-def test_a_bad_interpreter_breaks_the_pool(monkeypatch, tmp_path):
+@pytest.mark.parametrize("dead_before_init", [False, True])
+def test_a_bad_interpreter_breaks_the_pool(monkeypatch, tmp_path, dead_before_init):
+    """Also when the process is already gone (and seen gone) before its
+    `init` is sent: the same failure, with what it printed."""
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'this is not python' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
+    if dead_before_init:
+        assert "starter.spawned" in failpoints.KNOWN
+        monkeypatch.setitem(failpoints.ACTIVE, "starter.spawned", lambda: time.sleep(0.3))
     with ShmExecutor(1) as e:
         with pytest.raises(PoolBrokenError, match="exit code 3") as err:
             e.submit(square, 2).result(120)
     assert "this is not python" in str(err.value)
+    assert e.statistics()["start_failures"] == 3  # each start counted once
 
 
 def exit_now():
@@ -380,6 +387,44 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _blocked_mask(pid: int, tid: int | None = None) -> int:
+    where = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
+    with open(where) as f:
+        return int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def _tids_by_name() -> dict[int, str]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            out[int(tid)] = f.read().strip()
+    return out
+
+
+@pytest.mark.spec("exec.signals")
+def test_our_threads_leave_process_signals_to_the_main_thread():
+    """Every thread the pool starts in the host blocks SIGINT and SIGTERM
+    (so a process-directed signal wakes the main thread, wherever it
+    waits); the main thread and the workers (started from the driver
+    thread, whose mask they inherit) do not block them."""
+    bit = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    before = set(_tids_by_name())
+    main_tid = threading.get_native_id()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job ignores it)
+    try:
+        with ShmExecutor(2, max_inflight=1) as e:
+            assert e.submit(square, 3).result(60) == 9
+            ours = {t: n for t, n in _tids_by_name().items() if t not in before}
+            assert ours, "no threads started?"
+            for tid, name in ours.items():
+                assert _blocked_mask(os.getpid(), tid) & bit == bit, f"thread {name} takes signals"
+            assert _blocked_mask(os.getpid(), main_tid) & bit == 0
+            for pid in e._processes:
+                assert _blocked_mask(pid) & bit == 0, f"worker {pid} inherited a blocked mask"
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def interrupted_task():

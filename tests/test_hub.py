@@ -403,9 +403,7 @@ def test_host_goodbye_lets_guests_leave_and_removes_the_file():
 def test_host_close_kills_stragglers(hub):
     _, p = hub.start("ignore-goodbye")
     hub.ready(p)
-    t0 = time.monotonic()
-    hub.host.close(timeout=0.3)
-    assert time.monotonic() - t0 < 5
+    hub.host.close(timeout=0.3)  # (it would never return if it waited for the straggler)
     assert p.returncode == -signal.SIGKILL
     assert hub.host.peer_info(1).signal == signal.SIGKILL
 

@@ -56,7 +56,7 @@ def test_checker_catches_missing_pieces(tmp_path):
 # Layers import downward only
 # --------------------------------------------------------------------------
 
-LAYERS = {"_atomics": 0, "errors": 0, "failpoints": 0, "shm": 1, "hub": 2, "rpc": 3}
+LAYERS = {"_atomics": 0, "_threads": 0, "errors": 0, "failpoints": 0, "shm": 1, "hub": 2, "rpc": 3}
 API = 4  # everything else in shmpool/ (executor, pool, worker, CLI, ...)
 
 

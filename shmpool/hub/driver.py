@@ -41,7 +41,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import replace
 
-from .. import _atomics
+from .. import _atomics, _threads
 from ..errors import HubError
 from ..shm import layout as L
 from ..shm.ring import open_rings
@@ -101,7 +101,7 @@ class Driver:
         self._epoll.register(self._wake_fd, EPOLLIN)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        _threads.start(self._thread)  # (children it spawns unblock: run_guest)
 
     # ------------------------------------------------------------------
     # Called from any thread

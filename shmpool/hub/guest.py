@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Callable, NoReturn, Sequence
 
-from .. import _atomics
+from .. import _atomics, _threads
 from ..errors import AttachError, DoorbellError, PeerDeadError, SegmentError, SpawnArgsError
 from ..shm import layout as L
 from ..shm.doorbell import Doorbell
@@ -99,7 +99,7 @@ class ShmGuest:
             # spec: shm.crash.heartbeat
             self._beater = threading.Thread(target=_beat, args=(entry, hb / 2, self._stop),
                                             name="shmpool-heartbeat", daemon=True)
-            self._beater.start()
+            _threads.start(self._beater)
         if doorbell is not None:
             doorbell.signal()  # tell the driver at once that we are attached
 
@@ -315,6 +315,7 @@ def run_guest(main: Callable[[ShmGuest], int | None], argv: Sequence[str] | None
     one line on stderr; a host that dies mid-run exits HOST_GONE; an
     exception from `main` propagates without a goodbye (a crash).
     spec: shm.guest.attach-failure"""
+    _threads.unblock_in_child()  # (the host's driver thread, our parent, blocks them)
     try:
         guest = ShmGuest.attach_with_ticket(SpawnArgs.parse(sys.argv[1:] if argv is None else argv))
     except Exception as e:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import _threads
 from ..errors import PeerDeadError
 from ..shm.varslot import SlotPool
 from .connection import Connection
@@ -41,6 +42,16 @@ class _HostTransport:
         return self.host.send(self.peer_id, desc, timeout=0)
 
 
+class _HandlerPool(ThreadPoolExecutor):
+    """Handler threads that leave process-directed signals to the main
+    thread (see shmpool._threads): the pool starts them lazily, from
+    whichever thread submits."""
+
+    def _adjust_thread_count(self) -> None:
+        with _threads.blocked():
+            super()._adjust_thread_count()
+
+
 class HostSession:
     """The host's side of every guest's session.
 
@@ -52,7 +63,7 @@ class HostSession:
         self.host = host
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         self.slots = SlotPool(host.segment, 0)
-        self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix="shmpool-handler")
+        self._pool = _HandlerPool(handler_threads, thread_name_prefix="shmpool-handler")
         self._conns: dict[int, Connection] = {}
         self._ended: dict[int, BaseException] = {}  # entry -> why its last connection ended
         self._lock = threading.Lock()

@@ -1,0 +1,63 @@
+"""Background threads that leave process-directed signals to the main thread.
+
+Owns: `start(thread)` and `blocked()`, used for every thread shmpool
+starts (the hub's driver, a guest's heartbeat, the pool's manager and
+handler, dispatch timers, the session's handler pool), and
+`unblock_in_child()`, which a process started from one of them calls
+first thing.
+
+Why: CPython runs Python signal handlers only on the main thread, and a
+main thread blocked in the kernel (`Future.result()`, `Event.wait()`,
+`time.sleep()`) wakes up early only for a signal the kernel delivers to
+*it*. A process-directed signal (a terminal's Ctrl-C, `kill`) goes to any
+thread that does not block it; landing on one of ours, it would set the
+handler's flag and leave the main thread asleep until its wait ends (a
+Ctrl-C during `map` of 30 s tasks went unnoticed for 30 s, about one time
+in twenty). So our threads block the asynchronous signals for their whole
+life, and the kernel always picks a thread that runs handlers.
+
+Data flow: `start` blocks the signals in the calling thread, starts the
+thread (which inherits the mask from its first instruction, so there is no
+window), and restores the caller's mask; a signal that arrives meanwhile
+stays pending and is delivered when the caller unblocks it. A child
+process inherits the mask of the thread that started it, so a guest
+unblocks the signals before anything else (spec: exec.signals).
+
+Invariants: only asynchronous signals are blocked; synchronous ones (SIGSEGV,
+SIGBUS, SIGFPE, SIGILL, SIGABRT: faulthandler) still go to the thread that
+caused them. Importable from every layer (like errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+ASYNC_SIGNALS = frozenset({
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH,
+})
+
+
+@contextlib.contextmanager
+def blocked():
+    """The asynchronous signals blocked in this thread for the block: the
+    threads it starts inherit that. spec: exec.signals"""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start(thread: threading.Thread) -> None:
+    """Start `thread` with the asynchronous signals blocked in it."""
+    with blocked():
+        thread.start()
+
+
+def unblock_in_child() -> None:
+    """In a process started from one of our threads: take the signals back
+    (pending ones are delivered now). spec: exec.signals"""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
