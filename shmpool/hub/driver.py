@@ -17,7 +17,8 @@ Data flow:
 - Death: unregister -> make sure the process is gone (kill it for
   heartbeat/epoch deaths) and reap it -> `on_death(peer_id)` ->
   `recovery.recover` (drain, peer-lost hook, rings, slots, channels,
-  handles, Empty).
+  handles, Empty). Those methods, and the shutdown, live in the `Endings`
+  mixin (endings.py).
 
 Invariants:
 - Only the driver thread pops g2h rings, starts guests, reaps them and
@@ -33,24 +34,21 @@ import collections
 import os
 import queue
 import select
-import signal
 import sys
 import threading
 import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import replace
 
 from .. import _atomics, _threads
 from ..errors import HubError
 from ..shm import layout as L
 from ..shm.ring import open_rings
-from ..shm.varslot import SlotPool
 from .peer import (
     ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry,
     PeerInfo, PeerState,
 )
-from .recovery import recover
+from .endings import BATCH, Endings
 from .spawn import popen_guest
 
 fetch_or_u32 = _atomics.fetch_or_u32
@@ -61,16 +59,13 @@ EPOLLIN = select.EPOLLIN
 HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 SCAN_INTERVAL = 0.25  # seconds between scans of entry states, epochs and heartbeats
 NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attached
-EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
-GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
-BATCH = 256
 POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Driver.poll
 
 # a guest whose g2h ring was full, asleep on its doorbell until the driver pops
 _G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
 
 
-class Driver:
+class Driver(Endings):
     """The driver thread and the host's guest records (see module doc)."""
 
     def __init__(self, segment, *, name: str = "shmpool-hub-driver") -> None:
@@ -498,201 +493,3 @@ class Driver:
                     db.close()
             p.entry.cas_state(PeerState.RESERVED, PeerState.EMPTY)
             self._cond.notify_all()
-
-    # ------------------------------------------------------------------
-    # Death and recovery (driver thread only)
-    # ------------------------------------------------------------------
-
-    def _death(self, p: HostPeer, by: str) -> None:
-        """spec: shm.death.callback -- once per incarnation."""
-        if p.phase in (DEAD, RELEASED):
-            return
-        now = monotonic_ns()
-        if p.phase == SPAWNED:  # it may have attached (and left) before we heard of it
-            self._note_attach(p, (PeerState.ATTACHED, PeerState.GOODBYE))
-        state = p.entry.state
-        info = p.info
-        if by in ("heartbeat", "epoch"):
-            cause = by
-        elif state == PeerState.GOODBYE or self._closing or p.phase == LEAVING:
-            cause = "goodbye"
-        else:
-            cause = "crash"
-        if info.detected_by is None:
-            info.detected_by, info.detected_ns = by, now
-        if (cause == "goodbye" and p.phase != LEAVING and p.proc is not None and not self._closing
-                and not p.exited(0)):
-            # It said goodbye and is on its way out: it no longer touches
-            # its rings, and on_death should see its exit status, so wait
-            # for its pidfd (bounded by a kill at the next scan after the
-            # deadline) before callback and recovery.
-            with self._lock:
-                p.phase = LEAVING
-                p.dead = True
-            self._unregister(p.doorbell.fileno() if p.doorbell is not None else None)
-            p.leave_deadline = now + int(GOODBYE_EXIT * 1e9)
-            return
-        with self._lock:
-            p.phase = DEAD
-            p.dead = True
-        self._unregister(p.doorbell.fileno() if p.doorbell is not None and not p.doorbell.closed else None)
-        self._unregister(p.pidfd)
-        info.cause = cause
-        if cause in ("heartbeat", "epoch"):
-            p.kill()  # it may be stopped or confused; it must not touch the entry again
-        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
-        self.stats["deaths"] += 1
-        self.stats["deaths_" + cause] += 1
-        if not self._closing and p.on_death is not None:
-            # spec: shm.death.callback-context -- on this thread; must not block.
-            try:
-                p.on_death(p.peer_id)
-            except Exception:
-                self._callback_error(f"on_death callback of peer {p.peer_id}")
-        if not self._closing:
-            self._recover(p)
-
-    def _reap(self, p: HostPeer, grace: float, *, kill: bool) -> None:
-        """Collect the exit status; a guest still running after `grace` is
-        killed (`kill`) or left to be reaped when it exits."""
-        if p.pidfd is None and p.proc is None:
-            return
-        exited = p.exited(grace)
-        if not exited and kill:
-            p.kill()
-            exited = p.exited(10.0)
-        if not exited:
-            self._lingering[p.pidfd] = p
-            self._register(p.pidfd, p, "linger")
-            p.pidfd = None
-            return
-        p.collect()
-
-    def _reap_lingering(self, fd: int) -> None:
-        p = self._lingering.pop(fd)
-        self._unregister(fd)
-        p.pidfd = fd
-        p.collect()
-
-    def _recover(self, p: HostPeer) -> None:
-        """spec: shm.death.recovery"""
-        def drain() -> int:
-            n = 0
-            if p.rx is not None:
-                with p.rx_lock:  # a polling caller finishes its batch first
-                    while True:
-                        batch = p.rx.pop_batch(BATCH)
-                        if not batch:
-                            return n
-                        n += len(batch)
-                        self._deliver(p.peer_id, batch)
-            return n
-
-        def report_lost() -> None:
-            h = self.peer_lost_handler
-            if h is not None:
-                try:
-                    h(p.peer_id, replace(p.info))
-                except Exception:
-                    self._callback_error(f"peer-lost handler of peer {p.peer_id}")
-
-        def release() -> None:
-            self._close_handles(p)
-
-        if self._slot_pool is None:
-            self._slot_pool = SlotPool(self.segment, 0)
-        with p.tx_lock:  # no host thread is pushing into this guest's ring now
-            res = recover(self.segment, p.peer_id, slot_pool=self._slot_pool, drain=drain,
-                          report_lost=report_lost, release_handles=release)
-        p.info.slots_reclaimed = res.slots_reclaimed
-        if res.reclaim_error is not None:
-            self.stats["reclaim_errors"] += 1
-            print(f"shmpool hub: reclaiming the slots of peer {p.peer_id} failed "
-                  f"({res.reclaim_error!r}); the entry was recovered anyway", file=sys.stderr)
-        p.info.recovered = True
-        self.stats["recoveries"] += 1
-        with self._cond:
-            if self._peers.get(p.peer_id) is p:
-                del self._peers[p.peer_id]
-                self.set_live()
-            self._cond.notify_all()
-
-    def _close_handles(self, p: HostPeer) -> None:
-        for db in (p.doorbell, p.guest_end):
-            if db is not None and not db.closed:
-                self._unregister(db.fileno())
-                db.close()
-        if p.pidfd is not None:
-            self._unregister(p.pidfd)
-            os.close(p.pidfd)
-            p.pidfd = None
-
-    # ------------------------------------------------------------------
-    # Shutdown
-    # ------------------------------------------------------------------
-
-    def _shutdown(self, timeout: float) -> None:
-        """spec: shm.goodbye.host"""
-        self._closing = True
-        # spec: shm.goodbye.host-atomic -- the flag is visible before any
-        # guest is woken to look at it.
-        self.segment.set_host_goodbye(1)
-        for p in self._live:
-            if p.doorbell is not None and not p.doorbell.closed:
-                p.doorbell.signal()
-        self._run_commands()  # fail nothing silently: spawns queued now see _closing
-        deadline = time.monotonic() + timeout
-        while True:
-            waiting = [p for p in self._live if p.phase in (SPAWNED, ATTACHED, LEAVING)]
-            if not waiting and not self._lingering:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for p in waiting:
-                if p.proc is None and p.entry.state != PeerState.ATTACHED:
-                    self._death(p, "state")  # left without being our child
-            for fd, ev in self._epoll.poll(min(remaining, 0.05)):
-                self._on_event(fd, ev)
-        for p in list(self._live):
-            if p.phase in (SPAWNED, ATTACHED, LEAVING):
-                if p.proc is not None:
-                    p.kill()  # a straggler
-                self._death(p, "shutdown")
-        for fd in list(self._lingering):
-            p = self._lingering[fd]
-            if p.proc is not None:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                self._reap_lingering(fd)
-            else:
-                self._lingering.pop(fd)
-                self._unregister(fd)
-                os.close(fd)
-        with self._lock:
-            peers = list(self._peers.values())
-        for p in peers:
-            with p.tx_lock:
-                p.dead = True
-            if p.phase == RESERVED:
-                self.release_reserved(p)
-            self._close_handles(p)
-
-    def _finish(self) -> None:
-        with self._cond:
-            self._stop_requested = True
-            pending = list(self._commands)
-            self._commands.clear()
-            self._peers.clear()
-            self.set_live()
-            self._cond.notify_all()
-        for fut, *_ in pending:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(HubError(self._closed_message()))
-        self._epoll.close()
-        with self._lock:
-            fd, self._wake_fd = self._wake_fd, -1
-        os.close(fd)
-        try:
-            self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
-        finally:
-            self._stopped.set()

@@ -1,0 +1,241 @@
+"""The ends of guests and of the hub: death, reaping, recovery, shutdown.
+
+Owns: the part of the driver thread's work that ends things, as a mixin of
+`Driver` (split from driver.py, which keeps the loop, delivery, attach
+detection and spawning): handling a death once per incarnation
+(`_death`), collecting exit statuses (`_reap`, lingering pidfds),
+recovering an entry (`_recover`: drain, peer-lost report, rings, slots,
+channels, handles), and the host's shutdown (`_shutdown`, `_finish`).
+
+Data flow: a watcher (doorbell hang-up, pidfd, scan) calls `_death(p, by)`
+-> cause (crash / goodbye / heartbeat / epoch / shutdown) -> a guest that
+said goodbye gets GOODBYE_EXIT to exit first -> unregister, reap ->
+`on_death(peer_id)` -> `_recover(p)`.
+
+Invariants: everything here runs on the driver thread; a death is handled
+once per incarnation (`HostPeer.phase` goes to DEAD once); user callbacks
+run without `_lock` held.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+
+from ..errors import HubError
+from ..shm.varslot import SlotPool
+from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
+from .recovery import recover
+
+monotonic_ns = time.monotonic_ns
+
+EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
+GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
+BATCH = 256  # descriptors drained per pop
+
+
+class Endings:
+    """Mixin of `Driver`: uses its state (`_peers`, `_live`, `_lock`,
+    `_cond`, `_epoll`, `_lingering`, `stats`, ...) and helpers
+    (`_deliver`, `_register`, `_unregister`, `_on_event`, ...)."""
+
+    # ------------------------------------------------------------------
+    # Death and recovery (driver thread only)
+    # ------------------------------------------------------------------
+
+    def _death(self, p: HostPeer, by: str) -> None:
+        """spec: shm.death.callback -- once per incarnation."""
+        if p.phase in (DEAD, RELEASED):
+            return
+        now = monotonic_ns()
+        if p.phase == SPAWNED:  # it may have attached (and left) before we heard of it
+            self._note_attach(p, (PeerState.ATTACHED, PeerState.GOODBYE))
+        state = p.entry.state
+        info = p.info
+        if by in ("heartbeat", "epoch"):
+            cause = by
+        elif state == PeerState.GOODBYE or self._closing or p.phase == LEAVING:
+            cause = "goodbye"
+        else:
+            cause = "crash"
+        if info.detected_by is None:
+            info.detected_by, info.detected_ns = by, now
+        if (cause == "goodbye" and p.phase != LEAVING and p.proc is not None and not self._closing
+                and not p.exited(0)):
+            # It said goodbye and is on its way out: it no longer touches
+            # its rings, and on_death should see its exit status, so wait
+            # for its pidfd (bounded by a kill at the next scan after the
+            # deadline) before callback and recovery.
+            with self._lock:
+                p.phase = LEAVING
+                p.dead = True
+            self._unregister(p.doorbell.fileno() if p.doorbell is not None else None)
+            p.leave_deadline = now + int(GOODBYE_EXIT * 1e9)
+            return
+        with self._lock:
+            p.phase = DEAD
+            p.dead = True
+        self._unregister(p.doorbell.fileno() if p.doorbell is not None and not p.doorbell.closed else None)
+        self._unregister(p.pidfd)
+        info.cause = cause
+        if cause in ("heartbeat", "epoch"):
+            p.kill()  # it may be stopped or confused; it must not touch the entry again
+        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
+        self.stats["deaths"] += 1
+        self.stats["deaths_" + cause] += 1
+        if not self._closing and p.on_death is not None:
+            # spec: shm.death.callback-context -- on this thread; must not block.
+            try:
+                p.on_death(p.peer_id)
+            except Exception:
+                self._callback_error(f"on_death callback of peer {p.peer_id}")
+        if not self._closing:
+            self._recover(p)
+
+    def _reap(self, p: HostPeer, grace: float, *, kill: bool) -> None:
+        """Collect the exit status; a guest still running after `grace` is
+        killed (`kill`) or left to be reaped when it exits."""
+        if p.pidfd is None and p.proc is None:
+            return
+        exited = p.exited(grace)
+        if not exited and kill:
+            p.kill()
+            exited = p.exited(10.0)
+        if not exited:
+            self._lingering[p.pidfd] = p
+            self._register(p.pidfd, p, "linger")
+            p.pidfd = None
+            return
+        p.collect()
+
+    def _reap_lingering(self, fd: int) -> None:
+        p = self._lingering.pop(fd)
+        self._unregister(fd)
+        p.pidfd = fd
+        p.collect()
+
+    def _recover(self, p: HostPeer) -> None:
+        """spec: shm.death.recovery"""
+        def drain() -> int:
+            n = 0
+            if p.rx is not None:
+                with p.rx_lock:  # a polling caller finishes its batch first
+                    while True:
+                        batch = p.rx.pop_batch(BATCH)
+                        if not batch:
+                            return n
+                        n += len(batch)
+                        self._deliver(p.peer_id, batch)
+            return n
+
+        def report_lost() -> None:
+            h = self.peer_lost_handler
+            if h is not None:
+                try:
+                    h(p.peer_id, replace(p.info))
+                except Exception:
+                    self._callback_error(f"peer-lost handler of peer {p.peer_id}")
+
+        def release() -> None:
+            self._close_handles(p)
+
+        if self._slot_pool is None:
+            self._slot_pool = SlotPool(self.segment, 0)
+        with p.tx_lock:  # no host thread is pushing into this guest's ring now
+            res = recover(self.segment, p.peer_id, slot_pool=self._slot_pool, drain=drain,
+                          report_lost=report_lost, release_handles=release)
+        p.info.slots_reclaimed = res.slots_reclaimed
+        if res.reclaim_error is not None:
+            self.stats["reclaim_errors"] += 1
+            print(f"shmpool hub: reclaiming the slots of peer {p.peer_id} failed "
+                  f"({res.reclaim_error!r}); the entry was recovered anyway", file=sys.stderr)
+        p.info.recovered = True
+        self.stats["recoveries"] += 1
+        with self._cond:
+            if self._peers.get(p.peer_id) is p:
+                del self._peers[p.peer_id]
+                self.set_live()
+            self._cond.notify_all()
+
+    def _close_handles(self, p: HostPeer) -> None:
+        for db in (p.doorbell, p.guest_end):
+            if db is not None and not db.closed:
+                self._unregister(db.fileno())
+                db.close()
+        if p.pidfd is not None:
+            self._unregister(p.pidfd)
+            os.close(p.pidfd)
+            p.pidfd = None
+
+    # ------------------------------------------------------------------
+    # Shutdown
+    # ------------------------------------------------------------------
+
+    def _shutdown(self, timeout: float) -> None:
+        """spec: shm.goodbye.host"""
+        self._closing = True
+        # spec: shm.goodbye.host-atomic -- the flag is visible before any
+        # guest is woken to look at it.
+        self.segment.set_host_goodbye(1)
+        for p in self._live:
+            if p.doorbell is not None and not p.doorbell.closed:
+                p.doorbell.signal()
+        self._run_commands()  # fail nothing silently: spawns queued now see _closing
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = [p for p in self._live if p.phase in (SPAWNED, ATTACHED, LEAVING)]
+            if not waiting and not self._lingering:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for p in waiting:
+                if p.proc is None and p.entry.state != PeerState.ATTACHED:
+                    self._death(p, "state")  # left without being our child
+            for fd, ev in self._epoll.poll(min(remaining, 0.05)):
+                self._on_event(fd, ev)
+        for p in list(self._live):
+            if p.phase in (SPAWNED, ATTACHED, LEAVING):
+                if p.proc is not None:
+                    p.kill()  # a straggler
+                self._death(p, "shutdown")
+        for fd in list(self._lingering):
+            p = self._lingering[fd]
+            if p.proc is not None:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                self._reap_lingering(fd)
+            else:
+                self._lingering.pop(fd)
+                self._unregister(fd)
+                os.close(fd)
+        with self._lock:
+            peers = list(self._peers.values())
+        for p in peers:
+            with p.tx_lock:
+                p.dead = True
+            if p.phase == RESERVED:
+                self.release_reserved(p)
+            self._close_handles(p)
+
+    def _finish(self) -> None:
+        with self._cond:
+            self._stop_requested = True
+            pending = list(self._commands)
+            self._commands.clear()
+            self._peers.clear()
+            self.set_live()
+            self._cond.notify_all()
+        for fut, *_ in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(HubError(self._closed_message()))
+        self._epoll.close()
+        with self._lock:
+            fd, self._wake_fd = self._wake_fd, -1
+        os.close(fd)
+        try:
+            self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
+        finally:
+            self._stopped.set()
