@@ -350,6 +350,7 @@ class Core:
                 # spec: exec.interrupt
                 w.paused_until = time.monotonic() + INTERRUPT_GRACE
                 self._later(INTERRUPT_GRACE)
+        keep = None
         if exc is None:
             try:
                 result, pin = read(received)
@@ -360,7 +361,7 @@ class Core:
                 self._complete(task, error=err)
             else:
                 if not pin.release_if_unused():
-                    self.pins.append(pin)
+                    keep = pin  # (appended under the lock: _send rebuilds the list)
                 if task.on_result is not None:
                     try:
                         result = task.on_result(result)
@@ -381,6 +382,8 @@ class Core:
                 exc.__cause__ = orig.__cause__
             self._complete(task, error=exc)
         with self.lock:
+            if keep is not None:
+                self.pins.append(keep)
             if self.pins:
                 self.pins = [p for p in self.pins if not p.release_if_unused()]
             self._dispatch()
@@ -426,19 +429,15 @@ class Core:
     def _complete(self, task: _Task, *, result=None, error: BaseException | None = None) -> None:
         fut = task.future
         if not fut.done():
-            if error is None:
-                fut.set_result(result)
-                self.stats["completed"] += 1
-            else:
-                fut.set_exception(error)
-                self.stats["failed"] += 1
+            _resolve(fut, result, error)
+            self.stats["completed" if error is None else "failed"] += 1
         with self.lock:
             self._finished(task)
 
     def _fail(self, task: _Task, err: BaseException) -> None:
         """(lock held) Fail a task that is neither queued nor held by a worker."""
         if not task.future.done():
-            task.future.set_exception(err)
+            _resolve(task.future, None, err)
         self._finished(task)
 
     def _finished(self, task: _Task) -> None:
@@ -468,7 +467,7 @@ class Core:
             w.inflight.clear()
         for t in pending:
             if not t.finished and not t.future.done():
-                t.future.set_exception(err)
+                _resolve(t.future, None, err)
             self._finished(t)
 
     # -- lifetime ----------------------------------------------------------------
@@ -594,6 +593,24 @@ class Core:
 def default_workers() -> int:
     n = getattr(os, "process_cpu_count", os.cpu_count)()
     return n or 1
+
+
+def _resolve(fut: Future, result, error: BaseException | None) -> None:
+    """Set the outcome; done callbacks are user code, which may start a
+    process: on our threads they run with the signals unblocked
+    (spec: exec.signals)."""
+    if fut._done_callbacks:  # (concurrent.futures' list; runs them in set_*)
+        with _threads.unblocked():
+            _resolve_now(fut, result, error)
+    else:
+        _resolve_now(fut, result, error)
+
+
+def _resolve_now(fut: Future, result, error: BaseException | None) -> None:
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
 
 
 __all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]

@@ -41,7 +41,7 @@ from multiprocessing import context as _mp_context
 import shmpool
 
 from . import _threads, failpoints
-from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError
+from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
 from .hub import AddPeerOptions
 from .rpc.messages import Outgoing
 from .serialization import dumps, dumps_bytes, write
@@ -342,6 +342,11 @@ class Starter:
         try:
             cf = w.conn.call(INIT, init)
         except (PeerDeadError, ConnectionClosedError):
+            if isinstance(init, Outgoing):
+                try:  # (ours if it was never sent: nobody reclaims the host's slots)
+                    core.slots.free(init.slot)
+                except StaleSlotError:
+                    pass  # sent, and freed when the send failed
             return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
         with core.lock:

@@ -20,8 +20,10 @@ Data flow: `start` blocks the signals in the calling thread, starts the
 thread (which inherits the mask from its first instruction, so there is no
 window), and restores the caller's mask; a signal that arrives meanwhile
 stays pending and is delivered when the caller unblocks it. A child
-process inherits the mask of the thread that started it, so a guest
-unblocks the signals before anything else (spec: exec.signals).
+process inherits the mask of the thread that started it, so our threads
+unblock the signals around what may start one: spawning a guest, and
+running user code (`unblocked()`); a guest also unblocks them first thing
+(spec: exec.signals).
 
 Invariants: only asynchronous signals are blocked; synchronous ones (SIGSEGV,
 SIGBUS, SIGFPE, SIGILL, SIGABRT: faulthandler) still go to the thread that
@@ -45,6 +47,18 @@ def blocked():
     """The asynchronous signals blocked in this thread for the block: the
     threads it starts inherit that. spec: exec.signals"""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def unblocked():
+    """The asynchronous signals unblocked in this thread for the block: for
+    user code our threads run (done callbacks, RPC handlers, imap input),
+    so that a child process it starts does not inherit them blocked."""
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
     try:
         yield
     finally:

@@ -144,7 +144,8 @@ class _State:
                     if self.state == RUN:
                         continue
                     break
-                self.feed(*job)
+                with _threads.unblocked():  # (the input is user code)
+                    self.feed(*job)
             self.accepting = False
             self.drain()
             core = self.core

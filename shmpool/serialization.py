@@ -9,8 +9,9 @@ Data flow:
     dumps(obj) -> pickle stream + PickleBuffers (views of the caller's numpy
     arrays, memoryviews ...; nothing copied yet). The stream is bytes, or a
     list of parts when the pickler wrote big bytes, bytearray or str data
-    (64 KiB or more, at any depth): those parts are the objects themselves,
-    taken by reference, not copied into a stream first.
+    (64 KiB or more, at any depth): big bytes are those parts themselves,
+    by reference (a bytearray is copied first: it may change before the
+    task is sent), not copied into a stream first.
     write(pool, stream, buffers) -> one slot: header, stream, each buffer
     64-byte aligned (one copy of each) -> `Outgoing` for the session layer
     read(received) -> the object, its buffers being zero-copy views of the
@@ -119,8 +120,9 @@ class _CloudPickler(cloudpickle.CloudPickler):
 class _Parts:
     """A pickler's output file that keeps what it is given: the pickler's
     own frames, and (the C pickler hands any bytes, bytearray or encoded
-    str of 64 KiB or more straight to `write`) big data by reference, so
-    that it is copied once, into the slot."""
+    str of 64 KiB or more straight to `write`) big immutable data by
+    reference, so that it is copied once, into the slot; a big bytearray
+    is copied here first."""
 
     __slots__ = ("parts",)
 
@@ -128,10 +130,13 @@ class _Parts:
         self.parts: list = []
 
     def write(self, data) -> int:
-        if type(data) is memoryview:  # (may view memory it does not own)
+        if type(data) is not bytes:
+            # A bytearray is the caller's to change until the task is sent
+            # (a resize would desynchronise the stream from the lengths in
+            # it); a memoryview may view memory it does not own.
             data = bytes(data)
         self.parts.append(data)
-        return len(data) if type(data) is not pickle.PickleBuffer else memoryview(data).nbytes
+        return len(data)
 
     def take(self):
         """The stream: bytes, or a list of parts; and start afresh."""

@@ -427,6 +427,36 @@ def test_our_threads_leave_process_signals_to_the_main_thread():
         signal.signal(signal.SIGINT, old)
 
 
+def nap(x):
+    time.sleep(x)
+    return x
+
+
+@pytest.mark.spec("exec.signals")
+def test_a_process_started_from_a_done_callback_gets_a_normal_signal_mask():
+    """Done callbacks run on the driver thread (which blocks the signals);
+    a child they start must not inherit that, or it could never be
+    terminated with SIGTERM nor interrupted."""
+    bit = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    seen = {}
+    done = threading.Event()
+
+    def callback(fut):
+        seen["thread"] = threading.current_thread().name
+        with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+            seen["own"] = int(next(x for x in f if x.startswith("SigBlk:")).split()[1], 16)
+        out = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True, check=True).stdout
+        seen["child"] = int(next(x for x in out.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+        done.set()
+
+    with ShmExecutor(1) as e:
+        e.submit(square, 1).result(60)  # (started)
+        e.submit(nap, 0.3).add_done_callback(callback)  # nobody waits on it: the driver completes it
+        assert done.wait(60)
+    assert seen["thread"] != threading.current_thread().name  # (it did run on one of ours)
+    assert seen["child"] & bit == 0 and seen["own"] & bit == 0
+
+
 def interrupted_task():
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)

@@ -470,6 +470,38 @@ def test_sigkill_at_random_moments_then_reclaim_restores_counts(peers):
             assert_all_free(host)
 
 
+@pytest.mark.spec("shm.varslot.extents")
+@pytest.mark.parametrize("point", ["varslot.push.freeing", "varslot.push.linked", "varslot.push.meta-free",
+                                   "varslot.grow.linking"])
+def test_an_exception_while_growing_loses_no_slot(seg, point):
+    """A KeyboardInterrupt (the host's main thread grows a class inside
+    `submit`) cut into the freeing of a new extent's slots: the rest are
+    freed before it propagates (nobody would reclaim the host's slots)."""
+    assert point in failpoints.KNOWN
+    pool = SlotPool(seg, 0)
+    per = pool.config.size_classes[0].slots_per_extent
+    held = [pool.alloc(100) for _ in range(per)]  # class 0 is exhausted
+    hits = []
+    nth = 1 if point == "varslot.grow.linking" else 3  # (that one fires once per growth)
+
+    def interrupt():
+        hits.append(1)
+        if len(hits) == nth:
+            raise KeyboardInterrupt
+
+    failpoints.set(point, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.alloc(100)  # grows class 0
+    finally:
+        failpoints.set(point, None)
+    assert len(hits) >= nth
+    for s in held:
+        pool.free(s)
+    assert_all_free(pool)
+    assert pool.statistics().classes[0].extents == 2
+
+
 FAILPOINTS = [
     "varslot.pop.read-head", "varslot.pop.claimed", "varslot.pop.meta-written",
     "varslot.push.freeing", "varslot.push.linked", "varslot.push.meta-free",

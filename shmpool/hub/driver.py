@@ -459,7 +459,8 @@ class Driver(Endings):
             if self._closing:
                 raise HubError("the host is closing")
         try:
-            proc = popen_guest(p.ticket, argv, append_args=append_args, **popen_kw)
+            with _threads.unblocked():  # (the child inherits this thread's mask)
+                proc = popen_guest(p.ticket, argv, append_args=append_args, **popen_kw)
         except BaseException:
             self.stats["spawn_failures"] += 1
             self.release_reserved(p)  # spec: shm.spawn.reserved-state

@@ -48,8 +48,17 @@ class _HandlerPool(ThreadPoolExecutor):
     whichever thread submits."""
 
     def _adjust_thread_count(self) -> None:
-        with _threads.blocked():
-            super()._adjust_thread_count()
+        if len(self._threads) < self._max_workers:  # (it may start one)
+            with _threads.blocked():
+                super()._adjust_thread_count()
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_unblocked_call, fn, *args, **kwargs)
+
+
+def _unblocked_call(fn, *args, **kwargs):
+    with _threads.unblocked():  # (a handler is user code: what it starts gets a normal mask)
+        return fn(*args, **kwargs)
 
 
 class HostSession:

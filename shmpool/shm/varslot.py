@@ -311,16 +311,38 @@ class SlotPool:
             # itself, which reclaim frees; after a killed chain link nobody
             # could tell whether the chain was on the list.
             owned = (self.me << 8) | L.ALLOCATED
-            for i in range(c.cls.slots_per_extent):
-                c.freelist.push(slot_number(e, i), owned)
-                if i == 0 and failpoints.ACTIVE:
-                    failpoints.hit(FP_GROW_LINKING)
+            i = 0
+            try:
+                while i < c.cls.slots_per_extent:
+                    c.freelist.push(slot_number(e, i), owned)
+                    i += 1
+                    if i == 1 and failpoints.ACTIVE:
+                        failpoints.hit(FP_GROW_LINKING)
+            finally:
+                if i < c.cls.slots_per_extent:
+                    # Interrupted (a KeyboardInterrupt on the host's main
+                    # thread): nobody would reclaim the host's slots.
+                    self._finish_grow(c, e, i)
             store_u32(buf, c.hdr + L.C_EXTENT_COUNT, e + 1)
             self.grows += 1
         finally:
             cas_u32(buf, lock, me, 0)
         self._wake(c.index)
         return True
+
+    def _finish_grow(self, c: _Class, e: int, first: int) -> None:
+        """Free the slots first.. of a new extent whose freeing an exception
+        cut short. After `settle`, the interrupted one is Free (done, maybe
+        allocated again since: a new generation), or still ours with
+        generation 0: Freeing and unlinked (push it on) or Allocated (not
+        started); the later ones are Allocated to us with generation 0."""
+        c.freelist.settle()
+        buf, base = self._extent(c, e)
+        unstarted, cut = (self.me << 8) | L.ALLOCATED, (self.me << 8) | L.FREEING
+        for i in range(first, c.cls.slots_per_extent):
+            st = load_u64(buf, base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE)
+            if st == unstarted or st == cut:
+                c.freelist.push(slot_number(e, i), st)
 
     def _reserve(self, size: int) -> int | None:
         """Reserve `size` bytes at the end of the file, within the memory
