@@ -51,7 +51,7 @@ from .errors import (
 )
 from .hub import ShmHost
 from .rpc import HostSession
-from .serialization import dumps, dumps_bytes, read, write
+from .serialization import dumps, read, write
 from .shm import layout as L
 from .shm.layout import SegmentConfig
 from ._fncache import FunctionCache

@@ -18,7 +18,7 @@ import json
 import statistics
 
 from .peers import IMPLS
-from .workloads import CRASH_CASE, START_CASE, STARTUP_CASE, MIB, map_cases, roundtrip_case, size_label
+from .workloads import CRASH_CASE, START_CASE, MIB, map_cases, roundtrip_case, size_label
 
 LABELS = {key: cls.label for key, cls in IMPLS.items()}
 LABELS.update({"pool": "multiprocessing.Pool", "memcpy": "memcpy (ceiling, one way)",

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 
 from .. import _atomics, failpoints
-from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
+from ..errors import SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .freelist import FreeList, StatusMismatch
 from .huge import HugeExtents
