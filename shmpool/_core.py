@@ -271,7 +271,7 @@ class Core:
             # A result the caller has dropped gives its slot back before a
             # big argument takes a new one (and a worker's next result finds
             # it free): big round trips then reuse the same populated extents.
-            self.pins = [p for p in self.pins if not p.release_if_unused()]
+            self._sweep_pins()
         try:
             fid = task.fid
             if fid and fid in w.known:
@@ -285,7 +285,7 @@ class Core:
                 w.known[fid] = None
             out = write(self.slots, task.stream, task.bufs, timeout=0)
         except SlotExhaustedError:
-            self.pins = [p for p in self.pins if not p.release_if_unused()]
+            self._sweep_pins()
             self.stats["slot_waits"] += 1
             if not any(x.inflight for x in self.workers.values()):
                 # No completion will come to retry this: the slots are held
@@ -309,6 +309,10 @@ class Core:
             w.retiring = True  # it leaves after these; a replacement comes
         self.stats["dispatched"] += 1
         return True
+
+    def _sweep_pins(self) -> None:
+        """(lock held) Free the slots of results nobody uses any more."""
+        self.pins = [p for p in self.pins if not p.release_if_unused()]
 
     def _later(self, delay: float) -> None:
         """Dispatch again after `delay` seconds (lock held)."""
@@ -385,7 +389,7 @@ class Core:
             if keep is not None:
                 self.pins.append(keep)
             if self.pins:
-                self.pins = [p for p in self.pins if not p.release_if_unused()]
+                self._sweep_pins()
             self._dispatch()
 
     def _adapt(self, w: _Worker, busy: bool) -> None:
