@@ -5,9 +5,11 @@ Owns: the hub host and its session, one record per worker (its process,
 connection, the functions it knows, the tasks it holds), the queue of tasks
 waiting for a worker, the idle credits that decide when a worker is
 started, the cache of pickled functions, pins of results whose zero-copy
-arrays are still in use. Starting workers (and the management thread) is
-the job of `_starter.Starter`, the function cache that of `_fncache`;
-the records themselves are in `_tasks`.
+arrays are still in use. Dispatch is the `_dispatch.Dispatching` half of
+`Core`, answers and lost workers the `_answers.Answering` half; starting
+workers (and the management thread) is the job of `_starter.Starter`, the
+function cache that of `_fncache`; the records themselves (and the tuning
+constants) are in `_tasks`.
 
 Data flow:
 - submit (caller's thread): pickle the function once if it is a plain
@@ -17,10 +19,13 @@ Data flow:
   while there are fewer than max_workers (as ProcessPoolExecutor does;
   `eager` starts them all at once) -> dispatch at once if a worker has
   room: `define` the function on that worker if it does not know it (with
-  the ids it may forget), write the task into a slot, `run`.
-- completion (the hub's driver thread, or a caller polling): an idle
-  credit; unpickle the result (zero-copy buffers, pinned) -> complete the
-  future -> dispatch the next queued task to the worker that has room now.
+  the ids it may forget), write the task into a slot, `run`; while a
+  worker busy with short tasks has two requests in flight, what queues
+  goes to it in one `run_batch` request with its next answer.
+- completion (the hub's driver thread, or a caller polling): each task is
+  answered on its own (a batch's too); an idle credit; unpickle the result
+  (zero-copy buffers, pinned) -> complete the future -> dispatch the next
+  queued tasks to the worker that has room now.
 - death (driver thread): `on_death` reads which task the worker was running
   (its guest word) and asks the starter for a replacement; recovery then
   fails the worker's calls: the running task is charged a crash and retried
@@ -41,34 +46,27 @@ from __future__ import annotations
 import collections
 import os
 import threading
-import time
 from concurrent.futures import Future
 
 from . import _atomics, _threads
-from .errors import (
-    ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
-    SlotExhaustedError, WorkerCrashedError,
-)
+from .errors import PoolBrokenError
 from .hub import ShmHost
 from .rpc import HostSession
-from .serialization import dumps, read, write
+from .serialization import dumps
 from .shm import layout as L
 from .shm.layout import SegmentConfig
 from ._fncache import FunctionCache
 from ._starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from . import _tasks as T
+from ._answers import Answering
+from ._dispatch import Dispatching
 from ._tasks import _Task, _TaskFuture, _Worker
-from .worker import CHUNK, DEFINE, MAP, RUN, SINGLE, ResultEncodingError, TaskInterrupted
-
-_FAILED = object()
+from .worker import CHUNK, MAP, SINGLE
 
 MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
-WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
-MAX_WINDOW = 64
-INTERRUPT_GRACE = 0.25  # seconds a worker whose task a SIGINT stopped gets no new task
-FUNCTION_CACHE = 1024
 
 
-class Core:
+class Core(Dispatching, Answering):
     """See the module docstring."""
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
@@ -88,6 +86,7 @@ class Core:
         self._init = (initializer, tuple(initargs), max_tasks_per_child)
         pickle_for_child(self._init)
         self.lock = threading.RLock()
+        self.future_guard = threading.Lock()  # the futures' states until they have a condition
         self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
         self.queue: collections.deque[_Task] = collections.deque()
         self.workers: dict[int, _Worker] = {}
@@ -96,13 +95,14 @@ class Core:
         self.live = 0  # tasks submitted and not yet completed
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.pins: list = []
+        self._answers: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
         self.stats = collections.Counter(dict.fromkeys((
             "submitted", "dispatched", "completed", "failed", "retries", "requeued",
             "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
-            "start_failures", "slot_waits"), 0))
+            "start_failures", "slot_waits", "batches"), 0))
         self.shutdown_started = False
         self.broken: str | None = None
-        self.functions = FunctionCache(FUNCTION_CACHE)
+        self.functions = FunctionCache(T.FUNCTION_CACHE)
         self._closed = False
         self._close_lock = threading.Lock()
         self.closed_event = threading.Event()  # set once close() has finished
@@ -126,6 +126,7 @@ class Core:
     def new_worker(self, peer_id: int, proc, log, new: bool) -> _Worker:
         """Register a started worker (the starter's thread)."""
         w = _Worker(peer_id, proc, self.session.connection(peer_id))
+        w.conn.after_feed = self._flush
         w.window = self.max_inflight
         w.startup_log = log
         with self.lock:
@@ -185,7 +186,7 @@ class Core:
         """Queue one task (a call, or a chunk of argument tuples); its future.
         Pickling errors fail the future, not the caller."""
         self.check_open()
-        fut = _TaskFuture()
+        fut = _TaskFuture(self.future_guard)
         try:
             fid, name, fbytes = self.function(fn)
             # (a callable that is not cached goes with the call, in place of its id)
@@ -215,264 +216,6 @@ class Core:
             self.credits -= 1
         elif not self.full() and not self._closed:
             self.starter.start_new()
-
-    # -- dispatch ----------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        """Give queued tasks to workers with room (lock held)."""
-        if self.functions.has_forgotten():
-            self._forget_functions()
-        q = self.queue
-        while q and self.broken is None:
-            w = self._pick()
-            if w is None:
-                return
-            task = q.popleft()
-            if not task.started:
-                if not task.future.set_running_or_notify_cancel():
-                    self._finished(task)  # cancelled while it waited
-                    continue
-                task.started = True
-            if not self._send(task, w):
-                if task.finished:
-                    continue
-                if self.broken is not None:  # broken meanwhile (callbacks under our lock)
-                    self._fail(task, PoolBrokenError(self.broken))
-                    continue
-                q.appendleft(task)
-                return
-
-    def _forget_functions(self) -> None:
-        """(lock held) Functions evicted from the cache or collected: each
-        worker that holds one is told to drop it with its next `define`."""
-        fids = self.functions.take_forgotten()
-        for w in self.workers.values():
-            for fid in fids & w.known.keys():
-                del w.known[fid]
-                w.forget.append(fid)
-
-    def _pick(self) -> _Worker | None:
-        best = None
-        for w in self.workers.values():
-            if w.dead or w.retiring or len(w.inflight) >= w.window:
-                continue
-            if w.paused_until:
-                if w.paused_until > time.monotonic():
-                    continue
-                w.paused_until = 0.0
-            if best is None or len(w.inflight) < len(best.inflight):
-                best = w
-        return best
-
-    def _send(self, task: _Task, w: _Worker) -> bool:
-        """Hand `task` to `w`; False if it must wait (no slot right now)."""
-        conn = w.conn
-        if self.pins:
-            # A result the caller has dropped gives its slot back before a
-            # big argument takes a new one (and a worker's next result finds
-            # it free): big round trips then reuse the same populated extents.
-            self._sweep_pins()
-        try:
-            fid = task.fid
-            if fid and fid in w.known:
-                w.known.move_to_end(fid)
-            elif fid:
-                # spec: exec.functions -- a worker holds at most FUNCTION_CACHE
-                while len(w.known) >= FUNCTION_CACHE:
-                    w.forget.append(w.known.popitem(last=False)[0])
-                conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0))
-                w.forget = []
-                w.known[fid] = None
-            out = write(self.slots, task.stream, task.bufs, timeout=0)
-        except SlotExhaustedError:
-            self._sweep_pins()
-            self.stats["slot_waits"] += 1
-            if not any(x.inflight for x in self.workers.values()):
-                # No completion will come to retry this: the slots are held
-                # by results the caller keeps. Look again shortly.
-                self._later(0.01)
-            return False
-        except (PeerDeadError, ConnectionClosedError):
-            w.dead = True
-            return False
-        task.worker = w
-        try:
-            rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err))
-        except (PeerDeadError, ConnectionClosedError):
-            w.dead = True
-            return False
-        # (The answer cannot be handled before this: _on_done takes the lock we hold.)
-        task.rid = rid
-        w.inflight[rid] = task
-        w.dispatched += 1
-        if self.max_tasks is not None and w.dispatched >= self.max_tasks:
-            w.retiring = True  # it leaves after these; a replacement comes
-        self.stats["dispatched"] += 1
-        return True
-
-    def _sweep_pins(self) -> None:
-        """(lock held) Free the slots of results nobody uses any more."""
-        self.pins = [p for p in self.pins if not p.release_if_unused()]
-
-    def _later(self, delay: float) -> None:
-        """Dispatch again after `delay` seconds (lock held)."""
-        if self._closed:
-            return
-        t = threading.Timer(delay, self._retry_dispatch)
-        t.daemon = True
-        self._timers = [x for x in self._timers if x.is_alive()] + [t]
-        _threads.start(t)
-
-    def _retry_dispatch(self) -> None:
-        if not self._closed:
-            with self.lock:
-                self._dispatch()
-
-    # -- completion -------------------------------------------------------------
-
-    def _on_done(self, task: _Task, w: _Worker, received, exc) -> None:
-        with self.lock:
-            busy = len(w.inflight) > 1  # it went on with the next without a pause
-            w.inflight.pop(task.rid, None)
-            if self.adaptive:
-                self._adapt(w, busy)
-            if task.finished:  # failed by _break (terminate) meanwhile: nothing to do
-                if exc is None:
-                    received.release()
-                return
-            if exc is not None and isinstance(exc, (PeerDeadError, ConnectionClosedError)) \
-                    and not isinstance(exc, ProtocolError):
-                self._lost(task, w)
-                self._dispatch()
-                return
-            # spec: exec.on-demand -- a worker became idle (before the caller can see it)
-            self.credits = min(self.credits + 1, len(self.workers))
-            if isinstance(exc, TaskInterrupted):
-                # A Ctrl-C reached the workers, and the host's main thread
-                # has likely not acted on it yet (it cancels what it no
-                # longer wants): give this worker nothing new meanwhile.
-                # spec: exec.interrupt
-                w.paused_until = time.monotonic() + INTERRUPT_GRACE
-                self._later(INTERRUPT_GRACE)
-        keep = None
-        if exc is None:
-            try:
-                result, pin = read(received)
-            except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
-                err = ResultUnpicklingError(f"the result of task {task.fname} could not be "
-                                            f"unpickled: {type(e).__name__}: {e}")
-                err.__cause__ = e
-                self._complete(task, error=err)
-            else:
-                if not pin.release_if_unused():
-                    keep = pin  # (appended under the lock: _send rebuilds the list)
-                if task.on_result is not None:
-                    try:
-                        result = task.on_result(result)
-                    except BaseException as e:  # noqa: BLE001
-                        self._complete(task, error=e)
-                        result = _FAILED
-                if result is not _FAILED:
-                    self._complete(task, result=result)
-                result = None  # (the caller may drop it now: its slot can go at the next sweep)
-        else:
-            if isinstance(exc, TaskInterrupted):  # spec: exec.interrupt
-                orig, exc = exc, exc.original
-                exc.__cause__ = orig.__cause__
-            if task.on_error is not None:
-                exc = task.on_error(exc)
-            elif isinstance(exc, ResultEncodingError) and exc.original is not None:
-                orig, exc = exc, exc.original  # the executor reports what pickling raised
-                exc.__cause__ = orig.__cause__
-            self._complete(task, error=exc)
-        with self.lock:
-            if keep is not None:
-                self.pins.append(keep)
-            if self.pins:
-                self._sweep_pins()
-            self._dispatch()
-
-    def _adapt(self, w: _Worker, busy: bool) -> None:
-        """Size the worker's window so that it holds about WINDOW_WORK
-        seconds of work: deep for tiny tasks (the worker never waits for
-        the host), 2 for long ones (a crash loses little, load stays
-        balanced). spec: exec.window"""
-        now = time.monotonic()
-        if busy and w.last_done:
-            dt = now - w.last_done
-            w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
-            w.window = max(2, min(MAX_WINDOW, int(WINDOW_WORK / max(w.service, 1e-6))))
-        w.last_done = now
-
-    def _lost(self, task: _Task, w: _Worker) -> None:
-        """The worker holding `task` is gone (lock held): charge the task
-        its guest word named, requeue the others. (spec: exec.attribution;
-        spec: exec.retry)"""
-        if task.finished:
-            return  # completed meanwhile (e.g. failed by _break): never back in the queue
-        if self.broken is not None:
-            self._fail(task, PoolBrokenError(self.broken))
-            return
-        if w.crashed_rid and w.crashed_rid == task.rid:
-            task.attempts += 1
-            task.crashes.append(w.death or f"worker {w.peer_id}")
-            self.stats["crashes_charged"] += 1
-            if task.attempts > self.max_retries:
-                err = WorkerCrashedError(
-                    f"task {task.fname} crashed its worker {task.attempts} time(s) "
-                    f"({'; '.join(task.crashes)}); max_retries={self.max_retries}, so it is not "
-                    "retried again. The pool replaced the worker(s) and goes on."
-                )
-                self._complete(task, error=err)
-                return
-            self.stats["retries"] += 1
-        else:
-            self.stats["requeued"] += 1
-        self.queue.appendleft(task)
-
-    def _complete(self, task: _Task, *, result=None, error: BaseException | None = None) -> None:
-        fut = task.future
-        if not fut.done():
-            _resolve(fut, result, error)
-            self.stats["completed" if error is None else "failed"] += 1
-        with self.lock:
-            self._finished(task)
-
-    def _fail(self, task: _Task, err: BaseException) -> None:
-        """(lock held) Fail a task that is neither queued nor held by a worker."""
-        if not task.future.done():
-            _resolve(task.future, None, err)
-        self._finished(task)
-
-    def _finished(self, task: _Task) -> None:
-        if task.finished:
-            return
-        task.finished = True
-        task.stream = task.bufs = task.fbytes = None
-        # Neither way round: the result goes when the caller drops its
-        # future, even while this thread's frames still hold the task.
-        task.future._task = None
-        task.future = None
-        self.live -= 1
-        self.idle.notify_all()
-        if not self.live:
-            self.starter.idle_now()
-
-    def _break(self, why: str) -> None:
-        """The pool cannot go on (lock held): fail everything pending."""
-        if self.broken is not None:
-            return
-        self.broken = why
-        err = PoolBrokenError(why)
-        pending = list(self.queue)
-        self.queue.clear()
-        for w in self.workers.values():
-            pending += list(w.inflight.values())
-            w.inflight.clear()
-        for t in pending:
-            if not t.finished and not t.future.done():
-                _resolve(t.future, None, err)
-            self._finished(t)
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -597,24 +340,6 @@ class Core:
 def default_workers() -> int:
     n = getattr(os, "process_cpu_count", os.cpu_count)()
     return n or 1
-
-
-def _resolve(fut: Future, result, error: BaseException | None) -> None:
-    """Set the outcome; done callbacks are user code, which may start a
-    process: on our threads they run with the signals unblocked
-    (spec: exec.signals)."""
-    if fut._done_callbacks:  # (concurrent.futures' list; runs them in set_*)
-        with _threads.unblocked():
-            _resolve_now(fut, result, error)
-    else:
-        _resolve_now(fut, result, error)
-
-
-def _resolve_now(fut: Future, result, error: BaseException | None) -> None:
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
 
 
 __all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]

@@ -21,12 +21,24 @@ import collections
 import signal
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Callable
+
+# Tuning (module attributes, read at use: tests may change them).
+WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
+MAX_WINDOW = 64
+INTERRUPT_GRACE = 0.25  # seconds a worker whose task a SIGINT stopped gets no new task
+FUNCTION_CACHE = 1024  # functions the host caches, and each worker holds
+MESSAGE_DEPTH = 2  # requests in flight to a worker busy with short tasks; more tasks go batched
+MAX_BATCH = 64  # tasks in one request
+BATCH_BYTES = 16384  # a task whose pickle is bigger travels alone; a batch carries about this much
 
 _MAIN = threading.main_thread()
 _SIGINT = int(signal.SIGINT)
-_DONE = ("CANCELLED_AND_NOTIFIED", "FINISHED")  # (concurrent.futures' final states)
+_DONE = (CANCELLED_AND_NOTIFIED, FINISHED)  # (concurrent.futures' final states)
+_FINAL = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+_CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
 
 
 class _TaskFuture(Future):
@@ -35,9 +47,78 @@ class _TaskFuture(Future):
     need not ring while it does) and delivers what arrives, instead of
     sleeping until the driver thread has woken up, delivered, and woken it
     in turn. An idle round trip then costs no thread wakeup on the host.
-    spec: exec.caller-fetch"""
+    spec: exec.caller-fetch
+
+    Its `threading.Condition` is made only when a thread waits on it, adds
+    a callback or a `wait()` watches it: most futures of a busy pool are
+    done before anyone looks, and a condition per task (an RLock, a deque,
+    five bound methods) was a good part of the allocations, and of the
+    garbage collector's work, of a `submit`. Until then the states change
+    under `guard` (one lock per pool), which the condition's creation takes
+    too: a waiter either sees the outcome, or is notified of it."""
 
     _task = None
+
+    def __init__(self, guard) -> None:  # (Future.__init__'s fields, but the condition)
+        self._guard = guard
+        self._cond = None
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+
+    @property
+    def _condition(self):
+        c = self._cond
+        if c is None:
+            with self._guard:
+                c = self._cond
+                if c is None:
+                    c = self._cond = threading.Condition()
+        return c
+
+    def _set(self, state: str, result, exception) -> bool:
+        """Set the outcome without a condition if nobody has made one
+        (then nobody waits and no callback is registered). False if one
+        exists: the caller goes the stdlib's way."""
+        with self._guard:
+            if self._cond is not None:
+                return False
+            if self._state in _FINAL:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = state
+            return True
+
+    def set_result(self, result) -> None:
+        if not self._set(FINISHED, result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception) -> None:
+        if not self._set(FINISHED, None, exception):
+            super().set_exception(exception)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._guard:
+            if self._cond is None:
+                if self._state == PENDING:
+                    self._state = RUNNING
+                    return True
+                if self._state == CANCELLED:
+                    self._state = CANCELLED_AND_NOTIFIED
+                    return False
+        return super().set_running_or_notify_cancel()
+
+    def done(self) -> bool:
+        return self._state in _FINAL
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED
+
+    def running(self) -> bool:
+        return self._state == RUNNING
 
     def _fetch(self) -> None:
         task = self._task
@@ -63,11 +144,20 @@ class _TaskFuture(Future):
     def result(self, timeout=None):
         if self._state not in _DONE:
             self._fetch()
+        elif self._state == FINISHED:
+            if self._exception is None:
+                return self._result
+            try:
+                raise self._exception
+            finally:
+                self = None  # (as the stdlib: no cycle through the traceback)
         return super().result(timeout)
 
     def exception(self, timeout=None):
         if self._state not in _DONE:
             self._fetch()
+        elif self._state == FINISHED:
+            return self._exception
         return super().exception(timeout)
 
 
@@ -87,7 +177,7 @@ class _Task:
         self.attempts = 0  # crashes charged to this task
         self.crashes: list[str] = []
         self.worker = None
-        self.rid = 0
+        self.rid = 0  # its request's id, or its own tag in a batch: what the guest word names
         self.on_result: Callable | None = None  # the pool's result transform
         self.on_error: Callable | None = None  # the pool's error transform
         self.started = False  # its future was moved to running (once)
@@ -97,7 +187,7 @@ class _Task:
 class _Worker:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
-                 "ready", "init_failed", "judged", "startup_log", "paused_until")
+                 "ready", "init_failed", "judged", "startup_log", "paused_until", "messages")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -105,7 +195,8 @@ class _Worker:
         self.conn = conn
         self.known: collections.OrderedDict[int, None] = collections.OrderedDict()  # its functions, LRU
         self.forget: list[int] = []  # ids it holds and may drop (sent with the next define)
-        self.inflight: dict[int, _Task] = {}
+        self.inflight: dict[int, _Task] = {}  # by the id its guest word names (`_Task.rid`)
+        self.messages = 0  # requests in flight (a batch is one)
         self.paused_until = 0.0  # no new task before this (monotonic s): a Ctrl-C is going on
         self.dispatched = 0
         self.retiring = False

@@ -52,6 +52,7 @@ from .shm import layout as L
 INIT = method_id("shmpool.worker.init")
 DEFINE = method_id("shmpool.worker.define")
 RUN = method_id("shmpool.worker.run")
+RUN_BATCH = method_id("shmpool.worker.run_batch")
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 EXIT_INIT_FAILED = 86
 
@@ -62,6 +63,7 @@ FP_IN_FUNCTION = failpoints.declare("worker.in-function", "inside the task, befo
 FP_PICKLED = failpoints.declare("worker.after-result-pickle", "result pickled, no slot yet")
 FP_RESULT_SLOT = failpoints.declare("worker.after-result-alloc", "result written to its slot, not sent")
 FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result not yet sent")
+FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answered, the next not started")
 
 
 class ResultEncodingError(Exception):
@@ -77,6 +79,11 @@ class ResultEncodingError(Exception):
 
     def __str__(self) -> str:
         return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class TaskNotRun(Exception):
+    """The answer to a batched task that this worker did not run (a task
+    before it in the batch raised an exit): the host queues it again."""
 
 
 class TaskInterrupted(Exception):
@@ -113,10 +120,12 @@ class _Worker:
         self.done = 0
         self.max_tasks: int | None = None
         self.exit_code: int | None = None
+        self.fatal: BaseException | None = None
         d = self.session.dispatcher
         d.register(INIT, self.init)
         d.register(DEFINE, self.define)
         d.register(RUN, self.run)
+        d.register(RUN_BATCH, self.run_batch)
 
     # -- handlers --------------------------------------------------------------
 
@@ -161,54 +170,23 @@ class _Worker:
         if failpoints.ACTIVE:
             failpoints.hit(FP_DEQUEUED)
         try:
-            (fid, kind, args, kwargs), pin = read(payload.retain())
+            task, pin = read(payload.retain())
         except Exception as e:
             payload.release()
-            raise TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
-                                      f"pid {os.getpid()}: {type(e).__name__}: {e}") from e
+            raise _unpickling_error(e) from e
         except BaseException:
             # An exit while unpickling the task ends this worker, as it does
             # in the stdlib: the host treats it as a crash of this task.
             os._exit(1)
         try:
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_UNPICKLED)
-            if type(fid) is int:
-                fn = self.funcs.get(fid)
-                if fn is None:
-                    raise LookupError(f"function {fid} was never defined in this worker")
-            else:  # a callable the host does not cache travels with its task
-                fn, fid = fid, 0
-            if isinstance(fn, _Broken):
-                raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
-                                          f"pid {os.getpid()}: {type(fn.error).__name__}: "
-                                          f"{fn.error}") from fn.error
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_IN_FUNCTION)
-            global _in_task
-            _in_task = True
             try:
-                if kind == SINGLE:
-                    result = fn(*args, **kwargs)
-                elif kind == MAP:
-                    result = list(map(fn, args))
-                else:
-                    result = list(itertools.starmap(fn, args))
-            except KeyboardInterrupt as e:
-                raise TaskInterrupted(e) from e
+                stream, bufs = self._call(*task)
             finally:
-                _in_task = False
-            del args, kwargs, fn
-            try:
-                stream, bufs = dumps(result)
-            except Exception as e:
-                raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_PICKLED)
+                del task  # (its arguments: the slot is freed below)
             out = write(self.session.slots, stream, bufs)
             # The result may be (a view of) an argument: dropped here, the
             # argument's slot is freed below, before the host sees the answer.
-            del result, stream, bufs
+            del stream, bufs
             if failpoints.ACTIVE:
                 failpoints.hit(FP_RESULT_SLOT)
             return out
@@ -220,19 +198,119 @@ class _Worker:
                 failpoints.hit(FP_FREED)
             if self.pins:
                 self.pins = [p for p in self.pins if not p.release_if_unused()]
-            if self.max_tasks is not None and self.done >= self.max_tasks:
-                self.exit_code = 0  # leave in order after this answer
-            _atomics.store_u32(self.buf, self.word, 0)
+            self._after_task()
+
+    def run_batch(self, ctx, payload):
+        """Several small tasks in one request (the host batches what queues
+        while this worker is busy). Each runs as `run` runs one, under its
+        own id in the guest word, and is answered as soon as it is done:
+        the first ones with the ids the host expects (`ctx.answer`), the
+        last one as this call's answer. So a crash loses only the task
+        running, as it does outside a batch. An exit raised by a task
+        answers it and ends this worker, the tasks after it answered
+        `TaskNotRun`. spec: exec.batch"""
+        (parts, last), pin = read(payload.retain())
+        pin.release()
+        for tag, stream in parts:
+            if self.fatal is not None:
+                ctx.answer(tag, error=TaskNotRun())
+                continue
+            try:
+                out = self._run_small(tag, stream)
+            except Exception as e:  # noqa: BLE001 - the task's error, as the session sends it
+                ctx.answer(tag, error=e)
+            except BaseException as e:  # noqa: BLE001
+                ctx.answer(tag, error=e)
+                self.fatal = e
+            else:
+                ctx.answer(tag, out)
+            out = None
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_BATCH_TASK)
+        if self.fatal is not None:
+            raise TaskNotRun()
+        return self._run_small(ctx.request_id, last)
+
+    def _run_small(self, rid: int, stream: bytes):
+        """One task of a batch (no out-of-band buffers): its result's payload."""
+        _atomics.store_u32(self.buf, self.word, rid)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_DEQUEUED)
+        try:
+            task = pickle.loads(stream)
+        except Exception as e:
+            raise _unpickling_error(e) from e
+        except BaseException:
+            os._exit(1)  # (as in `run`)
+        try:
+            try:
+                stream, bufs = self._call(*task)
+            finally:
+                del task
+            out = write(self.session.slots, stream, bufs)
+            del stream, bufs
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_RESULT_SLOT)
+            return out
+        finally:
+            self.done += 1
+            self._after_task()
+
+    def _call(self, fid, kind, args, kwargs):
+        """Run one task: its pickled result (stream, buffers)."""
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_UNPICKLED)
+        if type(fid) is int:
+            fn = self.funcs.get(fid)
+            if fn is None:
+                raise LookupError(f"function {fid} was never defined in this worker")
+        else:  # a callable the host does not cache travels with its task
+            fn, fid = fid, 0
+        if isinstance(fn, _Broken):
+            raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
+                                      f"pid {os.getpid()}: {type(fn.error).__name__}: "
+                                      f"{fn.error}") from fn.error
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_IN_FUNCTION)
+        global _in_task
+        _in_task = True
+        try:
+            if kind == SINGLE:
+                result = fn(*args, **kwargs)
+            elif kind == MAP:
+                result = list(map(fn, args))
+            else:
+                result = list(itertools.starmap(fn, args))
+        except KeyboardInterrupt as e:
+            raise TaskInterrupted(e) from e
+        finally:
+            _in_task = False
+        del args, kwargs, fn
+        try:
+            out = dumps(result)
+        except Exception as e:
+            raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_PICKLED)
+        return out
+
+    def _after_task(self) -> None:
+        if self.max_tasks is not None and self.done >= self.max_tasks:
+            self.exit_code = 0  # leave in order after this answer
+        _atomics.store_u32(self.buf, self.word, 0)
 
     # -- the loop ---------------------------------------------------------------
 
     def serve(self) -> int:
         conn = self.conn
         try:
-            while self.exit_code is None and conn.end_reason is None:
-                conn.wait_until(lambda: self.exit_code is not None or conn.end_reason is not None, None)
+            while self.exit_code is None and self.fatal is None and conn.end_reason is None:
+                conn.wait_until(lambda: self.exit_code is not None or self.fatal is not None
+                                or conn.end_reason is not None, None)
         except InitializerFailed:
             return EXIT_INIT_FAILED
+        if self.fatal is not None:  # an exit raised by a batched task, answered: now it ends us
+            raise self.fatal
         return self.exit_code or 0
 
 
@@ -247,6 +325,11 @@ class _Broken:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def _unpickling_error(e: BaseException) -> TaskUnpicklingError:
+    return TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
+                               f"pid {os.getpid()}: {type(e).__name__}: {e}")
 
 
 def _picklable(e: BaseException) -> BaseException | None:

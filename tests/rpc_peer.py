@@ -62,6 +62,19 @@ def handlers(sess: GuestSession) -> None:
             time.sleep(0.001)
         return b"never cancelled"
 
+    @d.register("parts")
+    def parts(ctx, p):
+        """Answer each expected id in the payload ([[id, text], ...]) with
+        b"part:" + text; "fail" answers an error, "die" ends the process."""
+        for rid, text in json.loads(p.tobytes()):
+            if text == "die":
+                os._exit(3)
+            if text == "fail":
+                ctx.answer(rid, error=GuestError(f"part {rid} failed"))
+            else:
+                ctx.answer(rid, b"part:" + text.encode())
+        return b"whole"
+
     @d.register("sleep")
     def sleep(ctx, p):
         time.sleep(float(p.tobytes()))

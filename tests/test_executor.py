@@ -498,7 +498,7 @@ def _max_inflight_while(e, futures) -> int:
 
 @pytest.mark.spec("exec.window")
 def test_adaptive_window_deep_for_quick_tasks_shallow_for_slow(monkeypatch):
-    import shmpool._core as core
+    import shmpool._tasks as core  # (the tuning constants)
 
     # Quick tasks: with a large work target the window opens up to its cap.
     monkeypatch.setattr(core, "WINDOW_WORK", 10.0)
@@ -599,7 +599,7 @@ def count_worker_functions():
 
 @pytest.mark.spec("exec.functions")
 def test_function_caches_are_bounded_here_and_in_workers(monkeypatch):
-    import shmpool._core as core
+    import shmpool._tasks as core  # (the tuning constants)
 
     monkeypatch.setattr(core, "FUNCTION_CACHE", 4)
     with ShmExecutor(1) as e:
@@ -829,3 +829,55 @@ def test_a_thread_waiting_on_a_result_fetches_it_itself():
         # (how many depends on the machine's load: an answer slower than the
         # bounded spin is delivered by the driver, which is correct too)
         assert driver.stats["caller_polls"] - polls0 > 0
+
+
+@pytest.mark.spec("shm.file.cleanup")
+def test_a_result_kept_past_shutdown_frees_the_mapping_once_dropped():
+    """A zero-copy result stays readable after shutdown; once dropped, the
+    segment's mapping and its fd go, though the executor object lives on."""
+    fds = set(os.listdir("/proc/self/fd"))
+    e = ShmExecutor(1)
+    r = e.submit(ident, np.arange(100_000)).result(60)
+    e.shutdown(wait=True)
+    assert np.array_equal(r, np.arange(100_000))
+    assert set(os.listdir("/proc/self/fd")) - fds  # the mapping is still open for it
+    del r
+    assert not set(os.listdir("/proc/self/fd")) - fds
+    del e
+
+
+@pytest.mark.spec("exec.caller-fetch")
+def test_futures_make_their_condition_only_when_waited_on(ex):
+    """Most futures never get a threading.Condition; waiting threads, wait(),
+    as_completed() and callbacks still see every outcome exactly once."""
+    from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
+
+    from shmpool._tasks import _TaskFuture
+
+    # The stdlib's fields, and ours (caught here if a Python version adds one).
+    assert set(vars(_TaskFuture(threading.Lock()))) == set(vars(Future())) - {"_condition"} | {"_guard", "_cond"}
+    fs = [ex.submit(ident, i) for i in range(2000)]
+    out = [None] * len(fs)
+
+    def waiter(k):
+        for i in range(k, len(fs), 8):
+            out[i] = fs[i].result(60)
+
+    threads = [threading.Thread(target=waiter, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == list(range(len(fs)))
+    late = ex.submit(ident, "late")
+    _wait_for(late.done)  # (done() takes no condition; result() of a done future neither)
+    assert late.result(60) == "late"
+    assert late._cond is None and late.done() and not late.running() and not late.cancelled()
+    calls = []
+    slow, quick = ex.submit(sleeper, 0.3), ex.submit(ident, 1)
+    slow.add_done_callback(lambda f: calls.append(("slow", f.result())))
+    done, _ = wait([slow, quick], timeout=60, return_when=FIRST_COMPLETED)
+    assert quick in done
+    assert {f.result() for f in as_completed([slow, quick], timeout=60)} == {0.3, 1}
+    late.add_done_callback(lambda f: calls.append(("late", f.result())))  # done: runs at once
+    assert calls == [("slow", 0.3), ("late", "late")] or calls == [("late", "late"), ("slow", 0.3)]

@@ -340,3 +340,55 @@ def test_waiting_caller_takes_its_answer_without_waking_the_driver(session):
     # (how many exactly depends on the machine's load: an answer slower than
     # the bounded spin goes through the driver, which is correct too)
     assert polls > 0 and wakeups < 500
+
+
+# --------------------------------------------------------------------------
+# Answers that come as parts of a call
+# --------------------------------------------------------------------------
+
+
+def _expecting(conn, texts):
+    """Expect one answer per text; (payload for the `parts` handler, list the
+    callbacks fill with (text, result, error), in arrival order)."""
+    got: list = []
+    ids = [conn.spare_id() for _ in texts]
+    for rid, text in zip(ids, texts):
+        assert conn.expect(rid, lambda res, err, text=text: got.append((text, res, err)), raw=False)
+    return json.dumps([[rid, t] for rid, t in zip(ids, texts)]).encode(), ids, got
+
+
+@pytest.mark.spec("shm.session.parts")
+def test_expected_answers_arrive_once_each_before_the_calls_own(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    payload, ids, got = _expecting(conn, ["a", "fail", "c"])
+    fut = conn.call("parts", payload)
+    assert fut.result(10) == b"whole"
+    assert fut.request_id not in ids and len(set(ids)) == 3
+    assert [g[0] for g in got] == ["a", "fail", "c"]  # in order, all before the call's own answer
+    assert got[0][1:] == (b"part:a", None) and got[2][1:] == (b"part:c", None)
+    assert got[1][1] is None and "part" in str(got[1][2]) and isinstance(got[1][2].__cause__, RemoteTraceback)
+    # Whoever removes an id owns it: forgetting twice gives it back once.
+    spare = conn.spare_id()
+    assert conn.expect(spare, lambda res, err: got.append(("never", res, err)))
+    assert conn.forget(spare) is True and conn.forget(spare) is False
+    assert len(got) == 3 and conn.stats["responses_dropped"] == 0
+
+
+@pytest.mark.spec("shm.session.parts")
+def test_a_peer_dying_mid_call_fails_only_the_parts_not_answered(session):
+    peer, p = session.start("serve")
+    session.report(p)
+    conn = session.sess.connection(peer)
+    payload, ids, got = _expecting(conn, ["a", "b", "die", "d"])
+    fut = conn.call("parts", payload)
+    with pytest.raises(PeerDeadError):
+        fut.result(10)
+    deadline = time.monotonic() + 10
+    while len(got) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(t, r) for t, r, _ in got[:2]] == [("a", b"part:a"), ("b", b"part:b")]
+    assert {t for t, _, e in got[2:] if isinstance(e, PeerDeadError)} == {"die", "d"}
+    # The connection is over: nothing more can be expected on it.
+    assert conn.expect(conn.spare_id(), lambda res, err: None) is False

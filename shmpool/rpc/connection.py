@@ -151,6 +151,7 @@ class Connection:
         self._end: BaseException | None = None
         self.table = ChannelTable(self, doorbell)
         self.stats = collections.Counter()
+        self.after_feed = None  # called after each batch of descriptors is routed (see `feed`)
 
     # -- state ------------------------------------------------------------------
 
@@ -220,6 +221,42 @@ class Connection:
         with no future. Returns the request id."""
         return self._start(_CallbackCall(raw, callback), method, payload, timeout, False).request_id
 
+    def spare_id(self) -> int:
+        """A request id that no call of this connection gets: for answers
+        that come as parts of another call (`expect`)."""
+        rid = next(self._ids) & 0xFFFFFFFF
+        while rid == 0 or rid in self._pending:
+            rid = next(self._ids) & 0xFFFFFFFF
+        return rid
+
+    def expect(self, rid: int, callback, *, raw: bool = True) -> bool:
+        """Expect an answer with id `rid` (from `spare_id`) as a part of a
+        call about to be made: the peer's handler sends it with
+        `CallContext.answer`, and `callback(result, error)` runs once with
+        it, as for `call_cb` (with the connection's end reason if it ends
+        first). False if the connection is over (nothing registered).
+        Whoever removes it from the pending calls owns it: `forget` it if
+        the call is not made. spec: shm.session.parts"""
+        fut = _CallbackCall(raw, callback)
+        fut.request_id = rid
+        self._pending[rid] = fut
+        if self._end is not None and self._pending.pop(rid, None) is fut:
+            return False
+        return True
+
+    def forget(self, rid: int) -> bool:
+        """Stop expecting answer `rid`: True if it was still expected (its
+        callback will not run); False if the connection's end took it."""
+        return self._pending.pop(rid, None) is not None
+
+    def answer(self, rid: int, data=b"", error: BaseException | None = None) -> None:
+        """Send an answer the caller expects with id `rid` while a handler
+        runs (a part of its call's work; see `expect`)."""
+        if error is not None:
+            self._respond(rid, F_ERROR, encode_error(error))
+        else:
+            self._respond(rid, 0, data)
+
     def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None,
                   raw: bool = False):
         """Call and wait for the answer: like `call(...).result(timeout)`,
@@ -266,7 +303,19 @@ class Connection:
         """Handle descriptors that arrived from the peer, in order. Never
         blocks (handlers run on the executor when one is set). Inline
         handlers run after the whole batch is routed: a handler that waits
-        for channel data must not wait for messages its own batch holds."""
+        for channel data must not wait for messages its own batch holds.
+        Then `after_feed`, if set, runs (the layer above finishes at once
+        what the answers' callbacks began)."""
+        try:
+            self._route(batch)
+        finally:
+            if self.after_feed is not None:
+                self.after_feed()
+        runnable = self._runnable
+        while runnable:  # (a Cancel routed above has already flagged its request)
+            self._execute(*runnable.popleft())
+
+    def _route(self, batch) -> None:
         for d in batch:
             t = d.msg_type
             if t == RESPONSE:
@@ -292,9 +341,6 @@ class Connection:
                 self._violation(d, "shm.session.msg-types", f"sent unknown message type {t}")
         with self._cond:
             self._cond.notify_all()
-        runnable = self._runnable
-        while runnable:  # (a Cancel routed above has already flagged its request)
-            self._execute(*runnable.popleft())
 
     def _take(self, d: Descriptor) -> Received | None:
         try:

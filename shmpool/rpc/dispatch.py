@@ -110,6 +110,12 @@ class CallContext:
             self.connection.poll_incoming()
         return self._cancelled
 
+    def answer(self, rid: int, data=b"", error: BaseException | None = None) -> None:
+        """Send an answer that the caller expects as a part of this call
+        (`Connection.expect`): a result payload, or `error`, pickled as a
+        handler's exception is. spec: shm.session.parts"""
+        self.connection.answer(rid, data, error)
+
     def check_cancelled(self) -> None:
         """Raise CallCancelled if the caller cancelled this call."""
         if self.cancelled:

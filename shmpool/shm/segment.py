@@ -464,6 +464,9 @@ class Segment:
         """Unmap and close; the host also removes the file. Idempotent.
         spec: shm.file.cleanup"""
         self._finalizer()
+        # A view a caller still holds (a zero-copy result) kept the mapping
+        # open: it must end with that view, not with this object.
+        self.buf = self._mmap = None
 
     def __enter__(self) -> "Segment":
         return self

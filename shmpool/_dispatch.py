@@ -1,0 +1,222 @@
+"""Dispatch: which queued tasks go to which worker, and how (a mixin of
+`_core.Core`).
+
+Owns the decision and the sending: a worker with room (its window, and
+for short tasks fewer than `MESSAGE_DEPTH` requests in flight) gets the
+task at the head of the queue, with the small ones queued behind it when
+its tasks are short (a batch, spec: exec.batch); the function is defined
+on the worker first if it does not know it; the tasks are written into one
+slot and sent as one `run` or `run_batch` request, each answer expected
+under the task's own id.
+
+Data flow: `Core.submit` and every answer (`_answers`) call `_dispatch`
+with the core's lock held -> `_pick` a worker -> `_take` tasks off the
+queue (cancelled ones finished on the way) -> `_send`: `define`, the
+payload, the expected ids, the call -> the tasks are the worker's
+(`inflight`, by the id its guest word will name) until answered.
+
+Invariants: everything here runs with the core's lock held and never
+waits (slot allocation has no timeout: a task that finds no slot goes back
+to the head of the queue, and is retried on the next answer or, if none is
+coming, by a timer); a task that could not be sent is back in the queue
+exactly once (a connection's end that took its expected answer requeues it
+itself); a batch never carries a task with out-of-band buffers, one that
+crashed a worker, or more tasks than the worker's window has room for or
+its `max_tasks_per_child` allows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from . import _tasks as T
+from . import _threads
+from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, SlotExhaustedError
+from .serialization import dumps, write
+from ._tasks import _Task, _Worker
+from .worker import DEFINE, RUN, RUN_BATCH
+
+
+class Dispatching:
+    """The dispatch half of `_core.Core` (see the module docstring)."""
+
+    def _dispatch(self) -> None:
+        """Give queued tasks to workers with room (lock held)."""
+        if self.functions.has_forgotten():
+            self._forget_functions()
+        q = self.queue
+        while q and self.broken is None:
+            w = self._pick()
+            if w is None:
+                return
+            batch = self._take(w)
+            if not batch:
+                continue  # all cancelled while they waited
+            back = self._send(batch, w)
+            if back is not None:
+                back = [t for t in back if not t.finished]
+                if self.broken is not None:  # broken meanwhile (callbacks under our lock)
+                    for t in back:
+                        self._fail(t, PoolBrokenError(self.broken))
+                    continue
+                q.extendleft(reversed(back))
+                return
+
+    def _take(self, w: _Worker) -> list[_Task]:
+        """(lock held) The next task off the queue, with the small ones
+        queued behind it, as many as `w` should get in one request;
+        cancelled ones are finished on the way. spec: exec.batch"""
+        q = self.queue
+        limit = min(self._batch_limit(w), w.window - len(w.inflight))
+        if self.max_tasks is not None:
+            limit = min(limit, self.max_tasks - w.dispatched)
+        batch: list[_Task] = []
+        size = 0
+        while q and len(batch) < max(1, limit):
+            task = q[0]
+            if batch and not _batchable(task, size):
+                break
+            q.popleft()
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    self._finished(task)  # cancelled while it waited
+                    continue
+                task.started = True
+            batch.append(task)
+            size += len(task.stream) if type(task.stream) is bytes else T.BATCH_BYTES
+            if not _batchable(task, 0):
+                break
+        return batch
+
+    def _batch_limit(self, w: _Worker) -> int:
+        """Tasks one request to `w` may carry: about T.WINDOW_WORK seconds of
+        its tasks, once it is known that they are short (1 otherwise)."""
+        if not w.service or w.service * 4 > T.WINDOW_WORK:
+            return 1
+        return max(1, min(T.MAX_BATCH, int(T.WINDOW_WORK / w.service)))
+
+    def _forget_functions(self) -> None:
+        """(lock held) Functions evicted from the cache or collected: each
+        worker that holds one is told to drop it with its next `define`."""
+        fids = self.functions.take_forgotten()
+        for w in self.workers.values():
+            for fid in fids & w.known.keys():
+                del w.known[fid]
+                w.forget.append(fid)
+
+    def _pick(self) -> _Worker | None:
+        best = None
+        for w in self.workers.values():
+            if w.dead or w.retiring or len(w.inflight) >= w.window:
+                continue
+            if w.messages >= T.MESSAGE_DEPTH and self._batch_limit(w) > 1:
+                # Short tasks: what queues meanwhile goes in one request
+                # when its next answer comes (it has work until then).
+                continue
+            if w.paused_until:
+                if w.paused_until > time.monotonic():
+                    continue
+                w.paused_until = 0.0
+            if best is None or len(w.inflight) < len(best.inflight):
+                best = w
+        return best
+
+    def _send(self, batch: list[_Task], w: _Worker) -> list[_Task] | None:
+        """Hand `batch` to `w` in one request. None once sent; else the
+        tasks that are still ours to queue again (no slot right now, or `w`
+        is gone: then its end may have taken some, and requeues them)."""
+        conn = w.conn
+        if self.pins:
+            # A result the caller has dropped gives its slot back before a
+            # big argument takes a new one (and a worker's next result finds
+            # it free): big round trips then reuse the same populated extents.
+            self._sweep_pins()
+        last = batch[-1]
+        tags = [conn.spare_id() for _ in range(len(batch) - 1)]
+        try:
+            for task in batch:
+                self._define(task, w)
+            if tags:  # spec: exec.batch
+                out = write(self.slots, *dumps(([(tag, t.stream) for tag, t in zip(tags, batch)], last.stream)),
+                            timeout=0)
+            else:
+                out = write(self.slots, last.stream, last.bufs, timeout=0)
+        except SlotExhaustedError:
+            self._sweep_pins()
+            self.stats["slot_waits"] += 1
+            if not any(x.inflight for x in self.workers.values()):
+                # No completion will come to retry this: the slots are held
+                # by results the caller keeps. Look again shortly.
+                self._later(0.01)
+            return batch
+        except (PeerDeadError, ConnectionClosedError):
+            w.dead = True
+            return batch
+        expected = []
+        for task, tag in zip(batch, tags):
+            task.worker = w
+            task.rid = tag
+            if conn.expect(tag, lambda res, err, task=task, w=w: self._on_done(task, w, res, err, False)):
+                expected.append(task)
+        last.worker = w
+        try:
+            rid = conn.call_cb(RUN_BATCH if tags else RUN, out,
+                               lambda res, err, task=last, w=w: self._on_done(task, w, res, err, True))
+        except (PeerDeadError, ConnectionClosedError):
+            w.dead = True
+            # (an expected answer the connection's end took is failed, and requeued, by it)
+            return [t for t in batch if t not in expected or conn.forget(t.rid)]
+        # (No answer can be handled before this: _on_done takes the lock we hold.)
+        last.rid = rid
+        for task in batch:
+            w.inflight[task.rid] = task
+        if tags:
+            self.stats["batches"] += 1
+        w.messages += 1
+        w.dispatched += len(batch)
+        if self.max_tasks is not None and w.dispatched >= self.max_tasks:
+            w.retiring = True  # it leaves after these; a replacement comes
+        self.stats["dispatched"] += len(batch)
+        return None
+
+    def _define(self, task: _Task, w: _Worker) -> None:
+        """Send `define` for the task's function if `w` does not know it."""
+        fid = task.fid
+        if fid and fid in w.known:
+            w.known.move_to_end(fid)
+        elif fid:
+            # spec: exec.functions -- a worker holds at most T.FUNCTION_CACHE
+            while len(w.known) >= T.FUNCTION_CACHE:
+                w.forget.append(w.known.popitem(last=False)[0])
+            w.conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0))
+            w.forget = []
+            w.known[fid] = None
+
+    def _sweep_pins(self) -> None:
+        """(lock held) Free the slots of results nobody uses any more."""
+        self.pins = [p for p in self.pins if not p.release_if_unused()]
+
+    def _later(self, delay: float) -> None:
+        """Dispatch again after `delay` seconds (lock held)."""
+        if self._closed:
+            return
+        t = threading.Timer(delay, self._retry_dispatch)
+        t.daemon = True
+        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        _threads.start(t)
+
+    def _retry_dispatch(self) -> None:
+        if not self._closed:
+            with self.lock:
+                self._dispatch()
+
+
+
+def _batchable(task: _Task, size: int) -> bool:
+    """May `task` join a batch that carries `size` bytes so far? Small,
+    in-band only, and never a task coming back from a crash (it runs alone,
+    so that a second crash is its own)."""
+    stream = task.stream
+    return (not task.bufs and not task.attempts and type(stream) is bytes
+            and size + len(stream) <= T.BATCH_BYTES)
