@@ -72,13 +72,26 @@ class Answering:
         if not items:
             return
         ready = []
-        with self.lock:
+        with self.lock:  # (as `_answered`, for the lot; the service time once per worker's run of them)
+            w0, n, busy = None, 0, False
             for item in items:
-                if self._answered(item[0], item[1], None, item[3]):
-                    ready.append(item)
+                task, w, received, end = item
+                if w is not w0:
+                    if w0 is not None:
+                        self._adapt(w0, busy, n)
+                    w0, n, busy = w, 0, len(w.inflight) > 1
+                n += 1
+                w.inflight.pop(task.rid, None)
+                if end:
+                    w.messages -= 1
+                if task.finished:  # failed by _break (terminate) meanwhile
+                    received.release()
                 else:
-                    item[2].release()
-        items = None
+                    ready.append(item)
+            self._adapt(w0, busy, n)
+            # spec: exec.on-demand -- workers became idle (before the caller can see it)
+            self.credits = min(self.credits + len(ready), len(self.workers))
+        items = task = w = received = None
         done: list = []  # (task, failed)
         keep = []
         for task, w, received, end in ready:
@@ -155,14 +168,14 @@ class Answering:
             exc.__cause__ = orig.__cause__
         self._complete(task, error=exc, done=done)
 
-    def _adapt(self, w: _Worker, busy: bool) -> None:
-        """Size the worker's window so that it holds about T.WINDOW_WORK
+    def _adapt(self, w: _Worker, busy: bool, n: int = 1) -> None:
+        """Size the worker's window so that it holds about WINDOW_WORK
         seconds of work: deep for tiny tasks (the worker never waits for
         the host), 2 for long ones (a crash loses little, load stays
-        balanced). spec: exec.window"""
+        balanced). `n` answers arrived together. spec: exec.window"""
         now = time.monotonic()
         if busy and w.last_done:
-            dt = now - w.last_done
+            dt = (now - w.last_done) / n
             w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
             if self.adaptive:
                 w.window = max(2, min(T.MAX_WINDOW, int(T.WINDOW_WORK / max(w.service, 1e-6))))
@@ -179,7 +192,7 @@ class Answering:
             return
         if w.crashed_rid and w.crashed_rid == task.rid:
             task.attempts += 1
-            task.crashes.append(w.death or f"worker {w.peer_id}")
+            task.crashes += (w.death or f"worker {w.peer_id}",)
             self.stats["crashes_charged"] += 1
             if task.attempts > self.max_retries:
                 err = WorkerCrashedError(
@@ -227,8 +240,8 @@ class Answering:
         task.future._task = None
         task.future = None
         self.live -= 1
-        self.idle.notify_all()
-        if not self.live:
+        if not self.live:  # (what `idle` waiters wait for: no pending task, or broken)
+            self.idle.notify_all()
             self.starter.idle_now()
 
     def _break(self, why: str) -> None:
@@ -246,6 +259,7 @@ class Answering:
             if not t.finished and not t.future.done():
                 _resolve(t.future, None, err)
             self._finished(t)
+        self.idle.notify_all()
 
 
 

@@ -106,6 +106,7 @@ class Core(Dispatching, Answering):
         self._closed = False
         self._close_lock = threading.Lock()
         self.closed_event = threading.Event()  # set once close() has finished
+        self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
         if config is None:
             config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
@@ -202,11 +203,30 @@ class Core(Dispatching, Answering):
         task.on_error = on_error
         with self.lock:
             self.check_open()
-            self.queue.append(task)
-            self.live += 1
-            self.stats["submitted"] += 1
             self._want_worker()
-            self._dispatch()
+            if self.queue:
+                # Tasks wait already: no worker can take one now, and every
+                # change that lets one (an answer, a start, a timer)
+                # dispatches. Counted, then queued: a Ctrl-C is raised
+                # only after the append (a call) returns.
+                self.live += 1
+                self.stats["submitted"] += 1
+                self.queue.append(task)
+                return fut
+        # A Ctrl-C while the task is queued and sent would leave it half
+        # sent (or queued and not counted): it is held, and raised once the
+        # task is in (the caller never sees the future then; the task
+        # runs, and shutdown waits for it).
+        held = _threads.hold_interrupt()
+        try:
+            with self.lock:
+                self.check_open()
+                self.live += 1
+                self.stats["submitted"] += 1
+                self.queue.append(task)
+                self._dispatch()
+        finally:
+            _threads.release_interrupt(held)
         return fut
 
     def _want_worker(self) -> None:
@@ -312,6 +332,9 @@ class Core(Dispatching, Answering):
                 self.closed_event.set()
                 if self.starter is not None:
                     self.starter.stop()
+                hooks, self.on_close = self.on_close, []
+                for hook in hooks:
+                    hook()
 
     def processes(self, timeout: float = 30.0) -> dict[int, object]:
         """pid -> Popen of each live worker, once the starts asked for so

@@ -90,7 +90,7 @@ class Dispatching:
         return batch
 
     def _batch_limit(self, w: _Worker) -> int:
-        """Tasks one request to `w` may carry: about T.WINDOW_WORK seconds of
+        """Tasks one request to `w` may carry: about WINDOW_WORK seconds of
         its tasks, once it is known that they are short (1 otherwise)."""
         if not w.service or w.service * 4 > T.WINDOW_WORK:
             return 1
@@ -186,7 +186,7 @@ class Dispatching:
         if fid and fid in w.known:
             w.known.move_to_end(fid)
         elif fid:
-            # spec: exec.functions -- a worker holds at most T.FUNCTION_CACHE
+            # spec: exec.functions -- a worker holds at most FUNCTION_CACHE
             while len(w.known) >= T.FUNCTION_CACHE:
                 w.forget.append(w.known.popitem(last=False)[0])
             w.conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0))

@@ -37,7 +37,8 @@ class FunctionCache:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict = collections.OrderedDict()  # id(fn) -> (ref, fid, bytes, name)
-        self._dead: collections.deque = collections.deque()  # (id(fn), fid) of collected functions
+        self._dead: collections.deque = collections.deque()  # weak references of collected functions
+        self._refs: dict[int, tuple[int, int]] = {}  # id(weak reference) -> (id(fn), fid)
         self.forgotten: collections.deque = collections.deque()  # fids no worker needs to keep
 
     def __len__(self) -> int:
@@ -46,6 +47,14 @@ class FunctionCache:
     def get(self, fn) -> tuple[int, str, bytes | None]:
         """(id, name, pickled bytes) of `fn`; (0, name, None) if `fn` is
         not cached. Raises what pickling raises."""
+        got = self._entries.get(id(fn))
+        if got is not None and got[0]() is fn:  # the common case, without the lock
+            try:
+                self._entries.move_to_end(id(fn))
+            except KeyError:  # evicted meanwhile: see below
+                pass
+            else:
+                return got[1], got[3], got[2]
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
         if not cacheable(fn):
             return 0, name, None
@@ -62,13 +71,16 @@ class FunctionCache:
             if got is not None and got[0]() is fn:  # another thread was quicker
                 return got[1], got[3], got[2]
             fid = next(self._ids)
-            dead = self._dead
-            ref = weakref.ref(fn, lambda _, k=key, f=fid: dead.append((k, f)))
+            # The callback is a C method: no Python code runs when a
+            # function dies (a Ctrl-C landing in a weakref callback is
+            # swallowed); `_prune` finds the entry by the dead reference.
+            ref = weakref.ref(fn, self._dead.append)
+            self._refs[id(ref)] = (key, fid)
             if got is not None:  # a collected function's entry under a reused id
-                self.forgotten.append(got[1])
+                self._drop(got)
             self._entries[key] = (ref, fid, fbytes, name)
             while len(self._entries) > self.size:
-                self.forgotten.append(self._entries.popitem(last=False)[1][1])
+                self._drop(self._entries.popitem(last=False)[1])
         return fid, name, fbytes
 
     def _prune(self) -> None:
@@ -77,11 +89,19 @@ class FunctionCache:
         point, even while this lock is held."""
         dead = self._dead
         while dead:
-            key, fid = dead.popleft()
+            found = self._refs.pop(id(dead.popleft()), None)
+            if found is None:
+                continue  # its entry was dropped already
+            key, fid = found
             got = self._entries.get(key)
             if got is not None and got[1] == fid:
                 del self._entries[key]
             self.forgotten.append(fid)
+
+    def _drop(self, entry) -> None:
+        """An entry leaves the cache (lock held): its id is forgotten."""
+        self._refs.pop(id(entry[0]), None)
+        self.forgotten.append(entry[1])
 
     def has_forgotten(self) -> bool:
         return bool(self.forgotten or self._dead)
@@ -97,6 +117,7 @@ class FunctionCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._refs.clear()
             self._dead.clear()
             self.forgotten.clear()
 

@@ -16,14 +16,14 @@ holds the tasks dispatched to it and not yet answered.
 
 from __future__ import annotations
 
-import _signal
 import collections
-import signal
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Callable
+
+from . import _threads
 
 # Tuning (module attributes, read at use: tests may change them).
 WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
@@ -34,8 +34,6 @@ MESSAGE_DEPTH = 2  # requests in flight to a worker busy with short tasks; more 
 MAX_BATCH = 64  # tasks in one request
 BATCH_BYTES = 16384  # a task whose pickle is bigger travels alone; a batch carries about this much
 
-_MAIN = threading.main_thread()
-_SIGINT = int(signal.SIGINT)
 _DONE = (CANCELLED_AND_NOTIFIED, FINISHED)  # (concurrent.futures' final states)
 _FINAL = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 _CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
@@ -49,11 +47,12 @@ class _TaskFuture(Future):
     in turn. An idle round trip then costs no thread wakeup on the host.
     spec: exec.caller-fetch
 
-    Its `threading.Condition` is made only when a thread waits on it, adds
-    a callback or a `wait()` watches it: most futures of a busy pool are
-    done before anyone looks, and a condition per task (an RLock, a deque,
-    five bound methods) was a good part of the allocations, and of the
-    garbage collector's work, of a `submit`. Until then the states change
+    Its `threading.Condition` (and its lists of waiters and callbacks) is
+    made only when a thread waits on it, adds a callback or a `wait()`
+    watches it: most futures of a busy pool are done before anyone looks,
+    and a condition per task (an RLock, a deque, five bound methods) was a
+    good part of the allocations, and of the garbage collector's work, of a
+    `submit`. Until then the states change
     under `guard` (one lock per pool), which the condition's creation takes
     too: a waiter either sees the outcome, or is notified of it."""
 
@@ -65,8 +64,10 @@ class _TaskFuture(Future):
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters = []
-        self._done_callbacks = []
+        # Lists once the condition is made: whoever adds a waiter or a
+        # callback holds the condition first (wait(), as_completed(),
+        # add_done_callback()), and until then nothing is added.
+        self._waiters = self._done_callbacks = ()
 
     @property
     def _condition(self):
@@ -75,6 +76,8 @@ class _TaskFuture(Future):
             with self._guard:
                 c = self._cond
                 if c is None:
+                    self._waiters = []
+                    self._done_callbacks = []
                     c = self._cond = threading.Condition()
         return c
 
@@ -128,18 +131,11 @@ class _TaskFuture(Future):
         # On the main thread a Ctrl-C would raise inside the delivery of
         # answers taken off the ring (losing them, or half-updating the
         # core): it is held for the spin's duration, then raised.
-        # (`_signal`: `signal.signal` converts enums, 10x the cost of this.)
-        handler = _signal.getsignal(_SIGINT) if threading.current_thread() is _MAIN else None
-        held: list = []
-        if callable(handler):
-            _signal.signal(_SIGINT, lambda signum, frame: held.append(frame))
+        held = _threads.hold_interrupt()
         try:
             w.conn.wait_until(lambda: self._state in _DONE, 0)  # one bounded spin, then poll
         finally:
-            if callable(handler):
-                _signal.signal(_SIGINT, handler)
-        if held:
-            handler(_SIGINT, held[0])
+            _threads.release_interrupt(held)
 
     def result(self, timeout=None):
         if self._state not in _DONE:
@@ -175,7 +171,7 @@ class _Task:
         self.stream = stream
         self.bufs = bufs
         self.attempts = 0  # crashes charged to this task
-        self.crashes: list[str] = []
+        self.crashes: tuple[str, ...] = ()  # (a tuple: no list per task for the collector to track)
         self.worker = None
         self.rid = 0  # its request's id, or its own tag in a batch: what the guest word names
         self.on_result: Callable | None = None  # the pool's result transform

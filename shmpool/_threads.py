@@ -4,7 +4,8 @@ Owns: `start(thread)` and `blocked()`, used for every thread shmpool
 starts (the hub's driver, a guest's heartbeat, the pool's manager and
 handler, dispatch timers, the session's handler pool), and
 `unblock_in_child()`, which a process started from one of them calls
-first thing.
+first thing; `hold_interrupt()` / `release_interrupt()`, which keep a
+Ctrl-C out of a critical section of the main thread.
 
 Why: CPython runs Python signal handlers only on the main thread, and a
 main thread blocked in the kernel (`Future.result()`, `Event.wait()`,
@@ -32,6 +33,7 @@ caused them. Importable from every layer (like errors).
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import signal
 import threading
@@ -75,3 +77,34 @@ def unblock_in_child() -> None:
     """In a process started from one of our threads: take the signals back
     (pending ones are delivered now). spec: exec.signals"""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
+
+
+_MAIN = threading.main_thread()
+_SIGINT = int(signal.SIGINT)
+
+
+def hold_interrupt():
+    """On the main thread, with a Python SIGINT handler: hold a SIGINT that
+    arrives from now on until `release_interrupt(token)`, which runs the
+    handler then (so a KeyboardInterrupt is raised after the section, not
+    in the middle of the bookkeeping it does). Elsewhere: None, nothing
+    held. (Blocking the signal would not do: the handler runs on the main
+    thread whichever thread the kernel gave the signal to. `_signal`:
+    `signal.signal` converts enums, ten times the cost.)"""
+    if threading.current_thread() is not _MAIN:
+        return None
+    handler = _signal.getsignal(_SIGINT)
+    if not callable(handler):
+        return None
+    held: list = []
+    _signal.signal(_SIGINT, lambda signum, frame: held.append(frame))
+    return handler, held
+
+
+def release_interrupt(token) -> None:
+    """End `hold_interrupt`: the handler back, and run for a held SIGINT."""
+    if token is not None:
+        handler, held = token
+        _signal.signal(_SIGINT, handler)
+        if held:
+            handler(_SIGINT, held[0])

@@ -45,7 +45,12 @@ from ._starter import pickle_for_child
 from .errors import PoolBrokenError
 from .shm.layout import SegmentConfig
 
-_live: "weakref.WeakSet[Core]" = weakref.WeakSet()
+# The open cores, for interpreter exit. A plain set, each core removing
+# itself once closed: a WeakSet's callback is Python code run whenever the
+# collector frees a core, and a Ctrl-C landing in it would be swallowed
+# ("Exception ignored in WeakSet._remove"), say in the middle of a loop of
+# submits to another executor.
+_live: "set[Core]" = set()
 _exiting = False
 
 
@@ -133,6 +138,7 @@ class ShmExecutor(Executor):
                     raise PoolBrokenError(self._start_error) from e
                 self._core_kwargs = None  # (initargs are the core's now, dropped when it closes)
                 _live.add(core)
+                core.on_close.append(lambda core=core: _live.discard(core))
                 self._finalizer = weakref.finalize(self, _finalize, core)
                 self._core = core
         return self._core

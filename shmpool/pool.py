@@ -62,7 +62,7 @@ _POLL = 0.1  # seconds between checks for terminate() in the handler's waits
 
 _jobs = itertools.count()
 _tls = threading.local()  # depth > 0 while this thread runs a pool's done callback
-_live: "weakref.WeakSet[_State]" = weakref.WeakSet()
+_live: "set[_State]" = set()  # open pools, for interpreter exit (a plain set: see executor._live)
 
 
 def _in_callback() -> bool:
@@ -326,6 +326,7 @@ class ShmPool:
             raise
         self._st = st
         _live.add(st)
+        core.on_close.append(lambda st=st: _live.discard(st))
         self._finalizer = weakref.finalize(self, _collected, st)
         self._finalizer.atexit = False  # _at_exit handles exit
 

@@ -5,8 +5,8 @@
 (`shmpool._starter.worker_argv` builds the boot line: it imports this
 module from the host's own shmpool package, then calls `main`.)
 
-Owns: the worker's side of its session with the host: the `init`, `define`
-and `run` handlers, the cache of functions it was sent, the pins of task
+Owns: the worker's side of its session with the host: the `init`, `define`,
+`run` and `run_batch` handlers, the cache of functions it was sent, the pins of task
 payloads whose zero-copy buffers are still in use, and when to leave.
 
 Data flow: until it has attached, the worker's stderr is a capture file
@@ -20,8 +20,12 @@ single call or chunk; the arguments; in one slot whose buffers are
 unpickled zero-copy). `run` records the task's request id in the entry's
 guest word (so the host can tell, if this process dies, which task was
 running), calls the function, and answers with the pickled result in a
-slot of its own. Handlers run on the main thread, one task at a time, in
-the order they were queued.
+slot of its own. `run_batch` carries several small tasks (pickled calls,
+no out-of-band buffers) that queued on the host while this worker was
+busy: each runs as `run` runs one, under its own id in the guest word, and
+is answered as soon as it is done (the ids the host expects, the last one
+as the call's own answer). Handlers run on the main thread, one task at a
+time, in the order they were queued.
 
 Invariants: an exception raised by the task, or by unpickling its
 arguments, or by pickling its result, is the task's error (the session
@@ -30,7 +34,9 @@ sends it back with its traceback); a failing initializer is logged (CRITICAL,
 worker does), answers with its error and then ends this process with
 EXIT_INIT_FAILED; the functions held are only those the host has not told
 it to forget (the host bounds them); after `max_tasks` tasks the worker
-leaves in order (goodbye).
+leaves in order (goodbye); an exit raised by a task is its answer, and
+then ends this worker (in a batch, the tasks after it are answered
+`TaskNotRun`, for the host to queue again).
 """
 
 from __future__ import annotations
