@@ -35,7 +35,7 @@ from .errors import (
 )
 from .serialization import read
 from ._tasks import _FINAL, _Task, _Worker
-from .worker import ResultEncodingError, TaskInterrupted, TaskNotRun
+from .worker import BATCH_TIME, ResultEncodingError, TaskInterrupted, TaskNotRun
 
 
 class Answering:
@@ -43,9 +43,10 @@ class Answering:
 
     def _on_done(self, task: _Task, w: _Worker, received, exc, end: bool = True) -> None:
         """A task's answer (the driver thread, or a caller fetching
-        answers); `end`: the last of its request's (a batch answers each
-        task as it is done). An answer is delivered with the others of its
-        batch of descriptors (`_flush`); an error at once."""
+        answers); `end`: it ends its request (a batched task's answer does
+        not: the batch's own answer does, `_batch_done`). An answer is
+        delivered with the others of its batch of descriptors (`_flush`);
+        an error at once."""
         if exc is None:
             self._answers.append((task, w, received, end))
             return
@@ -76,19 +77,20 @@ class Answering:
             w0, n, busy = None, 0, False
             for item in items:
                 task, w, received, end = item
-                if w is not w0:
-                    if w0 is not None:
-                        self._adapt(w0, busy, n)
-                    w0, n, busy = w, 0, len(w.inflight) > 1
-                n += 1
-                w.inflight.pop(task.rid, None)
-                if end:
+                if end:  # (a batch's service time comes with its own answer: `_batch_done`)
+                    if w is not w0:
+                        if n:
+                            self._adapt(w0, busy, n)
+                        w0, n, busy = w, 0, len(w.inflight) > 1
+                    n += 1
                     w.messages -= 1
+                w.inflight.pop(task.rid, None)
                 if task.finished:  # failed by _break (terminate) meanwhile
                     received.release()
                 else:
                     ready.append(item)
-            self._adapt(w0, busy, n)
+            if n:
+                self._adapt(w0, busy, n)
             # spec: exec.on-demand -- workers became idle (before the caller can see it)
             self.credits = min(self.credits + len(ready), len(self.workers))
         items = task = w = received = None
@@ -119,6 +121,23 @@ class Answering:
                 self._sweep_pins()
             self._dispatch()
 
+    def _batch_done(self, w: _Worker, n: int, received, exc) -> None:
+        """The answer to a batch's request itself (its `n` tasks were
+        answered each before it): how long they took in the worker. A
+        measure free of the host's own delays, which the gaps between
+        answers are not (a host that lags would see slow tasks, and send
+        smaller batches, and lag more). spec: exec.batch"""
+        with self.lock:
+            w.messages -= 1
+            if exc is None:
+                try:
+                    (elapsed,) = BATCH_TIME.unpack(received.tobytes())
+                finally:
+                    received.release()
+                self._measured(w, elapsed / n)
+                w.last_done = time.monotonic()
+            self._dispatch()
+
     def _answered(self, task: _Task, w: _Worker, exc, end: bool) -> bool:
         """(lock held) Book an answer: False if there is nothing to deliver
         (failed meanwhile; the worker is gone, or did not run it: then it
@@ -127,7 +146,7 @@ class Answering:
         w.inflight.pop(task.rid, None)
         if end:
             w.messages -= 1
-        self._adapt(w, busy)
+            self._adapt(w, busy)
         if task.finished:  # failed by _break (terminate) meanwhile: nothing to do
             return False
         if isinstance(exc, (PeerDeadError, ConnectionClosedError)) and not isinstance(exc, ProtocolError):
@@ -175,11 +194,14 @@ class Answering:
         balanced). `n` answers arrived together. spec: exec.window"""
         now = time.monotonic()
         if busy and w.last_done:
-            dt = (now - w.last_done) / n
-            w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
-            if self.adaptive:
-                w.window = max(2, min(T.MAX_WINDOW, int(T.WINDOW_WORK / max(w.service, 1e-6))))
+            self._measured(w, (now - w.last_done) / n)
         w.last_done = now
+
+    def _measured(self, w: _Worker, dt: float) -> None:
+        """(lock held) A task of `w` took `dt` seconds."""
+        w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
+        if self.adaptive:
+            w.window = max(2, min(T.MAX_WINDOW, int(T.WINDOW_WORK / max(w.service, 1e-6))))
 
     def _lost(self, task: _Task, w: _Worker) -> None:
         """The worker holding `task` is gone (lock held): charge the task

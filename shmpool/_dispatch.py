@@ -132,16 +132,15 @@ class Dispatching:
             # big argument takes a new one (and a worker's next result finds
             # it free): big round trips then reuse the same populated extents.
             self._sweep_pins()
-        last = batch[-1]
-        tags = [conn.spare_id() for _ in range(len(batch) - 1)]
+        batched = len(batch) > 1
+        tags = [conn.spare_id() for _ in batch] if batched else ()
         try:
             for task in batch:
                 self._define(task, w)
-            if tags:  # spec: exec.batch
-                out = write(self.slots, *dumps(([(tag, t.stream) for tag, t in zip(tags, batch)], last.stream)),
-                            timeout=0)
+            if batched:  # spec: exec.batch
+                out = write(self.slots, *dumps([(tag, t.stream) for tag, t in zip(tags, batch)]), timeout=0)
             else:
-                out = write(self.slots, last.stream, last.bufs, timeout=0)
+                out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0)
         except SlotExhaustedError:
             self._sweep_pins()
             self.stats["slot_waits"] += 1
@@ -159,19 +158,21 @@ class Dispatching:
             task.rid = tag
             if conn.expect(tag, lambda res, err, task=task, w=w: self._on_done(task, w, res, err, False)):
                 expected.append(task)
-        last.worker = w
         try:
-            rid = conn.call_cb(RUN_BATCH if tags else RUN, out,
-                               lambda res, err, task=last, w=w: self._on_done(task, w, res, err, True))
+            if batched:
+                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, n=len(batch): self._batch_done(w, n, res, err))
+            else:
+                task = batch[0]
+                task.worker = w
+                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err))
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
             # (an expected answer the connection's end took is failed, and requeued, by it)
             return [t for t in batch if t not in expected or conn.forget(t.rid)]
         # (No answer can be handled before this: _on_done takes the lock we hold.)
-        last.rid = rid
         for task in batch:
             w.inflight[task.rid] = task
-        if tags:
+        if batched:
             self.stats["batches"] += 1
         w.messages += 1
         w.dispatched += len(batch)

@@ -45,7 +45,9 @@ import itertools
 import os
 import pickle
 import signal
+import struct
 import sys
+import time
 
 from . import _atomics, failpoints
 from .errors import TaskUnpicklingError
@@ -61,6 +63,7 @@ RUN = method_id("shmpool.worker.run")
 RUN_BATCH = method_id("shmpool.worker.run_batch")
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 EXIT_INIT_FAILED = 86
+BATCH_TIME = struct.Struct("<d")  # the answer to run_batch: seconds its tasks took, in the worker
 
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
 FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
@@ -209,14 +212,16 @@ class _Worker:
     def run_batch(self, ctx, payload):
         """Several small tasks in one request (the host batches what queues
         while this worker is busy). Each runs as `run` runs one, under its
-        own id in the guest word, and is answered as soon as it is done:
-        the first ones with the ids the host expects (`ctx.answer`), the
-        last one as this call's answer. So a crash loses only the task
-        running, as it does outside a batch. An exit raised by a task
-        answers it and ends this worker, the tasks after it answered
-        `TaskNotRun`. spec: exec.batch"""
-        (parts, last), pin = read(payload.retain())
+        own id (one the host expects) in the guest word, and is answered
+        with that id as soon as it is done (`ctx.answer`), so a crash
+        loses only the task running, as it does outside a batch. An exit
+        raised by a task answers it and ends this worker, the tasks after
+        it answered `TaskNotRun`. The call's own answer: how long the
+        tasks took (the host sizes its window and batches with it).
+        spec: exec.batch"""
+        parts, pin = read(payload.retain())
         pin.release()
+        t0 = time.perf_counter()
         for tag, stream in parts:
             if self.fatal is not None:
                 ctx.answer(tag, error=TaskNotRun())
@@ -233,9 +238,7 @@ class _Worker:
             out = None
             if failpoints.ACTIVE:
                 failpoints.hit(FP_BATCH_TASK)
-        if self.fatal is not None:
-            raise TaskNotRun()
-        return self._run_small(ctx.request_id, last)
+        return BATCH_TIME.pack(time.perf_counter() - t0)
 
     def _run_small(self, rid: int, stream: bytes):
         """One task of a batch (no out-of-band buffers): its result's payload."""
