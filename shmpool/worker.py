@@ -189,16 +189,9 @@ class _Worker:
             os._exit(1)
         try:
             try:
-                stream, bufs = self._call(*task)
+                return self._result_payload(task)
             finally:
-                del task  # (its arguments: the slot is freed below)
-            out = write(self.session.slots, stream, bufs)
-            # The result may be (a view of) an argument: dropped here, the
-            # argument's slot is freed below, before the host sees the answer.
-            del stream, bufs
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_RESULT_SLOT)
-            return out
+                del task  # (its arguments: the slot is freed below, before the host sees the answer)
         finally:
             self.done += 1
             if not pin.release_if_unused():
@@ -252,18 +245,21 @@ class _Worker:
         except BaseException:
             os._exit(1)  # (as in `run`)
         try:
-            try:
-                stream, bufs = self._call(*task)
-            finally:
-                del task
-            out = write(self.session.slots, stream, bufs)
-            del stream, bufs
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_RESULT_SLOT)
-            return out
+            return self._result_payload(task)
         finally:
             self.done += 1
             self._after_task()
+
+    def _result_payload(self, task):
+        """Run `task` (its function, kind, arguments) and write the result
+        into a slot of ours: the answer's payload. (The result may be a
+        view of an argument: it is dropped with this frame, before the
+        caller frees the argument's slot.)"""
+        stream, bufs = self._call(*task)
+        out = write(self.session.slots, stream, bufs)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_RESULT_SLOT)
+        return out
 
     def _call(self, fid, kind, args, kwargs):
         """Run one task: its pickled result (stream, buffers)."""
