@@ -61,7 +61,9 @@ class Dispatching:
                         self._fail(t, PoolBrokenError(self.broken))
                     continue
                 q.extendleft(reversed(back))
-                return
+                if w.dead:
+                    continue  # (another worker may take them)
+                return  # no slot now: an answer or a timer retries
 
     def _take(self, w: _Worker) -> list[_Task]:
         """(lock held) The next task off the queue, with the small ones

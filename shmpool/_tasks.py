@@ -140,7 +140,7 @@ class _TaskFuture(Future):
     def result(self, timeout=None):
         if self._state not in _DONE:
             self._fetch()
-        elif self._state == FINISHED:
+        if self._state == FINISHED:  # (fetched: still no condition needed)
             if self._exception is None:
                 return self._result
             try:
@@ -152,7 +152,7 @@ class _TaskFuture(Future):
     def exception(self, timeout=None):
         if self._state not in _DONE:
             self._fetch()
-        elif self._state == FINISHED:
+        if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
 

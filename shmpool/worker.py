@@ -178,26 +178,28 @@ class _Worker:
         _atomics.store_u32(self.buf, self.word, ctx.request_id)  # spec: exec.guest-word
         if failpoints.ACTIVE:
             failpoints.hit(FP_DEQUEUED)
+        pin = None
         try:
-            task, pin = read(payload.retain())
-        except Exception as e:
-            payload.release()
-            raise _unpickling_error(e) from e
-        except BaseException:
-            # An exit while unpickling the task ends this worker, as it does
-            # in the stdlib: the host treats it as a crash of this task.
-            os._exit(1)
-        try:
+            try:
+                task, pin = read(payload.retain())
+            except Exception as e:
+                payload.release()
+                raise _unpickling_error(e) from e
+            except BaseException:
+                # An exit while unpickling the task ends this worker, as it
+                # does in the stdlib: the host treats it as a crash of this task.
+                os._exit(1)
             try:
                 return self._result_payload(task)
             finally:
                 del task  # (its arguments: the slot is freed below, before the host sees the answer)
         finally:
-            self.done += 1
-            if not pin.release_if_unused():
-                self.pins.append(pin)  # the task kept zero-copy arguments alive
-            elif failpoints.ACTIVE:
-                failpoints.hit(FP_FREED)
+            self.done += 1  # (a task whose arguments failed to unpickle counts too: the host counted it)
+            if pin is not None:
+                if not pin.release_if_unused():
+                    self.pins.append(pin)  # the task kept zero-copy arguments alive
+                elif failpoints.ACTIVE:
+                    failpoints.hit(FP_FREED)
             if self.pins:
                 self.pins = [p for p in self.pins if not p.release_if_unused()]
             self._after_task()
@@ -239,12 +241,12 @@ class _Worker:
         if failpoints.ACTIVE:
             failpoints.hit(FP_DEQUEUED)
         try:
-            task = pickle.loads(stream)
-        except Exception as e:
-            raise _unpickling_error(e) from e
-        except BaseException:
-            os._exit(1)  # (as in `run`)
-        try:
+            try:
+                task = pickle.loads(stream)
+            except Exception as e:
+                raise _unpickling_error(e) from e
+            except BaseException:
+                os._exit(1)  # (as in `run`)
             return self._result_payload(task)
         finally:
             self.done += 1

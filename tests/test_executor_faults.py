@@ -567,3 +567,25 @@ def test_ctrl_c_inside_a_tight_submit_loop_loses_no_count(tmp_path):
             proc.wait()
             rc = "hung"
     assert rc == 0 and out.read_text().rstrip().endswith("done"), (rc, out.read_text()[-2000:], err.read_text()[-4000:])
+
+
+class BadArgument:
+    """Pickles, but fails to unpickle in the worker (int("x"))."""
+
+    def __reduce__(self):
+        return int, ("x",)
+
+
+@pytest.mark.spec("exec.retry")
+def test_a_task_that_fails_to_unpickle_counts_toward_max_tasks_per_child():
+    """The worker counts it as the host does: with max_tasks_per_child=1 it
+    leaves after that task, and the next task runs on its replacement
+    (it used to wait forever for a worker that never left)."""
+    from shmpool.errors import TaskUnpicklingError
+
+    with ShmExecutor(1, max_tasks_per_child=1) as e:
+        first = e.submit(abs, BadArgument())
+        with pytest.raises(TaskUnpicklingError):
+            first.result(60)
+        assert e.submit(abs, -1).result(60) == 1
+        assert e.statistics()["respawns"] >= 1

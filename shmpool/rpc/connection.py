@@ -43,7 +43,7 @@ from .channel import ChannelTable, Rx, Tx
 from .dispatch import CallContext, Dispatcher, NoSuchMethodError, decode_error, encode_error
 from .messages import (
     CANCEL, CLOSE, CREDIT, DATA, F_CANCELLED, F_ERROR, GOODBYE, HELLO, NAMES, REQUEST, RESET,
-    RESPONSE, Received, discard, method_id, payload_descriptor,
+    RESPONSE, Outgoing, Received, discard, method_id, payload_descriptor,
 )
 
 WAIT_SLICE = 0.05
@@ -193,6 +193,8 @@ class Connection:
         fut.request_id = rid
         pending[rid] = fut
         if self._end is not None:
+            if isinstance(payload, Outgoing):  # (never sent: ours to free)
+                self.slots.free(payload.slot)
             if pending.pop(rid, None) is fut:
                 raise self._end
             return fut  # _finish took it and fails it
@@ -285,10 +287,14 @@ class Connection:
         raised (TimeoutError for a full ring, the end reason if over)."""
         try:
             ok = self.transport.send(desc, timeout)
-        except PeerDeadError as e:
+        except PeerDeadError:
+            # The peer is dead; the connection is ended by whoever watches
+            # it (the hub's death handling, after its callbacks have read
+            # what the peer was doing), not here: this may be a thread in
+            # the middle of its own bookkeeping, which the end's callbacks
+            # would run into.
             discard(self.slots, desc)
-            self.broken(e)
-            raise self._end from None
+            raise
         except BaseException:
             discard(self.slots, desc)
             raise
