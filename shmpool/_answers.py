@@ -121,12 +121,15 @@ class Answering:
                 self._sweep_pins()
             self._dispatch()
 
-    def _batch_done(self, w: _Worker, n: int, received, exc) -> None:
-        """The answer to a batch's request itself (its `n` tasks were
-        answered each before it): how long they took in the worker. A
-        measure free of the host's own delays, which the gaps between
-        answers are not (a host that lags would see slow tasks, and send
-        smaller batches, and lag more). spec: exec.batch"""
+    def _batch_done(self, w: _Worker, batch: list[_Task], received, exc) -> None:
+        """The answer to a batch's request itself (its tasks were answered
+        each before it): how long they took in the worker. A measure free
+        of the host's own delays, which the gaps between answers are not
+        (a host that lags would see slow tasks, and send smaller batches,
+        and lag more). If the request failed as a whole (not the worker's
+        end: that fails each task's expected answer), the tasks it left
+        unanswered fail with its error. spec: exec.batch"""
+        unanswered = []
         with self.lock:
             w.messages -= 1
             if exc is None:
@@ -134,9 +137,17 @@ class Answering:
                     (elapsed,) = BATCH_TIME.unpack(received.tobytes())
                 finally:
                     received.release()
-                self._measured(w, elapsed / n)
+                self._measured(w, elapsed / len(batch))
                 w.last_done = time.monotonic()
-            self._dispatch()
+            elif not isinstance(exc, (PeerDeadError, ConnectionClosedError)):
+                for task in batch:
+                    if w.inflight.get(task.rid) is task and w.conn.forget(task.rid):
+                        del w.inflight[task.rid]
+                        unanswered.append(task)
+        done: list = []
+        for task in unanswered:
+            self._complete(task, error=exc, done=done)
+        self._settle(done, ())
 
     def _answered(self, task: _Task, w: _Worker, exc, end: bool) -> bool:
         """(lock held) Book an answer: False if there is nothing to deliver

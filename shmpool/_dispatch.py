@@ -162,7 +162,7 @@ class Dispatching:
                 expected.append(task)
         try:
             if batched:
-                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, n=len(batch): self._batch_done(w, n, res, err))
+                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: self._batch_done(w, b, res, err))
             else:
                 task = batch[0]
                 task.worker = w

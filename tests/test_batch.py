@@ -188,3 +188,21 @@ def test_big_and_retried_tasks_are_not_batched(tmp_path):
         assert [f.result(60) for f in fs[2:]] == [1, 2]
         # the array (out of band) and the 20 KB bytes went alone; 1 and 2 together at most
         assert e.statistics()["batches"] <= 1
+
+
+@pytest.mark.spec("exec.batch")
+def test_a_batch_request_failing_as_a_whole_fails_only_what_it_left_unanswered(monkeypatch, tmp_path):
+    """An error raised by the batch itself (here a failpoint after its first
+    task's answer) fails the tasks it did not answer with that error;
+    nothing waits forever, and the worker goes on."""
+    import shmpool.worker  # noqa: F401 - declares the worker's failpoints
+
+    monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.batch.answered=raise@1")
+    log = tmp_path / "runs"
+    with forced() as e:
+        fs = in_one_batch(e, tmp_path / "gate", [(count_runs, log, i) for i in range(5)])
+        assert fs[0].result(60) == 0
+        for f in fs[1:]:
+            assert isinstance(f.exception(60), failpoints.FailpointError)
+        assert runs_of(log) == [0]
+        assert e.submit(ident, 7).result(60) == 7 and e._core.live == 0
