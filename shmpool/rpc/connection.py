@@ -186,10 +186,7 @@ class Connection:
         exactly once (whoever removes it from `_pending` owns it)."""
         mid = method_id(method) if isinstance(method, str) else method
         pending = self._pending
-        ids = self._ids
-        rid = next(ids) & 0xFFFFFFFF
-        while rid == 0 or rid in pending:  # (after 2**32 calls the ids wrap)
-            rid = next(ids) & 0xFFFFFFFF
+        rid = self.spare_id()
         fut.request_id = rid
         pending[rid] = fut
         if self._end is not None:
@@ -224,10 +221,10 @@ class Connection:
         return self._start(_CallbackCall(raw, callback), method, payload, timeout, False).request_id
 
     def spare_id(self) -> int:
-        """A request id that no call of this connection gets: for answers
-        that come as parts of another call (`expect`)."""
+        """A fresh request id, not pending: each call's own, and ids for
+        answers that come as parts of another call (`expect`)."""
         rid = next(self._ids) & 0xFFFFFFFF
-        while rid == 0 or rid in self._pending:
+        while rid == 0 or rid in self._pending:  # (after 2**32 calls the ids wrap)
             rid = next(self._ids) & 0xFFFFFFFF
         return rid
 
