@@ -68,7 +68,12 @@ class Peer:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            note_committed(self.key, self.committed())
             self._close()
+
+    def committed(self) -> int | None:
+        """Bytes of shared memory the pool has committed (shmpool only)."""
+        return None
 
     def abort(self) -> None:
         if not self.closed:
@@ -89,8 +94,15 @@ class Peer:
         return getattr(mod, "__version__", "")
 
 
+def _committed(pool) -> int | None:
+    return pool.statistics().get("committed_bytes")
+
+
 class ShmExecutorPeer(Peer):
     key, label, short = "shm", "shmpool.ShmExecutor", "shm"
+
+    def committed(self) -> int | None:
+        return _committed(self.pool)
 
     def _create(self):
         from shmpool import ShmExecutor
@@ -119,6 +131,9 @@ class _ApplyAsyncPeer(Peer):
 
 class ShmPoolPeer(_ApplyAsyncPeer):
     key, label, short = "shm-pool", "shmpool.ShmPool", "shm-pool"
+
+    def committed(self) -> int | None:
+        return _committed(self.pool) if type(self) is ShmPoolPeer else None
 
     def _create(self):
         from shmpool import ShmPool
@@ -208,6 +223,21 @@ def availability(key: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - an optional package that does not import is skipped
         return f"not importable ({type(e).__name__}: {e}); `pip install {mod}` to include it"
     return None
+
+
+# Shared memory committed by the shmpool pools closed during one measurement
+# (the most of any of them, read just before shutdown); the runner takes it
+# with `take_committed` after each measurement.
+_COMMITTED: dict[str, int] = {}
+
+
+def note_committed(key: str, nbytes: int | None) -> None:
+    if nbytes is not None:
+        _COMMITTED[key] = max(nbytes, _COMMITTED.get(key, 0))
+
+
+def take_committed(key: str) -> int | None:
+    return _COMMITTED.pop(key, None)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ def summarize(samples: dict) -> dict:
                        "min": min(vals) if vals else None, "max": max(vals) if vals else None,
                        "errors": sorted({s["error"] for s in ss if s.get("error")}),
                        "outcomes": dict(collections.Counter(s["outcome"] for s in ss if "outcome" in s))}
-                for extra in ("p99_us", "total_s", "error_after_ms", "items"):
+                for extra in ("p99_us", "total_s", "error_after_ms", "items", "committed_bytes"):
                     xs = [s[extra] for s in ss if s.get(extra) is not None]
                     if xs:
                         row[extra] = statistics.median(xs)
@@ -121,6 +121,23 @@ def tables(summary: dict, wls, plan) -> str:
         better = "higher" if wl.higher_is_better else "lower"
         parts.append(f"Ratios: this ÷ the baseline's median ({better} is better). {wl.note}\n")
     return "\n".join(parts)
+
+
+def committed_table(summary: dict, wls) -> str:
+    """Shared memory each shmpool pool had committed at the end of each
+    workload (the most over its cases; median over repetitions)."""
+    keys = ("shm", "shm-pool")
+    lines = ["### Committed shared memory (MiB, at the end of each workload, before shutdown)\n",
+             "| workload | " + " | ".join(LABELS[k] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for wl in wls:
+        cells = []
+        for k in keys:
+            got = [r[k]["committed_bytes"] for r in summary.get(wl.name, {}).values()
+                   if k in r and r[k].get("committed_bytes") is not None]
+            cells.append(num(max(got) / MIB) if got else "—")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {wl.title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _generic_table(rows: dict, wl) -> str:

@@ -21,7 +21,7 @@ import sys
 import time
 
 from . import report
-from .peers import IMPLS, availability, default_start_method
+from .peers import IMPLS, availability, default_start_method, take_committed
 from .workloads import Context, make_plan, workloads
 
 
@@ -189,7 +189,10 @@ def main(args, peers: list[str]) -> int:
             except Exception as e:  # noqa: BLE001 - one failing measurement does not end the run
                 got = {"(all)": {"value": None, "error": f"{type(e).__name__}: {e}"[:300]}}
                 print(f"\nbench: {wl.name} on {key} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            committed = take_committed(key)
             for case, s in got.items():
+                if committed is not None:
+                    s = {**s, "committed_bytes": committed}
                 samples[wl.name].setdefault(case, {}).setdefault(key, []).append({"rep": rep, **s})
             steps.append({"workload": wl.name, "rep": rep, "impl": key,
                           "seconds": round(time.perf_counter() - t_step, 3)})
@@ -203,6 +206,7 @@ def main(args, peers: list[str]) -> int:
 
     summary = report.summarize(samples)
     print(report.tables(summary, wls, plan), file=out)
+    print(report.committed_table(summary, wls), file=out)
     ts = report.targets(summary, plan)
     print("## Targets\n", file=out)
     print(report.targets_table(ts), file=out)
