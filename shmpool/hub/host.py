@@ -1,6 +1,7 @@
 """The host side of a hub: `ShmHost`, the object the layer above holds.
 
-Owns: the segment (created here, unlinked on close), the public API for
+Owns: the segment (created here: anonymous by default, its fd in every
+spawn ticket; a named file is unlinked on close), the public API for
 reserving entries (`add_peer` -> `SpawnTicket`), starting guests
 (`spawn`), sending to them (`send`, one lock per guest because a ring has
 one producer), receiving from them (a message handler, or `receive`),
@@ -81,10 +82,12 @@ class ShmHost:
 
     @classmethod
     def create(cls, path: str | os.PathLike | None = None, config: SegmentConfig | None = None,
-               *, directory: str | os.PathLike | None = None) -> "ShmHost":
-        """Create the segment (at `path`, or under a private directory) and
-        start the driver thread."""
-        seg = Segment.create(config, path=path, directory=directory)
+               *, directory: str | os.PathLike | None = None,
+               anonymous: bool | None = None) -> "ShmHost":
+        """Create the segment (anonymous, or a named file at `path` or under
+        a private directory: see `Segment.create`) and start the driver
+        thread."""
+        seg = Segment.create(config, path=path, directory=directory, anonymous=anonymous)
         try:
             driver = Driver(seg)
         except BaseException:
@@ -162,7 +165,9 @@ class ShmHost:
             # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
             fd = p.guest_end.make_inheritable()
             again = chosen.peer_id in d._history
-            p.ticket = SpawnTicket(str(self.segment.path), chosen.peer_id, fd, opts.peer_name, os.getpid())
+            seg = self.segment
+            p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
+                                   seg.fd if seg.anonymous else None)
             d._peers[chosen.peer_id] = p
             d._history[chosen.peer_id] = info
             d.set_live()
