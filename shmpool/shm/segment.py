@@ -151,11 +151,12 @@ def _validate_and_map(fd: int, path: Path, st: os.stat_result) -> tuple[mmap.mma
         )
     if fields[11] != L.INLINE_CAPACITY:
         raise SegmentError(path, f"inline threshold {fields[11]}, expected {L.INLINE_CAPACITY}")
-    fs = os.fstatvfs(fd)
-    if fs.f_blocks and layout.total_size > fs.f_blocks * fs.f_frsize:
+    fs = os.fstatvfs(fd)  # (a memfd's file system has no size: f_blocks 0)
+    if fs.f_blocks and layout.min_memory_limit > fs.f_blocks * fs.f_frsize:
         raise SegmentError(
-            path, f"header says {layout.total_size} bytes, more than its whole file "
-            f"system holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
+            path, f"header says the segment needs {layout.min_memory_limit} bytes (its control "
+            f"region and one extent of each size class), more than its whole file system "
+            f"holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
         )
     try:
         mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
