@@ -281,7 +281,8 @@ class Segment:
         if anonymous:
             if path is not None or directory is not None:
                 raise ValueError("anonymous=True takes no path or directory")
-        elif path is None:
+            return cls._create_anonymous(layout)
+        if path is None:
             if directory is None:
                 directory = config.directory
             if directory is None and (anonymous is False or os.environ.get("SHMPOOL_DIR")):
