@@ -116,6 +116,36 @@ def _fds_of(pid: int) -> dict[int, str]:
     return out
 
 
+@pytest.mark.spec("shm.spawn.args")
+@pytest.mark.spec("shm.spawn.ticket")
+def test_segment_fd_round_trips_through_the_spawn_arguments():
+    from shmpool.errors import SpawnArgsError
+    from shmpool.hub import SpawnArgs, SpawnTicket
+
+    t = SpawnTicket("memfd:shmpool-1-ab", 2, 7, segment_fd=9)
+    assert t.to_args() == ["--hub-path=memfd:shmpool-1-ab", "--peer-id=2", "--doorbell-fd=7",
+                           "--segment-fd=9"]
+    assert t.fds == (7, 9) and SpawnTicket("/p", 2, 7).fds == (7,)
+    assert SpawnArgs.parse(["x", *t.to_args()]) == SpawnArgs("memfd:shmpool-1-ab", 2, 7, 9)
+    assert SpawnArgs.parse(SpawnTicket("/p", 2, 7).to_args()).segment_fd is None
+    for bad, words in ((["--segment-fd=7"], "same fd"), (["--segment-fd=-1"], "non-negative"),
+                       (["--segment-fd=x"], "decimal"), (["--segment-fd=8", "--segment-fd=9"], "twice")):
+        with pytest.raises(SpawnArgsError, match=words):
+            SpawnArgs.parse(["--hub-path=/p", "--peer-id=2", "--doorbell-fd=7", *bad])
+
+
+@pytest.mark.spec("shm.spawn.fd-inheritance")
+def test_anonymous_ticket_carries_the_segment_fd():
+    hub = Hub(small_config(max_guests=2))
+    try:
+        t = hub.host.add_peer()
+        assert t.segment_fd == hub.host.segment.fd and "--segment-fd=%d" % t.segment_fd in t.to_args()
+        assert not os.get_inheritable(t.segment_fd)  # passed to the child only (pass_fds)
+        hub.host.release(t)
+    finally:
+        hub.close()
+
+
 BAD_SEGMENT_FDS = {
     "closed": "segment fd 987 is not open",
     "pipe": "is not a regular file",

@@ -306,8 +306,9 @@ class ShmHost:
         return sorted(p.peer_id for p in self._driver._live if p.phase == ATTACHED)
 
     def statistics(self) -> dict:
-        """Peers by state, deaths (by cause), spawns, respawns, and per
-        guest its ring and doorbell counters."""
+        """Peers by state, deaths (by cause), spawns, respawns, the
+        segment's committed bytes and size, and per guest its ring and
+        doorbell counters."""
         d = self._driver
         seg_stats = self.segment.statistics() if not self.segment.closed else {"peers": {}}
         per_peer = {}
@@ -321,6 +322,10 @@ class ShmHost:
         s = d.stats
         return {
             "path": str(self.segment.path),
+            "anonymous": self.segment.anonymous,
+            # spec: shm.segment.lazy-extents -- allocated segment bytes (what the bench reports)
+            "committed_bytes": seg_stats.get("committed_bytes", 0),
+            "segment_size": seg_stats.get("current_size", 0),
             "closed": self.closed,
             "peers": seg_stats["peers"],
             "live": sum(1 for p in d._live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
