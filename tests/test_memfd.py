@@ -293,6 +293,7 @@ def test_classes_grow_their_first_extent_on_first_use():
 
 FSIZE = r"""
 import os, resource, sys
+from shmpool.errors import SlotExhaustedError
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm.varslot import SlotPool
 cfg = SegmentConfig(max_guests=1, ring_size=16, size_classes=(SizeClass(512, 8), SizeClass(65536, 64)))
