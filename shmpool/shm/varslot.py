@@ -8,7 +8,10 @@ were appended after the segment was created.
 Data flow:
 - alloc(n): smallest class whose slots fit n; pop its free list
   (freelist.FreeList); if empty, grow that class by one extent (appended
-  to the file, up to the memory limit); else fall back to a larger class;
+  to the file, up to the memory limit, its pages allocated first: a full
+  file system or memory is "cannot grow", never SIGBUS; every class starts
+  with no extent, so its first extent comes this way too); else fall back
+  to a larger class;
   else wait on the class's futex word until a slot is freed or the timeout
   passes (SlotExhaustedError). Payloads above the largest class get a
   dedicated "huge" extent of their own.
@@ -376,6 +379,7 @@ class SlotPool:
             self.no_space = (f"{size} bytes at offset {offset}: {e.strerror}; "
                              f"{space_hint(self.segment.path)}")
             return False
+        self.no_space = None
         return True
 
     # -- ownership ----------------------------------------------------------------
