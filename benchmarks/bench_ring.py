@@ -123,7 +123,7 @@ def bench_pipe(rounds: int, burst: int) -> dict:
 
 def bench_ring(rounds: int, burst: int, wait: str, spin: int, raw: bool = False) -> dict:
     cfg = SegmentConfig(max_guests=1, ring_size=256, size_classes=(SizeClass(512, 16),))
-    with Segment.create(cfg) as seg:
+    with Segment.create(cfg, anonymous=False) as seg:  # (the peer attaches by path)
         tx, rx = open_rings(seg, PEER_ID, "host", wait=wait, spin=spin)
         env = dict(os.environ, SHMPOOL_WAIT=wait)
         proc = subprocess.Popen(
@@ -182,7 +182,7 @@ def bench_ring_oneway(burst: int, wait: str, spin: int) -> float:
     """Pure one-way throughput: the child consumes and only acknowledges
     the end of the burst."""
     cfg = SegmentConfig(max_guests=1, ring_size=256, size_classes=(SizeClass(512, 16),))
-    with Segment.create(cfg) as seg:
+    with Segment.create(cfg, anonymous=False) as seg:  # (the peer attaches by path)
         tx, rx = open_rings(seg, PEER_ID, "host", wait=wait, spin=spin)
         proc = subprocess.Popen(
             [sys.executable, __file__, "--ring-peer", str(seg.path), "sink", wait, str(spin)],

@@ -82,7 +82,7 @@ def bench_memcpy(size: int, rounds: int) -> float:
 def bench_transfer(size: int, rounds: int, mode: str, window: int = 1) -> float:
     cfg = SegmentConfig(max_guests=1, memory_limit=8 << 30)
     src = bytearray(os.urandom(MIB) * (size // MIB))
-    with Segment.create(cfg) as seg:
+    with Segment.create(cfg, anonymous=False) as seg:  # (the peer attaches by path)
         pool = SlotPool(seg, 0)
         tx, rx = open_rings(seg, PEER, "host")
         proc = subprocess.Popen([sys.executable, __file__, "--peer", str(seg.path), mode])

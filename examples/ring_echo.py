@@ -1,10 +1,10 @@
 """Two processes talking through a shmpool segment, with no executor.
 
-The host creates a segment and a doorbell, starts a guest process (this
-same file with --guest) and hands it the segment path and the doorbell fd.
-The guest echoes every descriptor back upper-cased; the host checks the
-answers, then tells the guest to stop. Nothing is left in /dev/shm
-afterwards.
+The host creates a segment (anonymous: a memfd, no file anywhere) and a
+doorbell, starts a guest process (this same file with --guest) and hands
+it the segment's fd and the doorbell fd. The guest echoes every
+descriptor back upper-cased; the host checks the answers, then tells the
+guest to stop. Nothing is left behind afterwards, however the host ends.
 
     python examples/ring_echo.py
 """
@@ -19,8 +19,8 @@ ECHO = 1
 PEER = 1
 
 
-def guest(path: str, doorbell_fd: int) -> None:
-    seg = Segment.attach(path)
+def guest(segment_fd: int, doorbell_fd: int) -> None:
+    seg = Segment.attach_fd(segment_fd)
     bell = Doorbell.from_fd(doorbell_fd)
     tx, rx = open_rings(seg, PEER, "guest", doorbell=bell)
     while True:
@@ -37,7 +37,7 @@ def host() -> None:
         bell, guest_end = Doorbell.pair()
         fd = guest_end.make_inheritable()
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--guest", str(seg.path), str(fd)], pass_fds=[fd]
+            [sys.executable, __file__, "--guest", str(seg.fd), str(fd)], pass_fds=[seg.fd, fd]
         )
         guest_end.close()  # the guest holds the only other copy now
         tx, rx = open_rings(seg, PEER, "host", doorbell=bell)
@@ -49,12 +49,12 @@ def host() -> None:
         tx.push(Descriptor.with_inline(STOP, 0))
         proc.wait(timeout=10)
         bell.close()
-        print(f"{len(words)} round trips through {seg.path.name}: all echoed correctly")
+        print(f"{len(words)} round trips through {seg.path}: all echoed correctly")
         print("host ring statistics:", tx.statistics())
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--guest":
-        guest(sys.argv[2], int(sys.argv[3]))
+        guest(int(sys.argv[2]), int(sys.argv[3]))
     else:
         host()

@@ -1,7 +1,8 @@
 """Command line: `python -m shmpool <command>`.
 
 Commands:
-    clean [--dir DIR] [--dry-run]   remove segment files left by dead hosts
+    clean [--dir DIR] [--dry-run]   remove named segment files left by hosts killed with SIGKILL
+                                    (the default, anonymous segments leave nothing to clean)
     bench [--quick] [--json PATH] [--plot PATH] [--peers LIST] [--workers N] [--repeat N]
                                     shmpool against ProcessPoolExecutor, multiprocessing.Pool,
                                     loky and mpire, in the same run (see shmpool/bench/)
@@ -18,7 +19,8 @@ from .shm.segment import clean, default_directory, segment_is_stale, SEGMENT_PRE
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shmpool", description="shmpool utilities")
     sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("clean", help="remove stale segment files (their host process is gone)")
+    c = sub.add_parser("clean", help="remove stale named segment files (their host process is gone; "
+                                     "anonymous segments never need it)")
     c.add_argument("--dir", default=None, help=f"segment directory (default: {default_directory()})")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     b = sub.add_parser("bench", help="benchmark shmpool against the stdlib's pools (and loky, mpire)",

@@ -2,8 +2,12 @@
 every test.
 
 Every test runs with:
-- its own segment directory (SHMPOOL_DIR, per xdist worker), so the files a
-  test leaves behind are attributable to it;
+- the default, anonymous segments (memfd: nothing in any directory); a
+  test that needs named segment files is marked `@pytest.mark.named_segment`
+  (or uses the `named_segments` fixture): it then runs with SHMPOOL_DIR set
+  to its own segment directory (per run and xdist worker), so the files it
+  leaves behind are attributable to it (that directory is leak-checked
+  after every test);
 - a per-test token in the environment (SHMPOOL_LEAK_TOKEN) that every
   process it starts inherits, so a surviving process is found even if it
   was re-parented;
@@ -39,7 +43,12 @@ LEAK_GRACE = 5.0  # seconds a test's processes get to finish exiting
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ["SHMPOOL_DIR"] = str(SEGMENT_DIR)
+    config.addinivalue_line(
+        "markers", "named_segment: run with SHMPOOL_DIR set to the run's segment directory "
+        "(named segment files instead of anonymous ones)")
+    # Anonymous by default: a SHMPOOL_DIR from the caller's environment
+    # would silently turn every test into a named-mode test.
+    os.environ.pop("SHMPOOL_DIR", None)
     if SEGMENT_DIR.exists():
         shutil.rmtree(SEGMENT_DIR)
     SEGMENT_DIR.mkdir(mode=0o700)
@@ -103,6 +112,21 @@ def _segment_files() -> set[str]:
         return set(os.listdir(SEGMENT_DIR))
     except FileNotFoundError:
         return set()
+
+
+@pytest.fixture
+def named_segments(monkeypatch) -> Path:
+    """Named segment files in the run's segment directory for this test
+    (SHMPOOL_DIR, inherited by the processes it starts)."""
+    monkeypatch.setenv("SHMPOOL_DIR", str(SEGMENT_DIR))
+    return SEGMENT_DIR
+
+
+@pytest.fixture(autouse=True)
+def _named_marker(request: pytest.FixtureRequest):
+    if request.node.get_closest_marker("named_segment") is not None:
+        request.getfixturevalue("named_segments")
+    yield
 
 
 @pytest.fixture(autouse=True)

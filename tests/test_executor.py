@@ -192,6 +192,7 @@ def _wait_for(cond, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
 def test_shutdown_without_wait_still_finishes_work():
     e = ShmExecutor(2)
     fs = [e.submit(sleeper, 0.1) for _ in range(4)]
@@ -203,6 +204,7 @@ def test_shutdown_without_wait_still_finishes_work():
     assert not e._core.host.segment.path.exists()
 
 
+@pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
 def test_garbage_collected_executor_cleans_up():
     e = ShmExecutor(2)
     assert e.submit(square, 4).result(30) == 16

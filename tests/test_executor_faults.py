@@ -170,6 +170,7 @@ def test_fifty_create_shutdown_cycles_leave_nothing():
     assert set(threading.enumerate()) - threads == set()
 
 
+@pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
 def test_sigkilled_host_leaves_no_worker(peers):
     prog = (
         "import json, os, sys, time\n"

@@ -24,6 +24,9 @@ from shmpool.shm import ring as ring_mod
 from shmpool.shm.segment import private_directory, process_start_ticks, segment_is_stale
 from shmpool.shm.wait import SPIN_MIN, Waiter
 
+# Processes of these tests attach by path: named segment files (SHMPOOL_DIR).
+pytestmark = pytest.mark.named_segment
+
 SMALL = SegmentConfig(max_guests=2, ring_size=8, size_classes=(SizeClass(512, 8), SizeClass(4096, 4)))
 
 
@@ -107,21 +110,33 @@ def test_forked_child_does_not_remove_the_hosts_file():
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 @pytest.mark.spec("shm.file.create")
+@pytest.mark.spec("shm.file.no-sigbus")
 def test_full_tmpfs_fails_cleanly_instead_of_sigbus(tmp_path):
-    """On a 2 MiB tmpfs, a segment whose slot metadata does not fit must
-    fail with SegmentError at create time (not die with SIGBUS)."""
+    """On a 2 MiB tmpfs: a segment whose control region does not fit fails
+    with SegmentError at create time; one that fits is created, and an
+    extent that does not fit is "no slot" (None, then SlotExhaustedError
+    naming the reason and the knob), never SIGBUS."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     prog = (
         "from shmpool.shm import Segment, SegmentConfig, SizeClass\n"
-        "from shmpool.errors import SegmentError\n"
-        "cfg = SegmentConfig(max_guests=1, ring_size=2, max_channels=2,\n"
-        "                    size_classes=(SizeClass(64, 1 << 18),), memory_limit=1 << 30)\n"
+        "from shmpool.shm.varslot import SlotPool\n"
+        "from shmpool.errors import SegmentError, SlotExhaustedError\n"
+        "big = SegmentConfig(max_guests=255, ring_size=4096, memory_limit=1 << 34)\n"
         "try:\n"
-        f"    Segment.create(cfg, directory='{mnt}/segs').close()\n"
+        f"    Segment.create(big, directory='{mnt}/segs').close()\n"
         "    print('created')\n"
         "except SegmentError as e:\n"
         "    print('SegmentError', e)\n"
+        "cfg = SegmentConfig(max_guests=1, ring_size=2, max_channels=2,\n"
+        "                    size_classes=(SizeClass(64, 1 << 18),), memory_limit=1 << 30)\n"
+        f"with Segment.create(cfg, directory='{mnt}/segs') as seg:\n"
+        "    pool = SlotPool(seg, 0)\n"
+        "    print(pool.try_alloc(10))\n"
+        "    try:\n"
+        "        pool.alloc(10, timeout=0)\n"
+        "    except SlotExhaustedError as e:\n"
+        "        print('SlotExhaustedError', e)\n"
     )
     out = subprocess.run(
         ["unshare", "--mount", "sh", "-c",
@@ -131,7 +146,11 @@ def test_full_tmpfs_fails_cleanly_instead_of_sigbus(tmp_path):
     if "mount:" in out.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("SegmentError") and "/dev/shm full" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("SegmentError") and "No space left" in lines[0] and "SHMPOOL_DIR" in lines[0]
+    assert lines[1] == "None"
+    assert lines[2].startswith("SlotExhaustedError") and "No space left" in lines[2], lines[2]
+    assert "memory_limit" in lines[2] and "SHMPOOL_DIR" in lines[2]
 
 
 @pytest.fixture

@@ -433,6 +433,7 @@ def test_forgotten_host_is_finalized_at_interpreter_exit():
 
 
 @pytest.mark.spec("shm.file.cleanup")
+@pytest.mark.named_segment
 def test_forked_child_of_the_host_leaves_the_host_alone():
     """A child forked from the host process (which inherits the host's
     finalizer, not its driver) exits normally; the host, its guest and its
@@ -504,12 +505,16 @@ def test_guest_spawned_from_a_short_lived_thread_survives_it(hub):
 
 @pytest.mark.spec("shm.guest.pdeathsig")
 @pytest.mark.spec("shm.doorbell.death")
+@pytest.mark.parametrize("segment_mode", ["anonymous", "named"])
 @pytest.mark.parametrize("mode", ["idle", "busy"])
-def test_host_sigkill_leaves_no_guest_running(mode):
+def test_host_sigkill_leaves_no_guest_running(mode, segment_mode, request):
     """The host (its own process) is SIGKILLed with 3 idle or busy guests:
     every guest is gone within 2 s, and `shmpool.clean()` removes the stale
-    file."""
+    file (named mode)."""
     import shmpool
+
+    if segment_mode == "named":
+        request.getfixturevalue("named_segments")
 
     with Subreaper() as reaper:
         host = subprocess.Popen([sys.executable, HUB_PEER, "host", "3", mode],
@@ -532,11 +537,14 @@ def test_host_sigkill_leaves_no_guest_running(mode):
         print(f"\n{mode}: all guests gone {latest * 1000:.1f} ms after the host's SIGKILL; "
               f"statuses {[os.waitstatus_to_exitcode(s) for s, _ in gone.values()]}")
         assert latest < 2.0
-    removed = shmpool.clean()
-    assert report["path"] in removed
+    if segment_mode == "named":
+        assert report["path"] in shmpool.clean()
+    else:
+        assert report["path"].startswith("memfd:")
 
 
 @pytest.mark.spec("shm.guest.pdeathsig")
+@pytest.mark.named_segment
 def test_guest_started_after_its_host_died_exits():
     """Guests that reach prctl only after the host died notice (their parent
     is no longer the host) and exit with HOST_GONE."""
@@ -573,6 +581,7 @@ def test_guest_started_after_its_host_died_exits():
 
 
 @pytest.mark.spec("shm.guest.attach")
+@pytest.mark.named_segment
 def test_attach_path_claims_an_empty_entry(hub):
     host = hub.host
     t, p1 = hub.start("idle")  # entry 1 taken by a ticket guest

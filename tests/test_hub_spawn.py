@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ BAD_TICKETS = {
 @pytest.mark.spec("shm.guest.attach-failure")
 @pytest.mark.spec("shm.spawn.args")
 @pytest.mark.spec("shm.spawn.guest-init")
+@pytest.mark.named_segment  # (bad paths; bad segment fds: test_bad_segment_fd_...)
 @pytest.mark.parametrize("case", list(BAD_TICKETS), ids=list(BAD_TICKETS))
 def test_bad_ticket_exits_with_its_code_and_changes_nothing(case, tmp_path):
     c = BAD_TICKETS[case]
@@ -114,12 +116,106 @@ def _fds_of(pid: int) -> dict[int, str]:
     return out
 
 
+@pytest.mark.spec("shm.spawn.args")
+@pytest.mark.spec("shm.spawn.ticket")
+def test_segment_fd_round_trips_through_the_spawn_arguments():
+    from shmpool.errors import SpawnArgsError
+    from shmpool.hub import SpawnArgs, SpawnTicket
+
+    t = SpawnTicket("memfd:shmpool-1-ab", 2, 7, segment_fd=9)
+    assert t.to_args() == ["--hub-path=memfd:shmpool-1-ab", "--peer-id=2", "--doorbell-fd=7",
+                           "--segment-fd=9"]
+    assert t.fds == (7, 9) and SpawnTicket("/p", 2, 7).fds == (7,)
+    assert SpawnArgs.parse(["x", *t.to_args()]) == SpawnArgs("memfd:shmpool-1-ab", 2, 7, 9)
+    assert SpawnArgs.parse(SpawnTicket("/p", 2, 7).to_args()).segment_fd is None
+    for bad, words in ((["--segment-fd=7"], "same fd"), (["--segment-fd=-1"], "non-negative"),
+                       (["--segment-fd=x"], "decimal"), (["--segment-fd=8", "--segment-fd=9"], "twice")):
+        with pytest.raises(SpawnArgsError, match=words):
+            SpawnArgs.parse(["--hub-path=/p", "--peer-id=2", "--doorbell-fd=7", *bad])
+
+
+@pytest.mark.spec("shm.spawn.fd-inheritance")
+def test_anonymous_ticket_carries_the_segment_fd():
+    hub = Hub(small_config(max_guests=2))
+    try:
+        t = hub.host.add_peer()
+        assert t.segment_fd == hub.host.segment.fd and "--segment-fd=%d" % t.segment_fd in t.to_args()
+        assert not os.get_inheritable(t.segment_fd)  # passed to the child only (pass_fds)
+        hub.host.release(t)
+    finally:
+        hub.close()
+
+
+BAD_SEGMENT_FDS = {
+    "closed": "segment fd 987 is not open",
+    "pipe": "is not a regular file",
+    "unsealed-memfd": "not sealed against shrinking",
+    "regular-file": "is not a memfd|not sealed against shrinking",  # (ext4 | tmpfs /tmp)
+    "foreign-memfd": "bad magic",
+}
+
+
+@pytest.mark.spec("shm.file.anonymous")
+@pytest.mark.spec("shm.guest.attach-failure")
+@pytest.mark.parametrize("case", list(BAD_SEGMENT_FDS))
+def test_bad_segment_fd_exits_with_segment_code_and_changes_nothing(case, tmp_path):
+    """A guest given an anonymous segment's fd validates it as attach by
+    path validates a file: not open, not a file, not sealed, or not a
+    shmpool segment -> exit SEGMENT, nothing changed."""
+    import fcntl
+
+    from shmpool.shm.segment import F_ADD_SEALS, F_SEAL_SHRINK
+
+    hub = Hub(small_config(max_guests=3))
+    closers = []
+    try:
+        assert hub.host.segment.anonymous
+        pending = hub.host.add_peer()
+        before = entries(hub.host.segment)
+        if case == "closed":
+            fd = 987
+        elif case == "pipe":
+            fd, w = os.pipe()
+            closers += [fd, w]
+        elif case == "regular-file":
+            f = tmp_path / "plain"
+            f.write_bytes(hub.host.segment.buf[:4096].tobytes())
+            fd = os.open(f, os.O_RDWR)
+            closers.append(fd)
+        else:
+            fd = os.memfd_create("foreign", os.MFD_ALLOW_SEALING)
+            closers.append(fd)
+            os.write(fd, hub.host.segment.buf[:4096].tobytes() if case == "unsealed-memfd"
+                     else os.urandom(4096))
+            if case == "foreign-memfd":
+                fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+        args = [f"--hub-path={hub.host.path}", f"--peer-id={pending.peer_id}",
+                f"--doorbell-fd={pending.doorbell_fd}", f"--segment-fd={fd}"]
+        code, err = _run_guest(args, (pending.doorbell_fd,) + ((fd,) if case != "closed" else ()))
+        print(f"\n{case}: exit {code}: {err.strip()}")
+        assert code == GuestExit.SEGMENT
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and re.search(BAD_SEGMENT_FDS[case], lines[0]), err
+        assert entries(hub.host.segment) == before
+        hub.host.release(pending)
+    finally:
+        for x in closers:
+            os.close(x)
+        hub.close()
+
+
 @pytest.mark.spec("shm.spawn.fd-inheritance")
 @pytest.mark.spec("shm.doorbell.death")
-def test_guests_hold_only_their_doorbell_segment_and_stdio():
+@pytest.mark.parametrize("segment_mode", ["anonymous", "named"])
+def test_guests_hold_only_their_doorbell_segment_and_stdio(segment_mode, request):
+    if segment_mode == "named":
+        request.getfixturevalue("named_segments")
     hub = Hub(small_config(max_guests=3))
     try:
         host = hub.host
+        assert host.segment.anonymous == (segment_mode == "anonymous")
+        # (a memfd's link reads "/memfd:NAME (deleted)", the same in every process)
+        segment = os.readlink(f"/proc/self/fd/{host.segment.fd}")
         sockets = {}
         procs = {}
         for _ in range(3):
@@ -135,7 +231,7 @@ def test_guests_hold_only_their_doorbell_segment_and_stdio():
             # CPython's mmap keeps a dup of the fd it maps: the segment may
             # appear twice, but nothing else may.
             assert rest.count(sockets[peer]) == 1, fds
-            assert set(rest) == {sockets[peer], str(host.path)}, fds
+            assert set(rest) == {sockets[peer], segment}, fds
         mine = set(_fds_of(os.getpid()).values())
         assert not mine & set(sockets.values())  # the host closed its copies of the guest ends
     finally:

@@ -18,6 +18,9 @@ from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass,
 from shmpool.shm import layout as L
 from shmpool.shm.wait import SLICE, wait_backend
 
+# Processes of these tests attach by path: named segment files (SHMPOOL_DIR).
+pytestmark = pytest.mark.named_segment
+
 RING64 = SegmentConfig(max_guests=2, ring_size=64, size_classes=(SizeClass(512, 8),))
 
 

@@ -19,6 +19,9 @@ from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
 from shmpool.shm.varslot import SlotPool
 
+# Several tests start tests/peer.py processes that attach by path.
+pytestmark = pytest.mark.named_segment
+
 SMALL = SegmentConfig(
     max_guests=4,
     size_classes=(SizeClass(512, 8), SizeClass(4096, 4), SizeClass(65536, 2)),
@@ -64,18 +67,36 @@ def test_smallest_fitting_class_and_boundaries(seg):
 
 
 @pytest.mark.spec("shm.varslot.extent-layout")
+@pytest.mark.spec("shm.segment.lazy-extents")
 def test_extents_are_formatted_as_documented(seg):
     lay = seg.layout
+    pool = SlotPool(seg, 0)
+    for ci in range(len(SMALL.size_classes)):  # no extent until first use
+        hdr = L.CLASS_HEADER.unpack_from(seg.buf, lay.class_header(ci))
+        assert hdr[2] == 0 and hdr[4] == L.pack_head(0, 0) and not any(hdr[7:])
+    assert seg.current_size == lay.total_size
     for ci, cls in enumerate(SMALL.size_classes):
-        base = lay.extent_offsets[ci]
-        assert base % L.PAGE == 0
-        hdr = L.EXTENT_HEADER.unpack_from(seg.buf, base)
+        s = pool.alloc(cls.slot_size)  # the first allocation grows extent 0
+        base = _atomics.load_u64(seg.buf, lay.class_header(ci) + L.C_EXTENT_OFFSETS)
+        assert base % L.PAGE == 0 and base >= lay.total_size
+        view = seg.map_range(base, L.extent_size(cls))
+        hdr = L.EXTENT_HEADER.unpack_from(view, 0)
         assert hdr == (ci, 0, cls.slots_per_extent, cls.slot_size, 64,
                        L.extent_data_offset(cls), L.extent_size(cls))
         assert L.extent_data_offset(cls) % 64 == 0
+        # Freed one by one by the grower: Free (generation 0) and chained,
+        # except the one just allocated.
+        chained = 0
         for i in range(cls.slots_per_extent):
-            status, nxt = L.SLOT_META.unpack_from(seg.buf, base + 64 + 16 * i)
-            assert status == 0 and nxt == (i + 2 if i + 1 < cls.slots_per_extent else 0)
+            status, nxt = L.SLOT_META.unpack_from(view, 64 + 16 * i)
+            if (s.ref & 0x3FFFF) == i:
+                assert status & 0xFF == L.ALLOCATED
+            else:
+                assert status & 0xFFFFFFFF == L.FREE
+                chained += 1
+        assert pool._classes[ci].freelist.length() == chained == cls.slots_per_extent - 1
+        pool.free(s)
+    assert_all_free(pool)
 
 
 @pytest.mark.spec("shm.varslot.allocation")
@@ -157,20 +178,21 @@ def test_debug_mode_poisons_freed_slots(monkeypatch):
 @pytest.mark.spec("shm.varslot.extents")
 def test_growth_then_memory_limit_then_fallback_then_exhaustion(seg):
     pool = SlotPool(seg, 0)
-    held = [pool.alloc(4000) for _ in range(4)]  # class 1 full
-    held.append(pool.alloc(4000))  # grows class 1
+    held = [pool.alloc(4000) for _ in range(4)]  # class 1 grown once (its first extent), full
+    held.append(pool.alloc(4000))  # grows class 1 again
     st_ = pool.statistics()
-    assert st_.classes[1].extents == 2 and pool.grows == 1
+    assert st_.classes[1].extents == 2 and pool.grows == 2
     assert L.unpack_slot_ref(held[-1].ref)[1] == 1
-    assert st_.current_size == seg.layout.total_size + L.extent_size(SMALL.size_classes[1])
+    assert st_.current_size == seg.layout.total_size + 2 * L.extent_size(SMALL.size_classes[1])
     # exhaust everything the memory limit allows in class 2 and beyond
     classes = (SizeClass(512, 2), SizeClass(4096, 1))
     tight = SegmentConfig(max_guests=1, size_classes=classes,
-                          memory_limit=_initial(classes) + L.extent_size(classes[0]))
+                          memory_limit=_minimum(classes) + L.extent_size(classes[0]))
     with Segment.create(tight) as s2:
         p2 = SlotPool(s2, 0)
-        small = [p2.alloc(10) for _ in range(4)]  # 2 initial + 2 from one grown extent
-        assert p2.grows == 1
+        p2.free(p2.alloc(4000))  # class 1's (lazy) first extent
+        small = [p2.alloc(10) for _ in range(4)]  # two extents of 2 slots: the limit
+        assert p2.grows == 3
         fb = p2.alloc(10)  # class 0 cannot grow any more: falls back to class 1
         assert L.unpack_slot_ref(fb.ref)[0] == 1 and p2.fallbacks == 1
         t0 = time.monotonic()
@@ -185,8 +207,8 @@ def test_growth_then_memory_limit_then_fallback_then_exhaustion(seg):
     assert_all_free(pool)
 
 
-def _initial(classes) -> int:
-    return L.SegmentLayout.compute(SegmentConfig(max_guests=1, size_classes=classes)).total_size
+def _minimum(classes) -> int:
+    return L.SegmentLayout.compute(SegmentConfig(max_guests=1, size_classes=classes)).min_memory_limit
 
 
 @pytest.mark.spec("shm.varslot.huge")
@@ -398,7 +420,7 @@ def test_growth_seen_across_processes(peers):
     with Segment.create(SMALL) as seg:
         p = peers.start("slot-grow", seg.path, 1, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         msg = json.loads(p.stdout.readline())
-        assert msg["grows"] == 1
+        assert msg["grows"] == 2  # the class's first extent, then one more
         host = SlotPool(seg, 0)
         slot = host.receive(msg["ref"], msg["generation"])  # maps the new extent lazily
         assert bytes(host.view(slot, length=100, readonly=True)) == bytes(range(100))

@@ -7,7 +7,7 @@ entry point a guest program calls.
 
 Data flow (attach with a ticket):
     parse spawn args -> prctl(PR_SET_PDEATHSIG, SIGKILL) -> map and validate
-    the segment -> re-check that the parent is the host (header pid) ->
+    the segment (from the inherited fd of an anonymous one, else by path) -> re-check that the parent is the host (header pid) ->
     check the peer id against max_guests -> adopt the doorbell fd ->
     CAS Reserved -> Attached -> epoch + 1 -> heartbeat, pid -> open rings
     (with the doorbell) -> ring the doorbell once ("attached").
@@ -118,7 +118,10 @@ class ShmGuest:
         if check_parent:
             # Before anything else: from here on, our parent's death kills us.
             set_parent_death_signal()
-        seg = Segment.attach(args.hub_path)
+        if args.segment_fd is not None:  # spec: shm.file.anonymous
+            seg = Segment.attach_fd(args.segment_fd, args.hub_path)
+        else:
+            seg = Segment.attach(args.hub_path)
         try:
             _check_host(seg, check_parent)
             maxg = seg.config.max_guests
@@ -145,8 +148,8 @@ class ShmGuest:
 
     @classmethod
     def attach_path(cls, path: str | os.PathLike, *, wait: str | None = None) -> "ShmGuest":
-        """Attach without a ticket: claim the lowest Empty entry (Empty ->
-        Attached). There is no doorbell: the host finds this guest by its
+        """Attach without a ticket to a named segment (an anonymous one has
+        no path): claim the lowest Empty entry (Empty -> Attached). There is no doorbell: the host finds this guest by its
         periodic scan and polls its ring on a short tick, and the guest
         watches the host through `host_goodbye` and the host's pid.
         Raises `AttachError` (HUB_FULL) when no entry is Empty."""

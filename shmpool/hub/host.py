@@ -1,6 +1,7 @@
 """The host side of a hub: `ShmHost`, the object the layer above holds.
 
-Owns: the segment (created here, unlinked on close), the public API for
+Owns: the segment (created here: anonymous by default, its fd in every
+spawn ticket; a named file is unlinked on close), the public API for
 reserving entries (`add_peer` -> `SpawnTicket`), starting guests
 (`spawn`), sending to them (`send`, one lock per guest because a ring has
 one producer), receiving from them (a message handler, or `receive`),
@@ -81,10 +82,12 @@ class ShmHost:
 
     @classmethod
     def create(cls, path: str | os.PathLike | None = None, config: SegmentConfig | None = None,
-               *, directory: str | os.PathLike | None = None) -> "ShmHost":
-        """Create the segment (at `path`, or under a private directory) and
-        start the driver thread."""
-        seg = Segment.create(config, path=path, directory=directory)
+               *, directory: str | os.PathLike | None = None,
+               anonymous: bool | None = None) -> "ShmHost":
+        """Create the segment (anonymous, or a named file at `path` or under
+        a private directory: see `Segment.create`) and start the driver
+        thread."""
+        seg = Segment.create(config, path=path, directory=directory, anonymous=anonymous)
         try:
             driver = Driver(seg)
         except BaseException:
@@ -162,7 +165,9 @@ class ShmHost:
             # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
             fd = p.guest_end.make_inheritable()
             again = chosen.peer_id in d._history
-            p.ticket = SpawnTicket(str(self.segment.path), chosen.peer_id, fd, opts.peer_name, os.getpid())
+            seg = self.segment
+            p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
+                                   seg.fd if seg.anonymous else None)
             d._peers[chosen.peer_id] = p
             d._history[chosen.peer_id] = info
             d.set_live()
@@ -301,8 +306,9 @@ class ShmHost:
         return sorted(p.peer_id for p in self._driver._live if p.phase == ATTACHED)
 
     def statistics(self) -> dict:
-        """Peers by state, deaths (by cause), spawns, respawns, and per
-        guest its ring and doorbell counters."""
+        """Peers by state, deaths (by cause), spawns, respawns, the
+        segment's committed bytes and size, and per guest its ring and
+        doorbell counters."""
         d = self._driver
         seg_stats = self.segment.statistics() if not self.segment.closed else {"peers": {}}
         per_peer = {}
@@ -316,6 +322,10 @@ class ShmHost:
         s = d.stats
         return {
             "path": str(self.segment.path),
+            "anonymous": self.segment.anonymous,
+            # spec: shm.segment.lazy-extents -- allocated segment bytes (what the bench reports)
+            "committed_bytes": seg_stats.get("committed_bytes", 0),
+            "segment_size": seg_stats.get("current_size", 0),
             "closed": self.closed,
             "peers": seg_stats["peers"],
             "live": sum(1 for p in d._live if p.phase in (SPAWNED, ATTACHED, LEAVING)),

@@ -6,14 +6,18 @@ Owns: `SpawnTicket` (what the host hands to whoever starts a guest),
 and `popen_guest` (the one place where a guest process is started).
 
 Data flow: `ShmHost.add_peer` reserves an entry and creates the doorbell
--> `SpawnTicket(hub_path, peer_id, doorbell_fd)` -> `ticket.to_args()` gives
-`--hub-path=PATH --peer-id=N --doorbell-fd=FD` -> the host's driver thread
-runs `popen_guest` (the doorbell end passed with `pass_fds`, every other fd
-closed) -> in the child, `SpawnArgs.parse(sys.argv)` -> `ShmGuest.attach_with_ticket`.
+-> `SpawnTicket(hub_path, peer_id, doorbell_fd, segment_fd=…)` ->
+`ticket.to_args()` gives `--hub-path=PATH --peer-id=N --doorbell-fd=FD`
+plus, for an anonymous segment, `--segment-fd=FD` (then PATH is only the
+segment's display name, `memfd:…`) -> the host's driver thread runs
+`popen_guest` (the doorbell end and the segment fd passed with
+`pass_fds`, every other fd closed) -> in the child,
+`SpawnArgs.parse(sys.argv)` -> `ShmGuest.attach_with_ticket`, which maps
+the segment from the fd (or opens the path of a named one).
 
 Invariants:
-- The three arguments round-trip exactly: `SpawnArgs.parse(t.to_args())`
-  gives back the ticket's path, peer id and fd.
+- The arguments round-trip exactly: `SpawnArgs.parse(t.to_args())`
+  gives back the ticket's path, peer id and fds.
 - Parsing never touches the file system or the fd; it only checks syntax
   and ranges, and raises `SpawnArgsError` naming the argument.
 - `popen_guest` is called on the host's driver thread only (see
@@ -33,6 +37,7 @@ from .peer import MAX_PEERS
 ARG_PATH = "--hub-path"
 ARG_PEER = "--peer-id"
 ARG_FD = "--doorbell-fd"
+ARG_SEGMENT_FD = "--segment-fd"
 
 
 class GuestExit(enum.IntEnum):
@@ -58,15 +63,19 @@ class SpawnArgs:
     hub_path: str
     peer_id: int
     doorbell_fd: int
+    segment_fd: int | None = None  # an anonymous segment's fd (hub_path is then its name)
 
     def to_args(self) -> list[str]:
-        return [f"{ARG_PATH}={self.hub_path}", f"{ARG_PEER}={self.peer_id}",
+        args = [f"{ARG_PATH}={self.hub_path}", f"{ARG_PEER}={self.peer_id}",
                 f"{ARG_FD}={self.doorbell_fd}"]
+        if self.segment_fd is not None:
+            args.append(f"{ARG_SEGMENT_FD}={self.segment_fd}")
+        return args
 
     @classmethod
     def parse(cls, argv: Sequence[str]) -> "SpawnArgs":
-        """Find the three spawn arguments in `argv` (other arguments are
-        ignored; `--name=value` and `--name value` both work). Raises
+        """Find the spawn arguments in `argv` (`--segment-fd` is optional;
+        other arguments are ignored; `--name=value` and `--name value` both work). Raises
         `SpawnArgsError` for a missing, repeated, malformed or out-of-range
         value."""
         if isinstance(argv, (str, bytes)):
@@ -79,7 +88,7 @@ class SpawnArgs:
             if not isinstance(a, str):
                 raise SpawnArgsError(f"spawn argument {a!r} is not a string")
             name, eq, value = a.partition("=")
-            if name in (ARG_PATH, ARG_PEER, ARG_FD):
+            if name in (ARG_PATH, ARG_PEER, ARG_FD, ARG_SEGMENT_FD):
                 if not eq:
                     if i + 1 >= len(items):
                         raise SpawnArgsError(f"{name} needs a value")
@@ -101,10 +110,18 @@ class SpawnArgs:
         peer = _parse_int(ARG_PEER, found[ARG_PEER])
         if not 1 <= peer <= MAX_PEERS:
             raise SpawnArgsError(f"{ARG_PEER} must be in 1..{MAX_PEERS} (table index + 1), got {peer}")
-        fd = _parse_int(ARG_FD, found[ARG_FD])
-        if not 0 <= fd <= 0x7FFFFFFF:
-            raise SpawnArgsError(f"{ARG_FD} must be a non-negative fd number, got {fd}")
-        return cls(path, peer, fd)
+        fd = _parse_fd(ARG_FD, found[ARG_FD])
+        seg_fd = _parse_fd(ARG_SEGMENT_FD, found[ARG_SEGMENT_FD]) if ARG_SEGMENT_FD in found else None
+        if seg_fd is not None and seg_fd == fd:
+            raise SpawnArgsError(f"{ARG_SEGMENT_FD} and {ARG_FD} name the same fd {fd}")
+        return cls(path, peer, fd, seg_fd)
+
+
+def _parse_fd(name: str, text: str) -> int:
+    fd = _parse_int(name, text)
+    if not 0 <= fd <= 0x7FFFFFFF:
+        raise SpawnArgsError(f"{name} must be a non-negative fd number, got {fd}")
+    return fd
 
 
 def _parse_int(name: str, text: str) -> int:
@@ -122,7 +139,10 @@ class SpawnTicket:
 
     `doorbell_fd` is the host process's fd number of the guest's doorbell
     end; it stays open (and inheritable) until the ticket is spawned or
-    released. spec: shm.spawn.ticket
+    released. `segment_fd` is the host's fd of an anonymous segment (None
+    for a named one, which guests open by `hub_path`); it belongs to the
+    segment and is passed to the child only (`pass_fds`).
+    spec: shm.spawn.ticket
     """
 
     hub_path: str
@@ -130,17 +150,25 @@ class SpawnTicket:
     doorbell_fd: int
     peer_name: str = ""
     host_pid: int = 0
+    segment_fd: int | None = None
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """Every fd the guest must inherit (for `pass_fds`)."""
+        return (self.doorbell_fd,) if self.segment_fd is None else (self.doorbell_fd, self.segment_fd)
 
     def to_args(self) -> list[str]:
-        """`["--hub-path=…", "--peer-id=…", "--doorbell-fd=…"]`"""
-        return SpawnArgs(self.hub_path, self.peer_id, self.doorbell_fd).to_args()
+        """`["--hub-path=…", "--peer-id=…", "--doorbell-fd=…"]`, plus
+        `"--segment-fd=…"` for an anonymous segment."""
+        return SpawnArgs(self.hub_path, self.peer_id, self.doorbell_fd, self.segment_fd).to_args()
 
 
 def popen_guest(ticket: SpawnTicket, argv: Sequence[str], *, append_args: bool = True,
                 **popen_kw) -> subprocess.Popen:
-    """Start one guest. The doorbell end is passed with `pass_fds` (every
-    other fd of the host is closed in the child, so no guest inherits
-    another's doorbell end). Runs on the driver thread.
+    """Start one guest. The doorbell end and an anonymous segment's fd are
+    passed with `pass_fds` (every other fd of the host is closed in the
+    child, so no guest inherits another's doorbell end). Runs on the
+    driver thread.
     spec: shm.spawn.fd-inheritance"""
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a list of strings (the command and its arguments)")
@@ -154,4 +182,4 @@ def popen_guest(ticket: SpawnTicket, argv: Sequence[str], *, append_args: bool =
         # and would hide PDEATHSIG races; the guest sets up its own.
         raise ValueError("preexec_fn is not supported for guests")
     extra = tuple(popen_kw.pop("pass_fds", ()))
-    return subprocess.Popen(cmd, pass_fds=extra + (ticket.doorbell_fd,), **popen_kw)
+    return subprocess.Popen(cmd, pass_fds=extra + ticket.fds, **popen_kw)

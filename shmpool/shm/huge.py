@@ -26,7 +26,6 @@ spec: shm.varslot.huge
 
 from __future__ import annotations
 
-import os
 import time
 
 from .. import _atomics
@@ -120,9 +119,9 @@ class HugeExtents:
             if cas_u64(buf, e + L.HE_STATUS, st, L.pack_status(gen, L.ALLOCATED, self.me)) != st:
                 continue
             if not load_u64(buf, e + L.HE_RESIDENT):
-                try:  # its pages were punched: reserve them again (ENOSPC is clean here)
-                    os.posix_fallocate(self.pool.segment.fd, off, sz)
-                except OSError:
+                # Its pages were punched: allocate them again before handing
+                # it out (ENOSPC is a clean "no" here). spec: shm.file.no-sigbus
+                if not self.pool.allocate_pages(off, sz):
                     store_u64(buf, e + L.HE_STATUS, L.pack_status(gen, L.FREE))
                     return None
                 store_u64(buf, e + L.HE_RESIDENT, sz)

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -362,9 +363,21 @@ class SegmentConfig:
     heartbeat_interval: float = 0.0  # seconds; 0 disables heartbeats
     memory_limit: int = 4 * 1024**3
     max_payload_size: int = 0xFFFFFFFF
+    # Where the host puts a named segment file; None: an anonymous segment
+    # (memfd), unless $SHMPOOL_DIR names a directory. A choice of the host
+    # alone, not part of the shared format (attachers never see it).
+    # spec: shm.file.anonymous
+    directory: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size_classes", tuple(self.size_classes))
+        if self.directory is not None:
+            if not isinstance(self.directory, (str, os.PathLike)) or not os.fspath(self.directory):
+                raise ConfigError(f"SegmentConfig: directory must be a non-empty path or None, "
+                                  f"got {self.directory!r}")
+            # Absolute now: a later chdir must not move where the file is
+            # looked for (or unlinked).
+            object.__setattr__(self, "directory", os.path.abspath(os.fspath(self.directory)))
         self.validate()
 
     def validate(self) -> None:
@@ -401,11 +414,11 @@ class SegmentConfig:
                 bad,
             )
         _int_in("memory_limit", self.memory_limit, 1, 1 << 48, bad)
-        need = SegmentLayout.compute(self).total_size
+        need = SegmentLayout.compute(self).min_memory_limit
         if self.memory_limit < need:
             raise bad(
-                f"memory_limit {self.memory_limit} is below the initial segment "
-                f"size {need}; raise it or shrink the size classes"
+                f"memory_limit {self.memory_limit} is below {need}, the control region "
+                "plus one extent of every size class; raise it or shrink the size classes"
             )
 
     @property
@@ -441,8 +454,13 @@ class SegmentLayout:
     slot_region_offset: int
     pool_header_offset: int
     huge_table_offset: int
-    extent_offsets: tuple[int, ...]  # initial extent of each class
-    total_size: int
+    total_size: int  # the control region: every class starts with no extent
+
+    @property
+    def min_memory_limit(self) -> int:
+        """The smallest memory limit that lets every class hold one extent
+        (a smaller one would leave a class that can never serve)."""
+        return self.total_size + sum(extent_size(c) for c in self.config.size_classes)
 
     @classmethod
     def compute(cls, config: SegmentConfig) -> "SegmentLayout":
@@ -453,11 +471,9 @@ class SegmentLayout:
         slot_region = align(guests + area * config.max_guests)
         pool_header = slot_region + CLASS_HEADER_SIZE * len(config.size_classes)
         huge_table = pool_header + POOL_HEADER_SIZE
+        # spec: shm.segment.lazy-extents -- no extent at creation: an idle
+        # segment commits only this control region; classes grow on first use.
         pos = align(huge_table + HUGE_ENTRY_SIZE * MAX_HUGE, PAGE)
-        extents = []
-        for c in config.size_classes:
-            extents.append(pos)
-            pos += extent_size(c)
         return cls(
             config=config,
             peer_table_offset=peer_table,
@@ -467,7 +483,6 @@ class SegmentLayout:
             slot_region_offset=slot_region,
             pool_header_offset=pool_header,
             huge_table_offset=huge_table,
-            extent_offsets=tuple(extents),
             total_size=pos,
         )
 
@@ -501,14 +516,10 @@ class SegmentLayout:
 
     def formatted_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) of everything the host writes at create time:
-        the control region (header, peers, rings, class headers, huge table)
-        and each initial extent's header and slot metadata. The host
-        preallocates these so that a full /dev/shm fails at create time
-        instead of with SIGBUS; slot data stays sparse until used."""
-        ranges = [(0, self.extent_offsets[0])]
-        for off, cls in zip(self.extent_offsets, self.config.size_classes):
-            ranges.append((off, extent_data_offset(cls)))
-        return ranges
+        the whole control region (header, peers, rings, class headers, huge
+        table). The host allocates it before mapping, so that a full file
+        system fails at create time instead of with SIGBUS."""
+        return [(0, self.total_size)]
 
     def _check_peer(self, peer_id: int) -> None:
         if not 1 <= peer_id <= self.config.max_guests:

@@ -1,25 +1,34 @@
-"""The segment file: create, attach, validate, close, stale cleanup.
+"""The segment: create, attach, validate, map, close.
 
-Owns: the file-system side of shared memory. A segment is one regular file
-in a private directory (mode 0700, ours) under /dev/shm (or the temp dir),
-mapped MAP_SHARED by the host that created it and by every guest.
+Owns: the memory every process of a hub shares. By default a segment is
+anonymous: a memfd (no name anywhere), sealed against shrinking, that
+reaches guests as an inherited fd (`--segment-fd`, like the doorbell), so
+it lives exactly as long as the last process that has it open or mapped
+(whatever signal ends its host, nothing is left behind, and /dev/shm's
+size limit does not apply). In the named mode (`SHMPOOL_DIR`,
+`SegmentConfig.directory`, or an explicit path or directory) it is a
+regular file in a private directory, for attaching by path; files.py owns
+that side (directories, stale files, `clean`, signal cleanup).
 
 Data flow:
-- create: private dir -> random name -> O_CREAT|O_EXCL|O_NOFOLLOW, 0600 ->
-  size it -> preallocate the control region -> map -> write every
-  structure -> write the magic last (an atomic store-release).
-- attach: O_NOFOLLOW open -> fstat checks (regular, ours, 0600, one link,
-  big enough) -> read the header with pread (nothing mapped yet) -> rebuild
-  the config from it -> recompute the layout and require that it matches
-  -> only then map.
-- close: drop the mapping and the fd; the host also unlinks the file.
-  A host that dies leaves its pid and start time in the header, so
-  `clean()` (and every later `create` in the same directory) can tell the
-  file is stale and remove it.
+- create: memfd (or: private dir -> random name ->
+  O_CREAT|O_EXCL|O_NOFOLLOW, 0600) -> size it -> allocate the control
+  region (posix_fallocate) -> map -> seal (memfd) -> write every structure
+  -> write the magic last (an atomic store-release). Size classes start
+  with no extent: they grow on first use (varslot.py), so an idle segment
+  commits only its control region.
+- attach (path): O_NOFOLLOW open -> fstat checks (regular, ours, 0600, one
+  link) -> `_validate_and_map`. attach_fd (memfd): fstat (regular) and the
+  shrink seal -> `_validate_and_map`: read the header with pread (nothing
+  mapped yet), rebuild the config from it, recompute the layout and
+  require that it matches, only then map.
+- close: drop the mapping and the fd; the host also unlinks a named file.
 
-Invariants: a failed attach never writes to the file; every failure is a
-`SegmentError` naming the file and the problem; no partially created file
-survives a failed create.
+Invariants: every byte handed out is allocated first (no SIGBUS: the
+control region here, extents by their grower); a failed attach never
+writes to the segment; every failure is a `SegmentError` naming the
+segment and the problem; no partially created file survives a failed
+create.
 """
 
 from __future__ import annotations
@@ -31,9 +40,7 @@ import os
 import secrets
 import stat
 import struct
-import tempfile
 import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -41,95 +48,25 @@ from .. import _atomics
 from ..errors import ConfigError, SegmentError
 from . import layout as L
 from .layout import SegmentConfig, SegmentLayout, SizeClass
+from .files import (  # (re-exported: the named-file API lives in files.py)
+    MEMFD_PREFIX, SEGMENT_PREFIX, UNFINISHED_GRACE, check_file, clean, create_file, default_directory,
+    open_existing, private_directory, process_alive, process_start_ticks, reap_stale,
+    segment_is_stale, signal_cleanup, space_hint, unlink_segment,
+)
 from .varslot import format_slot_region
 
-SEGMENT_PREFIX = "seg-"
+__all__ = [
+    "Segment", "MEMFD_PREFIX", "SEGMENT_PREFIX", "UNFINISHED_GRACE", "clean", "default_directory",
+    "private_directory", "process_alive", "process_start_ticks", "segment_is_stale", "space_hint",
+]
+
+# fcntl's sealing constants (Linux values, for a Python built without them).
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+_MFD_NOEXEC_SEAL = 0x8  # Linux >= 6.3; EINVAL before
 _MAGIC_U64 = int.from_bytes(L.MAGIC, "little")
-
-
-# --------------------------------------------------------------------------
-# Directories and process identity
-# --------------------------------------------------------------------------
-
-
-def default_directory() -> Path:
-    """Where new segments go: $SHMPOOL_DIR, else /dev/shm/shmpool-<uid>,
-    else <tempdir>/shmpool-<uid>. spec: shm.file.path"""
-    env = os.environ.get("SHMPOOL_DIR")
-    if env:
-        return Path(env)
-    name = _default_dir_name()
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-        return shm / name
-    return Path(tempfile.gettempdir()) / name
-
-
-def private_directory(path: Path | str) -> Path:
-    """Create (0700) or verify a directory only we can enter.
-
-    Refuses a symlink, a non-directory, a directory owned by someone else
-    or one with group/other permission bits. spec: shm.file.permissions
-    """
-    path = Path(path)
-    for _ in range(3):
-        missing = []
-        p = path
-        while not os.path.lexists(p):
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            try:
-                os.mkdir(d, 0o700)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise SegmentError(d, f"cannot create directory: {e.strerror}") from e
-        try:
-            st = os.lstat(path)
-            break
-        except FileNotFoundError:
-            continue  # removed by a host closing its last segment; make it again
-    else:
-        raise SegmentError(path, "directory keeps disappearing")
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise SegmentError(path, "is not a directory (a symlink or a file is planted there)")
-    if st.st_uid != os.geteuid():
-        raise SegmentError(path, f"directory is owned by uid {st.st_uid}, not by us")
-    if st.st_mode & 0o077:
-        raise SegmentError(
-            path,
-            f"directory mode is {stat.S_IMODE(st.st_mode):#o}; shmpool needs a private "
-            "directory (0700): chmod it or choose another SHMPOOL_DIR",
-        )
-    return path
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot, None if it is gone.
-
-    Zombies count as gone: their work is over, only the parent's wait is not.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def process_alive(pid: int, start_ticks: int) -> bool:
-    """True if `pid` runs and is the same process that recorded
-    `start_ticks` (pids are reused). spec: shm.file.stale"""
-    if pid <= 0:
-        return False
-    ticks = process_start_ticks(pid)
-    if ticks is None:
-        return False
-    return start_ticks == 0 or ticks == start_ticks
 
 
 # --------------------------------------------------------------------------
@@ -183,54 +120,100 @@ def _config_from_header(fd: int, path: Path, fields: tuple, file_size: int) -> S
         raise SegmentError(path, f"header describes an invalid configuration ({e})") from None
 
 
-def _check_file(fd: int, path: Path) -> os.stat_result:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise SegmentError(path, "is not a regular file")
-    if st.st_uid != os.geteuid():
-        raise SegmentError(path, f"is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
-    if st.st_mode & 0o077:
+def _validate_and_map(fd: int, path: Path, st: os.stat_result) -> tuple[mmap.mmap, SegmentLayout]:
+    """The header checks shared by attach by path and by fd, then the map."""
+    fields = _read_header(fd, path, st.st_size)
+    magic, version, hsize, total = fields[0], fields[1], fields[2], fields[3]
+    if magic != L.MAGIC:
         raise SegmentError(
-            path, f"mode is {stat.S_IMODE(st.st_mode):#o}; segment files must be 0600"
+            path, f"bad magic {magic!r} (expected {L.MAGIC!r}): not a shmpool "
+            "segment, or its host has not finished creating it"
         )
-    if st.st_nlink != 1:
-        raise SegmentError(path, f"has {st.st_nlink} hard links; a segment file has exactly one")
-    return st
-
-
-def _create_file(path: Path) -> int:
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(3):
-        try:
-            return os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise SegmentError(
-                path, "already exists (planted file or symlink?); refusing to reuse it"
-            ) from None
-        except FileNotFoundError:
-            # The default directory is removed when its last segment closes;
-            # another host may have just done that. Make it again.
-            if path.parent.name != _default_dir_name():
-                raise SegmentError(path, "directory does not exist") from None
-            private_directory(path.parent)
-        except OSError as e:
-            raise SegmentError(path, f"cannot create: {e.strerror}") from None
-    raise SegmentError(path, "directory keeps disappearing; is another process removing it?")
-
-
-def _default_dir_name() -> str:
-    return f"shmpool-{os.geteuid()}"
-
-
-def _open_existing(path: Path) -> int:
+    if version != L.VERSION:
+        raise SegmentError(
+            path, f"format version {version}, this shmpool speaks {L.VERSION}; "
+            "host and guest must run the same shmpool"
+        )
+    if hsize != L.HEADER_SIZE:
+        raise SegmentError(path, f"header size {hsize}, expected {L.HEADER_SIZE}")
+    if total > st.st_size:
+        raise SegmentError(
+            path, f"file is {st.st_size} bytes but its header says {total}: truncated"
+        )
+    config = _config_from_header(fd, path, fields, st.st_size)
+    layout = SegmentLayout.compute(config)
+    expect = (layout.total_size, layout.peer_table_offset, layout.slot_region_offset)
+    found = (total, fields[8], fields[9])
+    if expect != found:
+        raise SegmentError(
+            path, f"header offsets (total, peers, slots) = {found} disagree with "
+            f"the layout its own configuration implies {expect}"
+        )
+    if fields[11] != L.INLINE_CAPACITY:
+        raise SegmentError(path, f"inline threshold {fields[11]}, expected {L.INLINE_CAPACITY}")
+    fs = os.fstatvfs(fd)  # (a memfd's file system has no size: f_blocks 0)
+    if fs.f_blocks and layout.min_memory_limit > fs.f_blocks * fs.f_frsize:
+        raise SegmentError(
+            path, f"header says the segment needs {layout.min_memory_limit} bytes (its control "
+            f"region and one extent of each size class), more than its whole file system "
+            f"holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
+        )
     try:
-        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SegmentError(path, "does not exist (host gone, or wrong --hub-path?)") from None
+        mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError) as e:
+        raise SegmentError(path, f"cannot map {layout.total_size} bytes: {e}") from None
+    return mm, layout
+
+
+def _size_and_map(fd: int, path: Path, layout: SegmentLayout) -> mmap.mmap:
+    """Size a new segment and allocate every byte of it, then map it.
+    spec: shm.file.no-sigbus -- allocated before use: a full file system
+    (or memory limit) fails here, never as SIGBUS on a later store."""
+    os.ftruncate(fd, layout.total_size)
+    try:
+        for start, length in layout.formatted_ranges():
+            os.posix_fallocate(fd, start, length)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise SegmentError(path, "is a symlink; refusing to follow it") from None
-        raise SegmentError(path, f"cannot open: {e.strerror}") from None
+        raise SegmentError(path, f"cannot allocate the segment's {layout.total_size}-byte "
+                           f"control region ({e.strerror}); {space_hint(path)}") from None
+    # spec: shm.file.mmap-posix
+    return mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _memfd(name: str) -> int:
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        # Not executable (newer kernels warn about memfds that do not say).
+        return os.memfd_create(name, flags | _MFD_NOEXEC_SEAL)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise SegmentError(f"{MEMFD_PREFIX}{name}", f"memfd_create failed: {e.strerror}") from None
+    try:
+        return os.memfd_create(name, flags)
+    except OSError as e:
+        raise SegmentError(f"{MEMFD_PREFIX}{name}", f"memfd_create failed: {e.strerror}") from None
+
+
+_memfd_ok: bool | None = None
+
+
+def _memfd_supported() -> bool:
+    """memfd_create with sealing works here (Linux >= 3.17, not filtered)."""
+    global _memfd_ok
+    if _memfd_ok is None:
+        try:
+            fd = os.memfd_create("shmpool-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError):
+            _memfd_ok = False
+        else:
+            try:
+                fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+                _memfd_ok = True
+            except OSError:
+                _memfd_ok = False
+            finally:
+                os.close(fd)
+    return _memfd_ok
 
 
 # --------------------------------------------------------------------------
@@ -247,23 +230,28 @@ class Segment:
     it are read and written only through `shmpool._atomics`.
     """
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, layout: SegmentLayout, is_host: bool):
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, layout: SegmentLayout, is_host: bool,
+                 anonymous: bool = False):
         self.path = path
         self.layout = layout
         self.config = layout.config
         self.is_host = is_host
+        self.anonymous = anonymous
         self._fd = fd
         self._mmap = mm
         self.buf = memoryview(mm)
         self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}  # offset -> extra mapping
         self._map_lock = threading.Lock()
-        # A shared flock marks the file as in use for as long as this process
-        # (or a fork of it) keeps the fd: stale detection relies on it, not
-        # only on pids, which mean nothing across pid namespaces.
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not anonymous:
+            # A shared flock marks the file as in use for as long as this
+            # process (or a fork of it) keeps the fd: stale detection relies
+            # on it, not only on pids, which mean nothing across pid namespaces.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        owned = str(path) if is_host and not anonymous else None
+        if owned is not None:
+            signal_cleanup.register(owned)
         self._finalizer = weakref.finalize(
-            self, _release, self.buf, mm, fd, str(path) if is_host else None, self._maps,
-            os.getpid(),
+            self, _release, self.buf, mm, fd, owned, self._maps, os.getpid(),
         )
 
     # -- construction -----------------------------------------------------
@@ -275,44 +263,71 @@ class Segment:
         *,
         path: str | os.PathLike | None = None,
         directory: str | os.PathLike | None = None,
+        anonymous: bool | None = None,
     ) -> "Segment":
         """Create, initialise and map a new segment (host side).
 
-        With no `path`, the file gets an unpredictable name in a private
-        directory. spec: shm.file.create
-        """
+        Anonymous (a memfd, gone with the last process that has it open or
+        mapped) unless a file is asked for: an explicit `path` or
+        `directory`, `config.directory`, or `$SHMPOOL_DIR`; `anonymous=True`
+        forces a memfd even then, `anonymous=False` a file in the default
+        directory. A named file gets an unpredictable name in a private
+        directory unless `path` is given. spec: shm.file.create
+        spec: shm.file.anonymous"""
         config = config if config is not None else SegmentConfig()
         if not isinstance(config, SegmentConfig):
             raise TypeError(f"config must be a SegmentConfig, got {type(config).__name__}")
         layout = SegmentLayout.compute(config)
+        if anonymous:
+            if path is not None or directory is not None:
+                raise ValueError("anonymous=True takes no path or directory")
+            return cls._create_anonymous(layout)
         if path is None:
-            d = private_directory(directory if directory is not None else default_directory())
-            _reap_stale(d)
+            if directory is None:
+                directory = config.directory
+            if directory is None and (anonymous is False or os.environ.get("SHMPOOL_DIR")):
+                directory = default_directory()
+            if directory is None and _memfd_supported():
+                return cls._create_anonymous(layout)
+            d = private_directory(os.path.abspath(directory if directory is not None
+                                                  else default_directory()))
+            reap_stale(d)
             # 64 random bits: the name cannot be guessed and planted in advance.
             path = d / f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
-        path = Path(path)
-        fd = _create_file(path)
+        path = Path(os.path.abspath(path))
+        fd = create_file(path)
         fcntl.flock(fd, fcntl.LOCK_SH)  # in use from the first instant (see segment_is_stale)
         try:
             os.fchmod(fd, 0o600)  # umask may not remove group/other bits we rely on
-            os.ftruncate(fd, layout.total_size)
-            try:
-                # Reserve every page _format writes (control region, extent
-                # headers and slot metadata) so a full /dev/shm fails here,
-                # not with SIGBUS; slot data stays sparse until used.
-                for start, length in layout.formatted_ranges():
-                    os.posix_fallocate(fd, start, length)
-            except OSError as e:
-                raise SegmentError(
-                    path, f"cannot reserve the segment's metadata ({e.strerror}); is /dev/shm full?"
-                ) from None
-            # spec: shm.file.mmap-posix
-            mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _size_and_map(fd, path, layout)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        seg = cls(path, fd, mm, layout, is_host=True)
+        return cls._finish_create(path, fd, mm, layout, anonymous=False)
+
+    @classmethod
+    def _create_anonymous(cls, layout: SegmentLayout) -> "Segment":
+        """A memfd: no name anywhere, so nothing to leave behind whatever
+        kills its host, and no size limit of /dev/shm. Sealed against
+        shrinking (a truncation would turn mapped pages into SIGBUS) and
+        against further seals (nobody can forbid its growth).
+        spec: shm.file.anonymous"""
+        name = f"shmpool-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = _memfd(name)
+        path = Path(f"{MEMFD_PREFIX}{name}")
+        try:
+            mm = _size_and_map(fd, path, layout)
+            fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls._finish_create(path, fd, mm, layout, anonymous=True)
+
+    @classmethod
+    def _finish_create(cls, path: Path, fd: int, mm: mmap.mmap, layout: SegmentLayout,
+                       anonymous: bool) -> "Segment":
+        seg = cls(path, fd, mm, layout, is_host=True, anonymous=anonymous)
         try:
             seg._format()
         except BaseException:
@@ -342,58 +357,50 @@ class Segment:
 
     @classmethod
     def attach(cls, path: str | os.PathLike) -> "Segment":
-        """Validate and map an existing segment (guest side).
+        """Validate and map an existing named segment (guest side).
 
         Nothing is mapped until the file and its header have passed every
         check; nothing is ever written by a failed attach. spec: shm.file.attach
         """
         path = Path(path)
-        fd = _open_existing(path)
+        fd = open_existing(path)
         try:
-            st = _check_file(fd, path)
-            fields = _read_header(fd, path, st.st_size)
-            magic, version, hsize, total = fields[0], fields[1], fields[2], fields[3]
-            if magic != L.MAGIC:
-                raise SegmentError(
-                    path, f"bad magic {magic!r} (expected {L.MAGIC!r}): not a shmpool "
-                    "segment, or its host has not finished creating it"
-                )
-            if version != L.VERSION:
-                raise SegmentError(
-                    path, f"format version {version}, this shmpool speaks {L.VERSION}; "
-                    "host and guest must run the same shmpool"
-                )
-            if hsize != L.HEADER_SIZE:
-                raise SegmentError(path, f"header size {hsize}, expected {L.HEADER_SIZE}")
-            if total > st.st_size:
-                raise SegmentError(
-                    path, f"file is {st.st_size} bytes but its header says {total}: truncated"
-                )
-            config = _config_from_header(fd, path, fields, st.st_size)
-            layout = SegmentLayout.compute(config)
-            expect = (layout.total_size, layout.peer_table_offset, layout.slot_region_offset)
-            found = (total, fields[8], fields[9])
-            if expect != found:
-                raise SegmentError(
-                    path, f"header offsets (total, peers, slots) = {found} disagree with "
-                    f"the layout its own configuration implies {expect}"
-                )
-            if fields[11] != L.INLINE_CAPACITY:
-                raise SegmentError(path, f"inline threshold {fields[11]}, expected {L.INLINE_CAPACITY}")
-            fs = os.fstatvfs(fd)
-            if layout.total_size > fs.f_blocks * fs.f_frsize:
-                raise SegmentError(
-                    path, f"header says {layout.total_size} bytes, more than its whole file "
-                    f"system holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
-                )
-            try:
-                mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except (OSError, ValueError, OverflowError) as e:
-                raise SegmentError(path, f"cannot map {layout.total_size} bytes: {e}") from None
+            st = check_file(fd, path)
+            mm, layout = _validate_and_map(fd, path, st)
         except BaseException:
             os.close(fd)
             raise
         return cls(path, fd, mm, layout, is_host=False)
+
+    @classmethod
+    def attach_fd(cls, fd: int, name: str | None = None) -> "Segment":
+        """Validate and map an anonymous segment from an inherited fd (a
+        guest's `--segment-fd`), with the checks of `attach` that apply to
+        a file without a name: a regular file (a memfd), sealed against
+        shrinking, then the same header, size and layout checks. On success
+        the segment owns `fd` (made close-on-exec, so the guest's own
+        children do not keep the segment alive); on failure it is left
+        open. spec: shm.file.anonymous"""
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise SegmentError(f"fd {fd!r}", "a segment fd must be a non-negative int")
+        path = Path(name if name else f"{MEMFD_PREFIX}fd{fd}")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise SegmentError(path, f"segment fd {fd} is not open ({e.strerror}); "
+                               "was it passed with pass_fds?") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise SegmentError(path, f"segment fd {fd} is not a regular file (not a memfd)")
+        try:
+            seals = fcntl.fcntl(fd, F_GET_SEALS)
+        except OSError as e:
+            raise SegmentError(path, f"segment fd {fd} is not a memfd ({e.strerror})") from None
+        if not seals & F_SEAL_SHRINK:
+            raise SegmentError(path, f"segment fd {fd} is not sealed against shrinking "
+                               "(a truncation could turn mapped pages into SIGBUS)")
+        mm, layout = _validate_and_map(fd, path, st)
+        os.set_inheritable(fd, False)
+        return cls(path, fd, mm, layout, is_host=False, anonymous=True)
 
     # -- header words -------------------------------------------------------
 
@@ -416,6 +423,11 @@ class Segment:
     @property
     def fd(self) -> int:
         return self._fd
+
+    def committed_bytes(self) -> int:
+        """Bytes of the segment that are allocated (memory on tmpfs and for
+        a memfd): st_blocks of the file, one fstat. spec: shm.segment.lazy-extents"""
+        return os.fstat(self._fd).st_blocks * 512
 
     def map_range(self, offset: int, length: int, populate: bool = True) -> memoryview:
         """A writable view of [offset, offset + length) of the file, for
@@ -487,9 +499,11 @@ class Segment:
             states[s if s < 4 else 0] += 1
         return {
             "path": str(self.path),
+            "anonymous": self.anonymous,
             "role": "host" if self.is_host else "guest",
             "total_size": self.layout.total_size,
             "current_size": self.current_size,
+            "committed_bytes": self.committed_bytes(),
             "host_pid": self.host_pid,
             "host_goodbye": self.host_goodbye,
             "peers": dict(zip(("empty", "attached", "goodbye", "reserved"), states)),
@@ -523,16 +537,8 @@ def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
         _close_map(m, v)
     maps.clear()
     if unlink_path is not None and os.getpid() == owner_pid:  # not in a fork() child
-        try:
-            os.unlink(unlink_path)
-        except FileNotFoundError:
-            pass
-        parent = os.path.dirname(unlink_path)
-        if os.path.basename(parent) == _default_dir_name():
-            try:
-                os.rmdir(parent)  # only succeeds when no other segment is in it
-            except OSError:
-                pass
+        unlink_segment(unlink_path)
+        signal_cleanup.unregister(unlink_path)
     try:
         buf.release()
         mm.close()
@@ -542,79 +548,3 @@ def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
         # it must not be pulled out from under it.
         pass
     os.close(fd)
-
-
-# --------------------------------------------------------------------------
-# Stale segments
-# --------------------------------------------------------------------------
-
-
-UNFINISHED_GRACE = 60.0  # seconds before an unlocked file without magic counts as abandoned
-
-
-def segment_is_stale(path: str | os.PathLike) -> bool:
-    """True if `path` is a shmpool segment file that no live process uses.
-
-    Every host and guest holds a shared flock on the file while it has it
-    open, so a file we can lock exclusively is unused (this holds across
-    pid namespaces, where header pids mean nothing). As a second check the
-    recorded host must not be running (pid and start time). A file whose
-    magic is not written yet counts only after a grace period; a file that
-    is not ours (other magic, not a regular file, another owner) never
-    counts. spec: shm.file.stale"""
-    path = Path(path)
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-        return False  # never open a FIFO, device or someone else's file
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # a live host or guest has it open
-        st = os.fstat(fd)
-        raw = os.pread(fd, L.HEADER_SIZE, 0) if st.st_size >= L.HEADER_SIZE else b""
-    finally:
-        os.close(fd)  # also drops our lock
-    if len(raw) < L.HEADER_SIZE or raw[:8] == b"\0" * 8:
-        return time.time() - st.st_mtime > UNFINISHED_GRACE  # its creator died early
-    fields = L.HEADER.unpack(raw)
-    if fields[0] != L.MAGIC:
-        return False  # not ours: never delete a file we did not make
-    pid, start = fields[17], fields[19]
-    return not process_alive(pid, start)
-
-
-def clean(directory: str | os.PathLike | None = None) -> list[str]:
-    """Remove stale segment files (their host is dead) from `directory`
-    (default: the default segment directory). Returns the removed paths.
-    spec: shm.file.stale"""
-    d = Path(directory) if directory is not None else default_directory()
-    if not d.is_dir():
-        return []
-    return _reap_stale(d)
-
-
-def _reap_stale(d: Path) -> list[str]:
-    removed = []
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(SEGMENT_PREFIX):
-            continue
-        p = d / name
-        if segment_is_stale(p):
-            try:
-                os.unlink(p)
-                removed.append(str(p))
-            except FileNotFoundError:
-                pass
-    return removed

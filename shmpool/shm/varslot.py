@@ -8,7 +8,10 @@ were appended after the segment was created.
 Data flow:
 - alloc(n): smallest class whose slots fit n; pop its free list
   (freelist.FreeList); if empty, grow that class by one extent (appended
-  to the file, up to the memory limit); else fall back to a larger class;
+  to the file, up to the memory limit, its pages allocated first: a full
+  file system or memory is "cannot grow", never SIGBUS; every class starts
+  with no extent, so its first extent comes this way too); else fall back
+  to a larger class;
   else wait on the class's futex word until a slot is freed or the timeout
   passes (SlotExhaustedError). Payloads above the largest class get a
   dedicated "huge" extent of their own.
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from .. import _atomics, failpoints
 from ..errors import SlotExhaustedError, StaleSlotError
 from . import layout as L
+from .files import space_hint
 from .freelist import FreeList, StatusMismatch
 from .huge import HugeExtents
 from .layout import Slot
@@ -86,27 +90,26 @@ class PoolStatistics:
     fallbacks: int
     waits: int
     helps: int
+    committed_bytes: int = 0  # bytes of the segment allocated (memory, for a memfd)
 
 
 def format_slot_region(buf, lay: L.SegmentLayout) -> None:
-    """Initialise every class header and its initial extent (all slots
-    FREE and chained). Runs on the host before the magic is written, so
-    plain writes suffice. spec: shm.varslot.extent-layout"""
+    """Initialise every class header with no extent and an empty free list:
+    a class gets its first extent through `_grow` when it is first used, so
+    an idle segment commits only its control region. Runs on the host
+    before the magic is written, so plain writes suffice.
+    spec: shm.segment.lazy-extents"""
     for ci, cls in enumerate(lay.config.size_classes):
-        ext_off = lay.extent_offsets[ci]
-        _format_extent(buf, ext_off, ci, 0, cls)
-        offsets = [0] * L.MAX_EXTENTS
-        offsets[0] = ext_off
-        head = L.pack_head(0, slot_number(0, 0) + 1)
         L.CLASS_HEADER.pack_into(
-            buf, lay.class_header(ci), cls.slot_size, cls.slots_per_extent, 1, 0, head, 0, 0, *offsets
+            buf, lay.class_header(ci), cls.slot_size, cls.slots_per_extent, 0, 0,
+            L.pack_head(0, 0), 0, 0, *([0] * L.MAX_EXTENTS)
         )
 
 
 def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass, grower: int | None = None) -> None:
-    """Write an extent header and its slot metas: Free and chained (the
-    segment's first extents), or Allocated to `grower` (a grown extent,
-    whose slots the grower then frees one by one)."""
+    """Write an extent header and its slot metas: Allocated to `grower`
+    (who then frees them one by one), or Free and chained (grower None:
+    only for tests that build an extent by hand)."""
     n = cls.slots_per_extent
     L.EXTENT_HEADER.pack_into(
         buf, base, ci, extent, n, cls.slot_size, L.EXTENT_HEADER_SIZE,
@@ -132,7 +135,7 @@ class _Class:
         self.hdr = pool.layout.class_header(index)
         self.data_off = L.extent_data_offset(self.cls)
         self.esize = L.extent_size(self.cls)
-        self.extents: list[tuple[object, int] | None] = [(pool.buf, pool.layout.extent_offsets[index])]
+        self.extents: list[tuple[object, int] | None] = []  # mapped on first use
         self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self))
 
 
@@ -156,6 +159,7 @@ class SlotPool:
         self._backend = wait_backend()
         self._poison = os.environ.get("SHMPOOL_DEBUG_SLOTS", "") not in ("", "0")
         self.allocs = self.frees = self.grows = self.fallbacks = self.waits = 0
+        self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
         self._huge = HugeExtents(self)
 
     # -- resolving slots ------------------------------------------------------
@@ -264,13 +268,16 @@ class SlotPool:
 
     def _exhausted_message(self, size: int, timeout: float | None) -> str:
         cur = load_u64(self.buf, L.H_CURRENT_SIZE)
-        return (
+        msg = (
             f"no slot for a {size}-byte payload after {timeout} s: every slot that fits is in "
             f"use and no class can grow (the segment is at {cur} of its "
             f"{self.config.memory_limit}-byte memory limit, each class has at most "
             f"{L.MAX_EXTENTS} extents). Free slots sooner, raise SegmentConfig.memory_limit "
-            "or the classes' slots_per_extent, or check free space in /dev/shm"
+            "or the classes' slots_per_extent"
         )
+        if self.no_space is not None:
+            msg += f". The last attempt to allocate segment pages failed: {self.no_space}"
+        return msg
 
     # -- growth -----------------------------------------------------------------
 
@@ -354,14 +361,26 @@ class SlotPool:
                 return None
             if cas_u64(buf, L.H_CURRENT_SIZE, cur, cur + size) == cur:
                 break
-        try:
-            # fallocate never shrinks the file (ftruncate could, racing with
-            # another grower) and fails cleanly when /dev/shm is full.
-            os.posix_fallocate(self.segment.fd, cur, size)
-        except OSError:
+        if not self.allocate_pages(cur, size):
             cas_u64(buf, L.H_CURRENT_SIZE, cur + size, cur)  # undo if still last
             return None
         return cur
+
+    def allocate_pages(self, offset: int, size: int) -> bool:
+        """Allocate [offset, offset + size) of the segment before any of it
+        is handed out; False (with the reason in `no_space`) when the file
+        system or memory is full. fallocate never shrinks the file
+        (ftruncate could, racing with another grower). spec: shm.file.no-sigbus"""
+        try:
+            os.posix_fallocate(self.segment.fd, offset, size)
+        except OSError as e:
+            # ENOSPC (file system full), ENOMEM (memory cgroup), EFBIG
+            # (ulimit -f; Python ignores SIGXFSZ): all mean "no room now".
+            self.no_space = (f"{size} bytes at offset {offset}: {e.strerror}; "
+                             f"{space_hint(self.segment.path)}")
+            return False
+        self.no_space = None
+        return True
 
     # -- ownership ----------------------------------------------------------------
 
@@ -538,7 +557,7 @@ class SlotPool:
         return PoolStatistics(
             tuple(classes), h[0], h[1], h[2], h[3], load_u64(self.buf, L.H_CURRENT_SIZE),
             self.config.memory_limit, self.allocs, self.frees, self.grows, self.fallbacks,
-            self.waits, helps,
+            self.waits, helps, self.segment.committed_bytes(),
         )
 
 
