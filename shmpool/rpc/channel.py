@@ -20,6 +20,17 @@ Data flow:
   So a channel id is reused only after both ends closed, and nothing for an
   old channel can be taken for a new one with the same id.
 
+- Transfers (spec: shm.session.chunked): a table with `collecting` set
+  (the executor's host and workers) turns every channel the peer opens into
+  a collector: each message on it is one transfer (a 16-byte head: u64
+  transfer id, u64 length, then the bytes), copied piece by piece into a
+  buffer of that length as its Data descriptors are routed, the credit
+  granted at once, so the thread that routes (the host's driver) never
+  waits for anyone to read. A complete transfer waits in `transfers` until
+  `take_transfer(id)`; a sender that gives up sends the length ABORT and
+  its reason. `Tx.send_transfer` streams one from a list of parts, waiting
+  for credit and (at most MAX_SLOT_WAIT per piece) for slots.
+
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed the initial credit; `granted_total` is written only by the
 receiver, `sent_total` is private to the sender; the peer's death breaks
@@ -30,15 +41,18 @@ every open channel (`ChannelBroken`), distinct from an orderly end
 from __future__ import annotations
 
 import collections
+import struct
 import threading
 import time
 
 from .. import _atomics
-from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError
+from ..errors import (
+    ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError, SlotExhaustedError,
+)
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
-from .messages import CLOSE, DATA, F_MORE, RESET, Received, payload_descriptor
+from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -47,6 +61,15 @@ MASK = 0xFFFFFFFF
 FREE, ACTIVE, TX_DONE, RX_DONE = 0, 1, 2, 4
 E_STATE, E_GRANTED, E_SLEEP = 0, 4, 8
 SENDER_SLEEPS = 1
+TRANSFER_HEAD = struct.Struct("<QQ")  # transfer id, length of the bytes that follow
+ABORT = 0xFFFFFFFFFFFFFFFF  # a transfer's length: the sender gave up; the bytes are its reason
+MAX_TRANSFER = 1 << 40
+TRANSFER_PIECE = 64 * 1024  # bytes per Data descriptor of a transfer (a slot of the 64 KiB class)
+
+
+class TransferFailed(ShmpoolError):
+    """A transfer did not arrive whole: its sender gave up (the reason is
+    in the message) or sent something that is not a transfer."""
 
 
 def _signed(v: int) -> int:
@@ -121,6 +144,7 @@ class Tx(_End):
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
+        self._pump = True  # poll incoming messages while waiting for credit
         self.waiter = Waiter(self.conn.segment.buf, self.entry + E_SLEEP, SENDER_SLEEPS)
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
 
@@ -156,13 +180,7 @@ class Tx(_End):
                 if not self._wait_credit(k, timeout if first else None):
                     return False
                 more = off + k < n
-                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id,
-                                          view[off : off + k], flags=F_MORE if more else 0)
-                self.conn.publish(desc)
-                self._sent = (self._sent + k) & MASK
-                granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
-                in_flight = self.table.initial_credit - _signed(granted - self._sent)
-                self.max_in_flight = max(self.max_in_flight, in_flight)
+                self._publish(view[off : off + k], more)
                 off += k
                 first = False
                 if not more:
@@ -170,6 +188,75 @@ class Tx(_End):
             self.messages += 1
             self.bytes += n
             return True
+
+    def _publish(self, piece, more: bool) -> None:
+        """One Data descriptor (credit checked by the caller). Its slot is
+        waited for at most MAX_SLOT_WAIT seconds in all, a slice at a time,
+        the channel's end checked between slices."""
+        deadline = time.monotonic() + MAX_SLOT_WAIT
+        while True:
+            try:
+                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id, piece,
+                                          flags=F_MORE if more else 0, timeout=SLICE)
+                break
+            except SlotExhaustedError:
+                self._check()
+                if time.monotonic() >= deadline:
+                    raise
+        self.conn.publish(desc)
+        self._sent = (self._sent + len(piece)) & MASK
+        granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
+        in_flight = self.table.initial_credit - _signed(granted - self._sent)
+        self.max_in_flight = max(self.max_in_flight, in_flight)
+
+    def send_transfer(self, tid: int, parts, total: int, *, pump: bool = True) -> None:
+        """Stream one transfer (see the module docstring): `parts` are
+        bytes-like objects of `total` bytes in all, sent as one message in
+        pieces of at most TRANSFER_PIECE bytes, each waiting for credit (as
+        long as the peer lives) and at most MAX_SLOT_WAIT for its slot
+        (then SlotExhaustedError: the caller may `abort_transfer`).
+        `pump=False`: a guest's handler that must not handle other requests
+        meanwhile (credit needs no pumping). spec: shm.session.chunked"""
+        views = [memoryview(TRANSFER_HEAD.pack(tid, total))]
+        for p in parts:
+            v = p if isinstance(p, memoryview) else memoryview(p)
+            if v.ndim != 1 or v.itemsize != 1:
+                v = v.cast("B")
+            if v.nbytes:
+                views.append(v)
+        if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
+            raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
+                             f"bytes, not {total}")
+        self._stream(views, pump)
+        self.bytes += total
+
+    def _stream(self, views: list, pump: bool) -> None:
+        """Send `views` as one message, in pieces of at most TRANSFER_PIECE."""
+        piece = max(1, min(TRANSFER_PIECE, self.table.initial_credit))
+        with self._lock:
+            self._check()
+            saved, self._pump = self._pump, pump
+            try:
+                last = len(views) - 1
+                for i, v in enumerate(views):
+                    n, off = v.nbytes, 0
+                    while off < n:
+                        k = min(piece, n - off)
+                        self._wait_credit(k, None)
+                        self._publish(v[off : off + k], i < last or off + k < n)
+                        off += k
+            finally:
+                self._pump = saved
+            self.messages += 1
+
+    def abort_transfer(self, tid: int, reason: str, *, pump: bool = True) -> None:
+        """Tell the receiver that transfer `tid` will not come, and why
+        (best effort: if the channel is gone, so is the receiver's wait)."""
+        try:
+            self._stream([memoryview(TRANSFER_HEAD.pack(tid, ABORT)),
+                          memoryview(reason.encode("utf-8", "replace")[:4096])], pump)
+        except Exception:  # noqa: BLE001
+            pass
 
     def try_send(self, data) -> bool:
         """Send only if the credit for the first piece is there now."""
@@ -207,7 +294,8 @@ class Tx(_End):
             remaining = SLICE if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
+            if self._pump:
+                self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
             self._check()
             try:
                 w.sleep(off, granted, min(remaining, SLICE))
@@ -253,13 +341,73 @@ class Rx(_End):
         self._partial: bytearray | None = None
         self._eos = False
         self.messages = self.bytes = 0
+        self._head = bytearray()  # a transfer's head, until its 16 bytes are in
+        self._tid = 0
+        self._into: bytearray | None = None  # the transfer being collected
+        self._at = 0
+        self._failed: str | None = None
 
     def _on_data(self, d: Descriptor) -> None:
         rec = Received(self.conn.slots, d)
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
             return
+        if self.table.collecting:
+            self._collect(rec, bool(d.flags & F_MORE))
+            return
         self._queue.append((rec, bool(d.flags & F_MORE)))
+
+    def _collect(self, rec: Received, more: bool) -> None:
+        """Copy a piece of a transfer into its buffer, grant its credit at
+        once, and file the transfer when its last piece is in. Never
+        waits (the host's driver thread routes these). spec: shm.session.chunked"""
+        n = rec.nbytes
+        try:
+            v = rec.view()
+            pos = 0
+            if self._into is None and self._failed is None:
+                take = min(TRANSFER_HEAD.size - len(self._head), n)
+                self._head += v[:take]
+                pos = take
+                if len(self._head) == TRANSFER_HEAD.size:
+                    self._tid, total = TRANSFER_HEAD.unpack(self._head)
+                    if total == ABORT:
+                        self._into, self._at = bytearray(), -1
+                    elif total > MAX_TRANSFER:
+                        self._failed = f"a transfer of {total} bytes (more than {MAX_TRANSFER})"
+                    else:
+                        try:
+                            self._into = bytearray(total)
+                        except MemoryError:
+                            self._failed = f"no memory for a transfer of {total} bytes"
+                        self._at = 0
+            k = n - pos
+            if k and self._into is not None:
+                if self._at < 0:  # an abort's reason
+                    self._into += v[pos:]
+                elif self._at + k > len(self._into):
+                    self._failed = f"more bytes than its head announced ({len(self._into)})"
+                    self._into = None
+                else:
+                    self._into[self._at : self._at + k] = v[pos:]
+                    self._at += k
+        finally:
+            rec.release()
+            self.table.grant(self, n)
+        self.bytes += n
+        if more:
+            return
+        into, self._into, self._head = self._into, None, bytearray()
+        tid, failed, self._failed = self._tid, self._failed, None
+        if failed is None and into is None:
+            failed = "a message shorter than a transfer's head"
+        elif failed is None and self._at < 0:
+            failed = "its sender gave up: " + into.decode("utf-8", "replace")
+        elif failed is None and self._at != len(into):
+            failed = f"{self._at} of the {len(into)} bytes its head announced"
+        self.table.transfers[tid] = into if failed is None else TransferFailed(
+            f"transfer {tid} on channel {self.id} failed: {failed}")
+        self.messages += 1
 
     def _peer_ended(self, kind: int) -> None:
         if kind == RESET:
@@ -381,6 +529,17 @@ class ChannelTable:
         self._ends: dict[int, _End] = {}
         self._lock = threading.Lock()
         self._outbox: collections.deque = collections.deque()
+        # Peer-opened channels collect transfers (see the module docstring).
+        self.collecting = False
+        self.transfers: dict[int, bytearray | TransferFailed] = {}
+
+    def take_transfer(self, tid: int) -> bytearray | None:
+        """Transfer `tid`'s bytes once all arrived (None before); raises
+        TransferFailed if it failed. Each transfer is taken once."""
+        got = self.transfers.pop(tid, None)
+        if isinstance(got, TransferFailed):
+            raise got
+        return got
 
     def _entry(self, cid: int) -> int:
         return self.base + cid * L.CHANNEL_ENTRY_SIZE

@@ -362,6 +362,10 @@ class SegmentConfig:
     heartbeat_interval: float = 0.0  # seconds; 0 disables heartbeats
     memory_limit: int = 4 * 1024**3
     max_payload_size: int = 0xFFFFFFFF
+    # Host-side only (not in the header): the share of memory_limit, and of
+    # each size class, that results kept zero-copy by the caller may hold;
+    # beyond it results are copied out. spec: exec.pin-budget
+    pin_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size_classes", tuple(self.size_classes))
@@ -401,6 +405,9 @@ class SegmentConfig:
                 bad,
             )
         _int_in("memory_limit", self.memory_limit, 1, 1 << 48, bad)
+        pf = self.pin_fraction
+        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 <= pf <= 1:
+            raise bad(f"pin_fraction must be a number in [0, 1], got {pf!r}")
         need = SegmentLayout.compute(self).total_size
         if self.memory_limit < need:
             raise bad(
