@@ -36,7 +36,7 @@ from .errors import (
     ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
     WorkerCrashedError,
 )
-from .serialization import COPY_BELOW, read
+from .serialization import COPY_BELOW, read, transfer_of
 from .shm import layout as L
 from ._tasks import _FINAL, _Task, _Worker
 from .worker import BATCH_TIME, ResultEncodingError, TaskInterrupted, TaskNotRun
@@ -90,6 +90,9 @@ class Answering:
                     w.messages -= 1
                 w.inflight.pop(task.rid, None)
                 if task.finished:  # failed by _break (terminate) meanwhile
+                    tid = transfer_of(received)
+                    if tid is not None:  # (its chunked bytes are nobody's now)
+                        w.conn.table.transfers.pop(tid, None)
                     received.release()
                 else:
                     ready.append(item)

@@ -104,6 +104,16 @@ def marker(tid: int, total: int) -> bytes:
     return CHUNKED + _MARK.pack(tid, total)
 
 
+def transfer_of(received) -> int | None:
+    """The transfer id a chunked payload's marker names (None for others)."""
+    d = received.descriptor
+    if d.is_inline:
+        data = d.payload
+        if data[:1] == CHUNKED and len(data) == 1 + _MARK.size:
+            return _MARK.unpack_from(data, 1)[0]
+    return None
+
+
 class _NeedsCloudpickle(Exception):
     pass
 
@@ -437,6 +447,8 @@ def read(received, *, copy: bool = False, transfers=None) -> tuple[object, "Pin 
             if transfers is None:
                 raise ValueError("a chunked payload arrived where none is expected")
             buf = transfers(tid)
+            if buf is None:
+                raise ValueError(f"chunked payload {tid} has not arrived (its message came first)")
             if len(buf) != total:
                 raise ValueError(f"chunked payload {tid} has {len(buf)} bytes, not {total}")
             return _unpickle(memoryview(buf), lambda v, pos, n: (ctypes.c_ubyte * n).from_buffer(v, pos)), _NO_PIN

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from shmpool import ShmExecutor, ShmPool
-from shmpool.errors import TaskUnpicklingError
-from shmpool.rpc.channel import TransferFailed
+from shmpool.errors import TaskUnpicklingError, TransferFailed
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
@@ -171,3 +170,55 @@ def test_100_mib_arrays_through_a_64_mib_tmpfs_segment_directory(tmp_path):
         assert not any((mnt / "segments").iterdir())  # and nothing left behind
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.spec("exec.chunked")
+def test_a_worker_killed_while_its_arguments_stream_loses_nothing(monkeypatch):
+    """The worker holds the request and its arguments are streaming (the
+    host's sender waits for credit: a failpoint makes the worker sleep
+    before reading them) when it is SIGKILLed: the sender's thread ends,
+    the task runs again on the replacement, and its result is whole."""
+    import signal
+    import time
+
+    monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.after-dequeue=sleep(1500)@1")
+    cfg = minimum_config()
+    b = make_bytes(2 * cfg.memory_limit, 6)
+    with ShmExecutor(1, segment_config=cfg) as ex:
+        assert ex.submit(ident, 1).result(timeout=60) == 1  # (its first task: the sleep is spent)
+        core = ex._core
+        w = next(iter(core.workers.values()))
+        fut = ex.submit(echo_with_digest, b)
+        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
+        while not (w.tx is not None and w.tx.credit_waits > 0) and not fut.done():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(w.proc.pid, signal.SIGKILL)
+        d, back = fut.result(timeout=300)
+        assert d == digest(b) == digest(back)
+        assert ex.statistics()["respawns"] >= 1
+        del back
+
+
+@pytest.mark.spec("shm.session.chunked")
+def test_the_collector_fails_a_malformed_transfer_alone():
+    from shmpool.rpc.transfer import ABORT, TRANSFER_HEAD, Collector
+
+    filed: dict = {}
+    c = Collector(3, filed)
+    c.feed(TRANSFER_HEAD.pack(1, 10) + b"01234", True)  # split anywhere
+    c.feed(b"56789", False)
+    assert filed.pop(1) == bytearray(b"0123456789")
+    c.feed(TRANSFER_HEAD.pack(2, 4)[:7], True)  # a head split over pieces
+    c.feed(TRANSFER_HEAD.pack(2, 4)[7:] + b"abcd", False)
+    assert filed.pop(2) == bytearray(b"abcd")
+    c.feed(TRANSFER_HEAD.pack(3, 4) + b"abcdef", False)  # more than announced
+    c.feed(TRANSFER_HEAD.pack(4, 4) + b"ab", False)  # fewer
+    c.feed(b"short", False)  # no head
+    c.feed(TRANSFER_HEAD.pack(5, ABORT) + b"disk on fire", False)
+    c.feed(TRANSFER_HEAD.pack(6, 3) + b"xyz", False)  # and the next one is fine
+    assert isinstance(filed[3], TransferFailed) and "more bytes" in str(filed[3])
+    assert isinstance(filed[4], TransferFailed) and "2 of the 4" in str(filed[4])
+    assert isinstance(filed[0], TransferFailed) and "shorter than" in str(filed[0])
+    assert isinstance(filed[5], TransferFailed) and "disk on fire" in str(filed[5])
+    assert filed[6] == bytearray(b"xyz")

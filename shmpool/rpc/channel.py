@@ -20,16 +20,13 @@ Data flow:
   So a channel id is reused only after both ends closed, and nothing for an
   old channel can be taken for a new one with the same id.
 
-- Transfers (spec: shm.session.chunked): a table with `collecting` set
-  (the executor's host and workers) turns every channel the peer opens into
-  a collector: each message on it is one transfer (a 16-byte head: u64
-  transfer id, u64 length, then the bytes), copied piece by piece into a
-  buffer of that length as its Data descriptors are routed, the credit
-  granted at once, so the thread that routes (the host's driver) never
-  waits for anyone to read. A complete transfer waits in `transfers` until
-  `take_transfer(id)`; a sender that gives up sends the length ABORT and
-  its reason. `Tx.send_transfer` streams one from a list of parts, waiting
-  for credit and (at most MAX_SLOT_WAIT per piece) for slots.
+- Transfers (spec: shm.session.chunked; format and assembly in
+  `transfer`): a table with `collecting` set (the executor's host and
+  workers) makes every channel the peer opens a collector: each message is
+  one transfer, assembled as its pieces are routed, their credit granted at
+  once, so the routing thread (the host's driver) never waits for a
+  reader; `take_transfer(id)` takes a complete one. `Tx.send_transfer`
+  streams one from a list of parts.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed the initial credit; `granted_total` is written only by the
@@ -41,18 +38,19 @@ every open channel (`ChannelBroken`), distinct from an orderly end
 from __future__ import annotations
 
 import collections
-import struct
 import threading
 import time
 
 from .. import _atomics
 from ..errors import (
     ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError, SlotExhaustedError,
+    TransferFailed,
 )
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
 from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -61,16 +59,6 @@ MASK = 0xFFFFFFFF
 FREE, ACTIVE, TX_DONE, RX_DONE = 0, 1, 2, 4
 E_STATE, E_GRANTED, E_SLEEP = 0, 4, 8
 SENDER_SLEEPS = 1
-TRANSFER_HEAD = struct.Struct("<QQ")  # transfer id, length of the bytes that follow
-ABORT = 0xFFFFFFFFFFFFFFFF  # a transfer's length: the sender gave up; the bytes are its reason
-MAX_TRANSFER = 1 << 40
-TRANSFER_PIECE = 64 * 1024  # bytes per Data descriptor of a transfer (a slot of the 64 KiB class)
-
-
-class TransferFailed(ShmpoolError):
-    """A transfer did not arrive whole: its sender gave up (the reason is
-    in the message) or sent something that is not a transfer."""
-
 
 def _signed(v: int) -> int:
     v &= MASK
@@ -341,73 +329,25 @@ class Rx(_End):
         self._partial: bytearray | None = None
         self._eos = False
         self.messages = self.bytes = 0
-        self._head = bytearray()  # a transfer's head, until its 16 bytes are in
-        self._tid = 0
-        self._into: bytearray | None = None  # the transfer being collected
-        self._at = 0
-        self._failed: str | None = None
+        self._collector: Collector | None = None
 
     def _on_data(self, d: Descriptor) -> None:
         rec = Received(self.conn.slots, d)
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
             return
-        if self.table.collecting:
-            self._collect(rec, bool(d.flags & F_MORE))
+        if self.table.collecting:  # spec: shm.session.chunked
+            if self._collector is None:
+                self._collector = Collector(self.id, self.table.transfers)
+            n = rec.nbytes
+            try:
+                self._collector.feed(rec.view(), bool(d.flags & F_MORE))
+            finally:
+                rec.release()
+                self.table.grant(self, n)  # at once: the routing thread never waits for a reader
+            self.bytes += n
             return
         self._queue.append((rec, bool(d.flags & F_MORE)))
-
-    def _collect(self, rec: Received, more: bool) -> None:
-        """Copy a piece of a transfer into its buffer, grant its credit at
-        once, and file the transfer when its last piece is in. Never
-        waits (the host's driver thread routes these). spec: shm.session.chunked"""
-        n = rec.nbytes
-        try:
-            v = rec.view()
-            pos = 0
-            if self._into is None and self._failed is None:
-                take = min(TRANSFER_HEAD.size - len(self._head), n)
-                self._head += v[:take]
-                pos = take
-                if len(self._head) == TRANSFER_HEAD.size:
-                    self._tid, total = TRANSFER_HEAD.unpack(self._head)
-                    if total == ABORT:
-                        self._into, self._at = bytearray(), -1
-                    elif total > MAX_TRANSFER:
-                        self._failed = f"a transfer of {total} bytes (more than {MAX_TRANSFER})"
-                    else:
-                        try:
-                            self._into = bytearray(total)
-                        except MemoryError:
-                            self._failed = f"no memory for a transfer of {total} bytes"
-                        self._at = 0
-            k = n - pos
-            if k and self._into is not None:
-                if self._at < 0:  # an abort's reason
-                    self._into += v[pos:]
-                elif self._at + k > len(self._into):
-                    self._failed = f"more bytes than its head announced ({len(self._into)})"
-                    self._into = None
-                else:
-                    self._into[self._at : self._at + k] = v[pos:]
-                    self._at += k
-        finally:
-            rec.release()
-            self.table.grant(self, n)
-        self.bytes += n
-        if more:
-            return
-        into, self._into, self._head = self._into, None, bytearray()
-        tid, failed, self._failed = self._tid, self._failed, None
-        if failed is None and into is None:
-            failed = "a message shorter than a transfer's head"
-        elif failed is None and self._at < 0:
-            failed = "its sender gave up: " + into.decode("utf-8", "replace")
-        elif failed is None and self._at != len(into):
-            failed = f"{self._at} of the {len(into)} bytes its head announced"
-        self.table.transfers[tid] = into if failed is None else TransferFailed(
-            f"transfer {tid} on channel {self.id} failed: {failed}")
-        self.messages += 1
 
     def _peer_ended(self, kind: int) -> None:
         if kind == RESET:
@@ -531,7 +471,7 @@ class ChannelTable:
         self._outbox: collections.deque = collections.deque()
         # Peer-opened channels collect transfers (see the module docstring).
         self.collecting = False
-        self.transfers: dict[int, bytearray | TransferFailed] = {}
+        self.transfers: dict = {}  # transfer id -> bytearray, or TransferFailed
 
     def take_transfer(self, tid: int) -> bytearray | None:
         """Transfer `tid`'s bytes once all arrived (None before); raises
