@@ -112,7 +112,10 @@ class Answering:
             else:
                 if not pin.release_if_unused():
                     keep.append(pin)  # (appended under the lock: _send rebuilds the list)
-                    self.pinned_bytes += pin.size  # (a racy estimate: _sweep_pins recounts)
+                    # (estimates until _settle's sweep recounts: racy with another delivering thread)
+                    self.pinned_bytes += pin.size
+                    self.pinned_by_class = {**self.pinned_by_class,
+                                            pin.cls: self.pinned_by_class.get(pin.cls, 0) + pin.size}
                 self._deliver(task, w, result, done)
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
@@ -120,7 +123,7 @@ class Answering:
 
     # Shared memory held by results kept zero-copy (recounted by _sweep_pins).
     pinned_bytes = 0
-    pinned_by_class: dict = {}
+    pinned_by_class: dict = {}  # (never changed in place: replaced)
 
     def _may_pin(self, received) -> bool:
         """Keep this result zero-copy (its slot pinned while the caller uses

@@ -242,8 +242,8 @@ class Dispatching:
             except (ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError):
                 pass
             except BaseException as e:  # noqa: BLE001 - the worker reports it as the task's error
-                tx.abort_transfer(tid, f"the host could not send the task's arguments: "
-                                       f"{type(e).__name__}: {e}")
+                # (if it began, its receiver has failed it already)
+                tx.abort_transfer(tid, f"the host could not send the arguments: {type(e).__name__}: {e}")
         t = threading.Timer(0, stream)
         t.daemon = True
         t.name = f"{self.name}-chunked-args"

@@ -279,12 +279,16 @@ class _Worker:
     def _send_chunked(self, chunked: Chunked) -> bytes:
         """Stream a result no slot takes as a transfer (the host's driver
         collects it as it arrives), then answer with its marker: the ring
-        carries the transfer's pieces before the answer. Credit comes
-        without pumping, so no other request runs meanwhile."""
+        carries the transfer's pieces before the answer. The requests
+        routed while it waits for credit wait for this one."""
         if self.tx is None:
             self.tx = self.conn.open_tx()
         tid = next(_transfer_ids)
-        self.tx.send_transfer(tid, chunked.parts, chunked.total, pump=False)
+        self.conn.hold_requests += 1  # (it pumps while it waits for credit)
+        try:
+            self.tx.send_transfer(tid, chunked.parts, chunked.total)
+        finally:
+            self.conn.hold_requests -= 1
         return marker(tid, chunked.total)
 
     def _transfer(self, tid: int) -> bytearray:

@@ -132,7 +132,6 @@ class Tx(_End):
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
-        self._pump = True  # poll incoming messages while waiting for credit
         self.waiter = Waiter(self.conn.segment.buf, self.entry + E_SLEEP, SENDER_SLEEPS)
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
 
@@ -153,8 +152,10 @@ class Tx(_End):
         """Send one message (any bytes-like object; empty is allowed). Waits
         for credit; returns False if `timeout` passed before the first piece
         could go (nothing was sent). Once a piece is out the rest follows
-        whatever it takes (the peer's liveness bounds it). Raises
-        ChannelClosed / ChannelReset / ChannelBroken. spec: shm.flow.split"""
+        whatever it takes (the peer's liveness bounds it), but for a slot a
+        piece waits at most MAX_SLOT_WAIT: then SlotExhaustedError, and a
+        message cut short resets the channel. Raises ChannelClosed /
+        ChannelReset / ChannelBroken. spec: shm.flow.split"""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -168,7 +169,12 @@ class Tx(_End):
                 if not self._wait_credit(k, timeout if first else None):
                     return False
                 more = off + k < n
-                self._publish(view[off : off + k], more)
+                try:
+                    self._publish(view[off : off + k], more)
+                except SlotExhaustedError:
+                    if not first:  # half a message: the receiver must not take it for a whole one
+                        self._terminal(RESET)
+                    raise
                 off += k
                 first = False
                 if not more:
@@ -197,14 +203,15 @@ class Tx(_End):
         in_flight = self.table.initial_credit - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
-    def send_transfer(self, tid: int, parts, total: int, *, pump: bool = True) -> None:
+    def send_transfer(self, tid: int, parts, total: int) -> None:
         """Stream one transfer (see the module docstring): `parts` are
         bytes-like objects of `total` bytes in all, sent as one message in
         pieces of at most TRANSFER_PIECE bytes, each waiting for credit (as
         long as the peer lives) and at most MAX_SLOT_WAIT for its slot
-        (then SlotExhaustedError: the caller may `abort_transfer`).
-        `pump=False`: a guest's handler that must not handle other requests
-        meanwhile (credit needs no pumping). spec: shm.session.chunked"""
+        (then SlotExhaustedError: the caller may `abort_transfer`). A
+        guest's handler that sends one pumps meanwhile (to see the host's
+        end): it holds the requests routed then (`Connection.hold_requests`).
+        spec: shm.session.chunked"""
         views = [memoryview(TRANSFER_HEAD.pack(tid, total))]
         for p in parts:
             v = p if isinstance(p, memoryview) else memoryview(p)
@@ -215,34 +222,45 @@ class Tx(_End):
         if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
             raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
                              f"bytes, not {total}")
-        self._stream(views, pump)
+        self._stream(views)
         self.bytes += total
 
-    def _stream(self, views: list, pump: bool) -> None:
-        """Send `views` as one message, in pieces of at most TRANSFER_PIECE."""
-        piece = max(1, min(TRANSFER_PIECE, self.table.initial_credit))
+    def _stream(self, views: list, piece: int = TRANSFER_PIECE) -> None:
+        """Send `views` as one message, in pieces of at most `piece` bytes."""
+        piece = max(1, min(piece, self.table.initial_credit))
         with self._lock:
             self._check()
-            saved, self._pump = self._pump, pump
+            last, sent = len(views) - 1, False
             try:
-                last = len(views) - 1
                 for i, v in enumerate(views):
                     n, off = v.nbytes, 0
                     while off < n:
                         k = min(piece, n - off)
                         self._wait_credit(k, None)
                         self._publish(v[off : off + k], i < last or off + k < n)
+                        sent = True
                         off += k
-            finally:
-                self._pump = saved
+            except BaseException:
+                if sent and self._broken is None:
+                    # End the message with an empty piece (inline: no slot, no
+                    # credit): the receiver fails this transfer alone, short
+                    # of the bytes its head announced, and the channel goes on.
+                    try:
+                        self.conn.publish(payload_descriptor(self.conn.slots, self.conn.peer, DATA,
+                                                             self.id, b""))
+                    except Exception:  # noqa: BLE001 - the channel is gone with its receiver
+                        pass
+                raise
             self.messages += 1
 
-    def abort_transfer(self, tid: int, reason: str, *, pump: bool = True) -> None:
-        """Tell the receiver that transfer `tid` will not come, and why
-        (best effort: if the channel is gone, so is the receiver's wait)."""
+    def abort_transfer(self, tid: int, reason: str) -> None:
+        """Tell the receiver that transfer `tid` will not come, and why (at
+        most 256 bytes of it), in inline pieces: no slot needed, so it goes
+        when none is free. Best effort: if the channel is gone, so is the
+        receiver's wait."""
         try:
-            self._stream([memoryview(TRANSFER_HEAD.pack(tid, ABORT)),
-                          memoryview(reason.encode("utf-8", "replace")[:4096])], pump)
+            self._stream([memoryview(TRANSFER_HEAD.pack(tid, ABORT) + reason.encode()[:256])],
+                         L.INLINE_CAPACITY)
         except Exception:  # noqa: BLE001
             pass
 
@@ -282,8 +300,7 @@ class Tx(_End):
             remaining = SLICE if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self._pump:
-                self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
+            self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
             self._check()
             try:
                 w.sleep(off, granted, min(remaining, SLICE))

@@ -20,6 +20,7 @@ its message's last piece; a malformed message fails that transfer alone.
 
 from __future__ import annotations
 
+import collections
 import struct
 
 from ..errors import TransferFailed
@@ -33,11 +34,12 @@ TRANSFER_PIECE = 64 * 1024  # bytes per Data descriptor (a slot of the default 6
 class Collector:
     """Assembles the transfers of one channel (see the module docstring)."""
 
-    __slots__ = ("cid", "filed", "head", "tid", "into", "at", "failed")
+    __slots__ = ("cid", "filed", "head", "tid", "into", "at", "failed", "cut")
 
     def __init__(self, cid: int, filed: dict) -> None:
         self.cid = cid
         self.filed = filed
+        self.cut: collections.deque = collections.deque(maxlen=64)  # ids of transfers cut short
         self._reset()
 
     def _reset(self) -> None:
@@ -86,8 +88,11 @@ class Collector:
         if failed is None and into is None:
             failed = "a message shorter than a transfer's head"
         elif failed is None and at < 0:
+            if tid in self.cut and tid not in self.filed:
+                return  # its failure was filed and taken already: the abort only explains it
             failed = "its sender gave up: " + into.decode("utf-8", "replace")
         elif failed is None and at != len(into):
             failed = f"{at} of the {len(into)} bytes its head announced"
+            self.cut.append(tid)  # (a sender that cuts a transfer short aborts it next)
         self.filed[tid] = into if failed is None else TransferFailed(
             f"transfer {tid} on channel {self.cid} failed: {failed}")
