@@ -242,3 +242,95 @@ def test_the_collector_fails_a_malformed_transfer_alone():
     assert isinstance(filed.pop(7), TransferFailed)
     c.feed(TRANSFER_HEAD.pack(7, ABORT) + b"why", False)  # ... then its abort: not filed again
     assert not filed
+
+
+# --------------------------------------------------------------------------
+# The session layer alone: a loopback pair of one real segment
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lo():
+    from test_channels import Loopback
+
+    pair = Loopback()
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.mark.spec("shm.session.chunked")
+def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
+    """The receiver collects while it routes (its credit granted at once):
+    a sender of many times the credit never waits for a reader."""
+    import threading
+
+    from test_channels import CREDIT
+
+    lo.guest.table.collecting = True
+    tx = lo.host.open_tx()
+    data = make_bytes(10 * CREDIT + 123, 9)
+    parts = [memoryview(data)[:1000], memoryview(data)[1000:]]
+    errors = []
+
+    def send():
+        try:
+            tx.send_transfer(5, parts, len(data))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=send)
+    t.start()
+    assert lo.guest.wait_until(lambda: 5 in lo.guest.table.transfers, 60)
+    t.join(60)
+    assert not errors
+    got = lo.guest.table.take_transfer(5)
+    assert digest(got) == digest(data) and lo.guest.table.take_transfer(5) is None
+    lo.settle()
+    assert lo.all_free()
+    assert tx.credit_waits > 0  # (the window was a tenth of the transfer)
+
+
+@pytest.mark.spec("shm.flow.split")
+def test_a_message_cut_short_by_a_slot_wait_resets_the_channel(lo, monkeypatch):
+    from shmpool.errors import ChannelReset
+    from shmpool.rpc import channel
+    from test_channels import CREDIT
+
+    tx = lo.host.open_tx()
+    rx = lo.guest.rx(tx.id)
+    real, calls = channel.payload_descriptor, []
+
+    def flaky(*a, **kw):  # (no slot for any piece after the first)
+        calls.append(1)
+        if len(calls) >= 2:
+            raise SlotExhaustedError("no slot")
+        return real(*a, **kw)
+
+    import threading
+
+    got = []
+
+    def receive():  # (consumes pieces, so their credit comes back)
+        try:
+            while True:
+                got.append(rx.recv(30))
+        except BaseException as e:  # noqa: BLE001
+            got.append(e)
+
+    t = threading.Thread(target=receive)
+    t.start()
+    monkeypatch.setattr(channel, "payload_descriptor", flaky)
+    monkeypatch.setattr(channel, "MAX_SLOT_WAIT", 0.2)
+    try:
+        with pytest.raises(SlotExhaustedError):
+            tx.send(b"x" * (CREDIT + 10))
+    finally:
+        monkeypatch.undo()
+        t.join(60)
+    with pytest.raises(ChannelReset):
+        tx.send(b"y")
+    assert len(got) == 1 and isinstance(got[0], ChannelReset)  # never half a message as a whole one
+    lo.settle()
+    assert lo.all_free()
