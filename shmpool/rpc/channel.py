@@ -50,7 +50,7 @@ from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
 from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
-from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -227,30 +227,9 @@ class Tx(_End):
 
     def _stream(self, views: list, piece: int = TRANSFER_PIECE) -> None:
         """Send `views` as one message, in pieces of at most `piece` bytes."""
-        piece = max(1, min(piece, self.table.initial_credit))
         with self._lock:
             self._check()
-            last, sent = len(views) - 1, False
-            try:
-                for i, v in enumerate(views):
-                    n, off = v.nbytes, 0
-                    while off < n:
-                        k = min(piece, n - off)
-                        self._wait_credit(k, None)
-                        self._publish(v[off : off + k], i < last or off + k < n)
-                        sent = True
-                        off += k
-            except BaseException:
-                if sent and self._broken is None:
-                    # End the message with an empty piece (inline: no slot, no
-                    # credit): the receiver fails this transfer alone, short
-                    # of the bytes its head announced, and the channel goes on.
-                    try:
-                        self.conn.publish(payload_descriptor(self.conn.slots, self.conn.peer, DATA,
-                                                             self.id, b""))
-                    except Exception:  # noqa: BLE001 - the channel is gone with its receiver
-                        pass
-                raise
+            stream(self, views, max(1, min(piece, self.table.initial_credit)))
             self.messages += 1
 
     def abort_transfer(self, tid: int, reason: str) -> None:

@@ -13,6 +13,10 @@ the announced length and, at the message's last piece, files the
 transfer (its bytes, or a `TransferFailed`) under its id in the table's
 `transfers`, where the message that names it takes it.
 
+Sending: `stream` (for `Tx.send_transfer`) splits the parts into pieces,
+each waiting for its credit, and ends a message it cannot finish with an
+empty piece.
+
 Invariants: a collector never waits and never keeps a slot (the caller
 releases each piece after `feed`); a transfer is filed exactly once, at
 its message's last piece; a malformed message fails that transfer alone.
@@ -24,6 +28,7 @@ import collections
 import struct
 
 from ..errors import TransferFailed
+from .messages import DATA, payload_descriptor
 
 TRANSFER_HEAD = struct.Struct("<QQ")  # transfer id, length of the bytes that follow
 ABORT = 0xFFFFFFFFFFFFFFFF  # a transfer's length: the sender gave up; the bytes are its reason
@@ -96,3 +101,28 @@ class Collector:
             self.cut.append(tid)  # (a sender that cuts a transfer short aborts it next)
         self.filed[tid] = into if failed is None else TransferFailed(
             f"transfer {tid} on channel {self.cid} failed: {failed}")
+
+
+def stream(tx, views: list, piece: int) -> None:
+    """Send `views` on `tx` (its lock held) as one message, in pieces of at
+    most `piece` bytes, each after its credit. If it fails midway, the
+    message is ended with an empty piece (inline: no slot, no credit), so
+    the receiver fails this transfer alone, short of the bytes its head
+    announced, and the channel goes on."""
+    last, sent = len(views) - 1, False
+    try:
+        for i, v in enumerate(views):
+            n, off = v.nbytes, 0
+            while off < n:
+                k = min(piece, n - off)
+                tx._wait_credit(k, None)
+                tx._publish(v[off : off + k], i < last or off + k < n)
+                sent = True
+                off += k
+    except BaseException:
+        if sent and tx._broken is None:
+            try:
+                tx.conn.publish(payload_descriptor(tx.conn.slots, tx.conn.peer, DATA, tx.id, b""))
+            except Exception:  # noqa: BLE001 - the channel is gone with its receiver
+                pass
+        raise
