@@ -41,7 +41,7 @@ from . import _tasks as T
 from . import _threads
 from .errors import (
     ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError, PoolBrokenError,
-    SlotExhaustedError,
+    ShmpoolError, SlotExhaustedError,
 )
 from .serialization import Chunked, chunk_threshold, dumps, marker, write
 from ._tasks import _Task, _Worker
@@ -160,7 +160,13 @@ class Dispatching:
                             chunk_above=chunk_threshold(self.slots.config))
                 if isinstance(out, Chunked):  # spec: exec.chunked
                     if w.tx is None:
-                        w.tx = conn.open_tx()
+                        try:
+                            w.tx = conn.open_tx()
+                        except ConnectionClosedError:
+                            raise
+                        except ShmpoolError as e:  # no channel id left (max_channels): this task's error
+                            self._fail(batch[0], e)
+                            return None
                     chunked, tid = out, next(_transfer_ids)
                     out = marker(tid, chunked.total)
         except SlotExhaustedError:

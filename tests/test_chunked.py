@@ -334,3 +334,18 @@ def test_a_message_cut_short_by_a_slot_wait_resets_the_channel(lo, monkeypatch):
     assert len(got) == 1 and isinstance(got[0], ChannelReset)  # never half a message as a whole one
     lo.settle()
     assert lo.all_free()
+
+
+@pytest.mark.spec("exec.chunked")
+def test_chunked_arguments_without_a_channel_id_fail_their_task_clearly():
+    """With max_channels=2 the host has no channel id of its own: a task
+    whose arguments must stream fails with the knob to raise; the pool
+    goes on (results still stream: the worker has id 1)."""
+    from shmpool.errors import ShmpoolError
+
+    cfg = SegmentConfig(max_guests=2, max_channels=2, memory_limit=64 * MIB)
+    with ShmExecutor(1, segment_config=cfg) as ex:
+        with pytest.raises(ShmpoolError, match="max_channels"):
+            ex.submit(ident, bytes(9 * MIB)).result(timeout=120)
+        blob = ex.submit(make_bytes, 9 * MIB, 1).result(timeout=120)
+        assert digest(blob) == digest(make_bytes(9 * MIB, 1))
