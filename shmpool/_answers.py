@@ -6,9 +6,9 @@ adaptive window, spec: exec.window), the delivery (results unpickled
 zero-copy and pinned while in use, within the pin budget and from
 COPY_BELOW bytes up, else copied, spec: exec.pin-budget; chunked results
 taken from the worker's channel table, spec: exec.chunked; errors turned
-into what the caller raises), a task's end (`_finished`: counted once, its payload dropped),
-requeueing what a dead worker held or a batch did not run, and breaking
-the pool.
+into what the caller raises), a task's end (`_finished`: counted once,
+its payload dropped), requeueing what a dead worker held or a batch did
+not run, and breaking the pool.
 
 Data flow: a connection's answer callbacks (the driver thread, or a caller
 fetching answers on its own thread) -> `_on_done`: an error at once, an

@@ -24,11 +24,12 @@ from a thread of their own (kept with the timers, joined at close).
 Invariants: everything here runs with the core's lock held and never
 waits (slot allocation has no timeout: a batch or a `define` that finds
 no slot goes back to the head of the queue, and is retried on the next
-answer or, if none is coming, by a timer; a single task streams instead); a task that could not be sent is back in the queue
-exactly once (a connection's end that took its expected answer requeues it
-itself); a batch never carries a task with out-of-band buffers, one that
-crashed a worker, or more tasks than the worker's window has room for or
-its `max_tasks_per_child` allows.
+answer or, if none is coming, by a timer; a single task streams instead);
+a task that could not be sent is back in the queue exactly once (a
+connection's end that took its expected answer requeues it itself); a
+batch never carries a task with out-of-band buffers, one that crashed a
+worker, or more tasks than the worker's window has room for or its
+`max_tasks_per_child` allows.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ slot of its own, never waiting for one: a result no slot takes now, or
 above an eighth of the memory limit, streams over this worker's chunk
 channel first and the answer carries its marker (spec: exec.chunked);
 chunked arguments are collected from the host's channel while the
-requests routed meanwhile wait (`Connection.hold_requests`). `run_batch` carries several small tasks (pickled calls,
-no out-of-band buffers) that queued on the host while this worker was
-busy: each runs as `run` runs one, under its own id in the guest word, and
+requests routed meanwhile wait (`Connection.hold_requests`).
+`run_batch` carries several small tasks (pickled calls, no out-of-band
+buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
 is answered as soon as it is done (the ids the host expects, the last one
 as the call's own answer). Handlers run on the main thread, one task at a
 time, in the order they were queued.
