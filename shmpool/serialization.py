@@ -451,7 +451,7 @@ def read(received, *, copy: bool = False, transfers=None) -> tuple[object, "Pin 
                 raise ValueError(f"chunked payload {tid} has not arrived (its message came first)")
             if len(buf) != total:
                 raise ValueError(f"chunked payload {tid} has {len(buf)} bytes, not {total}")
-            return _unpickle(memoryview(buf), lambda v, pos, n: (ctypes.c_ubyte * n).from_buffer(v, pos)), _NO_PIN
+            return _unpickle(memoryview(buf), _view_of), _NO_PIN
         if data[:1] != COMPACT:
             raise ValueError("inline payload is not a compact envelope")
         return pickle.loads(data[1:]), _NO_PIN
@@ -465,17 +465,27 @@ def read(received, *, copy: bool = False, transfers=None) -> tuple[object, "Pin 
         return obj, _NO_PIN
     if copy:
         try:
-            return _unpickle(view, lambda v, pos, n: bytearray(v[pos : pos + n])), _NO_PIN
+            return _unpickle(view, _copy_of), _NO_PIN
         finally:
             view.release()
             received.release()
     arrays = _Arrays()
     try:
-        obj = _unpickle(view, lambda v, pos, n: (ctypes.c_ubyte * n).from_buffer(v, pos), arrays)
+        obj = _unpickle(view, _view_of, arrays)
     except BaseException:
         Pin(received, arrays, [], view).release()  # nothing of it escaped
         raise
     return obj, Pin(received, arrays, arrays.base, view)
+
+
+def _view_of(view: memoryview, pos: int, n: int):
+    """A buffer that views the payload: its own ctypes array, so that its
+    reference count tells whether it is still used (see `Pin`)."""
+    return (ctypes.c_ubyte * n).from_buffer(view, pos)
+
+
+def _copy_of(view: memoryview, pos: int, n: int) -> bytearray:
+    return bytearray(view[pos : pos + n])
 
 
 class _Arrays(list):
