@@ -105,8 +105,10 @@ class Answering:
         keep = []
         for task, w, received, end in ready:
             try:
-                result, pin = read(received, copy=not self._may_pin(received),
-                                   transfers=w.conn.table.take_transfer)
+                if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
+                    result, pin = read(received, transfers=w.conn.table.take_transfer)
+                else:
+                    result, pin = read(received, copy=not self._may_pin(received))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 self._complete(task, error=_result_unpickling(task, e), done=done)
             else:
@@ -132,8 +134,7 @@ class Answering:
         class (a class full of kept results would leave the workers no slot
         of that size). Otherwise the receiver copies and the slot is free at
         once: a kept result never blocks the pool. spec: exec.pin-budget"""
-        n = received.nbytes
-        if n < COPY_BELOW or received.descriptor.is_inline:
+        if received.nbytes < COPY_BELOW:
             return False
         total, per_class = _pin_limits(self.slots.config)
         size = received.capacity

@@ -159,7 +159,7 @@ class Dispatching:
             else:
                 out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0,
                             chunk_above=chunk_threshold(self.slots.config))
-                if isinstance(out, Chunked):  # spec: exec.chunked
+                if type(out) is Chunked:  # spec: exec.chunked
                     if w.tx is None:
                         try:
                             w.tx = conn.open_tx()

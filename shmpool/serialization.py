@@ -442,6 +442,8 @@ def read(received, *, copy: bool = False, transfers=None) -> tuple[object, "Pin 
     spec: exec.chunked"""
     if received.descriptor.is_inline:  # compact, or a chunked payload's marker
         data = received.descriptor.payload
+        if data[:1] == COMPACT:
+            return pickle.loads(data[1:]), _NO_PIN
         if data[:1] == CHUNKED and len(data) == 1 + _MARK.size:
             tid, total = _MARK.unpack_from(data, 1)
             if transfers is None:
@@ -452,9 +454,7 @@ def read(received, *, copy: bool = False, transfers=None) -> tuple[object, "Pin 
             if len(buf) != total:
                 raise ValueError(f"chunked payload {tid} has {len(buf)} bytes, not {total}")
             return _unpickle(memoryview(buf), _view_of), _NO_PIN
-        if data[:1] != COMPACT:
-            raise ValueError("inline payload is not a compact envelope")
-        return pickle.loads(data[1:]), _NO_PIN
+        raise ValueError("inline payload is not a compact envelope")
     view = received.view(writable=True)
     if view.nbytes and view[0] == COMPACT[0]:
         try:

@@ -270,7 +270,7 @@ class _Worker:
         # Never a wait for a slot: what no slot takes now (after the larger
         # classes and a huge extent) streams over a channel. spec: exec.chunked
         out = write(self.session.slots, stream, bufs, timeout=0, chunk_above=self.chunk_above)
-        if isinstance(out, Chunked):
+        if type(out) is Chunked:
             out = self._send_chunked(out)
         if failpoints.ACTIVE:
             failpoints.hit(FP_RESULT_SLOT)
