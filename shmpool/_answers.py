@@ -3,10 +3,12 @@ what a lost worker means for its tasks (a mixin of `_core.Core`).
 
 Owns: the booking of an answer (the worker's window and credits, its
 adaptive window, spec: exec.window), the delivery (results unpickled
-zero-copy and pinned while in use, errors turned into what the caller
-raises), a task's end (`_finished`: counted once, its payload dropped),
-requeueing what a dead worker held or a batch did not run, and breaking
-the pool.
+zero-copy and pinned while in use, within the pin budget and from
+COPY_BELOW bytes up, else copied, spec: exec.pin-budget; chunked results
+taken from the worker's channel table, spec: exec.chunked; errors turned
+into what the caller raises), a task's end (`_finished`: counted once,
+its payload dropped), requeueing what a dead worker held or a batch did
+not run, and breaking the pool.
 
 Data flow: a connection's answer callbacks (the driver thread, or a caller
 fetching answers on its own thread) -> `_on_done`: an error at once, an
@@ -24,6 +26,7 @@ exec.attribution), and then runs again at most `max_retries` times.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future
 
@@ -33,7 +36,8 @@ from .errors import (
     ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
     WorkerCrashedError,
 )
-from .serialization import read
+from .serialization import COPY_BELOW, read, transfer_of
+from .shm import layout as L
 from ._tasks import _FINAL, _Task, _Worker
 from .worker import BATCH_TIME, ResultEncodingError, TaskInterrupted, TaskNotRun
 
@@ -86,6 +90,9 @@ class Answering:
                     w.messages -= 1
                 w.inflight.pop(task.rid, None)
                 if task.finished:  # failed by _break (terminate) meanwhile
+                    tid = transfer_of(received)
+                    if tid is not None:  # (its chunked bytes are nobody's now)
+                        w.conn.table.transfers.pop(tid, None)
                     received.release()
                 else:
                     ready.append(item)
@@ -98,16 +105,44 @@ class Answering:
         keep = []
         for task, w, received, end in ready:
             try:
-                result, pin = read(received)
+                if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
+                    result, pin = read(received, transfers=w.conn.table.take_transfer)
+                else:
+                    result, pin = read(received, copy=not self._may_pin(received))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 self._complete(task, error=_result_unpickling(task, e), done=done)
             else:
                 if not pin.release_if_unused():
                     keep.append(pin)  # (appended under the lock: _send rebuilds the list)
+                    # (estimates until _settle's sweep recounts: racy with another delivering thread)
+                    self.pinned_bytes += pin.size
+                    self.pinned_by_class = {**self.pinned_by_class,
+                                            pin.cls: self.pinned_by_class.get(pin.cls, 0) + pin.size}
                 self._deliver(task, w, result, done)
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
         self._settle(done, keep)
+
+    # Shared memory held by results kept zero-copy (recounted by _sweep_pins).
+    pinned_bytes = 0
+    pinned_by_class: dict = {}  # (never changed in place: replaced)
+
+    def _may_pin(self, received) -> bool:
+        """Keep this result zero-copy (its slot pinned while the caller uses
+        it)? Only from COPY_BELOW bytes up, and while the pinned bytes stay
+        within `pin_fraction` of the memory limit and of the slot's size
+        class (a class full of kept results would leave the workers no slot
+        of that size). Otherwise the receiver copies and the slot is free at
+        once: a kept result never blocks the pool. spec: exec.pin-budget"""
+        if received.nbytes < COPY_BELOW:
+            return False
+        total, per_class = _pin_limits(self.slots.config)
+        size = received.capacity
+        if self.pinned_bytes + size > total:
+            return False
+        ci = received.descriptor.slot_ref >> 28
+        cap = per_class.get(ci)
+        return cap is None or self.pinned_by_class.get(ci, 0) + size <= cap
 
     def _settle(self, done: list, keep) -> None:
         """Under the lock once: finish the delivered tasks, keep the pins of
@@ -294,6 +329,15 @@ class Answering:
             self._finished(t)
         self.idle.notify_all()
 
+
+
+@functools.lru_cache(maxsize=8)
+def _pin_limits(config) -> tuple[int, dict]:
+    """(bytes all pins may hold, {class index: bytes its pins may hold})."""
+    f = config.pin_fraction
+    per_class = {i: int(f * min(c.slot_size * c.slots_per_extent * L.MAX_EXTENTS, config.memory_limit))
+                 for i, c in enumerate(config.size_classes)}
+    return int(f * config.memory_limit), per_class
 
 
 def _result_unpickling(task: _Task, e: BaseException) -> ResultUnpicklingError:

@@ -128,6 +128,7 @@ class Core(Dispatching, Answering):
         """Register a started worker (the starter's thread)."""
         w = _Worker(peer_id, proc, self.session.connection(peer_id))
         w.conn.after_feed = self._flush
+        w.conn.table.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
         w.window = self.max_inflight
         w.startup_log = log
         with self.lock:

@@ -15,27 +15,41 @@ queue (cancelled ones finished on the way) -> `_send`: `define`, the
 payload, the expected ids, the call -> the tasks are the worker's
 (`inflight`, by the id its guest word will name) until answered.
 
+Chunked arguments (spec: exec.chunked): a task's payload above an eighth
+of the memory limit, or one no slot takes after the sweep of dropped pins,
+the larger classes and a huge extent, goes as a `run` request with an
+inline marker; its bytes follow on the worker's chunk channel (`_Worker.tx`)
+from a thread of their own (kept with the timers, joined at close).
+
 Invariants: everything here runs with the core's lock held and never
-waits (slot allocation has no timeout: a task that finds no slot goes back
-to the head of the queue, and is retried on the next answer or, if none is
-coming, by a timer); a task that could not be sent is back in the queue
-exactly once (a connection's end that took its expected answer requeues it
-itself); a batch never carries a task with out-of-band buffers, one that
-crashed a worker, or more tasks than the worker's window has room for or
-its `max_tasks_per_child` allows.
+waits (slot allocation has no timeout: a batch or a `define` that finds
+no slot goes back to the head of the queue, and is retried on the next
+answer or, if none is coming, by a timer; a single task streams instead);
+a task that could not be sent is back in the queue exactly once (a
+connection's end that took its expected answer requeues it itself); a
+batch never carries a task with out-of-band buffers, one that crashed a
+worker, or more tasks than the worker's window has room for or its
+`max_tasks_per_child` allows.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 from . import _tasks as T
 from . import _threads
-from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, SlotExhaustedError
-from .serialization import dumps, write
+from .errors import (
+    ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError, PoolBrokenError,
+    ShmpoolError, SlotExhaustedError,
+)
+from .serialization import Chunked, chunk_threshold, dumps, marker, write
 from ._tasks import _Task, _Worker
 from .worker import DEFINE, RUN, RUN_BATCH
+
+
+_transfer_ids = itertools.count(1)  # (next() is atomic)
 
 
 class Dispatching:
@@ -136,13 +150,26 @@ class Dispatching:
             self._sweep_pins()
         batched = len(batch) > 1
         tags = [conn.spare_id() for _ in batch] if batched else ()
+        chunked = tid = None
         try:
             for task in batch:
                 self._define(task, w)
             if batched:  # spec: exec.batch
                 out = write(self.slots, *dumps([(tag, t.stream) for tag, t in zip(tags, batch)]), timeout=0)
             else:
-                out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0)
+                out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0,
+                            chunk_above=chunk_threshold(self.slots.config))
+                if type(out) is Chunked:  # spec: exec.chunked
+                    if w.tx is None:
+                        try:
+                            w.tx = conn.open_tx()
+                        except ConnectionClosedError:
+                            raise
+                        except ShmpoolError as e:  # no channel id left (max_channels): this task's error
+                            self._fail(batch[0], e)
+                            return None
+                    chunked, tid = out, next(_transfer_ids)
+                    out = marker(tid, chunked.total)
         except SlotExhaustedError:
             self._sweep_pins()
             self.stats["slot_waits"] += 1
@@ -171,6 +198,11 @@ class Dispatching:
             w.dead = True
             # (an expected answer the connection's end took is failed, and requeued, by it)
             return [t for t in batch if t not in expected or conn.forget(t.rid)]
+        if chunked is not None:
+            # The request went; its arguments follow from a thread of their
+            # own (they wait for the worker's credit; dispatch never does),
+            # and the worker collects them as they arrive.
+            self._stream_later(w.tx, tid, chunked)
         # (No answer can be handled before this: _on_done takes the lock we hold.)
         for task in batch:
             w.inflight[task.rid] = task
@@ -197,8 +229,33 @@ class Dispatching:
             w.known[fid] = None
 
     def _sweep_pins(self) -> None:
-        """(lock held) Free the slots of results nobody uses any more."""
-        self.pins = [p for p in self.pins if not p.release_if_unused()]
+        """(lock held) Free the slots of results nobody uses any more, and
+        recount what the others hold (the pin budget: `_answers._may_pin`)."""
+        self.pins = pins = [p for p in self.pins if not p.release_if_unused()]
+        total, by_class = 0, {}
+        for p in pins:
+            total += p.size
+            by_class[p.cls] = by_class.get(p.cls, 0) + p.size
+        self.pinned_bytes, self.pinned_by_class = total, by_class
+
+    def _stream_later(self, tx, tid: int, chunked) -> None:
+        """(lock held) Stream chunked arguments on a thread of their own
+        (kept with the timers: `close` joins it). If the worker dies
+        meanwhile, its end requeues the task; any other failure aborts the
+        transfer, and the worker fails the task with its reason."""
+        def stream() -> None:
+            try:
+                tx.send_transfer(tid, chunked.parts, chunked.total)
+            except (ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError):
+                pass
+            except BaseException as e:  # noqa: BLE001 - the worker reports it as the task's error
+                # (if it began, its receiver has failed it already)
+                tx.abort_transfer(tid, f"the host could not send the arguments: {type(e).__name__}: {e}")
+        t = threading.Timer(0, stream)
+        t.daemon = True
+        t.name = f"{self.name}-chunked-args"
+        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        _threads.start(t)
 
     def _later(self, delay: float) -> None:
         """Dispatch again after `delay` seconds (lock held)."""

@@ -183,7 +183,7 @@ class _Task:
 class _Worker:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
-                 "ready", "init_failed", "judged", "startup_log", "paused_until", "messages")
+                 "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -208,3 +208,4 @@ class _Worker:
         self.window = 2  # tasks it may hold; adapts to how long its tasks take
         self.service = 0.0  # seconds per task while busy (moving average)
         self.last_done = 0.0
+        self.tx = None  # the channel chunked arguments stream over (opened on first use)

@@ -28,6 +28,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelReset",
     "ChannelBroken",
+    "TransferFailed",
     "SlotError",
     "StaleSlotError",
     "SlotExhaustedError",
@@ -160,6 +161,11 @@ class ChannelReset(ShmpoolError, ConnectionResetError):
 class ChannelBroken(ShmpoolError, ConnectionError):
     """The channel's connection ended (the peer died or the session
     closed) before the channel was closed or reset."""
+
+
+class TransferFailed(ShmpoolError):
+    """A chunked transfer did not arrive whole: its sender gave up (the
+    reason is in the message) or sent something that is not a transfer."""
 
 
 class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):

@@ -20,9 +20,13 @@ single call or chunk; the arguments; in one slot whose buffers are
 unpickled zero-copy). `run` records the task's request id in the entry's
 guest word (so the host can tell, if this process dies, which task was
 running), calls the function, and answers with the pickled result in a
-slot of its own. `run_batch` carries several small tasks (pickled calls,
-no out-of-band buffers) that queued on the host while this worker was
-busy: each runs as `run` runs one, under its own id in the guest word, and
+slot of its own, never waiting for one: a result no slot takes now, or
+above an eighth of the memory limit, streams over this worker's chunk
+channel first and the answer carries its marker (spec: exec.chunked);
+chunked arguments are collected from the host's channel while the
+requests routed meanwhile wait (`Connection.hold_requests`).
+`run_batch` carries several small tasks (pickled calls, no out-of-band
+buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
 is answered as soon as it is done (the ids the host expects, the last one
 as the call's own answer). Handlers run on the main thread, one task at a
 time, in the order they were queued.
@@ -54,7 +58,7 @@ from .errors import TaskUnpicklingError
 from .hub.guest import run_guest
 from .rpc import GuestSession
 from .rpc.messages import method_id
-from .serialization import dumps, read, write
+from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, write
 from .shm import layout as L
 
 INIT = method_id("shmpool.worker.init")
@@ -63,6 +67,7 @@ RUN = method_id("shmpool.worker.run")
 RUN_BATCH = method_id("shmpool.worker.run_batch")
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 EXIT_INIT_FAILED = 86
+_transfer_ids = itertools.count(1)
 BATCH_TIME = struct.Struct("<d")  # the answer to run_batch: seconds its tasks took, in the worker
 
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
@@ -126,6 +131,9 @@ class _Worker:
         self.word = guest.segment.layout.peer_entry(guest.peer_id) + L.P_GUEST_WORD
         self.funcs: dict[int, object] = {}
         self.pins: list = []
+        self.conn.table.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
+        self.tx = None  # the channel chunked results stream over (opened on first use)
+        self.chunk_above = chunk_threshold(guest.segment.config)
         self.done = 0
         self.max_tasks: int | None = None
         self.exit_code: int | None = None
@@ -181,7 +189,8 @@ class _Worker:
         pin = None
         try:
             try:
-                task, pin = read(payload.retain())
+                task, pin = read(payload.retain(), copy=payload.nbytes < COPY_BELOW,
+                                 transfers=self._transfer)
             except Exception as e:
                 payload.release()
                 raise _unpickling_error(e) from e
@@ -258,10 +267,45 @@ class _Worker:
         view of an argument: it is dropped with this frame, before the
         caller frees the argument's slot.)"""
         stream, bufs = self._call(*task)
-        out = write(self.session.slots, stream, bufs)
+        # Never a wait for a slot: what no slot takes now (after the larger
+        # classes and a huge extent) streams over a channel. spec: exec.chunked
+        out = write(self.session.slots, stream, bufs, timeout=0, chunk_above=self.chunk_above)
+        if type(out) is Chunked:
+            out = self._send_chunked(out)
         if failpoints.ACTIVE:
             failpoints.hit(FP_RESULT_SLOT)
         return out
+
+    def _send_chunked(self, chunked: Chunked) -> bytes:
+        """Stream a result no slot takes as a transfer (the host's driver
+        collects it as it arrives), then answer with its marker: the ring
+        carries the transfer's pieces before the answer. The requests
+        routed while it waits for credit wait for this one."""
+        if self.tx is None:
+            self.tx = self.conn.open_tx()
+        tid = next(_transfer_ids)
+        self.conn.hold_requests += 1  # (it pumps while it waits for credit)
+        try:
+            self.tx.send_transfer(tid, chunked.parts, chunked.total)
+        finally:
+            self.conn.hold_requests -= 1
+        return marker(tid, chunked.total)
+
+    def _transfer(self, tid: int) -> bytearray:
+        """Chunked arguments: the transfer's bytes once all arrived, pumping
+        meanwhile (the host streams them after the request). Requests routed
+        meanwhile wait for this one. Bounded by the host's life: its end
+        ends the wait."""
+        table, conn = self.conn.table, self.conn
+        conn.hold_requests += 1
+        try:
+            conn.wait_until(lambda: tid in table.transfers or conn.end_reason is not None, None)
+        finally:
+            conn.hold_requests -= 1
+        got = table.take_transfer(tid)
+        if got is None:
+            raise conn.end_reason or RuntimeError(f"transfer {tid} never arrived")
+        return got
 
     def _call(self, fid, kind, args, kwargs):
         """Run one task: its pickled result (stream, buffers)."""

@@ -19,6 +19,7 @@ import pytest
 from shmpool.errors import ConnectionClosedError, PeerDeadError, ProtocolError, SlotExhaustedError
 from shmpool.hub import ShmHost
 from shmpool.rpc import HostSession, NoSuchMethodError, RemoteError, RemoteTraceback, method_id
+from shmpool.rpc.messages import alloc
 from shmpool.shm import SegmentConfig, SizeClass
 from shmpool.shm.ring import Descriptor
 from shmpool.shm.varslot import SlotPool
@@ -250,8 +251,8 @@ def test_goodbye_never_waits_for_a_slot():
         s.report(p)
         conn = s.sess.connection(peer)
         with pytest.raises(SlotExhaustedError):
-            while True:
-                held.append(s.sess.slots.alloc(100, timeout=0))
+            while True:  # (every slot, and every huge extent the allocation order falls back to)
+                held.append(alloc(s.sess.slots, 100, timeout=0))
         reason = "a reason much longer than the thirty-two bytes of an inline payload"
         closer = threading.Thread(target=conn.close, args=(reason,))
         closer.start()

@@ -142,3 +142,45 @@ def test_big_bytes_anywhere_are_taken_by_reference_and_copied_once(pools):
     assert pickle.loads(stream_bytes(stream), buffers=bufs) == mv.tobytes()
     stream, bufs = dumps(memoryview(big))  # big memoryviews: out of band, arrive as bytes
     assert len(bufs) == 1 and pickle.loads(stream_bytes(stream), buffers=bufs) == big
+
+
+@pytest.mark.spec("exec.copy-threshold")
+def test_a_copied_read_frees_the_slot_at_once(pools):
+    host, guest = pools
+    big = np.arange(50_000, dtype=np.float64)
+    out, got = travel(host, guest, (big, b"x" * 5000))
+    (arr, blob), pin = read(got, copy=True)
+    assert pin.release_if_unused()  # nothing pinned
+    assert sum(c.allocated + c.in_flight for c in guest.statistics().classes) == 0  # freed already
+    assert np.array_equal(arr, big) and arr.flags.writeable and blob == b"x" * 5000
+    arr[0] = 7  # its own memory
+
+
+@pytest.mark.spec("exec.chunked")
+def test_a_chunked_envelope_has_the_slot_envelopes_bytes(pools):
+    """write(chunk_above=) returns the envelope as parts instead of a slot;
+    they hold exactly the bytes a slot would, and read() resolves the
+    marker to them (no pin: the objects view the collected bytes)."""
+    from shmpool.serialization import Chunked, marker
+
+    host, guest = pools
+    for obj in ((np.arange(20_000, dtype=np.int32), b"y" * 9000, list(range(3000))), list(range(3000))):
+        stream, bufs = dumps(obj)
+        ch = write(host, stream, bufs, chunk_above=1000)
+        assert isinstance(ch, Chunked) and not host.statistics().classes[1].allocated
+        flat = b"".join(bytes(memoryview(p).cast("B")) for p in ch.parts)
+        assert len(flat) == ch.total
+        out = write(host, stream, bufs)
+        assert bytes(host.view(out.slot, length=out.length)) == flat
+        host.free(out.slot)
+        desc = payload_descriptor(host, 3, 2, 1, marker(9, ch.total))
+        assert desc.is_inline
+        got, pin = read(Received(guest, desc), transfers={9: bytearray(flat)}.pop)
+        assert pin.release_if_unused()
+        if isinstance(obj, tuple):
+            assert np.array_equal(got[0], obj[0]) and got[1:] == obj[1:] and got[0].flags.writeable
+        else:
+            assert got == obj
+    # a payload no slot can take (bigger than the memory limit) is chunked too
+    huge = np.zeros((CONFIG.memory_limit + 1) // 8 + 1)
+    assert isinstance(write(host, *dumps(huge), chunk_above=1 << 40), Chunked)

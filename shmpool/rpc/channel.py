@@ -20,6 +20,14 @@ Data flow:
   So a channel id is reused only after both ends closed, and nothing for an
   old channel can be taken for a new one with the same id.
 
+- Transfers (spec: shm.session.chunked; format and assembly in
+  `transfer`): a table with `collecting` set (the executor's host and
+  workers) makes every channel the peer opens a collector: each message is
+  one transfer, assembled as its pieces are routed, their credit granted at
+  once, so the routing thread (the host's driver) never waits for a
+  reader; `take_transfer(id)` takes a complete one. `Tx.send_transfer`
+  streams one from a list of parts.
+
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed the initial credit; `granted_total` is written only by the
 receiver, `sent_total` is private to the sender; the peer's death breaks
@@ -34,11 +42,15 @@ import threading
 import time
 
 from .. import _atomics
-from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError
+from ..errors import (
+    ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError, SlotExhaustedError,
+    TransferFailed,
+)
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
-from .messages import CLOSE, DATA, F_MORE, RESET, Received, payload_descriptor
+from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -47,7 +59,6 @@ MASK = 0xFFFFFFFF
 FREE, ACTIVE, TX_DONE, RX_DONE = 0, 1, 2, 4
 E_STATE, E_GRANTED, E_SLEEP = 0, 4, 8
 SENDER_SLEEPS = 1
-
 
 def _signed(v: int) -> int:
     v &= MASK
@@ -141,8 +152,10 @@ class Tx(_End):
         """Send one message (any bytes-like object; empty is allowed). Waits
         for credit; returns False if `timeout` passed before the first piece
         could go (nothing was sent). Once a piece is out the rest follows
-        whatever it takes (the peer's liveness bounds it). Raises
-        ChannelClosed / ChannelReset / ChannelBroken. spec: shm.flow.split"""
+        whatever it takes (the peer's liveness bounds it), but for a slot a
+        piece waits at most MAX_SLOT_WAIT: then SlotExhaustedError, and a
+        message cut short resets the channel. Raises ChannelClosed /
+        ChannelReset / ChannelBroken. spec: shm.flow.split"""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -156,13 +169,12 @@ class Tx(_End):
                 if not self._wait_credit(k, timeout if first else None):
                     return False
                 more = off + k < n
-                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id,
-                                          view[off : off + k], flags=F_MORE if more else 0)
-                self.conn.publish(desc)
-                self._sent = (self._sent + k) & MASK
-                granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
-                in_flight = self.table.initial_credit - _signed(granted - self._sent)
-                self.max_in_flight = max(self.max_in_flight, in_flight)
+                try:
+                    self._publish(view[off : off + k], more)
+                except SlotExhaustedError:
+                    if not first:  # half a message: the receiver must not take it for a whole one
+                        self._terminal(RESET)
+                    raise
                 off += k
                 first = False
                 if not more:
@@ -170,6 +182,66 @@ class Tx(_End):
             self.messages += 1
             self.bytes += n
             return True
+
+    def _publish(self, piece, more: bool) -> None:
+        """One Data descriptor (credit checked by the caller). Its slot is
+        waited for at most MAX_SLOT_WAIT seconds in all, a slice at a time,
+        the channel's end checked between slices."""
+        deadline = time.monotonic() + MAX_SLOT_WAIT
+        while True:
+            try:
+                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id, piece,
+                                          flags=F_MORE if more else 0, timeout=SLICE)
+                break
+            except SlotExhaustedError:
+                self._check()
+                if time.monotonic() >= deadline:
+                    raise
+        self.conn.publish(desc)
+        self._sent = (self._sent + len(piece)) & MASK
+        granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
+        in_flight = self.table.initial_credit - _signed(granted - self._sent)
+        self.max_in_flight = max(self.max_in_flight, in_flight)
+
+    def send_transfer(self, tid: int, parts, total: int) -> None:
+        """Stream one transfer (see the module docstring): `parts` are
+        bytes-like objects of `total` bytes in all, sent as one message in
+        pieces of at most TRANSFER_PIECE bytes, each waiting for credit (as
+        long as the peer lives) and at most MAX_SLOT_WAIT for its slot
+        (then SlotExhaustedError: the caller may `abort_transfer`). A
+        guest's handler that sends one pumps meanwhile (to see the host's
+        end): it holds the requests routed then (`Connection.hold_requests`).
+        spec: shm.session.chunked"""
+        views = [memoryview(TRANSFER_HEAD.pack(tid, total))]
+        for p in parts:
+            v = p if isinstance(p, memoryview) else memoryview(p)
+            if v.ndim != 1 or v.itemsize != 1:
+                v = v.cast("B")
+            if v.nbytes:
+                views.append(v)
+        if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
+            raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
+                             f"bytes, not {total}")
+        self._stream(views)
+        self.bytes += total
+
+    def _stream(self, views: list, piece: int = TRANSFER_PIECE) -> None:
+        """Send `views` as one message, in pieces of at most `piece` bytes."""
+        with self._lock:
+            self._check()
+            stream(self, views, max(1, min(piece, self.table.initial_credit)))
+            self.messages += 1
+
+    def abort_transfer(self, tid: int, reason: str) -> None:
+        """Tell the receiver that transfer `tid` will not come, and why (at
+        most 256 bytes of it), in inline pieces: no slot needed, so it goes
+        when none is free. Best effort: if the channel is gone, so is the
+        receiver's wait."""
+        try:
+            self._stream([memoryview(TRANSFER_HEAD.pack(tid, ABORT) + reason.encode()[:256])],
+                         L.INLINE_CAPACITY)
+        except Exception:  # noqa: BLE001
+            pass
 
     def try_send(self, data) -> bool:
         """Send only if the credit for the first piece is there now."""
@@ -253,11 +325,23 @@ class Rx(_End):
         self._partial: bytearray | None = None
         self._eos = False
         self.messages = self.bytes = 0
+        self._collector: Collector | None = None
 
     def _on_data(self, d: Descriptor) -> None:
         rec = Received(self.conn.slots, d)
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
+            return
+        if self.table.collecting:  # spec: shm.session.chunked
+            if self._collector is None:
+                self._collector = Collector(self.id, self.table.transfers)
+            n = rec.nbytes
+            try:
+                self._collector.feed(rec.view(), bool(d.flags & F_MORE))
+            finally:
+                rec.release()
+                self.table.grant(self, n)  # at once: the routing thread never waits for a reader
+            self.bytes += n
             return
         self._queue.append((rec, bool(d.flags & F_MORE)))
 
@@ -381,6 +465,17 @@ class ChannelTable:
         self._ends: dict[int, _End] = {}
         self._lock = threading.Lock()
         self._outbox: collections.deque = collections.deque()
+        # Peer-opened channels collect transfers (see the module docstring).
+        self.collecting = False
+        self.transfers: dict = {}  # transfer id -> bytearray, or TransferFailed
+
+    def take_transfer(self, tid: int) -> bytearray | None:
+        """Transfer `tid`'s bytes once all arrived (None before); raises
+        TransferFailed if it failed. Each transfer is taken once."""
+        got = self.transfers.pop(tid, None)
+        if isinstance(got, TransferFailed):
+            raise got
+        return got
 
     def _entry(self, cid: int) -> int:
         return self.base + cid * L.CHANNEL_ENTRY_SIZE

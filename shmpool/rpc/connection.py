@@ -152,6 +152,9 @@ class Connection:
         self.table = ChannelTable(self, doorbell)
         self.stats = collections.Counter()
         self.after_feed = None  # called after each batch of descriptors is routed (see `feed`)
+        # > 0: a handler waits for channel data (a transfer) and pumps meanwhile; the
+        # requests routed then run after it, in the outer `feed`, not inside it.
+        self.hold_requests = 0
 
     # -- state ------------------------------------------------------------------
 
@@ -315,7 +318,7 @@ class Connection:
             if self.after_feed is not None:
                 self.after_feed()
         runnable = self._runnable
-        while runnable:  # (a Cancel routed above has already flagged its request)
+        while runnable and not self.hold_requests:  # (a Cancel routed above has already flagged its request)
             self._execute(*runnable.popleft())
 
     def _route(self, batch) -> None:

@@ -10,6 +10,15 @@ descriptor with `payload_descriptor`; the receiver wraps the descriptor in
 `Received`, which takes ownership of the slot (`SlotPool.receive`) and
 frees it on `release()`.
 
+Allocation order (`alloc`, spec: exec.alloc-order): a free slot of the
+payload's class (grown if the memory limit allows) -> a larger class (grown
+too) -> a dedicated huge extent -> a wait of at most `timeout` seconds
+(never unbounded: `None` means `MAX_SLOT_WAIT`) -> SlotExhaustedError,
+whose message names the limit and its knob. Callers that can stream
+(the executor: `serialization.write(chunk_above=...)`) turn that error
+into a chunked transfer over a channel instead; the host also sweeps the
+pins of dropped results before it gives up on a slot.
+
 Invariants: a slot carried by a descriptor is InFlight to the receiver
 from before the descriptor is published until the receiver takes it; every
 `Received` is released exactly once (explicitly, by `tobytes()` or by its
@@ -22,7 +31,7 @@ import functools
 import hashlib
 from typing import NamedTuple
 
-from ..errors import StaleSlotError
+from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 
@@ -47,6 +56,37 @@ def method_id(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
+MAX_SLOT_WAIT = 30.0  # seconds a sender waits for a slot at most, when no timeout is given
+
+
+def alloc(pool, n: int, timeout: float | None = None) -> L.Slot:
+    """A slot for an n-byte payload, in the allocation order of the module
+    docstring. Waits at most `timeout` seconds (None: MAX_SLOT_WAIT), then
+    raises SlotExhaustedError; PayloadTooLargeError if it can never fit.
+    spec: exec.alloc-order"""
+    slot = pool.try_alloc(n)
+    if slot is not None:
+        return slot
+    sizes = [c.slot_size for c in pool.config.size_classes]
+    if n <= sizes[-1]:
+        for size in sizes:  # larger classes, each grown if the limit allows
+            if size > n:
+                slot = pool.try_alloc(size)
+                if slot is not None:
+                    return slot
+        try:
+            slot = pool._huge.try_alloc(n)  # a dedicated extent of its own (page-rounded)
+        except PayloadTooLargeError:
+            slot = None
+        if slot is not None:
+            return slot
+    if timeout is None:
+        timeout = MAX_SLOT_WAIT
+    if timeout <= 0:
+        raise SlotExhaustedError(pool._exhausted_message(n, 0))
+    return pool.alloc(n, timeout)
+
+
 class Outgoing(NamedTuple):
     """A payload already written into a slot by its sender."""
 
@@ -58,7 +98,8 @@ def payload_descriptor(pool, to: int, msg_type: int, id: int, data, *, method: i
                        flags: int = 0, timeout: float | None = None) -> Descriptor:
     """A descriptor carrying `data` (bytes-like, or an `Outgoing` slot):
     inline if it fits, else in a slot sent to peer `to` (allocated here and
-    copied into once). spec: shm.desc.inline"""
+    copied into once; a wait for that slot is bounded: see `alloc`).
+    spec: shm.desc.inline"""
     if isinstance(data, Outgoing):
         pool.send(data.slot, to=to)
         return Descriptor.with_slot(msg_type, id, data.slot.ref, data.slot.generation,
@@ -69,7 +110,7 @@ def payload_descriptor(pool, to: int, msg_type: int, id: int, data, *, method: i
     n = view.nbytes
     if n <= L.INLINE_CAPACITY:
         return Descriptor.with_inline(msg_type, id, bytes(view), method_id=method, flags=flags)
-    slot = pool.alloc(n, timeout)
+    slot = alloc(pool, n, timeout)
     try:
         pool.view(slot, length=n)[:] = view
         pool.send(slot, to=to)
@@ -110,6 +151,12 @@ class Received:
     @property
     def nbytes(self) -> int:
         return self._desc.payload_len
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of shared memory the payload holds while kept (its
+        slot's size; 0 inline)."""
+        return 0 if self._slot is None else self._slot.capacity
 
     @property
     def descriptor(self) -> Descriptor:

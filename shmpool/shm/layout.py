@@ -368,6 +368,10 @@ class SegmentConfig:
     # alone, not part of the shared format (attachers never see it).
     # spec: shm.file.anonymous
     directory: str | None = field(default=None, compare=False)
+    # Host-side only (not in the header): the share of memory_limit, and of
+    # each size class, that results kept zero-copy by the caller may hold;
+    # beyond it results are copied out. spec: exec.pin-budget
+    pin_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size_classes", tuple(self.size_classes))
@@ -414,6 +418,9 @@ class SegmentConfig:
                 bad,
             )
         _int_in("memory_limit", self.memory_limit, 1, 1 << 48, bad)
+        pf = self.pin_fraction
+        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 <= pf <= 1:
+            raise bad(f"pin_fraction must be a number in [0, 1], got {pf!r}")
         need = SegmentLayout.compute(self).min_memory_limit
         if self.memory_limit < need:
             raise bad(
