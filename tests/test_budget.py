@@ -153,16 +153,24 @@ def test_pin_fraction_is_validated():
 # --------------------------------------------------------------------------
 
 
+def _first_extents(pool: SlotPool) -> SlotPool:
+    """Grow each class's first extent (extents are made on first use; at a
+    tight limit, a class grown first could take another's room)."""
+    for size in (100, 5000):
+        pool.free(alloc(pool, size))
+    return pool
+
+
 def _tight(extra: int) -> SegmentConfig:
     base = SegmentConfig(max_guests=1, size_classes=(SizeClass(4096, 2), SizeClass(65536, 1)))
-    need = L.SegmentLayout.compute(base).total_size
+    need = L.SegmentLayout.compute(base).min_memory_limit
     return SegmentConfig(max_guests=1, size_classes=base.size_classes, memory_limit=need + extra)
 
 
 @pytest.mark.spec("exec.alloc-order")
 def test_allocation_falls_back_to_a_larger_class_then_a_huge_extent_then_a_clear_error():
     with Segment.create(_tight(0)) as seg:  # no room to grow
-        pool = SlotPool(seg, 0)
+        pool = _first_extents(SlotPool(seg, 0))
         a, b = alloc(pool, 100), alloc(pool, 100)
         c = alloc(pool, 100)  # class 0 is full and cannot grow: a larger class
         assert c.capacity == 65536 and a.capacity == b.capacity == 4096
@@ -175,7 +183,7 @@ def test_allocation_falls_back_to_a_larger_class_then_a_huge_extent_then_a_clear
         for s in (a, b, c):
             pool.free(s)
     with Segment.create(_tight(4 * MIB)) as seg:  # room for a huge extent only
-        pool = SlotPool(seg, 0)
+        pool = _first_extents(SlotPool(seg, 0))
         slots = [alloc(pool, 100) for _ in range(3)]  # 2 + 1 larger
         slots.append(alloc(pool, 100))  # classes full: grown (room), or a huge extent
         assert all(s is not None for s in slots)
@@ -187,7 +195,7 @@ def test_allocation_falls_back_to_a_larger_class_then_a_huge_extent_then_a_clear
 def test_a_send_without_timeout_waits_for_a_slot_a_bounded_time(monkeypatch):
     monkeypatch.setattr(messages, "MAX_SLOT_WAIT", 0.05)
     with Segment.create(_tight(0)) as seg:
-        pool = SlotPool(seg, 0)
+        pool = _first_extents(SlotPool(seg, 0))
         held = [alloc(pool, 100) for _ in range(3)]
         with pytest.raises(SlotExhaustedError, match="memory_limit"):
             payload_descriptor(pool, 1, messages.REQUEST, 1, b"x" * 100)  # timeout=None

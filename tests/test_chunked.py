@@ -30,7 +30,7 @@ def minimum_config(**kw) -> SegmentConfig:
     """The default size classes at the smallest memory limit they allow
     (the initial segment: no class can grow, no huge extent fits)."""
     base = SegmentConfig(max_guests=2, **kw)
-    return SegmentConfig(max_guests=2, memory_limit=L.SegmentLayout.compute(base).total_size, **kw)
+    return SegmentConfig(max_guests=2, memory_limit=L.SegmentLayout.compute(base).min_memory_limit, **kw)
 
 
 def ident(x):

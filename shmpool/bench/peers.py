@@ -95,7 +95,7 @@ class Peer:
 
 
 def _committed(pool) -> int | None:
-    return pool.statistics().get("committed_bytes")
+    return pool.statistics().get("hub", {}).get("committed_bytes")
 
 
 class ShmExecutorPeer(Peer):
