@@ -308,7 +308,15 @@ class Starter:
         if ticket is None:
             raise PoolBrokenError(f"no free entry in the hub for a worker (peer {peer_id})")
         log = init = None
+        # Set before anything can raise: an error in pickling the initargs,
+        # writing `init` or opening the log must surface as itself, with
+        # the reserved entry released (it used to be set just before the
+        # spawn, and the `except` below then raised a NameError instead,
+        # leaking the ticket).
+        spawned = False
         try:
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_BEFORE_SPAWN)
             try:
                 setup, fds = pickle_for_child(core._init)
             except Exception as e:
@@ -321,7 +329,6 @@ class Starter:
                                              bytes(multiprocessing.current_process().authkey))))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
-            spawned = False
             proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
             spawned = True
         except BaseException:
@@ -388,6 +395,7 @@ class Starter:
                         f"pool is not usable anymore. The last: {why}")
 
 
+FP_BEFORE_SPAWN = failpoints.declare("starter.before-spawn", "entry reserved, worker not started yet")
 FP_SPAWNED = failpoints.declare("starter.spawned", "worker process started, its init not sent yet")
 _NEW = object()  # a request for one more worker
 _IDLE = object()  # a request to close the core if no task is pending
