@@ -111,6 +111,7 @@ class Core(Dispatching, Answering):
             "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
             "start_failures", "slot_waits", "batches", "ring_full"), 0))
         self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
+        self.ring_retry = False  # a timer will dispatch again after a full ring (lock held)
         self.shutdown_started = False
         self.broken: str | None = None
         self.functions = FunctionCache(T.FUNCTION_CACHE)

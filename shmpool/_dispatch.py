@@ -72,7 +72,9 @@ class Dispatching:
                 if self.ring_was_full:
                     self.ring_was_full = False
                     full = (full or set()) | {w.peer_id}
-                    self._later(RING_RETRY)
+                    if not self.ring_retry:  # (one timer at most: each retry may find it full again)
+                        self.ring_retry = True
+                        self._later(RING_RETRY, self._retry_after_full_ring)
                     continue  # (another worker may take them)
                 return  # no slot now: an answer or a timer retries
 
@@ -227,11 +229,11 @@ class Dispatching:
         """(lock held) Free the slots of results nobody uses any more."""
         self.pins = [p for p in self.pins if not p.release_if_unused()]
 
-    def _later(self, delay: float) -> None:
+    def _later(self, delay: float, target=None) -> None:
         """Dispatch again after `delay` seconds (lock held)."""
         if self._closed:
             return
-        t = threading.Timer(delay, self._retry_dispatch)
+        t = threading.Timer(delay, target or self._retry_dispatch)
         t.daemon = True
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
         _threads.start(t)
@@ -239,6 +241,12 @@ class Dispatching:
     def _retry_dispatch(self) -> None:
         if not self._closed:
             with self.lock:
+                self._dispatch()
+
+    def _retry_after_full_ring(self) -> None:
+        with self.lock:
+            self.ring_retry = False
+            if not self._closed:
                 self._dispatch()
 
 

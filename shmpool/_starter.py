@@ -314,16 +314,17 @@ class Starter:
         # spawn, and the `except` below then raised a NameError instead,
         # leaking the ticket).
         spawned = False
+        broken = None
         try:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_BEFORE_SPAWN)
             try:
                 setup, fds = pickle_for_child(core._init)
             except Exception as e:
-                # Deterministic: trying again cannot help.
-                with core.lock:
-                    core._break(f"the initializer and initargs could not be pickled for a worker: "
-                                f"{type(e).__name__}: {e}")
+                # Deterministic: trying again cannot help (the pool breaks
+                # once the entry is released, below).
+                broken = (f"the initializer and initargs could not be pickled for a worker: "
+                          f"{type(e).__name__}: {e}")
                 raise
             init = write(core.slots, *dumps((list(sys.path), setup,
                                              bytes(multiprocessing.current_process().authkey))))
@@ -341,6 +342,9 @@ class Starter:
                     core.host.release(ticket)
                 except Exception:  # noqa: BLE001 - a failed spawn released it already
                     pass
+            if broken is not None:
+                with core.lock:
+                    core._break(broken)
             raise
         log.spawned()
         w = core.new_worker(ticket.peer_id, proc, log, new)
