@@ -34,11 +34,14 @@ Data flow:
 
 Invariants: every task's future completes exactly once, and a broken pool
 fails every task it has; a task runs at most 1 + max_retries times; each
-worker holds at most its window of tasks, so its ring never fills and a
-crash loses little; at most max_workers workers exist; the function cache
+worker holds at most its window of tasks, clamped to what its ring can
+take (`ring_window`), so its ring does not fill and a crash loses little
+(and every send under the lock is a try-send all the same); at most max_workers workers exist; the function cache
 holds no callable alive and each worker holds at most FUNCTION_CACHE
 functions; once closed, the core holds neither initargs nor functions;
 nothing here blocks the driver thread (slot allocation there never waits).
+In a fork() child a core is foreign (`_forksafe`): it raises on submit and
+does nothing else, touching neither shared memory nor the parent's workers.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ to the head of the queue, and is retried on the next answer or, if none is
 coming, by a timer; every send is a try-send for the same reason: a
 worker's window is clamped to what its ring holds, spec: exec.window-ring,
 and should the ring be full all the same, the tasks go back to the queue,
-the other workers are tried, and a timer tries again); a task that could not be sent is back in the queue
-exactly once (a connection's end that took its expected answer requeues it
+the other workers are tried, and one timer tries again); a task that
+could not be sent is back in the queue exactly once (a connection's end that took its expected answer requeues it
 itself); a batch never carries a task with out-of-band buffers, one that
 crashed a worker, or more tasks than the worker's window has room for or
 its `max_tasks_per_child` allows.

@@ -74,7 +74,8 @@ class ShmExecutor(Executor):
     - `max_inflight`: tasks each worker holds at once (the rest wait in
       this process, so a crash loses little and load stays balanced). By
       default it adapts per worker: about 2 ms of work, at least 2 tasks
-      and at most 64 (tiny tasks get a deep window, long ones 2).
+      and at most 64 (tiny tasks get a deep window, long ones 2). Either
+      way at most what a worker's ring holds: `(ring_size - 1) // 2`.
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
 
     Workers are started when work arrives and no worker is idle, up to

@@ -231,3 +231,39 @@ def test_multiprocessing_fork_process_while_a_pool_is_open():
         assert pool.map(abs, [-1, -2]) == [1, 2]
         assert sorted(ex._processes) == pids and sorted(p.pid for p in pool._pool) == ppids
         assert ex.statistics()["worker_deaths"] == 0 and pool.statistics()["worker_deaths"] == 0
+
+
+HOLD = r"""
+import os, signal, sys, threading
+from shmpool import _threads
+
+token = _threads.hold_interrupt()  # the main thread holds a Ctrl-C (as in submit)
+assert token is not None
+out = {}
+
+def fork_here():
+    pid = os.fork()
+    if pid == 0:
+        ok = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+              and _threads._MAIN is threading.current_thread()
+              and _threads.hold_interrupt() is not None)
+        os._exit(0 if ok else 3)
+    out["status"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+t = threading.Thread(target=fork_here)
+t.start()
+t.join()
+_threads.release_interrupt(token)
+sys.exit(out["status"])
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_child_forked_while_the_main_thread_holds_a_ctrl_c_gets_its_handler_back():
+    """Forked by another thread while the main thread held SIGINT (the
+    hold replaces the handler for a moment): in the child, whose main
+    thread is the one that forked, Ctrl-C raises KeyboardInterrupt again
+    and `hold_interrupt` works there."""
+    out = subprocess.run([sys.executable, "-c", HOLD], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
