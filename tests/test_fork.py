@@ -138,6 +138,13 @@ def main(mode, report):
     res["after"] = [ex.submit(slow, 5).result(60), pool.apply(slow, (6,))]
     res["same_workers"] = pids == (sorted(ex._processes), sorted(p.pid for p in pool._pool))
     res["deaths"] = [ex.statistics()["worker_deaths"], pool.statistics()["worker_deaths"]]
+    # The segment is still there for the parent: a killed worker is replaced
+    # (the replacement attaches to it), and the pool goes on.
+    paths = [str(ex._core.host.segment.path), str(pool._st.core.host.segment.path)]
+    res["files"] = all(os.path.exists(p) for p in paths if os.path.isabs(p))
+    os.kill(sorted(ex._processes)[0], 9)
+    os.kill(sorted(p.pid for p in pool._pool)[0], 9)
+    res["healed"] = [sum(ex.map(slow, range(20))), sum(pool.map(slow, range(20)))]
     ex.shutdown()
     pool.close()
     pool.join()
@@ -178,6 +185,7 @@ def test_plain_fork_child_exits_normally_and_leaves_the_parent_alone(mode, tmp_p
     assert child["unstarted"] == 7 and child["fresh"] == 8
     assert res["results"] and res["pool_results"] and res["after"] == [5, 6]
     assert res["same_workers"] and res["deaths"] == [0, 0]
+    assert res["files"] and res["healed"] == [190, 190]
     if mode == "idle":
         assert res["segment_unchanged"] == [True, True]
 
