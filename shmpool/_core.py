@@ -34,11 +34,14 @@ Data flow:
 
 Invariants: every task's future completes exactly once, and a broken pool
 fails every task it has; a task runs at most 1 + max_retries times; each
-worker holds at most its window of tasks, so its ring never fills and a
-crash loses little; at most max_workers workers exist; the function cache
+worker holds at most its window of tasks, clamped to what its ring can
+take (`ring_window`), so its ring does not fill and a crash loses little
+(and every send under the lock is a try-send all the same); at most max_workers workers exist; the function cache
 holds no callable alive and each worker holds at most FUNCTION_CACHE
 functions; once closed, the core holds neither initargs nor functions;
 nothing here blocks the driver thread (slot allocation there never waits).
+In a fork() child a core is foreign (`_forksafe`): it raises on submit and
+does nothing else, touching neither shared memory nor the parent's workers.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import os
 import threading
 from concurrent.futures import Future
 
-from . import _atomics, _threads
+from . import _atomics, _forksafe, _threads, failpoints
 from .errors import PoolBrokenError
 from .hub import ShmHost
 from .rpc import HostSession
@@ -74,10 +77,20 @@ class Core(Dispatching, Answering):
                  name: str = "shmpool", eager: bool = False) -> None:
         """`eager`: start all workers now (multiprocessing.Pool, and the
         executor with the fork start method) instead of on demand."""
+        failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS is an error here, not at import)
+        self.owner_pid = os.getpid()
+        self.foreign = False  # set in a fork() child: see _forksafe
+        self.kind = "ShmPool" if name == "shmpool-pool" else "ShmExecutor"
         self.max_workers = max_workers
         self.max_retries = max_retries
         self.adaptive = max_inflight is None
-        self.max_inflight = max_inflight or 2
+        if config is None:
+            config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
+        # spec: exec.window-ring -- a worker's window never holds more tasks
+        # than its host->guest ring can take with a `define` for each, so a
+        # send to a worker with room does not find its ring full.
+        self.ring_window = max(1, (config.ring_size - 1) // 2)
+        self.max_inflight = min(max_inflight or 2, self.ring_window)
         self.max_tasks = max_tasks_per_child
         self.name = name
         # Pickled for each worker start (as a spawned child's arguments:
@@ -99,7 +112,9 @@ class Core(Dispatching, Answering):
         self.stats = collections.Counter(dict.fromkeys((
             "submitted", "dispatched", "completed", "failed", "retries", "requeued",
             "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
-            "start_failures", "slot_waits", "batches"), 0))
+            "start_failures", "slot_waits", "batches", "ring_full"), 0))
+        self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
+        self.ring_retry = False  # a timer will dispatch again after a full ring (lock held)
         self.shutdown_started = False
         self.broken: str | None = None
         self.functions = FunctionCache(T.FUNCTION_CACHE)
@@ -108,8 +123,6 @@ class Core(Dispatching, Answering):
         self.closed_event = threading.Event()  # set once close() has finished
         self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
-        if config is None:
-            config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
         try:
             self.host = ShmHost.create(config=config)
             self.session = HostSession(self.host, handler_threads=1)
@@ -118,6 +131,7 @@ class Core(Dispatching, Answering):
         except BaseException:
             self._teardown()
             raise
+        _forksafe.register(self)
         if eager:
             with self.lock:
                 self.starter.start_new(max_workers)
@@ -176,6 +190,8 @@ class Core(Dispatching, Answering):
     # -- submitting --------------------------------------------------------------
 
     def check_open(self) -> None:
+        if self.foreign:  # spec: exec.fork-safety
+            raise _forksafe.foreign_error(self.kind, self.owner_pid)
         if self.broken is not None:
             raise PoolBrokenError(self.broken)
         if self.shutdown_started:
@@ -245,6 +261,8 @@ class Core(Dispatching, Answering):
         running already (put back after their worker died) and the first
         window of each worker being started: they are that worker's, as
         the few tasks handed to the stdlib's call queue are the workers'."""
+        if self.foreign:
+            return
         with self.lock:
             keep = self.starter.starting * self.max_inflight
             kept = []
@@ -261,13 +279,18 @@ class Core(Dispatching, Answering):
         """Tasks the workers can hold at once now (their windows summed,
         workers being started included; a racy read, for pacing producers)."""
         coming = self.starter.starting * self.max_inflight
-        return max(1, coming + sum(w.window for w in list(self.workers.values()) if not w.dead))
+        room = self.ring_window
+        return max(1, coming + sum(min(w.window, room) for w in list(self.workers.values()) if not w.dead))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
+        if self.foreign:
+            return True  # (nothing here completes the parent's tasks: never wait for them)
         with self.lock:
             return self.idle.wait_for(lambda: self.live == 0 or self.broken is not None, timeout)
 
     def signal_workers(self, sig: int) -> None:
+        if self.foreign:
+            return  # the parent's workers: never signalled from a fork() child
         with self.lock:
             procs = [w.proc for w in self.workers.values() if not w.dead]
         for p in procs:
@@ -277,20 +300,24 @@ class Core(Dispatching, Answering):
                 pass
 
     def fail_all(self, why: str) -> None:
+        if self.foreign:
+            return
         with self.lock:
             self._break(why)
 
     def close_when_idle(self) -> None:
         """Close once no task is pending, from the management thread (no
         lock taken: safe in a finalizer)."""
-        self.starter.close_when_idle()
+        if not self.foreign:
+            self.starter.close_when_idle()
 
     def close(self, wait: bool = True) -> None:
         """Stop everything: goodbye to the workers, remove the segment, drop
         initargs and functions; then the management thread ends. (From the
         hub's own driver thread, e.g. a finalizer run there, the work is
-        handed to a short-lived thread: the driver cannot wait for itself.)"""
-        if self._closed:
+        handed to a short-lived thread: the driver cannot wait for itself.)
+        In a fork() child the core is the parent's: nothing is done."""
+        if self._closed or self.foreign:
             return
         if self.host._driver.on_driver:
             _threads.start(threading.Thread(target=self.close, name=f"{self.name}-close"))
@@ -340,12 +367,18 @@ class Core(Dispatching, Answering):
     def processes(self, timeout: float = 30.0) -> dict[int, object]:
         """pid -> Popen of each live worker, once the starts asked for so
         far are done (a worker being started is one of them)."""
+        if self.foreign:
+            return {}  # (the parent's workers)
         with self.lock:
             self.idle.wait_for(lambda: not self.starter.pending or self._closed
                                or self.broken is not None, timeout)
             return {w.proc.pid: w.proc for w in self.workers.values() if not w.dead}
 
     def statistics(self) -> dict:
+        if self.foreign:
+            return {"max_workers": self.max_workers, "queued": 0, "pending": 0, "workers": {},
+                    "broken": str(_forksafe.foreign_error(self.kind, self.owner_pid, "use it")),
+                    "shutdown": True, "foreign": True}
         with self.lock:
             workers = {w.peer_id: {"pid": w.proc.pid, "inflight": len(w.inflight), "dead": w.dead,
                                    "dispatched": w.dispatched, "retiring": w.retiring,

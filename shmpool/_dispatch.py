@@ -24,12 +24,15 @@ from a thread of their own (kept with the timers, joined at close).
 Invariants: everything here runs with the core's lock held and never
 waits (slot allocation has no timeout: a batch or a `define` that finds
 no slot goes back to the head of the queue, and is retried on the next
-answer or, if none is coming, by a timer; a single task streams instead);
-a task that could not be sent is back in the queue exactly once (a
-connection's end that took its expected answer requeues it itself); a
-batch never carries a task with out-of-band buffers, one that crashed a
-worker, or more tasks than the worker's window has room for or its
-`max_tasks_per_child` allows.
+answer or, if none is coming, by a timer; a single task streams instead;
+every send is a try-send for the same reason: a worker's window is clamped
+to what its ring holds, spec: exec.window-ring, and should the ring be
+full all the same, the tasks go back to the queue, the other workers are
+tried, and one timer tries again); a task that could not be sent is back
+in the queue exactly once (a connection's end that took its expected
+answer requeues it itself); a batch never carries a task with out-of-band
+buffers, one that crashed a worker, or more tasks than the worker's window
+has room for or its `max_tasks_per_child` allows.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from .serialization import Chunked, chunk_threshold, dumps, marker, write
 from ._tasks import _Task, _Worker
 from .worker import DEFINE, RUN, RUN_BATCH
 
+RING_RETRY = 0.002  # seconds before tasks that found a worker's ring full are offered again
+
 
 _transfer_ids = itertools.count(1)  # (next() is atomic)
 
@@ -60,8 +65,9 @@ class Dispatching:
         if self.functions.has_forgotten():
             self._forget_functions()
         q = self.queue
+        full = None  # workers whose ring was found full in this round
         while q and self.broken is None:
-            w = self._pick()
+            w = self._pick(full)
             if w is None:
                 return
             batch = self._take(w)
@@ -77,6 +83,13 @@ class Dispatching:
                 q.extendleft(reversed(back))
                 if w.dead:
                     continue  # (another worker may take them)
+                if self.ring_was_full:
+                    self.ring_was_full = False
+                    full = (full or set()) | {w.peer_id}
+                    if not self.ring_retry:  # (one timer at most: each retry may find it full again)
+                        self.ring_retry = True
+                        self._later(RING_RETRY, self._retry_after_full_ring)
+                    continue  # (another worker may take them)
                 return  # no slot now: an answer or a timer retries
 
     def _take(self, w: _Worker) -> list[_Task]:
@@ -84,7 +97,7 @@ class Dispatching:
         queued behind it, as many as `w` should get in one request;
         cancelled ones are finished on the way. spec: exec.batch"""
         q = self.queue
-        limit = min(self._batch_limit(w), w.window - len(w.inflight))
+        limit = min(self._batch_limit(w), min(w.window, self.ring_window) - len(w.inflight))
         if self.max_tasks is not None:
             limit = min(limit, self.max_tasks - w.dispatched)
         batch: list[_Task] = []
@@ -121,10 +134,13 @@ class Dispatching:
                 del w.known[fid]
                 w.forget.append(fid)
 
-    def _pick(self) -> _Worker | None:
+    def _pick(self, skip=None) -> _Worker | None:
         best = None
+        room = self.ring_window
         for w in self.workers.values():
-            if w.dead or w.retiring or len(w.inflight) >= w.window:
+            if w.dead or w.retiring or len(w.inflight) >= min(w.window, room):
+                continue
+            if skip and w.peer_id in skip:
                 continue
             if w.messages >= T.MESSAGE_DEPTH and self._batch_limit(w) > 1:
                 # Short tasks: what queues meanwhile goes in one request
@@ -140,8 +156,10 @@ class Dispatching:
 
     def _send(self, batch: list[_Task], w: _Worker) -> list[_Task] | None:
         """Hand `batch` to `w` in one request. None once sent; else the
-        tasks that are still ours to queue again (no slot right now, or `w`
-        is gone: then its end may have taken some, and requeues them)."""
+        tasks that are still ours to queue again (no slot right now, `w`'s
+        ring is full: then `ring_was_full` is set, or `w` is gone: then its
+        end may have taken some, and requeues them). Never waits: every
+        send is a try-send (the core's lock is held)."""
         conn = w.conn
         if self.pins:
             # A result the caller has dropped gives its slot back before a
@@ -181,6 +199,10 @@ class Dispatching:
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
             return batch
+        except TimeoutError:  # (after SlotExhaustedError, a TimeoutError too) the ring is full
+            self.ring_was_full = True
+            self.stats["ring_full"] += 1
+            return batch
         expected = []
         for task, tag in zip(batch, tags):
             task.worker = w
@@ -189,13 +211,20 @@ class Dispatching:
                 expected.append(task)
         try:
             if batched:
-                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: self._batch_done(w, b, res, err))
+                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: self._batch_done(w, b, res, err),
+                             timeout=0)
             else:
                 task = batch[0]
                 task.worker = w
-                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err))
-        except (PeerDeadError, ConnectionClosedError):
-            w.dead = True
+                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err),
+                                        timeout=0)
+        except (PeerDeadError, ConnectionClosedError, TimeoutError) as e:
+            # (the call's payload was freed by the failed send)
+            if isinstance(e, TimeoutError):
+                self.ring_was_full = True
+                self.stats["ring_full"] += 1
+            else:
+                w.dead = True
             # (an expected answer the connection's end took is failed, and requeued, by it)
             return [t for t in batch if t not in expected or conn.forget(t.rid)]
         if chunked is not None:
@@ -224,7 +253,7 @@ class Dispatching:
             # spec: exec.functions -- a worker holds at most FUNCTION_CACHE
             while len(w.known) >= T.FUNCTION_CACHE:
                 w.forget.append(w.known.popitem(last=False)[0])
-            w.conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0))
+            w.conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0), timeout=0)
             w.forget = []
             w.known[fid] = None
 
@@ -257,11 +286,11 @@ class Dispatching:
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
         _threads.start(t)
 
-    def _later(self, delay: float) -> None:
+    def _later(self, delay: float, target=None) -> None:
         """Dispatch again after `delay` seconds (lock held)."""
         if self._closed:
             return
-        t = threading.Timer(delay, self._retry_dispatch)
+        t = threading.Timer(delay, target or self._retry_dispatch)
         t.daemon = True
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
         _threads.start(t)
@@ -269,6 +298,12 @@ class Dispatching:
     def _retry_dispatch(self) -> None:
         if not self._closed:
             with self.lock:
+                self._dispatch()
+
+    def _retry_after_full_ring(self) -> None:
+        with self.lock:
+            self.ring_retry = False
+            if not self._closed:
                 self._dispatch()
 
 

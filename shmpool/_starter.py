@@ -308,20 +308,28 @@ class Starter:
         if ticket is None:
             raise PoolBrokenError(f"no free entry in the hub for a worker (peer {peer_id})")
         log = init = None
+        # Set before anything can raise: an error in pickling the initargs,
+        # writing `init` or opening the log must surface as itself, with
+        # the reserved entry released (it used to be set just before the
+        # spawn, and the `except` below then raised a NameError instead,
+        # leaking the ticket).
+        spawned = False
+        broken = None
         try:
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_BEFORE_SPAWN)
             try:
                 setup, fds = pickle_for_child(core._init)
             except Exception as e:
-                # Deterministic: trying again cannot help.
-                with core.lock:
-                    core._break(f"the initializer and initargs could not be pickled for a worker: "
-                                f"{type(e).__name__}: {e}")
+                # Deterministic: trying again cannot help (the pool breaks
+                # once the entry is released, below).
+                broken = (f"the initializer and initargs could not be pickled for a worker: "
+                          f"{type(e).__name__}: {e}")
                 raise
             init = write(core.slots, *dumps((list(sys.path), setup,
                                              bytes(multiprocessing.current_process().authkey))))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
-            spawned = False
             proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
             spawned = True
         except BaseException:
@@ -334,6 +342,9 @@ class Starter:
                     core.host.release(ticket)
                 except Exception:  # noqa: BLE001 - a failed spawn released it already
                     pass
+            if broken is not None:
+                with core.lock:
+                    core._break(broken)
             raise
         log.spawned()
         w = core.new_worker(ticket.peer_id, proc, log, new)
@@ -388,6 +399,7 @@ class Starter:
                         f"pool is not usable anymore. The last: {why}")
 
 
+FP_BEFORE_SPAWN = failpoints.declare("starter.before-spawn", "entry reserved, worker not started yet")
 FP_SPAWNED = failpoints.declare("starter.spawned", "worker process started, its init not sent yet")
 _NEW = object()  # a request for one more worker
 _IDLE = object()  # a request to close the core if no task is pending

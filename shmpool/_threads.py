@@ -26,6 +26,13 @@ unblock the signals around what may start one: spawning a guest, and
 running user code (`unblocked()`); a guest also unblocks them first thing
 (spec: exec.signals).
 
+After fork(): the child's only thread is the one that forked, which
+becomes its main thread (CPython runs signal handlers there): `hold_
+interrupt` follows it, and a SIGINT handler that a hold on the parent's
+main thread had replaced is put back (that thread, which would have put it
+back, is not in the child). The mask is the forking thread's: ours never
+fork but from user code, which they run unblocked.
+
 Invariants: only asynchronous signals are blocked; synchronous ones (SIGSEGV,
 SIGBUS, SIGFPE, SIGILL, SIGABRT: faulthandler) still go to the thread that
 caused them. Importable from every layer (like errors).
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import _signal
 import contextlib
+import os
 import signal
 import threading
 
@@ -81,6 +89,7 @@ def unblock_in_child() -> None:
 
 _MAIN = threading.main_thread()
 _SIGINT = int(signal.SIGINT)
+_holding = None  # the SIGINT handler a hold of the main thread replaced (for a fork() child)
 
 
 def hold_interrupt():
@@ -96,15 +105,35 @@ def hold_interrupt():
     handler = _signal.getsignal(_SIGINT)
     if not callable(handler):
         return None
+    global _holding
     held: list = []
+    _holding = handler
     _signal.signal(_SIGINT, lambda signum, frame: held.append(frame))
     return handler, held
 
 
 def release_interrupt(token) -> None:
     """End `hold_interrupt`: the handler back, and run for a held SIGINT."""
+    global _holding
     if token is not None:
         handler, held = token
         _signal.signal(_SIGINT, handler)
+        _holding = None
         if held:
             handler(_SIGINT, held[0])
+
+
+def _after_fork_in_child() -> None:
+    global _MAIN, _holding
+    old, _MAIN = _MAIN, threading.main_thread()
+    if _holding is not None and _MAIN is not old:
+        # Forked by another thread while the main thread held a SIGINT.
+        try:
+            _signal.signal(_SIGINT, _holding)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+        _holding = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

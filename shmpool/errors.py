@@ -41,6 +41,7 @@ __all__ = [
     "SpawnArgsError",
     "HubError",
     "AttachError",
+    "ForeignPoolError",
 ]
 
 
@@ -190,3 +191,9 @@ class ResultUnpicklingError(ShmpoolError, _BrokenProcessPool):
     """A task's result could not be unpickled in this process. Only this
     task fails. The original error is `__cause__`."""
 
+
+
+class ForeignPoolError(ShmpoolError, RuntimeError):
+    """An executor or pool inherited through `fork()` was used in the child:
+    its workers and shared memory belong to the parent. Create a new
+    executor or pool in the child."""

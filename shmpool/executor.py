@@ -19,6 +19,14 @@ exit, no worker process, segment file, fd or thread of the executor
 remains; pending work is completed first except on `terminate_workers`/
 `kill_workers` and `cancel_futures=True`.
 
+Fork: in a child of `fork()` an executor that had started (its core
+exists) is the parent's (`_forksafe`): `submit`/`map` raise
+`ForeignPoolError` (a RuntimeError), `shutdown`, `terminate_workers`,
+`kill_workers` and `__exit__` return at once, and neither garbage
+collection nor the exit hook touches it. One that had not started yet
+holds nothing of the parent's, and starts its own workers in the child,
+as the stdlib's does. spec: exec.fork-safety
+
 Compatibility shims: CPython's own tests reach into ProcessPoolExecutor's
 internals to wait for its cleanup. `_executor_manager_thread` is the core's
 management thread (it starts workers, closes the core after a shutdown
@@ -40,6 +48,7 @@ import weakref
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
+from . import failpoints
 from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from ._starter import pickle_for_child
 from .errors import PoolBrokenError
@@ -65,7 +74,8 @@ class ShmExecutor(Executor):
     - `max_inflight`: tasks each worker holds at once (the rest wait in
       this process, so a crash loses little and load stays balanced). By
       default it adapts per worker: about 2 ms of work, at least 2 tasks
-      and at most 64 (tiny tasks get a deep window, long ones 2).
+      and at most 64 (tiny tasks get a deep window, long ones 2). Either
+      way at most what a worker's ring holds: `(ring_size - 1) // 2`.
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
 
     Workers are started when work arrives and no worker is idle, up to
@@ -88,6 +98,7 @@ class ShmExecutor(Executor):
                              f"got {max_workers}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS: here, not at the first submit)
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
                 raise TypeError("max_tasks_per_child must be an integer")
@@ -174,7 +185,20 @@ class ShmExecutor(Executor):
 
     # -- lifetime ------------------------------------------------------------------
 
+    def _foreign(self) -> bool:
+        """In a fork() child with the parent's core: forget it, touch
+        nothing (no lock either: a vanished thread may hold it)."""
+        core = self._core
+        if core is None or not core.foreign:
+            return False
+        self._shutdown_called = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        return True
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._foreign():  # spec: exec.fork-safety
+            return
         with self._core_lock:
             self._shutdown_called = True
             core = self._core
@@ -202,6 +226,8 @@ class ShmExecutor(Executor):
         self._stop(signal.SIGKILL, "the executor's workers were killed")
 
     def _stop(self, sig: int, why: str) -> None:
+        if self._foreign():  # (the parent's workers: never signalled from a child)
+            return
         with self._core_lock:
             self._shutdown_called = True
             core = self._core
@@ -414,8 +440,10 @@ def _chunks(it, n):
 
 def _finalize(core: Core) -> None:
     """The executor was garbage collected without shutdown(): its pending
-    work finishes, then the management thread releases everything."""
-    core.close_when_idle()
+    work finishes, then the management thread releases everything. (Not
+    in a fork() child: there it is the parent's, and no thread runs.)"""
+    if not core.foreign:
+        core.close_when_idle()
 
 
 def _at_exit() -> None:
@@ -424,6 +452,8 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     for core in list(_live):
+        if core.foreign:  # spec: exec.fork-safety -- the parent's tasks: never waited for here
+            continue
         try:
             with core.lock:
                 core.shutdown_started = True

@@ -14,9 +14,13 @@ suffixed with `@N` or `:N` to fire only on the N-th hit (1-based) of that
 failpoint in this process.
 
 Invariants: every name used in code is declared with `declare()` at import,
-so tests can enumerate them; a malformed SHMPOOL_FAILPOINTS is a
-ConfigError at import (a typo must not silently disable a fault test).
-Importable from every layer (like errors).
+so tests can enumerate them; a malformed SHMPOOL_FAILPOINTS never breaks
+`import shmpool` (a broken import hides what is wrong, and takes down
+every process that inherits the variable): it is a ConfigError, naming
+the variable and the bad entry, raised at use, by `check()` (a pool or
+executor being created) and by every `hit()` (a typo must not silently
+disable a fault test). Importable from every layer (like errors).
+spec: exec.failpoints-env
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .errors import ConfigError, ShmpoolError
 
 ACTIVE: dict[str, Callable[[], None]] = {}
 KNOWN: dict[str, str] = {}
+_BAD: str | None = None  # why the environment's SHMPOOL_FAILPOINTS was refused
+_BAD_KEY = "<malformed SHMPOOL_FAILPOINTS>"  # keeps ACTIVE truthy, so guarded hits reach hit()
 _ACTION = re.compile(r"^(kill|sigkill|raise|exit\((\d+)\)|sleep\((\d+)\))(?:[@:](\d+))?$")
 
 
@@ -44,8 +50,17 @@ def declare(name: str, doc: str) -> str:
     return name
 
 
+def check() -> None:
+    """Raise the ConfigError of a malformed SHMPOOL_FAILPOINTS, if the
+    environment had one (creating a pool calls this)."""
+    if _BAD is not None:
+        raise ConfigError(_BAD)
+
+
 def hit(name: str) -> None:
     """Run the failpoint's action if it is active."""
+    if _BAD is not None:
+        raise ConfigError(_BAD)
     fn = ACTIVE.get(name)
     if fn is not None:
         fn()
@@ -93,8 +108,31 @@ def _make(name: str, spec: str) -> Callable[[], None]:
 
 
 def configure(value: str | None) -> None:
-    """Replace the active set from a SHMPOOL_FAILPOINTS-style string."""
+    """Replace the active set from a SHMPOOL_FAILPOINTS-style string
+    (ConfigError if it is malformed: then none is active)."""
+    global _BAD
+    _BAD = None
     ACTIVE.clear()
+    try:
+        _parse(value)
+    except ConfigError:
+        ACTIVE.clear()
+        raise
+
+
+def _from_environment() -> None:
+    """At import: a malformed variable is remembered, and raised at use."""
+    global _BAD
+    value = os.environ.get("SHMPOOL_FAILPOINTS")
+    try:
+        configure(value)
+    except ConfigError as e:
+        _BAD = (f"{e}; the variable's value is {value!r}: fix it, or unset SHMPOOL_FAILPOINTS "
+                "(it is meant for fault tests)")
+        ACTIVE[_BAD_KEY] = check
+
+
+def _parse(value: str | None) -> None:
     for item in filter(None, (p.strip() for p in (value or "").split(","))):
         name, sep, spec = item.partition("=")
         if not sep or not name:
@@ -102,4 +140,4 @@ def configure(value: str | None) -> None:
         ACTIVE[name.strip()] = _make(name.strip(), spec.strip())
 
 
-configure(os.environ.get("SHMPOOL_FAILPOINTS"))
+_from_environment()

@@ -24,6 +24,13 @@ Data flow:
   pending tasks fail with `PoolBrokenError`, workers get SIGTERM, the core
   is closed. `join()` waits for the handler thread, which does the closing.
 
+Fork: in a child of `fork()` the pool is the parent's (`_forksafe`): every
+method that sends work raises `ForeignPoolError` (a RuntimeError saying to
+create a new pool in the child), `close`, `terminate`, `join` and
+`__exit__` return at once without touching the parent's workers, and
+neither garbage collection nor the exit hook does anything.
+spec: exec.fork-safety
+
 Invariants: every result object becomes ready exactly once, including on
 `terminate()`, garbage collection, a crashed worker (after `max_retries`,
 `WorkerCrashedError`) or a broken pool: `get()` never hangs on a dead
@@ -47,7 +54,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
-from . import _threads
+from . import _forksafe, _threads
 from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
@@ -241,7 +248,7 @@ def _convert(exc: BaseException) -> BaseException:
 def _collected(st: _State) -> None:
     """The pool object was garbage collected: terminate it, as the stdlib
     does. The handler thread does the work (this may run on any thread)."""
-    if st.state == RUN:
+    if st.state == RUN and not st.core.foreign:
         st.request_terminate()
 
 
@@ -249,7 +256,7 @@ def _at_exit() -> None:
     """Interpreter exit: every pool still alive is terminated (as
     `multiprocessing.Pool`'s exit finalizer does)."""
     for st in list(_live):
-        if st.closed:
+        if st.closed or st.core.foreign:  # (a fork() child: the parent's pool)
             continue
         try:
             st.request_terminate()
@@ -334,7 +341,13 @@ class ShmPool:
     def _state(self) -> str:
         return self._st.state if self._st is not None else "INIT"
 
+    def _foreign(self) -> bool:
+        st = self._st
+        return st is not None and st.core.foreign
+
     def _check_running(self) -> None:
+        if self._foreign():  # spec: exec.fork-safety
+            raise _forksafe.foreign_error("ShmPool", self._st.core.owner_pid)
         if self._st is None or self._st.state != RUN:
             raise ValueError("Pool not running")
 
@@ -413,6 +426,8 @@ class ShmPool:
     def close(self) -> None:
         """No more tasks; the workers leave once the pending ones are done."""
         st = self._st
+        if self._foreign():
+            return
         if st is not None and st.state == RUN:
             st.state = CLOSE
             st.jobs.put(None)
@@ -425,6 +440,8 @@ class ShmPool:
         if st is None:
             return
         self._finalizer.detach()
+        if st.core.foreign:
+            return  # the parent's pool: its workers are never signalled, its thread is gone
         if not st.closed:
             st.request_terminate()
             with st.cond:
@@ -439,6 +456,8 @@ class ShmPool:
     def join(self) -> None:
         """Wait until the workers are gone (after `close()` or `terminate()`)."""
         st = self._st
+        if self._foreign():
+            return
         if st is None or st.state == RUN:
             raise ValueError("Pool is still running")
         if _in_callback():
@@ -455,7 +474,7 @@ class ShmPool:
 
     def __del__(self, _warn=warnings.warn) -> None:
         st = getattr(self, "_st", None)
-        if st is not None and st.state == RUN:
+        if st is not None and st.state == RUN and not st.core.foreign:
             _warn(f"unclosed running shmpool pool {self!r}", ResourceWarning, source=self)
 
     def __reduce__(self):

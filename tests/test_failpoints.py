@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,10 +42,61 @@ def test_process_actions_from_the_environment(spec, code):
     assert out.returncode == code and "survived" not in out.stdout
 
 
-def test_bad_environment_fails_at_import():
-    out = subprocess.run([sys.executable, "-c", "import shmpool.failpoints"],
-                         env={"SHMPOOL_FAILPOINTS": "x=explode"}, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "SHMPOOL_FAILPOINTS" in out.stderr
+_BAD_ENV_PROG = r"""
+import sys
+import shmpool  # must work: a bad variable never breaks the import
+from shmpool import ShmExecutor, ShmPool, failpoints
+from shmpool.errors import ConfigError
+
+def expect(what, fn):
+    try:
+        fn()
+    except ConfigError as e:
+        msg = str(e)
+        assert "SHMPOOL_FAILPOINTS" in msg and "explode" in msg, msg
+        print(what, "ok", flush=True)
+    else:
+        print(what, "did not raise", flush=True)
+
+expect("hit", lambda: failpoints.hit("varslot.pop.claimed"))
+expect("check", failpoints.check)
+expect("executor", lambda: ShmExecutor(1))
+expect("pool", lambda: ShmPool(1))
+failpoints.configure(None)  # (a good setting replaces the bad one)
+failpoints.hit("varslot.pop.claimed")
+print("cleared ok", flush=True)
+"""
+
+
+@pytest.mark.spec("exec.failpoints-env")
+def test_bad_environment_is_an_error_at_use_not_at_import():
+    """Garbage in SHMPOOL_FAILPOINTS: `import shmpool` works; a failpoint
+    hit, and creating an executor or a pool, raise a ConfigError naming the
+    variable and the bad entry (nothing is started)."""
+    env = dict(os.environ, SHMPOOL_FAILPOINTS="a.b=kill,x=explode")
+    out = subprocess.run([sys.executable, "-c", _BAD_ENV_PROG], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:5] == ["hit ok", "check ok", "executor ok", "pool ok", "cleared ok"]
+
+
+@pytest.mark.spec("exec.failpoints-env")
+def test_bad_environment_in_this_process_raises_at_use(monkeypatch):
+    """The same in-process (the import-time path, run again)."""
+    monkeypatch.setenv("SHMPOOL_FAILPOINTS", "nothing-to-see")
+    try:
+        failpoints._from_environment()
+        assert failpoints.ACTIVE  # (so that guarded hits reach hit())
+        with pytest.raises(ConfigError, match="SHMPOOL_FAILPOINTS.*nothing-to-see"):
+            failpoints.hit("any.point")
+        from shmpool import ShmPool
+
+        with pytest.raises(ConfigError, match="nothing-to-see"):
+            ShmPool(1)
+    finally:
+        failpoints.configure(None)
+    failpoints.hit("any.point")
+    assert not failpoints.ACTIVE
 
 
 def test_every_shmpool_error_survives_pickling():
