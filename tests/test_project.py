@@ -161,3 +161,32 @@ def test_ring_benchmark_smoke(tmp_path):
     for name in ("os.pipe", "ring futex+spin", "ring futex, no spin", "ring poll"):
         assert name in out.stdout
     assert (tmp_path / "r.json").exists()
+
+
+# --------------------------------------------------------------------------
+# docs/reliability.md names tests that exist
+# --------------------------------------------------------------------------
+
+
+def reliability_citations(text: str) -> list[tuple[str, str]]:
+    """(file, test) for every `FILE.py::NAME` and every following `::NAME`
+    (same file) in the text."""
+    out, current = [], None
+    for m in re.finditer(r"`(?:([\w/]+\.py))?::(\w+)`", text):
+        current = m.group(1) or current
+        out.append((current, m.group(2)))
+    return out
+
+
+def test_reliability_table_cites_tests_that_exist():
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    cited = reliability_citations(text)
+    assert len(cited) >= 40
+    missing = []
+    for file, name in cited:
+        path = ROOT / "tests" / file.removeprefix("tests/")
+        if not path.is_file() or not re.search(rf"^def {name}\(", path.read_text(), re.M):
+            missing.append(f"{file}::{name}")
+    assert missing == [], f"docs/reliability.md cites tests that do not exist: {missing}"
+    # (the parser itself: a continuation takes the previous file)
+    assert reliability_citations("`a.py::x`, `::y` and `b.py::z`") == [("a.py", "x"), ("a.py", "y"), ("b.py", "z")]
