@@ -11,8 +11,8 @@ Layers (each imports only from those below it):
 """
 
 from .errors import (
-    ConfigError, DoorbellError, PeerDeadError, PoolBrokenError, SegmentError, ShmpoolError,
-    WorkerCrashedError,
+    ConfigError, DoorbellError, ForeignPoolError, PeerDeadError, PoolBrokenError, SegmentError,
+    ShmpoolError, TransferFailed, WorkerCrashedError,
 )
 from .shm.segment import clean
 
@@ -37,6 +37,8 @@ __all__ = [
     "ShmPool",
     "WorkerCrashedError",
     "PoolBrokenError",
+    "ForeignPoolError",
+    "TransferFailed",
     "ConfigError",
     "DoorbellError",
     "PeerDeadError",
