@@ -35,11 +35,21 @@ Invariants:
   value it read. That value was read while the operation was pending, and
   every later cycle of the slot carries a new generation, so a helper that
   stalls and wakes late can never change a later cycle's status.
+
+Guarding (the list is shared by every process, so garbage in it cannot be
+blamed on one): every head value and next-free link is checked before it
+is followed (a known operation, a top that names an existing slot, the
+status of a slot being popped Free or already claimed by that pop), and
+every loop is bounded (CAS retries by RETRY_LIMIT, walks by the number of
+slots the class can have). A violation raises SegmentCorruptError naming
+what was found; the slot pool then refuses further use.
+spec: shm.guard.bounded
 """
 
 from __future__ import annotations
 
 from .. import _atomics, failpoints
+from ..errors import SegmentCorruptError, SegmentError, StaleSlotError
 from . import layout as L
 
 load_u32 = _atomics.load_u32
@@ -53,6 +63,10 @@ _TAG_SHIFT = L.HEAD_TAG_SHIFT
 _TAG_MASK = L.HEAD_TAG_MASK
 _OP_SHIFT = L.HEAD_OP_SHIFT
 _PEER_SHIFT = L.HEAD_PEER_SHIFT
+# Compare-exchange retries (lost races, helping) one operation may take.
+# Honest contention between a few hundred processes ends long before; a
+# head that keeps changing into states nobody can finish is garbage.
+RETRY_LIMIT = 1 << 20
 
 FP_POP_READ = failpoints.declare("varslot.pop.read-head", "head read, claim not yet attempted")
 FP_POP_CLAIMED = failpoints.declare("varslot.pop.claimed", "head claimed, slot meta not yet written")
@@ -76,14 +90,35 @@ class FreeList:
     it must resolve every slot that can be on the list.
     """
 
-    __slots__ = ("buf", "head", "me", "meta", "pops", "pushes", "helps", "cas_retries")
+    __slots__ = ("buf", "head", "me", "_meta", "limit", "pops", "pushes", "helps", "cas_retries")
 
-    def __init__(self, buf, head_off: int, me: int, meta) -> None:
+    def __init__(self, buf, head_off: int, me: int, meta, limit: int = L.MAX_EXTENTS * L.MAX_SLOTS_PER_EXTENT) -> None:
         self.buf = buf
         self.head = head_off
         self.me = me
-        self.meta = meta
+        self._meta = meta
+        self.limit = limit  # slots the class can ever have: bounds a walk of the list
         self.pops = self.pushes = self.helps = self.cas_retries = 0
+
+    def meta(self, number: int) -> tuple[object, int]:
+        """(buffer, offset) of slot `number`'s SlotMeta; SegmentCorruptError
+        if the number (read from the head or a link) names no slot."""
+        try:
+            return self._meta(number)
+        except (StaleSlotError, SegmentError, ValueError) as e:
+            raise SegmentCorruptError(
+                f"the free list at offset {self.head} leads to slot number {number}, "
+                f"which does not exist ({e})"
+            ) from None
+
+    def _corrupt(self, what: str) -> SegmentCorruptError:
+        return SegmentCorruptError(f"the free list at offset {self.head} {what}")
+
+    def _load_head(self) -> int:
+        h = load_u64(self.buf, self.head)
+        if (h >> _OP_SHIFT) & 3 == 3:  # spec: shm.guard.validate
+            raise self._corrupt(f"holds head {h:#x}, whose pending operation is unknown")
+        return h
 
     # -- pop ------------------------------------------------------------------
 
@@ -91,8 +126,8 @@ class FreeList:
         """Take the first free slot: (slot number, generation), or None if
         the list is empty. spec: shm.varslot.allocation"""
         buf, head = self.buf, self.head
-        while True:
-            h = load_u64(buf, head)
+        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
+            h = self._load_head()
             if (h >> _OP_SHIFT) & 3:
                 self.help(h)
                 continue
@@ -111,6 +146,7 @@ class FreeList:
             self._finish_pop(claim)
             self.pops += 1
             return top - 1, gen
+        raise self._corrupt(f"changed {RETRY_LIMIT} times under one pop (never settles)")
 
     def _finish_pop(self, h: int) -> None:
         top = h & _TOP
@@ -123,8 +159,16 @@ class FreeList:
             return  # completed by someone else; what we read may be newer
         # s0 was read while the claim was pending: FREE means the meta write
         # is still to do. spec: shm.varslot.allocation
+        claimed = (gen << 32) | (peer << 8) | L.ALLOCATED
         if (s0 & 0xFF) == L.FREE:
-            cas_u64(mbuf, moff, s0, (gen << 32) | (peer << 8) | L.ALLOCATED)
+            cas_u64(mbuf, moff, s0, claimed)
+        elif s0 != claimed:  # spec: shm.guard.validate -- a slot in use is on the list
+            raise self._corrupt(f"has slot {top - 1} on it with status {s0:#x}, neither Free "
+                                f"nor claimed by this pop ({claimed:#x})")
+        if nxt:  # a link to a slot that does not exist goes no further
+            if nxt == top:
+                raise self._corrupt(f"links slot {top - 1} to itself")
+            self.meta(nxt - 1)
         if failpoints.ACTIVE:
             failpoints.hit(FP_POP_META)
         cas_u64(self.buf, self.head, h, (((gen + 1) & _TAG_MASK) << _TAG_SHIFT) | nxt)
@@ -145,17 +189,22 @@ class FreeList:
                 raise StatusMismatch(seen)
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_FREEING)
-        while True:
-            h = load_u64(buf, head)
+        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
+            h = self._load_head()
             if (h >> _OP_SHIFT) & 3:
                 self.help(h)
                 continue
+            top = h & _TOP
+            if top:
+                self.meta(top - 1)  # never link our slot to garbage
             tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
             store_u32(mbuf, moff + L.M_NEXT_FREE, h & _TOP)
             linked = (tag << _TAG_SHIFT) | (L.OP_PUSH << _OP_SHIFT) | (me << _PEER_SHIFT) | (number + 1)
             if cas_u64(buf, head, h, linked) == h:
                 break
             self.cas_retries += 1
+        else:
+            raise self._corrupt(f"changed {RETRY_LIMIT} times under one push (never settles)")
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_LINKED)
         self._finish_push(linked)
@@ -187,11 +236,12 @@ class FreeList:
 
     def settle(self) -> None:
         """Complete whatever operation is pending (used before reclaim)."""
-        while True:
-            h = load_u64(self.buf, self.head)
+        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
+            h = self._load_head()
             if not (h >> _OP_SHIFT) & 3:
                 return
             self.help(h)
+        raise self._corrupt(f"changed {RETRY_LIMIT} times while being settled")
 
     def length(self) -> int:
         """Slots on the list (walks it; exact only when nobody is changing it)."""
@@ -200,6 +250,8 @@ class FreeList:
         top = load_u64(self.buf, self.head) & _TOP
         while top:
             n += 1
+            if n > self.limit:  # spec: shm.guard.bounded
+                raise self._corrupt(f"is longer than the {self.limit} slots its class can have (a cycle)")
             mbuf, moff = self.meta(top - 1)
             top = load_u32(mbuf, moff + L.M_NEXT_FREE)
         return n
