@@ -7,10 +7,13 @@ detection and spawning): handling a death once per incarnation
 recovering an entry (`_recover`: drain, peer-lost report, rings, slots,
 channels, handles), and the host's shutdown (`_shutdown`, `_finish`).
 
-Data flow: a watcher (doorbell hang-up, pidfd, scan) calls `_death(p, by)`
--> cause (crash / goodbye / heartbeat / epoch / shutdown) -> a guest that
-said goodbye gets GOODBYE_EXIT to exit first -> unregister, reap ->
-`on_death(peer_id)` -> `_recover(p)`.
+Data flow: a watcher (doorbell hang-up, pidfd, scan, or a protocol
+violation found by the driver or the session) calls `_death(p, by)`
+-> cause (crash / goodbye / heartbeat / epoch / violation / shutdown) -> a
+guest that said goodbye gets GOODBYE_EXIT to exit first -> a violator the
+host started is killed at once -> unregister, reap -> `on_death(peer_id)`
+-> `_recover(p)` (a violator's ring is not drained: nothing in it can be
+trusted; its slots are reclaimed all the same).
 
 Invariants: everything here runs on the driver thread; a death is handled
 once per incarnation (`HostPeer.phase` goes to DEAD once); user callbacks
@@ -25,7 +28,7 @@ import sys
 import time
 from dataclasses import replace
 
-from ..errors import HubError
+from ..errors import HubError, SegmentCorruptError
 from ..shm.varslot import SlotPool
 from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
 from .recovery import recover
@@ -55,7 +58,7 @@ class Endings:
             self._note_attach(p, (PeerState.ATTACHED, PeerState.GOODBYE))
         state = p.entry.state
         info = p.info
-        if by in ("heartbeat", "epoch"):
+        if by in ("heartbeat", "epoch", "violation"):
             cause = by
         elif state == PeerState.GOODBYE or self._closing or p.phase == LEAVING:
             cause = "goodbye"
@@ -83,7 +86,15 @@ class Endings:
         info.cause = cause
         if cause in ("heartbeat", "epoch"):
             p.kill()  # it may be stopped or confused; it must not touch the entry again
-        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
+        if cause == "violation":
+            # spec: shm.guard.isolate -- killed, but only a process this
+            # host started (a guest that attached by itself is left to live;
+            # its entry is recovered all the same).
+            if p.proc is not None:
+                p.kill()
+            self._reap(p, EXIT_GRACE, kill=p.proc is not None)
+        else:
+            self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
         self.stats["deaths"] += 1
         self.stats["deaths_" + cause] += 1
         if not self._closing and p.on_death is not None:
@@ -121,10 +132,14 @@ class Endings:
         """spec: shm.death.recovery"""
         def drain() -> int:
             n = 0
-            if p.rx is not None:
+            if p.rx is not None and p.violation is None:
                 with p.rx_lock:  # a polling caller finishes its batch first
-                    while True:
-                        batch = p.rx.pop_batch(BATCH)
+                    while n < p.rx.size:  # spec: shm.guard.bounded
+                        try:
+                            batch = p.rx.pop_batch(BATCH)
+                        except SegmentCorruptError as e:  # (it died writing garbage)
+                            p.info.violation = f"shm.guard.validate: {e.what}"
+                            return n
                         if not batch:
                             return n
                         n += len(batch)
@@ -144,6 +159,7 @@ class Endings:
 
         if self._slot_pool is None:
             self._slot_pool = SlotPool(self.segment, 0)
+            self._slot_pool.on_corrupt = self.segment_corrupt
         with p.tx_lock:  # no host thread is pushing into this guest's ring now
             res = recover(self.segment, p.peer_id, slot_pool=self._slot_pool, drain=drain,
                           report_lost=report_lost, release_handles=release)
