@@ -155,14 +155,20 @@ class Driver(Endings):
         if not self.on_driver:
             self._thread.join()
 
-    def violation(self, peer_id: int, rule: str, what: str) -> None:
+    def violation(self, peer_id: int, rule: str, what: str, grace: float = 0.0) -> None:
         """Guest `peer_id` broke rule `rule` (any thread, never blocks): stop
         reading its ring; the driver thread kills it and runs its death
-        path. spec: shm.guard.isolate"""
+        path. With `grace` > 0 that happens only if it is still attached
+        `grace` seconds later (checked by the scan). spec: shm.guard.isolate"""
         p = self._peers.get(peer_id)
-        if p is not None:
-            self._violated(p, rule, what)
-            self._wake()
+        if p is None:
+            return
+        if grace > 0:
+            if p.pending_violation is None:
+                p.pending_violation = (monotonic_ns() + int(grace * 1e9), rule, what)
+            return
+        self._violated(p, rule, what)
+        self._wake()
 
     def _violated(self, p: HostPeer, rule: str, what: str) -> None:
         if p.violation is None:
@@ -465,6 +471,10 @@ class Driver(Endings):
             if p.phase == LEAVING and now > p.leave_deadline:
                 p.kill()  # said goodbye but does not exit; its pidfd reports the end
             if p.phase != ATTACHED:
+                continue
+            if p.pending_violation is not None and now > p.pending_violation[0]:
+                self._violated(p, *p.pending_violation[1:])
+                self._guard()
                 continue
             e = p.entry
             state = e.state

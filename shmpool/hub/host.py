@@ -275,11 +275,12 @@ class ShmHost:
         thread, never blocks; reported to the handler once)."""
         self._driver.segment_corrupt(error)
 
-    def violation(self, peer_id: int, rule: str, what: str) -> None:
+    def violation(self, peer_id: int, rule: str, what: str, *, grace: float = 0.0) -> None:
         """Guest `peer_id` broke rule `rule` (any thread, never blocks): it is
         killed (if this host started it) and its entry recovered, as after a
-        crash. spec: shm.guard.isolate"""
-        self._driver.violation(peer_id, rule, what)
+        crash. With `grace`, only if it is still attached (has not left)
+        that many seconds later. spec: shm.guard.isolate"""
+        self._driver.violation(peer_id, rule, what, grace)
 
     def expect(self, peer_id: int) -> None:
         """Say that this thread will wait for an answer from `peer_id` with

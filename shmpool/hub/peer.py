@@ -221,6 +221,7 @@ class HostPeer:
         self.attached_ns = 0
         self.leave_deadline = 0
         self.violation: str | None = None  # set once: its rings are not read again
+        self.pending_violation: tuple[int, str, str] | None = None  # (deadline ns, rule, what)
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (no pid-reuse race)."""

@@ -59,6 +59,7 @@ from .messages import (
 )
 
 WAIT_SLICE = 0.05
+GOODBYE_GRACE = 5.0  # seconds a guest that sent Goodbye gets to leave before the host kills it
 FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")  # a waiter that cannot pump re-checks (and may take over pumping) this often
 
 
@@ -156,6 +157,7 @@ class Connection:
         self._expect_fn = expect  # host: "an answer will be polled for", before a call
         self._violation_fn = violation  # host: violation(rule, what) has the hub kill the guest
         self._violated: tuple[str, str] | None = None  # (rule, what) once the peer broke one
+        self._leaving: ConnectionClosedError | None = None  # host: the guest said goodbye
         self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
         self._cond = threading.Condition()
         self._pending: dict[int, CallFuture] = {}
@@ -479,8 +481,21 @@ class Connection:
 
     def _on_goodbye(self, d: Descriptor) -> None:
         rec = self._take(d)
+        if rec is None and self._violated is not None:
+            return
         reason = rec.tobytes().decode("utf-8", "replace") if rec is not None else "?"
-        self._finish(ConnectionClosedError(f"peer {self.peer} said goodbye: {reason}"))
+        end = ConnectionClosedError(f"peer {self.peer} said goodbye: {reason}")
+        if self._violation_fn is None:
+            self._finish(end)
+            return
+        # On the host the session ends with the guest's exit (its death path
+        # tells which call it was running): a guest that says goodbye
+        # leaves, and one that stays, holding its entry (and a worker's
+        # place), is killed after a grace period. spec: shm.guard.isolate
+        if self._leaving is None:
+            self._leaving = end
+            self._violation_fn("shm.goodbye.payload", f"said goodbye ({reason[:100]}) but did not leave",
+                               grace=GOODBYE_GRACE)
 
     def _violation(self, d: Descriptor, rule: str, what: str) -> None:
         """Answer a broken rule with a Goodbye naming it, then close (on the
@@ -542,6 +557,8 @@ class Connection:
             if self._violated is not None and isinstance(exc, PeerDeadError):
                 rule, what = self._violated
                 exc = GuestViolationError(rule, f"peer {self.peer} {what}; {exc}")
+            elif self._leaving is not None and isinstance(exc, PeerDeadError):
+                exc = self._leaving
         self._finish(exc)
 
     def _finish(self, exc: BaseException) -> None:

@@ -90,7 +90,8 @@ class HostSession:
                                   me=0, peer=peer_id, dispatcher=self.dispatcher, handlers=self._pool,
                                   poll=lambda spin: host.poll(peer_id, spin=spin),
                                   expect=lambda: host.expect(peer_id),
-                                  violation=lambda rule, what: host.violation(peer_id, rule, what))
+                                  violation=lambda rule, what, grace=0.0: host.violation(
+                                      peer_id, rule, what, grace=grace))
                 self._conns[peer_id] = conn
             return conn
 
