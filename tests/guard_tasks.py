@@ -73,19 +73,37 @@ def scribble_own(ops: list) -> str:
     return "scribbled"
 
 
+def regions(seg) -> list[tuple[int, int]]:
+    """(start, length) of each kind of structure in the segment: header,
+    peer table, every guest's rings and channel table, class headers with
+    the pool header and huge table, each class's first extent header and
+    slot metas, and the whole initial file."""
+    lay, cfg = seg.layout, seg.config
+    out = [(0, L.HEADER_SIZE if hasattr(L, "HEADER_SIZE") else 128),
+           (lay.peer_table_offset, L.PEER_ENTRY_SIZE * cfg.max_guests)]
+    for g in range(1, cfg.max_guests + 1):
+        out.append((lay.g2h_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((lay.h2g_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((lay.channel_table(g), L.CHANNEL_ENTRY_SIZE * cfg.max_channels))
+    out.append((lay.slot_region_offset, lay.huge_entry(L.MAX_HUGE - 1) + L.HUGE_ENTRY_SIZE - lay.slot_region_offset))
+    for off, c in zip(lay.extent_offsets, cfg.size_classes):
+        out.append((off, L.EXTENT_HEADER_SIZE + L.SLOT_META_SIZE * c.slots_per_extent))
+    out.append((0, len(seg.buf)))
+    return out
+
+
 def scribble_anywhere(seed: int, writes: int, delay: float = 0.0) -> str:
     """Write random bytes at random places of the segment as this worker
-    maps it: half in the first 64 KiB (header, peer table, rings, class
-    headers: where the structures are), half anywhere in the initial file."""
+    maps it, each into a structure picked at random (regions())."""
     time.sleep(delay)
     w = _worker()
     seg = w.guest.segment
     buf = seg.buf
     rnd = random.Random(seed)
-    size = len(buf)
+    where = regions(seg)
     for _ in range(writes):
-        span = min(size, 1 << 16) if rnd.random() < 0.5 else size
+        start, length = rnd.choice(where)
         n = rnd.choice((1, 2, 4, 8))
-        off = rnd.randrange(0, span - n)
+        off = start + rnd.randrange(0, max(1, length - n))
         buf[off:off + n] = rnd.randbytes(n)
     return f"scribbled {writes} in pid {os.getpid()}"

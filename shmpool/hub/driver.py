@@ -76,6 +76,11 @@ SCAN_INTERVAL = 0.25  # seconds between scans of entry states, epochs and heartb
 NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attached
 POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Driver.poll
 
+# Header bytes nobody writes after creation (magic .. max_channels, heartbeat
+# interval and memory limit, host pid, host start ticks): a change is garbage.
+_HEADER_FIXED = ((0, L.H_HOST_GOODBYE), (L.H_HEARTBEAT, L.H_CURRENT_SIZE),
+                 (L.H_HOST_PID, L.H_HOST_SLEEPING), (L.H_HOST_START, L.H_HOST_START + 8))
+
 # a guest whose g2h ring was full, asleep on its doorbell until the driver pops
 _G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
 
@@ -109,6 +114,7 @@ class Driver(Endings):
         self.corruption: SegmentCorruptError | None = None  # the first corruption of a shared structure
         self.corruption_handler = None  # called once with it, on the driver thread
         self._corruption_reported = False
+        self._header = [bytes(self.buf[a:b]) for a, b in _HEADER_FIXED]
         self._next_scan = 0
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -465,6 +471,8 @@ class Driver(Endings):
         """Attach, goodbye, epoch and heartbeat checks; discovery of guests
         that attached without a ticket. spec: shm.death.detection-methods"""
         hb = self._hb_ns
+        if self.corruption is None:
+            self._check_header()
         for p in self._live:
             if p.phase == SPAWNED:
                 self._check_attached(p)
@@ -495,6 +503,18 @@ class Driver(Endings):
                     self._death(p, "heartbeat")
         if not self._closing:
             self._discover()
+
+    def _check_header(self) -> None:
+        """The header is the configuration every guest attaches with: bytes
+        of it that changed after creation leave no guest to blame and no
+        replacement able to attach. spec: shm.guard.validate"""
+        buf = self.buf
+        for (a, b), want in zip(_HEADER_FIXED, self._header):
+            if buf[a:b] != want:
+                self.segment_corrupt(SegmentCorruptError(
+                    f"bytes [{a}, {b}) of the segment header changed after creation "
+                    f"(now {bytes(buf[a:b]).hex()}, were {want.hex()})"))
+                return
 
     def _discover(self) -> None:
         """Entries attached (or left) by guests that came without a ticket."""
