@@ -21,8 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import wait
 from pathlib import Path
 
@@ -238,7 +236,7 @@ def test_a_guest_writing_garbage_into_its_own_structures_is_killed_and_honest_wo
     with ShmExecutor(3, max_retries=2) as ex:
         list(ex.map(G.square, range(6)))  # all three started and warm
 
-        @settings(max_examples=examples, deadline=None, database=None,
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=CI,
                   suppress_health_check=list(HealthCheck))
         @given(ops=OPS)
         def one(ops):
@@ -321,3 +319,51 @@ def test_scribbling_anywhere_never_crashes_or_hangs_the_host(seed, tmp_path):
     allowed = {"PoolBrokenError", "SegmentCorruptError", "WorkerCrashedError", "ResultUnpicklingError",
                "UnpicklingError", "BrokenProcessPool"}
     assert set(ended["errors"]) <= allowed, ended
+
+
+# --------------------------------------------------------------------------
+# Whom the host kills
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.spec("shm.guard.isolate")
+def test_a_guest_that_says_goodbye_but_stays_is_killed_after_the_grace():
+    from test_rpc import Session
+
+    s = Session()
+    try:
+        peer, p = s.start("rude", env={"RUDE_TYPE": "7"})  # a Goodbye message, then it serves on
+        assert p.wait(30) == -signal.SIGKILL
+        s.host._driver.wait_for(lambda: s.host.peer_info(peer).recovered, 10)
+        info = s.host.peer_info(peer)
+        assert info.cause == "violation" and "did not leave" in info.violation
+        assert "said goodbye: hi" in str(s.sess.ended(peer))
+    finally:
+        s.close()
+
+
+@pytest.mark.spec("shm.guard.isolate")
+def test_a_violator_the_host_did_not_start_is_not_killed():
+    from hub_peer import Hub
+
+    from test_hub import HUB_PEER
+
+    hub = Hub()
+    g = None
+    try:
+        host = hub.host
+        g = subprocess.Popen([sys.executable, HUB_PEER, "attach-path", str(host.path)],
+                             stdout=subprocess.PIPE, text=True)
+        hub.procs.append(g)
+        peer = json.loads(g.stdout.readline())["peer"]
+        host._driver.wait_for(lambda: peer in host.attached_peers(), 10)
+        host.violation(peer, "shm.test", "was told to")
+        host._driver.wait_for(lambda: host.peer_info(peer).recovered, 10)
+        info = host.peer_info(peer)
+        assert info.cause == "violation" and info.violation == "shm.test: was told to"
+        assert g.poll() is None  # alive: not the host's to kill
+    finally:
+        if g is not None:
+            g.kill()
+            g.wait()
+        hub.close()

@@ -63,7 +63,7 @@ from .peer import (
     ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry,
     PeerInfo, PeerState,
 )
-from .endings import BATCH, Endings
+from .endings import _HEADER_FIXED, BATCH, Endings
 from .spawn import popen_guest
 
 fetch_or_u32 = _atomics.fetch_or_u32
@@ -75,11 +75,6 @@ HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 SCAN_INTERVAL = 0.25  # seconds between scans of entry states, epochs and heartbeats
 NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attached
 POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Driver.poll
-
-# Header bytes nobody writes after creation (magic .. max_channels, heartbeat
-# interval and memory limit, host pid, host start ticks): a change is garbage.
-_HEADER_FIXED = ((0, L.H_HOST_GOODBYE), (L.H_HEARTBEAT, L.H_CURRENT_SIZE),
-                 (L.H_HOST_PID, L.H_HOST_SLEEPING), (L.H_HOST_START, L.H_HOST_START + 8))
 
 # a guest whose g2h ring was full, asleep on its doorbell until the driver pops
 _G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
@@ -160,55 +155,6 @@ class Driver(Endings):
         self._wake()
         if not self.on_driver:
             self._thread.join()
-
-    def violation(self, peer_id: int, rule: str, what: str, grace: float = 0.0) -> None:
-        """Guest `peer_id` broke rule `rule` (any thread, never blocks): stop
-        reading its ring; the driver thread kills it and runs its death
-        path. With `grace` > 0 that happens only if it is still attached
-        `grace` seconds later (checked by the scan). spec: shm.guard.isolate"""
-        p = self._peers.get(peer_id)
-        if p is None:
-            return
-        if grace > 0:
-            if p.pending_violation is None:
-                p.pending_violation = (monotonic_ns() + int(grace * 1e9), rule, what)
-            return
-        self._violated(p, rule, what)
-        self._wake()
-
-    def _violated(self, p: HostPeer, rule: str, what: str) -> None:
-        if p.violation is None:
-            p.violation = p.info.violation = f"{rule}: {what}"
-            self.stats["violations"] += 1
-            self._violations.append(p)
-
-    def segment_corrupt(self, err: SegmentCorruptError) -> None:
-        """A shared structure holds garbage (any thread, never blocks): the
-        driver reports it once to `corruption_handler`. spec: shm.guard.isolate"""
-        if self.corruption is None:
-            self.corruption = err
-            self.stats["corruptions"] += 1
-            try:
-                self._wake()
-            except OSError:
-                pass
-
-    def _guard(self) -> None:
-        """Kill the guests that broke the protocol; report a corrupt segment."""
-        while self._violations:
-            p = self._violations.popleft()
-            print(f"shmpool hub: peer {p.peer_id} broke the protocol ({p.violation}); "
-                  "killing it and resubmitting its work", file=sys.stderr)
-            self._death(p, "violation")
-        if self.corruption is not None and not self._corruption_reported:
-            self._corruption_reported = True
-            print(f"shmpool hub: {self.corruption}", file=sys.stderr)
-            h = self.corruption_handler
-            if h is not None:
-                try:
-                    h(self.corruption)
-                except Exception:
-                    self._callback_error("corruption handler")
 
     def _wake(self) -> None:
         with self._lock:  # never write to a closed (and maybe reused) fd number
@@ -503,18 +449,6 @@ class Driver(Endings):
                     self._death(p, "heartbeat")
         if not self._closing:
             self._discover()
-
-    def _check_header(self) -> None:
-        """The header is the configuration every guest attaches with: bytes
-        of it that changed after creation leave no guest to blame and no
-        replacement able to attach. spec: shm.guard.validate"""
-        buf = self.buf
-        for (a, b), want in zip(_HEADER_FIXED, self._header):
-            if buf[a:b] != want:
-                self.segment_corrupt(SegmentCorruptError(
-                    f"bytes [{a}, {b}) of the segment header changed after creation "
-                    f"(now {bytes(buf[a:b]).hex()}, were {want.hex()})"))
-                return
 
     def _discover(self) -> None:
         """Entries attached (or left) by guests that came without a ticket."""

@@ -7,6 +7,10 @@ detection and spawning): handling a death once per incarnation
 recovering an entry (`_recover`: drain, peer-lost report, rings, slots,
 channels, handles), and the host's shutdown (`_shutdown`, `_finish`).
 
+Also the guard's side of the driver: `violation()` (from any thread) and
+`_guard()` kill guests that broke the protocol, `segment_corrupt()` and
+the header check report a segment that can no longer be trusted.
+
 Data flow: a watcher (doorbell hang-up, pidfd, scan, or a protocol
 violation found by the driver or the session) calls `_death(p, by)`
 -> cause (crash / goodbye / heartbeat / epoch / violation / shutdown) -> a
@@ -29,6 +33,7 @@ import time
 from dataclasses import replace
 
 from ..errors import HubError, SegmentCorruptError
+from ..shm import layout as L
 from ..shm.varslot import SlotPool
 from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
 from .recovery import recover
@@ -38,6 +43,11 @@ monotonic_ns = time.monotonic_ns
 EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
 GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
 BATCH = 256  # descriptors drained per pop
+
+# Header bytes nobody writes after creation (magic .. max_channels, heartbeat
+# interval and memory limit, host pid, host start ticks): a change is garbage.
+_HEADER_FIXED = ((0, L.H_HOST_GOODBYE), (L.H_HEARTBEAT, L.H_CURRENT_SIZE),
+                 (L.H_HOST_PID, L.H_HOST_SLEEPING), (L.H_HOST_START, L.H_HOST_START + 8))
 
 
 class Endings:
@@ -185,6 +195,71 @@ class Endings:
             self._unregister(p.pidfd)
             os.close(p.pidfd)
             p.pidfd = None
+
+    # ------------------------------------------------------------------
+    # Violations and corruption (spec: shm.guard.isolate)
+    # ------------------------------------------------------------------
+
+    def violation(self, peer_id: int, rule: str, what: str, grace: float = 0.0) -> None:
+        """Guest `peer_id` broke rule `rule` (any thread, never blocks): stop
+        reading its ring; the driver thread kills it and runs its death
+        path. With `grace` > 0 that happens only if it is still attached
+        `grace` seconds later (checked by the scan). spec: shm.guard.isolate"""
+        p = self._peers.get(peer_id)
+        if p is None:
+            return
+        if grace > 0:
+            if p.pending_violation is None:
+                p.pending_violation = (monotonic_ns() + int(grace * 1e9), rule, what)
+            return
+        self._violated(p, rule, what)
+        self._wake()
+
+    def _violated(self, p: HostPeer, rule: str, what: str) -> None:
+        if p.violation is None:
+            p.violation = p.info.violation = f"{rule}: {what}"
+            self.stats["violations"] += 1
+            self._violations.append(p)
+
+    def segment_corrupt(self, err: SegmentCorruptError) -> None:
+        """A shared structure holds garbage (any thread, never blocks): the
+        driver reports it once to `corruption_handler`. spec: shm.guard.isolate"""
+        if self.corruption is None:
+            self.corruption = err
+            self.stats["corruptions"] += 1
+            try:
+                self._wake()
+            except OSError:
+                pass
+
+    def _guard(self) -> None:
+        """Kill the guests that broke the protocol; report a corrupt segment."""
+        while self._violations:
+            p = self._violations.popleft()
+            print(f"shmpool hub: peer {p.peer_id} broke the protocol ({p.violation}); "
+                  "killing it and resubmitting its work", file=sys.stderr)
+            self._death(p, "violation")
+        if self.corruption is not None and not self._corruption_reported:
+            self._corruption_reported = True
+            print(f"shmpool hub: {self.corruption}", file=sys.stderr)
+            h = self.corruption_handler
+            if h is not None:
+                try:
+                    h(self.corruption)
+                except Exception:
+                    self._callback_error("corruption handler")
+
+    def _check_header(self) -> None:
+        """The header is the configuration every guest attaches with: bytes
+        of it that changed after creation leave no guest to blame and no
+        replacement able to attach. spec: shm.guard.validate"""
+        buf = self.buf
+        for (a, b), want in zip(_HEADER_FIXED, self._header):
+            if buf[a:b] != want:
+                self.segment_corrupt(SegmentCorruptError(
+                    f"bytes [{a}, {b}) of the segment header changed after creation "
+                    f"(now {bytes(buf[a:b]).hex()}, were {want.hex()})"))
+                return
 
     # ------------------------------------------------------------------
     # Shutdown
