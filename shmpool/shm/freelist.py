@@ -39,7 +39,8 @@ Invariants:
 Guarding (the list is shared by every process, so garbage in it cannot be
 blamed on one): every head value and next-free link is checked before it
 is followed (a known operation, a top that names an existing slot, the
-status of a slot being popped Free or already claimed by that pop), and
+status of a slot being popped Free or already claimed by that pop: a link
+into a cycle meets a slot in use), and
 every loop is bounded (CAS retries by RETRY_LIMIT, walks by the number of
 slots the class can have). A violation raises SegmentCorruptError naming
 what was found; the slot pool then refuses further use.
@@ -49,7 +50,7 @@ spec: shm.guard.bounded
 from __future__ import annotations
 
 from .. import _atomics, failpoints
-from ..errors import SegmentCorruptError, SegmentError, StaleSlotError
+from ..errors import SegmentCorruptError
 from . import layout as L
 
 load_u32 = _atomics.load_u32
@@ -87,38 +88,24 @@ class FreeList:
     """The free list of one class, as seen by one process (peer `me`).
 
     `meta(number)` maps a slot number to (buffer, offset of its SlotMeta);
-    it must resolve every slot that can be on the list.
+    it must resolve every slot that can be on the list, and raise
+    SegmentCorruptError for a number (read from the head or a link) that
+    names no slot.
     """
 
-    __slots__ = ("buf", "head", "me", "_meta", "limit", "pops", "pushes", "helps", "cas_retries")
+    __slots__ = ("buf", "head", "me", "meta", "limit", "pops", "pushes", "helps", "cas_retries")
 
     def __init__(self, buf, head_off: int, me: int, meta, limit: int = L.MAX_EXTENTS * L.MAX_SLOTS_PER_EXTENT) -> None:
         self.buf = buf
         self.head = head_off
         self.me = me
-        self._meta = meta
+        self.meta = meta  # raises SegmentCorruptError for a number that names no slot
         self.limit = limit  # slots the class can ever have: bounds a walk of the list
         self.pops = self.pushes = self.helps = self.cas_retries = 0
-
-    def meta(self, number: int) -> tuple[object, int]:
-        """(buffer, offset) of slot `number`'s SlotMeta; SegmentCorruptError
-        if the number (read from the head or a link) names no slot."""
-        try:
-            return self._meta(number)
-        except (StaleSlotError, SegmentError, ValueError) as e:
-            raise SegmentCorruptError(
-                f"the free list at offset {self.head} leads to slot number {number}, "
-                f"which does not exist ({e})"
-            ) from None
 
     def _corrupt(self, what: str) -> SegmentCorruptError:
         return SegmentCorruptError(f"the free list at offset {self.head} {what}")
 
-    def _load_head(self) -> int:
-        h = load_u64(self.buf, self.head)
-        if (h >> _OP_SHIFT) & 3 == 3:  # spec: shm.guard.validate
-            raise self._corrupt(f"holds head {h:#x}, whose pending operation is unknown")
-        return h
 
     # -- pop ------------------------------------------------------------------
 
@@ -126,9 +113,11 @@ class FreeList:
         """Take the first free slot: (slot number, generation), or None if
         the list is empty. spec: shm.varslot.allocation"""
         buf, head = self.buf, self.head
-        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
-            h = self._load_head()
+        retries = 0  # (counted on the retry paths only: the fast path stays as it was)
+        while True:
+            h = load_u64(buf, head)
             if (h >> _OP_SHIFT) & 3:
+                retries = self._retry(retries, "pop")
                 self.help(h)
                 continue
             top = h & _TOP
@@ -140,13 +129,19 @@ class FreeList:
                 failpoints.hit(FP_POP_READ)
             if cas_u64(buf, head, h, claim) != h:
                 self.cas_retries += 1
+                retries = self._retry(retries, "pop")
                 continue
             if failpoints.ACTIVE:
                 failpoints.hit(FP_POP_CLAIMED)
             self._finish_pop(claim)
             self.pops += 1
             return top - 1, gen
-        raise self._corrupt(f"changed {RETRY_LIMIT} times under one pop (never settles)")
+
+    def _retry(self, retries: int, what: str) -> int:
+        """spec: shm.guard.bounded -- one more retry of an operation."""
+        if retries >= RETRY_LIMIT:
+            raise self._corrupt(f"changed {RETRY_LIMIT} times under one {what} (never settles)")
+        return retries + 1
 
     def _finish_pop(self, h: int) -> None:
         top = h & _TOP
@@ -165,10 +160,6 @@ class FreeList:
         elif s0 != claimed:  # spec: shm.guard.validate -- a slot in use is on the list
             raise self._corrupt(f"has slot {top - 1} on it with status {s0:#x}, neither Free "
                                 f"nor claimed by this pop ({claimed:#x})")
-        if nxt:  # a link to a slot that does not exist goes no further
-            if nxt == top:
-                raise self._corrupt(f"links slot {top - 1} to itself")
-            self.meta(nxt - 1)
         if failpoints.ACTIVE:
             failpoints.hit(FP_POP_META)
         cas_u64(self.buf, self.head, h, (((gen + 1) & _TAG_MASK) << _TAG_SHIFT) | nxt)
@@ -189,22 +180,20 @@ class FreeList:
                 raise StatusMismatch(seen)
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_FREEING)
-        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
-            h = self._load_head()
+        retries = 0
+        while True:
+            h = load_u64(buf, head)
             if (h >> _OP_SHIFT) & 3:
+                retries = self._retry(retries, "push")
                 self.help(h)
                 continue
-            top = h & _TOP
-            if top:
-                self.meta(top - 1)  # never link our slot to garbage
             tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
             store_u32(mbuf, moff + L.M_NEXT_FREE, h & _TOP)
             linked = (tag << _TAG_SHIFT) | (L.OP_PUSH << _OP_SHIFT) | (me << _PEER_SHIFT) | (number + 1)
             if cas_u64(buf, head, h, linked) == h:
                 break
             self.cas_retries += 1
-        else:
-            raise self._corrupt(f"changed {RETRY_LIMIT} times under one push (never settles)")
+            retries = self._retry(retries, "push")
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_LINKED)
         self._finish_push(linked)
@@ -233,11 +222,13 @@ class FreeList:
             self._finish_pop(h)
         elif op == L.OP_PUSH:
             self._finish_push(h)
+        else:  # spec: shm.guard.validate -- nobody could ever finish it
+            raise self._corrupt(f"holds head {h:#x}, whose pending operation is unknown")
 
     def settle(self) -> None:
         """Complete whatever operation is pending (used before reclaim)."""
         for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
-            h = self._load_head()
+            h = load_u64(self.buf, self.head)
             if not (h >> _OP_SHIFT) & 3:
                 return
             self.help(h)

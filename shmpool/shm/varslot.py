@@ -193,14 +193,22 @@ class SlotPool:
     def _meta_resolver(self, c: _Class):
         shift, mask = L.SLOT_INDEX_BITS, (1 << L.SLOT_INDEX_BITS) - 1
 
-        per = c.cls.slots_per_extent
+        per, ext, hdr, size = c.cls.slots_per_extent, c.extents, L.EXTENT_HEADER_SIZE, L.SLOT_META_SIZE
 
         def meta(number: int) -> tuple[object, int]:
-            i = number & mask
-            if number < 0 or i >= per:  # spec: shm.guard.validate
-                raise StaleSlotError(f"slot number {number} names no slot of class {c.index}")
-            buf, base = self._extent(c, number >> shift)
-            return buf, base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE
+            """For the free list: a slot number read from the segment,
+            validated (spec: shm.guard.validate)."""
+            i, e = number & mask, number >> shift
+            got = ext[e] if 0 <= e < len(ext) else None
+            if got is None or i >= per:
+                try:
+                    if i >= per or number < 0:
+                        raise StaleSlotError(f"index {i} is beyond the class's {per} slots per extent")
+                    got = self._extent(c, e)
+                except (StaleSlotError, SegmentError, ValueError) as err:
+                    raise SegmentCorruptError(f"the free list of class {c.index} leads to slot number "
+                                              f"{number}, which does not exist ({err})") from None
+            return got[0], got[1] + hdr + i * size
 
         return meta
 
@@ -417,7 +425,7 @@ class SlotPool:
             return None
         c, number, mbuf, moff = self._locate(ref)
         s = load_u64(mbuf, moff)
-        if s & 0xFF >= len(L.STATE_NAMES):  # spec: shm.guard.validate
+        if s & 0xFC:  # spec: shm.guard.validate -- a state beyond the four (0..3)
             raise StaleSlotError(f"{what}: slot {ref:#x} has status {s:#x}, an unknown state")
         if s >> 32 != generation:
             raise StaleSlotError(
