@@ -370,3 +370,27 @@ def test_a_violator_the_host_did_not_start_is_not_killed():
             g.kill()
             g.wait()
         hub.close()
+
+
+@pytest.mark.spec("shm.death.recovery")
+@pytest.mark.spec("shm.guard.validate")
+def test_recovery_zeroes_the_rings_so_a_later_bad_index_replays_nothing():
+    from hub_peer import Hub, message
+
+    hub = Hub()
+    try:
+        host = hub.host
+        t, p = hub.start("echo")
+        assert host.wait_attached(t.peer_id, 30)
+        for i in range(5):
+            assert host.send(t.peer_id, message(i, t.peer_id, 0), timeout=5)
+            assert host.receive(timeout=10) is not None
+        lay, n = host.segment.layout, host.config.ring_size * L.DESCRIPTOR_SIZE
+        g2h, h2g = lay.g2h_ring(t.peer_id), lay.h2g_ring(t.peer_id)
+        assert any(host.segment.buf[g2h:g2h + n]) and any(host.segment.buf[h2g:h2g + n])
+        p.kill()
+        hub.wait_deaths(1)
+        host._driver.wait_for(lambda: host.peer_info(t.peer_id).recovered, 10)
+        assert not any(host.segment.buf[g2h:g2h + n]) and not any(host.segment.buf[h2g:h2g + n])
+    finally:
+        hub.close()
