@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import wait
 from pathlib import Path
 
@@ -394,3 +395,31 @@ def test_recovery_zeroes_the_rings_so_a_later_bad_index_replays_nothing():
         assert not any(host.segment.buf[g2h:g2h + n]) and not any(host.segment.buf[h2g:h2g + n])
     finally:
         hub.close()
+
+
+@pytest.mark.spec("shm.guard.validate")
+@pytest.mark.parametrize("what", ["magic", "ring_size", "host_goodbye", "current_size"])
+def test_a_changed_header_is_reported_as_corruption(what):
+    from shmpool.hub import ShmHost
+
+    host = ShmHost.create(config=SegmentConfig(max_guests=2))
+    try:
+        got = []
+        host.set_corruption_handler(got.append)
+        buf = host.segment.buf
+        if what == "magic":
+            buf[3] ^= 0xFF
+        elif what == "ring_size":
+            A.store_u32(buf, L.H_RING_SIZE, 1 << 20)
+        elif what == "host_goodbye":
+            A.store_u32(buf, L.H_HOST_GOODBYE, 1)
+        else:
+            A.store_u64(buf, L.H_CURRENT_SIZE, 4096)
+        deadline = time.monotonic() + 10
+        while not got:  # (the driver's scan looks every 0.25 s)
+            assert time.monotonic() < deadline, "the driver never noticed"
+            time.sleep(0.01)
+        assert len(got) == 1 and isinstance(got[0], SegmentCorruptError)
+        assert host.statistics()["corrupt"] == str(got[0])
+    finally:
+        host.close()

@@ -110,6 +110,7 @@ class Driver(Endings):
         self.corruption_handler = None  # called once with it, on the driver thread
         self._corruption_reported = False
         self._header = [bytes(self.buf[a:b]) for a, b in _HEADER_FIXED]
+        self._initial_size = _atomics.load_u64(self.buf, L.H_CURRENT_SIZE)
         self._next_scan = 0
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

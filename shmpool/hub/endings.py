@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import replace
 
+from .. import _atomics
 from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
 from ..shm.varslot import SlotPool
@@ -39,6 +40,7 @@ from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer
 from .recovery import recover
 
 monotonic_ns = time.monotonic_ns
+load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
 
 EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
 GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
@@ -260,6 +262,15 @@ class Endings:
                     f"bytes [{a}, {b}) of the segment header changed after creation "
                     f"(now {bytes(buf[a:b]).hex()}, were {want.hex()})"))
                 return
+        # Words that change, but only one way: the goodbye flag is the
+        # host's (set by its shutdown alone); the file only grows.
+        if not self._closing and load_u32(buf, L.H_HOST_GOODBYE):
+            self.segment_corrupt(SegmentCorruptError(
+                "host_goodbye is set in the segment header while the host runs"))
+        elif load_u64(buf, L.H_CURRENT_SIZE) < self._initial_size:
+            self.segment_corrupt(SegmentCorruptError(
+                f"current_size {load_u64(buf, L.H_CURRENT_SIZE)} in the segment header is below "
+                f"the size the segment was created with ({self._initial_size})"))
 
     # ------------------------------------------------------------------
     # Shutdown
