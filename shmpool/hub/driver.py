@@ -25,7 +25,7 @@ Guarding (a guest's garbage is that guest's fault, never the host's end):
   shm/ring.py, descriptors and slots in rpc/connection.py, its peer entry
   in `_scan`). An impossible value, or a message handler that raises on
   a guest's batch, is a violation of that guest: `violation()` records it
-  (from any thread), its ring is not read again, and the driver thread
+  (from any thread), the loop stops polling its ring, and the driver thread
   kills it (only a process the host started) and runs its normal death
   path: on_death, recovery, its work failed to the layer above to be
   resubmitted. Nothing a guest does ends the driver thread or touches

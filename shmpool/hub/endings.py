@@ -16,8 +16,8 @@ violation found by the driver or the session) calls `_death(p, by)`
 -> cause (crash / goodbye / heartbeat / epoch / violation / shutdown) -> a
 guest that said goodbye gets GOODBYE_EXIT to exit first -> a violator the
 host started is killed at once -> unregister, reap -> `on_death(peer_id)`
--> `_recover(p)` (a violator's ring is not drained: nothing in it can be
-trusted; its slots are reclaimed all the same).
+-> `_recover(p)` (a violator's ring is drained like any other, each
+descriptor validated on its own, bounded by the ring's size).
 
 Invariants: everything here runs on the driver thread; a death is handled
 once per incarnation (`HostPeer.phase` goes to DEAD once); user callbacks
@@ -144,7 +144,7 @@ class Endings:
         """spec: shm.death.recovery"""
         def drain() -> int:
             n = 0
-            if p.rx is not None and p.violation is None:
+            if p.rx is not None:  # (a violator's too: each message is judged on its own)
                 with p.rx_lock:  # a polling caller finishes its batch first
                     while n < p.rx.size:  # spec: shm.guard.bounded
                         try:

@@ -22,8 +22,10 @@ Data flow:
   most 32) and handled in isolation: whatever it makes raise is that
   peer's violation, never the feeding thread's end. On the host (a
   `violation` hook is given) a violation does not end the session at
-  once: the rest of what the guest sent is dropped, the hook has the hub
-  kill the guest, and its death ends the session with
+  once: the bad descriptor is dropped (its slot is reclaimed with the
+  guest's), the hook has the hub kill the guest, what it sent before its
+  death is still delivered, each message judged on its own (so a call it
+  answered is not run again), and its death ends the session with
   `GuestViolationError` (a `PeerDeadError`: the executor resubmits the
   calls, charging the one the guest was running). spec: shm.guard.isolate
 - waiting: on the host the driver feeds, waiters sleep on a condition; on a
@@ -336,8 +338,6 @@ class Connection:
         for channel data must not wait for messages its own batch holds.
         Then `after_feed`, if set, runs (the layer above finishes at once
         what the answers' callbacks began)."""
-        if self._violated is not None:
-            return  # dropped: the peer is being killed (its slots are reclaimed)
         try:
             self._route(batch)
         finally:
@@ -354,8 +354,6 @@ class Connection:
             except Exception as e:  # noqa: BLE001 - spec: shm.guard.isolate
                 self._violation(d, "shm.guard.isolate", f"sent a message that could not be handled "
                                 f"({type(e).__name__}: {e})")
-            if self._violated is not None:
-                break  # the rest is dropped with the peer
         with self._cond:
             self._cond.notify_all()
 
@@ -405,10 +403,10 @@ class Connection:
         return rec
 
     def _on_response(self, d: Descriptor) -> None:
-        fut = self._pending.pop(d.id, None)
         rec = self._take(d)
         if rec is None:
-            return
+            return  # (the call stays pending: the guest's death fails it, to be resubmitted)
+        fut = self._pending.pop(d.id, None)
         if fut is None or fut.done():  # cancelled here meanwhile, or a stray id
             rec.release()
             self.stats["responses_dropped"] += 1
