@@ -127,6 +127,9 @@ class Core(Dispatching, Answering):
             self.host = ShmHost.create(config=config)
             self.session = HostSession(self.host, handler_threads=1)
             self.slots = self.session.slots
+            # spec: shm.guard.isolate -- garbage in a structure every worker
+            # shares cannot be blamed on one: the pool is broken with it.
+            self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
             self.starter = Starter(self)
         except BaseException:
             self._teardown()

@@ -23,6 +23,8 @@ __all__ = [
     "ResultUnpicklingError",
     "WorkerCrashedError",
     "PoolBrokenError",
+    "SegmentCorruptError",
+    "GuestViolationError",
     "ConnectionClosedError",
     "ProtocolError",
     "ChannelClosed",
@@ -179,6 +181,38 @@ class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):
 class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
     """The pool cannot run tasks any more (its initializer keeps failing,
     or workers cannot be started); pending and new work fail with this."""
+
+
+class SegmentCorruptError(PoolBrokenError):
+    """A value read from shared memory is impossible: an index or offset out
+    of range, an unknown state, a free-list link that leads outside its
+    list or round in a circle. Some process that maps the segment wrote
+    garbage. Where the value belongs to one guest (its rings, its
+    descriptors, its channel table, its peer entry) the host treats it as
+    that guest's protocol violation and kills it; in a structure all guests
+    share (free lists, class headers, the huge table) nobody can be blamed
+    and the pool is broken with this error. `what` says what was found."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the shared memory segment cannot be trusted: {what}")
+        self.what = what
+
+    def __reduce__(self):
+        return (type(self), (self.what,))
+
+
+class GuestViolationError(PeerDeadError):
+    """A guest broke the protocol (`rule` is the spec rule id) and the host
+    killed it; the calls it had are failed with this (and resubmitted by
+    the executor, like a crash's)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+        self._message = message
+
+    def __reduce__(self):
+        return (type(self), (self.rule, self._message))
 
 
 class TaskUnpicklingError(ShmpoolError, _BrokenProcessPool):

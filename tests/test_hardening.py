@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmpool import _atomics as A
-from shmpool.errors import ConfigError, SegmentError
+from shmpool.errors import ConfigError, SegmentCorruptError, SegmentError
 from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, clean, open_rings
 from shmpool.shm import layout as L
 from shmpool.shm import ring as ring_mod
@@ -224,7 +224,7 @@ def test_push_many_never_drops_an_item_of_an_iterator():
 def test_corrupt_ring_index_is_refused():
     with Segment.create(SMALL) as seg:
         A.store_u32(seg.buf, seg.layout.peer_entry(1) + L.P_H2G_HEAD, 8)  # == ring size
-        with pytest.raises(ValueError, match="out of range"):
+        with pytest.raises(SegmentCorruptError, match="out of range"):
             open_rings(seg, 1, "host")
 
 

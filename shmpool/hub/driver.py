@@ -20,6 +20,21 @@ Data flow:
   handles, Empty). Those methods, and the shutdown, live in the `Endings`
   mixin (endings.py).
 
+Guarding (a guest's garbage is that guest's fault, never the host's end):
+- Whatever a guest wrote is validated where it is loaded (ring indices in
+  shm/ring.py, descriptors and slots in rpc/connection.py, its peer entry
+  in `_scan`). An impossible value, or a message handler that raises on
+  a guest's batch, is a violation of that guest: `violation()` records it
+  (from any thread), the loop stops polling its ring, and the driver thread
+  kills it (only a process the host started) and runs its normal death
+  path: on_death, recovery, its work failed to the layer above to be
+  resubmitted. Nothing a guest does ends the driver thread or touches
+  another guest's connection. spec: shm.guard.isolate
+- Garbage in structures every guest shares (free lists, class headers,
+  huge table) cannot be blamed on one guest: the slot pool reports it with
+  `segment_corrupt()`, and the driver hands it once to the
+  `corruption_handler` (the executor breaks the pool with it).
+
 Invariants:
 - Only the driver thread pops g2h rings, starts guests, reaps them and
   recovers entries; callbacks run on it and must not block.
@@ -41,14 +56,14 @@ import traceback
 from concurrent.futures import Future
 
 from .. import _atomics, _threads
-from ..errors import HubError
+from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
 from ..shm.ring import open_rings
 from .peer import (
     ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry,
     PeerInfo, PeerState,
 )
-from .endings import BATCH, Endings
+from .endings import _HEADER_FIXED, BATCH, Endings
 from .spawn import popen_guest
 
 fetch_or_u32 = _atomics.fetch_or_u32
@@ -90,6 +105,12 @@ class Driver(Endings):
         self._stop_timeout = 2.0
         self._closing = False
         self.failure: BaseException | None = None
+        self._violations: collections.deque = collections.deque()  # HostPeers to kill for a violation
+        self.corruption: SegmentCorruptError | None = None  # the first corruption of a shared structure
+        self.corruption_handler = None  # called once with it, on the driver thread
+        self._corruption_reported = False
+        self._header = [bytes(self.buf[a:b]) for a, b in _HEADER_FIXED]
+        self._initial_size = _atomics.load_u64(self.buf, L.H_CURRENT_SIZE)
         self._next_scan = 0
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -177,6 +198,8 @@ class Driver(Endings):
         while not self._stop_requested:
             self._run_commands()
             busy = self._drain_all()
+            if self._violations or (self.corruption is not None and not self._corruption_reported):
+                self._guard()
             now = monotonic_ns()
             if now >= self._next_scan:
                 self._scan(now)
@@ -228,10 +251,14 @@ class Driver(Endings):
         n = 0
         for p in self._live:
             rx = p.rx
-            if rx is None or p.phase == DEAD or not p.rx_lock.acquire(blocking=False):
+            if rx is None or p.phase == DEAD or p.violation or not p.rx_lock.acquire(blocking=False):
                 continue  # (a caller is polling this guest itself right now)
             try:
-                batch = rx.pop_batch(BATCH)
+                try:
+                    batch = rx.pop_batch(BATCH)
+                except SegmentCorruptError as e:  # spec: shm.guard.validate
+                    self._violated(p, "shm.guard.validate", e.what)
+                    continue
                 if batch:
                     n += len(batch)
                     self._wake_guest(p)
@@ -255,7 +282,8 @@ class Driver(Endings):
         and nothing is there. Returns how many were delivered; 0 at once if
         the driver (or another caller) is draining this guest right now."""
         p = self._peers.get(peer_id)
-        if p is None or p.rx is None or p.phase == DEAD or not p.rx_lock.acquire(blocking=False):
+        if (p is None or p.rx is None or p.phase == DEAD or p.violation
+                or not p.rx_lock.acquire(blocking=False)):
             if spin and p is not None:
                 # Someone else is delivering; the guest must ring again from
                 # now on, and whatever it published unannounced meanwhile is
@@ -264,36 +292,43 @@ class Driver(Endings):
                 self._wake()
             return 0
         try:
-            rx = p.rx
-            batch = rx.pop_batch(BATCH)
-            if spin and (batch or not POLL_SPIN_NS):
-                fetch_and_u32(self.buf, p.entry.off + L.P_HOST_POLLING, ~1)
-                batch += rx.pop_batch(BATCH)  # what came unannounced before the clear
-            elif not batch and spin:
-                # A caller waiting for an answer spins a bounded time on the
-                # ring head (answers usually come back within microseconds).
-                # Meanwhile the guest need not ring the doorbell: we watch
-                # its ring ourselves. Clearing the flag (an RMW) and then
-                # re-popping pairs with the guest's push-then-RMW read of it,
-                # so a message published while the flag was up is never
-                # left for a driver that was not woken.
-                # spec: shm.wakeup.host-polling
-                buf, head, tail = self.buf, rx.head_off, rx._tail
-                flag = p.entry.off + L.P_HOST_POLLING
-                fetch_or_u32(buf, flag, 1)
-                end = monotonic_ns() + POLL_SPIN_NS
-                load = _atomics.load_u32
-                while load(buf, head) == tail and monotonic_ns() < end:
-                    pass
-                fetch_and_u32(buf, flag, ~1)
-                batch = rx.pop_batch(BATCH)
-            if batch:
-                self.stats["caller_polls"] += 1
-                self._wake_guest(p)
-                self._deliver(peer_id, batch)
-            return len(batch)
+            return self._poll(p, peer_id, spin)
+        except SegmentCorruptError as e:  # spec: shm.guard.validate
+            self._violated(p, "shm.guard.validate", e.what)
+            self._wake()
+            return 0
         finally:
             p.rx_lock.release()
+
+    def _poll(self, p: HostPeer, peer_id: int, spin: bool) -> int:
+        rx = p.rx
+        batch = rx.pop_batch(BATCH)
+        if spin and (batch or not POLL_SPIN_NS):
+            fetch_and_u32(self.buf, p.entry.off + L.P_HOST_POLLING, ~1)
+            batch += rx.pop_batch(BATCH)  # what came unannounced before the clear
+        elif not batch and spin:
+            # A caller waiting for an answer spins a bounded time on the
+            # ring head (answers usually come back within microseconds).
+            # Meanwhile the guest need not ring the doorbell: we watch
+            # its ring ourselves. Clearing the flag (an RMW) and then
+            # re-popping pairs with the guest's push-then-RMW read of it,
+            # so a message published while the flag was up is never
+            # left for a driver that was not woken.
+            # spec: shm.wakeup.host-polling
+            buf, head, tail = self.buf, rx.head_off, rx._tail
+            flag = p.entry.off + L.P_HOST_POLLING
+            fetch_or_u32(buf, flag, 1)
+            end = monotonic_ns() + POLL_SPIN_NS
+            load = _atomics.load_u32
+            while load(buf, head) == tail and monotonic_ns() < end:
+                pass
+            fetch_and_u32(buf, flag, ~1)
+            batch = rx.pop_batch(BATCH)
+        if batch:
+            self.stats["caller_polls"] += 1
+            self._wake_guest(p)
+            self._deliver(peer_id, batch)
+        return len(batch)
 
     def _wake_guest(self, p: HostPeer) -> None:
         """The host's ring ends have no doorbell (the driver owns its
@@ -314,8 +349,14 @@ class Driver(Endings):
             return
         try:
             h(peer_id, batch)
-        except Exception:
+        except Exception as e:
+            # The rest of the batch is lost: only the guest's death can fail
+            # (and resubmit) what it answered there. spec: shm.guard.isolate
             self._callback_error("message handler")
+            p = self._peers.get(peer_id)
+            if p is not None:
+                self._violated(p, "shm.guard.isolate", f"its messages made the handler raise {e!r}")
+                self._wake()
 
     def _callback_error(self, what: str) -> None:
         self.stats["callback_errors"] += 1
@@ -377,6 +418,8 @@ class Driver(Endings):
         """Attach, goodbye, epoch and heartbeat checks; discovery of guests
         that attached without a ticket. spec: shm.death.detection-methods"""
         hb = self._hb_ns
+        if self.corruption is None:
+            self._check_header()
         for p in self._live:
             if p.phase == SPAWNED:
                 self._check_attached(p)
@@ -384,9 +427,18 @@ class Driver(Endings):
                 p.kill()  # said goodbye but does not exit; its pidfd reports the end
             if p.phase != ATTACHED:
                 continue
+            if p.pending_violation is not None and now > p.pending_violation[0]:
+                self._violated(p, *p.pending_violation[1:])
+                self._guard()
+                continue
             e = p.entry
             state = e.state
-            if state != PeerState.ATTACHED:
+            if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+                # spec: shm.guard.validate -- no guest moves its attached
+                # entry anywhere but Goodbye
+                self._violated(p, "shm.guard.validate", f"its peer entry's state word holds {state}")
+                self._guard()
+            elif state != PeerState.ATTACHED:
                 self._death(p, "state")
             elif e.epoch != p.info.epoch:
                 # spec: shm.crash.epoch
@@ -405,34 +457,42 @@ class Driver(Endings):
         for pid_ in range(1, self.config.max_guests + 1):
             if pid_ in self._peers:
                 continue
-            e = PeerEntry(seg, pid_)
-            state = e.state
-            if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
-                continue
-            if state == PeerState.ATTACHED and not e.pid:
-                continue  # still attaching: its pid comes last
-            with self._lock:
-                if pid_ in self._peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
-                    continue
-                info = PeerInfo(pid_, "", spawned_ns=monotonic_ns())
-                p = HostPeer(e, "", None, info)
-                p.tx, p.rx = open_rings(seg, pid_, "host")
-                p.phase = SPAWNED
-                self._peers[pid_] = p
-                self._history[pid_] = info
-                self.set_live()
-            self.stats["attached_without_ticket"] += 1
-            if e.state == PeerState.GOODBYE:
-                p.phase = ATTACHED
-                self._death(p, "state")
-                continue
-            self._check_attached(p)
             try:
-                p.pidfd = os.pidfd_open(p.pid)
-            except OSError:
-                self._death(p, "pidfd")  # already gone
-                continue
-            self._register(p.pidfd, p, "pidfd")
+                self._discover_one(seg, pid_)
+            except SegmentCorruptError as err:  # (its rings hold garbage: not a guest to adopt)
+                self.stats["discover_refused"] += 1
+                if self.stats["discover_refused"] == 1:
+                    print(f"shmpool hub: entry {pid_} not adopted: {err}", file=sys.stderr)
+
+    def _discover_one(self, seg, pid_: int) -> None:
+        e = PeerEntry(seg, pid_)
+        state = e.state
+        if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+            return
+        if state == PeerState.ATTACHED and not e.pid:
+            return  # still attaching: its pid comes last
+        with self._lock:
+            if pid_ in self._peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+                return
+            info = PeerInfo(pid_, "", spawned_ns=monotonic_ns())
+            p = HostPeer(e, "", None, info)
+            p.tx, p.rx = open_rings(seg, pid_, "host")
+            p.phase = SPAWNED
+            self._peers[pid_] = p
+            self._history[pid_] = info
+            self.set_live()
+        self.stats["attached_without_ticket"] += 1
+        if e.state == PeerState.GOODBYE:
+            p.phase = ATTACHED
+            self._death(p, "state")
+            return
+        self._check_attached(p)
+        try:
+            p.pidfd = os.pidfd_open(p.pid)
+        except OSError:
+            self._death(p, "pidfd")  # already gone
+            return
+        self._register(p.pidfd, p, "pidfd")
 
     def _register(self, fd: int, p: HostPeer, kind: str) -> None:
         self._epoll.register(fd, EPOLLIN | (HANGUP if kind == "doorbell" else 0))

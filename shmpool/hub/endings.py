@@ -7,10 +7,17 @@ detection and spawning): handling a death once per incarnation
 recovering an entry (`_recover`: drain, peer-lost report, rings, slots,
 channels, handles), and the host's shutdown (`_shutdown`, `_finish`).
 
-Data flow: a watcher (doorbell hang-up, pidfd, scan) calls `_death(p, by)`
--> cause (crash / goodbye / heartbeat / epoch / shutdown) -> a guest that
-said goodbye gets GOODBYE_EXIT to exit first -> unregister, reap ->
-`on_death(peer_id)` -> `_recover(p)`.
+Also the guard's side of the driver: `violation()` (from any thread) and
+`_guard()` kill guests that broke the protocol, `segment_corrupt()` and
+the header check report a segment that can no longer be trusted.
+
+Data flow: a watcher (doorbell hang-up, pidfd, scan, or a protocol
+violation found by the driver or the session) calls `_death(p, by)`
+-> cause (crash / goodbye / heartbeat / epoch / violation / shutdown) -> a
+guest that said goodbye gets GOODBYE_EXIT to exit first -> a violator the
+host started is killed at once -> unregister, reap -> `on_death(peer_id)`
+-> `_recover(p)` (a violator's ring is drained like any other, each
+descriptor validated on its own, bounded by the ring's size).
 
 Invariants: everything here runs on the driver thread; a death is handled
 once per incarnation (`HostPeer.phase` goes to DEAD once); user callbacks
@@ -25,16 +32,24 @@ import sys
 import time
 from dataclasses import replace
 
-from ..errors import HubError
+from .. import _atomics
+from ..errors import HubError, SegmentCorruptError
+from ..shm import layout as L
 from ..shm.varslot import SlotPool
 from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
 from .recovery import recover
 
 monotonic_ns = time.monotonic_ns
+load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
 
 EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
 GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
 BATCH = 256  # descriptors drained per pop
+
+# Header bytes nobody writes after creation (magic .. max_channels, heartbeat
+# interval and memory limit, host pid, host start ticks): a change is garbage.
+_HEADER_FIXED = ((0, L.H_HOST_GOODBYE), (L.H_HEARTBEAT, L.H_CURRENT_SIZE),
+                 (L.H_HOST_PID, L.H_HOST_SLEEPING), (L.H_HOST_START, L.H_HOST_START + 8))
 
 
 class Endings:
@@ -55,7 +70,7 @@ class Endings:
             self._note_attach(p, (PeerState.ATTACHED, PeerState.GOODBYE))
         state = p.entry.state
         info = p.info
-        if by in ("heartbeat", "epoch"):
+        if by in ("heartbeat", "epoch", "violation"):
             cause = by
         elif state == PeerState.GOODBYE or self._closing or p.phase == LEAVING:
             cause = "goodbye"
@@ -83,7 +98,15 @@ class Endings:
         info.cause = cause
         if cause in ("heartbeat", "epoch"):
             p.kill()  # it may be stopped or confused; it must not touch the entry again
-        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
+        if cause == "violation":
+            # spec: shm.guard.isolate -- killed, but only a process this
+            # host started (a guest that attached by itself is left to live;
+            # its entry is recovered all the same).
+            if p.proc is not None:
+                p.kill()
+            self._reap(p, EXIT_GRACE, kill=p.proc is not None)
+        else:
+            self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
         self.stats["deaths"] += 1
         self.stats["deaths_" + cause] += 1
         if not self._closing and p.on_death is not None:
@@ -121,10 +144,14 @@ class Endings:
         """spec: shm.death.recovery"""
         def drain() -> int:
             n = 0
-            if p.rx is not None:
+            if p.rx is not None:  # (a violator's too: each message is judged on its own)
                 with p.rx_lock:  # a polling caller finishes its batch first
-                    while True:
-                        batch = p.rx.pop_batch(BATCH)
+                    while n < p.rx.size:  # spec: shm.guard.bounded
+                        try:
+                            batch = p.rx.pop_batch(BATCH)
+                        except SegmentCorruptError as e:  # (it died writing garbage)
+                            p.info.violation = f"shm.guard.validate: {e.what}"
+                            return n
                         if not batch:
                             return n
                         n += len(batch)
@@ -144,6 +171,7 @@ class Endings:
 
         if self._slot_pool is None:
             self._slot_pool = SlotPool(self.segment, 0)
+            self._slot_pool.on_corrupt = self.segment_corrupt
         with p.tx_lock:  # no host thread is pushing into this guest's ring now
             res = recover(self.segment, p.peer_id, slot_pool=self._slot_pool, drain=drain,
                           report_lost=report_lost, release_handles=release)
@@ -169,6 +197,80 @@ class Endings:
             self._unregister(p.pidfd)
             os.close(p.pidfd)
             p.pidfd = None
+
+    # ------------------------------------------------------------------
+    # Violations and corruption (spec: shm.guard.isolate)
+    # ------------------------------------------------------------------
+
+    def violation(self, peer_id: int, rule: str, what: str, grace: float = 0.0) -> None:
+        """Guest `peer_id` broke rule `rule` (any thread, never blocks): stop
+        reading its ring; the driver thread kills it and runs its death
+        path. With `grace` > 0 that happens only if it is still attached
+        `grace` seconds later (checked by the scan). spec: shm.guard.isolate"""
+        p = self._peers.get(peer_id)
+        if p is None:
+            return
+        if grace > 0:
+            if p.pending_violation is None:
+                p.pending_violation = (monotonic_ns() + int(grace * 1e9), rule, what)
+            return
+        self._violated(p, rule, what)
+        self._wake()
+
+    def _violated(self, p: HostPeer, rule: str, what: str) -> None:
+        if p.violation is None:
+            p.violation = p.info.violation = f"{rule}: {what}"
+            self.stats["violations"] += 1
+            self._violations.append(p)
+
+    def segment_corrupt(self, err: SegmentCorruptError) -> None:
+        """A shared structure holds garbage (any thread, never blocks): the
+        driver reports it once to `corruption_handler`. spec: shm.guard.isolate"""
+        if self.corruption is None:
+            self.corruption = err
+            self.stats["corruptions"] += 1
+            try:
+                self._wake()
+            except OSError:
+                pass
+
+    def _guard(self) -> None:
+        """Kill the guests that broke the protocol; report a corrupt segment."""
+        while self._violations:
+            p = self._violations.popleft()
+            print(f"shmpool hub: peer {p.peer_id} broke the protocol ({p.violation}); "
+                  "killing it and resubmitting its work", file=sys.stderr)
+            self._death(p, "violation")
+        if self.corruption is not None and not self._corruption_reported:
+            self._corruption_reported = True
+            print(f"shmpool hub: {self.corruption}", file=sys.stderr)
+            h = self.corruption_handler
+            if h is not None:
+                try:
+                    h(self.corruption)
+                except Exception:
+                    self._callback_error("corruption handler")
+
+    def _check_header(self) -> None:
+        """The header is the configuration every guest attaches with: bytes
+        of it that changed after creation leave no guest to blame and no
+        replacement able to attach. spec: shm.guard.validate"""
+        buf = self.buf
+        for (a, b), want in zip(_HEADER_FIXED, self._header):
+            if buf[a:b] != want:
+                self.segment_corrupt(SegmentCorruptError(
+                    f"bytes [{a}, {b}) of the segment header changed after creation "
+                    f"(now {bytes(buf[a:b]).hex()}, were {want.hex()})"))
+                return
+        # Words that change, but only one way: the goodbye flag is the
+        # host's (set by its shutdown alone); the file only grows.
+        if not self._closing and load_u32(buf, L.H_HOST_GOODBYE):
+            self.segment_corrupt(SegmentCorruptError(
+                "host_goodbye is set in the segment header while the host runs"))
+        elif load_u64(buf, L.H_CURRENT_SIZE) < self._initial_size:
+            self.segment_corrupt(SegmentCorruptError(
+                f"current_size {load_u64(buf, L.H_CURRENT_SIZE)} in the segment header is below "
+                f"the size the segment was created with ({self._initial_size})"))
 
     # ------------------------------------------------------------------
     # Shutdown

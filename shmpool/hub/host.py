@@ -268,6 +268,25 @@ class ShmHost:
         it had in flight there. Must not block."""
         self._driver.peer_lost_handler = handler
 
+    def set_corruption_handler(self, handler: Callable[[Exception], None] | None) -> None:
+        """`handler(error)` runs once on the driver thread when a structure
+        all guests share (free lists, class headers, huge table) was found
+        to hold garbage (a `SegmentCorruptError`): the segment can no longer
+        be trusted. Must not block. spec: shm.guard.isolate"""
+        self._driver.corruption_handler = handler
+
+    def segment_corrupt(self, error: Exception) -> None:
+        """Report a `SegmentCorruptError` found in a shared structure (any
+        thread, never blocks; reported to the handler once)."""
+        self._driver.segment_corrupt(error)
+
+    def violation(self, peer_id: int, rule: str, what: str, *, grace: float = 0.0) -> None:
+        """Guest `peer_id` broke rule `rule` (any thread, never blocks): it is
+        killed (if this host started it) and its entry recovered, as after a
+        crash. With `grace`, only if it is still attached (has not left)
+        that many seconds later. spec: shm.guard.isolate"""
+        self._driver.violation(peer_id, rule, what, grace)
+
     def expect(self, peer_id: int) -> None:
         """Say that this thread will wait for an answer from `peer_id` with
         `poll(peer_id, spin=True)`, which the guest then need not announce
@@ -340,6 +359,8 @@ class ShmHost:
             "driver_sleeps": s["sleeps"],
             "doorbell_wakeups": s["doorbell_wakeups"],
             "callback_errors": s["callback_errors"],
+            "violations": s["violations"],  # guests killed for breaking the protocol
+            "corrupt": None if d.corruption is None else str(d.corruption),
             "per_peer": per_peer,
         }
 

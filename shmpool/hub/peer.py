@@ -125,8 +125,10 @@ class PeerInfo:
     `cause` is None while the guest lives; afterwards one of
     `"crash"` (it died without saying goodbye), `"heartbeat"` (declared dead
     for stale heartbeats and killed), `"epoch"` (its entry was re-attached
-    behind the host's back; killed), `"goodbye"` (it left), or
-    `"spawn-failed"`. `detected_by` says which watcher saw it first:
+    behind the host's back; killed), `"violation"` (it wrote something
+    impossible into shared memory or sent a message that breaks the
+    protocol, `violation` says what; killed if the host started it),
+    `"goodbye"` (it left), or `"spawn-failed"`. `detected_by` says which watcher saw it first:
     `"doorbell"`, `"pidfd"`, `"heartbeat"`, `"epoch"` or `"state"`.
     `exitcode` / `signal` hold the process status when the host reaped it
     (None while unknown, e.g. for a guest that is not the host's child).
@@ -146,6 +148,7 @@ class PeerInfo:
     detected_ns: int | None = None  # CLOCK_MONOTONIC ns when the death was seen
     slots_reclaimed: int = 0
     recovered: bool = False
+    violation: str | None = None  # the rule it broke and what it did (cause "violation")
 
     @property
     def alive(self) -> bool:
@@ -181,7 +184,8 @@ class PeerInfo:
             how = f"exited with code {self.exitcode}"
         else:
             how = "exit status unknown (not a child of this host)"
-        return f"{who}: {self.cause}, {how}"
+        cause = self.cause if self.violation is None else f"{self.cause} ({self.violation})"
+        return f"{who}: {cause}, {how}"
 
 
 # Host-private phases of one incarnation (HostPeer.phase).
@@ -216,6 +220,8 @@ class HostPeer:
         self.rx_lock = threading.Lock()
         self.attached_ns = 0
         self.leave_deadline = 0
+        self.violation: str | None = None  # set once: its rings are not read again
+        self.pending_violation: tuple[int, str, str] | None = None  # (deadline ns, rule, what)
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (no pid-reuse race)."""

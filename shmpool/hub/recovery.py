@@ -12,7 +12,7 @@ reporting in-flight work lost, closing the doorbell and pidfd):
     state -> Goodbye
     drain what the guest already published       (hook)
     report in-flight work failed                 (hook)
-    reset both rings: head/tail and sleep flags = 0
+    reset both rings: head/tail and sleep flags = 0, descriptors zeroed
     reclaim the guest's slots                    (SlotPool.reclaim)
     zero the guest's channel table
     release host handles: doorbell, pidfd        (hook)
@@ -53,10 +53,18 @@ class RecoveryResult:
 
 
 def reset_rings(segment, peer_id: int) -> None:
-    """Zero the ring indices and sleeping flags of `peer_id`'s entry."""
+    """Zero the ring indices and sleeping flags of `peer_id`'s entry, and
+    the descriptors of both rings: a corrupt index of a later guest must
+    not make the host read this guest's old messages as new ones (an old
+    inline answer could match a new call's id; a zeroed one is an unknown
+    message type, a violation). spec: shm.guard.validate"""
     off = segment.layout.peer_entry(peer_id)
     for w in _RING_WORDS:
         store_u32(segment.buf, off + w, 0)
+    n = segment.config.ring_size * L.DESCRIPTOR_SIZE
+    zeros = bytes(n)
+    for ring in (segment.layout.g2h_ring(peer_id), segment.layout.h2g_ring(peer_id)):
+        segment.buf[ring:ring + n] = zeros  # (nobody else uses them now: see recover)
 
 
 def reset_channels(segment, peer_id: int) -> None:

@@ -17,6 +17,17 @@ Data flow:
   Responses complete futures, Cancels flag running handlers, channel
   messages go to their channel end, Goodbye ends the session, anything
   else is a protocol violation answered with a Goodbye naming the rule.
+  Each descriptor is checked before it is used (a slot the sender hands
+  over, its offset and length inside that slot, an inline length of at
+  most 32) and handled in isolation: whatever it makes raise is that
+  peer's violation, never the feeding thread's end. On the host (a
+  `violation` hook is given) a violation does not end the session at
+  once: the bad descriptor is dropped (its slot is reclaimed with the
+  guest's), the hook has the hub kill the guest, what it sent before its
+  death is still delivered, each message judged on its own (so a call it
+  answered is not run again), and its death ends the session with
+  `GuestViolationError` (a `PeerDeadError`: the executor resubmits the
+  calls, charging the one the guest was running). spec: shm.guard.isolate
 - waiting: on the host the driver feeds, waiters sleep on a condition; on a
   guest there is no reader thread: a thread that must wait pumps the rings
   itself if no other thread is pumping (`wait_until`).
@@ -36,7 +47,10 @@ import time
 from concurrent.futures import CancelledError, Future
 
 from .. import failpoints
-from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, SlotExhaustedError, StaleSlotError
+from ..errors import (
+    ConnectionClosedError, GuestViolationError, PeerDeadError, ProtocolError, SegmentCorruptError,
+    SlotExhaustedError, StaleSlotError,
+)
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from .channel import ChannelTable, Rx, Tx
@@ -47,6 +61,7 @@ from .messages import (
 )
 
 WAIT_SLICE = 0.05
+GOODBYE_GRACE = 5.0  # seconds a guest that sent Goodbye gets to leave before the host kills it
 FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")  # a waiter that cannot pump re-checks (and may take over pumping) this often
 
 
@@ -130,7 +145,7 @@ class Connection:
 
     def __init__(self, transport, slots, segment, *, me: int, peer: int,
                  dispatcher: Dispatcher | None = None, handlers=None, pump=None,
-                 poll=None, expect=None, doorbell=None) -> None:
+                 poll=None, expect=None, doorbell=None, violation=None) -> None:
         self.transport = transport
         self.slots = slots
         self.segment = segment
@@ -142,6 +157,9 @@ class Connection:
         self._pump_fn = pump  # guest: receive a batch; host: None (the driver feeds)
         self._poll_fn = poll  # host: deliver the peer's waiting messages on this thread
         self._expect_fn = expect  # host: "an answer will be polled for", before a call
+        self._violation_fn = violation  # host: violation(rule, what) has the hub kill the guest
+        self._violated: tuple[str, str] | None = None  # (rule, what) once the peer broke one
+        self._leaving: ConnectionClosedError | None = None  # host: the guest said goodbye
         self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
         self._cond = threading.Condition()
         self._pending: dict[int, CallFuture] = {}
@@ -295,6 +313,17 @@ class Connection:
             # would run into.
             discard(self.slots, desc)
             raise
+        except SegmentCorruptError as e:
+            # The peer's end of the ring holds garbage (spec: shm.guard.validate):
+            # on the host that is its violation, and it is as good as dead.
+            discard(self.slots, desc)
+            if self._violation_fn is None:
+                raise
+            if self._violated is None:
+                self._violated = ("shm.guard.validate", e.what)
+                self.stats["violations"] += 1
+                self._violation_fn("shm.guard.validate", e.what)
+            raise PeerDeadError(f"peer {self.peer} broke the protocol: {e.what}") from e
         except BaseException:
             discard(self.slots, desc)
             raise
@@ -323,43 +352,64 @@ class Connection:
 
     def _route(self, batch) -> None:
         for d in batch:
-            t = d.msg_type
-            if t == RESPONSE:
-                self._on_response(d)
-            elif t == REQUEST:
-                self._on_request(d)
-            elif t in (DATA, CLOSE, RESET):
-                self.table.on_message(d)
-            elif t == CANCEL:
-                ctx = self._incoming.get(d.id)
-                if ctx is not None:
-                    ctx._cancelled = True  # spec: shm.session.cancel
-                self.stats["cancels_received"] += 1
-            elif t == GOODBYE:
-                self._on_goodbye(d)
-            elif t == HELLO:  # spec: shm.handshake
-                self._violation(d, "shm.handshake", "sent a Hello message; the segment header "
-                                "is the whole configuration and there is no negotiation")
-            elif t == CREDIT:  # spec: shm.flow.no-credit-message
-                self._violation(d, "shm.flow.no-credit-message", "sent a Credit message; "
-                                "credit lives in the channel table's granted_total")
-            else:
-                self._violation(d, "shm.session.msg-types", f"sent unknown message type {t}")
+            try:
+                self._route_one(d)
+            except Exception as e:  # noqa: BLE001 - spec: shm.guard.isolate
+                self._violation(d, "shm.guard.isolate", f"sent a message that could not be handled "
+                                f"({type(e).__name__}: {e})")
         with self._cond:
             self._cond.notify_all()
 
+    def _route_one(self, d) -> None:
+        t = d.msg_type
+        if t == RESPONSE:
+            self._on_response(d)
+        elif t == REQUEST:
+            self._on_request(d)
+        elif t in (DATA, CLOSE, RESET):
+            self.table.on_message(d)
+        elif t == CANCEL:
+            ctx = self._incoming.get(d.id)
+            if ctx is not None:
+                ctx._cancelled = True  # spec: shm.session.cancel
+            self.stats["cancels_received"] += 1
+        elif t == GOODBYE:
+            self._on_goodbye(d)
+        elif t == HELLO:  # spec: shm.handshake
+            self._violation(d, "shm.handshake", "sent a Hello message; the segment header "
+                            "is the whole configuration and there is no negotiation")
+        elif t == CREDIT:  # spec: shm.flow.no-credit-message
+            self._violation(d, "shm.flow.no-credit-message", "sent a Credit message; "
+                            "credit lives in the channel table's granted_total")
+        else:
+            self._violation(d, "shm.session.msg-types", f"sent unknown message type {t}")
+
     def _take(self, d: Descriptor) -> Received | None:
-        try:
+        """The payload of `d`, validated (spec: shm.guard.validate); None
+        after a violation."""
+        if d.is_inline:
+            if d.payload_len > L.INLINE_CAPACITY:
+                self._violation(d, "shm.desc.inline", f"sent an inline payload of {d.payload_len} "
+                                f"bytes (at most {L.INLINE_CAPACITY} fit)")
+                return None
             return Received(self.slots, d)
-        except StaleSlotError as e:
+        try:
+            rec = Received(self.slots, d)
+        except (StaleSlotError, SegmentCorruptError) as e:
             self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
             return None
+        if d.payload_offset + d.payload_len > rec._slot.capacity:
+            rec.release()
+            self._violation(d, "shm.guard.validate", f"sent a payload [{d.payload_offset}, "
+                            f"+{d.payload_len}) beyond its slot's {rec._slot.capacity} bytes")
+            return None
+        return rec
 
     def _on_response(self, d: Descriptor) -> None:
-        fut = self._pending.pop(d.id, None)
         rec = self._take(d)
         if rec is None:
-            return
+            return  # (the call stays pending: the guest's death fails it, to be resubmitted)
+        fut = self._pending.pop(d.id, None)
         if fut is None or fut.done():  # cancelled here meanwhile, or a stray id
             rec.release()
             self.stats["responses_dropped"] += 1
@@ -432,12 +482,34 @@ class Connection:
 
     def _on_goodbye(self, d: Descriptor) -> None:
         rec = self._take(d)
+        if rec is None and self._violated is not None:
+            return
         reason = rec.tobytes().decode("utf-8", "replace") if rec is not None else "?"
-        self._finish(ConnectionClosedError(f"peer {self.peer} said goodbye: {reason}"))
+        end = ConnectionClosedError(f"peer {self.peer} said goodbye: {reason}")
+        if self._violation_fn is None:
+            self._finish(end)
+            return
+        # On the host the session ends with the guest's exit (its death path
+        # tells which call it was running): a guest that says goodbye
+        # leaves, and one that stays, holding its entry (and a worker's
+        # place), is killed after a grace period. spec: shm.guard.isolate
+        if self._leaving is None:
+            self._leaving = end
+            self._violation_fn("shm.goodbye.payload", f"said goodbye ({reason[:100]}) but did not leave",
+                               grace=GOODBYE_GRACE)
 
     def _violation(self, d: Descriptor, rule: str, what: str) -> None:
-        """Answer a broken rule with a Goodbye naming it, then close.
+        """Answer a broken rule with a Goodbye naming it, then close (on the
+        host: have the hub kill the guest; its death ends the session).
         spec: shm.goodbye.payload"""
+        if self._violation_fn is not None:
+            if self._violated is None:
+                self._violated = (rule, what)
+                self.stats["violations"] += 1
+                self._goodbye(f"{rule}: peer {self.peer} {what}")
+                # (its slots, this one's too, are reclaimed after its death)
+                self._violation_fn(rule, f"{what} (message {NAMES.get(d.msg_type, d.msg_type)})")
+            return
         if not d.is_inline and d.msg_type not in (HELLO, CREDIT):
             try:
                 Received(self.slots, d).release()
@@ -473,7 +545,21 @@ class Connection:
         self._finish(ConnectionClosedError(f"connection to peer {self.peer} closed: {reason}"))
 
     def broken(self, exc: BaseException) -> None:
-        """The peer died (or its entry was recovered): fail everything."""
+        """The peer died (or its entry was recovered): fail everything. A
+        protocol error found here on the host (a channel's corrupt credit)
+        is a violation: the guest is killed and its death ends the session."""
+        if self._violation_fn is not None:
+            if isinstance(exc, ProtocolError) and self._end is None:
+                if self._violated is None:
+                    self._violated = (exc.rule, str(exc))
+                    self.stats["violations"] += 1
+                    self._violation_fn(exc.rule, str(exc))
+                return
+            if self._violated is not None and isinstance(exc, PeerDeadError):
+                rule, what = self._violated
+                exc = GuestViolationError(rule, f"peer {self.peer} {what}; {exc}")
+            elif self._leaving is not None and isinstance(exc, PeerDeadError):
+                exc = self._leaving
         self._finish(exc)
 
     def _finish(self, exc: BaseException) -> None:

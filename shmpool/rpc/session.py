@@ -72,6 +72,7 @@ class HostSession:
         self.host = host
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         self.slots = SlotPool(host.segment, 0)
+        self.slots.on_corrupt = host.segment_corrupt  # spec: shm.guard.isolate
         self._pool = _HandlerPool(handler_threads, thread_name_prefix="shmpool-handler")
         self._conns: dict[int, Connection] = {}
         self._ended: dict[int, BaseException] = {}  # entry -> why its last connection ended
@@ -88,7 +89,9 @@ class HostSession:
                 conn = Connection(_HostTransport(host, peer_id), self.slots, host.segment,
                                   me=0, peer=peer_id, dispatcher=self.dispatcher, handlers=self._pool,
                                   poll=lambda spin: host.poll(peer_id, spin=spin),
-                                  expect=lambda: host.expect(peer_id))
+                                  expect=lambda: host.expect(peer_id),
+                                  violation=lambda rule, what, grace=0.0: host.violation(
+                                      peer_id, rule, what, grace=grace))
                 self._conns[peer_id] = conn
             return conn
 

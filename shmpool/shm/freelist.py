@@ -35,11 +35,22 @@ Invariants:
   value it read. That value was read while the operation was pending, and
   every later cycle of the slot carries a new generation, so a helper that
   stalls and wakes late can never change a later cycle's status.
+
+Guarding (the list is shared by every process, so garbage in it cannot be
+blamed on one): every head value and next-free link is checked before it
+is followed (a known operation, a top that names an existing slot, the
+status of a slot being popped Free or already claimed by that pop: a link
+into a cycle meets a slot in use), and
+every loop is bounded (CAS retries by RETRY_LIMIT, walks by the number of
+slots the class can have). A violation raises SegmentCorruptError naming
+what was found; the slot pool then refuses further use.
+spec: shm.guard.bounded
 """
 
 from __future__ import annotations
 
 from .. import _atomics, failpoints
+from ..errors import SegmentCorruptError
 from . import layout as L
 
 load_u32 = _atomics.load_u32
@@ -53,6 +64,10 @@ _TAG_SHIFT = L.HEAD_TAG_SHIFT
 _TAG_MASK = L.HEAD_TAG_MASK
 _OP_SHIFT = L.HEAD_OP_SHIFT
 _PEER_SHIFT = L.HEAD_PEER_SHIFT
+# Compare-exchange retries (lost races, helping) one operation may take.
+# Honest contention between a few hundred processes ends long before; a
+# head that keeps changing into states nobody can finish is garbage.
+RETRY_LIMIT = 1 << 20
 
 FP_POP_READ = failpoints.declare("varslot.pop.read-head", "head read, claim not yet attempted")
 FP_POP_CLAIMED = failpoints.declare("varslot.pop.claimed", "head claimed, slot meta not yet written")
@@ -73,17 +88,24 @@ class FreeList:
     """The free list of one class, as seen by one process (peer `me`).
 
     `meta(number)` maps a slot number to (buffer, offset of its SlotMeta);
-    it must resolve every slot that can be on the list.
+    it must resolve every slot that can be on the list, and raise
+    SegmentCorruptError for a number (read from the head or a link) that
+    names no slot.
     """
 
-    __slots__ = ("buf", "head", "me", "meta", "pops", "pushes", "helps", "cas_retries")
+    __slots__ = ("buf", "head", "me", "meta", "limit", "pops", "pushes", "helps", "cas_retries")
 
-    def __init__(self, buf, head_off: int, me: int, meta) -> None:
+    def __init__(self, buf, head_off: int, me: int, meta, limit: int = L.MAX_EXTENTS * L.MAX_SLOTS_PER_EXTENT) -> None:
         self.buf = buf
         self.head = head_off
         self.me = me
-        self.meta = meta
+        self.meta = meta  # raises SegmentCorruptError for a number that names no slot
+        self.limit = limit  # slots the class can ever have: bounds a walk of the list
         self.pops = self.pushes = self.helps = self.cas_retries = 0
+
+    def _corrupt(self, what: str) -> SegmentCorruptError:
+        return SegmentCorruptError(f"the free list at offset {self.head} {what}")
+
 
     # -- pop ------------------------------------------------------------------
 
@@ -91,9 +113,11 @@ class FreeList:
         """Take the first free slot: (slot number, generation), or None if
         the list is empty. spec: shm.varslot.allocation"""
         buf, head = self.buf, self.head
+        retries = 0  # (counted on the retry paths only: the fast path stays as it was)
         while True:
             h = load_u64(buf, head)
             if (h >> _OP_SHIFT) & 3:
+                retries = self._retry(retries, "pop")
                 self.help(h)
                 continue
             top = h & _TOP
@@ -105,12 +129,19 @@ class FreeList:
                 failpoints.hit(FP_POP_READ)
             if cas_u64(buf, head, h, claim) != h:
                 self.cas_retries += 1
+                retries = self._retry(retries, "pop")
                 continue
             if failpoints.ACTIVE:
                 failpoints.hit(FP_POP_CLAIMED)
             self._finish_pop(claim)
             self.pops += 1
             return top - 1, gen
+
+    def _retry(self, retries: int, what: str) -> int:
+        """spec: shm.guard.bounded -- one more retry of an operation."""
+        if retries >= RETRY_LIMIT:
+            raise self._corrupt(f"changed {RETRY_LIMIT} times under one {what} (never settles)")
+        return retries + 1
 
     def _finish_pop(self, h: int) -> None:
         top = h & _TOP
@@ -123,8 +154,12 @@ class FreeList:
             return  # completed by someone else; what we read may be newer
         # s0 was read while the claim was pending: FREE means the meta write
         # is still to do. spec: shm.varslot.allocation
+        claimed = (gen << 32) | (peer << 8) | L.ALLOCATED
         if (s0 & 0xFF) == L.FREE:
-            cas_u64(mbuf, moff, s0, (gen << 32) | (peer << 8) | L.ALLOCATED)
+            cas_u64(mbuf, moff, s0, claimed)
+        elif s0 != claimed:  # spec: shm.guard.validate -- a slot in use is on the list
+            raise self._corrupt(f"has slot {top - 1} on it with status {s0:#x}, neither Free "
+                                f"nor claimed by this pop ({claimed:#x})")
         if failpoints.ACTIVE:
             failpoints.hit(FP_POP_META)
         cas_u64(self.buf, self.head, h, (((gen + 1) & _TAG_MASK) << _TAG_SHIFT) | nxt)
@@ -145,9 +180,11 @@ class FreeList:
                 raise StatusMismatch(seen)
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_FREEING)
+        retries = 0
         while True:
             h = load_u64(buf, head)
             if (h >> _OP_SHIFT) & 3:
+                retries = self._retry(retries, "push")
                 self.help(h)
                 continue
             tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
@@ -156,6 +193,7 @@ class FreeList:
             if cas_u64(buf, head, h, linked) == h:
                 break
             self.cas_retries += 1
+            retries = self._retry(retries, "push")
         if failpoints.ACTIVE:
             failpoints.hit(FP_PUSH_LINKED)
         self._finish_push(linked)
@@ -184,14 +222,17 @@ class FreeList:
             self._finish_pop(h)
         elif op == L.OP_PUSH:
             self._finish_push(h)
+        else:  # spec: shm.guard.validate -- nobody could ever finish it
+            raise self._corrupt(f"holds head {h:#x}, whose pending operation is unknown")
 
     def settle(self) -> None:
         """Complete whatever operation is pending (used before reclaim)."""
-        while True:
+        for _ in range(RETRY_LIMIT):  # spec: shm.guard.bounded
             h = load_u64(self.buf, self.head)
             if not (h >> _OP_SHIFT) & 3:
                 return
             self.help(h)
+        raise self._corrupt(f"changed {RETRY_LIMIT} times while being settled")
 
     def length(self) -> int:
         """Slots on the list (walks it; exact only when nobody is changing it)."""
@@ -200,6 +241,8 @@ class FreeList:
         top = load_u64(self.buf, self.head) & _TOP
         while top:
             n += 1
+            if n > self.limit:  # spec: shm.guard.bounded
+                raise self._corrupt(f"is longer than the {self.limit} slots its class can have (a cycle)")
             mbuf, moff = self.meta(top - 1)
             top = load_u32(mbuf, moff + L.M_NEXT_FREE)
         return n

@@ -17,6 +17,11 @@ tmpfs returns the memory at once).
 A payload that can never fit (above the memory limit or the maximum payload
 size) fails at once with PayloadTooLargeError.
 
+Guarding: an entry's offset and size are checked before they are mapped
+or punched (page-aligned, beyond the fixed regions, at most the memory
+limit); garbage raises SegmentCorruptError (the table is shared by every
+guest). spec: shm.guard.validate
+
 Invariants: an entry's (offset, size) never changes once its offset is
 published; the status word follows the slot rules (generation, state,
 owner, dest) with the generation +1 per allocation; pages are punched only
@@ -29,7 +34,7 @@ from __future__ import annotations
 import time
 
 from .. import _atomics
-from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
+from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .layout import Slot
 from .wait import SLICE
@@ -42,6 +47,10 @@ def _ref(i: int) -> int:
     return L.pack_slot_ref(L.HUGE_CLASS, i, 0)
 
 
+def _name(state: int) -> str:
+    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
+
+
 class HugeExtents:
     """The huge-payload entries, as seen by one SlotPool."""
 
@@ -52,6 +61,27 @@ class HugeExtents:
         self.me = pool.me
         self._ph = pool.layout.pool_header_offset
         self._cache = L.huge_cache_limit(pool.config.memory_limit)
+
+    def _range(self, e: int) -> tuple[int, int]:
+        """(offset, size) of entry `e`, validated before anyone maps or
+        punches it. spec: shm.guard.validate"""
+        off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
+        if off % L.PAGE or off < self.lay.slot_region_offset or not 0 < sz <= self.pool.config.memory_limit:
+            raise SegmentCorruptError(f"huge-table entry at offset {e} describes [{off}, +{sz}), "
+                                      "not a range of huge extents")
+        return off, sz
+
+    def _map(self, e: int, populate: bool = True) -> tuple[memoryview, int, int]:
+        off, sz = self._range(e)
+        try:
+            return self.pool.segment.map_range(off, sz, populate), off, sz
+        except (SegmentError, ValueError, OSError) as err:
+            raise SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}") from None
+
+    def _punch(self, e: int) -> int:
+        view, off, sz = self._map(e, populate=False)
+        self.pool.segment.punch(off, sz)
+        return sz
 
     def _free_resident(self) -> int:
         total = 0
@@ -73,8 +103,7 @@ class HugeExtents:
             busy = L.pack_status(st >> 32, L.ALLOCATED, self.me)
             if cas_u64(self.buf, e + L.HE_STATUS, st, busy) != st:
                 continue
-            sz = load_u64(self.buf, e + L.HE_SIZE)
-            self.pool.segment.punch(load_u64(self.buf, e + L.HE_OFFSET), sz)
+            sz = self._punch(e)
             store_u64(self.buf, e + L.HE_RESIDENT, 0)
             store_u64(self.buf, e + L.HE_STATUS, st)
             released += sz
@@ -116,6 +145,7 @@ class HugeExtents:
             i, st, sz, off = best
             gen = ((st >> 32) + 1) & 0xFFFFFFFF or 1
             e = self.lay.huge_entry(i)
+            self._range(e)  # never fallocate or hand out a garbage range
             if cas_u64(buf, e + L.HE_STATUS, st, L.pack_status(gen, L.ALLOCATED, self.me)) != st:
                 continue
             if not load_u64(buf, e + L.HE_RESIDENT):
@@ -184,7 +214,7 @@ class HugeExtents:
         state, owner = st & 0xFF, (st >> 8) & 0xFF
         if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
             raise StaleSlotError(
-                f"free: huge extent {ref:#x} is {L.STATE_NAMES[state]} and owned by peer {owner}, "
+                f"free: huge extent {ref:#x} is {_name(state)} and owned by peer {owner}, "
                 f"not Allocated by peer {self.me} (double free?)"
             )
         self._release(e, st)
@@ -196,7 +226,7 @@ class HugeExtents:
         off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
         resident = load_u64(self.buf, e + L.HE_RESIDENT)
         if off and resident and not (keep and self._free_resident() + sz <= self._cache):
-            self.pool.segment.punch(off, sz)
+            self._punch(e)
             store_u64(self.buf, e + L.HE_RESIDENT, 0)
         if cas_u64(self.buf, e + L.HE_STATUS, st, L.pack_status(st >> 32, L.FREE)) != st:
             return False
@@ -216,16 +246,17 @@ class HugeExtents:
         e, st = self._status(ref, generation, "receive")
         if st & 0xFF != L.IN_FLIGHT or (st >> 16) & 0xFF != me:
             raise StaleSlotError(f"receive: huge extent {ref:#x} is not in flight to peer {me}")
+        _, sz = self._range(e)  # (before it is ours to free: garbage is the sender's)
         if cas_u64(self.buf, e + L.HE_STATUS, st, L.pack_status(generation, L.ALLOCATED, me)) != st:
             raise StaleSlotError(f"receive: huge extent {ref:#x} changed while being received")
-        return Slot(ref, generation, load_u64(self.buf, e + L.HE_SIZE))
+        return Slot(ref, generation, sz)
 
     def region(self, ref: int, generation: int) -> tuple[memoryview, int, int]:
         e, st = self._status(ref, generation, "view")
         if st & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
-            raise StaleSlotError(f"view: huge extent {ref:#x} is {L.STATE_NAMES[st & 0xFF]}")
-        off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
-        return self.pool.segment.map_range(off, sz), 0, sz
+            raise StaleSlotError(f"view: huge extent {ref:#x} is {_name(st & 0xFF)}")
+        view, _, sz = self._map(e)
+        return view, 0, sz
 
     # -- recovery and introspection ---------------------------------------------
 

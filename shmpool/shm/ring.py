@@ -19,6 +19,13 @@ Invariants:
   one, so the fast path does one shared load only when the cache says
   full/empty.
 - Loads and stores of head/tail go through `shmpool._atomics` only.
+- The index of the other end is validated at each load: it is in
+  [0, ring_size), and it only moves forward (a consumer's view of the
+  ring's depth never shrinks when it reloads head, a producer's view of
+  the entries in flight never grows when it reloads tail). Anything else
+  raises SegmentCorruptError: the other process wrote garbage (the host
+  kills that guest). The check is on the reload path only, a compare or
+  two. spec: shm.guard.validate
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from itertools import islice
 from typing import Iterable, NamedTuple
 
 from .. import _atomics
+from ..errors import SegmentCorruptError
 from . import layout as L
 from .doorbell import Doorbell
 from .wait import Waiter
@@ -164,10 +172,19 @@ class _RingEnd:
         for which, off in (("head", head_off), ("tail", tail_off)):
             value = load_u32(buf, off)
             if value >= size:  # a corrupt index would make us write outside the ring
-                raise ValueError(f"{which} index {value} of ring {name!r} is out of range 0..{size - 1}")
+                raise SegmentCorruptError(f"{which} index {value} of ring {name!r} is out of range 0..{size - 1}")
 
     def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
         raise NotImplementedError
+
+    def _bad_index(self, which: str, value: int, mine: int, seen: int) -> None:
+        """spec: shm.guard.validate -- raise for an impossible index of the
+        other end (out of range, or moved backwards)."""
+        if value >= self.size:
+            why = f"is out of range 0..{self.size - 1}"
+        else:
+            why = f"moved backwards (it was {seen}; this end's index is {mine})"
+        raise SegmentCorruptError(f"{which} index {value} of ring {self.name!r} {why}")
 
     def _wake_other(self, flags: int) -> None:
         # Slow path: the other side announced sleep. The word it sleeps on
@@ -206,14 +223,23 @@ class RingProducer(_RingEnd):
     def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
         return producer_bit, consumer_bit
 
+    def _reload_tail(self, head: int) -> int:
+        """Load the consumer's tail (acquire) and validate it: in range, and
+        the entries in flight ((head - tail) mod size) did not grow."""
+        t = load_u32(self.buf, self.tail_off)
+        mask = self.mask
+        if t > mask or (head - t) & mask > (head - self._tail_seen) & mask:
+            self._bad_index("tail", t, head, self._tail_seen)
+        self._tail_seen = t
+        return t
+
     def try_push(self, desc: Descriptor) -> bool:
         """Push one descriptor if there is room; False if the ring is full.
         spec: shm.ring.full"""
         head = self._head
         nxt = (head + 1) & self.mask
         if nxt == self._tail_seen:
-            self._tail_seen = load_u32(self.buf, self.tail_off)
-            if nxt == self._tail_seen:
+            if self._reload_tail(head) == nxt:
                 self.would_block += 1
                 return False
         buf = self.buf
@@ -235,7 +261,7 @@ class RingProducer(_RingEnd):
         past the ones pushed)."""
         buf, mask, base = self.buf, self.mask, self.desc_off
         head = start = self._head
-        tail = self._tail_seen = load_u32(buf, self.tail_off)
+        tail = self._reload_tail(head)
         room = (tail - head - 1) & mask
         n = 0
         for desc in islice(descs, room):
@@ -262,8 +288,7 @@ class RingProducer(_RingEnd):
         head = self._head
         nxt = (head + 1) & self.mask
         if nxt == self._tail_seen:
-            self._tail_seen = load_u32(self.buf, self.tail_off)
-            if nxt == self._tail_seen:
+            if self._reload_tail(head) == nxt:
                 self.would_block += 1
                 return None
         return self.desc_off + head * _DSIZE
@@ -325,10 +350,12 @@ class RingConsumer(_RingEnd):
         tail = self._tail
         if tail == self._head_seen:
             # spec: shm.ordering.ring-consume (acquire pairs with the release)
-            self._head_seen = load_u32(self.buf, self.head_off)
-            if tail == self._head_seen:
+            h = self._head_seen = load_u32(self.buf, self.head_off)
+            if tail == h:
                 self.would_block += 1
                 return None
+            if h > self.mask:  # (an empty ring: any in-range head is a forward move)
+                self._bad_index("head", h, tail, tail)
         buf = self.buf
         desc = _new_desc(Descriptor, _unpack_from(buf, self.desc_off + tail * _DSIZE))
         nxt = (tail + 1) & self.mask
@@ -347,10 +374,12 @@ class RingConsumer(_RingEnd):
         spec: shm.ring.reserve"""
         tail = self._tail
         if tail == self._head_seen:
-            self._head_seen = load_u32(self.buf, self.head_off)  # acquire
-            if tail == self._head_seen:
+            h = self._head_seen = load_u32(self.buf, self.head_off)  # acquire
+            if tail == h:
                 self.would_block += 1
                 return None
+            if h > self.mask:
+                self._bad_index("head", h, tail, tail)
         return self.desc_off + tail * _DSIZE
 
     def peek(self, timeout: float | None = None) -> int | None:
@@ -376,7 +405,10 @@ class RingConsumer(_RingEnd):
         once. spec: shm.ring.batch"""
         buf, mask, base = self.buf, self.mask, self.desc_off
         tail = start = self._tail
-        head = self._head_seen = load_u32(buf, self.head_off)
+        head = load_u32(buf, self.head_off)
+        if head > mask or (head - tail) & mask < (self._head_seen - tail) & mask:
+            self._bad_index("head", head, tail, self._head_seen)
+        self._head_seen = head
         out = []
         append = out.append
         while tail != head and len(out) < max_n:

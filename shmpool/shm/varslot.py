@@ -29,6 +29,15 @@ raises `StaleSlotError` and changes nothing. A view of a slot must not be
 used after the slot is freed (with SHMPOOL_DEBUG_SLOTS=1 freed slots are
 filled with 0xDB so that misuse shows). Growth of a class is serialised by
 its grow lock (a pid, taken over if that process is dead).
+
+Guarding: every slot reference, extent offset and status word read from
+the segment is checked before it is used (a reference names an existing
+slot, an extent lies inside the file beyond the fixed regions, a state is
+one of the four). A bad reference or status in a descriptor is a
+StaleSlotError (the sender's violation); garbage in the shared structures
+(free lists, class headers, huge table) raises SegmentCorruptError, after
+which this SlotPool is `broken`: it reports it once (`on_corrupt`),
+refuses to allocate and makes frees no-ops. spec: shm.guard.validate
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import time
 from dataclasses import dataclass
 
 from .. import _atomics, failpoints
-from ..errors import SlotExhaustedError, StaleSlotError
+from ..errors import SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .files import space_hint
 from .freelist import FreeList, StatusMismatch
@@ -60,6 +69,11 @@ FP_GROW_LINKING = failpoints.declare("varslot.grow.linking", "first slot of a ne
 
 def slot_number(extent: int, index: int) -> int:
     return (extent << L.SLOT_INDEX_BITS) | index
+
+
+def state_name(state: int) -> str:
+    """The name of a slot state; garbage is named, never an IndexError."""
+    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,8 @@ class _Class:
         self.data_off = L.extent_data_offset(self.cls)
         self.esize = L.extent_size(self.cls)
         self.extents: list[tuple[object, int] | None] = []  # mapped on first use
-        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self))
+        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self),
+                                 L.MAX_EXTENTS * self.cls.slots_per_extent)
 
 
 class SlotPool:
@@ -161,15 +176,43 @@ class SlotPool:
         self.allocs = self.frees = self.grows = self.fallbacks = self.waits = 0
         self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
         self._huge = HugeExtents(self)
+        self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
+        self.on_corrupt = None  # called once with that error (any thread; must not block)
+
+    def _corrupted(self, e: SegmentCorruptError) -> SegmentCorruptError:
+        """Record the first corruption found in a shared structure, report
+        it once, and return the error to raise. spec: shm.guard.isolate"""
+        if self.broken is None:
+            self.broken = e
+            cb = self.on_corrupt
+            if cb is not None:
+                try:
+                    cb(e)
+                except Exception:  # noqa: BLE001 - the report is best effort
+                    pass
+        return e
 
     # -- resolving slots ------------------------------------------------------
 
     def _meta_resolver(self, c: _Class):
         shift, mask = L.SLOT_INDEX_BITS, (1 << L.SLOT_INDEX_BITS) - 1
 
+        per, ext, hdr, size = c.cls.slots_per_extent, c.extents, L.EXTENT_HEADER_SIZE, L.SLOT_META_SIZE
+
         def meta(number: int) -> tuple[object, int]:
-            buf, base = self._extent(c, number >> shift)
-            return buf, base + L.EXTENT_HEADER_SIZE + (number & mask) * L.SLOT_META_SIZE
+            """For the free list: a slot number read from the segment,
+            validated (spec: shm.guard.validate)."""
+            i, e = number & mask, number >> shift
+            got = ext[e] if 0 <= e < len(ext) else None
+            if got is None or i >= per:
+                try:
+                    if i >= per or number < 0:
+                        raise StaleSlotError(f"index {i} is beyond the class's {per} slots per extent")
+                    got = self._extent(c, e)
+                except (StaleSlotError, SegmentError, ValueError) as err:
+                    raise SegmentCorruptError(f"the free list of class {c.index} leads to slot number "
+                                              f"{number}, which does not exist ({err})") from None
+            return got[0], got[1] + hdr + i * size
 
         return meta
 
@@ -183,7 +226,14 @@ class SlotPool:
         off = load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e)
         if off == 0:
             raise StaleSlotError(f"extent {e} of class {c.index} does not exist (bad slot reference)")
-        view = self.segment.map_range(off, c.esize)  # spec: shm.varslot.extents
+        if off < self.layout.slot_region_offset or off % L.PAGE:  # spec: shm.guard.validate
+            raise SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
+                                      "inside the fixed regions or not page-aligned")
+        try:  # (beyond the end of the file: mapping it would SIGBUS at the first touch)
+            view = self.segment.map_range(off, c.esize)  # spec: shm.varslot.extents
+        except (SegmentError, ValueError, OSError) as err:
+            raise SegmentCorruptError(f"extent {e} of class {c.index} at offset {off} "
+                                      f"cannot be mapped: {err}") from None
         while len(ext) <= e:
             ext.append(None)
         ext[e] = (view, 0)
@@ -210,22 +260,27 @@ class SlotPool:
         nothing is free now."""
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
+        if self.broken is not None:
+            raise self.broken
         ci = self.class_for(size)
-        if ci is None:
-            return self._huge.try_alloc(size)
-        c = self._classes[ci]
-        got = c.freelist.pop()
-        if got is None and self._grow(c):
+        try:
+            if ci is None:
+                return self._huge.try_alloc(size)
+            c = self._classes[ci]
             got = c.freelist.pop()
-        if got is None:
-            for k in range(ci + 1, len(self._classes)):  # fall back to larger slots
-                got = self._classes[k].freelist.pop()
-                if got is not None:
-                    c = self._classes[k]
-                    self.fallbacks += 1
-                    break
-            else:
-                return None
+            if got is None and self._grow(c):
+                got = c.freelist.pop()
+            if got is None:
+                for k in range(ci + 1, len(self._classes)):  # fall back to larger slots
+                    got = self._classes[k].freelist.pop()
+                    if got is not None:
+                        c = self._classes[k]
+                        self.fallbacks += 1
+                        break
+                else:
+                    return None
+        except SegmentCorruptError as e:
+            raise self._corrupted(e) from None
         number, gen = got
         self.allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
@@ -389,6 +444,8 @@ class SlotPool:
             return None
         c, number, mbuf, moff = self._locate(ref)
         s = load_u64(mbuf, moff)
+        if s & 0xFC:  # spec: shm.guard.validate -- a state beyond the four (0..3)
+            raise StaleSlotError(f"{what}: slot {ref:#x} has status {s:#x}, an unknown state")
         if s >> 32 != generation:
             raise StaleSlotError(
                 f"{what}: slot {ref:#x} has generation {s >> 32}, not {generation} "
@@ -401,6 +458,8 @@ class SlotPool:
         free raises StaleSlotError and changes nothing. spec: shm.varslot.freeing"""
         if generation is None:
             ref, generation = ref.ref, ref.generation
+        if self.broken is not None:
+            return  # the segment is abandoned: touch none of its lists
         got = self._status(ref, generation, "free")
         if got is None:
             return self._huge.free(ref, generation)
@@ -410,7 +469,7 @@ class SlotPool:
             raise StaleSlotError(f"free: slot {ref:#x} is already free (double free)")
         if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
             raise StaleSlotError(
-                f"free: slot {ref:#x} is {L.STATE_NAMES[state]} and owned by peer {owner}, "
+                f"free: slot {ref:#x} is {state_name(state)} and owned by peer {owner}, "
                 f"not by peer {self.me}; only its owner frees it"
             )
         self._push(c, number, s)
@@ -428,6 +487,8 @@ class SlotPool:
                 f"slot {number} of class {c.index} changed under the freer "
                 f"(status {e.found:#x}); freed twice concurrently?"
             ) from None
+        except SegmentCorruptError as e:
+            raise self._corrupted(e) from None
         self._wake(c.index)
 
     def _wake(self, ci: int) -> None:
@@ -485,7 +546,7 @@ class SlotPool:
         else:
             c, number, _, _, s = got
             if s & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
-                raise StaleSlotError(f"view: slot {ref:#x} is {L.STATE_NAMES[s & 0xFF]}")
+                raise StaleSlotError(f"view: slot {ref:#x} is {state_name(s & 0xFF)}")
             buf, base = self._extent(c, number >> L.SLOT_INDEX_BITS)
             cap = c.cls.slot_size
             start = base + c.data_off + (number & 0x3FFFF) * cap
@@ -510,6 +571,12 @@ class SlotPool:
         it. Returns how many. spec: shm.varslot.reclaim"""
         if peer_id == self.me:
             raise ValueError("a peer cannot reclaim its own slots")
+        try:
+            return self._reclaim(peer_id)
+        except SegmentCorruptError as e:
+            raise self._corrupted(e) from None
+
+    def _reclaim(self, peer_id: int) -> int:
         n = 0
         for c in self._classes:
             c.freelist.settle()  # finish the dead peer's half-done push or pop

@@ -1,0 +1,109 @@
+"""Tasks for tests/test_guard.py that misbehave from inside a worker.
+
+They run in a real shmpool worker process and reach that worker's mapped
+segment through its `_Worker` object (found with `gc`, as a buggy C
+extension would find the memory: nothing in shmpool hands it out). Each
+writes what it is told into shared memory; the host must survive it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import time
+
+from shmpool import _atomics as A
+from shmpool.shm import layout as L
+from shmpool.shm.ring import Descriptor
+
+
+def _worker():
+    from shmpool import worker as W
+
+    for o in gc.get_objects():
+        if type(o) is W._Worker:
+            return o
+    raise RuntimeError("not in a shmpool worker")
+
+
+def square(x: int) -> bytes:
+    """An honest task whose result travels in a slot (more than 32 bytes)."""
+    return (x * x).to_bytes(8, "little") * 8
+
+
+def expected(x: int) -> bytes:
+    return (x * x).to_bytes(8, "little") * 8
+
+
+def scribble_own(ops: list) -> str:
+    """Write garbage into this worker's own rings, descriptors, slot
+    headers, channel table and peer entry (each op is (kind, a, b, c))."""
+    w = _worker()
+    guest = w.guest
+    seg = guest.segment
+    buf, lay, me = seg.buf, seg.layout, guest.peer_id
+    entry = lay.peer_entry(me)
+    slots = w.session.slots
+    for kind, a, b, c in ops:
+        if kind == "index":  # a ring index word: g2h head, h2g tail (the ones the host reads)
+            A.store_u32(buf, entry + (L.P_G2H_HEAD, L.P_H2G_TAIL)[a % 2], b)
+        elif kind == "entry":  # state, epoch, sleep flags, guest word
+            A.store_u32(buf, entry + (L.P_STATE, L.P_EPOCH, L.P_SLEEP_FLAGS, L.P_GUEST_WORD)[a % 4], b)
+        elif kind == "channel":  # a word of its channel table
+            n = seg.config.max_channels * L.CHANNEL_ENTRY_SIZE // 4
+            A.store_u32(buf, lay.channel_table(me) + 4 * (a % n), b)
+        elif kind == "desc":  # a descriptor with garbage fields, published
+            rnd = random.Random(c)
+            # (ids above 2**31: the host's request ids are small counters, and a
+            # guest may always answer its own calls wrongly: that is not garbage)
+            desc = Descriptor(a % 12, rnd.getrandbits(8), rnd.getrandbits(31) | 1 << 31, rnd.getrandbits(64),
+                              b, rnd.getrandbits(32), rnd.getrandbits(32) >> rnd.randrange(33),
+                              rnd.getrandbits(32) >> rnd.randrange(33), rnd.randbytes(32))
+            guest.send(desc, 5.0)
+        elif kind == "slot":  # its own slot sent to the host, its header scribbled, described
+            slot = slots.alloc(64 + a % 4000)
+            slots.send(slot, to=0)
+            ci, e, i = L.unpack_slot_ref(slot.ref)
+            if ci != L.HUGE_CLASS:
+                c_ = slots._classes[ci]
+                mbuf, moff = c_.freelist.meta((e << L.SLOT_INDEX_BITS) | i)
+                A.store_u64(mbuf, moff + (0, 8)[c % 2], b & 0xFFFFFFFFFFFFFFFF)
+            guest.send(Descriptor.with_slot(2, c | 1 << 31, slot.ref, slot.generation, a % 5000), 5.0)
+    return "scribbled"
+
+
+def regions(seg) -> list[tuple[int, int]]:
+    """(start, length) of each kind of structure in the segment: header,
+    peer table, every guest's rings and channel table, class headers with
+    the pool header and huge table, each class's first extent header and
+    slot metas, and the whole initial file."""
+    lay, cfg = seg.layout, seg.config
+    out = [(0, L.HEADER_SIZE if hasattr(L, "HEADER_SIZE") else 128),
+           (lay.peer_table_offset, L.PEER_ENTRY_SIZE * cfg.max_guests)]
+    for g in range(1, cfg.max_guests + 1):
+        out.append((lay.g2h_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((lay.h2g_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((lay.channel_table(g), L.CHANNEL_ENTRY_SIZE * cfg.max_channels))
+    out.append((lay.slot_region_offset, lay.huge_entry(L.MAX_HUGE - 1) + L.HUGE_ENTRY_SIZE - lay.slot_region_offset))
+    for off, c in zip(lay.extent_offsets, cfg.size_classes):
+        out.append((off, L.EXTENT_HEADER_SIZE + L.SLOT_META_SIZE * c.slots_per_extent))
+    out.append((0, len(seg.buf)))
+    return out
+
+
+def scribble_anywhere(seed: int, writes: int, delay: float = 0.0) -> str:
+    """Write random bytes at random places of the segment as this worker
+    maps it, each into a structure picked at random (regions())."""
+    time.sleep(delay)
+    w = _worker()
+    seg = w.guest.segment
+    buf = seg.buf
+    rnd = random.Random(seed)
+    where = regions(seg)
+    for _ in range(writes):
+        start, length = rnd.choice(where)
+        n = rnd.choice((1, 2, 4, 8))
+        off = start + rnd.randrange(0, max(1, length - n))
+        buf[off:off + n] = rnd.randbytes(n)
+    return f"scribbled {writes} in pid {os.getpid()}"
