@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-import time
 
 from shmpool import _atomics as A
 from shmpool.shm import layout as L
@@ -73,37 +72,45 @@ def scribble_own(ops: list) -> str:
     return "scribbled"
 
 
-def regions(seg) -> list[tuple[int, int]]:
-    """(start, length) of each kind of structure in the segment: header,
-    peer table, every guest's rings and channel table, class headers with
-    the pool header and huge table, each class's first extent header and
-    slot metas, and the whole initial file."""
-    lay, cfg = seg.layout, seg.config
-    out = [(0, L.HEADER_SIZE if hasattr(L, "HEADER_SIZE") else 128),
-           (lay.peer_table_offset, L.PEER_ENTRY_SIZE * cfg.max_guests)]
+def regions(seg) -> list[tuple[memoryview, int, int]]:
+    """(view, start, length) of each kind of structure in the segment:
+    header, peer table, every guest's rings and channel table, class
+    headers with the pool header and huge table, the header and slot metas
+    of each extent the classes have grown so far (mapped on their own), and
+    the whole control region."""
+    lay, cfg, buf = seg.layout, seg.config, seg.buf
+    out = [(buf, 0, L.HEADER_SIZE), (buf, lay.peer_table_offset, L.PEER_ENTRY_SIZE * cfg.max_guests)]
     for g in range(1, cfg.max_guests + 1):
-        out.append((lay.g2h_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
-        out.append((lay.h2g_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
-        out.append((lay.channel_table(g), L.CHANNEL_ENTRY_SIZE * cfg.max_channels))
-    out.append((lay.slot_region_offset, lay.huge_entry(L.MAX_HUGE - 1) + L.HUGE_ENTRY_SIZE - lay.slot_region_offset))
-    for off, c in zip(lay.extent_offsets, cfg.size_classes):
-        out.append((off, L.EXTENT_HEADER_SIZE + L.SLOT_META_SIZE * c.slots_per_extent))
-    out.append((0, len(seg.buf)))
+        out.append((buf, lay.g2h_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((buf, lay.h2g_ring(g), L.DESCRIPTOR_SIZE * cfg.ring_size))
+        out.append((buf, lay.channel_table(g), L.CHANNEL_ENTRY_SIZE * cfg.max_channels))
+    out.append((buf, lay.slot_region_offset,
+                lay.huge_entry(L.MAX_HUGE - 1) + L.HUGE_ENTRY_SIZE - lay.slot_region_offset))
+    for ci, c in enumerate(cfg.size_classes):
+        for e in range(L.MAX_EXTENTS):
+            off = A.load_u64(buf, lay.class_header(ci) + L.C_EXTENT_OFFSETS + 8 * e)
+            if off == 0:
+                break
+            view = seg.map_range(off, L.extent_size(c))
+            out.append((view, 0, L.EXTENT_HEADER_SIZE + L.SLOT_META_SIZE * c.slots_per_extent))
+    out.append((buf, 0, len(buf)))
     return out
 
 
-def scribble_anywhere(seed: int, writes: int, delay: float = 0.0) -> str:
+def scribble_anywhere(seed: int, writes: int, mark: str | None = None) -> str:
     """Write random bytes at random places of the segment as this worker
-    maps it, each into a structure picked at random (regions())."""
-    time.sleep(delay)
+    maps it, each into a structure picked at random (regions()). `mark`:
+    a file written first, so the test knows the scribbling began."""
     w = _worker()
     seg = w.guest.segment
-    buf = seg.buf
     rnd = random.Random(seed)
     where = regions(seg)
+    if mark is not None:
+        with open(mark, "w") as f:
+            f.write(f"{len(where)} regions\n")
     for _ in range(writes):
-        start, length = rnd.choice(where)
+        view, start, length = rnd.choice(where)
         n = rnd.choice((1, 2, 4, 8))
         off = start + rnd.randrange(0, max(1, length - n))
-        buf[off:off + n] = rnd.randbytes(n)
+        view[off:off + n] = rnd.randbytes(n)
     return f"scribbled {writes} in pid {os.getpid()}"

@@ -133,14 +133,15 @@ def test_a_cycle_in_a_free_list_ends_the_walk():
     with Segment.create(SMALL) as seg:
         pool = SlotPool(seg, 0)
         c = pool._classes[0]
-        mbuf, moff = c.freelist.meta(3)
-        A.store_u32(mbuf, moff + L.M_NEXT_FREE, 1)  # slot 3 -> slot 0: a cycle
+        head = pool.alloc(10, timeout=0)  # (grows the class's first extent)
+        pool.free(head)  # now the head of the list
+        n = head.ref & 0x3FFFF
+        mbuf, moff = c.freelist.meta(n)
+        A.store_u32(mbuf, moff + L.M_NEXT_FREE, n + 1)  # the head -> itself: a cycle
         with pytest.raises(SegmentCorruptError, match="cycle"):
             c.freelist.length()
-        mbuf, moff = c.freelist.meta(0)
-        A.store_u32(mbuf, moff + L.M_NEXT_FREE, 1)  # slot 0 -> itself
-        assert pool.alloc(10, timeout=0).ref & 0x3FFFF == 0
-        with pytest.raises(SegmentCorruptError, match="neither Free"):  # slot 0 again: in use
+        assert pool.alloc(10, timeout=0).ref & 0x3FFFF == n
+        with pytest.raises(SegmentCorruptError, match="neither Free"):  # the same slot again: in use
             pool.alloc(10, timeout=0)
 
 
@@ -277,7 +278,7 @@ ex = ShmExecutor(3, max_retries=1)
 try:
     list(ex.map(G.square, range(6)))
     futs = [ex.submit(G.square, i) for i in range(10)]
-    futs.append(ex.submit(G.scribble_anywhere, seed, 48))
+    futs.append(ex.submit(G.scribble_anywhere, seed, 48, sys.argv[3]))
     futs += [ex.submit(G.square, i) for i in range(10, 40)]
     done, not_done = wait(futs, timeout=90)
     ended["hung"] = len(not_done)
@@ -305,7 +306,8 @@ def test_scribbling_anywhere_never_crashes_or_hangs_the_host(seed, tmp_path):
     script = tmp_path / "host.py"
     script.write_text(HOST)
     tests = str(Path(__file__).resolve().parent)
-    p = subprocess.Popen([sys.executable, str(script), str(seed), tests], stdout=subprocess.PIPE,
+    mark = tmp_path / "scribbling"
+    p = subprocess.Popen([sys.executable, str(script), str(seed), tests, str(mark)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=240)
@@ -315,6 +317,7 @@ def test_scribbling_anywhere_never_crashes_or_hangs_the_host(seed, tmp_path):
         pytest.fail(f"the host hung (seed {seed}); stderr tail:\n{err[-3000:]}")
     assert p.returncode == 0, f"host ended with {p.returncode} (seed {seed}):\n{err[-3000:]}"
     ended = json.loads(out.strip().splitlines()[-1])
+    assert mark.exists(), f"the scribbling task never began: {ended}"
     assert ended["hung"] == 0, ended
     assert ended["ok"] + sum(ended["errors"].values()) == 41
     # A broken pool says why: the segment cannot be trusted. (Other errors
@@ -347,6 +350,7 @@ def test_a_guest_that_says_goodbye_but_stays_is_killed_after_the_grace():
 
 
 @pytest.mark.spec("shm.guard.isolate")
+@pytest.mark.named_segment  # (the guest attaches by path)
 def test_a_violator_the_host_did_not_start_is_not_killed():
     from hub_peer import Hub
 
