@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import pickle
 import struct
 import sys
@@ -97,6 +98,11 @@ def chunk_threshold(config) -> int:
     more than that of the segment (the others' traffic goes on meanwhile).
     spec: exec.chunked"""
     return config.memory_limit // 8
+
+
+# Transfer ids of this process's chunked payloads (next() is atomic); the
+# receiver files each under its id. One counter per process, both sides.
+transfer_ids = itertools.count(1)
 
 
 def marker(tid: int, total: int) -> bytes:
