@@ -67,6 +67,7 @@ from ._tasks import _Task, _TaskFuture, _Worker
 from .worker import CHUNK, MAP, SINGLE
 
 MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
+CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
 class Core(Dispatching, Answering):
@@ -341,10 +342,17 @@ class Core(Dispatching, Answering):
             log.close()
         with self.lock:
             timers, self._timers = self._timers, []
+            # A stream thread waits for credit as long as its worker lives
+            # (one busy in a long task grants none): its channel is given
+            # up first, so it ends within a wait slice. spec: exec.close-streams (No new one starts:
+            # `_start_timer` checks `_closed`.)
+            for w in self.workers.values():
+                if w.tx is not None:
+                    w.tx.abandon("the pool is closing")
         for t in timers:
             t.cancel()
             if t is not threading.current_thread():
-                t.join()
+                t.join(CLOSE_JOIN)  # (a bound all the same: teardown must come)
         self._teardown()
 
     def _teardown(self) -> None:

@@ -300,6 +300,13 @@ class Tx(_End):
         again (send raises). spec: shm.channel.reset spec: shm.flow.reset"""
         self._terminal(RESET)
 
+    def abandon(self, reason: str) -> None:
+        """Give this end up without a word to the peer (its owner is
+        closing the connection): every send, one waiting for credit or a
+        slot included, raises ChannelBroken at its next check, within a
+        wait slice. Takes no lock: safe while a sender holds it."""
+        self._break(ConnectionError(reason))
+
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
                 "credit_waits": self.credit_waits, "max_in_flight": self.max_in_flight,
