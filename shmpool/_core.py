@@ -35,8 +35,12 @@ Data flow:
 Invariants: every task's future completes exactly once, and a broken pool
 fails every task it has; a task runs at most 1 + max_retries times; each
 worker holds at most its window of tasks, clamped to what its ring can
-take (`ring_window`), so its ring does not fill and a crash loses little
-(and every send under the lock is a try-send all the same); at most max_workers workers exist; the function cache
+take beside a chunked stream's share of it (`ring_window`,
+`stream_pieces`), so its ring does not fill and a crash loses little; every
+send under the lock is a try-send all the same, and never waits for
+another sender (the hub's per-guest send lock is held for a push only, and
+a try-send that finds it taken counts the ring as full); at most
+max_workers workers exist; the function cache
 holds no callable alive and each worker holds at most FUNCTION_CACHE
 functions; once closed, the core holds neither initargs nor functions;
 nothing here blocks the driver thread (slot allocation there never waits).
@@ -87,10 +91,13 @@ class Core(Dispatching, Answering):
         self.adaptive = max_inflight is None
         if config is None:
             config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
-        # spec: exec.window-ring -- a worker's window never holds more tasks
-        # than its host->guest ring can take with a `define` for each, so a
-        # send to a worker with room does not find its ring full.
-        self.ring_window = max(1, (config.ring_size - 1) // 2)
+        # spec: exec.window-ring -- a chunked transfer to a worker has at
+        # most a quarter of its host->guest ring in flight (`stream_pieces`),
+        # and its window never holds more tasks than the rest can take with
+        # a `define` for each, so a send to a worker with room does not find
+        # its ring full, a stream under way or not.
+        self.stream_pieces = max(1, config.ring_size // 4)
+        self.ring_window = max(1, (config.ring_size - 1 - self.stream_pieces) // 2)
         self.max_inflight = min(max_inflight or 2, self.ring_window)
         self.max_tasks = max_tasks_per_child
         self.name = name

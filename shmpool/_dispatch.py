@@ -25,9 +25,10 @@ Invariants: everything here runs with the core's lock held and never
 waits (slot allocation has no timeout: a batch or a `define` that finds
 no slot goes back to the head of the queue, and is retried on the next
 answer or, if none is coming, by a timer; a single task streams instead;
-every send is a try-send for the same reason: a worker's window is clamped
-to what its ring holds, spec: exec.window-ring, and should the ring be
-full all the same, the tasks go back to the queue, the other workers are
+every send is a try-send for the same reason, and one that finds another
+thread pushing to that worker counts its ring as full instead of waiting:
+a worker's window is clamped to what its ring holds beside a stream's
+share of it, spec: exec.window-ring, and should the ring be full all the same, the tasks go back to the queue, the other workers are
 tried, and one timer tries again); a task that could not be sent is back
 in the queue exactly once (a connection's end that took its expected
 answer requeues it itself); a batch never carries a task with out-of-band
@@ -321,7 +322,7 @@ class Dispatching:
 
         def stream() -> None:
             try:
-                tx.send_transfer(tid, chunked.parts, chunked.total)
+                tx.send_transfer(tid, chunked.parts, chunked.total, max_pieces=self.stream_pieces)
             except (ChannelBroken, ConnectionClosedError, PeerDeadError):
                 pass  # the connection ended (or close broke the channel): its end requeues the task
             except (ChannelClosed, ChannelReset) as e:

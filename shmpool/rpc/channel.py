@@ -203,7 +203,7 @@ class Tx(_End):
         in_flight = self.table.initial_credit - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
-    def send_transfer(self, tid: int, parts, total: int) -> None:
+    def send_transfer(self, tid: int, parts, total: int, *, max_pieces: int | None = None) -> None:
         """Stream one transfer (see the module docstring): `parts` are
         bytes-like objects of `total` bytes in all, sent as one message in
         pieces of at most TRANSFER_PIECE bytes, each waiting for credit (as
@@ -211,25 +211,40 @@ class Tx(_End):
         (then SlotExhaustedError: the caller may `abort_transfer`). A
         guest's handler that sends one pumps meanwhile (to see the host's
         end): it holds the requests routed then (`Connection.hold_requests`).
+        `max_pieces`: at most that many full pieces' bytes in flight (not
+        yet routed by the receiver), whatever the credit: the pieces share
+        the pair's ring with the requests, which must find room beside them.
         spec: shm.session.chunked"""
-        views = [memoryview(TRANSFER_HEAD.pack(tid, total))]
+        views = []
+        small = bytearray(TRANSFER_HEAD.pack(tid, total))  # (small parts are joined: one piece, not one each)
         for p in parts:
             v = p if isinstance(p, memoryview) else memoryview(p)
             if v.ndim != 1 or v.itemsize != 1:
                 v = v.cast("B")
-            if v.nbytes:
+            if v.nbytes >= TRANSFER_PIECE:
+                if small:
+                    views.append(memoryview(small))
+                    small = bytearray()
                 views.append(v)
+            elif v.nbytes:
+                small += v
+        if small:
+            views.append(memoryview(small))
         if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
             raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
                              f"bytes, not {total}")
-        self._stream(views)
+        self._stream(views, max_pieces=max_pieces)
         self.bytes += total
 
-    def _stream(self, views: list, piece: int = TRANSFER_PIECE) -> None:
-        """Send `views` as one message, in pieces of at most `piece` bytes."""
+    def _stream(self, views: list, piece: int = TRANSFER_PIECE, max_pieces: int | None = None) -> None:
+        """Send `views` as one message, in pieces of at most `piece` bytes
+        (at most `max_pieces` pieces' bytes in flight)."""
+        credit = self.table.initial_credit
+        piece = max(1, min(piece, credit))
+        reserve = 0 if max_pieces is None else max(0, credit - max(1, max_pieces) * piece)
         with self._lock:
             self._check()
-            stream(self, views, max(1, min(piece, self.table.initial_credit)))
+            stream(self, views, piece, reserve)
             self.messages += 1
 
     def abort_transfer(self, tid: int, reason: str) -> None:

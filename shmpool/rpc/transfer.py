@@ -103,9 +103,10 @@ class Collector:
             f"transfer {tid} on channel {self.cid} failed: {failed}")
 
 
-def stream(tx, views: list, piece: int) -> None:
+def stream(tx, views: list, piece: int, reserve: int = 0) -> None:
     """Send `views` on `tx` (its lock held) as one message, in pieces of at
-    most `piece` bytes, each after its credit. If it fails midway, the
+    most `piece` bytes, each after its credit (and `reserve` bytes more of
+    it: what this message may not have in flight). If it fails midway, the
     message is ended with an empty piece (inline: no slot, no credit), so
     the receiver fails this transfer alone, short of the bytes its head
     announced, and the channel goes on."""
@@ -115,7 +116,7 @@ def stream(tx, views: list, piece: int) -> None:
             n, off = v.nbytes, 0
             while off < n:
                 k = min(piece, n - off)
-                tx._wait_credit(k, None)
+                tx._wait_credit(k + reserve, None)
                 tx._publish(v[off : off + k], i < last or off + k < n)
                 sent = True
                 off += k
