@@ -54,6 +54,11 @@ class Answering:
         if exc is None:
             self._answers.append((task, w, received, end))
             return
+        if w.conn.table.transfers:
+            # A result cut short was filed failed, then answered with this
+            # error: nobody takes it. (The worker answers in order: any
+            # failed transfer of its filed before this answer is done with.)
+            w.conn.table.drop_failed_transfers()
         with self.lock:
             if not self._answered(task, w, exc, end):
                 return

@@ -132,6 +132,7 @@ class _Worker:
         self.pins: list = []
         self.conn.table.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
         self.tx = None  # the channel chunked results stream over (opened on first use)
+        self.abandoned: set[int] = set()  # transfers whose wait was interrupted (dropped when they come)
         self.chunk_above = chunk_threshold(guest.segment.config)
         self.done = 0
         self.max_tasks: int | None = None
@@ -301,9 +302,18 @@ class _Worker:
         meanwhile wait for this one. Bounded by the host's life: its end
         ends the wait."""
         table, conn = self.conn.table, self.conn
+        for old in [t for t in self.abandoned if t in table.transfers]:
+            self.abandoned.discard(old)  # (interrupted before it arrived: nobody takes it)
+            table.transfers.pop(old, None)
         conn.hold_requests += 1
         try:
             conn.wait_until(lambda: tid in table.transfers or conn.end_reason is not None, None)
+        except BaseException:
+            # Interrupted (an exit, a Ctrl-C): its bytes must not stay behind,
+            # now or when they arrive later.
+            if table.transfers.pop(tid, None) is None:
+                self.abandoned.add(tid)
+            raise
         finally:
             conn.hold_requests -= 1
         got = table.take_transfer(tid)

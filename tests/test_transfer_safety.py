@@ -128,3 +128,24 @@ def test_a_stream_to_a_busy_worker_leaves_room_in_its_ring_for_requests(tmp_path
         assert big.result(timeout=120) == 48 * MIB
         assert [f.result(timeout=60) for f in small] == list(range(5))
 
+
+def big_result(n: int) -> bytes:
+    return bytes(n)
+
+
+@pytest.mark.spec("exec.chunked")
+def test_a_result_transfer_of_a_worker_killed_before_its_answer_is_not_kept(monkeypatch):
+    """The worker streams a big result (collected by the host's driver as
+    it arrives), then is SIGKILLed before it answers: the collected bytes
+    were kept in the dead connection's table (until its peer id was
+    reused, or for good). Its end drops them."""
+    monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.after-result-alloc=kill@2")
+    cfg = SegmentConfig(max_guests=1, memory_limit=64 * MIB)  # (chunked above 8 MiB)
+    with ShmExecutor(1, segment_config=cfg, max_retries=0) as ex:
+        assert ex.submit(ident, 1).result(timeout=60) == 1
+        conn = next(iter(ex._core.workers.values())).conn
+        fut = ex.submit(big_result, 24 * MIB)
+        with pytest.raises(Exception):
+            fut.result(timeout=120)
+        wait_for(lambda: conn.closed, "the dead worker's connection ended")
+        assert not conn.table.transfers, {k: type(v).__name__ for k, v in conn.table.transfers.items()}

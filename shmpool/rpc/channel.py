@@ -194,6 +194,9 @@ class Tx(_End):
                                           flags=F_MORE if more else 0, timeout=SLICE)
                 break
             except SlotExhaustedError:
+                # Pump meanwhile (a guest; nothing on the host): the peer's
+                # pieces routed now free the slots they hold in our rings.
+                self.conn.poll_incoming()
                 self._check()
                 if time.monotonic() >= deadline:
                     raise
@@ -499,6 +502,14 @@ class ChannelTable:
             raise got
         return got
 
+    def drop_failed_transfers(self) -> int:
+        """Forget the failed transfers nobody will take (a peer's message
+        that was cut short, then answered with an error); how many."""
+        failed = [tid for tid, got in list(self.transfers.items()) if isinstance(got, TransferFailed)]
+        for tid in failed:
+            self.transfers.pop(tid, None)
+        return len(failed)
+
     def _entry(self, cid: int) -> int:
         return self.base + cid * L.CHANNEL_ENTRY_SIZE
 
@@ -605,6 +616,9 @@ class ChannelTable:
             ends = list(self._ends.values())
             self._ends.clear()
             self._outbox.clear()
+        # Nothing takes a transfer of an ended connection (they can be big):
+        # a waiting taker sees the end instead.
+        self.transfers.clear()
         for end in ends:
             end._break(exc)
             if isinstance(end, Tx):
