@@ -116,6 +116,10 @@ class Core(Dispatching, Answering):
         self.live = 0  # tasks submitted and not yet completed
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.pins: list = []
+        # Shared memory held by results kept zero-copy, in all and by size
+        # class: written under the lock only, by `_sweep_pins` (the pin budget).
+        self.pinned_bytes = 0
+        self.pinned_by_class: dict = {}  # (never changed in place: replaced)
         self._answers: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
         self.stats = collections.Counter(dict.fromkeys((
             "submitted", "dispatched", "completed", "failed", "retries", "requeued",
