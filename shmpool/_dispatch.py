@@ -22,9 +22,10 @@ inline marker; its bytes follow on the worker's chunk channel (`_Worker.tx`)
 from a thread of their own (kept with the timers, joined at close).
 
 Invariants: everything here runs with the core's lock held and never
-waits (slot allocation has no timeout: a batch or a `define` that finds
-no slot goes back to the head of the queue, and is retried on the next
-answer or, if none is coming, by a timer; a single task streams instead;
+waits (slot allocation has no timeout: a single task or a `define` that
+finds no slot streams instead (spec: exec.chunked-define), a batch that
+finds none sends its head alone and puts the rest back at the head of the
+queue, for the next answer;
 every send is a try-send for the same reason, and one that finds another
 thread pushing to that worker counts its ring as full instead of waiting:
 a worker's window is clamped to what its ring holds beside a stream's
@@ -194,6 +195,12 @@ class Dispatching:
         except SlotExhaustedError:
             self._sweep_pins()
             self.stats["slot_waits"] += 1
+            if batched:
+                # No slot for the batch: its head goes alone (a single task
+                # streams when no slot takes it), the rest wait for its
+                # answer. Never a retry loop on slots that may not come.
+                back = self._send(batch[:1], w)
+                return batch if back else batch[1:]
             if not any(x.inflight for x in self.workers.values()):
                 # No completion will come to retry this: the slots are held
                 # by results the caller keeps. Look again shortly.
