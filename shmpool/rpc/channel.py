@@ -50,7 +50,7 @@ from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
 from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
-from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, drop_failed, stream, transfer_views
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -218,24 +218,7 @@ class Tx(_End):
         yet routed by the receiver), whatever the credit: the pieces share
         the pair's ring with the requests, which must find room beside them.
         spec: shm.session.chunked"""
-        views = []
-        small = bytearray(TRANSFER_HEAD.pack(tid, total))  # (small parts are joined: one piece, not one each)
-        for p in parts:
-            v = p if isinstance(p, memoryview) else memoryview(p)
-            if v.ndim != 1 or v.itemsize != 1:
-                v = v.cast("B")
-            if v.nbytes >= TRANSFER_PIECE:
-                if small:
-                    views.append(memoryview(small))
-                    small = bytearray()
-                views.append(v)
-            elif v.nbytes:
-                small += v
-        if small:
-            views.append(memoryview(small))
-        if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
-            raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
-                             f"bytes, not {total}")
+        views = transfer_views(tid, parts, total)
         self._stream(views, max_pieces=max_pieces)
         self.bytes += total
 
@@ -504,11 +487,8 @@ class ChannelTable:
 
     def drop_failed_transfers(self) -> int:
         """Forget the failed transfers nobody will take (a peer's message
-        that was cut short, then answered with an error); how many."""
-        failed = [tid for tid, got in list(self.transfers.items()) if isinstance(got, TransferFailed)]
-        for tid in failed:
-            self.transfers.pop(tid, None)
-        return len(failed)
+        cut short, then answered with an error); how many."""
+        return drop_failed(self.transfers)
 
     def _entry(self, cid: int) -> int:
         return self.base + cid * L.CHANNEL_ENTRY_SIZE

@@ -127,3 +127,36 @@ def stream(tx, views: list, piece: int, reserve: int = 0) -> None:
             except Exception:  # noqa: BLE001 - the channel is gone with its receiver
                 pass
         raise
+
+
+def transfer_views(tid: int, parts, total: int) -> list:
+    """A transfer's message as views: its head, then `parts` (bytes-like,
+    `total` bytes in all), the small ones joined (one piece, not one
+    descriptor each: the pieces in flight are counted in bytes)."""
+    views = []
+    small = bytearray(TRANSFER_HEAD.pack(tid, total))
+    for p in parts:
+        v = p if isinstance(p, memoryview) else memoryview(p)
+        if v.ndim != 1 or v.itemsize != 1:
+            v = v.cast("B")
+        if v.nbytes >= TRANSFER_PIECE:
+            if small:
+                views.append(memoryview(small))
+                small = bytearray()
+            views.append(v)
+        elif v.nbytes:
+            small += v
+    if small:
+        views.append(memoryview(small))
+    if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
+        raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
+                         f"bytes, not {total}")
+    return views
+
+
+def drop_failed(transfers: dict) -> int:
+    """Drop the failed transfers filed in `transfers`; how many."""
+    failed = [tid for tid, got in list(transfers.items()) if isinstance(got, TransferFailed)]
+    for tid in failed:
+        transfers.pop(tid, None)
+    return len(failed)
