@@ -54,6 +54,11 @@ class Answering:
         if exc is None:
             self._answers.append((task, w, received, end))
             return
+        if w.conn.table.transfers:
+            # A result cut short was filed failed, then answered with this
+            # error: nobody takes it. (The worker answers in order: any
+            # failed transfer of its filed before this answer is done with.)
+            w.conn.table.drop_failed_transfers()
         with self.lock:
             if not self._answered(task, w, exc, end):
                 return
@@ -103,46 +108,42 @@ class Answering:
         items = task = w = received = None
         done: list = []  # (task, failed)
         keep = []
+        held: dict = {}  # size class -> bytes pinned by this delivery (the lock's counts are _sweep_pins')
         for task, w, received, end in ready:
             try:
                 if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
                     result, pin = read(received, transfers=w.conn.table.take_transfer)
                 else:
-                    result, pin = read(received, copy=not self._may_pin(received))
+                    result, pin = read(received, copy=not self._may_pin(received, held))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 self._complete(task, error=_result_unpickling(task, e), done=done)
             else:
                 if not pin.release_if_unused():
                     keep.append(pin)  # (appended under the lock: _send rebuilds the list)
-                    # (estimates until _settle's sweep recounts: racy with another delivering thread)
-                    self.pinned_bytes += pin.size
-                    self.pinned_by_class = {**self.pinned_by_class,
-                                            pin.cls: self.pinned_by_class.get(pin.cls, 0) + pin.size}
+                    held[pin.cls] = held.get(pin.cls, 0) + pin.size
                 self._deliver(task, w, result, done)
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
         self._settle(done, keep)
 
-    # Shared memory held by results kept zero-copy (recounted by _sweep_pins).
-    pinned_bytes = 0
-    pinned_by_class: dict = {}  # (never changed in place: replaced)
-
-    def _may_pin(self, received) -> bool:
+    def _may_pin(self, received, held: dict) -> bool:
         """Keep this result zero-copy (its slot pinned while the caller uses
         it)? Only from COPY_BELOW bytes up, and while the pinned bytes stay
         within `pin_fraction` of the memory limit and of the slot's size
         class (a class full of kept results would leave the workers no slot
         of that size). Otherwise the receiver copies and the slot is free at
-        once: a kept result never blocks the pool. spec: exec.pin-budget"""
+        once: a kept result never blocks the pool. `held`: what this
+        delivery pinned so far, by class (the core's counts, set under its
+        lock by `_sweep_pins`, do not have it yet). spec: exec.pin-budget"""
         if received.nbytes < COPY_BELOW:
             return False
         total, per_class = _pin_limits(self.slots.config)
         size = received.capacity
-        if self.pinned_bytes + size > total:
+        if self.pinned_bytes + sum(held.values()) + size > total:
             return False
-        ci = received.descriptor.slot_ref >> 28
+        ci = L.slot_class(received.descriptor.slot_ref)
         cap = per_class.get(ci)
-        return cap is None or self.pinned_by_class.get(ci, 0) + size <= cap
+        return cap is None or self.pinned_by_class.get(ci, 0) + held.get(ci, 0) + size <= cap
 
     def _settle(self, done: list, keep) -> None:
         """Under the lock once: finish the delivered tasks, keep the pins of

@@ -35,8 +35,12 @@ Data flow:
 Invariants: every task's future completes exactly once, and a broken pool
 fails every task it has; a task runs at most 1 + max_retries times; each
 worker holds at most its window of tasks, clamped to what its ring can
-take (`ring_window`), so its ring does not fill and a crash loses little
-(and every send under the lock is a try-send all the same); at most max_workers workers exist; the function cache
+take beside a chunked stream's share of it (`ring_window`,
+`stream_pieces`), so its ring does not fill and a crash loses little; every
+send under the lock is a try-send all the same, and never waits for
+another sender (the hub's per-guest send lock is held for a push only, and
+a try-send that finds it taken counts the ring as full); at most
+max_workers workers exist; the function cache
 holds no callable alive and each worker holds at most FUNCTION_CACHE
 functions; once closed, the core holds neither initargs nor functions;
 nothing here blocks the driver thread (slot allocation there never waits).
@@ -67,6 +71,7 @@ from ._tasks import _Task, _TaskFuture, _Worker
 from .worker import CHUNK, MAP, SINGLE
 
 MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
+CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
 class Core(Dispatching, Answering):
@@ -86,10 +91,13 @@ class Core(Dispatching, Answering):
         self.adaptive = max_inflight is None
         if config is None:
             config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
-        # spec: exec.window-ring -- a worker's window never holds more tasks
-        # than its host->guest ring can take with a `define` for each, so a
-        # send to a worker with room does not find its ring full.
-        self.ring_window = max(1, (config.ring_size - 1) // 2)
+        # spec: exec.window-ring -- a chunked transfer to a worker has at
+        # most a quarter of its host->guest ring in flight (`stream_pieces`),
+        # and its window never holds more tasks than the rest can take with
+        # a `define` for each, so a send to a worker with room does not find
+        # its ring full, a stream under way or not.
+        self.stream_pieces = max(1, config.ring_size // 4)
+        self.ring_window = max(1, (config.ring_size - 1 - self.stream_pieces) // 2)
         self.max_inflight = min(max_inflight or 2, self.ring_window)
         self.max_tasks = max_tasks_per_child
         self.name = name
@@ -108,6 +116,10 @@ class Core(Dispatching, Answering):
         self.live = 0  # tasks submitted and not yet completed
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.pins: list = []
+        # Shared memory held by results kept zero-copy, in all and by size
+        # class: written under the lock only, by `_sweep_pins` (the pin budget).
+        self.pinned_bytes = 0
+        self.pinned_by_class: dict = {}  # (never changed in place: replaced)
         self._answers: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
         self.stats = collections.Counter(dict.fromkeys((
             "submitted", "dispatched", "completed", "failed", "retries", "requeued",
@@ -344,10 +356,17 @@ class Core(Dispatching, Answering):
             log.close()
         with self.lock:
             timers, self._timers = self._timers, []
+            # A stream thread waits for credit as long as its worker lives
+            # (one busy in a long task grants none): its channel is given
+            # up first, so it ends within a wait slice. spec: exec.close-streams (No new one starts:
+            # `_start_timer` checks `_closed`.)
+            for w in self.workers.values():
+                if w.tx is not None:
+                    w.tx.abandon("the pool is closing")
         for t in timers:
             t.cancel()
             if t is not threading.current_thread():
-                t.join()
+                t.join(CLOSE_JOIN)  # (a bound all the same: teardown must come)
         self._teardown()
 
     def _teardown(self) -> None:

@@ -22,12 +22,14 @@ inline marker; its bytes follow on the worker's chunk channel (`_Worker.tx`)
 from a thread of their own (kept with the timers, joined at close).
 
 Invariants: everything here runs with the core's lock held and never
-waits (slot allocation has no timeout: a batch or a `define` that finds
-no slot goes back to the head of the queue, and is retried on the next
-answer or, if none is coming, by a timer; a single task streams instead;
-every send is a try-send for the same reason: a worker's window is clamped
-to what its ring holds, spec: exec.window-ring, and should the ring be
-full all the same, the tasks go back to the queue, the other workers are
+waits (slot allocation has no timeout: a single task or a `define` that
+finds no slot streams instead (spec: exec.chunked-define), a batch that
+finds none sends its head alone and puts the rest back at the head of the
+queue, for the next answer;
+every send is a try-send for the same reason, and one that finds another
+thread pushing to that worker counts its ring as full instead of waiting:
+a worker's window is clamped to what its ring holds beside a stream's
+share of it, spec: exec.window-ring, and should the ring be full all the same, the tasks go back to the queue, the other workers are
 tried, and one timer tries again); a task that could not be sent is back
 in the queue exactly once (a connection's end that took its expected
 answer requeues it itself); a batch never carries a task with out-of-band
@@ -37,7 +39,6 @@ has room for or its `max_tasks_per_child` allows.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 
@@ -47,14 +48,11 @@ from .errors import (
     ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError, PoolBrokenError,
     ShmpoolError, SlotExhaustedError,
 )
-from .serialization import Chunked, chunk_threshold, dumps, marker, write
+from .serialization import Chunked, chunk_threshold, dumps, marker, transfer_ids, write
 from ._tasks import _Task, _Worker
 from .worker import DEFINE, RUN, RUN_BATCH
 
 RING_RETRY = 0.002  # seconds before tasks that found a worker's ring full are offered again
-
-
-_transfer_ids = itertools.count(1)  # (next() is atomic)
 
 
 class Dispatching:
@@ -73,7 +71,18 @@ class Dispatching:
             batch = self._take(w)
             if not batch:
                 continue  # all cancelled while they waited
-            back = self._send(batch, w)
+            try:
+                back = self._send(batch, w)
+            except Exception as e:  # noqa: BLE001 - a broken contract below: these tasks' error. spec: exec.chunked-define
+                # Taken off the queue and counted live: never let one
+                # escape with them (its future would never end).
+                held = set(map(id, w.inflight.values()))
+                for t in batch:
+                    if id(t) not in held:
+                        if t.rid is not None:
+                            w.conn.forget(t.rid)
+                        self._fail(t, e)
+                continue
             if back is not None:
                 back = [t for t in back if not t.finished]
                 if self.broken is not None:  # broken meanwhile (callbacks under our lock)
@@ -171,26 +180,27 @@ class Dispatching:
         chunked = tid = None
         try:
             for task in batch:
-                self._define(task, w)
+                if not self._define(task, w):
+                    return None  # (failed: its error is the task's)
             if batched:  # spec: exec.batch
                 out = write(self.slots, *dumps([(tag, t.stream) for tag, t in zip(tags, batch)]), timeout=0)
             else:
                 out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0,
                             chunk_above=chunk_threshold(self.slots.config))
                 if type(out) is Chunked:  # spec: exec.chunked
-                    if w.tx is None:
-                        try:
-                            w.tx = conn.open_tx()
-                        except ConnectionClosedError:
-                            raise
-                        except ShmpoolError as e:  # no channel id left (max_channels): this task's error
-                            self._fail(batch[0], e)
-                            return None
-                    chunked, tid = out, next(_transfer_ids)
+                    if not self._open_tx(w, batch[0]):
+                        return None
+                    chunked, tid = out, next(transfer_ids)
                     out = marker(tid, chunked.total)
         except SlotExhaustedError:
             self._sweep_pins()
             self.stats["slot_waits"] += 1
+            if batched:
+                # No slot for the batch: its head goes alone (a single task
+                # streams when no slot takes it), the rest wait for its
+                # answer. Never a retry loop on slots that may not come.
+                back = self._send(batch[:1], w)
+                return batch if back else batch[1:]
             if not any(x.inflight for x in self.workers.values()):
                 # No completion will come to retry this: the slots are held
                 # by results the caller keeps. Look again shortly.
@@ -227,14 +237,22 @@ class Dispatching:
                 w.dead = True
             # (an expected answer the connection's end took is failed, and requeued, by it)
             return [t for t in batch if t not in expected or conn.forget(t.rid)]
+        # (No answer can be handled before this: _on_done takes the lock we hold.)
+        for task in batch:
+            w.inflight[task.rid] = task
         if chunked is not None:
             # The request went; its arguments follow from a thread of their
             # own (they wait for the worker's credit; dispatch never does),
             # and the worker collects them as they arrive.
-            self._stream_later(w.tx, tid, chunked)
-        # (No answer can be handled before this: _on_done takes the lock we hold.)
-        for task in batch:
-            w.inflight[task.rid] = task
+            try:
+                self._stream_later(w, tid, chunked)
+            except Exception as e:  # noqa: BLE001 - no thread: the worker would wait for them
+                task = batch[0]
+                del w.inflight[task.rid]
+                conn.forget(task.rid)
+                self._fail(task, e)
+                w.proc.kill()  # (it waits for bytes that cannot come; nothing of ours is charged)
+                return None
         if batched:
             self.stats["batches"] += 1
         w.messages += 1
@@ -244,8 +262,29 @@ class Dispatching:
         self.stats["dispatched"] += len(batch)
         return None
 
-    def _define(self, task: _Task, w: _Worker) -> None:
-        """Send `define` for the task's function if `w` does not know it."""
+    def _open_tx(self, w: _Worker, task: _Task) -> bool:
+        """(lock held) `w`'s chunk channel, opened if need be; False if
+        none can be (no channel id left: max_channels), `task` then
+        failed with the knob to raise."""
+        if w.tx is None:
+            try:
+                w.tx = w.conn.open_tx()
+            except ConnectionClosedError:
+                raise
+            except ShmpoolError as e:  # no channel id left (max_channels): this task's error
+                self._fail(task, e)
+                return False
+        return True
+
+    def _define(self, task: _Task, w: _Worker) -> bool:
+        """Send `define` for the task's function if `w` does not know it.
+        A function above the chunk threshold, or one no slot takes now,
+        is defined chunked: the `define` carries a marker and its bytes
+        follow on `w`'s chunk channel (the worker collects them before it
+        reads the next request), so a big function (one pickled by value
+        with its globals) travels as a big argument does, and never waits
+        for a slot. False if the task failed (no channel for it).
+        spec: exec.chunked-define"""
         fid = task.fid
         if fid and fid in w.known:
             w.known.move_to_end(fid)
@@ -253,9 +292,20 @@ class Dispatching:
             # spec: exec.functions -- a worker holds at most FUNCTION_CACHE
             while len(w.known) >= T.FUNCTION_CACHE:
                 w.forget.append(w.known.popitem(last=False)[0])
-            w.conn.call(DEFINE, write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0), timeout=0)
+            out = write(self.slots, *dumps((fid, task.fbytes, w.forget)), timeout=0,
+                        chunk_above=chunk_threshold(self.slots.config))
+            if type(out) is Chunked:
+                if not self._open_tx(w, task):
+                    return False
+                chunked, tid = out, next(transfer_ids)
+                out = marker(tid, chunked.total)
+                w.conn.call(DEFINE, out, timeout=0)
+                self._stream_later(w, tid, chunked)  # (it went: its bytes must follow)
+            else:
+                w.conn.call(DEFINE, out, timeout=0)
             w.forget = []
             w.known[fid] = None
+        return True
 
     def _sweep_pins(self) -> None:
         """(lock held) Free the slots of results nobody uses any more, and
@@ -267,31 +317,58 @@ class Dispatching:
             by_class[p.cls] = by_class.get(p.cls, 0) + p.size
         self.pinned_bytes, self.pinned_by_class = total, by_class
 
-    def _stream_later(self, tx, tid: int, chunked) -> None:
-        """(lock held) Stream chunked arguments on a thread of their own
-        (kept with the timers: `close` joins it). If the worker dies
-        meanwhile, its end requeues the task; any other failure aborts the
-        transfer, and the worker fails the task with its reason."""
+    def _stream_later(self, w: _Worker, tid: int, chunked) -> None:
+        """(lock held) Stream chunked bytes (a task's arguments, or a
+        function's `define`) to `w` on a thread of their own, kept with
+        the timers (`close` breaks the channel, then joins it). If the
+        worker dies meanwhile, its end requeues the task; if the channel
+        ended under a live connection, the transfer is aborted on a new
+        one (the worker waits for it by id, on any channel); any other
+        failure aborts it: the worker fails the task with its reason."""
+        tx = w.tx
+
         def stream() -> None:
             try:
-                tx.send_transfer(tid, chunked.parts, chunked.total)
-            except (ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError):
-                pass
+                tx.send_transfer(tid, chunked.parts, chunked.total, max_pieces=self.stream_pieces)
+            except (ChannelBroken, ConnectionClosedError, PeerDeadError):
+                pass  # the connection ended (or close broke the channel): its end requeues the task
+            except (ChannelClosed, ChannelReset) as e:
+                self._abort_elsewhere(w, tx, tid, f"its channel ended: {type(e).__name__}: {e}")
             except BaseException as e:  # noqa: BLE001 - the worker reports it as the task's error
                 # (if it began, its receiver has failed it already)
                 tx.abort_transfer(tid, f"the host could not send the arguments: {type(e).__name__}: {e}")
-        t = threading.Timer(0, stream)
-        t.daemon = True
-        t.name = f"{self.name}-chunked-args"
-        self._timers = [x for x in self._timers if x.is_alive()] + [t]
-        _threads.start(t)
+        self._start_timer(0, stream, f"{self.name}-chunked-args")
+
+    def _abort_elsewhere(self, w: _Worker, tx, tid: int, why: str) -> None:
+        """(stream thread) `tx` ended while `w`'s connection is open: tell
+        the worker, on a new channel, that transfer `tid` will not come
+        (it then fails the task with `why` instead of waiting for it)."""
+        with self.lock:
+            if self._closed or w.dead or w.conn.closed:
+                return
+            if w.tx is tx:
+                w.tx = None
+            try:
+                if w.tx is None:
+                    w.tx = w.conn.open_tx()
+                new = w.tx
+            except ShmpoolError:
+                return  # (no channel id left: its connection's end frees the wait)
+        new.abort_transfer(tid, why)
 
     def _later(self, delay: float, target=None) -> None:
         """Dispatch again after `delay` seconds (lock held)."""
+        self._start_timer(delay, target or self._retry_dispatch)
+
+    def _start_timer(self, delay: float, target, name: str | None = None) -> None:
+        """(lock held) Run `target` on a timer thread after `delay`, kept
+        with the others (`close` cancels or joins them); none once closed."""
         if self._closed:
             return
-        t = threading.Timer(delay, target or self._retry_dispatch)
+        t = threading.Timer(delay, target)
         t.daemon = True
+        if name is not None:
+            t.name = name
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
         _threads.start(t)
 

@@ -44,7 +44,7 @@ from . import _threads, failpoints
 from .errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
 from .hub import AddPeerOptions
 from .rpc.messages import Outgoing
-from .serialization import dumps, dumps_bytes, write
+from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
 from .worker import ARG_STDERR, INIT
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool is broken
@@ -326,8 +326,13 @@ class Starter:
                 broken = (f"the initializer and initargs could not be pickled for a worker: "
                           f"{type(e).__name__}: {e}")
                 raise
+            # Big initargs travel chunked, as big arguments do (after the
+            # `init` request, on the worker's chunk channel): never a wait
+            # for a slot here, never a start failure for their size.
+            # spec: exec.chunked-define
             init = write(core.slots, *dumps((list(sys.path), setup,
-                                             bytes(multiprocessing.current_process().authkey))))
+                                             bytes(multiprocessing.current_process().authkey))),
+                         timeout=0, chunk_above=chunk_threshold(core.slots.config))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
             proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
@@ -350,8 +355,17 @@ class Starter:
         w = core.new_worker(ticket.peer_id, proc, log, new)
         if failpoints.ACTIVE:
             failpoints.hit(FP_SPAWNED)
+        chunked = None
+        if type(init) is Chunked:
+            chunked, tid = init, next(transfer_ids)
+            init = marker(tid, chunked.total)
         try:
+            if chunked is not None:
+                w.tx = w.conn.open_tx()  # (the first channel this connection opens)
             cf = w.conn.call(INIT, init)
+            if chunked is not None:
+                with core.lock:
+                    core._stream_later(w, tid, chunked)
         except (PeerDeadError, ConnectionClosedError):
             if isinstance(init, Outgoing):
                 try:  # (ours if it was never sent: nobody reclaims the host's slots)

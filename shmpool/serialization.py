@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import pickle
 import struct
 import sys
@@ -63,7 +64,7 @@ import cloudpickle
 
 from .errors import PayloadTooLargeError, SlotExhaustedError
 from .rpc.messages import Outgoing, alloc
-from .shm.layout import INLINE_CAPACITY
+from .shm.layout import INLINE_CAPACITY, slot_class
 
 OOB_MIN = 4096  # bytes-like objects at least this big travel out of band
 MAGIC = 0x31504853  # "SHP1"
@@ -97,6 +98,11 @@ def chunk_threshold(config) -> int:
     more than that of the segment (the others' traffic goes on meanwhile).
     spec: exec.chunked"""
     return config.memory_limit // 8
+
+
+# Transfer ids of this process's chunked payloads (next() is atomic); the
+# receiver files each under its id. One counter per process, both sides.
+transfer_ids = itertools.count(1)
 
 
 def marker(tid: int, total: int) -> bytes:
@@ -314,7 +320,7 @@ def write(pool, stream, buffers, timeout: float | None = None, *, chunk_above: i
     `rpc.messages.alloc` (waiting at most `timeout`). With `chunk_above`:
     a payload bigger than that, or one that no slot can take, is returned
     as `Chunked` instead (the caller streams it: spec: exec.chunked).
-    spec: exec.envelope"""
+    spec: exec.envelope spec: exec.alloc-order"""
     if not buffers and type(stream) is bytes and len(stream) < INLINE_CAPACITY + 9:
         if len(stream) >= 11 and stream[2] == 0x95:  # (the common case: see _pieces)
             if len(stream) - 9 < INLINE_CAPACITY:
@@ -398,7 +404,7 @@ class Pin:
         self.base = base
         self.view = view
         self.size = received.capacity
-        self.cls = received.descriptor.slot_ref >> 28
+        self.cls = slot_class(received.descriptor.slot_ref)
 
     def in_use(self) -> bool:
         return bool(self.arrays) and _refcounts(self.arrays) != self.base

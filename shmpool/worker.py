@@ -58,7 +58,7 @@ from .errors import TaskUnpicklingError
 from .hub.guest import run_guest
 from .rpc import GuestSession
 from .rpc.messages import method_id
-from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, write
+from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from .shm import layout as L
 
 INIT = method_id("shmpool.worker.init")
@@ -67,7 +67,6 @@ RUN = method_id("shmpool.worker.run")
 RUN_BATCH = method_id("shmpool.worker.run_batch")
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 EXIT_INIT_FAILED = 86
-_transfer_ids = itertools.count(1)
 BATCH_TIME = struct.Struct("<d")  # the answer to run_batch: seconds its tasks took, in the worker
 
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
@@ -133,6 +132,7 @@ class _Worker:
         self.pins: list = []
         self.conn.table.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
         self.tx = None  # the channel chunked results stream over (opened on first use)
+        self.abandoned: set[int] = set()  # transfers whose wait was interrupted (dropped when they come)
         self.chunk_above = chunk_threshold(guest.segment.config)
         self.done = 0
         self.max_tasks: int | None = None
@@ -152,7 +152,7 @@ class _Worker:
         # and its multiprocessing authkey (as a spawned multiprocessing child
         # inherits it): Manager proxies and fds shared through
         # multiprocessing's resource sharer authenticate with it.
-        (sys_path, setup, authkey), pin = read(payload.retain())
+        (sys_path, setup, authkey), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
         pin.release()
         sys.path[:] = [p for p in sys_path if isinstance(p, str)]
         import multiprocessing
@@ -172,7 +172,12 @@ class _Worker:
             raise InitializerFailed(f"{type(e).__name__}: {e}") from e
 
     def define(self, ctx, payload) -> None:
-        (fid, fbytes, forget), pin = read(payload.retain())
+        # (a big function comes chunked, as big arguments do. spec: exec.chunked)
+        try:
+            (fid, fbytes, forget), pin = read(payload.retain(), transfers=self._transfer)
+        except Exception as e:
+            self.define_error = e  # (the task that needs it says why it is missing)
+            raise
         pin.release()
         for old in forget:  # the host keeps what each worker holds bounded
             self.funcs.pop(old, None)
@@ -283,7 +288,7 @@ class _Worker:
         routed while it waits for credit wait for this one."""
         if self.tx is None:
             self.tx = self.conn.open_tx()
-        tid = next(_transfer_ids)
+        tid = next(transfer_ids)
         self.conn.hold_requests += 1  # (it pumps while it waits for credit)
         try:
             self.tx.send_transfer(tid, chunked.parts, chunked.total)
@@ -297,9 +302,18 @@ class _Worker:
         meanwhile wait for this one. Bounded by the host's life: its end
         ends the wait."""
         table, conn = self.conn.table, self.conn
+        for old in [t for t in self.abandoned if t in table.transfers]:
+            self.abandoned.discard(old)  # (interrupted before it arrived: nobody takes it)
+            table.transfers.pop(old, None)
         conn.hold_requests += 1
         try:
             conn.wait_until(lambda: tid in table.transfers or conn.end_reason is not None, None)
+        except BaseException:
+            # Interrupted (an exit, a Ctrl-C): its bytes must not stay behind,
+            # now or when they arrive later.
+            if table.transfers.pop(tid, None) is None:
+                self.abandoned.add(tid)
+            raise
         finally:
             conn.hold_requests -= 1
         got = table.take_transfer(tid)
@@ -314,7 +328,9 @@ class _Worker:
         if type(fid) is int:
             fn = self.funcs.get(fid)
             if fn is None:
-                raise LookupError(f"function {fid} was never defined in this worker")
+                why = getattr(self, "define_error", None)
+                raise LookupError(f"function {fid} was never defined in this worker"
+                                  + (f" (a define failed: {type(why).__name__}: {why})" if why else ""))
         else:  # a callable the host does not cache travels with its task
             fn, fid = fid, 0
         if isinstance(fn, _Broken):

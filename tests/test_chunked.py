@@ -117,7 +117,7 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
     goes on."""
     from shmpool.rpc import channel
 
-    def refuse(self, tid, parts, total):
+    def refuse(self, tid, parts, total, **kw):
         raise SlotExhaustedError("no slot")
 
     cfg = SegmentConfig(max_guests=2, memory_limit=64 * MIB)

@@ -12,7 +12,10 @@ Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
 that must happen on the driver (spawn) go through `Driver.call`; the
 driver delivers g2h descriptors to the message handler and runs
 `on_death` / the peer-lost hook. `send` pushes into the guest's h2g ring
-from the caller's thread and wakes the guest if it announced sleep.
+from the caller's thread and wakes the guest if it announced sleep; its
+per-guest lock is held for a try-push only (a blocked sender waits for
+room without it, and a try-send that finds it taken reports a full ring),
+so a try-send never waits behind a blocked one.
 
 Invariants:
 - `ShmHost` holds the `Driver`; the driver never refers back to the
@@ -48,6 +51,7 @@ from .peer import (
 from .spawn import SpawnTicket
 
 fetch_or_u32 = _atomics.fetch_or_u32
+load_u32 = _atomics.load_u32
 SEND_SLICE = 0.02  # a blocked send re-checks the guest's liveness this often
 _H2G_DOORBELL_BIT = L.SLEEP_H2G_CONSUMER << L.SLEEP_DOORBELL_SHIFT
 
@@ -222,27 +226,42 @@ class ShmHost:
     def send(self, peer_id: int, desc: Descriptor, timeout: float | None = None) -> bool:
         """Push `desc` into `peer_id`'s host->guest ring, waiting up to
         `timeout` seconds for room (None: as long as the guest lives).
-        Returns False on timeout; raises `PeerDeadError` if the guest is
-        dead or gone. Safe from several threads (one lock per guest)."""
+        Returns False on timeout (with timeout 0 also when another thread
+        is pushing to this guest right now: never a wait); raises
+        `PeerDeadError` if the guest is dead or gone. Safe from several
+        threads (one lock per guest, held for a try-push only)."""
         p = self._driver._peers.get(peer_id)
         if p is None or p.dead:
             self._check_open()
             raise PeerDeadError(self._gone_message(peer_id))
         deadline = None if timeout is None else time.monotonic() + timeout
         buf = self.segment.buf
+        ring, lock = p.tx, p.tx_lock
         while True:
-            with p.tx_lock:
+            # The lock is held for a try-push only, never for a wait: a
+            # try-send (timeout 0: the executor's, under its own lock) that
+            # finds another sender pushing takes it for a full ring instead
+            # of waiting behind it; a blocking send waits for room outside.
+            if not lock.acquire(timeout != 0):
+                return False
+            try:
                 if p.dead:
                     raise PeerDeadError(self._gone_message(peer_id))
-                slice_ = SEND_SLICE if deadline is None else min(SEND_SLICE, deadline - time.monotonic())
-                if p.tx.push(desc, timeout=max(0.0, slice_)):
+                if ring.try_push(desc):
                     # The ring end has no doorbell (see add_peer): wake a
                     # guest that sleeps on it ourselves.
                     if p.doorbell is not None and fetch_or_u32(buf, p.entry.flags_off, 0) & _H2G_DOORBELL_BIT:
                         p.doorbell.signal()
                     return True
-            if deadline is not None and time.monotonic() >= deadline:
+                tail = load_u32(buf, ring.tail_off)  # (the consumer makes room by moving it)
+            finally:
+                lock.release()
+            remaining = SEND_SLICE if deadline is None else min(SEND_SLICE, deadline - time.monotonic())
+            if remaining <= 0:
                 return False
+            # (Several blocked senders may sleep at once: one may clear
+            # another's sleeping bit and miss a wake; the slice bounds that.)
+            ring.waiter.sleep(ring.tail_off, tail, remaining)
 
     def try_send(self, peer_id: int, desc: Descriptor) -> bool:
         """Push without waiting; False if the ring is full."""

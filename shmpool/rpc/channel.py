@@ -50,7 +50,7 @@ from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE, Waiter
 from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
-from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, drop_failed, stream, transfer_views
 
 load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
 fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
@@ -194,6 +194,9 @@ class Tx(_End):
                                           flags=F_MORE if more else 0, timeout=SLICE)
                 break
             except SlotExhaustedError:
+                # Pump meanwhile (a guest; nothing on the host): the peer's
+                # pieces routed now free the slots they hold in our rings.
+                self.conn.poll_incoming()
                 self._check()
                 if time.monotonic() >= deadline:
                     raise
@@ -203,7 +206,7 @@ class Tx(_End):
         in_flight = self.table.initial_credit - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
-    def send_transfer(self, tid: int, parts, total: int) -> None:
+    def send_transfer(self, tid: int, parts, total: int, *, max_pieces: int | None = None) -> None:
         """Stream one transfer (see the module docstring): `parts` are
         bytes-like objects of `total` bytes in all, sent as one message in
         pieces of at most TRANSFER_PIECE bytes, each waiting for credit (as
@@ -211,25 +214,23 @@ class Tx(_End):
         (then SlotExhaustedError: the caller may `abort_transfer`). A
         guest's handler that sends one pumps meanwhile (to see the host's
         end): it holds the requests routed then (`Connection.hold_requests`).
+        `max_pieces`: at most that many full pieces' bytes in flight (not
+        yet routed by the receiver), whatever the credit: the pieces share
+        the pair's ring with the requests, which must find room beside them.
         spec: shm.session.chunked"""
-        views = [memoryview(TRANSFER_HEAD.pack(tid, total))]
-        for p in parts:
-            v = p if isinstance(p, memoryview) else memoryview(p)
-            if v.ndim != 1 or v.itemsize != 1:
-                v = v.cast("B")
-            if v.nbytes:
-                views.append(v)
-        if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
-            raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
-                             f"bytes, not {total}")
-        self._stream(views)
+        views = transfer_views(tid, parts, total)
+        self._stream(views, max_pieces=max_pieces)
         self.bytes += total
 
-    def _stream(self, views: list, piece: int = TRANSFER_PIECE) -> None:
-        """Send `views` as one message, in pieces of at most `piece` bytes."""
+    def _stream(self, views: list, piece: int = TRANSFER_PIECE, max_pieces: int | None = None) -> None:
+        """Send `views` as one message, in pieces of at most `piece` bytes
+        (at most `max_pieces` pieces' bytes in flight)."""
+        credit = self.table.initial_credit
+        piece = max(1, min(piece, credit))
+        reserve = 0 if max_pieces is None else max(0, credit - max(1, max_pieces) * piece)
         with self._lock:
             self._check()
-            stream(self, views, max(1, min(piece, self.table.initial_credit)))
+            stream(self, views, piece, reserve)
             self.messages += 1
 
     def abort_transfer(self, tid: int, reason: str) -> None:
@@ -299,6 +300,13 @@ class Tx(_End):
         ChannelReset. Afterwards this end never reads the credit counter
         again (send raises). spec: shm.channel.reset spec: shm.flow.reset"""
         self._terminal(RESET)
+
+    def abandon(self, reason: str) -> None:
+        """Give this end up without a word to the peer (its owner is
+        closing the connection): every send, one waiting for credit or a
+        slot included, raises ChannelBroken at its next check, within a
+        wait slice. Takes no lock: safe while a sender holds it."""
+        self._break(ConnectionError(reason))
 
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
@@ -477,6 +485,11 @@ class ChannelTable:
             raise got
         return got
 
+    def drop_failed_transfers(self) -> int:
+        """Forget the failed transfers nobody will take (a peer's message
+        cut short, then answered with an error); how many."""
+        return drop_failed(self.transfers)
+
     def _entry(self, cid: int) -> int:
         return self.base + cid * L.CHANNEL_ENTRY_SIZE
 
@@ -583,6 +596,9 @@ class ChannelTable:
             ends = list(self._ends.values())
             self._ends.clear()
             self._outbox.clear()
+        # Nothing takes a transfer of an ended connection (they can be big):
+        # a waiting taker sees the end instead.
+        self.transfers.clear()
         for end in ends:
             end._break(exc)
             if isinstance(end, Tx):

@@ -10,9 +10,10 @@ descriptor with `payload_descriptor`; the receiver wraps the descriptor in
 `Received`, which takes ownership of the slot (`SlotPool.receive`) and
 frees it on `release()`.
 
-Allocation order (`alloc`, spec: exec.alloc-order): a free slot of the
-payload's class (grown if the memory limit allows) -> a larger class (grown
-too) -> a dedicated huge extent -> a wait of at most `timeout` seconds
+Allocation order (`alloc`; the pool's part is `SlotPool.try_alloc_any`,
+spec: shm.varslot.selection): a free slot of the payload's class (grown if
+the memory limit allows) -> a free slot of a larger class (never grown for
+a smaller payload) -> a dedicated huge extent -> a wait of at most `timeout` seconds
 (never unbounded: `None` means `MAX_SLOT_WAIT`) -> SlotExhaustedError,
 whose message names the limit and its knob. Callers that can stream
 (the executor: `serialization.write(chunk_above=...)`) turn that error
@@ -31,7 +32,7 @@ import functools
 import hashlib
 from typing import NamedTuple
 
-from ..errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
+from ..errors import SlotExhaustedError, StaleSlotError
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 
@@ -60,30 +61,18 @@ MAX_SLOT_WAIT = 30.0  # seconds a sender waits for a slot at most, when no timeo
 
 
 def alloc(pool, n: int, timeout: float | None = None) -> L.Slot:
-    """A slot for an n-byte payload, in the allocation order of the module
-    docstring. Waits at most `timeout` seconds (None: MAX_SLOT_WAIT), then
-    raises SlotExhaustedError; PayloadTooLargeError if it can never fit.
-    spec: exec.alloc-order"""
-    slot = pool.try_alloc(n)
+    """A slot for an n-byte payload: any slot that serves now, in the pool's
+    order (`SlotPool.try_alloc_any`: its class, grown if the limit allows,
+    a free slot of a larger class, a huge extent), else a wait of at most
+    `timeout` seconds (None: MAX_SLOT_WAIT), then SlotExhaustedError;
+    PayloadTooLargeError if it can never fit. spec: shm.varslot.selection"""
+    slot = pool.try_alloc_any(n)
     if slot is not None:
         return slot
-    sizes = [c.slot_size for c in pool.config.size_classes]
-    if n <= sizes[-1]:
-        for size in sizes:  # larger classes, each grown if the limit allows
-            if size > n:
-                slot = pool.try_alloc(size)
-                if slot is not None:
-                    return slot
-        try:
-            slot = pool._huge.try_alloc(n)  # a dedicated extent of its own (page-rounded)
-        except PayloadTooLargeError:
-            slot = None
-        if slot is not None:
-            return slot
     if timeout is None:
         timeout = MAX_SLOT_WAIT
     if timeout <= 0:
-        raise SlotExhaustedError(pool._exhausted_message(n, 0))
+        raise SlotExhaustedError(pool.exhausted_message(n, 0))
     return pool.alloc(n, timeout)
 
 

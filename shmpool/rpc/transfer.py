@@ -103,9 +103,10 @@ class Collector:
             f"transfer {tid} on channel {self.cid} failed: {failed}")
 
 
-def stream(tx, views: list, piece: int) -> None:
+def stream(tx, views: list, piece: int, reserve: int = 0) -> None:
     """Send `views` on `tx` (its lock held) as one message, in pieces of at
-    most `piece` bytes, each after its credit. If it fails midway, the
+    most `piece` bytes, each after its credit (and `reserve` bytes more of
+    it: what this message may not have in flight). If it fails midway, the
     message is ended with an empty piece (inline: no slot, no credit), so
     the receiver fails this transfer alone, short of the bytes its head
     announced, and the channel goes on."""
@@ -115,7 +116,7 @@ def stream(tx, views: list, piece: int) -> None:
             n, off = v.nbytes, 0
             while off < n:
                 k = min(piece, n - off)
-                tx._wait_credit(k, None)
+                tx._wait_credit(k + reserve, None)
                 tx._publish(v[off : off + k], i < last or off + k < n)
                 sent = True
                 off += k
@@ -126,3 +127,36 @@ def stream(tx, views: list, piece: int) -> None:
             except Exception:  # noqa: BLE001 - the channel is gone with its receiver
                 pass
         raise
+
+
+def transfer_views(tid: int, parts, total: int) -> list:
+    """A transfer's message as views: its head, then `parts` (bytes-like,
+    `total` bytes in all), the small ones joined (one piece, not one
+    descriptor each: the pieces in flight are counted in bytes)."""
+    views = []
+    small = bytearray(TRANSFER_HEAD.pack(tid, total))
+    for p in parts:
+        v = p if isinstance(p, memoryview) else memoryview(p)
+        if v.ndim != 1 or v.itemsize != 1:
+            v = v.cast("B")
+        if v.nbytes >= TRANSFER_PIECE:
+            if small:
+                views.append(memoryview(small))
+                small = bytearray()
+            views.append(v)
+        elif v.nbytes:
+            small += v
+    if small:
+        views.append(memoryview(small))
+    if sum(v.nbytes for v in views) != total + TRANSFER_HEAD.size:
+        raise ValueError(f"transfer parts hold {sum(v.nbytes for v in views) - TRANSFER_HEAD.size} "
+                         f"bytes, not {total}")
+    return views
+
+
+def drop_failed(transfers: dict) -> int:
+    """Drop the failed transfers filed in `transfers`; how many."""
+    failed = [tid for tid, got in list(transfers.items()) if isinstance(got, TransferFailed)]
+    for tid in failed:
+        transfers.pop(tid, None)
+    return len(failed)

@@ -179,6 +179,11 @@ def unpack_slot_ref(ref: int) -> tuple[int, int, int]:
     return ref >> 28, (ref >> 18) & 0x3FF, ref & 0x3FFFF
 
 
+def slot_class(ref: int) -> int:
+    """The size class a slot ref names (the huge class for a dedicated extent)."""
+    return ref >> 28
+
+
 class Slot(NamedTuple):
     """A handle on an allocated slot: what a descriptor carries."""
 

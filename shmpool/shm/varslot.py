@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 
 from .. import _atomics, failpoints
-from ..errors import SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
+from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .files import space_hint
 from .freelist import FreeList, StatusMismatch
@@ -285,6 +285,26 @@ class SlotPool:
         self.allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
                     gen, c.cls.slot_size)
+
+    def try_alloc_any(self, size: int) -> Slot | None:
+        """Without waiting, any slot that holds `size` bytes: `try_alloc`
+        (its class, grown if the limit allows, else a free slot of a larger
+        class), then a dedicated huge extent (page-rounded). A larger class
+        is never grown for it: a 64 KiB payload must not commit a 32 MiB
+        extent of the 16 MiB class. None if nothing serves now;
+        PayloadTooLargeError if it can never fit. spec: shm.varslot.selection"""
+        slot = self.try_alloc(size)
+        if slot is not None or self.class_for(size) is None:
+            return slot  # (a huge payload: try_alloc asked the huge extents already)
+        try:
+            return self._huge.try_alloc(size)
+        except PayloadTooLargeError:
+            return None  # (the huge path's own limit; the size fits a class)
+
+    def exhausted_message(self, size: int, waited: float | None = 0) -> str:
+        """What SlotExhaustedError says when no slot serves `size` bytes:
+        the memory limit, and the knob to raise."""
+        return self._exhausted_message(size, waited)
 
     def alloc(self, size: int, timeout: float | None = None) -> Slot:
         """Allocate a slot of at least `size` bytes, waiting up to `timeout`
