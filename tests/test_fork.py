@@ -275,3 +275,90 @@ def test_a_child_forked_while_the_main_thread_holds_a_ctrl_c_gets_its_handler_ba
     out = subprocess.run([sys.executable, "-c", HOLD], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert out.returncode == 0, out.stderr
+
+
+PINNED = r"""
+import gc, json, os, sys, time
+import numpy as np
+from shmpool import ShmExecutor
+
+def make(v, n):
+    import numpy as np
+    return np.full(n, v, dtype=np.float64)
+
+def addr(a):
+    return a.__array_interface__["data"][0]
+
+SIZES = {"class": 1 << 17, "huge": 20 << 17}  # 1 MiB (a 1 MiB-class slot), 20 MiB (a huge extent)
+
+def main(report):
+    res = {}
+    with ShmExecutor(1) as ex:
+        kept = {k: ex.submit(make, 1.0, n).result(60) for k, n in SIZES.items()}
+        res["pinned"] = ex.statistics()["pinned_results"]
+        old = {k: addr(a) for k, a in kept.items()}
+        go_r, go_w = os.pipe()
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)  # the parent has reused the slots
+            out = {k: bool((a == 1.0).all()) for k, a in kept.items()}
+            out["writable"] = all(a.flags.writeable for a in kept.values())
+            for a in kept.values():
+                a[:] = 9.0  # the child's own memory now: the parent must not see it
+            with open(report, "w") as f:
+                json.dump(out, f)
+            os._exit(0)
+        os.close(go_r)
+        kept = None
+        gc.collect()
+        # New results until each old slot holds one (the parent's data there changes)
+        reused, new = {}, []
+        for k, n in SIZES.items():
+            for _ in range(100):
+                a = ex.submit(make, 2.0, n).result(60)
+                new.append(a)
+                if addr(a) == old[k]:
+                    reused[k] = a
+                    break
+        res["reused"] = sorted(reused)
+        os.write(go_w, b"x")
+        os.close(go_w)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                res["status"] = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9); os.waitpid(pid, 0); res["status"] = "hung"
+                break
+            time.sleep(0.01)
+        res["parent_intact"] = {k: bool((a == 2.0).all()) for k, a in reused.items()}
+        del new, reused
+    print(json.dumps(res), flush=True)
+
+main(sys.argv[1])
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_results_kept_zero_copy_are_the_childs_own_memory_after_a_fork(tmp_path):
+    """Results pinned zero-copy in the parent (one in a 1 MiB-class slot,
+    whose data is not page-aligned, one in a huge extent) are, in a fork()
+    child, private copies of what they held at the fork: the parent drops
+    them and new results reuse their slots, and the child still reads its
+    own values; it writes to them (they stay writable) and the parent's new
+    results at those addresses do not change."""
+    pytest.importorskip("numpy")
+    report = tmp_path / "child.json"
+    out = subprocess.run([sys.executable, "-c", PINNED, str(report)], capture_output=True, text=True,
+                         timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["pinned"] == 2, res  # (else the results were copies: nothing tested)
+    assert res["reused"] == ["class", "huge"], res  # (else the slots never changed in the parent)
+    assert res["status"] == 0, res
+    assert json.loads(report.read_text()) == {"class": True, "huge": True, "writable": True}
+    assert res["parent_intact"] == {"class": True, "huge": True}, res
