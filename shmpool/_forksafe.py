@@ -94,22 +94,26 @@ def _disown(core) -> None:
     """(the child, one thread, no lock taken: see the module docstring)"""
     core.foreign = True
     workers = list(core.workers.values())
-    tasks = itertools.chain(core.queue, *(list(w.inflight.values()) for w in workers),
-                            (a[0] for a in list(core._answers)))
-    err = None
-    for task in tasks:
-        fut = getattr(task, "future", None)
-        if fut is None or fut._state in _FINAL:
-            continue
-        if err is None:
-            err = foreign_error(core.kind, core.owner_pid, "wait for this result")
-        # Set as a finished future's fields, bypassing set_exception: its
-        # condition may be held by a thread that did not survive the fork,
-        # and its callbacks are the parent's delivery, not the child's.
-        fut._exception = err
-        fut._state = FINISHED
-    for w in workers:
-        w.dead = True
+    try:
+        tasks = itertools.chain(core.queue, *(list(w.inflight.values()) for w in workers),
+                                (a[0] for a in list(core._answers)))
+        err = None
+        for task in tasks:
+            fut = getattr(task, "future", None)
+            if fut is None or fut._state in _FINAL:
+                continue
+            if err is None:
+                err = foreign_error(core.kind, core.owner_pid, "wait for this result")
+            # Set as a finished future's fields, bypassing set_exception: its
+            # condition may be held by a thread that did not survive the fork,
+            # and its callbacks are the parent's delivery, not the child's.
+            fut._exception = err
+            fut._state = FINISHED
+    finally:
+        # Whatever failed above: a wait on a future never fetches from the
+        # parent's rings (which would take its answers and write its tail).
+        for w in workers:
+            w.dead = True
 
 
 _copies: list = []  # (copy, start, length) of each pinned range, from before a fork until after

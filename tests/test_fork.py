@@ -362,3 +362,143 @@ def test_results_kept_zero_copy_are_the_childs_own_memory_after_a_fork(tmp_path)
     assert res["status"] == 0, res
     assert json.loads(report.read_text()) == {"class": True, "huge": True, "writable": True}
     assert res["parent_intact"] == {"class": True, "huge": True}, res
+
+
+# A module the workers import too (the host's PYTHONPATH): tasks that wait
+# for a gate file, and a result whose unpickling in the host holds the
+# delivering thread until told (its task is then between its worker's
+# inflight and its future: in transit).
+FORKHELP = r"""
+import os, time
+
+def wait_for(path):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return 1
+
+def _arrive(gate):
+    # (runs where the result is unpickled: in the host, on the thread delivering it)
+    open(gate + ".in", "w").close()
+    wait_for(gate + ".go")
+    return "held"
+
+class Held:
+    def __init__(self, gate):
+        self.gate = gate
+    def __reduce__(self):
+        return (_arrive, (self.gate,))
+
+def held(gate):
+    return Held(gate)
+"""
+
+INHERITED = r"""
+import json, os, sys, threading, time
+from concurrent.futures import wait as futures_wait
+from shmpool import ShmExecutor, ShmPool, _forksafe
+from shmpool.errors import ForeignPoolError
+from forkhelp import held, wait_for
+
+def attempt(fn):
+    try:
+        fn()
+    except ForeignPoolError as e:
+        return "foreign: " + str(e)
+    except BaseException as e:
+        return "WRONG " + repr(e)
+    return "WRONG: no error"
+
+def child(mode, ex, pool, fut, ares, it):
+    out = {}
+    cores = (ex._core, pool._st.core)
+    if mode == "disown-fails":
+        out["foreign"] = [c.foreign for c in cores]
+        out["dead"] = [w.dead for c in cores for w in c.workers.values()]
+    elif mode == "in-transit":
+        out["done_at_fork"] = fut.done()
+        out["result"] = attempt(fut.result)
+        out["exception"] = attempt(fut.exception)
+    return out
+
+def main(mode, gate, report):
+    ex = ShmExecutor(1)
+    pool = ShmPool(1)
+    fut = ex.submit(held if mode == "in-transit" else wait_for, gate)
+    ex._core.processes(60), pool._st.core.processes(60)  # (workers registered: the child disowns them)
+    ares = pool.apply_async(wait_for, (gate,))
+    it = pool.imap(wait_for, [gate] * 3)
+    if mode == "in-transit":
+        wait_for(gate + ".in")  # its answer is being delivered: the delivering thread holds it
+    if mode == "disown-fails":
+        real, calls = _forksafe.foreign_error, []
+        def failing(*a, **k):  # the first disown fails partway (before its futures)
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected")
+            return real(*a, **k)
+        _forksafe.foreign_error = failing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            out = child(mode, ex, pool, fut, ares, it)
+        except BaseException as e:
+            out = {"error": repr(e)}
+        with open(report, "w") as f:
+            json.dump(out, f)
+        os._exit(0)
+    if mode == "disown-fails":
+        _forksafe.foreign_error = real
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            res = {"status": os.waitstatus_to_exitcode(status)}
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            res = {"status": "hung"}
+            break
+        time.sleep(0.01)
+    open(gate, "w").close()
+    open(gate + ".go", "w").close()
+    res["parent"] = [fut.result(60), ares.get(60), list(it)]
+    ex.shutdown()
+    pool.close()
+    pool.join()
+    print(json.dumps(res), flush=True)
+
+main(*sys.argv[1:])
+"""
+
+
+def _run_inherited(mode, tmp_path):
+    """Run INHERITED in `mode`; (the parent's summary, the child's report)."""
+    (tmp_path / "forkhelp.py").write_text(FORKHELP)
+    report = tmp_path / "child.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", INHERITED, mode, str(tmp_path / "gate"), str(report)],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 0, (res, out.stderr)  # (not "hung": the child waited for nothing)
+    child = json.loads(report.read_text())
+    assert "error" not in child, child
+    parent_result = "held" if mode == "in-transit" else 1
+    assert res["parent"] == [parent_result, 1, [1, 1, 1]], res  # the parent's tasks are intact
+    return res, child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_disown_that_fails_partway_still_stops_the_childs_waits_on_the_parents_rings(tmp_path):
+    """If disowning an inherited core fails partway in the child (here an
+    injected error before its futures are failed), its workers are still
+    marked dead: a wait on one of its futures never polls the parent's
+    rings (which would take the parent's answers and write its tail)."""
+    res, child = _run_inherited("disown-fails", tmp_path)
+    assert child["foreign"] == [True, True]
+    assert len(child["dead"]) == 2 and all(child["dead"]), child
