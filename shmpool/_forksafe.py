@@ -39,7 +39,11 @@ foreign: it stops waiting on workers (`dead`: a wait on a future fetches
 nothing from the parent's rings) and fails the futures of the tasks the
 core held in the parent with `ForeignPoolError` (their outcome arrives in
 the parent, never here) without running their callbacks (those are the
-parent's threads' work). It takes no lock and writes nothing to shared
+parent's threads' work), and makes the core's locks anew (a vanished
+thread may hold one). A future of a task in transit at the fork (popped
+off a ring, not yet delivered) is in no record the hook can walk: a wait
+on any unfinished inherited future raises `ForeignPoolError` at once
+(`_tasks._TaskFuture`). It takes no lock and writes nothing to shared
 memory: it only changes the child's own copies of the records. The API
 then checks `core.foreign` before anything else: submits raise
 `ForeignPoolError` (a RuntimeError saying to create a new executor or pool
@@ -94,6 +98,10 @@ def _disown(core) -> None:
     """(the child, one thread, no lock taken: see the module docstring)"""
     core.foreign = True
     workers = list(core.workers.values())
+    try:
+        _fresh_locks(core)
+    except Exception:  # noqa: BLE001 - (no _at_fork_reinit: the futures are failed all the same)
+        pass
     try:
         tasks = itertools.chain(core.queue, *(list(w.inflight.values()) for w in workers),
                                 (a[0] for a in list(core._answers)))
@@ -165,6 +173,17 @@ def _place_copies() -> None:
             "not be copied into this fork() child (out of memory): they read as zeros here. Copy the "
             "results a fork child needs (np.array(r)) before forking, or lower "
             "SegmentConfig.pin_fraction.", RuntimeWarning, stacklevel=2)
+
+
+def _fresh_locks(core) -> None:
+    """(the child) The locks the core's threads took may be held by one of
+    them, gone with the fork: they are made anew in place (every future of
+    the core shares its guard; `_tasks` makes a future's condition anew on
+    its first use here). The core's lock stays as it is if this thread
+    holds it (it will release it)."""
+    core.future_guard._at_fork_reinit()
+    if not core.lock._is_owned():
+        core.idle._at_fork_reinit()  # (and its lock, the core's)
 
 
 if hasattr(os, "register_at_fork"):

@@ -409,7 +409,7 @@ def attempt(fn):
         return "WRONG " + repr(e)
     return "WRONG: no error"
 
-def child(mode, ex, pool, fut, ares, it):
+def child(mode, ex, pool, fut, ares, it, extra):
     out = {}
     cores = (ex._core, pool._st.core)
     if mode == "disown-fails":
@@ -419,17 +419,44 @@ def child(mode, ex, pool, fut, ares, it):
         out["done_at_fork"] = fut.done()
         out["result"] = attempt(fut.result)
         out["exception"] = attempt(fut.exception)
+    elif mode == "locks-held":
+        calls = []
+        done_fut = extra[0]
+        done_fut.add_done_callback(lambda f: calls.append(f.result()))
+        done, undone = futures_wait([done_fut, fut], timeout=0)
+        out["wait"] = [len(done), len(undone)]
+        out["cancel"] = fut.cancel()
+        out["calls"] = calls
+        out["result"] = attempt(fut.result)
     return out
 
 def main(mode, gate, report):
     ex = ShmExecutor(1)
     pool = ShmPool(1)
+    extra = []
+    if mode == "locks-held":
+        done_fut = ex.submit(abs, -1)
+        done_fut.result(60)
+        done_fut.add_done_callback(lambda f: None)  # (it has a condition now)
+        extra.append(done_fut)
     fut = ex.submit(held if mode == "in-transit" else wait_for, gate)
     ex._core.processes(60), pool._st.core.processes(60)  # (workers registered: the child disowns them)
     ares = pool.apply_async(wait_for, (gate,))
     it = pool.imap(wait_for, [gate] * 3)
     if mode == "in-transit":
         wait_for(gate + ".in")  # its answer is being delivered: the delivering thread holds it
+    if mode == "locks-held":
+        # Another thread holds what the pool's threads take (the futures'
+        # guard, the core's lock, a future's condition) at the fork.
+        done_fut = extra[0]
+        holding, release = threading.Event(), threading.Event()
+        def hold():
+            with ex._core.future_guard, ex._core.lock, done_fut._condition:
+                holding.set()
+                release.wait(60)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait(60)
     if mode == "disown-fails":
         real, calls = _forksafe.foreign_error, []
         def failing(*a, **k):  # the first disown fails partway (before its futures)
@@ -443,7 +470,7 @@ def main(mode, gate, report):
     pid = os.fork()
     if pid == 0:
         try:
-            out = child(mode, ex, pool, fut, ares, it)
+            out = child(mode, ex, pool, fut, ares, it, extra)
         except BaseException as e:
             out = {"error": repr(e)}
         with open(report, "w") as f:
@@ -451,6 +478,9 @@ def main(mode, gate, report):
         os._exit(0)
     if mode == "disown-fails":
         _forksafe.foreign_error = real
+    if mode == "locks-held":
+        release.set()
+        holder.join()
     deadline = time.monotonic() + 60
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -502,3 +532,27 @@ def test_a_disown_that_fails_partway_still_stops_the_childs_waits_on_the_parents
     res, child = _run_inherited("disown-fails", tmp_path)
     assert child["foreign"] == [True, True]
     assert len(child["dead"]) == 2 and all(child["dead"]), child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_future_in_transit_at_the_fork_fails_at_once_in_the_child(tmp_path):
+    """Forked while a task's answer is being delivered (its result's
+    unpickling holds the delivering thread: the task is off its worker's
+    ring and not yet in its future, in no record the child can walk):
+    in the child `result()` and `exception()` raise `ForeignPoolError` at
+    once instead of waiting forever; the parent gets the result."""
+    res, child = _run_inherited("in-transit", tmp_path)
+    assert child["done_at_fork"] is False, child  # (else nothing was in transit)
+    for call in ("result", "exception"):
+        assert child[call].startswith("foreign: ") and "fork() child" in child[call], child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_locks_a_vanished_thread_held_at_the_fork_do_not_hang_the_child(tmp_path):
+    """Forked while another thread held the futures' guard, the core's lock
+    and a future's condition (as the pool's threads do for a moment): in
+    the child, adding a done callback, `concurrent.futures.wait`, `cancel`
+    and `result` on inherited futures return at once."""
+    res, child = _run_inherited("locks-held", tmp_path)
+    assert child["wait"] == [2, 0] and child["cancel"] is False and child["calls"] == [1], child
+    assert child["result"].startswith("foreign: "), child
