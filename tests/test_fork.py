@@ -428,6 +428,14 @@ def child(mode, ex, pool, fut, ares, it, extra):
         out["cancel"] = fut.cancel()
         out["calls"] = calls
         out["result"] = attempt(fut.result)
+        out["next"] = attempt(lambda: next(it))
+    elif mode == "pool-pending":
+        out["get"] = attempt(ares.get)
+        out["get_timeout"] = attempt(lambda: ares.get(30))
+        out["wait"] = attempt(ares.wait)
+        out["ready"] = ares.ready()
+        out["next"] = attempt(lambda: next(it))
+        out["next_timeout"] = attempt(lambda: it.next(30))
     return out
 
 def main(mode, gate, report):
@@ -451,7 +459,7 @@ def main(mode, gate, report):
         done_fut = extra[0]
         holding, release = threading.Event(), threading.Event()
         def hold():
-            with ex._core.future_guard, ex._core.lock, done_fut._condition:
+            with ex._core.future_guard, ex._core.lock, done_fut._condition, it._cond:
                 holding.set()
                 release.wait(60)
         holder = threading.Thread(target=hold)
@@ -550,9 +558,22 @@ def test_a_future_in_transit_at_the_fork_fails_at_once_in_the_child(tmp_path):
 @pytest.mark.spec("exec.fork-safety")
 def test_locks_a_vanished_thread_held_at_the_fork_do_not_hang_the_child(tmp_path):
     """Forked while another thread held the futures' guard, the core's lock
-    and a future's condition (as the pool's threads do for a moment): in
-    the child, adding a done callback, `concurrent.futures.wait`, `cancel`
-    and `result` on inherited futures return at once."""
+    and a future's condition (as the pool's threads do for a moment), and
+    an imap iterator's lock: in the child, adding a done callback,
+    `concurrent.futures.wait`, `cancel`, `result` and the iterator's
+    `next` return (or raise) at once."""
     res, child = _run_inherited("locks-held", tmp_path)
     assert child["wait"] == [2, 0] and child["cancel"] is False and child["calls"] == [1], child
-    assert child["result"].startswith("foreign: "), child
+    assert child["result"].startswith("foreign: ") and child["next"].startswith("foreign: "), child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_pool_results_pending_at_the_fork_raise_at_once_in_the_child(tmp_path):
+    """An inherited pool's `AsyncResult` and imap iterator still pending at
+    the fork: in the child `get()` (with or without a timeout), `wait()`
+    and `next()` raise `ForeignPoolError` at once (the results arrive in
+    the parent, which gets them)."""
+    res, child = _run_inherited("pool-pending", tmp_path)
+    for call in ("get", "get_timeout", "wait", "next", "next_timeout"):
+        assert child[call].startswith("foreign: ") and "ShmPool" in child[call], (call, child)
+    assert child["ready"] is False
