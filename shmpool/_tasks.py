@@ -20,7 +20,7 @@ import collections
 import os
 import threading
 import time
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Callable
 
@@ -63,11 +63,12 @@ class _TaskFuture(Future):
     hook fails those it finds (`_forksafe`), but a task in transit at the
     fork (popped off a ring, not yet delivered; being sent) is in no record
     it can walk, and keeping a registry of every task would cost each
-    submit. So a wait on an unfinished future made in another process
-    (`_owner`) raises `ForeignPoolError` at once, without fetching or
-    taking a lock; and a condition made in another process (`_home`: a
-    thread that vanished in the fork may hold it) is made anew on first
-    use in this one."""
+    submit. So a future made in another process (`_owner`) and not done
+    fails with `ForeignPoolError` when first waited on or watched here
+    (`result`, `exception`, anything that takes its condition: `wait()`,
+    `as_completed()`, a done callback), without fetching or taking a lock;
+    and a condition made in another process (`_home`: a thread that
+    vanished in the fork may hold it) is made anew on first use here."""
 
     _task = None
     _home = 0  # the process its condition was made in
@@ -88,6 +89,8 @@ class _TaskFuture(Future):
     def _condition(self):
         c = self._cond
         if c is None:
+            if self._owner != _pid:
+                self._fail_inherited()
             with self._guard:
                 c = self._cond
                 if c is None:
@@ -108,16 +111,18 @@ class _TaskFuture(Future):
         except AttributeError:
             c = self._cond = threading.Condition()
         self._waiters = []
+        self._fail_inherited()
         return c
 
-    def _foreign_wait(self) -> None:
-        """A wait on a future inherited through fork() (see the class
-        docstring): a finished one is read as usual, the others raise."""
-        state = self._state
-        if state in _CANCELLED:
-            raise CancelledError()
-        if state != FINISHED:
-            raise _forksafe.foreign_error("ShmExecutor", self._owner, "wait for this result")
+    def _fail_inherited(self) -> None:
+        """(a fork() child) An inherited future that is not done never will
+        be here: it fails with `ForeignPoolError` (set as the fields of a
+        finished future: no lock, no callback, those are the parent's), so
+        that a wait on it, `concurrent.futures.wait()` and `as_completed()`
+        included, ends at once."""
+        if self._state not in _FINAL:
+            self._exception = _forksafe.foreign_error("ShmExecutor", self._owner, "wait for this result")
+            self._state = FINISHED
 
     def _set(self, state: str, result, exception) -> bool:
         """Set the outcome without a condition if nobody has made one
@@ -178,7 +183,7 @@ class _TaskFuture(Future):
     def result(self, timeout=None):
         if self._state not in _DONE:
             if self._owner != _pid:
-                self._foreign_wait()
+                self._fail_inherited()
             else:
                 self._fetch()
         if self._state == FINISHED:  # (fetched: still no condition needed)
@@ -193,7 +198,7 @@ class _TaskFuture(Future):
     def exception(self, timeout=None):
         if self._state not in _DONE:
             if self._owner != _pid:
-                self._foreign_wait()
+                self._fail_inherited()
             else:
                 self._fetch()
         if self._state == FINISHED:

@@ -417,8 +417,10 @@ def child(mode, ex, pool, fut, ares, it, extra):
         out["dead"] = [w.dead for c in cores for w in c.workers.values()]
     elif mode == "in-transit":
         out["done_at_fork"] = fut.done()
+        done, undone = futures_wait([fut])  # (no timeout)
+        out["wait"] = [len(done), len(undone)]
         out["result"] = attempt(fut.result)
-        out["exception"] = attempt(fut.exception)
+        out["exception"] = type(fut.exception()).__name__  # (returned, as a failed future's)
     elif mode == "locks-held":
         calls = []
         done_fut = extra[0]
@@ -547,12 +549,15 @@ def test_a_future_in_transit_at_the_fork_fails_at_once_in_the_child(tmp_path):
     """Forked while a task's answer is being delivered (its result's
     unpickling holds the delivering thread: the task is off its worker's
     ring and not yet in its future, in no record the child can walk):
-    in the child `result()` and `exception()` raise `ForeignPoolError` at
-    once instead of waiting forever; the parent gets the result."""
+    in the child `concurrent.futures.wait()` (without a timeout) returns
+    at once with it done, `result()` raises `ForeignPoolError` and
+    `exception()` returns it, instead of waiting forever; the parent gets
+    the result."""
     res, child = _run_inherited("in-transit", tmp_path)
     assert child["done_at_fork"] is False, child  # (else nothing was in transit)
-    for call in ("result", "exception"):
-        assert child[call].startswith("foreign: ") and "fork() child" in child[call], child
+    assert child["wait"] == [1, 0], child
+    assert child["result"].startswith("foreign: ") and "fork() child" in child["result"], child
+    assert child["exception"] == "ForeignPoolError", child
 
 
 @pytest.mark.spec("exec.fork-safety")
