@@ -41,9 +41,11 @@ core held in the parent with `ForeignPoolError` (their outcome arrives in
 the parent, never here) without running their callbacks (those are the
 parent's threads' work), and makes the core's locks anew (a vanished
 thread may hold one). A future of a task in transit at the fork (popped
-off a ring, not yet delivered) is in no record the hook can walk: a wait
-on any unfinished inherited future raises `ForeignPoolError` at once
-(`_tasks._TaskFuture`). It takes no lock and writes nothing to shared
+off a ring, not yet delivered) is in no record the hook can walk: any
+unfinished inherited future fails with `ForeignPoolError` when first
+waited on or watched in the child (`_tasks._TaskFuture`), and a pending
+pool result raises it from `get`/`wait`/`next` (`pool`); a registry of
+every task would find them, at a cost to every submit. It takes no lock and writes nothing to shared
 memory: it only changes the child's own copies of the records. The API
 then checks `core.foreign` before anything else: submits raise
 `ForeignPoolError` (a RuntimeError saying to create a new executor or pool
@@ -52,8 +54,10 @@ and finalizers skip the core.
 
 Invariants: in a child of fork(), nothing shmpool does with an inherited
 core writes to shared memory, signals a worker, closes the segment, waits
-for a thread or takes a lock a vanished thread may hold. The parent is
-untouched by its children: its pool goes on as if no fork had happened.
+for a thread or takes a lock a vanished thread may hold; no object in the
+child views a pinned slot of the parent's segment. The parent is
+untouched by its children (it only copies, and frees, its pinned pages
+around the fork): its pool goes on as if no fork had happened.
 """
 
 from __future__ import annotations
