@@ -23,6 +23,10 @@
  *  - Futexes are process-shared (no FUTEX_PRIVATE_FLAG): the words live in a
  *    file mapping shared by several processes.
  *
+ *  - page_copy/page_move/page_free: around a fork(), the pages under a
+ *    buffer become, in the child, a private copy of what they held at the
+ *    fork, at the same addresses (zero-copy results stop sharing memory).
+ *
  * spec: shm.ordering.atomics
  */
 #define PY_SSIZE_T_CLEAN
@@ -35,6 +39,8 @@
 
 #ifdef __linux__
 #include <linux/futex.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define SHMPOOL_HAVE_FUTEX 1
@@ -373,6 +379,107 @@ futex_wake(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Private copies (fork() children)                                          */
+/* ------------------------------------------------------------------------ */
+
+/* A fork() parent's results viewing its shared segment must not change
+ * under the child, nor be written by it, and a fork shares MAP_SHARED pages:
+ * before the fork (parent) `page_copy(buf)` copies the whole pages under
+ * `buf` (rounded out: a slot's data need not be page-aligned) into a fresh
+ * private anonymous mapping, which the child inherits copy-on-write as it
+ * was at the fork; in the child `page_move` moves that copy over the
+ * original pages with mremap(MREMAP_FIXED), which atomically drops the
+ * shared pages there (same addresses: every object viewing them keeps its
+ * bytes, now the child's own); in the parent `page_free` unmaps its copy.
+ * Addresses travel as ints: these are for `_forksafe` only. */
+
+static PyObject *
+page_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (!nargs_ok("page_copy", nargs, 1))
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+#ifdef __linux__
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)view.buf & ~(page - 1);
+    uintptr_t end = ((uintptr_t)view.buf + (uintptr_t)view.len + page - 1) & ~(page - 1);
+    size_t n = end - start;
+    void *copy = NULL;
+    if (n) {
+        copy = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (copy == MAP_FAILED)
+            copy = NULL;  /* (no memory: the child gets zero pages, see page_move) */
+        else
+            memcpy(copy, (void *)start, n);
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(KKn)", (unsigned long long)(uintptr_t)copy,
+                         (unsigned long long)start, (Py_ssize_t)n);
+#else
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_NotImplementedError, "page_copy is Linux-only (mremap)");
+    return NULL;
+#endif
+}
+
+/* page_move(copy, start, n) -> bool: (the child, single-threaded) the copy
+ * replaces the pages at start. If that fails (or copy is 0: no copy could
+ * be made), fresh zero pages replace them instead and False is returned:
+ * the range never stays shared with another process. OSError if neither
+ * could be done (the range is unchanged). */
+static PyObject *
+page_move(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long copy, start;
+    Py_ssize_t n;
+    if (!nargs_ok("page_move", nargs, 3))
+        return NULL;
+    copy = PyLong_AsUnsignedLongLong(args[0]);
+    start = PyLong_AsUnsignedLongLong(args[1]);
+    n = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+#ifdef __linux__
+    if (n <= 0)
+        Py_RETURN_TRUE;
+    if (copy && mremap((void *)(uintptr_t)copy, (size_t)n, (size_t)n, MREMAP_MAYMOVE | MREMAP_FIXED,
+                       (void *)(uintptr_t)start) != MAP_FAILED)
+        Py_RETURN_TRUE;
+    int err = errno;
+    if (mmap((void *)(uintptr_t)start, (size_t)n, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != MAP_FAILED) {
+        if (copy)
+            munmap((void *)(uintptr_t)copy, (size_t)n);
+        Py_RETURN_FALSE;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#else
+    PyErr_SetString(PyExc_NotImplementedError, "page_move is Linux-only (mremap)");
+    return NULL;
+#endif
+}
+
+/* page_free(copy, n): unmap a copy page_copy made (the parent, after the fork). */
+static PyObject *
+page_free(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!nargs_ok("page_free", nargs, 2))
+        return NULL;
+    unsigned long long copy = PyLong_AsUnsignedLongLong(args[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+#ifdef __linux__
+    if (copy && n > 0 && munmap((void *)(uintptr_t)copy, (size_t)n) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+#endif
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Module                                                                    */
 /* ------------------------------------------------------------------------ */
 
@@ -399,6 +506,11 @@ static PyMethodDef methods[] = {
     FAST(futex_wait, "futex_wait(buf, off, expected, timeout=None) -> "
                      "WOKEN | VALUE_CHANGED | TIMED_OUT. Releases the GIL."),
     FAST(futex_wake, "futex_wake(buf, off, n) -> number of waiters woken."),
+    FAST(page_copy, "page_copy(buf) -> (copy, start, n): a private copy of the "
+                    "pages under buf (before a fork)."),
+    FAST(page_move, "page_move(copy, start, n) -> bool: the copy replaces the "
+                    "pages at start (a fork child; False: zero pages)."),
+    FAST(page_free, "page_free(copy, n): unmap a copy (the parent, after a fork)."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,3 +59,20 @@ def futex_wait(buf: object, off: int, expected: int, timeout: float | None = Non
 
 def futex_wake(buf: object, off: int, n: int, /) -> int:
     """Wake up to `n` (>= 1) waiters on the word; returns how many woke."""
+
+def page_copy(buf: object, /) -> tuple[int, int, int]:
+    """(Before a fork, for `_forksafe` only.) A private anonymous copy of the
+    whole pages under `buf` (rounded out to pages): (its address, the
+    address of the first page, the length); the copy's address is 0 if
+    none could be made (no memory). Linux-only (NotImplementedError
+    elsewhere)."""
+
+def page_move(copy: int, start: int, length: int, /) -> bool:
+    """(A single-threaded fork() child.) Move the copy over the pages at
+    `start` (mremap): objects viewing them keep their bytes, now private.
+    If that fails, or `copy` is 0 (none could be made), zero pages replace
+    the range and False is returned: it never stays shared. OSError if
+    neither could be done."""
+
+def page_free(copy: int, length: int, /) -> None:
+    """Unmap a copy `page_copy` made (the parent, after the fork)."""

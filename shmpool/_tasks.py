@@ -17,13 +17,14 @@ holds the tasks dispatched to it and not yet answered.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Callable
 
-from . import _threads
+from . import _forksafe, _threads
 
 # Tuning (module attributes, read at use: tests may change them).
 WINDOW_WORK = 0.002  # seconds of queued work an adaptive worker window aims at
@@ -34,6 +35,7 @@ MESSAGE_DEPTH = 2  # requests in flight to a worker busy with short tasks; more 
 MAX_BATCH = 64  # tasks in one request
 BATCH_BYTES = 16384  # a task whose pickle is bigger travels alone; a batch carries about this much
 
+_pid = os.getpid()  # this process (updated in a fork() child): a future made elsewhere is inherited
 _DONE = (CANCELLED_AND_NOTIFIED, FINISHED)  # (concurrent.futures' final states)
 _FINAL = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 _CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
@@ -54,12 +56,26 @@ class _TaskFuture(Future):
     good part of the allocations, and of the garbage collector's work, of a
     `submit`. Until then the states change
     under `guard` (one lock per pool), which the condition's creation takes
-    too: a waiter either sees the outcome, or is notified of it."""
+    too: a waiter either sees the outcome, or is notified of it.
+
+    In a fork() child (spec: exec.fork-safety) an inherited future that is
+    not done never completes: its answer arrives in the parent. The child's
+    hook fails those it finds (`_forksafe`), but a task in transit at the
+    fork (popped off a ring, not yet delivered; being sent) is in no record
+    it can walk, and keeping a registry of every task would cost each
+    submit. So a future made in another process (`_owner`) and not done
+    fails with `ForeignPoolError` when first waited on or watched here
+    (`result`, `exception`, anything that takes its condition: `wait()`,
+    `as_completed()`, a done callback), without fetching or taking a lock;
+    and a condition made in another process (`_home`: a thread that
+    vanished in the fork may hold it) is made anew on first use here."""
 
     _task = None
+    _home = 0  # the process its condition was made in
 
     def __init__(self, guard) -> None:  # (Future.__init__'s fields, but the condition)
         self._guard = guard
+        self._owner = _pid
         self._cond = None
         self._state = PENDING
         self._result = None
@@ -73,13 +89,40 @@ class _TaskFuture(Future):
     def _condition(self):
         c = self._cond
         if c is None:
+            if self._owner != _pid:
+                self._fail_inherited()
             with self._guard:
                 c = self._cond
                 if c is None:
                     self._waiters = []
                     self._done_callbacks = []
                     c = self._cond = threading.Condition()
+                    self._home = _pid
+        elif self._home != _pid:
+            c = self._adopt(c)
         return c
+
+    def _adopt(self, c):
+        """(a fork() child, once) The condition the parent made: its lock
+        may be held by a thread that is gone, its waiters are the parent's."""
+        self._home = _pid
+        try:
+            c._at_fork_reinit()
+        except AttributeError:
+            c = self._cond = threading.Condition()
+        self._waiters = []
+        self._fail_inherited()
+        return c
+
+    def _fail_inherited(self) -> None:
+        """(a fork() child) An inherited future that is not done never will
+        be here: it fails with `ForeignPoolError` (set as the fields of a
+        finished future: no lock, no callback, those are the parent's), so
+        that a wait on it, `concurrent.futures.wait()` and `as_completed()`
+        included, ends at once."""
+        if self._state not in _FINAL:
+            self._exception = _forksafe.foreign_error("ShmExecutor", self._owner, "wait for this result")
+            self._state = FINISHED
 
     def _set(self, state: str, result, exception) -> bool:
         """Set the outcome without a condition if nobody has made one
@@ -139,7 +182,10 @@ class _TaskFuture(Future):
 
     def result(self, timeout=None):
         if self._state not in _DONE:
-            self._fetch()
+            if self._owner != _pid:
+                self._fail_inherited()
+            else:
+                self._fetch()
         if self._state == FINISHED:  # (fetched: still no condition needed)
             if self._exception is None:
                 return self._result
@@ -151,7 +197,10 @@ class _TaskFuture(Future):
 
     def exception(self, timeout=None):
         if self._state not in _DONE:
-            self._fetch()
+            if self._owner != _pid:
+                self._fail_inherited()
+            else:
+                self._fetch()
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
@@ -209,3 +258,12 @@ class _Worker:
         self.service = 0.0  # seconds per task while busy (moving average)
         self.last_done = 0.0
         self.tx = None  # the channel chunked arguments stream over (opened on first use)
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -28,7 +28,10 @@ Fork: in a child of `fork()` the pool is the parent's (`_forksafe`): every
 method that sends work raises `ForeignPoolError` (a RuntimeError saying to
 create a new pool in the child), `close`, `terminate`, `join` and
 `__exit__` return at once without touching the parent's workers, and
-neither garbage collection nor the exit hook does anything.
+neither garbage collection nor the exit hook does anything. A result
+pending at the fork never arrives in the child: `get()`, `wait()` and an
+imap iterator's `next()` raise `ForeignPoolError` at once instead of
+waiting for it (results already in are returned as usual).
 spec: exec.fork-safety
 
 Invariants: every result object becomes ready exactly once, including on
@@ -54,7 +57,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
-from . import _forksafe, _threads
+from . import _forksafe, _tasks, _threads
 from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
@@ -495,6 +498,14 @@ class ShmPool:
 
 
 
+def _no_wait_if_foreign(pool) -> None:
+    """A result of a pool inherited through fork() never arrives here (the
+    parent's workers deliver it to the parent): waiting for it raises at
+    once. spec: exec.fork-safety"""
+    if pool is not None and pool._foreign():
+        raise _forksafe.foreign_error("ShmPool", pool._st.core.owner_pid, "wait for this result")
+
+
 class ApplyResult(_mp.ApplyResult):
     """The result of `apply_async()`: `get(timeout)` (`multiprocessing.
     TimeoutError`), `wait(timeout)`, `ready()`, `successful()`."""
@@ -513,6 +524,7 @@ class ApplyResult(_mp.ApplyResult):
     def wait(self, timeout: float | None = None) -> None:
         if not self._event.is_set():
             _no_wait_in_callback()
+            _no_wait_if_foreign(self._pool)
             self._event.wait(timeout)
 
     def get(self, timeout: float | None = None):
@@ -575,9 +587,12 @@ class IMapIterator(_mp.IMapIterator):
     exception is raised by the `next()` that reaches it; iteration can go
     on after it."""
 
+    _home = 0  # the process its condition was made in (a fork() child makes it anew)
+
     def __init__(self, pool: ShmPool, chunked: bool = False) -> None:  # noqa: D107
         self._pool = pool
         self._cond = threading.Condition(threading.Lock())
+        self._home = _tasks._pid
         self._job = next(_jobs)
         self._items: collections.deque = collections.deque()  # (success, value), in yield order
         self._index = 0  # tasks delivered to _items
@@ -587,6 +602,10 @@ class IMapIterator(_mp.IMapIterator):
         self._chunk: collections.deque = collections.deque()  # rest of the current chunk
 
     def next(self, timeout: float | None = None):
+        if self._home != _tasks._pid:
+            # (a fork() child: a thread that is gone may hold the lock)
+            self._home = _tasks._pid
+            self._cond._at_fork_reinit()
         with self._cond:
             while True:
                 if self._chunk:
@@ -596,6 +615,7 @@ class IMapIterator(_mp.IMapIterator):
                         self._pool = None
                         raise StopIteration
                     _no_wait_in_callback()
+                    _no_wait_if_foreign(self._pool)
                     if not self._cond.wait_for(lambda: self._items or self._index == self._length,
                                                timeout):
                         raise MpTimeoutError

@@ -56,6 +56,7 @@ import struct
 import sys
 import threading
 import types
+import weakref
 from typing import NamedTuple
 import multiprocessing.connection  # noqa: F401 - registers the Connection reducer
 from multiprocessing.reduction import ForkingPickler
@@ -394,9 +395,12 @@ class Pin:
     use" is "some array's reference count is above what it was before
     unpickling". `size` is the shared memory it holds (the slot's
     capacity), `cls` the slot's size class (the huge class for a dedicated
-    extent): what the pin budget counts. spec: shm.varslot.views; spec: exec.oob"""
+    extent): what the pin budget counts. Every pin not yet released is in
+    `live_pins` (also one a delivering thread holds before its core keeps
+    it): a fork() child makes their memory private. spec: shm.varslot.views;
+    spec: exec.oob; spec: exec.fork-safety"""
 
-    __slots__ = ("received", "arrays", "base", "view", "size", "cls")
+    __slots__ = ("received", "arrays", "base", "view", "size", "cls", "__weakref__")
 
     def __init__(self, received, arrays: list, base: list[int], view) -> None:
         self.received = received
@@ -405,6 +409,7 @@ class Pin:
         self.view = view
         self.size = received.capacity
         self.cls = slot_class(received.descriptor.slot_ref)
+        live_pins.add(self)
 
     def in_use(self) -> bool:
         return bool(self.arrays) and _refcounts(self.arrays) != self.base
@@ -417,6 +422,7 @@ class Pin:
 
     def release(self) -> None:
         """Free the slot now (only when nothing uses it, or at teardown)."""
+        live_pins.discard(self)
         self.arrays = []
         if self.view is not None:
             try:
@@ -427,6 +433,9 @@ class Pin:
         if self.received is not None:
             self.received.release()
             self.received = None
+
+
+live_pins: "weakref.WeakSet[Pin]" = weakref.WeakSet()  # (weak: a pin dropped unreleased is no leak)
 
 
 def _refcounts(arrays: list) -> list[int]:

@@ -857,7 +857,8 @@ def test_futures_make_their_condition_only_when_waited_on(ex):
     from shmpool._tasks import _TaskFuture
 
     # The stdlib's fields, and ours (caught here if a Python version adds one).
-    assert set(vars(_TaskFuture(threading.Lock()))) == set(vars(Future())) - {"_condition"} | {"_guard", "_cond"}
+    assert set(vars(_TaskFuture(threading.Lock()))) == (set(vars(Future())) - {"_condition"}
+                                                        | {"_guard", "_cond", "_owner"})
     fs = [ex.submit(ident, i) for i in range(2000)]
     out = [None] * len(fs)
 
