@@ -250,7 +250,15 @@ def test_the_collector_fails_a_malformed_transfer_alone():
 # --------------------------------------------------------------------------
 
 
-from test_channels import lo  # noqa: E402,F401 - the loopback session fixture
+@pytest.fixture
+def lo():
+    from test_channels import Loopback
+
+    pair = Loopback()
+    try:
+        yield pair
+    finally:
+        pair.close()
 
 
 @pytest.mark.spec("shm.session.chunked")
