@@ -296,7 +296,7 @@ class _Worker:
             self.conn.hold_requests -= 1
         return marker(tid, chunked.total)
 
-    def _transfer(self, tid: int) -> bytearray:
+    def _transfer(self, tid: int):
         """Chunked arguments: the transfer's bytes once all arrived, pumping
         meanwhile (the host streams them after the request). Requests routed
         meanwhile wait for this one. Bounded by the host's life: its end

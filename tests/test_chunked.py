@@ -245,6 +245,37 @@ def test_the_collector_fails_a_malformed_transfer_alone():
     assert not filed
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.spec("shm.session.chunked")
+@pytest.mark.spec("shm.guard.validate")
+def test_a_transfer_head_announcing_gigabytes_commits_nothing_until_its_bytes_come():
+    """The length in a head is the sender's word: collecting into it must
+    not commit memory for bytes that never arrive (a guest writing garbage
+    could otherwise make the host's driver zero gigabytes)."""
+    from shmpool.rpc.transfer import LAZY_ABOVE, TRANSFER_HEAD, Collector
+
+    filed: dict = {}
+    c = Collector(3, filed)
+    before = _rss()
+    c.feed(TRANSFER_HEAD.pack(1, 2 << 30) + b"x" * 100, True)  # 2 GiB announced
+    assert _rss() - before < 256 << 20
+    c.feed(b"y" * 100, False)  # ... and the message ends: 200 of 2 GiB
+    failed = filed.pop(1)
+    assert isinstance(failed, TransferFailed) and "200 of the" in str(failed)
+    n = LAZY_ABOVE + 12345  # a real one of that size still arrives whole
+    data = bytes(range(256)) * (n // 256) + b"z" * (n % 256)
+    c.feed(TRANSFER_HEAD.pack(2, n) + data[:1000], True)
+    c.feed(data[1000:], False)
+    assert bytes(filed.pop(2)) == data
+
+
 # --------------------------------------------------------------------------
 # The session layer alone: a loopback pair of one real segment
 # --------------------------------------------------------------------------

@@ -475,9 +475,9 @@ class ChannelTable:
         self._outbox: collections.deque = collections.deque()
         # Peer-opened channels collect transfers (see the module docstring).
         self.collecting = False
-        self.transfers: dict = {}  # transfer id -> bytearray, or TransferFailed
+        self.transfers: dict = {}  # transfer id -> its bytes (bytearray or mmap), or TransferFailed
 
-    def take_transfer(self, tid: int) -> bytearray | None:
+    def take_transfer(self, tid: int):
         """Transfer `tid`'s bytes once all arrived (None before); raises
         TransferFailed if it failed. Each transfer is taken once."""
         got = self.transfers.pop(tid, None)

@@ -25,6 +25,7 @@ its message's last piece; a malformed message fails that transfer alone.
 from __future__ import annotations
 
 import collections
+import mmap
 import struct
 
 from ..errors import TransferFailed
@@ -34,6 +35,10 @@ TRANSFER_HEAD = struct.Struct("<QQ")  # transfer id, length of the bytes that fo
 ABORT = 0xFFFFFFFFFFFFFFFF  # a transfer's length: the sender gave up; the bytes are its reason
 MAX_TRANSFER = 1 << 40
 TRANSFER_PIECE = 64 * 1024  # bytes per Data descriptor (a slot of the default 64 KiB class)
+# A transfer at least this long is collected into anonymous memory, whose
+# pages exist only once its bytes arrive: the length in a head is the
+# sender's word, and a bytearray of it would be zeroed (committed) at once.
+LAZY_ABOVE = 1 << 20
 
 
 class Collector:
@@ -50,7 +55,7 @@ class Collector:
     def _reset(self) -> None:
         self.head = bytearray()  # until its 16 bytes are in
         self.tid = 0
-        self.into: bytearray | None = None
+        self.into: bytearray | mmap.mmap | None = None
         self.at = 0  # bytes collected; -1: an abort's reason is being collected
         self.failed: str | None = None
 
@@ -71,8 +76,8 @@ class Collector:
                     self.failed = f"a transfer of {total} bytes (more than {MAX_TRANSFER})"
                 else:
                     try:
-                        self.into = bytearray(total)
-                    except MemoryError:
+                        self.into = mmap.mmap(-1, total) if total >= LAZY_ABOVE else bytearray(total)
+                    except (MemoryError, OSError, OverflowError):
                         self.failed = f"no memory for a transfer of {total} bytes"
         k = n - pos
         if k and self.into is not None:
