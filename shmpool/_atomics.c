@@ -424,22 +424,29 @@ page_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 #endif
 }
 
-/* page_move(copy, start, n) -> bool: (the child, single-threaded) the copy
+/* page_move(copy, start, n, zero_fallback=True) -> bool: the copy
  * replaces the pages at start. If that fails (or copy is 0: no copy could
- * be made), fresh zero pages replace them instead and False is returned:
- * the range never stays shared with another process. OSError if neither
- * could be done (the range is unchanged). */
+ * be made), with zero_fallback (a fork child: the range must never stay
+ * shared with another process) fresh zero pages replace them instead and
+ * False is returned; without it (a process keeping its own results) the
+ * range is left as it was, the copy unmapped, and False returned. OSError
+ * if neither could be done (the range is unchanged). */
 static PyObject *
 page_move(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long copy, start;
     Py_ssize_t n;
-    if (!nargs_ok("page_move", nargs, 3))
+    int zero_fallback = 1;
+    if (nargs != 3 && nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "page_move() takes 3 or 4 arguments (%zd given)", nargs);
         return NULL;
+    }
     copy = PyLong_AsUnsignedLongLong(args[0]);
     start = PyLong_AsUnsignedLongLong(args[1]);
     n = PyLong_AsSsize_t(args[2]);
     if (PyErr_Occurred())
+        return NULL;
+    if (nargs == 4 && (zero_fallback = PyObject_IsTrue(args[3])) < 0)
         return NULL;
 #ifdef __linux__
     if (n <= 0)
@@ -448,6 +455,11 @@ page_move(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
                        (void *)(uintptr_t)start) != MAP_FAILED)
         Py_RETURN_TRUE;
     int err = errno;
+    if (!zero_fallback) {
+        if (copy)
+            munmap((void *)(uintptr_t)copy, (size_t)n);
+        Py_RETURN_FALSE;
+    }
     if (mmap((void *)(uintptr_t)start, (size_t)n, PROT_READ | PROT_WRITE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != MAP_FAILED) {
         if (copy)
@@ -508,8 +520,9 @@ static PyMethodDef methods[] = {
     FAST(futex_wake, "futex_wake(buf, off, n) -> number of waiters woken."),
     FAST(page_copy, "page_copy(buf) -> (copy, start, n): a private copy of the "
                     "pages under buf (before a fork)."),
-    FAST(page_move, "page_move(copy, start, n) -> bool: the copy replaces the "
-                    "pages at start (a fork child; False: zero pages)."),
+    FAST(page_move, "page_move(copy, start, n, zero_fallback=True) -> bool: the copy "
+                    "replaces the pages at start (False: zero pages, or unchanged without "
+                    "zero_fallback)."),
     FAST(page_free, "page_free(copy, n): unmap a copy (the parent, after a fork)."),
     {NULL, NULL, 0, NULL},
 };

@@ -67,12 +67,13 @@ def page_copy(buf: object, /) -> tuple[int, int, int]:
     none could be made (no memory). Linux-only (NotImplementedError
     elsewhere)."""
 
-def page_move(copy: int, start: int, length: int, /) -> bool:
-    """(A single-threaded fork() child.) Move the copy over the pages at
-    `start` (mremap): objects viewing them keep their bytes, now private.
-    If that fails, or `copy` is 0 (none could be made), zero pages replace
-    the range and False is returned: it never stays shared. OSError if
-    neither could be done."""
+def page_move(copy: int, start: int, length: int, zero_fallback: bool = True, /) -> bool:
+    """Move the copy over the pages at `start` (mremap): objects viewing
+    them keep their bytes, now private. If that fails, or `copy` is 0 (none
+    could be made): with `zero_fallback` (a fork() child: the range must
+    never stay shared) zero pages replace the range and False is returned
+    (OSError if neither could be done); without it the range is left as it
+    was, the copy unmapped, and False returned."""
 
 def page_free(copy: int, length: int, /) -> None:
     """Unmap a copy `page_copy` made (the parent, after the fork)."""

@@ -344,7 +344,7 @@ class Core(Dispatching, Answering):
                 self._closed = True
         with self.lock:
             for p in self.pins:
-                p.release()
+                p.detach()  # (a result still in use keeps its bytes, as private memory)
             self.pins = []
             self._init = None  # initargs may hold resources (multiprocessing queues, locks)
             logs = [w.startup_log for w in self.workers.values() if w.startup_log is not None]

@@ -63,6 +63,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import cloudpickle
 
+from . import _atomics
 from .errors import PayloadTooLargeError, SlotExhaustedError
 from .rpc.messages import Outgoing, alloc
 from .shm.layout import INLINE_CAPACITY, slot_class
@@ -419,6 +420,27 @@ class Pin:
             return False
         self.release()
         return True
+
+    def detach(self) -> None:
+        """At the pool's teardown: a result still in use keeps its bytes,
+        now this process's own memory (the pages under it are copied and
+        moved over the segment's at the same addresses: a fork() child then
+        gets them copy-on-write like any memory, where it shared the
+        parent's segment pages before; spec: exec.fork-safety); its slot
+        then stays allocated for as long as the segment lives. (A write to
+        the array by another thread during the copy may be lost.) A result
+        nothing uses, or one whose pages cannot be copied, is released."""
+        view = self.view
+        if view is not None and self.in_use():
+            try:
+                copy, start, n = _atomics.page_copy(view)
+                moved = bool(copy) and _atomics.page_move(copy, start, n, False)
+            except Exception:  # noqa: BLE001 - (not Linux): it stays a view of the segment
+                moved = False
+            if moved:
+                # (its slot meta may share a page now private: no free of it)
+                self.received = None
+        self.release()
 
     def release(self) -> None:
         """Free the slot now (only when nothing uses it, or at teardown)."""

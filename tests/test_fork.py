@@ -364,6 +364,52 @@ def test_results_kept_zero_copy_are_the_childs_own_memory_after_a_fork(tmp_path)
     assert res["parent_intact"] == {"class": True, "huge": True}, res
 
 
+AFTER_CLOSE = r"""
+import json, os, sys
+import numpy as np
+from shmpool import ShmExecutor
+
+def make(v, n):
+    import numpy as np
+    return np.full(n, v, dtype=np.float64)
+
+res = {}
+with ShmExecutor(1) as ex:
+    kept = [ex.submit(make, float(i), n).result(60) for i, n in enumerate((1 << 17, 20 << 17), 1)]
+    res["pinned"] = ex.statistics()["pinned_results"]
+res["intact_after_close"] = [bool((a == i).all()) for i, a in enumerate(kept, 1)]
+r, w = os.pipe()
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    ok = all(bool((a == i).all()) for i, a in enumerate(kept, 1))
+    for a in kept:
+        a[:] = 9.0  # the child's own memory: the parent must not see it
+    os.write(w, b"1" if ok else b"0")
+    os._exit(0)
+res["child_saw_values"] = os.read(r, 1) == b"1"
+os.waitpid(pid, 0)
+res["parent_intact"] = [bool((a == i).all()) for i, a in enumerate(kept, 1)]
+kept[0][:] = 5.0  # still the parent's, writable
+res["writable"] = bool((kept[0] == 5.0).all())
+print(json.dumps(res), flush=True)
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_results_kept_past_shutdown_are_not_shared_with_a_later_fork_child():
+    """A result kept zero-copy past the pool's shutdown keeps its values,
+    as this process's own memory: a fork() child made afterwards writes to
+    its copy and the parent never sees it (it shared the segment's pages)."""
+    pytest.importorskip("numpy")
+    out = subprocess.run([sys.executable, "-c", AFTER_CLOSE], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"pinned": 2, "intact_after_close": [True, True], "child_saw_values": True,
+                   "parent_intact": [True, True], "writable": True}, res
+
+
 # A module the workers import too (the host's PYTHONPATH): tasks that wait
 # for a gate file, and a result whose unpickling in the host holds the
 # delivering thread until told (its task is then between its worker's
