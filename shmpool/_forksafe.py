@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import warnings
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 
@@ -128,12 +129,20 @@ def _disown(core) -> None:
             w.dead = True
 
 
-_copies: list = []  # (copy, start, length) of each pinned range, from before a fork until after
+# (copy, start, length, view) of each pinned range, from before a fork until
+# after it. The view keeps the pinned mapping in place meanwhile (a pin
+# released by another thread could otherwise unmap it, and the child's move
+# land on whatever is mapped there next); the lock keeps two threads that
+# fork at once from mixing their copies (another module's before-fork hook
+# may block, so the hooks of two forks can interleave).
+_copies: list = []
+_fork_lock = threading.Lock()
 
 
 def _copy_pins() -> None:
     """(the parent, just before a fork) Copy the pages of each pinned
     result still in use (see the module docstring)."""
+    _fork_lock.acquire()
     _copies.clear()
     try:
         pins = list(live_pins)
@@ -144,7 +153,7 @@ def _copy_pins() -> None:
         try:
             if view is None or not pin.in_use():
                 continue  # (released, or no object views it any more)
-            _copies.append(_atomics.page_copy(view))
+            _copies.append((*_atomics.page_copy(view), view))
         except Exception:  # noqa: BLE001 - (released meanwhile by another thread; not Linux)
             pass
 
@@ -153,19 +162,30 @@ def _free_copies() -> None:
     """(the parent, just after the fork) The child has its own."""
     copies = list(_copies)
     _copies.clear()
-    for copy, _start, n in copies:
-        try:
-            _atomics.page_free(copy, n)
-        except Exception:  # noqa: BLE001 - never fail a fork
-            pass
+    try:
+        for copy, _start, n, _view in copies:
+            try:
+                _atomics.page_free(copy, n)
+            except Exception:  # noqa: BLE001 - never fail a fork
+                pass
+    finally:
+        _release_fork_lock()
+
+
+def _release_fork_lock() -> None:
+    try:
+        _fork_lock.release()
+    except RuntimeError:  # (not held: a fork whose before-hook did not run)
+        pass
 
 
 def _place_copies() -> None:
     """(the child) The copies replace the shared pages of the pinned results."""
     copies = list(_copies)
     _copies.clear()
+    _release_fork_lock()  # (the forking thread, the child's only one, holds it)
     lost = 0
-    for copy, start, n in copies:
+    for copy, start, n, _view in copies:
         try:
             if not _atomics.page_move(copy, start, n):
                 lost += n
