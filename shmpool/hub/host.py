@@ -53,6 +53,7 @@ from .spawn import SpawnTicket
 fetch_or_u32 = _atomics.fetch_or_u32
 load_u32 = _atomics.load_u32
 SEND_SLICE = 0.02  # a blocked send re-checks the guest's liveness this often
+TRY_LOCK_WAIT = 0.001  # how long a try-send waits for another sender's push (which holds the lock for microseconds)
 _H2G_DOORBELL_BIT = L.SLEEP_H2G_CONSUMER << L.SLEEP_DOORBELL_SHIFT
 
 
@@ -227,7 +228,8 @@ class ShmHost:
         """Push `desc` into `peer_id`'s host->guest ring, waiting up to
         `timeout` seconds for room (None: as long as the guest lives).
         Returns False on timeout (with timeout 0 also when another thread
-        is pushing to this guest right now: never a wait); raises
+        held this guest's send lock for TRY_LOCK_WAIT: a push takes
+        microseconds, so that is a thread stopped inside one); raises
         `PeerDeadError` if the guest is dead or gone. Safe from several
         threads (one lock per guest, held for a try-push only)."""
         p = self._driver._peers.get(peer_id)
@@ -238,11 +240,12 @@ class ShmHost:
         buf = self.segment.buf
         ring, lock = p.tx, p.tx_lock
         while True:
-            # The lock is held for a try-push only, never for a wait: a
-            # try-send (timeout 0: the executor's, under its own lock) that
-            # finds another sender pushing takes it for a full ring instead
-            # of waiting behind it; a blocking send waits for room outside.
-            if not lock.acquire(timeout != 0):
+            # The lock is held for a try-push only (microseconds), never for
+            # a wait: a try-send (timeout 0: the executor's, under its own
+            # lock) waits at most TRY_LOCK_WAIT for another sender's push,
+            # then takes it for a full ring; a blocking send waits for room
+            # outside the lock.
+            if not lock.acquire(True, -1 if timeout != 0 else TRY_LOCK_WAIT):
                 return False
             try:
                 if p.dead:
