@@ -17,10 +17,17 @@ tmpfs returns the memory at once).
 A payload that can never fit (above the memory limit or the maximum payload
 size) fails at once with PayloadTooLargeError.
 
-Guarding: an entry's offset and size are checked before they are mapped
-or punched (page-aligned, beyond the fixed regions, at most the memory
-limit); garbage raises SegmentCorruptError (the table is shared by every
-guest). spec: shm.guard.validate
+Guarding: any process can rewrite any entry, so this process keeps a
+private record of every extent range it has seen published (huge entries
+and the size classes' extents, each recorded the first time it is seen)
+and checks an entry at every load, before its range is mapped, punched or
+fallocated: the first time, that it is page-aligned, beyond the fixed
+regions, ends within the part of the file reserved so far (the header's
+current size, never beyond the memory limit) and overlaps no range
+recorded; afterwards, that its (offset, size) is still the one recorded
+(a dict lookup). Garbage raises SegmentCorruptError through the pool's
+corruption path (the table is shared by every guest: nobody can be
+blamed). spec: shm.guard.validate
 
 Invariants: an entry's (offset, size) never changes once its offset is
 published; the status word follows the slot rules (generation, state,
@@ -31,6 +38,7 @@ spec: shm.varslot.huge
 
 from __future__ import annotations
 
+import threading
 import time
 
 from .. import _atomics
@@ -61,22 +69,102 @@ class HugeExtents:
         self.me = pool.me
         self._ph = pool.layout.pool_header_offset
         self._cache = L.huge_cache_limit(pool.config.memory_limit)
+        # This process's own record of the file (never in shared memory):
+        # huge entry offset -> its (offset, size); (class, extent) -> offset;
+        # range start -> (end, what) for the overlap checks. First sights
+        # take the lock (any host thread may meet a new entry).
+        self._seen: dict[int, tuple[int, int]] = {}
+        self._extents: dict[tuple[int, int], int] = {}
+        self._ranges: dict[int, tuple[int, str]] = {}
+        self._lock = threading.RLock()
 
     def _range(self, e: int) -> tuple[int, int]:
-        """(offset, size) of entry `e`, validated before anyone maps or
-        punches it. spec: shm.guard.validate"""
-        off, sz = load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE)
+        """(offset, size) of entry `e`, validated before anyone maps,
+        punches or fallocates it. spec: shm.guard.validate"""
+        got = (load_u64(self.buf, e + L.HE_OFFSET), load_u64(self.buf, e + L.HE_SIZE))
+        if self._seen.get(e) == got:  # the hot path: an entry already recorded
+            return got
+        try:
+            with self._lock:
+                return self._first_sight(e, *got)
+        except SegmentCorruptError as err:
+            raise self.pool._corrupted(err) from None
+
+    def _first_sight(self, e: int, off: int, sz: int) -> tuple[int, int]:
+        known = self._seen.get(e)
+        if known == (off, sz):  # (another thread recorded it meanwhile)
+            return known
+        if known is not None:
+            raise SegmentCorruptError(
+                f"huge-table entry at offset {e} changed from [{known[0]}, +{known[1]}) to "
+                f"[{off}, +{sz}) (an entry's range never changes once published)")
         if off % L.PAGE or off < self.lay.slot_region_offset or not 0 < sz <= self.pool.config.memory_limit:
             raise SegmentCorruptError(f"huge-table entry at offset {e} describes [{off}, +{sz}), "
                                       "not a range of huge extents")
+        self._learn_classes()
+        self._claim(off, sz, f"the huge extent of entry {(e - self.lay.huge_table_offset) // L.HUGE_ENTRY_SIZE}")
+        self._seen[e] = (off, sz)
         return off, sz
+
+    def _claim(self, off: int, size: int, what: str) -> None:
+        """Record [off, off + size) as `what`'s, after checking that it ends
+        within the part of the file reserved so far (the current size only
+        grows, and never past the memory limit) and overlaps no range
+        recorded before (extents are never moved, shrunk or freed)."""
+        end = off + size
+        top = min(load_u64(self.buf, L.H_CURRENT_SIZE), self.pool.config.memory_limit)
+        if end > top:
+            raise SegmentCorruptError(f"{what} [{off}, +{size}) ends beyond the {top} bytes of the "
+                                      "segment reserved so far")
+        for start, (stop, other) in self._ranges.items():
+            if start < end and off < stop and (start, stop, other) != (off, end, what):
+                raise SegmentCorruptError(f"{what} [{off}, +{size}) overlaps {other} [{start}, +{stop - start})")
+        self._ranges[off] = (end, what)
+
+    def class_extent(self, c, e: int, off: int, mine: bool = False) -> None:
+        """Check and record where extent `e` of class `c` lies, the first
+        time this process sees it (`mine`: it just grew it). Raises
+        SegmentCorruptError (not through the corruption path: the caller
+        decides). spec: shm.guard.validate"""
+        key = (c.index, e)
+        if self._extents.get(key) == off:
+            return
+        with self._lock:
+            known = self._extents.get(key)
+            if known == off:
+                return
+            what = f"extent {e} of class {c.index}"
+            if known is not None:
+                raise SegmentCorruptError(f"{what} moved from offset {known} to {off} "
+                                          "(an extent's offset never changes once published)")
+            if mine:
+                self._ranges[off] = (off + c.esize, what)
+            else:
+                self._claim(off, c.esize, what)
+            self._extents[key] = off
+
+    def _learn_classes(self) -> None:
+        """Record every class extent published so far, so that a huge
+        range is checked against all of them (not only those mapped here)."""
+        for c in self.pool._classes:
+            for e in range(L.MAX_EXTENTS):
+                off = load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e)
+                if not off or self._extents.get((c.index, e)) == off:
+                    continue
+                if off % L.PAGE or off < self.lay.slot_region_offset:
+                    raise SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
+                                              "inside the fixed regions or not page-aligned")
+                self.class_extent(c, e, off)
 
     def _map(self, e: int, populate: bool = True) -> tuple[memoryview, int, int]:
         off, sz = self._range(e)
         try:
             return self.pool.segment.map_range(off, sz, populate), off, sz
+        except SegmentCorruptError as err:
+            raise self.pool._corrupted(err) from None
         except (SegmentError, ValueError, OSError) as err:
-            raise SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}") from None
+            raise self.pool._corrupted(
+                SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}")) from None
 
     def _punch(self, e: int) -> int:
         view, off, sz = self._map(e, populate=False)
@@ -103,7 +191,11 @@ class HugeExtents:
             busy = L.pack_status(st >> 32, L.ALLOCATED, self.me)
             if cas_u64(self.buf, e + L.HE_STATUS, st, busy) != st:
                 continue
-            sz = self._punch(e)
+            try:
+                sz = self._punch(e)
+            except SegmentCorruptError:
+                store_u64(self.buf, e + L.HE_STATUS, st)  # (its range is garbage: left alone)
+                raise
             store_u64(self.buf, e + L.HE_RESIDENT, 0)
             store_u64(self.buf, e + L.HE_STATUS, st)
             released += sz
@@ -145,7 +237,8 @@ class HugeExtents:
             i, st, sz, off = best
             gen = ((st >> 32) + 1) & 0xFFFFFFFF or 1
             e = self.lay.huge_entry(i)
-            self._range(e)  # never fallocate or hand out a garbage range
+            if self._range(e) != (off, sz):  # never fallocate or hand out a garbage range
+                continue  # (unreachable for an honest entry: its range is fixed)
             if cas_u64(buf, e + L.HE_STATUS, st, L.pack_status(gen, L.ALLOCATED, self.me)) != st:
                 continue
             if not load_u64(buf, e + L.HE_RESIDENT):
@@ -172,6 +265,9 @@ class HugeExtents:
                 return None
             store_u64(buf, e + L.HE_STATUS, L.pack_status(1, L.ALLOCATED, self.me))
             store_u64(buf, e + L.HE_RESIDENT, cap)  # fallocate populated it
+            with self._lock:  # ours: recorded without checks
+                self._seen[e] = (off, cap)
+                self._ranges[off] = (off + cap, f"the huge extent of entry {i}")
             store_u64(buf, e + L.HE_OFFSET, off)
             self.pool.allocs += 1
             return Slot(_ref(i), 1, cap)

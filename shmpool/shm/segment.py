@@ -45,7 +45,7 @@ import weakref
 from pathlib import Path
 
 from .. import _atomics
-from ..errors import ConfigError, SegmentError
+from ..errors import ConfigError, SegmentCorruptError, SegmentError
 from . import layout as L
 from .layout import SegmentConfig, SegmentLayout, SizeClass
 from .files import (  # (re-exported: the named-file API lives in files.py)
@@ -435,17 +435,29 @@ class Segment:
         is mapped once per process, separately, so existing mappings never
         move. `populate` (for ranges whose pages exist) sets up the page
         tables in one go: faulting in a 256 MiB extent page by page costs
-        about three times as much. spec: shm.file.mmap-posix"""
+        about three times as much. An offset already mapped with another
+        length raises SegmentCorruptError (the existing mapping stays).
+        spec: shm.file.mmap-posix"""
         got = self._maps.get(offset)
-        if got is not None and len(got[1]) >= length:
+        if got is not None and len(got[1]) == length:
             return got[1]
         with self._map_lock:  # two threads meeting a new extent map it once
             return self._map_new(offset, length, populate)
 
     def _map_new(self, offset: int, length: int, populate: bool) -> memoryview:
         got = self._maps.get(offset)
-        if got is not None and len(got[1]) >= length:
-            return got[1]
+        if got is not None:
+            if len(got[1]) == length:
+                return got[1]
+            # One offset has one length for the life of the segment (an
+            # extent's or a huge extent's range never changes once
+            # published): another length is garbage read from the segment,
+            # and closing the mapping would pull it from under whoever holds
+            # it (a size class, a caller's zero-copy view). spec: shm.guard.validate
+            raise SegmentCorruptError(
+                f"[{offset}, +{length}) asked to be mapped, but this process maps "
+                f"{len(got[1])} bytes at offset {offset}: one offset is one extent"
+            )
         if offset % L.PAGE or length <= 0:
             raise ValueError(f"cannot map [{offset}, +{length}): offset must be page-aligned")
         if os.fstat(self._fd).st_size < offset + length:
@@ -455,8 +467,6 @@ class Segment:
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
         mm = mmap.mmap(self._fd, length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         view = memoryview(mm)
-        if got is not None:  # a longer mapping replaces a shorter one
-            _close_map(*got)
         self._maps[offset] = (mm, view)
         return view
 

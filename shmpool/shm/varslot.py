@@ -32,8 +32,9 @@ its grow lock (a pid, taken over if that process is dead).
 
 Guarding: every slot reference, extent offset and status word read from
 the segment is checked before it is used (a reference names an existing
-slot, an extent lies inside the file beyond the fixed regions, a state is
-one of the four). A bad reference or status in a descriptor is a
+slot, an extent lies inside the file beyond the fixed regions and
+overlaps no extent this process has recorded (huge.py keeps that private
+record), a state is one of the four). A bad reference or status in a descriptor is a
 StaleSlotError (the sender's violation); garbage in the shared structures
 (free lists, class headers, huge table) raises SegmentCorruptError, after
 which this SlotPool is `broken`: it reports it once (`on_corrupt`),
@@ -229,6 +230,7 @@ class SlotPool:
         if off < self.layout.slot_region_offset or off % L.PAGE:  # spec: shm.guard.validate
             raise SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
                                       "inside the fixed regions or not page-aligned")
+        self._huge.class_extent(c, e, off)  # reserved, overlapping no extent seen, never moved
         try:  # (beyond the end of the file: mapping it would SIGBUS at the first touch)
             view = self.segment.map_range(off, c.esize)  # spec: shm.varslot.extents
         except (SegmentError, ValueError, OSError) as err:
@@ -381,6 +383,7 @@ class SlotPool:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_GROW_RESERVED)
             view = self.segment.map_range(off, c.esize)
+            self._huge.class_extent(c, e, off, mine=True)
             _format_extent(view, 0, c.index, e, c.cls, grower=self.me)
             while len(c.extents) <= e:
                 c.extents.append(None)
