@@ -105,3 +105,28 @@ def test_garbage_entry_naming_the_host_or_its_parent_is_recovered_not_killed(whi
     if which == "parent":
         assert "shell survived rc=0" in r.stdout, r.stdout
     assert "not adopted" in r.stderr
+
+
+@pytest.mark.spec("shm.guard.isolate")
+def test_garbage_in_a_class_header_breaks_the_pool_once_and_blames_no_guest():
+    # A result arrives in a slot whose class header names a bad extent
+    # offset: shared garbage, not its sender's fault. The pool breaks once
+    # (every future ends with PoolBrokenError naming it); no worker is
+    # killed for it, one after another.
+    import guard_tasks as G
+    from concurrent.futures import wait
+
+    from shmpool import ShmExecutor
+    from shmpool.errors import PoolBrokenError
+
+    with ShmExecutor(2, max_retries=3) as ex:
+        assert list(ex.map(G.square, range(4))) == [G.expected(i) for i in range(4)]
+        bad = ex.submit(G.corrupt_class_header_then_return, 30_000)
+        done, not_done = wait([bad], timeout=120)
+        assert not not_done, "the future never ended"
+        exc = bad.exception()
+        assert isinstance(exc, PoolBrokenError), repr(exc)
+        assert "class 2 names offset" in str(exc), str(exc)
+        hub = ex.statistics()["hub"]
+        assert hub["violations"] == 0, hub
+        assert hub["deaths_by_cause"].get("violation", 0) == 0, hub
