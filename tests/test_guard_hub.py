@@ -130,3 +130,31 @@ def test_garbage_in_a_class_header_breaks_the_pool_once_and_blames_no_guest():
         hub = ex.statistics()["hub"]
         assert hub["violations"] == 0, hub
         assert hub["deaths_by_cause"].get("violation", 0) == 0, hub
+
+
+@pytest.mark.spec("shm.spawn.clean-entry")
+def test_garbage_in_an_empty_entry_is_overwritten_when_a_guest_takes_it():
+    # Out-of-range ring indices, sleep flags and descriptor bytes left in an
+    # Empty entry (a scribble): the next add_peer for that id (a restart
+    # asks for the same one) succeeds, and a real guest attaches there and
+    # serves.
+    from hub_peer import Hub, message
+
+    hub = Hub()
+    try:
+        host = hub.host
+        seg = host.segment
+        e = PeerEntry(seg, 1)
+        assert e.state == PeerState.EMPTY
+        for w in (L.P_G2H_HEAD, L.P_G2H_TAIL, L.P_H2G_HEAD, L.P_H2G_TAIL, L.P_SLEEP_FLAGS):
+            A.store_u32(seg.buf, e.off + w, 0xFFFFFFF0)
+        g2h = seg.layout.g2h_ring(1)
+        seg.buf[g2h:g2h + 64] = b"\xAB" * 64
+        t, p = hub.start("echo", peer_id=1)
+        assert t.peer_id == 1
+        assert host.wait_attached(1, 30)
+        for i in range(3):
+            assert host.send(1, message(i, 1, 0), timeout=5)
+            assert host.receive(timeout=10) is not None
+    finally:
+        hub.close()
