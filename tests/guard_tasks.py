@@ -114,3 +114,23 @@ def scribble_anywhere(seed: int, writes: int, mark: str | None = None) -> str:
         off = start + rnd.randrange(0, max(1, length - n))
         view[off:off + n] = rnd.randbytes(n)
     return f"scribbled {writes} in pid {os.getpid()}"
+
+
+def corrupt_class_header_then_return(n: int) -> bytes:
+    """Map the size class an n-byte result uses (allocate and free one of
+    its slots), then write a bad offset (a page inside the fixed regions)
+    into that class header's extent table, and return n bytes: the result
+    travels in a slot of an extent the host has never mapped, so the host
+    finds the garbage in the SHARED class header, which is not this
+    worker's fault."""
+    w = _worker()
+    slots = w.session.slots
+    s = slots.try_alloc(n + 4096)
+    assert s is not None
+    slots.free(s)
+    ci = L.unpack_slot_ref(s.ref)[0]
+    c = slots._classes[ci]
+    for e, got in enumerate(c.extents):
+        if got is not None:
+            A.store_u64(slots.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e, L.PAGE)
+    return bytes(n)

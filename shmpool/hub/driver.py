@@ -423,7 +423,7 @@ class Driver(Endings):
         for p in self._live:
             if p.phase == SPAWNED:
                 self._check_attached(p)
-            if p.phase == LEAVING and now > p.leave_deadline:
+            if p.phase == LEAVING and now > p.leave_deadline and p.proc is not None:
                 p.kill()  # said goodbye but does not exit; its pidfd reports the end
             if p.phase != ATTACHED:
                 continue
@@ -487,8 +487,22 @@ class Driver(Endings):
             self._death(p, "state")
             return
         self._check_attached(p)
+        pid = p.pid
+        if pid <= 0 or pid in (os.getpid(), os.getppid()):
+            # spec: shm.guard.own-processes -- no guest runs as the host or
+            # its parent: the entry holds garbage (a scribble, not a guest
+            # to watch). Recovered without a pidfd, so nobody is signalled.
+            p.pid = p.info.pid = 0
+            p.violation = p.info.violation = (
+                f"shm.guard.validate: its peer entry names pid {pid}, the host's own or its "
+                "parent's, or none")
+            self.stats["violations"] += 1
+            print(f"shmpool hub: entry {pid_} not adopted ({p.violation}); recovering it",
+                  file=sys.stderr)
+            self._death(p, "violation")
+            return
         try:
-            p.pidfd = os.pidfd_open(p.pid)
+            p.pidfd = os.pidfd_open(pid)
         except OSError:
             self._death(p, "pidfd")  # already gone
             return

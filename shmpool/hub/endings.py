@@ -19,7 +19,10 @@ host started is killed at once -> unregister, reap -> `on_death(peer_id)`
 -> `_recover(p)` (a violator's ring is drained like any other, each
 descriptor validated on its own, bounded by the ring's size).
 
-Invariants: everything here runs on the driver thread; a death is handled
+Invariants: only a process the host started (`HostPeer.proc`) is ever
+signalled; an adopted guest is known by a pid in shared memory, which any
+guest can overwrite (spec: shm.guard.own-processes). Everything here runs
+on the driver thread; a death is handled
 once per incarnation (`HostPeer.phase` goes to DEAD once); user callbacks
 run without `_lock` held.
 """
@@ -96,17 +99,16 @@ class Endings:
         self._unregister(p.doorbell.fileno() if p.doorbell is not None and not p.doorbell.closed else None)
         self._unregister(p.pidfd)
         info.cause = cause
-        if cause in ("heartbeat", "epoch"):
-            p.kill()  # it may be stopped or confused; it must not touch the entry again
-        if cause == "violation":
-            # spec: shm.guard.isolate -- killed, but only a process this
-            # host started (a guest that attached by itself is left to live;
-            # its entry is recovered all the same).
-            if p.proc is not None:
-                p.kill()
-            self._reap(p, EXIT_GRACE, kill=p.proc is not None)
-        else:
-            self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=cause != "goodbye")
+        # spec: shm.guard.own-processes -- only a process this host started
+        # is ever signalled. An adopted guest (attached without a ticket)
+        # names its pid in shared memory, which any guest can overwrite: it
+        # is unregistered and its entry recovered, nothing more.
+        ours = p.proc is not None
+        if ours and cause in ("heartbeat", "epoch", "violation"):
+            # stopped or confused (or broke the protocol): it must not touch
+            # the entry again. spec: shm.guard.isolate
+            p.kill()
+        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=ours and cause != "goodbye")
         self.stats["deaths"] += 1
         self.stats["deaths_" + cause] += 1
         if not self._closing and p.on_death is not None:
@@ -122,6 +124,12 @@ class Endings:
         """Collect the exit status; a guest still running after `grace` is
         killed (`kill`) or left to be reaped when it exits."""
         if p.pidfd is None and p.proc is None:
+            return
+        if p.proc is None:
+            # An adopted guest: not our child, so no exit status to collect
+            # and never a signal (spec: shm.guard.own-processes); its pidfd
+            # is closed at once rather than waited on.
+            p.collect()
             return
         exited = p.exited(grace)
         if not exited and kill:

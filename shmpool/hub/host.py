@@ -48,6 +48,7 @@ from .driver import Driver
 from .peer import (
     ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HostPeer, PeerEntry, PeerInfo, PeerState,
 )
+from .recovery import clean_entry
 from .spawn import SpawnTicket
 
 fetch_or_u32 = _atomics.fetch_or_u32
@@ -158,6 +159,11 @@ class ShmHost:
             info = PeerInfo(chosen.peer_id, opts.peer_name)
             p = HostPeer(chosen, opts.peer_name, opts.on_death, info)
             try:
+                # spec: shm.spawn.clean-entry -- the reserved entry is the
+                # host's until its guest attaches: whatever an Empty entry
+                # holds (garbage a guest scribbled there) is overwritten
+                # here, so it cannot make the rings refuse to open.
+                clean_entry(self.segment, chosen)
                 p.doorbell, p.guest_end = Doorbell.pair()
                 # No doorbell on the host's ring ends: its bytes belong to the driver.
                 p.tx, p.rx = open_rings(self.segment, chosen.peer_id, "host")

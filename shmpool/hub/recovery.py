@@ -2,7 +2,10 @@
 
 Owns: the ordered sequence of steps that turns the entry of a guest that
 died (or left) into one a replacement can take, and the shared-memory
-steps of it (ring reset, channel table reset, slot reclaim).
+steps of it (ring reset, channel table reset, slot reclaim). The same
+resets clean an entry the host has just reserved for a new guest
+(`clean_entry`, called by `ShmHost.add_peer`), so that garbage left in
+an Empty entry is overwritten before its rings are opened.
 
 Data flow: the driver thread, after it declared a guest dead and ran its
 `on_death` callback, calls `recover()` with hooks for the steps that need
@@ -77,6 +80,20 @@ def reset_channels(segment, peer_id: int) -> None:
         store_u32(buf, e, 0)
         store_u32(buf, e + 4, 0)
         store_u64(buf, e + 8, 0)
+
+
+def clean_entry(segment, entry: PeerEntry) -> None:
+    """Zero what an entry the host just reserved (Empty -> Reserved) may
+    hold besides its state and epoch: rings (indices, sleep flags,
+    descriptors), channel table, pid and heartbeat. An Empty entry should
+    hold zeros already (recovery leaves it so), but a guest may have
+    scribbled anywhere; nobody else uses a Reserved entry, and the control
+    region is allocated at creation, so this commits nothing new.
+    spec: shm.spawn.clean-entry"""
+    reset_rings(segment, entry.peer_id)
+    reset_channels(segment, entry.peer_id)
+    entry.set_pid(0)
+    entry.beat(0)
 
 
 def recover(

@@ -27,7 +27,10 @@ Data flow:
   death is still delivered, each message judged on its own (so a call it
   answered is not run again), and its death ends the session with
   `GuestViolationError` (a `PeerDeadError`: the executor resubmits the
-  calls, charging the one the guest was running). spec: shm.guard.isolate
+  calls, charging the one the guest was running). Garbage a descriptor
+  leads to in a shared structure (a class header's extent offset) is not
+  its sender's: the host's slot pool breaks and reports it once, and the
+  descriptor is dropped. spec: shm.guard.isolate
 - waiting: on the host the driver feeds, waiters sleep on a condition; on a
   guest there is no reader thread: a thread that must wait pumps the rings
   itself if no other thread is pumping (`wait_until`).
@@ -395,8 +398,20 @@ class Connection:
             return Received(self.slots, d)
         try:
             rec = Received(self.slots, d)
-        except (StaleSlotError, SegmentCorruptError) as e:
+        except StaleSlotError as e:
             self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
+            return None
+        except SegmentCorruptError as e:
+            if d.slot_ref >> 28 == L.HUGE_CLASS or self._violation_fn is None:
+                # (an in-flight huge extent's range is written by its sender)
+                self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
+            else:
+                # (on the host) A class header's extent table is shared: its
+                # garbage is no one guest's fault. The slot pool breaks (once) and reports
+                # it, so the pool ends instead of killing guest after guest.
+                # The descriptor is dropped. spec: shm.guard.isolate
+                self.slots._corrupted(e)
+                self.stats["corrupt_descriptors"] += 1
             return None
         if d.payload_offset + d.payload_len > rec._slot.capacity:
             rec.release()
@@ -513,8 +528,8 @@ class Connection:
         if not d.is_inline and d.msg_type not in (HELLO, CREDIT):
             try:
                 Received(self.slots, d).release()
-            except StaleSlotError:
-                pass
+            except (StaleSlotError, SegmentCorruptError):
+                pass  # (what made it a violation: there is nothing of it to release)
         reason = f"{rule}: peer {self.peer} {what}"
         self.stats["violations"] += 1
         self._goodbye(reason)
