@@ -4,7 +4,8 @@ flow control, goodbye. Imports only from `shmpool.shm` and `shmpool.hub`
 """
 
 from .channel import Rx, Tx
-from .connection import CallFuture, Connection
+from .calls import CallFuture
+from .connection import Connection
 from .dispatch import CallCancelled, CallContext, Dispatcher, NoSuchMethodError, RemoteError, RemoteTraceback
 from .messages import Outgoing, Received, method_id
 from .session import GuestSession, HostSession

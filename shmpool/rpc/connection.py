@@ -47,7 +47,7 @@ import collections
 import itertools
 import threading
 import time
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 
 from .. import failpoints
 from ..errors import (
@@ -56,6 +56,7 @@ from ..errors import (
 )
 from ..shm import layout as L
 from ..shm.ring import Descriptor
+from .calls import CallFuture, _CallbackCall, _SyncCall
 from .channel import ChannelTable, Rx, Tx
 from .dispatch import CallContext, Dispatcher, NoSuchMethodError, decode_error, encode_error
 from .messages import (
@@ -63,84 +64,9 @@ from .messages import (
     RESPONSE, Outgoing, Received, discard, method_id, payload_descriptor,
 )
 
-WAIT_SLICE = 0.05
+WAIT_SLICE = 0.05  # a waiter that cannot pump re-checks (and may take over pumping) this often
 GOODBYE_GRACE = 5.0  # seconds a guest that sent Goodbye gets to leave before the host kills it
-FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")  # a waiter that cannot pump re-checks (and may take over pumping) this often
-
-
-class CallFuture(Future):
-    """The caller's side of one call. `result()` / `exception()` also keep
-    the connection's rings moving on a guest (see `Connection.wait_until`).
-    `cancel()` cancels locally at once and asks the other side to drop or
-    stop the call. spec: shm.session.call"""
-
-    def __init__(self, conn: "Connection", raw: bool) -> None:
-        super().__init__()
-        self.connection = conn
-        self.request_id = 0  # set when sent
-        self.raw = raw
-
-    def result(self, timeout: float | None = None):
-        self.connection.wait_until(self.done, timeout)
-        return super().result(timeout=0)
-
-    def exception(self, timeout: float | None = None):
-        self.connection.wait_until(self.done, timeout)
-        return super().exception(timeout=0)
-
-    def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        self.connection._cancel_call(self.request_id)
-        return True
-
-
-class _SyncCall:
-    """The waiting side of `call_sync`: a future without a condition
-    variable (the caller waits in `Connection.wait_until` anyway)."""
-
-    __slots__ = ("request_id", "raw", "value", "error", "finished")
-
-    def __init__(self, raw: bool) -> None:
-        self.request_id = 0
-        self.raw = raw
-        self.value = self.error = None
-        self.finished = False
-
-    def done(self) -> bool:
-        return self.finished
-
-    def set_result(self, value) -> None:
-        self.value = value
-        self.finished = True
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.error = exc
-        self.finished = True
-
-
-class _CallbackCall:
-    """A call answered through a callback `callback(result, error)` (run on
-    the thread that delivers the answer, or that ends the connection)."""
-
-    __slots__ = ("request_id", "raw", "callback", "finished")
-
-    def __init__(self, raw: bool, callback) -> None:
-        self.request_id = 0
-        self.raw = raw
-        self.callback = callback
-        self.finished = False
-
-    def done(self) -> bool:
-        return self.finished
-
-    def set_result(self, value) -> None:
-        self.finished = True
-        self.callback(value, None)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.finished = True
-        self.callback(None, exc)
+FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")
 
 
 class Connection:
