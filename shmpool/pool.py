@@ -2,10 +2,9 @@
 
 Owns: the public pool API (argument checking as `multiprocessing.Pool`
 does it, `apply`/`map`/`imap`/`starmap` and their async forms, `close`,
-`terminate`, `join`), the result objects (subclasses of the stdlib's
-`ApplyResult`, `MapResult`, `IMapIterator`, `IMapUnorderedIterator`, so
-that `isinstance` checks keep working), the pool's handler thread and the
-pool's lifetime (close/terminate, garbage collection, interpreter exit).
+`terminate`, `join`), the pool's handler thread and the pool's lifetime
+(close/terminate, garbage collection, interpreter exit). The result
+objects it hands out live in `_poolresults`.
 
 Data flow:
 - `apply_async`, `map_async`, `starmap_async` (caller's thread): split the
@@ -45,7 +44,6 @@ blocks. After `join()` no worker, segment file, fd or thread remains.
 from __future__ import annotations
 
 import atexit
-import collections
 import itertools
 import operator
 import queue
@@ -54,13 +52,15 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import CancelledError
-from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
-from . import _forksafe, _tasks, _threads
+from . import _forksafe, _threads
 from ._core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
+from ._poolresults import (
+    ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, _in_callback, _tls,
+)
 
 __all__ = ["ShmPool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator"]
@@ -70,20 +70,7 @@ _TERMINATED = "the pool was terminated (terminate(), the with-block ended, or th
               "garbage collected or the interpreter exited) before this task finished"
 _POLL = 0.1  # seconds between checks for terminate() in the handler's waits
 
-_jobs = itertools.count()
-_tls = threading.local()  # depth > 0 while this thread runs a pool's done callback
 _live: "set[_State]" = set()  # open pools, for interpreter exit (a plain set: see executor._live)
-
-
-def _in_callback() -> bool:
-    return getattr(_tls, "depth", 0) > 0
-
-
-def _no_wait_in_callback() -> None:
-    if _in_callback():
-        raise RuntimeError(
-            "waiting for a pool result inside a pool callback would deadlock: callbacks run on "
-            "the pool's internal thread, the one that delivers results")
 
 
 class _State:
@@ -495,178 +482,6 @@ class ShmPool:
     def __repr__(self) -> str:
         cls = type(self)
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
-
-
-
-def _no_wait_if_foreign(pool) -> None:
-    """A result of a pool inherited through fork() never arrives here (the
-    parent's workers deliver it to the parent): waiting for it raises at
-    once. spec: exec.fork-safety"""
-    if pool is not None and pool._foreign():
-        raise _forksafe.foreign_error("ShmPool", pool._st.core.owner_pid, "wait for this result")
-
-
-class ApplyResult(_mp.ApplyResult):
-    """The result of `apply_async()`: `get(timeout)` (`multiprocessing.
-    TimeoutError`), `wait(timeout)`, `ready()`, `successful()`."""
-
-    def __init__(self, pool: ShmPool, callback, error_callback) -> None:  # noqa: D107
-        self._pool = pool  # keeps the pool alive until the result is in, as the stdlib does
-        self._event = threading.Event()
-        self._job = next(_jobs)
-        self._callback = callback
-        self._error_callback = error_callback
-        self._success = False
-        self._value = None
-
-    # ready() and successful() (ValueError if not ready) are the stdlib's
-
-    def wait(self, timeout: float | None = None) -> None:
-        if not self._event.is_set():
-            _no_wait_in_callback()
-            _no_wait_if_foreign(self._pool)
-            self._event.wait(timeout)
-
-    def get(self, timeout: float | None = None):
-        self.wait(timeout)
-        if not self.ready():
-            raise MpTimeoutError
-        if self._success:
-            return self._value
-        raise self._value
-
-    def _set(self, i: int, obj) -> None:
-        self._success, self._value = obj
-        self._done()
-
-    def _done(self) -> None:
-        try:
-            if self._success and self._callback:
-                self._callback(self._value)
-            elif not self._success and self._error_callback:
-                self._error_callback(self._value)
-        finally:
-            self._event.set()
-            self._pool = None
-
-
-AsyncResult = ApplyResult
-
-
-class MapResult(ApplyResult, _mp.MapResult):
-    """The result of `map_async()`/`starmap_async()`: the list of results in
-    input order, or the first error once every chunk has finished."""
-
-    def __init__(self, pool: ShmPool, chunksize: int, length: int, callback,  # noqa: D107
-                 error_callback) -> None:
-        super().__init__(pool, callback, error_callback)
-        self._lock = threading.Lock()
-        self._success = True
-        self._value = [None] * length
-        self._chunksize = chunksize
-        self._number_left = -(-length // chunksize) if chunksize > 0 else 0
-        if self._number_left == 0:
-            self._done()
-
-    def _set(self, i: int, obj) -> None:
-        success, value = obj
-        with self._lock:
-            self._number_left -= 1
-            if success and self._success:
-                self._value[i * self._chunksize:(i + 1) * self._chunksize] = value
-            elif not success and self._success:
-                self._success, self._value = False, value  # the first error wins
-            last = self._number_left == 0
-        if last:
-            self._done()
-
-
-class IMapIterator(_mp.IMapIterator):
-    """The iterator `imap()` returns: results in input order;
-    `next(timeout)` raises `multiprocessing.TimeoutError`. A task's
-    exception is raised by the `next()` that reaches it; iteration can go
-    on after it."""
-
-    _home = 0  # the process its condition was made in (a fork() child makes it anew)
-
-    def __init__(self, pool: ShmPool, chunked: bool = False) -> None:  # noqa: D107
-        self._pool = pool
-        self._cond = threading.Condition(threading.Lock())
-        self._home = _tasks._pid
-        self._job = next(_jobs)
-        self._items: collections.deque = collections.deque()  # (success, value), in yield order
-        self._index = 0  # tasks delivered to _items
-        self._length: int | None = None  # tasks in all, once the input is exhausted
-        self._unsorted: dict = {}
-        self._chunked = chunked
-        self._chunk: collections.deque = collections.deque()  # rest of the current chunk
-
-    def next(self, timeout: float | None = None):
-        if self._home != _tasks._pid:
-            # (a fork() child: a thread that is gone may hold the lock)
-            self._home = _tasks._pid
-            self._cond._at_fork_reinit()
-        with self._cond:
-            while True:
-                if self._chunk:
-                    return self._chunk.popleft()
-                if not self._items:
-                    if self._index == self._length:
-                        self._pool = None
-                        raise StopIteration
-                    _no_wait_in_callback()
-                    _no_wait_if_foreign(self._pool)
-                    if not self._cond.wait_for(lambda: self._items or self._index == self._length,
-                                               timeout):
-                        raise MpTimeoutError
-                    continue
-                success, value = self._items.popleft()
-                if not success:
-                    raise value
-                if not self._chunked:
-                    return value
-                self._chunk.extend(value)
-
-    __next__ = next
-
-    def _set(self, i: int, obj) -> None:
-        with self._cond:
-            if i == self._index:
-                self._items.append(obj)
-                self._index += 1
-                while self._index in self._unsorted:
-                    self._items.append(self._unsorted.pop(self._index))
-                    self._index += 1
-                self._cond.notify_all()
-            else:
-                self._unsorted[i] = obj
-            self._check_end()
-
-    def _set_length(self, length: int) -> None:
-        with self._cond:
-            self._length = length
-            self._cond.notify_all()
-            self._check_end()
-
-    def _check_end(self) -> None:
-        if self._index == self._length:
-            self._pool = None  # every result is in: the pool may go
-
-    def _abort(self, i: int, err: BaseException) -> None:
-        """Task `i` and the rest of the input will never run."""
-        self._set(i, (False, err))
-        self._set_length(i + 1)
-
-
-class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
-    """The iterator `imap_unordered()` returns: results as they complete."""
-
-    def _set(self, i: int, obj) -> None:
-        with self._cond:
-            self._items.append(obj)
-            self._index += 1
-            self._cond.notify_all()
-            self._check_end()
 
 
 atexit.register(_at_exit)
