@@ -23,7 +23,7 @@ import sys
 import time
 
 from shmpool.hub import ShmHost
-from shmpool.rpc import GuestSession, HostSession
+from shmpool.session import GuestSession, HostSession
 from shmpool.shm import SegmentConfig
 
 MIB = 1 << 20

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from shmpool.rpc.messages import Received, payload_descriptor
-from shmpool.serialization import dumps, read, write
+from shmpool.session.messages import Received, payload_descriptor
+from shmpool.exec.serialization import dumps, read, write
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm.varslot import SlotPool
 

@@ -5,7 +5,7 @@ Layers (each imports only from those below it):
     native   shmpool._atomics   atomics and futex on shared buffers (C)
     memory   shmpool.shm        segment file, layout, rings, doorbells, slots
     hub      shmpool.hub        host, guests, spawn tickets, death detection
-    session  shmpool.rpc        calls, cancel, channels with credit
+    session  shmpool.session        calls, cancel, channels with credit
     API      ShmExecutor, ShmPool, the worker, the CLI
 
 """
@@ -19,7 +19,7 @@ from .shm.segment import clean
 
 def __getattr__(name: str):
     # The executor is imported on first use, so that a worker process
-    # (python -m shmpool.worker) does not load the host's machinery.
+    # (python -m shmpool.exec.guest) does not load the host's machinery.
     if name == "ShmExecutor":
         from .executor import ShmExecutor
 

@@ -22,7 +22,7 @@ from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 from typing import TYPE_CHECKING
 
-from . import _forksafe, _tasks
+from .exec import forksafe, tasks
 
 if TYPE_CHECKING:
     from .pool import ShmPool
@@ -47,7 +47,7 @@ def _no_wait_if_foreign(pool) -> None:
     parent's workers deliver it to the parent): waiting for it raises at
     once. spec: exec.fork-safety"""
     if pool is not None and pool._foreign():
-        raise _forksafe.foreign_error("ShmPool", pool._st.core.owner_pid, "wait for this result")
+        raise forksafe.foreign_error("ShmPool", pool._st.core.owner_pid, "wait for this result")
 
 
 class ApplyResult(_mp.ApplyResult):
@@ -136,7 +136,7 @@ class IMapIterator(_mp.IMapIterator):
     def __init__(self, pool: ShmPool, chunked: bool = False) -> None:  # noqa: D107
         self._pool = pool
         self._cond = threading.Condition(threading.Lock())
-        self._home = _tasks._pid
+        self._home = tasks._pid
         self._job = next(_jobs)
         self._items: collections.deque = collections.deque()  # (success, value), in yield order
         self._index = 0  # tasks delivered to _items
@@ -146,9 +146,9 @@ class IMapIterator(_mp.IMapIterator):
         self._chunk: collections.deque = collections.deque()  # rest of the current chunk
 
     def next(self, timeout: float | None = None):
-        if self._home != _tasks._pid:
+        if self._home != tasks._pid:
             # (a fork() child: a thread that is gone may hold the lock)
-            self._home = _tasks._pid
+            self._home = tasks._pid
             self._cond._at_fork_reinit()
         with self._cond:
             while True:

@@ -54,8 +54,9 @@ import weakref
 from concurrent.futures import CancelledError
 from multiprocessing import pool as _mp
 
-from . import _forksafe, _threads
-from ._core import CHUNK, MAP, SINGLE, Core, default_workers
+from .exec import forksafe
+from . import _threads
+from .exec.core import CHUNK, MAP, SINGLE, Core, default_workers
 from .errors import PoolBrokenError
 from .executor import _Process
 from ._poolresults import (
@@ -337,7 +338,7 @@ class ShmPool:
 
     def _check_running(self) -> None:
         if self._foreign():  # spec: exec.fork-safety
-            raise _forksafe.foreign_error("ShmPool", self._st.core.owner_pid)
+            raise forksafe.foreign_error("ShmPool", self._st.core.owner_pid)
         if self._st is None or self._st.state != RUN:
             raise ValueError("Pool not running")
 

@@ -33,6 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer.py"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "session"))  # TEMPORARY (issue 14): test_channels/test_rpc helpers until the shared harness
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 # One directory per test run and worker: two pytest runs at once (two

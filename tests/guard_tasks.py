@@ -1,4 +1,4 @@
-"""Tasks for tests/test_guard.py that misbehave from inside a worker.
+"""Tasks for tests/exec/test_guard.py that misbehave from inside a worker.
 
 They run in a real shmpool worker process and reach that worker's mapped
 segment through its `_Worker` object (found with `gc`, as a buggy C
@@ -18,7 +18,7 @@ from shmpool.shm.ring import Descriptor
 
 
 def _worker():
-    from shmpool import worker as W
+    from shmpool.exec import guest as W
 
     for o in gc.get_objects():
         if type(o) is W._Worker:

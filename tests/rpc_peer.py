@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shmpool.errors import ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError  # noqa: E402
 from shmpool.hub.guest import run_guest  # noqa: E402
-from shmpool.rpc import GuestSession  # noqa: E402
+from shmpool.session import GuestSession  # noqa: E402
 from shmpool.shm.ring import Descriptor  # noqa: E402
 
 

@@ -56,8 +56,9 @@ def test_checker_catches_missing_pieces(tmp_path):
 # Layers import downward only
 # --------------------------------------------------------------------------
 
-LAYERS = {"_atomics": 0, "_threads": 0, "errors": 0, "failpoints": 0, "shm": 1, "hub": 2, "rpc": 3}
-API = 4  # everything else in shmpool/ (executor, pool, worker, CLI, ...)
+LAYERS = {"_atomics": 0, "_threads": 0, "errors": 0, "failpoints": 0, "shm": 1, "hub": 2, "session": 3,
+          "exec": 4, "bench": 6, "__main__": 6}
+API = 5  # everything else in shmpool/ (executor, pool, their lifetime, the package itself)
 
 
 def _layer(module: str) -> int:

@@ -17,7 +17,7 @@ import collections
 import json
 import statistics
 
-from .peers import IMPLS
+from .rivals import IMPLS
 from .workloads import CRASH_CASE, START_CASE, MIB, map_cases, roundtrip_case, size_label
 
 LABELS = {key: cls.label for key, cls in IMPLS.items()}

@@ -21,7 +21,7 @@ import sys
 import time
 
 from . import report
-from .peers import IMPLS, availability, default_start_method, take_committed
+from .rivals import IMPLS, availability, default_start_method, take_committed
 from .workloads import Context, make_plan, workloads
 
 

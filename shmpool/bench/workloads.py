@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .peers import IMPLS, WaitTimeout, running
+from .rivals import IMPLS, WaitTimeout, running
 from .tasks import crash_once, identity, whoami
 
 MIB = 1 << 20

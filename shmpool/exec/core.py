@@ -1,0 +1,425 @@
+"""The machinery under `ShmExecutor` and `ShmPool`: workers, the task
+queue, dispatch, results, and crash resubmission.
+
+Owns: the hub host and its session, one record per worker (its process,
+connection, the functions it knows, the tasks it holds), the queue of tasks
+waiting for a worker, the idle credits that decide when a worker is
+started, the cache of pickled functions, pins of results whose zero-copy
+arrays are still in use. Dispatch is the `scheduler.Dispatching` half of
+`Core`, answers and lost workers the `answers.Answering` half; starting
+workers (and the management thread) is the job of `starter.Starter`, the
+function cache that of `_fncache`; the records themselves (and the tuning
+constants) are in `_tasks`.
+
+Data flow:
+- submit (caller's thread): pickle the function once if it is a plain
+  function or class (cached by identity, weakly) or else send it with the
+  call, and the arguments (out-of-band buffers stay views of the caller's
+  objects) -> queue -> take an idle credit, or ask for one more worker
+  while there are fewer than max_workers (as ProcessPoolExecutor does;
+  `eager` starts them all at once) -> dispatch at once if a worker has
+  room: `define` the function on that worker if it does not know it (with
+  the ids it may forget), write the task into a slot, `run`; while a
+  worker busy with short tasks has two requests in flight, what queues
+  goes to it in one `run_batch` request with its next answer.
+- completion (the hub's driver thread, or a caller polling): each task is
+  answered on its own (a batch's too); an idle credit; unpickle the result
+  (zero-copy buffers, pinned) -> complete the future -> dispatch the next
+  queued tasks to the worker that has room now.
+- death (driver thread): `on_death` reads which task the worker was running
+  (its guest word) and asks the starter for a replacement; recovery then
+  fails the worker's calls: the running task is charged a crash and retried
+  up to `max_retries` times (then `WorkerCrashedError`), the others are
+  requeued uncharged. A published result was already delivered by then.
+
+Invariants: every task's future completes exactly once, and a broken pool
+fails every task it has; a task runs at most 1 + max_retries times; each
+worker holds at most its window of tasks, clamped to what its ring can
+take beside a chunked stream's share of it (`ring_window`,
+`stream_pieces`), so its ring does not fill and a crash loses little; every
+send under the lock is a try-send all the same, and never waits for
+another sender (the hub's per-guest send lock is held for a push only, and
+a try-send that finds it taken counts the ring as full); at most
+max_workers workers exist; the function cache
+holds no callable alive and each worker holds at most FUNCTION_CACHE
+functions; once closed, the core holds neither initargs nor functions;
+nothing here blocks the driver thread (slot allocation there never waits).
+In a fork() child a core is foreign (`_forksafe`): it raises on submit and
+does nothing else, touching neither shared memory nor the parent's workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future
+
+from .. import _atomics, _threads, failpoints
+from . import forksafe
+from ..errors import PoolBrokenError
+from ..hub import ShmHost
+from ..session import HostSession
+from .serialization import dumps
+from ..shm import layout as L
+from ..shm.layout import SegmentConfig
+from .fncache import FunctionCache
+from .starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from . import tasks as T
+from .answers import Answering
+from .scheduler import Dispatching
+from .tasks import _Task, _TaskFuture, _Worker
+from .guest import CHUNK, MAP, SINGLE
+
+MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
+CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
+
+
+class Core(Dispatching, Answering):
+    """See the module docstring."""
+
+    def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
+                 max_retries: int = 2, max_inflight: int | None = None, config: SegmentConfig | None = None,
+                 name: str = "shmpool", eager: bool = False) -> None:
+        """`eager`: start all workers now (multiprocessing.Pool, and the
+        executor with the fork start method) instead of on demand."""
+        failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS is an error here, not at import)
+        self.owner_pid = os.getpid()
+        self.foreign = False  # set in a fork() child: see _forksafe
+        self.kind = "ShmPool" if name == "shmpool-pool" else "ShmExecutor"
+        self.max_workers = max_workers
+        self.max_retries = max_retries
+        self.adaptive = max_inflight is None
+        if config is None:
+            config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
+        # spec: exec.window-ring -- a chunked transfer to a worker has at
+        # most a quarter of its host->guest ring in flight (`stream_pieces`),
+        # and its window never holds more tasks than the rest can take with
+        # a `define` for each, so a send to a worker with room does not find
+        # its ring full, a stream under way or not.
+        self.stream_pieces = max(1, config.ring_size // 4)
+        self.ring_window = max(1, (config.ring_size - 1 - self.stream_pieces) // 2)
+        self.max_inflight = min(max_inflight or 2, self.ring_window)
+        self.max_tasks = max_tasks_per_child
+        self.name = name
+        # Pickled for each worker start (as a spawned child's arguments:
+        # multiprocessing objects in initargs are passed on), once now to
+        # raise what pickling raises here. Dropped at close.
+        self._init = (initializer, tuple(initargs), max_tasks_per_child)
+        pickle_for_child(self._init)
+        self.lock = threading.RLock()
+        self.future_guard = threading.Lock()  # the futures' states until they have a condition
+        self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.workers: dict[int, _Worker] = {}
+        self._timers: list[threading.Timer] = []  # pending `_later` dispatches (cancelled at close)
+        self._early_deaths: dict[int, tuple] = {}  # peer id -> (guest word, info) of an unregistered worker
+        self.live = 0  # tasks submitted and not yet completed
+        self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
+        self.pins: list = []
+        # Shared memory held by results kept zero-copy, in all and by size
+        # class: written under the lock only, by `_sweep_pins` (the pin budget).
+        self.pinned_bytes = 0
+        self.pinned_by_class: dict = {}  # (never changed in place: replaced)
+        self._answers: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
+        self.stats = collections.Counter(dict.fromkeys((
+            "submitted", "dispatched", "completed", "failed", "retries", "requeued",
+            "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
+            "start_failures", "slot_waits", "batches", "ring_full"), 0))
+        self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
+        self.ring_retry = False  # a timer will dispatch again after a full ring (lock held)
+        self.shutdown_started = False
+        self.broken: str | None = None
+        self.functions = FunctionCache(T.FUNCTION_CACHE)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.closed_event = threading.Event()  # set once close() has finished
+        self.on_close: list = []  # called once closed (the API's registries of live pools)
+        self.host = self.session = self.starter = None
+        try:
+            self.host = ShmHost.create(config=config)
+            self.session = HostSession(self.host, handler_threads=1)
+            self.slots = self.session.slots
+            # spec: shm.guard.isolate -- garbage in a structure every worker
+            # shares cannot be blamed on one: the pool is broken with it.
+            self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
+            self.starter = Starter(self)
+        except BaseException:
+            self._teardown()
+            raise
+        forksafe.register(self)
+        if eager:
+            with self.lock:
+                self.starter.start_new(max_workers)
+
+    # -- workers ---------------------------------------------------------------
+
+    def new_worker(self, peer_id: int, proc, log, new: bool) -> _Worker:
+        """Register a started worker (the starter's thread)."""
+        w = _Worker(peer_id, proc, self.session.connection(peer_id))
+        w.conn.after_feed = self._flush
+        w.conn.table.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
+        w.window = self.max_inflight
+        w.startup_log = log
+        with self.lock:
+            self.workers[peer_id] = w
+            if new:
+                self.starter.starting -= 1
+            else:
+                self.stats["respawns"] += 1
+            self.stats["workers_started"] += 1
+            early = self._early_deaths.pop(peer_id, None)
+            if early is not None and (early[1] is None or early[1].pid in (None, proc.pid)):
+                self._mark_dead(w, *early)
+        return w
+
+    def full(self) -> bool:
+        """Are max_workers workers there or coming? (lock held)"""
+        return len(self.workers) + self.starter.starting >= self.max_workers
+
+    def _on_death(self, peer_id: int) -> None:
+        """Hub callback (driver thread, before recovery): what was running?"""
+        seg = self.host.segment
+        running = _atomics.load_u32(seg.buf, seg.layout.peer_entry(peer_id) + L.P_GUEST_WORD)
+        info = self.host.peer_info(peer_id)
+        with self.lock:
+            w = self.workers.get(peer_id)
+            if w is None or (info is not None and info.pid not in (None, w.proc.pid)):
+                # Its process ended before the starter registered it (the
+                # spawn returned on the driver thread, which saw the end
+                # first): `new_worker` takes it from here.
+                self._early_deaths[peer_id] = (running, info)
+                return
+            self._mark_dead(w, running, info)
+
+    def _mark_dead(self, w: _Worker, running: int, info) -> None:
+        """(lock held)"""
+        w.dead = True
+        w.crashed_rid = running
+        w.info = info
+        w.death = describe(info)
+        if info is not None and info.cause != "goodbye":
+            self.stats["worker_deaths"] += 1
+        if not self._closed:
+            self.starter.replace(w)
+
+    # -- submitting --------------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.foreign:  # spec: exec.fork-safety
+            raise forksafe.foreign_error(self.kind, self.owner_pid)
+        if self.broken is not None:
+            raise PoolBrokenError(self.broken)
+        if self.shutdown_started:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def function(self, fn) -> tuple[int, str, bytes | None]:
+        return self.functions.get(fn)
+
+    def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None) -> Future:
+        """Queue one task (a call, or a chunk of argument tuples); its future.
+        Pickling errors fail the future, not the caller."""
+        self.check_open()
+        fut = _TaskFuture(self.future_guard)
+        try:
+            fid, name, fbytes = self.function(fn)
+            # (a callable that is not cached goes with the call, in place of its id)
+            stream, bufs = dumps((fid or fn, kind, args, kwargs))
+        except Exception as e:  # noqa: BLE001
+            with self.lock:
+                self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
+            fut.set_exception(e)
+            return fut
+        task = _Task(fut, fid, name, fbytes, kind, stream, bufs)
+        fut._task = task
+        task.on_result = on_result
+        task.on_error = on_error
+        with self.lock:
+            self.check_open()
+            self._want_worker()
+            if self.queue:
+                # Tasks wait already: no worker can take one now, and every
+                # change that lets one (an answer, a start, a timer)
+                # dispatches. Counted, then queued: a Ctrl-C is raised
+                # only after the append (a call) returns.
+                self.live += 1
+                self.stats["submitted"] += 1
+                self.queue.append(task)
+                return fut
+        # A Ctrl-C while the task is queued and sent would leave it half
+        # sent (or queued and not counted): it is held, and raised once the
+        # task is in (the caller never sees the future then; the task
+        # runs, and shutdown waits for it).
+        held = _threads.hold_interrupt()
+        try:
+            with self.lock:
+                self.check_open()
+                self.live += 1
+                self.stats["submitted"] += 1
+                self.queue.append(task)
+                self._dispatch()
+        finally:
+            _threads.release_interrupt(held)
+        return fut
+
+    def _want_worker(self) -> None:
+        """(lock held) An idle worker takes the task, or one more is
+        started. spec: exec.on-demand"""
+        if self.credits:
+            self.credits -= 1
+        elif not self.full() and not self._closed:
+            self.starter.start_new()
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def cancel_queued(self) -> None:
+        """Cancel the tasks no worker holds yet, except those that are
+        running already (put back after their worker died) and the first
+        window of each worker being started: they are that worker's, as
+        the few tasks handed to the stdlib's call queue are the workers'."""
+        if self.foreign:
+            return
+        with self.lock:
+            keep = self.starter.starting * self.max_inflight
+            kept = []
+            while self.queue:
+                t = self.queue.popleft()
+                if keep > 0 or not t.future.cancel():
+                    keep -= 1
+                    kept.append(t)
+                else:
+                    self._finished(t)
+            self.queue.extend(kept)
+
+    def capacity(self) -> int:
+        """Tasks the workers can hold at once now (their windows summed,
+        workers being started included; a racy read, for pacing producers)."""
+        coming = self.starter.starting * self.max_inflight
+        room = self.ring_window
+        return max(1, coming + sum(min(w.window, room) for w in list(self.workers.values()) if not w.dead))
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        if self.foreign:
+            return True  # (nothing here completes the parent's tasks: never wait for them)
+        with self.lock:
+            return self.idle.wait_for(lambda: self.live == 0 or self.broken is not None, timeout)
+
+    def signal_workers(self, sig: int) -> None:
+        if self.foreign:
+            return  # the parent's workers: never signalled from a fork() child
+        with self.lock:
+            procs = [w.proc for w in self.workers.values() if not w.dead]
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except OSError:
+                pass
+
+    def fail_all(self, why: str) -> None:
+        if self.foreign:
+            return
+        with self.lock:
+            self._break(why)
+
+    def close_when_idle(self) -> None:
+        """Close once no task is pending, from the management thread (no
+        lock taken: safe in a finalizer)."""
+        if not self.foreign:
+            self.starter.close_when_idle()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop everything: goodbye to the workers, remove the segment, drop
+        initargs and functions; then the management thread ends. (From the
+        hub's own driver thread, e.g. a finalizer run there, the work is
+        handed to a short-lived thread: the driver cannot wait for itself.)
+        In a fork() child the core is the parent's: nothing is done."""
+        if self._closed or self.foreign:
+            return
+        if self.host._driver.on_driver:
+            _threads.start(threading.Thread(target=self.close, name=f"{self.name}-close"))
+            return
+        with self._close_lock:
+            if self._closed:
+                return
+            with self.starter.lock:  # no worker start is under way, and none begins
+                self._closed = True
+        with self.lock:
+            for p in self.pins:
+                p.detach()  # (a result still in use keeps its bytes, as private memory)
+            self.pins = []
+            self._init = None  # initargs may hold resources (multiprocessing queues, locks)
+            logs = [w.startup_log for w in self.workers.values() if w.startup_log is not None]
+            for w in self.workers.values():
+                w.startup_log = None
+            self.idle.notify_all()
+        self.functions.clear()
+        for log in logs:
+            log.close()
+        with self.lock:
+            timers, self._timers = self._timers, []
+            # A stream thread waits for credit as long as its worker lives
+            # (one busy in a long task grants none): its channel is given
+            # up first, so it ends within a wait slice. spec: exec.close-streams (No new one starts:
+            # `_start_timer` checks `_closed`.)
+            for w in self.workers.values():
+                if w.tx is not None:
+                    w.tx.abandon("the pool is closing")
+        for t in timers:
+            t.cancel()
+            if t is not threading.current_thread():
+                t.join(CLOSE_JOIN)  # (a bound all the same: teardown must come)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        try:
+            if self.session is not None:
+                self.session.close()
+        finally:
+            try:
+                if self.host is not None:
+                    self.host.close()
+            finally:
+                self._closed = True
+                self.closed_event.set()
+                if self.starter is not None:
+                    self.starter.stop()
+                hooks, self.on_close = self.on_close, []
+                for hook in hooks:
+                    hook()
+
+    def processes(self, timeout: float = 30.0) -> dict[int, object]:
+        """pid -> Popen of each live worker, once the starts asked for so
+        far are done (a worker being started is one of them)."""
+        if self.foreign:
+            return {}  # (the parent's workers)
+        with self.lock:
+            self.idle.wait_for(lambda: not self.starter.pending or self._closed
+                               or self.broken is not None, timeout)
+            return {w.proc.pid: w.proc for w in self.workers.values() if not w.dead}
+
+    def statistics(self) -> dict:
+        if self.foreign:
+            return {"max_workers": self.max_workers, "queued": 0, "pending": 0, "workers": {},
+                    "broken": str(forksafe.foreign_error(self.kind, self.owner_pid, "use it")),
+                    "shutdown": True, "foreign": True}
+        with self.lock:
+            workers = {w.peer_id: {"pid": w.proc.pid, "inflight": len(w.inflight), "dead": w.dead,
+                                   "dispatched": w.dispatched, "retiring": w.retiring,
+                                   "window": w.window}
+                       for w in self.workers.values()}
+            out = {
+                "max_workers": self.max_workers, "queued": len(self.queue), "pending": self.live,
+                "pinned_results": len(self.pins), "broken": self.broken, "idle_credits": self.credits,
+                "functions_cached": len(self.functions),
+                "shutdown": self.shutdown_started, "workers": workers, **dict(self.stats),
+            }
+        out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
+        return out
+
+
+def default_workers() -> int:
+    n = getattr(os, "process_cpu_count", os.cpu_count)()
+    return n or 1
+
+
+__all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]

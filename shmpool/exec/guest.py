@@ -1,0 +1,476 @@
+"""The worker cell: a process that runs an executor's tasks.
+
+    python -c "<boot line>" --hub-path=PATH --peer-id=N --doorbell-fd=FD [--stderr-fd=FD]
+
+(`shmpool.exec.starter.worker_argv` builds the boot line: it imports this
+module from the host's own shmpool package, then calls `main`.)
+
+Owns: the worker's side of its session with the host: the `init`, `define`,
+`run` and `run_batch` handlers, the cache of functions it was sent, the pins of task
+payloads whose zero-copy buffers are still in use, and when to leave.
+
+Data flow: until it has attached, the worker's stderr is a capture file
+the host reads if it dies then; once attached it switches to the host's
+stderr (`--stderr-fd`) and copies what it had written there. The host calls
+`init` first (its sys.path and multiprocessing authkey, then the pickled
+initializer, initargs and max tasks), `define` once per cached function (its
+pickled bytes, and the ids the worker may forget), then `run` for each task
+(a function id, or the callable itself for callables that are not cached;
+single call or chunk; the arguments; in one slot whose buffers are
+unpickled zero-copy). `run` records the task's request id in the entry's
+guest word (so the host can tell, if this process dies, which task was
+running), calls the function, and answers with the pickled result in a
+slot of its own, never waiting for one: a result no slot takes now, or
+above an eighth of the memory limit, streams over this worker's chunk
+channel first and the answer carries its marker (spec: exec.chunked);
+chunked arguments are collected from the host's channel while the
+requests routed meanwhile wait (`Connection.hold_requests`).
+`run_batch` carries several small tasks (pickled calls, no out-of-band
+buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
+is answered as soon as it is done (the ids the host expects, the last one
+as the call's own answer). Handlers run on the main thread, one task at a
+time, in the order they were queued.
+
+Invariants: an exception raised by the task, or by unpickling its
+arguments, or by pickling its result, is the task's error (the session
+sends it back with its traceback); a failing initializer is logged (CRITICAL,
+"Exception in initializer:", logger `concurrent.futures`, as the stdlib's
+worker does), answers with its error and then ends this process with
+EXIT_INIT_FAILED; the functions held are only those the host has not told
+it to forget (the host bounds them); after `max_tasks` tasks the worker
+leaves in order (goodbye); an exit raised by a task is its answer, and
+then ends this worker (in a batch, the tasks after it are answered
+`TaskNotRun`, for the host to queue again).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+
+from .. import _atomics, failpoints
+from ..errors import TaskUnpicklingError
+from ..hub.guest import run_guest
+from ..session import GuestSession
+from ..session.messages import method_id
+from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
+from ..shm import layout as L
+
+INIT = method_id("shmpool.exec.guest.init")
+DEFINE = method_id("shmpool.exec.guest.define")
+RUN = method_id("shmpool.exec.guest.run")
+RUN_BATCH = method_id("shmpool.exec.guest.run_batch")
+SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
+EXIT_INIT_FAILED = 86
+BATCH_TIME = struct.Struct("<d")  # the answer to run_batch: seconds its tasks took, in the worker
+
+FP_START = failpoints.declare("worker.start", "process started, not attached yet")
+FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
+FP_UNPICKLED = failpoints.declare("worker.after-unpickle", "arguments unpickled, function not called")
+FP_IN_FUNCTION = failpoints.declare("worker.in-function", "inside the task, before the function returns")
+FP_PICKLED = failpoints.declare("worker.after-result-pickle", "result pickled, no slot yet")
+FP_RESULT_SLOT = failpoints.declare("worker.after-result-alloc", "result written to its slot, not sent")
+FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result not yet sent")
+FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answered, the next not started")
+
+
+class ResultEncodingError(Exception):
+    """The task's result could not be pickled. `original` is the exception
+    pickling raised (the executor raises that, as the stdlib does; the pool
+    turns this into `multiprocessing.pool.MaybeEncodingError`)."""
+
+    def __init__(self, exc_repr: str, value_repr: str, original: BaseException | None = None) -> None:
+        super().__init__(exc_repr, value_repr, original)
+        self.exc_repr = exc_repr
+        self.value_repr = value_repr
+        self.original = original
+
+    def __str__(self) -> str:
+        return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class TaskNotRun(Exception):
+    """The answer to a batched task that this worker did not run (a task
+    before it in the batch raised an exit): the host queues it again."""
+
+
+class TaskInterrupted(Exception):
+    """Carries the KeyboardInterrupt a task was stopped by (a Ctrl-C at the
+    terminal reaches the workers too) back to the host, which raises
+    `original`, as the stdlib's workers send it back. An Exception, so that
+    the session answers with it and this worker goes on."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+_in_task = False  # a task's function is running on the main thread
+
+
+def _on_sigint(signum, frame) -> None:
+    """SIGINT (a terminal's Ctrl-C, sent to the host's process group)
+    interrupts the running task only; an idle worker ignores it, since the
+    host decides what an interrupt means for the pool. spec: exec.interrupt"""
+    if _in_task:
+        raise KeyboardInterrupt
+
+
+class _Worker:
+    def __init__(self, guest) -> None:
+        self.guest = guest
+        self.session = GuestSession(guest)
+        self.conn = self.session.connection
+        self.buf = guest.segment.buf
+        self.word = guest.segment.layout.peer_entry(guest.peer_id) + L.P_GUEST_WORD
+        self.funcs: dict[int, object] = {}
+        self.pins: list = []
+        self.conn.table.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
+        self.tx = None  # the channel chunked results stream over (opened on first use)
+        self.abandoned: set[int] = set()  # transfers whose wait was interrupted (dropped when they come)
+        self.chunk_above = chunk_threshold(guest.segment.config)
+        self.done = 0
+        self.max_tasks: int | None = None
+        self.exit_code: int | None = None
+        self.fatal: BaseException | None = None
+        d = self.session.dispatcher
+        d.register(INIT, self.init)
+        d.register(DEFINE, self.define)
+        d.register(RUN, self.run)
+        d.register(RUN_BATCH, self.run_batch)
+
+    # -- handlers --------------------------------------------------------------
+
+    def init(self, ctx, payload) -> None:
+        # First the host's sys.path (as multiprocessing's spawn passes it),
+        # so that functions and arguments pickled by reference import here,
+        # and its multiprocessing authkey (as a spawned multiprocessing child
+        # inherits it): Manager proxies and fds shared through
+        # multiprocessing's resource sharer authenticate with it.
+        (sys_path, setup, authkey), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
+        pin.release()
+        sys.path[:] = [p for p in sys_path if isinstance(p, str)]
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = authkey
+        try:
+            initializer, initargs, max_tasks = pickle.loads(setup)
+            self.max_tasks = max_tasks
+            if initializer is not None:
+                initializer(*initargs)
+        except BaseException as e:
+            import logging
+
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+            # The error goes back to the host as the answer to `init`, and
+            # this worker leaves before it runs anything else (stdlib).
+            raise InitializerFailed(f"{type(e).__name__}: {e}") from e
+
+    def define(self, ctx, payload) -> None:
+        # (a big function comes chunked, as big arguments do. spec: exec.chunked)
+        try:
+            (fid, fbytes, forget), pin = read(payload.retain(), transfers=self._transfer)
+        except Exception as e:
+            self.define_error = e  # (the task that needs it says why it is missing)
+            raise
+        pin.release()
+        for old in forget:  # the host keeps what each worker holds bounded
+            self.funcs.pop(old, None)
+        try:
+            self.funcs[fid] = pickle.loads(fbytes)
+        except BaseException as e:  # the tasks that use it fail with this
+            self.funcs[fid] = _Broken(e)
+            raise
+
+    def run(self, ctx, payload):
+        _atomics.store_u32(self.buf, self.word, ctx.request_id)  # spec: exec.guest-word
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_DEQUEUED)
+        pin = None
+        try:
+            try:
+                task, pin = read(payload.retain(), copy=payload.nbytes < COPY_BELOW,
+                                 transfers=self._transfer)
+            except Exception as e:
+                payload.release()
+                raise _unpickling_error(e) from e
+            except BaseException:
+                # An exit while unpickling the task ends this worker, as it
+                # does in the stdlib: the host treats it as a crash of this task.
+                os._exit(1)
+            try:
+                return self._result_payload(task)
+            finally:
+                del task  # (its arguments: the slot is freed below, before the host sees the answer)
+        finally:
+            self.done += 1  # (a task whose arguments failed to unpickle counts too: the host counted it)
+            if pin is not None:
+                if not pin.release_if_unused():
+                    self.pins.append(pin)  # the task kept zero-copy arguments alive
+                elif failpoints.ACTIVE:
+                    failpoints.hit(FP_FREED)
+            if self.pins:
+                self.pins = [p for p in self.pins if not p.release_if_unused()]
+            self._after_task()
+
+    def run_batch(self, ctx, payload):
+        """Several small tasks in one request (the host batches what queues
+        while this worker is busy). Each runs as `run` runs one, under its
+        own id (one the host expects) in the guest word, and is answered
+        with that id as soon as it is done (`ctx.answer`), so a crash
+        loses only the task running, as it does outside a batch. An exit
+        raised by a task answers it and ends this worker, the tasks after
+        it answered `TaskNotRun`. The call's own answer: how long the
+        tasks took (the host sizes its window and batches with it).
+        spec: exec.batch"""
+        parts, pin = read(payload.retain())
+        pin.release()
+        t0 = time.perf_counter()
+        for tag, stream in parts:
+            if self.fatal is not None:
+                ctx.answer(tag, error=TaskNotRun())
+                continue
+            try:
+                out = self._run_small(tag, stream)
+            except Exception as e:  # noqa: BLE001 - the task's error, as the session sends it
+                ctx.answer(tag, error=e)
+            except BaseException as e:  # noqa: BLE001
+                ctx.answer(tag, error=e)
+                self.fatal = e
+            else:
+                ctx.answer(tag, out)
+            out = None
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_BATCH_TASK)
+        return BATCH_TIME.pack(time.perf_counter() - t0)
+
+    def _run_small(self, rid: int, stream: bytes):
+        """One task of a batch (no out-of-band buffers): its result's payload."""
+        _atomics.store_u32(self.buf, self.word, rid)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_DEQUEUED)
+        try:
+            try:
+                task = pickle.loads(stream)
+            except Exception as e:
+                raise _unpickling_error(e) from e
+            except BaseException:
+                os._exit(1)  # (as in `run`)
+            return self._result_payload(task)
+        finally:
+            self.done += 1
+            self._after_task()
+
+    def _result_payload(self, task):
+        """Run `task` (its function, kind, arguments) and write the result
+        into a slot of ours: the answer's payload. (The result may be a
+        view of an argument: it is dropped with this frame, before the
+        caller frees the argument's slot.)"""
+        stream, bufs = self._call(*task)
+        # Never a wait for a slot: what no slot takes now (after the larger
+        # classes and a huge extent) streams over a channel. spec: exec.chunked
+        out = write(self.session.slots, stream, bufs, timeout=0, chunk_above=self.chunk_above)
+        if type(out) is Chunked:
+            out = self._send_chunked(out)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_RESULT_SLOT)
+        return out
+
+    def _send_chunked(self, chunked: Chunked) -> bytes:
+        """Stream a result no slot takes as a transfer (the host's driver
+        collects it as it arrives), then answer with its marker: the ring
+        carries the transfer's pieces before the answer. The requests
+        routed while it waits for credit wait for this one."""
+        if self.tx is None:
+            self.tx = self.conn.open_tx()
+        tid = next(transfer_ids)
+        self.conn.hold_requests += 1  # (it pumps while it waits for credit)
+        try:
+            self.tx.send_transfer(tid, chunked.parts, chunked.total)
+        finally:
+            self.conn.hold_requests -= 1
+        return marker(tid, chunked.total)
+
+    def _transfer(self, tid: int):
+        """Chunked arguments: the transfer's bytes once all arrived, pumping
+        meanwhile (the host streams them after the request). Requests routed
+        meanwhile wait for this one. Bounded by the host's life: its end
+        ends the wait."""
+        table, conn = self.conn.table, self.conn
+        for old in [t for t in self.abandoned if t in table.transfers]:
+            self.abandoned.discard(old)  # (interrupted before it arrived: nobody takes it)
+            table.transfers.pop(old, None)
+        conn.hold_requests += 1
+        try:
+            conn.wait_until(lambda: tid in table.transfers or conn.end_reason is not None, None)
+        except BaseException:
+            # Interrupted (an exit, a Ctrl-C): its bytes must not stay behind,
+            # now or when they arrive later.
+            if table.transfers.pop(tid, None) is None:
+                self.abandoned.add(tid)
+            raise
+        finally:
+            conn.hold_requests -= 1
+        got = table.take_transfer(tid)
+        if got is None:
+            raise conn.end_reason or RuntimeError(f"transfer {tid} never arrived")
+        return got
+
+    def _call(self, fid, kind, args, kwargs):
+        """Run one task: its pickled result (stream, buffers)."""
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_UNPICKLED)
+        if type(fid) is int:
+            fn = self.funcs.get(fid)
+            if fn is None:
+                why = getattr(self, "define_error", None)
+                raise LookupError(f"function {fid} was never defined in this worker"
+                                  + (f" (a define failed: {type(why).__name__}: {why})" if why else ""))
+        else:  # a callable the host does not cache travels with its task
+            fn, fid = fid, 0
+        if isinstance(fn, _Broken):
+            raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
+                                      f"pid {os.getpid()}: {type(fn.error).__name__}: "
+                                      f"{fn.error}") from fn.error
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_IN_FUNCTION)
+        global _in_task
+        _in_task = True
+        try:
+            if kind == SINGLE:
+                result = fn(*args, **kwargs)
+            elif kind == MAP:
+                result = list(map(fn, args))
+            else:
+                result = list(itertools.starmap(fn, args))
+        except KeyboardInterrupt as e:
+            raise TaskInterrupted(e) from e
+        finally:
+            _in_task = False
+        del args, kwargs, fn
+        try:
+            out = dumps(result)
+        except Exception as e:
+            raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_PICKLED)
+        return out
+
+    def _after_task(self) -> None:
+        if self.max_tasks is not None and self.done >= self.max_tasks:
+            self.exit_code = 0  # leave in order after this answer
+        _atomics.store_u32(self.buf, self.word, 0)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def serve(self) -> int:
+        conn = self.conn
+        try:
+            while self.exit_code is None and self.fatal is None and conn.end_reason is None:
+                conn.wait_until(lambda: self.exit_code is not None or self.fatal is not None
+                                or conn.end_reason is not None, None)
+        except InitializerFailed:
+            return EXIT_INIT_FAILED
+        if self.fatal is not None:  # an exit raised by a batched task, answered: now it ends us
+            raise self.fatal
+        return self.exit_code or 0
+
+
+class InitializerFailed(BaseException):
+    """The pool's initializer raised in this worker (a BaseException, so
+    that the session answers `init` with it and then lets it end the
+    worker before any task runs)."""
+
+
+class _Broken:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _unpickling_error(e: BaseException) -> TaskUnpicklingError:
+    return TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
+                               f"pid {os.getpid()}: {type(e).__name__}: {e}")
+
+
+def _picklable(e: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _short_repr(obj, limit: int = 200) -> str:
+    try:
+        r = repr(obj)
+    except Exception:  # noqa: BLE001
+        r = f"<unrepresentable {type(obj).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+ARG_STDERR = "--stderr-fd"
+
+
+def _stderr_fd(argv: list[str]) -> int | None:
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if name == ARG_STDERR and eq and value.isdigit():
+            return int(value)
+    return None
+
+
+def _restore_stderr(fd: int | None) -> None:
+    """Attached: from now on write to the host's stderr (`fd`), and copy
+    there what was written to the start-up capture file (fd 2) so far."""
+    if fd is None:
+        return
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        early = os.pread(2, min(os.fstat(2).st_size, 1 << 20), 0)
+    except OSError:
+        early = b""
+    try:
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        return
+    if early:
+        try:
+            os.write(2, early)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
+    serve the host, exit (never returns)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
+        signal.signal(signal.SIGINT, _on_sigint)
+    if failpoints.ACTIVE:
+        failpoints.hit(FP_START)
+    err_fd = _stderr_fd(argv)
+
+    def serve(guest) -> int:
+        _restore_stderr(err_fd)
+        return _Worker(guest).serve()
+
+    run_guest(serve, argv, prog="shmpool worker")
+
+
+if __name__ == "__main__":
+    # Run the module under its real name, so that its exception classes
+    # pickle by reference (as shmpool.exec.guest.X, not __main__.X).
+    from shmpool.exec.guest import main as _main
+
+    _main()

@@ -1,0 +1,452 @@
+"""Starting the worker processes of a `core.Core`: on demand, as
+replacements, and the management thread that does it.
+
+Owns: the management thread and its queue of start requests, the command
+line a worker is started with, the `init` payload (pickled for each start
+as for a spawned multiprocessing child, with the fds it needs passed to
+the process), the capture of a worker's stderr until it has attached, the
+count of consecutive start failures and when they break the pool.
+
+Data flow: `Core.submit` (no idle worker and fewer than max_workers) or
+`Core._on_death` (a worker ended) -> `request()` -> the management thread
+-> `start()`: a hub entry (`add_peer`), the `init` payload, `host.spawn`
+(the boot line, the initargs' fds, stderr to a capture file) -> the worker
+is registered with the core (tasks are dispatched to its ring at once)
+-> its `init` answer -> `_on_init`: ready (the failure count restarts) or
+a start failure: the initializer raised, the process ended before it was
+ready (by itself, not by a signal sent to it), or it could not be started.
+`close_when_idle()` (shutdown without waiting, garbage collection) -> the
+thread closes the core once no task is pending. The thread ends once the
+core is closed: it is the executor's `_executor_manager_thread`.
+
+Invariants: a worker imports the same shmpool package as the host (the
+boot line puts that package's directory first on its path, not the
+current directory); the worker gets the host's multiprocessing authkey;
+MAX_START_FAILURES consecutive start failures break the pool with a
+`PoolBrokenError` that says what happened and what to check, instead of
+starting replacements forever; no start is under way once `Core.close`
+has begun (`lock`); nothing here runs on the hub's driver thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from multiprocessing import context as _mp_context
+
+
+from .. import _threads, failpoints
+from ..errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
+from ..hub import AddPeerOptions
+from ..session.messages import Outgoing
+from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
+from .guest import ARG_STDERR, INIT
+
+MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool is broken
+RETRY_DELAY = 0.05  # seconds before a failed start is tried again
+OUTPUT_TAIL = 2000  # characters of a failed worker's output quoted in the error
+# A worker that died of these faulted by itself; other signals were sent to it.
+_FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
+                     signal.SIGSYS})
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def worker_argv(executable: str | None = None) -> list[str]:
+    """The command that starts a worker: the host's interpreter, importing
+    the host's own shmpool package (its parent directory replaces the
+    current directory at the head of `sys.path`, so a `shmpool` directory
+    in the working directory cannot shadow it). spec: exec.worker-start"""
+    boot = ("import sys; p = sys.path; "
+            f"p[0:1 if p and p[0] in ('', '.') else 0] = [{_PACKAGE_PARENT!r}]; "
+            "from shmpool.exec.guest import main; main()")
+    return [executable or sys.executable, "-c", boot]
+
+
+class _SpawningPopen:
+    """What multiprocessing's reducers see while a worker's `init` payload
+    is pickled: the process being spawned. An fd they hand over (a Queue's
+    or a Pipe's connection) is recorded and passed to the worker under the
+    same number; semaphores of a spawn or forkserver context reopen by name.
+    (As `multiprocessing.popen_spawn_posix.Popen`.)"""
+
+    from multiprocessing.popen_spawn_posix import _DupFd as DupFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        if fd not in self.fds:
+            self.fds.append(fd)
+        return fd
+
+
+def pickle_for_child(obj) -> tuple[bytes, tuple[int, ...]]:
+    """Pickle `obj` as multiprocessing pickles a spawned child's arguments
+    (multiprocessing Queues, Locks, Pipes allowed); the bytes and the fds
+    the child must be given."""
+    popen = _SpawningPopen()
+    _mp_context.set_spawning_popen(popen)
+    try:
+        data = dumps_bytes(obj)
+    finally:
+        _mp_context.set_spawning_popen(None)
+    return data, tuple(popen.fds)
+
+
+class StartupLog:
+    """A starting worker's stderr: a memory file, so that the host can tell
+    what a worker that died before attaching printed. The worker switches
+    to the host's stderr (`--stderr-fd`) once attached and copies there
+    what it wrote so far."""
+
+    def __init__(self, registry: set | None = None) -> None:
+        self.fd: int | None = None
+        self.real: int | None = None
+        self.registry = registry  # the open logs, closed at the latest when the starter stops
+        if registry is not None:
+            registry.add(self)
+        try:
+            self.real = os.dup(2)
+            self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
+        except (OSError, AttributeError):  # no stderr to switch to: leave stderr alone
+            self.close()
+
+    def spawn_options(self) -> tuple[list[str], tuple[int, ...], dict]:
+        """(extra arguments, fds to pass, Popen keywords)."""
+        if self.fd is None:
+            return [], (), {}
+        return [f"{ARG_STDERR}={self.real}"], (self.real,), {"stderr": self.fd}
+
+    def spawned(self) -> None:
+        """The worker has its copy of the host's stderr: drop ours."""
+        if self.real is not None:
+            os.close(self.real)
+            self.real = None
+
+    def text(self) -> str:
+        """What the worker wrote before it attached (the end of it)."""
+        if self.fd is None:
+            return ""
+        try:
+            size = os.fstat(self.fd).st_size
+            data = os.pread(self.fd, 4 * OUTPUT_TAIL, max(0, size - 4 * OUTPUT_TAIL))
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.registry is not None:
+            self.registry.discard(self)
+        for name in ("fd", "real"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class Starter:
+    """See the module docstring. One per `Core`."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self.lock = threading.Lock()  # held while a worker is being started
+        self.failures = 0  # consecutive start failures
+        self.starting = 0  # new workers requested and not yet registered (core.lock)
+        self.pending = 0  # requests not yet handled (core.lock)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._close_when_idle = False
+        self.logs: set[StartupLog] = set()  # start-up logs not closed yet
+        self.thread = threading.Thread(target=self._loop, name=f"{core.name}-manager", daemon=True)
+        _threads.start(self.thread)
+
+    # -- requests (core.lock held, or no lock) ----------------------------------
+
+    def start_new(self, n: int = 1) -> None:
+        """Start `n` more workers (core.lock held)."""
+        self.starting += n
+        self.pending += n
+        for _ in range(n):
+            self._q.put(_NEW)
+
+    def replace(self, w) -> None:
+        """Worker `w` ended: judge its end if it was not ready yet, then
+        start its replacement (core.lock held; driver thread)."""
+        self.pending += 1
+        self._q.put(w)
+
+    def close_when_idle(self) -> None:
+        """Close the core once no task is pending (no lock taken: safe in a
+        finalizer)."""
+        self._close_when_idle = True
+        self._q.put(_IDLE)
+
+    def idle_now(self) -> None:
+        """The core's last pending task finished (core.lock held)."""
+        if self._close_when_idle:
+            self._q.put(_IDLE)
+
+    def stop(self) -> None:
+        """The core is closed: end the thread (and wait for it unless this
+        is it)."""
+        self._q.put(None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(30)
+        # A worker whose end was never judged (it died before it was
+        # registered, say) still has its log: the core is gone, close it.
+        for log in list(self.logs):
+            log.close()
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        core = self.core
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if item is _IDLE:
+                with core.lock:
+                    idle = core.live == 0
+                if idle and not core._closed:
+                    core.close()
+                continue
+            try:
+                self._handle(item)
+            except Exception:  # noqa: BLE001 - the thread must outlive any surprise
+                if not core._closed:
+                    sys.excepthook(*sys.exc_info())
+            finally:
+                with core.lock:
+                    self.pending -= 1
+                    core.idle.notify_all()
+
+    def _handle(self, item) -> None:
+        core = self.core
+        new = item is _NEW
+        echo, early = "", False
+        with core.lock:
+            w = None if new else item
+            if w is not None:
+                early = not w.ready
+                echo = self._judge(w)
+            skip = (core._closed or core.broken is not None
+                    or (not new and core.shutdown_started and not core.live))
+            if skip and new:
+                self.starting -= 1
+        if echo:
+            _echo(echo)  # it wrote to our stderr, as far as anyone can tell
+        if skip:
+            return
+        if early:
+            time.sleep(RETRY_DELAY)  # (no hot loop of starts that end at once)
+        try:
+            with self.lock:
+                if core._closed:
+                    if new:
+                        with core.lock:
+                            self.starting -= 1
+                    return
+                self.start(None if new else w.peer_id, new)
+        except Exception as e:  # noqa: BLE001 - a worker that cannot be started
+            if core._closed:
+                return
+            with core.lock:
+                if new:
+                    self.starting -= 1
+                self.failed(f"cannot start a worker process: {type(e).__name__}: {e}")
+                again = core.broken is None and not core._closed
+            if again:  # (this request stays pending until it is queued again)
+                time.sleep(RETRY_DELAY)
+                with core.lock:
+                    if new:
+                        self.start_new()
+                    else:
+                        self.pending += 1
+                        self._q.put(w)
+
+    def _judge(self, w) -> str:
+        """Worker `w` ended (core.lock held). If it had not answered `init`
+        yet, that is a start failure, unless it was stopped from outside.
+        Returns what it printed before attaching, if it never did (to be
+        shown on our stderr)."""
+        if w.judged:
+            return ""
+        w.judged = True
+        log, w.startup_log = w.startup_log, None
+        if w.ready or w.init_failed or self.core._closed or self.core.broken is not None:
+            if log is not None:
+                log.close()
+            return ""
+        output = log.text() if log is not None else ""
+        if log is not None:
+            log.close()
+        info = w.info
+        if info is not None and info.exitcode is None and info.signal not in _FAULTS:
+            pass  # stopped from outside (a kill): not the worker's own failure
+        else:
+            self.failed(_early_death(w, output))
+        return output if info is None or not info.attached else ""
+
+    # -- one start -------------------------------------------------------------------
+
+    def start(self, peer_id: int | None, new: bool) -> None:
+        """Start one worker (on entry `peer_id`, or any free one) and
+        register it with the core (self.lock held). spec: exec.worker-start"""
+        import multiprocessing
+
+        core = self.core
+        ticket = core.host.add_peer(AddPeerOptions(peer_name=f"{core.name}-worker",
+                                                   on_death=core._on_death, peer_id=peer_id), timeout=30)
+        if ticket is None:
+            raise PoolBrokenError(f"no free entry in the hub for a worker (peer {peer_id})")
+        log = init = None
+        # Set before anything can raise: an error in pickling the initargs,
+        # writing `init` or opening the log must surface as itself, with
+        # the reserved entry released (it used to be set just before the
+        # spawn, and the `except` below then raised a NameError instead,
+        # leaking the ticket).
+        spawned = False
+        broken = None
+        try:
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_BEFORE_SPAWN)
+            try:
+                setup, fds = pickle_for_child(core._init)
+            except Exception as e:
+                # Deterministic: trying again cannot help (the pool breaks
+                # once the entry is released, below).
+                broken = (f"the initializer and initargs could not be pickled for a worker: "
+                          f"{type(e).__name__}: {e}")
+                raise
+            # Big initargs travel chunked, as big arguments do (after the
+            # `init` request, on the worker's chunk channel): never a wait
+            # for a slot here, never a start failure for their size.
+            # spec: exec.chunked-define
+            init = write(core.slots, *dumps((list(sys.path), setup,
+                                             bytes(multiprocessing.current_process().authkey))),
+                         timeout=0, chunk_above=chunk_threshold(core.slots.config))
+            log = StartupLog(self.logs)
+            extra, log_fds, popen_kw = log.spawn_options()
+            proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
+            spawned = True
+        except BaseException:
+            if log is not None:
+                log.close()
+            if isinstance(init, Outgoing):
+                core.slots.free(init.slot)
+            if not spawned:
+                try:
+                    core.host.release(ticket)
+                except Exception:  # noqa: BLE001 - a failed spawn released it already
+                    pass
+            if broken is not None:
+                with core.lock:
+                    core._break(broken)
+            raise
+        log.spawned()
+        w = core.new_worker(ticket.peer_id, proc, log, new)
+        if failpoints.ACTIVE:
+            failpoints.hit(FP_SPAWNED)
+        chunked = None
+        if type(init) is Chunked:
+            chunked, tid = init, next(transfer_ids)
+            init = marker(tid, chunked.total)
+        try:
+            if chunked is not None:
+                w.tx = w.conn.open_tx()  # (the first channel this connection opens)
+            cf = w.conn.call(INIT, init)
+            if chunked is not None:
+                with core.lock:
+                    core._stream_later(w, tid, chunked)
+        except (PeerDeadError, ConnectionClosedError):
+            if isinstance(init, Outgoing):
+                try:  # (ours if it was never sent: nobody reclaims the host's slots)
+                    core.slots.free(init.slot)
+                except StaleSlotError:
+                    pass  # sent, and freed when the send failed
+            return  # it died already: judged with its output like any early death (_judge)
+        cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
+        with core.lock:
+            core._dispatch()
+
+    def _on_init(self, w, f) -> None:
+        """The worker's `init` answer (usually on the driver thread; before
+        `Core._on_death` if it died after answering)."""
+        exc = f.exception()
+        core = self.core
+        with core.lock:
+            if exc is None:
+                w.ready = True
+                self.failures = 0
+            elif not isinstance(exc, (PeerDeadError, ConnectionClosedError)):
+                w.init_failed = True  # it leaves now (EXIT_INIT_FAILED)
+                core.stats["init_failures"] += 1
+                if not core._closed and core.broken is None:
+                    self.failed(f"{type(exc).__name__}: {exc}", initializer=True)
+            else:
+                return  # it died first: `_judge` sees to it
+            log, w.startup_log = w.startup_log, None
+        if log is not None:
+            log.close()
+
+    def failed(self, why: str, *, initializer: bool = False) -> None:
+        """One more start failure (core.lock held); the pool breaks at
+        MAX_START_FAILURES in a row. spec: exec.start-failure"""
+        core = self.core
+        self.failures += 1
+        core.stats["start_failures"] += 1
+        if self.failures < MAX_START_FAILURES:
+            return
+        if initializer:
+            core._break(f"the pool's initializer failed {self.failures} times in a row "
+                        f"(last error: {why}); the pool is not usable anymore")
+        else:
+            core._break(f"{self.failures} worker processes in a row could not be started, so the "
+                        f"pool is not usable anymore. The last: {why}")
+
+
+FP_BEFORE_SPAWN = failpoints.declare("starter.before-spawn", "entry reserved, worker not started yet")
+FP_SPAWNED = failpoints.declare("starter.spawned", "worker process started, its init not sent yet")
+_NEW = object()  # a request for one more worker
+_IDLE = object()  # a request to close the core if no task is pending
+
+
+def _early_death(w, output: str) -> str:
+    info = w.info
+    where = "before attaching to the hub" if info is not None and not info.attached else \
+        "before it was ready"
+    tail = output.strip()[-OUTPUT_TAIL:]
+    said = f"; its output ended with:\n{tail}\n" if tail else " (it printed nothing). "
+    return (f"{w.death or 'the worker'} ended {where}{said}Check that {sys.executable} starts, "
+            f"imports shmpool from {_PACKAGE_PARENT} and can import what the initializer needs.")
+
+
+def _echo(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def describe(info) -> str:
+    """'worker pid N (SIGKILL)' / '(exit code 3)' from a hub PeerInfo."""
+    if info is None:
+        return "worker died"
+    if info.signal is not None:
+        try:
+            how = signal.Signals(info.signal).name
+        except ValueError:
+            how = f"signal {info.signal}"
+    elif info.exitcode is not None:
+        how = f"exit code {info.exitcode}"
+    else:
+        how = "ended"
+    return f"worker pid {info.pid} ({how})"

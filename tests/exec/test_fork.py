@@ -1,0 +1,633 @@
+"""Fork safety of the host (spec: exec.fork-safety), with real forks.
+
+A plain `os.fork()` child that exits through the interpreter's at-exit
+hooks (`sys.exit`) runs in a separate host program (forking the test
+runner itself and running its at-exit hooks in the child would run
+pytest's too); a multiprocessing `fork` Process runs from the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shmpool import ShmExecutor, ShmPool
+from shmpool.exec import forksafe
+from shmpool.errors import ForeignPoolError
+
+HOST = r"""
+import gc, json, os, sys, threading, time
+from shmpool import ShmExecutor, ShmPool
+from shmpool.exec import forksafe
+from shmpool.errors import ForeignPoolError
+
+def slow(x):
+    time.sleep(0.02)
+    return x
+
+def segment_bytes(core):
+    # Every byte the host and the workers share, but those the driver
+    # thread's sleeping flag toggles (the child never writes either).
+    return bytes(core.host.segment.buf)
+
+def stable(core):
+    prev = segment_bytes(core)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = segment_bytes(core)
+        if now == prev:
+            return now
+        prev = now
+    raise AssertionError("the segment never settled")
+
+def child(ex, pool, fs, rs, unstarted):
+    out = {"threads": len(threading.enumerate())}
+    def expect(name, fn):
+        try:
+            fn()
+        except ForeignPoolError as e:
+            assert isinstance(e, RuntimeError)
+            out[name] = str(e)
+        except BaseException as e:
+            out[name] = "WRONG " + repr(e)
+        else:
+            out[name] = "WRONG: no error"
+    expect("submit", lambda: ex.submit(slow, 1))
+    expect("map", lambda: list(ex.map(slow, range(3))))
+    expect("apply_async", lambda: pool.apply_async(slow, (1,)))
+    expect("map_async", lambda: pool.map_async(slow, range(3)))
+    expect("pool_map", lambda: pool.map(slow, range(3)))
+    expect("imap", lambda: pool.imap(slow, range(3)))
+    expect("imap_unordered", lambda: pool.imap_unordered(slow, range(3)))
+    expect("starmap", lambda: pool.starmap(slow, [(1,)]))
+    # (the tasks still in flight at the fork: done in the child, with the error)
+    pending = [f for f in fs if f.done() and isinstance(f.exception(0), ForeignPoolError)]
+    out["undone"] = sum(not f.done() for f in fs)
+    out["pending_futures"] = len(pending)
+    if pending:
+        expect("future_result", lambda: pending[-1].result(5))
+    out["processes"] = len(ex._processes)
+    t0 = time.monotonic()
+    ex.shutdown(wait=True)
+    ex.kill_workers()
+    ex.terminate_workers()
+    ex.__exit__(None, None, None)
+    pool.close()
+    pool.terminate()
+    pool.join()
+    pool.__exit__(None, None, None)
+    out["stop_seconds"] = time.monotonic() - t0
+    del ex, pool, fs, rs, pending
+    gc.collect()
+    # An executor that had not started has nothing of the parent's: it
+    # works here, with workers of its own.
+    out["unstarted"] = unstarted.submit(slow, 7).result(60)
+    unstarted.shutdown()
+    # So does a new one.
+    with ShmExecutor(1) as fresh:
+        out["fresh"] = fresh.submit(slow, 8).result(60)
+    return out
+
+def main(mode, report):
+    unstarted = ShmExecutor(1)
+    ex = ShmExecutor(2)
+    pool = ShmPool(2)
+    if mode == "busy":
+        fs = [ex.submit(slow, i) for i in range(100)]
+        rs = [pool.apply_async(slow, (i,)) for i in range(100)]
+        before = None
+    else:
+        fs = [ex.submit(slow, i) for i in range(10)]
+        rs = [pool.apply_async(slow, (i,)) for i in range(10)]
+        [f.result(60) for f in fs], [r.get(60) for r in rs]
+        before = (stable(ex._core), stable(pool._st.core))
+    pids = (sorted(ex._processes), sorted(p.pid for p in pool._pool))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            out = child(ex, pool, fs, rs, unstarted)
+        except BaseException as e:
+            out = {"error": repr(e)}
+        with open(report, "w") as f:
+            json.dump(out, f)
+        sys.exit(0)  # a normal exit: the interpreter's at-exit hooks run
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            status = "hung"
+            break
+        time.sleep(0.01)
+    res = {"status": status if status == "hung" else os.waitstatus_to_exitcode(status)}
+    if before is not None:
+        res["segment_unchanged"] = [segment_bytes(ex._core) == before[0],
+                                    segment_bytes(pool._st.core) == before[1]]
+    res["results"] = [f.result(60) for f in fs] == list(range(len(fs)))
+    res["pool_results"] = [r.get(60) for r in rs] == list(range(len(rs)))
+    res["after"] = [ex.submit(slow, 5).result(60), pool.apply(slow, (6,))]
+    res["same_workers"] = pids == (sorted(ex._processes), sorted(p.pid for p in pool._pool))
+    res["deaths"] = [ex.statistics()["worker_deaths"], pool.statistics()["worker_deaths"]]
+    # The segment is still there for the parent: a killed worker is replaced
+    # (the replacement attaches to it), and the pool goes on.
+    paths = [str(ex._core.host.segment.path), str(pool._st.core.host.segment.path)]
+    res["files"] = all(os.path.exists(p) for p in paths if os.path.isabs(p))
+    os.kill(sorted(ex._processes)[0], 9)
+    os.kill(sorted(p.pid for p in pool._pool)[0], 9)
+    res["healed"] = [sum(ex.map(slow, range(20))), sum(pool.map(slow, range(20)))]
+    ex.shutdown()
+    pool.close()
+    pool.join()
+    unstarted.shutdown()
+    print(json.dumps(res), flush=True)
+
+main(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("mode", ["busy", "idle"])
+@pytest.mark.spec("exec.fork-safety")
+def test_plain_fork_child_exits_normally_and_leaves_the_parent_alone(mode, tmp_path):
+    """The host forks (while tasks are in flight, or idle); the child gets a
+    clear RuntimeError from every call that would send work, waits for no
+    inherited result, stops nothing of the parent's, then `sys.exit(0)`:
+    it exits (the at-exit hooks do not wait for the parent's tasks). The
+    parent's executor and pool complete every task, with the same
+    workers; when idle, the child wrote no byte of the shared segment."""
+    report = tmp_path / "child.json"
+    out = subprocess.run([sys.executable, "-c", HOST, mode, str(report)], capture_output=True,
+                         text=True, timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 0, res
+    child = json.loads(report.read_text())
+    assert "error" not in child, child
+    for call in ("submit", "map", "apply_async", "map_async", "pool_map", "imap", "imap_unordered",
+                 "starmap"):
+        msg = child[call]
+        assert not msg.startswith("WRONG"), (call, msg)
+        assert "fork() child" in msg and "create a new" in msg, (call, msg)
+    if mode == "busy":
+        assert child["pending_futures"] > 0 and child["undone"] == 0
+        assert "fork() child" in child["future_result"]
+    assert child["processes"] == 0
+    assert child["threads"] == 1  # (only the thread that forked survives)
+    assert child["unstarted"] == 7 and child["fresh"] == 8
+    assert res["results"] and res["pool_results"] and res["after"] == [5, 6]
+    assert res["same_workers"] and res["deaths"] == [0, 0]
+    assert res["files"] and res["healed"] == [190, 190]
+    if mode == "idle":
+        assert res["segment_unchanged"] == [True, True]
+
+
+def _mp_child(ex, pool, conn):
+    out = []
+    for fn in (lambda: ex.submit(abs, -1), lambda: pool.apply_async(abs, (-1,))):
+        try:
+            fn()
+            out.append("no error")
+        except ForeignPoolError as e:
+            out.append(str(e))
+    ex.shutdown()
+    pool.terminate()
+    conn.send(out)
+    conn.close()
+    # returns normally: multiprocessing runs threading's exit hooks, then exits
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_multiprocessing_fork_process_while_a_pool_is_open():
+    """A multiprocessing `fork` Process started while an executor and a
+    pool are open (tasks in flight) runs, exits normally with exit code 0,
+    and the parent's pool keeps working with the same workers."""
+    ctx = multiprocessing.get_context("fork")
+    with ShmExecutor(2) as ex, ShmPool(2) as pool:
+        fs = [ex.submit(time.sleep, 0.01) for _ in range(50)]
+        rs = [pool.apply_async(time.sleep, (0.01,)) for _ in range(50)]
+        pids = sorted(ex._processes)
+        ppids = sorted(p.pid for p in pool._pool)
+        a, b = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_mp_child, args=(ex, pool, b))
+        p.start()
+        b.close()
+        try:
+            assert a.poll(60)
+            msgs = a.recv()
+            p.join(60)
+            assert p.exitcode == 0
+        finally:
+            if p.is_alive():
+                p.kill()
+                p.join()
+            p.close()
+            a.close()
+        assert "create a new ShmExecutor" in msgs[0]
+        assert "create a new ShmPool" in msgs[1]
+        assert [f.result(60) for f in fs] == [None] * 50
+        assert [r.get(60) for r in rs] == [None] * 50
+        assert ex.submit(abs, -3).result(60) == 3
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        assert sorted(ex._processes) == pids and sorted(p.pid for p in pool._pool) == ppids
+        assert ex.statistics()["worker_deaths"] == 0 and pool.statistics()["worker_deaths"] == 0
+
+
+HOLD = r"""
+import os, signal, sys, threading
+from shmpool import _threads
+
+token = _threads.hold_interrupt()  # the main thread holds a Ctrl-C (as in submit)
+assert token is not None
+out = {}
+
+def fork_here():
+    pid = os.fork()
+    if pid == 0:
+        ok = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+              and _threads._MAIN is threading.current_thread()
+              and _threads.hold_interrupt() is not None)
+        os._exit(0 if ok else 3)
+    out["status"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+t = threading.Thread(target=fork_here)
+t.start()
+t.join()
+_threads.release_interrupt(token)
+sys.exit(out["status"])
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_child_forked_while_the_main_thread_holds_a_ctrl_c_gets_its_handler_back():
+    """Forked by another thread while the main thread held SIGINT (the
+    hold replaces the handler for a moment): in the child, whose main
+    thread is the one that forked, Ctrl-C raises KeyboardInterrupt again
+    and `hold_interrupt` works there."""
+    out = subprocess.run([sys.executable, "-c", HOLD], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+
+
+PINNED = r"""
+import gc, json, os, sys, time
+import numpy as np
+from shmpool import ShmExecutor
+
+def make(v, n):
+    import numpy as np
+    return np.full(n, v, dtype=np.float64)
+
+def addr(a):
+    return a.__array_interface__["data"][0]
+
+SIZES = {"class": 1 << 17, "huge": 20 << 17}  # 1 MiB (a 1 MiB-class slot), 20 MiB (a huge extent)
+
+def main(report):
+    res = {}
+    with ShmExecutor(1) as ex:
+        kept = {k: ex.submit(make, 1.0, n).result(60) for k, n in SIZES.items()}
+        res["pinned"] = ex.statistics()["pinned_results"]
+        old = {k: addr(a) for k, a in kept.items()}
+        go_r, go_w = os.pipe()
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)  # the parent has reused the slots
+            out = {k: bool((a == 1.0).all()) for k, a in kept.items()}
+            out["writable"] = all(a.flags.writeable for a in kept.values())
+            for a in kept.values():
+                a[:] = 9.0  # the child's own memory now: the parent must not see it
+            with open(report, "w") as f:
+                json.dump(out, f)
+            os._exit(0)
+        os.close(go_r)
+        kept = None
+        gc.collect()
+        # New results until each old slot holds one (the parent's data there changes)
+        reused, new = {}, []
+        for k, n in SIZES.items():
+            for _ in range(100):
+                a = ex.submit(make, 2.0, n).result(60)
+                new.append(a)
+                if addr(a) == old[k]:
+                    reused[k] = a
+                    break
+        res["reused"] = sorted(reused)
+        os.write(go_w, b"x")
+        os.close(go_w)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                res["status"] = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9); os.waitpid(pid, 0); res["status"] = "hung"
+                break
+            time.sleep(0.01)
+        res["parent_intact"] = {k: bool((a == 2.0).all()) for k, a in reused.items()}
+        del new, reused
+    print(json.dumps(res), flush=True)
+
+main(sys.argv[1])
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_results_kept_zero_copy_are_the_childs_own_memory_after_a_fork(tmp_path):
+    """Results pinned zero-copy in the parent (one in a 1 MiB-class slot,
+    whose data is not page-aligned, one in a huge extent) are, in a fork()
+    child, private copies of what they held at the fork: the parent drops
+    them and new results reuse their slots, and the child still reads its
+    own values; it writes to them (they stay writable) and the parent's new
+    results at those addresses do not change."""
+    pytest.importorskip("numpy")
+    report = tmp_path / "child.json"
+    out = subprocess.run([sys.executable, "-c", PINNED, str(report)], capture_output=True, text=True,
+                         timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["pinned"] == 2, res  # (else the results were copies: nothing tested)
+    assert res["reused"] == ["class", "huge"], res  # (else the slots never changed in the parent)
+    assert res["status"] == 0, res
+    assert json.loads(report.read_text()) == {"class": True, "huge": True, "writable": True}
+    assert res["parent_intact"] == {"class": True, "huge": True}, res
+
+
+AFTER_CLOSE = r"""
+import json, os, sys
+import numpy as np
+from shmpool import ShmExecutor
+
+def make(v, n):
+    import numpy as np
+    return np.full(n, v, dtype=np.float64)
+
+res = {}
+with ShmExecutor(1) as ex:
+    kept = [ex.submit(make, float(i), n).result(60) for i, n in enumerate((1 << 17, 20 << 17), 1)]
+    res["pinned"] = ex.statistics()["pinned_results"]
+res["intact_after_close"] = [bool((a == i).all()) for i, a in enumerate(kept, 1)]
+r, w = os.pipe()
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    ok = all(bool((a == i).all()) for i, a in enumerate(kept, 1))
+    for a in kept:
+        a[:] = 9.0  # the child's own memory: the parent must not see it
+    os.write(w, b"1" if ok else b"0")
+    os._exit(0)
+res["child_saw_values"] = os.read(r, 1) == b"1"
+os.waitpid(pid, 0)
+res["parent_intact"] = [bool((a == i).all()) for i, a in enumerate(kept, 1)]
+kept[0][:] = 5.0  # still the parent's, writable
+res["writable"] = bool((kept[0] == 5.0).all())
+print(json.dumps(res), flush=True)
+"""
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_results_kept_past_shutdown_are_not_shared_with_a_later_fork_child():
+    """A result kept zero-copy past the pool's shutdown keeps its values,
+    as this process's own memory: a fork() child made afterwards writes to
+    its copy and the parent never sees it (it shared the segment's pages)."""
+    pytest.importorskip("numpy")
+    out = subprocess.run([sys.executable, "-c", AFTER_CLOSE], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"pinned": 2, "intact_after_close": [True, True], "child_saw_values": True,
+                   "parent_intact": [True, True], "writable": True}, res
+
+
+# A module the workers import too (the host's PYTHONPATH): tasks that wait
+# for a gate file, and a result whose unpickling in the host holds the
+# delivering thread until told (its task is then between its worker's
+# inflight and its future: in transit).
+FORKHELP = r"""
+import os, time
+
+def wait_for(path):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return 1
+
+def _arrive(gate):
+    # (runs where the result is unpickled: in the host, on the thread delivering it)
+    open(gate + ".in", "w").close()
+    wait_for(gate + ".go")
+    return "held"
+
+class Held:
+    def __init__(self, gate):
+        self.gate = gate
+    def __reduce__(self):
+        return (_arrive, (self.gate,))
+
+def held(gate):
+    return Held(gate)
+"""
+
+INHERITED = r"""
+import json, os, sys, threading, time
+from concurrent.futures import wait as futures_wait
+from shmpool import ShmExecutor, ShmPool
+from shmpool.exec import forksafe
+from shmpool.errors import ForeignPoolError
+from forkhelp import held, wait_for
+
+def attempt(fn):
+    try:
+        fn()
+    except ForeignPoolError as e:
+        return "foreign: " + str(e)
+    except BaseException as e:
+        return "WRONG " + repr(e)
+    return "WRONG: no error"
+
+def child(mode, ex, pool, fut, ares, it, extra):
+    out = {}
+    cores = (ex._core, pool._st.core)
+    if mode == "disown-fails":
+        out["foreign"] = [c.foreign for c in cores]
+        out["dead"] = [w.dead for c in cores for w in c.workers.values()]
+    elif mode == "in-transit":
+        out["done_at_fork"] = fut.done()
+        done, undone = futures_wait([fut])  # (no timeout)
+        out["wait"] = [len(done), len(undone)]
+        out["result"] = attempt(fut.result)
+        out["exception"] = type(fut.exception()).__name__  # (returned, as a failed future's)
+    elif mode == "locks-held":
+        calls = []
+        done_fut = extra[0]
+        done_fut.add_done_callback(lambda f: calls.append(f.result()))
+        done, undone = futures_wait([done_fut, fut], timeout=0)
+        out["wait"] = [len(done), len(undone)]
+        out["cancel"] = fut.cancel()
+        out["calls"] = calls
+        out["result"] = attempt(fut.result)
+        out["next"] = attempt(lambda: next(it))
+    elif mode == "pool-pending":
+        out["get"] = attempt(ares.get)
+        out["get_timeout"] = attempt(lambda: ares.get(30))
+        out["wait"] = attempt(ares.wait)
+        out["ready"] = ares.ready()
+        out["next"] = attempt(lambda: next(it))
+        out["next_timeout"] = attempt(lambda: it.next(30))
+    return out
+
+def main(mode, gate, report):
+    ex = ShmExecutor(1)
+    pool = ShmPool(1)
+    extra = []
+    if mode == "locks-held":
+        done_fut = ex.submit(abs, -1)
+        done_fut.result(60)
+        done_fut.add_done_callback(lambda f: None)  # (it has a condition now)
+        extra.append(done_fut)
+    fut = ex.submit(held if mode == "in-transit" else wait_for, gate)
+    ex._core.processes(60), pool._st.core.processes(60)  # (workers registered: the child disowns them)
+    ares = pool.apply_async(wait_for, (gate,))
+    it = pool.imap(wait_for, [gate] * 3)
+    if mode == "in-transit":
+        wait_for(gate + ".in")  # its answer is being delivered: the delivering thread holds it
+    if mode == "locks-held":
+        # Another thread holds what the pool's threads take (the futures'
+        # guard, the core's lock, a future's condition) at the fork.
+        done_fut = extra[0]
+        holding, release = threading.Event(), threading.Event()
+        def hold():
+            with ex._core.future_guard, ex._core.lock, done_fut._condition, it._cond:
+                holding.set()
+                release.wait(60)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait(60)
+    if mode == "disown-fails":
+        real, calls = forksafe.foreign_error, []
+        def failing(*a, **k):  # the first disown fails partway (before its futures)
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected")
+            return real(*a, **k)
+        forksafe.foreign_error = failing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            out = child(mode, ex, pool, fut, ares, it, extra)
+        except BaseException as e:
+            out = {"error": repr(e)}
+        with open(report, "w") as f:
+            json.dump(out, f)
+        os._exit(0)
+    if mode == "disown-fails":
+        forksafe.foreign_error = real
+    if mode == "locks-held":
+        release.set()
+        holder.join()
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            res = {"status": os.waitstatus_to_exitcode(status)}
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            res = {"status": "hung"}
+            break
+        time.sleep(0.01)
+    open(gate, "w").close()
+    open(gate + ".go", "w").close()
+    res["parent"] = [fut.result(60), ares.get(60), list(it)]
+    ex.shutdown()
+    pool.close()
+    pool.join()
+    print(json.dumps(res), flush=True)
+
+main(*sys.argv[1:])
+"""
+
+
+def _run_inherited(mode, tmp_path):
+    """Run INHERITED in `mode`; (the parent's summary, the child's report)."""
+    (tmp_path / "forkhelp.py").write_text(FORKHELP)
+    report = tmp_path / "child.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", INHERITED, mode, str(tmp_path / "gate"), str(report)],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 0, (res, out.stderr)  # (not "hung": the child waited for nothing)
+    child = json.loads(report.read_text())
+    assert "error" not in child, child
+    parent_result = "held" if mode == "in-transit" else 1
+    assert res["parent"] == [parent_result, 1, [1, 1, 1]], res  # the parent's tasks are intact
+    return res, child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_disown_that_fails_partway_still_stops_the_childs_waits_on_the_parents_rings(tmp_path):
+    """If disowning an inherited core fails partway in the child (here an
+    injected error before its futures are failed), its workers are still
+    marked dead: a wait on one of its futures never polls the parent's
+    rings (which would take the parent's answers and write its tail)."""
+    res, child = _run_inherited("disown-fails", tmp_path)
+    assert child["foreign"] == [True, True]
+    assert len(child["dead"]) == 2 and all(child["dead"]), child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_a_future_in_transit_at_the_fork_fails_at_once_in_the_child(tmp_path):
+    """Forked while a task's answer is being delivered (its result's
+    unpickling holds the delivering thread: the task is off its worker's
+    ring and not yet in its future, in no record the child can walk):
+    in the child `concurrent.futures.wait()` (without a timeout) returns
+    at once with it done, `result()` raises `ForeignPoolError` and
+    `exception()` returns it, instead of waiting forever; the parent gets
+    the result."""
+    res, child = _run_inherited("in-transit", tmp_path)
+    assert child["done_at_fork"] is False, child  # (else nothing was in transit)
+    assert child["wait"] == [1, 0], child
+    assert child["result"].startswith("foreign: ") and "fork() child" in child["result"], child
+    assert child["exception"] == "ForeignPoolError", child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_locks_a_vanished_thread_held_at_the_fork_do_not_hang_the_child(tmp_path):
+    """Forked while another thread held the futures' guard, the core's lock
+    and a future's condition (as the pool's threads do for a moment), and
+    an imap iterator's lock: in the child, adding a done callback,
+    `concurrent.futures.wait`, `cancel`, `result` and the iterator's
+    `next` return (or raise) at once."""
+    res, child = _run_inherited("locks-held", tmp_path)
+    assert child["wait"] == [2, 0] and child["cancel"] is False and child["calls"] == [1], child
+    assert child["result"].startswith("foreign: ") and child["next"].startswith("foreign: "), child
+
+
+@pytest.mark.spec("exec.fork-safety")
+def test_pool_results_pending_at_the_fork_raise_at_once_in_the_child(tmp_path):
+    """An inherited pool's `AsyncResult` and imap iterator still pending at
+    the fork: in the child `get()` (with or without a timeout), `wait()`
+    and `next()` raise `ForeignPoolError` at once (the results arrive in
+    the parent, which gets them)."""
+    res, child = _run_inherited("pool-pending", tmp_path)
+    for call in ("get", "get_timeout", "wait", "next", "next_timeout"):
+        assert child[call].startswith("foreign: ") and "ShmPool" in child[call], (call, child)
+    assert child["ready"] is False
