@@ -5,8 +5,8 @@ Owns: `PendingCalls` (request id -> record of a call in flight, or of an
 answer that comes as a part of another call, spec: shm.session.parts; the
 ids, u32, never 0, skipping pending ones, spec: shm.id.request-id),
 `CallFuture` (a `concurrent.futures.Future` whose waits keep a guest's
-rings moving), `_SyncCall` (`Connection.call_sync`: no condition, the
-caller waits in `Connection.wait_until`), `_CallbackCall` (an answer
+rings moving), `SyncCall` (`Connection.call_sync`: no condition, the
+caller waits in `Connection.wait_until`), `CallbackCall` (an answer
 handed to a callback on the thread that delivers it).
 
 Data flow: `Connection` makes one record per call (or awaited part), files
@@ -18,16 +18,15 @@ payload (or the decoded error, or the cancellation); the connection's end
 Invariants: a record completes exactly once (`set_result` /
 `set_exception`): whoever removes it from the table owns it. The table
 takes no lock: the ids come from an atomic counter and each dict operation
-is atomic; a record filed while the table closes is either taken back by
-its filer (`file` returns False) or failed by `close`'s caller, never both
-left pending.
+is atomic; a record filed while the table closes is taken back by its
+filer (`file` returns False) or left to `close`'s caller to fail: it is
+never left pending.
 """
 
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import CancelledError
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 from .messages import F_CANCELLED, F_ERROR
 from .methods import decode_error
@@ -60,7 +59,7 @@ class CallFuture(Future):
         return True
 
 
-class _SyncCall:
+class SyncCall:
     """The waiting side of `call_sync`: a future without a condition
     variable (the caller waits in `Connection.wait_until` anyway)."""
 
@@ -84,7 +83,7 @@ class _SyncCall:
         self.finished = True
 
 
-class _CallbackCall:
+class CallbackCall:
     """A call answered through a callback `callback(result, error)` (run on
     the thread that delivers the answer, or that ends the connection)."""
 

@@ -8,9 +8,9 @@ assembly into messages and the credit it grants back; the termination
 handshake of each end. Which ids exist, the 16-byte entries in shared
 memory and the routing of the peer's messages to an end are the
 `channel_table`'s; an end reaches its entry only through the table's
-operations (`grant`, `wake_sender`, `finished`, `send_control`) and the
-two words it is given at construction (`granted_at`, the sender's
-`waiter`).
+operations (`grant`, `wake_sender`, `finished`, `send_control`) and what
+the table gives it at construction (its `entry` offset; a sender's
+`granted_at` and `waiter`).
 
 Data flow:
 - A sender's `send(data)` splits data into pieces of at most the initial
@@ -109,13 +109,14 @@ class _End:
         self.table.finished(self, sender=isinstance(self, Tx))
 
     def broken(self, exc: BaseException) -> None:
-        """The connection ended with `exc` before this end finished."""
+        """The connection ended with `exc` (or the end was given up) before
+        this end finished: every later use raises ChannelBroken."""
         if not self._finished:
             self._broken = exc
 
     @property
     def is_broken(self) -> bool:
-        """The connection ended before this end finished."""
+        """See `broken`."""
         return self._broken is not None
 
     def _raise_if_ended(self) -> None:

@@ -63,7 +63,7 @@ from ..errors import (
 )
 from ..shm import layout as L
 from ..shm.ring import Descriptor
-from .calls import CallFuture, PendingCalls, _CallbackCall, _SyncCall
+from .calls import CallbackCall, CallFuture, PendingCalls, SyncCall
 from .channel import Rx, Tx
 from .channel_table import ChannelTable
 from .incoming import IncomingCalls
@@ -174,7 +174,7 @@ class Connection:
         """Call and have `callback(result, error)` run once with the answer
         (a `Received` when `raw`) or the error: the lightest way to call,
         with no future. Returns the request id."""
-        return self._start(_CallbackCall(raw, callback), method, payload, timeout, False).request_id
+        return self._start(CallbackCall(raw, callback), method, payload, timeout, False).request_id
 
     def spare_id(self) -> int:
         """A fresh request id, not pending: each call's own, and ids for
@@ -189,7 +189,7 @@ class Connection:
         first). False if the connection is over (nothing registered).
         Whoever removes it from the pending calls owns it: `forget` it if
         the call is not made. spec: shm.session.parts"""
-        fut = _CallbackCall(raw, callback)
+        fut = CallbackCall(raw, callback)
         fut.request_id = rid
         return self.pending_calls.file(rid, fut)
 
@@ -208,7 +208,7 @@ class Connection:
         """Call and wait for the answer: like `call(...).result(timeout)`,
         with less machinery (no Future). On timeout the call is cancelled
         and TimeoutError raised."""
-        w = self._start(_SyncCall(raw), method, payload, timeout, True)
+        w = self._start(SyncCall(raw), method, payload, timeout, True)
         if not self.wait_until(w.done, timeout):
             self.cancel_call(w.request_id)
             raise TimeoutError(f"no answer from peer {self.peer} within {timeout} s")

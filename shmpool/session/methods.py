@@ -6,15 +6,15 @@ the encoding of a handler's exception into a Response payload and back
 into an exception with the remote traceback attached (the exception
 classes themselves are in `shmpool.errors`).
 
-Data flow: a Request's method id selects the handler (`incoming` runs
-it); the handler gets a `CallContext` and the request's `Received` payload
-and returns the response payload (bytes-like, `Outgoing`, or None).
-`encode_error` / `decode_error` are used by both sides: the callee's
-`incoming` encodes, the caller's `calls` decodes. An exception it raises
-is pickled together with its formatted traceback; the caller re-raises it
-with `__cause__` set to a `RemoteTraceback` carrying that text, as
-`concurrent.futures.ProcessPoolExecutor` does (`RemoteTraceback` is the
-stdlib's `concurrent.futures.process._RemoteTraceback` itself, so that code
+Data flow: a Request's method id selects the handler (`incoming` runs it);
+the handler gets a `CallContext` and the request's `Received` payload and
+returns the response payload (bytes-like, `Outgoing`, or None). An
+exception it raises is pickled together with its formatted traceback
+(`encode_error`, on the callee's side); the caller (`calls`) re-raises it
+with `__cause__` set to a `RemoteTraceback` carrying that text
+(`decode_error`), as `concurrent.futures.ProcessPoolExecutor` does
+(`RemoteTraceback` is the stdlib's
+`concurrent.futures.process._RemoteTraceback` itself, so that code
 checking the cause's type finds what it expects).
 
 Invariants: an exception that cannot be pickled (or unpickled) still
