@@ -37,11 +37,11 @@ def guest_main() -> None:
         sess = GuestSession(g)
         conn = sess.connection
 
-        @sess.dispatcher.register("echo")
+        @sess.methods.register("echo")
         def echo(ctx, p):
             return p.view()
 
-        @sess.dispatcher.register("sink")
+        @sess.methods.register("sink")
         def sink(ctx, p):
             rx = conn.rx(int(p.tobytes()))
             return str(sum(len(m) for m in rx)).encode()

@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
+from concurrent.futures.process import _RemoteTraceback
 
 __all__ = [
     "TaskUnpicklingError",
@@ -31,6 +32,10 @@ __all__ = [
     "ChannelReset",
     "ChannelBroken",
     "TransferFailed",
+    "RemoteError",
+    "RemoteTraceback",
+    "NoSuchMethodError",
+    "CallCancelled",
     "SlotError",
     "StaleSlotError",
     "SlotExhaustedError",
@@ -169,6 +174,35 @@ class ChannelBroken(ShmpoolError, ConnectionError):
 class TransferFailed(ShmpoolError):
     """A chunked transfer did not arrive whole: its sender gave up (the
     reason is in the message) or sent something that is not a transfer."""
+
+
+# The formatted traceback of an exception raised in the other process (set
+# as the local exception's `__cause__`; its text is `.tb` and its str()).
+# The stdlib's class, so that `type(exc.__cause__)` is what
+# ProcessPoolExecutor gives; shmpool's name stays an alias.
+RemoteTraceback = _RemoteTraceback
+
+
+class RemoteError(ShmpoolError):
+    """An exception raised by a remote handler that could not be sent as
+    itself (it was not picklable); carries its type name and message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.remote_message))
+
+
+class NoSuchMethodError(ShmpoolError, LookupError):
+    """The other side has no handler for the method called."""
+
+
+class CallCancelled(ShmpoolError):
+    """Raised inside a running handler by `CallContext.check_cancelled()`
+    after its caller cancelled the call."""
 
 
 class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):

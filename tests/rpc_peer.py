@@ -32,7 +32,7 @@ class GuestError(Exception):
 
 
 def handlers(sess: GuestSession) -> None:
-    d = sess.dispatcher
+    d = sess.methods
     conn = sess.connection
 
     @d.register("echo")

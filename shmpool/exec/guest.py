@@ -138,7 +138,7 @@ class _Worker:
         self.max_tasks: int | None = None
         self.exit_code: int | None = None
         self.fatal: BaseException | None = None
-        d = self.session.dispatcher
+        d = self.session.methods
         d.register(INIT, self.init)
         d.register(DEFINE, self.define)
         d.register(RUN, self.run)

@@ -217,7 +217,7 @@ class Dispatching:
         for task, tag in zip(batch, tags):
             task.worker = w
             task.rid = tag
-            if conn.expect(tag, lambda res, err, task=task, w=w: self._on_done(task, w, res, err, False)):
+            if conn.await_part(tag, lambda res, err, task=task, w=w: self._on_done(task, w, res, err, False)):
                 expected.append(task)
         try:
             if batched:

@@ -1,19 +1,35 @@
-"""The caller's records of its calls in flight, one kind per way of
-waiting for the answer.
+"""The calls this side made: their request ids, the table of those
+waiting for an answer, and the records of each way of waiting.
 
-Owns: `CallFuture` (a `concurrent.futures.Future` whose waits keep a
-guest's rings moving), `_SyncCall` (`Connection.call_sync`: no condition,
-the caller waits in `Connection.wait_until`), `_CallbackCall` (an answer
+Owns: `PendingCalls` (request id -> record of a call in flight, or of an
+answer that comes as a part of another call, spec: shm.session.parts; the
+ids, u32, never 0, skipping pending ones, spec: shm.id.request-id),
+`CallFuture` (a `concurrent.futures.Future` whose waits keep a guest's
+rings moving), `SyncCall` (`Connection.call_sync`: no condition, the
+caller waits in `Connection.wait_until`), `CallbackCall` (an answer
 handed to a callback on the thread that delivers it).
 
-Data flow: `Connection` makes one per call, files it under the call's
-request id, and completes it exactly once (`set_result` /
-`set_exception`) from the answer, a cancellation or the connection's end.
+Data flow: `Connection` makes one record per call (or awaited part), files
+it under its id before the Request goes out, and hands each Response to
+`PendingCalls.deliver`, which completes the record it names from the
+payload (or the decoded error, or the cancellation); the connection's end
+`close`s the table and fails what was left.
+
+Invariants: a record completes exactly once (`set_result` /
+`set_exception`): whoever removes it from the table owns it. The table
+takes no lock: the ids come from an atomic counter and each dict operation
+is atomic; a record filed while the table closes is taken back by its
+filer (`file` returns False) or left to `close`'s caller to fail: it is
+never left pending.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import itertools
+from concurrent.futures import CancelledError, Future
+
+from .messages import F_CANCELLED, F_ERROR
+from .methods import decode_error
 
 
 class CallFuture(Future):
@@ -22,7 +38,7 @@ class CallFuture(Future):
     `cancel()` cancels locally at once and asks the other side to drop or
     stop the call. spec: shm.session.call"""
 
-    def __init__(self, conn: "Connection", raw: bool) -> None:
+    def __init__(self, conn, raw: bool) -> None:
         super().__init__()
         self.connection = conn
         self.request_id = 0  # set when sent
@@ -39,11 +55,11 @@ class CallFuture(Future):
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        self.connection._cancel_call(self.request_id)
+        self.connection.cancel_call(self.request_id)
         return True
 
 
-class _SyncCall:
+class SyncCall:
     """The waiting side of `call_sync`: a future without a condition
     variable (the caller waits in `Connection.wait_until` anyway)."""
 
@@ -67,7 +83,7 @@ class _SyncCall:
         self.finished = True
 
 
-class _CallbackCall:
+class CallbackCall:
     """A call answered through a callback `callback(result, error)` (run on
     the thread that delivers the answer, or that ends the connection)."""
 
@@ -89,3 +105,63 @@ class _CallbackCall:
     def set_exception(self, exc: BaseException) -> None:
         self.finished = True
         self.callback(None, exc)
+
+
+class PendingCalls:
+    """The records of the calls this side made that await an answer, by
+    request id (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, object] = {}
+        self._ids = itertools.count(1)  # next() is atomic: no lock
+        self._end: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def spare_id(self) -> int:
+        """A fresh request id, not pending."""
+        rid = next(self._ids) & 0xFFFFFFFF
+        while rid == 0 or rid in self._records:  # (after 2**32 calls the ids wrap)
+            rid = next(self._ids) & 0xFFFFFFFF
+        return rid
+
+    def file(self, rid: int, record) -> bool:
+        """File `record` under `rid`. False if the table is closed and the
+        record was taken back (the caller fails it); True if it is filed,
+        or if `close` took it (and its caller fails it)."""
+        records = self._records
+        records[rid] = record
+        if self._end is not None and records.pop(rid, None) is record:
+            return False
+        return True
+
+    def take(self, rid: int):
+        """Remove and return the record filed under `rid` (None if there is
+        none): its taker owns it."""
+        return self._records.pop(rid, None)
+
+    def deliver(self, rid: int, flags: int, payload) -> bool:
+        """Complete the record `rid` names with a Response's `payload` (a
+        `Received`, released here unless the record keeps it raw). False
+        if nothing waits for it (cancelled here meanwhile, or a stray id)."""
+        record = self._records.pop(rid, None)
+        if record is None or record.done():
+            payload.release()
+            return False
+        if flags & F_CANCELLED:
+            payload.release()
+            record.set_exception(CancelledError(f"request {rid} was cancelled before it ran"))
+        elif flags & F_ERROR:
+            record.set_exception(decode_error(payload.tobytes()))
+        else:
+            record.set_result(payload if record.raw else payload.tobytes())
+        return True
+
+    def close(self, end: BaseException) -> list:
+        """No more calls (the connection ended with `end`): the records
+        still pending, taken out, for the caller to fail."""
+        self._end = end
+        records = list(self._records.values())
+        self._records.clear()
+        return records

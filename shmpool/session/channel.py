@@ -1,38 +1,43 @@
-"""Channels: ordered message streams between the host and one guest, with
-credit flow control in shared memory.
+"""Channel ends: ordered message streams between the host and one guest,
+with credit flow control in shared memory.
 
-Owns: this side's view of the pair's channel table (16-byte entries:
-state, granted_total, sender-sleeping flag), channel id allocation, and
-the `Tx` / `Rx` ends.
+Owns: `Tx` and `Rx`, this side's two kinds of end of a channel, and
+everything about one channel once it is open: the sender's `sent_total`,
+splitting, credit waits and pieces; the receiver's queue of pieces, their
+assembly into messages and the credit it grants back; the termination
+handshake of each end. Which ids exist, the 16-byte entries in shared
+memory and the routing of the peer's messages to an end are the
+`channel_table`'s; an end reaches its entry only through the table's
+operations (`grant`, `wake_sender`, `finished`, `send_control`) and what
+the table gives it at construction (its `entry` offset; a sender's
+`granted_at` and `waiter`).
 
 Data flow:
 - A sender's `send(data)` splits data into pieces of at most the initial
   credit, waits until `granted_total - sent_total` covers the next piece
   (futex on `granted_total`), and publishes Data descriptors (all but the
   last flagged MORE) on the pair's ring, so per-channel order is the ring's.
-- The receiver queues pieces as they arrive; `recv()` copies a message's
-  pieces out, frees their slots and raises `granted_total` by the bytes it
-  consumed, waking the sender if it sleeps. No Credit message exists.
+- The receiver queues pieces as they arrive (routed to it by the table);
+  `recv()` copies a message's pieces out, frees their slots and raises
+  `granted_total` by the bytes it consumed (`ChannelTable.grant`, which
+  wakes the sender if it sleeps). No Credit message exists.
 - Ending: each end sends one terminal message (Close, or Reset to abort)
   and answers the peer's terminal with a Close if it has not sent its own.
-  An end that has both sent and received a terminal is finished: it sets
-  its done bit in the entry, and the second end to finish frees the entry.
-  So a channel id is reused only after both ends closed, and nothing for an
-  old channel can be taken for a new one with the same id.
-
+  An end that has both sent and received a terminal is finished
+  (`ChannelTable.finished`: the entry is freed by the second end to
+  finish), so a channel id is reused only after both ends closed.
 - Transfers (spec: shm.session.chunked; format and assembly in
-  `transfer`): a table with `collecting` set (the executor's host and
-  workers) makes every channel the peer opens a collector: each message is
-  one transfer, assembled as its pieces are routed, their credit granted at
-  once, so the routing thread (the host's driver) never waits for a
-  reader; `take_transfer(id)` takes a complete one. `Tx.send_transfer`
-  streams one from a list of parts.
+  `transfer`): an `Rx` of a table that is `collecting` hands each piece to
+  its `Collector` as it is routed and grants its credit at once, so the
+  routing thread (the host's driver) never waits for a reader;
+  `Tx.send_transfer` streams one from a list of parts.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed the initial credit; `granted_total` is written only by the
-receiver, `sent_total` is private to the sender; the peer's death breaks
-every open channel (`ChannelBroken`), distinct from an orderly end
-(`ChannelClosed`) and an abort (`ChannelReset`).
+receiver, `sent_total` is private to the sender; each end sends at most
+one terminal message; the peer's death breaks every open end
+(`ChannelBroken`), distinct from an orderly end (`ChannelClosed`) and an
+abort (`ChannelReset`).
 """
 
 from __future__ import annotations
@@ -42,23 +47,16 @@ import threading
 import time
 
 from .. import _atomics
-from ..errors import (
-    ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, ShmpoolError, SlotExhaustedError,
-    TransferFailed,
-)
+from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError, SlotExhaustedError
 from ..shm import layout as L
 from ..shm.ring import Descriptor
-from ..shm.wait import SLICE, Waiter
+from ..shm.wait import SLICE
 from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
-from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, drop_failed, stream, transfer_views
+from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream, transfer_views
 
-load_u32, store_u32 = _atomics.load_u32, _atomics.store_u32
-fetch_add_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.fetch_or_u32
+load_u32 = _atomics.load_u32
 MASK = 0xFFFFFFFF
-# entry state bits. spec: shm.flow.channel-table
-FREE, ACTIVE, TX_DONE, RX_DONE = 0, 1, 2, 4
-E_STATE, E_GRANTED, E_SLEEP = 0, 4, 8
-SENDER_SLEEPS = 1
+
 
 def _signed(v: int) -> int:
     v &= MASK
@@ -66,11 +64,13 @@ def _signed(v: int) -> int:
 
 
 class _End:
-    def __init__(self, table: "ChannelTable", cid: int) -> None:
-        self.table = table
+    """What both kinds of end share: the terminal handshake and the break."""
+
+    def __init__(self, table, cid: int) -> None:
+        self.table = table  # a `ChannelTable`
         self.conn = table.conn
         self.id = cid
-        self.entry = table.base + cid * L.CHANNEL_ENTRY_SIZE
+        self.entry = table.entry_offset(cid)
         self._sent_fin = False  # we sent our Close/Reset
         self._got_fin = False  # the peer's Close/Reset arrived
         self._reset = False
@@ -87,7 +87,8 @@ class _End:
         self.table.send_control(kind, self.id)
         self._maybe_finish()
 
-    def _on_terminal(self, kind: int) -> None:
+    def on_terminal(self, kind: int) -> None:
+        """The peer's Close or Reset for this channel arrived (routed by the table)."""
         self._got_fin = True
         if kind == RESET:
             self._reset = True
@@ -100,21 +101,23 @@ class _End:
         pass
 
     def _maybe_finish(self) -> None:
-        """Both terminals exchanged: set our done bit; the second end to do
-        so frees the entry. spec: shm.flow.channel-id-reuse"""
+        """Both terminals exchanged: the table sets our done bit and the
+        second end to finish frees the entry. spec: shm.flow.channel-id-reuse"""
         if self._finished or not (self._sent_fin and self._got_fin):
             return
         self._finished = True
-        mine, theirs = (TX_DONE, RX_DONE) if isinstance(self, Tx) else (RX_DONE, TX_DONE)
-        buf = self.conn.segment.buf
-        old = fetch_or_u32(buf, self.entry + E_STATE, mine)
-        if old & theirs:
-            store_u32(buf, self.entry + E_STATE, FREE)
-        self.table.forget(self)
+        self.table.finished(self, sender=isinstance(self, Tx))
 
-    def _break(self, exc: BaseException) -> None:
+    def broken(self, exc: BaseException) -> None:
+        """The connection ended with `exc` (or the end was given up) before
+        this end finished: every later use raises ChannelBroken."""
         if not self._finished:
             self._broken = exc
+
+    @property
+    def is_broken(self) -> bool:
+        """See `broken`."""
+        return self._broken is not None
 
     def _raise_if_ended(self) -> None:
         if self._broken is not None:
@@ -126,13 +129,14 @@ class _End:
 class Tx(_End):
     """The sending end of a channel. spec: shm.flow.remaining-credit"""
 
-    def __init__(self, table: "ChannelTable", cid: int) -> None:
+    def __init__(self, table, cid: int) -> None:
         super().__init__(table, cid)
         self._sent = 0  # sent_total, private to the sender
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
-        self.waiter = Waiter(self.conn.segment.buf, self.entry + E_SLEEP, SENDER_SLEEPS)
+        self.granted_at = table.granted_offset(cid)  # the receiver's granted_total
+        self.waiter = table.sender_waiter(cid)  # sleeps on granted_total, flagged in the entry
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
 
     def _peer_ended(self, kind: int) -> None:
@@ -166,11 +170,11 @@ class Tx(_End):
             first = True
             while True:
                 k = min(self.piece, n - off)
-                if not self._wait_credit(k, timeout if first else None):
+                if not self.wait_credit(k, timeout if first else None):
                     return False
                 more = off + k < n
                 try:
-                    self._publish(view[off : off + k], more)
+                    self.send_piece(view[off : off + k], more)
                 except SlotExhaustedError:
                     if not first:  # half a message: the receiver must not take it for a whole one
                         self._terminal(RESET)
@@ -183,7 +187,7 @@ class Tx(_End):
             self.bytes += n
             return True
 
-    def _publish(self, piece, more: bool) -> None:
+    def send_piece(self, piece, more: bool) -> None:
         """One Data descriptor (credit checked by the caller). Its slot is
         waited for at most MAX_SLOT_WAIT seconds in all, a slice at a time,
         the channel's end checked between slices."""
@@ -202,7 +206,7 @@ class Tx(_End):
                     raise
         self.conn.publish(desc)
         self._sent = (self._sent + len(piece)) & MASK
-        granted = load_u32(self.conn.segment.buf, self.entry + E_GRANTED)
+        granted = load_u32(self.conn.segment.buf, self.granted_at)
         in_flight = self.table.initial_credit - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
@@ -259,9 +263,10 @@ class Tx(_End):
             raise ChannelBroken(str(err)) from err
         return remaining
 
-    def _wait_credit(self, k: int, timeout: float | None) -> bool:
-        """spec: shm.wakeup.credit-wait"""
-        buf, off = self.conn.segment.buf, self.entry + E_GRANTED
+    def wait_credit(self, k: int, timeout: float | None) -> bool:
+        """Wait until `k` bytes of credit are there (True) or `timeout`
+        passed (False); raises if the channel ends. spec: shm.wakeup.credit-wait"""
+        buf, off = self.conn.segment.buf, self.granted_at
         granted = load_u32(buf, off)  # acquire. spec: shm.flow.ordering
         if self._credit(granted) >= k:
             return True
@@ -306,7 +311,7 @@ class Tx(_End):
         closing the connection): every send, one waiting for credit or a
         slot included, raises ChannelBroken at its next check, within a
         wait slice. Takes no lock: safe while a sender holds it."""
-        self._break(ConnectionError(reason))
+        self.broken(ConnectionError(reason))
 
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
@@ -327,7 +332,7 @@ class Rx(_End):
     """The receiving end of a channel. Iterating yields messages until the
     sender closes."""
 
-    def __init__(self, table: "ChannelTable", cid: int) -> None:
+    def __init__(self, table, cid: int) -> None:
         super().__init__(table, cid)
         self._queue: collections.deque = collections.deque()  # (Received, more)
         self._partial: bytearray | None = None
@@ -335,7 +340,8 @@ class Rx(_End):
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
 
-    def _on_data(self, d: Descriptor) -> None:
+    def on_data(self, d: Descriptor) -> None:
+        """A Data piece for this channel arrived (routed by the table)."""
         rec = Received(self.conn.slots, d)
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
@@ -364,8 +370,8 @@ class Rx(_End):
             self._queue.popleft()[0].release()
         self._partial = None
 
-    def _break(self, exc: BaseException) -> None:
-        super()._break(exc)
+    def broken(self, exc: BaseException) -> None:
+        super().broken(exc)
         if not self._finished:
             self._discard()
 
@@ -456,154 +462,3 @@ class Rx(_End):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class ChannelTable:
-    """This side's view of the pair's channel table and its open ends."""
-
-    def __init__(self, conn, doorbell) -> None:
-        self.conn = conn
-        seg = conn.segment
-        self.base = seg.layout.channel_table(conn.guest_id)
-        # The header's values, as the host chose them. spec: shm.handshake.no-negotiation
-        self.max = seg.config.max_channels
-        self.initial_credit = seg.config.initial_credit
-        # Our own table: another guest's channel 3 is not ours. spec: shm.id.channel-scope
-        self.parity = 0 if conn.me == 0 else 1  # spec: shm.id.channel-parity
-        self._ends: dict[int, _End] = {}
-        self._lock = threading.Lock()
-        self._outbox: collections.deque = collections.deque()
-        # Peer-opened channels collect transfers (see the module docstring).
-        self.collecting = False
-        self.transfers: dict = {}  # transfer id -> its bytes (bytearray or mmap), or TransferFailed
-
-    def take_transfer(self, tid: int):
-        """Transfer `tid`'s bytes once all arrived (None before); raises
-        TransferFailed if it failed. Each transfer is taken once."""
-        got = self.transfers.pop(tid, None)
-        if isinstance(got, TransferFailed):
-            raise got
-        return got
-
-    def drop_failed_transfers(self) -> int:
-        """Forget the failed transfers nobody will take (a peer's message
-        cut short, then answered with an error); how many."""
-        return drop_failed(self.transfers)
-
-    def _entry(self, cid: int) -> int:
-        return self.base + cid * L.CHANNEL_ENTRY_SIZE
-
-    def open(self, send: bool) -> _End:
-        """Allocate an id of our parity whose entry is Free and activate it.
-        spec: shm.flow.channel-activate"""
-        buf = self.conn.segment.buf
-        with self._lock:
-            for cid in range(2 if self.parity == 0 else 1, self.max, 2):
-                if cid in self._ends:
-                    continue
-                e = self._entry(cid)
-                if load_u32(buf, e + E_STATE) != FREE:
-                    continue  # its previous use is not over at both ends yet
-                store_u32(buf, e + E_GRANTED, self.initial_credit)  # spec: shm.flow.initial
-                store_u32(buf, e + E_SLEEP, 0)
-                store_u32(buf, e + E_STATE, ACTIVE)  # release: the fields above first
-                end = Tx(self, cid) if send else Rx(self, cid)
-                self._ends[cid] = end
-                return end
-        raise ShmpoolError(f"no free channel id of this side's parity below {self.max} "
-                           "(close channels, or raise SegmentConfig.max_channels)")
-
-    def end(self, cid: int, send: bool) -> _End:
-        """This side's end of a channel the peer opened. spec: shm.id.channel-id"""
-        if not (0 < cid < self.max) or cid % 2 == self.parity:
-            raise ValueError(f"channel id {cid} is not one the peer can have opened "
-                             f"(peer ids are {'odd' if self.parity == 0 else 'even'}, "
-                             f"below {self.max})")
-        with self._lock:
-            got = self._ends.get(cid)
-            if got is not None:
-                if isinstance(got, Tx) != send:
-                    raise ValueError(f"channel {cid} is a {'sending' if send else 'receiving'} "
-                                     "channel on the other side too")
-                return got
-            if load_u32(self.conn.segment.buf, self._entry(cid) + E_STATE) & ACTIVE == 0:
-                raise ValueError(f"channel {cid} is not open")
-            end = Tx(self, cid) if send else Rx(self, cid)
-            self._ends[cid] = end
-            return end
-
-    def forget(self, end: _End) -> None:
-        with self._lock:
-            if self._ends.get(end.id) is end:
-                del self._ends[end.id]
-
-    def on_message(self, d: Descriptor) -> None:
-        """Route Data / Close / Reset (on the feeding thread)."""
-        cid = d.id
-        with self._lock:
-            end = self._ends.get(cid)
-            if end is None and d.msg_type == DATA and 0 < cid < self.max and cid % 2 != self.parity:
-                end = self._ends[cid] = Rx(self, cid)  # first Data of a peer-opened channel
-        if end is None:
-            if not d.is_inline:
-                Received(self.conn.slots, d).release()
-            self.conn.stats["stray_channel_messages"] += 1
-            return
-        if d.msg_type == DATA:
-            if isinstance(end, Rx):
-                end._on_data(d)
-            else:
-                Received(self.conn.slots, d).release()
-                self.conn.stats["stray_channel_messages"] += 1
-        else:
-            end._on_terminal(d.msg_type)
-        self.flush()
-
-    def grant(self, rx: Rx, n: int) -> None:
-        """Raise granted_total by bytes consumed; wake a sleeping sender.
-        spec: shm.flow.ordering"""
-        buf = self.conn.segment.buf
-        fetch_add_u32(buf, rx.entry + E_GRANTED, n)  # seq_cst RMW: also orders the check below
-        if fetch_or_u32(buf, rx.entry + E_SLEEP, 0) & SENDER_SLEEPS:
-            _atomics.futex_wake(buf, rx.entry + E_GRANTED, 1)
-
-    def wake_sender(self, tx: Tx) -> None:
-        buf = self.conn.segment.buf
-        if fetch_or_u32(buf, tx.entry + E_SLEEP, 0) & SENDER_SLEEPS:
-            _atomics.futex_wake(buf, tx.entry + E_GRANTED, 1)
-
-    def send_control(self, kind: int, cid: int) -> None:
-        """Close / Reset. From the host's driver thread this must not block:
-        if the ring is full it waits in the outbox for the next flush."""
-        desc = Descriptor.with_inline(kind, cid)
-        self._outbox.append(desc)
-        self.flush()
-
-    def flush(self) -> None:
-        while self._outbox:
-            try:
-                if not self.conn.transport.try_send(self._outbox[0]):
-                    return
-            except PeerDeadError:
-                self._outbox.clear()
-                return
-            self._outbox.popleft()
-
-    def break_all(self, exc: BaseException) -> None:
-        """The connection ended: every open end is broken, sleeping senders
-        are woken. spec: shm.channel.broken"""
-        with self._lock:
-            ends = list(self._ends.values())
-            self._ends.clear()
-            self._outbox.clear()
-        # Nothing takes a transfer of an ended connection (they can be big):
-        # a waiting taker sees the end instead.
-        self.transfers.clear()
-        for end in ends:
-            end._break(exc)
-            if isinstance(end, Tx):
-                _atomics.futex_wake(self.conn.segment.buf, end.entry + E_GRANTED, 0x7FFFFFFF)
-
-    def statistics(self) -> dict:
-        with self._lock:
-            return {cid: e.statistics() for cid, e in self._ends.items()}

@@ -1,21 +1,29 @@
 """One side of the session between the host and one guest.
 
-Owns: request ids of this side (u32, scoped to the pair), the calls this
-side made and is waiting for (`CallFuture`), the calls the other side made
-that are queued or running here (`CallContext`), both ends of every
-channel of the pair as seen from this side, and the connection's fate
+Owns: the pair's wire as seen from this side (sending a descriptor, with
+what a failed send means), the routing of every descriptor that arrives
+and the judging of it (a violation is the peer's), the connection's fate
 (open, closed by us, closed by the peer, broken by its death or by a
-protocol violation).
+protocol violation), and the waiting of its threads (pumping on a guest,
+polling on the host). It composes the parts that own the rest, each given
+this connection (whose public surface it uses) at construction:
+`pending_calls` (`calls.PendingCalls`: the calls this side made),
+`incoming_calls` (`incoming.IncomingCalls`: the calls the peer made,
+run through `methods`, a `MethodTable`), and `table`
+(`channel_table.ChannelTable`: both ends of every channel of the pair).
 
 Data flow:
-- out: `call()` -> Request (payload inline or in a slot sent to the peer)
-  -> `transport.send`; handlers' results -> Response; `cancel` -> Cancel;
-  channel traffic -> Data / Close / Reset; `close()` -> Goodbye.
+- out: `call()` / `call_cb()` / `call_sync()` -> a record filed in
+  `pending_calls` -> Request (payload inline or in a slot sent to the
+  peer) -> `publish` -> `transport.send`; handlers' results -> Response
+  (`incoming_calls`); `cancel_call` -> Cancel; channel traffic -> Data /
+  Close / Reset (`channel`, `channel_table`); `close()` -> Goodbye.
 - in: whoever receives descriptors for this pair (the host's driver
   thread, or on a guest whichever thread pumps) calls `feed(batch)`:
-  Requests go to the dispatcher (inline, or to the handler executor),
-  Responses complete futures, Cancels flag running handlers, channel
-  messages go to their channel end, Goodbye ends the session, anything
+  Requests go to `incoming_calls` (run inline after the batch, or on the
+  handler executor), Responses complete the records in `pending_calls`,
+  Cancels flag running handlers, channel messages go to the `table` and
+  on to their end, Goodbye ends the session, anything
   else is a protocol violation answered with a Goodbye naming the rule.
   Each descriptor is checked before it is used (a slot the sender hands
   over, its offset and length inside that slot, an inline length of at
@@ -36,68 +44,67 @@ Data flow:
   itself if no other thread is pumping (`wait_until`).
 
 Invariants: every payload received is released exactly once; a call's
-future completes exactly once (result, error, cancellation, or the
-connection's end); nothing blocks the host's driver thread: `feed` never
-waits, and handlers run on the handler executor there.
+record completes exactly once (result, error, cancellation, or the
+connection's end, which closes `pending_calls`, cancels `incoming_calls`
+and breaks the `table`'s ends, in that order, once); nothing blocks the
+host's driver thread: `feed` never waits, and handlers run on the
+handler executor there.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 import time
-from concurrent.futures import CancelledError
 
-from .. import failpoints
 from ..errors import (
     ConnectionClosedError, GuestViolationError, PeerDeadError, ProtocolError, SegmentCorruptError,
     SlotExhaustedError, StaleSlotError,
 )
 from ..shm import layout as L
 from ..shm.ring import Descriptor
-from .calls import CallFuture, _CallbackCall, _SyncCall
-from .channel import ChannelTable, Rx, Tx
-from .methods import CallContext, Dispatcher, NoSuchMethodError, decode_error, encode_error
+from .calls import CallbackCall, CallFuture, PendingCalls, SyncCall
+from .channel import Rx, Tx
+from .channel_table import ChannelTable
+from .incoming import IncomingCalls
 from .messages import (
-    CANCEL, CLOSE, CREDIT, DATA, F_CANCELLED, F_ERROR, GOODBYE, HELLO, NAMES, REQUEST, RESET,
-    RESPONSE, Outgoing, Received, discard, method_id, payload_descriptor,
+    CANCEL, CLOSE, CREDIT, DATA, GOODBYE, HELLO, NAMES, REQUEST, RESET, RESPONSE, Outgoing, Received,
+    discard, method_id, payload_descriptor,
 )
+from .methods import MethodTable
 
 WAIT_SLICE = 0.05  # a waiter that cannot pump re-checks (and may take over pumping) this often
 GOODBYE_GRACE = 5.0  # seconds a guest that sent Goodbye gets to leave before the host kills it
-FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")
 
 
 class Connection:
     """See the module docstring. Built by `HostSession` / `GuestSession`."""
 
     def __init__(self, transport, slots, segment, *, me: int, peer: int,
-                 dispatcher: Dispatcher | None = None, handlers=None, pump=None,
-                 poll=None, expect=None, doorbell=None, violation=None) -> None:
+                 methods: MethodTable | None = None, handlers=None, pump=None,
+                 poll=None, announce_poll=None, doorbell=None, violation=None) -> None:
         self.transport = transport
         self.slots = slots
         self.segment = segment
         self.me = me  # slot-pool identity of this side: 0 = host
         self.peer = peer
         self.guest_id = peer if me == 0 else me
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
-        self._handlers = handlers  # None: run inline on the feeding thread
+        self.methods = methods if methods is not None else MethodTable()
         self._pump_fn = pump  # guest: receive a batch; host: None (the driver feeds)
         self._poll_fn = poll  # host: deliver the peer's waiting messages on this thread
-        self._expect_fn = expect  # host: "an answer will be polled for", before a call
+        # host: "this thread will poll for the answer" (the guest need not
+        # ring for it), said before a call_sync's Request goes out
+        self._announce_poll_fn = announce_poll
         self._violation_fn = violation  # host: violation(rule, what) has the hub kill the guest
         self._violated: tuple[str, str] | None = None  # (rule, what) once the peer broke one
         self._leaving: ConnectionClosedError | None = None  # host: the guest said goodbye
         self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
         self._cond = threading.Condition()
-        self._pending: dict[int, CallFuture] = {}
-        self._incoming: dict[int, CallContext] = {}
-        self._runnable: collections.deque = collections.deque()  # inline requests, routed not run
-        self._ids = itertools.count(1)  # request ids (next() is atomic: no lock)
         self._end: BaseException | None = None
-        self.table = ChannelTable(self, doorbell)
         self.stats = collections.Counter()
+        self.pending_calls = PendingCalls()  # the calls this side made
+        self.incoming_calls = IncomingCalls(self, self.methods, handlers)  # the calls the peer made
+        self.table = ChannelTable(self, doorbell)
         self.after_feed = None  # called after each batch of descriptors is routed (see `feed`)
         # > 0: a handler waits for channel data (a transfer) and pumps meanwhile; the
         # requests routed then run after it, in the outer `feed`, not inside it.
@@ -131,33 +138,32 @@ class Connection:
 
     def _start(self, fut, method, payload, timeout, will_poll):
         """Send the Request of call `fut` (it gets its request id here).
-        Runs on any thread, without a lock: ids come from an atomic
-        counter, and a call that races with the connection's end is failed
-        exactly once (whoever removes it from `_pending` owns it)."""
+        Runs on any thread, without a lock: a call that races with the
+        connection's end is failed exactly once (see `PendingCalls`)."""
         mid = method_id(method) if isinstance(method, str) else method
-        pending = self._pending
-        rid = self.spare_id()
+        pending = self.pending_calls
+        rid = pending.spare_id()
         fut.request_id = rid
-        pending[rid] = fut
-        if self._end is not None:
+        filed = pending.file(rid, fut)
+        if not filed or self._end is not None:
             if isinstance(payload, Outgoing):  # (never sent: ours to free)
                 self.slots.free(payload.slot)
-            if pending.pop(rid, None) is fut:
+            if not filed:
                 raise self._end
-            return fut  # _finish took it and fails it
+            return fut  # the end took it and fails it
         # Only a caller that will poll for the answer itself may tell the
         # peer not to ring (call_sync); a future may never be waited on.
-        expect = self._expect_fn if will_poll else None
+        announce = self._announce_poll_fn if will_poll else None
         try:
             desc = payload_descriptor(self.slots, self.peer, REQUEST, rid, payload, method=mid,
                                       timeout=timeout)
-            if expect is not None:
-                expect()  # cleared by the poll in wait_until
+            if announce is not None:
+                announce()  # withdrawn by the poll in wait_until
             self.publish(desc, timeout)
         except BaseException:
-            if expect is not None:
-                self._poll_fn(True)  # clears the expectation (and delivers what is there)
-            if pending.pop(rid, None) is fut:
+            if announce is not None:
+                self._poll_fn(True)  # withdraws the announcement (and delivers what is there)
+            if pending.take(rid) is fut:
                 raise
             return fut  # the connection ended meanwhile and failed it: reported once, there
         self.stats["calls"] += 1
@@ -168,60 +174,53 @@ class Connection:
         """Call and have `callback(result, error)` run once with the answer
         (a `Received` when `raw`) or the error: the lightest way to call,
         with no future. Returns the request id."""
-        return self._start(_CallbackCall(raw, callback), method, payload, timeout, False).request_id
+        return self._start(CallbackCall(raw, callback), method, payload, timeout, False).request_id
 
     def spare_id(self) -> int:
         """A fresh request id, not pending: each call's own, and ids for
-        answers that come as parts of another call (`expect`)."""
-        rid = next(self._ids) & 0xFFFFFFFF
-        while rid == 0 or rid in self._pending:  # (after 2**32 calls the ids wrap)
-            rid = next(self._ids) & 0xFFFFFFFF
-        return rid
+        answers that come as parts of another call (`await_part`)."""
+        return self.pending_calls.spare_id()
 
-    def expect(self, rid: int, callback, *, raw: bool = True) -> bool:
-        """Expect an answer with id `rid` (from `spare_id`) as a part of a
+    def await_part(self, rid: int, callback, *, raw: bool = True) -> bool:
+        """Await an answer with id `rid` (from `spare_id`) as a part of a
         call about to be made: the peer's handler sends it with
         `CallContext.answer`, and `callback(result, error)` runs once with
         it, as for `call_cb` (with the connection's end reason if it ends
         first). False if the connection is over (nothing registered).
         Whoever removes it from the pending calls owns it: `forget` it if
         the call is not made. spec: shm.session.parts"""
-        fut = _CallbackCall(raw, callback)
+        fut = CallbackCall(raw, callback)
         fut.request_id = rid
-        self._pending[rid] = fut
-        if self._end is not None and self._pending.pop(rid, None) is fut:
-            return False
-        return True
+        return self.pending_calls.file(rid, fut)
 
     def forget(self, rid: int) -> bool:
-        """Stop expecting answer `rid`: True if it was still expected (its
+        """Stop awaiting answer `rid`: True if it was still awaited (its
         callback will not run); False if the connection's end took it."""
-        return self._pending.pop(rid, None) is not None
+        return self.pending_calls.take(rid) is not None
 
     def answer(self, rid: int, data=b"", error: BaseException | None = None) -> None:
-        """Send an answer the caller expects with id `rid` while a handler
-        runs (a part of its call's work; see `expect`)."""
-        if error is not None:
-            self._respond(rid, F_ERROR, encode_error(error))
-        else:
-            self._respond(rid, 0, data)
+        """Send an answer the caller awaits with id `rid` while a handler
+        runs (a part of its call's work; see `await_part`)."""
+        self.incoming_calls.answer(rid, data, error)
 
     def call_sync(self, method: str | int, payload=b"", *, timeout: float | None = None,
                   raw: bool = False):
         """Call and wait for the answer: like `call(...).result(timeout)`,
         with less machinery (no Future). On timeout the call is cancelled
         and TimeoutError raised."""
-        w = self._start(_SyncCall(raw), method, payload, timeout, True)
+        w = self._start(SyncCall(raw), method, payload, timeout, True)
         if not self.wait_until(w.done, timeout):
-            self._cancel_call(w.request_id)
+            self.cancel_call(w.request_id)
             raise TimeoutError(f"no answer from peer {self.peer} within {timeout} s")
         if w.error is not None:
             raise w.error
         return w.value
 
-    def _cancel_call(self, rid: int) -> None:
+    def cancel_call(self, rid: int) -> None:
+        """Give up call `rid` here (its answer will be dropped) and ask the
+        peer to drop or stop it."""
         with self._cond:
-            self._pending.pop(rid, None)
+            self.pending_calls.take(rid)
         if self._end is None:
             # Best effort: a full ring means the response will simply be dropped.
             self.transport.try_send(Descriptor.with_inline(CANCEL, rid))
@@ -275,9 +274,7 @@ class Connection:
         finally:
             if self.after_feed is not None:
                 self.after_feed()
-        runnable = self._runnable
-        while runnable and not self.hold_requests:  # (a Cancel routed above has already flagged its request)
-            self._execute(*runnable.popleft())
+        self.incoming_calls.run_routed()
 
     def _route(self, batch) -> None:
         for d in batch:
@@ -298,10 +295,7 @@ class Connection:
         elif t in (DATA, CLOSE, RESET):
             self.table.on_message(d)
         elif t == CANCEL:
-            ctx = self._incoming.get(d.id)
-            if ctx is not None:
-                ctx._cancelled = True  # spec: shm.session.cancel
-            self.stats["cancels_received"] += 1
+            self.incoming_calls.on_cancel(d.id)
         elif t == GOODBYE:
             self._on_goodbye(d)
         elif t == HELLO:  # spec: shm.handshake
@@ -339,10 +333,11 @@ class Connection:
                 self.slots._corrupted(e)
                 self.stats["corrupt_descriptors"] += 1
             return None
-        if d.payload_offset + d.payload_len > rec._slot.capacity:
+        capacity = rec.capacity
+        if d.payload_offset + d.payload_len > capacity:
             rec.release()
             self._violation(d, "shm.guard.validate", f"sent a payload [{d.payload_offset}, "
-                            f"+{d.payload_len}) beyond its slot's {rec._slot.capacity} bytes")
+                            f"+{d.payload_len}) beyond its slot's {capacity} bytes")
             return None
         return rec
 
@@ -350,18 +345,8 @@ class Connection:
         rec = self._take(d)
         if rec is None:
             return  # (the call stays pending: the guest's death fails it, to be resubmitted)
-        fut = self._pending.pop(d.id, None)
-        if fut is None or fut.done():  # cancelled here meanwhile, or a stray id
-            rec.release()
+        if not self.pending_calls.deliver(d.id, d.flags, rec):
             self.stats["responses_dropped"] += 1
-            return
-        if d.flags & F_CANCELLED:
-            rec.release()
-            fut.set_exception(CancelledError(f"request {d.id} was cancelled before it ran"))
-        elif d.flags & F_ERROR:
-            fut.set_exception(decode_error(rec.tobytes()))
-        else:
-            fut.set_result(rec if fut.raw else rec.tobytes())
 
     def _on_request(self, d: Descriptor) -> None:
         rec = self._take(d)
@@ -370,54 +355,7 @@ class Connection:
         if self._end is not None:
             rec.release()
             return
-        ctx = CallContext(self, d.id, d.method_id)
-        self._incoming[d.id] = ctx
-        self.stats["requests"] += 1
-        if self._handlers is None:
-            self._runnable.append((ctx, rec))  # run when the batch is routed
-        else:
-            self._handlers.submit(self._execute, ctx, rec)
-
-    def _execute(self, ctx: CallContext, payload: Received) -> None:
-        """Run one incoming call and send its Response. spec: shm.session.errors"""
-        flags, data, fatal = 0, b"", None
-        try:
-            if ctx._cancelled:  # cancelled while it waited to run
-                flags = F_CANCELLED
-            else:
-                handler = self.dispatcher.lookup(ctx.method_id)
-                if handler is None:
-                    raise NoSuchMethodError(f"peer {self.me} has no handler for "
-                                            f"{self.dispatcher.name(ctx.method_id)}")
-                result = handler(ctx, payload)
-                if isinstance(result, Received):
-                    result = result.tobytes()
-                data = b"" if result is None else result
-        except Exception as e:  # every failure goes back to the caller
-            flags, data = F_ERROR, encode_error(e)
-        except BaseException as e:  # and so does an exit, which then goes on
-            flags, data, fatal = F_ERROR, encode_error(e), e
-        try:
-            # The result may be a view of the request's payload: answer first.
-            self._respond(ctx.request_id, flags, data)
-            if failpoints.ACTIVE:
-                failpoints.hit(FP_RESPONDED)
-        finally:
-            data = None
-            payload.release()
-            self._incoming.pop(ctx.request_id, None)
-        if fatal is not None:
-            raise fatal
-
-    def _respond(self, rid: int, flags: int, data) -> None:
-        if self._end is not None:
-            return  # the caller is gone or will never read it
-        try:
-            desc = payload_descriptor(self.slots, self.peer, RESPONSE, rid, data, flags=flags)
-            self.publish(desc)
-        except ConnectionClosedError:
-            pass  # the connection ended while we answered: nobody to tell
-        self.stats["responses"] += 1
+        self.incoming_calls.on_request(d.id, d.method_id, rec)
 
     # -- the end ----------------------------------------------------------------
 
@@ -508,10 +446,8 @@ class Connection:
             if self._end is not None:
                 return
             self._end = exc
-            pending = list(self._pending.values())
-            self._pending.clear()
-            for ctx in self._incoming.values():
-                ctx._cancelled = True
+            pending = self.pending_calls.close(exc)
+            self.incoming_calls.cancel_all()
             self._cond.notify_all()
         for fut in pending:
             if not fut.done():
@@ -604,7 +540,7 @@ class Connection:
 
     def statistics(self) -> dict:
         return {"peer": self.peer, "closed": self._end is not None,
-                "pending_calls": len(self._pending), "running_calls": len(self._incoming),
+                "pending_calls": len(self.pending_calls), "running_calls": len(self.incoming_calls),
                 **dict(self.stats), "channels": self.table.statistics()}
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ from .. import _threads
 from ..errors import PeerDeadError
 from ..shm.varslot import SlotPool
 from .connection import Connection
-from .methods import Dispatcher
+from .methods import MethodTable
 
 
 class _HostTransport:
@@ -64,13 +64,13 @@ def _unblocked_call(fn, *args, **kwargs):
 class HostSession:
     """The host's side of every guest's session.
 
-    `dispatcher` holds the handlers guests may call; they run on a thread
+    `methods` holds the handlers guests may call; they run on a thread
     pool of `handler_threads` threads (never on the driver thread).
     """
 
-    def __init__(self, host, dispatcher: Dispatcher | None = None, *, handler_threads: int = 4) -> None:
+    def __init__(self, host, methods: MethodTable | None = None, *, handler_threads: int = 4) -> None:
         self.host = host
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        self.methods = methods if methods is not None else MethodTable()
         self.slots = SlotPool(host.segment, 0)
         self.slots.on_corrupt = host.segment_corrupt  # spec: shm.guard.isolate
         self._pool = _HandlerPool(handler_threads, thread_name_prefix="shmpool-handler")
@@ -87,9 +87,9 @@ class HostSession:
             if conn is None:
                 host = self.host
                 conn = Connection(_HostTransport(host, peer_id), self.slots, host.segment,
-                                  me=0, peer=peer_id, dispatcher=self.dispatcher, handlers=self._pool,
+                                  me=0, peer=peer_id, methods=self.methods, handlers=self._pool,
                                   poll=lambda spin: host.poll(peer_id, spin=spin),
-                                  expect=lambda: host.expect(peer_id),
+                                  announce_poll=lambda: host.expect(peer_id),
                                   violation=lambda rule, what, grace=0.0: host.violation(
                                       peer_id, rule, what, grace=grace))
                 self._conns[peer_id] = conn
@@ -149,9 +149,9 @@ class GuestSession:
     pumps: `serve_forever()` in the guest's main loop, or any thread
     waiting for a call's result or a channel."""
 
-    def __init__(self, guest, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(self, guest, methods: MethodTable | None = None) -> None:
         self.guest = guest
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        self.methods = methods if methods is not None else MethodTable()
         self.slots = SlotPool(guest.segment, guest.peer_id)
 
         def pump(timeout):
@@ -161,7 +161,7 @@ class GuestSession:
             return batch
 
         self.connection = Connection(_GuestTransport(guest), self.slots, guest.segment,
-                                     me=guest.peer_id, peer=0, dispatcher=self.dispatcher,
+                                     me=guest.peer_id, peer=0, methods=self.methods,
                                      handlers=None, pump=pump, doorbell=guest.doorbell)
 
     def serve_forever(self) -> BaseException:

@@ -1,17 +1,20 @@
 """Handlers for incoming calls, and how errors cross the process boundary.
 
-Owns: `Dispatcher` (method id -> handler), `CallContext` (what a running
+Owns: `MethodTable` (method id -> handler), `CallContext` (what a running
 handler can ask: which peer, which request, has the caller cancelled), and
 the encoding of a handler's exception into a Response payload and back
-into an exception with the remote traceback attached.
+into an exception with the remote traceback attached (the exception
+classes themselves are in `shmpool.errors`).
 
-Data flow: a Request's method id selects the handler; the handler gets a
-`CallContext` and the request's `Received` payload and returns the
-response payload (bytes-like, `Outgoing`, or None). An exception it raises
-is pickled together with its formatted traceback; the caller re-raises it
-with `__cause__` set to a `RemoteTraceback` carrying that text, as
-`concurrent.futures.ProcessPoolExecutor` does (`RemoteTraceback` is the
-stdlib's `concurrent.futures.process._RemoteTraceback` itself, so that code
+Data flow: a Request's method id selects the handler (`incoming` runs it);
+the handler gets a `CallContext` and the request's `Received` payload and
+returns the response payload (bytes-like, `Outgoing`, or None). An
+exception it raises is pickled together with its formatted traceback
+(`encode_error`, on the callee's side); the caller (`calls`) re-raises it
+with `__cause__` set to a `RemoteTraceback` carrying that text
+(`decode_error`), as `concurrent.futures.ProcessPoolExecutor` does
+(`RemoteTraceback` is the stdlib's
+`concurrent.futures.process._RemoteTraceback` itself, so that code
 checking the cause's type finds what it expects).
 
 Invariants: an exception that cannot be pickled (or unpickled) still
@@ -23,45 +26,15 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from concurrent.futures.process import _RemoteTraceback
 from typing import Callable
 
-from ..errors import ShmpoolError
+from ..errors import CallCancelled, RemoteError, RemoteTraceback
 from .messages import method_id
 
 try:  # functions and classes defined in __main__ survive the trip too
     import cloudpickle as _pickler
 except ImportError:  # pragma: no cover - cloudpickle is a dependency
     _pickler = pickle
-
-
-# The formatted traceback of an exception raised in the other process (set
-# as the local exception's `__cause__`; its text is `.tb` and its str()).
-# The stdlib's class, so that `type(exc.__cause__)` is what
-# ProcessPoolExecutor gives; shmpool's name stays an alias.
-RemoteTraceback = _RemoteTraceback
-
-
-class RemoteError(ShmpoolError):
-    """An exception raised by a remote handler that could not be sent as
-    itself (it was not picklable); carries its type name and message."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
-        self.remote_message = message
-
-    def __reduce__(self):
-        return (type(self), (self.type_name, self.remote_message))
-
-
-class NoSuchMethodError(ShmpoolError, LookupError):
-    """The other side has no handler for the method called."""
-
-
-class CallCancelled(ShmpoolError):
-    """Raised inside a running handler by `CallContext.check_cancelled()`
-    after its caller cancelled the call."""
 
 
 def encode_error(exc: BaseException) -> bytes:
@@ -89,13 +62,15 @@ def decode_error(data: bytes) -> BaseException:
 class CallContext:
     """What a running handler may ask about its call."""
 
-    __slots__ = ("connection", "request_id", "method_id", "_cancelled")
+    __slots__ = ("connection", "request_id", "method_id", "cancel_flag")
 
     def __init__(self, connection, request_id: int, method: int) -> None:
         self.connection = connection
         self.request_id = request_id
         self.method_id = method
-        self._cancelled = False
+        # Set by the connection when the caller's Cancel arrives or the
+        # connection ends; `cancelled` polls for a Cancel first.
+        self.cancel_flag = False
 
     @property
     def peer(self) -> int:
@@ -106,13 +81,13 @@ class CallContext:
         """True once the caller cancelled this call (the connection is
         polled for a Cancel first when this thread may do so).
         spec: shm.session.cancel"""
-        if not self._cancelled:
+        if not self.cancel_flag:
             self.connection.poll_incoming()
-        return self._cancelled
+        return self.cancel_flag
 
     def answer(self, rid: int, data=b"", error: BaseException | None = None) -> None:
-        """Send an answer that the caller expects as a part of this call
-        (`Connection.expect`): a result payload, or `error`, pickled as a
+        """Send an answer that the caller awaits as a part of this call
+        (`Connection.await_part`): a result payload, or `error`, pickled as a
         handler's exception is. spec: shm.session.parts"""
         self.connection.answer(rid, data, error)
 
@@ -125,7 +100,7 @@ class CallContext:
 Handler = Callable[[CallContext, object], object]
 
 
-class Dispatcher:
+class MethodTable:
     """Maps method ids to handlers. Register by name (the id is derived
     with `method_id(name)`) or by an explicit 64-bit id."""
 

@@ -121,12 +121,12 @@ def stream(tx, views: list, piece: int, reserve: int = 0) -> None:
             n, off = v.nbytes, 0
             while off < n:
                 k = min(piece, n - off)
-                tx._wait_credit(k + reserve, None)
-                tx._publish(v[off : off + k], i < last or off + k < n)
+                tx.wait_credit(k + reserve, None)
+                tx.send_piece(v[off : off + k], i < last or off + k < n)
                 sent = True
                 off += k
     except BaseException:
-        if sent and tx._broken is None:
+        if sent and not tx.is_broken:
             try:
                 tx.conn.publish(payload_descriptor(tx.conn.slots, tx.conn.peer, DATA, tx.id, b""))
             except Exception:  # noqa: BLE001 - the channel is gone with its receiver

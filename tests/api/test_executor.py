@@ -25,7 +25,7 @@ import pytest
 
 from shmpool import ShmExecutor
 from shmpool.errors import PoolBrokenError, ResultUnpicklingError, TaskUnpicklingError, WorkerCrashedError
-from shmpool.session.methods import RemoteTraceback
+from shmpool.errors import RemoteTraceback
 
 
 def square(x):

@@ -129,7 +129,7 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
         assert ex.submit(ident, 3).result(timeout=60) == 3
         # Cut short after a few pieces: the receiver fails that transfer
         # alone (short of its bytes), the channel serves the next one.
-        real, calls = channel.Tx._publish, []
+        real, calls = channel.Tx.send_piece, []
 
         def flaky(self, piece, more):
             calls.append(1)
@@ -137,7 +137,7 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
                 raise SlotExhaustedError("no slot")
             return real(self, piece, more)
 
-        monkeypatch.setattr(channel.Tx, "_publish", flaky)
+        monkeypatch.setattr(channel.Tx, "send_piece", flaky)
         with pytest.raises(TaskUnpicklingError, match="gave up: the host could not send|of the .* bytes its head announced"):
             ex.submit(ident, bytes(9 * MIB)).result(timeout=120)
         monkeypatch.undo()

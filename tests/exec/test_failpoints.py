@@ -105,7 +105,7 @@ def test_every_shmpool_error_survives_pickling():
     import pickle
 
     from shmpool import errors
-    from shmpool.session.methods import RemoteError
+    from shmpool.errors import RemoteError
 
     samples = [
         errors.SegmentError("/x", "bad"), errors.ProtocolError("shm.rule", "did a thing"),

@@ -36,7 +36,7 @@ class Session:
         self.host = ShmHost.create(config=config or SegmentConfig(max_guests=4))
         self.sess = HostSession(self.host)
         self.procs = []
-        d = self.sess.dispatcher
+        d = self.sess.methods
         self.host_calls = 0
 
         @d.register("double")
@@ -357,7 +357,7 @@ def _expecting(conn, texts):
     got: list = []
     ids = [conn.spare_id() for _ in texts]
     for rid, text in zip(ids, texts):
-        assert conn.expect(rid, lambda res, err, text=text: got.append((text, res, err)), raw=False)
+        assert conn.await_part(rid, lambda res, err, text=text: got.append((text, res, err)), raw=False)
     return json.dumps([[rid, t] for rid, t in zip(ids, texts)]).encode(), ids, got
 
 
@@ -375,7 +375,7 @@ def test_expected_answers_arrive_once_each_before_the_calls_own(session):
     assert got[1][1] is None and "part" in str(got[1][2]) and isinstance(got[1][2].__cause__, RemoteTraceback)
     # Whoever removes an id owns it: forgetting twice gives it back once.
     spare = conn.spare_id()
-    assert conn.expect(spare, lambda res, err: got.append(("never", res, err)))
+    assert conn.await_part(spare, lambda res, err: got.append(("never", res, err)))
     assert conn.forget(spare) is True and conn.forget(spare) is False
     assert len(got) == 3 and conn.stats["responses_dropped"] == 0
 
@@ -395,4 +395,4 @@ def test_a_peer_dying_mid_call_fails_only_the_parts_not_answered(session):
     assert [(t, r) for t, r, _ in got[:2]] == [("a", b"part:a"), ("b", b"part:b")]
     assert {t for t, _, e in got[2:] if isinstance(e, PeerDeadError)} == {"die", "d"}
     # The connection is over: nothing more can be expected on it.
-    assert conn.expect(conn.spare_id(), lambda res, err: None) is False
+    assert conn.await_part(conn.spare_id(), lambda res, err: None) is False
