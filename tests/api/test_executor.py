@@ -23,6 +23,10 @@ from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 import numpy as np
 import pytest
 
+from harness.faulty_tasks import (
+    CrashAtPickle, CrashAtUnpickle, ErrorAtPickle, ErrorAtUnpickle, ExitAtPickle, ExitAtUnpickle,
+    boom_runtime, crash, exit_1, returns,
+)
 from shmpool import ShmExecutor
 from shmpool.errors import PoolBrokenError, ResultUnpicklingError, TaskUnpicklingError, WorkerCrashedError
 from shmpool.session.methods import RemoteTraceback
@@ -317,55 +321,6 @@ def test_an_echoed_array_frees_the_argument_slot_before_the_answer(ex):
 # --------------------------------------------------------------------------
 
 
-def _crash():
-    import faulthandler
-
-    faulthandler.disable()
-    faulthandler._sigsegv()
-
-
-def _exit():
-    sys.exit(1)
-
-
-def _raise_unpickling():
-    raise pickle.UnpicklingError("bad unpickle")
-
-
-class CrashAtPickle:
-    def __reduce__(self):
-        _crash()
-
-
-class CrashAtUnpickle:
-    def __reduce__(self):
-        return _crash, ()
-
-
-class ExitAtPickle:
-    def __reduce__(self):
-        _exit()
-
-
-class ExitAtUnpickle:
-    def __reduce__(self):
-        return _exit, ()
-
-
-class ErrorAtPickle:
-    def __reduce__(self):
-        raise pickle.PicklingError("Error in pickle")
-
-
-class ErrorAtUnpickle:
-    def __reduce__(self):
-        return _raise_unpickling, ()
-
-
-def returns(cls):
-    return cls()
-
-
 @pytest.mark.parametrize("case,expected", [
     ("error at task pickle", pickle.PicklingError),
     ("exit at task unpickle", WorkerCrashedError),
@@ -388,8 +343,8 @@ def test_pickle_fault_matrix(case, expected):
         "exit at task unpickle": (id, ExitAtUnpickle()),
         "error at task unpickle": (id, ErrorAtUnpickle()),
         "crash at task unpickle": (id, CrashAtUnpickle()),
-        "crash in function": (_crash,),
-        "exit in function": (_exit,),
+        "crash in function": (crash,),
+        "exit in function": (exit_1,),
         "error in function": (boom_runtime,),
         "crash at result pickle": (returns, CrashAtPickle),
         "exit at result pickle": (returns, ExitAtPickle),
@@ -406,10 +361,6 @@ def test_pickle_fault_matrix(case, expected):
             assert isinstance(f.exception(), BrokenProcessPool)
         assert e.submit(square, 6).result(60) == 36  # still usable
         assert e._core.live == 0
-
-
-def boom_runtime():
-    raise RuntimeError("in the function")
 
 
 # --------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from shmpool.errors import SlotExhaustedError, TaskUnpicklingError, TransferFail
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
+from harness.session import CREDIT, Loopback
+
 MIB = 1 << 20
 
 
@@ -283,8 +285,6 @@ def test_a_transfer_head_announcing_gigabytes_commits_nothing_until_its_bytes_co
 
 @pytest.fixture
 def lo():
-    from test_channels import Loopback
-
     pair = Loopback()
     try:
         yield pair
@@ -297,8 +297,6 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
     """The receiver collects while it routes (its credit granted at once):
     a sender of many times the credit never waits for a reader."""
     import threading
-
-    from test_channels import CREDIT
 
     lo.guest.table.collecting = True
     tx = lo.host.open_tx()
@@ -328,8 +326,6 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
 def test_a_message_cut_short_by_a_slot_wait_resets_the_channel(lo, monkeypatch):
     from shmpool.errors import ChannelReset
     from shmpool.session import channel
-    from test_channels import CREDIT
-
     tx = lo.host.open_tx()
     rx = lo.guest.rx(tx.id)
     real, calls = channel.payload_descriptor, []

@@ -3,7 +3,6 @@ innocents, a chaos soak, and leak checks over many lifetimes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from harness.child import event
 from shmpool import ShmExecutor, failpoints
 from shmpool.errors import PoolBrokenError, WorkerCrashedError
 
@@ -256,7 +256,7 @@ def test_fifty_create_shutdown_cycles_leave_nothing():
 
 
 @pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
-def test_sigkilled_host_leaves_no_worker(peers):
+def test_sigkilled_host_leaves_no_worker():
     prog = (
         "import json, os, sys, time\n"
         "from shmpool import ShmExecutor\n"
@@ -268,7 +268,7 @@ def test_sigkilled_host_leaves_no_worker(peers):
     )
     p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE)
     try:
-        info = json.loads(p.stdout.readline())
+        info = event(p)
         p.kill()
         p.wait()
         deadline = time.monotonic() + 5

@@ -1,6 +1,7 @@
 """Layer 2, hub: tickets, spawning, attaching, messages, goodbye, cleanup.
 
-Real processes everywhere: guests are `tests/hub_peer.py guest MODE`,
+Real processes everywhere: guests run the `hub` child program
+(tests/harness/hub_child.py, `guest MODE`),
 started by the host from spawn tickets.
 """
 
@@ -18,19 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from hub_peer import (
-    DATA, STOP, Hub, Subreaper, check, entries, guest_argv, message, send_blob, small_config,
-    take_blob,
-)
+from harness.child import child_argv, event
+from harness.hub import Hub, entries, small_config
+from harness.hub_child import DATA, STOP, check, guest_argv, message, send_blob, take_blob
+from harness.processes import Subreaper
 from shmpool import _atomics as A
 from shmpool.errors import HubError, PeerDeadError, SpawnArgsError
 from shmpool.hub import AddPeerOptions, PeerState, ShmHost, SpawnArgs, SpawnTicket
 from shmpool.hub.spawn import popen_guest
 from shmpool.shm import Descriptor
 from shmpool.shm import layout as L
-
-HUB_PEER = str(Path(__file__).resolve().parent.parent / "hub_peer.py")
-
 
 @pytest.fixture
 def hub():
@@ -114,7 +112,7 @@ def test_failed_spawn_returns_the_entry_to_empty():
         with pytest.raises(OSError):
             os.fstat(fd)
         with pytest.raises(HubError):
-            host.spawn(t, [sys.executable, HUB_PEER, "guest", "idle"])  # the ticket is spent
+            host.spawn(t, child_argv("hub", "guest", "idle"))  # the ticket is spent
         with pytest.raises(ValueError, match="close_fds=False"):
             host.spawn(host.add_peer(), ["true"], close_fds=False)
         assert host.statistics()["spawn_failures"] == 2
@@ -184,7 +182,7 @@ def test_three_guests_exchange_100k_checksummed_messages_each(hub):
     for peer in guests:
         assert host.send(peer, Descriptor.with_inline(STOP, 0), timeout=10)
     for peer, p in procs.items():
-        report = json.loads(p.stdout.readline())
+        report = event(p)
         assert report == {"event": "stopped", "received": N_MESSAGES}
         assert p.wait(30) == 0
     s = host.statistics()
@@ -250,7 +248,7 @@ def test_three_guests_exchange_100k_messages_inline_and_in_slots(hub):
     for peer in guests:
         assert host.send(peer, Descriptor.with_inline(STOP, 0), timeout=10)
     for peer, p in procs.items():
-        report = json.loads(p.stdout.readline())
+        report = event(p)
         assert report["event"] == "stopped" and report["received"] == N_MESSAGES
         assert report["slots"] >= N_MESSAGES // 3
         assert p.wait(30) == 0
@@ -384,7 +382,7 @@ def test_host_goodbye_lets_guests_leave_and_removes_the_file():
         hub.host.close()
         took = time.monotonic() - t0
         for p in procs:
-            assert json.loads(p.stdout.readline()) == {"event": "goodbye-seen", "host_goodbye": 1}
+            assert event(p) == {"event": "goodbye-seen", "host_goodbye": 1}
             assert p.returncode == 0  # left on its own, reaped by the host
         assert not path.exists()
         assert hub.deaths == []  # no callbacks once closing began
@@ -424,7 +422,7 @@ def test_forgotten_host_is_finalized_by_gc():
 
 @pytest.mark.spec("shm.file.cleanup")
 def test_forgotten_host_is_finalized_at_interpreter_exit():
-    out = subprocess.run([sys.executable, HUB_PEER, "host", "1", "forget"],
+    out = subprocess.run(child_argv("hub", "host", "1", "forget"),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -441,7 +439,8 @@ def test_forked_child_of_the_host_leaves_the_host_alone():
     prog = (
         "import os, sys, subprocess\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from hub_peer import guest_argv, message, small_config\n"
+        "from harness.hub import small_config\n"
+        "from harness.hub_child import guest_argv, message\n"
         "from shmpool.hub import ShmHost\n"
         "host = ShmHost.create(config=small_config())\n"
         "host.spawn(host.add_peer(), guest_argv('echo'), stdout=subprocess.DEVNULL)\n"
@@ -492,7 +491,7 @@ def test_guest_spawned_from_a_short_lived_thread_survives_it(hub):
         if box["bad"].poll() is None:
             box["bad"].kill()
             box["bad"].wait()
-    hub.procs.append(box["good"])
+    hub.children.adopt(box["good"])
     assert host.wait_attached(good.peer_id, 10)
     time.sleep(0.1)
     assert box["good"].poll() is None
@@ -517,10 +516,10 @@ def test_host_sigkill_leaves_no_guest_running(mode, segment_mode, request):
         request.getfixturevalue("named_segments")
 
     with Subreaper() as reaper:
-        host = subprocess.Popen([sys.executable, HUB_PEER, "host", "3", mode],
+        host = subprocess.Popen(child_argv("hub", "host", "3", mode),
                                 stdout=subprocess.PIPE, text=True)
         try:
-            report = json.loads(host.stdout.readline())
+            report = event(host)
             if mode == "busy":
                 time.sleep(0.3)  # messages flowing both ways
             t0 = time.monotonic()
@@ -553,10 +552,10 @@ def test_guest_started_after_its_host_died_exits():
 
     with Subreaper() as reaper:
         env = dict(os.environ, HUB_ATTACH_DELAY="0.5")
-        host = subprocess.Popen([sys.executable, HUB_PEER, "host", "2", "late"],
+        host = subprocess.Popen(child_argv("hub", "host", "2", "late"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            report = json.loads(host.stdout.readline())
+            report = event(host)
             host.kill()
             host.wait()
             gone = reaper.reap(report["guests"], timeout=20)
@@ -586,10 +585,10 @@ def test_attach_path_claims_an_empty_entry(hub):
     host = hub.host
     t, p1 = hub.start("idle")  # entry 1 taken by a ticket guest
     hub.ready(p1)
-    g = subprocess.Popen([sys.executable, HUB_PEER, "attach-path", str(host.path)],
+    g = subprocess.Popen(child_argv("hub", "attach-path", str(host.path)),
                          stdout=subprocess.PIPE, text=True)
-    hub.procs.append(g)
-    ready = json.loads(g.stdout.readline())
+    hub.children.adopt(g)
+    ready = event(g)
     assert ready == {"event": "ready", "peer": 2, "epoch": 1, "doorbell": False}
     deadline = time.monotonic() + 10
     while 2 not in host.attached_peers():  # found by the driver's scan
@@ -600,7 +599,7 @@ def test_attach_path_claims_an_empty_entry(hub):
     got = host.receive(timeout=10)
     assert got is not None and got[0] == 2
     check(got[1].payload, 0, 2, 1)
-    assert json.loads(g.stdout.readline()) == {"event": "left"}
+    assert event(g) == {"event": "left"}
     assert g.wait(10) == 0
     hub.host._driver.wait_for(lambda: host.peer_info(2).recovered, 5)
     info = host.peer_info(2)

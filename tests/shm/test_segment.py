@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import stat
 import struct
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.child import event
 from shmpool import _atomics as A
 from shmpool.errors import ConfigError, SegmentError
 from shmpool.shm import Segment, SegmentConfig, SegmentLayout, SizeClass, clean, segment_is_stale
@@ -333,9 +333,9 @@ def test_close_and_gc_remove_the_file():
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_stale_segment_of_killed_host_is_cleaned(peers):
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+def test_stale_segment_of_killed_host_is_cleaned(shm_children):
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     with Segment.create(SMALL) as live:
         assert not segment_is_stale(path)  # its host still runs
         p.kill()
@@ -349,11 +349,11 @@ def test_stale_segment_of_killed_host_is_cleaned(peers):
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_cli_clean(peers):
+def test_cli_clean(shm_children):
     import sys
 
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     p.kill()
     p.wait()
     dry = subprocess.run([sys.executable, "-m", "shmpool", "clean", "--dry-run"],
@@ -366,9 +366,9 @@ def test_cli_clean(peers):
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_next_host_reaps_stale_segments(peers):
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+def test_next_host_reaps_stale_segments(shm_children):
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     p.kill()
     p.wait()
     with Segment.create(SMALL):
