@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from harness.faulty_tasks import (
     CrashAtPickle, CrashAtUnpickle, ErrorAtPickle, ErrorAtUnpickle, ExitAtPickle, ExitAtUnpickle,
     boom_runtime, crash, exit_1, returns,
 )
-from shmpool import ShmExecutor
+from shmpool import ShmExecutor, procinfo
 from shmpool.errors import PoolBrokenError, ResultUnpicklingError, TaskUnpicklingError, WorkerCrashedError
 from shmpool.session.methods import RemoteTraceback
 
@@ -217,17 +218,9 @@ def test_garbage_collected_executor_cleans_up():
     del e
     gc.collect()
     deadline = time.monotonic() + 10
-    while (path.exists() or any(_alive(p) for p in pids)) and time.monotonic() < deadline:
+    while (path.exists() or any(procinfo.alive(p) for p in pids)) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not path.exists() and not any(_alive(p) for p in pids)
-
-
-def _alive(p: int) -> bool:
-    try:
-        with open(f"/proc/{p}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
+    assert not path.exists() and not any(procinfo.alive(p) for p in pids)
 
 
 def test_processes_mapping_and_statistics(ex):
@@ -235,7 +228,7 @@ def test_processes_mapping_and_statistics(ex):
     procs = ex._processes
     assert len(procs) == 2
     for p_id, p in procs.items():
-        assert p.pid == p_id and p.is_alive() and p.exitcode is None
+        assert p.pid == p_id and p.isprocinfo.alive() and p.exitcode is None
     s = ex.statistics()
     assert s["max_workers"] == 2 and s["completed"] >= 1 and len(s["workers"]) == 2
 
@@ -739,8 +732,9 @@ def test_initargs_and_functions_are_released_at_shutdown():
 
 
 def send_on(conn, data):
+    """Send on the pipe end; True if it is one (a FIFO) here in the worker."""
     conn.send(data)
-    return conn.fileno() >= 0
+    return stat.S_ISFIFO(os.fstat(conn.fileno()).st_mode)
 
 
 def test_a_pipe_end_argument_travels_as_multiprocessing_sends_it(mp_resources):

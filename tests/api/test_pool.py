@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from shmpool import PoolBrokenError, ShmPool, WorkerCrashedError
+from shmpool import PoolBrokenError, ShmPool, WorkerCrashedError, procinfo
 from shmpool.shm import SegmentConfig
 
 # -- tasks (run in the workers) --------------------------------------------------------------
@@ -81,18 +81,10 @@ def get_value(_=None):
 def _gone(pids, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{p}") and _state(p) not in "ZX" for p in pids):
+        if not any(procinfo.alive(p) for p in pids):
             return True
         time.sleep(0.02)
     return False
-
-
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except OSError:
-        return "X"
 
 
 def _counting(it, seen):

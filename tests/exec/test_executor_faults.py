@@ -14,7 +14,7 @@ import time
 import pytest
 
 from harness.child import event
-from shmpool import ShmExecutor, failpoints
+from shmpool import ShmExecutor, failpoints, procinfo
 from shmpool.errors import PoolBrokenError, WorkerCrashedError
 
 def ident(x):
@@ -272,9 +272,9 @@ def test_sigkilled_host_leaves_no_worker():
         p.kill()
         p.wait()
         deadline = time.monotonic() + 5
-        while any(_alive(w) for w in info["workers"]) and time.monotonic() < deadline:
+        while any(procinfo.alive(w) for w in info["workers"]) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not any(_alive(w) for w in info["workers"])
+        assert not any(procinfo.alive(w) for w in info["workers"])
         from shmpool import clean
 
         assert info["path"] in clean()  # only a stale file is left, and it goes
@@ -283,14 +283,6 @@ def test_sigkilled_host_leaves_no_worker():
             p.kill()
             p.wait()
         p.stdout.close()
-
-
-def _alive(p: int) -> bool:
-    try:
-        with open(f"/proc/{p}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16])

@@ -11,7 +11,8 @@ tests need in common lives here, under a name that says what it is.
 - `__main__`: the entry point, `python tests/harness PROGRAM COMMAND ...`.
 - `shm_child`, `hub_child`, `session_child`: the programs, one per layer
   (their commands are `cmd_*` functions).
-- `hub`, `session`, `tasks`, `guard_tasks`: fixtures and task functions
+- `hub`, `session`, `processes`, `faulty_tasks`, `guard_tasks`: fixtures,
+  process facts and task functions
   shared by the tests of several files (tasks are pickled by reference,
   so worker processes import them from here too).
 

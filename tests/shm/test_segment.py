@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import re
 import stat
 import struct
 import subprocess
@@ -75,10 +76,13 @@ def test_create_makes_private_unpredictable_file():
             d = os.stat(s.path.parent)
             assert stat.S_IMODE(d.st_mode) == 0o700
             assert s.path.parent == default_directory()
-            token = s.path.name.removeprefix("seg-")
-            assert len(token) >= 16 and int(token, 16) >= 0  # >= 64 random bits, hex
+            assert re.fullmatch(r"seg-[0-9a-f]{16}", s.path.name), s.path.name  # 64 bits, hex
             assert st_.st_size == s.layout.total_size
-        assert a.path != b.path
+        # Random bits (so that the path cannot be predicted and planted): two
+        # tokens differ in about half of their 64 bits, where a counter, a
+        # clock or a pid would differ in a few (8 or fewer: p < 1e-9 if random).
+        ta, tb = (int(s.path.name.removeprefix("seg-"), 16) for s in (a, b))
+        assert bin(ta ^ tb).count("1") > 8, (a.path.name, b.path.name)
 
 
 @pytest.mark.spec("shm.segment.header")
