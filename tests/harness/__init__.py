@@ -12,9 +12,8 @@ tests need in common lives here, under a name that says what it is.
 - `shm_child`, `hub_child`, `session_child`: the programs, one per layer
   (their commands are `cmd_*` functions).
 - `hub`, `session`, `processes`, `faulty_tasks`, `guard_tasks`: fixtures,
-  process facts and task functions
-  shared by the tests of several files (tasks are pickled by reference,
-  so worker processes import them from here too).
+  process facts and task functions shared by the tests of several files
+  (tasks are pickled by reference: worker processes import them from here).
 
 A "peer" in this package is what the spec calls a peer (a guest's entry
 in the hub's peer table, or the process at the other end of a ring);

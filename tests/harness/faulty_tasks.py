@@ -1,6 +1,6 @@
 """Tasks that fail at each step of a task's round trip, in each way a
 process can fail: an exception, `sys.exit`, a crash (SIGSEGV). Used by the
-pickle fault matrix (tests/api/test_executor.py) and the batch tests
+pickle fault matrix (tests/api/test_executor_crashes.py) and the batch tests
 (tests/exec/test_batch.py). Workers unpickle them by reference, from here.
 
 `X(At)Pickle` fails when pickled (a task argument on the host, a result
