@@ -6,14 +6,16 @@ tests need in common lives here, under a name that says what it is.
 
 - `child`: the one child-program harness. The child side (`say` one JSON
   event line, dispatch of a command named on the command line) and the
-  test side (`argv` of a command, `Children` that start and always reap
+  test side (`child_argv` of a command, `Children` that start and always reap
   them, `event` to read the next report).
 - `__main__`: the entry point, `python tests/harness PROGRAM COMMAND ...`.
 - `shm_child`, `hub_child`, `session_child`: the programs, one per layer
   (their commands are `cmd_*` functions).
-- `hub`, `session`, `processes`, `faulty_tasks`, `guard_tasks`: fixtures,
-  process facts and task functions shared by the tests of several files
-  (tasks are pickled by reference: worker processes import them from here).
+- `hub`, `session`, `processes`, `polling`: what the tests of several
+  files share (a host with its guests, a host session, a loopback pair,
+  process facts, waiting for a condition).
+- `tasks`, `faulty_tasks`, `guard_tasks`: task functions that workers
+  unpickle by reference, so they import them from here.
 
 A "peer" in this package is what the spec calls a peer (a guest's entry
 in the hub's peer table, or the process at the other end of a ring);
