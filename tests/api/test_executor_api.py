@@ -177,7 +177,7 @@ def test_processes_mapping_and_statistics(ex):
     procs = ex._processes
     assert len(procs) == 2
     for p_id, p in procs.items():
-        assert p.pid == p_id and p.isprocinfo.alive() and p.exitcode is None
+        assert p.pid == p_id and p.is_alive() and p.exitcode is None
     s = ex.statistics()
     assert s["max_workers"] == 2 and s["completed"] >= 1 and len(s["workers"]) == 2
 
