@@ -150,7 +150,7 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
 TMPFS_PROG = textwrap.dedent("""
     import numpy as np, sys
     from shmpool import ShmExecutor
-    from tests.exec.test_chunked import ident
+    from harness.tasks import ident
     if __name__ == "__main__":
         a = np.arange((100 << 20) // 8, dtype=np.float64)
         with ShmExecutor(1) as ex:
@@ -178,8 +178,9 @@ def test_100_mib_arrays_through_a_64_mib_tmpfs_segment_directory(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         env = dict(os.environ, SHMPOOL_DIR=str(mnt / "segments"))
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(tests)
+        env["PYTHONPATH"] = os.pathsep.join([tests, root, env.get("PYTHONPATH", "")])
         p = subprocess.run([sys.executable, "-c", TMPFS_PROG], capture_output=True, text=True,
                            timeout=300, env=env, cwd=root)
         assert p.returncode == 0, p.stderr
