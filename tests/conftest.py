@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,9 +30,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER = Path(__file__).resolve().parent / "peer.py"
+# The shared harness (tests/harness) is imported as `harness`, by the tests
+# and by the worker processes that unpickle its task functions.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "session"))  # TEMPORARY (issue 14): test_channels/test_rpc helpers until the shared harness
+
+from harness.child import Children  # noqa: E402
+from shmpool import procinfo  # noqa: E402
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 # One directory per test run and worker: two pytest runs at once (two
@@ -92,19 +94,13 @@ def _processes_with(token: str) -> list[int]:
 
 def _children() -> list[int]:
     """Direct children of this process, including unreaped zombies."""
-    me = str(os.getpid())
+    me = os.getpid()
     kids = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(b")") + 2 :].split()
-        if rest[1].decode() == me:
-            kids.append(int(name))
+        if name.isdigit():
+            st = procinfo.stat(name)
+            if st is not None and st.ppid == me:
+                kids.append(st.pid)
     return kids
 
 
@@ -187,39 +183,15 @@ def no_leaks(request: pytest.FixtureRequest):
 # --------------------------------------------------------------------------
 
 
-class Peers:
-    """Starts tests/peer.py subcommands as real processes and guarantees
-    they are gone when the test ends."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args: object, pass_fds=(), env=None, **kw) -> subprocess.Popen:
-        cmd = [sys.executable, str(PEER), *map(str, args)]
-        full_env = dict(os.environ)
-        if env:
-            full_env.update(env)
-        p = subprocess.Popen(cmd, pass_fds=tuple(pass_fds), env=full_env, **kw)
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            for stream in (p.stdin, p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
-
-
 @pytest.fixture
-def peers():
-    pp = Peers()
+def shm_children():
+    """Starts commands of the `shm` child program (tests/harness/shm_child.py)
+    as real processes; every one is gone when the test ends."""
+    children = Children("shm")
     try:
-        yield pp
+        yield children
     finally:
-        pp.close()
+        children.close()
 
 
 @pytest.fixture
@@ -240,10 +212,3 @@ def wait_backend(request, monkeypatch):
     monkeypatch.setenv("SHMPOOL_WAIT", request.param)
     return request.param
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    rest = data[data.rindex(b")") + 2 :].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")

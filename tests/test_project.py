@@ -71,6 +71,9 @@ def _layer(module: str) -> int:
 
 
 def _imports(path: Path, module: str) -> list[str]:
+    """Every module `module` (at `path`) imports, anywhere in it: at the top,
+    inside functions, under `if TYPE_CHECKING:`. `from P import x` counts as
+    importing P.x (which `_resolve` reduces to P if x is not a module)."""
     tree = ast.parse(path.read_text())
     out = []
     pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -84,34 +87,158 @@ def _imports(path: Path, module: str) -> list[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            if node.module is None:  # from .. import x: x is the module imported
-                out += [f"{target}.{a.name}" for a in node.names]
-            else:
-                out.append(target)
+            out += [f"{target}.{a.name}" for a in node.names]
     return out
 
 
-def test_layers_import_downward_only():
+def _modules(root: Path, package: str = "shmpool") -> dict[str, Path]:
+    """{dotted module name: file} of every module of `package` under `root`
+    (Python files; an extension module, `_atomics`, counts through its stub)."""
+    out = {}
+    for path in sorted((root / package).rglob("*.py*")):
+        if path.suffix not in (".py", ".pyi"):
+            continue
+        rel = path.relative_to(root).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if path.suffix == ".py" or name not in out:
+            out[name] = path
+    return out
+
+
+def _resolve(target: str, modules: dict[str, Path]) -> str | None:
+    """The module of `modules` that importing `target` names: the longest
+    dotted prefix that is one (P.x with x a class is P); None if outside."""
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def _import_graph(root: Path, package: str = "shmpool") -> dict[str, set[str]]:
+    """{module: the modules of the same tree it imports (itself excluded)}."""
+    modules = _modules(root, package)
+    graph = {}
+    for module, path in modules.items():
+        targets = {_resolve(t, modules) for t in _imports(path, module)}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def _layer_violations(root: Path) -> tuple[list[str], int]:
     violations = []
     checked = 0
-    for path in sorted((ROOT / "shmpool").rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+    for module, targets in _import_graph(root).items():
         me = _layer(module)
-        for target in _imports(path, module):
+        for target in sorted(targets):
             t = _layer(target)
             checked += 1
             if t > me:
                 violations.append(f"{module} (layer {me}) imports {target} (layer {t})")
+    return violations, checked
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of
+    more than one module (Tarjan), each sorted, in sorted order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_layers_import_downward_only():
+    violations, checked = _layer_violations(ROOT)
     assert checked > 10
     assert violations == []
 
 
-def test_layering_check_sees_upward_imports():
+def test_layering_check_sees_upward_imports(tmp_path):
+    """The checker reports an upward import at the top of a module and one
+    hidden in a function, and passes downward and same-layer ones."""
     assert _layer("shmpool.shm.ring") == 1 and _layer("shmpool.hub.host") == 2
     assert _layer("shmpool.executor") == API and _layer("shmpool.errors") == 0
-    fake = ROOT / "shmpool" / "shm" / "ring.py"
-    assert "shmpool.shm.layout" in _imports(fake, "shmpool.shm.ring")
+    root = _write_tree(tmp_path, {
+        "shmpool/__init__.py": "from .executor import Executor\n",
+        "shmpool/executor.py": "from shmpool.hub import host\nfrom .errors import E\n",
+        "shmpool/errors.py": "class E(Exception):\n    pass\n",
+        "shmpool/shm/__init__.py": "",
+        "shmpool/shm/layout.py": "X = 1\n",
+        "shmpool/shm/ring.py": "from . import layout\nfrom ..hub.host import Host\n",
+        "shmpool/hub/__init__.py": "",
+        "shmpool/hub/host.py": (
+            "from shmpool.shm import ring\n\n"
+            "class Host:\n    def close(self):\n        from shmpool import executor\n"
+        ),
+    })
+    violations, checked = _layer_violations(root)
+    assert checked == 7
+    assert violations == [
+        "shmpool.hub.host (layer 2) imports shmpool.executor (layer 5)",
+        "shmpool.shm.ring (layer 1) imports shmpool.hub.host (layer 2)",
+    ]
+
+
+def test_no_import_cycles():
+    """No module imports (at any depth, in a function or not) a module that
+    imports it back: every package reads bottom-up."""
+    graph = _import_graph(ROOT)
+    cycles = _cycles(graph)
+    report = [
+        " <-> ".join(c) + "  (" + "; ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a] & set(c))) + ")"
+        for c in cycles
+    ]
+    assert cycles == [], "import cycles (counting imports inside functions):\n" + "\n".join(report)
+
+
+def test_cycle_check_sees_cycles_hidden_in_functions(tmp_path):
+    root = _write_tree(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a/__init__.py": "from .x import f\n",
+        "pkg/a/x.py": "from . import y\n\ndef f():\n    return y.g()\n",
+        "pkg/a/y.py": "def g():\n    from .x import f\n    return f\n",
+        "pkg/a/p.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a.q import Q\n",
+        "pkg/a/q.py": "import pkg.a.p\n\nclass Q:\n    pass\n",
+        "pkg/a/z.py": "from pkg.a import x, p\n",  # imports two cycles, is in none
+        "pkg/b.py": "from pkg.a.z import x\n",  # a name, not a module: the edge is to z
+    })
+    graph = _import_graph(root, "pkg")
+    assert graph["pkg.b"] == {"pkg.a.z"} and graph["pkg.a.z"] == {"pkg.a.x", "pkg.a.p"}
+    assert _cycles(graph) == [["pkg.a.p", "pkg.a.q"], ["pkg.a.x", "pkg.a.y"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 # --------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import pytest
 
 from shmpool import ShmExecutor, failpoints
 from shmpool.errors import ResultUnpicklingError, TaskUnpicklingError, WorkerCrashedError
-from test_executor import (
+
+from harness.faulty_tasks import (
     CrashAtPickle, CrashAtUnpickle, ErrorAtPickle, ErrorAtUnpickle, ExitAtPickle, ExitAtUnpickle,
-    _crash, _exit, boom_runtime, returns,
+    boom_runtime, crash, exit_1, returns,
 )
 
 
@@ -106,8 +107,8 @@ FAULTS = {
     "exit at task unpickle": ((id, ExitAtUnpickle()), WorkerCrashedError),
     "error at task unpickle": ((id, ErrorAtUnpickle()), TaskUnpicklingError),
     "crash at task unpickle": ((id, CrashAtUnpickle()), WorkerCrashedError),
-    "crash in function": ((_crash,), WorkerCrashedError),
-    "exit in function": ((_exit,), SystemExit),
+    "crash in function": ((crash,), WorkerCrashedError),
+    "exit in function": ((exit_1,), SystemExit),
     "error in function": ((boom_runtime,), RuntimeError),
     "crash at result pickle": ((returns, CrashAtPickle), WorkerCrashedError),
     "exit at result pickle": ((returns, ExitAtPickle), SystemExit),
@@ -142,7 +143,7 @@ def test_tasks_after_an_exit_in_a_batch_run_on_the_replacement(tmp_path):
     log = tmp_path / "runs"
     with forced() as e:
         first = e.submit(os.getpid).result(60)
-        calls = [(count_runs, log, 0), (_exit,)] + [(count_runs, log, i) for i in range(1, 6)] + [(os.getpid,)]
+        calls = [(count_runs, log, 0), (exit_1,)] + [(count_runs, log, i) for i in range(1, 6)] + [(os.getpid,)]
         fs = in_one_batch(e, tmp_path / "gate", calls)
         with pytest.raises(SystemExit):
             fs[1].result(60)

@@ -23,6 +23,8 @@ from shmpool.errors import SlotExhaustedError, TaskUnpicklingError, TransferFail
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
+from harness.session import CREDIT, Loopback
+
 MIB = 1 << 20
 
 
@@ -148,7 +150,7 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
 TMPFS_PROG = textwrap.dedent("""
     import numpy as np, sys
     from shmpool import ShmExecutor
-    from tests.exec.test_chunked import ident
+    from harness.tasks import ident
     if __name__ == "__main__":
         a = np.arange((100 << 20) // 8, dtype=np.float64)
         with ShmExecutor(1) as ex:
@@ -176,8 +178,9 @@ def test_100_mib_arrays_through_a_64_mib_tmpfs_segment_directory(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         env = dict(os.environ, SHMPOOL_DIR=str(mnt / "segments"))
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(tests)
+        env["PYTHONPATH"] = os.pathsep.join([tests, root, env.get("PYTHONPATH", "")])
         p = subprocess.run([sys.executable, "-c", TMPFS_PROG], capture_output=True, text=True,
                            timeout=300, env=env, cwd=root)
         assert p.returncode == 0, p.stderr
@@ -283,8 +286,6 @@ def test_a_transfer_head_announcing_gigabytes_commits_nothing_until_its_bytes_co
 
 @pytest.fixture
 def lo():
-    from test_channels import Loopback
-
     pair = Loopback()
     try:
         yield pair
@@ -297,8 +298,6 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
     """The receiver collects while it routes (its credit granted at once):
     a sender of many times the credit never waits for a reader."""
     import threading
-
-    from test_channels import CREDIT
 
     lo.guest.table.collecting = True
     tx = lo.host.open_tx()
@@ -328,8 +327,6 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
 def test_a_message_cut_short_by_a_slot_wait_resets_the_channel(lo, monkeypatch):
     from shmpool.errors import ChannelReset
     from shmpool.session import channel
-    from test_channels import CREDIT
-
     tx = lo.host.open_tx()
     rx = lo.guest.rx(tx.id)
     real, calls = channel.payload_descriptor, []

@@ -29,7 +29,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import guard_tasks as G
+from harness import guard_tasks as G
+from harness.child import child_argv
+from harness.hub import Hub
+from harness.hub_child import message
+from harness.session import Session
+from harness.child import event
 from shmpool import ShmExecutor
 from shmpool import _atomics as A
 from shmpool.errors import SegmentCorruptError, StaleSlotError
@@ -269,7 +274,7 @@ HOST = r"""
 import json, sys, time
 from concurrent.futures import wait
 sys.path.insert(0, sys.argv[2])
-import guard_tasks as G
+from harness import guard_tasks as G
 from shmpool import ShmExecutor
 seed = int(sys.argv[1])
 ended = {"ok": 0, "errors": {}, "hung": 0, "kinds": []}
@@ -335,8 +340,6 @@ def test_scribbling_anywhere_never_crashes_or_hangs_the_host(seed, tmp_path):
 
 @pytest.mark.spec("shm.guard.isolate")
 def test_a_guest_that_says_goodbye_but_stays_is_killed_after_the_grace():
-    from test_rpc import Session
-
     s = Session()
     try:
         peer, p = s.start("rude", env={"RUDE_TYPE": "7"})  # a Goodbye message, then it serves on
@@ -352,18 +355,13 @@ def test_a_guest_that_says_goodbye_but_stays_is_killed_after_the_grace():
 @pytest.mark.spec("shm.guard.isolate")
 @pytest.mark.named_segment  # (the guest attaches by path)
 def test_a_violator_the_host_did_not_start_is_not_killed():
-    from hub_peer import Hub
-
-    from test_hub import HUB_PEER
-
     hub = Hub()
     g = None
     try:
         host = hub.host
-        g = subprocess.Popen([sys.executable, HUB_PEER, "attach-path", str(host.path)],
-                             stdout=subprocess.PIPE, text=True)
-        hub.procs.append(g)
-        peer = json.loads(g.stdout.readline())["peer"]
+        g = hub.children.adopt(subprocess.Popen(child_argv("hub", "attach-path", host.path),
+                                                stdout=subprocess.PIPE, text=True))
+        peer = event(g)["peer"]
         host._driver.wait_for(lambda: peer in host.attached_peers(), 10)
         host.violation(peer, "shm.test", "was told to")
         host._driver.wait_for(lambda: host.peer_info(peer).recovered, 10)
@@ -380,8 +378,6 @@ def test_a_violator_the_host_did_not_start_is_not_killed():
 @pytest.mark.spec("shm.death.recovery")
 @pytest.mark.spec("shm.guard.validate")
 def test_recovery_zeroes_the_rings_so_a_later_bad_index_replays_nothing():
-    from hub_peer import Hub, message
-
     hub = Hub()
     try:
         host = hub.host

@@ -113,10 +113,10 @@ def test_garbage_in_a_class_header_breaks_the_pool_once_and_blames_no_guest():
     # offset: shared garbage, not its sender's fault. The pool breaks once
     # (every future ends with PoolBrokenError naming it); no worker is
     # killed for it, one after another.
-    import guard_tasks as G
     from concurrent.futures import wait
 
     from shmpool import ShmExecutor
+    from harness import guard_tasks as G
     from shmpool.errors import PoolBrokenError
 
     with ShmExecutor(2, max_retries=3) as ex:
@@ -138,7 +138,8 @@ def test_garbage_in_an_empty_entry_is_overwritten_when_a_guest_takes_it():
     # Empty entry (a scribble): the next add_peer for that id (a restart
     # asks for the same one) succeeds, and a real guest attaches there and
     # serves.
-    from hub_peer import Hub, message
+    from harness.hub import Hub
+    from harness.hub_child import message
 
     hub = Hub()
     try:

@@ -7,7 +7,6 @@ turn hangs into failures.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,7 +15,9 @@ import time
 
 import pytest
 
-from hub_peer import Hub, check, entries, message, send_blob, small_config, take_blob
+from harness.child import event
+from harness.hub import Hub, entries, small_config
+from harness.hub_child import check, guest_argv, message, send_blob, take_blob
 from shmpool import _atomics as A
 from shmpool.errors import PeerDeadError, StaleSlotError
 from shmpool.hub import AddPeerOptions, PeerEntry, PeerState
@@ -171,7 +172,7 @@ def test_sigkill_while_holding_slots():
         hub.ready(p)
         for i in range(2):  # two it receives and keeps
             assert host.send(1, send_blob(pool, i, 1, 0, to=1), timeout=10)
-            assert json.loads(p.stdout.readline())["received"] == i + 1
+            assert event(p)["received"] == i + 1
         p.send_signal(signal.SIGSTOP)  # one more that stays in its ring
         assert host.send(1, send_blob(pool, 2, 1, 0, to=1), timeout=10)
         os.kill(p.pid, signal.SIGKILL)
@@ -286,9 +287,8 @@ def test_recovery_order_and_reset():
         t = host.add_peer(AddPeerOptions(on_death=on_death))
         import subprocess
 
-        from hub_peer import guest_argv
         p = host.spawn(t, guest_argv("flood"), stdout=subprocess.DEVNULL)
-        hub.procs.append(p)
+        hub.children.adopt(p)
         assert host.wait_attached(1, 30)
         ct = seg.layout.channel_table(1)
         for i in range(seg.config.max_channels):  # as if channels were open
@@ -391,9 +391,8 @@ def test_raising_callbacks_do_not_stop_the_driver(capfd):
         t = host.add_peer(AddPeerOptions(on_death=lambda peer: 1 / 0))
         import subprocess
 
-        from hub_peer import guest_argv
         p = host.spawn(t, guest_argv("echo"), stdout=subprocess.DEVNULL)
-        hub.procs.append(p)
+        hub.children.adopt(p)
         host.set_message_handler(bad_handler)
         host.set_peer_lost_handler(lambda peer, info: [][1])
         assert host.wait_attached(1, 30)

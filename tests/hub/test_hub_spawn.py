@@ -8,18 +8,20 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from hub_peer import Hub, entries, guest_argv, proc_state, small_config, zombie_children
+from harness.child import child_argv
+from harness.hub import Hub, entries, small_config
+from harness.hub_child import guest_argv
+from harness.processes import zombie_children
+from shmpool.procinfo import state as proc_state
 from shmpool.hub import GuestExit, PeerState
 
-HUB_PEER = str(Path(__file__).resolve().parent.parent / "hub_peer.py")
 
 
 def _run_guest(args, pass_fds=()):
-    r = subprocess.run([sys.executable, HUB_PEER, "guest", "idle", *args], pass_fds=pass_fds,
+    r = subprocess.run(child_argv("hub", "guest", "idle", *args), pass_fds=pass_fds,
                        capture_output=True, text=True, timeout=60)
     return r.returncode, r.stderr
 
@@ -222,7 +224,7 @@ def test_guests_hold_only_their_doorbell_segment_and_stdio(segment_mode, request
             t = host.add_peer()
             sockets[t.peer_id] = f"socket:[{os.fstat(t.doorbell_fd).st_ino}]"
             p = host.spawn(t, guest_argv("idle"), stdout=subprocess.PIPE)
-            hub.procs.append(p)
+            hub.children.adopt(p)
             procs[t.peer_id] = p
         for peer, p in procs.items():
             hub.ready(p)
@@ -279,7 +281,7 @@ def test_fd_count_flat_over_200_respawns_and_no_zombies():
                 assert (info.exitcode, info.signal) == expect, info
                 assert p.returncode is not None and proc_state(p.pid) != "Z"
             assert zombie_children() == []
-            hub.procs.clear()  # reaped by the host; no pipes to close
+            hub.children.procs.clear()  # reaped by the host; no pipes to close
             if fd_after_warmup is None:
                 fd_after_warmup = len(os.listdir("/proc/self/fd"))
         fd_end = len(os.listdir("/proc/self/fd"))

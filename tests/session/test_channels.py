@@ -20,56 +20,9 @@ from shmpool import _atomics as A
 from shmpool.errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, ProtocolError
 from shmpool.session.connection import Connection
 from shmpool.shm import Segment, SegmentConfig, SizeClass, open_rings
-from shmpool.shm import layout as L
 from shmpool.shm.varslot import SlotPool
-from test_rpc import Session
 
-CREDIT = 64 * 1024
-
-
-class _RingTransport:
-    def __init__(self, tx) -> None:
-        self.tx = tx
-        self.lock = threading.Lock()
-
-    def send(self, desc, timeout=None) -> bool:
-        with self.lock:
-            return self.tx.push(desc, timeout)
-
-    def try_send(self, desc) -> bool:
-        return self.send(desc, 0)
-
-
-class Loopback:
-    """Host side and guest 1's side of one segment, in this process."""
-
-    def __init__(self, credit: int = CREDIT, max_channels: int = 16) -> None:
-        cfg = SegmentConfig(max_guests=2, ring_size=64, max_channels=max_channels, initial_credit=credit,
-                            size_classes=(SizeClass(512, 64), SizeClass(65536, 16)))
-        self.seg = Segment.create(cfg)
-        htx, hrx = open_rings(self.seg, 1, "host")
-        gtx, grx = open_rings(self.seg, 1, "guest")
-        self.host_pool, self.guest_pool = SlotPool(self.seg, 0), SlotPool(self.seg, 1)
-        self.host = Connection(_RingTransport(htx), self.host_pool, self.seg, me=0, peer=1,
-                               pump=lambda t: hrx.pop_batch_wait(64, t))
-        self.guest = Connection(_RingTransport(gtx), self.guest_pool, self.seg, me=1, peer=0,
-                                pump=lambda t: grx.pop_batch_wait(64, t))
-
-    def entry(self, cid: int) -> tuple[int, int, int]:
-        base = self.seg.layout.channel_table(1) + 16 * cid
-        return tuple(A.load_u32(self.seg.buf, base + o) for o in (0, 4, 8))
-
-    def settle(self) -> None:
-        for _ in range(5):
-            self.host.pump(0)
-            self.guest.pump(0)
-
-    def all_free(self) -> bool:
-        st = self.host_pool.statistics()
-        return all(c.free == c.capacity for c in st.classes) and st.huge_in_use == 0
-
-    def close(self) -> None:
-        self.seg.close()
+from harness.session import CREDIT, Loopback, RingTransport, Session
 
 
 @pytest.fixture
@@ -128,7 +81,7 @@ def test_two_guests_use_the_same_id_independently():
         conns = []
         for peer in (1, 2):
             tx, rx = open_rings(seg, peer, "host")
-            conns.append(Connection(_RingTransport(tx), pool, seg, me=0, peer=peer,
+            conns.append(Connection(RingTransport(tx), pool, seg, me=0, peer=peer,
                                     pump=lambda t, rx=rx: rx.pop_batch_wait(64, t)))
         a, b = conns[0].open_tx(), conns[1].open_tx()
         assert a.id == b.id == 2 and a.entry != b.entry  # each guest has its own table

@@ -4,85 +4,23 @@ between a real host and real guest processes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import pytest
 
 from shmpool.errors import (
-    ConnectionClosedError, GuestViolationError, PeerDeadError, ProtocolError, SlotExhaustedError,
+    ConnectionClosedError, GuestViolationError, PeerDeadError, SlotExhaustedError,
 )
-from shmpool.hub import ShmHost
-from shmpool.session import HostSession, NoSuchMethodError, RemoteError, RemoteTraceback, method_id
+from shmpool.session import NoSuchMethodError, RemoteError, RemoteTraceback, method_id
 from shmpool.session.messages import alloc
 from shmpool.shm import SegmentConfig, SizeClass
 from shmpool.shm.ring import Descriptor
-from shmpool.shm.varslot import SlotPool
 
-RPC_PEER = str(Path(__file__).resolve().parent.parent / "rpc_peer.py")
-
-
-class Session:
-    """A host, its session, and guests running tests/rpc_peer.py."""
-
-    def __init__(self, config: SegmentConfig | None = None) -> None:
-        self.host = ShmHost.create(config=config or SegmentConfig(max_guests=4))
-        self.sess = HostSession(self.host)
-        self.procs = []
-        d = self.sess.methods
-        self.host_calls = 0
-
-        @d.register("double")
-        def double(ctx, p):
-            self.host_calls += 1
-            return p.tobytes() * 2
-
-        @d.register("host-spin")
-        def host_spin(ctx, p):
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 30:
-                if ctx.cancelled:
-                    self.host_spin_saw_cancel = True
-                    return b"noticed"
-                time.sleep(0.001)
-            return b"never"
-
-    def start(self, mode: str, env=None, *, attached: bool = True) -> tuple[int, subprocess.Popen]:
-        t = self.host.add_peer()
-        p = self.host.spawn(t, [sys.executable, RPC_PEER, mode], stdout=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-        self.procs.append(p)
-        if attached:
-            assert self.host.wait_attached(t.peer_id, 30)
-        return t.peer_id, p
-
-    @staticmethod
-    def report(p) -> dict:
-        line = p.stdout.readline()
-        assert line, "guest exited without a report"
-        return json.loads(line)
-
-    def all_slots_free(self) -> bool:
-        st = SlotPool(self.host.segment, 0).statistics()
-        return all(c.free == c.capacity for c in st.classes) and st.huge_in_use == 0
-
-    def close(self) -> None:
-        try:
-            self.sess.close()
-            self.host.close()
-        finally:
-            for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-                p.stdout.close()
+from harness.session import Session
 
 
 @pytest.fixture
@@ -151,7 +89,7 @@ def test_remote_errors_carry_their_traceback(session):
         conn.call_sync("fail", b"boom", timeout=10)
     assert type(e.value).__name__ == "GuestError" and "boom" in str(e.value)
     assert isinstance(e.value.__cause__, RemoteTraceback)
-    assert "asked to fail" in str(e.value.__cause__) and "rpc_peer.py" in str(e.value.__cause__)
+    assert "asked to fail" in str(e.value.__cause__) and "session_child.py" in str(e.value.__cause__)
     with pytest.raises(NoSuchMethodError, match="no handler"):
         conn.call_sync("no-such-method", timeout=10)
     # the connection is still fine afterwards

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import json
 import mmap
 import os
 import signal
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.child import event
 from shmpool import _atomics as A
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,14 +160,14 @@ def test_bad_values_and_arity():
 
 @pytest.mark.spec("shm.ordering.atomics")
 @pytest.mark.parametrize("width", ["32", "64"])
-def test_atomic_across_processes(width, shared_file, peers):
+def test_atomic_across_processes(width, shared_file, shm_children):
     """Three processes increment the same words concurrently (fetch_add on
     one, a CAS loop on the other): no increment is lost."""
     path, buf = shared_file
     n = 30_000
-    procs = [peers.start("atomics-add", path, 128, n, width, stdout=subprocess.PIPE) for _ in range(3)]
+    procs = [shm_children.start("atomics-add", path, 128, n, width, stdout=subprocess.PIPE) for _ in range(3)]
     for p in procs:
-        assert json.loads(p.stdout.readline()) == {"done": True}
+        assert event(p) == {"done": True}
         assert p.wait(timeout=60) == 0
     load = A.load_u32 if width == "32" else A.load_u64
     assert load(buf, 128) == 3 * n
@@ -208,15 +208,15 @@ def test_futex_wait_releases_gil_and_is_woken(shared_file):
 
 
 @pytest.mark.spec("shm.wakeup.futex")
-def test_futex_wakes_another_process(shared_file, peers):
+def test_futex_wakes_another_process(shared_file, shm_children):
     path, buf = shared_file
     A.store_u32(buf, 256, 1)
-    p = peers.start("futex-wait", path, 256, 1, 30, stdout=subprocess.PIPE)
-    assert json.loads(p.stdout.readline()) == {"ready": True}
+    p = shm_children.start("futex-wait", path, 256, 1, 30, stdout=subprocess.PIPE)
+    assert event(p) == {"ready": True}
     deadline = time.monotonic() + 10
     while A.futex_wake(buf, 256, 1) == 0 and time.monotonic() < deadline:
         pass  # the peer may not be asleep yet; a wake with no waiter is a no-op
-    assert json.loads(p.stdout.readline()) == {"status": A.WOKEN, "value": 1}
+    assert event(p) == {"status": A.WOKEN, "value": 1}
     p.wait(timeout=10)
 
 

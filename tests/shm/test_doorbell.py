@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ import time
 
 import pytest
 
+from harness.child import event
 from shmpool.errors import DoorbellError
 from shmpool.shm import Doorbell, Signal, Wait
 
@@ -55,13 +55,13 @@ def test_full_buffer_coalesces_and_never_blocks():
 
 
 @pytest.mark.spec("shm.doorbell.death")
-def test_killed_peer_is_seen_dead(peers):
+def test_killed_peer_is_seen_dead(shm_children):
     host, guest = Doorbell.pair()
     fd = guest.make_inheritable()
-    p = peers.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
+    p = shm_children.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
     guest.close()  # the host keeps only its own end
     with host:
-        assert json.loads(p.stdout.readline()) == {"ready": True}
+        assert event(p) == {"ready": True}
         assert host.wait(0.05) is Wait.TIMED_OUT and not host.peer_dead()
         t0 = time.monotonic()
         os.kill(p.pid, signal.SIGKILL)
@@ -78,29 +78,29 @@ def test_killed_peer_is_seen_dead(peers):
 
 
 @pytest.mark.spec("shm.doorbell.death")
-def test_peer_death_seen_by_fresh_wait_within_100ms(peers):
+def test_peer_death_seen_by_fresh_wait_within_100ms(shm_children):
     host, guest = Doorbell.pair()
     fd = guest.make_inheritable()
-    p = peers.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
+    p = shm_children.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
     guest.close()
     with host:
-        json.loads(p.stdout.readline())
+        event(p)
         p.kill()
         p.wait()
         assert host.wait(0.1) is Wait.PEER_DEAD
 
 
 @pytest.mark.spec("shm.doorbell.inherit")
-def test_guest_end_is_inherited_and_adopted(peers):
+def test_guest_end_is_inherited_and_adopted(shm_children):
     host, guest = Doorbell.pair()
     assert not os.get_inheritable(host.fileno())  # host ends never leak into children
     assert not os.get_inheritable(guest.fileno())
     fd = guest.make_inheritable()
     assert os.get_inheritable(fd)
-    p = peers.start("doorbell-signal", fd, 3, pass_fds=[fd], stdout=subprocess.PIPE)
+    p = shm_children.start("doorbell-signal", fd, 3, pass_fds=[fd], stdout=subprocess.PIPE)
     guest.close()
     with host:
-        assert json.loads(p.stdout.readline()) == {"done": True}
+        assert event(p) == {"done": True}
         assert host.wait(5) in (Wait.SIGNALLED, Wait.PEER_DEAD)
         p.wait(timeout=10)
         assert host.wait(5) is Wait.PEER_DEAD  # the child exited: its end closed

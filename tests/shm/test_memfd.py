@@ -6,7 +6,6 @@ and allocation before use (ENOSPC is "no slot", never SIGBUS)."""
 from __future__ import annotations
 
 import fcntl
-import json
 import multiprocessing
 import os
 import signal
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hub_peer import Subreaper
+from harness.child import event
+from harness.processes import Subreaper
 from shmpool import ShmExecutor
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
@@ -138,7 +138,7 @@ def _run_host(tmp_path: Path, sig: int, env: dict | None = None) -> tuple[dict, 
         host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True,
                                 env=full, cwd=ROOT)
         try:
-            report = json.loads(host.stdout.readline())
+            report = event(host)
             os.kill(host.pid, sig)
             rc = host.wait(timeout=30)
             gone = reaper.reap(report["workers"], timeout=10)

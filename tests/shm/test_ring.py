@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 
@@ -10,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cpu_seconds
-from peer import check_descriptor, seq_descriptor
+from harness.child import event
+from harness.processes import cpu_seconds
+from harness.shm_child import check_descriptor, seq_descriptor
 from shmpool import _atomics as A
 from shmpool.errors import ConfigError, PeerDeadError
 from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, open_rings
@@ -189,7 +189,7 @@ STRESS_N = 1_000_000
     ("g2h", "poll", False),
     ("h2g", "poll", True),
 ])
-def test_cross_process_stress(seg64, peers, monkeypatch, direction, backend, use_doorbell):
+def test_cross_process_stress(seg64, shm_children, monkeypatch, direction, backend, use_doorbell):
     """1,000,000 sequence-numbered descriptors (inline payloads of every
     length and slot references) through a ring of 64 between two processes:
     nothing lost, duplicated or reordered, and head == tail at the end."""
@@ -203,7 +203,7 @@ def test_cross_process_stress(seg64, peers, monkeypatch, direction, backend, use
     extra = [db_fd] if use_doorbell else []
     tx, rx = open_rings(seg64, 1, "host", doorbell=db_host)
     if direction == "g2h":
-        p = peers.start("ring-produce", seg64.path, 1, "guest", STRESS_N, *extra,
+        p = shm_children.start("ring-produce", seg64.path, 1, "guest", STRESS_N, *extra,
                         pass_fds=pass_fds, stdout=subprocess.PIPE)
         if use_doorbell:
             db_guest.close()
@@ -216,14 +216,14 @@ def test_cross_process_stress(seg64, peers, monkeypatch, direction, backend, use
                 i += 1
         stats = rx.statistics()
     else:
-        p = peers.start("ring-consume", seg64.path, 1, "guest", STRESS_N, *extra,
+        p = shm_children.start("ring-consume", seg64.path, 1, "guest", STRESS_N, *extra,
                         pass_fds=pass_fds, stdout=subprocess.PIPE)
         if use_doorbell:
             db_guest.close()
         for i in range(STRESS_N):
             assert tx.push(seq_descriptor(i), timeout=60), f"stalled at {i}"
         stats = tx.statistics()
-    report = json.loads(p.stdout.readline())
+    report = event(p)
     assert p.wait(timeout=60) == 0 and report["done"]
     assert stats.transfers == STRESS_N == report["stats"]["transfers"]
     assert rx.try_pop() is None
@@ -237,19 +237,19 @@ def test_cross_process_stress(seg64, peers, monkeypatch, direction, backend, use
 @pytest.mark.spec("shm.wakeup.consumer-wait")
 @pytest.mark.spec("shm.wakeup.sleeping-word")
 @pytest.mark.spec("shm.wakeup.spin")
-def test_empty_wait_sleeps_and_wakes(seg64, peers, wait_backend):
+def test_empty_wait_sleeps_and_wakes(seg64, shm_children, wait_backend):
     """A consumer blocked on an empty ring burns (almost) no CPU after its
     spin phase and is woken by the producer, not by a timeout."""
     tx, _ = open_rings(seg64, 1, "host")
-    p = peers.start("ring-idle-pop", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
-    assert json.loads(p.stdout.readline()) == {"ready": True}
+    p = shm_children.start("ring-idle-pop", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
+    assert event(p) == {"ready": True}
     time.sleep(0.1)  # past the spin phase
     cpu0 = cpu_seconds(p.pid)
     time.sleep(1.0)
     idle_cpu = cpu_seconds(p.pid) - cpu0
     t_push = time.monotonic()
     assert tx.push(Descriptor.with_inline(1, 1))
-    out = json.loads(p.stdout.readline())
+    out = event(p)
     p.wait(timeout=10)
     latency = out["at"] - t_push
     print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
@@ -266,17 +266,17 @@ def test_empty_wait_sleeps_and_wakes(seg64, peers, wait_backend):
 
 @pytest.mark.spec("shm.wakeup.producer-wait")
 @pytest.mark.spec("shm.wakeup.sleeping-word")
-def test_full_wait_sleeps_and_wakes(seg64, peers, wait_backend):
+def test_full_wait_sleeps_and_wakes(seg64, shm_children, wait_backend):
     _, rx = open_rings(seg64, 1, "host")
-    p = peers.start("ring-idle-push", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
-    assert json.loads(p.stdout.readline()) == {"ready": True}
+    p = shm_children.start("ring-idle-push", seg64.path, 1, "guest", 30, stdout=subprocess.PIPE)
+    assert event(p) == {"ready": True}
     time.sleep(0.1)
     cpu0 = cpu_seconds(p.pid)
     time.sleep(1.0)
     idle_cpu = cpu_seconds(p.pid) - cpu0
     t_pop = time.monotonic()
     assert rx.try_pop() is not None
-    out = json.loads(p.stdout.readline())
+    out = event(p)
     p.wait(timeout=10)
     latency = out["at"] - t_pop
     print(f"{wait_backend}: idle CPU {idle_cpu * 1000:.0f} ms/s, wake latency {latency * 1e3:.2f} ms")
@@ -291,14 +291,14 @@ def test_full_wait_sleeps_and_wakes(seg64, peers, wait_backend):
 
 @pytest.mark.spec("shm.doorbell.ring-integration")
 @pytest.mark.spec("shm.doorbell.optional")
-def test_waiting_consumer_learns_of_peer_death(seg64, peers, wait_backend):
+def test_waiting_consumer_learns_of_peer_death(seg64, shm_children, wait_backend):
     """A consumer waiting on a ring with a doorbell raises PeerDeadError
     when the producer's process dies, under either backend."""
     db_host, db_guest = Doorbell.pair()
     fd = db_guest.make_inheritable()
-    holder = peers.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
+    holder = shm_children.start("doorbell-hold", fd, pass_fds=[fd], stdout=subprocess.PIPE)
     db_guest.close()
-    assert json.loads(holder.stdout.readline()) == {"ready": True}
+    assert event(holder) == {"ready": True}
     _, rx = open_rings(seg64, 1, "host", doorbell=db_host)
     holder.kill()
     t0 = time.monotonic()

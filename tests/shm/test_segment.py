@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
+import re
 import stat
 import struct
 import subprocess
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.child import event
 from shmpool import _atomics as A
 from shmpool.errors import ConfigError, SegmentError
 from shmpool.shm import Segment, SegmentConfig, SegmentLayout, SizeClass, clean, segment_is_stale
@@ -75,10 +76,13 @@ def test_create_makes_private_unpredictable_file():
             d = os.stat(s.path.parent)
             assert stat.S_IMODE(d.st_mode) == 0o700
             assert s.path.parent == default_directory()
-            token = s.path.name.removeprefix("seg-")
-            assert len(token) >= 16 and int(token, 16) >= 0  # >= 64 random bits, hex
+            assert re.fullmatch(r"seg-[0-9a-f]{16}", s.path.name), s.path.name  # 64 bits, hex
             assert st_.st_size == s.layout.total_size
-        assert a.path != b.path
+        # Random bits (so that the path cannot be predicted and planted): two
+        # tokens differ in about half of their 64 bits, where a counter, a
+        # clock or a pid would differ in a few (8 or fewer: p < 1e-9 if random).
+        ta, tb = (int(s.path.name.removeprefix("seg-"), 16) for s in (a, b))
+        assert bin(ta ^ tb).count("1") > 8, (a.path.name, b.path.name)
 
 
 @pytest.mark.spec("shm.segment.header")
@@ -333,9 +337,9 @@ def test_close_and_gc_remove_the_file():
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_stale_segment_of_killed_host_is_cleaned(peers):
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+def test_stale_segment_of_killed_host_is_cleaned(shm_children):
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     with Segment.create(SMALL) as live:
         assert not segment_is_stale(path)  # its host still runs
         p.kill()
@@ -349,11 +353,11 @@ def test_stale_segment_of_killed_host_is_cleaned(peers):
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_cli_clean(peers):
+def test_cli_clean(shm_children):
     import sys
 
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     p.kill()
     p.wait()
     dry = subprocess.run([sys.executable, "-m", "shmpool", "clean", "--dry-run"],
@@ -366,9 +370,9 @@ def test_cli_clean(peers):
 
 
 @pytest.mark.spec("shm.file.stale")
-def test_next_host_reaps_stale_segments(peers):
-    p = peers.start("host-hang", stdout=subprocess.PIPE)
-    path = Path(json.loads(p.stdout.readline())["path"])
+def test_next_host_reaps_stale_segments(shm_children):
+    p = shm_children.start("host-hang", stdout=subprocess.PIPE)
+    path = Path(event(p)["path"])
     p.kill()
     p.wait()
     with Segment.create(SMALL):

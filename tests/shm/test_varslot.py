@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -13,13 +12,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from harness.child import event
 from shmpool import _atomics, failpoints
 from shmpool.errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
 from shmpool.shm.varslot import SlotPool
 
-# Several tests start tests/peer.py processes that attach by path.
+# Several tests start `shm` child programs (tests/harness/shm_child.py) that attach by path.
 pytestmark = pytest.mark.named_segment
 
 SMALL = SegmentConfig(
@@ -385,7 +385,7 @@ STRESS = SegmentConfig(
 @pytest.mark.spec("shm.varslot.shared")
 @pytest.mark.spec("shm.varslot.ownership")
 @pytest.mark.spec("shm.varslot.freelist")
-def test_four_process_stress_with_handoffs(peers, tmp_path):
+def test_four_process_stress_with_handoffs(shm_children, tmp_path):
     """4 processes, 200,000 operations in all: random sizes across every
     class (exact boundaries too) and huge payloads, each stamped with
     (peer, sequence) and verified, some handed to the next process to free.
@@ -398,14 +398,14 @@ def test_four_process_stress_with_handoffs(peers, tmp_path):
         procs = []
         for i in range(4):
             in_fd, out_fd = pipes[i][0], pipes[(i + 1) % 4][1]
-            procs.append(peers.start(
+            procs.append(shm_children.start(
                 "slot-stress", seg.path, i + 1, 50_000, 1000 + i, in_fd, out_fd, (i + 1) % 4 + 1,
                 owners, 3 << 20, pass_fds=(in_fd, out_fd), stdout=subprocess.PIPE,
             ))
         for r, w in pipes:
             os.close(r)
             os.close(w)
-        reports = [json.loads(p.stdout.readline()) for p in procs]
+        reports = [event(p) for p in procs]
         for p in procs:
             assert p.wait(timeout=300) == 0
         assert sum(r["sent"] for r in reports) == sum(r["received"] for r in reports) > 1000
@@ -416,10 +416,10 @@ def test_four_process_stress_with_handoffs(peers, tmp_path):
 
 
 @pytest.mark.spec("shm.varslot.extents")
-def test_growth_seen_across_processes(peers):
+def test_growth_seen_across_processes(shm_children):
     with Segment.create(SMALL) as seg:
-        p = peers.start("slot-grow", seg.path, 1, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        msg = json.loads(p.stdout.readline())
+        p = shm_children.start("slot-grow", seg.path, 1, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        msg = event(p)
         assert msg["grows"] == 2  # the class's first extent, then one more
         host = SlotPool(seg, 0)
         slot = host.receive(msg["ref"], msg["generation"])  # maps the new extent lazily
@@ -427,14 +427,14 @@ def test_growth_seen_across_processes(peers):
         host.free(slot)
         p.stdin.write(b"go\n")
         p.stdin.flush()
-        assert json.loads(p.stdout.readline()) == {"done": True}
+        assert event(p) == {"done": True}
         p.wait(timeout=30)
         assert_all_free(host)
         assert host.statistics().classes[0].extents == 2
 
 
 @pytest.mark.spec("shm.wakeup.slot-wait")
-def test_exhausted_allocator_sleeps_until_a_free(peers, wait_backend):
+def test_exhausted_allocator_sleeps_until_a_free(shm_children, wait_backend):
     with Segment.create(SMALL) as seg:
         host = SlotPool(seg, 0)
         # take every slot that a 40000-byte payload could use, with no room to grow
@@ -444,12 +444,12 @@ def test_exhausted_allocator_sleeps_until_a_free(peers, wait_backend):
                 tight.append(host.try_alloc(65536) or host.alloc(65536, timeout=0))
             except SlotExhaustedError:
                 break
-        p = peers.start("slot-wait", seg.path, 1, 40_000, 30, stdout=subprocess.PIPE)
-        assert json.loads(p.stdout.readline()) == {"waiting": True}
+        p = shm_children.start("slot-wait", seg.path, 1, 40_000, 30, stdout=subprocess.PIPE)
+        assert event(p) == {"waiting": True}
         time.sleep(0.5)  # it is asleep, not spinning: nothing to take yet
         t_free = time.monotonic()
         host.free(tight.pop())
-        out = json.loads(p.stdout.readline())
+        out = event(p)
         p.wait(timeout=30)
         assert out["got"], out
         print(f"{wait_backend}: woken {1000 * (out['at'] - t_free):.2f} ms after the free")
@@ -459,7 +459,7 @@ def test_exhausted_allocator_sleeps_until_a_free(peers, wait_backend):
         assert_all_free(host)
 
 
-def test_exhaustion_error_names_the_limit(peers):
+def test_exhaustion_error_names_the_limit(shm_children):
     with Segment.create(SMALL) as seg:
         host = SlotPool(seg, 0)
         held = []
@@ -468,9 +468,9 @@ def test_exhaustion_error_names_the_limit(peers):
                 held.append(host.alloc(65536, timeout=0))
             except SlotExhaustedError:
                 break
-        p = peers.start("slot-wait", seg.path, 1, 40_000, 0.2, stdout=subprocess.PIPE)
-        json.loads(p.stdout.readline())
-        out = json.loads(p.stdout.readline())
+        p = shm_children.start("slot-wait", seg.path, 1, 40_000, 0.2, stdout=subprocess.PIPE)
+        event(p)
+        out = event(p)
         p.wait(timeout=30)
         assert out["error"] == "SlotExhaustedError" and str(SMALL.memory_limit) in out["message"]
         for s in held:
@@ -478,13 +478,13 @@ def test_exhaustion_error_names_the_limit(peers):
 
 
 @pytest.mark.spec("shm.varslot.reclaim")
-def test_sigkill_at_random_moments_then_reclaim_restores_counts(peers):
+def test_sigkill_at_random_moments_then_reclaim_restores_counts(shm_children):
     rnd = random.Random(7)
     with Segment.create(SMALL) as seg:
         host = SlotPool(seg, 0)
         for round_ in range(6):
-            p = peers.start("slot-churn", seg.path, 2, round_, stdout=subprocess.PIPE)
-            assert json.loads(p.stdout.readline()) == {"ready": True}
+            p = shm_children.start("slot-churn", seg.path, 2, round_, stdout=subprocess.PIPE)
+            assert event(p) == {"ready": True}
             time.sleep(rnd.uniform(0, 0.05))
             p.kill()
             p.wait()
@@ -533,14 +533,14 @@ FAILPOINTS = [
 
 @pytest.mark.spec("shm.varslot.reclaim")
 @pytest.mark.parametrize("point", FAILPOINTS)
-def test_kill_at_every_protocol_step_then_reclaim(peers, point):
+def test_kill_at_every_protocol_step_then_reclaim(shm_children, point):
     """SIGKILL exactly at each step of pop, push and growth (named
     failpoints), several times each: reclaim leaves every class whole."""
     assert point in failpoints.KNOWN
     with Segment.create(SMALL) as seg:
         host = SlotPool(seg, 0)
         for nth in (1, 7, 23):
-            p = peers.start("slot-churn", seg.path, 3, nth, 100_000, 0,
+            p = shm_children.start("slot-churn", seg.path, 3, nth, 100_000, 0,
                             env={"SHMPOOL_FAILPOINTS": f"{point}=kill@{nth}"}, stdout=subprocess.PIPE)
             rc = p.wait(timeout=120)
             assert rc == -9, f"{point}@{nth}: exit {rc} (failpoint never fired?)"
@@ -551,19 +551,19 @@ def test_kill_at_every_protocol_step_then_reclaim(peers, point):
 
 
 @pytest.mark.spec("shm.varslot.freelist")
-def test_aba_across_processes(peers):
+def test_aba_across_processes(shm_children):
     """The child reads the head, then sleeps (failpoint) before claiming;
     meanwhile the host pops two slots and pushes the first back. The
     child's claim must fail and retry, never taking the slot the host holds."""
     with Segment.create(SMALL) as seg:
         host = SlotPool(seg, 0)
-        p = peers.start("slot-aba", seg.path, 1, env={"SHMPOOL_FAILPOINTS": "varslot.pop.read-head=sleep(400)@1"},
+        p = shm_children.start("slot-aba", seg.path, 1, env={"SHMPOOL_FAILPOINTS": "varslot.pop.read-head=sleep(400)@1"},
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert json.loads(p.stdout.readline()) == {"popping": True}
+        assert event(p) == {"popping": True}
         time.sleep(0.15)  # the child has read the head and sleeps
         s1, s2 = host.alloc(100), host.alloc(100)
         host.free(s1)
-        got = json.loads(p.stdout.readline())
+        got = event(p)
         assert got["retries"] >= 1 and got["ref"] != s2.ref
         assert got["ref"] == s1.ref and got["generation"] > s1.generation
         p.stdin.write(b"done\n")

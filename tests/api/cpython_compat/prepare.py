@@ -199,18 +199,18 @@ def launch(python: str, runner_args: list[str], *, timeout: float | None = None,
 
 
 def _group_members(pgid: int) -> list[int]:
+    """The running (non-zombie) processes of process group `pgid`."""
+    from shmpool import procinfo  # (the checkout's, run by this interpreter)
+
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
+            if os.getpgid(int(name)) == pgid and procinfo.alive(int(name)):
+                found.append(int(name))
         except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2:].split()
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            found.append(int(name))
+            continue  # gone meanwhile
     return found
 
 

@@ -1,26 +1,27 @@
-"""The other process in cross-process tests.
+"""The child program of the shm-layer tests (rings, doorbells, atomics,
+segments, slot pools): the other process in cross-process tests.
 
-Run as `python tests/peer.py <command> args...`. Each command attaches to a
-real segment (or adopts a real doorbell fd), does one job, and reports on
-stdout as one JSON line where the test needs an answer.
+Run as `python tests/harness shm COMMAND ARGS...` (`Children("shm")`, the
+`shm_children` fixture). Each command attaches to a real segment (or adopts
+a real doorbell fd), does one job, and reports events as JSON lines where
+the test needs an answer. "peer" here is the spec's word: the ring pair's
+guest index, or the slot pool's owner.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import random
+import struct
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shmpool import _atomics  # noqa: E402
-from shmpool.shm import Descriptor, Doorbell, Segment, open_rings  # noqa: E402
-from shmpool.shm.layout import SLOT_REF_INLINE  # noqa: E402
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+from harness.child import say
+from shmpool import _atomics
+from shmpool.shm import Descriptor, Doorbell, Segment, open_rings
+from shmpool.shm import layout as SL
+from shmpool.shm.layout import SLOT_REF_INLINE
+from shmpool.shm.varslot import SlotPool
 
 
 def seq_descriptor(i: int) -> Descriptor:
@@ -177,21 +178,10 @@ def cmd_host_hang(*rest: str) -> None:
         time.sleep(3600)
 
 
-def main() -> None:
-    cmd, *args = sys.argv[1:]
-    globals()["cmd_" + cmd.replace("-", "_")](*args)
-
-
-
 # --------------------------------------------------------------------------
 # Slot pool workers
 # --------------------------------------------------------------------------
 
-import random  # noqa: E402
-import struct  # noqa: E402
-
-from shmpool.shm import layout as SL  # noqa: E402
-from shmpool.shm.varslot import SlotPool  # noqa: E402
 
 RECORD = struct.Struct("<IIIII")  # ref, generation, length, sender peer, seq
 END = 0xFFFFFFFF
@@ -394,7 +384,3 @@ def cmd_slot_wait(path, peer, size, timeout):
     except Exception as e:  # noqa: BLE001
         say(got=False, error=type(e).__name__, message=str(e), waited=time.monotonic() - t0)
     seg.close()
-
-
-if __name__ == "__main__":
-    main()

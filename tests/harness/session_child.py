@@ -1,9 +1,11 @@
-"""Guest programs for the session-layer tests.
+"""The child program of the session-layer tests: guests that serve calls.
 
-    python tests/rpc_peer.py MODE --hub-path=… --peer-id=… --doorbell-fd=…
+    python tests/harness session guest MODE --hub-path=… --peer-id=… --doorbell-fd=…
 
 Every guest registers the same handlers (below) and serves until the host
-leaves; some modes also start work of their own. Reports are JSON lines.
+leaves; some modes also start work of their own. Reports are JSON lines
+(`say`). `SESSION_CHILD_PROFILE=1` prints a profile of the guest on stderr
+(for profiling sessions by hand).
 """
 
 from __future__ import annotations
@@ -15,16 +17,11 @@ import threading
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shmpool.errors import ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError  # noqa: E402
-from shmpool.hub.guest import run_guest  # noqa: E402
-from shmpool.session import GuestSession  # noqa: E402
-from shmpool.shm.ring import Descriptor  # noqa: E402
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+from harness.child import command, say
+from shmpool.errors import ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError
+from shmpool.hub.guest import run_guest
+from shmpool.session import GuestSession
+from shmpool.shm.ring import Descriptor
 
 
 class GuestError(Exception):
@@ -162,7 +159,7 @@ def guest_callers(g) -> int:
     while any(t.is_alive() for t in threads):
         sess.connection.wait_until(lambda: not any(t.is_alive() for t in threads), 0.1)
     say(event="calls-done", errors=errors[:5])
-    reason = sess.serve_forever()
+    sess.serve_forever()
     return 0
 
 
@@ -177,9 +174,8 @@ def guest_rude(g) -> int:
     return 0
 
 
-def main() -> None:
-    mode, *ticket = sys.argv[1:]
-    if os.environ.get("RPC_PEER_PROFILE"):  # for profiling sessions by hand
+def cmd_guest(mode: str, *ticket: str) -> None:
+    if os.environ.get("SESSION_CHILD_PROFILE"):
         import atexit
         import cProfile
         import pstats
@@ -188,8 +184,4 @@ def main() -> None:
         prof.enable()
         atexit.register(lambda: (prof.disable(), pstats.Stats(prof, stream=sys.stderr)
                                  .sort_stats("tottime").print_stats(15)))
-    run_guest(globals()["guest_" + mode.replace("-", "_")], ticket, prog=f"rpc_peer {mode}")
-
-
-if __name__ == "__main__":
-    main()
+    run_guest(command(globals(), "guest_", mode), list(ticket), prog=f"session_child {mode}")

@@ -1,7 +1,9 @@
-"""Guest (and host) programs for the hub tests.
+"""The child program of the hub tests: guests, and hosts in a process of
+their own.
 
-    python tests/hub_peer.py guest MODE --hub-path=… --peer-id=… --doorbell-fd=…
-    python tests/hub_peer.py host N MODE
+    python tests/harness hub guest MODE --hub-path=… --peer-id=… --doorbell-fd=…
+    python tests/harness hub host N MODE
+    python tests/harness hub attach-path PATH
 
 Guest modes (all leave when the host says goodbye or dies):
     echo            reply to every DATA message with a checksummed answer;
@@ -13,6 +15,7 @@ Guest modes (all leave when the host says goodbye or dies):
     crash           exit 3 without saying goodbye
     raise           raise an exception from the guest's main function
     ignore-goodbye  report ready, then sleep, never looking at the hub
+    mixed, hoard, slot-flood: slot payloads (see each function)
 
 Host modes (a host in its own process, for host-death tests): start N
 guests in guest mode idle/flood/echo, report their pids, then keep busy
@@ -20,31 +23,28 @@ guests in guest mode idle/flood/echo, report their pids, then keep busy
 `forget`: start one guest, report, and exit the interpreter without
 closing the host (its finalizer must clean up).
 
-Every report is one JSON line on stdout.
+Every report is one JSON line on stdout (`say`). The message format
+(`message`, `check`, the slot payloads `send_blob`/`take_blob`) is shared
+with the test side, which checks what the guests send. "peer" is the
+spec's word: a guest's id, its entry in the peer table.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shmpool.shm import Descriptor  # noqa: E402
+from harness.child import child_argv, command, say
+from shmpool.shm import Descriptor
 
 STOP = 0
 DATA = 1
 _BODY = struct.Struct("<QIIQ")  # seq, peer, salt, mix
 _MIX = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
-
-
-def say(**kw) -> None:
-    print(json.dumps(kw), flush=True)
 
 
 def payload(seq: int, peer: int, salt: int) -> bytes:
@@ -260,7 +260,7 @@ def cmd_guest(mode: str, *ticket: str) -> None:
     delay = float(os.environ.get("HUB_ATTACH_DELAY", "0"))
     if delay:
         time.sleep(delay)
-    run_guest(globals()["guest_" + mode.replace("-", "_")], list(ticket), prog=f"hub_peer {mode}")
+    run_guest(command(globals(), "guest_", mode), list(ticket), prog=f"hub_child {mode}")
 
 
 def cmd_attach_path(path: str) -> None:
@@ -286,7 +286,8 @@ def cmd_attach_path(path: str) -> None:
 
 
 def guest_argv(mode: str) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), "guest", mode]
+    """The command line of a hub guest in `mode` (its ticket is appended by spawn)."""
+    return child_argv("hub", "guest", mode)
 
 
 def cmd_host(n: str, mode: str) -> None:
@@ -316,175 +317,3 @@ def cmd_host(n: str, mode: str) -> None:
                     sent[i] += 1
         else:
             time.sleep(3600)
-
-
-# --------------------------------------------------------------------------
-# Helpers for the test side
-# --------------------------------------------------------------------------
-
-
-def small_config(**kw):
-    """A small segment: quick to create, rings that fill up."""
-    from shmpool.shm import SegmentConfig, SizeClass
-
-    kw.setdefault("max_guests", 4)
-    kw.setdefault("ring_size", 64)
-    kw.setdefault("size_classes", (SizeClass(512, 16), SizeClass(4096, 4)))
-    return SegmentConfig(**kw)
-
-
-def entries(segment) -> dict[int, tuple[int, int, int]]:
-    """(state, epoch, pid) of every peer entry."""
-    from shmpool.hub import PeerEntry
-
-    return {i: PeerEntry(segment, i).snapshot() for i in range(1, segment.config.max_guests + 1)}
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, T, Z, ...), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2:].split()[0].decode()
-
-
-def zombie_children() -> list[int]:
-    me = str(os.getpid())
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                rest = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if rest[1].decode() == me and rest[0] == b"Z":
-            out.append(int(name))
-    return out
-
-
-class Subreaper:
-    """While active, orphaned descendants are re-parented to this process
-    (PR_SET_CHILD_SUBREAPER) so a test can reap them and read their exit
-    status. `reap(pids, timeout)` waits for them; every pid handed to it is
-    reaped before the context ends."""
-
-    PR_SET_CHILD_SUBREAPER = 36
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.pending: set[int] = set()
-
-    def __enter__(self) -> "Subreaper":
-        assert self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-        return self
-
-    def reap(self, pids, timeout: float) -> dict[int, tuple[int, float]]:
-        """{pid: (wait status, monotonic time it was reaped)}"""
-        self.pending |= set(pids)
-        left = set(pids)
-        out = {}
-        deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
-            for pid in list(left):
-                try:
-                    got, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    continue  # not re-parented to us yet
-                if got == pid:
-                    out[pid] = (status, time.monotonic())
-                    left.discard(pid)
-                    self.pending.discard(pid)
-            time.sleep(0.002)
-        return out
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for pid in list(self.pending):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-        self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-class Hub:
-    """For tests: a `ShmHost` plus the Popen objects of its guests (their
-    pipes are closed at the end) and a log of `on_death` calls:
-    (peer_id, CLOCK_MONOTONIC ns, thread name, PeerInfo at callback time)."""
-
-    def __init__(self, config=None) -> None:
-        import threading
-
-        from shmpool.hub import ShmHost
-
-        self.host = ShmHost.create(config=config if config is not None else small_config())
-        self.procs: list = []
-        self.deaths: list[tuple] = []
-        self._cond = threading.Condition()
-
-    def on_death(self, peer_id: int) -> None:
-        import threading
-
-        rec = (peer_id, time.monotonic_ns(), threading.current_thread().name,
-               self.host.peer_info(peer_id))
-        with self._cond:
-            self.deaths.append(rec)
-            self._cond.notify_all()
-
-    def start(self, mode: str, *, peer_id: int | None = None, name: str = "", env=None,
-              stdout="pipe", stderr=None, watch: bool = True, argv=None):
-        """Reserve an entry and start `hub_peer.py guest MODE` on it."""
-        import subprocess
-
-        from shmpool.hub import AddPeerOptions
-
-        t = self.host.add_peer(AddPeerOptions(peer_name=name or mode, peer_id=peer_id,
-                                              on_death=self.on_death if watch else None))
-        assert t is not None, "hub full"
-        out = subprocess.PIPE if stdout == "pipe" else stdout
-        p = self.host.spawn(t, argv or guest_argv(mode), stdout=out, stderr=stderr, env=env)
-        self.procs.append(p)
-        return t, p
-
-    @staticmethod
-    def ready(proc) -> dict:
-        line = proc.stdout.readline()
-        assert line, f"guest {proc.pid} exited before reporting ready"
-        msg = json.loads(line)
-        assert msg["event"] == "ready", msg
-        return msg
-
-    def wait_deaths(self, n: int, timeout: float = 10.0) -> list[tuple]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.deaths) >= n, timeout), \
-                f"expected {n} on_death calls, saw {self.deaths}"
-            return list(self.deaths)
-
-    def close(self) -> None:
-        try:
-            self.host.close()
-        finally:
-            for p in self.procs:
-                if p.returncode is None and p.poll() is None:
-                    p.kill()
-                    p.wait()
-                for s in (p.stdin, p.stdout, p.stderr):
-                    if s is not None:
-                        s.close()
-
-
-def main() -> None:
-    cmd, *args = sys.argv[1:]
-    globals()["cmd_" + cmd.replace("-", "_")](*args)
-
-
-if __name__ == "__main__":
-    main()

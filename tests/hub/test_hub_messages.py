@@ -1,44 +1,28 @@
-"""Layer 2, hub: tickets, spawning, attaching, messages, goodbye, cleanup.
+"""Layer 2, hub: tickets and spawn arguments, messages both ways (inline
+and in slots), and guests that attach without a ticket.
 
-Real processes everywhere: guests are `tests/hub_peer.py guest MODE`,
-started by the host from spawn tickets.
+Real processes everywhere: guests run the `hub` child program
+(tests/harness/hub_child.py, `guest MODE`), started by the host from spawn
+tickets.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from hub_peer import (
-    DATA, STOP, Hub, Subreaper, check, entries, guest_argv, message, send_blob, small_config,
-    take_blob,
-)
+from harness.child import child_argv, event
+from harness.hub import Hub, entries, small_config
+from harness.hub_child import DATA, STOP, check, message, send_blob, take_blob
 from shmpool import _atomics as A
 from shmpool.errors import HubError, PeerDeadError, SpawnArgsError
 from shmpool.hub import AddPeerOptions, PeerState, ShmHost, SpawnArgs, SpawnTicket
-from shmpool.hub.spawn import popen_guest
 from shmpool.shm import Descriptor
 from shmpool.shm import layout as L
-
-HUB_PEER = str(Path(__file__).resolve().parent.parent / "hub_peer.py")
-
-
-@pytest.fixture
-def hub():
-    h = Hub()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 # --------------------------------------------------------------------------
@@ -114,7 +98,7 @@ def test_failed_spawn_returns_the_entry_to_empty():
         with pytest.raises(OSError):
             os.fstat(fd)
         with pytest.raises(HubError):
-            host.spawn(t, [sys.executable, HUB_PEER, "guest", "idle"])  # the ticket is spent
+            host.spawn(t, child_argv("hub", "guest", "idle"))  # the ticket is spent
         with pytest.raises(ValueError, match="close_fds=False"):
             host.spawn(host.add_peer(), ["true"], close_fds=False)
         assert host.statistics()["spawn_failures"] == 2
@@ -184,7 +168,7 @@ def test_three_guests_exchange_100k_checksummed_messages_each(hub):
     for peer in guests:
         assert host.send(peer, Descriptor.with_inline(STOP, 0), timeout=10)
     for peer, p in procs.items():
-        report = json.loads(p.stdout.readline())
+        report = event(p)
         assert report == {"event": "stopped", "received": N_MESSAGES}
         assert p.wait(30) == 0
     s = host.statistics()
@@ -250,7 +234,7 @@ def test_three_guests_exchange_100k_messages_inline_and_in_slots(hub):
     for peer in guests:
         assert host.send(peer, Descriptor.with_inline(STOP, 0), timeout=10)
     for peer, p in procs.items():
-        report = json.loads(p.stdout.readline())
+        report = event(p)
         assert report["event"] == "stopped" and report["received"] == N_MESSAGES
         assert report["slots"] >= N_MESSAGES // 3
         assert p.wait(30) == 0
@@ -345,237 +329,6 @@ def test_guest_blocked_on_a_full_ring_is_woken_by_the_driver(wait_backend):
 
 
 # --------------------------------------------------------------------------
-# Goodbye and cleanup
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.spec("shm.goodbye.guest")
-@pytest.mark.spec("shm.guest.detach")
-def test_guest_goodbye(hub):
-    host = hub.host
-    t, p = hub.start("leave")
-    (peer, _, _, info), = hub.wait_deaths(1)
-    assert peer == t.peer_id
-    assert info.cause == "goodbye" and info.exitcode == 0 and info.signal is None
-    assert host.wait_attached(peer, 0) is False
-    hub.host._driver.wait_for(lambda: host.peer_info(peer).recovered, 5)
-    assert host.peer_state(peer) is PeerState.EMPTY
-    assert host.statistics()["deaths_by_cause"] == {"goodbye": 1}
-
-
-@pytest.mark.spec("shm.goodbye.guest")
-def test_guest_that_raises_is_a_crash_not_a_goodbye(hub):
-    _, p = hub.start("raise", stderr=subprocess.DEVNULL)
-    (peer, _, _, info), = hub.wait_deaths(1)
-    assert info.cause == "crash" and info.exitcode == 1
-
-
-@pytest.mark.spec("shm.goodbye.host")
-@pytest.mark.spec("shm.goodbye.host-atomic")
-@pytest.mark.spec("shm.file.cleanup")
-def test_host_goodbye_lets_guests_leave_and_removes_the_file():
-    hub = Hub()
-    try:
-        path = hub.host.path
-        procs = [hub.start("idle")[1] for _ in range(3)]
-        for p in procs:
-            hub.ready(p)
-        t0 = time.monotonic()
-        hub.host.close()
-        took = time.monotonic() - t0
-        for p in procs:
-            assert json.loads(p.stdout.readline()) == {"event": "goodbye-seen", "host_goodbye": 1}
-            assert p.returncode == 0  # left on its own, reaped by the host
-        assert not path.exists()
-        assert hub.deaths == []  # no callbacks once closing began
-        for i in (1, 2, 3):
-            info = hub.host.peer_info(i)
-            assert info.cause == "goodbye" and info.exitcode == 0
-        print(f"\nclose with 3 guests took {took * 1000:.0f} ms")
-        hub.host.close()  # idempotent
-        with pytest.raises(HubError, match="closed"):
-            hub.host.add_peer()
-    finally:
-        hub.close()
-
-
-@pytest.mark.spec("shm.goodbye.host")
-def test_host_close_kills_stragglers(hub):
-    _, p = hub.start("ignore-goodbye")
-    hub.ready(p)
-    hub.host.close(timeout=0.3)  # (it would never return if it waited for the straggler)
-    assert p.returncode == -signal.SIGKILL
-    assert hub.host.peer_info(1).signal == signal.SIGKILL
-
-
-@pytest.mark.spec("shm.file.cleanup")
-def test_forgotten_host_is_finalized_by_gc():
-    host = ShmHost.create(config=small_config())
-    t = host.add_peer()
-    p = host.spawn(t, guest_argv("idle"), stdout=subprocess.DEVNULL)
-    assert host.wait_attached(1, 30)
-    path, thread = host.path, host._driver._thread
-    del host, t
-    gc.collect()
-    assert not thread.is_alive()
-    assert not path.exists()
-    assert p.returncode == 0
-
-
-@pytest.mark.spec("shm.file.cleanup")
-def test_forgotten_host_is_finalized_at_interpreter_exit():
-    out = subprocess.run([sys.executable, HUB_PEER, "host", "1", "forget"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    assert not Path(report["path"]).exists()
-    assert out.stderr == ""
-
-
-@pytest.mark.spec("shm.file.cleanup")
-@pytest.mark.named_segment
-def test_forked_child_of_the_host_leaves_the_host_alone():
-    """A child forked from the host process (which inherits the host's
-    finalizer, not its driver) exits normally; the host, its guest and its
-    file are unaffected."""
-    prog = (
-        "import os, sys, subprocess\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from hub_peer import guest_argv, message, small_config\n"
-        "from shmpool.hub import ShmHost\n"
-        "host = ShmHost.create(config=small_config())\n"
-        "host.spawn(host.add_peer(), guest_argv('echo'), stdout=subprocess.DEVNULL)\n"
-        "assert host.wait_attached(1, 30)\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    sys.exit(0)  # runs atexit finalizers in the child\n"
-        "os.waitpid(pid, 0)\n"
-        "ok = host.send(1, message(0, 1, 0), timeout=5) and host.receive(timeout=10) is not None\n"
-        "print(ok, host.path.exists(), host.attached_peers())\n"
-        "host.close()\n"
-        "print(host.path.exists())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split("\n")[:2] == ["True True [1]", "False"], out.stdout + out.stderr
-
-
-# --------------------------------------------------------------------------
-# Parent death, host death
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.spec("shm.guest.pdeathsig")
-def test_guest_spawned_from_a_short_lived_thread_survives_it(hub):
-    """spawn() runs Popen on the driver thread. Control: a guest started
-    directly from a thread that then exits is killed by its PDEATHSIG."""
-    host = hub.host
-    good = host.add_peer(AddPeerOptions(on_death=hub.on_death))
-    bad = host.add_peer()
-    box = {}
-
-    def short_lived():
-        box["good"] = host.spawn(good, guest_argv("echo"), stdout=subprocess.DEVNULL)
-        box["bad"] = popen_guest(bad, guest_argv("idle"), stdout=subprocess.DEVNULL)
-        # wait until both guests set PR_SET_PDEATHSIG (they attach after it)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
-                host.peer_state(good.peer_id) is PeerState.ATTACHED
-                and host.peer_state(bad.peer_id) is PeerState.ATTACHED):
-            time.sleep(0.005)
-
-    th = threading.Thread(target=short_lived)
-    th.start()
-    th.join()
-    try:
-        assert box["bad"].wait(10) == -signal.SIGKILL  # the pitfall is real
-    finally:
-        if box["bad"].poll() is None:
-            box["bad"].kill()
-            box["bad"].wait()
-    hub.procs.append(box["good"])
-    assert host.wait_attached(good.peer_id, 10)
-    time.sleep(0.1)
-    assert box["good"].poll() is None
-    assert host.send(good.peer_id, message(0, good.peer_id, 0), timeout=5)
-    got = host.receive(timeout=10)
-    assert got is not None and got[0] == good.peer_id
-    check(got[1].payload, 0, good.peer_id, 1)
-    assert hub.deaths == []
-
-
-@pytest.mark.spec("shm.guest.pdeathsig")
-@pytest.mark.spec("shm.doorbell.death")
-@pytest.mark.parametrize("segment_mode", ["anonymous", "named"])
-@pytest.mark.parametrize("mode", ["idle", "busy"])
-def test_host_sigkill_leaves_no_guest_running(mode, segment_mode, request):
-    """The host (its own process) is SIGKILLed with 3 idle or busy guests:
-    every guest is gone within 2 s, and `shmpool.clean()` removes the stale
-    file (named mode)."""
-    import shmpool
-
-    if segment_mode == "named":
-        request.getfixturevalue("named_segments")
-
-    with Subreaper() as reaper:
-        host = subprocess.Popen([sys.executable, HUB_PEER, "host", "3", mode],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            report = json.loads(host.stdout.readline())
-            if mode == "busy":
-                time.sleep(0.3)  # messages flowing both ways
-            t0 = time.monotonic()
-            host.kill()
-            host.wait()
-            gone = reaper.reap(report["guests"], timeout=10)
-        finally:
-            if host.poll() is None:
-                host.kill()
-                host.wait()
-            host.stdout.close()
-        assert sorted(gone) == sorted(report["guests"]), "a guest survived its host"
-        latest = max(t for _, t in gone.values()) - t0
-        print(f"\n{mode}: all guests gone {latest * 1000:.1f} ms after the host's SIGKILL; "
-              f"statuses {[os.waitstatus_to_exitcode(s) for s, _ in gone.values()]}")
-        assert latest < 2.0
-    if segment_mode == "named":
-        assert report["path"] in shmpool.clean()
-    else:
-        assert report["path"].startswith("memfd:")
-
-
-@pytest.mark.spec("shm.guest.pdeathsig")
-@pytest.mark.named_segment
-def test_guest_started_after_its_host_died_exits():
-    """Guests that reach prctl only after the host died notice (their parent
-    is no longer the host) and exit with HOST_GONE."""
-    import shmpool
-    from shmpool.hub import GuestExit
-
-    with Subreaper() as reaper:
-        env = dict(os.environ, HUB_ATTACH_DELAY="0.5")
-        host = subprocess.Popen([sys.executable, HUB_PEER, "host", "2", "late"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            report = json.loads(host.stdout.readline())
-            host.kill()
-            host.wait()
-            gone = reaper.reap(report["guests"], timeout=20)
-            assert sorted(gone) == sorted(report["guests"])
-            codes = [os.waitstatus_to_exitcode(s) for s, _ in gone.values()]
-            assert codes == [GuestExit.HOST_GONE] * 2
-            err = host.stderr.read()
-        finally:
-            if host.poll() is None:
-                host.kill()
-                host.wait()
-            host.stdout.close()
-            host.stderr.close()
-    lines = err.strip().splitlines()
-    assert len(lines) == 2 and all("is gone: our parent is now" in ln for ln in lines), err
-    assert report["path"] in shmpool.clean()
-
-
-# --------------------------------------------------------------------------
 # Attaching without a ticket
 # --------------------------------------------------------------------------
 
@@ -586,10 +339,10 @@ def test_attach_path_claims_an_empty_entry(hub):
     host = hub.host
     t, p1 = hub.start("idle")  # entry 1 taken by a ticket guest
     hub.ready(p1)
-    g = subprocess.Popen([sys.executable, HUB_PEER, "attach-path", str(host.path)],
+    g = subprocess.Popen(child_argv("hub", "attach-path", str(host.path)),
                          stdout=subprocess.PIPE, text=True)
-    hub.procs.append(g)
-    ready = json.loads(g.stdout.readline())
+    hub.children.adopt(g)
+    ready = event(g)
     assert ready == {"event": "ready", "peer": 2, "epoch": 1, "doorbell": False}
     deadline = time.monotonic() + 10
     while 2 not in host.attached_peers():  # found by the driver's scan
@@ -600,7 +353,7 @@ def test_attach_path_claims_an_empty_entry(hub):
     got = host.receive(timeout=10)
     assert got is not None and got[0] == 2
     check(got[1].payload, 0, 2, 1)
-    assert json.loads(g.stdout.readline()) == {"event": "left"}
+    assert event(g) == {"event": "left"}
     assert g.wait(10) == 0
     hub.host._driver.wait_for(lambda: host.peer_info(2).recovered, 5)
     info = host.peer_info(2)

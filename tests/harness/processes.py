@@ -1,0 +1,78 @@
+"""Facts about the processes a test started, beyond what `shmpool.procinfo`
+answers: zombies left for us to reap, CPU time spent, and a subreaper that
+adopts orphaned grandchildren so that a test can read their exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from shmpool import procinfo
+
+
+def zombie_children() -> list[int]:
+    """Our children that exited and wait to be reaped."""
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = procinfo.stat(name)
+            if st is not None and st.ppid == me and st.state == "Z":
+                out.append(st.pid)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has spent running (user + system), from the
+    scheduler's account of it (/proc/PID/schedstat, nanoseconds on a CPU)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+class Subreaper:
+    """While active, orphaned descendants are re-parented to this process
+    (PR_SET_CHILD_SUBREAPER) so a test can reap them and read their exit
+    status. `reap(pids, timeout)` waits for them; every pid handed to it is
+    reaped before the context ends."""
+
+    PR_SET_CHILD_SUBREAPER = 36
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.pending: set[int] = set()
+
+    def __enter__(self) -> "Subreaper":
+        assert self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return self
+
+    def reap(self, pids, timeout: float) -> dict[int, tuple[int, float]]:
+        """{pid: (wait status, monotonic time it was reaped)}"""
+        self.pending |= set(pids)
+        left = set(pids)
+        out = {}
+        deadline = time.monotonic() + timeout
+        while left and time.monotonic() < deadline:
+            for pid in list(left):
+                try:
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue  # not re-parented to us yet
+                if got == pid:
+                    out[pid] = (status, time.monotonic())
+                    left.discard(pid)
+                    self.pending.discard(pid)
+            time.sleep(0.002)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        for pid in list(self.pending):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
