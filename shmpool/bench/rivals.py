@@ -23,11 +23,9 @@ import multiprocessing
 import signal
 import sys
 
+from ..errors import WaitTimeout
+
 MP_TIMEOUTS = (TimeoutError, cf.TimeoutError, multiprocessing.TimeoutError)
-
-
-class WaitTimeout(Exception):
-    """A wait for a result ran out of time (normalized across peers)."""
 
 
 def default_start_method() -> str:

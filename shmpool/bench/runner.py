@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 
+from .. import procinfo
 from . import report
 from .rivals import IMPLS, availability, default_start_method, take_committed
 from .workloads import Context, make_plan, workloads
@@ -236,25 +237,10 @@ def main(args, peers: list[str]) -> int:
 def _leftover_children() -> list[int]:
     """Live children of this process (a pool that did not clean up); the
     stdlib's and loky's resource trackers and forkserver are not counted."""
-    me = str(os.getpid())
     kids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    for pid in procinfo.children():
+        cmd = procinfo.cmdline(pid)
+        if cmd is None or b"resource_tracker" in cmd or b"forkserver" in cmd:
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(b")") + 2:].split()
-        if rest[1].decode() != me or rest[0] in (b"Z", b"X"):
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"resource_tracker" in cmd or b"forkserver" in cmd:
-            continue
-        kids.append(int(name))
+        kids.append(pid)
     return kids

@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .rivals import IMPLS, WaitTimeout, running
+from ..errors import WaitTimeout
+from .rivals import IMPLS, running
 from .tasks import crash_once, identity, whoami
 
 MIB = 1 << 20

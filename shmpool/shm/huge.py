@@ -45,6 +45,7 @@ from .. import _atomics
 from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .layout import Slot
+from .slots import belongs, state_name
 from .wait import SLICE
 
 load_u64, store_u64, cas_u64 = _atomics.load_u64, _atomics.store_u64, _atomics.cas_u64
@@ -53,10 +54,6 @@ fetch_add_u32, load_u32, fetch_or_u32 = _atomics.fetch_add_u32, _atomics.load_u3
 
 def _ref(i: int) -> int:
     return L.pack_slot_ref(L.HUGE_CLASS, i, 0)
-
-
-def _name(state: int) -> str:
-    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
 
 
 class HugeExtents:
@@ -310,7 +307,7 @@ class HugeExtents:
         state, owner = st & 0xFF, (st >> 8) & 0xFF
         if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
             raise StaleSlotError(
-                f"free: huge extent {ref:#x} is {_name(state)} and owned by peer {owner}, "
+                f"free: huge extent {ref:#x} is {state_name(state)} and owned by peer {owner}, "
                 f"not Allocated by peer {self.me} (double free?)"
             )
         self._release(e, st)
@@ -350,20 +347,18 @@ class HugeExtents:
     def region(self, ref: int, generation: int) -> tuple[memoryview, int, int]:
         e, st = self._status(ref, generation, "view")
         if st & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
-            raise StaleSlotError(f"view: huge extent {ref:#x} is {_name(st & 0xFF)}")
+            raise StaleSlotError(f"view: huge extent {ref:#x} is {state_name(st & 0xFF)}")
         view, _, sz = self._map(e)
         return view, 0, sz
 
     # -- recovery and introspection ---------------------------------------------
 
     def reclaim(self, peer: int) -> int:
-        from .varslot import _belongs
-
         n = 0
         for i in range(L.MAX_HUGE):
             e = self.lay.huge_entry(i)
             st = load_u64(self.buf, e + L.HE_STATUS)
-            if _belongs(st, peer) and self._release(e, st, keep=False):
+            if belongs(st, peer) and self._release(e, st, keep=False):
                 n += 1
         return n
 

@@ -46,15 +46,17 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from dataclasses import dataclass
 
-from .. import _atomics, failpoints
-from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
+from .. import _atomics, failpoints, procinfo
+from ..errors import (
+    PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError, StatusMismatch,
+)
 from . import layout as L
 from .files import space_hint
-from .freelist import FreeList, StatusMismatch
+from .freelist import FreeList
 from .huge import HugeExtents
 from .layout import Slot
+from .slots import ClassStatistics, PoolStatistics, belongs, format_extent, slot_number, state_name
 from .wait import SLICE, wait_backend
 
 load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
@@ -66,77 +68,6 @@ POISON = 0xDB
 FP_GROW_RESERVED = failpoints.declare("varslot.grow.reserved", "file range reserved, extent not linked")
 FP_GROW_PUBLISHED = failpoints.declare("varslot.grow.published", "extent published, its slots Allocated to the grower")
 FP_GROW_LINKING = failpoints.declare("varslot.grow.linking", "first slot of a new extent freed, the rest not yet")
-
-
-def slot_number(extent: int, index: int) -> int:
-    return (extent << L.SLOT_INDEX_BITS) | index
-
-
-def state_name(state: int) -> str:
-    """The name of a slot state; garbage is named, never an IndexError."""
-    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
-
-
-@dataclass(frozen=True)
-class ClassStatistics:
-    index: int
-    slot_size: int
-    slots_per_extent: int
-    extents: int
-    capacity: int  # slots
-    free: int
-    allocated: int
-    in_flight: int
-    bytes: int  # file bytes of its extents
-
-
-@dataclass(frozen=True)
-class PoolStatistics:
-    classes: tuple[ClassStatistics, ...]
-    huge_in_use: int
-    huge_entries: int
-    huge_bytes: int  # file bytes reserved by huge extents
-    huge_cached: int  # bytes of free huge extents whose pages stay populated
-    current_size: int
-    memory_limit: int
-    allocs: int
-    frees: int
-    grows: int
-    fallbacks: int
-    waits: int
-    helps: int
-    committed_bytes: int = 0  # bytes of the segment allocated (memory, for a memfd)
-
-
-def format_slot_region(buf, lay: L.SegmentLayout) -> None:
-    """Initialise every class header with no extent and an empty free list:
-    a class gets its first extent through `_grow` when it is first used, so
-    an idle segment commits only its control region. Runs on the host
-    before the magic is written, so plain writes suffice.
-    spec: shm.segment.lazy-extents"""
-    for ci, cls in enumerate(lay.config.size_classes):
-        L.CLASS_HEADER.pack_into(
-            buf, lay.class_header(ci), cls.slot_size, cls.slots_per_extent, 0, 0,
-            L.pack_head(0, 0), 0, 0, *([0] * L.MAX_EXTENTS)
-        )
-
-
-def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass, grower: int | None = None) -> None:
-    """Write an extent header and its slot metas: Allocated to `grower`
-    (who then frees them one by one), or Free and chained (grower None:
-    only for tests that build an extent by hand)."""
-    n = cls.slots_per_extent
-    L.EXTENT_HEADER.pack_into(
-        buf, base, ci, extent, n, cls.slot_size, L.EXTENT_HEADER_SIZE,
-        L.extent_data_offset(cls), L.extent_size(cls),
-    )
-    meta = base + L.EXTENT_HEADER_SIZE
-    for i in range(n):
-        if grower is None:
-            nxt = slot_number(extent, i + 1) + 1 if i + 1 < n else 0
-            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, L.FREE, nxt)
-        else:
-            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, (grower << 8) | L.ALLOCATED, 0)
 
 
 class _Class:
@@ -365,9 +296,7 @@ class SlotPool:
         me = os.getpid()
         holder = cas_u32(buf, lock, 0, me)
         if holder != 0:
-            from .segment import process_start_ticks
-
-            if process_start_ticks(holder) is not None or cas_u32(buf, lock, holder, me) != holder:
+            if procinfo.start_ticks(holder) is not None or cas_u32(buf, lock, holder, me) != holder:
                 return False  # a live process is growing it; the caller waits
         try:
             e = load_u32(buf, c.hdr + L.C_EXTENT_COUNT)
@@ -384,7 +313,7 @@ class SlotPool:
                 failpoints.hit(FP_GROW_RESERVED)
             view = self.segment.map_range(off, c.esize)
             self._huge.class_extent(c, e, off, mine=True)
-            _format_extent(view, 0, c.index, e, c.cls, grower=self.me)
+            format_extent(view, 0, c.index, e, c.cls, grower=self.me)
             while len(c.extents) <= e:
                 c.extents.append(None)
             c.extents[e] = (view, 0)
@@ -610,7 +539,7 @@ class SlotPool:
                 for i in range(c.cls.slots_per_extent):
                     moff = base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE
                     s = load_u64(buf, moff)
-                    if _belongs(s, peer_id):
+                    if belongs(s, peer_id):
                         try:
                             c.freelist.push(slot_number(e, i), s)
                             n += 1
@@ -649,12 +578,3 @@ class SlotPool:
             self.config.memory_limit, self.allocs, self.frees, self.grows, self.fallbacks,
             self.waits, helps, self.segment.committed_bytes(),
         )
-
-
-def _belongs(status: int, peer: int) -> bool:
-    """Whether a slot's fate depended on `peer`: it owns it (Allocated,
-    InFlight or half-freed) or it is in flight to it."""
-    state, owner, dest = status & 0xFF, (status >> 8) & 0xFF, (status >> 16) & 0xFF
-    if state == L.FREE:
-        return False
-    return owner == peer or (state == L.IN_FLIGHT and dest == peer)

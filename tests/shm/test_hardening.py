@@ -21,7 +21,8 @@ from shmpool.errors import ConfigError, SegmentCorruptError, SegmentError
 from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, clean, open_rings
 from shmpool.shm import layout as L
 from shmpool.shm import ring as ring_mod
-from shmpool.shm.segment import private_directory, process_start_ticks, segment_is_stale
+from shmpool.procinfo import start_ticks as process_start_ticks
+from shmpool.shm.segment import private_directory, segment_is_stale
 from shmpool.shm.wait import SPIN_MIN, Waiter
 
 # Processes of these tests attach by path: named segment files (SHMPOOL_DIR).
