@@ -1,11 +1,15 @@
-"""The run itself: machine header, peers, progress, interleaving, output.
+"""The run itself: machine header, rivals, progress, interleaving, output.
 
 Owns: what the machine is (`machine()`), which implementations take part
-(shmpool always; each requested peer if it imports, else a printed skip
+(shmpool always; each requested rival if it imports, else a printed skip
 note), the progress line on stderr, the order of the measurements (for
 each workload, for each repetition, every implementation in turn: shm,
 ppe, pool, ...; one fresh pool per workload repetition, warmed up except
 for the start-up workload), and handing the samples to `report`.
+
+What users see keeps the word of the `--peers` flag: the "peers:" line,
+"peer X skipped" notes and the JSON key `peer_versions` (scripts and the
+CLI tests read them); in the code a competitor is a rival.
 
 Failure policy: a pool that fails in a measurement gives an `error`
 sample and the run goes on; Ctrl-C aborts the pool in use (no process or
@@ -132,7 +136,7 @@ class Progress:
             self.stream.flush()
 
 
-def main(args, peers: list[str]) -> int:
+def main(args, rivals: list[str]) -> int:
     t_start = time.monotonic()
     plan = make_plan(args.quick, args.smoke, args.repeat, args.workers)
     start_method = default_start_method()
@@ -147,7 +151,7 @@ def main(args, peers: list[str]) -> int:
     notes: list[str] = []
     impls = ["shm", "shm-pool"]  # ShmPool takes part where the Pool API matters (map)
     versions = {}
-    for p in peers:
+    for p in rivals:
         why = availability(p)
         if why:
             notes.append(f"peer {p} skipped: {why}")

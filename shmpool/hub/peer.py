@@ -29,6 +29,7 @@ import os
 import select
 import signal as _signal
 import threading
+import time
 from dataclasses import dataclass
 
 from .. import _atomics
@@ -222,6 +223,21 @@ class HostPeer:
         self.leave_deadline = 0
         self.violation: str | None = None  # set once: its rings are not read again
         self.pending_violation: tuple[int, str, str] | None = None  # (deadline ns, rule, what)
+
+    def note_attach(self, states) -> bool:
+        """Record the guest's attach if its entry shows one (state in
+        `states` and its pid written)."""
+        e = self.entry
+        if e.state in states:
+            pid = e.pid  # acquire: the guest wrote it after the epoch
+            if pid:
+                self.info.epoch = e.epoch
+                self.info.attached = True
+                if self.proc is None:
+                    self.info.pid = self.pid = pid
+                self.attached_ns = time.monotonic_ns()
+                return True
+        return False
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (no pid-reuse race)."""
