@@ -68,8 +68,10 @@ from .. import _atomics, _threads
 from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
 from ..shm.ring import open_rings
-from .endings import BATCH, Endings, callback_error
-from .peer import ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry, PeerInfo, PeerState
+from .endings import Endings, callback_error
+from .peer import (
+    ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry, PeerInfo, PeerState,
+)
 from .spawn import popen_guest
 from .table import PeerTable
 from .watch import HANGUP, Watches

@@ -48,7 +48,7 @@ from .. import _atomics
 from ..errors import SegmentCorruptError
 from ..shm import layout as L
 from ..shm.varslot import SlotPool
-from .peer import ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
+from .peer import ATTACHED, BATCH, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HostPeer, PeerState
 from .recovery import recover
 
 monotonic_ns = time.monotonic_ns
@@ -56,7 +56,6 @@ load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
 
 EXIT_GRACE = 1.0  # a guest whose doorbell hung up gets this long to finish exiting
 GOODBYE_EXIT = 5.0  # a child that said goodbye gets this long to exit before it is killed
-BATCH = 256  # descriptors popped from a g2h ring at once (the driver's batches too)
 
 # Header bytes nobody writes after creation (magic .. max_channels, heartbeat
 # interval and memory limit, host pid, host start ticks): a change is garbage.

@@ -5,7 +5,7 @@ atomic access to one 64-byte entry of the peer table), `PeerInfo` (what
 the host tells the layer above about one incarnation of a guest: who it
 was and how it ended), `HostPeer` (the host's private record of that
 incarnation: doorbell end, process handle, pidfd, ring ends) and the
-timing constants shared by host and guest.
+timing and batch constants shared by the host's parts and the guest.
 
 Data flow: the host moves an entry Empty -> Reserved when it issues a
 spawn ticket; the guest moves it Reserved -> Attached (or, without a
@@ -44,6 +44,7 @@ cas_u32 = _atomics.cas_u32
 MAX_PEERS = 255
 GOODBYE_POLL = 0.1  # seconds: longest a blocked guest call goes without checking host_goodbye
 HOST_SLEEPING = 1  # the bit the driver sets in the header's host-sleeping word
+BATCH = 256  # descriptors the host pops from a g2h ring at once
 
 
 class PeerState(enum.IntEnum):

@@ -23,6 +23,12 @@ Data flow:
 - reclaim(p) after peer p died: every slot p owned, or that was in flight
   to or from it, goes back to its free list.
 
+Parts: `SlotPool` composes one `FreeList` per class (freelist.py: the
+lock-free list itself) and a `HugeExtents` (huge.py), which it hands the
+few of its operations that huge extents share with class extents (file
+reservation, page allocation, corruption reporting); what a status word
+or a slot number means, and the formatting of extents, is in slots.py.
+
 Invariants: the status word of a slot says who must free it; freeing
 checks generation, state and owner atomically, so a stale or double free
 raises `StaleSlotError` and changes nothing. A view of a slot must not be
@@ -105,11 +111,26 @@ class SlotPool:
         self._ph = self.layout.pool_header_offset
         self._backend = wait_backend()
         self._poison = os.environ.get("SHMPOOL_DEBUG_SLOTS", "") not in ("", "0")
-        self.allocs = self.frees = self.grows = self.fallbacks = self.waits = 0
+        self._allocs = self._frees = self._waits = 0  # class slots (the huge extents count theirs)
+        self.grows = self.fallbacks = 0
         self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
-        self._huge = HugeExtents(self)
+        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend, corrupted=self._corrupted,
+                                 reserve=self._reserve, allocate_pages=self.allocate_pages,
+                                 exhausted_message=self.exhausted_message)
         self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
         self.on_corrupt = None  # called once with that error (any thread; must not block)
+
+    @property
+    def allocs(self) -> int:
+        return self._allocs + self._huge.allocs
+
+    @property
+    def frees(self) -> int:
+        return self._frees + self._huge.frees
+
+    @property
+    def waits(self) -> int:
+        return self._waits + self._huge.waits
 
     def _corrupted(self, e: SegmentCorruptError) -> SegmentCorruptError:
         """Record the first corruption found in a shared structure, report
@@ -215,7 +236,7 @@ class SlotPool:
         except SegmentCorruptError as e:
             raise self._corrupted(e) from None
         number, gen = got
-        self.allocs += 1
+        self._allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
                     gen, c.cls.slot_size)
 
@@ -234,11 +255,6 @@ class SlotPool:
         except PayloadTooLargeError:
             return None  # (the huge path's own limit; the size fits a class)
 
-    def exhausted_message(self, size: int, waited: float | None = 0) -> str:
-        """What SlotExhaustedError says when no slot serves `size` bytes:
-        the memory limit, and the knob to raise."""
-        return self._exhausted_message(size, waited)
-
     def alloc(self, size: int, timeout: float | None = None) -> Slot:
         """Allocate a slot of at least `size` bytes, waiting up to `timeout`
         seconds (None: forever) for one to be freed. Raises
@@ -252,7 +268,7 @@ class SlotPool:
             return self._huge.alloc(size, timeout)
         hdr = self._classes[ci].hdr
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.waits += 1
+        self._waits += 1
         fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, 1)
         fetch_add_u32(self.buf, hdr + L.C_WAITERS, 1)
         nap = 20e-6
@@ -264,7 +280,7 @@ class SlotPool:
                     return slot
                 remaining = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
                 if remaining <= 0:
-                    raise SlotExhaustedError(self._exhausted_message(size, timeout))
+                    raise SlotExhaustedError(self.exhausted_message(size, timeout))
                 if self._backend == "futex":
                     _atomics.futex_wait(self.buf, hdr + L.C_WAIT_WORD, word, remaining)
                 else:
@@ -274,7 +290,9 @@ class SlotPool:
             fetch_add_u32(self.buf, hdr + L.C_WAITERS, -1)
             fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, -1)
 
-    def _exhausted_message(self, size: int, timeout: float | None) -> str:
+    def exhausted_message(self, size: int, timeout: float | None = 0) -> str:
+        """What SlotExhaustedError says when no slot serves `size` bytes
+        after `timeout` seconds: the memory limit, and the knob to raise."""
         cur = load_u64(self.buf, L.H_CURRENT_SIZE)
         msg = (
             f"no slot for a {size}-byte payload after {timeout} s: every slot that fits is in "
@@ -425,7 +443,7 @@ class SlotPool:
                 f"not by peer {self.me}; only its owner frees it"
             )
         self._push(c, number, s)
-        self.frees += 1
+        self._frees += 1
 
     def _push(self, c: _Class, number: int, status: int) -> None:
         if self._poison:

@@ -353,8 +353,7 @@ def test_a_guest_that_says_goodbye_but_stays_is_killed_after_the_grace():
 @pytest.mark.named_segment  # (the guest attaches by path)
 def test_a_violator_the_host_did_not_start_is_not_killed():
     from hub_peer import Hub
-
-    from test_hub import HUB_PEER
+    from hub_peer import __file__ as HUB_PEER
 
     hub = Hub()
     g = None
