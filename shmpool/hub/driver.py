@@ -258,7 +258,7 @@ class Driver:
         `poll(peer_id, spin=True)` for it: the guest may skip ringing the
         doorbell from now on (the flag is cleared at the end of that poll).
         spec: shm.wakeup.host-polling"""
-        p = self.table.get(peer_id)
+        p = self.table.peers.get(peer_id)
         if p is not None:
             fetch_or_u32(self.buf, p.entry.off + L.P_HOST_POLLING, 1)
 
@@ -267,7 +267,7 @@ class Driver:
         (any thread), spinning first for the adaptive spin budget if asked
         and nothing is there. Returns how many were delivered; 0 at once if
         the driver (or another caller) is draining this guest right now."""
-        p = self.table.get(peer_id)
+        p = self.table.peers.get(peer_id)
         if (p is None or p.rx is None or p.phase == DEAD or p.violation
                 or not p.rx_lock.acquire(blocking=False)):
             if spin and p is not None:
@@ -339,7 +339,7 @@ class Driver:
             # The rest of the batch is lost: only the guest's death can fail
             # (and resubmit) what it answered there. spec: shm.guard.isolate
             callback_error(self.stats, "message handler")
-            p = self.table.get(peer_id)
+            p = self.table.peers.get(peer_id)
             if p is not None:
                 self.endings.violated(p, "shm.guard.isolate", f"its messages made the handler raise {e!r}")
                 self.watches.wake()
@@ -477,7 +477,7 @@ class Driver:
         long-lived driver thread, so its PDEATHSIG fires only when the
         host really goes away."""
         with self._lock:
-            if p.phase != RESERVED or self.table.get(p.peer_id) is not p:
+            if p.phase != RESERVED or self.table.peers.get(p.peer_id) is not p:
                 raise HubError(f"ticket for peer {p.peer_id} was already spawned or released")
             if self.endings.closing:
                 raise HubError("the host is closing")

@@ -248,7 +248,7 @@ class Endings:
         reading its ring; the driver thread kills it and runs its death
         path. With `grace` > 0 that happens only if it is still attached
         `grace` seconds later (checked by the scan). spec: shm.guard.isolate"""
-        p = self._table.get(peer_id)
+        p = self._table.peers.get(peer_id)
         if p is None:
             return
         if grace > 0:

@@ -11,13 +11,14 @@ lifetime (close, context manager, finalizer).
 Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
 that must happen on the driver (spawn) go through `Driver.call`; entries
 are reserved and guests looked up in the driver's `PeerTable`
-(`driver.table`), the guard's hooks (violations, corruption, lost work)
-are those of its `Endings` (`driver.endings`); the driver delivers g2h descriptors to the message handler and runs
-`on_death` / the peer-lost hook. `send` pushes into the guest's h2g ring
-from the caller's thread and wakes the guest if it announced sleep; its
-per-guest lock is held for a try-push only (a blocked sender waits for
-room without it, and a try-send that finds it taken reports a full ring),
-so a try-send never waits behind a blocked one.
+(`driver.table`); the guard's hooks (violations, corruption, lost work)
+are those of its `Endings` (`driver.endings`). The driver delivers g2h
+descriptors to the message handler and runs `on_death` / the peer-lost
+hook. `send` pushes into the guest's h2g ring from the caller's thread
+and wakes the guest if it announced sleep; its per-guest lock is held for
+a try-push only (a blocked sender waits for room without it, and a
+try-send that finds it taken reports a full ring), so a try-send never
+waits behind a blocked one.
 
 Invariants:
 - `ShmHost` holds the `Driver`; the driver never refers back to the
@@ -86,6 +87,7 @@ class ShmHost:
     def __init__(self, segment: Segment, driver: Driver) -> None:
         self.segment = segment
         self._driver = driver
+        self._peers = driver.table.peers  # (the send path's lookup; the dict is never replaced)
         self._finalizer = weakref.finalize(self, _finalize, driver, 2.0, os.getpid())
 
     @classmethod
@@ -191,7 +193,7 @@ class ShmHost:
     def _record(self, ticket: SpawnTicket) -> HostPeer:
         if not isinstance(ticket, SpawnTicket):
             raise TypeError(f"expected a SpawnTicket, got {type(ticket).__name__}")
-        p = self._driver.table.get(ticket.peer_id)
+        p = self._peers.get(ticket.peer_id)
         if p is None or p.ticket is not ticket:
             raise HubError(f"ticket for peer {ticket.peer_id} was not issued by this host, "
                            "or was already released")
@@ -223,7 +225,7 @@ class ShmHost:
         """Wait until the current guest of `peer_id` has attached. False on
         timeout, or if it died (or was released) first."""
         d = self._check_open()
-        p = d.table.get(peer_id)
+        p = d.table.peers.get(peer_id)
         if p is None:
             return False
         d.wait_for(lambda: p.phase not in (RESERVED, SPAWNED) or not d.running, timeout)
@@ -239,7 +241,7 @@ class ShmHost:
         microseconds, so that is a thread stopped inside one); raises
         `PeerDeadError` if the guest is dead or gone. Safe from several
         threads (one lock per guest, held for a try-push only)."""
-        p = self._driver.table.get(peer_id)
+        p = self._peers.get(peer_id)
         if p is None or p.dead:
             self._check_open()
             raise PeerDeadError(self._gone_message(peer_id))

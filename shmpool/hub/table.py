@@ -33,12 +33,11 @@ class PeerTable:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.peers: dict[int, HostPeer] = {}  # entry -> current incarnation (until recovered)
+        # entry -> current incarnation (until recovered); never replaced, so
+        # a hot path may keep a reference to it
+        self.peers: dict[int, HostPeer] = {}
         self.live: tuple[HostPeer, ...] = ()  # copy-on-write snapshot of `peers` for the loop
         self.history: dict[int, PeerInfo] = {}  # entry -> latest incarnation's info
-
-    def get(self, peer_id: int) -> HostPeer | None:
-        return self.peers.get(peer_id)
 
     def set_live(self) -> None:
         """Refresh the loop's snapshot; call with `lock` held."""
