@@ -253,6 +253,10 @@ class Driver:
                 p.rx_lock.release()
         return n
 
+    # ------------------------------------------------------------------
+    # Delivery: by the loop, or by a caller polling for its answer
+    # ------------------------------------------------------------------
+
     def expect(self, peer_id: int) -> None:
         """A caller is about to wait for an answer from `peer_id` and will
         `poll(peer_id, spin=True)` for it: the guest may skip ringing the

@@ -1,14 +1,15 @@
 """The ends of guests and of the hub: death, reaping, recovery, shutdown.
 
 Owns: handling a death once per incarnation (`death`), collecting exit
-statuses (`reap`, lingering pidfds), recovering an entry (`recover`: drain,
-peer-lost report, rings, slots, channels, handles), the guard's side of
-the host (`violation()` from any thread and `guard()` kill guests that
-broke the protocol; `segment_corrupt()` and `check_header()` report a
-segment that can no longer be trusted) and the host's shutdown
-(`shutdown`). It owns the state of those ends: the lingering pidfds, the
-violators waiting to be killed, the first corruption, the peer-lost and
-corruption handlers, and `closing`.
+statuses (also of guests that linger after leaving: `reap_lingering`),
+recovering an entry (with `recovery.recover`: drain, peer-lost report,
+rings, slots, channels, handles), the guard's side of the host
+(`violation()` from any thread and `guard()` kill guests that broke the
+protocol; `segment_corrupt()` and `check_header()` report a segment that
+can no longer be trusted) and the host's shutdown (`shutdown`). It owns
+the state of those ends: the lingering pidfds, the violators waiting to be
+killed, the first corruption, the peer-lost and corruption handlers, and
+`closing`.
 
 It is a part of the `Driver`, which builds it with exactly what it needs:
 the segment, the host's `PeerTable`, the driver's `Watches` (to unregister
@@ -23,7 +24,7 @@ violation found by the driver or the session) calls `death(p, by)`
 -> cause (crash / goodbye / heartbeat / epoch / violation / shutdown) -> a
 guest that said goodbye gets GOODBYE_EXIT to exit first -> a violator the
 host started is killed at once -> unregister, reap -> `on_death(peer_id)`
--> `recover(p)` (a violator's ring is drained like any other, each
+-> recovery (a violator's ring is drained like any other, each
 descriptor validated on its own, bounded by the ring's size).
 
 Invariants: only a process the host started (`HostPeer.proc`) is ever
@@ -145,7 +146,7 @@ class Endings:
             # stopped or confused (or broke the protocol): it must not touch
             # the entry again. spec: shm.guard.isolate
             p.kill()
-        self.reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=ours and cause != "goodbye")
+        self._reap(p, EXIT_GRACE if cause != "goodbye" else 0.0, kill=ours and cause != "goodbye")
         self.stats["deaths"] += 1
         self.stats["deaths_" + cause] += 1
         if not self.closing and p.on_death is not None:
@@ -155,9 +156,9 @@ class Endings:
             except Exception:
                 callback_error(self.stats, f"on_death callback of peer {p.peer_id}")
         if not self.closing:
-            self.recover(p)
+            self._recover(p)
 
-    def reap(self, p: HostPeer, grace: float, *, kill: bool) -> None:
+    def _reap(self, p: HostPeer, grace: float, *, kill: bool) -> None:
         """Collect the exit status; a guest still running after `grace` is
         killed (`kill`) or left to be reaped when it exits."""
         if p.pidfd is None and p.proc is None:
@@ -185,7 +186,7 @@ class Endings:
         p.pidfd = fd
         p.collect()
 
-    def recover(self, p: HostPeer) -> None:
+    def _recover(self, p: HostPeer) -> None:
         """spec: shm.death.recovery"""
         def drain() -> int:
             n = 0
@@ -212,7 +213,7 @@ class Endings:
                     callback_error(self.stats, f"peer-lost handler of peer {p.peer_id}")
 
         def release() -> None:
-            self.close_handles(p)
+            self._close_handles(p)
 
         if self._slot_pool is None:
             self._slot_pool = SlotPool(self.segment, 0)
@@ -229,7 +230,7 @@ class Endings:
         self.stats["recoveries"] += 1
         self._table.remove(p)
 
-    def close_handles(self, p: HostPeer) -> None:
+    def _close_handles(self, p: HostPeer) -> None:
         for db in (p.doorbell, p.guest_end):
             if db is not None and not db.closed:
                 self._watches.unregister(db.fileno())
@@ -364,4 +365,4 @@ class Endings:
                 p.dead = True
             if p.phase == RESERVED:
                 self._table.release_reserved(p)
-            self.close_handles(p)
+            self._close_handles(p)
