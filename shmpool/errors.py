@@ -12,6 +12,10 @@ Invariants:
 - Expected conditions (ring full, ring empty, doorbell coalesced, timeout of
   a bounded wait) are return values, not exceptions.
 - Messages say what happened and what to check.
+- A few classes never reach a user: `StatusMismatch` (the slot pool's
+  free list to its caller), `FailpointError` (an injected fault, tests
+  only) and `WaitTimeout` (the benchmark's rivals). They live here too, so
+  that the whole tree is in one place; they are not in `__all__`.
 """
 
 from __future__ import annotations
@@ -135,6 +139,18 @@ class SlotExhaustedError(SlotError, TimeoutError):
 class PayloadTooLargeError(SlotError, ValueError):
     """A payload can never fit: it is larger than the segment's memory
     limit allows or than its maximum payload size."""
+
+
+class StatusMismatch(SlotError):
+    """Internal to the slot pool: a slot's status word was not the one the
+    caller expected (`found` is what it held), so nothing was changed."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"slot status was {found:#x}")
+        self.found = found
+
+    def __reduce__(self):
+        return (type(self), (self.found,))
 
 
 class ConnectionClosedError(ShmpoolError, ConnectionError):
@@ -265,3 +281,13 @@ class ForeignPoolError(ShmpoolError, RuntimeError):
     """An executor or pool inherited through `fork()` was used in the child:
     its workers and shared memory belong to the parent. Create a new
     executor or pool in the child."""
+
+
+class FailpointError(ShmpoolError):
+    """Raised by a failpoint whose action is `raise` (tests only: see
+    `shmpool.failpoints`)."""
+
+
+class WaitTimeout(ShmpoolError):
+    """The benchmark's wait for a result ran out of time (normalised across
+    the rivals it compares: see `shmpool.bench.rivals`)."""

@@ -31,17 +31,13 @@ import signal
 import time
 from typing import Callable
 
-from .errors import ConfigError, ShmpoolError
+from .errors import ConfigError, FailpointError
 
 ACTIVE: dict[str, Callable[[], None]] = {}
 KNOWN: dict[str, str] = {}
 _BAD: str | None = None  # why the environment's SHMPOOL_FAILPOINTS was refused
 _BAD_KEY = "<malformed SHMPOOL_FAILPOINTS>"  # keeps ACTIVE truthy, so guarded hits reach hit()
 _ACTION = re.compile(r"^(kill|sigkill|raise|exit\((\d+)\)|sleep\((\d+)\))(?:[@:](\d+))?$")
-
-
-class FailpointError(ShmpoolError):
-    """Raised by a failpoint whose action is `raise`."""
 
 
 def declare(name: str, doc: str) -> str:

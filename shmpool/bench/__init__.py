@@ -8,7 +8,7 @@ Owns: the command's arguments (`add_arguments`) and its entry point
 
 Modules:
     tasks      the functions the workers run (module level, importable)
-    peers      one adapter per pool implementation, behind one interface
+    rivals     one adapter per pool implementation, behind one interface
     workloads  the measurements, each a function returning samples
     report     summaries, Markdown tables, targets, JSON, the PNG chart
     runner     machine info, progress bar, the interleaved repetitions
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-PEER_NAMES = ("ppe", "pool", "loky", "mpire")
+RIVAL_NAMES = ("ppe", "pool", "loky", "mpire")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", metavar="PATH", help="write every raw sample, the machine and the summary")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     ap.add_argument("--peers", default=None, metavar="LIST",
-                    help=f"comma-separated peers to compare with (default: {','.join(PEER_NAMES)}; "
+                    help=f"comma-separated rivals to compare with (default: {','.join(RIVAL_NAMES)}; "
                          "ppe = concurrent.futures.ProcessPoolExecutor, pool = multiprocessing.Pool)")
     ap.add_argument("--workers", type=int, default=2, metavar="N", help="workers per pool (default 2)")
     ap.add_argument("--repeat", type=int, default=None, metavar="N",
@@ -35,15 +35,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes, 1 rep
 
 
-def parse_peers(ap: argparse.ArgumentParser, text: str | None, smoke: bool) -> list[str]:
-    """The peers asked for, in the order given; unknown names are a usage
-    error (exit 2) that lists the valid ones."""
+def parse_rivals(ap: argparse.ArgumentParser, text: str | None, smoke: bool) -> list[str]:
+    """The rivals asked for (`--peers`), in the order given; unknown names
+    are a usage error (exit 2) that lists the valid ones (the message says
+    "peers", the flag's word)."""
     if text is None:
-        return ["ppe", "pool"] if smoke else list(PEER_NAMES)
+        return ["ppe", "pool"] if smoke else list(RIVAL_NAMES)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in PEER_NAMES]
+    bad = [n for n in names if n not in RIVAL_NAMES]
     if bad:
-        ap.error(f"unknown peer(s) {', '.join(bad)}; valid peers: {', '.join(PEER_NAMES)}")
+        ap.error(f"unknown peer(s) {', '.join(bad)}; valid peers: {', '.join(RIVAL_NAMES)}")
     return list(dict.fromkeys(names))
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         ap.error("--workers must be at least 1")
     if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    peers = parse_peers(ap, args.peers, args.smoke)
+    rivals = parse_rivals(ap, args.peers, args.smoke)
     from .runner import main
 
-    return main(args, peers)
+    return main(args, rivals)

@@ -1,14 +1,14 @@
 """The pool implementations the benchmark compares, behind one interface.
 
-Owns: one adapter class per implementation (`ShmExecutorPeer`,
-`ShmPoolPeer`, `PPEPeer`, `MpPoolPeer`, `LokyPeer`, `MpirePeer`), the
-registry `IMPLS` (key -> class), which optional peers are importable, the
-start method the stdlib peers use, and `running()`, the context manager
+Owns: one adapter class per implementation (`ShmExecutorRival`,
+`ShmPoolRival`, `PPERival`, `MpPoolRival`, `LokyRival`, `MpireRival`), the
+registry `IMPLS` (key -> class), which optional rivals are importable, the
+start method the stdlib rivals use, and `running()`, the context manager
 that guarantees a pool is shut down (gracefully after success, forcibly
 after an exception or Ctrl-C) so that no process or segment file is left.
 
 Interface of an adapter: `submit(fn, *args)` -> handle, `wait(handle,
-timeout)` -> value (a timeout raises `WaitTimeout` whatever the peer),
+timeout)` -> value (a timeout raises `WaitTimeout` whatever the rival),
 `map(fn, items, chunksize, timeout)` -> list (`chunksize=None`: the
 implementation's own default), `close()` (graceful, waits), `abort()`
 (forced; idempotent with close).
@@ -23,11 +23,9 @@ import multiprocessing
 import signal
 import sys
 
+from ..errors import WaitTimeout
+
 MP_TIMEOUTS = (TimeoutError, cf.TimeoutError, multiprocessing.TimeoutError)
-
-
-class WaitTimeout(Exception):
-    """A wait for a result ran out of time (normalized across peers)."""
 
 
 def default_start_method() -> str:
@@ -36,7 +34,7 @@ def default_start_method() -> str:
     return multiprocessing.get_context().get_start_method()
 
 
-class Peer:
+class Rival:
     key = ""
     label = ""
     short = ""  # the name in ratio column headers
@@ -98,7 +96,7 @@ def _committed(pool) -> int | None:
     return pool.statistics().get("hub", {}).get("committed_bytes")
 
 
-class ShmExecutorPeer(Peer):
+class ShmExecutorRival(Rival):
     key, label, short = "shm", "shmpool.ShmExecutor", "shm"
 
     def committed(self) -> int | None:
@@ -113,7 +111,7 @@ class ShmExecutorPeer(Peer):
         self.pool.terminate_workers()
 
 
-class _ApplyAsyncPeer(Peer):
+class _ApplyAsyncRival(Rival):
     """A multiprocessing.Pool-like API: apply_async and AsyncResult.get."""
 
     api = "apply_async"
@@ -129,11 +127,11 @@ class _ApplyAsyncPeer(Peer):
             raise WaitTimeout(f"no result within {timeout} s") from None
 
 
-class ShmPoolPeer(_ApplyAsyncPeer):
+class ShmPoolRival(_ApplyAsyncRival):
     key, label, short = "shm-pool", "shmpool.ShmPool", "shm-pool"
 
     def committed(self) -> int | None:
-        return _committed(self.pool) if type(self) is ShmPoolPeer else None
+        return _committed(self.pool) if type(self) is ShmPoolRival else None
 
     def _create(self):
         from shmpool import ShmPool
@@ -152,7 +150,7 @@ class ShmPoolPeer(_ApplyAsyncPeer):
         self.pool.join()
 
 
-class PPEPeer(Peer):
+class PPERival(Rival):
     key, label, short = "ppe", "ProcessPoolExecutor", "PPE"
 
     def _create(self):
@@ -170,14 +168,14 @@ class PPEPeer(Peer):
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-class MpPoolPeer(ShmPoolPeer):
+class MpPoolRival(ShmPoolRival):
     key, label, short = "pool", "multiprocessing.Pool", "mp.Pool"
 
     def _create(self):
         return multiprocessing.get_context(self.start_method).Pool(self.workers)
 
 
-class LokyPeer(Peer):
+class LokyRival(Rival):
     key, label, short = "loky", "loky.ProcessPoolExecutor", "loky"
     module = "loky"
 
@@ -190,7 +188,7 @@ class LokyPeer(Peer):
         self.pool.shutdown(wait=True, kill_workers=True)
 
 
-class MpirePeer(_ApplyAsyncPeer):
+class MpireRival(_ApplyAsyncRival):
     key, label, short = "mpire", "mpire.WorkerPool", "mpire"
     module = "mpire"
 
@@ -209,12 +207,12 @@ class MpirePeer(_ApplyAsyncPeer):
         self.pool.terminate()
 
 
-IMPLS: dict[str, type[Peer]] = {c.key: c for c in (ShmExecutorPeer, ShmPoolPeer, PPEPeer, MpPoolPeer,
-                                                   LokyPeer, MpirePeer)}
+IMPLS: dict[str, type[Rival]] = {c.key: c for c in (ShmExecutorRival, ShmPoolRival, PPERival, MpPoolRival,
+                                                   LokyRival, MpireRival)}
 
 
 def availability(key: str) -> str | None:
-    """None if the peer can run here, else why not (for the skip note)."""
+    """None if the rival can run here, else why not (for the skip note)."""
     mod = IMPLS[key].module
     if mod is None:
         return None
@@ -245,28 +243,28 @@ def running(key: str, workers: int, start_method: str):
     """A fresh pool of `key` for the duration of the block: closed after a
     normal exit, aborted after an exception (incl. KeyboardInterrupt). An
     interrupt that arrives while the pool is being closed aborts it."""
-    peer = IMPLS[key](workers, start_method)
+    rival = IMPLS[key](workers, start_method)
     try:
-        yield peer
+        yield rival
     except BaseException:
-        _abort_quietly(peer)
+        _abort_quietly(rival)
         raise
     try:
-        peer.close()
+        rival.close()
     except BaseException:
-        _abort_quietly(peer)
+        _abort_quietly(rival)
         raise
 
 
-def _abort_quietly(peer: Peer) -> None:
-    peer.closed = False  # a close that was interrupted is finished by force
+def _abort_quietly(rival: Rival) -> None:
+    rival.closed = False  # a close that was interrupted is finished by force
     old = None
     if sys.platform.startswith("linux") and _main_thread():
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave workers behind
     try:
-        peer.abort()
+        rival.abort()
     except Exception as e:  # noqa: BLE001 - report, and let the original error through
-        print(f"bench: could not abort {peer.label}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"bench: could not abort {rival.label}: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)

@@ -1,11 +1,15 @@
-"""The run itself: machine header, peers, progress, interleaving, output.
+"""The run itself: machine header, rivals, progress, interleaving, output.
 
 Owns: what the machine is (`machine()`), which implementations take part
-(shmpool always; each requested peer if it imports, else a printed skip
+(shmpool always; each requested rival if it imports, else a printed skip
 note), the progress line on stderr, the order of the measurements (for
 each workload, for each repetition, every implementation in turn: shm,
 ppe, pool, ...; one fresh pool per workload repetition, warmed up except
 for the start-up workload), and handing the samples to `report`.
+
+What users see keeps the word of the `--peers` flag: the "peers:" line,
+"peer X skipped" notes and the JSON key `peer_versions` (scripts and the
+CLI tests read them); in the code a competitor is a rival.
 
 Failure policy: a pool that fails in a measurement gives an `error`
 sample and the run goes on; Ctrl-C aborts the pool in use (no process or
@@ -20,6 +24,7 @@ import shutil
 import sys
 import time
 
+from .. import procinfo
 from . import report
 from .rivals import IMPLS, availability, default_start_method, take_committed
 from .workloads import Context, make_plan, workloads
@@ -131,7 +136,7 @@ class Progress:
             self.stream.flush()
 
 
-def main(args, peers: list[str]) -> int:
+def main(args, rivals: list[str]) -> int:
     t_start = time.monotonic()
     plan = make_plan(args.quick, args.smoke, args.repeat, args.workers)
     start_method = default_start_method()
@@ -146,7 +151,7 @@ def main(args, peers: list[str]) -> int:
     notes: list[str] = []
     impls = ["shm", "shm-pool"]  # ShmPool takes part where the Pool API matters (map)
     versions = {}
-    for p in peers:
+    for p in rivals:
         why = availability(p)
         if why:
             notes.append(f"peer {p} skipped: {why}")
@@ -236,25 +241,10 @@ def main(args, peers: list[str]) -> int:
 def _leftover_children() -> list[int]:
     """Live children of this process (a pool that did not clean up); the
     stdlib's and loky's resource trackers and forkserver are not counted."""
-    me = str(os.getpid())
     kids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    for pid in procinfo.children():
+        cmd = procinfo.cmdline(pid)
+        if cmd is None or b"resource_tracker" in cmd or b"forkserver" in cmd:
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(b")") + 2:].split()
-        if rest[1].decode() != me or rest[0] in (b"Z", b"X"):
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"resource_tracker" in cmd or b"forkserver" in cmd:
-            continue
-        kids.append(int(name))
+        kids.append(pid)
     return kids

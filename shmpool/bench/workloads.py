@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .rivals import IMPLS, WaitTimeout, running
+from ..errors import WaitTimeout
+from .rivals import IMPLS, running
 from .tasks import crash_once, identity, whoami
 
 MIB = 1 << 20
@@ -66,7 +67,7 @@ def make_plan(quick: bool, smoke: bool, repeat: int | None, workers: int) -> Pla
         p = Plan("smoke", 1, workers, tiny_tasks=200, rtt_calls=50, map_items=2_000, map_items_cs1=200,
                  map_chunksize=100, sizes=(MIB,), map_budget=0.2, rt_bytes=MIB, crash_timeout=0.5)
     elif quick:
-        # 256 MiB: shmpool and memcpy only, once (a peer's round trip of it takes seconds)
+        # 256 MiB: shmpool and memcpy only, once (a rival's round trip of it takes seconds)
         p = Plan("quick", 3, workers, tiny_tasks=2_000, rtt_calls=300, map_items=200_000,
                  map_items_cs1=2_000, map_chunksize=10_000, sizes=(MIB, 16 * MIB, 256 * MIB),
                  map_budget=0.3, rt_bytes=16 * MIB, big_reps=1, big_impls=("shm", "memcpy"),

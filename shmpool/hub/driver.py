@@ -1,46 +1,56 @@
-"""The host's driver thread: one epoll set, every guest's doorbell and pidfd.
+"""The host's driver thread: the loop every guest's events go through.
 
-Owns: the host's private record of each guest incarnation (`HostPeer`: its
-doorbell end, process handle, pidfd, ring ends, `PeerInfo`), the driver
-thread and everything it does: starting guest processes, delivering
-guest->host descriptors to the layer above, noticing attaches, deaths and
-goodbyes, running `on_death`, recovery, and the shutdown of all guests.
+Owns: the driver thread and its loop, the command queue through which
+other threads have work done on it (`call`), delivery of guest->host
+descriptors to the layer above (by the loop, or by a caller polling for
+its answer: `poll`), attach detection, the periodic scan, adoption of
+guests that attached without a ticket, and starting guest processes.
+
+Composed of parts with narrow interfaces, built here and handed what they
+need (none of them refers back to the `Driver`):
+- `table` (`PeerTable`, table.py): the host's guest records, shared with
+  `ShmHost`, which reserves entries and reads them;
+- `watches` (`Watches`, watch.py): the epoll set (doorbells, pidfds) and
+  the eventfd that wakes the loop;
+- `endings` (`Endings`, endings.py): death, reaping, recovery, violations,
+  corruption and the shutdown, given the segment, the table, the watches,
+  the statistics and this driver's `deliver`.
 
 Data flow:
 - Other threads hand work to the driver through `call()` (a command queue
-  plus an eventfd in the epoll set) and wait for the result; spawning is
-  such a command, so every guest's parent *thread* is the driver.
+  plus the wake eventfd) and wait for the result; spawning is such a
+  command, so every guest's parent *thread* is the driver.
 - Each loop: run commands -> pop every live guest's g2h ring in batches ->
-  message handler -> periodic scan (attach, goodbye, epoch, heartbeat) ->
-  sleep in `epoll.poll` with the host-sleeping protocol -> handle events
-  (doorbell signal or hang-up, pidfd readable).
-- Death: unregister -> make sure the process is gone (kill it for
-  heartbeat/epoch deaths) and reap it -> `on_death(peer_id)` ->
-  `recovery.recover` (drain, peer-lost hook, rings, slots, channels,
-  handles, Empty). Those methods, and the shutdown, live in the `Endings`
-  mixin (endings.py).
+  message handler -> the guard (violators, corruption) -> periodic scan
+  (attach, goodbye, epoch, heartbeat, header) -> sleep in `poll` with the
+  host-sleeping protocol -> handle events (doorbell signal or hang-up,
+  pidfd readable, lingering pidfd).
+- Death: `endings.death` (unregister, reap, `on_death(peer_id)`,
+  `recovery.recover`). At the end, `endings.shutdown`, then `_finish`
+  fails queued commands and closes the watches and the segment.
 
 Guarding (a guest's garbage is that guest's fault, never the host's end):
 - Whatever a guest wrote is validated where it is loaded (ring indices in
-  shm/ring.py, descriptors and slots in rpc/connection.py, its peer entry
-  in `_scan`). An impossible value, or a message handler that raises on
-  a guest's batch, is a violation of that guest: `violation()` records it
-  (from any thread), the loop stops polling its ring, and the driver thread
-  kills it (only a process the host started) and runs its normal death
-  path: on_death, recovery, its work failed to the layer above to be
+  shm/ring.py, descriptors and slots in session/connection.py, its peer
+  entry in `_scan`). An impossible value, or a message handler that raises
+  on a guest's batch, is a violation of that guest: `endings.violated`
+  records it, the loop stops polling its ring, and the driver thread kills
+  it (only a process the host started) and runs its normal death path:
+  on_death, recovery, its work failed to the layer above to be
   resubmitted. Nothing a guest does ends the driver thread or touches
   another guest's connection. spec: shm.guard.isolate
 - Garbage in structures every guest shares (free lists, class headers,
   huge table) cannot be blamed on one guest: the slot pool reports it with
-  `segment_corrupt()`, and the driver hands it once to the
+  `endings.segment_corrupt()`, and the driver hands it once to the
   `corruption_handler` (the executor breaks the pool with it).
 
 Invariants:
-- Only the driver thread pops g2h rings, starts guests, reaps them and
-  recovers entries; callbacks run on it and must not block.
+- Only the driver thread pops g2h rings (besides a polling caller holding
+  the guest's `rx_lock`), starts guests, reaps them and recovers entries;
+  callbacks run on it and must not block.
 - A death is handled once per incarnation (`HostPeer.phase` goes to DEAD
   exactly once), however many watchers report it.
-- The driver never holds `_lock` while running user callbacks.
+- The driver never holds the table's lock while running user callbacks.
 """
 
 from __future__ import annotations
@@ -48,7 +58,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import select
 import sys
 import threading
 import time
@@ -59,19 +68,18 @@ from .. import _atomics, _threads
 from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
 from ..shm.ring import open_rings
+from .endings import Endings, callback_error
 from .peer import (
-    ATTACHED, DEAD, LEAVING, RELEASED, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry,
-    PeerInfo, PeerState,
+    ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry, PeerInfo, PeerState,
 )
-from .endings import _HEADER_FIXED, BATCH, Endings
 from .spawn import popen_guest
+from .table import PeerTable
+from .watch import HANGUP, Watches
 
 fetch_or_u32 = _atomics.fetch_or_u32
 fetch_and_u32 = _atomics.fetch_and_u32
 monotonic_ns = time.monotonic_ns
 
-EPOLLIN = select.EPOLLIN
-HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 SCAN_INTERVAL = 0.25  # seconds between scans of entry states, epochs and heartbeats
 NO_DOORBELL_TICK = 0.01  # longest sleep while a guest without doorbell is attached
 POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Driver.poll
@@ -80,41 +88,26 @@ POLL_SPIN_NS = 0 if os.environ.get("SHMPOOL_SPIN") == "0" else 200_000  # see Dr
 _G2H_PRODUCER_ON_DOORBELL = L.SLEEP_G2H_PRODUCER << L.SLEEP_DOORBELL_SHIFT
 
 
-class Driver(Endings):
-    """The driver thread and the host's guest records (see module doc)."""
+class Driver:
+    """The driver thread and its parts (see module doc)."""
 
     def __init__(self, segment, *, name: str = "shmpool-hub-driver") -> None:
         self.segment = segment
         self.buf = segment.buf
         self.config = segment.config
         self._hb_ns = segment.config.heartbeat_interval_ns
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._peers: dict[int, HostPeer] = {}  # entry -> current incarnation (until recovered)
-        self._live: tuple[HostPeer, ...] = ()  # copy-on-write snapshot of _peers for the loop
-        self._history: dict[int, PeerInfo] = {}  # entry -> latest incarnation's info
-        self._fdmap: dict[int, tuple[HostPeer, str]] = {}
-        self._lingering: dict[int, HostPeer] = {}  # pidfd -> departed guest still running
+        self.table = PeerTable()
+        self._lock = self.table.lock  # (one lock for the host's state: records, commands, stop)
         self._commands: collections.deque = collections.deque()
         self.message_handler = None
-        self.peer_lost_handler = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stats = collections.Counter()
-        self._slot_pool = None
         self._stop_requested = False
         self._stop_timeout = 2.0
-        self._closing = False
         self.failure: BaseException | None = None
-        self._violations: collections.deque = collections.deque()  # HostPeers to kill for a violation
-        self.corruption: SegmentCorruptError | None = None  # the first corruption of a shared structure
-        self.corruption_handler = None  # called once with it, on the driver thread
-        self._corruption_reported = False
-        self._header = [bytes(self.buf[a:b]) for a, b in _HEADER_FIXED]
-        self._initial_size = _atomics.load_u64(self.buf, L.H_CURRENT_SIZE)
         self._next_scan = 0
-        self._epoll = select.epoll()
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wake_fd, EPOLLIN)
+        self.watches = Watches()
+        self.endings = Endings(segment, self.table, self.watches, self.stats, self._deliver)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         _threads.start(self._thread)  # (children it spawns unblock: run_guest)
@@ -139,9 +132,9 @@ class Driver(Endings):
         fut: Future = Future()
         with self._lock:
             if not self.running:
-                raise HubError(self._closed_message())
+                raise HubError(self.closed_message())
             self._commands.append((fut, fn, args, kw))
-        self._wake()
+        self.watches.wake()
         return fut.result()
 
     def stop(self, timeout: float) -> None:
@@ -153,27 +146,19 @@ class Driver(Endings):
             if not self._stop_requested:
                 self._stop_requested = True
                 self._stop_timeout = timeout
-        self._wake()
+        self.watches.wake()
         if not self.on_driver:
             self._thread.join()
 
-    def _wake(self) -> None:
-        with self._lock:  # never write to a closed (and maybe reused) fd number
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)
-
-    def _closed_message(self) -> str:
+    def closed_message(self) -> str:
         if self.failure is not None:
             return f"the hub's driver thread died: {self.failure!r}"
         return "the host is closed"
 
-    def set_live(self) -> None:
-        """Refresh the loop's snapshot; call with `_lock` held."""
-        self._live = tuple(self._peers.values())
-
     def wait_for(self, predicate, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
+        """Wait until `predicate()` holds (checked at every change of a
+        guest's phase or record); False on timeout."""
+        return self.table.wait_for(predicate, timeout)
 
     # ------------------------------------------------------------------
     # The loop
@@ -187,19 +172,20 @@ class Driver(Endings):
             traceback.print_exc()
         finally:
             try:
-                self._shutdown(self._stop_timeout if self.failure is None else 0.0)
+                self.endings.shutdown(self._stop_timeout if self.failure is None else 0.0,
+                                      self._run_commands, self._pump)
             except BaseException:
                 traceback.print_exc()
             finally:
                 self._finish()
 
     def _loop(self) -> None:
-        buf, poll = self.buf, self._epoll.poll
+        buf, poll, endings = self.buf, self.watches.poll, self.endings
         while not self._stop_requested:
             self._run_commands()
             busy = self._drain_all()
-            if self._violations or (self.corruption is not None and not self._corruption_reported):
-                self._guard()
+            if endings.guard_pending:
+                endings.guard()
             now = monotonic_ns()
             if now >= self._next_scan:
                 self._scan(now)
@@ -226,7 +212,7 @@ class Driver(Endings):
 
     def _sleep_timeout(self, now: int) -> float:
         t = max(0.0, (self._next_scan - now) / 1e9)
-        for p in self._live:
+        for p in self.table.live:
             if p.phase == ATTACHED and p.doorbell is None:
                 return min(t, NO_DOORBELL_TICK)
         return t
@@ -242,14 +228,14 @@ class Driver(Endings):
                 fut.set_exception(e)
 
     def _pending(self) -> bool:
-        for p in self._live:
+        for p in self.table.live:
             if p.rx is not None and p.phase != DEAD and p.rx.depth():
                 return True
         return False
 
     def _drain_all(self) -> int:
         n = 0
-        for p in self._live:
+        for p in self.table.live:
             rx = p.rx
             if rx is None or p.phase == DEAD or p.violation or not p.rx_lock.acquire(blocking=False):
                 continue  # (a caller is polling this guest itself right now)
@@ -257,7 +243,7 @@ class Driver(Endings):
                 try:
                     batch = rx.pop_batch(BATCH)
                 except SegmentCorruptError as e:  # spec: shm.guard.validate
-                    self._violated(p, "shm.guard.validate", e.what)
+                    self.endings.violated(p, "shm.guard.validate", e.what)
                     continue
                 if batch:
                     n += len(batch)
@@ -267,12 +253,16 @@ class Driver(Endings):
                 p.rx_lock.release()
         return n
 
+    # ------------------------------------------------------------------
+    # Delivery: by the loop, or by a caller polling for its answer
+    # ------------------------------------------------------------------
+
     def expect(self, peer_id: int) -> None:
         """A caller is about to wait for an answer from `peer_id` and will
         `poll(peer_id, spin=True)` for it: the guest may skip ringing the
         doorbell from now on (the flag is cleared at the end of that poll).
         spec: shm.wakeup.host-polling"""
-        p = self._peers.get(peer_id)
+        p = self.table.peers.get(peer_id)
         if p is not None:
             fetch_or_u32(self.buf, p.entry.off + L.P_HOST_POLLING, 1)
 
@@ -281,7 +271,7 @@ class Driver(Endings):
         (any thread), spinning first for the adaptive spin budget if asked
         and nothing is there. Returns how many were delivered; 0 at once if
         the driver (or another caller) is draining this guest right now."""
-        p = self._peers.get(peer_id)
+        p = self.table.peers.get(peer_id)
         if (p is None or p.rx is None or p.phase == DEAD or p.violation
                 or not p.rx_lock.acquire(blocking=False)):
             if spin and p is not None:
@@ -289,13 +279,13 @@ class Driver(Endings):
                 # now on, and whatever it published unannounced meanwhile is
                 # left to the driver, which we wake to look.
                 fetch_and_u32(self.buf, p.entry.off + L.P_HOST_POLLING, ~1)
-                self._wake()
+                self.watches.wake()
             return 0
         try:
             return self._poll(p, peer_id, spin)
         except SegmentCorruptError as e:  # spec: shm.guard.validate
-            self._violated(p, "shm.guard.validate", e.what)
-            self._wake()
+            self.endings.violated(p, "shm.guard.validate", e.what)
+            self.watches.wake()
             return 0
         finally:
             p.rx_lock.release()
@@ -339,7 +329,7 @@ class Driver(Endings):
 
     def _deliver(self, peer_id: int, batch: list) -> None:
         self.stats["messages"] += len(batch)
-        if self._closing:
+        if self.endings.closing:
             return
         h = self.message_handler
         if h is None:
@@ -352,75 +342,51 @@ class Driver(Endings):
         except Exception as e:
             # The rest of the batch is lost: only the guest's death can fail
             # (and resubmit) what it answered there. spec: shm.guard.isolate
-            self._callback_error("message handler")
-            p = self._peers.get(peer_id)
+            callback_error(self.stats, "message handler")
+            p = self.table.peers.get(peer_id)
             if p is not None:
-                self._violated(p, "shm.guard.isolate", f"its messages made the handler raise {e!r}")
-                self._wake()
-
-    def _callback_error(self, what: str) -> None:
-        self.stats["callback_errors"] += 1
-        print(f"shmpool hub: the {what} raised (ignored; callbacks must not raise):",
-              file=sys.stderr)
-        traceback.print_exc()
+                self.endings.violated(p, "shm.guard.isolate", f"its messages made the handler raise {e!r}")
+                self.watches.wake()
 
     # ------------------------------------------------------------------
     # Events and scans
     # ------------------------------------------------------------------
 
     def _on_event(self, fd: int, ev: int) -> None:
-        if fd == self._wake_fd:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+        if fd == self.watches.wake_fd:
+            self.watches.drain_wake()
             return
-        hit = self._fdmap.get(fd)
+        hit = self.watches.lookup(fd)
         if hit is None:
             return
         p, kind = hit
         if kind == "doorbell":
             # spec: shm.doorbell.death -- a hang-up is a death, at once.
             if ev & HANGUP:
-                self._death(p, "doorbell")
+                self.endings.death(p, "doorbell")
                 return
             self.stats["doorbell_wakeups"] += 1
             p.doorbell.drain()
             if p.phase == SPAWNED:
                 self._check_attached(p)
         elif kind == "pidfd":
-            self._death(p, "pidfd")
+            self.endings.death(p, "pidfd")
         elif kind == "linger":
-            self._reap_lingering(fd)
+            self.endings.reap_lingering(fd)
 
     def _check_attached(self, p: HostPeer) -> None:
-        if self._note_attach(p, (PeerState.ATTACHED,)):
-            with self._cond:
+        if p.note_attach((PeerState.ATTACHED,)):
+            with self.table.cond:
                 p.phase = ATTACHED
-                self._cond.notify_all()
-
-    def _note_attach(self, p: HostPeer, states) -> bool:
-        """Record the guest's attach if its entry shows one (state in
-        `states` and its pid written)."""
-        e = p.entry
-        if e.state in states:
-            pid = e.pid  # acquire: the guest wrote it after the epoch
-            if pid:
-                p.info.epoch = e.epoch
-                p.info.attached = True
-                if p.proc is None:
-                    p.info.pid = p.pid = pid
-                p.attached_ns = monotonic_ns()
-                return True
-        return False
+                self.table.cond.notify_all()
 
     def _scan(self, now: int) -> None:
         """Attach, goodbye, epoch and heartbeat checks; discovery of guests
         that attached without a ticket. spec: shm.death.detection-methods"""
         hb = self._hb_ns
-        if self.corruption is None:
-            self._check_header()
-        for p in self._live:
+        if self.endings.corruption is None:
+            self.endings.check_header()
+        for p in self.table.live:
             if p.phase == SPAWNED:
                 self._check_attached(p)
             if p.phase == LEAVING and now > p.leave_deadline and p.proc is not None:
@@ -428,34 +394,34 @@ class Driver(Endings):
             if p.phase != ATTACHED:
                 continue
             if p.pending_violation is not None and now > p.pending_violation[0]:
-                self._violated(p, *p.pending_violation[1:])
-                self._guard()
+                self.endings.violated(p, *p.pending_violation[1:])
+                self.endings.guard()
                 continue
             e = p.entry
             state = e.state
             if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
                 # spec: shm.guard.validate -- no guest moves its attached
                 # entry anywhere but Goodbye
-                self._violated(p, "shm.guard.validate", f"its peer entry's state word holds {state}")
-                self._guard()
+                self.endings.violated(p, "shm.guard.validate", f"its peer entry's state word holds {state}")
+                self.endings.guard()
             elif state != PeerState.ATTACHED:
-                self._death(p, "state")
+                self.endings.death(p, "state")
             elif e.epoch != p.info.epoch:
                 # spec: shm.crash.epoch
-                self._death(p, "epoch")
+                self.endings.death(p, "epoch")
             elif hb:
                 # spec: shm.crash.heartbeat
                 last = max(e.heartbeat, p.attached_ns)
                 if now - last > 2 * hb:
-                    self._death(p, "heartbeat")
-        if not self._closing:
+                    self.endings.death(p, "heartbeat")
+        if not self.endings.closing:
             self._discover()
 
     def _discover(self) -> None:
         """Entries attached (or left) by guests that came without a ticket."""
         seg = self.segment
         for pid_ in range(1, self.config.max_guests + 1):
-            if pid_ in self._peers:
+            if pid_ in self.table.peers:
                 continue
             try:
                 self._discover_one(seg, pid_)
@@ -472,19 +438,17 @@ class Driver(Endings):
         if state == PeerState.ATTACHED and not e.pid:
             return  # still attaching: its pid comes last
         with self._lock:
-            if pid_ in self._peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
+            if pid_ in self.table.peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
                 return
             info = PeerInfo(pid_, "", spawned_ns=monotonic_ns())
             p = HostPeer(e, "", None, info)
             p.tx, p.rx = open_rings(seg, pid_, "host")
             p.phase = SPAWNED
-            self._peers[pid_] = p
-            self._history[pid_] = info
-            self.set_live()
+            self.table.add(p)
         self.stats["attached_without_ticket"] += 1
         if e.state == PeerState.GOODBYE:
             p.phase = ATTACHED
-            self._death(p, "state")
+            self.endings.death(p, "state")
             return
         self._check_attached(p)
         pid = p.pid
@@ -499,25 +463,14 @@ class Driver(Endings):
             self.stats["violations"] += 1
             print(f"shmpool hub: entry {pid_} not adopted ({p.violation}); recovering it",
                   file=sys.stderr)
-            self._death(p, "violation")
+            self.endings.death(p, "violation")
             return
         try:
             p.pidfd = os.pidfd_open(pid)
         except OSError:
-            self._death(p, "pidfd")  # already gone
+            self.endings.death(p, "pidfd")  # already gone
             return
-        self._register(p.pidfd, p, "pidfd")
-
-    def _register(self, fd: int, p: HostPeer, kind: str) -> None:
-        self._epoll.register(fd, EPOLLIN | (HANGUP if kind == "doorbell" else 0))
-        self._fdmap[fd] = (p, kind)
-
-    def _unregister(self, fd: int | None) -> None:
-        if fd is not None and self._fdmap.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+        self.watches.register(p.pidfd, p, "pidfd")
 
     # ------------------------------------------------------------------
     # Spawning (driver thread only)
@@ -528,16 +481,16 @@ class Driver(Endings):
         long-lived driver thread, so its PDEATHSIG fires only when the
         host really goes away."""
         with self._lock:
-            if p.phase != RESERVED or self._peers.get(p.peer_id) is not p:
+            if p.phase != RESERVED or self.table.peers.get(p.peer_id) is not p:
                 raise HubError(f"ticket for peer {p.peer_id} was already spawned or released")
-            if self._closing:
+            if self.endings.closing:
                 raise HubError("the host is closing")
         try:
             with _threads.unblocked():  # (the child inherits this thread's mask)
                 proc = popen_guest(p.ticket, argv, append_args=append_args, **popen_kw)
         except BaseException:
             self.stats["spawn_failures"] += 1
-            self.release_reserved(p)  # spec: shm.spawn.reserved-state
+            self.table.release_reserved(p)  # spec: shm.spawn.reserved-state
             raise
         p.guest_end.close()  # the child holds the only other copy now
         p.guest_end = None
@@ -547,24 +500,33 @@ class Driver(Endings):
         p.pidfd = os.pidfd_open(proc.pid)  # works on a zombie too: nobody else reaps it
         with self._lock:
             p.phase = SPAWNED
-        self._register(p.doorbell.fileno(), p, "doorbell")
-        self._register(p.pidfd, p, "pidfd")
+        self.watches.register(p.doorbell.fileno(), p, "doorbell")
+        self.watches.register(p.pidfd, p, "pidfd")
         self.stats["spawns"] += 1
         return proc
 
-    def release_reserved(self, p: HostPeer) -> None:
-        """Give back an entry that was reserved but never spawned (any
-        thread)."""
-        with self._cond:
-            if p.phase != RESERVED:
-                return
-            p.phase = RELEASED
-            p.dead = True
-            if self._peers.get(p.peer_id) is p:
-                del self._peers[p.peer_id]
-                self.set_live()
-            for db in (p.doorbell, p.guest_end):
-                if db is not None:
-                    db.close()
-            p.entry.cas_state(PeerState.RESERVED, PeerState.EMPTY)
-            self._cond.notify_all()
+    # ------------------------------------------------------------------
+    # The end
+    # ------------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to `timeout` for ready events and handle them (the
+        shutdown's wait for departing guests)."""
+        for fd, ev in self.watches.poll(timeout):
+            self._on_event(fd, ev)
+
+    def _finish(self) -> None:
+        with self.table.cond:
+            self._stop_requested = True
+            pending = list(self._commands)
+            self._commands.clear()
+            self.table.clear()
+            self.table.cond.notify_all()
+        for fut, *_ in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(HubError(self.closed_message()))
+        self.watches.close()
+        try:
+            self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
+        finally:
+            self._stopped.set()

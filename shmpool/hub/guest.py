@@ -33,12 +33,12 @@ import threading
 import time
 from typing import Callable, NoReturn, Sequence
 
-from .. import _atomics, _threads
+from .. import _atomics, _threads, procinfo
 from ..errors import AttachError, DoorbellError, PeerDeadError, SegmentError, SpawnArgsError
 from ..shm import layout as L
 from ..shm.doorbell import Doorbell
 from ..shm.ring import Descriptor, open_rings
-from ..shm.segment import Segment, process_alive
+from ..shm.segment import Segment
 from .peer import GOODBYE_POLL, PeerEntry, PeerState
 from .spawn import GuestExit, SpawnArgs
 
@@ -179,7 +179,7 @@ class ShmGuest:
     def host_alive(self) -> bool:
         if self.doorbell is not None:
             return not self.doorbell.peer_dead()
-        return process_alive(self.host_pid, self._host_start)
+        return procinfo.alive(self.host_pid, self._host_start)
 
     def should_leave(self) -> bool:
         """The host said goodbye or is gone. spec: shm.guest.detach"""

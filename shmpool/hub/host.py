@@ -9,13 +9,16 @@ hooks for deaths and lost work, information and statistics, and the
 lifetime (close, context manager, finalizer).
 
 Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
-that must happen on the driver (spawn) go through `Driver.call`; the
-driver delivers g2h descriptors to the message handler and runs
-`on_death` / the peer-lost hook. `send` pushes into the guest's h2g ring
-from the caller's thread and wakes the guest if it announced sleep; its
-per-guest lock is held for a try-push only (a blocked sender waits for
-room without it, and a try-send that finds it taken reports a full ring),
-so a try-send never waits behind a blocked one.
+that must happen on the driver (spawn) go through `Driver.call`; entries
+are reserved and guests looked up in the driver's `PeerTable`
+(`driver.table`); the guard's hooks (violations, corruption, lost work)
+are those of its `Endings` (`driver.endings`). The driver delivers g2h
+descriptors to the message handler and runs `on_death` / the peer-lost
+hook. `send` pushes into the guest's h2g ring from the caller's thread
+and wakes the guest if it announced sleep; its per-guest lock is held for
+a try-push only (a blocked sender waits for room without it, and a
+try-send that finds it taken reports a full ring), so a try-send never
+waits behind a blocked one.
 
 Invariants:
 - `ShmHost` holds the `Driver`; the driver never refers back to the
@@ -84,6 +87,7 @@ class ShmHost:
     def __init__(self, segment: Segment, driver: Driver) -> None:
         self.segment = segment
         self._driver = driver
+        self._peers = driver.table.peers  # (the send path's lookup; the dict is never replaced)
         self._finalizer = weakref.finalize(self, _finalize, driver, 2.0, os.getpid())
 
     @classmethod
@@ -118,7 +122,7 @@ class ShmHost:
     def _check_open(self) -> Driver:
         d = self._driver
         if self.closed or not d.running:
-            raise HubError(d._closed_message() if d.failure else "the host is closed")
+            raise HubError(d.closed_message() if d.failure else "the host is closed")
         return d
 
     # -- reserving and spawning -------------------------------------------------
@@ -133,6 +137,7 @@ class ShmHost:
         cannot wait). spec: shm.spawn.ticket
         """
         d = self._check_open()
+        table = d.table
         opts = options if options is not None else AddPeerOptions()
         if not isinstance(opts, AddPeerOptions):
             raise TypeError(f"options must be AddPeerOptions, got {type(opts).__name__}")
@@ -142,12 +147,12 @@ class ShmHost:
         if opts.peer_id is not None and not d.on_driver:
             # Wait for the entry's current guest (alive, dying or being
             # recovered) to be gone; None if that does not happen in time.
-            d.wait_for(lambda: opts.peer_id not in d._peers or not d.running, timeout)
-        with d._lock:
+            d.wait_for(lambda: opts.peer_id not in table.peers or not d.running, timeout)
+        with table.lock:
             chosen = None
             candidates = [opts.peer_id] if opts.peer_id is not None else range(1, maxg + 1)
             for pid_ in candidates:
-                if pid_ in d._peers:
+                if pid_ in table.peers:
                     continue
                 entry = PeerEntry(self.segment, pid_)
                 # spec: shm.spawn.reserved-state
@@ -175,13 +180,11 @@ class ShmHost:
                 raise
             # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
             fd = p.guest_end.make_inheritable()
-            again = chosen.peer_id in d._history
+            again = chosen.peer_id in table.history
             seg = self.segment
             p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
                                    seg.fd if seg.anonymous else None)
-            d._peers[chosen.peer_id] = p
-            d._history[chosen.peer_id] = info
-            d.set_live()
+            table.add(p)
             d.stats["tickets"] += 1
             if again:
                 d.stats["respawns"] += 1
@@ -190,7 +193,7 @@ class ShmHost:
     def _record(self, ticket: SpawnTicket) -> HostPeer:
         if not isinstance(ticket, SpawnTicket):
             raise TypeError(f"expected a SpawnTicket, got {type(ticket).__name__}")
-        p = self._driver._peers.get(ticket.peer_id)
+        p = self._peers.get(ticket.peer_id)
         if p is None or p.ticket is not ticket:
             raise HubError(f"ticket for peer {ticket.peer_id} was not issued by this host, "
                            "or was already released")
@@ -216,13 +219,13 @@ class ShmHost:
         p = self._record(ticket)
         if p.phase != RESERVED:
             raise HubError(f"ticket for peer {ticket.peer_id} was already spawned")
-        d.release_reserved(p)
+        d.table.release_reserved(p)
 
     def wait_attached(self, peer_id: int, timeout: float | None = None) -> bool:
         """Wait until the current guest of `peer_id` has attached. False on
         timeout, or if it died (or was released) first."""
         d = self._check_open()
-        p = d._peers.get(peer_id)
+        p = d.table.peers.get(peer_id)
         if p is None:
             return False
         d.wait_for(lambda: p.phase not in (RESERVED, SPAWNED) or not d.running, timeout)
@@ -238,7 +241,7 @@ class ShmHost:
         microseconds, so that is a thread stopped inside one); raises
         `PeerDeadError` if the guest is dead or gone. Safe from several
         threads (one lock per guest, held for a try-push only)."""
-        p = self._driver._peers.get(peer_id)
+        p = self._peers.get(peer_id)
         if p is None or p.dead:
             self._check_open()
             raise PeerDeadError(self._gone_message(peer_id))
@@ -277,7 +280,7 @@ class ShmHost:
         return self.send(peer_id, desc, timeout=0)
 
     def _gone_message(self, peer_id: int) -> str:
-        info = self._driver._history.get(peer_id)
+        info = self._driver.table.history.get(peer_id)
         if info is None:
             return f"peer {peer_id} has no guest (never reserved)"
         return f"{info.describe()}; its entry is no longer usable for sending"
@@ -294,26 +297,26 @@ class ShmHost:
         recovery of a dead guest, after everything it had published was
         delivered and before its entry is reset: fail or resubmit the work
         it had in flight there. Must not block."""
-        self._driver.peer_lost_handler = handler
+        self._driver.endings.peer_lost_handler = handler
 
     def set_corruption_handler(self, handler: Callable[[Exception], None] | None) -> None:
         """`handler(error)` runs once on the driver thread when a structure
         all guests share (free lists, class headers, huge table) was found
         to hold garbage (a `SegmentCorruptError`): the segment can no longer
         be trusted. Must not block. spec: shm.guard.isolate"""
-        self._driver.corruption_handler = handler
+        self._driver.endings.corruption_handler = handler
 
     def segment_corrupt(self, error: Exception) -> None:
         """Report a `SegmentCorruptError` found in a shared structure (any
         thread, never blocks; reported to the handler once)."""
-        self._driver.segment_corrupt(error)
+        self._driver.endings.segment_corrupt(error)
 
     def violation(self, peer_id: int, rule: str, what: str, *, grace: float = 0.0) -> None:
         """Guest `peer_id` broke rule `rule` (any thread, never blocks): it is
         killed (if this host started it) and its entry recovered, as after a
         crash. With `grace`, only if it is still attached (has not left)
         that many seconds later. spec: shm.guard.isolate"""
-        self._driver.violation(peer_id, rule, what, grace)
+        self._driver.endings.violation(peer_id, rule, what, grace)
 
     def expect(self, peer_id: int) -> None:
         """Say that this thread will wait for an answer from `peer_id` with
@@ -343,14 +346,14 @@ class ShmHost:
         """A copy of what the host knows about the latest guest of
         `peer_id` (alive or dead), or None if it never had one.
         spec: shm.death.process-handle"""
-        info = self._driver._history.get(peer_id)
+        info = self._driver.table.history.get(peer_id)
         return None if info is None else replace(info)
 
     def peer_state(self, peer_id: int) -> PeerState:
         return PeerState(PeerEntry(self.segment, peer_id).state)
 
     def attached_peers(self) -> list[int]:
-        return sorted(p.peer_id for p in self._driver._live if p.phase == ATTACHED)
+        return sorted(p.peer_id for p in self._driver.table.live if p.phase == ATTACHED)
 
     def statistics(self) -> dict:
         """Peers by state, deaths (by cause), spawns, respawns, the
@@ -359,7 +362,7 @@ class ShmHost:
         d = self._driver
         seg_stats = self.segment.statistics() if not self.segment.closed else {"peers": {}}
         per_peer = {}
-        for p in d._live:
+        for p in d.table.live:
             per_peer[p.peer_id] = {
                 "name": p.name, "pid": p.pid, "epoch": p.info.epoch, "phase": p.phase,
                 "h2g": asdict(p.tx.statistics()) if p.tx is not None and p.phase != DEAD else None,
@@ -375,7 +378,7 @@ class ShmHost:
             "segment_size": seg_stats.get("current_size", 0),
             "closed": self.closed,
             "peers": seg_stats["peers"],
-            "live": sum(1 for p in d._live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
+            "live": sum(1 for p in d.table.live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
             "tickets": s["tickets"],
             "spawns": s["spawns"],
             "respawns": s["respawns"],
@@ -388,7 +391,7 @@ class ShmHost:
             "doorbell_wakeups": s["doorbell_wakeups"],
             "callback_errors": s["callback_errors"],
             "violations": s["violations"],  # guests killed for breaking the protocol
-            "corrupt": None if d.corruption is None else str(d.corruption),
+            "corrupt": None if d.endings.corruption is None else str(d.endings.corruption),
             "per_peer": per_peer,
         }
 

@@ -5,7 +5,7 @@ atomic access to one 64-byte entry of the peer table), `PeerInfo` (what
 the host tells the layer above about one incarnation of a guest: who it
 was and how it ended), `HostPeer` (the host's private record of that
 incarnation: doorbell end, process handle, pidfd, ring ends) and the
-timing constants shared by host and guest.
+timing and batch constants shared by the host's parts and the guest.
 
 Data flow: the host moves an entry Empty -> Reserved when it issues a
 spawn ticket; the guest moves it Reserved -> Attached (or, without a
@@ -29,6 +29,7 @@ import os
 import select
 import signal as _signal
 import threading
+import time
 from dataclasses import dataclass
 
 from .. import _atomics
@@ -43,6 +44,7 @@ cas_u32 = _atomics.cas_u32
 MAX_PEERS = 255
 GOODBYE_POLL = 0.1  # seconds: longest a blocked guest call goes without checking host_goodbye
 HOST_SLEEPING = 1  # the bit the driver sets in the header's host-sleeping word
+BATCH = 256  # descriptors the host pops from a g2h ring at once
 
 
 class PeerState(enum.IntEnum):
@@ -222,6 +224,21 @@ class HostPeer:
         self.leave_deadline = 0
         self.violation: str | None = None  # set once: its rings are not read again
         self.pending_violation: tuple[int, str, str] | None = None  # (deadline ns, rule, what)
+
+    def note_attach(self, states) -> bool:
+        """Record the guest's attach if its entry shows one (state in
+        `states` and its pid written)."""
+        e = self.entry
+        if e.state in states:
+            pid = e.pid  # acquire: the guest wrote it after the epoch
+            if pid:
+                self.info.epoch = e.epoch
+                self.info.attached = True
+                if self.proc is None:
+                    self.info.pid = self.pid = pid
+                self.attached_ns = time.monotonic_ns()
+                return True
+        return False
 
     def kill(self) -> None:
         """SIGKILL through the pidfd (no pid-reuse race)."""

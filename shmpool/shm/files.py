@@ -49,6 +49,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import procinfo
 from ..errors import SegmentError
 from . import layout as L
 
@@ -115,34 +116,6 @@ def private_directory(path: Path | str) -> Path:
             "directory (0700): chmod it or choose another SHMPOOL_DIR",
         )
     return path
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot, None if it is gone.
-
-    Zombies count as gone: their work is over, only the parent's wait is not.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def process_alive(pid: int, start_ticks: int) -> bool:
-    """True if `pid` runs and is the same process that recorded
-    `start_ticks` (pids are reused). spec: shm.file.stale"""
-    if pid <= 0:
-        return False
-    ticks = process_start_ticks(pid)
-    if ticks is None:
-        return False
-    return start_ticks == 0 or ticks == start_ticks
-
 
 
 def check_file(fd: int, path: Path) -> os.stat_result:
@@ -253,7 +226,7 @@ def segment_is_stale(path: str | os.PathLike) -> bool:
     if fields[0] != L.MAGIC:
         return False  # not ours: never delete a file we did not make
     pid, start = fields[17], fields[19]
-    return not process_alive(pid, start)
+    return not procinfo.alive(pid, start)
 
 
 def clean(directory: str | os.PathLike | None = None) -> list[str]:

@@ -50,7 +50,7 @@ spec: shm.guard.bounded
 from __future__ import annotations
 
 from .. import _atomics, failpoints
-from ..errors import SegmentCorruptError
+from ..errors import SegmentCorruptError, StatusMismatch
 from . import layout as L
 
 load_u32 = _atomics.load_u32
@@ -75,13 +75,6 @@ FP_POP_META = failpoints.declare("varslot.pop.meta-written", "slot ALLOCATED, he
 FP_PUSH_FREEING = failpoints.declare("varslot.push.freeing", "slot FREEING, not yet linked")
 FP_PUSH_LINKED = failpoints.declare("varslot.push.linked", "slot linked, meta not yet FREE")
 FP_PUSH_FINAL = failpoints.declare("varslot.push.meta-free", "slot FREE, head op not yet cleared")
-
-
-class StatusMismatch(Exception):
-    """Internal: the slot's status was not what the caller expected."""
-
-    def __init__(self, found: int) -> None:
-        self.found = found
 
 
 class FreeList:

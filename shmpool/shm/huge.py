@@ -45,6 +45,7 @@ from .. import _atomics
 from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .layout import Slot
+from .slots import belongs, state_name
 from .wait import SLICE
 
 load_u64, store_u64, cas_u64 = _atomics.load_u64, _atomics.store_u64, _atomics.cas_u64
@@ -55,20 +56,33 @@ def _ref(i: int) -> int:
     return L.pack_slot_ref(L.HUGE_CLASS, i, 0)
 
 
-def _name(state: int) -> str:
-    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
-
-
 class HugeExtents:
-    """The huge-payload entries, as seen by one SlotPool."""
+    """The huge-payload entries, as seen by one SlotPool, which hands it
+    what it needs: the segment, its peer id, its size classes (index,
+    header offset, extent size: to check huge ranges against their
+    extents), the wait backend, and four of its own operations --
+    `corrupted(err)` (report a corrupt shared structure once, return the
+    error to raise), `reserve(size)` (file range at the end, within the
+    memory limit), `allocate_pages(off, size)` and
+    `exhausted_message(size, timeout)`. It counts its own allocs, frees and
+    waits; the pool's statistics add them up."""
 
-    def __init__(self, pool) -> None:
-        self.pool = pool
-        self.buf = pool.buf
-        self.lay = pool.layout
-        self.me = pool.me
-        self._ph = pool.layout.pool_header_offset
-        self._cache = L.huge_cache_limit(pool.config.memory_limit)
+    def __init__(self, segment, me: int, classes, backend: str, *, corrupted, reserve, allocate_pages,
+                 exhausted_message) -> None:
+        self.segment = segment
+        self.buf = segment.buf
+        self.lay = segment.layout
+        self.config = segment.config
+        self.me = me
+        self._classes = classes
+        self._backend = backend
+        self._corrupted = corrupted
+        self._reserve = reserve
+        self._allocate_pages = allocate_pages
+        self._exhausted_message = exhausted_message
+        self.allocs = self.frees = self.waits = 0
+        self._ph = self.lay.pool_header_offset
+        self._cache = L.huge_cache_limit(self.config.memory_limit)
         # This process's own record of the file (never in shared memory):
         # huge entry offset -> its (offset, size); (class, extent) -> offset;
         # range start -> (end, what) for the overlap checks. First sights
@@ -88,7 +102,7 @@ class HugeExtents:
             with self._lock:
                 return self._first_sight(e, *got)
         except SegmentCorruptError as err:
-            raise self.pool._corrupted(err) from None
+            raise self._corrupted(err) from None
 
     def _first_sight(self, e: int, off: int, sz: int) -> tuple[int, int]:
         known = self._seen.get(e)
@@ -98,7 +112,7 @@ class HugeExtents:
             raise SegmentCorruptError(
                 f"huge-table entry at offset {e} changed from [{known[0]}, +{known[1]}) to "
                 f"[{off}, +{sz}) (an entry's range never changes once published)")
-        if off % L.PAGE or off < self.lay.slot_region_offset or not 0 < sz <= self.pool.config.memory_limit:
+        if off % L.PAGE or off < self.lay.slot_region_offset or not 0 < sz <= self.config.memory_limit:
             raise SegmentCorruptError(f"huge-table entry at offset {e} describes [{off}, +{sz}), "
                                       "not a range of huge extents")
         self._learn_classes()
@@ -112,7 +126,7 @@ class HugeExtents:
         grows, and never past the memory limit) and overlaps no range
         recorded before (extents are never moved, shrunk or freed)."""
         end = off + size
-        top = min(load_u64(self.buf, L.H_CURRENT_SIZE), self.pool.config.memory_limit)
+        top = min(load_u64(self.buf, L.H_CURRENT_SIZE), self.config.memory_limit)
         if end > top:
             raise SegmentCorruptError(f"{what} [{off}, +{size}) ends beyond the {top} bytes of the "
                                       "segment reserved so far")
@@ -146,7 +160,7 @@ class HugeExtents:
     def _learn_classes(self) -> None:
         """Record every class extent published so far, so that a huge
         range is checked against all of them (not only those mapped here)."""
-        for c in self.pool._classes:
+        for c in self._classes:
             for e in range(L.MAX_EXTENTS):
                 off = load_u64(self.buf, c.hdr + L.C_EXTENT_OFFSETS + 8 * e)
                 if not off or self._extents.get((c.index, e)) == off:
@@ -159,16 +173,16 @@ class HugeExtents:
     def _map(self, e: int, populate: bool = True) -> tuple[memoryview, int, int]:
         off, sz = self._range(e)
         try:
-            return self.pool.segment.map_range(off, sz, populate), off, sz
+            return self.segment.map_range(off, sz, populate), off, sz
         except SegmentCorruptError as err:
-            raise self.pool._corrupted(err) from None
+            raise self._corrupted(err) from None
         except (SegmentError, ValueError, OSError) as err:
-            raise self.pool._corrupted(
+            raise self._corrupted(
                 SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}")) from None
 
     def _punch(self, e: int) -> int:
         view, off, sz = self._map(e, populate=False)
-        self.pool.segment.punch(off, sz)
+        self.segment.punch(off, sz)
         return sz
 
     def _free_resident(self) -> int:
@@ -208,7 +222,7 @@ class HugeExtents:
         return i, self.lay.huge_entry(i)
 
     def _check_size(self, size: int) -> None:
-        cfg = self.pool.config
+        cfg = self.config
         room = cfg.memory_limit - self.lay.total_size
         if size > cfg.max_payload_size or size > room:
             raise PayloadTooLargeError(
@@ -244,11 +258,11 @@ class HugeExtents:
             if not load_u64(buf, e + L.HE_RESIDENT):
                 # Its pages were punched: allocate them again before handing
                 # it out (ENOSPC is a clean "no" here). spec: shm.file.no-sigbus
-                if not self.pool.allocate_pages(off, sz):
+                if not self._allocate_pages(off, sz):
                     store_u64(buf, e + L.HE_STATUS, L.pack_status(gen, L.FREE))
                     return None
                 store_u64(buf, e + L.HE_RESIDENT, sz)
-            self.pool.allocs += 1
+            self.allocs += 1
             return Slot(_ref(i), gen, sz)
         return None
 
@@ -259,7 +273,7 @@ class HugeExtents:
             if load_u64(buf, e + L.HE_SIZE) or cas_u64(buf, e + L.HE_SIZE, 0, cap) != 0:
                 continue
             # Entry i is ours to create; nobody uses it while its offset is 0.
-            off = self.pool._reserve(cap)
+            off = self._reserve(cap)
             if off is None:
                 store_u64(buf, e + L.HE_SIZE, 0)
                 return None
@@ -269,14 +283,14 @@ class HugeExtents:
                 self._seen[e] = (off, cap)
                 self._ranges[off] = (off + cap, f"the huge extent of entry {i}")
             store_u64(buf, e + L.HE_OFFSET, off)
-            self.pool.allocs += 1
+            self.allocs += 1
             return Slot(_ref(i), 1, cap)
         return None
 
     def alloc(self, size: int, timeout: float | None) -> Slot:
         buf, word = self.buf, self._ph + L.PH_HUGE_WAIT_WORD
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.pool.waits += 1
+        self.waits += 1
         fetch_add_u32(buf, self._ph + L.PH_HUGE_WAITERS, 1)
         try:
             while True:
@@ -286,8 +300,8 @@ class HugeExtents:
                     return slot
                 remaining = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
                 if remaining <= 0:
-                    raise SlotExhaustedError(self.pool._exhausted_message(size, timeout))
-                if self.pool._backend == "futex":
+                    raise SlotExhaustedError(self._exhausted_message(size, timeout))
+                if self._backend == "futex":
                     _atomics.futex_wait(buf, word, seen, remaining)
                 else:
                     time.sleep(min(1e-3, remaining))
@@ -310,11 +324,11 @@ class HugeExtents:
         state, owner = st & 0xFF, (st >> 8) & 0xFF
         if owner != self.me or state not in (L.ALLOCATED, L.IN_FLIGHT):
             raise StaleSlotError(
-                f"free: huge extent {ref:#x} is {_name(state)} and owned by peer {owner}, "
+                f"free: huge extent {ref:#x} is {state_name(state)} and owned by peer {owner}, "
                 f"not Allocated by peer {self.me} (double free?)"
             )
         self._release(e, st)
-        self.pool.frees += 1
+        self.frees += 1
 
     def _release(self, e: int, st: int, keep: bool = True) -> bool:
         """Mark the entry free (owner only), punching its pages first unless
@@ -328,7 +342,7 @@ class HugeExtents:
             return False
         if fetch_or_u32(self.buf, self._ph + L.PH_HUGE_WAITERS, 0):
             fetch_add_u32(self.buf, self._ph + L.PH_HUGE_WAIT_WORD, 1)
-            if self.pool._backend == "futex":
+            if self._backend == "futex":
                 _atomics.futex_wake(self.buf, self._ph + L.PH_HUGE_WAIT_WORD, 0x7FFFFFFF)
         return True
 
@@ -350,20 +364,18 @@ class HugeExtents:
     def region(self, ref: int, generation: int) -> tuple[memoryview, int, int]:
         e, st = self._status(ref, generation, "view")
         if st & 0xFF not in (L.ALLOCATED, L.IN_FLIGHT):
-            raise StaleSlotError(f"view: huge extent {ref:#x} is {_name(st & 0xFF)}")
+            raise StaleSlotError(f"view: huge extent {ref:#x} is {state_name(st & 0xFF)}")
         view, _, sz = self._map(e)
         return view, 0, sz
 
     # -- recovery and introspection ---------------------------------------------
 
     def reclaim(self, peer: int) -> int:
-        from .varslot import _belongs
-
         n = 0
         for i in range(L.MAX_HUGE):
             e = self.lay.huge_entry(i)
             st = load_u64(self.buf, e + L.HE_STATUS)
-            if _belongs(st, peer) and self._release(e, st, keep=False):
+            if belongs(st, peer) and self._release(e, st, keep=False):
                 n += 1
         return n
 

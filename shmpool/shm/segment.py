@@ -44,20 +44,20 @@ import threading
 import weakref
 from pathlib import Path
 
-from .. import _atomics
+from .. import _atomics, procinfo
 from ..errors import ConfigError, SegmentCorruptError, SegmentError
 from . import layout as L
 from .layout import SegmentConfig, SegmentLayout, SizeClass
 from .files import (  # (re-exported: the named-file API lives in files.py)
     MEMFD_PREFIX, SEGMENT_PREFIX, UNFINISHED_GRACE, check_file, clean, create_file, default_directory,
-    open_existing, private_directory, process_alive, process_start_ticks, reap_stale,
-    segment_is_stale, signal_cleanup, space_hint, unlink_segment,
+    open_existing, private_directory, reap_stale, segment_is_stale, signal_cleanup, space_hint,
+    unlink_segment,
 )
-from .varslot import format_slot_region
+from .slots import format_slot_region
 
 __all__ = [
     "Segment", "MEMFD_PREFIX", "SEGMENT_PREFIX", "UNFINISHED_GRACE", "clean", "default_directory",
-    "private_directory", "process_alive", "process_start_ticks", "segment_is_stale", "space_hint",
+    "private_directory", "segment_is_stale", "space_hint",
 ]
 
 # fcntl's sealing constants (Linux values, for a Python built without them).
@@ -344,7 +344,7 @@ class Segment:
             lay.peer_table_offset, lay.slot_region_offset, len(cfg.size_classes),
             L.INLINE_CAPACITY, cfg.max_channels, 0, cfg.heartbeat_interval_ns,
             cfg.memory_limit, lay.total_size, os.getpid(), 0,
-            process_start_ticks(os.getpid()) or 0,
+            procinfo.start_ticks(os.getpid()) or 0,
         )
         for peer in range(1, cfg.max_guests + 1):
             L.PEER_ENTRY.pack_into(

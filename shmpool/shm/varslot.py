@@ -23,6 +23,12 @@ Data flow:
 - reclaim(p) after peer p died: every slot p owned, or that was in flight
   to or from it, goes back to its free list.
 
+Parts: `SlotPool` composes one `FreeList` per class (freelist.py: the
+lock-free list itself) and a `HugeExtents` (huge.py), which it hands the
+few of its operations that huge extents share with class extents (file
+reservation, page allocation, corruption reporting); what a status word
+or a slot number means, and the formatting of extents, is in slots.py.
+
 Invariants: the status word of a slot says who must free it; freeing
 checks generation, state and owner atomically, so a stale or double free
 raises `StaleSlotError` and changes nothing. A view of a slot must not be
@@ -46,15 +52,17 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from dataclasses import dataclass
 
-from .. import _atomics, failpoints
-from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
+from .. import _atomics, failpoints, procinfo
+from ..errors import (
+    PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError, StatusMismatch,
+)
 from . import layout as L
 from .files import space_hint
-from .freelist import FreeList, StatusMismatch
+from .freelist import FreeList
 from .huge import HugeExtents
 from .layout import Slot
+from .slots import ClassStatistics, PoolStatistics, belongs, format_extent, slot_number, state_name
 from .wait import SLICE, wait_backend
 
 load_u32, load_u64 = _atomics.load_u32, _atomics.load_u64
@@ -66,77 +74,6 @@ POISON = 0xDB
 FP_GROW_RESERVED = failpoints.declare("varslot.grow.reserved", "file range reserved, extent not linked")
 FP_GROW_PUBLISHED = failpoints.declare("varslot.grow.published", "extent published, its slots Allocated to the grower")
 FP_GROW_LINKING = failpoints.declare("varslot.grow.linking", "first slot of a new extent freed, the rest not yet")
-
-
-def slot_number(extent: int, index: int) -> int:
-    return (extent << L.SLOT_INDEX_BITS) | index
-
-
-def state_name(state: int) -> str:
-    """The name of a slot state; garbage is named, never an IndexError."""
-    return L.STATE_NAMES[state] if 0 <= state < len(L.STATE_NAMES) else f"unknown state {state}"
-
-
-@dataclass(frozen=True)
-class ClassStatistics:
-    index: int
-    slot_size: int
-    slots_per_extent: int
-    extents: int
-    capacity: int  # slots
-    free: int
-    allocated: int
-    in_flight: int
-    bytes: int  # file bytes of its extents
-
-
-@dataclass(frozen=True)
-class PoolStatistics:
-    classes: tuple[ClassStatistics, ...]
-    huge_in_use: int
-    huge_entries: int
-    huge_bytes: int  # file bytes reserved by huge extents
-    huge_cached: int  # bytes of free huge extents whose pages stay populated
-    current_size: int
-    memory_limit: int
-    allocs: int
-    frees: int
-    grows: int
-    fallbacks: int
-    waits: int
-    helps: int
-    committed_bytes: int = 0  # bytes of the segment allocated (memory, for a memfd)
-
-
-def format_slot_region(buf, lay: L.SegmentLayout) -> None:
-    """Initialise every class header with no extent and an empty free list:
-    a class gets its first extent through `_grow` when it is first used, so
-    an idle segment commits only its control region. Runs on the host
-    before the magic is written, so plain writes suffice.
-    spec: shm.segment.lazy-extents"""
-    for ci, cls in enumerate(lay.config.size_classes):
-        L.CLASS_HEADER.pack_into(
-            buf, lay.class_header(ci), cls.slot_size, cls.slots_per_extent, 0, 0,
-            L.pack_head(0, 0), 0, 0, *([0] * L.MAX_EXTENTS)
-        )
-
-
-def _format_extent(buf, base: int, ci: int, extent: int, cls: L.SizeClass, grower: int | None = None) -> None:
-    """Write an extent header and its slot metas: Allocated to `grower`
-    (who then frees them one by one), or Free and chained (grower None:
-    only for tests that build an extent by hand)."""
-    n = cls.slots_per_extent
-    L.EXTENT_HEADER.pack_into(
-        buf, base, ci, extent, n, cls.slot_size, L.EXTENT_HEADER_SIZE,
-        L.extent_data_offset(cls), L.extent_size(cls),
-    )
-    meta = base + L.EXTENT_HEADER_SIZE
-    for i in range(n):
-        if grower is None:
-            nxt = slot_number(extent, i + 1) + 1 if i + 1 < n else 0
-            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, L.FREE, nxt)
-        else:
-            L.SLOT_META.pack_into(buf, meta + i * L.SLOT_META_SIZE, (grower << 8) | L.ALLOCATED, 0)
 
 
 class _Class:
@@ -174,11 +111,26 @@ class SlotPool:
         self._ph = self.layout.pool_header_offset
         self._backend = wait_backend()
         self._poison = os.environ.get("SHMPOOL_DEBUG_SLOTS", "") not in ("", "0")
-        self.allocs = self.frees = self.grows = self.fallbacks = self.waits = 0
+        self._allocs = self._frees = self._waits = 0  # class slots (the huge extents count theirs)
+        self.grows = self.fallbacks = 0
         self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
-        self._huge = HugeExtents(self)
+        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend, corrupted=self._corrupted,
+                                 reserve=self._reserve, allocate_pages=self.allocate_pages,
+                                 exhausted_message=self.exhausted_message)
         self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
         self.on_corrupt = None  # called once with that error (any thread; must not block)
+
+    @property
+    def allocs(self) -> int:
+        return self._allocs + self._huge.allocs
+
+    @property
+    def frees(self) -> int:
+        return self._frees + self._huge.frees
+
+    @property
+    def waits(self) -> int:
+        return self._waits + self._huge.waits
 
     def _corrupted(self, e: SegmentCorruptError) -> SegmentCorruptError:
         """Record the first corruption found in a shared structure, report
@@ -284,7 +236,7 @@ class SlotPool:
         except SegmentCorruptError as e:
             raise self._corrupted(e) from None
         number, gen = got
-        self.allocs += 1
+        self._allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
                     gen, c.cls.slot_size)
 
@@ -303,11 +255,6 @@ class SlotPool:
         except PayloadTooLargeError:
             return None  # (the huge path's own limit; the size fits a class)
 
-    def exhausted_message(self, size: int, waited: float | None = 0) -> str:
-        """What SlotExhaustedError says when no slot serves `size` bytes:
-        the memory limit, and the knob to raise."""
-        return self._exhausted_message(size, waited)
-
     def alloc(self, size: int, timeout: float | None = None) -> Slot:
         """Allocate a slot of at least `size` bytes, waiting up to `timeout`
         seconds (None: forever) for one to be freed. Raises
@@ -321,7 +268,7 @@ class SlotPool:
             return self._huge.alloc(size, timeout)
         hdr = self._classes[ci].hdr
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.waits += 1
+        self._waits += 1
         fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, 1)
         fetch_add_u32(self.buf, hdr + L.C_WAITERS, 1)
         nap = 20e-6
@@ -333,7 +280,7 @@ class SlotPool:
                     return slot
                 remaining = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
                 if remaining <= 0:
-                    raise SlotExhaustedError(self._exhausted_message(size, timeout))
+                    raise SlotExhaustedError(self.exhausted_message(size, timeout))
                 if self._backend == "futex":
                     _atomics.futex_wait(self.buf, hdr + L.C_WAIT_WORD, word, remaining)
                 else:
@@ -343,7 +290,9 @@ class SlotPool:
             fetch_add_u32(self.buf, hdr + L.C_WAITERS, -1)
             fetch_add_u32(self.buf, self._ph + L.PH_WAITERS, -1)
 
-    def _exhausted_message(self, size: int, timeout: float | None) -> str:
+    def exhausted_message(self, size: int, timeout: float | None = 0) -> str:
+        """What SlotExhaustedError says when no slot serves `size` bytes
+        after `timeout` seconds: the memory limit, and the knob to raise."""
         cur = load_u64(self.buf, L.H_CURRENT_SIZE)
         msg = (
             f"no slot for a {size}-byte payload after {timeout} s: every slot that fits is in "
@@ -365,9 +314,7 @@ class SlotPool:
         me = os.getpid()
         holder = cas_u32(buf, lock, 0, me)
         if holder != 0:
-            from .segment import process_start_ticks
-
-            if process_start_ticks(holder) is not None or cas_u32(buf, lock, holder, me) != holder:
+            if procinfo.start_ticks(holder) is not None or cas_u32(buf, lock, holder, me) != holder:
                 return False  # a live process is growing it; the caller waits
         try:
             e = load_u32(buf, c.hdr + L.C_EXTENT_COUNT)
@@ -384,7 +331,7 @@ class SlotPool:
                 failpoints.hit(FP_GROW_RESERVED)
             view = self.segment.map_range(off, c.esize)
             self._huge.class_extent(c, e, off, mine=True)
-            _format_extent(view, 0, c.index, e, c.cls, grower=self.me)
+            format_extent(view, 0, c.index, e, c.cls, grower=self.me)
             while len(c.extents) <= e:
                 c.extents.append(None)
             c.extents[e] = (view, 0)
@@ -496,7 +443,7 @@ class SlotPool:
                 f"not by peer {self.me}; only its owner frees it"
             )
         self._push(c, number, s)
-        self.frees += 1
+        self._frees += 1
 
     def _push(self, c: _Class, number: int, status: int) -> None:
         if self._poison:
@@ -610,7 +557,7 @@ class SlotPool:
                 for i in range(c.cls.slots_per_extent):
                     moff = base + L.EXTENT_HEADER_SIZE + i * L.SLOT_META_SIZE
                     s = load_u64(buf, moff)
-                    if _belongs(s, peer_id):
+                    if belongs(s, peer_id):
                         try:
                             c.freelist.push(slot_number(e, i), s)
                             n += 1
@@ -649,12 +596,3 @@ class SlotPool:
             self.config.memory_limit, self.allocs, self.frees, self.grows, self.fallbacks,
             self.waits, helps, self.segment.committed_bytes(),
         )
-
-
-def _belongs(status: int, peer: int) -> bool:
-    """Whether a slot's fate depended on `peer`: it owns it (Allocated,
-    InFlight or half-freed) or it is in flight to it."""
-    state, owner, dest = status & 0xFF, (status >> 8) & 0xFF, (status >> 16) & 0xFF
-    if state == L.FREE:
-        return False
-    return owner == peer or (state == L.IN_FLIGHT and dest == peer)

@@ -86,7 +86,7 @@ def test_submit_does_not_wait_for_another_thread_sending_to_the_worker():
         assert ex.submit(ident, 0).result(timeout=60) == 0
         core = ex._core
         w = next(iter(core.workers.values()))
-        peer = core.host._driver._peers[w.peer_id]
+        peer = core.host._driver.table.peers[w.peer_id]
         got = []
         with peer.tx_lock:
             t = threading.Thread(target=lambda: got.append(ex.submit(ident, 1)), daemon=True)
@@ -112,7 +112,7 @@ def test_a_stream_to_a_busy_worker_leaves_room_in_its_ring_for_requests(tmp_path
         assert ex.submit(ident, 0).result(timeout=60) == 0
         core = ex._core
         w = next(iter(core.workers.values()))
-        ring = core.host._driver._peers[w.peer_id].tx
+        ring = core.host._driver.table.peers[w.peer_id].tx
         busy = ex.submit(wait_for_file_gone, marker)
         wait_for(lambda: os.path.exists(marker + ".started"), "the busy task started")
         big = ex.submit(nbytes, np.ones(48 * MIB // 8))

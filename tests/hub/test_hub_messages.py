@@ -384,7 +384,7 @@ def test_guest_leaves_when_its_doorbell_hangs_up(hub):
     host = hub.host
     t, p = hub.start("idle", stderr=subprocess.PIPE)
     hub.ready(p)
-    s = socket.socket(fileno=os.dup(host._driver._peers[t.peer_id].doorbell.fileno()))
+    s = socket.socket(fileno=os.dup(host._driver.table.peers[t.peer_id].doorbell.fileno()))
     s.shutdown(socket.SHUT_RDWR)
     s.close()
     (peer, _, _, info), = hub.wait_deaths(1)

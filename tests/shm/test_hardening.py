@@ -19,7 +19,8 @@ from shmpool.errors import ConfigError, SegmentCorruptError, SegmentError
 from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, clean, open_rings
 from shmpool.shm import layout as L
 from shmpool.shm import ring as ring_mod
-from shmpool.shm.segment import private_directory, process_start_ticks, segment_is_stale
+from shmpool.procinfo import start_ticks
+from shmpool.shm.segment import private_directory, segment_is_stale
 from shmpool.shm.wait import SPIN_MIN, Waiter
 
 # Processes of these tests attach by path: named segment files (SHMPOOL_DIR).
@@ -49,7 +50,7 @@ def test_pid_reuse_is_detected_by_start_time(tmp_path):
     with Segment.create(SMALL) as seg:
         data = bytes(seg.buf)
     me = os.getpid()
-    for start, stale in ((process_start_ticks(me), False), (process_start_ticks(me) + 1, True)):
+    for start, stale in ((start_ticks(me), False), (start_ticks(me) + 1, True)):
         b = bytearray(data)
         L.HEADER.pack_into(b, 0, *(L.HEADER.unpack_from(b, 0)[:17] + (me, 0, start)))
         p = d / "seg-copy"
