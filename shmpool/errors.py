@@ -12,6 +12,12 @@ Invariants:
 - Expected conditions (ring full, ring empty, doorbell coalesced, timeout of
   a bounded wait) are return values, not exceptions.
 - Messages say what happened and what to check.
+- Exception: the executor's wire answers (`ResultEncodingError`,
+  `TaskNotRun`, `TaskInterrupted`, `InitializerFailed`) keep the stdlib
+  bases the session's answering relies on (an `Exception` is answered and
+  the worker goes on; `InitializerFailed`, a `BaseException`, is answered
+  and then ends the worker). They travel between processes pickled by
+  reference, as `shmpool.errors.X`, which host and guest both import.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ __all__ = [
     "HubError",
     "AttachError",
     "ForeignPoolError",
+    "ResultEncodingError",
+    "TaskNotRun",
+    "TaskInterrupted",
+    "InitializerFailed",
 ]
 
 
@@ -231,3 +241,49 @@ class ForeignPoolError(ShmpoolError, RuntimeError):
     """An executor or pool inherited through `fork()` was used in the child:
     its workers and shared memory belong to the parent. Create a new
     executor or pool in the child."""
+
+
+# -- the executor's wire answers (see the module docstring) ------------------------
+
+
+class ResultEncodingError(Exception):
+    """The task's result could not be pickled. `original` is the exception
+    pickling raised (the executor raises that, as the stdlib does; the pool
+    turns this into `multiprocessing.pool.MaybeEncodingError`)."""
+
+    def __init__(self, exc_repr: str, value_repr: str, original: BaseException | None = None) -> None:
+        super().__init__(exc_repr, value_repr, original)
+        self.exc_repr = exc_repr
+        self.value_repr = value_repr
+        self.original = original
+
+    def __str__(self) -> str:
+        return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class TaskNotRun(Exception):
+    """The answer to a batched task that this worker did not run (a task
+    before it in the batch raised an exit): the host queues it again."""
+
+
+class TaskInterrupted(Exception):
+    """Carries the KeyboardInterrupt a task was stopped by (a Ctrl-C at the
+    terminal reaches the workers too) back to the host, which raises
+    `original`, as the stdlib's workers send it back. An Exception, so that
+    the session answers with it and this worker goes on."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+class InitializerFailed(BaseException):
+    """The pool's initializer raised in this worker (a BaseException, so
+    that the session answers `init` with it and then lets it end the
+    worker before any task runs)."""
+
+
+class _NeedsCloudpickle(Exception):
+    """(host-internal, never raised out of `exec.serialization`) The fast
+    pickler met an object the worker could not import by name: pickle the
+    whole payload with cloudpickle instead."""
