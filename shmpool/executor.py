@@ -5,7 +5,7 @@ Owns: the public executor API (argument checking as the stdlib does it,
 `kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
 explicit shutdown, garbage collection, interpreter exit.
 
-Data flow: everything goes to `core.Core` (workers, queue, dispatch,
+Data flow: everything goes to `core.Core` (workers, queue, scheduling,
 crash resubmission), which is created by the first `submit`/`map` (as the
 stdlib starts its manager thread there: the constructor starts no thread
 and no process); this module turns its futures into the stdlib's behaviour

@@ -10,7 +10,7 @@ taken from the worker's channel table, spec: exec.chunked; errors turned
 into what the caller raises), requeueing what a dead worker held or a
 batch did not run. It is given the engine's books (`state.EngineState`:
 the lock, the queue, the worker records, the counters, a task's end), the
-pin budget, and the scheduler, whose `dispatch()` and `later()` it calls
+pin budget, and the scheduler, whose `schedule()` and `later()` it calls
 once answers made room.
 
 Data flow: a connection's answer callbacks (the driver thread, or a caller
@@ -18,7 +18,7 @@ fetching answers on its own thread; the scheduler registered them) ->
 `on_done`: an error at once, an answer queued -> `flush` (the connection's
 `after_feed`) at the end of that batch of descriptors: book them all under
 the lock, unpickle and set the futures without it, finish them all under
-it, then dispatch.
+it, then schedule the next tasks.
 
 Invariants: a future is set exactly once (whoever finishes the task
 first); the lock is never held while a result is unpickled or a future is
@@ -114,7 +114,7 @@ class Answers:
     def __init__(self, state: EngineState, pins: PinBudget) -> None:
         self.state = state
         self.pins = pins
-        self.scheduler = None  # `scheduler.Scheduler`: its dispatch() and later()
+        self.scheduler = None  # `scheduler.Scheduler`: its schedule() and later()
         self.queued: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
 
     def on_done(self, task: _Task, w: WorkerRecord, received, exc, end: bool = True) -> None:
@@ -201,13 +201,13 @@ class Answers:
 
     def _settle(self, done: list, keep) -> None:
         """Under the lock once: finish the delivered tasks, keep the pins of
-        results in use, free the slots of those dropped, dispatch."""
+        results in use, free the slots of those dropped, schedule."""
         with self.state.lock:
             for t, failed in done:
                 self.state.stats["failed" if failed else "completed"] += 1
                 self.state.finished(t)
             self.pins.keep(keep)
-            self.scheduler.dispatch()
+            self.scheduler.schedule()
 
     def batch_done(self, w: WorkerRecord, batch: list[_Task], received, exc) -> None:
         """The answer to a batch's request itself (its tasks were answered
@@ -250,7 +250,7 @@ class Answers:
             return False
         if isinstance(exc, (PeerDeadError, ConnectionClosedError)) and not isinstance(exc, ProtocolError):
             self._lost(task, w)
-            self.scheduler.dispatch()
+            self.scheduler.schedule()
             return False
         if isinstance(exc, TaskNotRun):  # a task before it in its batch ended the worker
             self.state.stats["requeued"] += 1

@@ -1,5 +1,5 @@
 """The machinery under `ShmExecutor` and `ShmPool`: workers, the task
-queue, dispatch, results, and crash resubmission.
+queue, scheduling, results, and crash resubmission.
 
 Owns: the hub host and its session, and the parts it is composed of,
 each given what it needs when the core makes it: the engine's books
@@ -16,14 +16,14 @@ Data flow:
   call, and the arguments (out-of-band buffers stay views of the caller's
   objects) -> queue -> take an idle credit, or ask for one more worker
   while there are fewer than max_workers (as ProcessPoolExecutor does;
-  `eager` starts them all at once) -> dispatch at once if a worker has
+  `eager` starts them all at once) -> schedule at once if a worker has
   room: `define` the function on that worker if it does not know it (with
   the ids it may forget), write the task into a slot, `run`; while a
   worker busy with short tasks has two requests in flight, what queues
   goes to it in one `run_batch` request with its next answer.
 - completion (the hub's driver thread, or a caller polling): each task is
   answered on its own (a batch's too); an idle credit; unpickle the result
-  (zero-copy buffers, pinned) -> complete the future -> dispatch the next
+  (zero-copy buffers, pinned) -> complete the future -> schedule the next
   queued tasks to the worker that has room now.
 - death (driver thread): `on_death` reads which task the worker was running
   (its guest word) and asks the starter for a replacement; recovery then
@@ -129,7 +129,7 @@ class Core:
             # shares cannot be blamed on one: the pool is broken with it.
             self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
             self.starter = Starter(st, self.host, self.slots, setup, register=self.new_worker,
-                                   on_death=self.on_death, dispatch=self.scheduler.dispatch,
+                                   on_death=self.on_death, schedule=self.scheduler.schedule,
                                    stream_later=self.scheduler.stream_later, close=self.close)
             st.on_idle = self.starter.idle_now
         except BaseException:
@@ -250,7 +250,7 @@ class Core:
             if st.queue:
                 # Tasks wait already: no worker can take one now, and every
                 # change that lets one (an answer, a start, a timer)
-                # dispatches. Counted, then queued: a Ctrl-C is raised
+                # schedules. Counted, then queued: a Ctrl-C is raised
                 # only after the append (a call) returns.
                 st.live += 1
                 st.stats["submitted"] += 1
@@ -267,7 +267,7 @@ class Core:
                 st.live += 1
                 st.stats["submitted"] += 1
                 st.queue.append(task)
-                self.scheduler.dispatch()
+                self.scheduler.schedule()
         finally:
             _threads.release_interrupt(held)
         return fut

@@ -17,7 +17,7 @@ It also owns the engine's timer threads (a retry after a full ring, a
 chunked stream), which `Core.close` takes back (`take_timers`).
 
 Data flow: `Core.submit` and every answer (`answers.Answers`) call
-`dispatch` with the lock held -> `_pick` a worker -> `_take` tasks off the
+`schedule` with the lock held -> `_pick` a worker -> `_take` tasks off the
 queue (cancelled ones finished on the way) -> `_send`: `define`, the
 payload, the expected ids, the call -> the tasks are the worker's
 (`inflight`, by the id its guest word will name) until answered.
@@ -73,7 +73,7 @@ class Scheduler:
         self.answers = answers  # `answers.Answers`: on_done, batch_done
         self.timers: list[threading.Timer] = []  # pending timers and stream threads (`take_timers`)
         self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
-        self.ring_retry = False  # a timer will dispatch again after a full ring (lock held)
+        self.ring_retry = False  # a timer will schedule again after a full ring (lock held)
 
     def take_timers(self) -> list[threading.Timer]:
         """(lock held; closing) The timer and stream threads, for the core
@@ -81,7 +81,7 @@ class Scheduler:
         timers, self.timers = self.timers, []
         return timers
 
-    def dispatch(self) -> None:
+    def schedule(self) -> None:
         """Give queued tasks to workers with room (lock held)."""
         if self.functions.has_forgotten():
             self._forget_functions()
@@ -269,7 +269,7 @@ class Scheduler:
             w.inflight[task.rid] = task
         if chunked is not None:
             # The request went; its arguments follow from a thread of their
-            # own (they wait for the worker's credit; dispatch never does),
+            # own (they wait for the worker's credit; scheduling never does),
             # and the worker collects them as they arrive.
             try:
                 self.stream_later(w, tid, chunked)
@@ -375,8 +375,8 @@ class Scheduler:
         new.abort_transfer(tid, why)
 
     def later(self, delay: float, target=None) -> None:
-        """Dispatch again after `delay` seconds (lock held)."""
-        self._start_timer(delay, target or self._retry_dispatch)
+        """Schedule again after `delay` seconds (lock held)."""
+        self._start_timer(delay, target or self._retry_schedule)
 
     def _start_timer(self, delay: float, target, name: str | None = None) -> None:
         """(lock held) Run `target` on a timer thread after `delay`, kept
@@ -390,16 +390,16 @@ class Scheduler:
         self.timers = [x for x in self.timers if x.is_alive()] + [t]
         _threads.start(t)
 
-    def _retry_dispatch(self) -> None:
+    def _retry_schedule(self) -> None:
         if not self.state.closed:
             with self.state.lock:
-                self.dispatch()
+                self.schedule()
 
     def _retry_after_full_ring(self) -> None:
         with self.state.lock:
             self.ring_retry = False
             if not self.state.closed:
-                self.dispatch()
+                self.schedule()
 
 
 def _batchable(task: _Task, size: int) -> bool:

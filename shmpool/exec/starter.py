@@ -12,13 +12,13 @@ starts asked for (`starting`, `pending`). It is given the engine's books
 (`state.EngineState`: the lock, the counters, the lifetime flags,
 `break_pool`), the hub host and the slot pool, and the core's callbacks:
 `register` (a started worker's record), `on_death` (the hub's death
-callback), `dispatch`, `stream_later` (the scheduler's) and `close`.
+callback), `schedule`, `stream_later` (the scheduler's) and `close`.
 
 Data flow: `Core.submit` (no idle worker and fewer than max_workers) or
 `Core.on_death` (a worker ended) -> `start_new()`/`replace()` -> the management thread
 -> `start()`: a hub entry (`add_peer`), the `init` payload, `host.spawn`
 (the boot line, the initargs' fds, stderr to a capture file) -> the worker
-is registered with the core (`register`; tasks are dispatched to its ring
+is registered with the core (`register`; tasks are sent to its ring
 at once)
 -> its `init` answer -> `_on_init`: ready (the failure count restarts) or
 a start failure: the initializer raised, the process ended before it was
@@ -163,7 +163,7 @@ class StartupLog:
 class Starter:
     """See the module docstring. One per `Core`."""
 
-    def __init__(self, state, host, slots, setup: tuple, *, register, on_death, dispatch,
+    def __init__(self, state, host, slots, setup: tuple, *, register, on_death, schedule,
                  stream_later, close) -> None:
         self.state = state  # `state.EngineState`
         self.host = host
@@ -174,7 +174,7 @@ class Starter:
         self.setup: tuple | None = setup
         self.register = register  # (peer id, process, log) -> the worker's record (lock held)
         self.on_death = on_death  # the hub's callback when a worker's process ends
-        self.dispatch = dispatch  # (lock held) give queued tasks to workers with room
+        self.schedule = schedule  # (lock held) give queued tasks to workers with room
         self.stream_later = stream_later  # (lock held) stream chunked bytes to a worker
         self.close_core = close
         self.lock = threading.Lock()  # held while a worker is being started
@@ -411,7 +411,7 @@ class Starter:
             return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
         with st.lock:
-            self.dispatch()
+            self.schedule()
 
     def _on_init(self, w, f) -> None:
         """The worker's `init` answer (usually on the driver thread; before
