@@ -31,7 +31,8 @@ The parts (host side):
 - `starter.Starter`: the management thread that starts workers, on demand
   and as replacements, and judges failed starts. Given the books, the
   hub host, the slot pool, the initializer, and the core's callbacks
-  (`register`, `on_death`, `schedule`, `stream_later`, `close`).
+  (`new_worker`, `register`, `on_death`, `schedule`, `stream_later`,
+  `close`).
 - `tasks`: the records (`_Task`, `_TaskFuture`, `WorkerRecord`) and the
   tuning constants; `fncache`: functions pickled once; `serialization`:
   pickling into slots, zero-copy reading, pins; `forksafe`: what a fork()

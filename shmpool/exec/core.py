@@ -128,8 +128,8 @@ class Core:
             # spec: shm.guard.isolate -- garbage in a structure every worker
             # shares cannot be blamed on one: the pool is broken with it.
             self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
-            self.starter = Starter(st, self.host, self.slots, setup, register=self.new_worker,
-                                   on_death=self.on_death, schedule=self.scheduler.schedule,
+            self.starter = Starter(st, self.host, self.slots, setup, new_worker=self.new_worker,
+                                   register=self.register, on_death=self.on_death, schedule=self.scheduler.schedule,
                                    stream_later=self.scheduler.stream_later, close=self.close)
             st.on_idle = self.starter.idle_now
         except BaseException:
@@ -165,21 +165,25 @@ class Core:
     # -- workers ---------------------------------------------------------------
 
     def new_worker(self, peer_id: int, proc, log) -> WorkerRecord:
-        """Register a started worker (the starter's thread, which counts it
-        started under the same hold of the lock)."""
-        st = self.state
+        """The record of a started worker (the starter's thread, without
+        the lock: its connection is the session's to make), not yet
+        registered (`register`)."""
         w = WorkerRecord(peer_id, proc, self.session.connection(peer_id))
         w.conn.after_feed = self.answers.flush
         w.conn.table.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
-        w.window = st.max_inflight
+        w.window = self.state.max_inflight
         w.startup_log = log
-        with st.lock:
-            st.workers[peer_id] = w
-            st.stats["workers_started"] += 1
-            early = self._early_deaths.pop(peer_id, None)
-            if early is not None and (early[1] is None or early[1].pid in (None, proc.pid)):
-                self._mark_dead(w, *early)
         return w
+
+    def register(self, w: WorkerRecord) -> None:
+        """(lock held; the starter's thread, which counts it started under
+        the same hold of the lock) `w` is one of the pool's workers now."""
+        st = self.state
+        st.workers[w.peer_id] = w
+        st.stats["workers_started"] += 1
+        early = self._early_deaths.pop(w.peer_id, None)
+        if early is not None and (early[1] is None or early[1].pid in (None, w.proc.pid)):
+            self._mark_dead(w, *early)
 
     def full(self) -> bool:
         """Are max_workers workers there or coming? (lock held)"""

@@ -11,14 +11,15 @@ initializer and initargs (`setup`, dropped at close), and the counts of
 starts asked for (`starting`, `pending`). It is given the engine's books
 (`state.EngineState`: the lock, the counters, the lifetime flags,
 `break_pool`), the hub host and the slot pool, and the core's callbacks:
-`register` (a started worker's record), `on_death` (the hub's death
+`new_worker` and `register` (a started worker's record, made, then
+joined to the pool), `on_death` (the hub's death
 callback), `schedule`, `stream_later` (the scheduler's) and `close`.
 
 Data flow: `Core.submit` (no idle worker and fewer than max_workers) or
 `Core.on_death` (a worker ended) -> `start_new()`/`replace()` -> the management thread
 -> `start()`: a hub entry (`add_peer`), the `init` payload, `host.spawn`
 (the boot line, the initargs' fds, stderr to a capture file) -> the worker
-is registered with the core (`register`; tasks are sent to its ring
+is registered with the core (`new_worker`, `register`; tasks are sent to its ring
 at once)
 -> its `init` answer -> `_on_init`: ready (the failure count restarts) or
 a start failure: the initializer raised, the process ended before it was
@@ -163,7 +164,7 @@ class StartupLog:
 class Starter:
     """See the module docstring. One per `Core`."""
 
-    def __init__(self, state, host, slots, setup: tuple, *, register, on_death, schedule,
+    def __init__(self, state, host, slots, setup: tuple, *, new_worker, register, on_death, schedule,
                  stream_later, close) -> None:
         self.state = state  # `state.EngineState`
         self.host = host
@@ -172,7 +173,8 @@ class Starter:
         # worker start (as a spawned child's arguments: multiprocessing
         # objects in initargs are passed on). Dropped at close.
         self.setup: tuple | None = setup
-        self.register = register  # (peer id, process, log) -> the worker's record (lock held)
+        self.new_worker = new_worker  # (peer id, process, log) -> the worker's record
+        self.register = register  # (lock held) a worker's record joins the pool
         self.on_death = on_death  # the hub's callback when a worker's process ends
         self.schedule = schedule  # (lock held) give queued tasks to workers with room
         self.stream_later = stream_later  # (lock held) stream chunked bytes to a worker
@@ -383,8 +385,9 @@ class Starter:
                     st.break_pool(broken)
             raise
         log.spawned()
+        w = self.new_worker(ticket.peer_id, proc, log)
         with st.lock:  # (registered and no longer counted as starting at once: see `Core.full`)
-            w = self.register(ticket.peer_id, proc, log)
+            self.register(w)
             if new:
                 self.starting -= 1
             else:
