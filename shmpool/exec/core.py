@@ -64,7 +64,6 @@ from . import forksafe
 from . import tasks as T
 from .answers import Answers, PinBudget
 from .fncache import FunctionCache
-from .protocol import CHUNK, MAP, SINGLE
 from .scheduler import Scheduler
 from .serialization import dumps
 from .starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
@@ -452,4 +451,4 @@ def default_workers() -> int:
     return n or 1
 
 
-__all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]
+__all__ = ["Core", "default_workers"]
