@@ -20,12 +20,8 @@ import itertools
 import threading
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
-from typing import TYPE_CHECKING
 
 from .exec import forksafe, tasks
-
-if TYPE_CHECKING:
-    from .pool import ShmPool
 
 _tls = threading.local()  # depth > 0 while this thread runs a pool's done callback
 _jobs = itertools.count()
@@ -54,7 +50,7 @@ class ApplyResult(_mp.ApplyResult):
     """The result of `apply_async()`: `get(timeout)` (`multiprocessing.
     TimeoutError`), `wait(timeout)`, `ready()`, `successful()`."""
 
-    def __init__(self, pool: ShmPool, callback, error_callback) -> None:  # noqa: D107
+    def __init__(self, pool, callback, error_callback) -> None:  # noqa: D107
         self._pool = pool  # keeps the pool alive until the result is in, as the stdlib does
         self._event = threading.Event()
         self._job = next(_jobs)
@@ -101,7 +97,7 @@ class MapResult(ApplyResult, _mp.MapResult):
     """The result of `map_async()`/`starmap_async()`: the list of results in
     input order, or the first error once every chunk has finished."""
 
-    def __init__(self, pool: ShmPool, chunksize: int, length: int, callback,  # noqa: D107
+    def __init__(self, pool, chunksize: int, length: int, callback,  # noqa: D107
                  error_callback) -> None:
         super().__init__(pool, callback, error_callback)
         self._lock = threading.Lock()
@@ -133,7 +129,7 @@ class IMapIterator(_mp.IMapIterator):
 
     _home = 0  # the process its condition was made in (a fork() child makes it anew)
 
-    def __init__(self, pool: ShmPool, chunked: bool = False) -> None:  # noqa: D107
+    def __init__(self, pool, chunked: bool = False) -> None:  # noqa: D107
         self._pool = pool
         self._cond = threading.Condition(threading.Lock())
         self._home = tasks._pid

@@ -16,6 +16,12 @@ Invariants:
   free list to its caller), `FailpointError` (an injected fault, tests
   only) and `WaitTimeout` (the benchmark's rivals). They live here too, so
   that the whole tree is in one place; they are not in `__all__`.
+- Exception: the executor's wire answers (`ResultEncodingError`,
+  `TaskNotRun`, `TaskInterrupted`, `InitializerFailed`) keep the stdlib
+  bases the session's answering relies on (an `Exception` is answered and
+  the worker goes on; `InitializerFailed`, a `BaseException`, is answered
+  and then ends the worker). They travel between processes pickled by
+  reference, as `shmpool.errors.X`, which host and guest both import.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ __all__ = [
     "HubError",
     "AttachError",
     "ForeignPoolError",
+    "ResultEncodingError",
+    "TaskNotRun",
+    "TaskInterrupted",
+    "InitializerFailed",
 ]
 
 
@@ -291,3 +301,47 @@ class FailpointError(ShmpoolError):
 class WaitTimeout(ShmpoolError):
     """The benchmark's wait for a result ran out of time (normalised across
     the rivals it compares: see `shmpool.bench.rivals`)."""
+# -- the executor's wire answers (see the module docstring) ------------------------
+
+
+class ResultEncodingError(Exception):
+    """The task's result could not be pickled. `original` is the exception
+    pickling raised (the executor raises that, as the stdlib does; the pool
+    turns this into `multiprocessing.pool.MaybeEncodingError`)."""
+
+    def __init__(self, exc_repr: str, value_repr: str, original: BaseException | None = None) -> None:
+        super().__init__(exc_repr, value_repr, original)
+        self.exc_repr = exc_repr
+        self.value_repr = value_repr
+        self.original = original
+
+    def __str__(self) -> str:
+        return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
+
+
+class TaskNotRun(Exception):
+    """The answer to a batched task that this worker did not run (a task
+    before it in the batch raised an exit): the host queues it again."""
+
+
+class TaskInterrupted(Exception):
+    """Carries the KeyboardInterrupt a task was stopped by (a Ctrl-C at the
+    terminal reaches the workers too) back to the host, which raises
+    `original`, as the stdlib's workers send it back. An Exception, so that
+    the session answers with it and this worker goes on."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+class InitializerFailed(BaseException):
+    """The pool's initializer raised in this worker (a BaseException, so
+    that the session answers `init` with it and then lets it end the
+    worker before any task runs)."""
+
+
+class _NeedsCloudpickle(Exception):
+    """(host-internal, never raised out of `exec.serialization`) The fast
+    pickler met an object the worker could not import by name: pickle the
+    whole payload with cloudpickle instead."""

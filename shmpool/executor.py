@@ -5,7 +5,7 @@ Owns: the public executor API (argument checking as the stdlib does it,
 `kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
 explicit shutdown, garbage collection, interpreter exit.
 
-Data flow: everything goes to `core.Core` (workers, queue, dispatch,
+Data flow: everything goes to `core.Core` (workers, queue, scheduling,
 crash resubmission), which is created by the first `submit`/`map` (as the
 stdlib starts its manager thread there: the constructor starts no thread
 and no process); this module turns its futures into the stdlib's behaviour
@@ -48,18 +48,15 @@ import weakref
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-from . import failpoints
-from .exec.core import CHUNK, MAP, SINGLE, Core, default_workers
-from .exec.starter import pickle_for_child
+from . import _lifetime, failpoints
+from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
+from .exec.core import Core, default_workers
+from .exec.protocol import CHUNK, MAP, SINGLE
+from .exec.starter import pickle_for_child
 from .shm.layout import SegmentConfig
 
-# The open cores, for interpreter exit. A plain set, each core removing
-# itself once closed: a WeakSet's callback is Python code run whenever the
-# collector frees a core, and a Ctrl-C landing in it would be swallowed
-# ("Exception ignored in WeakSet._remove"), say in the middle of a loop of
-# submits to another executor.
-_live: "set[Core]" = set()
+_live = _lifetime.LiveSet()  # the open cores, for interpreter exit
 _exiting = False
 
 
@@ -96,18 +93,14 @@ class ShmExecutor(Executor):
         elif max_workers > 255:
             raise ValueError(f"max_workers must be at most 255 (a segment has 255 peer entries), "
                              f"got {max_workers}")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        _lifetime.check_initializer(initializer)
         failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS: here, not at the first submit)
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if max_inflight is not None and (not isinstance(max_inflight, int) or max_inflight < 1):
-            raise ValueError(f"max_inflight must be None (adaptive) or an int >= 1, got {max_inflight!r}")
+        _lifetime.check_options(max_retries, max_inflight)
         if mp_context is None:  # (as the stdlib chooses)
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         elif not hasattr(mp_context, "get_start_method"):
@@ -148,8 +141,7 @@ class ShmExecutor(Executor):
                     self._core_kwargs = None
                     raise PoolBrokenError(self._start_error) from e
                 self._core_kwargs = None  # (initargs are the core's now, dropped when it closes)
-                _live.add(core)
-                core.on_close.append(lambda core=core: _live.discard(core))
+                _live.add(core, core)
                 self._finalizer = weakref.finalize(self, _finalize, core)
                 self._core = core
         return self._core
@@ -204,8 +196,7 @@ class ShmExecutor(Executor):
             core = self._core
         if core is None:
             return
-        with core.lock:
-            core.shutdown_started = True
+        core.begin_shutdown()
         if cancel_futures:
             core.cancel_queued()
         if wait:
@@ -233,8 +224,7 @@ class ShmExecutor(Executor):
             core = self._core
         if core is None:
             return
-        with core.lock:
-            core.shutdown_started = True
+        core.begin_shutdown()
         core.fail_all(why)
         core.signal_workers(sig)
         core.close()
@@ -251,7 +241,7 @@ class ShmExecutor(Executor):
         core = self._core
         if core is None:
             return {}
-        return {pid: _Process(p) for pid, p in core.processes().items()}
+        return {pid: WorkerProcess(p) for pid, p in core.processes().items()}
 
     @property
     def _broken(self):
@@ -313,55 +303,6 @@ class _CallQueueShim:
 
     def cancel_join_thread(self) -> None:
         pass
-
-
-class _Process:
-    """A worker as `multiprocessing.Process`-like handle."""
-
-    __slots__ = ("_popen",)
-
-    def __init__(self, popen) -> None:
-        self._popen = popen
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
-    def exitcode(self):
-        return self._popen.returncode
-
-    def is_alive(self) -> bool:
-        return self._popen.returncode is None and _alive(self._popen.pid)
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            self._popen.send_signal(sig)
-        except OSError:
-            pass
-
-    def join(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.005)
-
-    def __repr__(self) -> str:
-        return f"<shmpool worker pid={self.pid} exitcode={self.exitcode}>"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
 
 
 def _map(submit, fn, iterables, timeout, chunksize, buffersize):
@@ -451,21 +392,15 @@ def _at_exit() -> None:
     executor's workers and segment go away."""
     global _exiting
     _exiting = True
-    for core in list(_live):
+    for core in _live.snapshot():
         if core.foreign:  # spec: exec.fork-safety -- the parent's tasks: never waited for here
             continue
         try:
-            with core.lock:
-                core.shutdown_started = True
+            core.begin_shutdown()
             core.wait_idle()
             core.close()
         except Exception:  # noqa: BLE001 - never fail interpreter shutdown
             pass
 
 
-try:
-    threading._register_atexit(_at_exit)  # before non-daemon threads are joined, as the stdlib does
-except Exception:  # pragma: no cover
-    import atexit
-
-    atexit.register(_at_exit)
+_lifetime.at_exit(_at_exit, before_thread_joins=True)  # (as the stdlib: before non-daemon threads are joined)

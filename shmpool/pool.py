@@ -43,7 +43,6 @@ blocks. After `join()` no worker, segment file, fd or thread remains.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import operator
 import queue
@@ -54,11 +53,12 @@ import weakref
 from concurrent.futures import CancelledError
 from multiprocessing import pool as _mp
 
-from .exec import forksafe
-from . import _threads
-from .exec.core import CHUNK, MAP, SINGLE, Core, default_workers
+from . import _lifetime, _threads
+from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
-from .executor import _Process
+from .exec import forksafe
+from .exec.core import Core, default_workers
+from .exec.protocol import CHUNK, MAP, SINGLE
 from ._poolresults import (
     ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, _in_callback, _tls,
 )
@@ -71,7 +71,7 @@ _TERMINATED = "the pool was terminated (terminate(), the with-block ended, or th
               "garbage collected or the interpreter exited) before this task finished"
 _POLL = 0.1  # seconds between checks for terminate() in the handler's waits
 
-_live: "set[_State]" = set()  # open pools, for interpreter exit (a plain set: see executor._live)
+_live = _lifetime.LiveSet()  # open pools, for interpreter exit
 
 
 class _State:
@@ -148,8 +148,7 @@ class _State:
             self.drain()
             core = self.core
             if self.state != TERMINATE:
-                with core.lock:
-                    core.shutdown_started = True
+                core.begin_shutdown()
                 while not core.wait_idle(_POLL) and self.state != TERMINATE:
                     pass
             if self.state == TERMINATE:
@@ -246,7 +245,7 @@ def _collected(st: _State) -> None:
 def _at_exit() -> None:
     """Interpreter exit: every pool still alive is terminated (as
     `multiprocessing.Pool`'s exit finalizer does)."""
-    for st in list(_live):
+    for st in _live.snapshot():
         if st.closed or st.core.foreign:  # (a fork() child: the parent's pool)
             continue
         try:
@@ -301,12 +300,8 @@ class ShmPool:
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if max_inflight is not None and (not isinstance(max_inflight, int) or max_inflight < 1):
-            raise ValueError(f"max_inflight must be None (adaptive) or an int >= 1, got {max_inflight!r}")
+        _lifetime.check_initializer(initializer)
+        _lifetime.check_options(max_retries, max_inflight)
         self._ctx = context  # accepted, as multiprocessing.Pool's; not used
         self._processes = processes
         self._initializer = initializer
@@ -323,8 +318,7 @@ class ShmPool:
             core.close()
             raise
         self._st = st
-        _live.add(st)
-        core.on_close.append(lambda st=st: _live.discard(st))
+        _live.add(st, core)
         self._finalizer = weakref.finalize(self, _collected, st)
         self._finalizer.atexit = False  # _at_exit handles exit
 
@@ -474,7 +468,7 @@ class ShmPool:
     @property
     def _pool(self) -> list:
         """The live workers as `multiprocessing.Process`-like handles."""
-        return [_Process(p) for p in self._st.core.processes().values()]
+        return [WorkerProcess(p) for p in self._st.core.processes().values()]
 
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
@@ -485,4 +479,4 @@ class ShmPool:
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
 
 
-atexit.register(_at_exit)
+_lifetime.at_exit(_at_exit, before_thread_joins=False)  # (as multiprocessing.Pool: with atexit)

@@ -1,20 +1,24 @@
 """Answers: delivering the workers' answers to the tasks' futures, and
-what a lost worker means for its tasks (a mixin of `core.Core`).
+what a lost worker means for its tasks (`Answers`, one part of a
+`core.Core`), and the budget of results kept zero-copy (`PinBudget`).
 
 Owns: the booking of an answer (the worker's window and credits, its
 adaptive window, spec: exec.window), the delivery (results unpickled
 zero-copy and pinned while in use, within the pin budget and from
 COPY_BELOW bytes up, else copied, spec: exec.pin-budget; chunked results
 taken from the worker's channel table, spec: exec.chunked; errors turned
-into what the caller raises), a task's end (`_finished`: counted once,
-its payload dropped), requeueing what a dead worker held or a batch did
-not run, and breaking the pool.
+into what the caller raises), requeueing what a dead worker held or a
+batch did not run. It is given the engine's books (`state.EngineState`:
+the lock, the queue, the worker records, the counters, a task's end), the
+pin budget, and the scheduler, whose `schedule()` and `later()` it calls
+once answers made room.
 
 Data flow: a connection's answer callbacks (the driver thread, or a caller
-fetching answers on its own thread) -> `_on_done`: an error at once, an
-answer queued -> `_flush` at the end of that batch of descriptors: book
-them all under the lock, unpickle and set the futures without it, finish
-them all under it, then dispatch.
+fetching answers on its own thread; the scheduler registered them) ->
+`on_done`: an error at once, an answer queued -> `flush` (the connection's
+`after_feed`) at the end of that batch of descriptors: book them all under
+the lock, unpickle and set the futures without it, finish them all under
+it, then schedule the next tasks.
 
 Invariants: a future is set exactly once (whoever finishes the task
 first); the lock is never held while a result is unpickled or a future is
@@ -26,53 +30,121 @@ exec.attribution), and then runs again at most `max_retries` times.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
-from concurrent.futures import Future
 
 from . import tasks as T
-from .. import _threads
 from ..errors import (
-    ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultUnpicklingError,
-    WorkerCrashedError,
+    ConnectionClosedError, PeerDeadError, PoolBrokenError, ProtocolError, ResultEncodingError,
+    ResultUnpicklingError, TaskInterrupted, TaskNotRun, WorkerCrashedError,
 )
+from .protocol import BATCH_TIME
 from .serialization import COPY_BELOW, read, transfer_of
 from ..shm import layout as L
-from .tasks import _FINAL, _Task, _Worker
-from .guest import BATCH_TIME, ResultEncodingError, TaskInterrupted, TaskNotRun
+from .state import EngineState, resolve
+from .tasks import _FINAL, _Task, WorkerRecord
 
 
-class Answering:
-    """The answer half of `core.Core` (see the module docstring)."""
+class PinBudget:
+    """The results kept zero-copy (their slots pinned while the caller
+    uses them) and the shared memory they hold, in all and by size class:
+    written under the engine's lock only, by `sweep`. spec: exec.pin-budget"""
 
-    def _on_done(self, task: _Task, w: _Worker, received, exc, end: bool = True) -> None:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.held: list = []
+        self.pinned_bytes = 0
+        self.pinned_by_class: dict = {}  # (never changed in place: replaced)
+
+    def __iter__(self):
+        return iter(self.held)
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def keep(self, pins: list) -> None:
+        """(lock held) Keep the pins of results in use; sweep."""
+        self.held += pins
+        if self.held:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """(lock held) Free the slots of results nobody uses any more, and
+        recount what the others hold (the budget `may_pin` keeps to)."""
+        self.held = pins = [p for p in self.held if not p.release_if_unused()]
+        total, by_class = 0, {}
+        for p in pins:
+            total += p.size
+            by_class[p.cls] = by_class.get(p.cls, 0) + p.size
+        self.pinned_bytes, self.pinned_by_class = total, by_class
+
+    def detach_all(self) -> None:
+        """(lock held; closing) A result still in use keeps its bytes, as
+        private memory."""
+        for p in self.held:
+            p.detach()
+        self.held = []
+
+    def may_pin(self, received, held: dict) -> bool:
+        """Keep this result zero-copy (its slot pinned while the caller uses
+        it)? Only from COPY_BELOW bytes up, and while the pinned bytes stay
+        within `pin_fraction` of the memory limit and of the slot's size
+        class (a class full of kept results would leave the workers no slot
+        of that size). Otherwise the receiver copies and the slot is free at
+        once: a kept result never blocks the pool. `held`: what this
+        delivery pinned so far, by class (the counts here, set under the
+        engine's lock by `sweep`, do not have it yet). spec: exec.pin-budget"""
+        if received.nbytes < COPY_BELOW:
+            return False
+        total, per_class = _pin_limits(self.config)
+        size = received.capacity
+        if self.pinned_bytes + sum(held.values()) + size > total:
+            return False
+        ci = L.slot_class(received.descriptor.slot_ref)
+        cap = per_class.get(ci)
+        return cap is None or self.pinned_by_class.get(ci, 0) + held.get(ci, 0) + size <= cap
+
+
+class Answers:
+    """See the module docstring. One per `core.Core`; `scheduler` is set by
+    the core once both exist (each calls the other: answers make room, the
+    scheduler's sends expect answers)."""
+
+    def __init__(self, state: EngineState, pins: PinBudget) -> None:
+        self.state = state
+        self.pins = pins
+        self.scheduler = None  # `scheduler.Scheduler`: its schedule() and later()
+        self.queued: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
+
+    def on_done(self, task: _Task, w: WorkerRecord, received, exc, end: bool = True) -> None:
         """A task's answer (the driver thread, or a caller fetching
         answers); `end`: it ends its request (a batched task's answer does
-        not: the batch's own answer does, `_batch_done`). An answer is
-        delivered with the others of its batch of descriptors (`_flush`);
+        not: the batch's own answer does, `batch_done`). An answer is
+        delivered with the others of its batch of descriptors (`flush`);
         an error at once."""
         if exc is None:
-            self._answers.append((task, w, received, end))
+            self.queued.append((task, w, received, end))
             return
         if w.conn.table.transfers:
             # A result cut short was filed failed, then answered with this
             # error: nobody takes it. (The worker answers in order: any
             # failed transfer of its filed before this answer is done with.)
             w.conn.table.drop_failed_transfers()
-        with self.lock:
+        with self.state.lock:
             if not self._answered(task, w, exc, end):
                 return
         done: list = []
         self._deliver_error(task, w, exc, done)
         self._settle(done, ())
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Deliver the answers a connection's batch of descriptors brought
         (its `after_feed`): booked under the lock at once, results
         unpickled and futures resolved without it, then finished under it
         at once. (Two lock acquisitions for the lot: the caller's thread
         contends for this lock with every `submit`.)"""
-        q = self._answers
+        q = self.queued
         items = []
         while q:
             try:
@@ -82,11 +154,12 @@ class Answering:
         if not items:
             return
         ready = []
-        with self.lock:  # (as `_answered`, for the lot; the service time once per worker's run of them)
+        st = self.state
+        with st.lock:  # (as `_answered`, for the lot; the service time once per worker's run of them)
             w0, n, busy = None, 0, False
             for item in items:
                 task, w, received, end = item
-                if end:  # (a batch's service time comes with its own answer: `_batch_done`)
+                if end:  # (a batch's service time comes with its own answer: `batch_done`)
                     if w is not w0:
                         if n:
                             self._adapt(w0, busy, n)
@@ -94,7 +167,7 @@ class Answering:
                     n += 1
                     w.messages -= 1
                 w.inflight.pop(task.rid, None)
-                if task.finished:  # failed by _break (terminate) meanwhile
+                if task.finished:  # failed by break_pool (terminate) meanwhile
                     tid = transfer_of(received)
                     if tid is not None:  # (its chunked bytes are nobody's now)
                         w.conn.table.transfers.pop(tid, None)
@@ -104,60 +177,39 @@ class Answering:
             if n:
                 self._adapt(w0, busy, n)
             # spec: exec.on-demand -- workers became idle (before the caller can see it)
-            self.credits = min(self.credits + len(ready), len(self.workers))
+            st.credits = min(st.credits + len(ready), len(st.workers))
         items = task = w = received = None
         done: list = []  # (task, failed)
         keep = []
-        held: dict = {}  # size class -> bytes pinned by this delivery (the lock's counts are _sweep_pins')
+        held: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
         for task, w, received, end in ready:
             try:
                 if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
                     result, pin = read(received, transfers=w.conn.table.take_transfer)
                 else:
-                    result, pin = read(received, copy=not self._may_pin(received, held))
+                    result, pin = read(received, copy=not self.pins.may_pin(received, held))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 self._complete(task, error=_result_unpickling(task, e), done=done)
             else:
                 if not pin.release_if_unused():
-                    keep.append(pin)  # (appended under the lock: _send rebuilds the list)
+                    keep.append(pin)  # (kept under the lock: a sweep rebuilds the list)
                     held[pin.cls] = held.get(pin.cls, 0) + pin.size
                 self._deliver(task, w, result, done)
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
         self._settle(done, keep)
 
-    def _may_pin(self, received, held: dict) -> bool:
-        """Keep this result zero-copy (its slot pinned while the caller uses
-        it)? Only from COPY_BELOW bytes up, and while the pinned bytes stay
-        within `pin_fraction` of the memory limit and of the slot's size
-        class (a class full of kept results would leave the workers no slot
-        of that size). Otherwise the receiver copies and the slot is free at
-        once: a kept result never blocks the pool. `held`: what this
-        delivery pinned so far, by class (the core's counts, set under its
-        lock by `_sweep_pins`, do not have it yet). spec: exec.pin-budget"""
-        if received.nbytes < COPY_BELOW:
-            return False
-        total, per_class = _pin_limits(self.slots.config)
-        size = received.capacity
-        if self.pinned_bytes + sum(held.values()) + size > total:
-            return False
-        ci = L.slot_class(received.descriptor.slot_ref)
-        cap = per_class.get(ci)
-        return cap is None or self.pinned_by_class.get(ci, 0) + held.get(ci, 0) + size <= cap
-
     def _settle(self, done: list, keep) -> None:
         """Under the lock once: finish the delivered tasks, keep the pins of
-        results in use, free the slots of those dropped, dispatch."""
-        with self.lock:
+        results in use, free the slots of those dropped, schedule."""
+        with self.state.lock:
             for t, failed in done:
-                self.stats["failed" if failed else "completed"] += 1
-                self._finished(t)
-            self.pins += keep
-            if self.pins:
-                self._sweep_pins()
-            self._dispatch()
+                self.state.stats["failed" if failed else "completed"] += 1
+                self.state.finished(t)
+            self.pins.keep(keep)
+            self.scheduler.schedule()
 
-    def _batch_done(self, w: _Worker, batch: list[_Task], received, exc) -> None:
+    def batch_done(self, w: WorkerRecord, batch: list[_Task], received, exc) -> None:
         """The answer to a batch's request itself (its tasks were answered
         each before it): how long they took in the worker. A measure free
         of the host's own delays, which the gaps between answers are not
@@ -166,7 +218,7 @@ class Answering:
         end: that fails each task's expected answer), the tasks it left
         unanswered fail with its error. spec: exec.batch"""
         unanswered = []
-        with self.lock:
+        with self.state.lock:
             w.messages -= 1
             if exc is None:
                 try:
@@ -185,7 +237,7 @@ class Answering:
             self._complete(task, error=exc, done=done)
         self._settle(done, ())
 
-    def _answered(self, task: _Task, w: _Worker, exc, end: bool) -> bool:
+    def _answered(self, task: _Task, w: WorkerRecord, exc, end: bool) -> bool:
         """(lock held) Book an answer: False if there is nothing to deliver
         (failed meanwhile; the worker is gone, or did not run it: then it
         is queued again)."""
@@ -194,21 +246,22 @@ class Answering:
         if end:
             w.messages -= 1
             self._adapt(w, busy)
-        if task.finished:  # failed by _break (terminate) meanwhile: nothing to do
+        if task.finished:  # failed by break_pool (terminate) meanwhile: nothing to do
             return False
         if isinstance(exc, (PeerDeadError, ConnectionClosedError)) and not isinstance(exc, ProtocolError):
             self._lost(task, w)
-            self._dispatch()
+            self.scheduler.schedule()
             return False
         if isinstance(exc, TaskNotRun):  # a task before it in its batch ended the worker
-            self.stats["requeued"] += 1
-            self.queue.appendleft(task)
+            self.state.stats["requeued"] += 1
+            self.state.queue.appendleft(task)
             return False
         # spec: exec.on-demand -- a worker became idle (before the caller can see it)
-        self.credits = min(self.credits + 1, len(self.workers))
+        st = self.state
+        st.credits = min(st.credits + 1, len(st.workers))
         return True
 
-    def _deliver(self, task: _Task, w: _Worker, result, done: list) -> None:
+    def _deliver(self, task: _Task, w: WorkerRecord, result, done: list) -> None:
         if task.on_result is not None:
             try:
                 result = task.on_result(result)
@@ -217,14 +270,14 @@ class Answering:
                 return
         self._complete(task, result=result, done=done)
 
-    def _deliver_error(self, task: _Task, w: _Worker, exc: BaseException, done: list) -> None:
+    def _deliver_error(self, task: _Task, w: WorkerRecord, exc: BaseException, done: list) -> None:
         if isinstance(exc, TaskInterrupted):  # spec: exec.interrupt
-            with self.lock:
+            with self.state.lock:
                 # A Ctrl-C reached the workers, and the host's main thread
                 # has likely not acted on it yet (it cancels what it no
                 # longer wants): give this worker nothing new meanwhile.
                 w.paused_until = time.monotonic() + T.INTERRUPT_GRACE
-                self._later(T.INTERRUPT_GRACE)
+                self.scheduler.later(T.INTERRUPT_GRACE)
             orig, exc = exc, exc.original
             exc.__cause__ = orig.__cause__
         if task.on_error is not None:
@@ -234,7 +287,7 @@ class Answering:
             exc.__cause__ = orig.__cause__
         self._complete(task, error=exc, done=done)
 
-    def _adapt(self, w: _Worker, busy: bool, n: int = 1) -> None:
+    def _adapt(self, w: WorkerRecord, busy: bool, n: int = 1) -> None:
         """Size the worker's window so that it holds about WINDOW_WORK
         seconds of work: deep for tiny tasks (the worker never waits for
         the host), 2 for long ones (a crash loses little, load stays
@@ -244,92 +297,54 @@ class Answering:
             self._measured(w, (now - w.last_done) / n)
         w.last_done = now
 
-    def _measured(self, w: _Worker, dt: float) -> None:
+    def _measured(self, w: WorkerRecord, dt: float) -> None:
         """(lock held) A task of `w` took `dt` seconds."""
         w.service = dt if not w.service else 0.8 * w.service + 0.2 * dt
-        if self.adaptive:
+        if self.state.adaptive:
             w.window = max(2, min(T.MAX_WINDOW, int(T.WINDOW_WORK / max(w.service, 1e-6))))
 
-    def _lost(self, task: _Task, w: _Worker) -> None:
+    def _lost(self, task: _Task, w: WorkerRecord) -> None:
         """The worker holding `task` is gone (lock held): charge the task
         its guest word named, requeue the others. (spec: exec.attribution;
         spec: exec.retry)"""
         if task.finished:
-            return  # completed meanwhile (e.g. failed by _break): never back in the queue
-        if self.broken is not None:
-            self._fail(task, PoolBrokenError(self.broken))
+            return  # completed meanwhile (e.g. failed by break_pool): never back in the queue
+        if self.state.broken is not None:
+            self.state.fail(task, PoolBrokenError(self.state.broken))
             return
         if w.crashed_rid and w.crashed_rid == task.rid:
             task.attempts += 1
             task.crashes += (w.death or f"worker {w.peer_id}",)
-            self.stats["crashes_charged"] += 1
-            if task.attempts > self.max_retries:
+            self.state.stats["crashes_charged"] += 1
+            if task.attempts > self.state.max_retries:
                 err = WorkerCrashedError(
                     f"task {task.fname} crashed its worker {task.attempts} time(s) "
-                    f"({'; '.join(task.crashes)}); max_retries={self.max_retries}, so it is not "
+                    f"({'; '.join(task.crashes)}); max_retries={self.state.max_retries}, so it is not "
                     "retried again. The pool replaced the worker(s) and goes on."
                 )
                 self._complete(task, error=err)
                 return
-            self.stats["retries"] += 1
+            self.state.stats["retries"] += 1
         else:
-            self.stats["requeued"] += 1
-        self.queue.appendleft(task)
+            self.state.stats["requeued"] += 1
+        self.state.queue.appendleft(task)
 
     def _complete(self, task: _Task, *, result=None, error: BaseException | None = None,
                   done: list | None = None) -> None:
         """Set the task's outcome; then it is finished now, or (`done`)
         by the caller, who collects them to take the lock once."""
         fut = task.future
-        if fut is not None and fut._state not in _FINAL:  # (None: failed by _break meanwhile)
-            _resolve(fut, result, error)
+        if fut is not None and fut._state not in _FINAL:  # (None: failed by break_pool meanwhile)
+            resolve(fut, result, error)
             if done is not None:
                 done.append((task, error is not None))
                 return
-            with self.lock:
-                self.stats["completed" if error is None else "failed"] += 1
-                self._finished(task)
+            with self.state.lock:
+                self.state.stats["completed" if error is None else "failed"] += 1
+                self.state.finished(task)
             return
-        with self.lock:
-            self._finished(task)
-
-    def _fail(self, task: _Task, err: BaseException) -> None:
-        """(lock held) Fail a task that is neither queued nor held by a worker."""
-        if not task.future.done():
-            _resolve(task.future, None, err)
-        self._finished(task)
-
-    def _finished(self, task: _Task) -> None:
-        if task.finished:
-            return
-        task.finished = True
-        task.stream = task.bufs = task.fbytes = None
-        # Neither way round: the result goes when the caller drops its
-        # future, even while this thread's frames still hold the task.
-        task.future._task = None
-        task.future = None
-        self.live -= 1
-        if not self.live:  # (what `idle` waiters wait for: no pending task, or broken)
-            self.idle.notify_all()
-            self.starter.idle_now()
-
-    def _break(self, why: str) -> None:
-        """The pool cannot go on (lock held): fail everything pending."""
-        if self.broken is not None:
-            return
-        self.broken = why
-        err = PoolBrokenError(why)
-        pending = list(self.queue)
-        self.queue.clear()
-        for w in self.workers.values():
-            pending += list(w.inflight.values())
-            w.inflight.clear()
-        for t in pending:
-            if not t.finished and not t.future.done():
-                _resolve(t.future, None, err)
-            self._finished(t)
-        self.idle.notify_all()
-
+        with self.state.lock:
+            self.state.finished(task)
 
 
 @functools.lru_cache(maxsize=8)
@@ -346,21 +361,3 @@ def _result_unpickling(task: _Task, e: BaseException) -> ResultUnpicklingError:
                                 f"unpickled: {type(e).__name__}: {e}")
     err.__cause__ = e
     return err
-
-
-def _resolve(fut: Future, result, error: BaseException | None) -> None:
-    """Set the outcome; done callbacks are user code, which may start a
-    process: on our threads they run with the signals unblocked
-    (spec: exec.signals)."""
-    if fut._done_callbacks:  # (concurrent.futures' list; runs them in set_*)
-        with _threads.unblocked():
-            _resolve_now(fut, result, error)
-    else:
-        _resolve_now(fut, result, error)
-
-
-def _resolve_now(fut: Future, result, error: BaseException | None) -> None:
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)

@@ -1,15 +1,14 @@
 """The machinery under `ShmExecutor` and `ShmPool`: workers, the task
-queue, dispatch, results, and crash resubmission.
+queue, scheduling, results, and crash resubmission.
 
-Owns: the hub host and its session, one record per worker (its process,
-connection, the functions it knows, the tasks it holds), the queue of tasks
-waiting for a worker, the idle credits that decide when a worker is
-started, the cache of pickled functions, pins of results whose zero-copy
-arrays are still in use. Dispatch is the `scheduler.Dispatching` half of
-`Core`, answers and lost workers the `answers.Answering` half; starting
-workers (and the management thread) is the job of `starter.Starter`, the
-function cache that of `_fncache`; the records themselves (and the tuning
-constants) are in `_tasks`.
+Owns: the hub host and its session, and the parts it is composed of,
+each given what it needs when the core makes it: the engine's books
+(`state.EngineState`: lock, queue, worker records, counters, limits), the
+pin budget and the answer handler (`answers`), the scheduler
+(`scheduler`), the starter (`starter`), the function cache (`fncache`).
+The core itself submits tasks, registers started workers and records
+their deaths, and runs the pool's lifetime (shutdown, close, statistics);
+the records (and the tuning constants) are in `tasks`.
 
 Data flow:
 - submit (caller's thread): pickle the function once if it is a plain
@@ -17,14 +16,14 @@ Data flow:
   call, and the arguments (out-of-band buffers stay views of the caller's
   objects) -> queue -> take an idle credit, or ask for one more worker
   while there are fewer than max_workers (as ProcessPoolExecutor does;
-  `eager` starts them all at once) -> dispatch at once if a worker has
+  `eager` starts them all at once) -> schedule at once if a worker has
   room: `define` the function on that worker if it does not know it (with
   the ids it may forget), write the task into a slot, `run`; while a
   worker busy with short tasks has two requests in flight, what queues
   goes to it in one `run_batch` request with its next answer.
 - completion (the hub's driver thread, or a caller polling): each task is
   answered on its own (a batch's too); an idle credit; unpickle the result
-  (zero-copy buffers, pinned) -> complete the future -> dispatch the next
+  (zero-copy buffers, pinned) -> complete the future -> schedule the next
   queued tasks to the worker that has room now.
 - death (driver thread): `on_death` reads which task the worker was running
   (its guest word) and asks the starter for a replacement; recovery then
@@ -50,32 +49,32 @@ does nothing else, touching neither shared memory nor the parent's workers.
 
 from __future__ import annotations
 
-import collections
+import itertools
 import os
 import threading
 from concurrent.futures import Future
 
 from .. import _atomics, _threads, failpoints
-from . import forksafe
 from ..errors import PoolBrokenError
 from ..hub import ShmHost
 from ..session import HostSession
-from .serialization import dumps
 from ..shm import layout as L
 from ..shm.layout import SegmentConfig
-from .fncache import FunctionCache
-from .starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from . import forksafe
 from . import tasks as T
-from .answers import Answering
-from .scheduler import Dispatching
-from .tasks import _Task, _TaskFuture, _Worker
-from .guest import CHUNK, MAP, SINGLE
+from .answers import Answers, PinBudget
+from .fncache import FunctionCache
+from .scheduler import Scheduler
+from .serialization import dumps
+from .starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from .state import EngineState
+from .tasks import _Task, _TaskFuture, WorkerRecord
 
 MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
-class Core(Dispatching, Answering):
+class Core:
     """See the module docstring."""
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
@@ -88,8 +87,6 @@ class Core(Dispatching, Answering):
         self.foreign = False  # set in a fork() child: see _forksafe
         self.kind = "ShmPool" if name == "shmpool-pool" else "ShmExecutor"
         self.max_workers = max_workers
-        self.max_retries = max_retries
-        self.adaptive = max_inflight is None
         if config is None:
             config = SegmentConfig(max_guests=max(1, min(255, max_workers)))
         # spec: exec.window-ring -- a chunked transfer to a worker has at
@@ -97,41 +94,24 @@ class Core(Dispatching, Answering):
         # and its window never holds more tasks than the rest can take with
         # a `define` for each, so a send to a worker with room does not find
         # its ring full, a stream under way or not.
-        self.stream_pieces = max(1, config.ring_size // 4)
-        self.ring_window = max(1, (config.ring_size - 1 - self.stream_pieces) // 2)
-        self.max_inflight = min(max_inflight or 2, self.ring_window)
-        self.max_tasks = max_tasks_per_child
+        stream_pieces = max(1, config.ring_size // 4)
+        ring_window = max(1, (config.ring_size - 1 - stream_pieces) // 2)
         self.name = name
-        # Pickled for each worker start (as a spawned child's arguments:
-        # multiprocessing objects in initargs are passed on), once now to
-        # raise what pickling raises here. Dropped at close.
-        self._init = (initializer, tuple(initargs), max_tasks_per_child)
-        pickle_for_child(self._init)
-        self.lock = threading.RLock()
+        # The starter's, once it exists; pickled once now to raise what
+        # pickling raises here (dropped at close).
+        setup = (initializer, tuple(initargs), max_tasks_per_child)
+        pickle_for_child(setup)
+        self.state = st = EngineState(
+            name=name, max_workers=max_workers, max_retries=max_retries,
+            max_inflight=min(max_inflight or 2, ring_window), ring_window=ring_window,
+            stream_pieces=stream_pieces, max_tasks=max_tasks_per_child, adaptive=max_inflight is None)
+        # The lock and its condition, by their usual names (the API and the
+        # fork hook take them; they are the state's very objects).
+        self.lock = st.lock
+        self.idle = st.idle
         self.future_guard = threading.Lock()  # the futures' states until they have a condition
-        self.idle = threading.Condition(self.lock)  # notified when a task completes or a start ends
-        self.queue: collections.deque[_Task] = collections.deque()
-        self.workers: dict[int, _Worker] = {}
-        self._timers: list[threading.Timer] = []  # pending `_later` dispatches (cancelled at close)
         self._early_deaths: dict[int, tuple] = {}  # peer id -> (guest word, info) of an unregistered worker
-        self.live = 0  # tasks submitted and not yet completed
-        self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
-        self.pins: list = []
-        # Shared memory held by results kept zero-copy, in all and by size
-        # class: written under the lock only, by `_sweep_pins` (the pin budget).
-        self.pinned_bytes = 0
-        self.pinned_by_class: dict = {}  # (never changed in place: replaced)
-        self._answers: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
-        self.stats = collections.Counter(dict.fromkeys((
-            "submitted", "dispatched", "completed", "failed", "retries", "requeued",
-            "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures",
-            "start_failures", "slot_waits", "batches", "ring_full"), 0))
-        self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
-        self.ring_retry = False  # a timer will dispatch again after a full ring (lock held)
-        self.shutdown_started = False
-        self.broken: str | None = None
         self.functions = FunctionCache(T.FUNCTION_CACHE)
-        self._closed = False
         self._close_lock = threading.Lock()
         self.closed_event = threading.Event()  # set once close() has finished
         self.on_close: list = []  # called once closed (the API's registries of live pools)
@@ -140,10 +120,17 @@ class Core(Dispatching, Answering):
             self.host = ShmHost.create(config=config)
             self.session = HostSession(self.host, handler_threads=1)
             self.slots = self.session.slots
+            self.pins = PinBudget(self.slots.config)
+            self.answers = Answers(st, self.pins)
+            self.scheduler = Scheduler(st, self.pins, self.functions, self.slots, self.answers)
+            self.answers.scheduler = self.scheduler
             # spec: shm.guard.isolate -- garbage in a structure every worker
             # shares cannot be blamed on one: the pool is broken with it.
             self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
-            self.starter = Starter(self)
+            self.starter = Starter(st, self.host, self.slots, setup, new_worker=self.new_worker,
+                                   register=self.register, on_death=self.on_death, schedule=self.scheduler.schedule,
+                                   stream_later=self.scheduler.stream_later, close=self.close)
+            st.on_idle = self.starter.idle_now
         except BaseException:
             self._teardown()
             raise
@@ -152,38 +139,62 @@ class Core(Dispatching, Answering):
             with self.lock:
                 self.starter.start_new(max_workers)
 
+    # -- the books, read (the API's and tests' view) ----------------------------
+
+    @property
+    def live(self) -> int:
+        return self.state.live
+
+    @property
+    def queue(self):
+        return self.state.queue
+
+    @property
+    def workers(self) -> dict:
+        return self.state.workers
+
+    @property
+    def broken(self) -> str | None:
+        return self.state.broken
+
+    @property
+    def shutdown_started(self) -> bool:
+        return self.state.shutdown_started
+
     # -- workers ---------------------------------------------------------------
 
-    def new_worker(self, peer_id: int, proc, log, new: bool) -> _Worker:
-        """Register a started worker (the starter's thread)."""
-        w = _Worker(peer_id, proc, self.session.connection(peer_id))
-        w.conn.after_feed = self._flush
+    def new_worker(self, peer_id: int, proc, log) -> WorkerRecord:
+        """The record of a started worker (the starter's thread, without
+        the lock: its connection is the session's to make), not yet
+        registered (`register`)."""
+        w = WorkerRecord(peer_id, proc, self.session.connection(peer_id))
+        w.conn.after_feed = self.answers.flush
         w.conn.table.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
-        w.window = self.max_inflight
+        w.window = self.state.max_inflight
         w.startup_log = log
-        with self.lock:
-            self.workers[peer_id] = w
-            if new:
-                self.starter.starting -= 1
-            else:
-                self.stats["respawns"] += 1
-            self.stats["workers_started"] += 1
-            early = self._early_deaths.pop(peer_id, None)
-            if early is not None and (early[1] is None or early[1].pid in (None, proc.pid)):
-                self._mark_dead(w, *early)
         return w
+
+    def register(self, w: WorkerRecord) -> None:
+        """(lock held; the starter's thread, which counts it started under
+        the same hold of the lock) `w` is one of the pool's workers now."""
+        st = self.state
+        st.workers[w.peer_id] = w
+        st.stats["workers_started"] += 1
+        early = self._early_deaths.pop(w.peer_id, None)
+        if early is not None and (early[1] is None or early[1].pid in (None, w.proc.pid)):
+            self._mark_dead(w, *early)
 
     def full(self) -> bool:
         """Are max_workers workers there or coming? (lock held)"""
-        return len(self.workers) + self.starter.starting >= self.max_workers
+        return len(self.state.workers) + self.starter.starting >= self.max_workers
 
-    def _on_death(self, peer_id: int) -> None:
+    def on_death(self, peer_id: int) -> None:
         """Hub callback (driver thread, before recovery): what was running?"""
         seg = self.host.segment
         running = _atomics.load_u32(seg.buf, seg.layout.peer_entry(peer_id) + L.P_GUEST_WORD)
         info = self.host.peer_info(peer_id)
         with self.lock:
-            w = self.workers.get(peer_id)
+            w = self.state.workers.get(peer_id)
             if w is None or (info is not None and info.pid not in (None, w.proc.pid)):
                 # Its process ended before the starter registered it (the
                 # spawn returned on the driver thread, which saw the end
@@ -192,15 +203,15 @@ class Core(Dispatching, Answering):
                 return
             self._mark_dead(w, running, info)
 
-    def _mark_dead(self, w: _Worker, running: int, info) -> None:
+    def _mark_dead(self, w: WorkerRecord, running: int, info) -> None:
         """(lock held)"""
         w.dead = True
         w.crashed_rid = running
         w.info = info
         w.death = describe(info)
         if info is not None and info.cause != "goodbye":
-            self.stats["worker_deaths"] += 1
-        if not self._closed:
+            self.state.stats["worker_deaths"] += 1
+        if not self.state.closed:
             self.starter.replace(w)
 
     # -- submitting --------------------------------------------------------------
@@ -208,9 +219,10 @@ class Core(Dispatching, Answering):
     def check_open(self) -> None:
         if self.foreign:  # spec: exec.fork-safety
             raise forksafe.foreign_error(self.kind, self.owner_pid)
-        if self.broken is not None:
-            raise PoolBrokenError(self.broken)
-        if self.shutdown_started:
+        st = self.state
+        if st.broken is not None:
+            raise PoolBrokenError(st.broken)
+        if st.shutdown_started:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def function(self, fn) -> tuple[int, str, bytes | None]:
@@ -234,17 +246,18 @@ class Core(Dispatching, Answering):
         fut._task = task
         task.on_result = on_result
         task.on_error = on_error
+        st = self.state
         with self.lock:
             self.check_open()
             self._want_worker()
-            if self.queue:
+            if st.queue:
                 # Tasks wait already: no worker can take one now, and every
                 # change that lets one (an answer, a start, a timer)
-                # dispatches. Counted, then queued: a Ctrl-C is raised
+                # schedules. Counted, then queued: a Ctrl-C is raised
                 # only after the append (a call) returns.
-                self.live += 1
-                self.stats["submitted"] += 1
-                self.queue.append(task)
+                st.live += 1
+                st.stats["submitted"] += 1
+                st.queue.append(task)
                 return fut
         # A Ctrl-C while the task is queued and sent would leave it half
         # sent (or queued and not counted): it is held, and raised once the
@@ -254,10 +267,10 @@ class Core(Dispatching, Answering):
         try:
             with self.lock:
                 self.check_open()
-                self.live += 1
-                self.stats["submitted"] += 1
-                self.queue.append(task)
-                self._dispatch()
+                st.live += 1
+                st.stats["submitted"] += 1
+                st.queue.append(task)
+                self.scheduler.schedule()
         finally:
             _threads.release_interrupt(held)
         return fut
@@ -265,12 +278,18 @@ class Core(Dispatching, Answering):
     def _want_worker(self) -> None:
         """(lock held) An idle worker takes the task, or one more is
         started. spec: exec.on-demand"""
-        if self.credits:
-            self.credits -= 1
-        elif not self.full() and not self._closed:
+        st = self.state
+        if st.credits:
+            st.credits -= 1
+        elif not self.full() and not st.closed:
             self.starter.start_new()
 
     # -- lifetime ----------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """No new task from now on (`check_open` raises)."""
+        with self.lock:
+            self.state.shutdown_started = True
 
     def cancel_queued(self) -> None:
         """Cancel the tasks no worker holds yet, except those that are
@@ -279,36 +298,39 @@ class Core(Dispatching, Answering):
         the few tasks handed to the stdlib's call queue are the workers'."""
         if self.foreign:
             return
+        st = self.state
         with self.lock:
-            keep = self.starter.starting * self.max_inflight
+            keep = self.starter.starting * st.max_inflight
             kept = []
-            while self.queue:
-                t = self.queue.popleft()
+            while st.queue:
+                t = st.queue.popleft()
                 if keep > 0 or not t.future.cancel():
                     keep -= 1
                     kept.append(t)
                 else:
-                    self._finished(t)
-            self.queue.extend(kept)
+                    st.finished(t)
+            st.queue.extend(kept)
 
     def capacity(self) -> int:
         """Tasks the workers can hold at once now (their windows summed,
         workers being started included; a racy read, for pacing producers)."""
-        coming = self.starter.starting * self.max_inflight
-        room = self.ring_window
-        return max(1, coming + sum(min(w.window, room) for w in list(self.workers.values()) if not w.dead))
+        st = self.state
+        coming = self.starter.starting * st.max_inflight
+        room = st.ring_window
+        return max(1, coming + sum(min(w.window, room) for w in list(st.workers.values()) if not w.dead))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         if self.foreign:
             return True  # (nothing here completes the parent's tasks: never wait for them)
+        st = self.state
         with self.lock:
-            return self.idle.wait_for(lambda: self.live == 0 or self.broken is not None, timeout)
+            return self.idle.wait_for(lambda: st.live == 0 or st.broken is not None, timeout)
 
     def signal_workers(self, sig: int) -> None:
         if self.foreign:
             return  # the parent's workers: never signalled from a fork() child
         with self.lock:
-            procs = [w.proc for w in self.workers.values() if not w.dead]
+            procs = [w.proc for w in self.state.workers.values() if not w.dead]
         for p in procs:
             try:
                 p.send_signal(sig)
@@ -319,7 +341,7 @@ class Core(Dispatching, Answering):
         if self.foreign:
             return
         with self.lock:
-            self._break(why)
+            self.state.break_pool(why)
 
     def close_when_idle(self) -> None:
         """Close once no task is pending, from the management thread (no
@@ -333,35 +355,33 @@ class Core(Dispatching, Answering):
         hub's own driver thread, e.g. a finalizer run there, the work is
         handed to a short-lived thread: the driver cannot wait for itself.)
         In a fork() child the core is the parent's: nothing is done."""
-        if self._closed or self.foreign:
+        st = self.state
+        if st.closed or self.foreign:
             return
         if self.host._driver.on_driver:
             _threads.start(threading.Thread(target=self.close, name=f"{self.name}-close"))
             return
         with self._close_lock:
-            if self._closed:
+            if st.closed:
                 return
-            with self.starter.lock:  # no worker start is under way, and none begins
-                self._closed = True
+            self.starter.mark_closed()  # no worker start is under way, and none begins
         with self.lock:
-            for p in self.pins:
-                p.detach()  # (a result still in use keeps its bytes, as private memory)
-            self.pins = []
-            self._init = None  # initargs may hold resources (multiprocessing queues, locks)
-            logs = [w.startup_log for w in self.workers.values() if w.startup_log is not None]
-            for w in self.workers.values():
+            self.pins.detach_all()  # (a result still in use keeps its bytes, as private memory)
+            self.starter.forget_setup()  # initargs may hold resources (multiprocessing queues, locks)
+            logs = [w.startup_log for w in st.workers.values() if w.startup_log is not None]
+            for w in st.workers.values():
                 w.startup_log = None
             self.idle.notify_all()
         self.functions.clear()
         for log in logs:
             log.close()
         with self.lock:
-            timers, self._timers = self._timers, []
+            timers = self.scheduler.take_timers()
             # A stream thread waits for credit as long as its worker lives
             # (one busy in a long task grants none): its channel is given
             # up first, so it ends within a wait slice. spec: exec.close-streams (No new one starts:
-            # `_start_timer` checks `_closed`.)
-            for w in self.workers.values():
+            # the scheduler's timers check `state.closed`.)
+            for w in st.workers.values():
                 if w.tx is not None:
                     w.tx.abandon("the pool is closing")
         for t in timers:
@@ -379,7 +399,7 @@ class Core(Dispatching, Answering):
                 if self.host is not None:
                     self.host.close()
             finally:
-                self._closed = True
+                self.state.closed = True
                 self.closed_event.set()
                 if self.starter is not None:
                     self.starter.stop()
@@ -387,31 +407,40 @@ class Core(Dispatching, Answering):
                 for hook in hooks:
                     hook()
 
+    def held_tasks(self):
+        """Every task this core holds: queued, in a worker's window, or
+        answered and not yet delivered (for the fork hook: no lock taken)."""
+        workers = list(self.state.workers.values())
+        return itertools.chain(self.state.queue, *(list(w.inflight.values()) for w in workers),
+                               (a[0] for a in list(self.answers.queued)))
+
     def processes(self, timeout: float = 30.0) -> dict[int, object]:
         """pid -> Popen of each live worker, once the starts asked for so
         far are done (a worker being started is one of them)."""
         if self.foreign:
             return {}  # (the parent's workers)
+        st = self.state
         with self.lock:
-            self.idle.wait_for(lambda: not self.starter.pending or self._closed
-                               or self.broken is not None, timeout)
-            return {w.proc.pid: w.proc for w in self.workers.values() if not w.dead}
+            self.idle.wait_for(lambda: not self.starter.pending or st.closed
+                               or st.broken is not None, timeout)
+            return {w.proc.pid: w.proc for w in st.workers.values() if not w.dead}
 
     def statistics(self) -> dict:
         if self.foreign:
             return {"max_workers": self.max_workers, "queued": 0, "pending": 0, "workers": {},
                     "broken": str(forksafe.foreign_error(self.kind, self.owner_pid, "use it")),
                     "shutdown": True, "foreign": True}
+        st = self.state
         with self.lock:
             workers = {w.peer_id: {"pid": w.proc.pid, "inflight": len(w.inflight), "dead": w.dead,
                                    "dispatched": w.dispatched, "retiring": w.retiring,
                                    "window": w.window}
-                       for w in self.workers.values()}
+                       for w in st.workers.values()}
             out = {
-                "max_workers": self.max_workers, "queued": len(self.queue), "pending": self.live,
-                "pinned_results": len(self.pins), "broken": self.broken, "idle_credits": self.credits,
+                "max_workers": self.max_workers, "queued": len(st.queue), "pending": st.live,
+                "pinned_results": len(self.pins), "broken": st.broken, "idle_credits": st.credits,
                 "functions_cached": len(self.functions),
-                "shutdown": self.shutdown_started, "workers": workers, **dict(self.stats),
+                "shutdown": st.shutdown_started, "workers": workers, **dict(st.stats),
             }
         out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
         return out
@@ -422,4 +451,4 @@ def default_workers() -> int:
     return n or 1
 
 
-__all__ = ["Core", "SINGLE", "CHUNK", "MAP", "default_workers"]
+__all__ = ["Core", "default_workers"]

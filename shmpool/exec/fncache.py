@@ -8,7 +8,7 @@ Data flow: `Core.submit` -> `get(fn)`: (id, name, bytes) from the cache,
 or pickled now and cached; for any other callable (a bound method, a
 partial, a callable object) id 0 and no bytes: the core sends it with its
 call. Evicted entries (least recently used beyond `size`) and entries of
-collected functions -> `forgotten` -> `Core._dispatch` tells the workers
+collected functions -> `forgotten` -> `Scheduler.schedule` tells the workers
 that hold them to drop them (with their next `define`).
 
 Invariants: the cache holds only weak references, so it keeps no callable

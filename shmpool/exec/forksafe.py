@@ -62,7 +62,6 @@ around the fork): its pool goes on as if no fork had happened.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import warnings
@@ -72,7 +71,7 @@ from .. import _atomics
 from ..errors import ForeignPoolError
 from .serialization import live_pins
 
-_cores: set = set()  # this process's open cores (a plain set: see executor._live)
+_cores: set = set()  # this process's open cores (a plain set: see _lifetime.LiveSet)
 _FINAL = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 def foreign_error(kind: str, owner_pid: int, what: str = "schedule new work") -> ForeignPoolError:
@@ -108,8 +107,7 @@ def _disown(core) -> None:
     except Exception:  # noqa: BLE001 - (no _at_fork_reinit: the futures are failed all the same)
         pass
     try:
-        tasks = itertools.chain(core.queue, *(list(w.inflight.values()) for w in workers),
-                                (a[0] for a in list(core._answers)))
+        tasks = core.held_tasks()
         err = None
         for task in tasks:
             fut = getattr(task, "future", None)

@@ -5,7 +5,8 @@
 (`shmpool.exec.starter.worker_argv` builds the boot line: it imports this
 module from the host's own shmpool package, then calls `main`.)
 
-Owns: the worker's side of its session with the host: the `init`, `define`,
+Owns: the worker's side of its session with the host (the requests and
+records are `protocol`'s, shared with the host): the `init`, `define`,
 `run` and `run_batch` handlers, the cache of functions it was sent, the pins of task
 payloads whose zero-copy buffers are still in use, and when to leave.
 
@@ -49,25 +50,18 @@ import itertools
 import os
 import pickle
 import signal
-import struct
 import sys
 import time
 
 from .. import _atomics, failpoints
-from ..errors import TaskUnpicklingError
+from ..errors import (
+    InitializerFailed, ResultEncodingError, TaskInterrupted, TaskNotRun, TaskUnpicklingError,
+)
 from ..hub.guest import run_guest
 from ..session import GuestSession
-from ..session.messages import method_id
+from .protocol import ARG_STDERR, BATCH_TIME, DEFINE, EXIT_INIT_FAILED, INIT, MAP, RUN, RUN_BATCH, SINGLE
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
-
-INIT = method_id("shmpool.exec.guest.init")
-DEFINE = method_id("shmpool.exec.guest.define")
-RUN = method_id("shmpool.exec.guest.run")
-RUN_BATCH = method_id("shmpool.exec.guest.run_batch")
-SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
-EXIT_INIT_FAILED = 86
-BATCH_TIME = struct.Struct("<d")  # the answer to run_batch: seconds its tasks took, in the worker
 
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
 FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
@@ -77,37 +71,6 @@ FP_PICKLED = failpoints.declare("worker.after-result-pickle", "result pickled, n
 FP_RESULT_SLOT = failpoints.declare("worker.after-result-alloc", "result written to its slot, not sent")
 FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result not yet sent")
 FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answered, the next not started")
-
-
-class ResultEncodingError(Exception):
-    """The task's result could not be pickled. `original` is the exception
-    pickling raised (the executor raises that, as the stdlib does; the pool
-    turns this into `multiprocessing.pool.MaybeEncodingError`)."""
-
-    def __init__(self, exc_repr: str, value_repr: str, original: BaseException | None = None) -> None:
-        super().__init__(exc_repr, value_repr, original)
-        self.exc_repr = exc_repr
-        self.value_repr = value_repr
-        self.original = original
-
-    def __str__(self) -> str:
-        return f"Error sending result: '{self.value_repr}'. Reason: '{self.exc_repr}'"
-
-
-class TaskNotRun(Exception):
-    """The answer to a batched task that this worker did not run (a task
-    before it in the batch raised an exit): the host queues it again."""
-
-
-class TaskInterrupted(Exception):
-    """Carries the KeyboardInterrupt a task was stopped by (a Ctrl-C at the
-    terminal reaches the workers too) back to the host, which raises
-    `original`, as the stdlib's workers send it back. An Exception, so that
-    the session answers with it and this worker goes on."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(original)
-        self.original = original
 
 
 _in_task = False  # a task's function is running on the main thread
@@ -121,7 +84,10 @@ def _on_sigint(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
-class _Worker:
+class GuestProgram:
+    """One worker process's side of its session: the handlers of the
+    protocol's requests (see the module docstring), run on the main thread."""
+
     def __init__(self, guest) -> None:
         self.guest = guest
         self.session = GuestSession(guest)
@@ -381,12 +347,6 @@ class _Worker:
         return self.exit_code or 0
 
 
-class InitializerFailed(BaseException):
-    """The pool's initializer raised in this worker (a BaseException, so
-    that the session answers `init` with it and then lets it end the
-    worker before any task runs)."""
-
-
 class _Broken:
     __slots__ = ("error",)
 
@@ -413,9 +373,6 @@ def _short_repr(obj, limit: int = 200) -> str:
     except Exception:  # noqa: BLE001
         r = f"<unrepresentable {type(obj).__name__}>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
-ARG_STDERR = "--stderr-fd"
 
 
 def _stderr_fd(argv: list[str]) -> int | None:
@@ -463,14 +420,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def serve(guest) -> int:
         _restore_stderr(err_fd)
-        return _Worker(guest).serve()
+        return GuestProgram(guest).serve()
 
     run_guest(serve, argv, prog="shmpool worker")
 
 
 if __name__ == "__main__":
-    # Run the module under its real name, so that its exception classes
-    # pickle by reference (as shmpool.exec.guest.X, not __main__.X).
+    # Run the module under its real name (`python -m shmpool.exec.guest`),
+    # so that its failpoints and globals are those of shmpool.exec.guest.
     from shmpool.exec.guest import main as _main
 
     _main()

@@ -1,5 +1,5 @@
-"""Dispatch: which queued tasks go to which worker, and how (a mixin of
-`core.Core`).
+"""Scheduling: which queued tasks go to which worker, and how (`Scheduler`,
+one part of a `core.Core`).
 
 Owns the decision and the sending: a worker with room (its window, and
 for short tasks fewer than `MESSAGE_DEPTH` requests in flight) gets the
@@ -9,8 +9,15 @@ on the worker first if it does not know it; the tasks are written into one
 slot and sent as one `run` or `run_batch` request, each answer expected
 under the task's own id.
 
-Data flow: `Core.submit` and every answer (`_answers`) call `_dispatch`
-with the core's lock held -> `_pick` a worker -> `_take` tasks off the
+It is given the engine's books (`state.EngineState`: the lock, the queue,
+the worker records, the limits, a task's end), the pin budget (swept
+before a send takes a slot), the function cache, the slot pool, and the
+answer handler whose `on_done`/`batch_done` each sent request expects.
+It also owns the engine's timer threads (a retry after a full ring, a
+chunked stream), which `Core.close` takes back (`take_timers`).
+
+Data flow: `Core.submit` and every answer (`answers.Answers`) call
+`schedule` with the lock held -> `_pick` a worker -> `_take` tasks off the
 queue (cancelled ones finished on the way) -> `_send`: `define`, the
 payload, the expected ids, the call -> the tasks are the worker's
 (`inflight`, by the id its guest word will name) until answered.
@@ -18,7 +25,7 @@ payload, the expected ids, the call -> the tasks are the worker's
 Chunked arguments (spec: exec.chunked): a task's payload above an eighth
 of the memory limit, or one no slot takes after the sweep of dropped pins,
 the larger classes and a huge extent, goes as a `run` request with an
-inline marker; its bytes follow on the worker's chunk channel (`_Worker.tx`)
+inline marker; its bytes follow on the worker's chunk channel (`WorkerRecord.tx`)
 from a thread of their own (kept with the timers, joined at close).
 
 Invariants: everything here runs with the core's lock held and never
@@ -48,23 +55,40 @@ from ..errors import (
     ChannelBroken, ChannelClosed, ChannelReset, ConnectionClosedError, PeerDeadError, PoolBrokenError,
     ShmpoolError, SlotExhaustedError,
 )
+from .protocol import DEFINE, RUN, RUN_BATCH
 from .serialization import Chunked, chunk_threshold, dumps, marker, transfer_ids, write
-from .tasks import _Task, _Worker
-from .guest import DEFINE, RUN, RUN_BATCH
+from .tasks import _Task, WorkerRecord
 
 RING_RETRY = 0.002  # seconds before tasks that found a worker's ring full are offered again
 
 
-class Dispatching:
-    """The dispatch half of `core.Core` (see the module docstring)."""
+class Scheduler:
+    """See the module docstring. One per `core.Core`."""
 
-    def _dispatch(self) -> None:
+    def __init__(self, state, pins, functions, slots, answers) -> None:
+        self.state = state  # `state.EngineState`
+        self.pins = pins  # `answers.PinBudget`
+        self.functions = functions  # `fncache.FunctionCache`
+        self.slots = slots  # the session's slot pool (payloads are written there)
+        self.answers = answers  # `answers.Answers`: on_done, batch_done
+        self.timers: list[threading.Timer] = []  # pending timers and stream threads (`take_timers`)
+        self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
+        self.ring_retry = False  # a timer will schedule again after a full ring (lock held)
+
+    def take_timers(self) -> list[threading.Timer]:
+        """(lock held; closing) The timer and stream threads, for the core
+        to cancel or join; none start once the state is closed."""
+        timers, self.timers = self.timers, []
+        return timers
+
+    def schedule(self) -> None:
         """Give queued tasks to workers with room (lock held)."""
         if self.functions.has_forgotten():
             self._forget_functions()
-        q = self.queue
+        st = self.state
+        q = st.queue
         full = None  # workers whose ring was found full in this round
-        while q and self.broken is None:
+        while q and st.broken is None:
             w = self._pick(full)
             if w is None:
                 return
@@ -81,13 +105,13 @@ class Dispatching:
                     if id(t) not in held:
                         if t.rid is not None:
                             w.conn.forget(t.rid)
-                        self._fail(t, e)
+                        st.fail(t, e)
                 continue
             if back is not None:
                 back = [t for t in back if not t.finished]
-                if self.broken is not None:  # broken meanwhile (callbacks under our lock)
+                if st.broken is not None:  # broken meanwhile (callbacks under our lock)
                     for t in back:
-                        self._fail(t, PoolBrokenError(self.broken))
+                        st.fail(t, PoolBrokenError(st.broken))
                     continue
                 q.extendleft(reversed(back))
                 if w.dead:
@@ -97,18 +121,19 @@ class Dispatching:
                     full = (full or set()) | {w.peer_id}
                     if not self.ring_retry:  # (one timer at most: each retry may find it full again)
                         self.ring_retry = True
-                        self._later(RING_RETRY, self._retry_after_full_ring)
+                        self.later(RING_RETRY, self._retry_after_full_ring)
                     continue  # (another worker may take them)
                 return  # no slot now: an answer or a timer retries
 
-    def _take(self, w: _Worker) -> list[_Task]:
+    def _take(self, w: WorkerRecord) -> list[_Task]:
         """(lock held) The next task off the queue, with the small ones
         queued behind it, as many as `w` should get in one request;
         cancelled ones are finished on the way. spec: exec.batch"""
-        q = self.queue
-        limit = min(self._batch_limit(w), min(w.window, self.ring_window) - len(w.inflight))
-        if self.max_tasks is not None:
-            limit = min(limit, self.max_tasks - w.dispatched)
+        st = self.state
+        q = st.queue
+        limit = min(self.batch_limit(w), min(w.window, st.ring_window) - len(w.inflight))
+        if st.max_tasks is not None:
+            limit = min(limit, st.max_tasks - w.dispatched)
         batch: list[_Task] = []
         size = 0
         while q and len(batch) < max(1, limit):
@@ -118,7 +143,7 @@ class Dispatching:
             q.popleft()
             if not task.started:
                 if not task.future.set_running_or_notify_cancel():
-                    self._finished(task)  # cancelled while it waited
+                    st.finished(task)  # cancelled while it waited
                     continue
                 task.started = True
             batch.append(task)
@@ -127,7 +152,7 @@ class Dispatching:
                 break
         return batch
 
-    def _batch_limit(self, w: _Worker) -> int:
+    def batch_limit(self, w: WorkerRecord) -> int:
         """Tasks one request to `w` may carry: about WINDOW_WORK seconds of
         its tasks, once it is known that they are short (1 otherwise)."""
         if not w.service or w.service * 4 > T.WINDOW_WORK:
@@ -138,20 +163,20 @@ class Dispatching:
         """(lock held) Functions evicted from the cache or collected: each
         worker that holds one is told to drop it with its next `define`."""
         fids = self.functions.take_forgotten()
-        for w in self.workers.values():
+        for w in self.state.workers.values():
             for fid in fids & w.known.keys():
                 del w.known[fid]
                 w.forget.append(fid)
 
-    def _pick(self, skip=None) -> _Worker | None:
+    def _pick(self, skip=None) -> WorkerRecord | None:
         best = None
-        room = self.ring_window
-        for w in self.workers.values():
+        room = self.state.ring_window
+        for w in self.state.workers.values():
             if w.dead or w.retiring or len(w.inflight) >= min(w.window, room):
                 continue
             if skip and w.peer_id in skip:
                 continue
-            if w.messages >= T.MESSAGE_DEPTH and self._batch_limit(w) > 1:
+            if w.messages >= T.MESSAGE_DEPTH and self.batch_limit(w) > 1:
                 # Short tasks: what queues meanwhile goes in one request
                 # when its next answer comes (it has work until then).
                 continue
@@ -163,18 +188,18 @@ class Dispatching:
                 best = w
         return best
 
-    def _send(self, batch: list[_Task], w: _Worker) -> list[_Task] | None:
+    def _send(self, batch: list[_Task], w: WorkerRecord) -> list[_Task] | None:
         """Hand `batch` to `w` in one request. None once sent; else the
         tasks that are still ours to queue again (no slot right now, `w`'s
         ring is full: then `ring_was_full` is set, or `w` is gone: then its
         end may have taken some, and requeues them). Never waits: every
         send is a try-send (the core's lock is held)."""
         conn = w.conn
-        if self.pins:
+        if self.pins.held:
             # A result the caller has dropped gives its slot back before a
             # big argument takes a new one (and a worker's next result finds
             # it free): big round trips then reuse the same populated extents.
-            self._sweep_pins()
+            self.pins.sweep()
         batched = len(batch) > 1
         tags = [conn.spare_id() for _ in batch] if batched else ()
         chunked = tid = None
@@ -193,76 +218,79 @@ class Dispatching:
                     chunked, tid = out, next(transfer_ids)
                     out = marker(tid, chunked.total)
         except SlotExhaustedError:
-            self._sweep_pins()
-            self.stats["slot_waits"] += 1
+            self.pins.sweep()
+            self.state.stats["slot_waits"] += 1
             if batched:
                 # No slot for the batch: its head goes alone (a single task
                 # streams when no slot takes it), the rest wait for its
                 # answer. Never a retry loop on slots that may not come.
                 back = self._send(batch[:1], w)
                 return batch if back else batch[1:]
-            if not any(x.inflight for x in self.workers.values()):
+            if not any(x.inflight for x in self.state.workers.values()):
                 # No completion will come to retry this: the slots are held
                 # by results the caller keeps. Look again shortly.
-                self._later(0.01)
+                self.later(0.01)
             return batch
         except (PeerDeadError, ConnectionClosedError):
             w.dead = True
             return batch
         except TimeoutError:  # (after SlotExhaustedError, a TimeoutError too) the ring is full
             self.ring_was_full = True
-            self.stats["ring_full"] += 1
+            self.state.stats["ring_full"] += 1
             return batch
         expected = []
+        on_done = self.answers.on_done
         for task, tag in zip(batch, tags):
             task.worker = w
             task.rid = tag
-            if conn.await_part(tag, lambda res, err, task=task, w=w: self._on_done(task, w, res, err, False)):
+            if conn.await_part(tag, lambda res, err, task=task, w=w: on_done(task, w, res, err, False)):
                 expected.append(task)
         try:
             if batched:
-                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: self._batch_done(w, b, res, err),
+                batch_done = self.answers.batch_done
+                conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: batch_done(w, b, res, err),
                              timeout=0)
             else:
                 task = batch[0]
                 task.worker = w
-                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: self._on_done(task, w, res, err),
+                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: on_done(task, w, res, err),
                                         timeout=0)
         except (PeerDeadError, ConnectionClosedError, TimeoutError) as e:
             # (the call's payload was freed by the failed send)
             if isinstance(e, TimeoutError):
                 self.ring_was_full = True
-                self.stats["ring_full"] += 1
+                self.state.stats["ring_full"] += 1
             else:
                 w.dead = True
             # (an expected answer the connection's end took is failed, and requeued, by it)
             return [t for t in batch if t not in expected or conn.forget(t.rid)]
-        # (No answer can be handled before this: _on_done takes the lock we hold.)
+        # (No answer can be handled before this: on_done takes the lock we hold.)
         for task in batch:
             w.inflight[task.rid] = task
         if chunked is not None:
             # The request went; its arguments follow from a thread of their
-            # own (they wait for the worker's credit; dispatch never does),
+            # own (they wait for the worker's credit; scheduling never does),
             # and the worker collects them as they arrive.
             try:
-                self._stream_later(w, tid, chunked)
+                self.stream_later(w, tid, chunked)
             except Exception as e:  # noqa: BLE001 - no thread: the worker would wait for them
                 task = batch[0]
                 del w.inflight[task.rid]
                 conn.forget(task.rid)
-                self._fail(task, e)
+                self.state.fail(task, e)
                 w.proc.kill()  # (it waits for bytes that cannot come; nothing of ours is charged)
                 return None
+        st = self.state
         if batched:
-            self.stats["batches"] += 1
+            st.stats["batches"] += 1
         w.messages += 1
         w.dispatched += len(batch)
-        if self.max_tasks is not None and w.dispatched >= self.max_tasks:
+        if st.max_tasks is not None and w.dispatched >= st.max_tasks:
             w.retiring = True  # it leaves after these; a replacement comes
-        self.stats["dispatched"] += len(batch)
+        st.stats["dispatched"] += len(batch)
         return None
 
-    def _open_tx(self, w: _Worker, task: _Task) -> bool:
+    def _open_tx(self, w: WorkerRecord, task: _Task) -> bool:
         """(lock held) `w`'s chunk channel, opened if need be; False if
         none can be (no channel id left: max_channels), `task` then
         failed with the knob to raise."""
@@ -272,11 +300,11 @@ class Dispatching:
             except ConnectionClosedError:
                 raise
             except ShmpoolError as e:  # no channel id left (max_channels): this task's error
-                self._fail(task, e)
+                self.state.fail(task, e)
                 return False
         return True
 
-    def _define(self, task: _Task, w: _Worker) -> bool:
+    def _define(self, task: _Task, w: WorkerRecord) -> bool:
         """Send `define` for the task's function if `w` does not know it.
         A function above the chunk threshold, or one no slot takes now,
         is defined chunked: the `define` carries a marker and its bytes
@@ -300,24 +328,14 @@ class Dispatching:
                 chunked, tid = out, next(transfer_ids)
                 out = marker(tid, chunked.total)
                 w.conn.call(DEFINE, out, timeout=0)
-                self._stream_later(w, tid, chunked)  # (it went: its bytes must follow)
+                self.stream_later(w, tid, chunked)  # (it went: its bytes must follow)
             else:
                 w.conn.call(DEFINE, out, timeout=0)
             w.forget = []
             w.known[fid] = None
         return True
 
-    def _sweep_pins(self) -> None:
-        """(lock held) Free the slots of results nobody uses any more, and
-        recount what the others hold (the pin budget: `answers._may_pin`)."""
-        self.pins = pins = [p for p in self.pins if not p.release_if_unused()]
-        total, by_class = 0, {}
-        for p in pins:
-            total += p.size
-            by_class[p.cls] = by_class.get(p.cls, 0) + p.size
-        self.pinned_bytes, self.pinned_by_class = total, by_class
-
-    def _stream_later(self, w: _Worker, tid: int, chunked) -> None:
+    def stream_later(self, w: WorkerRecord, tid: int, chunked) -> None:
         """(lock held) Stream chunked bytes (a task's arguments, or a
         function's `define`) to `w` on a thread of their own, kept with
         the timers (`close` breaks the channel, then joins it). If the
@@ -329,7 +347,7 @@ class Dispatching:
 
         def stream() -> None:
             try:
-                tx.send_transfer(tid, chunked.parts, chunked.total, max_pieces=self.stream_pieces)
+                tx.send_transfer(tid, chunked.parts, chunked.total, max_pieces=self.state.stream_pieces)
             except (ChannelBroken, ConnectionClosedError, PeerDeadError):
                 pass  # the connection ended (or close broke the channel): its end requeues the task
             except (ChannelClosed, ChannelReset) as e:
@@ -337,14 +355,14 @@ class Dispatching:
             except BaseException as e:  # noqa: BLE001 - the worker reports it as the task's error
                 # (if it began, its receiver has failed it already)
                 tx.abort_transfer(tid, f"the host could not send the arguments: {type(e).__name__}: {e}")
-        self._start_timer(0, stream, f"{self.name}-chunked-args")
+        self._start_timer(0, stream, f"{self.state.name}-chunked-args")
 
-    def _abort_elsewhere(self, w: _Worker, tx, tid: int, why: str) -> None:
+    def _abort_elsewhere(self, w: WorkerRecord, tx, tid: int, why: str) -> None:
         """(stream thread) `tx` ended while `w`'s connection is open: tell
         the worker, on a new channel, that transfer `tid` will not come
         (it then fails the task with `why` instead of waiting for it)."""
-        with self.lock:
-            if self._closed or w.dead or w.conn.closed:
+        with self.state.lock:
+            if self.state.closed or w.dead or w.conn.closed:
                 return
             if w.tx is tx:
                 w.tx = None
@@ -356,33 +374,32 @@ class Dispatching:
                 return  # (no channel id left: its connection's end frees the wait)
         new.abort_transfer(tid, why)
 
-    def _later(self, delay: float, target=None) -> None:
-        """Dispatch again after `delay` seconds (lock held)."""
-        self._start_timer(delay, target or self._retry_dispatch)
+    def later(self, delay: float, target=None) -> None:
+        """Schedule again after `delay` seconds (lock held)."""
+        self._start_timer(delay, target or self._retry_schedule)
 
     def _start_timer(self, delay: float, target, name: str | None = None) -> None:
         """(lock held) Run `target` on a timer thread after `delay`, kept
         with the others (`close` cancels or joins them); none once closed."""
-        if self._closed:
+        if self.state.closed:
             return
         t = threading.Timer(delay, target)
         t.daemon = True
         if name is not None:
             t.name = name
-        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        self.timers = [x for x in self.timers if x.is_alive()] + [t]
         _threads.start(t)
 
-    def _retry_dispatch(self) -> None:
-        if not self._closed:
-            with self.lock:
-                self._dispatch()
+    def _retry_schedule(self) -> None:
+        if not self.state.closed:
+            with self.state.lock:
+                self.schedule()
 
     def _retry_after_full_ring(self) -> None:
-        with self.lock:
+        with self.state.lock:
             self.ring_retry = False
-            if not self._closed:
-                self._dispatch()
-
+            if not self.state.closed:
+                self.schedule()
 
 
 def _batchable(task: _Task, size: int) -> bool:

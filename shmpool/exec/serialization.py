@@ -64,7 +64,7 @@ from multiprocessing.reduction import ForkingPickler
 import cloudpickle
 
 from .. import _atomics
-from ..errors import PayloadTooLargeError, SlotExhaustedError
+from ..errors import PayloadTooLargeError, SlotExhaustedError, _NeedsCloudpickle
 from ..session.messages import Outgoing, alloc
 from ..shm.layout import INLINE_CAPACITY, slot_class
 
@@ -120,10 +120,6 @@ def transfer_of(received) -> int | None:
         if data[:1] == CHUNKED and len(data) == 1 + _MARK.size:
             return _MARK.unpack_from(data, 1)[0]
     return None
-
-
-class _NeedsCloudpickle(Exception):
-    pass
 
 
 def _by_value(obj) -> bool:

@@ -1,17 +1,26 @@
 """Starting the worker processes of a `core.Core`: on demand, as
-replacements, and the management thread that does it.
+replacements, and the management thread that does it (`Starter`, one part
+of the core).
 
 Owns: the management thread and its queue of start requests, the command
 line a worker is started with, the `init` payload (pickled for each start
 as for a spawned multiprocessing child, with the fds it needs passed to
 the process), the capture of a worker's stderr until it has attached, the
-count of consecutive start failures and when they break the pool.
+count of consecutive start failures and when they break the pool, the
+initializer and initargs (`setup`, dropped at close), and the counts of
+starts asked for (`starting`, `pending`). It is given the engine's books
+(`state.EngineState`: the lock, the counters, the lifetime flags,
+`break_pool`), the hub host and the slot pool, and the core's callbacks:
+`new_worker` and `register` (a started worker's record, made, then
+joined to the pool), `on_death` (the hub's death
+callback), `schedule`, `stream_later` (the scheduler's) and `close`.
 
 Data flow: `Core.submit` (no idle worker and fewer than max_workers) or
-`Core._on_death` (a worker ended) -> `request()` -> the management thread
+`Core.on_death` (a worker ended) -> `start_new()`/`replace()` -> the management thread
 -> `start()`: a hub entry (`add_peer`), the `init` payload, `host.spawn`
 (the boot line, the initargs' fds, stderr to a capture file) -> the worker
-is registered with the core (tasks are dispatched to its ring at once)
+is registered with the core (`new_worker`, `register`; tasks are sent to its ring
+at once)
 -> its `init` answer -> `_on_init`: ready (the failure count restarts) or
 a start failure: the initializer raised, the process ended before it was
 ready (by itself, not by a signal sent to it), or it could not be started.
@@ -25,7 +34,8 @@ current directory); the worker gets the host's multiprocessing authkey;
 MAX_START_FAILURES consecutive start failures break the pool with a
 `PoolBrokenError` that says what happened and what to check, instead of
 starting replacements forever; no start is under way once `Core.close`
-has begun (`lock`); nothing here runs on the hub's driver thread.
+has begun (`lock`, under which the core sets `state.closed`); nothing here
+runs on the hub's driver thread.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from ..errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, Stal
 from ..hub import AddPeerOptions
 from ..session.messages import Outgoing
 from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
-from .guest import ARG_STDERR, INIT
+from .protocol import ARG_STDERR, INIT
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool is broken
 RETRY_DELAY = 0.05  # seconds before a failed start is tried again
@@ -154,22 +164,35 @@ class StartupLog:
 class Starter:
     """See the module docstring. One per `Core`."""
 
-    def __init__(self, core) -> None:
-        self.core = core
+    def __init__(self, state, host, slots, setup: tuple, *, new_worker, register, on_death, schedule,
+                 stream_later, close) -> None:
+        self.state = state  # `state.EngineState`
+        self.host = host
+        self.slots = slots
+        # (initializer, initargs, max_tasks_per_child): pickled for each
+        # worker start (as a spawned child's arguments: multiprocessing
+        # objects in initargs are passed on). Dropped at close.
+        self.setup: tuple | None = setup
+        self.new_worker = new_worker  # (peer id, process, log) -> the worker's record
+        self.register = register  # (lock held) a worker's record joins the pool
+        self.on_death = on_death  # the hub's callback when a worker's process ends
+        self.schedule = schedule  # (lock held) give queued tasks to workers with room
+        self.stream_later = stream_later  # (lock held) stream chunked bytes to a worker
+        self.close_core = close
         self.lock = threading.Lock()  # held while a worker is being started
         self.failures = 0  # consecutive start failures
-        self.starting = 0  # new workers requested and not yet registered (core.lock)
-        self.pending = 0  # requests not yet handled (core.lock)
+        self.starting = 0  # new workers requested and not yet registered (state.lock)
+        self.pending = 0  # requests not yet handled (state.lock)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._close_when_idle = False
         self.logs: set[StartupLog] = set()  # start-up logs not closed yet
-        self.thread = threading.Thread(target=self._loop, name=f"{core.name}-manager", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=f"{state.name}-manager", daemon=True)
         _threads.start(self.thread)
 
-    # -- requests (core.lock held, or no lock) ----------------------------------
+    # -- requests (state.lock held, or no lock) ----------------------------------
 
     def start_new(self, n: int = 1) -> None:
-        """Start `n` more workers (core.lock held)."""
+        """Start `n` more workers (state.lock held)."""
         self.starting += n
         self.pending += n
         for _ in range(n):
@@ -177,7 +200,7 @@ class Starter:
 
     def replace(self, w) -> None:
         """Worker `w` ended: judge its end if it was not ready yet, then
-        start its replacement (core.lock held; driver thread)."""
+        start its replacement (state.lock held; driver thread)."""
         self.pending += 1
         self._q.put(w)
 
@@ -188,9 +211,20 @@ class Starter:
         self._q.put(_IDLE)
 
     def idle_now(self) -> None:
-        """The core's last pending task finished (core.lock held)."""
+        """The core's last pending task finished (state.lock held)."""
         if self._close_when_idle:
             self._q.put(_IDLE)
+
+    def mark_closed(self) -> None:
+        """`Core.close` has begun: once no worker start is under way, none
+        begins any more (`state.closed`, set under `lock`)."""
+        with self.lock:
+            self.state.closed = True
+
+    def forget_setup(self) -> None:
+        """Closing: drop the initializer and initargs (they may hold
+        resources: multiprocessing queues, locks). No start is under way."""
+        self.setup = None
 
     def stop(self) -> None:
         """The core is closed: end the thread (and wait for it unless this
@@ -206,38 +240,38 @@ class Starter:
     # -- the thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        core = self.core
+        st = self.state
         while True:
             item = self._q.get()
             if item is None:
                 return
             if item is _IDLE:
-                with core.lock:
-                    idle = core.live == 0
-                if idle and not core._closed:
-                    core.close()
+                with st.lock:
+                    idle = st.live == 0
+                if idle and not st.closed:
+                    self.close_core()
                 continue
             try:
                 self._handle(item)
             except Exception:  # noqa: BLE001 - the thread must outlive any surprise
-                if not core._closed:
+                if not st.closed:
                     sys.excepthook(*sys.exc_info())
             finally:
-                with core.lock:
+                with st.lock:
                     self.pending -= 1
-                    core.idle.notify_all()
+                    st.idle.notify_all()
 
     def _handle(self, item) -> None:
-        core = self.core
+        st = self.state
         new = item is _NEW
         echo, early = "", False
-        with core.lock:
+        with st.lock:
             w = None if new else item
             if w is not None:
                 early = not w.ready
                 echo = self._judge(w)
-            skip = (core._closed or core.broken is not None
-                    or (not new and core.shutdown_started and not core.live))
+            skip = (st.closed or st.broken is not None
+                    or (not new and st.shutdown_started and not st.live))
             if skip and new:
                 self.starting -= 1
         if echo:
@@ -248,23 +282,23 @@ class Starter:
             time.sleep(RETRY_DELAY)  # (no hot loop of starts that end at once)
         try:
             with self.lock:
-                if core._closed:
+                if st.closed:
                     if new:
-                        with core.lock:
+                        with st.lock:
                             self.starting -= 1
                     return
                 self.start(None if new else w.peer_id, new)
         except Exception as e:  # noqa: BLE001 - a worker that cannot be started
-            if core._closed:
+            if st.closed:
                 return
-            with core.lock:
+            with st.lock:
                 if new:
                     self.starting -= 1
                 self.failed(f"cannot start a worker process: {type(e).__name__}: {e}")
-                again = core.broken is None and not core._closed
+                again = st.broken is None and not st.closed
             if again:  # (this request stays pending until it is queued again)
                 time.sleep(RETRY_DELAY)
-                with core.lock:
+                with st.lock:
                     if new:
                         self.start_new()
                     else:
@@ -272,7 +306,7 @@ class Starter:
                         self._q.put(w)
 
     def _judge(self, w) -> str:
-        """Worker `w` ended (core.lock held). If it had not answered `init`
+        """Worker `w` ended (state.lock held). If it had not answered `init`
         yet, that is a start failure, unless it was stopped from outside.
         Returns what it printed before attaching, if it never did (to be
         shown on our stderr)."""
@@ -280,7 +314,7 @@ class Starter:
             return ""
         w.judged = True
         log, w.startup_log = w.startup_log, None
-        if w.ready or w.init_failed or self.core._closed or self.core.broken is not None:
+        if w.ready or w.init_failed or self.state.closed or self.state.broken is not None:
             if log is not None:
                 log.close()
             return ""
@@ -301,9 +335,9 @@ class Starter:
         register it with the core (self.lock held). spec: exec.worker-start"""
         import multiprocessing
 
-        core = self.core
-        ticket = core.host.add_peer(AddPeerOptions(peer_name=f"{core.name}-worker",
-                                                   on_death=core._on_death, peer_id=peer_id), timeout=30)
+        st, host, slots = self.state, self.host, self.slots
+        ticket = host.add_peer(AddPeerOptions(peer_name=f"{st.name}-worker",
+                                              on_death=self.on_death, peer_id=peer_id), timeout=30)
         if ticket is None:
             raise PoolBrokenError(f"no free entry in the hub for a worker (peer {peer_id})")
         log = init = None
@@ -318,7 +352,7 @@ class Starter:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_BEFORE_SPAWN)
             try:
-                setup, fds = pickle_for_child(core._init)
+                setup, fds = pickle_for_child(self.setup)
             except Exception as e:
                 # Deterministic: trying again cannot help (the pool breaks
                 # once the entry is released, below).
@@ -329,29 +363,35 @@ class Starter:
             # `init` request, on the worker's chunk channel): never a wait
             # for a slot here, never a start failure for their size.
             # spec: exec.chunked-define
-            init = write(core.slots, *dumps((list(sys.path), setup,
-                                             bytes(multiprocessing.current_process().authkey))),
-                         timeout=0, chunk_above=chunk_threshold(core.slots.config))
+            init = write(slots, *dumps((list(sys.path), setup,
+                                        bytes(multiprocessing.current_process().authkey))),
+                         timeout=0, chunk_above=chunk_threshold(slots.config))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
-            proc = core.host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
+            proc = host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
             spawned = True
         except BaseException:
             if log is not None:
                 log.close()
             if isinstance(init, Outgoing):
-                core.slots.free(init.slot)
+                slots.free(init.slot)
             if not spawned:
                 try:
-                    core.host.release(ticket)
+                    host.release(ticket)
                 except Exception:  # noqa: BLE001 - a failed spawn released it already
                     pass
             if broken is not None:
-                with core.lock:
-                    core._break(broken)
+                with st.lock:
+                    st.break_pool(broken)
             raise
         log.spawned()
-        w = core.new_worker(ticket.peer_id, proc, log, new)
+        w = self.new_worker(ticket.peer_id, proc, log)
+        with st.lock:  # (registered and no longer counted as starting at once: see `Core.full`)
+            self.register(w)
+            if new:
+                self.starting -= 1
+            else:
+                st.stats["respawns"] += 1
         if failpoints.ACTIVE:
             failpoints.hit(FP_SPAWNED)
         chunked = None
@@ -363,32 +403,32 @@ class Starter:
                 w.tx = w.conn.open_tx()  # (the first channel this connection opens)
             cf = w.conn.call(INIT, init)
             if chunked is not None:
-                with core.lock:
-                    core._stream_later(w, tid, chunked)
+                with st.lock:
+                    self.stream_later(w, tid, chunked)
         except (PeerDeadError, ConnectionClosedError):
             if isinstance(init, Outgoing):
                 try:  # (ours if it was never sent: nobody reclaims the host's slots)
-                    core.slots.free(init.slot)
+                    slots.free(init.slot)
                 except StaleSlotError:
                     pass  # sent, and freed when the send failed
             return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
-        with core.lock:
-            core._dispatch()
+        with st.lock:
+            self.schedule()
 
     def _on_init(self, w, f) -> None:
         """The worker's `init` answer (usually on the driver thread; before
-        `Core._on_death` if it died after answering)."""
+        `Core.on_death` if it died after answering)."""
         exc = f.exception()
-        core = self.core
-        with core.lock:
+        st = self.state
+        with st.lock:
             if exc is None:
                 w.ready = True
                 self.failures = 0
             elif not isinstance(exc, (PeerDeadError, ConnectionClosedError)):
                 w.init_failed = True  # it leaves now (EXIT_INIT_FAILED)
-                core.stats["init_failures"] += 1
-                if not core._closed and core.broken is None:
+                st.stats["init_failures"] += 1
+                if not st.closed and st.broken is None:
                     self.failed(f"{type(exc).__name__}: {exc}", initializer=True)
             else:
                 return  # it died first: `_judge` sees to it
@@ -397,18 +437,18 @@ class Starter:
             log.close()
 
     def failed(self, why: str, *, initializer: bool = False) -> None:
-        """One more start failure (core.lock held); the pool breaks at
+        """One more start failure (state.lock held); the pool breaks at
         MAX_START_FAILURES in a row. spec: exec.start-failure"""
-        core = self.core
+        st = self.state
         self.failures += 1
-        core.stats["start_failures"] += 1
+        st.stats["start_failures"] += 1
         if self.failures < MAX_START_FAILURES:
             return
         if initializer:
-            core._break(f"the pool's initializer failed {self.failures} times in a row "
+            st.break_pool(f"the pool's initializer failed {self.failures} times in a row "
                         f"(last error: {why}); the pool is not usable anymore")
         else:
-            core._break(f"{self.failures} worker processes in a row could not be started, so the "
+            st.break_pool(f"{self.failures} worker processes in a row could not be started, so the "
                         f"pool is not usable anymore. The last: {why}")
 
 

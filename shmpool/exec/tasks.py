@@ -3,10 +3,12 @@
 Owns: `_Task` (one submitted call or chunk: its pickled form until it is
 finished, its attempts and crashes, the worker holding it), `_TaskFuture`
 (the task's `concurrent.futures.Future`, whose waiters fetch answers
-themselves), `_Worker` (one worker process: its connection, the functions
-it knows, the tasks it holds, its adaptive window).
+themselves), `WorkerRecord` (the host's record of one worker process: its
+connection, the functions it knows, the tasks it holds, its adaptive
+window; the worker program itself is `guest.GuestProgram`).
 
-Data flow: `core.Core` creates and mutates all of these under its lock;
+Data flow: the parts of `core.Core` create and mutate all of these under
+the engine's lock (`state.EngineState.lock`);
 a `_TaskFuture` only reads its task's worker to know which ring to watch.
 
 Invariants: a finished task holds no payload and no link to its future
@@ -230,7 +232,9 @@ class _Task:
         self.finished = False  # completed (or cancelled, or failed by _break): never again
 
 
-class _Worker:
+class WorkerRecord:
+    """The host's record of one worker process (see the module docstring)."""
+
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
                  "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx")

@@ -92,7 +92,7 @@ def count_worker_functions():
     """How many functions this worker process holds."""
     import shmpool.exec.guest as w
 
-    workers = [o for o in gc.get_objects() if type(o) is w._Worker]
+    workers = [o for o in gc.get_objects() if type(o) is w.GuestProgram]
     return len(workers[0].funcs)
 
 

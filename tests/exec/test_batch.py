@@ -50,7 +50,7 @@ def forced(max_retries: int = 1) -> ShmExecutor:
     flight (its window: 32), started and warm."""
     e = ShmExecutor(1, max_inflight=32, max_retries=max_retries)
     assert e.submit(ident, 0).result(60) == 0  # (the core exists from the first submit)
-    e._core._batch_limit = lambda w: 16
+    e._core.scheduler.batch_limit = lambda w: 16
     return e
 
 

@@ -44,8 +44,8 @@ def _pinned(ex) -> int:
     """Shared memory the results kept zero-copy hold now (recounted)."""
     core = ex._core
     with core.lock:
-        core._sweep_pins()
-        return core.pinned_bytes
+        core.pins.sweep()
+        return core.pins.pinned_bytes
 
 
 # --------------------------------------------------------------------------

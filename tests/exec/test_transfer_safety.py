@@ -120,7 +120,7 @@ def test_a_stream_to_a_busy_worker_leaves_room_in_its_ring_for_requests(tmp_path
         wait_for(lambda: w.tx is not None and (w.tx.credit_waits > 0 or ring.depth() >= cfg.ring_size - 1),
                  "the stream stalled")
         # (beside the pieces: the two requests, and a stream part's last, partial piece)
-        assert ring.depth() <= core.stream_pieces + 4, (ring.depth(), core.stream_pieces)
+        assert ring.depth() <= core.state.stream_pieces + 4, (ring.depth(), core.state.stream_pieces)
         small = [ex.submit(ident, i) for i in range(5)]
         assert ex.statistics()["ring_full"] == 0
         os.unlink(marker)

@@ -123,7 +123,7 @@ def test_max_inflight_is_clamped_to_what_the_ring_holds():
     with ShmExecutor(2, max_inflight=1000, segment_config=cfg) as e:
         assert list(e.map(_sleepy, range(300))) == list(range(300))
         s = e.statistics()
-    assert e._core.max_inflight == 1
+    assert e._core.state.max_inflight == 1
     assert all(w["window"] <= 1 for w in s["workers"].values())
     assert s["ring_full"] == 0
 
@@ -143,8 +143,8 @@ def test_a_full_ring_requeues_instead_of_blocking_under_the_lock():
         assert e.submit(_sleepy, 0).result(60) == 0
         core = e._core
         with core.lock:  # (the clamp off)
-            core.ring_window = 1 << 16
-            core.max_inflight = 64
+            core.state.ring_window = 1 << 16
+            core.state.max_inflight = 64
             for w in core.workers.values():
                 w.window = 64
         fs = [e.submit(_sleepy, i) for i in range(1000)]

@@ -1,7 +1,7 @@
 """Tasks for tests/exec/test_guard.py that misbehave from inside a worker.
 
 They run in a real shmpool worker process and reach that worker's mapped
-segment through its `_Worker` object (found with `gc`, as a buggy C
+segment through its `GuestProgram` object (found with `gc`, as a buggy C
 extension would find the memory: nothing in shmpool hands it out). Each
 writes what it is told into shared memory; the host must survive it.
 """
@@ -21,7 +21,7 @@ def _worker():
     from shmpool.exec import guest as W
 
     for o in gc.get_objects():
-        if type(o) is W._Worker:
+        if type(o) is W.GuestProgram:
             return o
     raise RuntimeError("not in a shmpool worker")
 
