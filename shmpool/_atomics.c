@@ -391,7 +391,7 @@ futex_wake(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
  * original pages with mremap(MREMAP_FIXED), which atomically drops the
  * shared pages there (same addresses: every object viewing them keeps its
  * bytes, now the child's own); in the parent `page_free` unmaps its copy.
- * Addresses travel as ints: these are for `_forksafe` only. */
+ * Addresses travel as ints: these are for `exec/forksafe.py` only. */
 
 static PyObject *
 page_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs)

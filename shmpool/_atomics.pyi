@@ -61,7 +61,7 @@ def futex_wake(buf: object, off: int, n: int, /) -> int:
     """Wake up to `n` (>= 1) waiters on the word; returns how many woke."""
 
 def page_copy(buf: object, /) -> tuple[int, int, int]:
-    """(Before a fork, for `_forksafe` only.) A private anonymous copy of the
+    """(Before a fork, for `exec/forksafe.py` only.) A private anonymous copy of the
     whole pages under `buf` (rounded out to pages): (its address, the
     address of the first page, the length); the copy's address is 0 if
     none could be made (no memory). Linux-only (NotImplementedError

@@ -10,8 +10,8 @@ stdlib model ends: before or after the non-daemon threads are joined),
 `WorkerProcess` (a worker as a `multiprocessing.Process`-like handle:
 `ShmExecutor._processes`, `ShmPool._pool`).
 
-Data flow: an executor or pool adds itself to its kind's `LiveSet` once
-its `exec.core.Core` exists; the core's `on_close` hooks remove it; the
+Data flow: an executor adds its `exec.core.Core` to its kind's `LiveSet`
+once the core exists, a pool its running state; the core's `on_close` hooks remove it; the
 kind's exit hook walks what is left (its own policy: the executor
 finishes pending work, the pool terminates).
 

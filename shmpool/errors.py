@@ -4,8 +4,9 @@ Owns: every exception type any layer raises on purpose. Each layer imports
 from here and from nothing above itself.
 
 Invariants:
-- Everything derives from `ShmpoolError`, so `except ShmpoolError` catches
-  all of them.
+- Everything a user can meet derives from `ShmpoolError`, so
+  `except ShmpoolError` catches all of them (the exceptions below keep
+  the bases they need).
 - Where a stdlib exception already means the same thing, the shmpool error
   also derives from it (a bad config is a `ValueError`, a dead peer is a
   `ConnectionError`), so existing `except` clauses keep working.
@@ -16,12 +17,17 @@ Invariants:
   free list to its caller), `FailpointError` (an injected fault, tests
   only) and `WaitTimeout` (the benchmark's rivals). They live here too, so
   that the whole tree is in one place; they are not in `__all__`.
-- Exception: the executor's wire answers (`ResultEncodingError`,
+- Exceptions: the executor's wire answers (`ResultEncodingError`,
   `TaskNotRun`, `TaskInterrupted`, `InitializerFailed`) keep the stdlib
   bases the session's answering relies on (an `Exception` is answered and
   the worker goes on; `InitializerFailed`, a `BaseException`, is answered
   and then ends the worker). They travel between processes pickled by
-  reference, as `shmpool.errors.X`, which host and guest both import.
+  reference, as `shmpool.errors.X`, which host and guest both import. Of
+  them only `ResultEncodingError` reaches a user (the executor raises the
+  pickling error it carries); the other three are the host's and the
+  worker's, and are not in `__all__`. `_NeedsCloudpickle` (a plain
+  `Exception`) is the serializer's signal to itself to retry a pickle
+  with cloudpickle.
 """
 
 from __future__ import annotations
@@ -60,9 +66,6 @@ __all__ = [
     "AttachError",
     "ForeignPoolError",
     "ResultEncodingError",
-    "TaskNotRun",
-    "TaskInterrupted",
-    "InitializerFailed",
 ]
 
 
@@ -301,6 +304,8 @@ class FailpointError(ShmpoolError):
 class WaitTimeout(ShmpoolError):
     """The benchmark's wait for a result ran out of time (normalised across
     the rivals it compares: see `shmpool.bench.rivals`)."""
+
+
 # -- the executor's wire answers (see the module docstring) ------------------------
 
 

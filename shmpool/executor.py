@@ -20,7 +20,7 @@ remains; pending work is completed first except on `terminate_workers`/
 `kill_workers` and `cancel_futures=True`.
 
 Fork: in a child of `fork()` an executor that had started (its core
-exists) is the parent's (`_forksafe`): `submit`/`map` raise
+exists) is the parent's (`forksafe`): `submit`/`map` raise
 `ForeignPoolError` (a RuntimeError), `shutdown`, `terminate_workers`,
 `kill_workers` and `__exit__` return at once, and neither garbage
 collection nor the exit hook touches it. One that had not started yet

@@ -23,7 +23,7 @@ Data flow:
   pending tasks fail with `PoolBrokenError`, workers get SIGTERM, the core
   is closed. `join()` waits for the handler thread, which does the closing.
 
-Fork: in a child of `fork()` the pool is the parent's (`_forksafe`): every
+Fork: in a child of `fork()` the pool is the parent's (`forksafe`): every
 method that sends work raises `ForeignPoolError` (a RuntimeError saying to
 create a new pool in the child), `close`, `terminate`, `join` and
 `__exit__` return at once without touching the parent's workers, and

@@ -19,7 +19,8 @@ The parts (host side):
 - `state.EngineState`: the books every part shares under one lock: the
   queue, the worker records, the live count, the credits, the counters,
   the limits and lifetime flags, and a task's end (`finished`, `fail`,
-  `break_pool`). It holds no other part.
+  `break_pool`). It holds no other part, only the starter's `idle_now`
+  as its `on_idle` callback.
 - `scheduler.Scheduler`: which queued task goes to which worker and how
   (`define`, `run`, `run_batch`, chunked arguments), and the timer
   threads. Given the books, the pin budget, the function cache, the slot
@@ -30,9 +31,9 @@ The parts (host side):
   scheduler (its `schedule` and `later`, once answers made room).
 - `starter.Starter`: the management thread that starts workers, on demand
   and as replacements, and judges failed starts. Given the books, the
-  hub host, the slot pool, the initializer, and the core's callbacks
-  (`new_worker`, `register`, `on_death`, `schedule`, `stream_later`,
-  `close`).
+  hub host, the slot pool, the initializer, and callbacks: the core's `new_worker`,
+  `register`, `on_death` and `close`, the scheduler's `schedule` and
+  `stream_later`.
 - `tasks`: the records (`_Task`, `_TaskFuture`, `WorkerRecord`) and the
   tuning constants; `fncache`: functions pickled once; `serialization`:
   pickling into slots, zero-copy reading, pins; `forksafe`: what a fork()
@@ -54,8 +55,8 @@ worker its next task. A worker's death goes hub -> `Core.on_death` ->
 `Starter.replace`, and each of its tasks' expected answers fails, which
 `Answers` turns into a retry or a `WorkerCrashedError`.
 
-Invariants: imports go downward only (`protocol`, `state`, `tasks`,
-`serialization` at the bottom; `core` at the top; no cycle, also counting
+Invariants: imports go downward only (`protocol`, `state` and
+`serialization` at the bottom, `forksafe` and `tasks` on them; `core` at the top; no cycle, also counting
 imports inside functions); no part reads another's private attributes;
 each class lives in one file.
 """

@@ -53,26 +53,26 @@ class PinBudget:
 
     def __init__(self, config) -> None:
         self.config = config
-        self.held: list = []
+        self.kept: list = []
         self.pinned_bytes = 0
         self.pinned_by_class: dict = {}  # (never changed in place: replaced)
 
     def __iter__(self):
-        return iter(self.held)
+        return iter(self.kept)
 
     def __len__(self) -> int:
-        return len(self.held)
+        return len(self.kept)
 
     def keep(self, pins: list) -> None:
         """(lock held) Keep the pins of results in use; sweep."""
-        self.held += pins
-        if self.held:
+        self.kept += pins
+        if self.kept:
             self.sweep()
 
     def sweep(self) -> None:
         """(lock held) Free the slots of results nobody uses any more, and
         recount what the others hold (the budget `may_pin` keeps to)."""
-        self.held = pins = [p for p in self.held if not p.release_if_unused()]
+        self.kept = pins = [p for p in self.kept if not p.release_if_unused()]
         total, by_class = 0, {}
         for p in pins:
             total += p.size
@@ -82,40 +82,45 @@ class PinBudget:
     def detach_all(self) -> None:
         """(lock held; closing) A result still in use keeps its bytes, as
         private memory."""
-        for p in self.held:
+        for p in self.kept:
             p.detach()
-        self.held = []
+        self.kept = []
 
-    def may_pin(self, received, held: dict) -> bool:
+    def may_pin(self, received, pinned_now: dict) -> bool:
         """Keep this result zero-copy (its slot pinned while the caller uses
         it)? Only from COPY_BELOW bytes up, and while the pinned bytes stay
         within `pin_fraction` of the memory limit and of the slot's size
         class (a class full of kept results would leave the workers no slot
         of that size). Otherwise the receiver copies and the slot is free at
-        once: a kept result never blocks the pool. `held`: what this
+        once: a kept result never blocks the pool. `pinned_now`: what this
         delivery pinned so far, by class (the counts here, set under the
         engine's lock by `sweep`, do not have it yet). spec: exec.pin-budget"""
         if received.nbytes < COPY_BELOW:
             return False
         total, per_class = _pin_limits(self.config)
         size = received.capacity
-        if self.pinned_bytes + sum(held.values()) + size > total:
+        if self.pinned_bytes + sum(pinned_now.values()) + size > total:
             return False
         ci = L.slot_class(received.descriptor.slot_ref)
         cap = per_class.get(ci)
-        return cap is None or self.pinned_by_class.get(ci, 0) + held.get(ci, 0) + size <= cap
+        return cap is None or self.pinned_by_class.get(ci, 0) + pinned_now.get(ci, 0) + size <= cap
 
 
 class Answers:
-    """See the module docstring. One per `core.Core`; `scheduler` is set by
-    the core once both exist (each calls the other: answers make room, the
-    scheduler's sends expect answers)."""
+    """See the module docstring. One per `core.Core`, which `connect`s it
+    to the scheduler once both exist (each calls the other: answers make
+    room, the scheduler's sends await answers)."""
 
     def __init__(self, state: EngineState, pins: PinBudget) -> None:
         self.state = state
         self.pins = pins
-        self.scheduler = None  # `scheduler.Scheduler`: its schedule() and later()
+        self.schedule = self.later = None  # the scheduler's (`connect`)
         self.queued: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
+
+    def connect(self, *, schedule, later) -> None:
+        """The scheduler's `schedule()` (send queued tasks to workers with
+        room) and `later(delay)` (schedule again after a delay)."""
+        self.schedule, self.later = schedule, later
 
     def on_done(self, task: _Task, w: WorkerRecord, received, exc, end: bool = True) -> None:
         """A task's answer (the driver thread, or a caller fetching
@@ -181,19 +186,19 @@ class Answers:
         items = task = w = received = None
         done: list = []  # (task, failed)
         keep = []
-        held: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
+        pinned_now: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
         for task, w, received, end in ready:
             try:
                 if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
                     result, pin = read(received, transfers=w.conn.table.take_transfer)
                 else:
-                    result, pin = read(received, copy=not self.pins.may_pin(received, held))
+                    result, pin = read(received, copy=not self.pins.may_pin(received, pinned_now))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
                 self._complete(task, error=_result_unpickling(task, e), done=done)
             else:
                 if not pin.release_if_unused():
                     keep.append(pin)  # (kept under the lock: a sweep rebuilds the list)
-                    held[pin.cls] = held.get(pin.cls, 0) + pin.size
+                    pinned_now[pin.cls] = pinned_now.get(pin.cls, 0) + pin.size
                 self._deliver(task, w, result, done)
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
@@ -207,7 +212,7 @@ class Answers:
                 self.state.stats["failed" if failed else "completed"] += 1
                 self.state.finished(t)
             self.pins.keep(keep)
-            self.scheduler.schedule()
+            self.schedule()
 
     def batch_done(self, w: WorkerRecord, batch: list[_Task], received, exc) -> None:
         """The answer to a batch's request itself (its tasks were answered
@@ -250,7 +255,7 @@ class Answers:
             return False
         if isinstance(exc, (PeerDeadError, ConnectionClosedError)) and not isinstance(exc, ProtocolError):
             self._lost(task, w)
-            self.scheduler.schedule()
+            self.schedule()
             return False
         if isinstance(exc, TaskNotRun):  # a task before it in its batch ended the worker
             self.state.stats["requeued"] += 1
@@ -277,7 +282,7 @@ class Answers:
                 # has likely not acted on it yet (it cancels what it no
                 # longer wants): give this worker nothing new meanwhile.
                 w.paused_until = time.monotonic() + T.INTERRUPT_GRACE
-                self.scheduler.later(T.INTERRUPT_GRACE)
+                self.later(T.INTERRUPT_GRACE)
             orig, exc = exc, exc.original
             exc.__cause__ = orig.__cause__
         if task.on_error is not None:

@@ -43,7 +43,7 @@ max_workers workers exist; the function cache
 holds no callable alive and each worker holds at most FUNCTION_CACHE
 functions; once closed, the core holds neither initargs nor functions;
 nothing here blocks the driver thread (slot allocation there never waits).
-In a fork() child a core is foreign (`_forksafe`): it raises on submit and
+In a fork() child a core is foreign (`forksafe`): it raises on submit and
 does nothing else, touching neither shared memory nor the parent's workers.
 """
 
@@ -66,11 +66,10 @@ from .answers import Answers, PinBudget
 from .fncache import FunctionCache
 from .scheduler import Scheduler
 from .serialization import dumps
-from .starter import MAX_START_FAILURES, Starter, describe, pickle_for_child
+from .starter import Starter, describe, pickle_for_child
 from .state import EngineState
 from .tasks import _Task, _TaskFuture, WorkerRecord
 
-MAX_INIT_FAILURES = MAX_START_FAILURES  # (the name tests and docs know)
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
@@ -84,7 +83,7 @@ class Core:
         executor with the fork start method) instead of on demand."""
         failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS is an error here, not at import)
         self.owner_pid = os.getpid()
-        self.foreign = False  # set in a fork() child: see _forksafe
+        self.foreign = False  # set in a fork() child: see forksafe
         self.kind = "ShmPool" if name == "shmpool-pool" else "ShmExecutor"
         self.max_workers = max_workers
         if config is None:
@@ -102,7 +101,7 @@ class Core:
         setup = (initializer, tuple(initargs), max_tasks_per_child)
         pickle_for_child(setup)
         self.state = st = EngineState(
-            name=name, max_workers=max_workers, max_retries=max_retries,
+            name=name, max_retries=max_retries,
             max_inflight=min(max_inflight or 2, ring_window), ring_window=ring_window,
             stream_pieces=stream_pieces, max_tasks=max_tasks_per_child, adaptive=max_inflight is None)
         # The lock and its condition, by their usual names (the API and the
@@ -122,8 +121,10 @@ class Core:
             self.slots = self.session.slots
             self.pins = PinBudget(self.slots.config)
             self.answers = Answers(st, self.pins)
-            self.scheduler = Scheduler(st, self.pins, self.functions, self.slots, self.answers)
-            self.answers.scheduler = self.scheduler
+            self.scheduler = Scheduler(st, self.pins, self.functions, self.slots,
+                                       on_done=self.answers.on_done, batch_done=self.answers.batch_done)
+            # (each part calls the other: answers make room, sends await answers)
+            self.answers.connect(schedule=self.scheduler.schedule, later=self.scheduler.later)
             # spec: shm.guard.isolate -- garbage in a structure every worker
             # shares cannot be blamed on one: the pool is broken with it.
             self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
@@ -198,7 +199,7 @@ class Core:
             if w is None or (info is not None and info.pid not in (None, w.proc.pid)):
                 # Its process ended before the starter registered it (the
                 # spawn returned on the driver thread, which saw the end
-                # first): `new_worker` takes it from here.
+                # first): `register` takes it from here.
                 self._early_deaths[peer_id] = (running, info)
                 return
             self._mark_dead(w, running, info)
@@ -358,7 +359,7 @@ class Core:
         st = self.state
         if st.closed or self.foreign:
             return
-        if self.host._driver.on_driver:
+        if self.host.on_driver_thread:
             _threads.start(threading.Thread(target=self.close, name=f"{self.name}-close"))
             return
         with self._close_lock:

@@ -200,7 +200,7 @@ def _place_copies() -> None:
 def _fresh_locks(core) -> None:
     """(the child) The locks the core's threads took may be held by one of
     them, gone with the fork: they are made anew in place (every future of
-    the core shares its guard; `_tasks` makes a future's condition anew on
+    the core shares its guard; `tasks` makes a future's condition anew on
     its first use here). The core's lock stays as it is if this thread
     holds it (it will release it)."""
     core.future_guard._at_fork_reinit()

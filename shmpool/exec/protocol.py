@@ -41,6 +41,8 @@ import struct
 
 from ..session.messages import method_id
 
+# Fixed names, not module paths: a worker always boots from the host's own
+# package (`starter.worker_argv`), so both sides hash the same names.
 INIT = method_id("shmpool.exec.init")
 DEFINE = method_id("shmpool.exec.define")
 RUN = method_id("shmpool.exec.run")

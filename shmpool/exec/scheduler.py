@@ -65,12 +65,13 @@ RING_RETRY = 0.002  # seconds before tasks that found a worker's ring full are o
 class Scheduler:
     """See the module docstring. One per `core.Core`."""
 
-    def __init__(self, state, pins, functions, slots, answers) -> None:
+    def __init__(self, state, pins, functions, slots, *, on_done, batch_done) -> None:
         self.state = state  # `state.EngineState`
         self.pins = pins  # `answers.PinBudget`
         self.functions = functions  # `fncache.FunctionCache`
         self.slots = slots  # the session's slot pool (payloads are written there)
-        self.answers = answers  # `answers.Answers`: on_done, batch_done
+        self.on_done = on_done  # `answers.Answers.on_done`: a task's answer
+        self.batch_done = batch_done  # `answers.Answers.batch_done`: a batch request's own answer
         self.timers: list[threading.Timer] = []  # pending timers and stream threads (`take_timers`)
         self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
         self.ring_retry = False  # a timer will schedule again after a full ring (lock held)
@@ -195,7 +196,7 @@ class Scheduler:
         end may have taken some, and requeues them). Never waits: every
         send is a try-send (the core's lock is held)."""
         conn = w.conn
-        if self.pins.held:
+        if self.pins.kept:
             # A result the caller has dropped gives its slot back before a
             # big argument takes a new one (and a worker's next result finds
             # it free): big round trips then reuse the same populated extents.
@@ -239,7 +240,7 @@ class Scheduler:
             self.state.stats["ring_full"] += 1
             return batch
         expected = []
-        on_done = self.answers.on_done
+        on_done = self.on_done
         for task, tag in zip(batch, tags):
             task.worker = w
             task.rid = tag
@@ -247,7 +248,7 @@ class Scheduler:
                 expected.append(task)
         try:
             if batched:
-                batch_done = self.answers.batch_done
+                batch_done = self.batch_done
                 conn.call_cb(RUN_BATCH, out, lambda res, err, w=w, b=batch: batch_done(w, b, res, err),
                              timeout=0)
             else:

@@ -14,8 +14,10 @@ to a worker record's `inflight`; the answer handler takes it from there,
 completes its future and calls `finished`, which wakes `idle` waiters and
 tells `on_idle` (the starter) when the last live task is gone.
 
-Invariants: everything here is read and written with `lock` held (the
-counters' racy reads in `capacity`/`statistics` excepted); `live` counts
+Invariants: everything here is read and written with `lock` held, with
+two exceptions: the counters' racy reads in `capacity`/`statistics`, and
+`closed`, which is written under the starter's lock (and by the teardown)
+and read without one, a flag that only ever goes from False to True; `live` counts
 every task submitted and not yet finished, so it reaches 0 exactly when
 `idle` waiters may go on; a broken pool has no queued or in-flight task
 left (`break_pool` fails them all, once); a finished task holds no payload
@@ -40,7 +42,7 @@ STATS = ("submitted", "dispatched", "completed", "failed", "retries", "requeued"
 class EngineState:
     """See the module docstring. One per `core.Core`."""
 
-    def __init__(self, *, name: str, max_workers: int, max_retries: int, max_inflight: int,
+    def __init__(self, *, name: str, max_retries: int, max_inflight: int,
                  ring_window: int, stream_pieces: int, max_tasks: int | None, adaptive: bool) -> None:
         self.name = name
         self.lock = threading.RLock()
@@ -54,7 +56,6 @@ class EngineState:
         self.closed = False  # set once close has begun (under the starter's lock)
         self.shutdown_started = False
         # Limits, read at use (tests may change them on a running pool).
-        self.max_workers = max_workers
         self.max_retries = max_retries
         self.max_inflight = max_inflight  # a new worker's window
         self.ring_window = ring_window  # the most tasks any worker may hold (its ring)

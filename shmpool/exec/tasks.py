@@ -63,7 +63,7 @@ class _TaskFuture(Future):
 
     In a fork() child (spec: exec.fork-safety) an inherited future that is
     not done never completes: its answer arrives in the parent. The child's
-    hook fails those it finds (`_forksafe`), but a task in transit at the
+    hook fails those it finds (`forksafe`), but a task in transit at the
     fork (popped off a ring, not yet delivered; being sent) is in no record
     it can walk, and keeping a registry of every task would cost each
     submit. So a future made in another process (`_owner`) and not done
@@ -229,7 +229,7 @@ class _Task:
         self.on_result: Callable | None = None  # the pool's result transform
         self.on_error: Callable | None = None  # the pool's error transform
         self.started = False  # its future was moved to running (once)
-        self.finished = False  # completed (or cancelled, or failed by _break): never again
+        self.finished = False  # completed (or cancelled, or failed by `EngineState.break_pool`): never again
 
 
 class WorkerRecord:

@@ -119,6 +119,12 @@ class ShmHost:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
+    @property
+    def on_driver_thread(self) -> bool:
+        """Is the caller the driver thread (a hub callback)? Such a caller
+        must not wait for the driver, e.g. by closing."""
+        return self._driver.on_driver
+
     def _check_open(self) -> Driver:
         d = self._driver
         if self.closed or not d.running:
@@ -403,7 +409,7 @@ class ShmHost:
         stop the driver and remove the segment file. Idempotent. No
         callbacks run once closing has begun. Not callable from a hub
         callback (it would wait for itself). spec: shm.goodbye.host"""
-        if self._driver.on_driver:
+        if self.on_driver_thread:
             raise HubError("close() called from a hub callback on the driver thread; "
                            "call it from another thread")
         if self._finalizer.alive:
