@@ -1,13 +1,16 @@
 """shmpool: process pools whose workers talk to the host through shared memory.
 
-Layers (each imports only from those below it):
+Layers (each imports only from those below it; docs/architecture.md walks
+one task through them):
 
-    native   shmpool._atomics   atomics and futex on shared buffers (C)
-    memory   shmpool.shm        segment file, layout, rings, doorbells, slots
-    hub      shmpool.hub        host, guests, spawn tickets, death detection
-    session  shmpool.session        calls, cancel, channels with credit
-    API      ShmExecutor, ShmPool, the worker, the CLI
-
+    base     shmpool._atomics, errors, procinfo, failpoints, _threads
+    memory   shmpool.shm       segment, layout, rings, doorbells, slots
+    hub      shmpool.hub       host, guests, spawn tickets, death detection
+    session  shmpool.session   calls, cancel, channels with credit
+    engine   shmpool.exec      tasks, scheduling, answers, workers, pickling,
+                               the wire protocol, the worker program
+    API      shmpool.executor  ShmExecutor;  shmpool.pool  ShmPool
+    tools    shmpool.bench, python -m shmpool (bench, clean)
 """
 
 from .errors import (
@@ -19,7 +22,7 @@ from .shm.segment import clean
 
 def __getattr__(name: str):
     # The executor is imported on first use, so that a worker process
-    # (python -m shmpool.exec.guest) does not load the host's machinery.
+    # (the program in shmpool.exec.guest) does not load the host's machinery.
     if name == "ShmExecutor":
         from .executor import ShmExecutor
 
