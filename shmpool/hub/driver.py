@@ -257,11 +257,13 @@ class Driver:
     # Delivery: by the loop, or by a caller polling for its answer
     # ------------------------------------------------------------------
 
-    def expect(self, peer_id: int) -> None:
-        """A caller is about to wait for an answer from `peer_id` and will
-        `poll(peer_id, spin=True)` for it: the guest may skip ringing the
-        doorbell from now on (the flag is cleared at the end of that poll).
-        spec: shm.wakeup.host-polling"""
+    def announce_poll(self, peer_id: int) -> None:
+        """Announce that the calling thread will poll `peer_id`'s g2h ring
+        for an answer itself: raises the entry's host-polling flag, so the
+        guest may skip ringing the doorbell for what it publishes from now
+        on. The caller's `poll(peer_id, spin=True)` withdraws the
+        announcement (clears the flag) on every path, so always follow
+        this with that poll. spec: shm.wakeup.host-polling"""
         p = self.table.peers.get(peer_id)
         if p is not None:
             fetch_or_u32(self.buf, p.entry.off + L.P_HOST_POLLING, 1)
@@ -305,7 +307,7 @@ class Driver:
             # so a message published while the flag was up is never
             # left for a driver that was not woken.
             # spec: shm.wakeup.host-polling
-            buf, head, tail = self.buf, rx.head_off, rx._tail
+            buf, head, tail = self.buf, rx.head_off, rx.tail
             flag = p.entry.off + L.P_HOST_POLLING
             fetch_or_u32(buf, flag, 1)
             end = monotonic_ns() + POLL_SPIN_NS

@@ -324,11 +324,12 @@ class ShmHost:
         that many seconds later. spec: shm.guard.isolate"""
         self._driver.endings.violation(peer_id, rule, what, grace)
 
-    def expect(self, peer_id: int) -> None:
-        """Say that this thread will wait for an answer from `peer_id` with
-        `poll(peer_id, spin=True)`, which the guest then need not announce
-        with the doorbell. Always follow it with that poll."""
-        self._driver.expect(peer_id)
+    def announce_poll(self, peer_id: int) -> None:
+        """Announce that this thread will poll `peer_id`'s ring for an
+        answer itself (with `poll(peer_id, spin=True)`), so the guest need
+        not ring the doorbell for it. That poll withdraws the announcement:
+        always follow this with it."""
+        self._driver.announce_poll(peer_id)
 
     def poll(self, peer_id: int, *, spin: bool = False) -> int:
         """Deliver `peer_id`'s waiting guest->host messages to the message

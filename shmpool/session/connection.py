@@ -330,7 +330,7 @@ class Connection:
                 # garbage is no one guest's fault. The slot pool breaks (once) and reports
                 # it, so the pool ends instead of killing guest after guest.
                 # The descriptor is dropped. spec: shm.guard.isolate
-                self.slots._corrupted(e)
+                self.slots.report_corrupt(e)
                 self.stats["corrupt_descriptors"] += 1
             return None
         capacity = rec.capacity

@@ -89,7 +89,7 @@ class HostSession:
                 conn = Connection(_HostTransport(host, peer_id), self.slots, host.segment,
                                   me=0, peer=peer_id, methods=self.methods, handlers=self._pool,
                                   poll=lambda spin: host.poll(peer_id, spin=spin),
-                                  announce_poll=lambda: host.expect(peer_id),
+                                  announce_poll=lambda: host.announce_poll(peer_id),
                                   violation=lambda rule, what, grace=0.0: host.violation(
                                       peer_id, rule, what, grace=grace))
                 self._conns[peer_id] = conn

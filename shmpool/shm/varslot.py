@@ -114,8 +114,9 @@ class SlotPool:
         self._allocs = self._frees = self._waits = 0  # class slots (the huge extents count theirs)
         self.grows = self.fallbacks = 0
         self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
-        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend, corrupted=self._corrupted,
-                                 reserve=self._reserve, allocate_pages=self.allocate_pages,
+        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend,
+                                 report_corrupt=self.report_corrupt, reserve=self._reserve,
+                                 allocate_pages=self.allocate_pages,
                                  exhausted_message=self.exhausted_message)
         self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
         self.on_corrupt = None  # called once with that error (any thread; must not block)
@@ -132,7 +133,7 @@ class SlotPool:
     def waits(self) -> int:
         return self._waits + self._huge.waits
 
-    def _corrupted(self, e: SegmentCorruptError) -> SegmentCorruptError:
+    def report_corrupt(self, e: SegmentCorruptError) -> SegmentCorruptError:
         """Record the first corruption found in a shared structure, report
         it once, and return the error to raise. spec: shm.guard.isolate"""
         if self.broken is None:
@@ -234,7 +235,7 @@ class SlotPool:
                 else:
                     return None
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
         number, gen = got
         self._allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
@@ -458,7 +459,7 @@ class SlotPool:
                 f"(status {e.found:#x}); freed twice concurrently?"
             ) from None
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
         self._wake(c.index)
 
     def _wake(self, ci: int) -> None:
@@ -544,7 +545,7 @@ class SlotPool:
         try:
             return self._reclaim(peer_id)
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
 
     def _reclaim(self, peer_id: int) -> int:
         n = 0
