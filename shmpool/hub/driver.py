@@ -9,7 +9,9 @@ guests that attached without a ticket, and starting guest processes.
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):
 - `table` (`PeerTable`, table.py): the host's guest records, shared with
-  `ShmHost`, which reserves entries and reads them;
+  `ShmHost`, which reserves entries and reads them; given this driver's
+  lock, the one lock of the host's state (records, command queue, stop
+  flags), which the driver creates and owns;
 - `watches` (`Watches`, watch.py): the epoll set (doorbells, pidfds) and
   the eventfd that wakes the loop;
 - `endings` (`Endings`, endings.py): death, reaping, recovery, violations,
@@ -50,7 +52,7 @@ Invariants:
   callbacks run on it and must not block.
 - A death is handled once per incarnation (`HostPeer.phase` goes to DEAD
   exactly once), however many watchers report it.
-- The driver never holds the table's lock while running user callbacks.
+- The driver never holds its lock (the table's) while running user callbacks.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ class Driver:
         self.buf = segment.buf
         self.config = segment.config
         self._hb_ns = segment.config.heartbeat_interval_ns
-        self.table = PeerTable()
-        self._lock = self.table.lock  # (one lock for the host's state: records, commands, stop)
+        # One lock for the host's state, owned here: it guards this driver's
+        # command queue and stop flags, and the table's records (given it).
+        self._lock = threading.Lock()
+        self.table = PeerTable(self._lock)
         self._commands: collections.deque = collections.deque()
         self.message_handler = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -81,14 +81,14 @@ class _Class:
 
     __slots__ = ("index", "cls", "hdr", "extents", "freelist", "data_off", "esize")
 
-    def __init__(self, pool: "SlotPool", index: int) -> None:
+    def __init__(self, pool: "SlotPool", index: int, meta_resolver) -> None:
         self.index = index
         self.cls = pool.config.size_classes[index]
         self.hdr = pool.layout.class_header(index)
         self.data_off = L.extent_data_offset(self.cls)
         self.esize = L.extent_size(self.cls)
         self.extents: list[tuple[object, int] | None] = []  # mapped on first use
-        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self),
+        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, meta_resolver(self),
                                  L.MAX_EXTENTS * self.cls.slots_per_extent)
 
 
@@ -105,7 +105,7 @@ class SlotPool:
         self.layout = segment.layout
         self.config = segment.config
         self.me = peer_id
-        self._classes = [_Class(self, i) for i in range(len(self.config.size_classes))]
+        self._classes = [_Class(self, i, self._meta_resolver) for i in range(len(self.config.size_classes))]
         self._sizes = [c.slot_size for c in self.config.size_classes]
         self._largest = self._sizes[-1]
         self._ph = self.layout.pool_header_offset
