@@ -227,7 +227,7 @@ class ShmHost:
     def release(self, ticket: SpawnTicket) -> None:
         """Give back a ticket that will not be spawned (entry -> Empty,
         doorbell closed)."""
-        d = self._check_open()
+        self._check_open()
         p = self._record(ticket)
         if p.phase != RESERVED:
             raise HubError(f"ticket for peer {ticket.peer_id} was already spawned")
