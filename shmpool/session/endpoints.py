@@ -162,7 +162,7 @@ class GuestSession:
 
         self.connection = Connection(_GuestTransport(guest), self.slots, guest.segment,
                                      me=guest.peer_id, peer=0, methods=self.methods,
-                                     handlers=None, pump=pump, doorbell=guest.doorbell)
+                                     handlers=None, pump=pump)
 
     def serve_forever(self) -> BaseException:
         return self.connection.serve_forever()
