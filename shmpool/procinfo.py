@@ -26,6 +26,8 @@ class ProcStat(NamedTuple):
     state: str  # one letter: R, S, D, T, t, Z, X, ...
     ppid: int
     start_ticks: int  # start time, clock ticks since boot (field 22)
+    utime: int  # CPU time in user mode, clock ticks, all threads (field 14)
+    stime: int  # CPU time in kernel mode, clock ticks, all threads (field 15)
 
     @property
     def gone(self) -> bool:
@@ -43,7 +45,9 @@ def stat(pid: int | str) -> ProcStat | None:
         close = data.rindex(b")")  # comm may contain ")" and spaces: the last one ends it
         comm = data[data.index(b"(") + 1 : close].decode(errors="replace")
         rest = data[close + 2 :].split()
-        return ProcStat(int(pid), comm, rest[0].decode(), int(rest[1]), int(rest[19]))
+        # rest[i] is field i + 3 (fields counted from 1: pid, comm, state...)
+        return ProcStat(int(pid), comm, rest[0].decode(), int(rest[1]), int(rest[19]),
+                        int(rest[11]), int(rest[12]))
     except (ValueError, IndexError):
         return None
 

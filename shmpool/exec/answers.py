@@ -131,11 +131,11 @@ class Answers:
         if exc is None:
             self.queued.append((task, w, received, end))
             return
-        if w.conn.table.transfers:
+        if w.conn.channels.transfers:
             # A result cut short was filed failed, then answered with this
             # error: nobody takes it. (The worker answers in order: any
             # failed transfer of its filed before this answer is done with.)
-            w.conn.table.drop_failed_transfers()
+            w.conn.channels.drop_failed_transfers()
         with self.state.lock:
             if not self._answered(task, w, exc, end):
                 return
@@ -175,7 +175,7 @@ class Answers:
                 if task.finished:  # failed by break_pool (terminate) meanwhile
                     tid = transfer_of(received)
                     if tid is not None:  # (its chunked bytes are nobody's now)
-                        w.conn.table.transfers.pop(tid, None)
+                        w.conn.channels.transfers.pop(tid, None)
                     received.release()
                 else:
                     ready.append(item)
@@ -190,7 +190,7 @@ class Answers:
         for task, w, received, end in ready:
             try:
                 if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
-                    result, pin = read(received, transfers=w.conn.table.take_transfer)
+                    result, pin = read(received, transfers=w.conn.channels.take_transfer)
                 else:
                     result, pin = read(received, copy=not self.pins.may_pin(received, pinned_now))
             except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result

@@ -96,7 +96,7 @@ class GuestProgram:
         self.word = guest.segment.layout.peer_entry(guest.peer_id) + L.P_GUEST_WORD
         self.funcs: dict[int, object] = {}
         self.pins: list = []
-        self.conn.table.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
+        self.conn.channels.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
         self.tx = None  # the channel chunked results stream over (opened on first use)
         self.abandoned: set[int] = set()  # transfers whose wait was interrupted (dropped when they come)
         self.chunk_above = chunk_threshold(guest.segment.config)
@@ -267,22 +267,22 @@ class GuestProgram:
         meanwhile (the host streams them after the request). Requests routed
         meanwhile wait for this one. Bounded by the host's life: its end
         ends the wait."""
-        table, conn = self.conn.table, self.conn
-        for old in [t for t in self.abandoned if t in table.transfers]:
+        channels, conn = self.conn.channels, self.conn
+        for old in [t for t in self.abandoned if t in channels.transfers]:
             self.abandoned.discard(old)  # (interrupted before it arrived: nobody takes it)
-            table.transfers.pop(old, None)
+            channels.transfers.pop(old, None)
         conn.hold_requests += 1
         try:
-            conn.wait_until(lambda: tid in table.transfers or conn.end_reason is not None, None)
+            conn.wait_until(lambda: tid in channels.transfers or conn.end_reason is not None, None)
         except BaseException:
             # Interrupted (an exit, a Ctrl-C): its bytes must not stay behind,
             # now or when they arrive later.
-            if table.transfers.pop(tid, None) is None:
+            if channels.transfers.pop(tid, None) is None:
                 self.abandoned.add(tid)
             raise
         finally:
             conn.hold_requests -= 1
-        got = table.take_transfer(tid)
+        got = channels.take_transfer(tid)
         if got is None:
             raise conn.end_reason or RuntimeError(f"transfer {tid} never arrived")
         return got

@@ -9,7 +9,9 @@ guests that attached without a ticket, and starting guest processes.
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):
 - `table` (`PeerTable`, table.py): the host's guest records, shared with
-  `ShmHost`, which reserves entries and reads them;
+  `ShmHost`, which reserves entries and reads them; given this driver's
+  lock, the one lock of the host's state (records, command queue, stop
+  flags), which the driver creates and owns;
 - `watches` (`Watches`, watch.py): the epoll set (doorbells, pidfds) and
   the eventfd that wakes the loop;
 - `endings` (`Endings`, endings.py): death, reaping, recovery, violations,
@@ -50,7 +52,7 @@ Invariants:
   callbacks run on it and must not block.
 - A death is handled once per incarnation (`HostPeer.phase` goes to DEAD
   exactly once), however many watchers report it.
-- The driver never holds the table's lock while running user callbacks.
+- The driver never holds its lock (the table's) while running user callbacks.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ class Driver:
         self.buf = segment.buf
         self.config = segment.config
         self._hb_ns = segment.config.heartbeat_interval_ns
-        self.table = PeerTable()
-        self._lock = self.table.lock  # (one lock for the host's state: records, commands, stop)
+        # One lock for the host's state, owned here: it guards this driver's
+        # command queue and stop flags, and the table's records (given it).
+        self._lock = threading.Lock()
+        self.table = PeerTable(self._lock)
         self._commands: collections.deque = collections.deque()
         self.message_handler = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -257,11 +261,13 @@ class Driver:
     # Delivery: by the loop, or by a caller polling for its answer
     # ------------------------------------------------------------------
 
-    def expect(self, peer_id: int) -> None:
-        """A caller is about to wait for an answer from `peer_id` and will
-        `poll(peer_id, spin=True)` for it: the guest may skip ringing the
-        doorbell from now on (the flag is cleared at the end of that poll).
-        spec: shm.wakeup.host-polling"""
+    def announce_poll(self, peer_id: int) -> None:
+        """Announce that the calling thread will poll `peer_id`'s g2h ring
+        for an answer itself: raises the entry's host-polling flag, so the
+        guest may skip ringing the doorbell for what it publishes from now
+        on. The caller's `poll(peer_id, spin=True)` withdraws the
+        announcement (clears the flag) on every path, so always follow
+        this with that poll. spec: shm.wakeup.host-polling"""
         p = self.table.peers.get(peer_id)
         if p is not None:
             fetch_or_u32(self.buf, p.entry.off + L.P_HOST_POLLING, 1)
@@ -305,7 +311,7 @@ class Driver:
             # so a message published while the flag was up is never
             # left for a driver that was not woken.
             # spec: shm.wakeup.host-polling
-            buf, head, tail = self.buf, rx.head_off, rx._tail
+            buf, head, tail = self.buf, rx.head_off, rx.tail
             flag = p.entry.off + L.P_HOST_POLLING
             fetch_or_u32(buf, flag, 1)
             end = monotonic_ns() + POLL_SPIN_NS

@@ -12,7 +12,9 @@ Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
 that must happen on the driver (spawn) go through `Driver.call`; entries
 are reserved and guests looked up in the driver's `PeerTable`
 (`driver.table`); the guard's hooks (violations, corruption, lost work)
-are those of its `Endings` (`driver.endings`). The driver delivers g2h
+are those of its `Endings` (`driver.endings`). `ShmHost` takes these
+parts (and the driver's counters) from the driver once, at construction,
+and uses them directly. The driver delivers g2h
 descriptors to the message handler and runs `on_death` / the peer-lost
 hook. `send` pushes into the guest's h2g ring from the caller's thread
 and wakes the guest if it announced sleep; its per-guest lock is held for
@@ -87,7 +89,11 @@ class ShmHost:
     def __init__(self, segment: Segment, driver: Driver) -> None:
         self.segment = segment
         self._driver = driver
-        self._peers = driver.table.peers  # (the send path's lookup; the dict is never replaced)
+        # The driver's parts this class uses directly (none is ever replaced):
+        self._table = driver.table  # the guest records: reserve, look up, wait on
+        self._endings = driver.endings  # deaths, violations, corruption reports
+        self._stats = driver.stats  # the counters `statistics()` reports
+        self._peers = self._table.peers  # (the send path's lookup; the dict is never replaced)
         self._finalizer = weakref.finalize(self, _finalize, driver, 2.0, os.getpid())
 
     @classmethod
@@ -143,7 +149,7 @@ class ShmHost:
         cannot wait). spec: shm.spawn.ticket
         """
         d = self._check_open()
-        table = d.table
+        table = self._table
         opts = options if options is not None else AddPeerOptions()
         if not isinstance(opts, AddPeerOptions):
             raise TypeError(f"options must be AddPeerOptions, got {type(opts).__name__}")
@@ -191,9 +197,9 @@ class ShmHost:
             p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
                                    seg.fd if seg.anonymous else None)
             table.add(p)
-            d.stats["tickets"] += 1
+            self._stats["tickets"] += 1
             if again:
-                d.stats["respawns"] += 1
+                self._stats["respawns"] += 1
         return p.ticket
 
     def _record(self, ticket: SpawnTicket) -> HostPeer:
@@ -221,17 +227,17 @@ class ShmHost:
     def release(self, ticket: SpawnTicket) -> None:
         """Give back a ticket that will not be spawned (entry -> Empty,
         doorbell closed)."""
-        d = self._check_open()
+        self._check_open()
         p = self._record(ticket)
         if p.phase != RESERVED:
             raise HubError(f"ticket for peer {ticket.peer_id} was already spawned")
-        d.table.release_reserved(p)
+        self._table.release_reserved(p)
 
     def wait_attached(self, peer_id: int, timeout: float | None = None) -> bool:
         """Wait until the current guest of `peer_id` has attached. False on
         timeout, or if it died (or was released) first."""
         d = self._check_open()
-        p = d.table.peers.get(peer_id)
+        p = self._table.peers.get(peer_id)
         if p is None:
             return False
         d.wait_for(lambda: p.phase not in (RESERVED, SPAWNED) or not d.running, timeout)
@@ -286,7 +292,7 @@ class ShmHost:
         return self.send(peer_id, desc, timeout=0)
 
     def _gone_message(self, peer_id: int) -> str:
-        info = self._driver.table.history.get(peer_id)
+        info = self._table.history.get(peer_id)
         if info is None:
             return f"peer {peer_id} has no guest (never reserved)"
         return f"{info.describe()}; its entry is no longer usable for sending"
@@ -303,32 +309,33 @@ class ShmHost:
         recovery of a dead guest, after everything it had published was
         delivered and before its entry is reset: fail or resubmit the work
         it had in flight there. Must not block."""
-        self._driver.endings.peer_lost_handler = handler
+        self._endings.peer_lost_handler = handler
 
     def set_corruption_handler(self, handler: Callable[[Exception], None] | None) -> None:
         """`handler(error)` runs once on the driver thread when a structure
         all guests share (free lists, class headers, huge table) was found
         to hold garbage (a `SegmentCorruptError`): the segment can no longer
         be trusted. Must not block. spec: shm.guard.isolate"""
-        self._driver.endings.corruption_handler = handler
+        self._endings.corruption_handler = handler
 
     def segment_corrupt(self, error: Exception) -> None:
         """Report a `SegmentCorruptError` found in a shared structure (any
         thread, never blocks; reported to the handler once)."""
-        self._driver.endings.segment_corrupt(error)
+        self._endings.segment_corrupt(error)
 
     def violation(self, peer_id: int, rule: str, what: str, *, grace: float = 0.0) -> None:
         """Guest `peer_id` broke rule `rule` (any thread, never blocks): it is
         killed (if this host started it) and its entry recovered, as after a
         crash. With `grace`, only if it is still attached (has not left)
         that many seconds later. spec: shm.guard.isolate"""
-        self._driver.endings.violation(peer_id, rule, what, grace)
+        self._endings.violation(peer_id, rule, what, grace)
 
-    def expect(self, peer_id: int) -> None:
-        """Say that this thread will wait for an answer from `peer_id` with
-        `poll(peer_id, spin=True)`, which the guest then need not announce
-        with the doorbell. Always follow it with that poll."""
-        self._driver.expect(peer_id)
+    def announce_poll(self, peer_id: int) -> None:
+        """Announce that this thread will poll `peer_id`'s ring for an
+        answer itself (with `poll(peer_id, spin=True)`), so the guest need
+        not ring the doorbell for it. That poll withdraws the announcement:
+        always follow this with it."""
+        self._driver.announce_poll(peer_id)
 
     def poll(self, peer_id: int, *, spin: bool = False) -> int:
         """Deliver `peer_id`'s waiting guest->host messages to the message
@@ -352,30 +359,29 @@ class ShmHost:
         """A copy of what the host knows about the latest guest of
         `peer_id` (alive or dead), or None if it never had one.
         spec: shm.death.process-handle"""
-        info = self._driver.table.history.get(peer_id)
+        info = self._table.history.get(peer_id)
         return None if info is None else replace(info)
 
     def peer_state(self, peer_id: int) -> PeerState:
         return PeerState(PeerEntry(self.segment, peer_id).state)
 
     def attached_peers(self) -> list[int]:
-        return sorted(p.peer_id for p in self._driver.table.live if p.phase == ATTACHED)
+        return sorted(p.peer_id for p in self._table.live if p.phase == ATTACHED)
 
     def statistics(self) -> dict:
         """Peers by state, deaths (by cause), spawns, respawns, the
         segment's committed bytes and size, and per guest its ring and
         doorbell counters."""
-        d = self._driver
         seg_stats = self.segment.statistics() if not self.segment.closed else {"peers": {}}
         per_peer = {}
-        for p in d.table.live:
+        for p in self._table.live:
             per_peer[p.peer_id] = {
                 "name": p.name, "pid": p.pid, "epoch": p.info.epoch, "phase": p.phase,
                 "h2g": asdict(p.tx.statistics()) if p.tx is not None and p.phase != DEAD else None,
                 "g2h": asdict(p.rx.statistics()) if p.rx is not None and p.phase != DEAD else None,
                 "doorbell": p.doorbell.statistics() if p.doorbell is not None else None,
             }
-        s = d.stats
+        s = self._stats
         return {
             "path": str(self.segment.path),
             "anonymous": self.segment.anonymous,
@@ -384,7 +390,7 @@ class ShmHost:
             "segment_size": seg_stats.get("current_size", 0),
             "closed": self.closed,
             "peers": seg_stats["peers"],
-            "live": sum(1 for p in d.table.live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
+            "live": sum(1 for p in self._table.live if p.phase in (SPAWNED, ATTACHED, LEAVING)),
             "tickets": s["tickets"],
             "spawns": s["spawns"],
             "respawns": s["respawns"],
@@ -397,7 +403,7 @@ class ShmHost:
             "doorbell_wakeups": s["doorbell_wakeups"],
             "callback_errors": s["callback_errors"],
             "violations": s["violations"],  # guests killed for breaking the protocol
-            "corrupt": None if d.endings.corruption is None else str(d.endings.corruption),
+            "corrupt": None if self._endings.corruption is None else str(self._endings.corruption),
             "per_peer": per_peer,
         }
 

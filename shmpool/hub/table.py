@@ -3,7 +3,9 @@
 Owns: which `HostPeer` currently holds each entry (`peers`, until its
 entry is recovered), the loop's copy-on-write snapshot of them (`live`),
 the latest `PeerInfo` of every entry that ever had a guest (`history`),
-and the lock and condition that guard all three. `ShmHost` adds records
+and the condition on which callers wait for them. The lock that guards
+all three is the driver's (it owns it: one lock for the host's state),
+given to the table at construction. `ShmHost` adds records
 (`add_peer`) and reads them (send, information); the driver loop and the
 endings move their phases and remove them; callers wait on the condition
 for a phase to change (`wait_for`).
@@ -27,12 +29,12 @@ from .peer import RELEASED, RESERVED, HostPeer, PeerInfo, PeerState
 
 
 class PeerTable:
-    """The host's guest records (see module doc). `lock` also guards the
-    driver's command queue and stop flags: one lock for the host's state."""
+    """The host's guest records (see module doc). `lock` is the driver's
+    lock, which guards these records as well as its own state."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.cond = threading.Condition(lock)
         # entry -> current incarnation (until recovered); never replaced, so
         # a hot path may keep a reference to it
         self.peers: dict[int, HostPeer] = {}

@@ -51,7 +51,7 @@ class ChannelTable:
     """This side's view of the pair's channel table and its open ends (see
     the module docstring)."""
 
-    def __init__(self, conn, doorbell) -> None:
+    def __init__(self, conn) -> None:
         self.conn = conn
         seg = conn.segment
         self.base = seg.layout.channel_table(conn.guest_id)

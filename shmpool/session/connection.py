@@ -5,12 +5,14 @@ what a failed send means), the routing of every descriptor that arrives
 and the judging of it (a violation is the peer's), the connection's fate
 (open, closed by us, closed by the peer, broken by its death or by a
 protocol violation), and the waiting of its threads (pumping on a guest,
-polling on the host). It composes the parts that own the rest, each given
-this connection (whose public surface it uses) at construction:
-`pending_calls` (`calls.PendingCalls`: the calls this side made),
+polling on the host). It composes the parts that own the rest:
+`pending_calls` (`calls.PendingCalls`: the calls this side made; it
+knows nothing of the connection, which files and completes its records),
 `incoming_calls` (`incoming.IncomingCalls`: the calls the peer made,
-run through `methods`, a `MethodTable`), and `table`
-(`channel_table.ChannelTable`: both ends of every channel of the pair).
+run through `methods`, a `MethodTable`), and `channels`
+(`channel_table.ChannelTable`: both ends of every channel of the pair);
+the last two are given this connection (whose public surface they use)
+at construction.
 
 Data flow:
 - out: `call()` / `call_cb()` / `call_sync()` -> a record filed in
@@ -22,7 +24,7 @@ Data flow:
   thread, or on a guest whichever thread pumps) calls `feed(batch)`:
   Requests go to `incoming_calls` (run inline after the batch, or on the
   handler executor), Responses complete the records in `pending_calls`,
-  Cancels flag running handlers, channel messages go to the `table` and
+  Cancels flag running handlers, channel messages go to `channels` and
   on to their end, Goodbye ends the session, anything
   else is a protocol violation answered with a Goodbye naming the rule.
   Each descriptor is checked before it is used (a slot the sender hands
@@ -46,7 +48,7 @@ Data flow:
 Invariants: every payload received is released exactly once; a call's
 record completes exactly once (result, error, cancellation, or the
 connection's end, which closes `pending_calls`, cancels `incoming_calls`
-and breaks the `table`'s ends, in that order, once); nothing blocks the
+and breaks the ends in `channels`, in that order, once); nothing blocks the
 host's driver thread: `feed` never waits, and handlers run on the
 handler executor there.
 """
@@ -82,7 +84,7 @@ class Connection:
 
     def __init__(self, transport, slots, segment, *, me: int, peer: int,
                  methods: MethodTable | None = None, handlers=None, pump=None,
-                 poll=None, announce_poll=None, doorbell=None, violation=None) -> None:
+                 poll=None, announce_poll=None, violation=None) -> None:
         self.transport = transport
         self.slots = slots
         self.segment = segment
@@ -104,7 +106,7 @@ class Connection:
         self.stats = collections.Counter()
         self.pending_calls = PendingCalls()  # the calls this side made
         self.incoming_calls = IncomingCalls(self, self.methods, handlers)  # the calls the peer made
-        self.table = ChannelTable(self, doorbell)
+        self.channels = ChannelTable(self)
         self.after_feed = None  # called after each batch of descriptors is routed (see `feed`)
         # > 0: a handler waits for channel data (a transfer) and pumps meanwhile; the
         # requests routed then run after it, in the outer `feed`, not inside it.
@@ -293,7 +295,7 @@ class Connection:
         elif t == REQUEST:
             self._on_request(d)
         elif t in (DATA, CLOSE, RESET):
-            self.table.on_message(d)
+            self.channels.on_message(d)
         elif t == CANCEL:
             self.incoming_calls.on_cancel(d.id)
         elif t == GOODBYE:
@@ -330,7 +332,7 @@ class Connection:
                 # garbage is no one guest's fault. The slot pool breaks (once) and reports
                 # it, so the pool ends instead of killing guest after guest.
                 # The descriptor is dropped. spec: shm.guard.isolate
-                self.slots._corrupted(e)
+                self.slots.report_corrupt(e)
                 self.stats["corrupt_descriptors"] += 1
             return None
         capacity = rec.capacity
@@ -452,7 +454,7 @@ class Connection:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(exc)
-        self.table.break_all(exc)
+        self.channels.break_all(exc)
 
     # -- waiting and pumping ----------------------------------------------------
 
@@ -521,27 +523,27 @@ class Connection:
         """Open a channel this side sends on; pass `tx.id` to the peer,
         which gets its end with `rx(id)`. spec: shm.id.channel-parity"""
         self._check_open()
-        return self.table.open(send=True)
+        return self.channels.open(send=True)
 
     def open_rx(self) -> Rx:
         """Open a channel this side receives on (the peer sends, via `tx(id)`)."""
         self._check_open()
-        return self.table.open(send=False)
+        return self.channels.open(send=False)
 
     def tx(self, channel_id: int) -> Tx:
         """The sending end of a channel the peer opened with `open_rx()`."""
         self._check_open()
-        return self.table.end(channel_id, send=True)
+        return self.channels.end(channel_id, send=True)
 
     def rx(self, channel_id: int) -> Rx:
         """The receiving end of a channel the peer opened with `open_tx()`."""
         self._check_open()
-        return self.table.end(channel_id, send=False)
+        return self.channels.end(channel_id, send=False)
 
     def statistics(self) -> dict:
         return {"peer": self.peer, "closed": self._end is not None,
                 "pending_calls": len(self.pending_calls), "running_calls": len(self.incoming_calls),
-                **dict(self.stats), "channels": self.table.statistics()}
+                **dict(self.stats), "channels": self.channels.statistics()}
 
     def __repr__(self) -> str:
         return f"<Connection {self.me}->{self.peer} {'closed' if self._end else 'open'}>"

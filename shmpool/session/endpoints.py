@@ -89,7 +89,7 @@ class HostSession:
                 conn = Connection(_HostTransport(host, peer_id), self.slots, host.segment,
                                   me=0, peer=peer_id, methods=self.methods, handlers=self._pool,
                                   poll=lambda spin: host.poll(peer_id, spin=spin),
-                                  announce_poll=lambda: host.expect(peer_id),
+                                  announce_poll=lambda: host.announce_poll(peer_id),
                                   violation=lambda rule, what, grace=0.0: host.violation(
                                       peer_id, rule, what, grace=grace))
                 self._conns[peer_id] = conn
@@ -162,7 +162,7 @@ class GuestSession:
 
         self.connection = Connection(_GuestTransport(guest), self.slots, guest.segment,
                                      me=guest.peer_id, peer=0, methods=self.methods,
-                                     handlers=None, pump=pump, doorbell=guest.doorbell)
+                                     handlers=None, pump=pump)
 
     def serve_forever(self) -> BaseException:
         return self.connection.serve_forever()

@@ -226,6 +226,9 @@ def segment_is_stale(path: str | os.PathLike) -> bool:
     if fields[0] != L.MAGIC:
         return False  # not ours: never delete a file we did not make
     pid, start = fields[17], fields[19]
+    # The host is alive only if that pid runs with the recorded start time:
+    # a pid reused by another process has another start time, so its file
+    # is stale all the same. spec: shm.file.stale
     return not procinfo.alive(pid, start)
 
 

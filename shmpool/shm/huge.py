@@ -61,13 +61,13 @@ class HugeExtents:
     what it needs: the segment, its peer id, its size classes (index,
     header offset, extent size: to check huge ranges against their
     extents), the wait backend, and four of its own operations --
-    `corrupted(err)` (report a corrupt shared structure once, return the
+    `report_corrupt(err)` (report a corrupt shared structure once, return the
     error to raise), `reserve(size)` (file range at the end, within the
     memory limit), `allocate_pages(off, size)` and
     `exhausted_message(size, timeout)`. It counts its own allocs, frees and
     waits; the pool's statistics add them up."""
 
-    def __init__(self, segment, me: int, classes, backend: str, *, corrupted, reserve, allocate_pages,
+    def __init__(self, segment, me: int, classes, backend: str, *, report_corrupt, reserve, allocate_pages,
                  exhausted_message) -> None:
         self.segment = segment
         self.buf = segment.buf
@@ -76,7 +76,7 @@ class HugeExtents:
         self.me = me
         self._classes = classes
         self._backend = backend
-        self._corrupted = corrupted
+        self._report_corrupt = report_corrupt
         self._reserve = reserve
         self._allocate_pages = allocate_pages
         self._exhausted_message = exhausted_message
@@ -102,7 +102,7 @@ class HugeExtents:
             with self._lock:
                 return self._first_sight(e, *got)
         except SegmentCorruptError as err:
-            raise self._corrupted(err) from None
+            raise self._report_corrupt(err) from None
 
     def _first_sight(self, e: int, off: int, sz: int) -> tuple[int, int]:
         known = self._seen.get(e)
@@ -175,9 +175,9 @@ class HugeExtents:
         try:
             return self.segment.map_range(off, sz, populate), off, sz
         except SegmentCorruptError as err:
-            raise self._corrupted(err) from None
+            raise self._report_corrupt(err) from None
         except (SegmentError, ValueError, OSError) as err:
-            raise self._corrupted(
+            raise self._report_corrupt(
                 SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}")) from None
 
     def _punch(self, e: int) -> int:

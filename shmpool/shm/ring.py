@@ -341,6 +341,12 @@ class RingConsumer(_RingEnd):
         self._tail = load_u32(buf, self.tail_off)
         self._head_seen = load_u32(buf, self.head_off)
 
+    @property
+    def tail(self) -> int:
+        """The consumer's own cursor: the index of the next entry it will pop
+        (read-only; this end's copy of the tail word, which only it writes)."""
+        return self._tail
+
     def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
         return consumer_bit, producer_bit
 

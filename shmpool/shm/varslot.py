@@ -81,14 +81,14 @@ class _Class:
 
     __slots__ = ("index", "cls", "hdr", "extents", "freelist", "data_off", "esize")
 
-    def __init__(self, pool: "SlotPool", index: int) -> None:
+    def __init__(self, pool: "SlotPool", index: int, meta_resolver) -> None:
         self.index = index
         self.cls = pool.config.size_classes[index]
         self.hdr = pool.layout.class_header(index)
         self.data_off = L.extent_data_offset(self.cls)
         self.esize = L.extent_size(self.cls)
         self.extents: list[tuple[object, int] | None] = []  # mapped on first use
-        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, pool._meta_resolver(self),
+        self.freelist = FreeList(pool.buf, self.hdr + L.C_FREE_HEAD, pool.me, meta_resolver(self),
                                  L.MAX_EXTENTS * self.cls.slots_per_extent)
 
 
@@ -105,7 +105,7 @@ class SlotPool:
         self.layout = segment.layout
         self.config = segment.config
         self.me = peer_id
-        self._classes = [_Class(self, i) for i in range(len(self.config.size_classes))]
+        self._classes = [_Class(self, i, self._meta_resolver) for i in range(len(self.config.size_classes))]
         self._sizes = [c.slot_size for c in self.config.size_classes]
         self._largest = self._sizes[-1]
         self._ph = self.layout.pool_header_offset
@@ -114,8 +114,9 @@ class SlotPool:
         self._allocs = self._frees = self._waits = 0  # class slots (the huge extents count theirs)
         self.grows = self.fallbacks = 0
         self.no_space: str | None = None  # why the last page reservation failed (ENOSPC...)
-        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend, corrupted=self._corrupted,
-                                 reserve=self._reserve, allocate_pages=self.allocate_pages,
+        self._huge = HugeExtents(segment, peer_id, self._classes, self._backend,
+                                 report_corrupt=self.report_corrupt, reserve=self._reserve,
+                                 allocate_pages=self.allocate_pages,
                                  exhausted_message=self.exhausted_message)
         self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
         self.on_corrupt = None  # called once with that error (any thread; must not block)
@@ -132,7 +133,7 @@ class SlotPool:
     def waits(self) -> int:
         return self._waits + self._huge.waits
 
-    def _corrupted(self, e: SegmentCorruptError) -> SegmentCorruptError:
+    def report_corrupt(self, e: SegmentCorruptError) -> SegmentCorruptError:
         """Record the first corruption found in a shared structure, report
         it once, and return the error to raise. spec: shm.guard.isolate"""
         if self.broken is None:
@@ -234,7 +235,7 @@ class SlotPool:
                 else:
                     return None
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
         number, gen = got
         self._allocs += 1
         return Slot(L.pack_slot_ref(c.index, number >> L.SLOT_INDEX_BITS, number & 0x3FFFF),
@@ -458,7 +459,7 @@ class SlotPool:
                 f"(status {e.found:#x}); freed twice concurrently?"
             ) from None
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
         self._wake(c.index)
 
     def _wake(self, ci: int) -> None:
@@ -544,7 +545,7 @@ class SlotPool:
         try:
             return self._reclaim(peer_id)
         except SegmentCorruptError as e:
-            raise self._corrupted(e) from None
+            raise self.report_corrupt(e) from None
 
     def _reclaim(self, peer_id: int) -> int:
         n = 0

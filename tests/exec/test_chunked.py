@@ -84,7 +84,7 @@ def _chunked_both_ways(ex) -> bool:
     """Did arguments and results take the channels (not a slot)?"""
     ws = list(ex._core.workers.values())
     sent = any(w.tx is not None and w.tx.messages for w in ws)
-    got = any(e.get("messages") for w in ws for e in w.conn.table.statistics().values())
+    got = any(e.get("messages") for w in ws for e in w.conn.channels.statistics().values())
     return sent and got
 
 
@@ -299,7 +299,7 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
     a sender of many times the credit never waits for a reader."""
     import threading
 
-    lo.guest.table.collecting = True
+    lo.guest.channels.collecting = True
     tx = lo.host.open_tx()
     data = make_bytes(10 * CREDIT + 123, 9)
     parts = [memoryview(data)[:1000], memoryview(data)[1000:]]
@@ -313,11 +313,11 @@ def test_a_transfer_is_collected_as_it_is_routed_and_frees_every_piece(lo):
 
     t = threading.Thread(target=send)
     t.start()
-    assert lo.guest.wait_until(lambda: 5 in lo.guest.table.transfers, 60)
+    assert lo.guest.wait_until(lambda: 5 in lo.guest.channels.transfers, 60)
     t.join(60)
     assert not errors
-    got = lo.guest.table.take_transfer(5)
-    assert digest(got) == digest(data) and lo.guest.table.take_transfer(5) is None
+    got = lo.guest.channels.take_transfer(5)
+    assert digest(got) == digest(data) and lo.guest.channels.take_transfer(5) is None
     lo.settle()
     assert lo.all_free()
     assert tx.credit_waits > 0  # (the window was a tenth of the transfer)

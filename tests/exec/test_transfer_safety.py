@@ -148,4 +148,4 @@ def test_a_result_transfer_of_a_worker_killed_before_its_answer_is_not_kept(monk
         with pytest.raises(Exception):
             fut.result(timeout=120)
         wait_for(lambda: conn.closed, "the dead worker's connection ended")
-        assert not conn.table.transfers, {k: type(v).__name__ for k, v in conn.table.transfers.items()}
+        assert not conn.channels.transfers, {k: type(v).__name__ for k, v in conn.channels.transfers.items()}

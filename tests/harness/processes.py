@@ -25,10 +25,14 @@ def zombie_children() -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time a process has spent running (user + system), from the
-    scheduler's account of it (/proc/PID/schedstat, nanoseconds on a CPU)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
+    """CPU time a process (all its threads) has spent running, user +
+    system, from `procinfo.stat` (clock ticks, so at the tick's resolution:
+    /proc/PID/schedstat is finer but missing without CONFIG_SCHED_INFO).
+    Raises ProcessLookupError if `pid` is gone."""
+    st = procinfo.stat(pid)
+    if st is None:
+        raise ProcessLookupError(pid)
+    return (st.utime + st.stime) / os.sysconf("SC_CLK_TCK")
 
 
 class Subreaper:
