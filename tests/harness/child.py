@@ -87,6 +87,7 @@ class Children:
 
     def start(self, *args: object, pass_fds=(), env=None, **kw) -> subprocess.Popen:
         """Start `args` of this object's program, with `env` on top of ours."""
+        assert self.program, "Children() without a program only adopts processes started elsewhere"
         full_env = {**os.environ, **(env or {})}
         return self.adopt(subprocess.Popen(child_argv(self.program, *args), pass_fds=tuple(pass_fds),
                                            env=full_env, **kw))
