@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -23,7 +22,9 @@ from shmpool.errors import SlotExhaustedError, TaskUnpicklingError, TransferFail
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
-from harness.session import CREDIT, Loopback
+from harness.scripts import ROOT, run_script
+from harness.session import CREDIT
+from harness.tasks import ident
 
 MIB = 1 << 20
 
@@ -33,10 +34,6 @@ def minimum_config(**kw) -> SegmentConfig:
     (the initial segment: no class can grow, no huge extent fits)."""
     base = SegmentConfig(max_guests=2, **kw)
     return SegmentConfig(max_guests=2, memory_limit=L.SegmentLayout.compute(base).min_memory_limit, **kw)
-
-
-def ident(x):
-    return x
 
 
 def digest(x) -> str:
@@ -177,12 +174,7 @@ def test_100_mib_arrays_through_a_64_mib_tmpfs_segment_directory(tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        env = dict(os.environ, SHMPOOL_DIR=str(mnt / "segments"))
-        tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        root = os.path.dirname(tests)
-        env["PYTHONPATH"] = os.pathsep.join([tests, root, env.get("PYTHONPATH", "")])
-        p = subprocess.run([sys.executable, "-c", TMPFS_PROG], capture_output=True, text=True,
-                           timeout=300, env=env, cwd=root)
+        p = run_script(TMPFS_PROG, env={"SHMPOOL_DIR": str(mnt / "segments")}, timeout=300, cwd=ROOT)
         assert p.returncode == 0, p.stderr
         assert p.stdout.split() == ["done"]
         seg_dir = mnt / "segments"
@@ -282,15 +274,6 @@ def test_a_transfer_head_announcing_gigabytes_commits_nothing_until_its_bytes_co
 # --------------------------------------------------------------------------
 # The session layer alone: a loopback pair of one real segment
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def lo():
-    pair = Loopback()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 @pytest.mark.spec("shm.session.chunked")

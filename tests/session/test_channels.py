@@ -25,15 +25,6 @@ from shmpool.shm.varslot import SlotPool
 from harness.session import CREDIT, Loopback, RingTransport, Session
 
 
-@pytest.fixture
-def lo():
-    pair = Loopback()
-    try:
-        yield pair
-    finally:
-        pair.close()
-
-
 # --------------------------------------------------------------------------
 # Table, ids, activation
 # --------------------------------------------------------------------------
