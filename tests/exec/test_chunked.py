@@ -22,6 +22,7 @@ from shmpool.errors import SlotExhaustedError, TaskUnpicklingError, TransferFail
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
+from harness.polling import wait_for
 from harness.scripts import ROOT, run_script
 from harness.session import CREDIT
 from harness.tasks import ident
@@ -190,7 +191,6 @@ def test_a_worker_killed_while_its_arguments_stream_loses_nothing(monkeypatch):
     before reading them) when it is SIGKILLed: the sender's thread ends,
     the task runs again on the replacement, and its result is whole."""
     import signal
-    import time
 
     monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.after-dequeue=sleep(1500)@1")
     cfg = minimum_config()
@@ -200,10 +200,8 @@ def test_a_worker_killed_while_its_arguments_stream_loses_nothing(monkeypatch):
         core = ex._core
         w = next(iter(core.workers.values()))
         fut = ex.submit(echo_with_digest, b)
-        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
-        while not (w.tx is not None and w.tx.credit_waits > 0) and not fut.done():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_for(lambda: (w.tx is not None and w.tx.credit_waits > 0) or fut.done(),
+                 "the arguments wait for credit", 60)
         os.kill(w.proc.pid, signal.SIGKILL)
         d, back = fut.result(timeout=300)
         assert d == digest(b) == digest(back)
