@@ -13,7 +13,7 @@ Test side: `Children(program)` starts commands of one program as real
 processes and, on `close()`, kills whatever still runs, reaps every one
 and closes its pipes (`end`), so the leak check finds nothing; processes
 started by something else (a host's `spawn`) are handed to it with
-`adopt`. `event(proc)` reads the next report of a child and fails the
+`adopt` (a `Children()` without a program only adopts). `event(proc)` reads the next report of a child and fails the
 test if the child exited without one.
 """
 
