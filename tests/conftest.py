@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # and by the worker processes that unpickle its task functions.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.child import Children  # noqa: E402
+from harness.session import Loopback  # noqa: E402
 from shmpool import procinfo  # noqa: E402
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -184,26 +184,14 @@ def no_leaks(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def shm_children():
-    """Starts commands of the `shm` child program (tests/harness/shm_child.py)
-    as real processes; every one is gone when the test ends."""
-    children = Children("shm")
+def lo():
+    """A loopback pair (harness.session.Loopback): the host's and guest 1's
+    sides of one real segment in this process, closed after the test."""
+    pair = Loopback()
     try:
-        yield children
+        yield pair
     finally:
-        children.close()
-
-
-@pytest.fixture
-def segment():
-    from shmpool.shm import Segment, SegmentConfig, SizeClass
-
-    cfg = SegmentConfig(max_guests=4, ring_size=64, size_classes=(SizeClass(512, 16),))
-    seg = Segment.create(cfg)
-    try:
-        yield seg
-    finally:
-        seg.close()
+        pair.close()
 
 
 @pytest.fixture(params=["futex", "poll"])

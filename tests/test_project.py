@@ -40,15 +40,18 @@ def test_checker_catches_missing_pieces(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "shmpool").mkdir()
     (tmp_path / "tests").mkdir()
-    (tmp_path / "docs" / "spec.md").write_text("r[a.b]\nrule\n\nr[a.c]\nrule\n")
-    (tmp_path / "shmpool" / "m.py").write_text("# spec: a.b\n# spec: a.zz\n")
+    (tmp_path / "docs" / "spec.md").write_text("r[a.b]\nrule\n\nr[a.c]\nrule\n\nr[a.d]\nrule\n\nr[a.d]\nagain\n")
+    (tmp_path / "shmpool" / "m.py").write_text("# spec: a.b\n# spec: a.zz\n# spec: a.d\n")
     (tmp_path / "tests" / "test_m.py").write_text(
-        '@pytest.mark.spec("a.b")\n@pytest.mark.spec("a.c")\ndef test_x():\n    "mark.spec(\'a.q\')"\n'
+        '@pytest.mark.spec("a.b")\n@pytest.mark.spec("a.c")\n@pytest.mark.spec("a.q")\ndef test_x():\n    pass\n'
     )
     problems = _load_tool("spec_check").check(tmp_path).problems
     assert problems == [
+        "rule a.d is declared more than once",
         "rule a.c has no `spec: a.c` citation in shmpool/",
+        "rule a.d has no @pytest.mark.spec test",
         "shmpool/m.py cites unknown rule a.zz",
+        "tests/test_m.py marks unknown rule a.q",
     ]
 
 
@@ -73,10 +76,16 @@ def _layer(module: str) -> int:
 def _imports(path: Path, module: str) -> list[str]:
     """Every module `module` (at `path`) imports, anywhere in it: at the top,
     inside functions, under `if TYPE_CHECKING:`. `from P import x` counts as
-    importing P.x (which `_resolve` reduces to P if x is not a module)."""
+    importing P.x (which `_resolve` reduces to P if x is not a module). A
+    module-level `_EXPORTS = {name: submodule}` (lazy exports, imported by a
+    module `__getattr__` with importlib) counts as importing each submodule."""
     tree = ast.parse(path.read_text())
     out = []
     pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)
+                and isinstance(node.value, ast.Dict)):
+            out += [f"{pkg}.{v.value}" for v in node.value.values if isinstance(v, ast.Constant)]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
@@ -114,12 +123,27 @@ def _resolve(target: str, modules: dict[str, Path]) -> str | None:
 
 
 def _import_graph(root: Path, package: str = "shmpool") -> dict[str, set[str]]:
-    """{module: the modules of the same tree it imports (itself excluded)}."""
+    """{module: the modules of the same tree it imports (itself excluded)}.
+
+    Importing P.Q.R runs P/__init__ and P/Q/__init__ first, so the module
+    imports each package on the way too, except the packages it is itself
+    inside: those began running before it could (and a package's __init__
+    that imports its own module is an edge the other way)."""
     modules = _modules(root, package)
     graph = {}
     for module, path in modules.items():
-        targets = {_resolve(t, modules) for t in _imports(path, module)}
-        graph[module] = {t for t in targets if t is not None and t != module}
+        targets = set()
+        for name in _imports(path, module):
+            target = _resolve(name, modules)
+            if target is None:
+                continue
+            targets.add(target)
+            parts = target.split(".")
+            for i in range(1, len(parts)):
+                outer = ".".join(parts[:i])
+                if outer in modules and not module.startswith(outer + "."):
+                    targets.add(outer)
+        graph[module] = targets - {module}
     return graph
 
 
@@ -205,9 +229,10 @@ def test_layering_check_sees_upward_imports(tmp_path):
         ),
     })
     violations, checked = _layer_violations(root)
-    assert checked == 7
+    assert checked == 10  # (7 imports, 3 of them also of a package's __init__ on the way)
     assert violations == [
         "shmpool.hub.host (layer 2) imports shmpool.executor (layer 5)",
+        "shmpool.shm.ring (layer 1) imports shmpool.hub (layer 2)",
         "shmpool.shm.ring (layer 1) imports shmpool.hub.host (layer 2)",
     ]
 
@@ -216,6 +241,7 @@ def test_no_import_cycles():
     """No module imports (at any depth, in a function or not) a module that
     imports it back: every package reads bottom-up."""
     graph = _import_graph(ROOT)
+    assert len(graph) > 30
     cycles = _cycles(graph)
     report = [
         " <-> ".join(c) + "  (" + "; ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a] & set(c))) + ")"
@@ -233,11 +259,24 @@ def test_cycle_check_sees_cycles_hidden_in_functions(tmp_path):
         "pkg/a/p.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a.q import Q\n",
         "pkg/a/q.py": "import pkg.a.p\n\nclass Q:\n    pass\n",
         "pkg/a/z.py": "from pkg.a import x, p\n",  # imports two cycles, is in none
-        "pkg/b.py": "from pkg.a.z import x\n",  # a name, not a module: the edge is to z
+        "pkg/b.py": "from pkg.a.z import x\n",  # a name, not a module: the edge is to z (and pkg.a, run first)
+        "pkg/c/__init__.py": "from pkg.d import g\n",  # a cycle through a package's __init__:
+        "pkg/c/w.py": "",
+        "pkg/d.py": "from pkg.c.w import *\ng = 1\n",  # importing pkg.c.w runs pkg/c/__init__ first
+        "pkg/e/__init__.py": "",
+        "pkg/e/r.py": "from . import s\n",  # three modules round, one edge in a function
+        "pkg/e/s.py": "from . import t\n",
+        "pkg/e/t.py": "def f():\n    from .r import x\n",
+        "pkg/f/__init__.py": "_EXPORTS = {'G': 'g', 'H': 'h'}\n",  # lazy exports
+        "pkg/f/g.py": "from pkg.f import H\nG = 1\n",  # (pkg.f.H loads h, which needs G)
+        "pkg/f/h.py": "from .g import G\nH = G\n",
+        "pkg/i.py": "from pkg.f import G\n",
     })
     graph = _import_graph(root, "pkg")
-    assert graph["pkg.b"] == {"pkg.a.z"} and graph["pkg.a.z"] == {"pkg.a.x", "pkg.a.p"}
-    assert _cycles(graph) == [["pkg.a.p", "pkg.a.q"], ["pkg.a.x", "pkg.a.y"]]
+    assert graph["pkg.b"] == {"pkg.a.z", "pkg.a"} and graph["pkg.a.z"] == {"pkg.a.x", "pkg.a.p"}
+    assert graph["pkg.f"] == {"pkg.f.g", "pkg.f.h"} and graph["pkg.i"] == {"pkg.f"}
+    assert _cycles(graph) == [["pkg.a.p", "pkg.a.q"], ["pkg.a.x", "pkg.a.y"], ["pkg.c", "pkg.d"],
+                              ["pkg.e.r", "pkg.e.s", "pkg.e.t"], ["pkg.f", "pkg.f.g", "pkg.f.h"]]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -16,13 +14,10 @@ import numpy as np
 import pytest
 
 from harness.polling import wait_for
-from harness.tasks import ident, sleeper, square
+from harness.scripts import run_script
+from harness.tasks import add, ident, sleeper, square
 from shmpool import ShmExecutor, procinfo
 from shmpool.errors import RemoteTraceback
-
-
-def add(a, b=0, *, c=0):
-    return a + b + c
 
 
 def boom(msg):
@@ -79,7 +74,7 @@ def test_lambdas_closures_and_main_functions(ex):
         "    with ShmExecutor(1) as e:\n"
         "        print(e.submit(in_main, 4).result(30), e.submit(lambda p: p.x, Point(9)).result(30))\n"
     )
-    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    out = run_script(prog)
     assert out.stdout.split() == ["12", "9"], out.stderr
 
 
@@ -152,10 +147,7 @@ def test_shutdown_without_wait_still_finishes_work():
     fs = [e.submit(sleeper, 0.1) for _ in range(4)]
     e.shutdown(wait=False)
     assert [f.result(30) for f in fs] == [0.1] * 4
-    deadline = time.monotonic() + 10
-    while e._core.host.segment.path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not e._core.host.segment.path.exists()
+    wait_for(lambda: not e._core.host.segment.path.exists(), "the segment file is gone", 10)
 
 
 @pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
@@ -166,10 +158,8 @@ def test_garbage_collected_executor_cleans_up():
     pids = list(e._processes)
     del e
     gc.collect()
-    deadline = time.monotonic() + 10
-    while (path.exists() or any(procinfo.alive(p) for p in pids)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not path.exists() and not any(procinfo.alive(p) for p in pids)
+    wait_for(lambda: not path.exists() and not any(procinfo.alive(p) for p in pids),
+             "the segment file and the workers are gone", 10)
 
 
 def test_processes_mapping_and_statistics(ex):
@@ -191,7 +181,7 @@ def test_interpreter_exit_with_pending_work_completes_it(tmp_path):
         "ex = ShmExecutor(2)\n"
         "for i in range(6):\n    ex.submit(work, i)\n"
     )
-    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    r = run_script(prog)
     assert r.returncode == 0, r.stderr
     assert sorted(out.read_text().split()) == [str(i) for i in range(6)]
 
@@ -224,15 +214,10 @@ def _slots_in_use(ex) -> int:
     return st.huge_in_use + sum(c.allocated + c.in_flight for c in st.classes)
 
 
-def _settles_at(ex, n: int) -> bool:
-    """Whether the slots in use come to `n` (the thread that delivered an
-    answer may still be unwinding for a moment after the caller has it)."""
-    deadline = time.monotonic() + 10  # (only turns a leak into a failure)
-    while _slots_in_use(ex) != n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+def _settles_at(ex, n: int) -> None:
+    """Wait for the slots in use to come to `n` (the thread that delivered
+    an answer may still be unwinding for a moment after the caller has it)."""
+    wait_for(lambda: _slots_in_use(ex) == n, f"{n} slots in use", 10)
 
 
 @pytest.mark.spec("exec.oob")
@@ -247,14 +232,13 @@ def test_an_echoed_array_frees_the_argument_slot_before_the_answer(ex):
         for _ in range(3):
             r = ex.submit(ident, payload).result(60)
             assert np.array_equal(r, payload)
-            assert _settles_at(ex, 1)  # only the result the caller holds: the argument is free
+            _settles_at(ex, 1)  # only the result the caller holds: the argument is free
             del r
     entries = ex._core.slots.statistics().huge_entries
     for _ in range(3):
         ex.submit(ident, big).result(60)  # (dropped at once; its pin goes at the next submit)
-        deadline = time.monotonic() + 10  # (the delivering thread may still be unwinding)
-        while any(p.in_use() for p in list(ex._core.pins)) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        # (the delivering thread may still be unwinding)
+        wait_for(lambda: not any(p.in_use() for p in list(ex._core.pins)), "no pin in use", 10)
     assert ex._core.slots.statistics().huge_entries == entries  # reused, none created
 
 

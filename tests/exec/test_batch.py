@@ -24,25 +24,7 @@ from harness.faulty_tasks import (
     CrashAtPickle, CrashAtUnpickle, ErrorAtPickle, ErrorAtUnpickle, ExitAtPickle, ExitAtUnpickle,
     boom_runtime, crash, exit_1, returns,
 )
-
-
-def ident(x):
-    return x
-
-
-def count_runs(path, i):
-    with open(path, "a") as f:
-        f.write(f"{i}\n")
-    return i
-
-
-def wait_for(path, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-    return "opened"
+from harness.tasks import count_runs, ident, wait_gate
 
 
 def forced(max_retries: int = 1) -> ShmExecutor:
@@ -57,7 +39,7 @@ def forced(max_retries: int = 1) -> ShmExecutor:
 def in_one_batch(e: ShmExecutor, gate, calls) -> list:
     """Submit `calls` so that they leave in one request; their futures."""
     before = e.statistics()["batches"]
-    g = e.submit(wait_for, str(gate))
+    g = e.submit(wait_gate, str(gate))
     h = e.submit(ident, -1)  # the second request in flight: what follows waits
     fs = [e.submit(fn, *args) for fn, *args in calls]
     assert e.statistics()["queued"] == len(calls)
@@ -180,7 +162,7 @@ def test_big_and_retried_tasks_are_not_batched(tmp_path):
     with forced() as e:
         a = np.arange(100_000)
         gate = tmp_path / "gate"
-        g = e.submit(wait_for, str(gate))
+        g = e.submit(wait_gate, str(gate))
         h = e.submit(ident, -1)
         fs = [e.submit(ident, a), e.submit(ident, b"y" * 20_000), e.submit(ident, 1), e.submit(ident, 2)]
         gate.touch()

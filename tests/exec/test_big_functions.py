@@ -10,14 +10,11 @@ interpreter (the function has to live in its `__main__`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness.scripts import ROOT, run_script
 
 PROLOGUE = textwrap.dedent("""
     import threading
@@ -50,9 +47,7 @@ PROLOGUE = textwrap.dedent("""
 
 
 def run(body: str) -> list[str]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", PROLOGUE + textwrap.dedent(body)], capture_output=True,
-                       text=True, timeout=300, env=env, cwd=ROOT)
+    p = run_script(PROLOGUE + textwrap.dedent(body), timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.split()
 

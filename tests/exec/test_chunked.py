@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -23,7 +22,10 @@ from shmpool.errors import SlotExhaustedError, TaskUnpicklingError, TransferFail
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
 
-from harness.session import CREDIT, Loopback
+from harness.polling import wait_for
+from harness.scripts import ROOT, run_script
+from harness.session import CREDIT
+from harness.tasks import ident
 
 MIB = 1 << 20
 
@@ -33,10 +35,6 @@ def minimum_config(**kw) -> SegmentConfig:
     (the initial segment: no class can grow, no huge extent fits)."""
     base = SegmentConfig(max_guests=2, **kw)
     return SegmentConfig(max_guests=2, memory_limit=L.SegmentLayout.compute(base).min_memory_limit, **kw)
-
-
-def ident(x):
-    return x
 
 
 def digest(x) -> str:
@@ -177,12 +175,7 @@ def test_100_mib_arrays_through_a_64_mib_tmpfs_segment_directory(tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        env = dict(os.environ, SHMPOOL_DIR=str(mnt / "segments"))
-        tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        root = os.path.dirname(tests)
-        env["PYTHONPATH"] = os.pathsep.join([tests, root, env.get("PYTHONPATH", "")])
-        p = subprocess.run([sys.executable, "-c", TMPFS_PROG], capture_output=True, text=True,
-                           timeout=300, env=env, cwd=root)
+        p = run_script(TMPFS_PROG, env={"SHMPOOL_DIR": str(mnt / "segments")}, timeout=300, cwd=ROOT)
         assert p.returncode == 0, p.stderr
         assert p.stdout.split() == ["done"]
         seg_dir = mnt / "segments"
@@ -198,7 +191,6 @@ def test_a_worker_killed_while_its_arguments_stream_loses_nothing(monkeypatch):
     before reading them) when it is SIGKILLed: the sender's thread ends,
     the task runs again on the replacement, and its result is whole."""
     import signal
-    import time
 
     monkeypatch.setenv("SHMPOOL_FAILPOINTS", "worker.after-dequeue=sleep(1500)@1")
     cfg = minimum_config()
@@ -208,10 +200,8 @@ def test_a_worker_killed_while_its_arguments_stream_loses_nothing(monkeypatch):
         core = ex._core
         w = next(iter(core.workers.values()))
         fut = ex.submit(echo_with_digest, b)
-        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
-        while not (w.tx is not None and w.tx.credit_waits > 0) and not fut.done():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_for(lambda: (w.tx is not None and w.tx.credit_waits > 0) or fut.done(),
+                 "the arguments wait for credit", 60)
         os.kill(w.proc.pid, signal.SIGKILL)
         d, back = fut.result(timeout=300)
         assert d == digest(b) == digest(back)
@@ -282,15 +272,6 @@ def test_a_transfer_head_announcing_gigabytes_commits_nothing_until_its_bytes_co
 # --------------------------------------------------------------------------
 # The session layer alone: a loopback pair of one real segment
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def lo():
-    pair = Loopback()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 @pytest.mark.spec("shm.session.chunked")

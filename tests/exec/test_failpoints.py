@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,8 @@ import pytest
 
 from shmpool import failpoints
 from shmpool.errors import ConfigError
+
+from harness.scripts import run_script
 
 
 def test_actions_and_nth_hit():
@@ -73,9 +74,7 @@ def test_bad_environment_is_an_error_at_use_not_at_import():
     """Garbage in SHMPOOL_FAILPOINTS: `import shmpool` works; a failpoint
     hit, and creating an executor or a pool, raise a ConfigError naming the
     variable and the bad entry (nothing is started)."""
-    env = dict(os.environ, SHMPOOL_FAILPOINTS="a.b=kill,x=explode")
-    out = subprocess.run([sys.executable, "-c", _BAD_ENV_PROG], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = run_script(_BAD_ENV_PROG, env={"SHMPOOL_FAILPOINTS": "a.b=kill,x=explode"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:5] == ["hit ok", "check ok", "executor ok", "pool ok", "cleared ok"]
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from shmpool import ShmExecutor, ShmPool
 from shmpool.errors import ForeignPoolError
+
+from harness.scripts import last_event, run_script
 
 
 HOST = r"""
@@ -169,10 +168,9 @@ def test_plain_fork_child_exits_normally_and_leaves_the_parent_alone(mode, tmp_p
     parent's executor and pool complete every task, with the same
     workers; when idle, the child wrote no byte of the shared segment."""
     report = tmp_path / "child.json"
-    out = subprocess.run([sys.executable, "-c", HOST, mode, str(report)], capture_output=True,
-                         text=True, timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    out = run_script(HOST, mode, report, timeout=240, env={"PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = last_event(out)
     assert res["status"] == 0, res
     child = json.loads(report.read_text())
     assert "error" not in child, child
@@ -276,8 +274,7 @@ def test_a_child_forked_while_the_main_thread_holds_a_ctrl_c_gets_its_handler_ba
     hold replaces the handler for a moment): in the child, whose main
     thread is the one that forked, Ctrl-C raises KeyboardInterrupt again
     and `hold_interrupt` works there."""
-    out = subprocess.run([sys.executable, "-c", HOLD], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    out = run_script(HOLD, timeout=60, env={"PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
 
 
@@ -357,10 +354,9 @@ def test_results_kept_zero_copy_are_the_childs_own_memory_after_a_fork(tmp_path)
     results at those addresses do not change."""
     pytest.importorskip("numpy")
     report = tmp_path / "child.json"
-    out = subprocess.run([sys.executable, "-c", PINNED, str(report)], capture_output=True, text=True,
-                         timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    out = run_script(PINNED, report, timeout=240, env={"PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = last_event(out)
     assert res["pinned"] == 2, res  # (else the results were copies: nothing tested)
     assert res["reused"] == ["class", "huge"], res  # (else the slots never changed in the parent)
     assert res["status"] == 0, res
@@ -406,9 +402,8 @@ def test_results_kept_past_shutdown_are_not_shared_with_a_later_fork_child():
     as this process's own memory: a fork() child made afterwards writes to
     its copy and the parent never sees it (it shared the segment's pages)."""
     pytest.importorskip("numpy")
-    out = subprocess.run([sys.executable, "-c", AFTER_CLOSE], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    out = run_script(AFTER_CLOSE, timeout=120, env={"PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = last_event(out)
     assert res == {"pinned": 2, "intact_after_close": [True, True], "child_saw_values": True,
                    "parent_intact": [True, True], "writable": True}, res

@@ -8,11 +8,10 @@ program that forks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from harness.scripts import last_event, run_script
 
 
 # A module the workers import too (the host's PYTHONPATH): tasks that wait
@@ -171,12 +170,10 @@ def _run_inherited(mode, tmp_path):
     """Run INHERITED in `mode`; (the parent's summary, the child's report)."""
     (tmp_path / "forkhelp.py").write_text(FORKHELP)
     report = tmp_path / "child.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", INHERITED, mode, str(tmp_path / "gate"), str(report)],
-                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    out = run_script(INHERITED, mode, tmp_path / "gate", report, paths=[tmp_path], timeout=240,
+                     env={"PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = last_event(out)
     assert res["status"] == 0, (res, out.stderr)  # (not "hung": the child waited for nothing)
     child = json.loads(report.read_text())
     assert "error" not in child, child

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from shmpool import ShmExecutor
+from shmpool.errors import WorkerCrashedError
 from shmpool.shm import SegmentConfig
+
+from harness.polling import wait_for
+from harness.tasks import ident
 
 MIB = 1 << 20
 
@@ -30,13 +34,6 @@ def stubborn(marker: str, seconds: float) -> float:
 
 def nbytes(x) -> int:
     return x.nbytes
-
-
-def wait_for(cond, what: str, limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit  # (only turns a hang into a failure)
-    while not cond():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.005)
 
 
 @pytest.mark.spec("exec.close-streams")
@@ -62,10 +59,6 @@ def test_terminate_returns_while_arguments_wait_for_a_busy_workers_credit(tmp_pa
         assert not any(x.is_alive() for x in threading.enumerate() if x.name.endswith("chunked-args"))
     finally:
         ex.kill_workers()
-
-
-def ident(x):
-    return x
 
 
 def wait_for_file_gone(marker: str) -> int:
@@ -145,7 +138,7 @@ def test_a_result_transfer_of_a_worker_killed_before_its_answer_is_not_kept(monk
         assert ex.submit(ident, 1).result(timeout=60) == 1
         conn = next(iter(ex._core.workers.values())).conn
         fut = ex.submit(big_result, 24 * MIB)
-        with pytest.raises(Exception):
+        with pytest.raises(WorkerCrashedError):  # (max_retries=0: the crash is the task's)
             fut.result(timeout=120)
         wait_for(lambda: conn.closed, "the dead worker's connection ended")
         assert not conn.channels.transfers, {k: type(v).__name__ for k, v in conn.channels.transfers.items()}

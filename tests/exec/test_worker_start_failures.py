@@ -95,9 +95,9 @@ def test_workers_killed_while_starting_are_replaced():
 @pytest.mark.spec("exec.worker-start")
 def test_workers_import_the_hosts_shmpool_not_one_in_the_working_directory(monkeypatch, tmp_path):
     shadow = tmp_path / "shmpool"
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('the shadowing shmpool was imported')\n")
-    (shadow / "worker.py").write_text("raise ImportError('the shadowing shmpool was imported')\n")
+    (shadow / "exec").mkdir(parents=True)
+    for module in ("__init__.py", "exec/__init__.py", "exec/guest.py"):  # (the guest program's path)
+        (shadow / module).write_text("raise ImportError('the shadowing shmpool was imported')\n")
     monkeypatch.chdir(tmp_path)
     with ShmExecutor(1) as e:
         assert e.submit(square, 4).result(120) == 16

@@ -9,6 +9,10 @@ tests need in common lives here, under a name that says what it is.
   test side (`child_argv` of a command, `Children` that start and always reap
   them, `event` to read the next report).
 - `__main__`: the entry point, `python tests/harness PROGRAM COMMAND ...`.
+- `scripts`: host scripts, programs that run shmpool itself in a fresh
+  interpreter, with the same sys.path as the child programs (`run_script`,
+  `start_script`, `last_event`), and a terminal's Ctrl-C to one
+  (`interrupt_child`).
 - `shm_child`, `hub_child`, `session_child`: the programs, one per layer
   (their commands are `cmd_*` functions).
 - `hub`, `session`, `processes`, `polling`: what the tests of several

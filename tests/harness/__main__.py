@@ -1,10 +1,11 @@
 """`python tests/harness PROGRAM COMMAND ARGS...`: run one command of a
 child program (`shm`, `hub` or `session`: the module `harness.PROGRAM_child`).
 
-The one bootstrap of every child: tests/ and the project root go on
+The bootstrap of every child program: tests/ and the project root go on
 sys.path in place of this directory, so that a child imports its program
 as `harness.X_child` (the same name the test process uses) and shmpool
-from the checkout even without an installed copy.
+from the checkout even without an installed copy. Host scripts
+(`harness.scripts`) get the same two entries through PYTHONPATH.
 """
 
 import importlib

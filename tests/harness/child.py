@@ -13,7 +13,7 @@ Test side: `Children(program)` starts commands of one program as real
 processes and, on `close()`, kills whatever still runs, reaps every one
 and closes its pipes (`end`), so the leak check finds nothing; processes
 started by something else (a host's `spawn`) are handed to it with
-`adopt`. `event(proc)` reads the next report of a child and fails the
+`adopt` (a `Children()` without a program only adopts). `event(proc)` reads the next report of a child and fails the
 test if the child exited without one.
 """
 
@@ -87,6 +87,7 @@ class Children:
 
     def start(self, *args: object, pass_fds=(), env=None, **kw) -> subprocess.Popen:
         """Start `args` of this object's program, with `env` on top of ours."""
+        assert self.program, "Children() without a program only adopts processes started elsewhere"
         full_env = {**os.environ, **(env or {})}
         return self.adopt(subprocess.Popen(child_argv(self.program, *args), pass_fds=tuple(pass_fds),
                                            env=full_env, **kw))

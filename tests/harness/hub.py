@@ -35,13 +35,9 @@ class Hub:
 
     def __init__(self, config=None) -> None:
         self.host = ShmHost.create(config=config if config is not None else small_config())
-        self.children = Children()
+        self.children = Children("hub")
         self.deaths: list[tuple] = []
         self._cond = threading.Condition()
-
-    @property
-    def procs(self) -> list:
-        return self.children.procs
 
     def on_death(self, peer_id: int) -> None:
         rec = (peer_id, time.monotonic_ns(), threading.current_thread().name,

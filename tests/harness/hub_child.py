@@ -2,7 +2,7 @@
 their own.
 
     python tests/harness hub guest MODE --hub-path=… --peer-id=… --doorbell-fd=…
-    python tests/harness hub host N MODE
+    python tests/harness hub host N MODE        (MODE: idle, busy, late, forget)
     python tests/harness hub attach-path PATH
 
 Guest modes (all leave when the host says goodbye or dies):
@@ -18,10 +18,15 @@ Guest modes (all leave when the host says goodbye or dies):
     mixed, hoard, slot-flood: slot payloads (see each function)
 
 Host modes (a host in its own process, for host-death tests): start N
-guests in guest mode idle/flood/echo, report their pids, then keep busy
-(`busy`: send to every guest continuously) or wait to be killed (`idle`).
-`forget`: start one guest, report, and exit the interpreter without
-closing the host (its finalizer must clean up).
+guests, wait until each attached, report the segment path, the host's pid
+and the guests' pids, then:
+    idle            wait to be killed (guests in mode idle)
+    busy            send to every guest continuously (guests in mode echo)
+    late            as idle, but report at once, without waiting for the
+                    guests to attach (they may still be starting when the
+                    host dies)
+    forget          exit the interpreter without closing the host (its
+                    finalizer must say goodbye and clean up)
 
 Every report is one JSON line on stdout (`say`). The message format
 (`message`, `check`, the slot payloads `send_blob`/`take_blob`) is shared

@@ -31,7 +31,7 @@ class Session:
     def __init__(self, config: SegmentConfig | None = None) -> None:
         self.host = ShmHost.create(config=config or SegmentConfig(max_guests=4))
         self.sess = HostSession(self.host)
-        self.children = Children()
+        self.children = Children("session")
         d = self.sess.methods
         self.host_calls = 0
 

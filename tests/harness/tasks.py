@@ -4,6 +4,7 @@ would make every worker import that test module, and pytest with it)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -37,3 +38,22 @@ def sleep_return(x, delay=0.0):
 def sleep_for(delay):
     time.sleep(delay)
     return delay
+
+
+def count_runs(path, i):
+    """Append `i` to the file `path`: a log of every run of a task, so a
+    test can count how often each one ran (exactly once, or never)."""
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+def wait_gate(path, timeout: float = 60.0) -> str:
+    """Block until the file `path` exists (the test opens the gate by
+    creating it); `timeout` only turns a gate never opened into an error."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+    return "opened"

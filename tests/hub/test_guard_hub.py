@@ -10,26 +10,19 @@ to turn a hang into a failure.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
+from harness.polling import wait_for
+from harness.scripts import script_env
 from shmpool import _atomics as A
 from shmpool.hub import ShmHost
 from shmpool.hub.peer import PeerEntry, PeerState
 from shmpool.shm import SegmentConfig
 from shmpool.shm import layout as L
-
-
-def _until(cond, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.mark.spec("shm.guard.own-processes")
@@ -45,11 +38,11 @@ def test_garbage_entry_naming_a_foreign_pid_never_gets_it_killed():
             A.store_u32(seg.buf, e.off + L.P_EPOCH, 7)
             A.store_u32(seg.buf, e.off + L.P_GUEST_PID, victim.pid)
             A.store_u32(seg.buf, e.off + L.P_STATE, PeerState.ATTACHED)
-            _until(lambda: 2 in host.statistics()["per_peer"], "the scan to adopt entry 2")
+            wait_for(lambda: 2 in host.statistics()["per_peer"], "the scan to adopt entry 2")
             A.store_u32(seg.buf, e.off + L.P_EPOCH, 8)
-            _until(lambda: host.statistics()["deaths_by_cause"].get("epoch", 0) >= 1,
+            wait_for(lambda: host.statistics()["deaths_by_cause"].get("epoch", 0) >= 1,
                    "the epoch death of the adopted entry")
-            _until(lambda: e.state == PeerState.EMPTY, "entry 2 to be recovered")
+            wait_for(lambda: e.state == PeerState.EMPTY, "entry 2 to be recovered")
             assert victim.poll() is None, "the host signalled a process it never started"
     finally:
         victim.kill()
@@ -58,18 +51,13 @@ def test_garbage_entry_naming_a_foreign_pid_never_gets_it_killed():
 
 
 _SELF = textwrap.dedent("""
-    import os, sys, time
+    import os, sys
+    from harness.polling import wait_for
     from shmpool import _atomics as A
     from shmpool.hub import ShmHost
     from shmpool.hub.peer import PeerEntry, PeerState
     from shmpool.shm import SegmentConfig
     from shmpool.shm import layout as L
-
-    def until(cond):
-        deadline = time.monotonic() + 30
-        while not cond():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
 
     which = sys.argv[1]
     with ShmHost.create(config=SegmentConfig(max_guests=2)) as host:
@@ -79,10 +67,11 @@ _SELF = textwrap.dedent("""
         A.store_u32(seg.buf, e.off + L.P_GUEST_PID, pid)
         A.store_u32(seg.buf, e.off + L.P_STATE, PeerState.ATTACHED)
         # adopted (the bug) or refused and recovered (the fix)
-        until(lambda: 1 in host.statistics()["per_peer"] or host.statistics()["deaths"] >= 1)
+        wait_for(lambda: 1 in host.statistics()["per_peer"] or host.statistics()["deaths"] >= 1,
+                 "entry 1 adopted or recovered", 30)
         A.store_u32(seg.buf, e.off + L.P_EPOCH, 99)
-        until(lambda: host.statistics()["deaths"] >= 1 and e.state == PeerState.EMPTY
-              and 1 not in host.statistics()["per_peer"])
+        wait_for(lambda: host.statistics()["deaths"] >= 1 and e.state == PeerState.EMPTY
+                 and 1 not in host.statistics()["per_peer"], "entry 1 recovered", 30)
         assert host.statistics()["deaths_by_cause"].get("violation") == 1, host.statistics()
         print("host still alive", flush=True)
 """)
@@ -99,7 +88,7 @@ def test_garbage_entry_naming_the_host_or_its_parent_is_recovered_not_killed(whi
     if which == "parent":
         argv = ["sh", "-c", '"$@"; echo "shell survived rc=$?"', "sh"] + argv
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                       env=script_env())
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "host still alive" in r.stdout, r.stderr
     if which == "parent":

@@ -17,6 +17,7 @@ import pytest
 
 from harness.child import child_argv, event
 from harness.hub import Hub, entries, small_config
+from harness.polling import wait_for
 from harness.hub_child import DATA, STOP, check, message, send_blob, take_blob
 from shmpool import _atomics as A
 from shmpool.errors import HubError, PeerDeadError, SpawnArgsError
@@ -339,15 +340,10 @@ def test_attach_path_claims_an_empty_entry(hub):
     host = hub.host
     t, p1 = hub.start("idle")  # entry 1 taken by a ticket guest
     hub.ready(p1)
-    g = subprocess.Popen(child_argv("hub", "attach-path", str(host.path)),
-                         stdout=subprocess.PIPE, text=True)
-    hub.children.adopt(g)
+    g = hub.children.start("attach-path", host.path, stdout=subprocess.PIPE, text=True)
     ready = event(g)
     assert ready == {"event": "ready", "peer": 2, "epoch": 1, "doorbell": False}
-    deadline = time.monotonic() + 10
-    while 2 not in host.attached_peers():  # found by the driver's scan
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: 2 in host.attached_peers(), "the driver's scan found the guest", 10)
     assert host.peer_info(2).pid == g.pid
     assert host.send(2, message(0, 2, 0), timeout=5)
     got = host.receive(timeout=10)

@@ -22,16 +22,8 @@ from shmpool.session.connection import Connection
 from shmpool.shm import Segment, SegmentConfig, SizeClass, open_rings
 from shmpool.shm.varslot import SlotPool
 
+from harness.polling import wait_for
 from harness.session import CREDIT, Loopback, RingTransport, Session
-
-
-@pytest.fixture
-def lo():
-    pair = Loopback()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 # --------------------------------------------------------------------------
@@ -356,9 +348,7 @@ def test_guest_killed_mid_stream(direction):
             with pytest.raises(ChannelBroken):
                 while True:
                     tx.send(b"h" * 30000)
-        deadline = time.monotonic() + 10
-        while not s.host.peer_info(peer).recovered and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: s.host.peer_info(peer).recovered, "the dead guest recovered", 10)
         assert s.all_slots_free()
     finally:
         s.close()

@@ -198,10 +198,22 @@ def launch(python: str, runner_args: list[str], *, timeout: float | None = None,
         return result
 
 
+def _procinfo():
+    """The checkout's shmpool/procinfo.py, loaded by path: this script runs
+    standalone (sys.path[0] is its own directory, shmpool may not be
+    installed), and procinfo imports nothing of shmpool."""
+    mod = sys.modules.get("_procinfo")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_procinfo", ROOT / "shmpool" / "procinfo.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_procinfo"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
 def _group_members(pgid: int) -> list[int]:
     """The running (non-zombie) processes of process group `pgid`."""
-    from shmpool import procinfo  # (the checkout's, run by this interpreter)
-
+    procinfo = _procinfo()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
