@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import time
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from harness.child import event
-from shmpool import _atomics, failpoints
+from harness.polling import wait_for
+from shmpool import _atomics, failpoints, procinfo
 from shmpool.errors import PayloadTooLargeError, SlotExhaustedError, StaleSlotError
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
@@ -195,10 +197,10 @@ def test_growth_then_memory_limit_then_fallback_then_exhaustion(seg):
         assert p2.grows == 3
         fb = p2.alloc(10)  # class 0 cannot grow any more: falls back to class 1
         assert L.unpack_slot_ref(fb.ref)[0] == 1 and p2.fallbacks == 1
-        t0 = time.monotonic()
+        waits0 = p2.waits
         with pytest.raises(SlotExhaustedError, match="memory limit"):
             p2.alloc(10, timeout=0.1)
-        assert time.monotonic() - t0 >= 0.1
+        assert p2.waits == waits0 + 1  # it waited for a free before giving up
         for s in small + [fb]:
             p2.free(s)
         assert_all_free(p2)
@@ -446,14 +448,20 @@ def test_exhausted_allocator_sleeps_until_a_free(shm_children, wait_backend):
                 break
         p = shm_children.start("slot-wait", seg.path, 1, 40_000, 30, stdout=subprocess.PIPE)
         assert event(p) == {"waiting": True}
-        time.sleep(0.5)  # it is asleep, not spinning: nothing to take yet
+        hdr = host._classes[host.class_for(40_000)].hdr
+        waiters = lambda: _atomics.load_u32(seg.buf, hdr + L.C_WAITERS)  # noqa: E731
+        # registered as a waiter and asleep, not spinning: nothing to take yet
+        wait_for(lambda: waiters() == 1 and procinfo.state(p.pid) == "S", "the allocator asleep")
+        word0 = _atomics.load_u32(seg.buf, hdr + L.C_WAIT_WORD)
         t_free = time.monotonic()
         host.free(tight.pop())
+        # the free signalled the sleeper: it moved the word the waiter sleeps on
+        assert _atomics.load_u32(seg.buf, hdr + L.C_WAIT_WORD) == word0 + 1
         out = event(p)
         p.wait(timeout=30)
         assert out["got"], out
         print(f"{wait_backend}: woken {1000 * (out['at'] - t_free):.2f} ms after the free")
-        assert out["at"] - t_free < 0.25  # woken by the free, not by a slice timeout
+        assert waiters() == 0
         for s in tight:
             host.free(s)
         assert_all_free(host)
@@ -560,9 +568,14 @@ def test_aba_across_processes(shm_children):
         p = shm_children.start("slot-aba", seg.path, 1, env={"SHMPOOL_FAILPOINTS": "varslot.pop.read-head=sleep(400)@1"},
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert event(p) == {"popping": True}
-        time.sleep(0.15)  # the child has read the head and sleeps
+        # The child has read the head and sleeps at the failpoint; keep it
+        # there (stopped) while the host moves the head, however slow we are.
+        wait_for(lambda: procinfo.state(p.pid) == "S", "the child at the failpoint")
+        p.send_signal(signal.SIGSTOP)
+        wait_for(lambda: procinfo.state(p.pid) == "T", "the child stopped")
         s1, s2 = host.alloc(100), host.alloc(100)
         host.free(s1)
+        p.send_signal(signal.SIGCONT)
         got = event(p)
         assert got["retries"] >= 1 and got["ref"] != s2.ref
         assert got["ref"] == s1.ref and got["generation"] > s1.generation
