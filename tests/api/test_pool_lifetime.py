@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
+from harness.polling import wait_for
 from harness.tasks import add, nap, sleep_for, sleep_return, square
 from shmpool import PoolBrokenError, ShmPool, WorkerCrashedError, procinfo
 
@@ -32,15 +33,6 @@ def set_value(v):
 
 def get_value(_=None):
     return _VALUE
-
-
-def _gone(pids, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(procinfo.alive(p) for p in pids):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # -- lifetime ------------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def test_closed_pool_refuses_work_and_join_needs_close():
             call()
     p.join()  # pending work finishes first
     assert r.get(0) == list(range(10))
-    assert _gone(pids)
+    wait_for(lambda: not any(procinfo.alive(w) for w in pids), "the workers gone", 10)
     p.terminate()  # after join: harmless
     p.join()
 
@@ -100,7 +92,7 @@ def test_terminate_with_tasks_running():
     with pytest.raises(PoolBrokenError):
         it.next(5)
     assert len(errors) == 1
-    assert _gone(pids)
+    wait_for(lambda: not any(procinfo.alive(w) for w in pids), "the workers gone", 10)
     p.join()
     with pytest.raises(ValueError, match="Pool not running"):
         p.apply_async(square, (1,))
@@ -118,12 +110,15 @@ def test_terminate_and_apply_from_inside_a_callback():
 def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(textwrap.dedent("""
-        import time
+        import os, sys, time
         from shmpool import ShmPool
 
-        def slow(x):
-            time.sleep(x)
-            return x
+        def blocked(marks):
+            # says it started, then waits for a gate nobody opens
+            open(os.path.join(marks, f"started-{os.getpid()}"), "w").close()
+            while not os.path.exists(os.path.join(marks, "gate")):
+                time.sleep(0.01)
+            return marks
 
         if __name__ == "__main__":
             import signal
@@ -132,18 +127,21 @@ def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
             with ShmPool(2) as p:
                 print("ready", flush=True)
                 try:
-                    p.map(slow, [30] * 8, chunksize=1)
+                    p.map(blocked, [sys.argv[1]] * 8, chunksize=1)
                 except KeyboardInterrupt:
                     print("interrupted", flush=True)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(marks)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        wait_for(lambda: len(list(marks.glob("started-*"))) == 2, "both workers inside a task")
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the workers get it too
         try:
-            out, err = proc.communicate(timeout=20)  # (the tasks sleep 30 s)
+            # the tasks wait for a gate never opened: ending at all = interrupted
+            out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
@@ -164,7 +162,7 @@ def test_garbage_collected_pool_is_terminated():
     with pytest.warns(ResourceWarning, match="unclosed running"):
         del p
         gc.collect()
-    assert _gone(pids)
+    wait_for(lambda: not any(procinfo.alive(w) for w in pids), "the workers gone", 10)
 
 
 # -- workers ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from harness.polling import wait_for
 from harness.tasks import square
 from shmpool import ShmExecutor
 
@@ -21,9 +22,13 @@ CTRL_C_SCRIPT = """
 import os, sys, time
 from shmpool import ShmExecutor
 
-def slow(x):
-    time.sleep(x)
-    return x
+def blocked(marks):
+    # Says it started, then waits for a gate nobody opens: only an
+    # interrupt ends it.
+    open(os.path.join(marks, f"started-{os.getpid()}"), "w").close()
+    while not os.path.exists(os.path.join(marks, "gate")):
+        time.sleep(0.01)
+    return marks
 
 if __name__ == "__main__":
     import signal
@@ -37,7 +42,7 @@ if __name__ == "__main__":
         print("ready", flush=True)
         t0 = time.monotonic()
         try:
-            for r in ex.map(slow, [60] * 8):
+            for r in ex.map(blocked, [sys.argv[2]] * 8):
                 pass
         except KeyboardInterrupt:
             print("interrupted", round(time.monotonic() - t0, 3), flush=True)
@@ -56,14 +61,17 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
     workers live on, and the `with` block's shutdown is prompt."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), "1", str(marks)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)  # both workers are inside a task
+        wait_for(lambda: len(list(marks.glob("started-*"))) == 2, "both workers inside a task")
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=30)  # (the tasks sleep 60 s: done before = interrupted)
+            # the tasks wait for a gate never opened: ending at all = interrupted
+            out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
@@ -149,6 +157,12 @@ def test_a_process_started_from_a_done_callback_gets_a_normal_signal_mask():
     assert seen["child"] & bit == 0 and seen["own"] & bit == 0
 
 
+def _sigint_pending(pid: int) -> bool:
+    bit = 1 << (signal.SIGINT - 1)
+    with open(f"/proc/{pid}/status") as f:
+        return any(int(line.split()[1], 16) & bit for line in f if line.startswith(("SigPnd:", "ShdPnd:")))
+
+
 def interrupted_task():
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)
@@ -172,7 +186,7 @@ def _interrupt_inside_a_task():
             ex.submit(interrupted_task).result(60)
         assert "interrupted_task" in str(info.value.__cause__)  # the remote traceback
         os.kill(pid, signal.SIGINT)  # idle: ignored
-        time.sleep(0.2)
+        wait_for(lambda: not _sigint_pending(pid), "the SIGINT delivered to the idle worker")
         assert ex.submit(os.getpid).result(60) == pid
         assert ex.statistics()["worker_deaths"] == 0
 

@@ -15,9 +15,12 @@ import time
 import pytest
 
 from harness.child import event
+from harness.polling import wait_for
+from harness.processes import Subreaper
 from harness.tasks import ident
-from shmpool import ShmExecutor, failpoints, procinfo
+from shmpool import ShmExecutor, failpoints
 from shmpool.errors import WorkerCrashedError
+from shmpool.hub import GuestExit
 
 
 def count_runs(path, i):
@@ -161,10 +164,7 @@ def test_fifty_create_shutdown_cycles_leave_nothing():
         with ShmExecutor(2 if i % 2 else 1) as e:
             assert e.submit(ident, i).result(60) == i
     assert set(os.listdir("/proc/self/fd")) == fds
-    deadline = time.monotonic() + 10
-    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert set(threading.enumerate()) - threads == set()
+    wait_for(lambda: set(threading.enumerate()) - threads == set(), "our threads gone", 10)
 
 
 @pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)
@@ -178,23 +178,25 @@ def test_sigkilled_host_leaves_no_worker():
         "e.submit(time.sleep, 60)\n"
         "time.sleep(60)\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE)
-    try:
-        info = event(p)
-        p.kill()
-        p.wait()
-        deadline = time.monotonic() + 5
-        while any(procinfo.alive(w) for w in info["workers"]) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not any(procinfo.alive(w) for w in info["workers"])
-        from shmpool import clean
-
-        assert info["path"] in clean()  # only a stale file is left, and it goes
-    finally:
-        if p.poll() is None:
+    with Subreaper() as reaper:  # the orphaned workers become our children: we see how they ended
+        p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE)
+        try:
+            info = event(p)
             p.kill()
             p.wait()
-        p.stdout.close()
+            gone = reaper.reap(info["workers"], timeout=60)  # (a hang guard)
+            assert sorted(gone) == sorted(info["workers"]), "a worker survived its host"
+            codes = [os.waitstatus_to_exitcode(s) for s, _ in gone.values()]
+            # ended by the host's death: the parent-death signal, or HOST_GONE
+            assert all(c in (-signal.SIGKILL, GuestExit.HOST_GONE) for c in codes), codes
+            from shmpool import clean
+
+            assert info["path"] in clean()  # only a stale file is left, and it goes
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16])
