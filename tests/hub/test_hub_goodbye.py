@@ -187,6 +187,26 @@ def test_guest_spawned_from_a_short_lived_thread_survives_it(hub):
     assert hub.deaths == []
 
 
+def _wait_flowing_both_ways(report: dict) -> None:
+    """Wait until every guest's rings of the reporting host moved both ways
+    (the segment seen through the host's own fd: it may have no name)."""
+    from shmpool import _atomics as A
+    from shmpool.shm import Segment
+    from shmpool.shm import layout as L
+
+    if report["path"].startswith("memfd:"):
+        fds = f"/proc/{report['host']}/fd"
+        name = "/" + report["path"]
+        n = next(n for n in os.listdir(fds) if os.readlink(f"{fds}/{n}").startswith(name))
+        seg = Segment.attach_fd(os.open(f"{fds}/{n}", os.O_RDWR))
+    else:
+        seg = Segment.attach(report["path"])
+    with seg:
+        entries = [seg.layout.peer_entry(i + 1) for i in range(len(report["guests"]))]
+        wait_for(lambda: all(A.load_u32(seg.buf, e + L.P_H2G_HEAD) and A.load_u32(seg.buf, e + L.P_G2H_HEAD)
+                             for e in entries), "messages flowing both ways", 60)
+
+
 @pytest.mark.spec("shm.guest.pdeathsig")
 @pytest.mark.spec("shm.doorbell.death")
 @pytest.mark.parametrize("segment_mode", ["anonymous", "named"])
@@ -207,7 +227,7 @@ def test_host_sigkill_leaves_no_guest_running(mode, segment_mode, request):
         try:
             report = event(host)
             if mode == "busy":
-                time.sleep(0.3)  # messages flowing both ways
+                _wait_flowing_both_ways(report)
             t0 = time.monotonic()
             host.kill()
             host.wait()

@@ -13,12 +13,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from harness.child import event
+from harness.polling import wait_for
 from harness.processes import Subreaper
 from shmpool import ShmExecutor
 from shmpool.shm import Segment, SegmentConfig, SizeClass
@@ -197,12 +197,10 @@ def _holders_of(name: str) -> list[str]:
 def test_killed_host_leaves_nothing_anywhere(tmp_path, sig):
     """The default (anonymous) mode: a host killed by SIGTERM or SIGKILL
     while tasks run leaves no file in /dev/shm or the temp dir, and once
-    its workers are gone (they leave within 2 s) no process holds the
+    its workers are gone (reaped by `_run_host`) no process holds the
     segment: it is gone."""
-    t0 = time.monotonic()
     report, rc, gone = _run_host(tmp_path, sig)
     assert rc == -sig and report["anonymous"]
-    assert max(t for _, t in gone.values()) - t0 < 60  # (bounded; the 2 s rule: test_hub.py)
     assert _segment_files_of(report["pid"], Path("/dev/shm"), tmp_path / "tmp") == []
     name = report["path"][len("memfd:"):]
     assert _holders_of(name) == []
@@ -269,10 +267,7 @@ def test_idle_executor_commits_at_most_8_mib(config):
     with ShmExecutor(4, mp_context=multiprocessing.get_context("fork"), segment_config=config) as ex:
         assert ex.submit(sum, [1, 2]).result(timeout=60) == 3
         core = ex._core
-        deadline = time.monotonic() + 60
-        while sum(1 for w in list(core.workers.values()) if w.ready) < 4:
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.01)
+        wait_for(lambda: sum(1 for w in list(core.workers.values()) if w.ready) == 4, "4 workers started")
         seg = core.host.segment
         committed = os.fstat(seg.fd).st_blocks * 512
         print(f"\nidle pool of 4 workers: {committed / MIB:.2f} MiB committed, "
