@@ -17,16 +17,10 @@ import pytest
 from harness.child import event
 from harness.polling import wait_for
 from harness.processes import Subreaper
-from harness.tasks import ident
+from harness.tasks import count_runs, ident
 from shmpool import ShmExecutor, failpoints
 from shmpool.errors import WorkerCrashedError
 from shmpool.hub import GuestExit
-
-
-def count_runs(path, i):
-    with open(path, "a") as f:
-        f.write(f"{i}\n")
-    return i
 
 
 def poison_or_not(path, i, poison):
