@@ -9,8 +9,6 @@ import gc
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -19,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from harness.polling import wait_for
+from harness.scripts import interrupt_child, start_script
 from harness.tasks import add, nap, sleep_for, sleep_return, square
 from shmpool import PoolBrokenError, ShmPool, WorkerCrashedError, procinfo
 
@@ -133,26 +132,10 @@ def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
     """))
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = subprocess.Popen([sys.executable, str(script), str(marks)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        wait_for(lambda: len(list(marks.glob("started-*"))) == 2, "both workers inside a task")
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the workers get it too
-        try:
-            # the tasks wait for a gate never opened: ending at all = interrupted
-            out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"no prompt end after the Ctrl-C; stdout: {out!r}; stderr: {err[-4000:]}")
-        assert "interrupted" in out and proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    out = interrupt_child(start_script(script, marks),
+                          until=lambda: len(list(marks.glob("started-*"))) == 2)  # both workers inside a task
+    # the tasks wait for a gate never opened: ending at all = interrupted
+    assert "interrupted" in out.stdout and out.returncode == 0, out
 
 
 def test_garbage_collected_pool_is_terminated():

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from harness.polling import wait_for
+from harness.scripts import interrupt_child, start_script
 from harness.tasks import square
 from shmpool import ShmExecutor
 
@@ -63,30 +64,14 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
     script.write_text(CTRL_C_SCRIPT)
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = subprocess.Popen([sys.executable, str(script), "1", str(marks)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        wait_for(lambda: len(list(marks.glob("started-*"))) == 2, "both workers inside a task")
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            # the tasks wait for a gate never opened: ending at all = interrupted
-            out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"no prompt end after the Ctrl-C; stdout: {out!r}; stderr: {err[-4000:]}")
-        lines = out.split("\n")
-        assert lines[0].startswith("interrupted"), out
-        assert lines[1] == "deaths 0 respawns 0", out
-        assert lines[2] == "same workers True", out
-        assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    out = interrupt_child(start_script(script, 1, marks),
+                          until=lambda: len(list(marks.glob("started-*"))) == 2)  # both workers inside a task
+    # the tasks wait for a gate never opened: ending at all = interrupted
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("interrupted"), out
+    assert lines[1] == "deaths 0 respawns 0", out
+    assert lines[2] == "same workers True", out
+    assert out.returncode == 0, out
 
 
 def _blocked_mask(pid: int, tid: int | None = None) -> int:

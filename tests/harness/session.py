@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 
-from harness.child import Children, child_argv, event
+from harness.child import Children, child_argv
 from shmpool import _atomics as A
 from shmpool.hub import ShmHost
 from shmpool.session import HostSession
@@ -57,10 +57,6 @@ class Session:
         if attached:
             assert self.host.wait_attached(t.peer_id, 30)
         return t.peer_id, p
-
-    @staticmethod
-    def report(p) -> dict:
-        return event(p)
 
     def all_slots_free(self) -> bool:
         st = SlotPool(self.host.segment, 0).statistics()

@@ -22,6 +22,7 @@ from shmpool.session.connection import Connection
 from shmpool.shm import Segment, SegmentConfig, SizeClass, open_rings
 from shmpool.shm.varslot import SlotPool
 
+from harness.child import event
 from harness.polling import wait_for
 from harness.session import CREDIT, Loopback, RingTransport, Session
 
@@ -296,7 +297,7 @@ def test_one_gib_through_a_channel_with_64_kib_credit():
     s = Session(SegmentConfig(max_guests=2, initial_credit=CREDIT))
     try:
         peer, p = s.start("serve")
-        s.report(p)
+        event(p)
         conn = s.sess.connection(peer)
         tx = conn.open_tx()
         fut = conn.call("drain-channel", json.dumps([tx.id, 0]).encode())
@@ -327,7 +328,7 @@ def test_guest_killed_mid_stream(direction):
     s = Session(SegmentConfig(max_guests=2, initial_credit=CREDIT))
     try:
         peer, p = s.start("serve")
-        s.report(p)
+        event(p)
         conn = s.sess.connection(peer)
         if direction == "guest-sends":
             cid = int.from_bytes(conn.call_sync("stream-to-host", json.dumps([10**6, 4000]).encode(),

@@ -20,6 +20,7 @@ from shmpool.session.messages import alloc
 from shmpool.shm import SegmentConfig, SizeClass
 from shmpool.shm.ring import Descriptor
 
+from harness.child import event
 from harness.polling import wait_for
 from harness.session import Session
 
@@ -48,7 +49,7 @@ def test_calls_both_ways_from_many_threads(session):
     checked on both sides, and every slot is free at the end."""
     per_thread = 1250
     peer, p = session.start("callers", env={"HOST_CALLS": str(per_thread)})
-    assert session.report(p) == {"event": "ready", "peer": peer}
+    assert event(p) == {"event": "ready", "peer": peer}
     conn = session.sess.connection(peer)
     errors = []
 
@@ -70,7 +71,7 @@ def test_calls_both_ways_from_many_threads(session):
         t.start()
     for t in threads:
         t.join(300)
-    done = session.report(p)
+    done = event(p)
     assert done == {"event": "calls-done", "errors": []}
     assert errors == []
     assert session.host_calls == 4 * per_thread
@@ -84,7 +85,7 @@ def test_calls_both_ways_from_many_threads(session):
 @pytest.mark.spec("shm.session.errors")
 def test_remote_errors_carry_their_traceback(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     with pytest.raises(Exception) as e:
         conn.call_sync("fail", b"boom", timeout=10)
@@ -115,7 +116,7 @@ def test_unpicklable_error_arrives_as_remote_error():
 @pytest.mark.spec("shm.session.call")
 def test_guest_handler_can_call_back_into_the_host(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     assert conn.call_sync("call-host", b"ab" * 100, timeout=10) == b"ab" * 200
 
@@ -123,7 +124,7 @@ def test_guest_handler_can_call_back_into_the_host(session):
 @pytest.mark.spec("shm.session.cancel")
 def test_cancel_pending_and_running_calls(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     # running: the guest's handler sees the flag
     running = conn.call("spin")
@@ -148,7 +149,7 @@ def test_host_handler_sees_the_guests_cancel(session):
     """The guest calls the host's slow handler and cancels it; the host's
     handler (on the handler pool) sees the flag the driver thread set."""
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     session.host_spin_saw_cancel = False
     conn = session.sess.connection(peer)
     assert conn.call_sync("cancel-host-spin", timeout=10) == b"cancelled"
@@ -163,7 +164,7 @@ def test_host_handler_sees_the_guests_cancel(session):
 @pytest.mark.spec("shm.goodbye.payload")
 def test_goodbye_fails_pending_calls_with_the_reason(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     slow = conn.call("sleep", b"1")
     conn.close("test is done with you")
@@ -171,7 +172,7 @@ def test_goodbye_fails_pending_calls_with_the_reason(session):
         slow.result(5)
     with pytest.raises(ConnectionClosedError):
         conn.call("echo", b"x")
-    ended = session.report(p)
+    ended = event(p)
     assert ended["reason"] == "ConnectionClosedError" and "test is done with you" in ended["message"]
 
 
@@ -184,7 +185,7 @@ def test_goodbye_never_waits_for_a_slot():
     held = []
     try:
         peer, p = s.start("serve")
-        s.report(p)
+        event(p)
         conn = s.sess.connection(peer)
         with pytest.raises(SlotExhaustedError):
             while True:  # (every slot, and every huge extent the allocation order falls back to)
@@ -194,7 +195,7 @@ def test_goodbye_never_waits_for_a_slot():
         closer.start()
         closer.join(10)
         assert not closer.is_alive(), "close() waited for a slot"
-        ended = s.report(p)
+        ended = event(p)
         assert ended["reason"] == "ConnectionClosedError"
         assert reason[:32] in ended["message"] and reason not in ended["message"]
     finally:
@@ -223,20 +224,20 @@ def test_forbidden_message_from_a_guest_is_answered_with_goodbye(session, kind, 
 @pytest.mark.spec("shm.handshake")
 def test_forbidden_message_from_the_host_is_answered_with_goodbye(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     assert conn.call_sync("echo", b"before", timeout=10) == b"before"
     assert session.host.send(peer, Descriptor.with_inline(8, 0, b"hello?"), timeout=5)
     with pytest.raises(ConnectionClosedError, match="shm.handshake"):
         conn.call("echo", b"after").result(10)  # behind the Hello: never answered
-    ended = session.report(p)
+    ended = event(p)
     assert "ProtocolError" in ended["reason"] or "shm.handshake" in ended["message"]
 
 
 @pytest.mark.spec("shm.session.call")
 def test_guest_death_fails_pending_calls_and_frees_slots(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     assert conn.call_sync("echo", b"z" * (1 << 20), timeout=10) == b"z" * (1 << 20)
     slow = conn.call("sleep", b"30")
@@ -257,7 +258,7 @@ def test_waiting_caller_takes_its_answer_without_waking_the_driver(session):
     from shmpool.shm import layout as L
 
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     for _ in range(100):
         conn.call_sync("echo", b"warm")
@@ -312,7 +313,7 @@ def _expecting(conn, texts):
 @pytest.mark.spec("shm.session.parts")
 def test_expected_answers_arrive_once_each_before_the_calls_own(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     payload, ids, got = _expecting(conn, ["a", "fail", "c"])
     fut = conn.call("parts", payload)
@@ -331,7 +332,7 @@ def test_expected_answers_arrive_once_each_before_the_calls_own(session):
 @pytest.mark.spec("shm.session.parts")
 def test_a_peer_dying_mid_call_fails_only_the_parts_not_answered(session):
     peer, p = session.start("serve")
-    session.report(p)
+    event(p)
     conn = session.sess.connection(peer)
     payload, ids, got = _expecting(conn, ["a", "b", "die", "d"])
     fut = conn.call("parts", payload)
