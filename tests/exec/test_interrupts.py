@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from harness.polling import wait_for
-from harness.scripts import interrupt_child, start_script
+from harness.scripts import interrupt_child, run_script, start_script
 from harness.tasks import square
 from shmpool import ShmExecutor
 
@@ -197,8 +196,7 @@ def test_workers_of_a_host_that_ignores_sigint_ignore_it_too(tmp_path):
     workers inherit that and keep it (a task is not interrupted)."""
     script = tmp_path / "ignored.py"
     script.write_text(IGNORED_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    out = run_script(script, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert out.returncode == 0 and out.stdout.strip() == "ran through", out.stdout + out.stderr
 
 
@@ -248,13 +246,5 @@ def test_ctrl_c_inside_a_tight_submit_loop_loses_no_count(tmp_path):
     the interrupt could land between queueing a task and counting it.)"""
     script = tmp_path / "submit_loop.py"
     script.write_text(SUBMIT_LOOP_SCRIPT)
-    out, err = tmp_path / "out", tmp_path / "err"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, str(script), "12"], stdout=o, stderr=e)
-        try:
-            rc = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = "hung"
-    assert rc == 0 and out.read_text().rstrip().endswith("done"), (rc, out.read_text()[-2000:], err.read_text()[-4000:])
+    out = run_script(script, 12)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("done"), (out.stdout[-2000:], out.stderr[-4000:])

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from harness.child import event
+from harness.child import end, event
 from harness.polling import wait_for
 from harness.processes import Subreaper
 from harness.tasks import count_runs, ident
+from harness.scripts import start_script
 from shmpool import ShmExecutor, failpoints
 from shmpool.errors import WorkerCrashedError
 from shmpool.hub import GuestExit
@@ -173,7 +172,7 @@ def test_sigkilled_host_leaves_no_worker():
         "time.sleep(60)\n"
     )
     with Subreaper() as reaper:  # the orphaned workers become our children: we see how they ended
-        p = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE)
+        p = start_script(prog)
         try:
             info = event(p)
             p.kill()
@@ -187,10 +186,7 @@ def test_sigkilled_host_leaves_no_worker():
 
             assert info["path"] in clean()  # only a stale file is left, and it goes
         finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            p.stdout.close()
+            end(p)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16])

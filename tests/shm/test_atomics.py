@@ -7,7 +7,6 @@ import mmap
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 
 from harness.child import event
 from harness.polling import wait_for
+from harness.scripts import run_script
 from shmpool import _atomics as A
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,5 +270,5 @@ def test_no_silent_fallback_when_extension_missing():
         "else:\n"
         "    print('imported')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_script(code)
     assert out.stdout.startswith("ImportError"), out.stdout + out.stderr

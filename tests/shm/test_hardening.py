@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+
+from harness.scripts import run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,7 +100,7 @@ def test_forked_child_does_not_remove_the_hosts_file():
         "seg.close()\n"
         "print(seg.path.exists())\n"
     )
-    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    out = run_script(prog)
     assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
 
 

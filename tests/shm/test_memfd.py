@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.child import event
+from harness.child import end, event
 from harness.polling import wait_for
 from harness.processes import Subreaper
+from harness.scripts import run_script, start_script
 from shmpool import ShmExecutor
 from shmpool.shm import Segment, SegmentConfig, SizeClass
 from shmpool.shm import layout as L
@@ -133,20 +134,15 @@ def _run_host(tmp_path: Path, sig: int, env: dict | None = None) -> tuple[dict, 
     returncode, {worker pid: wait status})."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
-    full = dict(os.environ, TMPDIR=str(tmp), **(env or {}))
     with Subreaper() as reaper:
-        host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True,
-                                env=full, cwd=ROOT)
+        host = start_script(HOST, env=dict(TMPDIR=str(tmp), **(env or {})))
         try:
             report = event(host)
             os.kill(host.pid, sig)
             rc = host.wait(timeout=30)
             gone = reaper.reap(report["workers"], timeout=10)
         finally:
-            if host.poll() is None:
-                host.kill()
-                host.wait()
-            host.stdout.close()
+            end(host)
     assert sorted(gone) == sorted(report["workers"]), "a worker survived its host"
     return report, rc, gone
 
@@ -249,7 +245,7 @@ def test_signal_handler_is_installed_for_named_segments_only_and_restored():
         "    print(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)\n"
         "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)\n"
     )
-    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = run_script(prog)
     assert out.stdout.split("\n")[:4] == ["True", "_SignalCleanup _SignalCleanup", "True", "True True"], \
         out.stdout + out.stderr
 
@@ -328,8 +324,7 @@ def test_no_room_for_an_extent_is_no_slot_not_a_signal(mode, tmp_path):
     SlotExhaustedError naming the reason and the knobs; the process is
     never killed by SIGBUS or SIGXFSZ."""
     d = str(tmp_path / "segs") if mode == "named" else ""
-    out = subprocess.run([sys.executable, "-c", FSIZE, mode, d], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
+    out = run_script(FSIZE, mode, d)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[:2] == ["None", "None"], out.stdout
