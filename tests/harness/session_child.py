@@ -51,7 +51,10 @@ def handlers(sess: GuestSession) -> None:
 
     @d.register("spin")
     def spin(ctx, p):
-        """Run until cancelled (checking the flag), up to 30 s."""
+        """Run until cancelled (checking the flag), up to 30 s; a payload
+        names a file to create first (the test's sign that it runs)."""
+        if p.nbytes:
+            open(p.tobytes().decode(), "w").close()
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
             if ctx.cancelled:
@@ -76,6 +79,17 @@ def handlers(sess: GuestSession) -> None:
     def sleep(ctx, p):
         time.sleep(float(p.tobytes()))
         return b"slept"
+
+    @d.register("gate")
+    def gate(ctx, p):
+        """Payload "STARTED GATE": create file STARTED, then wait (up to
+        60 s) until file GATE exists."""
+        started, gate_path = p.tobytes().decode().split(" ")
+        open(started, "w").close()
+        t0 = time.monotonic()
+        while not os.path.exists(gate_path) and time.monotonic() - t0 < 60:
+            time.sleep(0.001)
+        return b"opened" if os.path.exists(gate_path) else b"never opened"
 
     @d.register("call-host")
     def call_host(ctx, p):

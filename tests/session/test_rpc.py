@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import zlib
 from concurrent.futures import CancelledError
 
@@ -122,21 +121,25 @@ def test_guest_handler_can_call_back_into_the_host(session):
 
 
 @pytest.mark.spec("shm.session.cancel")
-def test_cancel_pending_and_running_calls(session):
+def test_cancel_pending_and_running_calls(session, tmp_path):
     peer, p = session.start("serve")
     event(p)
     conn = session.sess.connection(peer)
     # running: the guest's handler sees the flag
-    running = conn.call("spin")
-    time.sleep(0.2)
+    started = tmp_path / "running"
+    running = conn.call("spin", str(started).encode())
+    wait_for(started.exists, "the handler runs")
     assert running.cancel() and running.cancelled()
     with pytest.raises(CancelledError):
         running.result(1)
-    # pending: queued behind a busy handler, never started
-    busy = conn.call("sleep", b"0.5")
-    queued = conn.call("spin")
+    # pending: queued behind a busy handler (held at a gate until the
+    # cancel is sent), never started
+    busy = conn.call("gate", f"{tmp_path / 'busy'} {tmp_path / 'open'}".encode())
+    wait_for((tmp_path / "busy").exists, "the busy handler runs")
+    queued = conn.call("spin", str(tmp_path / "queued").encode())
     assert queued.cancel()
-    assert busy.result(10) == b"slept"
+    (tmp_path / "open").touch()
+    assert busy.result(10) == b"opened"
     # both cancelled calls were answered and dropped; nothing is left over
     assert conn.call_sync("echo", b"x", timeout=10) == b"x"
     wait_for(lambda: conn.statistics().get("responses_dropped", 0) >= 2, "both answers dropped", 10)
@@ -235,13 +238,13 @@ def test_forbidden_message_from_the_host_is_answered_with_goodbye(session):
 
 
 @pytest.mark.spec("shm.session.call")
-def test_guest_death_fails_pending_calls_and_frees_slots(session):
+def test_guest_death_fails_pending_calls_and_frees_slots(session, tmp_path):
     peer, p = session.start("serve")
     event(p)
     conn = session.sess.connection(peer)
     assert conn.call_sync("echo", b"z" * (1 << 20), timeout=10) == b"z" * (1 << 20)
-    slow = conn.call("sleep", b"30")
-    time.sleep(0.1)
+    slow = conn.call("gate", f"{tmp_path / 'slow'} {tmp_path / 'never'}".encode())
+    wait_for((tmp_path / "slow").exists, "the call runs")
     p.send_signal(signal.SIGKILL)
     with pytest.raises(PeerDeadError, match="SIGKILL"):
         slow.result(10)
