@@ -247,6 +247,9 @@ HOLD = r"""
 import os, signal, sys, threading
 from shmpool import _threads
 
+# As a program run from a terminal (a background job starts with SIGINT
+# ignored, and Python then leaves it so).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 token = _threads.hold_interrupt()  # the main thread holds a Ctrl-C (as in submit)
 assert token is not None
 out = {}

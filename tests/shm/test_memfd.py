@@ -235,6 +235,10 @@ def test_signal_handler_is_installed_for_named_segments_only_and_restored():
     prog = (
         "import signal, tempfile\n"
         "from shmpool.shm import Segment\n"
+        "# as a program run from a terminal (under nohup SIGHUP starts ignored,\n"
+        "# and an ignored signal is rightly left alone)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
         "with Segment.create():\n"
         "    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
         "d = tempfile.mkdtemp()\n"
