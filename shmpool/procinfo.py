@@ -74,16 +74,22 @@ def alive(pid: int, start: int = 0) -> bool:
     return ticks is not None and (start == 0 or ticks == start)
 
 
-def children(parent: int | None = None) -> list[int]:
-    """Pids of the running (non-zombie) children of `parent` (default: us)."""
+def child_stats(parent: int | None = None) -> list[ProcStat]:
+    """The stat records of every child of `parent` (default: us), zombies
+    included."""
     parent = os.getpid() if parent is None else parent
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = stat(name)
-            if st is not None and st.ppid == parent and not st.gone:
-                out.append(st.pid)
+            if st is not None and st.ppid == parent:
+                out.append(st)
     return out
+
+
+def children(parent: int | None = None) -> list[int]:
+    """Pids of the running (non-zombie) children of `parent` (default: us)."""
+    return [st.pid for st in child_stats(parent) if not st.gone]
 
 
 def cmdline(pid: int | str) -> bytes | None:

@@ -94,14 +94,7 @@ def _processes_with(token: str) -> list[int]:
 
 def _children() -> list[int]:
     """Direct children of this process, including unreaped zombies."""
-    me = os.getpid()
-    kids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = procinfo.stat(name)
-            if st is not None and st.ppid == me:
-                kids.append(st.pid)
-    return kids
+    return [st.pid for st in procinfo.child_stats()]
 
 
 def _segment_files() -> set[str]:

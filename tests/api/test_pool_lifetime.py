@@ -109,15 +109,9 @@ def test_terminate_and_apply_from_inside_a_callback():
 def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(textwrap.dedent("""
-        import os, sys, time
+        import sys
+        from harness.tasks import started_then_blocked as blocked
         from shmpool import ShmPool
-
-        def blocked(marks):
-            # says it started, then waits for a gate nobody opens
-            open(os.path.join(marks, f"started-{os.getpid()}"), "w").close()
-            while not os.path.exists(os.path.join(marks, "gate")):
-                time.sleep(0.01)
-            return marks
 
         if __name__ == "__main__":
             import signal

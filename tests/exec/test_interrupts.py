@@ -20,15 +20,8 @@ from shmpool import ShmExecutor
 
 CTRL_C_SCRIPT = """
 import os, sys, time
+from harness.tasks import started_then_blocked as blocked
 from shmpool import ShmExecutor
-
-def blocked(marks):
-    # Says it started, then waits for a gate nobody opens: only an
-    # interrupt ends it.
-    open(os.path.join(marks, f"started-{os.getpid()}"), "w").close()
-    while not os.path.exists(os.path.join(marks, "gate")):
-        time.sleep(0.01)
-    return marks
 
 if __name__ == "__main__":
     import signal

@@ -14,14 +14,7 @@ from shmpool import procinfo
 
 def zombie_children() -> list[int]:
     """Our children that exited and wait to be reaped."""
-    me = os.getpid()
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = procinfo.stat(name)
-            if st is not None and st.ppid == me and st.state == "Z":
-                out.append(st.pid)
-    return out
+    return [st.pid for st in procinfo.child_stats() if st.state == "Z"]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -57,3 +57,13 @@ def wait_gate(path, timeout: float = 60.0) -> str:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.005)
     return "opened"
+
+
+def started_then_blocked(marks) -> str:
+    """Create `marks/started-PID` (the test's sign that this task runs),
+    then wait for `marks/gate`, which no test creates: only an interrupt
+    ends it."""
+    open(os.path.join(marks, f"started-{os.getpid()}"), "w").close()
+    while not os.path.exists(os.path.join(marks, "gate")):
+        time.sleep(0.01)
+    return marks

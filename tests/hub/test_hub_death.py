@@ -39,6 +39,17 @@ def _echo_round(host, peers, sent, answered, k=20, timeout=10.0):
     wait_for(lambda: all(answered[p] >= sent[p] for p in peers), "every echo answered", timeout)
 
 
+def _class_baseline(host):
+    """A slot pool of the host's and the (free, capacity) of every class,
+    each class given its (lazy) first extent first."""
+    from shmpool.shm.varslot import SlotPool
+
+    pool = SlotPool(host.segment, 0)
+    for c in host.config.size_classes:
+        pool.free(pool.alloc(c.slot_size))
+    return pool, [(c.free, c.capacity) for c in pool.statistics().classes]
+
+
 @pytest.mark.spec("shm.death.callback")
 @pytest.mark.spec("shm.death.callback-context")
 @pytest.mark.spec("shm.death.detection-methods")
@@ -155,15 +166,10 @@ def test_sigkill_while_holding_slots():
     host but never published, received from the host and kept, and one
     more from the host still in its ring. After a SIGKILL, recovery returns
     exactly those and every class is back at its baseline."""
-    from shmpool.shm.varslot import SlotPool
-
     hub = Hub(small_config(max_guests=2))
     host = hub.host
     try:
-        pool = SlotPool(host.segment, 0)
-        for c in host.config.size_classes:  # every class has its (lazy) first extent
-            pool.free(pool.alloc(c.slot_size))
-        baseline = [(c.free, c.capacity) for c in pool.statistics().classes]
+        pool, baseline = _class_baseline(host)
         host.set_message_handler(lambda peer, batch: None)
         _, p = hub.start("hoard")
         hub.ready(p)
@@ -188,16 +194,11 @@ def test_sigkill_at_random_moments_with_slot_traffic():
     """Slot payloads both ways at full speed; SIGKILL at random moments
     (mid-allocation, mid-send, mid-free...); after each recovery every slot
     of every class is free again."""
-    from shmpool.shm.varslot import SlotPool
-
     rng = random.Random(11)
     hub = Hub(small_config(max_guests=2))
     host = hub.host
     try:
-        pool = SlotPool(host.segment, 0)
-        for c in host.config.size_classes:  # every class has its (lazy) first extent
-            pool.free(pool.alloc(c.slot_size))
-        baseline = [(c.free, c.capacity) for c in pool.statistics().classes]
+        pool, baseline = _class_baseline(host)
         got = {"n": 0}
         errors: list[str] = []
 

@@ -254,12 +254,19 @@ def test_empty_wait_sleeps_and_wakes(seg64, shm_children, wait_backend):
     print(f"{wait_backend}: CPU in pop {out['cpu'] * 1000:.1f} ms, "
           f"wake latency {(out['at'] - t_push) * 1e3:.2f} ms, {st['sleeps']} sleeps")
     assert out["popped"]
+    _slept_once_then_woken(st, wait_backend, tx.statistics().wakes_sent)
+
+
+def _slept_once_then_woken(st: dict, wait_backend: str, wakes_sent: int) -> None:
+    """One wait, one spin phase, then sleeping (not spinning), no timeout;
+    with futex, the other side saw the sleeping bit and its wake ended the
+    sleep."""
     assert st["waits"] == 1 and st["timeouts"] == 0
-    assert st["spins"] == st["waits"]  # one spin phase, then sleeping, not spinning
+    assert st["spins"] == st["waits"]
     assert st["sleeps"] >= 1
     if wait_backend == "futex":
-        assert tx.statistics().wakes_sent == 1  # the producer saw the sleeping bit
-        assert st["woken"] >= 1  # and the sleep ended by that wake
+        assert wakes_sent == 1
+        assert st["woken"] >= 1
 
 
 @pytest.mark.spec("shm.wakeup.producer-wait")
@@ -277,12 +284,7 @@ def test_full_wait_sleeps_and_wakes(seg64, shm_children, wait_backend):
     print(f"{wait_backend}: CPU in push {out['cpu'] * 1000:.1f} ms, "
           f"wake latency {(out['at'] - t_pop) * 1e3:.2f} ms, {st['sleeps']} sleeps")
     assert out["pushed"]
-    assert st["waits"] == 1 and st["timeouts"] == 0
-    assert st["spins"] == st["waits"]
-    assert st["sleeps"] >= 1
-    if wait_backend == "futex":
-        assert rx.statistics().wakes_sent == 1
-        assert st["woken"] >= 1
+    _slept_once_then_woken(st, wait_backend, rx.statistics().wakes_sent)
     assert len(rx.pop_batch(100)) == 63
 
 
