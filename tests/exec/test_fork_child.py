@@ -33,9 +33,19 @@ def slow(x):
     return x
 
 def segment_bytes(core):
-    # Every byte the host and the workers share, but those the driver
-    # thread's sleeping flag toggles (the child never writes either).
-    return bytes(core.host.segment.buf)
+    # Every byte the host and the workers share, but the words the live
+    # ones keep writing on their own: the host's and each worker's
+    # heartbeat, the sleeping and polling flags.
+    from shmpool.shm import layout as L
+    seg = core.host.segment
+    data = bytearray(seg.buf)
+    words = [(L.H_HEARTBEAT, 8), (L.H_HOST_SLEEPING, 4)]
+    for i in range(1, seg.config.max_guests + 1):
+        e = seg.layout.peer_entry(i)
+        words += [(e + L.P_HEARTBEAT, 8), (e + L.P_SLEEP_FLAGS, 4), (e + L.P_HOST_POLLING, 4)]
+    for off, n in words:
+        data[off:off + n] = bytes(n)
+    return bytes(data)
 
 def stable(core):
     prev = segment_bytes(core)
