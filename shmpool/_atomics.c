@@ -345,6 +345,58 @@ futex_wait(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 #endif
 }
 
+/* spin_u32(buf, off, observed, max_ns) -> bool: load the word (acquire)
+ * until it differs from `observed` or `max_ns` nanoseconds passed, with
+ * the GIL released, so that other threads of this process run meanwhile
+ * (a spin in Python would hold the GIL for its whole length). True if it
+ * changed. The clock is read every 64 loads. spec: shm.wakeup.spin */
+static PyObject *
+spin_u32(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint32_t observed;
+    if (!nargs_ok("spin_u32", nargs, 4))
+        return NULL;
+    if (u32_arg(args[2], "observed", &observed) < 0)
+        return NULL;
+    long long max_ns = PyLong_AsLongLong(args[3]);
+    if (max_ns == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_ns < 0 || max_ns > 1000000000LL) {
+        PyErr_SetString(PyExc_ValueError, "max_ns must be in [0, 1e9]");
+        return NULL;
+    }
+    _Atomic uint32_t *p = word_at(args[0], args[1], 4, &view);
+    if (p == NULL)
+        return NULL;
+    int changed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(p, memory_order_acquire) != observed) {
+                changed = 1;
+                break;
+            }
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#elif defined(__aarch64__)
+            __asm__ __volatile__("yield");
+#endif
+        }
+        if (changed)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long dt = (long long)(now.tv_sec - t0.tv_sec) * 1000000000LL + (now.tv_nsec - t0.tv_nsec);
+        if (dt >= max_ns)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(changed);
+}
+
 static PyObject *
 futex_wake(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -518,6 +570,8 @@ static PyMethodDef methods[] = {
     FAST(futex_wait, "futex_wait(buf, off, expected, timeout=None) -> "
                      "WOKEN | VALUE_CHANGED | TIMED_OUT. Releases the GIL."),
     FAST(futex_wake, "futex_wake(buf, off, n) -> number of waiters woken."),
+    FAST(spin_u32, "spin_u32(buf, off, observed, max_ns) -> bool: spin (GIL released) "
+                   "until the word differs from observed or max_ns passed."),
     FAST(page_copy, "page_copy(buf) -> (copy, start, n): a private copy of the "
                     "pages under buf (before a fork)."),
     FAST(page_move, "page_move(copy, start, n, zero_fallback=True) -> bool: the copy "

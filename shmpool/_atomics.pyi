@@ -60,6 +60,11 @@ def futex_wait(buf: object, off: int, expected: int, timeout: float | None = Non
 def futex_wake(buf: object, off: int, n: int, /) -> int:
     """Wake up to `n` (>= 1) waiters on the word; returns how many woke."""
 
+def spin_u32(buf: object, off: int, observed: int, max_ns: int, /) -> bool:
+    """Load the 32-bit word (acquire) until it differs from `observed` or
+    `max_ns` (in [0, 1e9]) nanoseconds have passed, with the GIL released
+    (other threads run meanwhile). True if it changed."""
+
 def page_copy(buf: object, /) -> tuple[int, int, int]:
     """(Before a fork, for `exec/forksafe.py` only.) A private anonymous copy of the
     whole pages under `buf` (rounded out to pages): (its address, the

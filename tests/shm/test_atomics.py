@@ -272,3 +272,30 @@ def test_no_silent_fallback_when_extension_missing():
     )
     out = run_script(code)
     assert out.stdout.startswith("ImportError"), out.stdout + out.stderr
+
+
+@pytest.mark.spec("shm.wakeup.spin")
+def test_spin_u32_releases_the_gil_and_sees_the_change():
+    """The spin runs with the GIL released: a Python thread of this process
+    changes the word while it spins (were the GIL held, that thread could
+    not run until the 1 s bound passed, and the spin would report False)."""
+    buf = bytearray(64)
+    started = threading.Event()
+
+    def writer():
+        started.wait()
+        A.store_u32(buf, 4, 7)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    started.set()
+    try:
+        assert A.spin_u32(buf, 4, 0, 10**9)  # (max_ns is at most 1 s; the thread runs at once)
+    finally:
+        t.join()
+    assert A.spin_u32(buf, 4, 0, 0) is True  # (already different: at once)
+    assert A.spin_u32(buf, 4, 7, 1000) is False  # unchanged: the bound ends it
+    with pytest.raises(ValueError):
+        A.spin_u32(buf, 4, 7, -1)
+    with pytest.raises(ValueError):
+        A.spin_u32(buf, 64, 7, 10)
