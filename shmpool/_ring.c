@@ -3,11 +3,12 @@
  * descriptor ring, in C.
  *
  * Owns: `Producer` and `Consumer` (the C halves of shm/ring.py's
- * RingProducer / RingConsumer, which subclass them): descriptor encode /
- * decode, try_push / try_push_many / try_reserve / commit, try_pop /
- * pop_batch / try_peek / release, the wake decision after publishing, and
- * the waiter's two GIL-free halves: `spin` (bounded loads) and
- * `sleep_futex` (announce, re-check, futex wait, clear).
+ * RingProducer / RingConsumer, which subclass them): try_push /
+ * try_push_many / try_reserve / commit, try_pop / pop_batch / try_peek /
+ * release, and the wake decision after publishing; and the module. The
+ * descriptor's encoding and `bind` live in _ring_codec.c, the waiter's
+ * GIL-free halves (`spin`, `sleep_futex`) in _ring_wait.c; _ring.h is
+ * what the three share.
  *
  * Data flow: ring.py calls `bind()` once at import with the Descriptor
  * class and the descriptor's layout as shm/layout.py declares it; the C
@@ -39,206 +40,20 @@
  *    handler aborts the wait, with the sleeping bit cleared) and retries
  *    with the same absolute deadline.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_ring.h"
+
 #include <structmember.h>
 
 #include <errno.h>
-#include <stdatomic.h>
-#include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define RING_HAVE_FUTEX 1
-#else
-#define RING_HAVE_FUTEX 0
 #endif
 
-/* The descriptor as this file encodes it; checked by bind() against
- * shm/layout.py's DESCRIPTOR. */
-#define DSIZE 64
-#define INLINE_CAP 32
-enum { F_MSG = 0, F_FLAGS = 1, F_ID = 4, F_METHOD = 8, F_REF = 16, F_GEN = 20,
-       F_POFF = 24, F_PLEN = 28, F_INLINE = 32 };
-static const struct { int off; char code; } FIELDS[9] = {
-    {F_MSG, 'B'}, {F_FLAGS, 'B'}, {F_ID, 'I'}, {F_METHOD, 'Q'}, {F_REF, 'I'},
-    {F_GEN, 'I'}, {F_POFF, 'I'}, {F_PLEN, 'I'}, {F_INLINE, 's'},
-};
-
-enum { WAIT_WOKEN = 0, WAIT_VALUE_CHANGED = 1, WAIT_TIMED_OUT = 2, WAIT_NOT_SLEPT = 3 };
 enum { RING_OK = 0, RING_CORRUPT = -2 };
-
-static PyTypeObject *desc_type;   /* shm.ring.Descriptor (a tuple subclass) */
-static PyObject *struct_error;    /* struct.error: what the model's pack raises */
-static uint32_t doorbell_shift;   /* layout.SLEEP_DOORBELL_SHIFT */
-static int bound;
-
-#define WORD(base, off) ((_Atomic uint32_t *)((base) + (off)))
-
-static inline void
-cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-/* ------------------------------------------------------------------------ */
-/* Descriptor encode / decode                                                */
-/* ------------------------------------------------------------------------ */
-
-static int
-field_uint(PyObject *o, unsigned long long max, unsigned long long *out)
-{
-    unsigned long long v;
-    if (PyLong_CheckExact(o)) {
-        v = PyLong_AsUnsignedLongLong(o);
-    } else {
-        if (!PyIndex_Check(o)) {
-            PyErr_SetString(struct_error, "required argument is not an integer");
-            return -1;
-        }
-        PyObject *n = PyNumber_Index(o);
-        if (n == NULL)
-            return -1;
-        v = PyLong_AsUnsignedLongLong(n);
-        Py_DECREF(n);
-    }
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-            return -1;
-        PyErr_Clear();
-        v = max + 1ULL; /* negative or too big: out of range below */
-        if (max == UINT64_MAX) {
-            PyErr_SetString(struct_error, "argument out of range");
-            return -1;
-        }
-    }
-    if (v > max) {
-        PyErr_SetString(struct_error, "argument out of range");
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static inline void
-put_u32(char *p, uint32_t v)
-{
-    memcpy(p, &v, 4); /* little-endian hosts only: checked at module exec */
-}
-
-/* Encode any 9-sequence (a Descriptor, a plain tuple, a list) into `dst`,
- * all or nothing, as struct.pack_into(DESCRIPTOR, ...) would. */
-static int
-encode(PyObject *desc, char *dst)
-{
-    PyObject *fast = NULL;
-    PyObject **items;
-    Py_ssize_t n;
-    if (PyTuple_Check(desc)) {
-        n = PyTuple_GET_SIZE(desc);
-        items = &PyTuple_GET_ITEM(desc, 0);
-    } else {
-        fast = PySequence_Fast(desc, "a descriptor must be a sequence of 9 fields");
-        if (fast == NULL)
-            return -1;
-        n = PySequence_Fast_GET_SIZE(fast);
-        items = PySequence_Fast_ITEMS(fast);
-    }
-    if (n != 9) {
-        PyErr_Format(PyExc_ValueError, "a descriptor has 9 fields, got %zd", n);
-        Py_XDECREF(fast);
-        return -1;
-    }
-    unsigned long long v[8];
-    static const unsigned long long max[8] = {
-        0xFF, 0xFF, 0xFFFFFFFFULL, UINT64_MAX, 0xFFFFFFFFULL, 0xFFFFFFFFULL,
-        0xFFFFFFFFULL, 0xFFFFFFFFULL,
-    };
-    for (int i = 0; i < 8; i++) {
-        if (field_uint(items[i], max[i], &v[i]) < 0) {
-            Py_XDECREF(fast);
-            return -1;
-        }
-    }
-    PyObject *inl = items[8];
-    const char *src;
-    Py_ssize_t len;
-    if (PyBytes_Check(inl)) {
-        src = PyBytes_AS_STRING(inl);
-        len = PyBytes_GET_SIZE(inl);
-    } else if (PyByteArray_Check(inl)) {
-        src = PyByteArray_AS_STRING(inl);
-        len = PyByteArray_GET_SIZE(inl);
-    } else {
-        PyErr_SetString(struct_error, "argument for 's' must be a bytes object");
-        Py_XDECREF(fast);
-        return -1;
-    }
-    char tmp[DSIZE];
-    memset(tmp, 0, sizeof tmp);
-    tmp[F_MSG] = (char)(uint8_t)v[0];
-    tmp[F_FLAGS] = (char)(uint8_t)v[1];
-    put_u32(tmp + F_ID, (uint32_t)v[2]);
-    uint64_t method = v[3];
-    memcpy(tmp + F_METHOD, &method, 8);
-    put_u32(tmp + F_REF, (uint32_t)v[4]);
-    put_u32(tmp + F_GEN, (uint32_t)v[5]);
-    put_u32(tmp + F_POFF, (uint32_t)v[6]);
-    put_u32(tmp + F_PLEN, (uint32_t)v[7]);
-    memcpy(tmp + F_INLINE, src, len < INLINE_CAP ? (size_t)len : INLINE_CAP);
-    Py_XDECREF(fast);
-    memcpy(dst, tmp, DSIZE);
-    return 0;
-}
-
-/* A new Descriptor (the NamedTuple class bound at import) from 64 bytes. */
-static PyObject *
-decode(const char *src)
-{
-    char d[DSIZE];
-    memcpy(d, src, DSIZE);
-    uint32_t id, ref, gen, poff, plen;
-    uint64_t method;
-    memcpy(&id, d + F_ID, 4);
-    memcpy(&method, d + F_METHOD, 8);
-    memcpy(&ref, d + F_REF, 4);
-    memcpy(&gen, d + F_GEN, 4);
-    memcpy(&poff, d + F_POFF, 4);
-    memcpy(&plen, d + F_PLEN, 4);
-    PyObject *t = desc_type->tp_alloc(desc_type, 9);
-    if (t == NULL)
-        return NULL;
-    PyObject *f[9] = {
-        PyLong_FromLong((uint8_t)d[F_MSG]),
-        PyLong_FromLong((uint8_t)d[F_FLAGS]),
-        PyLong_FromUnsignedLong(id),
-        PyLong_FromUnsignedLongLong(method),
-        PyLong_FromUnsignedLong(ref),
-        PyLong_FromUnsignedLong(gen),
-        PyLong_FromUnsignedLong(poff),
-        PyLong_FromUnsignedLong(plen),
-        PyBytes_FromStringAndSize(d + F_INLINE, INLINE_CAP),
-    };
-    int bad = 0;
-    for (int i = 0; i < 9; i++) {
-        if (f[i] == NULL)
-            bad = 1;
-        PyTuple_SET_ITEM(t, i, f[i]);
-    }
-    if (bad) {
-        Py_DECREF(t);
-        return NULL;
-    }
-    return t;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Ring ends                                                                 */
@@ -322,7 +137,7 @@ wake_other(Ring *r, char *base, Py_ssize_t word_off)
     r->wakes_sent++;
     if ((flags & r->wake_bit) && futex_wake1(WORD(base, word_off)) < 0)
         return -1;
-    if (r->doorbell != Py_None && (flags & (r->wake_bit << doorbell_shift))) {
+    if (r->doorbell != Py_None && (flags & (r->wake_bit << ring_doorbell_shift))) {
         PyObject *res = PyObject_CallMethod(r->doorbell, "signal", NULL);
         if (res == NULL)
             return -1;
@@ -360,17 +175,6 @@ ring_dealloc(Ring *r)
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-static int
-word_ok(const char *what, Py_ssize_t off, Py_buffer *v)
-{
-    if (off < 0 || off > v->len - 4 || ((uintptr_t)((char *)v->buf + off)) & 3) {
-        PyErr_Format(PyExc_ValueError, "%s word at %zd is not an aligned 32-bit word "
-                     "of the %zd-byte buffer", what, off, v->len);
-        return 0;
-    }
-    return 1;
-}
-
 /* Ring(buf, desc_offset, size, head_off, tail_off, flags_off, wake_bit,
  *      doorbell, name) */
 static int
@@ -381,7 +185,7 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     PyObject *buf, *doorbell, *name;
     Py_ssize_t desc_off, size, head_off, tail_off, flags_off;
     unsigned int wake_bit;
-    if (!bound) {
+    if (!ring_bound) {
         PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
         return -1;
     }
@@ -393,7 +197,7 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
         PyErr_Format(PyExc_ValueError, "ring size must be a power of two >= 2, got %zd", size);
         return -1;
     }
-    if (wake_bit == 0 || (wake_bit & (wake_bit - 1)) || (wake_bit << doorbell_shift) == 0) {
+    if (wake_bit == 0 || (wake_bit & (wake_bit - 1)) || (wake_bit << ring_doorbell_shift) == 0) {
         PyErr_Format(PyExc_ValueError, "wake_bit must be one bit below the doorbell bits, got %u",
                      wake_bit);
         return -1;
@@ -413,8 +217,8 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
         PyBuffer_Release(&v);
         return -1;
     }
-    if (!word_ok("head", head_off, &v) || !word_ok("tail", tail_off, &v) ||
-        !word_ok("flags", flags_off, &v)) {
+    if (!ring_word_ok("head", head_off, &v) || !ring_word_ok("tail", tail_off, &v) ||
+        !ring_word_ok("flags", flags_off, &v)) {
         PyBuffer_Release(&v);
         return -1;
     }
@@ -442,7 +246,7 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     r->size = (uint32_t)size;
     r->mask = (uint32_t)size - 1;
     r->wake_bit = wake_bit;
-    r->wake_mask = wake_bit | (wake_bit << doorbell_shift);
+    r->wake_mask = wake_bit | (wake_bit << ring_doorbell_shift);
     r->transfers = r->would_block = r->wakes_sent = 0;
     r->consumer = PyObject_TypeCheck(r, &ConsumerType);
     r->ready = 0;
@@ -535,7 +339,7 @@ producer_try_push(Ring *r, PyObject *desc)
         r->would_block++;
         Py_RETURN_FALSE;
     }
-    if (encode(desc, base + r->desc_off + (Py_ssize_t)head * DSIZE) < 0) {
+    if (ring_encode_desc(desc, base + r->desc_off + (Py_ssize_t)head * DSIZE) < 0) {
         PyBuffer_Release(&v);
         return NULL;
     }
@@ -569,7 +373,7 @@ producer_try_push_many(Ring *r, PyObject *descs)
                 goto fail;
             break;
         }
-        int rc = encode(d, base + r->desc_off + (Py_ssize_t)head * DSIZE);
+        int rc = ring_encode_desc(d, base + r->desc_off + (Py_ssize_t)head * DSIZE);
         Py_DECREF(d);
         if (rc < 0)
             goto fail;
@@ -673,7 +477,7 @@ consumer_try_pop(Ring *r, PyObject *unused)
         r->would_block++;
         Py_RETURN_NONE;
     }
-    PyObject *d = decode(base + r->desc_off + (Py_ssize_t)tail * DSIZE);
+    PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)tail * DSIZE);
     if (d == NULL) {
         PyBuffer_Release(&v);
         return NULL;
@@ -745,7 +549,7 @@ consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *d = decode(base + r->desc_off + (Py_ssize_t)((tail + i) & mask) * DSIZE);
+        PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)((tail + i) & mask) * DSIZE);
         if (d == NULL) {
             Py_DECREF(out);
             PyBuffer_Release(&v);
@@ -862,294 +666,16 @@ static PyTypeObject ConsumerType = {
     .tp_getset = consumer_getset,
 };
 
-/* ------------------------------------------------------------------------ */
-/* The waiter's GIL-free halves                                              */
-/* ------------------------------------------------------------------------ */
-
-static int
-word_arg(PyObject *buf, PyObject *off_obj, Py_buffer *v, _Atomic uint32_t **out)
-{
-    if (PyObject_GetBuffer(buf, v, PyBUF_WRITABLE) < 0)
-        return -1;
-    Py_ssize_t off = PyNumber_AsSsize_t(off_obj, NULL);
-    if (off == -1 && PyErr_Occurred()) {
-        PyBuffer_Release(v);
-        return -1;
-    }
-    if (!word_ok("the", off, v)) {
-        PyBuffer_Release(v);
-        return -1;
-    }
-    *out = WORD((char *)v->buf, off);
-    return 0;
-}
-
-static int
-u32_of(PyObject *o, uint32_t *out)
-{
-    unsigned long long v;
-    PyObject *n = PyNumber_Index(o);
-    if (n == NULL)
-        return -1;
-    v = PyLong_AsUnsignedLongLong(n);
-    Py_DECREF(n);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    if (v > 0xFFFFFFFFULL) {
-        PyErr_SetString(PyExc_OverflowError, "value must be in range [0, 2**32)");
-        return -1;
-    }
-    *out = (uint32_t)v;
-    return 0;
-}
-
-/* spin(buf, off, observed, loads) -> bool: load the word (acquire) up to
- * `loads` times until it differs from `observed`. The first 32 loads keep
- * the GIL (most hits come early and a GIL hand-off costs more than they
- * do); the rest run with it released. spec: shm.wakeup.spin */
-static PyObject *
-ring_spin(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "spin(buf, off, observed, loads)");
-        return NULL;
-    }
-    uint32_t observed;
-    if (u32_of(args[2], &observed) < 0)
-        return NULL;
-    Py_ssize_t loads = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
-    if (loads == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer v;
-    _Atomic uint32_t *p;
-    if (word_arg(args[0], args[1], &v, &p) < 0)
-        return NULL;
-    int changed = 0;
-    Py_ssize_t i = 0;
-    for (; i < loads && i < 32; i++) {
-        if (atomic_load_explicit(p, memory_order_acquire) != observed) {
-            changed = 1;
-            break;
-        }
-    }
-    if (!changed && i < loads) {
-        Py_BEGIN_ALLOW_THREADS
-        for (; i < loads; i++) {
-            if (atomic_load_explicit(p, memory_order_acquire) != observed) {
-                changed = 1;
-                break;
-            }
-            cpu_relax();
-        }
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&v);
-    return PyBool_FromLong(changed);
-}
-
-/* sleep_futex(buf, flags_off, bit, off, observed, timeout) -> int: one
- * futex sleep of the sleeping-word protocol. Announce (`bit` ORed into the
- * flags word, seq_cst), re-check the word, sleep while it equals
- * `observed` at most `timeout` seconds with the GIL released, clear the
- * bit. Returns NOT_SLEPT (the re-check saw a change), WOKEN, VALUE_CHANGED
- * or TIMED_OUT. spec: shm.wakeup.sleeping-word */
-static PyObject *
-ring_sleep_futex(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "sleep_futex(buf, flags_off, bit, off, observed, timeout)");
-        return NULL;
-    }
-    uint32_t bit, observed;
-    if (u32_of(args[2], &bit) < 0 || u32_of(args[4], &observed) < 0)
-        return NULL;
-    double t = PyFloat_AsDouble(args[5]);
-    if (t == -1.0 && PyErr_Occurred())
-        return NULL;
-    if (!(t >= 0.0) || t > 1e9) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds in [0, 1e9]");
-        return NULL;
-    }
-    Py_buffer fv, wv;
-    _Atomic uint32_t *flags, *word;
-    if (word_arg(args[0], args[1], &fv, &flags) < 0)
-        return NULL;
-    if (word_arg(args[0], args[3], &wv, &word) < 0) {
-        PyBuffer_Release(&fv);
-        return NULL;
-    }
-#if RING_HAVE_FUTEX
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    double whole = (double)(time_t)t;
-    deadline.tv_sec += (time_t)t;
-    deadline.tv_nsec += (long)((t - whole) * 1e9);
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec += 1;
-        deadline.tv_nsec -= 1000000000L;
-    }
-    int status = WAIT_NOT_SLEPT;
-    PyObject *ret = NULL;
-    atomic_fetch_or_explicit(flags, bit, memory_order_seq_cst);
-    if (atomic_load_explicit(word, memory_order_acquire) == observed) {
-        for (;;) {
-            long rc;
-            int err;
-            Py_BEGIN_ALLOW_THREADS
-            rc = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_BITSET, observed, &deadline,
-                         NULL, FUTEX_BITSET_MATCH_ANY);
-            err = errno;
-            Py_END_ALLOW_THREADS
-            if (rc == 0) {
-                status = WAIT_WOKEN;
-                break;
-            }
-            if (err == EAGAIN) {
-                status = WAIT_VALUE_CHANGED;
-                break;
-            }
-            if (err == ETIMEDOUT) {
-                status = WAIT_TIMED_OUT;
-                break;
-            }
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto out; /* a raising handler aborts the wait */
-                continue;
-            }
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto out;
-        }
-    }
-    ret = PyLong_FromLong(status);
-out:
-    atomic_fetch_and_explicit(flags, ~bit, memory_order_seq_cst);
-    PyBuffer_Release(&wv);
-    PyBuffer_Release(&fv);
-    return ret;
-#else
-    PyBuffer_Release(&wv);
-    PyBuffer_Release(&fv);
-    PyErr_SetString(PyExc_NotImplementedError, "futex is Linux-only; use SHMPOOL_WAIT=poll");
-    return NULL;
-#endif
-}
-
-/* bind(descriptor_type, struct_error, size, fields, doorbell_shift): called
- * once by shm/ring.py at import. `fields` is ((offset, code), ...) of the
- * nine descriptor fields as shm/layout.py's DESCRIPTOR declares them; any
- * difference from what this file encodes fails the import. */
-static PyObject *
-ring_bind(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "bind(descriptor_type, struct_error, size, fields, doorbell_shift)");
-        return NULL;
-    }
-    PyObject *tp = args[0], *err = args[1];
-    if (!PyType_Check(tp) || !PyType_IsSubtype((PyTypeObject *)tp, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "descriptor_type must be a tuple subclass");
-        return NULL;
-    }
-    if (!PyExceptionClass_Check(err)) {
-        PyErr_SetString(PyExc_TypeError, "struct_error must be an exception class");
-        return NULL;
-    }
-    Py_ssize_t size = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (size == -1 && PyErr_Occurred())
-        return NULL;
-    long shift = PyLong_AsLong(args[4]);
-    if (shift == -1 && PyErr_Occurred())
-        return NULL;
-    if (size != DSIZE) {
-        PyErr_Format(PyExc_ImportError, "descriptor is %zd bytes in layout.py, %d in _ring.c",
-                     size, DSIZE);
-        return NULL;
-    }
-    if (shift < 1 || shift > 16) {
-        PyErr_Format(PyExc_ImportError, "doorbell shift %ld out of range", shift);
-        return NULL;
-    }
-    PyObject *fields = PySequence_Tuple(args[3]);
-    if (fields == NULL)
-        return NULL;
-    if (PyTuple_GET_SIZE(fields) != 9) {
-        Py_DECREF(fields);
-        PyErr_SetString(PyExc_ImportError, "descriptor must have 9 fields");
-        return NULL;
-    }
-    for (int i = 0; i < 9; i++) {
-        int off;
-        const char *code;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, i), "is", &off, &code)) {
-            Py_DECREF(fields);
-            return NULL;
-        }
-        if (off != FIELDS[i].off || code[0] != FIELDS[i].code || code[1] != '\0') {
-            PyErr_Format(PyExc_ImportError, "descriptor field %d is (%d, %s) in layout.py, "
-                         "(%d, %c) in _ring.c", i, off, code, FIELDS[i].off, FIELDS[i].code);
-            Py_DECREF(fields);
-            return NULL;
-        }
-    }
-    Py_DECREF(fields);
-    Py_INCREF(tp);
-    Py_XSETREF(desc_type, (PyTypeObject *)tp);
-    Py_INCREF(err);
-    Py_XSETREF(struct_error, err);
-    doorbell_shift = (uint32_t)shift;
-    bound = 1;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-ring_encode(PyObject *m, PyObject *desc)
-{
-    if (!bound) {
-        PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
-        return NULL;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, DSIZE);
-    if (out == NULL)
-        return NULL;
-    if (encode(desc, PyBytes_AS_STRING(out)) < 0) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    return out;
-}
-
-static PyObject *
-ring_decode(PyObject *m, PyObject *data)
-{
-    if (!bound) {
-        PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
-        return NULL;
-    }
-    Py_buffer v;
-    if (PyObject_GetBuffer(data, &v, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (v.len != DSIZE) {
-        PyBuffer_Release(&v);
-        PyErr_Format(PyExc_ValueError, "a descriptor is %d bytes, got %zd", DSIZE, v.len);
-        return NULL;
-    }
-    PyObject *d = decode(v.buf);
-    PyBuffer_Release(&v);
-    return d;
-}
-
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))ring_##name, METH_FASTCALL, doc}
 static PyMethodDef methods[] = {
-    FAST(bind, "bind(descriptor_type, struct_error, size, fields, doorbell_shift): "
+    FAST(bind, "bind(descriptor_type, ring_struct_error, size, fields, ring_doorbell_shift): "
                "check the descriptor layout and bind the Descriptor class (once, by shm/ring.py)."),
     FAST(spin, "spin(buf, off, observed, loads) -> bool: load the word until it differs "
                "from observed (GIL released after the first 32 loads)."),
     FAST(sleep_futex, "sleep_futex(buf, flags_off, bit, off, observed, timeout) -> int: "
                       "announce, re-check, futex wait (GIL released), clear."),
-    {"encode", (PyCFunction)ring_encode, METH_O, "encode(desc) -> bytes: the 64 bytes of a descriptor."},
-    {"decode", (PyCFunction)ring_decode, METH_O, "decode(data) -> Descriptor: from 64 bytes."},
+    {"encode", (PyCFunction)ring_encode, METH_O, "ring_encode_desc(desc) -> bytes: the 64 bytes of a descriptor."},
+    {"decode", (PyCFunction)ring_decode, METH_O, "ring_decode_desc(data) -> Descriptor: from 64 bytes."},
     {NULL, NULL, 0, NULL},
 };
 
