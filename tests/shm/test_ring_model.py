@@ -403,13 +403,17 @@ class _CrossPair:
 
     def __init__(self, children: Children, here: str) -> None:
         self.seg = Segment.create(SMALL)
-        opener = open_rings if here == "native" else open_model_rings
-        self.tx, self.rx = opener(self.seg, 1, "host")
-        self.entry = self.seg.layout.peer_entry(1)
-        there = "model" if here == "native" else "native"
-        self.child = children.start("ring-ops", self.seg.path, 1, "guest", env={"SHMPOOL_TEST_RING": there},
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert event(self.child) == {"ready": True}
+        try:
+            opener = open_rings if here == "native" else open_model_rings
+            self.tx, self.rx = opener(self.seg, 1, "host")
+            self.entry = self.seg.layout.peer_entry(1)
+            there = "model" if here == "native" else "native"
+            self.child = children.start("ring-ops", self.seg.path, 1, "guest", env={"SHMPOOL_TEST_RING": there},
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert event(self.child) == {"ready": True}
+        except BaseException:
+            self.seg.close()
+            raise
 
     def remote(self, op, *args):
         self.child.stdin.write(json.dumps([op, *args]) + "\n")
@@ -427,11 +431,13 @@ class _CrossPair:
         return words, bytes(buf[h2g : h2g + 8 * 64]), bytes(buf[g2h : g2h + 8 * 64])
 
     def close(self):
-        self.child.stdin.write(json.dumps(["quit"]) + "\n")
-        self.child.stdin.flush()
-        assert self.child.wait(timeout=60) == 0
-        self.tx = self.rx = None
-        self.seg.close()
+        try:
+            self.child.stdin.write(json.dumps(["quit"]) + "\n")
+            self.child.stdin.flush()
+            assert self.child.wait(timeout=60) == 0
+        finally:
+            self.tx = self.rx = None
+            self.seg.close()
 
 
 def _plain(d):
@@ -449,12 +455,24 @@ class AcrossProcesses(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.children = Children("shm")
-        self.pairs = [_CrossPair(self.children, "native"), _CrossPair(self.children, "model")]
+        self.pairs = []
+        try:
+            for here in ("native", "model"):
+                self.pairs.append(_CrossPair(self.children, here))
+        except BaseException:
+            self.teardown()
+            raise
 
     def teardown(self):
         try:
+            errors = []
             for pair in self.pairs:
-                pair.close()
+                try:
+                    pair.close()
+                except Exception as e:  # noqa: BLE001  (every pair is closed)
+                    errors.append(e)
+            if errors:
+                raise errors[0]
         finally:
             self.children.close()
 
