@@ -517,15 +517,20 @@ consumer_release(Ring *r, PyObject *unused)
 }
 
 static PyObject *
-consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     Py_ssize_t max_n = 64;
-    if (nargs > 1) {
-        PyErr_Format(PyExc_TypeError, "pop_batch() takes at most 1 argument (%zd given)", nargs);
+    PyObject *arg = nargs == 1 ? args[0] : NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nkw == 1 && nargs == 0 &&
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "max_n") == 0) {
+        arg = args[0];
+    } else if (nargs > 1 || nkw) {
+        PyErr_SetString(PyExc_TypeError, "pop_batch() takes one argument, max_n");
         return NULL;
     }
-    if (nargs == 1) {
-        max_n = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+    if (arg != NULL) {
+        max_n = PyNumber_AsSsize_t(arg, NULL); /* (clamped: the model only compares it) */
         if (max_n == -1 && PyErr_Occurred())
             return NULL;
     }
@@ -625,7 +630,7 @@ static PyMethodDef producer_methods[] = {
 static PyMethodDef consumer_methods[] = {
     {"try_pop", (PyCFunction)consumer_try_pop, METH_NOARGS,
      "try_pop() -> Descriptor | None"},
-    {"pop_batch", (PyCFunction)(void (*)(void))consumer_pop_batch, METH_FASTCALL,
+    {"pop_batch", (PyCFunction)(void (*)(void))consumer_pop_batch, METH_FASTCALL | METH_KEYWORDS,
      "pop_batch(max_n=64) -> list[Descriptor]: pop up to max_n, publishing tail once."},
     {"try_peek", (PyCFunction)consumer_try_peek, METH_NOARGS,
      "try_peek() -> int | None: offset of the next entry, None if empty."},

@@ -122,9 +122,9 @@ class NativeAgainstModel(RuleBasedStateMachine):
     def pop_no_wait(self):
         self.both(lambda r: r.c.pop(timeout=0))
 
-    @rule(n=st.integers(-1, 10))
-    def pop_batch(self, n):
-        self.both(lambda r: r.c.pop_batch(n))
+    @rule(n=st.one_of(st.integers(-1, 10), st.just(2**70)), keyword=st.booleans())
+    def pop_batch(self, n, keyword):
+        self.both(lambda r: r.c.pop_batch(max_n=n) if keyword else r.c.pop_batch(n))
 
     @rule(raw=st.binary(min_size=64, max_size=64))
     def reserve_commit(self, raw):
