@@ -673,14 +673,20 @@ static PyTypeObject ConsumerType = {
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))ring_##name, METH_FASTCALL, doc}
 static PyMethodDef methods[] = {
-    FAST(bind, "bind(descriptor_type, ring_struct_error, size, fields, ring_doorbell_shift): "
+    FAST(bind, "bind(descriptor_type, struct_error, size, fields, doorbell_shift, inline_ref): "
                "check the descriptor layout and bind the Descriptor class (once, by shm/ring.py)."),
     FAST(spin, "spin(buf, off, observed, loads) -> bool: load the word until it differs "
                "from observed (GIL released after the first 32 loads)."),
     FAST(sleep_futex, "sleep_futex(buf, flags_off, bit, off, observed, timeout) -> int: "
                       "announce, re-check, futex wait (GIL released), clear."),
-    {"encode", (PyCFunction)ring_encode, METH_O, "ring_encode_desc(desc) -> bytes: the 64 bytes of a descriptor."},
-    {"decode", (PyCFunction)ring_decode, METH_O, "ring_decode_desc(data) -> Descriptor: from 64 bytes."},
+    {"encode", (PyCFunction)ring_encode, METH_O, "encode(desc) -> bytes: the 64 bytes of a descriptor."},
+    {"decode", (PyCFunction)ring_decode, METH_O, "decode(data) -> Descriptor: from 64 bytes."},
+    {"with_inline", (PyCFunction)(void (*)(void))ring_with_inline, METH_FASTCALL | METH_KEYWORDS,
+     "with_inline(msg_type, id, payload=b'', *, method_id=0, flags=0) -> Descriptor: "
+     "one carrying up to 32 payload bytes itself."},
+    {"with_slot", (PyCFunction)(void (*)(void))ring_with_slot, METH_FASTCALL | METH_KEYWORDS,
+     "with_slot(msg_type, id, slot_ref, generation, length, *, offset=0, method_id=0, flags=0) "
+     "-> Descriptor: one referring to a payload in a slot."},
     {NULL, NULL, 0, NULL},
 };
 

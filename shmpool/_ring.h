@@ -52,6 +52,8 @@ PyObject *ring_decode_desc(const char *src);
 PyObject *ring_bind(PyObject *m, PyObject *const *args, Py_ssize_t nargs);
 PyObject *ring_encode(PyObject *m, PyObject *desc);
 PyObject *ring_decode(PyObject *m, PyObject *data);
+PyObject *ring_with_inline(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+PyObject *ring_with_slot(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 
 /* _ring_wait.c */
 int ring_word_ok(const char *what, Py_ssize_t off, Py_buffer *v);

@@ -16,10 +16,20 @@ NOT_SLEPT: Final[int]
 DESCRIPTOR_SIZE: Final[int]
 
 def bind(descriptor_type: type, struct_error: type[BaseException], size: int,
-         fields: Sequence[tuple[int, str]], doorbell_shift: int, /) -> None:
+         fields: Sequence[tuple[int, str]], doorbell_shift: int, inline_ref: int, /) -> None:
     """Check the descriptor layout `fields` ((offset, struct code) of the nine
     fields) and `size` against the C's encoding (ImportError if they differ)
-    and bind the Descriptor class that decoding builds."""
+    and bind the Descriptor class that decoding builds, the sleeping-word
+    doorbell shift and the slot_ref meaning "inline"."""
+
+def with_inline(msg_type: int, id: int, payload: bytes = b"", *, method_id: int = 0,
+                flags: int = 0) -> Any:
+    """A Descriptor carrying up to 32 payload bytes itself (ValueError above)."""
+
+def with_slot(msg_type: int, id: int, slot_ref: int, generation: int, length: int, *,
+              offset: int = 0, method_id: int = 0, flags: int = 0) -> Any:
+    """A Descriptor referring to a payload in a slot (ValueError for the
+    inline slot_ref)."""
 
 def encode(desc: Sequence[Any], /) -> bytes:
     """The 64 bytes of a descriptor (any 9-sequence), as DESCRIPTOR.pack."""

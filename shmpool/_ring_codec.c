@@ -6,8 +6,9 @@
  * struct.error for a field out of range, "32s" truncating a longer inline
  * payload and zero-padding a shorter one); decoding 64 bytes into a new
  * Descriptor (the NamedTuple class of shm/ring.py, built as an instance of
- * that tuple subclass); and `bind`, which checks the layout declared in
- * shm/layout.py against the offsets encoded here. spec: shm.ring.native
+ * that tuple subclass); the constructors Descriptor.with_inline /
+ * with_slot; and `bind`, which checks the layout declared in shm/layout.py
+ * against the offsets encoded here. spec: shm.ring.native
  *
  * Invariants: native little-endian stores (_ring.c refuses big-endian
  * hosts at import); nothing is encoded or decoded before `bind`.
@@ -18,6 +19,8 @@
 
 PyTypeObject *ring_desc_type;
 PyObject *ring_struct_error;
+static PyObject *inline_ref;           /* layout.SLOT_REF_INLINE */
+static PyObject *zero, *no_bytes;
 uint32_t ring_doorbell_shift;
 int ring_bound;
 
@@ -132,7 +135,7 @@ ring_encode_desc(PyObject *desc, char *dst)
     return 0;
 }
 
-/* A new Descriptor (the NamedTuple class ring_bound at import) from 64 bytes. */
+/* A new Descriptor (the NamedTuple class bound at import) from 64 bytes. */
 PyObject *
 ring_decode_desc(const char *src)
 {
@@ -173,15 +176,16 @@ ring_decode_desc(const char *src)
     return t;
 }
 
-/* bind(descriptor_type, ring_struct_error, size, fields, ring_doorbell_shift): called
+/* bind(descriptor_type, struct_error, size, fields, doorbell_shift, inline_ref): called
  * once by shm/ring.py at import. `fields` is ((offset, code), ...) of the
  * nine descriptor fields as shm/layout.py's DESCRIPTOR declares them; any
- * difference from what this file encodes fails the import. */
+ * difference from what this file encodes fails the import. `inline_ref` is
+ * the slot_ref that means "inline" (layout.SLOT_REF_INLINE). */
 PyObject *
 ring_bind(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "bind(descriptor_type, ring_struct_error, size, fields, ring_doorbell_shift)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "bind(descriptor_type, struct_error, size, fields, doorbell_shift, inline_ref)");
         return NULL;
     }
     PyObject *tp = args[0], *err = args[1];
@@ -190,7 +194,7 @@ ring_bind(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (!PyExceptionClass_Check(err)) {
-        PyErr_SetString(PyExc_TypeError, "ring_struct_error must be an exception class");
+        PyErr_SetString(PyExc_TypeError, "struct_error must be an exception class");
         return NULL;
     }
     Py_ssize_t size = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
@@ -235,6 +239,12 @@ ring_bind(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(ring_desc_type, (PyTypeObject *)tp);
     Py_INCREF(err);
     Py_XSETREF(ring_struct_error, err);
+    Py_INCREF(args[5]);
+    Py_XSETREF(inline_ref, args[5]);
+    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
+        return NULL;
+    if (no_bytes == NULL && (no_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
+        return NULL;
     ring_doorbell_shift = (uint32_t)shift;
     ring_bound = 1;
     Py_RETURN_NONE;
@@ -275,4 +285,125 @@ ring_decode(PyObject *m, PyObject *data)
     PyObject *d = ring_decode_desc(v.buf);
     PyBuffer_Release(&v);
     return d;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Descriptor constructors (Descriptor.with_inline / with_slot)              */
+/* ------------------------------------------------------------------------ */
+
+/* Fill `out` from positional args and keyword names: the first `npos` names
+ * may come positionally, the rest by keyword only; `out` keeps its
+ * defaults for the ones not given. */
+static int
+parse_args(const char *fn, const char *const *names, int nnames, int npos, int nreq,
+           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **out)
+{
+    if (nargs > npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d positional arguments (%zd given)",
+                     fn, npos, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        out[i] = args[i];
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int found = -1;
+        for (int j = 0; j < nnames; j++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0) {
+                found = j;
+                break;
+            }
+        }
+        if (found < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fn, key);
+            return -1;
+        }
+        if (found < nargs) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument %R", fn, key);
+            return -1;
+        }
+        out[found] = args[nargs + k];
+    }
+    for (int j = 0; j < nreq; j++) {
+        if (out[j] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[j]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+new_desc(PyObject *const f[9])
+{
+    PyObject *t = ring_desc_type->tp_alloc(ring_desc_type, 9);
+    if (t == NULL)
+        return NULL;
+    for (int i = 0; i < 9; i++)
+        PyTuple_SET_ITEM(t, i, Py_NewRef(f[i]));
+    return t;
+}
+
+/* with_inline(msg_type, id, payload=b"", *, method_id=0, flags=0): a
+ * descriptor carrying up to 32 payload bytes itself. The fields are
+ * stored as given (encoding checks them, as the model's pack does).
+ * spec: shm.desc.inline */
+PyObject *
+ring_with_inline(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"msg_type", "id", "payload", "method_id", "flags"};
+    PyObject *a[5] = {NULL, NULL, no_bytes, zero, zero};
+    if (!ring_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
+        return NULL;
+    }
+    if (parse_args("with_inline", names, 5, 3, 2, args, nargs, kwnames, a) < 0)
+        return NULL;
+    Py_ssize_t n = PyObject_Length(a[2]);
+    if (n < 0)
+        return NULL;
+    if (n > INLINE_CAP) {
+        PyErr_Format(PyExc_ValueError, "inline payload is %zd bytes; at most %d fit", n, INLINE_CAP);
+        return NULL;
+    }
+    PyObject *payload = PyBytes_CheckExact(a[2]) ? Py_NewRef(a[2]) : PyObject_Bytes(a[2]);
+    if (payload == NULL)
+        return NULL;
+    PyObject *len = PyLong_FromSsize_t(n);
+    if (len == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyObject *f[9] = {a[0], a[4], a[1], a[3], inline_ref, zero, zero, len, payload};
+    PyObject *d = new_desc(f);
+    Py_DECREF(len);
+    Py_DECREF(payload);
+    return d;
+}
+
+/* with_slot(msg_type, id, slot_ref, generation, length, *, offset=0,
+ * method_id=0, flags=0): a descriptor referring to a payload in a slot.
+ * spec: shm.desc.slot-ref */
+PyObject *
+ring_with_slot(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"msg_type", "id", "slot_ref", "generation", "length",
+                                        "offset", "method_id", "flags"};
+    PyObject *a[8] = {NULL, NULL, NULL, NULL, NULL, zero, zero, zero};
+    if (!ring_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
+        return NULL;
+    }
+    if (parse_args("with_slot", names, 8, 5, 5, args, nargs, kwnames, a) < 0)
+        return NULL;
+    int eq = PyObject_RichCompareBool(a[2], inline_ref, Py_EQ);
+    if (eq < 0)
+        return NULL;
+    if (eq) {
+        PyErr_SetString(PyExc_ValueError, "slot_ref 0xFFFFFFFF means inline; use with_inline");
+        return NULL;
+    }
+    PyObject *f[9] = {a[0], a[7], a[1], a[6], a[2], a[3], a[5], a[4], no_bytes};
+    return new_desc(f);
 }

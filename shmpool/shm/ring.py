@@ -70,34 +70,15 @@ class Descriptor(NamedTuple):
     payload_len: int
     inline: bytes
 
-    @classmethod
-    def with_inline(
-        cls, msg_type: int, id: int, payload: bytes = b"", *, method_id: int = 0, flags: int = 0
-    ) -> "Descriptor":
-        """A descriptor carrying up to 32 payload bytes itself.
-        spec: shm.desc.inline"""
-        n = len(payload)
-        if n > L.INLINE_CAPACITY:
-            raise ValueError(f"inline payload is {n} bytes; at most {L.INLINE_CAPACITY} fit")
-        return cls(msg_type, flags, id, method_id, L.SLOT_REF_INLINE, 0, 0, n, bytes(payload))
-
-    @classmethod
-    def with_slot(
-        cls,
-        msg_type: int,
-        id: int,
-        slot_ref: int,
-        generation: int,
-        length: int,
-        *,
-        offset: int = 0,
-        method_id: int = 0,
-        flags: int = 0,
-    ) -> "Descriptor":
-        """A descriptor referring to a payload in a slot. spec: shm.desc.slot-ref"""
-        if slot_ref == L.SLOT_REF_INLINE:
-            raise ValueError("slot_ref 0xFFFFFFFF means inline; use with_inline")
-        return cls(msg_type, flags, id, method_id, slot_ref, generation, offset, length, b"")
+    # Built in C (no Python frame per task): with_inline(msg_type, id,
+    # payload=b"", *, method_id=0, flags=0) carries up to 32 payload bytes
+    # (ValueError above; spec: shm.desc.inline); with_slot(msg_type, id,
+    # slot_ref, generation, length, *, offset=0, method_id=0, flags=0)
+    # refers to a payload in a slot (spec: shm.desc.slot-ref). Fields are
+    # stored as given; encoding checks them. ring_model.py has the Python
+    # reference of both.
+    with_inline = _ring.with_inline
+    with_slot = _ring.with_slot
 
     @property
     def is_inline(self) -> bool:
@@ -123,7 +104,7 @@ def _descriptor_fields(s: struct.Struct) -> tuple[tuple[int, str], ...]:
 # spec: shm.ring.native -- the C encodes the layout declared in layout.py, or
 # the import fails.
 _ring.bind(Descriptor, struct.error, L.DESCRIPTOR_SIZE, _descriptor_fields(L.DESCRIPTOR),
-           L.SLEEP_DOORBELL_SHIFT)
+           L.SLEEP_DOORBELL_SHIFT, L.SLOT_REF_INLINE)
 
 
 @dataclass(frozen=True)

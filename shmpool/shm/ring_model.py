@@ -3,7 +3,9 @@
 Owns: `ModelProducer` and `ModelConsumer`, the pure-Python ring ends that
 `ring.RingProducer` / `ring.RingConsumer` (backed by the C extension
 `shmpool._ring`) must behave exactly like: same results, same counters,
-same bytes in the buffer, same SegmentCorruptError for the same bad index.
+same bytes in the buffer, same SegmentCorruptError for the same bad index;
+and `model_with_inline` / `model_with_slot`, the Python reference of the
+Descriptor constructors built in C.
 Used only by tests (tests/shm/test_ring_model.py drives both with the same
 operations, in one process and across two) and benchmarks; the package
 itself never imports this module. spec: shm.ring.model
@@ -53,6 +55,36 @@ _unpack_from = L.DESCRIPTOR.unpack_from
 _DSIZE = L.DESCRIPTOR_SIZE
 _monotonic = time.monotonic
 _new_desc = tuple.__new__
+
+
+def model_with_inline(
+    msg_type: int, id: int, payload: bytes = b"", *, method_id: int = 0, flags: int = 0
+) -> Descriptor:
+    """The reference of `Descriptor.with_inline` (built in C): a descriptor
+    carrying up to 32 payload bytes itself. spec: shm.desc.inline"""
+    n = len(payload)
+    if n > L.INLINE_CAPACITY:
+        raise ValueError(f"inline payload is {n} bytes; at most {L.INLINE_CAPACITY} fit")
+    return Descriptor(msg_type, flags, id, method_id, L.SLOT_REF_INLINE, 0, 0, n, bytes(payload))
+
+
+def model_with_slot(
+   
+    msg_type: int,
+    id: int,
+    slot_ref: int,
+    generation: int,
+    length: int,
+    *,
+    offset: int = 0,
+    method_id: int = 0,
+    flags: int = 0,
+) -> Descriptor:
+    """The reference of `Descriptor.with_slot` (built in C): a descriptor
+    referring to a payload in a slot. spec: shm.desc.slot-ref"""
+    if slot_ref == L.SLOT_REF_INLINE:
+        raise ValueError("slot_ref 0xFFFFFFFF means inline; use with_inline")
+    return Descriptor(msg_type, flags, id, method_id, slot_ref, generation, offset, length, b"")
 
 
 class _ModelEnd:

@@ -30,7 +30,9 @@ from shmpool.errors import SegmentCorruptError
 from shmpool.shm import Descriptor, RingConsumer, RingProducer, Segment, SegmentConfig, SizeClass, open_rings
 from shmpool.shm import layout as L
 from shmpool.shm.ring import _descriptor_fields
-from shmpool.shm.ring_model import ModelConsumer, ModelProducer, open_model_rings
+from shmpool.shm.ring_model import (
+    ModelConsumer, ModelProducer, model_with_inline, model_with_slot, open_model_rings,
+)
 
 pytestmark = pytest.mark.named_segment
 
@@ -216,14 +218,58 @@ def test_encode_decode_are_the_layouts(f):
     assert type(d) is Descriptor and d == Descriptor(*L.DESCRIPTOR.unpack(raw))
 
 
+def _made(fn):
+    try:
+        d = fn()
+    except (ValueError, TypeError) as e:
+        return type(e), str(e)
+    assert type(d) is Descriptor
+    return tuple(d)
+
+
+@pytest.mark.spec("shm.ring.native")
+@pytest.mark.spec("shm.desc.inline")
+@pytest.mark.spec("shm.desc.slot-ref")
+@given(msg=st.integers(0, 255), ident=u32, payload=st.one_of(st.binary(max_size=40), st.binary(max_size=40).map(bytearray)),
+       method=st.integers(0, 2**64 - 1), flags=st.integers(0, 255), ref=st.one_of(u32, st.just(L.SLOT_REF_INLINE)),
+       gen=u32, length=u32, offset=u32, keywords=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_descriptor_constructors_match_the_model(msg, ident, payload, method, flags, ref, gen, length, offset, keywords):
+    if keywords:
+        kw = dict(msg_type=msg, id=ident, payload=payload, method_id=method, flags=flags)
+        assert _made(lambda: Descriptor.with_inline(**kw)) == _made(lambda: model_with_inline(**kw))
+        kw = dict(msg_type=msg, id=ident, slot_ref=ref, generation=gen, length=length, offset=offset,
+                  method_id=method, flags=flags)
+        assert _made(lambda: Descriptor.with_slot(**kw)) == _made(lambda: model_with_slot(**kw))
+    else:
+        assert _made(lambda: Descriptor.with_inline(msg, ident, payload)) == \
+            _made(lambda: model_with_inline(msg, ident, payload))
+        assert _made(lambda: Descriptor.with_slot(msg, ident, ref, gen, length)) == \
+            _made(lambda: model_with_slot(msg, ident, ref, gen, length))
+
+
+@pytest.mark.spec("shm.ring.native")
+def test_descriptor_constructors_refuse_bad_calls_as_python_would():
+    with pytest.raises(TypeError):
+        Descriptor.with_inline(1)
+    with pytest.raises(TypeError):
+        Descriptor.with_inline(1, 2, b"", 3)  # method_id is keyword-only
+    with pytest.raises(TypeError):
+        Descriptor.with_inline(1, 2, id=3)
+    with pytest.raises(TypeError):
+        Descriptor.with_slot(1, 2, 3, 4, 5, bogus=1)
+    with pytest.raises(TypeError):
+        Descriptor.with_inline(1, 2, 5)  # len() of an int
+
+
 @pytest.mark.spec("shm.ring.native")
 def test_a_layout_the_c_does_not_encode_fails_the_bind():
     good = _descriptor_fields(L.DESCRIPTOR)
     moved = ((good[0][0], good[0][1]), (2, "B")) + good[2:]
     with pytest.raises(ImportError, match="field 1"):
-        _ring.bind(Descriptor, struct.error, L.DESCRIPTOR_SIZE, moved, L.SLEEP_DOORBELL_SHIFT)
+        _ring.bind(Descriptor, struct.error, L.DESCRIPTOR_SIZE, moved, L.SLEEP_DOORBELL_SHIFT, L.SLOT_REF_INLINE)
     with pytest.raises(ImportError, match="bytes"):
-        _ring.bind(Descriptor, struct.error, 72, good, L.SLEEP_DOORBELL_SHIFT)
+        _ring.bind(Descriptor, struct.error, 72, good, L.SLEEP_DOORBELL_SHIFT, L.SLOT_REF_INLINE)
     # (a refused bind changes nothing: the rings still work)
     r = _Ring(RingProducer, RingConsumer, 4, 0)
     assert r.p.try_push(Descriptor.with_inline(1, 2, b"x")) and r.c.try_pop().payload == b"x"
