@@ -675,8 +675,9 @@ static PyTypeObject ConsumerType = {
 static PyMethodDef methods[] = {
     FAST(bind, "bind(descriptor_type, struct_error, size, fields, doorbell_shift, inline_ref): "
                "check the descriptor layout and bind the Descriptor class (once, by shm/ring.py)."),
-    FAST(spin, "spin(buf, off, observed, loads) -> bool: load the word until it differs "
-               "from observed (GIL released after the first 32 loads)."),
+    FAST(spin, "spin(buf, off, observed, loads, max_ns) -> bool: load the word until it "
+               "differs from observed (GIL released after the first 32 loads, CPU yielded "
+               "every 32 after that)."),
     FAST(sleep_futex, "sleep_futex(buf, flags_off, bit, off, observed, timeout) -> int: "
                       "announce, re-check, futex wait (GIL released), clear."),
     {"encode", (PyCFunction)ring_encode, METH_O, "encode(desc) -> bytes: the 64 bytes of a descriptor."},

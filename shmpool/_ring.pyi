@@ -37,9 +37,11 @@ def encode(desc: Sequence[Any], /) -> bytes:
 def decode(data: object, /) -> Any:
     """A Descriptor from 64 bytes."""
 
-def spin(buf: object, off: int, observed: int, loads: int, /) -> bool:
-    """Load the 32-bit word up to `loads` times until it differs from
-    `observed` (the GIL released after the first 32 loads). True if it did."""
+def spin(buf: object, off: int, observed: int, loads: int, max_ns: int, /) -> bool:
+    """Load the 32-bit word up to `loads` times, for at most about `max_ns`
+    nanoseconds, until it differs from `observed` (the GIL released after
+    the first 32 loads; the CPU yielded every 32 after that). True if it
+    did."""
 
 def sleep_futex(buf: object, flags_off: int, bit: int, off: int, observed: int,
                 timeout: float, /) -> int:

@@ -49,6 +49,7 @@ NAP_MIN = 20e-6  # poll backend: first nap
 NAP_MAX = 2e-3  # poll backend: longest nap (bounds wake latency and idle CPU)
 SPIN_MIN = 16
 SPIN_MAX = 4096
+SPIN_NS_MAX = 100  # a spin of n loads lasts at most ~n * this (its yields give the CPU away)
 BACKENDS = ("futex", "poll")
 
 
@@ -121,15 +122,17 @@ class Waiter:
         self._nap = NAP_MIN
 
     def spin(self, off: int, observed: int) -> bool:
-        """Spin up to the adaptive budget; True if the word changed. The
-        loads run in C, with the GIL released after the first 32 (other
-        threads of this process run meanwhile). spec: shm.wakeup.spin"""
+        """Spin up to the adaptive budget (and at most budget * SPIN_NS_MAX
+        ns); True if the word changed. The loads run in C, with the GIL
+        released after the first 32 (other threads of this process run
+        meanwhile) and the CPU yielded every 32 loads (a peer queued on
+        this CPU runs). spec: shm.wakeup.spin"""
         budget = self.spin_budget
         if budget <= 0:
             return False
         self.spins += 1
         t0 = perf_counter_ns()
-        if _spin(self.buf, off, observed, budget + 32):
+        if _spin(self.buf, off, observed, budget + 32, budget * SPIN_NS_MAX):
             self.spin_hits += 1
             return True
         now = perf_counter_ns()

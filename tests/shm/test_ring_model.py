@@ -321,9 +321,10 @@ def test_spin_releases_the_gil():
     buf = bytearray(64)
     t = threading.Thread(target=A.store_u32, args=(buf, 0, 1))
     t.start()
-    assert _ring.spin(buf, 0, 0, 2**62) is True
+    assert _ring.spin(buf, 0, 0, 2**62, 2**62) is True
     t.join()
-    assert _ring.spin(buf, 0, 1, 100) is False
+    assert _ring.spin(buf, 0, 1, 100, 10**9) is False
+    assert _ring.spin(buf, 0, 1, 2**62, 10**6) is False  # (bounded by time as well)
 
 
 @pytest.mark.spec("shm.wakeup.futex")
