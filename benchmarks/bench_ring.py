@@ -2,8 +2,13 @@
 
 Runs, in one process tree and one run:
 - an `os.pipe` ping-pong (64-byte messages, blocking reads) as the baseline,
-- the shmpool descriptor ring under each wait backend: futex with the spin
-  phase, futex without spinning (pure sleep/wake), and the poll fallback.
+- the shmpool descriptor ring (its C ends, the default) under each wait
+  backend: futex with the spin phase, futex without spinning (pure
+  sleep/wake), and the poll fallback;
+- the same ring with the reference model's Python ends (shm/ring_model.py)
+  at both ends, futex with and without spin;
+- in one process (timeit): nanoseconds per try_push / try_pop and per item
+  of try_push_many / pop_batch, C ends vs the model's.
 
 Each figure is the median of several repetitions; latency reports p50/p99
 of every round trip; ratios are against the pipe measured in the same run.
@@ -22,7 +27,8 @@ import subprocess
 import sys
 import time
 
-from shmpool.shm import Descriptor, Segment, SegmentConfig, SizeClass, open_rings
+from shmpool.shm import Descriptor, RingConsumer, RingProducer, Segment, SegmentConfig, SizeClass, open_rings
+from shmpool.shm.ring_model import ModelConsumer, ModelProducer, open_model_rings
 
 PEER_ID = 1
 MSG = b"x" * 64
@@ -33,9 +39,12 @@ MSG = b"x" * 64
 # --------------------------------------------------------------------------
 
 
-def ring_peer(path: str, mode: str, wait: str, spin: int) -> None:
+OPENERS = {"native": open_rings, "model": open_model_rings}
+
+
+def ring_peer(path: str, mode: str, wait: str, spin: int, impl: str = "native") -> None:
     seg = Segment.attach(path)
-    tx, rx = open_rings(seg, PEER_ID, "guest", wait=wait, spin=spin)
+    tx, rx = OPENERS[impl](seg, PEER_ID, "guest", wait=wait, spin=spin)
     tx.push(Descriptor.with_inline(9, 0))  # ready
     if mode == "echo-raw":  # the zero-copy reserve/commit + peek/release API
         buf = seg.buf
@@ -121,14 +130,15 @@ def bench_pipe(rounds: int, burst: int) -> dict:
     return {"p50_us": p50, "p99_us": p99, "msgs_per_s": tput}
 
 
-def bench_ring(rounds: int, burst: int, wait: str, spin: int, raw: bool = False) -> dict:
+def bench_ring(rounds: int, burst: int, wait: str, spin: int, raw: bool = False,
+               impl: str = "native") -> dict:
     cfg = SegmentConfig(max_guests=1, ring_size=256, size_classes=(SizeClass(512, 16),))
     with Segment.create(cfg, anonymous=False) as seg:  # (the peer attaches by path)
-        tx, rx = open_rings(seg, PEER_ID, "host", wait=wait, spin=spin)
+        tx, rx = OPENERS[impl](seg, PEER_ID, "host", wait=wait, spin=spin)
         env = dict(os.environ, SHMPOOL_WAIT=wait)
         proc = subprocess.Popen(
             [sys.executable, __file__, "--ring-peer", str(seg.path), "echo-raw" if raw else "echo",
-             wait, str(spin)],
+             wait, str(spin), impl],
             env=env,
         )
         try:
@@ -178,14 +188,14 @@ def bench_ring(rounds: int, burst: int, wait: str, spin: int, raw: bool = False)
     return {"p50_us": p50, "p99_us": p99, "msgs_per_s": tput}
 
 
-def bench_ring_oneway(burst: int, wait: str, spin: int) -> float:
+def bench_ring_oneway(burst: int, wait: str, spin: int, impl: str = "native") -> float:
     """Pure one-way throughput: the child consumes and only acknowledges
     the end of the burst."""
     cfg = SegmentConfig(max_guests=1, ring_size=256, size_classes=(SizeClass(512, 16),))
     with Segment.create(cfg, anonymous=False) as seg:  # (the peer attaches by path)
-        tx, rx = open_rings(seg, PEER_ID, "host", wait=wait, spin=spin)
+        tx, rx = OPENERS[impl](seg, PEER_ID, "host", wait=wait, spin=spin)
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--ring-peer", str(seg.path), "sink", wait, str(spin)],
+            [sys.executable, __file__, "--ring-peer", str(seg.path), "sink", wait, str(spin), impl],
             env=dict(os.environ, SHMPOOL_WAIT=wait),
         )
         try:
@@ -256,12 +266,56 @@ def bench_floor(rounds: int, kind: str) -> dict:
     return {"p50_us": p50, "p99_us": p99}
 
 
-VARIANTS = [
-    ("ring futex+spin", "futex", None, False),
-    ("ring futex+spin, zero-copy API", "futex", None, True),
-    ("ring futex, no spin", "futex", 0, False),
-    ("ring poll", "poll", None, False),
+VARIANTS = [  # name, wait backend, spin (None: default), zero-copy API, ring ends
+    ("ring futex+spin", "futex", None, False, "native"),
+    ("ring futex+spin, zero-copy API", "futex", None, True, "native"),
+    ("ring futex, no spin", "futex", 0, False, "native"),
+    ("ring poll", "poll", None, False, "native"),
+    ("model ring futex+spin", "futex", None, False, "model"),
+    ("model ring futex, no spin", "futex", 0, False, "model"),
 ]
+
+
+def bench_ops(n: int) -> dict[str, dict[str, float]]:
+    """Nanoseconds per operation in one process (no peer, no waits): the
+    C ends against the model's, over a bytearray ring of 256."""
+    import timeit
+
+    out = {}
+    d = Descriptor.with_inline(1, 7, b"x" * 20, method_id=3)
+    plain = tuple(d)
+    geometry = dict(desc_offset=64, size=256, head_off=0, tail_off=4, flags_off=8,
+                    consumer_bit=1, producer_bit=2, spin=0)
+    for impl, (P, C) in (("native", (RingProducer, RingConsumer)), ("model", (ModelProducer, ModelConsumer))):
+        buf = bytearray(64 + 64 * 256)
+        p, c = P(buf, **geometry), C(buf, **geometry)
+        push, pop, push_many, pop_batch = p.try_push, c.try_pop, p.try_push_many, c.pop_batch
+        batch = [d] * 64
+
+        def one():
+            push(d)
+            pop()
+
+        def one_tuple():
+            push(plain)
+            pop()
+
+        def many():
+            push_many(batch)
+            pop_batch(64)
+
+        def best(fn, per):
+            return min(timeit.repeat(fn, number=n, repeat=5)) / n / per * 1e9
+
+        empty = best(pop, 1)  # try_pop on an empty ring (the cached-index path plus one load)
+        pair = best(one, 1)
+        out[impl] = {
+            "try_push+try_pop": pair,
+            "try_push(tuple)+try_pop": best(one_tuple, 1),
+            "try_pop (empty)": empty,
+            "push_many+pop_batch, per item": best(many, 64) if n >= 64 else float("nan"),
+        }
+    return out
 
 
 def machine() -> dict:
@@ -306,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         samples["pipe"].append(bench_pipe(rounds, burst))
         samples["floor: bare atomics, spinning"].append(bench_floor(rounds, "spin"))
         samples["floor: bare futex sleep/wake"].append(bench_floor(rounds, "futex"))
-        for name, wait, spin, raw in VARIANTS:
+        for name, wait, spin, raw, impl in VARIANTS:
             spin = default_spin() if spin is None else spin
-            s = bench_ring(rounds, burst, wait, spin, raw)
-            s["oneway_msgs_per_s"] = bench_ring_oneway(burst, wait, spin)
+            s = bench_ring(rounds, burst, wait, spin, raw, impl)
+            s["oneway_msgs_per_s"] = bench_ring_oneway(burst, wait, spin, impl)
             samples[name].append(s)
         print(f"  rep {rep + 1}/{reps} done", file=sys.stderr)
 
@@ -334,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["ratios"][name] = {"p50_vs_pipe": p50 / pipe_p50}
         print(f"| {name} | {p50:.1f} | {med(name, 'p99_us'):.1f} | {p50 / pipe_p50:.2f}x | | | |")
     print("\ntargets: ring p50 <= 0.6x pipe with futex sleeping (no spin), <= 0.1x with the spin phase")
+    ops = bench_ops(max(100, rounds * 5))
+    summary["ops_ns"] = ops
+    print("\none process, ns per operation (best of 5):")
+    print("| operation | C ring | model ring | model / C |")
+    print("|---|---:|---:|---:|")
+    for key in ops["native"]:
+        a, b = ops["native"][key], ops["model"][key]
+        print(f"| {key} | {a:.0f} | {b:.0f} | {b / a:.1f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
@@ -342,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--ring-peer":
-        ring_peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        ring_peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *sys.argv[6:7])
     elif len(sys.argv) > 1 and sys.argv[1] == "--pipe-peer":
         pipe_peer(int(sys.argv[2]), int(sys.argv[3]))
     else:

@@ -8,8 +8,8 @@ is pickled: the layers above (hub/, session/, exec/) give the bytes their
 meaning.
 
 Modules, lowest first (each imports only the ones above it in this list,
-plus `shmpool._atomics`, `shmpool.errors`, `shmpool.failpoints` and
-`shmpool.procinfo`):
+plus `shmpool._atomics`, `shmpool._ring`, `shmpool.errors`,
+`shmpool.failpoints` and `shmpool.procinfo`):
     layout    the byte layout: struct formats, offsets, configs, constants
     doorbell  a socketpair end per guest: signal, wait, hang-up = death
     wait      spin-then-futex (or doorbell) waiting on a shared word
@@ -17,7 +17,10 @@ plus `shmpool._atomics`, `shmpool.errors`, `shmpool.failpoints` and
     slots     the slot pool's vocabulary: slot numbers, status words,
               extent formatting, statistics records
     segment   create / attach / validate / map / close a segment
-    ring      single-producer single-consumer descriptor rings
+    ring      single-producer single-consumer descriptor rings (their
+              per-message work in the C extension `shmpool._ring`)
+    ring_model  the same rings in Python: the reference model the C is
+              tested against (tests and benchmarks only; not exported)
     freelist  the lock-free free list of one size class
     huge      dedicated extents for payloads above the largest class
     varslot   `SlotPool`: allocation, growth, ownership, reclaim, views

@@ -2,11 +2,19 @@
 
 Owns: the 64-byte `Descriptor`, and the two ends of a single-producer
 single-consumer ring of descriptors: `RingProducer` (try_push / push /
-push_many) and `RingConsumer` (try_pop / pop / pop_batch).
+try_push_many / try_reserve + commit) and `RingConsumer` (try_pop / pop /
+pop_batch / try_peek + release). Their per-message mechanics live in the
+C extension `shmpool._ring` (the classes here subclass its `Producer` /
+`Consumer`: a try_push or try_pop is one C call, no Python frame); this
+module keeps the protocol decisions: the blocking waits (spin, then sleep,
+with deadlines), the statistics, and the error a bad index raises.
+`ring_model.py` is the same ring in Python, the executable reference model
+the C is tested against. spec: shm.ring.native
 
 Data flow: the producer writes a descriptor into slot `head`, then
 publishes `head + 1` with a store-release and wakes the consumer only if it
-announced sleep. The consumer loads `head` with acquire, copies the
+announced sleep (futex_wake in C, or the doorbell's `signal()` when it
+sleeps on the doorbell). The consumer loads `head` with acquire, copies the
 descriptor out, then publishes `tail + 1` with a store-release and wakes a
 sleeping producer. Payloads above 32 bytes live in slots (varslot); the
 ring only carries their handle.
@@ -18,36 +26,34 @@ Invariants:
 - Each end caches the index it owns and the last value it saw of the other
   one, so the fast path does one shared load only when the cache says
   full/empty.
-- Loads and stores of head/tail go through `shmpool._atomics` only.
-- The index of the other end is validated at each load: it is in
-  [0, ring_size), and it only moves forward (a consumer's view of the
-  ring's depth never shrinks when it reloads head, a producer's view of
-  the entries in flight never grows when it reloads tail). Anything else
-  raises SegmentCorruptError: the other process wrote garbage (the host
-  kills that guest). The check is on the reload path only, a compare or
-  two. spec: shm.guard.validate
+- The descriptor's binary layout is declared once, in layout.DESCRIPTOR:
+  at import this module hands it to `_ring.bind`, which refuses to load if
+  the C's encoding disagrees.
+- The index of the other end is validated at each load, before it is
+  cached: it is in [0, ring_size), and it only moves forward (a consumer's
+  view of the ring's depth never shrinks when it reloads head, a
+  producer's view of the entries in flight never grows when it reloads
+  tail). Anything else is a status from the C that `bad_index` turns into
+  SegmentCorruptError: the other process wrote garbage (the host kills
+  that guest). spec: shm.guard.validate
+- The C acquires the segment's buffer for the length of one call only, so
+  the segment can always be closed between calls.
 """
 
 from __future__ import annotations
 
+import re
+import struct
 import time
 from dataclasses import dataclass
-from itertools import islice
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
-from .. import _atomics
+from .. import _ring
 from ..errors import SegmentCorruptError
 from . import layout as L
 from .doorbell import Doorbell
 from .wait import Waiter
 
-load_u32 = _atomics.load_u32
-store_u32 = _atomics.store_u32
-fetch_or_u32 = _atomics.fetch_or_u32
-futex_wake = _atomics.futex_wake
-_pack_into = L.DESCRIPTOR.pack_into
-_unpack_from = L.DESCRIPTOR.unpack_from
-_DSIZE = L.DESCRIPTOR_SIZE
 _monotonic = time.monotonic
 
 
@@ -64,34 +70,15 @@ class Descriptor(NamedTuple):
     payload_len: int
     inline: bytes
 
-    @classmethod
-    def with_inline(
-        cls, msg_type: int, id: int, payload: bytes = b"", *, method_id: int = 0, flags: int = 0
-    ) -> "Descriptor":
-        """A descriptor carrying up to 32 payload bytes itself.
-        spec: shm.desc.inline"""
-        n = len(payload)
-        if n > L.INLINE_CAPACITY:
-            raise ValueError(f"inline payload is {n} bytes; at most {L.INLINE_CAPACITY} fit")
-        return cls(msg_type, flags, id, method_id, L.SLOT_REF_INLINE, 0, 0, n, bytes(payload))
-
-    @classmethod
-    def with_slot(
-        cls,
-        msg_type: int,
-        id: int,
-        slot_ref: int,
-        generation: int,
-        length: int,
-        *,
-        offset: int = 0,
-        method_id: int = 0,
-        flags: int = 0,
-    ) -> "Descriptor":
-        """A descriptor referring to a payload in a slot. spec: shm.desc.slot-ref"""
-        if slot_ref == L.SLOT_REF_INLINE:
-            raise ValueError("slot_ref 0xFFFFFFFF means inline; use with_inline")
-        return cls(msg_type, flags, id, method_id, slot_ref, generation, offset, length, b"")
+    # Built in C (no Python frame per task): with_inline(msg_type, id,
+    # payload=b"", *, method_id=0, flags=0) carries up to 32 payload bytes
+    # (ValueError above; spec: shm.desc.inline); with_slot(msg_type, id,
+    # slot_ref, generation, length, *, offset=0, method_id=0, flags=0)
+    # refers to a payload in a slot (spec: shm.desc.slot-ref). Fields are
+    # stored as given; encoding checks them. ring_model.py has the Python
+    # reference of both.
+    with_inline = _ring.with_inline
+    with_slot = _ring.with_slot
 
     @property
     def is_inline(self) -> bool:
@@ -103,7 +90,21 @@ class Descriptor(NamedTuple):
         return self.inline[: self.payload_len]
 
 
-_new_desc = tuple.__new__
+def _descriptor_fields(s: struct.Struct) -> tuple[tuple[int, str], ...]:
+    """(offset, code) of each field of a struct (padding skipped)."""
+    order, fmt = s.format[0], s.format[1:]
+    fields, prefix = [], ""
+    for count, code in re.findall(r"(\d*)([a-zA-Z?])", fmt):
+        if code != "x":
+            fields.append((struct.calcsize(order + prefix), code))
+        prefix += count + code
+    return tuple(fields)
+
+
+# spec: shm.ring.native -- the C encodes the layout declared in layout.py, or
+# the import fails.
+_ring.bind(Descriptor, struct.error, L.DESCRIPTOR_SIZE, _descriptor_fields(L.DESCRIPTOR),
+           L.SLEEP_DOORBELL_SHIFT, L.SLOT_REF_INLINE)
 
 
 @dataclass(frozen=True)
@@ -126,184 +127,59 @@ class RingStatistics:
     timeouts: int
     spin_budget: int
 
-
-class _RingEnd:
-    __slots__ = (
-        "name", "buf", "size", "mask", "desc_off", "head_off", "tail_off", "flags_off",
-        "doorbell", "waiter", "_wake_bit", "_wake_mask",
-        "transfers", "would_block", "waits", "wakes_sent", "timeouts",
-    )
-    role = "?"
-
-    def __init__(
-        self,
-        buf,
-        *,
-        desc_offset: int,
-        size: int,
-        head_off: int,
-        tail_off: int,
-        flags_off: int,
-        consumer_bit: int,
-        producer_bit: int,
-        doorbell: Doorbell | None = None,
-        wait: str | None = None,
-        spin: int | None = None,
-        name: str = "ring",
-    ) -> None:
-        if size < 2 or size & (size - 1):
-            raise ValueError(f"ring size must be a power of two >= 2, got {size}")
-        if desc_offset < 0 or desc_offset + size * _DSIZE > len(buf) or desc_offset % L.CACHE_LINE:
-            raise ValueError(f"descriptor array at {desc_offset} does not fit the buffer")
-        self.name = name
-        self.buf = buf
-        self.size = size
-        self.mask = size - 1
-        self.desc_off = desc_offset
-        self.head_off = head_off
-        self.tail_off = tail_off
-        self.flags_off = flags_off
-        self.doorbell = doorbell
-        mine, theirs = self._bits(consumer_bit, producer_bit)
-        self.waiter = Waiter(buf, flags_off, mine, backend=wait, doorbell=doorbell, spin=spin)
-        self._wake_bit = theirs
-        self._wake_mask = theirs | (theirs << L.SLEEP_DOORBELL_SHIFT)
-        self.transfers = self.would_block = self.waits = self.wakes_sent = self.timeouts = 0
-        for which, off in (("head", head_off), ("tail", tail_off)):
-            value = load_u32(buf, off)
-            if value >= size:  # a corrupt index would make us write outside the ring
-                raise SegmentCorruptError(f"{which} index {value} of ring {name!r} is out of range 0..{size - 1}")
-
-    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def _bad_index(self, which: str, value: int, mine: int, seen: int) -> None:
-        """spec: shm.guard.validate -- raise for an impossible index of the
-        other end (out of range, or moved backwards)."""
-        if value >= self.size:
-            why = f"is out of range 0..{self.size - 1}"
-        else:
-            why = f"moved backwards (it was {seen}; this end's index is {mine})"
-        raise SegmentCorruptError(f"{which} index {value} of ring {self.name!r} {why}")
-
-    def _wake_other(self, flags: int) -> None:
-        # Slow path: the other side announced sleep. The word it sleeps on
-        # is the index we just published. spec: shm.wakeup.sleeping-word
-        self.wakes_sent += 1
-        if flags & self._wake_bit:
-            off = self.head_off if self.role == "producer" else self.tail_off
-            futex_wake(self.buf, off, 1)
-        if self.doorbell is not None and flags & (self._wake_bit << L.SLEEP_DOORBELL_SHIFT):
-            self.doorbell.signal()
-
-    def depth(self) -> int:
-        """Descriptors currently in the ring (shared view)."""
-        return (load_u32(self.buf, self.head_off) - load_u32(self.buf, self.tail_off)) & self.mask
-
-    def statistics(self) -> RingStatistics:
-        w = self.waiter
-        return RingStatistics(
-            self.name, self.role, self.size, self.size - 1, self.depth(), self.transfers,
-            self.would_block, self.waits, w.spins, w.spin_hits, w.sleeps, w.woken, self.wakes_sent,
-            self.timeouts, w.spin_budget,
+    @classmethod
+    def of(cls, end) -> "RingStatistics":
+        """The snapshot of a ring end (C-backed or the model)."""
+        w = end.waiter
+        return cls(
+            end.name, end.role, end.size, end.size - 1, end.depth(), end.transfers,
+            end.would_block, end.waits, w.spins, w.spin_hits, w.sleeps, w.woken, end.wakes_sent,
+            end.timeouts, w.spin_budget,
         )
 
 
-class RingProducer(_RingEnd):
-    """The producing end of an SPSC descriptor ring. spec: shm.ring.spsc"""
+def bad_index(end, which: str, value: int, mine: int, seen: int) -> None:
+    """spec: shm.guard.validate -- raise for an impossible index of the
+    other end (out of range, or moved backwards)."""
+    if value >= end.size:
+        why = f"is out of range 0..{end.size - 1}"
+    else:
+        why = f"moved backwards (it was {seen}; this end's index is {mine})"
+    raise SegmentCorruptError(f"{which} index {value} of ring {end.name!r} {why}")
 
-    __slots__ = ("_head", "_tail_seen")
+
+def _geometry_check(size: int, desc_offset: int, buf) -> None:
+    if size < 2 or size & (size - 1):
+        raise ValueError(f"ring size must be a power of two >= 2, got {size}")
+    if desc_offset < 0 or desc_offset + size * L.DESCRIPTOR_SIZE > len(buf) or desc_offset % L.CACHE_LINE:
+        raise ValueError(f"descriptor array at {desc_offset} does not fit the buffer")
+
+
+class RingProducer(_ring.Producer):
+    """The producing end of an SPSC descriptor ring. spec: shm.ring.spsc
+
+    From the C: try_push(desc) -> bool (any 9-sequence), try_push_many(descs)
+    -> int, try_reserve() -> int | None, commit(), depth(); the attributes
+    buf, doorbell, name, size, mask, desc_off, head_off, tail_off, flags_off
+    and the counters transfers, would_block, wakes_sent."""
+
+    __slots__ = ("waiter", "waits", "timeouts")
     role = "producer"
 
-    def __init__(self, buf, **kw) -> None:
-        super().__init__(buf, **kw)
-        self._head = load_u32(buf, self.head_off)
-        self._tail_seen = load_u32(buf, self.tail_off)
+    def __init__(
+        self, buf, *, desc_offset: int, size: int, head_off: int, tail_off: int, flags_off: int,
+        consumer_bit: int, producer_bit: int, doorbell: Doorbell | None = None,
+        wait: str | None = None, spin: int | None = None, name: str = "ring",
+    ) -> None:
+        _geometry_check(size, desc_offset, buf)
+        self.waiter = Waiter(buf, flags_off, producer_bit, backend=wait, doorbell=doorbell, spin=spin)
+        self.waits = self.timeouts = 0
+        super().__init__(buf, desc_offset, size, head_off, tail_off, flags_off, consumer_bit, doorbell, name)
 
-    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
-        return producer_bit, consumer_bit
+    _bad_index = bad_index
 
-    def _reload_tail(self, head: int) -> int:
-        """Load the consumer's tail (acquire) and validate it: in range, and
-        the entries in flight ((head - tail) mod size) did not grow."""
-        t = load_u32(self.buf, self.tail_off)
-        mask = self.mask
-        if t > mask or (head - t) & mask > (head - self._tail_seen) & mask:
-            self._bad_index("tail", t, head, self._tail_seen)
-        self._tail_seen = t
-        return t
-
-    def try_push(self, desc: Descriptor) -> bool:
-        """Push one descriptor if there is room; False if the ring is full.
-        spec: shm.ring.full"""
-        head = self._head
-        nxt = (head + 1) & self.mask
-        if nxt == self._tail_seen:
-            if self._reload_tail(head) == nxt:
-                self.would_block += 1
-                return False
-        buf = self.buf
-        # Unpacking into names first: a star-call would build a new args
-        # tuple, which costs more than the pack itself.
-        m, f, i, meth, ref, gen, off, n, inline = desc
-        _pack_into(buf, self.desc_off + head * _DSIZE, m, f, i, meth, ref, gen, off, n, inline)
-        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
-        self._head = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
-        if flags & self._wake_mask:
-            self._wake_other(flags)
-        return True
-
-    def try_push_many(self, descs: Iterable[Descriptor]) -> int:
-        """Push as many of `descs` as fit, publishing head once. Returns how
-        many were pushed (a prefix of `descs`; an iterator is advanced only
-        past the ones pushed)."""
-        buf, mask, base = self.buf, self.mask, self.desc_off
-        head = start = self._head
-        tail = self._reload_tail(head)
-        room = (tail - head - 1) & mask
-        n = 0
-        for desc in islice(descs, room):
-            m, f, i, meth, ref, gen, off, ln, inline = desc
-            _pack_into(buf, base + head * _DSIZE, m, f, i, meth, ref, gen, off, ln, inline)
-            head = (head + 1) & mask
-            n += 1
-        if n == room:
-            self.would_block += 1
-        if head != start:
-            store_u32(buf, self.head_off, head)  # spec: shm.ordering.ring-publish
-            self._head = head
-            self.transfers += n
-            flags = fetch_or_u32(buf, self.flags_off, 0)
-            if flags & self._wake_mask:
-                self._wake_other(flags)
-        return n
-
-    def try_reserve(self) -> int | None:
-        """Zero-copy push, step 1: the byte offset (in `buf`) of the entry to
-        fill next, or None if the ring is full. Write the 64 bytes there
-        (e.g. `DESCRIPTOR.pack_into(buf, off, ...)`), then `commit()`.
-        spec: shm.ring.reserve"""
-        head = self._head
-        nxt = (head + 1) & self.mask
-        if nxt == self._tail_seen:
-            if self._reload_tail(head) == nxt:
-                self.would_block += 1
-                return None
-        return self.desc_off + head * _DSIZE
-
-    def commit(self) -> None:
-        """Zero-copy push, step 2: publish the entry filled after
-        `try_reserve()`."""
-        buf = self.buf
-        nxt = (self._head + 1) & self.mask
-        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
-        self._head = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
-        if flags & self._wake_mask:
-            self._wake_other(flags)
+    def statistics(self) -> RingStatistics:
+        return RingStatistics.of(self)
 
     def push(self, desc: Descriptor, timeout: float | None = None) -> bool:
         """Push, waiting for room up to `timeout` seconds (None: forever).
@@ -330,63 +206,31 @@ class RingProducer(_RingEnd):
                 return True
 
 
-class RingConsumer(_RingEnd):
-    """The consuming end of an SPSC descriptor ring. spec: shm.ring.spsc"""
+class RingConsumer(_ring.Consumer):
+    """The consuming end of an SPSC descriptor ring. spec: shm.ring.spsc
 
-    __slots__ = ("_tail", "_head_seen")
+    From the C: try_pop() -> Descriptor | None, pop_batch(max_n=64) ->
+    list[Descriptor] (publishing tail once), try_peek() -> int | None,
+    release(), depth(), `tail` (this end's cursor: the index of the next
+    entry it will pop), and the attributes and counters of RingProducer."""
+
+    __slots__ = ("waiter", "waits", "timeouts")
     role = "consumer"
 
-    def __init__(self, buf, **kw) -> None:
-        super().__init__(buf, **kw)
-        self._tail = load_u32(buf, self.tail_off)
-        self._head_seen = load_u32(buf, self.head_off)
+    def __init__(
+        self, buf, *, desc_offset: int, size: int, head_off: int, tail_off: int, flags_off: int,
+        consumer_bit: int, producer_bit: int, doorbell: Doorbell | None = None,
+        wait: str | None = None, spin: int | None = None, name: str = "ring",
+    ) -> None:
+        _geometry_check(size, desc_offset, buf)
+        self.waiter = Waiter(buf, flags_off, consumer_bit, backend=wait, doorbell=doorbell, spin=spin)
+        self.waits = self.timeouts = 0
+        super().__init__(buf, desc_offset, size, head_off, tail_off, flags_off, producer_bit, doorbell, name)
 
-    @property
-    def tail(self) -> int:
-        """The consumer's own cursor: the index of the next entry it will pop
-        (read-only; this end's copy of the tail word, which only it writes)."""
-        return self._tail
+    _bad_index = bad_index
 
-    def _bits(self, consumer_bit: int, producer_bit: int) -> tuple[int, int]:
-        return consumer_bit, producer_bit
-
-    def try_pop(self) -> Descriptor | None:
-        """Pop one descriptor, or None if the ring is empty.
-        spec: shm.ring.empty"""
-        tail = self._tail
-        if tail == self._head_seen:
-            # spec: shm.ordering.ring-consume (acquire pairs with the release)
-            h = self._head_seen = load_u32(self.buf, self.head_off)
-            if tail == h:
-                self.would_block += 1
-                return None
-            if h > self.mask:  # (an empty ring: any in-range head is a forward move)
-                self._bad_index("head", h, tail, tail)
-        buf = self.buf
-        desc = _new_desc(Descriptor, _unpack_from(buf, self.desc_off + tail * _DSIZE))
-        nxt = (tail + 1) & self.mask
-        store_u32(buf, self.tail_off, nxt)  # the copy above is done: release the entry
-        self._tail = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
-        if flags & self._wake_mask:
-            self._wake_other(flags)
-        return desc
-
-    def try_peek(self) -> int | None:
-        """Zero-copy pop, step 1: the byte offset (in `buf`) of the next
-        entry, or None if the ring is empty. Read what you need from it,
-        then `release()`; the entry may be overwritten after that.
-        spec: shm.ring.reserve"""
-        tail = self._tail
-        if tail == self._head_seen:
-            h = self._head_seen = load_u32(self.buf, self.head_off)  # acquire
-            if tail == h:
-                self.would_block += 1
-                return None
-            if h > self.mask:
-                self._bad_index("head", h, tail, tail)
-        return self.desc_off + tail * _DSIZE
+    def statistics(self) -> RingStatistics:
+        return RingStatistics.of(self)
 
     def peek(self, timeout: float | None = None) -> int | None:
         """Like try_peek, waiting up to `timeout` seconds for an entry."""
@@ -394,42 +238,6 @@ class RingConsumer(_RingEnd):
         if off is not None or (timeout is not None and timeout <= 0):
             return off
         return self._wait_then(self.try_peek, timeout)
-
-    def release(self) -> None:
-        """Zero-copy pop, step 2: hand the peeked entry back to the producer."""
-        buf = self.buf
-        nxt = (self._tail + 1) & self.mask
-        store_u32(buf, self.tail_off, nxt)
-        self._tail = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
-        if flags & self._wake_mask:
-            self._wake_other(flags)
-
-    def pop_batch(self, max_n: int = 64) -> list[Descriptor]:
-        """Pop up to `max_n` descriptors without waiting, publishing tail
-        once. spec: shm.ring.batch"""
-        buf, mask, base = self.buf, self.mask, self.desc_off
-        tail = start = self._tail
-        head = load_u32(buf, self.head_off)
-        if head > mask or (head - tail) & mask < (self._head_seen - tail) & mask:
-            self._bad_index("head", head, tail, self._head_seen)
-        self._head_seen = head
-        out = []
-        append = out.append
-        while tail != head and len(out) < max_n:
-            append(_new_desc(Descriptor, _unpack_from(buf, base + tail * _DSIZE)))
-            tail = (tail + 1) & mask
-        if tail != start:
-            store_u32(buf, self.tail_off, tail)
-            self._tail = tail
-            self.transfers += len(out)
-            flags = fetch_or_u32(buf, self.flags_off, 0)
-            if flags & self._wake_mask:
-                self._wake_other(flags)
-        else:
-            self.would_block += 1
-        return out
 
     def pop(self, timeout: float | None = None) -> Descriptor | None:
         """Pop, waiting up to `timeout` seconds (None: forever) for a
@@ -472,12 +280,13 @@ class RingConsumer(_RingEnd):
 # --------------------------------------------------------------------------
 
 
-def open_rings(
+def ring_geometry(
     segment, peer_id: int, side: str, *, doorbell: Doorbell | None = None,
     wait: str | None = None, spin: int | None = None,
-) -> tuple[RingProducer, RingConsumer]:
-    """The (send, receive) ring ends of `side` ('host' or 'guest') for the
-    guest `peer_id` of `segment`. spec: shm.ring.layout"""
+) -> tuple[tuple[str, dict], tuple[str, dict]]:
+    """((name, keywords) of the send end, (name, keywords) of the receive
+    end) of `side` ('host' or 'guest') for the guest `peer_id`.
+    spec: shm.ring.layout"""
     lay = segment.layout
     entry = lay.peer_entry(peer_id)
     flags = entry + L.P_SLEEP_FLAGS
@@ -493,9 +302,17 @@ def open_rings(
         producer_bit=L.SLEEP_H2G_PRODUCER, doorbell=doorbell, wait=wait, spin=spin,
     )
     if side == "host":
-        return (RingProducer(segment.buf, name=f"h2g[{peer_id}]", **h2g),
-                RingConsumer(segment.buf, name=f"g2h[{peer_id}]", **g2h))
+        return (f"h2g[{peer_id}]", h2g), (f"g2h[{peer_id}]", g2h)
     if side == "guest":
-        return (RingProducer(segment.buf, name=f"g2h[{peer_id}]", **g2h),
-                RingConsumer(segment.buf, name=f"h2g[{peer_id}]", **h2g))
+        return (f"g2h[{peer_id}]", g2h), (f"h2g[{peer_id}]", h2g)
     raise ValueError(f"side must be 'host' or 'guest', got {side!r}")
+
+
+def open_rings(
+    segment, peer_id: int, side: str, *, doorbell: Doorbell | None = None,
+    wait: str | None = None, spin: int | None = None,
+) -> tuple[RingProducer, RingConsumer]:
+    """The (send, receive) ring ends of `side` ('host' or 'guest') for the
+    guest `peer_id` of `segment`. spec: shm.ring.layout"""
+    (ntx, tx), (nrx, rx) = ring_geometry(segment, peer_id, side, doorbell=doorbell, wait=wait, spin=spin)
+    return RingProducer(segment.buf, name=ntx, **tx), RingConsumer(segment.buf, name=nrx, **rx)

@@ -5,10 +5,13 @@ slot and credit waits reuse it), the "sleeping word" protocol, the adaptive
 spin budget, and the choice between the futex backend and the portable
 polling fallback (`SHMPOOL_WAIT=poll`).
 
-Data flow (one wait): spin a short, adaptive number of loads -> announce
+Data flow (one wait): spin a short, adaptive number of loads (in C, the
+GIL released) -> announce
 in the sleeping word (atomic OR of our bit) -> re-check the word -> sleep
 (futex on the word, or a doorbell wait / backoff nap) -> clear our bit ->
-the caller re-checks its condition.
+the caller re-checks its condition. The futex path (announce, re-check,
+sleep, clear) is one call of `shmpool._ring.sleep_futex`, the GIL
+released while it sleeps.
 A waker publishes its change, then reads the sleeping word with an atomic
 RMW and issues a wake only for the bits it finds.
 
@@ -28,7 +31,7 @@ import os
 import time
 from time import perf_counter_ns
 
-from .. import _atomics
+from .. import _atomics, _ring
 from ..errors import ConfigError, PeerDeadError
 from .doorbell import Doorbell, Wait
 from .layout import SLEEP_DOORBELL_SHIFT
@@ -38,12 +41,15 @@ fetch_or_u32 = _atomics.fetch_or_u32
 fetch_and_u32 = _atomics.fetch_and_u32
 futex_wait = _atomics.futex_wait
 futex_wake = _atomics.futex_wake
+_spin = _ring.spin
+_sleep_futex = _ring.sleep_futex
 
 SLICE = 0.25  # longest single sleep; between slices the peer's liveness is checked
 NAP_MIN = 20e-6  # poll backend: first nap
 NAP_MAX = 2e-3  # poll backend: longest nap (bounds wake latency and idle CPU)
 SPIN_MIN = 16
 SPIN_MAX = 4096
+SPIN_NS_MAX = 100  # a spin of n loads lasts at most ~n * this (its yields give the CPU away)
 BACKENDS = ("futex", "poll")
 
 
@@ -116,22 +122,19 @@ class Waiter:
         self._nap = NAP_MIN
 
     def spin(self, off: int, observed: int) -> bool:
-        """Spin up to the adaptive budget; True if the word changed.
-        spec: shm.wakeup.spin"""
+        """Spin up to the adaptive budget (and at most budget * SPIN_NS_MAX
+        ns); True if the word changed. The loads run in C, with the GIL
+        released after the first 32 (other threads of this process run
+        meanwhile) and the CPU yielded every 32 loads (a peer queued on
+        this CPU runs). spec: shm.wakeup.spin"""
         budget = self.spin_budget
         if budget <= 0:
             return False
         self.spins += 1
-        buf = self.buf
-        for _ in range(32):  # most hits come early: no clock reads for them
-            if load_u32(buf, off) != observed:
-                self.spin_hits += 1
-                return True
         t0 = perf_counter_ns()
-        for _ in range(budget):
-            if load_u32(buf, off) != observed:
-                self.spin_hits += 1
-                return True
+        if _spin(self.buf, off, observed, budget + 32, budget * SPIN_NS_MAX):
+            self.spin_hits += 1
+            return True
         now = perf_counter_ns()
         self._ns_per_spin = 0.5 * self._ns_per_spin + 0.5 * (now - t0) / budget
         self._missed_at = t0
@@ -165,15 +168,12 @@ class Waiter:
         self._check_peer(off, observed)
 
     def _sleep_futex(self, off: int, observed: int, timeout: float) -> None:
-        buf, flags_off, bit = self.buf, self.flags_off, self.bit
-        fetch_or_u32(buf, flags_off, bit)
-        try:
-            if load_u32(buf, off) == observed:
-                self.sleeps += 1
-                if futex_wait(buf, off, observed, min(timeout, SLICE)) == _atomics.WOKEN:
-                    self.woken += 1
-        finally:
-            fetch_and_u32(buf, flags_off, ~bit)
+        # Announce, re-check, futex wait (GIL released), clear: one C call.
+        status = _sleep_futex(self.buf, self.flags_off, self.bit, off, observed, min(timeout, SLICE))
+        if status != _ring.NOT_SLEPT:
+            self.sleeps += 1
+            if status == _ring.WOKEN:
+                self.woken += 1
 
     def _sleep_doorbell(self, off: int, observed: int, timeout: float) -> None:
         # spec: shm.doorbell.ring-integration

@@ -49,7 +49,12 @@ def check_descriptor(i: int, d: Descriptor) -> None:
 def _rings(path: str, peer: int, side: str, doorbell_fd: int | None = None):
     seg = Segment.attach(path)
     db = Doorbell.from_fd(doorbell_fd) if doorbell_fd is not None else None
-    tx, rx = open_rings(seg, peer, side, doorbell=db)
+    if os.environ.get("SHMPOOL_TEST_RING") == "model":  # the reference model's ends
+        from shmpool.shm.ring_model import open_model_rings
+
+        tx, rx = open_model_rings(seg, peer, side, doorbell=db)
+    else:
+        tx, rx = open_rings(seg, peer, side, doorbell=db)
     return seg, db, tx, rx
 
 
@@ -383,4 +388,67 @@ def cmd_slot_wait(path, peer, size, timeout):
         pool.free(slot)
     except Exception as e:  # noqa: BLE001
         say(got=False, error=type(e).__name__, message=str(e), waited=time.monotonic() - t0)
+    seg.close()
+
+
+def _ring_outcome(fn):
+    """What a ring operation did, as JSON: ["ok", value] or the error."""
+    from shmpool.errors import SegmentCorruptError
+
+    try:
+        got = fn()
+    except SegmentCorruptError as e:
+        return ["corrupt", e.what]
+    except struct.error:
+        return ["struct.error"]
+    if isinstance(got, tuple):
+        got = [list(got[:8]) + [got[8].hex()]]
+    elif isinstance(got, list):
+        got = [list(d[:8]) + [d[8].hex()] for d in got]
+    return ["ok", got]
+
+
+def cmd_ring_ops(path: str, peer: str, side: str) -> None:
+    """Run ring operations read from stdin (JSON lines [op, *args]) on this
+    process's ring ends (the model's under SHMPOOL_TEST_RING=model) and
+    report each outcome: the other process of test_ring_model's state
+    machine."""
+    import json
+
+    seg, db, tx, rx = _rings(path, int(peer), side)
+    buf = seg.buf
+
+    def desc(f):
+        return tuple(f[:8]) + (bytes.fromhex(f[8]),)
+
+    def peek():
+        off = rx.try_peek()
+        if off is None:
+            return None
+        raw = bytes(buf[off : off + 64]).hex()
+        rx.release()
+        return raw
+
+    def reserve(raw):
+        off = tx.try_reserve()
+        if off is not None:
+            buf[off : off + 64] = bytes.fromhex(raw)
+            tx.commit()
+        return off
+
+    ops = {
+        "push": lambda f: tx.try_push(desc(f)),
+        "push_many": lambda fs: tx.try_push_many(iter([desc(f) for f in fs])),
+        "pop": lambda: rx.try_pop(),
+        "pop_batch": lambda n: rx.pop_batch(n),
+        "peek": peek,
+        "reserve": reserve,
+        "counters": lambda: {"counters": [[e.transfers, e.would_block, e.wakes_sent] for e in (tx, rx)]},
+    }
+    say(ready=True)
+    for line in sys.stdin:
+        op, *args = json.loads(line)
+        if op == "quit":
+            break
+        say(r=_ring_outcome(lambda: ops[op](*args)))
     seg.close()

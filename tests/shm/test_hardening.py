@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,6 @@ from shmpool import _atomics as A
 from shmpool.errors import ConfigError, SegmentCorruptError, SegmentError
 from shmpool.shm import Descriptor, Doorbell, Segment, SegmentConfig, SizeClass, clean, open_rings
 from shmpool.shm import layout as L
-from shmpool.shm import ring as ring_mod
 from shmpool.procinfo import start_ticks
 from shmpool.shm.segment import private_directory, segment_is_stale
 from shmpool.shm.wait import SPIN_MIN, Waiter
@@ -233,21 +233,24 @@ def test_corrupt_ring_index_is_refused():
 @pytest.mark.spec("shm.ordering.ring-consume")
 @pytest.mark.spec("shm.wakeup.sleeping-word")
 def test_wake_check_happens_after_the_index_is_published(monkeypatch):
-    """The sleeping-word read must follow the store of the new index (the
-    store-buffer pattern); checking it first would lose wakeups."""
+    """The reference model: the sleeping-word read must follow the store of
+    the new index (the store-buffer pattern); checking it first would lose
+    wakeups."""
+    from shmpool.shm import ring_model
+
     with Segment.create(SMALL) as seg:
         entry = seg.layout.peer_entry(1)
         seen = []
-        real = ring_mod.fetch_or_u32
+        real = ring_model.fetch_or_u32
 
         def spy(buf, off, bits):
             seen.append((A.load_u32(buf, entry + L.P_H2G_HEAD), A.load_u32(buf, entry + L.P_H2G_TAIL)))
             return real(buf, off, bits)
 
-        monkeypatch.setattr(ring_mod, "fetch_or_u32", spy)
-        tx, _ = open_rings(seg, 1, "host")
+        monkeypatch.setattr(ring_model, "fetch_or_u32", spy)
+        tx, _ = ring_model.open_model_rings(seg, 1, "host")
         with Segment.attach(seg.path) as g:
-            _, rx = open_rings(g, 1, "guest")
+            _, rx = ring_model.open_model_rings(g, 1, "guest")
             tx.try_push(Descriptor.with_inline(1, 1))
             assert seen[-1][0] == 1
             tx.try_push_many([Descriptor.with_inline(1, 2)] * 3)
@@ -256,6 +259,50 @@ def test_wake_check_happens_after_the_index_is_published(monkeypatch):
             assert seen[-1][1] == 1
             rx.pop_batch(10)
             assert seen[-1][1] == 4
+
+
+class _RecordingDoorbell(Doorbell):
+    """A real doorbell that records the ring indices when it is rung."""
+
+    def __init__(self, sock, buf, entry):
+        super().__init__(sock)
+        self.rung, self._buf, self._entry = [], buf, entry
+
+    def signal(self):
+        b, e = self._buf, self._entry
+        self.rung.append((A.load_u32(b, e + L.P_H2G_HEAD), A.load_u32(b, e + L.P_H2G_TAIL)))
+        return super().signal()
+
+
+@pytest.mark.spec("shm.ordering.ring-publish")
+@pytest.mark.spec("shm.wakeup.sleeping-word")
+@pytest.mark.spec("shm.ring.native")
+def test_native_wake_follows_the_published_index():
+    """The C ring: a wake decided after publishing sees the new index (the
+    other end sleeps on its doorbell, so the C rings it through Python)."""
+    with Segment.create(SMALL) as seg:
+        entry = seg.layout.peer_entry(1)
+        flags = entry + L.P_SLEEP_FLAGS
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_db, guest_db = _RecordingDoorbell(a, seg.buf, entry), _RecordingDoorbell(b, seg.buf, entry)
+        tx, _ = open_rings(seg, 1, "host", doorbell=host_db)
+        with Segment.attach(seg.path) as g:
+            _, rx = open_rings(g, 1, "guest", doorbell=guest_db)
+            A.store_u32(seg.buf, flags, L.SLEEP_H2G_CONSUMER << L.SLEEP_DOORBELL_SHIFT)
+            tx.try_push(Descriptor.with_inline(1, 1))
+            assert host_db.rung[-1][0] == 1
+            tx.try_push_many([Descriptor.with_inline(1, 2)] * 3)
+            assert host_db.rung[-1][0] == 4 and tx.wakes_sent == 2
+            A.store_u32(seg.buf, flags, L.SLEEP_H2G_PRODUCER << L.SLEEP_DOORBELL_SHIFT)
+            rx.try_pop()
+            assert guest_db.rung[-1][1] == 1
+            rx.pop_batch(10)
+            assert guest_db.rung[-1][1] == 4 and rx.wakes_sent == 2
+            A.store_u32(seg.buf, flags, 0)
+            tx.try_push(Descriptor.with_inline(1, 1))
+            assert len(host_db.rung) == 2  # nobody asleep: no wake
+        host_db.close()
+        guest_db.close()
 
 
 @pytest.mark.spec("shm.doorbell.ring-integration")

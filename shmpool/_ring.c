@@ -1,0 +1,738 @@
+/*
+ * shmpool._ring -- layer 0: the per-message mechanics of the SPSC
+ * descriptor ring, in C.
+ *
+ * Owns: `Producer` and `Consumer` (the C halves of shm/ring.py's
+ * RingProducer / RingConsumer, which subclass them): try_push /
+ * try_push_many / try_reserve / commit, try_pop / pop_batch / try_peek /
+ * release, and the wake decision after publishing; and the module. The
+ * descriptor's encoding and `bind` live in _ring_codec.c, the waiter's
+ * GIL-free halves (`spin`, `sleep_futex`) in _ring_wait.c; _ring.h is
+ * what the three share.
+ *
+ * Data flow: ring.py calls `bind()` once at import with the Descriptor
+ * class and the descriptor's layout as shm/layout.py declares it; the C
+ * checks that layout against the offsets it encodes (one place per binary
+ * layout: layout.py; a disagreement fails the import). A ring end is
+ * constructed over a writable buffer (the segment's memoryview); every call
+ * acquires the buffer (PyObject_GetBuffer: the export lasts the call only,
+ * so the segment's mmap can always be closed between calls), works on it
+ * and releases it.
+ *
+ * Invariants:
+ *  - The same semantics as the reference model shm/ring_model.py, operation
+ *    for operation (tests/shm/test_ring_model.py drives both and compares
+ *    results, counters and bytes). spec: shm.ring.native
+ *  - Every index read from shared memory is validated before use, exactly
+ *    as the model does: in [0, size) and only moving forward. A bad one is
+ *    a status (RING_CORRUPT) that the method turns into a call of the
+ *    Python `self._bad_index(which, value, mine, seen)`, which raises
+ *    SegmentCorruptError with the model's message. The C indexes the
+ *    descriptor array only with this end's own index, which never leaves
+ *    [0, size). spec: shm.guard.validate
+ *  - Publishing is a store-release of the index after the entry is written
+ *    (producer) or copied out (consumer); then one seq_cst RMW read of the
+ *    sleeping-flags word decides the wake: futex_wake here, or a call of
+ *    the doorbell's Python `signal()` (the doorbell is a socket).
+ *    spec: shm.ordering.ring-publish, shm.wakeup.sleeping-word
+ *  - Waiting releases the GIL (spins after the first few loads, and every
+ *    futex sleep); EINTR re-takes it, runs PyErr_CheckSignals (a raising
+ *    handler aborts the wait, with the sleeping bit cleared) and retries
+ *    with the same absolute deadline.
+ */
+#include "_ring.h"
+
+#include <structmember.h>
+
+#include <errno.h>
+#include <string.h>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+enum { RING_OK = 0, RING_CORRUPT = -2 };
+
+/* ------------------------------------------------------------------------ */
+/* Ring ends                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buf;
+    PyObject *doorbell;   /* a Doorbell or None */
+    PyObject *name;
+    Py_ssize_t need;      /* bytes the buffer must have */
+    Py_ssize_t desc_off, head_off, tail_off, flags_off;
+    uint32_t size, mask;
+    uint32_t wake_bit, wake_mask;
+    uint32_t mine;        /* producer: head; consumer: tail (this end writes it) */
+    uint32_t seen;        /* the other end's index, as last validated */
+    unsigned long long transfers, would_block, wakes_sent;
+    int consumer;
+    int ready;
+} Ring;
+
+static PyTypeObject ProducerType;
+static PyTypeObject ConsumerType;
+
+/* The buffer for one call. Its pointer may differ between calls (a resized
+ * bytearray): length and alignment are re-checked, a compare each. */
+static char *
+acquire(Ring *r, Py_buffer *v)
+{
+    if (!r->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "ring end used before __init__");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(r->buf, v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    char *base = v->buf;
+    if (v->len < r->need ||
+        ((uintptr_t)(base + r->head_off) | (uintptr_t)(base + r->tail_off) |
+         (uintptr_t)(base + r->flags_off)) & 3) {
+        PyBuffer_Release(v);
+        PyErr_SetString(PyExc_ValueError, "the ring's buffer no longer holds its ring");
+        return NULL;
+    }
+    return base;
+}
+
+/* Turn RING_CORRUPT into the model's SegmentCorruptError: ring.py's
+ * `_bad_index` composes the message and raises. */
+static PyObject *
+bad_index(Ring *r, const char *which, uint32_t value, uint32_t mine, uint32_t seen)
+{
+    PyObject *res = PyObject_CallMethod((PyObject *)r, "_bad_index", "sIII",
+                                        which, value, mine, seen);
+    if (res != NULL) {
+        Py_DECREF(res);
+        PyErr_Format(PyExc_RuntimeError, "_bad_index returned for %s index %u", which, value);
+    }
+    return NULL;
+}
+
+static int
+futex_wake1(_Atomic uint32_t *word)
+{
+#if RING_HAVE_FUTEX
+    if (syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* After publishing the index at `word_off`: wake the other end if it
+ * announced sleep. spec: shm.wakeup.sleeping-word */
+static int
+wake_other(Ring *r, char *base, Py_ssize_t word_off)
+{
+    uint32_t flags = atomic_fetch_or_explicit(WORD(base, r->flags_off), 0, memory_order_seq_cst);
+    if (!(flags & r->wake_mask))
+        return 0;
+    r->wakes_sent++;
+    if ((flags & r->wake_bit) && futex_wake1(WORD(base, word_off)) < 0)
+        return -1;
+    if (r->doorbell != Py_None && (flags & (r->wake_bit << ring_doorbell_shift))) {
+        PyObject *res = PyObject_CallMethod(r->doorbell, "signal", NULL);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+    }
+    return 0;
+}
+
+static int
+ring_traverse(Ring *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->buf);
+    Py_VISIT(r->doorbell);
+    Py_VISIT(r->name);
+    return 0;
+}
+
+static int
+ring_clear(Ring *r)
+{
+    r->ready = 0;
+    Py_CLEAR(r->buf);
+    Py_CLEAR(r->doorbell);
+    Py_CLEAR(r->name);
+    return 0;
+}
+
+/* (Static types: a heap subclass's own dealloc and traverse handle the
+ * reference to its type.) */
+static void
+ring_dealloc(Ring *r)
+{
+    PyObject_GC_UnTrack(r);
+    ring_clear(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* Ring(buf, desc_offset, size, head_off, tail_off, flags_off, wake_bit,
+ *      doorbell, name) */
+static int
+ring_init(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"buf", "desc_offset", "size", "head_off", "tail_off",
+                             "flags_off", "wake_bit", "doorbell", "name", NULL};
+    PyObject *buf, *doorbell, *name;
+    Py_ssize_t desc_off, size, head_off, tail_off, flags_off;
+    unsigned int wake_bit;
+    if (!ring_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnnIOU", kwlist, &buf, &desc_off, &size,
+                                     &head_off, &tail_off, &flags_off, &wake_bit, &doorbell,
+                                     &name))
+        return -1;
+    if (size < 2 || size > (Py_ssize_t)1 << 30 || (size & (size - 1))) {
+        PyErr_Format(PyExc_ValueError, "ring size must be a power of two >= 2, got %zd", size);
+        return -1;
+    }
+    if (wake_bit == 0 || (wake_bit & (wake_bit - 1)) || (wake_bit << ring_doorbell_shift) == 0) {
+        PyErr_Format(PyExc_ValueError, "wake_bit must be one bit below the doorbell bits, got %u",
+                     wake_bit);
+        return -1;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(buf, &v, PyBUF_WRITABLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "expected a writable contiguous buffer, got %.100s",
+                         Py_TYPE(buf)->tp_name);
+        }
+        return -1;
+    }
+    if (desc_off < 0 || desc_off > v.len || size * DSIZE > v.len - desc_off ||
+        desc_off % DSIZE) {
+        PyErr_Format(PyExc_ValueError, "descriptor array at %zd does not fit the buffer", desc_off);
+        PyBuffer_Release(&v);
+        return -1;
+    }
+    if (!ring_word_ok("head", head_off, &v) || !ring_word_ok("tail", tail_off, &v) ||
+        !ring_word_ok("flags", flags_off, &v)) {
+        PyBuffer_Release(&v);
+        return -1;
+    }
+    Py_ssize_t need = desc_off + size * DSIZE;
+    Py_ssize_t words[3] = {head_off, tail_off, flags_off};
+    for (int i = 0; i < 3; i++)
+        if (words[i] + 4 > need)
+            need = words[i] + 4;
+    char *base = v.buf;
+    uint32_t head = atomic_load_explicit(WORD(base, head_off), memory_order_acquire);
+    uint32_t tail = atomic_load_explicit(WORD(base, tail_off), memory_order_acquire);
+    PyBuffer_Release(&v);
+
+    Py_INCREF(buf);
+    Py_XSETREF(r->buf, buf);
+    Py_INCREF(doorbell);
+    Py_XSETREF(r->doorbell, doorbell);
+    Py_INCREF(name);
+    Py_XSETREF(r->name, name);
+    r->need = need;
+    r->desc_off = desc_off;
+    r->head_off = head_off;
+    r->tail_off = tail_off;
+    r->flags_off = flags_off;
+    r->size = (uint32_t)size;
+    r->mask = (uint32_t)size - 1;
+    r->wake_bit = wake_bit;
+    r->wake_mask = wake_bit | (wake_bit << ring_doorbell_shift);
+    r->transfers = r->would_block = r->wakes_sent = 0;
+    r->consumer = PyObject_TypeCheck(r, &ConsumerType);
+    r->ready = 0;
+    /* A corrupt index would make this end write outside the ring. */
+    if (head >= r->size) {
+        bad_index(r, "head", head, 0, 0);
+        return -1;
+    }
+    if (tail >= r->size) {
+        bad_index(r, "tail", tail, 0, 0);
+        return -1;
+    }
+    r->mine = r->consumer ? tail : head;
+    r->seen = r->consumer ? head : tail;
+    r->ready = 1;
+    return 0;
+}
+
+static PyObject *
+ring_depth(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
+    uint32_t t = atomic_load_explicit(WORD(base, r->tail_off), memory_order_acquire);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong((h - t) & r->mask);
+}
+
+/* -- producer ------------------------------------------------------------ */
+
+/* Load the consumer's tail and validate it: in range, and the entries in
+ * flight ((head - tail) mod size) did not grow. */
+static int
+reload_tail(Ring *r, char *base, uint32_t head, uint32_t *bad)
+{
+    uint32_t t = atomic_load_explicit(WORD(base, r->tail_off), memory_order_acquire);
+    if (t > r->mask || ((head - t) & r->mask) > ((head - r->seen) & r->mask)) {
+        *bad = t;
+        return RING_CORRUPT;
+    }
+    r->seen = t;
+    return RING_OK;
+}
+
+/* Room for one more entry at `head`? 1 yes, 0 full, RING_CORRUPT. */
+static int
+room_for_one(Ring *r, char *base, uint32_t head, uint32_t *bad)
+{
+    uint32_t nxt = (head + 1) & r->mask;
+    if (nxt != r->seen)
+        return 1;
+    if (reload_tail(r, base, head, bad) < 0)
+        return RING_CORRUPT;
+    return r->seen != nxt;
+}
+
+static PyObject *
+publish_head(Ring *r, char *base, Py_buffer *v, uint32_t head, unsigned long long n, PyObject *ret)
+{
+    /* spec: shm.ordering.ring-publish */
+    atomic_store_explicit(WORD(base, r->head_off), head, memory_order_release);
+    r->mine = head;
+    r->transfers += n;
+    int rc = wake_other(r, base, r->head_off);
+    PyBuffer_Release(v);
+    if (rc < 0) {
+        Py_XDECREF(ret);
+        return NULL;
+    }
+    return ret;
+}
+
+static PyObject *
+producer_try_push(Ring *r, PyObject *desc)
+{
+    Py_buffer v;
+    uint32_t bad;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t head = r->mine, seen = r->seen;
+    int room = room_for_one(r, base, head, &bad);
+    if (room <= 0) {
+        PyBuffer_Release(&v);
+        if (room == RING_CORRUPT)
+            return bad_index(r, "tail", bad, head, seen);
+        r->would_block++;
+        Py_RETURN_FALSE;
+    }
+    if (ring_encode_desc(desc, base + r->desc_off + (Py_ssize_t)head * DSIZE) < 0) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    return publish_head(r, base, &v, (head + 1) & r->mask, 1, Py_NewRef(Py_True));
+}
+
+static PyObject *
+producer_try_push_many(Ring *r, PyObject *descs)
+{
+    Py_buffer v;
+    uint32_t bad;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t start = r->mine, head = start, seen = r->seen;
+    if (reload_tail(r, base, head, &bad) < 0) {
+        PyBuffer_Release(&v);
+        return bad_index(r, "tail", bad, head, seen);
+    }
+    uint32_t room = (r->seen - head - 1) & r->mask;
+    PyObject *it = PyObject_GetIter(descs);
+    if (it == NULL) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint32_t n = 0;
+    while (n < room) {
+        PyObject *d = PyIter_Next(it);
+        if (d == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            break;
+        }
+        int rc = ring_encode_desc(d, base + r->desc_off + (Py_ssize_t)head * DSIZE);
+        Py_DECREF(d);
+        if (rc < 0)
+            goto fail;
+        head = (head + 1) & r->mask;
+        n++;
+    }
+    Py_DECREF(it);
+    if (n == room)
+        r->would_block++;
+    if (head == start) {
+        PyBuffer_Release(&v);
+        return PyLong_FromUnsignedLong(n);
+    }
+    return publish_head(r, base, &v, head, n, PyLong_FromUnsignedLong(n));
+fail:
+    Py_DECREF(it);
+    PyBuffer_Release(&v);
+    return NULL;
+}
+
+static PyObject *
+producer_try_reserve(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    uint32_t bad;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t head = r->mine, seen = r->seen;
+    int room = room_for_one(r, base, head, &bad);
+    PyBuffer_Release(&v);
+    if (room == RING_CORRUPT)
+        return bad_index(r, "tail", bad, head, seen);
+    if (room == 0) {
+        r->would_block++;
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(r->desc_off + (Py_ssize_t)head * DSIZE);
+}
+
+static PyObject *
+producer_commit(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    return publish_head(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
+}
+
+/* -- consumer ------------------------------------------------------------ */
+
+/* An entry at `tail`? 1 yes, 0 empty, RING_CORRUPT. The head is reloaded
+ * only when the cached one says empty; for an empty ring any in-range head
+ * is a forward move. spec: shm.ordering.ring-consume */
+static int
+entry_at(Ring *r, char *base, uint32_t tail, uint32_t *bad)
+{
+    if (tail != r->seen)
+        return 1;
+    uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
+    if (h == tail)
+        return 0;
+    if (h > r->mask) {
+        *bad = h;
+        return RING_CORRUPT;
+    }
+    r->seen = h;
+    return 1;
+}
+
+static PyObject *
+publish_tail(Ring *r, char *base, Py_buffer *v, uint32_t tail, unsigned long long n, PyObject *ret)
+{
+    atomic_store_explicit(WORD(base, r->tail_off), tail, memory_order_release);
+    r->mine = tail;
+    r->transfers += n;
+    int rc = wake_other(r, base, r->tail_off);
+    PyBuffer_Release(v);
+    if (rc < 0) {
+        Py_XDECREF(ret);
+        return NULL;
+    }
+    return ret;
+}
+
+static PyObject *
+consumer_try_pop(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    uint32_t bad;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t tail = r->mine;
+    int has = entry_at(r, base, tail, &bad);
+    if (has <= 0) {
+        PyBuffer_Release(&v);
+        if (has == RING_CORRUPT)
+            return bad_index(r, "head", bad, tail, tail);
+        r->would_block++;
+        Py_RETURN_NONE;
+    }
+    PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)tail * DSIZE);
+    if (d == NULL) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    /* the copy is done: release the entry */
+    return publish_tail(r, base, &v, (tail + 1) & r->mask, 1, d);
+}
+
+static PyObject *
+consumer_try_peek(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    uint32_t bad;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t tail = r->mine;
+    int has = entry_at(r, base, tail, &bad);
+    PyBuffer_Release(&v);
+    if (has == RING_CORRUPT)
+        return bad_index(r, "head", bad, tail, tail);
+    if (has == 0) {
+        r->would_block++;
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(r->desc_off + (Py_ssize_t)tail * DSIZE);
+}
+
+static PyObject *
+consumer_release(Ring *r, PyObject *unused)
+{
+    Py_buffer v;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    return publish_tail(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
+}
+
+static PyObject *
+consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t max_n = 64;
+    PyObject *arg = nargs == 1 ? args[0] : NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nkw == 1 && nargs == 0 &&
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "max_n") == 0) {
+        arg = args[0];
+    } else if (nargs > 1 || nkw) {
+        PyErr_SetString(PyExc_TypeError, "pop_batch() takes one argument, max_n");
+        return NULL;
+    }
+    if (arg != NULL) {
+        max_n = PyNumber_AsSsize_t(arg, NULL); /* (clamped: the model only compares it) */
+        if (max_n == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer v;
+    char *base = acquire(r, &v);
+    if (base == NULL)
+        return NULL;
+    uint32_t tail = r->mine, mask = r->mask, seen = r->seen;
+    uint32_t head = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
+    if (head > mask || ((head - tail) & mask) < ((seen - tail) & mask)) {
+        PyBuffer_Release(&v);
+        return bad_index(r, "head", head, tail, seen);
+    }
+    r->seen = head;
+    Py_ssize_t n = (head - tail) & mask;
+    if (max_n < n)
+        n = max_n < 0 ? 0 : max_n;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)((tail + i) & mask) * DSIZE);
+        if (d == NULL) {
+            Py_DECREF(out);
+            PyBuffer_Release(&v);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, d);
+    }
+    if (n == 0) {
+        r->would_block++;
+        PyBuffer_Release(&v);
+        return out;
+    }
+    return publish_tail(r, base, &v, (tail + (uint32_t)n) & mask, (unsigned long long)n, out);
+}
+
+static PyObject *
+consumer_tail(Ring *r, void *unused)
+{
+    return PyLong_FromUnsignedLong(r->mine);
+}
+
+/* -- types ---------------------------------------------------------------- */
+
+#define COMMON_MEMBERS                                                                    \
+    {"buf", T_OBJECT, offsetof(Ring, buf), READONLY, "the buffer the ring lives in"},    \
+    {"doorbell", T_OBJECT, offsetof(Ring, doorbell), READONLY, "the doorbell, or None"}, \
+    {"name", T_OBJECT, offsetof(Ring, name), READONLY, NULL},                            \
+    {"size", T_UINT, offsetof(Ring, size), READONLY, "entries (a power of two)"},        \
+    {"mask", T_UINT, offsetof(Ring, mask), READONLY, NULL},                              \
+    {"desc_off", T_PYSSIZET, offsetof(Ring, desc_off), READONLY, NULL},                  \
+    {"head_off", T_PYSSIZET, offsetof(Ring, head_off), READONLY, NULL},                  \
+    {"tail_off", T_PYSSIZET, offsetof(Ring, tail_off), READONLY, NULL},                  \
+    {"flags_off", T_PYSSIZET, offsetof(Ring, flags_off), READONLY, NULL},                \
+    {"_wake_bit", T_UINT, offsetof(Ring, wake_bit), READONLY, NULL},                     \
+    {"_wake_mask", T_UINT, offsetof(Ring, wake_mask), READONLY, NULL},                   \
+    {"transfers", T_ULONGLONG, offsetof(Ring, transfers), 0, NULL},                      \
+    {"would_block", T_ULONGLONG, offsetof(Ring, would_block), 0, NULL},                  \
+    {"wakes_sent", T_ULONGLONG, offsetof(Ring, wakes_sent), 0, NULL}
+
+static PyMemberDef producer_members[] = {
+    COMMON_MEMBERS,
+    {"_head", T_UINT, offsetof(Ring, mine), READONLY, "this end's head"},
+    {"_tail_seen", T_UINT, offsetof(Ring, seen), READONLY, "the tail last validated"},
+    {NULL},
+};
+
+static PyMemberDef consumer_members[] = {
+    COMMON_MEMBERS,
+    {"_tail", T_UINT, offsetof(Ring, mine), READONLY, "this end's tail"},
+    {"_head_seen", T_UINT, offsetof(Ring, seen), READONLY, "the head last validated"},
+    {NULL},
+};
+
+static PyGetSetDef consumer_getset[] = {
+    {"tail", (getter)consumer_tail, NULL,
+     "the index of the next entry this end will pop (its copy of the tail word)", NULL},
+    {NULL},
+};
+
+static PyMethodDef producer_methods[] = {
+    {"try_push", (PyCFunction)producer_try_push, METH_O,
+     "try_push(desc) -> bool: push one descriptor (any 9-sequence); False if full."},
+    {"try_push_many", (PyCFunction)producer_try_push_many, METH_O,
+     "try_push_many(descs) -> int: push a prefix of descs that fits, publishing head once."},
+    {"try_reserve", (PyCFunction)producer_try_reserve, METH_NOARGS,
+     "try_reserve() -> int | None: offset of the entry to fill, None if full."},
+    {"commit", (PyCFunction)producer_commit, METH_NOARGS,
+     "commit(): publish the entry filled after try_reserve()."},
+    {"depth", (PyCFunction)ring_depth, METH_NOARGS, "depth() -> int: entries in the ring."},
+    {NULL},
+};
+
+static PyMethodDef consumer_methods[] = {
+    {"try_pop", (PyCFunction)consumer_try_pop, METH_NOARGS,
+     "try_pop() -> Descriptor | None"},
+    {"pop_batch", (PyCFunction)(void (*)(void))consumer_pop_batch, METH_FASTCALL | METH_KEYWORDS,
+     "pop_batch(max_n=64) -> list[Descriptor]: pop up to max_n, publishing tail once."},
+    {"try_peek", (PyCFunction)consumer_try_peek, METH_NOARGS,
+     "try_peek() -> int | None: offset of the next entry, None if empty."},
+    {"release", (PyCFunction)consumer_release, METH_NOARGS,
+     "release(): hand the peeked entry back to the producer."},
+    {"depth", (PyCFunction)ring_depth, METH_NOARGS, "depth() -> int: entries in the ring."},
+    {NULL},
+};
+
+static PyTypeObject ProducerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmpool._ring.Producer",
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The producing end of an SPSC descriptor ring (C half).",
+    .tp_traverse = (traverseproc)ring_traverse,
+    .tp_clear = (inquiry)ring_clear,
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_init = (initproc)ring_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = producer_methods,
+    .tp_members = producer_members,
+};
+
+static PyTypeObject ConsumerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmpool._ring.Consumer",
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The consuming end of an SPSC descriptor ring (C half).",
+    .tp_traverse = (traverseproc)ring_traverse,
+    .tp_clear = (inquiry)ring_clear,
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_init = (initproc)ring_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = consumer_methods,
+    .tp_members = consumer_members,
+    .tp_getset = consumer_getset,
+};
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))ring_##name, METH_FASTCALL, doc}
+static PyMethodDef methods[] = {
+    FAST(bind, "bind(descriptor_type, struct_error, size, fields, doorbell_shift, inline_ref): "
+               "check the descriptor layout and bind the Descriptor class (once, by shm/ring.py)."),
+    FAST(spin, "spin(buf, off, observed, loads, max_ns) -> bool: load the word until it "
+               "differs from observed (GIL released after the first 32 loads, CPU yielded "
+               "every 32 after that)."),
+    FAST(sleep_futex, "sleep_futex(buf, flags_off, bit, off, observed, timeout) -> int: "
+                      "announce, re-check, futex wait (GIL released), clear."),
+    {"encode", (PyCFunction)ring_encode, METH_O, "encode(desc) -> bytes: the 64 bytes of a descriptor."},
+    {"decode", (PyCFunction)ring_decode, METH_O, "decode(data) -> Descriptor: from 64 bytes."},
+    {"with_inline", (PyCFunction)(void (*)(void))ring_with_inline, METH_FASTCALL | METH_KEYWORDS,
+     "with_inline(msg_type, id, payload=b'', *, method_id=0, flags=0) -> Descriptor: "
+     "one carrying up to 32 payload bytes itself."},
+    {"with_slot", (PyCFunction)(void (*)(void))ring_with_slot, METH_FASTCALL | METH_KEYWORDS,
+     "with_slot(msg_type, id, slot_ref, generation, length, *, offset=0, method_id=0, flags=0) "
+     "-> Descriptor: one referring to a payload in a slot."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+exec_module(PyObject *mod)
+{
+    const uint32_t one = 1;
+    if (*(const char *)&one != 1) {
+        PyErr_SetString(PyExc_ImportError, "shmpool._ring encodes little-endian descriptors "
+                        "with native stores: big-endian hosts are not supported");
+        return -1;
+    }
+    if (!atomic_is_lock_free((_Atomic uint32_t *)0)) {
+        PyErr_SetString(PyExc_ImportError, "shmpool needs lock-free 32-bit atomics");
+        return -1;
+    }
+    if (PyType_Ready(&ProducerType) < 0 || PyType_Ready(&ConsumerType) < 0)
+        return -1;
+    if (PyModule_AddObjectRef(mod, "Producer", (PyObject *)&ProducerType) < 0 ||
+        PyModule_AddObjectRef(mod, "Consumer", (PyObject *)&ConsumerType) < 0 ||
+        PyModule_AddIntConstant(mod, "WOKEN", WAIT_WOKEN) < 0 ||
+        PyModule_AddIntConstant(mod, "VALUE_CHANGED", WAIT_VALUE_CHANGED) < 0 ||
+        PyModule_AddIntConstant(mod, "TIMED_OUT", WAIT_TIMED_OUT) < 0 ||
+        PyModule_AddIntConstant(mod, "NOT_SLEPT", WAIT_NOT_SLEPT) < 0 ||
+        PyModule_AddIntConstant(mod, "DESCRIPTOR_SIZE", DSIZE) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmpool._ring",
+    .m_doc = "The SPSC descriptor ring's per-message mechanics (shmpool layer 0).",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC
+PyInit__ring(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}
