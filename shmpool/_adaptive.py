@@ -73,8 +73,8 @@ class MapStats:
 
 class AdaptiveMap:
     """One adaptive `map` call (see the module docstring). `owner` is the
-    executor: its `_submit(fn, kind, args, kwargs)`, `_core` (for nothing
-    but its identity at exit), `_max_workers` and `_map_stats`."""
+    executor (its `_submit(fn, kind, args, kwargs)`, `_core`,
+    `_max_workers`, `_map_stats`), held while input is left to submit."""
 
     def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None) -> None:
         self.owner = owner
@@ -181,7 +181,14 @@ class AdaptiveMap:
         finally:
             self.feeding = False
         if self.exhausted:
-            _forget(self)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """All submitted (or never will be): the executor is no longer
+        held (the stdlib's map iterator holds it weakly: an executor whose
+        maps are all submitted may be collected, and shut down)."""
+        self.owner = None
+        _forget(self)
 
     def _fail_rest(self, e: BaseException) -> None:
         """The rest of the input will never run: `e` where it would be."""
@@ -205,7 +212,7 @@ class AdaptiveMap:
         with self.lock:
             if not self.exhausted and not self.closed:
                 self._fail_rest(e)
-        _forget(self)
+            self._let_go()
 
     # -- answers (any thread) --------------------------------------------------------
 
@@ -229,21 +236,20 @@ class AdaptiveMap:
         """The results iterator. While suspended, its frame holds no result
         it has yielded (the consumer owns them, as with the stdlib)."""
         cur = None
+        taken = 0  # items of the chunk yielded last: no longer ahead of the consumer
         try:
             while True:
                 with self.lock:
-                    if not self.fs:
+                    self.ahead -= taken
+                    if self.it is not None or not self.fs:
                         self._feed(consumer=True)
-                        if not self.fs:
-                            return
-                    cur, n = self.fs.popleft()
+                    if not self.fs:
+                        return
+                    cur, taken = self.fs.popleft()
                 if cur is None:
-                    raise n
+                    raise taken
                 remaining = None if self.end is None else max(0.0, self.end - time.monotonic())
                 out = cur.result(remaining)
-                with self.lock:
-                    self.ahead -= n
-                    self._feed(consumer=True)
                 cur = None
                 items, idx, err, _ = out
                 out = None
@@ -261,7 +267,8 @@ class AdaptiveMap:
                 left.append(cur)
             for f in left:
                 f.cancel()
-            _forget(self)
+            with self.lock:
+                self._let_go()
 
 
 def _forget(m: AdaptiveMap) -> None:
@@ -271,14 +278,15 @@ def _forget(m: AdaptiveMap) -> None:
 
 def _maps_of(owner) -> list[AdaptiveMap]:
     with _open_lock:
-        return [m for m in _open if owner is None or m.owner is owner]
+        return [m for m in _open if m.owner is not None and (owner is None or m.owner is owner)]
 
 
 def flush(owner) -> None:
     """Before `owner` (an executor; None: every one, at exit) shuts down:
     its maps submit what is left (not in a fork() child: the parent's)."""
     for m in _maps_of(owner):
-        core = m.owner._core
+        ex = m.owner
+        core = ex._core if ex is not None else None
         if core is None or not core.foreign:
             m.flush()
 
