@@ -12,7 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from harness.map_tasks import add_or_fail, fail_at, kill_always_at, kill_once_at, record, record_slowly
+from harness.map_tasks import Box, add_or_fail, fail_at, kill_always_at, kill_once_at, record, record_slowly
 from harness.polling import wait_for
 from harness.tasks import add, ident, square, wait_gate
 from shmpool import ShmExecutor
@@ -148,11 +148,6 @@ def test_terminate_fails_what_was_not_submitted(tmp_path):
     e.terminate_workers()
     with pytest.raises(BrokenProcessPool):
         list(it)
-
-
-class Box:
-    def __init__(self, x) -> None:
-        self.x = x
 
 
 def test_iterator_holds_no_reference_to_results_it_yielded(ex):

@@ -48,3 +48,10 @@ def record_slowly(path, x, delay=0.02):
 
     time.sleep(delay)
     return record(path, x)
+
+
+class Box:
+    """A result the test holds a weak reference to."""
+
+    def __init__(self, x) -> None:
+        self.x = x
