@@ -169,3 +169,13 @@ def test_default_chunksize_reads_as_one():
 
     d = inspect.signature(ShmExecutor.map).parameters["chunksize"].default
     assert d == 1 and repr(d) == "1" and isinstance(d, int)
+
+
+def test_a_later_map_of_the_same_function_starts_from_what_the_last_measured(ex):
+    items = list(range(20_000))
+    assert list(ex.map(ident, items)) == items
+    first = ex.statistics()["map_chunks"]
+    assert list(ex.map(ident, items)) == items
+    second = ex.statistics()["map_chunks"] - first
+    assert second < first  # no ramp from chunks of one item this time
+    assert list(ex.map(square, range(10))) == [x * x for x in range(10)]  # another function: its own
