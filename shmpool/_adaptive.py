@@ -20,7 +20,8 @@ results before it.
 
 Invariants: chunks are submitted in input order and yielded in it; at
 most `room` chunks are in flight (`flush` aside); with `buffersize`, the
-items submitted and not yet taken by the consumer never exceed it, and the
+items submitted and not yet taken by the consumer (a chunk is taken once
+its results are in, before its first is yielded) never exceed it, and the
 input is read only as far as that; a chunk is at most `GROWTH` times the
 largest one measured so far (1 until one was), at most `CHUNK_TIME` of
 measured work and `MAX_CHUNK` items, and near the end of a known input at
@@ -259,21 +260,23 @@ class AdaptiveMap:
         """The results iterator. While suspended, its frame holds no result
         it has yielded (the consumer owns them, as with the stdlib)."""
         cur = None
-        taken = 0  # items of the chunk yielded last: no longer ahead of the consumer
         try:
             while True:
                 with self.lock:
-                    self.ahead -= taken
-                    if self.it is not None or not self.fs:
-                        self._feed(consumer=True)
                     if not self.fs:
-                        return
-                    cur, taken = self.fs.popleft()
+                        self._feed(consumer=True)
+                        if not self.fs:
+                            return
+                    cur, n = self.fs.popleft()
                 if cur is None:
-                    raise taken
+                    raise n
                 remaining = None if self.end is None else max(0.0, self.end - time.monotonic())
                 out = cur.result(remaining)
                 cur = None
+                with self.lock:  # (taken: no longer ahead; as the stdlib's, the next input is read now)
+                    self.ahead -= n
+                    if self.it is not None:
+                        self._feed(consumer=True)
                 items, idx, err, _ = out
                 out = None
                 items.reverse()
