@@ -125,13 +125,14 @@ class AdaptiveMap:
             self.items = None
             self.it = iter(iterables[0]) if not self.star else zip(*iterables)
             self.exhausted = False
+        if not self.exhausted and self.it is None:
+            with _open_lock:  # (before the first chunk: a shutdown from now on flushes it)
+                _open.add(self)
         with self.lock:
             self._feed(consumer=True)
             if self.fs and self.fs[0][0] is None:  # the first submit failed: map() raises it, as the stdlib's
+                self._let_go()
                 raise self.fs[0][1]
-        if not self.exhausted and self.it is None:
-            with _open_lock:
-                _open.add(self)
 
     # -- submitting (lock held) --------------------------------------------------
 
