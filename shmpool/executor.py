@@ -1,7 +1,8 @@
 """`ShmExecutor`: a `concurrent.futures.ProcessPoolExecutor` over shared memory.
 
 Owns: the public executor API (argument checking as the stdlib does it,
-`submit`, `map` with chunks and lazy input, `shutdown`, `terminate_workers`,
+`submit`, `map` with chunks and lazy input (at the default chunksize the
+chunks size themselves: `_adaptive`), `shutdown`, `terminate_workers`,
 `kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
 explicit shutdown, garbage collection, interpreter exit.
 
