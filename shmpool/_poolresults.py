@@ -102,10 +102,12 @@ class MapResult(ApplyResult, _mp.MapResult):
         super().__init__(pool, callback, error_callback)
         self._lock = threading.Lock()
         self._success = True
-        self._value = [None] * length
+        self._length = length
+        self._value = None  # the list of results, made by the first chunk's result
         self._chunksize = chunksize
         self._number_left = -(-length // chunksize) if chunksize > 0 else 0
         if self._number_left == 0:
+            self._value = []
             self._done()
 
     def _set(self, i: int, obj) -> None:
@@ -113,6 +115,8 @@ class MapResult(ApplyResult, _mp.MapResult):
         with self._lock:
             self._number_left -= 1
             if success and self._success:
+                if self._value is None:  # (not on the submitting thread: it has the chunks to send)
+                    self._value = [None] * self._length
                 self._value[i * self._chunksize:(i + 1) * self._chunksize] = value
             elif not success and self._success:
                 self._success, self._value = False, value  # the first error wins

@@ -1,7 +1,8 @@
 """`ShmExecutor`: a `concurrent.futures.ProcessPoolExecutor` over shared memory.
 
 Owns: the public executor API (argument checking as the stdlib does it,
-`submit`, `map` with chunks and lazy input, `shutdown`, `terminate_workers`,
+`submit`, `map` with chunks and lazy input (at the default chunksize the
+chunks size themselves: `_adaptive`), `shutdown`, `terminate_workers`,
 `kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
 explicit shutdown, garbage collection, interpreter exit.
 
@@ -48,7 +49,7 @@ import weakref
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-from . import _lifetime, failpoints
+from . import _adaptive, _lifetime, failpoints
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec.core import Core, default_workers
@@ -58,6 +59,17 @@ from .shm.layout import SegmentConfig
 
 _live = _lifetime.LiveSet()  # the open cores, for interpreter exit
 _exiting = False
+
+
+class _DefaultChunksize(int):
+    """`map`'s default chunksize: 1, as the stdlib's (and shown as 1 by
+    `help()`), told apart from an explicit `chunksize=1` by identity: at
+    the default, chunks size themselves (`_adaptive`). spec: exec.map-adaptive"""
+
+    __slots__ = ()
+
+
+DEFAULT_CHUNKSIZE = _DefaultChunksize(1)
 
 
 class ShmExecutor(Executor):
@@ -119,6 +131,10 @@ class ShmExecutor(Executor):
         self._shutdown_called = False
         self._start_error: str | None = None
         self._finalizer = None
+        # The default chunksize adapts, except with max_tasks_per_child
+        # (which counts tasks: there each item stays one, as in the stdlib).
+        self._adaptive_map = max_tasks_per_child is None
+        self._map_stats = _adaptive.MapStats()
 
     def _get_core(self) -> Core:
         core = self._core
@@ -167,12 +183,18 @@ class ShmExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         return self._get_core()
 
-    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = DEFAULT_CHUNKSIZE,
             buffersize: int | None = None):
-        """Like `Executor.map`: results in order, lazily. `chunksize` > 1
-        sends that many calls as one task. `buffersize` bounds how many
-        calls are submitted ahead of the results consumed (input is then
-        read lazily), as in Python 3.14."""
+        """Like `Executor.map`: results in order, lazily. At the default
+        `chunksize` the calls go in chunks sized from the time they take in
+        the workers (about 4 ms each; see the README), each call's
+        exception still raised at its own result; an explicit `chunksize`
+        (1 included) sends that many calls as one task, as the stdlib
+        does. `buffersize` bounds how many calls are submitted ahead of
+        the results consumed (input is then read lazily), as in Python 3.14."""
+        if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
+            _check_buffersize(buffersize)
+            return _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize).results()
         return _map(self._submit, fn, iterables, timeout, chunksize, buffersize)
 
     # -- lifetime ------------------------------------------------------------------
@@ -196,6 +218,7 @@ class ShmExecutor(Executor):
             core = self._core
         if core is None:
             return
+        _adaptive.flush(self)  # (what the stdlib's map had submitted at its call)
         core.begin_shutdown()
         if cancel_futures:
             core.cancel_queued()
@@ -224,6 +247,7 @@ class ShmExecutor(Executor):
             core = self._core
         if core is None:
             return
+        _adaptive.stop(self, PoolBrokenError(why))
         core.begin_shutdown()
         core.fail_all(why)
         core.signal_workers(sig)
@@ -269,9 +293,12 @@ class ShmExecutor(Executor):
         """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
         core = self._core
         if core is None:
-            return {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},
-                    "broken": self._start_error, "shutdown": self._shutdown_called}
-        return core.statistics()
+            out = {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},
+                   "broken": self._start_error, "shutdown": self._shutdown_called}
+        else:
+            out = core.statistics()
+        out.update(self._map_stats.snapshot())
+        return out
 
     def __repr__(self) -> str:
         c = self._core
@@ -305,14 +332,18 @@ class _CallQueueShim:
         pass
 
 
-def _map(submit, fn, iterables, timeout, chunksize, buffersize):
-    if not isinstance(chunksize, int) or chunksize < 1:
-        raise ValueError("chunksize must be >= 1.")
+def _check_buffersize(buffersize) -> None:
     if buffersize is not None:
         if not isinstance(buffersize, int) or isinstance(buffersize, bool):
             raise TypeError("buffersize must be an integer or None")
         if buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
+
+
+def _map(submit, fn, iterables, timeout, chunksize, buffersize):
+    if not isinstance(chunksize, int) or chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+    _check_buffersize(buffersize)
     end = None if timeout is None else time.monotonic() + timeout
     args = zip(*iterables)
     if chunksize == 1:
@@ -391,6 +422,10 @@ def _at_exit() -> None:
     """Interpreter exit: like the stdlib, pending work completes, then every
     executor's workers and segment go away."""
     global _exiting
+    try:
+        _adaptive.flush(None)  # (the maps' input left: the stdlib's map had submitted it)
+    except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+        pass
     _exiting = True
     for core in _live.snapshot():
         if core.foreign:  # spec: exec.fork-safety -- the parent's tasks: never waited for here

@@ -379,13 +379,19 @@ class ShmPool:
         if len(iterable) == 0:
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback, error_callback)
+        kind = CHUNK if star else MAP
+        if type(iterable) in (list, tuple, range):
+            # Slices: a copy of references (a range's: a range), several
+            # times cheaper than taking the items one by one.
+            for i, at in enumerate(range(0, len(iterable), chunksize or 1)):
+                _submit(self._st, result, i, func, kind, iterable[at:at + chunksize], None)
+            return result
         it = iter(iterable)
         for i in itertools.count():
             batch = tuple(itertools.islice(it, chunksize)) if chunksize else ()
             if not batch:
                 break
-            _submit(self._st, result, i, func, CHUNK if star else MAP, batch,
-                    None)
+            _submit(self._st, result, i, func, kind, batch, None)
         return result
 
     def imap(self, func, iterable, chunksize=1) -> "IMapIterator":

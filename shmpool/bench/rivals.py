@@ -61,7 +61,8 @@ class Rival:
             raise WaitTimeout(f"no result within {timeout} s") from None
 
     def map(self, fn, items, chunksize: int | None, timeout: float | None) -> list:
-        return list(self.pool.map(fn, items, timeout=timeout, chunksize=chunksize or 1))
+        kw = {} if chunksize is None else {"chunksize": chunksize}  # (None: the API's own default)
+        return list(self.pool.map(fn, items, timeout=timeout, **kw))
 
     def close(self) -> None:
         if not self.closed:
@@ -98,6 +99,7 @@ def _committed(pool) -> int | None:
 
 class ShmExecutorRival(Rival):
     key, label, short = "shm", "shmpool.ShmExecutor", "shm"
+    map_default_chunksize_one = False  # its map's default sizes its chunks itself (exec.map-adaptive)
 
     def committed(self) -> int | None:
         return _committed(self.pool)

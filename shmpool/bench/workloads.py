@@ -205,7 +205,9 @@ def map_items(ctx: Context, key: str, rep: int) -> dict:
     one. Each timed map grows 4× at a time from N/64 items up to N while it
     fits the plan's time budget; the last one is the sample (so a slow map
     measures fewer items: the sample says how many). The smaller maps are
-    its warm-up."""
+    its warm-up. N is `map_items_cs1` for a default chunksize of 1 (PPE,
+    loky), else `map_items` (Pool.map, ShmPool.map, mpire, and
+    ShmExecutor.map, whose default sizes its chunks itself)."""
     plan = ctx.plan
     default_one = IMPLS[key].map_default_chunksize_one
     n_default = plan.map_items_cs1 if default_one else plan.map_items
@@ -223,8 +225,14 @@ def map_items(ctx: Context, key: str, rep: int) -> dict:
                 continue
             m, dt = got
             out[case] = {"value": m / dt, "items": m, "seconds": dt,
-                         "chunksize": cs if cs is not None else ("1 (default)" if default_one else "default")}
+                         "chunksize": cs if cs is not None else _default_label(key)}
     return out
+
+
+def _default_label(key: str) -> str:
+    if IMPLS[key].map_default_chunksize_one:
+        return "1 (default)"
+    return "adaptive (default)" if key == "shm" else "default"
 
 
 def _budgeted_map(p, all_items: list, cs: int | None, budget: float):
@@ -471,9 +479,10 @@ def workloads(plan: Plan) -> list[Workload]:
                  "repetition's p50 (and p99)."),
         Workload("map", f"map over tiny items ({plan.map_items:,} items; {plan.map_items_cs1:,} for maps "
                  "whose default chunksize is 1)", "items/s", True, map_items, {}, (),
-                 "Default chunksize: each API's own (Executor.map: 1, so PPE, loky and ShmExecutor map "
-                 f"up to {plan.map_items_cs1:,} items there; Pool.map, ShmPool.map, mpire: automatic, "
-                 f"up to {plan.map_items:,} items). Tuned: chunksize {plan.map_chunksize:,} for everyone. "
+                 "Default chunksize: each API's own (Executor.map: 1, so PPE and loky map "
+                 f"up to {plan.map_items_cs1:,} items there; ShmExecutor.map: adaptive, Pool.map, "
+                 f"ShmPool.map, mpire: automatic, up to {plan.map_items:,} items). Tuned: chunksize "
+                 f"{plan.map_chunksize:,} for everyone. "
                  f"A map that would take longer than {plan.map_budget} s runs on fewer items (column "
                  "items)."),
         Workload("roundtrip", "Round trip of big payloads (`submit(identity, payload).result()`)", "GB/s",

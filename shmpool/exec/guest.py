@@ -59,7 +59,9 @@ from ..errors import (
 )
 from ..hub.guest import run_guest
 from ..session import GuestSession
-from .protocol import ARG_STDERR, BATCH_TIME, DEFINE, EXIT_INIT_FAILED, INIT, MAP, RUN, RUN_BATCH, SINGLE
+from .protocol import (
+    ARG_STDERR, BATCH_TIME, DEFINE, EXIT_INIT_FAILED, INIT, ITEMS, MAP, RUN, RUN_BATCH, SINGLE, run_items,
+)
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
 
@@ -312,6 +314,8 @@ class GuestProgram:
                 result = fn(*args, **kwargs)
             elif kind == MAP:
                 result = list(map(fn, args))
+            elif kind == ITEMS:  # spec: exec.map-adaptive
+                result = run_items(fn, args)
             else:
                 result = list(itertools.starmap(fn, args))
         except KeyboardInterrupt as e:

@@ -23,7 +23,7 @@ chunked, its bytes on the sender's chunk channel and the request carrying
 - `RUN`: `(fid or the callable itself, kind, args, kwargs)` with its
   out-of-band buffers. The worker writes the request id in its guest word
   while the task runs. Answer: the pickled result (`SINGLE`: the call's
-  value; `MAP`, `CHUNK`: a list), or the task's error (`ResultEncodingError`
+  value; `MAP`, `CHUNK`: a list; `ITEMS`: `run_items`'s record), or the task's error (`ResultEncodingError`
   if the result would not pickle, `TaskInterrupted` for a Ctrl-C).
 - `RUN_BATCH`: `[(tag, pickled RUN record), ...]` (in-band tasks only).
   Each task is answered under its own tag as soon as it is done (the tags
@@ -38,8 +38,10 @@ register here; a change to a record is a change to both sides at once.
 from __future__ import annotations
 
 import struct
+import time
 
 from ..session.messages import method_id
+from ..session.methods import encode_error
 
 # Fixed names, not module paths: a worker always boots from the host's own
 # package (`starter.worker_argv`), so both sides hash the same names.
@@ -49,10 +51,41 @@ RUN = method_id("shmpool.exec.run")
 RUN_BATCH = method_id("shmpool.exec.run_batch")
 
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
+# A chunk answered per item (`ShmExecutor.map`'s adaptive chunks): args are
+# `(items, star)` (`star`: each item is an argument tuple); the answer is
+# `run_items`'s record. spec: exec.map-adaptive
+ITEMS = 3
 
 BATCH_TIME = struct.Struct("<d")  # the answer to RUN_BATCH: seconds its tasks took, in the worker
 EXIT_INIT_FAILED = 86  # the worker's exit code after its initializer raised
 ARG_STDERR = "--stderr-fd"  # `ARG_STDERR=FD`: the host's stderr, for the worker once attached
 
-__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "SINGLE", "CHUNK", "MAP", "BATCH_TIME",
+def run_items(fn, args) -> tuple:
+    """(worker) Run an `ITEMS` chunk: `(results, error_index, error, seconds)`.
+    `results` are those of the items before the first that raised (all of
+    them if none did); `error_index` is that item's index in the chunk (or
+    -1) and `error` its exception pickled with its traceback
+    (`session.methods.encode_error`: it always pickles); `seconds` is the
+    time the items took here, which the host sizes the next chunks from.
+    An exception that is not an `Exception` (a Ctrl-C, an exit) is raised
+    as from any task: the chunk's own error. spec: exec.map-adaptive"""
+    items, star = args
+    results: list = []
+    append = results.append
+    t0 = time.perf_counter()
+    try:
+        if star:
+            for a in items:
+                append(fn(*a))
+        else:
+            for a in items:
+                append(fn(a))
+    except Exception as e:  # noqa: BLE001 - that item's error, raised where the consumer reaches it
+        err = encode_error(e)
+        del e
+        return results, len(results), err, time.perf_counter() - t0
+    return results, -1, None, time.perf_counter() - t0
+
+
+__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]

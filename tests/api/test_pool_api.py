@@ -169,6 +169,8 @@ def test_map_and_starmap_keep_input_order(chunksize):
     data = list(range(50))
     with ShmPool(2) as p:
         assert p.map(square, data, chunksize) == [x * x for x in data]
+        assert p.map(square, tuple(data), chunksize) == [x * x for x in data]  # (sliced, as lists are)
+        assert p.map(square, range(3, 53), chunksize) == [x * x for x in range(3, 53)]  # (range slices)
         assert p.map(nap, iter(data[:10]), chunksize=chunksize) == data[:10]  # an iterator without len()
         pairs = [(x, x + 1) for x in data]
         assert p.starmap(add, pairs, chunksize) == [a + b for a, b in pairs]
