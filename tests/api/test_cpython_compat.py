@@ -3,7 +3,7 @@
 `test.test_concurrent_futures` ships with Python 3.13 (not with 3.11, which
 runs the rest of this suite), so the tests run in a Python 3.13 subprocess:
 `tests/api/cpython_compat/prepare.py` stages shmpool for it in a temporary
-directory (sources copied, `_atomics` compiled for 3.13, nothing
+directory (sources copied, its C extensions compiled for 3.13, nothing
 installed, nothing written into the repository) and starts
 `tests/api/cpython_compat/run_cpython_executor_tests.py`, which imports the
 tests from 3.13's stdlib and substitutes ShmExecutor for

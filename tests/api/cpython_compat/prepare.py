@@ -3,7 +3,7 @@ CPython compatibility runner under it.
 
 Nothing is installed and nothing is written into the repository: the
 package sources are copied into a temporary directory, the C extension
-`shmpool._atomics` is compiled there with the target interpreter's own
+its C extensions are compiled there with the target interpreter's own
 headers and extension suffix (plain `cc`, no setuptools needed: 3.13 on
 this machine has none), and cloudpickle (pure Python, shmpool's only
 dependency) is copied from the interpreter running this script if the
@@ -24,6 +24,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -117,6 +118,17 @@ def find_python() -> tuple[str | None, str]:
     return None, "; ".join(reasons) or "no python3.13 found (SHMPOOL_PY313, PATH, pyenv)"
 
 
+def extensions() -> list[tuple[str, list[str]]]:
+    """The package's C extensions as pyproject.toml declares them: (module
+    name inside shmpool, source paths relative to the repository)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    found = [(m.group(1), re.findall(r'"([^"]+\.c)"', m.group(2)))
+             for m in re.finditer(r'name = "shmpool\.(\w+)", sources = \[([^\]]*)\]', text)]
+    if not found:
+        raise RuntimeError("no C extension found in pyproject.toml's ext-modules")
+    return found
+
+
 def stage(python: str, dest: Path) -> Path:
     """Copy shmpool into `dest`, compile its extension for `python`, add
     cloudpickle if `python` lacks it. Returns the directory to put on
@@ -129,14 +141,15 @@ def stage(python: str, dest: Path) -> Path:
     pkg = site / "shmpool"
     shutil.copytree(ROOT / "shmpool", pkg,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "*.egg-info"))
-    so = pkg / ("_atomics" + info["ext_suffix"])
-    cmd = [*shlex.split(info["cc"]), *shlex.split(info["ccshared"]), "-shared", "-std=c11", "-O2",
-           "-Wall", "-Wno-unused-parameter", f"-I{info['include']}", str(pkg / "_atomics.c"),
-           "-o", str(so)]
-    got = subprocess.run(cmd, capture_output=True, text=True)
-    if got.returncode != 0:
-        raise RuntimeError(f"compiling shmpool._atomics for {python} failed:\n"
-                           f"{shlex.join(cmd)}\n{got.stdout}{got.stderr}")
+    for name, sources in extensions():
+        so = pkg / (name + info["ext_suffix"])
+        cmd = [*shlex.split(info["cc"]), *shlex.split(info["ccshared"]), "-shared", "-std=c11", "-O2",
+               "-Wall", "-Wno-unused-parameter", f"-I{info['include']}", *(str(site / s) for s in sources),
+               "-o", str(so)]
+        got = subprocess.run(cmd, capture_output=True, text=True)
+        if got.returncode != 0:
+            raise RuntimeError(f"compiling shmpool.{name} for {python} failed:\n"
+                               f"{shlex.join(cmd)}\n{got.stdout}{got.stderr}")
     if not info["has_cloudpickle"]:
         spec = importlib.util.find_spec("cloudpickle")
         if spec is None or not spec.submodule_search_locations:
