@@ -52,6 +52,7 @@ class EngineState:
         self.live = 0  # tasks submitted and not yet finished
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.stats = collections.Counter(dict.fromkeys(STATS, 0))
+        self.submitted = 0  # (the "submitted" statistic: an attribute, the cheapest count per submit)
         self.broken: str | None = None
         self.closed = False  # set once close has begun (under the starter's lock)
         self.shutdown_started = False

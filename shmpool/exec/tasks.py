@@ -209,12 +209,25 @@ class _TaskFuture(Future):
         return super().exception(timeout)
 
 
+def future_class(guard, owner: int) -> type:
+    """A `_TaskFuture` class for one pool, whose instances are made with
+    `object.__new__(cls)` and no `__init__` call: every field starts as a
+    class attribute (the pool's `guard`, the process that made it, a
+    pending state with no condition), and is set on the instance when it
+    changes. (A Python `__init__` setting seven fields was a good part of
+    a `submit`.)"""
+    return type("_TaskFuture", (_TaskFuture,), {
+        "__slots__": (), "__module__": __name__, "_guard": guard, "_owner": owner,
+        "_cond": None, "_state": PENDING, "_result": None, "_exception": None,
+        "_waiters": (), "_done_callbacks": ()})
+
+
 class _Task:
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
                  "worker", "rid", "on_result", "on_error", "started", "finished")
 
     def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
-                 bufs) -> None:
+                 bufs, on_result: Callable | None = None, on_error: Callable | None = None) -> None:
         self.future = future
         self.fid = fid
         self.fname = fname
@@ -226,8 +239,8 @@ class _Task:
         self.crashes: tuple[str, ...] = ()  # (a tuple: no list per task for the collector to track)
         self.worker = None
         self.rid = 0  # its request's id, or its own tag in a batch: what the guest word names
-        self.on_result: Callable | None = None  # the pool's result transform
-        self.on_error: Callable | None = None  # the pool's error transform
+        self.on_result = on_result  # the pool's result transform
+        self.on_error = on_error  # the pool's error transform
         self.started = False  # its future was moved to running (once)
         self.finished = False  # completed (or cancelled, or failed by `EngineState.break_pool`): never again
 
