@@ -179,6 +179,7 @@ class Core:
         registered (`register`)."""
         w = WorkerRecord(peer_id, proc, self.session.connection(peer_id))
         w.conn.after_feed = self.answers.flush
+        w.answers = self.answers
         w.conn.channels.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
         w.window = self.state.max_inflight
         w.startup_log = log

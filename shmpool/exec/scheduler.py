@@ -240,11 +240,13 @@ class Scheduler:
             self.state.stats["ring_full"] += 1
             return batch
         expected = []
-        on_done = self.on_done
+        # Each task is its own answer's record (`_Task`: it hands the
+        # answer to `w.answers`, `Answers.on_done`).
         for task, tag in zip(batch, tags):
             task.worker = w
             task.rid = tag
-            if conn.await_part(tag, lambda res, err, task=task, w=w: on_done(task, w, res, err, False)):
+            task.end = False
+            if conn.await_record(tag, task):
                 expected.append(task)
         try:
             if batched:
@@ -254,8 +256,8 @@ class Scheduler:
             else:
                 task = batch[0]
                 task.worker = w
-                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: on_done(task, w, res, err),
-                                        timeout=0)
+                task.end = True
+                task.rid = conn.call_record(RUN, out, task, timeout=0)
         except (PeerDeadError, ConnectionClosedError, TimeoutError) as e:
             # (the call's payload was freed by the failed send)
             if isinstance(e, TimeoutError):

@@ -38,6 +38,8 @@ class CallFuture(Future):
     `cancel()` cancels locally at once and asks the other side to drop or
     stop the call. spec: shm.session.call"""
 
+    inline = False  # (see `PendingCalls`: no `take_inline`)
+
     def __init__(self, conn, raw: bool) -> None:
         super().__init__()
         self.connection = conn
@@ -64,6 +66,7 @@ class SyncCall:
     variable (the caller waits in `Connection.wait_until` anyway)."""
 
     __slots__ = ("request_id", "raw", "value", "error", "finished")
+    inline = False
 
     def __init__(self, raw: bool) -> None:
         self.request_id = 0
@@ -88,6 +91,7 @@ class CallbackCall:
     the thread that delivers the answer, or that ends the connection)."""
 
     __slots__ = ("request_id", "raw", "callback", "finished")
+    inline = False
 
     def __init__(self, raw: bool, callback) -> None:
         self.request_id = 0
@@ -109,7 +113,15 @@ class CallbackCall:
 
 class PendingCalls:
     """The records of the calls this side made that await an answer, by
-    request id (see the module docstring)."""
+    request id (see the module docstring).
+
+    A record is any object with `request_id`, `raw`, `done()`,
+    `set_result(payload)`, `set_exception(exc)` and `inline`; one whose
+    `inline` is true also has `take_inline(descriptor)`, which takes a
+    plain answer (no error, no cancellation) whose payload is inline in
+    its checked descriptor, with no `Received` made for it
+    (`Connection`'s route for such answers: the layer above files its own
+    records, e.g. the executor's tasks, and reads the payload itself)."""
 
     def __init__(self) -> None:
         self._records: dict[int, object] = {}
@@ -135,6 +147,12 @@ class PendingCalls:
         if self._end is not None and records.pop(rid, None) is record:
             return False
         return True
+
+    @property
+    def records(self) -> dict:
+        """The table itself (rid -> record), for the connection's route of
+        inline answers: a record popped from it is its popper's."""
+        return self._records
 
     def take(self, rid: int):
         """Remove and return the record filed under `rid` (None if there is

@@ -64,6 +64,7 @@ from ..errors import (
     SlotExhaustedError, StaleSlotError,
 )
 from ..shm import layout as L
+from ..shm.layout import SLOT_REF_INLINE
 from ..shm.ring import Descriptor
 from .calls import CallbackCall, CallFuture, PendingCalls, SyncCall
 from .channel import Rx, Tx
@@ -170,6 +171,19 @@ class Connection:
             return fut  # the connection ended meanwhile and failed it: reported once, there
         self.stats["calls"] += 1
         return fut
+
+    def call_record(self, method: str | int, payload, record, *, timeout: float | None = None) -> int:
+        """Call with a record of the caller's own making (see
+        `calls.PendingCalls`: it is completed with the answer, or with the
+        connection's end reason): `call_cb` without the callback's record.
+        Returns the request id (also set as `record.request_id`)."""
+        return self._start(record, method, payload, timeout, False).request_id
+
+    def await_record(self, rid: int, record) -> bool:
+        """`await_part` with a record of the caller's own making (its
+        `request_id` is set to `rid`)."""
+        record.request_id = rid
+        return self.pending_calls.file(rid, record)
 
     def call_cb(self, method: str | int, payload, callback, *, timeout: float | None = None,
                 raw: bool = True) -> int:
@@ -279,8 +293,19 @@ class Connection:
         self.incoming_calls.run_routed()
 
     def _route(self, batch) -> None:
+        records = self.pending_calls.records
         for d in batch:
             try:
+                if (d.msg_type == RESPONSE and d.slot_ref == SLOT_REF_INLINE and not d.flags
+                        and d.payload_len <= L.INLINE_CAPACITY):
+                    # A plain answer with its payload inline (the guard's
+                    # check above) to a record that takes it as it is: no
+                    # `Received`, and no call of this side's on the way.
+                    rid = d.id
+                    rec = records.get(rid)
+                    if rec is not None and rec.inline and records.pop(rid, None) is rec:
+                        rec.take_inline(d)
+                        continue
                 self._route_one(d)
             except Exception as e:  # noqa: BLE001 - spec: shm.guard.isolate
                 self._violation(d, "shm.guard.isolate", f"sent a message that could not be handled "
