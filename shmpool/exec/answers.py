@@ -13,12 +13,15 @@ the lock, the queue, the worker records, the counters, a task's end), the
 pin budget, and the scheduler, whose `schedule()` and `later()` it calls
 once answers made room.
 
-Data flow: a connection's answer callbacks (the driver thread, or a caller
-fetching answers on its own thread; the scheduler registered them) ->
-`on_done`: an error at once, an answer queued -> `flush` (the connection's
-`after_feed`) at the end of that batch of descriptors: book them all under
-the lock, unpickle and set the futures without it, finish them all under
-it, then schedule the next tasks.
+Data flow: a task's answer record (the task itself, `tasks._Task`, filed
+by the scheduler; the driver thread, or a caller fetching answers on its
+own thread, delivers it) -> `on_done`: an error at once, an answer queued
+(a plain inline one as its descriptor) -> `flush` (the connection's
+`after_feed`) at the end of that batch of descriptors: plain inline
+results unpickled first; then under the lock at once all are booked, and
+the plain results of futures nobody waits on are set and their tasks
+finished; the others are unpickled and set without the lock and finished
+under it; then the next tasks are scheduled.
 
 Invariants: a future is set exactly once (whoever finishes the task
 first); the lock is never held while a result is unpickled or a future is
@@ -263,15 +266,14 @@ class Answers:
                     fut._state = FINISHED
                 else:
                     late.append(item)
-        set_ = k - len(late)
-        if set_:
-            lateset = {id(x[0]) for x in late} if late else ()
-            finished = st.finished
-            for i in range(k):
-                task = ready[i][0]
-                if not lateset or id(task) not in lateset:
-                    finished(task)
-            st.stats["completed"] += set_
+        if len(late) < k:
+            if late:
+                lateset = {id(x[0]) for x in late}
+                tasks = [ready[i][0] for i in range(k) if id(ready[i][0]) not in lateset]
+            else:
+                tasks = [ready[i][0] for i in range(k)]
+            st.finished_all(tasks)  # (none was finished: `flush` left those out)
+            st.stats["completed"] += len(tasks)
         return late
 
     def _settle(self, done: list, keep) -> None:

@@ -81,6 +81,19 @@ class EngineState:
             if self.on_idle is not None:
                 self.on_idle()
 
+    def finished_all(self, tasks) -> None:
+        """(lock held) `finished` for each of `tasks` (none finished yet)."""
+        for task in tasks:
+            task.finished = True
+            task.stream = task.bufs = task.fbytes = None
+            task.future._task = None
+            task.future = None
+        self.live -= len(tasks)
+        if not self.live:
+            self.idle.notify_all()
+            if self.on_idle is not None:
+                self.on_idle()
+
     def fail(self, task, err: BaseException) -> None:
         """(lock held) Fail a task that is neither queued nor held by a worker."""
         if not task.future.done():

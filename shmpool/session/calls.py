@@ -138,6 +138,16 @@ class PendingCalls:
             rid = next(self._ids) & 0xFFFFFFFF
         return rid
 
+    def spare_ids(self, n: int) -> list[int]:
+        """`n` fresh request ids, none pending (nor repeated)."""
+        ids, table = self._ids, self._records
+        out = []
+        while len(out) < n:
+            rid = next(ids) & 0xFFFFFFFF
+            if rid and rid not in table:
+                out.append(rid)
+        return out
+
     def file(self, rid: int, record) -> bool:
         """File `record` under `rid`. False if the table is closed and the
         record was taken back (the caller fails it); True if it is filed,
@@ -147,6 +157,18 @@ class PendingCalls:
         if self._end is not None and records.pop(rid, None) is record:
             return False
         return True
+
+    def file_all(self, records: list) -> list:
+        """`file` for many, each under its `request_id` (from `spare_id`):
+        those filed (or taken by `close`, whose caller fails them), in
+        order; a record taken back (the table closed meanwhile) is not
+        among them."""
+        table = self._records
+        for rec in records:
+            table[rec.request_id] = rec
+        if self._end is not None:
+            return [r for r in records if table.pop(r.request_id, None) is not r]
+        return records
 
     @property
     def records(self) -> dict:
