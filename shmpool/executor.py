@@ -166,7 +166,10 @@ class ShmExecutor(Executor):
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a Future."""
-        return self._submit(fn, SINGLE, args, kwargs)
+        core = self._core
+        if core is None or _exiting:  # (`_submit`, less one call on the common path)
+            return self._submit(fn, SINGLE, args, kwargs)
+        return core.submit(fn, SINGLE, args, kwargs)
 
     def _submit(self, fn, kind, args, kwargs) -> Future:
         core = self._core or self._get_core_checked()

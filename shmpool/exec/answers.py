@@ -13,12 +13,15 @@ the lock, the queue, the worker records, the counters, a task's end), the
 pin budget, and the scheduler, whose `schedule()` and `later()` it calls
 once answers made room.
 
-Data flow: a connection's answer callbacks (the driver thread, or a caller
-fetching answers on its own thread; the scheduler registered them) ->
-`on_done`: an error at once, an answer queued -> `flush` (the connection's
-`after_feed`) at the end of that batch of descriptors: book them all under
-the lock, unpickle and set the futures without it, finish them all under
-it, then schedule the next tasks.
+Data flow: a task's answer record (the task itself, `tasks._Task`, filed
+by the scheduler; the driver thread, or a caller fetching answers on its
+own thread, delivers it) -> `on_done`: an error at once, an answer queued
+(a plain inline one as its descriptor) -> `flush` (the connection's
+`after_feed`) at the end of that batch of descriptors: plain inline
+results unpickled first; then under the lock at once all are booked, and
+the plain results of futures nobody waits on are set and their tasks
+finished; the others are unpickled and set without the lock and finished
+under it; then the next tasks are scheduled.
 
 Invariants: a future is set exactly once (whoever finishes the task
 first); the lock is never held while a result is unpickled or a future is
@@ -40,10 +43,17 @@ from ..errors import (
     ResultUnpicklingError, TaskInterrupted, TaskNotRun, WorkerCrashedError,
 )
 from .protocol import BATCH_TIME
-from .serialization import COPY_BELOW, read, transfer_of
+from .serialization import COMPACT, COPY_BELOW, read, transfer_of
 from ..shm import layout as L
 from .state import EngineState, resolve
 from .tasks import _FINAL, _Task, WorkerRecord
+from ..session.messages import Received
+from ..shm.ring import Descriptor
+from concurrent.futures._base import FINISHED
+import pickle
+
+_loads = pickle.loads
+_COMPACT = COMPACT[0]
 
 
 class PinBudget:
@@ -145,10 +155,14 @@ class Answers:
 
     def flush(self) -> None:
         """Deliver the answers a connection's batch of descriptors brought
-        (its `after_feed`): booked under the lock at once, results
-        unpickled and futures resolved without it, then finished under it
-        at once. (Two lock acquisitions for the lot: the caller's thread
-        contends for this lock with every `submit`.)"""
+        (its `after_feed`). Plain results inline in their descriptor (the
+        tiny tasks' answers, `_Task.take_inline`) are unpickled first,
+        outside the lock (unpickling may run user code), then booked, set
+        and finished under one hold of the lock: their futures have no
+        condition yet (nobody waits on them, no callback), so setting them
+        runs no user code. Every other answer is booked under the lock,
+        its result unpickled and its future resolved without it, and
+        finished under it again (`_settle`)."""
         q = self.queued
         items = []
         while q:
@@ -158,33 +172,62 @@ class Answers:
                 break
         if not items:
             return
-        ready = []
+        quick = []  # (task, w, result, end): a plain inline result, unpickled
+        slow = []  # (task, w, received, end)
+        for item in items:
+            task, w, got, end = item
+            if type(got) is Descriptor:
+                data = got.inline
+                if data[0] == _COMPACT and task.on_result is None:
+                    try:
+                        quick.append((task, w, _loads(data[1:got.payload_len]), end))
+                        continue
+                    except BaseException:  # noqa: BLE001 - read again below, to fail the task with it
+                        pass
+                item = (task, w, Received(None, got), end)
+            slow.append(item)
+        items = item = task = w = got = None
         st = self.state
+        ready = []
+        done: list = []  # (task, failed)
         with st.lock:  # (as `_answered`, for the lot; the service time once per worker's run of them)
-            w0, n, busy = None, 0, False
-            for item in items:
-                task, w, received, end = item
-                if end:  # (a batch's service time comes with its own answer: `batch_done`)
-                    if w is not w0:
-                        if n:
-                            self._adapt(w0, busy, n)
-                        w0, n, busy = w, 0, len(w.inflight) > 1
-                    n += 1
-                    w.messages -= 1
-                w.inflight.pop(task.rid, None)
-                if task.finished:  # failed by break_pool (terminate) meanwhile
-                    tid = transfer_of(received)
-                    if tid is not None:  # (its chunked bytes are nobody's now)
-                        w.conn.channels.transfers.pop(tid, None)
-                    received.release()
-                else:
-                    ready.append(item)
+            w0, n, busy, nq = None, 0, False, 0
+            for part in (quick, slow):
+                nq = len(ready)  # (after the first part: the quick ones ready)
+                for item in part:
+                    task, w, got, end = item
+                    if end:  # (a batch's service time comes with its own answer: `batch_done`)
+                        if w is not w0:
+                            if n:
+                                self._adapt(w0, busy, n)
+                            w0, n, busy = w, 0, len(w.inflight) > 1
+                        n += 1
+                        w.messages -= 1
+                    w.inflight.pop(task.rid, None)
+                    if task.finished:  # failed by break_pool (terminate) meanwhile
+                        if part is slow:
+                            tid = transfer_of(got)
+                            if tid is not None:  # (its chunked bytes are nobody's now)
+                                w.conn.channels.transfers.pop(tid, None)
+                            got.release()
+                    else:
+                        ready.append(item)
             if n:
                 self._adapt(w0, busy, n)
             # spec: exec.on-demand -- workers became idle (before the caller can see it)
             st.credits = min(st.credits + len(ready), len(st.workers))
-        items = task = w = received = None
-        done: list = []  # (task, failed)
+            if not slow:
+                nq = len(ready)
+            late = self._set_quick(ready, nq) if nq else ()
+            if nq == len(ready) and not late:
+                if self.pins.kept:
+                    self.pins.sweep()
+                self.schedule()
+                return
+        ready = ready[nq:]
+        for task, w, result, end in late:
+            self._deliver(task, w, result, done)
+        items = task = w = received = late = None
         keep = []
         pinned_now: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
         for task, w, received, end in ready:
@@ -203,6 +246,35 @@ class Answers:
                 result = None  # (the caller may drop it now: its slot can go at the next sweep)
         ready = None
         self._settle(done, keep)
+
+    def _set_quick(self, ready: list, k: int) -> list:
+        """(lock held) Set the futures of the first `k` of `ready` (plain
+        results, no transform) that have no condition, under their guard
+        at once, and finish those tasks; the others (a future with a
+        condition: waiters or callbacks) are returned, to be resolved
+        without the lock."""
+        late = []
+        st = self.state
+        if not k:
+            return late
+        with ready[0][0].future._guard:
+            for i in range(k):
+                item = ready[i]
+                fut = item[0].future
+                if fut._cond is None and fut._state not in _FINAL:
+                    fut._result = item[2]
+                    fut._state = FINISHED
+                else:
+                    late.append(item)
+        if len(late) < k:
+            if late:
+                lateset = {id(x[0]) for x in late}
+                tasks = [ready[i][0] for i in range(k) if id(ready[i][0]) not in lateset]
+            else:
+                tasks = [ready[i][0] for i in range(k)]
+            st.finished_all(tasks)  # (none was finished: `flush` left those out)
+            st.stats["completed"] += len(tasks)
+        return late
 
     def _settle(self, done: list, keep) -> None:
         """Under the lock once: finish the delivered tasks, keep the pins of

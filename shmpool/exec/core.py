@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import threading
 from concurrent.futures import Future
 
@@ -65,10 +66,17 @@ from . import tasks as T
 from .answers import Answers, PinBudget
 from .fncache import FunctionCache
 from .scheduler import Scheduler
-from .serialization import dumps
+from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
 from .state import EngineState
-from .tasks import _Task, _TaskFuture, WorkerRecord
+from .tasks import _Task, WorkerRecord
+
+_pickle_dumps = pickle.dumps
+_new_future = object.__new__
+# Argument types the C pickler writes in band with no help (see `submit`).
+# (Longer strings and bytes go through `dumps`, which keeps big ones by reference.)
+_PLAIN = frozenset({int, float, bool, type(None)})
+_SHORT = frozenset({str, bytes})
 
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
@@ -109,6 +117,7 @@ class Core:
         self.lock = st.lock
         self.idle = st.idle
         self.future_guard = threading.Lock()  # the futures' states until they have a condition
+        self._future_class = T.future_class(self.future_guard, self.owner_pid)
         self._early_deaths: dict[int, tuple] = {}  # peer id -> (guest word, info) of an unregistered worker
         self.functions = FunctionCache(T.FUNCTION_CACHE)
         self._close_lock = threading.Lock()
@@ -170,6 +179,7 @@ class Core:
         registered (`register`)."""
         w = WorkerRecord(peer_id, proc, self.session.connection(peer_id))
         w.conn.after_feed = self.answers.flush
+        w.answers = self.answers
         w.conn.channels.collecting = True  # chunked results arrive as transfers. spec: exec.chunked
         w.window = self.state.max_inflight
         w.startup_log = log
@@ -226,38 +236,50 @@ class Core:
         if st.shutdown_started:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def function(self, fn) -> tuple[int, str, bytes | None]:
-        return self.functions.get(fn)
-
     def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None) -> Future:
         """Queue one task (a call, or a chunk of argument tuples); its future.
         Pickling errors fail the future, not the caller."""
-        self.check_open()
-        fut = _TaskFuture(self.future_guard)
+        st = self.state
+        if self.foreign or st.broken is not None or st.shutdown_started:
+            self.check_open()
+        fut = _new_future(self._future_class)
         try:
-            fid, name, fbytes = self.function(fn)
+            fid, name, fbytes = self.functions.get(fn)
             # (a callable that is not cached goes with the call, in place of its id)
-            stream, bufs = dumps((fid or fn, kind, args, kwargs))
+            call = (fid or fn, kind, args, kwargs)
+            if fid and not kwargs and type(args) is tuple:
+                # Arguments of the plain types only (no buffer, reducer or
+                # function to pickle by value can be among them): the C
+                # pickler alone writes the same stream as `dumps`.
+                for a in args:
+                    t = type(a)
+                    if t not in _PLAIN and not (t in _SHORT and len(a) < OOB_MIN):
+                        stream, bufs = dumps(call)
+                        break
+                else:
+                    stream, bufs = _pickle_dumps(call, 5), ()
+            else:
+                stream, bufs = dumps(call)
         except Exception as e:  # noqa: BLE001
             with self.lock:
                 self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
             fut.set_exception(e)
             return fut
-        task = _Task(fut, fid, name, fbytes, kind, stream, bufs)
-        fut._task = task
-        task.on_result = on_result
-        task.on_error = on_error
-        st = self.state
+        fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error)
         with self.lock:
-            self.check_open()
-            self._want_worker()
+            if self.foreign or st.broken is not None or st.shutdown_started:
+                self.check_open()
+            if st.credits:  # spec: exec.on-demand (as `_want_worker`)
+                st.credits -= 1
+            else:
+                self._want_worker()
             if st.queue:
                 # Tasks wait already: no worker can take one now, and every
                 # change that lets one (an answer, a start, a timer)
                 # schedules. Counted, then queued: a Ctrl-C is raised
                 # only after the append (a call) returns.
                 st.live += 1
-                st.stats["submitted"] += 1
+                st.submitted += 1
                 st.queue.append(task)
                 return fut
         # A Ctrl-C while the task is queued and sent would leave it half
@@ -269,7 +291,7 @@ class Core:
             with self.lock:
                 self.check_open()
                 st.live += 1
-                st.stats["submitted"] += 1
+                st.submitted += 1
                 st.queue.append(task)
                 self.scheduler.schedule()
         finally:
@@ -442,6 +464,7 @@ class Core:
                 "pinned_results": len(self.pins), "broken": st.broken, "idle_credits": st.credits,
                 "functions_cached": len(self.functions),
                 "shutdown": st.shutdown_started, "workers": workers, **dict(st.stats),
+                "submitted": st.submitted,
             }
         out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
         return out

@@ -19,7 +19,8 @@ chunked stream), which `Core.close` takes back (`take_timers`).
 Data flow: `Core.submit` and every answer (`answers.Answers`) call
 `schedule` with the lock held -> `_pick` a worker -> `_take` tasks off the
 queue (cancelled ones finished on the way) -> `_send`: `define`, the
-payload, the expected ids, the call -> the tasks are the worker's
+payload, the expected ids (each task is the record of its own answer,
+filed with the connection), the call -> the tasks are the worker's
 (`inflight`, by the id its guest word will name) until answered.
 
 Chunked arguments (spec: exec.chunked): a task's payload above an eighth
@@ -58,6 +59,7 @@ from ..errors import (
 from .protocol import DEFINE, RUN, RUN_BATCH
 from .serialization import Chunked, chunk_threshold, dumps, marker, transfer_ids, write
 from .tasks import _Task, WorkerRecord
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 
 RING_RETRY = 0.002  # seconds before tasks that found a worker's ring full are offered again
 
@@ -135,22 +137,60 @@ class Scheduler:
         limit = min(self.batch_limit(w), min(w.window, st.ring_window) - len(w.inflight))
         if st.max_tasks is not None:
             limit = min(limit, st.max_tasks - w.dispatched)
+        limit = max(1, limit)
         batch: list[_Task] = []
         size = 0
-        while q and len(batch) < max(1, limit):
+        fresh = 0
+        while q and len(batch) < limit:
             task = q[0]
-            if batch and not _batchable(task, size):
+            stream = task.stream
+            # (`_batchable`, inline: small, in-band, never back from a crash)
+            alone = task.bufs or task.attempts or type(stream) is not bytes or len(stream) > T.BATCH_BYTES
+            if batch and (alone or size + len(stream) > T.BATCH_BYTES):
                 break
             q.popleft()
-            if not task.started:
-                if not task.future.set_running_or_notify_cancel():
-                    st.finished(task)  # cancelled while it waited
-                    continue
-                task.started = True
             batch.append(task)
-            size += len(task.stream) if type(task.stream) is bytes else T.BATCH_BYTES
-            if not _batchable(task, 0):
+            if not task.started:
+                fresh += 1
+            if alone:
                 break
+            size += len(stream)
+        if fresh:
+            batch = self._start_running(batch)
+        return batch
+
+    def _start_running(self, batch: list[_Task]) -> list[_Task]:
+        """(lock held) Move the futures of the tasks taken for the first
+        time to running, under their guard at once when they have no
+        condition (`_TaskFuture.set_running_or_notify_cancel`, inline);
+        the cancelled ones are finished and left out."""
+        gone = None
+        slow = None
+        guard = next(t for t in batch if not t.started).future._guard  # (the pool's: one for all)
+        with guard:
+            for task in batch:
+                if task.started:
+                    continue
+                fut = task.future
+                if fut._cond is None:
+                    if fut._state == PENDING:
+                        fut._state = RUNNING
+                        task.started = True
+                        continue
+                    if fut._state == CANCELLED:
+                        fut._state = CANCELLED_AND_NOTIFIED
+                        gone = (gone or []) + [task]
+                        continue
+                slow = (slow or []) + [task]
+        for task in slow or ():
+            if task.future.set_running_or_notify_cancel():
+                task.started = True
+            else:
+                gone = (gone or []) + [task]
+        if gone:
+            for task in gone:
+                self.state.finished(task)  # cancelled while it waited
+            batch = [t for t in batch if t.started]
         return batch
 
     def batch_limit(self, w: WorkerRecord) -> int:
@@ -202,14 +242,18 @@ class Scheduler:
             # it free): big round trips then reuse the same populated extents.
             self.pins.sweep()
         batched = len(batch) > 1
-        tags = [conn.spare_id() for _ in batch] if batched else ()
         chunked = tid = None
         try:
+            known = w.known
             for task in batch:
-                if not self._define(task, w):
+                if task.fid in known:  # (`_define`'s common case, inline)
+                    known.move_to_end(task.fid)
+                elif not self._define(task, w):
                     return None  # (failed: its error is the task's)
             if batched:  # spec: exec.batch
-                out = write(self.slots, *dumps([(tag, t.stream) for tag, t in zip(tags, batch)]), timeout=0)
+                for task, rid in zip(batch, conn.spare_ids(len(batch))):
+                    task.request_id = rid
+                out = write(self.slots, *dumps([(t.request_id, t.stream) for t in batch]), timeout=0)
             else:
                 out = write(self.slots, batch[0].stream, batch[0].bufs, timeout=0,
                             chunk_above=chunk_threshold(self.slots.config))
@@ -239,13 +283,16 @@ class Scheduler:
             self.ring_was_full = True
             self.state.stats["ring_full"] += 1
             return batch
-        expected = []
-        on_done = self.on_done
-        for task, tag in zip(batch, tags):
-            task.worker = w
-            task.rid = tag
-            if conn.await_part(tag, lambda res, err, task=task, w=w: on_done(task, w, res, err, False)):
-                expected.append(task)
+        if batched:
+            # Each task is its own answer's record (`_Task`: it hands the
+            # answer to `w.answers`), under its own id (its tag).
+            for task in batch:
+                task.worker = w
+                task.rid = task.request_id
+                task.end = False
+            expected = conn.await_records(batch)
+        else:
+            expected = ()
         try:
             if batched:
                 batch_done = self.batch_done
@@ -254,8 +301,8 @@ class Scheduler:
             else:
                 task = batch[0]
                 task.worker = w
-                task.rid = conn.call_cb(RUN, out, lambda res, err, task=task, w=w: on_done(task, w, res, err),
-                                        timeout=0)
+                task.end = True
+                task.rid = conn.call_record(RUN, out, task, timeout=0)
         except (PeerDeadError, ConnectionClosedError, TimeoutError) as e:
             # (the call's payload was freed by the failed send)
             if isinstance(e, TimeoutError):

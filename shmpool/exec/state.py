@@ -52,6 +52,7 @@ class EngineState:
         self.live = 0  # tasks submitted and not yet finished
         self.credits = 0  # idle workers, as far as submit is concerned (spec: exec.on-demand)
         self.stats = collections.Counter(dict.fromkeys(STATS, 0))
+        self.submitted = 0  # (the "submitted" statistic: an attribute, the cheapest count per submit)
         self.broken: str | None = None
         self.closed = False  # set once close has begun (under the starter's lock)
         self.shutdown_started = False
@@ -76,6 +77,19 @@ class EngineState:
         task.future = None
         self.live -= 1
         if not self.live:  # (what `idle` waiters wait for: no pending task, or broken)
+            self.idle.notify_all()
+            if self.on_idle is not None:
+                self.on_idle()
+
+    def finished_all(self, tasks) -> None:
+        """(lock held) `finished` for each of `tasks` (none finished yet)."""
+        for task in tasks:
+            task.finished = True
+            task.stream = task.bufs = task.fbytes = None
+            task.future._task = None
+            task.future = None
+        self.live -= len(tasks)
+        if not self.live:
             self.idle.notify_all()
             if self.on_idle is not None:
                 self.on_idle()

@@ -209,12 +209,50 @@ class _TaskFuture(Future):
         return super().exception(timeout)
 
 
+def future_class(guard, owner: int) -> type:
+    """A `_TaskFuture` class for one pool, whose instances are made with
+    `object.__new__(cls)` and no `__init__` call: every field starts as a
+    class attribute (the pool's `guard`, the process that made it, a
+    pending state with no condition), and is set on the instance when it
+    changes. (A Python `__init__` setting seven fields was a good part of
+    a `submit`.)"""
+    return type("_TaskFuture", (_TaskFuture,), {
+        "__slots__": (), "__module__": __name__, "_guard": guard, "_owner": owner,
+        "_cond": None, "_state": PENDING, "_result": None, "_exception": None,
+        "_waiters": (), "_done_callbacks": ()})
+
+
 class _Task:
+    """One submitted call or chunk. While a worker holds it, it is also the
+    record its connection keeps for its answer (`session.calls.PendingCalls`:
+    filed under `rid`, its `request_id`), which hands the answer to the
+    worker's `answers.Answers` (a plain inline answer as its descriptor:
+    `take_inline`): no callback object per task. `end`: its answer ends its
+    request (False for a task in a batch, whose request is answered on its
+    own)."""
+
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
-                 "worker", "rid", "on_result", "on_error", "started", "finished")
+                 "worker", "rid", "on_result", "on_error", "started", "finished", "request_id", "end")
+    raw = True  # (the record protocol: the payload is handed over as a `Received`)
+    inline = True
+
+    def done(self) -> bool:
+        return False  # (whoever takes the record from its table delivers it, once)
+
+    def set_result(self, received) -> None:
+        w = self.worker
+        w.answers.on_done(self, w, received, None, self.end)
+
+    def set_exception(self, exc: BaseException) -> None:
+        w = self.worker
+        w.answers.on_done(self, w, None, exc, self.end)
+
+    def take_inline(self, desc) -> None:
+        w = self.worker
+        w.answers.queued.append((self, w, desc, self.end))
 
     def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
-                 bufs) -> None:
+                 bufs, on_result: Callable | None = None, on_error: Callable | None = None) -> None:
         self.future = future
         self.fid = fid
         self.fname = fname
@@ -226,10 +264,12 @@ class _Task:
         self.crashes: tuple[str, ...] = ()  # (a tuple: no list per task for the collector to track)
         self.worker = None
         self.rid = 0  # its request's id, or its own tag in a batch: what the guest word names
-        self.on_result: Callable | None = None  # the pool's result transform
-        self.on_error: Callable | None = None  # the pool's error transform
+        self.on_result = on_result  # the pool's result transform
+        self.on_error = on_error  # the pool's error transform
         self.started = False  # its future was moved to running (once)
         self.finished = False  # completed (or cancelled, or failed by `EngineState.break_pool`): never again
+        self.request_id = 0
+        self.end = True
 
 
 class WorkerRecord:
@@ -237,7 +277,8 @@ class WorkerRecord:
 
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
-                 "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx")
+                 "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx",
+                 "answers")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -263,6 +304,7 @@ class WorkerRecord:
         self.service = 0.0  # seconds per task while busy (moving average)
         self.last_done = 0.0
         self.tx = None  # the channel chunked arguments stream over (opened on first use)
+        self.answers = None  # the pool's `answers.Answers`, which its tasks' answers go to
 
 
 def _after_fork_in_child() -> None:

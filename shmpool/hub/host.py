@@ -400,6 +400,8 @@ class ShmHost:
             "recoveries": s["recoveries"],
             "messages_received": s["messages"],
             "driver_sleeps": s["sleeps"],
+            "driver_spins": s["spins"],  # spins before a sleep (spec: shm.wakeup.driver-spin)
+            "driver_spin_hits": s["spin_hits"],  # ... that a message ended
             "doorbell_wakeups": s["doorbell_wakeups"],
             "callback_errors": s["callback_errors"],
             "violations": s["violations"],  # guests killed for breaking the protocol

@@ -38,6 +38,8 @@ class CallFuture(Future):
     `cancel()` cancels locally at once and asks the other side to drop or
     stop the call. spec: shm.session.call"""
 
+    inline = False  # (see `PendingCalls`: no `take_inline`)
+
     def __init__(self, conn, raw: bool) -> None:
         super().__init__()
         self.connection = conn
@@ -64,6 +66,7 @@ class SyncCall:
     variable (the caller waits in `Connection.wait_until` anyway)."""
 
     __slots__ = ("request_id", "raw", "value", "error", "finished")
+    inline = False
 
     def __init__(self, raw: bool) -> None:
         self.request_id = 0
@@ -88,6 +91,7 @@ class CallbackCall:
     the thread that delivers the answer, or that ends the connection)."""
 
     __slots__ = ("request_id", "raw", "callback", "finished")
+    inline = False
 
     def __init__(self, raw: bool, callback) -> None:
         self.request_id = 0
@@ -109,7 +113,15 @@ class CallbackCall:
 
 class PendingCalls:
     """The records of the calls this side made that await an answer, by
-    request id (see the module docstring)."""
+    request id (see the module docstring).
+
+    A record is any object with `request_id`, `raw`, `done()`,
+    `set_result(payload)`, `set_exception(exc)` and `inline`; one whose
+    `inline` is true also has `take_inline(descriptor)`, which takes a
+    plain answer (no error, no cancellation) whose payload is inline in
+    its checked descriptor, with no `Received` made for it
+    (`Connection`'s route for such answers: the layer above files its own
+    records, e.g. the executor's tasks, and reads the payload itself)."""
 
     def __init__(self) -> None:
         self._records: dict[int, object] = {}
@@ -126,6 +138,16 @@ class PendingCalls:
             rid = next(self._ids) & 0xFFFFFFFF
         return rid
 
+    def spare_ids(self, n: int) -> list[int]:
+        """`n` fresh request ids, none pending (nor repeated)."""
+        ids, table = self._ids, self._records
+        out = []
+        while len(out) < n:
+            rid = next(ids) & 0xFFFFFFFF
+            if rid and rid not in table:
+                out.append(rid)
+        return out
+
     def file(self, rid: int, record) -> bool:
         """File `record` under `rid`. False if the table is closed and the
         record was taken back (the caller fails it); True if it is filed,
@@ -135,6 +157,24 @@ class PendingCalls:
         if self._end is not None and records.pop(rid, None) is record:
             return False
         return True
+
+    def file_all(self, records: list) -> list:
+        """`file` for many, each under its `request_id` (from `spare_id`):
+        those filed (or taken by `close`, whose caller fails them), in
+        order; a record taken back (the table closed meanwhile) is not
+        among them."""
+        table = self._records
+        for rec in records:
+            table[rec.request_id] = rec
+        if self._end is not None:
+            return [r for r in records if table.pop(r.request_id, None) is not r]
+        return records
+
+    @property
+    def records(self) -> dict:
+        """The table itself (rid -> record), for the connection's route of
+        inline answers: a record popped from it is its popper's."""
+        return self._records
 
     def take(self, rid: int):
         """Remove and return the record filed under `rid` (None if there is

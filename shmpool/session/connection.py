@@ -23,7 +23,10 @@ Data flow:
 - in: whoever receives descriptors for this pair (the host's driver
   thread, or on a guest whichever thread pumps) calls `feed(batch)`:
   Requests go to `incoming_calls` (run inline after the batch, or on the
-  handler executor), Responses complete the records in `pending_calls`,
+  handler executor), Responses complete the records in `pending_calls`
+  (a plain Response with its payload inline, to a record that takes
+  such answers itself, goes to its `take_inline` straight from the
+  routing loop, its inline length checked as for any other),
   Cancels flag running handlers, channel messages go to `channels` and
   on to their end, Goodbye ends the session, anything
   else is a protocol violation answered with a Goodbye naming the rule.
@@ -64,6 +67,7 @@ from ..errors import (
     SlotExhaustedError, StaleSlotError,
 )
 from ..shm import layout as L
+from ..shm.layout import SLOT_REF_INLINE
 from ..shm.ring import Descriptor
 from .calls import CallbackCall, CallFuture, PendingCalls, SyncCall
 from .channel import Rx, Tx
@@ -102,6 +106,7 @@ class Connection:
         self._leaving: ConnectionClosedError | None = None  # host: the guest said goodbye
         self._pump_lock = threading.RLock()  # re-entrant: a handler may wait for a call
         self._cond = threading.Condition()
+        self._waiting = 0  # threads in (or about to enter) a wait on `_cond`
         self._end: BaseException | None = None
         self.stats = collections.Counter()
         self.pending_calls = PendingCalls()  # the calls this side made
@@ -171,6 +176,20 @@ class Connection:
         self.stats["calls"] += 1
         return fut
 
+    def call_record(self, method: str | int, payload, record, *, timeout: float | None = None) -> int:
+        """Call with a record of the caller's own making (see
+        `calls.PendingCalls`: it is completed with the answer, or with the
+        connection's end reason): `call_cb` without the callback's record.
+        Returns the request id (also set as `record.request_id`)."""
+        return self._start(record, method, payload, timeout, False).request_id
+
+    def await_records(self, records: list) -> list:
+        """`await_part` for records of the caller's own making, each under
+        its `request_id` (from `spare_id`): those awaited now (or taken by
+        the connection's end, which fails them); a record left out was not
+        filed (the connection is over). spec: shm.session.parts"""
+        return self.pending_calls.file_all(records)
+
     def call_cb(self, method: str | int, payload, callback, *, timeout: float | None = None,
                 raw: bool = True) -> int:
         """Call and have `callback(result, error)` run once with the answer
@@ -182,6 +201,10 @@ class Connection:
         """A fresh request id, not pending: each call's own, and ids for
         answers that come as parts of another call (`await_part`)."""
         return self.pending_calls.spare_id()
+
+    def spare_ids(self, n: int) -> list[int]:
+        """`spare_id` for `n` answers at once."""
+        return self.pending_calls.spare_ids(n)
 
     def await_part(self, rid: int, callback, *, raw: bool = True) -> bool:
         """Await an answer with id `rid` (from `spare_id`) as a part of a
@@ -279,14 +302,26 @@ class Connection:
         self.incoming_calls.run_routed()
 
     def _route(self, batch) -> None:
+        records = self.pending_calls.records
         for d in batch:
             try:
+                if (d.msg_type == RESPONSE and d.slot_ref == SLOT_REF_INLINE and not d.flags
+                        and d.payload_len <= L.INLINE_CAPACITY):
+                    # A plain answer with its payload inline (the guard's
+                    # check above) to a record that takes it as it is: no
+                    # `Received`, and no call of this side's on the way.
+                    rid = d.id
+                    rec = records.get(rid)
+                    if rec is not None and rec.inline and records.pop(rid, None) is rec:
+                        rec.take_inline(d)
+                        continue
                 self._route_one(d)
             except Exception as e:  # noqa: BLE001 - spec: shm.guard.isolate
                 self._violation(d, "shm.guard.isolate", f"sent a message that could not be handled "
                                 f"({type(e).__name__}: {e})")
-        with self._cond:
-            self._cond.notify_all()
+        if self._waiting:  # (see wait_until: counted under the condition before its check)
+            with self._cond:
+                self._cond.notify_all()
 
     def _route_one(self, d) -> None:
         t = d.msg_type
@@ -507,8 +542,15 @@ class Connection:
                 if poll is not None and self._end is None:
                     poll(False)
                 with self._cond:
-                    if not predicate():
-                        self._cond.wait(min(remaining, WAIT_SLICE))
+                    # Counted before the check: a feed that changes what
+                    # the predicate reads after it sees the count, and
+                    # notifies (under the condition: once this waits).
+                    self._waiting += 1
+                    try:
+                        if not predicate():
+                            self._cond.wait(min(remaining, WAIT_SLICE))
+                    finally:
+                        self._waiting -= 1
 
     def serve_forever(self) -> BaseException:
         """Pump and handle incoming calls until the connection ends; returns
