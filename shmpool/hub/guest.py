@@ -11,9 +11,15 @@ Data flow (attach with a ticket):
     check the peer id against max_guests -> adopt the doorbell fd ->
     CAS Reserved -> Attached -> epoch + 1 -> heartbeat, pid -> open rings
     (with the doorbell) -> ring the doorbell once ("attached").
-Sending: push into g2h, then read the host-sleeping word with an atomic
-RMW and ring the doorbell only if the host sleeps. Leaving: stop the
-heartbeat, CAS Attached -> Goodbye, close the doorbell and the segment.
+Sending: push into g2h, then announce it: read the host-sleeping word
+with an atomic RMW and ring the doorbell only if the host sleeps
+(`send`). An answer may be pushed with its announcement deferred
+(`push_deferred`): it is announced when the guest next sends anything
+else or is about to wait for a message, and at the latest
+`ANNOUNCE_BOUND` after the oldest deferred push, by the announcer's timer
+thread (`shmpool._guestloop`, no GIL) if the main thread is still busy.
+spec: shm.wakeup.guest-announce. Leaving: stop the heartbeat and the
+announcer, CAS Attached -> Goodbye, close the doorbell and the segment.
 
 Invariants:
 - A failed attach changes no shared state except through the one CAS
@@ -33,7 +39,7 @@ import threading
 import time
 from typing import Callable, NoReturn, Sequence
 
-from .. import _atomics, _threads, procinfo
+from .. import _atomics, _guestloop, _threads, procinfo
 from ..errors import AttachError, DoorbellError, PeerDeadError, SegmentError, SpawnArgsError
 from ..shm import layout as L
 from ..shm.doorbell import Doorbell
@@ -42,8 +48,11 @@ from ..shm.segment import Segment
 from .peer import GOODBYE_POLL, PeerEntry, PeerState
 from .spawn import GuestExit, SpawnArgs
 
-fetch_or_u32 = _atomics.fetch_or_u32
 PR_SET_PDEATHSIG = 1
+# The longest an answer published with its announcement deferred stays
+# unannounced (spec: shm.wakeup.guest-announce): long enough to cover a
+# batch of tiny tasks (a few us each), short next to a host's wake-up.
+ANNOUNCE_BOUND = 100e-6
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -85,12 +94,17 @@ class ShmGuest:
         self.doorbell = doorbell
         self.host_pid = segment.host_pid
         self._host_start = _atomics.load_u64(segment.buf, L.H_HOST_START)
-        self._polling_off = entry.off + L.P_HOST_POLLING
-        self._buf = segment.buf
         self.epoch = entry.bump_epoch()
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
         self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait)
+        self._announcer = _guestloop.Announcer(
+            segment.buf, L.H_HOST_SLEEPING, entry.off + L.P_HOST_POLLING,
+            -1 if doorbell is None else doorbell.fileno(), int(ANNOUNCE_BOUND * 1e9))
+        self._announce = self._announcer.announce
+        self._defer = self._announcer.defer
+        self._try_push = self._tx.try_push
+        self._flush = self._announcer.flush
         self._closed = False
         self._stop = threading.Event()
         self._beater = None
@@ -187,13 +201,15 @@ class ShmGuest:
 
     def send(self, desc: Descriptor, timeout: float | None = None) -> bool:
         """Push `desc` into the guest->host ring, waiting up to `timeout`
-        for room; then wake the host's driver if it announced sleep.
-        Returns False on timeout or when the host is leaving; raises
-        `PeerDeadError` if the host died."""
+        for room; then announce it (and every deferred push before it):
+        wake the host's driver if it announced sleep. Returns False on
+        timeout or when the host is leaving; raises `PeerDeadError` if the
+        host died."""
         tx = self._tx
         if tx.try_push(desc):  # the usual case: room at once
             self._announce()
             return True
+        self._flush()  # the host must drain what is there to make room
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
@@ -205,14 +221,25 @@ class ShmGuest:
             if self.doorbell is None and not self.host_alive():
                 raise PeerDeadError(f"host pid {self.host_pid} is gone")
 
-    def _announce(self) -> None:
-        # spec: shm.wakeup.sleeping-word -- RMWs, ordered after our head store.
-        # A host thread that polls our ring itself needs no doorbell.
-        # spec: shm.wakeup.host-polling
-        buf = self._buf
-        if (fetch_or_u32(buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None
-                and not fetch_or_u32(buf, self._polling_off, 0)):
-            self.doorbell.signal()
+    def push_deferred(self, desc) -> bool:
+        """Push an answer (any 9-sequence of descriptor fields) if there is
+        room now, its announcement deferred: the next `send`, `flush` or
+        wait announces it, or the announcer's timer within
+        `ANNOUNCE_BOUND`. False if the ring is full (then `send` it).
+        spec: shm.wakeup.guest-announce"""
+        if self._try_push(desc):
+            self._defer()
+            return True
+        return False
+
+    def flush(self) -> None:
+        """Announce what `push_deferred` left unannounced, if anything.
+        spec: shm.wakeup.guest-announce"""
+        self._flush()
+
+    # (`_announce`, bound in __init__: the announcer's announce(); the
+    # sleeping word and the host-polling flag are read with RMWs after our
+    # head store. spec: shm.wakeup.sleeping-word spec: shm.wakeup.host-polling)
 
     def receive(self, timeout: float | None = None) -> Descriptor | None:
         """Pop the next host->guest descriptor, waiting up to `timeout`.
@@ -222,6 +249,7 @@ class ShmGuest:
         d = rx.try_pop()
         if d is not None:
             return d
+        self._flush()  # never wait with an answer unannounced
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
@@ -237,6 +265,8 @@ class ShmGuest:
         """Up to `max_n` descriptors, waiting up to `timeout` for the first."""
         batch = self._rx.pop_batch(max_n)
         if batch:
+            return batch
+        if timeout is not None and timeout <= 0:
             return batch
         first = self.receive(timeout)
         if first is None:
@@ -256,6 +286,10 @@ class ShmGuest:
         self._stop.set()
         if self._beater is not None:
             self._beater.join()
+        try:
+            self._flush()  # (what it answered last reaches a sleeping host now)
+        finally:
+            self._announcer.close()  # before the doorbell and the mapping it uses
         if goodbye and self._entry.epoch == self.epoch:  # still our incarnation
             # spec: shm.goodbye.guest -- state first, then the hang-up.
             self._entry.cas_state(PeerState.ATTACHED, PeerState.GOODBYE)
@@ -278,6 +312,7 @@ class ShmGuest:
             "peer_id": self.peer_id, "epoch": self.epoch,
             "g2h": self._tx.statistics(), "h2g": self._rx.statistics(),
             "doorbell": self.doorbell.statistics() if self.doorbell is not None else None,
+            "announcer": self._announcer.statistics(),
         }
 
     def __repr__(self) -> str:

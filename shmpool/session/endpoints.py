@@ -18,11 +18,13 @@ and channels start over). spec: shm.id.request-scope
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import _threads
+from .. import _atomics, _threads
 from ..errors import PeerDeadError
+from ..shm import layout as L
 from ..shm.varslot import SlotPool
 from .connection import Connection
 from .methods import MethodTable
@@ -128,11 +130,14 @@ class HostSession:
 
 
 class _GuestTransport:
-    __slots__ = ("guest", "_lock")
+    __slots__ = ("guest", "_lock", "_goodbye", "_push")
 
     def __init__(self, guest) -> None:
         self.guest = guest
         self._lock = threading.Lock()  # the g2h ring has one producer
+        # (bound once: the answer path is the worker's hot path)
+        self._goodbye = functools.partial(_atomics.load_u32, guest.segment.buf, L.H_HOST_GOODBYE)
+        self._push = guest.push_deferred
 
     def send(self, desc, timeout=None) -> bool:
         with self._lock:
@@ -142,6 +147,15 @@ class _GuestTransport:
 
     def try_send(self, desc) -> bool:
         return self.send(desc, 0)
+
+    def push_answer(self, desc) -> bool:
+        """Push a Response now, its announcement deferred (the guest's
+        `push_deferred`); False if the ring is full (then `send` it).
+        spec: shm.wakeup.guest-announce"""
+        with self._lock:
+            if self._goodbye():  # (the guest's host_leaving)
+                raise PeerDeadError("the host is leaving (host_goodbye set)")
+            return self._push(desc)
 
 
 class GuestSession:

@@ -32,7 +32,8 @@ import collections
 
 from .. import failpoints
 from ..errors import ConnectionClosedError, NoSuchMethodError
-from .messages import F_CANCELLED, F_ERROR, RESPONSE, Received, payload_descriptor
+from ..shm.layout import INLINE_CAPACITY, SLOT_REF_INLINE
+from .messages import F_CANCELLED, F_ERROR, RESPONSE, Received, discard, payload_descriptor
 from .methods import CallContext, MethodTable, encode_error
 
 FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")
@@ -47,6 +48,8 @@ class IncomingCalls:
         self._handlers = handlers  # None: run inline on the feeding thread
         self._running: dict[int, CallContext] = {}
         self._routed: collections.deque = collections.deque()  # inline requests, routed not run
+        # A guest's transport pushes answers with their announcement deferred.
+        self._push_answer = getattr(conn.transport, "push_answer", None)
 
     def __len__(self) -> int:
         """How many calls are queued or running here."""
@@ -124,9 +127,27 @@ class IncomingCalls:
         conn = self._conn
         if conn.closed:
             return  # the caller is gone or will never read it
+        push = self._push_answer
         try:
-            desc = payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags)
-            conn.publish(desc)
+            if push is None:
+                conn.publish(payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags))
+            else:
+                # A guest pushes its answers at once and announces them
+                # lazily (spec: shm.wakeup.guest-announce); the common small
+                # answer is the descriptor's fields as a plain tuple, which
+                # the ring packs as it is (spec: shm.desc.inline). A full
+                # ring takes the waiting path.
+                if type(data) is bytes and len(data) <= INLINE_CAPACITY:
+                    desc = (RESPONSE, flags, rid, 0, SLOT_REF_INLINE, 0, 0, len(data), data)
+                else:
+                    desc = payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags)
+                try:
+                    pushed = push(desc)
+                except BaseException:
+                    discard(conn.slots, desc)
+                    raise
+                if not pushed:
+                    conn.publish(desc)
         except ConnectionClosedError:
             pass  # the connection ended while we answered: nobody to tell
         conn.stats["responses"] += 1
