@@ -14,12 +14,15 @@
  * host-polling flag) with RMWs as an announcement does: if the host is
  * awake, its re-check before sleeping sees the answer and nothing more is
  * needed; if it sleeps, the first such answer since the last announcement
- * arms the timer (a timerfd set to its publish time plus
- * `bound_ns`: one syscall, no wake-up of the timer thread, which blocks on
- * the timerfd). `announce()` / `flush()` (the main thread, when it
- * publishes anything else or is about to wait) disarm both and announce.
- * If the timer fires while still armed, the timer thread disarms and
- * announces itself. The
+ * is recorded (its time; state PENDING, no syscall). Before the main thread
+ * runs anything next (a handler, a batch's next task) it calls `busy()`,
+ * which arms the timer (a timerfd set to that time plus `bound_ns`: one
+ * syscall, no wake-up of the timer thread, which blocks on the timerfd), or
+ * announces at once if that time has passed. `announce()` / `flush()` (the
+ * main thread, when it publishes anything else or is about to wait)
+ * disarm and announce: a worker that answers and then waits never touches
+ * the timer. If the timer fires while still armed, the timer thread
+ * disarms and announces itself. The
  * protocol decisions (what is deferred, when to announce) are the
  * Python caller's (hub/guest.py); this does the mechanics without the GIL.
  *
@@ -57,7 +60,10 @@
 #define MSG_NOSIGNAL 0
 #endif
 
-enum { ST_IDLE = 0, ST_ARMED = 1, ST_STOP = 2 };
+/* IDLE: nothing unannounced; PENDING: deferred answers, no timer yet (the
+ * main thread will announce or arm before it runs anything); ARMED: the
+ * timer runs; STOP: closed. */
+enum { ST_IDLE = 0, ST_ARMED = 1, ST_STOP = 2, ST_PENDING = 3 };
 /* announce() results */
 enum { A_AWAKE = 0, A_RANG = 1, A_COALESCED = 2, A_PEER_GONE = 3, A_POLLING = 4 };
 
@@ -297,13 +303,42 @@ Announcer_defer(Announcer *a, PyObject *unused)
      * polling this ring sees it too: nothing to time. */
     if (a->fd < 0 || !atomic_fetch_or(a->sleeping, 0) || atomic_fetch_or(a->polling, 0))
         Py_RETURN_NONE;
-    /* Only this (the main) thread moves IDLE -> ARMED. */
-    uint64_t now = mono_ns();
-    atomic_store(&a->since, now);
+    /* Only the thread holding the GIL moves IDLE -> PENDING -> ARMED. */
+    atomic_store(&a->since, mono_ns());
+    atomic_store(&a->state, ST_PENDING);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Announcer_busy(Announcer *a, PyObject *unused)
+{
+    if (atomic_load(&a->state) != ST_PENDING)
+        Py_RETURN_NONE;
+    uint64_t deadline = atomic_load(&a->since) + a->bound_ns;
+    if (mono_ns() >= deadline) {
+        atomic_store(&a->state, ST_IDLE);
+        do_announce(a, 0);
+        Py_RETURN_NONE;
+    }
     atomic_store(&a->state, ST_ARMED);
     atomic_fetch_add_explicit(&a->armed, 1, memory_order_relaxed);
-    set_timer(a, now + a->bound_ns);
+    set_timer(a, deadline);
     Py_RETURN_NONE;
+}
+
+/* PENDING or ARMED -> IDLE (the timer stopped); 0 if nothing was unannounced. */
+static int
+disarm(Announcer *a)
+{
+    uint32_t expected = ST_PENDING;
+    if (atomic_compare_exchange_strong(&a->state, &expected, ST_IDLE))
+        return 1;
+    expected = ST_ARMED;
+    if (atomic_compare_exchange_strong(&a->state, &expected, ST_IDLE)) {
+        set_timer(a, 0);
+        return 1;
+    }
+    return 0;
 }
 
 static PyObject *
@@ -311,9 +346,7 @@ Announcer_announce(Announcer *a, PyObject *unused)
 {
     if (closed(a))
         return NULL;
-    uint32_t expected = ST_ARMED;
-    if (atomic_compare_exchange_strong(&a->state, &expected, ST_IDLE))
-        set_timer(a, 0);
+    disarm(a);
     return PyLong_FromLong(do_announce(a, 0));
 }
 
@@ -321,10 +354,8 @@ static PyObject *
 Announcer_flush(Announcer *a, PyObject *unused)
 {
     /* Announce only if something deferred is unannounced. */
-    uint32_t expected = ST_ARMED;
-    if (!atomic_compare_exchange_strong(&a->state, &expected, ST_IDLE))
+    if (!disarm(a))
         return PyLong_FromLong(-1);
-    set_timer(a, 0);
     return PyLong_FromLong(do_announce(a, 0));
 }
 
@@ -338,7 +369,8 @@ Announcer_close(Announcer *a, PyObject *unused)
 static PyObject *
 Announcer_pending(Announcer *a, void *unused)
 {
-    return PyBool_FromLong(atomic_load(&a->state) == ST_ARMED);
+    uint32_t s = atomic_load(&a->state);
+    return PyBool_FromLong(s == ST_ARMED || s == ST_PENDING);
 }
 
 static PyObject *
@@ -358,8 +390,11 @@ Announcer_statistics(Announcer *a, PyObject *unused)
 
 static PyMethodDef Announcer_methods[] = {
     {"defer", (PyCFunction)Announcer_defer, METH_NOARGS,
-     "defer(): an answer was published unannounced; the timer announces it "
-     "within bound_ns unless announce()/flush() does first."},
+     "defer(): an answer was published unannounced (and the host sleeps): "
+     "announce()/flush() or the timer started by busy() rings for it."},
+    {"busy", (PyCFunction)Announcer_busy, METH_NOARGS,
+     "busy(): the caller is about to run something of unbounded length: "
+     "start the timer for what is deferred (or announce now if it is due)."},
     {"announce", (PyCFunction)Announcer_announce, METH_NOARGS,
      "announce() -> int: disarm, then check the host-sleeping word (and the "
      "host-polling flag) and ring the doorbell if the host sleeps."},

@@ -2,8 +2,8 @@
 
 `Announcer` checks the host's sleeping word after a guest publishes and
 rings the doorbell if the host sleeps; answers published with `defer()`
-are announced by a timer thread (no GIL) at most `bound_ns` after the
-oldest of them, unless `announce()` or `flush()` does it first.
+are announced by `announce()` / `flush()`, or, once `busy()` started it,
+by a timer thread (no GIL) at most `bound_ns` after the oldest of them.
 """
 
 from typing import Final
@@ -28,8 +28,14 @@ class Announcer:
         """True while an answer passed to `defer` is unannounced."""
 
     def defer(self) -> None:
-        """An answer was published without an announcement: arm the timer
-        (the first one since the last announcement) for `bound_ns`."""
+        """An answer was published without an announcement: if the host
+        sleeps (and no host thread polls), record it as unannounced (the
+        first one since the last announcement gives the timer's start)."""
+
+    def busy(self) -> None:
+        """The caller is about to run something of unbounded length: arm
+        the timer for what `defer` left unannounced (or announce now if
+        it is already `bound_ns` old)."""
 
     def announce(self) -> int:
         """Disarm and announce now: AWAKE, RANG, COALESCED, PEER_GONE or POLLING."""

@@ -211,10 +211,12 @@ class GuestProgram:
         # (bound once: this loop is the worker's hot path)
         respond, buf, word, slots = self.respond, self.buf, self.word, self.session.slots
         call, chunk_above, max_tasks = self._call, self.chunk_above, self.max_tasks
+        busy = self.guest.announcer.busy
         for tag, stream in parts:
             if self.fatal is not None:
                 ctx.answer(tag, error=TaskNotRun())
                 continue
+            busy()  # (the answers before this task get their timer. spec: shm.wakeup.guest-announce)
             store_u32(buf, word, tag)  # spec: exec.guest-word
             try:
                 if failpoints.ACTIVE:

@@ -15,9 +15,11 @@ Sending: push into g2h, then announce it: read the host-sleeping word
 with an atomic RMW and ring the doorbell only if the host sleeps
 (`send`). An answer may be pushed with its announcement deferred
 (`push_deferred`): it is announced when the guest next sends anything
-else or is about to wait for a message, and at the latest
-`ANNOUNCE_BOUND` after the oldest deferred push, by the announcer's timer
-thread (`shmpool._guestloop`, no GIL) if the main thread is still busy.
+else or is about to wait for a message; before the guest runs anything
+next (a handler, a batch's task) it calls `announcer.busy()`, which starts
+the announcer's timer thread (`shmpool._guestloop`, no GIL): that rings at
+the latest `ANNOUNCE_BOUND` after the oldest deferred push if the main
+thread is still busy then.
 spec: shm.wakeup.guest-announce. Leaving: stop the heartbeat and the
 announcer, CAS Attached -> Goodbye, close the doorbell and the segment.
 
@@ -98,13 +100,15 @@ class ShmGuest:
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
         self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait)
-        self._announcer = _guestloop.Announcer(
+        self.announcer = _guestloop.Announcer(
             segment.buf, L.H_HOST_SLEEPING, entry.off + L.P_HOST_POLLING,
             -1 if doorbell is None else doorbell.fileno(), int(ANNOUNCE_BOUND * 1e9))
-        self._announce = self._announcer.announce
-        self._defer = self._announcer.defer
+        # (public: the layers above bind `announcer.busy`, called before
+        # the main thread runs anything of unbounded length)
+        self._announce = self.announcer.announce
+        self._defer = self.announcer.defer
         self._try_push = self._tx.try_push
-        self._flush = self._announcer.flush
+        self._flush = self.announcer.flush
         self._closed = False
         self._stop = threading.Event()
         self._beater = None
@@ -224,8 +228,9 @@ class ShmGuest:
     def push_deferred(self, desc) -> bool:
         """Push an answer (any 9-sequence of descriptor fields) if there is
         room now, its announcement deferred: the next `send`, `flush` or
-        wait announces it, or the announcer's timer within
-        `ANNOUNCE_BOUND`. False if the ring is full (then `send` it).
+        wait announces it, or the announcer's timer (started by
+        `announcer.busy()`) within `ANNOUNCE_BOUND`. False if the ring is
+        full (then `send` it).
         spec: shm.wakeup.guest-announce"""
         if self._try_push(desc):
             self._defer()
@@ -289,7 +294,7 @@ class ShmGuest:
         try:
             self._flush()  # (what it answered last reaches a sleeping host now)
         finally:
-            self._announcer.close()  # before the doorbell and the mapping it uses
+            self.announcer.close()  # before the doorbell and the mapping it uses
         if goodbye and self._entry.epoch == self.epoch:  # still our incarnation
             # spec: shm.goodbye.guest -- state first, then the hang-up.
             self._entry.cas_state(PeerState.ATTACHED, PeerState.GOODBYE)
@@ -312,7 +317,7 @@ class ShmGuest:
             "peer_id": self.peer_id, "epoch": self.epoch,
             "g2h": self._tx.statistics(), "h2g": self._rx.statistics(),
             "doorbell": self.doorbell.statistics() if self.doorbell is not None else None,
-            "announcer": self._announcer.statistics(),
+            "announcer": self.announcer.statistics(),
         }
 
     def __repr__(self) -> str:

@@ -130,7 +130,7 @@ class HostSession:
 
 
 class _GuestTransport:
-    __slots__ = ("guest", "_lock", "_goodbye", "_push")
+    __slots__ = ("guest", "_lock", "_goodbye", "_push", "before_call")
 
     def __init__(self, guest) -> None:
         self.guest = guest
@@ -138,6 +138,9 @@ class _GuestTransport:
         # (bound once: the answer path is the worker's hot path)
         self._goodbye = functools.partial(_atomics.load_u32, guest.segment.buf, L.H_HOST_GOODBYE)
         self._push = guest.push_deferred
+        # Before a handler runs: what was answered unannounced gets its
+        # timer (spec: shm.wakeup.guest-announce).
+        self.before_call = guest.announcer.busy
 
     def send(self, desc, timeout=None) -> bool:
         with self._lock:

@@ -50,6 +50,7 @@ class IncomingCalls:
         self._routed: collections.deque = collections.deque()  # inline requests, routed not run
         # A guest's transport pushes answers with their announcement deferred.
         self._push_answer = getattr(conn.transport, "push_answer", None)
+        self._before_call = getattr(conn.transport, "before_call", None)
 
     def __len__(self) -> int:
         """How many calls are queued or running here."""
@@ -95,6 +96,8 @@ class IncomingCalls:
                 if handler is None:
                     raise NoSuchMethodError(f"peer {self._conn.me} has no handler for "
                                             f"{self.methods.name(ctx.method_id)}")
+                if self._before_call is not None:
+                    self._before_call()  # (a guest: see `_GuestTransport.before_call`)
                 result = handler(ctx, payload)
                 if isinstance(result, Received):
                     result = result.tobytes()

@@ -1,8 +1,9 @@
 """The guest's announcer (shmpool._guestloop, shm.wakeup.guest-announce) on
 a real buffer and a real doorbell socketpair: an answer deferred while the
-host sleeps is rung for by the timer thread; one deferred while the host
-is awake (or polls the ring) is not; flush rings at once; bad arguments
-are errors."""
+host sleeps is rung for by the timer thread once the guest says it is
+busy (or at once, if already due); one deferred while the host is awake
+(or polls the ring) is not; flush rings at once; bad arguments are
+errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import mmap
 import select
 import socket
 import struct
+import time
 
 import pytest
 
@@ -52,11 +54,26 @@ def test_a_deferred_answer_is_rung_for_by_the_timer_only_while_the_host_sleeps(b
     assert not a.pending
     struct.pack_into("I", buf, POLLING, 0)
     a.defer()
-    a.defer()  # (the second rides on the first's timer)
+    a.defer()  # (the second rides on the first)
+    assert a.pending and a.statistics()["armed"] == 0  # no timer until the guest gets busy
+    a.busy()
+    a.busy()  # (armed already)
     wait_for(lambda: select.select([host], [], [], 0)[0], "the timer rang the doorbell", 30)
     assert rung(host) == 1 and not a.pending
     s = a.statistics()
     assert s["deferred"] == 4 and s["armed"] == 1 and s["timer_rings"] == 1 and s["rings"] == 1
+
+
+@pytest.mark.spec("shm.wakeup.guest-announce")
+def test_busy_rings_at_once_for_an_answer_already_past_the_bound(bell):
+    buf, host, a = bell
+    struct.pack_into("I", buf, SLEEPING, 1)
+    a.defer()
+    time.sleep(0.002)  # (longer than the 100 us bound)
+    a.busy()
+    assert not a.pending and rung(host) == 1
+    s = a.statistics()
+    assert s["rings"] == 1 and s["timer_rings"] == 0 and s["armed"] == 0
 
 
 @pytest.mark.spec("shm.wakeup.guest-announce")
