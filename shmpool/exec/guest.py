@@ -29,7 +29,9 @@ requests routed meanwhile wait (`Connection.hold_requests`).
 `run_batch` carries several small tasks (pickled calls, no out-of-band
 buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
 is answered as soon as it is done (the ids the host expects, the last one
-as the call's own answer). Handlers run on the main thread, one task at a
+as the call's own answer): pushed at once, the doorbell rung for the
+answers once, as the worker goes to wait or within the announcer's bound
+(spec: shm.wakeup.guest-announce). Handlers run on the main thread, one task at a
 time, in the order they were queued.
 
 Invariants: an exception raised by the task, or by unpickling its
@@ -211,7 +213,7 @@ class GuestProgram:
         # (bound once: this loop is the worker's hot path)
         respond, buf, word, slots = self.respond, self.buf, self.word, self.session.slots
         call, chunk_above, max_tasks = self._call, self.chunk_above, self.max_tasks
-        busy = self.guest.announcer.busy
+        busy, fp = self.guest.announcer.busy, failpoints.ACTIVE  # (a dict, changed in place)
         for tag, stream in parts:
             if self.fatal is not None:
                 ctx.answer(tag, error=TaskNotRun())
@@ -219,7 +221,7 @@ class GuestProgram:
             busy()  # (the answers before this task get their timer. spec: shm.wakeup.guest-announce)
             store_u32(buf, word, tag)  # spec: exec.guest-word
             try:
-                if failpoints.ACTIVE:
+                if fp:
                     failpoints.hit(FP_DEQUEUED)
                 try:
                     try:
@@ -234,7 +236,7 @@ class GuestProgram:
                     bufs = None
                     if type(out) is Chunked:
                         out = self._send_chunked(out)
-                    if failpoints.ACTIVE:
+                    if fp:
                         failpoints.hit(FP_RESULT_SLOT)
                 finally:
                     self.done += 1
@@ -249,7 +251,7 @@ class GuestProgram:
             else:
                 respond(tag, 0, out)  # pushed now, announced lazily (spec: shm.wakeup.guest-announce)
             out = None
-            if failpoints.ACTIVE:
+            if fp:
                 failpoints.hit(FP_BATCH_TASK)
         return BATCH_TIME.pack(perf_counter() - t0)
 

@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -47,6 +48,7 @@ from ..shm import layout as L
 from ..shm.doorbell import Doorbell
 from ..shm.ring import Descriptor, open_rings
 from ..shm.segment import Segment
+from ..shm.wait import default_spin
 from .peer import GOODBYE_POLL, PeerEntry, PeerState
 from .spawn import GuestExit, SpawnArgs
 
@@ -55,6 +57,10 @@ PR_SET_PDEATHSIG = 1
 # unannounced (spec: shm.wakeup.guest-announce): long enough to cover a
 # batch of tiny tasks (a few us each), short next to a host's wake-up.
 ANNOUNCE_BOUND = 100e-6
+# The spin of a guest waiting for a message, in C without the GIL: adaptive
+# between these (spec: shm.wakeup.spin); SHMPOOL_SPIN=0 turns it off.
+SPIN_START_NS, SPIN_MIN_NS, SPIN_MAX_NS = 20_000, 1_000, 200_000
+spin_u32 = _atomics.spin_u32
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -99,7 +105,11 @@ class ShmGuest:
         self.epoch = entry.bump_epoch()
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
-        self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait)
+        spin = default_spin()
+        self._spin_ns = SPIN_START_NS if spin else 0  # (the receive wait's spin, adaptive)
+        self._buf = segment.buf
+        self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait,
+                                        spin=0 if spin else None)
         self.announcer = _guestloop.Announcer(
             segment.buf, L.H_HOST_SLEEPING, entry.off + L.P_HOST_POLLING,
             -1 if doorbell is None else doorbell.fileno(), int(ANNOUNCE_BOUND * 1e9))
@@ -108,6 +118,8 @@ class ShmGuest:
         self._announce = self.announcer.announce
         self._defer = self.announcer.defer
         self._try_push = self._tx.try_push
+        self._goodbye = functools.partial(_atomics.load_u32, segment.buf, L.H_HOST_GOODBYE)
+        self.send_lock = threading.Lock()  # the g2h ring has one producer
         self._flush = self.announcer.flush
         self._closed = False
         self._stop = threading.Event()
@@ -230,12 +242,16 @@ class ShmGuest:
         room now, its announcement deferred: the next `send`, `flush` or
         wait announces it, or the announcer's timer (started by
         `announcer.busy()`) within `ANNOUNCE_BOUND`. False if the ring is
-        full (then `send` it).
-        spec: shm.wakeup.guest-announce"""
-        if self._try_push(desc):
-            self._defer()
-            return True
-        return False
+        full (then `send` it); raises `PeerDeadError` if the host is
+        leaving. Takes `send_lock` (callers that send from several threads
+        hold it around `send`). spec: shm.wakeup.guest-announce"""
+        with self.send_lock:
+            if self._goodbye():  # (`host_leaving`, bound)
+                raise PeerDeadError("the host is leaving (host_goodbye set)")
+            if self._try_push(desc):
+                self._defer()
+                return True
+            return False
 
     def flush(self) -> None:
         """Announce what `push_deferred` left unannounced, if anything.
@@ -255,16 +271,37 @@ class ShmGuest:
         if d is not None:
             return d
         self._flush()  # never wait with an answer unannounced
+        spun = 0
+        if self._spin_ns and (timeout is None or timeout > 0):
+            # spec: shm.wakeup.spin -- in C, a bounded time (the ring's own
+            # spin is off: it would spin again, in Python).
+            spun = time.perf_counter_ns()
+            if spin_u32(self._buf, rx.head_off, rx.tail, self._spin_ns):
+                d = rx.try_pop()
+                if d is not None:
+                    return d
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
             d = rx.pop(timeout=max(0.0, remaining))
             if d is not None:
+                if spun:
+                    self._resize_spin(time.perf_counter_ns() - spun)
                 return d
             if self.host_leaving or (deadline is not None and time.monotonic() >= deadline):
                 return None
             if self.doorbell is None and not self.host_alive():
                 raise PeerDeadError(f"host pid {self.host_pid} is gone")
+
+    def _resize_spin(self, waited_ns: int) -> None:
+        """A spin missed and the message came `waited_ns` after it began:
+        spin twice that long next time if the cap allows (both ends of a
+        ping-pong then settle into spinning), else half as long.
+        spec: shm.wakeup.spin"""
+        if 2 * waited_ns <= SPIN_MAX_NS:
+            self._spin_ns = max(self._spin_ns, 2 * waited_ns)
+        else:
+            self._spin_ns = max(SPIN_MIN_NS, self._spin_ns // 2)
 
     def receive_batch(self, max_n: int = 64, timeout: float | None = None) -> list[Descriptor]:
         """Up to `max_n` descriptors, waiting up to `timeout` for the first."""

@@ -9,7 +9,9 @@ connection.
 Data flow: host: driver thread -> message handler -> `Connection.feed`;
 peer-lost hook -> `Connection.broken(PeerDeadError)`. Guest:
 `Connection.wait_until` / `serve_forever` -> `ShmGuest.receive_batch` ->
-`feed`.
+`feed`. A guest's Responses go through its transport's `push_answer`
+(the guest's `push_deferred`: pushed now, announced lazily) and
+`before_call` runs before each handler (spec: shm.wakeup.guest-announce).
 
 Invariants: a connection lives as long as one guest incarnation; a
 replacement guest in the same entry gets a new connection (request ids
@@ -18,13 +20,11 @@ and channels start over). spec: shm.id.request-scope
 
 from __future__ import annotations
 
-import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import _atomics, _threads
+from .. import _threads
 from ..errors import PeerDeadError
-from ..shm import layout as L
 from ..shm.varslot import SlotPool
 from .connection import Connection
 from .methods import MethodTable
@@ -130,16 +130,15 @@ class HostSession:
 
 
 class _GuestTransport:
-    __slots__ = ("guest", "_lock", "_goodbye", "_push", "before_call")
+    __slots__ = ("guest", "_lock", "push_answer", "before_call")
 
     def __init__(self, guest) -> None:
         self.guest = guest
-        self._lock = threading.Lock()  # the g2h ring has one producer
-        # (bound once: the answer path is the worker's hot path)
-        self._goodbye = functools.partial(_atomics.load_u32, guest.segment.buf, L.H_HOST_GOODBYE)
-        self._push = guest.push_deferred
-        # Before a handler runs: what was answered unannounced gets its
-        # timer (spec: shm.wakeup.guest-announce).
+        self._lock = guest.send_lock  # the g2h ring has one producer
+        # A Response pushed now, its announcement deferred (False: the ring
+        # is full, `send` it); and, before a handler runs, the timer for
+        # what was answered unannounced. spec: shm.wakeup.guest-announce
+        self.push_answer = guest.push_deferred
         self.before_call = guest.announcer.busy
 
     def send(self, desc, timeout=None) -> bool:
@@ -150,15 +149,6 @@ class _GuestTransport:
 
     def try_send(self, desc) -> bool:
         return self.send(desc, 0)
-
-    def push_answer(self, desc) -> bool:
-        """Push a Response now, its announcement deferred (the guest's
-        `push_deferred`); False if the ring is full (then `send` it).
-        spec: shm.wakeup.guest-announce"""
-        with self._lock:
-            if self._goodbye():  # (the guest's host_leaving)
-                raise PeerDeadError("the host is leaving (host_goodbye set)")
-            return self._push(desc)
 
 
 class GuestSession:

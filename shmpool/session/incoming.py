@@ -13,7 +13,11 @@ batch is routed (a handler that waits for channel data must not wait for
 messages of its own batch), unless the connection's `hold_requests` says a
 handler is pumping meanwhile (then the outer `feed` runs it). A Cancel
 flags the running call (`on_cancel`); the connection's end flags them all
-(`cancel_all`). `execute` -> handler -> `respond` -> Response.
+(`cancel_all`). `execute` -> handler -> `respond` -> Response. On a
+guest (its transport has `push_answer` and `before_call`) a Response is
+pushed into the ring at once with its announcement deferred (a small one
+as a plain tuple of the descriptor's fields), and `before_call` runs
+before each handler: spec: shm.wakeup.guest-announce.
 
 What it uses of the `Connection` (given at construction): `peer`, `me`,
 `slots`, `publish`, `closed`, `stats`, `hold_requests`, and the connection
@@ -51,6 +55,7 @@ class IncomingCalls:
         # A guest's transport pushes answers with their announcement deferred.
         self._push_answer = getattr(conn.transport, "push_answer", None)
         self._before_call = getattr(conn.transport, "before_call", None)
+        self._ended = False  # (the connection's end, as `cancel_all` learns it: read per answer)
 
     def __len__(self) -> int:
         """How many calls are queued or running here."""
@@ -75,6 +80,7 @@ class IncomingCalls:
     def cancel_all(self) -> None:
         """The connection ended: every call queued or running here is
         cancelled (its handler may see it; its answer goes nowhere)."""
+        self._ended = True
         for ctx in self._running.values():
             ctx.cancel_flag = True
 
@@ -128,7 +134,7 @@ class IncomingCalls:
 
     def respond(self, rid: int, flags: int, data) -> None:
         conn = self._conn
-        if conn.closed:
+        if self._ended:
             return  # the caller is gone or will never read it
         push = self._push_answer
         try:
