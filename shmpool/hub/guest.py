@@ -58,7 +58,7 @@ PR_SET_PDEATHSIG = 1
 # batch of tiny tasks (a few us each), short next to a host's wake-up.
 ANNOUNCE_BOUND = 100e-6
 # The spin of a guest waiting for a message, in C without the GIL: adaptive
-# between these (spec: shm.wakeup.spin); SHMPOOL_SPIN=0 turns it off.
+# between these (spec: shm.wakeup.guest-spin); SHMPOOL_SPIN=0 turns it off.
 SPIN_START_NS, SPIN_MIN_NS, SPIN_MAX_NS = 20_000, 1_000, 200_000
 spin_u32 = _atomics.spin_u32
 
@@ -107,6 +107,7 @@ class ShmGuest:
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
         spin = default_spin()
         self._spin_ns = SPIN_START_NS if spin else 0  # (the receive wait's spin, adaptive)
+        self.spins = self.spin_hits = 0
         self._buf = segment.buf
         self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait,
                                         spin=0 if spin else None)
@@ -253,6 +254,14 @@ class ShmGuest:
                 return True
             return False
 
+    def flush_if_idle(self) -> None:
+        """`flush`, if no message waits in the host->guest ring (the guest
+        would go to wait next: ring now, not after the way there).
+        spec: shm.wakeup.guest-announce"""
+        rx = self._rx
+        if self.announcer.pending and _atomics.load_u32(self._buf, rx.head_off) == rx.tail:
+            self._flush()
+
     def flush(self) -> None:
         """Announce what `push_deferred` left unannounced, if anything.
         spec: shm.wakeup.guest-announce"""
@@ -273,12 +282,14 @@ class ShmGuest:
         self._flush()  # never wait with an answer unannounced
         spun = 0
         if self._spin_ns and (timeout is None or timeout > 0):
-            # spec: shm.wakeup.spin -- in C, a bounded time (the ring's own
-            # spin is off: it would spin again, in Python).
+            # spec: shm.wakeup.guest-spin -- in C, a bounded time (the ring's
+            # own spin is off: it would spin again, in Python).
             spun = time.perf_counter_ns()
+            self.spins += 1
             if spin_u32(self._buf, rx.head_off, rx.tail, self._spin_ns):
                 d = rx.try_pop()
                 if d is not None:
+                    self.spin_hits += 1
                     return d
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -297,7 +308,7 @@ class ShmGuest:
         """A spin missed and the message came `waited_ns` after it began:
         spin twice that long next time if the cap allows (both ends of a
         ping-pong then settle into spinning), else half as long.
-        spec: shm.wakeup.spin"""
+        spec: shm.wakeup.guest-spin"""
         if 2 * waited_ns <= SPIN_MAX_NS:
             self._spin_ns = max(self._spin_ns, 2 * waited_ns)
         else:
@@ -355,6 +366,7 @@ class ShmGuest:
             "g2h": self._tx.statistics(), "h2g": self._rx.statistics(),
             "doorbell": self.doorbell.statistics() if self.doorbell is not None else None,
             "announcer": self.announcer.statistics(),
+            "receive_spin": {"ns": self._spin_ns, "spins": self.spins, "hits": self.spin_hits},
         }
 
     def __repr__(self) -> str:

@@ -130,7 +130,7 @@ class HostSession:
 
 
 class _GuestTransport:
-    __slots__ = ("guest", "_lock", "push_answer", "before_call")
+    __slots__ = ("guest", "_lock", "push_answer", "before_call", "after_call")
 
     def __init__(self, guest) -> None:
         self.guest = guest
@@ -140,6 +140,7 @@ class _GuestTransport:
         # what was answered unannounced. spec: shm.wakeup.guest-announce
         self.push_answer = guest.push_deferred
         self.before_call = guest.announcer.busy
+        self.after_call = guest.flush_if_idle  # (nothing else to run: ring now)
 
     def send(self, desc, timeout=None) -> bool:
         with self._lock:

@@ -16,8 +16,9 @@ flags the running call (`on_cancel`); the connection's end flags them all
 (`cancel_all`). `execute` -> handler -> `respond` -> Response. On a
 guest (its transport has `push_answer` and `before_call`) a Response is
 pushed into the ring at once with its announcement deferred (a small one
-as a plain tuple of the descriptor's fields), and `before_call` runs
-before each handler: spec: shm.wakeup.guest-announce.
+as a plain tuple of the descriptor's fields), `before_call` runs before
+each handler and `after_call` after a call's Response when nothing else
+is routed: spec: shm.wakeup.guest-announce.
 
 What it uses of the `Connection` (given at construction): `peer`, `me`,
 `slots`, `publish`, `closed`, `stats`, `hold_requests`, and the connection
@@ -55,6 +56,7 @@ class IncomingCalls:
         # A guest's transport pushes answers with their announcement deferred.
         self._push_answer = getattr(conn.transport, "push_answer", None)
         self._before_call = getattr(conn.transport, "before_call", None)
+        self._after_call = getattr(conn.transport, "after_call", None)
         self._ended = False  # (the connection's end, as `cancel_all` learns it: read per answer)
 
     def __len__(self) -> int:
@@ -115,6 +117,8 @@ class IncomingCalls:
         try:
             # The result may be a view of the request's payload: answer first.
             self.respond(ctx.request_id, flags, data)
+            if self._after_call is not None and not self._routed:
+                self._after_call()  # (a guest with nothing queued rings now for what it answered)
             if failpoints.ACTIVE:
                 failpoints.hit(FP_RESPONDED)
         finally:

@@ -11,7 +11,7 @@ import pytest
 
 from shmpool import ShmExecutor
 
-from harness.announce_tasks import announcer_stats
+from harness.announce_tasks import announcer_stats, receive_spin
 from harness.tasks import ident, sleep_return, wait_gate
 
 
@@ -75,3 +75,20 @@ def test_a_batch_of_answers_rings_the_sleeping_host_once_not_once_each(tmp_path)
     # answer: never once per answer. (The timer's rings depend on how
     # fast the tasks run; each covers every answer before it.)
     assert main_rings <= 4, (s0, s1)
+
+
+@pytest.mark.spec("shm.wakeup.guest-spin")
+def test_a_waiting_worker_spins_within_its_bounds_and_not_at_all_with_spin_off(monkeypatch):
+    from shmpool.hub.guest import SPIN_MAX_NS, SPIN_MIN_NS
+
+    with ShmExecutor(1) as e:
+        for i in range(50):  # idle round trips: the worker waits for each request
+            assert e.submit(ident, i).result(60) == i
+        s = e.submit(receive_spin).result(60)
+    assert s["spins"] > 0 and SPIN_MIN_NS <= s["ns"] <= SPIN_MAX_NS
+    monkeypatch.setenv("SHMPOOL_SPIN", "0")
+    with ShmExecutor(1) as e:
+        for i in range(10):
+            assert e.submit(ident, i).result(60) == i
+        s = e.submit(receive_spin).result(60)
+    assert s == {"ns": 0, "spins": 0, "hits": 0}

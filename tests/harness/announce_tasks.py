@@ -10,3 +10,10 @@ def announcer_stats(_=None) -> dict:
     from shmpool.exec import guest
 
     return guest.current.guest.statistics()["announcer"]
+
+
+def receive_spin(_=None) -> dict:
+    """The receive-spin statistics of the worker that runs this task."""
+    from shmpool.exec import guest
+
+    return guest.current.guest.statistics()["receive_spin"]
