@@ -29,7 +29,9 @@ requests routed meanwhile wait (`Connection.hold_requests`).
 `run_batch` carries several small tasks (pickled calls, no out-of-band
 buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
 is answered as soon as it is done (the ids the host expects, the last one
-as the call's own answer). Handlers run on the main thread, one task at a
+as the call's own answer): pushed at once, the doorbell rung for the
+answers once, as the worker goes to wait or within the announcer's bound
+(spec: shm.wakeup.guest-announce). Handlers run on the main thread, one task at a
 time, in the order they were queued.
 
 Invariants: an exception raised by the task, or by unpickling its
@@ -65,6 +67,15 @@ from .protocol import (
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
 
+store_u32 = _atomics.store_u32
+pickle_dumps = pickle.dumps
+_PLAIN = frozenset({int, float, bool, type(None)})  # results pickled directly (see `_call`)
+_PLAIN_SEQ = frozenset({str, bytes})  # ... when short
+_PLAIN_MAX = 256
+_NO_BUFFERS = ()
+loads = pickle.loads
+perf_counter = time.perf_counter
+
 FP_START = failpoints.declare("worker.start", "process started, not attached yet")
 FP_DEQUEUED = failpoints.declare("worker.after-dequeue", "task taken off the ring, nothing unpickled")
 FP_UNPICKLED = failpoints.declare("worker.after-unpickle", "arguments unpickled, function not called")
@@ -76,6 +87,7 @@ FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answ
 
 
 _in_task = False  # a task's function is running on the main thread
+current: "GuestProgram | None" = None  # this worker's program (for its statistics)
 
 
 def _on_sigint(signum, frame) -> None:
@@ -103,6 +115,7 @@ class GuestProgram:
         self.abandoned: set[int] = set()  # transfers whose wait was interrupted (dropped when they come)
         self.chunk_above = chunk_threshold(guest.segment.config)
         self.done = 0
+        self.respond = self.conn.incoming_calls.respond  # (rid, flags, payload): one answer
         self.max_tasks: int | None = None
         self.exit_code: int | None = None
         self.fatal: BaseException | None = None
@@ -198,41 +211,51 @@ class GuestProgram:
         spec: exec.batch"""
         parts, pin = read(payload.retain())
         pin.release()
-        t0 = time.perf_counter()
+        t0 = perf_counter()
+        # (bound once: this loop is the worker's hot path)
+        respond, buf, word, slots = self.respond, self.buf, self.word, self.session.slots
+        call, chunk_above, max_tasks = self._call, self.chunk_above, self.max_tasks
+        busy, fp = self.guest.announcer.busy, failpoints.ACTIVE  # (a dict, changed in place)
         for tag, stream in parts:
             if self.fatal is not None:
                 ctx.answer(tag, error=TaskNotRun())
                 continue
+            busy()  # (the answers before this task get their timer. spec: shm.wakeup.guest-announce)
+            store_u32(buf, word, tag)  # spec: exec.guest-word
             try:
-                out = self._run_small(tag, stream)
+                if fp:
+                    failpoints.hit(FP_DEQUEUED)
+                try:
+                    try:
+                        task = loads(stream)
+                    except Exception as e:
+                        raise _unpickling_error(e) from e
+                    except BaseException:
+                        os._exit(1)  # (as in `run`)
+                    out, bufs = call(*task)
+                    task = None
+                    out = write(slots, out, bufs, timeout=0, chunk_above=chunk_above)
+                    bufs = None
+                    if type(out) is Chunked:
+                        out = self._send_chunked(out)
+                    if fp:
+                        failpoints.hit(FP_RESULT_SLOT)
+                finally:
+                    self.done += 1
+                    if max_tasks is not None and self.done >= max_tasks:
+                        self.exit_code = 0  # leave in order after this batch
+                    store_u32(buf, word, 0)
             except Exception as e:  # noqa: BLE001 - the task's error, as the session sends it
                 ctx.answer(tag, error=e)
             except BaseException as e:  # noqa: BLE001
                 ctx.answer(tag, error=e)
                 self.fatal = e
             else:
-                ctx.answer(tag, out)
+                respond(tag, 0, out)  # pushed now, announced lazily (spec: shm.wakeup.guest-announce)
             out = None
-            if failpoints.ACTIVE:
+            if fp:
                 failpoints.hit(FP_BATCH_TASK)
-        return BATCH_TIME.pack(time.perf_counter() - t0)
-
-    def _run_small(self, rid: int, stream: bytes):
-        """One task of a batch (no out-of-band buffers): its result's payload."""
-        _atomics.store_u32(self.buf, self.word, rid)
-        if failpoints.ACTIVE:
-            failpoints.hit(FP_DEQUEUED)
-        try:
-            try:
-                task = pickle.loads(stream)
-            except Exception as e:
-                raise _unpickling_error(e) from e
-            except BaseException:
-                os._exit(1)  # (as in `run`)
-            return self._result_payload(task)
-        finally:
-            self.done += 1
-            self._after_task()
+        return BATCH_TIME.pack(perf_counter() - t0)
 
     def _result_payload(self, task):
         """Run `task` (its function, kind, arguments) and write the result
@@ -323,10 +346,15 @@ class GuestProgram:
         finally:
             _in_task = False
         del args, kwargs, fn
-        try:
-            out = dumps(result)
-        except Exception as e:
-            raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
+        if type(result) in _PLAIN or (type(result) in _PLAIN_SEQ and len(result) <= _PLAIN_MAX):
+            # (what the C pickler writes for these is what `dumps` writes,
+            # with no out-of-band buffers: skip its machinery)
+            out = pickle_dumps(result, 5), _NO_BUFFERS
+        else:
+            try:
+                out = dumps(result)
+            except Exception as e:
+                raise ResultEncodingError(repr(e), _short_repr(result), _picklable(e)) from e
         if failpoints.ACTIVE:
             failpoints.hit(FP_PICKLED)
         return out
@@ -423,8 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     err_fd = _stderr_fd(argv)
 
     def serve(guest) -> int:
+        global current
         _restore_stderr(err_fd)
-        return GuestProgram(guest).serve()
+        current = GuestProgram(guest)
+        return current.serve()
 
     run_guest(serve, argv, prog="shmpool worker")
 

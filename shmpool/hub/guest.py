@@ -11,9 +11,17 @@ Data flow (attach with a ticket):
     check the peer id against max_guests -> adopt the doorbell fd ->
     CAS Reserved -> Attached -> epoch + 1 -> heartbeat, pid -> open rings
     (with the doorbell) -> ring the doorbell once ("attached").
-Sending: push into g2h, then read the host-sleeping word with an atomic
-RMW and ring the doorbell only if the host sleeps. Leaving: stop the
-heartbeat, CAS Attached -> Goodbye, close the doorbell and the segment.
+Sending: push into g2h, then announce it: read the host-sleeping word
+with an atomic RMW and ring the doorbell only if the host sleeps
+(`send`). An answer may be pushed with its announcement deferred
+(`push_deferred`): it is announced when the guest next sends anything
+else or is about to wait for a message; before the guest runs anything
+next (a handler, a batch's task) it calls `announcer.busy()`, which starts
+the announcer's timer thread (`shmpool._guestloop`, no GIL): that rings at
+the latest `ANNOUNCE_BOUND` after the oldest deferred push if the main
+thread is still busy then.
+spec: shm.wakeup.guest-announce. Leaving: stop the heartbeat and the
+announcer, CAS Attached -> Goodbye, close the doorbell and the segment.
 
 Invariants:
 - A failed attach changes no shared state except through the one CAS
@@ -26,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -33,17 +42,25 @@ import threading
 import time
 from typing import Callable, NoReturn, Sequence
 
-from .. import _atomics, _threads, procinfo
+from .. import _atomics, _guestloop, _threads, procinfo
 from ..errors import AttachError, DoorbellError, PeerDeadError, SegmentError, SpawnArgsError
 from ..shm import layout as L
 from ..shm.doorbell import Doorbell
 from ..shm.ring import Descriptor, open_rings
 from ..shm.segment import Segment
+from ..shm.wait import default_spin
 from .peer import GOODBYE_POLL, PeerEntry, PeerState
 from .spawn import GuestExit, SpawnArgs
 
-fetch_or_u32 = _atomics.fetch_or_u32
 PR_SET_PDEATHSIG = 1
+# The longest an answer published with its announcement deferred stays
+# unannounced (spec: shm.wakeup.guest-announce): long enough to cover a
+# batch of tiny tasks (a few us each), short next to a host's wake-up.
+ANNOUNCE_BOUND = 100e-6
+# The spin of a guest waiting for a message, in C without the GIL: adaptive
+# between these (spec: shm.wakeup.guest-spin); SHMPOOL_SPIN=0 turns it off.
+SPIN_START_NS, SPIN_MIN_NS, SPIN_MAX_NS = 20_000, 1_000, 200_000
+spin_u32 = _atomics.spin_u32
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -85,12 +102,26 @@ class ShmGuest:
         self.doorbell = doorbell
         self.host_pid = segment.host_pid
         self._host_start = _atomics.load_u64(segment.buf, L.H_HOST_START)
-        self._polling_off = entry.off + L.P_HOST_POLLING
-        self._buf = segment.buf
         self.epoch = entry.bump_epoch()
         entry.beat(time.monotonic_ns())
         entry.set_pid(os.getpid())  # release: after the epoch (see peer.py)
-        self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait)
+        spin = default_spin()
+        self._spin_ns = SPIN_START_NS if spin else 0  # (the receive wait's spin, adaptive)
+        self.spins = self.spin_hits = 0
+        self._buf = segment.buf
+        self._tx, self._rx = open_rings(segment, self.peer_id, "guest", doorbell=doorbell, wait=wait,
+                                        spin=0 if spin else None)
+        self.announcer = _guestloop.Announcer(
+            segment.buf, L.H_HOST_SLEEPING, entry.off + L.P_HOST_POLLING,
+            -1 if doorbell is None else doorbell.fileno(), int(ANNOUNCE_BOUND * 1e9))
+        # (public: the layers above bind `announcer.busy`, called before
+        # the main thread runs anything of unbounded length)
+        self._announce = self.announcer.announce
+        self._defer = self.announcer.defer
+        self._try_push = self._tx.try_push
+        self._goodbye = functools.partial(_atomics.load_u32, segment.buf, L.H_HOST_GOODBYE)
+        self.send_lock = threading.Lock()  # the g2h ring has one producer
+        self._flush = self.announcer.flush
         self._closed = False
         self._stop = threading.Event()
         self._beater = None
@@ -187,13 +218,15 @@ class ShmGuest:
 
     def send(self, desc: Descriptor, timeout: float | None = None) -> bool:
         """Push `desc` into the guest->host ring, waiting up to `timeout`
-        for room; then wake the host's driver if it announced sleep.
-        Returns False on timeout or when the host is leaving; raises
-        `PeerDeadError` if the host died."""
+        for room; then announce it (and every deferred push before it):
+        wake the host's driver if it announced sleep. Returns False on
+        timeout or when the host is leaving; raises `PeerDeadError` if the
+        host died."""
         tx = self._tx
         if tx.try_push(desc):  # the usual case: room at once
             self._announce()
             return True
+        self._flush()  # the host must drain what is there to make room
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
@@ -205,14 +238,38 @@ class ShmGuest:
             if self.doorbell is None and not self.host_alive():
                 raise PeerDeadError(f"host pid {self.host_pid} is gone")
 
-    def _announce(self) -> None:
-        # spec: shm.wakeup.sleeping-word -- RMWs, ordered after our head store.
-        # A host thread that polls our ring itself needs no doorbell.
-        # spec: shm.wakeup.host-polling
-        buf = self._buf
-        if (fetch_or_u32(buf, L.H_HOST_SLEEPING, 0) and self.doorbell is not None
-                and not fetch_or_u32(buf, self._polling_off, 0)):
-            self.doorbell.signal()
+    def push_deferred(self, desc) -> bool:
+        """Push an answer (any 9-sequence of descriptor fields) if there is
+        room now, its announcement deferred: the next `send`, `flush` or
+        wait announces it, or the announcer's timer (started by
+        `announcer.busy()`) within `ANNOUNCE_BOUND`. False if the ring is
+        full (then `send` it); raises `PeerDeadError` if the host is
+        leaving. Takes `send_lock` (callers that send from several threads
+        hold it around `send`). spec: shm.wakeup.guest-announce"""
+        with self.send_lock:
+            if self._goodbye():  # (`host_leaving`, bound)
+                raise PeerDeadError("the host is leaving (host_goodbye set)")
+            if self._try_push(desc):
+                self._defer()
+                return True
+            return False
+
+    def flush_if_idle(self) -> None:
+        """`flush`, if no message waits in the host->guest ring (the guest
+        would go to wait next: ring now, not after the way there).
+        spec: shm.wakeup.guest-announce"""
+        rx = self._rx
+        if self.announcer.pending and _atomics.load_u32(self._buf, rx.head_off) == rx.tail:
+            self._flush()
+
+    def flush(self) -> None:
+        """Announce what `push_deferred` left unannounced, if anything.
+        spec: shm.wakeup.guest-announce"""
+        self._flush()
+
+    # (`_announce`, bound in __init__: the announcer's announce(); the
+    # sleeping word and the host-polling flag are read with RMWs after our
+    # head store. spec: shm.wakeup.sleeping-word spec: shm.wakeup.host-polling)
 
     def receive(self, timeout: float | None = None) -> Descriptor | None:
         """Pop the next host->guest descriptor, waiting up to `timeout`.
@@ -222,21 +279,47 @@ class ShmGuest:
         d = rx.try_pop()
         if d is not None:
             return d
+        self._flush()  # never wait with an answer unannounced
+        spun = 0
+        if self._spin_ns and (timeout is None or timeout > 0):
+            # spec: shm.wakeup.guest-spin -- in C, a bounded time (the ring's
+            # own spin is off: it would spin again, in Python).
+            spun = time.perf_counter_ns()
+            self.spins += 1
+            if spin_u32(self._buf, rx.head_off, rx.tail, self._spin_ns):
+                d = rx.try_pop()
+                if d is not None:
+                    self.spin_hits += 1
+                    return d
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = GOODBYE_POLL if deadline is None else min(GOODBYE_POLL, deadline - time.monotonic())
             d = rx.pop(timeout=max(0.0, remaining))
             if d is not None:
+                if spun:
+                    self._resize_spin(time.perf_counter_ns() - spun)
                 return d
             if self.host_leaving or (deadline is not None and time.monotonic() >= deadline):
                 return None
             if self.doorbell is None and not self.host_alive():
                 raise PeerDeadError(f"host pid {self.host_pid} is gone")
 
+    def _resize_spin(self, waited_ns: int) -> None:
+        """A spin missed and the message came `waited_ns` after it began:
+        spin twice that long next time if the cap allows (both ends of a
+        ping-pong then settle into spinning), else half as long.
+        spec: shm.wakeup.guest-spin"""
+        if 2 * waited_ns <= SPIN_MAX_NS:
+            self._spin_ns = max(self._spin_ns, 2 * waited_ns)
+        else:
+            self._spin_ns = max(SPIN_MIN_NS, self._spin_ns // 2)
+
     def receive_batch(self, max_n: int = 64, timeout: float | None = None) -> list[Descriptor]:
         """Up to `max_n` descriptors, waiting up to `timeout` for the first."""
         batch = self._rx.pop_batch(max_n)
         if batch:
+            return batch
+        if timeout is not None and timeout <= 0:
             return batch
         first = self.receive(timeout)
         if first is None:
@@ -256,6 +339,10 @@ class ShmGuest:
         self._stop.set()
         if self._beater is not None:
             self._beater.join()
+        try:
+            self._flush()  # (what it answered last reaches a sleeping host now)
+        finally:
+            self.announcer.close()  # before the doorbell and the mapping it uses
         if goodbye and self._entry.epoch == self.epoch:  # still our incarnation
             # spec: shm.goodbye.guest -- state first, then the hang-up.
             self._entry.cas_state(PeerState.ATTACHED, PeerState.GOODBYE)
@@ -278,6 +365,8 @@ class ShmGuest:
             "peer_id": self.peer_id, "epoch": self.epoch,
             "g2h": self._tx.statistics(), "h2g": self._rx.statistics(),
             "doorbell": self.doorbell.statistics() if self.doorbell is not None else None,
+            "announcer": self.announcer.statistics(),
+            "receive_spin": {"ns": self._spin_ns, "spins": self.spins, "hits": self.spin_hits},
         }
 
     def __repr__(self) -> str:

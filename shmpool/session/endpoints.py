@@ -9,7 +9,9 @@ connection.
 Data flow: host: driver thread -> message handler -> `Connection.feed`;
 peer-lost hook -> `Connection.broken(PeerDeadError)`. Guest:
 `Connection.wait_until` / `serve_forever` -> `ShmGuest.receive_batch` ->
-`feed`.
+`feed`. A guest's Responses go through its transport's `push_answer`
+(the guest's `push_deferred`: pushed now, announced lazily) and
+`before_call` runs before each handler (spec: shm.wakeup.guest-announce).
 
 Invariants: a connection lives as long as one guest incarnation; a
 replacement guest in the same entry gets a new connection (request ids
@@ -128,11 +130,17 @@ class HostSession:
 
 
 class _GuestTransport:
-    __slots__ = ("guest", "_lock")
+    __slots__ = ("guest", "_lock", "push_answer", "before_call", "after_call")
 
     def __init__(self, guest) -> None:
         self.guest = guest
-        self._lock = threading.Lock()  # the g2h ring has one producer
+        self._lock = guest.send_lock  # the g2h ring has one producer
+        # A Response pushed now, its announcement deferred (False: the ring
+        # is full, `send` it); and, before a handler runs, the timer for
+        # what was answered unannounced. spec: shm.wakeup.guest-announce
+        self.push_answer = guest.push_deferred
+        self.before_call = guest.announcer.busy
+        self.after_call = guest.flush_if_idle  # (nothing else to run: ring now)
 
     def send(self, desc, timeout=None) -> bool:
         with self._lock:

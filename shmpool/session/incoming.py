@@ -13,7 +13,12 @@ batch is routed (a handler that waits for channel data must not wait for
 messages of its own batch), unless the connection's `hold_requests` says a
 handler is pumping meanwhile (then the outer `feed` runs it). A Cancel
 flags the running call (`on_cancel`); the connection's end flags them all
-(`cancel_all`). `execute` -> handler -> `respond` -> Response.
+(`cancel_all`). `execute` -> handler -> `respond` -> Response. On a
+guest (its transport has `push_answer` and `before_call`) a Response is
+pushed into the ring at once with its announcement deferred (a small one
+as a plain tuple of the descriptor's fields), `before_call` runs before
+each handler and `after_call` after a call's Response when nothing else
+is routed: spec: shm.wakeup.guest-announce.
 
 What it uses of the `Connection` (given at construction): `peer`, `me`,
 `slots`, `publish`, `closed`, `stats`, `hold_requests`, and the connection
@@ -32,7 +37,8 @@ import collections
 
 from .. import failpoints
 from ..errors import ConnectionClosedError, NoSuchMethodError
-from .messages import F_CANCELLED, F_ERROR, RESPONSE, Received, payload_descriptor
+from ..shm.layout import INLINE_CAPACITY, SLOT_REF_INLINE
+from .messages import F_CANCELLED, F_ERROR, RESPONSE, Received, discard, payload_descriptor
 from .methods import CallContext, MethodTable, encode_error
 
 FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")
@@ -47,6 +53,11 @@ class IncomingCalls:
         self._handlers = handlers  # None: run inline on the feeding thread
         self._running: dict[int, CallContext] = {}
         self._routed: collections.deque = collections.deque()  # inline requests, routed not run
+        # A guest's transport pushes answers with their announcement deferred.
+        self._push_answer = getattr(conn.transport, "push_answer", None)
+        self._before_call = getattr(conn.transport, "before_call", None)
+        self._after_call = getattr(conn.transport, "after_call", None)
+        self._ended = False  # (the connection's end, as `cancel_all` learns it: read per answer)
 
     def __len__(self) -> int:
         """How many calls are queued or running here."""
@@ -71,6 +82,7 @@ class IncomingCalls:
     def cancel_all(self) -> None:
         """The connection ended: every call queued or running here is
         cancelled (its handler may see it; its answer goes nowhere)."""
+        self._ended = True
         for ctx in self._running.values():
             ctx.cancel_flag = True
 
@@ -92,6 +104,8 @@ class IncomingCalls:
                 if handler is None:
                     raise NoSuchMethodError(f"peer {self._conn.me} has no handler for "
                                             f"{self.methods.name(ctx.method_id)}")
+                if self._before_call is not None:
+                    self._before_call()  # (a guest: see `_GuestTransport.before_call`)
                 result = handler(ctx, payload)
                 if isinstance(result, Received):
                     result = result.tobytes()
@@ -103,6 +117,8 @@ class IncomingCalls:
         try:
             # The result may be a view of the request's payload: answer first.
             self.respond(ctx.request_id, flags, data)
+            if self._after_call is not None and not self._routed:
+                self._after_call()  # (a guest with nothing queued rings now for what it answered)
             if failpoints.ACTIVE:
                 failpoints.hit(FP_RESPONDED)
         finally:
@@ -122,11 +138,29 @@ class IncomingCalls:
 
     def respond(self, rid: int, flags: int, data) -> None:
         conn = self._conn
-        if conn.closed:
+        if self._ended:
             return  # the caller is gone or will never read it
+        push = self._push_answer
         try:
-            desc = payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags)
-            conn.publish(desc)
+            if push is None:
+                conn.publish(payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags))
+            else:
+                # A guest pushes its answers at once and announces them
+                # lazily (spec: shm.wakeup.guest-announce); the common small
+                # answer is the descriptor's fields as a plain tuple, which
+                # the ring packs as it is (spec: shm.desc.inline). A full
+                # ring takes the waiting path.
+                if type(data) is bytes and len(data) <= INLINE_CAPACITY:
+                    desc = (RESPONSE, flags, rid, 0, SLOT_REF_INLINE, 0, 0, len(data), data)
+                else:
+                    desc = payload_descriptor(conn.slots, conn.peer, RESPONSE, rid, data, flags=flags)
+                try:
+                    pushed = push(desc)
+                except BaseException:
+                    discard(conn.slots, desc)
+                    raise
+                if not pushed:
+                    conn.publish(desc)
         except ConnectionClosedError:
             pass  # the connection ended while we answered: nobody to tell
         conn.stats["responses"] += 1

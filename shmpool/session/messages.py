@@ -111,10 +111,11 @@ def payload_descriptor(pool, to: int, msg_type: int, id: int, data, *, method: i
 
 
 def discard(pool, desc: Descriptor) -> None:
-    """Drop a descriptor we will never publish: free its slot if it has one."""
-    if not desc.is_inline:
+    """Drop a descriptor we will never publish (a `Descriptor` or any
+    9-sequence of its fields): free its slot if it has one."""
+    if desc[4] != L.SLOT_REF_INLINE:
         try:
-            pool.free(desc.slot_ref, desc.generation)
+            pool.free(desc[4], desc[5])
         except StaleSlotError:
             pass  # reclaimed meanwhile (its receiver died)
 

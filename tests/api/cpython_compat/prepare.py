@@ -118,12 +118,13 @@ def find_python() -> tuple[str | None, str]:
     return None, "; ".join(reasons) or "no python3.13 found (SHMPOOL_PY313, PATH, pyenv)"
 
 
-def extensions() -> list[tuple[str, list[str]]]:
+def extensions() -> list[tuple[str, list[str], list[str]]]:
     """The package's C extensions as pyproject.toml declares them: (module
-    name inside shmpool, source paths relative to the repository)."""
+    name inside shmpool, source paths relative to the repository, its
+    `-std=` flag)."""
     text = (ROOT / "pyproject.toml").read_text()
-    found = [(m.group(1), re.findall(r'"([^"]+\.c)"', m.group(2)))
-             for m in re.finditer(r'name = "shmpool\.(\w+)", sources = \[([^\]]*)\]', text)]
+    found = [(m.group(1), re.findall(r'"([^"]+\.c)"', m.group(2)), re.findall(r'"(-std=[^"]+)"', m.group(3)))
+             for m in re.finditer(r'name = "shmpool\.(\w+)", sources = \[([^\]]*)\](.*)', text)]
     if not found:
         raise RuntimeError("no C extension found in pyproject.toml's ext-modules")
     return found
@@ -141,9 +142,9 @@ def stage(python: str, dest: Path) -> Path:
     pkg = site / "shmpool"
     shutil.copytree(ROOT / "shmpool", pkg,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "*.egg-info"))
-    for name, sources in extensions():
+    for name, sources, std in extensions():
         so = pkg / (name + info["ext_suffix"])
-        cmd = [*shlex.split(info["cc"]), *shlex.split(info["ccshared"]), "-shared", "-std=c11", "-O2",
+        cmd = [*shlex.split(info["cc"]), *shlex.split(info["ccshared"]), "-shared", *(std or ["-std=c11"]), "-O2",
                "-Wall", "-Wno-unused-parameter", f"-I{info['include']}", *(str(site / s) for s in sources),
                "-o", str(so)]
         got = subprocess.run(cmd, capture_output=True, text=True)
