@@ -81,6 +81,9 @@ _SHORT = frozenset({str, bytes})
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
+HELP_EVERY = 64  # (a power of two) the submitting thread fetches answers itself every 64 queued tasks
+
+
 class Core:
     """See the module docstring."""
 
@@ -281,7 +284,13 @@ class Core:
                 st.live += 1
                 st.submitted += 1
                 st.queue.append(task)
-                return fut
+                helps = not st.submitted & (HELP_EVERY - 1)
+            else:
+                helps = None
+        if helps is not None:
+            if helps:
+                self._help_driver()
+            return fut
         # A Ctrl-C while the task is queued and sent would leave it half
         # sent (or queued and not counted): it is held, and raised once the
         # task is in (the caller never sees the future then; the task
@@ -297,6 +306,23 @@ class Core:
         finally:
             _threads.release_interrupt(held)
         return fut
+
+    def _help_driver(self) -> None:
+        """A thread that submits in a loop holds the GIL for whole switch
+        intervals, and the driver thread, which hands the queued tasks to
+        workers as their answers come, waits for it meanwhile: the workers
+        run dry. So every HELP_EVERY-th queued task, the submitting thread
+        takes the answers waiting in the workers' rings itself (no spin; 0
+        at once if the driver is taking them): they schedule the next
+        tasks, as the driver would have. spec: exec.submit-helps"""
+        held = _threads.hold_interrupt()  # (as `_TaskFuture._fetch`: no Ctrl-C inside a delivery)
+        try:
+            poll = self.host.poll
+            for w in tuple(self.state.workers.values()):
+                if not w.dead and w.inflight:
+                    poll(w.peer_id)
+        finally:
+            _threads.release_interrupt(held)
 
     def _want_worker(self) -> None:
         """(lock held) An idle worker takes the task, or one more is
