@@ -21,6 +21,7 @@ import threading
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
+from . import _threads
 from .exec import forksafe, tasks
 
 _tls = threading.local()  # depth > 0 while this thread runs a pool's done callback
@@ -65,7 +66,7 @@ class ApplyResult(_mp.ApplyResult):
         if not self._event.is_set():
             _no_wait_in_callback()
             _no_wait_if_foreign(self._pool)
-            self._event.wait(timeout)
+            _threads.wait_interruptibly(self._event.wait, timeout)
 
     def get(self, timeout: float | None = None):
         self.wait(timeout)
@@ -81,10 +82,14 @@ class ApplyResult(_mp.ApplyResult):
 
     def _done(self) -> None:
         try:
+            # (user code, on whichever thread completed the result: signals
+            # unblocked for it, spec: exec.signals)
             if self._success and self._callback:
-                self._callback(self._value)
+                with _threads.unblocked():
+                    self._callback(self._value)
             elif not self._success and self._error_callback:
-                self._error_callback(self._value)
+                with _threads.unblocked():
+                    self._error_callback(self._value)
         finally:
             self._event.set()
             self._pool = None
@@ -160,8 +165,9 @@ class IMapIterator(_mp.IMapIterator):
                         raise StopIteration
                     _no_wait_in_callback()
                     _no_wait_if_foreign(self._pool)
-                    if not self._cond.wait_for(lambda: self._items or self._index == self._length,
-                                               timeout):
+                    if not _threads.wait_interruptibly(
+                            lambda t: self._cond.wait_for(lambda: self._items or self._index == self._length, t),
+                            timeout):
                         raise MpTimeoutError
                     continue
                 success, value = self._items.popleft()

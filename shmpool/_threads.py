@@ -45,6 +45,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 ASYNC_SIGNALS = frozenset({
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -88,6 +89,29 @@ def unblock_in_child() -> None:
 
 
 _MAIN = threading.main_thread()
+WAIT_SLICE = 0.1  # longest sleep of a wait on the main thread before it looks for a signal
+
+
+def wait_interruptibly(wait, timeout: float | None) -> bool:
+    """`wait(t) -> bool` (an Event's, a Condition's `wait_for`), on the
+    main thread in slices of at most WAIT_SLICE: a signal the kernel gave
+    another thread (one running user code with the signals unblocked) only
+    flags the handler, which the main thread runs when it next runs Python
+    code, and a wait in C that nothing wakes would never get there. Any
+    other thread waits as asked. spec: exec.signals"""
+    if threading.current_thread() is not _MAIN:
+        return wait(timeout)
+    if timeout is None:
+        while not wait(WAIT_SLICE):
+            pass
+        return True
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return wait(0)
+        if wait(min(left, WAIT_SLICE)):
+            return True
 _SIGINT = int(signal.SIGINT)
 _holding = None  # the SIGINT handler a hold of the main thread replaced (for a fork() child)
 

@@ -43,6 +43,7 @@ blocks. After `join()` no worker, segment file, fd or thread remains.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import queue
@@ -142,8 +143,7 @@ class _State:
                     if self.state == RUN:
                         continue
                     break
-                with _threads.unblocked():  # (the input is user code)
-                    self.feed(*job)
+                self.feed(*job)
             self.accepting = False
             self.drain()
             core = self.core
@@ -161,6 +161,9 @@ class _State:
     def feed(self, result: "IMapIterator", fn, it, chunksize: int) -> None:
         """Submit the tasks of one imap job, each once there is room."""
         i = 0
+        # The input is user code, run with the signals unblocked (what it
+        # starts gets a normal mask); only while it runs: spec: exec.signals
+        user_code = _threads.unblocked if type(it) not in _BUILTIN_ITERATORS else contextlib.nullcontext
         try:
             for i in itertools.count():
                 if not self.wait_room():
@@ -168,12 +171,14 @@ class _State:
                     return
                 if chunksize == 1:
                     try:
-                        x = next(it)
+                        with user_code():
+                            x = next(it)
                     except StopIteration:
                         break
                     kind, args = SINGLE, (x,)
                 else:
-                    batch = tuple(itertools.islice(it, chunksize))
+                    with user_code():
+                        batch = tuple(itertools.islice(it, chunksize))
                     if not batch:
                         break
                     kind, args = MAP, batch
@@ -188,6 +193,9 @@ class _State:
             while self.pending >= self.room() and self.state != TERMINATE:
                 self.cond.wait(_POLL)
         return self.state != TERMINATE
+
+
+_BUILTIN_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(0), "", b"", {}, set()))
 
 
 def _submit(st: _State, result, index: int, fn, kind: int, args, kwds) -> None:

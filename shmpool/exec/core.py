@@ -315,9 +315,12 @@ class Core:
         takes the answers waiting in the workers' rings itself (no spin; 0
         at once if the driver is taking them): they schedule the next
         tasks, as the driver would have. spec: exec.submit-helps"""
+        host = self.host
+        if host.on_driver_thread:
+            return  # (a done callback that submits: the driver is delivering already)
         held = _threads.hold_interrupt()  # (as `_TaskFuture._fetch`: no Ctrl-C inside a delivery)
         try:
-            poll = self.host.poll
+            poll = host.poll
             for w in tuple(self.state.workers.values()):
                 if not w.dead and w.inflight:
                     poll(w.peer_id)

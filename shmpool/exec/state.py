@@ -119,14 +119,21 @@ class EngineState:
 
 
 def resolve(fut: Future, result, error: BaseException | None) -> None:
-    """Set the outcome; done callbacks are user code, which may start a
-    process: on our threads they run with the signals unblocked
+    """Set the outcome; a user's done callback may start a process: on our
+    threads user callbacks run with the signals unblocked. Ours (shmpool's
+    own modules: `ShmPool`'s delivery, the adaptive map's next chunks) run
+    with them blocked, as the thread is: a SIGINT the kernel gave this
+    thread meanwhile would leave the main thread asleep in its wait
     (spec: exec.signals)."""
-    if fut._done_callbacks:  # (concurrent.futures' list; runs them in set_*)
+    cbs = fut._done_callbacks  # (concurrent.futures' list; runs them in set_*)
+    if cbs and not all(getattr(cb, "__module__", "").startswith(_OURS) for cb in cbs):
         with _threads.unblocked():
             _resolve_now(fut, result, error)
     else:
         _resolve_now(fut, result, error)
+
+
+_OURS = __name__.split(".")[0] + "."
 
 
 def _resolve_now(fut: Future, result, error: BaseException | None) -> None:

@@ -196,7 +196,7 @@ class _TaskFuture(Future):
                 raise self._exception
             finally:
                 self = None  # (as the stdlib: no cycle through the traceback)
-        return super().result(timeout)
+        return super().result(self._wait(timeout))
 
     def exception(self, timeout=None):
         if self._state not in _DONE:
@@ -206,7 +206,22 @@ class _TaskFuture(Future):
                 self._fetch()
         if self._state == FINISHED:
             return self._exception
-        return super().exception(timeout)
+        return super().exception(self._wait(timeout))
+
+    def _wait(self, timeout):
+        """Wait for the outcome in slices on the main thread (spec:
+        exec.signals: a Ctrl-C another thread took still ends the wait);
+        the timeout left for the stdlib's own wait, which then finds it
+        done or raises TimeoutError."""
+        if self._state in _FINAL or threading.current_thread() is not threading.main_thread():
+            return timeout
+        _threads.wait_interruptibly(self._wait_done, timeout)
+        return 0
+
+    def _wait_done(self, timeout) -> bool:
+        cond = self._condition
+        with cond:
+            return cond.wait_for(lambda: self._state in _FINAL, timeout)
 
 
 def future_class(guard, owner: int) -> type:

@@ -106,11 +106,6 @@ def test_terminate_and_apply_from_inside_a_callback():
     assert p._state == "TERMINATE"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known race, not fixed yet: a Ctrl-C that reaches the host as soon as the "
-    "first tasks start can be lost (the script then waits in map; ~1 in 8 runs "
-    "on 3.11, more on 3.10; the host's main thread is left in Event.wait). "
-    "The old 0.5 s sleep before the SIGINT made it rare (1 in 30)."))
 def test_ctrl_c_during_map_returns_promptly_and_leaves_nothing(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(textwrap.dedent("""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -241,3 +242,70 @@ def test_ctrl_c_inside_a_tight_submit_loop_loses_no_count(tmp_path):
     script.write_text(SUBMIT_LOOP_SCRIPT)
     out = run_script(script, 12)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("done"), (out.stdout[-2000:], out.stderr[-4000:])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.spec("exec.signals")
+@pytest.mark.parametrize("api", ["future", "apply_async", "imap"])
+def test_a_signal_another_thread_took_still_ends_the_main_threads_wait(api, tmp_path):
+    """CPython runs signal handlers on the main thread only; a SIGINT the
+    kernel gives another thread (one with the signals unblocked: a user's
+    thread, or one of ours running user code) wakes nothing. The main
+    thread's waits on results run in slices, so the handler runs, and
+    raises, while the task is still blocked (its gate opens only after the
+    assertion: were the wait not sliced, it would return the result)."""
+    from harness.tasks import wait_gate
+
+    from shmpool import ShmPool
+
+    gate = tmp_path / "gate"
+
+    def handler(signum, frame):
+        raise _Interrupted
+
+    old = signal.signal(signal.SIGINT, handler)
+    sent, left = threading.Event(), threading.Event()
+
+    main = threading.get_ident()
+
+    def waiting() -> bool:
+        f = sys._current_frames().get(main)
+        while f is not None:
+            if f.f_code.co_name == "wait_interruptibly":
+                return True
+            f = f.f_back
+        return False
+
+    def send_to_this_thread():
+        try:
+            wait_for(waiting, "the main thread waits for the result", 60)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            sent.set()
+            # The task is still blocked: only the signal can end the wait.
+            wait_for(lambda: not waiting(), "the main thread's wait ended by the signal", 60)
+            left.set()
+        finally:
+            gate.touch()
+
+    try:
+        pool = ShmExecutor(1) if api == "future" else ShmPool(1)
+        with pool:
+            if api == "future":
+                wait = pool.submit(wait_gate, str(gate)).result
+            elif api == "apply_async":
+                wait = pool.apply_async(wait_gate, (str(gate),)).get
+            else:
+                wait = pool.imap(wait_gate, [str(gate)]).__next__
+            t = threading.Thread(target=send_to_this_thread)
+            t.start()
+            try:
+                with pytest.raises(_Interrupted):
+                    wait()
+            finally:
+                t.join()
+            assert sent.is_set() and left.is_set()
+    finally:
+        signal.signal(signal.SIGINT, old)
