@@ -266,6 +266,11 @@ class AdaptiveMap:
                 with self.lock:
                     if not self.fs:
                         self._feed(consumer=True)
+                        if not self.fs and not self.exhausted:
+                            # Every chunk sent was taken, and the done
+                            # callbacks that send more have not all run yet
+                            # (they run on the driver thread): send one here.
+                            self._feed(consumer=True, limit=self.inflight + 1)
                         if not self.fs:
                             return
                     cur, n = self.fs.popleft()

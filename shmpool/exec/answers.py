@@ -412,7 +412,7 @@ class Answers:
         by the caller, who collects them to take the lock once."""
         fut = task.future
         if fut is not None and fut._state not in _FINAL:  # (None: failed by break_pool meanwhile)
-            resolve(fut, result, error)
+            resolve(fut, result, error, self.state.post)
             if done is not None:
                 done.append((task, error is not None))
                 return

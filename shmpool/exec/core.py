@@ -129,6 +129,7 @@ class Core:
         self.host = self.session = self.starter = None
         try:
             self.host = ShmHost.create(config=config)
+            st.post = self.host.post
             self.session = HostSession(self.host, handler_threads=1)
             self.slots = self.session.slots
             self.pins = PinBudget(self.slots.config)
@@ -314,10 +315,16 @@ class Core:
         run dry. So every HELP_EVERY-th queued task, the submitting thread
         takes the answers waiting in the workers' rings itself (no spin; 0
         at once if the driver is taking them): they schedule the next
-        tasks, as the driver would have. spec: exec.submit-helps"""
+        tasks, as the driver would have. Only in a pool none of whose
+        futures was given a done callback, so that no user code runs
+        inside `submit` (waiters are only notified). spec: exec.submit-helps"""
         host = self.host
-        if host.on_driver_thread:
-            return  # (a done callback that submits: the driver is delivering already)
+        if host.on_driver_thread or self._future_class._callbacks:
+            # (A done callback that submits: the driver delivers already.
+            # A pool whose futures have callbacks: one could take a lock the
+            # submitting thread holds, and the stdlib never runs one inside
+            # `submit`.)
+            return
         held = _threads.hold_interrupt()  # (as `_TaskFuture._fetch`: no Ctrl-C inside a delivery)
         try:
             poll = host.poll

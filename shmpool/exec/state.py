@@ -27,6 +27,8 @@ and no link to its future.
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Callable
@@ -63,6 +65,7 @@ class EngineState:
         self.stream_pieces = stream_pieces  # ring entries a chunked stream may have in flight
         self.max_tasks = max_tasks  # max_tasks_per_child
         self.adaptive = adaptive  # windows adapt to the tasks' length
+        self.post = None  # the hub's `post` (run on the driver thread), once the host exists: `resolve`
         self.on_idle: Callable[[], None] | None = None  # (lock held) the last live task finished
 
     def finished(self, task) -> None:
@@ -97,7 +100,7 @@ class EngineState:
     def fail(self, task, err: BaseException) -> None:
         """(lock held) Fail a task that is neither queued nor held by a worker."""
         if not task.future.done():
-            resolve(task.future, None, err)
+            resolve(task.future, None, err, self.post)
         self.finished(task)
 
     def break_pool(self, why: str) -> None:
@@ -113,26 +116,59 @@ class EngineState:
             w.inflight.clear()
         for t in pending:
             if not t.finished and not t.future.done():
-                resolve(t.future, None, err)
+                resolve(t.future, None, err, self.post)
             self.finished(t)
         self.idle.notify_all()
 
 
-def resolve(fut: Future, result, error: BaseException | None) -> None:
-    """Set the outcome; a user's done callback may start a process: on our
-    threads user callbacks run with the signals unblocked. Ours (shmpool's
-    own modules: `ShmPool`'s delivery, the adaptive map's next chunks) run
-    with them blocked, as the thread is: a SIGINT the kernel gave this
-    thread meanwhile would leave the main thread asleep in its wait
+def resolve(fut: Future, result, error: BaseException | None, post=None) -> None:
+    """Set the outcome and run the done callbacks. With `post` (the hub's
+    `post`: run on the driver thread) the callbacks of a future delivered
+    on another thread (a caller fetching its answer, or submitting) go to
+    the driver thread, as they would have had it delivered: a callback
+    that takes a lock the waiting or submitting thread holds would
+    otherwise deadlock, and the stdlib never runs one inside `result()` or
+    `submit()`. The future is done, and its waiters are woken, before.
+    (spec: exec.caller-fetch)
+    A user's done callback may start a process: on our threads user
+    callbacks run with the signals unblocked. Ours (shmpool's own modules:
+    `ShmPool`'s delivery, the adaptive map's next chunks) run with them
+    blocked, as the thread is: a SIGINT the kernel gave this thread
+    meanwhile would leave the main thread asleep in its wait
     (spec: exec.signals)."""
     cbs = fut._done_callbacks  # (concurrent.futures' list; runs them in set_*)
-    if cbs and not all(getattr(cb, "__module__", "").startswith(_OURS) for cb in cbs):
+    if not cbs:
+        _resolve_now(fut, result, error)
+        return
+    if post is not None:
+        with fut._condition:  # (an RLock: set_* takes it again; a callback added meanwhile waits)
+            cbs, fut._done_callbacks = fut._done_callbacks, []
+            _resolve_now(fut, result, error)
+        if not cbs or post(run_callbacks, fut, cbs):
+            return
+        run_callbacks(fut, cbs)  # (on the driver thread, or it stopped)
+        return
+    if not all(getattr(cb, "__module__", "").startswith(_OURS) for cb in cbs):
         with _threads.unblocked():
             _resolve_now(fut, result, error)
     else:
         _resolve_now(fut, result, error)
 
 
+def run_callbacks(fut: Future, cbs: list) -> None:
+    """Run `fut`'s done callbacks `cbs` as `Future` does (an exception is
+    logged, the others still run); user callbacks with the signals
+    unblocked (spec: exec.signals)."""
+    user = not all(getattr(cb, "__module__", "").startswith(_OURS) for cb in cbs)
+    with _threads.unblocked() if user else contextlib.nullcontext():
+        for cb in cbs:
+            try:
+                cb(fut)
+            except Exception:  # noqa: BLE001 - as concurrent.futures does
+                _LOGGER.exception("exception calling callback for %r", fut)
+
+
+_LOGGER = logging.getLogger("concurrent.futures")
 _OURS = __name__.split(".")[0] + "."
 
 

@@ -75,6 +75,7 @@ class _TaskFuture(Future):
 
     _task = None
     _home = 0  # the process its condition was made in
+    _callbacks = False  # (per pool: `future_class`) a future of this pool was given a done callback
 
     def __init__(self, guard) -> None:  # (Future.__init__'s fields, but the condition)
         self._guard = guard
@@ -183,6 +184,13 @@ class _TaskFuture(Future):
         finally:
             _threads.release_interrupt(held)
 
+    def add_done_callback(self, fn) -> None:
+        # A pool one of whose futures was given a callback no longer has
+        # its submitting thread deliver answers (spec: exec.submit-helps):
+        # a callback must not run inside `submit`.
+        type(self)._callbacks = True
+        super().add_done_callback(fn)
+
     def result(self, timeout=None):
         if self._state not in _DONE:
             if self._owner != _pid:
@@ -234,7 +242,7 @@ def future_class(guard, owner: int) -> type:
     return type("_TaskFuture", (_TaskFuture,), {
         "__slots__": (), "__module__": __name__, "_guard": guard, "_owner": owner,
         "_cond": None, "_state": PENDING, "_result": None, "_exception": None,
-        "_waiters": (), "_done_callbacks": ()})
+        "_waiters": (), "_done_callbacks": (), "_callbacks": False})
 
 
 class _Task:

@@ -157,6 +157,21 @@ class Driver:
         self.watches.wake()
         return fut.result()
 
+    def post(self, fn, *args) -> bool:
+        """Run `fn(*args)` on the driver thread soon, without waiting for
+        it (an exception it raises is printed). False, and nothing posted,
+        on the driver thread or once the driver stops: the caller runs it."""
+        if self.on_driver:
+            return False
+        fut: Future = Future()
+        fut.add_done_callback(_report_failure)
+        with self._lock:
+            if not self.running:
+                return False
+            self._commands.append((fut, fn, args, {}))
+        self.watches.wake()
+        return True
+
     def stop(self, timeout: float) -> None:
         """Say goodbye to every guest, wait up to `timeout` for them to
         leave, kill stragglers, stop the thread and close the segment.
@@ -591,3 +606,8 @@ class Driver:
             self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
         finally:
             self._stopped.set()
+
+
+def _report_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        traceback.print_exception(fut.exception())

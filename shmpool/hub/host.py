@@ -337,6 +337,11 @@ class ShmHost:
         always follow this with it."""
         self._driver.announce_poll(peer_id)
 
+    def post(self, fn, *args) -> bool:
+        """Run `fn(*args)` on the driver thread soon (not waiting for it).
+        False, nothing posted, on the driver thread or once it stops."""
+        return self._driver.post(fn, *args)
+
     def poll(self, peer_id: int, *, spin: bool = False) -> int:
         """Deliver `peer_id`'s waiting guest->host messages to the message
         handler on this thread instead of the driver's: a caller waiting
@@ -403,6 +408,7 @@ class ShmHost:
             "driver_spins": s["spins"],  # spins before a sleep (spec: shm.wakeup.driver-spin)
             "driver_spin_hits": s["spin_hits"],  # ... that a message ended
             "doorbell_wakeups": s["doorbell_wakeups"],
+            "caller_polls": s["caller_polls"],  # deliveries made on a caller's thread, not the driver's
             "callback_errors": s["callback_errors"],
             "violations": s["violations"],  # guests killed for breaking the protocol
             "corrupt": None if self._endings.corruption is None else str(self._endings.corruption),
