@@ -126,6 +126,7 @@ class RingStatistics:
     wakes_sent: int
     timeouts: int
     spin_budget: int
+    signal_failures: int = 0  # doorbell signals that failed after a publish (not raised)
 
     @classmethod
     def of(cls, end) -> "RingStatistics":
@@ -134,7 +135,7 @@ class RingStatistics:
         return cls(
             end.name, end.role, end.size, end.size - 1, end.depth(), end.transfers,
             end.would_block, end.waits, w.spins, w.spin_hits, w.sleeps, w.woken, end.wakes_sent,
-            end.timeouts, w.spin_budget,
+            end.timeouts, w.spin_budget, end.signal_failures,
         )
 
 
