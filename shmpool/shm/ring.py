@@ -38,6 +38,11 @@ Invariants:
   that guest). spec: shm.guard.validate
 - The C acquires the segment's buffer for the length of one call only, so
   the segment can always be closed between calls.
+- One caller at a time per end: a call made while another on the same end
+  runs (re-entered from Python code it runs, or another thread) raises
+  RuntimeError and publishes nothing; callers that share an end hold a
+  lock. A doorbell failing after a publish is counted (`signal_failures`),
+  not raised. spec: shm.ring.spsc
 """
 
 from __future__ import annotations
@@ -162,7 +167,7 @@ class RingProducer(_ring.Producer):
     From the C: try_push(desc) -> bool (any 9-sequence), try_push_many(descs)
     -> int, try_reserve() -> int | None, commit(), depth(); the attributes
     buf, doorbell, name, size, mask, desc_off, head_off, tail_off, flags_off
-    and the counters transfers, would_block, wakes_sent."""
+    and the counters transfers, would_block, wakes_sent, signal_failures."""
 
     __slots__ = ("waiter", "waits", "timeouts")
     role = "producer"
