@@ -37,8 +37,15 @@
  *  - The buffer view is held from construction to `close()`: the mapping
  *    cannot be closed under the timer thread. `close()` stops and joins the
  *    thread (GIL released) and releases the view; call it before closing
- *    the segment and the doorbell. In a child forked from the guest there
- *    is no timer thread: `close()` there only releases the view.
+ *    the segment. The doorbell descriptor is the announcer's own (a dup,
+ *    closed by `close()`). Only the first `close()` stops; a concurrent
+ *    second one returns at once.
+ *  - In a child forked from the guest the announcer is inert (a fork
+ *    generation bumped by a pthread_atfork child handler): the child
+ *    shares the parent's timerfd and has no timer thread, so it never
+ *    touches the timer, announces nothing (AWAKE / -1), and its `close()`
+ *    joins nothing and closes only its own copies of the descriptors.
+ *    spec: shm.wakeup.guest-announce
  *  - Offsets are checked (in range, 4-byte aligned) at construction; the
  *    values read from shared memory are only tested for zero.
  */
@@ -46,6 +53,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -80,10 +88,30 @@ typedef struct {
     int tfd; /* the timer: a timerfd the timer thread blocks on */
     pthread_t thread;
     int thread_started;
-    pid_t owner;
+    uint64_t fork_gen;      /* fork_generation when made: differs in a fork child */
+    _Atomic int closing;    /* the first close() joins; later ones return */
     /* statistics */
     _Atomic uint64_t deferred, armed, announces, rings, timer_announces, timer_rings, coalesced;
 } Announcer;
+
+/* Bumped in every fork child (pthread_atfork). A child shares the
+ * parent's timerfd (the same open file description: arming or disarming it
+ * there would disarm the parent's timer) and has no timer thread, so an
+ * announcer made before the fork is inert in the child: it touches neither,
+ * and announces nothing (a child does not publish into the parent's ring). */
+static _Atomic uint64_t fork_generation;
+
+static void
+in_fork_child(void)
+{
+    atomic_fetch_add(&fork_generation, 1);
+}
+
+static inline int
+forked(Announcer *a)
+{
+    return a->fork_gen != atomic_load_explicit(&fork_generation, memory_order_relaxed);
+}
 
 static uint64_t
 mono_ns(void)
@@ -155,6 +183,10 @@ timer_main(void *arg)
         uint64_t deadline = atomic_load(&a->since) + a->bound_ns;
         if (mono_ns() < deadline) {
             set_timer(a, deadline); /* re-armed since: wait for the newer deadline */
+            /* stop() may have fired the timer between our load of the state
+             * and this re-arm, which replaced its wake-up: look again. */
+            if (atomic_load(&a->state) == ST_STOP)
+                break;
             continue;
         }
         uint32_t expected = ST_ARMED;
@@ -187,12 +219,19 @@ offset_ok(Py_buffer *v, Py_ssize_t off, const char *what)
     return 1;
 }
 
+/* Only the first caller stops: a second close() (another thread, while the
+ * first waits in pthread_join with the GIL released) returns at once and
+ * must not close the fds or release the view under the timer thread. In a
+ * fork child there is no thread to join: only the child's copies of the
+ * fds are closed (that does not touch the parent's timer). */
 static void
 stop(Announcer *a)
 {
+    if (atomic_exchange(&a->closing, 1))
+        return;
     if (a->thread_started) {
         a->thread_started = 0;
-        if (a->owner == getpid()) {
+        if (!forked(a)) {
             atomic_store(&a->state, ST_STOP);
             set_timer(a, 1); /* (long past: it fires at once) */
             Py_BEGIN_ALLOW_THREADS
@@ -204,6 +243,10 @@ stop(Announcer *a)
     if (a->tfd >= 0) {
         close(a->tfd);
         a->tfd = -1;
+    }
+    if (a->fd >= 0) {
+        close(a->fd);
+        a->fd = -1;
     }
     if (a->have_view) {
         a->have_view = 0;
@@ -219,7 +262,7 @@ Announcer_init(Announcer *a, PyObject *args, PyObject *kw)
     Py_ssize_t soff, poff;
     int fd;
     unsigned long long bound;
-    if (a->have_view) {
+    if (a->have_view || atomic_load(&a->closing)) {
         PyErr_SetString(PyExc_RuntimeError, "Announcer already initialised");
         return -1;
     }
@@ -242,9 +285,17 @@ Announcer_init(Announcer *a, PyObject *args, PyObject *kw)
     }
     a->sleeping = (_Atomic uint32_t *)((char *)a->view.buf + soff);
     a->polling = (_Atomic uint32_t *)((char *)a->view.buf + poff);
-    a->fd = fd;
     a->bound_ns = bound;
-    a->owner = getpid();
+    a->fork_gen = atomic_load(&fork_generation);
+    /* Our own descriptor of the doorbell: the caller may close its socket
+     * while the timer thread still rings (closed in stop()). */
+    if (fd >= 0) {
+        a->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (a->fd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+    }
     a->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
     if (a->tfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -293,6 +344,8 @@ Announcer_defer(Announcer *a, PyObject *unused)
     /* A read-modify-write, sequentially consistent: a full barrier after the
      * caller's head store, so an announcement by the timer thread that this
      * answer rides on (state ARMED below) comes after it. */
+    if (forked(a))
+        Py_RETURN_NONE;
     atomic_fetch_add(&a->deferred, 1);
     if (atomic_load(&a->state) != ST_IDLE)
         Py_RETURN_NONE; /* armed already (or closed: nothing to time) */
@@ -312,7 +365,7 @@ Announcer_defer(Announcer *a, PyObject *unused)
 static PyObject *
 Announcer_busy(Announcer *a, PyObject *unused)
 {
-    if (atomic_load(&a->state) != ST_PENDING)
+    if (forked(a) || atomic_load(&a->state) != ST_PENDING)
         Py_RETURN_NONE;
     uint64_t deadline = atomic_load(&a->since) + a->bound_ns;
     if (mono_ns() >= deadline) {
@@ -330,6 +383,8 @@ Announcer_busy(Announcer *a, PyObject *unused)
 static int
 disarm(Announcer *a)
 {
+    if (forked(a))
+        return 0;
     uint32_t expected = ST_PENDING;
     if (atomic_compare_exchange_strong(&a->state, &expected, ST_IDLE))
         return 1;
@@ -346,6 +401,8 @@ Announcer_announce(Announcer *a, PyObject *unused)
 {
     if (closed(a))
         return NULL;
+    if (forked(a))
+        return PyLong_FromLong(A_AWAKE);
     disarm(a);
     return PyLong_FromLong(do_announce(a, 0));
 }
@@ -370,7 +427,7 @@ static PyObject *
 Announcer_pending(Announcer *a, void *unused)
 {
     uint32_t s = atomic_load(&a->state);
-    return PyBool_FromLong(s == ST_ARMED || s == ST_PENDING);
+    return PyBool_FromLong(!forked(a) && (s == ST_ARMED || s == ST_PENDING));
 }
 
 static PyObject *
@@ -431,6 +488,16 @@ exec_module(PyObject *m)
 {
     if (PyType_Ready(&AnnouncerType) < 0)
         return -1;
+    static int atfork_done;
+    if (!atfork_done) {
+        int rc = pthread_atfork(NULL, NULL, in_fork_child);
+        if (rc != 0) {
+            errno = rc;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        atfork_done = 1;
+    }
     Py_INCREF(&AnnouncerType);
     if (PyModule_AddObject(m, "Announcer", (PyObject *)&AnnouncerType) < 0) {
         Py_DECREF(&AnnouncerType);

@@ -4,6 +4,11 @@
 rings the doorbell if the host sleeps; answers published with `defer()`
 are announced by `announce()` / `flush()`, or, once `busy()` started it,
 by a timer thread (no GIL) at most `bound_ns` after the oldest of them.
+
+In a child forked from the process that made it, an announcer is inert:
+the child shares the parent's timer but not its thread, so `defer` and
+`busy` do nothing, `announce` returns AWAKE and `flush` -1 without ringing,
+`pending` is False, and `close` only releases the child's copies.
 """
 
 from typing import Final
@@ -21,7 +26,8 @@ class Announcer:
         """`buf`: the segment (writable; held until `close`); the offsets of
         the header's host-sleeping word and the entry's host-polling flag
         (4-byte aligned, in range: else ValueError); `fd`: the doorbell
-        (-1: none); `bound_ns` in (0, 10 s]. Starts the timer thread."""
+        (-1: none; the announcer rings on its own duplicate, closed by
+        `close`); `bound_ns` in (0, 10 s]. Starts the timer thread."""
 
     @property
     def pending(self) -> bool:
@@ -44,7 +50,9 @@ class Announcer:
         """`announce()` if a deferred answer is unannounced, else -1."""
 
     def close(self) -> None:
-        """Stop and join the timer thread, release the buffer. Idempotent."""
+        """Stop and join the timer thread, close the doorbell duplicate,
+        release the buffer. Idempotent; a call made while another thread's
+        close is joining returns at once."""
 
     def statistics(self) -> dict[str, int]:
         """Counters: deferred, armed, announces, rings, timer_announces,

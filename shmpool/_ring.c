@@ -35,6 +35,14 @@
  *    sleeping-flags word decides the wake: futex_wake here, or a call of
  *    the doorbell's Python `signal()` (the doorbell is a socket).
  *    spec: shm.ordering.ring-publish, shm.wakeup.sleeping-word
+ *  - One caller at a time per ring end: every method sets the end's `busy`
+ *    flag on entry and clears it on every exit; a call finding it set
+ *    (re-entered from Python code the call runs, or another thread)
+ *    raises RuntimeError and changes nothing. The doorbell's `signal()`
+ *    runs after the end is left and the buffer released; its failure after
+ *    a publish is counted (`signal_failures`), not raised. `commit` /
+ *    `release` without an outstanding `try_reserve` / `try_peek` raise.
+ *    spec: shm.ring.spsc
  *  - Waiting releases the GIL (spins after the first few loads, and every
  *    futex sleep); EINTR re-takes it, runs PyErr_CheckSignals (a raising
  *    handler aborts the wait, with the sleeping bit cleared) and retries
@@ -70,21 +78,37 @@ typedef struct {
     uint32_t wake_bit, wake_mask;
     uint32_t mine;        /* producer: head; consumer: tail (this end writes it) */
     uint32_t seen;        /* the other end's index, as last validated */
-    unsigned long long transfers, would_block, wakes_sent;
+    unsigned long long transfers, would_block, wakes_sent, signal_failures;
     int consumer;
     int ready;
+    int busy;             /* a call is in progress (see enter()) */
+    int reserved;         /* try_reserve / try_peek handed out the entry at `mine` */
 } Ring;
 
 static PyTypeObject ProducerType;
 static PyTypeObject ConsumerType;
 
-/* The buffer for one call. Its pointer may differ between calls (a resized
- * bytearray): length and alignment are re-checked, a compare each. */
+/* The buffer for one call, and the end's busy flag. Its pointer may differ
+ * between calls (a resized bytearray): length and alignment are re-checked,
+ * a compare each.
+ *
+ * One caller at a time: a call may run Python code midway (a field's
+ * __index__ while encoding, a generator in try_push_many, a finalizer run
+ * by the GC while decoding, `_bad_index`), and a call of the same end made
+ * from there (or from another thread that took the GIL meanwhile) would
+ * move the cursor under the outer call, which then publishes an index
+ * computed from a stale one: entries lost or sent twice. `busy` is set
+ * here and cleared by `leave` on every exit; a call finding it set raises. */
 static char *
 acquire(Ring *r, Py_buffer *v)
 {
     if (!r->ready) {
         PyErr_SetString(PyExc_RuntimeError, "ring end used before __init__");
+        return NULL;
+    }
+    if (r->busy) {
+        PyErr_Format(PyExc_RuntimeError, "ring end %U used concurrently (re-entered while a "
+                     "call on it runs): one caller at a time", r->name);
         return NULL;
     }
     if (PyObject_GetBuffer(r->buf, v, PyBUF_WRITABLE) < 0)
@@ -97,7 +121,15 @@ acquire(Ring *r, Py_buffer *v)
         PyErr_SetString(PyExc_ValueError, "the ring's buffer no longer holds its ring");
         return NULL;
     }
+    r->busy = 1;
     return base;
+}
+
+static inline void
+leave(Ring *r, Py_buffer *v)
+{
+    PyBuffer_Release(v);
+    r->busy = 0;
 }
 
 /* Turn RING_CORRUPT into the model's SegmentCorruptError: ring.py's
@@ -114,36 +146,56 @@ bad_index(Ring *r, const char *which, uint32_t value, uint32_t mine, uint32_t se
     return NULL;
 }
 
+/* Wakes every waiter: two threads of one process waiting on the same end
+ * share one flag bit, and waking one would leave the other asleep (the
+ * cost is the same with one waiter). */
 static int
-futex_wake1(_Atomic uint32_t *word)
+futex_wake_all(_Atomic uint32_t *word)
 {
 #if RING_HAVE_FUTEX
-    if (syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
+    if (syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0) < 0)
+        return -1; /* (EFAULT, EINVAL: not with a word inside the held buffer) */
 #endif
     return 0;
 }
 
 /* After publishing the index at `word_off`: wake the other end if it
- * announced sleep. spec: shm.wakeup.sleeping-word */
-static int
-wake_other(Ring *r, char *base, Py_ssize_t word_off)
+ * announced sleep, release the buffer and leave the call (the doorbell's
+ * Python `signal()` runs with no export held and the end free). The entry
+ * is published whatever happens here, so a failing wake is not raised (a
+ * caller would retry and send it twice): a failed futex wake cannot happen
+ * with a valid word, and a doorbell that fails (closed, a dead peer) is
+ * counted in `signal_failures`; the dead-peer check notices the rest. A
+ * signal handler's exception (not an Exception) still propagates.
+ * spec: shm.wakeup.sleeping-word */
+static PyObject *
+wake_other(Ring *r, char *base, Py_buffer *v, Py_ssize_t word_off, PyObject *ret)
 {
     uint32_t flags = atomic_fetch_or_explicit(WORD(base, r->flags_off), 0, memory_order_seq_cst);
-    if (!(flags & r->wake_mask))
-        return 0;
-    r->wakes_sent++;
-    if ((flags & r->wake_bit) && futex_wake1(WORD(base, word_off)) < 0)
-        return -1;
-    if (r->doorbell != Py_None && (flags & (r->wake_bit << ring_doorbell_shift))) {
-        PyObject *res = PyObject_CallMethod(r->doorbell, "signal", NULL);
-        if (res == NULL)
-            return -1;
-        Py_DECREF(res);
+    int ring_doorbell = 0;
+    if (flags & r->wake_mask) {
+        r->wakes_sent++;
+        if (flags & r->wake_bit)
+            (void)futex_wake_all(WORD(base, word_off));
+        ring_doorbell = r->doorbell != Py_None && (flags & (r->wake_bit << ring_doorbell_shift));
     }
-    return 0;
+    leave(r, v);
+    if (ret == NULL || !ring_doorbell)
+        return ret;
+    PyObject *doorbell = Py_NewRef(r->doorbell);
+    PyObject *res = PyObject_CallMethod(doorbell, "signal", NULL);
+    Py_DECREF(doorbell);
+    if (res != NULL) {
+        Py_DECREF(res);
+        return ret;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        Py_DECREF(ret);
+        return NULL;
+    }
+    PyErr_Clear();
+    r->signal_failures++;
+    return ret;
 }
 
 static int
@@ -189,6 +241,10 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "shmpool._ring.bind() was not called");
         return -1;
     }
+    if (r->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "ring end re-initialised while a call on it runs");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnnIOU", kwlist, &buf, &desc_off, &size,
                                      &head_off, &tail_off, &flags_off, &wake_bit, &doorbell,
                                      &name))
@@ -211,7 +267,7 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
         }
         return -1;
     }
-    if (desc_off < 0 || desc_off > v.len || size * DSIZE > v.len - desc_off ||
+    if (desc_off < 0 || desc_off > v.len || size > (v.len - desc_off) / DSIZE ||
         desc_off % DSIZE) {
         PyErr_Format(PyExc_ValueError, "descriptor array at %zd does not fit the buffer", desc_off);
         PyBuffer_Release(&v);
@@ -247,7 +303,8 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     r->mask = (uint32_t)size - 1;
     r->wake_bit = wake_bit;
     r->wake_mask = wake_bit | (wake_bit << ring_doorbell_shift);
-    r->transfers = r->would_block = r->wakes_sent = 0;
+    r->transfers = r->would_block = r->wakes_sent = r->signal_failures = 0;
+    r->reserved = 0;
     r->consumer = PyObject_TypeCheck(r, &ConsumerType);
     r->ready = 0;
     /* A corrupt index would make this end write outside the ring. */
@@ -274,7 +331,7 @@ ring_depth(Ring *r, PyObject *unused)
         return NULL;
     uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
     uint32_t t = atomic_load_explicit(WORD(base, r->tail_off), memory_order_acquire);
-    PyBuffer_Release(&v);
+    leave(r, &v);
     return PyLong_FromUnsignedLong((h - t) & r->mask);
 }
 
@@ -312,14 +369,9 @@ publish_head(Ring *r, char *base, Py_buffer *v, uint32_t head, unsigned long lon
     /* spec: shm.ordering.ring-publish */
     atomic_store_explicit(WORD(base, r->head_off), head, memory_order_release);
     r->mine = head;
+    r->reserved = 0;
     r->transfers += n;
-    int rc = wake_other(r, base, r->head_off);
-    PyBuffer_Release(v);
-    if (rc < 0) {
-        Py_XDECREF(ret);
-        return NULL;
-    }
-    return ret;
+    return wake_other(r, base, v, r->head_off, ret);
 }
 
 static PyObject *
@@ -333,14 +385,14 @@ producer_try_push(Ring *r, PyObject *desc)
     uint32_t head = r->mine, seen = r->seen;
     int room = room_for_one(r, base, head, &bad);
     if (room <= 0) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         if (room == RING_CORRUPT)
             return bad_index(r, "tail", bad, head, seen);
         r->would_block++;
         Py_RETURN_FALSE;
     }
     if (ring_encode_desc(desc, base + r->desc_off + (Py_ssize_t)head * DSIZE) < 0) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return NULL;
     }
     return publish_head(r, base, &v, (head + 1) & r->mask, 1, Py_NewRef(Py_True));
@@ -356,13 +408,13 @@ producer_try_push_many(Ring *r, PyObject *descs)
         return NULL;
     uint32_t start = r->mine, head = start, seen = r->seen;
     if (reload_tail(r, base, head, &bad) < 0) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return bad_index(r, "tail", bad, head, seen);
     }
     uint32_t room = (r->seen - head - 1) & r->mask;
     PyObject *it = PyObject_GetIter(descs);
     if (it == NULL) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return NULL;
     }
     uint32_t n = 0;
@@ -384,13 +436,13 @@ producer_try_push_many(Ring *r, PyObject *descs)
     if (n == room)
         r->would_block++;
     if (head == start) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return PyLong_FromUnsignedLong(n);
     }
     return publish_head(r, base, &v, head, n, PyLong_FromUnsignedLong(n));
 fail:
     Py_DECREF(it);
-    PyBuffer_Release(&v);
+    leave(r, &v);
     return NULL;
 }
 
@@ -404,7 +456,8 @@ producer_try_reserve(Ring *r, PyObject *unused)
         return NULL;
     uint32_t head = r->mine, seen = r->seen;
     int room = room_for_one(r, base, head, &bad);
-    PyBuffer_Release(&v);
+    r->reserved = room > 0;
+    leave(r, &v);
     if (room == RING_CORRUPT)
         return bad_index(r, "tail", bad, head, seen);
     if (room == 0) {
@@ -414,6 +467,18 @@ producer_try_reserve(Ring *r, PyObject *unused)
     return PyLong_FromSsize_t(r->desc_off + (Py_ssize_t)head * DSIZE);
 }
 
+/* commit() / release() publish the entry try_reserve() / try_peek() handed
+ * out; without one, the index would move past the other end's. */
+static int
+check_reserved(Ring *r, const char *what, const char *first)
+{
+    if (!r->reserved) {
+        PyErr_Format(PyExc_RuntimeError, "%s() without %s() on ring end %U", what, first, r->name);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *
 producer_commit(Ring *r, PyObject *unused)
 {
@@ -421,6 +486,10 @@ producer_commit(Ring *r, PyObject *unused)
     char *base = acquire(r, &v);
     if (base == NULL)
         return NULL;
+    if (!check_reserved(r, "commit", "try_reserve")) {
+        leave(r, &v);
+        return NULL;
+    }
     return publish_head(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
 }
 
@@ -450,14 +519,9 @@ publish_tail(Ring *r, char *base, Py_buffer *v, uint32_t tail, unsigned long lon
 {
     atomic_store_explicit(WORD(base, r->tail_off), tail, memory_order_release);
     r->mine = tail;
+    r->reserved = 0;
     r->transfers += n;
-    int rc = wake_other(r, base, r->tail_off);
-    PyBuffer_Release(v);
-    if (rc < 0) {
-        Py_XDECREF(ret);
-        return NULL;
-    }
-    return ret;
+    return wake_other(r, base, v, r->tail_off, ret);
 }
 
 static PyObject *
@@ -471,7 +535,7 @@ consumer_try_pop(Ring *r, PyObject *unused)
     uint32_t tail = r->mine;
     int has = entry_at(r, base, tail, &bad);
     if (has <= 0) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         if (has == RING_CORRUPT)
             return bad_index(r, "head", bad, tail, tail);
         r->would_block++;
@@ -479,7 +543,7 @@ consumer_try_pop(Ring *r, PyObject *unused)
     }
     PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)tail * DSIZE);
     if (d == NULL) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return NULL;
     }
     /* the copy is done: release the entry */
@@ -496,7 +560,8 @@ consumer_try_peek(Ring *r, PyObject *unused)
         return NULL;
     uint32_t tail = r->mine;
     int has = entry_at(r, base, tail, &bad);
-    PyBuffer_Release(&v);
+    r->reserved = has > 0;
+    leave(r, &v);
     if (has == RING_CORRUPT)
         return bad_index(r, "head", bad, tail, tail);
     if (has == 0) {
@@ -513,6 +578,10 @@ consumer_release(Ring *r, PyObject *unused)
     char *base = acquire(r, &v);
     if (base == NULL)
         return NULL;
+    if (!check_reserved(r, "release", "try_peek")) {
+        leave(r, &v);
+        return NULL;
+    }
     return publish_tail(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
 }
 
@@ -541,7 +610,7 @@ consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     uint32_t tail = r->mine, mask = r->mask, seen = r->seen;
     uint32_t head = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
     if (head > mask || ((head - tail) & mask) < ((seen - tail) & mask)) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return bad_index(r, "head", head, tail, seen);
     }
     r->seen = head;
@@ -550,21 +619,21 @@ consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         n = max_n < 0 ? 0 : max_n;
     PyObject *out = PyList_New(n);
     if (out == NULL) {
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)((tail + i) & mask) * DSIZE);
         if (d == NULL) {
             Py_DECREF(out);
-            PyBuffer_Release(&v);
+            leave(r, &v);
             return NULL;
         }
         PyList_SET_ITEM(out, i, d);
     }
     if (n == 0) {
         r->would_block++;
-        PyBuffer_Release(&v);
+        leave(r, &v);
         return out;
     }
     return publish_tail(r, base, &v, (tail + (uint32_t)n) & mask, (unsigned long long)n, out);
@@ -592,7 +661,9 @@ consumer_tail(Ring *r, void *unused)
     {"_wake_mask", T_UINT, offsetof(Ring, wake_mask), READONLY, NULL},                   \
     {"transfers", T_ULONGLONG, offsetof(Ring, transfers), 0, NULL},                      \
     {"would_block", T_ULONGLONG, offsetof(Ring, would_block), 0, NULL},                  \
-    {"wakes_sent", T_ULONGLONG, offsetof(Ring, wakes_sent), 0, NULL}
+    {"wakes_sent", T_ULONGLONG, offsetof(Ring, wakes_sent), 0, NULL},                      \
+    {"signal_failures", T_ULONGLONG, offsetof(Ring, signal_failures), 0,                 \
+     "doorbell signals that failed after a publish (counted, not raised)"}
 
 static PyMemberDef producer_members[] = {
     COMMON_MEMBERS,

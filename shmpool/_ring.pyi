@@ -5,9 +5,17 @@ mechanics (see shmpool/_ring.c). `shm/ring.py` subclasses `Producer` and
 Every method acquires the ring's buffer for the call only. An impossible
 index of the other end calls `self._bad_index(which, value, mine, seen)`
 (defined by the subclass), which raises SegmentCorruptError.
+
+One caller at a time per ring end: a call made while another call on the
+same end runs (re-entered from a field's `__index__`, a generator passed to
+`try_push_many`, a finalizer, or another thread) raises RuntimeError and
+changes nothing. After a publish, a doorbell whose `signal()` raises an
+Exception is counted in `signal_failures`, not raised (the entry is
+published). `commit()` without `try_reserve()` and `release()` without
+`try_peek()` raise RuntimeError.
 """
 
-from typing import Any, Final, Iterable, Sequence
+from typing import Any, Final, Iterable, Sequence, type_check_only
 
 WOKEN: Final[int]
 VALUE_CHANGED: Final[int]
@@ -50,6 +58,7 @@ def sleep_futex(buf: object, flags_off: int, bit: int, off: int, observed: int,
     clear the bit. Returns NOT_SLEPT, WOKEN, VALUE_CHANGED or TIMED_OUT.
     EINTR runs signal handlers (a raising one aborts) and retries."""
 
+@type_check_only
 class _End:
     buf: Any
     doorbell: Any
@@ -65,6 +74,7 @@ class _End:
     transfers: int
     would_block: int
     wakes_sent: int
+    signal_failures: int
     def __init__(self, buf: object, desc_offset: int, size: int, head_off: int, tail_off: int,
                  flags_off: int, wake_bit: int, doorbell: Any, name: str) -> None: ...
     def depth(self) -> int: ...
@@ -75,7 +85,9 @@ class Producer(_End):
     def try_push(self, desc: Sequence[Any], /) -> bool: ...
     def try_push_many(self, descs: Iterable[Sequence[Any]], /) -> int: ...
     def try_reserve(self) -> int | None: ...
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Publish the entry handed out by the last `try_reserve()`
+        (RuntimeError if none is outstanding)."""
 
 class Consumer(_End):
     _tail: int
@@ -85,4 +97,6 @@ class Consumer(_End):
     def try_pop(self) -> Any: ...
     def pop_batch(self, max_n: int = 64) -> list[Any]: ...
     def try_peek(self) -> int | None: ...
-    def release(self) -> None: ...
+    def release(self) -> None:
+        """Hand back the entry given by the last `try_peek()` (RuntimeError if
+        none is outstanding)."""

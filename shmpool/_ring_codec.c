@@ -82,11 +82,17 @@ ring_encode_desc(PyObject *desc, char *dst)
         n = PyTuple_GET_SIZE(desc);
         items = &PyTuple_GET_ITEM(desc, 0);
     } else {
-        fast = PySequence_Fast(desc, "a descriptor must be a sequence of 9 fields");
+        /* A copy: a field's __index__ (Python code) may mutate a list under
+         * us, and PySequence_Fast would return the list itself (borrowed items). */
+        if (Py_TYPE(desc)->tp_iter == NULL && !PySequence_Check(desc)) {
+            PyErr_SetString(PyExc_TypeError, "a descriptor must be a sequence of 9 fields");
+            return -1;
+        }
+        fast = PySequence_Tuple(desc);
         if (fast == NULL)
             return -1;
-        n = PySequence_Fast_GET_SIZE(fast);
-        items = PySequence_Fast_ITEMS(fast);
+        n = PyTuple_GET_SIZE(fast);
+        items = &PyTuple_GET_ITEM(fast, 0);
     }
     if (n != 9) {
         PyErr_Format(PyExc_ValueError, "a descriptor has 9 fields, got %zd", n);

@@ -38,6 +38,11 @@ Invariants:
   that guest). spec: shm.guard.validate
 - The C acquires the segment's buffer for the length of one call only, so
   the segment can always be closed between calls.
+- One caller at a time per end: a call made while another on the same end
+  runs (re-entered from Python code it runs, or another thread) raises
+  RuntimeError and publishes nothing; callers that share an end hold a
+  lock. A doorbell failing after a publish is counted (`signal_failures`),
+  not raised. spec: shm.ring.spsc
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class RingStatistics:
     wakes_sent: int
     timeouts: int
     spin_budget: int
+    signal_failures: int = 0  # doorbell signals that failed after a publish (not raised)
 
     @classmethod
     def of(cls, end) -> "RingStatistics":
@@ -134,7 +140,7 @@ class RingStatistics:
         return cls(
             end.name, end.role, end.size, end.size - 1, end.depth(), end.transfers,
             end.would_block, end.waits, w.spins, w.spin_hits, w.sleeps, w.woken, end.wakes_sent,
-            end.timeouts, w.spin_budget,
+            end.timeouts, w.spin_budget, end.signal_failures,
         )
 
 
@@ -161,7 +167,7 @@ class RingProducer(_ring.Producer):
     From the C: try_push(desc) -> bool (any 9-sequence), try_push_many(descs)
     -> int, try_reserve() -> int | None, commit(), depth(); the attributes
     buf, doorbell, name, size, mask, desc_off, head_off, tail_off, flags_off
-    and the counters transfers, would_block, wakes_sent."""
+    and the counters transfers, would_block, wakes_sent, signal_failures."""
 
     __slots__ = ("waiter", "waits", "timeouts")
     role = "producer"

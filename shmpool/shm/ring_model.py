@@ -55,6 +55,7 @@ _unpack_from = L.DESCRIPTOR.unpack_from
 _DSIZE = L.DESCRIPTOR_SIZE
 _monotonic = time.monotonic
 _new_desc = tuple.__new__
+_WAKE_ALL = 2**31 - 1
 
 
 def model_with_inline(
@@ -91,7 +92,8 @@ class _ModelEnd:
     __slots__ = (
         "name", "buf", "size", "mask", "desc_off", "head_off", "tail_off", "flags_off",
         "doorbell", "waiter", "_wake_bit", "_wake_mask",
-        "transfers", "would_block", "waits", "wakes_sent", "timeouts",
+        "transfers", "would_block", "waits", "wakes_sent", "timeouts", "signal_failures",
+        "_busy", "_reserved",
     )
     role = "?"
 
@@ -129,6 +131,8 @@ class _ModelEnd:
         self._wake_bit = theirs
         self._wake_mask = theirs | (theirs << L.SLEEP_DOORBELL_SHIFT)
         self.transfers = self.would_block = self.waits = self.wakes_sent = self.timeouts = 0
+        self.signal_failures = 0
+        self._busy = self._reserved = False
         for which, off in (("head", head_off), ("tail", tail_off)):
             value = load_u32(buf, off)
             if value >= size:  # a corrupt index would make us write outside the ring
@@ -140,15 +144,31 @@ class _ModelEnd:
     def _bad_index(self, which: str, value: int, mine: int, seen: int) -> None:
         bad_index(self, which, value, mine, seen)
 
+    def _enter(self) -> None:
+        # One caller at a time: a call runs Python code midway (a field's
+        # __index__, a generator, the doorbell), and a call of the same end
+        # from there would publish under it. Cleared by the caller's finally.
+        if self._busy:
+            raise RuntimeError(f"ring end {self.name} used concurrently (re-entered while a "
+                               "call on it runs): one caller at a time")
+        self._busy = True
+
     def _wake_other(self, flags: int) -> None:
         # Slow path: the other side announced sleep. The word it sleeps on
-        # is the index we just published. spec: shm.wakeup.sleeping-word
+        # is the index we just published; every waiter on it is woken (two
+        # threads of one process share the bit). Called after the call left
+        # the end. The entry is published whatever happens: a doorbell
+        # that fails is counted, not raised (a caller would retry and send
+        # it twice). spec: shm.wakeup.sleeping-word
         self.wakes_sent += 1
         if flags & self._wake_bit:
             off = self.head_off if self.role == "producer" else self.tail_off
-            futex_wake(self.buf, off, 1)
+            futex_wake(self.buf, off, _WAKE_ALL)
         if self.doorbell is not None and flags & (self._wake_bit << L.SLEEP_DOORBELL_SHIFT):
-            self.doorbell.signal()
+            try:
+                self.doorbell.signal()
+            except Exception:
+                self.signal_failures += 1
 
     def depth(self) -> int:
         """Descriptors currently in the ring (shared view)."""
@@ -185,21 +205,26 @@ class ModelProducer(_ModelEnd):
     def try_push(self, desc: Descriptor) -> bool:
         """Push one descriptor if there is room; False if the ring is full.
         spec: shm.ring.full"""
-        head = self._head
-        nxt = (head + 1) & self.mask
-        if nxt == self._tail_seen:
-            if self._reload_tail(head) == nxt:
-                self.would_block += 1
-                return False
-        buf = self.buf
-        # Unpacking into names first: a star-call would build a new args
-        # tuple, which costs more than the pack itself.
-        m, f, i, meth, ref, gen, off, n, inline = desc
-        _pack_into(buf, self.desc_off + head * _DSIZE, m, f, i, meth, ref, gen, off, n, inline)
-        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
-        self._head = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
+        self._enter()
+        try:
+            head = self._head
+            nxt = (head + 1) & self.mask
+            if nxt == self._tail_seen:
+                if self._reload_tail(head) == nxt:
+                    self.would_block += 1
+                    return False
+            buf = self.buf
+            # Unpacking into names first: a star-call would build a new args
+            # tuple, which costs more than the pack itself.
+            m, f, i, meth, ref, gen, off, n, inline = desc
+            _pack_into(buf, self.desc_off + head * _DSIZE, m, f, i, meth, ref, gen, off, n, inline)
+            store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
+            self._head = nxt
+            self._reserved = False
+            self.transfers += 1
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+        finally:
+            self._busy = False
         if flags & self._wake_mask:
             self._wake_other(flags)
         return True
@@ -209,24 +234,30 @@ class ModelProducer(_ModelEnd):
         many were pushed (a prefix of `descs`; an iterator is advanced only
         past the ones pushed)."""
         buf, mask, base = self.buf, self.mask, self.desc_off
-        head = start = self._head
-        tail = self._reload_tail(head)
-        room = (tail - head - 1) & mask
-        n = 0
-        for desc in islice(descs, room):
-            m, f, i, meth, ref, gen, off, ln, inline = desc
-            _pack_into(buf, base + head * _DSIZE, m, f, i, meth, ref, gen, off, ln, inline)
-            head = (head + 1) & mask
-            n += 1
-        if n == room:
-            self.would_block += 1
-        if head != start:
-            store_u32(buf, self.head_off, head)  # spec: shm.ordering.ring-publish
-            self._head = head
-            self.transfers += n
-            flags = fetch_or_u32(buf, self.flags_off, 0)
-            if flags & self._wake_mask:
-                self._wake_other(flags)
+        self._enter()
+        flags = 0
+        try:
+            head = start = self._head
+            tail = self._reload_tail(head)
+            room = (tail - head - 1) & mask
+            n = 0
+            for desc in islice(descs, room):
+                m, f, i, meth, ref, gen, off, ln, inline = desc
+                _pack_into(buf, base + head * _DSIZE, m, f, i, meth, ref, gen, off, ln, inline)
+                head = (head + 1) & mask
+                n += 1
+            if n == room:
+                self.would_block += 1
+            if head != start:
+                store_u32(buf, self.head_off, head)  # spec: shm.ordering.ring-publish
+                self._head = head
+                self._reserved = False
+                self.transfers += n
+                flags = fetch_or_u32(buf, self.flags_off, 0)
+        finally:
+            self._busy = False
+        if flags & self._wake_mask:
+            self._wake_other(flags)
         return n
 
     def try_reserve(self) -> int | None:
@@ -234,23 +265,37 @@ class ModelProducer(_ModelEnd):
         fill next, or None if the ring is full. Write the 64 bytes there
         (e.g. `DESCRIPTOR.pack_into(buf, off, ...)`), then `commit()`.
         spec: shm.ring.reserve"""
-        head = self._head
-        nxt = (head + 1) & self.mask
-        if nxt == self._tail_seen:
-            if self._reload_tail(head) == nxt:
-                self.would_block += 1
-                return None
-        return self.desc_off + head * _DSIZE
+        self._enter()
+        try:
+            self._reserved = False
+            head = self._head
+            nxt = (head + 1) & self.mask
+            if nxt == self._tail_seen:
+                if self._reload_tail(head) == nxt:
+                    self.would_block += 1
+                    return None
+            self._reserved = True
+            return self.desc_off + head * _DSIZE
+        finally:
+            self._busy = False
 
     def commit(self) -> None:
         """Zero-copy push, step 2: publish the entry filled after
-        `try_reserve()`."""
-        buf = self.buf
-        nxt = (self._head + 1) & self.mask
-        store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
-        self._head = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
+        `try_reserve()` (RuntimeError without one: the index would move
+        past the consumer's). spec: shm.ring.reserve"""
+        self._enter()
+        try:
+            if not self._reserved:
+                raise RuntimeError(f"commit() without try_reserve() on ring end {self.name}")
+            buf = self.buf
+            nxt = (self._head + 1) & self.mask
+            store_u32(buf, self.head_off, nxt)  # spec: shm.ordering.ring-publish
+            self._head = nxt
+            self._reserved = False
+            self.transfers += 1
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+        finally:
+            self._busy = False
         if flags & self._wake_mask:
             self._wake_other(flags)
 
@@ -302,23 +347,28 @@ class ModelConsumer(_ModelEnd):
     def try_pop(self) -> Descriptor | None:
         """Pop one descriptor, or None if the ring is empty.
         spec: shm.ring.empty"""
-        tail = self._tail
-        if tail == self._head_seen:
-            # spec: shm.ordering.ring-consume (acquire pairs with the release)
-            h = load_u32(self.buf, self.head_off)
-            if tail == h:
-                self.would_block += 1
-                return None
-            if h > self.mask:  # (an empty ring: any in-range head is a forward move)
-                self._bad_index("head", h, tail, tail)
-            self._head_seen = h
-        buf = self.buf
-        desc = _new_desc(Descriptor, _unpack_from(buf, self.desc_off + tail * _DSIZE))
-        nxt = (tail + 1) & self.mask
-        store_u32(buf, self.tail_off, nxt)  # the copy above is done: release the entry
-        self._tail = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
+        self._enter()
+        try:
+            tail = self._tail
+            if tail == self._head_seen:
+                # spec: shm.ordering.ring-consume (acquire pairs with the release)
+                h = load_u32(self.buf, self.head_off)
+                if tail == h:
+                    self.would_block += 1
+                    return None
+                if h > self.mask:  # (an empty ring: any in-range head is a forward move)
+                    self._bad_index("head", h, tail, tail)
+                self._head_seen = h
+            buf = self.buf
+            desc = _new_desc(Descriptor, _unpack_from(buf, self.desc_off + tail * _DSIZE))
+            nxt = (tail + 1) & self.mask
+            store_u32(buf, self.tail_off, nxt)  # the copy above is done: release the entry
+            self._tail = nxt
+            self._reserved = False
+            self.transfers += 1
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+        finally:
+            self._busy = False
         if flags & self._wake_mask:
             self._wake_other(flags)
         return desc
@@ -328,16 +378,22 @@ class ModelConsumer(_ModelEnd):
         entry, or None if the ring is empty. Read what you need from it,
         then `release()`; the entry may be overwritten after that.
         spec: shm.ring.reserve"""
-        tail = self._tail
-        if tail == self._head_seen:
-            h = load_u32(self.buf, self.head_off)  # acquire
-            if tail == h:
-                self.would_block += 1
-                return None
-            if h > self.mask:
-                self._bad_index("head", h, tail, tail)
-            self._head_seen = h
-        return self.desc_off + tail * _DSIZE
+        self._enter()
+        try:
+            self._reserved = False
+            tail = self._tail
+            if tail == self._head_seen:
+                h = load_u32(self.buf, self.head_off)  # acquire
+                if tail == h:
+                    self.would_block += 1
+                    return None
+                if h > self.mask:
+                    self._bad_index("head", h, tail, tail)
+                self._head_seen = h
+            self._reserved = True
+            return self.desc_off + tail * _DSIZE
+        finally:
+            self._busy = False
 
     def peek(self, timeout: float | None = None) -> int | None:
         """Like try_peek, waiting up to `timeout` seconds for an entry."""
@@ -347,13 +403,22 @@ class ModelConsumer(_ModelEnd):
         return self._wait_then(self.try_peek, timeout)
 
     def release(self) -> None:
-        """Zero-copy pop, step 2: hand the peeked entry back to the producer."""
-        buf = self.buf
-        nxt = (self._tail + 1) & self.mask
-        store_u32(buf, self.tail_off, nxt)
-        self._tail = nxt
-        self.transfers += 1
-        flags = fetch_or_u32(buf, self.flags_off, 0)
+        """Zero-copy pop, step 2: hand the peeked entry back to the producer
+        (RuntimeError without a `try_peek()`: the index would move past the
+        producer's). spec: shm.ring.reserve"""
+        self._enter()
+        try:
+            if not self._reserved:
+                raise RuntimeError(f"release() without try_peek() on ring end {self.name}")
+            buf = self.buf
+            nxt = (self._tail + 1) & self.mask
+            store_u32(buf, self.tail_off, nxt)
+            self._tail = nxt
+            self._reserved = False
+            self.transfers += 1
+            flags = fetch_or_u32(buf, self.flags_off, 0)
+        finally:
+            self._busy = False
         if flags & self._wake_mask:
             self._wake_other(flags)
 
@@ -361,25 +426,31 @@ class ModelConsumer(_ModelEnd):
         """Pop up to `max_n` descriptors without waiting, publishing tail
         once. spec: shm.ring.batch"""
         buf, mask, base = self.buf, self.mask, self.desc_off
-        tail = start = self._tail
-        head = load_u32(buf, self.head_off)
-        if head > mask or (head - tail) & mask < (self._head_seen - tail) & mask:
-            self._bad_index("head", head, tail, self._head_seen)
-        self._head_seen = head
-        out = []
-        append = out.append
-        while tail != head and len(out) < max_n:
-            append(_new_desc(Descriptor, _unpack_from(buf, base + tail * _DSIZE)))
-            tail = (tail + 1) & mask
-        if tail != start:
-            store_u32(buf, self.tail_off, tail)
-            self._tail = tail
-            self.transfers += len(out)
-            flags = fetch_or_u32(buf, self.flags_off, 0)
-            if flags & self._wake_mask:
-                self._wake_other(flags)
-        else:
-            self.would_block += 1
+        self._enter()
+        flags = 0
+        try:
+            tail = start = self._tail
+            head = load_u32(buf, self.head_off)
+            if head > mask or (head - tail) & mask < (self._head_seen - tail) & mask:
+                self._bad_index("head", head, tail, self._head_seen)
+            self._head_seen = head
+            out = []
+            append = out.append
+            while tail != head and len(out) < max_n:
+                append(_new_desc(Descriptor, _unpack_from(buf, base + tail * _DSIZE)))
+                tail = (tail + 1) & mask
+            if tail != start:
+                store_u32(buf, self.tail_off, tail)
+                self._tail = tail
+                self._reserved = False
+                self.transfers += len(out)
+                flags = fetch_or_u32(buf, self.flags_off, 0)
+            else:
+                self.would_block += 1
+        finally:
+            self._busy = False
+        if flags & self._wake_mask:
+            self._wake_other(flags)
         return out
 
     def pop(self, timeout: float | None = None) -> Descriptor | None:

@@ -8,6 +8,7 @@ errors."""
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import socket
 import struct
@@ -106,4 +107,56 @@ def test_bad_offsets_and_bounds_are_errors():
         with pytest.raises(TypeError):
             G.Announcer(b"read-only", 0, 4, -1, 1000)
     finally:
+        buf.close()
+
+
+@pytest.mark.spec("shm.wakeup.guest-announce")
+def test_a_fork_child_leaves_the_parents_timer_alone():
+    """A child forked while the timer is armed shares the timerfd: its
+    announce, flush and close must not disarm it, or the parent's later
+    answers would never be rung for."""
+    buf = mmap.mmap(-1, 4096)
+    host, guest = socket.socketpair()
+    host.setblocking(False)
+    a = G.Announcer(buf, SLEEPING, POLLING, guest.fileno(), 50_000_000)
+    try:
+        struct.pack_into("I", buf, SLEEPING, 1)
+        a.defer()
+        a.busy()  # armed: the timer rings 50 ms after the defer
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 1
+            try:
+                if a.announce() == G.AWAKE and a.flush() == -1 and not a.pending:
+                    a.defer()
+                    a.busy()
+                    a.close()
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        wait_for(lambda: select.select([host], [], [], 0)[0], "the parent's timer rang", 30)
+        assert rung(host) == 1  # (the child rang nothing)
+        assert not a.pending and a.statistics()["timer_rings"] == 1
+    finally:
+        a.close()
+        host.close()
+        guest.close()
+        buf.close()
+
+
+@pytest.mark.spec("shm.wakeup.guest-announce")
+def test_the_announcer_rings_on_its_own_descriptor_of_the_doorbell():
+    buf = mmap.mmap(-1, 4096)
+    host, guest = socket.socketpair()
+    host.setblocking(False)
+    a = G.Announcer(buf, SLEEPING, POLLING, guest.fileno(), 100_000)
+    try:
+        guest.close()  # the caller's descriptor; the host end stays open
+        struct.pack_into("I", buf, SLEEPING, 1)
+        assert a.announce() == G.RANG and rung(host) == 1
+    finally:
+        a.close()
+        host.close()
         buf.close()

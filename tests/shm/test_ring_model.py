@@ -60,6 +60,8 @@ def outcome(fn):
         return ("corrupt", e.what)
     except struct.error:
         return ("struct.error",)
+    except RuntimeError as e:  # (a re-entered end; commit/release with nothing reserved)
+        return ("RuntimeError", str(e))
     if isinstance(got, Descriptor):
         return ("ok", type(got).__name__, tuple(got))
     if isinstance(got, list):
@@ -81,7 +83,8 @@ class _Ring:
     def state(self):
         p, c = self.p, self.c
         return (p._head, p._tail_seen, c._tail, c._head_seen, c.tail, p.depth(), c.depth(),
-                [(e.transfers, e.would_block, e.wakes_sent, e.waits, e.timeouts) for e in (p, c)])
+                [(e.transfers, e.would_block, e.wakes_sent, e.waits, e.timeouts, e.signal_failures)
+                 for e in (p, c)])
 
 
 class NativeAgainstModel(RuleBasedStateMachine):
@@ -136,6 +139,30 @@ class NativeAgainstModel(RuleBasedStateMachine):
                 r.buf[off : off + 64] = raw
                 r.p.commit()
             return off
+
+        self.both(op)
+
+    @rule()
+    def commit_alone(self):
+        self.both(lambda r: r.p.commit())  # (raises unless a reserve is outstanding)
+
+    @rule()
+    def release_alone(self):
+        self.both(lambda r: r.c.release())
+
+    @rule(d=descriptors, inner=descriptors)
+    def push_reentered(self, d, inner):
+        """A field's __index__ pushes on the same end: the inner call
+        raises, alike in both, and the outer one goes on."""
+        def op(r):
+            seen = []
+
+            class Reenters:
+                def __index__(self):
+                    seen.append(outcome(lambda: r.p.try_push(inner)))
+                    return 1
+
+            return outcome(lambda: r.p.try_push((Reenters(),) + tuple(d)[1:])), seen
 
         self.both(op)
 
