@@ -115,6 +115,7 @@ class AdaptiveMap:
             self.per_item, self.measured = per_item, largest // (GROWTH * GROWTH)
         self.closed = False
         self.feeding = False
+        self.raised = None  # the input's exception, met after the items of the chunk being cut
         self.buffersize = buffersize
         if buffersize is None:  # (the stdlib's map reads all of it now, too)
             self.items = list(iterables[0]) if not self.star else list(zip(*iterables))
@@ -165,12 +166,17 @@ class AdaptiveMap:
                 self.exhausted = True
             return chunk
         chunk = []
-        for x in self.it:  # (user code: on the consumer's thread only)
-            chunk.append(x)
-            if len(chunk) >= n:
-                break
-        else:
-            self.exhausted = True
+        try:
+            for x in self.it:  # (user code: on the consumer's thread only)
+                chunk.append(x)
+                if len(chunk) >= n:
+                    break
+            else:
+                self.exhausted = True
+        except Exception as e:  # noqa: BLE001 - the items read before it still run, then it is raised
+            if not chunk:
+                raise
+            self.raised = e
         return tuple(chunk)
 
     def _feed(self, consumer: bool = False, limit: int | None = None) -> None:
@@ -202,6 +208,10 @@ class AdaptiveMap:
                 self.ahead += len(chunk)
                 self.stats.add(len(chunk))
                 fut.add_done_callback(self._done)
+                if self.raised is not None:  # the input raised after this chunk's items
+                    self._fail_rest(self.raised)
+                    self.raised = None
+                    break
         finally:
             self.feeding = False
         if self.exhausted:

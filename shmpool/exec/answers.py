@@ -399,7 +399,7 @@ class Answers:
                     f"({'; '.join(task.crashes)}); max_retries={self.state.max_retries}, so it is not "
                     "retried again. The pool replaced the worker(s) and goes on."
                 )
-                self._complete(task, error=err)
+                self._complete(task, error=err, locked=True)
                 return
             self.state.stats["retries"] += 1
         else:
@@ -407,12 +407,12 @@ class Answers:
         self.state.queue.appendleft(task)
 
     def _complete(self, task: _Task, *, result=None, error: BaseException | None = None,
-                  done: list | None = None) -> None:
+                  done: list | None = None, locked: bool = False) -> None:
         """Set the task's outcome; then it is finished now, or (`done`)
         by the caller, who collects them to take the lock once."""
         fut = task.future
         if fut is not None and fut._state not in _FINAL:  # (None: failed by break_pool meanwhile)
-            resolve(fut, result, error, self.state.post)
+            resolve(fut, result, error, self.state.post, locked)
             if done is not None:
                 done.append((task, error is not None))
                 return

@@ -100,7 +100,7 @@ class EngineState:
     def fail(self, task, err: BaseException) -> None:
         """(lock held) Fail a task that is neither queued nor held by a worker."""
         if not task.future.done():
-            resolve(task.future, None, err, self.post)
+            resolve(task.future, None, err, self.post, locked=True)
         self.finished(task)
 
     def break_pool(self, why: str) -> None:
@@ -116,12 +116,12 @@ class EngineState:
             w.inflight.clear()
         for t in pending:
             if not t.finished and not t.future.done():
-                resolve(t.future, None, err, self.post)
+                resolve(t.future, None, err, self.post, locked=True)
             self.finished(t)
         self.idle.notify_all()
 
 
-def resolve(fut: Future, result, error: BaseException | None, post=None) -> None:
+def resolve(fut: Future, result, error: BaseException | None, post=None, locked: bool = False) -> None:
     """Set the outcome and run the done callbacks. With `post` (the hub's
     `post`: run on the driver thread) the callbacks of a future delivered
     on another thread (a caller fetching its answer, or submitting) go to
@@ -129,6 +129,9 @@ def resolve(fut: Future, result, error: BaseException | None, post=None) -> None
     that takes a lock the waiting or submitting thread holds would
     otherwise deadlock, and the stdlib never runs one inside `result()` or
     `submit()`. The future is done, and its waiters are woken, before.
+    With `locked` (the engine's lock is held) they go there in any case,
+    to run once it is released: a callback may take a lock of its own
+    (an adaptive map's) that another thread holds while it submits.
     (spec: exec.caller-fetch)
     A user's done callback may start a process: on our threads user
     callbacks run with the signals unblocked. Ours (shmpool's own modules:
@@ -144,7 +147,7 @@ def resolve(fut: Future, result, error: BaseException | None, post=None) -> None
         with fut._condition:  # (an RLock: set_* takes it again; a callback added meanwhile waits)
             cbs, fut._done_callbacks = fut._done_callbacks, []
             _resolve_now(fut, result, error)
-        if not cbs or post(run_callbacks, fut, cbs):
+        if not cbs or post(run_callbacks, fut, cbs, later=locked):
             return
         run_callbacks(fut, cbs)  # (on the driver thread, or it stopped)
         return

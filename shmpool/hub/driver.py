@@ -157,13 +157,14 @@ class Driver:
         self.watches.wake()
         return fut.result()
 
-    def post(self, fn, *args) -> bool:
+    def post(self, fn, *args, later: bool = False) -> bool:
         """Run `fn(*args)` on the driver thread soon, without waiting for
         it (an exception it raises is printed). False, and nothing posted,
-        on the driver thread or once the driver stops: the caller runs it."""
-        if self.on_driver:
+        on the driver thread (unless `later`: then at its next loop) or
+        once the driver stops: the caller runs it."""
+        if self.on_driver and not later:
             return False
-        fut: Future = Future()
+        fut = _Posted()
         fut.add_done_callback(_report_failure)
         with self._lock:
             if not self.running:
@@ -598,14 +599,25 @@ class Driver:
             self._commands.clear()
             self.table.clear()
             self.table.cond.notify_all()
-        for fut, *_ in pending:
-            if fut.set_running_or_notify_cancel():
+        for fut, fn, args, kw in pending:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            if isinstance(fut, _Posted):  # (what was posted runs, here, rather than never)
+                try:
+                    fut.set_result(fn(*args, **kw))
+                except BaseException as e:  # noqa: BLE001 - reported by its callback
+                    fut.set_exception(e)
+            else:
                 fut.set_exception(HubError(self.closed_message()))
         self.watches.close()
         try:
             self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
         finally:
             self._stopped.set()
+
+
+class _Posted(Future):
+    """The future of a `post`: nobody waits for it; its failure is printed."""
 
 
 def _report_failure(fut: Future) -> None:

@@ -337,10 +337,11 @@ class ShmHost:
         always follow this with it."""
         self._driver.announce_poll(peer_id)
 
-    def post(self, fn, *args) -> bool:
+    def post(self, fn, *args, later: bool = False) -> bool:
         """Run `fn(*args)` on the driver thread soon (not waiting for it).
-        False, nothing posted, on the driver thread or once it stops."""
-        return self._driver.post(fn, *args)
+        False, nothing posted, on the driver thread (unless `later`: at its
+        next loop) or once it stops."""
+        return self._driver.post(fn, *args, later=later)
 
     def poll(self, peer_id: int, *, spin: bool = False) -> int:
         """Deliver `peer_id`'s waiting guest->host messages to the message

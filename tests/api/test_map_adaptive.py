@@ -68,6 +68,23 @@ def test_exception_raised_at_its_item_after_the_earlier_results(ex):
     assert list(ex.map(ident, range(10))) == list(range(10))  # the executor goes on
 
 
+def test_an_input_that_raises_midway_with_buffersize_loses_no_result(ex):
+    """With `buffersize` the input is read as the consumer advances; an
+    exception it raises in the middle of cutting a chunk is raised after
+    the results of every item read before it (the items cut with it ran)."""
+    def items():
+        for i in range(5_000):
+            yield i
+        raise LookupError("input ends badly")
+
+    got = []
+    with pytest.raises(LookupError, match="input ends badly"):
+        for y in ex.map(ident, items(), buffersize=4096):
+            got.append(y)
+    assert got == list(range(5_000))
+    assert ex.statistics()["map_largest_chunk"] > 1  # (it was read in chunks that grew)
+
+
 def test_endless_input_with_buffersize_is_read_lazily(ex):
     pulled = 0
 
