@@ -2,13 +2,14 @@
  * shmpool._ring -- layer 0: the per-message mechanics of the SPSC
  * descriptor ring, in C.
  *
- * Owns: `Producer` and `Consumer` (the C halves of shm/ring.py's
- * RingProducer / RingConsumer, which subclass them): try_push /
- * try_push_many / try_reserve / commit, try_pop / pop_batch / try_peek /
- * release, and the wake decision after publishing; and the module. The
- * descriptor's encoding and `bind` live in _ring_codec.c, the waiter's
- * GIL-free halves (`spin`, `sleep_futex`) in _ring_wait.c; _ring.h is
- * what the three share.
+ * Owns: `Producer` (the C half of shm/ring.py's RingProducer, which
+ * subclasses it: try_push / try_push_many / try_reserve / commit), what
+ * both ends share (construction, taking and leaving the buffer, the wake
+ * decision after publishing, the bad-index report), and the module.
+ * `Consumer` (try_pop / pop_batch / try_peek / release) lives in
+ * _ring_consumer.c, the descriptor's encoding and `bind` in _ring_codec.c,
+ * the waiter's GIL-free halves (`spin`, `sleep_futex`) in _ring_wait.c;
+ * _ring.h is what they share.
  *
  * Data flow: ring.py calls `bind()` once at import with the Descriptor
  * class and the descriptor's layout as shm/layout.py declares it; the C
@@ -61,32 +62,13 @@
 #include <unistd.h>
 #endif
 
-enum { RING_OK = 0, RING_CORRUPT = -2 };
 
 /* ------------------------------------------------------------------------ */
 /* Ring ends                                                                 */
 /* ------------------------------------------------------------------------ */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *buf;
-    PyObject *doorbell;   /* a Doorbell or None */
-    PyObject *name;
-    Py_ssize_t need;      /* bytes the buffer must have */
-    Py_ssize_t desc_off, head_off, tail_off, flags_off;
-    uint32_t size, mask;
-    uint32_t wake_bit, wake_mask;
-    uint32_t mine;        /* producer: head; consumer: tail (this end writes it) */
-    uint32_t seen;        /* the other end's index, as last validated */
-    unsigned long long transfers, would_block, wakes_sent, signal_failures;
-    int consumer;
-    int ready;
-    int busy;             /* a call is in progress (see enter()) */
-    int reserved;         /* try_reserve / try_peek handed out the entry at `mine` */
-} Ring;
 
 static PyTypeObject ProducerType;
-static PyTypeObject ConsumerType;
 
 /* The buffer for one call, and the end's busy flag. Its pointer may differ
  * between calls (a resized bytearray): length and alignment are re-checked,
@@ -99,8 +81,8 @@ static PyTypeObject ConsumerType;
  * move the cursor under the outer call, which then publishes an index
  * computed from a stale one: entries lost or sent twice. `busy` is set
  * here and cleared by `leave` on every exit; a call finding it set raises. */
-static char *
-acquire(Ring *r, Py_buffer *v)
+char *
+ring_acquire(Ring *r, Py_buffer *v)
 {
     if (!r->ready) {
         PyErr_SetString(PyExc_RuntimeError, "ring end used before __init__");
@@ -125,17 +107,11 @@ acquire(Ring *r, Py_buffer *v)
     return base;
 }
 
-static inline void
-leave(Ring *r, Py_buffer *v)
-{
-    PyBuffer_Release(v);
-    r->busy = 0;
-}
 
 /* Turn RING_CORRUPT into the model's SegmentCorruptError: ring.py's
  * `_bad_index` composes the message and raises. */
-static PyObject *
-bad_index(Ring *r, const char *which, uint32_t value, uint32_t mine, uint32_t seen)
+PyObject *
+ring_bad_index(Ring *r, const char *which, uint32_t value, uint32_t mine, uint32_t seen)
 {
     PyObject *res = PyObject_CallMethod((PyObject *)r, "_bad_index", "sIII",
                                         which, value, mine, seen);
@@ -168,8 +144,8 @@ futex_wake_all(_Atomic uint32_t *word)
  * counted in `signal_failures`; the dead-peer check notices the rest. A
  * signal handler's exception (not an Exception) still propagates.
  * spec: shm.wakeup.sleeping-word */
-static PyObject *
-wake_other(Ring *r, char *base, Py_buffer *v, Py_ssize_t word_off, PyObject *ret)
+PyObject *
+ring_wake_other(Ring *r, char *base, Py_buffer *v, Py_ssize_t word_off, PyObject *ret)
 {
     uint32_t flags = atomic_fetch_or_explicit(WORD(base, r->flags_off), 0, memory_order_seq_cst);
     int ring_doorbell = 0;
@@ -179,7 +155,7 @@ wake_other(Ring *r, char *base, Py_buffer *v, Py_ssize_t word_off, PyObject *ret
             (void)futex_wake_all(WORD(base, word_off));
         ring_doorbell = r->doorbell != Py_None && (flags & (r->wake_bit << ring_doorbell_shift));
     }
-    leave(r, v);
+    ring_leave(r, v);
     if (ret == NULL || !ring_doorbell)
         return ret;
     PyObject *doorbell = Py_NewRef(r->doorbell);
@@ -198,7 +174,7 @@ wake_other(Ring *r, char *base, Py_buffer *v, Py_ssize_t word_off, PyObject *ret
     return ret;
 }
 
-static int
+int
 ring_traverse(Ring *r, visitproc visit, void *arg)
 {
     Py_VISIT(r->buf);
@@ -207,7 +183,7 @@ ring_traverse(Ring *r, visitproc visit, void *arg)
     return 0;
 }
 
-static int
+int
 ring_clear(Ring *r)
 {
     r->ready = 0;
@@ -219,7 +195,7 @@ ring_clear(Ring *r)
 
 /* (Static types: a heap subclass's own dealloc and traverse handle the
  * reference to its type.) */
-static void
+void
 ring_dealloc(Ring *r)
 {
     PyObject_GC_UnTrack(r);
@@ -229,7 +205,7 @@ ring_dealloc(Ring *r)
 
 /* Ring(buf, desc_offset, size, head_off, tail_off, flags_off, wake_bit,
  *      doorbell, name) */
-static int
+int
 ring_init(Ring *r, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"buf", "desc_offset", "size", "head_off", "tail_off",
@@ -305,15 +281,15 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     r->wake_mask = wake_bit | (wake_bit << ring_doorbell_shift);
     r->transfers = r->would_block = r->wakes_sent = r->signal_failures = 0;
     r->reserved = 0;
-    r->consumer = PyObject_TypeCheck(r, &ConsumerType);
+    r->consumer = PyObject_TypeCheck(r, &RingConsumerType);
     r->ready = 0;
     /* A corrupt index would make this end write outside the ring. */
     if (head >= r->size) {
-        bad_index(r, "head", head, 0, 0);
+        ring_bad_index(r, "head", head, 0, 0);
         return -1;
     }
     if (tail >= r->size) {
-        bad_index(r, "tail", tail, 0, 0);
+        ring_bad_index(r, "tail", tail, 0, 0);
         return -1;
     }
     r->mine = r->consumer ? tail : head;
@@ -322,16 +298,16 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     return 0;
 }
 
-static PyObject *
+PyObject *
 ring_depth(Ring *r, PyObject *unused)
 {
     Py_buffer v;
-    char *base = acquire(r, &v);
+    char *base = ring_acquire(r, &v);
     if (base == NULL)
         return NULL;
     uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
     uint32_t t = atomic_load_explicit(WORD(base, r->tail_off), memory_order_acquire);
-    leave(r, &v);
+    ring_leave(r, &v);
     return PyLong_FromUnsignedLong((h - t) & r->mask);
 }
 
@@ -371,7 +347,7 @@ publish_head(Ring *r, char *base, Py_buffer *v, uint32_t head, unsigned long lon
     r->mine = head;
     r->reserved = 0;
     r->transfers += n;
-    return wake_other(r, base, v, r->head_off, ret);
+    return ring_wake_other(r, base, v, r->head_off, ret);
 }
 
 static PyObject *
@@ -379,20 +355,20 @@ producer_try_push(Ring *r, PyObject *desc)
 {
     Py_buffer v;
     uint32_t bad;
-    char *base = acquire(r, &v);
+    char *base = ring_acquire(r, &v);
     if (base == NULL)
         return NULL;
     uint32_t head = r->mine, seen = r->seen;
     int room = room_for_one(r, base, head, &bad);
     if (room <= 0) {
-        leave(r, &v);
+        ring_leave(r, &v);
         if (room == RING_CORRUPT)
-            return bad_index(r, "tail", bad, head, seen);
+            return ring_bad_index(r, "tail", bad, head, seen);
         r->would_block++;
         Py_RETURN_FALSE;
     }
     if (ring_encode_desc(desc, base + r->desc_off + (Py_ssize_t)head * DSIZE) < 0) {
-        leave(r, &v);
+        ring_leave(r, &v);
         return NULL;
     }
     return publish_head(r, base, &v, (head + 1) & r->mask, 1, Py_NewRef(Py_True));
@@ -403,18 +379,18 @@ producer_try_push_many(Ring *r, PyObject *descs)
 {
     Py_buffer v;
     uint32_t bad;
-    char *base = acquire(r, &v);
+    char *base = ring_acquire(r, &v);
     if (base == NULL)
         return NULL;
     uint32_t start = r->mine, head = start, seen = r->seen;
     if (reload_tail(r, base, head, &bad) < 0) {
-        leave(r, &v);
-        return bad_index(r, "tail", bad, head, seen);
+        ring_leave(r, &v);
+        return ring_bad_index(r, "tail", bad, head, seen);
     }
     uint32_t room = (r->seen - head - 1) & r->mask;
     PyObject *it = PyObject_GetIter(descs);
     if (it == NULL) {
-        leave(r, &v);
+        ring_leave(r, &v);
         return NULL;
     }
     uint32_t n = 0;
@@ -436,13 +412,13 @@ producer_try_push_many(Ring *r, PyObject *descs)
     if (n == room)
         r->would_block++;
     if (head == start) {
-        leave(r, &v);
+        ring_leave(r, &v);
         return PyLong_FromUnsignedLong(n);
     }
     return publish_head(r, base, &v, head, n, PyLong_FromUnsignedLong(n));
 fail:
     Py_DECREF(it);
-    leave(r, &v);
+    ring_leave(r, &v);
     return NULL;
 }
 
@@ -451,15 +427,15 @@ producer_try_reserve(Ring *r, PyObject *unused)
 {
     Py_buffer v;
     uint32_t bad;
-    char *base = acquire(r, &v);
+    char *base = ring_acquire(r, &v);
     if (base == NULL)
         return NULL;
     uint32_t head = r->mine, seen = r->seen;
     int room = room_for_one(r, base, head, &bad);
     r->reserved = room > 0;
-    leave(r, &v);
+    ring_leave(r, &v);
     if (room == RING_CORRUPT)
-        return bad_index(r, "tail", bad, head, seen);
+        return ring_bad_index(r, "tail", bad, head, seen);
     if (room == 0) {
         r->would_block++;
         Py_RETURN_NONE;
@@ -469,25 +445,16 @@ producer_try_reserve(Ring *r, PyObject *unused)
 
 /* commit() / release() publish the entry try_reserve() / try_peek() handed
  * out; without one, the index would move past the other end's. */
-static int
-check_reserved(Ring *r, const char *what, const char *first)
-{
-    if (!r->reserved) {
-        PyErr_Format(PyExc_RuntimeError, "%s() without %s() on ring end %U", what, first, r->name);
-        return 0;
-    }
-    return 1;
-}
 
 static PyObject *
 producer_commit(Ring *r, PyObject *unused)
 {
     Py_buffer v;
-    char *base = acquire(r, &v);
+    char *base = ring_acquire(r, &v);
     if (base == NULL)
         return NULL;
     if (!check_reserved(r, "commit", "try_reserve")) {
-        leave(r, &v);
+        ring_leave(r, &v);
         return NULL;
     }
     return publish_head(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
@@ -498,190 +465,12 @@ producer_commit(Ring *r, PyObject *unused)
 /* An entry at `tail`? 1 yes, 0 empty, RING_CORRUPT. The head is reloaded
  * only when the cached one says empty; for an empty ring any in-range head
  * is a forward move. spec: shm.ordering.ring-consume */
-static int
-entry_at(Ring *r, char *base, uint32_t tail, uint32_t *bad)
-{
-    if (tail != r->seen)
-        return 1;
-    uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
-    if (h == tail)
-        return 0;
-    if (h > r->mask) {
-        *bad = h;
-        return RING_CORRUPT;
-    }
-    r->seen = h;
-    return 1;
-}
-
-static PyObject *
-publish_tail(Ring *r, char *base, Py_buffer *v, uint32_t tail, unsigned long long n, PyObject *ret)
-{
-    atomic_store_explicit(WORD(base, r->tail_off), tail, memory_order_release);
-    r->mine = tail;
-    r->reserved = 0;
-    r->transfers += n;
-    return wake_other(r, base, v, r->tail_off, ret);
-}
-
-static PyObject *
-consumer_try_pop(Ring *r, PyObject *unused)
-{
-    Py_buffer v;
-    uint32_t bad;
-    char *base = acquire(r, &v);
-    if (base == NULL)
-        return NULL;
-    uint32_t tail = r->mine;
-    int has = entry_at(r, base, tail, &bad);
-    if (has <= 0) {
-        leave(r, &v);
-        if (has == RING_CORRUPT)
-            return bad_index(r, "head", bad, tail, tail);
-        r->would_block++;
-        Py_RETURN_NONE;
-    }
-    PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)tail * DSIZE);
-    if (d == NULL) {
-        leave(r, &v);
-        return NULL;
-    }
-    /* the copy is done: release the entry */
-    return publish_tail(r, base, &v, (tail + 1) & r->mask, 1, d);
-}
-
-static PyObject *
-consumer_try_peek(Ring *r, PyObject *unused)
-{
-    Py_buffer v;
-    uint32_t bad;
-    char *base = acquire(r, &v);
-    if (base == NULL)
-        return NULL;
-    uint32_t tail = r->mine;
-    int has = entry_at(r, base, tail, &bad);
-    r->reserved = has > 0;
-    leave(r, &v);
-    if (has == RING_CORRUPT)
-        return bad_index(r, "head", bad, tail, tail);
-    if (has == 0) {
-        r->would_block++;
-        Py_RETURN_NONE;
-    }
-    return PyLong_FromSsize_t(r->desc_off + (Py_ssize_t)tail * DSIZE);
-}
-
-static PyObject *
-consumer_release(Ring *r, PyObject *unused)
-{
-    Py_buffer v;
-    char *base = acquire(r, &v);
-    if (base == NULL)
-        return NULL;
-    if (!check_reserved(r, "release", "try_peek")) {
-        leave(r, &v);
-        return NULL;
-    }
-    return publish_tail(r, base, &v, (r->mine + 1) & r->mask, 1, Py_NewRef(Py_None));
-}
-
-static PyObject *
-consumer_pop_batch(Ring *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    Py_ssize_t max_n = 64;
-    PyObject *arg = nargs == 1 ? args[0] : NULL;
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nkw == 1 && nargs == 0 &&
-        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "max_n") == 0) {
-        arg = args[0];
-    } else if (nargs > 1 || nkw) {
-        PyErr_SetString(PyExc_TypeError, "pop_batch() takes one argument, max_n");
-        return NULL;
-    }
-    if (arg != NULL) {
-        max_n = PyNumber_AsSsize_t(arg, NULL); /* (clamped: the model only compares it) */
-        if (max_n == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    Py_buffer v;
-    char *base = acquire(r, &v);
-    if (base == NULL)
-        return NULL;
-    uint32_t tail = r->mine, mask = r->mask, seen = r->seen;
-    uint32_t head = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
-    if (head > mask || ((head - tail) & mask) < ((seen - tail) & mask)) {
-        leave(r, &v);
-        return bad_index(r, "head", head, tail, seen);
-    }
-    r->seen = head;
-    Py_ssize_t n = (head - tail) & mask;
-    if (max_n < n)
-        n = max_n < 0 ? 0 : max_n;
-    PyObject *out = PyList_New(n);
-    if (out == NULL) {
-        leave(r, &v);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *d = ring_decode_desc(base + r->desc_off + (Py_ssize_t)((tail + i) & mask) * DSIZE);
-        if (d == NULL) {
-            Py_DECREF(out);
-            leave(r, &v);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, d);
-    }
-    if (n == 0) {
-        r->would_block++;
-        leave(r, &v);
-        return out;
-    }
-    return publish_tail(r, base, &v, (tail + (uint32_t)n) & mask, (unsigned long long)n, out);
-}
-
-static PyObject *
-consumer_tail(Ring *r, void *unused)
-{
-    return PyLong_FromUnsignedLong(r->mine);
-}
-
 /* -- types ---------------------------------------------------------------- */
-
-#define COMMON_MEMBERS                                                                    \
-    {"buf", T_OBJECT, offsetof(Ring, buf), READONLY, "the buffer the ring lives in"},    \
-    {"doorbell", T_OBJECT, offsetof(Ring, doorbell), READONLY, "the doorbell, or None"}, \
-    {"name", T_OBJECT, offsetof(Ring, name), READONLY, NULL},                            \
-    {"size", T_UINT, offsetof(Ring, size), READONLY, "entries (a power of two)"},        \
-    {"mask", T_UINT, offsetof(Ring, mask), READONLY, NULL},                              \
-    {"desc_off", T_PYSSIZET, offsetof(Ring, desc_off), READONLY, NULL},                  \
-    {"head_off", T_PYSSIZET, offsetof(Ring, head_off), READONLY, NULL},                  \
-    {"tail_off", T_PYSSIZET, offsetof(Ring, tail_off), READONLY, NULL},                  \
-    {"flags_off", T_PYSSIZET, offsetof(Ring, flags_off), READONLY, NULL},                \
-    {"_wake_bit", T_UINT, offsetof(Ring, wake_bit), READONLY, NULL},                     \
-    {"_wake_mask", T_UINT, offsetof(Ring, wake_mask), READONLY, NULL},                   \
-    {"transfers", T_ULONGLONG, offsetof(Ring, transfers), 0, NULL},                      \
-    {"would_block", T_ULONGLONG, offsetof(Ring, would_block), 0, NULL},                  \
-    {"wakes_sent", T_ULONGLONG, offsetof(Ring, wakes_sent), 0, NULL},                      \
-    {"signal_failures", T_ULONGLONG, offsetof(Ring, signal_failures), 0,                 \
-     "doorbell signals that failed after a publish (counted, not raised)"}
 
 static PyMemberDef producer_members[] = {
     COMMON_MEMBERS,
     {"_head", T_UINT, offsetof(Ring, mine), READONLY, "this end's head"},
     {"_tail_seen", T_UINT, offsetof(Ring, seen), READONLY, "the tail last validated"},
-    {NULL},
-};
-
-static PyMemberDef consumer_members[] = {
-    COMMON_MEMBERS,
-    {"_tail", T_UINT, offsetof(Ring, mine), READONLY, "this end's tail"},
-    {"_head_seen", T_UINT, offsetof(Ring, seen), READONLY, "the head last validated"},
-    {NULL},
-};
-
-static PyGetSetDef consumer_getset[] = {
-    {"tail", (getter)consumer_tail, NULL,
-     "the index of the next entry this end will pop (its copy of the tail word)", NULL},
     {NULL},
 };
 
@@ -694,19 +483,6 @@ static PyMethodDef producer_methods[] = {
      "try_reserve() -> int | None: offset of the entry to fill, None if full."},
     {"commit", (PyCFunction)producer_commit, METH_NOARGS,
      "commit(): publish the entry filled after try_reserve()."},
-    {"depth", (PyCFunction)ring_depth, METH_NOARGS, "depth() -> int: entries in the ring."},
-    {NULL},
-};
-
-static PyMethodDef consumer_methods[] = {
-    {"try_pop", (PyCFunction)consumer_try_pop, METH_NOARGS,
-     "try_pop() -> Descriptor | None"},
-    {"pop_batch", (PyCFunction)(void (*)(void))consumer_pop_batch, METH_FASTCALL | METH_KEYWORDS,
-     "pop_batch(max_n=64) -> list[Descriptor]: pop up to max_n, publishing tail once."},
-    {"try_peek", (PyCFunction)consumer_try_peek, METH_NOARGS,
-     "try_peek() -> int | None: offset of the next entry, None if empty."},
-    {"release", (PyCFunction)consumer_release, METH_NOARGS,
-     "release(): hand the peeked entry back to the producer."},
     {"depth", (PyCFunction)ring_depth, METH_NOARGS, "depth() -> int: entries in the ring."},
     {NULL},
 };
@@ -724,22 +500,6 @@ static PyTypeObject ProducerType = {
     .tp_new = PyType_GenericNew,
     .tp_methods = producer_methods,
     .tp_members = producer_members,
-};
-
-static PyTypeObject ConsumerType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmpool._ring.Consumer",
-    .tp_basicsize = sizeof(Ring),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The consuming end of an SPSC descriptor ring (C half).",
-    .tp_traverse = (traverseproc)ring_traverse,
-    .tp_clear = (inquiry)ring_clear,
-    .tp_dealloc = (destructor)ring_dealloc,
-    .tp_init = (initproc)ring_init,
-    .tp_new = PyType_GenericNew,
-    .tp_methods = consumer_methods,
-    .tp_members = consumer_members,
-    .tp_getset = consumer_getset,
 };
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))ring_##name, METH_FASTCALL, doc}
@@ -775,10 +535,10 @@ exec_module(PyObject *mod)
         PyErr_SetString(PyExc_ImportError, "shmpool needs lock-free 32-bit atomics");
         return -1;
     }
-    if (PyType_Ready(&ProducerType) < 0 || PyType_Ready(&ConsumerType) < 0)
+    if (PyType_Ready(&ProducerType) < 0 || PyType_Ready(&RingConsumerType) < 0)
         return -1;
     if (PyModule_AddObjectRef(mod, "Producer", (PyObject *)&ProducerType) < 0 ||
-        PyModule_AddObjectRef(mod, "Consumer", (PyObject *)&ConsumerType) < 0 ||
+        PyModule_AddObjectRef(mod, "Consumer", (PyObject *)&RingConsumerType) < 0 ||
         PyModule_AddIntConstant(mod, "WOKEN", WAIT_WOKEN) < 0 ||
         PyModule_AddIntConstant(mod, "VALUE_CHANGED", WAIT_VALUE_CHANGED) < 0 ||
         PyModule_AddIntConstant(mod, "TIMED_OUT", WAIT_TIMED_OUT) < 0 ||
