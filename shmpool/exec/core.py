@@ -68,7 +68,7 @@ from .fncache import FunctionCache
 from .scheduler import Scheduler
 from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
-from .state import EngineState
+from .state import EngineState, run_callbacks
 from .tasks import _Task, WorkerRecord
 
 _pickle_dumps = pickle.dumps
@@ -358,17 +358,32 @@ class Core:
         if self.foreign:
             return
         st = self.state
+        later = []  # (future, its done callbacks): run once the lock is released
         with self.lock:
             keep = self.starter.starting * st.max_inflight
             kept = []
             while st.queue:
                 t = st.queue.popleft()
-                if keep > 0 or not t.future.cancel():
+                if keep > 0:
                     keep -= 1
                     kept.append(t)
-                else:
-                    st.finished(t)
+                    continue
+                fut = t.future
+                # Cancelled with its callbacks taken out: they run after the
+                # lock is released (one may take a lock of its own, e.g. an
+                # adaptive map's, that a submitting thread holds before ours).
+                with fut._condition:
+                    cbs, fut._done_callbacks = fut._done_callbacks, []
+                    if not fut.cancel():
+                        fut._done_callbacks = cbs + fut._done_callbacks
+                        kept.append(t)
+                        continue
+                if cbs:
+                    later.append((fut, cbs))
+                st.finished(t)
             st.queue.extend(kept)
+        for fut, cbs in later:
+            run_callbacks(fut, cbs)
 
     def capacity(self) -> int:
         """Tasks the workers can hold at once now (their windows summed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -139,6 +140,36 @@ def test_shutdown_cancel_futures():
     e.shutdown(wait=True, cancel_futures=True)
     assert running.result() == 0.3
     assert all(f.cancelled() for f in queued)
+
+
+@pytest.mark.spec("exec.caller-fetch")
+def test_cancel_futures_runs_the_callbacks_once_the_pool_lock_is_released(tmp_path):
+    """The done callbacks of the futures `shutdown(cancel_futures=True)`
+    cancels run after the pool's lock is released: a callback may wait for
+    another thread that needs the pool (here one reading its statistics),
+    which under the lock would wait for the callback in turn."""
+    from harness.tasks import wait_gate
+
+    gate = tmp_path / "gate"
+    e = ShmExecutor(1, max_inflight=1)
+    running = e.submit(wait_gate, str(gate))
+    wait_for(running.running)
+    seen = []
+
+    def on_done(fut):
+        t = threading.Thread(target=e.statistics)
+        t.start()
+        t.join(30)
+        seen.append((fut.cancelled(), t.is_alive()))
+
+    queued = [e.submit(square, i) for i in range(3)]
+    for f in queued:
+        f.add_done_callback(on_done)
+    e.shutdown(wait=False, cancel_futures=True)
+    gate.touch()
+    e.shutdown(wait=True)
+    assert running.result() == "opened"
+    assert seen == [(True, False)] * 3
 
 
 @pytest.mark.named_segment  # (checks that the file goes; anonymous: test_memfd.py)

@@ -262,9 +262,13 @@ def guest_ignore_goodbye(g) -> int:
 def cmd_guest(mode: str, *ticket: str) -> None:
     from shmpool.hub.guest import run_guest
 
-    delay = float(os.environ.get("HUB_ATTACH_DELAY", "0"))
-    if delay:
-        time.sleep(delay)
+    host = int(os.environ.get("HUB_ATTACH_AFTER_HOST_DIES", "0"))
+    if host:
+        # Attach only once the host (our parent, that pid) is gone: a
+        # condition, not a delay that a slow machine could outlast.
+        deadline = time.monotonic() + 60
+        while os.getppid() == host and time.monotonic() < deadline:
+            time.sleep(0.005)
     run_guest(command(globals(), "guest_", mode), list(ticket), prog=f"hub_child {mode}")
 
 
@@ -304,6 +308,8 @@ def cmd_host(n: str, mode: str) -> None:
     host = ShmHost.create(config=SegmentConfig(max_guests=int(n), ring_size=64))
     host.set_message_handler(lambda peer, batch: None)
     kind = {"idle": "idle", "busy": "echo", "late": "idle", "forget": "idle"}[mode]
+    if mode == "late":  # its guests attach only once this process is gone
+        os.environ["HUB_ATTACH_AFTER_HOST_DIES"] = str(os.getpid())
     procs = []
     for _ in range(int(n)):
         t = host.add_peer()

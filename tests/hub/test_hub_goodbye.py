@@ -259,9 +259,8 @@ def test_guest_started_after_its_host_died_exits():
     from shmpool.hub import GuestExit
 
     with Subreaper() as reaper:
-        env = dict(os.environ, HUB_ATTACH_DELAY="0.5")
         host = subprocess.Popen(child_argv("hub", "host", "2", "late"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             report = event(host)
             host.kill()
