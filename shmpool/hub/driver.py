@@ -1,10 +1,10 @@
 """The host's driver thread: the loop every guest's events go through.
 
 Owns: the driver thread and its loop, the command queue through which
-other threads have work done on it (`call`), delivery of guest->host
-descriptors to the layer above (by the loop, or by a caller polling for
-its answer: `poll`), attach detection, the periodic scan, adoption of
-guests that attached without a ticket, and starting guest processes.
+other threads have work done on it (`call`, and `post` without waiting),
+delivery of guest->host descriptors to the layer above (by the loop, or by
+a caller polling for its answer: `poll`), attach detection, the periodic
+scan, and starting guest processes.
 
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):
@@ -16,7 +16,9 @@ need (none of them refers back to the `Driver`):
   the eventfd that wakes the loop;
 - `endings` (`Endings`, endings.py): death, reaping, recovery, violations,
   corruption and the shutdown, given the segment, the table, the watches,
-  the statistics and this driver's `deliver`.
+  the statistics and this driver's `deliver`;
+- `discovery` (`Discovery`, discovery.py): adoption of guests that
+  attached without a ticket, run from the periodic scan.
 
 Data flow:
 - Other threads hand work to the driver through `call()` (a command queue
@@ -62,7 +64,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -71,10 +72,10 @@ from concurrent.futures import Future
 from .. import _atomics, _threads
 from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
-from ..shm.ring import open_rings
+from .discovery import Discovery
 from .endings import Endings, callback_error
 from .peer import (
-    ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerEntry, PeerInfo, PeerState,
+    ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
 from .spawn import popen_guest
 from .table import PeerTable
@@ -128,6 +129,8 @@ class Driver:
         self.cpus = _cpus()  # CPUs this process may run on (`_spin` needs a spare one)
         self.watches = Watches()
         self.endings = Endings(segment, self.table, self.watches, self.stats, self._deliver)
+        self.discovery = Discovery(segment, self.table, self._lock, self.endings, self.watches, self.stats,
+                                   self._check_attached)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         _threads.start(self._thread)  # (children it spawns unblock: run_guest)
@@ -150,11 +153,8 @@ class Driver:
         if self.on_driver:
             return fn(*args, **kw)
         fut: Future = Future()
-        with self._lock:
-            if not self.running:
-                raise HubError(self.closed_message())
-            self._commands.append((fut, fn, args, kw))
-        self.watches.wake()
+        if not self._enqueue(fut, fn, args, kw):
+            raise HubError(self.closed_message())
         return fut.result()
 
     def post(self, fn, *args, later: bool = False) -> bool:
@@ -166,10 +166,15 @@ class Driver:
             return False
         fut = _Posted()
         fut.add_done_callback(_report_failure)
+        return self._enqueue(fut, fn, args, {})
+
+    def _enqueue(self, fut: Future, fn, args, kw) -> bool:
+        """A command for the loop (`_run_commands`), and the driver woken;
+        False if it stops (nothing queued)."""
         with self._lock:
             if not self.running:
                 return False
-            self._commands.append((fut, fn, args, {}))
+            self._commands.append((fut, fn, args, kw))
         self.watches.wake()
         return True
 
@@ -492,62 +497,7 @@ class Driver:
                 if now - last > 2 * hb:
                     self.endings.death(p, "heartbeat")
         if not self.endings.closing:
-            self._discover()
-
-    def _discover(self) -> None:
-        """Entries attached (or left) by guests that came without a ticket."""
-        seg = self.segment
-        for pid_ in range(1, self.config.max_guests + 1):
-            if pid_ in self.table.peers:
-                continue
-            try:
-                self._discover_one(seg, pid_)
-            except SegmentCorruptError as err:  # (its rings hold garbage: not a guest to adopt)
-                self.stats["discover_refused"] += 1
-                if self.stats["discover_refused"] == 1:
-                    print(f"shmpool hub: entry {pid_} not adopted: {err}", file=sys.stderr)
-
-    def _discover_one(self, seg, pid_: int) -> None:
-        e = PeerEntry(seg, pid_)
-        state = e.state
-        if state not in (PeerState.ATTACHED, PeerState.GOODBYE):
-            return
-        if state == PeerState.ATTACHED and not e.pid:
-            return  # still attaching: its pid comes last
-        with self._lock:
-            if pid_ in self.table.peers or e.state not in (PeerState.ATTACHED, PeerState.GOODBYE):
-                return
-            info = PeerInfo(pid_, "", spawned_ns=monotonic_ns())
-            p = HostPeer(e, "", None, info)
-            p.tx, p.rx = open_rings(seg, pid_, "host")
-            p.phase = SPAWNED
-            self.table.add(p)
-        self.stats["attached_without_ticket"] += 1
-        if e.state == PeerState.GOODBYE:
-            p.phase = ATTACHED
-            self.endings.death(p, "state")
-            return
-        self._check_attached(p)
-        pid = p.pid
-        if pid <= 0 or pid in (os.getpid(), os.getppid()):
-            # spec: shm.guard.own-processes -- no guest runs as the host or
-            # its parent: the entry holds garbage (a scribble, not a guest
-            # to watch). Recovered without a pidfd, so nobody is signalled.
-            p.pid = p.info.pid = 0
-            p.violation = p.info.violation = (
-                f"shm.guard.validate: its peer entry names pid {pid}, the host's own or its "
-                "parent's, or none")
-            self.stats["violations"] += 1
-            print(f"shmpool hub: entry {pid_} not adopted ({p.violation}); recovering it",
-                  file=sys.stderr)
-            self.endings.death(p, "violation")
-            return
-        try:
-            p.pidfd = os.pidfd_open(pid)
-        except OSError:
-            self.endings.death(p, "pidfd")  # already gone
-            return
-        self.watches.register(p.pidfd, p, "pidfd")
+            self.discovery.run()
 
     # ------------------------------------------------------------------
     # Spawning (driver thread only)
