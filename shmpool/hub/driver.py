@@ -5,8 +5,8 @@ other threads have work done on it (`call`, and `post` without waiting),
 delivery of guest->host descriptors to the layer above (by the loop, or by
 a caller polling for its answer: `poll`), attach detection, the periodic
 scan, and starting guest processes (`do_spawn`, `do_launch` by start
-method: launch.py), and the list of its fds a forked guest closes
-(`machinery`).
+method: launch.py), and the record of its fds a forked guest closes
+(`machinery`, a `launch.HostMachinery`).
 
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):
@@ -79,7 +79,7 @@ from .endings import Endings, callback_error
 from .peer import (
     ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
-from .launch import GuestCommand, add_machinery, fork_guest, not_available
+from .launch import GuestCommand, HostMachinery, add_machinery, start_function
 from .spawn import popen_guest
 from .table import PeerTable
 from .watch import HANGUP, Watches
@@ -134,9 +134,9 @@ class Driver:
         self.endings = Endings(segment, self.table, self.watches, self.stats, self._deliver)
         self.discovery = Discovery(segment, self.table, self._lock, self.endings, self.watches, self.stats,
                                    self._check_attached)
-        st = os.fstat(segment.fd)
-        self._segment_file = (st.st_dev, st.st_ino)
-        add_machinery(self)  # (a forked guest of any host closes this one's fds)
+        # (a forked guest of any host closes this one's fds: launch.py)
+        self.machinery = HostMachinery(segment, self.table, self.watches, self.endings)
+        add_machinery(self.machinery)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         _threads.start(self._thread)  # (children it spawns unblock: run_guest)
@@ -517,19 +517,7 @@ class Driver:
     def do_launch(self, p: HostPeer, command: GuestCommand, method: str):
         """`ShmHost.launch`: `command` started by `method` (launch.py).
         spec: exec.start-method"""
-        if method == "spawn":
-            kw: dict = {"pass_fds": tuple(command.pass_fds)}
-            if command.stderr is not None:
-                kw["stderr"] = command.stderr
-            argv = list(command.argv) + list(command.args)
-            return self._start(p, method, lambda: popen_guest(p.ticket, argv, **kw))
-        if method == "fork":
-            return self._start(p, method, lambda: fork_guest(p.ticket, command))
-        try:
-            from . import forkserver
-        except ImportError:
-            raise not_available(method) from None
-        return self._start(p, method, lambda: forkserver.launch(p.ticket, command))
+        return self._start(p, method, start_function(p.ticket, command, method))
 
     def _start(self, p: HostPeer, method: str, start):
         """Start `p`'s guest with `start()` (a process handle) and watch it.
@@ -561,26 +549,6 @@ class Driver:
         self.stats["spawns"] += 1
         self.stats["spawns_" + method] += 1
         return proc
-
-    def machinery(self) -> tuple[list[int], list[tuple[int, int]]]:
-        """(fds, files) of this host that a forked guest closes: the epoll
-        set and wake fd, every guest's doorbell ends and pidfds, the
-        lingering pidfds, and the segment (every fd open on its file: the
-        mmap objects hold dups). spec: shm.spawn.fork"""
-        fds: list[int] = []
-        w = self.watches
-        ep = getattr(w, "_epoll", None)
-        if ep is not None and not ep.closed:
-            fds.append(ep.fileno())
-        fds.append(w.wake_fd)
-        for p in list(self.table.peers.values()):
-            for db in (p.doorbell, p.guest_end):
-                if db is not None and not db.closed:
-                    fds.append(db.fileno())
-            fds.append(p.pidfd)
-        fds.extend(list(self.endings.lingering))
-        files = [] if self.segment.closed else [self._segment_file]
-        return fds, files
 
     # ------------------------------------------------------------------
     # The end

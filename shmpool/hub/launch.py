@@ -73,6 +73,7 @@ Invariants:
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import subprocess
@@ -86,6 +87,7 @@ from typing import Callable
 
 from .. import _atomics, _threads, failpoints
 from ..errors import HubError
+from .spawn import popen_guest
 
 START_METHODS = ("fork", "forkserver", "spawn")
 _WARNS = sys.version_info >= (3, 12)  # the stdlib's fork warns about threads from 3.12 on
@@ -103,6 +105,31 @@ def add_machinery(obj) -> None:
     """Register `obj` (with a `machinery()` method) as holding host
     machinery that a forked guest closes."""
     _MACHINERY.add(obj)
+
+
+class HostMachinery:
+    """What of one host a forked guest closes (registered by its driver):
+    the epoll set and wake fd, every guest's doorbell ends and pidfds, the
+    lingering pidfds, and every fd on its segment file (the mmap objects
+    hold dups of it). spec: shm.spawn.fork"""
+
+    def __init__(self, segment, table, watches, endings) -> None:
+        st = os.fstat(segment.fd)
+        self.segment, self.table, self.watches, self.endings = segment, table, watches, endings
+        self.file = (st.st_dev, st.st_ino)
+
+    def machinery(self) -> tuple[list[int], list[tuple[int, int]]]:
+        w = self.watches
+        ep = getattr(w, "_epoll", None)
+        fds = [ep.fileno()] if ep is not None and not ep.closed else []
+        fds.append(w.wake_fd)
+        for p in list(self.table.peers.values()):
+            for db in (p.doorbell, p.guest_end):
+                if db is not None and not db.closed:
+                    fds.append(db.fileno())
+            fds.append(p.pidfd)
+        fds.extend(list(self.endings.lingering))
+        return fds, ([] if self.segment.closed else [self.file])
 
 
 @dataclass(frozen=True)
@@ -139,8 +166,6 @@ def check_method(method: str) -> str:
 
 def resolve_entry(entry: str) -> Callable[[list[str]], object]:
     """The function an entry "module:function" names (imported here)."""
-    import importlib
-
     mod, sep, fn = entry.partition(":")
     if not sep or not mod or not fn:
         raise ValueError(f"entry must be 'module:function', got {entry!r}")
@@ -457,6 +482,26 @@ def _at_exit() -> None:
         atexit.register(util._exit_function)
 
 
-def not_available(method: str) -> HubError:
-    return HubError(f"the {method!r} start method is not available in this build of shmpool "
-                    "(shmpool.hub.forkserver is missing)")
+def start_function(ticket, command: GuestCommand, method: str):
+    """A function of no arguments that starts `command` for `ticket` by
+    `method` and returns its process handle (the driver runs it).
+    spec: exec.start-method"""
+    check_method(method)
+    if method == "spawn":
+        kw: dict = {"pass_fds": tuple(command.pass_fds)}
+        if command.stderr is not None:
+            kw["stderr"] = command.stderr
+        argv = list(command.argv) + list(command.args)
+        return lambda: popen_guest(ticket, argv, **kw)
+    if method == "fork":
+        return lambda: fork_guest(ticket, command)
+
+    def by_forkserver():
+        try:  # (by name: the module is the forkserver's, and may be absent)
+            launch = importlib.import_module(f"{__package__}.forkserver").launch
+        except ImportError:
+            raise HubError(f"the {method!r} start method is not available in this build of shmpool "
+                           "(shmpool.hub.forkserver is missing)") from None
+        return launch(ticket, command)
+
+    return by_forkserver

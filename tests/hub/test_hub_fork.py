@@ -213,7 +213,7 @@ def test_forked_guest_holds_none_of_the_hosts_machinery(hosts):
         child, me = g.proc.pid, os.getpid()
         machinery = []
         for h in (a, b):
-            fds, _ = h._driver.machinery()
+            fds, _ = h._driver.machinery.machinery()
             machinery += [fd for fd in fds if fd is not None and fd >= 0]
         assert pending.doorbell_fd in machinery and len(machinery) >= 10
         cfds = _fds(child)
