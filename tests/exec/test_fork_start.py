@@ -74,7 +74,8 @@ def test_fork_context_lock_and_queue_in_initargs():
     try:
         with ShmExecutor(2, mp_context=FORK, initializer=_init, initargs=(lock, q)) as ex:
             assert sorted(ex.map(locked_put, range(20))) == list(range(20))
-        got = [q.get(timeout=30) for _ in range(22)]
+            # (while the workers live: their queue feeders send as they go)
+            got = [q.get(timeout=60) for _ in range(22)]
         assert sorted(i for kind, i in got if kind == "task") == list(range(20))
         assert len([1 for kind, _ in got if kind == "init"]) == 2
     finally:
