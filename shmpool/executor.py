@@ -89,8 +89,9 @@ class ShmExecutor(Executor):
 
     Workers are started when work arrives and no worker is idle, up to
     `max_workers`, as the stdlib does; with a fork `mp_context`, all of
-    them at the first submit (likewise). Workers are never forked, though:
-    they are fresh interpreters whichever `mp_context` is given.
+    them at the first submit (likewise). Workers start by the given
+    `mp_context`'s start method (fork: children of this process; without
+    one, for now, fresh interpreters).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
