@@ -298,8 +298,8 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
         run = resolve_entry(command.entry)  # (imported here, not in the child)
     args = list(command.args) + ticket.to_args()
     keep = set(ticket.fds) | set(command.pass_fds)
-    for fd in keep:
-        os.fstat(fd)  # a bad fd fails the start here, as Popen's pass_fds does
+    for fd in keep | ({command.stderr} if command.stderr is not None else set()):
+        os.fstat(fd)  # a bad fd fails the start here, as Popen's does
     text = fork_warning()
     if text is not None:
         try:
