@@ -3,9 +3,12 @@ replacements, and the management thread that does it (`Starter`, one part
 of the core).
 
 Owns: the management thread and its queue of start requests, the command
-line a worker is started with, the `init` payload (pickled for each start
-as for a spawned multiprocessing child, with the fds it needs passed to
-the process), the capture of a worker's stderr until it has attached, the
+a worker is started with (a `hub.launch.GuestCommand`: the boot line for
+spawn, `_forked_main` for fork, the guest's entry for forkserver), the
+`init` payload (pickled for each start as for a spawned multiprocessing
+child, with the fds it needs passed to the process; for a forked worker
+empty: it has the initializer, initargs, sys.path and authkey as the host
+has them), the capture of a worker's stderr until it has attached, the
 count of consecutive start failures and when they break the pool, the
 initializer and initargs (`setup`, dropped at close), and the counts of
 starts asked for (`starting`, `pending`). It is given the engine's books
@@ -17,8 +20,9 @@ callback), `schedule`, `stream_later` (the scheduler's) and `close`.
 
 Data flow: `Core.submit` (no idle worker and fewer than max_workers) or
 `Core.on_death` (a worker ended) -> `start_new()`/`replace()` -> the management thread
--> `start()`: a hub entry (`add_peer`), the `init` payload, `host.spawn`
-(the boot line, the initargs' fds, stderr to a capture file) -> the worker
+-> `start()`: a hub entry (`add_peer`), the `init` payload, `host.launch`
+by the pool's start method (`method`; the initargs' fds, stderr to a
+capture file) -> the worker
 is registered with the core (`new_worker`, `register`; tasks are sent to its ring
 at once)
 -> its `init` answer -> `_on_init`: ready (the failure count restarts) or
@@ -28,8 +32,8 @@ ready (by itself, not by a signal sent to it), or it could not be started.
 thread closes the core once no task is pending. The thread ends once the
 core is closed: it is the executor's `_executor_manager_thread`.
 
-Invariants: a worker imports the same shmpool package as the host (the
-boot line puts that package's directory first on its path, not the
+Invariants: a spawned worker imports the same shmpool package as the host
+(the boot line puts that package's directory first on its path, not the
 current directory); the worker gets the host's multiprocessing authkey;
 MAX_START_FAILURES consecutive start failures break the pool with a
 `PoolBrokenError` that says what happened and what to check, instead of
