@@ -14,7 +14,8 @@ Data flow: until it has attached, the worker's stderr is a capture file
 the host reads if it dies then; once attached it switches to the host's
 stderr (`--stderr-fd`) and copies what it had written there. The host calls
 `init` first (its sys.path and multiprocessing authkey, then the pickled
-initializer, initargs and max tasks), `define` once per cached function (its
+initializer, initargs and max tasks; for a worker forked from the host,
+none of them: `main` is given them, as they are in the host), `define` once per cached function (its
 pickled bytes, and the ids the worker may forget), then `run` for each task
 (a function id, or the callable itself for callables that are not cached;
 single call or chunk; the arguments; in one slot whose buffers are
