@@ -409,6 +409,10 @@ def _drop_machinery(keep: set[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+    # What is left registered is this process's own from now on (a pool the
+    # guest creates): the host's holders, their fd numbers closed here and
+    # free for reuse, must not be closed again in a fork of this guest.
+    _MACHINERY.clear()
 
 
 def _stdio(stderr: int | None, keep: set[int]) -> None:

@@ -221,3 +221,41 @@ def test_a_forked_worker_prints_while_a_host_thread_holds_stdouts_lock(tmp_path)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "result 42" in r.stderr
+
+
+def open_in_this_process(fds):
+    out = []
+    for fd in fds:
+        try:
+            os.fstat(fd)
+            out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+def nested(n):
+    """A task that runs a forked pool of its own (in a forked worker), with
+    fds of its own that take the lowest free numbers: those its host's
+    machinery had in this process before the fork dropped them."""
+    pipes = [os.pipe() for _ in range(20)]
+    mine = sorted(fd for p in pipes for fd in p)
+    try:
+        with ShmExecutor(1, mp_context=FORK) as inner:
+            total = sum(inner.map(ident, range(n)))
+            seen = inner.submit(open_in_this_process, mine).result(timeout=60)
+        return total, os.getpid(), mine, seen
+    finally:
+        for fd in mine:
+            os.close(fd)
+
+
+@pytest.mark.spec("shm.spawn.fork")
+def test_a_forked_worker_runs_a_forked_pool_of_its_own():
+    """A forked worker's own pool forks its own workers: they close that
+    worker's machinery, not fd numbers its host's machinery once had (the
+    task's pipes, which reuse those numbers, stay open in them)."""
+    with ShmExecutor(1, mp_context=FORK) as ex:
+        total, pid, mine, seen = ex.submit(nested, 50).result(timeout=120)
+        assert total == sum(range(50)) and pid != os.getpid()
+        assert seen == mine  # the inner worker kept every fd of the task (stdlib fork semantics)
