@@ -317,6 +317,10 @@ class _Client:
             if self.sock.fileno() != -1:
                 self.sock.close()
             self.reap(timeout)
+            for h in list(self.handles.values()):  # (its guests died with it)
+                h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
+                             f"the exit status of pid {h.pid}: {self.dead}")
+            self.handles.clear()
         finally:
             if got:
                 self.lock.release()
@@ -441,9 +445,10 @@ def _discard(client: _Client) -> None:
 
 
 def template_pid() -> int | None:
-    """The pid of this program's template, if one runs (tests)."""
+    """The pid of this program's template process (not reaped yet, though
+    maybe dead), or None (tests; the leak check)."""
     c = _client
-    return None if c is None or c.dead is not None or c.owner != os.getpid() else c.pid
+    return None if c is None or c.reaped or c.owner != os.getpid() else c.pid
 
 
 def stop(timeout: float = STOP_TIMEOUT) -> None:
