@@ -113,6 +113,9 @@ class ShmExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         _lifetime.check_options(max_retries, max_inflight)
+        # The workers' start method: the given context's (the default's is
+        # decided by the API layer; until then a fresh interpreter).
+        start_method = "spawn" if mp_context is None else None
         if mp_context is None:  # (as the stdlib chooses)
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         elif not hasattr(mp_context, "get_start_method"):
@@ -121,11 +124,14 @@ class ShmExecutor(Executor):
         if max_tasks_per_child is not None and fork:
             raise ValueError("max_tasks_per_child is incompatible with the 'fork' multiprocessing "
                              "start method; supply a different mp_context.")
-        self._mp_context = mp_context  # its start method only decides when workers start
+        self._mp_context = mp_context
+        if start_method is None:
+            start_method = mp_context.get_start_method(allow_none=False)
         self._max_workers = max_workers
         self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
                                  max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
-                                 max_inflight=max_inflight, config=segment_config, eager=fork)
+                                 max_inflight=max_inflight, config=segment_config, eager=fork,
+                                 start_method=start_method)
         self._core: Core | None = None  # created by the first submit
         self._core_lock = threading.Lock()
         self._shutdown_called = False
@@ -149,7 +155,8 @@ class ShmExecutor(Executor):
                 kw = self._core_kwargs
                 # What pickling the initializer and initargs raises is raised
                 # here, as the stdlib raises it from starting a worker.
-                pickle_for_child((kw["initializer"], kw["initargs"], kw["max_tasks_per_child"]))
+                if kw["start_method"] != "fork":  # (a forked worker inherits them)
+                    pickle_for_child((kw["initializer"], kw["initargs"], kw["max_tasks_per_child"]))
                 try:
                     core = Core(self._max_workers, **kw)
                 except Exception as e:  # noqa: BLE001 - e.g. no thread at interpreter shutdown

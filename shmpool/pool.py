@@ -310,14 +310,15 @@ class ShmPool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         _lifetime.check_initializer(initializer)
         _lifetime.check_options(max_retries, max_inflight)
-        self._ctx = context  # accepted, as multiprocessing.Pool's; not used
+        self._ctx = context  # its start method is the workers' (None: spawn, for now)
         self._processes = processes
         self._initializer = initializer
         self._initargs = initargs
         self._maxtasksperchild = maxtasksperchild
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
-                    max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True)
+                    max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
+                    start_method="spawn" if context is None else context.get_start_method(allow_none=False))
         st = _State(core)
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
