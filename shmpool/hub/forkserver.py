@@ -87,11 +87,15 @@ class ForkserverProcess:
     why it never will (the template died first). Signals go through a
     pidfd taken before the process could be reaped (no pid reuse)."""
 
-    def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str]) -> None:
+    def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str], watch: bool) -> None:
         self.pid = pid
         self.args = args
         self.returncode: int | None = None
         self.status_unknown: str | None = None
+        # A pidfd of the process for the caller to own and close (with
+        # `launch(..., watch=True)`: the hub's, taken before the template
+        # could reap the process; `pidfd_open(pid)` later could not be).
+        self.watch_fd: int | None = os.dup(pidfd) if watch else None
         self._client = client
         self._pidfd: int | None = pidfd
         self._lock = threading.Lock()  # the pidfd is closed by one thread while another signals
@@ -201,7 +205,7 @@ class _Client:
 
     # -- requests (any thread) -------------------------------------------------
 
-    def launch(self, msg: dict, fds: list[int], args: list[str]) -> ForkserverProcess:
+    def launch(self, msg: dict, fds: list[int], args: list[str], watch: bool) -> ForkserverProcess:
         """One request, its reply: the handle of the forked guest. Raises
         `_Gone` (the template is not usable) or HubError (the request
         failed in the template)."""
@@ -227,7 +231,7 @@ class _Client:
                     raise HubError(m[2])
                 else:
                     self.answered = True
-                    h = ForkserverProcess(self, m[2], rfds[0], args)
+                    h = ForkserverProcess(self, m[2], rfds[0], args, watch)
                     self.handles[h.pid] = h  # (before its report can be read: under the lock)
                     return h
         finally:
@@ -378,9 +382,10 @@ def _fd_open(fd: int) -> bool:
         return False
 
 
-def launch(ticket, command) -> ForkserverProcess:
+def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
     """Have this program's template fork a guest for `ticket` running
-    `command.entry` (see hub/launch.py `GuestCommand`); its handle. The
+    `command.entry` (see hub/launch.py `GuestCommand`); its handle (with
+    `watch`, its `watch_fd` is a pidfd of the guest the caller owns). The
     template is started on the first call (and again, once, if it died).
     Raises HubError if the template cannot be started or used, or the
     entry cannot be imported in it. spec: shm.spawn.forkserver"""
@@ -416,7 +421,7 @@ def launch(ticket, command) -> ForkserverProcess:
     for _ in range(2):  # a dead template is replaced once
         client = _template()
         try:
-            return client.launch(msg, fds, [command.entry, *args])
+            return client.launch(msg, fds, [command.entry, *args], watch)
         except _Gone as e:
             why = str(e)
             _discard(client)
