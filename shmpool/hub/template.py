@@ -31,7 +31,7 @@ host reads them); it exits when the host's end hangs up (the host program
 exited or died) or its parent is no longer the host, and its children,
 whose parent-death signal is SIGKILL, die with it. A child never keeps an
 fd of the template's (the socket, the other children's pidfds).
-spec: shm.spawn.forkserver
+spec: shm.spawn.forkserver spec: shm.spawn.forkserver-lifetime
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ class _Template:
         """Import what multiprocessing's forkserver would preload: each
         module once; an ImportError is ignored, as multiprocessing does;
         `'__main__'` imports the host's main module as `__mp_main__` (as a
-        spawned multiprocessing child does), nothing if it has none."""
+        spawned multiprocessing child does), nothing if it has none.
+        spec: shm.spawn.forkserver-preload"""
         for name in modules:
             if name in self.tried:
                 continue
@@ -181,6 +182,7 @@ class _Template:
     # -- children and replies ----------------------------------------------------
 
     def _reap(self, pidfd: int) -> None:
+        """A child ended: reap it, report its status. spec: shm.spawn.forkserver-status"""
         pid = self.children.pop(pidfd, None)
         self.poller.unregister(pidfd)
         os.close(pidfd)
@@ -332,8 +334,12 @@ def _finish(code: int) -> int:
     return code
 
 
-def serve(fd: int) -> None:
-    """The template's main: serve the host on socket `fd` until it hangs up."""
+def serve(fd: int, stderr: int) -> None:
+    """The template's main: serve the host on socket `fd` until it hangs
+    up. It has started: its stderr (a memory file the host reads if it
+    could not) becomes the host's, `stderr`."""
+    os.dup2(stderr, 2)
+    os.close(stderr)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # (started from a thread that blocks some)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the host's to handle
     null = os.open(os.devnull, os.O_RDONLY)  # (the host's stdin is for the host; each child gets its own)
