@@ -161,6 +161,16 @@ class ForkserverProcess:
                 os.close(self._pidfd)
                 self._pidfd = None
 
+    def forget_in_child(self) -> None:
+        """In a fork() child of the host: the guest is the parent's; close
+        our pidfd (no lock: the thread that held it is not here)."""
+        self._lock = threading.Lock()
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+        if self.returncode is None:
+            self.status_unknown = "the guest belongs to the parent of this fork() child"
+
     def __del__(self) -> None:
         fd, self._pidfd = getattr(self, "_pidfd", None), None
         if fd is not None:
@@ -395,6 +405,9 @@ class _Client:
         self.log = None
         self.proc.returncode = -1  # (not our child: Popen must never wait for it)
         self.reaped = True
+        for h in list(self.handles.values()):  # (the parent's guests: their pidfds are the parent's)
+            h.forget_in_child()
+        self.handles.clear()
 
 
 _client: _Client | None = None
