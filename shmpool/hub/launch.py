@@ -45,6 +45,16 @@ unblocks the signals the driver thread blocks; runs the guest; flushes and
 `os._exit`s with its status, whatever happens (an exception never
 unwinds into the host's driver loop, whose stack the child runs on).
 
+The forked guest maps its segment anew from the ticket's fd (as a spawned
+one does), rather than attaching over the host's mapping it inherited:
+in the child, pages of that mapping may have been replaced by private
+copies (exec/forksafe.py moves the copies of pinned zero-copy results over
+them), which the guest would read and write instead of the shared
+segment, and the host's `Segment` object carries a lock (`_map_lock`) and
+extent mappings that another host thread may be changing at the fork.
+Mapping costs one mmap of the fd; the inherited mapping stays, untouched
+(no page of it is faulted in by the guest).
+
 Invariants:
 - The child takes no lock another thread of the host may hold: it runs
   only code that does not (the at-fork handlers of the stdlib and of
@@ -266,7 +276,10 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
         os.fstat(fd)  # a bad fd fails the start here, as Popen's pass_fds does
     text = fork_warning()
     if text is not None:
-        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        try:
+            warnings.warn(text, DeprecationWarning, stacklevel=2)
+        except Exception:  # noqa: BLE001 - an "error" filter: the stdlib's fork swallows it too
+            pass
     mp_child = _mp_process_for_child()
     host_pid = os.getpid()
     pid = _atomics.fork_child()
