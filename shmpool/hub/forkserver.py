@@ -81,6 +81,18 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
 
+def _kill_late(pidfds: list[int]) -> None:
+    """The guest of a launch that already failed (its reply came too
+    late): nobody will watch it, so it must not run."""
+    for fd in pidfds:
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+
+
 class ForkserverProcess:
     """A guest forked by the template: what `subprocess.Popen` offers.
     `returncode` comes from the template's report; `status_unknown` says
@@ -103,8 +115,8 @@ class ForkserverProcess:
 
     @property
     def pidfd(self) -> int | None:
-        """The handle's pidfd (None once the status is known): `os.dup` it
-        to watch the process."""
+        """The handle's own pidfd, closed (None) once the status is known;
+        `launch(..., watch=True)` gives the caller one to keep."""
         return self._pidfd
 
     def poll(self) -> int | None:
@@ -118,7 +130,7 @@ class ForkserverProcess:
         """Wait for the guest to end (`subprocess.TimeoutExpired` after
         `timeout`), then for the template's report of its status: the exit
         code, or None if the template died without reporting it
-        (`status_unknown` says so)."""
+        (`status_unknown` says so) or did not within STATUS_WAIT."""
         if self.returncode is not None or self.status_unknown is not None:
             return self.returncode
         if not self._ended(timeout):
@@ -238,10 +250,8 @@ class _Client:
                 m, rfds = self._recv(deadline)
                 if m[0] == "exit":
                     self._report(m)
-                elif m[1] != rid:  # (the late reply of a request that failed)
-                    for fd in rfds:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        os.close(fd)
+                elif m[1] not in (rid, -1):  # (the late reply of a request that failed)
+                    _kill_late(rfds)
                 elif m[0] == "error":
                     self._up()
                     raise HubError(m[2])
@@ -278,9 +288,7 @@ class _Client:
                     continue  # (dead now: said above)
                 if m[0] == "exit":
                     self._report(m)
-                for fd in rfds:  # (a late reply: see launch)
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    os.close(fd)
+                _kill_late(rfds)  # (a late reply: see launch)
         finally:
             self.lock.release()
 

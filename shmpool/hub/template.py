@@ -72,11 +72,7 @@ class _Template:
         sfd = self.sock.fileno()
         while True:
             self.poller.modify(sfd, select.POLLIN | (select.POLLOUT if self.out else 0))
-            try:
-                events = self.poller.poll(PARENT_CHECK * 1000)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-                continue
-            for fd, ev in events:
+            for fd, ev in self.poller.poll(PARENT_CHECK * 1000):
                 if fd != sfd:
                     self._reap(fd)
                 elif ev & select.POLLIN:
@@ -111,6 +107,7 @@ class _Template:
             if req is None:
                 for fd in fds:
                     os.close(fd)
+                # (-1: the reply to the one request in flight, whose id it cannot read)
                 self._send(("error", -1, "the forkserver template got a truncated or unreadable request"))
                 continue
             try:
