@@ -34,8 +34,9 @@ starts' logs, the forkserver's socket) but keeps every other fd (the
 user's, as a stdlib fork child has them), the ticket's and
 `command.pass_fds`; points fd 2 at `command.stderr`; stdin at /dev/null
 (as multiprocessing's `_close_stdin`); gives itself fresh `sys.stdin/
-stdout/stderr` objects on fds 0-2 (the inherited ones keep buffered locks
-another host thread may hold, and the host's unflushed output); does what
+stdout/stderr` objects on fds 0-2, as a spawned guest has (the inherited
+ones keep buffered locks another host thread may hold, and the host's
+unflushed output); does what
 multiprocessing's `Process._bootstrap` does for a fork child (a fresh
 `current_process()` named as a ForkProcess, `parent_process()` the host,
 the authkey inherited, its finalizers dropped and its after-fork hooks run
@@ -401,16 +402,17 @@ def _stdio(stderr: int | None, keep: set[int]) -> None:
         pass
     _OLD_STDIO.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__))
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
-        old = getattr(sys, name)
-        if old is None or old is not getattr(sys, f"__{name}__"):
-            continue  # (replaced by the program: its own object, as a stdlib fork child has it)
+        # (also in place of an object the program put there, as a spawned
+        # guest has them: a traceback before the attach must reach the
+        # start-up log on fd 2, and that object's lock may be held too)
+        old = getattr(sys, f"__{name}__", None) or getattr(sys, name, None)
         try:
-            new = open(fd, mode, encoding=old.encoding, errors=old.errors, closefd=False,
-                       buffering=-1 if fd != 2 else 1)
+            new = open(fd, mode, encoding=getattr(old, "encoding", None) or "utf-8",
+                       errors=getattr(old, "errors", None) or "strict", closefd=False)
             if name != "stdin":
-                new.reconfigure(line_buffering=old.line_buffering,
-                                write_through=getattr(old, "write_through", False))
-        except (OSError, ValueError, AttributeError):
+                new.reconfigure(line_buffering=bool(getattr(old, "line_buffering", fd == 2)),
+                                write_through=bool(getattr(old, "write_through", fd == 2)))
+        except (OSError, ValueError, AttributeError, TypeError):
             continue
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
