@@ -501,11 +501,8 @@ def start_function(ticket, command: GuestCommand, method: str):
         return lambda: fork_guest(ticket, command)
 
     def by_forkserver():
-        try:  # (by name: the module is the forkserver's, and may be absent)
-            launch = importlib.import_module(f"{__package__}.forkserver").launch
-        except ImportError:
-            raise HubError(f"the {method!r} start method is not available in this build of shmpool "
-                           "(shmpool.hub.forkserver is missing)") from None
-        return launch(ticket, command)
+        from . import forkserver  # (only a program that uses it pays for its import)
+
+        return forkserver.launch(ticket, command, watch=True)
 
     return by_forkserver
