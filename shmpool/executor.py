@@ -55,6 +55,7 @@ from .errors import PoolBrokenError
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
 from .exec.starter import pickle_for_child
+from .hub.launch import START_METHODS
 from .shm.layout import SegmentConfig
 
 _live = _lifetime.LiveSet()  # the open cores, for interpreter exit
@@ -72,6 +73,19 @@ class _DefaultChunksize(int):
 DEFAULT_CHUNKSIZE = _DefaultChunksize(1)
 
 
+def start_method(context, argument: str) -> str:
+    """The start method of a multiprocessing context given as `argument`
+    (`mp_context`, `context`): "fork", "forkserver" or "spawn", the ones
+    shmpool can start workers with. spec: api.start-method"""
+    if not hasattr(context, "get_start_method"):
+        raise TypeError(f"{argument} must be a multiprocessing context, got {type(context).__name__}")
+    method = context.get_start_method(allow_none=False)
+    if method not in START_METHODS:
+        raise ValueError(f"{argument} has the start method {method!r}; shmpool starts workers with "
+                         f"one of {', '.join(START_METHODS)}")
+    return method
+
+
 class ShmExecutor(Executor):
     """Run calls in worker processes that talk to this one through shared
     memory. Same API and semantics as `ProcessPoolExecutor`, plus:
@@ -87,10 +101,15 @@ class ShmExecutor(Executor):
       way at most what a worker's ring holds: `(ring_size - 1) // 2`.
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
 
-    Workers are started when work arrives and no worker is idle, up to
-    `max_workers`, as the stdlib does; with a fork `mp_context`, all of
-    them at the first submit (likewise). Workers are never forked, though:
-    they are fresh interpreters whichever `mp_context` is given.
+    Workers are started as `mp_context` says, as the stdlib's are: forked
+    from this process ("fork"), forked from a template process started once
+    per program ("forkserver"), or fresh interpreters ("spawn"). By default
+    `mp_context` is what `ProcessPoolExecutor` uses on the running Python:
+    `multiprocessing.get_context()` (the default start method, which
+    `multiprocessing.set_start_method` changes), or "spawn" when
+    `max_tasks_per_child` is given. Workers are started when work arrives
+    and no worker is idle, up to `max_workers`, as the stdlib does; with
+    "fork", all of them at the first submit (likewise).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
@@ -113,15 +132,15 @@ class ShmExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         _lifetime.check_options(max_retries, max_inflight)
-        if mp_context is None:  # (as the stdlib chooses)
+        if mp_context is None:  # spec: api.start-method-default -- as the stdlib chooses
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
-        elif not hasattr(mp_context, "get_start_method"):
-            raise TypeError("mp_context must be a multiprocessing context")
-        fork = mp_context.get_start_method(allow_none=False) == "fork"
+        method = start_method(mp_context, "mp_context")
+        fork = method == "fork"
         if max_tasks_per_child is not None and fork:
             raise ValueError("max_tasks_per_child is incompatible with the 'fork' multiprocessing "
                              "start method; supply a different mp_context.")
-        self._mp_context = mp_context  # its start method only decides when workers start
+        self._mp_context = mp_context
+        self._start_method = method
         self._max_workers = max_workers
         self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
                                  max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
@@ -293,7 +312,8 @@ class ShmExecutor(Executor):
         return _CallQueueShim(self._core)
 
     def statistics(self) -> dict:
-        """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
+        """A snapshot: workers, queue, tasks by outcome, retries, the hub,
+        the start method."""
         core = self._core
         if core is None:
             out = {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},
@@ -301,6 +321,7 @@ class ShmExecutor(Executor):
         else:
             out = core.statistics()
         out.update(self._map_stats.snapshot())
+        out["start_method"] = self._start_method
         return out
 
     def __repr__(self) -> str:
@@ -308,7 +329,7 @@ class ShmExecutor(Executor):
         broken = self._broken
         shut = self._shutdown_called or (c is not None and c.shutdown_started)
         state = "broken" if broken else "shut down" if shut else "running"
-        return f"<ShmExecutor max_workers={self._max_workers} {state}>"
+        return f"<ShmExecutor max_workers={self._max_workers} start_method={self._start_method} {state}>"
 
 
 class _CallQueueShim:
