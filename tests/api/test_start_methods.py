@@ -13,11 +13,14 @@ busy host threads are shmpool's own guarantees, run for each method.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -168,6 +171,40 @@ def test_the_fork_warning_is_the_stdlibs(threads):
     assert got["shm"] == got["ppe"]
     warns = sys.version_info >= (3, 12) and threads == "yes"
     assert bool(got["shm"]) == warns, got
+
+
+def _pythons_with_the_warning() -> list[str]:
+    """Interpreters 3.12+ of this machine (pyenv's), for the warning rule."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = {}
+    for path in sorted(glob.glob(os.path.join(root, "versions", "3.1[2-9]*", "bin", "python3.1[2-9]"))):
+        found.setdefault(Path(path).name, path)
+    return list(found.values())
+
+
+@pytest.mark.spec("api.start-method")
+@pytest.mark.timeout(600)
+def test_the_fork_warning_on_python_3_12_and_later(tmp_path):
+    """The same rule run by each Python 3.12+ found here (shmpool staged for
+    it as the CPython compatibility test stages it): the stdlib's warning
+    with a user thread, none without."""
+    pythons = _pythons_with_the_warning()
+    if not pythons:
+        pytest.skip("no Python 3.12+ found (pyenv)")
+    spec = importlib.util.spec_from_file_location("cpython_compat_prepare_sm",
+                                                  API / "cpython_compat" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    for i, python in enumerate(pythons):
+        site = prepare.stage(python, tmp_path / str(i))
+        for threads in ("no", "yes"):
+            out = subprocess.run([python, str(SCRIPT), "warnings", "fork", threads], capture_output=True,
+                                 text=True, timeout=240, cwd=tmp_path,
+                                 env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{API}"})
+            assert out.returncode == 0, f"{python}: {out.stderr[-4000:]}"
+            got = last_event(out)
+            assert got["shm"] == got["ppe"], (python, threads, got)
+            assert bool(got["shm"]) == (threads == "yes"), (python, threads, got)
 
 
 # --------------------------------------------------------------------------
