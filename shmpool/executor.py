@@ -3,8 +3,10 @@
 Owns: the public executor API (argument checking as the stdlib does it,
 `submit`, `map` with chunks and lazy input (at the default chunksize the
 chunks size themselves: `_adaptive`), `shutdown`, `terminate_workers`,
-`kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
-explicit shutdown, garbage collection, interpreter exit.
+`kill_workers`, `_processes`, `statistics()`), the choice of the start
+method (`mp_context`, defaulting as the stdlib's: `start_method`, also
+ShmPool's), and the executor's lifetime: explicit shutdown, garbage
+collection, interpreter exit.
 
 Data flow: everything goes to `core.Core` (workers, queue, scheduling,
 crash resubmission), which is created by the first `submit`/`map` (as the
