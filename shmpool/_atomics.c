@@ -549,6 +549,34 @@ page_free(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ------------------------------------------------------------------------ */
+/* fork_child: the hub's fork start method                                   */
+/* ------------------------------------------------------------------------ */
+
+/* fork_child() -> pid in the parent, 0 in the child, -errno if fork failed.
+ * What os.fork does (PyOS_BeforeFork / fork / PyOS_AfterFork_Parent or
+ * _Child: the at-fork handlers run, the child's interpreter is sound), but
+ * without its DeprecationWarning about threads: whether the stdlib would
+ * warn is decided in Python (hub/launch.py), which knows shmpool's own
+ * threads. Status code: Python raises. */
+static PyObject *
+fork_child(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!nargs_ok("fork_child", nargs, 0))
+        return NULL;
+    PyOS_BeforeFork();
+    pid_t pid = fork();
+    int err = errno;
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+    } else {
+        PyOS_AfterFork_Parent();
+    }
+    if (pid < 0)
+        return PyLong_FromLong(-(long)err);
+    return PyLong_FromLong((long)pid);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Module                                                                    */
 /* ------------------------------------------------------------------------ */
 
@@ -583,6 +611,8 @@ static PyMethodDef methods[] = {
                     "replaces the pages at start (False: zero pages, or unchanged without "
                     "zero_fallback)."),
     FAST(page_free, "page_free(copy, n): unmap a copy (the parent, after a fork)."),
+    FAST(fork_child, "fork_child() -> pid (parent), 0 (child) or -errno: fork with the "
+                     "interpreter's at-fork handling, no warning."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -82,3 +82,10 @@ def page_move(copy: int, start: int, length: int, zero_fallback: bool = True, /)
 
 def page_free(copy: int, length: int, /) -> None:
     """Unmap a copy `page_copy` made (the parent, after the fork)."""
+
+def fork_child() -> int:
+    """fork() as `os.fork` does it (PyOS_BeforeFork, fork, PyOS_AfterFork_
+    Parent / _Child: the at-fork handlers run and the child's interpreter is
+    sound) but without the DeprecationWarning Python 3.12+ gives in a
+    multi-threaded process (hub/launch.py decides that). Returns the
+    child's pid in the parent, 0 in the child, -errno if fork failed."""

@@ -33,6 +33,10 @@ main thread had replaced is put back (that thread, which would have put it
 back, is not in the child). The mask is the forking thread's: ours never
 fork but from user code, which they run unblocked.
 
+`ours()` tells the threads `start` started (their native ids) from the
+program's: the hub's fork start method warns about the program's threads
+only (hub/launch.py).
+
 Invariants: only asynchronous signals are blocked; synchronous ones (SIGSEGV,
 SIGBUS, SIGFPE, SIGILL, SIGABRT: faulthandler) still go to the thread that
 caused them. Importable from every layer (like errors).
@@ -46,6 +50,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 
 ASYNC_SIGNALS = frozenset({
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -76,10 +81,21 @@ def unblocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_OURS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()  # every thread `start` started
+
+
 def start(thread: threading.Thread) -> None:
     """Start `thread` with the asynchronous signals blocked in it."""
     with blocked():
         thread.start()
+    _OURS.add(thread)
+
+
+def ours() -> set[int]:
+    """The native ids of shmpool's live threads (the ones `start`
+    started): the hub's fork warning does not count them
+    (spec: shm.spawn.fork-warning)."""
+    return {t.native_id for t in list(_OURS) if t.native_id is not None and t.is_alive()}
 
 
 def unblock_in_child() -> None:
@@ -149,6 +165,7 @@ def release_interrupt(token) -> None:
 
 def _after_fork_in_child() -> None:
     global _MAIN, _holding
+    _OURS.clear()  # (the only thread left is the child's main thread)
     old, _MAIN = _MAIN, threading.main_thread()
     if _holding is not None and _MAIN is not old:
         # Forked by another thread while the main thread held a SIGINT.

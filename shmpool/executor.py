@@ -146,7 +146,8 @@ class ShmExecutor(Executor):
         self._max_workers = max_workers
         self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
                                  max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
-                                 max_inflight=max_inflight, config=segment_config, eager=fork)
+                                 max_inflight=max_inflight, config=segment_config, eager=fork,
+                                 start_method=method)
         self._core: Core | None = None  # created by the first submit
         self._core_lock = threading.Lock()
         self._shutdown_called = False
@@ -170,7 +171,8 @@ class ShmExecutor(Executor):
                 kw = self._core_kwargs
                 # What pickling the initializer and initargs raises is raised
                 # here, as the stdlib raises it from starting a worker.
-                pickle_for_child((kw["initializer"], kw["initargs"], kw["max_tasks_per_child"]))
+                if kw["start_method"] != "fork":  # (a forked worker inherits them)
+                    pickle_for_child((kw["initializer"], kw["initargs"], kw["max_tasks_per_child"]))
                 try:
                     core = Core(self._max_workers, **kw)
                 except Exception as e:  # noqa: BLE001 - e.g. no thread at interpreter shutdown

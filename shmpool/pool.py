@@ -322,7 +322,8 @@ class ShmPool:
         self._maxtasksperchild = maxtasksperchild
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
-                    max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True)
+                    max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
+                    start_method=self._start_method)
         st = _State(core)
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:

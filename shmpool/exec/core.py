@@ -58,6 +58,7 @@ from concurrent.futures import Future
 from .. import _atomics, _threads, failpoints
 from ..errors import PoolBrokenError
 from ..hub import ShmHost
+from ..hub.launch import check_method
 from ..session import HostSession
 from ..shm import layout as L
 from ..shm.layout import SegmentConfig
@@ -89,10 +90,13 @@ class Core:
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
                  max_retries: int = 2, max_inflight: int | None = None, config: SegmentConfig | None = None,
-                 name: str = "shmpool", eager: bool = False) -> None:
+                 name: str = "shmpool", eager: bool = False, start_method: str = "spawn") -> None:
         """`eager`: start all workers now (multiprocessing.Pool, and the
-        executor with the fork start method) instead of on demand."""
+        executor with the fork start method) instead of on demand.
+        `start_method`: how workers start ("spawn", "fork", "forkserver":
+        hub/launch.py). spec: exec.start-method"""
         failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS is an error here, not at import)
+        check_method(start_method)
         self.owner_pid = os.getpid()
         self.foreign = False  # set in a fork() child: see forksafe
         self.kind = "ShmPool" if name == "shmpool-pool" else "ShmExecutor"
@@ -110,7 +114,8 @@ class Core:
         # The starter's, once it exists; pickled once now to raise what
         # pickling raises here (dropped at close).
         setup = (initializer, tuple(initargs), max_tasks_per_child)
-        pickle_for_child(setup)
+        if start_method != "fork":  # (a forked worker inherits them: nothing is pickled)
+            pickle_for_child(setup)
         self.state = st = EngineState(
             name=name, max_retries=max_retries,
             max_inflight=min(max_inflight or 2, ring_window), ring_window=ring_window,
@@ -143,7 +148,8 @@ class Core:
             self.host.set_corruption_handler(lambda err: self.fail_all(str(err)))
             self.starter = Starter(st, self.host, self.slots, setup, new_worker=self.new_worker,
                                    register=self.register, on_death=self.on_death, schedule=self.scheduler.schedule,
-                                   stream_later=self.scheduler.stream_later, close=self.close)
+                                   stream_later=self.scheduler.stream_later, close=self.close,
+                                   method=start_method)
             st.on_idle = self.starter.idle_now
         except BaseException:
             self._teardown()

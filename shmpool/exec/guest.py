@@ -102,8 +102,9 @@ class GuestProgram:
     """One worker process's side of its session: the handlers of the
     protocol's requests (see the module docstring), run on the main thread."""
 
-    def __init__(self, guest) -> None:
+    def __init__(self, guest, inherited: tuple | None = None) -> None:
         self.guest = guest
+        self.inherited = inherited  # a forked worker's (initializer, initargs, max_tasks)
         self.session = GuestSession(guest)
         self.conn = self.session.connection
         self.buf = guest.segment.buf
@@ -133,14 +134,20 @@ class GuestProgram:
         # and its multiprocessing authkey (as a spawned multiprocessing child
         # inherits it): Manager proxies and fds shared through
         # multiprocessing's resource sharer authenticate with it.
+        # A forked worker is sent (None, None, None): it has all three as
+        # the host had them when it forked. spec: exec.start-method
         (sys_path, setup, authkey), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
         pin.release()
-        sys.path[:] = [p for p in sys_path if isinstance(p, str)]
-        import multiprocessing
+        if sys_path is not None:
+            sys.path[:] = [p for p in sys_path if isinstance(p, str)]
+        if authkey is not None:
+            import multiprocessing
 
-        multiprocessing.current_process().authkey = authkey
+            multiprocessing.current_process().authkey = authkey
         try:
-            initializer, initargs, max_tasks = pickle.loads(setup)
+            if setup is None and self.inherited is None:
+                raise RuntimeError("init without the initializer: this worker was not forked")
+            initializer, initargs, max_tasks = self.inherited if setup is None else pickle.loads(setup)
             self.max_tasks = max_tasks
             if initializer is not None:
                 initializer(*initargs)
@@ -440,9 +447,11 @@ def _restore_stderr(fd: int | None) -> None:
             pass
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, setup: tuple | None = None) -> None:
     """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
-    serve the host, exit (never returns)."""
+    serve the host, exit (never returns: `SystemExit`). `setup`: a forked
+    worker's (initializer, initargs, max_tasks), which its `init` does not
+    carry (exec/starter.py)."""
     argv = sys.argv[1:] if argv is None else argv
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
         signal.signal(signal.SIGINT, _on_sigint)
@@ -453,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     def serve(guest) -> int:
         global current
         _restore_stderr(err_fd)
-        current = GuestProgram(guest)
+        current = GuestProgram(guest, setup)
         return current.serve()
 
     run_guest(serve, argv, prog="shmpool worker")

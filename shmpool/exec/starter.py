@@ -40,6 +40,7 @@ runs on the hub's driver thread.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -52,6 +53,7 @@ from multiprocessing import context as _mp_context
 from .. import _threads, failpoints
 from ..errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
 from ..hub import AddPeerOptions
+from ..hub.launch import GuestCommand, add_machinery
 from ..session.messages import Outgoing
 from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
 from .protocol import ARG_STDERR, INIT
@@ -63,6 +65,19 @@ OUTPUT_TAIL = 2000  # characters of a failed worker's output quoted in the error
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
                      signal.SIGSYS})
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+GUEST_ENTRY = "shmpool.exec.guest:main"  # what a forkserver's child runs
+
+
+def _forked_main(setup: tuple, args: list[str]) -> None:
+    """A forked worker (in the child of the host's driver thread): the
+    guest's main with the host's initializer and initargs, as they are in
+    this copy of the host (multiprocessing objects among them work as in a
+    fork child of multiprocessing). spec: exec.start-method"""
+    from .guest import main
+
+    main(args, setup=setup)
 
 
 def worker_argv(executable: str | None = None) -> list[str]:
@@ -119,6 +134,7 @@ class StartupLog:
         self.registry = registry  # the open logs, closed at the latest when the starter stops
         if registry is not None:
             registry.add(self)
+        add_machinery(self)  # (a forked worker closes the logs of other starts)
         try:
             self.real = os.dup(2)
             self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
@@ -130,6 +146,11 @@ class StartupLog:
         if self.fd is None:
             return [], (), {}
         return [f"{ARG_STDERR}={self.real}"], (self.real,), {"stderr": self.fd}
+
+    def machinery(self) -> tuple[list, list]:
+        """The fds a forked worker closes (hub/launch.py): this log's, unless
+        they are that worker's own (its stderr and `--stderr-fd`)."""
+        return [self.fd, self.real], []
 
     def spawned(self) -> None:
         """The worker has its copy of the host's stderr: drop ours."""
@@ -165,10 +186,14 @@ class Starter:
     """See the module docstring. One per `Core`."""
 
     def __init__(self, state, host, slots, setup: tuple, *, new_worker, register, on_death, schedule,
-                 stream_later, close) -> None:
+                 stream_later, close, method: str = "spawn") -> None:
         self.state = state  # `state.EngineState`
         self.host = host
         self.slots = slots
+        self.method = method  # the start method of the workers (hub/launch.py)
+        if method == "fork":
+            # Imported once here, not in every forked worker (~5 ms each).
+            from . import guest  # noqa: F401
         # (initializer, initargs, max_tasks_per_child): pickled for each
         # worker start (as a spawned child's arguments: multiprocessing
         # objects in initargs are passed on). Dropped at close.
@@ -351,24 +376,34 @@ class Starter:
         try:
             if failpoints.ACTIVE:
                 failpoints.hit(FP_BEFORE_SPAWN)
-            try:
-                setup, fds = pickle_for_child(self.setup)
-            except Exception as e:
-                # Deterministic: trying again cannot help (the pool breaks
-                # once the entry is released, below).
-                broken = (f"the initializer and initargs could not be pickled for a worker: "
-                          f"{type(e).__name__}: {e}")
-                raise
+            fork = self.method == "fork"
+            if fork:
+                # spec: exec.start-method -- a forked worker has the
+                # initializer and initargs (and sys.path, the authkey) as
+                # the host has them: nothing of them is pickled.
+                setup, fds = None, ()
+            else:
+                try:
+                    setup, fds = pickle_for_child(self.setup)
+                except Exception as e:
+                    # Deterministic: trying again cannot help (the pool breaks
+                    # once the entry is released, below).
+                    broken = (f"the initializer and initargs could not be pickled for a worker: "
+                              f"{type(e).__name__}: {e}")
+                    raise
             # Big initargs travel chunked, as big arguments do (after the
             # `init` request, on the worker's chunk channel): never a wait
             # for a slot here, never a start failure for their size.
             # spec: exec.chunked-define
-            init = write(slots, *dumps((list(sys.path), setup,
-                                        bytes(multiprocessing.current_process().authkey))),
-                         timeout=0, chunk_above=chunk_threshold(slots.config))
+            what = (None, None, None) if fork else (
+                list(sys.path), setup, bytes(multiprocessing.current_process().authkey))
+            init = write(slots, *dumps(what), timeout=0, chunk_above=chunk_threshold(slots.config))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
-            proc = host.spawn(ticket, worker_argv() + extra, pass_fds=fds + log_fds, **popen_kw)
+            cmd = GuestCommand(argv=worker_argv(), entry=GUEST_ENTRY, args=extra, pass_fds=fds + log_fds,
+                               stderr=popen_kw.get("stderr"),
+                               in_fork=functools.partial(_forked_main, self.setup) if fork else None)
+            proc = host.launch(ticket, cmd, self.method)
             spawned = True
         except BaseException:
             if log is not None:

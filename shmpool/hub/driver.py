@@ -77,6 +77,7 @@ from .endings import Endings, callback_error
 from .peer import (
     ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
+from .launch import GuestCommand, add_machinery, fork_guest, not_available
 from .spawn import popen_guest
 from .table import PeerTable
 from .watch import HANGUP, Watches
@@ -131,6 +132,9 @@ class Driver:
         self.endings = Endings(segment, self.table, self.watches, self.stats, self._deliver)
         self.discovery = Discovery(segment, self.table, self._lock, self.endings, self.watches, self.stats,
                                    self._check_attached)
+        st = os.fstat(segment.fd)
+        self._segment_file = (st.st_dev, st.st_ino)
+        add_machinery(self)  # (a forked guest of any host closes this one's fds)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         _threads.start(self._thread)  # (children it spawns unblock: run_guest)
@@ -504,7 +508,30 @@ class Driver:
     # ------------------------------------------------------------------
 
     def do_spawn(self, p: HostPeer, argv, append_args: bool, popen_kw: dict):
-        """spec: shm.guest.pdeathsig -- the guest's parent thread is this
+        """`ShmHost.spawn`: a fresh interpreter started with `argv`."""
+        return self._start(p, "spawn", lambda: popen_guest(p.ticket, argv, append_args=append_args,
+                                                           **popen_kw))
+
+    def do_launch(self, p: HostPeer, command: GuestCommand, method: str):
+        """`ShmHost.launch`: `command` started by `method` (launch.py).
+        spec: exec.start-method"""
+        if method == "spawn":
+            kw: dict = {"pass_fds": tuple(command.pass_fds)}
+            if command.stderr is not None:
+                kw["stderr"] = command.stderr
+            argv = list(command.argv) + list(command.args)
+            return self._start(p, method, lambda: popen_guest(p.ticket, argv, **kw))
+        if method == "fork":
+            return self._start(p, method, lambda: fork_guest(p.ticket, command))
+        try:
+            from . import forkserver
+        except ImportError:
+            raise not_available(method) from None
+        return self._start(p, method, lambda: forkserver.launch(p.ticket, command))
+
+    def _start(self, p: HostPeer, method: str, start):
+        """Start `p`'s guest with `start()` (a process handle) and watch it.
+        spec: shm.guest.pdeathsig -- the guest's parent thread is this
         long-lived driver thread, so its PDEATHSIG fires only when the
         host really goes away."""
         with self._lock:
@@ -513,8 +540,11 @@ class Driver:
             if self.endings.closing:
                 raise HubError("the host is closing")
         try:
-            with _threads.unblocked():  # (the child inherits this thread's mask)
-                proc = popen_guest(p.ticket, argv, append_args=append_args, **popen_kw)
+            if method == "fork":
+                proc = start()  # (the child unblocks the signals itself: launch.py)
+            else:
+                with _threads.unblocked():  # (the child inherits this thread's mask)
+                    proc = start()
         except BaseException:
             self.stats["spawn_failures"] += 1
             self.table.release_reserved(p)  # spec: shm.spawn.reserved-state
@@ -530,7 +560,28 @@ class Driver:
         self.watches.register(p.doorbell.fileno(), p, "doorbell")
         self.watches.register(p.pidfd, p, "pidfd")
         self.stats["spawns"] += 1
+        self.stats["spawns_" + method] += 1
         return proc
+
+    def machinery(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """(fds, files) of this host that a forked guest closes: the epoll
+        set and wake fd, every guest's doorbell ends and pidfds, the
+        lingering pidfds, and the segment (every fd open on its file: the
+        mmap objects hold dups). spec: shm.spawn.fork"""
+        fds: list[int] = []
+        w = self.watches
+        ep = getattr(w, "_epoll", None)
+        if ep is not None and not ep.closed:
+            fds.append(ep.fileno())
+        fds.append(w.wake_fd)
+        for p in list(self.table.peers.values()):
+            for db in (p.doorbell, p.guest_end):
+                if db is not None and not db.closed:
+                    fds.append(db.fileno())
+            fds.append(p.pidfd)
+        fds.extend(list(self.endings.lingering))
+        files = [] if self.segment.closed else [self._segment_file]
+        return fds, files
 
     # ------------------------------------------------------------------
     # The end

@@ -3,13 +3,13 @@
 Owns: the segment (created here: anonymous by default, its fd in every
 spawn ticket; a named file is unlinked on close), the public API for
 reserving entries (`add_peer` -> `SpawnTicket`), starting guests
-(`spawn`), sending to them (`send`, one lock per guest because a ring has
+(`spawn`: a command line; `launch`: a `GuestCommand` by start method), sending to them (`send`, one lock per guest because a ring has
 one producer), receiving from them (a message handler, or `receive`),
 hooks for deaths and lost work, information and statistics, and the
 lifetime (close, context manager, finalizer).
 
 Data flow: `ShmHost.create` -> `Segment.create` + a `Driver` thread. Calls
-that must happen on the driver (spawn) go through `Driver.call`; entries
+that must happen on the driver (spawn, launch) go through `Driver.call`; entries
 are reserved and guests looked up in the driver's `PeerTable`
 (`driver.table`); the guard's hooks (violations, corruption, lost work)
 are those of its `Endings` (`driver.endings`). `ShmHost` takes these
@@ -50,6 +50,7 @@ from ..shm.layout import SegmentConfig
 from ..shm.ring import Descriptor, open_rings
 from ..shm.segment import Segment
 from .driver import Driver
+from .launch import GuestCommand, check_method
 from .peer import (
     ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HostPeer, PeerEntry, PeerInfo, PeerState,
 )
@@ -223,6 +224,24 @@ class ShmHost:
         d = self._check_open()
         p = self._record(ticket)
         return d.call(d.do_spawn, p, list(argv), append_args, dict(popen_kw))
+
+    def launch(self, ticket: SpawnTicket, command: GuestCommand, method: str):
+        """Start a guest for `ticket` running `command` by start method
+        `method` ("spawn": a fresh interpreter, `command.argv +
+        command.args` + the ticket's arguments; "fork": a child of this
+        process, forked by the driver thread, runs `command.in_fork`;
+        "forkserver": the program's template process forks it, it runs
+        `command.entry`). As `spawn`: on the driver thread, the entry back
+        to Empty if starting fails. Returns the process handle (`pid`,
+        `returncode`, `poll`, `wait`, `kill`; a `subprocess.Popen` for
+        spawn), reaped by the host. A bad `method` raises ValueError.
+        spec: exec.start-method spec: shm.spawn.fork"""
+        check_method(method)
+        if not isinstance(command, GuestCommand):
+            raise TypeError(f"command must be a GuestCommand, got {type(command).__name__}")
+        d = self._check_open()
+        p = self._record(ticket)
+        return d.call(d.do_launch, p, command, method)
 
     def release(self, ticket: SpawnTicket) -> None:
         """Give back a ticket that will not be spawned (entry -> Empty,

@@ -2,30 +2,96 @@
 multiprocessing (spawn, fork, forkserver), each consuming a spawn ticket.
 
 Owns: `GuestCommand` (what to run in a guest, in the forms each start
-method needs) and `START_METHODS`. (Skeleton: the fork and forkserver
-launchers, the process handles they return and `ShmHost.launch` are being
-built for issue 16.)
+method needs), `START_METHODS`, the fork launcher (`fork_guest`: the fork,
+and everything the child does before it runs the guest), `ForkedProcess`
+(the process handle of a forked guest), the registry of the host machinery
+a forked child drops (`add_machinery`: every live host's driver, the exec
+layer's start-up logs, the forkserver's socket) and the rule of the fork
+warning (`fork_warning`).
 
 Data flow: the layer above builds a `GuestCommand` -> `ShmHost.launch(
-ticket, command, method)` -> on the driver thread:
+ticket, command, method)` -> on the driver thread (`Driver.do_launch`):
 - spawn: `popen_guest(ticket, command.argv + command.args)` (a fresh
   interpreter; `subprocess.Popen`);
-- fork: the driver thread forks; the child drops the host's machinery and
-  calls `command.in_fork(command.args + ticket.to_args())`, never returning;
-- forkserver: the program's template process forks a child that calls
-  `command.entry` with the same arguments.
+- fork: `fork_guest`: the driver thread forks (`_atomics.fork_child`: what
+  `os.fork` does, the at-fork handlers included); the child drops the
+  host's machinery (`_child`) and calls `command.in_fork(command.args +
+  ticket.to_args())`, never returning: it exits with `os._exit`;
+- forkserver: `shmpool.hub.forkserver.launch(ticket, command)`: the
+  program's template process forks a child that calls `command.entry`
+  with the same arguments.
 Every method hands the guest the same fds under the same numbers (the
 ticket's, then `command.pass_fds`), its stderr on `command.stderr` if
 given, and returns a handle with `pid`, `returncode`, `poll()`,
 `wait(timeout)` and `kill()` (what `subprocess.Popen` has).
+
+The forked child (spec: shm.spawn.fork), in this order: closes every fd of
+the machinery of every live host of the process (`_drop_machinery`: epoll
+sets, wake fds, doorbells (the host's end of its own too, else the host's
+death would never hang it up) and other guests' ends, pidfds, the fds of
+segments other than its own (also the ones mmap objects hold), other
+starts' logs, the forkserver's socket) but keeps every other fd (the
+user's, as a stdlib fork child has them), the ticket's and
+`command.pass_fds`; points fd 2 at `command.stderr`; stdin at /dev/null
+(as multiprocessing's `_close_stdin`); gives itself fresh `sys.stdin/
+stdout/stderr` objects on fds 0-2 (the inherited ones keep buffered locks
+another host thread may hold, and the host's unflushed output); does what
+multiprocessing's `Process._bootstrap` does for a fork child (a fresh
+`current_process()` named as a ForkProcess, `parent_process()` the host,
+the authkey inherited, its finalizers dropped and its after-fork hooks run
+so inherited Queues and Locks work); drops the host's at-exit hooks; reads
+SHMPOOL_FAILPOINTS from its environment as a started process would;
+unblocks the signals the driver thread blocks; runs the guest; flushes and
+`os._exit`s with its status, whatever happens (an exception never
+unwinds into the host's driver loop, whose stack the child runs on).
+
+Invariants:
+- The child takes no lock another thread of the host may hold: it runs
+  only code that does not (the at-fork handlers of the stdlib and of
+  exec/forksafe.py reinitialise the ones they own), and never the host's
+  code. The host's objects it found machinery in stay referenced until it
+  exits (`_PINNED`): their deallocation would close fd numbers the child
+  may have reused by then.
+- The warning is the stdlib's (Python 3.12+: DeprecationWarning "This
+  process (pid=N) is multi-threaded, use of fork() may lead to deadlocks in
+  the child."), given when the process has a thread besides the calling
+  one that shmpool did not start (`_threads.ours`): shmpool's threads never
+  cause it, a user's thread does, as with the stdlib's fork.
+  spec: shm.spawn.fork-warning
 """
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import _atomics, _threads, failpoints
+from ..errors import HubError
+
 START_METHODS = ("fork", "forkserver", "spawn")
+_WARNS = sys.version_info >= (3, 12)  # the stdlib's fork warns about threads from 3.12 on
+
+# Whatever holds host machinery a forked child must drop: objects with a
+# `machinery() -> (fds, files)` method (fds to close; (st_dev, st_ino) of
+# files every fd of which is closed, e.g. the dups mmap objects keep of a
+# segment). Weak: a closed host leaves by itself.
+_MACHINERY: "weakref.WeakSet" = weakref.WeakSet()
+_PINNED: list = []  # (the child) objects whose fds were closed: never deallocated there
+_OLD_STDIO: list = []  # (the child) the inherited stdio objects, never finalized there
+
+
+def add_machinery(obj) -> None:
+    """Register `obj` (with a `machinery()` method) as holding host
+    machinery that a forked guest closes."""
+    _MACHINERY.add(obj)
 
 
 @dataclass(frozen=True)
@@ -51,3 +117,331 @@ class GuestCommand:
     pass_fds: tuple[int, ...] = ()
     stderr: int | None = None
     in_fork: Callable[[list[str]], object] | None = None
+
+
+def check_method(method: str) -> str:
+    if method not in START_METHODS:
+        raise ValueError(f"unknown start method {method!r}: use one of "
+                         f"{', '.join(repr(m) for m in START_METHODS)}")
+    return method
+
+
+def resolve_entry(entry: str) -> Callable[[list[str]], object]:
+    """The function an entry "module:function" names (imported here)."""
+    import importlib
+
+    mod, sep, fn = entry.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"entry must be 'module:function', got {entry!r}")
+    return getattr(importlib.import_module(mod), fn)
+
+
+# ---------------------------------------------------------------------------
+# The process handle of a forked guest
+# ---------------------------------------------------------------------------
+
+
+class ForkedProcess:
+    """A forked guest: what `subprocess.Popen` offers for a child (`pid`,
+    `returncode`, `poll()`, `wait(timeout=None)`, `kill()`,
+    `send_signal()`, `terminate()`), for a process that was forked, not
+    exec'd. `wait` with a timeout raises `subprocess.TimeoutExpired`, as
+    Popen's does. spec: shm.death.process-handle"""
+
+    def __init__(self, pid: int, args=None) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self._lock = threading.Lock()  # one waitpid at a time (as Popen's)
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:
+            # Reaped by someone else (SIGCHLD ignored, a stray wait()): as
+            # Popen, the status is lost.
+            self.returncode = 0
+            return 0
+        if pid == self.pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is not None or not self._lock.acquire(False):
+            return self.returncode
+        try:
+            return self._reap(os.WNOHANG)
+        finally:
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            with self._lock:
+                return self._reap(0)
+        end = time.monotonic() + timeout
+        fd = None
+        try:
+            try:
+                fd = os.pidfd_open(self.pid)
+            except OSError:
+                fd = None  # (gone and reaped: poll() says so)
+            while True:
+                rc = self.poll()
+                if rc is not None:
+                    return rc
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(self.args or [str(self.pid)], timeout)
+                if fd is not None:
+                    pl = select.poll()
+                    pl.register(fd, select.POLLIN)
+                    pl.poll(max(1, int(left * 1000)))
+                else:
+                    time.sleep(min(left, 0.005))
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def send_signal(self, sig: int) -> None:
+        self.poll()
+        if self.returncode is None:  # (not reaped: the pid is still this child's)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def __repr__(self) -> str:
+        return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
+
+
+# ---------------------------------------------------------------------------
+# The fork warning
+# ---------------------------------------------------------------------------
+
+
+def fork_warning() -> str | None:
+    """The stdlib's warning text if `os.fork()` here would give it for a
+    thread shmpool did not start, else None. spec: shm.spawn.fork-warning"""
+    if not _WARNS:
+        return None
+    try:
+        tids = {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        tids = {t.native_id for t in threading.enumerate() if t.native_id is not None}
+    # The stdlib warns when it counts more than one thread; shmpool's own
+    # (the driver that forks, the pool's manager...) are not counted.
+    if len(tids - _threads.ours()) <= 1:
+        return None
+    return (f"This process (pid={os.getpid()}) is multi-threaded, use of fork() may lead to "
+            "deadlocks in the child.")
+
+
+# ---------------------------------------------------------------------------
+# The fork
+# ---------------------------------------------------------------------------
+
+
+def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
+    """Fork a guest for `ticket` (on the host's driver thread: the child's
+    PDEATHSIG follows that long-lived thread). Returns its handle in the
+    host; the child never returns from here. spec: shm.spawn.fork"""
+    run = command.in_fork
+    if run is None:
+        run = resolve_entry(command.entry)  # (imported here, not in the child)
+    args = list(command.args) + ticket.to_args()
+    keep = set(ticket.fds) | set(command.pass_fds)
+    for fd in keep:
+        os.fstat(fd)  # a bad fd fails the start here, as Popen's pass_fds does
+    text = fork_warning()
+    if text is not None:
+        warnings.warn(text, DeprecationWarning, stacklevel=2)
+    mp_child = _mp_process_for_child()
+    host_pid = os.getpid()
+    pid = _atomics.fork_child()
+    if pid < 0:
+        raise OSError(-pid, f"fork failed: {os.strerror(-pid)}")
+    if pid == 0:
+        _child(run, args, keep, command.stderr, mp_child, host_pid)  # never returns
+    return ForkedProcess(pid, args)
+
+
+def _mp_process_for_child():
+    """The `current_process()` of the child, made in the host (its
+    identity from the host's process counter, as a ForkProcess's)."""
+    ctx = sys.modules.get("multiprocessing.context")
+    if ctx is None:
+        return None
+    try:
+        return ctx.ForkProcess(daemon=True)
+    except Exception:  # noqa: BLE001 - (no multiprocessing duties then)
+        return None
+
+
+def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, host_pid: int):
+    """The forked guest (see the module docstring). Never returns."""
+    code = 1
+    try:
+        try:
+            _drop_machinery(keep if stderr is None else keep | {stderr})
+            _stdio(stderr, keep)
+            _multiprocessing(mp_child, host_pid)
+            _at_exit()
+            failpoints._from_environment()  # (as a started process reads it at import)
+            _threads.unblock_in_child()  # (the driver thread blocks them)
+            run(args)
+            code = 0
+        except SystemExit as e:
+            code = _exit_code(e.code)
+        except BaseException:  # noqa: BLE001 - printed, as an uncaught exception
+            import traceback
+
+            code = 1
+            try:
+                traceback.print_exc()
+            except BaseException:  # noqa: BLE001
+                pass
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def _exit_code(c) -> int:
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c & 0xFF
+    try:
+        print(c, file=sys.stderr)
+    except BaseException:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _drop_machinery(keep: set[int]) -> None:
+    """Close every fd of every registered holder of host machinery, and
+    every fd open on one of their files, except those in `keep`."""
+    fds: set[int] = set()
+    files: set[tuple[int, int]] = set()
+    for obj in list(_MACHINERY):
+        _PINNED.append(obj)
+        try:
+            f, ident = obj.machinery()
+        except Exception:  # noqa: BLE001 - (a half-closed holder: what it listed is dropped)
+            continue
+        fds.update(fd for fd in f if fd is not None and fd >= 0)
+        files.update(ident)
+    if files:
+        try:
+            names = os.listdir("/proc/self/fd")
+        except OSError:
+            names = []
+        for name in names:
+            fd = int(name)
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in files:
+                fds.add(fd)
+    for fd in fds - keep:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _stdio(stderr: int | None, keep: set[int]) -> None:
+    """fd 2 to `stderr` (if given), stdin from /dev/null, and fresh stdio
+    objects on fds 0-2 (see the module docstring)."""
+    if stderr is not None:
+        os.dup2(stderr, 2)
+        if stderr not in keep and stderr > 2:
+            os.close(stderr)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
+    except OSError:
+        pass
+    _OLD_STDIO.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__))
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        old = getattr(sys, name)
+        if old is None or old is not getattr(sys, f"__{name}__"):
+            continue  # (replaced by the program: its own object, as a stdlib fork child has it)
+        try:
+            new = open(fd, mode, encoding=old.encoding, errors=old.errors, closefd=False,
+                       buffering=-1 if fd != 2 else 1)
+            if name != "stdin":
+                new.reconfigure(line_buffering=old.line_buffering,
+                                write_through=getattr(old, "write_through", False))
+        except (OSError, ValueError, AttributeError):
+            continue
+        setattr(sys, name, new)
+        setattr(sys, f"__{name}__", new)
+
+
+def _multiprocessing(proc, host_pid: int) -> None:
+    """What multiprocessing's `Process._bootstrap` does in a fork child."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or proc is None:
+        return
+    import itertools
+
+    util = sys.modules.get("multiprocessing.util")
+    ctx = sys.modules.get("multiprocessing.context")
+    if ctx is not None:
+        ctx._force_start_method("fork")
+    process._process_counter = itertools.count(1)
+    process._children = set()
+    process._current_process = proc
+    try:
+        sentinel = os.pidfd_open(host_pid)  # readable once the host has exited
+    except OSError:
+        r, w = os.pipe()  # (the host is gone already: a sentinel that says so)
+        os.close(w)
+        sentinel = r
+    process._parent_process = process._ParentProcess(proc._parent_name, host_pid, sentinel)
+    if getattr(threading, "_HAVE_THREAD_NATIVE_ID", False):
+        threading.main_thread()._set_native_id()
+    if util is not None:
+        util._finalizer_registry.clear()
+        util._run_after_forkers()
+
+
+def _at_exit() -> None:
+    """The host's at-exit hooks are not the child's; multiprocessing's
+    exit duties are (as in its fork children)."""
+    import atexit
+
+    atexit._clear()
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        atexit.register(util._exit_function)
+
+
+def not_available(method: str) -> HubError:
+    return HubError(f"the {method!r} start method is not available in this build of shmpool "
+                    "(shmpool.hub.forkserver is missing)")
