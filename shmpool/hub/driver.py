@@ -527,7 +527,7 @@ class Driver:
             from . import forkserver
         except ImportError:
             raise not_available(method) from None
-        return self._start(p, method, lambda: forkserver.launch(p.ticket, command))
+        return self._start(p, method, lambda: forkserver.launch(p.ticket, command, watch=True))
 
     def _start(self, p: HostPeer, method: str, start):
         """Start `p`'s guest with `start()` (a process handle) and watch it.
@@ -554,7 +554,11 @@ class Driver:
         p.proc = proc
         p.pid = p.info.pid = proc.pid
         p.info.spawned_ns = monotonic_ns()
-        p.pidfd = os.pidfd_open(proc.pid)  # works on a zombie too: nobody else reaps it
+        # Works on a zombie too: nobody else reaps it. A forkserver guest is
+        # the template's child, reaped by it at any time: its handle brings
+        # a pidfd taken before that could happen. spec: shm.spawn.forkserver
+        fd = getattr(proc, "watch_fd", None)
+        p.pidfd = fd if fd is not None else os.pidfd_open(proc.pid)
         with self._lock:
             p.phase = SPAWNED
         self.watches.register(p.doorbell.fileno(), p, "doorbell")

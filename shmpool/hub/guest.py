@@ -53,6 +53,10 @@ from .peer import GOODBYE_POLL, PeerEntry, PeerState
 from .spawn import GuestExit, SpawnArgs
 
 PR_SET_PDEATHSIG = 1
+# The parent whose death ends this guest when it is not the segment's host:
+# the forkserver template, which sets its pid here in each child it forks
+# (and itself ends with the host). spec: shm.spawn.forkserver
+PARENT_PID: int | None = None
 # The longest an answer published with its announcement deferred stays
 # unannounced (spec: shm.wakeup.guest-announce): long enough to cover a
 # batch of tiny tasks (a few us each), short next to a host's wake-up.
@@ -377,7 +381,7 @@ def _check_host(seg: Segment, parent_must_be_host: bool) -> None:
     """spec: shm.guest.pdeathsig -- re-check after prctl: a parent that died
     before it took effect would never send the signal."""
     host = seg.host_pid
-    if parent_must_be_host and os.getppid() != host:
+    if parent_must_be_host and os.getppid() != (PARENT_PID or host):
         raise AttachError(f"the host (pid {host}) of {seg.path} is gone: our parent is now "
                           f"pid {os.getppid()}", GuestExit.HOST_GONE)
     if seg.host_goodbye:

@@ -1,0 +1,477 @@
+"""The "forkserver" start method, host side: one template process per host
+program forks the guests (the template's side is template.py).
+
+Owns: the program's template client (`_Client`: the template's pid and
+pidfd, the host's end of their socketpair, one lock around a request and
+its reply), `launch` (what `ShmHost.launch(..., "forkserver")` calls),
+`stop`, and the handle of a guest it forked (`ForkserverProcess`, what
+`subprocess.Popen` offers: `pid`, `returncode`, `poll`, `wait`, `kill`,
+`send_signal`, `terminate`).
+
+Data flow: `launch(ticket, command)` (on a host's driver thread) -> the
+template, started at the first launch of the program (`python -c <boot
+line> FD`: the host's interpreter, shmpool's package directory first on
+`sys.path`, every fd closed but its end of a SOCK_SEQPACKET socketpair:
+no named socket, no authkey) -> one request: `command.entry`, the
+arguments (`command.args` + the ticket's), the host's `sys.path`, current
+environment and working directory, the modules to preload
+(multiprocessing's forkserver preload list, `'__main__'` as the host's
+main module), and, with SCM_RIGHTS, the ticket's fds, `command.pass_fds`
+and the host's fds 0 and 1 and its stderr (or `command.stderr`), each with
+the number the child must find it under -> the reply: the child's pid and
+a pidfd of it (the template's, taken before it could reap the child: no
+pid reuse) -> a `ForkserverProcess`. The template reports each child's
+end, `("exit", pid, returncode)`, on the same socket; whoever holds the
+lock next (a launch, a `wait`, a `poll`) reads the reports that came and
+hands each to its handle. The hub watches the guest through the handle's
+pidfd (it is not the host's child: `waitpid` cannot be used), so death
+detection and recovery are the hub's usual ones; `wait()` then takes the
+exit status from the template's report.
+
+Invariants:
+- One template per program (a second pool's first launch finds it warm);
+  a `fork()` child of the host never uses its parent's template (at fork
+  the child drops the client, closing its end of the socket; it starts a
+  template of its own if it launches).
+- The template ends when the host program does: its socket hangs up when
+  the host exits or dies (the host's end is close-on-exec and closed in
+  fork children), and every guest it forked dies with it (parent-death
+  signal). A dead template is replaced at the next launch, once: a
+  second failure is a HubError.
+- Every wait is bounded: a template that does not answer is killed and
+  the launch fails; `wait()` of a guest whose template died says that the
+  status is unknown (`returncode` None, `status_unknown` the reason)
+  instead of waiting.
+- A guest is only ever signalled through its pidfd, and never once its
+  status is known (`send_signal` after the end does nothing, as Popen's).
+spec: shm.spawn.forkserver
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from ..errors import HubError
+
+START_TIMEOUT = 60.0  # a new template's first reply (its start and preloads included)
+REPLY_TIMEOUT = 30.0  # a later request's reply (an entry module imported first, at most)
+STATUS_WAIT = 10.0  # an ended guest's exit status from the template (it reaps at once)
+STOP_TIMEOUT = 5.0  # a stopped template's exit before it is killed
+MAX_REPLY = 1 << 16
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Gone(Exception):
+    """The template hung up, died or stopped answering (internal)."""
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
+class ForkserverProcess:
+    """A guest forked by the template: what `subprocess.Popen` offers.
+    `returncode` comes from the template's report; `status_unknown` says
+    why it never will (the template died first). Signals go through a
+    pidfd taken before the process could be reaped (no pid reuse)."""
+
+    def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str], watch: bool) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self.status_unknown: str | None = None
+        # A pidfd of the process for the caller to own and close (with
+        # `launch(..., watch=True)`: the hub's, taken before the template
+        # could reap the process; `pidfd_open(pid)` later could not be).
+        self.watch_fd: int | None = os.dup(pidfd) if watch else None
+        self._client = client
+        self._pidfd: int | None = pidfd
+        self._lock = threading.Lock()  # the pidfd is closed by one thread while another signals
+
+    @property
+    def pidfd(self) -> int | None:
+        """The handle's pidfd (None once the status is known): `os.dup` it
+        to watch the process."""
+        return self._pidfd
+
+    def poll(self) -> int | None:
+        """The exit code if the guest ended and the template reported it,
+        else None."""
+        if self.returncode is None and self.status_unknown is None and self._ended(0):
+            self._client.collect(self, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the guest to end (`subprocess.TimeoutExpired` after
+        `timeout`), then for the template's report of its status: the exit
+        code, or None if the template died without reporting it
+        (`status_unknown` says so)."""
+        if self.returncode is not None or self.status_unknown is not None:
+            return self.returncode
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self._client.collect(self, STATUS_WAIT)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        with self._lock:
+            if self.returncode is not None or self._pidfd is None:
+                return  # (ended: as Popen, never signal what may be another process now)
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _ended(self, timeout: float | None) -> bool:
+        with self._lock:
+            if self._pidfd is None:
+                return True
+            fd = os.dup(self._pidfd)  # (our own: another thread may close the handle's meanwhile)
+        try:
+            return _readable(fd, timeout)
+        finally:
+            os.close(fd)
+
+    def _set(self, code: int | None, unknown: str | None = None) -> None:
+        with self._lock:
+            if code is not None:
+                self.returncode = code
+            elif self.returncode is None:
+                self.status_unknown = unknown
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+
+    def __del__(self) -> None:
+        fd, self._pidfd = getattr(self, "_pidfd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<ForkserverProcess pid={self.pid} returncode={self.returncode}>"
+
+
+class _Client:
+    """This program's template: its process, the host's end of the socket,
+    and the handles of the guests it forked (by pid, for its reports)."""
+
+    def __init__(self) -> None:
+        from multiprocessing.util import spawnv_passfds
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            boot = ("import sys; p = sys.path; "
+                    f"p[0:1 if p and p[0] in ('', '.') else 0] = [{_PACKAGE_PARENT!r}]; "
+                    f"from shmpool.hub.template import serve; serve({theirs.fileno()})")
+            # (fork_exec: every fd but the template's end closed in it, as
+            # Popen's close_fds; no Popen object to outlive at exit)
+            self.pid = spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", boot],
+                                      [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pidfd = os.pidfd_open(self.pid)  # (our child: not reaped before we wait for it)
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.ids = itertools.count(1)
+        self.handles: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.dead: str | None = None
+        self.answered = False  # the first reply came (the template is up, its preloads done)
+        self.reaped = False
+
+    # -- requests (any thread) -------------------------------------------------
+
+    def launch(self, msg: dict, fds: list[int], args: list[str], watch: bool) -> ForkserverProcess:
+        """One request, its reply: the handle of the forked guest. Raises
+        `_Gone` (the template is not usable) or HubError (the request
+        failed in the template)."""
+        if not self.lock.acquire(timeout=START_TIMEOUT):
+            raise _Gone("another launch held the template for too long")
+        try:
+            if self.dead is not None:
+                raise _Gone(self.dead)
+            rid = msg["id"] = next(self.ids)
+            data = pickle.dumps(msg)
+            deadline = time.monotonic() + (REPLY_TIMEOUT if self.answered else START_TIMEOUT)
+            self._send(data, fds, deadline)
+            while True:
+                m, rfds = self._recv(deadline)
+                if m[0] == "exit":
+                    self._report(m)
+                elif m[1] != rid:  # (the late reply of a request that failed)
+                    for fd in rfds:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        os.close(fd)
+                elif m[0] == "error":
+                    self.answered = True
+                    raise HubError(m[2])
+                else:
+                    self.answered = True
+                    h = ForkserverProcess(self, m[2], rfds[0], args, watch)
+                    self.handles[h.pid] = h  # (before its report can be read: under the lock)
+                    return h
+        finally:
+            self.lock.release()
+
+    def collect(self, h: ForkserverProcess, timeout: float) -> None:
+        """Read the template's reports until `h`'s came, for up to
+        `timeout` (0: only what is there now)."""
+        deadline = time.monotonic() + timeout
+        if not (self.lock.acquire(timeout=timeout) if timeout > 0 else self.lock.acquire(blocking=False)):
+            return
+        try:
+            while h.returncode is None:
+                if self.dead is not None:
+                    h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
+                                 f"the exit status of pid {h.pid}: {self.dead}")
+                    return
+                if not _readable(self.sock.fileno(), max(0.0, deadline - time.monotonic())):
+                    return
+                try:
+                    m, rfds = self._recv(deadline)
+                except _Gone:
+                    continue  # (dead now: said above)
+                if m[0] == "exit":
+                    self._report(m)
+                for fd in rfds:  # (a late reply: see launch)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    os.close(fd)
+        finally:
+            self.lock.release()
+
+    def _report(self, m: tuple) -> None:
+        h = self.handles.pop(m[1], None)
+        if h is not None:
+            h._set(m[2])
+
+    def _send(self, data: bytes, fds: list[int], deadline: float) -> None:
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLOUT)
+        while True:
+            if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                self._fail("it took no request for too long")
+            try:
+                socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                self._fail(f"sending to it failed: {e}")
+
+    def _recv(self, deadline: float) -> tuple[tuple, list[int]]:
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN)
+        while True:
+            if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                self._fail(f"it did not answer within {REPLY_TIMEOUT if self.answered else START_TIMEOUT:.0f} s")
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_REPLY, 4, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                self._fail(f"reading from it failed: {e}")
+            if not data:
+                self._fail("it hung up (it exited or was killed)")
+            return pickle.loads(data), fds
+
+    def _fail(self, why: str):
+        """The template is not usable: mark it dead, kill it (a hung one
+        would hold its guests), raise `_Gone`."""
+        if self.dead is None:
+            self.dead = why
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+        raise _Gone(why)
+
+    # -- the end ----------------------------------------------------------------
+
+    def close(self, timeout: float) -> None:
+        """Hang up (the template exits, and its guests with it), reap it
+        (killed after `timeout`), close our fds."""
+        got = self.lock.acquire(timeout=timeout)
+        try:
+            if self.dead is None:
+                self.dead = "the forkserver template was stopped"
+            if self.sock.fileno() != -1:
+                self.sock.close()
+            self.reap(timeout)
+            for h in list(self.handles.values()):  # (its guests died with it)
+                h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
+                             f"the exit status of pid {h.pid}: {self.dead}")
+            self.handles.clear()
+        finally:
+            if got:
+                self.lock.release()
+
+    def reap(self, timeout: float) -> None:
+        if self.reaped or self.owner != os.getpid():
+            return
+        if not _readable(self.pidfd, timeout):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.pidfd)
+        self.reaped = True
+
+    def forget_in_child(self) -> None:
+        """In a fork() child of the host: close our copies of the socket
+        and pidfd (no lock: the thread that held one is not here)."""
+        self.dead = "the forkserver template belongs to the parent of this fork() child"
+        self.lock = threading.Lock()
+        for fd in (self.sock.detach(), self.pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.reaped = True
+
+
+_client: _Client | None = None
+_lock = threading.Lock()  # guards `_client` (its start and its end)
+
+
+def _preload() -> tuple[list[str], tuple[str, str] | None]:
+    """multiprocessing's forkserver preload list, and the host's main
+    module if it names `'__main__'` (by module name, or by path; None if
+    there is none, e.g. `python -c`)."""
+    from multiprocessing import forkserver, process
+
+    names = list(getattr(forkserver._forkserver, "_preload_modules", ()) or ())
+    main = None
+    if "__main__" in names:
+        m = sys.modules.get("__main__")
+        name = getattr(getattr(m, "__spec__", None), "name", None)
+        path = getattr(m, "__file__", None)
+        if name is not None:
+            main = ("name", name)
+        elif path is not None:
+            main = ("path", os.path.normpath(os.path.join(process.ORIGINAL_DIR or "", path)))
+    return names, main
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
+    """Have this program's template fork a guest for `ticket` running
+    `command.entry` (see hub/launch.py `GuestCommand`); its handle (with
+    `watch`, its `watch_fd` is a pidfd of the guest the caller owns). The
+    template is started on the first call (and again, once, if it died).
+    Raises HubError if the template cannot be started or used, or the
+    entry cannot be imported in it. spec: shm.spawn.forkserver"""
+    from multiprocessing import process
+
+    if getattr(process.current_process(), "_inheriting", False):
+        # The template importing the host's main module (a script without
+        # an `if __name__ == "__main__":` guard): as multiprocessing does.
+        raise RuntimeError("a guest cannot be started while the forkserver template imports the main "
+                           "module: guard the program's entry point with "
+                           "`if __name__ == '__main__':`")
+    fds: list[int] = []
+    targets: list[int] = []
+    for fd in (*ticket.fds, *command.pass_fds):
+        if fd not in targets:
+            fds.append(fd)
+            targets.append(fd)
+    err = command.stderr if command.stderr is not None else 2
+    for target, fd in ((0, 0), (1, 1), (2, err)):
+        if target not in targets and _fd_open(fd):
+            fds.append(fd)
+            targets.append(target)
+    args = list(command.args) + ticket.to_args()
+    names, main = _preload()
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = "/"
+    msg = {"op": "launch", "entry": command.entry, "args": args, "targets": targets,
+           "env": dict(os.environb), "cwd": cwd, "sys_path": list(sys.path), "preload": names,
+           "main": main, "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
+    why = None
+    for _ in range(2):  # a dead template is replaced once
+        client = _template()
+        try:
+            return client.launch(msg, fds, [command.entry, *args], watch)
+        except _Gone as e:
+            why = str(e)
+            _discard(client)
+    raise HubError(f"the forkserver template is not usable: {why}. Check that {sys.executable} starts "
+                   f"and imports shmpool from {_PACKAGE_PARENT} (and the modules of "
+                   "multiprocessing.set_forkserver_preload)")
+
+
+def _template() -> _Client:
+    global _client
+    with _lock:
+        c = _client
+        if c is None or c.dead is not None or c.owner != os.getpid():
+            if c is not None and c.owner == os.getpid():
+                c.close(0)
+            c = _client = _Client()
+        return c
+
+
+def _discard(client: _Client) -> None:
+    global _client
+    with _lock:
+        if _client is client:
+            _client = None
+    client.close(STOP_TIMEOUT)
+
+
+def template_pid() -> int | None:
+    """The pid of this program's template process (not reaped yet, though
+    maybe dead), or None (tests; the leak check)."""
+    c = _client
+    return None if c is None or c.reaped or c.owner != os.getpid() else c.pid
+
+
+def stop(timeout: float = STOP_TIMEOUT) -> None:
+    """End this program's template (its guests die with it) and reap it.
+    The next launch starts a new one."""
+    global _client
+    with _lock:
+        c, _client = _client, None
+    if c is not None and c.owner == os.getpid():
+        c.close(timeout)
+
+
+def _after_fork_in_child() -> None:
+    global _client, _lock
+    _lock = threading.Lock()
+    c, _client = _client, None
+    if c is not None:
+        c.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

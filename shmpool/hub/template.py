@@ -1,0 +1,342 @@
+"""The forkserver template: the process that forks guests for the
+"forkserver" start method (its host side is forkserver.py).
+
+Owns: the template's loop (`serve`), the modules it preloads, and what a
+child it forks does before it runs the guest's entry (`_child`).
+
+Data flow: the host program starts the template once (forkserver.py:
+`python -c <boot line> FD`, FD its end of a SOCK_SEQPACKET socketpair,
+every other fd closed) -> `serve(FD)` -> for each request (one packet,
+pickled, its fds attached with SCM_RIGHTS): `sys.path` set to the host's,
+new preload modules and the entry's module imported (once each: later
+forks find them imported), then `fork()`:
+- the template replies `("pid", id, pid)` with a pidfd of the child
+  attached, closes its copies of the passed fds at once (else the host's
+  death would never hang up the doorbells), and watches the child's pidfd;
+  when it ends, the template reaps it and reports `("exit", pid,
+  returncode)` (`subprocess` convention: minus the signal number);
+- the child (`_child`) sets its parent-death signal and checks that its
+  parent is still the template, puts every passed fd back under the
+  number it had in the host (first dup'ed above every number involved,
+  then `dup2`: no collision can clobber one), closes every other fd but
+  0, 1 and 2, applies the host's environment and working directory,
+  calls `function(args)` of `entry` ("module:function") and exits with its
+  status after running the exit handlers, as an interpreter would.
+A request the template cannot serve (the entry does not import) is
+answered `("error", id, text)`.
+
+Invariants: the template has one thread (it forks); it never blocks on
+the host (its socket is non-blocking, replies and reports queue until the
+host reads them); it exits when the host's end hangs up (the host program
+exited or died) or its parent is no longer the host, and its children,
+whose parent-death signal is SIGKILL, die with it. A child never keeps an
+fd of the template's (the socket, the other children's pidfds).
+spec: shm.spawn.forkserver
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import importlib
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import traceback
+
+from . import guest as _guest
+from .spawn import GuestExit
+
+MAX_REQUEST = 1 << 20  # bytes of one request (the environment is the bulk of it)
+MAX_FDS = 250  # fds one request may carry (SCM_MAX_FD is 253)
+PARENT_CHECK = 1.0  # seconds between checks that the host is still our parent
+
+
+class _Template:
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.host = os.getppid()
+        self.pid = os.getpid()
+        self.out: collections.deque = collections.deque()  # (message bytes, [fds to close once sent])
+        self.children: dict[int, int] = {}  # pidfd -> pid
+        self.tried: set[str] = set()  # preload modules imported (or tried) already
+        self.entries: dict[str, object] = {}
+        self.poller = select.poll()
+        self.poller.register(self.sock.fileno(), select.POLLIN)
+
+    def run(self) -> None:
+        sfd = self.sock.fileno()
+        while True:
+            self.poller.modify(sfd, select.POLLIN | (select.POLLOUT if self.out else 0))
+            try:
+                events = self.poller.poll(PARENT_CHECK * 1000)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+                continue
+            for fd, ev in events:
+                if fd != sfd:
+                    self._reap(fd)
+                elif ev & select.POLLIN:
+                    if not self._requests():
+                        return
+                elif ev & (select.POLLHUP | select.POLLERR):
+                    return  # the host's end is gone
+            if not self._flush():
+                return
+            if os.getppid() != self.host:
+                return  # (the socket may have leaked into another process: the host is gone all the same)
+
+    # -- requests ----------------------------------------------------------------
+
+    def _requests(self) -> bool:
+        """Serve every request waiting; False once the host hung up."""
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_REQUEST, MAX_FDS)
+            except BlockingIOError:
+                return True
+            except (ConnectionError, OSError):
+                return False
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return False
+            try:
+                req = pickle.loads(data) if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) else None
+            except Exception:  # noqa: BLE001 - cannot happen between matching versions
+                req = None
+            if req is None:
+                for fd in fds:
+                    os.close(fd)
+                self._send(("error", -1, "the forkserver template got a truncated or unreadable request"))
+                continue
+            try:
+                self._launch(req, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)  # the child has its copies; ours must not keep a doorbell open
+
+    def _launch(self, req: dict, fds: list[int]) -> None:
+        rid = req["id"]
+        if len(fds) != len(req["targets"]):
+            self._send(("error", rid, f"the request names {len(req['targets'])} fds, {len(fds)} came"))
+            return
+        sys.path[:] = req["sys_path"]
+        self._preload(req["preload"], req["main"])
+        try:
+            fn = self._entry(req["entry"])
+        except BaseException:  # noqa: BLE001 - the host's start fails with this text
+            self._send(("error", rid, f"the forkserver template cannot import the guest's entry "
+                                      f"{req['entry']!r}:\n{traceback.format_exc()}"))
+            return
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()  # (else the child would write our buffered text again)
+            except Exception:  # noqa: BLE001
+                pass
+        pid = os.fork()
+        if pid == 0:
+            _child(self, req, fn, fds)  # never returns
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:  # pragma: no cover - fd limit: the host cannot watch it, so end it
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            self._send(("error", rid, f"the forkserver template cannot open a pidfd: {e}"))
+            return
+        self.children[pidfd] = pid
+        self.poller.register(pidfd, select.POLLIN)
+        self._send(("pid", rid, pid), [os.dup(pidfd)])
+
+    def _entry(self, entry: str):
+        fn = self.entries.get(entry)
+        if fn is None:
+            mod, _, name = entry.partition(":")
+            fn = getattr(importlib.import_module(mod), name)
+            self.entries[entry] = fn
+        return fn
+
+    def _preload(self, modules, main) -> None:
+        """Import what multiprocessing's forkserver would preload: each
+        module once; an ImportError is ignored, as multiprocessing does;
+        `'__main__'` imports the host's main module as `__mp_main__` (as a
+        spawned multiprocessing child does), nothing if it has none."""
+        for name in modules:
+            if name in self.tried:
+                continue
+            self.tried.add(name)
+            try:
+                if name == "__main__":
+                    _import_main(main)
+                else:
+                    importlib.import_module(name)
+            except ImportError:
+                pass
+            except Exception:  # noqa: BLE001 - a broken preload must not take the template down
+                traceback.print_exc()
+
+    # -- children and replies ----------------------------------------------------
+
+    def _reap(self, pidfd: int) -> None:
+        pid = self.children.pop(pidfd, None)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        if pid is None:
+            return
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # pragma: no cover - nobody else reaps our children
+            return
+        self._send(("exit", pid, os.waitstatus_to_exitcode(status)))
+
+    def _send(self, msg: tuple, fds: list[int] | None = None) -> None:
+        self.out.append((pickle.dumps(msg), fds or []))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Send what is queued while the socket takes it; False once the
+        host hung up."""
+        while self.out:
+            data, fds = self.out[0]
+            try:
+                socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            self.out.popleft()
+            for fd in fds:
+                os.close(fd)
+        return True
+
+
+def _import_main(main) -> None:
+    if main is None:
+        return
+    from multiprocessing import process, spawn
+
+    kind, value = main
+    process.current_process()._inheriting = True
+    try:
+        if kind == "name":
+            spawn._fixup_main_from_name(value)  # (skips a `-m pkg` run's `pkg.__main__`)
+        else:
+            spawn._fixup_main_from_path(value)
+    finally:
+        del process.current_process()._inheriting
+
+
+def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
+    """In the forked child: become the guest the host asked for, run its
+    entry, exit. Never returns."""
+    code = 1
+    try:
+        template = t.pid
+        # spec: shm.guest.pdeathsig -- from here on the template's death
+        # kills us; it may have died before: re-check our parent.
+        _guest.set_parent_death_signal()
+        if os.getppid() != template:
+            os._exit(GuestExit.HOST_GONE)
+        t.sock.detach()  # (closed below with the rest: no object may close a number a passed fd takes)
+        _place_fds(fds, req["targets"])
+        os.environb.clear()
+        os.environb.update(req["env"])
+        from .. import failpoints
+
+        failpoints._from_environment()  # (SHMPOOL_FAILPOINTS set after the template started)
+        try:
+            os.chdir(req["cwd"])
+        except OSError:
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN if req["sigint_ignored"] else signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _guest.PARENT_PID = template
+        args = list(req["args"])
+        sys.argv = ["-c"] + args
+        try:
+            fn(args)
+            code = 0
+        except SystemExit as e:
+            code = _exit_status(e)
+        except BaseException:  # noqa: BLE001 - as an uncaught exception ends an interpreter
+            traceback.print_exc()
+            code = 1
+        code = _finish(code)
+    except BaseException:  # noqa: BLE001 - before the entry: say what broke
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+def _place_fds(fds: list[int], targets: list[int]) -> None:
+    """Put `fds[i]` under number `targets[i]` (inheritable), close every
+    other fd but 0, 1 and 2 (as `close_fds` does). Each fd is
+    first dup'ed above every number involved, so that a `dup2` onto a
+    target can never clobber an fd still to be placed."""
+    top = max([2, *fds, *targets]) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+    keep = {0, 1, 2, *high}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # (the directory's own fd, closed already)
+    for h, target in zip(high, targets):
+        os.dup2(h, target, inheritable=True)
+    for h in high:
+        if h not in targets:
+            os.close(h)
+
+
+def _exit_status(e: SystemExit) -> int:
+    """The status an interpreter exits with for `SystemExit(e.code)`."""
+    c = e.code
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c & 0xFF
+    try:
+        print(c, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _finish(code: int) -> int:
+    """What an interpreter does on its way out: wait for non-daemon
+    threads, run the exit handlers, flush the standard streams."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        pass
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    return code
+
+
+def serve(fd: int) -> None:
+    """The template's main: serve the host on socket `fd` until it hangs up."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())  # (started from a thread that blocks some)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the host's to handle
+    null = os.open(os.devnull, os.O_RDONLY)  # (the host's stdin is for the host; each child gets its own)
+    os.dup2(null, 0)
+    os.close(null)
+    _Template(fd).run()
