@@ -266,7 +266,10 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
         os.fstat(fd)  # a bad fd fails the start here, as Popen's pass_fds does
     text = fork_warning()
     if text is not None:
-        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        try:
+            warnings.warn(text, DeprecationWarning, stacklevel=2)
+        except Exception:  # noqa: BLE001 - an "error" filter: the stdlib's fork swallows it too
+            pass
     mp_child = _mp_process_for_child()
     host_pid = os.getpid()
     pid = _atomics.fork_child()

@@ -1,0 +1,176 @@
+"""Layer 4: workers started with the fork start method (`mp_context=
+get_context("fork")`, `ShmPool(context=...)`): what they inherit, their
+deaths, and a host whose other threads hold locks or are busy."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+import pytest
+
+from harness.polling import wait_for
+from harness.tasks import ident
+from shmpool import ShmExecutor, ShmPool
+from shmpool.hub.launch import ForkedProcess
+
+FORK = multiprocessing.get_context("fork")
+TABLE: dict | None = None  # set at run time by a test: a forked worker sees it
+
+
+def read_table(key):
+    return None if TABLE is None else TABLE.get(key), os.getppid()
+
+
+def worker_identity(_):
+    p = multiprocessing.parent_process()
+    return (os.getpid(), multiprocessing.current_process().name, p.pid if p else None,
+            bytes(multiprocessing.current_process().authkey))
+
+
+@pytest.mark.spec("exec.start-method")
+def test_forked_workers_see_module_state_set_at_run_time():
+    """A table the host builds at run time, after import, is what a fork
+    worker reads (it is the host's child, not a fresh interpreter)."""
+    global TABLE
+    TABLE = {i: i * i for i in range(1000)}
+    try:
+        with ShmExecutor(2, mp_context=FORK) as ex:
+            out = list(ex.map(read_table, [3, 999, 5000]))
+            assert [v for v, _ in out] == [9, 998001, None]
+            assert {ppid for _, ppid in out} == {os.getpid()}
+            assert all(isinstance(p, ForkedProcess) for p in ex._core.processes().values())
+            ids = ex.submit(worker_identity, 0).result()
+            assert ids[1].startswith("ForkProcess-") and ids[2] == os.getpid()
+            assert ids[3] == bytes(multiprocessing.current_process().authkey)
+    finally:
+        TABLE = None
+
+
+_lock = _queue = None
+
+
+def _init(lock, queue):
+    global _lock, _queue
+    _lock, _queue = lock, queue
+    queue.put(("init", os.getpid()))
+
+
+def locked_put(i):
+    with _lock:
+        _queue.put(("task", i))
+    return i
+
+
+@pytest.mark.spec("exec.start-method")
+def test_fork_context_lock_and_queue_in_initargs():
+    """A fork-context Lock and Queue in initargs (which a spawned worker
+    cannot be given) reach forked workers, as multiprocessing's fork
+    children have them; what they put arrives in the host."""
+    lock, q = FORK.Lock(), FORK.Queue()
+    try:
+        with ShmExecutor(2, mp_context=FORK, initializer=_init, initargs=(lock, q)) as ex:
+            assert sorted(ex.map(locked_put, range(20))) == list(range(20))
+        got = [q.get(timeout=30) for _ in range(22)]
+        assert sorted(i for kind, i in got if kind == "task") == list(range(20))
+        assert len([1 for kind, _ in got if kind == "init"]) == 2
+    finally:
+        q.close()
+        q.join_thread()
+
+
+def kill_once(path, i):
+    if i == 3 and not os.path.exists(path):
+        open(path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i, os.getpid()
+
+
+@pytest.mark.spec("exec.start-method")
+@pytest.mark.spec("shm.spawn.fork")
+def test_a_sigkilled_forked_worker_is_replaced_and_its_task_resubmitted(tmp_path):
+    flag = str(tmp_path / "killed")
+    with ShmExecutor(2, mp_context=FORK) as ex:
+        first = set(ex._processes)
+        out = list(ex.map(kill_once, [flag] * 10, range(10)))
+        assert [i for i, _ in out] == list(range(10))
+        assert os.path.exists(flag)
+        wait_for(lambda: len(ex._processes) == 2 and set(ex._processes) != first, "a forked replacement")
+        assert all(isinstance(p, ForkedProcess) for p in ex._core.processes().values())
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.spec("exec.start-method")
+def test_shmpool_with_a_fork_context_and_maxtasksperchild():
+    """ShmPool(context=fork): forked workers, replaced (forked again) after
+    maxtasksperchild tasks."""
+    with ShmPool(2, context=FORK, maxtasksperchild=3) as pool:
+        assert pool.map(square, range(30), chunksize=1) == [x * x for x in range(30)]
+        assert all(isinstance(p, ForkedProcess) for p in pool._st.core.processes().values())
+        pool.close()
+        pool.join()
+
+
+def log_and_return(i):
+    logging.getLogger("shmpool-test-fork").warning("task %s", i)
+    return i, os.getpid()
+
+
+def _log_init():
+    logging.getLogger("shmpool-test-fork").warning("initializer ran")
+
+
+@pytest.mark.spec("shm.spawn.fork")
+def test_forked_workers_start_while_other_host_threads_hold_locks_and_submit():
+    """While pool A forks its workers, other threads of the host hold pool
+    B's lock, B's hub lock and a logging handler's lock, and another keeps
+    submitting to B: A's forked workers start, log through that handler (its
+    lock is made anew in the child) and answer; B's work all completes."""
+    log = logging.getLogger("shmpool-test-fork")
+    handler = logging.StreamHandler(open(os.devnull, "w"))
+    log.addHandler(handler)
+    b = ShmExecutor(2, mp_context=FORK)
+    stop = threading.Event()
+    held = threading.Event()
+    done_b = []
+    threads = []
+
+    def hold():
+        core = b._get_core()
+        with core.lock, core.host._driver._lock:
+            handler.acquire()
+            try:
+                held.set()
+                stop.wait(60)
+            finally:
+                handler.release()
+
+    def submit_b():
+        while not stop.is_set():
+            done_b.append(b.submit(ident, len(done_b)))
+
+    try:
+        assert b.submit(ident, -1).result(timeout=60) == -1
+        threads.append(threading.Thread(target=submit_b))
+        threads[0].start()
+        wait_for(lambda: len(done_b) > 10, "B busy")
+        threads.append(threading.Thread(target=hold))
+        threads[1].start()
+        held.wait(30)
+        with ShmExecutor(2, mp_context=FORK, initializer=_log_init) as a:
+            out = list(a.map(log_and_return, range(8)))
+        assert [i for i, _ in out] == list(range(8))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        b.shutdown()
+        log.removeHandler(handler)
+        handler.stream.close()
+    assert [f.result(timeout=60) for f in done_b] == list(range(len(done_b)))
