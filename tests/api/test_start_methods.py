@@ -67,6 +67,28 @@ def test_the_default_start_method_is_the_stdlibs(default):
     assert got["shm_pool"] == got["mp_pool"]
 
 
+@pytest.mark.spec("api.start-method-default")
+def test_choosing_the_default_fixes_it_as_the_stdlib():
+    """Like ProcessPoolExecutor() and Pool(), constructing with the default
+    context fixes it: a later set_start_method() without force raises."""
+    code = ("import json, multiprocessing as mp, sys\n"
+            "from concurrent.futures import ProcessPoolExecutor\n"
+            "from shmpool import ShmExecutor, ShmPool\n"
+            "make = {'ppe': ProcessPoolExecutor, 'shm': ShmExecutor, 'shm_pool': ShmPool,\n"
+            "        'mp_pool': mp.Pool}[sys.argv[1]]\n"
+            "p = make(1)\n"
+            "try:\n"
+            "    mp.set_start_method('spawn')\n"
+            "    out = 'accepted'\n"
+            "except RuntimeError as e:\n"
+            "    out = str(e)\n"
+            "getattr(p, 'shutdown', getattr(p, 'terminate', None))()\n"
+            "print(json.dumps(out))\n")
+    got = {k: last_event(run_script(code, k)) for k in ("ppe", "shm", "mp_pool", "shm_pool")}
+    assert got["ppe"] == "context has already been set", got
+    assert got["shm"] == got["ppe"] and got["shm_pool"] == got["mp_pool"] == got["ppe"], got
+
+
 @pytest.mark.spec("api.start-method")
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_is_reported(method):
