@@ -193,7 +193,9 @@ class Starter:
         self.method = method  # the start method of the workers (hub/launch.py)
         if method == "fork":
             # Imported once here, not in every forked worker (~5 ms each).
-            from . import guest  # noqa: F401
+            from . import guest
+
+            self._guest_module = guest
         # (initializer, initargs, max_tasks_per_child): pickled for each
         # worker start (as a spawned child's arguments: multiprocessing
         # objects in initargs are passed on). Dropped at close.

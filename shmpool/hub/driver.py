@@ -4,7 +4,9 @@ Owns: the driver thread and its loop, the command queue through which
 other threads have work done on it (`call`, and `post` without waiting),
 delivery of guest->host descriptors to the layer above (by the loop, or by
 a caller polling for its answer: `poll`), attach detection, the periodic
-scan, and starting guest processes.
+scan, and starting guest processes (`do_spawn`, `do_launch` by start
+method: launch.py), and the list of its fds a forked guest closes
+(`machinery`).
 
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):

@@ -119,6 +119,12 @@ class Endings:
             cause = "crash"
         if info.detected_by is None:
             info.detected_by, info.detected_ns = by, now
+        if not info.attached and self.corruption is None:
+            # A guest that ended before attaching may have refused a header
+            # that was scribbled on: report that before its end is counted
+            # as a start failure (a forked guest ends within milliseconds,
+            # long before the next scan would look). spec: shm.guard.validate
+            self.check_header()
         if (cause == "goodbye" and p.phase != LEAVING and p.proc is not None and not self.closing
                 and not p.exited(0)):
             # It said goodbye and is on its way out: it no longer touches

@@ -34,8 +34,9 @@ starts' logs, the forkserver's socket) but keeps every other fd (the
 user's, as a stdlib fork child has them), the ticket's and
 `command.pass_fds`; points fd 2 at `command.stderr`; stdin at /dev/null
 (as multiprocessing's `_close_stdin`); gives itself fresh `sys.stdin/
-stdout/stderr` objects on fds 0-2 (the inherited ones keep buffered locks
-another host thread may hold, and the host's unflushed output); does what
+stdout/stderr` objects on fds 0-2, as a spawned guest has (the inherited
+ones keep buffered locks another host thread may hold, and the host's
+unflushed output); does what
 multiprocessing's `Process._bootstrap` does for a fork child (a fresh
 `current_process()` named as a ForkProcess, `parent_process()` the host,
 the authkey inherited, its finalizers dropped and its after-fork hooks run
@@ -44,6 +45,16 @@ SHMPOOL_FAILPOINTS from its environment as a started process would;
 unblocks the signals the driver thread blocks; runs the guest; flushes and
 `os._exit`s with its status, whatever happens (an exception never
 unwinds into the host's driver loop, whose stack the child runs on).
+
+The forked guest maps its segment anew from the ticket's fd (as a spawned
+one does), rather than attaching over the host's mapping it inherited:
+in the child, pages of that mapping may have been replaced by private
+copies (exec/forksafe.py moves the copies of pinned zero-copy results over
+them), which the guest would read and write instead of the shared
+segment, and the host's `Segment` object carries a lock (`_map_lock`) and
+extent mappings that another host thread may be changing at the fork.
+Mapping costs one mmap of the fd; the inherited mapping stays, untouched
+(no page of it is faulted in by the guest).
 
 Invariants:
 - The child takes no lock another thread of the host may hold: it runs
@@ -391,16 +402,17 @@ def _stdio(stderr: int | None, keep: set[int]) -> None:
         pass
     _OLD_STDIO.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__))
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
-        old = getattr(sys, name)
-        if old is None or old is not getattr(sys, f"__{name}__"):
-            continue  # (replaced by the program: its own object, as a stdlib fork child has it)
+        # (also in place of an object the program put there, as a spawned
+        # guest has them: a traceback before the attach must reach the
+        # start-up log on fd 2, and that object's lock may be held too)
+        old = getattr(sys, f"__{name}__", None) or getattr(sys, name, None)
         try:
-            new = open(fd, mode, encoding=old.encoding, errors=old.errors, closefd=False,
-                       buffering=-1 if fd != 2 else 1)
+            new = open(fd, mode, encoding=getattr(old, "encoding", None) or "utf-8",
+                       errors=getattr(old, "errors", None) or "strict", closefd=False)
             if name != "stdin":
-                new.reconfigure(line_buffering=old.line_buffering,
-                                write_through=getattr(old, "write_through", False))
-        except (OSError, ValueError, AttributeError):
+                new.reconfigure(line_buffering=bool(getattr(old, "line_buffering", fd == 2)),
+                                write_through=bool(getattr(old, "write_through", fd == 2)))
+        except (OSError, ValueError, AttributeError, TypeError):
             continue
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)

@@ -211,7 +211,7 @@ class HostPeer:
         self.ticket = None
         self.doorbell = None  # host end
         self.guest_end = None  # until spawned
-        self.proc = None  # subprocess.Popen, when the host started it
+        self.proc = None  # process handle when the host started it (Popen, launch.ForkedProcess...)
         self.pid = 0
         self.pidfd: int | None = None
         self.tx = self.rx = None

@@ -174,3 +174,49 @@ def test_forked_workers_start_while_other_host_threads_hold_locks_and_submit():
         log.removeHandler(handler)
         handler.stream.close()
     assert [f.result(timeout=60) for f in done_b] == list(range(len(done_b)))
+
+
+_STDOUT_HELD = """
+import fcntl, os, sys, termios, threading, array
+sys.path.insert(0, {tests!r})
+import multiprocessing
+from shmpool import ShmExecutor
+
+def chatty(x):
+    print("from the worker", x)  # (the inherited sys.stdout's lock is held in the host)
+    return x * 2
+
+if __name__ == "__main__":
+    r, w = os.pipe()
+    os.dup2(w, 1)
+    os.close(w)
+    def flood():
+        sys.stdout.write("x" * (1 << 20))  # blocks in write(), holding the buffer's lock
+        sys.stdout.flush()
+    threading.Thread(target=flood, daemon=True).start()
+    n = array.array("i", [0])
+    while n[0] < 65536:  # the pipe is full: the writer is blocked
+        fcntl.ioctl(r, termios.FIONREAD, n)
+    ex = ShmExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    got = ex.submit(chatty, 21).result(timeout=60)
+    threading.Thread(target=lambda: [os.read(r, 1 << 16) for _ in iter(int, 1)], daemon=True).start()
+    ex.shutdown()
+    print("result", got, file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.spec("shm.spawn.fork")
+def test_a_forked_worker_prints_while_a_host_thread_holds_stdouts_lock(tmp_path):
+    """A host thread is blocked writing to a full stdout pipe (it holds the
+    stdout buffer's lock); a forked worker prints from its task and answers:
+    it has stdio objects of its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "held.py"
+    script.write_text(textwrap.dedent(_STDOUT_HELD.format(tests=tests)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "result 42" in r.stderr

@@ -385,3 +385,35 @@ def test_forked_process_handle_waits_with_a_timeout(hosts):
     host.close()  # the guest leaves; the host reaps it
     done.set()
     assert g.proc.returncode == 0
+
+
+@pytest.mark.spec("shm.crash.recovery")
+@pytest.mark.spec("shm.spawn.fork")
+def test_sigkilled_forked_guest_holding_slots_gives_them_all_back(hosts):
+    """As test_hub_death's slot-holding SIGKILL, with a forked guest: it
+    allocated 3 slots, sent 1 it never published, kept 2 from the host and
+    has 1 more in its ring; recovery returns exactly those 7 and every
+    class is back at its baseline (the child's own mapping, not the
+    host's, is what it wrote through)."""
+    from harness.hub_child import send_blob
+    from shmpool.shm.varslot import SlotPool
+
+    host = hosts(max_guests=2)
+    pool = SlotPool(host.segment, 0)
+    for c in host.config.size_classes:
+        pool.free(pool.alloc(c.slot_size))
+    baseline = [(c.free, c.capacity) for c in pool.statistics().classes]
+    host.set_message_handler(lambda peer, batch: None)
+    deaths = []
+    g = _fork(hosts, host, "hoard", on_death=deaths.append)
+    assert g.event()["event"] == "ready"
+    for i in range(2):
+        assert host.send(1, send_blob(pool, i, 1, 0, to=1), timeout=10)
+        assert g.event()["received"] == i + 1
+    os.kill(g.proc.pid, signal.SIGSTOP)
+    assert host.send(1, send_blob(pool, 2, 1, 0, to=1), timeout=10)
+    os.kill(g.proc.pid, signal.SIGKILL)
+    wait_for(lambda: host.peer_info(1).recovered, "peer 1 recovered", 30)
+    assert deaths == [1] and host.peer_info(1).signal == signal.SIGKILL
+    assert host.peer_info(1).slots_reclaimed == 7
+    assert [(c.free, c.capacity) for c in pool.statistics().classes] == baseline
