@@ -19,9 +19,13 @@ Modules, lowest first (each imports only the ones above it in this list):
     watch     `Watches`: the driver's epoll set and wake-up eventfd
     endings   `Endings`: death, reaping, recovery, violations, corruption,
               shutdown
+    forkserver  the forkserver start method, host side: the program's
+              template, `launch`, the guest's process handle
     driver    `Driver`: the driver thread's loop, delivery, scans, spawning
     host      `ShmHost`, the object the layer above holds
     guest     `ShmGuest`, `run_guest`: the guest's side
+    template  the forkserver's template process: its loop, what a child
+              it forks does before the guest's entry
 
 Why this split: the host's work happens on one driver thread, but it has
 distinct concerns, each a part with a narrow interface rather than one

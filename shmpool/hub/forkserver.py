@@ -81,11 +81,24 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
 
+def _kill_late(pidfds: list[int]) -> None:
+    """The guest of a launch that already failed (its reply came too
+    late): nobody will watch it, so it must not run."""
+    for fd in pidfds:
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+
+
 class ForkserverProcess:
     """A guest forked by the template: what `subprocess.Popen` offers.
     `returncode` comes from the template's report; `status_unknown` says
     why it never will (the template died first). Signals go through a
-    pidfd taken before the process could be reaped (no pid reuse)."""
+    pidfd taken before the process could be reaped (no pid reuse).
+    spec: shm.spawn.forkserver-status"""
 
     def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str], watch: bool) -> None:
         self.pid = pid
@@ -102,8 +115,8 @@ class ForkserverProcess:
 
     @property
     def pidfd(self) -> int | None:
-        """The handle's pidfd (None once the status is known): `os.dup` it
-        to watch the process."""
+        """The handle's own pidfd, closed (None) once the status is known;
+        `launch(..., watch=True)` gives the caller one to keep."""
         return self._pidfd
 
     def poll(self) -> int | None:
@@ -117,7 +130,7 @@ class ForkserverProcess:
         """Wait for the guest to end (`subprocess.TimeoutExpired` after
         `timeout`), then for the template's report of its status: the exit
         code, or None if the template died without reporting it
-        (`status_unknown` says so)."""
+        (`status_unknown` says so) or did not within STATUS_WAIT."""
         if self.returncode is not None or self.status_unknown is not None:
             return self.returncode
         if not self._ended(timeout):
@@ -160,6 +173,16 @@ class ForkserverProcess:
                 os.close(self._pidfd)
                 self._pidfd = None
 
+    def forget_in_child(self) -> None:
+        """In a fork() child of the host: the guest is the parent's; close
+        our pidfd (no lock: the thread that held it is not here)."""
+        self._lock = threading.Lock()
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+        if self.returncode is None:
+            self.status_unknown = "the guest belongs to the parent of this fork() child"
+
     def __del__(self) -> None:
         fd, self._pidfd = getattr(self, "_pidfd", None), None
         if fd is not None:
@@ -177,22 +200,26 @@ class _Client:
     and the handles of the guests it forked (by pid, for its reports)."""
 
     def __init__(self) -> None:
-        from multiprocessing.util import spawnv_passfds
-
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Until it serves, the template's stderr is a memory file: what a
+        # template that cannot start printed goes into the launch's error.
+        self.log: int | None = os.memfd_create("shmpool-forkserver-stderr", os.MFD_CLOEXEC)
+        real = os.dup(2) if _fd_open(2) else os.open(os.devnull, os.O_WRONLY)
         try:
             boot = ("import sys; p = sys.path; "
                     f"p[0:1 if p and p[0] in ('', '.') else 0] = [{_PACKAGE_PARENT!r}]; "
-                    f"from shmpool.hub.template import serve; serve({theirs.fileno()})")
-            # (fork_exec: every fd but the template's end closed in it, as
-            # Popen's close_fds; no Popen object to outlive at exit)
-            self.pid = spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", boot],
-                                      [theirs.fileno()])
+                    f"from shmpool.hub.template import serve; serve({theirs.fileno()}, {real})")
+            # (close_fds: no other ticket's doorbell end may live on in it)
+            self.proc = subprocess.Popen([sys.executable, "-c", boot], pass_fds=(theirs.fileno(), real),
+                                         stdin=subprocess.DEVNULL, stderr=self.log)
         except BaseException:
             ours.close()
+            os.close(self.log)
             raise
         finally:
             theirs.close()
+            os.close(real)
+        self.pid = self.proc.pid
         self.sock = ours
         self.pidfd = os.pidfd_open(self.pid)  # (our child: not reaped before we wait for it)
         self.owner = os.getpid()
@@ -202,6 +229,7 @@ class _Client:
         self.dead: str | None = None
         self.answered = False  # the first reply came (the template is up, its preloads done)
         self.reaped = False
+        self.returncode: int | None = None  # the template's own, once reaped
 
     # -- requests (any thread) -------------------------------------------------
 
@@ -222,20 +250,23 @@ class _Client:
                 m, rfds = self._recv(deadline)
                 if m[0] == "exit":
                     self._report(m)
-                elif m[1] != rid:  # (the late reply of a request that failed)
-                    for fd in rfds:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        os.close(fd)
+                elif m[1] not in (rid, -1):  # (the late reply of a request that failed)
+                    _kill_late(rfds)
                 elif m[0] == "error":
-                    self.answered = True
+                    self._up()
                     raise HubError(m[2])
                 else:
-                    self.answered = True
+                    self._up()
                     h = ForkserverProcess(self, m[2], rfds[0], args, watch)
                     self.handles[h.pid] = h  # (before its report can be read: under the lock)
                     return h
         finally:
             self.lock.release()
+
+    def _up(self) -> None:
+        if not self.answered:
+            self.answered = True
+            self._drop_log()  # (it writes to the host's stderr now)
 
     def collect(self, h: ForkserverProcess, timeout: float) -> None:
         """Read the template's reports until `h`'s came, for up to
@@ -257,9 +288,7 @@ class _Client:
                     continue  # (dead now: said above)
                 if m[0] == "exit":
                     self._report(m)
-                for fd in rfds:  # (a late reply: see launch)
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    os.close(fd)
+                _kill_late(rfds)  # (a late reply: see launch)
         finally:
             self.lock.release()
 
@@ -311,9 +340,10 @@ class _Client:
 
     # -- the end ----------------------------------------------------------------
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: float, *, keep_log: bool = False) -> None:
         """Hang up (the template exits, and its guests with it), reap it
-        (killed after `timeout`), close our fds."""
+        (killed after `timeout`), close our fds (the start-up log too,
+        unless `keep_log`: the caller reads it, then `_drop_log`s)."""
         got = self.lock.acquire(timeout=timeout)
         try:
             if self.dead is None:
@@ -325,6 +355,8 @@ class _Client:
                 h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
                              f"the exit status of pid {h.pid}: {self.dead}")
             self.handles.clear()
+            if not keep_log:
+                self._drop_log()
         finally:
             if got:
                 self.lock.release()
@@ -334,21 +366,56 @@ class _Client:
             return
         if not _readable(self.pidfd, timeout):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
+        self.returncode = self.proc.wait()
         os.close(self.pidfd)
         self.reaped = True
+
+    def output(self) -> str:
+        """The end of what the template printed before it served."""
+        if self.log is None:
+            return ""
+        try:
+            size = os.fstat(self.log).st_size
+            return os.pread(self.log, 4000, max(0, size - 4000)).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def _drop_log(self) -> None:
+        fd, self.log = self.log, None
+        if fd is not None:
+            os.close(fd)
+
+    def describe(self) -> str:
+        """'the forkserver template (pid N) ended (exit code C)' (or was
+        killed by a signal, or is running)."""
+        rc = self.returncode
+        if rc is None:
+            how = "is running"
+        elif rc < 0:
+            try:
+                how = f"was killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"was killed by signal {-rc}"
+        else:
+            how = f"ended (exit code {rc})"
+        return f"the forkserver template (pid {self.pid}) {how}"
 
     def forget_in_child(self) -> None:
         """In a fork() child of the host: close our copies of the socket
         and pidfd (no lock: the thread that held one is not here)."""
         self.dead = "the forkserver template belongs to the parent of this fork() child"
         self.lock = threading.Lock()
-        for fd in (self.sock.detach(), self.pidfd):
+        for fd in (self.sock.detach(), self.pidfd, self.log):
             try:
                 os.close(fd)
-            except OSError:
+            except (OSError, TypeError):
                 pass
+        self.log = None
+        self.proc.returncode = -1  # (not our child: Popen must never wait for it)
         self.reaped = True
+        for h in list(self.handles.values()):  # (the parent's guests: their pidfds are the parent's)
+            h.forget_in_child()
+        self.handles.clear()
 
 
 _client: _Client | None = None
@@ -417,20 +484,25 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
     msg = {"op": "launch", "entry": command.entry, "args": args, "targets": targets,
            "env": dict(os.environb), "cwd": cwd, "sys_path": list(sys.path), "preload": names,
            "main": main, "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
-    why = None
+    why = ""
     for _ in range(2):  # a dead template is replaced once
         client = _template()
         try:
             return client.launch(msg, fds, [command.entry, *args], watch)
         except _Gone as e:
-            why = str(e)
             _discard(client)
-    raise HubError(f"the forkserver template is not usable: {why}. Check that {sys.executable} starts "
-                   f"and imports shmpool from {_PACKAGE_PARENT} (and the modules of "
+            said = client.output()
+            why = f"{client.describe()}: {e}" + (f"; it printed:\n{said}\n" if said else "")
+            client._drop_log()
+    raise HubError(f"cannot start a guest through the forkserver: {why}. Check that {sys.executable} "
+                   f"starts and imports shmpool from {_PACKAGE_PARENT} (and the modules of "
                    "multiprocessing.set_forkserver_preload)")
 
 
 def _template() -> _Client:
+    """This program's running template, started (again) if there is none
+    or it died or belongs to the parent of this fork() child.
+    spec: shm.spawn.forkserver-lifetime"""
     global _client
     with _lock:
         c = _client
@@ -446,7 +518,7 @@ def _discard(client: _Client) -> None:
     with _lock:
         if _client is client:
             _client = None
-    client.close(STOP_TIMEOUT)
+    client.close(STOP_TIMEOUT, keep_log=True)
 
 
 def template_pid() -> int | None:

@@ -31,7 +31,7 @@ host reads them); it exits when the host's end hangs up (the host program
 exited or died) or its parent is no longer the host, and its children,
 whose parent-death signal is SIGKILL, die with it. A child never keeps an
 fd of the template's (the socket, the other children's pidfds).
-spec: shm.spawn.forkserver
+spec: shm.spawn.forkserver spec: shm.spawn.forkserver-lifetime
 """
 
 from __future__ import annotations
@@ -72,11 +72,7 @@ class _Template:
         sfd = self.sock.fileno()
         while True:
             self.poller.modify(sfd, select.POLLIN | (select.POLLOUT if self.out else 0))
-            try:
-                events = self.poller.poll(PARENT_CHECK * 1000)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-                continue
-            for fd, ev in events:
+            for fd, ev in self.poller.poll(PARENT_CHECK * 1000):
                 if fd != sfd:
                     self._reap(fd)
                 elif ev & select.POLLIN:
@@ -111,6 +107,7 @@ class _Template:
             if req is None:
                 for fd in fds:
                     os.close(fd)
+                # (-1: the reply to the one request in flight, whose id it cannot read)
                 self._send(("error", -1, "the forkserver template got a truncated or unreadable request"))
                 continue
             try:
@@ -121,6 +118,7 @@ class _Template:
 
     def _launch(self, req: dict, fds: list[int]) -> None:
         rid = req["id"]
+        _guest._libc()  # (loaded once, here: every child finds it loaded)
         if len(fds) != len(req["targets"]):
             self._send(("error", rid, f"the request names {len(req['targets'])} fds, {len(fds)} came"))
             return
@@ -163,7 +161,8 @@ class _Template:
         """Import what multiprocessing's forkserver would preload: each
         module once; an ImportError is ignored, as multiprocessing does;
         `'__main__'` imports the host's main module as `__mp_main__` (as a
-        spawned multiprocessing child does), nothing if it has none."""
+        spawned multiprocessing child does), nothing if it has none.
+        spec: shm.spawn.forkserver-preload"""
         for name in modules:
             if name in self.tried:
                 continue
@@ -181,6 +180,7 @@ class _Template:
     # -- children and replies ----------------------------------------------------
 
     def _reap(self, pidfd: int) -> None:
+        """A child ended: reap it, report its status. spec: shm.spawn.forkserver-status"""
         pid = self.children.pop(pidfd, None)
         self.poller.unregister(pidfd)
         os.close(pidfd)
@@ -242,8 +242,7 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
             os._exit(GuestExit.HOST_GONE)
         t.sock.detach()  # (closed below with the rest: no object may close a number a passed fd takes)
         _place_fds(fds, req["targets"])
-        os.environb.clear()
-        os.environb.update(req["env"])
+        _set_environment(req["env"])
         from .. import failpoints
 
         failpoints._from_environment()  # (SHMPOOL_FAILPOINTS set after the template started)
@@ -296,6 +295,17 @@ def _place_fds(fds: list[int], targets: list[int]) -> None:
             os.close(h)
 
 
+def _set_environment(env: dict) -> None:
+    """`os.environb` becomes `env`; only what differs is set (each variable
+    is a putenv: the whole environment anew cost 0.4 ms a start)."""
+    cur = os.environb
+    for k in [k for k in cur if k not in env]:
+        del cur[k]
+    for k, v in env.items():
+        if cur.get(k) != v:
+            cur[k] = v
+
+
 def _exit_status(e: SystemExit) -> int:
     """The status an interpreter exits with for `SystemExit(e.code)`."""
     c = e.code
@@ -332,8 +342,12 @@ def _finish(code: int) -> int:
     return code
 
 
-def serve(fd: int) -> None:
-    """The template's main: serve the host on socket `fd` until it hangs up."""
+def serve(fd: int, stderr: int) -> None:
+    """The template's main: serve the host on socket `fd` until it hangs
+    up. It has started: its stderr (a memory file the host reads if it
+    could not) becomes the host's, `stderr`."""
+    os.dup2(stderr, 2)
+    os.close(stderr)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # (started from a thread that blocks some)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the host's to handle
     null = os.open(os.devnull, os.O_RDONLY)  # (the host's stdin is for the host; each child gets its own)

@@ -337,6 +337,27 @@ def test_a_killed_template_takes_its_guests_and_is_replaced(tmp_path):
 
 
 @pytest.mark.spec("shm.spawn.forkserver-lifetime")
+@pytest.mark.spec("shm.spawn.forkserver-status")
+def test_the_hub_recovers_from_a_killed_template(guests):
+    """The template is SIGKILLed under an attached hub guest: the guest
+    dies with it, the hub sees the death at once and records that its
+    exit status is unknown (no wait for a report that cannot come), and a
+    replacement on the same entry attaches through a new template."""
+    host = guests.hub.host
+    t, proc, stream = guests.start("idle")
+    assert guests.event(stream)["event"] == "ready"
+    old = forkserver.template_pid()
+    os.kill(old, signal.SIGKILL)
+    info = guests.hub.wait_deaths(1, timeout=30)[-1][3]
+    assert info.cause == "crash" and info.pid == proc.pid
+    assert info.exitcode is None and info.signal is None and "exit status unknown" in info.describe()
+    assert "ended before it reported" in proc.status_unknown
+    t2, proc2, stream2 = guests.start("idle", peer_id=t.peer_id)
+    assert guests.event(stream2)["event"] == "ready"
+    assert host.wait_attached(t.peer_id, 60) and forkserver.template_pid() not in (None, old)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-lifetime")
 def test_a_fork_child_of_the_host_starts_its_own_template(tmp_path):
     _report(tmp_path, name="parent.json")
     parent_tpl = forkserver.template_pid()
