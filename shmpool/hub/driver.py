@@ -542,11 +542,8 @@ class Driver:
             if self.endings.closing:
                 raise HubError("the host is closing")
         try:
-            if method == "fork":
-                proc = start()  # (the child unblocks the signals itself: launch.py)
-            else:
-                with _threads.unblocked():  # (the child inherits this thread's mask)
-                    proc = start()
+            with _threads.unblocked():  # (the child inherits this thread's mask: forked too)
+                proc = start()
         except BaseException:
             self.stats["spawn_failures"] += 1
             self.table.release_reserved(p)  # spec: shm.spawn.reserved-state
