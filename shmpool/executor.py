@@ -3,8 +3,10 @@
 Owns: the public executor API (argument checking as the stdlib does it,
 `submit`, `map` with chunks and lazy input (at the default chunksize the
 chunks size themselves: `_adaptive`), `shutdown`, `terminate_workers`,
-`kill_workers`, `_processes`, `statistics()`), and the executor's lifetime:
-explicit shutdown, garbage collection, interpreter exit.
+`kill_workers`, `_processes`, `statistics()`), the choice of the start
+method (`mp_context`, defaulting as the stdlib's: `start_method`, also
+ShmPool's), and the executor's lifetime: explicit shutdown, garbage
+collection, interpreter exit.
 
 Data flow: everything goes to `core.Core` (workers, queue, scheduling,
 crash resubmission), which is created by the first `submit`/`map` (as the
@@ -55,6 +57,7 @@ from .errors import PoolBrokenError
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
 from .exec.starter import pickle_for_child
+from .hub.launch import START_METHODS
 from .shm.layout import SegmentConfig
 
 _live = _lifetime.LiveSet()  # the open cores, for interpreter exit
@@ -72,6 +75,19 @@ class _DefaultChunksize(int):
 DEFAULT_CHUNKSIZE = _DefaultChunksize(1)
 
 
+def start_method(context, argument: str) -> str:
+    """The start method of a multiprocessing context given as `argument`
+    (`mp_context`, `context`): "fork", "forkserver" or "spawn", the ones
+    shmpool can start workers with. spec: api.start-method"""
+    if not hasattr(context, "get_start_method"):
+        raise TypeError(f"{argument} must be a multiprocessing context, got {type(context).__name__}")
+    method = context.get_start_method(allow_none=False)
+    if method not in START_METHODS:
+        raise ValueError(f"{argument} has the start method {method!r}; shmpool starts workers with "
+                         f"one of {', '.join(START_METHODS)}")
+    return method
+
+
 class ShmExecutor(Executor):
     """Run calls in worker processes that talk to this one through shared
     memory. Same API and semantics as `ProcessPoolExecutor`, plus:
@@ -87,11 +103,15 @@ class ShmExecutor(Executor):
       way at most what a worker's ring holds: `(ring_size - 1) // 2`.
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
 
-    Workers are started when work arrives and no worker is idle, up to
-    `max_workers`, as the stdlib does; with a fork `mp_context`, all of
-    them at the first submit (likewise). Workers start by the given
-    `mp_context`'s start method (fork: children of this process; without
-    one, for now, fresh interpreters).
+    Workers are started as `mp_context` says, as the stdlib's are: forked
+    from this process ("fork"), forked from a template process started once
+    per program ("forkserver"), or fresh interpreters ("spawn"). By default
+    `mp_context` is what `ProcessPoolExecutor` uses on the running Python:
+    `multiprocessing.get_context()` (the default start method, which
+    `multiprocessing.set_start_method` changes), or "spawn" when
+    `max_tasks_per_child` is given. Workers are started when work arrives
+    and no worker is idle, up to `max_workers`, as the stdlib does; with
+    "fork", all of them at the first submit (likewise).
     """
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
@@ -114,25 +134,20 @@ class ShmExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         _lifetime.check_options(max_retries, max_inflight)
-        # The workers' start method: the given context's (the default's is
-        # decided by the API layer; until then a fresh interpreter).
-        start_method = "spawn" if mp_context is None else None
-        if mp_context is None:  # (as the stdlib chooses)
+        if mp_context is None:  # spec: api.start-method-default -- as the stdlib chooses
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
-        elif not hasattr(mp_context, "get_start_method"):
-            raise TypeError("mp_context must be a multiprocessing context")
-        fork = mp_context.get_start_method(allow_none=False) == "fork"
+        method = start_method(mp_context, "mp_context")
+        fork = method == "fork"
         if max_tasks_per_child is not None and fork:
             raise ValueError("max_tasks_per_child is incompatible with the 'fork' multiprocessing "
                              "start method; supply a different mp_context.")
         self._mp_context = mp_context
-        if start_method is None:
-            start_method = mp_context.get_start_method(allow_none=False)
+        self._start_method = method
         self._max_workers = max_workers
         self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
                                  max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
                                  max_inflight=max_inflight, config=segment_config, eager=fork,
-                                 start_method=start_method)
+                                 start_method=method)
         self._core: Core | None = None  # created by the first submit
         self._core_lock = threading.Lock()
         self._shutdown_called = False
@@ -301,7 +316,8 @@ class ShmExecutor(Executor):
         return _CallQueueShim(self._core)
 
     def statistics(self) -> dict:
-        """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
+        """A snapshot: workers, queue, tasks by outcome, retries, the hub,
+        the start method."""
         core = self._core
         if core is None:
             out = {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},
@@ -309,6 +325,7 @@ class ShmExecutor(Executor):
         else:
             out = core.statistics()
         out.update(self._map_stats.snapshot())
+        out["start_method"] = self._start_method
         return out
 
     def __repr__(self) -> str:
@@ -316,7 +333,7 @@ class ShmExecutor(Executor):
         broken = self._broken
         shut = self._shutdown_called or (c is not None and c.shutdown_started)
         state = "broken" if broken else "shut down" if shut else "running"
-        return f"<ShmExecutor max_workers={self._max_workers} {state}>"
+        return f"<ShmExecutor max_workers={self._max_workers} start_method={self._start_method} {state}>"
 
 
 class _CallQueueShim:

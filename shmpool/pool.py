@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import operator
 import queue
 import signal
@@ -60,6 +61,7 @@ from .errors import PoolBrokenError
 from .exec import forksafe
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
+from .executor import start_method
 from ._poolresults import (
     ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, _in_callback, _tls,
 )
@@ -272,8 +274,9 @@ class ShmPool:
     to this process through shared memory.
 
     Same arguments, defaults, validation and exceptions as
-    `multiprocessing.Pool` (`context` is accepted and ignored: workers are
-    always fresh interpreters started from spawn tickets), plus
+    `multiprocessing.Pool`; `context` is the multiprocessing context whose
+    start method starts the workers ("fork", "forkserver" or "spawn"; by
+    default `multiprocessing.get_context()`, as the stdlib's), plus
     `max_retries` (a task, or map chunk, whose worker dies is run again on
     a replacement up to this many times, then fails with
     `WorkerCrashedError`, a `BrokenProcessPool`, through `get()` and
@@ -310,7 +313,9 @@ class ShmPool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         _lifetime.check_initializer(initializer)
         _lifetime.check_options(max_retries, max_inflight)
-        self._ctx = context  # its start method is the workers' (None: spawn, for now)
+        self._ctx = context or multiprocessing.get_context()  # spec: api.start-method-default
+        # (maxtasksperchild with "fork" is allowed, as the stdlib's Pool allows it)
+        self._start_method = start_method(self._ctx, "context")
         self._processes = processes
         self._initializer = initializer
         self._initargs = initargs
@@ -318,7 +323,7 @@ class ShmPool:
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
-                    start_method="spawn" if context is None else context.get_start_method(allow_none=False))
+                    start_method=self._start_method)
         st = _State(core)
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
@@ -486,8 +491,11 @@ class ShmPool:
         return [WorkerProcess(p) for p in self._st.core.processes().values()]
 
     def statistics(self) -> dict:
-        """A snapshot: workers, queue, tasks by outcome, retries, the hub."""
-        return self._st.core.statistics()
+        """A snapshot: workers, queue, tasks by outcome, retries, the hub,
+        the start method."""
+        out = self._st.core.statistics()
+        out["start_method"] = self._start_method
+        return out
 
     def __repr__(self) -> str:
         cls = type(self)

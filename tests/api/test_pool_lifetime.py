@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import multiprocessing
 import os
 import signal
 import textwrap
@@ -32,6 +33,10 @@ def set_value(v):
 
 def get_value(_=None):
     return _VALUE
+
+
+def value_type(_=None):
+    return type(_VALUE).__name__
 
 
 # -- lifetime ------------------------------------------------------------------------------------
@@ -148,8 +153,13 @@ def test_garbage_collected_pool_is_terminated():
 def test_initializer_and_initargs():
     with ShmPool(2, initializer=set_value, initargs=("ready",)) as p:
         assert p.map(get_value, range(4), chunksize=1) == ["ready"] * 4
+    spawn = multiprocessing.get_context("spawn")
     with pytest.raises(TypeError, match="pickle"):  # nothing is started, nothing is left
-        ShmPool(1, initializer=set_value, initargs=(threading.Lock(),))
+        ShmPool(1, initializer=set_value, initargs=(threading.Lock(),), context=spawn)
+    # A fork worker inherits its initargs (as multiprocessing.Pool's): nothing to pickle.
+    with ShmPool(1, initializer=set_value, initargs=(threading.Lock(),),
+                 context=multiprocessing.get_context("fork")) as p:
+        assert p.apply(value_type) == "lock"
 
 
 def test_failing_initializer_breaks_the_pool_instead_of_hanging():

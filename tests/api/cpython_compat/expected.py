@@ -12,8 +12,8 @@ Classes:
     c  depends on ProcessPoolExecutor internals that ShmExecutor does not
        have; none is left (`_executor_manager_thread`, `_call_queue` and
        `_broken` exist as shims);
-    d  needs the fork start method itself: ShmExecutor accepts `mp_context`
-       but its workers are always fresh interpreters, never forked.
+    d  needs the fork start method itself; none is left: the fork variants
+       run shmpool's fork path (a fork `mp_context` forks the workers).
 
 Keys are `module.GenericClass.method`: the test class without its
 ProcessPoolFork/Forkserver/Spawn prefix (see `generic_id`). Each value is a
@@ -32,11 +32,6 @@ EXPECTED: dict[str, list[tuple[tuple[str, ...] | None, str, str]]] = {
         (ALL, "a", "the terminated worker's task is rerun on a replacement and returns; "
                    "the pool stays usable, so neither the future nor a later submit raises "
                    "BrokenProcessPool"),
-    ],
-    # -- d: the fork start method itself -----------------------------------------------
-    "test_init.FailingInitializerTest.test_initializer": [
-        (FORK, "d", "the log Queue in initargs comes from a fork context: its semaphores can "
-                    "only be inherited by fork(), and ShmExecutor's workers are never forked"),
     ],
 }
 

@@ -94,14 +94,14 @@ def _iter_tests(suite):
             yield t
 
 
-# --quick: ShmExecutor accepts mp_context but never uses its start method
-# (workers are always fresh interpreters started from spawn tickets), so
-# the three variants of a test run the same executor code. They differ only
-# where the test itself branches on the start method or hands the executor
-# multiprocessing objects made from the context. --quick runs every spawn
-# variant, and of the fork variants only those tests (forkserver adds
-# nothing that spawn and fork do not cover).
-FORK_SENSITIVE = frozenset({
+# --quick: each variant runs its own start method (fork: the host's driver
+# thread forks the worker; forkserver: the program's template forks it;
+# spawn: a fresh interpreter). --quick runs every fork variant (the default
+# start method up to Python 3.13) and every spawn variant, and of the
+# forkserver variants those where the test itself branches on the start
+# method or hands the executor multiprocessing objects made from the
+# context (forkserver's worker code after the start is spawn's).
+START_SENSITIVE = frozenset({
     "test_max_tasks_per_child",         # fork: ValueError expected
     "test_processes_terminate",         # fork: workers pre-spawned
     "test_ressources_gced_in_workers",  # a Manager from the context
@@ -127,8 +127,8 @@ def select(util, mods, contexts, pattern: str | None, quick: bool = False):
                 continue
             if pattern is not None and pattern not in test_id(test):
                 continue
-            if quick and issubclass(cls, util.ProcessPoolForkMixin) \
-                    and test._testMethodName not in FORK_SENSITIVE:
+            if quick and issubclass(cls, util.ProcessPoolForkserverMixin) \
+                    and test._testMethodName not in START_SENSITIVE:
                 continue
             chosen.append(test)
     return chosen
@@ -266,8 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="fork,forkserver,spawn",
                     help="comma-separated mixins to run: fork, forkserver, spawn (default: all)")
     ap.add_argument("--quick", action="store_true",
-                    help="every spawn variant, and the fork variants of the tests that depend "
-                         "on the start method (see FORK_SENSITIVE); ignores --contexts")
+                    help="every fork and spawn variant, and the forkserver variants of the tests "
+                         "that depend on the start method (see START_SENSITIVE); ignores --contexts")
     ap.add_argument("--test-timeout", type=float, default=120.0,
                     help="seconds one test may take before the run is ended with every "
                          "thread's traceback (default 120; 0: no limit)")
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     contexts = [c.strip() for c in args.contexts.split(",") if c.strip()]
     if args.quick:
-        contexts = ["fork", "spawn"]
+        contexts = list(CONTEXTS)
     for c in contexts:
         if c not in CONTEXTS:
             ap.error(f"unknown context {c!r}")
