@@ -27,6 +27,7 @@ import time
 from .. import procinfo
 from . import report
 from .rivals import IMPLS, availability, default_start_method, take_committed
+from .startup import bytecode_note
 from .workloads import Context, make_plan, workloads
 
 
@@ -161,12 +162,15 @@ def main(args, rivals: list[str]) -> int:
         versions[p] = v
     shown = ", ".join(f"{p} {versions[p]}".strip() for p in impls[2:]) or "none"
     print(f"start method: {start_method} (this Python's multiprocessing default), used by "
-          "ProcessPoolExecutor, multiprocessing.Pool and mpire; loky uses its own; shmpool starts fresh "
-          "interpreters from spawn tickets", file=out)
+          "ProcessPoolExecutor, multiprocessing.Pool and mpire; loky uses its own; the start-up workload "
+          "measures fork, forkserver and spawn each, in fresh programs", file=out)
     print(f"plan: {plan.name}, {plan.workers} workers per pool, {plan.repeat} repetitions, interleaved "
           "(each repetition runs every implementation in turn); medians; spread = min–max over repetitions",
           file=out)
     print(f"peers: {shown}", file=out)
+    why = bytecode_note()
+    if why:
+        notes.append(why)
     for n in notes:
         print(f"note: {n}", file=out)
     print(file=out, flush=True)
