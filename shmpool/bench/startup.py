@@ -77,14 +77,15 @@ print("STARTUP " + json.dumps(out), flush=True)
 """
 
 
-def measure(impl: str, method: str, workers: int, timeout: float = TIMEOUT) -> dict:
+def measure(impl: str, method: str, workers: int, timeout: float = TIMEOUT, parent: str | None = None) -> dict:
     """One probe: `{"first_ms", "second_ms", "first_total_ms",
     "second_total_ms" (with the shutdown), "rss_kib": {field: kB}}`, or
-    `{"error": why}`."""
+    `{"error": why}`. `parent`: the directory of the shmpool package the
+    probe imports (default: this one's)."""
     if impl not in IMPLS:
         raise ValueError(f"the start-up probe knows {IMPLS}, not {impl!r}")
     try:
-        r = subprocess.run([sys.executable, "-c", PROBE, impl, method, str(workers), _PARENT, str(IDLE)],
+        r = subprocess.run([sys.executable, "-c", PROBE, impl, method, str(workers), parent or _PARENT, str(IDLE)],
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"the start-up probe ({impl}, {method}) took more than {timeout:.0f} s"}

@@ -7,6 +7,7 @@ removed module back silently."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -35,6 +36,9 @@ HOST_ONLY = frozenset({
     "shmpool.exec.scheduler", "shmpool.hub.host", "shmpool.hub.driver", "shmpool.bench",
 })
 
+# multiprocessing.spawn's own imports, which the forkserver template needs
+_TEMPLATE_OWN = frozenset({"subprocess", "_posixsubprocess", "multiprocessing.util"})
+
 # A fresh interpreter without `site` (so that nothing a .pth file or an
 # editable install's finder imports at start hides a module the guest
 # loads), with this shmpool and the installed packages on its path.
@@ -59,13 +63,18 @@ def test_the_worker_program_imports_only_what_it_uses():
 
 
 @pytest.mark.spec("boot.lean-guest")
-def test_a_serving_worker_stays_lean():
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_serving_worker_stays_lean(method):
     """After `init` and a task (pickled, answered), a real worker of a
-    ShmExecutor has still not imported the removed modules."""
-    with ShmExecutor(1) as ex:
+    ShmExecutor has still not imported the removed modules nor the host's
+    machinery. (A fork worker has the host's modules: it is the host's
+    copy. A forkserver worker has its template's, which imports
+    multiprocessing's spawn helpers to load the host's main module.)"""
+    removed = REMOVED if method == "spawn" else REMOVED - _TEMPLATE_OWN
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(method)) as ex:
         mods = set(ex.submit(eval, "sorted(__import__('sys').modules)").result(120))
     assert "shmpool.exec.guest" in mods
-    assert sorted(mods & REMOVED) == []
+    assert sorted(mods & removed) == []
     assert sorted(mods & HOST_ONLY) == []
 
 
