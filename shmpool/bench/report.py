@@ -3,7 +3,7 @@
 Owns: the summary of raw samples (median, spread = min–max over the
 repetitions, ratios to ProcessPoolExecutor and multiprocessing.Pool of the
 same run), the Markdown tables (one per workload; the round trip one per
-payload size), the check of issues 7's and 15's targets (PASS/MISS, a missing figure
+payload size), the check of issues 7's, 15's and 16's targets (PASS/MISS, a missing figure
 is "n/a", never a PASS), the JSON file and the PNG chart (matplotlib is
 imported only there; without it, a note and no chart).
 

@@ -4,8 +4,9 @@ Owns: what the machine is (`machine()`), which implementations take part
 (shmpool always; each requested rival if it imports, else a printed skip
 note), the progress line on stderr, the order of the measurements (for
 each workload, for each repetition, every implementation in turn: shm,
-ppe, pool, ...; one fresh pool per workload repetition, warmed up except
-for the start-up workload), and handing the samples to `report`.
+ppe, pool, ...; one fresh pool per workload repetition, warmed up; the
+start-up workload runs fresh programs instead, see `startup`), and
+handing the samples to `report`.
 
 What users see keeps the word of the `--peers` flag: the "peers:" line,
 "peer X skipped" notes and the JSON key `peer_versions` (scripts and the
