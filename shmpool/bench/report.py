@@ -227,7 +227,8 @@ def _startup_tables(s: dict) -> str:
         lines.append(f"| {m} | {first(ppe)} | {first(shm)} | {ratio(shm and shm['vs_ppe'])} | "
                      f"{num(ppe and ppe.get('second_ms'))} | {num(shm and shm.get('second_ms'))} | "
                      f"{spread(shm, 'ms') if shm else '—'} |")
-    lines += ["", "**Idle worker resident memory (MiB, /proc/PID/status; target: shmpool ≤ PPE spawn + 4 MiB)**\n",
+    lines += ["", "**Idle worker resident memory (MiB, /proc/PID/status, Pss from smaps_rollup; target: shmpool "
+              "VmRSS ≤ PPE spawn + 4 MiB)**\n",
               "| start method | impl | " + " | ".join(RSS_FIELDS) + " |", "|---|---|" + "---:|" * len(RSS_FIELDS)]
     for m in METHODS:
         for impl, r in s.get(m, {}).items():

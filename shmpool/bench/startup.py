@@ -12,7 +12,8 @@ start method) pair runs in a new interpreter which, after its imports:
 creates a pool of that start method, submits `os.getpid`, takes the
 result (the first pool's start to first result), lets the worker idle a
 moment and reads its resident memory from /proc/PID/status (VmRSS and the
-RssAnon / RssFile / RssShmem split), shuts the pool down, then does the
+RssAnon / RssFile / RssShmem split) and its proportional share (Pss,
+/proc/PID/smaps_rollup), shuts the pool down, then does the
 same with a second pool (forkserver: the template is running by then).
 
 Fairness: the probe is a `-c` program whose task is the builtin
@@ -36,7 +37,10 @@ import sys
 
 METHODS = ("fork", "forkserver", "spawn")
 IMPLS = ("shm", "ppe")  # the implementations the probe knows (the start-up workload's participants)
-RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+# /proc/PID/status; then Pss (/proc/PID/smaps_rollup): the worker's share of
+# the pages it shares (a fork worker's RSS counts every page of the host it
+# still shares; its Pss counts each 1/n).
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Pss")
 TIMEOUT = 120.0  # seconds one probe may take at most
 IDLE = 0.3  # seconds the worker idles before its memory is read
 _PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,6 +63,13 @@ def status(pid):
             k, _, v = line.partition(":")
             if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 got[k] = int(v.split()[0])  # kB
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    got["Pss"] = int(line.split()[1])
+    except OSError:
+        pass
     return got
 
 out = {"python": sys.version.split()[0]}

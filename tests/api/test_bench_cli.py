@@ -122,6 +122,7 @@ def test_smoke_run_prints_every_table_and_writes_every_sample(tmp_path):
             assert s["second_ms"] > 0 and s["total_s"] > 0, (method, impl, s)
             assert s["VmRSS"] > 0 and s["RssAnon"] > 0 and s["RssFile"] > 0 and s["RssShmem"] >= 0, s
             assert s["VmRSS"] >= s["RssAnon"] + s["RssFile"] - 1, s  # (MiB, rounded separately)
+            assert 0 < s["Pss"] <= s["VmRSS"], s
             row = data["summary"]["startup"][method][impl]
             assert row["VmRSS"] == s["VmRSS"] and row["second_ms"] == s["second_ms"]
     section = text[text.index(TITLES["startup"]):].split("\n### ", 1)[0]
