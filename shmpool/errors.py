@@ -332,7 +332,9 @@ _STDLIB_BASED = frozenset({
     "WorkerCrashedError", "PoolBrokenError", "SegmentCorruptError", "TaskUnpicklingError",
     "ResultUnpicklingError", "RemoteTraceback",
 })
-_define_lock = _thread.allocate_lock()
+# (reentrant: a signal handler that runs while this thread makes the
+# classes and reaches one of them must not deadlock on it)
+_define_lock = _thread.RLock()
 
 
 def __getattr__(name: str):
