@@ -125,9 +125,11 @@ def bytecode_note() -> str | None:
     them in every new worker: say so."""
     if not sys.dont_write_bytecode:
         return None
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
-    if os.path.isdir(here):
+    import importlib.util
+
+    guest = os.path.join(_PARENT, "shmpool", "exec", "guest.py")  # (the module every worker runs)
+    if os.path.exists(importlib.util.cache_from_source(guest)):
         return None
-    return ("bytecode writing is off (PYTHONDONTWRITEBYTECODE) and shmpool has no __pycache__: "
+    return ("bytecode writing is off (PYTHONDONTWRITEBYTECODE) and shmpool's worker module has no cached bytecode: "
             "every new shmpool worker compiles shmpool's modules, so spawn and forkserver "
             "start-up figures include that")
