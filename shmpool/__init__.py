@@ -14,15 +14,21 @@ one task through them):
 """
 
 from .errors import (
-    ConfigError, DoorbellError, ForeignPoolError, PeerDeadError, PoolBrokenError, SegmentError,
-    ShmpoolError, TransferFailed, WorkerCrashedError,
+    ConfigError, DoorbellError, ForeignPoolError, PeerDeadError, SegmentError, ShmpoolError,
+    TransferFailed,
 )
 from .shm.segment import clean
 
 
 def __getattr__(name: str):
     # The executor is imported on first use, so that a worker process
-    # (the program in shmpool.exec.guest) does not load the host's machinery.
+    # (the program in shmpool.exec.guest) does not load the host's machinery;
+    # so are the errors that derive from the stdlib's BrokenProcessPool
+    # (see shmpool.errors). spec: boot.lean-guest
+    if name in ("PoolBrokenError", "WorkerCrashedError"):
+        from . import errors
+
+        return getattr(errors, name)
     if name == "ShmExecutor":
         from .executor import ShmExecutor
 

@@ -28,12 +28,23 @@ Invariants:
   worker's, and are not in `__all__`. `_NeedsCloudpickle` (a plain
   `Exception`) is the serializer's signal to itself to retry a pickle
   with cloudpickle.
+- The classes that derive from the stdlib's `BrokenProcessPool`
+  (`WorkerCrashedError`, `PoolBrokenError`, `SegmentCorruptError`,
+  `TaskUnpicklingError`, `ResultUnpicklingError`) and the `RemoteTraceback`
+  alias are made on first use (`__getattr__`, PEP 562), once per process,
+  under a lock: `concurrent.futures.process` (with
+  `multiprocessing.connection`, `logging`, ...) costs a worker ~20 ms to
+  import, and a worker meets these classes only on rare paths. Any access
+  (`from shmpool.errors import PoolBrokenError`, an attribute, unpickling
+  by reference, `import *`) gives the one class, a real `BrokenProcessPool`.
+  The rest of the shmpool modules a worker imports name them as
+  `errors.X` where they raise or catch them, not with a module-level
+  import (spec: boot.lean-guest).
 """
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
-from concurrent.futures.process import _RemoteTraceback
+import _thread
 
 __all__ = [
     "TaskUnpicklingError",
@@ -205,12 +216,6 @@ class TransferFailed(ShmpoolError):
     reason is in the message) or sent something that is not a transfer."""
 
 
-# The formatted traceback of an exception raised in the other process (set
-# as the local exception's `__cause__`; its text is `.tb` and its str()).
-# The stdlib's class, so that `type(exc.__cause__)` is what
-# ProcessPoolExecutor gives; shmpool's name stays an alias.
-RemoteTraceback = _RemoteTraceback
-
 
 class RemoteError(ShmpoolError):
     """An exception raised by a remote handler that could not be sent as
@@ -234,34 +239,10 @@ class CallCancelled(ShmpoolError):
     after its caller cancelled the call."""
 
 
-class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):
-    """A task killed its worker more times than `max_retries` allows. It is
-    a `concurrent.futures.process.BrokenProcessPool`, so existing `except`
-    clauses catch it, but unlike the stdlib only this task failed: the pool
-    replaced the worker and goes on."""
 
 
-class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
-    """The pool cannot run tasks any more (its initializer keeps failing,
-    or workers cannot be started); pending and new work fail with this."""
 
 
-class SegmentCorruptError(PoolBrokenError):
-    """A value read from shared memory is impossible: an index or offset out
-    of range, an unknown state, a free-list link that leads outside its
-    list or round in a circle. Some process that maps the segment wrote
-    garbage. Where the value belongs to one guest (its rings, its
-    descriptors, its channel table, its peer entry) the host treats it as
-    that guest's protocol violation and kills it; in a structure all guests
-    share (free lists, class headers, the huge table) nobody can be blamed
-    and the pool is broken with this error. `what` says what was found."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"the shared memory segment cannot be trusted: {what}")
-        self.what = what
-
-    def __reduce__(self):
-        return (type(self), (self.what,))
 
 
 class GuestViolationError(PeerDeadError):
@@ -278,15 +259,8 @@ class GuestViolationError(PeerDeadError):
         return (type(self), (self.rule, self._message))
 
 
-class TaskUnpicklingError(ShmpoolError, _BrokenProcessPool):
-    """A task's arguments (or function) could not be unpickled in the
-    worker. Only this task fails; like the stdlib's report of the same
-    problem it is a `BrokenProcessPool`. The original error is `__cause__`."""
 
 
-class ResultUnpicklingError(ShmpoolError, _BrokenProcessPool):
-    """A task's result could not be unpickled in this process. Only this
-    task fails. The original error is `__cause__`."""
 
 
 
@@ -350,3 +324,84 @@ class _NeedsCloudpickle(Exception):
     """(host-internal, never raised out of `exec.serialization`) The fast
     pickler met an object the worker could not import by name: pickle the
     whole payload with cloudpickle instead."""
+
+
+# -- the stdlib-based classes, made on first use (see the module docstring) --------
+
+_STDLIB_BASED = frozenset({
+    "WorkerCrashedError", "PoolBrokenError", "SegmentCorruptError", "TaskUnpicklingError",
+    "ResultUnpicklingError", "RemoteTraceback",
+})
+# (reentrant: a signal handler that runs while this thread makes the
+# classes and reaches one of them must not deadlock on it)
+_define_lock = _thread.RLock()
+
+
+def __getattr__(name: str):
+    if name in _STDLIB_BASED:
+        with _define_lock:
+            if name not in globals():
+                _define_stdlib_based()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _STDLIB_BASED)
+
+
+def _define_stdlib_based() -> None:
+    """Make the classes that derive from the stdlib's `BrokenProcessPool`
+    (module globals: `global` also gives them their plain `__qualname__`,
+    so they pickle by reference as `shmpool.errors.X`). Once, under
+    `_define_lock`. spec: boot.lean-guest"""
+    global WorkerCrashedError, PoolBrokenError, SegmentCorruptError, TaskUnpicklingError
+    global ResultUnpicklingError, RemoteTraceback
+    from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
+    from concurrent.futures.process import _RemoteTraceback
+
+    class WorkerCrashedError(ShmpoolError, _BrokenProcessPool):
+        """A task killed its worker more times than `max_retries` allows. It is
+        a `concurrent.futures.process.BrokenProcessPool`, so existing `except`
+        clauses catch it, but unlike the stdlib only this task failed: the pool
+        replaced the worker and goes on."""
+
+    class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
+        """The pool cannot run tasks any more (its initializer keeps failing,
+        or workers cannot be started); pending and new work fail with this."""
+
+    class SegmentCorruptError(PoolBrokenError):
+        """A value read from shared memory is impossible: an index or offset out
+        of range, an unknown state, a free-list link that leads outside its
+        list or round in a circle. Some process that maps the segment wrote
+        garbage. Where the value belongs to one guest (its rings, its
+        descriptors, its channel table, its peer entry) the host treats it as
+        that guest's protocol violation and kills it; in a structure all guests
+        share (free lists, class headers, the huge table) nobody can be blamed
+        and the pool is broken with this error. `what` says what was found."""
+
+        def __init__(self, what: str) -> None:
+            super().__init__(f"the shared memory segment cannot be trusted: {what}")
+            self.what = what
+
+        def __reduce__(self):
+            return (type(self), (self.what,))
+
+    class TaskUnpicklingError(ShmpoolError, _BrokenProcessPool):
+        """A task's arguments (or function) could not be unpickled in the
+        worker. Only this task fails; like the stdlib's report of the same
+        problem it is a `BrokenProcessPool`. The original error is `__cause__`."""
+
+    class ResultUnpicklingError(ShmpoolError, _BrokenProcessPool):
+        """A task's result could not be unpickled in this process. Only this
+        task fails. The original error is `__cause__`."""
+
+    for cls in (WorkerCrashedError, PoolBrokenError, SegmentCorruptError, TaskUnpicklingError,
+                ResultUnpicklingError):
+        cls.__module__ = __name__
+
+    # The formatted traceback of an exception raised in the other process (set
+    # as the local exception's `__cause__`; its text is `.tb` and its str()).
+    # The stdlib's class, so that `type(exc.__cause__)` is what
+    # ProcessPoolExecutor gives; shmpool's name stays an alias.
+    RemoteTraceback = _RemoteTraceback

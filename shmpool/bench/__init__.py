@@ -10,6 +10,7 @@ Modules:
     tasks      the functions the workers run (module level, importable)
     rivals     one adapter per pool implementation, behind one interface
     workloads  the measurements, each a function returning samples
+    startup    the start-up probe: a fresh program per start method and pool
     report     summaries, Markdown tables, targets, JSON, the PNG chart
     runner     machine info, progress bar, the interleaved repetitions
 """

@@ -3,7 +3,7 @@
 Owns: the summary of raw samples (median, spread = min–max over the
 repetitions, ratios to ProcessPoolExecutor and multiprocessing.Pool of the
 same run), the Markdown tables (one per workload; the round trip one per
-payload size), the check of issues 7's and 15's targets (PASS/MISS, a missing figure
+payload size), the check of issues 7's, 15's and 16's targets (PASS/MISS, a missing figure
 is "n/a", never a PASS), the JSON file and the PNG chart (matplotlib is
 imported only there; without it, a note and no chart).
 
@@ -18,6 +18,7 @@ import json
 import statistics
 
 from .rivals import IMPLS
+from .startup import METHODS, RSS_FIELDS
 from .workloads import CRASH_CASE, START_CASE, MIB, map_cases, roundtrip_case, size_label
 
 LABELS = {key: cls.label for key, cls in IMPLS.items()}
@@ -48,7 +49,8 @@ def summarize(samples: dict) -> dict:
                        "min": min(vals) if vals else None, "max": max(vals) if vals else None,
                        "errors": sorted({s["error"] for s in ss if s.get("error")}),
                        "outcomes": dict(collections.Counter(s["outcome"] for s in ss if "outcome" in s))}
-                for extra in ("p99_us", "total_s", "error_after_ms", "items", "committed_bytes", "host_cpu_us"):
+                for extra in ("p99_us", "total_s", "error_after_ms", "items", "committed_bytes", "host_cpu_us",
+                              "second_ms", *RSS_FIELDS):
                     xs = [s[extra] for s in ss if s.get(extra) is not None]
                     if xs:
                         row[extra] = statistics.median(xs)
@@ -113,6 +115,8 @@ def tables(summary: dict, wls, plan) -> str:
             parts.append(_roundtrip_tables(s, wl, plan))
         elif wl.name == "crash":
             parts.append(_crash_table(s, wl))
+        elif wl.name == "startup":
+            parts.append(_startup_tables(s))
         else:
             for case, rows in s.items():
                 if len(s) > 1:
@@ -204,8 +208,38 @@ def _crash_table(s: dict, wl) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _startup_tables(s: dict) -> str:
+    """Start to first result per start method (first and second pool of
+    a program, ShmExecutor against ProcessPoolExecutor), then the idle
+    worker's resident memory."""
+    lines = ["| start method | PPE first pool ms | shmpool first pool ms | shm ÷ PPE (target ≤ 2×) | "
+             "PPE second pool ms | shmpool second pool ms | spread shm first (min–max) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in METHODS:
+        rows = s.get(m, {})
+        ppe, shm = rows.get("ppe"), rows.get("shm")
+        if ppe is None and shm is None:
+            continue
+
+        def first(r):
+            return "—" if r is None else (num(r["median"]) if r["median"] is not None else f"— {_why(r)}")
+
+        lines.append(f"| {m} | {first(ppe)} | {first(shm)} | {ratio(shm and shm['vs_ppe'])} | "
+                     f"{num(ppe and ppe.get('second_ms'))} | {num(shm and shm.get('second_ms'))} | "
+                     f"{spread(shm, 'ms') if shm else '—'} |")
+    lines += ["", "**Idle worker resident memory (MiB, /proc/PID/status, Pss from smaps_rollup; target: shmpool "
+              "VmRSS ≤ PPE spawn + 4 MiB)**\n",
+              "| start method | impl | " + " | ".join(RSS_FIELDS) + " |", "|---|---|" + "---:|" * len(RSS_FIELDS)]
+    for m in METHODS:
+        for impl, r in s.get(m, {}).items():
+            if r.get("VmRSS") is not None:
+                lines.append(f"| {m} | {LABELS.get(impl, impl)} | "
+                             + " | ".join(num(r.get(k)) for k in RSS_FIELDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------
-# Targets (issues 7 and 15)
+# Targets (issues 7, 15 and 16)
 # --------------------------------------------------------------------------
 
 
@@ -267,11 +301,23 @@ def targets(summary: dict, plan) -> list[dict]:
     add("crash recovery ≤ worker start + 20 ms", rec, "≤ " + ("—" if start is None else f"{start + 20:.1f} ms"),
         lambda x: start is not None and x <= start + 20,
         lambda x: f"{x:.1f} ms (worker start {num(start)} ms)")
+    for m in METHODS:  # issue 16
+        add(f"start to first result, {m}: ShmExecutor ≤ 2× ProcessPoolExecutor",
+            _get(summary, "startup", m, "shm", "vs_ppe"), "≤ 2×", lambda x: x <= 2, lambda x: f"{x:.2f}×")
+    add("forkserver: a second ShmExecutor in the same program, start to first result ≤ 10 ms",
+        _get(summary, "startup", "forkserver", "shm", "second_ms"), "≤ 10 ms", lambda x: x <= 10,
+        lambda x: f"{x:.1f} ms")
+    spawn_rss = _get(summary, "startup", "spawn", "ppe", "VmRSS")
+    for m in METHODS:
+        v = _get(summary, "startup", m, "shm", "VmRSS")
+        add(f"idle worker VmRSS, {m}: ShmExecutor ≤ ProcessPoolExecutor spawn + 4 MiB",
+            None if v is None or spawn_rss is None else v - spawn_rss,
+            "≤ +4 MiB", lambda x: x <= 4, lambda x, v=v: f"{v:.1f} MiB ({x:+.1f})")
     return out
 
 
 def targets_table(ts: list[dict]) -> str:
-    lines = ["| target (issues 7, 15) | measured | required | result |", "|---|---:|---:|---|"]
+    lines = ["| target (issues 7, 15, 16) | measured | required | result |", "|---|---:|---:|---|"]
     for t in ts:
         status = {"PASS": "PASS", "MISS": "**MISS**", "n/a": "n/a (not measured)"}[t["status"]]
         lines.append(f"| {t['target']} | {t['shown']} | {t['required']} | {status} |")
@@ -313,6 +359,9 @@ def write_plot(path: str, summary: dict, wls, machine_line: str = "") -> str | N
             if rows:
                 panels.append(("crash: SIGKILL → result vs worker start", wl.unit, False, rows, "\n".join(failed)))
             continue
+        if wl.name == "startup":
+            panels += _startup_panels(cases)
+            continue
         for case, rows in cases.items():
             rows = {k: r for k, r in rows.items() if r["median"] is not None}
             if rows:
@@ -330,7 +379,7 @@ def write_plot(path: str, summary: dict, wls, machine_line: str = "") -> str | N
         lo = [rows[k]["median"] - rows[k]["min"] for k in names]
         hi = [rows[k]["max"] - rows[k]["median"] for k in names]
         ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=3,
-               color=[colors.get(k, "#bbbbbb") for k in names])
+               color=[colors.get(k.split()[0], "#bbbbbb") for k in names])
         if min(med) > 0 and max(med) / min(med) > 30:
             ax.set_yscale("log")
         ax.set_xticks(range(len(names)))
@@ -348,3 +397,25 @@ def write_plot(path: str, summary: dict, wls, machine_line: str = "") -> str | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _startup_panels(cases: dict) -> list:
+    """Start to first result (first and second pool) per start method and
+    implementation, and the idle worker's VmRSS, as chart panels."""
+    def bars(field):
+        rows = {}
+        for m in METHODS:
+            for impl, r in cases.get(m, {}).items():
+                v = r.get(field)
+                if v is not None:
+                    pt = r if field == "median" else {"median": v, "min": v, "max": v}
+                    rows[f"{impl} {m}"] = pt
+        return rows
+
+    out = []
+    for title, field, unit in (("startup: first pool", "median", "ms"), ("startup: second pool", "second_ms", "ms"),
+                               ("idle worker VmRSS", "VmRSS", "MiB")):
+        rows = bars(field)
+        if rows:
+            out.append((title, unit, False, rows, ""))
+    return out

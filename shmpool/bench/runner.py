@@ -4,8 +4,9 @@ Owns: what the machine is (`machine()`), which implementations take part
 (shmpool always; each requested rival if it imports, else a printed skip
 note), the progress line on stderr, the order of the measurements (for
 each workload, for each repetition, every implementation in turn: shm,
-ppe, pool, ...; one fresh pool per workload repetition, warmed up except
-for the start-up workload), and handing the samples to `report`.
+ppe, pool, ...; one fresh pool per workload repetition, warmed up; the
+start-up workload runs fresh programs instead, see `startup`), and
+handing the samples to `report`.
 
 What users see keeps the word of the `--peers` flag: the "peers:" line,
 "peer X skipped" notes and the JSON key `peer_versions` (scripts and the
@@ -27,6 +28,7 @@ import time
 from .. import procinfo
 from . import report
 from .rivals import IMPLS, availability, default_start_method, take_committed
+from .startup import bytecode_note
 from .workloads import Context, make_plan, workloads
 
 
@@ -161,12 +163,15 @@ def main(args, rivals: list[str]) -> int:
         versions[p] = v
     shown = ", ".join(f"{p} {versions[p]}".strip() for p in impls[2:]) or "none"
     print(f"start method: {start_method} (this Python's multiprocessing default), used by "
-          "ProcessPoolExecutor, multiprocessing.Pool and mpire; loky uses its own; shmpool starts fresh "
-          "interpreters from spawn tickets", file=out)
+          "ProcessPoolExecutor, multiprocessing.Pool and mpire; loky uses its own; the start-up workload "
+          "measures fork, forkserver and spawn each, in fresh programs", file=out)
     print(f"plan: {plan.name}, {plan.workers} workers per pool, {plan.repeat} repetitions, interleaved "
           "(each repetition runs every implementation in turn); medians; spread = min–max over repetitions",
           file=out)
     print(f"peers: {shown}", file=out)
+    why = bytecode_note()
+    if why:
+        notes.append(why)
     for n in notes:
         print(f"note: {n}", file=out)
     print(file=out, flush=True)

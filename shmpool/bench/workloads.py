@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import WaitTimeout
+from . import startup as startup_probe
 from .rivals import IMPLS, running
 from .tasks import crash_once, identity, whoami
 
@@ -415,17 +416,12 @@ def _wait_pid(path: str, timeout: float) -> int:
 # 6. pool start-up
 # --------------------------------------------------------------------------
 
-STARTUP_CASE = "start to first result"
-
-
 def startup(ctx: Context, key: str, rep: int) -> dict:
-    """Create a pool, one trivial task, its result, shut down (no warm-up)."""
-    t0 = time.perf_counter()
-    with running(key, ctx.plan.workers, ctx.start_method) as p:
-        p.wait(p.submit(identity, 1), HANG)
-        t1 = time.perf_counter()
-    t2 = time.perf_counter()
-    return {STARTUP_CASE: {"value": t1 - t0, "first_result_s": t1 - t0, "total_s": t2 - t0}}
+    """Per start method, in a fresh program each (`shmpool.bench.startup`): a pool
+    created, one trivial task, its result; then a second pool in the same
+    program; and the idle worker's resident memory. `{method: sample}`."""
+    return {m: startup_probe.sample(startup_probe.measure(key, m, ctx.plan.workers))
+            for m in startup_probe.METHODS}
 
 
 # --------------------------------------------------------------------------
@@ -496,6 +492,11 @@ def workloads(plan: Plan) -> list[Workload]:
                  "From the SIGKILL to the task's result (shmpool runs it again); others: what happened "
                  f"(a lost task is waited for {plan.crash_timeout} s). Reference: a fresh "
                  "ShmExecutor(1) started to its first result."),
-        Workload("startup", "Pool start-up to first result (create, one trivial task, result, shutdown)", "s",
-                 False, startup, {}, ("shm-pool",), "No warm-up: this is the cold start."),
+        Workload("startup", "Pool start-up to first result, per start method (a fresh program each)", "ms",
+                 False, startup, {}, tuple(k for k in IMPLS if k not in startup_probe.IMPLS),
+                 "No warm-up: each (implementation, start method) runs in a new interpreter that creates "
+                 f"a pool of {plan.workers} workers, submits `os.getpid` and takes its result (first "
+                 "pool: forkserver starts its template here), then does the same with a second pool. "
+                 "Idle worker memory: /proc/PID/status of the first pool's worker, "
+                 f"{startup_probe.IDLE} s after its result."),
     ]

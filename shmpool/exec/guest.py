@@ -57,9 +57,8 @@ import sys
 import time
 
 from .. import _atomics, failpoints
-from ..errors import (
-    InitializerFailed, ResultEncodingError, TaskInterrupted, TaskNotRun, TaskUnpicklingError,
-)
+from .. import errors
+from ..errors import InitializerFailed, ResultEncodingError, TaskInterrupted, TaskNotRun
 from ..hub.guest import run_guest
 from ..session import GuestSession
 from .protocol import (
@@ -333,9 +332,9 @@ class GuestProgram:
         else:  # a callable the host does not cache travels with its task
             fn, fid = fid, 0
         if isinstance(fn, _Broken):
-            raise TaskUnpicklingError(f"the task's function could not be unpickled in worker "
-                                      f"pid {os.getpid()}: {type(fn.error).__name__}: "
-                                      f"{fn.error}") from fn.error
+            raise errors.TaskUnpicklingError(f"the task's function could not be unpickled in worker "
+                                             f"pid {os.getpid()}: {type(fn.error).__name__}: "
+                                             f"{fn.error}") from fn.error
         if failpoints.ACTIVE:
             failpoints.hit(FP_IN_FUNCTION)
         global _in_task
@@ -394,9 +393,9 @@ class _Broken:
         self.error = error
 
 
-def _unpickling_error(e: BaseException) -> TaskUnpicklingError:
-    return TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
-                               f"pid {os.getpid()}: {type(e).__name__}: {e}")
+def _unpickling_error(e: BaseException) -> errors.TaskUnpicklingError:
+    return errors.TaskUnpicklingError(f"the task's arguments could not be unpickled in worker "
+                                      f"pid {os.getpid()}: {type(e).__name__}: {e}")
 
 
 def _picklable(e: BaseException) -> BaseException | None:

@@ -58,7 +58,6 @@ import threading
 import types
 import weakref
 from typing import NamedTuple
-import multiprocessing.connection  # noqa: F401 - registers the Connection reducer
 from multiprocessing.reduction import ForkingPickler
 
 import cloudpickle

@@ -27,9 +27,11 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import subprocess
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # (a guest parses its arguments here and never starts one)
+    import subprocess
 
 from ..errors import SpawnArgsError
 from .peer import MAX_PEERS
@@ -181,5 +183,7 @@ def popen_guest(ticket: SpawnTicket, argv: Sequence[str], *, append_args: bool =
         # preexec_fn runs between fork and exec in a multi-threaded process
         # and would hide PDEATHSIG races; the guest sets up its own.
         raise ValueError("preexec_fn is not supported for guests")
+    import subprocess  # spec: boot.lean-guest
+
     extra = tuple(popen_kw.pop("pass_fds", ()))
     return subprocess.Popen(cmd, pass_fds=extra + ticket.fds, **popen_kw)

@@ -41,7 +41,7 @@ into another's private state. The exception classes raised here live in
 `shmpool.errors` and are re-exported for the session's users.
 """
 
-from ..errors import CallCancelled, NoSuchMethodError, RemoteError, RemoteTraceback
+from ..errors import CallCancelled, NoSuchMethodError, RemoteError
 from .calls import CallFuture
 from .channel import Rx, Tx
 from .connection import Connection
@@ -54,3 +54,13 @@ __all__ = [
     "MethodTable", "NoSuchMethodError", "Outgoing", "Received", "RemoteError", "RemoteTraceback",
     "Rx", "Tx", "method_id",
 ]
+
+
+def __getattr__(name: str):
+    # (the stdlib's class, made on first use: a worker does not import
+    # concurrent.futures.process for it. spec: boot.lean-guest)
+    if name == "RemoteTraceback":
+        from .. import errors
+
+        return errors.RemoteTraceback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -62,9 +62,10 @@ import collections
 import threading
 import time
 
+from .. import errors
 from ..errors import (
-    ConnectionClosedError, GuestViolationError, PeerDeadError, ProtocolError, SegmentCorruptError,
-    SlotExhaustedError, StaleSlotError,
+    ConnectionClosedError, GuestViolationError, PeerDeadError, ProtocolError, SlotExhaustedError,
+    StaleSlotError,
 )
 from ..shm import layout as L
 from ..shm.layout import SLOT_REF_INLINE
@@ -266,7 +267,7 @@ class Connection:
             # would run into.
             discard(self.slots, desc)
             raise
-        except SegmentCorruptError as e:
+        except errors.SegmentCorruptError as e:
             # The peer's end of the ring holds garbage (spec: shm.guard.validate):
             # on the host that is its violation, and it is as good as dead.
             discard(self.slots, desc)
@@ -358,7 +359,7 @@ class Connection:
         except StaleSlotError as e:
             self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
             return None
-        except SegmentCorruptError as e:
+        except errors.SegmentCorruptError as e:
             if d.slot_ref >> 28 == L.HUGE_CLASS or self._violation_fn is None:
                 # (an in-flight huge extent's range is written by its sender)
                 self._violation(d, "shm.varslot.ownership", f"sent a slot it does not hand over ({e})")
@@ -429,7 +430,7 @@ class Connection:
         if not d.is_inline and d.msg_type not in (HELLO, CREDIT):
             try:
                 Received(self.slots, d).release()
-            except (StaleSlotError, SegmentCorruptError):
+            except (StaleSlotError, errors.SegmentCorruptError):
                 pass  # (what made it a violation: there is nothing of it to release)
         reason = f"{rule}: peer {self.peer} {what}"
         self.stats["violations"] += 1

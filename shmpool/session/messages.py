@@ -29,8 +29,12 @@ context manager); message types outside 1..7 are protocol violations.
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import NamedTuple
+
+try:  # (hashlib's blake2b itself, without hashlib's load of OpenSSL: spec boot.lean-guest)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without its own blake2
+    from hashlib import blake2b
 
 from ..errors import SlotExhaustedError, StaleSlotError
 from ..shm import layout as L
@@ -54,7 +58,7 @@ F_MORE = 4  # Data: more pieces of the same message follow
 def method_id(name: str) -> int:
     """Stable 64-bit id of a method name (same in every process and
     Python version). spec: shm.session.method-id"""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
 MAX_SLOT_WAIT = 30.0  # seconds a sender waits for a slot at most, when no timeout is given

@@ -28,7 +28,8 @@ import pickle
 import traceback
 from typing import Callable
 
-from ..errors import CallCancelled, RemoteError, RemoteTraceback
+from .. import errors
+from ..errors import CallCancelled, RemoteError
 from .messages import method_id
 
 try:  # functions and classes defined in __main__ survive the trip too
@@ -55,7 +56,7 @@ def decode_error(data: bytes) -> BaseException:
         exc, tb = pickle.loads(data)
     except Exception as e:  # noqa: BLE001 - a garbled payload is still an error to report
         return RemoteError("undecodable error", f"{type(e).__name__}: {e}")
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = errors.RemoteTraceback(tb)  # (made on first use: spec boot.lean-guest)
     return exc
 
 

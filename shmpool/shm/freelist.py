@@ -49,8 +49,8 @@ spec: shm.guard.bounded
 
 from __future__ import annotations
 
-from .. import _atomics, failpoints
-from ..errors import SegmentCorruptError, StatusMismatch
+from .. import _atomics, errors, failpoints
+from ..errors import StatusMismatch
 from . import layout as L
 
 load_u32 = _atomics.load_u32
@@ -96,8 +96,8 @@ class FreeList:
         self.limit = limit  # slots the class can ever have: bounds a walk of the list
         self.pops = self.pushes = self.helps = self.cas_retries = 0
 
-    def _corrupt(self, what: str) -> SegmentCorruptError:
-        return SegmentCorruptError(f"the free list at offset {self.head} {what}")
+    def _corrupt(self, what: str) -> errors.SegmentCorruptError:
+        return errors.SegmentCorruptError(f"the free list at offset {self.head} {what}")
 
 
     # -- pop ------------------------------------------------------------------

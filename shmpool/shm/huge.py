@@ -41,8 +41,8 @@ from __future__ import annotations
 import threading
 import time
 
-from .. import _atomics
-from ..errors import PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError
+from .. import _atomics, errors
+from ..errors import PayloadTooLargeError, SegmentError, SlotExhaustedError, StaleSlotError
 from . import layout as L
 from .layout import Slot
 from .slots import belongs, state_name
@@ -101,7 +101,7 @@ class HugeExtents:
         try:
             with self._lock:
                 return self._first_sight(e, *got)
-        except SegmentCorruptError as err:
+        except errors.SegmentCorruptError as err:
             raise self._report_corrupt(err) from None
 
     def _first_sight(self, e: int, off: int, sz: int) -> tuple[int, int]:
@@ -109,11 +109,11 @@ class HugeExtents:
         if known == (off, sz):  # (another thread recorded it meanwhile)
             return known
         if known is not None:
-            raise SegmentCorruptError(
+            raise errors.SegmentCorruptError(
                 f"huge-table entry at offset {e} changed from [{known[0]}, +{known[1]}) to "
                 f"[{off}, +{sz}) (an entry's range never changes once published)")
         if off % L.PAGE or off < self.lay.slot_region_offset or not 0 < sz <= self.config.memory_limit:
-            raise SegmentCorruptError(f"huge-table entry at offset {e} describes [{off}, +{sz}), "
+            raise errors.SegmentCorruptError(f"huge-table entry at offset {e} describes [{off}, +{sz}), "
                                       "not a range of huge extents")
         self._learn_classes()
         self._claim(off, sz, f"the huge extent of entry {(e - self.lay.huge_table_offset) // L.HUGE_ENTRY_SIZE}")
@@ -128,11 +128,11 @@ class HugeExtents:
         end = off + size
         top = min(load_u64(self.buf, L.H_CURRENT_SIZE), self.config.memory_limit)
         if end > top:
-            raise SegmentCorruptError(f"{what} [{off}, +{size}) ends beyond the {top} bytes of the "
+            raise errors.SegmentCorruptError(f"{what} [{off}, +{size}) ends beyond the {top} bytes of the "
                                       "segment reserved so far")
         for start, (stop, other) in self._ranges.items():
             if start < end and off < stop and (start, stop, other) != (off, end, what):
-                raise SegmentCorruptError(f"{what} [{off}, +{size}) overlaps {other} [{start}, +{stop - start})")
+                raise errors.SegmentCorruptError(f"{what} [{off}, +{size}) overlaps {other} [{start}, +{stop - start})")
         self._ranges[off] = (end, what)
 
     def class_extent(self, c, e: int, off: int, mine: bool = False) -> None:
@@ -149,8 +149,8 @@ class HugeExtents:
                 return
             what = f"extent {e} of class {c.index}"
             if known is not None:
-                raise SegmentCorruptError(f"{what} moved from offset {known} to {off} "
-                                          "(an extent's offset never changes once published)")
+                raise errors.SegmentCorruptError(f"{what} moved from offset {known} to {off} "
+                                                 "(an extent's offset never changes once published)")
             if mine:
                 self._ranges[off] = (off + c.esize, what)
             else:
@@ -166,19 +166,19 @@ class HugeExtents:
                 if not off or self._extents.get((c.index, e)) == off:
                     continue
                 if off % L.PAGE or off < self.lay.slot_region_offset:
-                    raise SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
-                                              "inside the fixed regions or not page-aligned")
+                    raise errors.SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
+                                                     "inside the fixed regions or not page-aligned")
                 self.class_extent(c, e, off)
 
     def _map(self, e: int, populate: bool = True) -> tuple[memoryview, int, int]:
         off, sz = self._range(e)
         try:
             return self.segment.map_range(off, sz, populate), off, sz
-        except SegmentCorruptError as err:
+        except errors.SegmentCorruptError as err:
             raise self._report_corrupt(err) from None
         except (SegmentError, ValueError, OSError) as err:
             raise self._report_corrupt(
-                SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}")) from None
+                errors.SegmentCorruptError(f"huge extent [{off}, +{sz}) cannot be mapped: {err}")) from None
 
     def _punch(self, e: int) -> int:
         view, off, sz = self._map(e, populate=False)
@@ -207,7 +207,7 @@ class HugeExtents:
                 continue
             try:
                 sz = self._punch(e)
-            except SegmentCorruptError:
+            except errors.SegmentCorruptError:
                 store_u64(self.buf, e + L.HE_STATUS, st)  # (its range is garbage: left alone)
                 raise
             store_u64(self.buf, e + L.HE_RESIDENT, 0)

@@ -53,8 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import _ring
-from ..errors import SegmentCorruptError
+from .. import _ring, errors
 from . import layout as L
 from .doorbell import Doorbell
 from .wait import Waiter
@@ -151,7 +150,7 @@ def bad_index(end, which: str, value: int, mine: int, seen: int) -> None:
         why = f"is out of range 0..{end.size - 1}"
     else:
         why = f"moved backwards (it was {seen}; this end's index is {mine})"
-    raise SegmentCorruptError(f"{which} index {value} of ring {end.name!r} {why}")
+    raise errors.SegmentCorruptError(f"{which} index {value} of ring {end.name!r} {why}")
 
 
 def _geometry_check(size: int, desc_offset: int, buf) -> None:

@@ -37,15 +37,14 @@ import errno
 import fcntl
 import mmap
 import os
-import secrets
 import stat
 import struct
 import threading
 import weakref
 from pathlib import Path
 
-from .. import _atomics, procinfo
-from ..errors import ConfigError, SegmentCorruptError, SegmentError
+from .. import _atomics, errors, procinfo
+from ..errors import ConfigError, SegmentError
 from . import layout as L
 from .layout import SegmentConfig, SegmentLayout, SizeClass
 from .files import (  # (re-exported: the named-file API lives in files.py)
@@ -292,6 +291,8 @@ class Segment:
             d = private_directory(os.path.abspath(directory if directory is not None
                                                   else default_directory()))
             reap_stale(d)
+            import secrets  # (the host's: spec boot.lean-guest)
+
             # 64 random bits: the name cannot be guessed and planted in advance.
             path = d / f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = Path(os.path.abspath(path))
@@ -313,6 +314,8 @@ class Segment:
         shrinking (a truncation would turn mapped pages into SIGBUS) and
         against further seals (nobody can forbid its growth).
         spec: shm.file.anonymous"""
+        import secrets  # (the host's: spec boot.lean-guest)
+
         name = f"shmpool-{os.getpid()}-{secrets.token_hex(4)}"
         fd = _memfd(name)
         path = Path(f"{MEMFD_PREFIX}{name}")
@@ -454,7 +457,7 @@ class Segment:
             # published): another length is garbage read from the segment,
             # and closing the mapping would pull it from under whoever holds
             # it (a size class, a caller's zero-copy view). spec: shm.guard.validate
-            raise SegmentCorruptError(
+            raise errors.SegmentCorruptError(
                 f"[{offset}, +{length}) asked to be mapped, but this process maps "
                 f"{len(got[1])} bytes at offset {offset}: one offset is one extent"
             )

@@ -53,9 +53,9 @@ import bisect
 import os
 import time
 
-from .. import _atomics, failpoints, procinfo
+from .. import _atomics, errors, failpoints, procinfo
 from ..errors import (
-    PayloadTooLargeError, SegmentCorruptError, SegmentError, SlotExhaustedError, StaleSlotError, StatusMismatch,
+    PayloadTooLargeError, SegmentError, SlotExhaustedError, StaleSlotError, StatusMismatch,
 )
 from . import layout as L
 from .files import space_hint
@@ -118,7 +118,7 @@ class SlotPool:
                                  report_corrupt=self.report_corrupt, reserve=self._reserve,
                                  allocate_pages=self.allocate_pages,
                                  exhausted_message=self.exhausted_message)
-        self.broken: SegmentCorruptError | None = None  # set once shared structures were found corrupt
+        self.broken: errors.SegmentCorruptError | None = None  # set once shared structures were found corrupt
         self.on_corrupt = None  # called once with that error (any thread; must not block)
 
     @property
@@ -133,7 +133,7 @@ class SlotPool:
     def waits(self) -> int:
         return self._waits + self._huge.waits
 
-    def report_corrupt(self, e: SegmentCorruptError) -> SegmentCorruptError:
+    def report_corrupt(self, e: errors.SegmentCorruptError) -> errors.SegmentCorruptError:
         """Record the first corruption found in a shared structure, report
         it once, and return the error to raise. spec: shm.guard.isolate"""
         if self.broken is None:
@@ -164,8 +164,8 @@ class SlotPool:
                         raise StaleSlotError(f"index {i} is beyond the class's {per} slots per extent")
                     got = self._extent(c, e)
                 except (StaleSlotError, SegmentError, ValueError) as err:
-                    raise SegmentCorruptError(f"the free list of class {c.index} leads to slot number "
-                                              f"{number}, which does not exist ({err})") from None
+                    raise errors.SegmentCorruptError(f"the free list of class {c.index} leads to slot number "
+                                                     f"{number}, which does not exist ({err})") from None
             return got[0], got[1] + hdr + i * size
 
         return meta
@@ -181,14 +181,14 @@ class SlotPool:
         if off == 0:
             raise StaleSlotError(f"extent {e} of class {c.index} does not exist (bad slot reference)")
         if off < self.layout.slot_region_offset or off % L.PAGE:  # spec: shm.guard.validate
-            raise SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
-                                      "inside the fixed regions or not page-aligned")
+            raise errors.SegmentCorruptError(f"class {c.index} names offset {off} for its extent {e}, "
+                                             "inside the fixed regions or not page-aligned")
         self._huge.class_extent(c, e, off)  # reserved, overlapping no extent seen, never moved
         try:  # (beyond the end of the file: mapping it would SIGBUS at the first touch)
             view = self.segment.map_range(off, c.esize)  # spec: shm.varslot.extents
         except (SegmentError, ValueError, OSError) as err:
-            raise SegmentCorruptError(f"extent {e} of class {c.index} at offset {off} "
-                                      f"cannot be mapped: {err}") from None
+            raise errors.SegmentCorruptError(f"extent {e} of class {c.index} at offset {off} "
+                                             f"cannot be mapped: {err}") from None
         while len(ext) <= e:
             ext.append(None)
         ext[e] = (view, 0)
@@ -234,7 +234,7 @@ class SlotPool:
                         break
                 else:
                     return None
-        except SegmentCorruptError as e:
+        except errors.SegmentCorruptError as e:
             raise self.report_corrupt(e) from None
         number, gen = got
         self._allocs += 1
@@ -458,7 +458,7 @@ class SlotPool:
                 f"slot {number} of class {c.index} changed under the freer "
                 f"(status {e.found:#x}); freed twice concurrently?"
             ) from None
-        except SegmentCorruptError as e:
+        except errors.SegmentCorruptError as e:
             raise self.report_corrupt(e) from None
         self._wake(c.index)
 
@@ -544,7 +544,7 @@ class SlotPool:
             raise ValueError("a peer cannot reclaim its own slots")
         try:
             return self._reclaim(peer_id)
-        except SegmentCorruptError as e:
+        except errors.SegmentCorruptError as e:
             raise self.report_corrupt(e) from None
 
     def _reclaim(self, peer_id: int) -> int:

@@ -21,7 +21,7 @@ TITLES = {
     "map": "### map over tiny items",
     "roundtrip": "### Round trip of big payloads",
     "crash": "### Crash recovery",
-    "startup": "### Pool start-up to first result",
+    "startup": "### Pool start-up to first result, per start method",
 }
 
 
@@ -88,7 +88,7 @@ def test_smoke_run_prints_every_table_and_writes_every_sample(tmp_path):
     expected = {
         "tiny_submit": {"shm", "ppe", "pool"}, "rtt": {"shm", "ppe", "pool"},
         "map": {"shm", "shm-pool", "ppe", "pool"}, "roundtrip": {"memcpy", "shm", "ppe", "pool"},
-        "crash": {"shm", "shm-start", "ppe", "pool"}, "startup": {"shm", "ppe", "pool"},
+        "crash": {"shm", "shm-start", "ppe", "pool"}, "startup": {"shm", "ppe"},
     }
     assert set(data["samples"]) == set(expected)
     for w, impls in expected.items():
@@ -115,6 +115,24 @@ def test_smoke_run_prints_every_table_and_writes_every_sample(tmp_path):
     assert crash["ppe"][0]["outcome"] == "BrokenProcessPool (no recovery)"
     assert crash["pool"][0]["outcome"] == "lost (hangs)"
     assert data["samples"]["crash"]["worker start"]["shm-start"][0]["value"] > 0
+    # start-up: per start method, first and second pool, the idle worker's memory (issue 16)
+    assert set(data["samples"]["startup"]) == {"fork", "forkserver", "spawn"}
+    for method, by_impl in data["samples"]["startup"].items():
+        for impl, (s,) in by_impl.items():
+            assert s["second_ms"] > 0 and s["total_s"] > 0, (method, impl, s)
+            assert s["VmRSS"] > 0 and s["RssAnon"] > 0 and s["RssFile"] > 0 and s["RssShmem"] >= 0, s
+            assert s["VmRSS"] >= s["RssAnon"] + s["RssFile"] - 1, s  # (MiB, rounded separately)
+            assert 0 < s["Pss"] <= s["VmRSS"], s
+            row = data["summary"]["startup"][method][impl]
+            assert row["VmRSS"] == s["VmRSS"] and row["second_ms"] == s["second_ms"]
+    section = text[text.index(TITLES["startup"]):].split("\n### ", 1)[0]
+    for m in ("fork", "forkserver", "spawn"):
+        assert f"| {m} |" in section, m
+    assert "Idle worker resident memory" in section and "RssShmem" in section
+    for what in ("start to first result, fork", "start to first result, forkserver",
+                 "start to first result, spawn", "second ShmExecutor", "idle worker VmRSS, spawn"):
+        assert sum(what in t["target"] for t in data["targets"]) >= 1, what
+        assert what in targets, what
     assert {t["status"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
     assert data["summary"]["tiny_submit"]["submit"]["ppe"]["vs_ppe"] == pytest.approx(1.0)
 
