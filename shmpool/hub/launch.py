@@ -86,7 +86,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import _atomics, _threads, failpoints
-from ..errors import HubError
 from .spawn import popen_guest
 
 START_METHODS = ("fork", "forkserver", "spawn")
