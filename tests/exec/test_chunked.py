@@ -122,6 +122,8 @@ def test_a_transfer_the_host_cannot_finish_fails_its_task_with_the_reason(monkey
 
     cfg = SegmentConfig(max_guests=2, memory_limit=64 * MIB)
     with ShmExecutor(1, segment_config=cfg) as ex:
+        # (the worker started first: a forked one would inherit the patch)
+        assert ex.submit(ident, 1).result(timeout=120) == 1
         monkeypatch.setattr(channel.Tx, "send_transfer", refuse)
         with pytest.raises(TaskUnpicklingError, match="could not send the arguments: SlotExhaustedError: no slot"):
             ex.submit(ident, bytes(9 * MIB)).result(timeout=120)

@@ -6,6 +6,7 @@ initargs fail to pickle."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -15,6 +16,10 @@ import pytest
 from harness.tasks import ident, square
 from shmpool import ShmExecutor, failpoints
 from shmpool.errors import PoolBrokenError
+
+# The interpreter and the pickled initargs are what a spawned worker needs
+# (a forked one runs neither).
+SPAWN = multiprocessing.get_context("spawn")
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +64,7 @@ def test_a_bad_interpreter_breaks_the_pool(monkeypatch, tmp_path, dead_before_in
     if dead_before_init:
         assert "starter.spawned" in failpoints.KNOWN
         monkeypatch.setitem(failpoints.ACTIVE, "starter.spawned", lambda: time.sleep(0.3))
-    with ShmExecutor(1) as e:
+    with ShmExecutor(1, mp_context=SPAWN) as e:
         with pytest.raises(PoolBrokenError, match="exit code 3") as err:
             e.submit(square, 2).result(120)
     assert "this is not python" in str(err.value)
@@ -196,7 +201,7 @@ def _noop(*args):
 @pytest.mark.spec("exec.start-failure")
 def test_initargs_that_fail_to_pickle_at_a_start_break_the_pool_and_free_the_entry():
     PicklesTwice.count = 0
-    e = ShmExecutor(1, initializer=_noop, initargs=(PicklesTwice(),))
+    e = ShmExecutor(1, initializer=_noop, initargs=(PicklesTwice(),), mp_context=SPAWN)
     try:
         with pytest.raises(PoolBrokenError, match="could not be pickled for a worker.*not a third"):
             e.submit(ident, 1).result(60)
