@@ -307,11 +307,17 @@ def targets(summary: dict, plan) -> list[dict]:
     add("forkserver: a second ShmExecutor in the same program, start to first result ≤ 10 ms",
         _get(summary, "startup", "forkserver", "shm", "second_ms"), "≤ 10 ms", lambda x: x <= 10,
         lambda x: f"{x:.1f} ms")
-    spawn_rss = _get(summary, "startup", "spawn", "ppe", "VmRSS")
+    # A fresh interpreter (spawn, forkserver) is held to a PPE spawn worker's
+    # resident memory, as the issue states it. A fork worker's VmRSS counts
+    # every page of the host it still shares copy-on-write (a bigger host, a
+    # bigger figure, for PPE's fork workers too): it is held to PPE's fork
+    # worker in the same run, and its Pss is in the tables.
     for m in METHODS:
+        base_m = "fork" if m == "fork" else "spawn"
+        base = _get(summary, "startup", base_m, "ppe", "VmRSS")
         v = _get(summary, "startup", m, "shm", "VmRSS")
-        add(f"idle worker VmRSS, {m}: ShmExecutor ≤ ProcessPoolExecutor spawn + 4 MiB",
-            None if v is None or spawn_rss is None else v - spawn_rss,
+        add(f"idle worker VmRSS, {m}: ShmExecutor ≤ ProcessPoolExecutor {base_m} + 4 MiB",
+            None if v is None or base is None else v - base,
             "≤ +4 MiB", lambda x: x <= 4, lambda x, v=v: f"{v:.1f} MiB ({x:+.1f})")
     return out
 
