@@ -38,11 +38,14 @@ stdout/stderr` objects on fds 0-2, as a spawned guest has (the inherited
 ones keep buffered locks another host thread may hold, and the host's
 unflushed output); does what
 multiprocessing's `Process._bootstrap` does for a fork child (a fresh
-`current_process()` named as a ForkProcess, `parent_process()` the host,
+`current_process()` named as a ForkProcess, not daemonic, `parent_process()` the host,
 the authkey inherited, its finalizers dropped and its after-fork hooks run
 so inherited Queues and Locks work); drops the host's at-exit hooks; reads
 SHMPOOL_FAILPOINTS from its environment as a started process would;
-unblocks the signals the driver thread blocks; runs the guest; flushes and
+unblocks the signals the driver thread blocks; expects the host as its
+parent (`guest.PARENT_PID`, which it may have inherited from a forkserver
+guest); makes its thread a main thread (not daemonic); runs the guest;
+waits for its non-daemon threads, runs its exit functions; flushes and
 `os._exit`s with its status, whatever happens (an exception never
 unwinds into the host's driver loop, whose stack the child runs on).
 
@@ -322,7 +325,9 @@ def _mp_process_for_child():
     if ctx is None:
         return None
     try:
-        return ctx.ForkProcess(daemon=True)
+        # (not daemonic, as PPE's workers and a spawned guest's: a task may
+        # start processes of its own)
+        return ctx.ForkProcess(daemon=False)
     except Exception:  # noqa: BLE001 - (no multiprocessing duties then)
         return None
 
@@ -335,6 +340,8 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
             _drop_machinery(keep if stderr is None else keep | {stderr})
             _stdio(stderr, keep)
             _multiprocessing(mp_child, host_pid)
+            _expect_parent(host_pid)
+            _main_thread()
             _at_exit()
             failpoints._from_environment()  # (as a started process reads it at import)
             _threads.unblock_in_child()  # (the driver thread blocks them)
@@ -351,6 +358,12 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
             except BaseException:  # noqa: BLE001
                 pass
         try:
+            # the guest's non-daemon threads end first, as at an
+            # interpreter's exit (and multiprocessing's `_bootstrap`)
+            threading._shutdown()
+        except BaseException:  # noqa: BLE001
+            pass
+        try:
             import atexit
 
             atexit._run_exitfuncs()
@@ -363,6 +376,25 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
             except BaseException:  # noqa: BLE001
                 pass
         os._exit(code)
+
+
+def _main_thread() -> None:
+    """The child's only thread, the copy of the host's (daemonic) driver
+    thread, is its main thread, as a spawned guest's: not daemonic, so the
+    threads a task starts are not daemonic either and are waited for at
+    exit (`threading._shutdown`). spec: shm.spawn.fork-exit"""
+    t = threading.current_thread()
+    t._daemonic = False
+    t._name = "MainThread"
+
+
+def _expect_parent(host_pid: int) -> None:
+    """This child's parent is the host that forked it, whatever parent an
+    inherited `guest.PARENT_PID` names (a forkserver guest's template,
+    when that guest is the host). spec: shm.spawn.fork-parent"""
+    guest = sys.modules.get("shmpool.hub.guest")
+    if guest is not None:
+        guest.PARENT_PID = host_pid
 
 
 def _exit_code(c) -> int:
