@@ -23,6 +23,8 @@ import os
 import select
 import threading
 
+from .launch import add_machinery, creating
+
 EPOLLIN = select.EPOLLIN
 HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 
@@ -31,11 +33,24 @@ class Watches:
     """The driver's epoll set and wake-up eventfd (see module doc)."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self.wake_fd = -1
+        self._epoll = None
+        # (listed as they are made: a guest another host forks meanwhile
+        # closes them; spec: shm.spawn.fork-machinery)
+        add_machinery(self)
+        with creating():
+            self._epoll = select.epoll()
+            self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fdmap: dict[int, tuple[object, str]] = {}
         self._wake_lock = threading.Lock()
-        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self.wake_fd, EPOLLIN)
+
+    def machinery(self) -> tuple[list[int], list]:
+        """The fds a forked guest closes (hub/launch.py): the epoll set and
+        the wake fd while open (each is unlisted before its number is
+        freed: `close`)."""
+        ep = self._epoll
+        return [ep.fileno() if ep is not None and not ep.closed else -1, self.wake_fd], []
 
     def register(self, fd: int, p, kind: str) -> None:
         self._epoll.register(fd, EPOLLIN | (HANGUP if kind == "doorbell" else 0))
@@ -69,7 +84,10 @@ class Watches:
             pass
 
     def close(self) -> None:
-        self._epoll.close()
-        with self._wake_lock:
-            fd, self.wake_fd = self.wake_fd, -1
-        os.close(fd)
+        # (a fork by the fork launcher waits: the fds are either listed and
+        # open, or unlisted and closed, never in between)
+        with creating():
+            self._epoll.close()
+            with self._wake_lock:
+                fd, self.wake_fd = self.wake_fd, -1
+            os.close(fd)
