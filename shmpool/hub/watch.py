@@ -4,7 +4,10 @@ Owns: one epoll instance, the map from each registered fd to the guest it
 belongs to and what it is (`"doorbell"`: the host's doorbell end, watched
 for signals and hang-ups; `"pidfd"`: the guest's process; `"linger"`: the
 pidfd of a departed guest that is still running), and an eventfd that any
-thread writes to wake the driver (`wake`).
+thread writes to wake the driver (`wake`). Both fds are host machinery a
+forked guest closes (`machinery`, registered with hub/launch.py before
+they exist; made and closed under `launch.creating()`, so a fork never
+finds one open and unlisted).
 
 Data flow: the driver registers a guest's doorbell and pidfd when it
 spawns or adopts it; the endings unregister them at its death and register

@@ -8,7 +8,10 @@ it lives exactly as long as the last process that has it open or mapped
 size limit does not apply). In the named mode (`SHMPOOL_DIR`,
 `SegmentConfig.directory`, or an explicit path or directory) it is a
 regular file in a private directory, for attaching by path; files.py owns
-that side (directories, stale files, `clean`, signal cleanup).
+that side (directories, stale files, `clean`, signal cleanup). Also the
+list of the files this process holds segment fds on (`held_files`), from
+each fd's creation to the close of the last one, mmap dups included: what
+a guest forked by the fork start method closes (hub/launch.py).
 
 Data flow:
 - create: memfd (or: private dir -> random name ->
