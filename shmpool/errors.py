@@ -332,8 +332,16 @@ _STDLIB_BASED = frozenset({
     "WorkerCrashedError", "PoolBrokenError", "SegmentCorruptError", "TaskUnpicklingError",
     "ResultUnpicklingError", "RemoteTraceback",
 })
+# (declared, not bound: a bound name would never reach `__getattr__`)
+WorkerCrashedError: type
+PoolBrokenError: type
+SegmentCorruptError: type
+TaskUnpicklingError: type
+ResultUnpicklingError: type
+RemoteTraceback: type
 # (reentrant: a signal handler that runs while this thread makes the
-# classes and reaches one of them must not deadlock on it)
+# classes and reaches one of them must not deadlock on it; it then makes
+# the rest itself, and `_publish` makes the outer call adopt its classes)
 _define_lock = _thread.RLock()
 
 
@@ -350,13 +358,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _STDLIB_BASED)
 
 
+def _publish(name: str, cls):
+    """Make `cls` the module's `name` unless one is there already (made by
+    a signal handler that ran on this thread while the outer call was
+    making the classes): the published one is returned, and the caller
+    uses it from then on (as a base too), so there is one class per name."""
+    cls.__module__ = __name__
+    cls.__qualname__ = cls.__name__ = name
+    return globals().setdefault(name, cls)
+
+
 def _define_stdlib_based() -> None:
-    """Make the classes that derive from the stdlib's `BrokenProcessPool`
-    (module globals: `global` also gives them their plain `__qualname__`,
-    so they pickle by reference as `shmpool.errors.X`). Once, under
-    `_define_lock`. spec: boot.lean-guest"""
-    global WorkerCrashedError, PoolBrokenError, SegmentCorruptError, TaskUnpicklingError
-    global ResultUnpicklingError, RemoteTraceback
+    """Make the classes that derive from the stdlib's `BrokenProcessPool`,
+    each published as a module global at once (`_publish`: plain
+    `__qualname__`, so they pickle by reference as `shmpool.errors.X`),
+    the later ones based on the published ones. Once, under
+    `_define_lock`; a reentrant call (a signal handler on this thread)
+    finishes the set and the outer call adopts it. spec: boot.lean-guest"""
     from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
     from concurrent.futures.process import _RemoteTraceback
 
@@ -366,9 +384,13 @@ def _define_stdlib_based() -> None:
         clauses catch it, but unlike the stdlib only this task failed: the pool
         replaced the worker and goes on."""
 
+    WorkerCrashedError = _publish("WorkerCrashedError", WorkerCrashedError)
+
     class PoolBrokenError(ShmpoolError, _BrokenProcessPool):
         """The pool cannot run tasks any more (its initializer keeps failing,
         or workers cannot be started); pending and new work fail with this."""
+
+    PoolBrokenError = _publish("PoolBrokenError", PoolBrokenError)
 
     class SegmentCorruptError(PoolBrokenError):
         """A value read from shared memory is impossible: an index or offset out
@@ -387,21 +409,23 @@ def _define_stdlib_based() -> None:
         def __reduce__(self):
             return (type(self), (self.what,))
 
+    _publish("SegmentCorruptError", SegmentCorruptError)
+
     class TaskUnpicklingError(ShmpoolError, _BrokenProcessPool):
         """A task's arguments (or function) could not be unpickled in the
         worker. Only this task fails; like the stdlib's report of the same
         problem it is a `BrokenProcessPool`. The original error is `__cause__`."""
 
+    _publish("TaskUnpicklingError", TaskUnpicklingError)
+
     class ResultUnpicklingError(ShmpoolError, _BrokenProcessPool):
         """A task's result could not be unpickled in this process. Only this
         task fails. The original error is `__cause__`."""
 
-    for cls in (WorkerCrashedError, PoolBrokenError, SegmentCorruptError, TaskUnpicklingError,
-                ResultUnpicklingError):
-        cls.__module__ = __name__
+    _publish("ResultUnpicklingError", ResultUnpicklingError)
 
     # The formatted traceback of an exception raised in the other process (set
     # as the local exception's `__cause__`; its text is `.tb` and its str()).
     # The stdlib's class, so that `type(exc.__cause__)` is what
     # ProcessPoolExecutor gives; shmpool's name stays an alias.
-    RemoteTraceback = _RemoteTraceback
+    globals().setdefault("RemoteTraceback", _RemoteTraceback)

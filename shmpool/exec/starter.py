@@ -57,7 +57,7 @@ from multiprocessing import context as _mp_context
 from .. import _threads, failpoints
 from ..errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
 from ..hub import AddPeerOptions
-from ..hub.launch import GuestCommand, add_machinery
+from ..hub.launch import GuestCommand, add_machinery, creating
 from ..session.messages import Outgoing
 from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
 from .protocol import ARG_STDERR, INIT
@@ -140,8 +140,9 @@ class StartupLog:
             registry.add(self)
         add_machinery(self)  # (a forked worker closes the logs of other starts)
         try:
-            self.real = os.dup(2)
-            self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
+            with creating():  # (listed as they are made: hub/launch.py)
+                self.real = os.dup(2)
+                self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
         except (OSError, AttributeError):  # no stderr to switch to: leave stderr alone
             self.close()
 
@@ -158,9 +159,12 @@ class StartupLog:
 
     def spawned(self) -> None:
         """The worker has its copy of the host's stderr: drop ours."""
-        if self.real is not None:
-            os.close(self.real)
-            self.real = None
+        # (unlisted and closed at once for a fork: listed and open, or
+        # neither; a number closed while listed may be reused by then)
+        with creating():
+            fd, self.real = self.real, None
+            if fd is not None:
+                os.close(fd)
 
     def text(self) -> str:
         """What the worker wrote before it attached (the end of it)."""
@@ -177,13 +181,14 @@ class StartupLog:
         if self.registry is not None:
             self.registry.discard(self)
         for name in ("fd", "real"):
-            fd = getattr(self, name)
-            if fd is not None:
-                setattr(self, name, None)
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            with creating():  # (as in `spawned`)
+                fd = getattr(self, name)
+                if fd is not None:
+                    setattr(self, name, None)
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
 
 class Starter:

@@ -79,7 +79,7 @@ from .endings import Endings, callback_error
 from .peer import (
     ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
-from .launch import GuestCommand, HostMachinery, add_machinery, start_function
+from .launch import GuestCommand, HostMachinery, add_machinery, creating, start_function
 from .spawn import popen_guest
 from .table import PeerTable
 from .watch import HANGUP, Watches
@@ -545,7 +545,11 @@ class Driver:
         # the template's child, reaped by it at any time: its handle brings
         # a pidfd taken before that could happen. spec: shm.spawn.forkserver
         fd = getattr(proc, "watch_fd", None)
-        p.pidfd = fd if fd is not None else os.pidfd_open(proc.pid)
+        if fd is None:
+            with creating():  # (a guest another host forks meanwhile closes it)
+                p.pidfd = os.pidfd_open(proc.pid)
+        else:
+            p.pidfd = fd
         with self._lock:
             p.phase = SPAWNED
         self.watches.register(p.doorbell.fileno(), p, "doorbell")

@@ -55,7 +55,9 @@ from .spawn import GuestExit, SpawnArgs
 PR_SET_PDEATHSIG = 1
 # The parent whose death ends this guest when it is not the segment's host:
 # the forkserver template, which sets its pid here in each child it forks
-# (and itself ends with the host). spec: shm.spawn.forkserver
+# (and itself ends with the host). A later fork inherits it: the fork
+# launcher sets it in each child it makes (the forking host's pid).
+# spec: shm.spawn.forkserver, shm.spawn.fork-parent
 PARENT_PID: int | None = None
 # The longest an answer published with its announcement deferred stays
 # unannounced (spec: shm.wakeup.guest-announce): long enough to cover a

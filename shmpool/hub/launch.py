@@ -5,9 +5,11 @@ Owns: `GuestCommand` (what to run in a guest, in the forms each start
 method needs), `START_METHODS`, the fork launcher (`fork_guest`: the fork,
 and everything the child does before it runs the guest), `ForkedProcess`
 (the process handle of a forked guest), the registry of the host machinery
-a forked child drops (`add_machinery`: every live host's driver, the exec
-layer's start-up logs, the forkserver's socket) and the rule of the fork
-warning (`fork_warning`).
+a forked child drops (`add_machinery`: every live host's driver and its
+epoll set and wake fd (watch.py), the exec layer's start-up logs; the
+segment files are shm/segment.py's `held_files`), the lock under which
+such fds are made and closed and the fork happens (`creating`), and the
+rule of the fork warning (`fork_warning`).
 
 Data flow: the layer above builds a `GuestCommand` -> `ShmHost.launch(
 ticket, command, method)` -> on the driver thread (`Driver.do_launch`):
@@ -30,7 +32,8 @@ the machinery of every live host of the process (`_drop_machinery`: epoll
 sets, wake fds, doorbells (the host's end of its own too, else the host's
 death would never hang it up) and other guests' ends, pidfds, the fds of
 segments other than its own (also the ones mmap objects hold), other
-starts' logs, the forkserver's socket) but keeps every other fd (the
+starts' logs, the forkserver's socket, and, a backstop, any fd above 2
+on a shmpool memfd) but keeps every other fd (the
 user's, as a stdlib fork child has them), the ticket's and
 `command.pass_fds`; points fd 2 at `command.stderr`; stdin at /dev/null
 (as multiprocessing's `_close_stdin`); gives itself fresh `sys.stdin/
@@ -38,11 +41,14 @@ stdout/stderr` objects on fds 0-2, as a spawned guest has (the inherited
 ones keep buffered locks another host thread may hold, and the host's
 unflushed output); does what
 multiprocessing's `Process._bootstrap` does for a fork child (a fresh
-`current_process()` named as a ForkProcess, `parent_process()` the host,
+`current_process()` named as a ForkProcess, not daemonic, `parent_process()` the host,
 the authkey inherited, its finalizers dropped and its after-fork hooks run
 so inherited Queues and Locks work); drops the host's at-exit hooks; reads
 SHMPOOL_FAILPOINTS from its environment as a started process would;
-unblocks the signals the driver thread blocks; runs the guest; flushes and
+unblocks the signals the driver thread blocks; expects the host as its
+parent (`guest.PARENT_PID`, which it may have inherited from a forkserver
+guest); makes its thread a main thread (not daemonic); runs the guest;
+waits for its non-daemon threads, runs its exit functions; flushes and
 `os._exit`s with its status, whatever happens (an exception never
 unwinds into the host's driver loop, whose stack the child runs on).
 
@@ -100,6 +106,30 @@ _PINNED: list = []  # (the child) objects whose fds were closed: never deallocat
 _OLD_STDIO: list = []  # (the child) the inherited stdio objects, never finalized there
 
 
+# Held while an fd of host machinery is made and stored where its holder's
+# `machinery()` finds it (an epoll set, a wake fd, a pidfd), and by the
+# fork launcher around the fork: no child is forked while such an fd exists
+# unlisted. Held for a syscall and a store only. (A shmpool memfd needs no
+# such lock: the child closes it by its name, `_drop_machinery`.)
+_CREATING = threading.Lock()
+
+
+def creating() -> threading.Lock:
+    """The lock to hold while making an fd of host machinery and storing
+    it where its registered holder lists it. spec: shm.spawn.fork-machinery"""
+    return _CREATING
+
+
+def _after_fork_in_child() -> None:
+    # (the copy may be held: by the thread that forked, or by one that is
+    # not in the child; any fork, the fork launcher's and the program's)
+    global _CREATING
+    _CREATING = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def add_machinery(obj) -> None:
     """Register `obj` (with a `machinery()` method) as holding host
     machinery that a forked guest closes."""
@@ -108,27 +138,22 @@ def add_machinery(obj) -> None:
 
 class HostMachinery:
     """What of one host a forked guest closes (registered by its driver):
-    the epoll set and wake fd, every guest's doorbell ends and pidfds, the
-    lingering pidfds, and every fd on its segment file (the mmap objects
-    hold dups of it). spec: shm.spawn.fork"""
+    every guest's doorbell ends and pidfds, the lingering pidfds. (The fds
+    on its segment file are listed by shm/segment.py, its epoll set and
+    wake fd by watch.py, each from its creation.) spec: shm.spawn.fork"""
 
     def __init__(self, segment, table, watches, endings) -> None:
-        st = os.fstat(segment.fd)
         self.segment, self.table, self.watches, self.endings = segment, table, watches, endings
-        self.file = (st.st_dev, st.st_ino)
 
     def machinery(self) -> tuple[list[int], list[tuple[int, int]]]:
-        w = self.watches
-        ep = getattr(w, "_epoll", None)
-        fds = [ep.fileno()] if ep is not None and not ep.closed else []
-        fds.append(w.wake_fd)
+        fds = []
         for p in list(self.table.peers.values()):
             for db in (p.doorbell, p.guest_end):
                 if db is not None and not db.closed:
                     fds.append(db.fileno())
             fds.append(p.pidfd)
         fds.extend(list(self.endings.lingering))
-        return fds, ([] if self.segment.closed else [self.file])
+        return fds, []
 
 
 @dataclass(frozen=True)
@@ -307,7 +332,9 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
             pass
     mp_child = _mp_process_for_child()
     host_pid = os.getpid()
-    pid = _atomics.fork_child()
+    _memfd_device()
+    with _CREATING:
+        pid = _atomics.fork_child()
     if pid < 0:
         raise OSError(-pid, f"fork failed: {os.strerror(-pid)}")
     if pid == 0:
@@ -322,7 +349,9 @@ def _mp_process_for_child():
     if ctx is None:
         return None
     try:
-        return ctx.ForkProcess(daemon=True)
+        # (not daemonic, as PPE's workers and a spawned guest's: a task may
+        # start processes of its own)
+        return ctx.ForkProcess(daemon=False)
     except Exception:  # noqa: BLE001 - (no multiprocessing duties then)
         return None
 
@@ -335,6 +364,8 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
             _drop_machinery(keep if stderr is None else keep | {stderr})
             _stdio(stderr, keep)
             _multiprocessing(mp_child, host_pid)
+            _expect_parent(host_pid)
+            _main_thread()
             _at_exit()
             failpoints._from_environment()  # (as a started process reads it at import)
             _threads.unblock_in_child()  # (the driver thread blocks them)
@@ -351,6 +382,12 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
             except BaseException:  # noqa: BLE001
                 pass
         try:
+            # the guest's non-daemon threads end first, as at an
+            # interpreter's exit (and multiprocessing's `_bootstrap`)
+            threading._shutdown()
+        except BaseException:  # noqa: BLE001
+            pass
+        try:
             import atexit
 
             atexit._run_exitfuncs()
@@ -365,6 +402,25 @@ def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, h
         os._exit(code)
 
 
+def _main_thread() -> None:
+    """The child's only thread, the copy of the host's (daemonic) driver
+    thread, is its main thread, as a spawned guest's: not daemonic, so the
+    threads a task starts are not daemonic either and are waited for at
+    exit (`threading._shutdown`). spec: shm.spawn.fork-exit"""
+    t = threading.current_thread()
+    t._daemonic = False
+    t._name = "MainThread"
+
+
+def _expect_parent(host_pid: int) -> None:
+    """This child's parent is the host that forked it, whatever parent an
+    inherited `guest.PARENT_PID` names (a forkserver guest's template,
+    when that guest is the host). spec: shm.spawn.fork-parent"""
+    guest = sys.modules.get("shmpool.hub.guest")
+    if guest is not None:
+        guest.PARENT_PID = host_pid
+
+
 def _exit_code(c) -> int:
     if c is None:
         return 0
@@ -377,9 +433,35 @@ def _exit_code(c) -> int:
     return 1
 
 
+_SHMPOOL_MEMFD = "/memfd:shmpool-"  # how /proc/self/fd shows a memfd shmpool made
+_memfd_dev: int | None = None  # st_dev of every memfd (one internal mount), found once
+
+
+def _memfd_device() -> int:
+    """(the host, before it forks) The device memfds are on: the child
+    reads the name of an unlisted fd only when it is a memfd."""
+    global _memfd_dev
+    if _memfd_dev is None:
+        try:
+            fd = os.memfd_create("shmpool-probe", os.MFD_CLOEXEC)
+        except OSError:
+            _memfd_dev = -1
+        else:
+            try:
+                _memfd_dev = os.fstat(fd).st_dev
+            finally:
+                os.close(fd)
+    return _memfd_dev
+
+
 def _drop_machinery(keep: set[int]) -> None:
-    """Close every fd of every registered holder of host machinery, and
-    every fd open on one of their files, except those in `keep`."""
+    """Close every fd of every registered holder of host machinery, every
+    fd open on a segment file of this process (shm/segment.py lists them
+    from their creation to their last close), and, as a backstop for one
+    made on another thread at the fork before it was listed, every fd
+    above 2 on a memfd shmpool made (segments, start-up logs), except
+    those in `keep`. One fstat per open fd, and a readlink for an unlisted
+    memfd only. spec: shm.spawn.fork-machinery"""
     fds: set[int] = set()
     files: set[tuple[int, int]] = set()
     for obj in list(_MACHINERY):
@@ -390,19 +472,33 @@ def _drop_machinery(keep: set[int]) -> None:
             continue
         fds.update(fd for fd in f if fd is not None and fd >= 0)
         files.update(ident)
-    if files:
+    segment = sys.modules.get("shmpool.shm.segment")
+    if segment is not None:
+        for ident, holder, _named in segment.held_files():
+            files.add(ident)
+            if holder is not None:
+                _PINNED.append(holder)  # (its deallocation would close a number reused here)
+        segment.forget_held_files()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        names = []
+    for name in names:
+        fd = int(name)
+        if fd in keep or fd in fds:
+            continue
         try:
-            names = os.listdir("/proc/self/fd")
+            st = os.fstat(fd)
         except OSError:
-            names = []
-        for name in names:
-            fd = int(name)
+            continue
+        if (st.st_dev, st.st_ino) in files:
+            fds.add(fd)
+        elif st.st_dev == _memfd_dev and fd > 2:  # (stdio is replaced, not closed: _stdio)
             try:
-                st = os.fstat(fd)
+                if os.readlink(f"/proc/self/fd/{name}").startswith(_SHMPOOL_MEMFD):
+                    fds.add(fd)
             except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in files:
-                fds.add(fd)
+                pass
     for fd in fds - keep:
         try:
             os.close(fd)

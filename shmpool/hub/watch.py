@@ -4,7 +4,10 @@ Owns: one epoll instance, the map from each registered fd to the guest it
 belongs to and what it is (`"doorbell"`: the host's doorbell end, watched
 for signals and hang-ups; `"pidfd"`: the guest's process; `"linger"`: the
 pidfd of a departed guest that is still running), and an eventfd that any
-thread writes to wake the driver (`wake`).
+thread writes to wake the driver (`wake`). Both fds are host machinery a
+forked guest closes (`machinery`, registered with hub/launch.py before
+they exist; made and closed under `launch.creating()`, so a fork never
+finds one open and unlisted).
 
 Data flow: the driver registers a guest's doorbell and pidfd when it
 spawns or adopts it; the endings unregister them at its death and register
@@ -23,6 +26,8 @@ import os
 import select
 import threading
 
+from .launch import add_machinery, creating
+
 EPOLLIN = select.EPOLLIN
 HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 
@@ -31,11 +36,24 @@ class Watches:
     """The driver's epoll set and wake-up eventfd (see module doc)."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self.wake_fd = -1
+        self._epoll = None
+        # (listed as they are made: a guest another host forks meanwhile
+        # closes them; spec: shm.spawn.fork-machinery)
+        add_machinery(self)
+        with creating():
+            self._epoll = select.epoll()
+            self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fdmap: dict[int, tuple[object, str]] = {}
         self._wake_lock = threading.Lock()
-        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self.wake_fd, EPOLLIN)
+
+    def machinery(self) -> tuple[list[int], list]:
+        """The fds a forked guest closes (hub/launch.py): the epoll set and
+        the wake fd while open (each is unlisted before its number is
+        freed: `close`)."""
+        ep = self._epoll
+        return [ep.fileno() if ep is not None and not ep.closed else -1, self.wake_fd], []
 
     def register(self, fd: int, p, kind: str) -> None:
         self._epoll.register(fd, EPOLLIN | (HANGUP if kind == "doorbell" else 0))
@@ -69,7 +87,10 @@ class Watches:
             pass
 
     def close(self) -> None:
-        self._epoll.close()
-        with self._wake_lock:
-            fd, self.wake_fd = self.wake_fd, -1
-        os.close(fd)
+        # (a fork by the fork launcher waits: the fds are either listed and
+        # open, or unlisted and closed, never in between)
+        with creating():
+            self._epoll.close()
+            with self._wake_lock:
+                fd, self.wake_fd = self.wake_fd, -1
+            os.close(fd)

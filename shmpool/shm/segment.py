@@ -8,7 +8,10 @@ it lives exactly as long as the last process that has it open or mapped
 size limit does not apply). In the named mode (`SHMPOOL_DIR`,
 `SegmentConfig.directory`, or an explicit path or directory) it is a
 regular file in a private directory, for attaching by path; files.py owns
-that side (directories, stale files, `clean`, signal cleanup).
+that side (directories, stale files, `clean`, signal cleanup). Also the
+list of the files this process holds segment fds on (`held_files`), from
+each fd's creation to the close of the last one, mmap dups included: what
+a guest forked by the fork start method closes (hub/launch.py).
 
 Data flow:
 - create: memfd (or: private dir -> random name ->
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import stat
@@ -66,6 +70,54 @@ F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
 F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
 _MFD_NOEXEC_SEAL = 0x8  # Linux >= 6.3; EINVAL before
 _MAGIC_U64 = int.from_bytes(L.MAGIC, "little")
+
+
+# --------------------------------------------------------------------------
+# The files this process holds segments on (for a forked guest)
+# --------------------------------------------------------------------------
+
+# Every segment file of this process (a host's or a guest's), listed from
+# the moment its fd exists until the last fd on it is closed: one token
+# for the segment's own fd (until `_release` has closed it) and one for
+# each mmap object (which keeps a dup of the fd until it is gone: a view a
+# caller holds keeps it after `close`). token -> ((st_dev, st_ino), a weak
+# reference to the holder or None, named file). A child forked by the fork
+# start method (hub/launch.py) closes every fd on these files but its own,
+# reading this without a lock: each change is one dict operation under the
+# GIL. spec: shm.spawn.fork-machinery
+_FILES: dict[int, tuple] = {}
+_tokens = itertools.count(1)
+
+
+def _hold_file(fd: int, named: bool) -> tuple[int, tuple[int, int]]:
+    """List the file of `fd` (just created or opened): (token, identity)."""
+    st = os.fstat(fd)
+    ident = (st.st_dev, st.st_ino)
+    token = next(_tokens)
+    _FILES[token] = (ident, None, named)
+    return token, ident
+
+
+def _hold_map(mm: mmap.mmap, ident: tuple[int, int], named: bool) -> None:
+    """List `mm`'s dup of the file until the mmap object is gone."""
+    token = next(_tokens)
+    _FILES[token] = (ident, weakref.ref(mm, lambda _r, t=token: _FILES.pop(t, None)), named)
+
+
+def held_files() -> list[tuple[tuple[int, int], object, bool]]:
+    """(identity, holder or None, named) of every listed fd on a segment
+    file: what a forked guest closes, and the objects it keeps referenced
+    (their deallocation would close fd numbers it may have reused)."""
+    out = []
+    for ident, ref, named in list(_FILES.values()):
+        out.append((ident, ref() if ref is not None else None, named))
+    return out
+
+
+def forget_held_files() -> None:
+    """(A forked guest, once it closed them) none of the listed fds is this
+    process's any more."""
+    _FILES.clear()
 
 
 # --------------------------------------------------------------------------
@@ -230,7 +282,7 @@ class Segment:
     """
 
     def __init__(self, path: Path, fd: int, mm: mmap.mmap, layout: SegmentLayout, is_host: bool,
-                 anonymous: bool = False):
+                 anonymous: bool = False, token: int | None = None):
         self.path = path
         self.layout = layout
         self.config = layout.config
@@ -241,6 +293,13 @@ class Segment:
         self.buf = memoryview(mm)
         self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}  # offset -> extra mapping
         self._map_lock = threading.Lock()
+        # (listed for a forked guest: at creation for a host's fd, else here)
+        if token is None:
+            token, self._ident = _hold_file(fd, named=not anonymous)
+        else:
+            self._ident = _FILES[token][0]
+        _FILES[token] = (self._ident, weakref.ref(self), not anonymous)
+        _hold_map(mm, self._ident, not anonymous)
         if not anonymous:
             # A shared flock marks the file as in use for as long as this
             # process (or a fork of it) keeps the fd: stale detection relies
@@ -250,7 +309,7 @@ class Segment:
         if owned is not None:
             signal_cleanup.register(owned)
         self._finalizer = weakref.finalize(
-            self, _release, self.buf, mm, fd, owned, self._maps, os.getpid(),
+            self, _release, self.buf, mm, fd, owned, self._maps, os.getpid(), token,
         )
 
     # -- construction -----------------------------------------------------
@@ -297,15 +356,17 @@ class Segment:
             path = d / f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = Path(os.path.abspath(path))
         fd = create_file(path)
+        token, _ = _hold_file(fd, named=True)
         fcntl.flock(fd, fcntl.LOCK_SH)  # in use from the first instant (see segment_is_stale)
         try:
             os.fchmod(fd, 0o600)  # umask may not remove group/other bits we rely on
             mm = _size_and_map(fd, path, layout)
         except BaseException:
             os.close(fd)
+            _FILES.pop(token, None)
             os.unlink(path)
             raise
-        return cls._finish_create(path, fd, mm, layout, anonymous=False)
+        return cls._finish_create(path, fd, mm, layout, anonymous=False, token=token)
 
     @classmethod
     def _create_anonymous(cls, layout: SegmentLayout) -> "Segment":
@@ -318,19 +379,21 @@ class Segment:
 
         name = f"shmpool-{os.getpid()}-{secrets.token_hex(4)}"
         fd = _memfd(name)
+        token, _ = _hold_file(fd, named=False)
         path = Path(f"{MEMFD_PREFIX}{name}")
         try:
             mm = _size_and_map(fd, path, layout)
             fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL)
         except BaseException:
             os.close(fd)
+            _FILES.pop(token, None)
             raise
-        return cls._finish_create(path, fd, mm, layout, anonymous=True)
+        return cls._finish_create(path, fd, mm, layout, anonymous=True, token=token)
 
     @classmethod
     def _finish_create(cls, path: Path, fd: int, mm: mmap.mmap, layout: SegmentLayout,
-                       anonymous: bool) -> "Segment":
-        seg = cls(path, fd, mm, layout, is_host=True, anonymous=anonymous)
+                       anonymous: bool, token: int) -> "Segment":
+        seg = cls(path, fd, mm, layout, is_host=True, anonymous=anonymous, token=token)
         try:
             seg._format()
         except BaseException:
@@ -469,6 +532,7 @@ class Segment:
             )
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
         mm = mmap.mmap(self._fd, length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        _hold_map(mm, self._ident, not self.anonymous)
         view = memoryview(mm)
         self._maps[offset] = (mm, view)
         return view
@@ -544,7 +608,7 @@ def _close_map(mm: mmap.mmap, view: memoryview) -> None:
 
 
 def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
-             maps: dict, owner_pid: int) -> None:
+             maps: dict, owner_pid: int, token: int) -> None:
     """Finalizer: runs once, from close(), garbage collection or exit."""
     for m, v in maps.values():
         _close_map(m, v)
@@ -561,3 +625,4 @@ def _release(buf: memoryview, mm: mmap.mmap, fd: int, unlink_path: str | None,
         # it must not be pulled out from under it.
         pass
     os.close(fd)
+    _FILES.pop(token, None)  # (after the close: listed while the fd is open)

@@ -259,3 +259,67 @@ def test_a_forked_worker_runs_a_forked_pool_of_its_own():
         total, pid, mine, seen = ex.submit(nested, 50).result(timeout=120)
         assert total == sum(range(50)) and pid != os.getpid()
         assert seen == mine  # the inner worker kept every fd of the task (stdlib fork semantics)
+
+
+def _noop():
+    pass
+
+
+def start_a_process(_):
+    """A task that starts a process of its own (multiprocessing refuses in
+    a daemonic process)."""
+    p = FORK.Process(target=_noop)
+    p.start()
+    p.join()
+    return p.exitcode, multiprocessing.current_process().daemon
+
+
+@pytest.mark.spec("shm.spawn.fork")
+def test_a_forked_worker_is_not_daemonic_and_its_task_can_start_processes():
+    """As PPE's workers under every start method: a task in a forked
+    worker starts a process of its own."""
+    with ShmExecutor(1, mp_context=FORK) as ex:
+        assert ex.submit(start_a_process, 0).result(timeout=60) == (0, False)
+
+
+def leave_a_thread(path):
+    """A task that leaves a non-daemon thread behind, which writes `path`
+    a while after the task returned."""
+    def later():
+        threading.Event().wait(0.2)
+        with open(path, "w") as f:
+            f.write("done")
+    threading.Thread(target=later).start()
+    return threading.current_thread().name, threading.current_thread().daemon
+
+
+@pytest.mark.spec("shm.spawn.fork-exit")
+def test_a_forked_worker_waits_for_its_non_daemon_threads_before_it_exits(tmp_path):
+    """A forked worker ends as an interpreter does: after the non-daemon
+    threads a task started (the file is written, not lost with the
+    process)."""
+    path = tmp_path / "done"
+    with ShmExecutor(1, mp_context=FORK) as ex:
+        assert ex.submit(leave_a_thread, str(path)).result(timeout=60) == ("MainThread", False)
+        proc = next(iter(ex._core.processes().values()))
+    assert proc.wait(timeout=60) == 0
+    assert path.read_text() == "done"
+
+
+def pool_in_a_worker(method):
+    """A task that runs a pool of its own, with the start method given."""
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(method)) as inner:
+        pid = inner.submit(os.getpid).result(timeout=60)
+    return pid != os.getpid()
+
+
+@pytest.mark.spec("shm.spawn.fork-parent")
+@pytest.mark.parametrize("outer,inner", [("forkserver", "fork"), ("forkserver", "forkserver"),
+                                         ("forkserver", "spawn"), ("fork", "forkserver"),
+                                         ("spawn", "fork")])
+def test_a_pool_inside_a_worker_starts_its_workers(outer, inner):
+    """A worker's own pool starts workers whatever the two start methods:
+    a fork child of a forkserver guest checks its parent against the guest
+    that forked it, not the template that forked that guest."""
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(outer)) as ex:
+        assert ex.submit(pool_in_a_worker, inner).result(timeout=120) is True

@@ -125,3 +125,48 @@ def test_the_broken_process_pool_errors_are_made_once_on_first_use():
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# A signal handler on the main thread reaches a class while that thread is
+# making them (after the first is published, before the second): the
+# handler's class is the module's, and the outer call adopts it.
+_REENTRANT_PROBE = r"""
+import os, signal, sys
+import shmpool.errors as errors
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append((errors.PoolBrokenError, errors.SegmentCorruptError)))
+sent = []
+def tracer(frame, event, arg):
+    if frame.f_code.co_name != "_define_stdlib_based":
+        return None
+    def local(frame, event, arg):
+        g = frame.f_globals
+        if event == "line" and not sent and "WorkerCrashedError" in g and "PoolBrokenError" not in g:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return local
+    return local
+sys.settrace(tracer)
+errors.WorkerCrashedError
+sys.settrace(None)
+assert sent and got, "the window was never reached"
+pbe, sce = got[0]
+assert pbe is errors.PoolBrokenError, "two PoolBrokenError classes"
+assert sce is errors.SegmentCorruptError and issubclass(errors.SegmentCorruptError, pbe)
+try:
+    raise pbe("from the handler's class")
+except errors.PoolBrokenError:
+    pass
+assert pbe.__qualname__ == "PoolBrokenError" and pbe.__module__ == "shmpool.errors"
+import pickle
+assert pickle.loads(pickle.dumps(errors.SegmentCorruptError("x"))).what == "x"
+print("ok")
+"""
+
+
+@pytest.mark.spec("boot.lean-guest")
+def test_a_signal_handler_that_reaches_the_errors_while_they_are_made_gets_the_same_class():
+    out = subprocess.run([sys.executable, "-c", _REENTRANT_PROBE], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

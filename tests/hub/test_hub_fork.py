@@ -213,8 +213,9 @@ def test_forked_guest_holds_none_of_the_hosts_machinery(hosts):
         child, me = g.proc.pid, os.getpid()
         machinery = []
         for h in (a, b):
-            fds, _ = h._driver.machinery.machinery()
-            machinery += [fd for fd in fds if fd is not None and fd >= 0]
+            for holder in (h._driver.machinery, h._driver.watches):
+                fds, _ = holder.machinery()
+                machinery += [fd for fd in fds if fd is not None and fd >= 0]
         assert pending.doorbell_fd in machinery and len(machinery) >= 10
         cfds = _fds(child)
         held = [(fd, cfd) for fd in machinery for cfd in cfds if _same_file(me, fd, child, cfd)]
@@ -245,6 +246,58 @@ def test_forked_guest_holds_none_of_the_hosts_machinery(hosts):
         os.close(user_r)
         os.close(user_w)
         b.release(pending)
+
+
+def _open_on(pid: int, ident: tuple[int, int]) -> list[int]:
+    """The fds of process `pid` open on the file `ident`."""
+    out = []
+    for fd in _fds(pid):
+        try:
+            if _file_id(f"/proc/{pid}/fd/{fd}") == ident:
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.spec("shm.spawn.fork-machinery")
+def test_forked_guest_drops_machinery_no_host_lists_yet_or_any_more(hosts):
+    """What another part of the program is making or closing at the fork:
+    a segment no host has yet (a host under construction), an epoll set and
+    wake fd no driver has yet, a closed host's segment whose mapping a
+    caller's view keeps (the mmap's dup of the fd stays open), a shmpool
+    memfd listed nowhere (made on another thread just before the fork): a
+    forked guest holds none of them, and keeps the program's own memfd."""
+    from shmpool.hub.watch import Watches
+    from shmpool.shm import Segment
+
+    a = hosts()
+    bare = Segment.create(small_config(), anonymous=True)
+    watches = Watches()
+    closed = hosts()
+    view = closed.segment.buf[0:64]  # (a caller's view: keeps the mapping, and its fd, open)
+    closed_id = _file_id(f"/proc/self/fd/{closed.segment.fd}")
+    closed.close()
+    stray = os.memfd_create("shmpool-stray", os.MFD_CLOEXEC)
+    user = os.memfd_create("user-table", os.MFD_CLOEXEC)
+    try:
+        me = os.getpid()
+        assert _open_on(me, closed_id), "(the view should keep an fd on the closed segment)"
+        g = _fork(hosts, a, "idle")
+        assert g.event()["event"] == "ready"
+        child = g.proc.pid
+        assert _open_on(child, _file_id(f"/proc/self/fd/{bare.fd}")) == []
+        assert _open_on(child, closed_id) == []
+        assert _open_on(child, _file_id(f"/proc/self/fd/{stray}")) == []
+        for fd in (watches._epoll.fileno(), watches.wake_fd):
+            assert not any(_same_file(me, fd, child, c) for c in _fds(child)), fd
+        assert _open_on(child, _file_id(f"/proc/self/fd/{user}")) != []  # (the program's own)
+    finally:
+        view.release()
+        watches.close()
+        bare.close()
+        os.close(stray)
+        os.close(user)
 
 
 # --------------------------------------------------------------------------
