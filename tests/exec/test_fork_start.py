@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -259,3 +260,30 @@ def test_a_forked_worker_runs_a_forked_pool_of_its_own():
         total, pid, mine, seen = ex.submit(nested, 50).result(timeout=120)
         assert total == sum(range(50)) and pid != os.getpid()
         assert seen == mine  # the inner worker kept every fd of the task (stdlib fork semantics)
+
+
+def _record_init(path, pause):
+    start = time.monotonic_ns()
+    time.sleep(pause)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {start} {time.monotonic_ns()}\n")
+
+
+@pytest.mark.spec("exec.fork-pace")
+def test_forked_workers_start_one_after_another_answered_init(tmp_path, monkeypatch):
+    """The second worker is forked only once the first has run its
+    initializer (answered `init`): its initializer starts after the first's
+    ended. (The bound is raised so that a loaded machine cannot end the
+    wait first.)"""
+    from shmpool.exec import starter
+
+    monkeypatch.setattr(starter, "FORK_PACE", 60.0)
+    path = tmp_path / "inits"
+    with ShmExecutor(3, mp_context=FORK, initializer=_record_init, initargs=(str(path), 0.05)) as ex:
+        assert ex.submit(ident, 1).result() == 1
+        wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 3, timeout=60)
+    rows = sorted(tuple(map(int, line.split())) for line in path.read_text().splitlines())
+    runs = sorted((start, end) for _, start, end in rows)
+    assert len({pid for pid, _, _ in rows}) == 3
+    for (_, end), (start, _) in zip(runs, runs[1:]):
+        assert start >= end
