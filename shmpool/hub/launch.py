@@ -306,6 +306,9 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
         except Exception:  # noqa: BLE001 - an "error" filter: the stdlib's fork swallows it too
             pass
     mp_child = _mp_process_for_child()
+    from .guest import prepare_fork  # (only a host that forks loads the guest's side)
+
+    prepare_fork()
     host_pid = os.getpid()
     pid = _atomics.fork_child()
     if pid < 0:
