@@ -65,6 +65,7 @@ from .protocol import ARG_STDERR, INIT
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool is broken
 RETRY_DELAY = 0.05  # seconds before a failed start is tried again
 FORK_PACE = 0.02  # seconds a fork waits at most for the worker forked before it: `_pace`
+PACE_SLICE = 0.002  # seconds between two looks at the queue while a fork waits
 OUTPUT_TAIL = 2000  # characters of a failed worker's output quoted in the error
 # A worker that died of these faulted by itself; other signals were sent to it.
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
@@ -341,18 +342,27 @@ class Starter:
                         self._q.put(w)
 
     def _pace(self) -> None:
-        """Fork: a new worker's fork waits until the worker forked before it
-        has answered `init` or ended, at most FORK_PACE. The driver thread
-        forks and also delivers the answers, and the child's start-up
-        takes a core: a pool's first task, sent to the first worker as
-        soon as it is forked, is not held up by the forks of the others.
+        """Fork: while no task waits for a worker, a new worker's fork waits
+        until the worker forked before it has answered `init` and every
+        task it was sent (or failed `init`, or ended), at most FORK_PACE.
+        The driver thread forks and also delivers the answers, and the
+        child's start-up takes a core: a pool's first task, sent to the
+        first worker as soon as it is forked, is not held up by the forks
+        of the others. Queued tasks end the wait: they need the worker now.
         spec: exec.fork-pace"""
         st, prev = self.state, self._forked
         if prev is None:
             return
+        end = time.monotonic() + FORK_PACE
         with st.lock:
-            st.idle.wait_for(lambda: prev.ready or prev.init_failed or prev.dead or st.closed
-                             or st.broken is not None, FORK_PACE)
+            # (answers and ends notify `idle`; a task queued meanwhile does
+            # not: looked for every PACE_SLICE)
+            while not (st.queue or (prev.ready and not prev.inflight) or prev.init_failed or prev.dead
+                       or st.closed or st.broken is not None):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                st.idle.wait(min(left, PACE_SLICE))
 
     def _judge(self, w) -> str:
         """Worker `w` ended (state.lock held). If it had not answered `init`

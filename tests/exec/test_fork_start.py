@@ -287,3 +287,25 @@ def test_forked_workers_start_one_after_another_answered_init(tmp_path, monkeypa
     assert len({pid for pid, _, _ in rows}) == 3
     for (_, end), (start, _) in zip(runs, runs[1:]):
         assert start >= end
+
+
+def _meet(path):
+    # Wait until the three workers run their initializer (a worker whose
+    # fork waited for this one's `init` never comes: the initializer fails).
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    wait_for(lambda: len(open(path).read().split()) == 3, timeout=60)
+
+
+@pytest.mark.spec("exec.fork-pace")
+def test_queued_tasks_are_not_held_up_by_the_pace_of_forks(tmp_path, monkeypatch):
+    """Tasks waiting for workers: every worker is forked at once, whatever
+    the others' `init` does (here: wait until all three run it)."""
+    from shmpool.exec import starter
+
+    monkeypatch.setattr(starter, "FORK_PACE", 600.0)
+    path = tmp_path / "met"
+    with ShmExecutor(3, mp_context=FORK, initializer=_meet, initargs=(str(path),)) as ex:
+        assert list(ex.map(ident, range(30))) == list(range(30))
+        assert len(ex._core.processes()) == 3
+        assert ex._core.state.stats["init_failures"] == 0
