@@ -60,6 +60,15 @@ from .exec.starter import pickle_for_child
 from .hub.launch import START_METHODS
 from .shm.layout import SegmentConfig
 
+if (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork":
+    # The worker program, imported with the API as `ProcessPoolExecutor`'s
+    # worker function is with it: where fork is the default start method,
+    # every forked worker runs it from this process's copy, and the first
+    # pool does not wait for its import (the starter imports it otherwise).
+    from .exec import guest as _worker_program  # (the starter and forked workers find it loaded)
+else:
+    _worker_program = None
+
 _live = _lifetime.LiveSet()  # the open cores, for interpreter exit
 _exiting = False
 

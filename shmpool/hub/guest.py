@@ -76,6 +76,12 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def prepare_fork() -> None:
+    """(A host about to fork a guest) Load what attaching loads, once in
+    the host rather than in each forked guest (libc by ctypes: ~0.2 ms)."""
+    _libc()
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `sig` to this process when the thread that
     started it exits. spec: shm.guest.pdeathsig"""

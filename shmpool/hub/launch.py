@@ -39,7 +39,8 @@ user's, as a stdlib fork child has them), the ticket's and
 (as multiprocessing's `_close_stdin`); gives itself fresh `sys.stdin/
 stdout/stderr` objects on fds 0-2, as a spawned guest has (the inherited
 ones keep buffered locks another host thread may hold, and the host's
-unflushed output); does what
+unflushed output; the fresh ones are made by the host once, never used
+there, and each child has its own pristine copy: `_stdio_for_child`); does what
 multiprocessing's `Process._bootstrap` does for a fork child (a fresh
 `current_process()` named as a ForkProcess, not daemonic, `parent_process()` the host,
 the authkey inherited, its finalizers dropped and its after-fork hooks run
@@ -104,6 +105,7 @@ _WARNS = sys.version_info >= (3, 12)  # the stdlib's fork warns about threads fr
 _MACHINERY: "weakref.WeakSet" = weakref.WeakSet()
 _PINNED: list = []  # (the child) objects whose fds were closed: never deallocated there
 _OLD_STDIO: list = []  # (the child) the inherited stdio objects, never finalized there
+_STDIO_MADE: dict = {}  # (the host) settings -> the stdio objects its forked children take
 
 
 # Held while an fd of host machinery is made and stored where its holder's
@@ -331,6 +333,10 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
         except Exception:  # noqa: BLE001 - an "error" filter: the stdlib's fork swallows it too
             pass
     mp_child = _mp_process_for_child()
+    stdio = _stdio_for_child()
+    from .guest import prepare_fork  # (only a host that forks loads the guest's side)
+
+    prepare_fork()
     host_pid = os.getpid()
     _memfd_device()
     with _CREATING:
@@ -338,7 +344,7 @@ def fork_guest(ticket, command: GuestCommand) -> ForkedProcess:
     if pid < 0:
         raise OSError(-pid, f"fork failed: {os.strerror(-pid)}")
     if pid == 0:
-        _child(run, args, keep, command.stderr, mp_child, host_pid)  # never returns
+        _child(run, args, keep, command.stderr, mp_child, host_pid, stdio)  # never returns
     return ForkedProcess(pid, args)
 
 
@@ -356,13 +362,14 @@ def _mp_process_for_child():
         return None
 
 
-def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, host_pid: int):
+def _child(run, args: list[str], keep: set[int], stderr: int | None, mp_child, host_pid: int,
+           stdio: list):
     """The forked guest (see the module docstring). Never returns."""
     code = 1
     try:
         try:
             _drop_machinery(keep if stderr is None else keep | {stderr})
-            _stdio(stderr, keep)
+            _stdio(stderr, keep, stdio)
             _multiprocessing(mp_child, host_pid)
             _expect_parent(host_pid)
             _main_thread()
@@ -510,9 +517,42 @@ def _drop_machinery(keep: set[int]) -> None:
     _MACHINERY.clear()
 
 
-def _stdio(stderr: int | None, keep: set[int]) -> None:
-    """fd 2 to `stderr` (if given), stdin from /dev/null, and fresh stdio
-    objects on fds 0-2 (see the module docstring)."""
+def _stdio_for_child() -> list:
+    """(The host) [(name, object)] of the fresh stdio objects on fds 0-2
+    a forked child takes, made here once for each set of the current
+    streams' settings: each child gets its own copy, pristine as the host
+    never uses them (no lock of theirs is ever held, no byte buffered in
+    them), and is spared their making (io.open and codec lookups)."""
+    key, made = [], []
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        # (also in place of an object the program put there, as a spawned
+        # guest has them: a traceback before the attach must reach the
+        # start-up log on fd 2, and that object's lock may be held too)
+        old = getattr(sys, f"__{name}__", None) or getattr(sys, name, None)
+        opts = (getattr(old, "encoding", None) or "utf-8", getattr(old, "errors", None) or "strict",
+                bool(getattr(old, "line_buffering", fd == 2)), bool(getattr(old, "write_through", fd == 2)))
+        key.append(opts)
+        made.append((name, fd, mode, opts))
+    key = tuple(key)
+    got = _STDIO_MADE.get(key)
+    if got is None:
+        got = []
+        for name, fd, mode, (encoding, errors, line_buffering, write_through) in made:
+            try:
+                new = open(fd, mode, encoding=encoding, errors=errors, closefd=False)
+                if name != "stdin":
+                    new.reconfigure(line_buffering=line_buffering, write_through=write_through)
+            except (OSError, ValueError, AttributeError, TypeError, LookupError):
+                continue
+            got.append((name, new))
+        _STDIO_MADE.clear()  # (the streams' settings changed: the old ones go)
+        _STDIO_MADE[key] = got
+    return got
+
+
+def _stdio(stderr: int | None, keep: set[int], fresh: list) -> None:
+    """fd 2 to `stderr` (if given), stdin from /dev/null, and the fresh
+    stdio objects `fresh` on fds 0-2 (see the module docstring)."""
     if stderr is not None:
         os.dup2(stderr, 2)
         if stderr not in keep and stderr > 2:
@@ -525,21 +565,10 @@ def _stdio(stderr: int | None, keep: set[int]) -> None:
     except OSError:
         pass
     _OLD_STDIO.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__))
-    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
-        # (also in place of an object the program put there, as a spawned
-        # guest has them: a traceback before the attach must reach the
-        # start-up log on fd 2, and that object's lock may be held too)
-        old = getattr(sys, f"__{name}__", None) or getattr(sys, name, None)
-        try:
-            new = open(fd, mode, encoding=getattr(old, "encoding", None) or "utf-8",
-                       errors=getattr(old, "errors", None) or "strict", closefd=False)
-            if name != "stdin":
-                new.reconfigure(line_buffering=bool(getattr(old, "line_buffering", fd == 2)),
-                                write_through=bool(getattr(old, "write_through", fd == 2)))
-        except (OSError, ValueError, AttributeError, TypeError):
-            continue
+    for name, new in fresh:
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
+    _STDIO_MADE.clear()  # (in use here now: never a fork of this process's)
 
 
 def _multiprocessing(proc, host_pid: int) -> None:

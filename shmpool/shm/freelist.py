@@ -192,6 +192,57 @@ class FreeList:
         self._finish_push(linked)
         self.pushes += 1
 
+    def push_fresh(self, first: int, count: int, mbuf, meta0: int, expected: int, progress: list) -> None:
+        """Free slots `first`, `first + 1`, ... (`count` of them, whose
+        metas are consecutive in `mbuf` from `meta0`, each with status
+        `expected`): a grower's new extent. Each slot is one `push`, step
+        for step (the same states and failpoints: a grower killed between
+        two leaves the rest Allocated to itself), only without the per-call
+        lookups; `progress[0]` counts the slots done (an interruption's
+        caller finishes the rest). spec: shm.varslot.freeing"""
+        buf, head, me = self.buf, self.head, self.me
+        freeing = ((expected >> 32) << 32) | (me << 8) | L.FREEING
+        free_ = (expected >> 32) << 32 | L.FREE
+        size, nxt_off = L.SLOT_META_SIZE, L.M_NEXT_FREE
+        push_bits = (L.OP_PUSH << _OP_SHIFT) | (me << _PEER_SHIFT)
+        fp = failpoints.ACTIVE
+        for i in range(count):
+            moff = meta0 + i * size
+            number = first + i
+            seen = cas_u64(mbuf, moff, expected, freeing)  # proves ownership
+            if seen != expected:
+                raise StatusMismatch(seen)
+            if fp:
+                failpoints.hit(FP_PUSH_FREEING)
+            retries = 0
+            while True:
+                h = load_u64(buf, head)
+                if (h >> _OP_SHIFT) & 3:
+                    retries = self._retry(retries, "push")
+                    self.help(h)
+                    continue
+                tag = ((h >> _TAG_SHIFT) + 1) & _TAG_MASK
+                store_u32(mbuf, moff + nxt_off, h & _TOP)
+                linked = (tag << _TAG_SHIFT) | push_bits | (number + 1)
+                if cas_u64(buf, head, h, linked) == h:
+                    break
+                self.cas_retries += 1
+                retries = self._retry(retries, "push")
+            if fp:
+                failpoints.hit(FP_PUSH_LINKED)
+            # (`_finish_push(linked)`, inline)
+            s0 = load_u64(mbuf, moff)
+            if load_u64(buf, head) == linked:
+                if (s0 & 0xFF) == L.FREEING:
+                    cas_u64(mbuf, moff, s0, free_)
+                if fp:
+                    failpoints.hit(FP_PUSH_FINAL)
+                cas_u64(buf, head, linked, (((tag + 1) & _TAG_MASK) << _TAG_SHIFT) | (number + 1))
+            self.pushes += 1
+            progress[0] = i + 1
+            if i == 0 and fp:
+                progress[1]()
+
     def _finish_push(self, h: int) -> None:
         top = h & _TOP
         tag = (h >> _TAG_SHIFT) & _TAG_MASK

@@ -350,10 +350,11 @@ class Segment:
             d = private_directory(os.path.abspath(directory if directory is not None
                                                   else default_directory()))
             reap_stale(d)
-            import secrets  # (the host's: spec boot.lean-guest)
-
-            # 64 random bits: the name cannot be guessed and planted in advance.
-            path = d / f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
+            # 64 random bits: the name cannot be guessed and planted in
+            # advance. (os.urandom is what `secrets` reads; importing
+            # `secrets` loads OpenSSL through hashlib: milliseconds at the
+            # first pool.)
+            path = d / f"{SEGMENT_PREFIX}{os.urandom(8).hex()}"
         path = Path(os.path.abspath(path))
         fd = create_file(path)
         token, _ = _hold_file(fd, named=True)
@@ -375,9 +376,7 @@ class Segment:
         shrinking (a truncation would turn mapped pages into SIGBUS) and
         against further seals (nobody can forbid its growth).
         spec: shm.file.anonymous"""
-        import secrets  # (the host's: spec boot.lean-guest)
-
-        name = f"shmpool-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"shmpool-{os.getpid()}-{os.urandom(4).hex()}"  # (no `secrets`: see `create`)
         fd = _memfd(name)
         token, _ = _hold_file(fd, named=False)
         path = Path(f"{MEMFD_PREFIX}{name}")

@@ -344,18 +344,15 @@ class SlotPool:
             # itself, which reclaim frees; after a killed chain link nobody
             # could tell whether the chain was on the list.
             owned = (self.me << 8) | L.ALLOCATED
-            i = 0
+            progress = [0, lambda: failpoints.hit(FP_GROW_LINKING)]
             try:
-                while i < c.cls.slots_per_extent:
-                    c.freelist.push(slot_number(e, i), owned)
-                    i += 1
-                    if i == 1 and failpoints.ACTIVE:
-                        failpoints.hit(FP_GROW_LINKING)
+                c.freelist.push_fresh(slot_number(e, 0), c.cls.slots_per_extent, view,
+                                      L.EXTENT_HEADER_SIZE, owned, progress)
             finally:
-                if i < c.cls.slots_per_extent:
+                if progress[0] < c.cls.slots_per_extent:
                     # Interrupted (a KeyboardInterrupt on the host's main
                     # thread): nobody would reclaim the host's slots.
-                    self._finish_grow(c, e, i)
+                    self._finish_grow(c, e, progress[0])
             store_u32(buf, c.hdr + L.C_EXTENT_COUNT, e + 1)
             self.grows += 1
         finally:
