@@ -50,7 +50,7 @@ from ..shm.layout import SegmentConfig
 from ..shm.ring import Descriptor, open_rings
 from ..shm.segment import Segment
 from .driver import Driver
-from .launch import GuestCommand, check_method
+from .launch import GuestCommand, check_method, creating
 from .peer import (
     ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HostPeer, PeerEntry, PeerInfo, PeerState,
 )
@@ -176,28 +176,32 @@ class ShmHost:
                 return None
             info = PeerInfo(chosen.peer_id, opts.peer_name)
             p = HostPeer(chosen, opts.peer_name, opts.on_death, info)
-            try:
-                # spec: shm.spawn.clean-entry -- the reserved entry is the
-                # host's until its guest attaches: whatever an Empty entry
-                # holds (garbage a guest scribbled there) is overwritten
-                # here, so it cannot make the rings refuse to open.
-                clean_entry(self.segment, chosen)
-                p.doorbell, p.guest_end = Doorbell.pair()
-                # No doorbell on the host's ring ends: its bytes belong to the driver.
-                p.tx, p.rx = open_rings(self.segment, chosen.peer_id, "host")
-            except BaseException:
-                for db in (p.doorbell, p.guest_end):
-                    if db is not None:
-                        db.close()
-                chosen.cas_state(PeerState.RESERVED, PeerState.EMPTY)
-                raise
-            # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
-            fd = p.guest_end.make_inheritable()
-            again = chosen.peer_id in table.history
-            seg = self.segment
-            p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
-                                   seg.fd if seg.anonymous else None)
-            table.add(p)
+            # The doorbell pair is listed (in the table) before another
+            # host's driver can fork a guest that would inherit it unlisted.
+            # spec: shm.spawn.fork-machinery
+            with creating():
+                try:
+                    # spec: shm.spawn.clean-entry -- the reserved entry is the
+                    # host's until its guest attaches: whatever an Empty entry
+                    # holds (garbage a guest scribbled there) is overwritten
+                    # here, so it cannot make the rings refuse to open.
+                    clean_entry(self.segment, chosen)
+                    p.doorbell, p.guest_end = Doorbell.pair()
+                    # No doorbell on the host's ring ends: its bytes belong to the driver.
+                    p.tx, p.rx = open_rings(self.segment, chosen.peer_id, "host")
+                except BaseException:
+                    for db in (p.doorbell, p.guest_end):
+                        if db is not None:
+                            db.close()
+                    chosen.cas_state(PeerState.RESERVED, PeerState.EMPTY)
+                    raise
+                # spec: shm.doorbell.inherit -- made inheritable for its one spawn.
+                fd = p.guest_end.make_inheritable()
+                again = chosen.peer_id in table.history
+                seg = self.segment
+                p.ticket = SpawnTicket(str(seg.path), chosen.peer_id, fd, opts.peer_name, os.getpid(),
+                                       seg.fd if seg.anonymous else None)
+                table.add(p)
             self._stats["tickets"] += 1
             if again:
                 self._stats["respawns"] += 1
