@@ -68,6 +68,11 @@ REPLY_TIMEOUT = 30.0  # a later request's reply (an entry module imported first,
 STATUS_WAIT = 10.0  # an ended guest's exit status from the template (it reaps at once)
 STOP_TIMEOUT = 5.0  # a stopped template's exit before it is killed
 MAX_REPLY = 1 << 16
+MAX_FDS = 250  # fds one request may carry (the template's bound; SCM_MAX_FD is 253)
+# A request bigger than this goes in a memory file passed with a small
+# one (a SEQPACKET datagram must fit the socket's send buffer: a big
+# environment would not).
+INLINE_MAX = 32 * 1024
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -238,16 +243,33 @@ class _Client:
         `_Gone` (the template is not usable) or HubError (the request
         failed in the template)."""
         if not self.lock.acquire(timeout=START_TIMEOUT):
-            raise _Gone("another launch held the template for too long")
+            # (another launch's slow preload: this start fails, the template lives on)
+            raise HubError(f"the forkserver template (pid {self.pid}) was busy with other launches "
+                           f"for {START_TIMEOUT:.0f} s")
         try:
             if self.dead is not None:
                 raise _Gone(self.dead)
             rid = msg["id"] = next(self.ids)
             data = pickle.dumps(msg)
-            deadline = time.monotonic() + (REPLY_TIMEOUT if self.answered else START_TIMEOUT)
-            self._send(data, fds, deadline)
+            bulk = None
+            if len(data) > INLINE_MAX:
+                bulk = os.memfd_create("shmpool-forkserver-request", os.MFD_CLOEXEC)
+                try:
+                    _write_all(bulk, data)
+                except BaseException:
+                    os.close(bulk)
+                    raise
+                data, fds = pickle.dumps({"bulk": True, "id": rid}), [*fds, bulk]
+            bound = REPLY_TIMEOUT if self.answered else START_TIMEOUT
+            deadline = time.monotonic() + bound
+            cpu = _cpu_ticks(self.pid)
+            try:
+                self._send(data, fds, deadline, cpu)
+            finally:
+                if bulk is not None:
+                    os.close(bulk)
             while True:
-                m, rfds = self._recv(deadline)
+                m, rfds = self._recv(deadline, cpu)
                 if m[0] == "exit":
                     self._report(m)
                 elif m[1] not in (rid, -1):  # (the late reply of a request that failed)
@@ -286,6 +308,8 @@ class _Client:
                     m, rfds = self._recv(deadline)
                 except _Gone:
                     continue  # (dead now: said above)
+                except HubError:
+                    return  # (cannot happen: it was readable)
                 if m[0] == "exit":
                     self._report(m)
                 _kill_late(rfds)  # (a late reply: see launch)
@@ -297,26 +321,46 @@ class _Client:
         if h is not None:
             h._set(m[2])
 
-    def _send(self, data: bytes, fds: list[int], deadline: float) -> None:
+    def _send(self, data: bytes, fds: list[int], deadline: float, cpu: int | None) -> None:
         p = select.poll()
         p.register(self.sock.fileno(), select.POLLOUT)
         while True:
             if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                self._fail("it took no request for too long")
+                self._late(cpu, "it took no request")
             try:
                 socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
                 return
             except BlockingIOError:
                 continue
-            except OSError as e:
+            except (BrokenPipeError, ConnectionError) as e:
                 self._fail(f"sending to it failed: {e}")
+            except OSError as e:
+                # EMSGSIZE, ENOBUFS, ETOOMANYREFS...: this request's own
+                # failure; the template never saw it.
+                raise HubError(f"cannot send the request to the forkserver template (pid {self.pid}): "
+                               f"{e}") from None
 
-    def _recv(self, deadline: float) -> tuple[tuple, list[int]]:
+    def _late(self, cpu: int | None, what: str):
+        """No progress within the bound. The template is hung (killed,
+        `_Gone`) if it is dead, or used no CPU time during the whole wait
+        (it is blocked, not working); otherwise it is busy (a slow import
+        of a preload or an entry): this request fails alone (HubError),
+        the template and its guests live on, its late reply is discarded
+        (and its guest killed) by the next reader."""
+        if self.dead is None and not _readable(self.pidfd, 0):
+            now = _cpu_ticks(self.pid)
+            if cpu is None or now is None or now > cpu:
+                bound = REPLY_TIMEOUT if self.answered else START_TIMEOUT
+                raise HubError(f"the forkserver template (pid {self.pid}) is busy: {what} within "
+                               f"{bound:.0f} s (it is left running)")
+        self._fail(f"{what} for too long, and used no CPU time meanwhile: it is hung")
+
+    def _recv(self, deadline: float, cpu: int | None = None) -> tuple[tuple, list[int]]:
         p = select.poll()
         p.register(self.sock.fileno(), select.POLLIN)
         while True:
             if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                self._fail(f"it did not answer within {REPLY_TIMEOUT if self.answered else START_TIMEOUT:.0f} s")
+                self._late(cpu, "it did not answer")
             try:
                 data, fds, flags, _ = socket.recv_fds(self.sock, MAX_REPLY, 4, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -441,6 +485,23 @@ def _preload() -> tuple[list[str], tuple[str, str] | None]:
     return names, main
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """The user and system CPU time process `pid` used (clock ticks), or
+    None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -464,24 +525,31 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
         raise RuntimeError("a guest cannot be started while the forkserver template imports the main "
                            "module: guard the program's entry point with "
                            "`if __name__ == '__main__':`")
+    # spec: shm.spawn.forkserver-fds -- the fds go with the request; the
+    # child finds them under the template's numbers, which its `--NAME-fd`
+    # arguments and multiprocessing's inherited-fds list are rewritten to.
     fds: list[int] = []
-    targets: list[int] = []
     for fd in (*ticket.fds, *command.pass_fds):
-        if fd not in targets:
+        if fd not in fds:
             fds.append(fd)
-            targets.append(fd)
+    inherit = [fds.index(fd) for fd in command.pass_fds]
+    stdio: list[int] = []
     err = command.stderr if command.stderr is not None else 2
-    for target, fd in ((0, 0), (1, 1), (2, err)):
-        if target not in targets and _fd_open(fd):
+    for target, fd in ((1, 1), (2, err)):  # (stdin: the template's /dev/null)
+        if _fd_open(fd):
+            stdio.append(target)
             fds.append(fd)
-            targets.append(target)
+    if len(fds) > MAX_FDS:
+        raise HubError(f"cannot start a guest through the forkserver: {len(fds)} fds to pass, "
+                       f"at most {MAX_FDS} can go with one request")
     args = list(command.args) + ticket.to_args()
     names, main = _preload()
     try:
         cwd = os.getcwd()
     except OSError:
         cwd = "/"
-    msg = {"op": "launch", "entry": command.entry, "args": args, "targets": targets,
+    msg = {"op": "launch", "entry": command.entry, "args": args, "fds": fds[:len(fds) - len(stdio)],
+           "stdio": stdio, "inherit": inherit,
            "env": dict(os.environb), "cwd": cwd, "sys_path": list(sys.path), "preload": names,
            "main": main, "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
     why = ""

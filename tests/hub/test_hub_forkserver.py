@@ -49,7 +49,7 @@ class _Guests:
         try:
             t = self.hub.host.add_peer(AddPeerOptions(peer_name=mode, peer_id=peer_id,
                                                       on_death=self.hub.on_death))
-            proc = self.hub.host.launch(t, GuestCommand([], GUEST, [mode, str(w)], pass_fds=(w,)),
+            proc = self.hub.host.launch(t, GuestCommand([], GUEST, [mode, f"--report-fd={w}"], pass_fds=(w,)),
                                         "forkserver")
         except BaseException:
             os.close(r)
@@ -229,10 +229,11 @@ def test_launches_from_two_hosts_at_once():
 
 
 @pytest.mark.spec("shm.spawn.forkserver")
-def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
-    """The ticket's fds, `pass_fds` and stderr reach the child under the
-    host's numbers (whatever numbers the template got them under); it has
-    no other fd but 0 and 1; the template keeps no copy of them."""
+@pytest.mark.spec("shm.spawn.forkserver-fds")
+def test_passed_fds_reach_the_child_and_its_fd_arguments_name_them(tmp_path):
+    """The ticket's fds, `pass_fds` and stderr reach the child (under the
+    template's numbers: `--doorbell-fd` is rewritten to the child's); it
+    has no other fd but 0 and 1; the template keeps no copy of them."""
     pipes = [os.pipe() for _ in range(4)]
     flat = [fd for p in pipes for fd in p]
     log = os.memfd_create("fsrv-stderr")
@@ -240,11 +241,12 @@ def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
         doorbell, *extra = flat
         proc, code, rep = _report(tmp_path, doorbell=doorbell, pass_fds=extra[::-1], stderr=log)
         assert code == 0
-        want = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in flat}
-        want["2"] = os.readlink(f"/proc/self/fd/{log}")
-        got = {k: v for k, v in rep["fds"].items() if k not in ("0", "1")}
+        want = sorted([os.readlink(f"/proc/self/fd/{fd}") for fd in flat])
+        assert rep["fds"]["2"] == os.readlink(f"/proc/self/fd/{log}")
+        got = sorted(v for k, v in rep["fds"].items() if k not in ("0", "1", "2"))
         assert got == want
-        assert f"--doorbell-fd={doorbell}" in rep["args"]
+        arg = next(a for a in rep["args"] if a.startswith("--doorbell-fd="))
+        assert rep["fds"][arg.partition("=")[2]] == os.readlink(f"/proc/self/fd/{doorbell}")
         tpl = forkserver.template_pid()
         theirs = set()
         for name in os.listdir(f"/proc/{tpl}/fd"):
@@ -252,9 +254,43 @@ def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
                 theirs.add(os.readlink(f"/proc/{tpl}/fd/{name}"))
             except OSError:
                 pass
-        assert not theirs & set(want.values()), "the template kept a copy of a passed fd"
+        assert not theirs & set(want), "the template kept a copy of a passed fd"
     finally:
         for fd in (*flat, log):
+            os.close(fd)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-fds")
+def test_a_preloaded_modules_open_file_keeps_its_fd_in_the_child(tmp_path, monkeypatch):
+    """A file a preloaded module opened in the template (a script's
+    module-level `open`, a logging handler) is still that file in the
+    child: its writes land there, never in a passed fd (the segment, a
+    doorbell), whatever numbers the passed fds have."""
+    forkserver.stop()  # (a template of its own: the preload is opened at its first launch)
+    target = tmp_path / "preloaded.log"
+    monkeypatch.setenv("FSRV_OPEN_FILE", str(target))
+    before = mp_forkserver._forkserver._preload_modules
+    mp_forkserver.set_forkserver_preload(["harness.fsrv_files"])
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]  # (the host's numbers vary)
+    r, w = os.pipe()
+    try:
+        for i in range(3):
+            out = tmp_path / f"r{i}.json"
+            proc = forkserver.launch(_ticket(w), GuestCommand([], "harness.fsrv_files:write", [str(out)],
+                                                              pass_fds=(r,)))
+            assert proc.wait(60) == 0
+            rep = json.loads(out.read_text())
+            assert rep["error"] is None and rep["file"] == str(target)
+            assert rep["doorbell"] == os.readlink(f"/proc/self/fd/{w}")
+            os.close(spare.pop())
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # nothing went into the passed pipe
+        assert target.read_text().count("child ") == 3
+    finally:
+        mp_forkserver._forkserver._preload_modules = before
+        forkserver.stop()
+        for fd in (r, w, *spare):
             os.close(fd)
 
 
