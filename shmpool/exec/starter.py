@@ -361,8 +361,11 @@ class Starter:
         if log is not None:
             log.close()
         info = w.info
-        if info is not None and info.exitcode is None and info.signal not in _FAULTS:
+        if info is not None and info.signal is not None and info.signal not in _FAULTS:
             pass  # stopped from outside (a kill): not the worker's own failure
+        # (an unknown status, a forkserver template busy or gone, counts
+        # as the worker's own failure: the pool breaks after repeated ones
+        # rather than restarting a worker that cannot start forever)
         else:
             self.failed(_early_death(w, output))
         return output if info is None or not info.attached else ""

@@ -65,7 +65,8 @@ from ..errors import HubError
 
 START_TIMEOUT = 60.0  # a new template's first reply (its start and preloads included)
 REPLY_TIMEOUT = 30.0  # a later request's reply (an entry module imported first, at most)
-STATUS_WAIT = 10.0  # an ended guest's exit status from the template (it reaps at once)
+STATUS_POLL = 0.5  # the longest `wait()` (a hub driver thread) waits for the lock and the status
+STATUS_WAIT = 60.0  # a status that did not come within STATUS_POLL: read on by a thread of its own
 STOP_TIMEOUT = 5.0  # a stopped template's exit before it is killed
 MAX_REPLY = 1 << 16
 MAX_FDS = 250  # fds one request may carry (the template's bound; SCM_MAX_FD is 253)
@@ -117,6 +118,8 @@ class ForkserverProcess:
         self._client = client
         self._pidfd: int | None = pidfd
         self._lock = threading.Lock()  # the pidfd is closed by one thread while another signals
+        self._notify = None  # called with the exit code once it is known (`on_status`)
+        self._later: threading.Thread | None = None
 
     @property
     def pidfd(self) -> int | None:
@@ -133,15 +136,42 @@ class ForkserverProcess:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the guest to end (`subprocess.TimeoutExpired` after
-        `timeout`), then for the template's report of its status: the exit
-        code, or None if the template died without reporting it
-        (`status_unknown` says so) or did not within STATUS_WAIT."""
+        `timeout`), then, for at most STATUS_POLL, for the template's
+        report of its status: the exit code, or None if the template died
+        without reporting it (`status_unknown` says so) or is busy with
+        another launch (a slow preload). The hub's driver thread calls
+        this: it never waits for another pool's launch. A status that comes
+        later is read by the next launch, or by a thread of this handle
+        (for up to STATUS_WAIT), and given to `on_status`.
+        spec: shm.spawn.forkserver-status"""
         if self.returncode is not None or self.status_unknown is not None:
             return self.returncode
         if not self._ended(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout)
-        self._client.collect(self, STATUS_WAIT)
+        self._client.collect(self, STATUS_POLL)
+        if self.returncode is None and self.status_unknown is None:
+            self._collect_later()
         return self.returncode
+
+    def on_status(self, fn) -> None:
+        """Call `fn(returncode)` once the status is known (at once if it
+        is): for a `wait()` that returned None while the template was
+        busy (the hub hands its PeerInfo's `set_returncode`)."""
+        with self._lock:
+            code = self.returncode
+            if code is None:
+                self._notify = fn
+        if code is not None:
+            fn(code)
+
+    def _collect_later(self) -> None:
+        with self._lock:
+            if self._later is not None:
+                return
+            client = self._client
+            self._later = threading.Thread(target=client.collect, args=(self, STATUS_WAIT), daemon=True,
+                                           name=f"shmpool-forkserver-status-{self.pid}")
+        self._later.start()
 
     def send_signal(self, sig: int) -> None:
         with self._lock:
@@ -170,6 +200,7 @@ class ForkserverProcess:
 
     def _set(self, code: int | None, unknown: str | None = None) -> None:
         with self._lock:
+            notify, self._notify = self._notify, None
             if code is not None:
                 self.returncode = code
             elif self.returncode is None:
@@ -177,11 +208,14 @@ class ForkserverProcess:
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
+        if notify is not None and code is not None:
+            notify(code)
 
     def forget_in_child(self) -> None:
         """In a fork() child of the host: the guest is the parent's; close
         our pidfd (no lock: the thread that held it is not here)."""
         self._lock = threading.Lock()
+        self._notify = None
         fd, self._pidfd = self._pidfd, None
         if fd is not None:
             os.close(fd)
@@ -292,29 +326,43 @@ class _Client:
 
     def collect(self, h: ForkserverProcess, timeout: float) -> None:
         """Read the template's reports until `h`'s came, for up to
-        `timeout` (0: only what is there now)."""
+        `timeout` (0: only what is there now). The lock is held for at most
+        STATUS_POLL at a time (a launch waiting for it gets it between)."""
         deadline = time.monotonic() + timeout
-        if not (self.lock.acquire(timeout=timeout) if timeout > 0 else self.lock.acquire(blocking=False)):
-            return
-        try:
-            while h.returncode is None:
-                if self.dead is not None:
-                    h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
-                                 f"the exit status of pid {h.pid}: {self.dead}")
-                    return
-                if not _readable(self.sock.fileno(), max(0.0, deadline - time.monotonic())):
-                    return
+        while h.returncode is None and h.status_unknown is None:
+            left = deadline - time.monotonic()
+            got = self.lock.acquire(timeout=min(left, STATUS_POLL)) if left > 0 else \
+                self.lock.acquire(blocking=False)
+            if got:
                 try:
-                    m, rfds = self._recv(deadline)
-                except _Gone:
-                    continue  # (dead now: said above)
-                except HubError:
-                    return  # (cannot happen: it was readable)
-                if m[0] == "exit":
-                    self._report(m)
-                _kill_late(rfds)  # (a late reply: see launch)
-        finally:
-            self.lock.release()
+                    if self._read_reports(h, min(deadline, time.monotonic() + STATUS_POLL)):
+                        return
+                finally:
+                    self.lock.release()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01 if got else 0)  # (a launch waiting for the lock takes it now)
+
+    def _read_reports(self, h: ForkserverProcess, until: float) -> bool:
+        """Read reports (lock held) until `h`'s came or `until`; True once
+        its status is settled (known, or unknown for good)."""
+        while h.returncode is None:
+            if self.dead is not None:
+                h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
+                             f"the exit status of pid {h.pid}: {self.dead}")
+                return True
+            if not _readable(self.sock.fileno(), max(0.0, until - time.monotonic())):
+                return False
+            try:
+                m, rfds = self._recv(until)
+            except _Gone:
+                continue  # (dead now: said above)
+            except HubError:
+                return False  # (cannot happen: it was readable)
+            if m[0] == "exit":
+                self._report(m)
+            _kill_late(rfds)  # (a late reply: see launch)
+        return True
 
     def _report(self, m: tuple) -> None:
         h = self.handles.pop(m[1], None)
@@ -346,7 +394,8 @@ class _Client:
         (it is blocked, not working); otherwise it is busy (a slow import
         of a preload or an entry): this request fails alone (HubError),
         the template and its guests live on, its late reply is discarded
-        (and its guest killed) by the next reader."""
+        (and its guest killed) by the next reader.
+        spec: shm.spawn.forkserver-requests"""
         if self.dead is None and not _readable(self.pidfd, 0):
             now = _cpu_ticks(self.pid)
             if cpu is None or now is None or now > cpu:
@@ -411,7 +460,8 @@ class _Client:
         if not _readable(self.pidfd, timeout):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         self.returncode = self.proc.wait()
-        os.close(self.pidfd)
+        fd, self.pidfd = self.pidfd, -1  # (never closed twice: the number may be another's by then)
+        os.close(fd)
         self.reaped = True
 
     def output(self) -> str:
@@ -450,10 +500,11 @@ class _Client:
         self.dead = "the forkserver template belongs to the parent of this fork() child"
         self.lock = threading.Lock()
         for fd in (self.sock.detach(), self.pidfd, self.log):
-            try:
-                os.close(fd)
-            except (OSError, TypeError):
-                pass
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.log = None
         self.proc.returncode = -1  # (not our child: Popen must never wait for it)
         self.reaped = True
@@ -554,7 +605,11 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
            "main": main, "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
     why = ""
     for _ in range(2):  # a dead template is replaced once
-        client = _template()
+        try:
+            client = _template()
+        except OSError as e:
+            raise HubError(f"cannot start the forkserver template: {e}. Check that {sys.executable} "
+                           "exists and starts") from e
         try:
             return client.launch(msg, fds, [command.entry, *args], watch)
         except _Gone as e:
@@ -575,6 +630,9 @@ def _template() -> _Client:
     with _lock:
         c = _client
         if c is None or c.dead is not None or c.owner != os.getpid():
+            # (None before the replacement starts: if it cannot, no closed
+            # client may stay, whose stale fd numbers a fork child would close)
+            _client = None
             if c is not None and c.owner == os.getpid():
                 c.close(0)
             c = _client = _Client()
