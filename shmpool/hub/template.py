@@ -278,9 +278,7 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
         # the numbers they have here, told by its arguments and, for fds
         # pickled in its arguments, multiprocessing's forkserver list.
         numbers = dict(zip(req["fds"], fds[:n]))
-        from multiprocessing import forkserver as mp_forkserver
-
-        mp_forkserver._forkserver._inherited_fds = [fds[i] for i in req["inherit"]]
+        _set_inherited_fds([fds[i] for i in req["inherit"]])
         _set_environment(req["env"])
         from .. import failpoints
 
@@ -339,6 +337,46 @@ def _place_stdio(local: list[int], targets: list[int]) -> None:
     for fd, target in zip(local, targets):
         os.dup2(fd, target, inheritable=True)
         os.close(fd)
+
+
+def _set_inherited_fds(fds: list[int]) -> None:
+    """`multiprocessing.forkserver.get_inherited_fds()` is `fds` in the
+    child: set now if the template imported that module, else when the
+    child first imports it (it costs ~14 ms: only a child that unpickles
+    an fd needs it)."""
+    mod = sys.modules.get("multiprocessing.forkserver")
+    if mod is not None:
+        mod._forkserver._inherited_fds = fds
+    else:
+        sys.meta_path.insert(0, _InheritedFds(fds))
+
+
+class _InheritedFds:
+    """A finder that hands the import of `multiprocessing.forkserver` to
+    the usual ones and sets the child's inherited fds once it ran."""
+
+    NAME = "multiprocessing.forkserver"
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run, fds = spec.loader.exec_module, self.fds
+
+        def exec_module(module) -> None:
+            run(module)
+            module._forkserver._inherited_fds = fds
+
+        spec.loader.exec_module = exec_module  # (this child's loader object: the template's is not touched)
+        return spec
 
 
 def _local_args(args: list[str], numbers: dict[int, int]) -> list[str]:
