@@ -4,9 +4,8 @@ program forks the guests (the template's side is template.py).
 Owns: the program's template client (`_Client`: the template's pid and
 pidfd, the host's end of their socketpair, one lock around a request and
 its reply), `launch` (what `ShmHost.launch(..., "forkserver")` calls),
-`stop`, and the handle of a guest it forked (`ForkserverProcess`, what
-`subprocess.Popen` offers: `pid`, `returncode`, `poll`, `wait`, `kill`,
-`send_signal`, `terminate`).
+`stop`; the handle of a guest it forked (`ForkserverProcess`, what
+`subprocess.Popen` offers) is fsrv_handle.py's.
 
 Data flow: `launch(ticket, command)` (on a host's driver thread) -> the
 template, started at the first launch of the program (`python -c <boot
@@ -17,13 +16,15 @@ arguments (`command.args` + the ticket's), the host's `sys.path`, current
 environment and working directory, the modules to preload
 (multiprocessing's forkserver preload list, `'__main__'` as the host's
 main module), and, with SCM_RIGHTS, the ticket's fds, `command.pass_fds`
-and the host's fds 0 and 1 and its stderr (or `command.stderr`), each with
-the number the child must find it under -> the reply: the child's pid and
+and the host's fd 1 and its stderr (or `command.stderr`); the child finds
+them under the template's numbers, its `--NAME-fd=N` arguments rewritten
+(hub/launch.py `GuestCommand`). A request bigger than INLINE_MAX travels
+in a memory file sent with a small one. -> the reply: the child's pid and
 a pidfd of it (the template's, taken before it could reap the child: no
 pid reuse) -> a `ForkserverProcess`. The template reports each child's
 end, `("exit", pid, returncode)`, on the same socket; whoever holds the
-lock next (a launch, a `wait`, a `poll`) reads the reports that came and
-hands each to its handle. The hub watches the guest through the handle's
+lock next (a launch, a `wait`, a `poll`, a handle's late-status reader)
+reads the reports that came and hands each to its handle. The hub watches the guest through the handle's
 pidfd (it is not the host's child: `waitpid` cannot be used), so death
 detection and recovery are the hub's usual ones; `wait()` then takes the
 exit status from the template's report.
@@ -38,10 +39,16 @@ Invariants:
   fork children), and every guest it forked dies with it (parent-death
   signal). A dead template is replaced at the next launch, once: a
   second failure is a HubError.
-- Every wait is bounded: a template that does not answer is killed and
-  the launch fails; `wait()` of a guest whose template died says that the
-  status is unknown (`returncode` None, `status_unknown` the reason)
-  instead of waiting.
+- One request's failure is that launch's only (HubError): a request the
+  socket refuses, a template busy with other launches past START_TIMEOUT,
+  or one that does not answer within its bound while it works. The
+  template is killed only when it is dead (hung up, exited) or hung: it
+  neither answered nor used any CPU time (/proc/PID/stat) during the
+  whole bound (`_late`). Killing it kills every pool's forkserver guests.
+- Every wait is bounded: `wait()` (the hub's driver thread) waits at most
+  STATUS_POLL for the status, never for another launch; a later status
+  reaches `on_status`; a guest whose template died has an unknown status
+  (`returncode` None, `status_unknown` the reason).
 - A guest is only ever signalled through its pidfd, and never once its
   status is known (`send_signal` after the end does nothing, as Popen's).
 spec: shm.spawn.forkserver
@@ -62,11 +69,10 @@ import time
 import weakref
 
 from ..errors import HubError
+from .fsrv_handle import STATUS_POLL, ForkserverProcess, _readable
 
 START_TIMEOUT = 60.0  # a new template's first reply (its start and preloads included)
 REPLY_TIMEOUT = 30.0  # a later request's reply (an entry module imported first, at most)
-STATUS_POLL = 0.5  # the longest `wait()` (a hub driver thread) waits for the lock and the status
-STATUS_WAIT = 60.0  # a status that did not come within STATUS_POLL: read on by a thread of its own
 STOP_TIMEOUT = 5.0  # a stopped template's exit before it is killed
 MAX_REPLY = 1 << 16
 MAX_FDS = 250  # fds one request may carry (the template's bound; SCM_MAX_FD is 253)
@@ -81,12 +87,6 @@ class _Gone(Exception):
     """The template hung up, died or stopped answering (internal)."""
 
 
-def _readable(fd: int, timeout: float | None) -> bool:
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
-
-
 def _kill_late(pidfds: list[int]) -> None:
     """The guest of a launch that already failed (its reply came too
     late): nobody will watch it, so it must not run."""
@@ -97,141 +97,6 @@ def _kill_late(pidfds: list[int]) -> None:
             pass
         finally:
             os.close(fd)
-
-
-class ForkserverProcess:
-    """A guest forked by the template: what `subprocess.Popen` offers.
-    `returncode` comes from the template's report; `status_unknown` says
-    why it never will (the template died first). Signals go through a
-    pidfd taken before the process could be reaped (no pid reuse).
-    spec: shm.spawn.forkserver-status"""
-
-    def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str], watch: bool) -> None:
-        self.pid = pid
-        self.args = args
-        self.returncode: int | None = None
-        self.status_unknown: str | None = None
-        # A pidfd of the process for the caller to own and close (with
-        # `launch(..., watch=True)`: the hub's, taken before the template
-        # could reap the process; `pidfd_open(pid)` later could not be).
-        self.watch_fd: int | None = os.dup(pidfd) if watch else None
-        self._client = client
-        self._pidfd: int | None = pidfd
-        self._lock = threading.Lock()  # the pidfd is closed by one thread while another signals
-        self._notify = None  # called with the exit code once it is known (`on_status`)
-        self._later: threading.Thread | None = None
-
-    @property
-    def pidfd(self) -> int | None:
-        """The handle's own pidfd, closed (None) once the status is known;
-        `launch(..., watch=True)` gives the caller one to keep."""
-        return self._pidfd
-
-    def poll(self) -> int | None:
-        """The exit code if the guest ended and the template reported it,
-        else None."""
-        if self.returncode is None and self.status_unknown is None and self._ended(0):
-            self._client.collect(self, 0)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the guest to end (`subprocess.TimeoutExpired` after
-        `timeout`), then, for at most STATUS_POLL, for the template's
-        report of its status: the exit code, or None if the template died
-        without reporting it (`status_unknown` says so) or is busy with
-        another launch (a slow preload). The hub's driver thread calls
-        this: it never waits for another pool's launch. A status that comes
-        later is read by the next launch, or by a thread of this handle
-        (for up to STATUS_WAIT), and given to `on_status`.
-        spec: shm.spawn.forkserver-status"""
-        if self.returncode is not None or self.status_unknown is not None:
-            return self.returncode
-        if not self._ended(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        self._client.collect(self, STATUS_POLL)
-        if self.returncode is None and self.status_unknown is None:
-            self._collect_later()
-        return self.returncode
-
-    def on_status(self, fn) -> None:
-        """Call `fn(returncode)` once the status is known (at once if it
-        is): for a `wait()` that returned None while the template was
-        busy (the hub hands its PeerInfo's `set_returncode`)."""
-        with self._lock:
-            code = self.returncode
-            if code is None:
-                self._notify = fn
-        if code is not None:
-            fn(code)
-
-    def _collect_later(self) -> None:
-        with self._lock:
-            if self._later is not None:
-                return
-            client = self._client
-            self._later = threading.Thread(target=client.collect, args=(self, STATUS_WAIT), daemon=True,
-                                           name=f"shmpool-forkserver-status-{self.pid}")
-        self._later.start()
-
-    def send_signal(self, sig: int) -> None:
-        with self._lock:
-            if self.returncode is not None or self._pidfd is None:
-                return  # (ended: as Popen, never signal what may be another process now)
-            try:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def _ended(self, timeout: float | None) -> bool:
-        with self._lock:
-            if self._pidfd is None:
-                return True
-            fd = os.dup(self._pidfd)  # (our own: another thread may close the handle's meanwhile)
-        try:
-            return _readable(fd, timeout)
-        finally:
-            os.close(fd)
-
-    def _set(self, code: int | None, unknown: str | None = None) -> None:
-        with self._lock:
-            notify, self._notify = self._notify, None
-            if code is not None:
-                self.returncode = code
-            elif self.returncode is None:
-                self.status_unknown = unknown
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
-        if notify is not None and code is not None:
-            notify(code)
-
-    def forget_in_child(self) -> None:
-        """In a fork() child of the host: the guest is the parent's; close
-        our pidfd (no lock: the thread that held it is not here)."""
-        self._lock = threading.Lock()
-        self._notify = None
-        fd, self._pidfd = self._pidfd, None
-        if fd is not None:
-            os.close(fd)
-        if self.returncode is None:
-            self.status_unknown = "the guest belongs to the parent of this fork() child"
-
-    def __del__(self) -> None:
-        fd, self._pidfd = getattr(self, "_pidfd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<ForkserverProcess pid={self.pid} returncode={self.returncode}>"
 
 
 class _Client:
@@ -566,8 +431,10 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
     `command.entry` (see hub/launch.py `GuestCommand`); its handle (with
     `watch`, its `watch_fd` is a pidfd of the guest the caller owns). The
     template is started on the first call (and again, once, if it died).
-    Raises HubError if the template cannot be started or used, or the
-    entry cannot be imported in it. spec: shm.spawn.forkserver"""
+    Raises HubError if the template cannot be started or used, the
+    request fails (too many fds, refused by the socket, not answered by a
+    busy template in time: the template lives on), or the entry cannot be
+    imported in it. spec: shm.spawn.forkserver"""
     from multiprocessing import process
 
     if getattr(process.current_process(), "_inheriting", False):

@@ -29,7 +29,7 @@ from harness.polling import wait_for
 from harness.processes import Subreaper
 from shmpool import procinfo
 from shmpool.errors import HubError
-from shmpool.hub import AddPeerOptions, GuestExit, PeerState, SpawnTicket, forkserver
+from shmpool.hub import AddPeerOptions, GuestExit, PeerState, SpawnTicket, forkserver, fsrv_handle
 from shmpool.hub.launch import GuestCommand
 
 GUEST = "harness.fsrv_child:hub_guest"
@@ -590,7 +590,7 @@ def test_the_driver_never_waits_for_a_busy_template(guests, tmp_path, monkeypatc
     forkserver.stop()
     t, proc, _ = guests.start("idle")
     assert host.wait_attached(t.peer_id, 60)
-    monkeypatch.setattr(forkserver, "STATUS_WAIT", 600.0)  # (a driver waiting for it would hang the test)
+    monkeypatch.setattr(fsrv_handle, "STATUS_WAIT", 600.0)  # (a driver waiting for it would hang the test)
     before = mp_forkserver._forkserver._preload_modules
     mp_forkserver.set_forkserver_preload(["harness.fsrv_slow"])
     other: list = []
