@@ -447,12 +447,30 @@ def _restore_stderr(fd: int | None) -> None:
             pass
 
 
+def _close_stdin() -> None:
+    """`sys.stdin` reads /dev/null, whatever the start method (as
+    multiprocessing's `util._close_stdin` in every child): a spawned worker
+    inherits the host's fd 0, and a task must not read the host's input.
+    spec: exec.worker-stdin"""
+    if sys.stdin is None:
+        return
+    try:
+        sys.stdin.close()
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the worker's stdin for its life
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None, *, setup: tuple | None = None) -> None:
     """Attach with the spawn arguments in `argv` (default `sys.argv[1:]`),
     serve the host, exit (never returns: `SystemExit`). `setup`: a forked
     worker's (initializer, initargs, max_tasks), which its `init` does not
     carry (exec/starter.py)."""
     argv = sys.argv[1:] if argv is None else argv
+    _close_stdin()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
         signal.signal(signal.SIGINT, _on_sigint)
     if failpoints.ACTIVE:

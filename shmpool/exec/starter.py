@@ -99,27 +99,35 @@ def worker_argv(executable: str | None = None) -> list[str]:
 
 class _SpawningPopen:
     """What multiprocessing's reducers see while a worker's `init` payload
-    is pickled: the process being spawned. An fd they hand over (a Queue's
-    or a Pipe's connection) is recorded and passed to the worker under the
-    same number; semaphores of a spawn or forkserver context reopen by name.
-    (As `multiprocessing.popen_spawn_posix.Popen`.)"""
+    is pickled: the process being started. An fd they hand over (a Queue's
+    or a Pipe's connection) is recorded and passed to the worker: spawned,
+    under the same number (as `popen_spawn_posix.Popen`); forked by the
+    forkserver template, as its index in the passed fds, resolved in the
+    worker through `multiprocessing.forkserver.get_inherited_fds()`, which
+    the template sets (as `popen_forkserver.Popen`). Semaphores of a spawn
+    or forkserver context reopen by name."""
 
-    from multiprocessing.popen_spawn_posix import _DupFd as DupFd
-
-    def __init__(self) -> None:
+    def __init__(self, method: str = "spawn") -> None:
         self.fds: list[int] = []
+        self.indexed = method == "forkserver"
+        if self.indexed:
+            from multiprocessing.popen_forkserver import _DupFd
+        else:
+            from multiprocessing.popen_spawn_posix import _DupFd
+        self.DupFd = _DupFd
 
     def duplicate_for_child(self, fd: int) -> int:
         if fd not in self.fds:
             self.fds.append(fd)
-        return fd
+        return self.fds.index(fd) if self.indexed else fd
 
 
-def pickle_for_child(obj) -> tuple[bytes, tuple[int, ...]]:
-    """Pickle `obj` as multiprocessing pickles a spawned child's arguments
-    (multiprocessing Queues, Locks, Pipes allowed); the bytes and the fds
-    the child must be given."""
-    popen = _SpawningPopen()
+def pickle_for_child(obj, method: str = "spawn") -> tuple[bytes, tuple[int, ...]]:
+    """Pickle `obj` as multiprocessing pickles the arguments of a child
+    started by `method` ("spawn" or "forkserver"; multiprocessing Queues,
+    Locks, Pipes allowed); the bytes and the fds the child must be given
+    (first in its `pass_fds`, in this order)."""
+    popen = _SpawningPopen(method)
     _mp_context.set_spawning_popen(popen)
     try:
         data = dumps_bytes(obj)
@@ -386,8 +394,11 @@ class Starter:
         if log is not None:
             log.close()
         info = w.info
-        if info is not None and info.exitcode is None and info.signal not in _FAULTS:
+        if info is not None and info.signal is not None and info.signal not in _FAULTS:
             pass  # stopped from outside (a kill): not the worker's own failure
+        # (an unknown status, a forkserver template busy or gone, counts
+        # as the worker's own failure: the pool breaks after repeated ones
+        # rather than restarting a worker that cannot start forever)
         else:
             self.failed(_early_death(w, output))
         return output if info is None or not info.attached else ""
@@ -423,7 +434,7 @@ class Starter:
                 setup, fds = None, ()
             else:
                 try:
-                    setup, fds = pickle_for_child(self.setup)
+                    setup, fds = pickle_for_child(self.setup, self.method)
                 except Exception as e:
                     # Deterministic: trying again cannot help (the pool breaks
                     # once the entry is released, below).

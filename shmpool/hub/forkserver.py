@@ -4,9 +4,8 @@ program forks the guests (the template's side is template.py).
 Owns: the program's template client (`_Client`: the template's pid and
 pidfd, the host's end of their socketpair, one lock around a request and
 its reply), `launch` (what `ShmHost.launch(..., "forkserver")` calls),
-`stop`, and the handle of a guest it forked (`ForkserverProcess`, what
-`subprocess.Popen` offers: `pid`, `returncode`, `poll`, `wait`, `kill`,
-`send_signal`, `terminate`).
+`stop`; the handle of a guest it forked (`ForkserverProcess`, what
+`subprocess.Popen` offers) is fsrv_handle.py's.
 
 Data flow: `launch(ticket, command)` (on a host's driver thread) -> the
 template, started at the first launch of the program (`python -c <boot
@@ -17,13 +16,15 @@ arguments (`command.args` + the ticket's), the host's `sys.path`, current
 environment and working directory, the modules to preload
 (multiprocessing's forkserver preload list, `'__main__'` as the host's
 main module), and, with SCM_RIGHTS, the ticket's fds, `command.pass_fds`
-and the host's fds 0 and 1 and its stderr (or `command.stderr`), each with
-the number the child must find it under -> the reply: the child's pid and
+and the host's fd 1 and its stderr (or `command.stderr`); the child finds
+them under the template's numbers, its `--NAME-fd=N` arguments rewritten
+(hub/launch.py `GuestCommand`). A request bigger than INLINE_MAX travels
+in a memory file sent with a small one. -> the reply: the child's pid and
 a pidfd of it (the template's, taken before it could reap the child: no
 pid reuse) -> a `ForkserverProcess`. The template reports each child's
 end, `("exit", pid, returncode)`, on the same socket; whoever holds the
-lock next (a launch, a `wait`, a `poll`) reads the reports that came and
-hands each to its handle. The hub watches the guest through the handle's
+lock next (a launch, a `wait`, a `poll`, a handle's late-status reader)
+reads the reports that came and hands each to its handle. The hub watches the guest through the handle's
 pidfd (it is not the host's child: `waitpid` cannot be used), so death
 detection and recovery are the hub's usual ones; `wait()` then takes the
 exit status from the template's report.
@@ -38,10 +39,16 @@ Invariants:
   fork children), and every guest it forked dies with it (parent-death
   signal). A dead template is replaced at the next launch, once: a
   second failure is a HubError.
-- Every wait is bounded: a template that does not answer is killed and
-  the launch fails; `wait()` of a guest whose template died says that the
-  status is unknown (`returncode` None, `status_unknown` the reason)
-  instead of waiting.
+- One request's failure is that launch's only (HubError): a request the
+  socket refuses, a template busy with other launches past START_TIMEOUT,
+  or one that does not answer within its bound while it works. The
+  template is killed only when it is dead (hung up, exited) or hung: it
+  neither answered nor used any CPU time (/proc/PID/stat) during the
+  whole bound (`_late`). Killing it kills every pool's forkserver guests.
+- Every wait is bounded: `wait()` (the hub's driver thread) waits at most
+  STATUS_POLL for the status, never for another launch; a later status
+  reaches `on_status`; a guest whose template died has an unknown status
+  (`returncode` None, `status_unknown` the reason).
 - A guest is only ever signalled through its pidfd, and never once its
   status is known (`send_signal` after the end does nothing, as Popen's).
 spec: shm.spawn.forkserver
@@ -62,23 +69,22 @@ import time
 import weakref
 
 from ..errors import HubError
+from .fsrv_handle import STATUS_POLL, ForkserverProcess, _readable
 
 START_TIMEOUT = 60.0  # a new template's first reply (its start and preloads included)
 REPLY_TIMEOUT = 30.0  # a later request's reply (an entry module imported first, at most)
-STATUS_WAIT = 10.0  # an ended guest's exit status from the template (it reaps at once)
 STOP_TIMEOUT = 5.0  # a stopped template's exit before it is killed
 MAX_REPLY = 1 << 16
+MAX_FDS = 250  # fds one request may carry (the template's bound; SCM_MAX_FD is 253)
+# A request bigger than this goes in a memory file passed with a small
+# one (a SEQPACKET datagram must fit the socket's send buffer: a big
+# environment would not).
+INLINE_MAX = 32 * 1024
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _Gone(Exception):
     """The template hung up, died or stopped answering (internal)."""
-
-
-def _readable(fd: int, timeout: float | None) -> bool:
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
 
 def _kill_late(pidfds: list[int]) -> None:
@@ -91,108 +97,6 @@ def _kill_late(pidfds: list[int]) -> None:
             pass
         finally:
             os.close(fd)
-
-
-class ForkserverProcess:
-    """A guest forked by the template: what `subprocess.Popen` offers.
-    `returncode` comes from the template's report; `status_unknown` says
-    why it never will (the template died first). Signals go through a
-    pidfd taken before the process could be reaped (no pid reuse).
-    spec: shm.spawn.forkserver-status"""
-
-    def __init__(self, client: "_Client", pid: int, pidfd: int, args: list[str], watch: bool) -> None:
-        self.pid = pid
-        self.args = args
-        self.returncode: int | None = None
-        self.status_unknown: str | None = None
-        # A pidfd of the process for the caller to own and close (with
-        # `launch(..., watch=True)`: the hub's, taken before the template
-        # could reap the process; `pidfd_open(pid)` later could not be).
-        self.watch_fd: int | None = os.dup(pidfd) if watch else None
-        self._client = client
-        self._pidfd: int | None = pidfd
-        self._lock = threading.Lock()  # the pidfd is closed by one thread while another signals
-
-    @property
-    def pidfd(self) -> int | None:
-        """The handle's own pidfd, closed (None) once the status is known;
-        `launch(..., watch=True)` gives the caller one to keep."""
-        return self._pidfd
-
-    def poll(self) -> int | None:
-        """The exit code if the guest ended and the template reported it,
-        else None."""
-        if self.returncode is None and self.status_unknown is None and self._ended(0):
-            self._client.collect(self, 0)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the guest to end (`subprocess.TimeoutExpired` after
-        `timeout`), then for the template's report of its status: the exit
-        code, or None if the template died without reporting it
-        (`status_unknown` says so) or did not within STATUS_WAIT."""
-        if self.returncode is not None or self.status_unknown is not None:
-            return self.returncode
-        if not self._ended(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        self._client.collect(self, STATUS_WAIT)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        with self._lock:
-            if self.returncode is not None or self._pidfd is None:
-                return  # (ended: as Popen, never signal what may be another process now)
-            try:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def _ended(self, timeout: float | None) -> bool:
-        with self._lock:
-            if self._pidfd is None:
-                return True
-            fd = os.dup(self._pidfd)  # (our own: another thread may close the handle's meanwhile)
-        try:
-            return _readable(fd, timeout)
-        finally:
-            os.close(fd)
-
-    def _set(self, code: int | None, unknown: str | None = None) -> None:
-        with self._lock:
-            if code is not None:
-                self.returncode = code
-            elif self.returncode is None:
-                self.status_unknown = unknown
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
-
-    def forget_in_child(self) -> None:
-        """In a fork() child of the host: the guest is the parent's; close
-        our pidfd (no lock: the thread that held it is not here)."""
-        self._lock = threading.Lock()
-        fd, self._pidfd = self._pidfd, None
-        if fd is not None:
-            os.close(fd)
-        if self.returncode is None:
-            self.status_unknown = "the guest belongs to the parent of this fork() child"
-
-    def __del__(self) -> None:
-        fd, self._pidfd = getattr(self, "_pidfd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<ForkserverProcess pid={self.pid} returncode={self.returncode}>"
 
 
 class _Client:
@@ -238,16 +142,33 @@ class _Client:
         `_Gone` (the template is not usable) or HubError (the request
         failed in the template)."""
         if not self.lock.acquire(timeout=START_TIMEOUT):
-            raise _Gone("another launch held the template for too long")
+            # (another launch's slow preload: this start fails, the template lives on)
+            raise HubError(f"the forkserver template (pid {self.pid}) was busy with other launches "
+                           f"for {START_TIMEOUT:.0f} s")
         try:
             if self.dead is not None:
                 raise _Gone(self.dead)
             rid = msg["id"] = next(self.ids)
             data = pickle.dumps(msg)
-            deadline = time.monotonic() + (REPLY_TIMEOUT if self.answered else START_TIMEOUT)
-            self._send(data, fds, deadline)
+            bulk = None
+            if len(data) > INLINE_MAX:
+                bulk = os.memfd_create("shmpool-forkserver-request", os.MFD_CLOEXEC)
+                try:
+                    _write_all(bulk, data)
+                except BaseException:
+                    os.close(bulk)
+                    raise
+                data, fds = pickle.dumps({"bulk": True, "id": rid}), [*fds, bulk]
+            bound = REPLY_TIMEOUT if self.answered else START_TIMEOUT
+            deadline = time.monotonic() + bound
+            cpu = _cpu_ticks(self.pid)
+            try:
+                self._send(data, fds, deadline, cpu)
+            finally:
+                if bulk is not None:
+                    os.close(bulk)
             while True:
-                m, rfds = self._recv(deadline)
+                m, rfds = self._recv(deadline, cpu)
                 if m[0] == "exit":
                     self._report(m)
                 elif m[1] not in (rid, -1):  # (the late reply of a request that failed)
@@ -270,53 +191,90 @@ class _Client:
 
     def collect(self, h: ForkserverProcess, timeout: float) -> None:
         """Read the template's reports until `h`'s came, for up to
-        `timeout` (0: only what is there now)."""
+        `timeout` (0: only what is there now). The lock is held for at most
+        STATUS_POLL at a time (a launch waiting for it gets it between)."""
         deadline = time.monotonic() + timeout
-        if not (self.lock.acquire(timeout=timeout) if timeout > 0 else self.lock.acquire(blocking=False)):
-            return
-        try:
-            while h.returncode is None:
-                if self.dead is not None:
-                    h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
-                                 f"the exit status of pid {h.pid}: {self.dead}")
-                    return
-                if not _readable(self.sock.fileno(), max(0.0, deadline - time.monotonic())):
-                    return
+        while h.returncode is None and h.status_unknown is None:
+            left = deadline - time.monotonic()
+            got = self.lock.acquire(timeout=min(left, STATUS_POLL)) if left > 0 else \
+                self.lock.acquire(blocking=False)
+            if got:
                 try:
-                    m, rfds = self._recv(deadline)
-                except _Gone:
-                    continue  # (dead now: said above)
-                if m[0] == "exit":
-                    self._report(m)
-                _kill_late(rfds)  # (a late reply: see launch)
-        finally:
-            self.lock.release()
+                    if self._read_reports(h, min(deadline, time.monotonic() + STATUS_POLL)):
+                        return
+                finally:
+                    self.lock.release()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01 if got else 0)  # (a launch waiting for the lock takes it now)
+
+    def _read_reports(self, h: ForkserverProcess, until: float) -> bool:
+        """Read reports (lock held) until `h`'s came or `until`; True once
+        its status is settled (known, or unknown for good)."""
+        while h.returncode is None:
+            if self.dead is not None:
+                h._set(None, f"the forkserver template (pid {self.pid}) ended before it reported "
+                             f"the exit status of pid {h.pid}: {self.dead}")
+                return True
+            if not _readable(self.sock.fileno(), max(0.0, until - time.monotonic())):
+                return False
+            try:
+                m, rfds = self._recv(until)
+            except _Gone:
+                continue  # (dead now: said above)
+            except HubError:
+                return False  # (cannot happen: it was readable)
+            if m[0] == "exit":
+                self._report(m)
+            _kill_late(rfds)  # (a late reply: see launch)
+        return True
 
     def _report(self, m: tuple) -> None:
         h = self.handles.pop(m[1], None)
         if h is not None:
             h._set(m[2])
 
-    def _send(self, data: bytes, fds: list[int], deadline: float) -> None:
+    def _send(self, data: bytes, fds: list[int], deadline: float, cpu: int | None) -> None:
         p = select.poll()
         p.register(self.sock.fileno(), select.POLLOUT)
         while True:
             if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                self._fail("it took no request for too long")
+                self._late(cpu, "it took no request")
             try:
                 socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
                 return
             except BlockingIOError:
                 continue
-            except OSError as e:
+            except (BrokenPipeError, ConnectionError) as e:
                 self._fail(f"sending to it failed: {e}")
+            except OSError as e:
+                # EMSGSIZE, ENOBUFS, ETOOMANYREFS...: this request's own
+                # failure; the template never saw it.
+                raise HubError(f"cannot send the request to the forkserver template (pid {self.pid}): "
+                               f"{e}") from None
 
-    def _recv(self, deadline: float) -> tuple[tuple, list[int]]:
+    def _late(self, cpu: int | None, what: str):
+        """No progress within the bound. The template is hung (killed,
+        `_Gone`) if it is dead, or used no CPU time during the whole wait
+        (it is blocked, not working); otherwise it is busy (a slow import
+        of a preload or an entry): this request fails alone (HubError),
+        the template and its guests live on, its late reply is discarded
+        (and its guest killed) by the next reader.
+        spec: shm.spawn.forkserver-requests"""
+        if self.dead is None and not _readable(self.pidfd, 0):
+            now = _cpu_ticks(self.pid)
+            if cpu is None or now is None or now > cpu:
+                bound = REPLY_TIMEOUT if self.answered else START_TIMEOUT
+                raise HubError(f"the forkserver template (pid {self.pid}) is busy: {what} within "
+                               f"{bound:.0f} s (it is left running)")
+        self._fail(f"{what} for too long, and used no CPU time meanwhile: it is hung")
+
+    def _recv(self, deadline: float, cpu: int | None = None) -> tuple[tuple, list[int]]:
         p = select.poll()
         p.register(self.sock.fileno(), select.POLLIN)
         while True:
             if not p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                self._fail(f"it did not answer within {REPLY_TIMEOUT if self.answered else START_TIMEOUT:.0f} s")
+                self._late(cpu, "it did not answer")
             try:
                 data, fds, flags, _ = socket.recv_fds(self.sock, MAX_REPLY, 4, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -367,7 +325,8 @@ class _Client:
         if not _readable(self.pidfd, timeout):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         self.returncode = self.proc.wait()
-        os.close(self.pidfd)
+        fd, self.pidfd = self.pidfd, -1  # (never closed twice: the number may be another's by then)
+        os.close(fd)
         self.reaped = True
 
     def output(self) -> str:
@@ -406,10 +365,11 @@ class _Client:
         self.dead = "the forkserver template belongs to the parent of this fork() child"
         self.lock = threading.Lock()
         for fd in (self.sock.detach(), self.pidfd, self.log):
-            try:
-                os.close(fd)
-            except (OSError, TypeError):
-                pass
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.log = None
         self.proc.returncode = -1  # (not our child: Popen must never wait for it)
         self.reaped = True
@@ -441,6 +401,23 @@ def _preload() -> tuple[list[str], tuple[str, str] | None]:
     return names, main
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """The user and system CPU time process `pid` used (clock ticks), or
+    None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -454,8 +431,10 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
     `command.entry` (see hub/launch.py `GuestCommand`); its handle (with
     `watch`, its `watch_fd` is a pidfd of the guest the caller owns). The
     template is started on the first call (and again, once, if it died).
-    Raises HubError if the template cannot be started or used, or the
-    entry cannot be imported in it. spec: shm.spawn.forkserver"""
+    Raises HubError if the template cannot be started or used, the
+    request fails (too many fds, refused by the socket, not answered by a
+    busy template in time: the template lives on), or the entry cannot be
+    imported in it. spec: shm.spawn.forkserver"""
     from multiprocessing import process
 
     if getattr(process.current_process(), "_inheriting", False):
@@ -464,29 +443,40 @@ def launch(ticket, command, *, watch: bool = False) -> ForkserverProcess:
         raise RuntimeError("a guest cannot be started while the forkserver template imports the main "
                            "module: guard the program's entry point with "
                            "`if __name__ == '__main__':`")
+    # spec: shm.spawn.forkserver-fds -- the fds go with the request; the
+    # child finds them under the template's numbers, which its `--NAME-fd`
+    # arguments and multiprocessing's inherited-fds list are rewritten to.
     fds: list[int] = []
-    targets: list[int] = []
     for fd in (*ticket.fds, *command.pass_fds):
-        if fd not in targets:
+        if fd not in fds:
             fds.append(fd)
-            targets.append(fd)
+    inherit = [fds.index(fd) for fd in command.pass_fds]
+    stdio: list[int] = []
     err = command.stderr if command.stderr is not None else 2
-    for target, fd in ((0, 0), (1, 1), (2, err)):
-        if target not in targets and _fd_open(fd):
+    for target, fd in ((1, 1), (2, err)):  # (stdin: the template's /dev/null)
+        if _fd_open(fd):
+            stdio.append(target)
             fds.append(fd)
-            targets.append(target)
+    if len(fds) > MAX_FDS:
+        raise HubError(f"cannot start a guest through the forkserver: {len(fds)} fds to pass, "
+                       f"at most {MAX_FDS} can go with one request")
     args = list(command.args) + ticket.to_args()
     names, main = _preload()
     try:
         cwd = os.getcwd()
     except OSError:
         cwd = "/"
-    msg = {"op": "launch", "entry": command.entry, "args": args, "targets": targets,
+    msg = {"op": "launch", "entry": command.entry, "args": args, "fds": fds[:len(fds) - len(stdio)],
+           "stdio": stdio, "inherit": inherit,
            "env": dict(os.environb), "cwd": cwd, "sys_path": list(sys.path), "preload": names,
            "main": main, "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
     why = ""
     for _ in range(2):  # a dead template is replaced once
-        client = _template()
+        try:
+            client = _template()
+        except OSError as e:
+            raise HubError(f"cannot start the forkserver template: {e}. Check that {sys.executable} "
+                           "exists and starts") from e
         try:
             return client.launch(msg, fds, [command.entry, *args], watch)
         except _Gone as e:
@@ -507,6 +497,9 @@ def _template() -> _Client:
     with _lock:
         c = _client
         if c is None or c.dead is not None or c.owner != os.getpid():
+            # (None before the replacement starts: if it cannot, no closed
+            # client may stay, whose stale fd numbers a fork child would close)
+            _client = None
             if c is not None and c.owner == os.getpid():
                 c.close(0)
             c = _client = _Client()

@@ -169,10 +169,20 @@ class GuestCommand:
     - `in_fork`: fork: called as `in_fork(args + ticket arguments)` in the
       child of the host; None uses `entry`.
     - `args`: extra arguments, before the ticket's.
-    - `pass_fds`: fds the guest inherits under the same numbers (besides
-      the ticket's).
+    - `pass_fds`: fds the guest inherits (besides the ticket's): under the
+      same numbers with fork and spawn; with forkserver under the numbers
+      the template received them as (the forkserver rule below).
     - `stderr`: an fd the guest's stderr (fd 2) is pointed at, or None to
       keep the host's.
+
+    fd-valued arguments: an argument `--NAME-fd=N` (in `args` or the
+    ticket's: `--doorbell-fd`, `--segment-fd`; the exec layer's
+    `--stderr-fd`) whose N is one of the passed fds names it; under
+    forkserver the template rewrites N to the guest's number of that fd,
+    and `multiprocessing.forkserver.get_inherited_fds()` is the guest's
+    numbers of `pass_fds`, in order. A guest must find its fds only
+    through such arguments (or that list), never by a number it assumes.
+    spec: shm.spawn.forkserver-fds
     """
 
     argv: list[str]

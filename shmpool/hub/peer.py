@@ -261,7 +261,10 @@ class HostPeer:
     def collect(self) -> None:
         """Reap an exited process (recording its status) and close the pidfd."""
         if self.proc is not None:
-            self.info.set_returncode(self.proc.wait())
+            rc = self.proc.wait()
+            self.info.set_returncode(rc)
+            if rc is None and hasattr(self.proc, "on_status"):  # (a forkserver guest's status comes later)
+                self.proc.on_status(self.info.set_returncode)
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None

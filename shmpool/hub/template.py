@@ -16,12 +16,18 @@ forks find them imported), then `fork()`:
   when it ends, the template reaps it and reports `("exit", pid,
   returncode)` (`subprocess` convention: minus the signal number);
 - the child (`_child`) sets its parent-death signal and checks that its
-  parent is still the template, puts every passed fd back under the
-  number it had in the host (first dup'ed above every number involved,
-  then `dup2`: no collision can clobber one), closes every other fd but
-  0, 1 and 2, applies the host's environment and working directory,
-  calls `function(args)` of `entry` ("module:function") and exits with its
-  status after running the exit handlers, as an interpreter would.
+  parent is still the template, closes the template's own fds (its
+  socket, the other children's pidfds) and no other (every other fd is a
+  template object's: a preloaded module's file keeps its number), puts
+  the host's stdout and stderr on 1 and 2, keeps the other passed fds
+  under the numbers they got here, rewrites the `--NAME-fd=N` arguments
+  and multiprocessing's inherited-fds list to those numbers
+  (hub/launch.py `GuestCommand`), applies the host's environment and
+  working directory, calls `function(args)` of `entry` ("module:function")
+  and exits with its status after running the exit handlers, as an
+  interpreter would.
+A request too big for one packet comes as `{"bulk": True, "id": N}` with
+a memory file holding the pickled request as its last fd.
 A request the template cannot serve (the entry does not import) is
 answered `("error", id, text)`.
 
@@ -37,10 +43,10 @@ spec: shm.spawn.forkserver spec: shm.spawn.forkserver-lifetime
 from __future__ import annotations
 
 import collections
-import fcntl
 import importlib
 import os
 import pickle
+import re
 import select
 import signal
 import socket
@@ -51,7 +57,7 @@ from . import guest as _guest
 from .spawn import GuestExit
 
 MAX_REQUEST = 1 << 20  # bytes of one request (the environment is the bulk of it)
-MAX_FDS = 250  # fds one request may carry (SCM_MAX_FD is 253)
+MAX_FDS = 251  # fds one request may carry (the host's 250, and a big request's memory file)
 PARENT_CHECK = 1.0  # seconds between checks that the host is still our parent
 
 
@@ -102,11 +108,16 @@ class _Template:
                 return False
             try:
                 req = pickle.loads(data) if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) else None
+                if req is not None and req.get("bulk"):
+                    req, fds = _read_bulk(fds[-1]), fds[:-1]
             except Exception:  # noqa: BLE001 - cannot happen between matching versions
                 req = None
             if req is None:
                 for fd in fds:
-                    os.close(fd)
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # (a bulk request's memory file, closed already)
                 # (-1: the reply to the one request in flight, whose id it cannot read)
                 self._send(("error", -1, "the forkserver template got a truncated or unreadable request"))
                 continue
@@ -119,8 +130,9 @@ class _Template:
     def _launch(self, req: dict, fds: list[int]) -> None:
         rid = req["id"]
         _guest._libc()  # (loaded once, here: every child finds it loaded)
-        if len(fds) != len(req["targets"]):
-            self._send(("error", rid, f"the request names {len(req['targets'])} fds, {len(fds)} came"))
+        want = len(req["fds"]) + len(req["stdio"])
+        if len(fds) != want:
+            self._send(("error", rid, f"the request names {want} fds, {len(fds)} came"))
             return
         sys.path[:] = req["sys_path"]
         self._preload(req["preload"], req["main"])
@@ -213,6 +225,23 @@ class _Template:
         return True
 
 
+def _read_bulk(fd: int) -> dict:
+    """A request too big for one packet: pickled in the memory file `fd`
+    (closed here)."""
+    try:
+        size = os.fstat(fd).st_size
+        parts, off = [], 0
+        while off < size:
+            b = os.pread(fd, size - off, off)
+            if not b:
+                break
+            parts.append(b)
+            off += len(b)
+        return pickle.loads(b"".join(parts))
+    finally:
+        os.close(fd)
+
+
 def _import_main(main) -> None:
     if main is None:
         return
@@ -240,8 +269,16 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
         _guest.set_parent_death_signal()
         if os.getppid() != template:
             os._exit(GuestExit.HOST_GONE)
-        t.sock.detach()  # (closed below with the rest: no object may close a number a passed fd takes)
-        _place_fds(fds, req["targets"])
+        _drop_machinery(t)
+        n = len(req["fds"])
+        for fd in fds[:n]:
+            os.set_inheritable(fd, True)  # (as pass_fds gives them to a spawned guest)
+        _place_stdio(fds[n:], req["stdio"])
+        # spec: shm.spawn.forkserver-fds -- the guest finds the fds under
+        # the numbers they have here, told by its arguments and, for fds
+        # pickled in its arguments, multiprocessing's forkserver list.
+        numbers = dict(zip(req["fds"], fds[:n]))
+        _set_inherited_fds([fds[i] for i in req["inherit"]])
         _set_environment(req["env"])
         from .. import failpoints
 
@@ -253,7 +290,7 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN if req["sigint_ignored"] else signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         _guest.PARENT_PID = template
-        args = list(req["args"])
+        args = _local_args(req["args"], numbers)
         sys.argv = ["-c"] + args
         try:
             fn(args)
@@ -273,26 +310,85 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
         os._exit(code)
 
 
-def _place_fds(fds: list[int], targets: list[int]) -> None:
-    """Put `fds[i]` under number `targets[i]` (inheritable), close every
-    other fd but 0, 1 and 2 (as `close_fds` does). Each fd is
-    first dup'ed above every number involved, so that a `dup2` onto a
-    target can never clobber an fd still to be placed."""
-    top = max([2, *fds, *targets]) + 1
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
-    keep = {0, 1, 2, *high}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # (the directory's own fd, closed already)
-    for h, target in zip(high, targets):
-        os.dup2(h, target, inheritable=True)
-    for h in high:
-        if h not in targets:
-            os.close(h)
+_FD_ARG = re.compile(r"(--[A-Za-z0-9_-]+-fd)=([0-9]+)")
+
+
+def _drop_machinery(t: _Template) -> None:
+    """Close the template's own fds in the child: its socket to the host,
+    the pidfds of the other children, the fds of replies not sent yet.
+    Nothing else: every other fd belongs to an object of the template (a
+    preloaded module's open file, a logging handler, a socket), which
+    keeps working on the number it has (as in multiprocessing's forkserver
+    children)."""
+    for fd in (t.sock.detach(), *t.children, *(fd for _, fds in t.out for fd in fds)):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    t.children.clear()
+    t.out.clear()
+
+
+def _place_stdio(local: list[int], targets: list[int]) -> None:
+    """The host's stdout and stderr (or the guest's log) onto fds 1 and 2
+    (the template's `sys.stdout` and `sys.stderr` are on those numbers);
+    the received copies closed. Every received fd is above 2 (`serve`
+    keeps 0-2 open), so no `dup2` clobbers another received one."""
+    for fd, target in zip(local, targets):
+        os.dup2(fd, target, inheritable=True)
+        os.close(fd)
+
+
+def _set_inherited_fds(fds: list[int]) -> None:
+    """`multiprocessing.forkserver.get_inherited_fds()` is `fds` in the
+    child: set now if the template imported that module, else when the
+    child first imports it (it costs ~14 ms: only a child that unpickles
+    an fd needs it)."""
+    mod = sys.modules.get("multiprocessing.forkserver")
+    if mod is not None:
+        mod._forkserver._inherited_fds = fds
+    else:
+        sys.meta_path.insert(0, _InheritedFds(fds))
+
+
+class _InheritedFds:
+    """A finder that hands the import of `multiprocessing.forkserver` to
+    the usual ones and sets the child's inherited fds once it ran."""
+
+    NAME = "multiprocessing.forkserver"
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run, fds = spec.loader.exec_module, self.fds
+
+        def exec_module(module) -> None:
+            run(module)
+            module._forkserver._inherited_fds = fds
+
+        spec.loader.exec_module = exec_module  # (this child's loader object: the template's is not touched)
+        return spec
+
+
+def _local_args(args: list[str], numbers: dict[int, int]) -> list[str]:
+    """`--NAME-fd=N`, N the host's number of a passed fd, becomes the
+    child's number of that fd (hub/launch.py `GuestCommand`)."""
+    out = []
+    for a in args:
+        m = _FD_ARG.fullmatch(a)
+        if m is not None and int(m.group(2)) in numbers:
+            a = f"{m.group(1)}={numbers[int(m.group(2))]}"
+        out.append(a)
+    return out
 
 
 def _set_environment(env: dict) -> None:
@@ -350,7 +446,17 @@ def serve(fd: int, stderr: int) -> None:
     os.close(stderr)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # (started from a thread that blocks some)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the host's to handle
-    null = os.open(os.devnull, os.O_RDONLY)  # (the host's stdin is for the host; each child gets its own)
+    # fd 0 is /dev/null (the host's stdin is the host's; guests read
+    # /dev/null, as multiprocessing's children do). 0-2 stay open, so that
+    # no received fd takes one of their numbers (the child moves the
+    # host's stdout and stderr there).
+    null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    os.close(null)
+    for std in (1, 2):
+        try:
+            os.fstat(std)
+        except OSError:
+            os.dup2(null, std)
+    if null > 2:
+        os.close(null)
     _Template(fd).run()

@@ -388,3 +388,31 @@ def test_fork_workers_while_host_threads_are_busy(tmp_path):
         log.removeHandler(handler)
     assert not errors, errors
     assert handler.count > 0
+
+
+_STDIN_SCRIPT = """
+import multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor
+from harness.child import say
+from harness.stdin_tasks import read_stdin
+from shmpool import ShmExecutor
+
+if __name__ == "__main__":
+    got = {}
+    for cls in (ProcessPoolExecutor, ShmExecutor):
+        for m in ("fork", "forkserver", "spawn"):
+            with cls(1, mp_context=multiprocessing.get_context(m)) as ex:
+                got[f"{cls.__name__}-{m}"] = ex.submit(read_stdin).result()
+    say(**got)
+"""
+
+
+@pytest.mark.spec("exec.worker-stdin")
+def test_workers_read_dev_null_on_stdin_under_each_method():
+    """A host whose stdin has input: a task reading `sys.stdin` gets
+    nothing under every start method, as under ProcessPoolExecutor."""
+    out = run_script(_STDIN_SCRIPT, input="the host's input\n", timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = last_event(out)
+    got.pop("event", None)
+    assert got == {f"{c}-{m}": "" for c in ("ProcessPoolExecutor", "ShmExecutor") for m in METHODS}

@@ -7,7 +7,8 @@ Entries:
     report PATH        write what the child found (fds, environment, parent,
                        modules, cwd) to PATH as JSON, exit FSRV_EXIT (0)
     sleep              sleep until killed
-    hub_guest MODE FD  a hub guest (harness.hub_child's MODE) whose reports
+    hub_guest MODE --report-fd=FD
+                       a hub guest (harness.hub_child's MODE) whose reports
                        (`say`) go to fd FD instead of stdout
 
     python tests/harness fsrv host END   (END: exit, kill)
@@ -50,9 +51,10 @@ def sleep(args: list[str]) -> None:
 
 
 def hub_guest(args: list[str]) -> None:
-    mode, fd, *ticket = args
-    os.dup2(int(fd), 1)
-    os.close(int(fd))
+    mode, arg, *ticket = args
+    fd = int(arg.partition("=")[2])  # (an fd argument: the template gives the child's number)
+    os.dup2(fd, 1)
+    os.close(fd)
     from harness.hub_child import cmd_guest
 
     cmd_guest(mode, *ticket)
@@ -69,7 +71,7 @@ def cmd_host(end: str) -> None:
     procs = []
     for _ in range(2):
         t = host.add_peer()
-        procs.append(host.launch(t, GuestCommand([], "harness.fsrv_child:hub_guest", ["idle", str(null)],
+        procs.append(host.launch(t, GuestCommand([], "harness.fsrv_child:hub_guest", ["idle", f"--report-fd={null}"],
                                                  pass_fds=(null,)), "forkserver"))
     for i in (1, 2):
         assert host.wait_attached(i, 60), f"guest {i} did not attach"

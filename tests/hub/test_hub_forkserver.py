@@ -29,7 +29,7 @@ from harness.polling import wait_for
 from harness.processes import Subreaper
 from shmpool import procinfo
 from shmpool.errors import HubError
-from shmpool.hub import AddPeerOptions, GuestExit, PeerState, SpawnTicket, forkserver
+from shmpool.hub import AddPeerOptions, GuestExit, PeerState, SpawnTicket, forkserver, fsrv_handle
 from shmpool.hub.launch import GuestCommand
 
 GUEST = "harness.fsrv_child:hub_guest"
@@ -49,7 +49,7 @@ class _Guests:
         try:
             t = self.hub.host.add_peer(AddPeerOptions(peer_name=mode, peer_id=peer_id,
                                                       on_death=self.hub.on_death))
-            proc = self.hub.host.launch(t, GuestCommand([], GUEST, [mode, str(w)], pass_fds=(w,)),
+            proc = self.hub.host.launch(t, GuestCommand([], GUEST, [mode, f"--report-fd={w}"], pass_fds=(w,)),
                                         "forkserver")
         except BaseException:
             os.close(r)
@@ -229,10 +229,11 @@ def test_launches_from_two_hosts_at_once():
 
 
 @pytest.mark.spec("shm.spawn.forkserver")
-def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
-    """The ticket's fds, `pass_fds` and stderr reach the child under the
-    host's numbers (whatever numbers the template got them under); it has
-    no other fd but 0 and 1; the template keeps no copy of them."""
+@pytest.mark.spec("shm.spawn.forkserver-fds")
+def test_passed_fds_reach_the_child_and_its_fd_arguments_name_them(tmp_path):
+    """The ticket's fds, `pass_fds` and stderr reach the child (under the
+    template's numbers: `--doorbell-fd` is rewritten to the child's); it
+    has no other fd but 0 and 1; the template keeps no copy of them."""
     pipes = [os.pipe() for _ in range(4)]
     flat = [fd for p in pipes for fd in p]
     log = os.memfd_create("fsrv-stderr")
@@ -240,11 +241,12 @@ def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
         doorbell, *extra = flat
         proc, code, rep = _report(tmp_path, doorbell=doorbell, pass_fds=extra[::-1], stderr=log)
         assert code == 0
-        want = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in flat}
-        want["2"] = os.readlink(f"/proc/self/fd/{log}")
-        got = {k: v for k, v in rep["fds"].items() if k not in ("0", "1")}
+        want = sorted([os.readlink(f"/proc/self/fd/{fd}") for fd in flat])
+        assert rep["fds"]["2"] == os.readlink(f"/proc/self/fd/{log}")
+        got = sorted(v for k, v in rep["fds"].items() if k not in ("0", "1", "2"))
         assert got == want
-        assert f"--doorbell-fd={doorbell}" in rep["args"]
+        arg = next(a for a in rep["args"] if a.startswith("--doorbell-fd="))
+        assert rep["fds"][arg.partition("=")[2]] == os.readlink(f"/proc/self/fd/{doorbell}")
         tpl = forkserver.template_pid()
         theirs = set()
         for name in os.listdir(f"/proc/{tpl}/fd"):
@@ -252,9 +254,43 @@ def test_fds_keep_their_numbers_and_nothing_else_is_inherited(tmp_path):
                 theirs.add(os.readlink(f"/proc/{tpl}/fd/{name}"))
             except OSError:
                 pass
-        assert not theirs & set(want.values()), "the template kept a copy of a passed fd"
+        assert not theirs & set(want), "the template kept a copy of a passed fd"
     finally:
         for fd in (*flat, log):
+            os.close(fd)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-fds")
+def test_a_preloaded_modules_open_file_keeps_its_fd_in_the_child(tmp_path, monkeypatch):
+    """A file a preloaded module opened in the template (a script's
+    module-level `open`, a logging handler) is still that file in the
+    child: its writes land there, never in a passed fd (the segment, a
+    doorbell), whatever numbers the passed fds have."""
+    forkserver.stop()  # (a template of its own: the preload is opened at its first launch)
+    target = tmp_path / "preloaded.log"
+    monkeypatch.setenv("FSRV_OPEN_FILE", str(target))
+    before = mp_forkserver._forkserver._preload_modules
+    mp_forkserver.set_forkserver_preload(["harness.fsrv_files"])
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]  # (the host's numbers vary)
+    r, w = os.pipe()
+    try:
+        for i in range(3):
+            out = tmp_path / f"r{i}.json"
+            proc = forkserver.launch(_ticket(w), GuestCommand([], "harness.fsrv_files:write", [str(out)],
+                                                              pass_fds=(r,)))
+            assert proc.wait(60) == 0
+            rep = json.loads(out.read_text())
+            assert rep["error"] is None and rep["file"] == str(target)
+            assert rep["doorbell"] == os.readlink(f"/proc/self/fd/{w}")
+            os.close(spare.pop())
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # nothing went into the passed pipe
+        assert target.read_text().count("child ") == 3
+    finally:
+        mp_forkserver._forkserver._preload_modules = before
+        forkserver.stop()
+        for fd in (r, w, *spare):
             os.close(fd)
 
 
@@ -438,3 +474,155 @@ def test_a_host_program_leaves_no_template_and_no_guest(end, named_segments):
     if end == "kill":
         assert rep["path"] in shmpool.clean()
     assert not os.listdir(named_segments)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-lifetime")
+def test_a_template_that_cannot_be_replaced_leaves_no_stale_client(tmp_path, monkeypatch):
+    """The template is unusable (as when another thread's launch found it
+    dead) and its replacement cannot start: the launch fails with a
+    HubError, and no closed client stays behind whose old fd numbers a
+    fork() child of the host would close (they may be the program's fds
+    by then)."""
+    _report(tmp_path)
+    old = forkserver._client
+    old.dead = "found dead by another launch"  # (the state between that launch's failure and its discard)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-such-python"))
+    r, w = os.pipe()
+    try:
+        with pytest.raises(HubError, match="cannot start the forkserver template"):
+            forkserver.launch(_ticket(w), GuestCommand([], SLEEP))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert forkserver._client is None and old.reaped and old.pidfd == -1
+    mine = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]  # (they take the freed numbers)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            ok = True
+            for fd in mine:
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the fork child lost one of the program's fds"
+    finally:
+        for fd in mine:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.spec("shm.spawn.forkserver-requests")
+def test_a_big_environment_reaches_the_guest_and_the_template_lives_on(tmp_path, monkeypatch):
+    """A request bigger than a socket packet (300 KB of environment) goes
+    through; the template and a guest it forked before are untouched."""
+    r, w = os.pipe()
+    try:
+        sleeper = forkserver.launch(_ticket(w), GuestCommand([], SLEEP))
+        tpl = forkserver.template_pid()
+        for i in range(2):
+            monkeypatch.setenv(f"FSRV_BIG{i}", "y" * 100_000)
+        monkeypatch.setenv("FSRV_MARK", "x" * 100_000)  # (300 KB in all; each under exec's limit)
+        _, code, rep = _report(tmp_path)
+        assert code == 0 and rep["env"] == "x" * 100_000
+        assert forkserver.template_pid() == tpl and sleeper.poll() is None and _alive(sleeper.pid)
+        sleeper.kill()
+        assert sleeper.wait(60) == -signal.SIGKILL
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-requests")
+def test_a_launch_the_busy_template_does_not_answer_in_time_fails_alone(tmp_path, monkeypatch):
+    """The template works on a slow preload past the reply bound: that
+    launch fails with a HubError; the template and the guests it forked
+    live on, and serve the next launch once it is done (the late guest is
+    killed, nobody watching it)."""
+    r, w = os.pipe()
+    started, go = tmp_path / "started", tmp_path / "go"
+    before = mp_forkserver._forkserver._preload_modules
+    # (the template's own environment: the preload runs there, not in a child)
+    monkeypatch.setenv("FSRV_SLOW_STARTED", str(started))
+    monkeypatch.setenv("FSRV_SLOW_GO", str(go))
+    forkserver.stop()
+    try:
+        sleeper = forkserver.launch(_ticket(w), GuestCommand([], SLEEP))
+        tpl = forkserver.template_pid()
+        monkeypatch.setattr(forkserver, "REPLY_TIMEOUT", 1.0)  # (the bound, made short; it is not a timing)
+        mp_forkserver.set_forkserver_preload(["harness.fsrv_slow"])
+        with pytest.raises(HubError, match="is busy"):
+            forkserver.launch(_ticket(w), GuestCommand([], SLEEP))
+        assert started.exists()
+        assert forkserver.template_pid() == tpl and sleeper.poll() is None and _alive(sleeper.pid)
+        go.touch()
+        monkeypatch.setattr(forkserver, "REPLY_TIMEOUT", 60.0)
+        _, code, rep = _report(tmp_path)
+        assert code == 0 and rep["ppid"] == tpl
+        sleeper.kill()
+        assert sleeper.wait(60) == -signal.SIGKILL
+    finally:
+        mp_forkserver._forkserver._preload_modules = before
+        go.touch()
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.spec("shm.spawn.forkserver-status")
+def test_the_driver_never_waits_for_a_busy_template(guests, tmp_path, monkeypatch):
+    """While the template works on another launch's slow preload, a guest
+    of the hub is killed: the hub's driver thread sees the death at once
+    (its wait for the status is short), and the status, reported once the
+    template is free, still reaches the guest's PeerInfo."""
+    host = guests.hub.host
+    started, go = tmp_path / "started", tmp_path / "go"
+    monkeypatch.setenv("FSRV_SLOW_STARTED", str(started))
+    monkeypatch.setenv("FSRV_SLOW_GO", str(go))
+    forkserver.stop()
+    t, proc, _ = guests.start("idle")
+    assert host.wait_attached(t.peer_id, 60)
+    monkeypatch.setattr(fsrv_handle, "STATUS_WAIT", 600.0)  # (a driver waiting for it would hang the test)
+    before = mp_forkserver._forkserver._preload_modules
+    mp_forkserver.set_forkserver_preload(["harness.fsrv_slow"])
+    other: list = []
+    r, w = os.pipe()
+
+    def slow_launch():
+        try:
+            other.append(forkserver.launch(_ticket(w), GuestCommand([], SLEEP)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            other.append(e)
+
+    th = threading.Thread(target=slow_launch)
+    th.start()
+    try:
+        wait_for(started.exists, "the template busy with the slow preload", 60)
+        os.kill(proc.pid, signal.SIGKILL)
+        peer, _, thread, info = guests.hub.wait_deaths(1, timeout=60)[-1]
+        assert peer == t.peer_id and thread == "shmpool-hub-driver"
+        assert not go.exists() and th.is_alive()  # (the driver did not wait for the busy template)
+        go.touch()
+        th.join(120)
+        assert not th.is_alive() and isinstance(other[0], forkserver.ForkserverProcess)
+        wait_for(lambda: host.peer_info(t.peer_id).signal == signal.SIGKILL, "the late status in PeerInfo", 60)
+        wait_for(lambda: not [x for x in threading.enumerate() if x.name.startswith("shmpool-forkserver-status")],
+                 "the status reader gone", 60)
+    finally:
+        mp_forkserver._forkserver._preload_modules = before
+        go.touch()
+        th.join(120)
+        for p in other:
+            if isinstance(p, forkserver.ForkserverProcess):
+                p.kill()
+                p.wait(60)
+        os.close(r)
+        os.close(w)
