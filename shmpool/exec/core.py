@@ -151,6 +151,7 @@ class Core:
                                    stream_later=self.scheduler.stream_later, close=self.close,
                                    method=start_method)
             st.on_idle = self.starter.idle_now
+            self.scheduler.coming = lambda: self.starter.starting
         except BaseException:
             self._teardown()
             raise

@@ -77,6 +77,7 @@ class Scheduler:
         self.timers: list[threading.Timer] = []  # pending timers and stream threads (`take_timers`)
         self.ring_was_full = False  # a send of the last `_send` found the ring full (lock held)
         self.ring_retry = False  # a timer will schedule again after a full ring (lock held)
+        self.coming = lambda: 0  # (lock held) workers asked for and not registered yet (the core's starter)
 
     def take_timers(self) -> list[threading.Timer]:
         """(lock held; closing) The timer and stream threads, for the core
@@ -212,8 +213,11 @@ class Scheduler:
     def _pick(self, skip=None) -> WorkerRecord | None:
         best = None
         room = self.state.ring_window
+        # spec: exec.start-spread -- a worker on its way takes what a busy
+        # one would only hold behind its running task.
+        busy_limit = 1 if self.coming() else room
         for w in self.state.workers.values():
-            if w.dead or w.retiring or len(w.inflight) >= min(w.window, room):
+            if w.dead or w.retiring or len(w.inflight) >= min(w.window, room, busy_limit):
                 continue
             if skip and w.peer_id in skip:
                 continue

@@ -372,3 +372,37 @@ def test_queued_tasks_are_not_held_up_by_the_pace_of_forks(tmp_path, monkeypatch
         assert list(ex.map(ident, range(30))) == list(range(30))
         assert len(ex._core.processes()) == 3
         assert ex._core.state.stats["init_failures"] == 0
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+@pytest.mark.spec("exec.start-spread")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_task_sent_while_a_worker_starts_never_waits_behind_a_running_one(tmp_path, method, kind):
+    """The second worker is still being started when a long task and then
+    a short one arrive: the short one runs (on the new worker) while the
+    long one still waits for its gate, which opens only after the short
+    one's result is in. It used to sit in the long task's window."""
+    from harness.tasks import wait_gate
+
+    gate = str(tmp_path / "gate")
+    ctx = multiprocessing.get_context(method)
+    pool = ShmExecutor(2, mp_context=ctx) if kind == "executor" else ShmPool(2, context=ctx)
+    try:
+        run = pool.submit if kind == "executor" else (lambda fn, *a: pool.apply_async(fn, a))
+        get = (lambda r: r.result(timeout=60)) if kind == "executor" else (lambda r: r.get(60))
+        get(run(pid_of, 0))
+        long = run(wait_gate, gate)
+        assert get(run(pid_of, 1)) > 0  # (a TimeoutError: it waited behind `long`)
+        open(gate, "w").close()
+        get(long)
+    finally:
+        open(gate, "a").close()
+        if kind == "executor":
+            pool.shutdown()
+        else:
+            pool.terminate()
+            pool.join()
