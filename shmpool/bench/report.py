@@ -228,7 +228,8 @@ def _startup_tables(s: dict) -> str:
                      f"{num(ppe and ppe.get('second_ms'))} | {num(shm and shm.get('second_ms'))} | "
                      f"{spread(shm, 'ms') if shm else '—'} |")
     lines += ["", "**Idle worker resident memory (MiB, /proc/PID/status, Pss from smaps_rollup; target: shmpool "
-              "VmRSS ≤ PPE spawn + 4 MiB)**\n",
+              "VmRSS ≤ PPE spawn + 4 MiB; fork: ≤ PPE fork + 4 MiB, a fork worker's VmRSS being mostly "
+              "its host's pages)**\n",
               "| start method | impl | " + " | ".join(RSS_FIELDS) + " |", "|---|---|" + "---:|" * len(RSS_FIELDS)]
     for m in METHODS:
         for impl, r in s.get(m, {}).items():
