@@ -57,7 +57,8 @@ from multiprocessing import context as _mp_context
 from .. import _threads, failpoints
 from ..errors import ConnectionClosedError, PeerDeadError, PoolBrokenError, StaleSlotError
 from ..hub import AddPeerOptions
-from ..hub.launch import GuestCommand, add_machinery, creating
+from ..hub.forkchild import add_machinery, creating
+from ..hub.launch import GuestCommand
 from ..session.messages import Outgoing
 from .serialization import Chunked, chunk_threshold, dumps, dumps_bytes, marker, transfer_ids, write
 from .protocol import ARG_STDERR, INIT
@@ -150,7 +151,7 @@ class StartupLog:
             registry.add(self)
         add_machinery(self)  # (a forked worker closes the logs of other starts)
         try:
-            with creating():  # (listed as they are made: hub/launch.py)
+            with creating():  # (listed as they are made: hub/forkchild.py)
                 self.real = os.dup(2)
                 self.fd = os.memfd_create("shmpool-worker-stderr", os.MFD_CLOEXEC)
         except (OSError, AttributeError):  # no stderr to switch to: leave stderr alone

@@ -19,6 +19,10 @@ Modules, lowest first (each imports only the ones above it in this list):
     watch     `Watches`: the driver's epoll set and wake-up eventfd
     endings   `Endings`: death, reaping, recovery, violations, corruption,
               shutdown
+    launch    `GuestCommand`, `ShmHost.launch`'s start methods, the fork
+              launcher and a forked guest's handle
+    forkchild what a forked guest drops and does before it runs, the
+              registry of host machinery and `creating`
     forkserver  the forkserver start method, host side: the program's
               template, `launch`, the guest's process handle
     driver    `Driver`: the driver thread's loop, delivery, scans, spawning

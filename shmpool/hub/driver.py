@@ -6,7 +6,7 @@ delivery of guest->host descriptors to the layer above (by the loop, or by
 a caller polling for its answer: `poll`), attach detection, the periodic
 scan, and starting guest processes (`do_spawn`, `do_launch` by start
 method: launch.py), and the record of its fds a forked guest closes
-(`machinery`, a `launch.HostMachinery`).
+(`machinery`, a `forkchild.HostMachinery`).
 
 Composed of parts with narrow interfaces, built here and handed what they
 need (none of them refers back to the `Driver`):
@@ -79,7 +79,8 @@ from .endings import Endings, callback_error
 from .peer import (
     ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
-from .launch import GuestCommand, HostMachinery, add_machinery, creating, start_function
+from .forkchild import HostMachinery, add_machinery, creating
+from .launch import GuestCommand, start_function
 from .spawn import popen_guest
 from .table import PeerTable
 from .watch import HANGUP, Watches

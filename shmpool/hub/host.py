@@ -50,7 +50,8 @@ from ..shm.layout import SegmentConfig
 from ..shm.ring import Descriptor, open_rings
 from ..shm.segment import Segment
 from .driver import Driver
-from .launch import GuestCommand, check_method, creating
+from .forkchild import creating
+from .launch import GuestCommand, check_method
 from .peer import (
     ATTACHED, DEAD, LEAVING, RESERVED, SPAWNED, HostPeer, PeerEntry, PeerInfo, PeerState,
 )

@@ -5,8 +5,8 @@ belongs to and what it is (`"doorbell"`: the host's doorbell end, watched
 for signals and hang-ups; `"pidfd"`: the guest's process; `"linger"`: the
 pidfd of a departed guest that is still running), and an eventfd that any
 thread writes to wake the driver (`wake`). Both fds are host machinery a
-forked guest closes (`machinery`, registered with hub/launch.py before
-they exist; made and closed under `launch.creating()`, so a fork never
+forked guest closes (`machinery`, registered with hub/forkchild.py before
+they exist; made and closed under `forkchild.creating()`, so a fork never
 finds one open and unlisted).
 
 Data flow: the driver registers a guest's doorbell and pidfd when it
@@ -26,7 +26,7 @@ import os
 import select
 import threading
 
-from .launch import add_machinery, creating
+from .forkchild import add_machinery, creating
 
 EPOLLIN = select.EPOLLIN
 HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
