@@ -207,7 +207,10 @@ class ShmExecutor(Executor):
         core = self._core or self._get_core_checked()
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        return core.submit(fn, kind, args, kwargs)
+        fut = core.submit(fn, kind, args, kwargs)
+        if core.forking:  # (fork: the first submit returns once the workers are forked)
+            core.wait_forked()
+        return fut
 
     def _get_core_checked(self) -> Core:
         if self._start_error is not None:

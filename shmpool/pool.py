@@ -328,6 +328,7 @@ class ShmPool:
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
             _threads.start(st.handler)
+            core.wait_forked()  # (fork: as `multiprocessing.Pool()`, which forks its workers itself)
         except BaseException:
             core.close()
             raise

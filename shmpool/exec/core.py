@@ -82,6 +82,7 @@ _SHORT = frozenset({str, bytes})
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
 
 
+FORK_WAIT = 30.0  # seconds the first submit of a fork pool waits at most for its workers' forks
 HELP_EVERY = 64  # (a power of two) the submitting thread fetches answers itself every 64 queued tasks
 
 
@@ -156,6 +157,9 @@ class Core:
             self._teardown()
             raise
         forksafe.register(self)
+        # (fork: the first submit, or the pool's constructor, waits for
+        # these starts: `wait_forked`)
+        self.forking = eager and start_method == "fork"
         if eager:
             with self.lock:
                 self.starter.start_new(max_workers)
@@ -494,6 +498,24 @@ class Core:
         workers = list(self.state.workers.values())
         return itertools.chain(self.state.queue, *(list(w.inflight.values()) for w in workers),
                                (a[0] for a in list(self.answers.queued)))
+
+    def wait_forked(self, timeout: float = FORK_WAIT) -> None:
+        """(fork) Return once the workers asked for at creation are forked
+        (or the pool broke or closed, or `timeout` passed), as the stdlib
+        forks its workers inside the first submit (`Pool()` itself): a
+        worker forked later, from the driver thread, would inherit whatever
+        fds the program's threads made meanwhile (the pipes of a
+        `subprocess.run(capture_output=True)`: their reader would then wait
+        for that worker's end). Replacements of dead workers are forked
+        when needed, as the stdlib's. spec: exec.fork-first-submit"""
+        if not self.forking:
+            return
+        self.forking = False
+        st = self.state
+        with self.lock:
+            _threads.wait_interruptibly(
+                lambda t: self.idle.wait_for(lambda: not self.starter.starting or st.closed
+                                             or st.broken is not None, t), timeout)
 
     def processes(self, timeout: float = 30.0) -> dict[int, object]:
         """pid -> Popen of each live worker, once the starts asked for so

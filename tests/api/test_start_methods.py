@@ -152,6 +152,13 @@ def test_default_context_lock_and_queue_in_initargs(lock_method, method):
     writes them: the same outcome as ProcessPoolExecutor's (the same error
     where it fails: a fork-context lock handed to a spawned worker)."""
     got = scenario("initargs", lock_method, method)
+    if got["ppe"].get("error") == "BrokenProcessPool" and got["shm"].get("error") == "WorkerCrashedError":
+        # Before 3.11 nothing refuses the fork-context semaphore: the
+        # worker crashes unpickling it. PPE breaks; shmpool retries the
+        # task on new workers, then fails it alone with a BrokenProcessPool
+        # of its own (docs/compatibility.md, class a).
+        assert sys.version_info < (3, 11) and "SIGSEGV" in got["shm"]["message"]
+        return
     assert got["shm"] == got["ppe"]
     python_default = multiprocessing.get_start_method()
     works = method == "default" or method == "fork" or \

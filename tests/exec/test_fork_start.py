@@ -406,3 +406,22 @@ def test_a_task_sent_while_a_worker_starts_never_waits_behind_a_running_one(tmp_
         else:
             pool.terminate()
             pool.join()
+
+
+@pytest.mark.spec("exec.fork-first-submit")
+def test_the_first_submit_returns_once_every_worker_is_forked():
+    """As the stdlib's: a worker forked later, in the background, would
+    inherit the pipes of a `subprocess.run(capture_output=True)` the
+    program starts right after, which then waits for that worker's end."""
+    import subprocess
+    import sys
+
+    with ShmExecutor(3, mp_context=FORK) as ex:
+        ex.submit(ident, 1)
+        assert len(ex.statistics()["workers"]) == 3
+        out = subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.stdout == "ok\n"
+    with ShmPool(3, context=FORK) as p:
+        assert len(p.statistics()["workers"]) == 3
+        assert p.apply(ident, (2,)) == 2

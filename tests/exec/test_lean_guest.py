@@ -30,6 +30,10 @@ REMOVED = frozenset({
     "multiprocessing.util", "_multiprocessing", "subprocess", "_posixsubprocess", "tempfile",
     "shutil", "bz2", "lzma", "random", "secrets", "hmac", "hashlib", "_hashlib",
 })
+if sys.version_info < (3, 11):
+    # Before 3.11 `platform` imports subprocess at module level, and
+    # cloudpickle imports platform: not ours to avoid.
+    REMOVED = REMOVED - {"subprocess", "_posixsubprocess"}
 # The host's machinery: never a worker's.
 HOST_ONLY = frozenset({
     "shmpool.executor", "shmpool.pool", "shmpool.exec.core", "shmpool.exec.starter",
