@@ -81,16 +81,13 @@ static PyTypeObject ProducerType;
  * move the cursor under the outer call, which then publishes an index
  * computed from a stale one: entries lost or sent twice. `busy` is set
  * here and cleared by `leave` on every exit; a call finding it set raises. */
-char *
-ring_acquire(Ring *r, Py_buffer *v)
+/* The ring's buffer, checked to still hold the ring (big enough, its
+ * words aligned); NULL with an exception set otherwise. */
+static char *
+ring_view(Ring *r, Py_buffer *v)
 {
     if (!r->ready) {
         PyErr_SetString(PyExc_RuntimeError, "ring end used before __init__");
-        return NULL;
-    }
-    if (r->busy) {
-        PyErr_Format(PyExc_RuntimeError, "ring end %U used concurrently (re-entered while a "
-                     "call on it runs): one caller at a time", r->name);
         return NULL;
     }
     if (PyObject_GetBuffer(r->buf, v, PyBUF_WRITABLE) < 0)
@@ -103,6 +100,20 @@ ring_acquire(Ring *r, Py_buffer *v)
         PyErr_SetString(PyExc_ValueError, "the ring's buffer no longer holds its ring");
         return NULL;
     }
+    return base;
+}
+
+char *
+ring_acquire(Ring *r, Py_buffer *v)
+{
+    if (r->ready && r->busy) {
+        PyErr_Format(PyExc_RuntimeError, "ring end %U used concurrently (re-entered while a "
+                     "call on it runs): one caller at a time", r->name);
+        return NULL;
+    }
+    char *base = ring_view(r, v);
+    if (base == NULL)
+        return NULL;
     r->busy = 1;
     return base;
 }
@@ -298,16 +309,19 @@ ring_init(Ring *r, PyObject *args, PyObject *kw)
     return 0;
 }
 
+/* Two loads, no cursor of this end moved: it takes no turn (`busy`), so
+ * another thread may ask while a call of this end runs (the host's driver
+ * asks whether a guest's ring holds answers while a caller pops it). */
 PyObject *
 ring_depth(Ring *r, PyObject *unused)
 {
     Py_buffer v;
-    char *base = ring_acquire(r, &v);
+    char *base = ring_view(r, &v);
     if (base == NULL)
         return NULL;
     uint32_t h = atomic_load_explicit(WORD(base, r->head_off), memory_order_acquire);
     uint32_t t = atomic_load_explicit(WORD(base, r->tail_off), memory_order_acquire);
-    ring_leave(r, &v);
+    PyBuffer_Release(&v);
     return PyLong_FromUnsignedLong((h - t) & r->mask);
 }
 

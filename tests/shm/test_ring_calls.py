@@ -65,6 +65,25 @@ def test_a_push_reentered_from_a_fields_index_raises_and_publishes_nothing(kind)
 
 @pytest.mark.spec("shm.ring.spsc")
 @pytest.mark.parametrize("kind", KINDS)
+def test_depth_is_answered_while_a_call_on_the_end_runs(kind):
+    """depth() moves no cursor: asked from inside a push (as the driver asks
+    while a caller pops), it answers instead of refusing, on both ends."""
+    buf, p, c = ends(kind)
+    assert p.try_push(inline(1)) is True
+    seen = []
+
+    class Asks:
+        def __index__(self):
+            seen.append((p.depth(), c.depth()))
+            return 1
+
+    assert p.try_push((Asks(), 0, 2, 0, 0xFFFFFFFF, 0, 0, 1, b"o")) is True
+    assert seen == [(1, 1)]
+    assert [d.id for d in c.pop_batch()] == [1, 2]
+
+
+@pytest.mark.spec("shm.ring.spsc")
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_push_many_reentered_from_its_generator_raises_and_publishes_nothing(kind):
     buf, p, c = ends(kind)
 
