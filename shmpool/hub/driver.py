@@ -71,7 +71,7 @@ import time
 import traceback
 from concurrent.futures import Future
 
-from .. import _atomics, _threads
+from .. import _atomics, _threads, failpoints
 from ..errors import HubError, SegmentCorruptError
 from ..shm import layout as L
 from .discovery import Discovery
@@ -218,6 +218,15 @@ class Driver:
         except BaseException as e:  # a bug: keep the process sane, report it
             self.failure = e
             traceback.print_exc()
+            # spec: shm.guard.driver-failure -- the layer above breaks its
+            # pool with it: nothing delivers answers from here on
+            h = self.endings.corruption_handler
+            if h is not None:
+                try:
+                    h(HubError(f"the hub's driver thread failed ({type(e).__name__}: {e}); "
+                               "nothing can be delivered any more (a bug: please report it)"))
+                except BaseException:  # noqa: BLE001
+                    traceback.print_exc()
         finally:
             try:
                 self.endings.shutdown(self._stop_timeout if self.failure is None else 0.0,
@@ -231,6 +240,8 @@ class Driver:
         buf, poll, endings = self.buf, self.watches.poll, self.endings
         spin_next = False  # the last busy loop delivered something: spin once before sleeping
         while not self._stop_requested:
+            if failpoints.ACTIVE:
+                failpoints.hit(FP_LOOP)
             self._run_commands()
             busy = self._drain_all()
             if endings.guard_pending:
@@ -591,6 +602,9 @@ class Driver:
             self.segment.close()  # spec: shm.file.cleanup -- unlinks the file
         finally:
             self._stopped.set()
+
+
+FP_LOOP = failpoints.declare("hub.driver-loop", "the driver thread, at the top of each turn of its loop")
 
 
 class _Posted(Future):

@@ -216,3 +216,33 @@ def test_a_task_that_fails_to_unpickle_counts_toward_max_tasks_per_child():
             first.result(60)
         assert e.submit(abs, -1).result(60) == 1
         assert e.statistics()["respawns"] >= 1
+
+
+@pytest.mark.spec("shm.guard.driver-failure")
+def test_a_failed_driver_thread_breaks_the_pool_instead_of_hanging(tmp_path):
+    """A bug that ends the hub's driver thread (here injected at the top of
+    its loop) fails the pending futures and later submits with
+    PoolBrokenError; nothing waits for answers that cannot come."""
+    from shmpool import failpoints
+    from shmpool.errors import PoolBrokenError
+    from harness.tasks import wait_gate
+
+    gate = tmp_path / "gate"
+    e = ShmExecutor(1)
+    try:
+        assert e.submit(abs, -3).result(60) == 3
+        pending = e.submit(wait_gate, str(gate))
+
+        def boom():
+            failpoints.set("hub.driver-loop", None)
+            raise RuntimeError("injected driver bug")
+
+        failpoints.set("hub.driver-loop", boom)
+        with pytest.raises(PoolBrokenError, match="driver thread failed.*injected driver bug"):
+            pending.result(60)
+        with pytest.raises(PoolBrokenError):
+            e.submit(abs, -1).result(60)
+    finally:
+        failpoints.set("hub.driver-loop", None)
+        gate.touch()
+        e.shutdown()
