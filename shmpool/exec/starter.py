@@ -65,8 +65,6 @@ from .protocol import ARG_STDERR, INIT
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool is broken
 RETRY_DELAY = 0.05  # seconds before a failed start is tried again
-FORK_PACE = 0.02  # seconds a fork waits at most for the worker forked before it: `_pace`
-PACE_SLICE = 0.002  # seconds between two looks at the queue while a fork waits
 OUTPUT_TAIL = 2000  # characters of a failed worker's output quoted in the error
 # A worker that died of these faulted by itself; other signals were sent to it.
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
@@ -233,7 +231,6 @@ class Starter:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._close_when_idle = False
         self.logs: set[StartupLog] = set()  # start-up logs not closed yet
-        self._forked = None  # (fork) the last worker started: `_pace`
         self.thread = threading.Thread(target=self._loop, name=f"{state.name}-manager", daemon=True)
         _threads.start(self.thread)
 
@@ -328,8 +325,6 @@ class Starter:
             return
         if early:
             time.sleep(RETRY_DELAY)  # (no hot loop of starts that end at once)
-        if new and self.method == "fork":
-            self._pace()
         try:
             with self.lock:
                 if st.closed:
@@ -354,29 +349,6 @@ class Starter:
                     else:
                         self.pending += 1
                         self._q.put(w)
-
-    def _pace(self) -> None:
-        """Fork: while no task waits for a worker, a new worker's fork waits
-        until the worker forked before it has answered `init` and every
-        task it was sent (or failed `init`, or ended), at most FORK_PACE.
-        The driver thread forks and also delivers the answers, and the
-        child's start-up takes a core: a pool's first task, sent to the
-        first worker as soon as it is forked, is not held up by the forks
-        of the others. Queued tasks end the wait: they need the worker now.
-        spec: exec.fork-pace"""
-        st, prev = self.state, self._forked
-        if prev is None:
-            return
-        end = time.monotonic() + FORK_PACE
-        with st.lock:
-            # (answers and ends notify `idle`; a task queued meanwhile does
-            # not: looked for every PACE_SLICE)
-            while not (st.queue or (prev.ready and not prev.inflight) or prev.init_failed or prev.dead
-                       or st.closed or st.broken is not None):
-                left = end - time.monotonic()
-                if left <= 0:
-                    return
-                st.idle.wait(min(left, PACE_SLICE))
 
     def _judge(self, w) -> str:
         """Worker `w` ended (state.lock held). If it had not answered `init`
@@ -472,7 +444,6 @@ class Starter:
             raise
         log.spawned()
         w = self.new_worker(ticket.peer_id, proc, log)
-        self._forked = w if self.method == "fork" else None
         with st.lock:  # (registered and no longer counted as starting at once: see `Core.full`)
             self.register(w)
             if new:
@@ -512,11 +483,8 @@ class Starter:
             if exc is None:
                 w.ready = True
                 self.failures = 0
-                if w is self._forked:
-                    st.idle.notify_all()  # (`_pace`)
             elif not isinstance(exc, (PeerDeadError, ConnectionClosedError)):
                 w.init_failed = True  # it leaves now (EXIT_INIT_FAILED)
-                st.idle.notify_all()  # (`_pace`)
                 st.stats["init_failures"] += 1
                 if not st.closed and st.broken is None:
                     self.failed(f"{type(exc).__name__}: {exc}", initializer=True)

@@ -332,48 +332,6 @@ def _record_init(path, pause):
         f.write(f"{os.getpid()} {start} {time.monotonic_ns()}\n")
 
 
-@pytest.mark.spec("exec.fork-pace")
-def test_forked_workers_start_one_after_another_answered_init(tmp_path, monkeypatch):
-    """The second worker is forked only once the first has run its
-    initializer (answered `init`): its initializer starts after the first's
-    ended. (The bound is raised so that a loaded machine cannot end the
-    wait first.)"""
-    from shmpool.exec import starter
-
-    monkeypatch.setattr(starter, "FORK_PACE", 60.0)
-    path = tmp_path / "inits"
-    with ShmExecutor(3, mp_context=FORK, initializer=_record_init, initargs=(str(path), 0.05)) as ex:
-        assert ex.submit(ident, 1).result() == 1
-        wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 3, timeout=60)
-    rows = sorted(tuple(map(int, line.split())) for line in path.read_text().splitlines())
-    runs = sorted((start, end) for _, start, end in rows)
-    assert len({pid for pid, _, _ in rows}) == 3
-    for (_, end), (start, _) in zip(runs, runs[1:]):
-        assert start >= end
-
-
-def _meet(path):
-    # Wait until the three workers run their initializer (a worker whose
-    # fork waited for this one's `init` never comes: the initializer fails).
-    with open(path, "a") as f:
-        f.write(f"{os.getpid()}\n")
-    wait_for(lambda: len(open(path).read().split()) == 3, timeout=60)
-
-
-@pytest.mark.spec("exec.fork-pace")
-def test_queued_tasks_are_not_held_up_by_the_pace_of_forks(tmp_path, monkeypatch):
-    """Tasks waiting for workers: every worker is forked at once, whatever
-    the others' `init` does (here: wait until all three run it)."""
-    from shmpool.exec import starter
-
-    monkeypatch.setattr(starter, "FORK_PACE", 600.0)
-    path = tmp_path / "met"
-    with ShmExecutor(3, mp_context=FORK, initializer=_meet, initargs=(str(path),)) as ex:
-        assert list(ex.map(ident, range(30))) == list(range(30))
-        assert len(ex._core.processes()) == 3
-        assert ex._core.state.stats["init_failures"] == 0
-
-
 def pid_of(_):
     return os.getpid()
 
