@@ -160,7 +160,7 @@ def run_child(run, args: list[str], keep: set[int], stderr: int | None, mp_child
             run(args)
             code = 0
         except SystemExit as e:
-            code = _exit_code(e.code)
+            code = exit_status(e.code)
         except BaseException:  # noqa: BLE001 - printed, as an uncaught exception
             import traceback
 
@@ -209,7 +209,10 @@ def _expect_parent(host_pid: int) -> None:
         guest.PARENT_PID = host_pid
 
 
-def _exit_code(c) -> int:
+def exit_status(c) -> int:
+    """The status an interpreter exits with for `SystemExit(c)` (a message
+    is printed, status 1), for a guest that ends without an interpreter's
+    exit (a forked one, a forkserver one)."""
     if c is None:
         return 0
     if isinstance(c, int):

@@ -27,12 +27,8 @@ The forked child's side is hub/forkchild.py's (what it drops, in which
 order, and why).
 
 Invariants:
-- The child takes no lock another thread of the host may hold: it runs
-  only code that does not (the at-fork handlers of the stdlib and of
-  exec/forksafe.py reinitialise the ones they own), and never the host's
-  code. The host's objects it found machinery in stay referenced until it
-  exits (`_PINNED`): their deallocation would close fd numbers the child
-  may have reused by then.
+- The fork happens under `forkchild.creating()`: no fd of host machinery
+  exists unlisted in the child (forkchild.py says what the child may touch).
 - The warning is the stdlib's (Python 3.12+: DeprecationWarning "This
   process (pid=N) is multi-threaded, use of fork() may lead to deadlocks in
   the child."), given when the process has a thread besides the calling

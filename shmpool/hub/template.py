@@ -54,6 +54,7 @@ import sys
 import traceback
 
 from . import guest as _guest
+from .forkchild import exit_status
 from .spawn import GuestExit
 
 MAX_REQUEST = 1 << 20  # bytes of one request (the environment is the bulk of it)
@@ -296,7 +297,7 @@ def _child(t: _Template, req: dict, fn, fds: list[int]) -> None:
             fn(args)
             code = 0
         except SystemExit as e:
-            code = _exit_status(e)
+            code = exit_status(e.code)
         except BaseException:  # noqa: BLE001 - as an uncaught exception ends an interpreter
             traceback.print_exc()
             code = 1
@@ -400,20 +401,6 @@ def _set_environment(env: dict) -> None:
     for k, v in env.items():
         if cur.get(k) != v:
             cur[k] = v
-
-
-def _exit_status(e: SystemExit) -> int:
-    """The status an interpreter exits with for `SystemExit(e.code)`."""
-    c = e.code
-    if c is None:
-        return 0
-    if isinstance(c, int):
-        return c & 0xFF
-    try:
-        print(c, file=sys.stderr)
-    except Exception:  # noqa: BLE001
-        pass
-    return 1
 
 
 def _finish(code: int) -> int:
