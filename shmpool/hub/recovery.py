@@ -43,7 +43,8 @@ store_u32 = _atomics.store_u32
 store_u64 = _atomics.store_u64
 
 _RING_WORDS = (L.P_G2H_HEAD, L.P_G2H_TAIL, L.P_H2G_HEAD, L.P_H2G_TAIL, L.P_SLEEP_FLAGS,
-               L.P_HOST_POLLING, L.P_GUEST_WORD)
+               L.P_HOST_POLLING, L.P_GUEST_WORD, L.P_TIMED_RID, L.P_STOP_COUNT,
+               *(L.P_STOP_RIDS + 4 * i for i in range(L.STOP_SLOTS)))
 
 
 @dataclass

@@ -34,7 +34,7 @@ CACHE_LINE = 64
 PAGE = mmap.ALLOCATIONGRANULARITY
 
 MAGIC = b"SHMPOOL\x01"  # spec: shm.segment.magic
-VERSION = 1
+VERSION = 2  # 2: the peer entry grew to 128 bytes (task control words)
 
 
 def align(n: int, to: int = CACHE_LINE) -> int:
@@ -94,7 +94,7 @@ H_HOST_SLEEPING = 100
 H_HOST_START = 104
 
 # --------------------------------------------------------------------------
-# Peer entry (64 bytes, one per possible guest). spec: shm.segment.peer-table
+# Peer entry (128 bytes, one per possible guest). spec: shm.segment.peer-table
 # --------------------------------------------------------------------------
 PEER_ENTRY = struct.Struct(
     "<I"  # 0  state              CAS: host Empty->Reserved, guest ->Attached
@@ -110,8 +110,15 @@ PEER_ENTRY = struct.Struct(
     "Q"  # 48 channel_table_offset host at create
     "I"  # 56 host_polling        host caller (atomic): polls this guest's g2h ring itself
     "I"  # 60 guest_word          guest (atomic), for the layer above: the task it runs
+    # Task control (the executor's, spec: exec.task-timeout, exec.interrupt-task):
+    "Q"  # 64 task_started        guest: CLOCK_MONOTONIC ns at which the call of the task
+    #                                    `timed_rid` names started (written only for timed tasks)
+    "I"  # 72 timed_rid           guest (atomic): 0 while `task_started` is written, then the id
+    "I"  # 76 stop_count          host (atomic): how many of `stop_rids` are set (0: none)
+    "8I"  # 80 stop_rids          host (atomic): ids the host wants stopped, or never run (0: free)
+    "16x"  # 112 reserved (zero)
 )
-PEER_ENTRY_SIZE = 64
+PEER_ENTRY_SIZE = 128
 assert PEER_ENTRY.size == PEER_ENTRY_SIZE, PEER_ENTRY.size
 
 P_STATE = 0
@@ -127,6 +134,11 @@ P_SLEEP_FLAGS = 44
 P_CHANNEL_TABLE = 48
 P_HOST_POLLING = 56
 P_GUEST_WORD = 60
+P_TASK_STARTED = 64
+P_TIMED_RID = 72
+P_STOP_COUNT = 76
+P_STOP_RIDS = 80
+STOP_SLOTS = 8
 
 # Bits of `sleep_flags`: who is (about to be) asleep, and on what. A waker
 # reads the word with an atomic RMW after publishing and issues a wake only

@@ -415,6 +415,7 @@ class Segment:
             L.PEER_ENTRY.pack_into(
                 buf, lay.peer_entry(peer), 0, 0, 0, 0, 0, 0, 0,
                 lay.guest_area(peer), 0, 0, lay.channel_table(peer), 0, 0,
+                0, 0, 0, *(0,) * L.STOP_SLOTS,
             )
         format_slot_region(buf, lay)
         # Magic last, with release: an attacher that sees it sees the rest.

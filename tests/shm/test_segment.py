@@ -125,7 +125,7 @@ def test_peer_entries_point_at_their_areas():
             assert e[0] == 0  # Empty
             assert e[7] == lay.guest_area(peer) == lay.g2h_ring(peer)
             assert e[10] == lay.channel_table(peer)
-        assert lay.peer_entry(1) == 128 and lay.peer_entry(2) == 192
+        assert lay.peer_entry(1) == 128 and lay.peer_entry(2) == 256
         for bad in (0, 4, -1):
             with pytest.raises(ValueError):
                 lay.peer_entry(bad)
