@@ -15,7 +15,7 @@ one task through them):
 
 from .errors import (
     ConfigError, DoorbellError, ForeignPoolError, PeerDeadError, SegmentError, ShmpoolError,
-    TransferFailed,
+    TaskTimeoutError, TransferFailed,
 )
 from .shm.segment import clean
 
@@ -48,6 +48,7 @@ __all__ = [
     "PoolBrokenError",
     "ForeignPoolError",
     "TransferFailed",
+    "TaskTimeoutError",
     "ConfigError",
     "DoorbellError",
     "PeerDeadError",

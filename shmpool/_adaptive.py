@@ -94,8 +94,10 @@ class AdaptiveMap:
     executor (its `_submit(fn, kind, args, kwargs)`, `_core`,
     `_max_workers`, `_map_stats`), held while input is left to submit."""
 
-    def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None) -> None:
+    def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None,
+                 *, task_timeout: float | None = None) -> None:
         self.owner = owner
+        self.task_timeout = task_timeout  # each call's (None: the executor's). spec: exec.task-timeout
         self.fn = fn
         self.star = len(iterables) != 1  # items are argument tuples
         self.end = None if timeout is None else time.monotonic() + timeout
@@ -199,7 +201,7 @@ class AdaptiveMap:
                 if not chunk:
                     break
                 try:
-                    fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None)
+                    fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None, self.task_timeout)
                 except Exception as e:  # noqa: BLE001 - shut down, broken: where these items would be
                     self._fail_rest(e)
                     break

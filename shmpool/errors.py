@@ -18,13 +18,13 @@ Invariants:
   only) and `WaitTimeout` (the benchmark's rivals). They live here too, so
   that the whole tree is in one place; they are not in `__all__`.
 - Exceptions: the executor's wire answers (`ResultEncodingError`,
-  `TaskNotRun`, `TaskInterrupted`, `InitializerFailed`) keep the stdlib
+  `TaskNotRun`, `TaskInterrupted`, `TaskStopped`, `InitializerFailed`) keep the stdlib
   bases the session's answering relies on (an `Exception` is answered and
   the worker goes on; `InitializerFailed`, a `BaseException`, is answered
   and then ends the worker). They travel between processes pickled by
   reference, as `shmpool.errors.X`, which host and guest both import. Of
   them only `ResultEncodingError` reaches a user (the executor raises the
-  pickling error it carries); the other three are the host's and the
+  pickling error it carries); the others are the host's and the
   worker's, and are not in `__all__`. `_NeedsCloudpickle` (a plain
   `Exception`) is the serializer's signal to itself to retry a pickle
   with cloudpickle.
@@ -77,6 +77,7 @@ __all__ = [
     "AttachError",
     "ForeignPoolError",
     "ResultEncodingError",
+    "TaskTimeoutError",
 ]
 
 
@@ -312,6 +313,41 @@ class TaskInterrupted(Exception):
     def __init__(self, original: BaseException) -> None:
         super().__init__(original)
         self.original = original
+
+
+class TaskTimeoutError(ShmpoolError, TimeoutError):
+    """A task ran past its timeout (`task_timeout=`, `schedule(timeout=)`):
+    it was interrupted inside its worker, or, if it did not stop within the
+    grace period (a signal handler cannot run inside a C call), its worker
+    was killed and replaced. Only this task failed; the pool goes on.
+    `timeout` is the limit in seconds, `pid` the worker's, `killed` whether
+    the worker had to be killed. (A `TimeoutError`, so that `except
+    TimeoutError` catches it; unlike the `TimeoutError` of `result(timeout)`
+    the task itself is over.) spec: exec.task-timeout"""
+
+    def __init__(self, message: str, timeout: float | None = None, pid: int | None = None,
+                 killed: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.pid = pid
+        self.killed = killed
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.timeout, self.pid, self.killed))
+
+
+class TaskStopped(Exception):
+    """(worker -> host) The worker stopped this task because the host asked
+    it to (its id among the entry's stop ids: a timeout or an `interrupt`),
+    before or while it ran. The host turns it into the task's outcome
+    (`TaskTimeoutError`, or a cancelled future). `ran`: the function had
+    started. An Exception, so that the session answers with it and the
+    worker goes on."""
+
+    def __init__(self, pid: int = 0, ran: bool = True) -> None:
+        super().__init__(pid, ran)
+        self.pid = pid
+        self.ran = ran
 
 
 class InitializerFailed(BaseException):

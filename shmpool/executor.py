@@ -54,6 +54,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from . import _adaptive, _lifetime, failpoints
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
+from .exec.control import check_retries, check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
 from .exec.starter import pickle_for_child
@@ -111,6 +112,12 @@ class ShmExecutor(Executor):
       and at most 64 (tiny tasks get a deep window, long ones 2). Either
       way at most what a worker's ring holds: `(ring_size - 1) // 2`.
     - `segment_config`: sizes of the shared segment (`SegmentConfig`).
+    - `task_timeout`: seconds each task may run in its worker (its clock
+      starts when the worker starts it); past it the task is interrupted,
+      or its worker killed and replaced after a grace period, and its
+      future fails with `TaskTimeoutError`. Per task: `schedule(...,
+      timeout=)`, `map(..., task_timeout=)`. `interrupt(future)` stops a
+      task and cancels its future, running or not.
 
     Workers are started as `mp_context` says, as the stdlib's are: forked
     from this process ("fork"), forked from a template process started once
@@ -125,7 +132,8 @@ class ShmExecutor(Executor):
 
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
                  initargs=(), *, max_tasks_per_child: int | None = None, max_retries: int = 2,
-                 max_inflight: int | None = None, segment_config: SegmentConfig | None = None) -> None:
+                 max_inflight: int | None = None, segment_config: SegmentConfig | None = None,
+                 task_timeout: float | None = None) -> None:
         if max_workers is None:
             max_workers = default_workers()
         elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
@@ -143,6 +151,7 @@ class ShmExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         _lifetime.check_options(max_retries, max_inflight)
+        self._task_timeout = check_timeout(task_timeout)  # spec: exec.task-timeout
         if mp_context is None:  # spec: api.start-method-default -- as the stdlib chooses
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         method = start_method(mp_context, "mp_context")
@@ -199,15 +208,47 @@ class ShmExecutor(Executor):
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a Future."""
         core = self._core
-        if core is None or _exiting:  # (`_submit`, less one call on the common path)
+        if core is None or _exiting or self._task_timeout:  # (`_submit`, less one call on the common path)
             return self._submit(fn, SINGLE, args, kwargs)
         return core.submit(fn, SINGLE, args, kwargs)
 
-    def _submit(self, fn, kind, args, kwargs) -> Future:
+    def schedule(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
+                 retries: int | None = None) -> Future:
+        """Schedule `fn(*args, **kwargs)` with this call's options (pebble's
+        shape); returns a Future. `timeout`: seconds it may run once its
+        worker starts it (None: the executor's `task_timeout`); past it
+        the future fails with `TaskTimeoutError`. `retries`: how many times
+        it may run again after a timeout or a crash of its worker, counted
+        together (None: no retry after a timeout, and the executor's
+        `max_retries` for crashes). spec: exec.task-timeout"""
+        timeout = check_timeout(timeout, "timeout")
+        retries = check_retries(retries)
+        return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), timeout, retries)
+
+    def interrupt(self, future: Future) -> bool:
+        """Stop `future`'s task and cancel `future`: a queued task never
+        runs; one sent to a worker and not started is skipped there; a
+        running one is stopped at its next bytecode (or, still running
+        after the grace period, its worker is killed and replaced). Its
+        future ends cancelled (`cancelled()`, `CancelledError`; waiters
+        and done callbacks see it at once), and a result the task
+        produced meanwhile is dropped. True if the future is cancelled
+        (now or already); False if it was done (a result, an error, or a
+        timeout under way). `Future.cancel()` stays the stdlib's.
+        spec: exec.interrupt-task"""
+        task = getattr(future, "_task", None)
+        core = self._core
+        if core is None or task is None or task.future is not future:
+            return future.cancelled()
+        return core.interrupt(future)
+
+    def _submit(self, fn, kind, args, kwargs, timeout=None, retries=None) -> Future:
         core = self._core or self._get_core_checked()
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        fut = core.submit(fn, kind, args, kwargs)
+        if timeout is None:
+            timeout = self._task_timeout
+        fut = core.submit(fn, kind, args, kwargs, None, None, timeout, retries)
         if core.forking:  # (fork: the first submit returns once the workers are forked)
             core.wait_forked()
         return fut
@@ -222,18 +263,24 @@ class ShmExecutor(Executor):
         return self._get_core()
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = DEFAULT_CHUNKSIZE,
-            buffersize: int | None = None):
+            buffersize: int | None = None, task_timeout: float | None = None):
         """Like `Executor.map`: results in order, lazily. At the default
         `chunksize` the calls go in chunks sized from the time they take in
         the workers (about 4 ms each; see the README), each call's
         exception still raised at its own result; an explicit `chunksize`
         (1 included) sends that many calls as one task, as the stdlib
         does. `buffersize` bounds how many calls are submitted ahead of
-        the results consumed (input is then read lazily), as in Python 3.14."""
+        the results consumed (input is then read lazily), as in Python 3.14.
+        `task_timeout`: seconds each call may run (None: the executor's);
+        a call past it fails its chunk with `TaskTimeoutError`."""
+        task_timeout = check_timeout(task_timeout)
         if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
             _check_buffersize(buffersize)
-            return _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize).results()
-        return _map(self._submit, fn, iterables, timeout, chunksize, buffersize)
+            return _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize,
+                                         task_timeout=task_timeout).results()
+        submit = self._submit if task_timeout is None else (
+            lambda fn, kind, a, kw: self._submit(fn, kind, a, kw, task_timeout))
+        return _map(submit, fn, iterables, timeout, chunksize, buffersize)
 
     # -- lifetime ------------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class Answers:
         self.pins = pins
         self.schedule = self.later = None  # the scheduler's (`connect`)
         self.queued: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
+        self.control = None  # the core's `control.Control` (timeouts, interrupts): `settle`
 
     def connect(self, *, schedule, later) -> None:
         """The scheduler's `schedule()` (send queued tasks to workers with
@@ -150,7 +151,10 @@ class Answers:
             if not self._answered(task, w, exc, end):
                 return
         done: list = []
-        self._deliver_error(task, w, exc, done)
+        if task.stop is not None:  # spec: exec.task-timeout (whatever it answered, the stop decides)
+            self._stopped(task, w, done)
+        else:
+            self._deliver_error(task, w, exc, done)
         self._settle(done, ())
 
     def flush(self) -> None:
@@ -329,7 +333,7 @@ class Answers:
             self._lost(task, w)
             self.schedule()
             return False
-        if isinstance(exc, TaskNotRun):  # a task before it in its batch ended the worker
+        if isinstance(exc, TaskNotRun) and task.stop is None:  # a task before it in its batch ended the worker
             self.state.stats["requeued"] += 1
             self.state.queue.appendleft(task)
             return False
@@ -339,6 +343,9 @@ class Answers:
         return True
 
     def _deliver(self, task: _Task, w: WorkerRecord, result, done: list) -> None:
+        if task.stop is not None:  # (a stopped task's result came first: the stop decides)
+            self._stopped(task, w, done)
+            return
         if task.on_result is not None:
             try:
                 result = task.on_result(result)
@@ -346,6 +353,20 @@ class Answers:
                 self._complete(task, error=e, done=done)
                 return
         self._complete(task, result=result, done=done)
+
+    def _stopped(self, task: _Task, w: WorkerRecord, done: list) -> None:
+        """A task the host stopped (a timeout, an interrupt) was answered:
+        its outcome is the stop's (`control.Control.settle`), not its answer."""
+        with self.state.lock:
+            err, again = self.control.settle(task, w)
+            if again:  # a retry after a timeout (`retries`)
+                self.state.queue.appendleft(task)
+                self.schedule()
+                return
+        if err is None:
+            self._complete(task, done=done)  # (cancelled: its future is, already)
+        else:
+            self._deliver_error(task, w, err, done)
 
     def _deliver_error(self, task: _Task, w: WorkerRecord, exc: BaseException, done: list) -> None:
         if isinstance(exc, TaskInterrupted):  # spec: exec.interrupt
@@ -389,14 +410,26 @@ class Answers:
         if self.state.broken is not None:
             self.state.fail(task, PoolBrokenError(self.state.broken))
             return
-        if w.crashed_rid and w.crashed_rid == task.rid:
+        if task.stop is not None:  # spec: exec.stop-grace -- its outcome is the stop's, not a crash
+            err, again = self.control.settle(task, w, lost=True)
+            if not again:
+                if err is None:
+                    self.state.finished(task)  # (cancelled: its future is, already)
+                else:
+                    self._complete(task, error=err, locked=True)
+                return
+        elif w.crashed_rid and w.crashed_rid == task.rid and not w.stop_kill:
+            # (a worker `control` killed charges nobody: the task it was
+            # stopping is settled above, any other one only ran beside it)
             task.attempts += 1
             task.crashes += (w.death or f"worker {w.peer_id}",)
             self.state.stats["crashes_charged"] += 1
-            if task.attempts > self.state.max_retries:
+            limit = self.state.max_retries if task.retries is None else task.retries
+            if task.attempts > limit:
                 err = WorkerCrashedError(
                     f"task {task.fname} crashed its worker {task.attempts} time(s) "
-                    f"({'; '.join(task.crashes)}); max_retries={self.state.max_retries}, so it is not "
+                    f"({'; '.join(task.crashes)}); "
+                    f"{'max_retries' if task.retries is None else 'retries'}={limit}, so it is not "
                     "retried again. The pool replaced the worker(s) and goes on."
                 )
                 self._complete(task, error=err, locked=True)

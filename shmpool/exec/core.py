@@ -65,6 +65,7 @@ from ..shm.layout import SegmentConfig
 from . import forksafe
 from . import tasks as T
 from .answers import Answers, PinBudget
+from .control import Control
 from .fncache import FunctionCache
 from .scheduler import Scheduler
 from .serialization import OOB_MIN, dumps
@@ -140,6 +141,8 @@ class Core:
             self.slots = self.session.slots
             self.pins = PinBudget(self.slots.config)
             self.answers = Answers(st, self.pins)
+            # spec: exec.task-timeout -- timeouts and `interrupt` (a thread only once a task has a timeout)
+            self.control = self.answers.control = Control(st, self.host.segment.buf, self.host.segment.layout)
             self.scheduler = Scheduler(st, self.pins, self.functions, self.slots,
                                        on_done=self.answers.on_done, batch_done=self.answers.batch_done)
             # (each part calls the other: answers make room, sends await answers)
@@ -235,7 +238,7 @@ class Core:
         w.crashed_rid = running
         w.info = info
         w.death = describe(info)
-        if info is not None and info.cause != "goodbye":
+        if info is not None and info.cause != "goodbye" and not w.stop_kill:  # (control counts its kills)
             self.state.stats["worker_deaths"] += 1
         if not self.state.closed:
             self.starter.replace(w)
@@ -251,9 +254,12 @@ class Core:
         if st.shutdown_started:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None) -> Future:
+    def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None, timeout=None,
+               retries=None) -> Future:
         """Queue one task (a call, or a chunk of argument tuples); its future.
-        Pickling errors fail the future, not the caller."""
+        Pickling errors fail the future, not the caller. `timeout`: seconds
+        each call may run (its record then carries it: the worker stamps
+        each call's start); `retries`: see `tasks._Task`."""
         st = self.state
         if self.foreign or st.broken is not None or st.shutdown_started:
             self.check_open()
@@ -261,7 +267,7 @@ class Core:
         try:
             fid, name, fbytes = self.functions.get(fn)
             # (a callable that is not cached goes with the call, in place of its id)
-            call = (fid or fn, kind, args, kwargs)
+            call = (fid or fn, kind, args, kwargs) if timeout is None else (fid or fn, kind, args, kwargs, timeout)
             if fid and not kwargs and type(args) is tuple:
                 # Arguments of the plain types only (no buffer, reducer or
                 # function to pickle by value can be among them): the C
@@ -280,7 +286,9 @@ class Core:
                 self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
             fut.set_exception(e)
             return fut
-        fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error)
+        fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
+        if timeout is not None:
+            self.control.add(task)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:
                 self.check_open()
@@ -396,6 +404,12 @@ class Core:
         for fut, cbs in later:
             run_callbacks(fut, cbs)
 
+    def interrupt(self, fut: Future) -> bool:
+        """Stop `fut`'s task and cancel `fut` (`control.Control.interrupt`)."""
+        if self.foreign:
+            return False
+        return self.control.interrupt(fut)
+
     def capacity(self) -> int:
         """Tasks the workers can hold at once now (their windows summed,
         workers being started included; a racy read, for pacing producers)."""
@@ -460,6 +474,7 @@ class Core:
         self.functions.clear()
         for log in logs:
             log.close()
+        self.control.close()
         with self.lock:
             timers = self.scheduler.take_timers()
             # A stream thread waits for credit as long as its worker lives

@@ -58,7 +58,7 @@ import time
 
 from .. import _atomics, failpoints
 from .. import errors
-from ..errors import InitializerFailed, ResultEncodingError, TaskInterrupted, TaskNotRun
+from ..errors import InitializerFailed, ResultEncodingError, TaskInterrupted, TaskNotRun, TaskStopped
 from ..hub.guest import run_guest
 from ..session import GuestSession
 from .protocol import (
@@ -66,8 +66,10 @@ from .protocol import (
 )
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
+from . import stopping
 
 store_u32 = _atomics.store_u32
+load_u32 = _atomics.load_u32
 pickle_dumps = pickle.dumps
 _PLAIN = frozenset({int, float, bool, type(None)})  # results pickled directly (see `_call`)
 _PLAIN_SEQ = frozenset({str, bytes})  # ... when short
@@ -98,6 +100,13 @@ def _on_sigint(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def _on_stop(signum, frame) -> None:
+    """The host's stop signal: stop the running task if it is one the host
+    wants stopped (else it ended already: nothing). spec: exec.interrupt-task"""
+    if _in_task and current is not None and stopping.requested(current.buf, current.entry):
+        raise stopping.Stop
+
+
 class GuestProgram:
     """One worker process's side of its session: the handlers of the
     protocol's requests (see the module docstring), run on the main thread."""
@@ -108,7 +117,9 @@ class GuestProgram:
         self.session = GuestSession(guest)
         self.conn = self.session.connection
         self.buf = guest.segment.buf
-        self.word = guest.segment.layout.peer_entry(guest.peer_id) + L.P_GUEST_WORD
+        self.entry = guest.segment.layout.peer_entry(guest.peer_id)
+        self.word = self.entry + L.P_GUEST_WORD
+        self.stops = self.entry + L.P_STOP_COUNT  # (nonzero: the host wants some task stopped)
         self.funcs: dict[int, object] = {}
         self.pins: list = []
         self.conn.channels.collecting = True  # chunked arguments arrive as transfers. spec: exec.chunked
@@ -319,8 +330,10 @@ class GuestProgram:
             raise conn.end_reason or RuntimeError(f"transfer {tid} never arrived")
         return got
 
-    def _call(self, fid, kind, args, kwargs):
-        """Run one task: its pickled result (stream, buffers)."""
+    def _call(self, fid, kind, args, kwargs, timeout=None):
+        """Run one task: its pickled result (stream, buffers). `timeout`
+        (a timed task's record only): each call of its function stamps its
+        start (`stopping.stamped`; the host's monitor reads it)."""
         if failpoints.ACTIVE:
             failpoints.hit(FP_UNPICKLED)
         if type(fid) is int:
@@ -337,21 +350,32 @@ class GuestProgram:
                                              f"{fn.error}") from fn.error
         if failpoints.ACTIVE:
             failpoints.hit(FP_IN_FUNCTION)
+        if timeout is not None:  # spec: exec.timeout-clock
+            fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
         global _in_task
+        ran = False
         _in_task = True
         try:
-            if kind == SINGLE:
-                result = fn(*args, **kwargs)
-            elif kind == MAP:
-                result = list(map(fn, args))
-            elif kind == ITEMS:  # spec: exec.map-adaptive
-                result = run_items(fn, args)
-            else:
-                result = list(itertools.starmap(fn, args))
+            try:
+                # spec: exec.interrupt-task -- a task the host stopped before it started never runs
+                if load_u32(self.buf, self.stops) and stopping.requested(self.buf, self.entry):
+                    raise stopping.Stop
+                ran = True
+                if kind == SINGLE:
+                    result = fn(*args, **kwargs)
+                elif kind == MAP:
+                    result = list(map(fn, args))
+                elif kind == ITEMS:  # spec: exec.map-adaptive
+                    result = run_items(fn, args)
+                else:
+                    result = list(itertools.starmap(fn, args))
+            finally:
+                _in_task = False
         except KeyboardInterrupt as e:
             raise TaskInterrupted(e) from e
-        finally:
-            _in_task = False
+        except stopping.Stop:
+            _in_task = False  # (raised inside the `finally` above, before it cleared the flag)
+            raise TaskStopped(os.getpid(), ran) from None
         del args, kwargs, fn
         if type(result) in _PLAIN or (type(result) in _PLAIN_SEQ and len(result) <= _PLAIN_MAX):
             # (what the C pickler writes for these is what `dumps` writes,
@@ -473,6 +497,7 @@ def main(argv: list[str] | None = None, *, setup: tuple | None = None) -> None:
     _close_stdin()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
         signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(stopping.STOP_SIGNAL, _on_stop)  # spec: exec.stop-signal
     if failpoints.ACTIVE:
         failpoints.hit(FP_START)
     err_fd = _stderr_fd(argv)

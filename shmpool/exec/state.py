@@ -38,7 +38,7 @@ from ..errors import PoolBrokenError
 
 STATS = ("submitted", "dispatched", "completed", "failed", "retries", "requeued", "crashes_charged",
          "worker_deaths", "respawns", "workers_started", "init_failures", "start_failures",
-         "slot_waits", "batches", "ring_full")
+         "slot_waits", "batches", "ring_full", "timeouts", "interrupts", "stop_kills")
 
 
 class EngineState:

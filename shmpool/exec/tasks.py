@@ -255,7 +255,8 @@ class _Task:
     own)."""
 
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
-                 "worker", "rid", "on_result", "on_error", "started", "finished", "request_id", "end")
+                 "worker", "rid", "on_result", "on_error", "started", "finished", "request_id", "end",
+                 "timeout", "retries", "stop")
     raw = True  # (the record protocol: the payload is handed over as a `Received`)
     inline = True
 
@@ -275,7 +276,8 @@ class _Task:
         w.answers.queued.append((self, w, desc, self.end))
 
     def __init__(self, future: Future, fid: int, fname: str, fbytes: bytes, kind: int, stream,
-                 bufs, on_result: Callable | None = None, on_error: Callable | None = None) -> None:
+                 bufs, on_result: Callable | None = None, on_error: Callable | None = None,
+                 timeout: float | None = None, retries: int | None = None) -> None:
         self.future = future
         self.fid = fid
         self.fname = fname
@@ -293,6 +295,9 @@ class _Task:
         self.finished = False  # completed (or cancelled, or failed by `EngineState.break_pool`): never again
         self.request_id = 0
         self.end = True
+        self.timeout = timeout  # seconds it may run (None: no limit). spec: exec.task-timeout
+        self.retries = retries  # runs again after a timeout or a crash, counted together (None: the pool's)
+        self.stop = None  # a stop under way (`control.TIMEOUT`, `control.CANCEL`)
 
 
 class WorkerRecord:
@@ -301,7 +306,7 @@ class WorkerRecord:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
                  "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx",
-                 "answers")
+                 "answers", "stop_ids", "stop_kill")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -328,6 +333,8 @@ class WorkerRecord:
         self.last_done = 0.0
         self.tx = None  # the channel chunked arguments stream over (opened on first use)
         self.answers = None  # the pool's `answers.Answers`, which its tasks' answers go to
+        self.stop_ids = [0] * 8  # the host's copy of its entry's stop ids (`control`)
+        self.stop_kill = False  # killed by `control` (a task that did not stop): no task charged
 
 
 def _after_fork_in_child() -> None:

@@ -1,0 +1,83 @@
+"""Task control, the worker's side: the start stamp of a timed call, and
+stopping a task the host asked to stop (a timeout, an `interrupt`).
+Imported by the worker program (`guest`); imports nothing of the host.
+
+Owns: the stop signal (`STOP_SIGNAL`), the exception its handler raises
+inside the task (`Stop`, a BaseException: a task's `except Exception`
+does not swallow it), the check a task start makes, and the stamp
+written before each call of a timed task. The host's side is
+`control.Control`; the words are the peer entry's (`shm.layout`:
+`task_started`, `timed_rid`, `stop_count`, `stop_rids`).
+
+Data flow: host -> a stop id into a free `stop_rids` slot, `stop_count`
+raised -> (a running task) the stop signal -> this handler, on the main
+thread at the next bytecode: if a task's function is running and the
+guest word names one of the stop ids, `Stop` is raised there ->
+`guest.GuestProgram._call` answers the task `TaskStopped`. A task that
+starts while its id is a stop id is answered `TaskStopped(ran=False)`
+without its function running (`check_start`). A timed task's call is
+wrapped (`stamped`) so that each call of its function (each item of a
+chunk) first writes `timed_rid = 0`, `task_started = now`, `timed_rid =
+rid`: a host that reads `timed_rid`, the stamp, `timed_rid` again and
+finds the task's id twice has a stamp of that task, never an earlier one.
+spec: exec.timeout-clock
+
+Invariants: the handler never raises outside a task's function (an idle
+worker, the session's code, pickling: the host kills after the grace
+period instead); a task without a timeout writes no stamp, and a task
+start costs one load of `stop_count` when nothing is to be stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from .. import _atomics
+from ..shm import layout as L
+
+load_u32 = _atomics.load_u32
+store_u32 = _atomics.store_u32
+store_u64 = _atomics.store_u64
+monotonic_ns = time.monotonic_ns
+
+# A real-time signal: user code seldom uses them (SIGUSR1/2 are often
+# taken), they are never coalesced with a terminal's, and Python can
+# handle them. SIGRTMIN + 6 leaves glibc's own (SIGRTMIN, +1, +2) alone.
+# spec: exec.stop-signal
+STOP_SIGNAL = (signal.SIGRTMIN + 6) if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+
+class Stop(BaseException):
+    """(worker-internal) Raised inside a task's function by the stop signal:
+    the host asked for this task to stop."""
+
+
+def stop_ids(buf, entry: int) -> tuple[int, ...]:
+    """The ids the host wants stopped (empty when `stop_count` is 0)."""
+    if not load_u32(buf, entry + L.P_STOP_COUNT):
+        return ()
+    base = entry + L.P_STOP_RIDS
+    return tuple(r for r in (load_u32(buf, base + 4 * i) for i in range(L.STOP_SLOTS)) if r)
+
+
+def requested(buf, entry: int) -> bool:
+    """Is the task the guest word names one the host wants stopped?"""
+    ids = stop_ids(buf, entry)
+    return bool(ids) and load_u32(buf, entry + L.P_GUEST_WORD) in ids
+
+
+def stamped(fn, buf, entry: int, rid: int):
+    """`fn`, each call of which first stamps its start for task `rid`."""
+    off_rid, off_t = entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED
+
+    def call(*args, **kwargs):
+        store_u32(buf, off_rid, 0)
+        store_u64(buf, off_t, monotonic_ns())
+        store_u32(buf, off_rid, rid)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+__all__ = ["STOP_SIGNAL", "Stop", "stop_ids", "requested", "stamped"]
