@@ -59,6 +59,7 @@ from . import _lifetime, _threads
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import forksafe
+from .exec.control import check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
 from .executor import start_method
@@ -94,6 +95,7 @@ class _State:
         self.close_lock = threading.Lock()
         self.closed = False
         self.handler: threading.Thread | None = None
+        self.task_timeout: float | None = None  # the pool's `task_timeout` (spec: exec.task-timeout)
 
     def put_job(self, job) -> None:
         self.jobs.put(job)
@@ -160,7 +162,7 @@ class _State:
             self.accepting = False
             self.close_core()
 
-    def feed(self, result: "IMapIterator", fn, it, chunksize: int) -> None:
+    def feed(self, result: "IMapIterator", fn, it, chunksize: int, timeout=None) -> None:
         """Submit the tasks of one imap job, each once there is room."""
         i = 0
         # The input is user code, run with the signals unblocked (what it
@@ -184,7 +186,7 @@ class _State:
                     if not batch:
                         break
                     kind, args = MAP, batch
-                _submit(self, result, i, fn, kind, args, {})
+                _submit(self, result, i, fn, kind, args, {}, timeout)
         except BaseException as e:  # noqa: BLE001 - the input raised: that item's error, as the stdlib
             result._abort(i, e)
             return
@@ -200,11 +202,12 @@ class _State:
 _BUILTIN_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(0), "", b"", {}, set()))
 
 
-def _submit(st: _State, result, index: int, fn, kind: int, args, kwds) -> None:
-    """One core task whose outcome goes to `result` at `index`."""
+def _submit(st: _State, result, index: int, fn, kind: int, args, kwds, timeout=None) -> None:
+    """One core task whose outcome goes to `result` at `index`; `timeout`:
+    each call's (None: the pool's `task_timeout`)."""
     st.task_started()
     try:
-        fut = st.core.submit(fn, kind, args, kwds, on_error=_convert)
+        fut = st.core.submit(fn, kind, args, kwds, None, _convert, timeout or st.task_timeout)
     except Exception as e:  # noqa: BLE001 - pool broken or closed under us
         _tls.depth = getattr(_tls, "depth", 0) + 1
         try:
@@ -301,8 +304,10 @@ class ShmPool:
 
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
                  maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
-                 max_inflight: int | None = None, segment_config=None) -> None:
+                 max_inflight: int | None = None, segment_config=None,
+                 task_timeout: float | None = None) -> None:
         self._st: _State | None = None
+        task_timeout = check_timeout(task_timeout)
         if processes is None:
             processes = default_workers()
         if processes < 1:
@@ -325,6 +330,7 @@ class ShmPool:
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
                     start_method=self._start_method)
         st = _State(core)
+        st.task_timeout = task_timeout
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
             _threads.start(st.handler)
@@ -351,38 +357,47 @@ class ShmPool:
         if self._st is None or self._st.state != RUN:
             raise ValueError("Pool not running")
 
-    def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
-        """`func(*args, **kwds)` in a worker; blocks until the result is ready."""
-        return self.apply_async(func, args, kwds).get()
+    def apply(self, func, args=(), kwds={}, *, task_timeout=None):  # noqa: B006 - the stdlib's signature
+        """`func(*args, **kwds)` in a worker; blocks until the result is ready.
+        `task_timeout` (here and below): seconds each call may run in its
+        worker (None: the pool's); past it the call fails with
+        `TaskTimeoutError`. spec: exec.task-timeout"""
+        return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
     def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
-                    error_callback=None) -> "ApplyResult":
+                    error_callback=None, *, task_timeout=None) -> "ApplyResult":
         """Like `apply()` but returns an `AsyncResult` at once."""
         self._check_running()
+        timeout = check_timeout(task_timeout)
         result = ApplyResult(self, callback, error_callback)
-        _submit(self._st, result, 0, func, SINGLE, args, kwds)
+        _submit(self._st, result, 0, func, SINGLE, args, kwds, timeout)
         return result
 
-    def map(self, func, iterable, chunksize=None):
+    def map(self, func, iterable, chunksize=None, *, task_timeout=None):
         """`[func(x) for x in iterable]` computed in the workers, `chunksize`
         items per task (default: about 4 tasks per worker)."""
-        return self._map_async(func, iterable, False, chunksize).get()
+        return self._map_async(func, iterable, False, chunksize, task_timeout=task_timeout).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func, iterable, chunksize=None, *, task_timeout=None):
         """Like `map()`, but each item is unpacked: `func(*item)`."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._map_async(func, iterable, True, chunksize, task_timeout=task_timeout).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  task_timeout=None):
         """Like `map()` but returns a `MapResult` at once."""
-        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback,
+                               task_timeout=task_timeout)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                      task_timeout=None):
         """Like `starmap()` but returns a `MapResult` at once."""
-        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback,
+                               task_timeout=task_timeout)
 
     def _map_async(self, func, iterable, star: bool, chunksize=None, callback=None,
-                   error_callback=None) -> "MapResult":
+                   error_callback=None, *, task_timeout=None) -> "MapResult":
         self._check_running()
+        timeout = check_timeout(task_timeout)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         if chunksize is None:
@@ -399,32 +414,33 @@ class ShmPool:
             # Slices: a copy of references (a range's: a range), several
             # times cheaper than taking the items one by one.
             for i, at in enumerate(range(0, len(iterable), chunksize or 1)):
-                _submit(self._st, result, i, func, kind, iterable[at:at + chunksize], None)
+                _submit(self._st, result, i, func, kind, iterable[at:at + chunksize], None, timeout)
             return result
         it = iter(iterable)
         for i in itertools.count():
             batch = tuple(itertools.islice(it, chunksize)) if chunksize else ()
             if not batch:
                 break
-            _submit(self._st, result, i, func, kind, batch, None)
+            _submit(self._st, result, i, func, kind, batch, None, timeout)
         return result
 
-    def imap(self, func, iterable, chunksize=1) -> "IMapIterator":
+    def imap(self, func, iterable, chunksize=1, *, task_timeout=None) -> "IMapIterator":
         """An iterator of `func(x)` in input order. The input is read lazily,
         at the pace the workers take it."""
-        return self._imap(IMapIterator, func, iterable, chunksize)
+        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout)
 
-    def imap_unordered(self, func, iterable, chunksize=1) -> "IMapUnorderedIterator":
+    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=None) -> "IMapUnorderedIterator":
         """Like `imap()`, but yields each result as soon as it is ready."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout)
 
-    def _imap(self, cls, func, iterable, chunksize):
+    def _imap(self, cls, func, iterable, chunksize, task_timeout=None):
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        timeout = check_timeout(task_timeout)
         it = iter(iterable)
         result = cls(self, chunked=chunksize != 1)
-        self._st.put_job((result, func, it, chunksize))
+        self._st.put_job((result, func, it, chunksize, timeout))
         return result
 
     # -- lifetime ------------------------------------------------------------------------
