@@ -117,7 +117,14 @@ class Control:
         if self.closing or self.state.closed:
             return
         heapq.heappush(self.heap, (at, next(self.seq), task))
+        self._wake(at)
+
+    def _wake(self, at: float) -> None:
+        """(lock held) The monitor must look at `at`: started (once), or
+        woken if it sleeps past it."""
         if self.thread is None:
+            if self.closing or self.state.closed:
+                return
             self.thread = threading.Thread(target=self._run, name=f"{self.state.name}-deadlines", daemon=True)
             _threads.start(self.thread)
         elif self.wake_at is None or at < self.wake_at:
@@ -209,8 +216,8 @@ class Control:
         s = _Stop(task, w, slot, reason)
         self.stops[task] = s
         t = self._push_on(s, now)
-        if t is not None and (self.wake_at is None or t < self.wake_at):
-            self.cond.notify()
+        if t is not None:
+            self._wake(t)
 
     def _push_on(self, s: _Stop, now: float) -> float | None:
         """(lock held) One look at a stop under way: signal the task once

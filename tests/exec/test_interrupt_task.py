@@ -1,0 +1,117 @@
+"""`ShmExecutor.interrupt(future)` with real worker processes: a queued
+task is cancelled in place, a windowed one (sent to its worker, not
+started) never runs, a running one is stopped at its next bytecode (one in
+a C call: its worker is killed after the grace period); the future ends
+cancelled, and its waiters and done callbacks see it. The Ctrl-C path
+(SIGINT -> TaskInterrupted, spec: exec.interrupt) is another matter and
+keeps working (tests/exec/test_interrupts.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import threading
+
+import pytest
+
+from harness import control_tasks as C
+from harness.polling import wait_for
+from shmpool import ShmExecutor
+
+METHODS = ["fork", "spawn"]
+HANG = 600.0
+
+
+def _inflight(ex) -> int:
+    return sum(w["inflight"] for w in ex.statistics()["workers"].values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_a_queued_and_a_windowed_task(tmp_path, method):
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    never = str(tmp_path / "never")
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(method), max_inflight=2) as ex:
+        long = ex.submit(C.wait_file, trace, go)
+        wait_for(lambda: C.lines(trace), "the long task started")
+        windowed = ex.submit(C.pid_marked, never, "w")
+        queued = ex.submit(C.pid_marked, never, "q")
+        wait_for(lambda: _inflight(ex) == 2 and ex.statistics()["queued"] == 1, "one windowed, one queued")
+        called = []
+        windowed.add_done_callback(lambda f: called.append(f.cancelled()))
+        assert ex.interrupt(queued) is True
+        assert ex.interrupt(windowed) is True
+        for f in (queued, windowed):
+            assert f.cancelled() and f.done() and not f.running()
+            with pytest.raises(cf.CancelledError):
+                f.result(0)
+        wait_for(lambda: called == [True], "the done callback ran")
+        assert ex.interrupt(windowed) is True  # (cancelled already)
+        open(go, "w").close()
+        pid = long.result(60)
+        # The worker skipped the windowed task (it never ran) and goes on.
+        assert ex.submit(C.pid_marked, str(tmp_path / "after")).result(60)[0] == pid
+        assert C.lines(never) == []
+        s = ex.statistics()
+        assert s["interrupts"] == 2 and s["stop_kills"] == 0 and s["worker_deaths"] == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_a_running_task_stops_it_at_the_next_bytecode(tmp_path, method):
+    trace = str(tmp_path / "t")
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(method)) as ex:
+        pid = ex.submit(os.getpid).result(60)
+        f = ex.submit(C.sleep_marked, trace, HANG)
+        wait_for(lambda: C.lines(trace), "the task started")
+        assert f.running() and f.cancel() is False  # (the stdlib's cancel: not while running)
+        waiter = threading.Thread(target=lambda: cf.wait([f]))
+        waiter.start()
+        ended = []
+        f.add_done_callback(lambda fut: ended.append(fut.cancelled()))
+        assert ex.interrupt(f) is True
+        assert f.cancelled()
+        with pytest.raises(cf.CancelledError):
+            f.result(60)
+        waiter.join(60)
+        assert not waiter.is_alive()
+        assert list(cf.as_completed([f], timeout=60)) == [f]
+        wait_for(lambda: ended == [True], "the done callback ran")
+        # Stopped, not killed: the same worker runs the next task.
+        assert ex.submit(os.getpid).result(60) == pid
+        assert C.lines(trace) == [f"{pid} start"]
+        s = ex.statistics()
+        assert s["interrupts"] == 1 and s["stop_kills"] == 0 and s["worker_deaths"] == 0
+
+
+@pytest.mark.spec("exec.interrupt-task")
+@pytest.mark.spec("exec.stop-grace")
+def test_interrupt_a_task_in_a_c_call_kills_its_worker(tmp_path):
+    trace = str(tmp_path / "t")
+    with ShmExecutor(1) as ex:
+        pid = ex.submit(os.getpid).result(60)
+        f = ex.submit(C.c_loop_marked, trace)
+        wait_for(lambda: C.lines(trace), "the C loop started")
+        assert ex.interrupt(f) is True and f.cancelled()
+        new = ex.submit(os.getpid).result(60)
+        assert new != pid
+        wait_for(lambda: ex.statistics()["stop_kills"] == 1, "the worker was killed")
+        s = ex.statistics()
+        assert s["crashes_charged"] == 0 and s["worker_deaths"] == 0
+
+
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_of_a_done_future_is_false():
+    with ShmExecutor(1) as ex:
+        f = ex.submit(pow, 2, 3)
+        assert f.result(60) == 8
+        assert ex.interrupt(f) is False and not f.cancelled() and f.result() == 8
+        other = cf.Future()
+        assert ex.interrupt(other) is False
+        g = ex.submit(pow, 2, 2)
+        g.result(60)
+        bad = ex.submit(divmod, 1, 0)
+        with pytest.raises(ZeroDivisionError):
+            bad.result(60)
+        assert ex.interrupt(bad) is False
