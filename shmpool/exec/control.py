@@ -273,7 +273,7 @@ class Control:
         if reason == CANCEL:
             return None, False
         killed = s is not None and s.killed or lost
-        if task.retries is not None and task.attempts < task.retries:
+        if task.retries is not None and task.attempts < task.retries:  # spec: exec.timeout-retries
             task.attempts += 1
             task.crashes += (f"timed out after {task.timeout:g} s",)
             self.state.stats["retries"] += 1

@@ -27,8 +27,23 @@ def _inflight(ex) -> int:
     return sum(w["inflight"] for w in ex.statistics()["workers"].values())
 
 
+def _stop_words(ex) -> list[tuple[int, list[int]]]:
+    """Each live worker's `stop_count` and `stop_rids` (the peer entry's)."""
+    from shmpool import _atomics
+    from shmpool.shm import layout as L
+
+    seg = ex._core.host.segment
+    out = []
+    for peer in ex._core.workers:
+        e = seg.layout.peer_entry(peer)
+        out.append((_atomics.load_u32(seg.buf, e + L.P_STOP_COUNT),
+                    [_atomics.load_u32(seg.buf, e + L.P_STOP_RIDS + 4 * i) for i in range(L.STOP_SLOTS)]))
+    return out
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.spec("exec.interrupt-task")
+@pytest.mark.spec("exec.stop-request")
 def test_interrupt_a_queued_and_a_windowed_task(tmp_path, method):
     trace, go = str(tmp_path / "t"), str(tmp_path / "go")
     never = str(tmp_path / "never")
@@ -48,11 +63,15 @@ def test_interrupt_a_queued_and_a_windowed_task(tmp_path, method):
                 f.result(0)
         wait_for(lambda: called == [True], "the done callback ran")
         assert ex.interrupt(windowed) is True  # (cancelled already)
+        # The windowed one's id is a stop id until its worker answers it.
+        ((count, rids),) = _stop_words(ex)
+        assert count == 1 and sum(1 for r in rids if r) == 1
         open(go, "w").close()
         pid = long.result(60)
         # The worker skipped the windowed task (it never ran) and goes on.
         assert ex.submit(C.pid_marked, str(tmp_path / "after")).result(60)[0] == pid
         assert C.lines(never) == []
+        assert _stop_words(ex) == [(0, [0] * 8)]  # (freed once it was answered)
         s = ex.statistics()
         assert s["interrupts"] == 2 and s["stop_kills"] == 0 and s["worker_deaths"] == 0
 
