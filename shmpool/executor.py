@@ -208,9 +208,9 @@ class ShmExecutor(Executor):
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a Future."""
         core = self._core
-        if core is None or _exiting or self._task_timeout:  # (`_submit`, less one call on the common path)
+        if core is None or _exiting:  # (`_submit`, less one call on the common path)
             return self._submit(fn, SINGLE, args, kwargs)
-        return core.submit(fn, SINGLE, args, kwargs)
+        return core.submit(fn, SINGLE, args, kwargs, None, None, self._task_timeout)
 
     def schedule(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
                  retries: int | None = None) -> Future:

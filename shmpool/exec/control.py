@@ -102,10 +102,9 @@ class Control:
     # -- timed tasks -----------------------------------------------------------------
 
     def add(self, task) -> None:
-        """A task with a timeout was submitted (its clock starts when its
-        worker starts it: it cannot expire before now + its timeout)."""
-        with self.state.lock:
-            self._push(task, monotonic() + task.timeout)
+        """(lock held) A task with a timeout was submitted (its clock starts
+        when its worker starts it: it cannot expire before now + its timeout)."""
+        self._push(task, monotonic() + task.timeout)
 
     def requeued(self, task) -> None:
         """(lock held) `task` runs again (a retry): watch it afresh."""

@@ -287,8 +287,6 @@ class Core:
             fut.set_exception(e)
             return fut
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
-        if timeout is not None:
-            self.control.add(task)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:
                 self.check_open()
@@ -304,6 +302,8 @@ class Core:
                 st.live += 1
                 st.submitted += 1
                 st.queue.append(task)
+                if timeout is not None:
+                    self.control.add(task)
                 helps = not st.submitted & (HELP_EVERY - 1)
             else:
                 helps = None
@@ -322,6 +322,8 @@ class Core:
                 st.live += 1
                 st.submitted += 1
                 st.queue.append(task)
+                if timeout is not None:
+                    self.control.add(task)
                 self.scheduler.schedule()
         finally:
             _threads.release_interrupt(held)

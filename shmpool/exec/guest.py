@@ -351,7 +351,10 @@ class GuestProgram:
         if failpoints.ACTIVE:
             failpoints.hit(FP_IN_FUNCTION)
         if timeout is not None:  # spec: exec.timeout-clock
-            fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
+            if kind == SINGLE:  # (one call: stamped now, with no wrapper)
+                stopping.stamp(self.buf, self.entry, load_u32(self.buf, self.word))
+            else:
+                fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
         global _in_task
         ran = False
         _in_task = True

@@ -67,6 +67,13 @@ def requested(buf, entry: int) -> bool:
     return bool(ids) and load_u32(buf, entry + L.P_GUEST_WORD) in ids
 
 
+def stamp(buf, entry: int, rid: int) -> None:
+    """The call of task `rid` starts now."""
+    store_u32(buf, entry + L.P_TIMED_RID, 0)
+    store_u64(buf, entry + L.P_TASK_STARTED, monotonic_ns())
+    store_u32(buf, entry + L.P_TIMED_RID, rid)
+
+
 def stamped(fn, buf, entry: int, rid: int):
     """`fn`, each call of which first stamps its start for task `rid`."""
     off_rid, off_t = entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED
@@ -80,4 +87,4 @@ def stamped(fn, buf, entry: int, rid: int):
     return call
 
 
-__all__ = ["STOP_SIGNAL", "Stop", "stop_ids", "requested", "stamped"]
+__all__ = ["STOP_SIGNAL", "Stop", "stop_ids", "requested", "stamp", "stamped"]
