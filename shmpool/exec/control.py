@@ -10,13 +10,16 @@ forced cancellation of a running task's future, and the `timeouts`,
 (`state.EngineState`) and the segment's buffer and layout.
 
 Data flow:
-- timeout: `Core.submit` (a task with a timeout) -> `add`: the task goes
-  on a heap at the earliest time it could expire (now + its timeout: it
-  has not started) -> the monitor wakes at the heap's head; a task its
-  worker runs has a start stamp (`stopping.stamped`, read here never
-  premature: `_started`), and its deadline is that stamp + its timeout;
-  one that has not started goes back at now + timeout -> past its
-  deadline: `stop(task, TIMEOUT)`.
+- timeout: `Core.submit` (a task with a timeout) -> `add`: the monitor
+  is started, or woken if it sleeps past the earliest time the task
+  could expire (now + its timeout: it has not started) -> each pass of
+  the monitor looks at the timed tasks in the workers' windows (a bounded
+  number): one its worker runs has a start stamp (`stopping.stamped`,
+  read here never premature: `_started`), and its deadline is that stamp
+  + its timeout; one not started yet cannot expire before now + its
+  timeout, nor can a queued one (the queue is looked at only when no
+  window holds a timed task; else the shortest timeout submitted bounds
+  the sleep) -> past its deadline: `stop(task, TIMEOUT)`.
 - interrupt: `interrupt(future)` (any thread) -> the future is cancelled
   at once (running or not) -> a queued task is finished in place; one a
   worker holds is stopped as above (`stop`, reason CANCEL).
@@ -43,8 +46,6 @@ a shorter timeout comes.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import threading
 import time
@@ -92,8 +93,7 @@ class Control:
         self.layout = layout
         self.grace = STOP_GRACE if grace is None else grace
         self.cond = threading.Condition(state.lock)
-        self.heap: list = []  # (earliest time it may expire, seq, task)
-        self.seq = itertools.count()
+        self.shortest: float | None = None  # the shortest timeout of the timed tasks there may be
         self.stops: dict = {}  # task -> _Stop
         self.thread: threading.Thread | None = None
         self.wake_at: float | None = None  # the monitor's next wake-up (None: asleep until notified)
@@ -102,21 +102,17 @@ class Control:
     # -- timed tasks -----------------------------------------------------------------
 
     def add(self, task) -> None:
-        """(lock held) A task with a timeout was submitted (its clock starts
-        when its worker starts it: it cannot expire before now + its timeout)."""
-        self._push(task, monotonic() + task.timeout)
+        """(lock held) A task with a timeout was submitted, or queued again
+        (its clock starts when its worker starts it: it cannot expire
+        before now + its timeout)."""
+        t = task.timeout
+        if self.shortest is None or t < self.shortest:
+            self.shortest = t
+        at = self.wake_at
+        if at is None or self.thread is None or monotonic() + t < at:
+            self._wake(monotonic() + t)
 
-    def requeued(self, task) -> None:
-        """(lock held) `task` runs again (a retry): watch it afresh."""
-        if task.timeout is not None:
-            self._push(task, monotonic() + task.timeout)
-
-    def _push(self, task, at: float) -> None:
-        """(lock held)"""
-        if self.closing or self.state.closed:
-            return
-        heapq.heappush(self.heap, (at, next(self.seq), task))
-        self._wake(at)
+    requeued = add
 
     def _wake(self, at: float) -> None:
         """(lock held) The monitor must look at `at`: started (once), or
@@ -148,33 +144,53 @@ class Control:
     def _run(self) -> None:
         st = self.state
         with st.lock:
-            while not self.closing and not st.closed:
-                now = monotonic()
-                wake = self._pass(now)
-                self.wake_at = wake
-                self.cond.wait(None if wake is None else max(0.0, wake - now))
-                self.wake_at = None
+            try:
+                while not self.closing and not st.closed:
+                    now = monotonic()
+                    wake = self._pass(now)
+                    self.wake_at = wake
+                    self.cond.wait(None if wake is None else max(0.0, wake - now))
+                    self.wake_at = None
+            except BaseException as e:
+                # (a bug: no timeout would be enforced any more, and stops
+                # would wait forever; the pool breaks with it instead)
+                self.closing = True
+                st.break_pool(f"the deadline monitor failed: {type(e).__name__}: {e}")
+                raise
 
     def _pass(self, now: float) -> float | None:
         """(lock held) Stop the tasks past their deadline, push the stops
         under way on; the next time to look."""
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            _, _, task = heapq.heappop(heap)
-            if task.finished or task.stop is not None:
-                continue
-            w = task.worker
-            started = None
-            if w is not None and not w.dead and w.inflight.get(task.rid) is task:
-                started = self._started(w, task.rid)
-            if started is None:  # not started (queued, windowed): not before now + timeout
-                heapq.heappush(heap, (now + task.timeout, next(self.seq), task))
-            elif started + task.timeout <= now:
-                self.state.stats["timeouts"] += 1
-                self.stop(task, TIMEOUT, now)
-            else:
-                heapq.heappush(heap, (started + task.timeout, next(self.seq), task))
-        wake = heap[0][0] if heap else None
+        wake = None
+        held = False  # a window holds a timed task
+        for w in list(self.state.workers.values()):
+            for task in list(w.inflight.values()):
+                if task.timeout is None or task.stop is not None or task.finished:
+                    continue
+                held = True
+                # (a dead worker's: queued again once its end is handled)
+                started = None if w.dead else self._started(w, task.rid)
+                if started is None:  # not started (windowed): not before now + its timeout
+                    t = now + task.timeout
+                elif started + task.timeout <= now:
+                    self.state.stats["timeouts"] += 1
+                    self.stop(task, TIMEOUT, now)
+                    continue
+                else:
+                    t = started + task.timeout
+                if wake is None or t < wake:
+                    wake = t
+        if held:
+            # (queued timed tasks, if any: not before now + their timeout)
+            if self.shortest is not None and (wake is None or now + self.shortest < wake):
+                wake = now + self.shortest
+        else:
+            # No window holds one: the queue may (a scan, only now). The
+            # shortest timeout is that of the tasks there may still be.
+            queued = [task.timeout for task in self.state.queue if task.timeout is not None]
+            self.shortest = min(queued) if queued else None
+            if queued:
+                wake = now + self.shortest
         for s in list(self.stops.values()):
             t = self._push_on(s, now)
             if t is not None and (wake is None or t < wake):
@@ -329,7 +345,7 @@ class Control:
         with self.state.lock:
             self.closing = True
             self.cond.notify_all()
-            t, self.heap = self.thread, []
+            t = self.thread
         if t is not None and t is not threading.current_thread():
             t.join(JOIN)
 
