@@ -34,11 +34,17 @@ The parts (host side):
   hub host, the slot pool, the initializer, and callbacks: the core's `new_worker`,
   `register`, `on_death` and `close`, the scheduler's `schedule` and
   `stream_later`.
+- `control.Control`: per-task timeouts and `interrupt`: the deadline
+  monitor thread (started with the first timed task), stopping a task in
+  its worker (stop ids in its peer entry, a signal, SIGKILL after the
+  grace period), and what a stopped task's answer or death means. Given
+  the books and the segment; `Answers` hands it stopped tasks (`settle`).
 - `tasks`: the records (`_Task`, `_TaskFuture`, `WorkerRecord`) and the
   tuning constants; `fncache`: functions pickled once; `serialization`:
   pickling into slots, zero-copy reading, pins; `forksafe`: what a fork()
   child does with the engines it inherited.
-Guest side: `guest.GuestProgram`, the worker process's handlers.
+Guest side: `guest.GuestProgram`, the worker process's handlers;
+`stopping`, its side of task control (the stop signal, start stamps).
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,

@@ -35,6 +35,12 @@ answers once, as the worker goes to wait or within the announcer's bound
 (spec: shm.wakeup.guest-announce). Handlers run on the main thread, one task at a
 time, in the order they were queued.
 
+Task control (spec: exec.interrupt-task, exec.timeout-clock): a task the
+host stopped before it started is answered `TaskStopped` without its
+function being called (one load of the entry's stop count per task), a
+running one is stopped by the stop signal (`stopping`), and a timed
+task's calls stamp their start.
+
 Invariants: an exception raised by the task, or by unpickling its
 arguments, or by pickling its result, is the task's error (the session
 sends it back with its traceback); a failing initializer is logged (CRITICAL,
