@@ -134,3 +134,35 @@ def test_interrupt_of_a_done_future_is_false():
         with pytest.raises(ZeroDivisionError):
             bad.result(60)
         assert ex.interrupt(bad) is False
+
+
+@pytest.mark.spec("exec.interrupt-task")
+@pytest.mark.spec("exec.stop-grace")
+def test_a_worker_killed_while_stops_are_under_way_loses_nothing(tmp_path):
+    """The worker dies (killed from outside) while it holds a windowed task
+    that was interrupted and a running task being stopped for its timeout
+    (in a C call, within the grace period): the interrupted one stays
+    cancelled and never runs, the timed-out one fails with its timeout
+    (not a crash), the other task it held runs on the replacement,
+    uncharged."""
+    trace, never, other = str(tmp_path / "t"), str(tmp_path / "never"), str(tmp_path / "o")
+    with ShmExecutor(1, max_inflight=4) as ex:
+        ex.submit(os.getpid).result(60)
+        control = ex._core.control
+        control.grace = 600.0  # (the stop waits: the kill below comes first)
+        timed = ex.schedule(C.c_loop_marked, (trace,), timeout=0.1)
+        wait_for(lambda: C.lines(trace), "the C loop started")
+        windowed = ex.submit(C.pid_marked, never)
+        innocent = ex.submit(C.pid_marked, other, 7)
+        wait_for(lambda: _inflight(ex) == 3, "all three in the window")
+        assert ex.interrupt(windowed) is True
+        wait_for(lambda: ex.statistics()["timeouts"] == 1, "the timeout was detected")
+        (proc,) = ex._processes.values()
+        proc.kill()
+        with pytest.raises(Exception) as ei:
+            timed.result(60)
+        assert type(ei.value).__name__ == "TaskTimeoutError" and ei.value.killed
+        assert innocent.result(60)[1] == 7
+        assert windowed.cancelled() and C.lines(never) == []
+        s = ex.statistics()
+        assert s["crashes_charged"] == 0 and s["interrupts"] == 1
