@@ -16,7 +16,10 @@ answers) records the workers' seconds per item and cuts the next chunks
 (never from a user's iterator: that is read on the consumer's thread
 only) -> the consumer takes the chunks in order and yields their results;
 an item's error is raised where the consumer reaches that item, after the
-results before it.
+results before it. With `progress=`, a chunk's done callback also counts
+its items on the bar (a chunk is at most `CHUNK_TIME` of work or one item:
+the bar moves per item at its own resolution); the results iterator's end
+closes it.
 
 Invariants: chunks are submitted in input order and yielded in it; at
 most `room` chunks are in flight (`flush` aside); with `buffersize`, the
@@ -94,8 +97,10 @@ class AdaptiveMap:
     executor (its `_submit(fn, kind, args, kwargs)`, `_core`,
     `_max_workers`, `_map_stats`), held while input is left to submit."""
 
-    def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None) -> None:
+    def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None,
+                 bar=None) -> None:
         self.owner = owner
+        self.bar = bar  # a `progress.Progress`, or None: each chunk's items count once it is done
         self.fn = fn
         self.star = len(iterables) != 1  # items are argument tuples
         self.end = None if timeout is None else time.monotonic() + timeout
@@ -204,6 +209,8 @@ class AdaptiveMap:
                     self._fail_rest(e)
                     break
                 self.fs.append((fut, len(chunk)))
+                if self.bar is not None:  # spec: api.progress
+                    fut.add_done_callback(self.bar.on_done(len(chunk)))
                 self.inflight += 1
                 self.ahead += len(chunk)
                 self.stats.add(len(chunk))
@@ -311,6 +318,8 @@ class AdaptiveMap:
                 f.cancel()
             with self.lock:
                 self._let_go()
+            if self.bar is not None:
+                self.bar.close()
 
 
 def _forget(m: AdaptiveMap) -> None:

@@ -52,6 +52,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import _adaptive, _lifetime, failpoints
+from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec.core import Core, default_workers
@@ -222,18 +223,33 @@ class ShmExecutor(Executor):
         return self._get_core()
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = DEFAULT_CHUNKSIZE,
-            buffersize: int | None = None):
+            buffersize: int | None = None, progress=None):
         """Like `Executor.map`: results in order, lazily. At the default
         `chunksize` the calls go in chunks sized from the time they take in
         the workers (about 4 ms each; see the README), each call's
         exception still raised at its own result; an explicit `chunksize`
         (1 included) sends that many calls as one task, as the stdlib
         does. `buffersize` bounds how many calls are submitted ahead of
-        the results consumed (input is then read lazily), as in Python 3.14."""
-        if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
-            _check_buffersize(buffersize)
-            return _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize).results()
-        return _map(self._submit, fn, iterables, timeout, chunksize, buffersize)
+        the results consumed (input is then read lazily), as in Python 3.14.
+        `progress=True` shows a bar (tqdm, or a line on stderr) advancing
+        as calls complete; a tqdm-like object is updated instead (see
+        `shmpool.progress`)."""
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, _progress.total_of(*iterables), getattr(fn, "__name__", None))
+        try:
+            if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
+                _check_buffersize(buffersize)
+                gen = _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize, bar).results()
+            else:
+                gen = _map(self._submit, fn, iterables, timeout, chunksize, buffersize, bar)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:  # (a results iterator never started has no finally to run)
+            weakref.finalize(gen, bar.close, False)
+        return gen
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -380,7 +396,7 @@ def _check_buffersize(buffersize) -> None:
             raise ValueError("buffersize must be None or > 0")
 
 
-def _map(submit, fn, iterables, timeout, chunksize, buffersize):
+def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
     if not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
     _check_buffersize(buffersize)
@@ -396,7 +412,10 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
 
     def submit_next() -> bool:
         for kind, a, kw in items:
-            fs.append((kind, submit(fn, kind, a, kw)))
+            fut = submit(fn, kind, a, kw)
+            fs.append((kind, fut))
+            if bar is not None:
+                fut.add_done_callback(bar.on_done(1 if kind == SINGLE else len(a)))
             return True
         return False
 
@@ -425,6 +444,8 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
         finally:
             for _, f in fs:
                 f.cancel()
+            if bar is not None:
+                bar.close()
 
     return results()
 

@@ -56,6 +56,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import pool as _mp
 
 from . import _lifetime, _threads
+from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import forksafe
@@ -213,6 +214,9 @@ def _submit(st: _State, result, index: int, fn, kind: int, args, kwds) -> None:
             _tls.depth -= 1
             st.task_done()
         return
+    bar = result._bar
+    if bar is not None:  # spec: api.progress -- counted before the result is told (which may close the bar)
+        fut.add_done_callback(bar.on_done(1 if kind == SINGLE else len(args)))
     fut.add_done_callback(lambda f: _deliver(st, result, index, f))
 
 
@@ -363,25 +367,29 @@ class ShmPool:
         _submit(self._st, result, 0, func, SINGLE, args, kwds)
         return result
 
-    def map(self, func, iterable, chunksize=None):
+    def map(self, func, iterable, chunksize=None, *, progress=None):
         """`[func(x) for x in iterable]` computed in the workers, `chunksize`
-        items per task (default: about 4 tasks per worker)."""
-        return self._map_async(func, iterable, False, chunksize).get()
+        items per task (default: about 4 tasks per worker). `progress=True`
+        shows a bar advancing as chunks complete (tqdm, or a line on
+        stderr); a tqdm-like object is updated instead."""
+        return self._map_async(func, iterable, False, chunksize, progress=progress).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func, iterable, chunksize=None, *, progress=None):
         """Like `map()`, but each item is unpacked: `func(*item)`."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._map_async(func, iterable, True, chunksize, progress=progress).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  progress=None):
         """Like `map()` but returns a `MapResult` at once."""
-        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback, progress)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                      progress=None):
         """Like `starmap()` but returns a `MapResult` at once."""
-        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback, progress)
 
     def _map_async(self, func, iterable, star: bool, chunksize=None, callback=None,
-                   error_callback=None) -> "MapResult":
+                   error_callback=None, progress=None) -> "MapResult":
         self._check_running()
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
@@ -393,7 +401,10 @@ class ShmPool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         if len(iterable) == 0:
             chunksize = 0
-        result = MapResult(self, chunksize, len(iterable), callback, error_callback)
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, len(iterable), getattr(func, "__name__", None))
+        result = MapResult(self, chunksize, len(iterable), callback, error_callback, bar)
         kind = CHUNK if star else MAP
         if type(iterable) in (list, tuple, range):
             # Slices: a copy of references (a range's: a range), several
@@ -409,21 +420,30 @@ class ShmPool:
             _submit(self._st, result, i, func, kind, batch, None)
         return result
 
-    def imap(self, func, iterable, chunksize=1) -> "IMapIterator":
+    def imap(self, func, iterable, chunksize=1, *, progress=None) -> "IMapIterator":
         """An iterator of `func(x)` in input order. The input is read lazily,
-        at the pace the workers take it."""
-        return self._imap(IMapIterator, func, iterable, chunksize)
+        at the pace the workers take it. `progress=` as for `map()` (the
+        total is known when the input has a `len()`)."""
+        return self._imap(IMapIterator, func, iterable, chunksize, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1) -> "IMapUnorderedIterator":
+    def imap_unordered(self, func, iterable, chunksize=1, *, progress=None) -> "IMapUnorderedIterator":
         """Like `imap()`, but yields each result as soon as it is ready."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, progress)
 
-    def _imap(self, cls, func, iterable, chunksize):
+    def _imap(self, cls, func, iterable, chunksize, progress=None):
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        it = iter(iterable)
-        result = cls(self, chunked=chunksize != 1)
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, _progress.total_of(iterable), getattr(func, "__name__", None))
+        try:
+            it = iter(iterable)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        result = cls(self, chunked=chunksize != 1, bar=bar)
         self._st.put_job((result, func, it, chunksize))
         return result
 
