@@ -278,6 +278,7 @@ class AdaptiveMap:
         """The results iterator. While suspended, its frame holds no result
         it has yielded (the consumer owns them, as with the stdlib)."""
         cur = None
+        taken = 0  # (items whose results were taken: the bar's final count at least)
         try:
             while True:
                 with self.lock:
@@ -296,6 +297,7 @@ class AdaptiveMap:
                 remaining = None if self.end is None else max(0.0, self.end - time.monotonic())
                 out = cur.result(remaining)
                 cur = None
+                taken += n
                 with self.lock:  # (taken: no longer ahead; as the stdlib's, the next input is read now)
                     self.ahead -= n
                     if self.it is not None:
@@ -319,7 +321,7 @@ class AdaptiveMap:
             with self.lock:
                 self._let_go()
             if self.bar is not None:
-                self.bar.close()
+                self.bar.close(at_least=taken)
 
 
 def _forget(m: AdaptiveMap) -> None:

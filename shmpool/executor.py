@@ -431,12 +431,15 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
     def results():
         # While suspended, this frame holds no result and no future of one:
         # the consumer owns the only reference to what it was given (stdlib).
+        taken = 0  # (items whose results were taken: the bar's final count at least)
         try:
             while fs:
                 if fs[0][0] == SINGLE:
+                    taken += 1
                     yield _pop_result(fs, end, more)
                 else:
                     chunk = _pop_result(fs, end, more)
+                    taken += len(chunk)
                     chunk.reverse()
                     while chunk:
                         yield chunk.pop()
@@ -445,7 +448,7 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
             for _, f in fs:
                 f.cancel()
             if bar is not None:
-                bar.close()
+                bar.close(at_least=taken)
 
     return results()
 

@@ -51,7 +51,8 @@ JOIN_TIMEOUT = 2.0  # how long close() waits for the final draw (a stuck stderr,
 
 def make(progress, total: int | None, desc: str | None = None) -> "Progress | None":
     """What a `progress=` argument becomes (None for None/False: nothing
-    is made). `total`: the number of items, None if unknown."""
+    is made; callers do not even call this then: spec: api.progress-off).
+    `total`: the number of items, None if unknown."""
     if progress is None or progress is False:
         return None
     if progress is True:
@@ -82,13 +83,15 @@ def total_of(*iterables) -> int | None:
 class Progress:
     """A bar as maps see it: `update(n)` from any thread, cheap (a counter);
     `close()` once the map is over. The sink is driven from this bar's own
-    thread (see the module docstring)."""
+    thread (see the module docstring); an exception from it is reported once
+    and the sink dropped. spec: api.progress-sink"""
 
     def __init__(self, sink, owned: bool) -> None:
         self._sink = sink
         self._owned = owned
         self._lock = threading.Lock()
-        self._pending = 0
+        self._count = 0  # items reported (update, close's at_least)
+        self._given = 0  # of which handed to the sink (the ticker's)
         self._closing = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmpool-progress", daemon=True)
@@ -98,7 +101,8 @@ class Progress:
         """`n` more items are done. Never blocks for long: the sink is
         driven from the ticker thread."""
         with self._lock:
-            self._pending += n
+            if not self._closing:  # (a late callback after close: already in `at_least`)
+                self._count += n
 
     def on_done(self, n: int):
         """A done callback that counts `n` items (a task of `n` items) unless
@@ -108,11 +112,16 @@ class Progress:
                 update(n)
         return done
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, at_least: int = 0) -> None:
         """The map is over: draw the final state and end the ticker. With
         `wait`, return once that is done (bounded), unless called on the
-        ticker itself."""
-        self._closing = True
+        ticker itself. `at_least`: the items the consumer has taken (a
+        future's result is seen before its done callbacks have run: the
+        last ones may not have counted yet); later updates are dropped."""
+        with self._lock:
+            self._closing = True
+            if at_least > self._count:
+                self._count = at_least
         self._wake.set()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(JOIN_TIMEOUT)
@@ -121,16 +130,16 @@ class Progress:
     def closed(self) -> bool:
         return self._closing and not self._thread.is_alive()
 
-    def _take(self) -> int:
+    def _take(self) -> tuple[int, bool]:
         with self._lock:
-            k, self._pending = self._pending, 0
-        return k
+            k = self._count - self._given
+            self._given = self._count
+            return k, self._closing
 
     def _run(self) -> None:
         while True:
             self._wake.wait(INTERVAL)
-            closing = self._closing  # (read before taking: no update of the map is after it)
-            k = self._take()
+            k, closing = self._take()
             if k:
                 self._call("update", k)
             if closing:
@@ -156,7 +165,8 @@ class PlainLine:
     """The bar drawn without tqdm: one line on stderr (or `file`) with the
     count, the total and percentage when known, the rate, and the ETA when
     the total is known. On a terminal it is redrawn in place; elsewhere a
-    full line is written at most every `LINE_INTERVAL`, and at the end."""
+    full line is written at most every `LINE_INTERVAL`, and at the end.
+    spec: api.progress-plain"""
 
     def __init__(self, total: int | None, desc: str | None = None, file=None) -> None:
         self.total = total
@@ -217,10 +227,8 @@ class TqdmBar:
     map's thread, updated and closed from the bar's ticker."""
 
     def __init__(self, total: int | None, desc: str | None = None, file=None) -> None:
-        from tqdm import tqdm
-
-        # (the ticker already hands over at most every INTERVAL: tqdm draws each)
-        self.bar = tqdm(total=total, desc=desc, file=file, mininterval=INTERVAL, dynamic_ncols=True)
+        self.bar = _tqdm_class()(total=total, desc=desc, file=file, mininterval=INTERVAL,
+                                 dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.bar.update(n)
@@ -231,6 +239,24 @@ class TqdmBar:
     @property
     def n(self) -> int:
         return self.bar.n
+
+
+_tqdm = None
+
+
+def _tqdm_class():
+    """`tqdm.tqdm` without its monitor thread: the bar's ticker already
+    hands over at most every INTERVAL (what the monitor forces after
+    `maxinterval`), and the monitor, once started, lives as long as the
+    program: a thread of the program's that the fork start method would
+    warn about at every replacement worker. (Instances, positions and
+    the lock stay tqdm's own, shared with the program's bars.)"""
+    global _tqdm
+    if _tqdm is None:
+        from tqdm import tqdm
+
+        _tqdm = type("tqdm", (tqdm,), {"monitor_interval": 0, "__module__": __name__})
+    return _tqdm
 
 
 def track(fs, *, total: int | None = None, desc: str | None = None, bar=True, timeout: float | None = None):
@@ -250,6 +276,7 @@ def track(fs, *, total: int | None = None, desc: str | None = None, bar=True, ti
     if p is None:
         yield from as_completed(fs, timeout)
         return
+    taken = 0
     try:
         def done(f, update=p.update):  # (a cancelled future is done too: as_completed yields it)
             update(1)
@@ -257,9 +284,10 @@ def track(fs, *, total: int | None = None, desc: str | None = None, bar=True, ti
         for f in fs:
             f.add_done_callback(done)
         for f in as_completed(fs, timeout):
+            taken += 1
             yield f
     finally:
-        p.close()
+        p.close(at_least=taken)
 
 
 def _clock(seconds: float) -> str:
