@@ -204,11 +204,11 @@ class ShmExecutor(Executor):
             return self._submit(fn, SINGLE, args, kwargs)
         return core.submit(fn, SINGLE, args, kwargs)
 
-    def _submit(self, fn, kind, args, kwargs) -> Future:
+    def _submit(self, fn, kind, args, kwargs, on_result=None) -> Future:
         core = self._core or self._get_core_checked()
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        fut = core.submit(fn, kind, args, kwargs)
+        fut = core.submit(fn, kind, args, kwargs, on_result)
         if core.forking:  # (fork: the first submit returns once the workers are forked)
             core.wait_forked()
         return fut
@@ -412,10 +412,10 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
 
     def submit_next() -> bool:
         for kind, a, kw in items:
-            fut = submit(fn, kind, a, kw)
-            fs.append((kind, fut))
-            if bar is not None:
-                fut.add_done_callback(bar.on_done(1 if kind == SINGLE else len(a)))
+            if bar is None:
+                fs.append((kind, submit(fn, kind, a, kw)))
+            else:  # (a result hook, not a done callback: no condition per future, answers not moved)
+                fs.append((kind, submit(fn, kind, a, kw, bar.on_result(1 if kind == SINGLE else len(a)))))
             return True
         return False
 

@@ -93,6 +93,7 @@ class Progress:
         self._count = 0  # items reported (update, close's at_least)
         self._given = 0  # of which handed to the sink (the ticker's)
         self._closing = False
+        self._hooks: dict = {}  # n -> result hook, -n -> done callback: one per chunk size, not per task
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmpool-progress", daemon=True)
         _threads.start(self._thread)
@@ -106,11 +107,29 @@ class Progress:
 
     def on_done(self, n: int):
         """A done callback that counts `n` items (a task of `n` items) unless
-        its future was cancelled."""
-        def done(f, n=n, update=self.update):
-            if not f.cancelled():
+        its future was cancelled (one per `n`, shared by the tasks)."""
+        cb = self._hooks.get(-n)
+        if cb is None:
+            def cb(f, n=n, update=self.update):
+                if not f.cancelled():
+                    update(n)
+            self._hooks[-n] = cb
+        return cb
+
+    def on_result(self, n: int):
+        """A core `on_result` hook that counts `n` items (a task of `n`
+        items that succeeded) and passes the result on: cheaper than a done
+        callback, which gives the future a condition and moves the delivery
+        of the pool's answers to the driver thread (exec.submit-helps).
+        A failed task is not counted: its map ends at its error, and
+        `close(at_least=)` counts what was taken."""
+        hook = self._hooks.get(n)
+        if hook is None:
+            def hook(result, n=n, update=self.update):
                 update(n)
-        return done
+                return result
+            self._hooks[n] = hook
+        return hook
 
     def close(self, wait: bool = True, at_least: int = 0) -> None:
         """The map is over: draw the final state and end the ticker. With
