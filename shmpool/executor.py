@@ -13,7 +13,9 @@ crash resubmission), which is created by the first `submit`/`map` (as the
 stdlib starts its manager thread there: the constructor starts no thread
 and no process); this module turns its futures into the stdlib's behaviour
 (`map` ordering, timeouts, cancelling what is left, results owned by the
-consumer alone). A core that cannot be created (say, no thread can be
+consumer alone). `map(progress=)` makes a `progress.Progress` bar that the
+tasks' result hooks (adaptive chunks: their done callbacks) count on and
+the results iterator closes (spec: api.progress). A core that cannot be created (say, no thread can be
 started at interpreter shutdown) leaves the executor broken.
 
 Invariants: after `shutdown()` returns (wait=True), after garbage

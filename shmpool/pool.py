@@ -15,6 +15,9 @@ Data flow:
   on_error hook); each future's done callback (`_deliver`, on whichever
   thread completes it: usually the hub's driver thread) stores the outcome
   in the result object, which runs `callback`/`error_callback`.
+- `progress=` (spec: api.progress): the result holds a `progress.Progress`
+  bar; `_submit` adds a done callback counting the task's items on it
+  before the one that tells the result (which closes the bar at the end).
 - `imap`, `imap_unordered`: the job goes to the handler thread, which reads
   the input and submits a task only while fewer than `room` tasks of this
   pool are pending: the input is read at the workers' pace, never listed.

@@ -172,7 +172,11 @@ class Progress:
         if sink is None:
             return
         try:
-            getattr(sink, method)(*args)
+            if self._owned:
+                getattr(sink, method)(*args)
+            else:  # (the caller's code: signals unblocked, as for a user's done callback)
+                with _threads.unblocked():
+                    getattr(sink, method)(*args)
         except Exception as e:  # noqa: BLE001 - a bar never breaks the map: reported once, dropped
             self._sink = None
             warnings.warn(f"the progress bar {sink!r} raised {type(e).__name__}: {e} in {method}(); "
