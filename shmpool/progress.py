@@ -145,10 +145,6 @@ class Progress:
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(JOIN_TIMEOUT)
 
-    @property
-    def closed(self) -> bool:
-        return self._closing and not self._thread.is_alive()
-
     def _take(self) -> tuple[int, bool]:
         with self._lock:
             k = self._count - self._given
