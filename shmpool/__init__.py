@@ -37,6 +37,10 @@ def __getattr__(name: str):
         from .pool import ShmPool
 
         return ShmPool
+    if name == "track":  # (shmpool.progress is the module: the helper has its own name)
+        from .progress import track
+
+        return track
     raise AttributeError(f"module 'shmpool' has no attribute {name!r}")
 
 __version__ = "0.1.0.dev0"
@@ -44,6 +48,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ShmExecutor",
     "ShmPool",
+    "track",
     "WorkerCrashedError",
     "PoolBrokenError",
     "ForeignPoolError",

@@ -16,7 +16,10 @@ answers) records the workers' seconds per item and cuts the next chunks
 (never from a user's iterator: that is read on the consumer's thread
 only) -> the consumer takes the chunks in order and yields their results;
 an item's error is raised where the consumer reaches that item, after the
-results before it.
+results before it. With `progress=`, a chunk's done callback also counts
+its items on the bar (a chunk is at most `CHUNK_TIME` of work or one item:
+the bar moves per item at its own resolution); the results iterator's end
+closes it.
 
 Invariants: chunks are submitted in input order and yielded in it; at
 most `room` chunks are in flight (`flush` aside); with `buffersize`, the
@@ -95,8 +98,9 @@ class AdaptiveMap:
     `_max_workers`, `_map_stats`), held while input is left to submit."""
 
     def __init__(self, owner, fn, iterables: tuple, timeout: float | None, buffersize: int | None,
-                 *, task_timeout: float | None = None) -> None:
+                 bar=None, *, task_timeout: float | None = None) -> None:
         self.owner = owner
+        self.bar = bar  # a `progress.Progress`, or None: each chunk's items count once it is done
         self.task_timeout = task_timeout  # each call's (None: the executor's). spec: exec.task-timeout
         self.fn = fn
         self.star = len(iterables) != 1  # items are argument tuples
@@ -206,6 +210,8 @@ class AdaptiveMap:
                     self._fail_rest(e)
                     break
                 self.fs.append((fut, len(chunk)))
+                if self.bar is not None:  # spec: api.progress
+                    fut.add_done_callback(self.bar.on_done(len(chunk)))
                 self.inflight += 1
                 self.ahead += len(chunk)
                 self.stats.add(len(chunk))
@@ -273,6 +279,7 @@ class AdaptiveMap:
         """The results iterator. While suspended, its frame holds no result
         it has yielded (the consumer owns them, as with the stdlib)."""
         cur = None
+        taken = 0  # (items whose results were taken: the bar's final count at least)
         try:
             while True:
                 with self.lock:
@@ -291,6 +298,7 @@ class AdaptiveMap:
                 remaining = None if self.end is None else max(0.0, self.end - time.monotonic())
                 out = cur.result(remaining)
                 cur = None
+                taken += n
                 with self.lock:  # (taken: no longer ahead; as the stdlib's, the next input is read now)
                     self.ahead -= n
                     if self.it is not None:
@@ -313,6 +321,8 @@ class AdaptiveMap:
                 f.cancel()
             with self.lock:
                 self._let_go()
+            if self.bar is not None:
+                self.bar.close(at_least=taken)
 
 
 def _forget(m: AdaptiveMap) -> None:

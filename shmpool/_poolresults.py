@@ -10,6 +10,13 @@ waits in `get`/`wait`/`next`. In a fork() child a result still pending
 raises `ForeignPoolError` at once (it never arrives there).
 spec: exec.fork-safety
 
+Progress (`progress=` of map/imap): a result holds its bar (`_bar`, a
+`progress.Progress`; None without one); the pool counts each task's items
+on it before telling the result, the result closes it without waiting
+once every task is in (on the thread that delivered the last), and the
+consumer's `get()`/`wait()`/last `next()` waits for the final draw.
+spec: api.progress
+
 Invariants: every result becomes ready exactly once (see `pool`).
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import weakref
 from multiprocessing import TimeoutError as MpTimeoutError
 from multiprocessing import pool as _mp
 
@@ -50,6 +58,8 @@ def _no_wait_if_foreign(pool) -> None:
 class ApplyResult(_mp.ApplyResult):
     """The result of `apply_async()`: `get(timeout)` (`multiprocessing.
     TimeoutError`), `wait(timeout)`, `ready()`, `successful()`."""
+
+    _bar = None  # a map's progress bar (see the module docstring)
 
     def __init__(self, pool, callback, error_callback) -> None:  # noqa: D107
         self._pool = pool  # keeps the pool alive until the result is in, as the stdlib does
@@ -103,8 +113,9 @@ class MapResult(ApplyResult, _mp.MapResult):
     input order, or the first error once every chunk has finished."""
 
     def __init__(self, pool, chunksize: int, length: int, callback,  # noqa: D107
-                 error_callback) -> None:
+                 error_callback, bar=None) -> None:
         super().__init__(pool, callback, error_callback)
+        self._bar = bar
         self._lock = threading.Lock()
         self._success = True
         self._length = length
@@ -129,6 +140,16 @@ class MapResult(ApplyResult, _mp.MapResult):
         if last:
             self._done()
 
+    def _done(self) -> None:
+        if self._bar is not None:
+            self._bar.close(wait=False)
+        super()._done()
+
+    def wait(self, timeout: float | None = None) -> None:
+        super().wait(timeout)
+        if self._bar is not None and self._event.is_set():
+            self._bar.close()  # (the final state is drawn when get() returns)
+
 
 class IMapIterator(_mp.IMapIterator):
     """The iterator `imap()` returns: results in input order;
@@ -138,8 +159,11 @@ class IMapIterator(_mp.IMapIterator):
 
     _home = 0  # the process its condition was made in (a fork() child makes it anew)
 
-    def __init__(self, pool, chunked: bool = False) -> None:  # noqa: D107
+    def __init__(self, pool, chunked: bool = False, bar=None) -> None:  # noqa: D107
         self._pool = pool
+        self._bar = bar
+        if bar is not None:  # (collected before its end: the bar ends too)
+            weakref.finalize(self, bar.close, False)
         self._cond = threading.Condition(threading.Lock())
         self._home = tasks._pid
         self._job = next(_jobs)
@@ -162,6 +186,8 @@ class IMapIterator(_mp.IMapIterator):
                 if not self._items:
                     if self._index == self._length:
                         self._pool = None
+                        if self._bar is not None:
+                            self._bar.close()  # (the final state is drawn when the iteration ends)
                         raise StopIteration
                     _no_wait_in_callback()
                     _no_wait_if_foreign(self._pool)
@@ -201,6 +227,8 @@ class IMapIterator(_mp.IMapIterator):
     def _check_end(self) -> None:
         if self._index == self._length:
             self._pool = None  # every result is in: the pool may go
+            if self._bar is not None:
+                self._bar.close(wait=False)
 
     def _abort(self, i: int, err: BaseException) -> None:
         """Task `i` and the rest of the input will never run."""

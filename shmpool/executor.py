@@ -13,7 +13,9 @@ crash resubmission), which is created by the first `submit`/`map` (as the
 stdlib starts its manager thread there: the constructor starts no thread
 and no process); this module turns its futures into the stdlib's behaviour
 (`map` ordering, timeouts, cancelling what is left, results owned by the
-consumer alone). A core that cannot be created (say, no thread can be
+consumer alone). `map(progress=)` makes a `progress.Progress` bar that the
+tasks' result hooks (adaptive chunks: their done callbacks) count on and
+the results iterator closes (spec: api.progress). A core that cannot be created (say, no thread can be
 started at interpreter shutdown) leaves the executor broken.
 
 Invariants: after `shutdown()` returns (wait=True), after garbage
@@ -52,6 +54,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import _adaptive, _lifetime, failpoints
+from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec.control import check_retries, check_timeout
@@ -242,13 +245,13 @@ class ShmExecutor(Executor):
             return future.cancelled()
         return core.interrupt(future)
 
-    def _submit(self, fn, kind, args, kwargs, timeout=None, retries=None) -> Future:
+    def _submit(self, fn, kind, args, kwargs, timeout=None, retries=None, on_result=None) -> Future:
         core = self._core or self._get_core_checked()
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if timeout is None:
             timeout = self._task_timeout
-        fut = core.submit(fn, kind, args, kwargs, None, None, timeout, retries)
+        fut = core.submit(fn, kind, args, kwargs, on_result, None, timeout, retries)
         if core.forking:  # (fork: the first submit returns once the workers are forked)
             core.wait_forked()
         return fut
@@ -263,7 +266,7 @@ class ShmExecutor(Executor):
         return self._get_core()
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = DEFAULT_CHUNKSIZE,
-            buffersize: int | None = None, task_timeout: float | None = None):
+            buffersize: int | None = None, task_timeout: float | None = None, progress=None):
         """Like `Executor.map`: results in order, lazily. At the default
         `chunksize` the calls go in chunks sized from the time they take in
         the workers (about 4 ms each; see the README), each call's
@@ -272,15 +275,31 @@ class ShmExecutor(Executor):
         does. `buffersize` bounds how many calls are submitted ahead of
         the results consumed (input is then read lazily), as in Python 3.14.
         `task_timeout`: seconds each call may run (None: the executor's);
-        a call past it fails its chunk with `TaskTimeoutError`."""
+        a call past it fails its chunk with `TaskTimeoutError`.
+        `progress=True` shows a bar (tqdm, or a line on stderr) advancing
+        as calls complete; a tqdm-like object is updated instead (see
+        `shmpool.progress`)."""
         task_timeout = check_timeout(task_timeout)
-        if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
-            _check_buffersize(buffersize)
-            return _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize,
-                                         task_timeout=task_timeout).results()
-        submit = self._submit if task_timeout is None else (
-            lambda fn, kind, a, kw: self._submit(fn, kind, a, kw, task_timeout))
-        return _map(submit, fn, iterables, timeout, chunksize, buffersize)
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, _progress.total_of(*iterables), getattr(fn, "__name__", None))
+        try:
+            if chunksize is DEFAULT_CHUNKSIZE and self._adaptive_map:  # spec: exec.map-adaptive
+                _check_buffersize(buffersize)
+                gen = _adaptive.AdaptiveMap(self, fn, iterables, timeout, buffersize, bar,
+                                            task_timeout=task_timeout).results()
+            else:
+                submit = self._submit if task_timeout is None else (
+                    lambda fn, kind, a, kw, on_result=None: self._submit(fn, kind, a, kw, task_timeout,
+                                                                          on_result=on_result))
+                gen = _map(submit, fn, iterables, timeout, chunksize, buffersize, bar)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:  # (a results iterator never started has no finally to run)
+            weakref.finalize(gen, bar.close, False)
+        return gen
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -427,7 +446,7 @@ def _check_buffersize(buffersize) -> None:
             raise ValueError("buffersize must be None or > 0")
 
 
-def _map(submit, fn, iterables, timeout, chunksize, buffersize):
+def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
     if not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
     _check_buffersize(buffersize)
@@ -443,7 +462,11 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
 
     def submit_next() -> bool:
         for kind, a, kw in items:
-            fs.append((kind, submit(fn, kind, a, kw)))
+            if bar is None:
+                fs.append((kind, submit(fn, kind, a, kw)))
+            else:  # (a result hook, not a done callback: no condition per future, answers not moved)
+                n = 1 if kind == SINGLE else len(a)
+                fs.append((kind, submit(fn, kind, a, kw, on_result=bar.on_result(n))))
             return True
         return False
 
@@ -459,12 +482,15 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
     def results():
         # While suspended, this frame holds no result and no future of one:
         # the consumer owns the only reference to what it was given (stdlib).
+        taken = 0  # (items whose results were taken: the bar's final count at least)
         try:
             while fs:
                 if fs[0][0] == SINGLE:
+                    taken += 1
                     yield _pop_result(fs, end, more)
                 else:
                     chunk = _pop_result(fs, end, more)
+                    taken += len(chunk)
                     chunk.reverse()
                     while chunk:
                         yield chunk.pop()
@@ -472,6 +498,8 @@ def _map(submit, fn, iterables, timeout, chunksize, buffersize):
         finally:
             for _, f in fs:
                 f.cancel()
+            if bar is not None:
+                bar.close(at_least=taken)
 
     return results()
 

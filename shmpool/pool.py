@@ -15,6 +15,9 @@ Data flow:
   on_error hook); each future's done callback (`_deliver`, on whichever
   thread completes it: usually the hub's driver thread) stores the outcome
   in the result object, which runs `callback`/`error_callback`.
+- `progress=` (spec: api.progress): the result holds a `progress.Progress`
+  bar; `_submit` adds a done callback counting the task's items on it
+  before the one that tells the result (which closes the bar at the end).
 - `imap`, `imap_unordered`: the job goes to the handler thread, which reads
   the input and submits a task only while fewer than `room` tasks of this
   pool are pending: the input is read at the workers' pace, never listed.
@@ -56,6 +59,7 @@ from concurrent.futures import CancelledError
 from multiprocessing import pool as _mp
 
 from . import _lifetime, _threads
+from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import forksafe
@@ -216,6 +220,9 @@ def _submit(st: _State, result, index: int, fn, kind: int, args, kwds, timeout=N
             _tls.depth -= 1
             st.task_done()
         return
+    bar = result._bar
+    if bar is not None:  # spec: api.progress -- counted before the result is told (which may close the bar)
+        fut.add_done_callback(bar.on_done(1 if kind == SINGLE else len(args)))
     fut.add_done_callback(lambda f: _deliver(st, result, index, f))
 
 
@@ -373,29 +380,33 @@ class ShmPool:
         _submit(self._st, result, 0, func, SINGLE, args, kwds, timeout)
         return result
 
-    def map(self, func, iterable, chunksize=None, *, task_timeout=None):
+    def map(self, func, iterable, chunksize=None, *, task_timeout=None, progress=None):
         """`[func(x) for x in iterable]` computed in the workers, `chunksize`
-        items per task (default: about 4 tasks per worker)."""
-        return self._map_async(func, iterable, False, chunksize, task_timeout=task_timeout).get()
+        items per task (default: about 4 tasks per worker). `progress=True`
+        shows a bar advancing as chunks complete (tqdm, or a line on
+        stderr); a tqdm-like object is updated instead."""
+        return self._map_async(func, iterable, False, chunksize, task_timeout=task_timeout,
+                               progress=progress).get()
 
-    def starmap(self, func, iterable, chunksize=None, *, task_timeout=None):
+    def starmap(self, func, iterable, chunksize=None, *, task_timeout=None, progress=None):
         """Like `map()`, but each item is unpacked: `func(*item)`."""
-        return self._map_async(func, iterable, True, chunksize, task_timeout=task_timeout).get()
+        return self._map_async(func, iterable, True, chunksize, task_timeout=task_timeout,
+                               progress=progress).get()
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
-                  task_timeout=None):
+                  task_timeout=None, progress=None):
         """Like `map()` but returns a `MapResult` at once."""
         return self._map_async(func, iterable, False, chunksize, callback, error_callback,
-                               task_timeout=task_timeout)
+                               task_timeout=task_timeout, progress=progress)
 
     def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
-                      task_timeout=None):
+                      task_timeout=None, progress=None):
         """Like `starmap()` but returns a `MapResult` at once."""
         return self._map_async(func, iterable, True, chunksize, callback, error_callback,
-                               task_timeout=task_timeout)
+                               task_timeout=task_timeout, progress=progress)
 
     def _map_async(self, func, iterable, star: bool, chunksize=None, callback=None,
-                   error_callback=None, *, task_timeout=None) -> "MapResult":
+                   error_callback=None, *, task_timeout=None, progress=None) -> "MapResult":
         self._check_running()
         timeout = check_timeout(task_timeout)
         if not hasattr(iterable, "__len__"):
@@ -408,7 +419,10 @@ class ShmPool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         if len(iterable) == 0:
             chunksize = 0
-        result = MapResult(self, chunksize, len(iterable), callback, error_callback)
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, len(iterable), getattr(func, "__name__", None))
+        result = MapResult(self, chunksize, len(iterable), callback, error_callback, bar)
         kind = CHUNK if star else MAP
         if type(iterable) in (list, tuple, range):
             # Slices: a copy of references (a range's: a range), several
@@ -424,22 +438,32 @@ class ShmPool:
             _submit(self._st, result, i, func, kind, batch, None, timeout)
         return result
 
-    def imap(self, func, iterable, chunksize=1, *, task_timeout=None) -> "IMapIterator":
+    def imap(self, func, iterable, chunksize=1, *, task_timeout=None, progress=None) -> "IMapIterator":
         """An iterator of `func(x)` in input order. The input is read lazily,
-        at the pace the workers take it."""
-        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout)
+        at the pace the workers take it. `progress=` as for `map()` (the
+        total is known when the input has a `len()`)."""
+        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=None) -> "IMapUnorderedIterator":
+    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=None,
+                       progress=None) -> "IMapUnorderedIterator":
         """Like `imap()`, but yields each result as soon as it is ready."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout, progress)
 
-    def _imap(self, cls, func, iterable, chunksize, task_timeout=None):
+    def _imap(self, cls, func, iterable, chunksize, task_timeout=None, progress=None):
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         timeout = check_timeout(task_timeout)
-        it = iter(iterable)
-        result = cls(self, chunked=chunksize != 1)
+        bar = None
+        if progress is not None and progress is not False:  # spec: api.progress
+            bar = _progress.make(progress, _progress.total_of(iterable), getattr(func, "__name__", None))
+        try:
+            it = iter(iterable)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        result = cls(self, chunked=chunksize != 1, bar=bar)
         self._st.put_job((result, func, it, chunksize, timeout))
         return result
 
