@@ -79,6 +79,12 @@ EXECUTOR_CASES = {
     "chunksize-1": lambda ex, c, xs: list(ex.map(square, xs, chunksize=1, progress=c)),
     "chunksize-7": lambda ex, c, xs: list(ex.map(square, xs, chunksize=7, progress=c)),
     "two-iterables": lambda ex, c, xs: [y // 2 for y in ex.map(add, xs, range(N), progress=c)],
+    # with a per-call timeout too (both keywords reach the same submit)
+    "adaptive-task-timeout": lambda ex, c, xs: list(ex.map(square, xs, task_timeout=60, progress=c)),
+    "chunksize-1-task-timeout": lambda ex, c, xs: list(ex.map(square, xs, chunksize=1, task_timeout=60,
+                                                              progress=c)),
+    "chunksize-7-task-timeout": lambda ex, c, xs: list(ex.map(square, xs, chunksize=7, task_timeout=60,
+                                                              progress=c)),
 }
 
 
@@ -105,6 +111,8 @@ POOL_CASES = {
     "imap-chunksize-8": lambda p, c, xs: list(p.imap(square, xs, 8, progress=c)),
     "imap_unordered": lambda p, c, xs: sorted(p.imap_unordered(square, xs, progress=c)),
     "imap_unordered-chunksize-8": lambda p, c, xs: sorted(p.imap_unordered(square, xs, 8, progress=c)),
+    "map-task-timeout": lambda p, c, xs: p.map(square, xs, task_timeout=60, progress=c),
+    "imap-task-timeout": lambda p, c, xs: list(p.imap(square, xs, 8, task_timeout=60, progress=c)),
 }
 
 
