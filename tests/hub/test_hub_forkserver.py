@@ -468,7 +468,10 @@ def test_a_host_program_leaves_no_template_and_no_guest(end, named_segments):
     codes = {pid: os.waitstatus_to_exitcode(s) for pid, s in reaped.items()}
     print(f"\n{end}: guests reaped by us (outlived the template): {codes}")
     sleeper = rep["guests"][2]
-    assert codes.get(sleeper, -signal.SIGKILL) == -signal.SIGKILL
+    # Killed by its parent-death signal; or, had the template died before
+    # the sleeper set that signal up (it is forked in the background: a
+    # busy machine), it saw its parent gone and left with HOST_GONE.
+    assert codes.get(sleeper, -signal.SIGKILL) in (-signal.SIGKILL, GuestExit.HOST_GONE)
     ok = (-signal.SIGKILL, GuestExit.HOST_GONE, 0)
     assert all(c in ok for c in codes.values()), codes
     if end == "kill":
