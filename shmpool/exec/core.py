@@ -66,6 +66,7 @@ from . import forksafe
 from . import tasks as T
 from .answers import Answers, PinBudget
 from .fncache import FunctionCache
+from .nested import Nested
 from .scheduler import Scheduler
 from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
@@ -153,6 +154,7 @@ class Core:
                                    method=start_method)
             st.on_idle = self.starter.idle_now
             self.scheduler.coming = lambda: self.starter.starting
+            self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
         except BaseException:
             self._teardown()
             raise
@@ -233,6 +235,7 @@ class Core:
         """(lock held)"""
         w.dead = True
         w.crashed_rid = running
+        self.nested.on_death(w)  # spec: exec.nested-crash
         w.info = info
         w.death = describe(info)
         if info is not None and info.cause != "goodbye":

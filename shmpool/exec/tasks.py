@@ -301,7 +301,7 @@ class WorkerRecord:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
                  "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx",
-                 "answers")
+                 "answers", "lent")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -328,6 +328,9 @@ class WorkerRecord:
         self.last_done = 0.0
         self.tx = None  # the channel chunked arguments stream over (opened on first use)
         self.answers = None  # the pool's `answers.Answers`, which its tasks' answers go to
+        # Tasks of its window that wait on nested futures and run others
+        # meanwhile: places it lends (`nested`). spec: exec.nested-no-deadlock
+        self.lent = 0
 
 
 def _after_fork_in_child() -> None:
