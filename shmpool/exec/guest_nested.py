@@ -48,7 +48,7 @@ from concurrent.futures import Executor, Future
 from .. import _atomics
 from . import guest
 from .protocol import NESTED_LEND, NESTED_SUBMIT
-from .serialization import Chunked, dumps, read, write
+from .serialization import Chunked, dumps, dumps_bytes, read, write
 
 MAX_DEPTH = 16  # waits on nested futures one worker may have on its stack (then: inline)
 
@@ -114,7 +114,10 @@ class NestedExecutor(Executor):
         prog = self._prog
         conn = prog.conn
         rid = conn.spare_id()
-        stream, bufs = dumps((rid, fn, args, kwargs))
+        # The function travels pickled once per process (`_function_bytes`):
+        # the host keeps one object per pickle, which its function cache
+        # then knows, so a worker is sent its `define` once.
+        stream, bufs = dumps((rid, _function_bytes(fn), args, kwargs))
         out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
         if type(out) is Chunked:
             out = prog.send_chunked(out)  # (its transfer before the call)
@@ -154,6 +157,21 @@ class NestedExecutor(Executor):
         if wait:
             for f in futs:
                 _help_until(f.done, None)
+
+
+_FUNCTIONS: dict = {}  # id(fn) -> (fn, its pickle): the functions this worker submitted lately
+FUNCTIONS_KEPT = 64
+
+
+def _function_bytes(fn) -> bytes:
+    got = _FUNCTIONS.get(id(fn))
+    if got is not None and got[0] is fn:
+        return got[1]
+    data = dumps_bytes(fn)
+    if len(_FUNCTIONS) >= FUNCTIONS_KEPT:
+        _FUNCTIONS.pop(next(iter(_FUNCTIONS)))
+    _FUNCTIONS[id(fn)] = (fn, data)
+    return data
 
 
 def _ignore(result, error) -> None:

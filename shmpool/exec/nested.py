@@ -37,6 +37,7 @@ the core closes (`close`, one of the core's `on_close` hooks).
 
 from __future__ import annotations
 
+import pickle
 import queue
 import threading
 import weakref
@@ -47,6 +48,7 @@ from ..errors import ChannelBroken, ConnectionClosedError, PeerDeadError, Shmpoo
 from .protocol import NESTED_LEND, NESTED_SUBMIT, SINGLE
 from .serialization import Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 
+FUNCTIONS_KEPT = 64  # functions submitted from tasks kept unpickled, by their pickle
 SENDER_JOIN = 10.0  # seconds close waits for each sender thread
 
 
@@ -62,6 +64,7 @@ class Nested:
         self.senders: dict = {}  # Connection -> _Sender
         self.gone: weakref.WeakSet = weakref.WeakSet()  # connections of dead workers
         self.closed = False
+        self.functions: dict = {}  # pickled function -> the function (handler thread only)
         methods = core.session.methods
         methods.register(NESTED_SUBMIT, self.on_submit)
         methods.register(NESTED_LEND, self.on_lend)
@@ -72,19 +75,36 @@ class Nested:
     def on_submit(self, ctx, payload) -> None:
         """A worker submits a task from inside one. spec: exec.nested"""
         conn = ctx.connection
-        (rid, fn, args, kwargs), _ = read(payload.retain(), copy=True,
-                                          transfers=conn.channels.take_transfer)
+        (rid, fbytes, args, kwargs), _ = read(payload.retain(), copy=True,
+                                              transfers=conn.channels.take_transfer)
+        fn = self._function(fbytes)
         fut = self.core.submit(fn, SINGLE, args, kwargs)
         with self.lock:
             gone = self.closed or conn in self.gone or conn.closed
             if not gone:
-                self.owned.setdefault(conn, {})[rid] = fut
+                # (with its function: the function cache holds none alive, and a
+                # function it forgets while a task of it waits is one the
+                # workers are told to drop)
+                self.owned.setdefault(conn, {})[rid] = (fut, fn)
                 if conn not in self.senders:
                     self.senders[conn] = _Sender(self, conn)
         if gone:
             fut.cancel()  # (its worker died meanwhile: nobody waits for it)
             return
         fut.add_done_callback(partial(self._done, conn, rid))
+
+    def _function(self, fbytes: bytes):
+        """One function object per pickle (the last FUNCTIONS_KEPT kept):
+        the function cache knows it by identity, so each worker gets its
+        `define` once, whatever the worker that submitted it pickled."""
+        fns = self.functions
+        fn = fns.pop(fbytes, None)
+        if fn is None:
+            fn = pickle.loads(fbytes)
+            if len(fns) >= FUNCTIONS_KEPT:
+                fns.pop(next(iter(fns)))
+        fns[fbytes] = fn  # (most recent last)
+        return fn
 
     def on_lend(self, ctx, payload) -> None:
         """The worker's running task waits on nested futures (b"+") and runs
@@ -122,7 +142,7 @@ class Nested:
             sender = self.senders.pop(w.conn, None)
         if sender is not None:
             sender.queue.put(None)
-        for fut in (mine or {}).values():
+        for fut, _ in (mine or {}).values():
             fut.cancel()  # (False for a running one: it finishes, nobody gets it)
 
     def close(self) -> None:
@@ -132,6 +152,7 @@ class Nested:
             senders = list(self.senders.values())
             self.senders.clear()
             self.owned.clear()
+            self.functions.clear()
         for s in senders:
             s.queue.put(None)
         for s in senders:
