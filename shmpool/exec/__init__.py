@@ -37,8 +37,11 @@ The parts (host side):
 - `tasks`: the records (`_Task`, `_TaskFuture`, `WorkerRecord`) and the
   tuning constants; `fncache`: functions pickled once; `serialization`:
   pickling into slots, zero-copy reading, pins; `forksafe`: what a fork()
-  child does with the engines it inherited.
-Guest side: `guest.GuestProgram`, the worker process's handlers.
+  child does with the engines it inherited; `nested.Nested`: the tasks
+  workers submit from inside a task, and the places their waits lend.
+Guest side: `guest.GuestProgram`, the worker process's handlers;
+`guest_nested`: `shmpool.current_executor()` in a task, and its helping
+waits.
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,
