@@ -27,6 +27,13 @@ def ex(n, method="fork", **kw):
     return ShmExecutor(n, mp_context=multiprocessing.get_context(method), **kw)
 
 
+def all_up(e, n):
+    """Every worker of `e` started and registered (so a nested task goes
+    to the idle one, not into its waiting parent's worker)."""
+    list(e.map(N.square, range(2 * n)))
+    wait_for(lambda: len(e._core.processes()) == n, f"{n} workers up")
+
+
 @pytest.mark.spec("exec.nested")
 def test_outside_a_worker_there_is_no_current_executor():
     assert shmpool.current_executor() is None
@@ -116,6 +123,7 @@ def test_a_worker_killed_while_waiting_on_nested_results(method, tmp_path):
     had submitted ends with its result dropped; nothing hangs or leaks."""
     pidfile, go = str(tmp_path / "pid"), str(tmp_path / "go")
     with ex(2, method, max_retries=2) as e:
+        all_up(e, 2)
         fut = e.submit(N.waiting_parent, pidfile, go)
         wait_for(lambda: os.path.exists(pidfile), "the parent task waits")
         pid = int(open(pidfile).read())
@@ -132,6 +140,7 @@ def test_a_worker_killed_while_waiting_on_nested_results(method, tmp_path):
 def test_a_waiting_worker_killed_past_its_retries_fails_the_task(tmp_path):
     pidfile, go = str(tmp_path / "pid"), str(tmp_path / "go")
     with ex(2, max_retries=0) as e:
+        all_up(e, 2)
         fut = e.submit(N.waiting_parent, pidfile, go)
         wait_for(lambda: os.path.exists(pidfile), "the parent task waits")
         os.kill(int(open(pidfile).read()), signal.SIGKILL)
@@ -158,3 +167,20 @@ def test_submit_after_the_host_shut_down_raises_in_the_task(tmp_path):
     open(flag, "w").close()
     assert "shutdown" in fut.result(timeout=120)
     e.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.nested-crash")
+def test_a_crash_inside_a_wait_is_charged_to_the_inner_task(method, tmp_path):
+    """One worker: the nested task runs inside its parent's wait, in the
+    same process, and kills it. The crash is the nested task's (the guest
+    word names it while it runs), not the waiting parent's: with no
+    retries the parent is requeued uncharged, runs again, and its new
+    nested task succeeds."""
+    marker = str(tmp_path / "killed")
+    with ex(1, method, max_retries=0) as e:
+        parent_pid, child_pid = e.submit(N.parent_of_kill_once, marker).result(timeout=120)
+        s = e.statistics()
+    assert os.path.exists(marker)
+    assert parent_pid == child_pid  # (one worker: the nested task ran inside the wait)
+    assert s["worker_deaths"] == 1 and s["crashes_charged"] == 1, s

@@ -154,3 +154,16 @@ def submit_after(flag: str):
     except RuntimeError as e:
         return str(e)
     return "submitted"
+
+
+def kill_once(marker: str):
+    """Kill this worker the first time (`marker` does not exist yet)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def parent_of_kill_once(marker: str):
+    """Wait on `kill_once`: (this task's pid, the nested task's)."""
+    return os.getpid(), shmpool.current_executor().submit(kill_once, marker).result()
