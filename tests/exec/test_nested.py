@@ -184,3 +184,16 @@ def test_a_crash_inside_a_wait_is_charged_to_the_inner_task(method, tmp_path):
     assert os.path.exists(marker)
     assert parent_pid == child_pid  # (one worker: the nested task ran inside the wait)
     assert s["worker_deaths"] == 1 and s["crashes_charged"] == 1, s
+
+
+@pytest.mark.spec("exec.nested-no-deadlock")
+def test_a_task_windowed_behind_a_waiting_one_runs_inside_the_wait(tmp_path):
+    """One worker, a window of 2: the second task was sent to the worker
+    before the first began to wait; the first waits on a nested task that
+    needs the second's file: the second runs inside the wait."""
+    path = str(tmp_path / "written")
+    with ex(1, max_inflight=2) as e:
+        first = e.submit(N.parent_waits_for, path)
+        second = e.submit(N.touch, path)
+        assert first.result(timeout=120) is True
+        assert second.result(timeout=120) == path

@@ -167,3 +167,18 @@ def kill_once(marker: str):
 def parent_of_kill_once(marker: str):
     """Wait on `kill_once`: (this task's pid, the nested task's)."""
     return os.getpid(), shmpool.current_executor().submit(kill_once, marker).result()
+
+
+def found_file(path: str) -> bool:
+    wait_for_file(path)
+    return os.path.exists(path)
+
+
+def parent_waits_for(path: str) -> bool:
+    """Wait on a nested task that waits for `path` (another task writes it)."""
+    return shmpool.current_executor().submit(found_file, path).result()
+
+
+def touch(path: str) -> str:
+    open(path, "w").close()
+    return path
