@@ -21,7 +21,9 @@ pickled bytes, and the ids the worker may forget), then `run` for each task
 single call or chunk; the arguments; in one slot whose buffers are
 unpickled zero-copy). `run` records the task's request id in the entry's
 guest word (so the host can tell, if this process dies, which task was
-running), calls the function, and answers with the pickled result in a
+running; after it, the word holds `resume`: 0, or the id of a task that
+waits on nested futures and runs this one inside its wait, `guest_nested`),
+calls the function, and answers with the pickled result in a
 slot of its own, never waiting for one: a result no slot takes now, or
 above an eighth of the memory limit, streams over this worker's chunk
 channel first and the answer carries its marker (spec: exec.chunked);

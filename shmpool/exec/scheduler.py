@@ -218,8 +218,9 @@ class Scheduler:
         busy_limit = 1 if self.coming() else room
         for w in self.state.workers.values():
             # (a task waiting on nested futures lends its place: it runs
-            # others meanwhile, taken off its ring. spec: exec.nested-no-deadlock)
-            if w.dead or w.retiring or len(w.inflight) - w.lent >= min(w.window, room, busy_limit):
+            # others meanwhile, taken off its ring, even past max_tasks_per_child.
+            # spec: exec.nested-no-deadlock)
+            if w.dead or (w.retiring and not w.lent) or len(w.inflight) - w.lent >= min(w.window, room, busy_limit):
                 continue
             if skip and w.peer_id in skip:
                 continue

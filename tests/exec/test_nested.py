@@ -197,3 +197,12 @@ def test_a_task_windowed_behind_a_waiting_one_runs_inside_the_wait(tmp_path):
         second = e.submit(N.touch, path)
         assert first.result(timeout=120) is True
         assert second.result(timeout=120) == path
+
+
+@pytest.mark.spec("exec.nested-no-deadlock")
+def test_a_worker_past_max_tasks_per_child_still_helps():
+    """One worker that retires after 2 tasks: its waiting task still runs
+    the nested ones inside the wait (then the worker leaves in order)."""
+    with ex(1, "spawn", max_tasks_per_child=2) as e:
+        assert len(e.submit(N.levels, 3).result(timeout=120)) == 4
+        assert e.submit(N.square, 3).result(timeout=120) == 9
