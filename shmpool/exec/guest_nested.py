@@ -16,9 +16,9 @@ error with its remote traceback. The part's callback, on whichever frame
 pumps this worker's rings, completes the `NestedFuture`.
 
 Helping (spec: exec.nested-no-deadlock): `result()` / `exception()` on a
-nested future that is not done tells the host, with `NESTED_LEND` b"+",
-that this worker lends the waiting task's place, then pumps its rings
-until the future is done: the requests routed meanwhile (the tasks
+nested future that is not done pumps this worker's rings until it is
+done, and once it has waited `LEND_AFTER` tells the host, with
+`NESTED_LEND` b"+", that this worker lends the waiting task's place: the requests routed meanwhile (the tasks
 windowed to this worker before and during the wait) run inside the wait,
 re-entrantly, one frame deeper, as ForkJoin's `join` does. The guest word
 holds the waiting task's id between the inner tasks (`GuestProgram.resume`),
@@ -51,6 +51,7 @@ from .protocol import NESTED_LEND, NESTED_SUBMIT
 from .serialization import Chunked, dumps, dumps_bytes, read, write
 
 MAX_DEPTH = 16  # waits on nested futures one worker may have on its stack (then: inline)
+LEND_AFTER = 0.002  # seconds a wait runs before it lends its place to the host
 
 _depth = 0  # waits on nested futures on this worker's stack now
 
@@ -198,15 +199,22 @@ def _help_until(predicate, timeout: float | None) -> bool:
     resume, prog.resume = prog.resume, running
     was_in_task = guest._in_task
     _depth += 1
-    conn.call_cb(NESTED_LEND, b"+", _ignore)
+    lent = False
     try:
-        return conn.wait_until(predicate, timeout)
+        # A nested task that is done within LEND_AFTER costs no lending;
+        # what this worker is sent meanwhile runs inside the wait all the same.
+        first = LEND_AFTER if timeout is None else min(LEND_AFTER, timeout)
+        if conn.wait_until(predicate, first):
+            return True
+        conn.call_cb(NESTED_LEND, b"+", _ignore)
+        lent = True
+        return conn.wait_until(predicate, None if timeout is None else max(0.0, timeout - first))
     finally:
         _depth -= 1
         prog.resume = resume
         _atomics.store_u32(buf, word, running)
         guest._in_task = was_in_task
-        if conn.end_reason is None:
+        if lent and conn.end_reason is None:
             try:
                 conn.call_cb(NESTED_LEND, b"-", _ignore)
             except Exception:  # noqa: BLE001 - the host is gone: nothing to take back
