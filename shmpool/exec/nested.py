@@ -62,6 +62,7 @@ class Nested:
         self.lock = threading.Lock()
         self.owned: dict = {}  # Connection -> {part id: the nested task's future}
         self.senders: dict = {}  # Connection -> _Sender
+        self.ended: list = []  # senders of dead workers' connections, told to end
         self.gone: weakref.WeakSet = weakref.WeakSet()  # connections of dead workers
         self.closed = False
         self.functions: dict = {}  # pickled function -> the function (handler thread only)
@@ -142,6 +143,8 @@ class Nested:
             sender = self.senders.pop(w.conn, None)
         if sender is not None:
             sender.queue.put(None)
+            with self.lock:
+                self.ended = [x for x in self.ended if x.thread.is_alive()] + [sender]
         for fut, _ in (mine or {}).values():
             fut.cancel()  # (False for a running one: it finishes, nobody gets it)
 
@@ -151,11 +154,12 @@ class Nested:
             self.closed = True
             senders = list(self.senders.values())
             self.senders.clear()
+            ended, self.ended = self.ended, []
             self.owned.clear()
             self.functions.clear()
         for s in senders:
             s.queue.put(None)
-        for s in senders:
+        for s in senders + ended:  # (those of dead workers end by themselves: joined all the same)
             if s.thread is not threading.current_thread():
                 s.thread.join(SENDER_JOIN)
 
