@@ -20,6 +20,26 @@ from .errors import (
 from .shm.segment import clean
 
 
+def current_executor():
+    """Inside a task running in a shmpool worker: an executor
+    (`concurrent.futures.Executor`) that submits to the pool running the
+    task, through the worker's session with its host: no new process;
+    results and exceptions come back as from any task. A task that waits
+    on its result runs other tasks meanwhile, so waiting never deadlocks
+    the pool (README "Submitting from inside a task"). Outside a worker
+    (in the host, or in a process a task started): None, as
+    `multiprocessing.parent_process()` is None where there is no parent.
+    spec: exec.nested"""
+    import sys
+
+    guest = sys.modules.get("shmpool.exec.guest")  # (only a worker runs it: the host never imports it)
+    if guest is None or guest.current is None:
+        return None
+    from .exec.guest_nested import current_executor as _current
+
+    return _current()
+
+
 def __getattr__(name: str):
     # The executor is imported on first use, so that a worker process
     # (the program in shmpool.exec.guest) does not load the host's machinery;
@@ -49,6 +69,7 @@ __all__ = [
     "ShmExecutor",
     "ShmPool",
     "track",
+    "current_executor",
     "WorkerCrashedError",
     "PoolBrokenError",
     "ForeignPoolError",

@@ -42,9 +42,14 @@ The parts (host side):
 - `tasks`: the records (`_Task`, `_TaskFuture`, `WorkerRecord`) and the
   tuning constants; `fncache`: functions pickled once; `serialization`:
   pickling into slots, zero-copy reading, pins; `forksafe`: what a fork()
-  child does with the engines it inherited.
+  child does with the engines it inherited; `control.Control`: task
+  timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
+  the tasks workers submit from inside a task, and the places their waits
+  lend.
 Guest side: `guest.GuestProgram`, the worker process's handlers;
-`stopping`, its side of task control (the stop signal, start stamps).
+`stopping`, its side of task control (the stop signal, start stamps);
+`guest_nested`: `shmpool.current_executor()` in a task, and its helping
+waits.
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,

@@ -67,6 +67,7 @@ from . import tasks as T
 from .answers import Answers, PinBudget
 from .control import Control
 from .fncache import FunctionCache
+from .nested import Nested
 from .scheduler import Scheduler
 from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
@@ -156,6 +157,7 @@ class Core:
                                    method=start_method)
             st.on_idle = self.starter.idle_now
             self.scheduler.coming = lambda: self.starter.starting
+            self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
         except BaseException:
             self._teardown()
             raise
@@ -236,6 +238,7 @@ class Core:
         """(lock held)"""
         w.dead = True
         w.crashed_rid = running
+        self.nested.on_death(w)  # spec: exec.nested-crash
         w.info = info
         w.death = describe(info)
         if info is not None and info.cause != "goodbye" and not w.stop_kill:  # (control counts its kills)

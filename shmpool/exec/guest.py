@@ -21,7 +21,9 @@ pickled bytes, and the ids the worker may forget), then `run` for each task
 single call or chunk; the arguments; in one slot whose buffers are
 unpickled zero-copy). `run` records the task's request id in the entry's
 guest word (so the host can tell, if this process dies, which task was
-running), calls the function, and answers with the pickled result in a
+running; after it, the word holds `resume`: 0, or the id of a task that
+waits on nested futures and runs this one inside its wait, `guest_nested`),
+calls the function, and answers with the pickled result in a
 slot of its own, never waiting for one: a result no slot takes now, or
 above an eighth of the memory limit, streams over this worker's chunk
 channel first and the answer carries its marker (spec: exec.chunked);
@@ -137,6 +139,12 @@ class GuestProgram:
         self.max_tasks: int | None = None
         self.exit_code: int | None = None
         self.fatal: BaseException | None = None
+        self.pid = os.getpid()  # (a task's fork() child is not this worker: `guest_nested`)
+        # What the guest word holds between tasks: 0, or, while a task waits
+        # on nested futures and runs others meanwhile, that task's id, so
+        # that a crash is charged to the task really running (`guest_nested`).
+        # spec: exec.nested-crash
+        self.resume = 0
         d = self.session.methods
         d.register(INIT, self.init)
         d.register(DEFINE, self.define)
@@ -261,14 +269,14 @@ class GuestProgram:
                     out = write(slots, out, bufs, timeout=0, chunk_above=chunk_above)
                     bufs = None
                     if type(out) is Chunked:
-                        out = self._send_chunked(out)
+                        out = self.send_chunked(out)
                     if fp:
                         failpoints.hit(FP_RESULT_SLOT)
                 finally:
                     self.done += 1
                     if max_tasks is not None and self.done >= max_tasks:
                         self.exit_code = 0  # leave in order after this batch
-                    store_u32(buf, word, 0)
+                    store_u32(buf, word, self.resume)
             except Exception as e:  # noqa: BLE001 - the task's error, as the session sends it
                 ctx.answer(tag, error=e)
             except BaseException as e:  # noqa: BLE001
@@ -291,12 +299,12 @@ class GuestProgram:
         # classes and a huge extent) streams over a channel. spec: exec.chunked
         out = write(self.session.slots, stream, bufs, timeout=0, chunk_above=self.chunk_above)
         if type(out) is Chunked:
-            out = self._send_chunked(out)
+            out = self.send_chunked(out)
         if failpoints.ACTIVE:
             failpoints.hit(FP_RESULT_SLOT)
         return out
 
-    def _send_chunked(self, chunked: Chunked) -> bytes:
+    def send_chunked(self, chunked: Chunked) -> bytes:
         """Stream a result no slot takes as a transfer (the host's driver
         collects it as it arrives), then answer with its marker: the ring
         carries the transfer's pieces before the answer. The requests
@@ -402,7 +410,7 @@ class GuestProgram:
     def _after_task(self) -> None:
         if self.max_tasks is not None and self.done >= self.max_tasks:
             self.exit_code = 0  # leave in order after this answer
-        _atomics.store_u32(self.buf, self.word, 0)
+        _atomics.store_u32(self.buf, self.word, self.resume)
 
     # -- the loop ---------------------------------------------------------------
 

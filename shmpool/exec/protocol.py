@@ -49,6 +49,17 @@ INIT = method_id("shmpool.exec.init")
 DEFINE = method_id("shmpool.exec.define")
 RUN = method_id("shmpool.exec.run")
 RUN_BATCH = method_id("shmpool.exec.run_batch")
+# Worker -> host (nested submission, spec: exec.nested; `nested`, `guest_nested`):
+# `NESTED_SUBMIT`: `(part id, fn, args, kwargs)` pickled as a task's payload
+# (chunked when big). Answer: None once the task is queued (or the error
+# `submit` raised: after shutdown, a broken pool); the task's outcome comes
+# later as the part `part id` (`Connection.await_part`), its result pickled
+# as a task's result (chunked when big: the transfer before the part).
+# `NESTED_LEND`: b"+" (the running task waits on nested futures and runs
+# other tasks meanwhile: count one more place free) or b"-" (it stopped
+# waiting). Answer: None. spec: exec.nested-no-deadlock
+NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
+NESTED_LEND = method_id("shmpool.exec.nested.lend")
 
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 # A chunk answered per item (`ShmExecutor.map`'s adaptive chunks): args are
@@ -87,5 +98,5 @@ def run_items(fn, args) -> tuple:
     return results, -1, None, time.perf_counter() - t0
 
 
-__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
+__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]

@@ -135,7 +135,7 @@ class Scheduler:
         cancelled ones are finished on the way. spec: exec.batch"""
         st = self.state
         q = st.queue
-        limit = min(self.batch_limit(w), min(w.window, st.ring_window) - len(w.inflight))
+        limit = min(self.batch_limit(w), min(w.window, st.ring_window) - len(w.inflight) + w.lent)
         if st.max_tasks is not None:
             limit = min(limit, st.max_tasks - w.dispatched)
         limit = max(1, limit)
@@ -217,11 +217,14 @@ class Scheduler:
         # one would only hold behind its running task.
         busy_limit = 1 if self.coming() else room
         for w in self.state.workers.values():
-            if w.dead or w.retiring or len(w.inflight) >= min(w.window, room, busy_limit):
+            # (a task waiting on nested futures lends its place: it runs
+            # others meanwhile, taken off its ring, even past max_tasks_per_child.
+            # spec: exec.nested-no-deadlock)
+            if w.dead or (w.retiring and not w.lent) or len(w.inflight) - w.lent >= min(w.window, room, busy_limit):
                 continue
             if skip and w.peer_id in skip:
                 continue
-            if w.messages >= T.MESSAGE_DEPTH and self.batch_limit(w) > 1:
+            if w.messages - w.lent >= T.MESSAGE_DEPTH and self.batch_limit(w) > 1:
                 # Short tasks: what queues meanwhile goes in one request
                 # when its next answer comes (it has work until then).
                 continue

@@ -306,7 +306,7 @@ class WorkerRecord:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
                  "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx",
-                 "answers", "stop_ids", "stop_kill")
+                 "answers", "stop_ids", "stop_kill", "lent")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -335,6 +335,9 @@ class WorkerRecord:
         self.answers = None  # the pool's `answers.Answers`, which its tasks' answers go to
         self.stop_ids = [0] * 8  # the host's copy of its entry's stop ids (`control`)
         self.stop_kill = False  # killed by `control` (a task that did not stop): no task charged
+        # Tasks of its window that wait on nested futures and run others
+        # meanwhile: places it lends (`nested`). spec: exec.nested-no-deadlock
+        self.lent = 0
 
 
 def _after_fork_in_child() -> None:
