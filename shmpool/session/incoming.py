@@ -36,9 +36,9 @@ from __future__ import annotations
 import collections
 
 from .. import failpoints
-from ..errors import ConnectionClosedError, NoSuchMethodError
+from ..errors import ConnectionClosedError, NoSuchMethodError, StaleSlotError
 from ..shm.layout import INLINE_CAPACITY, SLOT_REF_INLINE
-from .messages import F_CANCELLED, F_ERROR, RESPONSE, Received, discard, payload_descriptor
+from .messages import F_CANCELLED, F_ERROR, RESPONSE, Outgoing, Received, discard, payload_descriptor
 from .methods import CallContext, MethodTable, encode_error
 
 FP_RESPONDED = failpoints.declare("rpc.after-respond", "a call's response published, handler state not yet cleaned")
@@ -139,7 +139,14 @@ class IncomingCalls:
     def respond(self, rid: int, flags: int, data) -> None:
         conn = self._conn
         if self._ended:
-            return  # the caller is gone or will never read it
+            # The caller is gone or will never read it; a payload already
+            # written into a slot of ours goes back to the pool.
+            if isinstance(data, Outgoing):
+                try:
+                    conn.slots.free(data.slot)
+                except StaleSlotError:
+                    pass  # (reclaimed meanwhile)
+            return
         push = self._push_answer
         try:
             if push is None:
