@@ -203,6 +203,7 @@ class ShmExecutor(Executor):
                 self._core_kwargs = None  # (initargs are the core's now, dropped when it closes)
                 _live.add(core, core)
                 self._finalizer = weakref.finalize(self, _finalize, core)
+                core.task_timeout = self._task_timeout
                 self._core = core
         return self._core
 

@@ -338,6 +338,7 @@ class ShmPool:
                     start_method=self._start_method)
         st = _State(core)
         st.task_timeout = task_timeout
+        core.task_timeout = task_timeout
         st.handler = threading.Thread(target=st.run, name="shmpool-pool-handler", daemon=True)
         try:
             _threads.start(st.handler)

@@ -165,6 +165,9 @@ class Core:
         # (fork: the first submit, or the pool's constructor, waits for
         # these starts: `wait_forked`)
         self.forking = eager and start_method == "fork"
+        # The pool's `task_timeout` (the API's), for the tasks workers submit
+        # from inside tasks (`nested`). spec: exec.task-timeout
+        self.task_timeout: float | None = None
         if eager:
             with self.lock:
                 self.starter.start_new(max_workers)
