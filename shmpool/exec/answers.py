@@ -333,9 +333,12 @@ class Answers:
             self._lost(task, w)
             self.schedule()
             return False
-        if isinstance(exc, TaskNotRun) and task.stop is None:  # a task before it in its batch ended the worker
+        if isinstance(exc, TaskNotRun) and task.stop is None:
+            # A task before it in its batch ended the worker, or waits on
+            # nested futures and gave the rest back (spec: exec.nested-no-deadlock)
             self.state.stats["requeued"] += 1
             self.state.queue.appendleft(task)
+            self.schedule()
             return False
         # spec: exec.on-demand -- a worker became idle (before the caller can see it)
         st = self.state

@@ -145,6 +145,7 @@ class GuestProgram:
         # that a crash is charged to the task really running (`guest_nested`).
         # spec: exec.nested-crash
         self.resume = 0
+        self.batch_rest = None  # (the running batch's request, its tasks not started yet): `give_back`
         d = self.session.methods
         d.register(INIT, self.init)
         d.register(DEFINE, self.define)
@@ -248,7 +249,17 @@ class GuestProgram:
         respond, buf, word, slots = self.respond, self.buf, self.word, self.session.slots
         call, chunk_above, max_tasks = self._call, self.chunk_above, self.max_tasks
         busy, fp = self.guest.announcer.busy, failpoints.ACTIVE  # (a dict, changed in place)
-        for tag, stream in parts:
+        rest = iter(parts)  # (a task that waits on nested futures gives back what is left: `give_back`)
+        outer, self.batch_rest = self.batch_rest, (ctx, rest)
+        try:
+            self._run_parts(ctx, rest, respond, buf, word, slots, call, chunk_above, max_tasks, busy, fp)
+        finally:
+            self.batch_rest = outer
+        return BATCH_TIME.pack(perf_counter() - t0)
+
+    def _run_parts(self, ctx, rest, respond, buf, word, slots, call, chunk_above, max_tasks, busy, fp) -> None:
+        """`run_batch`'s loop over its tasks (see there)."""
+        for tag, stream in rest:
             if self.fatal is not None:
                 ctx.answer(tag, error=TaskNotRun())
                 continue
@@ -287,7 +298,24 @@ class GuestProgram:
             out = None
             if fp:
                 failpoints.hit(FP_BATCH_TASK)
-        return BATCH_TIME.pack(perf_counter() - t0)
+
+    def give_back(self) -> int:
+        """(a task of a batch is about to wait on nested futures and lend
+        its place) Answer the batch's tasks not started yet `TaskNotRun`:
+        the host queues them again, and they run elsewhere or inside the
+        wait, instead of holding places in this worker's window behind a
+        wait that may last (with the window shrunk to 2 by the long waits,
+        such a tail left no place for the nested task the wait needs).
+        How many were given back. spec: exec.nested-no-deadlock"""
+        got = self.batch_rest
+        if got is None:
+            return 0
+        ctx, rest = got
+        n = 0
+        for tag, _ in rest:
+            ctx.answer(tag, error=TaskNotRun())
+            n += 1
+        return n
 
     def _result_payload(self, task):
         """Run `task` (its function, kind, arguments) and write the result

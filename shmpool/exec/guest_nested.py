@@ -206,6 +206,7 @@ def _help_until(predicate, timeout: float | None) -> bool:
         first = LEND_AFTER if timeout is None else min(LEND_AFTER, timeout)
         if conn.wait_until(predicate, first):
             return True
+        prog.give_back()  # (the rest of a batch this task is in: not stuck behind the wait)
         conn.call_cb(NESTED_LEND, b"+", _ignore)
         lent = True
         return conn.wait_until(predicate, None if timeout is None else max(0.0, timeout - first))

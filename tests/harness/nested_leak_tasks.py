@@ -1,5 +1,6 @@
-"""Tasks for tests/exec/test_nested_leaks.py: a nested result whose
-pickling in the host (the nested sender thread) waits for the test."""
+"""Tasks for tests/exec/test_nested_leaks.py (a nested result whose
+pickling in the host, the nested sender thread, waits for the test) and
+tests/exec/test_nested_batch.py (parents batched behind each other)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def held_parent(host_pid: int, flag: str, release: str, pidfile: str, n: int) ->
 
 def square(x: int) -> int:
     return x * x
+
+
+def small(i: int) -> int:
+    time.sleep(0.02)
+    return i
+
+
+def parent_of_small(i: int) -> int:
+    return shmpool.current_executor().submit(small, i).result()
