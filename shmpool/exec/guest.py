@@ -394,6 +394,9 @@ class GuestProgram:
                 fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
         global _in_task
         ran = False
+        # (entered with `_in_task` False: between tasks, or inside a nested
+        # wait, which clears it while it pumps and sets it back after; so the
+        # False below restores the state it found. spec: exec.stop-nested-wait)
         _in_task = True
         try:
             try:

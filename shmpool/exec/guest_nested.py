@@ -18,9 +18,19 @@ pumps this worker's rings, completes the `NestedFuture`.
 Helping (spec: exec.nested-no-deadlock): `result()` / `exception()` on a
 nested future that is not done pumps this worker's rings until it is
 done, and once it has waited `LEND_AFTER` tells the host, with
-`NESTED_LEND` b"+", that this worker lends the waiting task's place: the requests routed meanwhile (the tasks
-windowed to this worker before and during the wait) run inside the wait,
-re-entrantly, one frame deeper, as ForkJoin's `join` does. The guest word
+`NESTED_LEND` b"+" and the waiting task's id, that this worker lends the
+waiting task's place: the requests routed meanwhile (the tasks windowed
+to this worker before and during the wait) run inside the wait, after the
+lend (before it they are held: the host must know of a wait an inner task
+runs in, to bound a stop of the waiting task, spec: exec.stop-nested),
+re-entrantly, one frame deeper, as ForkJoin's `join` does.
+
+Signals (spec: exec.stop-nested-wait): while a task pumps (`_pumping` ..
+`_pumped`: a wait, or `submit` waiting for the host) `guest._in_task` is
+False and its id is in `guest._waiting`, so the stop signal's and
+Ctrl-C's handlers only record the exception (`guest._deferred`); the wait
+ends on it (within a pump's slice) and raises it once the pump returned
+(`_raise_deferred`), as if the task were interrupted at that bytecode. The guest word
 holds the waiting task's id between the inner tasks (`GuestProgram.resume`),
 so a crash is charged to the task really running (spec: exec.nested-crash).
 After the wait, b"-" takes the place back.
