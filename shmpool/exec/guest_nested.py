@@ -239,8 +239,12 @@ def _help_until(predicate, timeout: float | None) -> bool:
     prog = guest.current
     conn = prog.conn
     deferred = guest._deferred
-    if not guest._waiting:
-        deferred.clear()  # (stale: stops of tasks that ended before they looked)
+    if deferred and not guest._waiting:
+        # (stale: stops of tasks that ended before they looked; this one's stays)
+        mine = deferred.pop(_atomics.load_u32(prog.buf, prog.word), None)
+        deferred.clear()
+        if mine is not None:
+            raise mine
     depth, resume = _depth, prog.resume
     lends = depth < MAX_DEPTH  # (not reached: a task this deep runs its calls inline)
     lent = False
