@@ -25,8 +25,9 @@ Data flow:
   worker holds is stopped as above (`stop`, reason CANCEL).
 - stop: the task's id into a free stop slot of its worker's entry; then,
   on each pass of the monitor until the task is answered or its worker
-  is gone: running (the guest word names it) -> the stop signal, and past
-  the grace period (`STOP_GRACE`) SIGKILL. Not running yet -> nothing:
+  is gone: running (the guest word names it, or it waits on nested
+  futures: its worker's `waiting`) -> the stop signal, and past the grace
+  period (`STOP_GRACE`) SIGKILL. Not running yet -> nothing:
   the worker answers it `TaskStopped` without running it when it gets
   there (looked at again every grace period, for a start that raced).
 - end: the answer (`TaskStopped`, another error, or a result that came
@@ -37,7 +38,8 @@ Data flow:
 Invariants (all under the engine's lock): a stop slot holds an id only
 while the task it names is in its worker's window (freed by `settle`, and
 with the worker's entry, which recovery zeroes); a worker is killed only
-while the guest word names the stopped task, and a worker killed here
+while the guest word names the stopped task or that task waits on nested
+futures (a lend named it), and a worker killed here
 charges no task a crash (`WorkerRecord.stop_kill`); a task without a
 timeout costs nothing here; the monitor sleeps until the earliest time a
 task could expire or a stop needs a look, never longer, and is woken when
@@ -247,6 +249,12 @@ class Control:
         if s.killed or w.inflight.get(task.rid) is not task:
             return None  # (answered, not yet delivered: `settle` has it)
         running = load_u32(self.buf, self.layout.peer_entry(w.peer_id) + L.P_GUEST_WORD) == task.rid
+        if not running and w.waiting and task.rid in w.waiting:
+            # It waits on nested futures while its worker runs another task
+            # inside the wait: signalled (the worker stops it when that task
+            # returns) and killed after the grace period as if it ran.
+            # spec: exec.stop-nested
+            running = True
         if not running:
             return now + self.grace  # windowed: it is answered stopped when it starts (or it raced)
         if s.signalled is None:
@@ -310,6 +318,12 @@ class Control:
             entry = self.layout.peer_entry(w.peer_id)
             store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * s.slot, 0)
             store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
+
+    def look(self) -> None:
+        """(lock held) A stop under way may need a look now (a stopped task
+        began waiting on nested futures: `nested.on_lend`)."""
+        if self.stops:
+            self._wake(monotonic())
 
     # -- interrupt --------------------------------------------------------------------
 

@@ -251,24 +251,31 @@ class Core:
 
     # -- submitting --------------------------------------------------------------
 
-    def check_open(self) -> None:
+    def check_open(self, nested: bool = False) -> None:
+        """Raise if no task may be submitted now. `nested`: a task submitted
+        from inside a running one, part of that task's work, which a
+        shutdown waits for: taken until the pool closes (spec: exec.nested-shutdown)."""
         if self.foreign:  # spec: exec.fork-safety
             raise forksafe.foreign_error(self.kind, self.owner_pid)
         st = self.state
         if st.broken is not None:
             raise PoolBrokenError(st.broken)
-        if st.shutdown_started:
+        if st.closed:
+            raise RuntimeError("cannot schedule new futures after the pool closed"
+                               + (" (a task submitted from inside a task)" if nested else ""))
+        if st.shutdown_started and not nested:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def submit(self, fn, kind: int, args, kwargs, on_result=None, on_error=None, timeout=None,
-               retries=None) -> Future:
+               retries=None, nested: bool = False) -> Future:
         """Queue one task (a call, or a chunk of argument tuples); its future.
         Pickling errors fail the future, not the caller. `timeout`: seconds
         each call may run (its record then carries it: the worker stamps
-        each call's start); `retries`: see `tasks._Task`."""
+        each call's start); `retries`: see `tasks._Task`; `nested`: see
+        `check_open`."""
         st = self.state
         if self.foreign or st.broken is not None or st.shutdown_started:
-            self.check_open()
+            self.check_open(nested)
         fut = _new_future(self._future_class)
         try:
             fid, name, fbytes = self.functions.get(fn)
@@ -295,7 +302,7 @@ class Core:
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:
-                self.check_open()
+                self.check_open(nested)
             if st.credits:  # spec: exec.on-demand (as `_want_worker`)
                 st.credits -= 1
             else:
@@ -324,7 +331,7 @@ class Core:
         held = _threads.hold_interrupt()
         try:
             with self.lock:
-                self.check_open()
+                self.check_open(nested)
                 st.live += 1
                 st.submitted += 1
                 st.queue.append(task)

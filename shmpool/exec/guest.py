@@ -97,6 +97,11 @@ FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answ
 
 
 _in_task = False  # a task's function is running on the main thread
+# The ids of the tasks on this stack that wait on nested futures (innermost
+# last; `guest_nested`), and what a signal raises in one of them once its
+# wait's pump returned (id -> Stop or KeyboardInterrupt). spec: exec.stop-nested-wait
+_waiting: tuple = ()
+_deferred: dict = {}
 current: "GuestProgram | None" = None  # this worker's program (for its statistics)
 
 
@@ -106,13 +111,31 @@ def _on_sigint(signum, frame) -> None:
     host decides what an interrupt means for the pool. spec: exec.interrupt"""
     if _in_task:
         raise KeyboardInterrupt
+    if _waiting:  # the waiting task pumps: raised when the pump returned
+        _deferred.setdefault(_waiting[-1], KeyboardInterrupt)
 
 
 def _on_stop(signum, frame) -> None:
     """The host's stop signal: stop the running task if it is one the host
     wants stopped (else it ended already: nothing). spec: exec.interrupt-task"""
-    if _in_task and current is not None and stopping.requested(current.buf, current.entry):
+    if current is None:
+        return
+    ids = stopping.stop_ids(current.buf, current.entry)
+    if not ids:
+        return
+    rid = load_u32(current.buf, current.word)
+    if _in_task and rid in ids:
         raise stopping.Stop
+    # Else recorded, never raised in the session's code: a task that waits
+    # on nested futures (pumping, or under an inner task) raises it when its
+    # wait's pump returned (spec: exec.stop-nested-wait); for one that does
+    # not wait, the host kills after the grace period if it does not end.
+    if len(_deferred) > 64:  # (stale ones: tasks that ended without a look)
+        for r in [r for r in _deferred if r not in _waiting]:
+            del _deferred[r]
+    for r in _waiting + (() if _in_task else (rid,)):
+        if r in ids:
+            _deferred.setdefault(r, stopping.Stop)
 
 
 class GuestProgram:
@@ -399,6 +422,9 @@ class GuestProgram:
                 fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
         global _in_task
         ran = False
+        # (entered with `_in_task` False: between tasks, or inside a nested
+        # wait, which clears it while it pumps and sets it back after; so the
+        # False below restores the state it found. spec: exec.stop-nested-wait)
         _in_task = True
         try:
             try:

@@ -18,9 +18,19 @@ pumps this worker's rings, completes the `NestedFuture`.
 Helping (spec: exec.nested-no-deadlock): `result()` / `exception()` on a
 nested future that is not done pumps this worker's rings until it is
 done, and once it has waited `LEND_AFTER` tells the host, with
-`NESTED_LEND` b"+", that this worker lends the waiting task's place: the requests routed meanwhile (the tasks
-windowed to this worker before and during the wait) run inside the wait,
-re-entrantly, one frame deeper, as ForkJoin's `join` does. The guest word
+`NESTED_LEND` b"+" and the waiting task's id, that this worker lends the
+waiting task's place: the requests routed meanwhile (the tasks windowed
+to this worker before and during the wait) run inside the wait, after the
+lend (before it they are held: the host must know of a wait an inner task
+runs in, to bound a stop of the waiting task, spec: exec.stop-nested),
+re-entrantly, one frame deeper, as ForkJoin's `join` does.
+
+Signals (spec: exec.stop-nested-wait): while a task pumps (`_pumping` ..
+`_pumped`: a wait, or `submit` waiting for the host) `guest._in_task` is
+False and its id is in `guest._waiting`, so the stop signal's and
+Ctrl-C's handlers only record the exception (`guest._deferred`); the wait
+ends on it (within a pump's slice) and raises it once the pump returned
+(`_raise_deferred`), as if the task were interrupted at that bytecode. The guest word
 holds the waiting task's id between the inner tasks (`GuestProgram.resume`),
 so a crash is charged to the task really running (spec: exec.nested-crash).
 After the wait, b"-" takes the place back.
@@ -47,7 +57,7 @@ from concurrent.futures import Executor, Future
 
 from .. import _atomics
 from . import guest
-from .protocol import NESTED_LEND, NESTED_SUBMIT
+from .protocol import LEND_ID, NESTED_LEND, NESTED_SUBMIT
 from .serialization import Chunked, dumps, dumps_bytes, read, write
 
 MAX_DEPTH = 16  # waits on nested futures one worker may have on its stack (then: inline)
@@ -114,40 +124,45 @@ class NestedExecutor(Executor):
             return fut
         prog = self._prog
         conn = prog.conn
-        rid = conn.spare_id()
-        # The function travels pickled once per process (`_function_bytes`):
-        # the host keeps one object per pickle, which its function cache
-        # then knows, so a worker is sent its `define` once.
-        stream, bufs = dumps((rid, _function_bytes(fn), args, kwargs))
-        out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
-        if type(out) is Chunked:
-            out = prog.send_chunked(out)  # (its transfer before the call)
-
-        def done(received, error) -> None:
-            if fut.done():
-                if received is not None:
-                    received.release()
-                return
-            if error is not None:
-                fut.set_exception(error)
-                return
-            try:
-                value, _ = read(received, copy=True, transfers=conn.channels.take_transfer)
-            except BaseException as e:  # noqa: BLE001 - the nested result's error
-                fut.set_exception(e)
-            else:
-                fut.set_result(value)
-
-        if not conn.await_part(rid, done, raw=True):
-            raise conn.end_reason or RuntimeError("the connection to the host is over")
-        conn.hold_requests += 1  # (a short wait: tasks routed meanwhile run after it)
+        running, saved = _pumping(prog)  # (it pumps below: signals deferred)
         try:
-            conn.call_sync(NESTED_SUBMIT, out)
-        except BaseException:
-            conn.forget(rid)
-            raise
+            rid = conn.spare_id()
+            # The function travels pickled once per process (`_function_bytes`):
+            # the host keeps one object per pickle, which its function cache
+            # then knows, so a worker is sent its `define` once.
+            stream, bufs = dumps((rid, _function_bytes(fn), args, kwargs))
+            out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
+            if type(out) is Chunked:
+                out = prog.send_chunked(out)  # (its transfer before the call)
+
+            def done(received, error) -> None:
+                if fut.done():
+                    if received is not None:
+                        received.release()
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                    return
+                try:
+                    value, _ = read(received, copy=True, transfers=conn.channels.take_transfer)
+                except BaseException as e:  # noqa: BLE001 - the nested result's error
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(value)
+
+            if not conn.await_part(rid, done, raw=True):
+                raise conn.end_reason or RuntimeError("the connection to the host is over")
+            conn.hold_requests += 1  # (a short wait: tasks routed meanwhile run after it)
+            try:
+                conn.call_sync(NESTED_SUBMIT, out)
+            except BaseException:
+                conn.forget(rid)
+                raise
+            finally:
+                conn.hold_requests -= 1
         finally:
-            conn.hold_requests -= 1
+            _pumped(saved)
+        _raise_deferred(running)
         self._submitted.append(fut)
         if len(self._submitted) > 1024:
             self._submitted = [f for f in self._submitted if not f.done()]
@@ -180,46 +195,97 @@ def _ignore(result, error) -> None:
         result.release()
 
 
+def _pumping(prog) -> tuple:
+    """The running task is about to pump this worker's rings: from now on
+    the signals' handlers only record what they would raise in it
+    (`guest._on_stop`, `guest._on_sigint`): the pumping is the session's
+    code, which must not be cut in the middle. Its id, and what `_pumped`
+    restores. spec: exec.stop-nested-wait"""
+    running = _atomics.load_u32(prog.buf, prog.word)
+    saved = guest._waiting, guest._in_task
+    # (a stop handled between these two stores is recorded: the guest word
+    # names the task)
+    guest._in_task = False
+    guest._waiting = saved[0] + (running,)
+    return running, saved
+
+
+def _pumped(saved: tuple) -> None:
+    """The pumping is over (see `_pumping`). A stop handled between these
+    two stores is recorded (the guest word names the task), one handled
+    after them raised at once."""
+    guest._waiting = saved[0]
+    guest._in_task = saved[1]
+
+
+def _raise_deferred(running: int) -> None:
+    """The safe point: what a signal deferred for task `running` is raised
+    here, as if the task were interrupted at this bytecode (an inner task
+    run meanwhile has returned)."""
+    stop = guest._deferred.pop(running, None)
+    if stop is not None:
+        raise stop
+
+
 def _help_until(predicate, timeout: float | None) -> bool:
     """Wait for `predicate()`, running the tasks routed to this worker
-    meanwhile (see the module docstring)."""
+    meanwhile (see the module docstring). A stop or a Ctrl-C of the waiting
+    task is deferred while it pumps, ends the wait (within a pump's slice,
+    `WAIT_SLICE`: the signal does not cut the sleep short) and is raised
+    here once the pump returned (spec: exec.stop-nested-wait)."""
     if predicate():
         return True
     global _depth
     prog = guest.current
     conn = prog.conn
-    if _depth >= MAX_DEPTH:  # (not reached: a task this deep runs its calls inline)
+    deferred = guest._deferred
+    if deferred and not guest._waiting:
+        # (stale: stops of tasks that ended before they looked; this one's stays)
+        mine = deferred.pop(_atomics.load_u32(prog.buf, prog.word), None)
+        deferred.clear()
+        if mine is not None:
+            raise mine
+    depth, resume = _depth, prog.resume
+    lends = depth < MAX_DEPTH  # (not reached: a task this deep runs its calls inline)
+    lent = False
+    ok = False
+    running, saved = _pumping(prog)
+
+    def ended() -> bool:
+        return predicate() or running in deferred
+
+    try:
+        prog.resume = running
+        _depth = depth + 1
+        # A nested task that is done within LEND_AFTER costs no lending.
+        # The requests routed meanwhile wait for the lend: a task run
+        # inside the wait before the host knows of the wait would hold a
+        # stop of this one off for as long as it runs. spec: exec.stop-nested
+        first = LEND_AFTER if timeout is None else min(LEND_AFTER, timeout)
         conn.hold_requests += 1
         try:
-            return conn.wait_until(predicate, timeout)
+            ok = conn.wait_until(ended, first if lends else timeout)
         finally:
             conn.hold_requests -= 1
-    buf, word = prog.buf, prog.word
-    running = _atomics.load_u32(buf, word)
-    resume, prog.resume = prog.resume, running
-    was_in_task = guest._in_task
-    _depth += 1
-    lent = False
-    try:
-        # A nested task that is done within LEND_AFTER costs no lending;
-        # what this worker is sent meanwhile runs inside the wait all the same.
-        first = LEND_AFTER if timeout is None else min(LEND_AFTER, timeout)
-        if conn.wait_until(predicate, first):
-            return True
-        prog.give_back()  # (the rest of a batch this task is in: not stuck behind the wait)
-        conn.call_cb(NESTED_LEND, b"+", _ignore)
-        lent = True
-        return conn.wait_until(predicate, None if timeout is None else max(0.0, timeout - first))
+        if not ok and lends:
+            prog.give_back()  # (the rest of a batch this task is in: not stuck behind the wait)
+            conn.call_cb(NESTED_LEND, b"+" + LEND_ID.pack(running), _ignore)
+            lent = True
+            ok = conn.wait_until(ended, None if timeout is None else max(0.0, timeout - first))
     finally:
-        _depth -= 1
+        _depth = depth
         prog.resume = resume
-        _atomics.store_u32(buf, word, running)
-        guest._in_task = was_in_task
-        if lent and conn.end_reason is None:
-            try:
-                conn.call_cb(NESTED_LEND, b"-", _ignore)
-            except Exception:  # noqa: BLE001 - the host is gone: nothing to take back
-                pass
+        _atomics.store_u32(prog.buf, prog.word, running)
+        try:
+            if lent and conn.end_reason is None:
+                try:
+                    conn.call_cb(NESTED_LEND, b"-" + LEND_ID.pack(running), _ignore)
+                except Exception:  # noqa: BLE001 - the host is gone: nothing to take back
+                    pass
+        finally:
+            _pumped(saved)
+    _raise_deferred(running)
+    return ok and predicate()
 
 
 __all__ = ["current_executor", "NestedExecutor", "NestedFuture", "MAX_DEPTH"]

@@ -11,16 +11,19 @@ worker connection that has nested tasks, which sends their outcomes.
 
 Data flow: `NESTED_SUBMIT` -> unpickle `(part id, fn, args, kwargs)` (a
 chunked payload's transfer arrived before the request) -> `Core.submit`,
-as any task (it raises what `submit` raises: after shutdown, on a broken
-pool; that is the call's answer and the worker's `submit` raises it) ->
+as any task, and also while the pool shuts down (a running task's nested
+tasks are part of its work, which `shutdown(wait=True)` waits for; it
+raises what `submit` raises once the pool closed or broke: that is the
+call's answer and the worker's `submit` raises it) ->
 owned by the submitting connection -> done (on the driver thread, or
 wherever the future completes: the callback only queues it) -> that
 connection's sender thread pickles the result as a worker pickles one
 (a slot if one is free now, else chunked on a channel of its own: the
 transfer, then the part) and answers the part, or sends the error with
 its traceback. A nested result thus travels worker -> host -> worker.
-`NESTED_LEND` b"+"/b"-" raises/lowers the worker record's `lent` count
-and schedules: the scheduler gives a worker that lends places that many
+`NESTED_LEND` b"+"/b"-" with the waiting task's id raises/lowers the
+worker record's `lent` count, adds/removes the id in its `waiting` (a stop
+of a waiting task: `control`), and schedules: the scheduler gives a worker that lends places that many
 more tasks (spec: exec.nested-no-deadlock).
 
 Death (spec: exec.nested-crash): `on_death` (the core's, lock held)
@@ -45,7 +48,7 @@ from functools import partial
 
 from .. import _threads
 from ..errors import ChannelBroken, ConnectionClosedError, PeerDeadError, ShmpoolError
-from .protocol import NESTED_LEND, NESTED_SUBMIT, SINGLE
+from .protocol import LEND_ID, NESTED_LEND, NESTED_SUBMIT, SINGLE
 from .serialization import Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 
 FUNCTIONS_KEPT = 64  # functions submitted from tasks kept unpickled, by their pickle
@@ -79,7 +82,9 @@ class Nested:
         (rid, fbytes, args, kwargs), _ = read(payload.retain(), copy=True,
                                               transfers=conn.channels.take_transfer)
         fn = self._function(fbytes)
-        fut = self.core.submit(fn, SINGLE, args, kwargs)
+        # (part of a running task's work: taken while the pool shuts down,
+        # until it closes. spec: exec.nested-shutdown)
+        fut = self.core.submit(fn, SINGLE, args, kwargs, nested=True)
         with self.lock:
             gone = self.closed or conn in self.gone or conn.closed
             if not gone:
@@ -111,13 +116,23 @@ class Nested:
         """The worker's running task waits on nested futures (b"+") and runs
         the tasks it is sent meanwhile, or stopped waiting (b"-").
         spec: exec.nested-no-deadlock"""
-        up = payload.tobytes() == b"+"
+        data = payload.tobytes()
+        up = data[:1] == b"+"
+        rid = LEND_ID.unpack_from(data, 1)[0] if len(data) >= 1 + LEND_ID.size else 0
         st = self.state
         with st.lock:
             w = st.workers.get(ctx.peer)
             if w is None or w.conn is not ctx.connection or w.dead:
                 return
             w.lent = w.lent + 1 if up else max(0, w.lent - 1)
+            # (the waiting tasks: a stop of one of them is pushed on as for a
+            # running task. spec: exec.stop-nested)
+            if up:
+                w.waiting.append(rid)
+                if rid in w.stop_ids:
+                    self.core.control.look()  # (stopped before the host knew it waits)
+            elif rid in w.waiting:
+                w.waiting.remove(rid)
             if up and st.queue:
                 self.core.scheduler.schedule()
 

@@ -57,9 +57,11 @@ RUN_BATCH = method_id("shmpool.exec.run_batch")
 # as a task's result (chunked when big: the transfer before the part).
 # `NESTED_LEND`: b"+" (the running task waits on nested futures and runs
 # other tasks meanwhile: count one more place free) or b"-" (it stopped
-# waiting). Answer: None. spec: exec.nested-no-deadlock
+# waiting), then the waiting task's id (4 bytes, little-endian: `LEND_ID`).
+# Answer: None. spec: exec.nested-no-deadlock spec: exec.stop-nested
 NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
+LEND_ID = struct.Struct("<I")
 
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 # A chunk answered per item (`ShmExecutor.map`'s adaptive chunks): args are

@@ -306,7 +306,7 @@ class WorkerRecord:
     __slots__ = ("peer_id", "proc", "conn", "known", "forget", "inflight", "dispatched", "retiring",
                  "dead", "crashed_rid", "death", "info", "started", "window", "service", "last_done",
                  "ready", "init_failed", "judged", "startup_log", "paused_until", "messages", "tx",
-                 "answers", "stop_ids", "stop_kill", "lent")
+                 "answers", "stop_ids", "stop_kill", "lent", "waiting")
 
     def __init__(self, peer_id: int, proc, conn) -> None:
         self.peer_id = peer_id
@@ -338,6 +338,10 @@ class WorkerRecord:
         # Tasks of its window that wait on nested futures and run others
         # meanwhile: places it lends (`nested`). spec: exec.nested-no-deadlock
         self.lent = 0
+        # Their ids, as their lends named them: a stop of one of them may
+        # have to kill this worker while it runs another (`control`).
+        # spec: exec.stop-nested
+        self.waiting: list[int] = []
 
 
 def _after_fork_in_child() -> None:

@@ -158,15 +158,90 @@ def test_a_nested_task_that_kills_its_worker():
     assert name == "WorkerCrashedError" and crashed, msg
 
 
-@pytest.mark.spec("exec.nested-crash")
-def test_submit_after_the_host_shut_down_raises_in_the_task(tmp_path):
+@pytest.mark.spec("exec.nested-shutdown")
+def test_submit_after_the_host_began_shutting_down_is_taken(tmp_path):
     flag = str(tmp_path / "flag")
     e = ex(1)
     fut = e.submit(N.submit_after, flag)
     e.shutdown(wait=False)
     open(flag, "w").close()
-    assert "shutdown" in fut.result(timeout=120)
+    assert fut.result(timeout=120) == 4
     e.shutdown(wait=True)
+
+
+DATA = random.Random(17).sample(range(10_000), 300)
+
+
+def _flag_once_shutting_down(e, flag: str):
+    """A thread that writes `flag` once `e`'s shutdown has begun (the task
+    then submits: while the pool shuts down, deterministically)."""
+    import threading
+
+    def run():
+        wait_for(lambda: e._core.shutdown_started, "shutdown began")
+        open(flag, "w").close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.nested-shutdown")
+def test_nested_submits_inside_a_with_block_finish_after_it(tmp_path, method):
+    """`with ShmExecutor() as ex: f = ex.submit(parallel_sort, data)`, then
+    `f.result()` after the block: the block's shutdown waits for the task,
+    whose nested submits (made after the shutdown began) are its work."""
+    flag, started = str(tmp_path / "flag"), str(tmp_path / "started")
+    with ex(2, method) as e:
+        f = e.submit(N.sort_after, flag, started, DATA)
+        wait_for(lambda: os.path.exists(started), "the task started")
+        t = _flag_once_shutting_down(e, flag)
+    t.join()
+    assert f.result(timeout=0) == sorted(DATA)
+
+
+@pytest.mark.spec("exec.nested-shutdown")
+def test_nested_submits_after_shutdown_with_cancel_futures(tmp_path):
+    """`cancel_futures=True` cancels what was queued at the call, not what
+    the running task submits after it."""
+    flag, started = str(tmp_path / "flag"), str(tmp_path / "started")
+    e = ex(2)
+    f = e.submit(N.sort_after, flag, started, DATA)
+    wait_for(lambda: os.path.exists(started), "the task started")
+    e.shutdown(wait=False, cancel_futures=True)
+    open(flag, "w").close()
+    assert f.result(timeout=120) == sorted(DATA)
+    e.shutdown(wait=True)
+    assert "after the pool closed" in _refused(e)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.nested-shutdown")
+def test_pool_close_then_join_with_nested_submits(tmp_path, method):
+    flag, started = str(tmp_path / "flag"), str(tmp_path / "started")
+    p = ShmPool(2, context=multiprocessing.get_context(method))
+    try:
+        r = p.apply_async(N.sort_after, (flag, started, DATA))
+        wait_for(lambda: os.path.exists(started), "the task started")
+        p.close()
+        wait_for(lambda: p._st.core.shutdown_started, "the pool began shutting down")
+        open(flag, "w").close()
+        assert r.get(timeout=120) == sorted(DATA)
+        p.join()
+    finally:
+        p.terminate()
+        p.join()
+
+
+def _refused(e) -> str:
+    """What the host's `submit` raises, once the pool is closed, for a task
+    submitted from inside a task."""
+    from shmpool.exec.protocol import SINGLE
+
+    with pytest.raises(RuntimeError) as info:
+        e._core.submit(N.square, SINGLE, (2,), {}, nested=True)
+    return str(info.value)
 
 
 @pytest.mark.parametrize("method", METHODS)

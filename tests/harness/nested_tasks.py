@@ -147,13 +147,12 @@ def parent_of_crasher():
 
 def submit_after(flag: str):
     """Wait for `flag` (the host began its shutdown), then submit: the
-    error `submit` raised here."""
+    nested result, or the error `submit` raised here."""
     wait_for_file(flag)
     try:
-        shmpool.current_executor().submit(square, 2)
+        return shmpool.current_executor().submit(square, 2).result()
     except RuntimeError as e:
         return str(e)
-    return "submitted"
 
 
 def kill_once(marker: str):
@@ -182,3 +181,30 @@ def parent_waits_for(path: str) -> bool:
 def touch(path: str) -> str:
     open(path, "w").close()
     return path
+
+
+def mark_and_wait(started: str, go: str) -> int:
+    """Write this worker's pid to `started`, then wait for `go` to exist."""
+    with open(started + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    return wait_for_file(go, 300.0)
+
+
+def wait_under_inner(started: str, go: str, after: str) -> int:
+    """Wait on a quick nested task, then on one that waits for `go` (on a
+    pool of one worker both run inside this task's wait); then write
+    `after` (a task stopped in its wait never gets there)."""
+    ex = shmpool.current_executor()
+    assert ex.submit(square, 3).result() == 9
+    ex.submit(mark_and_wait, started, go).result()
+    touch(after)
+    return os.getpid()
+
+
+def sort_after(flag: str, started: str, data: list) -> list:
+    """Write `started`, wait for `flag` (the host began shutting down),
+    then sort `data` by nested submission (`merge_sort`)."""
+    touch(started)
+    wait_for_file(flag, 300.0)
+    return merge_sort(data, 8)
