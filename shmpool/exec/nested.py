@@ -82,9 +82,10 @@ class Nested:
         (rid, fbytes, args, kwargs), _ = read(payload.retain(), copy=True,
                                               transfers=conn.channels.take_transfer)
         fn = self._function(fbytes)
-        # (part of a running task's work: taken while the pool shuts down,
-        # until it closes. spec: exec.nested-shutdown)
-        fut = self.core.submit(fn, SINGLE, args, kwargs, nested=True)
+        # Part of a running task's work: taken while the pool shuts down,
+        # until it closes (spec: exec.nested-shutdown); the pool's
+        # `task_timeout` applies to it as to any task (spec: exec.task-timeout).
+        fut = self.core.submit(fn, SINGLE, args, kwargs, timeout=self.core.task_timeout, nested=True)
         with self.lock:
             gone = self.closed or conn in self.gone or conn.closed
             if not gone:

@@ -8,6 +8,7 @@ the worker is killed (bounded as any stop)."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 
@@ -157,3 +158,23 @@ def test_a_task_stopped_while_it_pumps_leaves_its_worker_and_session_sound(tmp_p
             assert sorted(ex.submit(N.merge_sort, list(range(200, 0, -1)), 16).result(120)) == list(range(1, 201))
     finally:
         open(go, "w").close()
+
+
+@pytest.mark.spec("exec.task-timeout")
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_the_pools_task_timeout_applies_to_nested_tasks(tmp_path, api):
+    """A task submitted from inside a task has the pool's `task_timeout`,
+    as any task: the parent's wait raises `TaskTimeoutError`."""
+    started = str(tmp_path / "started")
+    if api == "executor":
+        with ShmExecutor(2, task_timeout=1.0) as e:
+            got = e.schedule(N.parent_of_sleeper, (started, 300.0), timeout=math.inf).result(timeout=120)
+            assert e.statistics()["timeouts"] == 1
+    else:
+        from shmpool import ShmPool
+
+        with ShmPool(2, task_timeout=1.0) as p:
+            got = p.apply(N.parent_of_sleeper, (started, 300.0), task_timeout=math.inf)
+            p.terminate()
+    assert os.path.exists(started)
+    assert got == "TaskTimeoutError"

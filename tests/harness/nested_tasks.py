@@ -208,3 +208,19 @@ def sort_after(flag: str, started: str, data: list) -> list:
     touch(started)
     wait_for_file(flag, 300.0)
     return merge_sort(data, 8)
+
+
+def sleep_marked(started: str, secs: float) -> float:
+    touch(started)
+    time.sleep(secs)
+    return secs
+
+
+def parent_of_sleeper(started: str, secs: float) -> str:
+    """Submit a sleeper and return what waiting on it raised (its type name)."""
+    f = shmpool.current_executor().submit(sleep_marked, started, secs)
+    try:
+        f.result()
+    except BaseException as e:  # noqa: BLE001 - what the test looks at
+        return type(e).__name__
+    return "no error"
