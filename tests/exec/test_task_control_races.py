@@ -1,0 +1,64 @@
+"""Task control (timeouts, `interrupt`) where it meets other paths: an
+interrupt racing the delivery of the task's answer, another pool's
+future, stops beyond a worker's stop slots, a timed call that returned
+before its result was pickled or delivered, workers forked from a thread
+that blocks signals, long backlogs. Races are widened deterministically by
+wrapping a host-side function (the delivering thread pauses in the window
+until the other side has acted), never by timing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from harness import control_tasks as C
+from harness.polling import wait_for
+from shmpool import ShmExecutor
+from shmpool.exec import answers as A
+
+HANG = 60.0
+
+
+def _listed(i):
+    return [i] * 50  # (not a plain inline result: the delivery that resolves outside the lock)
+
+
+@pytest.mark.parametrize("waited", [False, True], ids=["no-condition", "condition"])
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_racing_the_delivery_of_the_answer(monkeypatch, waited):
+    """The answer's delivery saw the future not done, then `interrupt`
+    cancelled it before `resolve`: the outcome is dropped, the future stays
+    cancelled, the task is finished, the pool goes on (it deadlocked its
+    driver thread on the future's guard, or reported a protocol violation)."""
+    watched, at_window, go_on = {}, threading.Event(), threading.Event()
+    orig = A.resolve
+
+    def resolve(fut, *a, **k):
+        if fut is watched.get("fut"):
+            at_window.set()
+            go_on.wait(HANG)
+        return orig(fut, *a, **k)
+
+    monkeypatch.setattr(A, "resolve", resolve)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    with ShmExecutor(1) as ex:
+        ex.submit(abs, 0).result()
+        f = ex.submit(_listed, 7)
+        called = []
+        if waited:
+            f.add_done_callback(lambda g: called.append(g.cancelled()))
+        watched["fut"] = f
+        others = [ex.submit(_listed, i) for i in range(5)]
+        assert at_window.wait(HANG)
+        assert ex.interrupt(f) is True
+        go_on.set()
+        assert [o.result(timeout=HANG) for o in others] == [[i] * 50 for i in range(5)]
+        wait_for(lambda: ex._core.state.live == 0, "the interrupted task finished")
+        assert f.cancelled()
+        if waited:
+            wait_for(lambda: called, "the done callback ran")
+            assert called == [True]
+        assert ex.submit(_listed, 9).result(timeout=HANG) == [9] * 50
+        assert ex.statistics()["workers"] and not errors
