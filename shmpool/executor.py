@@ -238,11 +238,14 @@ class ShmExecutor(Executor):
         and done callbacks see it at once), and a result the task
         produced meanwhile is dropped. True if the future is cancelled
         (now or already); False if it was done (a result, an error, or a
-        timeout under way). `Future.cancel()` stays the stdlib's.
-        spec: exec.interrupt-task"""
+        timeout under way), and False for a future this executor did not
+        make (another executor's: left alone). `Future.cancel()` stays the
+        stdlib's. spec: exec.interrupt-task"""
         task = getattr(future, "_task", None)
         core = self._core
-        if core is None or task is None or task.future is not future:
+        if core is None or type(future) is not core._future_class:
+            return False
+        if task is None or task.future is not future:
             return future.cancelled()
         return core.interrupt(future)
 

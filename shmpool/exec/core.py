@@ -413,8 +413,10 @@ class Core:
             run_callbacks(fut, cbs)
 
     def interrupt(self, fut: Future) -> bool:
-        """Stop `fut`'s task and cancel `fut` (`control.Control.interrupt`)."""
-        if self.foreign:
+        """Stop `fut`'s task and cancel `fut` (`control.Control.interrupt`).
+        False for a future this core did not make (another pool's: its
+        books, its segment are never touched here). spec: exec.interrupt-task"""
+        if self.foreign or type(fut) is not self._future_class:
             return False
         return self.control.interrupt(fut)
 

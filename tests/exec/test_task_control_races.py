@@ -62,3 +62,28 @@ def test_interrupt_racing_the_delivery_of_the_answer(monkeypatch, waited):
             assert called == [True]
         assert ex.submit(_listed, 9).result(timeout=HANG) == [9] * 50
         assert ex.statistics()["workers"] and not errors
+
+
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_of_another_executors_future_is_false_and_touches_nothing(tmp_path):
+    """Executor A given B's future: False; neither pool's tasks are stopped
+    (A wrote the stop id into its own worker's entry: A's task with the
+    same request id was answered stopped)."""
+    go = str(tmp_path / "go")
+    with ShmExecutor(1, max_inflight=2) as a, ShmExecutor(1, max_inflight=2) as b:
+        a.submit(abs, 0).result()
+        b.submit(abs, 0).result()
+        fa1 = a.submit(C.wait_file, str(tmp_path / "a1"), go)
+        fa2 = a.submit(C.pid_marked, str(tmp_path / "a2"), "a2")
+        fb1 = b.submit(C.wait_file, str(tmp_path / "b1"), go)
+        fb2 = b.submit(C.pid_marked, str(tmp_path / "b2"), "b2")
+        wait_for(lambda: C.lines(str(tmp_path / "a1")) and C.lines(str(tmp_path / "b1")), "both long tasks run")
+        wait_for(lambda: all(sum(w["inflight"] for w in e.statistics()["workers"].values()) == 2 for e in (a, b)),
+                 "both second tasks windowed")
+        assert fa2._task.rid == fb2._task.rid  # (the same request id: what the bug confused)
+        assert a.interrupt(fb2) is False
+        assert b.interrupt(fa1) is False
+        open(go, "w").close()
+        assert fa2.result(timeout=HANG)[1] == "a2" and fb2.result(timeout=HANG)[1] == "b2"
+        assert fa1.result(timeout=HANG) and fb1.result(timeout=HANG)
+        assert a.statistics()["interrupts"] == b.statistics()["interrupts"] == 0
