@@ -246,7 +246,12 @@ class Control:
             return None
         if s.killed or w.inflight.get(task.rid) is not task:
             return None  # (answered, not yet delivered: `settle` has it)
-        running = load_u32(self.buf, self.layout.peer_entry(w.peer_id) + L.P_GUEST_WORD) == task.rid
+        entry = self.layout.peer_entry(w.peer_id)
+        # Running: the guest word names it and, a timed task, its call has
+        # not returned (`timed_rid` names it; its result being pickled or
+        # sent is not the call: the answer decides). spec: exec.timeout-clock
+        running = (load_u32(self.buf, entry + L.P_GUEST_WORD) == task.rid
+                   and (task.timeout is None or load_u32(self.buf, entry + L.P_TIMED_RID) == task.rid))
         if not running:
             return now + self.grace  # windowed: it is answered stopped when it starts (or it raced)
         if s.signalled is None:

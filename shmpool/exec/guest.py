@@ -388,6 +388,8 @@ class GuestProgram:
                     result = list(itertools.starmap(fn, args))
             finally:
                 _in_task = False
+                if timeout is not None:  # spec: exec.timeout-clock -- the call is over: its clock stops
+                    store_u32(self.buf, self.entry + L.P_TIMED_RID, 0)
         except KeyboardInterrupt as e:
             raise TaskInterrupted(e) from e
         except stopping.Stop:

@@ -15,6 +15,7 @@ import pytest
 from harness import control_tasks as C
 from harness.polling import wait_for
 from shmpool import ShmExecutor
+from shmpool.errors import TaskTimeoutError
 from shmpool.exec import answers as A
 
 HANG = 60.0
@@ -87,3 +88,27 @@ def test_interrupt_of_another_executors_future_is_false_and_touches_nothing(tmp_
         assert fa2.result(timeout=HANG)[1] == "a2" and fb2.result(timeout=HANG)[1] == "b2"
         assert fa1.result(timeout=HANG) and fb1.result(timeout=HANG)
         assert a.statistics()["interrupts"] == b.statistics()["interrupts"] == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["single", "map-chunk"])
+@pytest.mark.spec("exec.timeout-clock")
+def test_a_timed_call_that_returned_does_not_time_out_while_its_result_is_pickled(tmp_path, chunked):
+    """The function returns at once; its result takes longer than the
+    timeout to pickle. Another timed task, started after it, times out:
+    the monitor has looked past the first one's deadline, and left it
+    alone (it killed its worker: TaskTimeoutError)."""
+    trace, go, hang = str(tmp_path / "t"), str(tmp_path / "go"), str(tmp_path / "h")
+    with ShmExecutor(2) as ex:
+        ex.submit(abs, 0).result()
+        if chunked:
+            quick = ex.map(C.slow_to_pickle, [trace], [go], [42], task_timeout=0.05)
+        else:
+            quick = ex.schedule(C.slow_to_pickle, args=(trace, go, 42), timeout=0.05)
+        wait_for(lambda: C.lines(trace), "the quick task's result is being pickled")
+        late = ex.schedule(C.sleep_marked, args=(hang, HANG), timeout=0.05)
+        with pytest.raises(TaskTimeoutError):
+            late.result(timeout=HANG)
+        open(go, "w").close()
+        got = next(quick).v if chunked else quick.result(timeout=HANG).v
+        assert got == 42
+        assert ex.statistics()["timeouts"] == 1
