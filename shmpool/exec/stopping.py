@@ -32,10 +32,9 @@ start costs one load of `stop_count` when nothing is to be stopped.
 
 from __future__ import annotations
 
-import signal
 import time
 
-from .. import _atomics
+from .. import _atomics, _threads
 from ..shm import layout as L
 
 load_u32 = _atomics.load_u32
@@ -43,11 +42,8 @@ store_u32 = _atomics.store_u32
 store_u64 = _atomics.store_u64
 monotonic_ns = time.monotonic_ns
 
-# A real-time signal: user code seldom uses them (SIGUSR1/2 are often
-# taken), they are never coalesced with a terminal's, and Python can
-# handle them. SIGRTMIN + 6 leaves glibc's own (SIGRTMIN, +1, +2) alone.
-# spec: exec.stop-signal
-STOP_SIGNAL = (signal.SIGRTMIN + 6) if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+# (defined in `_threads`, whose threads block it: see there) spec: exec.stop-signal
+STOP_SIGNAL = _threads.STOP_SIGNAL
 
 
 class Stop(BaseException):

@@ -112,3 +112,35 @@ def test_a_timed_call_that_returned_does_not_time_out_while_its_result_is_pickle
         got = next(quick).v if chunked else quick.result(timeout=HANG).v
         assert got == 42
         assert ex.statistics()["timeouts"] == 1
+
+
+def _blocked_signals():
+    import signal
+    return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@pytest.mark.spec("exec.stop-signal")
+def test_workers_forked_from_a_thread_that_blocks_signals_get_the_stop_signal(tmp_path):
+    """The first submit forks the workers from a thread that blocks every
+    signal: the stop signal still reaches the worker's main thread, and a
+    task in `time.sleep` is interrupted there (its worker was killed after
+    the grace period every time)."""
+    import multiprocessing
+    import signal
+
+    from shmpool.exec.stopping import STOP_SIGNAL
+
+    trace = str(tmp_path / "t")
+    out = {}
+    with ShmExecutor(1, mp_context=multiprocessing.get_context("fork"), task_timeout=0.2) as ex:
+        def first_submit():
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()))
+            out["mask"] = ex.submit(_blocked_signals).result(timeout=HANG)
+
+        t = threading.Thread(target=first_submit)
+        t.start()
+        t.join(HANG)
+        assert int(STOP_SIGNAL) not in out["mask"]
+        err = ex.submit(C.sleep_marked, trace, HANG).exception(timeout=HANG)
+        assert isinstance(err, TaskTimeoutError) and err.killed is False
+        assert ex.statistics()["stop_kills"] == 0
