@@ -210,10 +210,17 @@ class Control:
             task.on_result = _stopped
         w = task.worker
         if w is None or w.dead or w.inflight.get(task.rid) is not task:
-            try:
-                st.queue.remove(task)
-            except ValueError:
-                return  # in transit (answered, not yet delivered; lost, not yet requeued): `settle` ends it
+            if w is not None or task.started or task.attempts:
+                # (a worker had it: in transit -- answered, not yet delivered;
+                # lost, not yet requeued -- `settle` ends it; or queued again
+                # after a loss: found by the linear search, rare)
+                try:
+                    st.queue.remove(task)
+                except ValueError:
+                    return
+            # Else queued, never sent: finished here and left in the queue,
+            # which drops finished tasks when it reaches them (`Scheduler._take`):
+            # no O(queue) search per interrupt.
             self._end_unsent(task, reason)
             return
         slot = _free_slot(w)

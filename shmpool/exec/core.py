@@ -391,6 +391,8 @@ class Core:
             kept = []
             while st.queue:
                 t = st.queue.popleft()
+                if t.finished:  # (interrupted while queued)
+                    continue
                 if keep > 0:
                     keep -= 1
                     kept.append(t)
@@ -565,7 +567,7 @@ class Core:
                                    "window": w.window}
                        for w in st.workers.values()}
             out = {
-                "max_workers": self.max_workers, "queued": len(st.queue), "pending": st.live,
+                "max_workers": self.max_workers, "queued": sum(1 for t in st.queue if not t.finished), "pending": st.live,
                 "pinned_results": len(self.pins), "broken": st.broken, "idle_credits": st.credits,
                 "functions_cached": len(self.functions),
                 "shutdown": st.shutdown_started, "workers": workers, **dict(st.stats),

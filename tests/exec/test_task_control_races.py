@@ -8,6 +8,7 @@ until the other side has acted), never by timing."""
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import pytest
@@ -144,3 +145,35 @@ def test_workers_forked_from_a_thread_that_blocks_signals_get_the_stop_signal(tm
         err = ex.submit(C.sleep_marked, trace, HANG).exception(timeout=HANG)
         assert isinstance(err, TaskTimeoutError) and err.killed is False
         assert ex.statistics()["stop_kills"] == 0
+
+
+class _NoSearchQueue(collections.deque):
+    """The engine's queue, failing any linear search (an O(queue) step under
+    the engine lock per interrupt made a backlog's interrupts quadratic)."""
+
+    def remove(self, value):
+        raise AssertionError("the queue was searched")
+
+    def __contains__(self, value):
+        raise AssertionError("the queue was searched")
+
+
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupting_queued_tasks_never_searches_the_queue(tmp_path):
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    with ShmExecutor(1, max_inflight=1) as ex:
+        ex.submit(abs, 0).result()
+        st = ex._core.state
+        with st.lock:
+            st.queue = _NoSearchQueue(st.queue)
+        blocker = ex.submit(C.wait_file, trace, go)
+        wait_for(lambda: C.lines(trace), "the blocker runs")
+        fs = [ex.submit(abs, -i) for i in range(200)]
+        assert ex.statistics()["queued"] == 200
+        assert all(ex.interrupt(f) for f in fs[::2])
+        assert ex.statistics()["queued"] == 100
+        assert all(f.cancelled() for f in fs[::2])
+        open(go, "w").close()
+        assert blocker.result(timeout=HANG)
+        assert [f.result(timeout=HANG) for f in fs[1::2]] == list(range(1, 200, 2))
+        wait_for(lambda: st.live == 0 and not st.queue, "the queue drained")
