@@ -17,9 +17,8 @@ Data flow:
   number): one its worker runs has a start stamp (`stopping.stamped`,
   read here never premature: `_started`), and its deadline is that stamp
   + its timeout; one not started yet cannot expire before now + its
-  timeout, nor can a queued one (the queue is looked at only when no
-  window holds a timed task; else the shortest timeout submitted bounds
-  the sleep) -> past its deadline: `stop(task, TIMEOUT)`.
+  timeout, nor can a queued one (the queue is never scanned: the shortest
+  timeout submitted since the pool was last idle bounds the sleep) -> past its deadline: `stop(task, TIMEOUT)`.
 - interrupt: `interrupt(future)` (any thread) -> the future is cancelled
   at once (running or not) -> a queued task is finished in place; one a
   worker holds is stopped as above (`stop`, reason CANCEL).
@@ -184,13 +183,14 @@ class Control:
             # (queued timed tasks, if any: not before now + their timeout)
             if self.shortest is not None and (wake is None or now + self.shortest < wake):
                 wake = now + self.shortest
-        else:
-            # No window holds one: the queue may (a scan, only now). The
-            # shortest timeout is that of the tasks there may still be.
-            queued = [task.timeout for task in self.state.queue if task.timeout is not None]
-            self.shortest = min(queued) if queued else None
-            if queued:
-                wake = now + self.shortest
+        elif not self.state.live:
+            self.shortest = None  # no task at all: asleep until a timed one comes (`add`)
+        elif self.shortest is not None:
+            # No window holds one: the queue may (never scanned: O(queue)
+            # under the engine's lock). One queued cannot expire before
+            # now + the shortest timeout submitted; forgotten once the pool
+            # is idle.
+            wake = now + self.shortest
         for s in list(self.stops.values()):
             t = self._push_on(s, now)
             if t is not None and (wake is None or t < wake):

@@ -177,3 +177,45 @@ def test_interrupting_queued_tasks_never_searches_the_queue(tmp_path):
         assert blocker.result(timeout=HANG)
         assert [f.result(timeout=HANG) for f in fs[1::2]] == list(range(1, 200, 2))
         wait_for(lambda: st.live == 0 and not st.queue, "the queue drained")
+
+
+class _UnscannedQueue(collections.deque):
+    """The engine's queue, failing if the deadline monitor iterates it."""
+
+    def __iter__(self):
+        assert not threading.current_thread().name.endswith("-deadlines"), "the monitor scanned the queue"
+        return super().__iter__()
+
+
+@pytest.mark.spec("exec.timeout-clock")
+def test_the_deadline_monitor_never_scans_the_queue(tmp_path, monkeypatch):
+    """A timed task queued behind a backlog, no timed task in any window:
+    the monitor's passes look at the windows only (it rescanned the whole
+    queue under the engine's lock every pass)."""
+    from shmpool.exec import control
+
+    passes = []
+    orig = control.Control._pass
+
+    def counted(self, now):
+        passes.append(now)
+        return orig(self, now)
+
+    monkeypatch.setattr(control.Control, "_pass", counted)
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    with ShmExecutor(1, max_inflight=1) as ex:
+        ex.submit(abs, 0).result()
+        st = ex._core.state
+        with st.lock:
+            st.queue = _UnscannedQueue(st.queue)
+        blocker = ex.submit(C.wait_file, trace, go)
+        wait_for(lambda: C.lines(trace), "the blocker runs")
+        fs = [ex.submit(abs, -i) for i in range(100)]
+        timed = ex.schedule(abs, args=(-7,), timeout=0.01)
+        n = len(passes)
+        wait_for(lambda: len(passes) >= n + 3, "the monitor made passes")
+        open(go, "w").close()
+        assert blocker.result(timeout=HANG)
+        assert [f.result(timeout=HANG) for f in fs] == list(range(100))
+        assert timed.result(timeout=HANG) == 7
+        assert st.broken is None
