@@ -223,23 +223,29 @@ class Control:
             # no O(queue) search per interrupt.
             self._end_unsent(task, reason)
             return
-        slot = _free_slot(w)
-        if slot is None:
-            # (eight stops under way in one worker already: the worker goes,
-            # its other tasks run elsewhere, uncharged)
-            s = _Stop(task, w, -1, reason)
-            self.stops[task] = s
-            self._kill(s)
-            return
-        entry = self.layout.peer_entry(w.peer_id)
-        w.stop_ids[slot] = task.rid
-        store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * slot, task.rid)  # spec: exec.stop-request
-        store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
-        s = _Stop(task, w, slot, reason)
+        s = _Stop(task, w, -1, reason)
         self.stops[task] = s
+        # (no free slot: every slot names a stop under way in this worker.
+        # This one waits for the first to free -- `_release` -- and its
+        # worker is never killed meanwhile: the others' tasks are innocent)
+        self._assign(s)
         t = self._push_on(s, now)
         if t is not None:
             self._wake(t)
+
+    def _assign(self, s: _Stop) -> bool:
+        """(lock held) Give the stop a free slot of its worker's entry, if
+        there is one. spec: exec.stop-request"""
+        w = s.worker
+        slot = _free_slot(w)
+        if slot is None:
+            return False
+        entry = self.layout.peer_entry(w.peer_id)
+        w.stop_ids[slot] = s.task.rid
+        store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * slot, s.task.rid)
+        store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
+        s.slot = slot
+        return True
 
     def _push_on(self, s: _Stop, now: float) -> float | None:
         """(lock held) One look at a stop under way: signal the task once
@@ -253,6 +259,8 @@ class Control:
             return None
         if s.killed or w.inflight.get(task.rid) is not task:
             return None  # (answered, not yet delivered: `settle` has it)
+        if s.slot < 0 and not self._assign(s):
+            return now + self.grace  # (waits for a slot: `_release` gives it the first that frees)
         entry = self.layout.peer_entry(w.peer_id)
         # Running: the guest word names it and, a timed task, its call has
         # not returned (`timed_rid` names it; its result being pickled or
@@ -322,6 +330,10 @@ class Control:
             entry = self.layout.peer_entry(w.peer_id)
             store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * s.slot, 0)
             store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
+            # The slot goes to a stop of this worker that waits for one.
+            waiting = next((x for x in self.stops.values() if x.worker is w and x.slot < 0), None)
+            if waiting is not None and self._assign(waiting):
+                self._wake(monotonic())
 
     # -- interrupt --------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ until the other side has acted), never by timing."""
 from __future__ import annotations
 
 import collections
+import os
 import threading
 
 import pytest
@@ -219,3 +220,28 @@ def test_the_deadline_monitor_never_scans_the_queue(tmp_path, monkeypatch):
         assert [f.result(timeout=HANG) for f in fs] == list(range(100))
         assert timed.result(timeout=HANG) == 7
         assert st.broken is None
+
+
+@pytest.mark.spec("exec.stop-request")
+@pytest.mark.spec("exec.stop-grace")
+def test_more_stops_than_slots_never_kill_a_worker_running_another_task(tmp_path):
+    """Nine windowed tasks of one worker interrupted (eight stop slots):
+    the worker, running a task nobody interrupted, is not killed (it was at
+    once: its task ran twice); the ninth stop waits for a slot."""
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    with ShmExecutor(1, max_inflight=16) as ex:
+        ex.submit(abs, 0).result()
+        long = ex.submit(C.wait_file, trace, go)
+        wait_for(lambda: C.lines(trace), "the long task runs")
+        small = [ex.submit(abs, -i) for i in range(12)]
+        wait_for(lambda: sum(w["inflight"] for w in ex.statistics()["workers"].values()) == 13,
+                 "the small tasks are in the worker's window")
+        assert all(ex.interrupt(f) for f in small[:9])
+        open(go, "w").close()
+        pid = long.result(timeout=HANG)
+        assert [f.result(timeout=HANG) for f in small[9:]] == [9, 10, 11]
+        assert all(f.cancelled() for f in small[:9])
+        assert len(C.lines(trace)) == 1 and ex.statistics()["stop_kills"] == 0
+        assert ex.submit(os.getpid).result(timeout=HANG) == pid
+        wait_for(lambda: not ex._core.control.stops, "every stop settled")
+        assert all(not any(w.stop_ids) for w in ex._core.state.workers.values())
