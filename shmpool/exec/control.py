@@ -119,8 +119,12 @@ class Control:
         if self.thread is None:
             if self.closing or self.state.closed:
                 return
-            self.thread = threading.Thread(target=self._run, name=f"{self.state.name}-deadlines", daemon=True)
-            _threads.start(self.thread)
+            t = threading.Thread(target=self._run, name=f"{self.state.name}-deadlines", daemon=True)
+            # (recorded once started: a start that fails -- no thread to be
+            # had -- raises to the caller, and the next timed task tries
+            # again; close never joins a thread that never ran)
+            _threads.start(t)
+            self.thread = t
         elif self.wake_at is None or at < self.wake_at:
             self.cond.notify()
 
@@ -307,7 +311,8 @@ class Control:
             task.on_result = None
         if reason == CANCEL:
             return None, False
-        killed = s is not None and s.killed or lost
+        by_us = s is not None and s.killed
+        killed = by_us or lost
         if task.retries is not None and task.attempts < task.retries:  # spec: exec.timeout-retries
             task.attempts += 1
             task.crashes += (f"timed out after {task.timeout:g} s",)
@@ -315,9 +320,13 @@ class Control:
             self.requeued(task)
             return None, True
         pid = w.proc.pid
-        how = (f"its worker was killed after the grace period of {self.grace:g} s (the task did not stop: "
-               f"a long C call holds the signal off) and replaced" if killed else
-               "it was interrupted in its worker, which goes on")
+        if by_us:
+            how = (f"its worker was killed after the grace period of {self.grace:g} s (the task did not "
+                   f"stop: a long C call holds the signal off) and replaced")
+        elif lost:
+            how = f"its worker died while it was being stopped ({w.death or 'it ended'}) and was replaced"
+        else:
+            how = "it was interrupted in its worker, which goes on"
         err = TaskTimeoutError(f"task {task.fname} ran past its timeout of {task.timeout:g} s in worker "
                                f"pid {pid}: {how}", task.timeout, pid, killed)
         return err, False

@@ -245,3 +245,15 @@ def test_more_stops_than_slots_never_kill_a_worker_running_another_task(tmp_path
         assert ex.submit(os.getpid).result(timeout=HANG) == pid
         wait_for(lambda: not ex._core.control.stops, "every stop settled")
         assert all(not any(w.stop_ids) for w in ex._core.state.workers.values())
+
+
+@pytest.mark.spec("exec.stop-grace")
+def test_a_worker_dying_on_its_own_while_stopped_is_not_said_killed(tmp_path):
+    trace = str(tmp_path / "t")
+    with ShmExecutor(1) as ex:
+        f = ex.schedule(C.exit_when_stopped, args=(trace, 3), timeout=0.05)
+        err = f.exception(timeout=HANG)
+        assert isinstance(err, TaskTimeoutError)
+        assert "died" in str(err) and "grace period" not in str(err), str(err)
+        assert ex.statistics()["stop_kills"] == 0
+        assert ex.submit(abs, -1).result(timeout=HANG) == 1

@@ -98,3 +98,13 @@ class SlowToPickle:
 def slow_to_pickle(path: str, go: str, v):
     """Return at once a result slow to pickle (`SlowToPickle`)."""
     return SlowToPickle(path, go, v)
+
+
+def exit_when_stopped(path: str, code: int):
+    """Mark `path`, sleep; stopped (any BaseException), the worker exits
+    with `code` on its own."""
+    mark(path, "start")
+    try:
+        time.sleep(600)
+    except BaseException:
+        os._exit(code)
