@@ -100,7 +100,7 @@ def test_a_timed_call_that_returned_does_not_time_out_while_its_result_is_pickle
     the monitor has looked past the first one's deadline, and left it
     alone (it killed its worker: TaskTimeoutError)."""
     trace, go, hang = str(tmp_path / "t"), str(tmp_path / "go"), str(tmp_path / "h")
-    with ShmExecutor(2) as ex:
+    with ShmExecutor(2, max_inflight=1) as ex:
         ex.submit(abs, 0).result()
         if chunked:
             quick = ex.map(C.slow_to_pickle, [trace], [go], [42], task_timeout=0.05)
@@ -257,3 +257,25 @@ def test_a_worker_dying_on_its_own_while_stopped_is_not_said_killed(tmp_path):
         assert "died" in str(err) and "grace period" not in str(err), str(err)
         assert ex.statistics()["stop_kills"] == 0
         assert ex.submit(abs, -1).result(timeout=HANG) == 1
+
+
+@pytest.mark.spec("exec.task-timeout")
+def test_schedule_with_an_infinite_timeout_opts_out_of_the_executors(tmp_path):
+    """`task_timeout` for every task but one scheduled with `math.inf`: a
+    task with the default, started after it, times out (the monitor looked
+    past the first one's would-be deadline), the first one does not."""
+    import math
+
+    trace, go, hang = str(tmp_path / "t"), str(tmp_path / "go"), str(tmp_path / "h")
+    with ShmExecutor(2, task_timeout=0.05, max_inflight=1) as ex:
+        ex.submit(abs, 0).result()
+        free = ex.schedule(C.wait_file, args=(trace, go), timeout=math.inf)
+        wait_for(lambda: C.lines(trace), "the unlimited task runs")
+        late = ex.submit(C.sleep_marked, hang, HANG)
+        with pytest.raises(TaskTimeoutError):
+            late.result(timeout=HANG)
+        open(go, "w").close()
+        assert free.result(timeout=HANG)
+        assert ex.statistics()["timeouts"] == 1
+        with pytest.raises(ValueError):
+            ex.schedule(abs, (1,), timeout=-math.inf)
