@@ -52,9 +52,16 @@ import threading
 import time
 import weakref
 
+# A worker's stop signal (`exec.stopping.STOP_SIGNAL`, defined here so that
+# every layer's threads block it: in a worker it must reach the main thread,
+# where the task runs). A real-time signal: user code seldom uses them
+# (SIGUSR1/2 are often taken), they are never coalesced with a terminal's,
+# and Python can handle them. SIGRTMIN + 6 leaves glibc's own alone.
+STOP_SIGNAL = (signal.SIGRTMIN + 6) if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
 ASYNC_SIGNALS = frozenset({
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-    signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH,
+    signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH, STOP_SIGNAL,
 })
 
 

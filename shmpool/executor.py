@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import multiprocessing
 import signal
 import threading
@@ -224,7 +225,10 @@ class ShmExecutor(Executor):
         the future fails with `TaskTimeoutError`. `retries`: how many times
         it may run again after a timeout or a crash of its worker, counted
         together (None: no retry after a timeout, and the executor's
-        `max_retries` for crashes). spec: exec.task-timeout"""
+        `max_retries` for crashes). `timeout=math.inf`: no limit, whatever
+        the executor's `task_timeout`. spec: exec.task-timeout"""
+        if timeout == math.inf and not isinstance(timeout, bool):
+            return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), math.inf, check_retries(retries))
         timeout = check_timeout(timeout, "timeout")
         retries = check_retries(retries)
         return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), timeout, retries)
@@ -238,11 +242,14 @@ class ShmExecutor(Executor):
         and done callbacks see it at once), and a result the task
         produced meanwhile is dropped. True if the future is cancelled
         (now or already); False if it was done (a result, an error, or a
-        timeout under way). `Future.cancel()` stays the stdlib's.
-        spec: exec.interrupt-task"""
+        timeout under way), and False for a future this executor did not
+        make (another executor's: left alone). `Future.cancel()` stays the
+        stdlib's. spec: exec.interrupt-task"""
         task = getattr(future, "_task", None)
         core = self._core
-        if core is None or task is None or task.future is not future:
+        if core is None or type(future) is not core._future_class:
+            return False
+        if task is None or task.future is not future:
             return future.cancelled()
         return core.interrupt(future)
 
@@ -252,6 +259,8 @@ class ShmExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if timeout is None:
             timeout = self._task_timeout
+        elif timeout == math.inf:  # (`schedule`'s opt-out of `task_timeout`)
+            timeout = None
         fut = core.submit(fn, kind, args, kwargs, on_result, None, timeout, retries)
         if core.forking:  # (fork: the first submit returns once the workers are forked)
             core.wait_forked()

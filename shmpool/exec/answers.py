@@ -315,7 +315,10 @@ class Answers:
                         unanswered.append(task)
         done: list = []
         for task in unanswered:
-            self._complete(task, error=exc, done=done)
+            if task.stop is not None:  # (its outcome is the stop's, and its stop slot is freed)
+                self._stopped(task, w, done)
+            else:
+                self._complete(task, error=exc, done=done)
         self._settle(done, ())
 
     def _answered(self, task: _Task, w: WorkerRecord, exc, end: bool) -> bool:

@@ -17,9 +17,8 @@ Data flow:
   number): one its worker runs has a start stamp (`stopping.stamped`,
   read here never premature: `_started`), and its deadline is that stamp
   + its timeout; one not started yet cannot expire before now + its
-  timeout, nor can a queued one (the queue is looked at only when no
-  window holds a timed task; else the shortest timeout submitted bounds
-  the sleep) -> past its deadline: `stop(task, TIMEOUT)`.
+  timeout, nor can a queued one (the queue is never scanned: the shortest
+  timeout submitted since the pool was last idle bounds the sleep) -> past its deadline: `stop(task, TIMEOUT)`.
 - interrupt: `interrupt(future)` (any thread) -> the future is cancelled
   at once (running or not) -> a queued task is finished in place; one a
   worker holds is stopped as above (`stop`, reason CANCEL).
@@ -122,8 +121,12 @@ class Control:
         if self.thread is None:
             if self.closing or self.state.closed:
                 return
-            self.thread = threading.Thread(target=self._run, name=f"{self.state.name}-deadlines", daemon=True)
-            _threads.start(self.thread)
+            t = threading.Thread(target=self._run, name=f"{self.state.name}-deadlines", daemon=True)
+            # (recorded once started: a start that fails -- no thread to be
+            # had -- raises to the caller, and the next timed task tries
+            # again; close never joins a thread that never ran)
+            _threads.start(t)
+            self.thread = t
         elif self.wake_at is None or at < self.wake_at:
             self.cond.notify()
 
@@ -186,13 +189,14 @@ class Control:
             # (queued timed tasks, if any: not before now + their timeout)
             if self.shortest is not None and (wake is None or now + self.shortest < wake):
                 wake = now + self.shortest
-        else:
-            # No window holds one: the queue may (a scan, only now). The
-            # shortest timeout is that of the tasks there may still be.
-            queued = [task.timeout for task in self.state.queue if task.timeout is not None]
-            self.shortest = min(queued) if queued else None
-            if queued:
-                wake = now + self.shortest
+        elif not self.state.live:
+            self.shortest = None  # no task at all: asleep until a timed one comes (`add`)
+        elif self.shortest is not None:
+            # No window holds one: the queue may (never scanned: O(queue)
+            # under the engine's lock). One queued cannot expire before
+            # now + the shortest timeout submitted; forgotten once the pool
+            # is idle.
+            wake = now + self.shortest
         for s in list(self.stops.values()):
             t = self._push_on(s, now)
             if t is not None and (wake is None or t < wake):
@@ -212,29 +216,42 @@ class Control:
             task.on_result = _stopped
         w = task.worker
         if w is None or w.dead or w.inflight.get(task.rid) is not task:
-            try:
-                st.queue.remove(task)
-            except ValueError:
-                return  # in transit (answered, not yet delivered; lost, not yet requeued): `settle` ends it
+            if w is not None or task.started or task.attempts:
+                # (a worker had it: in transit -- answered, not yet delivered;
+                # lost, not yet requeued -- `settle` ends it; or queued again
+                # after a loss: found by the linear search, rare)
+                try:
+                    st.queue.remove(task)
+                except ValueError:
+                    return
+            # Else queued, never sent: finished here and left in the queue,
+            # which drops finished tasks when it reaches them (`Scheduler._take`):
+            # no O(queue) search per interrupt.
             self._end_unsent(task, reason)
             return
-        slot = _free_slot(w)
-        if slot is None:
-            # (eight stops under way in one worker already: the worker goes,
-            # its other tasks run elsewhere, uncharged)
-            s = _Stop(task, w, -1, reason)
-            self.stops[task] = s
-            self._kill(s)
-            return
-        entry = self.layout.peer_entry(w.peer_id)
-        w.stop_ids[slot] = task.rid
-        store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * slot, task.rid)  # spec: exec.stop-request
-        store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
-        s = _Stop(task, w, slot, reason)
+        s = _Stop(task, w, -1, reason)
         self.stops[task] = s
+        # (no free slot: every slot names a stop under way in this worker.
+        # This one waits for the first to free -- `_release` -- and its
+        # worker is never killed meanwhile: the others' tasks are innocent)
+        self._assign(s)
         t = self._push_on(s, now)
         if t is not None:
             self._wake(t)
+
+    def _assign(self, s: _Stop) -> bool:
+        """(lock held) Give the stop a free slot of its worker's entry, if
+        there is one. spec: exec.stop-request"""
+        w = s.worker
+        slot = _free_slot(w)
+        if slot is None:
+            return False
+        entry = self.layout.peer_entry(w.peer_id)
+        w.stop_ids[slot] = s.task.rid
+        store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * slot, s.task.rid)
+        store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
+        s.slot = slot
+        return True
 
     def _push_on(self, s: _Stop, now: float) -> float | None:
         """(lock held) One look at a stop under way: signal the task once
@@ -248,7 +265,14 @@ class Control:
             return None
         if s.killed or w.inflight.get(task.rid) is not task:
             return None  # (answered, not yet delivered: `settle` has it)
-        running = load_u32(self.buf, self.layout.peer_entry(w.peer_id) + L.P_GUEST_WORD) == task.rid
+        if s.slot < 0 and not self._assign(s):
+            return now + self.grace  # (waits for a slot: `_release` gives it the first that frees)
+        entry = self.layout.peer_entry(w.peer_id)
+        # Running: the guest word names it and, a timed task, its call has
+        # not returned (`timed_rid` names it; its result being pickled or
+        # sent is not the call: the answer decides). spec: exec.timeout-clock
+        running = (load_u32(self.buf, entry + L.P_GUEST_WORD) == task.rid
+                   and (task.timeout is None or load_u32(self.buf, entry + L.P_TIMED_RID) == task.rid))
         if not running and w.waiting and task.rid in w.waiting:
             # It waits on nested futures while its worker runs another task
             # inside the wait: signalled (the worker stops it when that task
@@ -295,7 +319,8 @@ class Control:
             task.on_result = None
         if reason == CANCEL:
             return None, False
-        killed = s is not None and s.killed or lost
+        by_us = s is not None and s.killed
+        killed = by_us or lost
         if task.retries is not None and task.attempts < task.retries:  # spec: exec.timeout-retries
             task.attempts += 1
             task.crashes += (f"timed out after {task.timeout:g} s",)
@@ -303,9 +328,13 @@ class Control:
             self.requeued(task)
             return None, True
         pid = w.proc.pid
-        how = (f"its worker was killed after the grace period of {self.grace:g} s (the task did not stop: "
-               f"a long C call holds the signal off) and replaced" if killed else
-               "it was interrupted in its worker, which goes on")
+        if by_us:
+            how = (f"its worker was killed after the grace period of {self.grace:g} s (the task did not "
+                   f"stop: a long C call holds the signal off) and replaced")
+        elif lost:
+            how = f"its worker died while it was being stopped ({w.death or 'it ended'}) and was replaced"
+        else:
+            how = "it was interrupted in its worker, which goes on"
         err = TaskTimeoutError(f"task {task.fname} ran past its timeout of {task.timeout:g} s in worker "
                                f"pid {pid}: {how}", task.timeout, pid, killed)
         return err, False
@@ -318,6 +347,10 @@ class Control:
             entry = self.layout.peer_entry(w.peer_id)
             store_u32(self.buf, entry + L.P_STOP_RIDS + 4 * s.slot, 0)
             store_u32(self.buf, entry + L.P_STOP_COUNT, sum(1 for r in w.stop_ids if r))
+            # The slot goes to a stop of this worker that waits for one.
+            waiting = next((x for x in self.stops.values() if x.worker is w and x.slot < 0), None)
+            if waiting is not None and self._assign(waiting):
+                self._wake(monotonic())
 
     def look(self) -> None:
         """(lock held) A stop under way may need a look now (a stopped task

@@ -398,6 +398,8 @@ class Core:
             kept = []
             while st.queue:
                 t = st.queue.popleft()
+                if t.finished:  # (interrupted while queued)
+                    continue
                 if keep > 0:
                     keep -= 1
                     kept.append(t)
@@ -420,8 +422,10 @@ class Core:
             run_callbacks(fut, cbs)
 
     def interrupt(self, fut: Future) -> bool:
-        """Stop `fut`'s task and cancel `fut` (`control.Control.interrupt`)."""
-        if self.foreign:
+        """Stop `fut`'s task and cancel `fut` (`control.Control.interrupt`).
+        False for a future this core did not make (another pool's: its
+        books, its segment are never touched here). spec: exec.interrupt-task"""
+        if self.foreign or type(fut) is not self._future_class:
             return False
         return self.control.interrupt(fut)
 
@@ -570,7 +574,7 @@ class Core:
                                    "window": w.window}
                        for w in st.workers.values()}
             out = {
-                "max_workers": self.max_workers, "queued": len(st.queue), "pending": st.live,
+                "max_workers": self.max_workers, "queued": sum(1 for t in st.queue if not t.finished), "pending": st.live,
                 "pinned_results": len(self.pins), "broken": st.broken, "idle_credits": st.credits,
                 "functions_cached": len(self.functions),
                 "shutdown": st.shutdown_started, "workers": workers, **dict(st.stats),

@@ -442,6 +442,8 @@ class GuestProgram:
                     result = list(itertools.starmap(fn, args))
             finally:
                 _in_task = False
+                if timeout is not None:  # spec: exec.timeout-clock -- the call is over: its clock stops
+                    store_u32(self.buf, self.entry + L.P_TIMED_RID, 0)
         except KeyboardInterrupt as e:
             raise TaskInterrupted(e) from e
         except stopping.Stop:
@@ -569,6 +571,9 @@ def main(argv: list[str] | None = None, *, setup: tuple | None = None) -> None:
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a host that ignores it: so do we)
         signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(stopping.STOP_SIGNAL, _on_stop)  # spec: exec.stop-signal
+    # (forked from a thread that blocks it, the worker would never get it;
+    # its helper threads block it: `_threads.start`, the announcer's timer)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {stopping.STOP_SIGNAL})
     if failpoints.ACTIVE:
         failpoints.hit(FP_START)
     err_fd = _stderr_fd(argv)

@@ -56,6 +56,7 @@ import threading
 from concurrent.futures import Executor, Future
 
 from .. import _atomics
+from ..shm import layout as L
 from . import guest
 from .protocol import LEND_ID, NESTED_LEND, NESTED_SUBMIT
 from .serialization import Chunked, dumps, dumps_bytes, read, write
@@ -218,6 +219,28 @@ def _pumped(saved: tuple) -> None:
     guest._in_task = saved[1]
 
 
+def _timed_state(prog) -> tuple[int, int]:
+    """The entry's `timed_rid` and start stamp as the waiting task left
+    them: an inner timed task run inside the wait writes its own, and
+    clears `timed_rid` when its call returns. spec: exec.timeout-clock"""
+    entry = prog.entry
+    return (_atomics.load_u32(prog.buf, entry + L.P_TIMED_RID),
+            _atomics.load_u64(prog.buf, entry + L.P_TASK_STARTED))
+
+
+def _restore_timed(prog, timed: tuple[int, int], running: int) -> None:
+    """After the wait: a timed waiting task's call goes on, with its own
+    start (written as `stopping.stamp` writes one: id cleared, stamp, id),
+    so that the host's monitor still times it."""
+    rid, started = timed
+    if rid != running or not rid:
+        return
+    buf, entry = prog.buf, prog.entry
+    _atomics.store_u32(buf, entry + L.P_TIMED_RID, 0)
+    _atomics.store_u64(buf, entry + L.P_TASK_STARTED, started)
+    _atomics.store_u32(buf, entry + L.P_TIMED_RID, rid)
+
+
 def _raise_deferred(running: int) -> None:
     """The safe point: what a signal deferred for task `running` is raised
     here, as if the task were interrupted at this bytecode (an inner task
@@ -250,6 +273,7 @@ def _help_until(predicate, timeout: float | None) -> bool:
     lent = False
     ok = False
     running, saved = _pumping(prog)
+    timed = _timed_state(prog)
 
     def ended() -> bool:
         return predicate() or running in deferred
@@ -275,6 +299,7 @@ def _help_until(predicate, timeout: float | None) -> bool:
     finally:
         _depth = depth
         prog.resume = resume
+        _restore_timed(prog, timed, running)
         _atomics.store_u32(prog.buf, prog.word, running)
         try:
             if lent and conn.end_reason is None:

@@ -144,6 +144,9 @@ class Scheduler:
         fresh = 0
         while q and len(batch) < limit:
             task = q[0]
+            if task.finished:  # (interrupted while queued: left here by `control`)
+                q.popleft()
+                continue
             stream = task.stream
             # (`_batchable`, inline: small, in-band, never back from a crash)
             alone = task.bufs or task.attempts or type(stream) is not bytes or len(stream) > T.BATCH_BYTES

@@ -18,9 +18,11 @@ starts while its id is a stop id is answered `TaskStopped(ran=False)`
 without its function running (`check_start`). A timed task's call is
 wrapped (`stamped`) so that each call of its function (each item of a
 chunk) first writes `timed_rid = 0`, `task_started = now`, `timed_rid =
-rid`: a host that reads `timed_rid`, the stamp, `timed_rid` again and
-finds the task's id twice has a stamp of that task, never an earlier one.
-spec: exec.timeout-clock
+rid`, and `timed_rid = 0` once it returns (`guest._call` for a single
+call): a host that reads `timed_rid`, the stamp, `timed_rid` again and
+finds the task's id twice has a stamp of that task's call running now,
+never an earlier one nor a call that is over (its result being pickled
+or sent does not count). spec: exec.timeout-clock
 
 Invariants: the handler never raises outside a task's function (an idle
 worker, the session's code, pickling: the host kills after the grace
@@ -30,10 +32,9 @@ start costs one load of `stop_count` when nothing is to be stopped.
 
 from __future__ import annotations
 
-import signal
 import time
 
-from .. import _atomics
+from .. import _atomics, _threads
 from ..shm import layout as L
 
 load_u32 = _atomics.load_u32
@@ -41,11 +42,8 @@ store_u32 = _atomics.store_u32
 store_u64 = _atomics.store_u64
 monotonic_ns = time.monotonic_ns
 
-# A real-time signal: user code seldom uses them (SIGUSR1/2 are often
-# taken), they are never coalesced with a terminal's, and Python can
-# handle them. SIGRTMIN + 6 leaves glibc's own (SIGRTMIN, +1, +2) alone.
-# spec: exec.stop-signal
-STOP_SIGNAL = (signal.SIGRTMIN + 6) if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+# (defined in `_threads`, whose threads block it: see there) spec: exec.stop-signal
+STOP_SIGNAL = _threads.STOP_SIGNAL
 
 
 class Stop(BaseException):
@@ -82,7 +80,10 @@ def stamped(fn, buf, entry: int, rid: int):
         store_u32(buf, off_rid, 0)
         store_u64(buf, off_t, monotonic_ns())
         store_u32(buf, off_rid, rid)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            store_u32(buf, off_rid, 0)  # (the item's call is over: its clock stops)
 
     return call
 

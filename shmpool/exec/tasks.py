@@ -131,12 +131,18 @@ class _TaskFuture(Future):
     def _set(self, state: str, result, exception) -> bool:
         """Set the outcome without a condition if nobody has made one
         (then nobody waits and no callback is registered). False if one
-        exists: the caller goes the stdlib's way."""
+        exists: the caller goes the stdlib's way. A future cancelled
+        meanwhile (`interrupt` of a task whose answer was being delivered)
+        keeps its cancellation: the outcome is dropped. spec: exec.interrupt-task
+        (Never `repr(self)` here: the repr takes the condition, whose
+        creation takes `_guard`, which is not reentrant.)"""
         with self._guard:
             if self._cond is not None:
                 return False
             if self._state in _FINAL:
-                raise InvalidStateError(f"{self._state}: {self!r}")
+                if self._state in _CANCELLED:
+                    return True
+                raise InvalidStateError(f"the future of a task is {self._state} already")
             self._result = result
             self._exception = exception
             self._state = state
@@ -144,11 +150,17 @@ class _TaskFuture(Future):
 
     def set_result(self, result) -> None:
         if not self._set(FINISHED, result, None):
-            super().set_result(result)
+            with self._condition:  # (an RLock: the stdlib's set_result takes it again)
+                if self._state in _CANCELLED:
+                    return
+                super().set_result(result)
 
     def set_exception(self, exception) -> None:
         if not self._set(FINISHED, None, exception):
-            super().set_exception(exception)
+            with self._condition:
+                if self._state in _CANCELLED:
+                    return
+                super().set_exception(exception)
 
     def set_running_or_notify_cancel(self) -> bool:
         with self._guard:

@@ -178,3 +178,21 @@ def test_the_pools_task_timeout_applies_to_nested_tasks(tmp_path, api):
             p.terminate()
     assert os.path.exists(started)
     assert got == "TaskTimeoutError"
+
+
+@pytest.mark.spec("exec.timeout-clock")
+def test_a_timed_task_still_times_out_after_a_timed_inner_task_ran_in_its_wait():
+    """An inner timed task run inside the wait writes its own start and
+    clears it when it returns: the waiting task's own clock is put back
+    after the wait, so it still times out when it runs on past it."""
+    e = ShmExecutor(1, task_timeout=60.0)
+    try:
+        f = e.schedule(N.wait_then_sleep, (300.0,), timeout=1.0)
+        try:
+            with pytest.raises(TaskTimeoutError):
+                f.result(timeout=120)
+        except BaseException:
+            e.kill_workers()  # (it would sleep on: fail instead of waiting for it)
+            raise
+    finally:
+        e.shutdown(wait=True)

@@ -78,3 +78,33 @@ def nap_or_hang(x):
     seconds and return it."""
     time.sleep(60 if x < 0 else x)
     return x
+
+
+class SlowToPickle:
+    """A result whose pickling marks `path` ("pickling"), then waits until
+    `go` exists: a call that returned long before its result is sent."""
+
+    def __init__(self, path: str, go: str, v=None) -> None:
+        self.path, self.go, self.v = path, go, v
+
+    def __reduce__(self):
+        if self.go:
+            mark(self.path, "pickling")
+            while not os.path.exists(self.go):
+                time.sleep(0.005)
+        return (SlowToPickle, (self.path, "", self.v))
+
+
+def slow_to_pickle(path: str, go: str, v):
+    """Return at once a result slow to pickle (`SlowToPickle`)."""
+    return SlowToPickle(path, go, v)
+
+
+def exit_when_stopped(path: str, code: int):
+    """Mark `path`, sleep; stopped (any BaseException), the worker exits
+    with `code` on its own."""
+    mark(path, "start")
+    try:
+        time.sleep(600)
+    except BaseException:
+        os._exit(code)

@@ -224,3 +224,11 @@ def parent_of_sleeper(started: str, secs: float) -> str:
     except BaseException as e:  # noqa: BLE001 - what the test looks at
         return type(e).__name__
     return "no error"
+
+
+def wait_then_sleep(secs: float) -> str:
+    """Wait on a nested task (it runs inside the wait on a one-worker pool:
+    a timed inner task there), then run on past the caller's timeout."""
+    assert shmpool.current_executor().submit(square, 3).result() == 9
+    time.sleep(secs)
+    return "slept"
