@@ -227,9 +227,7 @@ class ShmExecutor(Executor):
         together (None: no retry after a timeout, and the executor's
         `max_retries` for crashes). `timeout=math.inf`: no limit, whatever
         the executor's `task_timeout`. spec: exec.task-timeout"""
-        if timeout == math.inf and not isinstance(timeout, bool):
-            return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), math.inf, check_retries(retries))
-        timeout = check_timeout(timeout, "timeout")
+        timeout = check_timeout(timeout, "timeout", per_call=True)
         retries = check_retries(retries)
         return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), timeout, retries)
 
@@ -259,7 +257,7 @@ class ShmExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if timeout is None:
             timeout = self._task_timeout
-        elif timeout == math.inf:  # (`schedule`'s opt-out of `task_timeout`)
+        elif timeout == math.inf:  # (a call's opt-out of `task_timeout`)
             timeout = None
         fut = core.submit(fn, kind, args, kwargs, on_result, None, timeout, retries)
         if core.forking:  # (fork: the first submit returns once the workers are forked)
@@ -284,12 +282,13 @@ class ShmExecutor(Executor):
         (1 included) sends that many calls as one task, as the stdlib
         does. `buffersize` bounds how many calls are submitted ahead of
         the results consumed (input is then read lazily), as in Python 3.14.
-        `task_timeout`: seconds each call may run (None: the executor's);
+        `task_timeout`: seconds each call may run (None: the executor's;
+        `math.inf`: no limit);
         a call past it fails its chunk with `TaskTimeoutError`.
         `progress=True` shows a bar (tqdm, or a line on stderr) advancing
         as calls complete; a tqdm-like object is updated instead (see
         `shmpool.progress`)."""
-        task_timeout = check_timeout(task_timeout)
+        task_timeout = check_timeout(task_timeout, per_call=True)
         bar = None
         if progress is not None and progress is not False:  # spec: api.progress
             bar = _progress.make(progress, _progress.total_of(*iterables), getattr(fn, "__name__", None))

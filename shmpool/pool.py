@@ -203,15 +203,20 @@ class _State:
         return self.state != TERMINATE
 
 
+_NO_LIMIT = float("inf")
 _BUILTIN_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(0), "", b"", {}, set()))
 
 
 def _submit(st: _State, result, index: int, fn, kind: int, args, kwds, timeout=None) -> None:
     """One core task whose outcome goes to `result` at `index`; `timeout`:
-    each call's (None: the pool's `task_timeout`)."""
+    each call's (None: the pool's `task_timeout`; `math.inf`: none)."""
     st.task_started()
     try:
-        fut = st.core.submit(fn, kind, args, kwds, None, _convert, timeout or st.task_timeout)
+        if timeout is None:
+            timeout = st.task_timeout
+        elif timeout == _NO_LIMIT:  # (a call's opt-out of the pool's `task_timeout`)
+            timeout = None
+        fut = st.core.submit(fn, kind, args, kwds, None, _convert, timeout)
     except Exception as e:  # noqa: BLE001 - pool broken or closed under us
         _tls.depth = getattr(_tls, "depth", 0) + 1
         try:
@@ -368,15 +373,15 @@ class ShmPool:
     def apply(self, func, args=(), kwds={}, *, task_timeout=None):  # noqa: B006 - the stdlib's signature
         """`func(*args, **kwds)` in a worker; blocks until the result is ready.
         `task_timeout` (here and below): seconds each call may run in its
-        worker (None: the pool's); past it the call fails with
-        `TaskTimeoutError`. spec: exec.task-timeout"""
+        worker (None: the pool's; `math.inf`: no limit); past it the call
+        fails with `TaskTimeoutError`. spec: exec.task-timeout"""
         return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
     def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
                     error_callback=None, *, task_timeout=None) -> "ApplyResult":
         """Like `apply()` but returns an `AsyncResult` at once."""
         self._check_running()
-        timeout = check_timeout(task_timeout)
+        timeout = check_timeout(task_timeout, per_call=True)
         result = ApplyResult(self, callback, error_callback)
         _submit(self._st, result, 0, func, SINGLE, args, kwds, timeout)
         return result
@@ -409,7 +414,7 @@ class ShmPool:
     def _map_async(self, func, iterable, star: bool, chunksize=None, callback=None,
                    error_callback=None, *, task_timeout=None, progress=None) -> "MapResult":
         self._check_running()
-        timeout = check_timeout(task_timeout)
+        timeout = check_timeout(task_timeout, per_call=True)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         if chunksize is None:
@@ -454,7 +459,7 @@ class ShmPool:
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        timeout = check_timeout(task_timeout)
+        timeout = check_timeout(task_timeout, per_call=True)
         bar = None
         if progress is not None and progress is not False:  # spec: api.progress
             bar = _progress.make(progress, _progress.total_of(iterable), getattr(func, "__name__", None))

@@ -434,13 +434,17 @@ def cancel_future(fut, post) -> None:
 
 
 
-def check_timeout(value, name: str = "task_timeout"):
+def check_timeout(value, name: str = "task_timeout", *, per_call: bool = False):
     """A timeout argument, checked as the stdlib checks its arguments: None,
-    or a number of seconds > 0."""
+    or a number of seconds > 0. `per_call` (a call's own timeout, which
+    overrides the pool's): `math.inf` too, kept as it is: no limit for
+    that call, whatever the pool's `task_timeout`."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if per_call and value == float("inf"):
+        return value
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
     return float(value)

@@ -4,6 +4,7 @@ keyword-only option, after the stdlib's parameters) with real workers."""
 from __future__ import annotations
 
 import inspect
+import math
 import multiprocessing
 
 import pytest
@@ -57,9 +58,29 @@ def test_pool_default_task_timeout_and_argument_checks():
         with pytest.raises(TaskTimeoutError):
             p.apply(C.nap_or_hang, (-1,))
         assert p.apply(C.nap_or_hang, (0.3,), task_timeout=60) == 0.3  # the per-call value wins
+        # math.inf: no limit for that call, whatever the pool's
+        assert p.apply(C.nap_or_hang, (0.3,), task_timeout=math.inf) == 0.3
+        assert p.map(C.nap_or_hang, [0.3, 0], task_timeout=math.inf) == [0.3, 0]
+        assert list(p.imap(C.nap_or_hang, [0.3], task_timeout=math.inf)) == [0.3]
+        assert p.statistics()["timeouts"] == 1
         with pytest.raises(ValueError):
             p.map(C.nap_or_hang, [0], task_timeout=0)
     for name in ("apply", "apply_async", "map", "map_async", "starmap", "starmap_async", "imap",
                  "imap_unordered"):
         param = inspect.signature(getattr(ShmPool, name)).parameters["task_timeout"]
         assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None
+
+
+@pytest.mark.spec("exec.task-timeout")
+def test_executor_calls_opt_out_of_task_timeout_with_inf():
+    from shmpool import ShmExecutor
+
+    with ShmExecutor(1, task_timeout=0.2) as ex:
+        with pytest.raises(TaskTimeoutError):
+            ex.submit(C.nap_or_hang, -1).result(60)
+        assert ex.schedule(C.nap_or_hang, (0.3,), timeout=math.inf).result(60) == 0.3
+        assert list(ex.map(C.nap_or_hang, [0.3, 0], task_timeout=math.inf)) == [0.3, 0]
+        assert list(ex.map(C.nap_or_hang, [0.3, 0], chunksize=1, task_timeout=math.inf)) == [0.3, 0]
+        with pytest.raises(ValueError):
+            ShmExecutor(1, task_timeout=math.inf)  # (the pool's: None means none)
+        assert ex.statistics()["timeouts"] == 1
