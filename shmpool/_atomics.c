@@ -577,6 +577,47 @@ fork_child(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The start stamp of a timed call (exec/stopping.py, spec exec.timeout-clock) */
+/* ------------------------------------------------------------------------ */
+
+/* stamp_call(buf, rid_off, time_off, rid): the id word <- 0, the time word
+ * <- CLOCK_MONOTONIC in ns (time.monotonic_ns's clock), the id word <- rid,
+ * each a release store, in that order: a reader that finds `rid` in the id
+ * word both before and after its read of the time word has this call's
+ * stamp, never an earlier one. One call instead of four from Python: it is
+ * on the worker's path for every timed call. */
+static PyObject *
+stamp_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    uint32_t rid;
+    if (!nargs_ok("stamp_call", nargs, 4)) return NULL;
+    if (u32_arg(args[3], "rid", &rid) < 0) return NULL;
+    _Atomic uint32_t *id = word_at(args[0], args[1], 4, &view);
+    if (id == NULL) return NULL;
+    Py_ssize_t toff = PyNumber_AsSsize_t(args[2], NULL);
+    if (toff == -1 && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (toff < 0 || toff > view.len - 8 || ((uintptr_t)((char *)view.buf + toff)) % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "offset %zd out of range or not 8-byte aligned for an "
+                     "8-byte word in a buffer of %zd bytes", toff, view.len);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    _Atomic uint64_t *t = (_Atomic uint64_t *)((char *)view.buf + toff);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    atomic_store_explicit(id, 0, memory_order_release);
+    atomic_store_explicit(t, (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec,
+                          memory_order_release);
+    atomic_store_explicit(id, rid, memory_order_release);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Module                                                                    */
 /* ------------------------------------------------------------------------ */
 
@@ -588,6 +629,8 @@ static PyMethodDef methods[] = {
     FAST(load_u64, "load_u64(buf, off) -> int: atomic load, acquire."),
     FAST(store_u32, "store_u32(buf, off, value): atomic store, release."),
     FAST(store_u64, "store_u64(buf, off, value): atomic store, release."),
+    FAST(stamp_call, "stamp_call(buf, rid_off, time_off, rid): id word <- 0, time word <- "
+                     "CLOCK_MONOTONIC ns, id word <- rid (release stores, in order)."),
     FAST(cas_u32, "cas_u32(buf, off, expected, desired) -> previous value "
                   "(success iff it equals expected)."),
     FAST(cas_u64, "cas_u64(buf, off, expected, desired) -> previous value "

@@ -26,6 +26,11 @@ def store_u32(buf: object, off: int, value: int, /) -> None:
 def store_u64(buf: object, off: int, value: int, /) -> None:
     """Atomic store with release ordering; value in [0, 2**64)."""
 
+def stamp_call(buf: object, rid_off: int, time_off: int, rid: int, /) -> None:
+    """The start of a timed call: the u32 at `rid_off` <- 0, the u64 at
+    `time_off` <- CLOCK_MONOTONIC in ns (`time.monotonic_ns`'s clock), the
+    u32 at `rid_off` <- `rid`; release stores, in that order."""
+
 def cas_u32(buf: object, off: int, expected: int, desired: int, /) -> int:
     """Strong compare-exchange (acq_rel). Returns the previous value; the
     exchange happened iff it equals `expected`."""

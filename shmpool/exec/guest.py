@@ -77,6 +77,7 @@ from ..shm import layout as L
 from . import stopping
 
 store_u32 = _atomics.store_u32
+stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
 load_u32 = _atomics.load_u32
 pickle_dumps = pickle.dumps
 _PLAIN = frozenset({int, float, bool, type(None)})  # results pickled directly (see `_call`)
@@ -417,7 +418,8 @@ class GuestProgram:
             failpoints.hit(FP_IN_FUNCTION)
         if timeout is not None:  # spec: exec.timeout-clock
             if kind == SINGLE:  # (one call: stamped now, with no wrapper)
-                stopping.stamp(self.buf, self.entry, load_u32(self.buf, self.word))
+                entry = self.entry
+                stamp_call(self.buf, entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED, load_u32(self.buf, self.word))
             else:
                 fn = stopping.stamped(fn, self.buf, self.entry, load_u32(self.buf, self.word))
         global _in_task

@@ -32,15 +32,13 @@ start costs one load of `stop_count` when nothing is to be stopped.
 
 from __future__ import annotations
 
-import time
 
 from .. import _atomics, _threads
 from ..shm import layout as L
 
 load_u32 = _atomics.load_u32
 store_u32 = _atomics.store_u32
-store_u64 = _atomics.store_u64
-monotonic_ns = time.monotonic_ns
+stamp_call = _atomics.stamp_call
 
 # (defined in `_threads`, whose threads block it: see there) spec: exec.stop-signal
 STOP_SIGNAL = _threads.STOP_SIGNAL
@@ -66,10 +64,9 @@ def requested(buf, entry: int) -> bool:
 
 
 def stamp(buf, entry: int, rid: int) -> None:
-    """The call of task `rid` starts now."""
-    store_u32(buf, entry + L.P_TIMED_RID, 0)
-    store_u64(buf, entry + L.P_TASK_STARTED, monotonic_ns())
-    store_u32(buf, entry + L.P_TIMED_RID, rid)
+    """The call of task `rid` starts now (`timed_rid` 0, the stamp,
+    `timed_rid` = rid: one native call)."""
+    stamp_call(buf, entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED, rid)
 
 
 def stamped(fn, buf, entry: int, rid: int):
@@ -77,9 +74,7 @@ def stamped(fn, buf, entry: int, rid: int):
     off_rid, off_t = entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED
 
     def call(*args, **kwargs):
-        store_u32(buf, off_rid, 0)
-        store_u64(buf, off_t, monotonic_ns())
-        store_u32(buf, off_rid, rid)
+        stamp_call(buf, off_rid, off_t, rid)
         try:
             return fn(*args, **kwargs)
         finally:

@@ -299,3 +299,28 @@ def test_spin_u32_releases_the_gil_and_sees_the_change():
         A.spin_u32(buf, 4, 7, -1)
     with pytest.raises(ValueError):
         A.spin_u32(buf, 64, 7, 10)
+
+
+@pytest.mark.spec("exec.timeout-clock")
+def test_stamp_call_writes_the_id_after_a_monotonic_stamp():
+    """`stamp_call`: the id word ends as `rid`, the time word holds
+    CLOCK_MONOTONIC ns taken during the call (`time.monotonic_ns`'s clock);
+    offsets and values are checked like every other atomic's."""
+    buf = bytearray(64)
+    A.store_u32(buf, 0, 99)
+    before = time.monotonic_ns()
+    A.stamp_call(buf, 0, 8, 7)
+    after = time.monotonic_ns()
+    assert A.load_u32(buf, 0) == 7
+    assert before <= A.load_u64(buf, 8) <= after
+    with pytest.raises(ValueError):
+        A.stamp_call(buf, 0, 60, 7)  # (the time word would run past the end)
+    with pytest.raises(ValueError):
+        A.stamp_call(buf, 0, 4, 7)  # (not 8-byte aligned)
+    with pytest.raises(ValueError):
+        A.stamp_call(buf, 62, 8, 7)
+    with pytest.raises(TypeError):
+        A.stamp_call(bytes(64), 0, 8, 7)
+    with pytest.raises(OverflowError):
+        A.stamp_call(buf, 0, 8, 1 << 32)
+    assert A.load_u32(buf, 0) == 7  # (a refused call wrote nothing)
