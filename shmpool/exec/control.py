@@ -107,11 +107,18 @@ class Control:
         (its clock starts when its worker starts it: it cannot expire
         before now + its timeout)."""
         t = task.timeout
-        if self.shortest is None or t < self.shortest:
+        shortest = self.shortest
+        if shortest is not None and t >= shortest and self.wake_at is not None and self.thread is not None:
+            # (the common case, with no clock read: a monitor asleep with a
+            # wake-up time set it at most its pass's now + `shortest` (see
+            # `_pass`), which is before now + t)
+            return
+        if shortest is None or t < shortest:
             self.shortest = t
         at = self.wake_at
-        if at is None or self.thread is None or monotonic() + t < at:
-            self._wake(monotonic() + t)
+        due = monotonic() + t
+        if at is None or self.thread is None or due < at:
+            self._wake(due)
 
     requeued = add
 
