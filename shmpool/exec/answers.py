@@ -424,11 +424,17 @@ class Answers:
                 else:
                     self._complete(task, error=err, locked=True)
                 return
-        elif w.crashed_rid and w.crashed_rid == task.rid and not w.stop_kill:
-            # (a worker `control` killed charges nobody: the task it was
+        elif ((w.crashed_rid and w.crashed_rid == task.rid and not w.stop_kill)
+              or (w.stop_kill and task.rid in w.waiting)):
+            # A worker `control` killed charges nobody (the task it was
             # stopping is settled above, any other one only ran beside it)
+            # but the tasks waiting on nested futures under it: the stopped
+            # task ran inside their wait, and one that keeps submitting
+            # such a task would otherwise be requeued forever.
+            # spec: exec.stop-nested
             task.attempts += 1
-            task.crashes += (w.death or f"worker {w.peer_id}",)
+            task.crashes += ((w.death or f"worker {w.peer_id}") if not w.stop_kill else
+                             f"worker pid {w.proc.pid} killed to stop a task running inside its nested wait",)
             self.state.stats["crashes_charged"] += 1
             limit = self.state.max_retries if task.retries is None else task.retries
             if task.attempts > limit:

@@ -416,7 +416,10 @@ class GuestProgram:
                                              f"{fn.error}") from fn.error
         if failpoints.ACTIVE:
             failpoints.hit(FP_IN_FUNCTION)
+        outer = None
         if timeout is not None:  # spec: exec.timeout-clock
+            if _waiting:  # (an inner call, inside a nested wait: the waiting task's clock comes back after)
+                outer = stopping.saved(self.buf, self.entry)
             if kind == SINGLE:  # (one call: stamped now, with no wrapper)
                 entry = self.entry
                 stamp_call(self.buf, entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED, load_u32(self.buf, self.word))
@@ -445,7 +448,10 @@ class GuestProgram:
             finally:
                 _in_task = False
                 if timeout is not None:  # spec: exec.timeout-clock -- the call is over: its clock stops
-                    store_u32(self.buf, self.entry + L.P_TIMED_RID, 0)
+                    if outer is None:
+                        store_u32(self.buf, self.entry + L.P_TIMED_RID, 0)
+                    else:
+                        stopping.restore(self.buf, self.entry, outer)
         except KeyboardInterrupt as e:
             raise TaskInterrupted(e) from e
         except stopping.Stop:

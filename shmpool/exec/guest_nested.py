@@ -56,8 +56,7 @@ import threading
 from concurrent.futures import Executor, Future
 
 from .. import _atomics
-from ..shm import layout as L
-from . import guest
+from . import guest, stopping
 from .protocol import LEND_ID, NESTED_LEND, NESTED_SUBMIT
 from .serialization import Chunked, dumps, dumps_bytes, read, write
 
@@ -219,26 +218,12 @@ def _pumped(saved: tuple) -> None:
     guest._in_task = saved[1]
 
 
-def _timed_state(prog) -> tuple[int, int]:
-    """The entry's `timed_rid` and start stamp as the waiting task left
-    them: an inner timed task run inside the wait writes its own, and
-    clears `timed_rid` when its call returns. spec: exec.timeout-clock"""
-    entry = prog.entry
-    return (_atomics.load_u32(prog.buf, entry + L.P_TIMED_RID),
-            _atomics.load_u64(prog.buf, entry + L.P_TASK_STARTED))
-
-
 def _restore_timed(prog, timed: tuple[int, int], running: int) -> None:
-    """After the wait: a timed waiting task's call goes on, with its own
-    start (written as `stopping.stamp` writes one: id cleared, stamp, id),
-    so that the host's monitor still times it."""
-    rid, started = timed
-    if rid != running or not rid:
-        return
-    buf, entry = prog.buf, prog.entry
-    _atomics.store_u32(buf, entry + L.P_TIMED_RID, 0)
-    _atomics.store_u64(buf, entry + L.P_TASK_STARTED, started)
-    _atomics.store_u32(buf, entry + L.P_TIMED_RID, rid)
+    """After the wait: a timed waiting task's call goes on with its own
+    start (an inner timed task run inside the wait wrote its own).
+    spec: exec.timeout-clock"""
+    if timed[0] == running and running:
+        stopping.restore(prog.buf, prog.entry, timed)
 
 
 def _raise_deferred(running: int) -> None:
@@ -255,9 +240,15 @@ def _help_until(predicate, timeout: float | None) -> bool:
     meanwhile (see the module docstring). A stop or a Ctrl-C of the waiting
     task is deferred while it pumps, ends the wait (within a pump's slice,
     `WAIT_SLICE`: the signal does not cut the sleep short) and is raised
-    here once the pump returned (spec: exec.stop-nested-wait)."""
+    here once the pump returned (spec: exec.stop-nested-wait). Only on
+    the task's own thread, which alone runs this worker's session: another
+    thread would pump it at the same time (spec: exec.nested)."""
     if predicate():
         return True
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("a nested future is waited on from the task's own thread only (it runs "
+                           "this worker's session while it waits); wait on it there, or collect "
+                           "the futures there")
     global _depth
     prog = guest.current
     conn = prog.conn
@@ -273,7 +264,7 @@ def _help_until(predicate, timeout: float | None) -> bool:
     lent = False
     ok = False
     running, saved = _pumping(prog)
-    timed = _timed_state(prog)
+    timed = stopping.saved(prog.buf, prog.entry)
 
     def ended() -> bool:
         return predicate() or running in deferred

@@ -39,6 +39,8 @@ from ..shm import layout as L
 load_u32 = _atomics.load_u32
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call
+load_u64 = _atomics.load_u64
+store_u64 = _atomics.store_u64
 
 # (defined in `_threads`, whose threads block it: see there) spec: exec.stop-signal
 STOP_SIGNAL = _threads.STOP_SIGNAL
@@ -69,6 +71,23 @@ def stamp(buf, entry: int, rid: int) -> None:
     stamp_call(buf, entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED, rid)
 
 
+def saved(buf, entry: int) -> tuple[int, int]:
+    """The entry's (`timed_rid`, start stamp) now: what an inner call run
+    inside a nested wait (or the wait itself) puts back (`restore`)."""
+    return load_u32(buf, entry + L.P_TIMED_RID), load_u64(buf, entry + L.P_TASK_STARTED)
+
+
+def restore(buf, entry: int, state: tuple[int, int]) -> None:
+    """Put back a `saved` state, as `stamp_call` writes one (id cleared,
+    stamp, id): the waiting task's timed call goes on with its own start,
+    so the host's monitor still times it. spec: exec.timeout-clock"""
+    rid, started = state
+    store_u32(buf, entry + L.P_TIMED_RID, 0)
+    if rid:
+        store_u64(buf, entry + L.P_TASK_STARTED, started)
+        store_u32(buf, entry + L.P_TIMED_RID, rid)
+
+
 def stamped(fn, buf, entry: int, rid: int):
     """`fn`, each call of which first stamps its start for task `rid`."""
     off_rid, off_t = entry + L.P_TIMED_RID, entry + L.P_TASK_STARTED
@@ -83,4 +102,4 @@ def stamped(fn, buf, entry: int, rid: int):
     return call
 
 
-__all__ = ["STOP_SIGNAL", "Stop", "stop_ids", "requested", "stamp", "stamped"]
+__all__ = ["STOP_SIGNAL", "Stop", "stop_ids", "requested", "stamp", "stamped", "saved", "restore"]

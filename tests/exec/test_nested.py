@@ -281,3 +281,13 @@ def test_a_worker_past_max_tasks_per_child_still_helps():
     with ex(1, "spawn", max_tasks_per_child=2) as e:
         assert len(e.submit(N.levels, 3).result(timeout=120)) == 4
         assert e.submit(N.square, 3).result(timeout=120) == 9
+
+
+@pytest.mark.spec("exec.nested")
+def test_waiting_on_a_nested_future_from_another_thread_raises():
+    """Only the task's own thread runs the worker's session: another thread
+    that waits on a nested future not done yet gets a RuntimeError (two
+    threads pumping at once could hang the worker)."""
+    with ex(1) as e:
+        got = e.submit(N.wait_from_a_thread).result(timeout=120)
+    assert got.startswith("RuntimeError: a nested future is waited on from the task's own thread only")

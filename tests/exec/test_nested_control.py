@@ -17,6 +17,7 @@ import pytest
 from harness import nested_tasks as N
 from harness.polling import wait_for
 from shmpool import ShmExecutor, TaskTimeoutError
+from shmpool.errors import WorkerCrashedError
 
 METHODS = ["fork", "spawn"]
 
@@ -196,3 +197,46 @@ def test_a_timed_task_still_times_out_after_a_timed_inner_task_ran_in_its_wait()
             raise
     finally:
         e.shutdown(wait=True)
+
+
+@pytest.mark.spec("exec.timeout-clock")
+def test_a_timed_task_run_inside_a_wait_keeps_the_waiting_tasks_clock(tmp_path):
+    """Timed tasks windowed behind a timed task that waits run inside its
+    wait: each writes its own start and, when it returns, puts the waiting
+    task's back (it used to clear it: the waiting task was then never timed
+    out, and ran as long as its nested child)."""
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    e = ShmExecutor(1)
+    try:
+        t = e.schedule(N.wait_on_sleeper, (started, go, 4.0), timeout=1.0)
+        wait_for(lambda: os.path.exists(started), "the waiting task started")
+        quick = [e.schedule(N.quick, (i,), timeout=60) for i in range(5)]  # (windowed behind it)
+        open(go, "w").close()
+        try:
+            with pytest.raises(TaskTimeoutError):
+                t.result(timeout=120)
+        except BaseException:
+            e.kill_workers()
+            raise
+        assert [q.result(timeout=60) for q in quick] == list(range(5))
+        assert e.statistics()["timeouts"] == 1
+    finally:
+        e.shutdown(wait=True)
+
+
+@pytest.mark.spec("exec.stop-nested")
+def test_a_waiting_task_whose_worker_is_killed_for_an_inner_stop_is_charged():
+    """A nested child stuck in C runs inside its parent's wait and times
+    out: its worker is killed. The parent, waiting under it, is charged a
+    crash (it used to be requeued uncharged, submit the child again, and
+    loop for ever); past max_retries it fails with WorkerCrashedError."""
+    e = ShmExecutor(1, task_timeout=1.0, max_retries=1)
+    try:
+        t = e.schedule(N.parent_of_c_loop, timeout=math.inf)
+        with pytest.raises(WorkerCrashedError, match="killed to stop a task running inside its nested wait"):
+            t.result(timeout=120)
+        st = e.statistics()
+        assert st["stop_kills"] == 2 and st["timeouts"] == 2
+    finally:
+        e.shutdown(wait=False, cancel_futures=True)
+

@@ -232,3 +232,55 @@ def wait_then_sleep(secs: float) -> str:
     assert shmpool.current_executor().submit(square, 3).result() == 9
     time.sleep(secs)
     return "slept"
+
+
+def quick(x):
+    return x
+
+
+def wait_on_sleeper(started: str, go: str, secs: float) -> str:
+    """Mark `started`, wait for `go`, then wait on a nested untimed sleeper."""
+    touch(started)
+    wait_for_file(go)
+    shmpool.current_executor().submit(time.sleep, secs).result()
+    return "finished"
+
+
+def c_loop() -> int:
+    return sum(range(10 ** 11))  # (no bytecode boundary a signal handler could use: killed)
+
+
+def parent_of_c_loop() -> int:
+    return shmpool.current_executor().submit(c_loop).result()
+
+
+def append_then_sleep(path: str, secs: float) -> int:
+    with open(path, "a") as f:
+        f.write("x")
+    time.sleep(secs)
+    return 1
+
+
+def parent_of_appender(path: str, secs: float) -> int:
+    return shmpool.current_executor().submit(append_then_sleep, path, secs).result()
+
+
+def wait_from_a_thread() -> str:
+    """Wait on a nested future that is not done from another thread of the task."""
+    import threading
+
+    f = shmpool.current_executor().submit(time.sleep, 0.5)
+    out = []
+
+    def run():
+        try:
+            f.result()
+            out.append("no error")
+        except RuntimeError as e:
+            out.append(f"RuntimeError: {e}")
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    f.result()  # (the task's own thread may)
+    return out[0]
