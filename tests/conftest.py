@@ -41,8 +41,12 @@ from shmpool.hub import forkserver  # noqa: E402
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 # One directory per test run and worker: two pytest runs at once (two
 # developers, or CI next to a local run) must not see each other's files.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:12] or f"p{os.getpid()}"
-SEGMENT_DIR = Path(f"/dev/shm/shmpool-{os.geteuid()}-pytest-{_RUN}-{_WORKER}")
+# The directory's last part is this process's pid: a run killed before its
+# end (a CI timeout, a developer's Ctrl-C twice) leaves its directory, and
+# the next run removes those whose process is gone (`_sweep_stale_dirs`).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:12] or "p"
+_DIR_PREFIX = f"shmpool-{os.geteuid()}-pytest-"
+SEGMENT_DIR = Path(f"/dev/shm/{_DIR_PREFIX}{_RUN}-{_WORKER}-{os.getpid()}")
 LEAK_GRACE = 5.0  # seconds a test's processes get to finish exiting
 
 
@@ -53,6 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Anonymous by default: a SHMPOOL_DIR from the caller's environment
     # would silently turn every test into a named-mode test.
     os.environ.pop("SHMPOOL_DIR", None)
+    _sweep_stale_dirs()
     if SEGMENT_DIR.exists():
         shutil.rmtree(SEGMENT_DIR)
     SEGMENT_DIR.mkdir(mode=0o700)
@@ -60,6 +65,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(SEGMENT_DIR, ignore_errors=True)
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the segment directories of test processes that are gone (a
+    run killed before `pytest_unconfigure`): their last part is the pid.
+    Another run's live directory is left alone."""
+    for d in Path("/dev/shm").glob(f"{_DIR_PREFIX}*"):
+        pid = d.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # (alive: another run's, or a pid reused: left, it is harmless)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
