@@ -324,13 +324,10 @@ class GuestProgram:
                 failpoints.hit(FP_BATCH_TASK)
 
     def give_back(self) -> int:
-        """(a task of a batch is about to wait on nested futures and lend
-        its place) Answer the batch's tasks not started yet `TaskNotRun`:
-        the host queues them again, and they run elsewhere or inside the
-        wait, instead of holding places in this worker's window behind a
-        wait that may last (with the window shrunk to 2 by the long waits,
-        such a tail left no place for the nested task the wait needs).
-        How many were given back. spec: exec.nested-no-deadlock"""
+        """(a batched task is about to lend its place for a nested wait)
+        Answer the batch's tasks not started yet `TaskNotRun`: queued again
+        by the host, they no longer hold this worker's window behind the
+        wait. How many. spec: exec.nested-no-deadlock"""
         got = self.batch_rest
         if got is None:
             return 0

@@ -16,7 +16,6 @@ import collections
 import gc
 import os
 import random
-import threading
 import time
 import zlib
 
@@ -24,6 +23,7 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
+from harness.processes import ChaosKiller  # noqa: E402
 from shmpool import ShmExecutor  # noqa: E402
 
 SOAK = os.environ.get("SHMPOOL_SOAK") == "1"
@@ -66,30 +66,18 @@ def test_chaos_soak(tmp_path):
     rnd = random.Random(13)
     arrays = [np.frombuffer(rnd.randbytes(1 << 20), dtype=np.uint8) for _ in range(4)]
     crcs = [zlib.crc32(a) for a in arrays]
-    kills: list[float] = []
-    killed: set[int] = set()  # pids
-    stop = threading.Event()
     start = time.monotonic()
+    chaos = None
     deadline = start + BOUND
 
     def remaining() -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"the soak did not finish within {BOUND} s: {len(kills)} kills, "
+            raise AssertionError(f"the soak did not finish within {BOUND} s: {len(chaos.kills)} kills, "
                                  f"{submitted} tasks submitted, {checked} checked")
         return left
 
     with ShmExecutor(2, max_retries=MAX_RETRIES) as e:
-
-        def killer() -> None:
-            krnd = random.Random(7)
-            while not stop.wait(KILL_EVERY):
-                procs = list(e._processes.values())
-                if procs:
-                    victim = krnd.choice(procs)
-                    killed.add(victim.pid)
-                    victim.kill()
-                    kills.append(time.monotonic())
 
         inflight: collections.deque = collections.deque()
         kept: collections.deque = collections.deque(maxlen=KEEP)
@@ -110,9 +98,7 @@ def test_chaos_soak(tmp_path):
             kept.append(r)
             checked += 1
 
-        t = threading.Thread(target=killer, name="soak-killer")
-        t.start()
-        try:
+        with ChaosKiller(e, seed=7, every=KILL_EVERY) as chaos:
             while deaths < DEATHS or checked < 2 * KEEP:
                 remaining()
                 while len(inflight) < AHEAD:
@@ -125,12 +111,9 @@ def test_chaos_soak(tmp_path):
                     inflight.append((i, f))
                     submitted += 1
                 take_one()
-                if len(kills) != seen_kills:  # (statistics take the lock: only when it may have changed)
-                    seen_kills = len(kills)
+                if len(chaos.kills) != seen_kills:  # (statistics take the lock: only when it may have changed)
+                    seen_kills = len(chaos.kills)
                     deaths = e.statistics()["worker_deaths"]
-        finally:
-            stop.set()
-            t.join()
         while inflight:
             take_one()
         duration = time.monotonic() - start
@@ -167,10 +150,10 @@ def test_chaos_soak(tmp_path):
     assert set(runs) == set(range(submitted))
     for i, pids in runs.items():
         assert len(set(pids)) == len(pids), (i, pids)
-        assert all(p in killed for p in pids[:-1]), (i, pids, "ran again after a run on a live worker")
+        assert all(p in chaos.killed for p in pids[:-1]), (i, pids, "ran again after a run on a live worker")
     extra = sum(len(p) for p in runs.values()) - submitted
-    assert s["worker_deaths"] >= DEATHS and len(kills) >= DEATHS
+    assert s["worker_deaths"] >= DEATHS and len(chaos.kills) >= DEATHS
     print(f"\nchaos soak: {submitted} tasks ({bigs} with 1 MiB arrays each way, {KEEP} results kept), "
-          f"{len(kills)} kills, {s['worker_deaths']} worker deaths, {duration:.1f} s, "
+          f"{len(chaos.kills)} kills, {s['worker_deaths']} worker deaths, {duration:.1f} s, "
           f"{s['retries']} retries, {s['crashes_charged']} crashes charged, {s['requeued']} requeued, "
           f"{extra} tasks run again, 0 lost, 0 duplicated, slots back to baseline")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import collections
 import os
-import random
-import threading
 import time
 
 import pytest
 
+from harness.processes import ChaosKiller
 from shmpool import ShmExecutor, TaskTimeoutError
 
 SOAK = os.environ.get("SHMPOOL_SOAK") == "1"
@@ -48,29 +47,16 @@ def run(path: str, i: int, hang: bool) -> int:
 @pytest.mark.spec("exec.stop-grace")
 def test_timeouts_under_chaos_lose_nothing(tmp_path):
     log = str(tmp_path / "runs")
-    kills: list[float] = []
-    killed: set[int] = set()
-    stop = threading.Event()
     start = time.monotonic()
+    chaos = None
     deadline = start + BOUND
 
     def remaining() -> float:
         left = deadline - time.monotonic()
-        assert left > 0, f"the soak did not finish within {BOUND} s: {len(kills)} kills"
+        assert left > 0, f"the soak did not finish within {BOUND} s: {len(chaos.kills)} kills"
         return left
 
     with ShmExecutor(2, max_retries=1000) as ex:
-
-        def killer() -> None:
-            krnd = random.Random(5)
-            while not stop.wait(KILL_EVERY):
-                procs = list(ex._processes.values())
-                if procs:
-                    victim = krnd.choice(procs)
-                    killed.add(victim.pid)
-                    victim.kill()
-                    kills.append(time.monotonic())
-
         inflight: collections.deque = collections.deque()
         outcomes: dict[int, object] = {}
         hung = submitted = 0
@@ -84,9 +70,7 @@ def test_timeouts_under_chaos_lose_nothing(tmp_path):
                 outcomes[i] = e
                 hung += 1
 
-        t = threading.Thread(target=killer, name="soak-killer")
-        t.start()
-        try:
+        with ChaosKiller(ex, seed=5, every=KILL_EVERY) as chaos:
             while ex.statistics().get("worker_deaths", 0) < DEATHS or hung < HUNG:
                 remaining()
                 while len(inflight) < AHEAD:
@@ -100,9 +84,6 @@ def test_timeouts_under_chaos_lose_nothing(tmp_path):
                     inflight.append((i, f))
                     submitted += 1
                 take_one()
-        finally:
-            stop.set()
-            t.join()
         while inflight:
             take_one()
         s = ex.statistics()
@@ -124,8 +105,8 @@ def test_timeouts_under_chaos_lose_nothing(tmp_path):
     assert set(runs) == set(range(submitted))
     for i, pids in runs.items():
         assert len(set(pids)) == len(pids), (i, pids)
-        assert all(p in killed or i % HANG_EVERY == 0 for p in pids[:-1]), (i, pids)
+        assert all(p in chaos.killed or i % HANG_EVERY == 0 for p in pids[:-1]), (i, pids)
     assert s["failed"] == submitted // HANG_EVERY + (1 if submitted % HANG_EVERY else 0)
-    print(f"\ntimeout soak: {submitted} tasks, {len(kills)} kills, {s['worker_deaths']} worker deaths, "
+    print(f"\ntimeout soak: {submitted} tasks, {len(chaos.kills)} kills, {s['worker_deaths']} worker deaths, "
           f"{s['timeouts']} timeouts, {s['stop_kills']} stop kills, {s['retries']} retries, "
           f"{duration:.1f} s, 0 lost, 0 duplicated")

@@ -73,3 +73,38 @@ class Subreaper:
             except OSError:
                 pass
         self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+class ChaosKiller:
+    """While active, SIGKILLs one of `ex`'s workers, chosen by a seeded
+    random, every `every` seconds (a chaos soak's fault). `kills`: when
+    each kill happened (monotonic s); `killed`: the pids killed."""
+
+    def __init__(self, ex, seed: int, every: float) -> None:
+        import threading
+
+        self.ex, self.seed, self.every = ex, seed, every
+        self.kills: list[float] = []
+        self.killed: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-killer")
+
+    def _run(self) -> None:
+        import random
+
+        rnd = random.Random(self.seed)
+        while not self._stop.wait(self.every):
+            procs = list(self.ex._processes.values())
+            if procs:
+                victim = rnd.choice(procs)
+                self.killed.add(victim.pid)
+                victim.kill()
+                self.kills.append(time.monotonic())
+
+    def __enter__(self) -> "ChaosKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
