@@ -6,6 +6,8 @@ Commands:
     bench [--quick] [--json PATH] [--plot PATH] [--peers LIST] [--workers N] [--repeat N]
                                     shmpool against ProcessPoolExecutor, multiprocessing.Pool,
                                     loky and mpire, in the same run (see shmpool/bench/)
+    inspect [PID | PATH] [--json] [--watch [SECONDS]] [--dir DIR]
+                                    a read-only snapshot of running pools, from their segments
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ def main(argv: list[str] | None = None) -> int:
                        description="Benchmark shmpool against ProcessPoolExecutor, multiprocessing.Pool, "
                                    "loky and mpire, interleaved in one run; Markdown tables on stdout.")
     from .bench import add_arguments, run as run_bench
+    from . import inspect_cli
 
     add_arguments(b)
+    inspect_cli.add_arguments(sub.add_parser(
+        "inspect", help="a read-only snapshot of running pools (peers, rings, slots, tasks), from their segments"))
     args = ap.parse_args(argv)
     if args.command == "bench":
         return run_bench(args, b)
+    if args.command == "inspect":
+        return inspect_cli.run(args)
     if args.command == "clean":
         if args.dry_run:
             from pathlib import Path

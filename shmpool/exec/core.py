@@ -68,6 +68,7 @@ from .answers import Answers, PinBudget
 from .control import Control
 from .fncache import FunctionCache
 from .nested import Nested
+from .publish import StatsPublisher
 from .scheduler import Scheduler
 from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
@@ -158,6 +159,7 @@ class Core:
             st.on_idle = self.starter.idle_now
             self.scheduler.coming = lambda: self.starter.starting
             self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
+            self.publisher = StatsPublisher(self, start_method)  # for `inspect`. spec: shm.stats-publish
         except BaseException:
             self._teardown()
             raise
@@ -494,6 +496,7 @@ class Core:
         for log in logs:
             log.close()
         self.control.close()
+        self.publisher.stop()
         with self.lock:
             timers = self.scheduler.take_timers()
             # A stream thread waits for credit as long as its worker lives

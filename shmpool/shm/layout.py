@@ -34,7 +34,7 @@ CACHE_LINE = 64
 PAGE = mmap.ALLOCATIONGRANULARITY
 
 MAGIC = b"SHMPOOL\x01"  # spec: shm.segment.magic
-VERSION = 2  # 2: the peer entry grew to 128 bytes (task control words)
+VERSION = 3  # 2: the peer entry grew to 128 bytes (task control words); 3: the stats block
 
 
 def align(n: int, to: int = CACHE_LINE) -> int:
@@ -290,6 +290,65 @@ HE_SIZE = 16
 HE_RESIDENT = 24
 
 
+# --------------------------------------------------------------------------
+# Stats block (STATS_SIZE bytes, after the huge table): the host's counters,
+# published for `python -m shmpool inspect`, which reads them from the
+# segment and never asks the host. spec: shm.stats-block
+# --------------------------------------------------------------------------
+# One writer: the host's publisher thread (exec/publish.py), under a
+# sequence lock: it makes `seq` odd (an atomic RMW), writes the block, then
+# makes it even again (a store-release). A reader copies the block and keeps
+# the copy only if `seq` was the same even number before and after.
+# Every counter is a u64 the publisher copies from the host's books; the
+# names are those of the executor's `statistics()` where they overlap.
+STATS_COUNTERS = (
+    "queued", "pending", "in_flight", "pinned_results", "pinned_bytes", "idle_credits",
+    "functions_cached", "live_workers", "submitted", "dispatched", "completed", "failed",
+    "retries", "requeued", "crashes_charged", "worker_deaths", "respawns", "workers_started",
+    "init_failures", "start_failures", "slot_waits", "batches", "ring_full", "timeouts",
+    "interrupts", "stop_kills",
+)
+# Reserved counters for later features (spec: shm.stats-claim). To claim
+# one: append its name here (append-only: a name keeps its index for ever,
+# and the list never grows beyond STATS_EXTRA), and count it in the engine's
+# `EngineState.stats` under that same name: the publisher copies every
+# claimed name from there, and inspect shows it. Unclaimed slots stay 0.
+STATS_EXTRA = 16
+STATS_EXTRA_NAMES: tuple[str, ...] = ()
+STATS_PEERS = 256  # in-flight tasks per peer id (index = peer id - 1; 255 peers at most)
+STATS_BLOCK = struct.Struct(
+    "<Q"  # 0  seq            publisher (atomic): odd while it writes the block
+    "Q"  # 8  published_ns    publisher: CLOCK_MONOTONIC ns of this copy (0: never published)
+    "Q"  # 16 interval_ns     publisher: its period (how stale a copy may be)
+    "I"  # 24 publisher_pid   publisher: the host's pid
+    "I"  # 28 flags           publisher: STATS_F_* bits
+    "I"  # 32 max_workers     publisher
+    "I"  # 36 start_method    publisher: index in START_METHODS
+    "24x"  # 40 reserved (zero)
+    f"{len(STATS_COUNTERS)}Q"  # 64 counters     publisher, in STATS_COUNTERS order
+    f"{STATS_EXTRA}Q"  # claimed counters         publisher, in STATS_EXTRA_NAMES order
+    f"{STATS_PEERS}I"  # in flight per peer       publisher
+    "48x"  # reserved (zero), to a cache line
+)
+STATS_SIZE = 1472
+assert STATS_BLOCK.size == STATS_SIZE, STATS_BLOCK.size
+assert len(STATS_EXTRA_NAMES) <= STATS_EXTRA
+S_SEQ = 0
+S_PUBLISHED = 8
+S_INTERVAL = 16
+S_PID = 24
+S_FLAGS = 28
+S_MAX_WORKERS = 32
+S_START_METHOD = 36
+S_COUNTERS = 64
+S_EXTRA = S_COUNTERS + 8 * len(STATS_COUNTERS)
+S_PEERS = S_EXTRA + 8 * STATS_EXTRA
+STATS_F_RUNNING = 1 << 0  # the publisher runs (cleared by its last write, at close)
+STATS_F_SHUTDOWN = 1 << 1  # shutdown has begun
+STATS_F_BROKEN = 1 << 2  # the pool is broken
+START_METHODS = ("unknown", "fork", "spawn", "forkserver")
+
+
 def huge_cache_limit(memory_limit: int) -> int:
     """Bytes of freed huge extents that may keep their pages for reuse
     (beyond this, a freed extent is punched at once). A quarter of the
@@ -478,6 +537,7 @@ class SegmentLayout:
     slot_region_offset: int
     pool_header_offset: int
     huge_table_offset: int
+    stats_offset: int
     total_size: int  # the control region: every class starts with no extent
 
     @property
@@ -497,7 +557,8 @@ class SegmentLayout:
         huge_table = pool_header + POOL_HEADER_SIZE
         # spec: shm.segment.lazy-extents -- no extent at creation: an idle
         # segment commits only this control region; classes grow on first use.
-        pos = align(huge_table + HUGE_ENTRY_SIZE * MAX_HUGE, PAGE)
+        stats = align(huge_table + HUGE_ENTRY_SIZE * MAX_HUGE)
+        pos = align(stats + STATS_SIZE, PAGE)
         return cls(
             config=config,
             peer_table_offset=peer_table,
@@ -507,6 +568,7 @@ class SegmentLayout:
             slot_region_offset=slot_region,
             pool_header_offset=pool_header,
             huge_table_offset=huge_table,
+            stats_offset=stats,
             total_size=pos,
         )
 
