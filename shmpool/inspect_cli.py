@@ -100,7 +100,7 @@ def _denied(pid: int) -> str:
     except (OSError, KeyError):
         who = "its owner"
     return (f"process {pid}: permission denied reading /proc/{pid}/fd (it belongs to {who}); "
-            f"run inspect as {who} (or root)")
+            f"run inspect as {who}" + ("" if who == "root" else " (or root)"))
 
 
 def _command(pid: int) -> str:

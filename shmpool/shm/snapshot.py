@@ -30,6 +30,7 @@ spec: cli.inspect-readonly, cli.inspect-checks
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -168,6 +169,18 @@ def snapshot(ref: SegmentRef) -> dict:
     Raises SegmentError (not a segment, another version, corrupt,
     truncated, cannot be opened: the message says which) and
     PermissionError. spec: cli.inspect-checks"""
+    with mapped(ref) as (view, fields, layout, st):
+        try:
+            return _build(ref, view, fields, layout, st)
+        except (struct.error, ValueError, IndexError, OverflowError) as e:
+            raise SegmentError(ref.name, f"corrupt segment ({e})") from None
+
+
+@contextlib.contextmanager
+def mapped(ref: SegmentRef):
+    """Open and check the segment `ref` names, and map it read-only: yields
+    (view, header fields, layout, stat); the fd and the mapping are closed
+    on leaving. spec: cli.inspect-readonly"""
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if ref.pid is not None else os.O_NOFOLLOW)
     try:
         fd = os.open(ref.open_path, flags)
@@ -181,15 +194,13 @@ def snapshot(ref: SegmentRef) -> dict:
             raise SegmentError(ref.name, "not a regular file: not a shmpool segment")
         fields, layout = _check_header(fd, ref.name, st)
         try:
-            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)  # spec: cli.inspect-readonly
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except (OSError, ValueError, OverflowError) as e:
             raise SegmentError(ref.name, f"cannot map {st.st_size} bytes read-only: {e}") from None
         try:
             view = _View(memoryview(mm), ref.name)
             try:
-                return _build(ref, view, fields, layout, st)
-            except (struct.error, ValueError, IndexError, OverflowError) as e:
-                raise SegmentError(ref.name, f"corrupt segment ({e})") from None
+                yield view, fields, layout, st
             finally:
                 view.buf.release()
         finally:
@@ -363,7 +374,7 @@ def _slots(v: _View, lay: L.SegmentLayout) -> tuple[list[dict], dict]:
     for ci, cls in enumerate(lay.config.size_classes):
         hdr = lay.class_header(ci)
         h = v.unpack(L.CLASS_HEADER, hdr, f"size class {ci}'s header")
-        offsets = h[8:8 + L.MAX_EXTENTS]
+        offsets = h[7:7 + L.MAX_EXTENTS]  # (after slot size .. waiters)
         counts = [0, 0, 0, 0, 0]  # free, allocated, in flight, freeing, unknown
         extents = missing = 0
         esize = L.extent_size(cls)
