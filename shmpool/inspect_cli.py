@@ -154,8 +154,8 @@ def _render_one(s: dict) -> str:
     kind = "anonymous" if hub["anonymous"] else "named"
     lines.append(f"shmpool host {s['host_pid']}{where}: {state}; {kind} segment {hub['path']}")
     if s["published"]:
-        lines.append(f"  start method {s['start_method']}, max_workers {s['max_workers']}; counters "
-                     f"{s['published_age']:.2f} s old (published every {s['publish_interval']:g} s"
+        lines.append(f"  start method {s['start_method']}, max_workers {s['max_workers']}; counters copied "
+                     f"{s['published_age']:.2f} s ago (on change, checked every {s['publish_interval']:g} s"
                      f"{'' if s['publisher_running'] else ', publisher stopped'}"
                      f"{', torn copy' if s['torn'] else ''})")
         lines.append(f"  tasks: {s['queued']} queued, {s['in_flight']} in flight, {s['pending']} pending; "

@@ -13,10 +13,12 @@ copy into the block under its sequence lock (seq odd, the block, seq
 even). Nothing on the task path changes: the cost is one short hold of the
 lock per interval, whatever the task rate.
 
-How stale a snapshot can be: at most `interval` (plus one hold of the
-lock) while the host runs; the block records when it was written
-(`published_ns`, CLOCK_MONOTONIC, which every process of the machine
-shares) and the interval, so inspect shows the age. A host that died
+A copy is written only when the books changed since the last one (an
+idle pool writes nothing into its segment). How stale a snapshot can be:
+at most `interval` (plus one hold of the lock) while the host runs; the
+block records when it was written (`published_ns`, CLOCK_MONOTONIC, which
+every process of the machine shares: since then the books have not
+changed, or for less than `interval`) and the interval. A host that died
 leaves its last copy (a named segment): inspect tells it by the host's pid
 and start time in the header, never by the block's age.
 
@@ -68,6 +70,7 @@ class StatsPublisher:
         self.method = L.START_METHODS.index(method) if method in L.START_METHODS else 0
         self.interval = interval_from_env()
         self.stop_event = threading.Event()
+        self.last: tuple | None = None  # the books of the last copy written
         self.thread: threading.Thread | None = None
         if self.interval > 0:
             self.publish()  # (at once: a pool inspected right after it started shows it)
@@ -95,7 +98,9 @@ class StatsPublisher:
                     per_peer[w.peer_id - 1] = n
             stats = st.stats
             books = {
-                "queued": sum(1 for t in st.queue if not t.finished), "pending": st.live,
+                # (the queue's length, O(1) under the lock: a cancelled task
+                # still in it counts until the scheduler drops it)
+                "queued": len(st.queue), "pending": st.live,
                 "in_flight": in_flight, "pinned_results": len(core.pins),
                 "pinned_bytes": core.pins.pinned_bytes, "idle_credits": max(0, st.credits),
                 "functions_cached": len(core.functions), "live_workers": live,
@@ -108,6 +113,10 @@ class StatsPublisher:
                      | (L.STATS_F_BROKEN if st.broken is not None else 0))
         extra += [0] * (L.STATS_EXTRA - len(extra))
         counters = [max(0, min(int(v), (1 << 64) - 1)) for v in counters]
+        books_now = (flags, *counters, *extra, *per_peer)
+        if books_now == self.last:
+            return  # (unchanged: an idle pool writes nothing)
+        self.last = books_now
         buf, off = self.buf, self.offset
         seq = _atomics.fetch_add_u64(buf, off + L.S_SEQ, 1) + 1  # odd: a copy is being written
         L.STATS_BLOCK.pack_into(

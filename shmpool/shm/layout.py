@@ -1,9 +1,9 @@
 """Binary layout of the segment: the one place where offsets live.
 
 Owns: every shared struct (segment header, peer entry, descriptor, channel
-entry, size-class header, extent header, slot meta), `SegmentConfig` (what
-the host chooses) and `SegmentLayout` (where everything is, computed from a
-config in one place).
+entry, size-class header, extent header, slot meta, the host's stats
+block), `SegmentConfig` (what the host chooses) and `SegmentLayout` (where
+everything is, computed from a config in one place).
 
 Data flow: the host builds a `SegmentConfig`, `SegmentLayout.compute()`
 turns it into offsets, `segment.create` writes them into the header;

@@ -261,6 +261,8 @@ _U64 = struct.Struct("<Q")
 
 
 def _build(ref: SegmentRef, v: _View, fields: tuple, lay: L.SegmentLayout, st: os.stat_result) -> dict:
+    """The snapshot: the executor's `statistics()` names where they
+    overlap. spec: cli.inspect-json"""
     cfg = lay.config
     host_pid, host_start = fields[17], fields[19]
     alive = procinfo.alive(host_pid, host_start)

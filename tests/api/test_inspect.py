@@ -403,3 +403,27 @@ def test_stats_block_copies_are_whole(tmp_path):
         assert snap["start_method"] == "spawn"
         struct.pack_into("<Q", seg.buf, off, 3)  # a writer that never finishes its copy
         assert S.snapshot(ref)["torn"]
+
+
+@pytest.mark.spec("shm.stats-claim")
+def test_a_claimed_counter_is_published_and_shown(monkeypatch):
+    """A feature that claims a slot (its name appended to
+    STATS_EXTRA_NAMES) and counts in the engine's stats is published
+    under that name; the list stays within its room and apart from the
+    fixed counters."""
+    assert len(L.STATS_EXTRA_NAMES) <= L.STATS_EXTRA
+    assert not set(L.STATS_EXTRA_NAMES) & set(L.STATS_COUNTERS)
+    assert len(set(L.STATS_EXTRA_NAMES)) == len(L.STATS_EXTRA_NAMES)
+    monkeypatch.setattr(L, "STATS_EXTRA_NAMES", (*L.STATS_EXTRA_NAMES, "test_drops"))
+    ex = ShmExecutor(1)
+    try:
+        ex.submit(os.getpid).result(60)
+        with ex._core.lock:
+            ex._core.state.stats["test_drops"] = 7
+        (ref,) = S.find_segments(os.getpid())
+        wait_for(lambda: S.snapshot(ref).get("test_drops") == 7, "the claimed counter published")
+        from shmpool.inspect_cli import render
+
+        assert "test_drops 7" in render([S.snapshot(ref)])
+    finally:
+        ex.shutdown(wait=True)

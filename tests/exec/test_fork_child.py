@@ -35,11 +35,11 @@ def slow(x):
 def segment_bytes(core):
     # Every byte the host and the workers share, but the words the live
     # ones keep writing on their own: the host's and each worker's
-    # heartbeat, the sleeping and polling flags.
+    # heartbeat, the sleeping and polling flags, the host's published counters.
     from shmpool.shm import layout as L
     seg = core.host.segment
     data = bytearray(seg.buf)
-    words = [(L.H_HEARTBEAT, 8), (L.H_HOST_SLEEPING, 4)]
+    words = [(L.H_HEARTBEAT, 8), (L.H_HOST_SLEEPING, 4), (seg.layout.stats_offset, L.STATS_SIZE)]
     for i in range(1, seg.config.max_guests + 1):
         e = seg.layout.peer_entry(i)
         words += [(e + L.P_HEARTBEAT, 8), (e + L.P_SLEEP_FLAGS, 4), (e + L.P_HOST_POLLING, 4)]
