@@ -10,7 +10,7 @@ one task through them):
     engine   shmpool.exec      tasks, scheduling, answers, workers, pickling,
                                the wire protocol, the worker program
     API      shmpool.executor  ShmExecutor;  shmpool.pool  ShmPool
-    tools    shmpool.bench, python -m shmpool (bench, clean)
+    tools    shmpool.bench, shmpool.inspect_cli, python -m shmpool (bench, clean, inspect)
 """
 
 from .errors import (

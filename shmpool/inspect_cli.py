@@ -150,7 +150,10 @@ def _render_one(s: dict) -> str:
         state = "BROKEN"
     else:
         state = "running"
-    where = "" if s["found_in"] in (None, s["host_pid"]) else f" (found in its worker {s['found_in']})"
+    found = s["found_in"]
+    workers = {w["pid"] for w in s["workers"].values()}
+    where = ("" if found in (None, s["host_pid"]) else f" (found in its worker {found})" if found in workers
+             else f" (found in process {found})")
     kind = "anonymous" if hub["anonymous"] else "named"
     lines.append(f"shmpool host {s['host_pid']}{where}: {state}; {kind} segment {hub['path']}")
     if s["published"]:

@@ -45,7 +45,8 @@ The parts (host side):
   child does with the engines it inherited; `control.Control`: task
   timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
   the tasks workers submit from inside a task, and the places their waits
-  lend.
+  lend; `publish.StatsPublisher`: the books copied into the segment for
+  `python -m shmpool inspect`.
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping

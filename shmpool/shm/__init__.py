@@ -17,6 +17,8 @@ plus `shmpool._atomics`, `shmpool._ring`, `shmpool.errors`,
     slots     the slot pool's vocabulary: slot numbers, status words,
               extent formatting, statistics records
     segment   create / attach / validate / map / close a segment
+    snapshot  a segment read from outside, read-only: what
+              `python -m shmpool inspect` shows (not exported)
     ring      single-producer single-consumer descriptor rings (their
               per-message work in the C extension `shmpool._ring`)
     ring_model  the same rings in Python: the reference model the C is

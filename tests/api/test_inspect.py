@@ -126,6 +126,32 @@ def test_inspect_pid_shows_workers_tasks_rings_and_slots(tmp_path, method):
         ex.shutdown(wait=True)
 
 
+@pytest.mark.spec("cli.inspect-find")
+def test_a_program_with_an_executor_and_a_pool_shows_both():
+    from shmpool import ShmPool
+
+    ex = ShmExecutor(1)
+    pool = ShmPool(2)
+    try:
+        ex.submit(os.getpid).result(60)
+        pool.apply(os.getpid)
+        paths = {str(ex._core.host.segment.path), str(pool._st.core.host.segment.path)}
+
+        def both():
+            snaps = inspect_json(str(os.getpid()))
+            return {s["hub"]["path"]: (s["max_workers"], s["completed"]) for s in snaps}
+
+        wait_for(lambda: both() == {str(ex._core.host.segment.path): (1, 1),
+                                    str(pool._st.core.host.segment.path): (2, 1)}, "both pools shown")
+        assert len(paths) == 2
+        text = inspect(str(os.getpid())).stdout
+        assert text.count(f"shmpool host {os.getpid()}: running") == 2
+    finally:
+        pool.close()
+        pool.join()
+        ex.shutdown(wait=True)
+
+
 @pytest.mark.spec("cli.inspect-readonly")
 def test_inspect_maps_read_only_and_leaves_the_host_alone(tmp_path):
     ex = ShmExecutor(2)
