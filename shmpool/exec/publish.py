@@ -29,7 +29,8 @@ rings, slots).
 Invariants: one writer per block; the thread holds the lock only to copy
 the counters and never waits for anything else under it; it stops (and
 writes a last copy without the running flag) before the core closes its
-host, so it never writes into an unmapped segment; in a fork() child the
+host, and a host that closed its segment on its own (its driver thread
+failed) ends the copies: nothing is written into an unmapped segment; in a fork() child the
 thread does not exist (the parent's core is foreign there).
 spec: shm.stats-publish
 """
@@ -64,7 +65,7 @@ class StatsPublisher:
 
     def __init__(self, core, method: str) -> None:
         self.core = core
-        seg = core.host.segment
+        self.segment = seg = core.host.segment
         self.buf = seg.buf
         self.offset = seg.layout.stats_offset
         self.method = L.START_METHODS.index(method) if method in L.START_METHODS else 0
@@ -118,12 +119,18 @@ class StatsPublisher:
             return  # (unchanged: an idle pool writes nothing)
         self.last = books_now
         buf, off = self.buf, self.offset
-        seq = _atomics.fetch_add_u64(buf, off + L.S_SEQ, 1) + 1  # odd: a copy is being written
-        L.STATS_BLOCK.pack_into(
-            buf, off, seq, time.monotonic_ns(), int(self.interval * 1e9), os.getpid(), flags,
-            core.max_workers, self.method, *counters, *extra, *per_peer,
-        )
-        _atomics.store_u64(buf, off + L.S_SEQ, seq + 1)  # even: the copy is whole
+        if self.segment.closed:
+            return  # (the host closed it on its own: a failed driver thread)
+        try:
+            seq = _atomics.fetch_add_u64(buf, off + L.S_SEQ, 1) + 1  # odd: a copy is being written
+            L.STATS_BLOCK.pack_into(
+                buf, off, seq, time.monotonic_ns(), int(self.interval * 1e9), os.getpid(), flags,
+                core.max_workers, self.method, *counters, *extra, *per_peer,
+            )
+            _atomics.store_u64(buf, off + L.S_SEQ, seq + 1)  # even: the copy is whole
+        except ValueError:
+            return  # (closed meanwhile: its view is released; the mapping itself outlives any
+            # write in progress, which holds a view of it)
 
     def stop(self) -> None:
         """(Core.close, before the host closes) End the thread and write a

@@ -101,16 +101,19 @@ def find_segments(pid: int) -> list[SegmentRef]:
 
 
 def find_all(directory: str | os.PathLike | None = None) -> list[SegmentRef]:
-    """Every segment of this user that can be found: those any process we
-    may look into has open (each once, found in its host if the host has
+    """Every segment of this user that can be found: those any process of
+    this user has open (each once, found in its host if the host has
     it open, else in a worker), and the named files of the segment
     directory (`directory`, default the default one) no process has open:
     stale ones. spec: cli.inspect-find"""
     seen: dict[tuple[int, int], SegmentRef] = {}
+    me = os.geteuid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            if os.stat(f"/proc/{entry}").st_uid != me:
+                continue  # (root could look into every user's: this user's only)
             refs = find_segments(int(entry))
         except (PermissionError, ProcessLookupError, OSError):
             continue  # not ours, or gone
