@@ -20,11 +20,14 @@ Invariants: nothing here writes to a segment, or takes a lock on it (the
 mapping is PROT_READ, the fd O_RDONLY: a write would fault); every offset
 read is checked against the mapping first, and a file that fails a check
 is a `SegmentError` saying what is wrong, never another exception; the
-fd and the mapping are closed before `snapshot` returns. Known limit: a
+fd and the mapping are closed before `snapshot` returns. Known limits: a
 named file truncated by someone else while it is being read would fault
 (a memfd is sealed against shrinking; hosts never truncate). Reads of
-words other processes write are plain loads: a snapshot is a moment's
-view, only the stats block is checked whole (its sequence lock).
+words other processes write are plain loads (`_atomics` needs a writable
+buffer): a snapshot is a moment's view, and only the stats block is
+checked whole, by its sequence lock, whose reader side relies on loads
+not being reordered with loads (x86's order; on weaker CPUs a rare copy
+could mix two publications).
 spec: cli.inspect-readonly, cli.inspect-checks
 """
 
@@ -269,9 +272,9 @@ def _build(ref: SegmentRef, v: _View, fields: tuple, lay: L.SegmentLayout, st: o
     cfg = lay.config
     host_pid, host_start = fields[17], fields[19]
     alive = procinfo.alive(host_pid, host_start)
-    stats = _read_stats(v, lay)
-    pub = stats is not None and stats["published_ns"] != 0
-    per_peer = stats.pop("per_peer") if stats is not None else [0] * L.STATS_PEERS
+    stats = _read_stats(v, lay, STATS_READ_TRIES if alive else 1)  # (a dead writer finishes nothing)
+    pub = stats["published_ns"] != 0
+    per_peer = stats.pop("per_peer")
     peers = _peers(v, lay, per_peer)
     classes, huge = _slots(v, lay)
     current = v.u64(L.H_CURRENT_SIZE, "the header")
@@ -310,15 +313,15 @@ def _build(ref: SegmentRef, v: _View, fields: tuple, lay: L.SegmentLayout, st: o
     return out
 
 
-def _read_stats(v: _View, lay: L.SegmentLayout) -> dict | None:
+def _read_stats(v: _View, lay: L.SegmentLayout, tries: int) -> dict:
     """The stats block, a whole copy (sequence lock), or the last copy
-    read flagged `torn` if none was whole after STATS_READ_TRIES tries.
+    read flagged `torn` if none was whole after `tries` tries.
     spec: shm.stats-block"""
     off = lay.stats_offset
     if off + L.STATS_SIZE > len(v.buf):
         raise SegmentError(v.name, "the stats block lies outside the file: truncated")
     torn = True
-    for _ in range(STATS_READ_TRIES):
+    for _ in range(tries):
         before = v.u64(off + L.S_SEQ, "the stats block")
         raw = bytes(v.buf[off:off + L.STATS_SIZE])
         after = v.u64(off + L.S_SEQ, "the stats block")

@@ -207,6 +207,29 @@ def test_watch_refreshes_count_times_then_ends(tmp_path):
                 proc.kill()
                 proc.communicate()
         assert proc.returncode == 0 and "Traceback" not in err, err
+        # On a terminal each refresh clears the screen first.
+        master, slave = os.openpty()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "shmpool", "inspect", str(os.getpid()), "--watch", "0.05",
+                                     "--count", "2"], stdout=slave, stderr=subprocess.PIPE, env=script_env(), cwd=ROOT)
+            os.close(slave)
+            slave = -1
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # (EIO: the terminal's other end is closed)
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            assert proc.wait(60) == 0, proc.stderr.read()
+            proc.stderr.close()
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+        assert seen.count(b"\x1b[H\x1b[2J") == 2, seen[:200]
         release(tmp_path, fs)
     finally:
         (tmp_path / "gate").touch()
