@@ -291,31 +291,20 @@ HE_RESIDENT = 24
 
 
 # --------------------------------------------------------------------------
-# Stats block (STATS_SIZE bytes, after the huge table): the host's counters,
-# published for `python -m shmpool inspect`, which reads them from the
-# segment and never asks the host. spec: shm.stats-block
+# Stats block (after the huge table): the host's books, for `python -m
+# shmpool inspect`. One writer, the host's publisher (exec/publish.py), under
+# a sequence lock: `seq` odd (atomic RMW), the block, `seq` even (release); a
+# reader keeps a copy read between two equal even `seq`. spec: shm.stats-block
 # --------------------------------------------------------------------------
-# One writer: the host's publisher thread (exec/publish.py), under a
-# sequence lock: it makes `seq` odd (an atomic RMW), writes the block, then
-# makes it even again (a store-release). A reader copies the block and keeps
-# the copy only if `seq` was the same even number before and after.
-# Every counter is a u64 the publisher copies from the host's books; the
-# names are those of the executor's `statistics()` where they overlap.
-STATS_COUNTERS = (
-    "queued", "pending", "in_flight", "pinned_results", "pinned_bytes", "idle_credits",
-    "functions_cached", "live_workers", "submitted", "dispatched", "completed", "failed",
-    "retries", "requeued", "crashes_charged", "worker_deaths", "respawns", "workers_started",
-    "init_failures", "start_failures", "slot_waits", "batches", "ring_full", "timeouts",
-    "interrupts", "stop_kills",
+STATS_COUNTERS = (  # u64 each, named as in the executor's `statistics()`
+    "queued", "pending", "in_flight", "pinned_results", "pinned_bytes", "idle_credits", "functions_cached",
+    "live_workers", "submitted", "dispatched", "completed", "failed", "retries", "requeued",
+    "crashes_charged", "worker_deaths", "respawns", "workers_started", "init_failures", "start_failures",
+    "slot_waits", "batches", "ring_full", "timeouts", "interrupts", "stop_kills",
 )
-# Reserved counters for later features (spec: shm.stats-claim). To claim
-# one: append its name here (append-only: a name keeps its index for ever,
-# and the list never grows beyond STATS_EXTRA), and count it in the engine's
-# `EngineState.stats` under that same name: the publisher copies every
-# claimed name from there, and inspect shows it. Unclaimed slots stay 0.
-STATS_EXTRA = 16
-STATS_EXTRA_NAMES: tuple[str, ...] = ()
-STATS_PEERS = 256  # in-flight tasks per peer id (index = peer id - 1; 255 peers at most)
+STATS_EXTRA = 16  # reserved counters. spec: shm.stats-claim -- to claim one, append its name below
+STATS_EXTRA_NAMES: tuple[str, ...] = ()  # (append-only) and count it in `EngineState.stats` under it
+STATS_PEERS = 256  # in-flight tasks per peer id (index = peer id - 1)
 STATS_BLOCK = struct.Struct(
     "<Q"  # 0  seq            publisher (atomic): odd while it writes the block
     "Q"  # 8  published_ns    publisher: CLOCK_MONOTONIC ns of this copy (0: never published)
@@ -343,9 +332,7 @@ S_START_METHOD = 36
 S_COUNTERS = 64
 S_EXTRA = S_COUNTERS + 8 * len(STATS_COUNTERS)
 S_PEERS = S_EXTRA + 8 * STATS_EXTRA
-STATS_F_RUNNING = 1 << 0  # the publisher runs (cleared by its last write, at close)
-STATS_F_SHUTDOWN = 1 << 1  # shutdown has begun
-STATS_F_BROKEN = 1 << 2  # the pool is broken
+STATS_F_RUNNING, STATS_F_SHUTDOWN, STATS_F_BROKEN = 1, 2, 4  # publisher running; shutdown begun; broken
 START_METHODS = ("unknown", "fork", "spawn", "forkserver")
 
 
