@@ -73,6 +73,7 @@ from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
 from .state import EngineState, run_callbacks
 from .tasks import _Task, WorkerRecord
+from .tunnel import PICKLED as _TUNNELS_PICKLED, Tunnels, attach_pickled
 
 _pickle_dumps = pickle.dumps
 _new_future = object.__new__
@@ -158,6 +159,7 @@ class Core:
             st.on_idle = self.starter.idle_now
             self.scheduler.coming = lambda: self.starter.starting
             self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
+            self.tunnels = Tunnels(self)  # spec: exec.tunnel-bind
         except BaseException:
             self._teardown()
             raise
@@ -299,6 +301,9 @@ class Core:
                 self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
             fut.set_exception(e)
             return fut
+        finally:
+            if _TUNNELS_PICKLED:  # spec: exec.tunnel-unbound
+                attach_pickled(fut)
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:

@@ -330,15 +330,18 @@ class Tx(_End):
 
 class Rx(_End):
     """The receiving end of a channel. Iterating yields messages until the
-    sender closes."""
+    sender closes. `collecting`: this end collects transfers (the table's
+    choice unless the opener says); a byte stream's end must not."""
 
-    def __init__(self, table, cid: int) -> None:
+    def __init__(self, table, cid: int, collecting: bool | None = None) -> None:
         super().__init__(table, cid)
         self._queue: collections.deque = collections.deque()  # (Received, more)
         self._partial: bytearray | None = None
+        self._head = 0  # bytes of the first queued piece `read_into` took already
         self._eos = False
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
+        self.collecting = table.collecting if collecting is None else collecting
 
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
@@ -346,7 +349,7 @@ class Rx(_End):
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
             return
-        if self.table.collecting:  # spec: shm.session.chunked
+        if self.collecting:  # spec: shm.session.chunked
             if self._collector is None:
                 self._collector = Collector(self.id, self.table.transfers)
             n = rec.nbytes
@@ -369,6 +372,7 @@ class Rx(_End):
         while self._queue:
             self._queue.popleft()[0].release()
         self._partial = None
+        self._head = 0
 
     def broken(self, exc: BaseException) -> None:
         super().broken(exc)
@@ -402,6 +406,54 @@ class Rx(_End):
 
     def try_recv(self) -> bytes | None:
         return self.recv(timeout=0)
+
+    def read_into(self, buf, timeout: float | None = None, stop=None) -> int | None:
+        """Read the channel as a byte stream (message boundaries ignored; do
+        not mix with `recv`): copy up to `len(buf)` queued bytes into the
+        writable `buf` straight from the pieces' slots, once at least one
+        byte is there. Returns the count; 0 once the sender closed and all
+        was read; None if `timeout` passed or `stop()` became true first.
+        A piece's credit is granted when it is all read (its slot freed),
+        so the slots held never exceed the credit. Raises ChannelReset,
+        ChannelBroken, ChannelClosed (this side closed). spec: shm.channel.stream-read"""
+        out = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if out.ndim != 1 or out.itemsize != 1:
+            out = out.cast("B")
+        want = out.nbytes
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = consumed = 0
+            while self._queue and got < want:
+                rec = self._queue[0][0]
+                view = rec.view()
+                k = min(want - got, len(view) - self._head)
+                out[got : got + k] = view[self._head : self._head + k]
+                got += k
+                self._head += k
+                if self._head == len(view):
+                    self._queue.popleft()
+                    consumed += len(view)
+                    self._head = 0
+                    rec.release()
+            if consumed:
+                self.table.grant(self, consumed)
+            if got or not want:
+                self.bytes += got
+                return got
+            if self._reset:
+                raise ChannelReset(f"channel {self.id} was reset")
+            self._raise_if_ended()
+            if self._eos:
+                return 0
+            if self._sent_fin:
+                raise ChannelClosed(f"channel {self.id} was closed by this side")
+            if stop is not None and stop():
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            ready = self._ready if stop is None else (lambda: self._ready() or stop())
+            self.conn.wait_until(ready, remaining)
 
     def _take(self) -> bytes | None:
         """Copy out queued pieces (granting their credit as they go); the
