@@ -46,18 +46,27 @@ BIND = method_id("shmpool.exec.tunnel.bind")
 # tunnel id, host pid, the running task's id (guest word), the guest's rx
 # channel (host -> task) and tx channel (task -> host)
 BIND_RECORD = struct.Struct("<QIIII")
-# Bytes per piece: one 64 KiB slot (the default slot classes have one of
-# exactly this size); four of them fit the default credit (256 KiB), so the
-# sender fills one while the receiver empties another.
-PIECE = 64 * 1024
+# Bytes per piece: one 1 MiB slot (the default slot classes have one of
+# exactly this size); a piece's cost (a slot, a descriptor, a wakeup) is
+# paid per MiB. Four of them fit the default window, so the sender fills
+# one while the receiver empties another.
+PIECE = 1 << 20
+BUFFER = 4 << 20  # bytes in flight per direction (the channels' window)
 
 
-def piece_for(tx, piece: int) -> int:
-    """A channel's piece size: `piece`, within its credit."""
-    return max(1, min(piece, tx.table.initial_credit))
+def setup(tx, rx, piece: int, buffer: int) -> None:
+    """Agree on a tunnel's windows (`Tx.window`, `Rx.widen`: both sides
+    compute the same from the tunnel's `buffer`, never below the pool's
+    initial credit) and this side's piece size. Before the first byte goes
+    either way. spec: shm.channel.window"""
+    credit = tx.table.initial_credit
+    window = max(buffer, credit)
+    tx.window = window
+    tx.piece = max(1, min(piece, window))
+    rx.widen(window - credit)
 
 
-def bind(tunnel_id: int, host_pid: int, piece: int = PIECE) -> "TunnelEnd":
+def bind(tunnel_id: int, host_pid: int, piece: int = PIECE, buffer: int = BUFFER) -> "TunnelEnd":
     """Unpickling a `shmpool.Tunnel` in a worker: this task's end of it (see
     the module docstring). spec: exec.tunnel-bind"""
     import sys
@@ -75,6 +84,7 @@ def bind(tunnel_id: int, host_pid: int, piece: int = PIECE) -> "TunnelEnd":
     except BaseException:
         rx.close()
         raise
+    setup(tx, rx, piece, buffer)
     running = _atomics.load_u32(prog.buf, prog.word)
     conn.hold_requests += 1
     try:
@@ -83,7 +93,7 @@ def bind(tunnel_id: int, host_pid: int, piece: int = PIECE) -> "TunnelEnd":
         conn.hold_requests -= 1
     # (refused: the host reset its ends of both channels; ours finish when
     # its Resets are routed)
-    return TunnelEnd(tunnel_id, conn, rx, tx, piece)
+    return TunnelEnd(tunnel_id, conn, rx, tx)
 
 
 class TunnelEnd(io.RawIOBase):
@@ -96,13 +106,12 @@ class TunnelEnd(io.RawIOBase):
     writes raise BrokenPipeError). The task's end is also over when the task
     returns or raises (the host sees that)."""
 
-    def __init__(self, tunnel_id: int, conn, rx, tx, piece: int) -> None:
+    def __init__(self, tunnel_id: int, conn, rx, tx) -> None:
         super().__init__()
         self.id = tunnel_id
         self._conn = conn
         self._rx = rx
         self._tx = tx
-        tx.piece = piece_for(tx, piece)
         self._write_closed = False
 
     def readable(self) -> bool:
@@ -174,4 +183,4 @@ class TunnelEnd(io.RawIOBase):
         return f"<TunnelEnd {self.id} {'closed' if self.closed else 'open'} (task side)>"
 
 
-__all__ = ["BIND", "BIND_RECORD", "PIECE", "TunnelEnd", "bind", "piece_for"]
+__all__ = ["BIND", "BIND_RECORD", "BUFFER", "PIECE", "TunnelEnd", "bind", "setup"]

@@ -51,7 +51,7 @@ import time
 import weakref
 
 from ..errors import ChannelBroken, ChannelClosed, ChannelReset, TunnelError
-from .guest_tunnel import BIND, BIND_RECORD, PIECE, bind, piece_for
+from .guest_tunnel import BIND, BIND_RECORD, BUFFER, PIECE, bind, setup
 
 _TUNNELS: "weakref.WeakValueDictionary[int, Tunnel]" = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
@@ -82,25 +82,29 @@ class Tunnel(io.RawIOBase):
     `shutil.copyfileobj`). Full duplex: the host writes what the task
     reads, and reads what the task writes.
 
-    Keyword-only options: `timeout` (seconds; None: no limit) bounds each
-    wait of a host read or write (for the task to bind the tunnel, for
-    bytes, for credit): then `TimeoutError`. `piece` (bytes, default 64
-    KiB) is the most a write puts in one slot; the bytes in flight per
-    direction are bounded by the pool's `SegmentConfig.initial_credit`
-    (256 KiB by default), whatever the volume.
+    Keyword-only options: `buffer` (bytes, default 4 MiB; never below the
+    pool's `SegmentConfig.initial_credit`) bounds the bytes in flight in
+    each direction (written, not yet read: they wait in slots) whatever
+    the volume: a writer waits while the reader is that far behind.
+    `piece` (bytes, default 1 MiB, at most `buffer`) is the most one slot
+    carries: a larger write goes in several. `timeout` (seconds; None: no
+    limit) bounds each wait of a host read or write (for the task to bind
+    the tunnel, for bytes, for credit): then `TimeoutError`.
 
     Before the task binds it, a host read or write waits for it (a task
     that ends first, a cancelled one, makes it raise `TunnelError`); the
     tunnel must have been passed to a task (`submit`) first."""
 
-    def __init__(self, *, timeout: float | None = None, piece: int = PIECE) -> None:
+    def __init__(self, *, buffer: int = BUFFER, piece: int = PIECE, timeout: float | None = None) -> None:
         super().__init__()
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"Tunnel: timeout must be None or >= 0, got {timeout!r}")
-        if not isinstance(piece, int) or piece < 1:
-            raise ValueError(f"Tunnel: piece must be a positive int, got {piece!r}")
+        for name, v in (("buffer", buffer), ("piece", piece)):
+            if not isinstance(v, int) or not 1 <= v < 1 << 31:
+                raise ValueError(f"Tunnel: {name} must be an int in 1 .. 2**31-1, got {v!r}")
         self.id = next(_ids)
         self.timeout = timeout
+        self.buffer = buffer
         self.piece = piece
         self._cond = threading.Condition(threading.Lock())
         self._tx = self._rx = None  # the host's ends, once bound
@@ -123,7 +127,7 @@ class Tunnel(io.RawIOBase):
                                   "a tunnel serves one task; make one per task")
             self._pickled = True
         PICKLED.append((threading.get_ident(), self))
-        return (bind, (self.id, os.getpid(), self.piece))
+        return (bind, (self.id, os.getpid(), self.piece, self.buffer))
 
     def _attach(self, future) -> None:
         with self._cond:
@@ -140,7 +144,7 @@ class Tunnel(io.RawIOBase):
                 raise TunnelError(f"tunnel {self.id} is bound already ({self._who()}): a tunnel serves "
                                   "one task, once (it is not rebound for a task retried after its "
                                   "worker died, nor for a second task)")
-            tx.piece = piece_for(tx, self.piece)
+            setup(tx, rx, self.piece, self.buffer)
             self._tx, self._rx, self._pid, self._task = tx, rx, pid, task
             new = future is not None and future is not self._future
             if new:

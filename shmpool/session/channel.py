@@ -135,6 +135,9 @@ class Tx(_End):
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
+        # The most in flight: the initial credit, unless both ends agreed on
+        # more (the receiver's `widen`). spec: shm.channel.window
+        self.window = table.initial_credit
         self.granted_at = table.granted_offset(cid)  # the receiver's granted_total
         self.waiter = table.sender_waiter(cid)  # sleeps on granted_total, flagged in the entry
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
@@ -207,7 +210,7 @@ class Tx(_End):
         self.conn.publish(desc)
         self._sent = (self._sent + len(piece)) & MASK
         granted = load_u32(self.conn.segment.buf, self.granted_at)
-        in_flight = self.table.initial_credit - _signed(granted - self._sent)
+        in_flight = self.window - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
     def send_transfer(self, tid: int, parts, total: int, *, max_pieces: int | None = None) -> None:
@@ -255,7 +258,7 @@ class Tx(_End):
     def _credit(self, granted: int) -> int:
         """Bytes we may still send. spec: shm.flow.wrap-rule"""
         remaining = _signed(granted - self._sent)
-        if remaining < 0 or remaining > self.table.initial_credit:
+        if remaining < 0 or remaining > self.window:
             err = ProtocolError("shm.flow.wrap-rule",
                                 f"channel {self.id}: granted_total {granted} against sent_total "
                                 f"{self._sent} leaves {remaining} bytes of credit (corrupt entry)")
@@ -316,7 +319,7 @@ class Tx(_End):
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
                 "credit_waits": self.credit_waits, "max_in_flight": self.max_in_flight,
-                "credit": self.table.initial_credit}
+                "credit": self.window}
 
     def __enter__(self) -> "Tx":
         return self
@@ -406,6 +409,14 @@ class Rx(_End):
 
     def try_recv(self) -> bytes | None:
         return self.recv(timeout=0)
+
+    def widen(self, n: int) -> None:
+        """Grant `n` bytes of credit beyond the initial credit, before the
+        sender sends: its `Tx.window` must be raised by as much first (both
+        ends agree on it out of band), or it takes the credit for a corrupt
+        entry. spec: shm.channel.window"""
+        if n > 0:
+            self.table.grant(self, n)
 
     def read_into(self, buf, timeout: float | None = None, stop=None) -> int | None:
         """Read the channel as a byte stream (message boundaries ignored; do
