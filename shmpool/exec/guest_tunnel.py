@@ -175,6 +175,14 @@ class TunnelEnd(io.RawIOBase):
             finally:
                 super().close()
 
+    def __del__(self) -> None:
+        # Not closed when dropped: an end the task did not close is over
+        # when the task is, and the host tells a task that returned (EOF
+        # after its bytes) from one that raised (its error), from the
+        # task's answer. A Close sent here, as the frame of a raising task
+        # is dropped, would be taken for an orderly end. spec: exec.tunnel-task-end
+        pass
+
     def __reduce__(self):
         raise TypeError(f"tunnel {self.id}'s end belongs to the task that bound it: it cannot be "
                         "pickled (pass data, not the tunnel, to other tasks)")

@@ -304,8 +304,11 @@ class Tunnel(io.RawIOBase):
             self._cond.notify_all()
         try:
             if tx is not None:
-                tx.close()
+                # (this order: a task that read to EOF finds its writes
+                # refused, the host's Close of its reading end being ahead
+                # on the ring)
                 rx.close()
+                tx.close()
         finally:
             _TUNNELS.pop(self.id, None)
             super().close()
