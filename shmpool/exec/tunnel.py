@@ -206,6 +206,7 @@ class Tunnel(io.RawIOBase):
         return None if self.timeout is None else time.monotonic() + self.timeout
 
     def _broken(self, e: BaseException) -> ChannelBroken:
+        """The worker died holding the tunnel. spec: exec.tunnel-death"""
         return ChannelBroken(f"tunnel {self.id}: the worker (pid {self._pid}) running {self._task} "
                              f"ended while it held the tunnel: {e}")
 

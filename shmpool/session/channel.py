@@ -344,6 +344,7 @@ class Rx(_End):
         self._eos = False
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
+        # spec: shm.channel.collecting-end
         self.collecting = table.collecting if collecting is None else collecting
 
     def on_data(self, d: Descriptor) -> None:

@@ -319,3 +319,31 @@ def test_many_tunnels_in_a_row_reuse_the_channel_ids():
                 assert f.result(timeout=60) == i + 1
         wait_for(lambda: _open_channels(e) == 0, "every channel closed")
         assert shmpool.Tunnel is Tunnel
+
+
+@pytest.mark.spec("exec.tunnel-death")
+def test_the_host_killed_mid_tunnel_ends_the_task(tmp_path):
+    """The host SIGKILLed while its task waits on a tunnel read: the worker
+    ends with it (its parent-death signal, spec shm.guest.pdeathsig), the
+    task never hangs in the read."""
+    from harness.child import end
+    from harness.processes import Subreaper
+    from harness.scripts import start_script
+
+    pidfile, outfile = str(tmp_path / "pid"), str(tmp_path / "out")
+    code = ("import sys; from harness import tunnel_tasks as T; "
+            f"T.host_for_killing({pidfile!r}, {outfile!r})")
+    with Subreaper() as reaper:  # (the worker, orphaned, becomes our child)
+        p = start_script(code)
+        try:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()[-4000:]
+            wait_for(lambda: os.path.exists(pidfile), "the task runs")
+            worker = int(open(pidfile).read())
+            p.kill()
+            p.wait()
+            gone = reaper.reap({worker}, timeout=60)  # (a hang guard)
+            assert worker in gone
+            # (if it outlived the host for a moment, its read failed: never EOF)
+            assert not os.path.exists(outfile) or open(outfile).read().startswith("ChannelBroken")
+        finally:
+            end(p)

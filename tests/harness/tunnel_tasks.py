@@ -151,3 +151,32 @@ def total(*args) -> int:
 def block(flag: str) -> None:
     while not os.path.exists(flag):
         time.sleep(0.01)
+
+
+def outlive_the_host(t, pidfile: str, outfile: str) -> None:
+    """Read until the tunnel fails (the test kills the host); write what
+    the read raised to `outfile`."""
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+    try:
+        while t.read(1 << 16):
+            pass
+        what = "EOF"
+    except Exception as e:  # noqa: BLE001
+        what = f"{type(e).__name__}: {e}"
+    with open(outfile + ".tmp", "w") as f:
+        f.write(what)
+    os.rename(outfile + ".tmp", outfile)
+
+
+def host_for_killing(pidfile: str, outfile: str) -> None:
+    """A host program (a script) whose task holds a tunnel, for a test to SIGKILL."""
+    import shmpool
+
+    e = shmpool.ShmExecutor(1)
+    t = shmpool.Tunnel()
+    e.submit(outlive_the_host, t, pidfile, outfile)
+    t.write(b"x" * 1000)
+    print("ready", flush=True)
+    time.sleep(300)
