@@ -38,6 +38,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 
 from .. import _atomics, errors
 from ..session.messages import method_id
@@ -52,6 +53,11 @@ BIND_RECORD = struct.Struct("<QIIII")
 # one while the receiver empties another.
 PIECE = 1 << 20
 BUFFER = 4 << 20  # bytes in flight per direction (the channels' window)
+SLICE = 0.05  # a task's write waits for credit this long at a time (then looks for a stop)
+
+
+def _never() -> bool:
+    return False
 
 
 def setup(tx, rx, piece: int, buffer: int) -> None:
@@ -125,17 +131,8 @@ class TunnelEnd(io.RawIOBase):
         `b`; waits for the first one. 0: the host closed its writing end
         (EOF). spec: exec.tunnel-eof"""
         self._checkClosed()
-        conn = self._conn
-        conn.hold_requests += 1
-        try:
-            n = self._rx.read_into(b)
-        except errors.ChannelReset:
-            raise errors.TunnelError(f"tunnel {self.id}: the host aborted it") from None
-        except errors.ChannelBroken as e:
-            raise errors.ChannelBroken(f"tunnel {self.id}: the host is gone ({e})") from None
-        finally:
-            conn.hold_requests -= 1
-        return n
+        rx = self._rx
+        return self._pumping(lambda stop: rx.read_into(b, None, stop))
 
     def write(self, b) -> int:
         """Send all of `b` to the host (in slot-sized pieces), waiting while
@@ -145,10 +142,49 @@ class TunnelEnd(io.RawIOBase):
         if self._write_closed:
             raise ValueError(f"tunnel {self.id}: write after close_write()")
         view = memoryview(b)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not view.nbytes:
+            return 0
+        tx = self._tx
+
+        def send(stop) -> int:
+            # piece by piece, each waiting for credit a slice at a time: a
+            # deferred stop ends the wait between slices
+            piece = tx.piece
+            for off in range(0, view.nbytes, piece):
+                while not tx.send(view[off : off + piece], SLICE):
+                    if stop():
+                        return None
+            return view.nbytes
+
+        return self._pumping(send)
+
+    def _pumping(self, op):
+        """Run `op(stop)` (a read or a write, which may pump this worker's
+        rings while it waits) with the requests routed meanwhile held, and
+        the task's stop signal and Ctrl-C recorded instead of raised inside
+        the session's code; `stop()` tells `op` one was: it returns None,
+        and the stop is raised here, as if the task were interrupted at
+        this call (spec: exec.stop-nested-wait, exec.tunnel-stop). On a
+        thread the task started: plain (the signals go to the main thread)."""
+        from . import guest_nested  # (a worker's only: it imports the worker program)
+
+        prog = guest_nested.guest.current
         conn = self._conn
+        mine = prog is not None and threading.current_thread() is threading.main_thread()
+        if mine:
+            running, saved = guest_nested.pumping(prog)
+            deferred = guest_nested.guest._deferred
+            stop = lambda: running in deferred  # noqa: E731
+        else:
+            stop = _never
         conn.hold_requests += 1
         try:
-            self._tx.send(view)
+            while True:
+                got = op(stop)
+                if got is not None or stop():
+                    break
         except errors.ChannelClosed:
             raise BrokenPipeError(f"tunnel {self.id}: the host closed its reading end") from None
         except errors.ChannelReset:
@@ -157,7 +193,11 @@ class TunnelEnd(io.RawIOBase):
             raise errors.ChannelBroken(f"tunnel {self.id}: the host is gone ({e})") from None
         finally:
             conn.hold_requests -= 1
-        return view.nbytes
+            if mine:
+                guest_nested.pumped(saved)
+        if mine:
+            guest_nested.raise_deferred(running)
+        return got
 
     def close_write(self) -> None:
         """End the task -> host direction: the host reads the bytes written,

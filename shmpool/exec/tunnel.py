@@ -267,6 +267,8 @@ class Tunnel(io.RawIOBase):
         deadline = self._deadline()
         tx, _ = self._bound(deadline)
         view = memoryview(b)
+        if not view.nbytes:
+            return 0
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not tx.send(view, remaining):

@@ -347,3 +347,25 @@ def test_the_host_killed_mid_tunnel_ends_the_task(tmp_path):
             assert not os.path.exists(outfile) or open(outfile).read().startswith("ChannelBroken")
         finally:
             end(p)
+
+
+@pytest.mark.parametrize("task", ["read_forever", "write_forever"])
+@pytest.mark.spec("exec.tunnel-stop")
+def test_a_task_stopped_while_it_waits_on_a_tunnel(task, tmp_path):
+    """A task's timeout while it waits on a tunnel read or write: the stop is
+    raised at its wait (not inside the session's code), the worker goes on
+    (no kill), the host's read ends with the task's error."""
+    from shmpool import TaskTimeoutError
+
+    pidfile = str(tmp_path / "pid")
+    with ex(1, task_timeout=0.5) as e, Tunnel(timeout=120) as t:
+        f = e.submit(getattr(T, task), t, pidfile)
+        with pytest.raises(TaskTimeoutError, match="interrupted") as ei:
+            f.result(timeout=120)
+        assert not ei.value.killed
+        pid = int(open(pidfile).read())
+        with pytest.raises(TunnelError, match="TaskTimeoutError"):
+            while t.read(1 << 20):
+                pass
+        assert e.submit(T.pid).result(timeout=60) == pid  # (the same worker)
+        assert e.statistics()["stop_kills"] == 0

@@ -180,3 +180,24 @@ def host_for_killing(pidfile: str, outfile: str) -> None:
     t.write(b"x" * 1000)
     print("ready", flush=True)
     time.sleep(300)
+
+
+def read_forever(t, pidfile: str) -> None:
+    """Wait on a read the host never answers (the test stops the task)."""
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+    t.read(1)
+
+
+def write_forever(t, pidfile: str) -> None:
+    """Write to a host that never reads (the test stops the task)."""
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+    while True:
+        t.write(b"w" * 65536)
+
+
+def pid() -> int:
+    return os.getpid()
