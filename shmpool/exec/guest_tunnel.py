@@ -166,7 +166,7 @@ class TunnelEnd(io.RawIOBase):
         the task's stop signal and Ctrl-C recorded instead of raised inside
         the session's code; `stop()` tells `op` one was: it returns None,
         and the stop is raised here, as if the task were interrupted at
-        this call (spec: exec.stop-nested-wait, exec.tunnel-stop). On a
+        this call (spec: exec.stop-nested-wait; spec: exec.tunnel-stop). On a
         thread the task started: plain (the signals go to the main thread)."""
         from . import guest_nested  # (a worker's only: it imports the worker program)
 
