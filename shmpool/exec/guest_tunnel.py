@@ -134,6 +134,14 @@ class TunnelEnd(io.RawIOBase):
         rx = self._rx
         return self._pumping(lambda stop: rx.read_into(b, None, stop))
 
+    def readall(self) -> bytes:
+        """Everything until EOF (in large reads)."""
+        out = bytearray()
+        chunk = bytearray(1 << 20)
+        while n := self.readinto(chunk):
+            out += memoryview(chunk)[:n]
+        return bytes(out)
+
     def write(self, b) -> int:
         """Send all of `b` to the host (in slot-sized pieces), waiting while
         the host has the channel's credit unread. Raises BrokenPipeError once

@@ -107,6 +107,7 @@ class Tunnel(io.RawIOBase):
         self.buffer = buffer
         self.piece = piece
         self._cond = threading.Condition(threading.Lock())
+        self._reading = threading.Lock()
         self._tx = self._rx = None  # the host's ends, once bound
         self._pid = None  # the worker's
         self._task = ""  # the task's function, for messages
@@ -227,6 +228,10 @@ class Tunnel(io.RawIOBase):
         deadline = self._deadline()
         _, rx = self._bound(deadline)
         ended = lambda: self._outcome is not None  # noqa: E731
+        with self._reading:  # (one reader at a time: a piece read in part is the channel's)
+            return self._read(rx, b, deadline, ended)
+
+    def _read(self, rx, b, deadline, ended) -> int:
         try:
             while True:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -244,6 +249,8 @@ class Tunnel(io.RawIOBase):
             raise self._broken(e) from e
         except ChannelReset:
             raise TunnelError(f"tunnel {self.id}: the task aborted it") from None
+        except ChannelClosed:
+            raise ValueError(f"tunnel {self.id} was closed while a read waited") from None
 
     def readall(self) -> bytes:
         """Everything until EOF (in large reads)."""

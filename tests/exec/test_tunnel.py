@@ -369,3 +369,25 @@ def test_a_task_stopped_while_it_waits_on_a_tunnel(task, tmp_path):
                 pass
         assert e.submit(T.pid).result(timeout=60) == pid  # (the same worker)
         assert e.statistics()["stop_kills"] == 0
+
+
+@pytest.mark.spec("exec.tunnel")
+def test_tunnels_through_map_and_a_pools_chunks():
+    with ex(2) as e:
+        ts = [Tunnel(timeout=120) for _ in range(4)]
+        results = e.map(T.total, ts)
+        for i, t in enumerate(ts):
+            t.write(b"m" * (i + 1) * 1000)
+            t.close_write()
+        assert list(results) == [1000, 2000, 3000, 4000]
+        for t in ts:
+            t.close()
+    with ShmPool(2) as p:
+        ts = [Tunnel(timeout=120) for _ in range(4)]
+        r = p.map_async(T.total, ts, chunksize=2)  # (two tunnels per task)
+        for i, t in enumerate(ts):
+            t.write(b"m" * (i + 1) * 1000)
+            t.close_write()
+        assert r.get(120) == [1000, 2000, 3000, 4000]
+        for t in ts:
+            t.close()
