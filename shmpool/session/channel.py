@@ -26,6 +26,11 @@ Data flow:
   An end that has both sent and received a terminal is finished
   (`ChannelTable.finished`: the entry is freed by the second end to
   finish), so a channel id is reused only after both ends closed.
+- Byte streams (tunnels): `Rx.read_into` copies queued pieces straight
+  from their slots into the caller's buffer, across message boundaries,
+  granting a piece's credit once it is all read; such an end is opened
+  not `collecting`; both ends may agree on a window wider than the
+  initial credit (`Rx.widen`, `Tx.window`).
 - Transfers (spec: shm.session.chunked; format and assembly in
   `transfer`): an `Rx` of a table that is `collecting` hands each piece to
   its `Collector` as it is routed and grants its credit at once, so the
@@ -33,7 +38,7 @@ Data flow:
   `Tx.send_transfer` streams one from a list of parts.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
-exceed the initial credit; `granted_total` is written only by the
+exceed its window (the initial credit unless widened); `granted_total` is written only by the
 receiver, `sent_total` is private to the sender; each end sends at most
 one terminal message; the peer's death breaks every open end
 (`ChannelBroken`), distinct from an orderly end (`ChannelClosed`) and an
