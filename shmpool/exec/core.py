@@ -279,6 +279,8 @@ class Core:
         if self.foreign or st.broken is not None or st.shutdown_started:
             self.check_open(nested)
         fut = _new_future(self._future_class)
+        if _TUNNELS_PICKLED:  # (pickled elsewhere: not this task's)
+            attach_pickled(None)
         try:
             fid, name, fbytes = self.functions.get(fn)
             # (a callable that is not cached goes with the call, in place of its id)

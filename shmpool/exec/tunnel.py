@@ -62,14 +62,17 @@ WAIT_SLICE = 0.05  # a wait for the binding re-checks the task's future this oft
 
 
 def attach_pickled(future) -> None:
-    """(`Core.submit`, after pickling a task: only when PICKLED is not
-    empty) The tunnels this thread just pickled belong to `future`'s task:
-    a wait for their binding ends if it ends first. spec: exec.tunnel-unbound"""
+    """(`Core.submit`, only when PICKLED is not empty) The tunnels this
+    thread just pickled belong to `future`'s task: a wait for their
+    binding ends if it ends first. `None` (before the task's pickling):
+    forget those this thread pickled elsewhere (`pickle.dumps` by hand),
+    which are no task's. spec: exec.tunnel-unbound"""
     me = threading.get_ident()
     mine = [t for (tid, t) in PICKLED if tid == me]
     PICKLED[:] = [p for p in PICKLED if p[0] != me]
-    for t in mine:
-        t._attach(future)
+    if future is not None:
+        for t in mine:
+            t._attach(future)
 
 
 class Tunnel(io.RawIOBase):

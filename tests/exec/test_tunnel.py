@@ -251,9 +251,14 @@ def test_a_tunnel_serves_one_task(tmp_path):
 def test_the_end_does_not_pickle_and_a_tunnel_binds_only_in_a_worker():
     with ex(1) as e, Tunnel(timeout=120) as t:
         assert "cannot be pickled" in e.submit(T.pickle_the_end, t).result(timeout=60)
-    t = Tunnel()
+    t = Tunnel(timeout=0.3)
     with pytest.raises(TunnelError, match="outside a task"):
         pickle.loads(pickle.dumps(t))
+    with ex(1) as e:
+        assert e.submit(T.pid).result(timeout=60) > 0
+        # (pickled by hand, not by that submit: not attached to its task)
+        with pytest.raises(TimeoutError, match="no task bound it"):
+            t.write(b"x")
     t.close()
     with pytest.raises(ValueError, match="closed"):
         pickle.dumps(t)
