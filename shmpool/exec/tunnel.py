@@ -58,6 +58,7 @@ _ids = itertools.count(1)
 # (thread id, tunnel) for each tunnel pickled by `Core.submit`'s pickling
 # and not yet attached to its future: `attach_pickled` takes them
 PICKLED: list = []
+_pickled_lock = threading.Lock()
 WAIT_SLICE = 0.05  # a wait for the binding re-checks the task's future this often
 
 
@@ -68,8 +69,9 @@ def attach_pickled(future) -> None:
     forget those this thread pickled elsewhere (`pickle.dumps` by hand),
     which are no task's. spec: exec.tunnel-unbound"""
     me = threading.get_ident()
-    mine = [t for (tid, t) in PICKLED if tid == me]
-    PICKLED[:] = [p for p in PICKLED if p[0] != me]
+    with _pickled_lock:
+        mine = [t for (tid, t) in PICKLED if tid == me]
+        PICKLED[:] = [p for p in PICKLED if p[0] != me]
     if future is not None:
         for t in mine:
             t._attach(future)
@@ -130,7 +132,8 @@ class Tunnel(io.RawIOBase):
                 raise TunnelError(f"tunnel {self.id} is bound to a task already ({self._who()}): "
                                   "a tunnel serves one task; make one per task")
             self._pickled = True
-        PICKLED.append((threading.get_ident(), self))
+        with _pickled_lock:
+            PICKLED.append((threading.get_ident(), self))
         return (bind, (self.id, os.getpid(), self.piece, self.buffer))
 
     def _attach(self, future) -> None:
