@@ -74,7 +74,6 @@ def test_echo_both_ways(method):
         assert t.read() == b""  # EOF stays EOF
         st = t.statistics()
         assert st["bound"] and st["pid"] in e._core.processes() and st["read"] == len(data)
-    wait_for(lambda: True)
 
 
 @pytest.mark.spec("exec.tunnel")
