@@ -57,7 +57,7 @@ def _writer(t, data, piece=100_000, close=True):
     return th
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ["forkserver"])
 @pytest.mark.spec("exec.tunnel")
 @pytest.mark.spec("exec.tunnel-bind")
 @pytest.mark.spec("exec.tunnel-eof")
