@@ -57,6 +57,10 @@ def __getattr__(name: str):
         from .pool import ShmPool
 
         return ShmPool
+    if name in ("Tunnel", "TunnelError"):
+        from .exec import tunnel
+
+        return tunnel.Tunnel if name == "Tunnel" else tunnel.TunnelError
     if name == "track":  # (shmpool.progress is the module: the helper has its own name)
         from .progress import track
 
@@ -69,6 +73,8 @@ __all__ = [
     "ShmExecutor",
     "ShmPool",
     "track",
+    "Tunnel",
+    "TunnelError",
     "current_executor",
     "WorkerCrashedError",
     "PoolBrokenError",

@@ -58,6 +58,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelReset",
     "ChannelBroken",
+    "TunnelError",
     "TransferFailed",
     "RemoteError",
     "RemoteTraceback",
@@ -210,6 +211,15 @@ class ChannelReset(ShmpoolError, ConnectionResetError):
 class ChannelBroken(ShmpoolError, ConnectionError):
     """The channel's connection ended (the peer died or the session
     closed) before the channel was closed or reset."""
+
+
+class TunnelError(ShmpoolError):
+    """A `shmpool.Tunnel` cannot be used as asked: the task it was passed
+    to failed (`__cause__` is the task's exception) or ended before it
+    bound it, the tunnel was passed to a second task (or to a task retried
+    after its worker died: a tunnel is bound once), the other side aborted
+    it, or it was unpickled outside a task of the pool that made it. A
+    worker's death while it holds the tunnel is a `ChannelBroken`."""
 
 
 class TransferFailed(ShmpoolError):

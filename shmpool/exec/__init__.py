@@ -47,10 +47,14 @@ The parts (host side):
   the tasks workers submit from inside a task, and the places their waits
   lend; `publish.StatsPublisher`: the books copied into the segment for
   `python -m shmpool inspect`.
+  lend; `tunnel`: `Tunnel` (byte streams between the host and a running
+  task) and `Tunnels`, the binding of tunnels to the tasks that unpickle
+  them.
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
-waits.
+waits; `guest_tunnel`: a task's end of a tunnel, and the tunnels' wire
+(the host imports it for that, never `guest`).
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,

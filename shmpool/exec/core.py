@@ -74,6 +74,7 @@ from .serialization import OOB_MIN, dumps
 from .starter import Starter, describe, pickle_for_child
 from .state import EngineState, run_callbacks
 from .tasks import _Task, WorkerRecord
+from .tunnel import PICKLED as _TUNNELS_PICKLED, Tunnels, attach_pickled
 
 _pickle_dumps = pickle.dumps
 _new_future = object.__new__
@@ -160,6 +161,7 @@ class Core:
             self.scheduler.coming = lambda: self.starter.starting
             self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
             self.publisher = StatsPublisher(self, start_method)  # for `inspect`. spec: shm.stats-publish
+            self.tunnels = Tunnels(self)  # spec: exec.tunnel-bind
         except BaseException:
             self._teardown()
             raise
@@ -279,6 +281,8 @@ class Core:
         if self.foreign or st.broken is not None or st.shutdown_started:
             self.check_open(nested)
         fut = _new_future(self._future_class)
+        if _TUNNELS_PICKLED:  # (pickled elsewhere: not this task's)
+            attach_pickled(None)
         try:
             fid, name, fbytes = self.functions.get(fn)
             # (a callable that is not cached goes with the call, in place of its id)
@@ -301,6 +305,9 @@ class Core:
                 self._want_worker()  # (as the stdlib: the start does not wait for the pickling)
             fut.set_exception(e)
             return fut
+        finally:
+            if _TUNNELS_PICKLED:  # spec: exec.tunnel-unbound
+                attach_pickled(fut)
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:

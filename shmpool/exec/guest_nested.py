@@ -304,4 +304,7 @@ def _help_until(predicate, timeout: float | None) -> bool:
     return ok and predicate()
 
 
+# (a task's tunnel waits pump too: `guest_tunnel` brackets them the same way)
+pumping, pumped, raise_deferred = _pumping, _pumped, _raise_deferred
+
 __all__ = ["current_executor", "NestedExecutor", "NestedFuture", "MAX_DEPTH"]

@@ -26,6 +26,11 @@ Data flow:
   An end that has both sent and received a terminal is finished
   (`ChannelTable.finished`: the entry is freed by the second end to
   finish), so a channel id is reused only after both ends closed.
+- Byte streams (tunnels): `Rx.read_into` copies queued pieces straight
+  from their slots into the caller's buffer, across message boundaries,
+  granting a piece's credit once it is all read; such an end is opened
+  not `collecting`; both ends may agree on a window wider than the
+  initial credit (`Rx.widen`, `Tx.window`).
 - Transfers (spec: shm.session.chunked; format and assembly in
   `transfer`): an `Rx` of a table that is `collecting` hands each piece to
   its `Collector` as it is routed and grants its credit at once, so the
@@ -33,7 +38,7 @@ Data flow:
   `Tx.send_transfer` streams one from a list of parts.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
-exceed the initial credit; `granted_total` is written only by the
+exceed its window (the initial credit unless widened); `granted_total` is written only by the
 receiver, `sent_total` is private to the sender; each end sends at most
 one terminal message; the peer's death breaks every open end
 (`ChannelBroken`), distinct from an orderly end (`ChannelClosed`) and an
@@ -135,6 +140,9 @@ class Tx(_End):
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
+        # The most in flight: the initial credit, unless both ends agreed on
+        # more (the receiver's `widen`). spec: shm.channel.window
+        self.window = table.initial_credit
         self.granted_at = table.granted_offset(cid)  # the receiver's granted_total
         self.waiter = table.sender_waiter(cid)  # sleeps on granted_total, flagged in the entry
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
@@ -207,7 +215,7 @@ class Tx(_End):
         self.conn.publish(desc)
         self._sent = (self._sent + len(piece)) & MASK
         granted = load_u32(self.conn.segment.buf, self.granted_at)
-        in_flight = self.table.initial_credit - _signed(granted - self._sent)
+        in_flight = self.window - _signed(granted - self._sent)
         self.max_in_flight = max(self.max_in_flight, in_flight)
 
     def send_transfer(self, tid: int, parts, total: int, *, max_pieces: int | None = None) -> None:
@@ -255,7 +263,7 @@ class Tx(_End):
     def _credit(self, granted: int) -> int:
         """Bytes we may still send. spec: shm.flow.wrap-rule"""
         remaining = _signed(granted - self._sent)
-        if remaining < 0 or remaining > self.table.initial_credit:
+        if remaining < 0 or remaining > self.window:
             err = ProtocolError("shm.flow.wrap-rule",
                                 f"channel {self.id}: granted_total {granted} against sent_total "
                                 f"{self._sent} leaves {remaining} bytes of credit (corrupt entry)")
@@ -316,7 +324,7 @@ class Tx(_End):
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,
                 "credit_waits": self.credit_waits, "max_in_flight": self.max_in_flight,
-                "credit": self.table.initial_credit}
+                "credit": self.window}
 
     def __enter__(self) -> "Tx":
         return self
@@ -330,15 +338,19 @@ class Tx(_End):
 
 class Rx(_End):
     """The receiving end of a channel. Iterating yields messages until the
-    sender closes."""
+    sender closes. `collecting`: this end collects transfers (the table's
+    choice unless the opener says); a byte stream's end must not."""
 
-    def __init__(self, table, cid: int) -> None:
+    def __init__(self, table, cid: int, collecting: bool | None = None) -> None:
         super().__init__(table, cid)
         self._queue: collections.deque = collections.deque()  # (Received, more)
         self._partial: bytearray | None = None
+        self._head = 0  # bytes of the first queued piece `read_into` took already
         self._eos = False
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
+        # spec: shm.channel.collecting-end
+        self.collecting = table.collecting if collecting is None else collecting
 
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
@@ -346,7 +358,7 @@ class Rx(_End):
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
             return
-        if self.table.collecting:  # spec: shm.session.chunked
+        if self.collecting:  # spec: shm.session.chunked
             if self._collector is None:
                 self._collector = Collector(self.id, self.table.transfers)
             n = rec.nbytes
@@ -369,6 +381,7 @@ class Rx(_End):
         while self._queue:
             self._queue.popleft()[0].release()
         self._partial = None
+        self._head = 0
 
     def broken(self, exc: BaseException) -> None:
         super().broken(exc)
@@ -402,6 +415,62 @@ class Rx(_End):
 
     def try_recv(self) -> bytes | None:
         return self.recv(timeout=0)
+
+    def widen(self, n: int) -> None:
+        """Grant `n` bytes of credit beyond the initial credit, before the
+        sender sends: its `Tx.window` must be raised by as much first (both
+        ends agree on it out of band), or it takes the credit for a corrupt
+        entry. spec: shm.channel.window"""
+        if n > 0:
+            self.table.grant(self, n)
+
+    def read_into(self, buf, timeout: float | None = None, stop=None) -> int | None:
+        """Read the channel as a byte stream (message boundaries ignored; do
+        not mix with `recv`): copy up to `len(buf)` queued bytes into the
+        writable `buf` straight from the pieces' slots, once at least one
+        byte is there. Returns the count; 0 once the sender closed and all
+        was read; None if `timeout` passed or `stop()` became true first.
+        A piece's credit is granted when it is all read (its slot freed),
+        so the slots held never exceed the credit. Raises ChannelReset,
+        ChannelBroken, ChannelClosed (this side closed). spec: shm.channel.stream-read"""
+        out = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if out.ndim != 1 or out.itemsize != 1:
+            out = out.cast("B")
+        want = out.nbytes
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = consumed = 0
+            while self._queue and got < want:
+                rec = self._queue[0][0]
+                view = rec.view()
+                k = min(want - got, len(view) - self._head)
+                out[got : got + k] = view[self._head : self._head + k]
+                got += k
+                self._head += k
+                if self._head == len(view):
+                    self._queue.popleft()
+                    consumed += len(view)
+                    self._head = 0
+                    rec.release()
+            if consumed:
+                self.table.grant(self, consumed)
+            if got or not want:
+                self.bytes += got
+                return got
+            if self._reset:
+                raise ChannelReset(f"channel {self.id} was reset")
+            self._raise_if_ended()
+            if self._eos:
+                return 0
+            if self._sent_fin:
+                raise ChannelClosed(f"channel {self.id} was closed by this side")
+            if stop is not None and stop():
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            ready = self._ready if stop is None else (lambda: self._ready() or stop())
+            self.conn.wait_until(ready, remaining)
 
     def _take(self) -> bytes | None:
         """Copy out queued pieces (granting their credit as they go); the

@@ -93,9 +93,9 @@ class ChannelTable:
         announced by the entry's sender-sleeps flag."""
         return Waiter(self.conn.segment.buf, self.entry_offset(cid) + E_SLEEP, SENDER_SLEEPS)
 
-    def open(self, send: bool) -> Tx | Rx:
-        """Allocate an id of our parity whose entry is Free and activate it.
-        spec: shm.flow.channel-activate"""
+    def open(self, send: bool, collecting: bool | None = None) -> Tx | Rx:
+        """Allocate an id of our parity whose entry is Free and activate it
+        (`collecting`: an `Rx`'s, see there). spec: shm.flow.channel-activate"""
         buf = self.conn.segment.buf
         with self._lock:
             for cid in range(2 if self.parity == 0 else 1, self.max, 2):
@@ -107,13 +107,13 @@ class ChannelTable:
                 store_u32(buf, e + E_GRANTED, self.initial_credit)  # spec: shm.flow.initial
                 store_u32(buf, e + E_SLEEP, 0)
                 store_u32(buf, e + E_STATE, ACTIVE)  # release: the fields above first
-                end = Tx(self, cid) if send else Rx(self, cid)
+                end = Tx(self, cid) if send else Rx(self, cid, collecting)
                 self._ends[cid] = end
                 return end
         raise ShmpoolError(f"no free channel id of this side's parity below {self.max} "
                            "(close channels, or raise SegmentConfig.max_channels)")
 
-    def end(self, cid: int, send: bool) -> Tx | Rx:
+    def end(self, cid: int, send: bool, collecting: bool | None = None) -> Tx | Rx:
         """This side's end of a channel the peer opened. spec: shm.id.channel-id"""
         if not (0 < cid < self.max) or cid % 2 == self.parity:
             raise ValueError(f"channel id {cid} is not one the peer can have opened "
@@ -125,10 +125,12 @@ class ChannelTable:
                 if isinstance(got, Tx) != send:
                     raise ValueError(f"channel {cid} is a {'sending' if send else 'receiving'} "
                                      "channel on the other side too")
+                if collecting is not None and not send and got.collecting != collecting:
+                    raise ValueError(f"channel {cid}: data arrived before its end was taken")
                 return got
             if load_u32(self.conn.segment.buf, self.entry_offset(cid) + E_STATE) & ACTIVE == 0:
                 raise ValueError(f"channel {cid} is not open")
-            end = Tx(self, cid) if send else Rx(self, cid)
+            end = Tx(self, cid) if send else Rx(self, cid, collecting)
             self._ends[cid] = end
             return end
 

@@ -568,20 +568,20 @@ class Connection:
         self._check_open()
         return self.channels.open(send=True)
 
-    def open_rx(self) -> Rx:
+    def open_rx(self, *, collecting: bool | None = None) -> Rx:
         """Open a channel this side receives on (the peer sends, via `tx(id)`)."""
         self._check_open()
-        return self.channels.open(send=False)
+        return self.channels.open(send=False, collecting=collecting)
 
     def tx(self, channel_id: int) -> Tx:
         """The sending end of a channel the peer opened with `open_rx()`."""
         self._check_open()
         return self.channels.end(channel_id, send=True)
 
-    def rx(self, channel_id: int) -> Rx:
+    def rx(self, channel_id: int, *, collecting: bool | None = None) -> Rx:
         """The receiving end of a channel the peer opened with `open_tx()`."""
         self._check_open()
-        return self.channels.end(channel_id, send=False)
+        return self.channels.end(channel_id, send=False, collecting=collecting)
 
     def statistics(self) -> dict:
         return {"peer": self.peer, "closed": self._end is not None,
