@@ -235,8 +235,19 @@ class Tracer:
             add({"name": f"worker pid {pid}: {why}", "ph": "i", "s": "t", "cat": "worker", "pid": H, "tid": 3,
                  "ts": us(t)})
         # Sends: one slice each on the host's send thread (at most 1 µs,
-        # never reaching the next), where the flow arrows begin.
-        sends = self.sends
+        # never reaching the next), where the flow arrows begin. A send's
+        # time is taken once it went: a worker may have begun its first
+        # call already, whose start is then the send's.
+        records = list(self.done)
+        end = self.t_end or _now()
+        records += [(*rec, end, "unfinished") for rec in list(self.open.values())]
+        sends = list(self.sends)
+        for rec in records:
+            for t, pid, rid, k, _ in rec[3]:
+                stamp = self.stamps.get((pid, rid))
+                if stamp is not None and stamp[0] < sends[k - 1][0]:
+                    sends[k - 1] = (stamp[0], *sends[k - 1][1:])
+        self.send_times = [s[0] for s in sends]
         for i, (t, pid, n) in enumerate(sends):
             nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
             add({"name": f"batch of {n} -> pid {pid}" if n > 1 else f"run -> pid {pid}", "ph": "X", "cat": "send",
@@ -249,9 +260,6 @@ class Tracer:
             d = self.deaths.get(pid)
             if d is None or b <= d[0]:
                 last_end[pid] = max(last_end.get(pid, 0), b)
-        records = list(self.done)
-        end = self.t_end or _now()
-        records += [(*rec, end, "unfinished") for rec in list(self.open.values())]
         for seq, name, t_sub, attempts, t_end, outcome in records:
             self._task(ev, us, seq, name, t_sub, attempts, t_end, outcome, last_end)
         return ev
@@ -274,7 +282,8 @@ class Tracer:
 
         span("b", label, t_sub, {"task": seq, "outcome": outcome, "attempts": len(attempts)})
         span("b", "queued", t_sub)
-        span("e", "queued", attempts[0][0] if attempts else t_end)
+        span("e", "queued", self.send_times[attempts[0][3] - 1] if attempts else t_end)
+        attempts = [(self.send_times[a[3] - 1], *a[1:]) for a in attempts]
         for k, (t, pid, rid, send, charged) in enumerate(attempts):
             last = k == len(attempts) - 1
             stop = t_end if last else attempts[k + 1][0]
