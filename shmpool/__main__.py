@@ -6,6 +6,7 @@ Commands:
     bench [--quick] [--json PATH] [--plot PATH] [--peers LIST] [--workers N] [--repeat N]
                                     shmpool against ProcessPoolExecutor, multiprocessing.Pool,
                                     loky and mpire, in the same run (see shmpool/bench/)
+    trace-svg TRACE.json OUT.svg    draw a task timeline (ShmExecutor(trace=...)) as an SVG picture
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_arguments, run as run_bench
 
     add_arguments(b)
+    t = sub.add_parser("trace-svg", help="draw a trace file (ShmExecutor(trace=...)) as an SVG timeline")
+    t.add_argument("trace"), t.add_argument("out"), t.add_argument("--width", type=int, default=1200)
     args = ap.parse_args(argv)
+    if args.command == "trace-svg":
+        from .trace_svg import main as trace_svg
+
+        return trace_svg(args.trace, args.out, args.width)
     if args.command == "bench":
         return run_bench(args, b)
     if args.command == "clean":

@@ -9,7 +9,9 @@ Data flow: `TRACE_ON` puts a stamping wrapper in place of the program's
 once per task or per batch): each call records (the id its guest word
 names, start, end) on `time.monotonic_ns()` in a local list, whatever the
 call raised. Every `PUSH_EVERY` stamps, or `PUSH_NS` after the last push,
-they go to the host as one `TRACE_STAMPS` request, sent with a try-send
+they go to the host as one `TRACE_STAMPS` request (so tiny tasks push
+once per `PUSH_EVERY` calls, and a worker killed with stamps unshipped
+loses those of its last `PUSH_NS` or `PUSH_EVERY` calls only), sent with a try-send
 (`timeout=0`) whose answer nobody waits for: a full ring or no slot keeps
 them for the next push. `TRACE_OFF` takes the wrapper away and answers with
 what is left.
@@ -26,12 +28,13 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 
 from .. import _atomics
-from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
+from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, pack
 
 PUSH_EVERY = 256  # stamps per push
-PUSH_NS = 50_000_000  # ... or this long after the last push (ns)
+PUSH_NS = 10_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
 MAX_HELD = 65536  # stamps kept while the host's ring stays full (then the oldest go)
 
 _monotonic_ns = time.monotonic_ns
@@ -43,7 +46,7 @@ class GuestTrace:
 
     def __init__(self, prog) -> None:
         self.prog = prog
-        self.stamps: list = []
+        self.stamps = array("Q")  # (WORDS words per stamp)
         self.dropped = 0
         self.last_push = 0
         self.pushes = 0
@@ -54,8 +57,9 @@ class GuestTrace:
             return  # (on already: a second `TRACE_ON` changes nothing)
         call = prog._call
         buf, word = prog.buf, prog.word
-        stamps = self.stamps
+        add = self.stamps.extend
         self.last_push = _monotonic_ns()
+        full = PUSH_EVERY * WORDS
 
         def traced(*task):
             rid = _load_u32(buf, word)
@@ -64,8 +68,8 @@ class GuestTrace:
                 return call(*task)
             finally:
                 t1 = _monotonic_ns()
-                stamps.append((rid, t0, t1))
-                if len(stamps) >= PUSH_EVERY or t1 - self.last_push >= PUSH_NS:
+                add((rid, t0, t1))
+                if len(self.stamps) >= full or t1 - self.last_push >= PUSH_NS:
                     self.push(t1)
 
         prog._call = traced
@@ -73,7 +77,7 @@ class GuestTrace:
     def off(self, ctx, payload) -> bytes:
         self.prog.__dict__.pop("_call", None)
         out = pack(os.getpid(), self.dropped, self.stamps)
-        self.stamps.clear()
+        del self.stamps[:]
         return out
 
     def push(self, now: int) -> None:
@@ -85,13 +89,13 @@ class GuestTrace:
             self.prog.conn.call_cb(TRACE_STAMPS, pack(os.getpid(), self.dropped, stamps), _ignore,
                                    timeout=0, raw=False)
         except Exception:  # noqa: BLE001 - a full ring, no slot, the host gone: kept, or dropped below
-            if len(stamps) > MAX_HELD:
-                n = len(stamps) - MAX_HELD
-                del stamps[:n]
+            if len(stamps) > MAX_HELD * WORDS:
+                n = len(stamps) // WORDS - MAX_HELD
+                del stamps[:n * WORDS]
                 self.dropped += n
             return
         self.pushes += 1
-        stamps.clear()
+        del stamps[:]
 
 
 def _ignore(result, error) -> None:

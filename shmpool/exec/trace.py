@@ -44,7 +44,6 @@ it never fails or loses a task (spec: exec.trace-path).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 
 from .protocol import CHUNK, ITEMS, MAP
-from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, unpack
+from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, unpack
 
 MAX_EVENTS = 200_000  # records a tracer keeps (read when a tracer is made); the rest are counted dropped
 OFF_WAIT = 5.0  # seconds `detach` waits, in all, for the workers' last stamps
@@ -103,13 +102,15 @@ class Tracer:
         self.t0 = _now()
         self.t_end = 0
         self.host_pid = os.getpid()
-        self.seq = itertools.count(1)
-        self.open: dict = {}  # id(task) -> [seq, name, t_submit, attempts]; attempt: (t, pid, rid, send, charged)
-        self.done: list = []  # (seq, name, t_submit, attempts, t_end, outcome)
+        # id(task) -> [t_submit, function name, kind, attempt...]; an
+        # attempt: (its send's number, request id, crashes charged before it)
+        self.open: dict = {}
+        self.done: list = []  # (open record, t_end, outcome)
         self.sends: list = []  # (t, pid, tasks)
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
-        self.stamps: dict = {}  # (pid, rid) -> (start, end)
+        self.pushed: list = []  # (pid, array of stamps) as they came (`stamps` files them at write time)
+        self.stamps: dict = {}  # (pid, rid) -> (start, end), once written
         self.worker_dropped: dict = {}  # pid -> stamps that worker dropped
         self.untraced = 0  # workers `TRACE_ON` could not reach
         self.n = 0  # records kept under the engine's lock
@@ -128,22 +129,21 @@ class Tracer:
 
     def submit(self, task) -> None:
         """(the submitting thread) A task was made, not yet queued."""
-        self.open[id(task)] = [next(self.seq), task.fname + _KINDS.get(task.kind, ""), _now(), []]
+        self.open[id(task)] = [_now(), task.fname, task.kind]
 
     def sent(self, batch: list, w) -> None:
         """(lock held) `batch` went to worker `w` in one request."""
         t = _now()
         if not self.room():
             return
-        pid = w.proc.pid
-        self.sends.append((t, pid, len(batch)))
+        self.sends.append((t, w.proc.pid, len(batch)))
         self.n += 1
         k = len(self.sends)
         get = self.open.get
         for task in batch:
             rec = get(id(task))
             if rec is not None:
-                rec[3].append((t, pid, task.rid, k, task.attempts))
+                rec.append((k, task.rid, task.attempts))
 
     def finished(self, task) -> None:
         """(lock held) `task` is over; its future is set (or cancelled)."""
@@ -160,8 +160,8 @@ class Tracer:
             outcome = "ok"
         if not self.room():
             return
-        self.n += 1 + len(rec[3])
-        self.done.append((*rec, t, outcome))
+        self.n += len(rec) - 2
+        self.done.append((rec, t, outcome))
 
     def finished_all(self, tasks) -> None:
         for task in tasks:
@@ -184,15 +184,17 @@ class Tracer:
 
     def on_stamps(self, data: bytes) -> None:
         """(a handler thread, or `detach`) A worker's `STAMPS` payload."""
-        pid, dropped, stamps = unpack(data)
+        pid, dropped, words = unpack(data)
         self.worker_dropped[pid] = max(dropped, self.worker_dropped.get(pid, 0))
-        keep = self.stamps
-        for rid, a, b in stamps:
-            if self.n + self.n_stamps >= self.max_events:
-                self.dropped += 1
-                continue
-            keep[(pid, rid)] = (a, b)
-            self.n_stamps += 1
+        n = len(words) // WORDS
+        room = max(0, self.max_events - self.n - self.n_stamps)
+        if n > room:
+            self.dropped += n - room
+            n = room
+            del words[n * WORDS:]
+        if n:
+            self.pushed.append((pid, words))
+            self.n_stamps += n
 
     def statistics(self) -> dict:
         return {"trace_events": self.n + self.n_stamps, "trace_dropped": self.dropped
@@ -204,6 +206,10 @@ class Tracer:
         """The trace events (see the module docstring for their layout)."""
         t0 = self.t0
         H = self.host_pid
+        for pid, words in self.pushed:
+            for i in range(0, len(words), WORDS):
+                self.stamps[(pid, words[i])] = (words[i + 1], words[i + 2])
+        self.pushed = []
 
         def us(t: int) -> float:
             return round((t - t0) / 1000, 3)
@@ -238,15 +244,20 @@ class Tracer:
         # never reaching the next), where the flow arrows begin. A send's
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
-        records = list(self.done)
         end = self.t_end or _now()
-        records += [(*rec, end, "unfinished") for rec in list(self.open.values())]
+        done = self.done + [(rec, end, "unfinished") for rec in list(self.open.values())]
+        done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
+        records = []
         sends = list(self.sends)
-        for rec in records:
-            for t, pid, rid, k, _ in rec[3]:
+        for seq, (rec, t_end, outcome) in enumerate(done, 1):
+            attempts = []
+            for k, rid, charged in rec[3:]:
+                t, pid, _ = sends[k - 1]
                 stamp = self.stamps.get((pid, rid))
-                if stamp is not None and stamp[0] < sends[k - 1][0]:
-                    sends[k - 1] = (stamp[0], *sends[k - 1][1:])
+                if stamp is not None and stamp[0] < t:
+                    sends[k - 1] = (stamp[0], pid, sends[k - 1][2])
+                attempts.append((t, pid, rid, k, charged))
+            records.append((seq, rec[1] + _KINDS.get(rec[2], ""), rec[0], attempts, t_end, outcome))
         self.send_times = [s[0] for s in sends]
         for i, (t, pid, n) in enumerate(sends):
             nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
@@ -332,9 +343,9 @@ class Tracer:
         reason logged and kept in `error`, if it cannot be."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            doc = self.document()
+            text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(doc, f, separators=(",", ":"))
+                f.write(text)
             os.replace(tmp, self.path)
         except Exception as e:  # noqa: BLE001 - the tasks are done: the trace alone is lost
             self.error = f"{type(e).__name__}: {e}"

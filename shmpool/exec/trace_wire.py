@@ -11,15 +11,17 @@ Owns: the method ids and the one record the two sides exchange.
   push, sent with a try-send): a `STAMPS` payload. Answer: None.
 
 A `STAMPS` payload: `HEADER` (the worker's pid, how many stamps it
-dropped so far) followed by `STAMP` records (the request id or batch tag
-its guest word named while the call ran, the call's start and end on
-`time.monotonic_ns()`: CLOCK_MONOTONIC, system-wide on Linux, so the
-host's clock reads the same). spec: exec.trace-worker-clock
+dropped so far) followed by stamps, three unsigned 64-bit words each in
+the machine's byte order (host and worker share the machine): the request
+id or batch tag its guest word named while the call ran, the call's start
+and end on `time.monotonic_ns()`: CLOCK_MONOTONIC, system-wide on Linux,
+so the host's clock reads the same. spec: exec.trace-worker-clock
 """
 
 from __future__ import annotations
 
 import struct
+from array import array
 
 from ..session.messages import method_id
 
@@ -28,22 +30,26 @@ TRACE_OFF = method_id("shmpool.exec.trace.off")
 TRACE_STAMPS = method_id("shmpool.exec.trace.stamps")
 
 HEADER = struct.Struct("<IQ")  # pid, stamps dropped (cumulative)
-STAMP = struct.Struct("<IQQ")  # request id or tag, start ns, end ns
+WORDS = 3  # per stamp: request id or tag, start ns, end ns
 
 
-def pack(pid: int, dropped: int, stamps: list) -> bytes:
-    return HEADER.pack(pid, dropped) + b"".join([STAMP.pack(*s) for s in stamps])
+def pack(pid: int, dropped: int, stamps: array) -> bytes:
+    """`stamps`: an array("Q") of WORDS words per stamp."""
+    return HEADER.pack(pid, dropped) + stamps.tobytes()
 
 
-def unpack(data: bytes) -> tuple[int, int, list]:
-    """(pid, dropped, [(rid, start, end), ...]); a short or ragged payload
-    is cut to its whole records (it comes from another process)."""
+def unpack(data: bytes) -> tuple[int, int, array]:
+    """(pid, dropped, array("Q") of WORDS words per stamp); a short or
+    ragged payload is cut to its whole stamps (it comes from another
+    process)."""
+    words = array("Q")
     if len(data) < HEADER.size:
-        return 0, 0, []
+        return 0, 0, words
     pid, dropped = HEADER.unpack_from(data, 0)
     body = memoryview(data)[HEADER.size:]
-    body = body[: len(body) - len(body) % STAMP.size]
-    return pid, dropped, list(STAMP.iter_unpack(body))
+    whole = WORDS * words.itemsize
+    words.frombytes(body[: len(body) - len(body) % whole])
+    return pid, dropped, words
 
 
-__all__ = ["TRACE_ON", "TRACE_OFF", "TRACE_STAMPS", "HEADER", "STAMP", "pack", "unpack"]
+__all__ = ["TRACE_ON", "TRACE_OFF", "TRACE_STAMPS", "HEADER", "WORDS", "pack", "unpack"]
