@@ -48,7 +48,7 @@ class GuestTrace:
         self.prog = prog
         self.stamps = array("Q")  # (WORDS words per stamp)
         self.dropped = 0
-        self.last_push = 0
+        self.due = [0]  # when the next push is due at the latest (ns)
         self.pushes = 0
 
     def on(self, ctx, payload) -> None:
@@ -57,19 +57,21 @@ class GuestTrace:
             return  # (on already: a second `TRACE_ON` changes nothing)
         call = prog._call
         buf, word = prog.buf, prog.word
-        add = self.stamps.extend
-        self.last_push = _monotonic_ns()
+        stamps = self.stamps  # (never rebound: `push` and `off` empty it in place)
+        add = stamps.extend
         full = PUSH_EVERY * WORDS
+        due = self.due
+        due[0] = _monotonic_ns() + PUSH_NS
 
-        def traced(*task):
+        def traced(fid, kind, args, kwargs, timeout=None):
             rid = _load_u32(buf, word)
             t0 = _monotonic_ns()
             try:
-                return call(*task)
+                return call(fid, kind, args, kwargs, timeout)
             finally:
                 t1 = _monotonic_ns()
                 add((rid, t0, t1))
-                if len(self.stamps) >= full or t1 - self.last_push >= PUSH_NS:
+                if t1 >= due[0] or len(stamps) >= full:
                     self.push(t1)
 
         prog._call = traced
@@ -83,7 +85,7 @@ class GuestTrace:
     def push(self, now: int) -> None:
         """Ship the stamps held (try-send: kept if the ring or the slots are
         full; the oldest dropped beyond MAX_HELD)."""
-        self.last_push = now
+        self.due[0] = now + PUSH_NS
         stamps = self.stamps
         try:
             self.prog.conn.call_cb(TRACE_STAMPS, pack(os.getpid(), self.dropped, stamps), _ignore,

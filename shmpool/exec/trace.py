@@ -102,10 +102,11 @@ class Tracer:
         self.t0 = _now()
         self.t_end = 0
         self.host_pid = os.getpid()
-        # id(task) -> [t_submit, function name, kind, attempt...]; an
-        # attempt: (its send's number, request id, crashes charged before it)
-        self.open: dict = {}
-        self.done: list = []  # (open record, t_end, outcome)
+        # A task's record is its `trace` attribute (`tasks._Task.trace`):
+        # [t_submit, function name, kind, attempt...], an attempt being
+        # (its send's number, request id, crashes charged before it).
+        self.done: list = []  # (record, t_end, outcome)
+        self.unfinished: list = []  # records of the tasks pending when tracing stopped
         self.sends: list = []  # (t, pid, tasks)
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
@@ -129,7 +130,7 @@ class Tracer:
 
     def submit(self, task) -> None:
         """(the submitting thread) A task was made, not yet queued."""
-        self.open[id(task)] = [_now(), task.fname, task.kind]
+        task.trace = [_now(), task.fname, task.kind]
 
     def sent(self, batch: list, w) -> None:
         """(lock held) `batch` went to worker `w` in one request."""
@@ -139,18 +140,17 @@ class Tracer:
         self.sends.append((t, w.proc.pid, len(batch)))
         self.n += 1
         k = len(self.sends)
-        get = self.open.get
         for task in batch:
-            rec = get(id(task))
+            rec = getattr(task, "trace", None)  # (none: submitted before tracing began)
             if rec is not None:
                 rec.append((k, task.rid, task.attempts))
 
-    def finished(self, task) -> None:
+    def finished(self, task, t: int = 0) -> None:
         """(lock held) `task` is over; its future is set (or cancelled)."""
-        rec = self.open.pop(id(task), None)
-        if rec is None:
+        rec = getattr(task, "trace", None)
+        if rec is None or rec[0] < self.t0:  # (none, or an earlier tracer's)
             return
-        t = _now()
+        t = t or _now()
         fut = task.future
         if fut is None or fut._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
             outcome = "cancelled"
@@ -164,8 +164,10 @@ class Tracer:
         self.done.append((rec, t, outcome))
 
     def finished_all(self, tasks) -> None:
+        """(lock held) `finished` for results delivered together (one time)."""
+        t = _now()
         for task in tasks:
-            self.finished(task)
+            self.finished(task, t)
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -245,7 +247,7 @@ class Tracer:
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
         end = self.t_end or _now()
-        done = self.done + [(rec, end, "unfinished") for rec in list(self.open.values())]
+        done = self.done + [(rec, end, "unfinished") for rec in self.unfinished]
         done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
         records = []
         sends = list(self.sends)
@@ -420,6 +422,8 @@ def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
     with st.lock:
         tracer.t_end = _now()
         st.tracer = None
+        tracer.unfinished = [rec for rec in (getattr(t, "trace", None) for t in core.held_tasks())
+                             if rec is not None and rec[0] >= tracer.t0]
         st.stats.update(tracer.statistics())
     return tracer.write()
 
