@@ -11,6 +11,8 @@ batch) and the retries and requeues (triangles). Everything comes from the
 file: the picture is what Perfetto or chrome://tracing would show of the
 same run, in less detail. The full file opens in https://ui.perfetto.dev.
 
+spec: exec.trace-svg
+
 Invariants: reads the JSON only (no engine import); output is plain SVG
 1.1 with no script and no external reference; text is escaped.
 """

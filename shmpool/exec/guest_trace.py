@@ -29,9 +29,10 @@ from __future__ import annotations
 import os
 import time
 from array import array
+from itertools import chain
 
 from .. import _atomics
-from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, pack
+from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
 
 PUSH_EVERY = 256  # stamps per push
 PUSH_NS = 10_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
@@ -46,7 +47,7 @@ class GuestTrace:
 
     def __init__(self, prog) -> None:
         self.prog = prog
-        self.stamps = array("Q")  # (WORDS words per stamp)
+        self.stamps: list = []  # (request id, start, end) per call (a list: the cheapest append)
         self.dropped = 0
         self.due = [0]  # when the next push is due at the latest (ns)
         self.pushes = 0
@@ -58,8 +59,8 @@ class GuestTrace:
         call = prog._call
         buf, word = prog.buf, prog.word
         stamps = self.stamps  # (never rebound: `push` and `off` empty it in place)
-        add = stamps.extend
-        full = PUSH_EVERY * WORDS
+        add = stamps.append
+        full = PUSH_EVERY
         due = self.due
         due[0] = _monotonic_ns() + PUSH_NS
 
@@ -78,7 +79,7 @@ class GuestTrace:
 
     def off(self, ctx, payload) -> bytes:
         self.prog.__dict__.pop("_call", None)
-        out = pack(os.getpid(), self.dropped, self.stamps)
+        out = pack(os.getpid(), self.dropped, _words(self.stamps))
         del self.stamps[:]
         return out
 
@@ -88,12 +89,12 @@ class GuestTrace:
         self.due[0] = now + PUSH_NS
         stamps = self.stamps
         try:
-            self.prog.conn.call_cb(TRACE_STAMPS, pack(os.getpid(), self.dropped, stamps), _ignore,
+            self.prog.conn.call_cb(TRACE_STAMPS, pack(os.getpid(), self.dropped, _words(stamps)), _ignore,
                                    timeout=0, raw=False)
         except Exception:  # noqa: BLE001 - a full ring, no slot, the host gone: kept, or dropped below
-            if len(stamps) > MAX_HELD * WORDS:
-                n = len(stamps) // WORDS - MAX_HELD
-                del stamps[:n * WORDS]
+            if len(stamps) > MAX_HELD:
+                n = len(stamps) - MAX_HELD
+                del stamps[:n]
                 self.dropped += n
             return
         self.pushes += 1
@@ -102,6 +103,10 @@ class GuestTrace:
 
 def _ignore(result, error) -> None:
     pass
+
+
+def _words(stamps: list) -> array:
+    return array("Q", chain.from_iterable(stamps))
 
 
 def install(prog) -> GuestTrace:

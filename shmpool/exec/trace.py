@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 
@@ -161,13 +160,19 @@ class Tracer:
         if not self.room():
             return
         self.n += len(rec) - 2
-        self.done.append((rec, t, outcome))
+        self.done.append(([rec], t, outcome))
 
     def finished_all(self, tasks) -> None:
-        """(lock held) `finished` for results delivered together (one time)."""
-        t = _now()
-        for task in tasks:
-            self.finished(task, t)
+        """(lock held) `finished` for plain results delivered together: one
+        time and one entry for the lot (the tiny tasks' path)."""
+        t0 = self.t0
+        recs = [rec for rec in [getattr(task, "trace", None) for task in tasks] if rec is not None and rec[0] >= t0]
+        if recs:
+            if not self.room():
+                self.dropped += len(recs) - 1
+                return
+            self.n += 2 * len(recs)
+            self.done.append((recs, _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -247,7 +252,8 @@ class Tracer:
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
         end = self.t_end or _now()
-        done = self.done + [(rec, end, "unfinished") for rec in self.unfinished]
+        done = [(rec, t, outcome or "ok") for recs, t, outcome in self.done for rec in recs]
+        done += [(rec, end, "unfinished") for rec in self.unfinished]
         done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
         records = []
         sends = list(self.sends)
@@ -323,6 +329,7 @@ class Tracer:
             elif death is not None and death[2] == rid and t <= death[0] and (lost or last):
                 # The call running when its worker died: from the end of the
                 # last call that worker finished (or the send) to the death.
+                # spec: exec.trace-kills
                 a = max(t, last_end.get(pid, 0))
                 ev.append({"name": f"{label} (killed)", "ph": "X", "cat": "run", "pid": pid, "tid": pid,
                            "ts": us(a), "dur": max(0.0, round((death[0] - a) / 1000, 3)), "cname": "terrible",

@@ -341,3 +341,33 @@ def test_an_executor_that_ran_nothing_writes_an_empty_timeline(tmp_path):
     ShmExecutor(1, trace=path).shutdown()
     doc, events = load(path)
     assert task_spans(events) == {}
+
+
+@pytest.mark.spec("exec.trace-svg")
+def test_trace_svg_draws_the_lanes_the_calls_and_the_deaths(tmp_path):
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    path = tmp_path / "t.json"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with ShmExecutor(2, trace=path) as ex:
+        fs = [ex.submit(kill_once, str(marks), 0)] + [ex.submit(ident, i) for i in range(1, 20)]
+        assert [f.result(60) for f in fs] == list(range(20))
+    out = tmp_path / "t.svg"
+    done = subprocess.run([sys.executable, "-m", "shmpool", "trace-svg", str(path), str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    root = ET.parse(out).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text or "" for t in root.iter(ns + "text")]
+    doc, events = load(path)
+    workers = [e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"
+               and e["args"]["name"].startswith("worker pid")]
+    assert len(workers) >= 3 and all(any(w[:25] in t for t in texts) for w in workers)
+    titles = [t.text for t in root.iter(ns + "title")]
+    boxes = [r for r in root.iter(ns + "rect") if r.find(ns + "title") is not None]
+    assert len([b for b in boxes if "#" in b.find(ns + "title").text]) == sum(len(v) for v in runs(events).values())
+    assert any(b.get("fill") == "#e15759" and "(killed)" in b.find(ns + "title").text for b in boxes)
+    assert any("SIGKILL" in (t or "") for t in titles)  # the death's cross
