@@ -9,6 +9,9 @@ records a block only. `python -m shmpool trace-svg run.json run.svg`
 draws the file as a picture (the README's is this example's).
 
     python examples/trace_timeline.py [OUT_DIR]
+
+(OUT_DIR: where trace_timeline.json and trace_timeline.svg go; without
+it, a temporary directory removed at the end.)
 """
 
 import os
@@ -42,8 +45,7 @@ def fails():
     raise ValueError("a task's own error")
 
 
-if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="shmpool-trace-")
+def main(out):
     path = os.path.join(out, "trace_timeline.json")
     mark = os.path.join(out, "unlucky.mark")
     if os.path.exists(mark):
@@ -65,3 +67,11 @@ if __name__ == "__main__":
     trace_svg(path, svg)
     print("trace:", path, "(open it in https://ui.perfetto.dev or chrome://tracing)")
     print("picture:", svg)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:  # (a look only: the files go with the temporary directory)
+        with tempfile.TemporaryDirectory(prefix="shmpool-trace-") as d:
+            main(d)

@@ -34,8 +34,8 @@ from itertools import chain
 from .. import _atomics
 from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
 
-PUSH_EVERY = 256  # stamps per push
-PUSH_NS = 10_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
+PUSH_EVERY = 1024  # stamps per push
+PUSH_NS = 20_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
 MAX_HELD = 65536  # stamps kept while the host's ring stays full (then the oldest go)
 
 _monotonic_ns = time.monotonic_ns

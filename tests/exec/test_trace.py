@@ -225,10 +225,14 @@ def test_workers_killed_from_outside_lose_no_task_span(tmp_path):
                 fs += [ex.submit(time.sleep, 0.002) for _ in range(10)]
                 fs[-1].result(60)
         assert all(f.exception(60) is None for f in fs)
+        killed = set(killer.killed)
+        wait_for(lambda: ex.statistics()["worker_deaths"] >= len(killed), "every kill seen by the pool")
     doc, events = load(path)
     spans = task_spans(events)
     assert len(spans) == len(fs) and all(s["args"]["outcome"] == "ok" for s in spans.values())
-    assert sum(1 for e in events if e["ph"] == "i" and "SIGKILL" in e["name"] and e["tid"] == 3) >= 3
+    died = {int(e["name"].split()[2].rstrip(":")) for e in events if e["ph"] == "i" and "SIGKILL" in e["name"]
+            and e["tid"] == 3}
+    assert died == killed
 
 
 @pytest.mark.parametrize("method", METHODS)
