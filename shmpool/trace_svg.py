@@ -73,6 +73,7 @@ def render(doc: dict, *, width: int = 1200, title: str | None = None) -> str:
         out.append(f'<rect x="{left}" y="{y}" width="{plot}" height="{lane}" fill="#f7f7f7"/>')
         out.append(f'<text x="{left - 8}" y="{y + lane / 2 + 4}" text-anchor="end">{escape(_short(label, 34))}</text>')
     colours: dict = {}
+    timed.sort(key=lambda e: e["name"].startswith("retry "))  # (a retry's mark over a requeue's at the same time)
     for e in timed:
         p = e.get("pid")
         if p not in lanes:

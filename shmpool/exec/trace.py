@@ -245,7 +245,7 @@ class Tracer:
             if pid_known:
                 add({"name": why, "ph": "i", "s": "p", "cat": "worker", "pid": pid, "tid": pid, "ts": us(t),
                      "args": {"running_request": rid}})
-            add({"name": f"worker pid {pid}: {why}", "ph": "i", "s": "t", "cat": "worker", "pid": H, "tid": 3,
+            add({"name": why if why.startswith("worker pid") else f"worker pid {pid}: {why}", "ph": "i", "s": "t", "cat": "worker", "pid": H, "tid": 3,
                  "ts": us(t)})
         # Sends: one slice each on the host's send thread (at most 1 µs,
         # never reaching the next), where the flow arrows begin. A send's
