@@ -45,12 +45,14 @@ The parts (host side):
   child does with the engines it inherited; `control.Control`: task
   timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
   the tasks workers submit from inside a task, and the places their waits
-  lend.
+  lend; `trace`: the task timeline (a recorder the other parts feed while
+  a trace is on, and its Chrome trace-event writer).
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
-waits.
-Both: `protocol` (method ids, task kinds, records).
+waits; `guest_trace`: the stamps of each call while a trace is on.
+Both: `protocol` (method ids, task kinds, records); `trace_wire` (the
+timeline's method ids and stamps).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,
 the function through `fncache`) into a `tasks._Task` and puts it on the
