@@ -8,6 +8,7 @@ Commands:
                                     loky and mpire, in the same run (see shmpool/bench/)
     inspect [PID | PATH] [--json] [--watch [SECONDS]] [--dir DIR]
                                     a read-only snapshot of running pools, from their segments
+    trace-svg TRACE.json OUT.svg    draw a task timeline (ShmExecutor(trace=...)) as an SVG picture
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(b)
     inspect_cli.add_arguments(sub.add_parser(
         "inspect", help="a read-only snapshot of running pools (peers, rings, slots, tasks), from their segments"))
+    t = sub.add_parser("trace-svg", help="draw a trace file (ShmExecutor(trace=...)) as an SVG timeline")
+    t.add_argument("trace"), t.add_argument("out"), t.add_argument("--width", type=int, default=1200)
     args = ap.parse_args(argv)
+    if args.command == "trace-svg":
+        from .trace_svg import main as trace_svg
+
+        return trace_svg(args.trace, args.out, args.width)
     if args.command == "bench":
         return run_bench(args, b)
     if args.command == "inspect":

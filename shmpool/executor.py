@@ -58,6 +58,7 @@ from . import _adaptive, _lifetime, failpoints
 from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
+from .exec import trace as _trace
 from .exec.control import check_retries, check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
@@ -137,7 +138,7 @@ class ShmExecutor(Executor):
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
                  initargs=(), *, max_tasks_per_child: int | None = None, max_retries: int = 2,
                  max_inflight: int | None = None, segment_config: SegmentConfig | None = None,
-                 task_timeout: float | None = None) -> None:
+                 task_timeout: float | None = None, trace=None) -> None:
         if max_workers is None:
             max_workers = default_workers()
         elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
@@ -156,6 +157,7 @@ class ShmExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         _lifetime.check_options(max_retries, max_inflight)
         self._task_timeout = check_timeout(task_timeout)  # spec: exec.task-timeout
+        self._trace = None if trace is None else _trace.Tracer(trace)  # spec: exec.trace-path
         if mp_context is None:  # spec: api.start-method-default -- as the stdlib chooses
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         method = start_method(mp_context, "mp_context")
@@ -205,6 +207,8 @@ class ShmExecutor(Executor):
                 _live.add(core, core)
                 self._finalizer = weakref.finalize(self, _finalize, core)
                 core.task_timeout = self._task_timeout
+                if self._trace is not None:  # spec: exec.trace-write
+                    _trace.attach(core, self._trace)
                 self._core = core
         return self._core
 
@@ -330,6 +334,8 @@ class ShmExecutor(Executor):
             self._shutdown_called = True
             core = self._core
         if core is None:
+            if self._trace is not None:  # (no task ran: an empty timeline all the same)
+                self._trace.write()
             return
         _adaptive.flush(self)  # (what the stdlib's map had submitted at its call)
         core.begin_shutdown()
@@ -341,6 +347,12 @@ class ShmExecutor(Executor):
         else:
             core.close_when_idle()  # the management thread closes it, then ends
         self._finalizer.detach()
+
+    def tracing(self, path, *, max_events: int | None = None) -> "_trace.Tracing":
+        """`with ex.tracing("run.json"):` records the task timeline of what
+        runs inside the block, written there at its end (see the README's
+        "Task timeline"). spec: exec.trace-context"""
+        return _trace.Tracing(self._get_core_checked, path, max_events)
 
     def terminate_workers(self) -> None:
         """Stop every worker now (SIGTERM) and shut down; pending futures

@@ -63,6 +63,7 @@ from . import progress as _progress
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import forksafe
+from .exec import trace as _trace
 from .exec.control import check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
@@ -317,8 +318,9 @@ class ShmPool:
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
                  maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
                  max_inflight: int | None = None, segment_config=None,
-                 task_timeout: float | None = None) -> None:
+                 task_timeout: float | None = None, trace=None) -> None:
         self._st: _State | None = None
+        tracer = None if trace is None else _trace.Tracer(trace)  # spec: exec.trace-path
         task_timeout = check_timeout(task_timeout)
         if processes is None:
             processes = default_workers()
@@ -341,6 +343,8 @@ class ShmPool:
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
                     start_method=self._start_method)
+        if tracer is not None:  # (eager: its workers may be there already) spec: exec.trace-write
+            _trace.attach(core, tracer)
         st = _State(core)
         st.task_timeout = task_timeout
         core.task_timeout = task_timeout
@@ -536,6 +540,10 @@ class ShmPool:
     def _pool(self) -> list:
         """The live workers as `multiprocessing.Process`-like handles."""
         return [WorkerProcess(p) for p in self._st.core.processes().values()]
+
+    def tracing(self, path, *, max_events: int | None = None) -> "_trace.Tracing":
+        """`with pool.tracing("run.json"):`: see `ShmExecutor.tracing`. spec: exec.trace-context"""
+        return _trace.Tracing(lambda: self._st.core, path, max_events)
 
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub,

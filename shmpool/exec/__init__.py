@@ -46,16 +46,18 @@ The parts (host side):
   timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
   the tasks workers submit from inside a task, and the places their waits
   lend; `publish.StatsPublisher`: the books copied into the segment for
-  `python -m shmpool inspect`.
-  lend; `tunnel`: `Tunnel` (byte streams between the host and a running
-  task) and `Tunnels`, the binding of tunnels to the tasks that unpickle
-  them.
+  `python -m shmpool inspect`; `tunnel`: `Tunnel` (byte streams between
+  the host and a running task) and `Tunnels`, the binding of tunnels to
+  the tasks that unpickle them; `trace`: the task timeline (a recorder the
+  other parts feed while a trace is on, and its Chrome trace-event writer).
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
 waits; `guest_tunnel`: a task's end of a tunnel, and the tunnels' wire
-(the host imports it for that, never `guest`).
-Both: `protocol` (method ids, task kinds, records).
+(the host imports it for that, never `guest`); `guest_trace`: the stamps
+of each call while a trace is on.
+Both: `protocol` (method ids, task kinds, records); `trace_wire` (the
+timeline's method ids and stamps).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,
 the function through `fncache`) into a `tasks._Task` and puts it on the

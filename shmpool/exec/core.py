@@ -62,7 +62,7 @@ from ..hub.launch import check_method
 from ..session import HostSession
 from ..shm import layout as L
 from ..shm.layout import SegmentConfig
-from . import forksafe
+from . import forksafe, trace
 from . import tasks as T
 from .answers import Answers, PinBudget
 from .control import Control
@@ -309,6 +309,8 @@ class Core:
             if _TUNNELS_PICKLED:  # spec: exec.tunnel-unbound
                 attach_pickled(fut)
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
+        if st.tracer is not None:  # spec: exec.trace-off
+            st.tracer.submit(task)
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:
                 self.check_open(nested)
@@ -492,6 +494,8 @@ class Core:
             if st.closed:
                 return
             self.starter.mark_closed()  # no worker start is under way, and none begins
+        if st.tracer is not None:  # its workers' last stamps, then the file. spec: exec.trace-write
+            trace.detach(self, st.tracer)
         with self.lock:
             self.pins.detach_all()  # (a result still in use keeps its bytes, as private memory)
             self.starter.forget_setup()  # initargs may hold resources (multiprocessing queues, locks)
@@ -591,6 +595,8 @@ class Core:
                 "submitted": st.submitted,
             }
         out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
+        if st.tracer is not None:  # spec: exec.trace-cap
+            out.update(st.tracer.statistics())
         return out
 
 

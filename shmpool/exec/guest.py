@@ -74,7 +74,7 @@ from .protocol import (
 )
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
-from . import stopping
+from . import guest_trace, stopping
 
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
@@ -175,6 +175,7 @@ class GuestProgram:
         d.register(DEFINE, self.define)
         d.register(RUN, self.run)
         d.register(RUN_BATCH, self.run_batch)
+        guest_trace.install(self)  # the task timeline's stamps. spec: exec.trace-worker-clock
 
     # -- handlers --------------------------------------------------------------
 

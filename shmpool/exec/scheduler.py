@@ -339,6 +339,8 @@ class Scheduler:
                 w.proc.kill()  # (it waits for bytes that cannot come; nothing of ours is charged)
                 return None
         st = self.state
+        if st.tracer is not None:  # spec: exec.trace-off
+            st.tracer.sent(batch, w)
         if batched:
             st.stats["batches"] += 1
         w.messages += 1

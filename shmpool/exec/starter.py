@@ -246,6 +246,8 @@ class Starter:
     def replace(self, w) -> None:
         """Worker `w` ended: judge its end if it was not ready yet, then
         start its replacement (state.lock held; driver thread)."""
+        if self.state.tracer is not None:  # spec: exec.trace-workers
+            self.state.tracer.died(w)
         self.pending += 1
         self._q.put(w)
 
@@ -384,6 +386,7 @@ class Starter:
         import multiprocessing
 
         st, host, slots = self.state, self.host, self.slots
+        launched = time.monotonic_ns()  # (the task timeline's worker start)
         ticket = host.add_peer(AddPeerOptions(peer_name=f"{st.name}-worker",
                                               on_death=self.on_death, peer_id=peer_id), timeout=30)
         if ticket is None:
@@ -471,6 +474,8 @@ class Starter:
                     pass  # sent, and freed when the send failed
             return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
+        if st.tracer is not None:  # spec: exec.trace-workers
+            st.tracer.started(w, self.method, launched)
         with st.lock:
             self.schedule()
 

@@ -67,11 +67,14 @@ class EngineState:
         self.adaptive = adaptive  # windows adapt to the tasks' length
         self.post = None  # the hub's `post` (run on the driver thread), once the host exists: `resolve`
         self.on_idle: Callable[[], None] | None = None  # (lock held) the last live task finished
+        self.tracer = None  # the task timeline's recorder while one is on (`trace.Tracer`). spec: exec.trace-off
 
     def finished(self, task) -> None:
         """(lock held) `task` is over: count it once, drop its payload."""
         if task.finished:
             return
+        if self.tracer is not None:
+            self.tracer.finished(task)
         task.finished = True
         task.stream = task.bufs = task.fbytes = None
         # Neither way round: the result goes when the caller drops its
@@ -86,6 +89,8 @@ class EngineState:
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for each of `tasks` (none finished yet)."""
+        if self.tracer is not None:
+            self.tracer.finished_all(tasks)
         for task in tasks:
             task.finished = True
             task.stream = task.bufs = task.fbytes = None

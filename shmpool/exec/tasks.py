@@ -268,7 +268,7 @@ class _Task:
 
     __slots__ = ("future", "fid", "fname", "fbytes", "kind", "stream", "bufs", "attempts", "crashes",
                  "worker", "rid", "on_result", "on_error", "started", "finished", "request_id", "end",
-                 "timeout", "retries", "stop")
+                 "timeout", "retries", "stop", "trace")
     raw = True  # (the record protocol: the payload is handed over as a `Received`)
     inline = True
 
@@ -310,6 +310,8 @@ class _Task:
         self.timeout = timeout  # seconds it may run (None: no limit). spec: exec.task-timeout
         self.retries = retries  # runs again after a timeout or a crash, counted together (None: the pool's)
         self.stop = None  # a stop under way (`control.TIMEOUT`, `control.CANCEL`)
+        # (`trace`: the task timeline's record, set only while tracing:
+        # `trace.Tracer.submit`; read with a default. spec: exec.trace-off)
 
 
 class WorkerRecord:

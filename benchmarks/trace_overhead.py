@@ -1,0 +1,98 @@
+"""What the task timeline costs tiny tasks (issue 18: <= 5% of throughput
+when on, ~0 when off).
+
+One warm `ShmExecutor(2)`; blocks of tiny tasks (`fn(x) -> x`, submitted
+in one go, then each result), alternately without tracing (off) and
+inside `with ex.tracing(path):` (on: the host records each task, the
+workers stamp each call and push the stamps; the file is written when the
+block ends, outside the timing), the order swapped every round; medians of
+the rounds, of the throughput and of the CPU time per task of the host
+process and of the workers (steadier than the throughput on a shared
+machine). Also prints how long writing a block's file took and its size
+per task.
+
+    python benchmarks/trace_overhead.py [--rounds 12] [--tasks 20000] [--task-us US] [--off-only]
+
+"Off" against the code before the feature cannot share a process: run this
+file's `--off-only` under both trees, alternated (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from shmpool import ShmExecutor
+from shmpool.procinfo import stat
+
+
+def noop(x):
+    return x
+
+
+def spin(us):
+    """A task of `us` µs of CPU (`--task-us`)."""
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+    return us
+
+
+def block(ex, pids: list[int], n: int, us: float = 0) -> tuple[float, float, float]:
+    """(tasks per second, host µs of CPU per task, workers' µs per task)."""
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def workers() -> float:
+        return sum((s.utime + s.stime) / hz for s in map(stat, pids))
+
+    h0, w0, t0 = time.process_time(), workers(), time.perf_counter()
+    for f in [ex.submit(spin, us) if us else ex.submit(noop, i) for i in range(n)]:
+        f.result()
+    wall = time.perf_counter() - t0
+    return n / wall, (time.process_time() - h0) / n * 1e6, (workers() - w0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--tasks", type=int, default=20000)
+    ap.add_argument("--task-us", type=float, default=0, help="tasks of this many µs of CPU instead of `noop`")
+    ap.add_argument("--off-only", action="store_true", help="only untraced blocks (to compare two trees)")
+    a = ap.parse_args()
+    print(f"cores={os.cpu_count()} python={platform.python_version()} tasks={a.tasks} rounds={a.rounds}")
+    res: dict = {False: [], True: []}
+    writes, sizes = [], []
+    with tempfile.TemporaryDirectory() as d, ShmExecutor(2) as ex:
+        for f in [ex.submit(noop, i) for i in range(5000)]:  # warm: workers started, function defined
+            f.result()
+        pids = [p.pid for p in ex._processes.values()]
+        path = os.path.join(d, "trace.json")
+        for r in range(a.rounds):
+            for on in ((False,) if a.off_only else (False, True) if r % 2 == 0 else (True, False)):
+                if not on:
+                    res[False].append(block(ex, pids, a.tasks, a.task_us))
+                    continue
+                t = ex.tracing(path)
+                with t:
+                    res[True].append(block(ex, pids, a.tasks, a.task_us))
+                    t1 = time.perf_counter()
+                writes.append(time.perf_counter() - t1)
+                sizes.append(os.path.getsize(path) / a.tasks)
+    for on in ((False,) if a.off_only else (False, True)):
+        v = res[on]
+        print(f"{'on ' if on else 'off'}: {statistics.median(x[0] for x in v):>9,.0f} tasks/s; CPU per task: "
+              f"host {statistics.median(x[1] for x in v):.2f} µs, workers {statistics.median(x[2] for x in v):.2f} µs "
+              f"(medians of {len(v)})")
+    if not a.off_only:
+        p, t = (statistics.median(x[0] for x in res[k]) for k in (False, True))
+        print(f"cost of tracing: {100 * (1 - t / p):+.1f}% of the throughput")
+        print(f"end of a traced block (the workers' last stamps, the file): {statistics.median(writes) * 1e3:.0f} ms "
+              f"for {a.tasks} tasks, {statistics.median(sizes):.0f} bytes per task")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The task timeline, the host's side: what each task went through,
+recorded while tracing is on, written as Chrome trace-event JSON (the JSON
+Object Format) that https://ui.perfetto.dev and chrome://tracing open.
+
+Owns: `Tracer` (the recorder: task records, sends, worker starts and
+deaths, the workers' stamps, the event cap and its drop count) and its
+writer; `attach`/`detach`, which put a tracer on a `core.Core` and take
+it off (telling the workers to stamp, collecting their last stamps).
+
+Data flow: the engine's parts call the tracer only when one is on, each
+behind one `if state.tracer is not None` (`state.EngineState.tracer`):
+`Core.submit` -> `submit` (a record: sequence number, function, submit
+time) -> `Scheduler._send` -> `sent` (the send, its worker, request id and
+batch, and the crashes charged so far) -> the task's end,
+`EngineState.finished` -> `finished` (delivery time and outcome: ok, the
+error's type, cancelled). The starter reports worker starts (`started`:
+the start method, the launch and registration times; it sends the worker
+`TRACE_ON`) and deaths (`died`: pid, signal or exit code, the task its
+guest word named). The workers stamp each call's start and end on their
+own clock (`guest_trace`) and push them in bulk (`TRACE_STAMPS`, handled
+on the session's handler thread: `on_stamps`); `detach` sends `TRACE_OFF`
+to each live worker and takes the stamps left in its answer, then writes.
+
+Time: every stamp, the host's and the workers', is `time.monotonic_ns()`
+(CLOCK_MONOTONIC, one clock for the whole machine on Linux), shown in
+microseconds from the tracer's start. spec: exec.trace-worker-clock
+
+What a trace shows (spec: exec.trace-format): the host process, with each
+task as a nestable async slice (submit to delivery) holding "queued" and
+one "attempt" per send, the sends on their own thread (flow arrows from a
+send to the run it started), starts, deaths, retries and requeues as
+instants; one process per worker (named by pid, peer and start method)
+with its start, each call it ran as a complete slice on the worker's own
+times (a call killed with its worker: up to its death), and its death.
+
+Invariants: with no tracer, nothing here runs (spec: exec.trace-off); a
+tracer keeps at most `max_events` records (tasks' attempts, sends,
+stamps, instants), counting what it drops (`dropped`, in the file's
+`otherData` and in `statistics()`; spec: exec.trace-cap); records of
+tasks still pending are bounded by the pending tasks themselves; the file
+is written once, whole (a temporary file renamed), and a failure to write
+it never fails or loses a task (spec: exec.trace-path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
+
+from .protocol import CHUNK, ITEMS, MAP
+from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, unpack
+
+MAX_EVENTS = 200_000  # records a tracer keeps (read when a tracer is made); the rest are counted dropped
+OFF_WAIT = 5.0  # seconds `detach` waits, in all, for the workers' last stamps
+ON_WAIT = 1.0  # seconds a `TRACE_ON` may wait for room in a worker's ring
+
+_now = time.monotonic_ns
+_log = logging.getLogger("shmpool")
+_KINDS = {CHUNK: " (chunk)", MAP: " (chunk)", ITEMS: " (chunk)"}
+_EPS = 0.001  # (µs) keeps a task's async begins and ends strictly ordered
+
+
+def check_path(path) -> str:
+    """The trace file's path, checked now: its directory exists and is
+    writable, and it is not a directory. Raises ValueError saying what to
+    fix (at construction: before any task runs). spec: exec.trace-path"""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"trace must be a path (str or os.PathLike), got {type(path).__name__}") from None
+    full = os.path.abspath(path)
+    d = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise ValueError(f"trace file {path!r} is a directory: give a file name, e.g. {path!r}/trace.json")
+    if not os.path.isdir(d):
+        raise ValueError(f"cannot write the trace file {path!r}: its directory {d!r} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the trace file {path!r}: its directory {d!r} is not writable")
+    return full
+
+
+class Tracer:
+    """One timeline being recorded (see the module docstring). Its
+    methods are called with the engine's lock held, except `submit` (the
+    submitting thread) and `on_stamps` (the session's handler thread):
+    each of those only adds to a dict of its own under the GIL."""
+
+    def __init__(self, path, *, max_events: int | None = None, name: str = "shmpool") -> None:
+        self.path = check_path(path)
+        if max_events is None:
+            max_events = MAX_EVENTS
+        if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events < 1:
+            raise ValueError(f"max_events must be a positive int, got {max_events!r}")
+        self.max_events = max_events
+        self.name = name
+        self.t0 = _now()
+        self.t_end = 0
+        self.host_pid = os.getpid()
+        # A task's record is its `trace` attribute (`tasks._Task.trace`):
+        # [t_submit, function name, kind, attempt...], an attempt being
+        # (its send's number, request id, crashes charged before it).
+        self.done: list = []  # (record, t_end, outcome)
+        self.unfinished: list = []  # records of the tasks pending when tracing stopped
+        self.sends: list = []  # (t, pid, tasks)
+        self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
+        self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
+        self.pushed: list = []  # (pid, array of stamps) as they came (`stamps` files them at write time)
+        self.stamps: dict = {}  # (pid, rid) -> (start, end), once written
+        self.worker_dropped: dict = {}  # pid -> stamps that worker dropped
+        self.untraced = 0  # workers `TRACE_ON` could not reach
+        self.n = 0  # records kept under the engine's lock
+        self.n_stamps = 0  # ... on the handler thread
+        self.dropped = 0
+        self.error: str | None = None  # why the file could not be written
+        self.written = False
+
+    # -- recording ---------------------------------------------------------------
+
+    def room(self) -> bool:
+        if self.n + self.n_stamps < self.max_events:
+            return True
+        self.dropped += 1
+        return False
+
+    def submit(self, task) -> None:
+        """(the submitting thread) A task was made, not yet queued."""
+        task.trace = [_now(), task.fname, task.kind]
+
+    def sent(self, batch: list, w) -> None:
+        """(lock held) `batch` went to worker `w` in one request."""
+        t = _now()
+        if not self.room():
+            return
+        self.sends.append((t, w.proc.pid, len(batch)))
+        self.n += 1
+        k = len(self.sends)
+        for task in batch:
+            rec = getattr(task, "trace", None)  # (none: submitted before tracing began)
+            if rec is not None:
+                rec.append((k, task.rid, task.attempts))
+
+    def finished(self, task, t: int = 0) -> None:
+        """(lock held) `task` is over; its future is set (or cancelled)."""
+        rec = getattr(task, "trace", None)
+        if rec is None or rec[0] < self.t0:  # (none, or an earlier tracer's)
+            return
+        t = t or _now()
+        fut = task.future
+        if fut is None or fut._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            outcome = "cancelled"
+        elif fut._exception is not None:
+            outcome = type(fut._exception).__name__
+        else:
+            outcome = "ok"
+        if not self.room():
+            return
+        self.n += len(rec) - 2
+        self.done.append(([rec], t, outcome))
+
+    def finished_all(self, tasks) -> None:
+        """(lock held) `finished` for plain results delivered together: one
+        time and one entry for the lot (the tiny tasks' path)."""
+        t0 = self.t0
+        recs = [rec for rec in [getattr(task, "trace", None) for task in tasks] if rec is not None and rec[0] >= t0]
+        if recs:
+            if not self.room():
+                self.dropped += len(recs) - 1
+                return
+            self.n += 2 * len(recs)
+            self.done.append((recs, _now(), None))
+
+    def started(self, w, method: str, launched: int) -> None:
+        """(the starter's thread, no lock) Worker `w` is registered, its
+        `init` sent: record it and tell it to stamp its calls."""
+        self.workers[w.proc.pid] = {"peer": w.peer_id, "method": method, "launch": launched, "ready": _now()}
+        tell_worker(self, w)
+
+    def died(self, w) -> None:
+        """(lock held) Worker `w` ended (`w.info`, `w.death` are set)."""
+        info = w.info
+        left = info is not None and info.cause == "goodbye"
+        why = "left in order" if left else (w.death or "died")
+        if w.stop_kill:
+            why += ", killed to stop a task"
+        self.deaths[w.proc.pid] = (_now(), why, w.crashed_rid, left)
+
+    def on_stamps(self, data: bytes) -> None:
+        """(a handler thread, or `detach`) A worker's `STAMPS` payload."""
+        pid, dropped, words = unpack(data)
+        self.worker_dropped[pid] = max(dropped, self.worker_dropped.get(pid, 0))
+        n = len(words) // WORDS
+        room = max(0, self.max_events - self.n - self.n_stamps)
+        if n > room:
+            self.dropped += n - room
+            n = room
+            del words[n * WORDS:]
+        if n:
+            self.pushed.append((pid, words))
+            self.n_stamps += n
+
+    def statistics(self) -> dict:
+        return {"trace_events": self.n + self.n_stamps, "trace_dropped": self.dropped
+                + sum(self.worker_dropped.values())}
+
+    # -- writing -----------------------------------------------------------------
+
+    def events(self) -> list:
+        """The trace events (see the module docstring for their layout)."""
+        t0 = self.t0
+        H = self.host_pid
+        for pid, words in self.pushed:
+            for i in range(0, len(words), WORDS):
+                self.stamps[(pid, words[i])] = (words[i + 1], words[i + 2])
+        self.pushed = []
+
+        def us(t: int) -> float:
+            return round((t - t0) / 1000, 3)
+
+        ev: list = []
+        add = ev.append
+        meta = [(H, 0, "process_name", {"name": f"{self.name} host (pid {H})"}),
+                (H, 0, "process_sort_index", {"sort_index": 0}),
+                (H, 1, "thread_name", {"name": "tasks (submit to delivery)"}),
+                (H, 2, "thread_name", {"name": "sends to workers"}),
+                (H, 3, "thread_name", {"name": "pool events"})]
+        order = sorted(self.workers.items(), key=lambda kv: kv[1]["launch"])
+        for i, (pid, info) in enumerate(order, 1):
+            meta += [(pid, 0, "process_name", {"name": f"worker pid {pid} (peer {info['peer']}, {info['method']})"}),
+                     (pid, 0, "process_sort_index", {"sort_index": i}),
+                     (pid, pid, "thread_name", {"name": "tasks run"})]
+            add({"name": f"start ({info['method']})", "ph": "X", "cat": "worker", "pid": pid, "tid": pid,
+                 "ts": us(info["launch"]), "dur": max(0.0, us(info["ready"]) - us(info["launch"])),
+                 "args": {"peer": info["peer"], "start_method": info["method"]}})
+            add({"name": f"worker pid {pid} started ({info['method']})", "ph": "i", "s": "t", "cat": "worker",
+                 "pid": H, "tid": 3, "ts": us(info["ready"])})
+        for pid, m, name, args in meta:
+            add({"name": name, "ph": "M", "pid": pid, "tid": m, "args": args})
+        for pid, (t, why, rid, left) in self.deaths.items():
+            pid_known = pid in self.workers
+            if pid_known:
+                add({"name": why, "ph": "i", "s": "p", "cat": "worker", "pid": pid, "tid": pid, "ts": us(t),
+                     "args": {"running_request": rid}})
+            add({"name": why if why.startswith("worker pid") else f"worker pid {pid}: {why}", "ph": "i", "s": "t", "cat": "worker", "pid": H, "tid": 3,
+                 "ts": us(t)})
+        # Sends: one slice each on the host's send thread (at most 1 µs,
+        # never reaching the next), where the flow arrows begin. A send's
+        # time is taken once it went: a worker may have begun its first
+        # call already, whose start is then the send's.
+        end = self.t_end or _now()
+        done = [(rec, t, outcome or "ok") for recs, t, outcome in self.done for rec in recs]
+        done += [(rec, end, "unfinished") for rec in self.unfinished]
+        done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
+        records = []
+        sends = list(self.sends)
+        for seq, (rec, t_end, outcome) in enumerate(done, 1):
+            attempts = []
+            for k, rid, charged in rec[3:]:
+                t, pid, _ = sends[k - 1]
+                stamp = self.stamps.get((pid, rid))
+                if stamp is not None and stamp[0] < t:
+                    sends[k - 1] = (stamp[0], pid, sends[k - 1][2])
+                attempts.append((t, pid, rid, k, charged))
+            records.append((seq, rec[1] + _KINDS.get(rec[2], ""), rec[0], attempts, t_end, outcome))
+        self.send_times = [s[0] for s in sends]
+        for i, (t, pid, n) in enumerate(sends):
+            nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
+            add({"name": f"batch of {n} -> pid {pid}" if n > 1 else f"run -> pid {pid}", "ph": "X", "cat": "send",
+                 "pid": H, "tid": 2, "ts": us(t), "dur": max(0.0, min(1.0, round((nxt - t) / 1000, 3))),
+                 "args": {"send": i + 1, "worker": pid, "tasks": n}})
+        # The end of the last call each worker was seen to finish before
+        # its death (a killed call began after it).
+        last_end: dict = {}
+        for (pid, _rid), (a, b) in self.stamps.items():
+            d = self.deaths.get(pid)
+            if d is None or b <= d[0]:
+                last_end[pid] = max(last_end.get(pid, 0), b)
+        for seq, name, t_sub, attempts, t_end, outcome in records:
+            self._task(ev, us, seq, name, t_sub, attempts, t_end, outcome, last_end)
+        return ev
+
+    def _task(self, ev, us, seq, name, t_sub, attempts, t_end, outcome, last_end) -> None:
+        H = self.host_pid
+        label = f"{name} #{seq}"
+        cursor = [-1.0]
+
+        def at(t: int) -> float:  # strictly after the previous begin or end of this task
+            ts = max(us(t), round(cursor[0] + _EPS, 3))
+            cursor[0] = ts
+            return ts
+
+        def span(ph: str, what: str, t: int, args=None) -> None:
+            e = {"name": what, "ph": ph, "cat": "task", "id": seq, "pid": H, "tid": 1, "ts": at(t)}
+            if args:
+                e["args"] = args
+            ev.append(e)
+
+        span("b", label, t_sub, {"task": seq, "outcome": outcome, "attempts": len(attempts)})
+        span("b", "queued", t_sub)
+        span("e", "queued", self.send_times[attempts[0][3] - 1] if attempts else t_end)
+        attempts = [(self.send_times[a[3] - 1], *a[1:]) for a in attempts]
+        for k, (t, pid, rid, send, charged) in enumerate(attempts):
+            last = k == len(attempts) - 1
+            stop = t_end if last else attempts[k + 1][0]
+            death = self.deaths.get(pid)
+            lost = death is not None and t <= death[0] <= stop and not last
+            if lost:
+                stop = death[0]
+            span("b", f"attempt {k + 1} on pid {pid}", t, {"worker": pid, "request": rid, "send": send})
+            span("e", f"attempt {k + 1} on pid {pid}", max(stop, t))
+            args = {"task": seq, "attempt": k + 1, "send": send, "request": rid}
+            stamp = self.stamps.get((pid, rid))
+            if stamp is not None:
+                a, b = stamp
+                x = {"name": label, "ph": "X", "cat": "run", "pid": pid, "tid": pid, "ts": us(a),
+                     "dur": max(0.0, round((b - a) / 1000, 3)), "args": {**args, "outcome": outcome if last else
+                                                                         "retried"}}
+                if last and outcome != "ok":
+                    x["cname"] = "terrible" if outcome == "WorkerCrashedError" else "bad"
+                ev.append(x)
+                flow = seq * 64 + min(k, 63)
+                ev.append({"name": "run", "ph": "s", "cat": "flow", "id": flow, "pid": H, "tid": 2, "ts": us(t)})
+                ev.append({"name": "run", "ph": "f", "bp": "e", "cat": "flow", "id": flow, "pid": pid, "tid": pid,
+                           "ts": us(a)})
+            elif death is not None and death[2] == rid and t <= death[0] and (lost or last):
+                # The call running when its worker died: from the end of the
+                # last call that worker finished (or the send) to the death.
+                # spec: exec.trace-kills
+                a = max(t, last_end.get(pid, 0))
+                ev.append({"name": f"{label} (killed)", "ph": "X", "cat": "run", "pid": pid, "tid": pid,
+                           "ts": us(a), "dur": max(0.0, round((death[0] - a) / 1000, 3)), "cname": "terrible",
+                           "args": {**args, "outcome": death[1]}})
+            if not last:
+                again = "retry" if attempts[k + 1][4] > charged else "requeue"
+                ev.append({"name": f"{again} {label}", "ph": "i", "s": "t", "cat": "task", "pid": H, "tid": 3,
+                           "ts": us(stop), "args": {"task": seq, "after": death[1] if lost else "not run"}})
+        span("e", label, max(t_end, t_sub))
+
+    def document(self) -> dict:
+        return {"traceEvents": self.events(), "displayTimeUnit": "ms",
+                "otherData": {"producer": "shmpool", "host_pid": self.host_pid, "clock": "CLOCK_MONOTONIC",
+                              "max_events": self.max_events, "dropped_events": self.dropped,
+                              "worker_dropped_stamps": sum(self.worker_dropped.values()),
+                              "workers_untraced": self.untraced, "tasks": len(self.done)}}
+
+    def write(self) -> bool:
+        """Write the file (whole: a temporary file renamed). False, with the
+        reason logged and kept in `error`, if it cannot be."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except Exception as e:  # noqa: BLE001 - the tasks are done: the trace alone is lost
+            self.error = f"{type(e).__name__}: {e}"
+            _log.error("shmpool: the trace file %s could not be written: %s", self.path, self.error)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return False
+        self.written = True
+        return True
+
+
+def tell_worker(tracer: Tracer, w) -> None:
+    """Send `TRACE_ON` to worker `w` (no lock held: it may wait ON_WAIT for room)."""
+    try:
+        w.conn.call(TRACE_ON, b"", timeout=ON_WAIT)
+    except Exception:  # noqa: BLE001 - its end, or a ring that stays full: its calls go unstamped
+        tracer.untraced += 1
+
+
+def attach(core, tracer: Tracer) -> Tracer:
+    """Put `tracer` on `core` (one at a time: RuntimeError if one is on)
+    and tell the live workers to stamp their calls."""
+    st = core.state
+    with st.lock:
+        if st.tracer is not None:
+            raise RuntimeError(f"{core.kind} is tracing already (to {st.tracer.path})")
+        if st.closed:
+            raise RuntimeError(f"cannot trace a {core.kind} that is shut down")
+        if not getattr(core, "_trace_handler", False):
+            core.session.methods.register(TRACE_STAMPS, lambda ctx, payload: _stamps(st, payload))
+            core._trace_handler = True
+        tracer.name = core.kind
+        st.tracer = tracer
+        live = [w for w in st.workers.values() if not w.dead]
+        for w in live:  # (started before the tracer: known from now)
+            tracer.workers.setdefault(w.proc.pid, {"peer": w.peer_id, "method": core.starter.method,
+                                                   "launch": tracer.t0, "ready": tracer.t0})
+    for w in live:
+        tell_worker(tracer, w)
+    return tracer
+
+
+def _stamps(st, payload) -> None:
+    tracer = st.tracer
+    if tracer is not None:
+        tracer.on_stamps(payload.tobytes())
+
+
+def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
+    """Take `tracer` off `core`: `TRACE_OFF` to each live worker, their
+    last stamps taken (within `timeout` seconds in all), then the file
+    written. False if it could not be (`tracer.error`)."""
+    st = core.state
+    with st.lock:
+        if st.tracer is not tracer:
+            return tracer.written
+        live = [w for w in st.workers.values() if not w.dead]
+    calls = []
+    for w in live:
+        try:
+            calls.append(w.conn.call(TRACE_OFF, b"", timeout=min(timeout, ON_WAIT)))
+        except Exception:  # noqa: BLE001 - gone meanwhile: its stamps went with it
+            pass
+    deadline = time.monotonic() + timeout
+    for f in calls:
+        try:
+            tracer.on_stamps(f.result(max(0.0, deadline - time.monotonic())))
+        except Exception:  # noqa: BLE001 - died, or too slow: what it pushed before is kept
+            pass
+    with st.lock:
+        tracer.t_end = _now()
+        st.tracer = None
+        tracer.unfinished = [rec for rec in (getattr(t, "trace", None) for t in core.held_tasks())
+                             if rec is not None and rec[0] >= tracer.t0]
+        st.stats.update(tracer.statistics())
+    return tracer.write()
+
+
+class Tracing:
+    """The context manager `ShmExecutor.tracing(path)` / `ShmPool.tracing(path)`
+    returns: tracing on from `__enter__`, the file written at `__exit__`.
+    spec: exec.trace-context"""
+
+    def __init__(self, get_core, path, max_events: int | None) -> None:
+        self._get_core = get_core
+        self.tracer = Tracer(path, max_events=max_events)  # (the path is checked here)
+        self.core = None
+
+    @property
+    def path(self) -> str:
+        return self.tracer.path
+
+    def __enter__(self) -> "Tracing":
+        self.core = self._get_core()
+        attach(self.core, self.tracer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not detach(self.core, self.tracer) and exc[0] is None:
+            raise OSError(f"the trace file {self.tracer.path} could not be written: {self.tracer.error}")
+
+
+__all__ = ["Tracer", "Tracing", "attach", "detach", "check_path", "MAX_EVENTS", "OFF_WAIT"]
