@@ -63,6 +63,26 @@ NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
 LEND_ID = struct.Struct("<I")
 
+# Worker -> host (streamed results, spec: exec.stream; `streams`, `guest_streams`).
+# A stream is one `SINGLE` task whose callable is `guest_streams.run`; the
+# stream id (`STREAM_ID`) is the host's. `STREAM_START`: the id; answer b""
+# (run it) or b"x" (closed on the host already: do not). `STREAM_ITEM`:
+# `(id, index, item)` pickled as a task's result (a slot, or chunked);
+# answer the items the host's consumer has taken so far (`STREAM_ID`), or
+# b"x": closed, stop. `STREAM_WAIT`: `STREAM_WAIT_REC` (id, part id, taken
+# awaited): the worker holds `buffer` unread items and pauses; the host
+# answers the part (`Connection.await_part`) with the taken count once its
+# consumer took that many, or b"x" once closed; the call's answer: None.
+# `STREAM_END`: the id, before the task answers (the host has every item
+# the worker sent); answer: None.
+STREAM_START = method_id("shmpool.exec.stream.start")
+STREAM_ITEM = method_id("shmpool.exec.stream.item")
+STREAM_WAIT = method_id("shmpool.exec.stream.wait")
+STREAM_END = method_id("shmpool.exec.stream.end")
+STREAM_ID = struct.Struct("<Q")
+STREAM_WAIT_REC = struct.Struct("<QQQ")
+STREAM_CLOSED = b"x"
+
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 # A chunk answered per item (`ShmExecutor.map`'s adaptive chunks): args are
 # `(items, star)` (`star`: each item is an argument tuple); the answer is
@@ -102,3 +122,5 @@ def run_items(fn, args) -> tuple:
 
 __all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]
+__all__ += ["STREAM_START", "STREAM_ITEM", "STREAM_WAIT", "STREAM_END", "STREAM_ID", "STREAM_WAIT_REC",
+            "STREAM_CLOSED"]

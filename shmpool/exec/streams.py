@@ -1,0 +1,393 @@
+"""Streamed results, the host's side: a generator task's items delivered
+as its worker yields them (`StreamResult`), with credit backpressure (the
+worker's side is `guest_streams`).
+
+Owns: the streams of one `core.Core` (`Streams`, made with the first
+stream, one of the core's `on_close` hooks), the session handlers of
+`protocol.STREAM_START`/`STREAM_ITEM`/`STREAM_WAIT`/`STREAM_END` (run on
+the host session's one handler thread, in the order the worker sent
+them), each stream's books (`_Stream`: the items received and not taken,
+the count taken, a paused worker's wait, the task's future), and the
+consumer's iterator (`StreamResult`).
+
+Data flow: `open_stream` registers a `_Stream` under a fresh id and
+submits one `SINGLE` task (never retried: `retries=0`) whose callable is
+`RUNNER` (`guest_streams.run`, named by reference: the host never imports
+the worker's modules) -> `STREAM_START` pins that worker to the stream
+(no other task is sent to it until `STREAM_END`: `paused_until`, the
+scheduler's own skip) -> each `STREAM_ITEM` is unpickled as a task's
+result is (zero-copy within the `PinBudget`, spec: exec.pin-budget;
+chunked ones from their transfer) and queued; its answer is the count the
+consumer took -> `StreamResult.__next__` takes the items in order; a
+taken item that lets a paused worker go on answers its `STREAM_WAIT` part
+(spec: exec.stream-credit) -> the worker's `STREAM_END` (all its items are
+queued by then: one handler thread, in order) unpins the worker, then the
+task's answer completes the future, which ends the iteration: with
+StopIteration, or by raising the task's error (its remote traceback as for
+any result), or `WorkerCrashedError` after the items received before the
+worker died (spec: exec.stream-crash).
+
+Closing (spec: exec.stream-close): `StreamResult.close()` (also `with`,
+and garbage collection) drops the stream's items and id, cancels a task
+that did not start, and answers a paused worker's wait b"x"; an item that
+arrives later is answered b"x": the worker stops the generator at its next
+item and runs its `finally`. `Streams.close_all` (shutdown) closes every
+open stream the same way; its consumer then gets `CancelledError`.
+
+Invariants: at most `buffer` items of a stream are held here unread (the
+worker's credit); the consumer never waits without a bound on anything but
+the stream's task, whose future always ends (the pool's crash handling);
+no thread is started here; no part's private attributes are read.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import pkgutil
+import threading
+import weakref
+from concurrent.futures import CancelledError
+
+from .protocol import (
+    SINGLE, STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_ITEM, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC,
+)
+from .serialization import read
+
+DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
+WAIT_SLICE = 0.05  # seconds between looks at the task's future while a consumer waits
+
+
+class _Runner:
+    """The worker's `guest_streams.run`, pickled by reference to its name
+    (`pkgutil.resolve_name` in the worker): the host never imports the
+    worker program's modules (spec: boot.lean-guest)."""
+
+    def __reduce__(self):
+        return pkgutil.resolve_name, ("shmpool.exec.guest_streams:run",)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("a stream's task runs in a worker only")
+
+
+RUNNER = _Runner()
+
+
+class _Stream:
+    """One stream's books (see the module docstring), under its `cond`."""
+
+    def __init__(self, streams: "Streams", sid: int, buffer: int) -> None:
+        self.streams = streams
+        self.sid = sid
+        self.buffer = buffer
+        self.cond = threading.Condition(threading.Lock())
+        self.items: collections.deque = collections.deque()
+        self.received = 0
+        self.taken = 0
+        self.wait: tuple | None = None  # (the worker's part id, the taken count it waits for)
+        self.conn = None  # the worker's connection (from STREAM_START)
+        self.future = None
+        self.closed = False
+        self.cancelled: BaseException | None = None  # raised once closed by shutdown
+        self.over = False  # the iteration ended (its end raised once)
+
+    def done(self, fut) -> None:
+        """(the future's done callback: any thread, the driver's included)"""
+        with self.cond:
+            self.cond.notify_all()
+
+    def next(self, timeout: float | None = None):
+        """The next item, in order; see `StreamResult.__next__`."""
+        wake = None
+        with self.cond:
+            while True:
+                if self.items:
+                    item = self.items.popleft()
+                    self.taken += 1
+                    if self.wait is not None and self.taken >= self.wait[1]:
+                        wake, self.wait = self.wait[0], None
+                    break
+                if self.over:
+                    raise StopIteration
+                if self.closed:
+                    self.over = True
+                    if self.cancelled is not None:
+                        raise self.cancelled
+                    raise StopIteration
+                fut = self.future
+                if fut.done():
+                    # (every item the worker sent is here: STREAM_END came first;
+                    # after a crash, those received before it)
+                    self.over = True
+                    self.streams.forget(self.sid)
+                    err = fut.exception()  # spec: exec.stream-crash
+                    if err is not None:
+                        raise err
+                    raise StopIteration
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError(f"no item of the stream within the timeout (task still running)")
+                self.cond.wait(WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE))
+                if timeout is not None:
+                    timeout -= WAIT_SLICE
+            taken, conn = self.taken, self.conn
+        if wake is not None:  # spec: exec.stream-credit -- the paused worker goes on
+            _answer(conn, wake, STREAM_ID.pack(taken))
+        if type(item) is _Failed:
+            raise item.error
+        return item
+
+    def close(self, cancelled: BaseException | None = None) -> bool:
+        """Stop the stream (see the module docstring). False if it was over."""
+        with self.cond:
+            if self.closed or self.over:
+                return False
+            self.closed = True
+            self.cancelled = cancelled
+            self.items.clear()  # (their slots go at the next sweep of the pins)
+            wait, self.wait = self.wait, None
+            conn, fut = self.conn, self.future
+            self.cond.notify_all()
+        self.streams.forget(self.sid)
+        if fut is not None:
+            fut.cancel()  # (a task that did not start never runs; a running one stops at its next item)
+        if wait is not None:
+            _answer(conn, wait[0], STREAM_CLOSED)
+        return True
+
+
+class _Failed:
+    """An item that could not be unpickled here: its error, raised where
+    the consumer reaches it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _answer(conn, rid: int, data: bytes) -> None:
+    try:
+        conn.answer(rid, data)
+    except Exception:  # noqa: BLE001 - the worker is gone: its task's end tells the consumer
+        pass
+
+
+class Streams:
+    """The streams of one core (see the module docstring)."""
+
+    _made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _made_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, core) -> "Streams":
+        with cls._made_lock:
+            got = cls._made.get(core)
+            if got is None:
+                got = cls._made[core] = cls(core)
+            return got
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self.state = core.state
+        self.pins = core.pins
+        self.lock = threading.Lock()
+        self.open: dict[int, _Stream] = {}
+        self.ids = itertools.count(1)
+        methods = core.session.methods
+        methods.register(STREAM_START, self.on_start)
+        methods.register(STREAM_ITEM, self.on_item)
+        methods.register(STREAM_WAIT, self.on_wait)
+        methods.register(STREAM_END, self.on_end)
+        core.on_close.append(self.close_all)
+
+    def new(self, buffer: int) -> _Stream:
+        s = _Stream(self, next(self.ids), buffer)
+        with self.lock:
+            self.open[s.sid] = s
+        return s
+
+    def forget(self, sid: int) -> None:
+        with self.lock:
+            self.open.pop(sid, None)
+
+    def get(self, sid: int) -> _Stream | None:
+        with self.lock:
+            return self.open.get(sid)
+
+    def close_all(self) -> None:
+        """Shutdown: close every open stream; their consumers get
+        `CancelledError`. spec: exec.stream-shutdown"""
+        with self.lock:
+            streams = list(self.open.values())
+        for s in streams:
+            s.close(CancelledError("the stream was closed by the pool's shutdown"))
+
+    # -- handlers (the host session's handler thread) ------------------------------
+
+    def on_start(self, ctx, payload):
+        """The worker starts stream `sid`: no other task goes to it until the
+        stream's end (a task already sent to it waits). spec: exec.stream-holds-worker"""
+        s = self.get(STREAM_ID.unpack(payload.tobytes())[0])
+        if s is None:
+            return STREAM_CLOSED  # (closed before it started: the function is never called)
+        with s.cond:
+            s.conn = ctx.connection
+        st = self.state
+        with st.lock:
+            w = st.workers.get(ctx.peer)
+            if w is not None and w.conn is ctx.connection and not w.dead:
+                w.paused_until = math.inf
+        return b""
+
+    def on_item(self, ctx, payload):
+        """An item: queued for the consumer; the answer is the count taken.
+        Read as a result is (spec: exec.pin-budget, exec.chunked)."""
+        received = payload.retain()
+        try:
+            if received.descriptor.is_inline:
+                value, pin = read(received, transfers=ctx.connection.channels.take_transfer)
+            else:
+                with self.state.lock:
+                    copy = not self.pins.may_pin(received, {})
+                value, pin = read(received, copy=copy)
+        except BaseException as e:  # noqa: BLE001 - the item's error, raised where the consumer reaches it
+            value, pin = None, None
+            failed = _Failed(e)
+        else:
+            failed = None
+        sid = value[0] if value is not None else None
+        s = self.get(sid) if sid is not None else None
+        if s is None and failed is not None:
+            s = self._by_conn(ctx.connection)
+        if s is None:
+            return STREAM_CLOSED
+        with s.cond:
+            if s.closed or s.over:
+                return STREAM_CLOSED
+            s.items.append(failed if failed is not None else value[2])
+            s.received += 1
+            taken = s.taken
+            s.cond.notify_all()
+        value = None
+        if pin is not None and not pin.release_if_unused():
+            with self.state.lock:
+                self.pins.keep([pin])  # (kept while the consumer uses the item's arrays)
+        return STREAM_CLOSED if failed is not None else STREAM_ID.pack(taken)
+
+    def _by_conn(self, conn) -> _Stream | None:
+        with self.lock:
+            for s in self.open.values():
+                if s.conn is conn:
+                    return s
+        return None
+
+    def on_wait(self, ctx, payload) -> None:
+        """The worker holds `buffer` unread items and pauses until the
+        consumer took `want` of them. spec: exec.stream-credit"""
+        sid, rid, want = STREAM_WAIT_REC.unpack(payload.tobytes())
+        s = self.get(sid)
+        if s is None:
+            _answer(ctx.connection, rid, STREAM_CLOSED)
+            return
+        with s.cond:
+            if s.closed or s.over:
+                data = STREAM_CLOSED
+            elif s.taken >= want:
+                data = STREAM_ID.pack(s.taken)
+            else:
+                s.wait, data = (rid, want), None
+        if data is not None:
+            _answer(ctx.connection, rid, data)
+
+    def on_end(self, ctx, payload) -> None:
+        """The stream's task is about to answer: its worker takes other tasks again."""
+        st = self.state
+        with st.lock:
+            w = st.workers.get(ctx.peer)
+            if w is not None and w.conn is ctx.connection and w.paused_until == math.inf:
+                w.paused_until = 0.0
+                if st.queue:
+                    self.core.scheduler.schedule()
+
+
+class StreamResult:
+    """The items a generator task yields in its worker, as it yields them
+    (see `ShmExecutor.submit_iter`). An iterator, also a context manager:
+    leaving the `with` block, `close()` or garbage collection stops the
+    generator in its worker. spec: exec.stream"""
+
+    def __init__(self, stream: _Stream) -> None:
+        self._stream = stream
+        self._finalizer = weakref.finalize(self, stream.close)
+
+    def __iter__(self) -> "StreamResult":
+        return self
+
+    def __next__(self):
+        """The next item. At the end: StopIteration, or the task's error
+        (after the items yielded before it), or `WorkerCrashedError` if
+        its worker died (never restarted)."""
+        return self._stream.next()
+
+    def next(self, timeout: float | None = None):
+        """`__next__`, raising `TimeoutError` if no item comes within `timeout` seconds."""
+        return self._stream.next(timeout)
+
+    def close(self) -> None:
+        """Stop the stream: the generator stops at its next item in the
+        worker (its `finally` runs there); items not taken are dropped."""
+        self._stream.close()
+
+    @property
+    def buffer(self) -> int:
+        """Items the host may hold unread before the worker pauses."""
+        return self._stream.buffer
+
+    @property
+    def future(self):
+        """The stream's task: its result is the number of items the worker sent."""
+        return self._stream.future
+
+    def __enter__(self) -> "StreamResult":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self._stream
+        state = "closed" if s.closed else "over" if s.over else "open"
+        return f"<StreamResult {state} taken={s.taken} unread={len(s.items)} buffer={s.buffer}>"
+
+
+def close_streams(core) -> None:
+    """(shutdown begins) Close `core`'s open streams, if it made any."""
+    got = Streams._made.get(core)
+    if got is not None:
+        got.close_all()
+
+
+def check_buffer(buffer) -> int:
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ValueError(f"buffer must be an int >= 1, not {buffer!r}")
+    return buffer
+
+
+def open_stream(core, submit, fn, args, kwargs, buffer: int) -> StreamResult:
+    """A stream of `fn(*args, **kwargs)`'s items; `submit(fn, args)` queues
+    the task (the API's own path: its checks, its start of the core) and
+    returns its future. spec: exec.stream"""
+    streams = Streams.of(core)
+    s = streams.new(buffer)
+    try:
+        fut = submit(RUNNER, (s.sid, buffer, fn, tuple(args), dict(kwargs or {})))
+    except BaseException:
+        streams.forget(s.sid)
+        raise
+    s.future = fut
+    fut.add_done_callback(s.done)
+    return StreamResult(s)
+
+
+__all__ = ["StreamResult", "Streams", "open_stream", "close_streams", "check_buffer", "DEFAULT_BUFFER", "RUNNER", "SINGLE"]
