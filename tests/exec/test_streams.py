@@ -1,0 +1,321 @@
+"""Streamed results (shmpool/exec/streams.py, guest_streams.py): a
+generator task's items delivered as its worker yields them, credit
+backpressure on an endless generator, errors and crashes mid-stream,
+early close (its `finally` runs in the worker, which goes on with other
+tasks), shutdown with open streams, task control, both start methods and
+both APIs. Real processes; the worker's own counters, never the clock."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+from concurrent.futures import CancelledError
+
+import pytest
+
+from harness import stream_tasks as S
+from harness.polling import wait_for
+from shmpool import ShmExecutor, ShmPool
+from shmpool.errors import RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
+from shmpool.shm import SegmentConfig
+
+METHODS = ["fork", "spawn"]
+
+
+def ex(n=1, method="fork", **kw):
+    return ShmExecutor(n, mp_context=multiprocessing.get_context(method), **kw)
+
+
+def paused(it) -> bool:
+    """The stream's worker holds `buffer` unread items and waits (the host
+    has its wait: it answers it once the consumer takes one)."""
+    return it._stream.wait is not None
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.stream")
+def test_items_arrive_in_order_both_start_methods(method):
+    with ex(1, method) as e:
+        assert list(e.submit_iter(S.numbers, 100)) == list(range(100))
+        assert list(e.stream(S.numbers_list, (5,), buffer=2)) == [0, 3, 6, 9, 12]
+        assert list(e.submit_iter(S.numbers, 0)) == []
+        s = e.stream(S.numbers, kwargs={"n": 3})
+        assert list(s) == [0, 1, 2] and s.future.result(timeout=60) == 3
+        with pytest.raises(StopIteration):
+            next(s)
+
+
+@pytest.mark.spec("exec.stream")
+def test_items_arrive_while_the_generator_still_runs(tmp_path):
+    """The first items are on the host while the generator is not done
+    (it is endless): delivered as produced, not at the end."""
+    with ex(1) as e:
+        c = str(tmp_path / "count")
+        with e.stream(S.endless, (c,), buffer=4) as it:
+            first = [next(it)[1] for _ in range(3)]
+            assert first == [1, 2, 3]
+            assert not it.future.done()
+
+
+@pytest.mark.parametrize("buffer", [1, 4, 16])
+@pytest.mark.spec("exec.stream-credit")
+def test_endless_generator_with_a_slow_consumer_stays_bounded(buffer, tmp_path):
+    """Credit: the worker produces at most `buffer` items beyond what the
+    consumer took. Each time the worker pauses (the host holds its wait),
+    its own counter of produced items is exactly taken + buffer, and the
+    host holds `buffer` items unread, however long the consumer dawdles."""
+    counter = str(tmp_path / "count")
+    with ex(1) as e:
+        with e.stream(S.endless, (counter,), buffer=buffer) as it:
+            taken = 0
+            for _ in range(5):
+                wait_for(lambda: paused(it), "the worker paused for credit")
+                assert S.read_count(counter) == taken + buffer
+                assert len(it._stream.items) == buffer
+                for _ in range(3):
+                    assert next(it)[1] == taken + 1
+                    taken += 1
+            wait_for(lambda: paused(it), "paused again")
+            assert S.read_count(counter) == taken + buffer
+
+
+@pytest.mark.spec("exec.stream-credit")
+def test_big_items_of_an_endless_generator_hold_bounded_memory(tmp_path):
+    """Items of 1 MiB, buffer 3: the shared memory the stream holds stays
+    at three items (never the generator's whole output)."""
+    counter = str(tmp_path / "count")
+    with ex(1) as e:
+        with e.stream(S.endless, (counter,), kwargs={"size": 1 << 20}, buffer=3) as it:
+            for k in range(1, 20):
+                pid, i, data = next(it)
+                assert i == k and len(data) == 1 << 20
+                wait_for(lambda: paused(it), "paused")
+                assert S.read_count(counter) == k + 3
+
+
+@pytest.mark.spec("exec.stream")
+def test_arrays_travel_zero_copy_within_the_pin_budget():
+    with ex(1) as e:
+        items = list(e.stream(S.arrays, (6, 1 << 20), buffer=2))
+        assert [int(a[0]) for a in items] == list(range(6))
+        assert all(a.nbytes == 1 << 20 for a in items)
+        # zero-copy: views of their slots, held by the pin budget while kept
+        assert not items[-1].flags.owndata
+        assert e.statistics()["pinned_results"] >= 1
+        del items
+        e.submit(S.pid).result(60)  # (an answer sweeps the pins)
+        assert e.statistics()["pinned_results"] == 0
+
+
+@pytest.mark.spec("exec.chunked")
+@pytest.mark.spec("exec.stream")
+def test_items_bigger_than_a_slot_travel_chunked():
+    cfg = SegmentConfig(max_guests=2, memory_limit=64 << 20)
+    with ex(1, segment_config=cfg) as e:
+        got = [(int(a[0]), a.nbytes) for a in e.stream(S.arrays, (3, 24 << 20), buffer=1)]
+        assert got == [(0, 24 << 20), (1, 24 << 20), (2, 24 << 20)]
+
+
+@pytest.mark.spec("exec.stream-error")
+def test_an_exception_mid_stream_is_raised_at_that_point():
+    with ex(1) as e:
+        it = e.submit_iter(S.fails_after, 3)
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="failed after 3 items") as err:
+            next(it)
+        assert isinstance(err.value.__cause__, RemoteTraceback)
+        assert "fails_after" in str(err.value.__cause__)
+        with pytest.raises(StopIteration):
+            next(it)
+        assert e.submit(S.pid).result(60) > 0  # (the worker goes on)
+
+
+@pytest.mark.spec("exec.stream-error")
+def test_an_item_that_does_not_pickle_is_raised_at_that_point():
+    with ex(1) as e:
+        it = e.submit_iter(S.unpicklable_after, 2)
+        assert [next(it), next(it)] == [0, 1]
+        with pytest.raises(ResultEncodingError):
+            next(it)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.stream-crash")
+def test_a_kill_mid_stream_raises_after_the_items_delivered(method, tmp_path):
+    """SIGKILL of the worker while its generator runs: the items delivered
+    come first, then `WorkerCrashedError`; the stream is never restarted
+    (one start), and the pool goes on with a new worker."""
+    started = str(tmp_path / "started")
+    with ex(1, method, max_retries=2) as e:
+        it = e.stream(S.dies_after, (5, started), buffer=16)
+        pid = next(it)
+        assert [next(it) for _ in range(5)] == list(range(5))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+        assert e.submit(S.pid).result(60) != pid
+        with open(started) as f:
+            assert f.read().split() == [str(pid)]
+
+
+@pytest.mark.spec("exec.stream-crash")
+def test_a_crash_before_the_first_item_is_not_retried(tmp_path):
+    started = str(tmp_path / "started")
+    with ex(1, max_retries=3) as e:
+        with pytest.raises(WorkerCrashedError):
+            next(e.submit_iter(S.dies_before_first, started))
+        assert e.submit(S.pid).result(60) > 0
+        with open(started) as f:
+            assert len(f.read().split()) == 1
+
+
+@pytest.mark.parametrize("how", ["close", "with", "gc"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.stream-close")
+def test_closing_early_stops_the_generator_in_the_worker(how, method, tmp_path):
+    """The generator's `finally` runs in the worker, which then runs other
+    tasks (one worker: the same process)."""
+    counter, fin = str(tmp_path / "count"), str(tmp_path / "finally")
+    with ex(1, method) as e:
+        it = e.stream(S.endless, (counter, fin), buffer=4)
+        pid = next(it)[0]
+        next(it)
+        if how == "close":
+            it.close()
+            with pytest.raises(StopIteration):
+                next(it)
+        elif how == "with":
+            with it:
+                for item in it:
+                    if item[1] == 3:
+                        break
+        else:
+            del it
+            gc.collect()
+        wait_for(lambda: os.path.exists(fin), "the generator's finally ran")
+        assert e.submit(S.pid).result(60) == pid
+
+
+@pytest.mark.spec("exec.stream-close")
+def test_closing_a_stream_that_did_not_start_never_runs_it(tmp_path):
+    started = str(tmp_path / "started")
+    with ex(1) as e:
+        blocker = e.submit(S.slow_pid, 0.5)
+        it = e.stream(S.endless, (str(tmp_path / "c"), None, started))
+        it.close()
+        assert blocker.result(60) > 0
+        assert e.submit(S.pid).result(60) > 0
+        assert not os.path.exists(started)
+
+
+@pytest.mark.spec("exec.stream-holds-worker")
+def test_a_paused_stream_holds_its_worker_and_other_tasks_go_elsewhere(tmp_path):
+    with ex(2) as e:
+        with e.stream(S.endless, (str(tmp_path / "c"),), buffer=2) as it:
+            spid = next(it)[0]
+            wait_for(lambda: paused(it), "paused")
+            pids = {f.result(60) for f in [e.submit(S.pid) for _ in range(20)]}
+            assert spid not in pids and len(pids) == 1
+        wait_for(lambda: spid in {e.submit(S.slow_pid, 0.01).result(60) for _ in range(4)},
+                 "the stream's worker takes tasks again once it ended")
+
+
+@pytest.mark.spec("exec.stream-shutdown")
+def test_shutdown_closes_open_streams(tmp_path):
+    fin = str(tmp_path / "finally")
+    e = ex(1)
+    it = e.stream(S.endless, (str(tmp_path / "c"), fin), buffer=2)
+    next(it)
+    wait_for(lambda: paused(it), "paused")
+    e.shutdown(wait=True)  # (no hang: the stream is closed, its generator stopped)
+    assert os.path.exists(fin)
+    with pytest.raises(CancelledError):
+        next(it)
+
+
+@pytest.mark.spec("exec.stream-shutdown")
+def test_pool_close_closes_open_streams(tmp_path):
+    fin = str(tmp_path / "finally")
+    with ShmPool(1) as p:
+        it = p.imap_stream(S.endless, (str(tmp_path / "c"), fin), buffer=2)
+        next(it)
+        p.close()
+        p.join()
+        assert os.path.exists(fin)
+        with pytest.raises(CancelledError):
+            next(it)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.stream")
+def test_pool_imap_stream(method):
+    with ShmPool(2, context=multiprocessing.get_context(method)) as p:
+        assert list(p.imap_stream(S.numbers, (50,), buffer=3)) == list(range(50))
+        assert list(p.imap_stream(S.numbers, kwds={"n": 2})) == [0, 1]
+        with pytest.raises(ValueError):
+            p.imap_stream(S.numbers, (1,), buffer=0)
+
+
+@pytest.mark.spec("exec.stream-timeout")
+def test_task_timeout_bounds_the_whole_stream_pauses_included(tmp_path):
+    with ex(1) as e:
+        it = e.stream(S.endless, (str(tmp_path / "c"),), buffer=2, task_timeout=0.3)
+        wait_for(lambda: it.future.done(), "the stream timed out while paused")
+        assert [next(it)[1] for _ in range(2)] == [1, 2]  # (the items sent before)
+        with pytest.raises(TaskTimeoutError):
+            next(it)
+        assert e.submit(S.pid).result(60) > 0
+
+
+@pytest.mark.spec("exec.stream-timeout")
+def test_the_executors_task_timeout_does_not_apply_to_streams(tmp_path):
+    """A plain task overruns the executor's `task_timeout` and fails with
+    it (the monitor acted meanwhile); the stream, paused all that while,
+    is alive and goes on."""
+    counter = str(tmp_path / "c")
+    with ex(2, task_timeout=0.05) as e:
+        with e.stream(S.endless, (counter,), buffer=1) as it:
+            assert next(it)[1] == 1
+            wait_for(lambda: paused(it), "paused")
+            with pytest.raises(TaskTimeoutError):
+                e.submit(S.slow_pid, 30).result(60)
+            assert not it.future.done()
+            assert [next(it)[1] for _ in range(3)] == [2, 3, 4]
+
+
+@pytest.mark.spec("exec.stream")
+def test_interrupting_the_streams_task_ends_the_iteration(tmp_path):
+    with ex(1) as e:
+        it = e.stream(S.endless, (str(tmp_path / "c"),), buffer=2)
+        next(it)
+        assert e.interrupt(it.future)
+        with pytest.raises(CancelledError):
+            for _ in it:
+                pass
+        assert e.submit(S.pid).result(60) > 0
+
+
+@pytest.mark.spec("exec.stream")
+def test_max_tasks_per_child_counts_a_stream_as_one_task():
+    with ex(1, "spawn", max_tasks_per_child=2) as e:
+        a = list(e.submit_iter(S.pid_then_numbers, 3))
+        b = e.submit(S.pid).result(60)
+        c = e.submit(S.pid).result(60)
+        assert a[1:] == [0, 1, 2] and a[0] == b and c != b
+
+
+@pytest.mark.spec("exec.stream")
+def test_arguments_are_checked():
+    with ex(1) as e:
+        for bad in (0, -1, 1.5, True, None):
+            with pytest.raises(ValueError):
+                e.stream(S.numbers, (1,), buffer=bad)
+        with pytest.raises(ValueError):
+            e.stream(S.numbers, (1,), task_timeout=-1)
+    with pytest.raises(RuntimeError):
+        e.submit_iter(S.numbers, 1)
+
