@@ -244,7 +244,7 @@ class ShmExecutor(Executor):
         host may hold unread before the worker pauses (spec: exec.stream-credit);
         `task_timeout`, seconds the whole stream may run in its worker,
         pauses included (None: no limit; the executor's `task_timeout`
-        does not apply to streams). spec: exec.stream"""
+        does not apply to streams). spec: exec.stream spec: exec.stream-timeout"""
         buffer = _streams.check_buffer(buffer)
         timeout = check_timeout(task_timeout, per_call=True)
         core = self._core or self._get_core_checked()

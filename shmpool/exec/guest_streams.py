@@ -88,7 +88,7 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
         for item in it:
             try:
                 stream, bufs = dumps((sid, sent, item))
-            except Exception as e:
+            except Exception as e:  # spec: exec.stream-error
                 raise ResultEncodingError(repr(e), _short_repr(item), None) from e
             item = None
             out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)

@@ -121,19 +121,19 @@ class _Stream:
                     # after a crash, those received before it)
                     self.over = True
                     self.streams.forget(self.sid)
-                    err = fut.exception()  # spec: exec.stream-crash
+                    err = fut.exception()  # spec: exec.stream-crash spec: exec.stream-error
                     if err is not None:
                         raise err
                     raise StopIteration
                 if timeout is not None and timeout <= 0:
-                    raise TimeoutError(f"no item of the stream within the timeout (task still running)")
+                    raise TimeoutError("no item of the stream within the timeout (its task still runs)")
                 self.cond.wait(WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE))
                 if timeout is not None:
                     timeout -= WAIT_SLICE
             taken, conn = self.taken, self.conn
         if wake is not None:  # spec: exec.stream-credit -- the paused worker goes on
             _answer(conn, wake, STREAM_ID.pack(taken))
-        if type(item) is _Failed:
+        if type(item) is _Failed:  # spec: exec.stream-error
             raise item.error
         return item
 
@@ -142,6 +142,8 @@ class _Stream:
         with self.cond:
             if self.closed or self.over:
                 return False
+            if cancelled is not None and self.future is not None and self.future.done():
+                return False  # (the pool ended it already: its consumer gets that outcome)
             self.closed = True
             self.cancelled = cancelled
             self.items.clear()  # (their slots go at the next sweep of the pins)

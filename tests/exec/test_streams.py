@@ -18,7 +18,7 @@ import pytest
 from harness import stream_tasks as S
 from harness.polling import wait_for
 from shmpool import ShmExecutor, ShmPool
-from shmpool.errors import RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
+from shmpool.errors import PoolBrokenError, RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
 from shmpool.shm import SegmentConfig
 
 METHODS = ["fork", "spawn"]
@@ -139,6 +139,31 @@ def test_an_item_that_does_not_pickle_is_raised_at_that_point():
         assert [next(it), next(it)] == [0, 1]
         with pytest.raises(ResultEncodingError):
             next(it)
+
+
+@pytest.mark.spec("exec.stream-error")
+def test_an_item_that_does_not_unpickle_on_the_host_is_raised_and_stops_the_generator(tmp_path):
+    fin = str(tmp_path / "finally")
+    with ex(1) as e:
+        it = e.stream(S.unloadable_after, (2, fin), buffer=4)
+        assert [next(it), next(it)] == [0, 1]
+        with pytest.raises(RuntimeError, match="does not unpickle"):
+            next(it)
+        wait_for(lambda: os.path.exists(fin), "the generator stopped")
+        assert it.future.result(timeout=60) <= 3 + 4
+
+
+@pytest.mark.spec("exec.stream-shutdown")
+def test_pool_terminate_fails_open_streams(tmp_path):
+    p = ShmPool(1)
+    try:
+        it = p.imap_stream(S.endless, (str(tmp_path / "c"),), buffer=2)
+        next(it)
+    finally:
+        p.terminate()
+    with pytest.raises(PoolBrokenError):
+        for _ in it:
+            pass
 
 
 @pytest.mark.parametrize("method", METHODS)

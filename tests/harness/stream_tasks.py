@@ -108,3 +108,24 @@ def pid() -> int:
 def slow_pid(delay: float) -> int:
     time.sleep(delay)
     return os.getpid()
+
+
+def _load_fails(worker_pid: int):
+    if os.getpid() != worker_pid:
+        raise RuntimeError("this item does not unpickle outside its worker")
+    return worker_pid
+
+
+class _FailsOnLoad:
+    def __reduce__(self):
+        return _load_fails, (os.getpid(),)
+
+
+def unloadable_after(k: int, finally_path: str):
+    try:
+        yield from range(k)
+        yield _FailsOnLoad()
+        yield from range(1000)  # (never sent: the host said stop)
+    finally:
+        with open(finally_path, "w") as f:
+            f.write("closed\n")
