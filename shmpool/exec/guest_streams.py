@@ -4,23 +4,26 @@ sending its items to the host as it yields them (the host's side is
 
 Owns: `run`, the callable a stream task calls (the host names it by
 reference, `streams.RUNNER`, without importing this module), and the
-flow of one stream in this worker (`_Flow`: the items sent, the items the
-host's consumer took, the close).
+flow of one stream in this worker (`_Flow`: the part ids the host gave,
+whether more are asked for, the close).
 
 Data flow: `run(sid, buffer, fn, args, kwargs)` -> `STREAM_START` (the
 host pins this worker to the stream: no other task is sent to it until
-`STREAM_END`; b"x": closed before it started, `fn` is never called) ->
-`fn(*args, **kwargs)`, iterated -> each item pickled as a task's result
-(`serialization.dumps`: its arrays out of band, into a slot; a big one
-chunked over this worker's chunk channel, spec: exec.chunked) and sent as
-`STREAM_ITEM` -> its answer says how many items the host's consumer has
-taken (or b"x": closed). Credit (spec: exec.stream-credit): once `buffer`
-items are sent and not known taken, the generator is not resumed: the
-worker sends `STREAM_WAIT` with a part id and pumps its rings until the
-part (or an item's answer) says the consumer took one, or the stream
-closed. Closed (spec: exec.stream-close): the loop ends at the next item,
-the iterator's `close()` runs (a generator's `finally` runs here), and
-the host is told (`STREAM_END`) before the task answers with the count.
+`STREAM_END`) answers `buffer` part ids (or b"x": closed before it
+started, `fn` is never called) -> `fn(*args, **kwargs)`, iterated -> each
+item pickled as a task's result (`serialization.dumps`: its arrays out of
+band, into a slot; a big one chunked over this worker's chunk channel,
+spec: exec.chunked) and sent as the answer to one of the ids
+(`Connection.answer`: pushed at once, announced as any answer is) ->
+the host queues it for its consumer. Credit (spec: exec.stream-credit):
+one id per item, and the host gives new ones only as its consumer takes
+items; with half its ids used the worker asks for more (`STREAM_WAIT`,
+answered on a part of its own), and with none left it does not resume
+the generator: it pumps its rings until the grant or the close comes.
+Closed (spec: exec.stream-close): the answer to a `STREAM_WAIT` says so;
+the loop ends before the next item, the iterator's `close()` runs (a
+generator's `finally` runs here), and `STREAM_END` gives the unused ids
+back before the task answers with the count.
 
 Signals: every pump here runs as a nested wait's does (`guest_nested`'s
 `_pumping`/`_pumped`): a stop (interrupt, timeout) or a Ctrl-C arriving
@@ -29,34 +32,37 @@ after it (spec: exec.stop-nested-wait); inside the generator's own code it
 is raised at once, as in any task.
 
 Invariants: requests routed to this worker while the stream runs wait
-for it (`hold_requests`: a stream holds its worker); at most `buffer`
-items are ever sent and not taken; `STREAM_END` is sent on every way out
-that leaves the connection up; this module imports nothing of the host
+for it (`hold_requests`: a stream holds its worker); an item is sent only
+with an id the host gave (never more than `buffer` unread there); each id
+is used once; `STREAM_END` is sent on every way out that leaves the
+connection up; this module imports nothing of the host
 (spec: boot.lean-guest).
 """
 
 from __future__ import annotations
 
+import collections
+
 from .. import _atomics
 from . import guest, guest_nested
 from ..errors import ResultEncodingError
-from .protocol import (
-    STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_ITEM, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC,
-)
+from .protocol import STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
 from .serialization import Chunked, dumps, write
 
 
 class _Flow:
     """One stream's credit, as this worker knows it."""
 
-    __slots__ = ("taken", "closed")
+    __slots__ = ("ids", "asked", "closed")
 
-    def __init__(self) -> None:
-        self.taken = 0  # items the host's consumer took (the latest answer's count)
+    def __init__(self, ids) -> None:
+        self.ids = collections.deque(ids)  # part ids the host awaits: one item each
+        self.asked = False  # a STREAM_WAIT is unanswered
         self.closed = False
 
-    def answered(self, received, error) -> None:
-        """An item's answer, or a wait's part: the taken count, or closed."""
+    def granted(self, received, error) -> None:
+        """The answer to a STREAM_WAIT: more ids, or closed."""
+        self.asked = False
         if error is not None:
             self.closed = True  # (the host's error, or the connection's end)
             return
@@ -64,8 +70,12 @@ class _Flow:
         received.release()
         if data == STREAM_CLOSED:
             self.closed = True
-        elif len(data) == STREAM_ID.size:
-            self.taken = max(self.taken, STREAM_ID.unpack(data)[0])
+        else:
+            self.ids.extend(_ids(data))
+
+
+def _ids(data: bytes) -> list:
+    return [i for (i,) in STREAM_ID.iter_unpack(data)]
 
 
 def _ignore(received, error) -> None:
@@ -78,25 +88,40 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     module docstring). Returns how many items were sent. spec: exec.stream"""
     prog = guest.current
     conn = prog.conn
-    if _session(prog, conn.call_sync, STREAM_START, STREAM_ID.pack(sid)) == STREAM_CLOSED:
+    first = _session(prog, conn.call_sync, STREAM_START, STREAM_ID.pack(sid))
+    if first == STREAM_CLOSED:
         return 0
-    flow = _Flow()
+    flow = _Flow(_ids(first))
+    half = buffer // 2
+    busy = prog.guest.announcer.busy
     sent = 0
     it = None
     try:
         it = iter(fn(*args, **kwargs))
-        for item in it:
+        while True:
+            if not flow.ids or flow.asked:  # (credit first: never an item the host has no room for)
+                _session(prog, _credit, prog, conn, flow, sid)
+            if flow.closed:  # spec: exec.stream-close
+                break
+            busy()  # (the items pushed so far are announced within its bound while the generator runs)
             try:
-                stream, bufs = dumps((sid, sent, item))
+                item = next(it)
+            except StopIteration:
+                break
+            try:
+                stream, bufs = dumps((sent, item))
             except Exception as e:  # spec: exec.stream-error
                 raise ResultEncodingError(repr(e), _short_repr(item), None) from e
             item = None
             out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
             stream = bufs = None
-            _session(prog, _send, prog, conn, flow, out, sid, sent + 1, buffer)
+            if type(out) is Chunked:
+                out = _session(prog, prog.send_chunked, out)  # (its transfer before the item)
+            conn.answer(flow.ids.popleft(), out)
+            out = None
             sent += 1
-            if flow.closed:  # spec: exec.stream-close
-                break
+            if not flow.asked and len(flow.ids) <= half and not flow.closed:
+                _session(prog, _ask, conn, flow, sid)
     finally:
         close = getattr(it, "close", None)
         try:
@@ -104,36 +129,40 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
                 close()  # (a generator's `finally` runs now)
         finally:
             if conn.end_reason is None:
-                _end(prog, conn, sid)
+                _end(prog, conn, sid, flow)
     return sent
 
 
-def _send(prog, conn, flow: _Flow, out, sid: int, sent: int, buffer: int) -> None:
-    """(pumping) Send item number `sent` (1-based); then, holding `buffer`
-    items not known taken, wait for the consumer. spec: exec.stream-credit"""
-    if type(out) is Chunked:
-        out = prog.send_chunked(out)  # (its transfer before the item)
-    conn.call_cb(STREAM_ITEM, out, flow.answered)
-    conn.pump(0)  # (the answers so far: the worker's ring never fills with them)
-    if sent - flow.taken < buffer or flow.closed:
-        return
-    want = sent - buffer + 1
+def _ask(conn, flow: _Flow, sid: int) -> None:
     rid = conn.spare_id()
-    if not conn.await_part(rid, flow.answered):
+    if not conn.await_part(rid, flow.granted):
         raise conn.end_reason or RuntimeError("the connection to the host is over")
-    conn.call_cb(STREAM_WAIT, STREAM_WAIT_REC.pack(sid, rid, want), _ignore)
+    flow.asked = True
+    conn.call_cb(STREAM_WAIT, STREAM_WAIT_REC.pack(sid, rid, len(flow.ids)), _ignore)
+
+
+def _credit(prog, conn, flow: _Flow, sid: int) -> None:
+    """(pumping) Take in a grant that came; with no id left, ask and wait
+    for one (or the close). spec: exec.stream-credit"""
+    conn.pump(0)
+    if flow.ids or flow.closed:
+        return
+    if not flow.asked:
+        _ask(conn, flow, sid)
     running = _atomics.load_u32(prog.buf, prog.word)  # (this task's id: a stop of it ends the wait)
     deferred = guest._deferred
-    conn.wait_until(lambda: flow.taken >= want or flow.closed or running in deferred
+    conn.wait_until(lambda: flow.ids or flow.closed or running in deferred
                     or conn.end_reason is not None, None)
     if conn.end_reason is not None:
         raise conn.end_reason
 
 
-def _end(prog, conn, sid: int) -> None:
-    """Tell the host the stream is over (its items all sent before)."""
+def _end(prog, conn, sid: int, flow: "_Flow | None") -> None:
+    """Tell the host the stream is over (its items all sent before), and
+    give the ids not used back."""
+    unused = b"".join(STREAM_ID.pack(i) for i in flow.ids) if flow is not None else b""
     try:
-        _session(prog, conn.call_sync, STREAM_END, STREAM_ID.pack(sid), check=False)
+        _session(prog, conn.call_cb, STREAM_END, STREAM_ID.pack(sid) + unused, _ignore, check=False)
     except Exception:  # noqa: BLE001 - the host is gone: nothing to tell
         pass
 

@@ -63,20 +63,20 @@ NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
 LEND_ID = struct.Struct("<I")
 
-# Worker -> host (streamed results, spec: exec.stream; `streams`, `guest_streams`).
-# A stream is one `SINGLE` task whose callable is `guest_streams.run`; the
-# stream id (`STREAM_ID`) is the host's. `STREAM_START`: the id; answer b""
-# (run it) or b"x" (closed on the host already: do not). `STREAM_ITEM`:
-# `(id, index, item)` pickled as a task's result (a slot, or chunked);
-# answer the items the host's consumer has taken so far (`STREAM_ID`), or
-# b"x": closed, stop. `STREAM_WAIT`: `STREAM_WAIT_REC` (id, part id, taken
-# awaited): the worker holds `buffer` unread items and pauses; the host
-# answers the part (`Connection.await_part`) with the taken count once its
-# consumer took that many, or b"x" once closed; the call's answer: None.
-# `STREAM_END`: the id, before the task answers (the host has every item
-# the worker sent); answer: None.
+# Streamed results (spec: exec.stream; `streams`, `guest_streams`). A stream
+# is one `SINGLE` task whose callable is `guest_streams.run`; its id
+# (`STREAM_ID`) is the host's. Credit is part ids: each item travels as the
+# answer to one id the host awaits (`Connection.await_part`), so the host
+# holds at most as many items as it gave ids. Worker -> host:
+# `STREAM_START`: the id; answer: the first ids (`buffer` of them, packed
+# `STREAM_ID`s), or b"x" (closed on the host already: `fn` is not called).
+# `STREAM_WAIT`: `STREAM_WAIT_REC` (id, part id, ids the worker still
+# holds): more ids, please; the host answers that part with new ids once
+# its consumer took items (or b"x" once closed); the call's answer: None.
+# `STREAM_END`: the id, then the ids the worker did not use (the host
+# stops awaiting them); answer: None. An item: `(index, item)` pickled as
+# a task's result (a slot, or chunked: the transfer before the answer).
 STREAM_START = method_id("shmpool.exec.stream.start")
-STREAM_ITEM = method_id("shmpool.exec.stream.item")
 STREAM_WAIT = method_id("shmpool.exec.stream.wait")
 STREAM_END = method_id("shmpool.exec.stream.end")
 STREAM_ID = struct.Struct("<Q")
@@ -122,5 +122,5 @@ def run_items(fn, args) -> tuple:
 
 __all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]
-__all__ += ["STREAM_START", "STREAM_ITEM", "STREAM_WAIT", "STREAM_END", "STREAM_ID", "STREAM_WAIT_REC",
+__all__ += ["STREAM_START", "STREAM_WAIT", "STREAM_END", "STREAM_ID", "STREAM_WAIT_REC",
             "STREAM_CLOSED"]

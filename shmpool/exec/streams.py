@@ -4,40 +4,44 @@ worker's side is `guest_streams`).
 
 Owns: the streams of one `core.Core` (`Streams`, made with the first
 stream, one of the core's `on_close` hooks), the session handlers of
-`protocol.STREAM_START`/`STREAM_ITEM`/`STREAM_WAIT`/`STREAM_END` (run on
-the host session's one handler thread, in the order the worker sent
-them), each stream's books (`_Stream`: the items received and not taken,
-the count taken, a paused worker's wait, the task's future), and the
-consumer's iterator (`StreamResult`).
+`protocol.STREAM_START`/`STREAM_WAIT`/`STREAM_END` (the host session's
+handler thread), each stream's books (`_Stream`: the items received and
+not taken, the counts, the part ids given to the worker, its pending
+request for more, the task's future), and the consumer's iterator
+(`StreamResult`).
 
 Data flow: `open_stream` registers a `_Stream` under a fresh id and
 submits one `SINGLE` task (never retried: `retries=0`) whose callable is
 `RUNNER` (`guest_streams.run`, named by reference: the host never imports
 the worker's modules) -> `STREAM_START` pins that worker to the stream
 (no other task is sent to it until `STREAM_END`: `paused_until`, the
-scheduler's own skip) -> each `STREAM_ITEM` is unpickled as a task's
-result is (zero-copy within the `PinBudget`, spec: exec.pin-budget;
-chunked ones from their transfer) and queued; its answer is the count the
-consumer took -> `StreamResult.__next__` takes the items in order; a
-taken item that lets a paused worker go on answers its `STREAM_WAIT` part
-(spec: exec.stream-credit) -> the worker's `STREAM_END` (all its items are
-queued by then: one handler thread, in order) unpins the worker, then the
-task's answer completes the future, which ends the iteration: with
-StopIteration, or by raising the task's error (its remote traceback as for
-any result), or `WorkerCrashedError` after the items received before the
-worker died (spec: exec.stream-crash).
+scheduler's own skip) and answers `buffer` part ids, each awaited here
+by an `_Item` record -> the worker answers one id per item: on the
+driver thread, as a task's answer is, the item is unpickled as a result
+is (zero-copy within the `PinBudget`, spec: exec.pin-budget; a chunked
+one from its transfer) and queued -> `StreamResult.__next__` takes them in
+order; the ids it frees are granted to the worker's `STREAM_WAIT` (at
+once when the worker has none left, else by halves of `buffer`:
+spec: exec.stream-credit) -> `STREAM_END` (the unused ids, no longer
+awaited) unpins the worker, and the task's answer, which follows the
+items on the worker's ring, completes the future, which ends the
+iteration: StopIteration, or the task's error (its remote traceback as
+for any result), or `WorkerCrashedError` after the items received before
+the worker died (spec: exec.stream-crash).
 
 Closing (spec: exec.stream-close): `StreamResult.close()` (also `with`,
-and garbage collection) drops the stream's items and id, cancels a task
-that did not start, and answers a paused worker's wait b"x"; an item that
-arrives later is answered b"x": the worker stops the generator at its next
-item and runs its `finally`. `Streams.close_all` (shutdown) closes every
-open stream the same way; its consumer then gets `CancelledError`.
+and garbage collection) drops the stream's items, cancels a task that did
+not start, and answers the worker's request for ids b"x" (now, or when it
+comes): the worker stops the generator before its next item and runs its
+`finally`; items already on their way are dropped as they come.
+`Streams.close_all` (shutdown) closes every open stream the same way;
+its consumer then gets `CancelledError`.
 
-Invariants: at most `buffer` items of a stream are held here unread (the
-worker's credit); the consumer never waits without a bound on anything but
-the stream's task, whose future always ends (the pool's crash handling);
-no thread is started here; no part's private attributes are read.
+Invariants: the host never holds more than `buffer` items of a stream
+unread (it gave no more ids); every id given is awaited until its item
+comes, the worker gives it back (`STREAM_END`), or the connection ends;
+the consumer never waits on anything but the stream's task, whose future
+always ends (the pool's crash handling); no thread is started here.
 """
 
 from __future__ import annotations
@@ -50,10 +54,8 @@ import threading
 import weakref
 from concurrent.futures import CancelledError
 
-from .protocol import (
-    SINGLE, STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_ITEM, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC,
-)
-from .serialization import read
+from .protocol import SINGLE, STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
+from .serialization import read, transfer_of
 
 DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
 WAIT_SLICE = 0.05  # seconds between looks at the task's future while a consumer waits
@@ -85,7 +87,8 @@ class _Stream:
         self.items: collections.deque = collections.deque()
         self.received = 0
         self.taken = 0
-        self.wait: tuple | None = None  # (the worker's part id, the taken count it waits for)
+        self.given = 0  # part ids given to the worker (one item each)
+        self.wait: int | None = None  # the part id of the worker's unanswered STREAM_WAIT
         self.conn = None  # the worker's connection (from STREAM_START)
         self.future = None
         self.closed = False
@@ -97,16 +100,79 @@ class _Stream:
         with self.cond:
             self.cond.notify_all()
 
+    # -- credit --------------------------------------------------------------------
+
+    def grant(self) -> tuple | None:
+        """(cond held) The answer the worker's STREAM_WAIT gets now, if any:
+        (part id, payload). New ids once the consumer freed room: at once if
+        the worker holds none, else once half of `buffer` is free (fewer
+        round trips). spec: exec.stream-credit"""
+        rid = self.wait
+        if rid is None:
+            return None
+        if self.closed or self.over:
+            self.wait = None
+            return rid, STREAM_CLOSED
+        room = self.taken + self.buffer - self.given
+        if room < 1 or (self.received < self.given and room < max(1, self.buffer // 2)):
+            return None
+        self.wait = None
+        return rid, self.give(room)
+
+    def give(self, n: int) -> bytes:
+        """(cond held) `n` fresh part ids, each awaited by an `_Item`: packed."""
+        conn = self.conn
+        ids = conn.spare_ids(n)
+        records = [_Item(self, rid) for rid in ids]
+        filed = conn.await_records(records)
+        self.given += len(filed)
+        return b"".join(STREAM_ID.pack(r.request_id) for r in filed)
+
+    def arrived(self, received) -> None:
+        """(the driver thread, as a task's answer) An item: unpickle it as
+        a result (spec: exec.pin-budget, exec.chunked) and queue it."""
+        conn = self.conn
+        with self.cond:
+            gone = self.closed or self.over
+        if gone:
+            tid = transfer_of(received)
+            if tid is not None:
+                conn.channels.take_transfer(tid)  # (its bytes go with it)
+            received.release()
+            return
+        streams = self.streams
+        try:
+            if received.descriptor.is_inline:
+                value, pin = read(received, transfers=conn.channels.take_transfer)
+            else:
+                with streams.state.lock:
+                    copy = not streams.pins.may_pin(received, {})
+                value, pin = read(received, copy=copy)
+            item = value[1]
+        except BaseException as e:  # noqa: BLE001 - the item's error, raised where the consumer reaches it
+            item, pin = _Failed(e), None
+        value = None
+        with self.cond:
+            self.items.append(item)
+            self.received += 1
+            self.cond.notify_all()
+        item = None
+        if pin is not None and not pin.release_if_unused():
+            with streams.state.lock:
+                streams.pins.keep([pin])  # (kept while the consumer uses the item's arrays)
+
+    # -- the consumer ----------------------------------------------------------------
+
     def next(self, timeout: float | None = None):
         """The next item, in order; see `StreamResult.__next__`."""
-        wake = None
+        answer = None
         with self.cond:
             while True:
                 if self.items:
                     item = self.items.popleft()
                     self.taken += 1
-                    if self.wait is not None and self.taken >= self.wait[1]:
-                        wake, self.wait = self.wait[0], None
+                    if self.wait is not None:
+                        answer = self.grant()
                     break
                 if self.over:
                     raise StopIteration
@@ -117,8 +183,8 @@ class _Stream:
                     raise StopIteration
                 fut = self.future
                 if fut.done():
-                    # (every item the worker sent is here: STREAM_END came first;
-                    # after a crash, those received before it)
+                    # (every item the worker sent came before its answer, on
+                    # the same ring; after a crash, those received before it)
                     self.over = True
                     self.streams.forget(self.sid)
                     err = fut.exception()  # spec: exec.stream-crash spec: exec.stream-error
@@ -130,10 +196,11 @@ class _Stream:
                 self.cond.wait(WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE))
                 if timeout is not None:
                     timeout -= WAIT_SLICE
-            taken, conn = self.taken, self.conn
-        if wake is not None:  # spec: exec.stream-credit -- the paused worker goes on
-            _answer(conn, wake, STREAM_ID.pack(taken))
+            conn = self.conn
+        if answer is not None:  # spec: exec.stream-credit -- the worker goes on
+            _answer(conn, *answer)
         if type(item) is _Failed:  # spec: exec.stream-error
+            self.close()  # (the generator stops: what follows it is not delivered)
             raise item.error
         return item
 
@@ -147,15 +214,37 @@ class _Stream:
             self.closed = True
             self.cancelled = cancelled
             self.items.clear()  # (their slots go at the next sweep of the pins)
-            wait, self.wait = self.wait, None
+            answer = self.grant()
             conn, fut = self.conn, self.future
             self.cond.notify_all()
         self.streams.forget(self.sid)
         if fut is not None:
-            fut.cancel()  # (a task that did not start never runs; a running one stops at its next item)
-        if wait is not None:
-            _answer(conn, wait[0], STREAM_CLOSED)
+            fut.cancel()  # (a task that did not start never runs; a running one stops before its next item)
+        if answer is not None:
+            _answer(conn, *answer)
         return True
+
+
+class _Item:
+    """The record awaiting one item (`Connection.await_records`): the
+    worker answers its id with the item."""
+
+    __slots__ = ("stream", "request_id")
+    raw = True
+    inline = False
+
+    def __init__(self, stream: _Stream, rid: int) -> None:
+        self.stream = stream
+        self.request_id = rid
+
+    def done(self) -> bool:
+        return False  # (delivered once: the table gives it up when it delivers)
+
+    def set_result(self, received) -> None:
+        self.stream.arrived(received)
+
+    def set_exception(self, exc: BaseException) -> None:
+        pass  # (the connection ended: the task's future tells the consumer)
 
 
 class _Failed:
@@ -198,7 +287,6 @@ class Streams:
         self.ids = itertools.count(1)
         methods = core.session.methods
         methods.register(STREAM_START, self.on_start)
-        methods.register(STREAM_ITEM, self.on_item)
         methods.register(STREAM_WAIT, self.on_wait)
         methods.register(STREAM_END, self.on_end)
         core.on_close.append(self.close_all)
@@ -228,86 +316,48 @@ class Streams:
     # -- handlers (the host session's handler thread) ------------------------------
 
     def on_start(self, ctx, payload):
-        """The worker starts stream `sid`: no other task goes to it until the
-        stream's end (a task already sent to it waits). spec: exec.stream-holds-worker"""
+        """The worker starts stream `sid`: its first `buffer` ids; no other
+        task goes to that worker until the stream's end (a task already
+        sent to it waits). spec: exec.stream-holds-worker"""
         s = self.get(STREAM_ID.unpack(payload.tobytes())[0])
         if s is None:
             return STREAM_CLOSED  # (closed before it started: the function is never called)
         with s.cond:
+            if s.closed or s.over:
+                return STREAM_CLOSED
             s.conn = ctx.connection
+            ids = s.give(s.buffer)
         st = self.state
         with st.lock:
             w = st.workers.get(ctx.peer)
             if w is not None and w.conn is ctx.connection and not w.dead:
                 w.paused_until = math.inf
-        return b""
-
-    def on_item(self, ctx, payload):
-        """An item: queued for the consumer; the answer is the count taken.
-        Read as a result is (spec: exec.pin-budget, exec.chunked)."""
-        received = payload.retain()
-        try:
-            if received.descriptor.is_inline:
-                value, pin = read(received, transfers=ctx.connection.channels.take_transfer)
-            else:
-                with self.state.lock:
-                    copy = not self.pins.may_pin(received, {})
-                value, pin = read(received, copy=copy)
-        except BaseException as e:  # noqa: BLE001 - the item's error, raised where the consumer reaches it
-            value, pin = None, None
-            failed = _Failed(e)
-        else:
-            failed = None
-        sid = value[0] if value is not None else None
-        s = self.get(sid) if sid is not None else None
-        if s is None and failed is not None:
-            s = self._by_conn(ctx.connection)
-        if s is None:
-            return STREAM_CLOSED
-        with s.cond:
-            if s.closed or s.over:
-                return STREAM_CLOSED
-            s.items.append(failed if failed is not None else value[2])
-            s.received += 1
-            taken = s.taken
-            s.cond.notify_all()
-        value = None
-        if pin is not None and not pin.release_if_unused():
-            with self.state.lock:
-                self.pins.keep([pin])  # (kept while the consumer uses the item's arrays)
-        return STREAM_CLOSED if failed is not None else STREAM_ID.pack(taken)
-
-    def _by_conn(self, conn) -> _Stream | None:
-        with self.lock:
-            for s in self.open.values():
-                if s.conn is conn:
-                    return s
-        return None
+        return ids
 
     def on_wait(self, ctx, payload) -> None:
-        """The worker holds `buffer` unread items and pauses until the
-        consumer took `want` of them. spec: exec.stream-credit"""
-        sid, rid, want = STREAM_WAIT_REC.unpack(payload.tobytes())
+        """The worker asks for more ids (it holds `have`). spec: exec.stream-credit"""
+        sid, rid, have = STREAM_WAIT_REC.unpack(payload.tobytes())
         s = self.get(sid)
         if s is None:
             _answer(ctx.connection, rid, STREAM_CLOSED)
             return
         with s.cond:
-            if s.closed or s.over:
-                data = STREAM_CLOSED
-            elif s.taken >= want:
-                data = STREAM_ID.pack(s.taken)
-            else:
-                s.wait, data = (rid, want), None
-        if data is not None:
-            _answer(ctx.connection, rid, data)
+            s.wait = rid
+            answer = s.grant()
+        if answer is not None:
+            _answer(ctx.connection, *answer)
 
     def on_end(self, ctx, payload) -> None:
-        """The stream's task is about to answer: its worker takes other tasks again."""
+        """The stream's task is about to answer: the ids it did not use are
+        no longer awaited; its worker takes other tasks again."""
+        data = payload.tobytes()
+        conn = ctx.connection
+        for (rid,) in STREAM_ID.iter_unpack(data[STREAM_ID.size:]):
+            conn.forget(rid)
         st = self.state
         with st.lock:
             w = st.workers.get(ctx.peer)
-            if w is not None and w.conn is ctx.connection and w.paused_until == math.inf:
+            if w is not None and w.conn is conn and w.paused_until == math.inf:
                 w.paused_until = 0.0
                 if st.queue:
                     self.core.scheduler.schedule()

@@ -29,9 +29,12 @@ def ex(n=1, method="fork", **kw):
 
 
 def paused(it) -> bool:
-    """The stream's worker holds `buffer` unread items and waits (the host
-    has its wait: it answers it once the consumer takes one)."""
-    return it._stream.wait is not None
+    """The stream's worker used every id the host gave (one per item),
+    the host holds `buffer` items unread, and the worker's request for
+    more waits: the worker waits for credit."""
+    s = it._stream
+    with s.cond:
+        return s.wait is not None and s.received == s.given == s.taken + s.buffer
 
 
 @pytest.mark.parametrize("method", METHODS)
