@@ -17,7 +17,7 @@ spec: exec.chunked) and sent as the answer to one of the ids
 (`Connection.answer`: pushed at once, announced as any answer is) ->
 the host queues it for its consumer. Credit (spec: exec.stream-credit):
 one id per item, and the host gives new ones only as its consumer takes
-items; with half its ids used the worker asks for more (`STREAM_WAIT`,
+items; with a quarter of its ids used the worker asks for more (`STREAM_WAIT`,
 answered on a part of its own), and with none left it does not resume
 the generator: it pumps its rings until the grant or the close comes.
 Closed (spec: exec.stream-close): the answer to a `STREAM_WAIT` says so;
@@ -92,7 +92,8 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     if first == STREAM_CLOSED:
         return 0
     flow = _Flow(_ids(first))
-    half = buffer // 2
+    # (more are asked for once a quarter is used: a grant is on its way before they run out)
+    ask_at = buffer - max(1, buffer // 4)
     busy = prog.guest.announcer.busy
     sent = 0
     it = None
@@ -120,7 +121,7 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
             conn.answer(flow.ids.popleft(), out)
             out = None
             sent += 1
-            if not flow.asked and len(flow.ids) <= half and not flow.closed:
+            if not flow.asked and len(flow.ids) <= ask_at and not flow.closed:
                 _session(prog, _ask, conn, flow, sid)
     finally:
         close = getattr(it, "close", None)

@@ -21,7 +21,7 @@ driver thread, as a task's answer is, the item is unpickled as a result
 is (zero-copy within the `PinBudget`, spec: exec.pin-budget; a chunked
 one from its transfer) and queued -> `StreamResult.__next__` takes them in
 order; the ids it frees are granted to the worker's `STREAM_WAIT` (at
-once when the worker has none left, else by halves of `buffer`:
+once when the worker has none left, else by quarters of `buffer`:
 spec: exec.stream-credit) -> `STREAM_END` (the unused ids, no longer
 awaited) unpins the worker, and the task's answer, which follows the
 items on the worker's ring, completes the future, which ends the
@@ -105,8 +105,8 @@ class _Stream:
     def grant(self) -> tuple | None:
         """(cond held) The answer the worker's STREAM_WAIT gets now, if any:
         (part id, payload). New ids once the consumer freed room: at once if
-        the worker holds none, else once half of `buffer` is free (fewer
-        round trips). spec: exec.stream-credit"""
+        the worker holds none, else once a quarter of `buffer` is free
+        (fewer round trips). spec: exec.stream-credit"""
         rid = self.wait
         if rid is None:
             return None
@@ -114,7 +114,7 @@ class _Stream:
             self.wait = None
             return rid, STREAM_CLOSED
         room = self.taken + self.buffer - self.given
-        if room < 1 or (self.received < self.given and room < max(1, self.buffer // 2)):
+        if room < 1 or (self.received < self.given and room < max(1, self.buffer // 4)):
             return None
         self.wait = None
         return rid, self.give(room)
@@ -130,14 +130,13 @@ class _Stream:
 
     def arrived(self, received) -> None:
         """(the driver thread, as a task's answer) An item: unpickle it as
-        a result (spec: exec.pin-budget, exec.chunked) and queue it."""
+        a result (spec: exec.pin-budget, exec.chunked) and queue it; one
+        that comes after the close is dropped (a chunked one's bytes too)."""
         conn = self.conn
-        with self.cond:
-            gone = self.closed or self.over
-        if gone:
+        if self.closed or self.over:  # (a racy early look: checked again below)
             tid = transfer_of(received)
             if tid is not None:
-                conn.channels.take_transfer(tid)  # (its bytes go with it)
+                conn.channels.take_transfer(tid)
             received.release()
             return
         streams = self.streams
@@ -153,9 +152,10 @@ class _Stream:
             item, pin = _Failed(e), None
         value = None
         with self.cond:
-            self.items.append(item)
-            self.received += 1
-            self.cond.notify_all()
+            if not (self.closed or self.over):
+                self.items.append(item)
+                self.received += 1
+                self.cond.notify()
         item = None
         if pin is not None and not pin.release_if_unused():
             with streams.state.lock:
@@ -442,4 +442,4 @@ def open_stream(core, submit, fn, args, kwargs, buffer: int) -> StreamResult:
     return StreamResult(s)
 
 
-__all__ = ["StreamResult", "Streams", "open_stream", "close_streams", "check_buffer", "DEFAULT_BUFFER", "RUNNER", "SINGLE"]
+__all__ = ["StreamResult", "Streams", "open_stream", "close_streams", "check_buffer", "DEFAULT_BUFFER", "RUNNER"]
