@@ -54,7 +54,7 @@ import threading
 import weakref
 from concurrent.futures import CancelledError
 
-from .protocol import SINGLE, STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
+from .protocol import STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
 from .serialization import read, transfer_of
 
 DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
