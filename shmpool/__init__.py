@@ -57,6 +57,10 @@ def __getattr__(name: str):
         from .pool import ShmPool
 
         return ShmPool
+    if name == "StreamResult":  # (what `submit_iter` returns, for type hints)
+        from .exec.streams import StreamResult
+
+        return StreamResult
     if name == "track":  # (shmpool.progress is the module: the helper has its own name)
         from .progress import track
 
@@ -68,6 +72,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ShmExecutor",
     "ShmPool",
+    "StreamResult",
     "track",
     "current_executor",
     "WorkerCrashedError",

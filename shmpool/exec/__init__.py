@@ -45,11 +45,13 @@ The parts (host side):
   child does with the engines it inherited; `control.Control`: task
   timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
   the tasks workers submit from inside a task, and the places their waits
-  lend.
+  lend; `streams`: streamed results (a generator task's items, credit as
+  part ids, `StreamResult`).
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
-waits.
+waits; `guest_streams`: a stream task's loop (items sent as the
+generator yields them, within the host's credit).
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,
