@@ -158,12 +158,19 @@ def _credit(prog, conn, flow: _Flow, sid: int) -> None:
         raise conn.end_reason
 
 
-def _end(prog, conn, sid: int, flow: "_Flow | None") -> None:
-    """Tell the host the stream is over (its items all sent before), and
-    give the ids not used back."""
-    unused = b"".join(STREAM_ID.pack(i) for i in flow.ids) if flow is not None else b""
+def _end(prog, conn, sid: int, flow: _Flow) -> None:
+    """Tell the host the stream is over (its items all sent before) and
+    give the ids not used back; the host answers our pending request for
+    more "closed". A grant it sent before it read this one arrives with the
+    answer: those ids are given back too (once more at most: the host
+    grants nothing after `STREAM_END`)."""
     try:
-        _session(prog, conn.call_cb, STREAM_END, STREAM_ID.pack(sid) + unused, _ignore, check=False)
+        for _ in range(2):
+            unused = b"".join(STREAM_ID.pack(i) for i in flow.ids)
+            flow.ids.clear()
+            _session(prog, conn.call_sync, STREAM_END, STREAM_ID.pack(sid) + unused, check=False)
+            if not flow.ids:
+                break
     except Exception:  # noqa: BLE001 - the host is gone: nothing to tell
         pass
 

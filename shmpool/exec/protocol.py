@@ -74,7 +74,9 @@ LEND_ID = struct.Struct("<I")
 # holds): more ids, please; the host answers that part with new ids once
 # its consumer took items (or b"x" once closed); the call's answer: None.
 # `STREAM_END`: the id, then the ids the worker did not use (the host
-# stops awaiting them); answer: None. An item: `(index, item)` pickled as
+# stops awaiting them, answers a pending `STREAM_WAIT` b"x" and grants no
+# more; ids of a grant sent before it are given back with a second one);
+# answer: None. An item: `(index, item)` pickled as
 # a task's result (a slot, or chunked: the transfer before the answer).
 STREAM_START = method_id("shmpool.exec.stream.start")
 STREAM_WAIT = method_id("shmpool.exec.stream.wait")

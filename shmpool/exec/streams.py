@@ -94,6 +94,7 @@ class _Stream:
         self.closed = False
         self.cancelled: BaseException | None = None  # raised once closed by shutdown
         self.over = False  # the iteration ended (its end raised once)
+        self.ended = False  # the worker's STREAM_END came: no grant after it
 
     def done(self, fut) -> None:
         """(the future's done callback: any thread, the driver's included)"""
@@ -110,7 +111,7 @@ class _Stream:
         rid = self.wait
         if rid is None:
             return None
-        if self.closed or self.over:
+        if self.closed or self.over or self.ended:
             self.wait = None
             return rid, STREAM_CLOSED
         room = self.taken + self.buffer - self.given
@@ -349,9 +350,19 @@ class Streams:
 
     def on_end(self, ctx, payload) -> None:
         """The stream's task is about to answer: the ids it did not use are
-        no longer awaited; its worker takes other tasks again."""
+        no longer awaited, its pending request for more is answered
+        "closed" (no grant after this), and its worker takes other tasks
+        again."""
         data = payload.tobytes()
         conn = ctx.connection
+        s = self.get(STREAM_ID.unpack_from(data)[0])
+        answer = None
+        if s is not None:
+            with s.cond:
+                s.ended = True
+                answer = s.grant()
+        if answer is not None:
+            _answer(conn, *answer)
         for (rid,) in STREAM_ID.iter_unpack(data[STREAM_ID.size:]):
             conn.forget(rid)
         st = self.state

@@ -240,6 +240,27 @@ def test_closing_a_stream_that_did_not_start_never_runs_it(tmp_path):
         assert not os.path.exists(started)
 
 
+@pytest.mark.parametrize("buffer", [1, 3, 16])
+@pytest.mark.spec("exec.stream-credit")
+def test_no_id_stays_awaited_after_streams_end_or_close(buffer, tmp_path):
+    """Ids the worker did not use, and grants that crossed its end, are
+    given back: after many streams (ended, closed early, broken off by an
+    error) the host awaits nothing more from the worker once it is idle."""
+    with ex(1) as e:
+        for k in range(12):
+            list(e.stream(S.numbers, (k,), buffer=buffer))
+            with e.stream(S.endless, (str(tmp_path / f"c{k}"),), buffer=buffer) as it:
+                for _ in range(k % 4 + 1):
+                    next(it)
+            with pytest.raises(ValueError):
+                list(e.stream(S.fails_after, (k,), buffer=buffer))
+        w = next(iter(e._core.state.workers.values()))
+        wait_for(lambda: e.submit(S.pid).result(60) and len(w.conn.pending_calls) == 0,
+                 "no part id awaited on the host")
+        assert not e._core.state.workers or all(x.paused_until != float("inf")
+                                                for x in e._core.state.workers.values())
+
+
 @pytest.mark.spec("exec.stream-holds-worker")
 def test_a_paused_stream_holds_its_worker_and_other_tasks_go_elsewhere(tmp_path):
     with ex(2) as e:
