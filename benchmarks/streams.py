@@ -17,7 +17,8 @@ them (sums a field):
 Two item kinds: small (an int pair) and arrays (numpy, 256 KiB each:
 zero-copy through shared memory in shmpool). Pools of 2 workers, warm;
 rounds alternate the ways; medians. Also the time to the first item
-(stream vs whole list). Prints cores and Python.
+(stream vs whole list), and the host process's CPU per item (all its
+threads). Prints cores, Python and the load average.
 
     python benchmarks/streams.py [--rounds 5] [--small 20000] [--arrays 400] [--quick]
 """
@@ -64,13 +65,13 @@ def item_array(i):
     return item(i, "array")
 
 
-def consume(it, kind) -> tuple[int, float]:
-    """(count, seconds to the first item)"""
+def consume(make, kind) -> tuple[int, float]:
+    """(count, seconds from the call to the first item)"""
     t0 = time.perf_counter()
     first = None
     n = 0
     acc = 0
-    for x in it:
+    for x in make():
         if first is None:
             first = time.perf_counter() - t0
         acc += int(x[0])
@@ -100,7 +101,7 @@ def tune(ex, n, kind) -> int:
         if cs > max(1, n // 4):
             break
         t0 = time.perf_counter()
-        consume(ex.map(fn, range(n), chunksize=cs), kind)
+        consume(lambda: ex.map(fn, range(n), chunksize=cs), kind)
         t = time.perf_counter() - t0
         if best_t is None or t < best_t:
             best, best_t = cs, t
@@ -112,20 +113,23 @@ def run(kind, n, rounds, ex, pool, ppe, mpp) -> None:
     w = ways(ex, pool, ppe, mpp, n, kind, cs)
     rates: dict = {k: [] for k in w}
     firsts: dict = {k: [] for k in w}
+    cpus: dict = {k: [] for k in w}
     for r in range(rounds):
         order = list(w) if r % 2 == 0 else list(reversed(list(w)))
         for name in order:
+            c0 = time.process_time()
             t0 = time.perf_counter()
-            got, first = consume(w[name](), kind)
+            got, first = consume(w[name], kind)
             dt = time.perf_counter() - t0
+            cpus[name].append((time.process_time() - c0) / n)
             assert got == n, (name, got)
             rates[name].append(n / dt)
             firsts[name].append(first)
     print(f"\n{kind} items, N={n}, chunksize tuned to {cs}, {rounds} rounds (medians):")
-    print(f"  {'way':36s} {'items/s':>12s} {'first item (ms)':>16s}")
+    print(f"  {'way':36s} {'items/s':>12s} {'first item (ms)':>16s} {'host CPU us/item':>17s}")
     for name in w:
         print(f"  {name:36s} {statistics.median(rates[name]):12,.0f} "
-              f"{1000 * statistics.median(firsts[name]):16.2f}")
+              f"{1000 * statistics.median(firsts[name]):16.2f} {1e6 * statistics.median(cpus[name]):17.1f}")
 
 
 def main() -> None:
@@ -137,7 +141,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.small, a.arrays = 1, 500, 20
-    print(f"cores: {os.cpu_count()}, Python {platform.python_version()}, {platform.machine()}")
+    print(f"cores: {os.cpu_count()}, Python {platform.python_version()}, {platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     ctx = multiprocessing.get_context("fork")
     with ShmExecutor(2, mp_context=ctx) as ex, ShmPool(2, context=ctx) as pool, \
             ProcessPoolExecutor(2, mp_context=ctx) as ppe, ctx.Pool(2) as mpp:
