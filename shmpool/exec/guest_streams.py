@@ -99,30 +99,16 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     it = None
     try:
         it = iter(fn(*args, **kwargs))
-        while True:
-            if not flow.ids or flow.asked:  # (credit first: never an item the host has no room for)
-                _session(prog, _credit, prog, conn, flow, sid)
-            if flow.closed:  # spec: exec.stream-close
-                break
+        while not flow.closed:  # spec: exec.stream-close
             busy()  # (the items pushed so far are announced within its bound while the generator runs)
             try:
                 item = next(it)
             except StopIteration:
                 break
-            try:
-                stream, bufs = dumps((sent, item))
-            except Exception as e:  # spec: exec.stream-error
-                raise ResultEncodingError(repr(e), _short_repr(item), None) from e
+            # (the session's code runs with signals deferred, as a nested wait's)
+            _session(prog, _send, prog, conn, flow, sid, sent, item, ask_at)
             item = None
-            out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
-            stream = bufs = None
-            if type(out) is Chunked:
-                out = _session(prog, prog.send_chunked, out)  # (its transfer before the item)
-            conn.answer(flow.ids.popleft(), out)
-            out = None
             sent += 1
-            if not flow.asked and len(flow.ids) <= ask_at and not flow.closed:
-                _session(prog, _ask, conn, flow, sid)
     finally:
         close = getattr(it, "close", None)
         try:
@@ -134,6 +120,27 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     return sent
 
 
+def _send(prog, conn, flow: _Flow, sid: int, index: int, item, ask_at: int) -> None:
+    """(pumping) Send item `index` with one of the host's ids; ask for more
+    once a quarter is used; with none left, wait for credit before the
+    generator is resumed. spec: exec.stream-credit"""
+    try:
+        stream, bufs = dumps((index, item))
+    except Exception as e:  # spec: exec.stream-error
+        raise ResultEncodingError(repr(e), _short_repr(item), None) from e
+    item = None
+    out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
+    stream = bufs = None
+    if type(out) is Chunked:
+        out = prog.send_chunked(out)  # (its transfer before the item)
+    conn.answer(flow.ids.popleft(), out)
+    out = None
+    if not flow.asked and len(flow.ids) <= ask_at:
+        _ask(conn, flow, sid)
+    if flow.asked:
+        _credit(prog, conn, flow, sid)
+
+
 def _ask(conn, flow: _Flow, sid: int) -> None:
     rid = conn.spare_id()
     if not conn.await_part(rid, flow.granted):
@@ -143,13 +150,11 @@ def _ask(conn, flow: _Flow, sid: int) -> None:
 
 
 def _credit(prog, conn, flow: _Flow, sid: int) -> None:
-    """(pumping) Take in a grant that came; with no id left, ask and wait
-    for one (or the close). spec: exec.stream-credit"""
+    """(pumping; a request for more is out) Take in a grant or the close
+    that came; with no id left, wait for one."""
     conn.pump(0)
     if flow.ids or flow.closed:
         return
-    if not flow.asked:
-        _ask(conn, flow, sid)
     running = _atomics.load_u32(prog.buf, prog.word)  # (this task's id: a stop of it ends the wait)
     deferred = guest._deferred
     conn.wait_until(lambda: flow.ids or flow.closed or running in deferred
