@@ -88,16 +88,18 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     module docstring). Returns how many items were sent. spec: exec.stream"""
     prog = guest.current
     conn = prog.conn
-    first = _session(prog, conn.call_sync, STREAM_START, STREAM_ID.pack(sid))
-    if first == STREAM_CLOSED:
-        return 0
-    flow = _Flow(_ids(first))
-    # (more are asked for once a quarter is used: a grant is on its way before they run out)
-    ask_at = buffer - max(1, buffer // 4)
+    flow = _Flow(())
+    ask_at = buffer - max(1, buffer // 4)  # (more are asked for once a quarter is used)
     busy = prog.guest.announcer.busy
     sent = 0
     it = None
     try:
+        # (inside the try: a stop raised once START is answered still sends
+        # END, which unpins this worker on the host)
+        first = _session(prog, conn.call_sync, STREAM_START, STREAM_ID.pack(sid))
+        if first == STREAM_CLOSED:
+            return 0
+        flow.ids.extend(_ids(first))
         it = iter(fn(*args, **kwargs))
         while not flow.closed:  # spec: exec.stream-close
             busy()  # (the items pushed so far are announced within its bound while the generator runs)

@@ -348,6 +348,28 @@ def test_interrupting_the_streams_task_ends_the_iteration(tmp_path):
         assert e.submit(S.pid).result(60) > 0
 
 
+@pytest.mark.spec("exec.stream-timeout")
+@pytest.mark.spec("exec.stop-nested-wait")
+def test_interrupting_a_producing_stream_again_and_again(tmp_path):
+    """A fast endless stream with a large buffer spends most of its time in
+    the session's code (pickling, sending), where a stop is deferred to a
+    safe point: interrupted again and again, no hang, no worker death (the
+    grace period's kills, `stop_kills`, are not counted as deaths: on a
+    loaded machine the grace period may pass)."""
+    with ex(1) as e:
+        for k in range(8):
+            it = e.stream(S.endless, (str(tmp_path / f"c{k}"),), buffer=100000)
+            for _ in range(50):
+                next(it)
+            assert e.interrupt(it.future)
+            with pytest.raises(CancelledError):
+                for _ in it:
+                    pass
+            assert e.submit(S.pid).result(60) > 0
+            st = e.statistics()
+            assert st["worker_deaths"] == 0, (k, st)  # (the grace period's kills are not deaths)
+
+
 @pytest.mark.spec("exec.stream")
 def test_max_tasks_per_child_counts_a_stream_as_one_task():
     with ex(1, "spawn", max_tasks_per_child=2) as e:
