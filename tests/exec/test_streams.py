@@ -273,6 +273,17 @@ def test_a_paused_stream_holds_its_worker_and_other_tasks_go_elsewhere(tmp_path)
                  "the stream's worker takes tasks again once it ended")
 
 
+@pytest.mark.spec("exec.stream-holds-worker")
+def test_a_generator_waiting_on_nested_tasks_has_them_run_by_another_worker():
+    """Its own worker takes no task while the stream runs, not even one the
+    generator waits for: the other worker runs them (with one worker, such
+    a generator would wait for ever: README)."""
+    with ex(2) as e:
+        got = list(e.submit_iter(S.nested_pids, 5))
+        assert len(got) == 5 and all(mine != theirs for mine, theirs in got)
+        assert e.submit(S.pid).result(60) > 0
+
+
 @pytest.mark.spec("exec.stream-shutdown")
 def test_shutdown_closes_open_streams(tmp_path):
     fin = str(tmp_path / "finally")

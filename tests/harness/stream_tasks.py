@@ -129,3 +129,13 @@ def unloadable_after(k: int, finally_path: str):
     finally:
         with open(finally_path, "w") as f:
             f.write("closed\n")
+
+
+def nested_pids(n: int):
+    """Yields (this worker's pid, a nested task's pid) `n` times, each
+    nested task submitted from the generator and waited on there."""
+    import shmpool
+
+    ex = shmpool.current_executor()
+    for _ in range(n):
+        yield os.getpid(), ex.submit(pid).result()
