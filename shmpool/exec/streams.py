@@ -59,6 +59,7 @@ from .serialization import read, transfer_of
 
 DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
 WAIT_SLICE = 0.05  # seconds between looks at the task's future while a consumer waits
+GRANT_MAX = 4096  # part ids one answer gives (a big `buffer` is granted in several)
 
 
 class _Runner:
@@ -121,9 +122,10 @@ class _Stream:
         return rid, self.give(room)
 
     def give(self, n: int) -> bytes:
-        """(cond held) `n` fresh part ids, each awaited by an `_Item`: packed."""
+        """(cond held) `n` fresh part ids (at most `GRANT_MAX`), each
+        awaited by an `_Item`: packed."""
         conn = self.conn
-        ids = conn.spare_ids(n)
+        ids = conn.spare_ids(min(n, GRANT_MAX))
         records = [_Item(self, rid) for rid in ids]
         filed = conn.await_records(records)
         self.given += len(filed)

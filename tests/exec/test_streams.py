@@ -62,7 +62,7 @@ def test_items_arrive_while_the_generator_still_runs(tmp_path):
             assert not it.future.done()
 
 
-@pytest.mark.parametrize("buffer", [1, 4, 16])
+@pytest.mark.parametrize("buffer", [1, 4, 16, 5000])
 @pytest.mark.spec("exec.stream-credit")
 def test_endless_generator_with_a_slow_consumer_stays_bounded(buffer, tmp_path):
     """Credit: the worker produces at most `buffer` items beyond what the
