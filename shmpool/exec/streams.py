@@ -21,7 +21,7 @@ driver thread, as a task's answer is, the item is unpickled as a result
 is (zero-copy within the `PinBudget`, spec: exec.pin-budget; a chunked
 one from its transfer) and queued -> `StreamResult.__next__` takes them in
 order; the ids it frees are granted to the worker's `STREAM_WAIT` (at
-once when the worker has none left, else by quarters of `buffer`:
+once when the worker asks or has none left, else by quarters of `buffer`:
 spec: exec.stream-credit) -> `STREAM_END` (the unused ids, no longer
 awaited) unpins the worker, and the task's answer, which follows the
 items on the worker's ring, completes the future, which ends the
@@ -104,11 +104,13 @@ class _Stream:
 
     # -- credit --------------------------------------------------------------------
 
-    def grant(self) -> tuple | None:
+    def grant(self, asking: bool = False) -> tuple | None:
         """(cond held) The answer the worker's STREAM_WAIT gets now, if any:
-        (part id, payload). New ids once the consumer freed room: at once if
-        the worker holds none, else once a quarter of `buffer` is free
-        (fewer round trips). spec: exec.stream-credit"""
+        (part id, payload). New ids once the consumer freed room: when the
+        request comes (`asking`), whatever room there is; later, as the
+        consumer takes items, once a quarter of `buffer` is free, or at once
+        if the worker has no id left (fewer, larger grants while it has
+        some). spec: exec.stream-credit"""
         rid = self.wait
         if rid is None:
             return None
@@ -116,7 +118,7 @@ class _Stream:
             self.wait = None
             return rid, STREAM_CLOSED
         room = self.taken + self.buffer - self.given
-        if room < 1 or (self.received < self.given and room < max(1, self.buffer // 4)):
+        if room < 1 or not (asking or self.received >= self.given or room >= max(1, self.buffer // 4)):
             return None
         self.wait = None
         return rid, self.give(room)
@@ -346,7 +348,7 @@ class Streams:
             return
         with s.cond:
             s.wait = rid
-            answer = s.grant()
+            answer = s.grant(asking=True)
         if answer is not None:
             _answer(ctx.connection, *answer)
 
