@@ -46,8 +46,11 @@ import collections
 from .. import _atomics
 from . import guest, guest_nested
 from ..errors import ResultEncodingError
-from .protocol import STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
-from .serialization import Chunked, dumps, write
+from ..errors import TaskNotRun
+from .protocol import (
+    BATCH_TIME, RUN, RUN_BATCH, STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC,
+)
+from .serialization import Chunked, dumps, read, transfer_of, write
 
 
 class _Flow:
@@ -100,6 +103,7 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
         if first == STREAM_CLOSED:
             return 0
         flow.ids.extend(_ids(first))
+        _give_back(prog, conn)  # spec: exec.stream-holds-worker
         it = iter(fn(*args, **kwargs))
         while not flow.closed:  # spec: exec.stream-close
             busy()  # (the items pushed so far are announced within its bound while the generator runs)
@@ -120,6 +124,31 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
             if conn.end_reason is None:
                 _end(prog, conn, sid, flow)
     return sent
+
+
+def _give_back(prog, conn) -> None:
+    """The tasks the host gave this worker before it pinned it to the
+    stream (the rest of the batch the stream came in; the requests
+    routed behind it, held: all of them here, since the host's pin came
+    before START's answer on the ring) go back to the host (`TaskNotRun`:
+    queued again, uncharged), to run on other workers instead of waiting
+    for the stream's end. A chunked one stays (its bytes are on their way)."""
+    prog.give_back()
+    incoming = conn.incoming_calls
+    for ctx, payload in incoming.take_routed(_given_back):
+        if ctx.method_id == RUN:
+            incoming.answer(ctx.request_id, error=TaskNotRun())
+        else:
+            parts, pin = read(payload.retain())
+            pin.release()
+            for tag, _ in parts:
+                incoming.answer(tag, error=TaskNotRun())
+            incoming.respond(ctx.request_id, 0, BATCH_TIME.pack(0.0))
+        payload.release()
+
+
+def _given_back(ctx, payload) -> bool:
+    return ctx.method_id == RUN_BATCH or (ctx.method_id == RUN and transfer_of(payload) is None)
 
 
 def _send(prog, conn, flow: _Flow, sid: int, index: int, item, ask_at: int) -> None:

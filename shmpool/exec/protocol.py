@@ -76,7 +76,8 @@ LEND_ID = struct.Struct("<I")
 # `STREAM_END`: the id, then the ids the worker did not use (the host
 # stops awaiting them, answers a pending `STREAM_WAIT` b"x" and grants no
 # more; ids of a grant sent before it are given back with a second one);
-# answer: None. An item: `(index, item)` pickled as
+# answer: None. Once START is answered, the worker answers the tasks sent
+# to it before (held behind the stream) `TaskNotRun`. An item: `(index, item)` pickled as
 # a task's result (a slot, or chunked: the transfer before the answer).
 STREAM_START = method_id("shmpool.exec.stream.start")
 STREAM_WAIT = method_id("shmpool.exec.stream.wait")

@@ -73,6 +73,22 @@ class IncomingCalls:
         else:
             self._handlers.submit(self.execute, ctx, payload)
 
+    def take_routed(self, which) -> list:
+        """Take out the requests routed here and not run yet for which
+        `which(ctx, payload)` is true, in order: [(ctx, payload)]. Each is
+        the taker's to answer (`answer`, or `respond` under
+        `ctx.request_id`) and release."""
+        routed = self._routed
+        taken = [r for r in routed if which(*r)]
+        if taken:
+            gone = {id(r) for r in taken}
+            kept = [r for r in routed if id(r) not in gone]
+            routed.clear()  # (in place: a frame below may be iterating it, `run_routed`)
+            routed.extend(kept)
+            for ctx, _ in taken:
+                self._running.pop(ctx.request_id, None)
+        return taken
+
     def on_cancel(self, rid: int) -> None:
         ctx = self._running.get(rid)
         if ctx is not None:

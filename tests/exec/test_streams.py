@@ -274,6 +274,23 @@ def test_a_paused_stream_holds_its_worker_and_other_tasks_go_elsewhere(tmp_path)
 
 
 @pytest.mark.spec("exec.stream-holds-worker")
+def test_tiny_tasks_queued_with_a_stream_never_wait_behind_it(tmp_path):
+    """A stream queued among tiny tasks may be sent in a batch with those
+    after it: they go back to the host when the stream starts and run on
+    the other worker while the stream stays open and paused."""
+    with ex(2) as e:
+        for _ in range(3):
+            before = [e.submit(S.pid) for _ in range(500)]
+            it = e.stream(S.endless, (str(tmp_path / "c"),), buffer=2)
+            after = [e.submit(S.pid) for _ in range(200)]
+            wait_for(lambda: paused(it), "the stream started and paused")
+            assert all(f.result(60) > 0 for f in before + after)
+            assert not it.future.done()
+            it.close()
+        assert e.statistics()["batches"] > 0
+
+
+@pytest.mark.spec("exec.stream-holds-worker")
 def test_a_generator_waiting_on_nested_tasks_has_them_run_by_another_worker():
     """Its own worker takes no task while the stream runs, not even one the
     generator waits for: the other worker runs them (with one worker, such
