@@ -49,12 +49,12 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-import pkgutil
 import threading
 import weakref
 from concurrent.futures import CancelledError
 
 from .protocol import STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
+from . import forksafe
 from .serialization import read, transfer_of
 
 DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
@@ -68,6 +68,8 @@ class _Runner:
     worker program's modules (spec: boot.lean-guest)."""
 
     def __reduce__(self):
+        import pkgutil
+
         return pkgutil.resolve_name, ("shmpool.exec.guest_streams:run",)
 
     def __call__(self, *args, **kwargs):
@@ -170,6 +172,9 @@ class _Stream:
 
     def next(self, timeout: float | None = None):
         """The next item, in order; see `StreamResult.__next__`."""
+        core = self.streams.core
+        if core.foreign:  # spec: exec.fork-safety -- the parent's stream: its rings are not ours
+            raise forksafe.foreign_error(core.kind, core.owner_pid, "read a stream")
         answer = None
         with self.cond:
             while True:
@@ -210,7 +215,10 @@ class _Stream:
         return item
 
     def close(self, cancelled: BaseException | None = None) -> bool:
-        """Stop the stream (see the module docstring). False if it was over."""
+        """Stop the stream (see the module docstring). False if it was over.
+        In a fork() child (the parent's stream): nothing (spec: exec.fork-safety)."""
+        if self.streams.core.foreign:
+            return False
         with self.cond:
             if self.closed or self.over:
                 return False

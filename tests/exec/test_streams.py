@@ -18,7 +18,7 @@ import pytest
 from harness import stream_tasks as S
 from harness.polling import wait_for
 from shmpool import ShmExecutor, ShmPool
-from shmpool.errors import PoolBrokenError, RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
+from shmpool.errors import ForeignPoolError, PoolBrokenError, RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
 from shmpool.shm import SegmentConfig
 
 METHODS = ["fork", "spawn"]
@@ -405,6 +405,32 @@ def test_max_tasks_per_child_counts_a_stream_as_one_task():
         b = e.submit(S.pid).result(60)
         c = e.submit(S.pid).result(60)
         assert a[1:] == [0, 1, 2] and a[0] == b and c != b
+
+
+@pytest.mark.spec("exec.fork-safety")
+@pytest.mark.spec("exec.stream")
+def test_a_fork_child_cannot_touch_the_parents_stream():
+    """In a fork() child the parent's stream raises `ForeignPoolError` and
+    its close (explicit, or garbage collection) sends nothing: the parent
+    reads on as if the child never was."""
+    with ex(1) as e:
+        it = e.stream(S.numbers, (50,), buffer=4)
+        assert next(it) == 0
+        pid = os.fork()
+        if pid == 0:  # (the child: never back into pytest)
+            code = 1
+            try:
+                try:
+                    next(it)
+                except ForeignPoolError:
+                    code = 0
+                it.close()
+                del it
+                gc.collect()
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert list(it) == list(range(1, 50))
 
 
 @pytest.mark.spec("exec.stream")
