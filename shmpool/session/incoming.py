@@ -25,7 +25,9 @@ What it uses of the `Connection` (given at construction): `peer`, `me`,
 itself as each `CallContext`'s (a handler polls and answers through it).
 
 Invariants: each request routed here is answered with exactly one Response
-(result, error, or cancelled) unless the connection ended first; its
+(result, error, or cancelled) unless the connection ended first (or a
+handler took it out of the routed queue with `take_routed`: then that
+handler answers it); its
 payload is released exactly once, after the Response is sent (the result
 may be a view of it); an exception a handler raises always reaches the
 caller, and one that is not an `Exception` (an exit) goes on after that.
