@@ -61,6 +61,10 @@ def __getattr__(name: str):
         from .exec import tunnel
 
         return tunnel.Tunnel if name == "Tunnel" else tunnel.TunnelError
+    if name == "StreamResult":  # (what `submit_iter` returns, for type hints)
+        from .exec.streams import StreamResult
+
+        return StreamResult
     if name == "track":  # (shmpool.progress is the module: the helper has its own name)
         from .progress import track
 
@@ -72,6 +76,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ShmExecutor",
     "ShmPool",
+    "StreamResult",
     "track",
     "Tunnel",
     "TunnelError",

@@ -63,6 +63,7 @@ from .exec.control import check_retries, check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
 from .exec.starter import pickle_for_child
+from .exec import streams as _streams
 from .hub.launch import START_METHODS
 from .shm.layout import SegmentConfig
 
@@ -235,6 +236,25 @@ class ShmExecutor(Executor):
         retries = check_retries(retries)
         return self._submit(fn, SINGLE, tuple(args), dict(kwargs or {}), timeout, retries)
 
+    def submit_iter(self, fn, /, *args, **kwargs) -> _streams.StreamResult:
+        """Run generator function `fn(*args, **kwargs)` in a worker; an
+        iterator of its items, delivered as the worker yields them (`stream`
+        with its defaults). spec: exec.stream"""
+        return self.stream(fn, args, kwargs)
+
+    def stream(self, fn, args=(), kwargs=None, *, buffer: int = _streams.DEFAULT_BUFFER,
+               task_timeout: float | None = None) -> _streams.StreamResult:
+        """`submit_iter` with this call's options: `buffer`, the items the
+        host may hold unread before the worker pauses (spec: exec.stream-credit);
+        `task_timeout`, seconds the whole stream may run in its worker,
+        pauses included (None: no limit; the executor's `task_timeout`
+        does not apply to streams). spec: exec.stream spec: exec.stream-timeout"""
+        buffer = _streams.check_buffer(buffer)
+        timeout = check_timeout(task_timeout, per_call=True)
+        core = self._core or self._get_core_checked()
+        return _streams.open_stream(core, lambda f, a: self._submit(f, SINGLE, a, {}, timeout or math.inf, 0),
+                                    fn, args, kwargs, buffer)
+
     def interrupt(self, future: Future) -> bool:
         """Stop `future`'s task and cancel `future`: a queued task never
         runs; one sent to a worker and not started is skipped there; a
@@ -338,6 +358,7 @@ class ShmExecutor(Executor):
                 self._trace.write()
             return
         _adaptive.flush(self)  # (what the stdlib's map had submitted at its call)
+        _streams.close_streams(core)  # (a paused stream would never end. spec: exec.stream-shutdown)
         core.begin_shutdown()
         if cancel_futures:
             core.cancel_queued()

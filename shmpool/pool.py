@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import multiprocessing
 import operator
 import queue
@@ -64,6 +65,7 @@ from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import forksafe
 from .exec import trace as _trace
+from .exec import streams as _streams
 from .exec.control import check_timeout
 from .exec.core import Core, default_workers
 from .exec.protocol import CHUNK, MAP, SINGLE
@@ -459,6 +461,19 @@ class ShmPool:
         """Like `imap()`, but yields each result as soon as it is ready."""
         return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout, progress)
 
+    def imap_stream(self, func, args=(), kwds=None, *, buffer: int = _streams.DEFAULT_BUFFER,
+                    task_timeout=None) -> _streams.StreamResult:
+        """An iterator of the items generator function `func(*args, **kwds)`
+        yields in a worker, as it yields them (`ShmExecutor.stream`).
+        spec: exec.stream"""
+        self._check_running()
+        buffer = _streams.check_buffer(buffer)
+        timeout = check_timeout(task_timeout, per_call=True)
+        core = self._st.core
+        return _streams.open_stream(core, lambda f, a: core.submit(f, SINGLE, a, {}, None, None,
+                                                                   None if timeout == math.inf else timeout, 0),
+                                    func, args, kwds, buffer)
+
     def _imap(self, cls, func, iterable, chunksize, task_timeout=None, progress=None):
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
@@ -485,6 +500,7 @@ class ShmPool:
         if self._foreign():
             return
         if st is not None and st.state == RUN:
+            _streams.close_streams(st.core)  # spec: exec.stream-shutdown
             st.state = CLOSE
             st.jobs.put(None)
 

@@ -49,13 +49,16 @@ The parts (host side):
   `python -m shmpool inspect`; `tunnel`: `Tunnel` (byte streams between
   the host and a running task) and `Tunnels`, the binding of tunnels to
   the tasks that unpickle them; `trace`: the task timeline (a recorder the
-  other parts feed while a trace is on, and its Chrome trace-event writer).
+  other parts feed while a trace is on, and its Chrome trace-event writer);
+  `streams`: streamed results (a generator task's items, credit as part
+  ids, `StreamResult`).
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
 waits; `guest_tunnel`: a task's end of a tunnel, and the tunnels' wire
 (the host imports it for that, never `guest`); `guest_trace`: the stamps
-of each call while a trace is on.
+of each call while a trace is on; `guest_streams`: a stream task's loop
+(items sent as the generator yields them, within the host's credit).
 Both: `protocol` (method ids, task kinds, records); `trace_wire` (the
 timeline's method ids and stamps).
 

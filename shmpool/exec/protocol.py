@@ -63,6 +63,29 @@ NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
 LEND_ID = struct.Struct("<I")
 
+# Streamed results (spec: exec.stream; `streams`, `guest_streams`). A stream
+# is one `SINGLE` task whose callable is `guest_streams.run`; its id
+# (`STREAM_ID`) is the host's. Credit is part ids: each item travels as the
+# answer to one id the host awaits (`Connection.await_part`), so the host
+# holds at most as many items as it gave ids. Worker -> host:
+# `STREAM_START`: the id; answer: the first ids (`buffer` of them, packed
+# `STREAM_ID`s), or b"x" (closed on the host already: `fn` is not called).
+# `STREAM_WAIT`: `STREAM_WAIT_REC` (id, part id, ids the worker still
+# holds): more ids, please; the host answers that part with new ids once
+# its consumer took items (or b"x" once closed); the call's answer: None.
+# `STREAM_END`: the id, then the ids the worker did not use (the host
+# stops awaiting them, answers a pending `STREAM_WAIT` b"x" and grants no
+# more; ids of a grant sent before it are given back with a second one);
+# answer: None. Once START is answered, the worker answers the tasks sent
+# to it before (held behind the stream) `TaskNotRun`. An item: `(index, item)` pickled as
+# a task's result (a slot, or chunked: the transfer before the answer).
+STREAM_START = method_id("shmpool.exec.stream.start")
+STREAM_WAIT = method_id("shmpool.exec.stream.wait")
+STREAM_END = method_id("shmpool.exec.stream.end")
+STREAM_ID = struct.Struct("<Q")
+STREAM_WAIT_REC = struct.Struct("<QQQ")
+STREAM_CLOSED = b"x"
+
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
 # A chunk answered per item (`ShmExecutor.map`'s adaptive chunks): args are
 # `(items, star)` (`star`: each item is an argument tuple); the answer is
@@ -102,3 +125,5 @@ def run_items(fn, args) -> tuple:
 
 __all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]
+__all__ += ["STREAM_START", "STREAM_WAIT", "STREAM_END", "STREAM_ID", "STREAM_WAIT_REC",
+            "STREAM_CLOSED"]

@@ -25,7 +25,9 @@ What it uses of the `Connection` (given at construction): `peer`, `me`,
 itself as each `CallContext`'s (a handler polls and answers through it).
 
 Invariants: each request routed here is answered with exactly one Response
-(result, error, or cancelled) unless the connection ended first; its
+(result, error, or cancelled) unless the connection ended first (or a
+handler took it out of the routed queue with `take_routed`: then that
+handler answers it); its
 payload is released exactly once, after the Response is sent (the result
 may be a view of it); an exception a handler raises always reaches the
 caller, and one that is not an `Exception` (an exit) goes on after that.
@@ -72,6 +74,22 @@ class IncomingCalls:
             self._routed.append((ctx, payload))  # run when the batch is routed
         else:
             self._handlers.submit(self.execute, ctx, payload)
+
+    def take_routed(self, which) -> list:
+        """Take out the requests routed here and not run yet for which
+        `which(ctx, payload)` is true, in order: [(ctx, payload)]. Each is
+        the taker's to answer (`answer`, or `respond` under
+        `ctx.request_id`) and release."""
+        routed = self._routed
+        taken = [r for r in routed if which(*r)]
+        if taken:
+            gone = {id(r) for r in taken}
+            kept = [r for r in routed if id(r) not in gone]
+            routed.clear()  # (in place: a frame below may be iterating it, `run_routed`)
+            routed.extend(kept)
+            for ctx, _ in taken:
+                self._running.pop(ctx.request_id, None)
+        return taken
 
     def on_cancel(self, rid: int) -> None:
         ctx = self._running.get(rid)
