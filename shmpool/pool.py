@@ -296,7 +296,8 @@ class ShmPool:
     a replacement up to this many times, then fails with
     `WorkerCrashedError`, a `BrokenProcessPool`, through `get()` and
     `error_callback`; the pool goes on), `max_inflight` (tasks each worker
-    holds at once; by default adaptive, as `ShmExecutor`'s) and `segment_config` (a `SegmentConfig`).
+    holds at once; by default adaptive, as `ShmExecutor`'s), `segment_config` (a `SegmentConfig`)
+    and `worker_logging` (as `ShmExecutor`'s: what tasks log reaches this process's `logging`).
 
     Differences, on purpose: results never hang (after `terminate()`, also
     at the end of a `with` block, pending results fail with
@@ -317,7 +318,7 @@ class ShmPool:
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
                  maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
                  max_inflight: int | None = None, segment_config=None,
-                 task_timeout: float | None = None) -> None:
+                 task_timeout: float | None = None, worker_logging: bool = True) -> None:
         self._st: _State | None = None
         task_timeout = check_timeout(task_timeout)
         if processes is None:
@@ -340,7 +341,7 @@ class ShmPool:
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
-                    start_method=self._start_method)
+                    start_method=self._start_method, worker_logging=bool(worker_logging))
         st = _State(core)
         st.task_timeout = task_timeout
         core.task_timeout = task_timeout

@@ -74,7 +74,7 @@ from .protocol import (
 )
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
-from . import stopping
+from . import guest_logging, stopping
 
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
@@ -175,6 +175,7 @@ class GuestProgram:
         d.register(DEFINE, self.define)
         d.register(RUN, self.run)
         d.register(RUN_BATCH, self.run_batch)
+        guest_logging.register(d, self)  # (the host's LOG_SETUP, before INIT. spec: exec.log-forward)
 
     # -- handlers --------------------------------------------------------------
 

@@ -61,6 +61,9 @@ RUN_BATCH = method_id("shmpool.exec.run_batch")
 # Answer: None. spec: exec.nested-no-deadlock spec: exec.stop-nested
 NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
+# Host -> worker, before `INIT` (worker logging, `worker_logs` / `guest_logging`):
+# the pickled setup dict (the log channel's id, the host's levels). Answer: None.
+LOG_SETUP = method_id("shmpool.exec.log.setup")
 LEND_ID = struct.Struct("<I")
 
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
@@ -100,5 +103,5 @@ def run_items(fn, args) -> tuple:
     return results, -1, None, time.perf_counter() - t0
 
 
-__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
+__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "LOG_SETUP", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]

@@ -204,7 +204,7 @@ class Starter:
     """See the module docstring. One per `Core`."""
 
     def __init__(self, state, host, slots, setup: tuple, *, new_worker, register, on_death, schedule,
-                 stream_later, close, method: str = "spawn") -> None:
+                 stream_later, close, method: str = "spawn", before_init=None) -> None:
         self.state = state  # `state.EngineState`
         self.host = host
         self.slots = slots
@@ -224,6 +224,7 @@ class Starter:
         self.schedule = schedule  # (lock held) give queued tasks to workers with room
         self.stream_later = stream_later  # (lock held) stream chunked bytes to a worker
         self.close_core = close
+        self.before_init = before_init  # (a started worker's record) requests that go before its `init`
         self.lock = threading.Lock()  # held while a worker is being started
         self.failures = 0  # consecutive start failures
         self.starting = 0  # new workers requested and not yet registered (state.lock)
@@ -459,6 +460,8 @@ class Starter:
         try:
             if chunked is not None:
                 w.tx = w.conn.open_tx()  # (the first channel this connection opens)
+            if self.before_init is not None:
+                self.before_init(w)  # (worker logging's setup. spec: exec.log-forward)
             cf = w.conn.call(INIT, init)
             if chunked is not None:
                 with st.lock:

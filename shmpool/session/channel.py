@@ -27,10 +27,14 @@ Data flow:
   (`ChannelTable.finished`: the entry is freed by the second end to
   finish), so a channel id is reused only after both ends closed.
 - Transfers (spec: shm.session.chunked; format and assembly in
-  `transfer`): an `Rx` of a table that is `collecting` hands each piece to
-  its `Collector` as it is routed and grants its credit at once, so the
+  `transfer`): an `Rx` of a table that is `collecting`, on a channel the
+  peer opened, hands each piece to its `Collector` as it is routed and grants its credit at once, so the
   routing thread (the host's driver) never waits for a reader;
   `Tx.send_transfer` streams one from a list of parts.
+- Non-blocking: `Tx.try_send` sends a one-piece message if it can go now
+  (credit, slot, ring room), from any thread; an `Rx`'s `on_arrival`
+  callback hears of each piece queued (the routing thread), so one reader
+  can serve many ends.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed the initial credit; `granted_total` is written only by the
@@ -249,8 +253,39 @@ class Tx(_End):
             pass
 
     def try_send(self, data) -> bool:
-        """Send only if the credit for the first piece is there now."""
-        return self.send(data, timeout=0)
+        """Send one message only if it can go now, whole and in one piece:
+        the credit for it, a slot (unless it is inline) and room in the
+        ring are there now, and no other thread is sending on this end.
+        Never waits and never pumps, so any thread may call it, a guest's
+        running task included (`send` may pump while it waits: a guest's
+        thread that is not the one serving must not). False: nothing was
+        sent (a message bigger than one piece never goes this way). Raises
+        ChannelClosed / ChannelReset / ChannelBroken, and what sending
+        raises once the peer is gone. spec: exec.log-never-blocks"""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = view.nbytes
+        if n > self.piece or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._check()
+            if self._credit(load_u32(self.conn.segment.buf, self.granted_at)) < n:
+                return False
+            try:
+                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id, view, timeout=0)
+            except SlotExhaustedError:
+                return False
+            try:
+                self.conn.publish(desc, 0)  # (its slot freed if the ring is full)
+            except TimeoutError:
+                return False
+            self._sent = (self._sent + n) & MASK
+            self.messages += 1
+            self.bytes += n
+            return True
+        finally:
+            self._lock.release()
 
     def _credit(self, granted: int) -> int:
         """Bytes we may still send. spec: shm.flow.wrap-rule"""
@@ -339,6 +374,9 @@ class Rx(_End):
         self._eos = False
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
+        # Called (on the routing thread, with this end) after each piece is
+        # queued; it must not block (the host's driver routes).
+        self.on_arrival = None
 
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
@@ -346,7 +384,9 @@ class Rx(_End):
         if self._sent_fin or self._reset:
             rec.release()  # we closed or aborted: nobody will read it
             return
-        if self.table.collecting:  # spec: shm.session.chunked
+        # (a `collecting` table collects the channels the peer opened; one
+        # this side opened, `open_rx`, queues its messages)
+        if self.table.collecting and self.id % 2 != self.table.parity:  # spec: shm.session.chunked
             if self._collector is None:
                 self._collector = Collector(self.id, self.table.transfers)
             n = rec.nbytes
@@ -358,6 +398,8 @@ class Rx(_End):
             self.bytes += n
             return
         self._queue.append((rec, bool(d.flags & F_MORE)))
+        if self.on_arrival is not None:
+            self.on_arrival(self)
 
     def _peer_ended(self, kind: int) -> None:
         if kind == RESET:

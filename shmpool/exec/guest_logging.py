@@ -1,0 +1,260 @@
+"""Worker logging, the worker's side: the records a task logs that no
+handler in the worker takes are shipped to the host's `logging` (the
+host's side is `worker_logs`). Imported by the worker program (`guest`);
+imports nothing of the host.
+
+Owns: the forwarding handler (`Forwarder`, installed as
+`logging.lastResort`), the records waiting to be shipped (`pending`,
+bounded: beyond MAX_PENDING a record is dropped and counted), the channel
+they go on (the host opened it; `setup` is given its id), and the flusher
+thread (started only once a send could not go at once).
+
+Data flow: host -> `protocol.LOG_SETUP` (sent before `INIT`, so the
+initializer's records are shipped too) -> `setup`: the host's levels
+copied (spawn, forkserver), a forked worker's inherited handlers dropped,
+`logging.lastResort` = the forwarder. A task logs -> the logger's level
+(the host's) -> no handler found in the worker -> `logging.lastResort` ->
+`Forwarder.handle`: the record formatted here (`getMessage()`, `exc_text`),
+its other attributes made picklable, the pid and the running task's id
+added (`shmpool_pid`, `shmpool_task`: the guest word), pickled -> `pending`
+-> `ship`: the thread that takes the send lock without waiting sends
+everything pending as one message, `(count, dropped so far)` then the
+pickled list (`Tx.try_send`: no wait for credit, a slot or ring room, no
+pump, any thread). A message that cannot go now stays pending: the next
+record, or the flusher thread within RETRY seconds, sends it. Records
+shipped by the task's own thread before it returns precede its answer in
+the ring.
+
+Why `lastResort`: the stdlib hands a record no handler took to
+`logging.lastResort` (stderr, WARNING and up); a worker configured by
+hand (an initializer's `basicConfig`, a handler on some logger) keeps its
+own handlers for what they take, and nothing is delivered twice; and
+`basicConfig` still works in the worker (the root has no handler of ours).
+
+Invariants: logging never waits and never raises into the task (a failure
+drops the record, counted); at most MAX_PENDING records wait here; the
+order of the records one thread ships is kept; only the worker process
+itself ships (a process a task forks writes to stderr as the stdlib does);
+nothing here pumps the session (`send_lock` only guards the shipping).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+
+from .. import _atomics, _threads
+
+HEAD = struct.Struct("<II")  # a message: records in it, records dropped in this worker so far
+MAX_PENDING = 1000  # records waiting to be shipped (beyond: dropped, counted)
+MAX_MESSAGE = 64 * 1024  # bytes of records in one message (at most the channel's piece)
+MAX_TEXT = 16 * 1024  # characters kept of a message, a traceback or a stack
+RETRY = 0.005  # seconds the flusher waits before it tries a message again
+_PLAIN = (str, int, float, bool, type(None))
+
+_forwarder: "Forwarder | None" = None
+
+
+class Forwarder(logging.Handler):
+    """The worker's `logging.lastResort` (see the module docstring)."""
+
+    def __init__(self, prog, tx) -> None:
+        super().__init__(logging.NOTSET)
+        self.buf, self.word = prog.buf, prog.word
+        self.peer = prog.guest.peer_id
+        self.tx = tx
+        self.pid = os.getpid()
+        self.limit = min(MAX_MESSAGE, tx.piece)
+        self.pending: collections.deque = collections.deque()
+        self.dropped = 0
+        self.send_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.flusher: threading.Thread | None = None
+        self.closed = False
+        self.formatter = logging.Formatter()
+
+    # (no lock of the Handler's own: `pending` and `send_lock` are the guards)
+    def createLock(self) -> None:
+        self.lock = None
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def handle(self, record) -> bool:
+        if os.getpid() != self.pid or self.closed:
+            # (a process the task forked, or the host gone: the stdlib's way)
+            last = logging._defaultLastResort
+            return last.handle(record) if record.levelno >= last.level else False
+        rv = self.filter(record)
+        if rv:
+            self.emit(record)
+        return rv
+
+    def emit(self, record) -> None:
+        try:
+            data = self.encode(record)
+        except Exception:  # noqa: BLE001 - never raised into the task: dropped, counted
+            data = None
+        if data is None or len(self.pending) >= MAX_PENDING:
+            self.dropped += 1
+        else:
+            self.pending.append(data)
+        self.ship()
+
+    def encode(self, record) -> bytes | None:
+        """The record as the host rebuilds it: formatted here, so that
+        nothing the host cannot unpickle travels (spec: exec.log-record)."""
+        d = dict(record.__dict__)
+        try:
+            msg = record.getMessage()
+        except Exception as e:  # noqa: BLE001 - as the stdlib's handlers, say what went wrong
+            msg = f"{record.msg!r} % {record.args!r} (formatting failed: {type(e).__name__}: {e})"
+        if record.exc_info and not record.exc_text:
+            d["exc_text"] = self.formatter.formatException(record.exc_info)
+        d["msg"] = _cut(msg)
+        d["args"] = None
+        d["exc_info"] = None
+        d.pop("message", None)  # (the host's formatters set it again)
+        for k in ("exc_text", "stack_info"):
+            if d.get(k):
+                d[k] = _cut(str(d[k]))
+        rid = _atomics.load_u32(self.buf, self.word)
+        d["shmpool_pid"] = self.pid
+        d["shmpool_task"] = rid or None
+        d["shmpool_worker"] = self.peer
+        try:
+            data = pickle.dumps(d, 5)
+        except Exception:  # noqa: BLE001 - an attribute (an `extra=`) that does not pickle: its repr
+            for k, v in d.items():
+                if not isinstance(v, _PLAIN):
+                    try:
+                        pickle.dumps(v, 5)
+                    except Exception:  # noqa: BLE001
+                        d[k] = _safe_repr(v)
+            data = pickle.dumps(d, 5)
+        return data if len(data) <= self.limit - 64 else None
+
+    def ship(self) -> None:
+        """Send what is pending, as one message or more, if no other thread
+        is sending; what cannot go now is left to the flusher."""
+        pending, lock = self.pending, self.send_lock
+        while pending and lock.acquire(blocking=False):
+            try:
+                ok = self._send_all()
+            finally:
+                lock.release()  # (then the check: a record appended meanwhile is not left behind)
+            if not ok:
+                self._start_flusher()
+                return
+
+    def _send_all(self) -> bool:
+        pending = self.pending
+        while pending:
+            batch, size = [], HEAD.size + 32
+            while pending and size + len(pending[0]) + 8 <= self.limit:
+                b = pending.popleft()
+                batch.append(b)
+                size += len(b) + 8
+            data = HEAD.pack(len(batch), self.dropped & 0xFFFFFFFF) + pickle.dumps(batch, 5)
+            try:
+                sent = self.tx.try_send(data)
+            except Exception:  # noqa: BLE001 - the channel is over (the host leaving): nothing ships
+                self.closed = True
+                self.dropped += len(batch) + len(pending)
+                pending.clear()
+                return True
+            if not sent:
+                pending.extendleft(reversed(batch))  # (the order kept: only the lock's holder takes)
+                return False
+        return True
+
+    def _start_flusher(self) -> None:
+        self.wake.set()
+        if self.flusher is None:
+            self.flusher = threading.Thread(target=self._flush_loop, name="shmpool-log-flusher", daemon=True)
+            _threads.start(self.flusher)
+
+    def _flush_loop(self) -> None:
+        while not self.closed:
+            self.wake.wait()
+            self.wake.clear()
+            while self.pending and not self.closed:
+                self.ship()
+                if self.pending:
+                    time.sleep(RETRY)
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_TEXT:
+        return text
+    return text[:MAX_TEXT] + f" ... [{len(text) - MAX_TEXT} characters cut]"
+
+
+def _safe_repr(v) -> str:
+    try:
+        return _cut(repr(v))
+    except Exception:  # noqa: BLE001
+        return f"<unrepresentable {type(v).__name__}>"
+
+
+def setup(prog, ctx, payload) -> None:
+    """`protocol.LOG_SETUP`: ship the records no handler here takes
+    (see the module docstring). spec: exec.log-forward"""
+    global _forwarder
+    conf = pickle.loads(payload.tobytes())
+    if conf.get("fork"):
+        # spec: exec.log-fork -- the handlers a forked worker inherited are
+        # the host's: they would write from here to its files and streams;
+        # its records go to the host instead (kept alive: nothing closes
+        # or flushes the host's objects from here).
+        _DROPPED_HANDLERS.extend(_drop_handlers())
+    else:
+        # spec: exec.log-levels -- the host's levels, as they were at this
+        # worker's start: a record the host would not handle is not made.
+        logging.root.setLevel(conf["root"])
+        for name, level in conf["levels"].items():
+            logging.getLogger(name).setLevel(level)
+        if conf.get("disable"):
+            logging.disable(conf["disable"])
+    _forwarder = Forwarder(prog, prog.conn.tx(conf["channel"]))
+    logging.lastResort = _forwarder
+
+
+_DROPPED_HANDLERS: list = []
+
+
+def _drop_handlers() -> list:
+    loggers = [logging.root] + [lg for lg in list(logging.root.manager.loggerDict.values())
+                                if isinstance(lg, logging.Logger)]
+    dropped = []
+    for lg in loggers:
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+            dropped.append(h)
+    return dropped
+
+
+def register(methods, prog) -> None:
+    """(the worker program, at its start) Answer `LOG_SETUP`."""
+    from .protocol import LOG_SETUP
+
+    methods.register(LOG_SETUP, lambda ctx, payload: setup(prog, ctx, payload))
+
+
+def statistics() -> dict:
+    f = _forwarder
+    if f is None:
+        return {"forwarding": False}
+    return {"forwarding": True, "pending": len(f.pending), "dropped": f.dropped,
+            "flusher": f.flusher is not None}
+
+
+__all__ = ["Forwarder", "setup", "register", "statistics", "HEAD"]
