@@ -58,6 +58,8 @@ RETRY = 0.005  # seconds the flusher waits before it tries a message again
 _PLAIN = (str, int, float, bool, type(None))
 
 _forwarder: "Forwarder | None" = None
+_guest = None  # the worker program's module (`guest`: its task and signal flags), once set up
+_MAIN = threading.main_thread()
 
 
 class Forwarder(logging.Handler):
@@ -130,6 +132,8 @@ class Forwarder(logging.Handler):
         d["shmpool_pid"] = self.pid
         d["shmpool_task"] = rid or None
         d["shmpool_worker"] = self.peer
+        if d.get("processName") == "MainProcess":  # (the worker's own name says nothing here)
+            d["processName"] = f"shmpool-worker-{self.peer}"
         try:
             data = pickle.dumps(d, 5)
         except Exception:  # noqa: BLE001 - an attribute (an `extra=`) that does not pickle: its repr
@@ -144,7 +148,30 @@ class Forwarder(logging.Handler):
 
     def ship(self) -> None:
         """Send what is pending, as one message or more, if no other thread
-        is sending; what cannot go now is left to the flusher."""
+        is sending; what cannot go now is left to the flusher. On the
+        task's own thread the stop signal and Ctrl-C are deferred meanwhile
+        (a send cut in the middle would leave a published slot freed, or
+        the channel's count of bytes sent wrong) and raised once it is over,
+        as if the task were interrupted there. spec: exec.log-never-blocks"""
+        g = _guest
+        if g is None or not g._in_task or threading.current_thread() is not _MAIN:
+            self._ship()
+            return
+        # (as `guest_nested._pumping`: the handlers record, not raise)
+        running = _atomics.load_u32(self.buf, self.word)
+        saved = g._waiting, g._in_task
+        g._in_task = False
+        g._waiting = saved[0] + (running,)
+        try:
+            self._ship()
+        finally:
+            g._waiting = saved[0]
+            g._in_task = saved[1]
+        stop = g._deferred.pop(running, None)
+        if stop is not None:
+            raise stop
+
+    def _ship(self) -> None:
         pending, lock = self.pending, self.send_lock
         while pending and lock.acquire(blocking=False):
             try:
@@ -208,7 +235,10 @@ def _safe_repr(v) -> str:
 def setup(prog, ctx, payload) -> None:
     """`protocol.LOG_SETUP`: ship the records no handler here takes
     (see the module docstring). spec: exec.log-forward"""
-    global _forwarder
+    global _forwarder, _guest, _MAIN
+    from . import guest
+
+    _guest, _MAIN = guest, threading.main_thread()
     conf = pickle.loads(payload.tobytes())
     if conf.get("fork"):
         # spec: exec.log-fork -- the handlers a forked worker inherited are

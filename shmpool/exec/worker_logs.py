@@ -87,10 +87,10 @@ class _Source:
 class WorkerLogs:
     """See the module docstring. One per `core.Core` with worker logging on."""
 
-    def __init__(self, name: str, fork: bool, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, name: str, fork: bool) -> None:
         self.name = name
         self.fork = fork
-        self.max_queued = max_queued
+        self.max_queued = MAX_QUEUED  # (read here: tests lower it)
         self.cond = threading.Condition(threading.Lock())
         self.queue: collections.deque = collections.deque()  # (source, records' bytes, count)
         self.queued = 0  # records in `queue`
