@@ -138,7 +138,7 @@ class Core:
         self.closed_event = threading.Event()  # set once close() has finished
         self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
-        # spec: exec.log-forward
+        # spec: exec.log-forward spec: exec.log-off
         self.logs = WorkerLogs(name, start_method == "fork") if worker_logging else None
         try:
             self.host = ShmHost.create(config=config)

@@ -75,6 +75,7 @@ from .protocol import (
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
 from . import guest_logging, stopping
+from .guest_logging import PENDING as _log_pending
 
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
@@ -309,6 +310,8 @@ class GuestProgram:
                     if fp:
                         failpoints.hit(FP_RESULT_SLOT)
                 finally:
+                    if _log_pending:
+                        guest_logging.task_end()
                     self.done += 1
                     if max_tasks is not None and self.done >= max_tasks:
                         self.exit_code = 0  # leave in order after this batch
@@ -470,6 +473,8 @@ class GuestProgram:
         return out
 
     def _after_task(self) -> None:
+        if _log_pending:  # (the task's records go before its answer. spec: exec.log-flush)
+            guest_logging.task_end()
         if self.max_tasks is not None and self.done >= self.max_tasks:
             self.exit_code = 0  # leave in order after this answer
         _atomics.store_u32(self.buf, self.word, self.resume)

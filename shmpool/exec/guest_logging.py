@@ -55,9 +55,14 @@ MAX_PENDING = 1000  # records waiting to be shipped (beyond: dropped, counted)
 MAX_MESSAGE = 64 * 1024  # bytes of records in one message (at most the channel's piece)
 MAX_TEXT = 16 * 1024  # characters kept of a message, a traceback or a stack
 RETRY = 0.005  # seconds the flusher waits before it tries a message again
+BATCH = 64  # records a running task logs before they are shipped (else: at its end)
+LINGER = 0.02  # seconds a running task's records wait at most for its end (then the flusher ships)
 _PLAIN = (str, int, float, bool, type(None))
 
 _forwarder: "Forwarder | None" = None
+# The records waiting to be shipped (the forwarder's): the worker program
+# looks at it after each task (one truth test when nothing was logged).
+PENDING: collections.deque = collections.deque()
 _guest = None  # the worker program's module (`guest`: its task and signal flags), once set up
 _MAIN = threading.main_thread()
 
@@ -72,7 +77,7 @@ class Forwarder(logging.Handler):
         self.tx = tx
         self.pid = os.getpid()
         self.limit = min(MAX_MESSAGE, tx.piece)
-        self.pending: collections.deque = collections.deque()
+        self.pending = PENDING
         self.dropped = 0
         self.send_lock = threading.Lock()
         self.wake = threading.Event()
@@ -105,10 +110,18 @@ class Forwarder(logging.Handler):
             data = self.encode(record)
         except Exception:  # noqa: BLE001 - never raised into the task: dropped, counted
             data = None
-        if data is None or len(self.pending) >= MAX_PENDING:
+        pending = self.pending
+        if data is None or len(pending) >= MAX_PENDING:
             self.dropped += 1
         else:
-            self.pending.append(data)
+            pending.append(data)
+        g = _guest
+        if g is not None and g._in_task and len(pending) < BATCH and threading.current_thread() is _MAIN:
+            # A running task's records wait for its end (`task_end`: before
+            # its answer), BATCH at most, LINGER seconds at most (the flusher).
+            if len(pending) == 1:
+                self._start_flusher()
+            return
         self.ship()
 
     def encode(self, record) -> bytes | None:
@@ -154,8 +167,11 @@ class Forwarder(logging.Handler):
         the channel's count of bytes sent wrong) and raised once it is over,
         as if the task were interrupted there. spec: exec.log-never-blocks"""
         g = _guest
-        if g is None or not g._in_task or threading.current_thread() is not _MAIN:
-            self._ship()
+        if threading.current_thread() is not _MAIN:
+            self._ship(False)
+            return
+        if g is None or not g._in_task:
+            self._ship(True)
             return
         # (as `guest_nested._pumping`: the handlers record, not raise)
         running = _atomics.load_u32(self.buf, self.word)
@@ -163,7 +179,7 @@ class Forwarder(logging.Handler):
         g._in_task = False
         g._waiting = saved[0] + (running,)
         try:
-            self._ship()
+            self._ship(True)
         finally:
             g._waiting = saved[0]
             g._in_task = saved[1]
@@ -171,18 +187,20 @@ class Forwarder(logging.Handler):
         if stop is not None:
             raise stop
 
-    def _ship(self) -> None:
+    def _ship(self, lazy: bool) -> None:
+        """(`lazy`: the serving thread, whose next answer or wait announces
+        what it pushed; another thread wakes the host at once)"""
         pending, lock = self.pending, self.send_lock
         while pending and lock.acquire(blocking=False):
             try:
-                ok = self._send_all()
+                ok = self._send_all(lazy)
             finally:
                 lock.release()  # (then the check: a record appended meanwhile is not left behind)
             if not ok:
                 self._start_flusher()
                 return
 
-    def _send_all(self) -> bool:
+    def _send_all(self, lazy: bool) -> bool:
         pending = self.pending
         while pending:
             batch, size = [], HEAD.size + 32
@@ -192,7 +210,7 @@ class Forwarder(logging.Handler):
                 size += len(b) + 8
             data = HEAD.pack(len(batch), self.dropped & 0xFFFFFFFF) + pickle.dumps(batch, 5)
             try:
-                sent = self.tx.try_send(data)
+                sent = self.tx.try_send(data, lazy)
             except Exception:  # noqa: BLE001 - the channel is over (the host leaving): nothing ships
                 self.closed = True
                 self.dropped += len(batch) + len(pending)
@@ -204,6 +222,8 @@ class Forwarder(logging.Handler):
         return True
 
     def _start_flusher(self) -> None:
+        """Have the flusher ship what is pending within LINGER seconds, if
+        nobody has by then (at most one wakeup of it per LINGER)."""
         self.wake.set()
         if self.flusher is None:
             self.flusher = threading.Thread(target=self._flush_loop, name="shmpool-log-flusher", daemon=True)
@@ -212,10 +232,11 @@ class Forwarder(logging.Handler):
     def _flush_loop(self) -> None:
         while not self.closed:
             self.wake.wait()
+            time.sleep(LINGER)  # (a task's end ships its records meanwhile, as a rule)
             self.wake.clear()
             while self.pending and not self.closed:
                 self.ship()
-                if self.pending:
+                if self.pending:  # (no credit, slot or ring room now)
                     time.sleep(RETRY)
 
 
@@ -255,6 +276,7 @@ def setup(prog, ctx, payload) -> None:
         if conf.get("disable"):
             logging.disable(conf["disable"])
     _forwarder = Forwarder(prog, prog.conn.tx(conf["channel"]))
+    # spec: exec.log-worker-config -- the records no handler here takes
     logging.lastResort = _forwarder
 
 
@@ -272,6 +294,15 @@ def _drop_handlers() -> list:
     return dropped
 
 
+def task_end() -> None:
+    """(the worker program, after each task, before its answer, when
+    records are pending) Ship the task's records: they precede its answer
+    in the ring. spec: exec.log-flush"""
+    f = _forwarder
+    if f is not None:
+        f.ship()
+
+
 def register(methods, prog) -> None:
     """(the worker program, at its start) Answer `LOG_SETUP`."""
     from .protocol import LOG_SETUP
@@ -287,4 +318,4 @@ def statistics() -> dict:
             "flusher": f.flusher is not None}
 
 
-__all__ = ["Forwarder", "setup", "register", "statistics", "HEAD"]
+__all__ = ["Forwarder", "PENDING", "setup", "register", "statistics", "task_end", "HEAD"]

@@ -55,7 +55,7 @@ from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, 
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE
-from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
+from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, discard, payload_descriptor
 from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream, transfer_views
 
 load_u32 = _atomics.load_u32
@@ -252,14 +252,17 @@ class Tx(_End):
         except Exception:  # noqa: BLE001
             pass
 
-    def try_send(self, data) -> bool:
+    def try_send(self, data, lazy: bool = False) -> bool:
         """Send one message only if it can go now, whole and in one piece:
         the credit for it, a slot (unless it is inline) and room in the
         ring are there now, and no other thread is sending on this end.
         Never waits and never pumps, so any thread may call it, a guest's
         running task included (`send` may pump while it waits: a guest's
         thread that is not the one serving must not). False: nothing was
-        sent (a message bigger than one piece never goes this way). Raises
+        sent (a message bigger than one piece never goes this way). `lazy`
+        (a guest's serving thread): pushed with its announcement deferred,
+        as an answer is (the peer is woken with the next message, or within
+        the announcer's bound: spec: shm.wakeup.guest-announce). Raises
         ChannelClosed / ChannelReset / ChannelBroken, and what sending
         raises once the peer is gone. spec: exec.log-never-blocks"""
         view = data if isinstance(data, memoryview) else memoryview(data)
@@ -276,10 +279,23 @@ class Tx(_End):
                 desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id, view, timeout=0)
             except SlotExhaustedError:
                 return False
-            try:
-                self.conn.publish(desc, 0)  # (its slot freed if the ring is full)
-            except TimeoutError:
-                return False
+            transport = self.conn.transport
+            push = getattr(transport, "push_answer", None) if lazy else None
+            if push is not None:
+                try:
+                    pushed = push(desc)
+                except BaseException:
+                    discard(self.conn.slots, desc)
+                    raise
+                if not pushed:
+                    discard(self.conn.slots, desc)
+                    return False
+                transport.before_call()  # (the announcer's timer armed: it rings if we stay busy)
+            else:
+                try:
+                    self.conn.publish(desc, 0)  # (its slot freed if the ring is full)
+                except TimeoutError:
+                    return False
             self._sent = (self._sent + n) & MASK
             self.messages += 1
             self.bytes += n

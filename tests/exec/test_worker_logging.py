@@ -269,3 +269,49 @@ def test_a_stuck_host_handler_blocks_nothing_and_drops_are_counted(host_logging,
     for t in range(tasks):
         idx = [int(r.getMessage().split()[2]) for r in got if r.getMessage().startswith(f"w{t} ")]
         assert idx == sorted(idx)
+
+
+@pytest.mark.spec("exec.log-flush")
+def test_records_of_a_running_task_arrive_while_it_runs(host_logging, tmp_path):
+    """A task that logs, then runs on: its record is not held until its end."""
+    path = str(tmp_path / "go")
+    with ShmExecutor(1, mp_context=ctx("spawn")) as ex:
+        f = ex.submit(log_tasks.log_then_wait, "long", path)
+        wait_for(lambda: host_logging.named("app.run"), "the running task's record")
+        open(path, "w").close()
+        assert f.result(60) == "released"
+    assert [r.getMessage() for r in host_logging.named("app.run")] == ["long started"]
+
+
+@pytest.mark.spec("exec.log-forward")
+def test_records_of_a_task_s_threads(host_logging):
+    with ShmExecutor(1, mp_context=ctx("spawn")) as ex:
+        pid = ex.submit(log_tasks.log_from_threads, "th").result(60)
+        assert ex.flush_logs(60)
+        wait_for(lambda: len(host_logging.named("app.thread")) == 3, "the threads' records")
+    got = host_logging.named("app.thread")
+    assert sorted(r.getMessage() for r in got) == ["th thread 0", "th thread 1", "th thread 2"]
+    assert {r.process for r in got} == {pid} and len({r.threadName for r in got}) == 3
+    assert "MainThread" not in {r.threadName for r in got}
+
+
+@pytest.mark.spec("exec.log-never-blocks")
+def test_a_task_stopped_while_it_logs_leaves_the_channel_whole(host_logging):
+    """Tasks stopped (timeouts) in the middle of a logging loop: the stop is
+    raised in the task, the worker and its log channel go on (the records
+    after are delivered, none is garbage)."""
+    from shmpool import TaskTimeoutError
+
+    with ShmExecutor(1, mp_context=ctx("spawn"), task_timeout=0.2) as ex:
+        for k in range(4):
+            with pytest.raises(TaskTimeoutError):
+                ex.submit(log_tasks.log_forever, f"k{k}").result(60)
+        pid = ex.submit(log_tasks.log_some, "after", 2).result(60)
+        assert ex.flush_logs(60)
+        stats = ex.statistics()
+    assert [r.getMessage() for r in host_logging.named("app.x")] == ["after 0", "after 1"]
+    assert host_logging.named("app.x")[0].process == pid
+    assert stats["worker_logs"]["failed"] == 0
+    for r in host_logging.named("app.forever"):
+        tag, i = r.getMessage().split()
+        assert tag in {"k0", "k1", "k2", "k3"} and int(i) >= 0

@@ -84,3 +84,40 @@ def init_basic_config(path: str) -> None:
 def root_handlers() -> list:
     """The worker's root handlers' class names, and its lastResort's."""
     return [type(h).__name__ for h in logging.root.handlers] + [type(logging.lastResort).__name__]
+
+
+def log_then_wait(tag: str, path: str):
+    """Log one record, then wait (bounded) until `path` exists: the host
+    creates it once the record arrived, so the record travelled while the
+    task ran."""
+    import time
+
+    logging.getLogger("app.run").warning("%s started", tag)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return "never released"
+        time.sleep(0.002)
+    return "released"
+
+
+def log_from_threads(tag: str, n: int = 3):
+    """Records logged by threads the task starts."""
+    def work(k):
+        logging.getLogger("app.thread").warning("%s thread %d", tag, k)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return os.getpid()
+
+
+def log_forever(tag: str):
+    """Log in a loop until stopped (a task timeout)."""
+    lg = logging.getLogger("app.forever")
+    i = 0
+    while True:
+        lg.warning("%s %d", tag, i)
+        i += 1
