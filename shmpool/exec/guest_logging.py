@@ -7,7 +7,8 @@ Owns: the forwarding handler (`Forwarder`, installed as
 `logging.lastResort`), the records waiting to be shipped (`pending`,
 bounded: beyond MAX_PENDING a record is dropped and counted), the channel
 they go on (the host opened it; `setup` is given its id), and the flusher
-thread (started only once a send could not go at once).
+thread (it ships what a running task left pending for LINGER seconds, and
+what could not go at once).
 
 Data flow: host -> `protocol.LOG_SETUP` (sent before `INIT`, so the
 initializer's records are shipped too) -> `setup`: the host's levels
@@ -16,14 +17,19 @@ copied (spawn, forkserver), a forked worker's inherited handlers dropped,
 (the host's) -> no handler found in the worker -> `logging.lastResort` ->
 `Forwarder.handle`: the record formatted here (`getMessage()`, `exc_text`),
 its other attributes made picklable, the pid and the running task's id
-added (`shmpool_pid`, `shmpool_task`: the guest word), pickled -> `pending`
--> `ship`: the thread that takes the send lock without waiting sends
-everything pending as one message, `(count, dropped so far)` then the
-pickled list (`Tx.try_send`: no wait for credit, a slot or ring room, no
-pump, any thread). A message that cannot go now stays pending: the next
-record, or the flusher thread within RETRY seconds, sends it. Records
-shipped by the task's own thread before it returns precede its answer in
-the ring.
+added (`shmpool_pid`, `shmpool_task`: the guest word), pickled ->
+`PENDING`. A running task's records (its own thread's) wait there for its
+end (`task_end`, called by the worker program before the answer: they
+precede it in the ring), for BATCH of them, or for LINGER seconds (the
+flusher then ships them: a long task's records flow while it runs); any
+other thread's, and the main thread's outside a task (the initializer),
+ship at once -> `ship`: the thread that takes the send lock without
+waiting sends everything pending, in messages of at most MAX_MESSAGE
+bytes, each `(count, dropped so far)` then the pickled list
+(`Tx.try_send`: no wait for credit, a slot or ring room, no pump, any
+thread; the serving thread's pushed with a lazy announcement, as its
+answers are). A message that cannot go now stays pending: the next
+shipping, or the flusher within RETRY seconds, sends it.
 
 Why `lastResort`: the stdlib hands a record no handler took to
 `logging.lastResort` (stderr, WARNING and up); a worker configured by
@@ -45,6 +51,7 @@ import logging
 import os
 import pickle
 import struct
+import sys
 import threading
 import time
 
@@ -81,9 +88,11 @@ class Forwarder(logging.Handler):
         self.dropped = 0
         self.send_lock = threading.Lock()
         self.wake = threading.Event()
-        self.flusher: threading.Thread | None = None
         self.closed = False
         self.formatter = logging.Formatter()
+        # (started here, not on a task's thread, where a stop could cut its start short)
+        self.flusher = threading.Thread(target=self._flush_loop, name="shmpool-log-flusher", daemon=True)
+        _threads.start(self.flusher)
 
     # (no lock of the Handler's own: `pending` and `send_lock` are the guards)
     def createLock(self) -> None:
@@ -225,9 +234,6 @@ class Forwarder(logging.Handler):
         """Have the flusher ship what is pending within LINGER seconds, if
         nobody has by then (at most one wakeup of it per LINGER)."""
         self.wake.set()
-        if self.flusher is None:
-            self.flusher = threading.Thread(target=self._flush_loop, name="shmpool-log-flusher", daemon=True)
-            _threads.start(self.flusher)
 
     def _flush_loop(self) -> None:
         while not self.closed:
@@ -257,9 +263,9 @@ def setup(prog, ctx, payload) -> None:
     """`protocol.LOG_SETUP`: ship the records no handler here takes
     (see the module docstring). spec: exec.log-forward"""
     global _forwarder, _guest, _MAIN
-    from . import guest
-
-    _guest, _MAIN = guest, threading.main_thread()
+    # The worker program's module (its task and signal flags), found, not
+    # imported: it imports this one.
+    _guest, _MAIN = sys.modules[type(prog).__module__], threading.main_thread()
     conf = pickle.loads(payload.tobytes())
     if conf.get("fork"):
         # spec: exec.log-fork -- the handlers a forked worker inherited are
@@ -314,8 +320,7 @@ def statistics() -> dict:
     f = _forwarder
     if f is None:
         return {"forwarding": False}
-    return {"forwarding": True, "pending": len(f.pending), "dropped": f.dropped,
-            "flusher": f.flusher is not None}
+    return {"forwarding": True, "pending": len(f.pending), "dropped": f.dropped}
 
 
 __all__ = ["Forwarder", "PENDING", "setup", "register", "statistics", "task_end", "HEAD"]
