@@ -139,7 +139,8 @@ class Core:
         self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
         # spec: exec.log-forward spec: exec.log-off
-        self.logs = WorkerLogs(name, start_method == "fork") if worker_logging else None
+        self.logs = WorkerLogs(name, start_method == "fork", config.max_channels) \
+            if worker_logging and config.max_channels >= 4 else None
         try:
             self.host = ShmHost.create(config=config)
             st.post = self.host.post
@@ -159,7 +160,7 @@ class Core:
             self.starter = Starter(st, self.host, self.slots, setup, new_worker=self.new_worker,
                                    register=self.register, on_death=self.on_death, schedule=self.scheduler.schedule,
                                    stream_later=self.scheduler.stream_later, close=self.close,
-                                   method=start_method, before_init=self.logs and self.logs.setup)
+                                   method=start_method, worker_logs=self.logs)
             if self.logs is not None:
                 self.on_close.append(self.logs.close)
             st.on_idle = self.starter.idle_now

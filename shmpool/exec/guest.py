@@ -74,8 +74,8 @@ from .protocol import (
 )
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
-from . import guest_logging, stopping
-from .guest_logging import PENDING as _log_pending
+from . import stopping
+from .guest_logging import PENDING as _log_pending, setup as _log_setup, task_end as _log_task_end
 
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
@@ -176,7 +176,6 @@ class GuestProgram:
         d.register(DEFINE, self.define)
         d.register(RUN, self.run)
         d.register(RUN_BATCH, self.run_batch)
-        guest_logging.register(d, self)  # (the host's LOG_SETUP, before INIT. spec: exec.log-forward)
 
     # -- handlers --------------------------------------------------------------
 
@@ -188,8 +187,9 @@ class GuestProgram:
         # multiprocessing's resource sharer authenticate with it.
         # A forked worker is sent (None, None, None): it has all three as
         # the host had them when it forked. spec: exec.start-method
-        (sys_path, setup, authkey), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
+        (sys_path, setup, authkey, logs), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
         pin.release()
+        _log_setup(self, logs)  # (before the initializer: its records too. spec: exec.log-forward)
         if sys_path is not None:
             sys.path[:] = [p for p in sys_path if isinstance(p, str)]
         if authkey is not None:
@@ -311,7 +311,7 @@ class GuestProgram:
                         failpoints.hit(FP_RESULT_SLOT)
                 finally:
                     if _log_pending:
-                        guest_logging.task_end()
+                        _log_task_end()
                     self.done += 1
                     if max_tasks is not None and self.done >= max_tasks:
                         self.exit_code = 0  # leave in order after this batch
@@ -474,7 +474,7 @@ class GuestProgram:
 
     def _after_task(self) -> None:
         if _log_pending:  # (the task's records go before its answer. spec: exec.log-flush)
-            guest_logging.task_end()
+            _log_task_end()
         if self.max_tasks is not None and self.done >= self.max_tasks:
             self.exit_code = 0  # leave in order after this answer
         _atomics.store_u32(self.buf, self.word, self.resume)

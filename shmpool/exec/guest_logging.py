@@ -10,8 +10,9 @@ they go on (the host opened it; `setup` is given its id), and the flusher
 thread (it ships what a running task left pending for LINGER seconds, and
 what could not go at once).
 
-Data flow: host -> `protocol.LOG_SETUP` (sent before `INIT`, so the
-initializer's records are shipped too) -> `setup`: the host's levels
+Data flow: host -> `INIT`'s `logs` (the log channel, opened by the host
+before it sent `INIT`; its levels) -> `setup`, before the initializer
+runs (its records are shipped too): the host's levels
 copied (spawn, forkserver), a forked worker's inherited handlers dropped,
 `logging.lastResort` = the forwarder. A task logs -> the logger's level
 (the host's) -> no handler found in the worker -> `logging.lastResort` ->
@@ -259,14 +260,20 @@ def _safe_repr(v) -> str:
         return f"<unrepresentable {type(v).__name__}>"
 
 
-def setup(prog, ctx, payload) -> None:
-    """`protocol.LOG_SETUP`: ship the records no handler here takes
-    (see the module docstring). spec: exec.log-forward"""
+def setup(prog, conf: dict | None) -> None:
+    """(the worker program's `init`, before the initializer) Ship the
+    records no handler here takes, as `conf` says (`INIT`'s `logs`; None:
+    worker logging is off). See the module docstring. spec: exec.log-forward"""
     global _forwarder, _guest, _MAIN
+    if conf is None or _forwarder is not None:
+        return
+    try:
+        tx = prog.conn.tx(conf["channel"])
+    except Exception:  # noqa: BLE001 - the host could not open it: this worker logs as the stdlib's
+        return
     # The worker program's module (its task and signal flags), found, not
     # imported: it imports this one.
     _guest, _MAIN = sys.modules[type(prog).__module__], threading.main_thread()
-    conf = pickle.loads(payload.tobytes())
     if conf.get("fork"):
         # spec: exec.log-fork -- the handlers a forked worker inherited are
         # the host's: they would write from here to its files and streams;
@@ -281,7 +288,7 @@ def setup(prog, ctx, payload) -> None:
             logging.getLogger(name).setLevel(level)
         if conf.get("disable"):
             logging.disable(conf["disable"])
-    _forwarder = Forwarder(prog, prog.conn.tx(conf["channel"]))
+    _forwarder = Forwarder(prog, tx)
     # spec: exec.log-worker-config -- the records no handler here takes
     logging.lastResort = _forwarder
 
@@ -309,13 +316,6 @@ def task_end() -> None:
         f.ship()
 
 
-def register(methods, prog) -> None:
-    """(the worker program, at its start) Answer `LOG_SETUP`."""
-    from .protocol import LOG_SETUP
-
-    methods.register(LOG_SETUP, lambda ctx, payload: setup(prog, ctx, payload))
-
-
 def statistics() -> dict:
     f = _forwarder
     if f is None:
@@ -323,4 +323,4 @@ def statistics() -> dict:
     return {"forwarding": True, "pending": len(f.pending), "dropped": f.dropped}
 
 
-__all__ = ["Forwarder", "PENDING", "setup", "register", "statistics", "task_end", "HEAD"]
+__all__ = ["Forwarder", "PENDING", "setup", "statistics", "task_end", "HEAD"]

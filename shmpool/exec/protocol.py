@@ -14,9 +14,10 @@ Requests, host -> worker, in this order on one worker's session (payloads
 pickled with `serialization.dumps`; a payload no slot takes travels
 chunked, its bytes on the sender's chunk channel and the request carrying
 `serialization.marker(tid, total)` instead):
-- `INIT`: `(sys.path, setup, authkey)`, `setup` being the pickled
+- `INIT`: `(sys.path, setup, authkey, logs)`, `setup` being the pickled
   `(initializer, initargs, max_tasks_per_child)` (pickled as for a spawned
-  multiprocessing child). Answer: None, or the initializer's error as
+  multiprocessing child), `logs` worker logging's setup (a dict: the log
+  channel's id, the host's levels; None: off. `worker_logs`, `guest_logging`). Answer: None, or the initializer's error as
   `InitializerFailed`, after which the worker exits with EXIT_INIT_FAILED.
 - `DEFINE`: `(fid, pickled function, [fids the worker may forget])`, once
   per function the worker does not hold. Answer: None.
@@ -61,9 +62,6 @@ RUN_BATCH = method_id("shmpool.exec.run_batch")
 # Answer: None. spec: exec.nested-no-deadlock spec: exec.stop-nested
 NESTED_SUBMIT = method_id("shmpool.exec.nested.submit")
 NESTED_LEND = method_id("shmpool.exec.nested.lend")
-# Host -> worker, before `INIT` (worker logging, `worker_logs` / `guest_logging`):
-# the pickled setup dict (the log channel's id, the host's levels). Answer: None.
-LOG_SETUP = method_id("shmpool.exec.log.setup")
 LEND_ID = struct.Struct("<I")
 
 SINGLE, CHUNK, MAP = 0, 1, 2  # a call; a chunk of argument tuples; a chunk of single arguments
@@ -103,5 +101,5 @@ def run_items(fn, args) -> tuple:
     return results, -1, None, time.perf_counter() - t0
 
 
-__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "LOG_SETUP", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
+__all__ = ["INIT", "DEFINE", "RUN", "RUN_BATCH", "NESTED_SUBMIT", "NESTED_LEND", "SINGLE", "CHUNK", "MAP", "ITEMS", "run_items", "BATCH_TIME",
            "EXIT_INIT_FAILED", "ARG_STDERR"]

@@ -8,10 +8,10 @@ takes each message as it is routed), the queue of received messages
 records counted), the log thread that re-emits them (started with the
 first message), and the counters (`statistics`).
 
-Data flow: `setup(w)` (the starter, before `INIT`) opens the worker's
-channel and sends `protocol.LOG_SETUP`: its id and this process's levels
-(the root logger's, every logger's set explicitly, `logging.disable`'s),
-and whether the worker was forked. A message the worker ships (`(count,
+Data flow: the starter puts `conf()` in a worker's `INIT` (`logs`: its log
+channel's id, this process's levels: the root logger's, every logger's
+set explicitly, `logging.disable`'s; whether the worker is forked) and
+`attach(w)` opens that channel before `INIT` is sent. A message the worker ships (`(count,
 dropped so far)` then the pickled records) -> routed on the driver thread
 -> `_Source.arrived`: taken off the channel at once (its credit back, its
 slot freed), queued (or dropped: the queue is full) -> the log thread:
@@ -43,7 +43,6 @@ import threading
 import time
 
 from .. import _threads
-from .protocol import LOG_SETUP
 
 HEAD_SIZE = 8  # (`guest_logging.HEAD`: records, dropped so far; both u32, little-endian)
 MAX_QUEUED = 10000  # records received and not yet handled (beyond: dropped, counted)
@@ -87,9 +86,13 @@ class _Source:
 class WorkerLogs:
     """See the module docstring. One per `core.Core` with worker logging on."""
 
-    def __init__(self, name: str, fork: bool) -> None:
+    def __init__(self, name: str, fork: bool, max_channels: int) -> None:
         self.name = name
         self.fork = fork
+        # The log channel of every worker: the last id of the host's parity
+        # (the scan that opens the others starts at 2), so it is known
+        # before the worker's connection exists.
+        self.channel = (max_channels - 1) & ~1
         self.max_queued = MAX_QUEUED  # (read here: tests lower it)
         self.cond = threading.Condition(threading.Lock())
         self.queue: collections.deque = collections.deque()  # (source, records' bytes, count)
@@ -106,15 +109,24 @@ class WorkerLogs:
 
     # -- the starter's thread ------------------------------------------------------
 
-    def setup(self, w) -> None:
-        """Open worker `w`'s log channel and tell it (before its `INIT`).
-        spec: exec.log-forward"""
-        rx = w.conn.open_rx()
-        rx.on_arrival = _Source(self, w.proc.pid, w.peer_id).arrived
-        conf = {"channel": rx.id, "fork": self.fork}
+    def conf(self) -> dict:
+        """What a worker about to start is told in its `INIT` (`logs`): its
+        log channel's id (`attach` opens it) and, unless it is forked, this
+        process's levels. spec: exec.log-forward"""
+        conf = {"channel": self.channel, "fork": self.fork}
         if not self.fork:
             conf.update(levels())
-        w.conn.call_cb(LOG_SETUP, pickle.dumps(conf), _ignore)
+        return conf
+
+    def attach(self, w) -> None:
+        """Open worker `w`'s log channel (after its connection is made,
+        before its `INIT` is sent): the id `conf` named. If it cannot be
+        opened, that worker logs as the stdlib's do (its `tx` fails)."""
+        try:
+            rx = w.conn.open_rx(self.channel)
+        except Exception:  # noqa: BLE001 - (the connection is over already, or the id taken)
+            return
+        rx.on_arrival = _Source(self, w.proc.pid, w.peer_id).arrived
 
     # -- the driver thread ---------------------------------------------------------
 
@@ -213,11 +225,6 @@ class WorkerLogs:
                     "dropped_in_workers": self.dropped_workers, "dropped_on_host": self.dropped_host,
                     "filtered": self.filtered, "failed": self.failed, "queued": self.queued + self.handling,
                     "messages": self.messages}
-
-
-def _ignore(result, error) -> None:
-    if result is not None:
-        result.release()
 
 
 __all__ = ["WorkerLogs", "levels", "MAX_QUEUED", "CLOSE_FLUSH"]

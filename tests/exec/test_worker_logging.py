@@ -315,3 +315,21 @@ def test_a_task_stopped_while_it_logs_leaves_the_channel_whole(host_logging):
     for r in host_logging.named("app.forever"):
         tag, i = r.getMessage().split()
         assert tag in {"k0", "k1", "k2", "k3"} and int(i) >= 0
+
+
+@pytest.mark.spec("exec.log-forward")
+def test_a_replacement_worker_forwards_too(host_logging):
+    """A worker killed after it logged: what it shipped is delivered, and
+    its replacement (same entry, same log channel id) forwards as well."""
+    from shmpool import WorkerCrashedError
+
+    with ShmExecutor(1, mp_context=ctx("spawn"), max_retries=0) as ex:
+        first = ex.submit(log_tasks.log_some, "one").result(60)
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(log_tasks.die, "d").result(60)
+        second = ex.submit(log_tasks.log_some, "two").result(60)
+        assert ex.flush_logs(60)
+    assert first != second
+    assert [(r.getMessage(), r.process) for r in host_logging.named("app.x")] == [
+        ("one 0", first), ("two 0", second)]
+    assert [r.getMessage() for r in host_logging.named("app.die")] == ["d before dying"]

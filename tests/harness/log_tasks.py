@@ -121,3 +121,19 @@ def log_forever(tag: str):
     while True:
         lg.warning("%s %d", tag, i)
         i += 1
+
+
+def die(tag: str):
+    """Log, then kill this worker."""
+    import signal
+
+    logging.getLogger("app.die").warning("%s before dying", tag)
+    task_end_ship()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def task_end_ship():
+    """(what the worker does at a task's end) Ship the records pending now."""
+    from shmpool.exec import guest_logging
+
+    guest_logging.task_end()
