@@ -163,7 +163,8 @@ class WorkerLogs:
                 self.queued -= count
                 self.handling = count
             try:
-                self._handle(source, data, count)
+                with _threads.unblocked():  # (handlers are user code: what they start gets a normal mask)
+                    self._handle(source, data, count)
             finally:
                 with cond:
                     self.handling = 0
@@ -198,7 +199,10 @@ class WorkerLogs:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record received so far is handled (False if
-        `timeout` passed first). spec: exec.log-flush"""
+        `timeout` passed first; a handler that calls it, on the log thread,
+        does not wait for itself). spec: exec.log-flush"""
+        if threading.current_thread() is self.thread:
+            return False
         with self.cond:
             return self.cond.wait_for(lambda: not self.queue and not self.handling, timeout)
 
@@ -206,9 +210,11 @@ class WorkerLogs:
         """The pool's end: handle what is queued (at most CLOSE_FLUSH
         seconds, then the rest is dropped, counted), and end the thread."""
         deadline = time.monotonic() + CLOSE_FLUSH
+        own = threading.current_thread() is self.thread  # (a handler that ends the pool)
         with self.cond:
-            self.cond.wait_for(lambda: not self.queue and not self.handling,
-                               max(0.0, deadline - time.monotonic()))
+            if not own:
+                self.cond.wait_for(lambda: not self.queue and not self.handling,
+                                   max(0.0, deadline - time.monotonic()))
             self.closed = True
             for _, _, count in self.queue:
                 self.dropped_host += count
