@@ -538,9 +538,15 @@ class ShmPool:
         """The live workers as `multiprocessing.Process`-like handles."""
         return [WorkerProcess(p) for p in self._st.core.processes().values()]
 
+    def flush_logs(self, timeout: float | None = None) -> bool:
+        """As `ShmExecutor.flush_logs`: wait until the records the tasks
+        logged, received so far, are handled here. spec: exec.log-flush"""
+        logs = self._st.core.logs
+        return logs is None or logs.flush(timeout)
+
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub,
-        the start method."""
+        the start method, worker logging (`worker_logs`)."""
         out = self._st.core.statistics()
         out["start_method"] = self._start_method
         return out

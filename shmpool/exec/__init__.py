@@ -45,11 +45,14 @@ The parts (host side):
   child does with the engines it inherited; `control.Control`: task
   timeouts and interrupts (the deadline monitor, stops); `nested.Nested`:
   the tasks workers submit from inside a task, and the places their waits
-  lend.
+  lend; `worker_logs.WorkerLogs`: the records tasks log, received on a
+  log channel per worker and handled by this process's `logging` on a
+  thread of its own.
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
-waits.
+waits; `guest_logging`: the worker's `logging.lastResort`, which ships the
+records no handler of the worker takes.
 Both: `protocol` (method ids, task kinds, records).
 
 A task's data flow: `Core.submit` pickles it (`serialization.dumps`,

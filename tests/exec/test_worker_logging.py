@@ -201,12 +201,15 @@ def test_off_with_a_keyword(host_logging, method):
 def test_shm_pool_delivers_too(host_logging):
     with ShmPool(2, context=ctx("spawn")) as pool:
         assert pool.map(log_tasks.log_exception, ["p0", "p1", "p2"])
+        assert pool.flush_logs(60)
+        assert len(host_logging.named("app.err")) == 3
+        pool.apply(log_tasks.log_exception, ("p3",))
         pool.close()
         pool.join()
         stats = pool.statistics()["worker_logs"]
     assert sorted(r.getMessage() for r in host_logging.named("app.err")) == [
-        "failed in p0", "failed in p1", "failed in p2"]
-    assert stats["delivered"] == 3
+        "failed in p0", "failed in p1", "failed in p2", "failed in p3"]  # (p3: handled by the pool's end)
+    assert stats["delivered"] == 4
 
 
 @pytest.mark.spec("exec.log-flush")
