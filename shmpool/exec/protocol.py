@@ -17,7 +17,8 @@ chunked, its bytes on the sender's chunk channel and the request carrying
 - `INIT`: `(sys.path, setup, authkey, logs)`, `setup` being the pickled
   `(initializer, initargs, max_tasks_per_child)` (pickled as for a spawned
   multiprocessing child), `logs` worker logging's setup (a dict: the log
-  channel's id, the host's levels; None: off. `worker_logs`, `guest_logging`). Answer: None, or the initializer's error as
+  channel's id, the host's levels; None: off. `worker_logs`,
+  `guest_logging`). Answer: None, or the initializer's error as
   `InitializerFailed`, after which the worker exits with EXIT_INIT_FAILED.
 - `DEFINE`: `(fid, pickled function, [fids the worker may forget])`, once
   per function the worker does not hold. Answer: None.

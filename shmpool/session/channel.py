@@ -28,8 +28,9 @@ Data flow:
   finish), so a channel id is reused only after both ends closed.
 - Transfers (spec: shm.session.chunked; format and assembly in
   `transfer`): an `Rx` of a table that is `collecting`, on a channel the
-  peer opened, hands each piece to its `Collector` as it is routed and grants its credit at once, so the
-  routing thread (the host's driver) never waits for a reader;
+  peer opened, hands each piece to its `Collector` as it is routed and
+  grants its credit at once, so the routing thread (the host's driver)
+  never waits for a reader;
   `Tx.send_transfer` streams one from a list of parts.
 - Non-blocking: `Tx.try_send` sends a one-piece message if it can go now
   (credit, slot, ring room), from any thread; an `Rx`'s `on_arrival`
@@ -264,7 +265,7 @@ class Tx(_End):
         as an answer is (the peer is woken with the next message, or within
         the announcer's bound: spec: shm.wakeup.guest-announce). Raises
         ChannelClosed / ChannelReset / ChannelBroken, and what sending
-        raises once the peer is gone. spec: exec.log-never-blocks"""
+        raises once the peer is gone."""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")

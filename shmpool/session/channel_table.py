@@ -99,8 +99,9 @@ class ChannelTable:
         buf = self.conn.segment.buf
         if cid is not None and (not 0 < cid < self.max or cid % 2 != self.parity):
             raise ValueError(f"channel id {cid} is not one this side can open")
+        ids = range(2 if self.parity == 0 else 1, self.max, 2) if cid is None else (cid,)
         with self._lock:
-            for cid in range(2 if self.parity == 0 else 1, self.max, 2) if cid is None else (cid,):
+            for cid in ids:
                 if cid in self._ends:
                     continue
                 e = self.entry_offset(cid)
