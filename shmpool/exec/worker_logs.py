@@ -47,6 +47,7 @@ from .. import _threads
 HEAD_SIZE = 8  # (`guest_logging.HEAD`: records, dropped so far; both u32, little-endian)
 MAX_QUEUED = 10000  # records received and not yet handled (beyond: dropped, counted)
 CLOSE_FLUSH = 10.0  # seconds the pool's end waits for the queued records to be handled
+LINGER = 0.001  # seconds the log thread, woken by a message, lets the next ones come
 
 
 def levels() -> dict:
@@ -104,7 +105,9 @@ class WorkerLogs:
         self.dropped_workers = 0  # records the workers dropped (as their messages report)
         self.failed = 0  # records that could not be rebuilt here
         self.messages = 0
+        self.loggers: dict = {}  # name -> logger (the log thread's)
         self.thread: threading.Thread | None = None
+        self.idle = False  # the log thread waits for a message
         self.closed = False
 
     # -- the starter's thread ------------------------------------------------------
@@ -146,7 +149,7 @@ class WorkerLogs:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name=f"{self.name}-logs", daemon=True)
                 _threads.start(self.thread)
-            else:
+            elif self.idle:
                 self.cond.notify()
 
     # -- the log thread ---------------------------------------------------------------
@@ -155,20 +158,31 @@ class WorkerLogs:
         cond = self.cond
         while True:
             with cond:
+                waited = False
                 while not self.queue and not self.closed:
+                    self.idle = waited = True
                     cond.wait()
+                    self.idle = False
                 if not self.queue:
                     return
-                source, data, count = self.queue.popleft()
-                self.queued -= count
-                self.handling = count
-            try:
-                with _threads.unblocked():  # (handlers are user code: what they start gets a normal mask)
-                    self._handle(source, data, count)
-            finally:
-                with cond:
-                    self.handling = 0
-                    cond.notify_all()
+            if waited and not self.closed:
+                # Woken by one message: let the next ones come, and handle
+                # them in one go (one wakeup of this thread for many).
+                time.sleep(LINGER)
+            with _threads.unblocked():  # (handlers are user code: what they start gets a normal mask)
+                while True:
+                    with cond:
+                        if not self.queue:
+                            break
+                        source, data, count = self.queue.popleft()
+                        self.queued -= count
+                        self.handling = count
+                    try:
+                        self._handle(source, data, count)
+                    finally:
+                        with cond:
+                            self.handling = 0
+                            cond.notify_all()
 
     def _handle(self, source: _Source, data: bytes, count: int) -> None:
         """Re-emit one message's records here. spec: exec.log-record"""
@@ -179,10 +193,22 @@ class WorkerLogs:
                 self.failed += count
             return
         delivered = filtered = failed = 0
+        # (the default factory: the record's fields as they came, without
+        # `LogRecord.__init__`'s work for a record made here, which
+        # `makeLogRecord` does first and then overwrites)
+        plain = logging.getLogRecordFactory() is logging.LogRecord
+        new = logging.LogRecord.__new__
+        loggers = self.loggers
         for raw in records:
             try:
-                record = logging.makeLogRecord(pickle.loads(raw))
-                logger = logging.getLogger(record.name)
+                if plain:
+                    record = new(logging.LogRecord)
+                    record.__dict__.update(pickle.loads(raw))
+                else:
+                    record = logging.makeLogRecord(pickle.loads(raw))
+                logger = loggers.get(record.name)
+                if logger is None:  # (a logger lives as long as the process: kept, by name)
+                    logger = loggers[record.name] = logging.getLogger(record.name)
                 if logger.isEnabledFor(record.levelno):
                     logger.handle(record)  # (a handler's error is its `handleError`'s)
                     delivered += 1
