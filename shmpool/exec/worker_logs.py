@@ -14,8 +14,9 @@ set explicitly, `logging.disable`'s; whether the worker is forked) and
 `attach(w)` opens that channel before `INIT` is sent. A message the worker ships (`(count,
 dropped so far)` then the pickled records) -> routed on the driver thread
 -> `_Source.arrived`: taken off the channel at once (its credit back, its
-slot freed), queued (or dropped: the queue is full) -> the log thread:
-each record rebuilt (`logging.makeLogRecord`) and handed to
+slot freed), queued (or dropped: the queue is full) -> the log thread
+(notified only if it waits; once woken it lets messages gather for
+LINGER seconds, then handles all that are queued): each record rebuilt (`logging.makeLogRecord`) and handed to
 `logging.getLogger(record.name).handle(record)` if that logger is enabled
 for its level now: this process's handlers, filters and levels decide.
 
