@@ -124,6 +124,12 @@ class ShmExecutor(Executor):
       future fails with `TaskTimeoutError`. Per task: `schedule(...,
       timeout=)`, `map(..., task_timeout=)`. `interrupt(future)` stops a
       task and cancels its future, running or not.
+    - `worker_logging` (default True): the records tasks log (and that no
+      handler configured in the worker takes) are handled by this
+      process's `logging`, under their logger's name, with the worker's pid
+      and the task's id (`record.shmpool_pid`, `record.shmpool_task`);
+      bounded and lossy, never blocking a task. `flush_logs()` waits for
+      the records received so far to be handled.
 
     Workers are started as `mp_context` says, as the stdlib's are: forked
     from this process ("fork"), forked from a template process started once
@@ -139,7 +145,7 @@ class ShmExecutor(Executor):
     def __init__(self, max_workers: int | None = None, mp_context=None, initializer=None,
                  initargs=(), *, max_tasks_per_child: int | None = None, max_retries: int = 2,
                  max_inflight: int | None = None, segment_config: SegmentConfig | None = None,
-                 task_timeout: float | None = None, trace=None) -> None:
+                 task_timeout: float | None = None, trace=None, worker_logging: bool = True) -> None:
         if max_workers is None:
             max_workers = default_workers()
         elif not isinstance(max_workers, int) or isinstance(max_workers, bool):
@@ -172,7 +178,7 @@ class ShmExecutor(Executor):
         self._core_kwargs = dict(initializer=initializer, initargs=tuple(initargs),
                                  max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
                                  max_inflight=max_inflight, config=segment_config, eager=fork,
-                                 start_method=method)
+                                 start_method=method, worker_logging=bool(worker_logging))
         self._core: Core | None = None  # created by the first submit
         self._core_lock = threading.Lock()
         self._shutdown_called = False
@@ -435,9 +441,16 @@ class ShmExecutor(Executor):
         released."""
         return _CallQueueShim(self._core)
 
+    def flush_logs(self, timeout: float | None = None) -> bool:
+        """Wait until the records the workers' tasks logged, received so far,
+        are handled by this process's `logging`; False if `timeout` passed
+        first. spec: exec.log-flush"""
+        core = self._core
+        return core is None or core.logs is None or core.logs.flush(timeout)
+
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub,
-        the start method."""
+        the start method, worker logging (`worker_logs`)."""
         core = self._core
         if core is None:
             out = {"max_workers": self._max_workers, "queued": 0, "pending": 0, "workers": {},

@@ -299,7 +299,8 @@ class ShmPool:
     a replacement up to this many times, then fails with
     `WorkerCrashedError`, a `BrokenProcessPool`, through `get()` and
     `error_callback`; the pool goes on), `max_inflight` (tasks each worker
-    holds at once; by default adaptive, as `ShmExecutor`'s) and `segment_config` (a `SegmentConfig`).
+    holds at once; by default adaptive, as `ShmExecutor`'s), `segment_config` (a `SegmentConfig`)
+    and `worker_logging` (as `ShmExecutor`'s: what tasks log reaches this process's `logging`).
 
     Differences, on purpose: results never hang (after `terminate()`, also
     at the end of a `with` block, pending results fail with
@@ -320,7 +321,7 @@ class ShmPool:
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
                  maxtasksperchild: int | None = None, context=None, *, max_retries: int = 2,
                  max_inflight: int | None = None, segment_config=None,
-                 task_timeout: float | None = None, trace=None) -> None:
+                 task_timeout: float | None = None, trace=None, worker_logging: bool = True) -> None:
         self._st: _State | None = None
         tracer = None if trace is None else _trace.Tracer(trace)  # spec: exec.trace-path
         task_timeout = check_timeout(task_timeout)
@@ -344,7 +345,7 @@ class ShmPool:
         core = Core(processes, initializer=initializer, initargs=initargs,
                     max_tasks_per_child=maxtasksperchild, max_retries=max_retries,
                     max_inflight=max_inflight, config=segment_config, name="shmpool-pool", eager=True,
-                    start_method=self._start_method)
+                    start_method=self._start_method, worker_logging=bool(worker_logging))
         if tracer is not None:  # (eager: its workers may be there already) spec: exec.trace-write
             _trace.attach(core, tracer)
         st = _State(core)
@@ -561,9 +562,15 @@ class ShmPool:
         """`with pool.tracing("run.json"):`: see `ShmExecutor.tracing`. spec: exec.trace-context"""
         return _trace.Tracing(lambda: self._st.core, path, max_events)
 
+    def flush_logs(self, timeout: float | None = None) -> bool:
+        """As `ShmExecutor.flush_logs`: wait until the records the tasks
+        logged, received so far, are handled here. spec: exec.log-flush"""
+        logs = self._st.core.logs
+        return logs is None or logs.flush(timeout)
+
     def statistics(self) -> dict:
         """A snapshot: workers, queue, tasks by outcome, retries, the hub,
-        the start method."""
+        the start method, worker logging (`worker_logs`)."""
         out = self._st.core.statistics()
         out["start_method"] = self._start_method
         return out

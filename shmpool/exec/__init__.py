@@ -51,14 +51,18 @@ The parts (host side):
   the tasks that unpickle them; `trace`: the task timeline (a recorder the
   other parts feed while a trace is on, and its Chrome trace-event writer);
   `streams`: streamed results (a generator task's items, credit as part
-  ids, `StreamResult`).
+  ids, `StreamResult`); `worker_logs.WorkerLogs`: the records tasks log,
+  received on a log channel per worker and handled by this process's
+  `logging` on a thread of its own.
 Guest side: `guest.GuestProgram`, the worker process's handlers;
 `stopping`, its side of task control (the stop signal, start stamps);
 `guest_nested`: `shmpool.current_executor()` in a task, and its helping
 waits; `guest_tunnel`: a task's end of a tunnel, and the tunnels' wire
 (the host imports it for that, never `guest`); `guest_trace`: the stamps
 of each call while a trace is on; `guest_streams`: a stream task's loop
-(items sent as the generator yields them, within the host's credit).
+(items sent as the generator yields them, within the host's credit);
+`guest_logging`: the worker's `logging.lastResort`, which ships the
+records no handler of the worker takes.
 Both: `protocol` (method ids, task kinds, records); `trace_wire` (the
 timeline's method ids and stamps).
 

@@ -75,6 +75,7 @@ from .starter import Starter, describe, pickle_for_child
 from .state import EngineState, run_callbacks
 from .tasks import _Task, WorkerRecord
 from .tunnel import PICKLED as _TUNNELS_PICKLED, Tunnels, attach_pickled
+from .worker_logs import WorkerLogs
 
 _pickle_dumps = pickle.dumps
 _new_future = object.__new__
@@ -95,11 +96,13 @@ class Core:
 
     def __init__(self, max_workers: int, *, initializer=None, initargs=(), max_tasks_per_child=None,
                  max_retries: int = 2, max_inflight: int | None = None, config: SegmentConfig | None = None,
-                 name: str = "shmpool", eager: bool = False, start_method: str = "spawn") -> None:
+                 name: str = "shmpool", eager: bool = False, start_method: str = "spawn",
+                 worker_logging: bool = True) -> None:
         """`eager`: start all workers now (multiprocessing.Pool, and the
         executor with the fork start method) instead of on demand.
         `start_method`: how workers start ("spawn", "fork", "forkserver":
-        hub/launch.py). spec: exec.start-method"""
+        hub/launch.py). spec: exec.start-method. `worker_logging`: the
+        records tasks log reach this process's `logging` (`worker_logs`)."""
         failpoints.check()  # (a malformed SHMPOOL_FAILPOINTS is an error here, not at import)
         check_method(start_method)
         self.owner_pid = os.getpid()
@@ -137,6 +140,9 @@ class Core:
         self.closed_event = threading.Event()  # set once close() has finished
         self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
+        # spec: exec.log-forward spec: exec.log-off
+        self.logs = WorkerLogs(name, start_method == "fork", config.max_channels) \
+            if worker_logging and config.max_channels >= 4 else None
         try:
             self.host = ShmHost.create(config=config)
             st.post = self.host.post
@@ -156,7 +162,9 @@ class Core:
             self.starter = Starter(st, self.host, self.slots, setup, new_worker=self.new_worker,
                                    register=self.register, on_death=self.on_death, schedule=self.scheduler.schedule,
                                    stream_later=self.scheduler.stream_later, close=self.close,
-                                   method=start_method)
+                                   method=start_method, worker_logs=self.logs)
+            if self.logs is not None:
+                self.on_close.append(self.logs.close)
             st.on_idle = self.starter.idle_now
             self.scheduler.coming = lambda: self.starter.starting
             self.nested = Nested(self)  # tasks submitted from inside tasks. spec: exec.nested
@@ -594,6 +602,8 @@ class Core:
                 "shutdown": st.shutdown_started, "workers": workers, **dict(st.stats),
                 "submitted": st.submitted,
             }
+        if self.logs is not None:
+            out["worker_logs"] = self.logs.statistics()  # spec: exec.log-bounded
         out["hub"] = {k: v for k, v in self.host.statistics().items() if k != "per_peer"}
         if st.tracer is not None:  # spec: exec.trace-cap
             out.update(st.tracer.statistics())

@@ -75,6 +75,7 @@ from .protocol import (
 from .serialization import COPY_BELOW, Chunked, chunk_threshold, dumps, marker, read, transfer_ids, write
 from ..shm import layout as L
 from . import guest_trace, stopping
+from .guest_logging import PENDING as _log_pending, setup as _log_setup, task_end as _log_task_end
 
 store_u32 = _atomics.store_u32
 stamp_call = _atomics.stamp_call  # (`stopping.stamp`, inline: every timed call)
@@ -187,8 +188,9 @@ class GuestProgram:
         # multiprocessing's resource sharer authenticate with it.
         # A forked worker is sent (None, None, None): it has all three as
         # the host had them when it forked. spec: exec.start-method
-        (sys_path, setup, authkey), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
+        (sys_path, setup, authkey, logs), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
         pin.release()
+        _log_setup(self, logs)  # (before the initializer: its records too. spec: exec.log-forward)
         if sys_path is not None:
             sys.path[:] = [p for p in sys_path if isinstance(p, str)]
         if authkey is not None:
@@ -309,6 +311,8 @@ class GuestProgram:
                     if fp:
                         failpoints.hit(FP_RESULT_SLOT)
                 finally:
+                    if _log_pending:
+                        _log_task_end()
                     self.done += 1
                     if max_tasks is not None and self.done >= max_tasks:
                         self.exit_code = 0  # leave in order after this batch
@@ -470,6 +474,8 @@ class GuestProgram:
         return out
 
     def _after_task(self) -> None:
+        if _log_pending:  # (the task's records go before its answer. spec: exec.log-flush)
+            _log_task_end()
         if self.max_tasks is not None and self.done >= self.max_tasks:
             self.exit_code = 0  # leave in order after this answer
         _atomics.store_u32(self.buf, self.word, self.resume)

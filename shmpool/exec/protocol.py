@@ -14,9 +14,11 @@ Requests, host -> worker, in this order on one worker's session (payloads
 pickled with `serialization.dumps`; a payload no slot takes travels
 chunked, its bytes on the sender's chunk channel and the request carrying
 `serialization.marker(tid, total)` instead):
-- `INIT`: `(sys.path, setup, authkey)`, `setup` being the pickled
+- `INIT`: `(sys.path, setup, authkey, logs)`, `setup` being the pickled
   `(initializer, initargs, max_tasks_per_child)` (pickled as for a spawned
-  multiprocessing child). Answer: None, or the initializer's error as
+  multiprocessing child), `logs` worker logging's setup (a dict: the log
+  channel's id, the host's levels; None: off. `worker_logs`,
+  `guest_logging`). Answer: None, or the initializer's error as
   `InitializerFailed`, after which the worker exits with EXIT_INIT_FAILED.
 - `DEFINE`: `(fid, pickled function, [fids the worker may forget])`, once
   per function the worker does not hold. Answer: None.

@@ -204,7 +204,7 @@ class Starter:
     """See the module docstring. One per `Core`."""
 
     def __init__(self, state, host, slots, setup: tuple, *, new_worker, register, on_death, schedule,
-                 stream_later, close, method: str = "spawn") -> None:
+                 stream_later, close, method: str = "spawn", worker_logs=None) -> None:
         self.state = state  # `state.EngineState`
         self.host = host
         self.slots = slots
@@ -224,6 +224,7 @@ class Starter:
         self.schedule = schedule  # (lock held) give queued tasks to workers with room
         self.stream_later = stream_later  # (lock held) stream chunked bytes to a worker
         self.close_core = close
+        self.worker_logs = worker_logs  # `worker_logs.WorkerLogs` (`conf()`, `attach(w)`), or None
         self.lock = threading.Lock()  # held while a worker is being started
         self.failures = 0  # consecutive start failures
         self.starting = 0  # new workers requested and not yet registered (state.lock)
@@ -421,8 +422,9 @@ class Starter:
             # `init` request, on the worker's chunk channel): never a wait
             # for a slot here, never a start failure for their size.
             # spec: exec.chunked-define
-            what = (None, None, None) if fork else (
-                list(sys.path), setup, bytes(multiprocessing.current_process().authkey))
+            logs = None if self.worker_logs is None else self.worker_logs.conf()  # spec: exec.log-forward
+            what = (None, None, None, logs) if fork else (
+                list(sys.path), setup, bytes(multiprocessing.current_process().authkey), logs)
             init = write(slots, *dumps(what), timeout=0, chunk_above=chunk_threshold(slots.config))
             log = StartupLog(self.logs)
             extra, log_fds, popen_kw = log.spawn_options()
@@ -462,6 +464,8 @@ class Starter:
         try:
             if chunked is not None:
                 w.tx = w.conn.open_tx()  # (the first channel this connection opens)
+            if logs is not None:
+                self.worker_logs.attach(w)  # (its log channel, open before `init` is sent)
             cf = w.conn.call(INIT, init)
             if chunked is not None:
                 with st.lock:

@@ -32,10 +32,15 @@ Data flow:
   not `collecting`; both ends may agree on a window wider than the
   initial credit (`Rx.widen`, `Tx.window`).
 - Transfers (spec: shm.session.chunked; format and assembly in
-  `transfer`): an `Rx` of a table that is `collecting` hands each piece to
-  its `Collector` as it is routed and grants its credit at once, so the
-  routing thread (the host's driver) never waits for a reader;
+  `transfer`): an `Rx` of a table that is `collecting`, on a channel the
+  peer opened, hands each piece to its `Collector` as it is routed and
+  grants its credit at once, so the routing thread (the host's driver)
+  never waits for a reader;
   `Tx.send_transfer` streams one from a list of parts.
+- Non-blocking: `Tx.try_send` sends a one-piece message if it can go now
+  (credit, slot, ring room), from any thread; an `Rx`'s `on_arrival`
+  callback hears of each piece queued (the routing thread), so one reader
+  can serve many ends.
 
 Invariants: the bytes a sender has in flight (sent, not yet consumed) never
 exceed its window (the initial credit unless widened); `granted_total` is written only by the
@@ -56,7 +61,7 @@ from ..errors import ChannelBroken, ChannelClosed, ChannelReset, PeerDeadError, 
 from ..shm import layout as L
 from ..shm.ring import Descriptor
 from ..shm.wait import SLICE
-from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, payload_descriptor
+from .messages import CLOSE, DATA, F_MORE, MAX_SLOT_WAIT, RESET, Received, discard, payload_descriptor
 from .transfer import ABORT, TRANSFER_HEAD, TRANSFER_PIECE, Collector, stream, transfer_views
 
 load_u32 = _atomics.load_u32
@@ -256,9 +261,56 @@ class Tx(_End):
         except Exception:  # noqa: BLE001
             pass
 
-    def try_send(self, data) -> bool:
-        """Send only if the credit for the first piece is there now."""
-        return self.send(data, timeout=0)
+    def try_send(self, data, lazy: bool = False) -> bool:
+        """Send one message only if it can go now, whole and in one piece:
+        the credit for it, a slot (unless it is inline) and room in the
+        ring are there now, and no other thread is sending on this end.
+        Never waits and never pumps, so any thread may call it, a guest's
+        running task included (`send` may pump while it waits: a guest's
+        thread that is not the one serving must not). False: nothing was
+        sent (a message bigger than one piece never goes this way). `lazy`
+        (a guest's serving thread): pushed with its announcement deferred,
+        as an answer is (the peer is woken with the next message, or within
+        the announcer's bound: spec: shm.wakeup.guest-announce). Raises
+        ChannelClosed / ChannelReset / ChannelBroken, and what sending
+        raises once the peer is gone."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = view.nbytes
+        if n > self.piece or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._check()
+            if self._credit(load_u32(self.conn.segment.buf, self.granted_at)) < n:
+                return False
+            try:
+                desc = payload_descriptor(self.conn.slots, self.conn.peer, DATA, self.id, view, timeout=0)
+            except SlotExhaustedError:
+                return False
+            transport = self.conn.transport
+            push = getattr(transport, "push_answer", None) if lazy else None
+            if push is not None:
+                try:
+                    pushed = push(desc)
+                except BaseException:
+                    discard(self.conn.slots, desc)
+                    raise
+                if not pushed:
+                    discard(self.conn.slots, desc)
+                    return False
+                transport.before_call()  # (the announcer's timer armed: it rings if we stay busy)
+            else:
+                try:
+                    self.conn.publish(desc, 0)  # (its slot freed if the ring is full)
+                except TimeoutError:
+                    return False
+            self._sent = (self._sent + n) & MASK
+            self.messages += 1
+            self.bytes += n
+            return True
+        finally:
+            self._lock.release()
 
     def _credit(self, granted: int) -> int:
         """Bytes we may still send. spec: shm.flow.wrap-rule"""
@@ -350,7 +402,13 @@ class Rx(_End):
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
         # spec: shm.channel.collecting-end
-        self.collecting = table.collecting if collecting is None else collecting
+        # (by default, a `collecting` table collects the channels the peer
+        # opened; one this side opened, `open_rx`, queues its messages)
+        self.collecting = ((table.collecting and cid % 2 != table.parity) if collecting is None
+                           else collecting)
+        # Called (on the routing thread, with this end) after each piece is
+        # queued; it must not block (the host's driver routes).
+        self.on_arrival = None
 
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
@@ -370,6 +428,8 @@ class Rx(_End):
             self.bytes += n
             return
         self._queue.append((rec, bool(d.flags & F_MORE)))
+        if self.on_arrival is not None:
+            self.on_arrival(self)
 
     def _peer_ended(self, kind: int) -> None:
         if kind == RESET:

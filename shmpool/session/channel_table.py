@@ -93,12 +93,16 @@ class ChannelTable:
         announced by the entry's sender-sleeps flag."""
         return Waiter(self.conn.segment.buf, self.entry_offset(cid) + E_SLEEP, SENDER_SLEEPS)
 
-    def open(self, send: bool, collecting: bool | None = None) -> Tx | Rx:
-        """Allocate an id of our parity whose entry is Free and activate it
-        (`collecting`: an `Rx`'s, see there). spec: shm.flow.channel-activate"""
+    def open(self, send: bool, cid: int | None = None, collecting: bool | None = None) -> Tx | Rx:
+        """Allocate an id of our parity whose entry is Free (`cid`: that one
+        only) and activate it (`collecting`: an `Rx`'s, see there).
+        spec: shm.flow.channel-activate"""
         buf = self.conn.segment.buf
+        if cid is not None and (not 0 < cid < self.max or cid % 2 != self.parity):
+            raise ValueError(f"channel id {cid} is not one this side can open")
+        ids = range(2 if self.parity == 0 else 1, self.max, 2) if cid is None else (cid,)
         with self._lock:
-            for cid in range(2 if self.parity == 0 else 1, self.max, 2):
+            for cid in ids:
                 if cid in self._ends:
                     continue
                 e = self.entry_offset(cid)

@@ -568,10 +568,11 @@ class Connection:
         self._check_open()
         return self.channels.open(send=True)
 
-    def open_rx(self, *, collecting: bool | None = None) -> Rx:
-        """Open a channel this side receives on (the peer sends, via `tx(id)`)."""
+    def open_rx(self, channel_id: int | None = None, *, collecting: bool | None = None) -> Rx:
+        """Open a channel this side receives on (the peer sends, via `tx(id)`);
+        `channel_id`: that id (of this side's parity), else any free one."""
         self._check_open()
-        return self.channels.open(send=False, collecting=collecting)
+        return self.channels.open(send=False, cid=channel_id, collecting=collecting)
 
     def tx(self, channel_id: int) -> Tx:
         """The sending end of a channel the peer opened with `open_rx()`."""
