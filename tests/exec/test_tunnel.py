@@ -42,7 +42,11 @@ def _slots_in_use(e) -> int:
 
 
 def _open_channels(e) -> int:
-    return sum(len(w.conn.channels.statistics()) for w in list(e._core.workers.values()) if not w.dead)
+    """Channels open to live workers, besides each worker's log channel."""
+    logs = e._core.logs
+    skip = {logs.channel} if logs is not None else set()
+    return sum(len([c for c in w.conn.channels.statistics() if c not in skip])
+               for w in list(e._core.workers.values()) if not w.dead)
 
 
 def _writer(t, data, piece=100_000, close=True):

@@ -57,7 +57,8 @@ def test_an_end_opened_not_collecting_queues_its_pieces(lo):
     lo.guest.channels.collecting = True
     lo.host.channels.collecting = True
     plain = lo.guest.open_rx(collecting=False)
-    assert not plain.collecting and lo.guest.open_rx().collecting
+    assert not plain.collecting and lo.guest.open_rx(collecting=True).collecting
+    assert not lo.guest.open_rx().collecting  # (by default an end this side opens queues)
     lo.host.tx(plain.id).send(b"x" * 5000)
     back = lo.guest.open_tx()
     hrx = lo.host.rx(back.id, collecting=False)  # (taken before its first byte)
