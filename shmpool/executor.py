@@ -43,25 +43,22 @@ only.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import math
 import multiprocessing
 import signal
 import threading
-import time
 import weakref
 from concurrent.futures import Executor, Future
-from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import _adaptive, _lifetime, failpoints
 from . import progress as _progress
+from ._executor_map import check_buffersize as _check_buffersize, map_ as _map
 from ._lifetime import WorkerProcess
 from .errors import PoolBrokenError
 from .exec import trace as _trace
 from .exec.control import check_retries, check_timeout
 from .exec.core import Core, default_workers
-from .exec.protocol import CHUNK, MAP, SINGLE
+from .exec.protocol import SINGLE
 from .exec.starter import pickle_for_child
 from .exec import streams as _streams
 from .hub.launch import START_METHODS
@@ -491,93 +488,6 @@ class _CallQueueShim:
 
     def cancel_join_thread(self) -> None:
         pass
-
-
-def _check_buffersize(buffersize) -> None:
-    if buffersize is not None:
-        if not isinstance(buffersize, int) or isinstance(buffersize, bool):
-            raise TypeError("buffersize must be an integer or None")
-        if buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-
-
-def _map(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
-    if not isinstance(chunksize, int) or chunksize < 1:
-        raise ValueError("chunksize must be >= 1.")
-    _check_buffersize(buffersize)
-    end = None if timeout is None else time.monotonic() + timeout
-    args = zip(*iterables)
-    if chunksize == 1:
-        items = ((SINGLE, a, {}) for a in args)
-    elif len(iterables) == 1:  # (chunks of the items themselves: no tuple per item)
-        items = ((MAP, c, None) for c in _chunks(iterables[0], chunksize))
-    else:
-        items = ((CHUNK, c, None) for c in _chunks(args, chunksize))
-    fs: collections.deque = collections.deque()
-
-    def submit_next() -> bool:
-        for kind, a, kw in items:
-            if bar is None:
-                fs.append((kind, submit(fn, kind, a, kw)))
-            else:  # (a result hook, not a done callback: no condition per future, answers not moved)
-                n = 1 if kind == SINGLE else len(a)
-                fs.append((kind, submit(fn, kind, a, kw, on_result=bar.on_result(n))))
-            return True
-        return False
-
-    if buffersize is None:
-        while submit_next():
-            pass
-    else:
-        for _ in range(buffersize):
-            if not submit_next():
-                break
-    more = submit_next if buffersize is not None else None
-
-    def results():
-        # While suspended, this frame holds no result and no future of one:
-        # the consumer owns the only reference to what it was given (stdlib).
-        taken = 0  # (items whose results were taken: the bar's final count at least)
-        try:
-            while fs:
-                if fs[0][0] == SINGLE:
-                    taken += 1
-                    yield _pop_result(fs, end, more)
-                else:
-                    chunk = _pop_result(fs, end, more)
-                    taken += len(chunk)
-                    chunk.reverse()
-                    while chunk:
-                        yield chunk.pop()
-                    del chunk
-        finally:
-            for _, f in fs:
-                f.cancel()
-            if bar is not None:
-                bar.close(at_least=taken)
-
-    return results()
-
-
-def _pop_result(fs: collections.deque, end: float | None, more):
-    """Wait for the first future of `fs`, remove it, return its result."""
-    remaining = None if end is None else end - time.monotonic()
-    if remaining is not None and remaining <= 0:
-        raise FuturesTimeout()
-    result = fs[0][1].result(remaining)
-    fs.popleft()
-    if more is not None:
-        more()
-    return result
-
-
-def _chunks(it, n):
-    it = iter(it)
-    while True:
-        chunk = tuple(itertools.islice(it, n))
-        if not chunk:
-            return
-        yield chunk
 
 
 def _finalize(core: Core) -> None:
