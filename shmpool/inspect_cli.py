@@ -142,7 +142,12 @@ def _render_one(s: dict) -> str:
     if "error" in s:
         return f"segment {hub['path']}: cannot be read: {s['error']}\n"
     lines = []
-    if s["stale"]:
+    if s["stale"] and hub["anonymous"]:  # spec: cli.inspect-stale
+        # (a memfd has no name to remove: it is freed with the last process holding it)
+        holder = s["found_in"]
+        state = (f"DEAD: its host is gone; the anonymous segment lives while process {holder} "
+                 "holds it (freed when that process exits or closes it; `clean` cannot remove it)")
+    elif s["stale"]:
         state = "DEAD: stale segment left behind (`python -m shmpool clean` removes it)"
     elif s.get("shutdown"):
         state = "shutting down"

@@ -476,3 +476,45 @@ def test_a_claimed_counter_is_published_and_shown(monkeypatch):
         assert "test_drops 7" in render([S.snapshot(ref)])
     finally:
         ex.shutdown(wait=True)
+
+
+ANON_HOST = """
+import os, signal, sys, time
+from shmpool import ShmExecutor
+ex = ShmExecutor(1)
+ex.submit(os.getpid).result(60)
+child = os.fork()
+if child == 0:  # holds the host's memfd after the host is gone
+    sys.stdin.read()
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.spec("cli.inspect-stale")
+def test_anonymous_segment_of_a_killed_host_is_shown_held_not_cleanable():
+    """A memfd outlives its killed host while a process it forked holds
+    it: inspect shows it dead and names that process; it does not send the
+    user to `clean`, which only removes named files."""
+    proc = subprocess.Popen([sys.executable, "-c", ANON_HOST], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=script_env(), start_new_session=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.wait(60)
+        out = inspect(str(child)).stdout
+        assert "DEAD: its host is gone" in out and f"process {child} holds it" in out, out
+        assert "clean` removes" not in out, out
+    finally:
+        proc.stdin.close()
+        wait_for(lambda: not os.path.exists(f"/proc/{child}") or _zombie(child), "the fork child ended")
+        proc.stdout.close()
+        proc.wait(60)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
