@@ -14,7 +14,9 @@ started, `fn` is never called) -> `fn(*args, **kwargs)`, iterated -> each
 item pickled as a task's result (`serialization.dumps`: its arrays out of
 band, into a slot; a big one chunked over this worker's chunk channel,
 spec: exec.chunked) and sent as the answer to one of the ids
-(`Connection.answer`: pushed at once, announced as any answer is) ->
+(`IncomingCalls.respond`: pushed at once, before the generator is
+resumed, announced as any answer is; never held for the next item:
+spec: exec.stream-latency) ->
 the host queues it for its consumer. Credit (spec: exec.stream-credit):
 one id per item, and the host gives new ones only as its consumer takes
 items; with a quarter of its ids used the worker asks for more (`STREAM_WAIT`,
@@ -25,7 +27,8 @@ the loop ends before the next item, the iterator's `close()` runs (a
 generator's `finally` runs here), and `STREAM_END` gives the unused ids
 back before the task answers with the count.
 
-Signals: every pump here runs as a nested wait's does (`guest_nested`'s
+Signals: every pump here runs as a nested wait's does (per item, in
+`_produce`, the same switch inlined) (`guest_nested`'s
 `_pumping`/`_pumped`): a stop (interrupt, timeout) or a Ctrl-C arriving
 while the session's code runs is recorded, ends the wait, and is raised
 after it (spec: exec.stop-nested-wait); inside the generator's own code it
@@ -125,7 +128,9 @@ def _produce(prog, conn, flow: _Flow, sid: int, it, buffer: int) -> int:
     pumping = outer_waiting + (running,)
     sent = 0
     while not flow.closed:  # spec: exec.stream-close
-        busy()  # (the items pushed so far are announced within its bound while the generator runs)
+        # (the items pushed so far are announced within its bound while the
+        # generator runs; none is held for the next: spec: exec.stream-latency)
+        busy()
         try:
             item = next(it)
         except StopIteration:

@@ -19,8 +19,11 @@ scheduler's own skip) and answers `buffer` part ids, each awaited here
 by an `_Item` record -> the worker answers one id per item: on the
 driver thread, as a task's answer is, the item is unpickled as a result
 is (zero-copy within the `PinBudget`, spec: exec.pin-budget; a chunked
-one from its transfer) and queued -> `StreamResult.__next__` takes them in
-order; the ids it frees are granted to the worker's `STREAM_WAIT` (at
+one from its transfer; an inline one, the common small item, straight
+from the routing loop: `_Item.take_inline`, no `Received`) and queued,
+the consumer woken only if it sleeps -> `StreamResult.__next__` takes
+them in order (without the lock while no request for credit waits:
+spec: exec.stream-latency); the ids it frees are granted to the worker's `STREAM_WAIT` (at
 once when the worker asks or has none left, else by quarters of `buffer`:
 spec: exec.stream-credit) -> `STREAM_END` (the unused ids, no longer
 awaited) unpins the worker, and the task's answer, which follows the
