@@ -206,14 +206,17 @@ class _Stream:
         if self.wait is None:
             # The common case, without the lock: an item is there and no
             # request for credit waits (deque operations are atomic; `taken`
-            # is written by the consumer only, and a request that comes now
-            # is granted by the next take, or before the consumer sleeps).
+            # is written by the consumer only). A request that comes
+            # meanwhile is seen by the second look below, after `taken`
+            # moved, or its handler saw `taken` moved and granted itself.
             try:
                 item = self.items.popleft()
             except IndexError:
                 pass
             else:
                 self.taken += 1
+                if self.wait is not None:
+                    self.grant_now()
                 if type(item) is _Failed:
                     self.close()
                     raise item.error
@@ -271,6 +274,15 @@ class _Stream:
             self.close()  # (the generator stops: what follows it is not delivered)
             raise item.error
         return item
+
+    def grant_now(self) -> None:
+        """(the consumer) Answer the worker's request for credit if there
+        is room now. spec: exec.stream-credit"""
+        with self.cond:
+            answer = self.grant()
+            conn = self.conn
+        if answer is not None:
+            _answer(conn, *answer)
 
     def close(self, cancelled: BaseException | None = None) -> bool:
         """Stop the stream (see the module docstring). False if it was over.
