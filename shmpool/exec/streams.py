@@ -53,6 +53,7 @@ import collections
 import itertools
 import math
 import pickle
+import pkgutil  # (here, not in `_Runner.__reduce__`: see there)
 import threading
 import weakref
 from concurrent.futures import CancelledError
@@ -72,8 +73,11 @@ class _Runner:
     worker program's modules (spec: boot.lean-guest)."""
 
     def __reduce__(self):
-        import pkgutil
-
+        # (pkgutil is imported with this module, never here: an import on
+        # the consumer's thread while the driver forks a worker would
+        # leave the child a half-imported pkgutil whose lock nobody
+        # releases, and its unpickling of this task would wait for ever.
+        # spec: exec.stream)
         return pkgutil.resolve_name, ("shmpool.exec.guest_streams:run",)
 
     def __call__(self, *args, **kwargs):
