@@ -14,7 +14,9 @@ started, `fn` is never called) -> `fn(*args, **kwargs)`, iterated -> each
 item pickled as a task's result (`serialization.dumps`: its arrays out of
 band, into a slot; a big one chunked over this worker's chunk channel,
 spec: exec.chunked) and sent as the answer to one of the ids
-(`Connection.answer`: pushed at once, announced as any answer is) ->
+(`IncomingCalls.respond`: pushed at once, before the generator is
+resumed, announced as any answer is; never held for the next item:
+spec: exec.stream-latency) ->
 the host queues it for its consumer. Credit (spec: exec.stream-credit):
 one id per item, and the host gives new ones only as its consumer takes
 items; with a quarter of its ids used the worker asks for more (`STREAM_WAIT`,
@@ -25,7 +27,8 @@ the loop ends before the next item, the iterator's `close()` runs (a
 generator's `finally` runs here), and `STREAM_END` gives the unused ids
 back before the task answers with the count.
 
-Signals: every pump here runs as a nested wait's does (`guest_nested`'s
+Signals: every pump here runs as a nested wait's does (per item, in
+`_produce`, the same switch inlined) (`guest_nested`'s
 `_pumping`/`_pumped`): a stop (interrupt, timeout) or a Ctrl-C arriving
 while the session's code runs is recorded, ends the wait, and is raised
 after it (spec: exec.stop-nested-wait); inside the generator's own code it
@@ -92,9 +95,6 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
     prog = guest.current
     conn = prog.conn
     flow = _Flow(())
-    ask_at = buffer - max(1, buffer // 4)  # (more are asked for once a quarter is used)
-    busy = prog.guest.announcer.busy
-    sent = 0
     it = None
     try:
         # (inside the try: a stop raised once START is answered still sends
@@ -105,16 +105,7 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
         flow.ids.extend(_ids(first))
         _give_back(prog, conn)  # spec: exec.stream-holds-worker
         it = iter(fn(*args, **kwargs))
-        while not flow.closed:  # spec: exec.stream-close
-            busy()  # (the items pushed so far are announced within its bound while the generator runs)
-            try:
-                item = next(it)
-            except StopIteration:
-                break
-            # (the session's code runs with signals deferred, as a nested wait's)
-            _session(prog, _send, prog, conn, flow, sid, sent, item, ask_at)
-            item = None
-            sent += 1
+        return _produce(prog, conn, flow, sid, it, buffer)
     finally:
         close = getattr(it, "close", None)
         try:
@@ -123,6 +114,41 @@ def run(sid: int, buffer: int, fn, args, kwargs) -> int:
         finally:
             if conn.end_reason is None:
                 _end(prog, conn, sid, flow)
+
+
+def _produce(prog, conn, flow: _Flow, sid: int, it, buffer: int) -> int:
+    """The loop: the generator's next item, then (as the session's code,
+    with signals deferred as in `_session`, the switch inlined: it runs
+    per item) its sending and the credit; how many items were sent."""
+    g = guest
+    busy = prog.guest.announcer.busy
+    ask_at = buffer - max(1, buffer // 4)  # (more are asked for once a quarter is used)
+    running = _atomics.load_u32(prog.buf, prog.word)
+    outer_waiting, outer_in_task = g._waiting, g._in_task
+    pumping = outer_waiting + (running,)
+    sent = 0
+    while not flow.closed:  # spec: exec.stream-close
+        # (the items pushed so far are announced within its bound while the
+        # generator runs; none is held for the next: spec: exec.stream-latency)
+        busy()
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        # (as `guest_nested._pumping`: a stop from here on is recorded)
+        g._in_task = False
+        g._waiting = pumping
+        conn.hold_requests += 1
+        try:
+            _send(prog, conn, flow, sid, sent, item, ask_at)
+        finally:
+            item = None
+            conn.hold_requests -= 1
+            g._waiting = outer_waiting  # (as `guest_nested._pumped`)
+            g._in_task = outer_in_task
+        if g._deferred:
+            guest_nested._raise_deferred(running)
+        sent += 1
     return sent
 
 
@@ -164,7 +190,7 @@ def _send(prog, conn, flow: _Flow, sid: int, index: int, item, ask_at: int) -> N
     stream = bufs = None
     if type(out) is Chunked:
         out = prog.send_chunked(out)  # (its transfer before the item)
-    conn.answer(flow.ids.popleft(), out)
+    conn.incoming_calls.respond(flow.ids.popleft(), 0, out)
     out = None
     if not flow.asked and len(flow.ids) <= ask_at:
         _ask(conn, flow, sid)

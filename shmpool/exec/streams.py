@@ -19,8 +19,11 @@ scheduler's own skip) and answers `buffer` part ids, each awaited here
 by an `_Item` record -> the worker answers one id per item: on the
 driver thread, as a task's answer is, the item is unpickled as a result
 is (zero-copy within the `PinBudget`, spec: exec.pin-budget; a chunked
-one from its transfer) and queued -> `StreamResult.__next__` takes them in
-order; the ids it frees are granted to the worker's `STREAM_WAIT` (at
+one from its transfer; an inline one, the common small item, straight
+from the routing loop: `_Item.take_inline`, no `Received`) and queued,
+the consumer woken only if it sleeps -> `StreamResult.__next__` takes
+them in order (without the lock while no request for credit waits:
+spec: exec.stream-latency); the ids it frees are granted to the worker's `STREAM_WAIT` (at
 once when the worker asks or has none left, else by quarters of `buffer`:
 spec: exec.stream-credit) -> `STREAM_END` (the unused ids, no longer
 awaited) unpins the worker, and the task's answer, which follows the
@@ -49,13 +52,15 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import pickle
+import pkgutil  # (here, not in `_Runner.__reduce__`: see there)
 import threading
 import weakref
 from concurrent.futures import CancelledError
 
 from .protocol import STREAM_CLOSED, STREAM_END, STREAM_ID, STREAM_START, STREAM_WAIT, STREAM_WAIT_REC
 from . import forksafe
-from .serialization import read, transfer_of
+from .serialization import COMPACT, read, transfer_of
 
 DEFAULT_BUFFER = 16  # items a stream's consumer may leave unread before its worker pauses
 WAIT_SLICE = 0.05  # seconds between looks at the task's future while a consumer waits
@@ -68,8 +73,11 @@ class _Runner:
     worker program's modules (spec: boot.lean-guest)."""
 
     def __reduce__(self):
-        import pkgutil
-
+        # (pkgutil is imported with this module, never here: an import on
+        # the consumer's thread while the driver forks a worker would
+        # leave the child a half-imported pkgutil whose lock nobody
+        # releases, and its unpickling of this task would wait for ever.
+        # spec: exec.stream)
         return pkgutil.resolve_name, ("shmpool.exec.guest_streams:run",)
 
     def __call__(self, *args, **kwargs):
@@ -98,6 +106,7 @@ class _Stream:
         self.cancelled: BaseException | None = None  # raised once closed by shutdown
         self.over = False  # the iteration ended (its end raised once)
         self.ended = False  # the worker's STREAM_END came: no grant after it
+        self.waiting = False  # the consumer sleeps on `cond` (the only one who does: woken only then)
 
     def done(self, fut) -> None:
         """(the future's done callback: any thread, the driver's included)"""
@@ -140,7 +149,7 @@ class _Stream:
         a result (spec: exec.pin-budget, exec.chunked) and queue it; one
         that comes after the close is dropped (a chunked one's bytes too)."""
         conn = self.conn
-        if self.closed or self.over:  # (a racy early look: checked again below)
+        if self.closed or self.over:  # (a racy early look: checked again in `put`)
             tid = transfer_of(received)
             if tid is not None:
                 conn.channels.take_transfer(tid)
@@ -158,15 +167,38 @@ class _Stream:
         except BaseException as e:  # noqa: BLE001 - the item's error, raised where the consumer reaches it
             item, pin = _Failed(e), None
         value = None
-        with self.cond:
-            if not (self.closed or self.over):
-                self.items.append(item)
-                self.received += 1
-                self.cond.notify()
+        self.put(item)
         item = None
         if pin is not None and not pin.release_if_unused():
             with streams.state.lock:
                 streams.pins.keep([pin])  # (kept while the consumer uses the item's arrays)
+
+    def arrived_inline(self, desc) -> None:
+        """(the driver thread, in its routing loop: `_Item.take_inline`) An
+        item whose pickle fits the descriptor (the common small item): no
+        `Received`, no pin; a chunked item's marker takes `arrived`'s way."""
+        data = desc.payload
+        if data[:1] != COMPACT:
+            self.arrived(_Inline(desc))
+            return
+        if self.closed or self.over:
+            return
+        try:
+            item = pickle.loads(data[1:])[1]
+        except BaseException as e:  # noqa: BLE001 - as in `arrived`
+            item = _Failed(e)
+        self.put(item)
+
+    def put(self, item) -> None:
+        """(the driver thread) Queue an item for the consumer, waking it
+        only if it sleeps (one wake per item it waits for, none while it
+        has items to take)."""
+        with self.cond:
+            if not (self.closed or self.over):
+                self.items.append(item)
+                self.received += 1
+                if self.waiting:
+                    self.cond.notify()
 
     # -- the consumer ----------------------------------------------------------------
 
@@ -175,6 +207,24 @@ class _Stream:
         core = self.streams.core
         if core.foreign:  # spec: exec.fork-safety -- the parent's stream: its rings are not ours
             raise forksafe.foreign_error(core.kind, core.owner_pid, "read a stream")
+        if self.wait is None:
+            # The common case, without the lock: an item is there and no
+            # request for credit waits (deque operations are atomic; `taken`
+            # is written by the consumer only). A request that comes
+            # meanwhile is seen by the second look below, after `taken`
+            # moved, or its handler saw `taken` moved and granted itself.
+            try:
+                item = self.items.popleft()
+            except IndexError:
+                pass
+            else:
+                self.taken += 1
+                if self.wait is not None:
+                    self.grant_now()
+                if type(item) is _Failed:
+                    self.close()
+                    raise item.error
+                return item
         answer = None
         with self.cond:
             while True:
@@ -184,6 +234,17 @@ class _Stream:
                     if self.wait is not None:
                         answer = self.grant()
                     break
+                if self.wait is not None:  # (one the lock-free take above left: granted before sleeping)
+                    answer = self.grant()
+                    if answer is not None:
+                        conn = self.conn
+                        self.cond.release()
+                        try:
+                            _answer(conn, *answer)
+                        finally:
+                            self.cond.acquire()
+                        answer = None
+                        continue
                 if self.over:
                     raise StopIteration
                 if self.closed:
@@ -203,7 +264,11 @@ class _Stream:
                     raise StopIteration
                 if timeout is not None and timeout <= 0:
                     raise TimeoutError("no item of the stream within the timeout (its task still runs)")
-                self.cond.wait(WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE))
+                self.waiting = True
+                try:
+                    self.cond.wait(WAIT_SLICE if timeout is None else min(timeout, WAIT_SLICE))
+                finally:
+                    self.waiting = False
                 if timeout is not None:
                     timeout -= WAIT_SLICE
             conn = self.conn
@@ -213,6 +278,15 @@ class _Stream:
             self.close()  # (the generator stops: what follows it is not delivered)
             raise item.error
         return item
+
+    def grant_now(self) -> None:
+        """(the consumer) Answer the worker's request for credit if there
+        is room now. spec: exec.stream-credit"""
+        with self.cond:
+            answer = self.grant()
+            conn = self.conn
+        if answer is not None:
+            _answer(conn, *answer)
 
     def close(self, cancelled: BaseException | None = None) -> bool:
         """Stop the stream (see the module docstring). False if it was over.
@@ -244,7 +318,7 @@ class _Item:
 
     __slots__ = ("stream", "request_id")
     raw = True
-    inline = False
+    inline = True  # (an inline answer comes to `take_inline` straight from the routing loop)
 
     def __init__(self, stream: _Stream, rid: int) -> None:
         self.stream = stream
@@ -256,8 +330,24 @@ class _Item:
     def set_result(self, received) -> None:
         self.stream.arrived(received)
 
+    def take_inline(self, desc) -> None:
+        self.stream.arrived_inline(desc)
+
     def set_exception(self, exc: BaseException) -> None:
         pass  # (the connection ended: the task's future tells the consumer)
+
+
+class _Inline:
+    """An inline answer's descriptor where `read` takes a `Received`
+    (nothing to release: no slot)."""
+
+    __slots__ = ("descriptor",)
+
+    def __init__(self, desc) -> None:
+        self.descriptor = desc
+
+    def release(self) -> None:
+        pass
 
 
 class _Failed:

@@ -62,6 +62,41 @@ def test_items_arrive_while_the_generator_still_runs(tmp_path):
             assert not it.future.done()
 
 
+@pytest.mark.spec("exec.stream")
+def test_submitting_a_stream_imports_nothing_on_the_host():
+    """A fresh host: pickling a stream's task (what `submit_iter` does
+    while the driver may be forking the pool's workers) imports no
+    module; one imported then would reach a worker forked meanwhile half
+    imported, and the worker would hang unpickling the task."""
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys\n"
+            "from shmpool import ShmExecutor\n"
+            "from shmpool.exec import streams\n"
+            "before = set(sys.modules)\n"
+            "pickle.dumps(streams.RUNNER)\n"
+            "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("n", [1, 3, 200])
+@pytest.mark.spec("exec.stream-latency")
+def test_no_item_waits_for_the_next_one(n, tmp_path):
+    """Every item of a burst reaches the consumer while the generator is
+    blocked after it: an item is never held back until the generator's
+    next yield (which here comes only once the host opens the gate)."""
+    gate = tmp_path / "gate"
+    with ex(1) as e:
+        with e.stream(S.burst_then_block, (n, str(gate)), buffer=max(n, 1)) as it:
+            assert [it.next(timeout=60) for _ in range(n)] == list(range(n))
+            assert not gate.exists() and not it.future.done()
+            gate.write_text("go")
+            assert list(it) == [-1]
+
+
 @pytest.mark.parametrize("buffer", [1, 4, 16, 5000])
 @pytest.mark.spec("exec.stream-credit")
 def test_endless_generator_with_a_slow_consumer_stays_bounded(buffer, tmp_path):

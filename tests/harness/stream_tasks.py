@@ -139,3 +139,14 @@ def nested_pids(n: int):
     ex = shmpool.current_executor()
     for _ in range(n):
         yield os.getpid(), ex.submit(pid).result()
+
+
+def burst_then_block(n: int, gate: str, limit: float = 120.0):
+    """Yields `n` items back to back, then blocks (polling, at most
+    `limit` seconds) until the file `gate` exists, then yields -1: what a
+    generator reading bursts of input does between bursts."""
+    yield from range(n)
+    end = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < end:
+        time.sleep(0.005)
+    yield -1
