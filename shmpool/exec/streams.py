@@ -80,11 +80,29 @@ class _Runner:
         # spec: exec.stream)
         return pkgutil.resolve_name, ("shmpool.exec.guest_streams:run",)
 
+    def __init__(self, name: str = "stream") -> None:  # spec: exec.stream-crash
+        # What errors, the timeline and statistics call the task (they read
+        # a callable's `__qualname__`): the generator function's name.
+        self.__qualname__ = name
+
     def __call__(self, *args, **kwargs):
         raise RuntimeError("a stream's task runs in a worker only")
 
 
 RUNNER = _Runner()
+_RUNNERS: dict = {}  # a runner per generator name (each sent to a worker once, as any function)
+MAX_RUNNERS = 256  # names kept; past it, streams share the generic `RUNNER`
+
+
+def runner_for(fn) -> _Runner:
+    """The stream task's callable, named after `fn`: "gen (stream)"."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    got = _RUNNERS.get(name)
+    if got is None:
+        if len(_RUNNERS) >= MAX_RUNNERS:
+            return RUNNER
+        got = _RUNNERS.setdefault(name, _Runner(f"{name} (stream)"))
+    return got
 
 
 class _Stream:
@@ -546,7 +564,7 @@ def open_stream(core, submit, fn, args, kwargs, buffer: int) -> StreamResult:
     streams = Streams.of(core)
     s = streams.new(buffer)
     try:
-        fut = submit(RUNNER, (s.sid, buffer, fn, tuple(args), dict(kwargs or {})))
+        fut = submit(runner_for(fn), (s.sid, buffer, fn, tuple(args), dict(kwargs or {})))
     except BaseException:
         streams.forget(s.sid)
         raise
