@@ -17,7 +17,9 @@ copied (spawn, forkserver), a forked worker's inherited handlers dropped,
 `logging.lastResort` = the forwarder. A task logs -> the logger's level
 (the host's) -> no handler found in the worker -> `logging.lastResort` ->
 `Forwarder.handle`: the record formatted here (`getMessage()`, `exc_text`),
-its other attributes made picklable, the pid and the running task's id
+its other attributes made picklable, its text cut (MAX_TEXT characters;
+then, if its pickle is still over a message, its biggest attributes by
+bytes: `_fit`), the pid and the running task's id
 added (`shmpool_pid`, `shmpool_task`: the guest word), pickled ->
 `PENDING`. A running task's records (its own thread's) wait there for its
 end (`task_end`, called by the worker program before the answer: they
@@ -39,7 +41,9 @@ own handlers for what they take, and nothing is delivered twice; and
 `basicConfig` still works in the worker (the root has no handler of ours).
 
 Invariants: logging never waits and never raises into the task (a failure
-drops the record, counted); at most MAX_PENDING records wait here; the
+drops the record, counted); every drop is told to the host, in the next
+message, or, if none follows, in a message of no record the flusher
+(woken by the drop) sends (`told`: the count the last message said); at most MAX_PENDING records wait here; the
 order of the records one thread ships is kept; only the worker process
 itself ships (a process a task forks writes to stderr as the stdlib does);
 nothing here pumps the session (`send_lock` only guards the shipping).
@@ -124,11 +128,13 @@ class Forwarder(logging.Handler):
         pending = self.pending
         if data is None or len(pending) >= MAX_PENDING:
             self.dropped += 1
-            # (no record may follow to carry the count: the flusher tells
-            # the host alone if none did. spec: exec.log-bounded)
-            self._start_flusher()
-            return
-        pending.append(data)
+            if not pending:
+                # (no record to carry the count, maybe none to come: the
+                # flusher tells it alone. spec: exec.log-bounded)
+                self._start_flusher()
+                return
+        else:
+            pending.append(data)
         g = _guest
         if g is not None and g._in_task and len(pending) < BATCH and threading.current_thread() is _MAIN:
             # A running task's records wait for its end (`task_end`: before

@@ -2,8 +2,9 @@
 delivered to this process's `logging` (`WorkerLogs`, one part of a
 `core.Core`; the worker's side is `guest_logging`).
 
-Owns: one log channel per worker (opened here, an `Rx` whose `on_arrival`
-takes each message as it is routed), the queue of received messages
+Owns: one log channel per worker (id CHANNEL in each worker's connection,
+reserved there and opened here before any other channel of ours, an `Rx`
+whose `on_arrival` takes each message as it is routed), the queue of received messages
 (bounded: MAX_QUEUED records; beyond it a message is dropped and its
 records counted), the log thread that re-emits them (started with the
 first message), and the counters (`statistics`).
@@ -12,7 +13,8 @@ Data flow: the starter puts `conf()` in a worker's `INIT` (`logs`: its log
 channel's id, this process's levels: the root logger's, every logger's
 set explicitly, `logging.disable`'s; whether the worker is forked) and
 `attach(w)` opens that channel before `INIT` is sent. A message the worker ships (`(count,
-dropped so far)` then the pickled records) -> routed on the driver thread
+dropped so far)` then the pickled records; with count 0, only the drops)
+-> routed on the driver thread
 -> `_Source.arrived`: taken off the channel at once (its credit back, its
 slot freed), queued (or dropped: the queue is full) -> the log thread
 (notified only if it waits; once woken it lets messages gather for
@@ -23,8 +25,10 @@ for its level now: this process's handlers, filters and levels decide.
 Ordering: a worker's messages are queued in the order it shipped them, and
 a record its task shipped before returning is queued before the task's
 result is delivered (the ring carries the message before the answer), then
-handled on the log thread, later: `flush` waits until every record queued
-so far is handled, `close` (the pool's end) handles what is queued, for
+handled on the log thread, later: `flush` waits until every message
+queued before its call is handled (numbered: `seq` queued, `done`
+handled; not until the queue is empty, which a steady flow never lets
+happen), `close` (the pool's end) handles what is queued, for
 at most CLOSE_FLUSH seconds, then drops the rest (counted).
 
 Invariants: nothing here blocks the driver thread (a message is taken off

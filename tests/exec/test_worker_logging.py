@@ -461,11 +461,9 @@ def test_too_few_channels_turn_logging_off_with_a_warning(host_logging):
     big = b"y" * (10 << 20)  # (chunked: over an eighth of the memory limit)
     cfg = SegmentConfig(max_channels=4, memory_limit=64 << 20)
     with pytest.warns(RuntimeWarning, match="max_channels=4"):
-        ex = ShmExecutor(1, mp_context=ctx("spawn"), segment_config=cfg)
-        f = ex.submit(log_tasks.log_len, big)
-    with ex:
-        assert f.result(60) == len(big)
-        assert "worker_logs" not in ex.statistics()
+        with ShmExecutor(1, mp_context=ctx("spawn"), segment_config=cfg) as ex:
+            assert ex.submit(log_tasks.log_len, big).result(60) == len(big)
+            assert "worker_logs" not in ex.statistics()
     cfg = SegmentConfig(max_channels=worker_logs.MIN_CHANNELS, memory_limit=64 << 20)
     with ShmExecutor(1, mp_context=ctx("spawn"), segment_config=cfg) as ex:
         assert ex.submit(log_tasks.log_len, big).result(60) == len(big)
