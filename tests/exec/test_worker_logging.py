@@ -470,3 +470,17 @@ def test_too_few_channels_turn_logging_off_with_a_warning(host_logging):
         assert ex.submit(log_tasks.log_len, b"x").result(60) == 1
         assert ex.flush_logs(60)
     assert [r.getMessage() for r in host_logging.named("app.x")] == [f"got {len(big)} bytes", "got 1 bytes"]
+
+
+@pytest.mark.spec("exec.log-forward")
+def test_the_task_id_is_the_call_s_a_map_chunk_shares_one(host_logging):
+    """`shmpool_task` is the id of the call the worker ran: the items of one
+    `ShmPool.map` chunk share it, two calls never do."""
+    tags = [f"m{i}" for i in range(6)]
+    with ShmPool(1, context=ctx("spawn")) as pool:
+        pool.map(log_tasks.log_some, tags, chunksize=3)
+        assert pool.flush_logs(60)
+    ids = {r.getMessage().split()[0]: r.shmpool_task for r in host_logging.named("app.x")}
+    assert sorted(ids) == tags
+    assert ids["m0"] == ids["m1"] == ids["m2"] and ids["m3"] == ids["m4"] == ids["m5"]
+    assert ids["m0"] != ids["m3"]
