@@ -75,7 +75,7 @@ from .starter import Starter, describe, pickle_for_child
 from .state import EngineState, run_callbacks
 from .tasks import _Task, WorkerRecord
 from .tunnel import PICKLED as _TUNNELS_PICKLED, Tunnels, attach_pickled
-from .worker_logs import WorkerLogs
+from . import worker_logs
 
 _pickle_dumps = pickle.dumps
 _new_future = object.__new__
@@ -141,8 +141,8 @@ class Core:
         self.on_close: list = []  # called once closed (the API's registries of live pools)
         self.host = self.session = self.starter = None
         # spec: exec.log-forward spec: exec.log-off
-        self.logs = WorkerLogs(name, start_method == "fork", config.max_channels) \
-            if worker_logging and config.max_channels >= 4 else None
+        self.logs = worker_logs.make(name, start_method == "fork", config.max_channels) \
+            if worker_logging else None
         try:
             self.host = ShmHost.create(config=config)
             st.post = self.host.post

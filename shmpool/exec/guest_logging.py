@@ -17,7 +17,9 @@ copied (spawn, forkserver), a forked worker's inherited handlers dropped,
 `logging.lastResort` = the forwarder. A task logs -> the logger's level
 (the host's) -> no handler found in the worker -> `logging.lastResort` ->
 `Forwarder.handle`: the record formatted here (`getMessage()`, `exc_text`),
-its other attributes made picklable, the pid and the running task's id
+its other attributes made picklable, its text cut (MAX_TEXT characters;
+then, if its pickle is still over a message, its biggest attributes by
+bytes: `_fit`), the pid and the running task's id
 added (`shmpool_pid`, `shmpool_task`: the guest word), pickled ->
 `PENDING`. A running task's records (its own thread's) wait there for its
 end (`task_end`, called by the worker program before the answer: they
@@ -39,7 +41,9 @@ own handlers for what they take, and nothing is delivered twice; and
 `basicConfig` still works in the worker (the root has no handler of ours).
 
 Invariants: logging never waits and never raises into the task (a failure
-drops the record, counted); at most MAX_PENDING records wait here; the
+drops the record, counted); every drop is told to the host, in the next
+message, or, if none follows, in a message of no record the flusher
+(woken by the drop) sends (`told`: the count the last message said); at most MAX_PENDING records wait here; the
 order of the records one thread ships is kept; only the worker process
 itself ships (a process a task forks writes to stderr as the stdlib does);
 nothing here pumps the session (`send_lock` only guards the shipping).
@@ -87,6 +91,7 @@ class Forwarder(logging.Handler):
         self.limit = min(MAX_MESSAGE, tx.piece)
         self.pending = PENDING
         self.dropped = 0
+        self.told = 0  # `dropped` as the last message sent said it (the host's count)
         self.send_lock = threading.Lock()
         self.wake = threading.Event()
         self.closed = False
@@ -123,6 +128,11 @@ class Forwarder(logging.Handler):
         pending = self.pending
         if data is None or len(pending) >= MAX_PENDING:
             self.dropped += 1
+            if not pending:
+                # (no record to carry the count, maybe none to come: the
+                # flusher tells it alone. spec: exec.log-bounded)
+                self._start_flusher()
+                return
         else:
             pending.append(data)
         g = _guest
@@ -167,7 +177,8 @@ class Forwarder(logging.Handler):
                     except Exception:  # noqa: BLE001
                         d[k] = _safe_repr(v)
             data = pickle.dumps(d, 5)
-        return data if len(data) <= self.limit - 64 else None
+        room = self.limit - 64
+        return data if len(data) <= room else _fit(d, room)
 
     def ship(self) -> None:
         """Send what is pending, as one message or more, if no other thread
@@ -201,7 +212,7 @@ class Forwarder(logging.Handler):
         """(`lazy`: the serving thread, whose next answer or wait announces
         what it pushed; another thread wakes the host at once)"""
         pending, lock = self.pending, self.send_lock
-        while pending and lock.acquire(blocking=False):
+        while (pending or self.told != self.dropped) and lock.acquire(blocking=False):
             try:
                 ok = self._send_all(lazy)
             finally:
@@ -212,23 +223,27 @@ class Forwarder(logging.Handler):
 
     def _send_all(self, lazy: bool) -> bool:
         pending = self.pending
-        while pending:
+        while pending or self.told != self.dropped:
             batch, size = [], HEAD.size + 32
             while pending and size + len(pending[0]) + 8 <= self.limit:
                 b = pending.popleft()
                 batch.append(b)
                 size += len(b) + 8
-            data = HEAD.pack(len(batch), self.dropped & 0xFFFFFFFF) + pickle.dumps(batch, 5)
+            dropped = self.dropped
+            # (no record: the drops alone, which no message has told yet)
+            data = HEAD.pack(len(batch), dropped & 0xFFFFFFFF) + (pickle.dumps(batch, 5) if batch else b"")
             try:
                 sent = self.tx.try_send(data, lazy)
             except Exception:  # noqa: BLE001 - the channel is over (the host leaving): nothing ships
                 self.closed = True
                 self.dropped += len(batch) + len(pending)
+                self.told = self.dropped  # (nobody to tell now)
                 pending.clear()
                 return True
             if not sent:
                 pending.extendleft(reversed(batch))  # (the order kept: only the lock's holder takes)
                 return False
+            self.told = dropped
         return True
 
     def _start_flusher(self) -> None:
@@ -241,9 +256,9 @@ class Forwarder(logging.Handler):
             self.wake.wait()
             time.sleep(LINGER)  # (a task's end ships its records meanwhile, as a rule)
             self.wake.clear()
-            while self.pending and not self.closed:
+            while (self.pending or self.told != self.dropped) and not self.closed:
                 self.ship()
-                if self.pending:  # (no credit, slot or ring room now)
+                if self.pending or self.told != self.dropped:  # (no credit, slot or ring room now)
                     time.sleep(RETRY)
 
 
@@ -251,6 +266,39 @@ def _cut(text: str) -> str:
     if len(text) <= MAX_TEXT:
         return text
     return text[:MAX_TEXT] + f" ... [{len(text) - MAX_TEXT} characters cut]"
+
+
+def _cut_bytes(text: str, keep: int) -> str:
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= keep:
+        return text
+    return raw[:keep].decode("utf-8", "ignore") + f" ... [{len(raw) - keep} bytes cut]"
+
+
+def _fit(d: dict, room: int) -> bytes:
+    """A record whose pickle is over `room` bytes (multi-byte text, a big
+    `extra=` value), its biggest attributes cut by bytes (as text) until it
+    fits: an over-long record is cut, never dropped. spec: exec.log-record"""
+    for _ in range(len(d)):
+        data = pickle.dumps(d, 5)
+        over = len(data) - room
+        if over <= 0:
+            return data
+        size, key = max((len(pickle.dumps(v, 5)), k) for k, v in d.items())
+        v = d[key]
+        d[key] = _cut_bytes(v if isinstance(v, str) else _safe_repr(v), max(0, size - over - 128))
+    # (many big attributes: what says where the record comes from, and its text cut short)
+    keep = {k: d.get(k) for k in _ESSENTIAL}
+    keep["msg"] = _cut_bytes(str(d.get("msg")), room // 2)
+    for k in ("exc_text", "stack_info"):
+        if keep[k]:
+            keep[k] = _cut_bytes(str(keep[k]), room // 8)
+    return pickle.dumps(keep, 5)
+
+
+_ESSENTIAL = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno", "funcName",
+              "created", "msecs", "relativeCreated", "thread", "threadName", "process", "processName",
+              "args", "exc_info", "exc_text", "stack_info", "shmpool_pid", "shmpool_task", "shmpool_worker")
 
 
 def _safe_repr(v) -> str:

@@ -449,6 +449,8 @@ class Starter:
             raise
         log.spawned()
         w = self.new_worker(ticket.peer_id, proc, log)
+        if logs is not None:  # (its log channel, reserved and open before any other of ours on it)
+            self.worker_logs.attach(w)
         with st.lock:  # (registered and no longer counted as starting at once: see `Core.full`)
             self.register(w)
             if new:
@@ -463,9 +465,7 @@ class Starter:
             init = marker(tid, chunked.total)
         try:
             if chunked is not None:
-                w.tx = w.conn.open_tx()  # (the first channel this connection opens)
-            if logs is not None:
-                self.worker_logs.attach(w)  # (its log channel, open before `init` is sent)
+                w.tx = w.conn.open_tx()  # (its task channel: the first of ours after the log channel)
             cf = w.conn.call(INIT, init)
             if chunked is not None:
                 with st.lock:

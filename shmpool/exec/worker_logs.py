@@ -2,8 +2,9 @@
 delivered to this process's `logging` (`WorkerLogs`, one part of a
 `core.Core`; the worker's side is `guest_logging`).
 
-Owns: one log channel per worker (opened here, an `Rx` whose `on_arrival`
-takes each message as it is routed), the queue of received messages
+Owns: one log channel per worker (id CHANNEL in each worker's connection,
+reserved there and opened here before any other channel of ours, an `Rx`
+whose `on_arrival` takes each message as it is routed), the queue of received messages
 (bounded: MAX_QUEUED records; beyond it a message is dropped and its
 records counted), the log thread that re-emits them (started with the
 first message), and the counters (`statistics`).
@@ -12,7 +13,8 @@ Data flow: the starter puts `conf()` in a worker's `INIT` (`logs`: its log
 channel's id, this process's levels: the root logger's, every logger's
 set explicitly, `logging.disable`'s; whether the worker is forked) and
 `attach(w)` opens that channel before `INIT` is sent. A message the worker ships (`(count,
-dropped so far)` then the pickled records) -> routed on the driver thread
+dropped so far)` then the pickled records; with count 0, only the drops)
+-> routed on the driver thread
 -> `_Source.arrived`: taken off the channel at once (its credit back, its
 slot freed), queued (or dropped: the queue is full) -> the log thread
 (notified only if it waits; once woken it lets messages gather for
@@ -23,8 +25,10 @@ for its level now: this process's handlers, filters and levels decide.
 Ordering: a worker's messages are queued in the order it shipped them, and
 a record its task shipped before returning is queued before the task's
 result is delivered (the ring carries the message before the answer), then
-handled on the log thread, later: `flush` waits until every record queued
-so far is handled, `close` (the pool's end) handles what is queued, for
+handled on the log thread, later: `flush` waits until every message
+queued before its call is handled (numbered: `seq` queued, `done`
+handled; not until the queue is empty, which a steady flow never lets
+happen), `close` (the pool's end) handles what is queued, for
 at most CLOSE_FLUSH seconds, then drops the rest (counted).
 
 Invariants: nothing here blocks the driver thread (a message is taken off
@@ -42,6 +46,7 @@ import logging
 import pickle
 import threading
 import time
+import warnings
 
 from .. import _threads
 
@@ -49,6 +54,22 @@ HEAD_SIZE = 8  # (`guest_logging.HEAD`: records, dropped so far; both u32, littl
 MAX_QUEUED = 10000  # records received and not yet handled (beyond: dropped, counted)
 CLOSE_FLUSH = 10.0  # seconds the pool's end waits for the queued records to be handled
 LINGER = 0.001  # seconds the log thread, woken by a message, lets the next ones come
+CHANNEL = 2  # every worker's log channel: the first id of the host's parity, reserved
+# The host's channel ids a worker's connection needs: its log channel, the
+# task channel (`w.tx`: chunked arguments), nested results' (`nested`).
+# Below, worker logging is off (a warning says so). spec: exec.log-channel
+MIN_CHANNELS = 7  # (the host's ids are the even ones in 2 .. max_channels - 1)
+
+
+def make(name: str, fork: bool, max_channels: int) -> "WorkerLogs | None":
+    """The core's `WorkerLogs`, or None with a warning if `max_channels`
+    leaves no id for the log channel besides the others. spec: exec.log-channel"""
+    if max_channels < MIN_CHANNELS:
+        warnings.warn(f"worker logging is off: SegmentConfig.max_channels={max_channels} leaves "
+                      f"no channel id for it (it needs max_channels >= {MIN_CHANNELS}); raise "
+                      "max_channels, or pass worker_logging=False to say so", RuntimeWarning, stacklevel=3)
+        return None
+    return WorkerLogs(name, fork)
 
 
 def levels() -> dict:
@@ -88,18 +109,21 @@ class _Source:
 class WorkerLogs:
     """See the module docstring. One per `core.Core` with worker logging on."""
 
-    def __init__(self, name: str, fork: bool, max_channels: int) -> None:
+    def __init__(self, name: str, fork: bool) -> None:
         self.name = name
         self.fork = fork
-        # The log channel of every worker: the last id of the host's parity
-        # (the scan that opens the others starts at 2), so it is known
-        # before the worker's connection exists.
-        self.channel = (max_channels - 1) & ~1
+        # The log channel of every worker: one id, known before the worker's
+        # connection exists, reserved in it (`attach`).
+        self.channel = CHANNEL
         self.max_queued = MAX_QUEUED  # (read here: tests lower it)
         self.cond = threading.Condition(threading.Lock())
         self.queue: collections.deque = collections.deque()  # (source, records' bytes, count)
         self.queued = 0  # records in `queue`
         self.handling = 0  # records the thread took and has not finished
+        # Messages queued ever / handled (or dropped at close) ever: `flush`
+        # waits for `done` to reach what `seq` was at its call.
+        self.seq = 0
+        self.done = 0
         self.delivered = 0  # records handed to this process's logging
         self.filtered = 0  # records whose logger here is not enabled for their level (now)
         self.dropped_host = 0  # records dropped here: the queue was full, or at close
@@ -123,10 +147,13 @@ class WorkerLogs:
         return conf
 
     def attach(self, w) -> None:
-        """Open worker `w`'s log channel (after its connection is made,
-        before its `INIT` is sent): the id `conf` named. If it cannot be
-        opened, that worker logs as the stdlib's do (its `tx` fails)."""
+        """Open worker `w`'s log channel (as soon as its connection is
+        made, before any other channel of ours on it and before its `INIT`
+        is sent): the id `conf` named, reserved first, so that no other
+        channel ever takes it. If it cannot be opened, that worker logs as
+        the stdlib's do (its `tx` fails). spec: exec.log-channel"""
         try:
+            w.conn.channels.reserved = (self.channel,)
             rx = w.conn.open_rx(self.channel)
         except Exception:  # noqa: BLE001 - (the connection is over already, or the id taken)
             return
@@ -142,11 +169,14 @@ class WorkerLogs:
             self.messages += 1
             self.dropped_workers += (reported - source.reported) & 0xFFFFFFFF
             source.reported = reported
+            if not count:  # (a worker's drops, told with no record: spec: exec.log-bounded)
+                return
             if self.closed or self.queued + count > self.max_queued:
                 self.dropped_host += count  # spec: exec.log-bounded
                 return
             self.queue.append((source, data, count))
             self.queued += count
+            self.seq += 1
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name=f"{self.name}-logs", daemon=True)
                 _threads.start(self.thread)
@@ -183,6 +213,7 @@ class WorkerLogs:
                     finally:
                         with cond:
                             self.handling = 0
+                            self.done += 1
                             cond.notify_all()
 
     def _handle(self, source: _Source, data: bytes, count: int) -> None:
@@ -231,7 +262,10 @@ class WorkerLogs:
         if threading.current_thread() is self.thread:
             return False
         with self.cond:
-            return self.cond.wait_for(lambda: not self.queue and not self.handling, timeout)
+            # (not "until the queue is empty": workers that keep logging
+            # faster than the handlers take it would keep it from ever being)
+            target = self.seq
+            return self.cond.wait_for(lambda: self.done >= target, timeout)
 
     def close(self) -> None:
         """The pool's end: handle what is queued (at most CLOSE_FLUSH
@@ -245,6 +279,7 @@ class WorkerLogs:
             self.closed = True
             for _, _, count in self.queue:
                 self.dropped_host += count
+            self.done += len(self.queue)
             self.queue.clear()
             self.queued = 0
             self.cond.notify_all()
@@ -260,4 +295,4 @@ class WorkerLogs:
                     "messages": self.messages}
 
 
-__all__ = ["WorkerLogs", "levels", "MAX_QUEUED", "CLOSE_FLUSH"]
+__all__ = ["WorkerLogs", "make", "levels", "MAX_QUEUED", "CLOSE_FLUSH", "CHANNEL", "MIN_CHANNELS"]

@@ -63,6 +63,7 @@ class ChannelTable:
         self._ends: dict[int, Tx | Rx] = {}
         self._lock = threading.Lock()
         self._outbox: collections.deque = collections.deque()
+        self.reserved: tuple = ()  # ids only `open(cid=...)` takes, never the scan (a pool's log channel)
         # Peer-opened channels collect transfers (see the module docstring).
         self.collecting = False
         self.transfers: dict = {}  # transfer id -> its bytes (bytearray or mmap), or TransferFailed
@@ -95,15 +96,17 @@ class ChannelTable:
 
     def open(self, send: bool, cid: int | None = None, collecting: bool | None = None) -> Tx | Rx:
         """Allocate an id of our parity whose entry is Free (`cid`: that one
-        only) and activate it (`collecting`: an `Rx`'s, see there).
+        only; else never one of `reserved`) and activate it (`collecting`:
+        an `Rx`'s, see there).
         spec: shm.flow.channel-activate"""
         buf = self.conn.segment.buf
         if cid is not None and (not 0 < cid < self.max or cid % 2 != self.parity):
             raise ValueError(f"channel id {cid} is not one this side can open")
         ids = range(2 if self.parity == 0 else 1, self.max, 2) if cid is None else (cid,)
+        skip = self.reserved if cid is None else ()
         with self._lock:
             for cid in ids:
-                if cid in self._ends:
+                if cid in self._ends or cid in skip:
                     continue
                 e = self.entry_offset(cid)
                 if load_u32(buf, e + E_STATE) != FREE:

@@ -13,7 +13,9 @@ import threading
 import pytest
 
 from shmpool import ShmExecutor, ShmPool
+from shmpool.errors import ShmpoolError
 from shmpool.exec import worker_logs
+from shmpool.shm.layout import SegmentConfig
 from tests.harness import log_tasks
 from tests.harness.polling import wait_for
 
@@ -339,3 +341,146 @@ def test_a_replacement_worker_forwards_too(host_logging):
     assert [(r.getMessage(), r.process) for r in host_logging.named("app.x")] == [
         ("one 0", first), ("two 0", second)]
     assert [r.getMessage() for r in host_logging.named("app.die")] == ["d before dying"]
+
+
+@pytest.mark.spec("exec.log-flush")
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_flush_waits_for_what_was_received_not_for_the_stream_to_stop(host_logging, tmp_path, api):
+    """A task logs on and on while this process's handler is never ahead of
+    it (it waits for the next message behind the one it handles):
+    `flush_logs` returns once the records received before its call are
+    handled, while the task still logs (the queue is never empty)."""
+    path = str(tmp_path / "stop")
+    stop = threading.Event()
+    handled = []
+
+    class Behind(logging.Handler):
+        def emit(self, record):
+            handled.append(record)
+            wait_for(lambda: logs.queued > 0 or stop.is_set(), "a message behind this one", timeout=60)
+
+    lg = logging.getLogger("app.stream")
+    lg.addHandler(Behind())
+    lg.propagate = False
+    try:
+        if api == "executor":
+            pool = ShmExecutor(1, mp_context=ctx("spawn"))
+            f = pool.submit(log_tasks.log_until, path)
+        else:
+            pool = ShmPool(1, context=ctx("spawn"))
+            f = pool.apply_async(log_tasks.log_until, (path,))
+        try:
+            logs = pool._core.logs if api == "executor" else pool._st.core.logs
+            wait_for(lambda: len(handled) > 100, "records handled while the task logs")
+            with logs.cond:
+                at_call = logs.delivered + logs.queued + logs.handling
+            assert pool.flush_logs(30)
+            assert len(handled) >= at_call
+            assert not f.ready() if api == "pool" else not f.done()  # (it logs on)
+        finally:
+            stop.set()
+            open(path, "w").close()
+            if api == "executor":
+                assert f.result(60) > 0
+                pool.shutdown()
+            else:
+                assert f.get(60) > 0
+                pool.close()
+                pool.join()
+    finally:
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+@pytest.mark.spec("exec.log-record")
+def test_an_over_long_record_is_cut_by_bytes_never_dropped(host_logging):
+    """Messages of 20000 characters of 1 to 4 bytes each, an `extra=` value
+    and a traceback far over a message: each record is delivered, cut."""
+    n = 20000
+    with ShmExecutor(1, mp_context=ctx("spawn")) as ex:
+        pid = ex.submit(log_tasks.log_big, n).result(60)
+        # (records this big exhaust the channel's credit: the flusher ships
+        # the last ones, maybe after the result)
+        wait_for(lambda: len(host_logging.named("app.big")) == len(log_tasks.BIG) + 2, "every big record")
+        assert ex.flush_logs(60)
+        stats = ex.statistics()["worker_logs"]
+    got = host_logging.named("app.big")
+    assert stats["delivered"] == len(got) == len(log_tasks.BIG) + 2 and stats["dropped"] == 0
+    for ch, r in zip(log_tasks.BIG, got):
+        msg = r.getMessage()
+        assert msg.startswith(ch * 1000) and "cut]" in msg and len(msg) < n and r.process == pid
+    assert got[3].getMessage().endswith("bytes cut]")  # (16 Ki 4-byte characters: over a message)
+    extra, exc = got[4], got[5]
+    assert extra.getMessage() == "extra" and extra.blob.startswith("\U0001F600" * 100)
+    assert "cut]" in extra.blob or "cut]" in str(extra.more)
+    assert exc.getMessage().startswith("\u4e2d" * 100) and "ValueError" in exc.exc_text
+    assert exc.exc_info is None
+
+
+@pytest.mark.spec("exec.log-bounded")
+def test_every_record_is_accounted_for_drops_after_the_last_record_too(host_logging):
+    """Records delivered, filtered (the level here raised after the worker
+    started), over-long (cut, delivered) and dropped in the worker with no
+    record after them: once the worker is idle the counts add up to what
+    the tasks logged."""
+    with ShmExecutor(1, mp_context=ctx("spawn")) as ex:
+        ex.submit(log_tasks.log_some, "d", 3).result(60)
+        assert ex.flush_logs(60)  # (handled: the level raised next does not filter them)
+        logging.getLogger("app.x").setLevel(logging.ERROR)
+        ex.submit(log_tasks.log_some, "f", 2).result(60)
+        ex.submit(log_tasks.log_big, 20000).result(60)
+        ex.submit(log_tasks.log_dropped, 5).result(60)
+        logged = 3 + 2 + len(log_tasks.BIG) + 2 + 5
+        total = lambda s: s["delivered"] + s["dropped"] + s["filtered"] + s["failed"]  # noqa: E731
+        wait_for(lambda: total(ex.statistics()["worker_logs"]) == logged,
+                 "every record logged delivered, filtered or counted dropped", timeout=60)
+        stats = ex.statistics()["worker_logs"]
+    assert stats["dropped"] == stats["dropped_in_workers"] == 5 and stats["filtered"] == 2
+    assert stats["delivered"] == 3 + len(log_tasks.BIG) + 2 and stats["failed"] == 0
+    assert not host_logging.named("app.lost")
+
+
+@pytest.mark.spec("exec.log-channel")
+def test_the_scan_never_takes_the_reserved_log_channel(lo):
+    """The host's id reserved for the log channel: `open_tx()`/`open_rx()`
+    (chunk channels, nested results') never take it, `open_rx(id)` does."""
+    lo.host.channels.reserved = (worker_logs.CHANNEL,)
+    ids = []
+    with pytest.raises(ShmpoolError, match="no free channel id"):
+        while True:
+            ids.append(lo.host.open_tx().id)
+    assert worker_logs.CHANNEL not in ids and ids == list(range(4, 16, 2))
+    assert lo.host.open_rx(worker_logs.CHANNEL).id == worker_logs.CHANNEL
+
+
+@pytest.mark.spec("exec.log-channel")
+def test_too_few_channels_turn_logging_off_with_a_warning(host_logging):
+    """max_channels=4 leaves the host one channel id: chunked arguments get
+    it, worker logging is off (a warning says why); at MIN_CHANNELS both
+    work."""
+    big = b"y" * (10 << 20)  # (chunked: over an eighth of the memory limit)
+    cfg = SegmentConfig(max_channels=4, memory_limit=64 << 20)
+    with pytest.warns(RuntimeWarning, match="max_channels=4"):
+        with ShmExecutor(1, mp_context=ctx("spawn"), segment_config=cfg) as ex:
+            assert ex.submit(log_tasks.log_len, big).result(60) == len(big)
+            assert "worker_logs" not in ex.statistics()
+    cfg = SegmentConfig(max_channels=worker_logs.MIN_CHANNELS, memory_limit=64 << 20)
+    with ShmExecutor(1, mp_context=ctx("spawn"), segment_config=cfg) as ex:
+        assert ex.submit(log_tasks.log_len, big).result(60) == len(big)
+        assert ex.submit(log_tasks.log_len, b"x").result(60) == 1
+        assert ex.flush_logs(60)
+    assert [r.getMessage() for r in host_logging.named("app.x")] == [f"got {len(big)} bytes", "got 1 bytes"]
+
+
+@pytest.mark.spec("exec.log-forward")
+def test_the_task_id_is_the_call_s_a_map_chunk_shares_one(host_logging):
+    """`shmpool_task` is the id of the call the worker ran: the items of one
+    `ShmPool.map` chunk share it, two calls never do."""
+    tags = [f"m{i}" for i in range(6)]
+    with ShmPool(1, context=ctx("spawn")) as pool:
+        pool.map(log_tasks.log_some, tags, chunksize=3)
+        assert pool.flush_logs(60)
+    ids = {r.getMessage().split()[0]: r.shmpool_task for r in host_logging.named("app.x")}
+    assert sorted(ids) == tags
+    assert ids["m0"] == ids["m1"] == ids["m2"] and ids["m3"] == ids["m4"] == ids["m5"]
+    assert ids["m0"] != ids["m3"]

@@ -137,3 +137,55 @@ def task_end_ship():
     from shmpool.exec import guest_logging
 
     guest_logging.task_end()
+
+
+def log_until(path: str) -> int:
+    """Log on 'app.stream' until `path` exists (bounded); how many records."""
+    import time
+
+    lg = logging.getLogger("app.stream")
+    deadline = time.monotonic() + 120
+    i = 0
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        lg.warning("stream %d", i)
+        i += 1
+        time.sleep(0.0002)
+    return i
+
+
+BIG = ("a", "\u00e9", "\u4e2d", "\U0001F600")  # 1, 2, 3 and 4 bytes in UTF-8
+
+
+def log_big(n: int = 20000):
+    """One record per character of BIG, its message `n` of them; one with an
+    `extra=` value far over a message; one with a long traceback text."""
+    lg = logging.getLogger("app.big")
+    for ch in BIG:
+        lg.warning(ch * n)
+    lg.warning("extra", extra={"blob": "\U0001F600" * n, "more": ["\u4e2d" * 100] * 400})
+    try:
+        raise ValueError("\U0001F600" * n)
+    except ValueError:
+        lg.exception("\u4e2d" * n)
+    return os.getpid()
+
+
+def log_dropped(n: int) -> int:
+    """Log `n` records this worker drops (as when its pending records are at
+    their bound), and nothing after them; the worker's pid."""
+    from shmpool.exec import guest_logging
+
+    saved = guest_logging.MAX_PENDING
+    guest_logging.MAX_PENDING = 0
+    try:
+        for i in range(n):
+            logging.getLogger("app.lost").warning("lost %d", i)
+    finally:
+        guest_logging.MAX_PENDING = saved
+    return os.getpid()
+
+
+def log_len(data: bytes) -> int:
+    """Log the argument's size (a big one travels chunked); return it."""
+    logging.getLogger("app.x").warning("got %d bytes", len(data))
+    return len(data)
