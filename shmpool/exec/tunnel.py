@@ -37,8 +37,11 @@ collection) ends both directions and the channels' entries are freed once
 both sides exchanged their terminal messages.
 
 Invariants: a tunnel is bound at most once; every host wait has a bound
-(the tunnel's `timeout`, the task's end, the worker's death, `close()`);
-`_task_done` never blocks (it may run on the driver thread).
+(the tunnel's `timeout`, per piece of a write; the task's end, the
+worker's death, `close()` from another thread); `_task_done` never blocks
+(it may run on the driver thread); the channels are ended only by the
+process that made the tunnel (a fork() child's copy is foreign) and only
+once no read of the tunnel is copying from its pieces.
 """
 
 from __future__ import annotations
@@ -290,7 +293,11 @@ class Tunnel(io.RawIOBase):
         waiting while the task has the channel's credit unread (bounded
         memory, spec: exec.tunnel-credit). Raises BrokenPipeError once the
         task closed its reading end or returned, `TunnelError` if it
-        failed, `ChannelBroken` if its worker died."""
+        failed, `ChannelBroken` if its worker died; `TimeoutError` when the
+        tunnel's `timeout` passed waiting for a piece's credit, and
+        `ValueError` when `close()` ran on another thread meanwhile: a
+        partial write, the pieces before it sent (the message says how
+        many bytes; a `TimeoutError`'s `written` holds the count)."""
         self._checkClosed()
         self._check_owner("write")
         if self._write_closed:
@@ -307,7 +314,7 @@ class Tunnel(io.RawIOBase):
         try:
             # piece by piece, each its own message: the timeout bounds every
             # wait for credit, and a close() ends a wait (the channel's lock
-            # is not held between pieces)
+            # is not held between pieces). spec: exec.tunnel-timeout
             piece = tx.piece
             for off in range(0, n, piece):
                 if self._closing:
@@ -350,7 +357,9 @@ class Tunnel(io.RawIOBase):
         """End both directions: the task reads what was written, then EOF;
         its writes raise BrokenPipeError. A tunnel not bound yet is refused
         to the task that comes to bind it. Idempotent; also when the tunnel
-        is garbage collected. spec: exec.tunnel-close"""
+        is garbage collected. A read or write waiting on another thread
+        ends first (`ValueError`, within a wait slice). In a fork() child:
+        only this copy is marked closed. spec: exec.tunnel-close"""
         if self.closed:
             return
         if os.getpid() != self._owner:  # (a fork() child: the parent's tunnel, not ours to end)

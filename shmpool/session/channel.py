@@ -25,7 +25,10 @@ Data flow:
   and answers the peer's terminal with a Close if it has not sent its own.
   An end that has both sent and received a terminal is finished
   (`ChannelTable.finished`: the entry is freed by the second end to
-  finish), so a channel id is reused only after both ends closed.
+  finish), so a channel id is reused only after both ends closed. A
+  receiver answers at once, pieces unread or not; it grants no credit once
+  its terminal is out (the entry may be another channel's by then), and
+  `Rx.drop` releases the pieces of an end whose owner is gone.
 - Byte streams (tunnels): `Rx.read_into` copies queued pieces straight
   from their slots into the caller's buffer, across message boundaries,
   granting a piece's credit once it is all read; such an end is opened
