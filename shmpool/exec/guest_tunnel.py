@@ -40,7 +40,7 @@ import os
 import struct
 import threading
 
-from .. import errors
+from .. import _atomics, errors
 from ..session.messages import method_id
 
 BIND = method_id("shmpool.exec.tunnel.bind")
@@ -91,21 +91,28 @@ def bind(tunnel_id: int, host_pid: int, piece: int = PIECE, buffer: int = BUFFER
         conn.channels.release_unused(rx)  # (the host never heard of it: no Close owed)
         raise
     setup(tx, rx, piece, buffer)
-    from . import guest_nested  # (a worker's only: it imports the worker program)
+    running = _atomics.load_u32(prog.buf, prog.word)
+    # Unpickled inside the task's own code (not with its arguments, where
+    # signals raise nothing): the call pumps, so a stop or Ctrl-C meanwhile
+    # is raised after it, never inside the session's code. spec: exec.tunnel-stop
+    inside = guest._in_task and threading.current_thread() is threading.main_thread()
+    if inside:
+        from . import guest_nested  # (a worker's only: it imports the worker program)
 
-    # (the call pumps: a stop or Ctrl-C meanwhile is raised after it, never
-    # inside the session's code. spec: exec.tunnel-stop)
-    running, saved = guest_nested.pumping(prog)
+        running, saved = guest_nested.pumping(prog)
     conn.hold_requests += 1
     try:
         conn.call_sync(BIND, BIND_RECORD.pack(tunnel_id, host_pid, running, rx.id, tx.id))
     finally:
         conn.hold_requests -= 1
-        guest_nested.pumped(saved)
-    guest_nested.raise_deferred(running)
+        if inside:
+            guest_nested.pumped(saved)
     # (refused: the host reset its ends of both channels; ours finish when
     # its Resets are routed)
-    return TunnelEnd(tunnel_id, conn, rx, tx)
+    end = TunnelEnd(tunnel_id, conn, rx, tx)
+    if inside:
+        guest_nested.raise_deferred(running)  # (the end dropped then: spec: exec.tunnel-unread)
+    return end
 
 
 class TunnelEnd(io.RawIOBase):

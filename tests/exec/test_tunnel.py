@@ -571,3 +571,16 @@ def test_a_tunnel_pickled_by_hand_is_not_kept_alive():
     gc.collect()
     assert ref() is None
     tunnel_mod.attach_pickled(None)
+
+
+@pytest.mark.spec("exec.tunnel-stop")
+@pytest.mark.spec("exec.tunnel-bind")
+def test_a_tunnel_unpickled_inside_the_tasks_code_binds_under_the_stop_deferral():
+    with ex(1) as e:
+        t = Tunnel(timeout=60)
+        f = e.submit(T.unpickle_and_echo, pickle.dumps(t))
+        t.write(b"abc" * 1000)
+        t.close_write()
+        assert t.read() == (b"abc" * 1000)[::-1]
+        assert f.result(60) == 3000
+        t.close()
