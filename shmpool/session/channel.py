@@ -89,10 +89,8 @@ class _End:
         self._reset = False
         self._broken: BaseException | None = None
         self._finished = False
-        # Orders our terminal against the end's other threads: the one
-        # terminal (a user's close racing the routing thread's
-        # acknowledgement), the finish, and a receiver's grant (never after
-        # our terminal: then the peer may free the entry and reuse it).
+        # One terminal, one finish, and no grant after our terminal (the
+        # entry may be reused then), whichever threads race. spec: shm.flow.grant-after-end
         self._fin_lock = threading.Lock()
 
     def _terminal(self, kind: int) -> None:
@@ -177,13 +175,13 @@ class Tx(_End):
 
     def send(self, data, timeout: float | None = None, stop=None) -> bool:
         """Send one message (any bytes-like object; empty is allowed). Waits
-        for credit; returns False if `timeout` passed, or `stop()` became
-        true (checked each wait slice; `table.wake_sender` wakes the wait),
-        before the first piece could go (nothing was sent). Once a piece is out the rest follows
-        whatever it takes (the peer's liveness bounds it), but for a slot a
-        piece waits at most MAX_SLOT_WAIT: then SlotExhaustedError, and a
-        message cut short resets the channel. Raises ChannelClosed /
-        ChannelReset / ChannelBroken. spec: shm.flow.split"""
+        for credit; returns False if `timeout` passed or `stop()` became true
+        (`table.wake_sender` wakes the wait) before the first piece could go
+        (nothing was sent). Once a piece is out the rest follows whatever it
+        takes (the peer's liveness bounds it), but for a slot a piece waits
+        at most MAX_SLOT_WAIT: then SlotExhaustedError, and a message cut
+        short resets the channel. Raises ChannelClosed / ChannelReset /
+        ChannelBroken. spec: shm.flow.split"""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -426,10 +424,7 @@ class Rx(_End):
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
         rec = Received(self.conn.slots, d)
-        if self._sent_fin or self._reset or self._dropped:
-            rec.release()  # we closed or aborted, or the owner is gone: nobody will read it
-            return
-        if self.collecting:  # spec: shm.session.chunked
+        if self.collecting and not (self._sent_fin or self._reset):  # spec: shm.session.chunked
             if self._collector is None:
                 self._collector = Collector(self.id, self.table.transfers)
             n = rec.nbytes
@@ -440,14 +435,13 @@ class Rx(_End):
                 self.table.grant(self, n)  # at once: the routing thread never waits for a reader
             self.bytes += n
             return
-        with self._fin_lock:  # (a close racing this: it discards what is queued after its terminal)
+        with self._fin_lock:  # (a close on another thread discards what is queued after its terminal)
             keep = not (self._sent_fin or self._reset or self._dropped)
             if keep:
                 self._queue.append((rec, bool(d.flags & F_MORE)))
         if not keep:
-            rec.release()
-            return
-        if self.on_arrival is not None:
+            rec.release()  # we closed or aborted, or the owner is gone: nobody will read it
+        elif self.on_arrival is not None:
             self.on_arrival(self)
 
     def _peer_ended(self, kind: int) -> None:
@@ -468,15 +462,12 @@ class Rx(_End):
             self._discard()
 
     def _ready(self) -> bool:
-        # (`_sent_fin`: this side closed, perhaps on another thread: a waiting reader ends)
-        return (bool(self._queue) or self._eos or self._reset or self._sent_fin
-                or self._broken is not None)
+        # (`_sent_fin`: a close on another thread ends a waiting read)
+        return bool(self._queue) or self._eos or self._reset or self._sent_fin or self._broken is not None
 
     def drop(self) -> None:
-        """The end's owner is gone without closing it (a task's end of a
-        tunnel): release the slots of what is queued, and of every piece
-        routed later, sending nothing (the peer learns of the end
-        otherwise). spec: shm.channel.drop"""
+        """The owner is gone without closing the end: release what is queued
+        and every piece routed later, sending nothing. spec: shm.channel.drop"""
         self._dropped = True
         with self._fin_lock:
             self._discard()

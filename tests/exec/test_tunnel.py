@@ -401,14 +401,15 @@ def test_tunnels_through_map_and_a_pools_chunks():
             t.close()
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.spec("shm.flow.grant-after-end")
 @pytest.mark.spec("exec.tunnel-task-end")
-def test_reading_a_tunnel_after_its_task_returned_leaves_the_next_tunnel_alone(tmp_path):
+def test_reading_a_tunnel_after_its_task_returned_leaves_the_next_tunnel_alone(method, tmp_path):
     """The host reads a tunnel whose task closed it and returned (its
     channels ended, their ids reused by the next task's tunnel): the read
     grants no credit into the new channel's entry, whose worker goes on."""
     flag = str(tmp_path / "go")
-    with ex(1) as e:
+    with ex(1, method) as e:
         a = Tunnel(timeout=60)
         assert e.submit(T.write_close_return, a, b"hello").result(60) == "closed"
         b = Tunnel(timeout=60)
@@ -424,8 +425,9 @@ def test_reading_a_tunnel_after_its_task_returned_leaves_the_next_tunnel_alone(t
 
 @pytest.mark.spec("exec.tunnel-unread")
 @pytest.mark.spec("shm.channel.drop")
-def test_a_task_that_returns_without_reading_everything_leaves_no_slot_held():
-    with ex(1) as e:
+@pytest.mark.parametrize("method", METHODS)
+def test_a_task_that_returns_without_reading_everything_leaves_no_slot_held(method):
+    with ex(1, method) as e:
         e.submit(T.pid).result(60)
         base = _slots_in_use(e)
         for _ in range(3):
