@@ -88,18 +88,31 @@ def bind(tunnel_id: int, host_pid: int, piece: int = PIECE, buffer: int = BUFFER
     try:
         tx = conn.open_tx()
     except BaseException:
-        rx.close()
+        conn.channels.release_unused(rx)  # (the host never heard of it: no Close owed)
         raise
     setup(tx, rx, piece, buffer)
     running = _atomics.load_u32(prog.buf, prog.word)
+    # Unpickled inside the task's own code (not with its arguments, where
+    # signals raise nothing): the call pumps, so a stop or Ctrl-C meanwhile
+    # is raised after it, never inside the session's code. spec: exec.tunnel-stop
+    inside = guest._in_task and threading.current_thread() is threading.main_thread()
+    if inside:
+        from . import guest_nested  # (a worker's only: it imports the worker program)
+
+        running, saved = guest_nested.pumping(prog)
     conn.hold_requests += 1
     try:
         conn.call_sync(BIND, BIND_RECORD.pack(tunnel_id, host_pid, running, rx.id, tx.id))
     finally:
         conn.hold_requests -= 1
+        if inside:
+            guest_nested.pumped(saved)
     # (refused: the host reset its ends of both channels; ours finish when
     # its Resets are routed)
-    return TunnelEnd(tunnel_id, conn, rx, tx)
+    end = TunnelEnd(tunnel_id, conn, rx, tx)
+    if inside:
+        guest_nested.raise_deferred(running)  # (the end dropped then: spec: exec.tunnel-unread)
+    return end
 
 
 class TunnelEnd(io.RawIOBase):
@@ -229,7 +242,12 @@ class TunnelEnd(io.RawIOBase):
         # after its bytes) from one that raised (its error), from the
         # task's answer. A Close sent here, as the frame of a raising task
         # is dropped, would be taken for an orderly end. spec: exec.tunnel-task-end
-        pass
+        # What the host wrote and nobody read is released, sending nothing
+        # (the host's Close may have been answered already: no Reset
+        # of the host's comes to drop it). spec: exec.tunnel-unread
+        rx = getattr(self, "_rx", None)
+        if rx is not None:
+            rx.drop()
 
     def __reduce__(self):
         raise TypeError(f"tunnel {self.id}'s end belongs to the task that bound it: it cannot be "

@@ -37,8 +37,11 @@ collection) ends both directions and the channels' entries are freed once
 both sides exchanged their terminal messages.
 
 Invariants: a tunnel is bound at most once; every host wait has a bound
-(the tunnel's `timeout`, the task's end, the worker's death, `close()`);
-`_task_done` never blocks (it may run on the driver thread).
+(the tunnel's `timeout`, per piece of a write; the task's end, the
+worker's death, `close()` from another thread); `_task_done` never blocks
+(it may run on the driver thread); the channels are ended only by the
+process that made the tunnel (a fork() child's copy is foreign) and only
+once no read of the tunnel is copying from its pieces.
 """
 
 from __future__ import annotations
@@ -51,12 +54,15 @@ import time
 import weakref
 
 from ..errors import ChannelBroken, ChannelClosed, ChannelReset, TunnelError
+from . import forksafe
 from .guest_tunnel import BIND, BIND_RECORD, BUFFER, PIECE, bind, setup
 
 _TUNNELS: "weakref.WeakValueDictionary[int, Tunnel]" = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
-# (thread id, tunnel) for each tunnel pickled by `Core.submit`'s pickling
-# and not yet attached to its future: `attach_pickled` takes them
+# (thread id, weak reference to the tunnel) for each tunnel pickled by
+# `Core.submit`'s pickling and not yet attached to its future:
+# `attach_pickled` takes them (weak: one pickled by hand on a thread that
+# never submits is not kept alive by this list)
 PICKLED: list = []
 _pickled_lock = threading.Lock()
 WAIT_SLICE = 0.05  # a wait for the binding re-checks the task's future this often
@@ -70,11 +76,12 @@ def attach_pickled(future) -> None:
     which are no task's. spec: exec.tunnel-unbound"""
     me = threading.get_ident()
     with _pickled_lock:
-        mine = [t for (tid, t) in PICKLED if tid == me]
+        mine = [ref() for (tid, ref) in PICKLED if tid == me]
         PICKLED[:] = [p for p in PICKLED if p[0] != me]
     if future is not None:
         for t in mine:
-            t._attach(future)
+            if t is not None:
+                t._attach(future)
 
 
 class Tunnel(io.RawIOBase):
@@ -120,6 +127,8 @@ class Tunnel(io.RawIOBase):
         self._pickled = False
         self._outcome = None  # None, or ("returned", None) / ("raised", exc) / ("ended", text)
         self._write_closed = False
+        self._closing = False  # close() began: a read or write waiting ends
+        self._owner = os.getpid()  # (a fork() child's copy is not the tunnel: spec: exec.tunnel-fork)
         _TUNNELS[self.id] = self
 
     # -- binding -------------------------------------------------------------
@@ -133,7 +142,9 @@ class Tunnel(io.RawIOBase):
                                   "a tunnel serves one task; make one per task")
             self._pickled = True
         with _pickled_lock:
-            PICKLED.append((threading.get_ident(), self))
+            if len(PICKLED) > 64:  # (those gone since)
+                PICKLED[:] = [p for p in PICKLED if p[1]() is not None]
+            PICKLED.append((threading.get_ident(), weakref.ref(self)))
         return (bind, (self.id, os.getpid(), self.piece, self.buffer))
 
     def _attach(self, future) -> None:
@@ -209,6 +220,12 @@ class Tunnel(io.RawIOBase):
                 self._cond.wait(min(remaining, WAIT_SLICE))
             return self._tx, self._rx
 
+    def _check_owner(self, what: str) -> None:
+        """A fork() child's copy of the tunnel: its channels are the
+        parent's. spec: exec.tunnel-fork"""
+        if os.getpid() != self._owner:
+            raise forksafe.foreign_error("Tunnel", self._owner, f"{what} a tunnel")
+
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
@@ -231,9 +248,10 @@ class Tunnel(io.RawIOBase):
         end, or returned, and all it wrote was read.
         spec: exec.tunnel-eof"""
         self._checkClosed()
+        self._check_owner("read")
         deadline = self._deadline()
         _, rx = self._bound(deadline)
-        ended = lambda: self._outcome is not None  # noqa: E731
+        ended = lambda: self._outcome is not None or self._closing  # noqa: E731
         with self._reading:  # (one reader at a time: a piece read in part is the channel's)
             return self._read(rx, b, deadline, ended)
 
@@ -244,6 +262,8 @@ class Tunnel(io.RawIOBase):
                 n = rx.read_into(b, remaining, ended)
                 if n is not None:
                     return n
+                if self._closing:
+                    raise ChannelClosed("closing")
                 if self._outcome is None:
                     raise TimeoutError(f"tunnel {self.id}: nothing to read within {self.timeout} s")
                 if self._outcome[0] != "returned":
@@ -273,19 +293,43 @@ class Tunnel(io.RawIOBase):
         waiting while the task has the channel's credit unread (bounded
         memory, spec: exec.tunnel-credit). Raises BrokenPipeError once the
         task closed its reading end or returned, `TunnelError` if it
-        failed, `ChannelBroken` if its worker died."""
+        failed, `ChannelBroken` if its worker died; `TimeoutError` when the
+        tunnel's `timeout` passed waiting for a piece's credit, and
+        `ValueError` when `close()` ran on another thread meanwhile: a
+        partial write, the pieces before it sent (the message says how
+        many bytes; a `TimeoutError`'s `written` holds the count)."""
         self._checkClosed()
+        self._check_owner("write")
         if self._write_closed:
             raise ValueError(f"tunnel {self.id}: write after close_write()")
         deadline = self._deadline()
         tx, _ = self._bound(deadline)
         view = memoryview(b)
-        if not view.nbytes:
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        n = view.nbytes
+        if not n:
             return 0
+        stop = lambda: self._closing  # noqa: E731
         try:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not tx.send(view, remaining):
-                raise TimeoutError(f"tunnel {self.id}: the task read nothing within {self.timeout} s")
+            # piece by piece, each its own message: the timeout bounds every
+            # wait for credit, and a close() ends a wait (the channel's lock
+            # is not held between pieces). spec: exec.tunnel-timeout
+            piece = tx.piece
+            for off in range(0, n, piece):
+                if self._closing:
+                    raise ValueError(f"tunnel {self.id} was closed while a write waited "
+                                     f"({off} of {n} bytes were written)")
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not tx.send(view[off : off + piece], remaining, stop):
+                    if self._closing:
+                        raise ValueError(f"tunnel {self.id} was closed while a write waited "
+                                         f"({off} of {n} bytes were written)")
+                    err = TimeoutError(f"tunnel {self.id}: the task read too little within "
+                                       f"{self.timeout} s: a partial write, {off} of {n} bytes "
+                                       "were written (the task reads them)")
+                    err.written = off
+                    raise err
         except ChannelBroken as e:
             raise self._broken(e) from e
         except ChannelClosed:
@@ -296,7 +340,7 @@ class Tunnel(io.RawIOBase):
             if self._outcome is not None:
                 raise self._ended_error() from None
             raise TunnelError(f"tunnel {self.id}: the task aborted it") from None
-        return view.nbytes
+        return n
 
     def close_write(self) -> None:
         """End the host -> task direction: the task reads what was written,
@@ -304,6 +348,7 @@ class Tunnel(io.RawIOBase):
         tunnel (as a write does). Idempotent. spec: exec.tunnel-eof"""
         if self._write_closed or self.closed:
             return
+        self._check_owner("close the writing end of")
         tx, _ = self._bound(self._deadline())
         self._write_closed = True
         tx.close()
@@ -312,14 +357,27 @@ class Tunnel(io.RawIOBase):
         """End both directions: the task reads what was written, then EOF;
         its writes raise BrokenPipeError. A tunnel not bound yet is refused
         to the task that comes to bind it. Idempotent; also when the tunnel
-        is garbage collected. spec: exec.tunnel-close"""
+        is garbage collected. A read or write waiting on another thread
+        ends first (`ValueError`, within a wait slice). In a fork() child:
+        only this copy is marked closed. spec: exec.tunnel-close"""
         if self.closed:
             return
+        if os.getpid() != self._owner:  # (a fork() child: the parent's tunnel, not ours to end)
+            _TUNNELS.pop(self.id, None)
+            super().close()
+            return
+        self._closing = True
         with self._cond:
             tx, rx = self._tx, self._rx
             self._cond.notify_all()
         try:
             if tx is not None:
+                # (a read or write waiting on another thread ends within a
+                # wait slice: then the channels are ours to end)
+                tx.table.wake_sender(tx)
+                with self._reading:
+                    pass
+
                 # (this order: a task that read to EOF finds its writes
                 # refused, the host's Close of its reading end being ahead
                 # on the ring)
@@ -334,9 +392,16 @@ class Tunnel(io.RawIOBase):
         task's reads and writes raise `TunnelError`. spec: exec.tunnel-close"""
         if self.closed:
             return
+        if os.getpid() != self._owner:
+            self.close()
+            return
+        self._closing = True
         with self._cond:
             tx, rx = self._tx, self._rx
         if tx is not None:
+            tx.table.wake_sender(tx)
+            with self._reading:  # (a read waiting on another thread ends first: see close)
+                pass
             tx.reset()
             rx.reset()
         self.close()

@@ -25,7 +25,10 @@ Data flow:
   and answers the peer's terminal with a Close if it has not sent its own.
   An end that has both sent and received a terminal is finished
   (`ChannelTable.finished`: the entry is freed by the second end to
-  finish), so a channel id is reused only after both ends closed.
+  finish), so a channel id is reused only after both ends closed. A
+  receiver answers at once, pieces unread or not; it grants no credit once
+  its terminal is out (the entry may be another channel's by then), and
+  `Rx.drop` releases the pieces of an end whose owner is gone.
 - Byte streams (tunnels): `Rx.read_into` copies queued pieces straight
   from their slots into the caller's buffer, across message boundaries,
   granting a piece's credit once it is all read; such an end is opened
@@ -86,15 +89,19 @@ class _End:
         self._reset = False
         self._broken: BaseException | None = None
         self._finished = False
+        # One terminal, one finish, and no grant after our terminal (the
+        # entry may be reused then), whichever threads race. spec: shm.flow.grant-after-end
+        self._fin_lock = threading.Lock()
 
     def _terminal(self, kind: int) -> None:
         """Send our one terminal message, at most once."""
-        if self._sent_fin or self._broken is not None:
-            return
-        self._sent_fin = True
-        if kind == RESET:
-            self._reset = True
-        self.table.send_control(kind, self.id)
+        with self._fin_lock:
+            if self._sent_fin or self._broken is not None:
+                return
+            self._sent_fin = True
+            if kind == RESET:
+                self._reset = True
+            self.table.send_control(kind, self.id)
         self._maybe_finish()
 
     def on_terminal(self, kind: int) -> None:
@@ -113,9 +120,10 @@ class _End:
     def _maybe_finish(self) -> None:
         """Both terminals exchanged: the table sets our done bit and the
         second end to finish frees the entry. spec: shm.flow.channel-id-reuse"""
-        if self._finished or not (self._sent_fin and self._got_fin):
-            return
-        self._finished = True
+        with self._fin_lock:
+            if self._finished or not (self._sent_fin and self._got_fin):
+                return
+            self._finished = True
         self.table.finished(self, sender=isinstance(self, Tx))
 
     def broken(self, exc: BaseException) -> None:
@@ -165,14 +173,15 @@ class Tx(_End):
             who = "the receiver" if self._closed_by_peer else "this side"
             raise ChannelClosed(f"channel {self.id} was closed by {who}")
 
-    def send(self, data, timeout: float | None = None) -> bool:
+    def send(self, data, timeout: float | None = None, stop=None) -> bool:
         """Send one message (any bytes-like object; empty is allowed). Waits
-        for credit; returns False if `timeout` passed before the first piece
-        could go (nothing was sent). Once a piece is out the rest follows
-        whatever it takes (the peer's liveness bounds it), but for a slot a
-        piece waits at most MAX_SLOT_WAIT: then SlotExhaustedError, and a
-        message cut short resets the channel. Raises ChannelClosed /
-        ChannelReset / ChannelBroken. spec: shm.flow.split"""
+        for credit; returns False if `timeout` passed or `stop()` became true
+        (`table.wake_sender` wakes the wait) before the first piece could go
+        (nothing was sent). Once a piece is out the rest follows whatever it
+        takes (the peer's liveness bounds it), but for a slot a piece waits
+        at most MAX_SLOT_WAIT: then SlotExhaustedError, and a message cut
+        short resets the channel. Raises ChannelClosed / ChannelReset /
+        ChannelBroken. spec: shm.flow.split"""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -183,7 +192,7 @@ class Tx(_End):
             first = True
             while True:
                 k = min(self.piece, n - off)
-                if not self.wait_credit(k, timeout if first else None):
+                if not self.wait_credit(k, timeout if first else None, stop if first else None):
                     return False
                 more = off + k < n
                 try:
@@ -323,9 +332,10 @@ class Tx(_End):
             raise ChannelBroken(str(err)) from err
         return remaining
 
-    def wait_credit(self, k: int, timeout: float | None) -> bool:
+    def wait_credit(self, k: int, timeout: float | None, stop=None) -> bool:
         """Wait until `k` bytes of credit are there (True) or `timeout`
-        passed (False); raises if the channel ends. spec: shm.wakeup.credit-wait"""
+        passed or `stop()` became true (False); raises if the channel ends.
+        spec: shm.wakeup.credit-wait"""
         buf, off = self.conn.segment.buf, self.granted_at
         granted = load_u32(buf, off)  # acquire. spec: shm.flow.ordering
         if self._credit(granted) >= k:
@@ -343,7 +353,7 @@ class Tx(_End):
                 return True
             self._check()
             remaining = SLICE if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (stop is not None and stop()):
                 return False
             self.conn.poll_incoming()  # a guest: see a Reset or Goodbye while we wait
             self._check()
@@ -399,6 +409,7 @@ class Rx(_End):
         self._partial: bytearray | None = None
         self._head = 0  # bytes of the first queued piece `read_into` took already
         self._eos = False
+        self._dropped = False  # `drop`: the owner is gone
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
         # spec: shm.channel.collecting-end
@@ -413,10 +424,7 @@ class Rx(_End):
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
         rec = Received(self.conn.slots, d)
-        if self._sent_fin or self._reset:
-            rec.release()  # we closed or aborted: nobody will read it
-            return
-        if self.collecting:  # spec: shm.session.chunked
+        if self.collecting and not (self._sent_fin or self._reset):  # spec: shm.session.chunked
             if self._collector is None:
                 self._collector = Collector(self.id, self.table.transfers)
             n = rec.nbytes
@@ -427,8 +435,13 @@ class Rx(_End):
                 self.table.grant(self, n)  # at once: the routing thread never waits for a reader
             self.bytes += n
             return
-        self._queue.append((rec, bool(d.flags & F_MORE)))
-        if self.on_arrival is not None:
+        with self._fin_lock:  # (a close on another thread discards what is queued after its terminal)
+            keep = not (self._sent_fin or self._reset or self._dropped)
+            if keep:
+                self._queue.append((rec, bool(d.flags & F_MORE)))
+        if not keep:
+            rec.release()  # we closed or aborted, or the owner is gone: nobody will read it
+        elif self.on_arrival is not None:
             self.on_arrival(self)
 
     def _peer_ended(self, kind: int) -> None:
@@ -449,7 +462,15 @@ class Rx(_End):
             self._discard()
 
     def _ready(self) -> bool:
-        return bool(self._queue) or self._eos or self._reset or self._broken is not None
+        # (`_sent_fin`: a close on another thread ends a waiting read)
+        return bool(self._queue) or self._eos or self._reset or self._sent_fin or self._broken is not None
+
+    def drop(self) -> None:
+        """The owner is gone without closing the end: release what is queued
+        and every piece routed later, sending nothing. spec: shm.channel.drop"""
+        self._dropped = True
+        with self._fin_lock:
+            self._discard()
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next message, waiting up to `timeout` (None: forever);
@@ -574,13 +595,15 @@ class Rx(_End):
     def close(self) -> None:
         """Stop receiving: the sender's next send raises ChannelClosed;
         what is queued here is dropped. Idempotent."""
-        self._discard()
-        self._terminal(CLOSE)
+        self._terminal(CLOSE)  # (first: a piece routed meanwhile is released at arrival)
+        with self._fin_lock:
+            self._discard()
 
     def reset(self) -> None:
         """Abort the channel from the receiving side."""
-        self._discard()
         self._terminal(RESET)
+        with self._fin_lock:
+            self._discard()
 
     def statistics(self) -> dict:
         return {"id": self.id, "messages": self.messages, "bytes": self.bytes,

@@ -152,6 +152,15 @@ class ChannelTable:
             store_u32(buf, state, FREE)
         self.forget(end)
 
+    def release_unused(self, end: Tx | Rx) -> None:
+        """Free the entry of an end this side opened and never used (no
+        message went either way on it: the peer never learned of the id),
+        as if both ends had finished: no handshake is owed."""
+        with end._fin_lock:
+            end._sent_fin = end._got_fin = end._finished = True
+        store_u32(self.conn.segment.buf, end.entry + E_STATE, FREE)
+        self.forget(end)
+
     def forget(self, end: Tx | Rx) -> None:
         with self._lock:
             if self._ends.get(end.id) is end:
@@ -181,10 +190,17 @@ class ChannelTable:
 
     def grant(self, rx: Rx, n: int) -> None:
         """Raise granted_total by bytes consumed; wake a sleeping sender.
-        spec: shm.flow.ordering"""
+        Nothing once `rx` sent its terminal or broke: the sender is done
+        with the credit, and the entry may be freed (the peer frees it once
+        our terminal arrives) and be another channel's by now; the check and
+        the add are one step against our terminal (`_fin_lock`).
+        spec: shm.flow.ordering spec: shm.flow.grant-after-end"""
         buf = self.conn.segment.buf
         entry = rx.entry
-        fetch_add_u32(buf, entry + E_GRANTED, n)  # seq_cst RMW: also orders the check below
+        with rx._fin_lock:
+            if rx._sent_fin or rx._broken is not None:
+                return
+            fetch_add_u32(buf, entry + E_GRANTED, n)  # seq_cst RMW: also orders the check below
         if fetch_or_u32(buf, entry + E_SLEEP, 0) & SENDER_SLEEPS:
             _atomics.futex_wake(buf, entry + E_GRANTED, 1)
 

@@ -399,3 +399,190 @@ def test_tunnels_through_map_and_a_pools_chunks():
         assert r.get(120) == [1000, 2000, 3000, 4000]
         for t in ts:
             t.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("shm.flow.grant-after-end")
+@pytest.mark.spec("exec.tunnel-task-end")
+def test_reading_a_tunnel_after_its_task_returned_leaves_the_next_tunnel_alone(method, tmp_path):
+    """The host reads a tunnel whose task closed it and returned (its
+    channels ended, their ids reused by the next task's tunnel): the read
+    grants no credit into the new channel's entry, whose worker goes on."""
+    flag = str(tmp_path / "go")
+    with ex(1, method) as e:
+        a = Tunnel(timeout=60)
+        assert e.submit(T.write_close_return, a, b"hello").result(60) == "closed"
+        b = Tunnel(timeout=60)
+        f = e.submit(T.write_wait_write, b, flag)
+        assert b.read(1) == b"x"  # (b is bound: its channels took a's ids)
+        assert a.read() == b"hello"
+        open(flag, "w").close()
+        assert f.result(60) == "written"
+        assert b.read() == b"y" * 10
+        a.close()
+        b.close()
+
+
+@pytest.mark.spec("exec.tunnel-unread")
+@pytest.mark.spec("shm.channel.drop")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_task_that_returns_without_reading_everything_leaves_no_slot_held(method):
+    with ex(1, method) as e:
+        e.submit(T.pid).result(60)
+        base = _slots_in_use(e)
+        for _ in range(3):
+            with Tunnel(timeout=60) as t:
+                f = e.submit(T.peek, t, 10)
+                t.write(b"q" * (3 << 20))
+                t.close_write()  # (the task's end answers the Close: it is finished, pieces unread)
+                assert f.result(60) == b"q" * 10
+        wait_for(lambda: _slots_in_use(e) == base, "the unread pieces' slots freed", timeout=30)
+
+
+@pytest.mark.spec("exec.tunnel-timeout")
+def test_the_timeout_bounds_every_wait_of_a_long_write(tmp_path):
+    """A write longer than the window, to a task that does not read: the
+    timeout ends the wait for credit after what fit (a partial write)."""
+    flag, pidfile = str(tmp_path / "go"), str(tmp_path / "pid")
+    with ex(1) as e:
+        t = Tunnel(timeout=1, buffer=4 << 20, piece=1 << 20)
+        f = e.submit(T.wait_then_read, t, flag, pidfile)
+        got = []
+
+        def write():
+            try:
+                got.append(t.write(b"w" * (8 << 20)))
+            except Exception as err:  # noqa: BLE001
+                got.append(err)
+
+        th = threading.Thread(target=write)
+        th.start()
+        th.join(30)
+        hung = th.is_alive()
+        open(flag, "w").close()  # (the task reads: a write the timeout did not end ends too)
+        th.join(60)
+        assert not hung, "the write outlived the tunnel's timeout"
+        assert isinstance(got[0], TimeoutError), got
+        assert got[0].written == 4 << 20 and "partial write" in str(got[0])
+        t.close_write()
+        assert f.result(60) == 4 << 20  # what was written arrives, no more
+        t.close()
+
+
+def _closed_from_another_thread(t, op, unstick):
+    """Run `op` on a thread, close `t` from this one once it waits; what
+    `op` raised, and whether the close or the op hung (then `unstick()`)."""
+    got = []
+
+    def run():
+        try:
+            got.append(op())
+        except Exception as err:  # noqa: BLE001
+            got.append(err)
+
+    th = threading.Thread(target=run)
+    th.start()
+    wait_for(lambda: t.statistics()["credit_waits"] > 0 or t._reading.locked(), "the op waits")
+    closer = threading.Thread(target=t.close)
+    closer.start()
+    closer.join(20)
+    th.join(20)
+    hung = closer.is_alive() or th.is_alive()
+    unstick()
+    closer.join(60)
+    th.join(60)
+    return got, hung
+
+
+@pytest.mark.spec("exec.tunnel-close")
+def test_close_ends_a_write_waiting_for_credit_on_another_thread(tmp_path):
+    flag, pidfile = str(tmp_path / "go"), str(tmp_path / "pid")
+    with ex(1) as e:
+        t = Tunnel()
+        f = e.submit(T.wait_then_read, t, flag, pidfile)
+        got, hung = _closed_from_another_thread(t, lambda: t.write(b"w" * (8 << 20)),
+                                                lambda: open(flag, "w").close())
+        assert not hung, "close() waited behind a write waiting for credit"
+        assert isinstance(got[0], ValueError) and "closed while a write waited" in str(got[0]), got
+        open(flag, "w").close()
+        assert f.result(60) == 4 << 20  # (what was written before, then EOF)
+
+
+@pytest.mark.spec("exec.tunnel-close")
+def test_close_ends_a_read_waiting_on_another_thread(tmp_path):
+    flag, pidfile = str(tmp_path / "go"), str(tmp_path / "pid")
+    with ex(1) as e:
+        t = Tunnel()
+        f = e.submit(T.wait_then_read, t, flag, pidfile)
+        got, hung = _closed_from_another_thread(t, lambda: t.read(10), lambda: open(flag, "w").close())
+        assert not hung, "close() did not end a read waiting on another thread"
+        assert isinstance(got[0], ValueError) and "closed while a read waited" in str(got[0]), got
+        open(flag, "w").close()
+        assert f.result(60) == 0
+
+
+@pytest.mark.spec("exec.tunnel-fork")
+@pytest.mark.spec("exec.fork-safety")
+def test_a_fork_child_cannot_touch_the_parents_tunnel():
+    """In a fork() child the parent's tunnel raises `ForeignPoolError` and
+    its close (explicit, or garbage collection) sends nothing: the task
+    reads on as if the child never was."""
+    import gc
+
+    from shmpool.errors import ForeignPoolError
+
+    with ex(1) as e:
+        t = Tunnel(timeout=60)
+        f = e.submit(T.count, t)
+        t.write(b"a" * 1000)
+        pid = os.fork()
+        if pid == 0:  # (the child: never back into pytest)
+            code = 1
+            try:
+                try:
+                    t.write(b"c")
+                except ForeignPoolError:
+                    try:
+                        t.read(1)
+                    except ForeignPoolError:
+                        code = 0
+                t.close()
+                del t
+                gc.collect()
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        for _ in range(10):
+            t.write(b"b" * 1000)
+        t.close_write()
+        assert f.result(60) == 11000
+        t.close()
+
+
+@pytest.mark.spec("exec.tunnel-unbound")
+def test_a_tunnel_pickled_by_hand_is_not_kept_alive():
+    import gc
+    import weakref
+
+    from shmpool.exec import tunnel as tunnel_mod
+
+    t = Tunnel()
+    pickle.dumps(t)  # (a thread that never submits: nothing takes it from PICKLED)
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None
+    tunnel_mod.attach_pickled(None)
+
+
+@pytest.mark.spec("exec.tunnel-stop")
+@pytest.mark.spec("exec.tunnel-bind")
+def test_a_tunnel_unpickled_inside_the_tasks_code_binds_under_the_stop_deferral():
+    with ex(1) as e:
+        t = Tunnel(timeout=60)
+        f = e.submit(T.unpickle_and_echo, pickle.dumps(t))
+        t.write(b"abc" * 1000)
+        t.close_write()
+        assert t.read() == (b"abc" * 1000)[::-1]
+        assert f.result(60) == 3000
+        t.close()

@@ -201,3 +201,39 @@ def write_forever(t, pidfile: str) -> None:
 
 def pid() -> int:
     return os.getpid()
+
+
+def write_close_return(t, data: bytes) -> str:
+    """Write, close the end, return: the host reads later."""
+    t.write(data)
+    t.close()
+    return "closed"
+
+
+def write_wait_write(t, flag: str) -> str:
+    """Write a byte, wait until `flag` exists, write ten more, close."""
+    t.write(b"x")
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    t.write(b"y" * 10)
+    t.close()
+    return "written"
+
+
+def peek(t, n: int) -> bytes:
+    """Read `n` bytes and return, leaving the rest unread (the end not closed)."""
+    return t.read(n)
+
+
+def count(t) -> int:
+    """Read to EOF; the count."""
+    got = 0
+    while b := t.read(1 << 20):
+        got += len(b)
+    return got
+
+
+def unpickle_and_echo(blob: bytes) -> int:
+    """Unpickle a tunnel inside the task's own code (not as an argument), then echo."""
+    t = pickle.loads(blob)
+    return echo(t)

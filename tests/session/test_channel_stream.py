@@ -84,3 +84,103 @@ def test_a_widened_window_lets_more_than_the_initial_credit_fly(lo):
     buf = bytearray(2 * CREDIT)
     assert rx.read_into(buf, timeout=0) == 2 * CREDIT
     assert tx.send(b"z", timeout=0)
+
+
+@pytest.mark.spec("shm.flow.grant-after-end")
+def test_reading_after_the_channel_ended_grants_nothing_into_its_reused_entry(lo):
+    # The receiver answers the sender's Close at once, with pieces unread;
+    # both ends finish and the id is reused: what the old end reads later
+    # must not raise the new channel's granted_total.
+    old = lo.guest.open_rx(collecting=False)
+    htx = lo.host.tx(old.id)
+    assert htx.send(b"a" * 300, timeout=0)
+    htx.close()
+    _pump(lo)
+    assert lo.entry(old.id)[0] == 0  # both ends finished: the id is free
+    new = lo.guest.open_rx(collecting=False)
+    assert new.id == old.id
+    lo.host.tx(new.id)
+    granted = lo.entry(new.id)[1]
+    buf = bytearray(1000)
+    assert old.read_into(buf, timeout=0) == 300  # (still readable: its pieces are its own)
+    assert bytes(buf[:300]) == b"a" * 300
+    assert old.read_into(buf, timeout=0) == 0
+    assert lo.entry(new.id)[1] == granted  # the new channel's credit untouched
+    _pump(lo)
+    assert lo.all_free()
+
+
+@pytest.mark.spec("shm.channel.drop")
+def test_a_dropped_end_releases_its_pieces_and_those_that_come_later(lo):
+    done = lo.guest.open_rx(collecting=False)
+    tx = lo.host.tx(done.id)
+    assert tx.send(b"b" * 3000, timeout=0)
+    tx.close()
+    _pump(lo)  # (the Close answered: this end is finished, its pieces still held)
+    assert not lo.all_free()
+    done.drop()
+    assert lo.all_free()
+    live = lo.guest.open_rx(collecting=False)
+    tx2 = lo.host.tx(live.id)
+    assert tx2.send(b"c" * 3000, timeout=0)
+    _pump(lo)
+    live.drop()
+    assert tx2.send(b"d" * 3000, timeout=0)  # (routed after the drop: released as it arrives)
+    _pump(lo)
+    assert lo.all_free()
+
+
+@pytest.mark.spec("shm.channel.stream-read")
+def test_closing_an_end_ends_a_read_waiting_on_another_thread(lo):
+    import threading
+
+    rx = lo.guest.open_rx(collecting=False)
+    lo.host.tx(rx.id)
+    got = []
+    give_up = threading.Event()
+
+    def read():
+        try:
+            got.append(rx.read_into(bytearray(10), None, give_up.is_set))
+        except Exception as e:  # noqa: BLE001
+            got.append(e)
+
+    th = threading.Thread(target=read)
+    th.start()
+    rx.close()
+    th.join(20)
+    hung = th.is_alive()
+    give_up.set()  # (the close did not end the wait: this does)
+    th.join(20)
+    assert not hung, "a read waiting on another thread outlived the end's close()"
+    assert len(got) == 1 and type(got[0]).__name__ == "ChannelClosed", got
+
+
+@pytest.mark.spec("shm.wakeup.credit-wait")
+def test_a_send_waiting_for_credit_ends_when_its_stop_becomes_true(lo):
+    import threading
+
+    rx = lo.guest.open_rx(collecting=False)
+    tx = lo.host.tx(rx.id)
+    tx.piece = CREDIT
+    assert tx.send(b"e" * CREDIT, timeout=0)  # the window is full
+    stop = threading.Event()
+    got = []
+    th = threading.Thread(target=lambda: got.append(tx.send(b"f", None, stop.is_set)))
+    th.start()
+    stop.set()
+    tx.table.wake_sender(tx)
+    th.join(20)
+    if th.is_alive():  # (the stop did not end it: credit does, so the thread ends)
+        _pump(lo)
+        rx.read_into(bytearray(CREDIT), timeout=0)
+        th.join(20)
+    assert got == [False]  # nothing sent
+
+
+@pytest.mark.spec("shm.flow.channel-id-reuse")
+def test_an_end_opened_and_never_used_is_released_without_a_handshake(lo):
+    rx = lo.guest.open_rx(collecting=False)
+    lo.guest.channels.release_unused(rx)  # (what a tunnel's binding does when its second open fails)
+    assert lo.entry(rx.id)[0] == 0
+    assert lo.guest.open_rx(collecting=False).id == rx.id

@@ -112,7 +112,10 @@ def test_messages_of_every_size_arrive_whole_and_in_order(lo):
     lo.settle()
     state, granted, _ = lo.entry(tx.id)
     assert state == 0  # both ends done: the id is free
-    assert granted == (CREDIT + sum(sizes)) & 0xFFFFFFFF  # initial + everything consumed
+    # initial + everything consumed before the receiver answered the
+    # sender's Close (at most the credit was unread then); what it read
+    # after is not granted: the entry was no longer its (spec: shm.flow.grant-after-end)
+    assert sum(sizes) <= granted <= CREDIT + sum(sizes)
     assert lo.all_free()
 
 
