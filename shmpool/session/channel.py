@@ -1,56 +1,45 @@
 """Channel ends: ordered message streams between the host and one guest,
 with credit flow control in shared memory.
 
-Owns: `Tx` and `Rx`, this side's two kinds of end of a channel, and
-everything about one channel once it is open: the sender's `sent_total`,
-splitting, credit waits and pieces; the receiver's queue of pieces, their
-assembly into messages and the credit it grants back; the termination
-handshake of each end. Which ids exist, the 16-byte entries in shared
-memory and the routing of the peer's messages to an end are the
-`channel_table`'s; an end reaches its entry only through the table's
-operations (`grant`, `wake_sender`, `finished`, `send_control`) and what
-the table gives it at construction (its `entry` offset; a sender's
-`granted_at` and `waiter`).
+Owns: `Tx` and `Rx`, this side's two kinds of end of one open channel: the
+sender's `sent_total`, splitting, credit waits and pieces; the receiver's
+queue of pieces, their assembly and the credit it grants back; each end's
+termination handshake. Ids, the 16-byte entries and the routing of the
+peer's messages are the `channel_table`'s; an end reaches its entry only
+through the table's operations (`grant`, `wake_sender`, `finished`,
+`send_control`) and what it gives the end (`entry`, `granted_at`, `waiter`).
 
 Data flow:
-- A sender's `send(data)` splits data into pieces of at most the initial
-  credit, waits until `granted_total - sent_total` covers the next piece
-  (futex on `granted_total`), and publishes Data descriptors (all but the
-  last flagged MORE) on the pair's ring, so per-channel order is the ring's.
-- The receiver queues pieces as they arrive (routed to it by the table);
-  `recv()` copies a message's pieces out, frees their slots and raises
-  `granted_total` by the bytes it consumed (`ChannelTable.grant`, which
-  wakes the sender if it sleeps). No Credit message exists.
-- Ending: each end sends one terminal message (Close, or Reset to abort)
-  and answers the peer's terminal with a Close if it has not sent its own.
-  An end that has both sent and received a terminal is finished
-  (`ChannelTable.finished`: the entry is freed by the second end to
-  finish), so a channel id is reused only after both ends closed. A
-  receiver answers at once, pieces unread or not; it grants no credit once
-  its terminal is out (the entry may be another channel's by then), and
-  `Rx.drop` releases the pieces of an end whose owner is gone.
-- Byte streams (tunnels): `Rx.read_into` copies queued pieces straight
-  from their slots into the caller's buffer, across message boundaries,
-  granting a piece's credit once it is all read; such an end is opened
-  not `collecting`; both ends may agree on a window wider than the
-  initial credit (`Rx.widen`, `Tx.window`).
-- Transfers (spec: shm.session.chunked; format and assembly in
-  `transfer`): an `Rx` of a table that is `collecting`, on a channel the
-  peer opened, hands each piece to its `Collector` as it is routed and
-  grants its credit at once, so the routing thread (the host's driver)
-  never waits for a reader;
-  `Tx.send_transfer` streams one from a list of parts.
-- Non-blocking: `Tx.try_send` sends a one-piece message if it can go now
-  (credit, slot, ring room), from any thread; an `Rx`'s `on_arrival`
-  callback hears of each piece queued (the routing thread), so one reader
-  can serve many ends.
+- `Tx.send(data)` splits data into pieces of at most the window, waits
+  until `granted_total - sent_total` covers the next (futex on
+  `granted_total`) and publishes Data descriptors (all but the last
+  flagged MORE) on the pair's ring: per-channel order is the ring's.
+- The receiver queues pieces as routed to it; `recv()` copies a message
+  out, frees its slots and raises `granted_total` by the bytes consumed
+  (`ChannelTable.grant`, which wakes a sleeping sender). No Credit message.
+- Ending: each end sends one terminal (Close, or Reset to abort) and
+  answers the peer's with a Close if it has sent none. An end that sent
+  and received one is finished (the second to finish frees the entry), so
+  an id is reused only after both ends closed. A receiver answers at once,
+  pieces unread or not, and grants nothing once its terminal is out (the
+  entry may be another channel's); `Rx.drop` releases an orphan's pieces.
+- Byte streams (tunnels): `Rx.read_into` copies pieces from their slots
+  into the caller's buffer across message boundaries; such an end is not
+  `collecting`; both ends may agree on a wider window (`Rx.widen`,
+  `Tx.window`).
+- Transfers (spec: shm.session.chunked; format in `transfer`): a
+  `collecting` `Rx` on a channel the peer opened hands each piece to its
+  `Collector` as it is routed and grants at once (the routing thread never
+  waits for a reader); `Tx.send_transfer` streams one from a list of parts.
+- Non-blocking: `Tx.try_send` sends a one-piece message only if it can go
+  now (credit, slot, ring room), from any thread; `Rx.on_arrival` hears of
+  each piece queued (on the routing thread), so one reader serves many ends.
 
-Invariants: the bytes a sender has in flight (sent, not yet consumed) never
-exceed its window (the initial credit unless widened); `granted_total` is written only by the
-receiver, `sent_total` is private to the sender; each end sends at most
-one terminal message; the peer's death breaks every open end
-(`ChannelBroken`), distinct from an orderly end (`ChannelClosed`) and an
-abort (`ChannelReset`).
+Invariants: a sender's bytes in flight never exceed its window (the
+initial credit unless widened); `granted_total` is written only by the
+receiver, `sent_total` is the sender's own; an end sends at most one
+terminal; the peer's death breaks every open end (`ChannelBroken`),
+distinct from an orderly end (`ChannelClosed`) and an abort (`ChannelReset`).
 """
 
 from __future__ import annotations
@@ -412,14 +401,9 @@ class Rx(_End):
         self._dropped = False  # `drop`: the owner is gone
         self.messages = self.bytes = 0
         self._collector: Collector | None = None
-        # spec: shm.channel.collecting-end
-        # (by default, a `collecting` table collects the channels the peer
-        # opened; one this side opened, `open_rx`, queues its messages)
-        self.collecting = ((table.collecting and cid % 2 != table.parity) if collecting is None
-                           else collecting)
-        # Called (on the routing thread, with this end) after each piece is
-        # queued; it must not block (the host's driver routes).
-        self.on_arrival = None
+        # (by default only channels the peer opened collect) spec: shm.channel.collecting-end
+        self.collecting = (table.collecting and cid % 2 != table.parity) if collecting is None else collecting
+        self.on_arrival = None  # called on the routing thread after each piece queued: must not block
 
     def on_data(self, d: Descriptor) -> None:
         """A Data piece for this channel arrived (routed by the table)."""
