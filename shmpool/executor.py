@@ -162,6 +162,9 @@ class ShmExecutor(Executor):
         _lifetime.check_options(max_retries, max_inflight)
         self._task_timeout = check_timeout(task_timeout)  # spec: exec.task-timeout
         self._trace = None if trace is None else _trace.Tracer(trace)  # spec: exec.trace-path
+        # An executor that never starts writes its (empty) timeline when it is
+        # shut down, collected, or at exit, as one that ran. spec: exec.trace-write
+        self._idle_trace = None if trace is None else weakref.finalize(self, self._trace.write)
         if mp_context is None:  # spec: api.start-method-default -- as the stdlib chooses
             mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         method = start_method(mp_context, "mp_context")
@@ -212,6 +215,7 @@ class ShmExecutor(Executor):
                 self._finalizer = weakref.finalize(self, _finalize, core)
                 core.task_timeout = self._task_timeout
                 if self._trace is not None:  # spec: exec.trace-write
+                    self._idle_trace.detach()  # (the core writes it now)
                     _trace.attach(core, self._trace)
                 self._core = core
         return self._core
@@ -357,8 +361,8 @@ class ShmExecutor(Executor):
             self._shutdown_called = True
             core = self._core
         if core is None:
-            if self._trace is not None:  # (no task ran: an empty timeline all the same)
-                self._trace.write()
+            if self._idle_trace is not None:  # (no task ran: an empty timeline all the same)
+                self._idle_trace()
             return
         _adaptive.flush(self)  # (what the stdlib's map had submitted at its call)
         _streams.close_streams(core)  # (a paused stream would never end. spec: exec.stream-shutdown)

@@ -347,6 +347,25 @@ def test_an_executor_that_ran_nothing_writes_an_empty_timeline(tmp_path):
     assert task_spans(events) == {}
 
 
+@pytest.mark.spec("exec.trace-write")
+def test_an_unused_executor_writes_its_timeline_when_collected_or_at_exit(tmp_path):
+    """Garbage collection and interpreter exit write the file as shutdown
+    does, also for an executor that never started a worker."""
+    import gc
+    import subprocess
+    import sys
+
+    collected = tmp_path / "gc.json"
+    ex = ShmExecutor(1, trace=collected)
+    del ex
+    gc.collect()
+    assert task_spans(load(collected)[1]) == {}
+    at_exit = tmp_path / "exit.json"
+    subprocess.run([sys.executable, "-c", f"from shmpool import ShmExecutor; ex = ShmExecutor(1, trace={str(at_exit)!r})"],
+                   check=True, timeout=120)
+    assert task_spans(load(at_exit)[1]) == {}
+
+
 @pytest.mark.spec("exec.trace-svg")
 def test_trace_svg_draws_the_lanes_the_calls_and_the_deaths(tmp_path):
     import subprocess
