@@ -101,12 +101,15 @@ class Tracer:
         self.t0 = _now()
         self.t_end = 0
         self.host_pid = os.getpid()
-        # A task's record is its `trace` attribute (`tasks._Task.trace`):
-        # [t_submit, function name, kind, attempt...], an attempt being
-        # (its send's number, request id, crashes charged before it).
-        self.done: list = []  # (record, t_end, outcome)
-        self.unfinished: list = []  # records of the tasks pending when tracing stopped
-        self.sends: list = []  # (t, pid, tasks)
+        # A task's own record is its submit time, its `trace` attribute
+        # (`tasks._Task.trace`); the rest is kept per send and per delivery,
+        # the tasks themselves held (their payloads are dropped when they
+        # finish) and matched when the file is written: nothing is made
+        # per task while tasks run (no object for the collector to track).
+        self.done: list = []  # (tasks, t_end, outcome: None for "ok")
+        self.unfinished: list = []  # the tasks pending when tracing stopped
+        self.sends: list = []  # (t, pid, tasks, their request ids, crashes charged to each before it)
+        self.n_tasks = 0  # tasks written
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
         self.pushed: list = []  # (pid, array of stamps) as they came (`stamps` files them at write time)
@@ -128,26 +131,25 @@ class Tracer:
         return False
 
     def submit(self, task) -> None:
-        """(the submitting thread) A task was made, not yet queued."""
-        task.trace = [_now(), task.fname, task.kind]
+        """(the submitting thread) A task was made, not yet queued: its
+        record is its submit time (an int: no object for the collector)."""
+        task.trace = _now()
 
     def sent(self, batch: list, w) -> None:
-        """(lock held) `batch` went to worker `w` in one request."""
+        """(lock held) `batch` went to worker `w` in one request: one entry
+        for the lot (the tasks, and their request ids and crashes charged
+        now: both change at a resend); matched to the tasks when written."""
         t = _now()
         if not self.room():
             return
-        self.sends.append((t, w.proc.pid, len(batch)))
-        self.n += 1
-        k = len(self.sends)
-        for task in batch:
-            rec = getattr(task, "trace", None)  # (none: submitted before tracing began)
-            if rec is not None:
-                rec.append((k, task.rid, task.attempts))
+        self.sends.append((t, w.proc.pid, tuple(batch), [task.rid for task in batch],
+                           [task.attempts for task in batch]))
+        self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
         """(lock held) `task` is over; its future is set (or cancelled)."""
-        rec = getattr(task, "trace", None)
-        if rec is None or rec[0] < self.t0:  # (none, or an earlier tracer's)
+        t_sub = getattr(task, "trace", None)
+        if t_sub is None or t_sub < self.t0:  # (none, or an earlier tracer's)
             return
         t = t or _now()
         fut = task.future
@@ -159,20 +161,18 @@ class Tracer:
             outcome = "ok"
         if not self.room():
             return
-        self.n += len(rec) - 2
-        self.done.append(([rec], t, outcome))
+        self.n += 1
+        self.done.append(((task,), t, outcome))
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for plain results delivered together: one
-        time and one entry for the lot (the tiny tasks' path)."""
-        t0 = self.t0
-        recs = [rec for rec in [getattr(task, "trace", None) for task in tasks] if rec is not None and rec[0] >= t0]
-        if recs:
-            if not self.room():
-                self.dropped += len(recs) - 1
-                return
-            self.n += 2 * len(recs)
-            self.done.append((recs, _now(), None))
+        time and one entry for the lot (the tiny tasks' path; those
+        submitted before this tracer began are left out when written)."""
+        if not self.room():
+            self.dropped += len(tasks) - 1
+            return
+        self.n += len(tasks)
+        self.done.append((tuple(tasks), _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -252,20 +252,31 @@ class Tracer:
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
         end = self.t_end or _now()
-        done = [(rec, t, outcome or "ok") for recs, t, outcome in self.done for rec in recs]
-        done += [(rec, end, "unfinished") for rec in self.unfinished]
-        done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
+        tried: dict = {}  # id(task) -> [(send number, request id, charged)] (the tasks are held: ids unique)
+        sends = []
+        for k, (t, pid, tasks, rids, charged) in enumerate(self.sends, 1):
+            sends.append((t, pid, len(tasks)))
+            for task, rid, c in zip(tasks, rids, charged):
+                got = tried.get(id(task))
+                if got is None:
+                    tried[id(task)] = [(k, rid, c)]
+                else:
+                    got.append((k, rid, c))
+        done = [(t_sub, task, t, outcome or "ok") for tasks, t, outcome in self.done for task in tasks
+                if (t_sub := getattr(task, "trace", None)) is not None and t_sub >= t0]
+        done += [(task.trace, task, end, "unfinished") for task in self.unfinished]
+        done.sort(key=lambda d: d[0])  # (numbered in submit order)
+        self.n_tasks = len(done)
         records = []
-        sends = list(self.sends)
-        for seq, (rec, t_end, outcome) in enumerate(done, 1):
+        for seq, (t_sub, task, t_end, outcome) in enumerate(done, 1):
             attempts = []
-            for k, rid, charged in rec[3:]:
+            for k, rid, charged in tried.get(id(task), ()):
                 t, pid, _ = sends[k - 1]
                 stamp = self.stamps.get((pid, rid))
                 if stamp is not None and stamp[0] < t:
                     sends[k - 1] = (stamp[0], pid, sends[k - 1][2])
                 attempts.append((t, pid, rid, k, charged))
-            records.append((seq, rec[1] + _KINDS.get(rec[2], ""), rec[0], attempts, t_end, outcome))
+            records.append((seq, task.fname + _KINDS.get(task.kind, ""), t_sub, attempts, t_end, outcome))
         self.send_times = [s[0] for s in sends]
         for i, (t, pid, n) in enumerate(sends):
             nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
@@ -345,14 +356,17 @@ class Tracer:
                 "otherData": {"producer": "shmpool", "host_pid": self.host_pid, "clock": "CLOCK_MONOTONIC",
                               "max_events": self.max_events, "dropped_events": self.dropped,
                               "worker_dropped_stamps": sum(self.worker_dropped.values()),
-                              "workers_untraced": self.untraced, "tasks": len(self.done)}}
+                              "workers_untraced": self.untraced, "tasks": self.n_tasks}}
 
     def write(self) -> bool:
         """Write the file (whole: a temporary file renamed). False, with the
         reason logged and kept in `error`, if it cannot be."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
+            try:
+                text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
+            finally:  # (written once: the tasks held go now)
+                self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
@@ -429,8 +443,7 @@ def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
     with st.lock:
         tracer.t_end = _now()
         st.tracer = None
-        tracer.unfinished = [rec for rec in (getattr(t, "trace", None) for t in core.held_tasks())
-                             if rec is not None and rec[0] >= tracer.t0]
+        tracer.unfinished = [t for t in core.held_tasks() if (getattr(t, "trace", None) or -1) >= tracer.t0]
         st.stats.update(tracer.statistics())
     return tracer.write()
 
