@@ -9,11 +9,16 @@ it off (telling the workers to stamp, collecting their last stamps).
 
 Data flow: the engine's parts call the tracer only when one is on, each
 behind one `if state.tracer is not None` (`state.EngineState.tracer`):
-`Core.submit` -> `submit` (a record: sequence number, function, submit
-time) -> `Scheduler._send` -> `sent` (the send, its worker, request id and
-batch, and the crashes charged so far) -> the task's end,
-`EngineState.finished` -> `finished` (delivery time and outcome: ok, the
-error's type, cancelled). The starter reports worker starts (`started`:
+`Core.submit` -> `submit` (the task's submit time, in its `trace`
+attribute: an int) -> `Scheduler._send` -> `sent` (one entry per request:
+its time, its worker, its tasks with their request ids and the crashes
+charged so far) -> the task's end, `EngineState.finished` -> `finished`
+(delivery time and outcome: ok, the error's type, cancelled), or
+`finished_all` (one entry, one clock read, per delivered batch of plain
+results). Nothing is made per task while tasks run (one clock read at
+submit; per send and per delivery, lists of the tasks' keys, request ids,
+names: no object per task for the collector to track, which was most of
+the cost): the entries are matched by key when the file is written. The starter reports worker starts (`started`:
 the start method, the launch and registration times; it sends the worker
 `TRACE_ON`) and deaths (`died`: pid, signal or exit code, the task its
 guest word named). The workers stamp each call's start and end on their
@@ -34,12 +39,13 @@ with its start, each call it ran as a complete slice on the worker's own
 times (a call killed with its worker: up to its death), and its death.
 
 Invariants: with no tracer, nothing here runs (spec: exec.trace-off); a
-tracer keeps at most `max_events` records (tasks' attempts, sends,
-stamps, instants), counting what it drops (`dropped`, in the file's
+tracer keeps at most `max_events` records (tasks' attempts and ends,
+sends, stamps), counting what it drops (`dropped`, in the file's
 `otherData` and in `statistics()`; spec: exec.trace-cap); records of
 tasks still pending are bounded by the pending tasks themselves; the file
 is written once, whole (a temporary file renamed), and a failure to write
-it never fails or loses a task (spec: exec.trace-path).
+it never fails or loses a task (spec: exec.trace-path); a tracer holds no
+task: what it keeps of one is ints and its function's name.
 """
 
 from __future__ import annotations
@@ -87,8 +93,9 @@ def check_path(path) -> str:
 class Tracer:
     """One timeline being recorded (see the module docstring). Its
     methods are called with the engine's lock held, except `submit` (the
-    submitting thread) and `on_stamps` (the session's handler thread):
-    each of those only adds to a dict of its own under the GIL."""
+    submitting thread: it only sets the task's attribute) and `on_stamps`
+    (the session's handler thread: it only adds to a list of its own,
+    under the GIL)."""
 
     def __init__(self, path, *, max_events: int | None = None, name: str = "shmpool") -> None:
         self.path = check_path(path)
@@ -102,13 +109,15 @@ class Tracer:
         self.t_end = 0
         self.host_pid = os.getpid()
         # A task's own record is its submit time, its `trace` attribute
-        # (`tasks._Task.trace`); the rest is kept per send and per delivery,
-        # the tasks themselves held (their payloads are dropped when they
-        # finish) and matched when the file is written: nothing is made
-        # per task while tasks run (no object for the collector to track).
-        self.done: list = []  # (tasks, t_end, outcome: None for "ok")
-        self.unfinished: list = []  # the tasks pending when tracing stopped
-        self.sends: list = []  # (t, pid, tasks, their request ids, crashes charged to each before it)
+        # (`tasks._Task.trace`), which is also its key; the rest is kept per
+        # send and per delivery, in lists of ints and names matched by key
+        # when the file is written: nothing is made per task while tasks
+        # run, and nothing of a task outlives it (no object for the
+        # collector to track: what it tracks, it keeps traversing).
+        self.last = 0  # the latest key given
+        self.done: list = []  # (keys, function names, kinds, t_end, outcome: None for "ok")
+        self.unfinished: list = []  # (key, function name, kind) of the tasks pending when tracing stopped
+        self.sends: list = []  # (t, pid, keys, request ids, crashes charged to each before it)
         self.n_tasks = 0  # tasks written
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
@@ -132,24 +141,29 @@ class Tracer:
 
     def submit(self, task) -> None:
         """(the submitting thread) A task was made, not yet queued: its
-        record is its submit time (an int: no object for the collector)."""
-        task.trace = _now()
+        record is its submit time, an int (no object for the collector),
+        distinct from every other task's (the key its sends and its
+        delivery are matched by when written)."""
+        t = _now()
+        if t <= self.last:  # (a coarse clock: still one key per task)
+            t = self.last + 1
+        task.trace = self.last = t
 
     def sent(self, batch: list, w) -> None:
         """(lock held) `batch` went to worker `w` in one request: one entry
-        for the lot (the tasks, and their request ids and crashes charged
-        now: both change at a resend); matched to the tasks when written."""
+        for the lot (its tasks' keys, request ids and crashes charged now:
+        both change at a resend)."""
         t = _now()
         if not self.room():
             return
-        self.sends.append((t, w.proc.pid, tuple(batch), [task.rid for task in batch],
+        self.sends.append((t, w.proc.pid, _keys(batch), [task.rid for task in batch],
                            [task.attempts for task in batch]))
         self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
         """(lock held) `task` is over; its future is set (or cancelled)."""
-        t_sub = getattr(task, "trace", None)
-        if t_sub is None or t_sub < self.t0:  # (none, or an earlier tracer's)
+        key = getattr(task, "trace", 0)
+        if key < self.t0:  # (none, or an earlier tracer's)
             return
         t = t or _now()
         fut = task.future
@@ -162,7 +176,7 @@ class Tracer:
         if not self.room():
             return
         self.n += 1
-        self.done.append(((task,), t, outcome))
+        self.done.append(([key], [task.fname], [task.kind], t, outcome))
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for plain results delivered together: one
@@ -172,7 +186,7 @@ class Tracer:
             self.dropped += len(tasks) - 1
             return
         self.n += len(tasks)
-        self.done.append((tuple(tasks), _now(), None))
+        self.done.append((_keys(tasks), [task.fname for task in tasks], [task.kind for task in tasks], _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -252,31 +266,31 @@ class Tracer:
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
         end = self.t_end or _now()
-        tried: dict = {}  # id(task) -> [(send number, request id, charged)] (the tasks are held: ids unique)
+        tried: dict = {}  # key -> [(send number, request id, charged)]
         sends = []
-        for k, (t, pid, tasks, rids, charged) in enumerate(self.sends, 1):
-            sends.append((t, pid, len(tasks)))
-            for task, rid, c in zip(tasks, rids, charged):
-                got = tried.get(id(task))
+        for k, (t, pid, keys, rids, charged) in enumerate(self.sends, 1):
+            sends.append((t, pid, len(keys)))
+            for key, rid, c in zip(keys, rids, charged):
+                got = tried.get(key)
                 if got is None:
-                    tried[id(task)] = [(k, rid, c)]
+                    tried[key] = [(k, rid, c)]
                 else:
                     got.append((k, rid, c))
-        done = [(t_sub, task, t, outcome or "ok") for tasks, t, outcome in self.done for task in tasks
-                if (t_sub := getattr(task, "trace", None)) is not None and t_sub >= t0]
-        done += [(task.trace, task, end, "unfinished") for task in self.unfinished]
+        done = [(key, name, kind, t, outcome or "ok") for keys, names, kinds, t, outcome in self.done
+                for key, name, kind in zip(keys, names, kinds) if key >= t0]
+        done += [(key, name, kind, end, "unfinished") for key, name, kind in self.unfinished]
         done.sort(key=lambda d: d[0])  # (numbered in submit order)
         self.n_tasks = len(done)
         records = []
-        for seq, (t_sub, task, t_end, outcome) in enumerate(done, 1):
+        for seq, (t_sub, name, kind, t_end, outcome) in enumerate(done, 1):
             attempts = []
-            for k, rid, charged in tried.get(id(task), ()):
+            for k, rid, charged in tried.get(t_sub, ()):
                 t, pid, _ = sends[k - 1]
                 stamp = self.stamps.get((pid, rid))
                 if stamp is not None and stamp[0] < t:
                     sends[k - 1] = (stamp[0], pid, sends[k - 1][2])
                 attempts.append((t, pid, rid, k, charged))
-            records.append((seq, task.fname + _KINDS.get(task.kind, ""), t_sub, attempts, t_end, outcome))
+            records.append((seq, name + _KINDS.get(kind, ""), t_sub, attempts, t_end, outcome))
         self.send_times = [s[0] for s in sends]
         for i, (t, pid, n) in enumerate(sends):
             nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
@@ -365,7 +379,7 @@ class Tracer:
         try:
             try:
                 text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
-            finally:  # (written once: the tasks held go now)
+            finally:  # (written once: what was kept goes now)
                 self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -380,6 +394,15 @@ class Tracer:
             return False
         self.written = True
         return True
+
+
+def _keys(tasks) -> list:
+    """The tasks' keys (`Tracer.submit`), 0 for a task submitted before
+    tracing began."""
+    try:
+        return [task.trace for task in tasks]
+    except AttributeError:  # (the slot is unset: never traced)
+        return [getattr(task, "trace", 0) for task in tasks]
 
 
 def tell_worker(tracer: Tracer, w) -> None:
@@ -443,7 +466,8 @@ def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
     with st.lock:
         tracer.t_end = _now()
         st.tracer = None
-        tracer.unfinished = [t for t in core.held_tasks() if (getattr(t, "trace", None) or -1) >= tracer.t0]
+        tracer.unfinished = [(key, t.fname, t.kind) for t in core.held_tasks()
+                             if (key := getattr(t, "trace", 0)) >= tracer.t0]
         st.stats.update(tracer.statistics())
     return tracer.write()
 
