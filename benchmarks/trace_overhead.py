@@ -8,8 +8,10 @@ workers stamp each call and push the stamps; the file is written when the
 block ends, outside the timing), the order swapped every round; medians of
 the rounds, of the throughput and of the CPU time per task of the host
 process and of the workers (steadier than the throughput on a shared
-machine). Also prints how long writing a block's file took and its size
-per task.
+machine), and the median of the rounds' own costs (each round's on block
+against its off block, run back to back: what a load that comes and goes
+on a shared machine disturbs least). Also prints how long writing a
+block's file took and its size per task.
 
     python benchmarks/trace_overhead.py [--rounds 12] [--tasks 20000] [--task-us US] [--off-only]
 
@@ -90,6 +92,11 @@ def main() -> None:
     if not a.off_only:
         p, t = (statistics.median(x[0] for x in res[k]) for k in (False, True))
         print(f"cost of tracing: {100 * (1 - t / p):+.1f}% of the throughput")
+        q = sorted(100 * (1 - on[0] / off[0]) for off, on in zip(res[False], res[True]))
+        h = sorted(on[1] - off[1] for off, on in zip(res[False], res[True]))
+        print(f"paired (each round's on block against its off block): cost {statistics.median(q):+.1f}% of the "
+              f"throughput (middle half {q[len(q) // 4]:+.1f} .. {q[(3 * len(q)) // 4]:+.1f}), host CPU "
+              f"{statistics.median(h):+.2f} µs per task")
         print(f"end of a traced block (the workers' last stamps, the file): {statistics.median(writes) * 1e3:.0f} ms "
               f"for {a.tasks} tasks, {statistics.median(sizes):.0f} bytes per task")
 

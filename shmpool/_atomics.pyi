@@ -41,8 +41,8 @@ class CallStamps:
     ring: the oldest overwritten beyond, counted in `dropped`). After a
     call, once `every` stamps are held or `every_ns` passed since the last
     push, `push(now_ns)` is called (not re-entered while it runs; an
-    exception out of it is reported as unraisable, never raised into the
-    call). ValueError for a bad `capacity`/`every` or a guest word offset
+    Exception out of it is reported as unraisable, never raised into the
+    call; an exit or an interrupt propagates). ValueError for a bad `capacity`/`every` or a guest word offset
     out of range or unaligned; TypeError for a non-callable `call`/`push`
     or a `buf` that is not a buffer."""
 

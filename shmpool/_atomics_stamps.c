@@ -22,9 +22,10 @@
  * Invariants:
  *  - The ring never grows: past `capacity` the oldest stamp is overwritten
  *    and counted in `dropped`.
- *  - A push never fails the call: an exception out of `push` (a broken
+ *  - A push never fails the call: an Exception out of `push` (a broken
  *    contract: it catches its own) is reported as unraisable, and the
- *    call's own exception, if any, is kept.
+ *    call's own exception, if any, is kept. (A BaseException that is not
+ *    an Exception, an exit or an interrupt, propagates.)
  *  - The buffer is acquired for the guest word's load only (never held
  *    across the call: the mapping may be closed while this object lives);
  *    the offset is bounds- and alignment-checked at each load.
@@ -117,11 +118,21 @@ CallStamps_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyOb
         PyObject *now = PyLong_FromUnsignedLongLong(t1);
         PyObject *got = now == NULL ? NULL : PyObject_CallOneArg(s->push, now);
         Py_XDECREF(now);
+        s->pushing = 0;
+        if (got == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* An exit or an interrupt out of the push: it goes on, as it
+             * would out of any code after the call (the call's outcome
+             * with it). */
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            Py_XDECREF(r);
+            return NULL;
+        }
         if (got == NULL)
             PyErr_WriteUnraisable(s->push);
         Py_XDECREF(got);
         PyErr_Restore(et, ev, tb);
-        s->pushing = 0;
     }
     return r;
 }

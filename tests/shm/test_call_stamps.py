@@ -129,3 +129,13 @@ def test_bad_arguments_are_refused_at_construction():
         A.CallStamps(f, object(), 0, 4, 1, 0, f)
     with pytest.raises(TypeError):
         A.CallStamps(1, bytearray(8), 0, 4, 1, 0, f)
+
+
+def test_an_exit_out_of_a_push_propagates():
+    def push(now):
+        raise SystemExit(3)
+
+    cs = A.CallStamps(lambda: 7, bytearray(8), 0, 4, 1, 10**12, push)
+    with pytest.raises(SystemExit):
+        cs()
+    assert len(cs) == 1  # (the call was stamped before)
