@@ -63,7 +63,7 @@ MAX_EVENTS = 200_000  # records a tracer keeps (read when a tracer is made); the
 OFF_WAIT = 5.0  # seconds `detach` waits, in all, for the workers' last stamps
 ON_WAIT = 1.0  # seconds a `TRACE_ON` may wait for room in a worker's ring
 
-_now = time.monotonic_ns
+_now = now = time.monotonic_ns  # (`now`: `Core.submit` sets a task's key with it, inline)
 _log = logging.getLogger("shmpool")
 _KINDS = {CHUNK: " (chunk)", MAP: " (chunk)", ITEMS: " (chunk)"}
 _EPS = 0.001  # (µs) keeps a task's async begins and ends strictly ordered
@@ -114,7 +114,6 @@ class Tracer:
         # when the file is written: nothing is made per task while tasks
         # run, and nothing of a task outlives it (no object for the
         # collector to track: what it tracks, it keeps traversing).
-        self.last = 0  # the latest key given
         self.done: list = []  # (keys, function names, kinds, t_end, outcome: None for "ok")
         self.unfinished: list = []  # (key, function name, kind) of the tasks pending when tracing stopped
         self.sends: list = []  # (t, pid, keys, request ids, crashes charged to each before it)
@@ -142,12 +141,12 @@ class Tracer:
     def submit(self, task) -> None:
         """(the submitting thread) A task was made, not yet queued: its
         record is its submit time, an int (no object for the collector),
-        distinct from every other task's (the key its sends and its
-        delivery are matched by when written)."""
-        t = _now()
-        if t <= self.last:  # (a coarse clock: still one key per task)
-            t = self.last + 1
-        task.trace = self.last = t
+        the key its sends and its delivery are matched by when written.
+        `Core.submit` does this inline (no call per task). Two submits
+        never read the same time: the GIL orders them, microseconds
+        apart, and CLOCK_MONOTONIC counts nanoseconds on Linux (a clock
+        coarser than that would draw two tasks' attempts on both)."""
+        task.trace = _now()
 
     def sent(self, batch: list, w) -> None:
         """(lock held) `batch` went to worker `w` in one request: one entry
