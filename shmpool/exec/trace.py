@@ -9,22 +9,23 @@ it off (telling the workers to stamp, collecting their last stamps).
 
 Data flow: the engine's parts call the tracer only when one is on, each
 behind one `if state.tracer is not None` (`state.EngineState.tracer`):
-`Core.submit` -> `submit` (the task's submit time, in its `trace`
-attribute: an int) -> `Scheduler._send` -> `sent` (one entry per request:
-its time, its worker, its tasks with their request ids and the crashes
-charged so far) -> the task's end, `EngineState.finished` -> `finished`
-(delivery time and outcome: ok, the error's type, cancelled), or
-`finished_all` (one entry, one clock read, per delivered batch of plain
-results). Nothing is made per task while tasks run (one clock read at
-submit; per send and per delivery, lists of the tasks' keys, request ids,
-names: no object per task for the collector to track, which was most of
-the cost): the entries are matched by key when the file is written. The starter reports worker starts (`started`:
-the start method, the launch and registration times; it sends the worker
-`TRACE_ON`) and deaths (`died`: pid, signal or exit code, the task its
-guest word named). The workers stamp each call's start and end on their
-own clock (`guest_trace`) and push them in bulk (`TRACE_STAMPS`, handled
-on the session's handler thread: `on_stamps`); `detach` sends `TRACE_OFF`
-to each live worker and takes the stamps left in its answer, then writes.
+`Core.submit` (the task's submit time, `now()`, into its `trace`
+attribute: an int, its key; inline, as `submit` does) ->
+`Scheduler._send` -> `sent` (one entry per request: its time, its worker,
+its tasks' keys, request ids and crashes charged so far) -> the task's
+end, `EngineState.finished` -> `finished` (delivery time and outcome: ok,
+the error's type, cancelled), or `finished_all` (one entry, one clock
+read, per delivered batch of plain results). Nothing is made per task
+while tasks run (no object for the collector to track, which was most of
+the cost): the entries are matched by key when the file is written. The
+starter reports worker starts (`started`: the start method, the launch
+and registration times; it sends the worker `TRACE_ON`) and deaths
+(`died`: pid, signal or exit code, the task its guest word named). The
+workers stamp each call's start and end on their own clock
+(`guest_trace`, natively) and push them in bulk (`TRACE_STAMPS`, handled
+on the session's handler thread: `on_stamps`); `detach` sends
+`TRACE_OFF` to each live worker and takes the stamps left in its answer,
+then writes.
 
 Time: every stamp, the host's and the workers', is `time.monotonic_ns()`
 (CLOCK_MONOTONIC, one clock for the whole machine on Linux), shown in
