@@ -156,8 +156,8 @@ class Tracer:
         t = _now()
         if not self.room():
             return
-        self.sends.append((t, w.proc.pid, _keys(batch), [task.rid for task in batch],
-                           [task.attempts for task in batch]))
+        self.sends.append((t, w.proc.pid, _keys(batch), tuple([task.rid for task in batch]),
+                           tuple([task.attempts for task in batch])))
         self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
@@ -176,7 +176,7 @@ class Tracer:
         if not self.room():
             return
         self.n += 1
-        self.done.append(([key], [task.fname], [task.kind], t, outcome))
+        self.done.append(((key,), (task.fname,), (task.kind,), t, outcome))
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for plain results delivered together: one
@@ -186,7 +186,8 @@ class Tracer:
             self.dropped += len(tasks) - 1
             return
         self.n += len(tasks)
-        self.done.append((_keys(tasks), [task.fname for task in tasks], [task.kind for task in tasks], _now(), None))
+        self.done.append((_keys(tasks), tuple([task.fname for task in tasks]), tuple([task.kind for task in tasks]),
+                          _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -396,13 +397,15 @@ class Tracer:
         return True
 
 
-def _keys(tasks) -> list:
+def _keys(tasks) -> tuple:
     """The tasks' keys (`Tracer.submit`), 0 for a task submitted before
-    tracing began."""
+    tracing began. (Tuples, here and in every entry: of ints and names
+    only, the collector stops tracking them at its first look; lists it
+    would traverse at every collection until the file is written.)"""
     try:
-        return [task.trace for task in tasks]
+        return tuple([task.trace for task in tasks])
     except AttributeError:  # (the slot is unset: never traced)
-        return [getattr(task, "trace", 0) for task in tasks]
+        return tuple([getattr(task, "trace", 0) for task in tasks])
 
 
 def tell_worker(tracer: Tracer, w) -> None:
