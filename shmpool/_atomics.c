@@ -27,6 +27,9 @@
  *    buffer become, in the child, a private copy of what they held at the
  *    fork, at the same addresses (zero-copy results stop sharing memory).
  *
+ *  - `CallStamps` (its own file, _atomics_stamps.c): the task timeline's
+ *    stamps of each call a worker runs, with no Python frame per call.
+ *
  * spec: shm.ordering.atomics
  */
 #define PY_SSIZE_T_CLEAN
