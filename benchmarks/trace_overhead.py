@@ -8,10 +8,20 @@ workers stamp each call and push the stamps; the file is written when the
 block ends, outside the timing), the order swapped every round; medians of
 the rounds, of the throughput and of the CPU time per task of the host
 process and of the workers (steadier than the throughput on a shared
-machine). Also prints how long writing a block's file took and its size
-per task.
+machine), and the median of the rounds' own costs (each round's on block
+against its off block, run back to back: what a load that comes and goes
+on a shared machine disturbs least). Also prints how long writing a
+block's file took and its size per task.
 
     python benchmarks/trace_overhead.py [--rounds 12] [--tasks 20000] [--task-us US] [--off-only]
+    python benchmarks/trace_overhead.py --micro
+
+`--micro`: the recording's own costs, in this process, no pool (steadier
+than anything end to end on a shared machine): the host's calls per task
+(`Tracer.submit`, `sent` and `finished_all` for batches of 46 tasks, the
+mean batch of the tiny-task run) on real task records, and the worker's
+stamper per call (`_atomics.CallStamps` around a function shaped like the
+worker's `_call`) against the plain call.
 
 "Off" against the code before the feature cannot share a process: run this
 file's `--off-only` under both trees, alternated (see docs/benchmarks.md).
@@ -56,13 +66,63 @@ def block(ex, pids: list[int], n: int, us: float = 0) -> tuple[float, float, flo
     return n / wall, (time.process_time() - h0) / n * 1e6, (workers() - w0) / n * 1e6
 
 
+def micro(batch: int = 46) -> None:
+    """`--micro` (see the module docstring)."""
+    import mmap
+    import timeit
+
+    from shmpool import _atomics
+    from shmpool.exec.tasks import _Task
+    from shmpool.exec.trace import Tracer
+
+    class Worker:  # (what `sent` reads of a worker record)
+        class proc:
+            pid = 1
+
+    def best(f, number: int) -> float:
+        return min(timeit.repeat(f, number=number, repeat=7)) / number
+
+    with tempfile.TemporaryDirectory() as d:
+        tracer = Tracer(os.path.join(d, "t.json"), max_events=1 << 62)
+        tasks = [_Task(None, 1, "noop", b"", 0, b"", ()) for _ in range(batch)]
+        for i, t in enumerate(tasks):
+            t.rid = i + 1
+        w = Worker()
+
+        def submit():
+            for t in tasks:
+                tracer.submit(t)
+
+        n = 2000
+        print(f"host, per task (batches of {batch}):")
+        for name, f in (("submit", submit), ("sent", lambda: tracer.sent(tasks, w)),
+                        ("finished_all", lambda: tracer.finished_all(tasks))):
+            print(f"  {name:13s} {best(f, n) / batch * 1e9:6.0f} ns")
+            tracer.sends.clear()
+            tracer.done.clear()
+
+    def call(fid, kind, args, kwargs, timeout=None):  # (the shape of `GuestProgram._call`)
+        return None
+
+    buf = mmap.mmap(-1, 4096)
+    stamped = _atomics.CallStamps(call, buf, 64, 65536, 1 << 30, 1 << 62, lambda now: None)
+    task = (1, 0, (1,), {})
+    n = 200_000
+    plain = best(lambda: call(*task), n)
+    on = best(lambda: stamped(*task), n)
+    print(f"worker, per call: plain {plain * 1e9:.0f} ns, stamped {on * 1e9:.0f} ns (+{(on - plain) * 1e9:.0f} ns)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--task-us", type=float, default=0, help="tasks of this many µs of CPU instead of `noop`")
     ap.add_argument("--off-only", action="store_true", help="only untraced blocks (to compare two trees)")
+    ap.add_argument("--micro", action="store_true", help="the recording's own costs, per call, no pool")
     a = ap.parse_args()
+    if a.micro:
+        return micro()
     print(f"cores={os.cpu_count()} python={platform.python_version()} tasks={a.tasks} rounds={a.rounds}")
     res: dict = {False: [], True: []}
     writes, sizes = [], []
@@ -90,6 +150,11 @@ def main() -> None:
     if not a.off_only:
         p, t = (statistics.median(x[0] for x in res[k]) for k in (False, True))
         print(f"cost of tracing: {100 * (1 - t / p):+.1f}% of the throughput")
+        q = sorted(100 * (1 - on[0] / off[0]) for off, on in zip(res[False], res[True]))
+        h = sorted(on[1] - off[1] for off, on in zip(res[False], res[True]))
+        print(f"paired (each round's on block against its off block): cost {statistics.median(q):+.1f}% of the "
+              f"throughput (middle half {q[len(q) // 4]:+.1f} .. {q[(3 * len(q)) // 4]:+.1f}), host CPU "
+              f"{statistics.median(h):+.2f} µs per task")
         print(f"end of a traced block (the workers' last stamps, the file): {statistics.median(writes) * 1e3:.0f} ms "
               f"for {a.tasks} tasks, {statistics.median(sizes):.0f} bytes per task")
 

@@ -27,6 +27,9 @@
  *    buffer become, in the child, a private copy of what they held at the
  *    fork, at the same addresses (zero-copy results stop sharing memory).
  *
+ *  - `CallStamps` (its own file, _atomics_stamps.c): the task timeline's
+ *    stamps of each call a worker runs, with no Python frame per call.
+ *
  * spec: shm.ordering.atomics
  */
 #define PY_SSIZE_T_CLEAN
@@ -659,9 +662,13 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+int shmpool_add_call_stamps(PyObject *mod);  /* _atomics_stamps.c: `CallStamps` */
+
 static int
 exec_module(PyObject *mod)
 {
+    if (shmpool_add_call_stamps(mod) < 0)
+        return -1;
     if (PyModule_AddIntConstant(mod, "WOKEN", WAIT_WOKEN) < 0 ||
         PyModule_AddIntConstant(mod, "VALUE_CHANGED", WAIT_VALUE_CHANGED) < 0 ||
         PyModule_AddIntConstant(mod, "TIMED_OUT", WAIT_TIMED_OUT) < 0 ||

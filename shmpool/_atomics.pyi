@@ -31,6 +31,36 @@ def stamp_call(buf: object, rid_off: int, time_off: int, rid: int, /) -> None:
     `time_off` <- CLOCK_MONOTONIC in ns (`time.monotonic_ns`'s clock), the
     u32 at `rid_off` <- `rid`; release stores, in that order."""
 
+class CallStamps:
+    """(`exec/guest_trace.py` only: the task timeline's worker stamps.)
+    A callable standing in for `call`: each call runs `call(*args,
+    **kwargs)` unchanged (its result returned, its exception raised) and
+    records a stamp: the u32 at `word_off` of `buf` (acquire load, before
+    the call), the call's start and end on CLOCK_MONOTONIC in ns
+    (`time.monotonic_ns`'s clock). At most `capacity` stamps are held (a
+    ring: the oldest overwritten beyond, counted in `dropped`). After a
+    call, once `every` stamps are held or `every_ns` passed since the last
+    push, `push(now_ns)` is called (not re-entered while it runs; an
+    Exception out of it is reported as unraisable, never raised into the
+    call; an exit or an interrupt propagates). ValueError for a bad `capacity`/`every` or a guest word offset
+    out of range or unaligned; TypeError for a non-callable `call`/`push`
+    or a `buf` that is not a buffer."""
+
+    dropped: int  # read-only: stamps overwritten because the ring was full
+    call: object  # read-only: the callable stamped
+
+    def __init__(self, call: object, buf: object, word_off: int, capacity: int, every: int, every_ns: int,
+                 push: object) -> None: ...
+    def __call__(self, *args: object, **kwargs: object) -> object: ...
+    def __len__(self) -> int:
+        """Stamps held."""
+    def held(self) -> bytes:
+        """The stamps held, oldest first: three native u64 words each (id,
+        start ns, end ns)."""
+    def drop(self, n: int, /) -> None:
+        """Forget the `n` oldest stamps (those a push sent); more than held
+        forgets all. ValueError if `n` < 0."""
+
 def cas_u32(buf: object, off: int, expected: int, desired: int, /) -> int:
     """Strong compare-exchange (acq_rel). Returns the previous value; the
     exchange happened iff it equals `expected`."""

@@ -317,8 +317,8 @@ class Core:
             if _TUNNELS_PICKLED:  # spec: exec.tunnel-unbound
                 attach_pickled(fut)
         fut._task = task = _Task(fut, fid, name, fbytes, kind, stream, bufs, on_result, on_error, timeout, retries)
-        if st.tracer is not None:  # spec: exec.trace-off
-            st.tracer.submit(task)
+        if st.tracer is not None:  # its submit time, its key (`trace.Tracer.submit`, inline). spec: exec.trace-off
+            task.trace = trace.now()
         with self.lock:
             if self.foreign or st.broken is not None or st.shutdown_started:
                 self.check_open(nested)

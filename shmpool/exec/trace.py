@@ -9,17 +9,23 @@ it off (telling the workers to stamp, collecting their last stamps).
 
 Data flow: the engine's parts call the tracer only when one is on, each
 behind one `if state.tracer is not None` (`state.EngineState.tracer`):
-`Core.submit` -> `submit` (a record: sequence number, function, submit
-time) -> `Scheduler._send` -> `sent` (the send, its worker, request id and
-batch, and the crashes charged so far) -> the task's end,
-`EngineState.finished` -> `finished` (delivery time and outcome: ok, the
-error's type, cancelled). The starter reports worker starts (`started`:
-the start method, the launch and registration times; it sends the worker
-`TRACE_ON`) and deaths (`died`: pid, signal or exit code, the task its
-guest word named). The workers stamp each call's start and end on their
-own clock (`guest_trace`) and push them in bulk (`TRACE_STAMPS`, handled
-on the session's handler thread: `on_stamps`); `detach` sends `TRACE_OFF`
-to each live worker and takes the stamps left in its answer, then writes.
+`Core.submit` (the task's submit time, `now()`, into its `trace`
+attribute: an int, its key; inline, as `submit` does) ->
+`Scheduler._send` -> `sent` (one entry per request: its time, its worker,
+its tasks' keys, request ids and crashes charged so far) -> the task's
+end, `EngineState.finished` -> `finished` (delivery time and outcome: ok,
+the error's type, cancelled), or `finished_all` (one entry, one clock
+read, per delivered batch of plain results). Nothing is made per task
+while tasks run (no object for the collector to track, which was most of
+the cost): the entries are matched by key when the file is written. The
+starter reports worker starts (`started`: the start method, the launch
+and registration times; it sends the worker `TRACE_ON`) and deaths
+(`died`: pid, signal or exit code, the task its guest word named). The
+workers stamp each call's start and end on their own clock
+(`guest_trace`, natively) and push them in bulk (`TRACE_STAMPS`, handled
+on the session's handler thread: `on_stamps`); `detach` sends
+`TRACE_OFF` to each live worker and takes the stamps left in its answer,
+then writes.
 
 Time: every stamp, the host's and the workers', is `time.monotonic_ns()`
 (CLOCK_MONOTONIC, one clock for the whole machine on Linux), shown in
@@ -34,12 +40,13 @@ with its start, each call it ran as a complete slice on the worker's own
 times (a call killed with its worker: up to its death), and its death.
 
 Invariants: with no tracer, nothing here runs (spec: exec.trace-off); a
-tracer keeps at most `max_events` records (tasks' attempts, sends,
-stamps, instants), counting what it drops (`dropped`, in the file's
+tracer keeps at most `max_events` records (tasks' attempts and ends,
+sends, stamps), counting what it drops (`dropped`, in the file's
 `otherData` and in `statistics()`; spec: exec.trace-cap); records of
 tasks still pending are bounded by the pending tasks themselves; the file
 is written once, whole (a temporary file renamed), and a failure to write
-it never fails or loses a task (spec: exec.trace-path).
+it never fails or loses a task (spec: exec.trace-path); a tracer holds no
+task: what it keeps of one is ints and its function's name.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ MAX_EVENTS = 200_000  # records a tracer keeps (read when a tracer is made); the
 OFF_WAIT = 5.0  # seconds `detach` waits, in all, for the workers' last stamps
 ON_WAIT = 1.0  # seconds a `TRACE_ON` may wait for room in a worker's ring
 
-_now = time.monotonic_ns
+_now = now = time.monotonic_ns  # (`now`: `Core.submit` sets a task's key with it, inline)
 _log = logging.getLogger("shmpool")
 _KINDS = {CHUNK: " (chunk)", MAP: " (chunk)", ITEMS: " (chunk)"}
 _EPS = 0.001  # (µs) keeps a task's async begins and ends strictly ordered
@@ -87,8 +94,9 @@ def check_path(path) -> str:
 class Tracer:
     """One timeline being recorded (see the module docstring). Its
     methods are called with the engine's lock held, except `submit` (the
-    submitting thread) and `on_stamps` (the session's handler thread):
-    each of those only adds to a dict of its own under the GIL."""
+    submitting thread: it only sets the task's attribute) and `on_stamps`
+    (the session's handler thread: it only adds to a list of its own,
+    under the GIL)."""
 
     def __init__(self, path, *, max_events: int | None = None, name: str = "shmpool") -> None:
         self.path = check_path(path)
@@ -101,12 +109,16 @@ class Tracer:
         self.t0 = _now()
         self.t_end = 0
         self.host_pid = os.getpid()
-        # A task's record is its `trace` attribute (`tasks._Task.trace`):
-        # [t_submit, function name, kind, attempt...], an attempt being
-        # (its send's number, request id, crashes charged before it).
-        self.done: list = []  # (record, t_end, outcome)
-        self.unfinished: list = []  # records of the tasks pending when tracing stopped
-        self.sends: list = []  # (t, pid, tasks)
+        # A task's own record is its submit time, its `trace` attribute
+        # (`tasks._Task.trace`), which is also its key; the rest is kept per
+        # send and per delivery, in lists of ints and names matched by key
+        # when the file is written: nothing is made per task while tasks
+        # run, and nothing of a task outlives it (no object for the
+        # collector to track: what it tracks, it keeps traversing).
+        self.done: list = []  # (keys, function names, kinds, t_end, outcome: None for "ok")
+        self.unfinished: list = []  # (key, function name, kind) of the tasks pending when tracing stopped
+        self.sends: list = []  # (t, pid, keys, request ids, crashes charged to each before it)
+        self.n_tasks = 0  # tasks written
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
         self.pushed: list = []  # (pid, array of stamps) as they came (`stamps` files them at write time)
@@ -128,26 +140,30 @@ class Tracer:
         return False
 
     def submit(self, task) -> None:
-        """(the submitting thread) A task was made, not yet queued."""
-        task.trace = [_now(), task.fname, task.kind]
+        """(the submitting thread) A task was made, not yet queued: its
+        record is its submit time, an int (no object for the collector),
+        the key its sends and its delivery are matched by when written.
+        `Core.submit` does this inline (no call per task). Two submits
+        never read the same time: the GIL orders them, microseconds
+        apart, and CLOCK_MONOTONIC counts nanoseconds on Linux (a clock
+        coarser than that would draw two tasks' attempts on both)."""
+        task.trace = _now()
 
     def sent(self, batch: list, w) -> None:
-        """(lock held) `batch` went to worker `w` in one request."""
+        """(lock held) `batch` went to worker `w` in one request: one entry
+        for the lot (its tasks' keys, request ids and crashes charged now:
+        both change at a resend)."""
         t = _now()
         if not self.room():
             return
-        self.sends.append((t, w.proc.pid, len(batch)))
-        self.n += 1
-        k = len(self.sends)
-        for task in batch:
-            rec = getattr(task, "trace", None)  # (none: submitted before tracing began)
-            if rec is not None:
-                rec.append((k, task.rid, task.attempts))
+        self.sends.append((t, w.proc.pid, _keys(batch), tuple([task.rid for task in batch]),
+                           tuple([task.attempts for task in batch])))
+        self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
         """(lock held) `task` is over; its future is set (or cancelled)."""
-        rec = getattr(task, "trace", None)
-        if rec is None or rec[0] < self.t0:  # (none, or an earlier tracer's)
+        key = getattr(task, "trace", 0)
+        if key < self.t0:  # (none, or an earlier tracer's)
             return
         t = t or _now()
         fut = task.future
@@ -159,20 +175,19 @@ class Tracer:
             outcome = "ok"
         if not self.room():
             return
-        self.n += len(rec) - 2
-        self.done.append(([rec], t, outcome))
+        self.n += 1
+        self.done.append(((key,), (task.fname,), (task.kind,), t, outcome))
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for plain results delivered together: one
-        time and one entry for the lot (the tiny tasks' path)."""
-        t0 = self.t0
-        recs = [rec for rec in [getattr(task, "trace", None) for task in tasks] if rec is not None and rec[0] >= t0]
-        if recs:
-            if not self.room():
-                self.dropped += len(recs) - 1
-                return
-            self.n += 2 * len(recs)
-            self.done.append((recs, _now(), None))
+        time and one entry for the lot (the tiny tasks' path; those
+        submitted before this tracer began are left out when written)."""
+        if not self.room():
+            self.dropped += len(tasks) - 1
+            return
+        self.n += len(tasks)
+        self.done.append((_keys(tasks), tuple([task.fname for task in tasks]), tuple([task.kind for task in tasks]),
+                          _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, no lock) Worker `w` is registered, its
@@ -252,20 +267,31 @@ class Tracer:
         # time is taken once it went: a worker may have begun its first
         # call already, whose start is then the send's.
         end = self.t_end or _now()
-        done = [(rec, t, outcome or "ok") for recs, t, outcome in self.done for rec in recs]
-        done += [(rec, end, "unfinished") for rec in self.unfinished]
-        done.sort(key=lambda d: d[0][0])  # (numbered in submit order)
+        tried: dict = {}  # key -> [(send number, request id, charged)]
+        sends = []
+        for k, (t, pid, keys, rids, charged) in enumerate(self.sends, 1):
+            sends.append((t, pid, len(keys)))
+            for key, rid, c in zip(keys, rids, charged):
+                got = tried.get(key)
+                if got is None:
+                    tried[key] = [(k, rid, c)]
+                else:
+                    got.append((k, rid, c))
+        done = [(key, name, kind, t, outcome or "ok") for keys, names, kinds, t, outcome in self.done
+                for key, name, kind in zip(keys, names, kinds) if key >= t0]
+        done += [(key, name, kind, end, "unfinished") for key, name, kind in self.unfinished]
+        done.sort(key=lambda d: d[0])  # (numbered in submit order)
+        self.n_tasks = len(done)
         records = []
-        sends = list(self.sends)
-        for seq, (rec, t_end, outcome) in enumerate(done, 1):
+        for seq, (t_sub, name, kind, t_end, outcome) in enumerate(done, 1):
             attempts = []
-            for k, rid, charged in rec[3:]:
+            for k, rid, charged in tried.get(t_sub, ()):
                 t, pid, _ = sends[k - 1]
                 stamp = self.stamps.get((pid, rid))
                 if stamp is not None and stamp[0] < t:
                     sends[k - 1] = (stamp[0], pid, sends[k - 1][2])
                 attempts.append((t, pid, rid, k, charged))
-            records.append((seq, rec[1] + _KINDS.get(rec[2], ""), rec[0], attempts, t_end, outcome))
+            records.append((seq, name + _KINDS.get(kind, ""), t_sub, attempts, t_end, outcome))
         self.send_times = [s[0] for s in sends]
         for i, (t, pid, n) in enumerate(sends):
             nxt = sends[i + 1][0] if i + 1 < len(sends) else t + 1000
@@ -345,14 +371,17 @@ class Tracer:
                 "otherData": {"producer": "shmpool", "host_pid": self.host_pid, "clock": "CLOCK_MONOTONIC",
                               "max_events": self.max_events, "dropped_events": self.dropped,
                               "worker_dropped_stamps": sum(self.worker_dropped.values()),
-                              "workers_untraced": self.untraced, "tasks": len(self.done)}}
+                              "workers_untraced": self.untraced, "tasks": self.n_tasks}}
 
     def write(self) -> bool:
         """Write the file (whole: a temporary file renamed). False, with the
         reason logged and kept in `error`, if it cannot be."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
+            try:
+                text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
+            finally:  # (written once: what was kept goes now)
+                self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
@@ -366,6 +395,17 @@ class Tracer:
             return False
         self.written = True
         return True
+
+
+def _keys(tasks) -> tuple:
+    """The tasks' keys (`Tracer.submit`), 0 for a task submitted before
+    tracing began. (Tuples, here and in every entry: of ints and names
+    only, the collector stops tracking them at its first look; lists it
+    would traverse at every collection until the file is written.)"""
+    try:
+        return tuple([task.trace for task in tasks])
+    except AttributeError:  # (the slot is unset: never traced)
+        return tuple([getattr(task, "trace", 0) for task in tasks])
 
 
 def tell_worker(tracer: Tracer, w) -> None:
@@ -429,8 +469,8 @@ def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
     with st.lock:
         tracer.t_end = _now()
         st.tracer = None
-        tracer.unfinished = [rec for rec in (getattr(t, "trace", None) for t in core.held_tasks())
-                             if rec is not None and rec[0] >= tracer.t0]
+        tracer.unfinished = [(key, t.fname, t.kind) for t in core.held_tasks()
+                             if (key := getattr(t, "trace", 0)) >= tracer.t0]
         st.stats.update(tracer.statistics())
     return tracer.write()
 

@@ -31,11 +31,12 @@ TRACE_STAMPS = method_id("shmpool.exec.trace.stamps")
 
 HEADER = struct.Struct("<IQ")  # pid, stamps dropped (cumulative)
 WORDS = 3  # per stamp: request id or tag, start ns, end ns
+STAMP_BYTES = 8 * WORDS
 
 
-def pack(pid: int, dropped: int, stamps: array) -> bytes:
-    """`stamps`: an array("Q") of WORDS words per stamp."""
-    return HEADER.pack(pid, dropped) + stamps.tobytes()
+def pack(pid: int, dropped: int, stamps: bytes) -> bytes:
+    """`stamps`: WORDS native u64 words per stamp (`_atomics.CallStamps.held()`)."""
+    return HEADER.pack(pid, dropped) + stamps
 
 
 def unpack(data: bytes) -> tuple[int, int, array]:
@@ -52,4 +53,4 @@ def unpack(data: bytes) -> tuple[int, int, array]:
     return pid, dropped, words
 
 
-__all__ = ["TRACE_ON", "TRACE_OFF", "TRACE_STAMPS", "HEADER", "WORDS", "pack", "unpack"]
+__all__ = ["TRACE_ON", "TRACE_OFF", "TRACE_STAMPS", "HEADER", "WORDS", "STAMP_BYTES", "pack", "unpack"]

@@ -1,0 +1,297 @@
+/*
+ * shmpool._atomics.CallStamps -- layer 0, part of the `_atomics` module:
+ * the task timeline's stamps of each call a worker runs
+ * (exec/guest_trace.py, spec exec.trace-worker-clock), without a Python
+ * frame per call.
+ *
+ * Owns: `CallStamps(call, buf, word_off, capacity, every, every_ns, push)`,
+ * a callable that stands in for `call` (the worker program's `_call`) and a
+ * ring of at most `capacity` stamps, three u64 words each: the u32 the
+ * guest word at `word_off` of `buf` holds when the call begins (acquire
+ * load: the request id or batch tag), the call's start and its end on
+ * CLOCK_MONOTONIC in ns (time.monotonic_ns's clock).
+ *
+ * Data flow: each call: guest word, clock, `call(*args, **kwargs)` (the
+ * arguments passed through as they came: vectorcall), clock, the stamp
+ * appended whatever the call returned or raised. Then, when `every`
+ * stamps are held or `every_ns` passed since the last push, `push(now)`
+ * (Python: it reads `held()` and, once they went, `drop(n)`); not
+ * re-entered while it runs. The call's result or exception is returned
+ * unchanged.
+ *
+ * Invariants:
+ *  - The ring never grows: past `capacity` the oldest stamp is overwritten
+ *    and counted in `dropped`.
+ *  - A push never fails the call: an Exception out of `push` (a broken
+ *    contract: it catches its own) is reported as unraisable, and the
+ *    call's own exception, if any, is kept. (A BaseException that is not
+ *    an Exception, an exit or an interrupt, propagates.)
+ *  - The buffer is acquired for the guest word's load only (never held
+ *    across the call: the mapping may be closed while this object lives);
+ *    the offset is bounds- and alignment-checked at each load.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *call;
+    PyObject *buf;
+    PyObject *push;
+    Py_ssize_t word_off;
+    uint64_t *ring;       /* capacity * 3 words */
+    Py_ssize_t capacity;  /* stamps */
+    Py_ssize_t head;      /* index of the oldest stamp */
+    Py_ssize_t n;         /* stamps held */
+    Py_ssize_t every;
+    uint64_t every_ns;
+    uint64_t due;         /* push at the end of a call at or after this */
+    unsigned long long dropped;
+    int pushing;
+} CallStamps;
+
+static inline uint64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* The guest word: 0 with an exception set if the buffer or offset is bad
+ * (status: -1). */
+static int
+guest_word(CallStamps *s, uint32_t *out)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(s->buf, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    char *p = (char *)view.buf + s->word_off;
+    if (s->word_off < 0 || s->word_off > view.len - 4 || ((uintptr_t)p) % 4 != 0) {
+        PyErr_Format(PyExc_ValueError, "guest word offset %zd out of range or not 4-byte aligned "
+                     "in a buffer of %zd bytes", s->word_off, view.len);
+        PyBuffer_Release(&view);
+        return -1;
+    }
+    *out = atomic_load_explicit((_Atomic uint32_t *)p, memory_order_acquire);
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static PyObject *
+CallStamps_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CallStamps *s = (CallStamps *)self;
+    uint32_t rid;
+    if (guest_word(s, &rid) < 0)
+        return NULL;
+    uint64_t t0 = now_ns();
+    PyObject *r = PyObject_Vectorcall(s->call, args, nargsf, kwnames);
+    uint64_t t1 = now_ns();
+    Py_ssize_t i;
+    if (s->n < s->capacity) {
+        i = s->head + s->n;
+        if (i >= s->capacity)
+            i -= s->capacity;
+        s->n++;
+    } else {  /* full: the oldest goes */
+        i = s->head;
+        s->head = s->head + 1 == s->capacity ? 0 : s->head + 1;
+        s->dropped++;
+    }
+    uint64_t *w = s->ring + 3 * i;
+    w[0] = rid;
+    w[1] = t0;
+    w[2] = t1;
+    if (!s->pushing && (s->n >= s->every || t1 >= s->due)) {
+        s->due = t1 + s->every_ns;
+        s->pushing = 1;
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);  /* (the call's, if it raised) */
+        PyObject *now = PyLong_FromUnsignedLongLong(t1);
+        PyObject *got = now == NULL ? NULL : PyObject_CallOneArg(s->push, now);
+        Py_XDECREF(now);
+        s->pushing = 0;
+        if (got == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* An exit or an interrupt out of the push: it goes on, as it
+             * would out of any code after the call (the call's outcome
+             * with it). */
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            Py_XDECREF(r);
+            return NULL;
+        }
+        if (got == NULL)
+            PyErr_WriteUnraisable(s->push);
+        Py_XDECREF(got);
+        PyErr_Restore(et, ev, tb);
+    }
+    return r;
+}
+
+static PyObject *
+CallStamps_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"call", "buf", "word_off", "capacity", "every", "every_ns", "push", NULL};
+    PyObject *call, *buf, *push;
+    Py_ssize_t word_off, capacity, every;
+    unsigned long long every_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnnnKO:CallStamps", names, &call, &buf, &word_off,
+                                     &capacity, &every, &every_ns, &push))
+        return NULL;
+    if (!PyCallable_Check(call) || !PyCallable_Check(push)) {
+        PyErr_SetString(PyExc_TypeError, "CallStamps: call and push must be callable");
+        return NULL;
+    }
+    if (capacity < 1 || capacity > PY_SSIZE_T_MAX / 24 || every < 1) {
+        PyErr_Format(PyExc_ValueError, "CallStamps: capacity (%zd) and every (%zd) must be >= 1",
+                     capacity, every);
+        return NULL;
+    }
+    CallStamps *s = (CallStamps *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    s->ring = PyMem_Calloc((size_t)capacity * 3, sizeof(uint64_t));
+    if (s->ring == NULL) {
+        Py_DECREF(s);
+        return PyErr_NoMemory();
+    }
+    s->vectorcall = CallStamps_vectorcall;
+    s->call = Py_NewRef(call);
+    s->buf = Py_NewRef(buf);
+    s->push = Py_NewRef(push);
+    s->word_off = word_off;
+    s->capacity = capacity;
+    s->every = every;
+    s->every_ns = every_ns;
+    s->due = now_ns() + every_ns;
+    uint32_t probe;
+    if (guest_word(s, &probe) < 0) {  /* (a bad buffer or offset: said now, not at the first call) */
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
+static int
+CallStamps_traverse(CallStamps *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->call);
+    Py_VISIT(s->buf);
+    Py_VISIT(s->push);
+    return 0;
+}
+
+static int
+CallStamps_clear(CallStamps *s)
+{
+    Py_CLEAR(s->call);
+    Py_CLEAR(s->buf);
+    Py_CLEAR(s->push);
+    return 0;
+}
+
+static void
+CallStamps_dealloc(CallStamps *s)
+{
+    PyObject_GC_UnTrack(s);
+    CallStamps_clear(s);
+    PyMem_Free(s->ring);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* held() -> bytes: the stamps held, oldest first. */
+static PyObject *
+CallStamps_held(CallStamps *s, PyObject *unused)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, s->n * 24);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t first = s->capacity - s->head < s->n ? s->capacity - s->head : s->n;
+    memcpy(p, s->ring + 3 * s->head, (size_t)first * 24);
+    memcpy(p + first * 24, s->ring, (size_t)(s->n - first) * 24);
+    return out;
+}
+
+/* drop(n): forget the n oldest stamps (those a push sent). */
+static PyObject *
+CallStamps_drop(CallStamps *s, PyObject *arg)
+{
+    Py_ssize_t k = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "drop(%zd): a count must be >= 0", k);
+        return NULL;
+    }
+    if (k > s->n)  /* (fewer held than sent: the ring overwrote some meanwhile) */
+        k = s->n;
+    s->head = (s->head + k) % s->capacity;
+    s->n -= k;
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+CallStamps_len(CallStamps *s)
+{
+    return s->n;
+}
+
+static PyMethodDef CallStamps_methods[] = {
+    {"held", (PyCFunction)CallStamps_held, METH_NOARGS, "held() -> bytes: the stamps held, oldest first."},
+    {"drop", (PyCFunction)CallStamps_drop, METH_O, "drop(n): forget the n oldest stamps."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef CallStamps_members[] = {
+    {"dropped", T_ULONGLONG, offsetof(CallStamps, dropped), READONLY,
+     "stamps overwritten because the ring was full"},
+    {"call", T_OBJECT, offsetof(CallStamps, call), READONLY, "the callable stamped"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods CallStamps_seq = {
+    .sq_length = (lenfunc)CallStamps_len,
+};
+
+static PyTypeObject CallStampsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmpool._atomics.CallStamps",
+    .tp_basicsize = sizeof(CallStamps),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "CallStamps(call, buf, word_off, capacity, every, every_ns, push): `call` stamped "
+              "(see shmpool/_atomics_stamps.c).",
+    .tp_new = CallStamps_new,
+    .tp_dealloc = (destructor)CallStamps_dealloc,
+    .tp_traverse = (traverseproc)CallStamps_traverse,
+    .tp_clear = (inquiry)CallStamps_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CallStamps, vectorcall),
+    .tp_methods = CallStamps_methods,
+    .tp_members = CallStamps_members,
+    .tp_as_sequence = &CallStamps_seq,
+};
+
+/* Called by the module's exec slot (_atomics.c). Status: -1 with an
+ * exception set. */
+int
+shmpool_add_call_stamps(PyObject *mod)
+{
+    if (PyType_Ready(&CallStampsType) < 0)
+        return -1;
+    Py_INCREF(&CallStampsType);
+    if (PyModule_AddObject(mod, "CallStamps", (PyObject *)&CallStampsType) < 0) {
+        Py_DECREF(&CallStampsType);
+        return -1;
+    }
+    return 0;
+}
