@@ -1,50 +1,39 @@
 """The machinery under `ShmExecutor` and `ShmPool`: workers, the task
 queue, scheduling, results, and crash resubmission.
 
-Owns: the hub host and its session, and the parts it is composed of,
-each given what it needs when the core makes it: the engine's books
-(`state.EngineState`: lock, queue, worker records, counters, limits), the
-pin budget and the answer handler (`answers`), the scheduler
-(`scheduler`), the starter (`starter`), the function cache (`fncache`).
-The core itself submits tasks, registers started workers and records
-their deaths, and runs the pool's lifetime (shutdown, close, statistics);
-the records (and the tuning constants) are in `tasks`.
+Owns: the hub host and its session, and the parts it is composed of, each
+given what it needs when the core makes it: the books (`state`), the pin
+budget and answer handler (`answers`), the `scheduler`, the `starter`, the
+function cache (`fncache`), task control (`control`), nested submission
+(`nested`), tunnels, worker logs, the stats publisher and the timeline's
+hooks. The core itself submits tasks, registers started workers, records
+their deaths and runs the pool's lifetime (shutdown, close, statistics).
 
 Data flow:
-- submit (caller's thread): pickle the function once if it is a plain
-  function or class (cached by identity, weakly) or else send it with the
-  call, and the arguments (out-of-band buffers stay views of the caller's
-  objects) -> queue -> take an idle credit, or ask for one more worker
-  while there are fewer than max_workers (as ProcessPoolExecutor does;
-  `eager` starts them all at once) -> schedule at once if a worker has
-  room: `define` the function on that worker if it does not know it (with
-  the ids it may forget), write the task into a slot, `run`; while a
-  worker busy with short tasks has two requests in flight, what queues
-  goes to it in one `run_batch` request with its next answer.
-- completion (the hub's driver thread, or a caller polling): each task is
-  answered on its own (a batch's too); an idle credit; unpickle the result
-  (zero-copy buffers, pinned) -> complete the future -> schedule the next
-  queued tasks to the worker that has room now.
-- death (driver thread): `on_death` reads which task the worker was running
-  (its guest word) and asks the starter for a replacement; recovery then
-  fails the worker's calls: the running task is charged a crash and retried
-  up to `max_retries` times (then `WorkerCrashedError`), the others are
-  requeued uncharged. A published result was already delivered by then.
+- submit (caller's thread): the function pickled once if it is a plain
+  function or class (cached weakly by identity), else sent with the call;
+  the arguments pickled (out-of-band buffers stay views) -> queue -> an
+  idle credit, or one more worker while there are fewer than max_workers
+  (as ProcessPoolExecutor) -> scheduled at once if a worker has room
+  (`define` first if it lacks the function; a worker busy with short tasks
+  gets what queues in one `run_batch` with its next answer).
+- completion (the driver thread, or a caller polling): each task answered
+  on its own; its result unpickled (zero-copy, pinned) -> the future ->
+  the next queued tasks to the worker with room.
+- death (driver thread): `on_death` reads the task the worker ran (its
+  guest word) and asks for a replacement; the running task is charged a
+  crash and retried up to `max_retries` times (then `WorkerCrashedError`),
+  the others requeued uncharged. A published result was delivered already.
 
-Invariants: every task's future completes exactly once, and a broken pool
-fails every task it has; a task runs at most 1 + max_retries times; each
-worker holds at most its window of tasks, clamped to what its ring can
-take beside a chunked stream's share of it (`ring_window`,
-`stream_pieces`), so its ring does not fill and a crash loses little; every
-send under the lock is a try-send all the same, and never waits for
-another sender (the hub's per-guest send lock is held for a push only, and
-a try-send that finds it taken counts the ring as full); at most
-max_workers workers exist; the function cache
-holds no callable alive and each worker holds at most FUNCTION_CACHE
-functions; once closed, the core holds neither initargs nor functions;
-nothing here blocks the driver thread (slot allocation there never waits).
-In a fork() child a core is foreign (`forksafe`): it raises on submit and
-does nothing else, touching neither shared memory nor the parent's workers.
+Invariants: every future completes exactly once, and a broken pool fails
+every task it has; a task runs at most 1 + max_retries times; a worker
+holds at most its window, clamped to what its ring takes beside a chunked
+stream's share (`ring_window`, `stream_pieces`); every send under the lock
+is a try-send and never waits for another sender; at most max_workers
+workers exist; the function cache holds no callable alive; once closed,
+the core holds neither initargs nor functions; nothing here blocks the
+driver thread. In a fork() child a core is foreign (`forksafe`): it raises
+on submit and touches neither shared memory nor the parent's workers.
 """
 
 from __future__ import annotations
@@ -85,8 +74,6 @@ _PLAIN = frozenset({int, float, bool, type(None)})
 _SHORT = frozenset({str, bytes})
 
 CLOSE_JOIN = 10.0  # seconds close waits for each timer or stream thread (they end within a wait slice)
-
-
 FORK_WAIT = 30.0  # seconds the first submit of a fork pool waits at most for its workers' forks
 HELP_EVERY = 64  # (a power of two) the submitting thread fetches answers itself every 64 queued tasks
 
@@ -174,11 +161,8 @@ class Core:
             self._teardown()
             raise
         forksafe.register(self)
-        # (fork: the first submit, or the pool's constructor, waits for
-        # these starts: `wait_forked`)
-        self.forking = eager and start_method == "fork"
-        # The pool's `task_timeout` (the API's), for the tasks workers submit
-        # from inside tasks (`nested`). spec: exec.task-timeout
+        self.forking = eager and start_method == "fork"  # (the first submit waits: `wait_forked`)
+        # The pool's `task_timeout`, for tasks submitted from inside tasks. spec: exec.task-timeout
         self.task_timeout: float | None = None
         if eager:
             with self.lock:
@@ -558,12 +542,9 @@ class Core:
     def wait_forked(self, timeout: float = FORK_WAIT) -> None:
         """(fork) Return once the workers asked for at creation are forked
         (or the pool broke or closed, or `timeout` passed), as the stdlib
-        forks its workers inside the first submit (`Pool()` itself): a
-        worker forked later, from the driver thread, would inherit whatever
-        fds the program's threads made meanwhile (the pipes of a
-        `subprocess.run(capture_output=True)`: their reader would then wait
-        for that worker's end). Replacements of dead workers are forked
-        when needed, as the stdlib's. spec: exec.fork-first-submit"""
+        forks inside the first submit: a worker forked later would inherit
+        fds the program's threads made meanwhile (a `subprocess.run` pipe's
+        reader would wait for its end). spec: exec.fork-first-submit"""
         if not self.forking:
             return
         self.forking = False

@@ -29,19 +29,15 @@ above an eighth of the memory limit, streams over this worker's chunk
 channel first and the answer carries its marker (spec: exec.chunked);
 chunked arguments are collected from the host's channel while the
 requests routed meanwhile wait (`Connection.hold_requests`).
-`run_batch` carries several small tasks (pickled calls, no out-of-band
-buffers) that queued on the host while this worker was busy: each runs as `run` runs one, under its own id in the guest word, and
-is answered as soon as it is done (the ids the host expects, the last one
-as the call's own answer): pushed at once, the doorbell rung for the
-answers once, as the worker goes to wait or within the announcer's bound
-(spec: shm.wakeup.guest-announce). Handlers run on the main thread, one task at a
-time, in the order they were queued.
-
-Task control (spec: exec.interrupt-task, exec.timeout-clock): a task the
-host stopped before it started is answered `TaskStopped` without its
-function being called (one load of the entry's stop count per task), a
-running one is stopped by the stop signal (`stopping`), and a timed
-task's calls stamp their start.
+`run_batch` carries small tasks (no out-of-band buffers) that queued on
+the host while this worker was busy: each runs as `run` runs one, under
+its own id, answered as soon as it is done; the doorbell rung once, as the
+worker goes to wait or within the announcer's bound (spec:
+shm.wakeup.guest-announce). Handlers run on the main thread, one task at a
+time, in order. Task control (spec: exec.interrupt-task,
+exec.timeout-clock): a task stopped before it started is answered
+`TaskStopped` uncalled, a running one is stopped by the stop signal
+(`stopping`), and a timed call stamps its start.
 
 Invariants: an exception raised by the task, or by unpickling its
 arguments, or by pickling its result, is the task's error (the session
@@ -96,7 +92,6 @@ FP_PICKLED = failpoints.declare("worker.after-result-pickle", "result pickled, n
 FP_RESULT_SLOT = failpoints.declare("worker.after-result-alloc", "result written to its slot, not sent")
 FP_FREED = failpoints.declare("worker.after-free", "task payload freed, result not yet sent")
 FP_BATCH_TASK = failpoints.declare("worker.batch.answered", "a batched task answered, the next not started")
-
 
 _in_task = False  # a task's function is running on the main thread
 # The ids of the tasks on this stack that wait on nested futures (innermost
@@ -165,10 +160,8 @@ class GuestProgram:
         self.exit_code: int | None = None
         self.fatal: BaseException | None = None
         self.pid = os.getpid()  # (a task's fork() child is not this worker: `guest_nested`)
-        # What the guest word holds between tasks: 0, or, while a task waits
-        # on nested futures and runs others meanwhile, that task's id, so
-        # that a crash is charged to the task really running (`guest_nested`).
-        # spec: exec.nested-crash
+        # The guest word between tasks: 0, or the id of a task waiting on nested
+        # futures (a crash is charged to the task running). spec: exec.nested-crash
         self.resume = 0
         self.batch_rest = None  # (the running batch's request, its tasks not started yet): `give_back`
         d = self.session.methods
@@ -181,13 +174,10 @@ class GuestProgram:
     # -- handlers --------------------------------------------------------------
 
     def init(self, ctx, payload) -> None:
-        # First the host's sys.path (as multiprocessing's spawn passes it),
-        # so that functions and arguments pickled by reference import here,
-        # and its multiprocessing authkey (as a spawned multiprocessing child
-        # inherits it): Manager proxies and fds shared through
-        # multiprocessing's resource sharer authenticate with it.
-        # A forked worker is sent (None, None, None): it has all three as
-        # the host had them when it forked. spec: exec.start-method
+        # First the host's sys.path (as multiprocessing's spawn passes it:
+        # what is pickled by reference imports here) and its authkey (for
+        # Manager proxies and the resource sharer); a forked worker has both
+        # as the host had them (None). spec: exec.start-method
         (sys_path, setup, authkey, logs), pin = read(payload.retain(), transfers=self._transfer)  # (big: chunked)
         pin.release()
         _log_setup(self, logs)  # (before the initializer: its records too. spec: exec.log-forward)
