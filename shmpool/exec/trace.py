@@ -408,8 +408,8 @@ class Tracer:
             # (a file of its own: another tracer may be writing this path. spec: exec.trace-write)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=os.path.basename(self.path) + ".",
                                        suffix=".tmp")
-            os.fchmod(fd, _MODE)  # (mkstemp's is 0600: the file gets what `open` would give it)
             with open(fd, "w", encoding="utf-8") as f:
+                os.fchmod(fd, _MODE)  # (mkstemp's is 0600: the file gets what `open` would give it)
                 f.write(text)
             os.replace(tmp, self.path)
         except Exception as e:  # noqa: BLE001 - the tasks are done: the trace alone is lost
