@@ -15,21 +15,32 @@ host as one `TRACE_STAMPS` request (so tiny tasks push once per
 `PUSH_EVERY` calls, and a worker killed with stamps unshipped loses those
 of its last `PUSH_NS` or `PUSH_EVERY` calls only), sent with a try-send
 (`timeout=0`) whose answer nobody waits for: a full ring or no slot keeps
-them for the next push. `TRACE_OFF` takes the stamper away and answers
-with what is left.
+them for the next push. A call that runs long (a long task, a stream
+paused for credit) ends no call meanwhile, so the pusher thread ships what
+is held: started by the first `TRACE_ON`, it wakes every `PUSH_NS` while
+tracing is on and pushes the stamps held once `PUSH_NS` passed since the
+last push (with tiny tasks the calls' own pushes come first: it finds
+nothing to do), so no stamp stays here longer than about 2 x `PUSH_NS`
+(spec: exec.trace-busy-end). `TRACE_OFF` takes the stamper away and
+answers with what is left (a worker busy in a call answers it only after
+the call: the host does not wait for that answer).
 
 Invariants: a worker that was never sent `TRACE_ON` runs exactly as
 without this module (nothing of it is on the task's path: the stamper
 exists only while tracing); a push never blocks the task (try-send
 only) and never raises into it; the stamps held are at most `MAX_HELD`
 (the oldest overwritten beyond, counted, the count shipped with each
-push); this module imports nothing of the host. spec: exec.trace-worker-clock
+push); one push at a time (`lock`, taken without waiting: the calls' and
+the pusher thread's); this module imports nothing of the host. spec: exec.trace-worker-clock
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
+from .. import _threads
 from .._atomics import CallStamps
 from .trace_wire import STAMP_BYTES, TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
 
@@ -45,15 +56,25 @@ class GuestTrace:
         self.prog = prog
         self.stamps = None  # the `_atomics.CallStamps` in place of `prog._call` while on
         self.pushes = 0
+        self.last_push = 0  # (time.monotonic_ns) of the last push that went
+        self.lock = threading.Lock()  # held by the push under way
+        self.wake = threading.Event()  # set while tracing is on: the pusher thread runs
+        self.pusher = None
 
     def on(self, ctx, payload) -> None:
         prog = self.prog
         if "_call" in vars(prog):
             return  # (on already: a second `TRACE_ON` changes nothing)
+        self.last_push = time.monotonic_ns()
         self.stamps = prog._call = CallStamps(prog._call, prog.buf, prog.word, MAX_HELD, PUSH_EVERY, PUSH_NS,
                                               self.push)
+        self.wake.set()
+        if self.pusher is None:
+            self.pusher = threading.Thread(target=self._push_loop, name="shmpool-trace-pusher", daemon=True)
+            _threads.start(self.pusher)
 
     def off(self, ctx, payload) -> bytes:
+        self.wake.clear()
         self.prog.__dict__.pop("_call", None)
         stamps, self.stamps = self.stamps, None
         if stamps is None:
@@ -62,19 +83,36 @@ class GuestTrace:
 
     def push(self, now: int) -> None:
         """(`CallStamps`, at the end of a call, every PUSH_EVERY stamps or
-        PUSH_NS) Ship the stamps held: a try-send; kept if the ring or the
-        slots are full (the oldest overwritten beyond MAX_HELD). Never raises."""
+        PUSH_NS; or the pusher thread) Ship the stamps held: a try-send
+        (`Connection._start`: any thread); kept if the ring or the slots are
+        full (the oldest overwritten beyond MAX_HELD), or if another push is
+        under way. Never raises."""
         stamps = self.stamps
-        if stamps is None:
+        if stamps is None or not self.lock.acquire(blocking=False):
             return
         try:
             held = stamps.held()
+            if not held:
+                return
             self.prog.conn.call_cb(TRACE_STAMPS, pack(os.getpid(), stamps.dropped, held), _ignore,
                                    timeout=0, raw=False)
+            self.pushes += 1
+            self.last_push = time.monotonic_ns()
+            stamps.drop(len(held) // STAMP_BYTES)
         except Exception:  # noqa: BLE001 - a full ring, no slot, the host gone: kept for the next push
             return
-        self.pushes += 1
-        stamps.drop(len(held) // STAMP_BYTES)
+        finally:
+            self.lock.release()
+
+    def _push_loop(self) -> None:
+        """(the pusher thread) Every PUSH_NS while tracing is on: push what
+        a long call keeps held. spec: exec.trace-busy-end"""
+        while True:
+            self.wake.wait()
+            time.sleep(PUSH_NS / 1e9)
+            stamps = self.stamps
+            if stamps is not None and len(stamps) and time.monotonic_ns() - self.last_push >= PUSH_NS:
+                self.push(0)
 
 
 def _ignore(result, error) -> None:

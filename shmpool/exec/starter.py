@@ -478,8 +478,8 @@ class Starter:
                     pass  # sent, and freed when the send failed
             return  # it died already: judged with its output like any early death (_judge)
         cf.add_done_callback(lambda f, w=w: self._on_init(w, f))
-        if st.tracer is not None:  # spec: exec.trace-workers
-            st.tracer.started(w, self.method, launched)
+        if (tracer := st.tracer) is not None:  # (read once: it may end meanwhile) spec: exec.trace-workers
+            tracer.started(w, self.method, launched)
         with st.lock:
             self.schedule()
 

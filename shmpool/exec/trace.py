@@ -23,9 +23,12 @@ and registration times; it sends the worker `TRACE_ON`) and deaths
 (`died`: pid, signal or exit code, the task its guest word named). The
 workers stamp each call's start and end on their own clock
 (`guest_trace`, natively) and push them in bulk (`TRACE_STAMPS`, handled
-on the session's handler thread: `on_stamps`); `detach` sends
+on the session's handler thread: `on_stamps`; a worker busy in one long
+call pushes what it holds from a thread of its own); `detach` sends
 `TRACE_OFF` to each live worker and takes the stamps left in its answer,
-then writes.
+waiting at most `BUSY_WAIT` for a worker that had requests in flight (one
+in a long call answers only after it: what it pushed is written, the call
+itself is not: spec: exec.trace-busy-end), then writes.
 
 Time: every stamp, the host's and the workers', is `time.monotonic_ns()`
 (CLOCK_MONOTONIC, one clock for the whole machine on Linux), shown in
@@ -44,9 +47,13 @@ tracer keeps at most `max_events` records (tasks' attempts and ends,
 sends, stamps), counting what it drops (`dropped`, in the file's
 `otherData` and in `statistics()`; spec: exec.trace-cap); records of
 tasks still pending are bounded by the pending tasks themselves; the file
-is written once, whole (a temporary file renamed), and a failure to write
+is written once, whole (a temporary file of its own, renamed: two
+tracers writing one path never share it), and a failure to write
 it never fails or loses a task (spec: exec.trace-path); a tracer holds no
-task: what it keeps of one is ints and its function's name.
+task: what it keeps of one is ints and its function's name; once
+`detach` began, no worker is added (`lock`: one registering then is not
+told to stamp) and none dies in it (`t_end`, set under the engine's lock),
+so the writer reads them alone.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+import threading
 import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 
@@ -62,11 +71,15 @@ from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, unpack
 
 MAX_EVENTS = 200_000  # records a tracer keeps (read when a tracer is made); the rest are counted dropped
 OFF_WAIT = 5.0  # seconds `detach` waits, in all, for the workers' last stamps
+BUSY_WAIT = 0.25  # ... at most, for a worker that had requests in flight (it pushes within ~2 x PUSH_NS)
 ON_WAIT = 1.0  # seconds a `TRACE_ON` may wait for room in a worker's ring
 
 _now = now = time.monotonic_ns  # (`now`: `Core.submit` sets a task's key with it, inline)
 _log = logging.getLogger("shmpool")
 _KINDS = {CHUNK: " (chunk)", MAP: " (chunk)", ITEMS: " (chunk)"}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_MODE = 0o666 & ~_UMASK  # (a trace file's mode, as `open` makes it)
 _EPS = 0.001  # (µs) keeps a task's async begins and ends strictly ordered
 
 
@@ -130,6 +143,8 @@ class Tracer:
         self.dropped = 0
         self.error: str | None = None  # why the file could not be written
         self.written = False
+        self.lock = threading.Lock()  # `started` vs the end (`ending`)
+        self.ending = False  # `detach` began: no worker is added or told to stamp
 
     # -- recording ---------------------------------------------------------------
 
@@ -190,13 +205,21 @@ class Tracer:
                           _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
-        """(the starter's thread, no lock) Worker `w` is registered, its
-        `init` sent: record it and tell it to stamp its calls."""
-        self.workers[w.proc.pid] = {"peer": w.peer_id, "method": method, "launch": launched, "ready": _now()}
-        tell_worker(self, w)
+        """(the starter's thread, not the engine's lock) Worker `w` is
+        registered, its `init` sent: record it and tell it to stamp its
+        calls, unless the trace is ending (`detach` tells the live workers,
+        this one included, `TRACE_OFF` after this: their ring keeps the
+        order). spec: exec.trace-workers"""
+        with self.lock:
+            if self.ending:
+                return
+            self.workers[w.proc.pid] = {"peer": w.peer_id, "method": method, "launch": launched, "ready": _now()}
+            tell_worker(self, w)
 
     def died(self, w) -> None:
         """(lock held) Worker `w` ended (`w.info`, `w.death` are set)."""
+        if self.t_end:
+            return  # (ended: the writer reads `deaths`)
         info = w.info
         left = info is not None and info.cause == "goodbye"
         why = "left in order" if left else (w.death or "died")
@@ -376,22 +399,27 @@ class Tracer:
     def write(self) -> bool:
         """Write the file (whole: a temporary file renamed). False, with the
         reason logged and kept in `error`, if it cannot be."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        tmp = None
         try:
             try:
                 text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
             finally:  # (written once: what was kept goes now)
                 self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
-            with open(tmp, "w", encoding="utf-8") as f:
+            # (a file of its own: another tracer may be writing this path. spec: exec.trace-write)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=os.path.basename(self.path) + ".",
+                                       suffix=".tmp")
+            with open(fd, "w", encoding="utf-8") as f:
+                os.fchmod(fd, _MODE)  # (mkstemp's is 0600: the file gets what `open` would give it)
                 f.write(text)
             os.replace(tmp, self.path)
         except Exception as e:  # noqa: BLE001 - the tasks are done: the trace alone is lost
             self.error = f"{type(e).__name__}: {e}"
             _log.error("shmpool: the trace file %s could not be written: %s", self.path, self.error)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             return False
         self.written = True
         return True
@@ -445,26 +473,33 @@ def _stamps(st, payload) -> None:
         tracer.on_stamps(payload.tobytes())
 
 
-def detach(core, tracer: Tracer, timeout: float = OFF_WAIT) -> bool:
+def detach(core, tracer: Tracer, timeout: float | None = None) -> bool:
     """Take `tracer` off `core`: `TRACE_OFF` to each live worker, their
-    last stamps taken (within `timeout` seconds in all), then the file
-    written. False if it could not be (`tracer.error`)."""
+    last stamps taken (within `timeout` seconds in all; BUSY_WAIT for a
+    worker that had requests in flight: one in a long call answers only
+    after it, and pushed what it held meanwhile), then the file written.
+    False if it could not be (`tracer.error`). spec: exec.trace-busy-end"""
+    if timeout is None:
+        timeout = OFF_WAIT  # (read now: a knob)
     st = core.state
+    with tracer.lock:  # (a worker registering now is told to stamp before its `TRACE_OFF`, or not at all)
+        tracer.ending = True
     with st.lock:
         if st.tracer is not tracer:
             return tracer.written
-        live = [w for w in st.workers.values() if not w.dead]
+        live = [(w, bool(w.inflight)) for w in st.workers.values() if not w.dead]
     calls = []
-    for w in live:
+    for w, busy in live:
         try:
-            calls.append(w.conn.call(TRACE_OFF, b"", timeout=min(timeout, ON_WAIT)))
+            calls.append((w.conn.call(TRACE_OFF, b"", timeout=min(timeout, ON_WAIT)), busy))
         except Exception:  # noqa: BLE001 - gone meanwhile: its stamps went with it
             pass
-    deadline = time.monotonic() + timeout
-    for f in calls:
+    start = time.monotonic()
+    for f, busy in calls:
         try:
-            tracer.on_stamps(f.result(max(0.0, deadline - time.monotonic())))
-        except Exception:  # noqa: BLE001 - died, or too slow: what it pushed before is kept
+            wait = min(timeout, BUSY_WAIT) if busy else timeout
+            tracer.on_stamps(f.result(max(0.0, start + wait - time.monotonic())))
+        except Exception:  # noqa: BLE001 - died, busy, or too slow: what it pushed before is kept
             pass
     with st.lock:
         tracer.t_end = _now()
@@ -499,4 +534,4 @@ class Tracing:
             raise OSError(f"the trace file {self.tracer.path} could not be written: {self.tracer.error}")
 
 
-__all__ = ["Tracer", "Tracing", "attach", "detach", "check_path", "MAX_EVENTS", "OFF_WAIT"]
+__all__ = ["Tracer", "Tracing", "attach", "detach", "check_path", "MAX_EVENTS", "OFF_WAIT", "BUSY_WAIT"]

@@ -400,3 +400,103 @@ def test_trace_svg_draws_the_lanes_the_calls_and_the_deaths(tmp_path):
     assert len([b for b in boxes if "#" in b.find(ns + "title").text]) == sum(len(v) for v in runs(events).values())
     assert any(b.get("fill") == "#e15759" and "(killed)" in b.find(ns + "title").text for b in boxes)
     assert any("SIGKILL" in (t or "") for t in titles)  # the death's cross
+
+
+def endless_numbers():
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+@pytest.mark.parametrize("busy", ["long task", "paused stream"])
+@pytest.mark.spec("exec.trace-busy-end")
+def test_a_trace_ending_while_its_worker_is_busy_keeps_its_earlier_calls_and_does_not_wait(tmp_path, monkeypatch,
+                                                                                          busy):
+    from shmpool.exec import trace
+
+    # (the end waits for no busy worker: with an hour for the workers'
+    # answers, waiting for the busy one's would be a hang)
+    monkeypatch.setattr(trace.detach, "__defaults__", (3600.0,))
+    path = tmp_path / "busy.json"
+    gate = tmp_path / "gate"
+    with ShmExecutor(1) as ex:
+        assert ex.submit(ident, -1).result(60) == -1
+        with ex.tracing(path) as t:
+            # A burst of tiny calls (their stamps held: fewer than a push's
+            # count, within its time), then one call that does not end.
+            assert [f.result(60) for f in [ex.submit(ident, i) for i in range(20)]] == list(range(20))
+            if busy == "long task":
+                long = ex.submit(wait_gate, str(gate))
+            else:
+                long = ex.submit_iter(endless_numbers)  # (paused: nobody reads it)
+                assert next(long) == 0
+            wait_for(lambda: all(w["inflight"] for w in ex.statistics()["workers"].values()), "the worker is busy")
+            wait_for(lambda: t.tracer.n_stamps >= 20, "the busy worker shipped its earlier calls' stamps", 30)
+        # The block ended while the call runs on.
+        if busy == "long task":
+            assert not long.done()
+            gate.touch()
+            assert long.result(60) == "opened"
+        else:
+            long.close()
+    doc, events = load(path)
+    spans = task_spans(events)
+    ok = [k for k, e in spans.items() if e["args"]["outcome"] == "ok"]
+    assert len(ok) == 20 and all(k in runs(events) for k in ok)
+    assert [e["args"]["outcome"] for k, e in spans.items() if k not in ok] == ["unfinished"]
+
+
+@pytest.mark.spec("exec.trace-write")
+def test_two_traces_written_to_one_path_at_once_each_write_a_whole_file(tmp_path):
+    import threading
+
+    path = tmp_path / "same.json"
+    # Another writer of this path in this process had its temporary file
+    # named after the path and the pid: one in the way fails no write.
+    os.mkdir(f"{path}.{os.getpid()}.tmp")
+    exs = [ShmExecutor(1), ShmExecutor(1)]
+    try:
+        for ex in exs:
+            assert ex.submit(ident, 0).result(60) == 0
+        for _ in range(2):
+            blocks = [ex.tracing(path) for ex in exs]
+            for b, ex in zip(blocks, exs):
+                b.__enter__()
+                assert [f.result(60) for f in [ex.submit(ident, i) for i in range(1000)]] == list(range(1000))
+            barrier = threading.Barrier(2)
+            errors = []
+
+            def end(b):
+                barrier.wait(60)
+                try:
+                    b.__exit__(None, None, None)
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=end, args=(b,)) for b in blocks]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(120)
+            assert errors == []
+            doc, events = load(path)
+            assert len(task_spans(events)) == 1000
+        assert sorted(os.listdir(tmp_path)) == sorted(["same.json", f"same.json.{os.getpid()}.tmp"])
+    finally:
+        for ex in exs:
+            ex.shutdown()
+
+
+@pytest.mark.spec("exec.trace-workers")
+def test_a_worker_registering_once_the_trace_ended_is_not_told_to_stamp(tmp_path):
+    with ShmExecutor(1) as ex:
+        assert ex.submit(ident, 0).result(60) == 0
+        with ex.tracing(tmp_path / "t.json") as t:
+            assert ex.submit(traced_here).result(60) is True
+        # (as the starter's thread does for a worker whose registration
+        # raced with the end)
+        w = next(iter(ex._core.state.workers.values()))
+        t.tracer.started(w, "fork", 0)
+        assert ex.submit(traced_here).result(60) is False
+        assert t.tracer.workers.keys() == {w.proc.pid}
