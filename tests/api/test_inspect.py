@@ -196,8 +196,11 @@ def test_watch_refreshes_count_times_then_ends(tmp_path):
         lines = p.stdout.splitlines()
         assert len(lines) == 2 and all(json.loads(x)[0]["host_pid"] == os.getpid() for x in lines)
         # Ctrl-C ends a watch cleanly.
+        # (SIGINT as a terminal's program has it: a run in the background ignores it,
+        # and the child would inherit that)
         proc = subprocess.Popen([sys.executable, "-m", "shmpool", "inspect", str(os.getpid()), "--watch", "0.05"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(), cwd=ROOT)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(), cwd=ROOT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             assert proc.stdout.readline()  # (its first refresh is under way)
             proc.send_signal(signal.SIGINT)
