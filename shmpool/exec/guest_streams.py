@@ -184,7 +184,7 @@ def _send(prog, conn, flow: _Flow, sid: int, index: int, item, ask_at: int) -> N
     try:
         stream, bufs = dumps((index, item))
     except Exception as e:  # spec: exec.stream-error
-        raise ResultEncodingError(repr(e), _short_repr(item), None) from e
+        raise ResultEncodingError(repr(e), guest._short_repr(item), None) from e
     item = None
     out = write(prog.session.slots, stream, bufs, timeout=0, chunk_above=prog.chunk_above)
     stream = bufs = None
@@ -254,14 +254,6 @@ def _session(prog, call, *args, check: bool = True):
             guest_nested._raise_deferred(running)
         else:
             guest._deferred.pop(running, None)
-
-
-def _short_repr(obj, limit: int = 200) -> str:
-    try:
-        r = repr(obj)
-    except Exception:  # noqa: BLE001
-        r = f"<unrepresentable {type(obj).__name__}>"
-    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 __all__ = ["run"]
