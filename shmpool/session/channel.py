@@ -78,9 +78,10 @@ class _End:
         self._reset = False
         self._broken: BaseException | None = None
         self._finished = False
-        # One terminal, one finish, and no grant after our terminal (the
-        # entry may be reused then), whichever threads race. spec: shm.flow.grant-after-end
-        self._fin_lock = threading.Lock()
+        # One terminal, one finish, no grant after our terminal (the entry may be reused), and no
+        # discard under a reader's copy, whichever threads race (reentrant: an end may break while
+        # its thread holds it). spec: shm.flow.grant-after-end
+        self._fin_lock = threading.RLock()
 
     def _terminal(self, kind: int) -> None:
         """Send our one terminal message, at most once."""
@@ -430,7 +431,8 @@ class Rx(_End):
 
     def _peer_ended(self, kind: int) -> None:
         if kind == RESET:
-            self._discard()
+            with self._fin_lock:
+                self._discard()
         else:
             self._eos = True
 
@@ -443,7 +445,8 @@ class Rx(_End):
     def broken(self, exc: BaseException) -> None:
         super().broken(exc)
         if not self._finished:
-            self._discard()
+            with self._fin_lock:
+                self._discard()
 
     def _ready(self) -> bool:
         # (`_sent_fin`: a close on another thread ends a waiting read)
@@ -505,18 +508,19 @@ class Rx(_End):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             got = consumed = 0
-            while self._queue and got < want:
-                rec = self._queue[0][0]
-                view = rec.view()
-                k = min(want - got, len(view) - self._head)
-                out[got : got + k] = view[self._head : self._head + k]
-                got += k
-                self._head += k
-                if self._head == len(view):
-                    self._queue.popleft()
-                    consumed += len(view)
-                    self._head = 0
-                    rec.release()
+            with self._fin_lock:  # (a discard on another thread frees what is queued)
+                while self._queue and got < want:
+                    rec = self._queue[0][0]
+                    view = rec.view()
+                    k = min(want - got, len(view) - self._head)
+                    out[got : got + k] = view[self._head : self._head + k]
+                    got += k
+                    self._head += k
+                    if self._head == len(view):
+                        self._queue.popleft()
+                        consumed += len(view)
+                        self._head = 0
+                        rec.release()
             if consumed:
                 self.table.grant(self, consumed)
             if got or not want:
@@ -540,27 +544,28 @@ class Rx(_End):
     def _take(self) -> bytes | None:
         """Copy out queued pieces (granting their credit as they go); the
         message if it is complete, else None (the part is kept)."""
-        acc = self._partial
         done = False
         consumed = 0
-        while self._queue and not done:
-            rec, more = self._queue.popleft()
-            n = rec.nbytes
-            if acc is None and not more:
-                data = rec.tobytes()  # the common case: a one-piece message
-            else:
-                if acc is None:
-                    acc = bytearray()
-                acc += rec.view()
-                rec.release()
-                data = None
-            consumed += n
-            if not more:
-                done = True
-                if data is None:
-                    data = bytes(acc)
-                    acc = None
-        self._partial = acc
+        with self._fin_lock:  # (a discard on another thread resets the partial message)
+            acc = self._partial
+            while self._queue and not done:
+                rec, more = self._queue.popleft()
+                n = rec.nbytes
+                if acc is None and not more:
+                    data = rec.tobytes()  # the common case: a one-piece message
+                else:
+                    if acc is None:
+                        acc = bytearray()
+                    acc += rec.view()
+                    rec.release()
+                    data = None
+                consumed += n
+                if not more:
+                    done = True
+                    if data is None:
+                        data = bytes(acc)
+                        acc = None
+            self._partial = acc
         if consumed:
             self.table.grant(self, consumed)
         if done:

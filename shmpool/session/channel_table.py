@@ -63,6 +63,7 @@ class ChannelTable:
         self._ends: dict[int, Tx | Rx] = {}
         self._lock = threading.Lock()
         self._outbox: collections.deque = collections.deque()
+        self._flushing = threading.Lock()  # `flush`: one thread sends the outbox at a time
         self.reserved: tuple = ()  # ids only `open(cid=...)` takes, never the scan (a pool's log channel)
         # Peer-opened channels collect transfers (see the module docstring).
         self.collecting = False
@@ -219,14 +220,24 @@ class ChannelTable:
         self.flush()
 
     def flush(self) -> None:
+        """Send what the outbox holds, in order, without waiting. One thread
+        flushes at a time (any thread may end a channel): the one that sent
+        the head pops it; another finds the lock taken and leaves its
+        message to the holder, which looks again once it lets go."""
         while self._outbox:
-            try:
-                if not self.conn.transport.try_send(self._outbox[0]):
-                    return
-            except PeerDeadError:
-                self._outbox.clear()
+            if not self._flushing.acquire(blocking=False):
                 return
-            self._outbox.popleft()
+            try:
+                while self._outbox:
+                    try:
+                        if not self.conn.transport.try_send(self._outbox[0]):
+                            return
+                    except PeerDeadError:
+                        self._outbox.clear()
+                        return
+                    self._outbox.popleft()
+            finally:
+                self._flushing.release()
 
     def break_all(self, exc: BaseException) -> None:
         """The connection ended: every open end is broken, sleeping senders

@@ -184,3 +184,106 @@ def test_an_end_opened_and_never_used_is_released_without_a_handshake(lo):
     lo.guest.channels.release_unused(rx)  # (what a tunnel's binding does when its second open fails)
     assert lo.entry(rx.id)[0] == 0
     assert lo.guest.open_rx(collecting=False).id == rx.id
+
+
+@pytest.mark.spec("shm.flow.grant-after-end")
+def test_ends_closed_on_many_threads_at_once_send_each_close_exactly_once():
+    """Any thread may end a channel: the outbox of controls is sent by one
+    thread at a time, so no Close is sent twice, none is lost, and no
+    close() raises (two threads had sent the same head and popped two)."""
+    import sys
+    import threading
+
+    from harness.session import Loopback
+
+    n = 24
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (threads switch as often as they can)
+    try:
+        for _ in range(30):
+            lo = Loopback(max_channels=2 * n + 4)
+            try:
+                txs = [lo.host.open_tx() for _ in range(n)]
+                rxs = [lo.guest.rx(t.id) for t in txs]
+                errors: list = []
+                go = threading.Barrier(n)
+
+                def closer(t):
+                    go.wait()
+                    try:
+                        t.close()
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(repr(e))
+
+                threads = [threading.Thread(target=closer, args=(t,)) for t in txs]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                lo.settle()
+                assert errors == []
+                assert lo.guest.stats["stray_channel_messages"] == 0  # (no Close twice)
+                assert all(r._eos for r in rxs)  # (no Close lost)
+                assert all(lo.entry(t.id)[0] == 0 for t in txs)  # (every entry freed)
+            finally:
+                lo.close()
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.spec("shm.channel.stream-read")
+def test_a_reset_routed_while_a_reader_copies_never_frees_the_piece_under_it():
+    """The peer's Reset discards the queued pieces on the routing thread;
+    a reader copying from one on another thread finishes its piece first:
+    it gets its bytes or ChannelReset, never a freed slot or IndexError."""
+    import sys
+    import threading
+
+    from harness.session import Loopback
+    from shmpool.errors import ChannelClosed, ChannelReset
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(40):
+            lo = Loopback(credit=1 << 16, max_channels=8)
+            try:
+                tx = lo.guest.open_tx()
+                for i in range(50):
+                    tx.send(bytes([i % 251]) * 400)
+                rx = None
+                while rx is None:
+                    lo.host.pump(0)
+                    try:
+                        rx = lo.host.rx(tx.id)
+                    except ValueError:
+                        pass
+                tx.reset()
+                errors: list = []
+                stop = threading.Event()
+
+                def reader():
+                    buf = bytearray(1000)
+                    try:
+                        while not stop.is_set():
+                            rx.read_into(buf, 0.001)
+                    except (ChannelReset, ChannelClosed):
+                        pass
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(repr(e))
+
+                def router():
+                    for _ in range(50):
+                        lo.host.pump(0)
+
+                a, b = threading.Thread(target=reader), threading.Thread(target=router)
+                a.start()
+                b.start()
+                b.join()
+                stop.set()
+                a.join()
+                assert errors == []
+            finally:
+                lo.close()
+    finally:
+        sys.setswitchinterval(old)
