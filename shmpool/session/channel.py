@@ -78,9 +78,8 @@ class _End:
         self._reset = False
         self._broken: BaseException | None = None
         self._finished = False
-        # One terminal, one finish, no grant after our terminal (the entry may be reused), and no
-        # discard under a reader's copy, whichever threads race (reentrant: an end may break while
-        # its thread holds it). spec: shm.flow.grant-after-end
+        # One terminal and finish, no grant after our terminal, no discard under a reader's copy;
+        # reentrant (an end may break while its thread holds it). spec: shm.flow.grant-after-end
         self._fin_lock = threading.RLock()
 
     def _terminal(self, kind: int) -> None:
@@ -143,9 +142,7 @@ class Tx(_End):
         self._lock = threading.Lock()
         self._closed_by_peer = False
         self.piece = table.initial_credit
-        # The most in flight: the initial credit, unless both ends agreed on
-        # more (the receiver's `widen`). spec: shm.channel.window
-        self.window = table.initial_credit
+        self.window = table.initial_credit  # most in flight, unless `widen`ed. spec: shm.channel.window
         self.granted_at = table.granted_offset(cid)  # the receiver's granted_total
         self.waiter = table.sender_waiter(cid)  # sleeps on granted_total, flagged in the entry
         self.messages = self.bytes = self.credit_waits = self.max_in_flight = 0
@@ -210,9 +207,7 @@ class Tx(_End):
                                           flags=F_MORE if more else 0, timeout=SLICE)
                 break
             except SlotExhaustedError:
-                # Pump meanwhile (a guest; nothing on the host): the peer's
-                # pieces routed now free the slots they hold in our rings.
-                self.conn.poll_incoming()
+                self.conn.poll_incoming()  # (a guest: the peer's pieces routed free their slots)
                 self._check()
                 if time.monotonic() >= deadline:
                     raise
@@ -448,8 +443,7 @@ class Rx(_End):
             with self._fin_lock:
                 self._discard()
 
-    def _ready(self) -> bool:
-        # (`_sent_fin`: a close on another thread ends a waiting read)
+    def _ready(self) -> bool:  # (`_sent_fin`: a close on another thread ends a waiting read)
         return bool(self._queue) or self._eos or self._reset or self._sent_fin or self._broken is not None
 
     def drop(self) -> None:
