@@ -61,7 +61,8 @@ def test_checker_catches_missing_pieces(tmp_path):
 
 LAYERS = {"_atomics": 0, "_ring": 0, "_guestloop": 0, "_threads": 0, "errors": 0, "failpoints": 0, "procinfo": 0,
           "shm": 1, "hub": 2, "session": 3,
-          "exec": 4, "bench": 6, "__main__": 6, "inspect_cli": 6}
+          "exec": 4, "bench": 6, "__main__": 6, "inspect_cli": 6,
+          "joblib": 6, "dask": 6}  # integrations sit above the API
 API = 5  # everything else in shmpool/ (executor, pool, their lifetime, the package itself)
 
 
