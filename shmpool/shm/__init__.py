@@ -16,6 +16,7 @@ plus `shmpool._atomics`, `shmpool._ring`, `shmpool.errors`,
     files     named segment files: private directory, stale files, clean
     slots     the slot pool's vocabulary: slot numbers, status words,
               extent formatting, statistics records
+    header    the checks a segment's header passes before it is mapped
     segment   create / attach / validate / map / close a segment
     snapshot  a segment read from outside, read-only: what
               `python -m shmpool inspect` shows (not exported)

@@ -21,8 +21,8 @@ Data flow:
   with no extent: they grow on first use (varslot.py), so an idle segment
   commits only its control region.
 - attach (path): O_NOFOLLOW open -> fstat checks (regular, ours, 0600, one
-  link) -> `_validate_and_map`. attach_fd (memfd): fstat (regular) and the
-  shrink seal -> `_validate_and_map`: read the header with pread (nothing
+  link) -> `header.validate_and_map`. attach_fd (memfd): fstat (regular) and the
+  shrink seal -> `header.validate_and_map`: read the header with pread (nothing
   mapped yet), rebuild the config from it, recompute the layout and
   require that it matches, only then map.
 - close: drop the mapping and the fd; the host also unlinks a named file.
@@ -42,20 +42,20 @@ import itertools
 import mmap
 import os
 import stat
-import struct
 import threading
 import weakref
 from pathlib import Path
 
 from .. import _atomics, errors, procinfo
-from ..errors import ConfigError, SegmentError
+from ..errors import SegmentError
 from . import layout as L
-from .layout import SegmentConfig, SegmentLayout, SizeClass
+from .layout import SegmentConfig, SegmentLayout
 from .files import (  # (re-exported: the named-file API lives in files.py)
     MEMFD_PREFIX, SEGMENT_PREFIX, UNFINISHED_GRACE, check_file, clean, create_file, default_directory,
     open_existing, private_directory, reap_stale, segment_is_stale, signal_cleanup, space_hint,
     unlink_segment,
 )
+from .header import validate_and_map
 from .slots import format_slot_region
 
 __all__ = [
@@ -118,102 +118,6 @@ def forget_held_files() -> None:
     """(A forked guest, once it closed them) none of the listed fds is this
     process's any more."""
     _FILES.clear()
-
-
-# --------------------------------------------------------------------------
-# Header parsing shared by attach and clean
-# --------------------------------------------------------------------------
-
-
-def _read_header(fd: int, path: Path, file_size: int) -> tuple:
-    if file_size < L.HEADER_SIZE:
-        raise SegmentError(
-            path, f"file is {file_size} bytes, shorter than the {L.HEADER_SIZE}-byte header"
-        )
-    raw = os.pread(fd, L.HEADER_SIZE, 0)
-    if len(raw) != L.HEADER_SIZE:
-        raise SegmentError(path, "short read of the header (file truncated while reading)")
-    return L.HEADER.unpack(raw)
-
-
-def _config_from_header(fd: int, path: Path, fields: tuple, file_size: int) -> SegmentConfig:
-    (
-        _magic, _version, _hsize, _total, max_payload, credit, max_guests, ring_size,
-        _peer_off, slot_off, class_count, _inline, max_channels, _goodbye, hb_ns,
-        mem_limit, _current, _pid, _sleeping, _start,
-    ) = fields
-    if not 1 <= class_count <= L.MAX_CLASSES:
-        raise SegmentError(path, f"header says {class_count} size classes (allowed 1..{L.MAX_CLASSES})")
-    end = slot_off + L.CLASS_HEADER_SIZE * class_count
-    if slot_off < L.HEADER_SIZE or end > file_size:
-        raise SegmentError(
-            path, f"slot region [{slot_off}, {end}) lies outside the {file_size}-byte file"
-        )
-    classes = []
-    for i in range(class_count):
-        raw = os.pread(fd, 8, slot_off + L.CLASS_HEADER_SIZE * i)
-        if len(raw) != 8:
-            raise SegmentError(path, "short read of a size-class header (file truncated?)")
-        slot_size, per_extent = struct.unpack("<II", raw)
-        classes.append(SizeClass(slot_size, per_extent))
-    try:
-        return SegmentConfig(
-            max_guests=max_guests,
-            ring_size=ring_size,
-            size_classes=tuple(classes),
-            max_channels=max_channels,
-            initial_credit=credit,
-            heartbeat_interval=hb_ns / 1e9,
-            memory_limit=mem_limit,
-            max_payload_size=max_payload,
-        )
-    except ConfigError as e:
-        raise SegmentError(path, f"header describes an invalid configuration ({e})") from None
-
-
-def _validate_and_map(fd: int, path: Path, st: os.stat_result) -> tuple[mmap.mmap, SegmentLayout]:
-    """The header checks shared by attach by path and by fd, then the map."""
-    fields = _read_header(fd, path, st.st_size)
-    magic, version, hsize, total = fields[0], fields[1], fields[2], fields[3]
-    if magic != L.MAGIC:
-        raise SegmentError(
-            path, f"bad magic {magic!r} (expected {L.MAGIC!r}): not a shmpool "
-            "segment, or its host has not finished creating it"
-        )
-    if version != L.VERSION:
-        raise SegmentError(
-            path, f"format version {version}, this shmpool speaks {L.VERSION}; "
-            "host and guest must run the same shmpool"
-        )
-    if hsize != L.HEADER_SIZE:
-        raise SegmentError(path, f"header size {hsize}, expected {L.HEADER_SIZE}")
-    if total > st.st_size:
-        raise SegmentError(
-            path, f"file is {st.st_size} bytes but its header says {total}: truncated"
-        )
-    config = _config_from_header(fd, path, fields, st.st_size)
-    layout = SegmentLayout.compute(config)
-    expect = (layout.total_size, layout.peer_table_offset, layout.slot_region_offset)
-    found = (total, fields[8], fields[9])
-    if expect != found:
-        raise SegmentError(
-            path, f"header offsets (total, peers, slots) = {found} disagree with "
-            f"the layout its own configuration implies {expect}"
-        )
-    if fields[11] != L.INLINE_CAPACITY:
-        raise SegmentError(path, f"inline threshold {fields[11]}, expected {L.INLINE_CAPACITY}")
-    fs = os.fstatvfs(fd)  # (a memfd's file system has no size: f_blocks 0)
-    if fs.f_blocks and layout.min_memory_limit > fs.f_blocks * fs.f_frsize:
-        raise SegmentError(
-            path, f"header says the segment needs {layout.min_memory_limit} bytes (its control "
-            f"region and one extent of each size class), more than its whole file system "
-            f"holds ({fs.f_blocks * fs.f_frsize}); not a segment a host could create"
-        )
-    try:
-        mm = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError, OverflowError) as e:
-        raise SegmentError(path, f"cannot map {layout.total_size} bytes: {e}") from None
-    return mm, layout
 
 
 def _size_and_map(fd: int, path: Path, layout: SegmentLayout) -> mmap.mmap:
@@ -432,7 +336,7 @@ class Segment:
         fd = open_existing(path)
         try:
             st = check_file(fd, path)
-            mm, layout = _validate_and_map(fd, path, st)
+            mm, layout = validate_and_map(fd, path, st)
         except BaseException:
             os.close(fd)
             raise
@@ -464,7 +368,7 @@ class Segment:
         if not seals & F_SEAL_SHRINK:
             raise SegmentError(path, f"segment fd {fd} is not sealed against shrinking "
                                "(a truncation could turn mapped pages into SIGBUS)")
-        mm, layout = _validate_and_map(fd, path, st)
+        mm, layout = validate_and_map(fd, path, st)
         os.set_inheritable(fd, False)
         return cls(path, fd, mm, layout, is_host=False, anonymous=True)
 

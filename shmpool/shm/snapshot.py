@@ -47,7 +47,7 @@ from .. import procinfo
 from ..errors import SegmentError
 from . import layout as L
 from .files import SEGMENT_PREFIX, default_directory
-from .segment import _config_from_header
+from .header import config_from_header
 
 PEER_STATES = ("empty", "attached", "goodbye", "reserved")
 # The link name of a segment's memfd in /proc/PID/fd (segment.py names it
@@ -236,7 +236,7 @@ def _check_header(fd: int, name: str, st: os.stat_result) -> tuple[tuple, L.Segm
         raise SegmentError(name, f"header size {hsize}, expected {L.HEADER_SIZE}: corrupt")
     if total > st.st_size:
         raise SegmentError(name, f"file is {st.st_size} bytes but its header says {total}: truncated")
-    config = _config_from_header(fd, Path(name), fields, st.st_size)
+    config = config_from_header(fd, Path(name), fields, st.st_size)
     layout = L.SegmentLayout.compute(config)
     expect = (layout.total_size, layout.peer_table_offset, layout.slot_region_offset)
     found = (total, fields[8], fields[9])
