@@ -25,6 +25,7 @@ Modules, lowest first (each imports only the ones above it in this list):
               registry of host machinery and `creating`
     forkserver  the forkserver start method, host side: the program's
               template, `launch`, the guest's process handle
+    starting  `Starting`: a started guest's process recorded and watched
     driver    `Driver`: the driver thread's loop, delivery, scans, spawning
     host      `ShmHost`, the object the layer above holds
     guest     `ShmGuest`, `run_guest`: the guest's side

@@ -20,7 +20,9 @@ need (none of them refers back to the `Driver`):
   corruption and the shutdown, given the segment, the table, the watches,
   the statistics and this driver's `deliver`;
 - `discovery` (`Discovery`, discovery.py): adoption of guests that
-  attached without a ticket, run from the periodic scan.
+  attached without a ticket, run from the periodic scan;
+- `starting` (`Starting`, starting.py): a started guest's process
+  recorded and watched (its doorbell, its pidfd).
 
 Data flow:
 - Other threads hand work to the driver through `call()` (a command queue
@@ -77,11 +79,12 @@ from ..shm import layout as L
 from .discovery import Discovery
 from .endings import Endings, callback_error
 from .peer import (
-    ATTACHED, BATCH, DEAD, LEAVING, RESERVED, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
+    ATTACHED, BATCH, DEAD, LEAVING, SPAWNED, HOST_SLEEPING, HostPeer, PeerState,
 )
-from .forkchild import HostMachinery, add_machinery, creating
+from .forkchild import HostMachinery, add_machinery
 from .launch import GuestCommand, start_function
 from .spawn import popen_guest
+from .starting import Starting
 from .table import PeerTable
 from .watch import HANGUP, Watches
 
@@ -137,6 +140,7 @@ class Driver:
                                    self._check_attached)
         # (a forked guest of any host closes this one's fds: launch.py)
         self.machinery = HostMachinery(segment, self.table, self.watches, self.endings)
+        self.starting = Starting(self._lock, self.table, self.endings, self.watches, self.stats)
         add_machinery(self.machinery)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -518,57 +522,18 @@ class Driver:
             self.discovery.run()
 
     # ------------------------------------------------------------------
-    # Spawning (driver thread only)
+    # Spawning (driver thread only: every guest's parent thread is this one)
     # ------------------------------------------------------------------
 
     def do_spawn(self, p: HostPeer, argv, append_args: bool, popen_kw: dict):
         """`ShmHost.spawn`: a fresh interpreter started with `argv`."""
-        return self._start(p, "spawn", lambda: popen_guest(p.ticket, argv, append_args=append_args,
-                                                           **popen_kw))
+        return self.starting.start(p, "spawn", lambda: popen_guest(p.ticket, argv, append_args=append_args,
+                                                                   **popen_kw))
 
     def do_launch(self, p: HostPeer, command: GuestCommand, method: str):
         """`ShmHost.launch`: `command` started by `method` (launch.py).
         spec: exec.start-method"""
-        return self._start(p, method, start_function(p.ticket, command, method))
-
-    def _start(self, p: HostPeer, method: str, start):
-        """Start `p`'s guest with `start()` (a process handle) and watch it.
-        spec: shm.guest.pdeathsig -- the guest's parent thread is this
-        long-lived driver thread, so its PDEATHSIG fires only when the
-        host really goes away."""
-        with self._lock:
-            if p.phase != RESERVED or self.table.peers.get(p.peer_id) is not p:
-                raise HubError(f"ticket for peer {p.peer_id} was already spawned or released")
-            if self.endings.closing:
-                raise HubError("the host is closing")
-        try:
-            with _threads.unblocked():  # (the child inherits this thread's mask: forked too)
-                proc = start()
-        except BaseException:
-            self.stats["spawn_failures"] += 1
-            self.table.release_reserved(p)  # spec: shm.spawn.reserved-state
-            raise
-        p.guest_end.close()  # the child holds the only other copy now
-        p.guest_end = None
-        p.proc = proc
-        p.pid = p.info.pid = proc.pid
-        p.info.spawned_ns = monotonic_ns()
-        # Works on a zombie too: nobody else reaps it. A forkserver guest is
-        # the template's child, reaped by it at any time: its handle brings
-        # a pidfd taken before that could happen. spec: shm.spawn.forkserver
-        fd = getattr(proc, "watch_fd", None)
-        if fd is None:
-            with creating():  # (a guest another host forks meanwhile closes it)
-                p.pidfd = os.pidfd_open(proc.pid)
-        else:
-            p.pidfd = fd
-        with self._lock:
-            p.phase = SPAWNED
-        self.watches.register(p.doorbell.fileno(), p, "doorbell")
-        self.watches.register(p.pidfd, p, "pidfd")
-        self.stats["spawns"] += 1
-        self.stats["spawns_" + method] += 1
-        return proc
+        return self.starting.start(p, method, start_function(p.ticket, command, method))
 
     # ------------------------------------------------------------------
     # The end
