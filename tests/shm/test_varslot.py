@@ -455,8 +455,12 @@ def test_exhausted_allocator_sleeps_until_a_free(shm_children, wait_backend):
         word0 = _atomics.load_u32(seg.buf, hdr + L.C_WAIT_WORD)
         t_free = time.monotonic()
         host.free(tight.pop())
-        # the free signalled the sleeper: it moved the word the waiter sleeps on
-        assert _atomics.load_u32(seg.buf, hdr + L.C_WAIT_WORD) == word0 + 1
+        # the free signalled the sleeper: it moved the word the waiter sleeps
+        # on; unless the sleeper, awake on its own (a poll nap, the end of a
+        # futex slice), took the slot between the push and the freer's look
+        # at the waiter count, and so left nobody to signal
+        moved = _atomics.load_u32(seg.buf, hdr + L.C_WAIT_WORD) == word0 + 1
+        assert moved or waiters() == 0
         out = event(p)
         p.wait(timeout=30)
         assert out["got"], out
