@@ -21,9 +21,9 @@ pickles that call (cloudpickle: the task's function by reference when
 importable, by value otherwise; the dependencies in `data` with it), a
 shmpool worker runs it and returns the message Dask expects (result, or
 the exception and traceback, timings), and the Dask worker goes on as for
-a thread. A shmpool worker that dies mid-task is replaced and the task run
-again (`max_retries`) inside the Dask worker: the scheduler sees one task
-that took longer. `teardown(worker)` (at `Worker.close`, before Dask shuts
+a thread (spec: int.dask.executor). A shmpool worker that dies mid-task is
+replaced and the task run again (`max_retries`) inside the Dask worker:
+the scheduler sees one task that took longer (spec: int.dask.retry). `teardown(worker)` (at `Worker.close`, before Dask shuts
 down its executors, or when the plugin is replaced or unregistered) takes
 the executor out of `worker.executors` and closes it in a thread
 (`close_executor`): queued tasks cancelled, running ones given
