@@ -23,11 +23,13 @@ shmpool worker runs it and returns the message Dask expects (result, or
 the exception and traceback, timings), and the Dask worker goes on as for
 a thread (spec: int.dask.executor). A shmpool worker that dies mid-task is
 replaced and the task run again (`max_retries`) inside the Dask worker:
-the scheduler sees one task that took longer (spec: int.dask.retry). `teardown(worker)` (at `Worker.close`, before Dask shuts
-down its executors, or when the plugin is replaced or unregistered) takes
-the executor out of `worker.executors` and closes it in a thread
+the scheduler sees one task that took longer (spec: int.dask.retry).
+`teardown(worker)` (at `Worker.close`, before Dask shuts down its
+executors, or when the plugin is replaced or unregistered) takes the
+executor out of `worker.executors` and closes it in a thread
 (`close_executor`): queued tasks cancelled, running ones given
-`CLOSE_GRACE` seconds, then the workers terminated.
+`close_grace` seconds (`CLOSE_GRACE` by default), then their workers
+terminated.
 
 Invariants: a Dask worker holds at most one shmpool executor under
 `EXECUTOR` (a plugin registered again replaces the previous one, which
@@ -100,7 +102,7 @@ def close_executor(ex: ShmExecutor, grace: float = CLOSE_GRACE) -> None:
     if manager.is_alive():
         logger.warning("shmpool: tasks still running %g s after the Dask worker began closing; "
                        "terminating their workers", grace)
-    ex.terminate_workers()  # (after a clean close: nothing left, returns at once)
+        ex.terminate_workers()  # (returns once the workers are gone and the core closed)
 
 
 class ShmpoolPlugin(WorkerPlugin):
