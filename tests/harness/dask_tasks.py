@@ -72,3 +72,16 @@ def die() -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def children() -> list[int]:
+    """`client.run(children)`: the Dask worker's child processes (its
+    shmpool workers, or the forkserver template that forks them)."""
+    pid = os.getpid()
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(p) for p in open(f"/proc/{pid}/task/{t}/children").read().split()]
+        except OSError:
+            continue
+    return out

@@ -33,6 +33,33 @@ def _cluster(**kw) -> LocalCluster:
                         host="127.0.0.1", **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _program_resources():
+    """What distributed keeps for the life of the program, made before the
+    module's first leak check looks and ended at the module's end if this
+    module made it: the thread of `distributed.utils._offload_executor`
+    ("Dask-Offload", started at its first use: a new executor stands in for
+    it afterwards, its thread started lazily as the original's), and
+    multiprocessing's resource tracker process (the Nanny starts Dask
+    workers through multiprocessing's spawn, which starts it)."""
+    from multiprocessing import resource_tracker
+
+    import distributed.utils as dutils
+
+    tracker = resource_tracker._resource_tracker
+    tracker_ours = tracker._pid is None
+    offload = dutils._offload_executor
+    offload_ours = not offload._threads
+    tracker.ensure_running()
+    offload.submit(int).result()
+    yield
+    if offload_ours and dutils._offload_executor is offload:
+        dutils._offload_executor = type(offload)(max_workers=1, thread_name_prefix="Dask-Offload")
+        offload.shutdown(wait=True)
+    if tracker_ours:
+        tracker._stop()
+
+
 _module_client: list[Client] = []  # (the module cluster's client while it is up)
 
 
@@ -253,13 +280,14 @@ def test_plugin_replaces_and_unregistering_closes_the_executor(client):
 @pytest.mark.spec("int.dask.preload")
 @pytest.mark.spec("int.dask.options")
 @pytest.mark.named_segment
-def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog):
+@pytest.mark.parametrize("method", [None, "forkserver"])  # (None: the Dask worker's default, spawn)
+def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog, method):
     monkeypatch.setenv("DASK_SHMPOOL__MAX_WORKERS", "3")  # (read by the Dask worker's config)
     with caplog.at_level(logging.INFO, logger="shmpool.dask"), \
             _cluster(n_workers=1, scheduler_kwargs={"preload": ["shmpool.dask"]}) as cluster, \
             Client(cluster) as c:
         assert "shmpool.dask preloaded by a Scheduler: nothing to do" in caplog.text
-        c.register_plugin(ShmpoolPlugin(close_grace=0.5))
+        c.register_plugin(ShmpoolPlugin(close_grace=0.5, start_method=method))
         assert next(iter(c.run(tasks.shm_state).values()))["max_workers"] == 3
         assert c.run(lambda: __import__("multiprocessing").current_process().daemon) == {
             a: True for a in c.scheduler_info()["workers"]}  # (the Nanny's default)
@@ -271,8 +299,10 @@ def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, 
         wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "a task is running at the shutdown")
         shm_pids = next(iter(c.run(tasks.shm_state).values()))["pids"]
         assert tasks.runs(tmp_path)[0] in shm_pids
+        kids = next(iter(c.run(tasks.children).values()))  # (with forkserver: its template)
+        assert kids and (method == "forkserver" or set(kids) == set(shm_pids))
         assert list(named_segments.iterdir())  # (the executor's segment, while it runs)
         del running
-    for pid in [dask_pid, *shm_pids]:
+    for pid in {dask_pid, *shm_pids, *kids}:
         wait_for(lambda: not _alive(pid), f"process {pid} ended")
     assert list(named_segments.iterdir()) == []
