@@ -4,8 +4,9 @@ preload module or the worker plugin; tasks annotated
 `dask.annotate(executor="shmpool")` run in shmpool workers.
 
 One cluster serves the module (two Dask workers, two threads each, the
-preload with `--shmpool-max-workers=2` and the config `shmpool.start-method:
-fork`); the shutdown test starts its own, to watch everything go away."""
+preload with `--shmpool-max-workers=3` and the config `shmpool.start-method:
+fork`, `shmpool.max-retries: 1`); the shutdown test starts its own, to
+watch everything go away."""
 
 from __future__ import annotations
 
@@ -61,13 +62,14 @@ def _program_resources():
 
 
 _module_client: list[Client] = []  # (the module cluster's client while it is up)
+_preloaded: dict = {}  # Dask worker address -> its executor as the preload made it
 
 
 @pytest.fixture(scope="module")
 def client():
-    with dask.config.set({"shmpool.start-method": "fork"}):
+    with dask.config.set({"shmpool.start-method": "fork", "shmpool.max-retries": 1}):
         cluster = _cluster(n_workers=2, preload=["shmpool.dask"],
-                           preload_argv=["--shmpool-max-workers=2"])
+                           preload_argv=["--shmpool-max-workers=3"])
     c = Client(cluster)
     _module_client.append(c)
     try:
@@ -76,6 +78,7 @@ def client():
         # started before the first test's leak check looks)
         with dask.annotate(executor="shmpool"):
             c.gather(c.map(tasks.whoami, range(4), pure=False))
+        _preloaded.update(c.run(tasks.shm_state))  # (before a test registers the plugin again)
         yield c
     finally:
         _module_client.clear()
@@ -155,9 +158,10 @@ def _alive(pid: int) -> bool:
 def test_tasks_run_in_a_shmpool_worker_of_their_dask_worker(client):
     _use(client, "fork")
     dask_pids = client.run(os.getpid)
-    states = client.run(tasks.shm_state)
-    for addr, st in states.items():  # the preload's options: argv and config
-        assert st["max_workers"] == 2 and st["start_method"] == "fork", st
+    assert sorted(_preloaded) == _addresses(client)
+    for addr, st in _preloaded.items():  # the preload's options: argv and config
+        assert st["max_workers"] == 3 and st["start_method"] == "fork", st
+        assert st["nthreads"] == 2 and st["pids"], st
     for addr in _addresses(client):
         with dask.annotate(executor="shmpool"):
             futs = client.map(tasks.whoami, range(6), workers=[addr], pure=False)
@@ -231,10 +235,10 @@ def test_a_task_that_kills_every_worker_fails_alone_with_worker_crashed_error(cl
     before = client.run(tasks.shm_state, workers=[addr])[addr]
     with dask.annotate(executor="shmpool"):
         doomed = client.submit(tasks.die, workers=[addr], pure=False)
-    with pytest.raises(WorkerCrashedError, match="crashed its worker 3 time"):
-        doomed.result(timeout=60)
+    with pytest.raises(WorkerCrashedError, match="crashed its worker 2 time"):
+        doomed.result(timeout=60)  # (max_retries: 1, from the Dask worker's config)
     after = client.run(tasks.shm_state, workers=[addr])[addr]
-    assert after["worker_deaths"] == before["worker_deaths"] + 3  # (1 + max_retries runs)
+    assert after["worker_deaths"] == before["worker_deaths"] + 2  # (1 + max_retries runs)
     with dask.annotate(executor="shmpool"):  # the executor and the Dask worker go on
         assert client.submit(tasks.square, 9, workers=[addr], pure=False).result(timeout=60) == 81
     assert client.run(os.getpid) == dask_pids
