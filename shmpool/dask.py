@@ -57,6 +57,7 @@ from .executor import ShmExecutor
 
 EXECUTOR = "shmpool"  # the name tasks give: dask.annotate(executor="shmpool")
 CLOSE_GRACE = 10.0  # seconds running tasks get at a close before their workers are terminated
+MAX_WORKERS = 255  # ShmExecutor's bound (a segment's peer entries)
 _OPTIONS = ("max_workers", "start_method", "max_retries")
 
 logger = logging.getLogger(__name__)
@@ -67,15 +68,15 @@ def options(worker: Worker, given: dict) -> dict:
     the preload's), else Dask's config `shmpool.<option>` (dashes for
     underscores), else the defaults: `max_workers` the Dask worker's
     `nthreads` (Dask runs at most that many of its tasks at once, so more
-    shmpool workers would idle), the start method the running Python's
-    default. `start_method` ("fork", "forkserver", "spawn") becomes
-    `mp_context`. spec: int.dask.options"""
+    shmpool workers would idle; at most MAX_WORKERS), the start method the
+    Dask worker's multiprocessing default. `start_method` ("fork",
+    "forkserver", "spawn") becomes `mp_context`. spec: int.dask.options"""
     kw = dict(given)
     for name in _OPTIONS:
         if kw.get(name) is None:
             kw[name] = dask.config.get(f"shmpool.{name.replace('_', '-')}", None)
     if kw["max_workers"] is None:
-        kw["max_workers"] = worker.state.nthreads
+        kw["max_workers"] = min(worker.state.nthreads, MAX_WORKERS)
     method = kw.pop("start_method")
     if method is not None:
         if kw.get("mp_context") is not None:
@@ -126,9 +127,11 @@ class ShmpoolPlugin(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         kw = options(worker, self.executor_kwargs)
-        old = worker.executors.get(EXECUTOR)
-        if old is not None and not isinstance(old, ShmExecutor):
-            raise ValueError(f"the Dask worker already has an executor named {EXECUTOR!r}: {old!r}")
+        old = worker.executors.get(EXECUTOR)  # (not ours: Dask tore our previous plugin down first)
+        if old is not None:
+            raise ValueError(f"the Dask worker already has an executor named {EXECUTOR!r} ({old!r}): "
+                             f"another plugin or the worker's `executor=` made it; remove that one "
+                             f"(client.unregister_worker_plugin) before registering this plugin")
         self.executor = ShmExecutor(**kw)
         worker.executors[EXECUTOR] = self.executor
         logger.info("shmpool: %r is the Dask worker's executor %r", self.executor, EXECUTOR)
@@ -142,7 +145,10 @@ class ShmpoolPlugin(WorkerPlugin):
         grace = self.close_grace
         if grace is None:
             grace = float(dask.config.get("shmpool.close-grace", CLOSE_GRACE))
-        await asyncio.to_thread(close_executor, ex, grace)
+        try:
+            await asyncio.to_thread(close_executor, ex, grace)
+        except RuntimeError:  # (no new thread at interpreter shutdown: close here, bounded all the same)
+            close_executor(ex, grace)
 
 
 @click.command(name="dask_setup", context_settings={"ignore_unknown_options": False})

@@ -255,6 +255,11 @@ def test_plugin_replaces_and_unregistering_closes_the_executor(client):
     old_pids = [p for st in old.values() for p in st["pids"]]
     assert old_pids
     dask_pids = client.run(os.getpid)
+    # a second plugin under another name does not take the executor over
+    with pytest.raises(ValueError, match="already has an executor named 'shmpool'"):
+        client.register_plugin(ShmpoolPlugin(start_method="spawn"), name="second")
+    client.unregister_worker_plugin("second")
+    assert client.run(tasks.shm_state) == old
     client.register_plugin(ShmpoolPlugin(start_method="spawn"))  # max_workers: the nthreads
     new = client.run(tasks.shm_state)
     for st in new.values():
