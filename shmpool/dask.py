@@ -49,9 +49,12 @@ import asyncio
 import logging
 import multiprocessing
 
-import click
-import dask.config
-from distributed import Worker, WorkerPlugin
+try:
+    import click
+    import dask.config
+    from distributed import Worker, WorkerPlugin
+except ImportError as e:  # (an optional extra)
+    raise ImportError(f"shmpool.dask needs Dask distributed ({e}): pip install 'shmpool[dask]'") from e
 
 from .executor import ShmExecutor
 

@@ -85,3 +85,10 @@ def children() -> list[int]:
         except OSError:
             continue
     return out
+
+
+def daemonic() -> bool:
+    """`client.run(daemonic)`: whether the Dask worker is a daemonic process."""
+    import multiprocessing
+
+    return multiprocessing.current_process().daemon

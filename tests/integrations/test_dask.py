@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import traceback
 
 import pytest
 
@@ -192,7 +193,7 @@ def test_results_dependencies_and_errors_flow_back(client):
     with pytest.raises(tasks.TaskFailed, match="the tests' own class"):
         own.result(timeout=60)
     assert bad.status == "error"
-    tb = "".join(__import__("traceback").format_tb(bad.traceback()))
+    tb = "".join(traceback.format_tb(bad.traceback()))
     assert "in fail" in tb  # the traceback from the shmpool worker
 
 
@@ -298,8 +299,8 @@ def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, 
         assert "shmpool.dask preloaded by a Scheduler: nothing to do" in caplog.text
         c.register_plugin(ShmpoolPlugin(close_grace=0.5, start_method=method))
         assert next(iter(c.run(tasks.shm_state).values()))["max_workers"] == 3
-        assert c.run(lambda: __import__("multiprocessing").current_process().daemon) == {
-            a: True for a in c.scheduler_info()["workers"]}  # (the Nanny's default)
+        workers = c.scheduler_info()["workers"]
+        assert c.run(tasks.daemonic) == {a: True for a in workers}  # (the Nanny's default)
         dask_pid = next(iter(c.run(os.getpid).values()))
         with dask.annotate(executor="shmpool"):
             done = c.submit(tasks.whoami, 1, pure=False)
