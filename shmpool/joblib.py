@@ -29,13 +29,16 @@ call using it. The worker program imports this module only to unpickle
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import threading
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import (
-    AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend,
+    AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend,
 )
+
+from . import current_executor
 
 # Options of `parallel_config("shmpool", ...)` / `parallel_backend("shmpool", ...)`
 # handed to `ShmExecutor`; the others joblib passes (memmapping's
@@ -43,6 +46,8 @@ from joblib._parallel_backends import (
 # do not apply: arrays travel through shared memory.
 EXECUTOR_OPTIONS = ("max_retries", "max_inflight", "task_timeout", "worker_logging",
                     "segment_config", "mp_context")
+
+START_METHODS = ("fork", "forkserver", "spawn")  # (those shmpool starts workers with)
 
 # The environment variables that cap the thread pools of numerical
 # libraries in each worker, as joblib sets them for loky's workers.
@@ -198,6 +203,13 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        if current_executor() is not None:  # spec: int.joblib.nested
+            # In a task of a shmpool worker: no pool inside a worker (it would
+            # multiply the processes); what joblib gives a nested call
+            # under loky instead: threads, then sequential one level deeper.
+            nested = self.nesting_level or 0
+            raise FallbackToBackend(ThreadingBackend(nesting_level=nested) if nested <= 1
+                                    else SequentialBackend(nesting_level=nested))
         self.parallel = parallel
         if self._executor is None:
             self._executor = self._acquire(n_jobs, context)
@@ -207,11 +219,16 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def _acquire(self, n_jobs, context):
         options = dict(self.backend_kwargs)
-        if options.get("mp_context") is None and context is not None:
-            options["mp_context"] = context  # (joblib's: JOBLIB_START_METHOD, or multiprocessing's default)
+        if options.get("mp_context") is None:
+            # joblib's context: JOBLIB_START_METHOD, or multiprocessing's
+            # default; in a loky worker that is loky's own, which shmpool
+            # does not use: then the platform's default method.
+            if context is None or context.get_start_method() not in START_METHODS:
+                context = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+            options["mp_context"] = context
         env = self._prepare_worker_env(n_jobs)
         limits = tuple(sorted(env.items()))
-        method = options["mp_context"].get_start_method() if options.get("mp_context") else None
+        method = options["mp_context"].get_start_method()
         key = (n_jobs, limits, method, tuple(sorted((k, repr(v)) for k, v in options.items()
                                                     if k != "mp_context")))
 
