@@ -31,7 +31,11 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import pickle
 import threading
+import types
+
+import cloudpickle
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import (
@@ -39,6 +43,7 @@ from joblib._parallel_backends import (
 )
 
 from . import current_executor
+from .exec.serialization import _by_value
 
 # Options of `parallel_config("shmpool", ...)` / `parallel_backend("shmpool", ...)`
 # handed to `ShmExecutor`; the others joblib passes (memmapping's
@@ -61,6 +66,21 @@ CALLBACK_WAIT = 60.0
 def _run_batch(batch):
     """In a worker: run one joblib batch (`BatchedCalls`), its results a list."""
     return batch()
+
+
+class _ByValue:
+    """A function the worker cannot import by name (defined in `__main__`,
+    in a function, a lambda), pickled by value once per `Parallel` call:
+    a batch of thousands of calls to it then pickles with the C pickler
+    (the function once, as bytes), instead of wholly with cloudpickle."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, fn) -> None:
+        self.data = cloudpickle.dumps(fn, protocol=5)
+
+    def __reduce__(self):
+        return pickle.loads, (self.data,)
 
 
 def _limit_threads(env: dict) -> None:
@@ -149,6 +169,9 @@ def get_executor():
 
 class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib's parallel backend on a `ShmExecutor` (module docstring).
+    joblib's auto batch size is its `AutoBatchingMixin`'s, as loky's
+    (spec: int.joblib.batching); scikit-learn's `n_jobs` goes through it
+    like any `Parallel` (spec: int.joblib.sklearn).
 
     `parallel_config("shmpool", n_jobs=N, **options)`: N workers (-1: one
     per CPU, `os.process_cpu_count()`/`os.cpu_count()`); `options` among
@@ -163,7 +186,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     # itself (`retrieve_result`), without the poll. "generator_unordered"
     # keeps joblib's callback retrieval.
     supports_retrieve_callback = True
-    supports_return_generator = True
+    supports_return_generator = True  # spec: int.joblib.generator
     supports_timeout = True
     supports_inner_max_num_threads = True
     supports_sharedmem = False
@@ -181,6 +204,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._lock = threading.Lock()
         self._futures: set = set()  # this call's tasks not done yet
         self._failed = None  # ordered mode: the call's first failed batch
+        self._wrapped: dict = {}  # function -> its _ByValue, for this call
 
     def effective_n_jobs(self, n_jobs):
         """Workers for `n_jobs`: -1 is one per CPU, -2 all but one, as joblib
@@ -240,9 +264,14 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         return _reusable.acquire(key, make)
 
     def submit(self, func, callback=None):
-        """Send one batch to a worker; joblib's `callback` runs on the driver
-        thread when it is done (not after a failure in ordered mode: the
-        call is being aborted, nothing more is dispatched)."""
+        """Send one batch to a worker, as one task (a worker's death while
+        it runs costs a rerun on a replacement: spec: int.joblib.crash);
+        joblib's `callback` runs on the driver thread when it is done (not
+        after a failure in ordered mode: the call is being aborted,
+        nothing more is dispatched)."""
+        items = getattr(func, "items", None)
+        if items:  # (a joblib BatchedCalls)
+            self._by_value_functions(items)
         fut = self._executor.submit(_run_batch, func)
         with self._lock:
             self._futures.add(fut)
@@ -254,6 +283,21 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             fut._shmpool_joblib = threading.Event()
             fut.add_done_callback(functools.partial(self._done, callback))
         return fut
+
+    def _by_value_functions(self, items: list) -> None:
+        """The batch's calls of a function that must be pickled by value
+        get it as `_ByValue` (made once per call of `Parallel`). Only the
+        first call's function is looked at (a batch is mostly calls of
+        one function; others are pickled as they are)."""
+        fn = items[0][0]
+        if type(fn) is not types.FunctionType or not _by_value(fn):
+            return
+        wrapped = self._wrapped.get(fn)
+        if wrapped is None:
+            wrapped = self._wrapped[fn] = _ByValue(fn)
+        for i, (f, args, kwargs) in enumerate(items):
+            if f is fn:
+                items[i] = (wrapped, args, kwargs)
 
     def _forget(self, fut) -> None:
         with self._lock:
@@ -322,6 +366,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             ex, self._executor = self._executor, None
         if ex is not None:
             _reusable.release(ex)
+        self._wrapped = {}
         self.reset_batch_stats()
 
 

@@ -4,6 +4,7 @@ reference: tests/ is on the workers' sys.path)."""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import time
@@ -63,7 +64,7 @@ def nested_default(n):
 
 def nested_explicit(n):
     """An inner Parallel asking for "shmpool" explicitly, inside a worker."""
-    import shmpool.joblib  # noqa: F401 - (registers the backend in this worker)
+    importlib.import_module("shmpool.joblib")  # (registers the backend in this worker)
 
     with parallel_config("shmpool", n_jobs=2):
         p = Parallel()
@@ -74,7 +75,7 @@ def nested_explicit(n):
 def thread_limits(_=None):
     from threadpoolctl import threadpool_info
 
-    import numpy  # noqa: F401 - (its BLAS, for threadpoolctl to see)
+    importlib.import_module("numpy")  # (its BLAS, for threadpoolctl to see)
 
     return os.environ.get("OMP_NUM_THREADS"), [i["num_threads"] for i in threadpool_info()]
 

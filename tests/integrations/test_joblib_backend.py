@@ -17,7 +17,6 @@ from joblib import Parallel, delayed, parallel_backend, parallel_config  # noqa:
 
 import shmpool.joblib as sj  # noqa: E402
 from harness import joblib_tasks as T  # noqa: E402
-from harness.polling import wait_for  # noqa: E402
 
 
 def _stop_loky() -> None:
@@ -59,6 +58,10 @@ def test_registered_under_shmpool_for_parallel_config_and_parallel_backend():
         assert Parallel()(delayed(T.tiny)(i) for i in range(100)) == [T.tiny(i) for i in range(100)]
     with parallel_backend("shmpool", n_jobs=2):
         assert set(Parallel()(delayed(T.pid)(i) for i in range(8))) <= _worker_pids()
+    # functions the workers cannot import (a closure, a lambda): by value
+    k = 5
+    assert Parallel(n_jobs=2, backend="shmpool")(delayed(lambda x: x + k)(i) for i in range(3000)) \
+        == [i + 5 for i in range(3000)]
     # and by name, on Parallel itself
     assert Parallel(n_jobs=2, backend="shmpool")(delayed(T.tiny)(i) for i in range(5)) == [1, 3, 5, 7, 9]
     with pytest.raises(TypeError, match="no option bogus"):
