@@ -58,10 +58,6 @@ START_METHODS = ("fork", "forkserver", "spawn")  # (those shmpool starts workers
 # libraries in each worker, as joblib sets them for loky's workers.
 THREAD_VARS = tuple(ParallelBackendBase.MAX_NUM_THREADS_VARS)
 
-# Bound on the wait, after a batch's result, for joblib's callback (run on
-# the executor's driver thread right after the future is set) to have run.
-CALLBACK_WAIT = 60.0
-
 
 def _run_batch(batch):
     """In a worker: run one joblib batch (`BatchedCalls`), its results a list."""
@@ -95,6 +91,17 @@ def _limit_threads(env: dict) -> None:
     except ImportError:
         return
     threadpool_limits(int(env["OMP_NUM_THREADS"]))
+
+
+class _Batch:
+    """A batch in flight in ordered mode (what `submit` returns to joblib):
+    its future, and `accounted`, set once joblib's callback for it ran."""
+
+    __slots__ = ("future", "accounted")
+
+    def __init__(self, future) -> None:
+        self.future = future
+        self.accounted = threading.Event()
 
 
 class _Reusable:
@@ -280,8 +287,9 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             if callback is not None:
                 fut.add_done_callback(callback)
         else:
-            fut._shmpool_joblib = threading.Event()
-            fut.add_done_callback(functools.partial(self._done, callback))
+            batch = _Batch(fut)
+            fut.add_done_callback(functools.partial(self._done, callback, batch))
+            return batch
         return fut
 
     def _by_value_functions(self, items: list) -> None:
@@ -303,7 +311,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             self._futures.discard(fut)
 
-    def _done(self, callback, fut) -> None:
+    def _done(self, callback, batch, fut) -> None:
         """Ordered mode, on the driver thread: joblib's callback (accounting,
         the batch size, the next batch), then the future marked as
         accounted for; the first failure aborts the call's other tasks
@@ -320,7 +328,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             elif callback is not None:
                 callback(fut)
         finally:
-            fut._shmpool_joblib.set()
+            batch.accounted.set()
 
     def retrieve_result_callback(self, future):
         """generator_unordered: the batch's results, or the exception its call
@@ -328,23 +336,23 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         spec: int.joblib.errors"""
         return future.result()
 
-    def retrieve_result(self, future, timeout=None):
+    def retrieve_result(self, batch, timeout=None):
         """Ordered mode, on the thread consuming `Parallel`'s results: wait
-        for the batch (the waiting thread fetches its answer itself), and
-        for joblib's callback to have counted it, so that joblib's loop does
-        not sleep its 10 ms poll after the last batch. A batch cancelled
-        because another failed raises that failure. spec: int.joblib.errors"""
+        until joblib's callback for the batch has run (so that joblib's loop
+        counts it done and never sleeps its 10 ms poll), sleeping on an
+        event: this thread neither spins nor fetches answers itself, which
+        would take CPU from the driver thread running joblib's dispatch.
+        A batch cancelled because another failed raises that failure.
+        spec: int.joblib.errors"""
+        if not batch.accounted.wait(timeout):
+            raise TimeoutError(f"a batch of joblib calls was not done within {timeout} s")
         try:
-            out = future.result(timeout)
-        except BaseException as e:
+            return batch.future.result(0)
+        except BaseException:
             failed = self._failed
-            if failed is not None and failed is not future and not isinstance(e, TimeoutError):
+            if failed is not None and failed is not batch.future:
                 failed.result()  # (raises the first failure)
             raise
-        if not future._shmpool_joblib.wait(CALLBACK_WAIT):
-            raise RuntimeError(f"joblib's callback for a batch did not run within {CALLBACK_WAIT} s "
-                               "of its result (the executor's driver thread is stuck?)")
-        return out
 
     def abort_everything(self, ensure_ready=True):
         """After a call's first error: its batches still queued are cancelled,
