@@ -11,19 +11,24 @@ Data flow: `Parallel` slices its calls into joblib's `BatchedCalls` (its
 own auto batch size: `AutoBatchingMixin`) -> `ShmpoolBackend.submit(batch,
 callback)` -> `ShmExecutor.submit(_run_batch, batch)`: the batch is an
 argument, pickled by shmpool (numpy arrays and other buffers of 4 KiB and
-more out of band, into shared slots: no memmap, nothing on disk) ->
-a worker runs it -> the driver thread sets the future and runs joblib's
-callback, which retrieves the result (`future.result()`) and dispatches
-the next batch. The first error makes joblib call `abort_everything`:
-this call's tasks still queued are cancelled and its running ones
-interrupted (`ShmExecutor.interrupt`); the workers stay.
+more out of band, into shared slots: no memmap, nothing on disk) -> a
+worker runs it -> the driver thread sets the future and
+runs joblib's callback (its accounting, the batch size, the next batch).
+Ordered results (a list, "generator"): the consuming thread waits for
+each batch in turn (`_Batch.accounted`, set after that callback) and
+takes its result (`retrieve_result`); "generator_unordered": joblib's
+callback takes it (`retrieve_result_callback`). The first error aborts the
+call (`abort_everything`, on the driver thread in ordered mode, from
+joblib otherwise): this call's tasks still queued are cancelled and its
+running ones interrupted (`ShmExecutor.interrupt`); the workers stay.
 
 Invariants: one executor per process at a time, keyed by its options
 (`n_jobs`, the worker thread limit, the start method, shmpool's knobs);
 a call with other options gets a new one, and the old one is shut down
 once the last backend using it is done; it is never shut down under a
 call using it. The worker program imports this module only to unpickle
-`_run_batch`: nothing of the host's machinery is imported at module level.
+`_run_batch` and the initializer: nothing of the host's machinery
+(`shmpool.executor`, the engine's host side) is imported at module level.
 """
 
 from __future__ import annotations
@@ -31,11 +36,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import pickle
 import threading
-import types
-
-import cloudpickle
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import (
@@ -43,7 +44,6 @@ from joblib._parallel_backends import (
 )
 
 from . import current_executor
-from .exec.serialization import _by_value
 
 # Options of `parallel_config("shmpool", ...)` / `parallel_backend("shmpool", ...)`
 # handed to `ShmExecutor`; the others joblib passes (memmapping's
@@ -54,29 +54,10 @@ EXECUTOR_OPTIONS = ("max_retries", "max_inflight", "task_timeout", "worker_loggi
 
 START_METHODS = ("fork", "forkserver", "spawn")  # (those shmpool starts workers with)
 
-# The environment variables that cap the thread pools of numerical
-# libraries in each worker, as joblib sets them for loky's workers.
-THREAD_VARS = tuple(ParallelBackendBase.MAX_NUM_THREADS_VARS)
-
 
 def _run_batch(batch):
     """In a worker: run one joblib batch (`BatchedCalls`), its results a list."""
     return batch()
-
-
-class _ByValue:
-    """A function the worker cannot import by name (defined in `__main__`,
-    in a function, a lambda), pickled by value once per `Parallel` call:
-    a batch of thousands of calls to it then pickles with the C pickler
-    (the function once, as bytes), instead of wholly with cloudpickle."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, fn) -> None:
-        self.data = cloudpickle.dumps(fn, protocol=5)
-
-    def __reduce__(self):
-        return pickle.loads, (self.data,)
 
 
 def _limit_threads(env: dict) -> None:
@@ -131,6 +112,8 @@ class _Reusable:
 
     def release(self, ex) -> None:
         with self._lock:
+            if ex not in self._users:  # (`shutdown()` came first: it shut it down)
+                return
             self._users[ex] -= 1
             if ex is not self._executor and self._users[ex] == 0:
                 del self._users[ex]
@@ -211,7 +194,6 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._lock = threading.Lock()
         self._futures: set = set()  # this call's tasks not done yet
         self._failed = None  # ordered mode: the call's first failed batch
-        self._wrapped: dict = {}  # function -> its _ByValue, for this call
 
     def effective_n_jobs(self, n_jobs):
         """Workers for `n_jobs`: -1 is one per CPU, -2 all but one, as joblib
@@ -244,9 +226,12 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self.parallel = parallel
         if self._executor is None:
             self._executor = self._acquire(n_jobs, context)
-        self._failed = None
         self.supports_retrieve_callback = not getattr(parallel, "return_ordered", True)
         return n_jobs
+
+    def start_call(self):
+        """A `Parallel` call begins (a managed backend sees several)."""
+        self._failed = None
 
     def _acquire(self, n_jobs, context):
         options = dict(self.backend_kwargs)
@@ -276,9 +261,6 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         joblib's `callback` runs on the driver thread when it is done (not
         after a failure in ordered mode: the call is being aborted,
         nothing more is dispatched)."""
-        items = getattr(func, "items", None)
-        if items:  # (a joblib BatchedCalls)
-            self._by_value_functions(items)
         fut = self._executor.submit(_run_batch, func)
         with self._lock:
             self._futures.add(fut)
@@ -291,21 +273,6 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             fut.add_done_callback(functools.partial(self._done, callback, batch))
             return batch
         return fut
-
-    def _by_value_functions(self, items: list) -> None:
-        """The batch's calls of a function that must be pickled by value
-        get it as `_ByValue` (made once per call of `Parallel`). Only the
-        first call's function is looked at (a batch is mostly calls of
-        one function; others are pickled as they are)."""
-        fn = items[0][0]
-        if type(fn) is not types.FunctionType or not _by_value(fn):
-            return
-        wrapped = self._wrapped.get(fn)
-        if wrapped is None:
-            wrapped = self._wrapped[fn] = _ByValue(fn)
-        for i, (f, args, kwargs) in enumerate(items):
-            if f is fn:
-                items[i] = (wrapped, args, kwargs)
 
     def _forget(self, fut) -> None:
         with self._lock:
@@ -325,7 +292,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
                         self._failed = fut
                 if first:
                     self.abort_everything()
-            elif callback is not None:
+            elif callback is not None and self._failed is None:  # (aborting: dispatch nothing more)
                 callback(fut)
         finally:
             batch.accounted.set()
@@ -374,7 +341,6 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             ex, self._executor = self._executor, None
         if ex is not None:
             _reusable.release(ex)
-        self._wrapped = {}
         self.reset_batch_stats()
 
 

@@ -97,6 +97,19 @@ def test_a_managed_parallel_keeps_its_executor_while_another_call_replaces_the_k
     assert mine.statistics()["shutdown"]  # released by its last user: shut down
 
 
+@pytest.mark.spec("int.joblib.abort")
+@pytest.mark.spec("int.joblib.reuse")
+def test_a_managed_parallel_goes_on_after_a_failed_call_and_after_shutdown(tmp_path):
+    gate = tmp_path / "gate"
+    gate.touch()
+    with Parallel(n_jobs=2, backend="shmpool", batch_size=1) as p:
+        with pytest.raises(ValueError, match="call 1 is bad"):
+            p(delayed(T.fail_at)(i, 1, str(tmp_path), str(gate)) for i in range(10))
+        assert p(delayed(T.tiny)(i) for i in range(50)) == [T.tiny(i) for i in range(50)]
+        sj.shutdown()  # (under the managed block: its executor is shut down; leaving it is fine)
+    assert sj.get_executor() is None
+
+
 @pytest.mark.spec("int.joblib.n-jobs")
 def test_n_jobs_counts_as_joblib_does():
     b = sj.ShmpoolBackend()
