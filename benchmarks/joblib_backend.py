@@ -57,6 +57,7 @@ def _shutdown(backend: str) -> None:
 
 
 CPU = {}  # backend -> this process's CPU seconds of each warm tiny round
+CV_CPU = {}  # the same for each cross-validation round
 
 
 def tiny_round(backend: str, jobs: int, calls: int, cold: bool) -> float:
@@ -87,9 +88,11 @@ def cv_round(backend: str, jobs: int, X, y) -> tuple[float, np.ndarray]:
     from sklearn.model_selection import cross_val_score
 
     with parallel_config(backend, n_jobs=jobs):
+        c = time.process_time()
         t = time.perf_counter()
         scores = cross_val_score(Ridge(alpha=1.0), X, y, cv=5)
         dt = time.perf_counter() - t
+        CV_CPU.setdefault(backend, []).append(time.process_time() - c)
     return dt, scores
 
 
@@ -181,7 +184,11 @@ def main() -> None:
         for b in cvb:
             print(f"  {b:10s} {med(times[b]) * 1e3:8.1f}   rounds: "
                   + " ".join(f"{t * 1e3:.0f}" for t in times[b]))
-        print(f"  loky / shmpool: {med(times['loky']) / med(times['shmpool']):.2f}x")
+        print("  this process's CPU per round (loky: hashing and dumping X; shmpool: copying it "
+              "into slots; all: scikit-learn's own work), ms: "
+              + ", ".join(f"{b} {med(CV_CPU[b][-args.rounds:]) * 1e3:.0f}" for b in cvb))
+        print(f"  loky / shmpool: {med(times['loky']) / med(times['shmpool']):.2f}x; per-round ratio "
+              f"(median): {med([lo / sh for lo, sh in zip(times['loky'], times['shmpool'])]):.2f}x")
     print(f"\nload after: {load()}")
     _shutdown("loky")
     shmpool_joblib.shutdown()
