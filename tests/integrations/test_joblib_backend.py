@@ -17,6 +17,8 @@ from joblib import Parallel, delayed, parallel_backend, parallel_config  # noqa:
 
 import shmpool.joblib as sj  # noqa: E402
 from harness import joblib_tasks as T  # noqa: E402
+from harness.polling import wait_for  # noqa: E402
+from harness.scripts import run_script  # noqa: E402
 
 
 def _stop_loky() -> None:
@@ -180,6 +182,44 @@ def test_first_error_raised_with_worker_traceback_and_the_rest_cancelled(tmp_pat
     gate.touch()
     sj.shutdown()
     assert len(os.listdir(marks)) == started  # nothing ran after the abort
+
+
+@pytest.mark.spec("int.joblib.abort")
+def test_a_generator_dropped_early_cancels_what_has_not_run(tmp_path):
+    gate = tmp_path / "gate"
+    with parallel_config("shmpool", n_jobs=2):
+        gen = Parallel(return_as="generator", batch_size=1, pre_dispatch="all")(
+            delayed(T.gated)(str(tmp_path if i == 0 else gate), i) for i in range(40))
+        assert next(gen) == 0
+        with pytest.warns(UserWarning, match="cancelled"):
+            gen.close()  # (joblib aborts the call: the calls held at the gate are interrupted)
+        assert Parallel()(delayed(T.tiny)(i) for i in range(10)) == [T.tiny(i) for i in range(10)]
+        stats = sj.get_executor().statistics()
+    later = stats["submitted"] - 40  # (the next call's batches)
+    # Of the 40, only the first ran to its end; nothing is left queued or
+    # running (the gate is still shut); most never reached a worker.
+    assert stats["completed"] == 1 + later and stats["queued"] == stats["pending"] == 0, stats
+    assert stats["interrupts"] >= 1 and stats["dispatched"] - later < 40, stats
+
+
+@pytest.mark.spec("int.joblib.reuse")
+def test_a_program_that_never_shuts_the_backend_down_exits_cleanly():
+    prog = (
+        "import os, joblib\n"
+        "import shmpool.joblib\n"
+        "def triple(x):\n"
+        "    return 3 * x, os.getpid()\n"
+        "if __name__ == '__main__':\n"
+        "    with joblib.parallel_config('shmpool', n_jobs=2):\n"
+        "        out = joblib.Parallel()(joblib.delayed(triple)(i) for i in range(1000))\n"
+        "    print(sum(r for r, _ in out), ' '.join(sorted({str(p) for _, p in out})))\n"
+    )
+    out = run_script(prog)
+    assert out.returncode == 0, out.stderr
+    total, *pids = out.stdout.split()
+    assert int(total) == 3 * sum(range(1000)) and pids
+    for pid in map(int, pids):  # the workers ended with the program
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), f"worker {pid} gone", 30)
 
 
 @pytest.mark.spec("int.joblib.errors")
