@@ -38,10 +38,13 @@ import multiprocessing
 import os
 import threading
 
-from joblib import register_parallel_backend
-from joblib._parallel_backends import (
-    AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend,
-)
+try:
+    from joblib import register_parallel_backend
+    from joblib._parallel_backends import (
+        AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend,
+    )
+except ImportError as e:  # pragma: no cover - the extra is not installed
+    raise ImportError(f"shmpool.joblib needs joblib ({e}): pip install \"shmpool[joblib]\"") from e
 
 from . import current_executor
 
@@ -69,9 +72,10 @@ def _limit_threads(env: dict) -> None:
     os.environ.update(env)
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(int(env["OMP_NUM_THREADS"]))
+
+        threadpool_limits(int(env["OMP_NUM_THREADS"]))
+    except Exception:  # noqa: BLE001 - not installed, or a value it cannot take: the
+        pass  # environment alone then, as loky (a failing initializer would break the pool)
 
 
 class _Batch:
@@ -142,6 +146,8 @@ class _Reusable:
 
 
 _reusable = _Reusable()
+# (a thread of the parent may have held the lock at the fork)
+os.register_at_fork(after_in_child=lambda: setattr(_reusable, "_lock", threading.Lock()))
 
 
 def shutdown(wait: bool = True) -> None:
@@ -245,8 +251,10 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         env = self._prepare_worker_env(n_jobs)
         limits = tuple(sorted(env.items()))
         method = options["mp_context"].get_start_method()
-        key = (n_jobs, limits, method, tuple(sorted((k, repr(v)) for k, v in options.items()
-                                                    if k != "mp_context")))
+        # (the pid: in a fork() child the parent's executor is foreign, spec:
+        # exec.fork-safety; the child gets one of its own)
+        key = (os.getpid(), n_jobs, limits, method,
+               tuple(sorted((k, repr(v)) for k, v in options.items() if k != "mp_context")))
 
         def make():
             from .executor import ShmExecutor

@@ -91,3 +91,16 @@ def gated(gate, value):
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.005)
     return value
+
+
+def run_in_fork_child(queue):
+    """In a fork() child of a process whose backend kept an executor: a
+    call there gets workers of the child's own."""
+    import shmpool.joblib as sj
+
+    try:
+        with parallel_config("shmpool", n_jobs=2):
+            out = Parallel()(delayed(pid)(i) for i in range(4))
+        queue.put((os.getpid(), sorted(set(out)), sorted(sj.get_executor()._processes)))
+    finally:
+        sj.shutdown()

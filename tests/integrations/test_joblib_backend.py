@@ -112,6 +112,27 @@ def test_a_managed_parallel_goes_on_after_a_failed_call_and_after_shutdown(tmp_p
     assert sj.get_executor() is None
 
 
+@pytest.mark.spec("int.joblib.reuse")
+def test_a_fork_child_gets_an_executor_of_its_own():
+    ctx = multiprocessing.get_context("fork")
+    with parallel_config("shmpool", n_jobs=2):
+        Parallel()(delayed(T.tiny)(i) for i in range(4))
+        parent_workers = _worker_pids()
+        q = ctx.Queue()
+        child = ctx.Process(target=T.run_in_fork_child, args=(q,))
+        child.start()
+        try:
+            child_pid, used, child_workers = q.get(timeout=60)
+        finally:
+            child.join(60)
+            q.close()
+            q.join_thread()
+        assert child.exitcode == 0 and child_pid == child.pid
+        assert used == child_workers and not set(used) & parent_workers
+        assert Parallel()(delayed(T.tiny)(i) for i in range(4)) == [1, 3, 5, 7]  # the parent's: unchanged
+        assert _worker_pids() == parent_workers
+
+
 @pytest.mark.spec("int.joblib.n-jobs")
 def test_n_jobs_counts_as_joblib_does():
     b = sj.ShmpoolBackend()
