@@ -183,7 +183,7 @@ def test_return_as_generator_and_generator_unordered(tmp_path):
 
 @pytest.mark.spec("int.joblib.errors")
 @pytest.mark.spec("int.joblib.abort")
-@pytest.mark.parametrize("return_as", ["list", "generator_unordered"])
+@pytest.mark.parametrize("return_as", ["list", "generator", "generator_unordered"])
 def test_first_error_raised_with_worker_traceback_and_the_rest_cancelled(tmp_path, return_as):
     marks, gate = tmp_path / "marks", tmp_path / "gate"
     marks.mkdir()
