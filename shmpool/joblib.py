@@ -178,9 +178,11 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     # joblib retrieves results in the callback (driver thread) for backends
     # with `supports_retrieve_callback`, its consuming thread polling every
     # 10 ms; `configure` turns it off for ordered calls (a list,
-    # "generator"): the consuming thread then waits on each batch's future
-    # itself (`retrieve_result`), without the poll. "generator_unordered"
-    # keeps joblib's callback retrieval.
+    # "generator"): the consuming thread then waits for each batch in turn
+    # (`retrieve_result`: an event, set once joblib's callback for the
+    # batch ran), without the poll. "generator_unordered" keeps joblib's
+    # callback retrieval (this class attribute: what joblib checks before
+    # `configure`).
     supports_retrieve_callback = True
     supports_return_generator = True  # spec: int.joblib.generator
     supports_timeout = True
