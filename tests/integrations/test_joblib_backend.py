@@ -215,7 +215,10 @@ def test_a_generator_dropped_early_cancels_what_has_not_run(tmp_path):
         with pytest.warns(UserWarning, match="cancelled"):
             gen.close()  # (joblib aborts the call: the calls held at the gate are interrupted)
         assert Parallel()(delayed(T.tiny)(i) for i in range(10)) == [T.tiny(i) for i in range(10)]
-        stats = sj.get_executor().statistics()
+        ex = sj.get_executor()
+        # (an interrupted call ends in its worker after the interrupt reached it)
+        wait_for(lambda: ex.statistics()["pending"] == 0, "the interrupted calls ended", 30)
+        stats = ex.statistics()
     later = stats["submitted"] - 40  # (the next call's batches)
     # Of the 40, only the first ran to its end; nothing is left queued or
     # running (the gate is still shut); most never reached a worker.
