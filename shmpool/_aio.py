@@ -29,6 +29,9 @@ interrupt=True)`: then `ShmExecutor.interrupt` stops it. A task's future
 cancelled from the executor's side (`shutdown(cancel_futures=True)`)
 cancels the asyncio future. spec: api.aio.cancel
 
+`loop.run_in_executor(ex, ...)` needs nothing of this: it goes through
+`ShmExecutor.submit`, unchanged (spec: api.aio.run-in-executor).
+
 Invariants: the engine's threads never touch an asyncio object (asyncio
 futures are not thread-safe): they only append to a deque and call
 `call_soon_threadsafe`; an inbox is armed (a wake-up is on its way) while
