@@ -11,7 +11,9 @@ made and warmed up once:
 - `ppe run_in_executor`: the same over `ProcessPoolExecutor`
 
 Reported: the median wall time of each and each one's speed-up over
-`ppe run_in_executor`, with the machine's load average.
+`ppe run_in_executor`, with the machine's load average, and for the
+shmpool awaits how many results each wake-up of the loop delivered
+(`run_in_executor`'s `wrap_future` wakes it once per result).
 
     python benchmarks/asyncio_tasks.py [--runs 5] [--tasks 20000] [--workers 2] [--quick]
 
@@ -27,7 +29,18 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from shmpool import ShmExecutor
+from shmpool import ShmExecutor, _aio
+
+_wakeups = [0]  # loop wake-ups that delivered asubmit/amap results (`_aio._Inbox.drain` calls)
+_drain = _aio._Inbox.drain
+
+
+def _counted_drain(self):
+    _wakeups[0] += 1
+    _drain(self)
+
+
+_aio._Inbox.drain = _counted_drain  # (counted, to report the batching: one wake-up per batch of answers)
 
 
 def noop(x):
@@ -66,6 +79,7 @@ def main(argv=None) -> dict:
         "ppe run_in_executor": (via_run_in_executor, ppe),
     }
     times: dict = {k: [] for k in variants}
+    wakes: dict = {k: [] for k in variants}
     expect = list(range(a.tasks))
     try:
         async def rounds():
@@ -75,9 +89,11 @@ def main(argv=None) -> dict:
             for r in range(a.runs):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     fn, ex = variants[name]
+                    w0 = _wakeups[0]
                     t0 = time.perf_counter()
                     out = await fn(ex, a.tasks)
                     times[name].append(time.perf_counter() - t0)
+                    wakes[name].append(_wakeups[0] - w0)
                     assert out == expect, name
         asyncio.run(rounds())
     finally:
@@ -91,7 +107,9 @@ def main(argv=None) -> dict:
     for name, ts in times.items():
         med = statistics.median(ts)
         result[name] = med
-        print(f"  {name:22s} {med:7.3f} s  {a.tasks / med:9.0f} tasks/s  x{base / med:5.2f} vs ppe "
+        w = statistics.median(wakes[name])
+        woken = f"{a.tasks / w:6.1f} results per loop wake-up" if w else "one loop wake-up per result"
+        print(f"  {name:22s} {med:7.3f} s  {a.tasks / med:9.0f} tasks/s  x{base / med:5.2f} vs ppe  {woken} "
               f"(runs: {', '.join(f'{t:.3f}' for t in ts)})")
     return result
 

@@ -48,6 +48,7 @@ import collections
 import itertools
 import threading
 import weakref
+from concurrent.futures import Future
 
 from .exec.protocol import CHUNK, MAP, SINGLE
 
@@ -56,6 +57,7 @@ WINDOW_PER_WORKER = 128  # `amap`'s default window: tasks in flight per worker
 _tls = threading.local()  # .pending: the inboxes to wake when this thread's batch ends (None: no batch)
 _inboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _Inbox
 _inboxes_lock = threading.Lock()
+_add_done_callback = Future.add_done_callback
 
 
 class BatchHook:
@@ -125,6 +127,14 @@ class _Inbox:
 
 
 def _inbox(loop) -> _Inbox:
+    last = getattr(_tls, "last", None)  # (a thread runs one loop at a time, as a rule)
+    if last is not None and last.loop() is loop:
+        return last
+    inbox = _tls.last = _inbox_of(loop)
+    return inbox
+
+
+def _inbox_of(loop) -> _Inbox:
     inbox = _inboxes.get(loop)
     if inbox is None:
         with _inboxes_lock:
@@ -194,7 +204,10 @@ def wrap(ex, cf, loop=None, stop=None) -> _AioFuture:
     afut._stop = stop
     if ex is not None:
         _install(ex)
-    cf.add_done_callback(afut._resolved)
+    if getattr(type(cf), "_callbacks", False):  # (the pool knows it has callbacks: the stdlib's registration alone)
+        _add_done_callback(cf, afut._resolved)
+    else:
+        cf.add_done_callback(afut._resolved)
     return afut
 
 
