@@ -196,6 +196,34 @@ def test_cancelling_the_await_cancels_a_queued_task_which_never_runs(tmp_path):
 
 
 @pytest.mark.spec("api.aio.cancel")
+def test_asyncio_run_ending_cancels_the_queued_tasks_of_its_pending_awaits(tmp_path):
+    started, go, proof = str(tmp_path / "started"), str(tmp_path / "go"), str(tmp_path / "proof")
+    held: dict = {}
+
+    async def main(ex):
+        held["blocker"] = ex.asubmit(C.wait_file, started, go)._cf
+        await until(lambda: C.lines(started), "the blocker runs")
+        ahead = [ex.asubmit(abs, -i) for i in range(4)]  # (the worker's window)
+        target = ex.asubmit(A.write_file, proof)
+        held["target"] = target._cf
+        async def waiter():
+            await asyncio.gather(*ahead, target)
+
+        asyncio.ensure_future(waiter())  # (a task still awaiting when main returns)
+        await asyncio.sleep(0)
+
+    with ShmExecutor(1) as ex:
+        try:
+            asyncio.run(main(ex))  # (cancels the task left awaiting, then closes the loop)
+            assert held["target"].cancelled()
+        finally:
+            open(go, "w").close()
+        assert held["blocker"].result(60) > 0
+        assert ex.submit(abs, -1).result(60) == 1
+    assert not os.path.exists(proof)
+
+
+@pytest.mark.spec("api.aio.cancel")
 def test_a_running_task_goes_on_unless_interrupt_is_asked(tmp_path):
     started, go = str(tmp_path / "started"), str(tmp_path / "go")
     slept = str(tmp_path / "slept")
