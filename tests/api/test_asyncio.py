@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import traceback
 from concurrent.futures import BrokenExecutor, Future
+from pathlib import Path
 
 import pytest
 
@@ -378,3 +381,15 @@ def _fail_at_3(x):
     if x == 3:
         A.fails(x)
     return x
+
+
+def test_the_benchmark_runs():
+    """benchmarks/asyncio_tasks.py is measured, not asserted: this only
+    checks that it runs and reports every way."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "asyncio_tasks.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for way in ("shm asubmit", "shm amap", "shm run_in_executor", "ppe run_in_executor"):
+        assert way in out.stdout
+    assert "results per loop wake-up" in out.stdout
