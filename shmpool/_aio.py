@@ -112,7 +112,7 @@ class _Inbox:
             try:
                 loop.call_soon_threadsafe(self.drain)
                 return
-            except RuntimeError:  # (closed meanwhile)
+            except Exception:  # noqa: BLE001 - (closed meanwhile; the other loops of a batch are woken all the same)
                 pass
         # spec: api.aio.closed-loop -- nobody can await these any more
         self.items.clear()
