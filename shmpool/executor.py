@@ -50,7 +50,7 @@ import threading
 import weakref
 from concurrent.futures import Executor, Future
 
-from . import _adaptive, _lifetime, failpoints
+from . import _adaptive, _aio, _lifetime, failpoints
 from . import progress as _progress
 from ._executor_map import check_buffersize as _check_buffersize, map_ as _map
 from ._lifetime import WorkerProcess
@@ -281,6 +281,29 @@ class ShmExecutor(Executor):
         if task is None or task.future is not future:
             return future.cancelled()
         return core.interrupt(future)
+
+    # -- asyncio (the work is `_aio`'s) ------------------------------------------------
+
+    def asubmit(self, fn, /, *args, **kwargs):
+        """`submit` from a coroutine: an asyncio future of the running loop
+        (await it), resolved on that loop by the thread that delivers the
+        answers. Cancelling it cancels the task if it has not started.
+        spec: api.aio.submit"""
+        return _aio.submit(self, fn, args, kwargs)
+
+    def aschedule(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
+                  retries: int | None = None, interrupt: bool = False):
+        """`schedule` from a coroutine (`asubmit` with this call's options);
+        `interrupt=True`: cancelling the asyncio future stops the task even
+        while it runs (`interrupt`). spec: api.aio.cancel"""
+        return _aio.schedule(self, fn, args, kwargs, timeout, retries, interrupt)
+
+    def amap(self, fn, *iterables, chunksize: int = 1, window: int | None = None, ordered: bool = True):
+        """`map` for `async for`: results in order (`ordered=False`: as they
+        complete), each `chunksize` calls one task, at most `window` tasks
+        in flight (None: 128 per worker), input read as results are taken.
+        spec: api.aio.amap"""
+        return _aio.amap(self, fn, iterables, chunksize, window, ordered)
 
     def _submit(self, fn, kind, args, kwargs, timeout=None, retries=None, on_result=None) -> Future:
         core = self._core or self._get_core_checked()

@@ -127,6 +127,9 @@ class Answers:
         self.schedule = self.later = None  # the scheduler's (`connect`)
         self.queued: collections.deque = collections.deque()  # (task, worker, received, end) to deliver
         self.control = None  # the core's `control.Control` (timeouts, interrupts): `settle`
+        # Told when a batch's answers are being delivered (`begin()`, `end(token)`):
+        # set from above (the API's asyncio support), never by the engine. spec: api.aio.batch
+        self.batch_hook = None
 
     def connect(self, *, schedule, later) -> None:
         """The scheduler's `schedule()` (send queued tasks to workers with
@@ -229,27 +232,33 @@ class Answers:
                 self.schedule()
                 return
         ready = ready[nq:]
-        for task, w, result, end in late:
-            self._deliver(task, w, result, done)
-        items = task = w = received = late = None
-        keep = []
-        pinned_now: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
-        for task, w, received, end in ready:
-            try:
-                if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
-                    result, pin = read(received, transfers=w.conn.channels.take_transfer)
-                else:
-                    result, pin = read(received, copy=not self.pins.may_pin(received, pinned_now))
-            except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
-                self._complete(task, error=_result_unpickling(task, e), done=done)
-            else:
-                if not pin.release_if_unused():
-                    keep.append(pin)  # (kept under the lock: a sweep rebuilds the list)
-                    pinned_now[pin.cls] = pinned_now.get(pin.cls, 0) + pin.size
+        hook = self.batch_hook  # (asyncio's loops woken once, after the batch: `shmpool._aio`)
+        token = hook.begin() if hook is not None else None
+        try:
+            for task, w, result, end in late:
                 self._deliver(task, w, result, done)
-                result = None  # (the caller may drop it now: its slot can go at the next sweep)
-        ready = None
-        self._settle(done, keep)
+            items = task = w = received = late = None
+            keep = []
+            pinned_now: dict = {}  # size class -> bytes pinned by this delivery (the budget's counts are its sweep's)
+            for task, w, received, end in ready:
+                try:
+                    if received.descriptor.is_inline:  # (no slot: nothing to pin or copy)
+                        result, pin = read(received, transfers=w.conn.channels.take_transfer)
+                    else:
+                        result, pin = read(received, copy=not self.pins.may_pin(received, pinned_now))
+                except BaseException as e:  # noqa: BLE001 - even an exit: it is this task's result
+                    self._complete(task, error=_result_unpickling(task, e), done=done)
+                else:
+                    if not pin.release_if_unused():
+                        keep.append(pin)  # (kept under the lock: a sweep rebuilds the list)
+                        pinned_now[pin.cls] = pinned_now.get(pin.cls, 0) + pin.size
+                    self._deliver(task, w, result, done)
+                    result = None  # (the caller may drop it now: its slot can go at the next sweep)
+            ready = None
+            self._settle(done, keep)
+        finally:
+            if hook is not None:
+                hook.end(token)
 
     def _set_quick(self, ready: list, k: int) -> list:
         """(lock held) Set the futures of the first `k` of `ready` (plain
