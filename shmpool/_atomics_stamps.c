@@ -284,25 +284,29 @@ static PyTypeObject CallStampsType = {
     .tp_as_sequence = &CallStamps_seq,
 };
 
-/* trace_fields(objs, attrs, names) -> bytes: for each object of the list
- * or tuple `objs`, for each attribute name of the tuple `attrs`, one
- * native int64: the attribute's int, 0 if the object has no such attribute
- * (an unset slot), or for a str the index `names` (a dict: str -> int)
- * gives it, a new one (its length) the first time. The host's timeline
- * records a batch of tasks with it (exec/trace.py): one bytes object, not
- * tracked by the cyclic collector, instead of a tuple per field. Errors:
- * TypeError for an attribute neither int nor str, or arguments of the
- * wrong types; OverflowError for an int beyond int64. */
+/* trace_fields(objs, attrs, names, named) -> bytes: for each object of
+ * the list or tuple `objs`, for each attribute name of the tuple `attrs`,
+ * one native int64: 0 if the object has no such attribute (an unset
+ * slot); for attribute j with bit j of `named` set, the index `names` (a
+ * dict: value -> int) gives its value, a new one (its length) the first
+ * time; else its int. The host's timeline records a batch of tasks with
+ * it (exec/trace.py): one bytes object, not tracked by the cyclic
+ * collector, instead of a tuple per field. Errors: TypeError for a field
+ * not an int, an unhashable name, or arguments of the wrong types;
+ * OverflowError for an int beyond int64. */
 #define MAX_FIELDS 8
 
 static PyObject *
 trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "trace_fields() takes 3 arguments (%zd given)", nargs);
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "trace_fields() takes 4 arguments (%zd given)", nargs);
         return NULL;
     }
     PyObject *objs = args[0], *attrs = args[1], *names = args[2];
+    unsigned long named = PyLong_AsUnsignedLong(args[3]);
+    if (named == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
     if (!PyList_Check(objs) && !PyTuple_Check(objs)) {
         PyErr_SetString(PyExc_TypeError, "trace_fields: objs must be a list or a tuple");
         return NULL;
@@ -369,13 +373,7 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             }
             int64_t x = 0;
             if (v == NULL) {
-            } else if (PyLong_Check(v)) {
-                x = PyLong_AsLongLong(v);
-                if (x == -1 && PyErr_Occurred()) {
-                    Py_DECREF(v);
-                    goto fail;
-                }
-            } else if (PyUnicode_Check(v)) {
+            } else if (named & (1ul << j)) {
                 PyObject *idx = PyDict_GetItemWithError(names, v);  /* (borrowed) */
                 if (idx == NULL) {
                     if (PyErr_Occurred()) {
@@ -397,8 +395,14 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                         goto fail;
                     }
                 }
+            } else if (PyLong_Check(v)) {
+                x = PyLong_AsLongLong(v);
+                if (x == -1 && PyErr_Occurred()) {
+                    Py_DECREF(v);
+                    goto fail;
+                }
             } else {
-                PyErr_Format(PyExc_TypeError, "trace_fields: attribute %R is a %.100s, not an int or a str",
+                PyErr_Format(PyExc_TypeError, "trace_fields: attribute %R is a %.100s, not an int",
                              PyTuple_GET_ITEM(attrs, j), Py_TYPE(v)->tp_name);
                 Py_DECREF(v);
                 goto fail;
@@ -420,7 +424,7 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef trace_functions[] = {
     {"trace_fields", (PyCFunction)(void (*)(void))trace_fields, METH_FASTCALL,
-     "trace_fields(objs, attrs, names) -> bytes: native int64 per object and attribute "
+     "trace_fields(objs, attrs, names, named) -> bytes: native int64 per object and attribute "
      "(see shmpool/_atomics_stamps.c)."},
     {NULL, NULL, 0, NULL},
 };

@@ -305,7 +305,7 @@ class Tracer:
                     tried[key] = [(k, rid, c)]
                 else:
                     got.append((k, rid, c))
-        names = sorted(self.names, key=self.names.__getitem__)
+        names = [str(name) for name in sorted(self.names, key=self.names.__getitem__)]
         done = []
         for packed, t, outcome in self.done:
             f = _unpack(packed)
@@ -453,18 +453,22 @@ class Tracer:
 # and its kind.
 _SENT = ("trace", "rid", "attempts")
 _DONE = ("trace", "fname", "kind")
+_NAMED = {_SENT: 0, _DONE: 0b010}  # (the fields that are names: their index in `Tracer.names`)
 
 
 def _fields(tasks, attrs: tuple, names: dict) -> bytes:
     try:
-        return trace_fields(tasks, attrs, names)
-    except Exception:  # noqa: BLE001 - a name not a str (a callable's odd `__qualname__`): its text
+        return trace_fields(tasks, attrs, names, _NAMED[attrs])
+    except Exception:  # noqa: BLE001 - an odd name (unhashable) or field: by their text
+        named = _NAMED[attrs]
         f = array("q")
         for task in tasks:
-            for a in attrs:
+            for j, a in enumerate(attrs):
                 v = getattr(task, a, 0)
-                if not isinstance(v, int):
+                if named >> j & 1:
                     v = names.setdefault(str(v), len(names))
+                elif type(v) is not int or not -2**63 <= v < 2**63:
+                    v = -1
                 f.append(v)
         return f.tobytes()
 

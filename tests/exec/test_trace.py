@@ -288,6 +288,27 @@ def test_tracing_context_manager_records_its_block_only(tmp_path):
     assert capped["otherData"]["dropped_events"] > 0 and len(task_spans(events)) < 200
 
 
+class OddName:
+    """A callable whose name is not a str (its `__qualname__` an int)."""
+
+    def __init__(self) -> None:
+        self.__qualname__ = 5
+
+    def __call__(self, x):
+        return x
+
+
+@pytest.mark.spec("exec.trace-format")
+def test_a_function_whose_name_is_not_a_str_is_traced_by_its_text(tmp_path):
+    path = tmp_path / "odd.json"
+    with ShmExecutor(2) as ex, ex.tracing(path):
+        fs = [ex.submit(OddName(), i) for i in range(5)] + [ex.submit(ident, 9)]
+        assert [f.result(60) for f in fs] == [0, 1, 2, 3, 4, 9]
+    doc, events = load(path)
+    names = sorted(e["name"] for e in task_spans(events).values())
+    assert names == ["5 #1", "5 #2", "5 #3", "5 #4", "5 #5", "ident #6"]
+
+
 @pytest.mark.spec("exec.trace-off")
 def test_tracing_off_writes_nothing_and_wraps_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
