@@ -15,9 +15,11 @@ attribute: an int, its key; inline, as `submit` does) ->
 its tasks' keys, request ids and crashes charged so far) -> the task's
 end, `EngineState.finished` -> `finished` (delivery time and outcome: ok,
 the error's type, cancelled), or `finished_all` (one entry, one clock
-read, per delivered batch of plain results). Nothing is made per task
-while tasks run (no object for the collector to track, which was most of
-the cost): the entries are matched by key when the file is written. The
+read, per delivered batch of plain results). An entry's per-task fields
+are one bytes object of int64 that C packs from the tasks' slots
+(`_atomics.trace_fields`: no Python frame, no object per task, nothing
+the collector tracks); the entries are matched by key when the file is
+written, which builds the document with the collector paused. The
 starter reports worker starts (`started`: the start method, the launch
 and registration times; it sends the worker `TRACE_ON`) and deaths
 (`died`: pid, signal or exit code, the task its guest word named). The
