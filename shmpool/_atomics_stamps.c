@@ -347,7 +347,11 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t j = 0; j < na; j++) {
         offsets[j] = -1;
         PyObject *d = slot_type == NULL ? NULL : _PyType_Lookup(slot_type, PyTuple_GET_ITEM(attrs, j));
-        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        /* (the descriptor's own class must be one of the type's: one of
+         * another class, set as a class attribute, does not fit its
+         * layout; getattr refuses it too) */
+        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)
+                && PyType_IsSubtype(slot_type, ((PyDescrObject *)d)->d_type)) {
             PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
             if (m->type == T_OBJECT_EX && m->offset > 0 && !(m->flags & PY_AUDIT_READ))
                 offsets[j] = m->offset;

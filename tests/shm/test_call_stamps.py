@@ -183,6 +183,13 @@ def test_trace_fields_reads_other_types_through_getattr_and_refuses_what_it_cann
     s.rid, s.trace = 4, 5
     got = fields_of(A.trace_fields([t, Other(), s], ("trace", "rid"), {}, 0), 2)
     assert got == [(0, 0), (11, 9), (5, 4)]
+
+    class Borrowed:  # (another class's slot as a class attribute: not read in place)
+        __slots__ = ("a", "b", "c")
+        rid = _Task.__dict__["rid"]
+
+    with pytest.raises(TypeError):  # (getattr refuses it: the slot is not this class's)
+        A.trace_fields([Borrowed()], ("rid",), {}, 0)
     with pytest.raises(TypeError, match="not an int"):
         A.trace_fields([t], ("fname",), {}, 0)
     with pytest.raises(TypeError):  # (a name must be hashable)
