@@ -413,19 +413,19 @@ class Tracer:
         reason logged and kept in `error`, if it cannot be."""
         tmp = None
         try:
-            # The document is millions of short-lived containers: built with
-            # the cyclic collector paused (it would traverse them again and
-            # again as they pile up, and push the collection they leave
-            # pending onto the tasks that come after: a full one, in the
-            # next tasks' time), freed by reference counting when `text` is
-            # made. It holds no cycle.
-            paused = gc.isenabled()
+            # The document is ~10 short-lived containers per task: built
+            # with the cyclic collector paused (it would traverse them again
+            # and again as they pile up, and push the full collection they
+            # leave pending onto the tasks that come after), freed by
+            # reference counting once `text` is made: it holds no cycle.
+            # (Process-wide: other threads' cycles wait for the encoding.)
+            was_on = gc.isenabled()
             gc.disable()
             try:
                 text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
             finally:  # (written once: what was kept goes now)
                 self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
-                if paused:
+                if was_on:
                     gc.enable()
             # (a file of its own: another tracer may be writing this path. spec: exec.trace-write)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=os.path.basename(self.path) + ".",
