@@ -31,6 +31,17 @@ def stamp_call(buf: object, rid_off: int, time_off: int, rid: int, /) -> None:
     `time_off` <- CLOCK_MONOTONIC in ns (`time.monotonic_ns`'s clock), the
     u32 at `rid_off` <- `rid`; release stores, in that order."""
 
+def trace_fields(objs: list | tuple, attrs: tuple[str, ...], names: dict, named: int, /) -> bytes:
+    """(`exec/trace.py` only: the host's timeline records.) For each object
+    of `objs`, for each name of `attrs` (at most 8): one native int64, 0
+    if the object has no such attribute (an unset slot); for attribute j
+    with bit j of `named` set, the index `names` gives its value (a new
+    one, its length, the first time); else its int. Slots of the first
+    object's type are read in place for that type's objects. TypeError for
+    a field not an int, an unhashable name, or arguments of the wrong
+    types; OverflowError for an int beyond int64; ValueError for more than
+    8 attributes."""
+
 class CallStamps:
     """(`exec/guest_trace.py` only: the task timeline's worker stamps.)
     A callable standing in for `call`: each call runs `call(*args,

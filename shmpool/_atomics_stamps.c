@@ -4,6 +4,9 @@
  * (exec/guest_trace.py, spec exec.trace-worker-clock), without a Python
  * frame per call.
  *
+ * Also `trace_fields`, the host's side: a batch of tasks' fields as one
+ * bytes object of int64 (exec/trace.py records each batch with it).
+ *
  * Owns: `CallStamps(call, buf, word_off, capacity, every, every_ns, push)`,
  * a callable that stands in for `call` (the worker program's `_call`) and a
  * ring of at most `capacity` stamps, three u64 words each: the u32 the
@@ -281,11 +284,162 @@ static PyTypeObject CallStampsType = {
     .tp_as_sequence = &CallStamps_seq,
 };
 
+/* trace_fields(objs, attrs, names, named) -> bytes: for each object of
+ * the list or tuple `objs`, for each attribute name of the tuple `attrs`,
+ * one native int64: 0 if the object has no such attribute (an unset
+ * slot); for attribute j with bit j of `named` set, the index `names` (a
+ * dict: value -> int) gives its value, a new one (its length) the first
+ * time; else its int. The host's timeline records a batch of tasks with
+ * it (exec/trace.py): one bytes object, not tracked by the cyclic
+ * collector, instead of a tuple per field. Errors: TypeError for a field
+ * not an int, an unhashable name, or arguments of the wrong types;
+ * OverflowError for an int beyond int64. */
+#define MAX_FIELDS 8
+
+static PyObject *
+trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "trace_fields() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *objs = args[0], *attrs = args[1], *names = args[2];
+    unsigned long named = PyLong_AsUnsignedLong(args[3]);
+    if (named == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(objs) && !PyTuple_Check(objs)) {
+        PyErr_SetString(PyExc_TypeError, "trace_fields: objs must be a list or a tuple");
+        return NULL;
+    }
+    if (!PyTuple_Check(attrs) || !PyDict_Check(names)) {
+        PyErr_SetString(PyExc_TypeError, "trace_fields: attrs must be a tuple of str, names a dict");
+        return NULL;
+    }
+    Py_ssize_t na = PyTuple_GET_SIZE(attrs);
+    for (Py_ssize_t j = 0; j < na; j++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(attrs, j))) {
+            PyErr_SetString(PyExc_TypeError, "trace_fields: attrs must be a tuple of str");
+            return NULL;
+        }
+    }
+    /* (a list may change size while an attribute is read: its length is
+     * read at each step, the output sized for the length at the start and
+     * cut to what was filled) */
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(objs);
+    if (na > 0 && n > PY_SSIZE_T_MAX / 8 / na) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * na * 8);
+    if (out == NULL)
+        return NULL;
+    int64_t *w = (int64_t *)PyBytes_AS_STRING(out);
+    /* A slot of the first object's type (a member descriptor of an object
+     * field, which no instance attribute can shadow) is read in place, for
+     * that type's objects only; anything else goes through getattr. */
+    PyTypeObject *slot_type = n > 0 ? Py_TYPE(PySequence_Fast_GET_ITEM(objs, 0)) : NULL;
+    Py_ssize_t offsets[MAX_FIELDS];
+    if (na > MAX_FIELDS) {
+        PyErr_Format(PyExc_ValueError, "trace_fields: at most %d attributes", MAX_FIELDS);
+        Py_DECREF(out);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < na; j++) {
+        offsets[j] = -1;
+        PyObject *d = slot_type == NULL ? NULL : _PyType_Lookup(slot_type, PyTuple_GET_ITEM(attrs, j));
+        /* (the descriptor's own class must be one of the type's: one of
+         * another class, set as a class attribute, does not fit its
+         * layout; getattr refuses it too) */
+        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)
+                && PyType_IsSubtype(slot_type, ((PyDescrObject *)d)->d_type)) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if (m->type == T_OBJECT_EX && m->offset > 0 && !(m->flags & PY_AUDIT_READ))
+                offsets[j] = m->offset;
+        }
+    }
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(objs); i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(objs, i);
+        Py_INCREF(o);
+        int fast = Py_TYPE(o) == slot_type;
+        for (Py_ssize_t j = 0; j < na; j++) {
+            PyObject *v;
+            if (fast && offsets[j] >= 0) {
+                v = *(PyObject **)((char *)o + offsets[j]);
+                Py_XINCREF(v);  /* (NULL: the slot is unset, as an AttributeError) */
+            } else {
+                v = PyObject_GetAttr(o, PyTuple_GET_ITEM(attrs, j));
+                if (v == NULL) {
+                    if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                        goto fail;
+                    PyErr_Clear();
+                }
+            }
+            int64_t x = 0;
+            if (v == NULL) {
+            } else if (named & (1ul << j)) {
+                PyObject *idx = PyDict_GetItemWithError(names, v);  /* (borrowed) */
+                if (idx == NULL) {
+                    if (PyErr_Occurred()) {
+                        Py_DECREF(v);
+                        goto fail;
+                    }
+                    idx = PyLong_FromSsize_t(PyDict_GET_SIZE(names));
+                    if (idx == NULL || PyDict_SetItem(names, v, idx) < 0) {
+                        Py_XDECREF(idx);
+                        Py_DECREF(v);
+                        goto fail;
+                    }
+                    x = PyLong_AsLongLong(idx);
+                    Py_DECREF(idx);
+                } else {
+                    x = PyLong_AsLongLong(idx);
+                    if (x == -1 && PyErr_Occurred()) {
+                        Py_DECREF(v);
+                        goto fail;
+                    }
+                }
+            } else if (PyLong_Check(v)) {
+                x = PyLong_AsLongLong(v);
+                if (x == -1 && PyErr_Occurred()) {
+                    Py_DECREF(v);
+                    goto fail;
+                }
+            } else {
+                PyErr_Format(PyExc_TypeError, "trace_fields: attribute %R is a %.100s, not an int",
+                             PyTuple_GET_ITEM(attrs, j), Py_TYPE(v)->tp_name);
+                Py_DECREF(v);
+                goto fail;
+            }
+            Py_XDECREF(v);
+            w[k++] = x;
+        }
+        Py_DECREF(o);
+        continue;
+    fail:
+        Py_DECREF(o);
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (k != n * na && _PyBytes_Resize(&out, k * 8) < 0)
+        return NULL;
+    return out;
+}
+
+static PyMethodDef trace_functions[] = {
+    {"trace_fields", (PyCFunction)(void (*)(void))trace_fields, METH_FASTCALL,
+     "trace_fields(objs, attrs, names, named) -> bytes: native int64 per object and attribute "
+     "(see shmpool/_atomics_stamps.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
 /* Called by the module's exec slot (_atomics.c). Status: -1 with an
  * exception set. */
 int
 shmpool_add_call_stamps(PyObject *mod)
 {
+    if (PyModule_AddFunctions(mod, trace_functions) < 0)
+        return -1;
     if (PyType_Ready(&CallStampsType) < 0)
         return -1;
     Py_INCREF(&CallStampsType);

@@ -44,8 +44,11 @@ from .. import _threads
 from .._atomics import CallStamps
 from .trace_wire import STAMP_BYTES, TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
 
-PUSH_EVERY = 1024  # stamps per push
-PUSH_NS = 20_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
+# A push costs the worker tens of µs whatever it holds (and the host a
+# handler's turn): with tiny tasks they come at PUSH_NS, so PUSH_NS sets
+# what the pushes cost a task. 2048 stamps (48 KiB) fit the 64 KiB slots.
+PUSH_EVERY = 2048  # stamps per push
+PUSH_NS = 50_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
 MAX_HELD = 65536  # stamps kept while the host's ring stays full (then the oldest go)
 
 

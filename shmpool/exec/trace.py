@@ -15,9 +15,11 @@ attribute: an int, its key; inline, as `submit` does) ->
 its tasks' keys, request ids and crashes charged so far) -> the task's
 end, `EngineState.finished` -> `finished` (delivery time and outcome: ok,
 the error's type, cancelled), or `finished_all` (one entry, one clock
-read, per delivered batch of plain results). Nothing is made per task
-while tasks run (no object for the collector to track, which was most of
-the cost): the entries are matched by key when the file is written. The
+read, per delivered batch of plain results). An entry's per-task fields
+are one bytes object of int64 that C packs from the tasks' slots
+(`_atomics.trace_fields`: no Python frame, no object per task, nothing
+the collector tracks); the entries are matched by key when the file is
+written, which builds the document with the collector paused. The
 starter reports worker starts (`started`: the start method, the launch
 and registration times; it sends the worker `TRACE_ON`) and deaths
 (`died`: pid, signal or exit code, the task its guest word named). The
@@ -58,14 +60,17 @@ so the writer reads them alone.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
+from array import array
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 
+from .._atomics import trace_fields
 from .protocol import CHUNK, ITEMS, MAP
 from .trace_wire import TRACE_OFF, TRACE_ON, TRACE_STAMPS, WORDS, unpack
 
@@ -124,13 +129,16 @@ class Tracer:
         self.host_pid = os.getpid()
         # A task's own record is its submit time, its `trace` attribute
         # (`tasks._Task.trace`), which is also its key; the rest is kept per
-        # send and per delivery, in lists of ints and names matched by key
-        # when the file is written: nothing is made per task while tasks
-        # run, and nothing of a task outlives it (no object for the
-        # collector to track: what it tracks, it keeps traversing).
-        self.done: list = []  # (keys, function names, kinds, t_end, outcome: None for "ok")
+        # send and per delivery, each batch's tasks' fields packed by C
+        # into one bytes object of int64 (`_atomics.trace_fields`), matched
+        # by key when the file is written: nothing is made per task while
+        # tasks run, and nothing the collector tracks outlives the call
+        # (what it tracks, it keeps traversing; a tuple of ints and bytes it
+        # stops tracking at its first look).
+        self.names: dict = {}  # function name -> its index in the packed fields
+        self.done: list = []  # (fields `_DONE` of each task, t_end, outcome: None for "ok")
         self.unfinished: list = []  # (key, function name, kind) of the tasks pending when tracing stopped
-        self.sends: list = []  # (t, pid, keys, request ids, crashes charged to each before it)
+        self.sends: list = []  # (t, pid, fields `_SENT` of each task)
         self.n_tasks = 0  # tasks written
         self.workers: dict = {}  # pid -> {"peer", "method", "launch", "ready"}
         self.deaths: dict = {}  # pid -> (t, why, crashed rid, left in order)
@@ -171,8 +179,7 @@ class Tracer:
         t = _now()
         if not self.room():
             return
-        self.sends.append((t, w.proc.pid, _keys(batch), tuple([task.rid for task in batch]),
-                           tuple([task.attempts for task in batch])))
+        self.sends.append((t, w.proc.pid, _fields(batch, _SENT, self.names)))
         self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
@@ -191,7 +198,7 @@ class Tracer:
         if not self.room():
             return
         self.n += 1
-        self.done.append(((key,), (task.fname,), (task.kind,), t, outcome))
+        self.done.append((_fields((task,), _DONE, self.names), t, outcome))
 
     def finished_all(self, tasks) -> None:
         """(lock held) `finished` for plain results delivered together: one
@@ -201,8 +208,7 @@ class Tracer:
             self.dropped += len(tasks) - 1
             return
         self.n += len(tasks)
-        self.done.append((_keys(tasks), tuple([task.fname for task in tasks]), tuple([task.kind for task in tasks]),
-                          _now(), None))
+        self.done.append((_fields(tasks, _DONE, self.names), _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, not the engine's lock) Worker `w` is
@@ -292,16 +298,22 @@ class Tracer:
         end = self.t_end or _now()
         tried: dict = {}  # key -> [(send number, request id, charged)]
         sends = []
-        for k, (t, pid, keys, rids, charged) in enumerate(self.sends, 1):
-            sends.append((t, pid, len(keys)))
-            for key, rid, c in zip(keys, rids, charged):
+        for k, (t, pid, packed) in enumerate(self.sends, 1):
+            f = _unpack(packed)
+            sends.append((t, pid, len(f) // 3))
+            for key, rid, c in zip(f[0::3], f[1::3], f[2::3]):
                 got = tried.get(key)
                 if got is None:
                     tried[key] = [(k, rid, c)]
                 else:
                     got.append((k, rid, c))
-        done = [(key, name, kind, t, outcome or "ok") for keys, names, kinds, t, outcome in self.done
-                for key, name, kind in zip(keys, names, kinds) if key >= t0]
+        names = [str(name) for name in sorted(self.names, key=self.names.__getitem__)]
+        done = []
+        for packed, t, outcome in self.done:
+            f = _unpack(packed)
+            outcome = outcome or "ok"
+            done += [(key, names[name], kind, t, outcome) for key, name, kind in zip(f[0::3], f[1::3], f[2::3])
+                     if key >= t0]
         done += [(key, name, kind, end, "unfinished") for key, name, kind in self.unfinished]
         done.sort(key=lambda d: d[0])  # (numbered in submit order)
         self.n_tasks = len(done)
@@ -401,10 +413,20 @@ class Tracer:
         reason logged and kept in `error`, if it cannot be."""
         tmp = None
         try:
+            # The document is ~10 short-lived containers per task: built
+            # with the cyclic collector paused (it would traverse them again
+            # and again as they pile up, and push the full collection they
+            # leave pending onto the tasks that come after), freed by
+            # reference counting once `text` is made: it holds no cycle.
+            # (Process-wide: other threads' cycles wait for the encoding.)
+            was_on = gc.isenabled()
+            gc.disable()
             try:
                 text = json.dumps(self.document(), separators=(",", ":"))  # (the C encoder: `dump` is not)
             finally:  # (written once: what was kept goes now)
                 self.done, self.sends, self.unfinished, self.pushed, self.stamps = [], [], [], [], {}
+                if was_on:
+                    gc.enable()
             # (a file of its own: another tracer may be writing this path. spec: exec.trace-write)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=os.path.basename(self.path) + ".",
                                        suffix=".tmp")
@@ -425,15 +447,38 @@ class Tracer:
         return True
 
 
-def _keys(tasks) -> tuple:
-    """The tasks' keys (`Tracer.submit`), 0 for a task submitted before
-    tracing began. (Tuples, here and in every entry: of ints and names
-    only, the collector stops tracking them at its first look; lists it
-    would traverse at every collection until the file is written.)"""
+# The fields kept of a task, packed per batch by `_fields` (C: one bytes
+# object of int64 for the lot, no Python frame per task): its key (0 for a
+# task submitted before tracing began: the slot is unset), and at a send
+# its request id and the crashes charged to it so far (both change at a
+# resend), at its end its function's name (an index into `Tracer.names`)
+# and its kind.
+_SENT = ("trace", "rid", "attempts")
+_DONE = ("trace", "fname", "kind")
+_NAMED = {_SENT: 0, _DONE: 0b010}  # (the fields that are names: their index in `Tracer.names`)
+
+
+def _fields(tasks, attrs: tuple, names: dict) -> bytes:
     try:
-        return tuple([task.trace for task in tasks])
-    except AttributeError:  # (the slot is unset: never traced)
-        return tuple([getattr(task, "trace", 0) for task in tasks])
+        return trace_fields(tasks, attrs, names, _NAMED[attrs])
+    except Exception:  # noqa: BLE001 - an odd name (unhashable) or field: by their text
+        named = _NAMED[attrs]
+        f = array("q")
+        for task in tasks:
+            for j, a in enumerate(attrs):
+                v = getattr(task, a, 0)
+                if named >> j & 1:
+                    v = names.setdefault(str(v), len(names))
+                elif type(v) is not int or not -2**63 <= v < 2**63:
+                    v = -1
+                f.append(v)
+        return f.tobytes()
+
+
+def _unpack(packed: bytes) -> array:
+    f = array("q")
+    f.frombytes(packed)
+    return f
 
 
 def tell_worker(tracer: Tracer, w) -> None:

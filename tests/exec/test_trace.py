@@ -288,6 +288,70 @@ def test_tracing_context_manager_records_its_block_only(tmp_path):
     assert capped["otherData"]["dropped_events"] > 0 and len(task_spans(events)) < 200
 
 
+@pytest.mark.spec("exec.trace-write")
+def test_the_file_is_built_with_the_collector_paused_and_its_state_restored(tmp_path):
+    import gc
+    import sys
+
+    def in_write() -> bool:  # (building the document or encoding it: not the file's opening after)
+        f = sys._getframe(1)
+        building = False
+        while f is not None:
+            code = f.f_code
+            if code.co_filename.endswith(os.path.join("exec", "trace.py")):
+                if code.co_name in ("document", "events", "_task"):
+                    building = True
+                elif code.co_name == "write":
+                    return building
+            elif code.co_filename.endswith(os.path.join("json", "__init__.py")):
+                building = True
+            f = f.f_back
+        return False
+
+    seen = []
+
+    def watch(phase, info):
+        if phase == "start":
+            seen.append(in_write())
+
+    with ShmExecutor(2) as ex:
+        for paused in (False, True):
+            if paused:
+                gc.disable()
+            gc.callbacks.append(watch)
+            try:
+                with ex.tracing(tmp_path / f"t{paused}.json"):
+                    assert [f.result(60) for f in [ex.submit(ident, i) for i in range(3000)]] == list(range(3000))
+                assert gc.isenabled() is not paused  # (as it was)
+            finally:
+                gc.callbacks.remove(watch)
+                gc.enable()
+    assert not any(seen)  # (no collection while the document, ~10 containers per task, was built)
+    for paused in (False, True):
+        assert len(task_spans(load(tmp_path / f"t{paused}.json")[1])) == 3000
+
+
+class OddName:
+    """A callable whose name is not a str (its `__qualname__` an int)."""
+
+    def __init__(self) -> None:
+        self.__qualname__ = 5
+
+    def __call__(self, x):
+        return x
+
+
+@pytest.mark.spec("exec.trace-format")
+def test_a_function_whose_name_is_not_a_str_is_traced_by_its_text(tmp_path):
+    path = tmp_path / "odd.json"
+    with ShmExecutor(2) as ex, ex.tracing(path):
+        fs = [ex.submit(OddName(), i) for i in range(5)] + [ex.submit(ident, 9)]
+        assert [f.result(60) for f in fs] == [0, 1, 2, 3, 4, 9]
+    doc, events = load(path)
+    names = sorted(e["name"] for e in task_spans(events).values())
+    assert names == ["5 #1", "5 #2", "5 #3", "5 #4", "5 #5", "ident #6"]
+
+
 @pytest.mark.spec("exec.trace-off")
 def test_tracing_off_writes_nothing_and_wraps_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

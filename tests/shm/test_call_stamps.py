@@ -1,5 +1,6 @@
 """Layer 0: `_atomics.CallStamps`, the task timeline's worker stamps
-(exec.trace-worker-clock, exec.trace-cap), on a real buffer."""
+(exec.trace-worker-clock, exec.trace-cap), on a real buffer; and
+`_atomics.trace_fields`, the host's records of a batch of tasks."""
 
 from __future__ import annotations
 
@@ -139,3 +140,79 @@ def test_an_exit_out_of_a_push_propagates():
     with pytest.raises(SystemExit):
         cs()
     assert len(cs) == 1  # (the call was stamped before)
+
+
+def fields_of(data: bytes, per: int) -> list[tuple[int, ...]]:
+    return [struct.unpack_from(f"={per}q", data, i) for i in range(0, len(data), 8 * per)]
+
+
+@pytest.mark.spec("exec.trace-worker-clock")
+def test_trace_fields_packs_ints_names_and_unset_slots_of_real_tasks():
+    from shmpool.exec.tasks import _Task
+
+    tasks = [_Task(None, 1, name, b"", kind, b"", ()) for name, kind in (("f", 0), (5, 2), ("f", 3))]
+    for i, t in enumerate(tasks):
+        t.rid = 100 + i
+        t.attempts = i
+    tasks[0].trace = 2**62 + 5  # (a monotonic_ns key; the others' slot is unset: never traced)
+    tasks[2].trace = 7
+    names: dict = {"h": 0}
+    got = fields_of(A.trace_fields(tasks, ("trace", "rid", "attempts", "fname", "kind"), names, 0b01000), 5)
+    assert got == [(2**62 + 5, 100, 0, 1, 0), (0, 101, 1, 2, 2), (7, 102, 2, 1, 3)]
+    assert names == {"h": 0, "f": 1, 5: 2}  # (a name: whatever its type, by the names' index)
+    assert A.trace_fields((), ("trace",), names, 0) == b""
+    assert A.trace_fields(tasks, (), names, 0) == b""
+
+
+@pytest.mark.spec("exec.trace-worker-clock")
+def test_trace_fields_reads_other_types_through_getattr_and_refuses_what_it_cannot_pack():
+    from shmpool.exec.tasks import _Task
+
+    class Other:  # (a type of its own after a task: its attributes by getattr, not the task's slots)
+        rid = 9
+
+        @property
+        def trace(self):
+            return 11
+
+    class Sub(_Task):  # (a subclass: its own type, read by getattr too)
+        __slots__ = ()
+
+    t = _Task(None, 1, "f", b"", 0, b"", ())
+    s = Sub(None, 1, "f", b"", 0, b"", ())
+    s.rid, s.trace = 4, 5
+    got = fields_of(A.trace_fields([t, Other(), s], ("trace", "rid"), {}, 0), 2)
+    assert got == [(0, 0), (11, 9), (5, 4)]
+
+    class Borrowed:  # (another class's slot as a class attribute: not read in place)
+        __slots__ = ("a", "b", "c")
+        rid = _Task.__dict__["rid"]
+
+    with pytest.raises(TypeError):  # (getattr refuses it: the slot is not this class's)
+        A.trace_fields([Borrowed()], ("rid",), {}, 0)
+    with pytest.raises(TypeError, match="not an int"):
+        A.trace_fields([t], ("fname",), {}, 0)
+    with pytest.raises(TypeError):  # (a name must be hashable)
+        t.fname = []
+        A.trace_fields([t], ("fname",), {}, 1)
+    with pytest.raises(OverflowError):
+        t.rid = 2**63
+        A.trace_fields([t], ("rid",), {}, 0)
+    with pytest.raises(TypeError):
+        A.trace_fields({t}, ("rid",), {}, 0)
+    with pytest.raises(TypeError):
+        A.trace_fields([t], ["rid"], {}, 0)
+    with pytest.raises(TypeError):
+        A.trace_fields([t], (1,), {}, 0)
+    with pytest.raises(TypeError):
+        A.trace_fields([t], ("rid",), {})
+    with pytest.raises(ValueError, match="at most 8"):
+        A.trace_fields([t], ("rid",) * 9, {}, 0)
+
+    class Boom:
+        @property
+        def rid(self):
+            raise KeyError("not an AttributeError")
+
+    with pytest.raises(KeyError):
+        A.trace_fields([Boom()], ("rid",), {}, 0)
