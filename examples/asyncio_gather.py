@@ -49,12 +49,15 @@ async def main(ex):
     except ValueError as e:
         print("caught:", e)
 
-    # cancellation: a timeout cancels the await, and with it the queued task
+    # cancellation: a timeout cancels the await, and with it the task. A
+    # task already sent to a busy worker counts as running (as with the
+    # stdlib, cancel() cannot take it back); interrupt=True stops it there,
+    # before or while it runs.
     busy = [ex.asubmit(slow, 0.3) for _ in range(2)]  # (both workers busy)
     try:
-        await asyncio.wait_for(ex.asubmit(square, 7), timeout=0.05)
+        await asyncio.wait_for(ex.aschedule(square, (7,), interrupt=True), timeout=0.05)
     except asyncio.TimeoutError:
-        print("timed out: the queued task was cancelled and never runs")
+        print("timed out: the task was cancelled, or stopped in its worker")
     await asyncio.gather(*busy)
 
     # the stdlib's way still works

@@ -135,12 +135,21 @@ def _inbox(loop) -> _Inbox:
 
 
 def _inbox_of(loop) -> _Inbox:
-    inbox = _inboxes.get(loop)
+    # On the loop itself, not in a module-global map: an inbox whose wake-up
+    # never ran (the loop stopped, then closed) holds futures that hold the
+    # loop; loop <-> inbox is then a cycle the gc frees, never a leak. (A
+    # loop type that takes no attributes has its inbox in the weak map,
+    # where such an inbox would stay.)
+    inbox = getattr(loop, "_shmpool_inbox", None) or _inboxes.get(loop)
     if inbox is None:
         with _inboxes_lock:
-            inbox = _inboxes.get(loop)
+            inbox = getattr(loop, "_shmpool_inbox", None) or _inboxes.get(loop)
             if inbox is None:
-                inbox = _inboxes[loop] = _Inbox(loop)
+                inbox = _Inbox(loop)
+                try:
+                    loop._shmpool_inbox = inbox
+                except (AttributeError, TypeError):
+                    _inboxes[loop] = inbox
     return inbox
 
 
@@ -257,15 +266,22 @@ async def _amap(ex, fn, items, window: int, ordered: bool):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    failed = []  # (the input's or a submit's exception: raised after the results before it)
+
     def fill() -> None:
+        if failed:
+            return
         n = window - len(inflight) - len(kinds)
-        for kind, a, kw in itertools.islice(items, n) if n > 0 else ():
-            afut = wrap(ex, ex._submit(fn, kind, a, kw), loop)
-            if ordered:
-                inflight.append((kind, afut))
-            else:
-                kinds[afut] = kind
-                afut.add_done_callback(on_done)
+        try:
+            for kind, a, kw in itertools.islice(items, n) if n > 0 else ():
+                afut = wrap(ex, ex._submit(fn, kind, a, kw), loop)
+                if ordered:
+                    inflight.append((kind, afut))
+                else:
+                    kinds[afut] = kind
+                    afut.add_done_callback(on_done)
+        except Exception as e:  # noqa: BLE001
+            failed.append(e)
 
     try:
         fill()
@@ -289,6 +305,8 @@ async def _amap(ex, fn, items, window: int, ordered: bool):
                 for r in result:
                     yield r
             result = afut = None  # (while suspended, the consumer holds the only reference)
+        if failed:
+            raise failed[0]
     finally:
         for _, f in inflight:
             f.cancel()

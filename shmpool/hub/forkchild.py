@@ -32,7 +32,9 @@ multiprocessing's `Process._bootstrap` does for a fork child (a fresh
 the authkey inherited, its finalizers dropped and its after-fork hooks run
 so inherited Queues and Locks work); drops the host's at-exit hooks; reads
 SHMPOOL_FAILPOINTS from its environment as a started process would;
-unblocks the signals the driver thread blocks; expects the host as its
+unblocks the signals the driver thread blocks; drops what a host's
+asyncio loop set for signals (its wake-up fd, its no-op handlers: the
+host's loop would run its handlers for the worker's signals); expects the host as its
 parent (`guest.PARENT_PID`, which it may have inherited from a forkserver
 guest); makes its thread a main thread (not daemonic); runs the guest;
 waits for its non-daemon threads, runs its exit functions; flushes and
@@ -61,6 +63,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import weakref
@@ -154,6 +157,7 @@ def run_child(run, args: list[str], keep: set[int], stderr: int | None, mp_child
             _multiprocessing(mp_child, host_pid)
             _expect_parent(host_pid)
             _main_thread()
+            _host_loop_signals()
             _at_exit()
             failpoints._from_environment()  # (as a started process reads it at import)
             _threads.unblock_in_child()  # (the driver thread blocks them)
@@ -198,6 +202,28 @@ def _main_thread() -> None:
     t = threading.current_thread()
     t._daemonic = False
     t._name = "MainThread"
+
+
+def _host_loop_signals() -> None:
+    """What a host's event loop asked of signals is the host's: the child
+    stops writing signals into the loop's wake-up fd (the loop's
+    self-pipe, inherited as a user fd: a signal the worker got would run
+    the host's `loop.add_signal_handler` callback), and a signal asyncio
+    took over (its no-op Python handler, which relies on that fd) gets
+    its default action back, as in a spawned guest. spec: shm.spawn.fork-signals"""
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    noop = getattr(sys.modules.get("asyncio.unix_events"), "_sighandler_noop", None)
+    if noop is None:
+        return
+    for sig in signal.valid_signals():
+        try:
+            if signal.getsignal(sig) is noop:
+                signal.signal(sig, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
 
 
 def _expect_parent(host_pid: int) -> None:

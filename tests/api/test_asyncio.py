@@ -129,7 +129,7 @@ def test_a_batch_wakes_each_loop_once_after_it(monkeypatch):
         _aio.HOOK.end(token)
         for loop in loops:
             barrier(loop)
-        assert sorted(map(id, drains)) == sorted(id(_aio._inboxes[loop]) for loop in loops)
+        assert sorted(map(id, drains)) == sorted(id(loop._shmpool_inbox) for loop in loops)
         assert [f.result() for f in afuts] == list(range(6))
         cf = Future()  # outside a batch: woken at once
         afut = _aio.wrap(None, cf, loops[0])
@@ -282,6 +282,38 @@ def test_a_closed_loop_drops_what_it_was_owed(ex, tmp_path, monkeypatch):
 
 
 @pytest.mark.spec("api.aio.closed-loop")
+def test_a_loop_closed_before_its_wake_up_ran_is_freed_with_its_results(ex):
+    """Answers delivered while a loop is stopped arm its inbox and queue a
+    wake-up that never runs (the loop is closed next): the loop and what
+    it was owed are garbage, not kept by shmpool."""
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+
+    async def start():  # (fire and forget: nobody awaits them)
+        return [ex.asubmit(bytes, 1 << 20) for _ in range(3)]
+
+    afuts = loop.run_until_complete(start())
+    for a in afuts:
+        a._cf.result(timeout=60)  # (delivered while the loop is not running)
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop, afuts, start, a
+    _aio._tls.last = None
+
+    def freed():
+        # (a thread of the engine may hold the last answer it delivered in
+        # a local until it delivers the next one)
+        ex.submit(abs, -1).result(60)
+        gc.collect()
+        return ref() is None
+
+    wait_for(freed, "the closed loop and its results freed", 30)
+    assert ex.statistics()["pinned_results"] == 0
+
+
+@pytest.mark.spec("api.aio.closed-loop")
 def test_shutdown_and_terminate_with_awaits_pending_raise(tmp_path):
     started, go = str(tmp_path / "started"), str(tmp_path / "go")
 
@@ -370,6 +402,17 @@ def test_amap_order_window_chunks_and_errors(ex):
             async for r in ex.amap(_fail_at_3, range(10), ordered=False, window=1):
                 seen.append(r)
         assert seen == [0, 1, 2]
+        # the input breaks: every result before it first, then its error
+        def broken():
+            yield from range(-10, 0)
+            raise KeyError("input broke")
+
+        for window in (4, None):
+            seen = []
+            with pytest.raises(KeyError, match="input broke"):
+                async for r in ex.amap(abs, broken(), window=window):
+                    seen.append(r)
+            assert seen == list(range(10, 0, -1))
         for bad in ({"chunksize": 0}, {"window": 0}, {"window": 1.5}, {"chunksize": True}):
             with pytest.raises(ValueError):
                 ex.amap(abs, range(3), **bad)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from harness.polling import wait_for
+from harness.scripts import last_event, run_script
 from harness.tasks import ident
 from shmpool import ShmExecutor, ShmPool
 from shmpool.hub.launch import ForkedProcess
@@ -383,3 +384,47 @@ def test_the_first_submit_returns_once_every_worker_is_forked():
     with ShmPool(3, context=FORK) as p:
         assert len(p.statistics()["workers"]) == 3
         assert p.apply(ident, (2,)) == 2
+
+
+LOOP_SIGNALS = r"""
+import asyncio, json, os, signal, multiprocessing as mp
+from shmpool import ShmExecutor
+
+def poke():
+    os.kill(os.getpid(), signal.SIGWINCH)  # (delivered before kill returns)
+    return os.getpid()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    got = []
+    loop.add_signal_handler(signal.SIGWINCH, lambda: got.append("winch"))
+    loop.add_signal_handler(signal.SIGTERM, lambda: got.append("term"))
+    ex = ShmExecutor(1, mp_context=mp.get_context("fork"))
+    pid = await ex.asubmit(poke)  # (the worker is forked inside the running loop)
+    proc = next(iter(ex._core.processes().values()))
+    ex.terminate_workers()
+    code = await loop.run_in_executor(None, proc.wait, 60)
+    # The host's own signals come after whatever a worker wrote into the
+    # loop's self-pipe: once their handlers ran, any worker's had run too.
+    os.kill(os.getpid(), signal.SIGWINCH)
+    os.kill(os.getpid(), signal.SIGTERM)
+    while len(got) < 2:
+        await asyncio.sleep(0.01)
+    ex.shutdown()
+    print(json.dumps({"got": got, "code": code, "pid": pid}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.spec("shm.spawn.fork-signals")
+def test_a_worker_forked_inside_an_event_loop_does_not_signal_the_host_loop():
+    """A worker forked while the host's asyncio loop has signal handlers:
+    a signal the worker gets runs no handler of the host's loop (its
+    wake-up fd is not the worker's), and SIGTERM ends it (asyncio's no-op
+    handler is not inherited as the worker's own)."""
+    out = run_script(LOOP_SIGNALS)
+    assert out.returncode == 0, out.stderr
+    report = last_event(out)
+    assert report["got"] == ["winch", "term"], report
+    assert report["code"] == -signal.SIGTERM, report
