@@ -35,8 +35,11 @@ def lines(t) -> list:
 
 
 def compress(t) -> tuple:
-    """zlib the stream; (bytes in, bytes out, the sha256 of the input, the
-    worker's peak RSS in kB)."""
+    """zlib the stream; (bytes in, bytes out, the sha256 of the input, how
+    far the worker's peak RSS rose above its RSS at the start, in kB: a
+    forked worker starts with the host's resident pages, whatever the
+    host imported before)."""
+    start = _status_kb("VmRSS:")
     z = zlib.compressobj(1)
     buf = bytearray(1 << 20)
     h = hashlib.sha256()
@@ -54,13 +57,13 @@ def compress(t) -> tuple:
     out = z.flush()
     t.write(out)
     t.close()
-    return n_in, n_out + len(out), h.hexdigest(), peak_rss_kb()
+    return n_in, n_out + len(out), h.hexdigest(), _status_kb("VmHWM:") - start
 
 
-def peak_rss_kb() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
