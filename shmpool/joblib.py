@@ -38,6 +38,7 @@ import functools
 import multiprocessing
 import os
 import threading
+import types
 
 try:
     from joblib import cpu_count, register_parallel_backend
@@ -62,6 +63,33 @@ START_METHODS = ("fork", "forkserver", "spawn")  # (those shmpool starts workers
 def _run_batch(batch):
     """In a worker: run one joblib batch (`BatchedCalls`), its results a list."""
     return batch()
+
+
+_NAMED_MAX = 256
+_named: dict = {}  # the name of a batch's function -> `_run_batch` under a name saying it
+
+
+def _runner(batch):
+    """`_run_batch` named "<joblib batch of NAME>", NAME the function of the
+    batch's first call, so that what names a task (a timeout's or a crash's
+    message, the task timeline) names the user's function, not
+    `_run_batch`. One function per name, kept (the executor caches it by
+    identity; pickled by value once, its name not importable), at most
+    `_NAMED_MAX` of them."""
+    try:
+        fn = batch.items[0][0]
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    except Exception:  # noqa: BLE001 - not joblib's `BatchedCalls`: the plain name
+        return _run_batch
+    run = _named.get(name)
+    if run is None:
+        if len(_named) >= _NAMED_MAX:
+            return _run_batch
+        run = types.FunctionType(_run_batch.__code__, _run_batch.__globals__, "_run_batch")
+        run.__qualname__ = f"<joblib batch of {name}>"
+        run.__doc__ = _run_batch.__doc__
+        run = _named.setdefault(name, run)
+    return run
 
 
 def _limit_threads(env: dict) -> None:
@@ -328,7 +356,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         try:
             if self._executor is None:
                 self._executor = self._acquire()
-            fut = self._executor.submit(_run_batch, func)
+            fut = self._executor.submit(_runner(func), func)
         except Exception as e:  # noqa: BLE001 - any: joblib would wait for this batch for ever
             fut = concurrent.futures.Future()
             fut.set_exception(e)
