@@ -9,7 +9,8 @@ registers the backend under the name "shmpool" (spec: int.joblib.register).
 
 Data flow: `Parallel` slices its calls into joblib's `BatchedCalls` (its
 own auto batch size: `AutoBatchingMixin`) -> `ShmpoolBackend.submit(batch,
-callback)` -> `ShmExecutor.submit(_run_batch, batch)`: the batch is an
+callback)` -> `ShmExecutor.submit(_run_batch, batch)` (`_run_batch` under
+the name "<joblib batch of f>", f the batch's function): the batch is an
 argument, pickled by shmpool (numpy arrays and other buffers of 4 KiB and
 more out of band, into shared slots: no memmap, nothing on disk) -> a
 worker runs it -> the driver thread sets the future and
@@ -20,14 +21,21 @@ takes its result (`retrieve_result`); "generator_unordered": joblib's
 callback takes it (`retrieve_result_callback`). The first error aborts the
 call (`abort_everything`, on the driver thread in ordered mode, from
 joblib otherwise): this call's tasks still queued are cancelled and its
-running ones interrupted (`ShmExecutor.interrupt`); the workers stay.
+running ones interrupted (`ShmExecutor.interrupt`), what joblib
+dispatches after it is never sent; the workers stay. A batch that cannot
+be sent fails with the reason (joblib would otherwise wait for it).
 
 Invariants: one executor per process at a time, keyed by its options
 (`n_jobs`, the worker thread limit, the start method, shmpool's knobs);
 a call with other options gets a new one, and the old one is shut down
 once the last backend using it is done; it is never shut down under a
-call using it. The worker program imports this module only to unpickle
-`_run_batch` and the initializer: nothing of the host's machinery
+call using it. A call takes it at its first batch, inside joblib's
+try/finally, and gives it back in `terminate`: a `Parallel` that raises
+before holds none. One call at a time per backend object (joblib shares
+one among a `parallel_config` block's calls): an overlapping call, or
+one in a fork() child, gets an object of its own. The worker program
+imports this module only to unpickle `_run_batch` (a named copy of it
+travels by value) and the initializer: nothing of the host's machinery
 (`shmpool.executor`, the engine's host side) is imported at module level.
 """
 
