@@ -11,12 +11,15 @@ cross-validation with ~50 MiB of training data faster than loky).
     (~50 MiB), n_jobs=N (warm).
 
 The function called is defined in `__main__` (as in a user's script):
-pickled by value, by both backends. Joblib's own work in this process
-(making the calls' tuples, slicing batches, its callbacks, yielding each
-result) bounds what any backend can do: the sequential backend does that
-work plus the calls themselves, so loky/sequential is the ceiling of any
-backend's speed-up over loky here; the script prints it, and this
-process's CPU time per round.
+pickled by value, by both backends. For calls that cost next to nothing,
+as `tiny`, joblib's own work in this process (making the calls' tuples,
+slicing batches, its callbacks, yielding each result) bounds what any
+backend can do: the sequential backend does that work plus calls that
+cost nothing, so loky/sequential is the ceiling of any backend's speed-up
+over loky for such calls; the script prints it, and this process's CPU
+time per round. For calls that cost more it is no ceiling: sequential
+then also pays the calls, which a parallel backend spreads over its
+workers.
 
 Rounds alternate the backends (their order rotated every round); the
 medians are printed, with every round's times and the load average before
@@ -158,7 +161,7 @@ def main() -> None:
               + " ".join(f"{t * 1e3:.0f}" for t in cold[b]))
     print("  this process's CPU per warm round (main thread + the backend's threads), ms: "
           + ", ".join(f"{b} {med(CPU[b]) * 1e3:.1f}" for b in backends))
-    print(f"  ceiling for any backend (joblib's own work in this process = sequential): "
+    print(f"  ceiling for any backend on near-zero-cost calls (joblib's own work here = sequential): "
           f"loky / sequential {med(warm['loky']) / med(warm['sequential']):.2f}x")
     print(f"  warm loky / shmpool: {med(warm['loky']) / med(warm['shmpool']):.2f}x; "
           f"cold: {med(cold['loky']) / med(cold['shmpool']):.2f}x; "

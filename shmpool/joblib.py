@@ -9,7 +9,8 @@ registers the backend under the name "shmpool" (spec: int.joblib.register).
 
 Data flow: `Parallel` slices its calls into joblib's `BatchedCalls` (its
 own auto batch size: `AutoBatchingMixin`) -> `ShmpoolBackend.submit(batch,
-callback)` -> `ShmExecutor.submit(_run_batch, batch)`: the batch is an
+callback)` -> `ShmExecutor.submit(_run_batch, batch)` (`_run_batch` under
+the name "<joblib batch of f>", f the batch's function): the batch is an
 argument, pickled by shmpool (numpy arrays and other buffers of 4 KiB and
 more out of band, into shared slots: no memmap, nothing on disk) -> a
 worker runs it -> the driver thread sets the future and
@@ -20,26 +21,35 @@ takes its result (`retrieve_result`); "generator_unordered": joblib's
 callback takes it (`retrieve_result_callback`). The first error aborts the
 call (`abort_everything`, on the driver thread in ordered mode, from
 joblib otherwise): this call's tasks still queued are cancelled and its
-running ones interrupted (`ShmExecutor.interrupt`); the workers stay.
+running ones interrupted (`ShmExecutor.interrupt`), what joblib
+dispatches after it is never sent; the workers stay. A batch that cannot
+be sent fails with the reason (joblib would otherwise wait for it).
 
 Invariants: one executor per process at a time, keyed by its options
 (`n_jobs`, the worker thread limit, the start method, shmpool's knobs);
 a call with other options gets a new one, and the old one is shut down
 once the last backend using it is done; it is never shut down under a
-call using it. The worker program imports this module only to unpickle
-`_run_batch` and the initializer: nothing of the host's machinery
+call using it. A call takes it at its first batch, inside joblib's
+try/finally, and gives it back in `terminate`: a `Parallel` that raises
+before holds none. One call at a time per backend object (joblib shares
+one among a `parallel_config` block's calls): an overlapping call, or
+one in a fork() child, gets an object of its own. The worker program
+imports this module only to unpickle `_run_batch` (a named copy of it
+travels by value) and the initializer: nothing of the host's machinery
 (`shmpool.executor`, the engine's host side) is imported at module level.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import multiprocessing
 import os
 import threading
+import types
 
 try:
-    from joblib import register_parallel_backend
+    from joblib import cpu_count, register_parallel_backend
     from joblib._parallel_backends import (
         AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend,
     )
@@ -61,6 +71,33 @@ START_METHODS = ("fork", "forkserver", "spawn")  # (those shmpool starts workers
 def _run_batch(batch):
     """In a worker: run one joblib batch (`BatchedCalls`), its results a list."""
     return batch()
+
+
+_NAMED_MAX = 256
+_named: dict = {}  # the name of a batch's function -> `_run_batch` under a name saying it
+
+
+def _runner(batch):
+    """`_run_batch` named "<joblib batch of NAME>", NAME the function of the
+    batch's first call, so that what names a task (a timeout's or a crash's
+    message, the task timeline) names the user's function, not
+    `_run_batch`. One function per name, kept (the executor caches it by
+    identity; pickled by value once, its name not importable), at most
+    `_NAMED_MAX` of them."""
+    try:
+        fn = batch.items[0][0]
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    except Exception:  # noqa: BLE001 - not joblib's `BatchedCalls`: the plain name
+        return _run_batch
+    run = _named.get(name)
+    if run is None:
+        if len(_named) >= _NAMED_MAX:
+            return _run_batch
+        run = types.FunctionType(_run_batch.__code__, _run_batch.__globals__, "_run_batch")
+        run.__qualname__ = f"<joblib batch of {name}>"
+        run.__doc__ = _run_batch.__doc__
+        run = _named.setdefault(name, run)
+    return run
 
 
 def _limit_threads(env: dict) -> None:
@@ -88,6 +125,16 @@ class _Batch:
         self.future = future
         self.accounted = threading.Event()
 
+    @classmethod
+    def cancelled(cls) -> "_Batch":
+        """A batch never sent (its call is being aborted), accounted for."""
+        fut = concurrent.futures.Future()
+        fut.cancel()
+        fut.set_running_or_notify_cancel()
+        batch = cls(fut)
+        batch.accounted.set()
+        return batch
+
 
 class _Reusable:
     """The executor `Parallel` calls share, as loky's reusable executor: kept
@@ -102,34 +149,42 @@ class _Reusable:
         self._users: dict = {}  # executor -> backends using it
         self._retired: list = []  # replaced executors still in use
 
+    # (an executor is shut down after the lock is released: its shutdown
+    # may run done callbacks, and joblib's dispatch from them acquires)
     def acquire(self, key, make):
+        idle = None
         with self._lock:
             if self._executor is None or self._key != key:
                 old = self._executor
                 self._executor, self._key = make(), key
                 self._users[self._executor] = 0
                 if old is not None:
-                    self._retire(old)
+                    idle = self._retire(old)
             ex = self._executor
             self._users[ex] += 1
-            return ex
+        if idle is not None:
+            idle.shutdown(wait=False)  # (its pending work completes; nothing of this call's)
+        return ex
 
     def release(self, ex) -> None:
         with self._lock:
             if ex not in self._users:  # (`shutdown()` came first: it shut it down)
                 return
             self._users[ex] -= 1
-            if ex is not self._executor and self._users[ex] == 0:
-                del self._users[ex]
-                self._retired.remove(ex)
-                ex.shutdown(wait=False)
+            if ex is self._executor or self._users[ex] > 0:
+                return
+            del self._users[ex]
+            self._retired.remove(ex)
+        ex.shutdown(wait=False)
 
-    def _retire(self, ex) -> None:
+    def _retire(self, ex):
+        """`ex` replaced (lock held): returned if no backend uses it (the
+        caller shuts it down), else kept until its last user releases it."""
         if self._users[ex] == 0:
             del self._users[ex]
-            ex.shutdown(wait=False)  # (its pending work completes; nothing of this call's)
-        else:
-            self._retired.append(ex)
+            return ex
+        self._retired.append(ex)
+        return None
 
     def current(self):
         return self._executor
@@ -170,10 +225,17 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     like any `Parallel` (spec: int.joblib.sklearn).
 
     `parallel_config("shmpool", n_jobs=N, **options)`: N workers (-1: one
-    per CPU, `os.process_cpu_count()`/`os.cpu_count()`); `options` among
-    `EXECUTOR_OPTIONS` go to the `ShmExecutor`, and
+    per usable CPU, `joblib.cpu_count()`: the CPU affinity and a cgroup's
+    quota count); `options` among `EXECUTOR_OPTIONS` go to the
+    `ShmExecutor` (`task_timeout` and `max_retries` then apply to each
+    joblib batch, one shmpool task, not to each call), and
     `inner_max_num_threads` caps the thread pools of numerical libraries in
-    each worker (default: the CPUs divided by N, as for loky)."""
+    each worker (default: the CPUs divided by N, as for loky).
+
+    One call at a time per object: joblib shares one object among the calls
+    of a `parallel_config` block; a call made while another is open (a
+    generator not consumed to its end), or in a fork() child, gets an
+    object of its own (`configure`)."""
 
     # joblib retrieves results in the callback (driver thread) for backends
     # with `supports_retrieve_callback`, its consuming thread polling every
@@ -198,27 +260,31 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
                             f"it takes {', '.join(EXECUTOR_OPTIONS)} and inner_max_num_threads")
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads,
                          **backend_kwargs)
-        self._executor = None
+        self._pid = os.getpid()  # (a fork() child inherits this object, not its state: configure)
+        self._n_jobs = self._context = None  # the configured call's; None: no call configured
+        self._executor = None  # acquired at a call's first batch, released by `terminate`
         self._lock = threading.Lock()
         self._futures: set = set()  # this call's tasks not done yet
         self._failed = None  # ordered mode: the call's first failed batch
+        self._open = False  # a call sent a batch and has not ended (`stop_call`)
 
     def effective_n_jobs(self, n_jobs):
-        """Workers for `n_jobs`: -1 is one per CPU, -2 all but one, as joblib
-        counts. spec: int.joblib.n-jobs"""
+        """Workers for `n_jobs`: -1 is one per usable CPU, -2 all but one, as
+        joblib counts (`joblib.cpu_count()`). spec: int.joblib.n-jobs"""
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
             return 1
         if n_jobs < 0:
-            cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-            n_jobs = max(cpus + 1 + n_jobs, 1)
+            n_jobs = max(cpu_count() + 1 + n_jobs, 1)
         return n_jobs
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, context=None,
                   **ignored):
-        """Take the reused executor for `n_jobs` workers (n_jobs=1: joblib's
-        sequential loop, as loky falls back). joblib's memmapping options
+        """Set up a call for `n_jobs` workers (n_jobs=1: joblib's sequential
+        loop, as loky falls back); the reused executor is taken at the
+        call's first batch (`submit`, inside joblib's try/finally, so that
+        `terminate` always gives it back). joblib's memmapping options
         (`max_nbytes`, `temp_folder`, `mmap_mode`) are ignored: nothing is
         dumped to disk (spec: int.joblib.no-memmap)."""
         n_jobs = self.effective_n_jobs(n_jobs)
@@ -231,9 +297,17 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             nested = self.nesting_level or 0
             raise FallbackToBackend(ThreadingBackend(nesting_level=nested) if nested <= 1
                                     else SequentialBackend(nesting_level=nested))
+        if self._open or self._pid != os.getpid():  # spec: int.joblib.reuse
+            # Another call of this `parallel_config` block is open (its
+            # batches, futures and executor reference are this object's), or
+            # this is a fork() child (the executor, lock and futures are the
+            # parent's): an object of its own, which takes the same kept
+            # executor where it may use it.
+            raise FallbackToBackend(ShmpoolBackend(nesting_level=self.nesting_level,
+                                                   inner_max_num_threads=self.inner_max_num_threads,
+                                                   **self.backend_kwargs))
         self.parallel = parallel
-        if self._executor is None:
-            self._executor = self._acquire(n_jobs, context)
+        self._n_jobs, self._context = n_jobs, context
         self.supports_retrieve_callback = not getattr(parallel, "return_ordered", True)
         return n_jobs
 
@@ -241,7 +315,14 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         """A `Parallel` call begins (a managed backend sees several)."""
         self._failed = None
 
-    def _acquire(self, n_jobs, context):
+    def stop_call(self):
+        """A `Parallel` call ends (its batches may still be finishing)."""
+        self._open = False
+
+    def _acquire(self):
+        if self._n_jobs is None:
+            raise RuntimeError("a batch of a joblib Parallel call that has ended (its backend was terminated)")
+        n_jobs, context = self._n_jobs, self._context
         options = dict(self.backend_kwargs)
         if options.get("mp_context") is None:
             # joblib's context: JOBLIB_START_METHOD, or multiprocessing's
@@ -270,31 +351,52 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         it runs costs a rerun on a replacement: spec: int.joblib.crash);
         joblib's `callback` runs on the driver thread when it is done (not
         after a failure in ordered mode: the call is being aborted,
-        nothing more is dispatched)."""
-        fut = self._executor.submit(_run_batch, func)
+        nothing more is dispatched). A batch that cannot be sent (the
+        executor shut down or broken, the interpreter exiting) fails with
+        that error: the call raises it (spec: int.joblib.errors)."""
+        ordered = not self.supports_retrieve_callback
+        if ordered and self._failed is not None:  # spec: int.joblib.abort
+            # The call is being aborted (joblib learns it only when its
+            # consumer reaches the failed batch, and dispatches meanwhile):
+            # nothing more runs; the batch raises the first failure.
+            return _Batch.cancelled()
+        self._open = True
+        try:
+            if self._executor is None:
+                self._executor = self._acquire()
+            fut = self._executor.submit(_runner(func), func)
+        except Exception as e:  # noqa: BLE001 - any: joblib would wait for this batch for ever
+            fut = concurrent.futures.Future()
+            fut.set_exception(e)
         with self._lock:
             self._futures.add(fut)
-        if self.supports_retrieve_callback:  # (generator_unordered: joblib retrieves in the callback)
+        if not ordered:  # (generator_unordered: joblib retrieves in the callback)
             fut.add_done_callback(self._forget)
             if callback is not None:
                 fut.add_done_callback(callback)
-        else:
-            batch = _Batch(fut)
-            fut.add_done_callback(functools.partial(self._done, callback, batch))
-            return batch
-        return fut
+            return fut
+        batch = _Batch(fut)
+        fut.add_done_callback(functools.partial(self._done, callback, batch))
+        return batch
 
-    def _forget(self, fut) -> None:
+    def _forget(self, fut) -> bool:
+        """True if `fut` was one of this call's tasks not done yet (not
+        aborted, not a late one of a previous call)."""
         with self._lock:
+            mine = fut in self._futures
             self._futures.discard(fut)
+        return mine
 
     def _done(self, callback, batch, fut) -> None:
         """Ordered mode, on the driver thread: joblib's callback (accounting,
         the batch size, the next batch), then the future marked as
         accounted for; the first failure aborts the call's other tasks
-        (spec: int.joblib.abort)."""
+        (spec: int.joblib.abort). A future no longer the call's (aborted,
+        or a previous call's finishing late) neither fails the call nor
+        dispatches."""
         try:
-            self._forget(fut)
+            if not self._forget(fut):
+                return
             if not fut.cancelled() and fut.exception() is not None:
                 with self._lock:
                     first = self._failed is None
@@ -349,7 +451,9 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         backend): the executor stays for the next call."""
         with self._lock:
             ex, self._executor = self._executor, None
-        if ex is not None:
+        self._n_jobs = None
+        self._open = False
+        if ex is not None and self._pid == os.getpid():  # (a fork() child's copy is the parent's)
             _reusable.release(ex)
         self.reset_batch_stats()
 

@@ -104,3 +104,25 @@ def run_in_fork_child(queue):
         queue.put((os.getpid(), sorted(set(out)), sorted(sj.get_executor()._processes)))
     finally:
         sj.shutdown()
+
+
+def call_in_fork_child(queue):
+    """In a fork() child made inside a `parallel_config("shmpool")` block
+    while a call of the parent's is open: a call of the child's, under the
+    block it inherited (the same backend object): its outcome."""
+    import shmpool.joblib as sj
+
+    try:
+        out = Parallel()(delayed(pid)(i) for i in range(4))
+        queue.put(("ok", os.getpid(), sorted(set(out)), sorted(sj.get_executor()._processes)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(("raised", repr(e)))
+    finally:
+        sj.shutdown()
+
+
+def mark(i, marks):
+    """Call `i`: leaves a mark that it ran."""
+    with open(os.path.join(marks, f"{i}"), "w"):
+        pass
+    return i

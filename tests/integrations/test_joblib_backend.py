@@ -136,7 +136,7 @@ def test_a_fork_child_gets_an_executor_of_its_own():
 @pytest.mark.spec("int.joblib.n-jobs")
 def test_n_jobs_counts_as_joblib_does():
     b = sj.ShmpoolBackend()
-    cpus = getattr(os, "process_cpu_count", os.cpu_count)()
+    cpus = joblib.cpu_count()  # (the usable CPUs: affinity, cgroup quota)
     assert b.effective_n_jobs(-1) == cpus
     assert b.effective_n_jobs(-2) == max(cpus - 1, 1)
     assert b.effective_n_jobs(3) == 3
