@@ -345,10 +345,16 @@ def test_replacing_or_unregistering_lets_its_tasks_finish_without_a_gap(client, 
              "the second task waits in the executor's queue")
     if how == "register":
         client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+        # (returned while the old tasks run: the new executor is there; the
+        # Dask worker's two threads wait on the old ones, so a new task
+        # goes to the other Dask worker)
+        st = client.run(tasks.shm_state, workers=[addr])[addr]
+        assert (st["max_workers"], st["pending"]) == (2, 0)
+        other = _addresses(client)[1]
         with dask.annotate(executor="shmpool"):
-            now = client.submit(tasks.whoami, 1, workers=[addr], pure=False)
-        assert now.result(timeout=60)["pid"] in client.run(tasks.shm_state, workers=[addr])[addr]["pids"]
-        assert tasks.runs(tmp_path) and not (tmp_path / "release").exists()  # (the old task still ran)
+            now = client.submit(tasks.whoami, 1, workers=[other], pure=False)
+        assert now.result(timeout=60)["pid"] in client.run(tasks.shm_state, workers=[other])[other]["pids"]
+        assert len(tasks.runs(tmp_path)) == 1  # (the old task still runs)
     else:
         client.unregister_worker_plugin("shmpool")
         assert client.run(tasks.shm_state, workers=[addr])[addr] is None
