@@ -411,16 +411,20 @@ def test_a_given_mp_context_wins_over_the_configured_start_method(client):
 @pytest.mark.spec("int.dask.preload")
 @pytest.mark.spec("int.dask.options")
 @pytest.mark.named_segment
-@pytest.mark.parametrize("method", [None, "forkserver"])  # (None: the Dask worker's default, spawn)
-def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog, method):
+@pytest.mark.parametrize("method,then", [(None, "replace"), ("forkserver", "unregister")])
+def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog, method, then):
+    """A cluster closed while annotated tasks run: a first executor still
+    closing in the background (replaced, or unregistered: then no plugin
+    is left to tear down and the interpreter's exit ends it), its grace
+    60 s, and (replaced) the new one, its grace the default 10 s, both
+    longer than the 4 s a Nanny gives a closing Dask worker: everything
+    is terminated at once, nothing is left. (method None: the Dask
+    worker's default, spawn.)"""
     monkeypatch.setenv("DASK_SHMPOOL__MAX_WORKERS", "3")  # (read by the Dask worker's config)
     with caplog.at_level(logging.INFO, logger="shmpool.dask"), \
             _cluster(n_workers=1, scheduler_kwargs={"preload": ["shmpool.dask"]}) as cluster, \
             Client(cluster) as c:
         assert "shmpool.dask preloaded by a Scheduler: nothing to do" in caplog.text
-        # (the first executor closes in the background once replaced, its
-        # task running on; the default grace, 10 s, outlasts the Nanny's
-        # 4 s: Worker.close must terminate both executors at once)
         c.register_plugin(ShmpoolPlugin(start_method=method, close_grace=60))
         assert next(iter(c.run(tasks.shm_state).values()))["max_workers"] == 3
         workers = c.scheduler_info()["workers"]
@@ -428,21 +432,25 @@ def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, 
         dask_pid = next(iter(c.run(os.getpid).values()))
         with dask.annotate(executor="shmpool"):
             done = c.submit(tasks.whoami, 1, pure=False)
-            replaced = c.submit(tasks.run_until_released, str(tmp_path), 2, 30, pure=False)
+            first = c.submit(tasks.run_until_released, str(tmp_path), 2, 30, pure=False)
         assert done.result(timeout=60)["pid"] != dask_pid
-        wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "a task is running at the replacement")
+        wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "a task is running")
         shm_pids = next(iter(c.run(tasks.shm_state).values()))["pids"]
         assert tasks.runs(tmp_path)[0] in shm_pids
-        c.register_plugin(ShmpoolPlugin(start_method=method))
-        with dask.annotate(executor="shmpool"):
-            running = c.submit(tasks.run_until_released, str(tmp_path), 3, 30, pure=False)
-        wait_for(lambda: len(tasks.runs(tmp_path)) == 2, "a task is running at the shutdown")
-        shm_pids += next(iter(c.run(tasks.shm_state).values()))["pids"]
+        if then == "replace":
+            c.register_plugin(ShmpoolPlugin(start_method=method))
+            with dask.annotate(executor="shmpool"):
+                second = c.submit(tasks.run_until_released, str(tmp_path), 3, 30, pure=False)
+            wait_for(lambda: len(tasks.runs(tmp_path)) == 2, "a task of the new executor is running")
+            shm_pids += next(iter(c.run(tasks.shm_state).values()))["pids"]
+            assert not second.done()
+        else:
+            c.unregister_worker_plugin("shmpool")
         assert set(tasks.runs(tmp_path)) <= set(shm_pids)
-        kids = next(iter(c.run(tasks.children).values()))  # (with forkserver: their templates)
+        kids = next(iter(c.run(tasks.children).values()))  # (with forkserver: the templates)
         assert kids and (method == "forkserver" or set(kids) == set(shm_pids))
-        assert len(list(named_segments.iterdir())) == 2  # (both executors' segments, while they run)
-        del running, replaced
+        assert len(list(named_segments.iterdir())) == len(tasks.runs(tmp_path))  # (the executors' segments)
+        del first
     for pid in {dask_pid, *shm_pids, *kids}:
         wait_for(lambda: not _alive(pid), f"process {pid} ended")
     assert list(named_segments.iterdir()) == []
