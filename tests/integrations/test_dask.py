@@ -366,6 +366,30 @@ def test_replacing_or_unregistering_lets_its_tasks_finish_without_a_gap(client, 
         client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
 
 
+@pytest.mark.spec("int.dask.teardown")
+def test_tasks_outliving_the_grace_fail_as_dask_tasks(client, tmp_path):
+    """Unregistered with `close_grace=0`: the old executor's running and
+    queued tasks fail with `BrokenProcessPool`, reported by Dask as those
+    tasks' errors (none is left waiting)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    addr = _addresses(client)[0]
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
+                                         close_grace=0))
+    with dask.annotate(executor="shmpool"):
+        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
+               for i in range(2)]
+    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
+    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
+             "the second task waits in the executor's queue")
+    client.unregister_worker_plugin("shmpool")
+    for f in old:
+        with pytest.raises(BrokenProcessPool, match="terminated"):
+            f.result(timeout=60)
+    assert len(tasks.runs(tmp_path)) == 1
+    assert {f.status for f in old} == {"error"}
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+
 @pytest.mark.spec("int.dask.plugin")
 def test_an_executor_left_by_racing_registrations_is_replaced(client):
     """Dask's plugin_add is not atomic: a registration racing another could
