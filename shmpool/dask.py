@@ -61,13 +61,13 @@ import asyncio
 import functools
 import logging
 import multiprocessing
-import pickle
 import threading
 
 try:
     import click
     import dask.config
     from distributed import Worker, WorkerPlugin
+    from distributed.protocol import pickle as dask_pickle
     from distributed.worker import WORKER_ANY_RUNNING, _run_task_simple
 except ImportError as e:  # (an optional extra)
     raise ImportError(f"shmpool.dask needs Dask distributed ({e}): pip install 'shmpool[dask]'") from e
@@ -124,13 +124,14 @@ def run_task(*args):
     shmpool worker: its message comes back as a thread's would. A task's
     exception that will not pickle (it holds a lock, a socket...) is
     replaced as Dask replaces it for the scheduler, `Exception(repr(e))`,
-    so its type and message survive instead of a pickling error.
+    so its type and message survive instead of a pickling error. (Dask's
+    own test: its pickle, cloudpickle where pickle fails, both ways.)
     spec: int.dask.executor"""
     msg = _run_task_simple(*args)
     e = msg.get("actual_exception")
     if e is not None:
         try:
-            pickle.loads(pickle.dumps(e))
+            dask_pickle.loads(dask_pickle.dumps(e))
         except Exception:  # noqa: BLE001 - whatever the pickling raised
             msg["actual_exception"] = Exception(repr(e))
     return msg
@@ -249,9 +250,9 @@ class ShmpoolPlugin(WorkerPlugin):
         old = worker.executors.get(EXECUTOR)
         if isinstance(old, PluginExecutor) and not any(
                 getattr(p, "executor", None) is old for p in worker.plugins.values()):
-            # (a plugin's whose registration raced this one: Dask's plugin_add
-            # awaits the previous teardown, and another registration may run
-            # meanwhile; Dask then dropped that plugin without a teardown)
+            # (left by two registrations racing: Dask's plugin_add awaits the
+            # previous teardown, another registration may run meanwhile, and
+            # Dask then drops one of the plugins without a teardown)
             del worker.executors[EXECUTOR]
             _close_in_background(old, self._grace(), worker)
             old = None

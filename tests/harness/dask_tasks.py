@@ -39,6 +39,11 @@ def fail(kind: str, message: str):
         raise ValueError(message)
     if kind == "unpicklable":
         raise Unpicklable(message)
+    if kind == "local":  # (a class only cloudpickle pickles: by value)
+        class Local(Exception):
+            pass
+
+        raise Local(message)
     raise TaskFailed(message)
 
 

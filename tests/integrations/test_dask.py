@@ -218,7 +218,9 @@ def test_results_dependencies_and_errors_flow_back(client):
         bad = client.submit(tasks.fail, "value", "no good: 42", pure=False)
         own = client.submit(tasks.fail, "own", "the tests' own class", pure=False)
         odd = client.submit(tasks.fail, "unpicklable", "holds a lock: 7", pure=False)
+        local = client.submit(tasks.fail, "local", "a class of a function", pure=False)
     in_thread = client.submit(tasks.fail, "unpicklable", "holds a lock: 7", pure=False)
+    local_in_thread = client.submit(tasks.fail, "local", "a class of a function", pure=False)
     assert total.result(timeout=60) == 144 + 9
     with pytest.raises(ValueError, match="no good: 42"):
         bad.result(timeout=60)
@@ -235,6 +237,10 @@ def test_results_dependencies_and_errors_flow_back(client):
         odd.result(timeout=60)
     assert "Unpicklable('holds a lock: 7')" in str(thread_error.value)
     assert (type(shm_error.value), str(shm_error.value)) == (type(thread_error.value), str(thread_error.value))
+    for f in (local, local_in_thread):  # (cloudpickle pickles it: itself, as from a thread)
+        with pytest.raises(Exception, match="a class of a function") as error:
+            f.result(timeout=60)
+        assert type(error.value).__name__ == "Local"
 
 
 @pytest.mark.spec("int.dask.retry")
