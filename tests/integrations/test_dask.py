@@ -158,7 +158,7 @@ def leak_allowance(request):
         return None
     c = _module_client[0]
     cluster = c.cluster
-    addresses = [cluster.scheduler_address, *c.scheduler_info()["workers"],
+    addresses = [cluster.scheduler_address, *_addresses(c),
                  *(w.address for w in cluster.workers.values())]
     ports = {int(a.rsplit(":", 1)[1]) for a in addresses}
 
@@ -169,7 +169,9 @@ def leak_allowance(request):
 
 
 def _addresses(c: Client) -> list[str]:
-    return sorted(c.scheduler_info()["workers"])
+    # (asked of the workers: the client's copy of the scheduler's identity
+    # may be refreshing, without its workers, at that moment)
+    return sorted(c.run(os.getpid))
 
 
 def _use(c: Client, method: str) -> None:
@@ -457,7 +459,7 @@ def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, 
         assert "shmpool.dask preloaded by a Scheduler: nothing to do" in caplog.text
         c.register_plugin(ShmpoolPlugin(start_method=method, close_grace=60))
         assert next(iter(c.run(tasks.shm_state).values()))["max_workers"] == 3
-        workers = c.scheduler_info()["workers"]
+        workers = _addresses(c)
         assert c.run(tasks.daemonic) == {a: True for a in workers}  # (the Nanny's default)
         dask_pid = next(iter(c.run(os.getpid).values()))
         with dask.annotate(executor="shmpool"):
