@@ -6,14 +6,20 @@ preload module or the worker plugin; tasks annotated
 One cluster serves the module (two Dask workers, two threads each, the
 preload with `--shmpool-max-workers=3` and the config `shmpool.start-method:
 fork`, `shmpool.max-retries: 1`); the shutdown test starts its own, to
-watch everything go away."""
+watch everything go away. The autouse leak check (tests/conftest.py) sees
+this process and its children only; inside the module cluster's Dask
+workers, `_dask_workers_hold_nothing_else` checks after each test that
+each holds no shmpool process, executor or close beyond its current
+executor, and that this executor is its plugin's."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -87,6 +93,30 @@ def client():
         cluster.close()
 
 
+@pytest.fixture(autouse=True)
+def _dask_workers_hold_nothing_else(request):
+    """After a test on the module cluster, every Dask worker's child
+    processes are its current executor's workers, it has no other open
+    shmpool executor, none closing in the background, and its executor
+    is held by its plugin (`tasks.leftovers`); waited for, since a
+    replaced executor closes in the background."""
+    yield
+    if "client" not in request.fixturenames or not _module_client:
+        return
+    c = _module_client[0]
+    last: dict = {}
+
+    def clean() -> bool:
+        last.clear()
+        last.update({a: v for a, v in c.run(tasks.leftovers).items() if v})
+        return not last
+
+    try:
+        wait_for(clean, "the Dask workers hold nothing of shmpool but their executor")
+    except AssertionError:
+        raise AssertionError(f"left inside the module cluster's Dask workers: {last}") from None
+
+
 def _fds() -> dict[str, str]:
     out = {}
     for fd in os.listdir("/proc/self/fd"):
@@ -128,7 +158,7 @@ def leak_allowance(request):
         return None
     c = _module_client[0]
     cluster = c.cluster
-    addresses = [cluster.scheduler_address, *c.scheduler_info()["workers"],
+    addresses = [cluster.scheduler_address, *_addresses(c),
                  *(w.address for w in cluster.workers.values())]
     ports = {int(a.rsplit(":", 1)[1]) for a in addresses}
 
@@ -139,7 +169,9 @@ def leak_allowance(request):
 
 
 def _addresses(c: Client) -> list[str]:
-    return sorted(c.scheduler_info()["workers"])
+    # (asked of the workers: the client's copy of the scheduler's identity
+    # may be refreshing, without its workers, at that moment)
+    return sorted(c.run(os.getpid))
 
 
 def _use(c: Client, method: str) -> None:
@@ -187,6 +219,10 @@ def test_results_dependencies_and_errors_flow_back(client):
         total = client.submit(tasks.add, a, squares[3], pure=False)
         bad = client.submit(tasks.fail, "value", "no good: 42", pure=False)
         own = client.submit(tasks.fail, "own", "the tests' own class", pure=False)
+        odd = client.submit(tasks.fail, "unpicklable", "holds a lock: 7", pure=False)
+        local = client.submit(tasks.fail, "local", "a class of a function", pure=False)
+    in_thread = client.submit(tasks.fail, "unpicklable", "holds a lock: 7", pure=False)
+    local_in_thread = client.submit(tasks.fail, "local", "a class of a function", pure=False)
     assert total.result(timeout=60) == 144 + 9
     with pytest.raises(ValueError, match="no good: 42"):
         bad.result(timeout=60)
@@ -195,6 +231,18 @@ def test_results_dependencies_and_errors_flow_back(client):
     assert bad.status == "error"
     tb = "".join(traceback.format_tb(bad.traceback()))
     assert "in fail" in tb  # the traceback from the shmpool worker
+    # an exception that will not pickle: what a thread gives (Dask's own
+    # stand-in, its type and message in the text), not a pickling error
+    with pytest.raises(Exception) as thread_error:
+        in_thread.result(timeout=60)
+    with pytest.raises(Exception) as shm_error:
+        odd.result(timeout=60)
+    assert "Unpicklable('holds a lock: 7')" in str(thread_error.value)
+    assert (type(shm_error.value), str(shm_error.value)) == (type(thread_error.value), str(thread_error.value))
+    for f in (local, local_in_thread):  # (cloudpickle pickles it: itself, as from a thread)
+        with pytest.raises(Exception, match="a class of a function") as error:
+            f.result(timeout=60)
+        assert type(error.value).__name__ == "Local"
 
 
 @pytest.mark.spec("int.dask.retry")
@@ -286,33 +334,155 @@ def test_plugin_replaces_and_unregistering_closes_the_executor(client):
 
 
 @pytest.mark.spec("int.dask.teardown")
+@pytest.mark.spec("int.dask.plugin")
+@pytest.mark.parametrize("how", ["register", "unregister"])
+def test_replacing_or_unregistering_lets_its_tasks_finish_without_a_gap(client, tmp_path, how):
+    """The executor replaced (or unregistered) while one of its tasks runs
+    and another waits in its queue: the registration returns at once, a
+    task given meanwhile runs in the new executor, and both old tasks end
+    in the old one (Dask awaits them: cancelling the queued one left its
+    Dask task "executing" for ever)."""
+    addr = _addresses(client)[0]
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
+                                         close_grace=60))
+    with dask.annotate(executor="shmpool"):
+        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
+               for i in range(2)]
+    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
+    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
+             "the second task waits in the executor's queue")
+    if how == "register":
+        client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+        # (returned while the old tasks run: the new executor is there; the
+        # Dask worker's two threads wait on the old ones, so a new task
+        # goes to the other Dask worker)
+        st = client.run(tasks.shm_state, workers=[addr])[addr]
+        assert (st["max_workers"], st["pending"]) == (2, 0)
+        other = _addresses(client)[1]
+        with dask.annotate(executor="shmpool"):
+            now = client.submit(tasks.whoami, 1, workers=[other], pure=False)
+        assert now.result(timeout=60)["pid"] in client.run(tasks.shm_state, workers=[other])[other]["pids"]
+        assert len(tasks.runs(tmp_path)) == 1  # (the old task still runs)
+    else:
+        client.unregister_worker_plugin("shmpool")
+        assert client.run(tasks.shm_state, workers=[addr])[addr] is None
+    (tmp_path / "release").touch()
+    assert [f.result(timeout=60)["x"] for f in old] == [0, 1]
+    first, second = tasks.runs(tmp_path)
+    assert first == second  # (the old executor's one worker ran both)
+    if how == "unregister":
+        client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+
+
+@pytest.mark.spec("int.dask.teardown")
+def test_tasks_outliving_the_grace_fail_as_dask_tasks(client, tmp_path):
+    """Unregistered with `close_grace=0`: the old executor's running and
+    queued tasks fail with `BrokenProcessPool`, reported by Dask as those
+    tasks' errors (none is left waiting)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    addr = _addresses(client)[0]
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
+                                         close_grace=0))
+    with dask.annotate(executor="shmpool"):
+        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
+               for i in range(2)]
+    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
+    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
+             "the second task waits in the executor's queue")
+    client.unregister_worker_plugin("shmpool")
+    for f in old:
+        with pytest.raises(BrokenProcessPool, match="terminated"):
+            f.result(timeout=60)
+    assert len(tasks.runs(tmp_path)) == 1
+    assert {f.status for f in old} == {"error"}
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+
+@pytest.mark.spec("int.dask.plugin")
+def test_an_executor_left_by_racing_registrations_is_replaced(client):
+    """Dask's plugin_add is not atomic: a registration racing another could
+    leave the plugin's executor with no plugin holding it. The next
+    registration replaces it (and closes it) instead of refusing; two
+    registrations at once leave one executor, its plugin's."""
+    _use(client, "fork")
+    with dask.annotate(executor="shmpool"):
+        client.gather(client.map(tasks.whoami, range(4), pure=False))
+    orphans = [p for st in client.run(tasks.shm_state).values() for p in st["pids"]]
+    assert orphans
+    client.run(tasks.drop_plugin)  # (what the race left)
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
+    wait_for(lambda: not any(_alive(p) for p in orphans), "the orphaned executor's workers ended")
+    with dask.annotate(executor="shmpool"):
+        client.gather(client.map(tasks.whoami, range(4), pure=False))
+
+    def register(n: int):
+        return client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=n))
+
+    with ThreadPoolExecutor(2) as tp:
+        assert list(tp.map(register, [1, 2])) == [{a: {"status": "OK"} for a in _addresses(client)}] * 2
+    assert {st["max_workers"] for st in client.run(tasks.shm_state).values()} <= {1, 2}
+    _use(client, "spawn")
+    _use(client, "fork")  # (the module's default again; the leftovers check follows)
+
+
+@pytest.mark.spec("int.dask.options")
+def test_a_given_mp_context_wins_over_the_configured_start_method(client):
+    configured = client.run(lambda: dask.config.get("shmpool.start-method"))
+    assert set(configured.values()) == {"fork"}  # (the module cluster's config)
+    client.register_plugin(ShmpoolPlugin(mp_context=multiprocessing.get_context("spawn"), max_workers=2))
+    assert {st["start_method"] for st in client.run(tasks.shm_state).values()} == {"spawn"}
+    with pytest.raises(ValueError, match="give start_method or mp_context, not both"):
+        client.register_plugin(ShmpoolPlugin(mp_context=multiprocessing.get_context("spawn"),
+                                             start_method="fork"), name="both")
+    client.unregister_worker_plugin("both")
+    _use(client, "fork")
+
+
+@pytest.mark.spec("int.dask.teardown")
 @pytest.mark.spec("int.dask.daemon")
 @pytest.mark.spec("int.dask.preload")
 @pytest.mark.spec("int.dask.options")
 @pytest.mark.named_segment
-@pytest.mark.parametrize("method", [None, "forkserver"])  # (None: the Dask worker's default, spawn)
-def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog, method):
+@pytest.mark.parametrize("method,then", [(None, "replace"), ("forkserver", "unregister")])
+def test_cluster_shutdown_leaves_nothing(tmp_path, named_segments, monkeypatch, caplog, method, then):
+    """A cluster closed while annotated tasks run: a first executor still
+    closing in the background (replaced, or unregistered: then no plugin
+    is left to tear down and the interpreter's exit ends it), its grace
+    60 s, and (replaced) the new one, its grace the default 10 s, both
+    longer than the 4 s a Nanny gives a closing Dask worker: everything
+    is terminated at once, nothing is left. (method None: the Dask
+    worker's default, spawn.)"""
     monkeypatch.setenv("DASK_SHMPOOL__MAX_WORKERS", "3")  # (read by the Dask worker's config)
     with caplog.at_level(logging.INFO, logger="shmpool.dask"), \
             _cluster(n_workers=1, scheduler_kwargs={"preload": ["shmpool.dask"]}) as cluster, \
             Client(cluster) as c:
         assert "shmpool.dask preloaded by a Scheduler: nothing to do" in caplog.text
-        c.register_plugin(ShmpoolPlugin(close_grace=0.5, start_method=method))
+        c.register_plugin(ShmpoolPlugin(start_method=method, close_grace=60))
         assert next(iter(c.run(tasks.shm_state).values()))["max_workers"] == 3
-        workers = c.scheduler_info()["workers"]
+        workers = _addresses(c)
         assert c.run(tasks.daemonic) == {a: True for a in workers}  # (the Nanny's default)
         dask_pid = next(iter(c.run(os.getpid).values()))
         with dask.annotate(executor="shmpool"):
             done = c.submit(tasks.whoami, 1, pure=False)
-            running = c.submit(tasks.run_until_released, str(tmp_path), 2, pure=False)
+            first = c.submit(tasks.run_until_released, str(tmp_path), 2, 30, pure=False)
         assert done.result(timeout=60)["pid"] != dask_pid
-        wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "a task is running at the shutdown")
+        wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "a task is running")
         shm_pids = next(iter(c.run(tasks.shm_state).values()))["pids"]
         assert tasks.runs(tmp_path)[0] in shm_pids
-        kids = next(iter(c.run(tasks.children).values()))  # (with forkserver: its template)
+        if then == "replace":
+            c.register_plugin(ShmpoolPlugin(start_method=method))
+            with dask.annotate(executor="shmpool"):
+                second = c.submit(tasks.run_until_released, str(tmp_path), 3, 30, pure=False)
+            wait_for(lambda: len(tasks.runs(tmp_path)) == 2, "a task of the new executor is running")
+            shm_pids += next(iter(c.run(tasks.shm_state).values()))["pids"]
+            assert not second.done()
+        else:
+            c.unregister_worker_plugin("shmpool")
+        assert set(tasks.runs(tmp_path)) <= set(shm_pids)
+        kids = next(iter(c.run(tasks.children).values()))  # (with forkserver: the templates)
         assert kids and (method == "forkserver" or set(kids) == set(shm_pids))
-        assert list(named_segments.iterdir())  # (the executor's segment, while it runs)
-        del running
+        assert len(list(named_segments.iterdir())) == len(tasks.runs(tmp_path))  # (the executors' segments)
+        del first
     for pid in {dask_pid, *shm_pids, *kids}:
         wait_for(lambda: not _alive(pid), f"process {pid} ended")
     assert list(named_segments.iterdir()) == []
