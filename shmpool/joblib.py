@@ -267,6 +267,10 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._futures: set = set()  # this call's tasks not done yet
         self._failed = None  # ordered mode: the call's first failed batch
         self._open = False  # a call sent a batch and has not ended (`stop_call`)
+        # The call a batch belongs to (`_done`): a new token at each call's
+        # end, taken under `_cb_lock`, which joblib's callbacks run under.
+        self._token = object()
+        self._cb_lock = threading.RLock()  # (a callback dispatches: its submit may call `_done` at once)
 
     def effective_n_jobs(self, n_jobs):
         """Workers for `n_jobs`: -1 is one per usable CPU, -2 all but one, as
@@ -316,8 +320,16 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._failed = None
 
     def stop_call(self):
-        """A `Parallel` call ends (its batches may still be finishing)."""
+        """A `Parallel` call ends (its batches may still be finishing): from
+        now on no joblib callback of its batches runs (`_done`)."""
         self._open = False
+        self._new_token()
+
+    def _new_token(self) -> None:
+        # (waits for a callback under way: joblib's `_jobs` and iterator are
+        # the next call's once this returns)
+        with self._cb_lock:
+            self._token = object()
 
     def _acquire(self):
         if self._n_jobs is None:
@@ -376,7 +388,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
                 fut.add_done_callback(callback)
             return fut
         batch = _Batch(fut)
-        fut.add_done_callback(functools.partial(self._done, callback, batch))
+        fut.add_done_callback(functools.partial(self._done, callback, batch, self._token))
         return batch
 
     def _forget(self, fut) -> bool:
@@ -387,7 +399,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             self._futures.discard(fut)
         return mine
 
-    def _done(self, callback, batch, fut) -> None:
+    def _done(self, callback, batch, token, fut) -> None:
         """Ordered mode, on the driver thread: joblib's callback (accounting,
         the batch size, the next batch), then the future marked as
         accounted for; the first failure aborts the call's other tasks
@@ -405,7 +417,14 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
                 if first:
                     self.abort_everything()
             elif callback is not None and self._failed is None:  # (aborting: dispatch nothing more)
-                callback(fut)
+                with self._cb_lock:
+                    # A batch of a call that ended (its consumer raised
+                    # meanwhile) must not run joblib's callback: it would
+                    # dispatch the ended call's next items into the next
+                    # call's results (joblib checks its call id only for
+                    # backends that retrieve in the callback).
+                    if token is self._token:
+                        callback(fut)
         finally:
             batch.accounted.set()
 
@@ -453,6 +472,7 @@ class ShmpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             ex, self._executor = self._executor, None
         self._n_jobs = None
         self._open = False
+        self._new_token()
         if ex is not None and self._pid == os.getpid():  # (a fork() child's copy is the parent's)
             _reusable.release(ex)
         self.reset_batch_stats()

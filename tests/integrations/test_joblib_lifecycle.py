@@ -7,6 +7,7 @@ the executor's errors."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
@@ -160,3 +161,23 @@ def test_the_executors_errors_name_the_users_function_and_the_batch():
     with parallel_config("shmpool", n_jobs=2, task_timeout=0.5):  # (per batch: one task)
         with pytest.raises(TaskTimeoutError, match=r"task <joblib batch of slow> ran past its timeout of 0.5 s"):
             Parallel(batch_size=1)(delayed(T.slow)(s) for s in [10, 0])
+
+
+@pytest.mark.spec("int.joblib.abort")
+def test_a_batch_answered_after_its_call_ended_runs_no_joblib_callback(tmp_path):
+    """A batch whose answer comes after its call ended (its consumer raised
+    on another batch meanwhile) does not run joblib's callback: in ordered
+    mode that callback dispatches the call's next items, which would land
+    among the next call's results."""
+    gate = str(tmp_path / "gate")
+    with Parallel(n_jobs=2, backend="shmpool", batch_size=1) as p:
+        assert p(delayed(T.tiny)(i) for i in range(4)) == [T.tiny(i) for i in range(4)]
+        backend = p._backend
+        backend.start_call()  # (a call as joblib makes it: its batches go out...)
+        called: list = []
+        batch = backend.submit(functools.partial(T.gated, gate, [7]), callback=called.append)
+        backend.stop_call()  # (... and it ends before this one's answer)
+        open(gate, "w").close()
+        wait_for(batch.accounted.is_set, "the late batch's answer handled", 60)
+        assert batch.future.result(0) == [7] and called == []
+        assert p(delayed(T.tiny)(i) for i in range(6)) == [T.tiny(i) for i in range(6)]
