@@ -50,7 +50,8 @@ import threading
 import weakref
 from concurrent.futures import Future
 
-from .exec.protocol import CHUNK, MAP, SINGLE
+from ._executor_map import work_items
+from .exec.protocol import SINGLE
 
 WINDOW_PER_WORKER = 128  # `amap`'s default window: tasks in flight per worker
 
@@ -244,14 +245,7 @@ def amap(ex, fn, iterables, chunksize: int, window, ordered: bool):
     check_window(window)
     if window is None:
         window = WINDOW_PER_WORKER * ex._max_workers
-    args = zip(*iterables)
-    if chunksize == 1:
-        items = ((SINGLE, a, {}) for a in args)
-    elif len(iterables) == 1:  # (chunks of the items themselves: no tuple per item)
-        items = ((MAP, c, None) for c in _chunks(iterables[0], chunksize))
-    else:
-        items = ((CHUNK, c, None) for c in _chunks(args, chunksize))
-    return _amap(ex, fn, items, window, ordered)
+    return _amap(ex, fn, work_items(iterables, chunksize), window, ordered)
 
 
 async def _amap(ex, fn, items, window: int, ordered: bool):
@@ -312,12 +306,3 @@ async def _amap(ex, fn, items, window: int, ordered: bool):
             f.cancel()
         for f in kinds:
             f.cancel()
-
-
-def _chunks(it, n):
-    it = iter(it)
-    while True:
-        chunk = tuple(itertools.islice(it, n))
-        if not chunk:
-            return
-        yield chunk

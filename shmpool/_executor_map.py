@@ -34,13 +34,7 @@ def map_(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
         raise ValueError("chunksize must be >= 1.")
     check_buffersize(buffersize)
     end = None if timeout is None else time.monotonic() + timeout
-    args = zip(*iterables)
-    if chunksize == 1:
-        items = ((SINGLE, a, {}) for a in args)
-    elif len(iterables) == 1:  # (chunks of the items themselves: no tuple per item)
-        items = ((MAP, c, None) for c in _chunks(iterables[0], chunksize))
-    else:
-        items = ((CHUNK, c, None) for c in _chunks(args, chunksize))
+    items = work_items(iterables, chunksize)
     fs: collections.deque = collections.deque()
 
     def submit_next() -> bool:
@@ -97,6 +91,18 @@ def _pop_result(fs: collections.deque, end: float | None, more):
     if more is not None:
         more()
     return result
+
+
+def work_items(iterables, chunksize: int):
+    """The tasks of a map over `iterables`, lazily: (kind, args, kwargs) of
+    each call, or of each chunk of `chunksize` calls (`ShmExecutor.map`,
+    `amap`)."""
+    args = zip(*iterables)
+    if chunksize == 1:
+        return ((SINGLE, a, {}) for a in args)
+    if len(iterables) == 1:  # (chunks of the items themselves: no tuple per item)
+        return ((MAP, c, None) for c in _chunks(iterables[0], chunksize))
+    return ((CHUNK, c, None) for c in _chunks(args, chunksize))
 
 
 def _chunks(it, n):

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # and by the worker processes that unpickle its task functions.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.processes import open_fds  # noqa: E402
 from harness.session import Loopback  # noqa: E402
 from shmpool import procinfo  # noqa: E402
 from shmpool.hub import forkserver  # noqa: E402
@@ -88,16 +89,6 @@ def _sweep_stale_dirs() -> None:
 # --------------------------------------------------------------------------
 # Leak check
 # --------------------------------------------------------------------------
-
-
-def _fds() -> dict[str, str]:
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return out
 
 
 def _processes_with(token: str) -> list[int]:
@@ -157,7 +148,7 @@ def no_leaks(request: pytest.FixtureRequest):
     allowed = request.getfixturevalue("leak_allowance")
     token = uuid.uuid4().hex
     os.environ["SHMPOOL_LEAK_TOKEN"] = token
-    fds_before = _fds()
+    fds_before = open_fds()
     threads_before = set(threading.enumerate())
     files_before = _segment_files()
     kids_before = set(_children())
@@ -204,7 +195,7 @@ def no_leaks(request: pytest.FixtureRequest):
                 os.unlink(SEGMENT_DIR / f)
             except OSError:
                 pass
-    fds_after = _fds()
+    fds_after = open_fds()
     leaked = {fd: tgt for fd, tgt in fds_after.items()
               if fds_before.get(fd) != tgt and not (allowed is not None and allowed(fd, tgt))}
     if leaked:

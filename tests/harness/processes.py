@@ -1,6 +1,7 @@
 """Facts about the processes a test started, beyond what `shmpool.procinfo`
-answers: zombies left for us to reap, CPU time spent, and a subreaper that
-adopts orphaned grandchildren so that a test can read their exit status.
+answers: zombies left for us to reap, CPU time spent, a subreaper that
+adopts orphaned grandchildren so that a test can read their exit status,
+and this process's open fds (what the leak check compares).
 """
 
 from __future__ import annotations
@@ -10,6 +11,17 @@ import signal
 import time
 
 from shmpool import procinfo
+
+
+def open_fds() -> dict[str, str]:
+    """This process's open fds: number -> what each points at."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
 
 
 def zombie_children() -> list[int]:

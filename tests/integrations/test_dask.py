@@ -117,16 +117,6 @@ def _dask_workers_hold_nothing_else(request):
         raise AssertionError(f"left inside the module cluster's Dask workers: {last}") from None
 
 
-def _fds() -> dict[str, str]:
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return out
-
-
 def _tcp_sockets() -> dict[str, set[int]]:
     """'socket:[INODE]' -> the local and remote ports of this process's
     TCP sockets (the host's /proc/net/tcp and tcp6)."""
@@ -333,6 +323,21 @@ def test_plugin_replaces_and_unregistering_closes_the_executor(client):
     client.register_plugin(_use_default)  # (as the module's other tests expect)
 
 
+def _one_running_one_queued(client, tmp_path, close_grace: float):
+    """A one-worker plugin executor on the first Dask worker, one of its
+    two tasks running, the other waiting in its queue: (address, futures)."""
+    addr = _addresses(client)[0]
+    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
+                                         close_grace=close_grace))
+    with dask.annotate(executor="shmpool"):
+        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
+               for i in range(2)]
+    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
+    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
+             "the second task waits in the executor's queue")
+    return addr, old
+
+
 @pytest.mark.spec("int.dask.teardown")
 @pytest.mark.spec("int.dask.plugin")
 @pytest.mark.parametrize("how", ["register", "unregister"])
@@ -342,15 +347,7 @@ def test_replacing_or_unregistering_lets_its_tasks_finish_without_a_gap(client, 
     task given meanwhile runs in the new executor, and both old tasks end
     in the old one (Dask awaits them: cancelling the queued one left its
     Dask task "executing" for ever)."""
-    addr = _addresses(client)[0]
-    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
-                                         close_grace=60))
-    with dask.annotate(executor="shmpool"):
-        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
-               for i in range(2)]
-    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
-    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
-             "the second task waits in the executor's queue")
+    addr, old = _one_running_one_queued(client, tmp_path, close_grace=60)
     if how == "register":
         client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=2))
         # (returned while the old tasks run: the new executor is there; the
@@ -381,15 +378,7 @@ def test_tasks_outliving_the_grace_fail_as_dask_tasks(client, tmp_path):
     tasks' errors (none is left waiting)."""
     from concurrent.futures.process import BrokenProcessPool
 
-    addr = _addresses(client)[0]
-    client.register_plugin(ShmpoolPlugin(start_method="fork", max_workers=1, max_inflight=1,
-                                         close_grace=0))
-    with dask.annotate(executor="shmpool"):
-        old = [client.submit(tasks.run_until_released, str(tmp_path), i, 30, workers=[addr], pure=False)
-               for i in range(2)]
-    wait_for(lambda: len(tasks.runs(tmp_path)) == 1, "the first task runs")
-    wait_for(lambda: client.run(tasks.shm_state, workers=[addr])[addr]["pending"] == 2,
-             "the second task waits in the executor's queue")
+    addr, old = _one_running_one_queued(client, tmp_path, close_grace=0)
     client.unregister_worker_plugin("shmpool")
     for f in old:
         with pytest.raises(BrokenProcessPool, match="terminated"):
