@@ -214,6 +214,9 @@ def wrap(ex, cf, loop=None, stop=None) -> _AioFuture:
     afut._stop = stop
     if ex is not None:
         _install(ex)
+    if cf.done() and asyncio._get_running_loop() is loop:
+        afut._copy()  # (answered already, and this is the loop's thread: no inbox, no wake-up)
+        return afut
     if getattr(type(cf), "_callbacks", False):  # (the pool knows it has callbacks: the stdlib's registration alone)
         _add_done_callback(cf, afut._resolved)
     else:
