@@ -16,6 +16,7 @@ from concurrent.futures import CancelledError
 import pytest
 
 from harness import stream_tasks as S
+from harness.processes import in_fork_child
 from harness.polling import wait_for
 from shmpool import ShmExecutor, ShmPool
 from shmpool.errors import ForeignPoolError, PoolBrokenError, RemoteTraceback, ResultEncodingError, TaskTimeoutError, WorkerCrashedError
@@ -451,20 +452,20 @@ def test_a_fork_child_cannot_touch_the_parents_stream():
     with ex(1) as e:
         it = e.stream(S.numbers, (50,), buffer=4)
         assert next(it) == 0
-        pid = os.fork()
-        if pid == 0:  # (the child: never back into pytest)
-            code = 1
+
+        def child():
+            nonlocal it
             try:
-                try:
-                    next(it)
-                except ForeignPoolError:
-                    code = 0
-                it.close()
-                del it
-                gc.collect()
-            finally:
-                os._exit(code)
-        assert os.waitpid(pid, 0)[1] == 0
+                next(it)
+                refused = False
+            except ForeignPoolError:
+                refused = True
+            it.close()
+            del it
+            gc.collect()
+            return refused
+
+        assert in_fork_child(child) == 0
         assert list(it) == list(range(1, 50))
 
 

@@ -24,6 +24,7 @@ import pytest
 import shmpool
 from harness import tunnel_tasks as T
 from harness.polling import wait_for
+from harness.processes import in_fork_child
 from shmpool import ShmExecutor, ShmPool, Tunnel, TunnelError
 from concurrent.futures.process import BrokenProcessPool
 
@@ -495,30 +496,20 @@ def _closed_from_another_thread(t, op, unstick):
 
 
 @pytest.mark.spec("exec.tunnel-close")
-def test_close_ends_a_write_waiting_for_credit_on_another_thread(tmp_path):
+@pytest.mark.parametrize("op,left", [("write", 4 << 20), ("read", 0)])
+def test_close_ends_a_call_waiting_on_another_thread(tmp_path, op, left):
+    """A write waiting for credit, or a read waiting for data, on another
+    thread: close() ends it (it raises), without waiting behind it."""
     flag, pidfile = str(tmp_path / "go"), str(tmp_path / "pid")
     with ex(1) as e:
         t = Tunnel()
         f = e.submit(T.wait_then_read, t, flag, pidfile)
-        got, hung = _closed_from_another_thread(t, lambda: t.write(b"w" * (8 << 20)),
-                                                lambda: open(flag, "w").close())
-        assert not hung, "close() waited behind a write waiting for credit"
-        assert isinstance(got[0], ValueError) and "closed while a write waited" in str(got[0]), got
+        call = (lambda: t.write(b"w" * (8 << 20))) if op == "write" else (lambda: t.read(10))
+        got, hung = _closed_from_another_thread(t, call, lambda: open(flag, "w").close())
+        assert not hung, f"close() did not end a {op} waiting on another thread"
+        assert isinstance(got[0], ValueError) and f"closed while a {op} waited" in str(got[0]), got
         open(flag, "w").close()
-        assert f.result(60) == 4 << 20  # (what was written before, then EOF)
-
-
-@pytest.mark.spec("exec.tunnel-close")
-def test_close_ends_a_read_waiting_on_another_thread(tmp_path):
-    flag, pidfile = str(tmp_path / "go"), str(tmp_path / "pid")
-    with ex(1) as e:
-        t = Tunnel()
-        f = e.submit(T.wait_then_read, t, flag, pidfile)
-        got, hung = _closed_from_another_thread(t, lambda: t.read(10), lambda: open(flag, "w").close())
-        assert not hung, "close() did not end a read waiting on another thread"
-        assert isinstance(got[0], ValueError) and "closed while a read waited" in str(got[0]), got
-        open(flag, "w").close()
-        assert f.result(60) == 0
+        assert f.result(60) == left  # (what was written before, then EOF)
 
 
 @pytest.mark.spec("exec.tunnel-fork")
@@ -535,23 +526,21 @@ def test_a_fork_child_cannot_touch_the_parents_tunnel():
         t = Tunnel(timeout=60)
         f = e.submit(T.count, t)
         t.write(b"a" * 1000)
-        pid = os.fork()
-        if pid == 0:  # (the child: never back into pytest)
-            code = 1
-            try:
+
+        def child():
+            nonlocal t
+            refused = 0
+            for touch in (lambda: t.write(b"c"), lambda: t.read(1)):
                 try:
-                    t.write(b"c")
+                    touch()
                 except ForeignPoolError:
-                    try:
-                        t.read(1)
-                    except ForeignPoolError:
-                        code = 0
-                t.close()
-                del t
-                gc.collect()
-            finally:
-                os._exit(code)
-        assert os.waitpid(pid, 0)[1] == 0
+                    refused += 1
+            t.close()
+            del t
+            gc.collect()
+            return refused == 2
+
+        assert in_fork_child(child) == 0
         for _ in range(10):
             t.write(b"b" * 1000)
         t.close_write()

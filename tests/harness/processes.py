@@ -13,6 +13,20 @@ import time
 from shmpool import procinfo
 
 
+def in_fork_child(body) -> int:
+    """Run `body()` in an `os.fork()` child and return the child's wait
+    status: 0 if `body` returned true. The child never returns into the
+    caller (nor into pytest): it leaves by `os._exit`, whatever happens."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if body() else 1
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
 def open_fds() -> dict[str, str]:
     """This process's open fds: number -> what each points at."""
     out = {}
