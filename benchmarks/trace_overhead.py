@@ -13,7 +13,15 @@ against its off block, run back to back: what a load that comes and goes
 on a shared machine disturbs least). Also prints how long writing a
 block's file took and its size per task.
 
-    python benchmarks/trace_overhead.py [--rounds 12] [--tasks 20000] [--task-us US] [--off-only]
+Each block starts with a full collection (`gc.collect()`, not timed):
+the pool's own garbage makes a full collection every few blocks, and with
+the blocks' fixed order (off on, on off, ...) those fell on one side more
+than the other, a "cost" of 3-4 % measured between two untraced sides.
+So each block pays for the collections its own tasks cause, and no block
+for its neighbours'. `--null` runs that check: both sides untraced, the
+same order; what it prints as the cost is the method's own bias and noise.
+
+    python benchmarks/trace_overhead.py [--rounds 12] [--tasks 20000] [--task-us US] [--off-only | --null]
     python benchmarks/trace_overhead.py --micro
 
 `--micro`: the recording's own costs, in this process, no pool (steadier
@@ -30,6 +38,8 @@ file's `--off-only` under both trees, alternated (see docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import platform
 import statistics
@@ -76,6 +86,7 @@ def block(ex, pids: list[int], n: int, us: float = 0) -> tuple[float, float, flo
     def workers() -> float:
         return sum(map(cpu_seconds, pids))
 
+    gc.collect()  # (see the module docstring)
     h0, w0, t0 = time.process_time(), workers(), time.perf_counter()
     for f in [ex.submit(spin, us) if us else ex.submit(noop, i) for i in range(n)]:
         f.result()
@@ -137,10 +148,12 @@ def main() -> None:
     ap.add_argument("--task-us", type=float, default=0, help="tasks of this many µs of CPU instead of `noop`")
     ap.add_argument("--off-only", action="store_true", help="only untraced blocks (to compare two trees)")
     ap.add_argument("--micro", action="store_true", help="the recording's own costs, per call, no pool")
+    ap.add_argument("--null", action="store_true", help="both sides untraced: the method's own bias and noise")
     a = ap.parse_args()
     if a.micro:
         return micro()
-    print(f"cores={os.cpu_count()} python={platform.python_version()} tasks={a.tasks} rounds={a.rounds}")
+    print(f"cores={os.cpu_count()} python={platform.python_version()} tasks={a.tasks} rounds={a.rounds}"
+          + (" (--null: both sides untraced)" if a.null else ""))
     res: dict = {False: [], True: []}
     writes, sizes = [], []
     with tempfile.TemporaryDirectory() as d, ShmExecutor(2) as ex:
@@ -153,12 +166,13 @@ def main() -> None:
                 if not on:
                     res[False].append(block(ex, pids, a.tasks, a.task_us))
                     continue
-                t = ex.tracing(path)
+                t = contextlib.nullcontext() if a.null else ex.tracing(path)
                 with t:
                     res[True].append(block(ex, pids, a.tasks, a.task_us))
                     t1 = time.perf_counter()
                 writes.append(time.perf_counter() - t1)
-                sizes.append(os.path.getsize(path) / a.tasks)
+                if not a.null:
+                    sizes.append(os.path.getsize(path) / a.tasks)
     for on in ((False,) if a.off_only else (False, True)):
         v = res[on]
         print(f"{'on ' if on else 'off'}: {statistics.median(x[0] for x in v):>9,.0f} tasks/s; CPU per task: "
@@ -172,8 +186,9 @@ def main() -> None:
         print(f"paired (each round's on block against its off block): cost {statistics.median(q):+.1f}% of the "
               f"throughput (middle half {q[len(q) // 4]:+.1f} .. {q[(3 * len(q)) // 4]:+.1f}), host CPU "
               f"{statistics.median(h):+.2f} µs per task")
-        print(f"end of a traced block (the workers' last stamps, the file): {statistics.median(writes) * 1e3:.0f} ms "
-              f"for {a.tasks} tasks, {statistics.median(sizes):.0f} bytes per task")
+        if not a.null:
+            print(f"end of a traced block (the workers' last stamps, the file): {statistics.median(writes) * 1e3:.0f} "
+                  f"ms for {a.tasks} tasks, {statistics.median(sizes):.0f} bytes per task")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ class CallStamps:
     def drop(self, n: int, /) -> None:
         """Forget the `n` oldest stamps (those a push sent); more than held
         forgets all. ValueError if `n` < 0."""
+    def take(self, max: int, /) -> bytes:
+        """The at most `max` oldest stamps (as `held`), forgotten here: a
+        batch's answer carries them. The next push is due `every_ns` from
+        now. ValueError if `max` < 0."""
 
 def cas_u32(buf: object, off: int, expected: int, desired: int, /) -> int:
     """Strong compare-exchange (acq_rel). Returns the previous value; the

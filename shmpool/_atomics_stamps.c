@@ -19,7 +19,9 @@
  * appended whatever the call returned or raised. Then, when `every`
  * stamps are held or `every_ns` passed since the last push, `push(now)`
  * (Python: it reads `held()` and, once they went, `drop(n)`); not
- * re-entered while it runs. The call's result or exception is returned
+ * re-entered while it runs. `take(max)` hands out the oldest stamps and
+ * forgets them at once (a batch's answer carries them), and counts as a
+ * push for the next one's time. The call's result or exception is returned
  * unchanged.
  *
  * Invariants:
@@ -243,6 +245,34 @@ CallStamps_drop(CallStamps *s, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* take(max) -> bytes: the at most `max` oldest stamps, forgotten here
+ * (a batch's answer carries them: exec/guest_trace.py `tail`); counts as
+ * a push for the next one's time. */
+static PyObject *
+CallStamps_take(CallStamps *s, PyObject *arg)
+{
+    Py_ssize_t k = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "take(%zd): a count must be >= 0", k);
+        return NULL;
+    }
+    if (k > s->n)
+        k = s->n;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, k * 24);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t first = s->capacity - s->head < k ? s->capacity - s->head : k;
+    memcpy(p, s->ring + 3 * s->head, (size_t)first * 24);
+    memcpy(p + first * 24, s->ring, (size_t)(k - first) * 24);
+    s->head = (s->head + k) % s->capacity;
+    s->n -= k;
+    s->due = now_ns() + s->every_ns;
+    return out;
+}
+
 static Py_ssize_t
 CallStamps_len(CallStamps *s)
 {
@@ -252,6 +282,8 @@ CallStamps_len(CallStamps *s)
 static PyMethodDef CallStamps_methods[] = {
     {"held", (PyCFunction)CallStamps_held, METH_NOARGS, "held() -> bytes: the stamps held, oldest first."},
     {"drop", (PyCFunction)CallStamps_drop, METH_O, "drop(n): forget the n oldest stamps."},
+    {"take", (PyCFunction)CallStamps_take, METH_O,
+     "take(max) -> bytes: the at most max oldest stamps, forgotten here; the next push is due every_ns from now."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -301,7 +301,8 @@ class Answers:
 
     def batch_done(self, w: WorkerRecord, batch: list[_Task], received, exc) -> None:
         """The answer to a batch's request itself (its tasks were answered
-        each before it): how long they took in the worker. A measure free
+        each before it): how long they took in the worker (and, while the
+        timeline is on, the worker's stamps: the tracer's). A measure free
         of the host's own delays, which the gaps between answers are not
         (a host that lags would see slow tasks, and send smaller batches,
         and lag more). If the request failed as a whole (not the worker's
@@ -312,9 +313,12 @@ class Answers:
             w.messages -= 1
             if exc is None:
                 try:
-                    (elapsed,) = BATCH_TIME.unpack(received.tobytes())
+                    data = received.tobytes()
                 finally:
                     received.release()
+                (elapsed,) = BATCH_TIME.unpack_from(data)
+                if len(data) > BATCH_TIME.size and self.state.tracer is not None:  # spec: exec.trace-stamps-on-answers
+                    self.state.tracer.on_stamps(data[BATCH_TIME.size:])
                 self._measured(w, elapsed / len(batch))
                 w.last_done = time.monotonic()
             elif not isinstance(exc, (PeerDeadError, ConnectionClosedError)):

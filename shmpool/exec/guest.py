@@ -139,6 +139,8 @@ class GuestProgram:
     """One worker process's side of its session: the handlers of the
     protocol's requests (see the module docstring), run on the main thread."""
 
+    trace_tail = None  # while the timeline is on: the stamps a batch's answer carries (`guest_trace`)
+
     def __init__(self, guest, inherited: tuple | None = None) -> None:
         self.guest = guest
         self.inherited = inherited  # a forked worker's (initializer, initargs, max_tasks)
@@ -257,8 +259,8 @@ class GuestProgram:
         loses only the task running, as it does outside a batch. An exit
         raised by a task answers it and ends this worker, the tasks after
         it answered `TaskNotRun`. The call's own answer: how long the
-        tasks took (the host sizes its window and batches with it).
-        spec: exec.batch"""
+        tasks took (the host sizes its window and batches with it), and
+        the timeline's stamps while it is on. spec: exec.batch"""
         parts, pin = read(payload.retain())
         pin.release()
         t0 = perf_counter()
@@ -272,7 +274,8 @@ class GuestProgram:
             self._run_parts(ctx, rest, respond, buf, word, slots, call, chunk_above, max_tasks, busy, fp)
         finally:
             self.batch_rest = outer
-        return BATCH_TIME.pack(perf_counter() - t0)
+        out = BATCH_TIME.pack(perf_counter() - t0)
+        return out if self.trace_tail is None else out + self.trace_tail()  # spec: exec.trace-stamps-on-answers
 
     def _run_parts(self, ctx, rest, respond, buf, word, slots, call, chunk_above, max_tasks, busy, fp) -> None:
         """`run_batch`'s loop over its tasks (see there)."""

@@ -9,18 +9,21 @@ program's `_call` (an attribute of the instance, which `run` and
 `run_batch` look up once per task or per batch): a C callable, no Python
 frame per call, which records for each call (the id its guest word names,
 start, end) on CLOCK_MONOTONIC (`time.monotonic_ns`'s clock) in a ring of
-`MAX_HELD` stamps, whatever the call raised. Every `PUSH_EVERY` stamps, or
-`PUSH_NS` after the last push, it calls `push`, which ships them to the
-host as one `TRACE_STAMPS` request (so tiny tasks push once per
-`PUSH_EVERY` calls, and a worker killed with stamps unshipped loses those
-of its last `PUSH_NS` or `PUSH_EVERY` calls only), sent with a try-send
+`MAX_HELD` stamps, whatever the call raised. A batch's answer carries the
+stamps held when it ends (`tail`, which the program's `run_batch` calls:
+spec: exec.trace-stamps-on-answers), so tiny tasks in batches need no
+push. Every `PUSH_EVERY` stamps, or `PUSH_NS` after the last push or
+answer, it calls `push`, which ships them to the host as one
+`TRACE_STAMPS` request (so a worker killed with stamps unshipped loses
+those of its last `PUSH_NS` or `PUSH_EVERY` calls, or of its running
+batch, only), sent with a try-send
 (`timeout=0`) whose answer nobody waits for: a full ring or no slot keeps
 them for the next push. A call that runs long (a long task, a stream
 paused for credit) ends no call meanwhile, so the pusher thread ships what
 is held: started by the first `TRACE_ON`, it wakes every `PUSH_NS` while
 tracing is on and pushes the stamps held once `PUSH_NS` passed since the
-last push (with tiny tasks the calls' own pushes come first: it finds
-nothing to do), so no stamp stays here longer than about 2 x `PUSH_NS`
+last push (with tiny tasks the answers and the calls' own pushes come
+first: it finds nothing to do), so no stamp stays here longer than about 2 x `PUSH_NS`
 (spec: exec.trace-busy-end). `TRACE_OFF` takes the stamper away and
 answers with what is left (a worker busy in a call answers it only after
 the call: the host does not wait for that answer).
@@ -30,8 +33,8 @@ without this module (nothing of it is on the task's path: the stamper
 exists only while tracing); a push never blocks the task (try-send
 only) and never raises into it; the stamps held are at most `MAX_HELD`
 (the oldest overwritten beyond, counted, the count shipped with each
-push); one push at a time (`lock`, taken without waiting: the calls' and
-the pusher thread's); this module imports nothing of the host. spec: exec.trace-worker-clock
+push); one push or take at a time (`lock`, taken without waiting: the
+calls', the answers' and the pusher thread's); this module imports nothing of the host. spec: exec.trace-worker-clock
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class GuestTrace:
     def __init__(self, prog) -> None:
         self.prog = prog
         self.stamps = None  # the `_atomics.CallStamps` in place of `prog._call` while on
+        self.pid = 0  # (this worker's, read at `on`: a payload's header)
         self.pushes = 0
         self.last_push = 0  # (time.monotonic_ns) of the last push that went
         self.lock = threading.Lock()  # held by the push under way
@@ -69,8 +73,10 @@ class GuestTrace:
         if "_call" in vars(prog):
             return  # (on already: a second `TRACE_ON` changes nothing)
         self.last_push = time.monotonic_ns()
+        self.pid = os.getpid()
         self.stamps = prog._call = CallStamps(prog._call, prog.buf, prog.word, MAX_HELD, PUSH_EVERY, PUSH_NS,
                                               self.push)
+        prog.trace_tail = self.tail
         self.wake.set()
         if self.pusher is None:
             self.pusher = threading.Thread(target=self._push_loop, name="shmpool-trace-pusher", daemon=True)
@@ -79,6 +85,7 @@ class GuestTrace:
     def off(self, ctx, payload) -> bytes:
         self.wake.clear()
         self.prog.__dict__.pop("_call", None)
+        self.prog.__dict__.pop("trace_tail", None)
         stamps, self.stamps = self.stamps, None
         if stamps is None:
             return pack(os.getpid(), 0, b"")
@@ -106,6 +113,24 @@ class GuestTrace:
             return
         finally:
             self.lock.release()
+
+    def tail(self) -> bytes:
+        """(the end of `run_batch`, whose answer carries what this returns)
+        The stamps held, at most PUSH_EVERY, as a `STAMPS` payload, taken
+        now: the batch's tasks' stamps reach the host with its answer, with
+        no push of their own and no handler's turn there; b"" if none, or
+        if a push is under way (they wait for the next answer or push). A
+        worker killed before its answer went loses them, as it loses what
+        it did not push. spec: exec.trace-stamps-on-answers"""
+        stamps = self.stamps
+        if stamps is None or not len(stamps) or not self.lock.acquire(blocking=False):
+            return b""
+        try:
+            held = stamps.take(PUSH_EVERY)
+            self.last_push = time.monotonic_ns()
+        finally:
+            self.lock.release()
+        return pack(self.pid, stamps.dropped, held)
 
     def _push_loop(self) -> None:
         """(the pusher thread) Every PUSH_NS while tracing is on: push what

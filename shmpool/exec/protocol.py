@@ -31,7 +31,8 @@ chunked, its bytes on the sender's chunk channel and the request carrying
   Each task is answered under its own tag as soon as it is done (the tags
   are ids the host expects; `TaskNotRun` for the tasks after one that
   raised an exit); the request's own answer is `BATCH_TIME`: the seconds
-  the tasks took in the worker.
+  the tasks took in the worker, followed while the task timeline is on by
+  the worker's stamps held, as a `trace_wire` `STAMPS` payload.
 
 Invariant: the host never sends a task kind or method the guest does not
 register here; a change to a record is a change to both sides at once.

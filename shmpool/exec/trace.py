@@ -24,9 +24,11 @@ starter reports worker starts (`started`: the start method, the launch
 and registration times; it sends the worker `TRACE_ON`) and deaths
 (`died`: pid, signal or exit code, the task its guest word named). The
 workers stamp each call's start and end on their own clock
-(`guest_trace`, natively) and push them in bulk (`TRACE_STAMPS`, handled
-on the session's handler thread: `on_stamps`; a worker busy in one long
-call pushes what it holds from a thread of its own); `detach` sends
+(`guest_trace`, natively) and ship them in bulk to `on_stamps`: on their
+batches' answers (`answers.Answers.batch_done`, the engine's lock held),
+else pushed (`TRACE_STAMPS`, handled on the session's handler thread; a
+worker busy in one long call pushes what it holds from a thread of its
+own); `detach` sends
 `TRACE_OFF` to each live worker and takes the stamps left in its answer,
 waiting at most `BUSY_WAIT` for a worker that had requests in flight (one
 in a long call answers only after it: what it pushed is written, the call
@@ -113,8 +115,8 @@ class Tracer:
     """One timeline being recorded (see the module docstring). Its
     methods are called with the engine's lock held, except `submit` (the
     submitting thread: it only sets the task's attribute) and `on_stamps`
-    (the session's handler thread: it only adds to a list of its own,
-    under the GIL)."""
+    (a batch's answer, lock held, or the session's handler thread: it only
+    adds to a list of its own, under the GIL)."""
 
     def __init__(self, path, *, max_events: int | None = None, name: str = "shmpool") -> None:
         self.path = check_path(path)
@@ -234,7 +236,7 @@ class Tracer:
         self.deaths[w.proc.pid] = (_now(), why, w.crashed_rid, left)
 
     def on_stamps(self, data: bytes) -> None:
-        """(a handler thread, or `detach`) A worker's `STAMPS` payload."""
+        """(a batch's answer, a handler thread, or `detach`) A worker's `STAMPS` payload."""
         pid, dropped, words = unpack(data)
         self.worker_dropped[pid] = max(dropped, self.worker_dropped.get(pid, 0))
         n = len(words) // WORDS

@@ -9,6 +9,9 @@ Owns: the method ids and the one record the two sides exchange.
   stamps not shipped yet, as a `STAMPS` payload.
 - `TRACE_STAMPS` (worker -> host, never awaited by the worker: a lossy
   push, sent with a try-send): a `STAMPS` payload. Answer: None.
+- The answer to a `RUN_BATCH` (`protocol.BATCH_TIME`) is followed, while
+  the worker stamps, by a `STAMPS` payload of the stamps it held then: most
+  stamps travel so, without a push.
 
 A `STAMPS` payload: `HEADER` (the worker's pid, how many stamps it
 dropped so far) followed by stamps, three unsigned 64-bit words each in

@@ -215,6 +215,32 @@ def test_a_run_with_kills_and_batches_has_a_span_for_every_task(tmp_path, method
     assert any(e["ph"] == "f" for e in events) and doc["otherData"]["dropped_events"] == 0
 
 
+@pytest.mark.spec("exec.trace-stamps-on-answers")
+def test_a_batch_answer_carries_its_tasks_stamps_with_no_push(tmp_path, monkeypatch):
+    """With the workers' pushes off (a count and a time never reached: fork
+    workers inherit the module's values), the stamps of batched tasks
+    reach the host while the trace is on: on their batch's answer."""
+    from shmpool.exec import guest_trace
+
+    monkeypatch.setattr(guest_trace, "PUSH_EVERY", 1 << 40)
+    monkeypatch.setattr(guest_trace, "PUSH_NS", 1 << 62)
+    gate = tmp_path / "gate"
+    with ShmExecutor(1, mp_context=ctx("fork"), max_inflight=32) as ex:
+        assert ex.submit(ident, -1).result(60) == -1
+        with ex.tracing(tmp_path / "t.json") as t:
+            ex._core.scheduler.batch_limit = lambda w: 16  # (as the kills test: what queues goes in batches)
+            g = ex.submit(wait_gate, str(gate))
+            wait_for(lambda: any(w["inflight"] for w in ex.statistics()["workers"].values()), "the gate task is sent")
+            fs = [ex.submit(ident, i) for i in range(40)]
+            gate.touch()
+            assert g.result(60) == "opened" and [f.result(60) for f in fs] == list(range(40))
+            assert ex.statistics()["batches"] >= 1
+            wait_for(lambda: t.tracer.n_stamps >= 16, "a batch's answer brought its tasks' stamps", 30)
+    doc, events = load(tmp_path / "t.json")
+    spans = task_spans(events)
+    assert len(spans) == 41 and all(k in runs(events) for k in spans)
+
+
 @pytest.mark.spec("exec.trace-kills")
 def test_workers_killed_from_outside_lose_no_task_span(tmp_path):
     """SIGKILLs from outside (the chaos soak's killer, waited for by count):

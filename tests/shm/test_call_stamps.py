@@ -98,6 +98,31 @@ def test_push_comes_every_n_stamps_and_after_every_ns_and_never_reenters():
     assert len(pushes) == 1 and pushes[0][0] >= t
 
 
+@pytest.mark.spec("exec.trace-stamps-on-answers")
+def test_take_hands_out_the_oldest_forgets_them_and_puts_off_the_next_push():
+    buf = bytearray(8)
+    pushes = []
+    cs = A.CallStamps(lambda: None, buf, 0, 4, 1000, 200_000_000, lambda now: pushes.append(now))
+    for rid in range(1, 7):  # (a ring of 4: 1 and 2 overwritten, and the rest across its wrap)
+        A.store_u32(buf, 0, rid)
+        cs()
+    before = stamps_of(cs)
+    assert [s[0] for s in before] == [3, 4, 5, 6]
+    got = cs.take(3)
+    assert [struct.unpack_from("=QQQ", got, i) for i in range(0, len(got), 24)] == before[:3]
+    assert [s[0] for s in stamps_of(cs)] == [6] and cs.take(0) == b""
+    assert cs.take(10) == struct.pack("=QQQ", *before[3]) and len(cs) == 0 and cs.take(1) == b""
+    with pytest.raises(ValueError):
+        cs.take(-1)
+    # A take counts as a push: the next is due every_ns after it (past the
+    # first due time, a call would push at once but for the take).
+    time.sleep(0.25)
+    t = time.monotonic_ns()
+    cs.take(1)
+    cs()
+    assert all(now >= t + 200_000_000 for now in pushes)
+
+
 def test_a_push_that_raises_is_reported_never_raised_into_the_call(monkeypatch):
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
