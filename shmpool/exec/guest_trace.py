@@ -10,9 +10,9 @@ program's `_call` (an attribute of the instance, which `run` and
 frame per call, which records for each call (the id its guest word names,
 start, end) on CLOCK_MONOTONIC (`time.monotonic_ns`'s clock) in a ring of
 `MAX_HELD` stamps, whatever the call raised. A batch's answer carries the
-stamps held when it ends (`tail`, which the program's `run_batch` calls:
-spec: exec.trace-stamps-on-answers), so tiny tasks in batches need no
-push. Every `PUSH_EVERY` stamps, or `PUSH_NS` after the last push or
+stamps held when it ends, once there are `TAIL_MIN` (`tail`, which the
+program's `run_batch` calls: spec: exec.trace-stamps-on-answers), so tiny
+tasks in batches need no push. Every `PUSH_EVERY` stamps, or `PUSH_NS` after the last push or
 answer, it calls `push`, which ships them to the host as one
 `TRACE_STAMPS` request (so a worker killed with stamps unshipped loses
 those of its last `PUSH_NS` or `PUSH_EVERY` calls, or of its running
@@ -53,6 +53,10 @@ from .trace_wire import STAMP_BYTES, TRACE_OFF, TRACE_ON, TRACE_STAMPS, pack
 PUSH_EVERY = 2048  # stamps per push
 PUSH_NS = 50_000_000  # ... or this long after the last push (ns): a killed worker loses about this much
 MAX_HELD = 65536  # stamps kept while the host's ring stays full (then the oldest go)
+# A batch's answer carries the stamps once this many are held: below it
+# the answer fits its descriptor (no slot to take, fill and free: several
+# µs, a batch's worth of the stamps' own cost with tiny tasks).
+TAIL_MIN = 512
 
 
 class GuestTrace:
@@ -118,12 +122,13 @@ class GuestTrace:
         """(the end of `run_batch`, whose answer carries what this returns)
         The stamps held, at most PUSH_EVERY, as a `STAMPS` payload, taken
         now: the batch's tasks' stamps reach the host with its answer, with
-        no push of their own and no handler's turn there; b"" if none, or
-        if a push is under way (they wait for the next answer or push). A
+        no push of their own and no handler's turn there; b"" if fewer than
+        TAIL_MIN are held, or if a push is under way (they wait for a later
+        answer or push). A
         worker killed before its answer went loses them, as it loses what
         it did not push. spec: exec.trace-stamps-on-answers"""
         stamps = self.stamps
-        if stamps is None or not len(stamps) or not self.lock.acquire(blocking=False):
+        if stamps is None or len(stamps) < TAIL_MIN or not self.lock.acquire(blocking=False):
             return b""
         try:
             held = stamps.take(PUSH_EVERY)
@@ -155,4 +160,4 @@ def install(prog) -> GuestTrace:
     return t
 
 
-__all__ = ["GuestTrace", "install", "PUSH_EVERY", "PUSH_NS", "MAX_HELD"]
+__all__ = ["GuestTrace", "install", "PUSH_EVERY", "PUSH_NS", "MAX_HELD", "TAIL_MIN"]

@@ -218,12 +218,14 @@ def test_a_run_with_kills_and_batches_has_a_span_for_every_task(tmp_path, method
 @pytest.mark.spec("exec.trace-stamps-on-answers")
 def test_a_batch_answer_carries_its_tasks_stamps_with_no_push(tmp_path, monkeypatch):
     """With the workers' pushes off (a count and a time never reached: fork
-    workers inherit the module's values), the stamps of batched tasks
-    reach the host while the trace is on: on their batch's answer."""
+    workers inherit the module's values) and answers carrying 8 stamps or
+    more, the stamps of batched tasks reach the host while the trace is
+    on: on their batch's answer."""
     from shmpool.exec import guest_trace
 
     monkeypatch.setattr(guest_trace, "PUSH_EVERY", 1 << 40)
     monkeypatch.setattr(guest_trace, "PUSH_NS", 1 << 62)
+    monkeypatch.setattr(guest_trace, "TAIL_MIN", 8)
     gate = tmp_path / "gate"
     with ShmExecutor(1, mp_context=ctx("fork"), max_inflight=32) as ex:
         assert ex.submit(ident, -1).result(60) == -1
