@@ -389,6 +389,11 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                 offsets[j] = m->offset;
         }
     }
+    /* A named field's last value and its index: a batch's tasks mostly
+     * share their function (the same object: the dict would give the same
+     * index). Strong references, released at the end. */
+    PyObject *last[MAX_FIELDS] = {NULL};
+    int64_t last_idx[MAX_FIELDS];
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(objs); i++) {
         PyObject *o = PySequence_Fast_GET_ITEM(objs, i);
@@ -409,6 +414,8 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             }
             int64_t x = 0;
             if (v == NULL) {
+            } else if ((named & (1ul << j)) && v == last[j]) {
+                x = last_idx[j];
             } else if (named & (1ul << j)) {
                 PyObject *idx = PyDict_GetItemWithError(names, v);  /* (borrowed) */
                 if (idx == NULL) {
@@ -431,9 +438,16 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                         goto fail;
                     }
                 }
+                Py_XSETREF(last[j], Py_NewRef(v));
+                last_idx[j] = x;
             } else if (PyLong_Check(v)) {
-                x = PyLong_AsLongLong(v);
-                if (x == -1 && PyErr_Occurred()) {
+                /* (AndOverflow: a digit loop; PyLong_AsLongLong goes through
+                 * a byte array for the keys, ints of two digits and more) */
+                int over;
+                x = PyLong_AsLongLongAndOverflow(v, &over);
+                if (over) {
+                    PyErr_Format(PyExc_OverflowError, "trace_fields: attribute %R does not fit int64",
+                                 PyTuple_GET_ITEM(attrs, j));
                     Py_DECREF(v);
                     goto fail;
                 }
@@ -451,8 +465,12 @@ trace_fields(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     fail:
         Py_DECREF(o);
         Py_DECREF(out);
+        for (Py_ssize_t j = 0; j < na; j++)
+            Py_XDECREF(last[j]);
         return NULL;
     }
+    for (Py_ssize_t j = 0; j < na; j++)
+        Py_XDECREF(last[j]);
     if (k != n * na && _PyBytes_Resize(&out, k * 8) < 0)
         return NULL;
     return out;

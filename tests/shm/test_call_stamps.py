@@ -187,6 +187,15 @@ def test_trace_fields_packs_ints_names_and_unset_slots_of_real_tasks():
     assert names == {"h": 0, "f": 1, 5: 2}  # (a name: whatever its type, by the names' index)
     assert A.trace_fields((), ("trace",), names, 0) == b""
     assert A.trace_fields(tasks, (), names, 0) == b""
+    # Runs of one name (the same object, or an equal one) get its index;
+    # no reference is kept of it.
+    g1, g2 = "".join(["g", "x"]), "".join(["g", "x"])
+    assert g1 == g2 and g1 is not g2
+    run = [_Task(None, 1, n, b"", 0, b"", ()) for n in (g1, g1, g2, "f", g1)]
+    assert fields_of(A.trace_fields(run, ("fname",), names, 0b1), 1) == [(3,), (3,), (3,), (1,), (3,)]
+    refs = sys.getrefcount(g1)  # (the names hold it now)
+    assert fields_of(A.trace_fields(run, ("fname",), names, 0b1), 1) == [(3,), (3,), (3,), (1,), (3,)]
+    assert sys.getrefcount(g1) == refs
 
 
 @pytest.mark.spec("exec.trace-worker-clock")
