@@ -124,18 +124,20 @@ class GuestTrace:
         now: the batch's tasks' stamps reach the host with its answer, with
         no push of their own and no handler's turn there; b"" if fewer than
         TAIL_MIN are held, or if a push is under way (they wait for a later
-        answer or push). A
-        worker killed before its answer went loses them, as it loses what
-        it did not push. spec: exec.trace-stamps-on-answers"""
+        answer or push). Never raises. A worker killed before its answer
+        went loses them, as it loses what it did not push.
+        spec: exec.trace-stamps-on-answers"""
         stamps = self.stamps
         if stamps is None or len(stamps) < TAIL_MIN or not self.lock.acquire(blocking=False):
             return b""
         try:
             held = stamps.take(PUSH_EVERY)
             self.last_push = time.monotonic_ns()
+            return pack(self.pid, stamps.dropped, held)
+        except Exception:  # noqa: BLE001 - (no memory) the batch's answer goes without: never its failure
+            return b""
         finally:
             self.lock.release()
-        return pack(self.pid, stamps.dropped, held)
 
     def _push_loop(self) -> None:
         """(the pusher thread) Every PUSH_NS while tracing is on: push what
