@@ -213,35 +213,58 @@ CallStamps_dealloc(CallStamps *s)
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+/* The k oldest stamps (k <= n), as bytes. */
+static PyObject *
+oldest(CallStamps *s, Py_ssize_t k)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, k * 24);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t first = s->capacity - s->head < k ? s->capacity - s->head : k;
+    memcpy(p, s->ring + 3 * s->head, (size_t)first * 24);
+    memcpy(p + first * 24, s->ring, (size_t)(k - first) * 24);
+    return out;
+}
+
+/* A count argument of `drop`/`take`: >= 0, cut to the stamps held (fewer
+ * held than a push sent: the ring overwrote some meanwhile); -1 with an
+ * exception set if it is not a count. */
+static Py_ssize_t
+count_arg(CallStamps *s, PyObject *arg, const char *what)
+{
+    Py_ssize_t k = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (k == -1 && PyErr_Occurred())
+        return -1;
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "%s(%zd): a count must be >= 0", what, k);
+        return -1;
+    }
+    return k > s->n ? s->n : k;
+}
+
+static void
+forget(CallStamps *s, Py_ssize_t k)
+{
+    s->head = (s->head + k) % s->capacity;
+    s->n -= k;
+}
+
 /* held() -> bytes: the stamps held, oldest first. */
 static PyObject *
 CallStamps_held(CallStamps *s, PyObject *unused)
 {
-    PyObject *out = PyBytes_FromStringAndSize(NULL, s->n * 24);
-    if (out == NULL)
-        return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    Py_ssize_t first = s->capacity - s->head < s->n ? s->capacity - s->head : s->n;
-    memcpy(p, s->ring + 3 * s->head, (size_t)first * 24);
-    memcpy(p + first * 24, s->ring, (size_t)(s->n - first) * 24);
-    return out;
+    return oldest(s, s->n);
 }
 
 /* drop(n): forget the n oldest stamps (those a push sent). */
 static PyObject *
 CallStamps_drop(CallStamps *s, PyObject *arg)
 {
-    Py_ssize_t k = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
-    if (k == -1 && PyErr_Occurred())
+    Py_ssize_t k = count_arg(s, arg, "drop");
+    if (k < 0)
         return NULL;
-    if (k < 0) {
-        PyErr_Format(PyExc_ValueError, "drop(%zd): a count must be >= 0", k);
-        return NULL;
-    }
-    if (k > s->n)  /* (fewer held than sent: the ring overwrote some meanwhile) */
-        k = s->n;
-    s->head = (s->head + k) % s->capacity;
-    s->n -= k;
+    forget(s, k);
     Py_RETURN_NONE;
 }
 
@@ -251,24 +274,13 @@ CallStamps_drop(CallStamps *s, PyObject *arg)
 static PyObject *
 CallStamps_take(CallStamps *s, PyObject *arg)
 {
-    Py_ssize_t k = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
-    if (k == -1 && PyErr_Occurred())
+    Py_ssize_t k = count_arg(s, arg, "take");
+    if (k < 0)
         return NULL;
-    if (k < 0) {
-        PyErr_Format(PyExc_ValueError, "take(%zd): a count must be >= 0", k);
-        return NULL;
-    }
-    if (k > s->n)
-        k = s->n;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, k * 24);
+    PyObject *out = oldest(s, k);
     if (out == NULL)
         return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    Py_ssize_t first = s->capacity - s->head < k ? s->capacity - s->head : k;
-    memcpy(p, s->ring + 3 * s->head, (size_t)first * 24);
-    memcpy(p + first * 24, s->ring, (size_t)(k - first) * 24);
-    s->head = (s->head + k) % s->capacity;
-    s->n -= k;
+    forget(s, k);
     s->due = now_ns() + s->every_ns;
     return out;
 }
