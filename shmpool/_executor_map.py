@@ -4,8 +4,9 @@ ahead (all at once, or `buffersize` ahead of the consumer as the stdlib's
 
 Owns: the stdlib's `map` semantics over any `submit(fn, kind, args,
 kwargs, on_result=None)`: the overall `timeout` (from the call), the
-cancellation of what was not taken when the consumer stops, and the
-progress bar's count of items completed.
+cancellation of what was not taken when the consumer stops (or when a
+Ctrl-C interrupts `map()` itself while it submits), and the progress
+bar's count of items completed.
 
 Invariant: while the generator is suspended it holds no result and no
 future of one it handed out: the consumer owns the only reference.
@@ -47,13 +48,22 @@ def map_(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
             return True
         return False
 
-    if buffersize is None:
-        while submit_next():
-            pass
-    else:
-        for _ in range(buffersize):
-            if not submit_next():
-                break
+    try:
+        if buffersize is None:
+            while submit_next():
+                pass
+        else:
+            for _ in range(buffersize):
+                if not submit_next():
+                    break
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            # (a Ctrl-C while map() submits, or reads the input: the caller
+            # gets no iterator, whose end would cancel what was submitted.
+            # spec: exec.interrupt)
+            for _, f in fs:
+                f.cancel()
+        raise
     more = submit_next if buffersize is not None else None
 
     def results():

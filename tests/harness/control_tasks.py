@@ -119,3 +119,8 @@ def python_loop_marked(path: str, go: str) -> int:
     while not os.path.exists(go):
         n += 1
     return n
+
+
+def wait_file_item(paths: tuple[str, str]) -> int:
+    """`wait_file(path, go)` with its two paths as one argument (a map's item)."""
+    return wait_file(*paths)
