@@ -42,6 +42,7 @@ import threading
 import time
 import weakref
 
+from . import _threads
 from .exec.protocol import ITEMS
 from .session.methods import decode_error
 
@@ -213,12 +214,19 @@ class AdaptiveMap:
                     break
                 if not chunk:
                     break
+                # A Ctrl-C between the submit and the append would leave a
+                # task no end of the map cancels: it is raised once the
+                # future is in `fs`. spec: exec.interrupt
+                held = _threads.hold_interrupt()
                 try:
-                    fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None, self.task_timeout)
-                except Exception as e:  # noqa: BLE001 - shut down, broken: where these items would be
-                    self._fail_rest(e)
-                    break
-                self.fs.append((fut, len(chunk)))
+                    try:
+                        fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None, self.task_timeout)
+                    except Exception as e:  # noqa: BLE001 - shut down, broken: where these items would be
+                        self._fail_rest(e)
+                        break
+                    self.fs.append((fut, len(chunk)))
+                finally:
+                    _threads.release_interrupt(held)
                 if self.bar is not None:  # spec: api.progress
                     fut.add_done_callback(self.bar.on_done(len(chunk)))
                 self.inflight += 1

@@ -19,7 +19,10 @@ import itertools
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 
+from . import _threads
 from .exec.protocol import CHUNK, MAP, SINGLE
+
+HOLD_BATCH = 256  # submits between two looks for a Ctrl-C held while map() submits
 
 
 def check_buffersize(buffersize) -> None:
@@ -48,14 +51,25 @@ def map_(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
             return True
         return False
 
+    # A Ctrl-C between a submit and its append to `fs` would leave a task
+    # no end of the map cancels: it is held, and raised with every future
+    # submitted so far in `fs` (each HOLD_BATCH submits: a prompt Ctrl-C at
+    # the cost of one hold per batch).
+    held = _threads.hold_interrupt()
     try:
-        if buffersize is None:
-            while submit_next():
-                pass
-        else:
-            for _ in range(buffersize):
+        try:
+            n = 0
+            while buffersize is None or n < buffersize:
                 if not submit_next():
                     break
+                n += 1
+                if not n % HOLD_BATCH:
+                    h, held = held, None
+                    _threads.release_interrupt(h)
+                    held = _threads.hold_interrupt()
+        finally:
+            h, held = held, None
+            _threads.release_interrupt(h)
     except BaseException as e:
         if not isinstance(e, Exception):
             # (a Ctrl-C while map() submits, or reads the input: the caller
