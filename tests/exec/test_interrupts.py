@@ -29,6 +29,8 @@ if __name__ == "__main__":
     # As a program run from a terminal (a test run in a background job
     # starts with SIGINT ignored, and Python then leaves it so).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import faulthandler  # (a hang: the harness's SIGUSR1 has every process print its stacks)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with ShmExecutor(2, max_inflight=int(sys.argv[1])) as ex:
         fill = [ex.submit(time.sleep, 0.3) for _ in range(2)]  # both workers are up
         [f.result() for f in fill]
