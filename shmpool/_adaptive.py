@@ -28,8 +28,9 @@ its results are in, before its first is yielded) never exceed it, and the
 input is read only as far as that; a chunk is at most `GROWTH` times the
 largest one measured so far (1 until one was), at most `CHUNK_TIME` of
 measured work and `MAX_CHUNK` items, and near the end of a known input at
-most its share of what is left; once the iterator is closed, nothing more
-is submitted and what is not running is cancelled; a shutdown submits what
+most its share of what is left; once the iterator is closed (or map()
+raised while it submitted: a Ctrl-C), nothing more is submitted and what
+is not running is cancelled; a shutdown submits what
 is left first (`flush`), so the work of a map that was never iterated is
 done, as the stdlib's map has submitted it all.
 """
@@ -41,6 +42,7 @@ import threading
 import time
 import weakref
 
+from . import _threads
 from .exec.protocol import ITEMS
 from .session.methods import decode_error
 
@@ -135,8 +137,16 @@ class AdaptiveMap:
         if not self.exhausted and self.it is None:
             with _open_lock:  # (before the first chunk: a shutdown from now on flushes it)
                 _open.add(self)
+        try:
+            with self.lock:
+                self._feed(consumer=True)
+        except BaseException:
+            # (a Ctrl-C while map() submits, or reads the input: the caller
+            # gets no iterator, whose end would cancel what was submitted.
+            # spec: exec.interrupt)
+            self._abandon()
+            raise
         with self.lock:
-            self._feed(consumer=True)
             if self.fs and self.fs[0][0] is None:  # the first submit failed: map() raises it, as the stdlib's
                 self._let_go()
                 raise self.fs[0][1]
@@ -204,12 +214,19 @@ class AdaptiveMap:
                     break
                 if not chunk:
                     break
+                # A Ctrl-C between the submit and the append would leave a
+                # task no end of the map cancels: it is raised once the
+                # future is in `fs`. spec: exec.interrupt
+                held = _threads.hold_interrupt()
                 try:
-                    fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None, self.task_timeout)
-                except Exception as e:  # noqa: BLE001 - shut down, broken: where these items would be
-                    self._fail_rest(e)
-                    break
-                self.fs.append((fut, len(chunk)))
+                    try:
+                        fut = self.owner._submit(self.fn, ITEMS, (chunk, self.star), None, self.task_timeout)
+                    except Exception as e:  # noqa: BLE001 - shut down, broken: where these items would be
+                        self._fail_rest(e)
+                        break
+                    self.fs.append((fut, len(chunk)))
+                finally:
+                    _threads.release_interrupt(held)
                 if self.bar is not None:  # spec: api.progress
                     fut.add_done_callback(self.bar.on_done(len(chunk)))
                 self.inflight += 1
@@ -311,18 +328,23 @@ class AdaptiveMap:
                 if idx >= 0:
                     raise decode_error(err)
         finally:
-            with self.lock:
-                self.closed = True
-                left = [f for f, _ in self.fs if f is not None]
-                self.fs.clear()
-            if cur is not None:
-                left.append(cur)
-            for f in left:
-                f.cancel()
-            with self.lock:
-                self._let_go()
+            self._abandon(cur)
             if self.bar is not None:
                 self.bar.close(at_least=taken)
+
+    def _abandon(self, cur=None) -> None:
+        """No more results will be taken: nothing more is submitted, and
+        what no worker holds yet (and `cur`) is cancelled."""
+        with self.lock:
+            self.closed = True
+            left = [f for f, _ in self.fs if f is not None]
+            self.fs.clear()
+        if cur is not None:
+            left.append(cur)
+        for f in left:
+            f.cancel()
+        with self.lock:
+            self._let_go()
 
 
 def _forget(m: AdaptiveMap) -> None:

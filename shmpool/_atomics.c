@@ -555,6 +555,8 @@ page_free(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 /* fork_child: the hub's fork start method                                   */
 /* ------------------------------------------------------------------------ */
 
+int shmpool_adopt_main_tstate(void); /* _atomics_fork.c */
+
 /* fork_child() -> pid in the parent, 0 in the child, -errno if fork failed.
  * What os.fork does (PyOS_BeforeFork / fork / PyOS_AfterFork_Parent or
  * _Child: the at-fork handlers run, the child's interpreter is sound), but
@@ -571,6 +573,8 @@ fork_child(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     int err = errno;
     if (pid == 0) {
         PyOS_AfterFork_Child();
+        /* the child's thread runs the Python signal handlers (spec: exec.fork-signals) */
+        (void)shmpool_adopt_main_tstate();
     } else {
         PyOS_AfterFork_Parent();
     }

@@ -137,5 +137,7 @@ def fork_child() -> int:
     """fork() as `os.fork` does it (PyOS_BeforeFork, fork, PyOS_AfterFork_
     Parent / _Child: the at-fork handlers run and the child's interpreter is
     sound) but without the DeprecationWarning Python 3.12+ gives in a
-    multi-threaded process (hub/launch.py decides that). Returns the
+    multi-threaded process (hub/launch.py decides that). In the child, its
+    thread's state becomes the runtime's main one, so that signal handlers
+    run from its Python code (spec: exec.fork-signals). Returns the
     child's pid in the parent, 0 in the child, -errno if fork failed."""

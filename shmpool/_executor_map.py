@@ -4,8 +4,9 @@ ahead (all at once, or `buffersize` ahead of the consumer as the stdlib's
 
 Owns: the stdlib's `map` semantics over any `submit(fn, kind, args,
 kwargs, on_result=None)`: the overall `timeout` (from the call), the
-cancellation of what was not taken when the consumer stops, and the
-progress bar's count of items completed.
+cancellation of what was not taken when the consumer stops (or when a
+Ctrl-C interrupts `map()` itself while it submits), and the progress
+bar's count of items completed.
 
 Invariant: while the generator is suspended it holds no result and no
 future of one it handed out: the consumer owns the only reference.
@@ -18,7 +19,10 @@ import itertools
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 
+from . import _threads
 from .exec.protocol import CHUNK, MAP, SINGLE
+
+HOLD_BATCH = 256  # submits between two looks for a Ctrl-C held while map() submits
 
 
 def check_buffersize(buffersize) -> None:
@@ -47,13 +51,33 @@ def map_(submit, fn, iterables, timeout, chunksize, buffersize, bar=None):
             return True
         return False
 
-    if buffersize is None:
-        while submit_next():
-            pass
-    else:
-        for _ in range(buffersize):
-            if not submit_next():
-                break
+    # A Ctrl-C between a submit and its append to `fs` would leave a task
+    # no end of the map cancels: it is held, and raised with every future
+    # submitted so far in `fs` (each HOLD_BATCH submits: a prompt Ctrl-C at
+    # the cost of one hold per batch).
+    held = _threads.hold_interrupt()
+    try:
+        try:
+            n = 0
+            while buffersize is None or n < buffersize:
+                if not submit_next():
+                    break
+                n += 1
+                if not n % HOLD_BATCH:
+                    h, held = held, None
+                    _threads.release_interrupt(h)
+                    held = _threads.hold_interrupt()
+        finally:
+            h, held = held, None
+            _threads.release_interrupt(h)
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            # (a Ctrl-C while map() submits, or reads the input: the caller
+            # gets no iterator, whose end would cancel what was submitted.
+            # spec: exec.interrupt)
+            for _, f in fs:
+                f.cancel()
+        raise
     more = submit_next if buffersize is not None else None
 
     def results():

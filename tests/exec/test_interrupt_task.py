@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
 import threading
 
 import pytest
@@ -102,6 +103,58 @@ def test_interrupt_a_running_task_stops_it_at_the_next_bytecode(tmp_path, method
         assert C.lines(trace) == [f"{pid} start"]
         s = ex.statistics()
         assert s["interrupts"] == 1 and s["stop_kills"] == 0 and s["worker_deaths"] == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.fork-signals")
+@pytest.mark.spec("exec.interrupt-task")
+def test_interrupt_a_task_running_python_code_stops_it_without_a_kill(tmp_path, method):
+    """The task loops in Python code, never in a call a signal interrupts:
+    only a handler run from the evaluation loop stops it. (A worker forked
+    from the driver thread on CPython 3.13 never ran it there: the stop
+    waited for the kill, which the grace period below never allows.)"""
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    with ShmExecutor(1, mp_context=multiprocessing.get_context(method)) as ex:
+        try:
+            pid = ex.submit(os.getpid).result(60)
+            ex._core.control.grace = HANG  # (no kill: the worker must stop it itself)
+            f = ex.submit(C.python_loop_marked, trace, go)
+            wait_for(lambda: C.lines(trace), "the loop started")
+            assert ex.interrupt(f) is True
+            wait_for(lambda: _inflight(ex) == 0, "the looping task was answered")
+        finally:
+            open(go, "w").close()  # (failing: the loop ends, and so does the shutdown)
+        assert ex.submit(os.getpid).result(60) == pid
+        s = ex.statistics()
+        assert s["interrupts"] == 1 and s["stop_kills"] == 0 and s["worker_deaths"] == 0, s
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.spec("exec.fork-signals")
+@pytest.mark.spec("exec.interrupt")
+def test_a_sigint_interrupts_a_task_running_python_code(tmp_path, method):
+    """SIGINT to a worker whose task loops in Python code: the task fails
+    with KeyboardInterrupt and the worker goes on. (There is no kill to
+    fall back on: a forked worker on CPython 3.13 ran the loop to its end.)"""
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    # (a test run in a background job starts with SIGINT ignored, and its
+    # workers would inherit that)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ShmExecutor(1, mp_context=multiprocessing.get_context(method)) as ex:
+            try:
+                pid = ex.submit(os.getpid).result(60)
+                f = ex.submit(C.python_loop_marked, trace, go)
+                wait_for(lambda: C.lines(trace), "the loop started")
+                os.kill(pid, signal.SIGINT)
+                with pytest.raises(KeyboardInterrupt):
+                    f.result(60)
+            finally:
+                open(go, "w").close()  # (failing: the loop ends, and so does the shutdown)
+            assert ex.submit(os.getpid).result(60) == pid
+            assert ex.statistics()["worker_deaths"] == 0
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.mark.spec("exec.interrupt-task")

@@ -29,6 +29,8 @@ if __name__ == "__main__":
     # As a program run from a terminal (a test run in a background job
     # starts with SIGINT ignored, and Python then leaves it so).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import faulthandler  # (a hang: the harness's SIGUSR1 has every process print its stacks)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with ShmExecutor(2, max_inflight=int(sys.argv[1])) as ex:
         fill = [ex.submit(time.sleep, 0.3) for _ in range(2)]  # both workers are up
         [f.result() for f in fill]
@@ -65,6 +67,42 @@ def test_ctrl_c_during_map_returns_promptly_and_workers_survive(tmp_path):
     assert lines[1] == "deaths 0 respawns 0", out
     assert lines[2] == "same workers True", out
     assert out.returncode == 0, out
+
+
+def _items_then_ctrl_c(item, n: int):
+    """A map's input: `n` items, then the KeyboardInterrupt a Ctrl-C raises
+    at whatever bytecode runs, here the input's own (inside `map()`, which
+    reads it while it submits)."""
+    for _ in range(n):
+        yield item
+    raise KeyboardInterrupt
+
+
+@pytest.mark.spec("exec.interrupt")
+@pytest.mark.parametrize("chunksize", ["adaptive", 1])
+def test_ctrl_c_while_map_submits_cancels_what_it_submitted(tmp_path, chunksize):
+    """A Ctrl-C that lands while `map()` is still submitting (a slow or busy
+    host main thread, the workers already running the first calls): `map()`
+    raises it, the call a worker holds runs to its end, and the calls it had
+    submitted are cancelled, never run. (They used to run: the caller never
+    got the iterator whose end cancels them; the test script above hung
+    behind them on a loaded machine.)"""
+    from harness import control_tasks as C
+
+    trace, go = str(tmp_path / "t"), str(tmp_path / "go")
+    items = _items_then_ctrl_c((trace, go), 3)
+    with ShmExecutor(1, max_inflight=1) as ex:
+        try:
+            pid = ex.submit(os.getpid).result(60)
+            with pytest.raises(KeyboardInterrupt):
+                if chunksize == "adaptive":  # (`buffersize`: the input is read as chunks are cut)
+                    ex.map(C.wait_file_item, items, buffersize=8)
+                else:
+                    ex.map(C.wait_file_item, items, chunksize=chunksize)
+            wait_for(lambda: C.lines(trace), "the first call started")
+        finally:
+            open(go, "w").close()
+    assert C.lines(trace) == [f"{pid} start"]  # (the shutdown waited for every call that was not cancelled)
 
 
 def _blocked_mask(pid: int, tid: int | None = None) -> int:

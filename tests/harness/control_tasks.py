@@ -108,3 +108,19 @@ def exit_when_stopped(path: str, code: int):
         time.sleep(600)
     except BaseException:
         os._exit(code)
+
+
+def python_loop_marked(path: str, go: str) -> int:
+    """Mark `path`, then loop in Python code until `go` exists: no call
+    that a signal interrupts (no sleep, no wait), so only a handler run
+    from the evaluation loop stops it."""
+    mark(path, "start")
+    n = 0
+    while not os.path.exists(go):
+        n += 1
+    return n
+
+
+def wait_file_item(paths: tuple[str, str]) -> int:
+    """`wait_file(path, go)` with its two paths as one argument (a map's item)."""
+    return wait_file(*paths)

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,11 @@ def interrupt_child(proc: subprocess.Popen, until=None, timeout: float = 120.0) 
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _dump_stacks(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            pytest.fail(f"the script did not end after the Ctrl-C; stdout: {out!r}; stderr: {err[-4000:]}")
+            pytest.fail(f"the script did not end after the Ctrl-C; stdout: {out!r}; stderr (the stacks of "
+                        f"its processes, if it registered faulthandler for SIGUSR1): {err[-30000:]}")
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
         if proc.poll() is None:
@@ -109,3 +112,24 @@ def interrupt_child(proc: subprocess.Popen, until=None, timeout: float = 120.0) 
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _dump_stacks(pgid: int) -> None:
+    """A hung script's last words: SIGUSR1 to every process of its group
+    (a script that registered `faulthandler` for it, and the workers it
+    forked, which inherit that, print every thread's stack on their
+    stderr), one at a time, each given a moment to write."""
+    group = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                    group.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    for pid in sorted(group):
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            continue
+        time.sleep(0.5)  # (a failure path only: the dump is written in a few ms)
