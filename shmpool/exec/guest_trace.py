@@ -12,19 +12,18 @@ start, end) on CLOCK_MONOTONIC (`time.monotonic_ns`'s clock) in a ring of
 `MAX_HELD` stamps, whatever the call raised. A batch's answer carries the
 stamps held when it ends, once there are `TAIL_MIN` (`tail`, which the
 program's `run_batch` calls: spec: exec.trace-stamps-on-answers), so tiny
-tasks in batches need no push. Every `PUSH_EVERY` stamps, or `PUSH_NS` after the last push or
-answer, it calls `push`, which ships them to the host as one
-`TRACE_STAMPS` request (so a worker killed with stamps unshipped loses
-those of its last `PUSH_NS` or `PUSH_EVERY` calls, or of its running
-batch, only), sent with a try-send
-(`timeout=0`) whose answer nobody waits for: a full ring or no slot keeps
-them for the next push. A call that runs long (a long task, a stream
+tasks in batches need no push. Every `PUSH_EVERY` stamps, or `PUSH_NS`
+after the last push or answer, it calls `push`, which ships them to the
+host as one `TRACE_STAMPS` request (so a worker killed with stamps
+unshipped loses those of its last `PUSH_NS` or `PUSH_EVERY` calls, or of
+its running batch, only), sent with a try-send (`timeout=0`) whose answer
+nobody waits for: a full ring or no slot keeps them for the next push. A call that runs long (a long task, a stream
 paused for credit) ends no call meanwhile, so the pusher thread ships what
 is held: started by the first `TRACE_ON`, it wakes every `PUSH_NS` while
 tracing is on and pushes the stamps held once `PUSH_NS` passed since the
 last push (with tiny tasks the answers and the calls' own pushes come
-first: it finds nothing to do), so no stamp stays here longer than about 2 x `PUSH_NS`
-(spec: exec.trace-busy-end). `TRACE_OFF` takes the stamper away and
+first: it finds nothing to do), so no stamp stays here longer than about
+2 x `PUSH_NS` (spec: exec.trace-busy-end). `TRACE_OFF` takes the stamper away and
 answers with what is left (a worker busy in a call answers it only after
 the call: the host does not wait for that answer).
 
@@ -34,7 +33,8 @@ exists only while tracing); a push never blocks the task (try-send
 only) and never raises into it; the stamps held are at most `MAX_HELD`
 (the oldest overwritten beyond, counted, the count shipped with each
 push); one push or take at a time (`lock`, taken without waiting: the
-calls', the answers' and the pusher thread's); this module imports nothing of the host. spec: exec.trace-worker-clock
+calls', the answers' and the pusher thread's); this module imports
+nothing of the host. spec: exec.trace-worker-clock
 """
 
 from __future__ import annotations
