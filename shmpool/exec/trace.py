@@ -179,14 +179,9 @@ class Tracer:
         for the lot (its tasks' keys, request ids and crashes charged now:
         both change at a resend)."""
         t = _now()
-        if self.n + self.n_stamps >= self.max_events:  # (`room`, inline: a call per request)
-            self.dropped += 1
+        if not self.room():
             return
-        try:
-            f = trace_fields(batch, _SENT, self.names, _SENT_NAMED)
-        except Exception:  # noqa: BLE001 - an odd field
-            f = _fields(batch, _SENT, self.names)
-        self.sends.append((t, w.proc.pid, f))
+        self.sends.append((t, w.proc.pid, _fields(batch, _SENT, self.names)))
         self.n += 1 + len(batch)
 
     def finished(self, task, t: int = 0) -> None:
@@ -211,15 +206,11 @@ class Tracer:
         """(lock held) `finished` for plain results delivered together: one
         time and one entry for the lot (the tiny tasks' path; those
         submitted before this tracer began are left out when written)."""
-        if self.n + self.n_stamps >= self.max_events:  # (`room`, inline: a call per delivered batch)
-            self.dropped += len(tasks)
+        if not self.room():
+            self.dropped += len(tasks) - 1
             return
-        try:
-            f = trace_fields(tasks, _DONE, self.names, _DONE_NAMED)
-        except Exception:  # noqa: BLE001 - an odd name (unhashable) or field
-            f = _fields(tasks, _DONE, self.names)
         self.n += len(tasks)
-        self.done.append((f, _now(), None))
+        self.done.append((_fields(tasks, _DONE, self.names), _now(), None))
 
     def started(self, w, method: str, launched: int) -> None:
         """(the starter's thread, not the engine's lock) Worker `w` is
@@ -466,8 +457,7 @@ class Tracer:
 # and its kind.
 _SENT = ("trace", "rid", "attempts")
 _DONE = ("trace", "fname", "kind")
-_SENT_NAMED, _DONE_NAMED = 0, 0b010  # (the fields that are names: their index in `Tracer.names`)
-_NAMED = {_SENT: _SENT_NAMED, _DONE: _DONE_NAMED}
+_NAMED = {_SENT: 0, _DONE: 0b010}  # (the fields that are names: their index in `Tracer.names`)
 
 
 def _fields(tasks, attrs: tuple, names: dict) -> bytes:
